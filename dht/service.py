@@ -1,0 +1,155 @@
+"""The node's Kademlia DHT: join through bootstrap peers and the peer book, keep the
+routing table fresh, and rejoin when the node finds itself alone."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from bootstrap.peer_book import PeerBook
+from dht.protocol_id import current_kad_protocol_id
+
+log = logging.getLogger(__name__)
+
+DIAL_TIMEOUT_S = 5.0
+PARALLEL_DIALS = 8
+PEER_BOOK_DIAL_LIMIT = 50
+
+
+@dataclass(frozen=True)
+class JoinReport:
+    tried: int
+    connected: int
+
+
+def peer_infos_from_addrs(addrs: Iterable[str]) -> list[PeerInfo]:
+    """Group ``/.../p2p/<id>`` multiaddrs by peer."""
+    grouped: dict[ID, list[multiaddr.Multiaddr]] = {}
+    for text in addrs:
+        info = info_from_p2p_addr(multiaddr.Multiaddr(text))
+        grouped.setdefault(info.peer_id, []).extend(info.addrs)
+    return [PeerInfo(peer_id, found) for peer_id, found in grouped.items()]
+
+
+class DhtService:
+    def __init__(
+        self,
+        host: IHost,
+        *,
+        bootstrap_addrs: list[str],
+        peer_book: PeerBook,
+        refresh_interval_s: float,
+        server_mode: bool = True,
+    ) -> None:
+        self.host = host
+        self.bootstrap = peer_infos_from_addrs(bootstrap_addrs)
+        self.peer_book = peer_book
+        self.refresh_interval_s = refresh_interval_s
+        self.mode = DHTMode.SERVER if server_mode else DHTMode.CLIENT
+        self.protocol_id = current_kad_protocol_id()
+        self.kad: KadDHT | None = None
+
+    @property
+    def dht(self) -> KadDHT:
+        if self.kad is None:
+            raise RuntimeError("the DHT is not running")
+        return self.kad
+
+    def routing_table_size(self) -> int:
+        return self.kad.routing_table.size() if self.kad else 0
+
+    async def run(self, *, task_status: trio.TaskStatus[DhtService] = trio.TASK_STATUS_IGNORED) -> None:
+        self.kad = KadDHT(self.host, self.mode)
+        try:
+            async with background_trio_service(self.kad):
+                task_status.started(self)
+                await self.join()
+                while True:
+                    await trio.sleep(self.refresh_interval_s)
+                    await self.refresh()
+        finally:
+            with trio.CancelScope(shield=True):
+                self.remember_peers()
+                await self.peer_book.save()
+            self.kad = None
+
+    def _candidates(self) -> list[PeerInfo]:
+        me = self.host.get_id()
+        seen: set[ID] = {me}
+        candidates: list[PeerInfo] = []
+        for info in self.bootstrap:
+            if info.peer_id not in seen:
+                seen.add(info.peer_id)
+                candidates.append(info)
+        for peer_id_text, addrs in self.peer_book.most_recent(PEER_BOOK_DIAL_LIMIT):
+            peer_id = ID.from_base58(peer_id_text)
+            if peer_id not in seen:
+                seen.add(peer_id)
+                candidates.append(PeerInfo(peer_id, [multiaddr.Multiaddr(a) for a in addrs]))
+        return candidates
+
+    async def _dial(self, info: PeerInfo, limiter: trio.CapacityLimiter, connected: list[ID]) -> None:
+        async with limiter:
+            with trio.move_on_after(DIAL_TIMEOUT_S):
+                try:
+                    await self.host.connect(info)
+                except Exception as error:  # noqa: BLE001 - an unreachable peer is normal
+                    log.debug("dial %s failed: %s", info.peer_id, type(error).__name__)
+                    return
+                connected.append(info.peer_id)
+
+    async def join(self) -> JoinReport:
+        """Connect to bootstrap peers and remembered peers, then fill the routing table."""
+        candidates = self._candidates()
+        connected: list[ID] = []
+        limiter = trio.CapacityLimiter(PARALLEL_DIALS)
+        async with trio.open_nursery() as nursery:
+            for info in candidates:
+                nursery.start_soon(self._dial, info, limiter, connected)
+        for peer_id in connected:
+            await self.dht.add_peer(peer_id)
+        if connected:
+            await self._refresh_routing_table()
+        self.remember_peers()
+        await self.peer_book.save()
+        log.info("joined the DHT: %d of %d known peers answered", len(connected), len(candidates))
+        return JoinReport(tried=len(candidates), connected=len(connected))
+
+    async def refresh(self) -> None:
+        if self.routing_table_size() == 0 or not self.host.get_connected_peers():
+            await self.join()
+            return
+        await self._refresh_routing_table()
+        self.remember_peers()
+        await self.peer_book.save()
+
+    async def _refresh_routing_table(self) -> None:
+        try:
+            await self.dht.refresh_routing_table()
+        except Exception as error:  # noqa: BLE001 - a refresh that fails is retried next period
+            log.debug("routing table refresh failed: %s", type(error).__name__)
+
+    def remember_peers(self) -> None:
+        if self.kad is None:
+            return
+        peerstore = self.host.get_peerstore()
+        known = set(self.kad.routing_table.get_peer_ids()) | set(self.host.get_connected_peers())
+        for peer_id in known:
+            try:
+                addrs = peerstore.addrs(peer_id)
+            except Exception:  # noqa: BLE001 - a peer without addresses is not worth keeping
+                continue
+            self.peer_book.remember(str(peer_id), [str(addr).split("/p2p/")[0] for addr in addrs])
+
+    async def find_peer_addrs(self, peer_id: ID) -> list[str]:
+        info = await self.dht.find_peer(peer_id)
+        return [str(addr) for addr in info.addrs] if info else []

@@ -1,0 +1,139 @@
+"""The local HTTP API (127.0.0.1 only), guarded by the bearer token in the data dir.
+
+Replies never carry a secret or a local file path: the token is compared, never
+echoed, and errors are ``{"error": {"code", "message"}}`` with a stable code.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.responses import Response
+
+from node.errors import ClawnodeError, ErrorCode
+
+
+class IdentityReply(BaseModel):
+    peer_id: str
+    role: str
+    listen_addrs: list[str]
+    api_url: str
+    kad_protocol: str
+
+
+class StatusReply(BaseModel):
+    peer_id: str
+    role: str
+    version: str
+    listen_addrs: list[str]
+    observed_addrs: list[str]
+    connected_peers: int
+    routing_table_size: int
+    peer_book_size: int
+    uptime_s: float
+
+
+class PeerReply(BaseModel):
+    peer_id: str
+    addrs: list[str]
+    connected: bool
+    in_routing_table: bool
+
+
+class PeersReply(BaseModel):
+    peers: list[PeerReply]
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class ErrorReply(BaseModel):
+    error: ErrorBody
+
+
+class NodeView(Protocol):
+    """What the API reads from the running node."""
+
+    def identity(self) -> IdentityReply: ...
+
+    def status(self) -> StatusReply: ...
+
+    def peers(self) -> PeersReply: ...
+
+
+_HTTP_STATUS = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.INSUFFICIENT_FUNDS: 402,
+    ErrorCode.EXPIRED: 410,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+def error_response(code: ErrorCode, message: str) -> JSONResponse:
+    body = ErrorReply(error=ErrorBody(code=code, message=message))
+    return JSONResponse(body.model_dump(mode="json"), status_code=_HTTP_STATUS[code])
+
+
+class _BearerToken(BaseHTTPMiddleware):
+    def __init__(self, app: FastAPI, token: str) -> None:
+        super().__init__(app)
+        self._expected = f"Bearer {token}".encode()
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        offered = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(offered, self._expected):
+            return error_response(ErrorCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        return await call_next(request)
+
+
+def create_app(node: NodeView, token: str) -> FastAPI:
+    app = FastAPI(title="clawnode", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_BearerToken, token=token)
+
+    @app.exception_handler(ClawnodeError)
+    async def _known(_: Request, error: ClawnodeError) -> JSONResponse:
+        return error_response(error.code, error.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in error.errors())
+        return error_response(ErrorCode.INVALID_ARGUMENT, f"invalid request: {fields}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = ErrorCode.NOT_FOUND if error.status_code == 404 else ErrorCode.INVALID_ARGUMENT
+        return error_response(code, "no such endpoint" if error.status_code == 404 else str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        return error_response(ErrorCode.INTERNAL, f"internal error ({type(error).__name__})")
+
+    @app.get("/api/id")
+    async def identity() -> IdentityReply:
+        return node.identity()
+
+    @app.get("/api/status")
+    async def status() -> StatusReply:
+        return node.status()
+
+    @app.get("/api/peers")
+    async def peers() -> PeersReply:
+        return node.peers()
+
+    return app

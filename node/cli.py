@@ -1,0 +1,189 @@
+"""The ``clawnode`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import trio
+
+from node.config import CONFIG_FILE_NAME, Config, ConfigError, default_config_text, load_config, resolve_data_dir
+from node.datadir import ensure_data_dir, read_api_token, read_running
+
+SHUTDOWN_GRACE_S = 5.0
+EXIT_CONFIG = 2
+EXIT_NOT_RUNNING = 3
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Data dir of the node (default: $CLAWNODE_DATA_DIR or ~/.clawnode).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group()
+@click.version_option(package_name="clawnode")
+def main() -> None:
+    """clawnode: a peer-to-peer market for AI compute."""
+
+
+# start
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if level != "debug":
+        # py-libp2p logs a WARNING on every normal DHT stream close and on every
+        # peer that hangs up: noise, not news, for someone running a node.
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+        logging.getLogger("hypercorn").setLevel(logging.WARNING)
+
+
+async def _run_until_signalled(config: Config, data_dir: Path) -> None:
+    from node.daemon import Node
+
+    node = Node(config, data_dir)
+    async with trio.open_nursery() as outer:
+        node_scope = trio.CancelScope()
+        outer.start_soon(_stop_on_signals, node_scope)
+        with node_scope:
+            await node.run()
+        outer.cancel_scope.cancel()
+    logging.getLogger("clawnode").info("stopped")
+
+
+async def _stop_on_signals(node_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if node_scope.cancel_called:
+                logging.getLogger("clawnode").warning("second signal: exiting now")
+                os._exit(128 + signum)
+            logging.getLogger("clawnode").info("stopping (signal %d)", signum)
+            node_scope.cancel()
+            # Shutdown is bounded: whatever still runs after the grace period is abandoned.
+            watchdog = threading.Timer(SHUTDOWN_GRACE_S, os._exit, args=(1,))
+            watchdog.daemon = True
+            watchdog.start()
+
+
+@main.command()
+@data_dir_option
+@click.option("--listen", multiple=True, help="Multiaddr to listen on (repeatable); port 0 picks a free port.")
+@click.option("--bootstrap", multiple=True, help="Bootstrap peer multiaddr with /p2p/<id> (repeatable).")
+@click.option("--api-port", type=str, default=None, help="Local API port on 127.0.0.1; 0 picks a free one.")
+@click.option("--role", type=str, default=None, help="node | bootstrap | relay.")
+def start(
+    data_dir: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...], api_port: str | None, role: str | None
+) -> None:
+    """Run the node until SIGINT or SIGTERM."""
+    directory = ensure_data_dir(resolve_data_dir(data_dir))
+    config_path = directory / CONFIG_FILE_NAME
+    if not config_path.exists():
+        config_path.write_text(default_config_text(), encoding="utf-8")
+    flags: dict[tuple[str, str], Any] = {
+        ("node", "listen"): list(listen) or None,
+        ("node", "role"): role,
+        ("api", "port"): api_port,
+        ("bootstrap", "peers"): list(bootstrap) or None,
+    }
+    try:
+        config = load_config(directory, flags)
+    except ConfigError as error:
+        click.echo(f"clawnode: {error}", err=True)
+        sys.exit(EXIT_CONFIG)
+    _configure_logging(config.log.level)
+    trio.run(_run_until_signalled, config, directory)
+
+
+# commands that talk to the running daemon
+
+
+def _call_api(data_dir: str | None, path: str) -> Any:
+    directory = resolve_data_dir(data_dir)
+    running = read_running(directory)
+    if running is None:
+        click.echo("clawnode: E_UNAVAILABLE: no clawnode daemon is running for this data dir", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    try:
+        reply = httpx.get(
+            f"{running.api_url}{path}",
+            headers={"authorization": f"Bearer {read_api_token(directory)}"},
+            timeout=10.0,
+        )
+    except httpx.HTTPError:
+        click.echo("clawnode: E_UNAVAILABLE: the daemon does not answer (did it stop?)", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    body = reply.json()
+    if reply.status_code != 200:
+        error = body.get("error", {})
+        click.echo(f"clawnode: {error.get('code', 'E_INTERNAL')}: {error.get('message', '')}", err=True)
+        sys.exit(1)
+    return body
+
+
+def _print(body: Any, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+    else:
+        click.echo("\n".join(lines))
+
+
+@main.command()
+@data_dir_option
+@json_option
+def status(data_dir: str | None, as_json: bool) -> None:
+    """Peer id, addresses, peers, routing table and uptime of the running node."""
+    body = _call_api(data_dir, "/api/status")
+    _print(
+        body,
+        as_json,
+        [
+            f"peer id        {body['peer_id']}",
+            f"role           {body['role']}  (clawnode {body['version']})",
+            "listening on   " + "\n               ".join(body["listen_addrs"]),
+            "observed as    " + ("\n               ".join(body["observed_addrs"]) or "-"),
+            f"peers          {body['connected_peers']} connected, {body['routing_table_size']} in routing table",
+            f"uptime         {body['uptime_s']:.0f} s",
+        ],
+    )
+
+
+@main.command()
+@data_dir_option
+@json_option
+def peers(data_dir: str | None, as_json: bool) -> None:
+    """Peers the node is connected to or keeps in its routing table."""
+    body = _call_api(data_dir, "/api/peers")
+    lines = [
+        f"{peer['peer_id']}  {'connected' if peer['connected'] else '         '}  "
+        f"{'routing-table' if peer['in_routing_table'] else ''}"
+        for peer in body["peers"]
+    ]
+    _print(body, as_json, lines or ["no peers"])
+
+
+@main.command(name="id")
+@data_dir_option
+@json_option
+def identity(data_dir: str | None, as_json: bool) -> None:
+    """Peer id, listen multiaddrs and API URL of the running node."""
+    body = _call_api(data_dir, "/api/id")
+    _print(body, as_json, [body["peer_id"], *body["listen_addrs"], f"api {body['api_url']}"])
+
+
+if __name__ == "__main__":
+    main()

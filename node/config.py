@@ -1,0 +1,218 @@
+"""Node configuration: ``config.toml`` in the data dir, then ``CLAWNODE_*`` environment
+variables, then command-line flags, validated once by pydantic.
+
+Every key is addressed as ``section.field``; its environment variable is
+``CLAWNODE_SECTION_FIELD`` (lists are comma-separated). A bad value is reported
+with the key, where it came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import multiaddr
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_FILE_NAME = "config.toml"
+ENV_PREFIX = "CLAWNODE_"
+DATA_DIR_ENV = "CLAWNODE_DATA_DIR"
+DEFAULT_DATA_DIR = Path("~/.clawnode")
+
+Role = Literal["node", "bootstrap", "relay"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _check_multiaddrs(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            multiaddr.Multiaddr(value)
+        except Exception as error:
+            raise ValueError(f"not a multiaddr: {value!r} ({error})") from None
+    return values
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    role: Role = Field("node", description="node | bootstrap | relay")
+    listen: list[str] = Field(
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/4021"],
+        description="multiaddrs to listen on; port 0 picks a free port",
+    )
+    max_connections: int = Field(300, ge=1, le=10_000, description="open connections at most")
+
+    _listen_are_multiaddrs = field_validator("listen")(_check_multiaddrs)
+
+    @field_validator("listen")
+    @classmethod
+    def _at_least_one(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("at least one listen multiaddr is needed")
+        return values
+
+
+class ApiSection(_Section):
+    port: int = Field(7421, ge=0, le=65535, description="local HTTP API port on 127.0.0.1; 0 picks a free one")
+
+
+class BootstrapSection(_Section):
+    peers: list[str] = Field(
+        default_factory=list, description="bootstrap peers, /ip4/.../tcp/.../p2p/<peer-id>"
+    )
+    use_defaults: bool = Field(True, description="also use the list shipped in bootstrap/")
+
+    _peers_are_multiaddrs = field_validator("peers")(_check_multiaddrs)
+
+    @field_validator("peers")
+    @classmethod
+    def _name_their_peer_id(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if "/p2p/" not in value:
+                raise ValueError(f"a bootstrap multiaddr must end in /p2p/<peer-id>: {value!r}")
+        return values
+
+
+class DhtSection(_Section):
+    protocol_id: str = Field("/clawnode/kad/1.0.0", pattern=r"^/\S+$", description="Kademlia protocol id")
+    refresh_interval_s: float = Field(60.0, ge=1.0, le=86_400.0, description="routing-table refresh period")
+
+
+class LogSection(_Section):
+    level: LogLevel = Field("info", description="debug | info | warning | error")
+
+
+class Config(_Section):
+    node: NodeSection = Field(default_factory=NodeSection)  # type: ignore[arg-type]
+    api: ApiSection = Field(default_factory=ApiSection)  # type: ignore[arg-type]
+    bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)  # type: ignore[arg-type]
+    dht: DhtSection = Field(default_factory=DhtSection)  # type: ignore[arg-type]
+    log: LogSection = Field(default_factory=LogSection)  # type: ignore[arg-type]
+
+
+class ConfigError(Exception):
+    """A configuration value is bad; the message names key, source and what is allowed."""
+
+
+def resolve_data_dir(flag: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    chosen = flag or environ.get(DATA_DIR_ENV) or str(DEFAULT_DATA_DIR)
+    return Path(chosen).expanduser()
+
+
+def _sections() -> dict[str, type[_Section]]:
+    return {name: field.annotation for name, field in Config.model_fields.items()}  # type: ignore[misc]
+
+
+def _is_list_field(section: str, key: str) -> bool:
+    annotation = _sections()[section].model_fields[key].annotation
+    return getattr(annotation, "__origin__", None) is list
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[Any, str]]:
+    found: dict[tuple[str, str], tuple[Any, str]] = {}
+    for section, model in _sections().items():
+        for key in model.model_fields:
+            name = f"{ENV_PREFIX}{section}_{key}".upper()
+            if name in environ:
+                raw = environ[name]
+                value: Any = [p.strip() for p in raw.split(",") if p.strip()] if _is_list_field(section, key) else raw
+                found[(section, key)] = (value, f"environment variable {name}")
+    return found
+
+
+def load_config(
+    data_dir: Path,
+    flags: Mapping[tuple[str, str], Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge file, environment and flags (later wins) and validate the result."""
+    environ = os.environ if environ is None else environ
+    file_path = data_dir / CONFIG_FILE_NAME
+    merged: dict[str, dict[str, Any]] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    if file_path.exists():
+        try:
+            from_file = tomllib.loads(file_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{CONFIG_FILE_NAME} is not valid TOML: {error}") from None
+        for section, values in from_file.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table in {CONFIG_FILE_NAME}")
+            merged[section] = dict(values)
+            for key in values:
+                sources[(section, key)] = CONFIG_FILE_NAME
+    overrides = dict(_from_environment(environ))
+    for (section, key), value in (flags or {}).items():
+        if value is not None:
+            overrides[(section, key)] = (value, "command-line flag")
+    for (section, key), (value, source) in overrides.items():
+        merged.setdefault(section, {})[key] = value
+        sources[(section, key)] = source
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, sources)) from None
+
+
+def _describe(error: ValidationError, sources: Mapping[tuple[str, ...], str]) -> str:
+    lines = []
+    for problem in error.errors():
+        location = tuple(str(part) for part in problem["loc"])
+        key = ".".join(location)
+        source = sources.get(location[:2], CONFIG_FILE_NAME)
+        allowed = _allowed_values(location)
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+            allowed = _known_keys(location)
+        detail = f"; expected: {allowed}" if allowed else ""
+        lines.append(f"config key {key} ({source}): {message}{detail}")
+    return "\n".join(lines)
+
+
+def _known_keys(location: tuple[str, ...]) -> str:
+    if len(location) == 1:
+        return ", ".join(_sections())
+    model = _sections().get(location[0])
+    return ", ".join(f"{location[0]}.{key}" for key in model.model_fields) if model else ""
+
+
+def _allowed_values(location: tuple[str, ...]) -> str:
+    if len(location) < 2 or location[0] not in _sections():
+        return ""
+    field = _sections()[location[0]].model_fields.get(location[1])
+    return field.description or "" if field else ""
+
+
+def default_config_text() -> str:
+    """The commented ``config.toml`` written on first start: every key at its default."""
+    lines = [
+        "# clawnode configuration. Every key is shown at its default, commented out.",
+        "# Environment variables CLAWNODE_<SECTION>_<KEY> and command-line flags override this file.",
+        "",
+    ]
+    defaults = Config()
+    for section, model in _sections().items():
+        lines.append(f"[{section}]")
+        values = getattr(defaults, section)
+        for key, field in model.model_fields.items():
+            lines.append(f"# {field.description}")
+            lines.append(f"# {key} = {_toml_value(getattr(values, key))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return str(value)

@@ -1,0 +1,178 @@
+"""The daemon: one nursery holding the libp2p host, the DHT and the local API."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from libp2p.abc import IHost
+
+from bootstrap.defaults import DEFAULT_BOOTSTRAP_PEERS
+from bootstrap.peer_book import PeerBook
+from dht.protocol_id import use_kad_protocol_id
+from dht.service import DhtService
+from node.api import IdentityReply, PeerReply, PeersReply, StatusReply, create_app
+from node.config import Config
+from node.datadir import (
+    RunningNode,
+    clear_running,
+    ensure_data_dir,
+    load_or_create_api_token,
+    load_or_create_identity,
+    publish_running,
+)
+from node.host import build_host, parse_multiaddrs
+
+log = logging.getLogger(__name__)
+
+
+def clawnode_version() -> str:
+    try:
+        return version("clawnode")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class Node:
+    """One clawnode: start it with ``await nursery.start(node.run)``."""
+
+    def __init__(self, config: Config, data_dir: Path) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.started_at = time.monotonic()
+        self.api_url = ""
+        self._host: IHost | None = None
+        self._dht: DhtService | None = None
+
+    @property
+    def host(self) -> IHost:
+        if self._host is None:
+            raise RuntimeError("the node is not running")
+        return self._host
+
+    @property
+    def dht(self) -> DhtService:
+        if self._dht is None:
+            raise RuntimeError("the node is not running")
+        return self._dht
+
+    def bootstrap_addrs(self) -> list[str]:
+        addrs = list(self.config.bootstrap.peers)
+        if self.config.bootstrap.use_defaults:
+            addrs.extend(DEFAULT_BOOTSTRAP_PEERS)
+        return addrs
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        use_kad_protocol_id(self.config.dht.protocol_id)
+        key_pair, token = await trio.to_thread.run_sync(self._load_secrets)
+        peer_book = PeerBook.in_data_dir(self.data_dir)
+        await peer_book.load()
+        self._host = build_host(key_pair, max_connections=self.config.node.max_connections)
+        try:
+            async with self._host.run(parse_multiaddrs(self.config.node.listen)):
+                async with trio.open_nursery() as nursery:
+                    self._dht = DhtService(
+                        self._host,
+                        bootstrap_addrs=self.bootstrap_addrs(),
+                        peer_book=peer_book,
+                        refresh_interval_s=self.config.dht.refresh_interval_s,
+                    )
+                    await nursery.start(self._dht.run)
+                    await nursery.start(self._serve_api, token)
+                    await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card())
+                    self.started_at = time.monotonic()
+                    log.info(
+                        "clawnode %s running as %s, peer id %s, API %s",
+                        clawnode_version(),
+                        self.config.node.role,
+                        self._host.get_id(),
+                        self.api_url,
+                    )
+                    task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(clear_running, self.data_dir)
+
+    def _load_secrets(self) -> tuple[object, str]:
+        ensure_data_dir(self.data_dir)
+        key_pair, _ = load_or_create_identity(self.data_dir)
+        return key_pair, load_or_create_api_token(self.data_dir)
+
+    async def _serve_api(self, token: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        hypercorn_config = HypercornConfig()
+        hypercorn_config.bind = [f"127.0.0.1:{self.config.api.port}"]
+        hypercorn_config.accesslog = None
+        hypercorn_config.errorlog = logging.getLogger("hypercorn.error")
+        app = create_app(self, token)
+
+        async def serve_and_report(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(app, hypercorn_config, task_status=task_status)  # type: ignore[arg-type]
+
+        async with trio.open_nursery() as nursery:
+            bound: list[str] = await nursery.start(serve_and_report)
+            self.api_url = bound[0]
+            task_status.started()
+
+    def _running_card(self) -> RunningNode:
+        return RunningNode(
+            pid=os.getpid(),
+            peer_id=str(self.host.get_id()),
+            listen_addrs=self.listen_addrs(),
+            api_url=self.api_url,
+            role=self.config.node.role,
+        )
+
+    def listen_addrs(self) -> list[str]:
+        return [str(addr) for addr in self.host.get_addrs()]
+
+    # NodeView, read by the API
+
+    def identity(self) -> IdentityReply:
+        return IdentityReply(
+            peer_id=str(self.host.get_id()),
+            role=self.config.node.role,
+            listen_addrs=self.listen_addrs(),
+            api_url=self.api_url,
+            kad_protocol=self.dht.protocol_id,
+        )
+
+    def status(self) -> StatusReply:
+        transport = {str(addr) for addr in self.host.get_transport_addrs()}
+        own = [str(addr).split("/p2p/")[0] for addr in self.host.get_addrs()]
+        return StatusReply(
+            peer_id=str(self.host.get_id()),
+            role=self.config.node.role,
+            version=clawnode_version(),
+            listen_addrs=self.listen_addrs(),
+            observed_addrs=[addr for addr in own if addr not in transport],
+            connected_peers=len(self.host.get_connected_peers()),
+            routing_table_size=self.dht.routing_table_size(),
+            peer_book_size=len(self.dht.peer_book),
+            uptime_s=round(time.monotonic() - self.started_at, 3),
+        )
+
+    def peers(self) -> PeersReply:
+        connected = set(self.host.get_connected_peers())
+        in_table = set(self.dht.dht.routing_table.get_peer_ids())
+        peerstore = self.host.get_peerstore()
+        replies = []
+        for peer_id in sorted(connected | in_table, key=str):
+            try:
+                addrs = [str(addr) for addr in peerstore.addrs(peer_id)]
+            except Exception:  # noqa: BLE001 - a peer whose addresses expired
+                addrs = []
+            replies.append(
+                PeerReply(
+                    peer_id=str(peer_id),
+                    addrs=addrs,
+                    connected=peer_id in connected,
+                    in_routing_table=peer_id in in_table,
+                )
+            )
+        return PeersReply(peers=replies)

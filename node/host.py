@@ -1,0 +1,113 @@
+"""Build the libp2p host the way every clawnode node runs it.
+
+Noise is the only security protocol offered: py-libp2p's default also accepts
+``/plaintext/2.0.0`` and ``/secio/1.0.0``, which would let a peer talk to us
+unencrypted. Yamux is the only muxer. ``max_connections_per_peer=1`` removes
+py-libp2p's ~250 ms wait for a fallback dial on every connect.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+
+import multiaddr
+import psutil
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.peerstore import PeerStore
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+log = logging.getLogger(__name__)
+
+SECURITY_PROTOCOLS = (str(NOISE_PROTOCOL_ID),)
+MUXER_PROTOCOLS = (str(YAMUX_PROTOCOL_ID),)
+
+
+def build_host(
+    key_pair: KeyPair,
+    *,
+    max_connections: int = 300,
+    peerstore: PeerStore | None = None,
+) -> IHost:
+    """A host offering Noise + Yamux only, whose inbound streams cannot crash it."""
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={
+            NOISE_PROTOCOL_ID: NoiseTransport(
+                key_pair, noise_privkey=new_x25519_key_pair().private_key
+            )
+        },
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        peerstore_opt=peerstore,
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1, max_connections=max_connections
+        ),
+        addrs_factory=advertised_addrs,
+    )
+    _guard_inbound_streams(host)
+    return host
+
+
+def _guard_inbound_streams(host: IHost) -> None:
+    """Contain every failure of an inbound stream to that stream.
+
+    py-libp2p lets an exception raised by a protocol handler (its own DHT's
+    included) propagate out of ``host.run()``, so any peer sending garbage could
+    stop the node. All inbound streams enter through the swarm's one common
+    handler; wrapping it guards every protocol, present and future.
+    """
+    network = host.get_network()
+    negotiate_and_handle: Callable[[INetStream], Awaitable[None]] = (
+        network.common_stream_handler  # type: ignore[attr-defined]
+    )
+
+    async def guarded(stream: INetStream) -> None:
+        try:
+            await negotiate_and_handle(stream)
+        except Exception as error:  # noqa: BLE001 - a remote peer's fault, not ours
+            log.debug(
+                "inbound stream on %s failed: %s",
+                stream.get_protocol(),
+                type(error).__name__,
+            )
+            try:
+                await stream.reset()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+
+    network.set_stream_handler(guarded)
+
+
+def _local_ipv4_addresses() -> list[str]:
+    found = []
+    for interface_addrs in psutil.net_if_addrs().values():
+        for addr in interface_addrs:
+            if addr.family == socket.AF_INET:
+                found.append(addr.address)
+    return found or ["127.0.0.1"]
+
+
+def advertised_addrs(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Listening on 0.0.0.0 is not an address anyone can dial: advertise each local IPv4 instead."""
+    result: list[multiaddr.Multiaddr] = []
+    for addr in candidates:
+        text = str(addr)
+        if text.startswith("/ip4/0.0.0.0/"):
+            rest = text[len("/ip4/0.0.0.0") :]
+            result.extend(multiaddr.Multiaddr(f"/ip4/{ip}{rest}") for ip in _local_ipv4_addresses())
+        else:
+            result.append(addr)
+    return result
+
+
+def parse_multiaddrs(values: Sequence[str]) -> list[multiaddr.Multiaddr]:
+    return [multiaddr.Multiaddr(value) for value in values]
