@@ -49,7 +49,13 @@ def build_host(
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         peerstore_opt=peerstore,
         connection_config=ConnectionConfig(
-            max_connections_per_peer=1, max_connections=max_connections
+            max_connections_per_peer=1,
+            max_connections=max_connections,
+            # py-libp2p dials every known peer until 50 connections by default;
+            # a home node needs a handful, the DHT dials the rest on demand.
+            min_connections=min(8, max_connections),
+            low_watermark=min(16, max_connections),
+            high_watermark=max_connections,
         ),
         addrs_factory=advertised_addrs,
     )

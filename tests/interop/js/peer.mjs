@@ -13,7 +13,7 @@
 //   ping {peer_id}              -> {rtt_ms}
 //   identify {peer_id}          -> {protocols, agent_version, listen_addrs} (fresh identify exchange)
 //   put {key, value}            -> {stored_at: [peer ids that answered the PUT_VALUE with the record]}
-//   get {key}                   -> {values: [{from, value}]}  every record seen, ours included
+//   get {key}                   -> {best: {from, value} | null, responses: [{from, value}]}
 //   provide {cid}               -> {sent_to: [peer ids the ADD_PROVIDER was sent to]}
 //   find_providers {cid}        -> {providers: [{from, peer_id, addrs}]}  every GET_PROVIDERS answer, ours included
 //   routing_table               -> {peers: [peer ids in the DHT routing table]}
@@ -54,7 +54,9 @@ const node = await createLibp2p({
   streamMuxers: [yamux()],
   services: {
     identify: identify(),
-    ping: ping(),
+    // kad-dht pings each new contact with this same service; the default limit
+    // of one outbound ping stream makes a test's ping right after a dial fail.
+    ping: ping({ maxOutboundStreams: 4 }),
     dht: kadDHT({
       protocol: KAD_PROTOCOL,
       clientMode: false,
@@ -111,14 +113,18 @@ const commands = {
   },
 
   async get ({ key }) {
-    const values = []
-    // getMany: every record found, with where it came from (get() keeps only the best).
-    for await (const event of node.services.dht.getMany(text.encode(key))) {
-      if (event.name === 'VALUE') {
-        values.push({ from: event.from.toString(), value: untext.decode(event.value) })
+    // responses: every remote GET_VALUE answer that carried a record;
+    // best: the value get() settles on (our own copy first, if we hold one).
+    const responses = []
+    let best = null
+    for await (const event of node.services.dht.get(text.encode(key))) {
+      if (event.name === 'PEER_RESPONSE' && event.messageName === 'GET_VALUE' && event.record != null) {
+        responses.push({ from: event.from.toString(), value: untext.decode(event.record.value) })
+      } else if (event.name === 'VALUE') {
+        best = { from: event.from.toString(), value: untext.decode(event.value) }
       }
     }
-    return { values }
+    return { best, responses }
   },
 
   async provide ({ cid }) {

@@ -1,0 +1,104 @@
+"""Real ``clawnode start`` subprocesses, each with its own data dir, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from node.datadir import read_api_token, read_running
+
+CLAWNODE = [sys.executable, "-m", "node.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLAWNODE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+@dataclass
+class DaemonProcess:
+    data_dir: Path
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[str] | None = None
+    log_path: Path | None = None
+
+    def start(self, wait_s: float = 30.0) -> DaemonProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        log = open(self.log_path, "a")  # noqa: SIM115 - kept open for the child's lifetime
+        self.process = subprocess.Popen(
+            [*CLAWNODE, "start", "--data-dir", str(self.data_dir), *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **self.env},
+        )
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"clawnode exited with {self.process.returncode}:\n{self.log()}")
+            running = read_running(self.data_dir)
+            if running is not None and running.pid == self.process.pid:
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"clawnode did not start within {wait_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def api(self, path: str) -> Any:
+        running = read_running(self.data_dir)
+        assert running is not None, "the daemon is not running"
+        reply = httpx.get(
+            f"{running.api_url}{path}",
+            headers={"authorization": f"Bearer {read_api_token(self.data_dir)}"},
+            timeout=10.0,
+        )
+        reply.raise_for_status()
+        return reply.json()
+
+    def identity(self) -> dict[str, Any]:
+        result = run_cli("id", "--json", "--data-dir", str(self.data_dir))
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout))
+
+    def connected_peer_ids(self) -> set[str]:
+        return {peer["peer_id"] for peer in self.api("/api/peers")["peers"] if peer["connected"]}
+
+    def wait_for_peers(self, peer_ids: set[str], timeout_s: float = 30.0) -> set[str]:
+        deadline = time.monotonic() + timeout_s
+        seen: set[str] = set()
+        while time.monotonic() < deadline:
+            seen = self.connected_peer_ids()
+            if peer_ids <= seen:
+                return seen
+            time.sleep(0.2)
+        raise AssertionError(f"peers {peer_ids - seen} not connected within {timeout_s} s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> tuple[int, float]:
+        """Send ``sig``; return the exit code and the seconds it took to exit."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,344 @@
+"""Interop with js-libp2p, an independent libp2p implementation.
+
+A js-libp2p peer (tests/interop/js/peer.mjs) runs as a subprocess driven by JSON
+lines; the Python side is a real clawnode host (``node.host.build_host``) with
+py-libp2p's Kademlia in server mode on ``/clawnode/kad/1.0.0``. Each check goes
+both ways: TCP + Noise + Yamux, identify, ping, and the DHT's PUT_VALUE,
+GET_VALUE, ADD_PROVIDER and GET_PROVIDERS RPCs.
+
+Needs Node.js and the pinned js packages: ``npm ci --prefix tests/interop/js``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import pytest
+import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.abc import IHost
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.host.ping import PingService
+from libp2p.identity.identify.identify import AGENT_VERSION
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL_ID
+from libp2p.identity.identify.pb.identify_pb2 import Identify
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.records.validator import NamespacedValidator, Validator
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import read_length_prefixed_protobuf
+
+from dht.protocol_id import (
+    CLAWNODE_KAD_PROTOCOL_ID,
+    IPFS_KAD_PROTOCOL_ID,
+    current_kad_protocol_id,
+    use_kad_protocol_id,
+)
+from node.host import build_host
+
+JS_DIR = Path(__file__).parent / "interop" / "js"
+NODE = shutil.which("node")
+INSTALL_HINT = "install the js peer with: npm ci --prefix tests/interop/js"
+
+pytestmark = [
+    pytest.mark.skipif(NODE is None, reason=f"node not found; {INSTALL_HINT}"),
+    pytest.mark.skipif(
+        not (JS_DIR / "node_modules").is_dir(),
+        reason=f"tests/interop/js/node_modules missing; {INSTALL_HINT}",
+    ),
+]
+
+NAMESPACE = "clawtest"
+PING_PROTOCOL_ID = "/ipfs/ping/1.0.0"
+# Every wait across processes is bounded by one of these.
+START_TIMEOUT = 15.0
+STEP_TIMEOUT = 10.0
+
+
+class JsPeerError(Exception):
+    """The js peer answered a request with an error, or went away."""
+
+
+class JsPeer:
+    """The js-libp2p subprocess: one JSON request line in, one reply line out."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self._process = process
+        self._buffer = bytearray()
+        self._last_id = 0
+        self.peer_id = ID(b"")
+        self.addrs: list[str] = []
+
+    async def read_message(self) -> dict[str, Any]:
+        stdout = self._process.stdout
+        assert stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await stdout.receive_some(65536)
+            if not chunk:
+                raise JsPeerError(f"js peer closed stdout (exit code {self._process.poll()})")
+            self._buffer += chunk
+        line, _, rest = self._buffer.partition(b"\n")
+        self._buffer = bytearray(rest)
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    async def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        stdin = self._process.stdin
+        assert stdin is not None
+        self._last_id += 1
+        request_id = self._last_id
+        line = json.dumps({"id": request_id, "cmd": cmd, **args}) + "\n"
+        with trio.fail_after(STEP_TIMEOUT):
+            await stdin.send_all(line.encode())
+            reply = await self.read_message()
+            while reply.get("id") != request_id:
+                reply = await self.read_message()
+        if not reply["ok"]:
+            raise JsPeerError(f"{cmd} {args}: {reply['error']}")
+        return reply
+
+
+async def _stop_process(process: trio.Process) -> None:
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.kill()
+        with trio.move_on_after(5):
+            await process.wait()
+
+
+async def _start_js_peer() -> tuple[trio.Process, JsPeer]:
+    assert NODE is not None
+    process = await trio.lowlevel.open_process(
+        [NODE, str(JS_DIR / "peer.mjs")],
+        cwd=str(JS_DIR),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        # stderr is inherited: pytest shows it when a test fails.
+        env={**os.environ, "CLAWNODE_KAD_PROTOCOL": str(CLAWNODE_KAD_PROTOCOL_ID)},
+    )
+    try:
+        js = JsPeer(process)
+        with trio.fail_after(START_TIMEOUT):
+            ready = await js.read_message()
+        assert ready.get("event") == "ready", ready
+        js.peer_id = ID.from_base58(ready["peer_id"])
+        js.addrs = ready["addrs"]
+        assert js.addrs, "the js peer listens on nothing"
+    except BaseException:
+        await _stop_process(process)
+        raise
+    return process, js
+
+
+class AcceptTestRecords(Validator):
+    """The test namespace's records are opaque text: any value, first one wins."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        if not key.startswith(f"/{NAMESPACE}/"):
+            raise ValueError(f"not a {NAMESPACE} key: {key!r}")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return 0
+
+
+@dataclass
+class Nodes:
+    host: IHost
+    dht: KadDHT
+    js: JsPeer
+
+    @property
+    def py_id(self) -> ID:
+        return self.host.get_id()
+
+    def py_addr(self) -> str:
+        return str(self.host.get_addrs()[0])
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[Nodes]:
+    """A js peer and a py host with its DHT running, not connected yet."""
+    use_kad_protocol_id()
+    assert current_kad_protocol_id() == CLAWNODE_KAD_PROTOCOL_ID
+    process, js = await _start_js_peer()
+    try:
+        host = build_host(generate_new_ed25519_identity())
+        validator = NamespacedValidator({NAMESPACE: AcceptTestRecords()})
+        dht = KadDHT(host, DHTMode.SERVER, validator=validator, strict_validation=True)
+        async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            async with background_trio_service(dht):
+                yield Nodes(host, dht, js)
+                with trio.move_on_after(2, shield=True), contextlib.suppress(JsPeerError):
+                    await js.request("exit")  # let js close its connections first
+    finally:
+        await _stop_process(process)
+
+
+async def _wait_until_in_routing_tables(nodes: Nodes) -> None:
+    """Both DHTs list each other, so that queries have a peer to ask."""
+    with trio.fail_after(STEP_TIMEOUT):
+        while True:
+            js_table = (await nodes.js.request("routing_table"))["peers"]
+            print("DBG", trio.current_time(), nodes.dht.routing_table.peer_in_table(nodes.js.peer_id), js_table)
+            if (
+                nodes.dht.routing_table.peer_in_table(nodes.js.peer_id)
+                and str(nodes.py_id) in js_table
+            ):
+                return
+            await trio.sleep(0.05)
+
+
+@pytest.fixture
+async def connected(nodes: Nodes) -> Nodes:
+    """The py host dialled the js peer and each DHT has the other in its table."""
+    with trio.fail_after(STEP_TIMEOUT):
+        await nodes.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(nodes.js.addrs[0])))
+    await _wait_until_in_routing_tables(nodes)
+    return nodes
+
+
+async def _py_identify(host: IHost, peer_id: ID) -> Identify:
+    """Run the identify protocol from the py side and return the js peer's answer."""
+    with trio.fail_after(STEP_TIMEOUT):
+        stream = await host.new_stream(peer_id, [IDENTIFY_PROTOCOL_ID])
+        try:
+            data = await read_length_prefixed_protobuf(stream, use_varint_format=True)
+        finally:
+            await stream.close()
+    message = Identify()
+    message.ParseFromString(data)
+    return message
+
+
+def _unique(label: str) -> str:
+    return f"{label}-{secrets.token_hex(6)}"
+
+
+def _raw_cid(data: bytes) -> tuple[str, bytes]:
+    """A CIDv1 (raw codec, sha2-256) in base32 and its multihash: the DHT key."""
+    multihash = bytes([0x12, 0x20]) + hashlib.sha256(data).digest()
+    cid = bytes([0x01, 0x55]) + multihash
+    return "b" + base64.b32encode(cid).decode().lower().rstrip("="), multihash
+
+
+@pytest.mark.trio
+async def test_identify_both_ways(connected: Nodes) -> None:
+    js_seen_by_py = await _py_identify(connected.host, connected.js.peer_id)
+    public_key = deserialize_public_key(js_seen_by_py.public_key)
+    assert ID.from_pubkey(public_key) == connected.js.peer_id
+    assert CLAWNODE_KAD_PROTOCOL_ID in js_seen_by_py.protocols
+    assert IPFS_KAD_PROTOCOL_ID not in js_seen_by_py.protocols
+    assert PING_PROTOCOL_ID in js_seen_by_py.protocols
+    assert js_seen_by_py.agent_version.startswith("js-libp2p/")
+
+    py_seen_by_js = await connected.js.request("identify", peer_id=str(connected.py_id))
+    assert CLAWNODE_KAD_PROTOCOL_ID in py_seen_by_js["protocols"]
+    assert IPFS_KAD_PROTOCOL_ID not in py_seen_by_js["protocols"]
+    assert {str(IDENTIFY_PROTOCOL_ID), PING_PROTOCOL_ID} <= set(py_seen_by_js["protocols"])
+    assert py_seen_by_js["agent_version"] == AGENT_VERSION
+    py_addrs = {str(addr).split("/p2p/")[0] for addr in connected.host.get_addrs()}
+    assert py_addrs & set(py_seen_by_js["listen_addrs"])
+
+
+@pytest.mark.trio
+async def test_js_dials_py_and_both_ping(nodes: Nodes) -> None:
+    dialled = await nodes.js.request("dial", addr=nodes.py_addr())
+    assert dialled["peer_id"] == str(nodes.py_id)
+
+    rtt_js_to_py = (await nodes.js.request("ping", peer_id=str(nodes.py_id)))["rtt_ms"]
+    assert 0 <= rtt_js_to_py < STEP_TIMEOUT * 1000
+
+    with trio.fail_after(STEP_TIMEOUT):
+        rtts = await PingService(nodes.host).ping(nodes.js.peer_id, ping_amt=3)
+    assert len(rtts) == 3
+    assert all(0 <= rtt < STEP_TIMEOUT * 1000 for rtt in rtts)
+
+    # A connection the js side opened still carries the DHT both ways.
+    await _wait_until_in_routing_tables(nodes)
+
+
+@pytest.mark.trio
+async def test_py_puts_js_gets(connected: Nodes) -> None:
+    key, value = f"/{NAMESPACE}/{_unique('py-put')}", _unique("from-python")
+    with trio.fail_after(STEP_TIMEOUT):
+        await connected.dht.put_value(key, value.encode())
+
+    got = await connected.js.request("get", key=key)
+    # py's PUT_VALUE stored the record at js (js's own copy comes first) ...
+    assert got["best"] == {"from": str(connected.js.peer_id), "value": value}
+    # ... and js's GET_VALUE to py returned it too.
+    assert got["responses"] == [{"from": str(connected.py_id), "value": value}]
+
+
+@pytest.mark.trio
+async def test_js_puts_py_gets(connected: Nodes) -> None:
+    key, value = f"/{NAMESPACE}/{_unique('js-put')}", _unique("from-js")
+    put = await connected.js.request("put", key=key, value=value)
+    # py answered js's PUT_VALUE by echoing the record ...
+    assert put["stored_at"] == [str(connected.py_id)]
+    # ... and holds it.
+    stored = connected.dht.value_store.get(key.encode())
+    assert stored is not None and stored.value == value.encode()
+
+    # Forget it locally, so that get_value must ask js with GET_VALUE.
+    assert connected.dht.value_store.remove(key.encode())
+    with trio.fail_after(STEP_TIMEOUT):
+        assert await connected.dht.get_value(key) == value.encode()
+
+
+@pytest.mark.trio
+async def test_py_provides_js_finds(connected: Nodes) -> None:
+    cid, _ = _raw_cid(_unique("py-content").encode())
+    with trio.fail_after(STEP_TIMEOUT):
+        assert await connected.dht.provide(cid)
+
+    py_id, js_id = str(connected.py_id), str(connected.js.peer_id)
+    # provide() does not wait for the ADD_PROVIDER to be processed: poll js.
+    with trio.fail_after(STEP_TIMEOUT):
+        while True:
+            found = (await connected.js.request("find_providers", cid=cid))["providers"]
+            # js's own provider store has py (ADD_PROVIDER py -> js) ...
+            if any(p["from"] == js_id and p["peer_id"] == py_id for p in found):
+                break
+            await trio.sleep(0.1)
+    # ... and py's answer to js's GET_PROVIDERS names py, with a dialable address.
+    from_py = [p for p in found if p["from"] == py_id and p["peer_id"] == py_id]
+    assert from_py, found
+    assert any(addr.startswith("/ip4/127.0.0.1/tcp/") for addr in from_py[0]["addrs"])
+    assert {p["peer_id"] for p in found} == {py_id}
+
+
+@pytest.mark.trio
+async def test_js_provides_py_finds(connected: Nodes) -> None:
+    cid, key = _raw_cid(_unique("js-content").encode())
+    provided = await connected.js.request("provide", cid=cid)
+    assert provided["sent_to"] == [str(connected.py_id)]
+
+    # ADD_PROVIDER js -> py landed in py's provider store.
+    with trio.fail_after(STEP_TIMEOUT):
+        while not connected.dht.provider_store.get_providers(key):
+            await trio.sleep(0.05)
+    assert [p.peer_id for p in connected.dht.provider_store.get_providers(key)] == [
+        connected.js.peer_id
+    ]
+
+    # Forget it locally, so that find_providers must ask js with GET_PROVIDERS.
+    del connected.dht.provider_store.providers[key]
+    with trio.fail_after(STEP_TIMEOUT):
+        providers = await connected.dht.find_providers(cid)
+    assert [p.peer_id for p in providers] == [connected.js.peer_id]
+    js_tcp = {addr.split("/p2p/")[0] for addr in connected.js.addrs}
+    assert js_tcp & {str(addr) for addr in providers[0].addrs}
