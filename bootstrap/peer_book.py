@@ -45,7 +45,7 @@ class PeerBook:
         dialable = [addr for addr in addrs if "/p2p-circuit" not in addr]
         if not dialable:
             return
-        self._peers[peer_id] = PeerEntry(addrs=dialable, last_seen=seen_at or time.time())
+        self._peers[peer_id] = PeerEntry(addrs=dialable, last_seen=time.time() if seen_at is None else seen_at)
 
     def forget(self, peer_id: str) -> None:
         self._peers.pop(peer_id, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import multiaddr
 import trio
@@ -17,6 +18,10 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from bootstrap.peer_book import PeerBook
 from dht.protocol_id import current_kad_protocol_id
+
+if TYPE_CHECKING:
+    # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ class DhtService:
     def routing_table_size(self) -> int:
         return self.kad.routing_table.size() if self.kad else 0
 
-    async def run(self, *, task_status: trio.TaskStatus[DhtService] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[DhtService] = trio.TASK_STATUS_IGNORED) -> None:
         self.kad = KadDHT(self.host, self.mode)
         try:
             async with background_trio_service(self.kad):

@@ -7,15 +7,14 @@ echoed, and errors are ``{"error": {"code", "message"}}`` with a stable code.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.responses import Response
 
 from node.errors import ClawnodeError, ErrorCode
 
@@ -90,21 +89,25 @@ def error_response(code: ErrorCode, message: str) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=_HTTP_STATUS[code])
 
 
-class _BearerToken(BaseHTTPMiddleware):
-    def __init__(self, app: FastAPI, token: str) -> None:
-        super().__init__(app)
-        self._expected = f"Bearer {token}".encode()
+def _bearer_token_check(token: str) -> Callable[[Request], None]:
+    expected = f"Bearer {token}".encode()
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+    def check(request: Request) -> None:
         offered = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(offered, self._expected):
-            return error_response(ErrorCode.UNAUTHENTICATED, "missing or wrong bearer token")
-        return await call_next(request)
+        if not secrets.compare_digest(offered, expected):
+            raise ClawnodeError(ErrorCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    return check
 
 
 def create_app(node: NodeView, token: str) -> FastAPI:
-    app = FastAPI(title="clawnode", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_BearerToken, token=token)
+    app = FastAPI(
+        title="clawnode",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(_bearer_token_check(token))],
+    )
 
     @app.exception_handler(ClawnodeError)
     async def _known(_: Request, error: ClawnodeError) -> JSONResponse:

@@ -30,7 +30,7 @@ def _check_multiaddrs(values: list[str]) -> list[str]:
     for value in values:
         try:
             multiaddr.Multiaddr(value)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - multiaddr raises several unrelated types
             raise ValueError(f"not a multiaddr: {value!r} ({error})") from None
     return values
 
@@ -62,9 +62,7 @@ class ApiSection(_Section):
 
 
 class BootstrapSection(_Section):
-    peers: list[str] = Field(
-        default_factory=list, description="bootstrap peers, /ip4/.../tcp/.../p2p/<peer-id>"
-    )
+    peers: list[str] = Field(default_factory=list, description="bootstrap peers, /ip4/.../tcp/.../p2p/<peer-id>")
     use_defaults: bool = Field(True, description="also use the list shipped in bootstrap/")
 
     _peers_are_multiaddrs = field_validator("peers")(_check_multiaddrs)

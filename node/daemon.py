@@ -7,11 +7,13 @@ import os
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
 
 from bootstrap.defaults import DEFAULT_BOOTSTRAP_PEERS
 from bootstrap.peer_book import PeerBook
@@ -28,6 +30,10 @@ from node.datadir import (
     publish_running,
 )
 from node.host import build_host, parse_multiaddrs
+
+if TYPE_CHECKING:
+    # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ class Node:
             addrs.extend(DEFAULT_BOOTSTRAP_PEERS)
         return addrs
 
-    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         use_kad_protocol_id(self.config.dht.protocol_id)
         key_pair, token = await trio.to_thread.run_sync(self._load_secrets)
         peer_book = PeerBook.in_data_dir(self.data_dir)
@@ -99,19 +105,19 @@ class Node:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(clear_running, self.data_dir)
 
-    def _load_secrets(self) -> tuple[object, str]:
+    def _load_secrets(self) -> tuple[KeyPair, str]:
         ensure_data_dir(self.data_dir)
         key_pair, _ = load_or_create_identity(self.data_dir)
         return key_pair, load_or_create_api_token(self.data_dir)
 
-    async def _serve_api(self, token: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_api(self, token: str, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         hypercorn_config = HypercornConfig()
         hypercorn_config.bind = [f"127.0.0.1:{self.config.api.port}"]
         hypercorn_config.accesslog = None
         hypercorn_config.errorlog = logging.getLogger("hypercorn.error")
         app = create_app(self, token)
 
-        async def serve_and_report(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        async def serve_and_report(*, task_status: TaskStatus[list[str]]) -> None:
             await serve(app, hypercorn_config, task_status=task_status)  # type: ignore[arg-type]
 
         async with trio.open_nursery() as nursery:

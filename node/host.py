@@ -41,11 +41,7 @@ def build_host(
     """A host offering Noise + Yamux only, whose inbound streams cannot crash it."""
     host = new_host(
         key_pair=key_pair,
-        sec_opt={
-            NOISE_PROTOCOL_ID: NoiseTransport(
-                key_pair, noise_privkey=new_x25519_key_pair().private_key
-            )
-        },
+        sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         peerstore_opt=peerstore,
         connection_config=ConnectionConfig(
@@ -72,9 +68,7 @@ def _guard_inbound_streams(host: IHost) -> None:
     handler; wrapping it guards every protocol, present and future.
     """
     network = host.get_network()
-    negotiate_and_handle: Callable[[INetStream], Awaitable[None]] = (
-        network.common_stream_handler  # type: ignore[attr-defined]
-    )
+    negotiate_and_handle: Callable[[INetStream], Awaitable[None]] = network.common_stream_handler  # type: ignore[attr-defined]
 
     async def guarded(stream: INetStream) -> None:
         try:

@@ -61,11 +61,15 @@ def test_three_daemons_find_each_other_stop_cleanly_and_rejoin_without_bootstrap
         assert run_cli("status", "--data-dir", str(daemon.data_dir)).returncode == 3
 
     # The bootstrap peer stays down; alice and bob come back on their old ports.
-    alice = DaemonProcess(alice.data_dir, ["--listen", f"/ip4/127.0.0.1/tcp/{ports['alice']}", "--api-port", "0",
-                                           "--bootstrap", bootstrap_addr]).start()
+    alice = DaemonProcess(
+        alice.data_dir,
+        ["--listen", f"/ip4/127.0.0.1/tcp/{ports['alice']}", "--api-port", "0", "--bootstrap", bootstrap_addr],
+    ).start()
     daemons.append(alice)
-    bob = DaemonProcess(bob.data_dir, ["--listen", f"/ip4/127.0.0.1/tcp/{ports['bob']}", "--api-port", "0",
-                                       "--bootstrap", bootstrap_addr]).start()
+    bob = DaemonProcess(
+        bob.data_dir,
+        ["--listen", f"/ip4/127.0.0.1/tcp/{ports['bob']}", "--api-port", "0", "--bootstrap", bootstrap_addr],
+    ).start()
     daemons.append(bob)
     assert alice.identity()["peer_id"] == peer_ids["alice"]
     assert bob.identity()["peer_id"] == peer_ids["bob"]

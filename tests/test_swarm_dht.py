@@ -39,5 +39,7 @@ async def test_every_node_finds_every_other_node_through_the_dht() -> None:
             for j in range(SWARM_SIZE)
             if i != j and (nodes[i].peer_id, nodes[j].peer_id) not in found
         ]
-        assert len(answered) == pairs, f"{len(answered)}/{pairs} lookups found the listen address; missing {missing[:5]}"
+        assert len(answered) == pairs, (
+            f"{len(answered)}/{pairs} lookups found the listen address; missing {missing[:5]}"
+        )
         assert all(node.dht.routing_table_size() > 0 for node in nodes)

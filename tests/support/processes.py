@@ -36,7 +36,7 @@ class DaemonProcess:
     def start(self, wait_s: float = 30.0) -> DaemonProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
-        log = open(self.log_path, "a")  # noqa: SIM115 - kept open for the child's lifetime
+        log = open(self.log_path, "a")
         self.process = subprocess.Popen(
             [*CLAWNODE, "start", "--data-dir", str(self.data_dir), *self.args],
             stdout=log,

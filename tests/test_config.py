@@ -1,0 +1,75 @@
+"""Configuration: file, environment and flags, and bad values that stop the daemon."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from node.config import Config, ConfigError, default_config_text, load_config
+from tests.support.processes import run_cli
+
+
+def test_first_start_writes_commented_defaults_that_parse_to_the_defaults(tmp_path: Path) -> None:
+    text = default_config_text()
+    uncommented = "\n".join(line[2:] if line.startswith("# ") and " = " in line else line for line in text.splitlines())
+    parsed = tomllib.loads(uncommented)
+    assert Config.model_validate(parsed) == Config()
+    assert tomllib.loads(text) == {"node": {}, "api": {}, "bootstrap": {}, "dht": {}, "log": {}}
+
+
+def test_environment_overrides_file_and_flags_override_environment(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[api]\nport = 9000\n[node]\nrole = "relay"\n')
+    from_file = load_config(tmp_path, environ={})
+    assert (from_file.api.port, from_file.node.role) == (9000, "relay")
+    from_env = load_config(
+        tmp_path,
+        environ={"CLAWNODE_API_PORT": "9001", "CLAWNODE_NODE_LISTEN": "/ip4/127.0.0.1/tcp/0, /ip4/127.0.0.1/tcp/5"},
+    )
+    assert from_env.api.port == 9001
+    assert from_env.node.listen == ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/tcp/5"]
+    from_flag = load_config(tmp_path, {("api", "port"): "9002"}, environ={"CLAWNODE_API_PORT": "9001"})
+    assert from_flag.api.port == 9002
+
+
+@pytest.mark.parametrize(
+    ("file_text", "environ", "names"),
+    [
+        ('[node]\nrole = "boss"\n', {}, ["node.role", "config.toml", "node | bootstrap | relay"]),
+        ("", {"CLAWNODE_API_PORT": "seventy"}, ["api.port", "CLAWNODE_API_PORT"]),
+        ("[api]\nport = 70000\n", {}, ["api.port", "65535"]),
+        ('[bootstrap]\npeers = ["/ip4/1.2.3.4/tcp/1"]\n', {}, ["bootstrap.peers", "/p2p/"]),
+        ('[node]\nlisten = ["not-an-addr"]\n', {}, ["node.listen", "not a multiaddr"]),
+        ("[api]\nprot = 1\n", {}, ["api.prot", "unknown key", "api.port"]),
+        ('[log]\nlevel = "loud"\n', {}, ["log.level", "debug | info | warning | error"]),
+        ("[node\n", {}, ["config.toml is not valid TOML"]),
+    ],
+)
+def test_bad_values_name_the_key_the_source_and_what_is_allowed(
+    tmp_path: Path, file_text: str, environ: dict[str, str], names: list[str]
+) -> None:
+    (tmp_path / "config.toml").write_text(file_text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path, environ=environ)
+    for name in names:
+        assert name in str(raised.value)
+
+
+def test_clawnode_start_with_a_bad_value_exits_2_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[node]\nrole = "boss"\n')
+    result = run_cli("start", "--data-dir", str(tmp_path), timeout=60)
+    assert result.returncode == 2
+    assert "node.role" in result.stderr and "bootstrap" in result.stderr
+
+    result = run_cli("start", "--data-dir", str(tmp_path / "other"), "--api-port", "-5", timeout=60)
+    assert result.returncode == 2
+    assert "api.port" in result.stderr and "command-line flag" in result.stderr
+    assert str(tmp_path) not in result.stderr
+
+
+def test_commands_without_a_running_daemon_say_so(tmp_path: Path) -> None:
+    for command in ("status", "peers", "id"):
+        result = run_cli(command, "--data-dir", str(tmp_path))
+        assert result.returncode == 3
+        assert "E_UNAVAILABLE" in result.stderr
