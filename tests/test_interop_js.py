@@ -54,7 +54,7 @@ NODE = shutil.which("node")
 INSTALL_HINT = "install the js peer with: npm ci --prefix tests/interop/js"
 
 pytestmark = [
-    pytest.mark.skipif(NODE is None, reason=f"node not found; {INSTALL_HINT}"),
+    pytest.mark.skipif(NODE is None, reason=f"node (Node.js >= 20) not found on PATH; then {INSTALL_HINT}"),
     pytest.mark.skipif(
         not (JS_DIR / "node_modules").is_dir(),
         reason=f"tests/interop/js/node_modules missing; {INSTALL_HINT}",
@@ -181,22 +181,25 @@ async def nodes() -> AsyncIterator[Nodes]:
         async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             async with background_trio_service(dht):
                 yield Nodes(host, dht, js)
-                with trio.move_on_after(2, shield=True), contextlib.suppress(JsPeerError):
+                with trio.move_on_after(2) as cleanup, contextlib.suppress(JsPeerError):
+                    cleanup.shield = True
                     await js.request("exit")  # let js close its connections first
     finally:
         await _stop_process(process)
 
 
 async def _wait_until_in_routing_tables(nodes: Nodes) -> None:
-    """Both DHTs list each other, so that queries have a peer to ask."""
+    """Both DHTs list each other, so that queries have a peer to ask.
+
+    py-libp2p 0.8.1 adds a peer to its table only when that peer opens a KAD
+    stream to it (kad_dht.py ``_do_handle_stream``) or turns up in a lookup,
+    never on connect: py learns js from js's FIND_NODE self-query, which js runs
+    1 s after start and which waits up to 5 s for a first routing-table peer.
+    """
     with trio.fail_after(STEP_TIMEOUT):
         while True:
             js_table = (await nodes.js.request("routing_table"))["peers"]
-            print("DBG", trio.current_time(), nodes.dht.routing_table.peer_in_table(nodes.js.peer_id), js_table)
-            if (
-                nodes.dht.routing_table.peer_in_table(nodes.js.peer_id)
-                and str(nodes.py_id) in js_table
-            ):
+            if nodes.dht.routing_table.peer_in_table(nodes.js.peer_id) and str(nodes.py_id) in js_table:
                 return
             await trio.sleep(0.05)
 
@@ -331,9 +334,7 @@ async def test_js_provides_py_finds(connected: Nodes) -> None:
     with trio.fail_after(STEP_TIMEOUT):
         while not connected.dht.provider_store.get_providers(key):
             await trio.sleep(0.05)
-    assert [p.peer_id for p in connected.dht.provider_store.get_providers(key)] == [
-        connected.js.peer_id
-    ]
+    assert [p.peer_id for p in connected.dht.provider_store.get_providers(key)] == [connected.js.peer_id]
 
     # Forget it locally, so that find_providers must ask js with GET_PROVIDERS.
     del connected.dht.provider_store.providers[key]
