@@ -79,9 +79,10 @@ class Node:
         key_pair, token = await trio.to_thread.run_sync(self._load_secrets)
         peer_book = PeerBook.in_data_dir(self.data_dir)
         await peer_book.load()
-        self._host = build_host(key_pair, max_connections=self.config.node.max_connections)
+        listen_addrs = parse_multiaddrs(self.config.node.listen)
+        self._host = build_host(key_pair, max_connections=self.config.node.max_connections, listen_addrs=listen_addrs)
         try:
-            async with self._host.run(parse_multiaddrs(self.config.node.listen)):
+            async with self._host.run(listen_addrs):
                 async with trio.open_nursery() as nursery:
                     self._dht = DhtService(
                         self._host,

@@ -37,9 +37,16 @@ def build_host(
     *,
     max_connections: int = 300,
     peerstore: PeerStore | None = None,
+    listen_addrs: Sequence[multiaddr.Multiaddr] = (),
 ) -> IHost:
-    """A host offering Noise + Yamux only, whose inbound streams cannot crash it."""
+    """A host offering Noise + Yamux only, whose inbound streams cannot crash it.
+
+    ``listen_addrs`` must be the addresses later given to ``host.run()`` when one of
+    them is QUIC: py-libp2p builds the QUIC transport only when it sees one here,
+    and otherwise silently listens on nothing for it.
+    """
     host = new_host(
+        listen_addrs=list(listen_addrs) or None,
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},

@@ -81,3 +81,22 @@ def test_unspecified_listen_address_is_advertised_as_local_addresses() -> None:
     assert not any("0.0.0.0" in a for a in advertised)
     kept = advertised_addrs([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/1")])
     assert [str(a) for a in kept] == ["/ip4/127.0.0.1/tcp/1"]
+
+
+async def test_peers_connect_and_ping_over_quic() -> None:
+    addrs = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0"), multiaddr.Multiaddr("/ip4/127.0.0.1/udp/0/quic-v1")]
+    server = build_host(generate_new_ed25519_identity(), listen_addrs=addrs)
+    client = build_host(generate_new_ed25519_identity(), listen_addrs=addrs)
+    async with server.run(addrs), client.run(addrs):
+        quic = [addr for addr in server.get_addrs() if "/quic-v1" in str(addr)]
+        assert quic, "no QUIC listen address"
+        with trio.fail_after(10):
+            await client.connect(info_from_p2p_addr(quic[0]))
+            stream = await client.new_stream(server.get_id(), [TProtocol("/ipfs/ping/1.0.0")])
+            await stream.write(b"q" * 32)
+            echoed = b""
+            while len(echoed) < 32:
+                echoed += await stream.read(32 - len(echoed))
+        assert echoed == b"q" * 32
+        remote = [str(conn.get_transport_addresses()) for conn in client.get_network().connections[server.get_id()]]
+        assert any("quic" in text for text in remote), remote
