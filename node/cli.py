@@ -17,10 +17,12 @@ import trio
 
 from node.config import CONFIG_FILE_NAME, Config, ConfigError, default_config_text, load_config, resolve_data_dir
 from node.datadir import ensure_data_dir, read_api_token, read_running
+from node.errors import ClawnodeError
 
 SHUTDOWN_GRACE_S = 5.0
 EXIT_CONFIG = 2
 EXIT_NOT_RUNNING = 3
+EXIT_CANNOT_START = 4
 
 data_dir_option = click.option(
     "--data-dir",
@@ -106,7 +108,25 @@ def start(
         click.echo(f"clawnode: {error}", err=True)
         sys.exit(EXIT_CONFIG)
     _configure_logging(config.log.level)
-    trio.run(_run_until_signalled, config, directory)
+    try:
+        trio.run(_run_until_signalled, config, directory)
+    except* ClawnodeError as group:
+        for known in _leaves(group):
+            click.echo(f"clawnode: {known.code}: {known.message}", err=True)
+        sys.exit(EXIT_CANNOT_START)
+    except* Exception as group:
+        # A traceback would print local paths; it is shown only when asked for.
+        logging.getLogger("clawnode").debug("the daemon failed", exc_info=group)
+        names = ", ".join(sorted({type(leaf).__name__ for leaf in _leaves(group)}))
+        click.echo(f"clawnode: E_INTERNAL: the daemon failed ({names}); CLAWNODE_LOG_LEVEL=debug shows why", err=True)
+        sys.exit(1)
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:
+    found: list[Any] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
 
 
 # commands that talk to the running daemon

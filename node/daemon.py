@@ -29,7 +29,8 @@ from node.datadir import (
     load_or_create_identity,
     publish_running,
 )
-from node.host import build_host, parse_multiaddrs
+from node.errors import ClawnodeError, ErrorCode
+from node.host import build_host, ensure_tcp_ports_free, parse_multiaddrs
 
 if TYPE_CHECKING:
     # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
@@ -80,6 +81,7 @@ class Node:
         peer_book = PeerBook.in_data_dir(self.data_dir)
         await peer_book.load()
         listen_addrs = parse_multiaddrs(self.config.node.listen)
+        ensure_tcp_ports_free(listen_addrs)
         self._host = build_host(key_pair, max_connections=self.config.node.max_connections, listen_addrs=listen_addrs)
         try:
             async with self._host.run(listen_addrs):
@@ -119,7 +121,13 @@ class Node:
         app = create_app(self, token)
 
         async def serve_and_report(*, task_status: TaskStatus[list[str]]) -> None:
-            await serve(app, hypercorn_config, task_status=task_status)  # type: ignore[arg-type]
+            try:
+                await serve(app, hypercorn_config, task_status=task_status)  # type: ignore[arg-type]
+            except* OSError:
+                raise ClawnodeError(
+                    ErrorCode.UNAVAILABLE,
+                    f"cannot serve the API on 127.0.0.1:{self.config.api.port}: the port is in use (api.port)",
+                ) from None
 
         async with trio.open_nursery() as nursery:
             bound: list[str] = await nursery.start(serve_and_report)

@@ -26,6 +26,8 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from node.errors import ClawnodeError, ErrorCode
+
 log = logging.getLogger(__name__)
 
 SECURITY_PROTOCOLS = (str(NOISE_PROTOCOL_ID),)
@@ -114,6 +116,33 @@ def advertised_addrs(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Mu
         else:
             result.append(addr)
     return result
+
+
+def ensure_tcp_ports_free(listen_addrs: Sequence[multiaddr.Multiaddr]) -> None:
+    """Refuse to start on a TCP port another process listens on.
+
+    py-libp2p binds with SO_REUSEPORT (for hole punching), so a second node on the
+    same port would start without an error and silently share the port's
+    connections with the first. A bind without SO_REUSEPORT fails when the port
+    has a listener, which is the check.
+    """
+    for addr in listen_addrs:
+        text = str(addr)
+        if "/tcp/" not in text or not text.startswith(("/ip4/", "/ip6/")):
+            continue
+        family = socket.AF_INET6 if text.startswith("/ip6/") else socket.AF_INET
+        host = text.split("/")[2]
+        port = int(text.split("/tcp/")[1].split("/")[0])
+        if port == 0:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                raise ClawnodeError(
+                    ErrorCode.UNAVAILABLE, f"cannot listen on {text}: the port is in use (node.listen)"
+                ) from None
 
 
 def parse_multiaddrs(values: Sequence[str]) -> list[multiaddr.Multiaddr]:

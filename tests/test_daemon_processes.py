@@ -106,3 +106,28 @@ def test_api_refuses_a_missing_or_wrong_token(tmp_path: Path, daemons: list[Daem
         reply = httpx.get(f"{api_url}/api/status", headers=headers, timeout=5)
         assert reply.status_code == 401
         assert reply.json()["error"]["code"] == "E_UNAUTHENTICATED"
+
+
+def test_a_second_daemon_on_a_taken_port_refuses_to_start(tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    first = DaemonProcess(tmp_path / "first", LOOPBACK_ANY_PORT).start()
+    daemons.append(first)
+    identity = first.identity()
+    p2p_port = tcp_port(identity["listen_addrs"][0])
+    api_port = identity["api_url"].rsplit(":", 1)[1]
+
+    same_listen = run_cli(
+        "start", "--data-dir", str(tmp_path / "second"), "--listen", f"/ip4/127.0.0.1/tcp/{p2p_port}",
+        "--api-port", "0",
+    )  # fmt: skip
+    assert same_listen.returncode == 4
+    assert "E_UNAVAILABLE" in same_listen.stderr and "node.listen" in same_listen.stderr
+
+    same_api = run_cli(
+        "start", "--data-dir", str(tmp_path / "third"), "--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", api_port,
+    )  # fmt: skip
+    assert same_api.returncode == 4
+    assert "E_UNAVAILABLE" in same_api.stderr and "api.port" in same_api.stderr
+    assert "Traceback" not in same_api.stderr and str(tmp_path) not in same_api.stderr
+
+    assert first.process is not None and first.process.poll() is None
+    assert first.identity()["peer_id"] == identity["peer_id"]
