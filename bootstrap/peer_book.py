@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 from pydantic import BaseModel, ValidationError
 
-from node.datadir import write_atomically
+from runtime.files import write_atomically
 
 PEER_BOOK_FILE = "peers.json"
 MAX_PEERS_KEPT = 500

@@ -4,7 +4,7 @@ routing table fresh, and rejoin when the node finds itself alone."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +14,7 @@ from libp2p.abc import IHost
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from bootstrap.peer_book import PeerBook
@@ -54,6 +55,7 @@ class DhtService:
         peer_book: PeerBook,
         refresh_interval_s: float,
         server_mode: bool = True,
+        validators: Mapping[str, Validator] | None = None,
     ) -> None:
         self.host = host
         self.bootstrap = peer_infos_from_addrs(bootstrap_addrs)
@@ -61,7 +63,9 @@ class DhtService:
         self.refresh_interval_s = refresh_interval_s
         self.mode = DHTMode.SERVER if server_mode else DHTMode.CLIENT
         self.protocol_id = current_kad_protocol_id()
+        self.validators = dict(validators or {})
         self.kad: KadDHT | None = None
+        self.joined = trio.Event()
 
     @property
     def dht(self) -> KadDHT:
@@ -73,7 +77,14 @@ class DhtService:
         return self.kad.routing_table.size() if self.kad else 0
 
     async def run(self, *, task_status: TaskStatus[DhtService] = trio.TASK_STATUS_IGNORED) -> None:
-        self.kad = KadDHT(self.host, self.mode)
+        # Strict: a value outside a namespace we validate is refused, so the DHT is
+        # not free storage for anyone who connects.
+        self.kad = KadDHT(
+            self.host,
+            self.mode,
+            validator=NamespacedValidator(self.validators, strict_validation=True),
+            strict_validation=True,
+        )
         try:
             async with background_trio_service(self.kad):
                 task_status.started(self)
@@ -126,6 +137,7 @@ class DhtService:
             await self._refresh_routing_table()
         self.remember_peers()
         await self.peer_book.save()
+        self.joined.set()
         log.info("joined the DHT: %d of %d known peers answered", len(connected), len(candidates))
         return JoinReport(tried=len(candidates), connected=len(connected))
 
@@ -154,6 +166,19 @@ class DhtService:
             except Exception:  # noqa: BLE001 - a peer without addresses is not worth keeping
                 continue
             self.peer_book.remember(str(peer_id), [str(addr).split("/p2p/")[0] for addr in addrs])
+
+    def add_validator(self, namespace: str, validator: Validator) -> None:
+        """Validate values under ``/namespace/...``; call before :meth:`run`."""
+        if self.kad is not None:
+            raise RuntimeError("validators are fixed once the DHT runs")
+        self.validators[namespace] = validator
+
+    def held_value(self, key: str) -> bytes | None:
+        """The value this node stores for ``key``, if any (no network)."""
+        if self.kad is None:
+            return None
+        record = self.kad.value_store.get(key.encode())
+        return record.value if record is not None else None
 
     async def find_peer_addrs(self, peer_id: ID) -> list[str]:
         info = await self.dht.find_peer(peer_id)

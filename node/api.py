@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import Protocol
+from typing import Annotated, Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from node.errors import ClawnodeError, ErrorCode
+from dht.discovery import DescribeResult, DiscoveryQuery, ProviderResult
+from dht.offers import Offer
+from dht.records import CapabilityRecord
+from runtime.errors import ClawnodeError, ErrorCode
 
 
 class IdentityReply(BaseModel):
@@ -36,6 +39,9 @@ class StatusReply(BaseModel):
     connected_peers: int
     routing_table_size: int
     peer_book_size: int
+    offers: int
+    record_seq: int | None
+    records_rejected: dict[str, int]
     uptime_s: float
 
 
@@ -48,6 +54,15 @@ class PeerReply(BaseModel):
 
 class PeersReply(BaseModel):
     peers: list[PeerReply]
+
+
+class CapabilitiesReply(BaseModel):
+    offers: list[Offer]
+    record: CapabilityRecord | None
+
+
+class DiscoverReply(BaseModel):
+    providers: list[ProviderResult]
 
 
 class ErrorBody(BaseModel):
@@ -67,6 +82,16 @@ class NodeView(Protocol):
     def status(self) -> StatusReply: ...
 
     def peers(self) -> PeersReply: ...
+
+    def capabilities(self) -> CapabilitiesReply: ...
+
+    async def set_offer(self, offer: Offer) -> CapabilitiesReply: ...
+
+    async def remove_offer(self, name: str) -> CapabilitiesReply: ...
+
+    async def discover(self, query: DiscoveryQuery) -> list[ProviderResult]: ...
+
+    async def describe(self, peer_id: str) -> DescribeResult: ...
 
 
 _HTTP_STATUS = {
@@ -138,5 +163,27 @@ def create_app(node: NodeView, token: str) -> FastAPI:
     @app.get("/api/peers")
     async def peers() -> PeersReply:
         return node.peers()
+
+    @app.get("/api/capabilities")
+    async def capabilities() -> CapabilitiesReply:
+        return node.capabilities()
+
+    @app.put("/api/offers/{name}")
+    async def set_offer(name: str, offer: Offer) -> CapabilitiesReply:
+        if offer.name != name:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the offer's name differs from the one in the path")
+        return await node.set_offer(offer)
+
+    @app.delete("/api/offers/{name}")
+    async def remove_offer(name: str) -> CapabilitiesReply:
+        return await node.remove_offer(name)
+
+    @app.get("/api/discover")
+    async def discover(query: Annotated[DiscoveryQuery, Query()]) -> DiscoverReply:
+        return DiscoverReply(providers=await node.discover(query))
+
+    @app.get("/api/describe/{peer_id}")
+    async def describe(peer_id: str) -> DescribeResult:
+        return await node.describe(peer_id)
 
     return app

@@ -17,7 +17,7 @@ import trio
 
 from node.config import CONFIG_FILE_NAME, Config, ConfigError, default_config_text, load_config, resolve_data_dir
 from node.datadir import ensure_data_dir, read_api_token, read_running
-from node.errors import ClawnodeError
+from runtime.errors import ClawnodeError
 
 SHUTDOWN_GRACE_S = 5.0
 EXIT_CONFIG = 2
@@ -132,7 +132,7 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:
 # commands that talk to the running daemon
 
 
-def _call_api(data_dir: str | None, path: str) -> Any:
+def _call_api(data_dir: str | None, path: str, *, params: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
     directory = resolve_data_dir(data_dir)
     running = read_running(directory)
     if running is None:
@@ -141,15 +141,16 @@ def _call_api(data_dir: str | None, path: str) -> Any:
     try:
         reply = httpx.get(
             f"{running.api_url}{path}",
+            params={key: value for key, value in (params or {}).items() if value is not None},
             headers={"authorization": f"Bearer {read_api_token(directory)}"},
-            timeout=10.0,
+            timeout=timeout,
         )
-    except httpx.HTTPError:
+        body = reply.json()
+    except (httpx.HTTPError, ValueError):
         click.echo("clawnode: E_UNAVAILABLE: the daemon does not answer (did it stop?)", err=True)
         sys.exit(EXIT_NOT_RUNNING)
-    body = reply.json()
     if reply.status_code != 200:
-        error = body.get("error", {})
+        error = body.get("error", {}) if isinstance(body, dict) else {}
         click.echo(f"clawnode: {error.get('code', 'E_INTERNAL')}: {error.get('message', '')}", err=True)
         sys.exit(1)
     return body
@@ -203,6 +204,91 @@ def identity(data_dir: str | None, as_json: bool) -> None:
     """Peer id, listen multiaddrs and API URL of the running node."""
     body = _call_api(data_dir, "/api/id")
     _print(body, as_json, [body["peer_id"], *body["listen_addrs"], f"api {body['api_url']}"])
+
+
+def _price(amount: int, asset: str) -> str:
+    return f"{amount} (smallest unit of {asset})" if asset != "ETH" else f"{amount / 1e9:g} gwei"
+
+
+def _offer_line(capability: dict[str, Any]) -> str:
+    pricing = capability["pricing"]
+    model = capability.get("model") or {}
+    context = f"  ctx {model['context_length']}" if model else ""
+    return f"{capability['name']:<40} {_price(pricing['price_per_unit'], pricing['asset'])}/{pricing['unit']}{context}"
+
+
+@main.command()
+@click.argument("capability")
+@data_dir_option
+@click.option("--max-price", type=str, default=None, help="Highest price per unit, in the asset's smallest unit.")
+@click.option("--min-ctx", type=str, default=None, help="Smallest context length, tokens.")
+@click.option("--min-vram", type=str, default=None, help="Smallest GPU memory, GB.")
+@click.option("--reachable", is_flag=True, help="Only providers that are publicly reachable.")
+@click.option("--limit", type=str, default=None, help="At most this many providers (default 20).")
+@json_option
+def find(
+    capability: str,
+    data_dir: str | None,
+    max_price: str | None,
+    min_ctx: str | None,
+    min_vram: str | None,
+    reachable: bool,
+    limit: str | None,
+    as_json: bool,
+) -> None:
+    """Nodes that serve CAPABILITY (e.g. model:gemma3-270m-q4_k_m), cheapest and fastest first."""
+    params = {
+        "capability": capability,
+        "max_price": max_price,
+        "min_ctx": min_ctx,
+        "min_vram_gb": min_vram,
+        "reachable": "true" if reachable else None,
+        "limit": limit,
+    }
+    body = _call_api(data_dir, "/api/discover", params=params, timeout=60.0)
+    lines = []
+    for provider in body["providers"]:
+        hardware = provider["gpu_model"] or "cpu"
+        context = f"ctx {provider['context_length']}" if provider["context_length"] else ""
+        lines.append(
+            f"{provider['peer_id']}  {_price(provider['price_per_unit'], provider['asset'])}/{provider['unit']}  "
+            f"{context}  {hardware}  {provider['reachability']}  rtt {provider['rtt_ms']:.1f} ms"
+            + ("  (this node)" if provider["is_self"] else "")
+        )
+    _print(body, as_json, lines or [f"no provider of {capability} matches"])
+
+
+@main.command()
+@data_dir_option
+@json_option
+def capabilities(data_dir: str | None, as_json: bool) -> None:
+    """What this node offers, as published in its capability record."""
+    body = _call_api(data_dir, "/api/capabilities")
+    record = body["record"] or {"capabilities": [], "seq": "-"}
+    lines = [f"record seq {record['seq']}", *(_offer_line(c) for c in record["capabilities"])]
+    _print(body, as_json, lines if record["capabilities"] else ["this node offers nothing (see [[offers]] in config)"])
+
+
+@main.command()
+@click.argument("peer_id")
+@data_dir_option
+@json_option
+def describe(peer_id: str, data_dir: str | None, as_json: bool) -> None:
+    """The capability record of another node."""
+    body = _call_api(data_dir, f"/api/describe/{peer_id}", timeout=60.0)
+    record = body["record"]
+    hardware = record["hardware"]
+    reachable = f"yes, rtt {body['rtt_ms']:.1f} ms" if body["reachable"] else "no (record from the DHT)"
+    lines = [
+        f"peer id      {record['peer_id']}",
+        f"reachable    {reachable}",
+        f"hardware     {hardware['cores']} cores, {hardware['ram_mb']} MiB RAM, "
+        f"{hardware['gpu_model'] or 'no GPU'} {hardware['vram_mb'] or ''}".rstrip(),
+        f"payout       {record['wallet']['address']}",
+        f"record seq   {record['seq']}",
+        *(_offer_line(c) for c in record["capabilities"]),
+    ]
+    _print(body, as_json, lines)
 
 
 if __name__ == "__main__":

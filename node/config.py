@@ -17,6 +17,9 @@ from typing import Any, Literal
 import multiaddr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dht.offers import Offer
+from dht.records import Reachability
+
 CONFIG_FILE_NAME = "config.toml"
 ENV_PREFIX = "CLAWNODE_"
 DATA_DIR_ENV = "CLAWNODE_DATA_DIR"
@@ -46,6 +49,9 @@ class NodeSection(_Section):
         description="multiaddrs to listen on; port 0 picks a free port",
     )
     max_connections: int = Field(300, ge=1, le=10_000, description="open connections at most")
+    reachability: Reachability = Field(
+        "unknown", description="unknown | public | private: what the capability record declares"
+    )
 
     _listen_are_multiaddrs = field_validator("listen")(_check_multiaddrs)
 
@@ -81,6 +87,18 @@ class DhtSection(_Section):
     refresh_interval_s: float = Field(60.0, ge=1.0, le=86_400.0, description="routing-table refresh period")
 
 
+class CapabilitiesSection(_Section):
+    record_ttl_s: int = Field(
+        600, ge=10, le=86_400, description="lifetime of the published record; republished at half of it"
+    )
+    cache_ttl_s: float = Field(2.0, ge=0.0, le=3600.0, description="how long discovery reuses a fetched record")
+
+
+class HardwareSection(_Section):
+    gpu_model: str = Field("", max_length=64, description="GPU model to advertise; empty for none")
+    vram_mb: int = Field(0, ge=0, description="GPU memory to advertise, MiB")
+
+
 class LogSection(_Section):
     level: LogLevel = Field("info", description="debug | info | warning | error")
 
@@ -90,7 +108,10 @@ class Config(_Section):
     api: ApiSection = Field(default_factory=ApiSection)  # type: ignore[arg-type]
     bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)  # type: ignore[arg-type]
     dht: DhtSection = Field(default_factory=DhtSection)  # type: ignore[arg-type]
+    capabilities: CapabilitiesSection = Field(default_factory=CapabilitiesSection)  # type: ignore[arg-type]
+    hardware: HardwareSection = Field(default_factory=HardwareSection)  # type: ignore[arg-type]
     log: LogSection = Field(default_factory=LogSection)  # type: ignore[arg-type]
+    offers: list[Offer] = Field(default_factory=list, description="what this node sells ([[offers]] tables)")
 
 
 class ConfigError(Exception):
@@ -104,7 +125,11 @@ def resolve_data_dir(flag: str | None, environ: Mapping[str, str] | None = None)
 
 
 def _sections() -> dict[str, type[_Section]]:
-    return {name: field.annotation for name, field in Config.model_fields.items()}  # type: ignore[misc]
+    return {
+        name: field.annotation
+        for name, field in Config.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, _Section)
+    }
 
 
 def _is_list_field(section: str, key: str) -> bool:
@@ -140,6 +165,10 @@ def load_config(
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{CONFIG_FILE_NAME} is not valid TOML: {error}") from None
         for section, values in from_file.items():
+            if section == "offers":
+                merged[section] = values
+                sources[(section,)] = CONFIG_FILE_NAME
+                continue
             if not isinstance(values, dict):
                 raise ConfigError(f"{section}: expected a [{section}] table in {CONFIG_FILE_NAME}")
             merged[section] = dict(values)
@@ -182,6 +211,9 @@ def _known_keys(location: tuple[str, ...]) -> str:
 
 
 def _allowed_values(location: tuple[str, ...]) -> str:
+    if location[0] == "offers" and len(location) >= 3:
+        offer_field = Offer.model_fields.get(location[2])
+        return (offer_field.description or "") if offer_field else ""
     if len(location) < 2 or location[0] not in _sections():
         return ""
     field = _sections()[location[0]].model_fields.get(location[1])
@@ -203,7 +235,28 @@ def default_config_text() -> str:
             lines.append(f"# {field.description}")
             lines.append(f"# {key} = {_toml_value(getattr(values, key))}")
         lines.append("")
+    lines.extend(OFFERS_EXAMPLE)
     return "\n".join(lines)
+
+
+OFFERS_EXAMPLE = [
+    OFFERS_MARKER := "# --- offers ---",
+    "# What this node sells, one [[offers]] table each (none by default). Prices are integers in",
+    "# the asset's smallest unit (wei for ETH). Offers changed through the API are kept in offers.json.",
+    "#",
+    "# [[offers]]",
+    '# name = "model:gemma3-270m-q4_k_m"',
+    '# summary = "Gemma 3 270M (Q4_K_M), chat"',
+    '# unit = "token"                 # token | request | second',
+    "# price_per_unit = 1000000000    # 1 gwei per token",
+    '# asset = "ETH"',
+    '# chain = "eip155:31337"',
+    "# context_length = 8192",
+    '# family = "gemma3"',
+    "# parameters = 270000000",
+    '# quantisation = "Q4_K_M"',
+    "",
+]
 
 
 def _toml_value(value: Any) -> str:

@@ -14,12 +14,18 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
 
 from bootstrap.defaults import DEFAULT_BOOTSTRAP_PEERS
 from bootstrap.peer_book import PeerBook
+from dht.discovery import DescribeResult, Discovery, DiscoveryQuery, ProviderResult
+from dht.offers import Offer
 from dht.protocol_id import use_kad_protocol_id
+from dht.publisher import CapabilityPublisher
+from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
+from dht.records import bind_wallet
 from dht.service import DhtService
-from node.api import IdentityReply, PeerReply, PeersReply, StatusReply, create_app
+from node.api import CapabilitiesReply, IdentityReply, PeerReply, PeersReply, StatusReply, create_app
 from node.config import Config
 from node.datadir import (
     RunningNode,
@@ -27,10 +33,13 @@ from node.datadir import (
     ensure_data_dir,
     load_or_create_api_token,
     load_or_create_identity,
+    load_or_create_wallet_key,
     publish_running,
 )
-from node.errors import ClawnodeError, ErrorCode
+from node.hardware import detect_hardware
 from node.host import build_host, ensure_tcp_ports_free, parse_multiaddrs
+from node.offer_book import OFFER_BOOK_FILE, OfferBook
+from runtime.errors import ClawnodeError, ErrorCode
 
 if TYPE_CHECKING:
     # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
@@ -56,6 +65,10 @@ class Node:
         self.api_url = ""
         self._host: IHost | None = None
         self._dht: DhtService | None = None
+        self._publisher: CapabilityPublisher | None = None
+        self._discovery: Discovery | None = None
+        self.rejections = RejectionCounter()
+        self.offer_book = OfferBook(data_dir / OFFER_BOOK_FILE)
 
     @property
     def host(self) -> IHost:
@@ -69,6 +82,18 @@ class Node:
             raise RuntimeError("the node is not running")
         return self._dht
 
+    @property
+    def publisher(self) -> CapabilityPublisher:
+        if self._publisher is None:
+            raise RuntimeError("the node is not running")
+        return self._publisher
+
+    @property
+    def discovery(self) -> Discovery:
+        if self._discovery is None:
+            raise RuntimeError("the node is not running")
+        return self._discovery
+
     def bootstrap_addrs(self) -> list[str]:
         addrs = list(self.config.bootstrap.peers)
         if self.config.bootstrap.use_defaults:
@@ -77,9 +102,10 @@ class Node:
 
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         use_kad_protocol_id(self.config.dht.protocol_id)
-        key_pair, token = await trio.to_thread.run_sync(self._load_secrets)
+        key_pair, token, wallet_key = await trio.to_thread.run_sync(self._load_secrets)
         peer_book = PeerBook.in_data_dir(self.data_dir)
         await peer_book.load()
+        await self.offer_book.load()
         listen_addrs = parse_multiaddrs(self.config.node.listen)
         ensure_tcp_ports_free(listen_addrs)
         self._host = build_host(key_pair, max_connections=self.config.node.max_connections, listen_addrs=listen_addrs)
@@ -92,7 +118,28 @@ class Node:
                         peer_book=peer_book,
                         refresh_interval_s=self.config.dht.refresh_interval_s,
                     )
+                    self._dht.add_validator(
+                        RECORD_NAMESPACE, CapabilityRecordValidator(self.rejections, held_value=self._dht.held_value)
+                    )
                     await nursery.start(self._dht.run)
+                    self._publisher = CapabilityPublisher(
+                        self._host,
+                        self._dht,
+                        key_pair.private_key,
+                        wallet=bind_wallet(wallet_key, str(self._host.get_id())),
+                        hardware=detect_hardware(self.config.hardware),
+                        offers=self.offer_book.effective(self.config.offers),
+                        record_ttl_s=self.config.capabilities.record_ttl_s,
+                        reachability=lambda: self.config.node.reachability,
+                    )
+                    await nursery.start(self._publisher.run)
+                    self._discovery = Discovery(
+                        self._host,
+                        self._dht,
+                        self.rejections,
+                        lambda: self.publisher.record,
+                        cache_ttl_s=self.config.capabilities.cache_ttl_s,
+                    )
                     await nursery.start(self._serve_api, token)
                     await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card())
                     self.started_at = time.monotonic()
@@ -108,10 +155,10 @@ class Node:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(clear_running, self.data_dir)
 
-    def _load_secrets(self) -> tuple[KeyPair, str]:
+    def _load_secrets(self) -> tuple[KeyPair, str, bytes]:
         ensure_data_dir(self.data_dir)
         key_pair, _ = load_or_create_identity(self.data_dir)
-        return key_pair, load_or_create_api_token(self.data_dir)
+        return key_pair, load_or_create_api_token(self.data_dir), load_or_create_wallet_key(self.data_dir)
 
     async def _serve_api(self, token: str, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         hypercorn_config = HypercornConfig()
@@ -169,6 +216,9 @@ class Node:
             connected_peers=len(self.host.get_connected_peers()),
             routing_table_size=self.dht.routing_table_size(),
             peer_book_size=len(self.dht.peer_book),
+            offers=len(self.publisher.offers),
+            record_seq=self.publisher.record.seq if self.publisher.record else None,
+            records_rejected=self.rejections.snapshot(),
             uptime_s=round(time.monotonic() - self.started_at, 3),
         )
 
@@ -191,3 +241,30 @@ class Node:
                 )
             )
         return PeersReply(peers=replies)
+
+    def capabilities(self) -> CapabilitiesReply:
+        return CapabilitiesReply(offers=self.publisher.offers, record=self.publisher.record)
+
+    async def set_offer(self, offer: Offer) -> CapabilitiesReply:
+        try:
+            self.publisher.set_offer(offer)
+        except ValueError as error:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, str(error)) from None
+        await self.offer_book.record(offer.name, offer)
+        return self.capabilities()
+
+    async def remove_offer(self, name: str) -> CapabilitiesReply:
+        if not self.publisher.remove_offer(name):
+            raise ClawnodeError(ErrorCode.NOT_FOUND, f"this node does not offer {name}")
+        await self.offer_book.record(name, None)
+        return self.capabilities()
+
+    async def discover(self, query: DiscoveryQuery) -> list[ProviderResult]:
+        return await self.discovery.find(query)
+
+    async def describe(self, peer_id: str) -> DescribeResult:
+        try:
+            parsed = ID.from_base58(peer_id)
+        except Exception:  # noqa: BLE001 - base58 and multihash errors alike
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "not a peer id") from None
+        return await self.discovery.describe(parsed)

@@ -13,7 +13,10 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_private_key
 from pydantic import BaseModel
 
+from runtime.files import write_atomically
+
 IDENTITY_FILE = "identity.key"
+WALLET_FILE = "wallet.key"
 API_TOKEN_FILE = "api.token"
 RUNNING_FILE = "node.json"
 SECRET_MODE = 0o600
@@ -50,6 +53,16 @@ def load_or_create_identity(data_dir: Path) -> tuple[KeyPair, bool]:
     return key_pair, True
 
 
+def load_or_create_wallet_key(data_dir: Path) -> bytes:
+    """The payout wallet's secp256k1 private key (32 bytes), created on first start."""
+    path = data_dir / WALLET_FILE
+    if path.exists():
+        return bytes.fromhex(_read_secret(path).decode().strip().removeprefix("0x"))
+    key = secrets.token_bytes(32)
+    _write_secret(path, key.hex().encode())
+    return key
+
+
 def load_or_create_api_token(data_dir: Path) -> str:
     path = data_dir / API_TOKEN_FILE
     if path.exists():
@@ -71,15 +84,6 @@ class RunningNode(BaseModel):
     listen_addrs: list[str]
     api_url: str
     role: str
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def publish_running(data_dir: Path, running: RunningNode) -> None:

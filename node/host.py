@@ -26,7 +26,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from node.errors import ClawnodeError, ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode
 
 log = logging.getLogger(__name__)
 

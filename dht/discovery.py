@@ -1,0 +1,211 @@
+"""Discovery queries: who serves a capability, at what price, how fast do they answer.
+
+Provider lookup in the DHT, then each provider's record fetched directly (which is
+also the liveness check and the round-trip measurement) and verified, in parallel
+with a bound; then filtered and ranked by price, then round-trip time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from pydantic import BaseModel, Field
+
+from dht.offers import capability_key
+from dht.record_validator import RejectionCounter, record_key
+from dht.records import CAPABILITY_NAME, CapabilityRecord, Reachability, RecordRejected, Rejection, verify_record
+from dht.service import DhtService
+from protocols.capability import fetch_sealed_record
+from runtime.errors import ClawnodeError, ErrorCode
+
+log = logging.getLogger(__name__)
+
+PARALLEL_FETCHES = 8
+MAX_PROVIDERS = 50
+
+
+class DiscoveryQuery(BaseModel):
+    capability: str = Field(pattern=CAPABILITY_NAME)
+    max_price: int | None = Field(None, ge=0, description="highest price per unit, smallest asset unit")
+    min_ctx: int | None = Field(None, ge=1, description="smallest context length in tokens")
+    min_vram_gb: int | None = Field(None, ge=0)
+    reachable: bool = Field(False, description="only providers that declare themselves publicly reachable")
+    limit: int = Field(20, ge=1, le=MAX_PROVIDERS)
+
+
+class ProviderResult(BaseModel):
+    peer_id: str
+    capability: str
+    price_per_unit: int
+    unit: str
+    asset: str
+    chain: str
+    context_length: int | None
+    vram_mb: int
+    gpu_model: str | None
+    reachability: Reachability
+    rtt_ms: float
+    is_self: bool
+    record: CapabilityRecord
+
+
+class DescribeResult(BaseModel):
+    peer_id: str
+    reachable: bool = Field(description="the peer answered directly just now")
+    rtt_ms: float | None
+    record: CapabilityRecord
+
+
+@dataclass
+class _Cached:
+    record: CapabilityRecord
+    rtt_s: float
+    fetched_at: float
+
+
+class Discovery:
+    def __init__(
+        self,
+        host: IHost,
+        dht: DhtService,
+        rejections: RejectionCounter,
+        own_record: Callable[[], CapabilityRecord | None],
+        *,
+        cache_ttl_s: float = 2.0,
+        fetch_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.dht = dht
+        self.rejections = rejections
+        self._own_record = own_record
+        self.cache_ttl_s = cache_ttl_s
+        self.fetch_timeout_s = fetch_timeout_s
+        self._clock = clock
+        self._cache: dict[str, _Cached] = {}
+        self._highest_seq: dict[str, int] = {}
+
+    def _accept(self, data: bytes, expected_peer: str) -> CapabilityRecord:
+        held = self._highest_seq.get(expected_peer)
+        try:
+            record = verify_record(data, now=self._clock(), held_seq=held - 1 if held is not None else None)
+        except RecordRejected as rejected:
+            self.rejections.count(rejected.reason)
+            raise
+        if record.peer_id != expected_peer:
+            self.rejections.count(Rejection.WRONG_SIGNER)
+            raise RecordRejected(Rejection.WRONG_SIGNER, "the record describes another peer")
+        self._highest_seq[expected_peer] = record.seq
+        return record
+
+    async def fetch_live(self, peer_id: ID) -> tuple[CapabilityRecord, float]:
+        """A fresh, verified record straight from the peer, and the round trip it took."""
+        key = str(peer_id)
+        cached = self._cache.get(key)
+        now = self._clock()
+        if cached and now - cached.fetched_at < self.cache_ttl_s and cached.record.expires_at > now:
+            return cached.record, cached.rtt_s
+        data, rtt = await fetch_sealed_record(self.host, peer_id, self.fetch_timeout_s)
+        record = self._accept(data, key)
+        self._cache[key] = _Cached(record, rtt, now)
+        return record, rtt
+
+    async def providers_of(self, capability: str) -> list[ID]:
+        infos = await self.dht.dht.find_providers(capability_key(capability), count=MAX_PROVIDERS)
+        seen: dict[ID, None] = {}
+        for info in infos:
+            seen.setdefault(info.peer_id, None)
+            if info.addrs:
+                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
+        return list(seen)
+
+    async def find(self, query: DiscoveryQuery) -> list[ProviderResult]:
+        me = self.host.get_id()
+        candidates: list[tuple[CapabilityRecord, float]] = []
+        own = self._own_record()
+        if own is not None and own.capability(query.capability):
+            candidates.append((own, 0.0))
+
+        async def fetch(peer_id: ID, limiter: trio.CapacityLimiter) -> None:
+            async with limiter:
+                try:
+                    candidates.append(await self.fetch_live(peer_id))
+                except (ClawnodeError, RecordRejected) as error:
+                    # Unreachable, stale or forged: it falls out of the results.
+                    log.debug("provider %s dropped: %s", peer_id, error)
+                    self._cache.pop(str(peer_id), None)
+
+        limiter = trio.CapacityLimiter(PARALLEL_FETCHES)
+        async with trio.open_nursery() as nursery:
+            for peer_id in await self.providers_of(query.capability):
+                if peer_id != me:
+                    nursery.start_soon(fetch, peer_id, limiter)
+
+        results = [
+            result
+            for record, rtt in candidates
+            if (result := _result(record, rtt, query, is_self=record.peer_id == str(me))) is not None
+        ]
+        results.sort(key=lambda result: (result.price_per_unit, result.rtt_ms, result.peer_id))
+        return results[: query.limit]
+
+    async def describe(self, peer_id: ID) -> DescribeResult:
+        """A peer's record: live from the peer, else the copy in the DHT."""
+        own = self._own_record()
+        if peer_id == self.host.get_id() and own is not None:
+            return DescribeResult(peer_id=str(peer_id), reachable=True, rtt_ms=0.0, record=own)
+        try:
+            if not self.host.get_peerstore().addrs(peer_id):
+                raise KeyError
+        except Exception:  # noqa: BLE001 - py-libp2p raises its own error for an unknown peer
+            await self.dht.find_peer_addrs(peer_id)
+        try:
+            record, rtt = await self.fetch_live(peer_id)
+            return DescribeResult(peer_id=str(peer_id), reachable=True, rtt_ms=round(rtt * 1000, 2), record=record)
+        except (ClawnodeError, RecordRejected):
+            pass
+        stored = await self.dht.dht.get_value(record_key(str(peer_id)))
+        if stored is None:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no capability record for that peer")
+        try:
+            record = self._accept(stored, str(peer_id))
+        except RecordRejected:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no valid capability record for that peer") from None
+        return DescribeResult(peer_id=str(peer_id), reachable=False, rtt_ms=None, record=record)
+
+
+def _result(record: CapabilityRecord, rtt_s: float, query: DiscoveryQuery, *, is_self: bool) -> ProviderResult | None:
+    capability = record.capability(query.capability)
+    if capability is None:
+        return None
+    pricing = capability.pricing
+    context = capability.model.context_length if capability.model else None
+    if query.max_price is not None and pricing.price_per_unit > query.max_price:
+        return None
+    if query.min_ctx is not None and (context is None or context < query.min_ctx):
+        return None
+    if query.min_vram_gb is not None and record.hardware.vram_mb < query.min_vram_gb * 1024:
+        return None
+    if query.reachable and record.reachability != "public":
+        return None
+    return ProviderResult(
+        peer_id=record.peer_id,
+        capability=capability.name,
+        price_per_unit=pricing.price_per_unit,
+        unit=pricing.unit,
+        asset=pricing.asset,
+        chain=pricing.chain,
+        context_length=context,
+        vram_mb=record.hardware.vram_mb,
+        gpu_model=record.hardware.gpu_model,
+        reachability=record.reachability,
+        rtt_ms=round(rtt_s * 1000, 2),
+        is_self=is_self,
+        record=record,
+    )

@@ -1,0 +1,145 @@
+"""What a node offers, as its owner writes it (config ``[[offers]]`` or the API), and the
+capability descriptor it becomes. Model offers get a chat-completion request schema,
+reply schema and example by default, so an agent can act on the record alone."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dht.records import (
+    CAPABILITY_NAME,
+    CapabilityDescriptor,
+    Kind,
+    ModelFacts,
+    Prerequisites,
+    PriceUnit,
+    Pricing,
+    Risk,
+)
+
+CHAT_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"enum": ["system", "user", "assistant"]},
+                    "content": {"type": "string"},
+                },
+            },
+        },
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "stream": {"type": "boolean"},
+    },
+}
+CHAT_REPLY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["choices", "usage"],
+    "properties": {
+        "choices": {"type": "array"},
+        "usage": {
+            "type": "object",
+            "required": ["prompt_tokens", "completion_tokens"],
+            "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}},
+        },
+    },
+}
+CHAT_EXAMPLE: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hello in five words."}], "max_tokens": 16}
+EMBEDDING_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["input"],
+    "properties": {"input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}},
+}
+EMBEDDING_REPLY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "array"}},
+}
+
+
+class Offer(BaseModel):
+    """One thing this node sells. Prices are integers in the asset's smallest unit (wei for ETH)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=CAPABILITY_NAME, description="kind:name, e.g. model:gemma3-270m-q4_k_m")
+    summary: str = Field("", max_length=280)
+    unit: PriceUnit = "token"
+    price_per_unit: int = Field(ge=0)
+    asset: str = "ETH"
+    chain: str = "eip155:31337"
+    minimum_lock: int = Field(0, ge=0)
+    context_length: int | None = Field(None, ge=1)
+    family: str = ""
+    parameters: int = Field(0, ge=0)
+    quantisation: str = ""
+    params_schema: dict[str, Any] | None = None
+    returns: dict[str, Any] | None = None
+    examples: list[dict[str, Any]] | None = None
+    permissions: list[str] = Field(default_factory=list)
+    risk: Risk = "low"
+    lease_required: bool = True
+    trusted_postpaid_allowed: bool = False
+    escrow_contract: str | None = Field(None, pattern=r"^0x[0-9a-fA-F]{40}$")
+
+    @property
+    def kind(self) -> Kind:
+        return self.name.split(":", 1)[0]  # type: ignore[return-value]
+
+    def descriptor(self) -> CapabilityDescriptor:
+        kind = self.kind
+        schema, reply, examples = self.params_schema, self.returns, self.examples
+        if kind == "model":
+            schema, reply = schema or CHAT_REQUEST_SCHEMA, reply or CHAT_REPLY_SCHEMA
+            examples = examples if examples is not None else [CHAT_EXAMPLE]
+        elif kind == "embedding":
+            schema, reply = schema or EMBEDDING_REQUEST_SCHEMA, reply or EMBEDDING_REPLY_SCHEMA
+            examples = examples if examples is not None else [{"input": "hello"}]
+        if schema is None or reply is None:
+            raise ValueError(f"a {kind} offer needs params_schema and returns")
+        model = None
+        if kind in ("model", "embedding"):
+            model = ModelFacts(
+                family=self.family or self.name.split(":", 1)[1].split("-")[0],
+                parameters=self.parameters,
+                quantisation=self.quantisation or "unknown",
+                context_length=self.context_length or 2048,
+            )
+        return CapabilityDescriptor(
+            name=self.name,
+            kind=kind,
+            summary=self.summary or self.name,
+            params_schema=schema,
+            returns=reply,
+            pricing=Pricing(
+                unit=self.unit,
+                price_per_unit=self.price_per_unit,
+                asset=self.asset,
+                chain=self.chain,
+                minimum_lock=self.minimum_lock,
+            ),
+            prerequisites=Prerequisites(
+                lease_required=self.lease_required,
+                escrow_chain=self.chain if self.escrow_contract else None,
+                escrow_contract=self.escrow_contract,
+                trusted_postpaid_allowed=self.trusted_postpaid_allowed,
+            ),
+            permissions=self.permissions,
+            risk=self.risk,
+            examples=examples or [],
+            model=model,
+        )
+
+
+def capability_key(name: str) -> str:
+    """The DHT provider key of a capability name (hex of a SHA-256, which py-libp2p takes as bytes)."""
+    return hashlib.sha256(f"clawnode-capability:{name}".encode()).hexdigest()

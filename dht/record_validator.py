@@ -1,0 +1,97 @@
+"""The DHT validator for signed capability records under ``/clawnode/<peer-id>``.
+
+py-libp2p keeps the value it already holds unless ``select()`` prefers the new
+one, so ``select()`` picks the highest sequence number, and ``validate()``
+refuses a value that is not newer than the one this node holds (a replay).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from libp2p.records.validator import Validator
+
+from dht.records import (
+    RECORD_DOMAIN,
+    RECORD_PAYLOAD_TYPE,
+    CapabilityRecord,
+    RecordRejected,
+    Rejection,
+    verify_record,
+)
+from protocols.signed import SignatureError, open_sealed
+
+RECORD_NAMESPACE = "clawnode"
+
+
+def record_key(peer_id: str) -> str:
+    return f"/{RECORD_NAMESPACE}/{peer_id}"
+
+
+class RejectionCounter:
+    """Counts dropped records by reason, for ``/api/status`` and the metrics."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def count(self, reason: Rejection) -> None:
+        self._counts[reason.value] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+
+def sequence_of(value: bytes) -> int | None:
+    """The sequence number inside a sealed record, after checking only its envelope signature."""
+    try:
+        _, payload = open_sealed(value, domain=RECORD_DOMAIN, payload_type=RECORD_PAYLOAD_TYPE)
+        seq = json.loads(payload).get("seq")
+    except (SignatureError, ValueError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) else None
+
+
+class CapabilityRecordValidator(Validator):
+    def __init__(
+        self,
+        rejections: RejectionCounter,
+        held_value: Callable[[str], bytes | None] = lambda key: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rejections = rejections
+        self._held_value = held_value
+        self._clock = clock
+
+    def check(self, key: str, value: bytes) -> CapabilityRecord:
+        held = self._held_value(key)
+        held_seq = sequence_of(held) if held is not None and held != value else None
+        try:
+            record = verify_record(value, now=self._clock(), held_seq=held_seq)
+        except RecordRejected as rejected:
+            self.rejections.count(rejected.reason)
+            raise
+        if key != record_key(record.peer_id):
+            self.rejections.count(Rejection.WRONG_SIGNER)
+            raise RecordRejected(Rejection.WRONG_SIGNER, "stored under another peer's key")
+        return record
+
+    def validate(self, key: str, value: bytes) -> None:
+        self.check(key, value)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        """The index of the valid record with the highest sequence number."""
+
+        def rank(index: int) -> int:
+            try:
+                record = verify_record(values[index], now=self._clock())
+            except RecordRejected:
+                return -1
+            return record.seq if key == record_key(record.peer_id) else -1
+
+        return max(range(len(values)), key=rank)
