@@ -48,11 +48,15 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if level != "debug":
-        # py-libp2p logs a WARNING on every normal DHT stream close and on every
-        # peer that hangs up: noise, not news, for someone running a node.
-        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-        logging.getLogger("hypercorn").setLevel(logging.WARNING)
+    # py-libp2p configures its logger on import (no propagation, WARNING) and then
+    # warns on every normal DHT stream close and every peer that hangs up: noise,
+    # not news, for someone running a node. Shown only when debugging.
+    import libp2p  # noqa: F401
+
+    libp2p_logger = logging.getLogger("libp2p")
+    libp2p_logger.propagate = level == "debug"
+    libp2p_logger.setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+    logging.getLogger("hypercorn").setLevel(logging.WARNING)
 
 
 async def _run_until_signalled(config: Config, data_dir: Path) -> None:

@@ -22,7 +22,9 @@ from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 
 CAPABILITY_PROTOCOL = TProtocol("/clawnode/capability/1.0.0")
-MAX_MESSAGE = 16 * 1024
+# Room for an oversized record to arrive and be rejected (and counted) as oversized;
+# a frame beyond this is a protocol violation and costs only the stream.
+MAX_MESSAGE = 64 * 1024
 REQUEST_TIMEOUT_S = 5.0
 
 log = logging.getLogger(__name__)

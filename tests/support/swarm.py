@@ -1,30 +1,61 @@
-"""N real libp2p hosts with the clawnode DHT, on loopback, inside one trio run."""
+"""N real libp2p hosts with the clawnode DHT and capability services, on loopback,
+inside one trio run."""
 
 from __future__ import annotations
 
+import secrets
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import multiaddr
 import trio
 from libp2p import generate_new_ed25519_identity
 from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.records.validator import Validator
 
 from bootstrap.peer_book import PeerBook
+from dht.discovery import Discovery
+from dht.offers import Offer
 from dht.protocol_id import use_kad_protocol_id
+from dht.publisher import CapabilityPublisher
+from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
+from dht.records import CapabilityRecord, Hardware, Reachability, bind_wallet
 from dht.service import DhtService
 from node.host import build_host
 
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+DEFAULT_HARDWARE = Hardware(cores=2, ram_mb=4096)
+# Generous: 30 joins on a loaded 2-core machine take up to a minute.
+JOIN_DEADLINE_S = 180
+
+
+class AnyValueValidator(Validator):
+    """Accepts anything under its namespace: for tests that store plain values."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        return None
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return 0
 
 
 @dataclass
 class SwarmNode:
+    key_pair: KeyPair
     host: IHost
     dht: DhtService
+    publisher: CapabilityPublisher
+    discovery: Discovery
+    rejections: RejectionCounter
 
     @property
     def peer_id(self) -> str:
@@ -35,37 +66,107 @@ class SwarmNode:
         return [str(addr) for addr in self.host.get_addrs()]
 
 
+@dataclass(frozen=True)
+class NodeSpec:
+    offers: tuple[Offer, ...] = ()
+    hardware: Hardware = DEFAULT_HARDWARE
+    reachability: Reachability = "public"
+
+
+def _constant(reachability: Reachability) -> Callable[[], Reachability]:
+    return lambda: reachability
+
+
+def _record_of(publisher: CapabilityPublisher) -> Callable[[], CapabilityRecord | None]:
+    return lambda: publisher.record
+
+
+async def _run_node(
+    spec: NodeSpec,
+    bootstrap: list[str],
+    peer_book_path: Path,
+    refresh_interval_s: float,
+    record_ttl_s: int,
+    cache_ttl_s: float,
+    *,
+    task_status: TaskStatus[SwarmNode] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    key_pair = generate_new_ed25519_identity()
+    host = build_host(key_pair)
+    async with host.run(LOOPBACK), trio.open_nursery() as nursery:
+        rejections = RejectionCounter()
+        dht = DhtService(
+            host,
+            bootstrap_addrs=bootstrap,
+            peer_book=PeerBook(peer_book_path),
+            refresh_interval_s=refresh_interval_s,
+            validators={"clawtest": AnyValueValidator()},
+        )
+        dht.add_validator(RECORD_NAMESPACE, CapabilityRecordValidator(rejections, held_value=dht.held_value))
+        await nursery.start(dht.run)
+        publisher = CapabilityPublisher(
+            host,
+            dht,
+            key_pair.private_key,
+            wallet=bind_wallet(secrets.token_bytes(32), str(host.get_id())),
+            hardware=spec.hardware,
+            offers=list(spec.offers),
+            record_ttl_s=record_ttl_s,
+            reachability=_constant(spec.reachability),
+        )
+        await nursery.start(publisher.run)
+        discovery = Discovery(host, dht, rejections, _record_of(publisher), cache_ttl_s=cache_ttl_s)
+        task_status.started(SwarmNode(key_pair, host, dht, publisher, discovery, rejections))
+        await trio.sleep_forever()
+
+
 @asynccontextmanager
 async def open_swarm(
-    size: int, *, bootstrap_count: int = 2, refresh_interval_s: float = 3600.0
+    size: int,
+    *,
+    bootstrap_count: int = 2,
+    refresh_interval_s: float = 3600.0,
+    specs: Mapping[int, NodeSpec] | None = None,
+    record_ttl_s: int = 600,
+    cache_ttl_s: float = 0.0,
 ) -> AsyncIterator[list[SwarmNode]]:
     """Start ``size`` nodes; the first ``bootstrap_count`` are the others' bootstrap peers.
 
-    Every node has joined (dialled its bootstrap peers and looked itself up) when
-    the block starts.
+    ``specs`` gives some nodes offers, hardware and reachability; the rest offer
+    nothing. Every node has joined and published when the block starts.
     """
     use_kad_protocol_id()
+    specs = specs or {}
     with tempfile.TemporaryDirectory(prefix="clawnode-swarm-") as scratch:
-        async with AsyncExitStack() as stack:
+        async with trio.open_nursery() as nursery:
             nodes: list[SwarmNode] = []
             for index in range(size):
-                host = build_host(generate_new_ed25519_identity())
-                await stack.enter_async_context(host.run(LOOPBACK))
-                nursery = await stack.enter_async_context(trio.open_nursery())
-                stack.callback(nursery.cancel_scope.cancel)
                 bootstrap = [addr for node in nodes[:bootstrap_count] for addr in node.addrs[:1]]
-                dht = DhtService(
-                    host,
-                    bootstrap_addrs=bootstrap,
-                    peer_book=PeerBook(Path(scratch) / f"peers-{index}.json"),
-                    refresh_interval_s=refresh_interval_s,
+                run_node = partial(
+                    _run_node,
+                    specs.get(index, NodeSpec()),
+                    bootstrap,
+                    Path(scratch) / f"peers-{index}.json",
+                    refresh_interval_s,
+                    record_ttl_s,
+                    cache_ttl_s,
                 )
-                await nursery.start(dht.run)
-                nodes.append(SwarmNode(host, dht))
-            # Joins ran in the background while later nodes were added: wait for them
-            # to settle, then let every node look itself up once more, now that the
-            # whole swarm exists.
+                node = await nursery.start(run_node)
+                nodes.append(node)
+            # Joins ran in the background while later nodes were added: wait for them,
+            # let every node look itself up again now that the whole swarm exists,
+            # then publish once more so provider records reach the final closest peers.
+            with trio.fail_after(JOIN_DEADLINE_S):
+                for node in nodes:
+                    await node.dht.joined.wait()
             async with trio.open_nursery() as refreshes:
                 for node in nodes:
                     refreshes.start_soon(node.dht.refresh)
-            yield nodes
+            async with trio.open_nursery() as publishes:
+                for node in nodes:
+                    if node.publisher.offers:
+                        publishes.start_soon(node.publisher.publish)
+            try:
+                yield nodes
+            finally:
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,156 @@
+"""Discovery in a 30-node swarm with 6 providers: every node gets exactly the matching
+providers for every filter; price changes propagate; a stopped provider drops out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from dht.discovery import DiscoveryQuery
+from dht.offers import Offer
+from dht.records import Hardware
+from tests.support.swarm import NodeSpec, SwarmNode, open_swarm
+
+GWEI = 10**9
+GEMMA = "model:gemma3-270m-q4_k_m"
+QWEN = "model:qwen2.5-7b-instruct-q4_k_m"
+MINILM = "embedding:all-minilm-l6-v2"
+
+
+def gemma(price_gwei: int, ctx: int) -> Offer:
+    return Offer(
+        name=GEMMA, price_per_unit=price_gwei * GWEI, context_length=ctx, family="gemma3", parameters=270_000_000
+    )
+
+
+def qwen(price_gwei: int, ctx: int) -> Offer:
+    return Offer(
+        name=QWEN, price_per_unit=price_gwei * GWEI, context_length=ctx, family="qwen2.5", parameters=7 * 10**9
+    )
+
+
+def minilm(price: int) -> Offer:
+    return Offer(name=MINILM, unit="request", price_per_unit=price, context_length=512, family="minilm")
+
+
+GPU_24 = Hardware(gpu_model="RTX 4090", vram_mb=24 * 1024, cores=16, ram_mb=65536)
+GPU_16 = Hardware(gpu_model="RTX 4080", vram_mb=16 * 1024, cores=8, ram_mb=32768)
+CPU = Hardware(cores=4, ram_mb=16384)
+
+# index in the swarm -> what that node offers (indices 0 and 1 are the bootstrap peers)
+PROVIDERS = {
+    5: NodeSpec(offers=(gemma(1, 8192),), hardware=CPU),
+    9: NodeSpec(offers=(gemma(3, 32768),), hardware=GPU_24),
+    13: NodeSpec(offers=(gemma(2, 4096),), hardware=CPU, reachability="private"),
+    17: NodeSpec(offers=(qwen(5, 32768),), hardware=GPU_16),
+    21: NodeSpec(offers=(minilm(100),), hardware=CPU),
+    25: NodeSpec(offers=(qwen(4, 8192), minilm(200)), hardware=CPU),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    query: DiscoveryQuery
+    expected: tuple[int, ...]  # provider indices, in the expected rank order (price ascending)
+
+
+CASES = [
+    Case(DiscoveryQuery(capability=GEMMA), (5, 13, 9)),
+    Case(DiscoveryQuery(capability=GEMMA, max_price=2 * GWEI), (5, 13)),
+    Case(DiscoveryQuery(capability=GEMMA, min_ctx=8192), (5, 9)),
+    Case(DiscoveryQuery(capability=GEMMA, min_vram_gb=16), (9,)),
+    Case(DiscoveryQuery(capability=GEMMA, reachable=True), (5, 9)),
+    Case(DiscoveryQuery(capability=GEMMA, max_price=2 * GWEI, min_ctx=8192, reachable=True), (5,)),
+    Case(DiscoveryQuery(capability=QWEN, max_price=4 * GWEI), (25,)),
+    Case(DiscoveryQuery(capability=QWEN, min_ctx=16000, min_vram_gb=8), (17,)),
+    Case(DiscoveryQuery(capability=MINILM), (21, 25)),
+    Case(DiscoveryQuery(capability="model:nobody-serves-this"), ()),
+]
+
+
+async def run_queries(nodes: list[SwarmNode], cases: list[Case]) -> list[tuple[int, int, list[str]]]:
+    """Every node runs every query; returns (node index, case index, peer ids returned)."""
+    answers: list[tuple[int, int, list[str]]] = []
+    limiter = trio.CapacityLimiter(12)
+
+    async def ask(node_index: int, case_index: int) -> None:
+        async with limiter:
+            with trio.fail_after(30):
+                results = await nodes[node_index].discovery.find(cases[case_index].query)
+        answers.append((node_index, case_index, [result.peer_id for result in results]))
+
+    async with trio.open_nursery() as nursery:
+        for node_index in range(len(nodes)):
+            for case_index in range(len(cases)):
+                nursery.start_soon(ask, node_index, case_index)
+    return answers
+
+
+async def test_every_node_gets_exactly_the_matching_providers_best_first() -> None:
+    async with open_swarm(30, specs=PROVIDERS) as nodes:
+        answers = await run_queries(nodes, CASES)
+        wrong = []
+        for node_index, case_index, returned in answers:
+            expected = [nodes[i].peer_id for i in CASES[case_index].expected]
+            if returned != expected:
+                wrong.append((node_index, case_index, len(returned), len(expected)))
+        assert len(answers) == 30 * len(CASES)
+        assert not wrong, f"{len(wrong)} of {len(answers)} answers differ (node, case, got, expected): {wrong[:8]}"
+        assert all(node.rejections.total() == 0 for node in nodes)
+
+
+@pytest.fixture
+def small_market() -> dict[int, NodeSpec]:
+    return {3: NodeSpec(offers=(gemma(2, 8192),)), 4: NodeSpec(offers=(gemma(3, 8192),))}
+
+
+async def test_a_price_change_reaches_every_querying_node(small_market: dict[int, NodeSpec]) -> None:
+    async with open_swarm(10, specs=small_market) as nodes:
+        provider = nodes[3]
+        before = await nodes[7].discovery.find(DiscoveryQuery(capability=GEMMA))
+        assert [r.price_per_unit for r in before] == [2 * GWEI, 3 * GWEI]
+
+        provider.publisher.set_offer(gemma(5, 8192))
+        seen_at: dict[int, float] = {}
+        started = trio.current_time()
+
+        async def watch(index: int) -> None:
+            while True:
+                results = await nodes[index].discovery.find(DiscoveryQuery(capability=GEMMA))
+                prices = {r.peer_id: r.price_per_unit for r in results}
+                if prices.get(provider.peer_id) == 5 * GWEI:
+                    seen_at[index] = trio.current_time() - started
+                    return
+                await trio.sleep(0.1)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for index in range(len(nodes)):
+                    nursery.start_soon(watch, index)
+        assert len(seen_at) == len(nodes)
+        after = await nodes[8].discovery.find(DiscoveryQuery(capability=GEMMA))
+        assert [r.peer_id for r in after] == [nodes[4].peer_id, provider.peer_id]
+
+
+async def test_a_stopped_provider_is_absent_from_results(small_market: dict[int, NodeSpec]) -> None:
+    async with open_swarm(8, specs=small_market) as nodes:
+        query = DiscoveryQuery(capability=GEMMA)
+        assert len(await nodes[6].discovery.find(query)) == 2
+        leaving = nodes[3]
+        await leaving.host.close()
+        with trio.fail_after(20):
+            results = await nodes[6].discovery.find(query)
+        assert [r.peer_id for r in results] == [nodes[4].peer_id]
+
+
+async def test_a_withdrawn_offer_disappears(small_market: dict[int, NodeSpec]) -> None:
+    async with open_swarm(6, specs=small_market) as nodes:
+        assert nodes[4].publisher.remove_offer(GEMMA)
+        with trio.fail_after(10):
+            while True:
+                results = await nodes[5].discovery.find(DiscoveryQuery(capability=GEMMA))
+                if [r.peer_id for r in results] == [nodes[3].peer_id]:
+                    break
+                await trio.sleep(0.1)

@@ -1,0 +1,129 @@
+"""Capability records: what is accepted, what is rejected and counted, and that a
+record's own schema and examples are enough to build an acceptable request."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from libp2p import generate_new_ed25519_identity
+
+from dht.discovery import DiscoveryQuery
+from dht.offers import Offer
+from dht.record_validator import CapabilityRecordValidator, RejectionCounter, record_key
+from dht.records import MAX_RECORD_BYTES, RecordRejected, private_leaks, seal_record, verify_record
+from tests.support.records import GEMMA, bad_records, make_record
+from tests.support.swarm import NodeSpec, open_swarm
+
+KEY_PAIR = generate_new_ed25519_identity()
+GOOD = seal_record(make_record(KEY_PAIR, seq=10), KEY_PAIR.private_key)
+BAD = bad_records(KEY_PAIR, good_seq=10)
+PEER = make_record(KEY_PAIR).peer_id
+
+
+def test_a_good_record_verifies_and_fits_the_size_limit() -> None:
+    record = verify_record(GOOD, now=time.time(), held_seq=9)
+    assert record.peer_id == PEER
+    assert record.capability(GEMMA.name) is not None
+    assert len(GOOD) <= MAX_RECORD_BYTES
+
+
+@pytest.mark.parametrize("reason", sorted(BAD))
+def test_each_bad_record_is_rejected_for_its_reason(reason: str) -> None:
+    with pytest.raises(RecordRejected) as rejected:
+        verify_record(BAD[reason], now=time.time(), held_seq=10)
+    assert rejected.value.reason.value == reason
+
+
+@pytest.mark.parametrize("reason", sorted(BAD))
+def test_the_dht_validator_rejects_and_counts_each_bad_record(reason: str) -> None:
+    counter = RejectionCounter()
+    held = {record_key(PEER): GOOD}
+    validator = CapabilityRecordValidator(counter, held_value=held.get)
+    validator.validate(record_key(PEER), GOOD)
+    with pytest.raises(RecordRejected):
+        validator.validate(record_key(PEER), BAD[reason])
+    assert counter.snapshot() == {reason: 1}
+
+
+def test_the_validator_refuses_a_record_stored_under_another_peers_key() -> None:
+    counter = RejectionCounter()
+    validator = CapabilityRecordValidator(counter)
+    other = make_record(generate_new_ed25519_identity()).peer_id
+    with pytest.raises(RecordRejected):
+        validator.validate(record_key(other), GOOD)
+    assert counter.snapshot() == {"wrong_signer": 1}
+
+
+def test_select_prefers_the_highest_valid_sequence() -> None:
+    validator = CapabilityRecordValidator(RejectionCounter())
+    older = seal_record(make_record(KEY_PAIR, seq=5), KEY_PAIR.private_key)
+    newer = seal_record(make_record(KEY_PAIR, seq=20), KEY_PAIR.private_key)
+    assert validator.select(record_key(PEER), [older, GOOD, newer]) == 2
+    assert validator.select(record_key(PEER), [BAD["bad_signature"], older]) == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(position=st.integers(min_value=0, max_value=len(GOOD) - 1), flip=st.integers(min_value=1, max_value=255))
+def test_any_changed_byte_breaks_the_record(position: int, flip: int) -> None:
+    tampered = bytearray(GOOD)
+    tampered[position] ^= flip
+    with pytest.raises(RecordRejected):
+        verify_record(bytes(tampered), now=time.time())
+
+
+def test_the_publisher_refuses_to_seal_private_data() -> None:
+    for summary in ("see http://192.168.1.20:8080/v1", "weights in ~/models", "C:\\models\\gemma.gguf"):
+        leaky = GEMMA.model_copy(update={"summary": summary}).descriptor()
+        with pytest.raises(RecordRejected) as refused:
+            seal_record(make_record(KEY_PAIR, capabilities=[leaky]), KEY_PAIR.private_key)
+        assert refused.value.reason.value == "private_data"
+    assert private_leaks(make_record(KEY_PAIR).model_dump(mode="json")) == []
+
+
+def test_a_request_built_from_the_record_alone_is_accepted() -> None:
+    record = verify_record(GOOD, now=time.time())
+    capability = record.capability(GEMMA.name)
+    assert capability is not None and capability.examples
+    for example in capability.examples:
+        assert capability.request_problems(example) == []
+    built = {**capability.examples[0], "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 8}
+    assert capability.request_problems(built) == []
+    assert capability.request_problems({"prompt": "no messages"}) != []
+    assert capability.request_problems({"messages": [{"role": "wizard", "content": "x"}]}) != []
+
+
+def test_an_offer_whose_example_breaks_its_own_schema_is_refused() -> None:
+    with pytest.raises(ValueError, match="examples"):
+        Offer(name=GEMMA.name, price_per_unit=1, examples=[{"max_tokens": 0}]).descriptor()
+
+
+async def test_the_query_path_drops_and_counts_every_bad_record() -> None:
+    """Rogue providers announce the capability and serve one bad record each."""
+    honest, rogues = 2, sorted(BAD)
+    specs = {index: NodeSpec(offers=(GEMMA,)) for index in range(honest, honest + len(rogues) + 1)}
+    async with open_swarm(honest + len(rogues) + 2, specs=specs) as nodes:
+        asker, good = nodes[0], nodes[honest]
+        rogue_nodes = dict(zip(rogues, nodes[honest + 1 : honest + 1 + len(rogues)], strict=True))
+        for reason, rogue in rogue_nodes.items():
+            assert rogue.publisher.record is not None
+            # The stale one must first be seen at a higher sequence for its replay to be stale.
+            if reason != "stale_sequence":
+                rogue.publisher.sealed = bad_records(rogue.key_pair, good_seq=rogue.publisher.record.seq)[reason]
+        with trio.fail_after(30):
+            first = await asker.discovery.find(DiscoveryQuery(capability=GEMMA.name))
+        stale_rogue = rogue_nodes["stale_sequence"]
+        assert {r.peer_id for r in first} == {good.peer_id, stale_rogue.peer_id}
+        assert stale_rogue.publisher.record is not None
+        stale_rogue.publisher.sealed = bad_records(stale_rogue.key_pair, good_seq=stale_rogue.publisher.record.seq)[
+            "stale_sequence"
+        ]
+        with trio.fail_after(30):
+            second = await asker.discovery.find(DiscoveryQuery(capability=GEMMA.name))
+        assert [r.peer_id for r in second] == [good.peer_id]
+        counted = asker.rejections.snapshot()
+        assert set(counted) == set(rogues), counted
+        assert counted["stale_sequence"] == 1
