@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,6 +90,11 @@ class Discovery:
         self.fetch_timeout_s = fetch_timeout_s
         self._clock = clock
         self._cache: dict[str, _Cached] = {}
+        self._providers: dict[str, tuple[float, list[ID]]] = {}
+        # One lookup per capability and one fetch per peer at a time: concurrent
+        # queries for the same thing wait for the one in flight and share its cache.
+        self._lookup_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._fetch_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self._highest_seq: dict[str, int] = {}
 
     def _accept(self, data: bytes, expected_peer: str) -> CapabilityRecord:
@@ -106,6 +112,10 @@ class Discovery:
 
     async def fetch_live(self, peer_id: ID) -> tuple[CapabilityRecord, float]:
         """A fresh, verified record straight from the peer, and the round trip it took."""
+        async with self._fetch_locks[str(peer_id)]:
+            return await self._fetch_live(peer_id)
+
+    async def _fetch_live(self, peer_id: ID) -> tuple[CapabilityRecord, float]:
         key = str(peer_id)
         cached = self._cache.get(key)
         now = self._clock()
@@ -117,12 +127,20 @@ class Discovery:
         return record, rtt
 
     async def providers_of(self, capability: str) -> list[ID]:
-        infos = await self.dht.dht.find_providers(capability_key(capability), count=MAX_PROVIDERS)
+        async with self._lookup_locks[capability]:
+            return await self._providers_of(capability)
+
+    async def _providers_of(self, capability: str) -> list[ID]:
+        cached = self._providers.get(capability)
+        if cached is not None and self._clock() - cached[0] < self.cache_ttl_s:
+            return cached[1]
+        infos = await self.dht.find_providers(bytes.fromhex(capability_key(capability)), count=MAX_PROVIDERS)
         seen: dict[ID, None] = {}
         for info in infos:
             seen.setdefault(info.peer_id, None)
             if info.addrs:
                 self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
+        self._providers[capability] = (self._clock(), list(seen))
         return list(seen)
 
     async def find(self, query: DiscoveryQuery) -> list[ProviderResult]:

@@ -98,6 +98,9 @@ class CapabilityPublisher:
         record = self.build_record()
         sealed = seal_record(record, self._private_key)
         self.record, self.sealed = record, sealed
+        if not record.capabilities:
+            # Nothing to sell: served to whoever asks, but no DHT traffic for it.
+            return
         kad = self.dht.dht
         try:
             await kad.put_value(record_key(record.peer_id), sealed)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DIAL_TIMEOUT_S = 5.0
 PARALLEL_DIALS = 8
 PEER_BOOK_DIAL_LIMIT = 50
+PROVIDER_QUERY_FANOUT = 6
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ class DhtService:
         for peer_id in connected:
             await self.dht.add_peer(peer_id)
         if connected:
-            await self._refresh_routing_table()
+            await self.look_up_self()
+            await self.adopt_connected_dht_peers()
         self.remember_peers()
         await self.peer_book.save()
         self.joined.set()
@@ -145,9 +147,53 @@ class DhtService:
         if self.routing_table_size() == 0 or not self.host.get_connected_peers():
             await self.join()
             return
+        await self.adopt_connected_dht_peers()
         await self._refresh_routing_table()
         self.remember_peers()
         await self.peer_book.save()
+
+    async def adopt_connected_dht_peers(self) -> int:
+        """Add connected peers that speak our DHT but are missing from the routing table.
+
+        py-libp2p adds a peer when it opens a DHT stream to us, but only if its
+        addresses are already known; a stream that beats identify leaves the peer
+        out, and nobody would look it up again until it happened to query us.
+        """
+        kad = self.dht
+        peerstore = self.host.get_peerstore()
+        in_table = set(kad.routing_table.get_peer_ids())
+        adopted = 0
+        for peer_id in self.host.get_connected_peers():
+            if peer_id in in_table:
+                continue
+            try:
+                speaks_dht = self.protocol_id in peerstore.get_protocols(peer_id) and bool(peerstore.addrs(peer_id))
+            except Exception:  # noqa: BLE001 - identify has not finished for this peer
+                continue
+            if speaks_dht and await kad.add_peer(peer_id):
+                adopted += 1
+        return adopted
+
+    async def look_up_self(self) -> None:
+        """Kademlia's join: look up our own id and keep the peers met on the way.
+
+        py-libp2p's full refresh also walks a random id in every non-empty bucket,
+        one after another; that belongs to the periodic refresh, not to joining.
+        """
+        kad = self.dht
+        try:
+            closest = await kad.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())
+        except Exception as error:  # noqa: BLE001 - the periodic refresh tries again
+            log.debug("self lookup failed: %s", type(error).__name__)
+            return
+        peerstore = self.host.get_peerstore()
+        for peer_id in closest:
+            try:
+                addrs = peerstore.addrs(peer_id)
+                if addrs:
+                    await kad.routing_table.add_peer(PeerInfo(peer_id, addrs))
+            except Exception as error:  # noqa: BLE001 - a peer we cannot add is skipped
+                log.debug("could not add %s: %s", peer_id, type(error).__name__)
 
     async def _refresh_routing_table(self) -> None:
         try:
@@ -179,6 +225,39 @@ class DhtService:
             return None
         record = self.kad.value_store.get(key.encode())
         return record.value if record is not None else None
+
+    async def find_providers(self, key: bytes, count: int = 50) -> list[PeerInfo]:
+        """Every provider of ``key`` that the peers closest to it know, plus our own.
+
+        py-libp2p's ``find_providers`` answers from the local store alone as soon
+        as it holds any provider for the key, so a node that stores part of the
+        list (one of the key's closest peers, or a provider itself) never sees the
+        rest. Here the local list is merged with what each of the key's closest
+        peers answers; ``provide()`` sent the record to those same peers.
+        """
+        kad = self.dht
+        found: dict[ID, PeerInfo] = {info.peer_id: info for info in kad.provider_store.get_providers(key)}
+        closest = await kad.peer_routing.find_closest_peers_network(key)
+        limiter = trio.CapacityLimiter(PARALLEL_DIALS)
+
+        async def ask(peer_id: ID) -> None:
+            async with limiter:
+                with trio.move_on_after(DIAL_TIMEOUT_S):
+                    try:
+                        answer, _ = await kad.provider_store._get_providers_from_peer_with_closers(peer_id, key)
+                    except Exception as error:  # noqa: BLE001 - one silent peer does not spoil the lookup
+                        log.debug("GET_PROVIDERS to %s failed: %s", peer_id, type(error).__name__)
+                        return
+                    for info in answer:
+                        known = found.get(info.peer_id)
+                        if known is None or (info.addrs and not known.addrs):
+                            found[info.peer_id] = info
+
+        others = [peer_id for peer_id in closest if peer_id != self.host.get_id()]
+        async with trio.open_nursery() as nursery:
+            for peer_id in others[:PROVIDER_QUERY_FANOUT]:
+                nursery.start_soon(ask, peer_id)
+        return list(found.values())[:count]
 
     async def find_peer_addrs(self, peer_id: ID) -> list[str]:
         info = await self.dht.find_peer(peer_id)

@@ -154,8 +154,9 @@ async def open_swarm(
                 node = await nursery.start(run_node)
                 nodes.append(node)
             # Joins ran in the background while later nodes were added: wait for them,
-            # let every node look itself up again now that the whole swarm exists,
-            # then publish once more so provider records reach the final closest peers.
+            # run every node's periodic refresh once now that the whole swarm exists
+            # (early joiners met only a few peers), then publish once more so provider
+            # records reach the final closest peers.
             with trio.fail_after(JOIN_DEADLINE_S):
                 for node in nodes:
                     await node.dht.joined.wait()
