@@ -2,45 +2,68 @@
 
 Usage::
 
-    python bench/dht_swarm.py [--sizes 50,200] [--lookups 200] [--processes 2]
+    python bench/dht_swarm.py [--sizes 50,200] [--lookups 200] [--processes P]
 
-For each size N the nodes are split over P worker processes (one ``trio.run`` each,
-started with multiprocessing's ``spawn``); the coordinator (this process, no hosts)
-drives them over pipes. All nodes form one swarm: the first two nodes of worker 0
-are everybody's bootstrap peers. Every node is a real clawnode host
-(``node.host.build_host``, Noise + Yamux) running ``dht.service.DhtService`` on
-``/clawnode/kad/1.0.0``.
+One swarm is grown through the sizes in increasing order (50 nodes, measured,
+then 150 more, measured again): a fresh 200-node swarm would repeat the same 50
+sequential joins first. Nodes live in worker processes, one ``trio.run`` each,
+started with multiprocessing's ``spawn`` and driven over pipes by this process,
+which runs no host. The first two nodes of worker 0 are every node's bootstrap
+peers. Every node is a real clawnode host (``node.host.build_host``, Noise +
+Yamux) running ``dht.service.DhtService`` on ``/clawnode/kad/1.0.0``; joins run
+one at a time per process (``--join-concurrency``: more at once was slower on 2
+cores).
 
-Phases per size: start + join (joins throttled per process), one routing-table
-refresh of every node once the whole swarm exists (as ``tests/support/swarm.py``
-does), then ``--lookups`` sequential ``find_peer`` calls, each from a random node
-for a target in any process, one at a time across the whole swarm, so that a
-latency is never inflated by another lookup.
+Processes: one per core, and more where file descriptors demand it. The DHT keeps
+a connection to every peer it ever queried (``max_connections`` 300), so the
+swarm tends to a full mesh, a descriptor at each end of each connection: a
+process with n of N nodes needs up to n * (N - 1). With a hard RLIMIT_NOFILE of
+20000, N=200 needs 3 processes (67+67+66); N=50 gets 2 (25+25).
+
+Per size: grow and join, report routing tables, connections and idle CPU, then up
+to ``--lookups`` ``find_peer`` calls, one at a time across the whole swarm so that
+no lookup inflates another's latency, each from a random node, with
+``--lookup-timeout``, until ``--budget`` seconds of lookups have passed.
 
 Cold targets: py-libp2p's ``find_peer`` answers from the routing table or the
-peerstore without any network traffic when it can (peer_routing.py:92-105), and
-after the joins nodes of a small swarm know most of the others. A lookup
-therefore takes the first target (in random order) that the searcher has never
-heard of; when it knows everybody, the target is first forgotten (removed from the
-routing table, its addresses cleared from the peerstore), so every measured
-lookup goes over the network. ``cold=`` says which share needed no forgetting.
+peerstore without any network traffic when it can (peer_routing.py:92-105). A
+lookup therefore takes the first target (in random order) that the searcher has
+never heard of; when it knows everybody, the target is first forgotten (removed
+from the routing table, its addresses cleared from the peerstore), so every
+measured lookup goes over the network. ``cold=`` is the share that needed no
+forgetting. ``success`` means the returned addresses include one the target
+really listens on.
 
 Hops: py-libp2p's iterative lookup runs in rounds of up to ALPHA=10 parallel
-FIND_NODE queries, each round in one nursery (peer_routing.py:288). The benchmark
-counts rounds by giving the ``peer_routing`` module a stand-in for its ``trio``
-name whose ``open_nursery`` counts, and wraps ``PeerRouting._query_peer_for_closest``
-to note the round in which a response first named the target. ``hops`` is that
-round (sequential query rounds needed to learn the target's address), ``rounds``
-the total number of rounds until the lookup terminated. Both patches live in the
-worker processes of this benchmark only.
+FIND_NODE queries, each round in one nursery (peer_routing.py:288), and does not
+stop when the target turns up: it goes on until the closest peers stop changing.
+The benchmark counts rounds by giving the ``peer_routing`` module a stand-in for
+its ``trio`` whose ``open_nursery`` counts, and wraps
+``PeerRouting._query_peer_for_closest`` to note the round in which a response
+first named the target. ``hops`` is that round, ``rounds`` the rounds until the
+lookup ended.
 
-Memory: RSS per worker via psutil after the swarm is built and after the
-lookups; ``baseline`` is a worker's RSS with every import done and no host.
+Yamux RTT pings are off by default (``--yamux-rtt`` keeps them): every Yamux
+connection pings every 30 s (yamux.py:151, :703-726), ~0.07 ms of CPU per
+connection per second here. A real node pays that for its own connections only;
+200 co-located nodes of a full mesh would pay ~1.4 cores for 19,900 connections
+and measure their own contention instead of the DHT.
 
-The run is bounded: each lookup has a timeout (``--lookup-timeout``), the lookup
-phase of a size stops at ``--budget`` seconds after the size started (the figures
-then say how many lookups ran), every coordinator wait has a deadline, and workers
-are stopped (then terminated, then killed) on any error, Ctrl-C or SIGTERM.
+All patches (hop counting, RTT interval) are made in the worker processes of this
+benchmark only, never in the package.
+
+Memory: RSS of each worker via psutil; ``baseline`` is a worker's RSS with every
+import done and no host; ``rss/node`` is the workers' total RSS over N, the
+``+x/node`` after it the same without the baselines.
+
+Bounded: ``--time-limit`` (default 540 s) caps the whole run (joins still running
+at their deadline go on in the background, noted as ``joined=``; lookups stop
+early, noted in brackets), every wait on a worker has a deadline, and the workers
+are stopped -- then terminated, then killed -- on any end: success, error,
+Ctrl-C (workers ignore SIGINT and leave shutdown to this process) or SIGTERM.
+Workers unwind their hosts under cancellation instead of closing them: py-libp2p
+closes a host's connections one after another with two 0.1 s sleeps each
+(network/swarm.py:2303, yamux.py:823, swarm_connection.py:218).
 """
 
 from __future__ import annotations
@@ -74,6 +97,7 @@ from libp2p.abc import IHost
 from libp2p.kad_dht import peer_routing
 from libp2p.kad_dht.peer_routing import PeerRouting
 from libp2p.peer.id import ID
+from libp2p.stream_muxer.yamux import yamux as yamux_module
 
 from bootstrap.peer_book import PeerBook
 from dht.protocol_id import use_kad_protocol_id
@@ -82,6 +106,10 @@ from node.host import build_host
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 BOOTSTRAP_COUNT = 2
+# Share of the hard RLIMIT_NOFILE a worker may expect to fill with connections.
+FD_SHARE = 0.8
+# Seconds kept at the end of --time-limit for stopping the workers.
+SHUTDOWN_RESERVE_S = 45.0
 MIB = 1024 * 1024
 Message = dict[str, Any]
 
@@ -140,6 +168,22 @@ class RoundCountingTrio:
         return trio.open_nursery(*args, **kwargs)
 
 
+def disable_yamux_rtt_pings() -> None:
+    """Stop py-libp2p's Yamux from pinging every connection every 30 s.
+
+    Each Yamux connection runs an RTT loop (yamux.py:703-726, started at :756) that
+    pings every RTT_MEASURE_INTERVAL = 30 s (yamux.py:151); the DHT keeps a
+    connection to every peer it ever queried, so a swarm ends up fully meshed and
+    the pings cost O(N^2): ~0.07 ms of CPU per connection per second here, ~6 % of
+    a core at N=40 and ~1.4 cores at N=200 -- on a real network each node would pay
+    only for its own ~N connections. With the interval raised, each connection
+    still pings once, 0.5 s after it opens.
+    """
+    if not isinstance(getattr(yamux_module, "RTT_MEASURE_INTERVAL", None), int | float):
+        raise RuntimeError("py-libp2p's Yamux changed: revisit disable_yamux_rtt_pings in bench/dht_swarm.py")
+    setattr(yamux_module, "RTT_MEASURE_INTERVAL", 10.0**9)  # noqa: B010
+
+
 def install_lookup_instrumentation() -> None:
     source = inspect.getsource(PeerRouting.find_closest_peers_network)
     if source.count("trio.open_nursery(") != 1 or not hasattr(PeerRouting, "_query_peer_for_closest"):
@@ -171,12 +215,12 @@ class BenchDht(DhtService):
     def __init__(self, *args: Any, join_limiter: trio.CapacityLimiter, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.join_limiter = join_limiter
-        self.joined = trio.Event()
+        self.bench_joined = trio.Event()
 
     async def join(self) -> JoinReport:
         async with self.join_limiter:
             report = await super().join()
-        self.joined.set()
+        self.bench_joined.set()
         return report
 
 
@@ -231,7 +275,7 @@ async def _start_nodes(state: WorkerState, count: int, bootstrap: list[str], joi
     joined = 0
     with trio.move_on_after(join_timeout):
         for node in new_nodes:
-            await node.dht.joined.wait()
+            await node.dht.bench_joined.wait()
             joined += 1
     return {
         "nodes": [{"peer_id": n.peer_id, "addrs": n.listen_addrs()} for n in new_nodes],
@@ -318,16 +362,27 @@ async def _lookup(state: WorkerState, searcher: int, candidates: list[str], time
     }
 
 
-async def _serve(conn: multiprocessing.connection.Connection, index: int, join_concurrency: int) -> None:
+@dataclass(frozen=True)
+class WorkerConfig:
+    join_concurrency: int
+    yamux_rtt: bool
+
+
+async def _serve(conn: multiprocessing.connection.Connection, index: int, config: WorkerConfig) -> None:
     use_kad_protocol_id()
     install_lookup_instrumentation()
+    if not config.yamux_rtt:
+        disable_yamux_rtt_pings()
     conn.send({"op": "ready", "rss": rss_bytes()})
     stopping = 0.0
-    # On "stop" this scope gets a deadline: closing the hosts (LIFO: each DHT's
-    # nursery, then its host) must not hang the run.
+    # On "stop" this scope is cancelled and the hosts unwind without a graceful
+    # close: py-libp2p's Swarm.close() closes connections one after another
+    # (network/swarm.py:2303) and each close sleeps 2 x 0.1 s (yamux.py:823,
+    # swarm_connection.py:218), so a fully meshed node of a 200-node swarm would
+    # need ~40 s to close, a process of 67 such nodes most of an hour.
     with trio.CancelScope() as session, tempfile.TemporaryDirectory(prefix=f"clawnode-bench-{index}-") as scratch:
         async with AsyncExitStack() as stack:
-            state = WorkerState(index, Path(scratch), stack, trio.CapacityLimiter(join_concurrency))
+            state = WorkerState(index, Path(scratch), stack, trio.CapacityLimiter(config.join_concurrency))
             while True:
                 try:
                     # Small pickled dicts: once readable, the whole message is there.
@@ -338,7 +393,7 @@ async def _serve(conn: multiprocessing.connection.Connection, index: int, join_c
                 op = message["op"]
                 if op == "stop":
                     stopping = time.perf_counter()
-                    session.deadline = trio.current_time() + 30.0
+                    session.cancel()
                     break
                 if op == "start":
                     reply = await _start_nodes(state, message["count"], message["bootstrap"], message["join_timeout"])
@@ -357,7 +412,7 @@ async def _serve(conn: multiprocessing.connection.Connection, index: int, join_c
         pass
 
 
-def worker_main(conn: multiprocessing.connection.Connection, index: int, join_concurrency: int) -> None:
+def worker_main(conn: multiprocessing.connection.Connection, index: int, config: WorkerConfig) -> None:
     # The coordinator owns shutdown: Ctrl-C reaches the whole process group, and a
     # worker interrupted in the middle of a phase would only leave the others waiting.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -366,7 +421,7 @@ def worker_main(conn: multiprocessing.connection.Connection, index: int, join_co
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
-        trio.run(_serve, conn, index, join_concurrency)
+        trio.run(_serve, conn, index, config)
     except BaseException:  # noqa: BLE001 - reported to the coordinator
         try:
             conn.send({"op": "error", "error": traceback.format_exc()})
@@ -386,11 +441,11 @@ class WorkerError(RuntimeError):
 
 
 class Worker:
-    def __init__(self, context: Any, index: int, join_concurrency: int) -> None:
+    def __init__(self, context: Any, index: int, config: WorkerConfig) -> None:
         self.index = index
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=worker_main, args=(child, index, join_concurrency), name=f"dht-swarm-{index}", daemon=True
+            target=worker_main, args=(child, index, config), name=f"dht-swarm-{index}", daemon=True
         )
         self.process.start()
         child.close()
@@ -407,6 +462,7 @@ class Worker:
                 try:
                     message: Message = self.conn.recv()
                 except EOFError as error:
+                    self.process.join(1.0)
                     raise WorkerError(f"worker {self.index} exited (code {self.process.exitcode})") from error
                 if message.get("op") == "error":
                     raise WorkerError(f"worker {self.index} failed:\n{message['error']}")
@@ -436,15 +492,23 @@ def stop_workers(workers: Sequence[Worker], timeout: float = 40.0) -> float:
             except (OSError, ValueError):
                 pass
     deadline = time.monotonic() + timeout
+    report: list[str] = []
     for worker in workers:
+        unwound = "?"
         try:
             while worker.process.is_alive() and time.monotonic() < deadline:
                 if worker.conn.poll(0.2):
-                    if worker.conn.recv().get("op") in {"stopped", "error"}:
+                    message = worker.conn.recv()
+                    if message.get("op") == "stopped":
+                        unwound = f"{message['seconds']:.1f}s"
+                        break
+                    if message.get("op") == "error":
+                        unwound = "with an error: " + message["error"].strip().splitlines()[-1]
                         break
         except (EOFError, OSError):
             pass
-        worker.process.join(max(0.0, min(5.0, deadline - time.monotonic())))
+        worker.process.join(max(0.0, min(10.0, deadline - time.monotonic())))
+        report.append(f"{worker.index}: unwound {unwound}, gone at {time.monotonic() - started:.1f}s")
     for worker in workers:
         if worker.process.is_alive():
             progress(f"worker {worker.index} did not stop: terminating it")
@@ -454,15 +518,19 @@ def stop_workers(workers: Sequence[Worker], timeout: float = 40.0) -> float:
             worker.process.kill()
             worker.process.join(5.0)
         worker.conn.close()
+    progress("workers " + "; ".join(report))
     return time.monotonic() - started
 
 
-def split(size: int, processes: int) -> list[int]:
-    base, extra = divmod(size, processes)
-    counts = [base + (1 if index < extra else 0) for index in range(processes)]
-    if counts[0] < BOOTSTRAP_COUNT:
-        raise SystemExit(f"N={size} over {processes} processes leaves worker 0 fewer than {BOOTSTRAP_COUNT} nodes")
-    return counts
+def processes_for(size: int, cores: int, fd_limit: int) -> int:
+    """Worker processes for a swarm of ``size``: one per core, more where file descriptors demand it.
+
+    A swarm of py-libp2p DHT nodes ends up fully meshed (every queried peer keeps
+    its connection, up to ``max_connections`` = 300), and every connection costs a
+    file descriptor at each end: a process with n nodes needs about n * (size - 1).
+    """
+    need = math.ceil(size * (size - 1) / (FD_SHARE * fd_limit))
+    return max(1, cores, need)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -483,13 +551,15 @@ def mean(values: Sequence[float]) -> float:
 
 def summarize_tables(replies: Sequence[Message], key: str) -> str:
     values = [value for reply in replies for value in reply[key]]
-    return f"{min(values)}/{mean(values):.0f}/{max(values)}"
+    return f"{min(values)}/{mean(values):.0f}/{max(values)}" if values else "-"
 
 
 @dataclass
 class SizeResult:
     size: int
     counts: list[int]
+    joined: int
+    build_seconds: float
     lookups: int
     p50: float
     p95: float
@@ -502,6 +572,8 @@ class SizeResult:
     rss_per_node: float
     baseline: float
     marginal: float
+    table_mean: float
+    conns_mean: float
     note: str
 
     def figures(self) -> str:
@@ -510,8 +582,12 @@ class SizeResult:
             f"N={self.size}: p50={self.p50:.3f}s p95={self.p95:.3f}s hops={self.hops:.2f} rounds={self.rounds:.2f} "
             f"(log2N={math.log2(self.size):.2f}) success={self.success:.1f}% rss/node={self.rss_per_node:.1f}MiB "
             f"(baseline={self.baseline:.0f}MiB/process, +{self.marginal:.2f}MiB/node) "
-            f"lookups={self.lookups} cold={self.cold:.0f}% queries/lookup={self.queries:.1f} split={split_text}"
+            f"lookups={self.lookups} cold={self.cold:.0f}% queries/lookup={self.queries:.1f} "
+            f"routing-table={self.table_mean:.0f} conns={self.conns_mean:.0f} "
+            f"processes={len(self.counts)} ({split_text}) build={self.build_seconds:.0f}s"
         )
+        if self.joined < self.size:
+            text += f" joined={self.joined}/{self.size}"
         if self.timeouts:
             text += f" timeouts={self.timeouts}"
         if self.note:
@@ -522,160 +598,246 @@ class SizeResult:
 @dataclass
 class Options:
     lookups: int
-    processes: int
+    processes: int | None
+    cores: int
+    fd_limit: int
     lookup_timeout: float
     budget: float
     join_concurrency: int
+    refresh: bool
     refresh_concurrency: int
+    yamux_rtt: bool
+    time_limit: float
     seed: int
 
 
-def run_size(size: int, options: Options) -> SizeResult:
-    size_started = time.monotonic()
-    counts = split(size, options.processes)
-    rng = random.Random(options.seed + size)
-    context = multiprocessing.get_context("spawn")
-    progress(f"N={size}: starting {len(counts)} worker processes ({'+'.join(map(str, counts))} nodes)")
-    workers: list[Worker] = []
-    try:
-        workers = [Worker(context, index, options.join_concurrency) for index in range(len(counts))]
-        ready = [worker.recv(time.monotonic() + 120.0) for worker in workers]
-        baseline = mean([reply["rss"] for reply in ready]) / MIB
+@dataclass
+class Entry:
+    worker: int
+    local: int
+    peer_id: str
+    addrs: set[str]
 
-        first = workers[0].ask({"op": "start", "count": BOOTSTRAP_COUNT, "bootstrap": [], "join_timeout": 30.0}, 60.0)
-        bootstrap = [f"{node['addrs'][0]}/p2p/{node['peer_id']}" for node in first["nodes"]]
-        # Each node joins through both bootstrap nodes, each waits for the join of at
-        # most join_concurrency nodes of its process at a time.
-        join_timeout = 60.0 + size * 1.5
-        started = ask_all(
-            workers,
+
+class SwarmRun:
+    """One swarm, grown from size to size; nodes are never removed between sizes."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.context = multiprocessing.get_context("spawn")
+        self.workers: list[Worker] = []
+        self.counts: list[int] = []
+        self.joined: list[int] = []
+        self.baselines: list[float] = []
+        self.directory: list[Entry] = []
+        self.by_peer: dict[str, Entry] = {}
+        self.bootstrap: list[str] = []
+        self.rng = random.Random(options.seed)
+        self.deadline = time.monotonic() + options.time_limit - SHUTDOWN_RESERVE_S
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _add_workers(self, total: int) -> None:
+        config = WorkerConfig(self.options.join_concurrency, self.options.yamux_rtt)
+        new = [Worker(self.context, index, config) for index in range(len(self.workers), total)]
+        ready = [worker.recv(time.monotonic() + 120.0) for worker in new]
+        self.workers.extend(new)
+        self.counts.extend(0 for _ in new)
+        self.joined.extend(0 for _ in new)
+        self.baselines.extend(reply["rss"] / MIB for reply in ready)
+
+    def _record(self, worker: int, reply: Message) -> None:
+        for node in reply["nodes"]:
+            entry = Entry(worker, self.counts[worker], node["peer_id"], set(node["addrs"]))
+            self.directory.append(entry)
+            self.by_peer[entry.peer_id] = entry
+            self.counts[worker] += 1
+        self.joined[worker] += reply["joined"]
+
+    def grow(self, size: int) -> float:
+        """Start nodes until the swarm has ``size``; returns the seconds it took."""
+        started = time.monotonic()
+        processes = self.options.processes or processes_for(size, self.options.cores, self.options.fd_limit)
+        processes = max(processes, len(self.workers))
+        if len(self.workers) < processes:
+            progress(f"N={size}: starting worker processes {len(self.workers)}..{processes - 1}")
+            self._add_workers(processes)
+        if not self.bootstrap:
+            first = self.workers[0].ask(
+                {"op": "start", "count": BOOTSTRAP_COUNT, "bootstrap": [], "join_timeout": 30.0}, 60.0
+            )
+            self._record(0, first)
+            self.bootstrap = [f"{node['addrs'][0]}/p2p/{node['peer_id']}" for node in first["nodes"]]
+        # Fill the emptiest process first: the split ends up as even as it can be.
+        adds = [0] * len(self.workers)
+        for _ in range(size - len(self.directory)):
+            index = min(range(len(self.workers)), key=lambda i: (self.counts[i] + adds[i], i))
+            adds[index] += 1
+        progress(
+            f"N={size}: adding {'+'.join(map(str, adds))} nodes to "
+            f"{'+'.join(map(str, self.counts))} (joins: {self.options.join_concurrency} at a time per process)"
+        )
+        # Nodes still joining at the deadline go on joining in the background.
+        join_timeout = max(10.0, min(60.0 + 3.0 * max(adds), self.remaining() - 60.0))
+        replies = ask_all(
+            self.workers,
             [
-                {
-                    "op": "start",
-                    "count": count - (BOOTSTRAP_COUNT if index == 0 else 0),
-                    "bootstrap": bootstrap,
-                    "join_timeout": join_timeout,
-                }
-                for index, count in enumerate(counts)
+                {"op": "start", "count": count, "bootstrap": self.bootstrap, "join_timeout": join_timeout}
+                for count in adds
             ],
-            join_timeout + 60.0,
+            join_timeout + 120.0,
         )
-        directory: list[tuple[int, int, str, set[str]]] = []  # (worker, local index, peer id, listen addrs)
-        for index, reply in enumerate(started):
-            nodes = (first["nodes"] if index == 0 else []) + reply["nodes"]
-            directory.extend((index, local, node["peer_id"], set(node["addrs"])) for local, node in enumerate(nodes))
-        joined = sum(reply["joined"] for reply in started) + first["joined"]
+        for index, reply in enumerate(replies):
+            self._record(index, reply)
+        seconds = time.monotonic() - started
         progress(
-            f"N={size}: {len(directory)} nodes started, {joined} joined in "
-            f"{max(reply['seconds'] for reply in started):.1f}s (CPU s per process {cpu_list(started)})"
+            f"N={size}: {len(self.directory)} nodes, {sum(self.joined)} joined, in {seconds:.1f}s "
+            f"(CPU s per process {cpu_list(replies)})"
         )
+        return seconds
 
-        refresh_timeout = 60.0 + size * 1.0
-        refreshed = ask_all(
-            workers,
-            [{"op": "refresh", "concurrency": options.refresh_concurrency, "timeout": refresh_timeout}] * len(workers),
-            refresh_timeout + 60.0,
+    def stats(self) -> list[Message]:
+        return ask_all(self.workers, [{"op": "stats"}] * len(self.workers), 60.0)
+
+    def lookup(self) -> Message:
+        options = self.options
+        searcher = self.directory[self.rng.randrange(len(self.directory))]
+        candidates = [entry.peer_id for entry in self.directory if entry is not searcher]
+        self.rng.shuffle(candidates)
+        reply = self.workers[searcher.worker].ask(
+            {"op": "lookup", "searcher": searcher.local, "candidates": candidates, "timeout": options.lookup_timeout},
+            options.lookup_timeout + 30.0,
         )
+        target = self.by_peer[reply["target"]]
+        reply["success"] = bool(set(reply["addrs"]) & target.addrs)
+        reply["cross_process"] = target.worker != searcher.worker
+        return reply
+
+    def measure(self, size: int) -> SizeResult:
+        options = self.options
+        build_seconds = self.grow(size)
+        if options.refresh:
+            refresh_timeout = 60.0 + size * 3.0
+            settled = ask_all(
+                self.workers,
+                [{"op": "refresh", "concurrency": options.refresh_concurrency, "timeout": refresh_timeout}]
+                * len(self.workers),
+                refresh_timeout + 60.0,
+            )
+            progress(
+                f"N={size}: refreshed {sum(r['refreshed'] for r in settled)} nodes in "
+                f"{max(r['seconds'] for r in settled):.1f}s"
+            )
+        else:
+            settled = self.stats()
         progress(
-            f"N={size}: refreshed {sum(r['refreshed'] for r in refreshed)} nodes in "
-            f"{max(r['seconds'] for r in refreshed):.1f}s; routing table min/mean/max "
-            f"{summarize_tables(refreshed, 'tables')}, peers with addrs {summarize_tables(refreshed, 'known')}, "
-            f"connections {summarize_tables(refreshed, 'conns')}, fds {[r['fds'] for r in refreshed]}, "
-            f"CPU s per process {cpu_list(refreshed)}"
+            f"N={size}: routing table min/mean/max {summarize_tables(settled, 'tables')}, "
+            f"peers with addrs {summarize_tables(settled, 'known')}, connections {summarize_tables(settled, 'conns')}, "
+            f"fds {[r['fds'] for r in settled]}, RSS {[round(r['rss'] / MIB) for r in settled]} MiB"
         )
-        idle_seconds = 5.0
+        idle_seconds = 3.0
         time.sleep(idle_seconds)
-        idle = ask_all(workers, [{"op": "stats"}] * len(workers), 60.0)
+        idle = self.stats()
         idle_load = [
             f"{100 * (after['cpu'] - before['cpu']) / idle_seconds:.0f}%"
-            for before, after in zip(refreshed, idle, strict=True)
+            for before, after in zip(settled, idle, strict=True)
         ]
-        progress(f"N={size}: idle CPU per process over {idle_seconds:.0f}s: {idle_load}")
-        built_rss = [reply["rss"] for reply in refreshed]
+        progress(f"N={size}: CPU per process while idle (yamux RTT pings, maintenance): {idle_load}")
 
         results: list[Message] = []
         note = ""
-        lookup_deadline = size_started + options.budget
-        lookups_started = time.monotonic()
+        started = time.monotonic()
+        budget = min(options.budget, self.remaining())
         for number in range(options.lookups):
-            if time.monotonic() + options.lookup_timeout + 5.0 > lookup_deadline:
-                note = f"budget {options.budget:.0f}s reached after {number} of {options.lookups} lookups"
+            if time.monotonic() - started + options.lookup_timeout > budget or (number > 0 and self.remaining() < 0):
+                note = f"lookup budget {budget:.0f}s reached after {number} of {options.lookups} lookups"
                 progress(f"N={size}: {note}")
                 break
-            searcher = rng.randrange(len(directory))
-            worker_index, local, searcher_id, _ = directory[searcher]
-            candidates = [entry[2] for entry in directory if entry[2] != searcher_id]
-            rng.shuffle(candidates)
-            reply = workers[worker_index].ask(
-                {"op": "lookup", "searcher": local, "candidates": candidates, "timeout": options.lookup_timeout},
-                options.lookup_timeout + 30.0,
-            )
-            target_entry = next(entry for entry in directory if entry[2] == reply["target"])
-            reply["success"] = bool(set(reply["addrs"]) & target_entry[3])
-            reply["cross_process"] = target_entry[0] != worker_index
-            results.append(reply)
+            results.append(self.lookup())
             if (number + 1) % 25 == 0:
                 recent = results[-25:]
-                recent_p50 = percentile([r["seconds"] for r in recent], 0.5)
                 progress(
-                    f"N={size}: {number + 1} lookups, last 25: p50={recent_p50:.3f}s "
+                    f"N={size}: {number + 1} lookups, last 25: "
+                    f"p50={percentile([r['seconds'] for r in recent], 0.5):.3f}s "
                     f"success={100 * mean([r['success'] for r in recent]):.0f}% "
                     f"rounds={mean([r['rounds'] for r in recent]):.1f}"
                 )
-        lookup_seconds = time.monotonic() - lookups_started
-        final = ask_all(workers, [{"op": "stats"}] * len(workers), 60.0)
-        final_rss = [reply["rss"] for reply in final]
-        total_rss = max(sum(built_rss), sum(final_rss))
-    finally:
-        if workers:
-            stopped_in = stop_workers(workers)
-            progress(f"N={size}: workers stopped in {stopped_in:.1f}s")
+        lookup_seconds = time.monotonic() - started
+        final = self.stats()
+        if not results:
+            raise WorkerError(f"N={size}: no lookup ran")
+        total_rss = sum(reply["rss"] for reply in final) / MIB
+        latencies = [r["seconds"] for r in results]
+        found = [r["found_round"] for r in results if r["found_round"] is not None]
+        errors = [r["error"] for r in results if r["error"]]
+        progress(
+            f"N={size}: {len(results)} lookups in {lookup_seconds:.1f}s; target named in a FIND_NODE response in "
+            f"{len(found)}/{len(results)}; cross-process targets {sum(r['cross_process'] for r in results)}; "
+            f"errors {len(errors)}{': ' + errors[0] if errors else ''}; "
+            f"RSS per process {[round(r['rss'] / MIB) for r in final]} MiB"
+        )
+        return SizeResult(
+            size=size,
+            counts=list(self.counts),
+            joined=sum(self.joined),
+            build_seconds=build_seconds,
+            lookups=len(results),
+            p50=percentile(latencies, 0.5),
+            p95=percentile(latencies, 0.95),
+            hops=mean(found),
+            rounds=mean([r["rounds"] for r in results]),
+            queries=mean([r["queries"] for r in results]),
+            success=100.0 * mean([r["success"] for r in results]),
+            timeouts=sum(r["timed_out"] for r in results),
+            cold=100.0 * mean([r["cold"] for r in results]),
+            rss_per_node=total_rss / size,
+            baseline=mean(self.baselines),
+            marginal=(total_rss - sum(self.baselines)) / size,
+            table_mean=mean([value for reply in settled for value in reply["tables"]]),
+            conns_mean=mean([value for reply in settled for value in reply["conns"]]),
+            note=note,
+        )
 
-    if not results:
-        raise SystemExit(f"N={size}: no lookup ran")
-    latencies = [r["seconds"] for r in results]
-    found = [r["found_round"] for r in results if r["found_round"] is not None]
-    errors = [r["error"] for r in results if r["error"]]
-    progress(
-        f"N={size}: {len(results)} lookups in {lookup_seconds:.1f}s; target named in a response in "
-        f"{len(found)}/{len(results)}; cross-process targets {sum(r['cross_process'] for r in results)}; "
-        f"errors {len(errors)}{': ' + errors[0] if errors else ''}; RSS per process after build "
-        f"{[round(v / MIB) for v in built_rss]} MiB, after lookups {[round(v / MIB) for v in final_rss]} MiB; "
-        f"size took {time.monotonic() - size_started:.0f}s"
-    )
-    return SizeResult(
-        size=size,
-        counts=counts,
-        lookups=len(results),
-        p50=percentile(latencies, 0.5),
-        p95=percentile(latencies, 0.95),
-        hops=mean(found),
-        rounds=mean([r["rounds"] for r in results]),
-        queries=mean([r["queries"] for r in results]),
-        success=100.0 * mean([r["success"] for r in results]),
-        timeouts=sum(r["timed_out"] for r in results),
-        cold=100.0 * mean([r["cold"] for r in results]),
-        rss_per_node=total_rss / size / MIB,
-        baseline=baseline,
-        marginal=(total_rss / MIB - baseline * len(counts)) / size,
-        note=note,
-    )
+    def close(self) -> None:
+        if self.workers:
+            seconds = stop_workers(self.workers)
+            progress(f"workers stopped in {seconds:.1f}s")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--sizes", default="50,200", help="comma-separated swarm sizes (default 50,200)")
+    parser.add_argument(
+        "--sizes", default="50,200", help="comma-separated swarm sizes, grown in order (default 50,200)"
+    )
     parser.add_argument("--lookups", type=int, default=200, help="find_peer lookups per size (default 200)")
     parser.add_argument(
-        "--processes", type=int, default=None, help="worker processes per size (default: CPU cores, at least 1)"
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes for every size (default: one per core, more when a process would run out of fds)",
     )
     parser.add_argument("--lookup-timeout", type=float, default=10.0, help="seconds per lookup (default 10)")
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds of lookups per size at most (default 150)")
+    parser.add_argument("--join-concurrency", type=int, default=1, help="concurrent joins per process (default 1)")
     parser.add_argument(
-        "--budget", type=float, default=200.0, help="seconds per size after which no new lookup starts (default 200)"
+        "--refresh",
+        action="store_true",
+        help="after the joins, refresh every node's routing table once more (as tests/support/swarm.py does)",
     )
-    parser.add_argument("--join-concurrency", type=int, default=4, help="concurrent joins per process (default 4)")
     parser.add_argument(
-        "--refresh-concurrency", type=int, default=4, help="concurrent refreshes per process (default 4)"
+        "--refresh-concurrency", type=int, default=1, help="concurrent refreshes per process (default 1)"
+    )
+    parser.add_argument(
+        "--yamux-rtt",
+        action="store_true",
+        help="keep py-libp2p's Yamux RTT ping on every connection every 30 s (default: off, see the docstring)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=540.0,
+        help="seconds for the whole run: joins and lookups stop early to end within it (default 540)",
     )
     parser.add_argument("--seed", type=int, default=1)
     return parser.parse_args(argv)
@@ -689,29 +851,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libp2p()
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    sizes = [int(text) for text in args.sizes.split(",") if text.strip()]
+    sizes = sorted({int(text) for text in args.sizes.split(",") if text.strip()})
+    if not sizes or sizes[0] <= BOOTSTRAP_COUNT:
+        raise SystemExit(f"sizes must be larger than {BOOTSTRAP_COUNT}")
+    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     options = Options(
         lookups=args.lookups,
-        processes=args.processes or max(1, len(os.sched_getaffinity(0))),
+        processes=args.processes,
+        cores=len(os.sched_getaffinity(0)),
+        fd_limit=fd_limit if fd_limit != resource.RLIM_INFINITY else 1 << 20,
         lookup_timeout=args.lookup_timeout,
         budget=args.budget,
         join_concurrency=args.join_concurrency,
+        refresh=args.refresh,
         refresh_concurrency=args.refresh_concurrency,
+        yamux_rtt=args.yamux_rtt,
+        time_limit=args.time_limit,
         seed=args.seed,
     )
     started = time.monotonic()
     figures: list[str] = []
+    swarm = SwarmRun(options)
     try:
         for size in sizes:
-            figures.append(run_size(size, options).figures())
+            figures.append(swarm.measure(size).figures())
     except KeyboardInterrupt:
         progress("interrupted")
         return 130
     except WorkerError as error:
         progress(f"failed: {error}")
         return 1
-    progress(f"total {time.monotonic() - started:.0f}s")
-    print("dht_swarm " + " | ".join(figures), flush=True)
+    finally:
+        swarm.close()
+    total = time.monotonic() - started
+    progress(f"total {total:.0f}s")
+    settings = (
+        f"run {total:.0f}s on {options.cores} cores, joins {options.join_concurrency} at a time per process, "
+        f"yamux RTT pings {'on' if options.yamux_rtt else 'off'}, lookup timeout {options.lookup_timeout:g}s, "
+        f"lookup budget {options.budget:g}s/size"
+    )
+    print("dht_swarm " + " | ".join([*figures, settings]), flush=True)
     return 0
 
 
