@@ -1,0 +1,63 @@
+"""The escrow contract's committed build: ABI and bytecode in ``Escrow.json`` beside ``Escrow.vy``.
+
+The daemon loads the committed JSON (no compiler at run time); ``python -m runtime.escrow.artifacts``
+rewrites it from the source, and ``tests/runtime/test_escrow_artifacts.py`` fails when the two differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+HERE = Path(__file__).parent
+SOURCE_PATH = HERE / "Escrow.vy"
+ARTIFACT_PATH = HERE / "Escrow.json"
+VYPER_VERSION = "0.4.3"
+
+
+class Artifact(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    contract: str
+    vyper_version: str
+    source_sha256: str
+    abi: list[dict[str, Any]]
+    bytecode: str
+
+
+def compile_source() -> Artifact:
+    """Compile ``Escrow.vy`` in-process with the pinned vyper (0.3–0.7 s)."""
+    import vyper  # imported here: only the build and its check need the compiler
+    from vyper.compiler import compile_code
+
+    if vyper.__version__ != VYPER_VERSION:
+        raise RuntimeError(f"vyper {VYPER_VERSION} is required to build the escrow, found {vyper.__version__}")
+    source = SOURCE_PATH.read_text()
+    out = compile_code(source, output_formats=["abi", "bytecode"])
+    return Artifact(
+        contract="Escrow",
+        vyper_version=VYPER_VERSION,
+        source_sha256=hashlib.sha256(source.encode()).hexdigest(),
+        abi=out["abi"],
+        bytecode=out["bytecode"],
+    )
+
+
+def render(artifact: Artifact) -> str:
+    return json.dumps(artifact.model_dump(), indent=1, sort_keys=True) + "\n"
+
+
+@cache
+def load() -> Artifact:
+    """The committed artifact."""
+    return Artifact.model_validate_json(ARTIFACT_PATH.read_text())
+
+
+if __name__ == "__main__":
+    ARTIFACT_PATH.write_text(render(compile_source()))
+    print(f"wrote {ARTIFACT_PATH.name}")

@@ -1,0 +1,122 @@
+"""One EVM chain connection: the in-process py-evm chain ("embedded") or a JSON-RPC URL ("rpc").
+
+web3.py's synchronous API is used from worker threads only: its calls block, AsyncWeb3 does not
+run under trio, and the in-process chain is not thread-safe. So every use of ``w3`` holds
+``Chain.lock`` (any thread, synchronous callers such as benchmarks) and async callers go through
+``Chain.run``, which queues them one at a time on a worker thread (a trio limiter of one).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import trio
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from runtime.escrow.errors import normalise
+
+T = TypeVar("T")
+
+ChainMode = Literal["embedded", "rpc"]
+
+# anvil's and hardhat's default dev accounts come from this public test mnemonic; they are only
+# ever funded on local development chains.
+LOCAL_DEV_MNEMONIC = "test test test test test test test test test test test junk"
+LOCAL_DEV_ACCOUNTS = 10
+
+
+class Chain:
+    """A connected chain; ``chain_id`` is read from it, never assumed."""
+
+    def __init__(self, w3: Web3, mode: ChainMode, *, tester: Any = None) -> None:
+        self.w3 = w3
+        self.mode = mode
+        self.lock = threading.RLock()
+        self._tester = tester
+        self._limiter: trio.CapacityLimiter | None = None
+        with self.lock:
+            try:
+                self.chain_id: int = int(w3.eth.chain_id)
+            except Exception as error:  # noqa: BLE001 - every transport error means the same here
+                raise normalise(error) from None
+
+    @classmethod
+    def embedded(cls) -> Chain:
+        """A fresh in-process chain (py-evm via eth-tester) with ten funded dev accounts."""
+        from eth_tester import EthereumTester, PyEVMBackend
+        from web3 import EthereumTesterProvider
+
+        tester = EthereumTester(PyEVMBackend())
+        return cls(Web3(EthereumTesterProvider(tester)), "embedded", tester=tester)
+
+    @classmethod
+    def rpc(cls, url: str, *, timeout_s: float = 10.0) -> Chain:
+        from web3 import HTTPProvider
+
+        return cls(Web3(HTTPProvider(url, request_kwargs={"timeout": timeout_s})), "rpc")
+
+    def dev_accounts(self) -> list[LocalAccount]:
+        """Funded accounts of a development chain (the in-process one, or anvil/hardhat defaults)."""
+        if self._tester is not None:
+            return [Account.from_key(key.to_hex()) for key in self._tester.backend.account_keys]
+        Account.enable_unaudited_hdwallet_features()
+        return [
+            Account.from_mnemonic(LOCAL_DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}")
+            for index in range(LOCAL_DEV_ACCOUNTS)
+        ]
+
+    def sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` holding the chain lock (for code already on a worker thread)."""
+        with self.lock:
+            return fn(*args, **kwargs)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on a worker thread, one call at a time per chain.
+
+        Not abandoned on cancellation: a transaction that was handed to the chain is seen through,
+        so the caller learns its outcome.
+        """
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(1)
+        return await trio.to_thread.run_sync(functools.partial(self.sync, fn, *args, **kwargs), limiter=self._limiter)
+
+    # -- development-chain helpers (tests, demo, benchmarks) --
+
+    def now(self) -> int:
+        """The latest block's timestamp."""
+        with self.lock:
+            return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def next_timestamp(self) -> int:
+        """The timestamp the next transaction will run at (on wall-clock chains: at least)."""
+        with self.lock:
+            return int(self.w3.eth.get_block("pending")["timestamp"])
+
+    def time_travel(self, seconds: int) -> None:
+        """Move chain time forward by ``seconds`` and mine a block there."""
+        with self.lock:
+            if self._tester is not None:
+                pending = int(self._tester.get_block_by_number("pending")["timestamp"])
+                self._tester.time_travel(max(pending, self.now()) + seconds)
+            else:
+                self.w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
+                self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+
+    def snapshot(self) -> Any:
+        with self.lock:
+            if self._tester is not None:
+                return self._tester.take_snapshot()
+            return self.w3.provider.make_request("evm_snapshot", [])["result"]  # type: ignore[arg-type]
+
+    def revert(self, snapshot: Any) -> None:
+        """Return to ``snapshot``; on JSON-RPC chains a snapshot can be reverted to only once."""
+        with self.lock:
+            if self._tester is not None:
+                self._tester.revert_to_snapshot(snapshot)
+            else:
+                self.w3.provider.make_request("evm_revert", [snapshot])  # type: ignore[arg-type]

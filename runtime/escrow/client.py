@@ -1,0 +1,260 @@
+"""The escrow client: typed calls to the escrow contract with explicit gas and one nonce manager.
+
+Synchronous (web3.py's sync API): call it from a worker thread, e.g. through ``Chain.run``. Every
+state-changing call is first tried with ``eth_call`` so a revert surfaces with the contract's
+reason on every chain (a mined failing transaction carries none), then signed locally with an
+explicit gas limit (py-evm's estimation triples the cost of a call) and sent. Amounts are integers
+in wei; escrow ids are 32 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from eth_abi import encode as abi_encode
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak, to_checksum_address
+from web3.contract import Contract
+
+from runtime.escrow import artifacts
+from runtime.escrow.chain import Chain
+from runtime.escrow.errors import EscrowError, normalise
+
+# Gas limits per call: the measured cost (bench/ledger.py prints it) with headroom. Explicit so
+# nothing depends on a chain's estimator.
+GAS_LIMITS: dict[str, int] = {
+    "deploy": 2_000_000,
+    "lock": 250_000,
+    "release": 120_000,
+    "claim": 150_000,
+    "refund": 120_000,
+    "dispute": 120_000,
+    "resolve": 150_000,
+    "withdraw": 120_000,
+}
+
+RECEIPT_TIMEOUT_S = 120.0
+
+EscrowPhase = Literal["none", "active", "disputed", "closed"]
+_PHASES: tuple[EscrowPhase, ...] = ("none", "active", "disputed", "closed")
+
+
+@dataclass(frozen=True)
+class EscrowState:
+    payee: str
+    arbiter: str
+    amount: int
+    released: int
+    deadline: int
+    window: int
+    phase: EscrowPhase
+
+    @property
+    def remaining(self) -> int:
+        """What is still locked (0 once closed)."""
+        return 0 if self.phase in ("none", "closed") else self.amount - self.released
+
+
+@dataclass(frozen=True)
+class TxResult:
+    tx_hash: str
+    gas_used: int
+    block_number: int
+
+
+def escrow_key(payer: str, escrow_id: bytes) -> bytes:
+    """The contract's storage key for (payer, id)."""
+    return keccak(abi_encode(["address", "bytes32"], [to_checksum_address(payer), escrow_id]))
+
+
+def voucher_digest(chain_id: int, contract: str, payer: str, escrow_id: bytes, cumulative: int) -> bytes:
+    """What the payer's EIP-191 voucher signs: (chain id, contract, escrow key, cumulative amount)."""
+    return keccak(
+        abi_encode(
+            ["uint256", "address", "bytes32", "uint256"],
+            [chain_id, to_checksum_address(contract), escrow_key(payer, escrow_id), cumulative],
+        )
+    )
+
+
+class NonceManager:
+    """The next nonce of one account, counted locally and re-read from the chain after any doubt."""
+
+    def __init__(self, chain: Chain, address: str) -> None:
+        self._chain = chain
+        self._address = address
+        self._next: int | None = None
+
+    def take(self) -> int:
+        if self._next is None:
+            self._next = int(self._chain.w3.eth.get_transaction_count(self._address, "pending"))  # type: ignore[arg-type]
+        nonce = self._next
+        self._next += 1
+        return nonce
+
+    def forget(self) -> None:
+        """A send failed or its fate is unknown: ask the chain next time."""
+        self._next = None
+
+
+class EscrowClient:
+    """One wallet's view of one deployed escrow contract."""
+
+    def __init__(self, chain: Chain, account: LocalAccount, address: str) -> None:
+        self.chain = chain
+        self.account = account
+        self.address = to_checksum_address(address)
+        self.contract: Contract = chain.w3.eth.contract(address=self.address, abi=artifacts.load().abi)
+        self._nonces = NonceManager(chain, account.address)
+
+    @classmethod
+    def deploy(cls, chain: Chain, account: LocalAccount) -> EscrowClient:
+        artifact = artifacts.load()
+        factory = chain.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+        client = cls.__new__(cls)
+        client.chain, client.account = chain, account
+        client._nonces = NonceManager(chain, account.address)
+        with chain.lock:
+            receipt = client._send(factory.constructor(), "deploy", 0, None)
+            address = receipt["contractAddress"]
+        return cls(chain, account, address)
+
+    def for_account(self, account: LocalAccount) -> EscrowClient:
+        """The same contract seen from another wallet (tests, demo)."""
+        return EscrowClient(self.chain, account, self.address)
+
+    # -- reads --
+
+    def get(self, payer: str, escrow_id: bytes) -> EscrowState:
+        with self.chain.lock:
+            try:
+                raw = self.contract.functions.escrows(escrow_key(payer, escrow_id)).call()
+            except Exception as error:  # noqa: BLE001 - normalised to a stable code
+                raise normalise(error) from None
+        payee, arbiter, amount, released, deadline, window, state = raw
+        return EscrowState(payee, arbiter, amount, released, deadline, window, _PHASES[state])
+
+    def credit_of(self, address: str) -> int:
+        with self.chain.lock:
+            try:
+                return int(self.contract.functions.credit(to_checksum_address(address)).call())
+            except Exception as error:  # noqa: BLE001
+                raise normalise(error) from None
+
+    def contract_balance(self) -> int:
+        with self.chain.lock:
+            return int(self.chain.w3.eth.get_balance(self.address))
+
+    def tx_status(self, tx_hash: str) -> Literal["success", "failed", "unknown"]:
+        """The fate of a transaction sent earlier (e.g. before a crash)."""
+        from web3.exceptions import TransactionNotFound
+
+        with self.chain.lock:
+            try:
+                receipt = self.chain.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+            except TransactionNotFound:
+                return "unknown"
+            except Exception as error:  # noqa: BLE001
+                raise normalise(error) from None
+        return "success" if receipt["status"] == 1 else "failed"
+
+    # -- vouchers --
+
+    def sign_voucher(self, escrow_id: bytes, cumulative: int) -> bytes:
+        """As the payer: let the payee claim up to ``cumulative`` wei in total."""
+        digest = voucher_digest(self.chain.chain_id, self.address, self.account.address, escrow_id, cumulative)
+        return bytes(self.account.sign_message(encode_defunct(primitive=digest)).signature)
+
+    # -- transactions --
+
+    def lock(
+        self,
+        escrow_id: bytes,
+        *,
+        payee: str,
+        arbiter: str,
+        amount: int,
+        deadline: int,
+        window: int,
+        on_signed: Callable[[str], None] | None = None,
+    ) -> TxResult:
+        call = self.contract.functions.lock(
+            escrow_id, to_checksum_address(payee), to_checksum_address(arbiter), deadline, window
+        )
+        return self._transact(call, "lock", amount, on_signed)
+
+    def release(self, escrow_id: bytes, cumulative: int, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
+        """As the payer: raise the payee's total to ``cumulative``."""
+        return self._transact(self.contract.functions.release(escrow_id, cumulative), "release", 0, on_signed)
+
+    def claim(
+        self,
+        payer: str,
+        escrow_id: bytes,
+        cumulative: int,
+        signature: bytes,
+        *,
+        on_signed: Callable[[str], None] | None = None,
+    ) -> TxResult:
+        """As anyone (the payee): raise the payee's total to ``cumulative`` with the payer's voucher."""
+        call = self.contract.functions.claim(to_checksum_address(payer), escrow_id, cumulative, signature)
+        return self._transact(call, "claim", 0, on_signed)
+
+    def refund(self, payer: str, escrow_id: bytes, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
+        call = self.contract.functions.refund(to_checksum_address(payer), escrow_id)
+        return self._transact(call, "refund", 0, on_signed)
+
+    def dispute(self, payer: str, escrow_id: bytes) -> TxResult:
+        return self._transact(self.contract.functions.dispute(to_checksum_address(payer), escrow_id), "dispute", 0)
+
+    def resolve(self, payer: str, escrow_id: bytes, to_payee: int) -> TxResult:
+        call = self.contract.functions.resolve(to_checksum_address(payer), escrow_id, to_payee)
+        return self._transact(call, "resolve", 0)
+
+    def withdraw(self, to: str | None = None, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
+        call = self.contract.functions.withdraw(to_checksum_address(to or self.account.address))
+        return self._transact(call, "withdraw", 0, on_signed)
+
+    def _transact(self, call: Any, name: str, value: int, on_signed: Callable[[str], None] | None = None) -> TxResult:
+        with self.chain.lock:
+            try:
+                # Against the pending block: the timestamp the transaction itself will see.
+                call.call({"from": self.account.address, "value": value}, block_identifier="pending")
+            except Exception as error:  # noqa: BLE001 - a revert or a transport error; both normalised
+                raise normalise(error) from None
+            receipt = self._send(call, name, value, on_signed)
+        return TxResult(receipt["transactionHash"].to_0x_hex(), int(receipt["gasUsed"]), int(receipt["blockNumber"]))
+
+    def _send(self, call: Any, name: str, value: int, on_signed: Callable[[str], None] | None) -> Any:
+        w3 = self.chain.w3
+        try:
+            tx = call.build_transaction(
+                {
+                    "from": self.account.address,
+                    "value": value,
+                    "gas": GAS_LIMITS[name],
+                    "gasPrice": w3.eth.gas_price,
+                    "nonce": self._nonces.take(),
+                    "chainId": self.chain.chain_id,
+                }
+            )
+            signed = self.account.sign_transaction(tx)
+        except Exception as error:  # noqa: BLE001
+            self._nonces.forget()
+            raise normalise(error) from None
+        if on_signed is not None:
+            # Lets the caller persist the hash before the transaction can land (crash recovery).
+            on_signed(signed.hash.to_0x_hex())
+        try:
+            w3.eth.send_raw_transaction(signed.raw_transaction)
+            receipt = w3.eth.wait_for_transaction_receipt(signed.hash, timeout=RECEIPT_TIMEOUT_S, poll_latency=0.05)
+        except Exception as error:  # noqa: BLE001
+            self._nonces.forget()
+            raise normalise(error) from None
+        if receipt["status"] != 1:
+            # Mined but reverted: the state changed between our eth_call and the block.
+            raise EscrowError("reverted")
+        return receipt

@@ -1,0 +1,109 @@
+"""Revert and transport errors from any chain, normalised to clawnode's stable codes.
+
+The in-process chain raises ``eth_tester`` ``TransactionFailed``, JSON-RPC chains (anvil, hardhat,
+geth) raise web3's ``ContractLogicError`` or ``Web3RPCError``, and a chain that is down raises a
+transport error. The contract reverts with short reasons ("not_found", "disputed", ...); each maps
+to one ``ErrorCode`` here. Messages never carry the exception text of a transport error, which
+would name the RPC endpoint.
+"""
+
+from __future__ import annotations
+
+import re
+
+from runtime.errors import ClawnodeError, ErrorCode
+
+REASON_CODES: dict[str, ErrorCode] = {
+    "exists": ErrorCode.CONFLICT,
+    "bad_amount": ErrorCode.INVALID_ARGUMENT,
+    "bad_party": ErrorCode.INVALID_ARGUMENT,
+    "bad_deadline": ErrorCode.INVALID_ARGUMENT,
+    "not_found": ErrorCode.NOT_FOUND,
+    "disputed": ErrorCode.CONFLICT,
+    "closed": ErrorCode.CONFLICT,
+    "not_disputed": ErrorCode.CONFLICT,
+    "already_released": ErrorCode.CONFLICT,
+    "too_early": ErrorCode.CONFLICT,
+    "window_closed": ErrorCode.EXPIRED,
+    "exceeds_locked": ErrorCode.INSUFFICIENT_FUNDS,
+    "bad_signature": ErrorCode.FORBIDDEN,
+    "forbidden": ErrorCode.FORBIDDEN,
+    "nothing_to_withdraw": ErrorCode.CONFLICT,
+    # Not contract reasons: what the client itself concludes.
+    "insufficient_funds": ErrorCode.INSUFFICIENT_FUNDS,
+    "chain_unavailable": ErrorCode.UNAVAILABLE,
+    "receipt_timeout": ErrorCode.TIMEOUT,
+    "reverted": ErrorCode.INTERNAL,
+    "rejected": ErrorCode.INTERNAL,
+}
+
+MESSAGES: dict[str, str] = {
+    "exists": "an escrow with this id already exists for this payer",
+    "bad_amount": "the amount must be positive",
+    "bad_party": "payee and arbiter must be set and differ from each other and from the payer",
+    "bad_deadline": "the deadline must lie in the future",
+    "not_found": "no such escrow",
+    "disputed": "the escrow is disputed; only the arbiter can move its funds",
+    "closed": "the escrow is closed",
+    "not_disputed": "the escrow is not disputed",
+    "already_released": "the payee has already been paid at least this cumulative amount",
+    "too_early": "a refund is possible only after deadline + dispute window",
+    "window_closed": "the dispute window has closed",
+    "exceeds_locked": "the amount exceeds what is locked",
+    "bad_signature": "the payer's voucher signature does not verify",
+    "forbidden": "the caller is not allowed to do this",
+    "nothing_to_withdraw": "nothing is credited to this address",
+    "insufficient_funds": "the wallet cannot pay for value and gas",
+    "chain_unavailable": "the chain is unreachable",
+    "receipt_timeout": "the transaction was not mined in time",
+    "reverted": "the transaction reverted",
+    "rejected": "the chain refused the transaction",
+}
+
+RETRYABLE = frozenset({"chain_unavailable", "receipt_timeout"})
+
+_REVERT = re.compile(r"execution reverted:?\s*([a-z_]+)")
+
+
+class EscrowError(ClawnodeError):
+    """A failed escrow operation: ``reason`` is the contract's (or client's) stable reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(REASON_CODES.get(reason, ErrorCode.INTERNAL), MESSAGES.get(reason, "escrow operation failed"))
+        self.reason = reason
+
+    @property
+    def retryable(self) -> bool:
+        """True when trying again later can succeed (the chain was down or slow)."""
+        return self.reason in RETRYABLE
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    import requests
+    from web3.exceptions import ProviderConnectionError, TimeExhausted
+
+    if isinstance(error, TimeExhausted):
+        return False
+    return isinstance(error, ConnectionError | OSError | requests.RequestException | ProviderConnectionError)
+
+
+def normalise(error: BaseException) -> EscrowError:
+    """Map any exception raised while talking to a chain to an ``EscrowError``."""
+    from web3.exceptions import TimeExhausted
+
+    if isinstance(error, EscrowError):
+        return error
+    if isinstance(error, TimeExhausted):
+        return EscrowError("receipt_timeout")
+    if _is_transport_error(error):
+        return EscrowError("chain_unavailable")
+    text = " ".join(str(part) for part in (getattr(error, "message", None), *error.args) if part)
+    match = _REVERT.search(text)
+    if match and match.group(1) in REASON_CODES:
+        return EscrowError(match.group(1))
+    lowered = text.lower()
+    if "insufficient funds" in lowered:
+        return EscrowError("insufficient_funds")
+    if "revert" in lowered:
+        return EscrowError("reverted")
+    return EscrowError("rejected")

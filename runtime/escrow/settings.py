@@ -1,0 +1,54 @@
+"""Escrow settings and the one place that turns them into a client: "embedded", "rpc" or "off".
+
+- ``embedded``: a fresh in-process py-evm chain per start, the contract deployed on it, the
+  node's wallet a funded dev account. For the demo and tests; nothing survives a restart.
+- ``rpc``: a JSON-RPC chain (anvil, hardhat, geth, a testnet) at ``rpc_url`` with the contract
+  already deployed at ``contract``; the chain id is read from the chain.
+- ``off``: no chain; trusted peers only, post-paid with a cap (enforced by the lease protocol).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from eth_account.signers.local import LocalAccount
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from runtime.escrow.chain import Chain
+from runtime.escrow.client import EscrowClient
+
+EscrowMode = Literal["embedded", "rpc", "off"]
+
+
+class EscrowSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: EscrowMode = Field("embedded", description="embedded | rpc | off")
+    rpc_url: str | None = Field(None, description="JSON-RPC URL when mode = rpc (never logged or shown)")
+    contract: str | None = Field(None, pattern=r"^0x[0-9a-fA-F]{40}$", description="escrow address when mode = rpc")
+    rpc_timeout_s: float = Field(10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _rpc_needs_url_and_contract(self) -> EscrowSettings:
+        if self.mode == "rpc" and (not self.rpc_url or not self.contract):
+            raise ValueError("mode = rpc needs rpc_url and contract")
+        return self
+
+
+def connect_escrow(settings: EscrowSettings, wallet: LocalAccount | None = None) -> EscrowClient | None:
+    """Blocking (run it in a worker thread): the node's escrow client, or None when escrow is off.
+
+    ``wallet`` is the node's payout/payment key; the embedded chain uses its first dev account
+    when none is given. Raises ``EscrowError`` (``chain_unavailable``) when the RPC chain is down.
+    """
+    if settings.mode == "off":
+        return None
+    if settings.mode == "embedded":
+        chain = Chain.embedded()
+        account = wallet or chain.dev_accounts()[0]
+        return EscrowClient.deploy(chain, account)
+    assert settings.rpc_url is not None and settings.contract is not None  # checked by the model
+    chain = Chain.rpc(settings.rpc_url, timeout_s=settings.rpc_timeout_s)
+    if wallet is None:
+        raise ValueError("mode = rpc needs the node's wallet key")
+    return EscrowClient(chain, wallet, settings.contract)

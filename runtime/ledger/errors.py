@@ -1,0 +1,35 @@
+"""Ledger errors: a stable ``ErrorCode`` plus a finer stable ``reason`` (e.g. ``receipt_forged``)."""
+
+from __future__ import annotations
+
+from runtime.errors import ClawnodeError, ErrorCode
+
+
+class LedgerError(ClawnodeError):
+    def __init__(self, code: ErrorCode, reason: str, message: str) -> None:
+        super().__init__(code, message)
+        self.reason = reason
+
+
+def forged(message: str) -> LedgerError:
+    return LedgerError(ErrorCode.UNAUTHENTICATED, "receipt_forged", message)
+
+
+def replayed(message: str) -> LedgerError:
+    return LedgerError(ErrorCode.CONFLICT, "receipt_replayed", message)
+
+
+def forbidden(reason: str, message: str) -> LedgerError:
+    return LedgerError(ErrorCode.FORBIDDEN, reason, message)
+
+
+def conflict(reason: str, message: str) -> LedgerError:
+    return LedgerError(ErrorCode.CONFLICT, reason, message)
+
+
+def not_found(reason: str, message: str) -> LedgerError:
+    return LedgerError(ErrorCode.NOT_FOUND, reason, message)
+
+
+def invalid(reason: str, message: str) -> LedgerError:
+    return LedgerError(ErrorCode.INVALID_ARGUMENT, reason, message)

@@ -1,0 +1,184 @@
+"""``Ledger``: the async face of ``LedgerStore`` for the trio daemon.
+
+aiosqlite needs an asyncio loop (it raises under ``trio.run``), so this does what aiosqlite does
+inside: the standard ``sqlite3`` module, one connection, driven from a worker thread. Every call
+goes through ``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``, so one thread at a time
+owns the connection and calls run in the order they were made. Calls are not abandoned when the
+caller is cancelled: a transaction that started commits (or rolls back) before the caller moves
+on, which is what lets the daemon say "the ledger commits before a reply leaves the node".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from libp2p.crypto.keys import PrivateKey
+
+from runtime.ledger.audit import AuditEntry, AuditReport
+from runtime.ledger.models import (
+    Dispute,
+    Lease,
+    LeaseOpen,
+    QueueStats,
+    ReceiptRecord,
+    Settlement,
+    Task,
+    TaskRole,
+    TaskState,
+    Totals,
+    UsageRecorded,
+)
+from runtime.ledger.receipts import SignedReceipt
+from runtime.ledger.store import Clock, LedgerStore
+
+T = TypeVar("T")
+
+
+class Ledger:
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path, *, clock: Clock | None = None) -> Ledger:
+        """Open (create, migrate) the ledger file at ``path``."""
+        store = await trio.to_thread.run_sync(functools.partial(LedgerStore.open, path, clock=clock))
+        return cls(store)
+
+    async def aclose(self) -> None:
+        await self._run(self.store.close)
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
+
+    # leases
+    async def open_lease(self, lease: LeaseOpen, *, idempotency_key: str) -> Lease:
+        return await self._run(self.store.open_lease, lease, idempotency_key=idempotency_key)
+
+    async def end_lease(self, lease_id: str, *, idempotency_key: str) -> Lease:
+        return await self._run(self.store.end_lease, lease_id, idempotency_key=idempotency_key)
+
+    async def get_lease(self, lease_id: str) -> Lease:
+        return await self._run(self.store.get_lease, lease_id)
+
+    async def list_leases(self, *, limit: int = 100, offset: int = 0) -> list[Lease]:
+        return await self._run(self.store.list_leases, limit=limit, offset=offset)
+
+    # metering and receipts
+    async def record_usage(self, lease_id: str, *, writer: str, units: int, idempotency_key: str) -> UsageRecorded:
+        return await self._run(
+            self.store.record_usage, lease_id, writer=writer, units=units, idempotency_key=idempotency_key
+        )
+
+    async def issue_receipt(self, lease_id: str, key: PrivateKey) -> SignedReceipt:
+        return await self._run(self.store.issue_receipt, lease_id, key)
+
+    async def countersign_receipt(
+        self, receipt: SignedReceipt, key: PrivateKey, *, voucher: str | None = None
+    ) -> SignedReceipt:
+        return await self._run(self.store.countersign_receipt, receipt, key, voucher=voucher)
+
+    async def record_countersigned(self, receipt: SignedReceipt) -> ReceiptRecord:
+        return await self._run(self.store.record_countersigned, receipt)
+
+    async def get_receipt(self, lease_id: str, seq: int) -> ReceiptRecord:
+        return await self._run(self.store.get_receipt, lease_id, seq)
+
+    async def list_receipts(
+        self, lease_id: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[ReceiptRecord]:
+        return await self._run(self.store.list_receipts, lease_id, limit=limit, offset=offset)
+
+    async def countersigned_amount(self, lease_id: str) -> int:
+        return await self._run(self.store.countersigned_amount, lease_id)
+
+    # settlements
+    async def enqueue_claim(self, lease_id: str) -> Settlement:
+        return await self._run(self.store.enqueue_claim, lease_id)
+
+    async def enqueue_release(self, lease_id: str, cumulative: int) -> Settlement:
+        return await self._run(self.store.enqueue_release, lease_id, cumulative)
+
+    async def enqueue_refund(self, lease_id: str) -> Settlement:
+        return await self._run(self.store.enqueue_refund, lease_id)
+
+    async def enqueue_withdraw(self, *, idempotency_key: str) -> Settlement:
+        return await self._run(self.store.enqueue_withdraw, idempotency_key=idempotency_key)
+
+    async def get_settlement(self, settlement_id: str) -> Settlement:
+        return await self._run(self.store.get_settlement, settlement_id)
+
+    async def list_settlements(self, *, limit: int = 100, offset: int = 0) -> list[Settlement]:
+        return await self._run(self.store.list_settlements, limit=limit, offset=offset)
+
+    async def due_settlements(self, now: int, *, limit: int = 50) -> list[Settlement]:
+        return await self._run(self.store.due_settlements, now, limit=limit)
+
+    async def next_due_at(self) -> int | None:
+        return await self._run(self.store.next_due_at)
+
+    async def mark_landed(
+        self, settlement_id: str, *, tx_hash: str | None, released_total: int | None, refunded: int | None = None
+    ) -> Settlement:
+        return await self._run(
+            self.store.mark_landed, settlement_id, tx_hash=tx_hash, released_total=released_total, refunded=refunded
+        )
+
+    async def mark_retry(self, settlement_id: str, *, error: str, next_attempt_at: int) -> Settlement:
+        return await self._run(self.store.mark_retry, settlement_id, error=error, next_attempt_at=next_attempt_at)
+
+    async def mark_failed(self, settlement_id: str, *, error: str) -> Settlement:
+        return await self._run(self.store.mark_failed, settlement_id, error=error)
+
+    async def queue_stats(self) -> QueueStats:
+        return await self._run(self.store.queue_stats)
+
+    # disputes and tasks
+    async def open_dispute(self, lease_id: str, *, opened_by: str, reason: str, idempotency_key: str) -> Dispute:
+        return await self._run(
+            self.store.open_dispute, lease_id, opened_by=opened_by, reason=reason, idempotency_key=idempotency_key
+        )
+
+    async def resolve_dispute(self, dispute_id: str, *, to_payee: int, to_payer: int, idempotency_key: str) -> Dispute:
+        return await self._run(
+            self.store.resolve_dispute,
+            dispute_id,
+            to_payee=to_payee,
+            to_payer=to_payer,
+            idempotency_key=idempotency_key,
+        )
+
+    async def list_disputes(self, *, limit: int = 100) -> list[Dispute]:
+        return await self._run(self.store.list_disputes, limit=limit)
+
+    async def create_task(
+        self, task_id: str, *, role: TaskRole, counterparty: str | None, budget: int, idempotency_key: str
+    ) -> Task:
+        return await self._run(
+            self.store.create_task,
+            task_id,
+            role=role,
+            counterparty=counterparty,
+            budget=budget,
+            idempotency_key=idempotency_key,
+        )
+
+    async def set_task_state(self, task_id: str, state: TaskState, *, idempotency_key: str) -> Task:
+        return await self._run(self.store.set_task_state, task_id, state, idempotency_key=idempotency_key)
+
+    # money and audit
+    async def totals_by_day(self, *, since_day: str | None = None) -> list[Totals]:
+        return await self._run(self.store.totals_by_day, since_day=since_day)
+
+    async def totals_by_peer(self, *, since_day: str | None = None) -> list[Totals]:
+        return await self._run(self.store.totals_by_peer, since_day=since_day)
+
+    async def verify_audit(self, expected_head: str | None = None) -> AuditReport:
+        return await self._run(self.store.verify_audit, expected_head)
+
+    async def audit_entries(self, *, after_seq: int = 0, limit: int = 100) -> list[AuditEntry]:
+        return await self._run(self.store.audit_entries, after_seq=after_seq, limit=limit)

@@ -1,0 +1,131 @@
+"""Pydantic models at the ledger's boundary: what callers pass in and what queries return."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.ledger.receipts import LEASE_ID_PATTERN, MAX_AMOUNT, PEER_ID_PATTERN, SignedReceipt
+
+LeaseRole = Literal["provider", "consumer"]
+LeaseState = Literal["open", "ended", "disputed", "closed"]
+SettlementKind = Literal["claim", "release", "refund", "withdraw"]
+SettlementState = Literal["pending", "landed", "failed"]
+Amount = int
+
+_ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EscrowRef(_In):
+    """Where a lease's money is locked: contract, payer wallet and the payer-chosen 32-byte id."""
+
+    contract: str = Field(pattern=_ADDRESS)
+    payer: str = Field(pattern=_ADDRESS)
+    escrow_id: str = Field(pattern=r"^0x[0-9a-f]{64}$")
+
+
+class LeaseOpen(_In):
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    role: LeaseRole = Field(description="our side of the lease")
+    provider: str = Field(pattern=PEER_ID_PATTERN)
+    consumer: str = Field(pattern=PEER_ID_PATTERN)
+    price_per_unit: int = Field(ge=0, le=MAX_AMOUNT, description="wei per metered unit (token)")
+    budget: int = Field(ge=0, le=MAX_AMOUNT, description="the most this lease can cost, in wei (the escrowed amount)")
+    escrow: EscrowRef | None = None
+
+
+class Lease(BaseModel):
+    lease_id: str
+    role: LeaseRole
+    provider: str
+    consumer: str
+    price_per_unit: int
+    budget: int
+    state: LeaseState
+    escrow: EscrowRef | None
+    metered_units: int
+    settled_amount: int
+    refunded_amount: int
+    created_at: int
+    ended_at: int | None
+
+    @property
+    def counterparty(self) -> str:
+        return self.consumer if self.role == "provider" else self.provider
+
+
+class UsageRecorded(BaseModel):
+    lease_id: str
+    units: int
+    cumulative_units: int
+    cumulative_amount: int
+
+
+class ReceiptRecord(BaseModel):
+    lease_id: str
+    seq: int
+    receipt_hash: str
+    units: int
+    amount: int
+    countersigned: bool
+    settled: bool
+    recorded_at: int
+    receipt: SignedReceipt
+
+
+class Settlement(BaseModel):
+    settlement_id: str
+    lease_id: str | None
+    kind: SettlementKind
+    amount: int = Field(description="cumulative target for claim/release; 0 otherwise")
+    params: dict[str, Any]
+    state: SettlementState
+    attempts: int
+    next_attempt_at: int
+    last_error: str | None
+    tx_hash: str | None
+    created_at: int
+    finished_at: int | None
+
+
+class QueueStats(BaseModel):
+    length: int
+    oldest_age_s: int | None = Field(description="age of the oldest pending settlement; None when empty")
+
+
+class Totals(BaseModel):
+    key: str = Field(description="the day (YYYY-MM-DD, UTC) or the peer id")
+    income: int
+    spend: int
+    net: int
+
+
+class Dispute(BaseModel):
+    dispute_id: str
+    lease_id: str
+    opened_by: str
+    reason: str
+    state: Literal["dispute_open", "dispute_resolved", "dispute_rejected"]
+    to_payee: int | None
+    to_payer: int | None
+    created_at: int
+    resolved_at: int | None
+
+
+TaskRole = Literal["creator", "worker"]
+TaskState = Literal["task_open", "task_awarded", "task_closed", "task_cancelled", "task_expired"]
+
+
+class Task(BaseModel):
+    task_id: str
+    role: TaskRole
+    counterparty: str | None
+    state: TaskState
+    budget: int
+    created_at: int
+    updated_at: int

@@ -1,0 +1,133 @@
+"""Usage receipts: what the provider metered, signed by it and countersigned by the consumer.
+
+A receipt is cumulative: ``units`` and ``amount`` are totals for the lease so far, and ``seq``
+grows by one per receipt, so the newest countersigned receipt alone says what is owed and an old
+one can never be cashed twice. Both signatures are Ed25519 by libp2p peer keys; the peer ids in
+the body embed the public keys, so a receipt verifies without any other lookup:
+
+- provider: ``PROVIDER_DOMAIN || canonical(body)``
+- consumer: ``CONSUMER_DOMAIN || canonical({"body", "provider_sig", "voucher"})``: the consumer
+  countersigns exactly what the provider signed, plus (when the lease is escrowed on chain) the
+  EIP-191 voucher that lets the provider claim ``amount`` from the escrow.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+from libp2p.crypto.ed25519 import Ed25519PublicKey
+from libp2p.crypto.keys import PrivateKey
+from libp2p.peer.id import ID
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.ledger import errors
+from runtime.ledger.canonical import canonical_bytes, sha256_hex
+
+PROVIDER_DOMAIN = b"clawnode/usage-receipt/provider/v1\x00"
+CONSUMER_DOMAIN = b"clawnode/usage-receipt/consumer/v1\x00"
+
+MAX_AMOUNT = 2**256 - 1
+LEASE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{32,128}$"
+
+
+class ReceiptBody(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = 1
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    seq: int = Field(ge=1, le=2**62)
+    provider: str = Field(pattern=PEER_ID_PATTERN)
+    consumer: str = Field(pattern=PEER_ID_PATTERN)
+    units: int = Field(ge=0, le=2**62, description="metered units (tokens) so far, cumulative")
+    amount: int = Field(ge=0, le=MAX_AMOUNT, description="owed so far in wei, cumulative")
+    issued_at: int = Field(ge=0, le=2**40, description="unix seconds")
+
+    def canonical(self) -> bytes:
+        return canonical_bytes(self.model_dump())
+
+    def digest(self) -> str:
+        """The receipt's identity: sha256 of the canonical body, hex."""
+        return sha256_hex(self.canonical())
+
+
+class SignedReceipt(BaseModel):
+    """A receipt as it travels between peers; signatures and voucher are base64 / 0x-hex text."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    body: ReceiptBody
+    provider_sig: str = Field(max_length=200)
+    consumer_sig: str | None = Field(None, max_length=200)
+    voucher: str | None = Field(None, pattern=r"^0x[0-9a-fA-F]{130}$", description="payer's EIP-191 escrow voucher")
+
+    @property
+    def countersigned(self) -> bool:
+        return self.consumer_sig is not None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise errors.forged("a receipt signature is not valid base64") from None
+
+
+def consumer_payload(body: ReceiptBody, provider_sig: str, voucher: str | None) -> bytes:
+    return CONSUMER_DOMAIN + canonical_bytes(
+        {"body": body.model_dump(), "provider_sig": provider_sig, "voucher": voucher}
+    )
+
+
+def peer_id_of(key: PrivateKey) -> str:
+    return ID.from_pubkey(key.get_public_key()).to_base58()
+
+
+def _verify(peer_id: str, data: bytes, signature: str) -> bool:
+    try:
+        public_key = ID.from_base58(peer_id).extract_public_key()
+    except Exception:  # noqa: BLE001 - any malformed peer id means "cannot verify"
+        return False
+    if not isinstance(public_key, Ed25519PublicKey):
+        return False
+    try:
+        return bool(public_key.verify(data, _unb64(signature)))
+    except errors.LedgerError:
+        return False
+    except Exception:  # noqa: BLE001 - the signature library raises on malformed signatures
+        return False
+
+
+def sign_as_provider(body: ReceiptBody, key: PrivateKey) -> SignedReceipt:
+    if peer_id_of(key) != body.provider:
+        raise errors.forbidden("not_provider", "only the lease's provider can sign its usage receipts")
+    return SignedReceipt(body=body, provider_sig=_b64(key.sign(PROVIDER_DOMAIN + body.canonical())))
+
+
+def countersign(receipt: SignedReceipt, key: PrivateKey, voucher: str | None = None) -> SignedReceipt:
+    """As the consumer: check the provider's signature, then countersign (with an optional voucher)."""
+    verify_provider(receipt)
+    if peer_id_of(key) != receipt.body.consumer:
+        raise errors.forbidden("not_consumer", "only the lease's consumer can countersign its receipts")
+    signature = key.sign(consumer_payload(receipt.body, receipt.provider_sig, voucher))
+    return receipt.model_copy(update={"consumer_sig": _b64(signature), "voucher": voucher})
+
+
+def verify_provider(receipt: SignedReceipt) -> None:
+    if not _verify(receipt.body.provider, PROVIDER_DOMAIN + receipt.body.canonical(), receipt.provider_sig):
+        raise errors.forged("the provider's signature on the receipt does not verify")
+
+
+def verify_countersigned(receipt: SignedReceipt) -> None:
+    """Both signatures verify, or ``LedgerError`` (``receipt_forged`` / ``receipt_not_countersigned``)."""
+    verify_provider(receipt)
+    if receipt.consumer_sig is None:
+        raise errors.forbidden("receipt_not_countersigned", "the receipt lacks the consumer's countersignature")
+    payload = consumer_payload(receipt.body, receipt.provider_sig, receipt.voucher)
+    if not _verify(receipt.body.consumer, payload, receipt.consumer_sig):
+        raise errors.forged("the consumer's countersignature on the receipt does not verify")

@@ -1,0 +1,165 @@
+"""The ledger's schema as an ordered list of migrations; ``PRAGMA user_version`` is the version.
+
+A migration runs in the same transaction as the version bump, so a crash leaves the database at
+the old version or the new one, never between. Never edit a released migration: append one.
+Amounts are TEXT holding a decimal integer, because SQLite's INTEGER stops at 2**63-1 wei (about
+9.2 ETH); sums are done in Python.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from runtime.errors import ErrorCode
+from runtime.ledger.errors import LedgerError
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema
+    """
+    CREATE TABLE leases (
+        lease_id TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('provider', 'consumer')),
+        provider TEXT NOT NULL,
+        consumer TEXT NOT NULL,
+        price_per_unit TEXT NOT NULL,
+        budget TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'ended', 'disputed', 'closed')),
+        escrow_contract TEXT,
+        escrow_payer TEXT,
+        escrow_id TEXT,
+        metered_units INTEGER NOT NULL DEFAULT 0,
+        settled_amount TEXT NOT NULL DEFAULT '0',
+        refunded_amount TEXT NOT NULL DEFAULT '0',
+        created_at INTEGER NOT NULL,
+        ended_at INTEGER
+    );
+    CREATE TABLE usage (
+        usage_id INTEGER PRIMARY KEY,
+        lease_id TEXT NOT NULL REFERENCES leases(lease_id),
+        units INTEGER NOT NULL CHECK (units > 0),
+        cumulative_units INTEGER NOT NULL,
+        recorded_at INTEGER NOT NULL
+    );
+    CREATE TABLE receipts (
+        lease_id TEXT NOT NULL REFERENCES leases(lease_id),
+        seq INTEGER NOT NULL,
+        receipt_hash TEXT NOT NULL UNIQUE,
+        units INTEGER NOT NULL,
+        amount TEXT NOT NULL,
+        body TEXT NOT NULL,
+        provider_sig TEXT NOT NULL,
+        consumer_sig TEXT,
+        voucher TEXT,
+        settled INTEGER NOT NULL DEFAULT 0,
+        recorded_at INTEGER NOT NULL,
+        PRIMARY KEY (lease_id, seq),
+        -- the schema itself refuses to count a receipt without both signatures as settled
+        CHECK (settled = 0 OR consumer_sig IS NOT NULL)
+    );
+    CREATE TABLE settlements (
+        settlement_id TEXT PRIMARY KEY,
+        lease_id TEXT REFERENCES leases(lease_id),
+        kind TEXT NOT NULL CHECK (kind IN ('claim', 'release', 'refund', 'withdraw')),
+        amount TEXT NOT NULL,
+        params TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'landed', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        last_error TEXT,
+        tx_hash TEXT,
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER
+    );
+    CREATE INDEX settlements_due ON settlements (state, next_attempt_at);
+    CREATE TABLE money (
+        entry_id TEXT PRIMARY KEY,
+        lease_id TEXT NOT NULL REFERENCES leases(lease_id),
+        peer TEXT NOT NULL,
+        direction TEXT NOT NULL CHECK (direction IN ('income', 'spend')),
+        amount TEXT NOT NULL,
+        day TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX money_day ON money (day);
+    CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('creator', 'worker')),
+        counterparty TEXT,
+        state TEXT NOT NULL,
+        budget TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE disputes (
+        dispute_id TEXT PRIMARY KEY,
+        lease_id TEXT NOT NULL REFERENCES leases(lease_id),
+        opened_by TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('dispute_open', 'dispute_resolved', 'dispute_rejected')),
+        to_payee TEXT,
+        to_payer TEXT,
+        created_at INTEGER NOT NULL,
+        resolved_at INTEGER
+    );
+    CREATE TABLE idempotency (
+        key TEXT PRIMARY KEY,
+        operation TEXT NOT NULL,
+        request_sha256 TEXT NOT NULL,
+        response TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        data TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    -- append-only: rows can be added, never changed or removed (verify() catches edits made
+    -- behind SQLite's back)
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    """,
+)
+
+LATEST_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to ``LATEST_VERSION``; returns the version found before."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > LATEST_VERSION:
+        raise LedgerError(
+            ErrorCode.CONFLICT,
+            "schema_too_new",
+            f"the ledger has schema version {found}; this clawnode knows up to {LATEST_VERSION}",
+        )
+    for version in range(found + 1, LATEST_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[version - 1]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return found
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit our transaction)."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements

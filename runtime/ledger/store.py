@@ -1,0 +1,827 @@
+"""The ledger's synchronous core: one SQLite connection, every write one transaction.
+
+Used from one thread at a time (``Ledger`` runs it on a worker thread through a trio limiter of
+one; benchmarks and scripts may call it directly). Every operation a peer or a user can trigger
+carries an idempotency key, stored in the same transaction as its effect, so a retry returns the
+first answer instead of doing it twice. Every change that matters to money appends to the audit
+chain in that same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from libp2p.crypto.keys import PrivateKey
+
+from runtime.errors import ErrorCode
+from runtime.ledger import audit, errors, receipts
+from runtime.ledger.canonical import canonical_bytes, sha256_hex
+from runtime.ledger.errors import LedgerError
+from runtime.ledger.models import (
+    Dispute,
+    EscrowRef,
+    Lease,
+    LeaseOpen,
+    QueueStats,
+    ReceiptRecord,
+    Settlement,
+    SettlementKind,
+    Task,
+    TaskRole,
+    TaskState,
+    Totals,
+    UsageRecorded,
+)
+from runtime.ledger.receipts import ReceiptBody, SignedReceipt
+from runtime.ledger.schema import migrate
+
+Clock = Callable[[], int]
+
+# TaskOrder transitions (REQUIREMENTS.md); anything else is E_CONFLICT.
+TASK_TRANSITIONS: dict[str, frozenset[str]] = {
+    "task_open": frozenset({"task_awarded", "task_cancelled", "task_expired"}),
+    "task_awarded": frozenset({"task_closed"}),
+}
+
+
+def _wall_clock() -> int:
+    return int(time.time())
+
+
+def _day(at: int) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d")
+
+
+class LedgerStore:
+    """Open with ``LedgerStore.open(path)``; the file is created and migrated as needed."""
+
+    def __init__(self, conn: sqlite3.Connection, clock: Clock) -> None:
+        self._conn = conn
+        self._clock = clock
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, path: Path, *, clock: Clock | None = None) -> LedgerStore:
+        # Autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT below.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: in WAL mode every COMMIT is fsynced, so a committed receipt survives power loss.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, clock or _wall_clock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- plumbing --
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for reads spanning several statements."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    def _idempotent(
+        self, conn: sqlite3.Connection, key: str, operation: str, request: dict[str, Any], action: Callable[[], Any]
+    ) -> Any:
+        """Run ``action`` once per key; a retry with the same request gets the stored answer."""
+        if not key or len(key) > 200:
+            raise errors.invalid("bad_idempotency_key", "an idempotency key of 1 to 200 characters is required")
+        request_hash = sha256_hex(canonical_bytes({"operation": operation, "request": request}))
+        row = conn.execute(
+            "SELECT operation, request_sha256, response FROM idempotency WHERE key = ?", (key,)
+        ).fetchone()
+        if row is not None:
+            if row[0] != operation or row[1] != request_hash:
+                raise errors.conflict(
+                    "idempotency_key_reused", "this idempotency key was already used for a different request"
+                )
+            return json.loads(row[2])
+        response = action()
+        conn.execute(
+            "INSERT INTO idempotency (key, operation, request_sha256, response, created_at) VALUES (?, ?, ?, ?, ?)",
+            (key, operation, request_hash, json.dumps(response), self._clock()),
+        )
+        return response
+
+    def _audit(self, conn: sqlite3.Connection, kind: str, subject: str, data: dict[str, Any]) -> None:
+        audit.append(conn, self._clock(), kind, subject, data)
+
+    # -- leases --
+
+    def open_lease(self, lease: LeaseOpen, *, idempotency_key: str) -> Lease:
+        with self._tx() as conn:
+
+            def action() -> str:
+                if conn.execute("SELECT 1 FROM leases WHERE lease_id = ?", (lease.lease_id,)).fetchone():
+                    raise errors.conflict("lease_exists", "a lease with this id already exists")
+                escrow = lease.escrow
+                conn.execute(
+                    "INSERT INTO leases (lease_id, role, provider, consumer, price_per_unit, budget, state,"
+                    " escrow_contract, escrow_payer, escrow_id, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)",
+                    (
+                        lease.lease_id,
+                        lease.role,
+                        lease.provider,
+                        lease.consumer,
+                        str(lease.price_per_unit),
+                        str(lease.budget),
+                        escrow.contract if escrow else None,
+                        escrow.payer if escrow else None,
+                        escrow.escrow_id if escrow else None,
+                        self._clock(),
+                    ),
+                )
+                self._audit(conn, "lease.opened", lease.lease_id, lease.model_dump(mode="json"))
+                return lease.lease_id
+
+            self._idempotent(conn, idempotency_key, "open_lease", lease.model_dump(mode="json"), action)
+            return self._lease(conn, lease.lease_id)
+
+    def end_lease(self, lease_id: str, *, idempotency_key: str) -> Lease:
+        with self._tx() as conn:
+
+            def action() -> str:
+                lease = self._lease(conn, lease_id)
+                if lease.state != "open":
+                    raise errors.conflict("lease_not_open", "only an open lease can end")
+                conn.execute(
+                    "UPDATE leases SET state = 'ended', ended_at = ? WHERE lease_id = ?", (self._clock(), lease_id)
+                )
+                self._audit(conn, "lease.ended", lease_id, {"metered_units": lease.metered_units})
+                return lease_id
+
+            self._idempotent(conn, idempotency_key, "end_lease", {"lease_id": lease_id}, action)
+            return self._lease(conn, lease_id)
+
+    def get_lease(self, lease_id: str) -> Lease:
+        with self._lock:
+            return self._lease(self._conn, lease_id)
+
+    def list_leases(self, *, limit: int = 100, offset: int = 0) -> list[Lease]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM leases ORDER BY created_at DESC, lease_id LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+        return [_lease_from_row(row) for row in rows]
+
+    def _lease(self, conn: sqlite3.Connection, lease_id: str) -> Lease:
+        row = conn.execute(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+        if row is None:
+            raise errors.not_found("lease_not_found", "no such lease")
+        return _lease_from_row(row)
+
+    # -- metering (provider only) --
+
+    def record_usage(self, lease_id: str, *, writer: str, units: int, idempotency_key: str) -> UsageRecorded:
+        """Authoritative usage: only the provider, on its own ledger, for an open lease."""
+        if units <= 0:
+            raise errors.invalid("bad_units", "metered units must be positive")
+        with self._tx() as conn:
+
+            def action() -> dict[str, Any]:
+                lease = self._lease(conn, lease_id)
+                if lease.role != "provider" or writer != lease.provider:
+                    raise errors.forbidden("usage_not_provider", "only the lease's provider can record usage")
+                if lease.state != "open":
+                    raise errors.conflict("lease_not_open", "usage can only be recorded on an open lease")
+                cumulative = lease.metered_units + units
+                if cumulative * lease.price_per_unit > lease.budget:
+                    raise LedgerError(
+                        ErrorCode.INSUFFICIENT_FUNDS, "over_budget", "this usage would exceed the lease's budget"
+                    )
+                now = self._clock()
+                conn.execute(
+                    "INSERT INTO usage (lease_id, units, cumulative_units, recorded_at) VALUES (?, ?, ?, ?)",
+                    (lease_id, units, cumulative, now),
+                )
+                conn.execute("UPDATE leases SET metered_units = ? WHERE lease_id = ?", (cumulative, lease_id))
+                result = UsageRecorded(
+                    lease_id=lease_id,
+                    units=units,
+                    cumulative_units=cumulative,
+                    cumulative_amount=cumulative * lease.price_per_unit,
+                )
+                return result.model_dump()
+
+            request = {"lease_id": lease_id, "writer": writer, "units": units}
+            return UsageRecorded.model_validate(
+                self._idempotent(conn, idempotency_key, "record_usage", request, action)
+            )
+
+    # -- receipts --
+
+    def issue_receipt(self, lease_id: str, key: PrivateKey) -> SignedReceipt:
+        """As the provider: sign a receipt for everything metered so far.
+
+        Idempotent by content: with nothing metered since the last receipt, that receipt is returned.
+        """
+        with self._tx() as conn:
+            lease = self._lease(conn, lease_id)
+            if lease.role != "provider":
+                raise errors.forbidden("not_provider", "only the lease's provider issues receipts")
+            last = conn.execute(
+                "SELECT seq, units, body, provider_sig, consumer_sig, voucher FROM receipts"
+                " WHERE lease_id = ? ORDER BY seq DESC LIMIT 1",
+                (lease_id,),
+            ).fetchone()
+            if last is not None and last[1] == lease.metered_units:
+                return _receipt_from_columns(last[2], last[3], last[4], last[5])
+            body = ReceiptBody(
+                lease_id=lease_id,
+                seq=(last[0] + 1) if last else 1,
+                provider=lease.provider,
+                consumer=lease.consumer,
+                units=lease.metered_units,
+                amount=lease.metered_units * lease.price_per_unit,
+                issued_at=self._clock(),
+            )
+            signed = receipts.sign_as_provider(body, key)
+            self._insert_receipt(conn, signed)
+            self._audit(conn, "receipt.issued", lease_id, _receipt_audit(signed))
+            return signed
+
+    def countersign_receipt(
+        self, receipt: SignedReceipt, key: PrivateKey, *, voucher: str | None = None
+    ) -> SignedReceipt:
+        """As the consumer: verify the provider's receipt against our lease, countersign and store it."""
+        receipts.verify_provider(receipt)
+        body = receipt.body
+        with self._tx() as conn:
+            lease = self._lease(conn, body.lease_id)
+            if lease.role != "consumer":
+                raise errors.forbidden("not_consumer", "only the lease's consumer countersigns its receipts")
+            self._check_parties(lease, body)
+            self._check_sequence(conn, lease, body)
+            signed = receipts.countersign(receipt, key, voucher)
+            self._insert_receipt(conn, signed)
+            self._audit(conn, "receipt.countersigned", body.lease_id, _receipt_audit(signed))
+            return signed
+
+    def record_countersigned(self, receipt: SignedReceipt) -> ReceiptRecord:
+        """As the provider: store the consumer's countersignature on a receipt we issued."""
+        receipts.verify_countersigned(receipt)
+        body = receipt.body
+        with self._tx() as conn:
+            lease = self._lease(conn, body.lease_id)
+            if lease.role != "provider":
+                raise errors.forbidden("not_provider", "only the provider records countersigned receipts")
+            self._check_parties(lease, body)
+            row = conn.execute("SELECT consumer_sig FROM receipts WHERE receipt_hash = ?", (body.digest(),)).fetchone()
+            if row is None:
+                raise errors.not_found("receipt_unknown", "this node did not issue that receipt")
+            if row[0] is not None:
+                raise errors.replayed("this receipt was already countersigned")
+            conn.execute(
+                "UPDATE receipts SET consumer_sig = ?, voucher = ? WHERE receipt_hash = ?",
+                (receipt.consumer_sig, receipt.voucher, body.digest()),
+            )
+            self._audit(conn, "receipt.countersigned", body.lease_id, _receipt_audit(receipt))
+            return self._receipt(conn, body.lease_id, body.seq)
+
+    def _check_parties(self, lease: Lease, body: ReceiptBody) -> None:
+        if body.provider != lease.provider or body.consumer != lease.consumer:
+            raise errors.forbidden("receipt_wrong_parties", "the receipt names other peers than the lease")
+        if body.amount != body.units * lease.price_per_unit:
+            raise errors.invalid("receipt_amount_mismatch", "the receipt's amount is not units times the lease price")
+        if body.amount > lease.budget:
+            raise LedgerError(ErrorCode.INSUFFICIENT_FUNDS, "over_budget", "the receipt exceeds the lease's budget")
+
+    def _check_sequence(self, conn: sqlite3.Connection, lease: Lease, body: ReceiptBody) -> None:
+        if conn.execute("SELECT 1 FROM receipts WHERE receipt_hash = ?", (body.digest(),)).fetchone():
+            raise errors.replayed("this receipt was already recorded")
+        last = conn.execute(
+            "SELECT seq, units FROM receipts WHERE lease_id = ? ORDER BY seq DESC LIMIT 1", (lease.lease_id,)
+        ).fetchone()
+        if last is not None and (body.seq <= last[0] or body.units < last[1]):
+            raise errors.conflict("receipt_stale", "the receipt is older than one already recorded")
+
+    def _insert_receipt(self, conn: sqlite3.Connection, signed: SignedReceipt) -> None:
+        body = signed.body
+        conn.execute(
+            "INSERT INTO receipts (lease_id, seq, receipt_hash, units, amount, body, provider_sig, consumer_sig,"
+            " voucher, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                body.lease_id,
+                body.seq,
+                body.digest(),
+                body.units,
+                str(body.amount),
+                body.canonical().decode(),
+                signed.provider_sig,
+                signed.consumer_sig,
+                signed.voucher,
+                self._clock(),
+            ),
+        )
+
+    def get_receipt(self, lease_id: str, seq: int) -> ReceiptRecord:
+        with self._lock:
+            return self._receipt(self._conn, lease_id, seq)
+
+    def list_receipts(self, lease_id: str | None = None, *, limit: int = 100, offset: int = 0) -> list[ReceiptRecord]:
+        query = f"SELECT {_RECEIPT_COLUMNS} FROM receipts"
+        args: tuple[Any, ...] = ()
+        if lease_id is not None:
+            query += " WHERE lease_id = ?"
+            args = (lease_id,)
+        query += " ORDER BY recorded_at DESC, lease_id, seq DESC LIMIT ? OFFSET ?"
+        with self._lock:
+            rows = self._conn.execute(query, (*args, limit, offset)).fetchall()
+        return [_receipt_record(row) for row in rows]
+
+    def _receipt(self, conn: sqlite3.Connection, lease_id: str, seq: int) -> ReceiptRecord:
+        row = conn.execute(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE lease_id = ? AND seq = ?", (lease_id, seq)
+        ).fetchone()
+        if row is None:
+            raise errors.not_found("receipt_not_found", "no such receipt")
+        return _receipt_record(row)
+
+    def countersigned_amount(self, lease_id: str) -> int:
+        """What the newest receipt carrying both signatures says is owed (0 without one)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT amount FROM receipts WHERE lease_id = ? AND consumer_sig IS NOT NULL ORDER BY seq DESC LIMIT 1",
+                (lease_id,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- settlements (the queue's persistent half) --
+
+    def enqueue_claim(self, lease_id: str) -> Settlement:
+        """As the provider: claim from escrow what the newest countersigned receipt (with voucher) says."""
+        with self._tx() as conn:
+            lease = self._lease(conn, lease_id)
+            if lease.role != "provider" or lease.escrow is None:
+                raise errors.forbidden("not_provider", "only the provider of an escrowed lease claims")
+            row = conn.execute(
+                "SELECT seq, amount, voucher FROM receipts WHERE lease_id = ? AND consumer_sig IS NOT NULL"
+                " AND voucher IS NOT NULL ORDER BY seq DESC LIMIT 1",
+                (lease_id,),
+            ).fetchone()
+            if row is None:
+                raise errors.forbidden(
+                    "receipt_not_countersigned", "no receipt with both signatures and a voucher exists for this lease"
+                )
+            params = {"payer": lease.escrow.payer, "escrow_id": lease.escrow.escrow_id, "voucher": row[2]}
+            return self._enqueue(conn, f"{lease_id}/claim/{row[0]}", lease_id, "claim", int(row[1]), params)
+
+    def enqueue_release(self, lease_id: str, cumulative: int) -> Settlement:
+        """As the consumer (payer): raise what the provider has been paid to ``cumulative`` in total."""
+        with self._tx() as conn:
+            lease = self._lease(conn, lease_id)
+            if lease.role != "consumer" or lease.escrow is None:
+                raise errors.forbidden("not_consumer", "only the consumer of an escrowed lease releases")
+            if not 0 < cumulative <= lease.budget:
+                raise errors.invalid("bad_amount", "the release must be positive and within the budget")
+            params = {"escrow_id": lease.escrow.escrow_id}
+            return self._enqueue(conn, f"{lease_id}/release/{cumulative}", lease_id, "release", cumulative, params)
+
+    def enqueue_refund(self, lease_id: str) -> Settlement:
+        with self._tx() as conn:
+            lease = self._lease(conn, lease_id)
+            if lease.escrow is None:
+                raise errors.invalid("no_escrow", "the lease has no escrow")
+            params = {"payer": lease.escrow.payer, "escrow_id": lease.escrow.escrow_id}
+            return self._enqueue(conn, f"{lease_id}/refund", lease_id, "refund", 0, params)
+
+    def enqueue_withdraw(self, *, idempotency_key: str) -> Settlement:
+        with self._tx() as conn:
+            return self._enqueue(conn, f"withdraw/{idempotency_key}", None, "withdraw", 0, {})
+
+    def _enqueue(
+        self,
+        conn: sqlite3.Connection,
+        settlement_id: str,
+        lease_id: str | None,
+        kind: SettlementKind,
+        amount: int,
+        params: dict[str, Any],
+    ) -> Settlement:
+        existing = conn.execute(
+            "SELECT kind, amount, params FROM settlements WHERE settlement_id = ?", (settlement_id,)
+        )
+        row = existing.fetchone()
+        if row is not None:
+            if (row[0], int(row[1]), json.loads(row[2])) != (kind, amount, params):
+                raise errors.conflict("settlement_exists", "a different settlement with this id exists")
+            return self._settlement(conn, settlement_id)
+        now = self._clock()
+        conn.execute(
+            "INSERT INTO settlements (settlement_id, lease_id, kind, amount, params, state, next_attempt_at,"
+            " created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (settlement_id, lease_id, kind, str(amount), json.dumps(params, sort_keys=True), now, now),
+        )
+        self._audit(conn, "settlement.queued", settlement_id, {"kind": kind, "lease_id": lease_id, "amount": amount})
+        return self._settlement(conn, settlement_id)
+
+    def due_settlements(self, now: int, *, limit: int = 50) -> list[Settlement]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_SETTLEMENT_COLUMNS} FROM settlements WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, created_at, settlement_id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [_settlement_from_row(row) for row in rows]
+
+    def next_due_at(self) -> int | None:
+        with self._lock:
+            row = self._conn.execute("SELECT MIN(next_attempt_at) FROM settlements WHERE state = 'pending'").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def mark_submitted(self, settlement_id: str, tx_hash: str) -> None:
+        """Remember a signed transaction before it is sent, so a restart can look for it."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE settlements SET tx_hash = ? WHERE settlement_id = ? AND state = 'pending'",
+                (tx_hash, settlement_id),
+            )
+
+    def mark_retry(self, settlement_id: str, *, error: str, next_attempt_at: int) -> Settlement:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE settlements SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
+                " WHERE settlement_id = ? AND state = 'pending'",
+                (error, next_attempt_at, settlement_id),
+            )
+            return self._settlement(conn, settlement_id)
+
+    def mark_failed(self, settlement_id: str, *, error: str) -> Settlement:
+        with self._tx() as conn:
+            current = self._settlement(conn, settlement_id)
+            if current.state != "pending":
+                return current
+            conn.execute(
+                "UPDATE settlements SET state = 'failed', attempts = attempts + 1, last_error = ?, finished_at = ?"
+                " WHERE settlement_id = ?",
+                (error, self._clock(), settlement_id),
+            )
+            self._audit(conn, "settlement.failed", settlement_id, {"error": error})
+            return self._settlement(conn, settlement_id)
+
+    def mark_landed(
+        self, settlement_id: str, *, tx_hash: str | None, released_total: int | None, refunded: int | None = None
+    ) -> Settlement:
+        """The settlement's effect is on chain: record it, and the money it moved, exactly once.
+
+        ``released_total`` is what the escrow says the payee has been paid in total; the difference
+        to what this ledger already counted becomes income (provider) or spend (consumer).
+        """
+        with self._tx() as conn:
+            current = self._settlement(conn, settlement_id)
+            if current.state == "landed":
+                return current
+            if current.state == "failed":
+                raise errors.conflict("settlement_failed", "the settlement already failed")
+            now = self._clock()
+            conn.execute(
+                "UPDATE settlements SET state = 'landed', attempts = attempts + 1, tx_hash = COALESCE(?, tx_hash),"
+                " last_error = NULL, finished_at = ? WHERE settlement_id = ?",
+                (tx_hash, now, settlement_id),
+            )
+            moved = 0
+            if current.lease_id is not None:
+                lease = self._lease(conn, current.lease_id)
+                if released_total is not None and released_total > lease.settled_amount:
+                    moved = released_total - lease.settled_amount
+                    conn.execute(
+                        "INSERT INTO money (entry_id, lease_id, peer, direction, amount, day, at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            settlement_id,
+                            lease.lease_id,
+                            lease.counterparty,
+                            "income" if lease.role == "provider" else "spend",
+                            str(moved),
+                            _day(now),
+                            now,
+                        ),
+                    )
+                    conn.execute(
+                        "UPDATE leases SET settled_amount = ? WHERE lease_id = ?", (str(released_total), lease.lease_id)
+                    )
+                    self._mark_receipts_settled(conn, lease.lease_id, released_total)
+                if current.kind == "refund":
+                    conn.execute(
+                        "UPDATE leases SET state = 'closed', refunded_amount = ?, ended_at = COALESCE(ended_at, ?)"
+                        " WHERE lease_id = ?",
+                        (str(refunded or 0), now, lease.lease_id),
+                    )
+            self._audit(
+                conn,
+                "settlement.landed",
+                settlement_id,
+                {"kind": current.kind, "tx_hash": tx_hash, "moved": moved, "refunded": refunded},
+            )
+            return self._settlement(conn, settlement_id)
+
+    def _mark_receipts_settled(self, conn: sqlite3.Connection, lease_id: str, released_total: int) -> None:
+        rows = conn.execute(
+            "SELECT seq, amount FROM receipts WHERE lease_id = ? AND settled = 0 AND consumer_sig IS NOT NULL",
+            (lease_id,),
+        ).fetchall()
+        for seq, amount in rows:
+            if int(amount) <= released_total:
+                conn.execute("UPDATE receipts SET settled = 1 WHERE lease_id = ? AND seq = ?", (lease_id, seq))
+
+    def get_settlement(self, settlement_id: str) -> Settlement:
+        with self._lock:
+            return self._settlement(self._conn, settlement_id)
+
+    def list_settlements(self, *, limit: int = 100, offset: int = 0) -> list[Settlement]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_SETTLEMENT_COLUMNS} FROM settlements ORDER BY created_at DESC, settlement_id"
+                " LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+        return [_settlement_from_row(row) for row in rows]
+
+    def _settlement(self, conn: sqlite3.Connection, settlement_id: str) -> Settlement:
+        row = conn.execute(
+            f"SELECT {_SETTLEMENT_COLUMNS} FROM settlements WHERE settlement_id = ?", (settlement_id,)
+        ).fetchone()
+        if row is None:
+            raise errors.not_found("settlement_not_found", "no such settlement")
+        return _settlement_from_row(row)
+
+    def queue_stats(self, now: int | None = None) -> QueueStats:
+        now = self._clock() if now is None else now
+        with self._lock:
+            count, oldest = self._conn.execute(
+                "SELECT COUNT(*), MIN(created_at) FROM settlements WHERE state = 'pending'"
+            ).fetchone()
+        return QueueStats(length=count, oldest_age_s=None if oldest is None else max(0, now - oldest))
+
+    # -- disputes --
+
+    def open_dispute(self, lease_id: str, *, opened_by: str, reason: str, idempotency_key: str) -> Dispute:
+        with self._tx() as conn:
+
+            def action() -> str:
+                lease = self._lease(conn, lease_id)
+                if opened_by not in (lease.provider, lease.consumer):
+                    raise errors.forbidden("not_a_party", "only the lease's parties can dispute it")
+                if lease.state not in ("open", "ended"):
+                    raise errors.conflict("lease_not_disputable", "the lease cannot be disputed in its state")
+                dispute_id = f"{lease_id}/dispute"
+                conn.execute(
+                    "INSERT INTO disputes (dispute_id, lease_id, opened_by, reason, state, created_at)"
+                    " VALUES (?, ?, ?, ?, 'dispute_open', ?)",
+                    (dispute_id, lease_id, opened_by, reason[:500], self._clock()),
+                )
+                conn.execute("UPDATE leases SET state = 'disputed' WHERE lease_id = ?", (lease_id,))
+                self._audit(conn, "dispute.opened", dispute_id, {"lease_id": lease_id, "opened_by": opened_by})
+                return dispute_id
+
+            request = {"lease_id": lease_id, "opened_by": opened_by, "reason": reason}
+            dispute_id = self._idempotent(conn, idempotency_key, "open_dispute", request, action)
+            return self._dispute(conn, dispute_id)
+
+    def resolve_dispute(self, dispute_id: str, *, to_payee: int, to_payer: int, idempotency_key: str) -> Dispute:
+        with self._tx() as conn:
+
+            def action() -> str:
+                dispute = self._dispute(conn, dispute_id)
+                if dispute.state != "dispute_open":
+                    raise errors.conflict("dispute_not_open", "the dispute is not open")
+                conn.execute(
+                    "UPDATE disputes SET state = 'dispute_resolved', to_payee = ?, to_payer = ?, resolved_at = ?"
+                    " WHERE dispute_id = ?",
+                    (str(to_payee), str(to_payer), self._clock(), dispute_id),
+                )
+                conn.execute("UPDATE leases SET state = 'closed' WHERE lease_id = ?", (dispute.lease_id,))
+                self._audit(conn, "dispute.resolved", dispute_id, {"to_payee": to_payee, "to_payer": to_payer})
+                return dispute_id
+
+            request = {"dispute_id": dispute_id, "to_payee": to_payee, "to_payer": to_payer}
+            self._idempotent(conn, idempotency_key, "resolve_dispute", request, action)
+            return self._dispute(conn, dispute_id)
+
+    def list_disputes(self, *, limit: int = 100) -> list[Dispute]:
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT dispute_id FROM disputes ORDER BY created_at DESC LIMIT ?", (limit,)
+                )
+            ]
+            return [self._dispute(self._conn, dispute_id) for dispute_id in ids]
+
+    def _dispute(self, conn: sqlite3.Connection, dispute_id: str) -> Dispute:
+        row = conn.execute(
+            "SELECT dispute_id, lease_id, opened_by, reason, state, to_payee, to_payer, created_at, resolved_at"
+            " FROM disputes WHERE dispute_id = ?",
+            (dispute_id,),
+        ).fetchone()
+        if row is None:
+            raise errors.not_found("dispute_not_found", "no such dispute")
+        return Dispute(
+            dispute_id=row[0],
+            lease_id=row[1],
+            opened_by=row[2],
+            reason=row[3],
+            state=row[4],
+            to_payee=None if row[5] is None else int(row[5]),
+            to_payer=None if row[6] is None else int(row[6]),
+            created_at=row[7],
+            resolved_at=row[8],
+        )
+
+    # -- tasks --
+
+    def create_task(
+        self, task_id: str, *, role: TaskRole, counterparty: str | None, budget: int, idempotency_key: str
+    ) -> Task:
+        with self._tx() as conn:
+
+            def action() -> str:
+                if conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone():
+                    raise errors.conflict("task_exists", "a task with this id already exists")
+                now = self._clock()
+                conn.execute(
+                    "INSERT INTO tasks (task_id, role, counterparty, state, budget, created_at, updated_at)"
+                    " VALUES (?, ?, ?, 'task_open', ?, ?, ?)",
+                    (task_id, role, counterparty, str(budget), now, now),
+                )
+                self._audit(conn, "task.created", task_id, {"role": role, "budget": budget})
+                return task_id
+
+            request = {"task_id": task_id, "role": role, "counterparty": counterparty, "budget": budget}
+            self._idempotent(conn, idempotency_key, "create_task", request, action)
+            return self._task(conn, task_id)
+
+    def set_task_state(self, task_id: str, state: TaskState, *, idempotency_key: str) -> Task:
+        with self._tx() as conn:
+
+            def action() -> str:
+                task = self._task(conn, task_id)
+                if state not in TASK_TRANSITIONS.get(task.state, frozenset()):
+                    raise errors.conflict("bad_transition", f"a task cannot go from {task.state} to {state}")
+                conn.execute(
+                    "UPDATE tasks SET state = ?, updated_at = ? WHERE task_id = ?", (state, self._clock(), task_id)
+                )
+                self._audit(conn, "task.state", task_id, {"from": task.state, "to": state})
+                return task_id
+
+            self._idempotent(conn, idempotency_key, "set_task_state", {"task_id": task_id, "state": state}, action)
+            return self._task(conn, task_id)
+
+    def _task(self, conn: sqlite3.Connection, task_id: str) -> Task:
+        row = conn.execute(
+            "SELECT task_id, role, counterparty, state, budget, created_at, updated_at FROM tasks WHERE task_id = ?",
+            (task_id,),
+        ).fetchone()
+        if row is None:
+            raise errors.not_found("task_not_found", "no such task")
+        return Task(
+            task_id=row[0],
+            role=row[1],
+            counterparty=row[2],
+            state=row[3],
+            budget=int(row[4]),
+            created_at=row[5],
+            updated_at=row[6],
+        )
+
+    # -- money --
+
+    def totals_by_day(self, *, since_day: str | None = None) -> list[Totals]:
+        return self._totals("day", since_day)
+
+    def totals_by_peer(self, *, since_day: str | None = None) -> list[Totals]:
+        return self._totals("peer", since_day)
+
+    def _totals(self, column: str, since_day: str | None) -> list[Totals]:
+        query = f"SELECT {column}, direction, amount FROM money"
+        args: tuple[Any, ...] = ()
+        if since_day is not None:
+            query += " WHERE day >= ?"
+            args = (since_day,)
+        sums: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for key, direction, amount in self._conn.execute(query, args):
+                sums.setdefault(key, {"income": 0, "spend": 0})[direction] += int(amount)
+        return [
+            Totals(key=key, income=s["income"], spend=s["spend"], net=s["income"] - s["spend"])
+            for key, s in sorted(sums.items())
+        ]
+
+    # -- audit --
+
+    def verify_audit(self, expected_head: str | None = None) -> audit.AuditReport:
+        with self._read() as conn:
+            return audit.verify(conn, expected_head)
+
+    def audit_entries(self, *, after_seq: int = 0, limit: int = 100) -> list[audit.AuditEntry]:
+        with self._lock:
+            return audit.entries(self._conn, after_seq, limit)
+
+
+_LEASE_COLUMNS = (
+    "lease_id, role, provider, consumer, price_per_unit, budget, state, escrow_contract, escrow_payer, escrow_id,"
+    " metered_units, settled_amount, refunded_amount, created_at, ended_at"
+)
+_RECEIPT_COLUMNS = (
+    "lease_id, seq, receipt_hash, units, amount, body, provider_sig, consumer_sig, voucher, settled, recorded_at"
+)
+_SETTLEMENT_COLUMNS = (
+    "settlement_id, lease_id, kind, amount, params, state, attempts, next_attempt_at, last_error, tx_hash,"
+    " created_at, finished_at"
+)
+
+
+def _lease_from_row(row: tuple[Any, ...]) -> Lease:
+    escrow = EscrowRef(contract=row[7], payer=row[8], escrow_id=row[9]) if row[7] else None
+    return Lease(
+        lease_id=row[0],
+        role=row[1],
+        provider=row[2],
+        consumer=row[3],
+        price_per_unit=int(row[4]),
+        budget=int(row[5]),
+        state=row[6],
+        escrow=escrow,
+        metered_units=row[10],
+        settled_amount=int(row[11]),
+        refunded_amount=int(row[12]),
+        created_at=row[13],
+        ended_at=row[14],
+    )
+
+
+def _receipt_from_columns(body: str, provider_sig: str, consumer_sig: str | None, voucher: str | None) -> SignedReceipt:
+    return SignedReceipt(
+        body=ReceiptBody.model_validate_json(body),
+        provider_sig=provider_sig,
+        consumer_sig=consumer_sig,
+        voucher=voucher,
+    )
+
+
+def _receipt_record(row: tuple[Any, ...]) -> ReceiptRecord:
+    return ReceiptRecord(
+        lease_id=row[0],
+        seq=row[1],
+        receipt_hash=row[2],
+        units=row[3],
+        amount=int(row[4]),
+        countersigned=row[7] is not None,
+        settled=bool(row[9]),
+        recorded_at=row[10],
+        receipt=_receipt_from_columns(row[5], row[6], row[7], row[8]),
+    )
+
+
+def _receipt_audit(signed: SignedReceipt) -> dict[str, Any]:
+    body = signed.body
+    return {"seq": body.seq, "units": body.units, "amount": body.amount, "receipt_hash": body.digest()}
+
+
+def _settlement_from_row(row: tuple[Any, ...]) -> Settlement:
+    return Settlement(
+        settlement_id=row[0],
+        lease_id=row[1],
+        kind=row[2],
+        amount=int(row[3]),
+        params=json.loads(row[4]),
+        state=row[5],
+        attempts=row[6],
+        next_attempt_at=row[7],
+        last_error=row[8],
+        tx_hash=row[9],
+        created_at=row[10],
+        finished_at=row[11],
+    )

@@ -1,0 +1,147 @@
+"""Helpers for the runtime tests: peer keys, an anvil process, and a TCP relay that can cut a chain off."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+
+from runtime.ledger.receipts import peer_id_of
+
+ANVIL_DIR = Path(__file__).parent / "anvil"
+# `npm install`, not `npm ci`: the package's optional per-platform binaries other than this one are
+# not all in the registry, so the lock file lists only the one found here and `npm ci` refuses it.
+ANVIL_INSTALL_HINT = (
+    "install anvil with: npm install --prefix tests/runtime/anvil --no-audit --no-fund (needs Node.js >= 20 and npm)"
+)
+
+
+def peer_key(name: str) -> KeyPair:
+    """A deterministic Ed25519 peer key per name."""
+    return create_new_key_pair(name.encode().ljust(32, b"\0")[:32])
+
+
+def peer_id(key: KeyPair) -> str:
+    return peer_id_of(key.private_key)
+
+
+def anvil_binary() -> Path | None:
+    """The anvil binary the npm package installed (the native one: killing it kills the chain)."""
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine().lower())
+    system = {"Linux": "linux", "Darwin": "darwin"}.get(platform.system())
+    if arch is None or system is None:
+        return None
+    candidate = ANVIL_DIR / "node_modules" / "@foundry-rs" / f"anvil-{system}-{arch}" / "bin" / "anvil"
+    return candidate if candidate.is_file() and os.access(candidate, os.X_OK) else None
+
+
+def anvil_skip_reason() -> str | None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return f"node/npm not found on PATH; {ANVIL_INSTALL_HINT}"
+    if anvil_binary() is None:
+        return f"tests/runtime/anvil/node_modules has no anvil binary; {ANVIL_INSTALL_HINT}"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def anvil_process() -> Iterator[str]:
+    """Run anvil on a free loopback port; yields its URL."""
+    binary = anvil_binary()
+    assert binary is not None, ANVIL_INSTALL_HINT
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(binary), "--port", str(port), "--host", "127.0.0.1", "--silent"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("anvil did not start")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class Relay:
+    """A loopback TCP relay to ``target_port``; ``down()`` refuses and cuts every connection (a chain outage)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self._up = threading.Event()
+        self._up.set()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def down(self) -> None:
+        self._up.clear()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.close()
+            self._open.clear()
+
+    def up(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self.down()
+        self._server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if not self._up.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.close()

@@ -1,0 +1,187 @@
+"""The ledger: durable SQLite, one transaction per change, idempotency keys, a tamper-evident audit chain."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from runtime.errors import ErrorCode
+from runtime.ledger import LeaseOpen, Ledger, LedgerError, LedgerStore
+from runtime.ledger.schema import LATEST_VERSION
+from tests.runtime.support import peer_id, peer_key
+
+PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
+
+
+def _lease(lease_id: str = "lease-1", *, budget: int = 10**6) -> LeaseOpen:
+    return LeaseOpen(
+        lease_id=lease_id,
+        role="provider",
+        provider=peer_id(PROVIDER),
+        consumer=peer_id(CONSUMER),
+        price_per_unit=3,
+        budget=budget,
+    )
+
+
+async def test_file_is_wal_durable_and_migrated_once(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = await Ledger.open(path)
+    await ledger.open_lease(_lease(), idempotency_key="k1")
+    await ledger.aclose()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
+    conn.close()
+    reopened = await Ledger.open(path)  # migrating again must not touch existing data
+    assert (await reopened.get_lease("lease-1")).budget == 10**6
+    await reopened.aclose()
+
+
+def test_a_newer_schema_is_refused_not_downgraded(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    LedgerStore.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {LATEST_VERSION + 1}")
+    conn.close()
+    with pytest.raises(LedgerError) as caught:
+        LedgerStore.open(path)
+    assert caught.value.reason == "schema_too_new"
+    assert str(tmp_path) not in caught.value.message
+
+
+async def test_idempotency_key_makes_a_retry_harmless(tmp_path: Path) -> None:
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    await ledger.open_lease(_lease(), idempotency_key="open-1")
+    again = await ledger.open_lease(_lease(), idempotency_key="open-1")
+    assert again.lease_id == "lease-1"
+    first = await ledger.record_usage("lease-1", writer=peer_id(PROVIDER), units=7, idempotency_key="u-1")
+    retry = await ledger.record_usage("lease-1", writer=peer_id(PROVIDER), units=7, idempotency_key="u-1")
+    assert first == retry
+    assert (await ledger.get_lease("lease-1")).metered_units == 7  # counted once
+    # The same key for a different request is a conflict, not a silent success.
+    with pytest.raises(LedgerError) as caught:
+        await ledger.record_usage("lease-1", writer=peer_id(PROVIDER), units=8, idempotency_key="u-1")
+    assert (caught.value.code, caught.value.reason) == (ErrorCode.CONFLICT, "idempotency_key_reused")
+    # Without the key, opening the same lease twice is refused.
+    with pytest.raises(LedgerError) as caught:
+        await ledger.open_lease(_lease(), idempotency_key="open-2")
+    assert caught.value.reason == "lease_exists"
+    assert [e.kind for e in await ledger.audit_entries()] == ["lease.opened"]
+
+
+async def test_a_failed_change_leaves_nothing_behind(tmp_path: Path) -> None:
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    await ledger.open_lease(_lease(budget=30), idempotency_key="open")
+    await ledger.record_usage("lease-1", writer=peer_id(PROVIDER), units=10, idempotency_key="u1")
+    before = await ledger.audit_entries()
+    with pytest.raises(LedgerError):
+        await ledger.record_usage("lease-1", writer=peer_id(PROVIDER), units=1, idempotency_key="u2")
+    # Nothing of the refused change: no usage row, no idempotency record, no audit entry.
+    assert (await ledger.get_lease("lease-1")).metered_units == 10
+    assert await ledger.audit_entries() == before
+    conn = ledger.store._conn
+    assert conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 1
+    assert conn.execute("SELECT COUNT(*) FROM idempotency WHERE key = 'u2'").fetchone()[0] == 0
+
+
+async def test_concurrent_callers_are_serialised_without_losing_writes(tmp_path: Path) -> None:
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    await ledger.open_lease(_lease(), idempotency_key="open")
+
+    async def meter(i: int) -> None:
+        await ledger.record_usage("lease-1", writer=peer_id(PROVIDER), units=1, idempotency_key=f"u{i}")
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(meter, i)
+    assert (await ledger.get_lease("lease-1")).metered_units == 50
+    report = await ledger.verify_audit()
+    assert report.ok
+
+
+async def test_audit_chain_verifies_and_detects_tampering(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = await Ledger.open(path)
+    for i in range(5):
+        await ledger.open_lease(_lease(f"lease-{i}"), idempotency_key=f"open-{i}")
+    report = await ledger.verify_audit()
+    assert report.ok and report.entries == 5
+    await ledger.aclose()
+
+    conn = sqlite3.connect(path)
+    # Edits through SQL are refused outright.
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE audit SET data = '{}' WHERE seq = 3")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM audit WHERE seq = 5")
+    # Someone with the file drops the guard and edits an entry: verify names it.
+    conn.execute("DROP TRIGGER audit_no_update")
+    conn.execute("UPDATE audit SET data = replace(data, '1000000', '9000000') WHERE seq = 3")
+    conn.commit()
+    store = LedgerStore.open(path)
+    report = store.verify_audit()
+    assert not report.ok and report.first_bad_seq == 3
+    conn.execute("UPDATE audit SET data = replace(data, '9000000', '1000000') WHERE seq = 3")
+    conn.commit()
+    assert store.verify_audit().ok
+    # Removing an entry in the middle breaks the chain there.
+    conn.execute("DROP TRIGGER audit_no_delete")
+    conn.execute("DELETE FROM audit WHERE seq = 2")
+    conn.commit()
+    report = store.verify_audit()
+    assert not report.ok and report.first_bad_seq == 2
+    conn.close()
+    store.close()
+
+
+async def test_anchored_head_catches_a_truncated_tail(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = await Ledger.open(path)
+    for i in range(3):
+        await ledger.open_lease(_lease(f"lease-{i}"), idempotency_key=f"open-{i}")
+    head = (await ledger.verify_audit()).head_hash
+    await ledger.aclose()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER audit_no_delete")
+    conn.execute("DELETE FROM audit WHERE seq = 3")
+    conn.commit()
+    conn.close()
+    store = LedgerStore.open(path)
+    assert store.verify_audit().ok  # a clean prefix is still a valid chain...
+    report = store.verify_audit(expected_head=head)
+    assert not report.ok  # ...but not the one that was anchored
+    store.close()
+
+
+async def test_task_transitions_follow_the_table(tmp_path: Path) -> None:
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    task = await ledger.create_task("t1", role="creator", counterparty=None, budget=50, idempotency_key="t1")
+    assert task.state == "task_open"
+    await ledger.set_task_state("t1", "task_awarded", idempotency_key="t1-award")
+    await ledger.set_task_state("t1", "task_awarded", idempotency_key="t1-award")  # a retry
+    with pytest.raises(LedgerError) as caught:
+        await ledger.set_task_state("t1", "task_cancelled", idempotency_key="t1-cancel")
+    assert (caught.value.code, caught.value.reason) == (ErrorCode.CONFLICT, "bad_transition")
+    assert (await ledger.set_task_state("t1", "task_closed", idempotency_key="t1-close")).state == "task_closed"
+
+
+async def test_disputes_are_recorded_once_and_only_by_parties(tmp_path: Path) -> None:
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    await ledger.open_lease(_lease(), idempotency_key="open")
+    with pytest.raises(LedgerError) as caught:
+        await ledger.open_dispute("lease-1", opened_by=peer_id(peer_key("x")), reason="?", idempotency_key="d0")
+    assert caught.value.code == ErrorCode.FORBIDDEN
+    dispute = await ledger.open_dispute(
+        "lease-1", opened_by=peer_id(CONSUMER), reason="bad output", idempotency_key="d1"
+    )
+    assert (
+        await ledger.open_dispute("lease-1", opened_by=peer_id(CONSUMER), reason="bad output", idempotency_key="d1")
+    ) == dispute
+    assert (await ledger.get_lease("lease-1")).state == "disputed"
+    resolved = await ledger.resolve_dispute(dispute.dispute_id, to_payee=10, to_payer=20, idempotency_key="r1")
+    assert (resolved.state, resolved.to_payee, resolved.to_payer) == ("dispute_resolved", 10, 20)
+    assert len(await ledger.list_disputes()) == 1
