@@ -74,3 +74,24 @@ def test_commands_without_a_running_daemon_say_so(tmp_path: Path) -> None:
         result = run_cli(command, "--data-dir", str(tmp_path))
         assert result.returncode == 3
         assert "E_UNAVAILABLE" in result.stderr
+
+
+def test_the_commented_offer_example_is_a_valid_offer(tmp_path: Path) -> None:
+    example = default_config_text().split(OFFERS_MARKER)[1]
+    lines = [line[2:].split("  #")[0] for line in example.splitlines() if line.startswith("# ") and "=" in line]
+    (tmp_path / "config.toml").write_text("[[offers]]\n" + "\n".join(lines) + "\n")
+    config = load_config(tmp_path, environ={})
+    assert [offer.name for offer in config.offers] == ["model:gemma3-270m-q4_k_m"]
+    descriptor = config.offers[0].descriptor()
+    assert descriptor.model is not None and descriptor.model.context_length == 8192
+
+
+def test_a_bad_offer_names_its_key(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[[offers]]\nname = "model:x"\nprice_per_unit = -1\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path, environ={})
+    assert "offers.0.price_per_unit" in str(raised.value)
+    (tmp_path / "config.toml").write_text('[[offers]]\nname = "Model X"\nprice_per_unit = 1\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path, environ={})
+    assert "offers.0.name" in str(raised.value) and "kind:name" in str(raised.value)
