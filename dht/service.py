@@ -30,6 +30,7 @@ DIAL_TIMEOUT_S = 5.0
 PARALLEL_DIALS = 8
 PEER_BOOK_DIAL_LIMIT = 50
 PROVIDER_QUERY_FANOUT = 6
+ADOPT_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,9 @@ class DhtService:
             strict_validation=True,
         )
         try:
-            async with background_trio_service(self.kad):
+            async with background_trio_service(self.kad), trio.open_nursery() as nursery:
                 task_status.started(self)
+                nursery.start_soon(self._adopt_periodically)
                 await self.join()
                 while True:
                     await trio.sleep(self.refresh_interval_s)
@@ -173,6 +175,13 @@ class DhtService:
             if speaks_dht and await kad.add_peer(peer_id):
                 adopted += 1
         return adopted
+
+    async def _adopt_periodically(self) -> None:
+        # Cheap (no network): soon after identify completes, a new DHT peer is in the
+        # table, so the next node to ask us about it hears of it.
+        while True:
+            await trio.sleep(ADOPT_INTERVAL_S)
+            await self.adopt_connected_dht_peers()
 
     async def look_up_self(self) -> None:
         """Kademlia's join: look up our own id and keep the peers met on the way.
