@@ -13,13 +13,15 @@ from typing import Annotated, Protocol
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dht.discovery import DescribeResult, DiscoveryQuery, ProviderResult
 from dht.offers import Offer
 from dht.records import CapabilityRecord
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger.audit import AuditReport
+from runtime.ledger.models import Lease, QueueStats, ReceiptRecord, Settlement, Totals
 
 
 class IdentityReply(BaseModel):
@@ -65,6 +67,50 @@ class DiscoverReply(BaseModel):
     providers: list[ProviderResult]
 
 
+class LeasesReply(BaseModel):
+    leases: list[Lease]
+
+
+class ReceiptsReply(BaseModel):
+    receipts: list[ReceiptRecord]
+
+
+class SettlementsReply(BaseModel):
+    settlements: list[Settlement]
+
+
+class MoneyTotals(BaseModel):
+    income: int
+    spend: int
+    net: int
+
+
+class EscrowStatus(BaseModel):
+    """How this node reaches its escrow; never the RPC URL."""
+
+    mode: str = Field(description="embedded | rpc | off")
+    state: str = Field(description="off | connecting | connected | unavailable")
+    chain_id: int | None = None
+    contract: str | None = None
+    wallet: str | None = Field(None, description="the node's escrow wallet address")
+
+
+class LedgerSummaryReply(BaseModel):
+    """Income, spend and net (wei) per UTC day and per counterparty, from settled money."""
+
+    total: MoneyTotals
+    by_day: list[Totals]
+    by_peer: list[Totals]
+    leases: int
+    receipts: int
+    settlement_queue: QueueStats
+    escrow: EscrowStatus
+
+
+class LedgerVerifyReply(AuditReport):
+    """The audit chain recomputed from its first entry."""
+
+
 class ErrorBody(BaseModel):
     code: ErrorCode
     message: str
@@ -92,6 +138,16 @@ class NodeView(Protocol):
     async def discover(self, query: DiscoveryQuery) -> list[ProviderResult]: ...
 
     async def describe(self, peer_id: str) -> DescribeResult: ...
+
+    async def ledger_leases(self, limit: int, offset: int) -> LeasesReply: ...
+
+    async def ledger_receipts(self, lease_id: str | None, limit: int, offset: int) -> ReceiptsReply: ...
+
+    async def ledger_settlements(self, limit: int, offset: int) -> SettlementsReply: ...
+
+    async def ledger_summary(self, since_day: str | None) -> LedgerSummaryReply: ...
+
+    async def ledger_verify(self) -> LedgerVerifyReply: ...
 
 
 _HTTP_STATUS = {
@@ -123,6 +179,10 @@ def _bearer_token_check(token: str) -> Callable[[Request], None]:
             raise ClawnodeError(ErrorCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     return check
+
+
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0)]
 
 
 def create_app(node: NodeView, token: str) -> FastAPI:
@@ -185,5 +245,29 @@ def create_app(node: NodeView, token: str) -> FastAPI:
     @app.get("/api/describe/{peer_id}")
     async def describe(peer_id: str) -> DescribeResult:
         return await node.describe(peer_id)
+
+    @app.get("/api/ledger/leases")
+    async def ledger_leases(limit: Limit = 100, offset: Offset = 0) -> LeasesReply:
+        return await node.ledger_leases(limit, offset)
+
+    @app.get("/api/ledger/receipts")
+    async def ledger_receipts(
+        lease_id: Annotated[str | None, Query(max_length=128)] = None, limit: Limit = 100, offset: Offset = 0
+    ) -> ReceiptsReply:
+        return await node.ledger_receipts(lease_id, limit, offset)
+
+    @app.get("/api/ledger/settlements")
+    async def ledger_settlements(limit: Limit = 100, offset: Offset = 0) -> SettlementsReply:
+        return await node.ledger_settlements(limit, offset)
+
+    @app.get("/api/ledger/summary")
+    async def ledger_summary(
+        since: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")] = None,
+    ) -> LedgerSummaryReply:
+        return await node.ledger_summary(since)
+
+    @app.get("/api/ledger/verify")
+    async def ledger_verify() -> LedgerVerifyReply:
+        return await node.ledger_verify()
 
     return app

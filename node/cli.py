@@ -295,5 +295,91 @@ def describe(peer_id: str, data_dir: str | None, as_json: bool) -> None:
     _print(body, as_json, lines)
 
 
+# ledger
+
+
+def _wei(amount: int) -> str:
+    return f"{amount / 1e18:.9f} ETH" if amount else "0"
+
+
+def _totals_lines(title: str, rows: list[dict[str, Any]]) -> list[str]:
+    lines = [title]
+    for row in rows:
+        lines.append(f"  {row['key']:<54} {_wei(row['income']):>18} {_wei(row['spend']):>18} {_wei(row['net']):>18}")
+    return lines if rows else [*lines, "  -"]
+
+
+@main.group(invoke_without_command=True)
+@data_dir_option
+@click.option("--leases", "show", flag_value="leases", help="List leases.")
+@click.option("--receipts", "show", flag_value="receipts", help="List usage receipts.")
+@click.option("--settlements", "show", flag_value="settlements", help="List settlements and their state.")
+@click.option("--limit", type=str, default=None, help="At most this many rows (default 100).")
+@json_option
+@click.pass_context
+def ledger(ctx: click.Context, data_dir: str | None, show: str | None, limit: str | None, as_json: bool) -> None:
+    """What this node sold and bought: income, spend and net per day and per peer (or leases, receipts, settlements)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if show is not None:
+        body = _call_api(data_dir, f"/api/ledger/{show}", params={"limit": limit})
+        rows = body[show]
+        if show == "leases":
+            lines = [
+                f"{r['lease_id']:<32} {r['role']:<8} {r['state']:<8} units {r['metered_units']:<8} "
+                f"settled {_wei(r['settled_amount'])}  refunded {_wei(r['refunded_amount'])}  "
+                f"{r['consumer'] if r['role'] == 'provider' else r['provider']}"
+                for r in rows
+            ]
+        elif show == "receipts":
+            lines = [
+                f"{r['lease_id']:<32} #{r['seq']:<5} units {r['units']:<8} {_wei(r['amount']):>18}  "
+                f"{'countersigned' if r['countersigned'] else 'provider-only'}  {'settled' if r['settled'] else ''}"
+                for r in rows
+            ]
+        else:
+            lines = [
+                f"{r['settlement_id']:<48} {r['kind']:<8} {r['state']:<8} attempts {r['attempts']}"
+                + (f"  last error {r['last_error']}" if r["last_error"] else "")
+                for r in rows
+            ]
+        _print(body, as_json, lines or [f"no {show}"])
+        return
+    body = _call_api(data_dir, "/api/ledger/summary")
+    total, queue, escrow = body["total"], body["settlement_queue"], body["escrow"]
+    header = f"  {'':<54} {'income':>18} {'spend':>18} {'net':>18}"
+    lines = [
+        f"income {_wei(total['income'])}   spend {_wei(total['spend'])}   net {_wei(total['net'])}",
+        f"leases {body['leases']}, receipts {body['receipts']}",
+        f"settlement queue {queue['length']} pending"
+        + (f", oldest {queue['oldest_age_s']} s" if queue["oldest_age_s"] is not None else ""),
+        f"escrow {escrow['mode']}: {escrow['state']}"
+        + (f", chain {escrow['chain_id']}, contract {escrow['contract']}" if escrow["contract"] else ""),
+        header,
+        *_totals_lines("per day", body["by_day"]),
+        *_totals_lines("per peer", body["by_peer"]),
+    ]
+    _print(body, as_json, lines)
+
+
+@ledger.command(name="verify")
+@data_dir_option
+@json_option
+@click.pass_context
+def ledger_verify(ctx: click.Context, data_dir: str | None, as_json: bool) -> None:
+    """Recompute the ledger's audit chain; exits 1 when it does not verify."""
+    # `clawnode ledger --data-dir D --json verify` works too: fall back to the group's options.
+    group = ctx.parent.params if ctx.parent is not None else {}
+    body = _call_api(data_dir or group.get("data_dir"), "/api/ledger/verify")
+    as_json = as_json or bool(group.get("as_json"))
+    if body["ok"]:
+        lines = [f"ok: {body['entries']} audit entries, head {body['head_hash']}"]
+    else:
+        lines = [f"BROKEN at entry {body['first_bad_seq']}: {body['problem']} ({body['entries']} entries verified)"]
+    _print(body, as_json, lines)
+    if not body["ok"]:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import multiaddr
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dht.offers import Offer
 from dht.records import Reachability
@@ -99,6 +99,36 @@ class HardwareSection(_Section):
     vram_mb: int = Field(0, ge=0, description="GPU memory to advertise, MiB")
 
 
+class EscrowSection(_Section):
+    mode: Literal["embedded", "rpc", "off"] = Field(
+        "embedded", description="embedded (in-process dev chain) | rpc (a JSON-RPC chain) | off (no chain)"
+    )
+    rpc_url: str = Field(
+        "", repr=False, description="JSON-RPC URL for mode rpc, http:// or https:// (never logged or shown)"
+    )
+    contract: str = Field(
+        "", pattern=r"^(0x[0-9a-fA-F]{40})?$", description="address of the deployed escrow contract, for mode rpc"
+    )
+    rpc_timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="timeout of one JSON-RPC request, seconds")
+    settle_interval_s: float = Field(
+        5.0, ge=0.1, le=3600.0, description="how often the settlement queue retries pending settlements, seconds"
+    )
+
+    @field_validator("rpc_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        # The message never repeats the value: an RPC URL often carries an API key.
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _rpc_needs_url_and_contract(self) -> EscrowSection:
+        if self.mode == "rpc" and (not self.rpc_url or not self.contract):
+            raise ValueError("escrow.mode = rpc needs escrow.rpc_url and escrow.contract")
+        return self
+
+
 class LogSection(_Section):
     level: LogLevel = Field("info", description="debug | info | warning | error")
 
@@ -110,6 +140,7 @@ class Config(_Section):
     dht: DhtSection = Field(default_factory=DhtSection)  # type: ignore[arg-type]
     capabilities: CapabilitiesSection = Field(default_factory=CapabilitiesSection)  # type: ignore[arg-type]
     hardware: HardwareSection = Field(default_factory=HardwareSection)  # type: ignore[arg-type]
+    escrow: EscrowSection = Field(default_factory=EscrowSection)  # type: ignore[arg-type]
     log: LogSection = Field(default_factory=LogSection)  # type: ignore[arg-type]
     offers: list[Offer] = Field(default_factory=list, description="what this node sells ([[offers]] tables)")
 

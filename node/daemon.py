@@ -1,4 +1,10 @@
-"""The daemon: one nursery holding the libp2p host, the DHT and the local API."""
+"""The daemon: one nursery holding the libp2p host, the DHT, the local API and the settlement queue.
+
+The ledger (``ledger.db`` in the data dir) is opened before anything else runs and closed after
+everything stopped. The escrow chain is connected in the background (the embedded chain's deploy
+and web3's imports take about a second; ``rpc`` chains may be down): until it is there, settlements
+simply wait in the ledger, which is where they live anyway.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import os
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -25,7 +31,21 @@ from dht.publisher import CapabilityPublisher
 from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
 from dht.records import bind_wallet
 from dht.service import DhtService
-from node.api import CapabilitiesReply, IdentityReply, PeerReply, PeersReply, StatusReply, create_app
+from node.api import (
+    CapabilitiesReply,
+    EscrowStatus,
+    IdentityReply,
+    LeasesReply,
+    LedgerSummaryReply,
+    LedgerVerifyReply,
+    MoneyTotals,
+    PeerReply,
+    PeersReply,
+    ReceiptsReply,
+    SettlementsReply,
+    StatusReply,
+    create_app,
+)
 from node.config import Config
 from node.datadir import (
     RunningNode,
@@ -40,12 +60,16 @@ from node.hardware import detect_hardware
 from node.host import build_host, ensure_tcp_ports_free, parse_multiaddrs
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger import Ledger
 
 if TYPE_CHECKING:
     # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.db"
+ESCROW_RETRY_MAX_S = 60.0
 
 
 def clawnode_version() -> str:
@@ -69,6 +93,9 @@ class Node:
         self._discovery: Discovery | None = None
         self.rejections = RejectionCounter()
         self.offer_book = OfferBook(data_dir / OFFER_BOOK_FILE)
+        self._ledger: Ledger | None = None
+        self.escrow_status = EscrowStatus(mode=config.escrow.mode, state="off")
+        self.settlement_queue: Any = None  # a runtime.settlement.SettlementQueue once the chain is there
 
     @property
     def host(self) -> IHost:
@@ -81,6 +108,12 @@ class Node:
         if self._dht is None:
             raise RuntimeError("the node is not running")
         return self._dht
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            raise RuntimeError("the node is not running")
+        return self._ledger
 
     @property
     def publisher(self) -> CapabilityPublisher:
@@ -103,6 +136,16 @@ class Node:
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         use_kad_protocol_id(self.config.dht.protocol_id)
         key_pair, token, wallet_key = await trio.to_thread.run_sync(self._load_secrets)
+        self._ledger = await Ledger.open(self.data_dir / LEDGER_FILE)
+        try:
+            await self._run_with_ledger(key_pair, token, wallet_key, task_status=task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._ledger.aclose()
+
+    async def _run_with_ledger(
+        self, key_pair: KeyPair, token: str, wallet_key: bytes, *, task_status: TaskStatus[Node]
+    ) -> None:
         peer_book = PeerBook.in_data_dir(self.data_dir)
         await peer_book.load()
         await self.offer_book.load()
@@ -141,6 +184,7 @@ class Node:
                         cache_ttl_s=self.config.capabilities.cache_ttl_s,
                     )
                     await nursery.start(self._serve_api, token)
+                    nursery.start_soon(self._run_settlement, wallet_key)
                     await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card())
                     self.started_at = time.monotonic()
                     log.info(
@@ -154,6 +198,54 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(clear_running, self.data_dir)
+
+    async def _run_settlement(self, wallet_key: bytes) -> None:
+        """Connect the escrow chain (retrying while it is down), then run the settlement queue."""
+        if self.config.escrow.mode == "off":
+            return
+        self.escrow_status = EscrowStatus(mode=self.config.escrow.mode, state="connecting")
+        delay = 1.0
+        while True:
+            try:
+                # Nothing is committed while connecting, so a shutdown need not wait for it.
+                client = await trio.to_thread.run_sync(  # type: ignore[call-arg]  # stale trio-stubs
+                    self._connect_escrow, wallet_key, abandon_on_cancel=True
+                )
+                break
+            except ClawnodeError as error:  # EscrowError: a stable reason, never the URL
+                self.escrow_status = EscrowStatus(mode=self.config.escrow.mode, state="unavailable")
+                log.warning("escrow chain unavailable (%s); retrying in %.0f s", error.message, delay)
+            await trio.sleep(delay)
+            delay = min(ESCROW_RETRY_MAX_S, delay * 2)
+        from runtime.settlement import EscrowSettler, SettlementQueue
+
+        self.escrow_status = EscrowStatus(
+            mode=self.config.escrow.mode,
+            state="connected",
+            chain_id=client.chain.chain_id,
+            contract=client.address,
+            wallet=client.account.address,
+        )
+        log.info("escrow on chain %d, contract %s", client.chain.chain_id, client.address)
+        self.settlement_queue = SettlementQueue(
+            self.ledger, client.chain, EscrowSettler(client), interval_s=self.config.escrow.settle_interval_s
+        )
+        await self.settlement_queue.run()
+
+    def _connect_escrow(self, wallet_key: bytes) -> Any:
+        # Imported here, on the worker thread: web3 takes about a second to import.
+        from eth_account import Account
+
+        from runtime.escrow import EscrowSettings, connect_escrow
+
+        section = self.config.escrow
+        settings = EscrowSettings(
+            mode=section.mode,
+            rpc_url=section.rpc_url or None,
+            contract=section.contract or None,
+            rpc_timeout_s=section.rpc_timeout_s,
+        )
+        return connect_escrow(settings, Account.from_key(wallet_key))
 
     def _load_secrets(self) -> tuple[KeyPair, str, bytes]:
         ensure_data_dir(self.data_dir)
@@ -268,3 +360,33 @@ class Node:
         except Exception:  # noqa: BLE001 - base58 and multihash errors alike
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "not a peer id") from None
         return await self.discovery.describe(parsed)
+
+    # the ledger, read by the API
+
+    async def ledger_leases(self, limit: int, offset: int) -> LeasesReply:
+        return LeasesReply(leases=await self.ledger.list_leases(limit=limit, offset=offset))
+
+    async def ledger_receipts(self, lease_id: str | None, limit: int, offset: int) -> ReceiptsReply:
+        return ReceiptsReply(receipts=await self.ledger.list_receipts(lease_id, limit=limit, offset=offset))
+
+    async def ledger_settlements(self, limit: int, offset: int) -> SettlementsReply:
+        return SettlementsReply(settlements=await self.ledger.list_settlements(limit=limit, offset=offset))
+
+    async def ledger_summary(self, since_day: str | None) -> LedgerSummaryReply:
+        by_day = await self.ledger.totals_by_day(since_day=since_day)
+        income = sum(t.income for t in by_day)
+        spend = sum(t.spend for t in by_day)
+        counts = await self.ledger.counts()
+        return LedgerSummaryReply(
+            total=MoneyTotals(income=income, spend=spend, net=income - spend),
+            by_day=by_day,
+            by_peer=await self.ledger.totals_by_peer(since_day=since_day),
+            leases=counts["leases"],
+            receipts=counts["receipts"],
+            settlement_queue=await self.ledger.queue_stats(),
+            escrow=self.escrow_status,
+        )
+
+    async def ledger_verify(self) -> LedgerVerifyReply:
+        report = await self.ledger.verify_audit()
+        return LedgerVerifyReply.model_validate(report.model_dump())

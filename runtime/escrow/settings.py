@@ -1,7 +1,8 @@
 """Escrow settings and the one place that turns them into a client: "embedded", "rpc" or "off".
 
 - ``embedded``: a fresh in-process py-evm chain per start, the contract deployed on it, the
-  node's wallet a funded dev account. For the demo and tests; nothing survives a restart.
+  node's wallet funded from a dev account (or a dev account itself when no wallet is given).
+  For the demo and tests; nothing on it survives a restart.
 - ``rpc``: a JSON-RPC chain (anvil, hardhat, geth, a testnet) at ``rpc_url`` with the contract
   already deployed at ``contract``; the chain id is read from the chain.
 - ``off``: no chain; trusted peers only, post-paid with a cap (enforced by the lease protocol).
@@ -9,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from eth_account.signers.local import LocalAccount
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,6 +36,26 @@ class EscrowSettings(BaseModel):
         return self
 
 
+EMBEDDED_WALLET_FUNDING = 1_000 * 10**18
+
+
+def fund_from_dev_account(chain: Chain, address: str, amount: int = EMBEDDED_WALLET_FUNDING) -> None:
+    """Give ``address`` coin from the first dev account (development chains only)."""
+    dev = chain.dev_accounts()[0]
+    with chain.lock:
+        w3 = chain.w3
+        tx: dict[str, Any] = {
+            "to": w3.to_checksum_address(address),
+            "value": amount,
+            "gas": 21_000,
+            "gasPrice": int(w3.eth.gas_price),
+            "nonce": int(w3.eth.get_transaction_count(dev.address, "pending")),
+            "chainId": chain.chain_id,
+        }
+        signed = dev.sign_transaction(tx)
+        w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(signed.raw_transaction))
+
+
 def connect_escrow(settings: EscrowSettings, wallet: LocalAccount | None = None) -> EscrowClient | None:
     """Blocking (run it in a worker thread): the node's escrow client, or None when escrow is off.
 
@@ -45,8 +66,12 @@ def connect_escrow(settings: EscrowSettings, wallet: LocalAccount | None = None)
         return None
     if settings.mode == "embedded":
         chain = Chain.embedded()
-        account = wallet or chain.dev_accounts()[0]
-        return EscrowClient.deploy(chain, account)
+        dev = chain.dev_accounts()[0]
+        client = EscrowClient.deploy(chain, dev)
+        if wallet is None or wallet.address == dev.address:
+            return client
+        fund_from_dev_account(chain, wallet.address)
+        return client.for_account(wallet)
     assert settings.rpc_url is not None and settings.contract is not None  # checked by the model
     chain = Chain.rpc(settings.rpc_url, timeout_s=settings.rpc_timeout_s)
     if wallet is None:

@@ -171,6 +171,9 @@ class Ledger:
         return await self._run(self.store.set_task_state, task_id, state, idempotency_key=idempotency_key)
 
     # money and audit
+    async def counts(self) -> dict[str, int]:
+        return await self._run(self.store.counts)
+
     async def totals_by_day(self, *, since_day: str | None = None) -> list[Totals]:
         return await self._run(self.store.totals_by_day, since_day=since_day)
 

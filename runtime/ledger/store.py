@@ -718,6 +718,17 @@ class LedgerStore:
 
     # -- money --
 
+    def counts(self) -> dict[str, int]:
+        """How many leases, receipts and countersigned receipts the ledger holds."""
+        with self._read() as conn:
+            return {
+                "leases": conn.execute("SELECT COUNT(*) FROM leases").fetchone()[0],
+                "receipts": conn.execute("SELECT COUNT(*) FROM receipts").fetchone()[0],
+                "countersigned": conn.execute(
+                    "SELECT COUNT(*) FROM receipts WHERE consumer_sig IS NOT NULL"
+                ).fetchone()[0],
+            }
+
     def totals_by_day(self, *, since_day: str | None = None) -> list[Totals]:
         return self._totals("day", since_day)
 
