@@ -9,15 +9,18 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import httpx
 import trio
 
-from node.config import CONFIG_FILE_NAME, Config, ConfigError, default_config_text, load_config, resolve_data_dir
 from node.datadir import ensure_data_dir, read_api_token, read_running
+from node.paths import resolve_data_dir
 from runtime.errors import ClawnodeError
+
+if TYPE_CHECKING:
+    from node.config import Config
 
 SHUTDOWN_GRACE_S = 5.0
 EXIT_CONFIG = 2
@@ -96,6 +99,9 @@ def start(
     data_dir: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...], api_port: str | None, role: str | None
 ) -> None:
     """Run the node until SIGINT or SIGTERM."""
+    # Imported here so that the client commands below start fast (no libp2p, web3, jsonschema).
+    from node.config import CONFIG_FILE_NAME, ConfigError, default_config_text, load_config
+
     directory = ensure_data_dir(resolve_data_dir(data_dir))
     config_path = directory / CONFIG_FILE_NAME
     if not config_path.exists():

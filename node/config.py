@@ -22,8 +22,6 @@ from dht.records import Reachability
 
 CONFIG_FILE_NAME = "config.toml"
 ENV_PREFIX = "CLAWNODE_"
-DATA_DIR_ENV = "CLAWNODE_DATA_DIR"
-DEFAULT_DATA_DIR = Path("~/.clawnode")
 
 Role = Literal["node", "bootstrap", "relay"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -147,12 +145,6 @@ class Config(_Section):
 
 class ConfigError(Exception):
     """A configuration value is bad; the message names key, source and what is allowed."""
-
-
-def resolve_data_dir(flag: str | None, environ: Mapping[str, str] | None = None) -> Path:
-    environ = os.environ if environ is None else environ
-    chosen = flag or environ.get(DATA_DIR_ENV) or str(DEFAULT_DATA_DIR)
-    return Path(chosen).expanduser()
 
 
 def _sections() -> dict[str, type[_Section]]:

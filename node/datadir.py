@@ -7,13 +7,14 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.keys import KeyPair
-from libp2p.crypto.serialization import deserialize_private_key
 from pydantic import BaseModel
 
 from runtime.files import write_atomically
+
+if TYPE_CHECKING:
+    from libp2p.crypto.keys import KeyPair
 
 IDENTITY_FILE = "identity.key"
 WALLET_FILE = "wallet.key"
@@ -44,6 +45,12 @@ def _read_secret(path: Path) -> bytes:
 
 def load_or_create_identity(data_dir: Path) -> tuple[KeyPair, bool]:
     """The node's Ed25519 key pair, created on first start. Returns (key pair, created)."""
+    # Imported here: the CLI's client commands read this module and must not pay
+    # for importing libp2p (about a second) just to find the running daemon.
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.keys import KeyPair
+    from libp2p.crypto.serialization import deserialize_private_key
+
     path = data_dir / IDENTITY_FILE
     if path.exists():
         private_key = deserialize_private_key(_read_secret(path))
