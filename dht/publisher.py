@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -102,12 +102,22 @@ class CapabilityPublisher:
             # Nothing to sell: served to whoever asks, but no DHT traffic for it.
             return
         kad = self.dht.dht
-        try:
-            await kad.put_value(record_key(record.peer_id), sealed)
+        failures: list[str] = []
+
+        async def attempt(step: Callable[[str], Awaitable[object]], key: str) -> None:
+            try:
+                await step(key)
+            except Exception as error:  # noqa: BLE001 - served directly meanwhile; retried next round
+                failures.append(type(error).__name__)
+
+        # Concurrently: one after another, a newly added capability waited behind the
+        # record and every older offer (seconds each in a busy swarm).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, lambda key: kad.put_value(key, sealed), record_key(record.peer_id))
             for capability in record.capabilities:
-                await kad.provide(capability_key(capability.name))
-        except Exception as error:  # noqa: BLE001 - served directly meanwhile; retried at the next round
-            log.info("publishing the capability record failed: %s", type(error).__name__)
+                nursery.start_soon(attempt, kad.provide, capability_key(capability.name))
+        if failures:
+            log.info("publishing the capability record partly failed: %s", ", ".join(sorted(set(failures))))
             return
         self.published_at = self._clock()
         log.info("published capability record seq %d with %d offers", record.seq, len(record.capabilities))
