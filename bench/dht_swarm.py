@@ -61,9 +61,9 @@ at their deadline go on in the background, noted as ``joined=``; lookups stop
 early, noted in brackets), every wait on a worker has a deadline, and the workers
 are stopped -- then terminated, then killed -- on any end: success, error,
 Ctrl-C (workers ignore SIGINT and leave shutdown to this process) or SIGTERM.
-Workers unwind their hosts under cancellation instead of closing them: py-libp2p
-closes a host's connections one after another with two 0.1 s sleeps each
-(network/swarm.py:2303, yamux.py:823, swarm_connection.py:218).
+Asked to stop, a worker answers and leaves with ``os._exit(0)`` (see
+``_exit_now``): closing or even unwinding a few dozen fully meshed py-libp2p hosts
+takes tens of seconds.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ import multiprocessing.connection
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -87,7 +88,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import multiaddr
 import psutil
@@ -374,13 +375,7 @@ async def _serve(conn: multiprocessing.connection.Connection, index: int, config
     if not config.yamux_rtt:
         disable_yamux_rtt_pings()
     conn.send({"op": "ready", "rss": rss_bytes()})
-    stopping = 0.0
-    # On "stop" this scope is cancelled and the hosts unwind without a graceful
-    # close: py-libp2p's Swarm.close() closes connections one after another
-    # (network/swarm.py:2303) and each close sleeps 2 x 0.1 s (yamux.py:823,
-    # swarm_connection.py:218), so a fully meshed node of a 200-node swarm would
-    # need ~40 s to close, a process of 67 such nodes most of an hour.
-    with trio.CancelScope() as session, tempfile.TemporaryDirectory(prefix=f"clawnode-bench-{index}-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"clawnode-bench-{index}-") as scratch:
         async with AsyncExitStack() as stack:
             state = WorkerState(index, Path(scratch), stack, trio.CapacityLimiter(config.join_concurrency))
             while True:
@@ -392,9 +387,7 @@ async def _serve(conn: multiprocessing.connection.Connection, index: int, config
                     message = {"op": "stop"}
                 op = message["op"]
                 if op == "stop":
-                    stopping = time.perf_counter()
-                    session.cancel()
-                    break
+                    _exit_now(conn, scratch)
                 if op == "start":
                     reply = await _start_nodes(state, message["count"], message["bootstrap"], message["join_timeout"])
                 elif op == "refresh":
@@ -406,10 +399,26 @@ async def _serve(conn: multiprocessing.connection.Connection, index: int, config
                 else:
                     raise ValueError(f"unknown op {op!r}")
                 conn.send({"op": op, **reply})
+
+
+def _exit_now(conn: multiprocessing.connection.Connection, scratch: str) -> NoReturn:
+    """End the worker without unwinding its hosts; the kernel closes their sockets.
+
+    Nothing a benchmark node holds needs saving, and neither way of closing
+    py-libp2p hosts is quick at this scale: Swarm.close() closes a host's
+    connections one after another with two 0.1 s sleeps each (network/swarm.py:2303,
+    yamux.py:823, swarm_connection.py:218) -- 40 s for a node of a full 200-node
+    mesh -- and unwinding them under cancellation took 20-30 s of CPU per worker at
+    N=200, ~1 ms per cancelled socket read in trio's error translation
+    (trio/_highlevel_socket.py:43).
+    """
     try:
-        conn.send({"op": "stopped", "seconds": time.perf_counter() - stopping, "forced": session.cancelled_caught})
+        conn.send({"op": "stopped"})
+        conn.close()
     except (OSError, ValueError):  # the coordinator is gone
         pass
+    shutil.rmtree(scratch, ignore_errors=True)
+    os._exit(0)
 
 
 def worker_main(conn: multiprocessing.connection.Connection, index: int, config: WorkerConfig) -> None:
@@ -494,21 +503,25 @@ def stop_workers(workers: Sequence[Worker], timeout: float = 40.0) -> float:
     deadline = time.monotonic() + timeout
     report: list[str] = []
     for worker in workers:
-        unwound = "?"
+        answer = "?"
         try:
-            while worker.process.is_alive() and time.monotonic() < deadline:
-                if worker.conn.poll(0.2):
-                    message = worker.conn.recv()
-                    if message.get("op") == "stopped":
-                        unwound = f"{message['seconds']:.1f}s"
-                        break
-                    if message.get("op") == "error":
-                        unwound = "with an error: " + message["error"].strip().splitlines()[-1]
-                        break
+            # A worker that already left may still have its answer in the pipe.
+            while time.monotonic() < deadline:
+                if not worker.conn.poll(0.2):
+                    if worker.process.is_alive():
+                        continue
+                    break
+                message = worker.conn.recv()
+                if message.get("op") == "stopped":
+                    answer = "ok"
+                    break
+                if message.get("op") == "error":
+                    answer = "with an error: " + message["error"].strip().splitlines()[-1]
+                    break
         except (EOFError, OSError):
             pass
         worker.process.join(max(0.0, min(10.0, deadline - time.monotonic())))
-        report.append(f"{worker.index}: unwound {unwound}, gone at {time.monotonic() - started:.1f}s")
+        report.append(f"{worker.index}: stop {answer}, exited at {time.monotonic() - started:.1f}s")
     for worker in workers:
         if worker.process.is_alive():
             progress(f"worker {worker.index} did not stop: terminating it")
@@ -818,7 +831,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="worker processes for every size (default: one per core, more when a process would run out of fds)",
     )
     parser.add_argument("--lookup-timeout", type=float, default=10.0, help="seconds per lookup (default 10)")
-    parser.add_argument("--budget", type=float, default=150.0, help="seconds of lookups per size at most (default 150)")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds of lookups per size at most (default 120)")
     parser.add_argument("--join-concurrency", type=int, default=1, help="concurrent joins per process (default 1)")
     parser.add_argument(
         "--refresh",
