@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from dht.records import private_leaks
 from node.datadir import read_api_token
-from tests.support.processes import DaemonProcess, run_cli
+from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, run_cli
 
 GEMMA = "model:gemma3-270m-q4_k_m"
-LOOPBACK_ANY_PORT = ["--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0"]
 PROVIDER_CONFIG = """
 [node]
 reachability = "public"
@@ -35,14 +33,6 @@ family = "gemma3"
 parameters = 270000000
 quantisation = "Q4_K_M"
 """
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
 
 
 def cli_json(*args: str) -> Any:

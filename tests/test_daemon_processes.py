@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.support.processes import DaemonProcess, run_cli
-
-LOOPBACK_ANY_PORT = ["--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0"]
+from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, run_cli
 
 
 def tcp_port(multiaddr: str) -> int:
     parts = multiaddr.split("/")
     return int(parts[parts.index("tcp") + 1])
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
 
 
 def test_three_daemons_find_each_other_stop_cleanly_and_rejoin_without_bootstrap(

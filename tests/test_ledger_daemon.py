@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger
 from tests.runtime.support import peer_id, peer_key
-from tests.support.processes import DaemonProcess, run_cli
+from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, run_cli
 
 PROVIDER, CONSUMER, SELLER = peer_key("ledger-provider"), peer_key("ledger-consumer"), peer_key("ledger-seller")
 PRICE = 10**9
@@ -28,17 +26,9 @@ FORBIDDEN_IN_OUTPUT = ("api.token", "wallet.key", "identity.key", "ledger.db", "
 def _daemon(data_dir: Path, mode: str = "embedded") -> DaemonProcess:
     return DaemonProcess(
         data_dir,
-        ["--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0"],
+        LOOPBACK_ANY_PORT,
         env={"CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false", "CLAWNODE_ESCROW_MODE": mode},
     )
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
 
 
 def _cli(data_dir: Path, *args: str) -> tuple[int, str]:

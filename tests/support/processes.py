@@ -17,6 +17,8 @@ import httpx
 from node.datadir import read_api_token, read_running
 
 CLAWNODE = [sys.executable, "-m", "node.cli"]
+# Any free port for libp2p and for the API, so many daemons share one machine.
+LOOPBACK_ANY_PORT = ["--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
