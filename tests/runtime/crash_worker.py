@@ -14,8 +14,8 @@ from pathlib import Path
 
 import trio
 
-from runtime.ledger import EscrowRef, LeaseOpen, Ledger, LedgerError
-from tests.runtime.support import peer_id, peer_key
+from runtime.ledger import EscrowRef, Ledger, LedgerError
+from tests.runtime.support import lease_for, peer_id, peer_key
 
 PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
 LEASE = "lease-crash"
@@ -44,15 +44,7 @@ async def main(directory: Path, count: int, rpc: tuple[str, str, str] | None) ->
         queue = SettlementQueue(provider, chain, EscrowSettler(EscrowClient(chain, payee, contract)))
         voucher_signer = EscrowClient(chain, payer, contract)
     for ledger, role in ((provider, "provider"), (consumer, "consumer")):
-        lease = LeaseOpen(
-            lease_id=LEASE,
-            role=role,  # type: ignore[arg-type]
-            provider=peer_id(PROVIDER),
-            consumer=peer_id(CONSUMER),
-            price_per_unit=PRICE,
-            budget=BUDGET,
-            escrow=escrow_ref,
-        )
+        lease = lease_for(role, LEASE, PROVIDER, CONSUMER, price_per_unit=PRICE, budget=BUDGET, escrow=escrow_ref)
         await ledger.open_lease(lease, idempotency_key="open")
     print("ready", flush=True)
 

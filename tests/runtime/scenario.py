@@ -14,9 +14,9 @@ from pathlib import Path
 from eth_account.signers.local import LocalAccount
 
 from runtime.escrow import Chain, EscrowClient
-from runtime.ledger import EscrowRef, LeaseOpen, Ledger
+from runtime.ledger import EscrowRef, Ledger
 from runtime.settlement import Backoff, EscrowSettler, SettlementQueue
-from tests.runtime.support import peer_id, peer_key
+from tests.runtime.support import lease_for, peer_id, peer_key
 
 PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
 PRICE = 10**12  # wei per token
@@ -77,15 +77,7 @@ async def open_market(chain: Chain, tmp_path: Path, *, backoff: Backoff | None =
     sides = []
     for role, escrow in (("provider", payee_escrow), ("consumer", payer_escrow)):
         ledger = await Ledger.open(tmp_path / f"{role}.db", clock=lambda: int(clock()))
-        lease = LeaseOpen(
-            lease_id=LEASE,
-            role=role,  # type: ignore[arg-type]
-            provider=peer_id(PROVIDER),
-            consumer=peer_id(CONSUMER),
-            price_per_unit=PRICE,
-            budget=BUDGET,
-            escrow=ref,
-        )
+        lease = lease_for(role, LEASE, PROVIDER, CONSUMER, price_per_unit=PRICE, budget=BUDGET, escrow=ref)
         await ledger.open_lease(lease, idempotency_key=f"open-{LEASE}")
         queue = SettlementQueue(ledger, chain, EscrowSettler(escrow), backoff=backoff, clock=clock)
         sides.append(Side(ledger, escrow, queue))

@@ -16,6 +16,7 @@ from pathlib import Path
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 
+from runtime.ledger import EscrowRef, LeaseOpen
 from runtime.ledger.receipts import peer_id_of
 
 ANVIL_DIR = Path(__file__).parent / "anvil"
@@ -145,3 +146,25 @@ class Relay:
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.close()
+
+
+def lease_for(
+    role: str,
+    lease_id: str,
+    provider: KeyPair,
+    consumer: KeyPair,
+    *,
+    price_per_unit: int,
+    budget: int,
+    escrow: EscrowRef | None = None,
+) -> LeaseOpen:
+    """One lease as the provider's or the consumer's ledger records it."""
+    return LeaseOpen(
+        lease_id=lease_id,
+        role=role,  # type: ignore[arg-type]
+        provider=peer_id(provider),
+        consumer=peer_id(consumer),
+        price_per_unit=price_per_unit,
+        budget=budget,
+        escrow=escrow,
+    )

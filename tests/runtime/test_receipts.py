@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import ErrorCode
-from runtime.ledger import LeaseOpen, Ledger, LedgerError, SignedReceipt
+from runtime.ledger import Ledger, LedgerError, SignedReceipt
 from runtime.ledger.receipts import ReceiptBody, consumer_payload, countersign, sign_as_provider
-from tests.runtime.support import peer_id, peer_key
+from tests.runtime.support import lease_for, peer_id, peer_key
 
 PROVIDER, CONSUMER, MALLORY = peer_key("provider"), peer_key("consumer"), peer_key("mallory")
 PRICE = 10**12
@@ -21,14 +21,7 @@ async def _pair(tmp_path: Path) -> tuple[Ledger, Ledger]:
     provider = await Ledger.open(tmp_path / "provider.db")
     consumer = await Ledger.open(tmp_path / "consumer.db")
     for ledger, role in ((provider, "provider"), (consumer, "consumer")):
-        lease = LeaseOpen(
-            lease_id=LEASE,
-            role=role,  # type: ignore[arg-type]
-            provider=peer_id(PROVIDER),
-            consumer=peer_id(CONSUMER),
-            price_per_unit=PRICE,
-            budget=1000 * PRICE,
-        )
+        lease = lease_for(role, LEASE, PROVIDER, CONSUMER, price_per_unit=PRICE, budget=1000 * PRICE)
         await ledger.open_lease(lease, idempotency_key=f"open-{LEASE}")
     return provider, consumer
 
