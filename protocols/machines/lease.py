@@ -1,0 +1,317 @@
+"""The compute lease: its lifecycle table and the provider's metering rhythm.
+
+Everything here is pure: every method takes ``now`` (unix seconds) from the
+caller and returns what the I/O adapter should do next.  That makes the whole
+rhythm (meter -> receipt -> countersignature -> pause/abandon) replayable in
+tests without a clock, a network or a chain.
+
+Lifecycle (roles: ``provider``, ``consumer``, ``system``)::
+
+    lease_quoted --grant--> lease_active --pause--> lease_paused --resume--> lease_active
+    lease_active --renew--> lease_active
+    quoted|active|paused --revoke|expire--> lease_ended
+    active|paused --abandon|close--> lease_ended
+    lease_ended --settle--> lease_settled   (terminal)
+
+Choices where the brief was silent:
+
+* "past ``expires_at``" means ``now >= expires_at``: ``expires_at`` is the
+  first second at which the lease is no longer valid.
+* Receipts are cumulative (``units_total``), so countersigning ``seq`` also
+  clears every older outstanding receipt.
+* Metering is a hard cap: ``meter`` refuses (``E_INSUFFICIENT_FUNDS``) units
+  that would take ``units_metered * price`` over ``budget_cap`` and records
+  nothing; ``authorize`` only checks the estimate.  Work finishing after a
+  pause or an end is still metered (it was authorized while active).
+* The abandon clock runs from the later of the oldest outstanding receipt and
+  the last sign of life (``consumer_seen`` or a countersignature).
+* ``tick`` performs at most one transition: expire beats abandon beats pause;
+  "issue_receipt" is only emitted while active.
+* ``renew`` with an expiry that does not extend the lease is ``E_INVALID_ARGUMENT``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocols.machines.table import Machine, Transition
+from runtime.errors import ClawnodeError, ErrorCode
+
+PROVIDER = "provider"
+CONSUMER = "consumer"
+SYSTEM = "system"
+LEASE_ROLES = frozenset({PROVIDER, CONSUMER, SYSTEM})
+
+
+class LeaseState(StrEnum):
+    QUOTED = "lease_quoted"
+    ACTIVE = "lease_active"
+    PAUSED = "lease_paused"
+    ENDED = "lease_ended"
+    SETTLED = "lease_settled"
+
+
+class LeaseEvent(StrEnum):
+    GRANT = "grant"
+    PAUSE = "pause"
+    RESUME = "resume"
+    RENEW = "renew"
+    REVOKE = "revoke"
+    EXPIRE = "expire"
+    ABANDON = "abandon"
+    CLOSE = "close"
+    SETTLE = "settle"
+
+
+def _t(source: LeaseState, event: LeaseEvent, target: LeaseState, *actors: str) -> Transition[LeaseState, LeaseEvent]:
+    return Transition(source, event, target, frozenset(actors))
+
+
+_Q, _A, _P, _E, _S = LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED, LeaseState.ENDED, LeaseState.SETTLED
+_Ev = LeaseEvent
+
+LEASE_MACHINE: Machine[LeaseState, LeaseEvent] = Machine(
+    "lease",
+    [
+        _t(_Q, _Ev.GRANT, _A, PROVIDER),
+        _t(_A, _Ev.PAUSE, _P, PROVIDER),
+        _t(_P, _Ev.RESUME, _A, PROVIDER),
+        _t(_A, _Ev.RENEW, _A, CONSUMER),
+        *(_t(s, _Ev.REVOKE, _E, PROVIDER, CONSUMER) for s in (_Q, _A, _P)),
+        *(_t(s, _Ev.EXPIRE, _E, SYSTEM) for s in (_Q, _A, _P)),
+        *(_t(s, _Ev.ABANDON, _E, SYSTEM) for s in (_A, _P)),
+        *(_t(s, _Ev.CLOSE, _E, CONSUMER) for s in (_A, _P)),
+        _t(_E, _Ev.SETTLE, _S, SYSTEM),
+    ],
+    initial=_Q,
+    terminal=[_S],
+)
+
+# Actions tick() hands to the I/O adapter.
+ISSUE_RECEIPT = "issue_receipt"
+PAUSE = "pause"
+END_ABANDONED = "end_abandoned"
+EXPIRE = "expire"
+
+PAUSED_MESSAGE = "paused: a usage receipt is waiting for the countersignature"
+
+
+class LeasePolicy(BaseModel):
+    """What the consumer bought; integers only so both sides compute the same numbers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_requests: int = Field(ge=0)
+    budget_cap: int = Field(ge=0, description="wei")
+    rate_per_minute: int = Field(ge=1, description="requests per rolling 60 s")
+    expires_at: int = Field(description="unix seconds; the lease is invalid from this second on")
+
+
+class _Receipt:
+    __slots__ = ("issued_at", "seq", "units_total")
+
+    def __init__(self, seq: int, units_total: int, issued_at: float) -> None:
+        self.seq = seq
+        self.units_total = units_total
+        self.issued_at = issued_at
+
+
+class LeaseSession:
+    """The provider's view of one lease: state, usage, receipts, and the metering rhythm.
+
+    The adapter calls ``authorize`` before serving a request, ``meter`` after,
+    ``receipt_issued`` once it has signed and sent a receipt, ``countersigned``
+    when the consumer's signature arrives, and ``tick`` on a timer.  Every
+    state change goes through :data:`LEASE_MACHINE` and is appended to
+    ``history`` as ``(previous, event, next)``.
+    """
+
+    def __init__(
+        self,
+        policy: LeasePolicy,
+        price_per_unit: int,
+        *,
+        receipt_every_units: int,
+        receipt_every_s: int,
+        countersign_timeout_s: int,
+        abandon_after_s: int,
+    ) -> None:
+        if price_per_unit < 0 or receipt_every_units < 1 or receipt_every_s < 1:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "price must be >= 0 and receipt intervals >= 1")
+        if countersign_timeout_s < 1 or abandon_after_s < 1:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "timeouts must be >= 1 second")
+        self.policy = policy
+        self.price_per_unit = price_per_unit
+        self.receipt_every_units = receipt_every_units
+        self.receipt_every_s = receipt_every_s
+        self.countersign_timeout_s = countersign_timeout_s
+        self.abandon_after_s = abandon_after_s
+        self.state: LeaseState = LEASE_MACHINE.initial
+        self.history: list[tuple[LeaseState, LeaseEvent, LeaseState]] = []
+        self.requests_served = 0
+        self.units_metered = 0
+        self.units_receipted = 0  # units_total of the newest issued receipt
+        self.units_countersigned = 0  # units_total of the newest countersigned receipt
+        self.last_seq = 0  # newest issued receipt
+        self.countersigned_seq = 0  # newest countersigned receipt
+        self.outstanding: dict[int, _Receipt] = {}
+        self.last_receipt_at: float | None = None
+        self.last_contact_at: float | None = None
+        self._recent_requests: deque[float] = deque()
+
+    # -- the one place state changes -----------------------------------------------------
+    def _apply(self, event: LeaseEvent, actor: str) -> None:
+        previous = self.state
+        self.state = LEASE_MACHINE.next_state(previous, event, actor)
+        self.history.append((previous, event, self.state))
+
+    def _require(self, *states: LeaseState, what: str) -> None:
+        if self.state not in states:
+            raise ClawnodeError(ErrorCode.CONFLICT, f"cannot {what} while the lease is {self.state}")
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def grant(self, now: float) -> None:
+        """Provider accepts the quote; the receipt and contact clocks start now."""
+        if self.state == LeaseState.QUOTED and now >= self.policy.expires_at:
+            self._apply(LeaseEvent.EXPIRE, SYSTEM)
+            raise ClawnodeError(ErrorCode.EXPIRED, "the lease has expired")
+        self._apply(LeaseEvent.GRANT, PROVIDER)
+        self.last_receipt_at = now
+        self.last_contact_at = now
+
+    def revoke(self, actor: str) -> None:
+        self._apply(LeaseEvent.REVOKE, actor)
+
+    def close(self) -> None:
+        """The consumer is done early."""
+        self._apply(LeaseEvent.CLOSE, CONSUMER)
+
+    def renew(self, new_expires_at: int, actor: str) -> None:
+        """Extend an active lease; renewing must actually push the expiry later."""
+        LEASE_MACHINE.check(self.state, LeaseEvent.RENEW, actor)
+        if new_expires_at <= self.policy.expires_at:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "a renewal must extend the expiry")
+        self._apply(LeaseEvent.RENEW, actor)
+        self.policy = self.policy.model_copy(update={"expires_at": new_expires_at})
+
+    def settle(self) -> None:
+        self._apply(LeaseEvent.SETTLE, SYSTEM)
+
+    def consumer_seen(self, now: float) -> None:
+        """Any sign of life from the consumer postpones abandonment."""
+        self.last_contact_at = now if self.last_contact_at is None else max(self.last_contact_at, now)
+
+    # -- serving -----------------------------------------------------------------------
+    def authorize(self, now: float, units_estimate: int = 0) -> None:
+        """Admit one request or refuse it with the reason the consumer should see; counts it."""
+        if units_estimate < 0:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units_estimate must be >= 0")
+        if self.state in (LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED) and now >= self.policy.expires_at:
+            self._apply(LeaseEvent.EXPIRE, SYSTEM)
+            raise ClawnodeError(ErrorCode.EXPIRED, "the lease has expired")
+        if self.state == LeaseState.PAUSED:
+            raise ClawnodeError(ErrorCode.CONFLICT, PAUSED_MESSAGE)
+        if self.state != LeaseState.ACTIVE:
+            raise ClawnodeError(ErrorCode.CONFLICT, f"the lease is not active ({self.state})")
+        if self.requests_served >= self.policy.max_requests:
+            raise ClawnodeError(ErrorCode.RATE_LIMITED, "the lease's request limit is reached")
+        while self._recent_requests and self._recent_requests[0] <= now - 60:
+            self._recent_requests.popleft()
+        if len(self._recent_requests) >= self.policy.rate_per_minute:
+            raise ClawnodeError(ErrorCode.RATE_LIMITED, "too many requests per minute for this lease")
+        if (self.units_metered + units_estimate) * self.price_per_unit > self.policy.budget_cap:
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
+        self.requests_served += 1
+        self._recent_requests.append(now)
+
+    def _receipt_due(self, now: float) -> bool:
+        unreceipted = self.units_metered - self.units_receipted
+        if unreceipted <= 0:
+            return False
+        if unreceipted >= self.receipt_every_units:
+            return True
+        return self.last_receipt_at is not None and now - self.last_receipt_at >= self.receipt_every_s
+
+    def meter(self, units: int, now: float) -> bool:
+        """Record delivered units; True when the adapter should issue a receipt now."""
+        if units < 0:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units must be >= 0")
+        self._require(LeaseState.ACTIVE, LeaseState.PAUSED, LeaseState.ENDED, what="meter usage")
+        if (self.units_metered + units) * self.price_per_unit > self.policy.budget_cap:
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
+        self.units_metered += units
+        return self._receipt_due(now)
+
+    def receipt_issued(self, seq: int, units_total: int, now: float) -> None:
+        """The adapter signed and sent receipt ``seq`` covering ``units_total`` cumulative units."""
+        self._require(LeaseState.ACTIVE, LeaseState.PAUSED, LeaseState.ENDED, what="issue a receipt")
+        if seq <= self.last_seq:
+            raise ClawnodeError(ErrorCode.CONFLICT, "receipt sequence numbers must increase")
+        if units_total < self.units_receipted or units_total > self.units_metered:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, "a receipt must cover from the last receipt up to the metered units"
+            )
+        self.last_seq = seq
+        self.units_receipted = units_total
+        self.last_receipt_at = now
+        self.outstanding[seq] = _Receipt(seq, units_total, now)
+
+    def countersigned(self, seq: int, now: float) -> None:
+        """The consumer countersigned ``seq`` (and so every older receipt); may resume a pause."""
+        self._require(LeaseState.ACTIVE, LeaseState.PAUSED, LeaseState.ENDED, what="take a countersignature")
+        if seq not in self.outstanding:
+            raise ClawnodeError(ErrorCode.CONFLICT, "unknown or already countersigned receipt")
+        self.countersigned_seq = seq
+        self.units_countersigned = self.outstanding[seq].units_total
+        for old in [s for s in self.outstanding if s <= seq]:
+            del self.outstanding[old]
+        self.consumer_seen(now)
+        if self.state == LeaseState.PAUSED and not self.outstanding:
+            self._apply(LeaseEvent.RESUME, PROVIDER)
+
+    def tick(self, now: float) -> list[str]:
+        """Timer step: apply what time alone decides and tell the adapter what to do."""
+        live = (LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED)
+        if self.state in live and now >= self.policy.expires_at:
+            self._apply(LeaseEvent.EXPIRE, SYSTEM)
+            return [EXPIRE]
+        if self.state in (LeaseState.ACTIVE, LeaseState.PAUSED) and self.outstanding:
+            oldest = min(r.issued_at for r in self.outstanding.values())
+            alive = max(oldest, self.last_contact_at if self.last_contact_at is not None else oldest)
+            if now - alive >= self.abandon_after_s:
+                self._apply(LeaseEvent.ABANDON, SYSTEM)
+                return [END_ABANDONED]
+            if self.state == LeaseState.ACTIVE and now - oldest >= self.countersign_timeout_s:
+                self._apply(LeaseEvent.PAUSE, PROVIDER)
+                return [PAUSE]
+        if self.state == LeaseState.ACTIVE and self._receipt_due(now):
+            return [ISSUE_RECEIPT]
+        return []
+
+    @property
+    def amount_metered(self) -> int:
+        return self.units_metered * self.price_per_unit
+
+
+def check_receipt_claim(
+    receipt_units: int,
+    receipt_amount: int,
+    seen_units: int,
+    price_per_unit: int,
+    tolerance_units: int = 0,
+) -> None:
+    """Consumer side: refuse to countersign a receipt that over-meters or mis-prices.
+
+    ``seen_units`` is what the consumer itself counted; ``tolerance_units``
+    absorbs counting differences that both sides accept (e.g. a request in
+    flight).
+    """
+    if min(receipt_units, receipt_amount, seen_units, price_per_unit, tolerance_units) < 0:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "receipt figures must be >= 0")
+    if receipt_units > seen_units + tolerance_units:
+        raise ClawnodeError(ErrorCode.CONFLICT, "the receipt claims more units than were delivered")
+    if receipt_amount != receipt_units * price_per_unit:
+        raise ClawnodeError(ErrorCode.CONFLICT, "the receipt amount does not equal units times price")

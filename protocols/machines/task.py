@@ -1,0 +1,796 @@
+"""The task market: six small state machines as data, and one pure book that applies them.
+
+Machines (anything not in a table is refused with ``E_CONFLICT``)::
+
+    TaskOrder   task_open --award--> task_awarded --close--> task_closed
+                task_open --cancel--> task_cancelled ; task_open --expire--> task_expired
+                (task_open --place_bid--> task_open is the "only an open task takes bids" rule)
+    TaskBid     bid_submitted --withdraw|accept|reject--> bid_withdrawn|bid_accepted|bid_rejected
+    TaskAward   award_active --revoke--> award_revoked
+                (award_active --deliver--> award_active: "only an active award takes a result")
+    TaskResult  result_submitted --accept|reject--> result_accepted|result_rejected
+    TaskReceipt receipt_pending --settle|refund|dispute--> receipt_settled|receipt_refunded|receipt_disputed
+                receipt_disputed --settle|refund--> receipt_settled|receipt_refunded
+    Dispute     dispute_open --resolve|reject--> dispute_resolved|dispute_rejected
+
+Actors in the tables are *roles relative to one task*: ``creator``,
+``participant`` (any account that is neither creator, arbiter nor system),
+``bidder`` (owner of the bid in question), ``awarded_bidder``, ``arbiter``
+and ``system`` (the node's own adapter: timers and chain confirmations; pass
+the account string :data:`SYSTEM`).
+
+:class:`TaskBook` is the replicated, pure state of *many* tasks as one node
+sees them: every node applies the same authenticated events in the same order
+and reaches the same states; the book needs many tasks because the risk
+limits (open tasks per account, bids and disputes per account) span tasks.
+
+Order of checks in :meth:`TaskBook.apply`: unknown task/bid id ->
+``E_NOT_FOUND``; the actor's roles may never perform the event ->
+``E_FORBIDDEN``; the entity is missing or ``(state, event)`` is not in the
+table -> ``E_CONFLICT``; then the event's guards (input ->
+``E_INVALID_ARGUMENT``, asset allow-list -> ``E_FORBIDDEN``, data conditions ->
+``E_CONFLICT``, deadline -> ``E_EXPIRED``, rate limits -> ``E_RATE_LIMITED``).
+
+Money, and the choices made where the brief was silent:
+
+* An award locks exactly the winning bid's price; its ``lock_ref`` (the
+  escrow lock id) becomes the receipt's ``settlement_id``.  The receipt is
+  created with the award, in ``receipt_pending``, with no decision yet.
+* A decision (accept, reject, revoke, dispute resolution) records the split
+  ``to_bidder + to_creator == price`` and emits :class:`ReleaseToBidder` /
+  :class:`RefundCreator`.  The receipt only reaches ``receipt_settled``
+  (``to_bidder > 0``) or ``receipt_refunded`` (``to_bidder == 0``) when the
+  adapter confirms with ``Settle``/``Refund`` carrying that same
+  settlement id; then the task goes ``task_awarded -> task_closed``.  So
+  "accept closes the task" happens at settlement, and a dispute resolution
+  also closes through ``Settle``/``Refund`` (not directly).
+* A rejection's refund waits ``dispute_window_s`` (``not_before``) so the
+  bidder can dispute; opening a dispute clears the pending decision.
+* A dispute needs a rejected result, or a result unreviewed for the task's
+  ``review_timeout_s``; one dispute per task.  The same party disputing again
+  gets the existing id back (``DisputeOpened(merged=True)``, not counted
+  against its rate); the other party gets ``E_CONFLICT``.
+* ``RejectDispute`` decides against whoever opened it (full refund if the
+  bidder opened it, full release if the creator did).
+* ``RevokeAward`` is only possible after the task deadline and before any
+  result; the award is refunded in full.
+* Cancel and expiry reject all still-submitted bids.  Bids and awards at or
+  after the deadline are ``E_EXPIRED``.  "Open tasks" for the per-account
+  limit are those in ``task_open`` or ``task_awarded``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocols.machines.table import Machine, Transition
+from runtime.errors import ClawnodeError, ErrorCode
+
+SYSTEM = "system"
+CREATOR = "creator"
+PARTICIPANT = "participant"
+BIDDER = "bidder"
+AWARDED_BIDDER = "awarded_bidder"
+ARBITER = "arbiter"
+TASK_ROLES = frozenset({CREATOR, PARTICIPANT, BIDDER, AWARDED_BIDDER, ARBITER, SYSTEM})
+
+
+class TaskState(StrEnum):
+    OPEN = "task_open"
+    AWARDED = "task_awarded"
+    CLOSED = "task_closed"
+    CANCELLED = "task_cancelled"
+    EXPIRED = "task_expired"
+
+
+class BidState(StrEnum):
+    SUBMITTED = "bid_submitted"
+    WITHDRAWN = "bid_withdrawn"
+    ACCEPTED = "bid_accepted"
+    REJECTED = "bid_rejected"
+
+
+class AwardState(StrEnum):
+    ACTIVE = "award_active"
+    REVOKED = "award_revoked"
+
+
+class ResultState(StrEnum):
+    SUBMITTED = "result_submitted"
+    ACCEPTED = "result_accepted"
+    REJECTED = "result_rejected"
+
+
+class ReceiptState(StrEnum):
+    PENDING = "receipt_pending"
+    SETTLED = "receipt_settled"
+    REFUNDED = "receipt_refunded"
+    DISPUTED = "receipt_disputed"
+
+
+class DisputeState(StrEnum):
+    OPEN = "dispute_open"
+    RESOLVED = "dispute_resolved"
+    REJECTED = "dispute_rejected"
+
+
+class Ev(StrEnum):
+    """Table events, shared vocabulary across the six machines."""
+
+    PLACE_BID = "place_bid"
+    AWARD = "award"
+    CLOSE = "close"
+    CANCEL = "cancel"
+    EXPIRE = "expire"
+    WITHDRAW = "withdraw"
+    ACCEPT = "accept"
+    REJECT = "reject"
+    DELIVER = "deliver"
+    REVOKE = "revoke"
+    SETTLE = "settle"
+    REFUND = "refund"
+    DISPUTE = "dispute"
+    RESOLVE = "resolve"
+
+
+St = TypeVar("St", bound=str)
+
+
+def _t(source: St, event: Ev, target: St, *actors: str) -> Transition[St, Ev]:
+    return Transition(source, event, target, frozenset(actors))
+
+
+TS, BS, AS, RS, CS, DS = TaskState, BidState, AwardState, ResultState, ReceiptState, DisputeState
+
+TASK_MACHINE: Machine[TaskState, Ev] = Machine(
+    "task",
+    [
+        _t(TS.OPEN, Ev.PLACE_BID, TS.OPEN, PARTICIPANT),
+        _t(TS.OPEN, Ev.AWARD, TS.AWARDED, CREATOR),
+        _t(TS.OPEN, Ev.CANCEL, TS.CANCELLED, CREATOR),
+        _t(TS.OPEN, Ev.EXPIRE, TS.EXPIRED, SYSTEM),
+        _t(TS.AWARDED, Ev.CLOSE, TS.CLOSED, SYSTEM),
+    ],
+    initial=TS.OPEN,
+    terminal=[TS.CLOSED, TS.CANCELLED, TS.EXPIRED],
+)
+BID_MACHINE: Machine[BidState, Ev] = Machine(
+    "bid",
+    [
+        _t(BS.SUBMITTED, Ev.WITHDRAW, BS.WITHDRAWN, BIDDER),
+        _t(BS.SUBMITTED, Ev.ACCEPT, BS.ACCEPTED, CREATOR),
+        _t(BS.SUBMITTED, Ev.REJECT, BS.REJECTED, CREATOR, SYSTEM),
+    ],
+    initial=BS.SUBMITTED,
+    terminal=[BS.WITHDRAWN, BS.ACCEPTED, BS.REJECTED],
+)
+AWARD_MACHINE: Machine[AwardState, Ev] = Machine(
+    "award",
+    [
+        _t(AS.ACTIVE, Ev.DELIVER, AS.ACTIVE, AWARDED_BIDDER),
+        _t(AS.ACTIVE, Ev.REVOKE, AS.REVOKED, CREATOR),
+    ],
+    initial=AS.ACTIVE,
+    terminal=[AS.REVOKED],
+)
+RESULT_MACHINE: Machine[ResultState, Ev] = Machine(
+    "result",
+    [
+        _t(RS.SUBMITTED, Ev.ACCEPT, RS.ACCEPTED, CREATOR),
+        _t(RS.SUBMITTED, Ev.REJECT, RS.REJECTED, CREATOR),
+    ],
+    initial=RS.SUBMITTED,
+    terminal=[RS.ACCEPTED, RS.REJECTED],
+)
+RECEIPT_MACHINE: Machine[ReceiptState, Ev] = Machine(
+    "receipt",
+    [
+        _t(CS.PENDING, Ev.SETTLE, CS.SETTLED, SYSTEM),
+        _t(CS.PENDING, Ev.REFUND, CS.REFUNDED, SYSTEM),
+        _t(CS.PENDING, Ev.DISPUTE, CS.DISPUTED, CREATOR, AWARDED_BIDDER),
+        _t(CS.DISPUTED, Ev.SETTLE, CS.SETTLED, SYSTEM),
+        _t(CS.DISPUTED, Ev.REFUND, CS.REFUNDED, SYSTEM),
+    ],
+    initial=CS.PENDING,
+    terminal=[CS.SETTLED, CS.REFUNDED],
+)
+DISPUTE_MACHINE: Machine[DisputeState, Ev] = Machine(
+    "dispute",
+    [
+        _t(DS.OPEN, Ev.RESOLVE, DS.RESOLVED, ARBITER),
+        _t(DS.OPEN, Ev.REJECT, DS.REJECTED, ARBITER),
+    ],
+    initial=DS.OPEN,
+    terminal=[DS.RESOLVED, DS.REJECTED],
+)
+MACHINES: tuple[Machine[Any, Ev], ...] = (
+    TASK_MACHINE,
+    BID_MACHINE,
+    AWARD_MACHINE,
+    RESULT_MACHINE,
+    RECEIPT_MACHINE,
+    DISPUTE_MACHINE,
+)
+
+
+# -- limits -------------------------------------------------------------------------------
+class RiskLimits(BaseModel):
+    """Market-wide guard rails; refusals are E_INVALID_ARGUMENT (budget) or E_RATE_LIMITED."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_task_budget: int = Field(default=10**20, ge=1, description="wei")
+    max_open_tasks_per_account: int = Field(default=16, ge=1)
+    max_bids_per_minute: int = Field(default=30, ge=1)
+    max_disputes_per_hour: int = Field(default=3, ge=1)
+    dispute_window_s: int = Field(default=86_400, ge=0, description="how long a rejection waits before the refund")
+
+
+# -- events (inputs) -----------------------------------------------------------------------
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task_id: str
+
+
+class Publish(_Event):
+    budget: int
+    deadline: int
+    allowed_assets: frozenset[str]
+    arbiter: str
+    review_timeout_s: int
+
+
+class PlaceBid(_Event):
+    bid_id: str
+    price: int
+    asset: str
+
+
+class WithdrawBid(_Event):
+    bid_id: str
+
+
+class Award(_Event):
+    bid_id: str
+    lock_ref: str | None
+
+
+class RevokeAward(_Event):
+    pass
+
+
+class SubmitResult(_Event):
+    content_hash: str
+    size: int
+
+
+class Accept(_Event):
+    pass
+
+
+class Reject(_Event):
+    reason: str
+
+
+class Cancel(_Event):
+    pass
+
+
+class Expire(_Event):
+    pass
+
+
+class OpenDispute(_Event):
+    pass
+
+
+class ResolveDispute(_Event):
+    to_bidder: int
+    to_creator: int
+
+
+class RejectDispute(_Event):
+    pass
+
+
+class Settle(_Event):
+    settlement_id: str
+
+
+class Refund(_Event):
+    settlement_id: str
+
+
+TaskEvent = (
+    Publish
+    | PlaceBid
+    | WithdrawBid
+    | Award
+    | RevokeAward
+    | SubmitResult
+    | Accept
+    | Reject
+    | Cancel
+    | Expire
+    | OpenDispute
+    | ResolveDispute
+    | RejectDispute
+    | Settle
+    | Refund
+)
+
+# -- effects (outputs for the I/O adapter) ---------------------------------------------------
+NotifyTopic = Literal[
+    "bid_placed",
+    "bid_withdrawn",
+    "bid_accepted",
+    "bid_rejected",
+    "award_revoked",
+    "result_submitted",
+    "result_accepted",
+    "result_rejected",
+    "dispute_opened",
+    "dispute_decided",
+    "task_cancelled",
+    "task_expired",
+    "task_closed",
+]
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Tell ``account`` that something happened to ``task_id``."""
+
+    task_id: str
+    account: str
+    topic: NotifyTopic
+
+
+@dataclass(frozen=True)
+class ReleaseToBidder:
+    """Pay ``amount`` out of the escrow lock ``settlement_id`` to the bidder; confirm with ``Settle``."""
+
+    task_id: str
+    bidder: str
+    amount: int
+    settlement_id: str
+
+
+@dataclass(frozen=True)
+class RefundCreator:
+    """Return ``amount`` of the lock to the creator, not before ``not_before``; confirm with ``Refund``."""
+
+    task_id: str
+    creator: str
+    amount: int
+    settlement_id: str
+    not_before: float
+
+
+@dataclass(frozen=True)
+class DisputeOpened:
+    """The dispute id for the caller; ``merged`` when it already existed."""
+
+    task_id: str
+    dispute_id: str
+    opened_by: str
+    merged: bool
+
+
+Effect = Notify | ReleaseToBidder | RefundCreator | DisputeOpened
+
+
+# -- records (the book's state; read them, do not mutate them) ------------------------------
+@dataclass
+class BidRecord:
+    bid_id: str
+    bidder: str
+    price: int
+    asset: str
+    placed_at: float
+    state: BidState = BidState.SUBMITTED
+
+
+@dataclass
+class AwardRecord:
+    bid_id: str
+    bidder: str
+    price: int
+    lock_ref: str
+    awarded_at: float
+    state: AwardState = AwardState.ACTIVE
+
+
+@dataclass
+class ResultRecord:
+    content_hash: str
+    size: int
+    submitted_at: float
+    reject_reason: str | None = None
+    state: ResultState = ResultState.SUBMITTED
+
+
+@dataclass
+class ReceiptRecord:
+    settlement_id: str
+    amount: int
+    to_bidder: int | None = None  # None until something decided the split
+    to_creator: int | None = None
+    not_before: float = 0
+    state: ReceiptState = ReceiptState.PENDING
+
+
+@dataclass
+class DisputeRecord:
+    dispute_id: str
+    opened_by: str
+    opened_at: float
+    state: DisputeState = DisputeState.OPEN
+
+
+@dataclass
+class TaskRecord:
+    task_id: str
+    creator: str
+    budget: int
+    deadline: int
+    allowed_assets: frozenset[str]
+    arbiter: str
+    review_timeout_s: int
+    created_at: float
+    state: TaskState = TaskState.OPEN
+    bids: dict[str, BidRecord] = field(default_factory=dict)
+    award: AwardRecord | None = None
+    result: ResultRecord | None = None
+    receipt: ReceiptRecord | None = None
+    dispute: DisputeRecord | None = None
+    released: int = 0  # confirmed by Settle
+    refunded: int = 0  # confirmed by Settle/Refund
+
+    @property
+    def locked(self) -> int:
+        return self.award.price if self.award is not None else 0
+
+
+def _err(code: ErrorCode, message: str) -> ClawnodeError:
+    return ClawnodeError(code, message)
+
+
+def roles_of(task: TaskRecord, actor: str, bid: BidRecord | None = None) -> frozenset[str]:
+    """The table roles ``actor`` holds on ``task`` (and on ``bid`` when one is in question)."""
+    if actor == SYSTEM:
+        return frozenset({SYSTEM})
+    roles: set[str] = set()
+    if actor == task.creator:
+        roles.add(CREATOR)
+    if actor == task.arbiter:
+        roles.add(ARBITER)
+    if not roles:
+        roles.add(PARTICIPANT)
+    if task.award is not None and actor == task.award.bidder:
+        roles.add(AWARDED_BIDDER)
+    if bid is not None and actor == bid.bidder:
+        roles.add(BIDDER)
+    return frozenset(roles)
+
+
+class TaskBook:
+    """Pure state of many tasks; :meth:`apply` is the only entry point that changes it.
+
+    Every state change goes through a machine's ``next_state`` and is logged in
+    ``history`` as ``(machine, entity_id, previous, event, next)``.
+    """
+
+    def __init__(self, limits: RiskLimits | None = None) -> None:
+        self.limits = limits or RiskLimits()
+        self.tasks: dict[str, TaskRecord] = {}
+        self.history: list[tuple[str, str, str, str, str]] = []
+        self._bid_times: dict[str, deque[float]] = {}
+        self._dispute_times: dict[str, deque[float]] = {}
+        self._handlers: dict[type[_Event], Callable[[Any, str, float], list[Effect]]] = {
+            Publish: self._publish,
+            PlaceBid: self._place_bid,
+            WithdrawBid: self._withdraw_bid,
+            Award: self._award,
+            RevokeAward: self._revoke_award,
+            SubmitResult: self._submit_result,
+            Accept: self._review,
+            Reject: self._review,
+            Cancel: self._cancel_or_expire,
+            Expire: self._cancel_or_expire,
+            OpenDispute: self._open_dispute,
+            ResolveDispute: self._decide_dispute,
+            RejectDispute: self._decide_dispute,
+            Settle: self._finalize,
+            Refund: self._finalize,
+        }
+
+    def apply(self, event: TaskEvent, actor: str, now: float) -> list[Effect]:
+        """Apply one authenticated event by ``actor`` at ``now``; return what the adapter must do."""
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            raise _err(ErrorCode.INVALID_ARGUMENT, "unknown task event")
+        return handler(event, actor, now)
+
+    def get(self, task_id: str) -> TaskRecord:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise _err(ErrorCode.NOT_FOUND, "unknown task")
+        return task
+
+    def open_tasks_of(self, account: str) -> int:
+        return sum(1 for t in self.tasks.values() if t.creator == account and t.state in (TS.OPEN, TS.AWARDED))
+
+    # -- table plumbing -------------------------------------------------------------------
+    @staticmethod
+    def _gate(machine: Machine[Any, Ev], state: str | None, event: Ev, roles: frozenset[str], missing: str) -> str:
+        """Permission, then table; returns the role to act as.  Guards come after this."""
+        if not roles & machine.actors_for(event):
+            raise _err(ErrorCode.FORBIDDEN, f"{machine.name}: this account may not {event}")
+        if state is None:
+            raise _err(ErrorCode.CONFLICT, missing)
+        row = machine.lookup(state, event)
+        if row is None:
+            raise _err(ErrorCode.CONFLICT, f"{machine.name}: cannot {event} in state {state}")
+        usable = sorted(roles & row.actors)
+        if not usable:
+            raise _err(ErrorCode.FORBIDDEN, f"{machine.name}: this account may not {event} in state {state}")
+        return usable[0]
+
+    def _move(self, machine: Machine[Any, Ev], record: Any, entity_id: str, event: Ev, role: str) -> None:
+        previous = record.state
+        record.state = machine.next_state(previous, event, role)
+        self.history.append((machine.name, entity_id, str(previous), str(event), str(record.state)))
+
+    @staticmethod
+    def _within_rate(times: deque[float], now: float, window: float, limit: int, what: str) -> None:
+        while times and times[0] <= now - window:
+            times.popleft()
+        if len(times) >= limit:
+            raise _err(ErrorCode.RATE_LIMITED, f"too many {what}; try again later")
+
+    @staticmethod
+    def _decide(receipt: ReceiptRecord, to_bidder: int, to_creator: int, not_before: float) -> None:
+        receipt.to_bidder, receipt.to_creator, receipt.not_before = to_bidder, to_creator, not_before
+
+    def _payouts(self, task: TaskRecord) -> list[Effect]:
+        assert task.award is not None and task.receipt is not None
+        r = task.receipt
+        out: list[Effect] = []
+        if r.to_bidder:
+            out.append(ReleaseToBidder(task.task_id, task.award.bidder, r.to_bidder, r.settlement_id))
+        if r.to_creator:
+            out.append(RefundCreator(task.task_id, task.creator, r.to_creator, r.settlement_id, r.not_before))
+        return out
+
+    # -- handlers ---------------------------------------------------------------------------
+    def _publish(self, ev: Publish, actor: str, now: float) -> list[Effect]:
+        if actor == SYSTEM:
+            raise _err(ErrorCode.FORBIDDEN, "the system account cannot publish tasks")
+        if ev.task_id in self.tasks:
+            raise _err(ErrorCode.CONFLICT, "the task id is already taken")
+        if not ev.task_id or not ev.arbiter or ev.arbiter in (actor, SYSTEM):
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a task needs an id and an arbiter other than its creator")
+        if ev.budget < 1 or ev.budget > self.limits.max_task_budget:
+            raise _err(ErrorCode.INVALID_ARGUMENT, "the task budget is outside the allowed range")
+        if ev.deadline <= now or ev.review_timeout_s < 1 or not ev.allowed_assets:
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a task needs a future deadline, a review timeout and assets")
+        if self.open_tasks_of(actor) >= self.limits.max_open_tasks_per_account:
+            raise _err(ErrorCode.RATE_LIMITED, "too many open tasks for this account")
+        self.tasks[ev.task_id] = TaskRecord(
+            task_id=ev.task_id,
+            creator=actor,
+            budget=ev.budget,
+            deadline=ev.deadline,
+            allowed_assets=ev.allowed_assets,
+            arbiter=ev.arbiter,
+            review_timeout_s=ev.review_timeout_s,
+            created_at=now,
+            state=TASK_MACHINE.initial,
+        )
+        return []
+
+    def _place_bid(self, ev: PlaceBid, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        role = self._gate(TASK_MACHINE, task.state, Ev.PLACE_BID, roles_of(task, actor), "")
+        if not ev.bid_id or ev.price < 1:
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a bid needs an id and a positive price")
+        if ev.asset not in task.allowed_assets:
+            raise _err(ErrorCode.FORBIDDEN, "this task does not accept that asset")
+        if ev.bid_id in task.bids:
+            raise _err(ErrorCode.CONFLICT, "the bid id is already taken")
+        if ev.price > task.budget:
+            raise _err(ErrorCode.CONFLICT, "the bid exceeds the task budget")
+        if now >= task.deadline:
+            raise _err(ErrorCode.EXPIRED, "the task deadline has passed")
+        times = self._bid_times.setdefault(actor, deque())
+        self._within_rate(times, now, 60, self.limits.max_bids_per_minute, "bids per minute")
+        self._move(TASK_MACHINE, task, task.task_id, Ev.PLACE_BID, role)
+        times.append(now)
+        task.bids[ev.bid_id] = BidRecord(ev.bid_id, actor, ev.price, ev.asset, now, BID_MACHINE.initial)
+        return [Notify(task.task_id, task.creator, "bid_placed")]
+
+    def _withdraw_bid(self, ev: WithdrawBid, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        bid = task.bids.get(ev.bid_id)
+        if bid is None:
+            raise _err(ErrorCode.NOT_FOUND, "unknown bid")
+        role = self._gate(BID_MACHINE, bid.state, Ev.WITHDRAW, roles_of(task, actor, bid), "")
+        self._move(BID_MACHINE, bid, bid.bid_id, Ev.WITHDRAW, role)
+        return [Notify(task.task_id, task.creator, "bid_withdrawn")]
+
+    def _award(self, ev: Award, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        bid = task.bids.get(ev.bid_id)
+        if bid is None:
+            raise _err(ErrorCode.NOT_FOUND, "unknown bid")
+        role = self._gate(TASK_MACHINE, task.state, Ev.AWARD, roles_of(task, actor), "")
+        if bid.state != BS.SUBMITTED:
+            raise _err(ErrorCode.CONFLICT, "the bid is no longer open")
+        if not ev.lock_ref:
+            raise _err(ErrorCode.CONFLICT, "the budget is not locked")
+        if now >= task.deadline:
+            raise _err(ErrorCode.EXPIRED, "the task deadline has passed")
+        self._move(TASK_MACHINE, task, task.task_id, Ev.AWARD, role)
+        effects: list[Effect] = []
+        for other in task.bids.values():
+            if other.state == BS.SUBMITTED:
+                won = other is bid
+                self._move(BID_MACHINE, other, other.bid_id, Ev.ACCEPT if won else Ev.REJECT, role)
+                effects.append(Notify(task.task_id, other.bidder, "bid_accepted" if won else "bid_rejected"))
+        task.award = AwardRecord(bid.bid_id, bid.bidder, bid.price, ev.lock_ref, now, AWARD_MACHINE.initial)
+        task.receipt = ReceiptRecord(ev.lock_ref, bid.price, state=RECEIPT_MACHINE.initial)
+        return effects
+
+    def _revoke_award(self, ev: RevokeAward, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        award = task.award
+        state = award.state if award is not None else None
+        role = self._gate(AWARD_MACHINE, state, Ev.REVOKE, roles_of(task, actor), "the task has no award")
+        assert award is not None and task.receipt is not None
+        if task.result is not None:
+            raise _err(ErrorCode.CONFLICT, "a result was already delivered")
+        if now < task.deadline:
+            raise _err(ErrorCode.CONFLICT, "the delivery deadline has not passed")
+        self._move(AWARD_MACHINE, award, task.task_id, Ev.REVOKE, role)
+        self._decide(task.receipt, 0, award.price, now)
+        return [Notify(task.task_id, award.bidder, "award_revoked"), *self._payouts(task)]
+
+    def _submit_result(self, ev: SubmitResult, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        award = task.award
+        state = award.state if award is not None else None
+        role = self._gate(AWARD_MACHINE, state, Ev.DELIVER, roles_of(task, actor), "the task has no award")
+        assert award is not None
+        if not ev.content_hash or ev.size < 0:
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a result needs a content hash and a size >= 0")
+        if task.result is not None:
+            raise _err(ErrorCode.CONFLICT, "a result was already delivered")
+        self._move(AWARD_MACHINE, award, task.task_id, Ev.DELIVER, role)
+        task.result = ResultRecord(ev.content_hash, ev.size, now, state=RESULT_MACHINE.initial)
+        return [Notify(task.task_id, task.creator, "result_submitted")]
+
+    def _review(self, ev: Accept | Reject, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        event = Ev.ACCEPT if isinstance(ev, Accept) else Ev.REJECT
+        result = task.result
+        state = result.state if result is not None else None
+        role = self._gate(RESULT_MACHINE, state, event, roles_of(task, actor), "no result has been delivered")
+        assert result is not None and task.award is not None and task.receipt is not None
+        if task.receipt.state != CS.PENDING:
+            raise _err(ErrorCode.CONFLICT, "the result is under dispute")
+        if isinstance(ev, Reject) and not ev.reason.strip():
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a rejection needs a reason")
+        self._move(RESULT_MACHINE, result, task.task_id, event, role)
+        price = task.award.price
+        if isinstance(ev, Accept):
+            self._decide(task.receipt, price, 0, now)
+            topic: NotifyTopic = "result_accepted"
+        else:
+            result.reject_reason = ev.reason
+            self._decide(task.receipt, 0, price, now + self.limits.dispute_window_s)
+            topic = "result_rejected"
+        return [Notify(task.task_id, task.award.bidder, topic), *self._payouts(task)]
+
+    def _cancel_or_expire(self, ev: Cancel | Expire, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        event = Ev.CANCEL if isinstance(ev, Cancel) else Ev.EXPIRE
+        role = self._gate(TASK_MACHINE, task.state, event, roles_of(task, actor), "")
+        if event == Ev.EXPIRE and now < task.deadline:
+            raise _err(ErrorCode.CONFLICT, "the task deadline has not passed")
+        self._move(TASK_MACHINE, task, task.task_id, event, role)
+        topic: NotifyTopic = "task_cancelled" if event == Ev.CANCEL else "task_expired"
+        effects: list[Effect] = [] if event == Ev.CANCEL else [Notify(task.task_id, task.creator, topic)]
+        for bid in task.bids.values():
+            if bid.state == BS.SUBMITTED:
+                self._move(BID_MACHINE, bid, bid.bid_id, Ev.REJECT, role)
+                effects.append(Notify(task.task_id, bid.bidder, topic))
+        return effects
+
+    def _open_dispute(self, ev: OpenDispute, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        roles = roles_of(task, actor)
+        if not roles & RECEIPT_MACHINE.actors_for(Ev.DISPUTE):
+            raise _err(ErrorCode.FORBIDDEN, "only the creator or the awarded bidder may dispute")
+        if task.dispute is not None and task.dispute.opened_by == actor:
+            return [DisputeOpened(task.task_id, task.dispute.dispute_id, actor, merged=True)]
+        receipt = task.receipt
+        state = receipt.state if receipt is not None else None
+        role = self._gate(RECEIPT_MACHINE, state, Ev.DISPUTE, roles, "nothing to dispute: the task has no award")
+        assert receipt is not None and task.award is not None
+        result = task.result
+        timed_out = (
+            result is not None and result.state == RS.SUBMITTED and now >= result.submitted_at + task.review_timeout_s
+        )
+        if not (timed_out or (result is not None and result.state == RS.REJECTED)):
+            raise _err(ErrorCode.CONFLICT, "a dispute needs a rejected result or a review timeout")
+        times = self._dispute_times.setdefault(actor, deque())
+        self._within_rate(times, now, 3600, self.limits.max_disputes_per_hour, "disputes per hour")
+        self._move(RECEIPT_MACHINE, receipt, task.task_id, Ev.DISPUTE, role)
+        times.append(now)
+        receipt.to_bidder = receipt.to_creator = None
+        dispute_id = f"{task.task_id}/dispute"
+        task.dispute = DisputeRecord(dispute_id, actor, now, DISPUTE_MACHINE.initial)
+        other = task.award.bidder if actor == task.creator else task.creator
+        return [
+            DisputeOpened(task.task_id, dispute_id, actor, merged=False),
+            Notify(task.task_id, task.arbiter, "dispute_opened"),
+            Notify(task.task_id, other, "dispute_opened"),
+        ]
+
+    def _decide_dispute(self, ev: ResolveDispute | RejectDispute, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        event = Ev.RESOLVE if isinstance(ev, ResolveDispute) else Ev.REJECT
+        dispute = task.dispute
+        state = dispute.state if dispute is not None else None
+        role = self._gate(DISPUTE_MACHINE, state, event, roles_of(task, actor), "the task has no dispute")
+        assert dispute is not None and task.award is not None and task.receipt is not None
+        price = task.award.price
+        if isinstance(ev, ResolveDispute):
+            if ev.to_bidder < 0 or ev.to_creator < 0 or ev.to_bidder + ev.to_creator != price:
+                raise _err(ErrorCode.INVALID_ARGUMENT, "the split must be >= 0 and add up to the award price")
+            split = (ev.to_bidder, ev.to_creator)
+        else:
+            split = (price, 0) if dispute.opened_by == task.creator else (0, price)
+        self._move(DISPUTE_MACHINE, dispute, dispute.dispute_id, event, role)
+        self._decide(task.receipt, *split, now)
+        return [
+            Notify(task.task_id, task.creator, "dispute_decided"),
+            Notify(task.task_id, task.award.bidder, "dispute_decided"),
+            *self._payouts(task),
+        ]
+
+    def _finalize(self, ev: Settle | Refund, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        event = Ev.SETTLE if isinstance(ev, Settle) else Ev.REFUND
+        receipt = task.receipt
+        state = receipt.state if receipt is not None else None
+        role = self._gate(RECEIPT_MACHINE, state, event, roles_of(task, actor), "the task has no receipt")
+        assert receipt is not None and task.award is not None
+        if not ev.settlement_id:
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a settlement id is required")
+        if ev.settlement_id != receipt.settlement_id:
+            raise _err(ErrorCode.CONFLICT, "the settlement id does not match the locked budget")
+        if receipt.to_bidder is None or receipt.to_creator is None:
+            raise _err(ErrorCode.CONFLICT, "nothing has been decided for this receipt yet")
+        if event == Ev.SETTLE and receipt.to_bidder == 0:
+            raise _err(ErrorCode.CONFLICT, "the decision is a refund, not a settlement")
+        if event == Ev.REFUND and receipt.to_bidder > 0:
+            raise _err(ErrorCode.CONFLICT, "the decision pays the bidder; settle it instead")
+        if now < receipt.not_before:
+            raise _err(ErrorCode.CONFLICT, "the dispute window is still open")
+        self._move(RECEIPT_MACHINE, receipt, task.task_id, event, role)
+        task.released += receipt.to_bidder
+        task.refunded += receipt.to_creator
+        self._move(TASK_MACHINE, task, task.task_id, Ev.CLOSE, SYSTEM)
+        return [
+            Notify(task.task_id, task.creator, "task_closed"),
+            Notify(task.task_id, task.award.bidder, "task_closed"),
+        ]

@@ -1,0 +1,453 @@
+"""The lease lifecycle and metering rhythm: examples per refusal, then a random-sequence model check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from protocols.machines.lease import (
+    CONSUMER,
+    END_ABANDONED,
+    EXPIRE,
+    ISSUE_RECEIPT,
+    LEASE_MACHINE,
+    PAUSE,
+    PAUSED_MESSAGE,
+    PROVIDER,
+    SYSTEM,
+    LeaseEvent,
+    LeasePolicy,
+    LeaseSession,
+    LeaseState,
+    check_receipt_claim,
+)
+from runtime.errors import ClawnodeError, ErrorCode
+
+T0 = 1_000
+
+
+def make(
+    *,
+    max_requests: int = 100,
+    budget_cap: int = 1_000,
+    rate_per_minute: int = 10,
+    expires_at: int = T0 + 3_600,
+    price: int = 2,
+    every_units: int = 50,
+    every_s: int = 30,
+    timeout_s: int = 20,
+    abandon_s: int = 120,
+    grant: bool = True,
+) -> LeaseSession:
+    policy = LeasePolicy(
+        max_requests=max_requests, budget_cap=budget_cap, rate_per_minute=rate_per_minute, expires_at=expires_at
+    )
+    s = LeaseSession(
+        policy,
+        price,
+        receipt_every_units=every_units,
+        receipt_every_s=every_s,
+        countersign_timeout_s=timeout_s,
+        abandon_after_s=abandon_s,
+    )
+    if grant:
+        s.grant(T0)
+    return s
+
+
+def code_of(fn: Callable[[], object]) -> ErrorCode:
+    with pytest.raises(ClawnodeError) as exc:
+        fn()
+    return exc.value.code
+
+
+def test_happy_rhythm() -> None:
+    s = make(every_units=10)
+    s.authorize(T0 + 1, units_estimate=5)
+    assert s.meter(5, T0 + 1) is False
+    s.authorize(T0 + 2)
+    assert s.meter(5, T0 + 2) is True  # 10 units since the last receipt
+    assert s.tick(T0 + 2) == [ISSUE_RECEIPT]
+    s.receipt_issued(1, 10, T0 + 2)
+    assert s.tick(T0 + 3) == []
+    s.countersigned(1, T0 + 4)
+    assert s.units_countersigned == 10 and not s.outstanding
+    s.close()
+    s.settle()
+    assert s.state == LeaseState.SETTLED
+    assert [h[1] for h in s.history] == ["grant", "close", "settle"]
+
+
+def test_time_based_receipt() -> None:
+    s = make(every_units=1_000, every_s=30)
+    s.authorize(T0 + 1)
+    assert s.meter(1, T0 + 1) is False
+    assert s.tick(T0 + 29) == []
+    assert s.tick(T0 + 30) == [ISSUE_RECEIPT]
+    assert s.meter(0, T0 + 30) is True
+    s2 = make(every_s=30)
+    assert s2.tick(T0 + 100) == []  # nothing unreceipted, nothing to do
+
+
+def test_authorize_refusals() -> None:
+    s = make(max_requests=2)
+    s.authorize(T0)
+    s.authorize(T0)
+    assert code_of(lambda: s.authorize(T0)) == ErrorCode.RATE_LIMITED
+    s = make(rate_per_minute=2)
+    s.authorize(T0)
+    s.authorize(T0 + 10)
+    assert code_of(lambda: s.authorize(T0 + 59)) == ErrorCode.RATE_LIMITED
+    s.authorize(T0 + 60)  # the first one left the window
+    assert s.requests_served == 3
+    s = make(budget_cap=100, price=2)
+    assert code_of(lambda: s.authorize(T0, units_estimate=51)) == ErrorCode.INSUFFICIENT_FUNDS
+    s.authorize(T0, units_estimate=50)
+    assert code_of(lambda: s.authorize(T0, units_estimate=-1)) == ErrorCode.INVALID_ARGUMENT
+    q = make(grant=False)
+    assert code_of(lambda: q.authorize(T0)) == ErrorCode.CONFLICT
+
+
+def test_authorize_expired_ends_the_lease() -> None:
+    s = make(expires_at=T0 + 10)
+    assert code_of(lambda: s.authorize(T0 + 10)) == ErrorCode.EXPIRED
+    assert s.state == LeaseState.ENDED
+    assert code_of(lambda: s.authorize(T0 + 11)) == ErrorCode.CONFLICT
+    q = make(grant=False, expires_at=T0)
+    assert code_of(lambda: q.grant(T0)) == ErrorCode.EXPIRED
+    assert q.state == LeaseState.ENDED
+
+
+def test_pause_resume_and_paused_message() -> None:
+    s = make(timeout_s=20)
+    s.authorize(T0)
+    s.meter(3, T0)
+    s.receipt_issued(1, 3, T0)
+    assert s.tick(T0 + 19) == []
+    assert s.tick(T0 + 20) == [PAUSE]
+    assert s.state == LeaseState.PAUSED
+    with pytest.raises(ClawnodeError) as exc:
+        s.authorize(T0 + 21)
+    assert exc.value.code == ErrorCode.CONFLICT and exc.value.message == PAUSED_MESSAGE
+    s.countersigned(1, T0 + 22)
+    assert s.state == LeaseState.ACTIVE
+    s.authorize(T0 + 23)
+
+
+def test_countersign_only_clears_and_resumes_when_nothing_is_left() -> None:
+    s = make(timeout_s=20)
+    s.meter(4, T0)
+    s.receipt_issued(1, 2, T0)
+    s.receipt_issued(2, 4, T0 + 1)
+    assert s.tick(T0 + 20) == [PAUSE]
+    s.countersigned(1, T0 + 21)
+    assert s.state == LeaseState.PAUSED and list(s.outstanding) == [2]
+    assert code_of(lambda: s.countersigned(1, T0 + 22)) == ErrorCode.CONFLICT  # older / already done
+    assert code_of(lambda: s.countersigned(9, T0 + 22)) == ErrorCode.CONFLICT  # unknown
+    s.countersigned(2, T0 + 22)
+    assert s.state == LeaseState.ACTIVE
+
+
+def test_cumulative_countersign_clears_older() -> None:
+    s = make()
+    s.meter(4, T0)
+    s.receipt_issued(1, 2, T0)
+    s.receipt_issued(2, 4, T0)
+    s.countersigned(2, T0 + 1)
+    assert not s.outstanding and s.countersigned_seq == 2
+    assert code_of(lambda: s.countersigned(1, T0 + 2)) == ErrorCode.CONFLICT
+
+
+def test_receipt_issued_checks() -> None:
+    s = make()
+    s.meter(5, T0)
+    s.receipt_issued(1, 3, T0)
+    assert code_of(lambda: s.receipt_issued(1, 4, T0)) == ErrorCode.CONFLICT
+    assert code_of(lambda: s.receipt_issued(2, 2, T0)) == ErrorCode.INVALID_ARGUMENT
+    assert code_of(lambda: s.receipt_issued(2, 6, T0)) == ErrorCode.INVALID_ARGUMENT
+    q = make(grant=False)
+    assert code_of(lambda: q.receipt_issued(1, 0, T0)) == ErrorCode.CONFLICT
+    assert code_of(lambda: q.meter(1, T0)) == ErrorCode.CONFLICT
+
+
+def test_meter_is_a_hard_cap() -> None:
+    s = make(budget_cap=10, price=2)
+    s.meter(5, T0)
+    assert code_of(lambda: s.meter(1, T0)) == ErrorCode.INSUFFICIENT_FUNDS
+    assert s.units_metered == 5
+    assert code_of(lambda: s.meter(-1, T0)) == ErrorCode.INVALID_ARGUMENT
+
+
+def test_abandon_and_contact() -> None:
+    s = make(timeout_s=20, abandon_s=100)
+    s.meter(1, T0)
+    s.receipt_issued(1, 1, T0)
+    assert s.tick(T0 + 20) == [PAUSE]
+    s.consumer_seen(T0 + 50)  # alive but not signing: stays paused, abandonment postponed
+    assert s.tick(T0 + 100) == []
+    assert s.tick(T0 + 150) == [END_ABANDONED]
+    assert s.state == LeaseState.ENDED
+    assert s.tick(T0 + 10_000) == []
+
+
+def test_no_abandon_without_outstanding_receipt() -> None:
+    s = make(abandon_s=10)
+    assert s.tick(T0 + 1_000) == []
+    assert s.state == LeaseState.ACTIVE
+
+
+def test_tick_expiry() -> None:
+    s = make(expires_at=T0 + 50)
+    assert s.tick(T0 + 50) == [EXPIRE]
+    assert s.state == LeaseState.ENDED
+    s.settle()
+    assert s.tick(T0 + 60) == []
+
+
+def test_lifecycle_permissions() -> None:
+    s = make()
+    assert code_of(lambda: s.revoke(SYSTEM)) == ErrorCode.FORBIDDEN
+    assert code_of(lambda: s.renew(T0 + 9_999, PROVIDER)) == ErrorCode.FORBIDDEN
+    assert code_of(lambda: s.renew(T0 + 3_600, CONSUMER)) == ErrorCode.INVALID_ARGUMENT
+    assert code_of(lambda: s.settle()) == ErrorCode.CONFLICT
+    s.renew(T0 + 7_200, CONSUMER)
+    assert s.policy.expires_at == T0 + 7_200 and s.state == LeaseState.ACTIVE
+    s.revoke(CONSUMER)
+    assert code_of(lambda: s.renew(T0 + 9_999, CONSUMER)) == ErrorCode.CONFLICT
+    assert code_of(lambda: s.close()) == ErrorCode.CONFLICT
+    s.settle()
+    assert code_of(lambda: s.revoke(PROVIDER)) == ErrorCode.CONFLICT
+    q = make(grant=False)
+    q.revoke(PROVIDER)
+    assert code_of(lambda: q.grant(T0)) == ErrorCode.CONFLICT
+
+
+def test_check_receipt_claim() -> None:
+    check_receipt_claim(10, 20, seen_units=10, price_per_unit=2)
+    check_receipt_claim(11, 22, seen_units=10, price_per_unit=2, tolerance_units=1)
+    with pytest.raises(ClawnodeError) as exc:
+        check_receipt_claim(11, 22, seen_units=10, price_per_unit=2)
+    assert exc.value.code == ErrorCode.CONFLICT
+    assert exc.value.message == "the receipt claims more units than were delivered"
+    assert code_of(lambda: check_receipt_claim(10, 21, 10, 2)) == ErrorCode.CONFLICT
+    assert code_of(lambda: check_receipt_claim(-1, 0, 10, 2)) == ErrorCode.INVALID_ARGUMENT
+
+
+def test_policy_is_frozen() -> None:
+    p = LeasePolicy(max_requests=1, budget_cap=1, rate_per_minute=1, expires_at=1)
+    with pytest.raises(ValueError):
+        p.max_requests = 2  # type: ignore[misc]
+
+
+# -- random sequences -----------------------------------------------------------------------
+ROLES = [PROVIDER, CONSUMER, SYSTEM, "stranger"]
+LIVE = (LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED)
+
+
+def table_code(state: LeaseState, event: LeaseEvent, actor: str) -> ErrorCode | None:
+    """What the table alone says about this attempt, read from the rows directly."""
+    rows = LEASE_MACHINE.transitions
+    if not any(r.event == event and actor in r.actors for r in rows):
+        return ErrorCode.FORBIDDEN
+    row = next((r for r in rows if r.source == state and r.event == event), None)
+    if row is None:
+        return ErrorCode.CONFLICT
+    return None if actor in row.actors else ErrorCode.FORBIDDEN
+
+
+class LeaseModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = T0
+        self.s = make(
+            grant=False,
+            max_requests=15,
+            budget_cap=60,
+            rate_per_minute=4,
+            expires_at=T0 + 400,
+            price=3,
+            every_units=5,
+            every_s=20,
+            timeout_s=15,
+            abandon_s=60,
+        )
+        self.seen_history = 0
+        self.recent: list[float] = []
+        self.was_settled = False
+
+    def attempt(self, fn: Callable[[], object], expected: ErrorCode | None) -> bool:
+        """Run ``fn``: it must succeed when ``expected`` is None, else refuse with exactly that code."""
+        try:
+            fn()
+        except ClawnodeError as exc:
+            assert exc.code == expected, (exc.code, expected, exc.message)
+            return False
+        assert expected is None
+        return True
+
+    @initialize(grant=st.integers(0, 4))
+    def start(self, grant: int) -> None:
+        """Mostly start from a granted lease so the runs spend their steps on the rhythm."""
+        if grant:
+            self.s.grant(self.now)
+
+    @rule(dt=st.integers(0, 40))
+    def advance(self, dt: int) -> None:
+        self.now += dt
+
+    @rule(dt=st.integers(0, 40))
+    def time_passes(self, dt: int) -> None:
+        """Time passing with the adapter's timer firing: where pauses, expiry and abandonment come from."""
+        self.now += dt
+        self.tick()
+
+    @rule()
+    def consumer_catches_up(self) -> None:
+        """The consumer countersigns the newest receipt (resuming a paused lease)."""
+        s = self.s
+        if s.outstanding and s.state not in (LeaseState.QUOTED, LeaseState.SETTLED):
+            paused = s.state == LeaseState.PAUSED
+            s.countersigned(s.last_seq, self.now)
+            assert not s.outstanding
+            assert s.state == (LeaseState.ACTIVE if paused else s.state)
+
+    @rule(units=st.integers(0, 4))
+    def serve_cooperatively(self, units: int) -> None:
+        """The well-behaved path: authorize, meter, receipt when due, consumer countersigns."""
+        s = self.s
+        try:
+            s.authorize(self.now, units)
+        except ClawnodeError:
+            return
+        self.recent.append(self.now)
+        if s.meter(units, self.now):
+            s.receipt_issued(s.last_seq + 1, s.units_metered, self.now)
+
+    @rule()
+    def grant(self) -> None:
+        expired = self.s.state == LeaseState.QUOTED and self.now >= self.s.policy.expires_at
+        expected = ErrorCode.EXPIRED if expired else table_code(self.s.state, LeaseEvent.GRANT, PROVIDER)
+        self.attempt(lambda: self.s.grant(self.now), expected)
+
+    @rule(estimate=st.integers(0, 8))
+    def authorize(self, estimate: int) -> None:
+        s = self.s
+        self.recent = [t for t in self.recent if t > self.now - 60]
+        expected: ErrorCode | None
+        if s.state in LIVE and self.now >= s.policy.expires_at:
+            expected = ErrorCode.EXPIRED
+        elif s.state != LeaseState.ACTIVE:
+            expected = ErrorCode.CONFLICT
+        elif s.requests_served >= s.policy.max_requests or len(self.recent) >= s.policy.rate_per_minute:
+            expected = ErrorCode.RATE_LIMITED
+        elif (s.units_metered + estimate) * s.price_per_unit > s.policy.budget_cap:
+            expected = ErrorCode.INSUFFICIENT_FUNDS
+        else:
+            expected = None
+        if self.attempt(lambda: s.authorize(self.now, estimate), expected):
+            self.recent.append(self.now)
+
+    @rule(units=st.integers(0, 6))
+    def meter(self, units: int) -> None:
+        s = self.s
+        expected: ErrorCode | None = None
+        if s.state in (LeaseState.QUOTED, LeaseState.SETTLED):
+            expected = ErrorCode.CONFLICT
+        elif (s.units_metered + units) * s.price_per_unit > s.policy.budget_cap:
+            expected = ErrorCode.INSUFFICIENT_FUNDS
+        self.attempt(lambda: s.meter(units, self.now), expected)
+
+    @rule(extra=st.integers(0, 2))
+    def issue_receipt(self, extra: int) -> None:
+        s = self.s
+        units = min(s.units_metered, s.units_receipted + extra)
+        expected = ErrorCode.CONFLICT if s.state in (LeaseState.QUOTED, LeaseState.SETTLED) else None
+        self.attempt(lambda: s.receipt_issued(s.last_seq + 1, units, self.now), expected)
+
+    @rule(back=st.integers(-1, 3))
+    def countersign(self, back: int) -> None:
+        s = self.s
+        seq = s.last_seq - back
+        expected: ErrorCode | None = None
+        if s.state in (LeaseState.QUOTED, LeaseState.SETTLED) or seq not in s.outstanding:
+            expected = ErrorCode.CONFLICT
+        paused_before = s.state == LeaseState.PAUSED
+        if self.attempt(lambda: s.countersigned(seq, self.now), expected):
+            assert all(k > seq for k in s.outstanding)
+            if paused_before:
+                assert s.state == (LeaseState.PAUSED if s.outstanding else LeaseState.ACTIVE)
+
+    @rule()
+    def seen(self) -> None:
+        self.s.consumer_seen(self.now)
+
+    @rule()
+    def tick(self) -> None:
+        before = self.s.state
+        actions = self.s.tick(self.now)
+        assert len(actions) <= 1
+        if actions == [EXPIRE]:
+            assert before in LIVE and self.s.state == LeaseState.ENDED
+        elif actions == [END_ABANDONED]:
+            assert before in (LeaseState.ACTIVE, LeaseState.PAUSED) and self.s.state == LeaseState.ENDED
+        elif actions == [PAUSE]:
+            assert before == LeaseState.ACTIVE and self.s.state == LeaseState.PAUSED
+        else:
+            assert self.s.state == before
+            if actions == [ISSUE_RECEIPT]:
+                assert before == LeaseState.ACTIVE and self.s.units_metered > self.s.units_receipted
+
+    @rule(actor=st.sampled_from(ROLES), go=st.integers(0, 3))
+    def revoke(self, actor: str, go: int) -> None:
+        if go:  # ending events are rarer, so runs get deep
+            return
+        self.attempt(lambda: self.s.revoke(actor), table_code(self.s.state, LeaseEvent.REVOKE, actor))
+
+    @rule(go=st.integers(0, 3))
+    def close(self, go: int) -> None:
+        if go:
+            return
+        self.attempt(self.s.close, table_code(self.s.state, LeaseEvent.CLOSE, CONSUMER))
+
+    @rule(actor=st.sampled_from(ROLES), delta=st.integers(-50, 200))
+    def renew(self, actor: str, delta: int) -> None:
+        s = self.s
+        expected = table_code(s.state, LeaseEvent.RENEW, actor)
+        if expected is None and delta <= 0:
+            expected = ErrorCode.INVALID_ARGUMENT
+        old = s.policy.expires_at
+        if self.attempt(lambda: s.renew(old + delta, actor), expected):
+            assert s.policy.expires_at == old + delta
+
+    @rule()
+    def settle(self) -> None:
+        self.attempt(self.s.settle, table_code(self.s.state, LeaseEvent.SETTLE, SYSTEM))
+
+    @invariant()
+    def history_follows_the_table(self) -> None:
+        for prev, event, new in self.s.history[self.seen_history :]:
+            row = LEASE_MACHINE.lookup(prev, event)
+            assert row is not None and row.target == new
+            assert not LEASE_MACHINE.is_terminal(prev)
+        self.seen_history = len(self.s.history)
+        if self.was_settled:
+            assert self.s.state == LeaseState.SETTLED
+        self.was_settled = self.s.state == LeaseState.SETTLED
+
+    @invariant()
+    def money_and_counts(self) -> None:
+        s = self.s
+        assert s.units_metered * s.price_per_unit <= s.policy.budget_cap
+        assert s.requests_served <= s.policy.max_requests
+        assert s.units_countersigned <= s.units_receipted <= s.units_metered
+        assert all(seq > s.countersigned_seq for seq in s.outstanding)
+        if s.state == LeaseState.PAUSED:
+            assert s.outstanding
+
+
+LeaseModel.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+TestLeaseModel = LeaseModel.TestCase
