@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dht.discovery import DescribeResult, DiscoveryQuery, ProviderResult
 from dht.offers import Offer
-from dht.records import CapabilityRecord
+from dht.records import CAPABILITY_NAME, CapabilityRecord
+from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.audit import AuditReport
 from runtime.ledger.models import Lease, QueueStats, ReceiptRecord, Settlement, Totals
@@ -149,6 +150,36 @@ class NodeView(Protocol):
 
     async def ledger_verify(self) -> LedgerVerifyReply: ...
 
+    async def open_lease(self, body: OpenLeaseBody) -> LeaseView: ...
+
+    def leases(self) -> list[LeaseView]: ...
+
+    async def revoke_lease(self, lease_id: str) -> LeaseView: ...
+
+    async def renew_lease(self, lease_id: str, duration_s: int) -> LeaseView: ...
+
+    async def call_lease(self, lease_id: str, body: dict[str, Any]) -> CallResult: ...
+
+
+class OpenLeaseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    peer_id: str = Field(min_length=32, max_length=128)
+    capability: str = Field(pattern=CAPABILITY_NAME)
+    budget: int | None = Field(None, ge=1, description="wei to lock; default: price x expected_units")
+    duration_s: int = Field(3600, ge=1, le=MAX_DURATION_S)
+    expected_units: int = Field(1000, ge=1, le=2**62)
+
+
+class RenewLeaseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    duration_s: int = Field(ge=1, le=MAX_DURATION_S, description="seconds to add to the expiry")
+
+
+class LeaseListReply(BaseModel):
+    leases: list[LeaseView]
+
 
 _HTTP_STATUS = {
     ErrorCode.INVALID_ARGUMENT: 400,
@@ -269,5 +300,25 @@ def create_app(node: NodeView, token: str) -> FastAPI:
     @app.get("/api/ledger/verify")
     async def ledger_verify() -> LedgerVerifyReply:
         return await node.ledger_verify()
+
+    @app.post("/api/leases")
+    async def open_lease(body: OpenLeaseBody) -> LeaseView:
+        return await node.open_lease(body)
+
+    @app.get("/api/leases")
+    async def leases() -> LeaseListReply:
+        return LeaseListReply(leases=node.leases())
+
+    @app.delete("/api/leases/{lease_id}")
+    async def revoke_lease(lease_id: str) -> LeaseView:
+        return await node.revoke_lease(lease_id)
+
+    @app.post("/api/leases/{lease_id}/renew")
+    async def renew_lease(lease_id: str, body: RenewLeaseBody) -> LeaseView:
+        return await node.renew_lease(lease_id, body.duration_s)
+
+    @app.post("/api/leases/{lease_id}/call")
+    async def call_lease(lease_id: str, body: dict[str, Any]) -> CallResult:
+        return await node.call_lease(lease_id, body)
 
     return app

@@ -142,15 +142,25 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:
 # commands that talk to the running daemon
 
 
-def _call_api(data_dir: str | None, path: str, *, params: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+def _call_api(
+    data_dir: str | None,
+    path: str,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout: float = 10.0,
+    method: str = "GET",
+    body: Any = None,
+) -> Any:
     directory = resolve_data_dir(data_dir)
     running = read_running(directory)
     if running is None:
         click.echo("clawnode: E_UNAVAILABLE: no clawnode daemon is running for this data dir", err=True)
         sys.exit(EXIT_NOT_RUNNING)
     try:
-        reply = httpx.get(
+        reply = httpx.request(
+            method,
             f"{running.api_url}{path}",
+            json=body,
             params={key: value for key, value in (params or {}).items() if value is not None},
             headers={"authorization": f"Bearer {read_api_token(directory)}"},
             timeout=timeout,
@@ -389,3 +399,82 @@ def ledger_verify(ctx: click.Context, data_dir: str | None, as_json: bool) -> No
 
 if __name__ == "__main__":
     main()
+
+
+# the lease market
+
+
+def _lease_line(lease: dict[str, Any]) -> str:
+    other = lease["provider"] if lease["role"] == "consumer" else lease["consumer"]
+    return (
+        f"{lease['lease_id'][:16]}  {lease['role']:<8}  {lease['capability']}  with {other[:16]}…  "
+        f"{lease['state']}  {lease['units']} units  budget {_wei(lease['budget'])}  {lease['mode']}"
+    )
+
+
+@main.group()
+def lease() -> None:
+    """Buy and sell access: open, list, use and revoke leases."""
+
+
+@lease.command(name="open")
+@click.argument("peer_id")
+@click.argument("capability")
+@click.option("--budget", type=str, default=None, help="Wei to lock in escrow (default: price x expected units).")
+@click.option("--duration", type=str, default="3600", help="Seconds the lease lasts (default 3600).")
+@click.option("--expected-units", type=str, default="1000", help="Units you expect to use (default 1000).")
+@data_dir_option
+@json_option
+def lease_open(
+    peer_id: str,
+    capability: str,
+    budget: str | None,
+    duration: str,
+    expected_units: str,
+    data_dir: str | None,
+    as_json: bool,
+) -> None:
+    """Lease CAPABILITY from PEER_ID: quote, escrow lock, grant."""
+    request = {"peer_id": peer_id, "capability": capability, "duration_s": duration, "expected_units": expected_units}
+    if budget is not None:
+        request["budget"] = budget
+    body = _call_api(data_dir, "/api/leases", method="POST", body=request, timeout=120.0)
+    _print(body, as_json, [f"lease {body['lease_id']} open", _lease_line(body)])
+
+
+@lease.command(name="list")
+@data_dir_option
+@json_option
+def lease_list(data_dir: str | None, as_json: bool) -> None:
+    """Leases this node holds or serves since it started."""
+    body = _call_api(data_dir, "/api/leases")
+    _print(body, as_json, [_lease_line(item) for item in body["leases"]] or ["no leases"])
+
+
+@lease.command(name="revoke")
+@click.argument("lease_id")
+@data_dir_option
+@json_option
+def lease_revoke(lease_id: str, data_dir: str | None, as_json: bool) -> None:
+    """End LEASE_ID: the provider claims what was countersigned, the rest is refunded."""
+    body = _call_api(data_dir, f"/api/leases/{lease_id}", method="DELETE", timeout=60.0)
+    _print(body, as_json, [f"lease {lease_id} ended", _lease_line(body)])
+
+
+@lease.command(name="call")
+@click.argument("lease_id")
+@click.argument("request_json")
+@data_dir_option
+@json_option
+def lease_call(lease_id: str, request_json: str, data_dir: str | None, as_json: bool) -> None:
+    """Send one request (a JSON object) under LEASE_ID and print what came back."""
+    try:
+        request = json.loads(request_json)
+    except ValueError:
+        click.echo("clawnode: E_INVALID_ARGUMENT: REQUEST_JSON is not JSON", err=True)
+        sys.exit(1)
+    if not isinstance(request, dict):
+        click.echo("clawnode: E_INVALID_ARGUMENT: REQUEST_JSON must be a JSON object", err=True)
+        sys.exit(1)
+    body = _call_api(data_dir, f"/api/leases/{lease_id}/call", method="POST", body=request, timeout=300.0)
+    _print(body, as_json, [json.dumps(chunk) for chunk in body["chunks"]] + [f"{body['units']} units"])

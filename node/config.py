@@ -111,6 +111,12 @@ class EscrowSection(_Section):
     settle_interval_s: float = Field(
         5.0, ge=0.1, le=3600.0, description="how often the settlement queue retries pending settlements, seconds"
     )
+    arbiter: str = Field(
+        "",
+        pattern=r"^(0x[0-9a-fA-F]{40})?$",
+        description="arbiter of the escrows this node sells under; empty: the embedded chain's second dev account",
+    )
+    dispute_window_s: int = Field(600, ge=0, le=30 * 86_400, description="dispute window after a lease's deadline")
 
     @field_validator("rpc_url")
     @classmethod
@@ -127,6 +133,25 @@ class EscrowSection(_Section):
         return self
 
 
+class MarketSection(_Section):
+    receipt_every_units: int = Field(1000, ge=1, description="the provider signs a usage receipt every N units")
+    receipt_every_s: int = Field(30, ge=1, le=3600, description="... or every T seconds with unreceipted usage")
+    countersign_timeout_s: int = Field(
+        60, ge=1, le=86_400, description="service pauses when a receipt stays unsigned this long"
+    )
+    abandon_after_s: int = Field(
+        300, ge=1, le=86_400, description="the lease ends when the consumer stays silent this long"
+    )
+    quote_valid_s: int = Field(60, ge=1, le=3600, description="how long a quote can be opened")
+    max_lease_s: int = Field(86_400, ge=1, le=30 * 86_400, description="the longest lease this node grants")
+    max_requests: int = Field(100_000, ge=1, description="requests per lease at most")
+    rate_per_minute: int = Field(600, ge=1, description="requests per minute per lease at most")
+    trusted_peers: list[str] = Field(
+        default_factory=list, description="peer ids served post-paid without an escrow lock"
+    )
+    postpaid_cap: int = Field(0, ge=0, description="the most a trusted peer's post-paid lease may owe, wei")
+
+
 class LogSection(_Section):
     level: LogLevel = Field("info", description="debug | info | warning | error")
 
@@ -139,6 +164,7 @@ class Config(_Section):
     capabilities: CapabilitiesSection = Field(default_factory=CapabilitiesSection)  # type: ignore[arg-type]
     hardware: HardwareSection = Field(default_factory=HardwareSection)  # type: ignore[arg-type]
     escrow: EscrowSection = Field(default_factory=EscrowSection)  # type: ignore[arg-type]
+    market: MarketSection = Field(default_factory=MarketSection)  # type: ignore[arg-type]
     log: LogSection = Field(default_factory=LogSection)  # type: ignore[arg-type]
     offers: list[Offer] = Field(default_factory=list, description="what this node sells ([[offers]] tables)")
 

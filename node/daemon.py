@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from node.api import (
     LedgerSummaryReply,
     LedgerVerifyReply,
     MoneyTotals,
+    OpenLeaseBody,
     PeerReply,
     PeersReply,
     ReceiptsReply,
@@ -59,8 +61,11 @@ from node.datadir import (
 from node.hardware import detect_hardware
 from node.host import build_host, ensure_tcp_ports_free, parse_multiaddrs
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
+from protocols.lease import LeaseMarket
+from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import Ledger
+from runtime.service import ServiceRegistry
 
 if TYPE_CHECKING:
     # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
@@ -79,12 +84,30 @@ def clawnode_version() -> str:
         return "0+unknown"
 
 
-class Node:
-    """One clawnode: start it with ``await nursery.start(node.run)``."""
+EscrowConnector = Callable[[bytes], Any]
 
-    def __init__(self, config: Config, data_dir: Path) -> None:
+
+class Node:
+    """One clawnode: start it with ``await nursery.start(node.run)``.
+
+    ``escrow_connector`` (blocking, called on a worker thread with the wallet key) replaces the
+    configured chain: in-process tests give several nodes one shared embedded chain this way.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        data_dir: Path,
+        *,
+        services: ServiceRegistry | None = None,
+        escrow_connector: EscrowConnector | None = None,
+    ) -> None:
         self.config = config
         self.data_dir = data_dir
+        self.services = services or ServiceRegistry()
+        self._escrow_connector = escrow_connector
+        self.escrow_client: Any = None  # a runtime.escrow.EscrowClient once the chain is there
+        self._market: LeaseMarket | None = None
         self.started_at = time.monotonic()
         self.api_url = ""
         self._host: IHost | None = None
@@ -96,6 +119,7 @@ class Node:
         self._ledger: Ledger | None = None
         self.escrow_status = EscrowStatus(mode=config.escrow.mode, state="off")
         self.settlement_queue: Any = None  # a runtime.settlement.SettlementQueue once the chain is there
+        self._arbiter = ""
 
     @property
     def host(self) -> IHost:
@@ -114,6 +138,12 @@ class Node:
         if self._ledger is None:
             raise RuntimeError("the node is not running")
         return self._ledger
+
+    @property
+    def market(self) -> LeaseMarket:
+        if self._market is None:
+            raise RuntimeError("the node is not running")
+        return self._market
 
     @property
     def publisher(self) -> CapabilityPublisher:
@@ -183,6 +213,18 @@ class Node:
                         lambda: self.publisher.record,
                         cache_ttl_s=self.config.capabilities.cache_ttl_s,
                     )
+                    self._market = LeaseMarket(
+                        self._host,
+                        key_pair.private_key,
+                        self.ledger,
+                        self.config.market,
+                        offers=lambda: self.publisher.offers,
+                        services=self.services,
+                        escrow=lambda: self.escrow_client,
+                        escrow_terms=self._escrow_terms,
+                        wake_settlement=self._wake_settlement,
+                    )
+                    await nursery.start(self._market.run)
                     await nursery.start(self._serve_api, token)
                     nursery.start_soon(self._run_settlement, wallet_key)
                     await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card())
@@ -219,6 +261,8 @@ class Node:
             delay = min(ESCROW_RETRY_MAX_S, delay * 2)
         from runtime.settlement import EscrowSettler, SettlementQueue
 
+        self._arbiter = self.config.escrow.arbiter or await trio.to_thread.run_sync(self._default_arbiter, client)
+        self.escrow_client = client
         self.escrow_status = EscrowStatus(
             mode=self.config.escrow.mode,
             state="connected",
@@ -232,7 +276,32 @@ class Node:
         )
         await self.settlement_queue.run()
 
+    def _wake_settlement(self) -> None:
+        if self.settlement_queue is not None:
+            self.settlement_queue.wake()
+
+    def _default_arbiter(self, client: Any) -> str:
+        """Development chains only: their second funded account arbitrates."""
+        if self.config.escrow.mode != "embedded" and self._escrow_connector is None:
+            return ""
+        return str(client.chain.dev_accounts()[1].address)
+
+    def _escrow_terms(self) -> EscrowTerms | None:
+        """What this node asks a buyer to lock; None while there is no chain (or no arbiter)."""
+        client = self.escrow_client
+        if client is None or not self._arbiter:
+            return None
+        return EscrowTerms(
+            chain_id=client.chain.chain_id,
+            contract=client.address,
+            payee=client.account.address,
+            arbiter=self._arbiter,
+            dispute_window_s=self.config.escrow.dispute_window_s,
+        )
+
     def _connect_escrow(self, wallet_key: bytes) -> Any:
+        if self._escrow_connector is not None:
+            return self._escrow_connector(wallet_key)
         # Imported here, on the worker thread: web3 takes about a second to import.
         from eth_account import Account
 
@@ -390,3 +459,26 @@ class Node:
     async def ledger_verify(self) -> LedgerVerifyReply:
         report = await self.ledger.verify_audit()
         return LedgerVerifyReply.model_validate(report.model_dump())
+
+    # the lease market, driven by the API
+
+    async def open_lease(self, body: OpenLeaseBody) -> LeaseView:
+        return await self.market.open_lease(
+            body.peer_id,
+            body.capability,
+            budget=body.budget,
+            duration_s=body.duration_s,
+            expected_units=body.expected_units,
+        )
+
+    def leases(self) -> list[LeaseView]:
+        return self.market.leases()
+
+    async def revoke_lease(self, lease_id: str) -> LeaseView:
+        return await self.market.revoke(lease_id)
+
+    async def renew_lease(self, lease_id: str, duration_s: int) -> LeaseView:
+        return await self.market.renew(lease_id, duration_s)
+
+    async def call_lease(self, lease_id: str, body: dict[str, Any]) -> CallResult:
+        return await self.market.call(lease_id, body)

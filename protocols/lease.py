@@ -1,0 +1,798 @@
+"""``/clawnode/lease/1.0.0`` and ``/clawnode/infer/1.0.0``: the trio adapters of the lease market.
+
+The rules live elsewhere: the lease lifecycle and metering rhythm in ``protocols.machines.lease``
+(pure), money in the ledger and the escrow contract. This module only moves messages between
+streams, those machines, the ledger and the chain.
+
+Provider side (``LeaseDesk``): quote → verify the consumer's signed open and its escrow lock on
+chain → signed grant with a fresh access token (only its sha256 is kept) → serve calls that carry
+the token, metering each → push a signed usage receipt every N units or T seconds and at the end
+→ claim from escrow what the consumer countersigned. A receipt left unsigned pauses service; a
+consumer silent too long loses the lease.
+
+Consumer side (``LeaseHolder``): ask for a quote, check it is the provider's and addressed to us,
+lock the budget, open, keep the token in memory only, count the units each call reports, and
+countersign a receipt only for units actually delivered (with an escrow voucher for that total).
+When a lease ends, the rest of the lock is refunded through the settlement queue.
+
+Every exchange is one stream with one request and one reply (``protocols.rpc``), so each side
+dials the other when it has something to say: on the connection that already exists, which is
+what keeps a node behind a NAT reachable by its provider.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.keys import PrivateKey
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from dht.offers import Offer
+from protocols import lease_wire as w
+from protocols.machines.lease import LeasePolicy as SessionPolicy
+from protocols.machines.lease import LeaseSession, check_receipt_claim
+from protocols.rpc import error_reply, parse_reply, request, serve_requests
+from protocols.signed import SignatureError, open_sealed, seal
+from protocols.wire import FrameReader, write_frame
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger import EscrowRef, LeaseOpen, Ledger, SignedReceipt
+from runtime.service import ServiceRegistry
+
+if TYPE_CHECKING:
+    from node.config import MarketSection
+    from runtime.escrow import EscrowClient
+
+log = logging.getLogger(__name__)
+
+LEASE_PROTOCOL = TProtocol("/clawnode/lease/1.0.0")
+INFER_PROTOCOL = TProtocol("/clawnode/infer/1.0.0")
+MAX_LEASE_FRAME = 64 * 1024
+MAX_CALL_FRAME = 1 << 20
+CALL_READ_TIMEOUT_S = 10.0
+LEASE_READ_TIMEOUT_S = 10.0
+PUSH_TIMEOUT_S = 10.0
+SWEEP_INTERVAL_S = 1.0
+# A receipt may arrive a moment before the consumer has read the end frame of the call it covers.
+RECEIPT_CATCH_UP_S = 2.0
+# Chain time and our clock differ by a block or two; the lock must still outlive the lease.
+DEADLINE_SLACK_S = 30
+
+_REQUESTS: TypeAdapter[Any] = TypeAdapter(w.LeaseRequest)
+_QUOTE_REPLY = TypeAdapter(w.QuoteReply)
+_GRANT_REPLY = TypeAdapter(w.GrantReply)
+_ACK = TypeAdapter(w.Ack)
+_COUNTERSIGNED = TypeAdapter(w.Countersigned)
+_CALL_FRAMES: TypeAdapter[Any] = TypeAdapter(w.Chunk | w.CallEnd)
+
+EscrowSource = Callable[[], "EscrowClient | None"]
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _units_estimate(body: dict[str, Any]) -> int:
+    """The most units a call may use, as its body declares (``max_tokens``), for the budget check."""
+    declared = body.get("max_tokens")
+    return declared if isinstance(declared, int) and declared > 0 else 1
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "not base64") from None
+
+
+def _open(text: str, *, domain: str, payload_type: bytes) -> tuple[ID, bytes]:
+    try:
+        return open_sealed(_unb64(text), domain=domain, payload_type=payload_type)
+    except SignatureError as error:
+        raise ClawnodeError(ErrorCode.FORBIDDEN, str(error)) from None
+
+
+@dataclass
+class ServedLease:
+    """A lease this node provides: the grant, the token's hash and the metering session."""
+
+    grant: w.LeaseGrant
+    session: LeaseSession
+    escrow: EscrowRef | None
+    push_lock: trio.Lock = field(default_factory=trio.Lock)
+    ended_reason: str | None = None
+
+
+@dataclass
+class HeldLease:
+    """A lease this node consumes. The token lives here, in memory, and nowhere else."""
+
+    grant: w.LeaseGrant
+    token: str
+    escrow_id: bytes | None
+    seen_units: int = 0
+    ended_reason: str | None = None
+    last_countersigned_seq: int = 0
+
+
+class LeaseMarket:
+    """Both sides of the lease market for one node; mount with ``start`` in the node's nursery."""
+
+    def __init__(
+        self,
+        host: IHost,
+        key: PrivateKey,
+        ledger: Ledger,
+        settings: MarketSection,
+        *,
+        offers: Callable[[], list[Offer]],
+        services: ServiceRegistry,
+        escrow: EscrowSource,
+        escrow_terms: Callable[[], w.EscrowTerms | None],
+        wake_settlement: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.key = key
+        self.peer_id = str(host.get_id())
+        self.ledger = ledger
+        self.settings = settings
+        self.offers = offers
+        self.services = services
+        self.escrow = escrow
+        self.escrow_terms = escrow_terms
+        self.wake_settlement = wake_settlement
+        self.clock = clock
+        self.served: dict[str, ServedLease] = {}
+        self.held: dict[str, HeldLease] = {}
+        self._used_quotes: dict[str, int] = {}
+        self._nursery: trio.Nursery | None = None
+        self.call_read_timeout_s = CALL_READ_TIMEOUT_S
+
+    # -- mounting --
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            handler = serve_requests(self._handle_lease, max_frame=MAX_LEASE_FRAME, read_timeout_s=LEASE_READ_TIMEOUT_S)
+            self.host.set_stream_handler(LEASE_PROTOCOL, handler)
+            self.host.set_stream_handler(INFER_PROTOCOL, self._handle_call)
+            nursery.start_soon(self._sweep)
+            task_status.started(self)
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` in the background; its failure is logged and costs only that piece of work."""
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception as error:  # noqa: BLE001 - one lease's trouble must not stop the node
+                code = error.code if isinstance(error, ClawnodeError) else type(error).__name__
+                log.warning("lease background work %s failed: %s", getattr(fn, "__name__", "?"), code)
+
+        if self._nursery is not None:
+            self._nursery.start_soon(guarded)
+
+    async def _handle_lease(self, frame: bytes, remote: ID) -> BaseModel:
+        message = _REQUESTS.validate_json(frame)
+        if isinstance(message, w.QuoteRequest):
+            return await self._quote(message, str(remote))
+        if isinstance(message, w.OpenRequest):
+            return await self._grant(message, str(remote))
+        if isinstance(message, w.RevokeRequest):
+            return await self._revoked_by_peer(message, str(remote))
+        if isinstance(message, w.RenewRequest):
+            return await self._renew(message, str(remote))
+        return await self._countersign(message, str(remote))
+
+    # ================= provider =================
+
+    def _offer(self, capability: str) -> Offer:
+        for offer in self.offers():
+            if offer.name == capability:
+                return offer
+        raise ClawnodeError(ErrorCode.NOT_FOUND, f"this node does not offer {capability}")
+
+    async def _quote(self, message: w.QuoteRequest, remote: str) -> w.QuoteReply:
+        offer = self._offer(message.capability)
+        if self.services.get(message.capability) is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{message.capability} is offered but not being served")
+        if message.duration_s > self.settings.max_lease_s:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, f"leases last at most {self.settings.max_lease_s} s on this node"
+            )
+        terms = self.escrow_terms()
+        trusted = remote in self.settings.trusted_peers
+        if terms is None and not trusted:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected; try again later")
+        quote = w.Quote(
+            quote_id=secrets.token_hex(16),
+            provider=self.peer_id,
+            consumer=remote,
+            capability=offer.name,
+            price_per_unit=offer.price_per_unit,
+            expected_units=message.expected_units,
+            duration_s=message.duration_s,
+            valid_until=int(self.clock()) + self.settings.quote_valid_s,
+            escrow=None if trusted else terms,
+            postpaid_cap=self.settings.postpaid_cap if trusted else 0,
+        )
+        envelope = seal(quote, self.key, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
+        return w.QuoteReply(envelope=_b64(envelope))
+
+    async def _grant(self, message: w.OpenRequest, remote: str) -> w.GrantReply:
+        signer, payload = _open(message.envelope, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
+        if str(signer) != remote:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the lease open is signed by another peer than the sender")
+        opening = w.LeaseOpen.model_validate_json(payload)
+        quote_signer, quote_payload = _open(opening.quote, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
+        if str(quote_signer) != self.peer_id:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote was not signed by this node")
+        quote = w.Quote.model_validate_json(quote_payload)
+        now = int(self.clock())
+        if quote.consumer != remote:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote was made out to another peer")
+        if quote.valid_until < now:
+            raise ClawnodeError(ErrorCode.EXPIRED, "the quote has expired; ask for a new one")
+        if quote.quote_id in self._used_quotes:
+            raise ClawnodeError(ErrorCode.CONFLICT, "this quote was already used to open a lease")
+        if opening.budget < quote.price_per_unit:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the budget does not cover a single unit")
+        escrow_ref = await self._check_payment(quote, opening, remote, now)
+        # Claimed before the first await that could interleave a second open of the same quote.
+        self._used_quotes[quote.quote_id] = quote.valid_until
+        token = secrets.token_urlsafe(32)
+        grant = w.LeaseGrant(
+            lease_id=opening.lease_id,
+            quote_id=quote.quote_id,
+            provider=self.peer_id,
+            consumer=remote,
+            capability=quote.capability,
+            price_per_unit=quote.price_per_unit,
+            budget=opening.budget,
+            expires_at=now + quote.duration_s,
+            token_sha256=token_digest(token),
+            policy=w.LeasePolicy(
+                max_requests=self.settings.max_requests,
+                budget_cap=opening.budget,
+                rate_per_minute=self.settings.rate_per_minute,
+            ),
+            mode=opening.mode,
+        )
+        try:
+            await self.ledger.open_lease(
+                LeaseOpen(
+                    lease_id=grant.lease_id,
+                    role="provider",
+                    provider=self.peer_id,
+                    consumer=remote,
+                    price_per_unit=grant.price_per_unit,
+                    budget=grant.budget,
+                    escrow=escrow_ref,
+                ),
+                idempotency_key=f"grant/{grant.lease_id}",
+            )
+        except ClawnodeError:
+            del self._used_quotes[quote.quote_id]
+            raise
+        self.served[grant.lease_id] = ServedLease(grant, self._new_session(grant, now), escrow_ref)
+        log.info("lease %s granted to %s for %s", grant.lease_id[:12], remote[:16], grant.capability)
+        envelope = seal(grant, self.key, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
+        return w.GrantReply(envelope=_b64(envelope), token=token)
+
+    def _new_session(self, grant: w.LeaseGrant, now: int) -> LeaseSession:
+        s = self.settings
+        session = LeaseSession(
+            SessionPolicy(
+                max_requests=grant.policy.max_requests,
+                budget_cap=grant.policy.budget_cap,
+                rate_per_minute=grant.policy.rate_per_minute,
+                expires_at=grant.expires_at,
+            ),
+            grant.price_per_unit,
+            receipt_every_units=s.receipt_every_units,
+            receipt_every_s=s.receipt_every_s,
+            countersign_timeout_s=s.countersign_timeout_s,
+            abandon_after_s=s.abandon_after_s,
+        )
+        session.grant(now)
+        return session
+
+    async def _check_payment(self, quote: w.Quote, opening: w.LeaseOpen, remote: str, now: int) -> EscrowRef | None:
+        if opening.mode == "postpaid":
+            if quote.escrow is not None or remote not in self.settings.trusted_peers:
+                raise ClawnodeError(ErrorCode.FORBIDDEN, "post-paid leases are for trusted peers only")
+            if opening.budget > quote.postpaid_cap:
+                raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the budget exceeds the post-paid cap")
+            return None
+        terms, lock = quote.escrow, opening.lock
+        if terms is None or lock is None:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "an escrowed lease needs the quote's terms and a lock")
+        client = self.escrow()
+        if client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
+        if lock.escrow_id[2:] != opening.lease_id:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease id must be the escrow id")
+        state = await client.chain.run(client.get, lock.payer, bytes.fromhex(lock.escrow_id[2:]))
+        if state.phase != "active":
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "no active escrow lock was found for this lease")
+        if state.payee.lower() != terms.payee.lower() or state.arbiter.lower() != terms.arbiter.lower():
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock names another payee or arbiter than the quote")
+        if state.amount - state.released < opening.budget:
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the escrow lock holds less than the budget")
+        if state.window != terms.dispute_window_s:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock's dispute window differs from the quote")
+        chain_now = await client.chain.run(client.chain.now)
+        if state.deadline < chain_now + quote.duration_s:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock ends before the lease would")
+        return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
+
+    def _served(self, lease_id: str, remote: str) -> ServedLease:
+        served = self.served.get(lease_id)
+        if served is None or served.grant.consumer != remote:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease with this peer")
+        return served
+
+    async def _renew(self, message: w.RenewRequest, remote: str) -> w.Ack:
+        served = self._served(message.lease_id, remote)
+        limit = int(self.clock()) + self.settings.max_lease_s
+        if message.expires_at > limit:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"leases last at most {self.settings.max_lease_s} s")
+        if served.escrow is not None:
+            client = self.escrow()
+            if client is None:
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
+            state = await client.chain.run(client.get, served.escrow.payer, bytes.fromhex(served.escrow.escrow_id[2:]))
+            if state.deadline < message.expires_at:
+                raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the escrow lock ends before the renewed lease")
+        served.session.renew(message.expires_at, "consumer")
+        served.grant = served.grant.model_copy(update={"expires_at": message.expires_at})
+        return w.Ack(expires_at=message.expires_at)
+
+    async def _handle_call(self, stream: INetStream) -> None:
+        remote = str(stream.muxed_conn.peer_id)
+        reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
+        try:
+            try:
+                call = w.CallRequest.model_validate_json(await reader.read_frame(self.call_read_timeout_s))
+                end = await self._serve_call(call, remote, stream)
+                reply: BaseModel = end
+            except Exception as error:  # noqa: BLE001 - every failure becomes an error frame
+                if not isinstance(error, ClawnodeError | ValidationError):
+                    log.warning("call failed: %s", type(error).__name__)
+                reply = error_reply(error)
+            with trio.move_on_after(CALL_READ_TIMEOUT_S):
+                await write_frame(stream, reply.model_dump_json().encode(), max_frame=MAX_CALL_FRAME)
+        finally:
+            with trio.move_on_after(1):
+                await stream.close()
+
+    async def _serve_call(self, call: w.CallRequest, remote: str, stream: INetStream) -> w.CallEnd:
+        served = self.served.get(call.lease_id)
+        if (
+            served is None
+            or served.grant.consumer != remote
+            or not hmac.compare_digest(token_digest(call.token), served.grant.token_sha256)
+        ):
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "unknown lease or wrong access token")
+        if served.ended_reason is not None:
+            code = ErrorCode.EXPIRED if served.ended_reason == "expired" else ErrorCode.CONFLICT
+            raise ClawnodeError(code, f"the lease has ended ({served.ended_reason})")
+        served.session.consumer_seen(self.clock())
+        try:
+            served.session.authorize(self.clock(), units_estimate=_units_estimate(call.body))
+        except ClawnodeError as error:
+            if error.code == ErrorCode.EXPIRED:
+                self._spawn(self._end_served, call.lease_id, "expired")
+            raise
+        service = self.services.get(served.grant.capability)
+        if service is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{served.grant.capability} is not being served right now")
+
+        async def emit(data: dict[str, Any]) -> None:
+            chunk = w.Chunk(data=data).model_dump_json().encode()
+            with trio.fail_after(CALL_READ_TIMEOUT_S):
+                await write_frame(stream, chunk, max_frame=MAX_CALL_FRAME)
+
+        usage = await service.run(call.body, emit)
+        # What the budget still covers: an engine that overshoots its estimate costs the provider.
+        session = served.session
+        affordable = (
+            usage.units
+            if session.price_per_unit == 0
+            else (session.policy.budget_cap // session.price_per_unit) - session.units_metered
+        )
+        units = max(0, min(usage.units, affordable))
+        if units > 0:
+            await self.ledger.record_usage(
+                call.lease_id, writer=self.peer_id, units=units, idempotency_key=f"call/{secrets.token_hex(12)}"
+            )
+            if session.meter(units, self.clock()):
+                self._spawn(self._push_receipt, call.lease_id)
+        return w.CallEnd(units=units, usage=usage.detail, served_by=self.peer_id)
+
+    async def _push_receipt(self, lease_id: str) -> bool:
+        """Sign a receipt for everything metered and get it countersigned; False if the consumer did not."""
+        served = self.served.get(lease_id)
+        if served is None:
+            return False
+        async with served.push_lock:
+            receipt = await self.ledger.issue_receipt(lease_id, self.key)
+            if receipt.countersigned:
+                return True
+            if receipt.body.seq > served.session.last_seq:
+                served.session.receipt_issued(receipt.body.seq, receipt.body.units, self.clock())
+            try:
+                reply = await request(
+                    self.host,
+                    ID.from_base58(served.grant.consumer),
+                    LEASE_PROTOCOL,
+                    w.ReceiptPush(receipt=receipt),
+                    _COUNTERSIGNED,
+                    timeout_s=PUSH_TIMEOUT_S,
+                    max_frame=MAX_LEASE_FRAME,
+                )
+                signed = reply.receipt
+                if signed.body != receipt.body or signed.provider_sig != receipt.provider_sig:
+                    raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the consumer countersigned another receipt")
+                await self.ledger.record_countersigned(signed)
+            except ClawnodeError as error:
+                log.info("receipt %d of lease %s not countersigned: %s", receipt.body.seq, lease_id[:12], error.code)
+                return False
+            served.session.countersigned(receipt.body.seq, self.clock())
+            return True
+
+    async def _sweep(self) -> None:
+        while True:
+            await trio.sleep(SWEEP_INTERVAL_S)
+            for lease_id, served in list(self.served.items()):
+                if served.ended_reason is not None:
+                    continue
+                if served.session.state == "lease_ended":  # expired while authorizing a call
+                    self._spawn(self._end_served, lease_id, "expired")
+                    continue
+                for action in served.session.tick(self.clock()):
+                    if action == "issue_receipt":
+                        self._spawn(self._push_receipt, lease_id)
+                    elif action == "pause":
+                        log.info("lease %s paused: a receipt waits for its countersignature", lease_id[:12])
+                    elif action in ("end_abandoned", "expire"):
+                        self._spawn(self._end_served, lease_id, "abandoned" if action == "end_abandoned" else "expired")
+
+    async def _end_served(self, lease_id: str, reason: str, *, notify: bool = True) -> None:
+        served = self.served.get(lease_id)
+        if served is None or served.ended_reason is not None:
+            return
+        served.ended_reason = reason
+        # The final receipt, while the consumer may still be there to countersign it.
+        with trio.move_on_after(PUSH_TIMEOUT_S):
+            await self._push_receipt(lease_id)
+        await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
+        if served.escrow is not None:
+            try:
+                await self.ledger.enqueue_claim(lease_id)
+                self.wake_settlement()
+            except ClawnodeError as error:
+                log.info("lease %s ended with nothing to claim (%s)", lease_id[:12], error.code)
+        log.info("lease %s ended: %s", lease_id[:12], reason)
+        if notify:
+            with trio.move_on_after(PUSH_TIMEOUT_S):
+                try:
+                    await request(
+                        self.host,
+                        ID.from_base58(served.grant.consumer),
+                        LEASE_PROTOCOL,
+                        w.RevokeRequest(lease_id=lease_id, reason=reason),
+                        _ACK,
+                        timeout_s=PUSH_TIMEOUT_S,
+                    )
+                except ClawnodeError:
+                    pass
+
+    async def _revoked_by_peer(self, message: w.RevokeRequest, remote: str) -> w.Ack:
+        if message.lease_id in self.served:
+            served = self._served(message.lease_id, remote)
+            if served.ended_reason is not None:
+                return w.Ack()
+            served.session.revoke("consumer")
+            await self._end_served(message.lease_id, "revoked by the consumer", notify=False)
+            return w.Ack()
+        held = self.held.get(message.lease_id)
+        if held is None or held.grant.provider != remote:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease with this peer")
+        await self._end_held(message.lease_id, message.reason)
+        return w.Ack()
+
+    # ================= consumer =================
+
+    async def open_lease(
+        self,
+        provider: str,
+        capability: str,
+        *,
+        budget: int | None = None,
+        duration_s: int = 3600,
+        expected_units: int = 1000,
+    ) -> w.LeaseView:
+        try:
+            peer = ID.from_base58(provider)
+        except Exception:  # noqa: BLE001 - base58 and multihash errors alike
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "not a peer id") from None
+        if provider == self.peer_id:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "a node cannot lease from itself")
+        quote_reply = await request(
+            self.host,
+            peer,
+            LEASE_PROTOCOL,
+            w.QuoteRequest(capability=capability, expected_units=expected_units, duration_s=duration_s),
+            _QUOTE_REPLY,
+        )
+        signer, payload = _open(quote_reply.envelope, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
+        if str(signer) != provider:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote is signed by another peer than the provider")
+        quote = w.Quote.model_validate_json(payload)
+        if quote.consumer != self.peer_id or quote.capability != capability or quote.provider != provider:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote is not the one asked for")
+        amount = budget if budget is not None else quote.price_per_unit * quote.expected_units
+        escrow_id = secrets.token_bytes(32)
+        lease_id = escrow_id.hex()
+        lock: w.EscrowLock | None = None
+        escrow_ref: EscrowRef | None = None
+        if quote.escrow is not None:
+            client = self._our_escrow_for(quote.escrow)
+            escrow_ref = EscrowRef(contract=client.address, payer=client.account.address, escrow_id="0x" + lease_id)
+        else:
+            if amount > quote.postpaid_cap:
+                raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the budget exceeds the provider's post-paid cap")
+        # In the ledger before any money moves: a lock that never becomes a lease is refunded from here.
+        await self.ledger.open_lease(
+            LeaseOpen(
+                lease_id=lease_id,
+                role="consumer",
+                provider=provider,
+                consumer=self.peer_id,
+                price_per_unit=quote.price_per_unit,
+                budget=amount,
+                escrow=escrow_ref,
+            ),
+            idempotency_key=f"open/{lease_id}",
+        )
+        try:
+            if quote.escrow is not None:
+                lock = await self._lock(quote, escrow_id, amount)
+            opening = w.LeaseOpen(
+                quote=quote_reply.envelope,
+                lease_id=lease_id,
+                budget=amount,
+                mode="escrow" if lock else "postpaid",
+                lock=lock,
+            )
+            envelope = seal(opening, self.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
+            grant_reply = await request(
+                self.host, peer, LEASE_PROTOCOL, w.OpenRequest(envelope=_b64(envelope)), _GRANT_REPLY
+            )
+            grant = self._check_grant(grant_reply, provider, quote, opening)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._abandon_opening(lease_id, escrowed=lock is not None)
+            raise
+        self.held[lease_id] = HeldLease(grant, grant_reply.token, escrow_id if lock else None)
+        log.info("lease %s opened with %s for %s", lease_id[:12], provider[:16], capability)
+        return self._view_held(self.held[lease_id])
+
+    def _our_escrow_for(self, terms: w.EscrowTerms) -> EscrowClient:
+        client = self.escrow()
+        if client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected; cannot lock")
+        if client.chain.chain_id != terms.chain_id or client.address.lower() != terms.contract.lower():
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "the provider's escrow is on another chain or contract")
+        return client
+
+    async def _lock(self, quote: w.Quote, escrow_id: bytes, amount: int) -> w.EscrowLock:
+        assert quote.escrow is not None
+        terms = quote.escrow
+        client = self._our_escrow_for(terms)
+        chain_now = await client.chain.run(client.chain.next_timestamp)
+        result = await client.chain.run(
+            lambda: client.lock(
+                escrow_id,
+                payee=terms.payee,
+                arbiter=terms.arbiter,
+                amount=amount,
+                deadline=chain_now + quote.duration_s + DEADLINE_SLACK_S,
+                window=terms.dispute_window_s,
+            )
+        )
+        return w.EscrowLock(payer=client.account.address, escrow_id="0x" + escrow_id.hex(), tx_hash=result.tx_hash)
+
+    def _check_grant(self, reply: w.GrantReply, provider: str, quote: w.Quote, opening: w.LeaseOpen) -> w.LeaseGrant:
+        signer, payload = _open(reply.envelope, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
+        if str(signer) != provider:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the grant is signed by another peer than the provider")
+        grant = w.LeaseGrant.model_validate_json(payload)
+        if (
+            grant.lease_id != opening.lease_id
+            or grant.consumer != self.peer_id
+            or grant.quote_id != quote.quote_id
+            or grant.price_per_unit != quote.price_per_unit
+            or grant.budget != opening.budget
+        ):
+            raise ClawnodeError(ErrorCode.CONFLICT, "the grant does not match the lease we opened")
+        if not hmac.compare_digest(token_digest(reply.token), grant.token_sha256):
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the access token does not match the signed grant")
+        return grant
+
+    async def _abandon_opening(self, lease_id: str, *, escrowed: bool) -> None:
+        try:
+            await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
+            if escrowed:
+                await self.ledger.enqueue_refund(lease_id)
+                self.wake_settlement()
+        except ClawnodeError as error:
+            log.warning("could not wind down the failed lease %s: %s", lease_id[:12], error.code)
+
+    def _held(self, lease_id: str) -> HeldLease:
+        held = self.held.get(lease_id)
+        if held is None:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no lease with this id")
+        if held.ended_reason is not None:
+            code = ErrorCode.EXPIRED if held.ended_reason == "expired" else ErrorCode.CONFLICT
+            raise ClawnodeError(code, f"the lease has ended ({held.ended_reason})")
+        return held
+
+    async def call(self, lease_id: str, body: dict[str, Any], *, timeout_s: float = 120.0) -> w.CallResult:
+        """Use a lease: send one request, collect the streamed chunks and the exact usage."""
+        held = self._held(lease_id)
+        request_frame = w.CallRequest(lease_id=lease_id, token=held.token, body=body).model_dump_json().encode()
+        chunks: list[dict[str, Any]] = []
+        try:
+            with trio.fail_after(timeout_s):
+                stream = await self.host.new_stream(ID.from_base58(held.grant.provider), [INFER_PROTOCOL])
+                try:
+                    await write_frame(stream, request_frame, max_frame=MAX_CALL_FRAME)
+                    reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
+                    while True:
+                        frame = parse_reply(await reader.read_frame(timeout_s), _CALL_FRAMES)
+                        if isinstance(frame, w.Chunk):
+                            chunks.append(frame.data)
+                            continue
+                        held.seen_units += frame.units
+                        return w.CallResult(
+                            chunks=chunks, units=frame.units, usage=frame.usage, served_by=frame.served_by
+                        )
+                finally:
+                    with trio.move_on_after(1):
+                        await stream.close()
+        except trio.TooSlowError:
+            raise ClawnodeError(ErrorCode.TIMEOUT, "the provider did not finish in time") from None
+        except ClawnodeError:
+            raise
+        except Exception as error:  # noqa: BLE001 - dial and stream failures come in many types
+            raise ClawnodeError(
+                ErrorCode.UNAVAILABLE, f"the provider is unreachable ({type(error).__name__})"
+            ) from None
+
+    async def _countersign(self, message: w.ReceiptPush, remote: str) -> w.Countersigned:
+        receipt = message.receipt
+        held = self.held.get(receipt.body.lease_id)
+        if held is None or held.grant.provider != remote or receipt.body.provider != remote:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease with this peer")
+        with trio.move_on_after(RECEIPT_CATCH_UP_S):
+            while held.seen_units < receipt.body.units:
+                await trio.sleep(0.05)
+        check_receipt_claim(receipt.body.units, receipt.body.amount, held.seen_units, held.grant.price_per_unit)
+        voucher = await self._voucher(held, receipt.body.amount)
+        signed: SignedReceipt = await self.ledger.countersign_receipt(receipt, self.key, voucher=voucher)
+        held.last_countersigned_seq = receipt.body.seq
+        return w.Countersigned(receipt=signed)
+
+    async def _voucher(self, held: HeldLease, amount: int) -> str | None:
+        if held.escrow_id is None:
+            return None
+        client = self.escrow()
+        if client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
+        escrow_id = held.escrow_id
+        signature = await client.chain.run(client.sign_voucher, escrow_id, amount)
+        return "0x" + signature.hex()
+
+    async def revoke(self, lease_id: str) -> w.LeaseView:
+        """End a lease from either side; the provider claims what was countersigned, the rest is refunded."""
+        if lease_id in self.served and self.served[lease_id].ended_reason is None:
+            served = self.served[lease_id]
+            served.session.revoke("provider")
+            view = self._view_served(served)
+            await self._end_served(lease_id, "revoked by the provider")
+            return view.model_copy(update={"state": "lease_ended"})
+        held = self._held(lease_id)
+        with trio.move_on_after(PUSH_TIMEOUT_S):
+            try:
+                await request(
+                    self.host,
+                    ID.from_base58(held.grant.provider),
+                    LEASE_PROTOCOL,
+                    w.RevokeRequest(lease_id=lease_id),
+                    _ACK,
+                    timeout_s=PUSH_TIMEOUT_S,
+                )
+            except ClawnodeError as error:
+                log.info("the provider did not acknowledge the revocation of %s (%s)", lease_id[:12], error.code)
+        await self._end_held(lease_id, "revoked by the consumer")
+        return self._view_held(held)
+
+    async def renew(self, lease_id: str, duration_s: int) -> w.LeaseView:
+        held = self._held(lease_id)
+        expires_at = held.grant.expires_at + duration_s
+        await request(
+            self.host,
+            ID.from_base58(held.grant.provider),
+            LEASE_PROTOCOL,
+            w.RenewRequest(lease_id=lease_id, expires_at=expires_at),
+            _ACK,
+        )
+        held.grant = held.grant.model_copy(update={"expires_at": expires_at})
+        return self._view_held(held)
+
+    async def _end_held(self, lease_id: str, reason: str) -> None:
+        held = self.held.get(lease_id)
+        if held is None or held.ended_reason is not None:
+            return
+        held.ended_reason = reason
+        await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
+        if held.escrow_id is not None:
+            await self.ledger.enqueue_refund(lease_id)
+            self.wake_settlement()
+
+    # ================= views =================
+
+    def _view_held(self, held: HeldLease) -> w.LeaseView:
+        g = held.grant
+        return w.LeaseView(
+            lease_id=g.lease_id,
+            role="consumer",
+            provider=g.provider,
+            consumer=g.consumer,
+            capability=g.capability,
+            price_per_unit=g.price_per_unit,
+            budget=g.budget,
+            expires_at=g.expires_at,
+            mode=g.mode,
+            state="lease_active" if held.ended_reason is None else "lease_ended",
+            units=held.seen_units,
+        )
+
+    def _view_served(self, served: ServedLease) -> w.LeaseView:
+        g = served.grant
+        return w.LeaseView(
+            lease_id=g.lease_id,
+            role="provider",
+            provider=g.provider,
+            consumer=g.consumer,
+            capability=g.capability,
+            price_per_unit=g.price_per_unit,
+            budget=g.budget,
+            expires_at=g.expires_at,
+            mode=g.mode,
+            state=str(served.session.state),
+            units=served.session.units_metered,
+        )
+
+    def leases(self) -> list[w.LeaseView]:
+        views = [self._view_served(s) for s in self.served.values()]
+        views.extend(self._view_held(h) for h in self.held.values())
+        return sorted(views, key=lambda view: view.lease_id)

@@ -1,0 +1,215 @@
+"""The messages of ``/clawnode/lease/1.0.0`` and ``/clawnode/infer/1.0.0``.
+
+Signed objects (a provider's quote and grant, a consumer's lease open) travel as libp2p signed
+envelopes (``protocols.signed``), base64 in a JSON frame, each kind under its own domain so a
+signature on one can never be replayed as another. Everything else rides on the Noise-secured
+stream, whose remote peer id already says who is speaking.
+
+The access token of a grant travels beside the signed grant, never inside it: the grant names
+only the token's sha256, so a grant can be stored, shown and audited without the secret.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dht.records import CAPABILITY_NAME
+from runtime.ledger.receipts import LEASE_ID_PATTERN, MAX_AMOUNT, PEER_ID_PATTERN, SignedReceipt
+
+ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+HEX32 = r"^0x[0-9a-f]{64}$"
+SHA256_HEX = r"^[0-9a-f]{64}$"
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+MAX_DURATION_S = 30 * 24 * 3600
+
+QUOTE_DOMAIN = "clawnode-lease-quote"
+QUOTE_TYPE = b"/clawnode/lease-quote/1"
+OPEN_DOMAIN = "clawnode-lease-open"
+OPEN_TYPE = b"/clawnode/lease-open/1"
+GRANT_DOMAIN = "clawnode-lease-grant"
+GRANT_TYPE = b"/clawnode/lease-grant/1"
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- signed payloads --
+
+
+class EscrowTerms(_Msg):
+    """How the provider wants to be paid: lock the budget in this contract, for this payee."""
+
+    chain_id: int = Field(ge=1)
+    contract: str = Field(pattern=ADDRESS)
+    payee: str = Field(pattern=ADDRESS, description="the provider's wallet")
+    arbiter: str = Field(pattern=ADDRESS)
+    dispute_window_s: int = Field(ge=0, le=MAX_DURATION_S)
+
+
+class LeasePolicy(_Msg):
+    max_requests: int = Field(ge=1, le=10**9)
+    budget_cap: int = Field(ge=0, le=MAX_AMOUNT, description="wei; the lease never meters beyond it")
+    rate_per_minute: int = Field(ge=1, le=10**6)
+
+
+class Quote(_Msg):
+    quote_id: str = Field(pattern=ID_PATTERN)
+    provider: str = Field(pattern=PEER_ID_PATTERN)
+    consumer: str = Field(pattern=PEER_ID_PATTERN, description="only this peer may open a lease on the quote")
+    capability: str = Field(pattern=CAPABILITY_NAME)
+    price_per_unit: int = Field(ge=0, le=MAX_AMOUNT)
+    expected_units: int = Field(ge=1, le=2**62)
+    duration_s: int = Field(ge=1, le=MAX_DURATION_S)
+    valid_until: int = Field(ge=0, description="unix seconds; the quote cannot be opened after this")
+    escrow: EscrowTerms | None = Field(None, description="None: post-paid, for trusted peers only")
+    postpaid_cap: int = Field(0, ge=0, le=MAX_AMOUNT, description="the most a post-paid lease may owe")
+
+
+class EscrowLock(_Msg):
+    payer: str = Field(pattern=ADDRESS)
+    escrow_id: str = Field(pattern=HEX32)
+    tx_hash: str | None = Field(None, pattern=HEX32)
+
+
+class LeaseOpen(_Msg):
+    """The consumer's signed request to open a lease on a quote it received."""
+
+    quote: str = Field(max_length=8192, description="base64 of the provider's signed quote envelope")
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    budget: int = Field(ge=0, le=MAX_AMOUNT)
+    mode: Literal["escrow", "postpaid"]
+    lock: EscrowLock | None = None
+
+
+class LeaseGrant(_Msg):
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    quote_id: str = Field(pattern=ID_PATTERN)
+    provider: str = Field(pattern=PEER_ID_PATTERN)
+    consumer: str = Field(pattern=PEER_ID_PATTERN)
+    capability: str = Field(pattern=CAPABILITY_NAME)
+    price_per_unit: int = Field(ge=0, le=MAX_AMOUNT)
+    budget: int = Field(ge=0, le=MAX_AMOUNT)
+    expires_at: int = Field(ge=0)
+    token_sha256: str = Field(pattern=SHA256_HEX)
+    policy: LeasePolicy
+    mode: Literal["escrow", "postpaid"]
+
+
+# -- requests --
+
+
+class QuoteRequest(_Msg):
+    type: Literal["quote_request"] = "quote_request"
+    capability: str = Field(pattern=CAPABILITY_NAME)
+    expected_units: int = Field(ge=1, le=2**62)
+    duration_s: int = Field(ge=1, le=MAX_DURATION_S)
+
+
+class OpenRequest(_Msg):
+    type: Literal["open"] = "open"
+    envelope: str = Field(max_length=16384, description="base64 of the consumer's signed LeaseOpen")
+
+
+class RevokeRequest(_Msg):
+    """Either side ends the lease; the stream's remote peer must be the lease's other party."""
+
+    type: Literal["revoke"] = "revoke"
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    reason: str = Field("revoked", max_length=64)
+
+
+class RenewRequest(_Msg):
+    type: Literal["renew"] = "renew"
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    expires_at: int = Field(ge=0)
+
+
+class ReceiptPush(_Msg):
+    """Provider → consumer: countersign this usage receipt."""
+
+    type: Literal["receipt"] = "receipt"
+    receipt: SignedReceipt
+
+
+LeaseRequest = Annotated[
+    QuoteRequest | OpenRequest | RevokeRequest | RenewRequest | ReceiptPush, Field(discriminator="type")
+]
+
+
+# -- replies --
+
+
+class QuoteReply(_Msg):
+    type: Literal["quote"] = "quote"
+    envelope: str = Field(max_length=8192)
+
+
+class GrantReply(_Msg):
+    type: Literal["grant"] = "grant"
+    envelope: str = Field(max_length=8192)
+    token: str = Field(min_length=32, max_length=128)
+
+
+class Ack(_Msg):
+    type: Literal["ack"] = "ack"
+    expires_at: int | None = None
+
+
+class Countersigned(_Msg):
+    type: Literal["countersigned"] = "countersigned"
+    receipt: SignedReceipt
+
+
+# -- /clawnode/infer/1.0.0 --
+
+
+class CallRequest(_Msg):
+    type: Literal["call"] = "call"
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    token: str = Field(min_length=1, max_length=128)
+    body: dict[str, Any]
+
+
+class Chunk(_Msg):
+    type: Literal["chunk"] = "chunk"
+    data: dict[str, Any]
+
+
+class CallEnd(_Msg):
+    type: Literal["end"] = "end"
+    units: int = Field(ge=0, le=2**62, description="exactly what the engine counted for this call")
+    usage: dict[str, int] = Field(default_factory=dict)
+    served_by: str = Field(pattern=PEER_ID_PATTERN)
+
+
+class Cancel(_Msg):
+    type: Literal["cancel"] = "cancel"
+
+
+# -- what the API and CLI show --
+
+
+class LeaseView(BaseModel):
+    """A lease as the API and CLI show it: never the token."""
+
+    lease_id: str
+    role: str
+    provider: str
+    consumer: str
+    capability: str
+    price_per_unit: int
+    budget: int
+    expires_at: int
+    mode: str
+    state: str
+    units: int
+
+
+class CallResult(BaseModel):
+    chunks: list[dict[str, Any]]
+    units: int
+    usage: dict[str, int]
+    served_by: str

@@ -1,0 +1,105 @@
+"""The lease market end to end: real nodes, real libp2p streams, real ledgers, a real escrow contract.
+
+discover → quote → lock → grant → use → receipts → claim (release against countersigned receipts)
+→ refund of the rest, and the paths where things go wrong.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from dht.discovery import DiscoveryQuery, ProviderResult
+from node.daemon import Node
+from runtime.ledger import Lease
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, SharedChain, market_nodes, wait_for
+
+PROMPT = "the quick brown fox jumps over the lazy dog again"  # 10 words
+
+
+async def _settled(node: Node, lease_id: str) -> Lease:
+    lease: Lease = await node.ledger.get_lease(lease_id)
+    return lease
+
+
+async def _all_landed(node: Node) -> bool:
+    settlements = await node.ledger.list_settlements()
+    return bool(settlements) and all(s.state == "landed" for s in settlements)
+
+
+async def _wait_landed(node: Node, timeout_s: float = 60) -> None:
+    with trio.fail_after(timeout_s):
+        while not await _all_landed(node):
+            node._wake_settlement()
+            await trio.sleep(0.2)
+
+
+async def test_discover_lease_use_settle_and_refund() -> None:
+    specs = [{}, {"offers": (WORD_OFFER,)}, {}]
+    async with market_nodes(specs) as (nodes, shared):
+        _, provider, consumer = nodes
+        await wait_for(lambda: provider.publisher.record is not None)
+        found: list[ProviderResult] = []
+        with trio.fail_after(60):
+            while not found:
+                found = await consumer.discover(DiscoveryQuery(capability=WORDS))
+                await trio.sleep(0.2)
+        assert found[0].peer_id == str(provider.host.get_id())
+        assert found[0].price_per_unit == WORD_PRICE
+
+        budget = 100 * WORD_PRICE
+        lease = await consumer.market.open_lease(found[0].peer_id, WORDS, budget=budget, duration_s=30)
+        assert lease.budget == budget and lease.mode == "escrow"
+        client = consumer.escrow_client
+        state = await client.chain.run(client.get, client.account.address, bytes.fromhex(lease.lease_id))
+        assert state.phase == "active" and state.amount == budget
+
+        results = [await consumer.market.call(lease.lease_id, {"prompt": PROMPT}) for _ in range(3)]
+        assert [r.units for r in results] == [10, 10, 10]
+        assert " ".join(c["text"] for c in results[0].chunks) == PROMPT
+        assert results[0].served_by == found[0].peer_id
+
+        # Receipts every 10 units: each call's receipt is countersigned by the consumer.
+        async def countersigned_units() -> int:
+            receipts = await provider.ledger.list_receipts(lease.lease_id)
+            return max((r.units for r in receipts if r.countersigned), default=0)
+
+        with trio.fail_after(20):
+            while await countersigned_units() < 30:
+                await trio.sleep(0.1)
+
+        await consumer.market.revoke(lease.lease_id)
+        # The provider claims what the consumer countersigned: 30 words.
+        await _wait_landed(provider)
+        state = await client.chain.run(client.get, client.account.address, bytes.fromhex(lease.lease_id))
+        assert state.released == 30 * WORD_PRICE
+        assert provider.escrow_client is not None
+        credit = await client.chain.run(client.credit_of, provider.escrow_client.account.address)
+        assert credit == 30 * WORD_PRICE
+
+        # The rest comes back to the consumer once deadline + dispute window have passed.
+        await trio.to_thread.run_sync(shared.chain.time_travel, 30 + 30 + 5 + 5)
+        await _wait_landed(consumer)
+        state = await client.chain.run(client.get, client.account.address, bytes.fromhex(lease.lease_id))
+        assert state.phase == "closed"
+        consumer_credit = await client.chain.run(client.credit_of, client.account.address)
+        assert consumer_credit == budget - 30 * WORD_PRICE
+
+        # Both ledgers agree with each other and with the chain.
+        provider_lease = await _settled(provider, lease.lease_id)
+        consumer_lease = await _settled(consumer, lease.lease_id)
+        assert provider_lease.settled_amount == 30 * WORD_PRICE
+        assert provider_lease.metered_units == 30
+        assert consumer_lease.refunded_amount == budget - 30 * WORD_PRICE
+        for node in (provider, consumer):
+            assert (await node.ledger.verify_audit()).ok
+
+
+async def test_a_shared_chain_fixture_is_reusable() -> None:
+    """Two market runs on one chain: escrow ids never collide, wallets are funded per node."""
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    for _ in range(2):
+        async with market_nodes([{"offers": (WORD_OFFER,)}, {}], chain=shared) as (nodes, _):
+            provider, consumer = nodes
+            lease = await consumer.market.open_lease(str(provider.host.get_id()), WORDS, budget=WORD_PRICE * 5)
+            result = await consumer.market.call(lease.lease_id, {"prompt": "one two"})
+            assert result.units == 2
