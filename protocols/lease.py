@@ -169,11 +169,47 @@ class LeaseMarket:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await self._recover()
             handler = serve_requests(self._handle_lease, max_frame=MAX_LEASE_FRAME, read_timeout_s=LEASE_READ_TIMEOUT_S)
             self.host.set_stream_handler(LEASE_PROTOCOL, handler)
             self.host.set_stream_handler(INFER_PROTOCOL, self._handle_call)
             nursery.start_soon(self._sweep)
             task_status.started(self)
+
+    async def _recover(self) -> None:
+        """After a restart: keep serving the leases whose grant was stored; wind down the rest.
+
+        A consumer's access tokens lived in memory only, so the leases it held cannot be used
+        again: they end, and the rest of their locks goes back through the settlement queue.
+        """
+        now = int(self.clock())
+        for lease, grant_json in await self.ledger.open_leases():
+            if lease.role == "provider" and grant_json is not None:
+                grant = w.LeaseGrant.model_validate_json(grant_json)
+                session = self._new_session(grant, min(now, grant.expires_at - 1))
+                last_seq, receipted, signed_seq, signed = await self.ledger.receipt_progress(lease.lease_id)
+                session.restore(
+                    units_metered=lease.metered_units,
+                    last_seq=last_seq,
+                    units_receipted=receipted,
+                    countersigned_seq=signed_seq,
+                    units_countersigned=signed,
+                    now=now,
+                )
+                self.served[lease.lease_id] = ServedLease(grant, session, lease.escrow)
+                log.info("lease %s restored", lease.lease_id[:12])
+                continue
+            await self.ledger.end_lease(lease.lease_id, idempotency_key=f"end/{lease.lease_id}")
+            if lease.escrow is None:
+                continue
+            try:
+                if lease.role == "provider":
+                    await self.ledger.enqueue_claim(lease.lease_id)
+                else:
+                    await self.ledger.enqueue_refund(lease.lease_id)
+            except ClawnodeError as error:
+                log.info("lease %s ended at restart with nothing to settle (%s)", lease.lease_id[:12], error.code)
+        self.wake_settlement()
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` in the background; its failure is logged and costs only that piece of work."""
@@ -284,6 +320,7 @@ class LeaseMarket:
                     price_per_unit=grant.price_per_unit,
                     budget=grant.budget,
                     escrow=escrow_ref,
+                    grant=grant.model_dump_json(),
                 ),
                 idempotency_key=f"grant/{grant.lease_id}",
             )
@@ -362,6 +399,7 @@ class LeaseMarket:
                 raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the escrow lock ends before the renewed lease")
         served.session.renew(message.expires_at, "consumer")
         served.grant = served.grant.model_copy(update={"expires_at": message.expires_at})
+        await self.ledger.update_grant(message.lease_id, served.grant.model_dump_json())
         return w.Ack(expires_at=message.expires_at)
 
     async def _handle_call(self, stream: INetStream) -> None:

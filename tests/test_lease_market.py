@@ -6,12 +6,29 @@ discover → quote → lock → grant → use → receipts → claim (release ag
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import trio
 
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.daemon import Node
 from runtime.ledger import Lease
-from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, SharedChain, market_nodes, wait_for
+from runtime.service import ServiceRegistry
+from tests.support.market import (
+    WORD_OFFER,
+    WORD_PRICE,
+    WORDS,
+    SharedChain,
+    WordService,
+    market_config,
+    market_nodes,
+    wait_for,
+)
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
 
 PROMPT = "the quick brown fox jumps over the lazy dog again"  # 10 words
 
@@ -103,3 +120,44 @@ async def test_a_shared_chain_fixture_is_reusable() -> None:
             lease = await consumer.market.open_lease(str(provider.host.get_id()), WORDS, budget=WORD_PRICE * 5)
             result = await consumer.market.call(lease.lease_id, {"prompt": "one two"})
             assert result.units == 2
+
+
+async def test_a_restarted_provider_keeps_serving_its_leases(tmp_path: Path) -> None:
+    """The grant is kept in the provider's ledger: after a restart the same token works, metering
+    continues where the ledger left it, and receipts keep being countersigned."""
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    async with market_nodes([{}], chain=shared) as (nodes, _):
+        consumer = nodes[0]
+
+        async def run_provider(task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+            config = market_config(bootstrap=[], offers=(WORD_OFFER,))
+            services = ServiceRegistry()
+            services.register(WORDS, WordService())
+            node = Node(config, tmp_path / "provider", services=services, escrow_connector=shared.connector)
+            await node.run(task_status=task_status)
+
+        async with trio.open_nursery() as nursery:
+            provider: Node = await nursery.start(run_provider)
+            await wait_for(lambda: provider.escrow_client is not None)
+            consumer.host.get_peerstore().add_addrs(provider.host.get_id(), provider.host.get_addrs(), 3600)
+            view = await consumer.market.open_lease(str(provider.host.get_id()), WORDS, budget=WORD_PRICE * 100)
+            assert (await consumer.market.call(view.lease_id, {"prompt": PROMPT})).units == 10
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            provider = await nursery.start(run_provider)
+            await wait_for(lambda: provider.escrow_client is not None)
+            # Same identity, new port: what the DHT would tell the consumer.
+            consumer.host.get_peerstore().add_addrs(provider.host.get_id(), provider.host.get_addrs(), 3600)
+            assert (await consumer.market.call(view.lease_id, {"prompt": "three more words"})).units == 3
+            lease = await provider.ledger.get_lease(view.lease_id)
+            assert lease.metered_units == 13 and lease.state == "open"
+
+            async def countersigned() -> int:
+                receipts = await provider.ledger.list_receipts(view.lease_id)
+                return max((r.units for r in receipts if r.countersigned), default=0)
+
+            with trio.fail_after(20):
+                while await countersigned() < 13:
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()

@@ -182,6 +182,27 @@ class LeaseSession:
         self.last_receipt_at = now
         self.last_contact_at = now
 
+    def restore(
+        self,
+        *,
+        units_metered: int,
+        last_seq: int,
+        units_receipted: int,
+        countersigned_seq: int,
+        units_countersigned: int,
+        now: float,
+    ) -> None:
+        """Pick a granted lease up after a restart from what the ledger kept.
+
+        A receipt that was issued but not countersigned is outstanding again, its clock restarted.
+        """
+        if not 0 <= units_countersigned <= units_receipted <= units_metered or countersigned_seq > last_seq:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "inconsistent metering to restore")
+        self.units_metered = units_metered
+        self.last_seq, self.units_receipted = last_seq, units_receipted
+        self.countersigned_seq, self.units_countersigned = countersigned_seq, units_countersigned
+        self.outstanding = {last_seq: _Receipt(last_seq, units_receipted, now)} if last_seq > countersigned_seq else {}
+
     def revoke(self, actor: str) -> None:
         self._apply(LeaseEvent.REVOKE, actor)
 

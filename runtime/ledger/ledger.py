@@ -62,6 +62,15 @@ class Ledger:
     async def end_lease(self, lease_id: str, *, idempotency_key: str) -> Lease:
         return await self._run(self.store.end_lease, lease_id, idempotency_key=idempotency_key)
 
+    async def update_grant(self, lease_id: str, grant: str) -> None:
+        await self._run(self.store.update_grant, lease_id, grant)
+
+    async def open_leases(self) -> list[tuple[Lease, str | None]]:
+        return await self._run(self.store.open_leases)
+
+    async def receipt_progress(self, lease_id: str) -> tuple[int, int, int, int]:
+        return await self._run(self.store.receipt_progress, lease_id)
+
     async def get_lease(self, lease_id: str) -> Lease:
         return await self._run(self.store.get_lease, lease_id)
 

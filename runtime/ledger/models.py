@@ -37,6 +37,9 @@ class LeaseOpen(_In):
     price_per_unit: int = Field(ge=0, le=MAX_AMOUNT, description="wei per metered unit (token)")
     budget: int = Field(ge=0, le=MAX_AMOUNT, description="the most this lease can cost, in wei (the escrowed amount)")
     escrow: EscrowRef | None = None
+    grant: str | None = Field(
+        None, max_length=16384, description="the provider's signed terms (JSON), kept for restarts"
+    )
 
 
 class Lease(BaseModel):

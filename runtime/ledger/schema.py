@@ -122,6 +122,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
     """,
+    # 2: the signed terms of the leases this node serves, so a restarted provider keeps serving them
+    # (the grant names only the access token's sha256, never the token)
+    """
+    CREATE TABLE lease_grants (
+        lease_id TEXT PRIMARY KEY REFERENCES leases(lease_id),
+        grant_json TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -162,7 +162,12 @@ class LedgerStore:
                         self._clock(),
                     ),
                 )
-                self._audit(conn, "lease.opened", lease.lease_id, lease.model_dump(mode="json"))
+                if lease.grant is not None:
+                    conn.execute(
+                        "INSERT INTO lease_grants (lease_id, grant_json, updated_at) VALUES (?, ?, ?)",
+                        (lease.lease_id, lease.grant, self._clock()),
+                    )
+                self._audit(conn, "lease.opened", lease.lease_id, lease.model_dump(mode="json", exclude={"grant"}))
                 return lease.lease_id
 
             self._idempotent(conn, idempotency_key, "open_lease", lease.model_dump(mode="json"), action)
@@ -183,6 +188,39 @@ class LedgerStore:
 
             self._idempotent(conn, idempotency_key, "end_lease", {"lease_id": lease_id}, action)
             return self._lease(conn, lease_id)
+
+    def update_grant(self, lease_id: str, grant: str) -> None:
+        """Replace a served lease's stored terms (a renewal moved its expiry)."""
+        with self._tx() as conn:
+            updated = conn.execute(
+                "UPDATE lease_grants SET grant_json = ?, updated_at = ? WHERE lease_id = ?",
+                (grant, self._clock(), lease_id),
+            )
+            if updated.rowcount != 1:
+                raise errors.not_found("grant_not_found", "no stored grant for this lease")
+            self._audit(conn, "lease.renewed", lease_id, {})
+
+    def open_leases(self) -> list[tuple[Lease, str | None]]:
+        """Every lease still open, with its stored grant when this node provides it."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_LEASE_COLUMNS}, (SELECT grant_json FROM lease_grants g WHERE g.lease_id = leases.lease_id)"
+                " FROM leases WHERE state = 'open' ORDER BY created_at, lease_id"
+            ).fetchall()
+        return [(_lease_from_row(row[:-1]), row[-1]) for row in rows]
+
+    def receipt_progress(self, lease_id: str) -> tuple[int, int, int, int]:
+        """(newest seq, its units, newest countersigned seq, its units) of a lease's receipts."""
+        with self._lock:
+            newest = self._conn.execute(
+                "SELECT seq, units FROM receipts WHERE lease_id = ? ORDER BY seq DESC LIMIT 1", (lease_id,)
+            ).fetchone()
+            signed = self._conn.execute(
+                "SELECT seq, units FROM receipts WHERE lease_id = ? AND consumer_sig IS NOT NULL"
+                " ORDER BY seq DESC LIMIT 1",
+                (lease_id,),
+            ).fetchone()
+        return (*(newest or (0, 0)), *(signed or (0, 0)))
 
     def get_lease(self, lease_id: str) -> Lease:
         with self._lock:
