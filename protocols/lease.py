@@ -405,6 +405,7 @@ class LeaseMarket:
     async def _handle_call(self, stream: INetStream) -> None:
         remote = str(stream.muxed_conn.peer_id)
         reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
+        end: w.CallEnd | None = None
         try:
             try:
                 call = w.CallRequest.model_validate_json(await reader.read_frame(self.call_read_timeout_s))
@@ -414,8 +415,17 @@ class LeaseMarket:
                 if not isinstance(error, ClawnodeError | ValidationError):
                     log.warning("call failed: %s", type(error).__name__)
                 reply = error_reply(error)
+            delivered = False
             with trio.move_on_after(CALL_READ_TIMEOUT_S):
-                await write_frame(stream, reply.model_dump_json().encode(), max_frame=MAX_CALL_FRAME)
+                try:
+                    await write_frame(stream, reply.model_dump_json().encode(), max_frame=MAX_CALL_FRAME)
+                    delivered = True
+                except Exception:  # noqa: BLE001 - the consumer went away before the end frame
+                    delivered = False
+            # Metered once the consumer has the end frame that tells it the units: a receipt can then
+            # never claim units the consumer was not told about, even across a crash here.
+            if end is not None and delivered and end.units > 0:
+                await self._meter(call.lease_id, end.units)
         finally:
             with trio.move_on_after(1):
                 await stream.close()
@@ -456,13 +466,17 @@ class LeaseMarket:
             else (session.policy.budget_cap // session.price_per_unit) - session.units_metered
         )
         units = max(0, min(usage.units, affordable))
-        if units > 0:
-            await self.ledger.record_usage(
-                call.lease_id, writer=self.peer_id, units=units, idempotency_key=f"call/{secrets.token_hex(12)}"
-            )
-            if session.meter(units, self.clock()):
-                self._spawn(self._push_receipt, call.lease_id)
         return w.CallEnd(units=units, usage=usage.detail, served_by=self.peer_id)
+
+    async def _meter(self, lease_id: str, units: int) -> None:
+        served = self.served.get(lease_id)
+        if served is None:
+            return
+        await self.ledger.record_usage(
+            lease_id, writer=self.peer_id, units=units, idempotency_key=f"call/{secrets.token_hex(12)}"
+        )
+        if served.session.meter(units, self.clock()):
+            self._spawn(self._push_receipt, lease_id)
 
     async def _push_receipt(self, lease_id: str) -> bool:
         """Sign a receipt for everything metered and get it countersigned; False if the consumer did not."""
@@ -735,7 +749,17 @@ class LeaseMarket:
                 await trio.sleep(0.05)
         check_receipt_claim(receipt.body.units, receipt.body.amount, held.seen_units, held.grant.price_per_unit)
         voucher = await self._voucher(held, receipt.body.amount)
-        signed: SignedReceipt = await self.ledger.countersign_receipt(receipt, self.key, voucher=voucher)
+        try:
+            signed: SignedReceipt = await self.ledger.countersign_receipt(receipt, self.key, voucher=voucher)
+        except ClawnodeError as error:
+            # The provider asks again for a receipt we already signed (it crashed before storing our
+            # signature): the same countersigned receipt, not a second one.
+            if error.code != ErrorCode.CONFLICT:
+                raise
+            stored = await self.ledger.get_receipt(receipt.body.lease_id, receipt.body.seq)
+            if stored.receipt.body != receipt.body or not stored.countersigned:
+                raise
+            signed = stored.receipt
         held.last_countersigned_seq = receipt.body.seq
         return w.Countersigned(receipt=signed)
 

@@ -229,6 +229,26 @@ async def test_oversized_frames_and_slow_loris_cost_one_stream(monkeypatch: pyte
         assert (await consumer.market.call(view.lease_id, {"prompt": "still here"})).units == 2
 
 
+async def test_a_receipt_pushed_twice_is_countersigned_once() -> None:
+    """A provider that crashed after the consumer signed (before it stored the signature) asks again:
+    it gets the same countersigned receipt back, and the consumer's ledger holds it once."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=60)
+        TOKENS.append(consumer.market.held[view.lease_id].token)
+        await consumer.market.call(view.lease_id, {"prompt": "one two three"})
+        receipt = await provider.ledger.issue_receipt(view.lease_id, provider.market.key)
+        push = w.ReceiptPush(receipt=receipt)
+        consumer_id = ID.from_base58(_peer(consumer))
+        replies = [
+            await request(provider.host, consumer_id, lease_module.LEASE_PROTOCOL, push, TypeAdapter(w.Countersigned))
+            for _ in range(2)
+        ]
+        assert replies[0].receipt == replies[1].receipt and replies[0].receipt.consumer_sig
+        stored = await consumer.ledger.list_receipts(view.lease_id)
+        assert [r.receipt.body.seq for r in stored].count(receipt.body.seq) == 1
+
+
 def test_no_reply_error_or_log_line_carried_a_secret() -> None:
     """Runs after the tests above: their replies, errors and logs hold no token, path or key."""
     assert SEEN and TOKENS, "the tests above recorded nothing"
