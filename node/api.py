@@ -12,7 +12,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -160,6 +160,8 @@ class NodeView(Protocol):
 
     async def call_lease(self, lease_id: str, body: dict[str, Any]) -> CallResult: ...
 
+    async def metrics(self) -> bytes: ...
+
 
 class OpenLeaseBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -300,6 +302,10 @@ def create_app(node: NodeView, token: str) -> FastAPI:
     @app.get("/api/ledger/verify")
     async def ledger_verify() -> LedgerVerifyReply:
         return await node.ledger_verify()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(await node.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/api/leases")
     async def open_lease(body: OpenLeaseBody) -> LeaseView:

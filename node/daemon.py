@@ -61,8 +61,11 @@ from node.datadir import (
 from node.hardware import detect_hardware
 from node.host import build_host, ensure_tcp_ports_free, parse_multiaddrs
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
+from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
 from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
+from protocols.machines.task import RiskLimits
+from protocols.task import TaskMarket
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import Ledger
 from runtime.service import ServiceRegistry
@@ -108,6 +111,8 @@ class Node:
         self._escrow_connector = escrow_connector
         self.escrow_client: Any = None  # a runtime.escrow.EscrowClient once the chain is there
         self._market: LeaseMarket | None = None
+        self._announcements: TaskAnnouncements | None = None
+        self._tasks: TaskMarket | None = None
         self.started_at = time.monotonic()
         self.api_url = ""
         self._host: IHost | None = None
@@ -144,6 +149,18 @@ class Node:
         if self._market is None:
             raise RuntimeError("the node is not running")
         return self._market
+
+    @property
+    def announcements(self) -> TaskAnnouncements:
+        if self._announcements is None:
+            raise RuntimeError("the node is not running")
+        return self._announcements
+
+    @property
+    def tasks(self) -> TaskMarket:
+        if self._tasks is None:
+            raise RuntimeError("the node is not running")
+        return self._tasks
 
     @property
     def publisher(self) -> CapabilityPublisher:
@@ -185,6 +202,9 @@ class Node:
         try:
             async with self._host.run(listen_addrs):
                 async with trio.open_nursery() as nursery:
+                    # Before the DHT dials anyone, so pubsub sees every connection as it opens.
+                    self._announcements = TaskAnnouncements(self._host)
+                    await nursery.start(self._announcements.run)
                     self._dht = DhtService(
                         self._host,
                         bootstrap_addrs=self.bootstrap_addrs(),
@@ -225,6 +245,17 @@ class Node:
                         wake_settlement=self._wake_settlement,
                     )
                     await nursery.start(self._market.run)
+                    self._tasks = TaskMarket(
+                        self._host,
+                        key_pair.private_key,
+                        self.ledger,
+                        announcements=self._announcements,
+                        limits=RiskLimits(dispute_window_s=self.config.escrow.dispute_window_s),
+                        escrow=lambda: self.escrow_client,
+                        wake_settlement=self._wake_settlement,
+                        locate=self.dht.find_peer_addrs,
+                    )
+                    await nursery.start(self._tasks.run)
                     await nursery.start(self._serve_api, token)
                     nursery.start_soon(self._run_settlement, wallet_key)
                     await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card())
@@ -482,3 +513,8 @@ class Node:
 
     async def call_lease(self, lease_id: str, body: dict[str, Any]) -> CallResult:
         return await self.market.call(lease_id, body)
+
+    async def metrics(self) -> bytes:
+        from node.metrics import render_metrics
+
+        return await render_metrics(self)

@@ -9,10 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.daemon import Node
+from node.datadir import read_api_token
 from runtime.ledger import Lease
 from runtime.service import ServiceRegistry
 from tests.support.market import (
@@ -36,6 +39,20 @@ PROMPT = "the quick brown fox jumps over the lazy dog again"  # 10 words
 async def _settled(node: Node, lease_id: str) -> Lease:
     lease: Lease = await node.ledger.get_lease(lease_id)
     return lease
+
+
+async def _metrics(node: Node) -> dict[str, float]:
+    """The node's /metrics, parsed by Prometheus's own text parser: sample name{labels} → value."""
+    token = await trio.to_thread.run_sync(read_api_token, node.data_dir)
+    async with httpx.AsyncClient() as client:
+        reply = await client.get(f"{node.api_url}/metrics", headers={"authorization": f"Bearer {token}"})
+    assert reply.status_code == 200
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
 
 
 async def _all_landed(node: Node) -> bool:
@@ -92,6 +109,12 @@ async def test_discover_lease_use_settle_and_refund() -> None:
         assert provider.escrow_client is not None
         credit = await client.chain.run(client.credit_of, provider.escrow_client.account.address)
         assert credit == 30 * WORD_PRICE
+
+        # The consumer's refund waits for deadline + dispute window: its queue shows it, in /metrics too.
+        metrics = await _metrics(consumer)
+        assert metrics["clawnode_settlement_queue_length"] == 1
+        assert metrics['clawnode_leases{role="consumer",state="lease_ended"}'] == 1
+        assert (await _metrics(provider))['clawnode_lease_units{role="provider"}'] == 30
 
         # The rest comes back to the consumer once deadline + dispute window have passed.
         await trio.to_thread.run_sync(shared.chain.time_travel, 30 + 30 + 5 + 5)

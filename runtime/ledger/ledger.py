@@ -11,6 +11,7 @@ on, which is what lets the daemon say "the ledger commits before a reply leaves 
 from __future__ import annotations
 
 import functools
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +43,7 @@ class Ledger:
     def __init__(self, store: LedgerStore) -> None:
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
+        self.write_failures = 0  # storage errors (disk full, I/O, corruption), for metrics and alerts
 
     @classmethod
     async def open(cls, path: Path, *, clock: Clock | None = None) -> Ledger:
@@ -53,7 +55,11 @@ class Ledger:
         await self._run(self.store.close)
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
+        except sqlite3.Error:
+            self.write_failures += 1
+            raise
 
     # leases
     async def open_lease(self, lease: LeaseOpen, *, idempotency_key: str) -> Lease:
