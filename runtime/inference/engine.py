@@ -1,0 +1,730 @@
+"""The in-process llama.cpp engine: one loaded GGUF model, served to trio from one dedicated thread.
+
+A ``llama_cpp.Llama`` instance is not thread-safe (two threads in one instance crash the process),
+so every ``LlamaModel`` owns exactly one worker thread and runs everything that touches its
+instances there: loading, tokenizing, generating, embedding. trio talks to it like this:
+
+* admission: a ``trio.CapacityLimiter(1)`` per model; one request holds it while it generates and
+  at most ``max_queue`` more wait for it, a request beyond that is refused with ``E_RATE_LIMITED``
+  (a waiting request that is cancelled simply leaves the queue);
+* streaming: the worker hands each decoded piece to trio with ``TrioToken.run_sync_soon`` into an
+  unbounded memory channel (bounded in practice by ``max_tokens``), so it never blocks on a slow
+  consumer;
+* cancellation: when the consumer goes away (the stream is closed, or its task cancelled), a flag is
+  set that the worker checks between tokens: it stops generating within one token.
+
+Usage is counted from the engine, never estimated: the prompt's tokens are the tokens actually
+decoded (the chat template applied, then tokenized by the model's own tokenizer), completion tokens
+are the tokens actually sampled (an end-of-generation token is not counted, as llama-cpp-python and
+OpenAI do not count it).
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import trio
+
+from runtime.errors import ClawnodeError, ErrorCode
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Progress = Callable[[float], None]
+Message = dict[str, Any]
+
+DEFAULT_MAX_QUEUE = 8
+SHUTDOWN_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation. ``finish_reason``: stop (end token or a stop string), length, cancelled."""
+
+    text: str
+    usage: TokenUsage
+    finish_reason: str
+    first_token_s: float | None = None  # from admission to the first sampled token
+    generation_s: float = 0.0  # from the first to the last sampled token
+
+    @property
+    def tokens_per_s(self) -> float:
+        if self.usage.completion_tokens < 2 or self.generation_s <= 0:
+            return 0.0
+        return (self.usage.completion_tokens - 1) / self.generation_s
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    seconds: float
+    rss_bytes: int  # the process's resident memory after loading
+    rss_delta_bytes: int  # how much loading added
+    n_ctx: int
+    chat_format: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class _Worker:
+    """One thread running submitted jobs in order; results come back to trio through its token."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=f"llama:{name}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker thread and wait for it (a cancelled waiter does not stop it)."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: dict[str, Any] = {}
+
+        def job() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as error:  # noqa: BLE001 - handed to the waiting task
+                box["error"] = error
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        self.submit(job)
+        await done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _named_formatter(name: str) -> Callable[..., Any]:
+    from llama_cpp import llama_chat_format
+
+    for candidate in (name.replace("-", "_").replace(".", "_"), name.replace("-", "").replace(".", "")):
+        formatter = getattr(llama_chat_format, f"format_{candidate}", None)
+        if callable(formatter):
+            return formatter  # type: ignore[no-any-return]
+    raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"unknown chat_format {name!r}")
+
+
+class _StopScanner:
+    """Finds stop strings in streamed text, holding back what could be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(stop[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class _Request:
+    """One generation: how to build its prompt tokens (on the worker) and how to sample."""
+
+    prompt: Callable[[Any], tuple[list[int], list[str]]]  # llama → (tokens, extra stop strings)
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+
+
+class TokenStream:
+    """A generation in progress: ``async with model.stream_chat(...) as stream: async for piece in stream``.
+
+    Pieces are text (a multi-byte character split over tokens comes out whole). After the last piece,
+    ``completion`` holds the exact usage. Leaving the ``async with`` early cancels the generation.
+    """
+
+    def __init__(self, model: LlamaModel, request: _Request) -> None:
+        self._model = model
+        self._request = request
+        self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        self._cancel = threading.Event()
+        self._done = trio.Event()
+        self._admitted = False
+        self.completion: Completion | None = None
+        # What the engine did, set when its job ends even if nobody read it (e.g. after a cancel):
+        # ``final.usage.completion_tokens`` tells how far a cancelled generation got. No text.
+        self.final: Completion | None = None
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        return self.completion.usage if self.completion is not None else None
+
+    async def __aenter__(self) -> TokenStream:
+        await self._model._admit(self)
+        self._admitted = True
+        try:
+            self._model._submit_generation(self._request, self._send, self._cancel, self._done, self._set_final)
+        except BaseException:
+            self._admitted = False
+            self._model._release(self)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._cancel.set()
+        self._receive.close()
+        if self._admitted:
+            self._admitted = False
+            try:
+                with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_WAIT_S):
+                    await self._done.wait()
+            finally:
+                self._model._release(self)
+
+    def _set_final(self, completion: Completion) -> None:
+        self.final = completion
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.completion is not None or not self._admitted:
+            raise StopAsyncIteration
+        try:
+            kind, value = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        if kind == "piece":
+            return str(value)
+        if kind == "end":
+            self.completion = value
+            raise StopAsyncIteration
+        raise value  # kind == "error"
+
+    async def collect(self) -> Completion:
+        pieces = [piece async for piece in self]
+        if self.completion is None:
+            raise ClawnodeError(ErrorCode.INTERNAL, "the generation ended without a result")
+        return Completion(
+            text="".join(pieces),
+            usage=self.completion.usage,
+            finish_reason=self.completion.finish_reason,
+            first_token_s=self.completion.first_token_s,
+            generation_s=self.completion.generation_s,
+        )
+
+
+class LlamaModel:
+    """One GGUF model on its own worker thread. ``await load()`` before anything else."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        name: str = "model",
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        chat_format: str | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ) -> None:
+        self.path = Path(path)
+        self.name = name
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.n_gpu_layers = n_gpu_layers
+        self.chat_format = chat_format or ""
+        self.max_queue = max_queue
+        self._limiter = trio.CapacityLimiter(1)
+        self._worker: _Worker | None = None
+        self._llama: Any = None
+        self._embedder: Any = None
+        self._formatter: Callable[..., Any] | None = None
+        self.metadata: dict[str, str] = {}
+        self.load_report: LoadReport | None = None
+
+    # lifecycle
+
+    @property
+    def loaded(self) -> bool:
+        return self._llama is not None
+
+    async def load(self, progress: Progress | None = None) -> LoadReport:
+        """Load the model on its worker thread; ``progress`` gets 0.0 at the start and 1.0 when done.
+
+        llama-cpp-python 0.3.36 does not expose llama.cpp's load-progress callback, and a small model
+        loads in well under a second, so there is no finer progress than that.
+        """
+        if self.load_report is not None:
+            return self.load_report
+        if not self.path.is_file():
+            raise ClawnodeError(ErrorCode.NOT_FOUND, f"model file not found: {self.path}")
+        if self._worker is None:
+            self._worker = _Worker(self.name)
+        if progress is not None:
+            progress(0.0)
+        try:
+            report = await self._worker.run(self._load_blocking)
+        except BaseException:
+            self._worker.stop()
+            self._worker = None
+            raise
+        self.load_report = report
+        if progress is not None:
+            progress(1.0)
+        log.info(
+            "model %s loaded in %.2f s (%s, n_ctx %d, RSS +%d MiB)",
+            self.name,
+            report.seconds,
+            report.chat_format,
+            report.n_ctx,
+            report.rss_delta_bytes >> 20,
+        )
+        return report
+
+    def _llama_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model_path": str(self.path),
+            "n_ctx": self.n_ctx,
+            "n_gpu_layers": self.n_gpu_layers,
+            "verbose": False,
+        }
+        if self.n_threads is not None:
+            kwargs["n_threads"] = self.n_threads
+            kwargs["n_threads_batch"] = self.n_threads
+        return kwargs
+
+    def _load_blocking(self) -> LoadReport:
+        from llama_cpp import Llama, llama_chat_format
+
+        before = _rss()
+        started = time.perf_counter()
+        try:
+            llama = Llama(**self._llama_kwargs())
+        except (ValueError, RuntimeError) as error:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"cannot load {self.path.name}: {error}") from None
+        seconds = time.perf_counter() - started
+        self.metadata = dict(llama.metadata)
+        template = self.metadata.get("tokenizer.chat_template")
+        architecture = self.metadata.get("general.architecture", "")
+        chat_format = self.chat_format
+        if not chat_format:
+            if template:
+                chat_format = "gguf-template"
+            elif architecture.startswith("gemma") or "gemma" in self.path.name.lower():
+                chat_format = "gemma"
+            else:
+                chat_format = "llama-2"  # llama-cpp-python's own fallback
+        if chat_format == "gguf-template":
+            if not template:
+                raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"{self.path.name} has no chat template")
+            eos, bos = llama.token_eos(), llama.token_bos()
+            self._formatter = llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+                stop_token_ids=[eos],
+            )
+        else:
+            self._formatter = _named_formatter(chat_format)
+        self.chat_format = chat_format
+        self._llama = llama
+        return LoadReport(
+            seconds=seconds,
+            rss_bytes=_rss(),
+            rss_delta_bytes=max(0, _rss() - before),
+            n_ctx=self._context_length(llama),
+            chat_format=chat_format,
+            metadata={k: v for k, v in self.metadata.items() if not k.startswith("tokenizer.chat_template")},
+        )
+
+    def _context_length(self, llama: Any) -> int:
+        # llama.cpp rounds the context up to a multiple of 256 and Llama.n_ctx() reports that, but
+        # llama-cpp-python sizes its token buffer by the n_ctx asked for: going past it raises
+        # ValueError in Llama.eval. The smaller of the two is what really fits.
+        return min(self.n_ctx, int(llama.n_ctx()))
+
+    async def aclose(self) -> None:
+        """Free the instances and stop the worker thread (waits for a generation in progress)."""
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+
+        def free() -> None:
+            for instance in (self._llama, self._embedder):
+                if instance is not None:
+                    instance.close()
+            self._llama = self._embedder = None
+
+        with trio.CancelScope(shield=True):
+            await worker.run(free)
+            worker.stop()
+        self.load_report = None
+
+    # admission
+
+    async def _admit(self, borrower: object) -> None:
+        if self._llama is None or self._worker is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"model {self.name} is not loaded")
+        statistics = self._limiter.statistics()
+        if statistics.borrowed_tokens >= 1 and statistics.tasks_waiting >= self.max_queue:
+            raise ClawnodeError(
+                ErrorCode.RATE_LIMITED, f"model {self.name} is busy ({statistics.tasks_waiting} requests waiting)"
+            )
+        await self._limiter.acquire_on_behalf_of(borrower)
+
+    def _release(self, borrower: object) -> None:
+        self._limiter.release_on_behalf_of(borrower)
+
+    async def _exclusive(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker as one admitted request."""
+        borrower = object()
+        await self._admit(borrower)
+        try:
+            assert self._worker is not None
+            return await self._worker.run(fn)
+        finally:
+            self._release(borrower)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the model (not counting the one being served)."""
+        return int(self._limiter.statistics().tasks_waiting)
+
+    # tokens
+
+    async def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        return await self._exclusive(lambda: list(self._llama.tokenize(text.encode(), add_bos, special)))
+
+    async def format_chat(self, messages: list[Message]) -> str:
+        """The prompt text the chat template makes of ``messages``."""
+        _check_messages(messages)
+        return str(self._format(messages).prompt)
+
+    def _format(self, messages: list[Message]) -> Any:
+        assert self._formatter is not None
+        try:
+            return self._formatter(messages=messages)
+        except Exception as error:  # noqa: BLE001 - jinja2 raises many types for a bad conversation
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"the chat template refused: {error}") from None
+
+    def _chat_prompt(self, messages: list[Message]) -> Callable[[Any], tuple[list[int], list[str]]]:
+        def build(llama: Any) -> tuple[list[int], list[str]]:
+            result = self._format(messages)
+            tokens = llama.tokenize(result.prompt.encode(), not result.added_special, True)
+            stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+            return list(tokens), [s for s in stops if s]
+
+        return build
+
+    @staticmethod
+    def _text_prompt(prompt: str) -> Callable[[Any], tuple[list[int], list[str]]]:
+        def build(llama: Any) -> tuple[list[int], list[str]]:
+            return list(llama.tokenize(prompt.encode(), True, False)), []
+
+        return build
+
+    # generation
+
+    def stream_chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        top_p: float = 0.95,
+    ) -> TokenStream:
+        """Stream a chat reply: use as ``async with model.stream_chat(...) as stream``."""
+        _check_messages(messages)
+        return TokenStream(self, _request(self._chat_prompt(messages), max_tokens, temperature, seed, stop, top_p))
+
+    async def chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        top_p: float = 0.95,
+    ) -> Completion:
+        stream = self.stream_chat(
+            messages, max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop, top_p=top_p
+        )
+        async with stream:
+            return await stream.collect()
+
+    def stream_complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        top_p: float = 0.95,
+    ) -> TokenStream:
+        """Stream a plain completion of ``prompt`` (a BOS token is added; no chat template)."""
+        if not isinstance(prompt, str):
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "prompt must be a string")
+        return TokenStream(self, _request(self._text_prompt(prompt), max_tokens, temperature, seed, stop, top_p))
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        top_p: float = 0.95,
+    ) -> Completion:
+        stream = self.stream_complete(
+            prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop, top_p=top_p
+        )
+        async with stream:
+            return await stream.collect()
+
+    def _submit_generation(
+        self,
+        request: _Request,
+        send: trio.MemorySendChannel[tuple[str, Any]],
+        cancel: threading.Event,
+        done: trio.Event,
+        set_final: Callable[[Completion], None],
+    ) -> None:
+        assert self._worker is not None
+        token = trio.lowlevel.current_trio_token()
+        admitted = time.perf_counter()
+
+        def deliver(item: tuple[str, Any]) -> None:  # runs in trio
+            try:
+                send.send_nowait(item)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                cancel.set()  # nobody listens any more
+
+        def to_trio(fn: Callable[..., None], *args: Any) -> None:  # runs on the worker
+            try:
+                token.run_sync_soon(fn, *args)
+            except trio.RunFinishedError:
+                cancel.set()
+
+        def job() -> None:
+            try:
+                result = self._generate_blocking(request, cancel, lambda piece: to_trio(deliver, ("piece", piece)))
+                completion = Completion(
+                    text="",
+                    usage=result[0],
+                    finish_reason=result[1],
+                    first_token_s=None if result[2] is None else result[2] - admitted,
+                    generation_s=result[3],
+                )
+                to_trio(set_final, completion)
+                to_trio(deliver, ("end", completion))
+            except ClawnodeError as error:
+                to_trio(deliver, ("error", error))
+            except Exception as error:  # llama.cpp failures come as several types
+                log.exception("generation on %s failed", self.name)
+                to_trio(deliver, ("error", ClawnodeError(ErrorCode.INTERNAL, f"generation failed: {error}")))
+            finally:
+                to_trio(send.close)
+                to_trio(done.set)
+
+        self._worker.submit(job)
+
+    def _generate_blocking(
+        self, request: _Request, cancel: threading.Event, emit: Callable[[str], None]
+    ) -> tuple[TokenUsage, str, float | None, float]:
+        """On the worker: tokenize, check the context, sample token by token, emit text pieces.
+
+        Returns (usage, finish reason, perf_counter of the first token or None, generation seconds).
+        """
+        import llama_cpp
+
+        llama = self._llama
+        if llama is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"model {self.name} is not loaded")
+        prompt_tokens, template_stops = request.prompt(llama)
+        n_ctx = self._context_length(llama)
+        if len(prompt_tokens) + request.max_tokens > n_ctx:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"too many tokens: the prompt has {len(prompt_tokens)} and max_tokens is {request.max_tokens}, "
+                f"but {self.name}'s context holds {n_ctx}",
+            )
+        if not prompt_tokens:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the prompt is empty")
+        usage_prompt = len(prompt_tokens)
+        if request.max_tokens == 0 or cancel.is_set():
+            return TokenUsage(usage_prompt, 0), "cancelled" if cancel.is_set() else "length", None, 0.0
+        llama.set_seed(request.seed if request.seed is not None else random.randrange(1, 2**31))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        scanner = _StopScanner([*request.stop, *template_stops])
+        vocab = llama._model.vocab
+        generated = 0
+        finish = "length"
+        first: float | None = None
+        for token in llama.generate(
+            prompt_tokens,
+            temp=request.temperature,
+            top_p=request.top_p,
+            top_k=40,
+            min_p=0.05,
+            repeat_penalty=1.0,
+            reset=True,
+        ):
+            if first is None:
+                first = time.perf_counter()
+            if cancel.is_set():
+                finish = "cancelled"
+                break
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            generated += 1
+            text, stopped = scanner.feed(decoder.decode(llama.detokenize([token])))
+            if text:
+                emit(text)
+            if stopped:
+                finish = "stop"
+                break
+            if generated >= request.max_tokens:
+                break
+        if finish != "stop" and finish != "cancelled":
+            tail, stopped = scanner.feed(decoder.decode(b"", final=True))
+            tail += "" if stopped else scanner.flush()
+            if tail:
+                emit(tail)
+        elapsed = time.perf_counter() - first if first is not None else 0.0
+        return TokenUsage(usage_prompt, generated), finish, first, elapsed
+
+    # embeddings
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        vectors, _ = await self.embed_with_count(texts)
+        return vectors
+
+    async def embed_with_count(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled embeddings of ``texts`` and the number of tokens they took."""
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "input must be a string or a non-empty list of strings")
+        return await self._exclusive(lambda: self._embed_blocking(texts))
+
+    def _embed_blocking(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        import llama_cpp
+
+        if self._embedder is None:
+            self._embedder = llama_cpp.Llama(
+                **self._llama_kwargs(), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            )
+        embedder = self._embedder
+        limit = self._context_length(embedder)
+        for text in texts:
+            count = len(embedder.tokenize(text.encode(), True, False))
+            if count > limit:
+                raise ClawnodeError(
+                    ErrorCode.INVALID_ARGUMENT, f"too many tokens: an input has {count}, the context holds {limit}"
+                )
+        vectors, tokens = embedder.embed(texts, normalize=False, truncate=False, return_count=True)
+        return [[float(x) for x in vector] for vector in vectors], int(tokens)
+
+
+def _request(
+    prompt: Callable[[Any], tuple[list[int], list[str]]],
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    stop: str | list[str] | None,
+    top_p: float,
+) -> _Request:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "max_tokens must be a non-negative integer")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "temperature must be a number from 0 to 2")
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "top_p must be in (0, 1]")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "seed must be an integer")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "stop must be a string or a list of at most 4 strings")
+    return _Request(prompt, max_tokens, float(temperature), float(top_p), seed, stops)
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "messages must be a non-empty list")
+    for index, message in enumerate(messages):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ("system", "user", "assistant")
+            or not isinstance(message.get("content"), str)
+        ):
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"messages[{index}] must be an object with role system|user|assistant and string content",
+            )

