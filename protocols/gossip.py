@@ -73,6 +73,11 @@ class TaskAnnouncement(BaseModel):
     review_timeout_s: int = Field(ge=0)
     summary: str = Field(max_length=280)
     params_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the task parameters")
+    # Who settles a dispute: the arbiter's peer id (to send it the case) and the wallet the escrow
+    # lock names as arbiter. Optional so that a bare announcement still validates; the task market
+    # ignores announcements without them (nobody could lock or dispute safely).
+    arbiter: str | None = Field(None, pattern=r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")
+    arbiter_wallet: str | None = Field(None, pattern=r"^0x[0-9a-fA-F]{40}$")
 
 
 class VerifiedAnnouncement(NamedTuple):

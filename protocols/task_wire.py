@@ -1,0 +1,223 @@
+"""The messages of ``/clawnode/task/1.0.0``: bids, awards, results, reviews, disputes, resolutions.
+
+Like the lease protocol (``protocols.lease_wire``), every exchange is one request frame and one
+reply frame. What a party may later have to prove to an arbiter travels as a libp2p signed
+envelope (``protocols.signed``, base64 in the JSON frame), each kind under its own domain:
+
+* :class:`AwardNotice` — signed by the creator: who won, at what price, paid to which wallet, and
+  the escrow lock that holds the price (the bidder checks that lock on chain before accepting).
+* :class:`ResultNotice` — signed by the bidder: the artifact's sha256 and size. The artifact bytes
+  ride beside it (base64, at most :data:`MAX_ARTIFACT`), never inside the signature.
+* :class:`ReviewNotice` — signed by the creator: accepted or rejected, with a reason.
+
+A :class:`DisputeCase` carries those envelopes (and the creator-signed announcement) to the
+arbiter, so the arbiter can rebuild the task without having watched it. Everything else rides on
+the Noise-secured stream, whose remote peer id already says who is speaking.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocols.lease_wire import ADDRESS, HEX32, SHA256_HEX, EscrowLock
+from runtime.ledger.receipts import MAX_AMOUNT, PEER_ID_PATTERN
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+MAX_ARTIFACT = 256 * 1024
+MAX_ENVELOPE_B64 = 24 * 1024
+MAX_PARAMS = 8 * 1024
+MAX_REASON = 280
+# base64 of the largest artifact, its envelope and the JSON around them.
+MAX_TASK_FRAME = 512 * 1024
+
+AWARD_DOMAIN = "clawnode-task-award"
+AWARD_TYPE = b"/clawnode/task-award/1"
+RESULT_DOMAIN = "clawnode-task-result"
+RESULT_TYPE = b"/clawnode/task-result/1"
+REVIEW_DOMAIN = "clawnode-task-review"
+REVIEW_TYPE = b"/clawnode/task-review/1"
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- signed payloads --
+
+
+class AwardNotice(_Msg):
+    """The creator's signed award: the bid it accepted and where the price is locked."""
+
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    bid_id: str = Field(pattern=TASK_ID_PATTERN)
+    creator: str = Field(pattern=PEER_ID_PATTERN)
+    bidder: str = Field(pattern=PEER_ID_PATTERN)
+    price: int = Field(ge=1, le=MAX_AMOUNT)
+    payee: str = Field(pattern=ADDRESS, description="the bidder's wallet, as its bid named it")
+    arbiter_wallet: str = Field(pattern=ADDRESS)
+    chain_id: int = Field(ge=1)
+    contract: str = Field(pattern=ADDRESS)
+    lock: EscrowLock
+    awarded_at: int = Field(ge=0, description="unix seconds, creator's clock")
+    announcement: str = Field(max_length=MAX_ENVELOPE_B64, description="base64 of the signed announcement")
+    params: str = Field(max_length=MAX_PARAMS, description="the task parameters; sha256 = params_hash")
+
+
+class ResultNotice(_Msg):
+    """The bidder's signed delivery: what it hands over, by hash."""
+
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    bidder: str = Field(pattern=PEER_ID_PATTERN)
+    content_hash: str = Field(pattern=SHA256_HEX)
+    size: int = Field(ge=0, le=MAX_ARTIFACT)
+    submitted_at: int = Field(ge=0)
+
+
+class ReviewNotice(_Msg):
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    creator: str = Field(pattern=PEER_ID_PATTERN)
+    verdict: Literal["accepted", "rejected"]
+    reason: str = Field("", max_length=MAX_REASON)
+    reviewed_at: int = Field(ge=0)
+
+
+# -- requests --
+
+
+class BidRequest(_Msg):
+    """Bidder → creator."""
+
+    type: Literal["bid"] = "bid"
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    bid_id: str = Field(pattern=TASK_ID_PATTERN)
+    price: int = Field(ge=1, le=MAX_AMOUNT)
+    asset: str = Field("ETH", max_length=16)
+    payee: str = Field(pattern=ADDRESS)
+
+
+class WithdrawBidRequest(_Msg):
+    type: Literal["withdraw_bid"] = "withdraw_bid"
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    bid_id: str = Field(pattern=TASK_ID_PATTERN)
+
+
+class AwardRequest(_Msg):
+    """Creator → winning bidder."""
+
+    type: Literal["award"] = "award"
+    envelope: str = Field(max_length=2 * MAX_ENVELOPE_B64)
+
+
+class ResultRequest(_Msg):
+    """Awarded bidder → creator."""
+
+    type: Literal["result"] = "result"
+    envelope: str = Field(max_length=MAX_ENVELOPE_B64)
+    artifact: str = Field(max_length=(MAX_ARTIFACT + 2) * 4 // 3 + 4, description="base64")
+
+
+class ReviewRequest(_Msg):
+    """Creator → awarded bidder."""
+
+    type: Literal["review"] = "review"
+    envelope: str = Field(max_length=MAX_ENVELOPE_B64)
+
+
+class DisputeCase(_Msg):
+    """The disputing party → the arbiter: everything signed that the arbiter needs to judge."""
+
+    type: Literal["dispute_case"] = "dispute_case"
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    announcement: str = Field(max_length=MAX_ENVELOPE_B64)
+    award: str = Field(max_length=2 * MAX_ENVELOPE_B64)
+    result: str = Field(max_length=MAX_ENVELOPE_B64)
+    review: str | None = Field(None, max_length=MAX_ENVELOPE_B64)
+    reason: str = Field("", max_length=MAX_REASON)
+
+
+class DisputeRequest(_Msg):
+    """The disputing party → the other party (the chain already says the escrow is disputed)."""
+
+    type: Literal["dispute"] = "dispute"
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    reason: str = Field("", max_length=MAX_REASON)
+
+
+class ResolutionRequest(_Msg):
+    """Arbiter → both parties; each checks it against the closed escrow on chain."""
+
+    type: Literal["resolution"] = "resolution"
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    to_bidder: int = Field(ge=0, le=MAX_AMOUNT)
+    to_creator: int = Field(ge=0, le=MAX_AMOUNT)
+    tx_hash: str | None = Field(None, pattern=HEX32)
+
+
+class CancelRequest(_Msg):
+    """Creator → its bidders."""
+
+    type: Literal["cancel"] = "cancel"
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+
+
+TaskRequest = Annotated[
+    BidRequest
+    | WithdrawBidRequest
+    | AwardRequest
+    | ResultRequest
+    | ReviewRequest
+    | DisputeCase
+    | DisputeRequest
+    | ResolutionRequest
+    | CancelRequest,
+    Field(discriminator="type"),
+]
+
+
+# -- replies --
+
+
+class Ack(_Msg):
+    type: Literal["ack"] = "ack"
+
+
+# -- what the API and CLI show --
+
+
+class BidView(BaseModel):
+    task_id: str
+    bid_id: str
+    bidder: str
+    price: int
+    asset: str
+    state: str
+
+
+class TaskView(BaseModel):
+    """A task as this node sees it; ``role`` is this node's part in it."""
+
+    task_id: str
+    role: Literal["creator", "bidder", "awarded_bidder", "arbiter", "observer"]
+    creator: str
+    capability: str | None
+    summary: str
+    budget: int
+    deadline: int
+    review_timeout_s: int
+    arbiter: str
+    arbiter_wallet: str | None
+    state: str
+    bids: list[BidView]
+    awarded_bid: str | None = None
+    awarded_bidder: str | None = None
+    price: int | None = None
+    escrow_id: str | None = None
+    result_hash: str | None = None
+    result_size: int | None = None
+    result_state: str | None = None
+    receipt_state: str | None = None
+    dispute_state: str | None = None
+    to_bidder: int | None = None
+    to_creator: int | None = None
