@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dht.discovery import DescribeResult, DiscoveryQuery, ProviderResult
 from dht.offers import Offer
 from dht.records import CAPABILITY_NAME, CapabilityRecord
+from node.openai_api import OpenAINode, error_type, mount_openai
+from node.task_api import TaskNode, mount_tasks
 from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.audit import AuditReport
@@ -115,13 +117,14 @@ class LedgerVerifyReply(AuditReport):
 class ErrorBody(BaseModel):
     code: ErrorCode
     message: str
+    type: str = Field(description="the OpenAI error type, so OpenAI clients read our errors too")
 
 
 class ErrorReply(BaseModel):
     error: ErrorBody
 
 
-class NodeView(Protocol):
+class NodeView(OpenAINode, TaskNode, Protocol):
     """What the API reads from the running node."""
 
     def identity(self) -> IdentityReply: ...
@@ -199,7 +202,7 @@ _HTTP_STATUS = {
 
 
 def error_response(code: ErrorCode, message: str) -> JSONResponse:
-    body = ErrorReply(error=ErrorBody(code=code, message=message))
+    body = ErrorReply(error=ErrorBody(code=code, message=message, type=error_type(code)))
     return JSONResponse(body.model_dump(mode="json"), status_code=_HTTP_STATUS[code])
 
 
@@ -327,4 +330,6 @@ def create_app(node: NodeView, token: str) -> FastAPI:
     async def call_lease(lease_id: str, body: dict[str, Any]) -> CallResult:
         return await node.call_lease(lease_id, body)
 
+    mount_openai(app, node)
+    mount_tasks(app, node)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -397,10 +398,6 @@ def ledger_verify(ctx: click.Context, data_dir: str | None, as_json: bool) -> No
         sys.exit(1)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # the lease market
 
 
@@ -478,3 +475,165 @@ def lease_call(lease_id: str, request_json: str, data_dir: str | None, as_json: 
         sys.exit(1)
     body = _call_api(data_dir, f"/api/leases/{lease_id}/call", method="POST", body=request, timeout=300.0)
     _print(body, as_json, [json.dumps(chunk) for chunk in body["chunks"]] + [f"{body['units']} units"])
+
+
+# the task market
+
+
+def _task_line(task: dict[str, Any]) -> str:
+    price = f"  price {_wei(task['price'])}" if task.get("price") is not None else ""
+    return (
+        f"{task['task_id']}  {task['role']:<14}  {task['capability'] or '?'}  {task['state']}  "
+        f"budget {_wei(task['budget'])}  bids {len(task['bids'])}{price}"
+        + (f"  result {task['result_state']}" if task.get("result_state") else "")
+        + (f"  dispute {task['dispute_state']}" if task.get("dispute_state") else "")
+    )
+
+
+def _task_detail(task: dict[str, Any]) -> list[str]:
+    lines = [_task_line(task)]
+    lines.extend(f"  bid {b['bid_id']}  {b['bidder'][:16]}…  {_wei(b['price'])}  {b['state']}" for b in task["bids"])
+    return lines
+
+
+@main.group()
+def task() -> None:
+    """Tasks: publish, bid, award, deliver, review, dispute."""
+
+
+@task.command(name="publish")
+@click.argument("capability")
+@click.option("--budget", required=True, help="Most you pay, wei.")
+@click.option("--deadline", "deadline_s", default="3600", help="Seconds until bids and delivery close.")
+@click.option("--summary", default="", help="One line bidders see.")
+@click.option("--params", default="{}", help="JSON the winner receives.")
+@click.option("--arbiter-peer", default=None, help="Peer id of the arbiter.")
+@click.option("--arbiter-wallet", default=None, help="Wallet address of the arbiter.")
+@click.option("--review-timeout", "review_timeout_s", default="600", help="Seconds you have to review a result.")
+@data_dir_option
+@json_option
+def task_publish(
+    capability: str,
+    budget: str,
+    deadline_s: str,
+    summary: str,
+    params: str,
+    arbiter_peer: str | None,
+    arbiter_wallet: str | None,
+    review_timeout_s: str,
+    data_dir: str | None,
+    as_json: bool,
+) -> None:
+    """Announce a task for CAPABILITY on the network."""
+    request: dict[str, Any] = {
+        "capability": capability,
+        "budget": budget,
+        "deadline_s": deadline_s,
+        "summary": summary,
+        "params": params,
+        "review_timeout_s": review_timeout_s,
+    }
+    if arbiter_peer or arbiter_wallet:
+        request.update(arbiter_peer=arbiter_peer, arbiter_wallet=arbiter_wallet)
+    body = _call_api(data_dir, "/api/tasks", method="POST", body=request, timeout=60.0)
+    _print(body, as_json, [f"task {body['task_id']} published", _task_line(body)])
+
+
+@task.command(name="list")
+@click.option("--watch", "capability", default=None, help="Also follow announcements for this capability.")
+@data_dir_option
+@json_option
+def task_list(capability: str | None, data_dir: str | None, as_json: bool) -> None:
+    """Tasks this node published, bid on, arbitrates or has seen announced."""
+    if capability:
+        body = _call_api(data_dir, "/api/tasks/watch", method="POST", body={"capability": capability})
+    else:
+        body = _call_api(data_dir, "/api/tasks")
+    lines = [line for item in body["tasks"] for line in _task_detail(item)]
+    _print(body, as_json, lines or ["no tasks"])
+
+
+@task.command(name="bid")
+@click.argument("task_id")
+@click.argument("price")
+@data_dir_option
+@json_option
+def task_bid(task_id: str, price: str, data_dir: str | None, as_json: bool) -> None:
+    """Offer to do TASK_ID for PRICE wei."""
+    body = _call_api(data_dir, f"/api/tasks/{task_id}/bids", method="POST", body={"price": price}, timeout=60.0)
+    _print(body, as_json, [f"bid {body['bid_id']} on {task_id}: {_wei(body['price'])} ({body['state']})"])
+
+
+@task.command(name="award")
+@click.argument("task_id")
+@click.argument("bid_id")
+@data_dir_option
+@json_option
+def task_award(task_id: str, bid_id: str, data_dir: str | None, as_json: bool) -> None:
+    """Award TASK_ID to BID_ID: its price is locked in escrow first."""
+    body = _call_api(data_dir, f"/api/tasks/{task_id}/award", method="POST", body={"bid_id": bid_id}, timeout=120.0)
+    _print(body, as_json, _task_detail(body))
+
+
+@task.command(name="submit")
+@click.argument("task_id")
+@click.argument("artifact", type=click.File("rb"))
+@data_dir_option
+@json_option
+def task_submit(task_id: str, artifact: Any, data_dir: str | None, as_json: bool) -> None:
+    """Deliver ARTIFACT (a file, or - for stdin) as the result of TASK_ID."""
+    encoded = base64.b64encode(artifact.read()).decode()
+    body = _call_api(
+        data_dir, f"/api/tasks/{task_id}/result", method="POST", body={"artifact_b64": encoded}, timeout=120.0
+    )
+    _print(body, as_json, _task_detail(body))
+
+
+@task.command(name="review")
+@click.argument("task_id")
+@click.option("--accept/--reject", required=True, help="Accept (pay) or reject the result.")
+@click.option("--reason", default="", help="Why (required to reject).")
+@data_dir_option
+@json_option
+def task_review(task_id: str, accept: bool, reason: str, data_dir: str | None, as_json: bool) -> None:
+    """Accept or reject the result delivered for TASK_ID."""
+    request = {"accept": accept, "reason": reason}
+    body = _call_api(data_dir, f"/api/tasks/{task_id}/review", method="POST", body=request, timeout=120.0)
+    _print(body, as_json, _task_detail(body))
+
+
+@task.command(name="dispute")
+@click.argument("task_id")
+@click.option("--reason", default="", help="What the arbiter should know.")
+@data_dir_option
+@json_option
+def task_dispute(task_id: str, reason: str, data_dir: str | None, as_json: bool) -> None:
+    """Dispute TASK_ID (after a rejection or a review timeout): the escrow freezes for the arbiter."""
+    body = _call_api(data_dir, f"/api/tasks/{task_id}/dispute", method="POST", body={"reason": reason}, timeout=120.0)
+    _print(body, as_json, _task_detail(body))
+
+
+@task.command(name="resolve")
+@click.argument("task_id")
+@click.argument("to_bidder")
+@data_dir_option
+@json_option
+def task_resolve(task_id: str, to_bidder: str, data_dir: str | None, as_json: bool) -> None:
+    """As the arbiter: pay TO_BIDDER wei of the disputed price to the bidder, the rest back."""
+    request = {"to_bidder": to_bidder}
+    body = _call_api(data_dir, f"/api/tasks/{task_id}/resolve", method="POST", body=request, timeout=120.0)
+    _print(body, as_json, _task_detail(body))
+
+
+@task.command(name="cancel")
+@click.argument("task_id")
+@data_dir_option
+@json_option
+def task_cancel(task_id: str, data_dir: str | None, as_json: bool) -> None:
+    """Cancel an open task you published."""
+    body = _call_api(data_dir, f"/api/tasks/{task_id}/cancel", method="POST", timeout=60.0)
+    _print(body, as_json, _task_detail(body))
+
+
+if __name__ == "__main__":
+    main()

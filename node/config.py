@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dht.offers import Offer
 from dht.records import Reachability
+from runtime.inference.models import ModelSpec
 
 CONFIG_FILE_NAME = "config.toml"
 ENV_PREFIX = "CLAWNODE_"
@@ -142,6 +143,9 @@ class MarketSection(_Section):
     abandon_after_s: int = Field(
         300, ge=1, le=86_400, description="the lease ends when the consumer stays silent this long"
     )
+    claim_every_s: int = Field(
+        300, ge=1, le=86_400, description="how often a provider claims countersigned usage (and at the end)"
+    )
     quote_valid_s: int = Field(60, ge=1, le=3600, description="how long a quote can be opened")
     max_lease_s: int = Field(86_400, ge=1, le=30 * 86_400, description="the longest lease this node grants")
     max_requests: int = Field(100_000, ge=1, description="requests per lease at most")
@@ -150,6 +154,20 @@ class MarketSection(_Section):
         default_factory=list, description="peer ids served post-paid without an escrow lock"
     )
     postpaid_cap: int = Field(0, ge=0, description="the most a trusted peer's post-paid lease may owe, wei")
+
+
+class RouterSection(_Section):
+    upstream_url: str = Field("", description="an OpenAI-compatible base URL (…/v1) to fall back to; empty: none")
+    upstream_api_key: str = Field("", repr=False, description="its API key (never logged or shown)")
+    upstream_timeout_s: float = Field(120.0, gt=0)
+    lease_units: int = Field(20_000, ge=1, description="units a router-opened lease budgets for")
+    lease_duration_s: int = Field(3600, ge=10)
+    max_providers: int = Field(3, ge=1, le=20, description="providers tried per request before the upstream")
+    health_interval_s: float = Field(5.0, gt=0)
+    failures_to_failover: int = Field(3, ge=1)
+    stall_timeout_s: float = Field(30.0, gt=0, description="a provider silent this long mid-stream is dropped")
+    consensus_majority: float = Field(0.66, gt=0, le=1, description="share of replicas the winning cluster needs")
+    consensus_similarity: float = Field(0.85, gt=0, le=1, description="cosine at which two answers agree")
 
 
 class LogSection(_Section):
@@ -165,8 +183,20 @@ class Config(_Section):
     hardware: HardwareSection = Field(default_factory=HardwareSection)  # type: ignore[arg-type]
     escrow: EscrowSection = Field(default_factory=EscrowSection)  # type: ignore[arg-type]
     market: MarketSection = Field(default_factory=MarketSection)  # type: ignore[arg-type]
+    router: RouterSection = Field(default_factory=RouterSection)  # type: ignore[arg-type]
     log: LogSection = Field(default_factory=LogSection)  # type: ignore[arg-type]
     offers: list[Offer] = Field(default_factory=list, description="what this node sells ([[offers]] tables)")
+    models: list[ModelSpec] = Field(
+        default_factory=list, description="GGUF models served as model:<name> ([[models]] tables)"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_model_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        names = [model.name for model in models]
+        if len(set(names)) != len(names):
+            raise ValueError("two [[models]] have the same name")
+        return models
 
 
 class ConfigError(Exception):
@@ -214,7 +244,7 @@ def load_config(
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{CONFIG_FILE_NAME} is not valid TOML: {error}") from None
         for section, values in from_file.items():
-            if section == "offers":
+            if section in ("offers", "models"):
                 merged[section] = values
                 sources[(section,)] = CONFIG_FILE_NAME
                 continue
@@ -263,6 +293,9 @@ def _allowed_values(location: tuple[str, ...]) -> str:
     if location[0] == "offers" and len(location) >= 3:
         offer_field = Offer.model_fields.get(location[2])
         return (offer_field.description or "") if offer_field else ""
+    if location[0] == "models" and len(location) >= 3:
+        model_field = ModelSpec.model_fields.get(location[2])
+        return (model_field.description or "") if model_field else ""
     if len(location) < 2 or location[0] not in _sections():
         return ""
     field = _sections()[location[0]].model_fields.get(location[1])

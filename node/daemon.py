@@ -61,12 +61,14 @@ from node.datadir import (
 from node.hardware import detect_hardware
 from node.host import build_host, ensure_tcp_ports_free, parse_multiaddrs
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
+from node.router import Router
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
 from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
 from protocols.machines.task import RiskLimits
 from protocols.task import TaskMarket
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.models import ModelHost
 from runtime.ledger import Ledger
 from runtime.service import ServiceRegistry
 
@@ -108,9 +110,11 @@ class Node:
         self.config = config
         self.data_dir = data_dir
         self.services = services or ServiceRegistry()
+        self.model_host = ModelHost(config.models)
         self._escrow_connector = escrow_connector
         self.escrow_client: Any = None  # a runtime.escrow.EscrowClient once the chain is there
         self._market: LeaseMarket | None = None
+        self._router: Router | None = None
         self._announcements: TaskAnnouncements | None = None
         self._tasks: TaskMarket | None = None
         self.started_at = time.monotonic()
@@ -163,6 +167,20 @@ class Node:
         return self._tasks
 
     @property
+    def router(self) -> Router:
+        if self._router is None:
+            raise RuntimeError("the node is not running")
+        return self._router
+
+    def local_models(self) -> list[str]:
+        return [name.removeprefix("model:") for name in self.services.names() if name.startswith("model:")]
+
+    async def _provider_rtt(self, peer: str) -> float:
+        started = time.monotonic()
+        await self.describe(peer)
+        return time.monotonic() - started
+
+    @property
     def publisher(self) -> CapabilityPublisher:
         if self._publisher is None:
             raise RuntimeError("the node is not running")
@@ -185,7 +203,13 @@ class Node:
         key_pair, token, wallet_key = await trio.to_thread.run_sync(self._load_secrets)
         self._ledger = await Ledger.open(self.data_dir / LEDGER_FILE)
         try:
-            await self._run_with_ledger(key_pair, token, wallet_key, task_status=task_status)
+            try:
+                await self._load_models()
+                await self._run_with_ledger(key_pair, token, wallet_key, task_status=task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    self.model_host.unregister(self.services)
+                    await self.model_host.aclose()
         finally:
             with trio.CancelScope(shield=True):
                 await self._ledger.aclose()
@@ -221,7 +245,7 @@ class Node:
                         key_pair.private_key,
                         wallet=bind_wallet(wallet_key, str(self._host.get_id())),
                         hardware=detect_hardware(self.config.hardware),
-                        offers=self.offer_book.effective(self.config.offers),
+                        offers=self._advertised_offers(),
                         record_ttl_s=self.config.capabilities.record_ttl_s,
                         reachability=lambda: self.config.node.reachability,
                     )
@@ -245,6 +269,14 @@ class Node:
                         wake_settlement=self._wake_settlement,
                     )
                     await nursery.start(self._market.run)
+                    self._router = Router(
+                        self._market,
+                        self.services,
+                        self.discover,
+                        self.config.router,
+                        fetch_rtt=self._provider_rtt,
+                    )
+                    await nursery.start(self._router.run)
                     self._tasks = TaskMarket(
                         self._host,
                         key_pair.private_key,
@@ -271,6 +303,19 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(clear_running, self.data_dir)
+
+    async def _load_models(self) -> None:
+        """Load the configured models (each on its own worker thread) and serve them as model:<name>."""
+        if not self.config.models:
+            return
+        await self.model_host.start()
+        self.model_host.register(self.services)
+
+    def _advertised_offers(self) -> list[Offer]:
+        """The loaded models' offers, then the configured offers (same name: config wins), then the API's."""
+        merged = {offer.name: offer for offer in self.model_host.offers()}
+        merged.update((offer.name, offer) for offer in self.config.offers)
+        return self.offer_book.effective(list(merged.values()))
 
     async def _run_settlement(self, wallet_key: bytes) -> None:
         """Connect the escrow chain (retrying while it is down), then run the settlement queue."""

@@ -28,7 +28,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +116,8 @@ class ServedLease:
     escrow: EscrowRef | None
     push_lock: trio.Lock = field(default_factory=trio.Lock)
     ended_reason: str | None = None
+    claimed_seq: int = 0
+    last_claim_at: float = 0.0
 
 
 @dataclass
@@ -196,7 +198,7 @@ class LeaseMarket:
                     units_countersigned=signed,
                     now=now,
                 )
-                self.served[lease.lease_id] = ServedLease(grant, session, lease.escrow)
+                self.served[lease.lease_id] = ServedLease(grant, session, lease.escrow, last_claim_at=self.clock())
                 log.info("lease %s restored", lease.lease_id[:12])
                 continue
             await self.ledger.end_lease(lease.lease_id, idempotency_key=f"end/{lease.lease_id}")
@@ -327,7 +329,9 @@ class LeaseMarket:
         except ClawnodeError:
             del self._used_quotes[quote.quote_id]
             raise
-        self.served[grant.lease_id] = ServedLease(grant, self._new_session(grant, now), escrow_ref)
+        self.served[grant.lease_id] = ServedLease(
+            grant, self._new_session(grant, now), escrow_ref, last_claim_at=self.clock()
+        )
         log.info("lease %s granted to %s for %s", grant.lease_id[:12], remote[:16], grant.capability)
         envelope = seal(grant, self.key, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
         return w.GrantReply(envelope=_b64(envelope), token=token)
@@ -518,6 +522,7 @@ class LeaseMarket:
                 if served.session.state == "lease_ended":  # expired while authorizing a call
                     self._spawn(self._end_served, lease_id, "expired")
                     continue
+                self._claim_if_due(lease_id, served)
                 for action in served.session.tick(self.clock()):
                     if action == "issue_receipt":
                         self._spawn(self._push_receipt, lease_id)
@@ -525,6 +530,22 @@ class LeaseMarket:
                         log.info("lease %s paused: a receipt waits for its countersignature", lease_id[:12])
                     elif action in ("end_abandoned", "expire"):
                         self._spawn(self._end_served, lease_id, "abandoned" if action == "end_abandoned" else "expired")
+
+    def _claim_if_due(self, lease_id: str, served: ServedLease) -> None:
+        """Claim what was countersigned so far, every ``claim_every_s``: a long lease is paid as it goes."""
+        now = self.clock()
+        signed_seq = served.session.countersigned_seq
+        if served.escrow is None or signed_seq <= served.claimed_seq:
+            return
+        if now - served.last_claim_at < self.settings.claim_every_s:
+            return
+        served.claimed_seq, served.last_claim_at = signed_seq, now
+
+        async def claim() -> None:
+            await self.ledger.enqueue_claim(lease_id)
+            self.wake_settlement()
+
+        self._spawn(claim)
 
     async def _end_served(self, lease_id: str, reason: str, *, notify: bool = True) -> None:
         served = self.served.get(lease_id)
@@ -709,9 +730,30 @@ class LeaseMarket:
 
     async def call(self, lease_id: str, body: dict[str, Any], *, timeout_s: float = 120.0) -> w.CallResult:
         """Use a lease: send one request, collect the streamed chunks and the exact usage."""
+        chunks: list[dict[str, Any]] = []
+
+        async def collect(data: dict[str, Any]) -> None:
+            chunks.append(data)
+
+        end = await self.stream_call(lease_id, body, collect, timeout_s=timeout_s)
+        return w.CallResult(chunks=chunks, units=end.units, usage=end.usage, served_by=end.served_by)
+
+    async def stream_call(
+        self,
+        lease_id: str,
+        body: dict[str, Any],
+        on_chunk: Callable[[dict[str, Any]], Awaitable[None]],
+        *,
+        timeout_s: float = 300.0,
+        stall_s: float = 30.0,
+    ) -> w.CallEnd:
+        """Use a lease, handing each chunk to ``on_chunk`` as it arrives; the end frame's exact usage.
+
+        A provider silent for ``stall_s`` between frames counts as gone (``E_TIMEOUT``), so a router
+        can move on; leaving early (cancellation) closes the stream, which stops the provider.
+        """
         held = self._held(lease_id)
         request_frame = w.CallRequest(lease_id=lease_id, token=held.token, body=body).model_dump_json().encode()
-        chunks: list[dict[str, Any]] = []
         try:
             with trio.fail_after(timeout_s):
                 stream = await self.host.new_stream(ID.from_base58(held.grant.provider), [INFER_PROTOCOL])
@@ -719,16 +761,16 @@ class LeaseMarket:
                     await write_frame(stream, request_frame, max_frame=MAX_CALL_FRAME)
                     reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
                     while True:
-                        frame = parse_reply(await reader.read_frame(timeout_s), _CALL_FRAMES)
+                        frame = parse_reply(await reader.read_frame(stall_s), _CALL_FRAMES)
                         if isinstance(frame, w.Chunk):
-                            chunks.append(frame.data)
+                            await on_chunk(frame.data)
                             continue
                         held.seen_units += frame.units
-                        return w.CallResult(
-                            chunks=chunks, units=frame.units, usage=frame.usage, served_by=frame.served_by
-                        )
+                        end: w.CallEnd = frame
+                        return end
                 finally:
-                    with trio.move_on_after(1):
+                    with trio.move_on_after(1) as cleanup:
+                        cleanup.shield = True
                         await stream.close()
         except trio.TooSlowError:
             raise ClawnodeError(ErrorCode.TIMEOUT, "the provider did not finish in time") from None

@@ -22,3 +22,17 @@ def daemons() -> Iterator[list[DaemonProcess]]:
     yield started
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def scan_logs_for_secrets(caplog: pytest.LogCaptureFixture) -> Iterator[list[str]]:
+    """Collects every clawnode log line of a test (at DEBUG) and, at its end, checks that none
+    carries a local path; tests add their tokens to the yielded list to have them checked too."""
+    for name in ("node", "protocols", "runtime", "dht", "bootstrap"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    secrets: list[str] = []
+    yield secrets
+    for record in caplog.records:
+        text = record.getMessage()
+        assert "/tmp/" not in text and "pytest-of-" not in text, text
+        assert not any(secret in text for secret in secrets), "a secret reached a log line"

@@ -16,7 +16,7 @@ def test_first_start_writes_commented_defaults_that_parse_to_the_defaults(tmp_pa
     uncommented = "\n".join(line[2:] if line.startswith("# ") and " = " in line else line for line in text.splitlines())
     parsed = tomllib.loads(uncommented)
     assert Config.model_validate(parsed) == Config()
-    sections = {"node", "api", "bootstrap", "dht", "capabilities", "hardware", "escrow", "log"}
+    sections = {"node", "api", "bootstrap", "dht", "capabilities", "hardware", "escrow", "market", "router", "log"}
     assert tomllib.loads(default_config_text()) == {section: {} for section in sections}
 
 

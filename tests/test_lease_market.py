@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from dht.discovery import DiscoveryQuery, ProviderResult
+from node.config import MarketSection
 from node.daemon import Node
 from node.datadir import read_api_token
 from runtime.ledger import Lease
@@ -31,6 +33,9 @@ from tests.support.market import (
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
+
+# Every log line these tests produce is checked for local paths.
+pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 
 
 PROMPT = "the quick brown fox jumps over the lazy dog again"  # 10 words
@@ -184,3 +189,22 @@ async def test_a_restarted_provider_keeps_serving_its_leases(tmp_path: Path) -> 
                 while await countersigned() < 13:
                     await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_running_lease_is_paid_as_it_goes() -> None:
+    """With ``market.claim_every_s`` the provider claims countersigned usage while the lease runs."""
+    settings = MarketSection(receipt_every_units=10, receipt_every_s=2, claim_every_s=1)  # type: ignore[call-arg]
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": settings}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        lease = await consumer.market.open_lease(str(provider.host.get_id()), WORDS, budget=WORD_PRICE * 100)
+        await consumer.market.call(lease.lease_id, {"prompt": PROMPT})
+        client = consumer.escrow_client
+        escrow_id = bytes.fromhex(lease.lease_id)
+        with trio.fail_after(30):
+            while (await client.chain.run(client.get, client.account.address, escrow_id)).released < 10 * WORD_PRICE:
+                await trio.sleep(0.2)
+        assert (await provider.ledger.get_lease(lease.lease_id)).state == "open"
+        await consumer.market.call(lease.lease_id, {"prompt": PROMPT})
+        with trio.fail_after(30):
+            while (await client.chain.run(client.get, client.account.address, escrow_id)).released < 20 * WORD_PRICE:
+                await trio.sleep(0.2)

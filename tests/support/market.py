@@ -28,6 +28,7 @@ from node.daemon import Node
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import Chain, EscrowClient
 from runtime.escrow.settings import fund_from_dev_account
+from runtime.inference.models import ModelSpec
 from runtime.service import Emit, ServiceRegistry, Usage
 
 WORDS = "model:words"
@@ -40,6 +41,9 @@ class WordService:
 
     async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
         prompt = body.get("prompt")
+        messages = body.get("messages")
+        if prompt is None and isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+            prompt = messages[-1].get("content")
         if not isinstance(prompt, str):
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "body.prompt must be a string")
         words = prompt.split()
@@ -77,6 +81,7 @@ def market_config(
     offers: tuple[Offer, ...] = (),
     market: MarketSection | None = None,
     dispute_window_s: int = 5,
+    models: tuple[ModelSpec, ...] = (),
 ) -> Config:
     return Config(
         node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"]),  # type: ignore[call-arg]
@@ -85,6 +90,7 @@ def market_config(
         escrow=EscrowSection(settle_interval_s=0.5, dispute_window_s=dispute_window_s),  # type: ignore[call-arg]
         market=market or MarketSection(receipt_every_units=10, receipt_every_s=2),  # type: ignore[call-arg]
         offers=list(offers),
+        models=list(models),
     )
 
 
@@ -104,7 +110,7 @@ async def market_nodes(
     chain: SharedChain | None = None,
     bootstrap: list[str] | None = None,
 ) -> AsyncIterator[tuple[list[Node], SharedChain]]:
-    """Start one Node per spec (``offers``, ``market``, ``serve``); the first is everyone's bootstrap.
+    """Start one Node per spec (``offers``, ``market``, ``serve``, ``wallet_key``); the first is everyone's bootstrap.
 
     With ``bootstrap`` (multiaddrs of an existing swarm, e.g. ``open_swarm``'s first nodes), every
     node joins through those peers instead. Yields once every node runs and has its escrow client.
@@ -115,16 +121,22 @@ async def market_nodes(
         async with trio.open_nursery() as nursery:
             joined_through = list(bootstrap or [])
             for index, spec in enumerate(specs):
-                services = ServiceRegistry()
-                if spec.get("serve", bool(spec.get("offers"))):
+                # ``services`` (a ServiceRegistry) replaces the WordService default; ``models``
+                # (ModelSpecs) are loaded and served by the node itself, as [[models]] would be.
+                services = spec.get("services") or ServiceRegistry()
+                if "services" not in spec and spec.get("serve", bool(spec.get("offers"))):
                     services.register(WORDS, WordService())
                 config = market_config(
                     bootstrap=joined_through,
                     offers=tuple(spec.get("offers", ())),
                     market=spec.get("market"),
                     dispute_window_s=spec.get("dispute_window_s", 5),
+                    models=tuple(spec.get("models", ())),
                 )
-                node = Node(config, Path(root) / f"node{index}", services=services, escrow_connector=shared.connector)
+                # ``wallet_key`` (hex): this node's escrow wallet, e.g. ``shared.arbiter.key.hex()`` for the arbiter.
+                wallet_hex = spec.get("wallet_key")
+                connector = shared.connector if wallet_hex is None else partial(_fixed_wallet, shared, wallet_hex)
+                node = Node(config, Path(root) / f"node{index}", services=services, escrow_connector=connector)
                 await nursery.start(node.run)
                 nodes.append(node)
                 if not joined_through:
@@ -135,6 +147,10 @@ async def market_nodes(
                 yield nodes, shared
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def _fixed_wallet(shared: SharedChain, wallet_hex: str, _node_key: bytes) -> EscrowClient:
+    return shared.connector(bytes.fromhex(wallet_hex.removeprefix("0x")))
 
 
 def _escrow_ready(node: Node) -> bool:

@@ -1,0 +1,424 @@
+"""The router: answers a model request locally, or buys it from the network, with fallback.
+
+Order of preference for ``model:<name>``: a model this node serves itself; then providers found
+through discovery, ranked by health, load, price and measured latency (EWMA), each used through
+a lease the router opens itself and reuses; then a configured upstream OpenAI-compatible URL.
+A provider that refuses, stalls or disconnects mid-stream costs a short pause: the router moves
+to the next one and asks it to continue the same answer (the text so far is sent back as the
+start of the assistant's reply), so the agent's stream goes on where it stopped.
+
+Health: every ``health_interval_s`` the router fetches the capability record of each provider it
+knows (a round trip it also feeds into the latency EWMA); ``failures_to_failover`` consecutive
+failures (calls or checks) take a provider out of rotation until a check succeeds again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+from libp2p.peer.id import ID
+
+from dht.discovery import DiscoveryQuery, ProviderResult
+from node.config import RouterSection
+from protocols.lease import LeaseMarket
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.service import ServiceRegistry
+
+log = logging.getLogger(__name__)
+
+EWMA_ALPHA = 0.3
+# Errors that say "this provider, not this request": try the next one.
+PROVIDER_FAULTS = frozenset(
+    {
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.TIMEOUT,
+        ErrorCode.INTERNAL,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.CONFLICT,
+        ErrorCode.EXPIRED,
+        ErrorCode.INSUFFICIENT_FUNDS,
+        ErrorCode.FORBIDDEN,
+        ErrorCode.NOT_FOUND,
+    }
+)
+
+
+@dataclass
+class ProviderHealth:
+    ewma_latency_s: float | None = None
+    consecutive_failures: int = 0
+    in_flight: int = 0
+    served: int = 0
+
+    def record_latency(self, seconds: float) -> None:
+        self.ewma_latency_s = (
+            seconds if self.ewma_latency_s is None else EWMA_ALPHA * seconds + (1 - EWMA_ALPHA) * self.ewma_latency_s
+        )
+
+
+@dataclass
+class RouteResult:
+    """How a request was answered: usage as the agent should see it and who served each part."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    served_by: list[str] = field(default_factory=list)
+    failovers: int = 0
+
+
+@dataclass
+class ConsensusOutcome:
+    text: str
+    usage: RouteResult
+    answers: list[tuple[str, str]]  # (who served it, the answer)
+    majority: list[int]
+    confidence: float
+    reached: bool
+
+    def report(self) -> dict[str, Any]:
+        replicas = len(self.answers)
+        return {
+            "served_by": [who for who, _ in self.answers],
+            "failovers": self.usage.failovers,
+            "consensus": {
+                "replicas": replicas,
+                "agreement": f"{len(self.majority)}/{replicas}",
+                "agreement_ratio": round(len(self.majority) / replicas, 4) if replicas else 0.0,
+                "confidence": round(self.confidence, 4),
+                "reached": self.reached,
+                "majority": [self.answers[i][0] for i in self.majority],
+                "note": None if self.reached else "no answer reached the majority; the best cluster is returned",
+            },
+        }
+
+
+TextSink = Callable[[str], Awaitable[None]]
+Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
+Discover = Callable[[DiscoveryQuery], Awaitable[list[ProviderResult]]]
+FetchRtt = Callable[[str], Awaitable[float]]
+
+
+class Router:
+    def __init__(
+        self,
+        market: LeaseMarket,
+        services: ServiceRegistry,
+        discover: Discover,
+        settings: RouterSection,
+        *,
+        fetch_rtt: FetchRtt | None = None,
+        embed: Embed | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.embed = embed
+        self.market = market
+        self.services = services
+        self.discover = discover
+        self.settings = settings
+        self.fetch_rtt = fetch_rtt
+        self.clock = clock
+        self.health: dict[str, ProviderHealth] = {}
+        self._leases: dict[tuple[str, str], str] = {}
+        self._lease_locks: dict[tuple[str, str], trio.Lock] = {}
+
+    # -- health --
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(self)
+        while True:
+            await trio.sleep(self.settings.health_interval_s)
+            if self.fetch_rtt is None:
+                continue
+            async with trio.open_nursery() as nursery:
+                for peer in list(self.health):
+                    nursery.start_soon(self._check, peer)
+
+    async def _check(self, peer: str) -> None:
+        assert self.fetch_rtt is not None
+        health = self.health[peer]
+        try:
+            with trio.fail_after(self.settings.stall_timeout_s):
+                rtt = await self.fetch_rtt(peer)
+        except (ClawnodeError, trio.TooSlowError):
+            health.consecutive_failures += 1
+            return
+        health.consecutive_failures = 0
+        health.record_latency(rtt)
+
+    def usable(self, peer: str) -> bool:
+        return self._health(peer).consecutive_failures < self.settings.failures_to_failover
+
+    def _health(self, peer: str) -> ProviderHealth:
+        return self.health.setdefault(peer, ProviderHealth())
+
+    def rank(self, providers: list[ProviderResult]) -> list[ProviderResult]:
+        """Healthy first, then least loaded, cheapest, fastest (EWMA, else the discovery round trip)."""
+
+        def key(provider: ProviderResult) -> tuple[int, int, int, float]:
+            health = self._health(provider.peer_id)
+            latency = health.ewma_latency_s if health.ewma_latency_s is not None else provider.rtt_ms / 1000
+            return (0 if self.usable(provider.peer_id) else 1, health.in_flight, provider.price_per_unit, latency)
+
+        return sorted((p for p in providers if not p.is_self), key=key)
+
+    # -- answering --
+
+    async def chat(self, model: str, body: dict[str, Any], on_text: TextSink) -> RouteResult:
+        """Answer a chat request for ``model``, streaming text pieces to ``on_text``."""
+        capability = f"model:{model}"
+        result = RouteResult()
+        delivered: list[str] = []
+
+        async def sink(text: str) -> None:
+            delivered.append(text)
+            await on_text(text)
+
+        local = self.services.get(capability)
+        if local is not None:
+
+            async def emit(data: dict[str, Any]) -> None:
+                text = data.get("text")
+                if isinstance(text, str) and text:
+                    await sink(text)
+
+            usage = await local.run(body, emit)
+            result.prompt_tokens = usage.detail.get("prompt_tokens", 0)
+            result.completion_tokens = usage.detail.get("completion_tokens", 0)
+            result.served_by.append("local")
+            return result
+
+        errors: list[ClawnodeError] = []
+        providers = self.rank(await self.discover(DiscoveryQuery(capability=capability, limit=20)))
+        for provider in providers[: self.settings.max_providers]:
+            if not self.usable(provider.peer_id) and any(self.usable(p.peer_id) for p in providers):
+                continue
+            try:
+                await self._from_provider(provider, capability, _continued(body, delivered), sink, result)
+                return result
+            except ClawnodeError as error:
+                if error.code not in PROVIDER_FAULTS:
+                    raise
+                errors.append(error)
+                result.failovers += 1
+                log.info("provider %s failed (%s); trying the next", provider.peer_id[:16], error.code)
+        if self.settings.upstream_url:
+            await self._from_upstream(model, _continued(body, delivered), sink, result)
+            return result
+        if errors:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"every provider of {model} failed (last: {errors[-1].code})")
+        raise ClawnodeError(ErrorCode.NOT_FOUND, f"no node serves {model} and no upstream is configured")
+
+    async def consensus(self, model: str, body: dict[str, Any], replicas: int) -> ConsensusOutcome:
+        """The same prompt on ``replicas`` providers at temperature 0; the majority cluster's answer.
+
+        Answers are compared by the cosine similarity of their embeddings (the local engine's when
+        it has a model loaded, else a character-trigram profile); two answers agree at
+        ``consensus_similarity``, and the largest group of mutually agreeing answers wins when it
+        holds at least ``consensus_majority`` of the replicas.
+        """
+        capability = f"model:{model}"
+        providers = [p for p in self.rank(await self.discover(DiscoveryQuery(capability=capability, limit=20)))]
+        if len(providers) < replicas:
+            raise ClawnodeError(
+                ErrorCode.UNAVAILABLE, f"consensus needs {replicas} providers of {model}; {len(providers)} found"
+            )
+        answers: list[tuple[str, str]] = []
+        usage = RouteResult()
+        queue = list(providers)
+
+        async def one() -> None:
+            while queue:
+                provider = queue.pop(0)
+                pieces: list[str] = []
+
+                async def sink(text: str, pieces: list[str] = pieces) -> None:
+                    pieces.append(text)
+
+                result = RouteResult()
+                try:
+                    await self._from_provider(provider, capability, body, sink, result)
+                except ClawnodeError as error:
+                    if error.code not in PROVIDER_FAULTS:
+                        raise
+                    usage.failovers += 1
+                    continue
+                answers.append((provider.peer_id, "".join(pieces)))
+                usage.prompt_tokens += result.prompt_tokens
+                usage.completion_tokens += result.completion_tokens
+                usage.served_by.append(provider.peer_id)
+                return
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(replicas):
+                nursery.start_soon(one)
+        if not answers:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"no provider of {model} answered")
+        vectors = await (self.embed or _trigram_vectors)([text for _, text in answers])
+        majority, confidence = majority_cluster(vectors, self.settings.consensus_similarity)
+        reached = len(majority) / replicas >= self.settings.consensus_majority
+        return ConsensusOutcome(answers[majority[0]][1], usage, answers, majority, confidence, reached)
+
+    async def _from_provider(
+        self, provider: ProviderResult, capability: str, body: dict[str, Any], sink: TextSink, result: RouteResult
+    ) -> None:
+        health = self._health(provider.peer_id)
+        lease_id = await self._lease(provider, capability)
+        received = 0
+
+        async def on_chunk(data: dict[str, Any]) -> None:
+            nonlocal received
+            text = data.get("text")
+            if isinstance(text, str) and text:
+                received += 1
+                await sink(text)
+
+        started = self.clock()
+        health.in_flight += 1
+        try:
+            end = await self.market.stream_call(lease_id, body, on_chunk, stall_s=self.settings.stall_timeout_s)
+        except ClawnodeError as error:
+            health.consecutive_failures += 1
+            result.completion_tokens += received  # delivered before the failure, each piece ≥ 1 token
+            if received:
+                result.served_by.append(provider.peer_id)
+            if error.code in (ErrorCode.EXPIRED, ErrorCode.CONFLICT, ErrorCode.INSUFFICIENT_FUNDS, ErrorCode.FORBIDDEN):
+                self._leases.pop((provider.peer_id, capability), None)
+            raise
+        finally:
+            health.in_flight -= 1
+        health.consecutive_failures = 0
+        health.served += 1
+        health.record_latency(self.clock() - started)
+        result.prompt_tokens = end.usage.get("prompt_tokens", 0)
+        result.completion_tokens += end.usage.get("completion_tokens", end.units)
+        result.served_by.append(provider.peer_id)
+
+    async def _lease(self, provider: ProviderResult, capability: str) -> str:
+        key = (provider.peer_id, capability)
+        async with self._lease_locks.setdefault(key, trio.Lock()):
+            lease_id = self._leases.get(key)
+            if lease_id is not None:
+                held = self.market.held.get(lease_id)
+                if held is not None and held.ended_reason is None:
+                    return lease_id
+            budget = max(1, provider.price_per_unit) * self.settings.lease_units
+            view = await self.market.open_lease(
+                provider.peer_id,
+                capability,
+                budget=budget,
+                duration_s=self.settings.lease_duration_s,
+                expected_units=self.settings.lease_units,
+            )
+            self._leases[key] = view.lease_id
+            return view.lease_id
+
+    async def _from_upstream(self, model: str, body: dict[str, Any], sink: TextSink, result: RouteResult) -> None:
+        url = self.settings.upstream_url.rstrip("/") + "/chat/completions"
+        headers = (
+            {"authorization": f"Bearer {self.settings.upstream_api_key}"} if self.settings.upstream_api_key else {}
+        )
+        request = {**_openai_body(body), "model": model, "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            async with httpx.AsyncClient(timeout=self.settings.upstream_timeout_s) as client:
+                async with client.stream("POST", url, json=request, headers=headers) as reply:
+                    if reply.status_code != 200:
+                        raise ClawnodeError(ErrorCode.UNAVAILABLE, f"the upstream answered {reply.status_code}")
+                    async for event in _sse_events(reply.aiter_lines()):
+                        for choice in event.get("choices") or []:
+                            text = (choice.get("delta") or {}).get("content")
+                            if isinstance(text, str) and text:
+                                await sink(text)
+                        usage = event.get("usage")
+                        if isinstance(usage, dict):
+                            result.prompt_tokens = int(usage.get("prompt_tokens", 0))
+                            result.completion_tokens += int(usage.get("completion_tokens", 0))
+        except httpx.HTTPError as error:
+            # The URL may carry credentials: say what failed, never where.
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"the upstream failed ({type(error).__name__})") from None
+        result.served_by.append("upstream")
+
+    async def fetch_rtt_via(self, describe: Callable[[ID], Awaitable[Any]], peer: str) -> float:
+        started = self.clock()
+        await describe(ID.from_base58(peer))
+        return self.clock() - started
+
+
+def _continued(body: dict[str, Any], delivered: list[str]) -> dict[str, Any]:
+    """The request for the next provider: the same, asked to continue the answer given so far."""
+    if not delivered:
+        return body
+    so_far = "".join(delivered)
+    max_tokens = body.get("max_tokens")
+    update: dict[str, Any] = {"continue_from": so_far}
+    if isinstance(max_tokens, int):
+        update["max_tokens"] = max(1, max_tokens - len(delivered))
+    return {**body, **update}
+
+
+def _openai_body(body: dict[str, Any]) -> dict[str, Any]:
+    """Our continuation as plain OpenAI: the text so far as a partial assistant message."""
+    out = {k: v for k, v in body.items() if k not in ("continue_from", "clawnode", "model")}
+    so_far = body.get("continue_from")
+    if isinstance(so_far, str) and so_far:
+        out["messages"] = [*body.get("messages", []), {"role": "assistant", "content": so_far}]
+    return out
+
+
+async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            yield event
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0
+
+
+def majority_cluster(vectors: list[list[float]], similarity: float) -> tuple[list[int], float]:
+    """The largest group of answers that each agree with its centre, and their mean similarity.
+
+    Ties go to the tighter group. The centre is the answer returned.
+    """
+    best: tuple[int, float, list[int]] = (0, -1.0, [])
+    for centre, vector in enumerate(vectors):
+        members = [i for i, other in enumerate(vectors) if cosine(vector, other) >= similarity]
+        if centre not in members:
+            members.insert(0, centre)
+        members.sort(key=lambda i: i != centre)
+        pairs = [cosine(vectors[a], vectors[b]) for a in members for b in members if a < b]
+        tightness = sum(pairs) / len(pairs) if pairs else 1.0
+        if (len(members), tightness) > best[:2]:
+            best = (len(members), tightness, members)
+    return best[2], best[1]
+
+
+async def _trigram_vectors(texts: list[str]) -> list[list[float]]:
+    """A fallback profile when no embedding model is loaded: character-trigram counts, hashed."""
+    vectors = []
+    for text in texts:
+        vector = [0.0] * 512
+        padded = f"  {text.lower()}  "
+        for index in range(len(padded) - 2):
+            vector[zlib.crc32(padded[index : index + 3].encode()) % 512] += 1.0
+        vectors.append(vector)
+    return vectors

@@ -1,0 +1,147 @@
+"""``/api/tasks``: the task market for the CLI and the dashboard.
+
+Artifacts travel as base64 in the JSON body: the CLI reads a file and sends its bytes, so no
+local path ever reaches the daemon (or a reply, or a log).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Protocol
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from dht.records import CAPABILITY_NAME
+from protocols.task import TaskMarket
+from protocols.task_wire import BidView, TaskView
+from runtime.errors import ClawnodeError, ErrorCode
+
+ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PublishBody(_Body):
+    capability: str = Field(pattern=CAPABILITY_NAME)
+    budget: int = Field(ge=1, description="wei")
+    deadline_s: int = Field(ge=1, le=30 * 86_400, description="seconds from now")
+    summary: str = Field("", max_length=280)
+    params: str = Field("{}", max_length=65_536, description="JSON text the winner receives")
+    arbiter_peer: str | None = Field(None, min_length=32, max_length=128)
+    arbiter_wallet: str | None = Field(None, pattern=ADDRESS)
+    review_timeout_s: int = Field(600, ge=1, le=30 * 86_400)
+
+
+class WatchBody(_Body):
+    capability: str = Field(pattern=CAPABILITY_NAME)
+
+
+class BidBody(_Body):
+    price: int = Field(ge=1, description="wei")
+
+
+class AwardBody(_Body):
+    bid_id: str = Field(min_length=1, max_length=128)
+
+
+class ResultBody(_Body):
+    artifact_b64: str = Field(max_length=400_000)
+
+
+class ReviewBody(_Body):
+    accept: bool
+    reason: str = Field("", max_length=500)
+
+
+class DisputeBody(_Body):
+    reason: str = Field("", max_length=500)
+
+
+class ResolveBody(_Body):
+    to_bidder: int = Field(ge=0, description="wei to the bidder; the rest goes back to the creator")
+
+
+class TaskListReply(BaseModel):
+    tasks: list[TaskView]
+
+
+class ArtifactReply(BaseModel):
+    task_id: str
+    artifact_b64: str
+
+
+class TaskNode(Protocol):
+    @property
+    def tasks(self) -> TaskMarket: ...
+
+
+def mount_tasks(app: FastAPI, node: TaskNode) -> None:
+    @app.post("/api/tasks")
+    async def publish(body: PublishBody) -> TaskView:
+        return await node.tasks.publish(
+            body.capability,
+            body.budget,
+            body.deadline_s,
+            summary=body.summary,
+            params=body.params,
+            arbiter_peer=body.arbiter_peer,
+            arbiter_wallet=body.arbiter_wallet,
+            review_timeout_s=body.review_timeout_s,
+        )
+
+    @app.get("/api/tasks")
+    async def tasks() -> TaskListReply:
+        return TaskListReply(tasks=node.tasks.tasks())
+
+    @app.post("/api/tasks/watch")
+    async def watch(body: WatchBody) -> TaskListReply:
+        await node.tasks.watch(body.capability)
+        return TaskListReply(tasks=node.tasks.tasks())
+
+    @app.get("/api/tasks/{task_id}")
+    async def task(task_id: str) -> TaskView:
+        return node.tasks.view(task_id)
+
+    @app.post("/api/tasks/{task_id}/bids")
+    async def bid(task_id: str, body: BidBody) -> BidView:
+        return await node.tasks.bid(task_id, body.price)
+
+    @app.delete("/api/tasks/{task_id}/bids/{bid_id}")
+    async def withdraw(task_id: str, bid_id: str) -> BidView:
+        return await node.tasks.withdraw_bid(task_id, bid_id)
+
+    @app.post("/api/tasks/{task_id}/award")
+    async def award(task_id: str, body: AwardBody) -> TaskView:
+        return await node.tasks.award(task_id, body.bid_id)
+
+    @app.post("/api/tasks/{task_id}/result")
+    async def submit(task_id: str, body: ResultBody) -> TaskView:
+        try:
+            artifact = base64.b64decode(body.artifact_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "artifact_b64 is not base64") from None
+        return await node.tasks.submit(task_id, artifact)
+
+    @app.get("/api/tasks/{task_id}/result")
+    async def result(task_id: str) -> ArtifactReply:
+        return ArtifactReply(task_id=task_id, artifact_b64=base64.b64encode(node.tasks.artifact(task_id)).decode())
+
+    @app.post("/api/tasks/{task_id}/review")
+    async def review(task_id: str, body: ReviewBody) -> TaskView:
+        return await node.tasks.review(task_id, body.accept, body.reason)
+
+    @app.post("/api/tasks/{task_id}/dispute")
+    async def dispute(task_id: str, body: DisputeBody) -> TaskView:
+        return await node.tasks.dispute(task_id, body.reason)
+
+    @app.post("/api/tasks/{task_id}/resolve")
+    async def resolve(task_id: str, body: ResolveBody) -> TaskView:
+        return await node.tasks.resolve(task_id, body.to_bidder)
+
+    @app.post("/api/tasks/{task_id}/cancel")
+    async def cancel(task_id: str) -> TaskView:
+        return await node.tasks.cancel(task_id)

@@ -1,0 +1,156 @@
+"""The chat model as a metered service: directly, and sold through the real lease market."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from dht.offers import Offer
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.engine import LlamaModel
+from runtime.inference.models import ModelHost, ModelSpec
+from runtime.inference.service import ChatService, EmbeddingService
+from runtime.service import ServiceRegistry
+from tests.support.market import market_nodes, wait_for
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+
+TOKEN_PRICE = 1_000_000
+MESSAGES = [{"role": "user", "content": "Tell me a story."}]
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.chunks: list[dict[str, Any]] = []
+
+    async def __call__(self, chunk: dict[str, Any]) -> None:
+        self.chunks.append(chunk)
+
+
+async def test_chat_service_meters_prompt_and_completion_tokens(tiny: LlamaModel) -> None:
+    emit = Collected()
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "stream": False}
+    usage = await ChatService(tiny).run(body, emit)
+    direct = await tiny.chat(MESSAGES, max_tokens=12, temperature=0)
+    assert "".join(c["text"] for c in emit.chunks) == direct.text
+    assert usage.detail == {"prompt_tokens": direct.usage.prompt_tokens, "completion_tokens": 12}
+    assert usage.units == direct.usage.prompt_tokens + 12
+
+
+async def test_a_consumer_that_goes_away_stops_the_generation(tiny: LlamaModel) -> None:
+    sent = 0
+
+    async def emit(chunk: dict[str, Any]) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == 3:
+            raise trio.BrokenResourceError("the consumer hung up")
+
+    with pytest.raises(trio.BrokenResourceError):
+        await ChatService(tiny).run({"messages": MESSAGES, "max_tokens": 400, "temperature": 0}, emit)
+    # The model is free at once, and serves the next request in full.
+    with trio.fail_after(5):
+        assert (await tiny.chat(MESSAGES, max_tokens=3)).usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"messages": "hi"},
+        {"messages": []},
+        {"messages": [{"role": "user"}]},
+        {"messages": MESSAGES, "max_tokens": -1},
+        {"messages": MESSAGES, "max_tokens": "8"},
+        {"messages": MESSAGES, "temperature": "hot"},
+        {"messages": MESSAGES, "seed": 1.5},
+        {"messages": MESSAGES, "stop": 3},
+        {"messages": MESSAGES, "max_tokens": 100_000},  # more than the context holds
+    ],
+)
+async def test_bad_bodies_are_invalid_arguments(tiny: LlamaModel, body: dict[str, Any]) -> None:
+    with pytest.raises(ClawnodeError) as raised:
+        await ChatService(tiny).run(body, Collected())
+    assert raised.value.code == ErrorCode.INVALID_ARGUMENT
+
+
+async def test_embedding_service_counts_input_tokens(tiny: LlamaModel) -> None:
+    emit = Collected()
+    usage = await EmbeddingService(tiny).run({"input": ["one", "two"]}, emit)
+    assert len(emit.chunks) == 1 and len(emit.chunks[0]["embeddings"]) == 2
+    expected = len(await tiny.tokenize("one", add_bos=True)) + len(await tiny.tokenize("two", add_bos=True))
+    assert usage.units == expected
+    with pytest.raises(ClawnodeError):
+        await EmbeddingService(tiny).run({"input": 5}, Collected())
+
+
+async def test_model_host_offers_and_registers(tiny_path: Path) -> None:
+    spec = ModelSpec(name="tiny", path=str(tiny_path), n_ctx=256, n_threads=1, price_per_unit=7, embeddings=True)  # type: ignore[call-arg]
+    host = ModelHost([spec])
+    await host.start()
+    try:
+        offers = {offer.name: offer for offer in host.offers()}
+        assert set(offers) == {"model:tiny", "embedding:tiny"}
+        chat = offers["model:tiny"]
+        assert (chat.unit, chat.price_per_unit, chat.context_length, chat.family) == ("token", 7, 256, "llama")
+        assert chat.quantisation == "F32"
+        descriptor = chat.descriptor()
+        assert descriptor.model is not None and descriptor.model.context_length == 256
+        services = ServiceRegistry()
+        host.register(services)
+        assert services.names() == ["embedding:tiny", "model:tiny"]
+    finally:
+        await host.aclose()
+    with pytest.raises(ValueError):
+        ModelSpec(name="both", path="x.gguf", package="y")  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        ModelSpec(name="Bad Name", path="x.gguf")  # type: ignore[call-arg]
+
+
+async def test_a_leased_chat_is_metered_exactly(tiny_path: Path) -> None:
+    """A node configured with [[models]] serves model:tiny; a consumer leases it and calls."""
+    spec = ModelSpec(name="tiny", path=str(tiny_path), n_ctx=512, n_threads=1, price_per_unit=TOKEN_PRICE)  # type: ignore[call-arg]
+    async with market_nodes([{"models": [spec]}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        await wait_for(lambda: provider.publisher.record is not None)
+        record = provider.publisher.record
+        assert record is not None
+        advertised = {c.name: c for c in record.capabilities}
+        assert advertised["model:tiny"].pricing.price_per_unit == TOKEN_PRICE
+        assert advertised["model:tiny"].model is not None
+        assert advertised["model:tiny"].model.context_length == 512
+
+        lease = await consumer.market.open_lease(
+            str(provider.host.get_id()), "model:tiny", budget=10_000 * TOKEN_PRICE, duration_s=60
+        )
+        body = {"messages": MESSAGES, "max_tokens": 16, "temperature": 0, "stream": True}
+        result = await consumer.market.call(lease.lease_id, body)
+        detail = result.usage
+        assert detail["completion_tokens"] == 16
+        assert result.units == detail["prompt_tokens"] + detail["completion_tokens"]
+
+        model = provider.model_host.get("tiny")
+        assert model is not None
+        direct = await model.chat(MESSAGES, max_tokens=16, temperature=0)
+        assert "".join(chunk["text"] for chunk in result.chunks) == direct.text
+        assert detail["prompt_tokens"] == direct.usage.prompt_tokens
+
+        provider_lease = await provider.ledger.get_lease(lease.lease_id)
+        assert provider_lease.metered_units == result.units
+
+
+async def test_a_registered_chat_service_replaces_the_word_service(tiny: LlamaModel) -> None:
+    services = ServiceRegistry()
+    services.register("model:tiny", ChatService(tiny))
+    offer = Offer(name="model:tiny", price_per_unit=TOKEN_PRICE)  # type: ignore[call-arg]
+    async with market_nodes([{"offers": (offer,), "services": services}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        lease = await consumer.market.open_lease(
+            str(provider.host.get_id()), "model:tiny", budget=1_000 * TOKEN_PRICE, duration_s=60
+        )
+        result = await consumer.market.call(lease.lease_id, {"messages": MESSAGES, "max_tokens": 5, "temperature": 0})
+        assert result.usage["completion_tokens"] == 5
+        assert (await provider.ledger.get_lease(lease.lease_id)).metered_units == result.units
