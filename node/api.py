@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dht.discovery import DescribeResult, DiscoveryQuery, ProviderResult
 from dht.offers import Offer
 from dht.records import CAPABILITY_NAME, CapabilityRecord
-from node.openai_api import OpenAINode, error_type, mount_openai
+from node.openai_api import OpenAINode, error_type, mount_completions, mount_openai
 from node.task_api import TaskNode, mount_tasks
 from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
 from runtime.errors import ClawnodeError, ErrorCode
@@ -331,5 +331,6 @@ def create_app(node: NodeView, token: str) -> FastAPI:
         return await node.call_lease(lease_id, body)
 
     mount_openai(app, node)
+    mount_completions(app, node)
     mount_tasks(app, node)
     return app

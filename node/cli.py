@@ -635,5 +635,74 @@ def task_cancel(task_id: str, data_dir: str | None, as_json: bool) -> None:
     _print(body, as_json, _task_detail(body))
 
 
+# chat
+
+
+def _stream_chat(data_dir: str | None, model: str, messages: list[dict[str, str]], max_tokens: int | None) -> str:
+    directory = resolve_data_dir(data_dir)
+    running = read_running(directory)
+    if running is None:
+        click.echo("clawnode: E_UNAVAILABLE: no clawnode daemon is running for this data dir", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    request: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+    if max_tokens is not None:
+        request["max_tokens"] = max_tokens
+    pieces: list[str] = []
+    served_by: list[str] = []
+    headers = {"authorization": f"Bearer {read_api_token(directory)}"}
+    try:
+        with httpx.stream(
+            "POST", f"{running.api_url}/v1/chat/completions", json=request, headers=headers, timeout=300.0
+        ) as reply:
+            if reply.status_code != 200:
+                error = json.loads(reply.read() or b"{}").get("error", {})
+                click.echo(f"clawnode: {error.get('code', 'E_INTERNAL')}: {error.get('message', '')}", err=True)
+                sys.exit(1)
+            for line in reply.iter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    click.echo(f"\nclawnode: {event['error']['code']}: {event['error']['message']}", err=True)
+                    sys.exit(1)
+                for choice in event.get("choices", []):
+                    text = choice.get("delta", {}).get("content") or ""
+                    pieces.append(text)
+                    click.echo(text, nl=False)
+                served_by = event.get("clawnode", {}).get("served_by", served_by)
+    except httpx.HTTPError:
+        click.echo("clawnode: E_UNAVAILABLE: the daemon does not answer (did it stop?)", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    click.echo()
+    if served_by:
+        click.echo(f"[served by {', '.join(who[:16] for who in served_by)}]", err=True)
+    return "".join(pieces)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@click.option("--max-tokens", type=int, default=None, help="Most tokens per answer.")
+@data_dir_option
+def chat(model: str, prompt: str | None, max_tokens: int | None, data_dir: str | None) -> None:
+    """Talk to MODEL (local or bought from the network): one PROMPT, or a conversation on stdin."""
+    if prompt is not None:
+        _stream_chat(data_dir, model, [{"role": "user", "content": prompt}], max_tokens)
+        return
+    messages: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        answer = _stream_chat(data_dir, model, messages, max_tokens)
+        messages.append({"role": "assistant", "content": answer})
+
+
 if __name__ == "__main__":
     main()

@@ -175,6 +175,13 @@ class Node:
     def local_models(self) -> list[str]:
         return [name.removeprefix("model:") for name in self.services.names() if name.startswith("model:")]
 
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        """Embeddings from the first model this node serves (consensus compares answers with them)."""
+        model = self.model_host.get(self.config.models[0].name)
+        if model is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "no local model is loaded for embeddings")
+        return await model.embed(texts)
+
     async def _provider_rtt(self, peer: str) -> float:
         started = time.monotonic()
         await self.describe(peer)
@@ -275,6 +282,7 @@ class Node:
                         self.discover,
                         self.config.router,
                         fetch_rtt=self._provider_rtt,
+                        embed=self._embed if self.config.models else None,
                     )
                     await nursery.start(self._router.run)
                     self._tasks = TaskMarket(

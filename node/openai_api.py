@@ -76,6 +76,38 @@ class ChatCompletionRequest(BaseModel):
         return body
 
 
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=96, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    prompt: str = Field(max_length=1_000_000)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def service_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"prompt": self.prompt}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.stop is not None:
+            body["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        return body
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=96, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    input: str | list[str] = Field(description="one text or up to 256")
+
+
 class OpenAINode(Protocol):
     @property
     def router(self) -> Router: ...
@@ -216,6 +248,64 @@ def mount_openai(app: FastAPI, node: OpenAINode) -> None:
                 "clawnode": _extension(result),
             }
         )
+
+
+def mount_completions(app: FastAPI, node: OpenAINode) -> None:
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: CompletionRequest) -> Response:
+        completion_id, created = "cmpl-" + secrets.token_hex(12), int(time.time())
+
+        def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": request.model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+            }
+
+        if request.stream:
+
+            async def produce(send_event: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+                async def on_text(text: str) -> None:
+                    await send_event(chunk(text))
+
+                result = await node.router.chat(request.model, request.service_body(), on_text)
+                final = chunk("", _finish_reason(result, request.max_tokens))
+                final["clawnode"] = _extension(result)
+                await send_event(final)
+                if request.stream_options and request.stream_options.include_usage:
+                    usage_chunk = chunk("")
+                    usage_chunk["choices"] = []
+                    usage_chunk["usage"] = _usage(result)
+                    await send_event(usage_chunk)
+
+            return SSEResponse(produce)
+
+        pieces: list[str] = []
+
+        async def collect(text: str) -> None:
+            pieces.append(text)
+
+        result = await node.router.chat(request.model, request.service_body(), collect)
+        reply = chunk("".join(pieces), _finish_reason(result, request.max_tokens))
+        reply["usage"] = _usage(result)
+        reply["clawnode"] = _extension(result)
+        return JSONResponse(reply)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: EmbeddingRequest) -> dict[str, Any]:
+        texts = [request.input] if isinstance(request.input, str) else request.input
+        if not texts or len(texts) > 256:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "input holds 1 to 256 texts")
+        vectors, tokens, served_by = await node.router.embeddings(request.model, texts)
+        return {
+            "object": "list",
+            "model": request.model,
+            "data": [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "clawnode": {"served_by": [served_by], "failovers": 0},
+        }
 
 
 async def _consensus(

@@ -217,6 +217,51 @@ class Router:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"every provider of {model} failed (last: {errors[-1].code})")
         raise ClawnodeError(ErrorCode.NOT_FOUND, f"no node serves {model} and no upstream is configured")
 
+    async def embeddings(self, model: str, texts: list[str]) -> tuple[list[list[float]], int, str]:
+        """Vectors for ``texts`` from ``embedding:<model>``: local, else the first provider that answers.
+
+        Returns (vectors, input tokens, who served them).
+        """
+        capability = f"embedding:{model}"
+        body = {"input": texts}
+        chunks: list[dict[str, Any]] = []
+
+        async def collect(data: dict[str, Any]) -> None:
+            chunks.append(data)
+
+        served_by = "local"
+        local = self.services.get(capability)
+        if local is not None:
+            usage = await local.run(body, collect)
+            tokens = usage.detail.get("prompt_tokens", usage.units)
+        else:
+            providers = self.rank(await self.discover(DiscoveryQuery(capability=capability, limit=20)))
+            if not providers:
+                raise ClawnodeError(ErrorCode.NOT_FOUND, f"no node serves embeddings of {model}")
+            last: ClawnodeError | None = None
+            for provider in providers[: self.settings.max_providers]:
+                chunks.clear()
+                try:
+                    lease_id = await self._lease(provider, capability)
+                    end = await self.market.stream_call(lease_id, body, collect, stall_s=self.settings.stall_timeout_s)
+                except ClawnodeError as error:
+                    if error.code not in PROVIDER_FAULTS:
+                        raise
+                    self._health(provider.peer_id).consecutive_failures += 1
+                    last = error
+                    continue
+                tokens, served_by = end.usage.get("prompt_tokens", end.units), provider.peer_id
+                break
+            else:
+                assert last is not None
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, f"every provider of {capability} failed ({last.code})")
+        vectors = [
+            vector for chunk in sorted(chunks, key=lambda c: c.get("index", 0)) for vector in chunk["embeddings"]
+        ]
+        if len(vectors) != len(texts):
+            raise ClawnodeError(ErrorCode.INTERNAL, "the provider returned a different number of vectors")
+        return vectors, tokens, served_by
+
     async def consensus(self, model: str, body: dict[str, Any], replicas: int) -> ConsensusOutcome:
         """The same prompt on ``replicas`` providers at temperature 0; the majority cluster's answer.
 

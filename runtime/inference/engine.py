@@ -470,10 +470,14 @@ class LlamaModel:
         except Exception as error:  # noqa: BLE001 - jinja2 raises many types for a bad conversation
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"the chat template refused: {error}") from None
 
-    def _chat_prompt(self, messages: list[Message]) -> Callable[[Any], tuple[list[int], list[str]]]:
+    def _chat_prompt(
+        self, messages: list[Message], assistant_prefix: str = ""
+    ) -> Callable[[Any], tuple[list[int], list[str]]]:
         def build(llama: Any) -> tuple[list[int], list[str]]:
             result = self._format(messages)
-            tokens = llama.tokenize(result.prompt.encode(), not result.added_special, True)
+            # Continuing an answer: the reply so far follows the template's generation prompt.
+            prompt = result.prompt + assistant_prefix
+            tokens = llama.tokenize(prompt.encode(), not result.added_special, True)
             stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
             return list(tokens), [s for s in stops if s]
 
@@ -497,10 +501,15 @@ class LlamaModel:
         seed: int | None = None,
         stop: str | list[str] | None = None,
         top_p: float = 0.95,
+        assistant_prefix: str = "",
     ) -> TokenStream:
-        """Stream a chat reply: use as ``async with model.stream_chat(...) as stream``."""
+        """Stream a chat reply: use as ``async with model.stream_chat(...) as stream``.
+
+        ``assistant_prefix`` continues a reply another engine started (the router's failover).
+        """
         _check_messages(messages)
-        return TokenStream(self, _request(self._chat_prompt(messages), max_tokens, temperature, seed, stop, top_p))
+        build = self._chat_prompt(messages, assistant_prefix)
+        return TokenStream(self, _request(build, max_tokens, temperature, seed, stop, top_p))
 
     async def chat(
         self,

@@ -1,7 +1,9 @@
 """The inference engine as metered services of the lease market (``/clawnode/infer/1.0.0``).
 
-``ChatService`` takes an OpenAI chat-completions request body and streams ``{"text": piece}`` chunks;
-its units are the prompt's tokens plus the completion's, both counted by the engine.
+``ChatService`` takes an OpenAI chat-completions request body (or a completions body with
+``prompt``) and streams ``{"text": piece}`` chunks; its units are the prompt's tokens plus the
+completion's, both counted by the engine. ``continue_from`` continues a reply another provider
+began (the router's failover): the text so far follows the generation prompt.
 ``EmbeddingService`` takes ``{"input": str | list[str]}`` and sends ``{"embeddings": [...]}``; its
 units are the input's tokens.
 """
@@ -43,8 +45,15 @@ class ChatService:
         if not isinstance(body, dict):
             raise _invalid("the body must be an object")
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
+        prompt = body.get("prompt")
+        if prompt is not None and messages is None:
+            if not isinstance(prompt, str):
+                raise _invalid("body.prompt must be a string")
+        elif not isinstance(messages, list) or not messages:
             raise _invalid("body.messages must be a non-empty list")
+        continue_from = body.get("continue_from", "")
+        if not isinstance(continue_from, str):
+            raise _invalid("body.continue_from must be a string")
         max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_TOKENS
@@ -59,9 +68,25 @@ class ChatService:
         if stop is not None and not isinstance(stop, str | list):
             raise _invalid("body.stop must be a string or a list of strings")
         # body.stream is ignored: the infer protocol always streams.
-        stream = self.model.stream_chat(
-            messages, max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop, top_p=top_p
-        )
+        if isinstance(prompt, str) and messages is None:
+            stream = self.model.stream_complete(
+                prompt + continue_from,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                stop=stop,
+                top_p=top_p,
+            )
+        else:
+            stream = self.model.stream_chat(
+                messages,  # type: ignore[arg-type]  # checked above
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                stop=stop,
+                top_p=top_p,
+                assistant_prefix=continue_from,
+            )
         async with stream:
             async for piece in stream:
                 await emit({"text": piece})
