@@ -118,6 +118,7 @@ class ServedLease:
     ended_reason: str | None = None
     claimed_seq: int = 0
     last_claim_at: float = 0.0
+    in_flight: int = 0  # calls being served or metered; the lease ends after they are counted
 
 
 @dataclass
@@ -410,9 +411,13 @@ class LeaseMarket:
         remote = str(stream.muxed_conn.peer_id)
         reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
         end: w.CallEnd | None = None
+        counted: ServedLease | None = None
         try:
             try:
                 call = w.CallRequest.model_validate_json(await reader.read_frame(self.call_read_timeout_s))
+                counted = self.served.get(call.lease_id)
+                if counted is not None:
+                    counted.in_flight += 1
                 end = await self._serve_call(call, remote, stream)
                 reply: BaseModel = end
             except Exception as error:  # noqa: BLE001 - every failure becomes an error frame
@@ -431,6 +436,8 @@ class LeaseMarket:
             if end is not None and delivered and end.units > 0:
                 await self._meter(call.lease_id, end.units)
         finally:
+            if counted is not None:
+                counted.in_flight -= 1
             with trio.move_on_after(1):
                 await stream.close()
 
@@ -552,6 +559,10 @@ class LeaseMarket:
         if served is None or served.ended_reason is not None:
             return
         served.ended_reason = reason
+        # New calls are refused from here; those under way are metered before the final receipt.
+        with trio.move_on_after(CALL_READ_TIMEOUT_S):
+            while served.in_flight:
+                await trio.sleep(0.01)
         # The final receipt, while the consumer may still be there to countersign it.
         with trio.move_on_after(PUSH_TIMEOUT_S):
             await self._push_receipt(lease_id)

@@ -175,7 +175,18 @@ async def test_sigkill_during_metering_and_settlement_loses_nothing(
                 consumer_receipts = await consumer.ledger.list_receipts(lease.lease_id, limit=10**5)
                 owed = max(r.amount for r in consumer_receipts)
                 state = await chain.run(escrow.get, consumer_account.address, escrow_id)
-                assert state.released == owed == provider_lease["settled_amount"]
+                diagnosis = {
+                    "provider_receipts": [
+                        (r["seq"], r["amount"], r["countersigned"])
+                        for r in provider.api("/api/ledger/receipts?limit=1000")["receipts"]
+                    ][:8],
+                    "provider_settlements": [
+                        (s["settlement_id"][-12:], s["amount"], s["state"])
+                        for s in provider.api("/api/ledger/settlements")["settlements"]
+                    ][:8],
+                    "consumer_receipts": sorted((r.receipt.body.seq, r.amount) for r in consumer_receipts)[-5:],
+                }
+                assert state.released == owed == provider_lease["settled_amount"], diagnosis
                 await trio.to_thread.run_sync(chain.time_travel, 3600 + 60)
                 with trio.fail_after(120):
                     while (await chain.run(escrow.get, consumer_account.address, escrow_id)).phase != "closed":

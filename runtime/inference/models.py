@@ -96,7 +96,8 @@ class ModelSpec(BaseModel):
         if self.path:
             path = Path(self.path).expanduser()
             if not path.is_file():
-                raise ClawnodeError(ErrorCode.NOT_FOUND, f"model {self.name}: no such file {path}")
+                # The message names the config key, never the path (paths stay on the node).
+                raise ClawnodeError(ErrorCode.NOT_FOUND, f"model {self.name}: its models.path file does not exist")
             return path
         module_name = self.package.replace("-", "_").replace(".", "_")
         try:
