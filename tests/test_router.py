@@ -17,7 +17,8 @@ import trio
 from dht.discovery import DiscoveryQuery
 from node.daemon import Node
 from node.datadir import read_api_token
-from runtime.errors import ErrorCode
+from node.router import RouteResult
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import Emit, Usage
 from tests.support.market import WORD_OFFER, WORDS, WordService, market_nodes
 
@@ -241,3 +242,40 @@ async def test_bad_requests_get_openai_errors_with_our_codes() -> None:
         # Still serving.
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"{node.api_url}/api/status", headers=headers)).status_code == 200
+
+
+class RefusingService(WordService):
+    async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
+        raise ClawnodeError(ErrorCode.UNAVAILABLE, "overloaded")
+
+
+async def test_three_failures_take_a_provider_out_until_a_health_check_passes() -> None:
+    async with market_nodes([{"offers": (WORD_OFFER,)}, {"offers": (WORD_OFFER,)}, {}]) as (nodes, _):
+        first, second, consumer = nodes
+        await _wait_discoverable(consumer, 2)
+        ranked = consumer.router.rank(await consumer.discover(DiscoveryQuery(capability=WORDS)))
+        flaky = first if ranked[0].peer_id == str(first.host.get_id()) else second
+        steady = second if flaky is first else first
+        flaky.services.register(WORDS, RefusingService())
+        steady.services.register(WORDS, SpacedWords())
+        flaky_id = str(flaky.host.get_id())
+
+        async def ask() -> RouteResult:
+            async def ignore(text: str) -> None:
+                return None
+
+            body = {"messages": [{"role": "user", "content": "a b"}]}
+            return await consumer.router.chat("words", body, ignore)
+
+        for _ in range(3):
+            assert (await ask()).failovers == 1  # the flaky one is still tried first
+        assert not consumer.router.usable(flaky_id)
+        result = await ask()
+        assert result.failovers == 0 and result.served_by == [str(steady.host.get_id())]
+        # Health checks (a capability-record round trip) bring it back once it answers again.
+        consumer.router.settings = consumer.router.settings.model_copy(update={"health_interval_s": 0.2})
+        flaky.services.register(WORDS, SpacedWords())
+        with trio.fail_after(10):
+            while not consumer.router.usable(flaky_id):
+                await trio.sleep(0.1)
+        assert consumer.router.health[flaky_id].ewma_latency_s is not None
