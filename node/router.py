@@ -102,6 +102,8 @@ class ConsensusOutcome:
 
 
 TextSink = Callable[[str], Awaitable[None]]
+# Internal: text plus how many tokens it holds (a provider's chunk may batch several).
+TokenSink = Callable[[str, int], Awaitable[None]]
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 Discover = Callable[[DiscoveryQuery], Awaitable[list[ProviderResult]]]
 FetchRtt = Callable[[str], Awaitable[float]]
@@ -177,9 +179,12 @@ class Router:
         capability = f"model:{model}"
         result = RouteResult()
         delivered: list[str] = []
+        tokens_delivered = 0
 
-        async def sink(text: str) -> None:
+        async def sink(text: str, tokens: int = 1) -> None:
+            nonlocal tokens_delivered
             delivered.append(text)
+            tokens_delivered += tokens
             await on_text(text)
 
         local = self.services.get(capability)
@@ -202,7 +207,8 @@ class Router:
             if not self.usable(provider.peer_id) and any(self.usable(p.peer_id) for p in providers):
                 continue
             try:
-                await self._from_provider(provider, capability, _continued(body, delivered), sink, result)
+                body_now = _continued(body, delivered, tokens_delivered)
+                await self._from_provider(provider, capability, body_now, sink, result)
                 return result
             except ClawnodeError as error:
                 if error.code not in PROVIDER_FAULTS:
@@ -211,7 +217,7 @@ class Router:
                 result.failovers += 1
                 log.info("provider %s failed (%s); trying the next", provider.peer_id[:16], error.code)
         if self.settings.upstream_url:
-            await self._from_upstream(model, _continued(body, delivered), sink, result)
+            await self._from_upstream(model, _continued(body, delivered, tokens_delivered), sink, result)
             return result
         if errors:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"every provider of {model} failed (last: {errors[-1].code})")
@@ -285,7 +291,7 @@ class Router:
                 provider = queue.pop(0)
                 pieces: list[str] = []
 
-                async def sink(text: str, pieces: list[str] = pieces) -> None:
+                async def sink(text: str, tokens: int = 1, pieces: list[str] = pieces) -> None:
                     pieces.append(text)
 
                 result = RouteResult()
@@ -313,7 +319,7 @@ class Router:
         return ConsensusOutcome(answers[majority[0]][1], usage, answers, majority, confidence, reached)
 
     async def _from_provider(
-        self, provider: ProviderResult, capability: str, body: dict[str, Any], sink: TextSink, result: RouteResult
+        self, provider: ProviderResult, capability: str, body: dict[str, Any], sink: TokenSink, result: RouteResult
     ) -> None:
         health = self._health(provider.peer_id)
         lease_id = await self._lease(provider, capability)
@@ -323,8 +329,8 @@ class Router:
             nonlocal received
             text = data.get("text")
             if isinstance(text, str) and text:
-                received += 1
-                await sink(text)
+                received += _tokens_in(data)
+                await sink(text, _tokens_in(data))
 
         started = self.clock()
         health.in_flight += 1
@@ -332,7 +338,7 @@ class Router:
             end = await self.market.stream_call(lease_id, body, on_chunk, stall_s=self.settings.stall_timeout_s)
         except ClawnodeError as error:
             health.consecutive_failures += 1
-            result.completion_tokens += received  # delivered before the failure, each piece ≥ 1 token
+            result.completion_tokens += received  # delivered before the failure
             if received:
                 result.served_by.append(provider.peer_id)
             if error.code in (ErrorCode.EXPIRED, ErrorCode.CONFLICT, ErrorCode.INSUFFICIENT_FUNDS, ErrorCode.FORBIDDEN):
@@ -366,7 +372,7 @@ class Router:
             self._leases[key] = view.lease_id
             return view.lease_id
 
-    async def _from_upstream(self, model: str, body: dict[str, Any], sink: TextSink, result: RouteResult) -> None:
+    async def _from_upstream(self, model: str, body: dict[str, Any], sink: TokenSink, result: RouteResult) -> None:
         url = self.settings.upstream_url.rstrip("/") + "/chat/completions"
         headers = (
             {"authorization": f"Bearer {self.settings.upstream_api_key}"} if self.settings.upstream_api_key else {}
@@ -381,7 +387,7 @@ class Router:
                         for choice in event.get("choices") or []:
                             text = (choice.get("delta") or {}).get("content")
                             if isinstance(text, str) and text:
-                                await sink(text)
+                                await sink(text, 1)
                         usage = event.get("usage")
                         if isinstance(usage, dict):
                             result.prompt_tokens = int(usage.get("prompt_tokens", 0))
@@ -397,7 +403,13 @@ class Router:
         return self.clock() - started
 
 
-def _continued(body: dict[str, Any], delivered: list[str]) -> dict[str, Any]:
+def _tokens_in(chunk: dict[str, Any]) -> int:
+    """Tokens a provider's chunk holds (it says so when it batches; one otherwise)."""
+    tokens = chunk.get("tokens", 1)
+    return tokens if isinstance(tokens, int) and tokens > 0 else 1
+
+
+def _continued(body: dict[str, Any], delivered: list[str], tokens: int) -> dict[str, Any]:
     """The request for the next provider: the same, asked to continue the answer given so far."""
     if not delivered:
         return body
@@ -405,7 +417,7 @@ def _continued(body: dict[str, Any], delivered: list[str]) -> dict[str, Any]:
     max_tokens = body.get("max_tokens")
     update: dict[str, Any] = {"continue_from": so_far}
     if isinstance(max_tokens, int):
-        update["max_tokens"] = max(1, max_tokens - len(delivered))
+        update["max_tokens"] = max(1, max_tokens - tokens)
     return {**body, **update}
 
 

@@ -208,6 +208,7 @@ class TokenStream:
         self._done = trio.Event()
         self._admitted = False
         self.completion: Completion | None = None
+        self._pending: tuple[str, Any] | None = None  # an end or error read ahead by drain_ready
         # What the engine did, set when its job ends even if nobody read it (e.g. after a cancel):
         # ``final.usage.completion_tokens`` tells how far a cancelled generation got. No text.
         self.final: Completion | None = None
@@ -252,16 +253,37 @@ class TokenStream:
     async def __anext__(self) -> str:
         if self.completion is not None or not self._admitted:
             raise StopAsyncIteration
-        try:
-            kind, value = await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
+        if self._pending is not None:
+            (kind, value), self._pending = self._pending, None
+        else:
+            try:
+                kind, value = await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise StopAsyncIteration from None
         if kind == "piece":
             return str(value)
         if kind == "end":
             self.completion = value
             raise StopAsyncIteration
         raise value  # kind == "error"
+
+    def drain_ready(self) -> list[str]:
+        """The pieces the engine has already produced, without waiting.
+
+        Lets a streamer send what piled up as one frame: no delay while the engine is slower than
+        the wire, far fewer frames when it is faster.
+        """
+        pieces: list[str] = []
+        while self._pending is None:
+            try:
+                kind, value = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if kind == "piece":
+                pieces.append(str(value))
+            else:
+                self._pending = (kind, value)
+        return pieces
 
     async def collect(self) -> Completion:
         pieces = [piece async for piece in self]

@@ -1,7 +1,8 @@
 """The inference engine as metered services of the lease market (``/clawnode/infer/1.0.0``).
 
 ``ChatService`` takes an OpenAI chat-completions request body (or a completions body with
-``prompt``) and streams ``{"text": piece}`` chunks; its units are the prompt's tokens plus the
+``prompt``) and streams ``{"text": pieces, "tokens": n}`` chunks (what the engine produced since
+the last frame); its units are the prompt's tokens plus the
 completion's, both counted by the engine. ``continue_from`` continues a reply another provider
 began (the router's failover): the text so far follows the generation prompt.
 ``EmbeddingService`` takes ``{"input": str | list[str]}`` and sends ``{"embeddings": [...]}``; its
@@ -89,7 +90,9 @@ class ChatService:
             )
         async with stream:
             async for piece in stream:
-                await emit({"text": piece})
+                # One frame carries every piece ready by now; ``tokens`` says how many it holds.
+                more = stream.drain_ready()
+                await emit({"text": piece + "".join(more), "tokens": 1 + len(more)})
         usage = stream.usage
         if usage is None:
             raise ClawnodeError(ErrorCode.INTERNAL, "the generation ended without a usage count")

