@@ -19,6 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dht.discovery import DescribeResult, DiscoveryQuery, ProviderResult
 from dht.offers import Offer
 from dht.records import CAPABILITY_NAME, CapabilityRecord
+from node.alerts import AlertsReply
+from node.dashboard import is_public as is_dashboard_file
+from node.dashboard import mount_dashboard
 from node.openai_api import OpenAINode, error_type, mount_completions, mount_openai
 from node.task_api import TaskNode, mount_tasks
 from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
@@ -165,6 +168,8 @@ class NodeView(OpenAINode, TaskNode, Protocol):
 
     async def metrics(self) -> bytes: ...
 
+    def alerts(self) -> AlertsReply: ...
+
 
 class OpenLeaseBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -210,6 +215,8 @@ def _bearer_token_check(token: str) -> Callable[[Request], None]:
     expected = f"Bearer {token}".encode()
 
     def check(request: Request) -> None:
+        if is_dashboard_file(request.method, request.url.path):
+            return  # the dashboard's page and assets hold no data; its /api calls carry the token
         offered = request.headers.get("authorization", "").encode()
         if not secrets.compare_digest(offered, expected):
             raise ClawnodeError(ErrorCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -310,6 +317,10 @@ def create_app(node: NodeView, token: str) -> FastAPI:
     async def metrics() -> Response:
         return Response(await node.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/api/alerts")
+    async def alerts() -> AlertsReply:
+        return node.alerts()
+
     @app.post("/api/leases")
     async def open_lease(body: OpenLeaseBody) -> LeaseView:
         return await node.open_lease(body)
@@ -333,4 +344,5 @@ def create_app(node: NodeView, token: str) -> FastAPI:
     mount_openai(app, node)
     mount_completions(app, node)
     mount_tasks(app, node)
+    mount_dashboard(app)
     return app

@@ -188,10 +188,12 @@ def _print(body: Any, as_json: bool, lines: list[str]) -> None:
 @data_dir_option
 @json_option
 def status(data_dir: str | None, as_json: bool) -> None:
-    """Peer id, addresses, peers, routing table and uptime of the running node."""
+    """Peer id, addresses, peers, routing table, uptime and alerts of the running node."""
     body = _call_api(data_dir, "/api/status")
+    alerts = _call_api(data_dir, "/api/alerts")["alerts"]
+    alert_lines = [f"{a['severity']} {a['name']} ({a['state']} since {a['since']})" for a in alerts] or ["none"]
     _print(
-        body,
+        {**body, "alerts": alerts},
         as_json,
         [
             f"peer id        {body['peer_id']}",
@@ -200,6 +202,7 @@ def status(data_dir: str | None, as_json: bool) -> None:
             "observed as    " + ("\n               ".join(body["observed_addrs"]) or "-"),
             f"peers          {body['connected_peers']} connected, {body['routing_table_size']} in routing table",
             f"uptime         {body['uptime_s']:.0f} s",
+            "alerts         " + "\n               ".join(alert_lines),
         ],
     )
 
@@ -702,6 +705,17 @@ def chat(model: str, prompt: str | None, max_tokens: int | None, data_dir: str |
         messages.append({"role": "user", "content": line.strip()})
         answer = _stream_chat(data_dir, model, messages, max_tokens)
         messages.append({"role": "assistant", "content": answer})
+
+
+@main.command()
+@click.option("--tiny", is_flag=True, help="Use the tiny random-weight model (fast; says nothing sensible).")
+@click.option("--json", "as_json", is_flag=True, help="Write the final summary as JSON to stdout.")
+def demo(tiny: bool, as_json: bool) -> None:
+    """Play the whole market loop on a local swarm with an embedded chain and a small real model."""
+    from node import demo as demo_module
+
+    _configure_logging(os.environ.get("CLAWNODE_LOG_LEVEL", "error"))
+    sys.exit(demo_module.run(tiny=tiny, as_json=as_json))
 
 
 if __name__ == "__main__":

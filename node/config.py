@@ -170,6 +170,13 @@ class RouterSection(_Section):
     consensus_similarity: float = Field(0.85, gt=0, le=1, description="cosine at which two answers agree")
 
 
+class AlertsSection(_Section):
+    interval_s: float = Field(15.0, ge=0.05, le=3600.0, description="how often the daemon evaluates its alert rules")
+    rules: str = Field(
+        "", description="a Prometheus rules file (YAML) to evaluate; empty: the rules shipped as node/alerts.yml"
+    )
+
+
 class LogSection(_Section):
     level: LogLevel = Field("info", description="debug | info | warning | error")
 
@@ -185,6 +192,7 @@ class Config(_Section):
     market: MarketSection = Field(default_factory=MarketSection)  # type: ignore[arg-type]
     router: RouterSection = Field(default_factory=RouterSection)  # type: ignore[arg-type]
     log: LogSection = Field(default_factory=LogSection)  # type: ignore[arg-type]
+    alerts: AlertsSection = Field(default_factory=AlertsSection)  # type: ignore[arg-type]
     offers: list[Offer] = Field(default_factory=list, description="what this node sells ([[offers]] tables)")
     models: list[ModelSpec] = Field(
         default_factory=list, description="GGUF models served as model:<name> ([[models]] tables)"

@@ -32,6 +32,7 @@ from dht.publisher import CapabilityPublisher
 from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
 from dht.records import bind_wallet
 from dht.service import DhtService
+from node.alerts import AlertService, AlertsReply
 from node.api import (
     CapabilitiesReply,
     EscrowStatus,
@@ -71,6 +72,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelHost
 from runtime.ledger import Ledger
 from runtime.service import ServiceRegistry
+from runtime.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
     # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
@@ -129,6 +131,13 @@ class Node:
         self.escrow_status = EscrowStatus(mode=config.escrow.mode, state="off")
         self.settlement_queue: Any = None  # a runtime.settlement.SettlementQueue once the chain is there
         self._arbiter = ""
+        self.dht_lookup_s = LatencyHistogram()
+        rules = config.alerts.rules
+        self.alerting = AlertService(
+            self.metrics,
+            interval_s=config.alerts.interval_s,
+            rules_path=(data_dir / rules) if rules else None,  # relative to the data dir; absolute as is
+        )
 
     @property
     def host(self) -> IHost:
@@ -298,6 +307,7 @@ class Node:
                     await nursery.start(self._tasks.run)
                     await nursery.start(self._serve_api, token)
                     nursery.start_soon(self._run_settlement, wallet_key)
+                    await nursery.start(self.alerting.run)
                     await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card())
                     self.started_at = time.monotonic()
                     log.info(
@@ -505,7 +515,11 @@ class Node:
         return self.capabilities()
 
     async def discover(self, query: DiscoveryQuery) -> list[ProviderResult]:
-        return await self.discovery.find(query)
+        started = time.monotonic()
+        try:
+            return await self.discovery.find(query)
+        finally:
+            self.dht_lookup_s.observe(time.monotonic() - started)
 
     async def describe(self, peer_id: str) -> DescribeResult:
         try:
@@ -571,3 +585,6 @@ class Node:
         from node.metrics import render_metrics
 
         return await render_metrics(self)
+
+    def alerts(self) -> AlertsReply:
+        return self.alerting.reply()

@@ -3,19 +3,46 @@
 Rendered per scrape from the node's live state and its ledger, into a fresh registry, so a value
 is never stale and nothing is double-registered across the many nodes one test process runs.
 No label carries a token, an endpoint or a path: peers appear only as counts.
+
+Latencies (DHT lookups, local and leased inference) are accumulated in ``LatencyHistogram``s that
+live on the node's parts and are copied into each scrape as Prometheus histograms. Relay and
+hole-punch outcomes are not exported yet: NAT traversal reports nothing to count so far.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+from runtime.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
     from node.daemon import Node
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+SETTLEMENT_PAGE = 1000
+
+
+def _histogram(name: str, help_text: str, by_via: Iterable[tuple[str, LatencyHistogram]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, help_text, labels=["via"])
+    for via, hist in by_via:
+        family.add_metric([via], hist.cumulative(), hist.total_s)
+    return family
+
+
+class _Families:
+    """A collector that yields families built for this one scrape."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
 
 
 async def render_metrics(node: Node) -> bytes:
@@ -24,6 +51,7 @@ async def render_metrics(node: Node) -> bytes:
     def gauge(name: str, help_text: str, labels: tuple[str, ...] = ()) -> Gauge:
         return Gauge(name, help_text, labels, registry=registry)
 
+    families: list[Metric] = []
     status = node.status()
     gauge("clawnode_connected_peers", "peers with an open connection").set(status.connected_peers)
     gauge("clawnode_routing_table_size", "peers in the DHT routing table").set(status.routing_table_size)
@@ -37,28 +65,88 @@ async def render_metrics(node: Node) -> bytes:
     units = gauge("clawnode_lease_units", "units metered on leases since start, by our role", ("role",))
     by_state: Counter[tuple[str, str]] = Counter()
     by_role: Counter[str] = Counter()
-    for view in node.market.leases():
+    market = node.market
+    for view in market.leases():
         by_state[(view.role, view.state)] += 1
         by_role[view.role] += view.units
     for (role, state), count in by_state.items():
         leases.labels(role=role, state=state).set(count)
     for role, total in by_role.items():
         units.labels(role=role).set(total)
+    served = CounterMetricFamily(
+        "clawnode_tokens_served", "units (tokens for model offers) this node served on leases since start"
+    )
+    served.add_metric([], by_role["provider"])
+    bought = CounterMetricFamily(
+        "clawnode_tokens_bought", "units (tokens for model offers) this node bought on leases since start"
+    )
+    bought.add_metric([], by_role["consumer"])
+    failures = CounterMetricFamily(
+        "clawnode_lease_failures",
+        "lease operations refused or failed since start, by operation and error code",
+        labels=["op", "code"],
+    )
+    for (op, code), count in sorted(market.failures.items()):
+        failures.add_metric([op, code], count)
+    families += [served, bought, failures]
+
+    lookups = HistogramMetricFamily("clawnode_dht_lookup_seconds", "duration of capability lookups in the DHT")
+    lookups.add_metric([], node.dht_lookup_s.cumulative(), node.dht_lookup_s.total_s)
+    families.append(lookups)
+    router = node.router
+    families.append(
+        _histogram(
+            "clawnode_inference_first_token_seconds",
+            "time from request to the first chunk of a model call served here (local: the router; lease: for a peer)",
+            [("local", router.local_first_chunk_s), ("lease", market.serve_first_chunk_s)],
+        )
+    )
+    families.append(
+        _histogram(
+            "clawnode_inference_duration_seconds",
+            "duration of model calls served here (local: the router; lease: for a peer)",
+            [("local", router.local_duration_s), ("lease", market.serve_duration_s)],
+        )
+    )
 
     queue = await node.ledger.queue_stats()
     gauge("clawnode_settlement_queue_length", "settlements waiting to land on chain").set(queue.length)
     gauge("clawnode_settlement_queue_oldest_age_seconds", "age of the oldest pending settlement (0 when none)").set(
         queue.oldest_age_s or 0
     )
+    settlements = gauge("clawnode_settlements", "settlements in the ledger, by state", ("state",))
+    by_settlement_state: Counter[str] = Counter({"pending": 0, "landed": 0, "failed": 0})
+    retries = 0
+    offset = 0
+    while True:
+        page = await node.ledger.list_settlements(limit=SETTLEMENT_PAGE, offset=offset)
+        for settlement in page:
+            by_settlement_state[settlement.state] += 1
+            # Every attempt but a landing one failed.
+            retries += settlement.attempts - (1 if settlement.state == "landed" else 0)
+        if len(page) < SETTLEMENT_PAGE:
+            break
+        offset += SETTLEMENT_PAGE
+    for state, count in by_settlement_state.items():
+        settlements.labels(state=state).set(count)
+    failed = CounterMetricFamily("clawnode_settlements_failed", "settlements that failed for good (ledger)")
+    failed.add_metric([], by_settlement_state["failed"])
+    retried = CounterMetricFamily("clawnode_settlement_retries", "settlement attempts that did not land (ledger)")
+    retried.add_metric([], retries)
+    families += [failed, retried]
     gauge("clawnode_ledger_write_failures", "ledger operations that failed for a storage reason").set(
         node.ledger.write_failures
     )
     gauge("clawnode_escrow_connected", "1 when the escrow chain is connected").set(
         1 if node.escrow_status.state == "connected" else 0
     )
+    gauge("clawnode_escrow_disconnected", "1 when an escrow chain is configured but not connected").set(
+        1 if node.escrow_status.mode != "off" and node.escrow_status.state != "connected" else 0
+    )
     counts = await node.ledger.counts()
     gauge("clawnode_ledger_receipts", "usage receipts in the ledger").set(counts["receipts"])
     by_day = await node.ledger.totals_by_day()
     gauge("clawnode_income_wei", "income recorded in the ledger, wei").set(sum(t.income for t in by_day))
     gauge("clawnode_spend_wei", "spend recorded in the ledger, wei").set(sum(t.spend for t in by_day))
+    registry.register(_Families(families))  # type: ignore[arg-type]
     return generate_latest(registry)

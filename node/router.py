@@ -32,6 +32,7 @@ from node.config import RouterSection
 from protocols.lease import LeaseMarket
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import ServiceRegistry
+from runtime.telemetry import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ class Router:
         self.health: dict[str, ProviderHealth] = {}
         self._leases: dict[tuple[str, str], str] = {}
         self._lease_locks: dict[tuple[str, str], trio.Lock] = {}
+        # For /metrics: model calls answered by this node's own services.
+        self.local_first_chunk_s = LatencyHistogram()
+        self.local_duration_s = LatencyHistogram()
 
     # -- health --
 
@@ -189,13 +193,19 @@ class Router:
 
         local = self.services.get(capability)
         if local is not None:
+            started = time.monotonic()
+            first_chunk = [True]
 
             async def emit(data: dict[str, Any]) -> None:
+                if first_chunk[0]:
+                    first_chunk[0] = False
+                    self.local_first_chunk_s.observe(time.monotonic() - started)
                 text = data.get("text")
                 if isinstance(text, str) and text:
                     await sink(text)
 
             usage = await local.run(body, emit)
+            self.local_duration_s.observe(time.monotonic() - started)
             result.prompt_tokens = usage.detail.get("prompt_tokens", 0)
             result.completion_tokens = usage.detail.get("completion_tokens", 0)
             result.served_by.append("local")

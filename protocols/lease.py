@@ -28,6 +28,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger, SignedReceipt
 from runtime.service import ServiceRegistry
+from runtime.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
     from node.config import MarketSection
@@ -166,6 +168,10 @@ class LeaseMarket:
         self._used_quotes: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self.call_read_timeout_s = CALL_READ_TIMEOUT_S
+        # For /metrics: refusals and failures by (operation, error code); durations of calls served.
+        self.failures: Counter[tuple[str, str]] = Counter()
+        self.serve_first_chunk_s = LatencyHistogram()
+        self.serve_duration_s = LatencyHistogram()
 
     # -- mounting --
 
@@ -227,7 +233,21 @@ class LeaseMarket:
         if self._nursery is not None:
             self._nursery.start_soon(guarded)
 
+    def _failed(self, op: str, error: BaseException) -> None:
+        if isinstance(error, ClawnodeError):
+            code = error.code
+        else:
+            code = ErrorCode.INVALID_ARGUMENT if isinstance(error, ValidationError) else ErrorCode.INTERNAL
+        self.failures[(op, code.value)] += 1
+
     async def _handle_lease(self, frame: bytes, remote: ID) -> BaseModel:
+        try:
+            return await self._handle_lease_message(frame, remote)
+        except (ClawnodeError, ValidationError) as error:
+            self._failed("serve_lease", error)
+            raise
+
+    async def _handle_lease_message(self, frame: bytes, remote: ID) -> BaseModel:
         message = _REQUESTS.validate_json(frame)
         if isinstance(message, w.QuoteRequest):
             return await self._quote(message, str(remote))
@@ -423,6 +443,7 @@ class LeaseMarket:
             except Exception as error:  # noqa: BLE001 - every failure becomes an error frame
                 if not isinstance(error, ClawnodeError | ValidationError):
                     log.warning("call failed: %s", type(error).__name__)
+                self._failed("serve_call", error)
                 reply = error_reply(error)
             delivered = False
             with trio.move_on_after(CALL_READ_TIMEOUT_S):
@@ -463,12 +484,20 @@ class LeaseMarket:
         if service is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{served.grant.capability} is not being served right now")
 
+        started = time.monotonic()
+        first_chunk = True
+
         async def emit(data: dict[str, Any]) -> None:
+            nonlocal first_chunk
+            if first_chunk:
+                first_chunk = False
+                self.serve_first_chunk_s.observe(time.monotonic() - started)
             chunk = w.Chunk(data=data).model_dump_json().encode()
             with trio.fail_after(CALL_READ_TIMEOUT_S):
                 await write_frame(stream, chunk, max_frame=MAX_CALL_FRAME)
 
         usage = await service.run(call.body, emit)
+        self.serve_duration_s.observe(time.monotonic() - started)
         # What the budget still covers: an engine that overshoots its estimate costs the provider.
         session = served.session
         affordable = (
@@ -612,6 +641,17 @@ class LeaseMarket:
         budget: int | None = None,
         duration_s: int = 3600,
         expected_units: int = 1000,
+    ) -> w.LeaseView:
+        try:
+            return await self._open_lease(
+                provider, capability, budget=budget, duration_s=duration_s, expected_units=expected_units
+            )
+        except ClawnodeError as error:
+            self._failed("open", error)
+            raise
+
+    async def _open_lease(
+        self, provider: str, capability: str, *, budget: int | None, duration_s: int, expected_units: int
     ) -> w.LeaseView:
         try:
             peer = ID.from_base58(provider)
@@ -784,10 +824,13 @@ class LeaseMarket:
                         cleanup.shield = True
                         await stream.close()
         except trio.TooSlowError:
+            self.failures[("call", ErrorCode.TIMEOUT.value)] += 1
             raise ClawnodeError(ErrorCode.TIMEOUT, "the provider did not finish in time") from None
-        except ClawnodeError:
+        except ClawnodeError as error:
+            self._failed("call", error)
             raise
         except Exception as error:  # noqa: BLE001 - dial and stream failures come in many types
+            self.failures[("call", ErrorCode.UNAVAILABLE.value)] += 1
             raise ClawnodeError(
                 ErrorCode.UNAVAILABLE, f"the provider is unreachable ({type(error).__name__})"
             ) from None

@@ -17,6 +17,7 @@ def test_first_start_writes_commented_defaults_that_parse_to_the_defaults(tmp_pa
     parsed = tomllib.loads(uncommented)
     assert Config.model_validate(parsed) == Config()
     sections = {"node", "api", "bootstrap", "dht", "capabilities", "hardware", "escrow", "market", "router", "log"}
+    sections.add("alerts")
     assert tomllib.loads(default_config_text()) == {section: {} for section in sections}
 
 

@@ -119,7 +119,12 @@ async def test_discover_lease_use_settle_and_refund() -> None:
         metrics = await _metrics(consumer)
         assert metrics["clawnode_settlement_queue_length"] == 1
         assert metrics['clawnode_leases{role="consumer",state="lease_ended"}'] == 1
-        assert (await _metrics(provider))['clawnode_lease_units{role="provider"}'] == 30
+        provider_metrics = await _metrics(provider)
+        assert provider_metrics['clawnode_lease_units{role="provider"}'] == 30
+        assert provider_metrics["clawnode_tokens_served_total"] == 30
+        assert provider_metrics['clawnode_inference_duration_seconds_count{via="lease"}'] == 3
+        assert provider_metrics['clawnode_inference_first_token_seconds_count{via="lease"}'] == 3
+        assert metrics["clawnode_tokens_bought_total"] == 30
 
         # The rest comes back to the consumer once deadline + dispute window have passed.
         await trio.to_thread.run_sync(shared.chain.time_travel, 30 + 30 + 5 + 5)
