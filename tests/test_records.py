@@ -3,6 +3,7 @@ record's own schema and examples are enough to build an acceptable request."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -19,33 +20,47 @@ from tests.support.records import GEMMA, bad_records, make_record
 from tests.support.swarm import NodeSpec, open_swarm
 
 KEY_PAIR = generate_new_ed25519_identity()
-GOOD = seal_record(make_record(KEY_PAIR, seq=10), KEY_PAIR.private_key)
-BAD = bad_records(KEY_PAIR, good_seq=10)
+# Records expire: they are signed when a test first needs them, not at collection (a long suite run
+# would otherwise hand these tests records older than their TTL).
+REASONS = sorted(bad_records(KEY_PAIR, good_seq=10))
+RECORD_BYTES = len(seal_record(make_record(KEY_PAIR, seq=10), KEY_PAIR.private_key))  # the same every time
+
+
+@functools.cache
+def good() -> bytes:
+    return seal_record(make_record(KEY_PAIR, seq=10), KEY_PAIR.private_key)
+
+
+@functools.cache
+def bad() -> dict[str, bytes]:
+    return bad_records(KEY_PAIR, good_seq=10)
+
+
 PEER = make_record(KEY_PAIR).peer_id
 
 
 def test_a_good_record_verifies_and_fits_the_size_limit() -> None:
-    record = verify_record(GOOD, now=time.time(), held_seq=9)
+    record = verify_record(good(), now=time.time(), held_seq=9)
     assert record.peer_id == PEER
     assert record.capability(GEMMA.name) is not None
-    assert len(GOOD) <= MAX_RECORD_BYTES
+    assert len(good()) <= MAX_RECORD_BYTES
 
 
-@pytest.mark.parametrize("reason", sorted(BAD))
+@pytest.mark.parametrize("reason", REASONS)
 def test_each_bad_record_is_rejected_for_its_reason(reason: str) -> None:
     with pytest.raises(RecordRejected) as rejected:
-        verify_record(BAD[reason], now=time.time(), held_seq=10)
+        verify_record(bad()[reason], now=time.time(), held_seq=10)
     assert rejected.value.reason.value == reason
 
 
-@pytest.mark.parametrize("reason", sorted(BAD))
+@pytest.mark.parametrize("reason", REASONS)
 def test_the_dht_validator_rejects_and_counts_each_bad_record(reason: str) -> None:
     counter = RejectionCounter()
-    held = {record_key(PEER): GOOD}
+    held = {record_key(PEER): good()}
     validator = CapabilityRecordValidator(counter, held_value=held.get)
-    validator.validate(record_key(PEER), GOOD)
+    validator.validate(record_key(PEER), good())
     with pytest.raises(RecordRejected):
-        validator.validate(record_key(PEER), BAD[reason])
+        validator.validate(record_key(PEER), bad()[reason])
     assert counter.snapshot() == {reason: 1}
 
 
@@ -54,7 +69,7 @@ def test_the_validator_refuses_a_record_stored_under_another_peers_key() -> None
     validator = CapabilityRecordValidator(counter)
     other = make_record(generate_new_ed25519_identity()).peer_id
     with pytest.raises(RecordRejected):
-        validator.validate(record_key(other), GOOD)
+        validator.validate(record_key(other), good())
     assert counter.snapshot() == {"wrong_signer": 1}
 
 
@@ -62,14 +77,14 @@ def test_select_prefers_the_highest_valid_sequence() -> None:
     validator = CapabilityRecordValidator(RejectionCounter())
     older = seal_record(make_record(KEY_PAIR, seq=5), KEY_PAIR.private_key)
     newer = seal_record(make_record(KEY_PAIR, seq=20), KEY_PAIR.private_key)
-    assert validator.select(record_key(PEER), [older, GOOD, newer]) == 2
-    assert validator.select(record_key(PEER), [BAD["bad_signature"], older]) == 1
+    assert validator.select(record_key(PEER), [older, good(), newer]) == 2
+    assert validator.select(record_key(PEER), [bad()["bad_signature"], older]) == 1
 
 
 @settings(max_examples=150, deadline=None)
-@given(position=st.integers(min_value=0, max_value=len(GOOD) - 1), flip=st.integers(min_value=1, max_value=255))
+@given(position=st.integers(min_value=0, max_value=RECORD_BYTES - 1), flip=st.integers(min_value=1, max_value=255))
 def test_any_changed_byte_breaks_the_record(position: int, flip: int) -> None:
-    tampered = bytearray(GOOD)
+    tampered = bytearray(good())
     tampered[position] ^= flip
     with pytest.raises(RecordRejected):
         verify_record(bytes(tampered), now=time.time())
@@ -85,7 +100,7 @@ def test_the_publisher_refuses_to_seal_private_data() -> None:
 
 
 def test_a_request_built_from_the_record_alone_is_accepted() -> None:
-    record = verify_record(GOOD, now=time.time())
+    record = verify_record(good(), now=time.time())
     capability = record.capability(GEMMA.name)
     assert capability is not None and capability.examples
     for example in capability.examples:
@@ -103,7 +118,7 @@ def test_an_offer_whose_example_breaks_its_own_schema_is_refused() -> None:
 
 async def test_the_query_path_drops_and_counts_every_bad_record() -> None:
     """Rogue providers announce the capability and serve one bad record each."""
-    honest, rogues = 2, sorted(BAD)
+    honest, rogues = 2, list(REASONS)
     specs = {index: NodeSpec(offers=(GEMMA,)) for index in range(honest, honest + len(rogues) + 1)}
     async with open_swarm(honest + len(rogues) + 2, specs=specs) as nodes:
         asker, good = nodes[0], nodes[honest]
