@@ -51,6 +51,11 @@ class StatusReply(BaseModel):
     record_seq: int | None
     records_rejected: dict[str, int]
     uptime_s: float
+    # Added with AutoNAT; defaults keep older replies readable.
+    reachability: str = "unknown"  # public | private | unknown, as the capability record declares it
+    reachability_reason: str = ""  # e.g. "autonat: 3/3 dial-backs", or "configured (node.reachability)"
+    reachability_checked_at: float | None = None  # unix time of the last AutoNAT check
+    autonat_server: bool = False  # this node answers /clawnode/autonat/1.0.0 now
 
 
 class PeerReply(BaseModel):

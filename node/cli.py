@@ -201,6 +201,8 @@ def status(data_dir: str | None, as_json: bool) -> None:
             "listening on   " + "\n               ".join(body["listen_addrs"]),
             "observed as    " + ("\n               ".join(body["observed_addrs"]) or "-"),
             f"peers          {body['connected_peers']} connected, {body['routing_table_size']} in routing table",
+            f"reachability   {body.get('reachability', 'unknown')}"
+            + (f" ({body['reachability_reason']})" if body.get("reachability_reason") else ""),
             f"uptime         {body['uptime_s']:.0f} s",
             "alerts         " + "\n               ".join(alert_lines),
         ],

@@ -49,7 +49,8 @@ class NodeSection(_Section):
     )
     max_connections: int = Field(300, ge=1, le=10_000, description="open connections at most")
     reachability: Reachability = Field(
-        "unknown", description="unknown | public | private: what the capability record declares"
+        "unknown",
+        description="unknown | public | private: what the capability record declares; unknown: measured by AutoNAT",
     )
 
     _listen_are_multiaddrs = field_validator("listen")(_check_multiaddrs)
@@ -84,6 +85,31 @@ class BootstrapSection(_Section):
 class DhtSection(_Section):
     protocol_id: str = Field("/clawnode/kad/1.0.0", pattern=r"^/\S+$", description="Kademlia protocol id")
     refresh_interval_s: float = Field(60.0, ge=1.0, le=86_400.0, description="routing-table refresh period")
+
+
+class NatSection(_Section):
+    autonat_min_servers: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="distinct AutoNAT servers that must agree on public or private",
+    )
+    autonat_distinct_by: Literal["ip", "peer"] = Field(
+        "ip", description="ip | peer: what makes two AutoNAT servers distinct (peer: loopback tests only)"
+    )
+    autonat_allow_private: bool = Field(
+        False, description="ask about and dial back private/loopback addresses (tests and LANs)"
+    )
+    autonat_interval_s: float = Field(
+        300.0, ge=1.0, le=86_400.0, description="re-check period of the measured reachability"
+    )
+    autonat_serve: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto (relay/bootstrap roles and public nodes) | always | never: serve AutoNAT dial-backs"
+    )
+    autonat_max_concurrent: int = Field(4, ge=1, le=64, description="AutoNAT dial-backs this node runs at once")
+    autonat_peer_interval_s: float = Field(
+        30.0, ge=0.0, le=86_400.0, description="one AutoNAT request per peer per this many seconds"
+    )
 
 
 class CapabilitiesSection(_Section):
@@ -186,6 +212,7 @@ class Config(_Section):
     api: ApiSection = Field(default_factory=ApiSection)  # type: ignore[arg-type]
     bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)  # type: ignore[arg-type]
     dht: DhtSection = Field(default_factory=DhtSection)  # type: ignore[arg-type]
+    nat: NatSection = Field(default_factory=NatSection)  # type: ignore[arg-type]
     capabilities: CapabilitiesSection = Field(default_factory=CapabilitiesSection)  # type: ignore[arg-type]
     hardware: HardwareSection = Field(default_factory=HardwareSection)  # type: ignore[arg-type]
     escrow: EscrowSection = Field(default_factory=EscrowSection)  # type: ignore[arg-type]

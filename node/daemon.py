@@ -30,8 +30,10 @@ from dht.offers import Offer
 from dht.protocol_id import use_kad_protocol_id
 from dht.publisher import CapabilityPublisher
 from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
-from dht.records import bind_wallet
+from dht.records import Reachability, bind_wallet
 from dht.service import DhtService
+from nat.autonat import AutoNat, AutoNatSettings
+from nat.reachability import ReachabilityState
 from node.alerts import AlertService, AlertsReply
 from node.api import (
     CapabilitiesReply,
@@ -125,6 +127,8 @@ class Node:
         self._dht: DhtService | None = None
         self._publisher: CapabilityPublisher | None = None
         self._discovery: Discovery | None = None
+        self.reachability = ReachabilityState()  # measured by AutoNAT; see effective_reachability()
+        self._autonat: AutoNat | None = None
         self.rejections = RejectionCounter()
         self.offer_book = OfferBook(data_dir / OFFER_BOOK_FILE)
         self._ledger: Ledger | None = None
@@ -263,9 +267,18 @@ class Node:
                         hardware=detect_hardware(self.config.hardware),
                         offers=self._advertised_offers(),
                         record_ttl_s=self.config.capabilities.record_ttl_s,
-                        reachability=lambda: self.config.node.reachability,
+                        reachability=self.effective_reachability,
                     )
                     await nursery.start(self._publisher.run)
+                    self._autonat = AutoNat(
+                        self._host,
+                        self._autonat_settings(),
+                        state=self.reachability,
+                        serves_by_role=self.config.node.role in ("relay", "bootstrap"),
+                    )
+                    # A new measured verdict is a change of the record: republish at once.
+                    self.reachability.on_change(self._reachability_changed)
+                    await nursery.start(self._autonat.run)
                     self._discovery = Discovery(
                         self._host,
                         self._dht,
@@ -321,6 +334,27 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(clear_running, self.data_dir)
+
+    def _autonat_settings(self) -> AutoNatSettings:
+        nat = self.config.nat
+        return AutoNatSettings(
+            min_servers=nat.autonat_min_servers,
+            distinct_by=nat.autonat_distinct_by,
+            allow_private=nat.autonat_allow_private,
+            check_interval_s=nat.autonat_interval_s,
+            retry_interval_s=min(30.0, nat.autonat_interval_s),
+            serve=nat.autonat_serve,
+            server_max_concurrent=nat.autonat_max_concurrent,
+            server_peer_interval_s=nat.autonat_peer_interval_s,
+        )
+
+    def effective_reachability(self) -> Reachability:
+        """What the capability record declares: ``node.reachability`` when set, else AutoNAT's verdict."""
+        return self.reachability.effective(self.config.node.reachability)
+
+    def _reachability_changed(self) -> None:
+        if self._publisher is not None and self.config.node.reachability == "unknown":
+            self._publisher._changed.set()  # the publisher's own "republish now" signal
 
     async def _load_models(self) -> None:
         """Load the configured models (each on its own worker thread) and serve them as model:<name>."""
@@ -475,6 +509,10 @@ class Node:
             record_seq=self.publisher.record.seq if self.publisher.record else None,
             records_rejected=self.rejections.snapshot(),
             uptime_s=round(time.monotonic() - self.started_at, 3),
+            reachability=self.effective_reachability(),
+            reachability_reason=self.reachability.explain(self.config.node.reachability),
+            reachability_checked_at=self.reachability.checked_at,
+            autonat_server=self._autonat.serving if self._autonat is not None else False,
         )
 
     def peers(self) -> PeersReply:

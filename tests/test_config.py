@@ -18,6 +18,7 @@ def test_first_start_writes_commented_defaults_that_parse_to_the_defaults(tmp_pa
     assert Config.model_validate(parsed) == Config()
     sections = {"node", "api", "bootstrap", "dht", "capabilities", "hardware", "escrow", "market", "router", "log"}
     sections.add("alerts")
+    sections.add("nat")
     assert tomllib.loads(default_config_text()) == {section: {} for section in sections}
 
 

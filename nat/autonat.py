@@ -1,0 +1,609 @@
+"""AutoNAT done right: ``/clawnode/autonat/1.0.0``.
+
+py-libp2p 0.8.1's AutoNAT "dials back" over the connection the request came on, so every node is
+told it is reachable. Here the server dials back from a second, throwaway identity (its own host
+and key, kept for this) on a fresh connection to exactly the address asked about: the Noise
+handshake proves the requester answered there, and the requester's connection table cannot fool
+the test, because that identity never had a connection to it. The client also checks that the
+dial-back identity the server names did connect to it, so a lying server cannot make it public.
+
+One request frame, one reply frame (``protocols.rpc``):
+
+- ``{"type": "dial_back", "addrs": ["/ip4/81.2.69.5/tcp/4021", ...], "ports": [4021]}`` — own TCP
+  addresses (public-looking ones only, unless ``allow_private``) and listen ports to be dialed at
+  the IP the server observes (what a node behind a NAT, knowing no public address, can ask); at
+  most ``server_max_addrs`` in all.
+- ``{"type": "dial_back_result", "dialer": "<peer id>", "results": [{"addr", "status": "ok" |
+  "dial_error" | "forbidden", "at", "rtt_ms", "error"}]}``: the server dials only the requester's
+  observed IP (the one its connection comes from), so nobody can use it against a third party;
+  other addresses come back ``forbidden``. Error replies: ``E_FORBIDDEN`` (nothing left to dial: all
+  on other IPs, or private ones in production), ``E_RATE_LIMITED`` (too soon after this peer's last
+  request, or too many dial-backs running), ``E_INVALID_ARGUMENT``, ``E_UNAVAILABLE`` (this node does
+  not serve AutoNAT now).
+
+Verdict (``AutoNat.check``): ``public`` when at least ``min_servers`` distinct servers (distinct IPs,
+or distinct peer ids with ``distinct_by="peer"`` for loopback tests) dialed back, ``private`` when
+that many failed every address, else ``unknown``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import multiaddr
+import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
+from libp2p.network.config import RetryConfig
+from libp2p.peer.id import ID
+from pydantic import BaseModel, Field, TypeAdapter
+
+from dht.records import Reachability
+from nat.reachability import ReachabilityState, ServerResult
+from protocols.rpc import request, serve_requests
+from runtime.errors import ClawnodeError, ErrorCode
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = TProtocol("/clawnode/autonat/1.0.0")
+MAX_FRAME = 8 * 1024
+MAX_ADDRS_ON_WIRE = 16
+
+ServeMode = Literal["auto", "always", "never"]
+Ask = tuple[tuple[str, ...], tuple[int, ...]]  # (own addresses, listen ports at the observed IP)
+
+
+# Messages
+
+
+class DialBackRequest(BaseModel):
+    type: Literal["dial_back"] = "dial_back"
+    addrs: list[str] = Field(default_factory=list, max_length=MAX_ADDRS_ON_WIRE)
+    # "My observed IP, these TCP ports": what a node that knows no public address of its own asks.
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list, max_length=MAX_ADDRS_ON_WIRE)
+
+
+class DialResult(BaseModel):
+    addr: str = Field(max_length=256)
+    status: Literal["ok", "dial_error", "forbidden"]  # forbidden: not the observed IP, or private
+    at: float  # unix time the dial ended
+    rtt_ms: float = 0.0
+    error: str = Field("", max_length=100)  # the exception's type only, or why it was not dialed
+
+
+class DialBackReply(BaseModel):
+    type: Literal["dial_back_result"] = "dial_back_result"
+    dialer: str = Field(max_length=128)  # the identity the server dialed back from
+    results: list[DialResult] = Field(max_length=MAX_ADDRS_ON_WIRE)
+
+
+_REPLY = TypeAdapter(DialBackReply)
+
+
+@dataclass(frozen=True)
+class AutoNatSettings:
+    min_servers: int = 3  # K: distinct servers that must agree
+    distinct_by: Literal["ip", "peer"] = "ip"  # "peer" only for tests on loopback
+    allow_private: bool = False  # ask about / dial private and loopback addresses (tests, LANs)
+    max_servers_per_check: int = 5
+    check_interval_s: float = 300.0  # re-check period after a conclusive verdict
+    retry_interval_s: float = 30.0  # re-check period while the verdict is unknown
+    addr_poll_s: float = 5.0  # how often the own addresses are compared with the last check's
+    request_timeout_s: float = 15.0
+    serve: ServeMode = "auto"  # auto: serve when the role is relay/bootstrap or the verdict is public
+    server_max_addrs: int = 4
+    server_max_concurrent: int = 4  # dial-backs running at once
+    server_peer_interval_s: float = 30.0  # one request per peer per this many seconds
+    dial_timeout_s: float = 5.0
+
+
+# Addresses
+
+
+def _ip_of(addr: str) -> str | None:
+    parts = addr.split("/")
+    if len(parts) >= 3 and parts[1] in ("ip4", "ip6"):
+        return parts[2]
+    return None
+
+
+def is_public_ip(ip: str) -> bool:
+    try:
+        parsed = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(parsed, ipaddress.IPv4Address):
+        if parsed in ipaddress.ip_network("100.64.0.0/10"):
+            return False  # carrier-grade NAT: is_private misses it on older Pythons
+        if any(parsed in net for net in _DOCUMENTATION_V4):
+            # Never routed on the internet, so harmless to accept; the netns NAT harness
+            # (nat/harness) uses 203.0.113.0/24 as its "internet".
+            return True
+    return parsed.is_global and not parsed.is_multicast
+
+
+_DOCUMENTATION_V4 = tuple(ipaddress.ip_network(net) for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
+
+
+def dialable_tcp_addr(addr: str) -> str | None:
+    """``/ip4|ip6/<ip>/tcp/<port>`` with any ``/p2p/…`` stripped, or None when it is anything else."""
+    base = addr.split("/p2p/")[0]
+    parts = base.split("/")
+    if len(parts) != 5 or parts[0] != "" or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+        return None
+    try:
+        ipaddress.ip_address(parts[2])
+        port = int(parts[4])
+    except ValueError:
+        return None
+    if not 0 < port < 65536:
+        return None
+    return base
+
+
+def listen_ports(addrs: Sequence[str]) -> list[int]:
+    """The TCP ports of these addresses (0 and duplicates left out)."""
+    ports: list[int] = []
+    for addr in addrs:
+        base = dialable_tcp_addr(addr)
+        if base is not None:
+            port = int(base.rsplit("/", 1)[1])
+            if port not in ports:
+                ports.append(port)
+    return ports
+
+
+def candidate_addrs(addrs: Sequence[str], *, allow_private: bool, limit: int) -> list[str]:
+    """The own addresses worth asking about: TCP, public-looking unless ``allow_private``, no duplicates."""
+    found: list[str] = []
+    for addr in addrs:
+        base = dialable_tcp_addr(addr)
+        if base is None or base in found:
+            continue
+        ip = _ip_of(base) or ""
+        if not allow_private and not is_public_ip(ip):
+            continue
+        found.append(base)
+    return found[:limit]
+
+
+# Server side
+
+
+class _InboundWatch(INotifee):
+    """Remembers which peer ids opened a connection to us, and when (for the client's own check)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.seen: dict[str, float] = {}
+        self._limit = limit
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        direction = str(getattr(conn, "direction", ""))
+        if "inbound" not in direction.lower():
+            return
+        try:
+            peer = str(conn.muxed_conn.peer_id)
+        except Exception:  # noqa: BLE001 - a connection torn down while notifying
+            return
+        self.seen[peer] = time.monotonic()
+        if len(self.seen) > self._limit:
+            oldest = min(self.seen, key=lambda key: self.seen[key])
+            del self.seen[oldest]
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        return None
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+
+class AutoNat:
+    """Client and server of ``/clawnode/autonat/1.0.0``; start with ``await nursery.start(autonat.run)``.
+
+    ``own_addrs`` gives the addresses to ask about (default: the host's listen and observed
+    addresses; only public-looking ones are sent unless ``allow_private``), ``own_ports`` the TCP
+    ports to be dialed at the IP each server observes (default: the listen ports); tests pass a
+    closed port to both to play an unreachable node. ``serves_by_role`` is
+    true for relay and bootstrap nodes, which serve whatever their own verdict.
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        settings: AutoNatSettings | None = None,
+        *,
+        state: ReachabilityState | None = None,
+        serves_by_role: bool = False,
+        own_addrs: Callable[[], list[str]] | None = None,
+        own_ports: Callable[[], list[int]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.settings = settings or AutoNatSettings()
+        self.state = state or ReachabilityState()
+        self.serves_by_role = serves_by_role
+        self._own_addrs = own_addrs or (lambda: [str(addr) for addr in host.get_addrs()])
+        self._own_ports = own_ports or (lambda: listen_ports([str(addr) for addr in host.get_transport_addrs()]))
+        self._clock = clock
+        self.inbound = _InboundWatch()
+        self._dialer: IHost | None = None
+        self._serving = False
+        self._last_request: dict[str, float] = {}
+        self._dialing = trio.Semaphore(self.settings.server_max_concurrent)
+        self._dial_locks: dict[str, trio.Lock] = {}
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._recent: dict[str, tuple[float, Ask, ServerResult]] = {}  # peer -> (when, what was asked, result)
+        self.checks = 0
+
+    # ---- lifecycle
+
+    @property
+    def dialer_id(self) -> str | None:
+        return str(self._dialer.get_id()) if self._dialer is not None else None
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def should_serve(self) -> bool:
+        mode = self.settings.serve
+        if mode == "never":
+            return False
+        return mode == "always" or self.serves_by_role or self.state.verdict == "public"
+
+    def _update_serving(self) -> None:
+        want = self.should_serve() and self._dialer is not None
+        if want == self._serving:
+            return
+        if want:
+            self.host.set_stream_handler(PROTOCOL_ID, self._handle)
+        else:
+            self.host.remove_stream_handler(PROTOCOL_ID)
+        self._serving = want
+        if self._nursery is not None:
+            # Peers learn our protocols from identify: tell the connected ones now.
+            self._nursery.start_soon(self._push_identify)
+
+    async def _push_identify(self) -> None:
+        try:
+            with trio.move_on_after(10):
+                await push_identify_to_peers(self.host)
+        except Exception as error:  # noqa: BLE001 - best effort; peers learn it on their next identify
+            log.debug("identify push failed: %s", type(error).__name__)
+
+    def recheck_soon(self) -> None:
+        """Ask for a check now (e.g. after the node's addresses changed)."""
+        self._wake.set()
+
+    async def run(self, *, task_status: TaskStatus[AutoNat] = trio.TASK_STATUS_IGNORED) -> None:
+        self.host.get_network().register_notifee(self.inbound)
+        async with trio.open_nursery() as nursery:
+            if self.settings.serve != "never":
+                await nursery.start(self._run_dialer)
+            self._update_serving()
+            self._nursery = nursery
+            self.state.on_change(self._update_serving)
+            task_status.started(self)
+            try:
+                await self._check_loop()
+            finally:
+                self._nursery = None
+                if self._serving:
+                    self.host.remove_stream_handler(PROTOCOL_ID)
+                    self._serving = False
+                nursery.cancel_scope.cancel()
+
+    async def _run_dialer(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Imported here: node.host is the one place hosts are built, and it must not import nat.
+        from node.host import build_host
+
+        dialer = build_host(
+            generate_new_ed25519_identity(), max_connections=max(8, self.settings.server_max_concurrent)
+        )
+        dialer.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
+        async with dialer.run([]):
+            # It dials only when asked: no auto-connecting to peers it met in dial-backs.
+            auto_connector = getattr(dialer.get_network(), "auto_connector", None)
+            if auto_connector is not None:
+                await auto_connector.stop()
+            self._dialer = dialer
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._dialer = None
+
+    async def _check_loop(self) -> None:
+        settings = self.settings
+        last_addrs: Ask | None = None
+        last_servers: set[ID] = set()
+        next_check = 0.0
+        while True:
+            addrs = self._candidates()
+            servers = set(self._servers())
+            now = trio.current_time()
+            # While unknown, a server we did not ask yet is worth a check at once.
+            new_server = self.state.verdict == "unknown" and not servers <= last_servers
+            if self._wake.is_set() or addrs != last_addrs or now >= next_check or new_server:
+                self._wake = trio.Event()
+                if servers:
+                    await self.check(addrs)
+                    last_addrs, last_servers = addrs, servers
+                    conclusive = self.state.verdict != "unknown"
+                    next_check = trio.current_time() + (
+                        settings.check_interval_s if conclusive else settings.retry_interval_s
+                    )
+                elif self.state.checked_at is None:
+                    self.state.reason = "autonat: no AutoNAT server connected yet"
+            # Until a first check ran, look for servers (identified peers) every second.
+            with trio.move_on_after(settings.addr_poll_s if self.state.checked_at else min(1.0, settings.addr_poll_s)):
+                await self._wake.wait()
+
+    # ---- client
+
+    def _candidates(self) -> Ask:
+        """What to ask about: up to two listen ports (at the observed IP), then own addresses."""
+        ports = tuple(self._own_ports()[:2])
+        limit = max(0, self.settings.server_max_addrs - len(ports))
+        addrs = candidate_addrs(self._own_addrs(), allow_private=self.settings.allow_private, limit=limit)
+        return tuple(addrs), ports
+
+    def _servers(self) -> list[ID]:
+        peerstore = self.host.get_peerstore()
+        found = []
+        for peer_id in self.host.get_connected_peers():
+            try:
+                if PROTOCOL_ID not in peerstore.get_protocols(peer_id):
+                    continue
+            except Exception:  # noqa: BLE001 - not identified yet
+                continue
+            # A server on a private address sees us on one too, and would refuse to dial it.
+            if self.settings.allow_private or is_public_ip(self._server_ip(peer_id)):
+                found.append(peer_id)
+        return found
+
+    def _server_ip(self, peer_id: ID) -> str:
+        try:
+            for conn in self.host.get_network().get_connections(peer_id):
+                remote = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
+                if remote:
+                    return str(remote[0])
+        except Exception:  # noqa: BLE001 - a connection closing meanwhile
+            pass
+        return ""
+
+    async def _ask(self, peer_id: ID, ask: Ask, results: list[ServerResult]) -> None:
+        ip = self._server_ip(peer_id)
+        started = time.monotonic()
+        try:
+            reply = await request(
+                self.host,
+                peer_id,
+                PROTOCOL_ID,
+                DialBackRequest(addrs=list(ask[0]), ports=list(ask[1])),
+                _REPLY,
+                timeout_s=self.settings.request_timeout_s,
+                max_frame=MAX_FRAME,
+            )
+        except ClawnodeError as error:
+            results.append(ServerResult(str(peer_id), ip, "error", error.code.value, self._clock()))
+            return
+        if reply.dialer == str(peer_id) or not any(result.status != "forbidden" for result in reply.results):
+            results.append(ServerResult(str(peer_id), ip, "error", "bad reply", self._clock()))
+            return
+        dialed = [result for result in reply.results if result.status != "forbidden"]
+        if any(result.status == "ok" for result in dialed):
+            # Count it only if that identity really connected to us during this request.
+            seen = self.inbound.seen.get(reply.dialer)
+            if seen is not None and seen >= started:
+                results.append(ServerResult(str(peer_id), ip, "ok", reply.dialer, self._clock()))
+            else:
+                results.append(ServerResult(str(peer_id), ip, "error", "dial-back not seen", self._clock()))
+            return
+        results.append(ServerResult(str(peer_id), ip, "dial_error", reply.dialer, self._clock()))
+
+    async def check(self, ask: Ask | None = None) -> ReachabilityState:
+        """Ask up to ``max_servers_per_check`` servers to dial back, then update and return the state.
+
+        Servers that answered about the same addresses within ``retry_interval_s`` are not asked
+        again (they would rate-limit us); their answers, while younger than ``check_interval_s``,
+        count together with this round's, the latest one per server.
+        """
+        settings = self.settings
+        key = self._candidates() if ask is None else ask
+        if not key[0] and not key[1]:
+            self._record("unknown", "autonat: no public address or listen port to test", [])
+            return self.state
+        now = trio.current_time()
+        self._recent = {
+            peer: (at, asked, result)
+            for peer, (at, asked, result) in self._recent.items()
+            if asked == key and now - at < settings.check_interval_s
+        }
+        fresh = {peer for peer, (at, _, _) in self._recent.items() if now - at < settings.retry_interval_s}
+        servers = [peer_id for peer_id in self._servers() if str(peer_id) not in fresh]
+        random.shuffle(servers)
+        servers = servers[: settings.max_servers_per_check]
+        if not servers and not self._recent:
+            self._record("unknown", "autonat: no AutoNAT server connected", [])
+            return self.state
+        answers: list[ServerResult] = []
+        async with trio.open_nursery() as nursery:
+            for peer_id in servers:
+                nursery.start_soon(self._ask, peer_id, key, answers)
+        answered_at = trio.current_time()
+        for answer in answers:
+            if answer.outcome != "error" or answer.peer_id not in self._recent:
+                self._recent[answer.peer_id] = (answered_at, key, answer)
+        results = [result for _, _, result in self._recent.values()]
+        verdict, reason = judge(results, settings.min_servers, settings.distinct_by)
+        self._record(verdict, reason, results)
+        return self.state
+
+    def _record(self, verdict: Reachability, reason: str, results: list[ServerResult]) -> None:
+        self.checks += 1
+        if verdict != self.state.verdict:
+            log.info("reachability: %s (%s)", verdict, reason)
+        self.state.update(verdict, reason, results, self._clock())
+
+    # ---- server
+
+    async def _handle(self, stream: INetStream) -> None:
+        remote = None
+        try:
+            remote = stream.get_remote_address()
+        except Exception:  # noqa: BLE001 - a stream without a socket underneath (a relayed one)
+            remote = None
+        observed_ip = str(remote[0]) if remote else ""
+        handler = serve_requests(partial(self._answer, observed_ip), max_frame=MAX_FRAME)
+        await handler(stream)
+
+    def _rate_limit(self, peer: str) -> None:
+        now = trio.current_time()
+        last = self._last_request.get(peer)
+        if last is not None and now - last < self.settings.server_peer_interval_s:
+            raise ClawnodeError(ErrorCode.RATE_LIMITED, "one AutoNAT request per peer per interval")
+        self._last_request[peer] = now
+        if len(self._last_request) > 4096:
+            cutoff = now - self.settings.server_peer_interval_s
+            self._last_request = {key: at for key, at in self._last_request.items() if at >= cutoff}
+
+    def validate(self, message: DialBackRequest, observed_ip: str) -> tuple[list[str], dict[str, str]]:
+        """The addresses to dial, and those refused (with why); raises when nothing may be dialed.
+
+        Only the requester's observed IP is dialed (no third parties, so nobody can use a server to
+        amplify), and no private address unless ``allow_private``.
+        """
+        if len(message.addrs) + len(message.ports) > self.settings.server_max_addrs:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, f"at most {self.settings.server_max_addrs} addresses per request"
+            )
+        if not message.addrs and not message.ports:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "no address or port to dial back")
+        if not observed_ip:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "no observed address for this connection")
+        observed = ipaddress.ip_address(observed_ip)
+        family = "ip4" if observed.version == 4 else "ip6"
+        requested: list[str] = []
+        for addr in message.addrs:
+            base = dialable_tcp_addr(addr)
+            if base is None:
+                raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "only /ip4|ip6/<ip>/tcp/<port> addresses")
+            requested.append(base)
+        requested.extend(f"/{family}/{observed}/tcp/{port}" for port in message.ports)
+        targets: list[str] = []
+        refused: dict[str, str] = {}
+        for base in requested:
+            ip = ipaddress.ip_address(_ip_of(base) or "")
+            if ip != observed:
+                refused[base] = "not the requester's observed IP"
+            elif not self.settings.allow_private and not is_public_ip(str(ip)):
+                refused[base] = "a private address"
+            elif base not in targets:
+                targets.append(base)
+        if not targets:
+            reasons = sorted(set(refused.values()))
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "nothing to dial back: " + ", ".join(reasons))
+        return targets, refused
+
+    async def _answer(self, observed_ip: str, frame: bytes, remote: ID) -> BaseModel:
+        if not self._serving or self._dialer is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node does not serve AutoNAT now")
+        message = DialBackRequest.model_validate_json(frame)
+        targets, refused = self.validate(message, observed_ip)  # costs nothing, so not counted
+        self._rate_limit(str(remote))
+        try:
+            self._dialing.acquire_nowait()
+        except trio.WouldBlock:
+            raise ClawnodeError(ErrorCode.RATE_LIMITED, "too many dial-backs running") from None
+        try:
+            results = [await self._dial_back(remote, addr) for addr in targets]
+        finally:
+            self._dialing.release()
+        now = self._clock()
+        results.extend(DialResult(addr=addr, status="forbidden", at=now, error=why) for addr, why in refused.items())
+        return DialBackReply(dialer=str(self._dialer.get_id()), results=results)
+
+    async def _dial_back(self, peer_id: ID, addr: str) -> DialResult:
+        dialer = self._dialer
+        if dialer is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node does not serve AutoNAT now")
+        lock = self._dial_locks.setdefault(str(peer_id), trio.Lock())
+        network = dialer.get_network()
+        async with lock:
+            started = time.monotonic()
+            error = ""
+            try:
+                with trio.fail_after(self.settings.dial_timeout_s):
+                    # dial_addr: this address only (connect() would try every address the
+                    # peerstore knows), on a fresh connection from the dialer's identity;
+                    # Noise fails unless the peer at the address is the requester.
+                    await network.dial_addr(multiaddr.Multiaddr(addr), peer_id)
+            except trio.TooSlowError:
+                error = "TooSlowError"
+            except Exception as failure:  # noqa: BLE001 - every dial failure is a dial_error
+                error = type(failure).__name__
+            finally:
+                with trio.move_on_after(2) as cleanup:
+                    cleanup.shield = True
+                    try:
+                        await network.close_peer(peer_id)
+                    except Exception:  # noqa: BLE001 - nothing to close
+                        pass
+                    try:
+                        dialer.get_peerstore().clear_peerdata(peer_id)
+                    except Exception:  # noqa: BLE001 - never stored
+                        pass
+            rtt_ms = (time.monotonic() - started) * 1000
+        return DialResult(
+            addr=addr,
+            status="dial_error" if error else "ok",
+            at=self._clock(),
+            rtt_ms=round(rtt_ms, 3),
+            error=error[:100],
+        )
+
+
+def judge(
+    results: Sequence[ServerResult], min_servers: int, distinct_by: Literal["ip", "peer"]
+) -> tuple[Reachability, str]:
+    """The verdict from one round of answers, and the line saying why."""
+
+    def key(result: ServerResult) -> str:
+        return result.peer_id if distinct_by == "peer" else (result.ip or result.peer_id)
+
+    ok = {key(result) for result in results if result.outcome == "ok"}
+    failed = {key(result) for result in results if result.outcome == "dial_error"} - ok
+    answered = len(ok | failed)
+    unit = "servers" if distinct_by == "peer" else "server IPs"
+    if len(ok) >= min_servers:
+        return "public", f"autonat: {len(ok)}/{answered} dial-backs"
+    if len(failed) >= min_servers:
+        return "private", f"autonat: {len(ok)}/{answered} dial-backs"
+    errors = sum(1 for result in results if result.outcome == "error")
+    return "unknown", (
+        f"autonat: {len(ok)}/{answered} dial-backs, {min_servers} distinct {unit} needed"
+        + (f" ({errors} without an answer)" if errors else "")
+    )
