@@ -22,7 +22,6 @@ what keeps a node behind a NAT reachable by its provider.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import logging
@@ -45,7 +44,7 @@ from protocols import lease_wire as w
 from protocols.machines.lease import LeasePolicy as SessionPolicy
 from protocols.machines.lease import LeaseSession, check_receipt_claim
 from protocols.rpc import error_reply, parse_reply, request, serve_requests
-from protocols.signed import SignatureError, open_sealed, seal
+from protocols.signed import open_base64, seal, to_base64
 from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger, SignedReceipt
@@ -89,24 +88,6 @@ def _units_estimate(body: dict[str, Any]) -> int:
     """The most units a call may use, as its body declares (``max_tokens``), for the budget check."""
     declared = body.get("max_tokens")
     return declared if isinstance(declared, int) and declared > 0 else 1
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "not base64") from None
-
-
-def _open(text: str, *, domain: str, payload_type: bytes) -> tuple[ID, bytes]:
-    try:
-        return open_sealed(_unb64(text), domain=domain, payload_type=payload_type)
-    except SignatureError as error:
-        raise ClawnodeError(ErrorCode.FORBIDDEN, str(error)) from None
 
 
 @dataclass
@@ -292,14 +273,14 @@ class LeaseMarket:
             postpaid_cap=self.settings.postpaid_cap if trusted else 0,
         )
         envelope = seal(quote, self.key, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
-        return w.QuoteReply(envelope=_b64(envelope))
+        return w.QuoteReply(envelope=to_base64(envelope))
 
     async def _grant(self, message: w.OpenRequest, remote: str) -> w.GrantReply:
-        signer, payload = _open(message.envelope, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
+        signer, payload = open_base64(message.envelope, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
         if str(signer) != remote:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the lease open is signed by another peer than the sender")
         opening = w.LeaseOpen.model_validate_json(payload)
-        quote_signer, quote_payload = _open(opening.quote, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
+        quote_signer, quote_payload = open_base64(opening.quote, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
         if str(quote_signer) != self.peer_id:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote was not signed by this node")
         quote = w.Quote.model_validate_json(quote_payload)
@@ -355,7 +336,7 @@ class LeaseMarket:
         )
         log.info("lease %s granted to %s for %s", grant.lease_id[:12], remote[:16], grant.capability)
         envelope = seal(grant, self.key, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
-        return w.GrantReply(envelope=_b64(envelope), token=token)
+        return w.GrantReply(envelope=to_base64(envelope), token=token)
 
     def _new_session(self, grant: w.LeaseGrant, now: int) -> LeaseSession:
         s = self.settings
@@ -666,7 +647,7 @@ class LeaseMarket:
             w.QuoteRequest(capability=capability, expected_units=expected_units, duration_s=duration_s),
             _QUOTE_REPLY,
         )
-        signer, payload = _open(quote_reply.envelope, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
+        signer, payload = open_base64(quote_reply.envelope, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
         if str(signer) != provider:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote is signed by another peer than the provider")
         quote = w.Quote.model_validate_json(payload)
@@ -708,7 +689,7 @@ class LeaseMarket:
             )
             envelope = seal(opening, self.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
             grant_reply = await request(
-                self.host, peer, LEASE_PROTOCOL, w.OpenRequest(envelope=_b64(envelope)), _GRANT_REPLY
+                self.host, peer, LEASE_PROTOCOL, w.OpenRequest(envelope=to_base64(envelope)), _GRANT_REPLY
             )
             grant = self._check_grant(grant_reply, provider, quote, opening)
         except BaseException:
@@ -745,7 +726,7 @@ class LeaseMarket:
         return w.EscrowLock(payer=client.account.address, escrow_id="0x" + escrow_id.hex(), tx_hash=result.tx_hash)
 
     def _check_grant(self, reply: w.GrantReply, provider: str, quote: w.Quote, opening: w.LeaseOpen) -> w.LeaseGrant:
-        signer, payload = _open(reply.envelope, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
+        signer, payload = open_base64(reply.envelope, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
         if str(signer) != provider:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the grant is signed by another peer than the provider")
         grant = w.LeaseGrant.model_validate_json(payload)

@@ -8,6 +8,8 @@ can never be replayed as a signature on a usage receipt.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
 
@@ -15,6 +17,8 @@ from libp2p.crypto.keys import PrivateKey, PublicKey
 from libp2p.peer.envelope import Envelope, make_unsigned, unmarshal_envelope
 from libp2p.peer.id import ID
 from pydantic import BaseModel
+
+from runtime.errors import ClawnodeError, ErrorCode
 
 
 class SignatureError(ValueError):
@@ -63,3 +67,27 @@ def open_sealed(data: bytes, *, domain: str, payload_type: bytes) -> tuple[ID, b
 
 def signer_peer_id(public_key: PublicKey) -> ID:
     return ID.from_pubkey(public_key)
+
+
+# Envelopes travel in JSON frames as base64 text; these are the one way in and out.
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def from_base64(text: str) -> bytes:
+    """Decode base64 from a peer; anything else is ``E_INVALID_ARGUMENT``."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "not base64") from None
+
+
+def open_base64(text: str, *, domain: str, payload_type: bytes) -> tuple[str, bytes]:
+    """Verify a base64 envelope from a peer: (signer's peer id, payload), or ``E_FORBIDDEN``."""
+    try:
+        signer, payload = open_sealed(from_base64(text), domain=domain, payload_type=payload_type)
+    except SignatureError as error:
+        raise ClawnodeError(ErrorCode.FORBIDDEN, str(error)) from None
+    return str(signer), payload

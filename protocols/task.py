@@ -45,7 +45,6 @@ Choices where the design was silent:
 
 from __future__ import annotations
 
-import base64
 import copy
 import functools
 import hashlib
@@ -75,7 +74,7 @@ from protocols.gossip import (
 from protocols.lease_wire import EscrowLock
 from protocols.machines import task as m
 from protocols.rpc import request, serve_requests
-from protocols.signed import SignatureError, open_sealed, seal
+from protocols.signed import from_base64, open_base64, seal, to_base64
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger
 
@@ -98,25 +97,6 @@ _REQUESTS: TypeAdapter[Any] = TypeAdapter(w.TaskRequest)
 _ACK = TypeAdapter(w.Ack)
 
 EscrowSource = Callable[[], "EscrowClient | None"]
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "not base64") from None
-
-
-def _open(text: str, *, domain: str, payload_type: bytes) -> tuple[str, bytes]:
-    try:
-        signer, payload = open_sealed(_unb64(text), domain=domain, payload_type=payload_type)
-    except SignatureError as error:
-        raise ClawnodeError(ErrorCode.FORBIDDEN, str(error)) from None
-    return str(signer), payload
 
 
 def _peer(peer_id: str) -> ID:
@@ -387,7 +367,7 @@ class TaskMarket:
             self.peer_id,
         )
         envelope = seal(ann, self.key, domain=ANNOUNCEMENT_DOMAIN, payload_type=ANNOUNCEMENT_PAYLOAD_TYPE)
-        self.local[ann.task_id] = TaskLocal(ann, announcement_env=_b64(envelope), params=params)
+        self.local[ann.task_id] = TaskLocal(ann, announcement_env=to_base64(envelope), params=params)
         await self.ledger.create_task(
             ann.task_id, role="creator", counterparty=None, budget=budget, idempotency_key=f"task/{ann.task_id}"
         )
@@ -468,7 +448,7 @@ class TaskMarket:
             params=local.params or "",
         )
         local.award = notice
-        local.award_env = _b64(seal(notice, self.key, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE))
+        local.award_env = to_base64(seal(notice, self.key, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE))
         await self.ledger.set_task_state(task_id, "task_awarded", idempotency_key=f"task/{task_id}/awarded")
         log.info("task %s awarded to %s", task_id[:12], bid.bidder[:16])
         try:
@@ -490,14 +470,14 @@ class TaskMarket:
             return balance >= amount + GAS_LIMITS["lock"] * int(w3.eth.gas_price)
 
     async def _on_result(self, message: w.ResultRequest, remote: str) -> None:
-        signer, payload = _open(message.envelope, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE)
+        signer, payload = open_base64(message.envelope, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE)
         if signer != remote:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the result is signed by another peer than the sender")
         notice = w.ResultNotice.model_validate_json(payload)
         if notice.bidder != remote:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the result names another bidder")
         _, local = self._task(notice.task_id)
-        artifact = _unb64(message.artifact)
+        artifact = from_base64(message.artifact)
         if len(artifact) > w.MAX_ARTIFACT:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"artifacts are at most {w.MAX_ARTIFACT} bytes")
         if len(artifact) != notice.size or hashlib.sha256(artifact).hexdigest() != notice.content_hash:
@@ -526,7 +506,7 @@ class TaskMarket:
             reason=reason[: w.MAX_REASON],
             reviewed_at=int(self._now()),
         )
-        local.review_env = _b64(seal(notice, self.key, domain=w.REVIEW_DOMAIN, payload_type=w.REVIEW_TYPE))
+        local.review_env = to_base64(seal(notice, self.key, domain=w.REVIEW_DOMAIN, payload_type=w.REVIEW_TYPE))
         for effect in effects:
             if isinstance(effect, m.ReleaseToBidder):
                 await self.ledger.enqueue_release(self._lease_id(award), effect.amount)
@@ -568,13 +548,13 @@ class TaskMarket:
         return self._bid_view(task_id, record.bids[bid_id])
 
     async def _on_award(self, message: w.AwardRequest, remote: str) -> None:
-        signer, payload = _open(message.envelope, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE)
+        signer, payload = open_base64(message.envelope, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE)
         notice = w.AwardNotice.model_validate_json(payload)
         if signer != remote or notice.creator != remote:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the award is not signed by its sender")
         if notice.bidder != self.peer_id:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the award is made out to another bidder")
-        ann_signer, ann_payload = _open(
+        ann_signer, ann_payload = open_base64(
             notice.announcement, domain=ANNOUNCEMENT_DOMAIN, payload_type=ANNOUNCEMENT_PAYLOAD_TYPE
         )
         ann = TaskAnnouncement.model_validate_json(ann_payload)
@@ -644,14 +624,14 @@ class TaskMarket:
             size=len(artifact),
             submitted_at=int(self._now()),
         )
-        envelope = _b64(seal(notice, self.key, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE))
-        await self._push(record.creator, w.ResultRequest(envelope=envelope, artifact=_b64(artifact)))
+        envelope = to_base64(seal(notice, self.key, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE))
+        await self._push(record.creator, w.ResultRequest(envelope=envelope, artifact=to_base64(artifact)))
         self._apply(m.SubmitResult(task_id=task_id, content_hash=notice.content_hash, size=notice.size), self.peer_id)
         local.result_env = envelope
         return self._view(task_id)
 
     async def _on_review(self, message: w.ReviewRequest, remote: str) -> None:
-        signer, payload = _open(message.envelope, domain=w.REVIEW_DOMAIN, payload_type=w.REVIEW_TYPE)
+        signer, payload = open_base64(message.envelope, domain=w.REVIEW_DOMAIN, payload_type=w.REVIEW_TYPE)
         notice = w.ReviewNotice.model_validate_json(payload)
         if signer != remote or notice.creator != remote:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the review is not signed by its sender")
@@ -722,17 +702,17 @@ class TaskMarket:
 
     async def _on_dispute_case(self, case: w.DisputeCase, remote: str) -> None:
         """As the arbiter: rebuild the task from the signed evidence and record the dispute."""
-        ann_signer, ann_payload = _open(
+        ann_signer, ann_payload = open_base64(
             case.announcement, domain=ANNOUNCEMENT_DOMAIN, payload_type=ANNOUNCEMENT_PAYLOAD_TYPE
         )
         ann = TaskAnnouncement.model_validate_json(ann_payload)
-        award_signer, award_payload = _open(case.award, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE)
+        award_signer, award_payload = open_base64(case.award, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE)
         award = w.AwardNotice.model_validate_json(award_payload)
-        result_signer, result_payload = _open(case.result, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE)
+        result_signer, result_payload = open_base64(case.result, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE)
         result = w.ResultNotice.model_validate_json(result_payload)
         review: w.ReviewNotice | None = None
         if case.review is not None:
-            review_signer, review_payload = _open(case.review, domain=w.REVIEW_DOMAIN, payload_type=w.REVIEW_TYPE)
+            review_signer, review_payload = open_base64(case.review, domain=w.REVIEW_DOMAIN, payload_type=w.REVIEW_TYPE)
             review = w.ReviewNotice.model_validate_json(review_payload)
             if review_signer != ann.creator or review.task_id != ann.task_id:
                 raise ClawnodeError(ErrorCode.FORBIDDEN, "the review is not the creator's")

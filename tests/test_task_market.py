@@ -19,8 +19,8 @@ from protocols import task_wire as w
 from protocols.gossip import task_topic
 from protocols.machines.task import TaskState
 from protocols.rpc import request
-from protocols.signed import seal
-from protocols.task import TASK_PROTOCOL, _b64
+from protocols.signed import seal, to_base64
+from protocols.task import TASK_PROTOCOL
 from runtime.errors import ClawnodeError, ErrorCode
 from tests.support.market import SharedChain, market_nodes, wait_for
 
@@ -255,9 +255,9 @@ async def test_adversarial_requests_are_refused() -> None:
             size=5,
             submitted_at=int(time.time()),
         )
-        envelope = _b64(seal(notice, bidder.tasks.key, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE))
+        envelope = to_base64(seal(notice, bidder.tasks.key, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE))
         with pytest.raises(ClawnodeError) as error:
-            await send(w.ResultRequest(envelope=envelope, artifact=_b64(b"abcde")))
+            await send(w.ResultRequest(envelope=envelope, artifact=to_base64(b"abcde")))
         assert error.value.code == ErrorCode.INVALID_ARGUMENT
 
         # An oversized artifact: refused before sending, and by the creator when sent anyway.
@@ -272,9 +272,9 @@ async def test_adversarial_requests_are_refused() -> None:
             size=len(big),
             submitted_at=int(time.time()),
         )
-        envelope = _b64(seal(oversized, bidder.tasks.key, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE))
+        envelope = to_base64(seal(oversized, bidder.tasks.key, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE))
         with pytest.raises(ClawnodeError) as error:
-            await send(w.ResultRequest.model_construct(type="result", envelope=envelope, artifact=_b64(big)))
+            await send(w.ResultRequest.model_construct(type="result", envelope=envelope, artifact=to_base64(big)))
         assert error.value.code == ErrorCode.INVALID_ARGUMENT
 
         # Nobody but the arbiter resolves.
