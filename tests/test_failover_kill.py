@@ -10,7 +10,6 @@ Needs anvil from npm (``npm install --prefix tests/runtime/anvil``); skipped wit
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +22,13 @@ import trio
 from dht.discovery import DiscoveryQuery
 from node.daemon import Node
 from node.datadir import read_api_token
-from runtime.escrow import Chain, EscrowClient
+from runtime.escrow import EscrowClient
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.ledger import LedgerStore
-from tests.runtime.support import anvil_process, anvil_skip_reason
+from tests.runtime.support import AnvilEscrow, anvil_skip_reason, anvil_with_escrow
 from tests.support.market import market_config, wait_for
-from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess
+from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, prepare_data_dir
 
 _skip = anvil_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -39,43 +38,27 @@ KILL_AFTER = 40
 
 
 @pytest.fixture(scope="module")
-def anvil() -> Iterator[tuple[str, Chain, EscrowClient]]:
-    with anvil_process() as url:
-        chain = Chain.rpc(url)
-        yield url, chain, EscrowClient.deploy(chain, chain.dev_accounts()[0])
+def anvil() -> Iterator[AnvilEscrow]:
+    with anvil_with_escrow() as chain:
+        yield chain
 
 
-def _subprocess_provider(root: Path, url: str, chain: Chain, escrow: EscrowClient, model: Path) -> DaemonProcess:
-    data_dir = root / "cheap"
-    data_dir.mkdir(mode=0o700)
-    wallet = data_dir / "wallet.key"
-    wallet.write_text(chain.dev_accounts()[1].key.hex())
-    os.chmod(wallet, 0o600)
-    (data_dir / "config.toml").write_text(
-        f"""
-[bootstrap]
-use_defaults = false
-[escrow]
-mode = "rpc"
-rpc_url = "{url}"
-contract = "{escrow.address}"
-arbiter = "{chain.dev_accounts()[9].address}"
-[[models]]
-name = "tiny"
-path = "{model}"
-price_per_unit = 1000
-n_threads = 1
-"""
+def _subprocess_provider(root: Path, anvil: AnvilEscrow, model: Path) -> DaemonProcess:
+    config = (
+        "[bootstrap]\nuse_defaults = false\n"
+        + anvil.config_section()
+        + f'[[models]]\nname = "tiny"\npath = "{model}"\nprice_per_unit = 1000\nn_threads = 1\n'
     )
-    return DaemonProcess(data_dir, list(LOOPBACK_ANY_PORT))
+    wallet_key = anvil.chain.dev_accounts()[1].key.hex()
+    return DaemonProcess(
+        prepare_data_dir(root / "cheap", wallet_key=wallet_key, config=config), list(LOOPBACK_ANY_PORT)
+    )
 
 
-async def test_killing_the_streaming_provider_switches_to_the_next(
-    anvil: tuple[str, Chain, EscrowClient], tmp_path: Path
-) -> None:
-    url, chain, escrow = anvil
+async def test_killing_the_streaming_provider_switches_to_the_next(anvil: AnvilEscrow, tmp_path: Path) -> None:
+    chain, escrow = anvil.chain, anvil.escrow
     model = await trio.to_thread.run_sync(write_tiny_llama_gguf, tmp_path / "tiny.gguf")
-    cheap = _subprocess_provider(tmp_path, url, chain, escrow, model)
+    cheap = _subprocess_provider(tmp_path, anvil, model)
     await trio.to_thread.run_sync(cheap.start)
     try:
         cheap_id = cheap.identity()["peer_id"]

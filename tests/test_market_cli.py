@@ -10,7 +10,6 @@ Needs anvil from npm (``npm install --prefix tests/runtime/anvil``); skipped wit
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from runtime.escrow import Chain, EscrowClient
 from tests.runtime.support import anvil_process, anvil_skip_reason
-from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, run_cli
+from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, prepare_data_dir, run_cli
 
 _skip = anvil_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -45,11 +44,7 @@ def chain_env() -> Iterator[tuple[dict[str, str], Chain]]:
 
 
 def _daemon(tmp: Path, name: str, env: dict[str, str], wallet_key: str, bootstrap: list[str]) -> DaemonProcess:
-    data_dir = tmp / name
-    data_dir.mkdir(mode=0o700)
-    wallet = data_dir / "wallet.key"
-    wallet.write_text(wallet_key)
-    os.chmod(wallet, 0o600)
+    data_dir = prepare_data_dir(tmp / name, wallet_key=wallet_key)
     args = [*LOOPBACK_ANY_PORT, *(arg for addr in bootstrap for arg in ("--bootstrap", addr))]
     return DaemonProcess(data_dir, args, env=env)
 

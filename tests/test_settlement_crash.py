@@ -27,12 +27,12 @@ from libp2p.peer.id import ID
 
 from node.daemon import Node
 from runtime.errors import ClawnodeError
-from runtime.escrow import Chain, EscrowClient
+from runtime.escrow import EscrowClient
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.ledger import LedgerStore
-from tests.runtime.support import anvil_process, anvil_skip_reason, free_port
+from tests.runtime.support import AnvilEscrow, anvil_skip_reason, anvil_with_escrow, free_port
 from tests.support.market import market_config, wait_for
-from tests.support.processes import DaemonProcess
+from tests.support.processes import DaemonProcess, prepare_data_dir
 
 _skip = anvil_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
@@ -43,32 +43,20 @@ BUDGET = PRICE * 1_000_000
 
 
 @pytest.fixture(scope="module")
-def anvil() -> Iterator[tuple[str, Chain, EscrowClient]]:
-    with anvil_process() as url:
-        chain = Chain.rpc(url)
-        yield url, chain, EscrowClient.deploy(chain, chain.dev_accounts()[0])
+def anvil() -> Iterator[AnvilEscrow]:
+    with anvil_with_escrow() as chain:
+        yield chain
 
 
-def _provider(root: Path, url: str, chain: Chain, escrow: EscrowClient, model: Path) -> DaemonProcess:
-    data_dir = root / "provider"
-    data_dir.mkdir(mode=0o700)
-    wallet = data_dir / "wallet.key"
-    wallet.write_text(chain.dev_accounts()[1].key.hex())
-    os.chmod(wallet, 0o600)
-    (data_dir / "config.toml").write_text(
-        f"""
+def _provider(root: Path, anvil: AnvilEscrow, model: Path) -> DaemonProcess:
+    config = f"""
 [node]
 listen = ["/ip4/127.0.0.1/tcp/{free_port()}"]
 [api]
 port = 0
 [bootstrap]
 use_defaults = false
-[escrow]
-mode = "rpc"
-rpc_url = "{url}"
-contract = "{escrow.address}"
-arbiter = "{chain.dev_accounts()[9].address}"
-settle_interval_s = 0.3
+{anvil.config_section()}settle_interval_s = 0.3
 dispute_window_s = 5
 [market]
 receipt_every_units = 40
@@ -82,8 +70,8 @@ path = "{model}"
 price_per_unit = {PRICE}
 n_threads = 1
 """
-    )
-    return DaemonProcess(data_dir, [])
+    wallet_key = anvil.chain.dev_accounts()[1].key.hex()
+    return DaemonProcess(prepare_data_dir(root / "provider", wallet_key=wallet_key, config=config), [])
 
 
 def _check_provider_ledger(path: Path, consumer_receipts: dict[int, str], released: int) -> dict[str, int]:
@@ -112,12 +100,10 @@ def _check_provider_ledger(path: Path, consumer_receipts: dict[int, str], releas
         store.close()
 
 
-async def test_sigkill_during_metering_and_settlement_loses_nothing(
-    anvil: tuple[str, Chain, EscrowClient], tmp_path: Path
-) -> None:
-    url, chain, escrow = anvil
+async def test_sigkill_during_metering_and_settlement_loses_nothing(anvil: AnvilEscrow, tmp_path: Path) -> None:
+    chain, escrow = anvil.chain, anvil.escrow
     model = await trio.to_thread.run_sync(write_tiny_llama_gguf, tmp_path / "tiny.gguf")
-    provider = _provider(tmp_path, url, chain, escrow, model)
+    provider = _provider(tmp_path, anvil, model)
     await trio.to_thread.run_sync(provider.start)
     rng = random.Random(5)
     consumer_account = chain.dev_accounts()[2]

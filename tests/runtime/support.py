@@ -11,11 +11,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 
+from runtime.escrow import Chain, EscrowClient
 from runtime.ledger import EscrowRef, LeaseOpen
 from runtime.ledger.receipts import peer_id_of
 
@@ -168,3 +170,27 @@ def lease_for(
         budget=budget,
         escrow=escrow,
     )
+
+
+@dataclass(frozen=True)
+class AnvilEscrow:
+    """An anvil chain with the escrow contract deployed by its first dev account."""
+
+    url: str
+    chain: Chain
+    escrow: EscrowClient
+
+    def config_section(self, *, arbiter_index: int = 9) -> str:
+        """The ``[escrow]`` table of a daemon on this chain."""
+        arbiter = self.chain.dev_accounts()[arbiter_index].address
+        return (
+            f'[escrow]\nmode = "rpc"\nrpc_url = "{self.url}"\ncontract = "{self.escrow.address}"\n'
+            f'arbiter = "{arbiter}"\n'
+        )
+
+
+@contextlib.contextmanager
+def anvil_with_escrow() -> Iterator[AnvilEscrow]:
+    with anvil_process() as url:
+        chain = Chain.rpc(url)
+        yield AnvilEscrow(url, chain, EscrowClient.deploy(chain, chain.dev_accounts()[0]))

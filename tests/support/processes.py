@@ -104,3 +104,16 @@ class DaemonProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def prepare_data_dir(path: Path, *, wallet_key: str | None = None, config: str | None = None) -> Path:
+    """A data dir made before the first start: a given wallet key (0600, e.g. a funded dev
+    account) and a config.toml, as an operator would write them."""
+    path.mkdir(mode=0o700, parents=True)
+    if wallet_key is not None:
+        wallet = path / "wallet.key"
+        wallet.write_text(wallet_key)
+        os.chmod(wallet, 0o600)
+    if config is not None:
+        (path / "config.toml").write_text(config)
+    return path
