@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
@@ -108,7 +109,21 @@ class Discovery:
             self.rejections.count(Rejection.WRONG_SIGNER)
             raise RecordRejected(Rejection.WRONG_SIGNER, "the record describes another peer")
         self._highest_seq[expected_peer] = record.seq
+        self._remember_relayed_addrs(record)
         return record
+
+    def _remember_relayed_addrs(self, record: CapabilityRecord) -> None:
+        """A private provider is dialable only through the relays its signed record names."""
+        relayed = []
+        for addr in record.addrs:
+            if "/p2p-circuit" not in addr:
+                continue
+            try:
+                relayed.append(multiaddr.Multiaddr(addr))
+            except Exception:  # noqa: BLE001 - a malformed address in a valid record is skipped
+                continue
+        if relayed:
+            self.host.get_peerstore().add_addrs(ID.from_base58(record.peer_id), relayed, 600)
 
     async def fetch_live(self, peer_id: ID) -> tuple[CapabilityRecord, float]:
         """A fresh, verified record straight from the peer, and the round trip it took."""

@@ -40,6 +40,7 @@ class CapabilityPublisher:
         offers: list[Offer],
         record_ttl_s: int = 600,
         reachability: Callable[[], Reachability] = lambda: "unknown",
+        extra_addrs: Callable[[], list[str]] = list,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.host = host
@@ -49,6 +50,7 @@ class CapabilityPublisher:
         self.hardware = hardware
         self.record_ttl_s = record_ttl_s
         self._reachability = reachability
+        self._extra_addrs = extra_addrs  # e.g. relayed addresses while private (nat/relay.py)
         self._clock = clock
         self._offers = {offer.name: offer for offer in offers}
         for offer in offers:
@@ -74,6 +76,12 @@ class CapabilityPublisher:
             self._changed.set()
         return removed
 
+    def republish(self) -> None:
+        """Rebuild the record served directly now, and publish it (its addresses or reachability changed)."""
+        self.record = self.build_record()
+        self.sealed = seal_record(self.record, self._private_key)
+        self._changed.set()
+
     def _next_seq(self) -> int:
         # Milliseconds since the epoch keep sequence numbers rising across restarts
         # without storing them; +1 covers two changes within one millisecond.
@@ -88,7 +96,7 @@ class CapabilityPublisher:
             issued_at=now,
             expires_at=now + self.record_ttl_s,
             reachability=self._reachability(),
-            addrs=[str(addr).split("/p2p/")[0] for addr in self.host.get_addrs()][:16],
+            addrs=([str(addr).split("/p2p/")[0] for addr in self.host.get_addrs()] + self._extra_addrs())[:16],
             hardware=self.hardware,
             capabilities=[offer.descriptor() for offer in self._offers.values()],
             wallet=self.wallet,

@@ -38,6 +38,13 @@ class IdentityReply(BaseModel):
     kad_protocol: str
 
 
+class RelayReservationView(BaseModel):
+    relay: str  # the relay's peer id
+    expires_at: float  # unix time, as the relay said
+    renewals: int
+    addrs: list[str]  # <relay addr>/p2p/<relay id>/p2p-circuit
+
+
 class StatusReply(BaseModel):
     peer_id: str
     role: str
@@ -56,6 +63,10 @@ class StatusReply(BaseModel):
     reachability_reason: str = ""  # e.g. "autonat: 3/3 dial-backs", or "configured (node.reachability)"
     reachability_checked_at: float | None = None  # unix time of the last AutoNAT check
     autonat_server: bool = False  # this node answers /clawnode/autonat/1.0.0 now
+    # Added with circuit relay v2 (nat/relay.py).
+    relay_reservations: list[RelayReservationView] = Field(default_factory=list)  # relays holding one for us
+    relayed_addrs: list[str] = Field(default_factory=list)  # in the capability record while private
+    relay_hop_reservations: int | None = None  # relay role: reservations held for others now
 
 
 class PeerReply(BaseModel):

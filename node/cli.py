@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,10 +204,31 @@ def status(data_dir: str | None, as_json: bool) -> None:
             f"peers          {body['connected_peers']} connected, {body['routing_table_size']} in routing table",
             f"reachability   {body.get('reachability', 'unknown')}"
             + (f" ({body['reachability_reason']})" if body.get("reachability_reason") else ""),
+            *_relay_lines(body),
             f"uptime         {body['uptime_s']:.0f} s",
             "alerts         " + "\n               ".join(alert_lines),
         ],
     )
+
+
+def _relay_lines(body: dict[str, Any]) -> list[str]:
+    """Relays holding a reservation for us (while private), or the reservations a relay holds for others."""
+    lines = []
+    if body.get("relay_hop_reservations") is not None:
+        lines.append(f"relay service  {body['relay_hop_reservations']} reservations held for others")
+    reservations = body.get("relay_reservations") or []
+    if reservations:
+        lines.append(
+            "relayed via    "
+            + "\n               ".join(
+                f"{r['relay']} until {time.strftime('%H:%M:%S', time.localtime(r['expires_at']))}"
+                f" ({r['renewals']} renewals)"
+                for r in reservations
+            )
+        )
+    if body.get("relayed_addrs"):
+        lines.append("relayed addrs  " + "\n               ".join(body["relayed_addrs"]))
+    return lines
 
 
 @main.command()
@@ -718,6 +740,44 @@ def demo(tiny: bool, as_json: bool) -> None:
 
     _configure_logging(os.environ.get("CLAWNODE_LOG_LEVEL", "error"))
     sys.exit(demo_module.run(tiny=tiny, as_json=as_json))
+
+
+@main.command(name="nat-test")
+@click.option(
+    "--types",
+    "types",
+    multiple=True,
+    type=click.Choice(["full-cone", "address-restricted", "port-restricted", "symmetric", "port-forward"]),
+    help="Router NAT types to run (repeatable; default: all four and port-forward).",
+)
+@click.option("--repetitions", type=click.IntRange(1, 20), default=1, help="Runs per type (default 1).")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results here."
+)
+def nat_test(types: tuple[str, ...], repetitions: int, json_path: Path | None) -> None:
+    """Run real daemons behind namespace NATs and check their AutoNAT verdicts (Linux, root)."""
+    from rich.console import Console
+
+    from nat import natmatrix
+
+    problem = natmatrix.requirements_problem()
+    if problem is not None:
+        click.echo(f"clawnode: E_UNAVAILABLE: nat-test needs Linux and root: {problem}", err=True)
+        sys.exit(EXIT_CANNOT_START)
+    console = Console(stderr=True)
+    try:
+        results = natmatrix.run_matrix(
+            types or natmatrix.ALL_CASES,
+            repetitions,
+            progress=lambda r: console.print(f"{r.case} #{r.repetition + 1}: {r.home_verdict} ({r.home_reason})"),
+        )
+    except natmatrix.MatrixError as error:
+        click.echo(f"clawnode: {error.code}: {error.message}", err=True)
+        sys.exit(EXIT_CANNOT_START)
+    Console().print(natmatrix.render_table(results))
+    if json_path is not None:
+        json_path.write_text(json.dumps([r.model_dump() for r in results], indent=2), encoding="utf-8")
+    sys.exit(0 if all(r.ok for r in results) else 1)
 
 
 if __name__ == "__main__":

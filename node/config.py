@@ -112,6 +112,27 @@ class NatSection(_Section):
     )
 
 
+class RelaySection(_Section):
+    max_reservations: int = Field(16, ge=1, le=1024, description="relay role: reservations held for others at once")
+    reservation_ttl_s: int = Field(
+        3600, ge=2, le=86_400, description="relay role: how long a reservation lasts before it must be renewed"
+    )
+    max_circuits: int = Field(8, ge=1, le=1024, description="relay role: circuits per reserved peer at once")
+    max_circuit_duration_s: int = Field(120, ge=1, le=86_400, description="relay role: a circuit is cut after this")
+    max_circuit_bytes: int = Field(
+        1 << 20, ge=1024, le=1 << 34, description="relay role: a circuit is cut after relaying this many bytes"
+    )
+    static_relays: list[str] = Field(
+        default_factory=list, description="relays to reserve on while private, /ip4/.../tcp/.../p2p/<peer-id>"
+    )
+    min_relays: int = Field(2, ge=1, le=8, description="relays to hold reservations on while private")
+    renew_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="renew a reservation once this fraction of its TTL has passed"
+    )
+
+    _static_are_multiaddrs = field_validator("static_relays")(_check_multiaddrs)
+
+
 class CapabilitiesSection(_Section):
     record_ttl_s: int = Field(
         600, ge=10, le=86_400, description="lifetime of the published record; republished at half of it"
@@ -213,6 +234,7 @@ class Config(_Section):
     bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)  # type: ignore[arg-type]
     dht: DhtSection = Field(default_factory=DhtSection)  # type: ignore[arg-type]
     nat: NatSection = Field(default_factory=NatSection)  # type: ignore[arg-type]
+    relay: RelaySection = Field(default_factory=RelaySection)  # type: ignore[arg-type]
     capabilities: CapabilitiesSection = Field(default_factory=CapabilitiesSection)  # type: ignore[arg-type]
     hardware: HardwareSection = Field(default_factory=HardwareSection)  # type: ignore[arg-type]
     escrow: EscrowSection = Field(default_factory=EscrowSection)  # type: ignore[arg-type]

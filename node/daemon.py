@@ -34,6 +34,7 @@ from dht.records import Reachability, bind_wallet
 from dht.service import DhtService
 from nat.autonat import AutoNat, AutoNatSettings
 from nat.reachability import ReachabilityState
+from nat.relay import RelayService, RelaySettings
 from node.alerts import AlertService, AlertsReply
 from node.api import (
     CapabilitiesReply,
@@ -47,6 +48,7 @@ from node.api import (
     PeerReply,
     PeersReply,
     ReceiptsReply,
+    RelayReservationView,
     SettlementsReply,
     StatusReply,
     create_app,
@@ -129,6 +131,7 @@ class Node:
         self._discovery: Discovery | None = None
         self.reachability = ReachabilityState()  # measured by AutoNAT; see effective_reachability()
         self._autonat: AutoNat | None = None
+        self._relay: RelayService | None = None
         self.rejections = RejectionCounter()
         self.offer_book = OfferBook(data_dir / OFFER_BOOK_FILE)
         self._ledger: Ledger | None = None
@@ -268,6 +271,7 @@ class Node:
                         offers=self._advertised_offers(),
                         record_ttl_s=self.config.capabilities.record_ttl_s,
                         reachability=self.effective_reachability,
+                        extra_addrs=self.relayed_addrs,
                     )
                     await nursery.start(self._publisher.run)
                     self._autonat = AutoNat(
@@ -279,6 +283,15 @@ class Node:
                     # A new measured verdict is a change of the record: republish at once.
                     self.reachability.on_change(self._reachability_changed)
                     await nursery.start(self._autonat.run)
+                    # Circuit relay v2: the hop service on a relay; reservations while private.
+                    self._relay = RelayService(
+                        self._host,
+                        self._relay_settings(),
+                        serve_hop=self.config.node.role == "relay",
+                        wants_reservations=self._wants_relays,
+                        on_change=self._relays_changed,
+                    )
+                    await nursery.start(self._relay.run)
                     self._discovery = Discovery(
                         self._host,
                         self._dht,
@@ -352,7 +365,39 @@ class Node:
         """What the capability record declares: ``node.reachability`` when set, else AutoNAT's verdict."""
         return self.reachability.effective(self.config.node.reachability)
 
+    def _relay_settings(self) -> RelaySettings:
+        relay = self.config.relay
+        return RelaySettings(
+            max_reservations=relay.max_reservations,
+            reservation_ttl_s=relay.reservation_ttl_s,
+            max_circuits=relay.max_circuits,
+            max_circuit_duration_s=relay.max_circuit_duration_s,
+            max_circuit_bytes=relay.max_circuit_bytes,
+            static_relays=tuple(relay.static_relays),
+            min_relays=relay.min_relays,
+            renew_fraction=relay.renew_fraction,
+        )
+
+    def _wants_relays(self) -> bool:
+        return self.config.node.role != "relay" and self.effective_reachability() == "private"
+
+    @property
+    def relay(self) -> RelayService | None:
+        return self._relay
+
+    def relayed_addrs(self) -> list[str]:
+        """``<relay addr>/p2p/<relay id>/p2p-circuit`` for each relay holding a reservation for us, while private."""
+        if self._relay is None or not self._wants_relays():
+            return []
+        return self._relay.relayed_addrs()
+
+    def _relays_changed(self) -> None:
+        if self._publisher is not None:
+            self._publisher.republish()
+
     def _reachability_changed(self) -> None:
+        if self._relay is not None:
+            self._relay.wake()
         if self._publisher is not None and self.config.node.reachability == "unknown":
             self._publisher._changed.set()  # the publisher's own "republish now" signal
 
@@ -513,6 +558,13 @@ class Node:
             reachability_reason=self.reachability.explain(self.config.node.reachability),
             reachability_checked_at=self.reachability.checked_at,
             autonat_server=self._autonat.serving if self._autonat is not None else False,
+            relay_reservations=[
+                RelayReservationView.model_validate(item) for item in (self._relay.summary() if self._relay else [])
+            ],
+            relayed_addrs=self.relayed_addrs(),
+            relay_hop_reservations=(
+                self._relay.hop_reservations() if self._relay is not None and self._relay.serve_hop else None
+            ),
         )
 
     def peers(self) -> PeersReply:

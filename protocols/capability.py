@@ -18,6 +18,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from nat.relay import open_stream
 from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -73,7 +74,7 @@ async def fetch_sealed_record(host: IHost, peer_id: ID, timeout_s: float = REQUE
     """The peer's sealed record and the request's round-trip time in seconds."""
     try:
         with trio.fail_after(timeout_s):
-            stream = await host.new_stream(peer_id, [CAPABILITY_PROTOCOL])
+            stream = await open_stream(host, peer_id, [CAPABILITY_PROTOCOL])  # through a relay if needed
             try:
                 started = time.perf_counter()
                 await write_frame(stream, GetRecord().model_dump_json().encode())

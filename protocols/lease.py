@@ -40,6 +40,7 @@ from libp2p.peer.id import ID
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from dht.offers import Offer
+from nat.relay import open_stream
 from protocols import lease_wire as w
 from protocols.machines.lease import LeasePolicy as SessionPolicy
 from protocols.machines.lease import LeaseSession, check_receipt_claim
@@ -788,7 +789,7 @@ class LeaseMarket:
         request_frame = w.CallRequest(lease_id=lease_id, token=held.token, body=body).model_dump_json().encode()
         try:
             with trio.fail_after(timeout_s):
-                stream = await self.host.new_stream(ID.from_base58(held.grant.provider), [INFER_PROTOCOL])
+                stream = await open_stream(self.host, ID.from_base58(held.grant.provider), [INFER_PROTOCOL])
                 try:
                     await write_frame(stream, request_frame, max_frame=MAX_CALL_FRAME)
                     reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)

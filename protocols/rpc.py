@@ -18,6 +18,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from nat.relay import open_stream
 from protocols.wire import DEFAULT_MAX_FRAME, FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -83,7 +84,7 @@ async def request(
     """Send ``message`` to the peer and return its reply; an error reply raises ``ClawnodeError``."""
     try:
         with trio.fail_after(timeout_s):
-            stream = await host.new_stream(peer_id, [protocol])
+            stream = await open_stream(host, peer_id, [protocol])  # through a relay if needed
             try:
                 await write_frame(stream, message.model_dump_json().encode(), max_frame=max_frame)
                 frame = await FrameReader(stream, max_frame=max_frame).read_frame(timeout_s)

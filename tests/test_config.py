@@ -19,6 +19,7 @@ def test_first_start_writes_commented_defaults_that_parse_to_the_defaults(tmp_pa
     sections = {"node", "api", "bootstrap", "dht", "capabilities", "hardware", "escrow", "market", "router", "log"}
     sections.add("alerts")
     sections.add("nat")
+    sections.add("relay")
     assert tomllib.loads(default_config_text()) == {section: {} for section in sections}
 
 

@@ -1,0 +1,87 @@
+"""Circuit relay v2 on loopback: two relay nodes, a node forced private, a client that knows only circuits."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import multiaddr
+import trio
+from libp2p.crypto.secp256k1 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+
+from dht.records import verify_record
+from nat.relay import RelayRefused, RelayService, RelaySettings, is_circuit, reserve
+from node.config import ApiSection, BootstrapSection, Config, EscrowSection, NodeSection, RelaySection
+from node.daemon import Node
+from node.host import build_host
+from protocols.capability import fetch_sealed_record
+
+LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+
+def config(role: str, reachability: str = "unknown", relay: RelaySection | None = None) -> Config:
+    return Config(
+        node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"], role=role, reachability=reachability),  # type: ignore[call-arg, arg-type]
+        api=ApiSection(port=0),
+        bootstrap=BootstrapSection(peers=[], use_defaults=False),
+        escrow=EscrowSection(mode="off"),  # type: ignore[call-arg]
+        relay=relay or RelaySection(),  # type: ignore[call-arg]
+    )
+
+
+async def test_private_node_is_reached_through_relays(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        # Relay 1 takes one reservation at most; both hand out 3 s reservations.
+        relay1 = Node(
+            config("relay", relay=RelaySection(max_reservations=1, reservation_ttl_s=3)),  # type: ignore[call-arg]
+            tmp_path / "relay1",
+        )
+        relay2 = Node(config("relay", relay=RelaySection(reservation_ttl_s=3)), tmp_path / "relay2")  # type: ignore[call-arg]
+        for relay in (relay1, relay2):
+            await nursery.start(relay.run)
+        relays = [relay1.listen_addrs()[0], relay2.listen_addrs()[0]]
+        private = Node(
+            config("node", "private", RelaySection(static_relays=relays, renew_fraction=0.5)),  # type: ignore[call-arg]
+            tmp_path / "private",
+        )
+        await nursery.start(private.run)
+        relay_ids = {str(relay1.host.get_id()), str(relay2.host.get_id())}
+
+        # Reservations on both relays, renewed before their 3 s TTL runs out.
+        with trio.fail_after(15):
+            while {r.relay for r in private.status().relay_reservations if r.renewals >= 2} != relay_ids:
+                await trio.sleep(0.1)
+        status = private.status()
+        assert all(r.expires_at > time.time() for r in status.relay_reservations)
+        assert relay1.status().relay_hop_reservations == 1 and status.relay_hop_reservations is None
+        expected = {f"{addr}/p2p-circuit" for addr in relays}
+        assert set(status.relayed_addrs) == expected
+        assert private.publisher.record is not None and expected <= set(private.publisher.record.addrs)
+
+        # A client that knows the private node only by one relayed address reaches it through relay 2.
+        client = build_host(create_new_key_pair())
+        async with client.run(LOOPBACK):
+            await nursery.start(RelayService(client, RelaySettings(), serve_hop=False).run)
+            private_id = private.host.get_id()
+            via_relay2 = multiaddr.Multiaddr(f"{relays[1]}/p2p-circuit")
+            client.get_peerstore().add_addrs(private_id, [via_relay2], 60)
+            assert all(is_circuit(addr) for addr in client.get_peerstore().addrs(private_id))
+            sealed, _rtt = await fetch_sealed_record(client, private_id)
+            record = verify_record(sealed, now=time.time())
+            assert record.peer_id == str(private_id) and expected <= set(record.addrs)
+            assert client.get_network().get_connections(private_id)
+
+            # Relay 1 is full: one more reservation than it allows is refused.
+            relay1_info = info_from_p2p_addr(multiaddr.Multiaddr(relays[0]))
+            await client.connect(relay1_info)
+            try:
+                await reserve(client, relay1_info.peer_id)
+            except RelayRefused as refused:
+                assert refused.status == int(StatusCode.RESOURCE_LIMIT_EXCEEDED)
+            else:
+                raise AssertionError("relay 1 accepted a reservation over its limit")
+            assert (await reserve(client, ID.from_base58(str(relay2.host.get_id())))).expires_at > time.time()
+        nursery.cancel_scope.cancel()
