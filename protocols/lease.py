@@ -42,6 +42,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from dht.offers import Offer
 from nat.relay import open_stream
 from protocols import lease_wire as w
+from protocols.background import spawn_guarded
 from protocols.machines.lease import LeasePolicy as SessionPolicy
 from protocols.machines.lease import LeaseSession, check_receipt_claim
 from protocols.rpc import error_reply, parse_reply, request, serve_requests
@@ -203,17 +204,7 @@ class LeaseMarket:
         self.wake_settlement()
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` in the background; its failure is logged and costs only that piece of work."""
-
-        async def guarded() -> None:
-            try:
-                await fn(*args)
-            except Exception as error:  # noqa: BLE001 - one lease's trouble must not stop the node
-                code = error.code if isinstance(error, ClawnodeError) else type(error).__name__
-                log.warning("lease background work %s failed: %s", getattr(fn, "__name__", "?"), code)
-
-        if self._nursery is not None:
-            self._nursery.start_soon(guarded)
+        spawn_guarded(self._nursery, log, fn, *args)
 
     def _failed(self, op: str, error: BaseException) -> None:
         if isinstance(error, ClawnodeError):

@@ -64,6 +64,7 @@ from multiaddr import Multiaddr
 from pydantic import BaseModel, TypeAdapter
 
 from protocols import task_wire as w
+from protocols.background import spawn_guarded
 from protocols.gossip import (
     ANNOUNCEMENT_DOMAIN,
     ANNOUNCEMENT_PAYLOAD_TYPE,
@@ -172,17 +173,7 @@ class TaskMarket:
             task_status.started(self)
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` in the background; its failure is logged and costs only that piece of work."""
-
-        async def guarded() -> None:
-            try:
-                await fn(*args)
-            except Exception as error:  # noqa: BLE001 - one task's trouble must not stop the node
-                code = error.code if isinstance(error, ClawnodeError) else type(error).__name__
-                log.warning("task background work %s failed: %s", getattr(fn, "__name__", "?"), code)
-
-        if self._nursery is not None:
-            self._nursery.start_soon(guarded)
+        spawn_guarded(self._nursery, log, fn, *args)
 
     async def _handle(self, frame: bytes, remote: ID) -> BaseModel:
         message = _REQUESTS.validate_json(frame)
