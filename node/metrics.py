@@ -57,6 +57,19 @@ async def render_metrics(node: Node) -> bytes:
     gauge("clawnode_routing_table_size", "peers in the DHT routing table").set(status.routing_table_size)
     gauge("clawnode_offers", "capabilities this node offers").set(status.offers)
     gauge("clawnode_uptime_seconds", "seconds since the node started").set(status.uptime_s)
+    reachability = gauge("clawnode_reachability", "1 for the node's current reachability verdict", ("verdict",))
+    for verdict in ("public", "private", "unknown"):
+        reachability.labels(verdict=verdict).set(1 if status.reachability == verdict else 0)
+    gauge("clawnode_relay_reservations", "relays this node holds a reservation on (while private)").set(
+        len(status.relay_reservations)
+    )
+    gauge("clawnode_relay_reservation_renewals", "renewals of the reservations held now").set(
+        sum(r.renewals for r in status.relay_reservations)
+    )
+    if status.relay_hop_reservations is not None:
+        gauge("clawnode_relay_hop_reservations", "reservations this relay grants right now").set(
+            status.relay_hop_reservations
+        )
     rejected = gauge("clawnode_records_rejected", "capability records rejected, by reason", ("reason",))
     for reason, count in status.records_rejected.items():
         rejected.labels(reason=reason).set(count)

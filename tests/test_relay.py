@@ -11,6 +11,7 @@ from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 
 from dht.records import verify_record
 from nat.relay import RelayRefused, RelayService, RelaySettings, is_circuit, reserve
@@ -30,6 +31,16 @@ def config(role: str, reachability: str = "unknown", relay: RelaySection | None 
         escrow=EscrowSection(mode="off"),  # type: ignore[call-arg]
         relay=relay or RelaySection(),  # type: ignore[call-arg]
     )
+
+
+async def _samples(node: Node) -> dict[str, float]:
+    """The node's /metrics body, parsed by Prometheus's own parser: sample name{labels} → value."""
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families((await node.metrics()).decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
 
 
 async def test_private_node_is_reached_through_relays(tmp_path: Path) -> None:
@@ -57,6 +68,12 @@ async def test_private_node_is_reached_through_relays(tmp_path: Path) -> None:
         status = private.status()
         assert all(r.expires_at > time.time() for r in status.relay_reservations)
         assert relay1.status().relay_hop_reservations == 1 and status.relay_hop_reservations is None
+        # The same, as an operator graphs it.
+        private_metrics = await _samples(private)
+        assert private_metrics["clawnode_relay_reservations"] == 2
+        assert private_metrics['clawnode_reachability{verdict="private"}'] == 1
+        assert private_metrics["clawnode_relay_reservation_renewals"] >= 4
+        assert (await _samples(relay1))["clawnode_relay_hop_reservations"] == 1
         expected = {f"{addr}/p2p-circuit" for addr in relays}
         assert set(status.relayed_addrs) == expected
         assert private.publisher.record is not None and expected <= set(private.publisher.record.addrs)
