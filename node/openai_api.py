@@ -29,6 +29,25 @@ from runtime.errors import ClawnodeError, ErrorCode
 MAX_TOKENS_LIMIT = 32_768
 
 
+def _with_sampling(
+    body: dict[str, Any],
+    max_tokens: int | None,
+    temperature: float | None,
+    seed: int | None,
+    stop: str | list[str] | None,
+) -> dict[str, Any]:
+    """The sampling options a service reads, added to ``body`` when the request set them."""
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    if seed is not None:
+        body["seed"] = seed
+    if stop is not None:
+        body["stop"] = [stop] if isinstance(stop, str) else stop
+    return body
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -64,16 +83,9 @@ class ChatCompletionRequest(BaseModel):
         """What a provider's chat service receives: floats stay out of signed paths, so temperature
         travels as-is only in this (unsigned) call body."""
         body: dict[str, Any] = {"messages": [m.model_dump() for m in self.messages]}
-        limit = self.max_completion_tokens or self.max_tokens
-        if limit is not None:
-            body["max_tokens"] = limit
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.seed is not None:
-            body["seed"] = self.seed
-        if self.stop is not None:
-            body["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
-        return body
+        return _with_sampling(
+            body, self.max_completion_tokens or self.max_tokens, self.temperature, self.seed, self.stop
+        )
 
 
 class CompletionRequest(BaseModel):
@@ -89,16 +101,7 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
 
     def service_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"prompt": self.prompt}
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.seed is not None:
-            body["seed"] = self.seed
-        if self.stop is not None:
-            body["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
-        return body
+        return _with_sampling({"prompt": self.prompt}, self.max_tokens, self.temperature, self.seed, self.stop)
 
 
 class EmbeddingRequest(BaseModel):

@@ -892,38 +892,30 @@ class LeaseMarket:
     # ================= views =================
 
     def _view_held(self, held: HeldLease) -> w.LeaseView:
-        g = held.grant
-        return w.LeaseView(
-            lease_id=g.lease_id,
-            role="consumer",
-            provider=g.provider,
-            consumer=g.consumer,
-            capability=g.capability,
-            price_per_unit=g.price_per_unit,
-            budget=g.budget,
-            expires_at=g.expires_at,
-            mode=g.mode,
-            state="lease_active" if held.ended_reason is None else "lease_ended",
-            units=held.seen_units,
-        )
+        state = "lease_active" if held.ended_reason is None else "lease_ended"
+        return _view(held.grant, "consumer", state, held.seen_units)
 
     def _view_served(self, served: ServedLease) -> w.LeaseView:
-        g = served.grant
-        return w.LeaseView(
-            lease_id=g.lease_id,
-            role="provider",
-            provider=g.provider,
-            consumer=g.consumer,
-            capability=g.capability,
-            price_per_unit=g.price_per_unit,
-            budget=g.budget,
-            expires_at=g.expires_at,
-            mode=g.mode,
-            state=str(served.session.state),
-            units=served.session.units_metered,
-        )
+        return _view(served.grant, "provider", str(served.session.state), served.session.units_metered)
 
     def leases(self) -> list[w.LeaseView]:
         views = [self._view_served(s) for s in self.served.values()]
         views.extend(self._view_held(h) for h in self.held.values())
         return sorted(views, key=lambda view: view.lease_id)
+
+
+def _view(grant: w.LeaseGrant, role: str, state: str, units: int) -> w.LeaseView:
+    """A lease as the API shows it: the grant's terms, our side, its state and units; never the token."""
+    return w.LeaseView(
+        lease_id=grant.lease_id,
+        role=role,
+        provider=grant.provider,
+        consumer=grant.consumer,
+        capability=grant.capability,
+        price_per_unit=grant.price_per_unit,
+        budget=grant.budget,
+        expires_at=grant.expires_at,
+        mode=grant.mode,
+        state=state,
+        units=units,
+    )

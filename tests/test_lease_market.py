@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.config import MarketSection
@@ -28,6 +27,7 @@ from tests.support.market import (
     WordService,
     market_config,
     market_nodes,
+    metric_samples,
     wait_for,
 )
 
@@ -52,12 +52,7 @@ async def _metrics(node: Node) -> dict[str, float]:
     async with httpx.AsyncClient() as client:
         reply = await client.get(f"{node.api_url}/metrics", headers={"authorization": f"Bearer {token}"})
     assert reply.status_code == 200
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(reply.text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
+    return metric_samples(reply.text)
 
 
 async def _all_landed(node: Node) -> bool:

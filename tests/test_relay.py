@@ -11,7 +11,6 @@ from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
-from prometheus_client.parser import text_string_to_metric_families
 
 from dht.records import verify_record
 from nat.relay import RelayRefused, RelayService, RelaySettings, is_circuit, reserve
@@ -19,6 +18,7 @@ from node.config import ApiSection, BootstrapSection, Config, EscrowSection, Nod
 from node.daemon import Node
 from node.host import build_host
 from protocols.capability import fetch_sealed_record
+from tests.support.market import metric_samples
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
@@ -35,12 +35,7 @@ def config(role: str, reachability: str = "unknown", relay: RelaySection | None 
 
 async def _samples(node: Node) -> dict[str, float]:
     """The node's /metrics body, parsed by Prometheus's own parser: sample name{labels} → value."""
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families((await node.metrics()).decode()):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
+    return metric_samples((await node.metrics()).decode())
 
 
 async def test_private_node_is_reached_through_relays(tmp_path: Path) -> None:

@@ -28,3 +28,15 @@ __all__ = [
     "market_nodes",
     "wait_for",
 ]
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """A /metrics body parsed by Prometheus's own text parser: ``name{label="v",…}`` → value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
