@@ -22,6 +22,7 @@ what keeps a node behind a NAT reachable by its provider.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -64,6 +65,7 @@ INFER_PROTOCOL = TProtocol("/clawnode/infer/1.0.0")
 MAX_LEASE_FRAME = 64 * 1024
 MAX_CALL_FRAME = 1 << 20
 CALL_READ_TIMEOUT_S = 10.0
+CALL_ACK_TIMEOUT_S = 5.0
 LEASE_READ_TIMEOUT_S = 10.0
 PUSH_TIMEOUT_S = 10.0
 SWEEP_INTERVAL_S = 1.0
@@ -422,11 +424,13 @@ class LeaseMarket:
             with trio.move_on_after(CALL_READ_TIMEOUT_S):
                 try:
                     await write_frame(stream, reply.model_dump_json().encode(), max_frame=MAX_CALL_FRAME)
+                    if end is not None:
+                        # A written frame may still sit in a buffer: only the consumer's ack says it
+                        # counted the units, so a receipt never claims units it was not told about.
+                        w.CallAck.model_validate_json(await reader.read_frame(CALL_ACK_TIMEOUT_S))
                     delivered = True
-                except Exception:  # noqa: BLE001 - the consumer went away before the end frame
+                except Exception:  # noqa: BLE001 - the consumer went away before acknowledging
                     delivered = False
-            # Metered once the consumer has the end frame that tells it the units: a receipt can then
-            # never claim units the consumer was not told about, even across a crash here.
             if end is not None and delivered and end.units > 0:
                 await self._meter(call.lease_id, end.units)
         finally:
@@ -791,6 +795,11 @@ class LeaseMarket:
                             continue
                         held.seen_units += frame.units
                         end: w.CallEnd = frame
+                        # Counted first, then acknowledged: the provider meters only acknowledged units.
+                        with trio.move_on_after(CALL_ACK_TIMEOUT_S) as ack_scope:
+                            ack_scope.shield = True
+                            with contextlib.suppress(Exception):
+                                await write_frame(stream, w.CallAck().model_dump_json().encode())
                         return end
                 finally:
                     with trio.move_on_after(1) as cleanup:

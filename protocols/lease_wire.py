@@ -185,6 +185,12 @@ class CallEnd(_Msg):
     served_by: str = Field(pattern=PEER_ID_PATTERN)
 
 
+class CallAck(_Msg):
+    """Consumer → provider after the end frame: the units are counted; only now does the provider meter."""
+
+    type: Literal["ack"] = "ack"
+
+
 class Cancel(_Msg):
     type: Literal["cancel"] = "cancel"
 

@@ -178,7 +178,10 @@ async def test_a_restarted_provider_keeps_serving_its_leases(tmp_path: Path) -> 
             # Same identity, new port: what the DHT would tell the consumer.
             consumer.host.get_peerstore().add_addrs(provider.host.get_id(), provider.host.get_addrs(), 3600)
             assert (await consumer.market.call(view.lease_id, {"prompt": "three more words"})).units == 3
-            lease = await provider.ledger.get_lease(view.lease_id)
+            # Metered once the consumer's ack of the end frame arrives, a moment after the call returns.
+            with trio.fail_after(10):
+                while (lease := await provider.ledger.get_lease(view.lease_id)).metered_units < 13:
+                    await trio.sleep(0.05)
             assert lease.metered_units == 13 and lease.state == "open"
 
             async def countersigned() -> int:
