@@ -164,7 +164,11 @@ table ip clawnat {{
         type filter hook prerouting priority mangle; policy accept;
         iifname "{wan}" ct state established,related accept
 {allow}
-        iifname "{wan}" drop
+{deny}
+    }}
+    chain wan_gate {{
+        type filter hook prerouting priority dstnat + 10; policy accept;
+        iifname "{wan}" ct state new ct status & dnat == 0 drop
     }}
     chain nat_pre {{
         type nat hook prerouting priority dstnat; policy accept;
@@ -211,6 +215,10 @@ _TRACK_ALLOW = (
 )
 _DNAT = '        iifname "{wan}" meta l4proto {{ tcp, udp }} dnat ip to meta l4proto . th dport map @cone_map'
 _ALLOW_ANY = '        iifname "{wan}" ct state new meta l4proto . th dport @cone_map accept'
+# Address-restricted: a mapped port is open only to the addresses already contacted from it (the
+# drop of everything else new from the WAN comes after DNAT, in ``wan_gate``, so a port forward or
+# a UPnP mapping made by miniupnpd's own table gets through).
+_DENY_MAPPED = '        iifname "{wan}" ct state new meta l4proto . th dport @cone_map drop'
 _ALLOW_ADDR = '        iifname "{wan}" ct state new meta l4proto . th dport . ip saddr @cone_allow accept'
 
 
@@ -241,6 +249,7 @@ def render_ruleset(
     allow: list[str] = []
     dnat: list[str] = []
     track: list[str] = []
+    deny: list[str] = []
     if nat is NatType.PORT_RESTRICTED:
         snat = "masquerade"
     elif nat is NatType.SYMMETRIC:
@@ -256,6 +265,7 @@ def render_ruleset(
             sets.append(_CONE_ALLOW)
             track.append(_TRACK_ALLOW)
             allow.append(_ALLOW_ADDR)
+            deny.append(_DENY_MAPPED)
     loss = ""
     if 0 < loss_percent < 100:
         loss = f"        numgen random mod 100 < {int(loss_percent)} drop"
@@ -268,6 +278,7 @@ def render_ruleset(
     text = _RULESET.format(
         sets=block(sets),
         allow=block(allow),
+        deny=block(deny),
         dnat=block(dnat),
         track=block(track),
         loss=loss,
