@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_ID = TProtocol("/clawnode/autonat/1.0.0")
 MAX_FRAME = 8 * 1024
 MAX_ADDRS_ON_WIRE = 16
+STALE_AFTER_CHECKS = 3  # a verdict survives inconclusive rounds for this many check intervals
 
 ServeMode = Literal["auto", "always", "never"]
 Ask = tuple[tuple[str, ...], tuple[int, ...]]  # (own addresses, listen ports at the observed IP)
@@ -239,6 +240,7 @@ class AutoNat:
         own_ports: Callable[[], list[int]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._conclusive_at: float | None = None  # trio time of the last public/private verdict
         self.host = host
         self.settings = settings or AutoNatSettings()
         self.state = state or ReachabilityState()
@@ -282,8 +284,11 @@ class AutoNat:
         else:
             self.host.remove_stream_handler(PROTOCOL_ID)
         self._serving = want
+        self.push_identify_soon()
+
+    def push_identify_soon(self) -> None:
+        """Peers learn our protocols from identify: tell the connected ones now."""
         if self._nursery is not None:
-            # Peers learn our protocols from identify: tell the connected ones now.
             self._nursery.start_soon(self._push_identify)
 
     async def _push_identify(self) -> None:
@@ -459,8 +464,24 @@ class AutoNat:
                 self._recent[answer.peer_id] = (answered_at, key, answer)
         results = [result for _, _, result in self._recent.values()]
         verdict, reason = judge(results, settings.min_servers, settings.distinct_by)
+        if verdict == "unknown" and self._still_valid(answered_at):
+            # Too few servers could answer this round (rate limits right after a check, a new
+            # address): that says nothing new about us. Dropping to unknown would drop a private
+            # node's relay reservations and its relayed addresses with them.
+            log.debug("autonat: inconclusive round (%s); keeping %s", reason, self.state.verdict)
+            return self.state
+        if verdict != "unknown":
+            self._conclusive_at = answered_at
         self._record(verdict, reason, results)
         return self.state
+
+    def _still_valid(self, now: float) -> bool:
+        """Whether the last conclusive verdict is recent enough to outlive inconclusive rounds."""
+        return (
+            self.state.verdict != "unknown"
+            and self._conclusive_at is not None
+            and now - self._conclusive_at < STALE_AFTER_CHECKS * self.settings.check_interval_s
+        )
 
     def _record(self, verdict: Reachability, reason: str, results: list[ServerResult]) -> None:
         self.checks += 1
