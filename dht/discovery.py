@@ -136,10 +136,51 @@ class Discovery:
         now = self._clock()
         if cached and now - cached.fetched_at < self.cache_ttl_s and cached.record.expires_at > now:
             return cached.record, cached.rtt_s
-        data, rtt = await fetch_sealed_record(self.host, peer_id, self.fetch_timeout_s)
+        try:
+            data, rtt = await fetch_sealed_record(self.host, peer_id, self.fetch_timeout_s)
+        except ClawnodeError:
+            # A private peer is dialable only through the relays its record names, a mapped one
+            # at the address it names: learn them from the DHT copy, then ask the peer itself
+            # (once more even if nothing was new: a circuit set up under load can miss the
+            # first deadline).
+            if not await self._learn_addrs_from_record(peer_id):
+                raise
+            data, rtt = await fetch_sealed_record(self.host, peer_id, self.fetch_timeout_s)
         record = self._accept(data, key)
         self._cache[key] = _Cached(record, rtt, now)
         return record, rtt
+
+    async def _learn_addrs_from_record(self, peer_id: ID) -> bool:
+        """Put the addresses the peer's own signed DHT record names in the peer store.
+
+        False if it names none. The DHT's routing answers carry whatever address a peer
+        was last seen at (often its LAN address); the record names its relays while it is
+        private and its UPnP-mapped address once it has one.
+        """
+        stored = await self.dht.dht.get_value(record_key(str(peer_id)))
+        if stored is None:
+            return False
+        try:
+            record = self._accept(stored, str(peer_id))
+        except RecordRejected:
+            return False
+        signed = []
+        for addr in record.addrs:
+            try:
+                signed.append(multiaddr.Multiaddr(addr))
+            except Exception:  # noqa: BLE001 - a malformed address in a valid record is skipped
+                continue
+        if signed:
+            # In the record's order, ahead of what we knew: py-libp2p dials only the first TCP
+            # address it stores for a peer, and the one routing answers gave is often a LAN one.
+            peerstore = self.host.get_peerstore()
+            try:
+                known = [addr for addr in peerstore.addrs(peer_id) if addr not in signed]
+            except Exception:  # noqa: BLE001 - an unknown peer
+                known = []
+            peerstore.clear_addrs(peer_id)
+            peerstore.add_addrs(peer_id, signed + known, 600)
+        return bool(signed)
 
     async def providers_of(self, capability: str) -> list[ID]:
         async with self._lookup_locks[capability]:
@@ -197,7 +238,10 @@ class Discovery:
             if not self.host.get_peerstore().addrs(peer_id):
                 raise KeyError
         except Exception:  # noqa: BLE001 - py-libp2p raises its own error for an unknown peer
-            await self.dht.find_peer_addrs(peer_id)
+            # The peer's signed record names where it can be reached (relays while private);
+            # the routing answers only where it was last seen.
+            if not await self._learn_addrs_from_record(peer_id):
+                await self.dht.find_peer_addrs(peer_id)
         try:
             record, rtt = await self.fetch_live(peer_id)
             return DescribeResult(peer_id=str(peer_id), reachable=True, rtt_ms=round(rtt * 1000, 2), record=record)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import multiaddr
 import trio
 from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -87,6 +88,7 @@ class DhtService:
             validator=NamespacedValidator(self.validators, strict_validation=True),
             strict_validation=True,
         )
+        self._keep_clients_out(self.kad)
         try:
             async with background_trio_service(self.kad), trio.open_nursery() as nursery:
                 task_status.started(self)
@@ -178,10 +180,71 @@ class DhtService:
 
     async def _adopt_periodically(self) -> None:
         # Cheap (no network): soon after identify completes, a new DHT peer is in the
-        # table, so the next node to ask us about it hears of it.
+        # table, so the next node to ask us about it hears of it; a peer that turned
+        # client (private) leaves it.
         while True:
             await trio.sleep(ADOPT_INTERVAL_S)
             await self.adopt_connected_dht_peers()
+            self.drop_clients()
+
+    # --- client mode: private nodes stay out of everyone's routing table -------------------------
+
+    def _speaks_dht(self, peer_id: ID) -> bool | None:
+        """Whether identify says the peer serves our DHT (None: identify has not told us yet)."""
+        try:
+            protocols = self.host.get_peerstore().get_protocols(peer_id)
+        except Exception:  # noqa: BLE001 - an unknown peer
+            return None
+        if not protocols:
+            return None
+        return self.protocol_id in protocols
+
+    def _keep_clients_out(self, kad: KadDHT) -> None:
+        """Refuse peers that do not serve the DHT, even when they query us.
+
+        py-libp2p adds every peer that opens a DHT stream to us (``skip_server_mode_check``):
+        private nodes that only ask would land in the table, be handed out as "closer peers",
+        and every lookup would then wait out dials to their LAN addresses.
+        """
+        add_peer = kad.add_peer
+
+        async def add_servers_only(peer_id: ID, skip_server_mode_check: bool = False) -> bool:
+            if self._speaks_dht(peer_id) is False:
+                return False
+            return await add_peer(peer_id, skip_server_mode_check=skip_server_mode_check)
+
+        kad.add_peer = add_servers_only  # type: ignore[method-assign]
+
+    def drop_clients(self) -> int:
+        """Remove peers that stopped serving the DHT (identify push) from the routing table."""
+        kad = self.dht
+        dropped = 0
+        for peer_id in kad.routing_table.get_peer_ids():
+            if self._speaks_dht(peer_id) is False and kad.routing_table.remove_peer(peer_id):
+                dropped += 1
+        return dropped
+
+    @property
+    def serving(self) -> bool:
+        return self.kad is not None and self.kad.mode == DHTMode.SERVER
+
+    def serve(self, on: bool) -> bool:
+        """Serve the DHT (public nodes) or only query it (private nodes); True if that changed.
+
+        Unlike ``KadDHT.switch_mode`` this keeps our routing table: a client still needs it to
+        look things up. Peers learn the change from identify (push it after calling this).
+        """
+        kad = self.dht
+        mode = DHTMode.SERVER if on else DHTMode.CLIENT
+        if kad.mode == mode:
+            return False
+        kad.mode = mode
+        if on:
+            self.host.set_stream_handler(TProtocol(self.protocol_id), kad.handle_stream)
+        else:
+            self.host.remove_stream_handler(TProtocol(self.protocol_id))
+        log.info("DHT %s", "server mode (publicly reachable)" if on else "client mode (private: not in others' tables)")
+        return True
 
     async def look_up_self(self) -> None:
         """Kademlia's join: look up our own id and keep the peers met on the way.

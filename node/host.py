@@ -40,12 +40,14 @@ def build_host(
     max_connections: int = 300,
     peerstore: PeerStore | None = None,
     listen_addrs: Sequence[multiaddr.Multiaddr] = (),
+    extra_addrs: Callable[[], list[str]] = list,
 ) -> IHost:
     """A host offering Noise + Yamux only, whose inbound streams cannot crash it.
 
     ``listen_addrs`` must be the addresses later given to ``host.run()`` when one of
     them is QUIC: py-libp2p builds the QUIC transport only when it sees one here,
-    and otherwise silently listens on nothing for it.
+    and otherwise silently listens on nothing for it. ``extra_addrs`` are advertised too
+    (identify, AutoNAT): the address a UPnP mapping gave us on the router.
     """
     host = new_host(
         listen_addrs=list(listen_addrs) or None,
@@ -62,7 +64,9 @@ def build_host(
             low_watermark=min(16, max_connections),
             high_watermark=max_connections,
         ),
-        addrs_factory=advertised_addrs,
+        # Extra (mapped, public) addresses first: py-libp2p dials one TCP address per peer, the
+        # first its peer store lists, and peers store ours in the order identify sends them.
+        addrs_factory=lambda candidates: _parse_extra(extra_addrs()) + advertised_addrs(candidates),
     )
     _guard_inbound_streams(host)
     return host
@@ -116,6 +120,16 @@ def advertised_addrs(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Mu
         else:
             result.append(addr)
     return result
+
+
+def _parse_extra(addrs: list[str]) -> list[multiaddr.Multiaddr]:
+    parsed = []
+    for addr in addrs:
+        try:
+            parsed.append(multiaddr.Multiaddr(addr))
+        except Exception:  # noqa: BLE001 - a malformed address is not advertised
+            continue
+    return parsed
 
 
 def ensure_tcp_ports_free(listen_addrs: Sequence[multiaddr.Multiaddr]) -> None:
