@@ -143,8 +143,10 @@ class RelayService:
         serve_hop: bool,
         wants_reservations: Callable[[], bool] = lambda: False,
         on_change: Callable[[], None] = lambda: None,
+        on_relayed_dial: Callable[[ID], None] = lambda peer_id: None,
     ) -> None:
         self.host = host
+        self.on_relayed_dial = on_relayed_dial  # the hole-punch service upgrades what we dial through a relay
         self.settings = settings
         self.serve_hop = serve_hop
         self._wants = wants_reservations
@@ -172,6 +174,7 @@ class RelayService:
             ),
         )
         self.reservations: dict[str, Reservation] = {}
+        self.dials: dict[str, int] = {"ok": 0, "failed": 0}  # circuits we dialed through a relay
         self._failures = _Failures()
         self._wake = trio.Event()
 
@@ -321,28 +324,32 @@ async def connect_via_relay(host: IHost, peer_id: ID, addrs: Sequence[multiaddr.
     circuits = [addr for addr in known if is_circuit(addr)]
     if not circuits:
         return False
+    # Circuit addresses come from the peer's signed record, which names them only while the peer
+    # is private: its direct addresses would time out behind its NAT, so the relays go first and
+    # a hole punch (``nat.holepunch``) finds the direct path afterwards.
+    service = _SERVICES.get(host)
+    error: Exception = ConnectionError("no relay service runs on this host")
+    if service is not None:
+        suffix = f"/p2p/{peer_id}"
+        for addr in circuits:
+            text = str(addr)
+            target = multiaddr.Multiaddr(text if text.endswith(suffix) else text + suffix)
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    await service.transport.dial(target)
+                service.dials["ok"] += 1
+                service.on_relayed_dial(peer_id)
+                return True
+            except Exception as failure:  # noqa: BLE001 - the next relay is tried
+                service.dials["failed"] += 1
+                log.info("no circuit to %s through %s: %s", peer_id, text.split("/p2p/")[1], type(failure).__name__)
+                error = failure
     direct = [addr for addr in known if not is_circuit(addr)]
     if direct:
-        try:
-            with trio.fail_after(DIAL_TIMEOUT_S):
-                await host.connect(PeerInfo(peer_id, direct))
-            return True
-        except Exception:  # noqa: BLE001 - behind a NAT: the relay is next
-            pass
-    service = _SERVICES.get(host)
-    if service is None:
-        raise ConnectionError("no relay service runs on this host")
-    error: Exception = ConnectionError("no circuit address worked")
-    suffix = f"/p2p/{peer_id}"
-    for addr in circuits:
-        text = str(addr)
-        target = multiaddr.Multiaddr(text if text.endswith(suffix) else text + suffix)
-        try:
-            with trio.fail_after(DIAL_TIMEOUT_S):
-                await service.transport.dial(target)
-            return True
-        except Exception as failure:  # noqa: BLE001 - the next relay is tried
-            error = failure
+        # A stale record: the peer may be public again.
+        with trio.fail_after(DIAL_TIMEOUT_S):
+            await host.connect(PeerInfo(peer_id, direct))
+        return True
     raise error
 
 

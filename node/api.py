@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +45,35 @@ class RelayReservationView(BaseModel):
     addrs: list[str]  # <relay addr>/p2p/<relay id>/p2p-circuit
 
 
+class HolePunchAttemptView(BaseModel):
+    outcome: Literal["direct", "failed"]
+    seconds: float
+    finished_at: float  # unix time
+
+
+class HolePunchView(BaseModel):
+    enabled: bool
+    direct: int  # attempts that ended on a verified direct connection
+    failed: int  # attempts after which only the relayed connection remained
+    in_progress: int
+    recent: list[HolePunchAttemptView] = Field(default_factory=list)
+
+
+class UpnpMappingView(BaseModel):
+    proto: Literal["TCP", "UDP"]
+    internal_port: int
+    external_port: int
+    expires_at: float
+    renewals: int
+
+
+class UpnpView(BaseModel):
+    state: str  # disabled | searching | no-igd | mapped | failed
+    external_ip: str | None = None  # the router's public address (ours to the world; no LAN address here)
+    mappings: list[UpnpMappingView] = Field(default_factory=list)
+    last_error: str | None = None  # a stable code, never a path or an address of ours
+
+
 class StatusReply(BaseModel):
     peer_id: str
     role: str
@@ -67,6 +96,10 @@ class StatusReply(BaseModel):
     relay_reservations: list[RelayReservationView] = Field(default_factory=list)  # relays holding one for us
     relayed_addrs: list[str] = Field(default_factory=list)  # in the capability record while private
     relay_hop_reservations: int | None = None  # relay role: reservations held for others now
+    # Added with hole punching (nat/holepunch.py) and UPnP (nat/upnp.py).
+    hole_punch: HolePunchView | None = None
+    upnp: UpnpView | None = None
+    reached_by: str = ""  # how others reach us: e.g. "direct (upnp)", "relay + hole punch", "direct"
 
 
 class PeerReply(BaseModel):
@@ -74,6 +107,8 @@ class PeerReply(BaseModel):
     addrs: list[str]
     connected: bool
     in_routing_table: bool
+    connection: Literal["direct", "relayed"] | None = None  # how we are connected now (None: not connected)
+    hole_punched: bool = False  # the direct connection came from a hole punch
 
 
 class PeersReply(BaseModel):

@@ -205,10 +205,33 @@ def status(data_dir: str | None, as_json: bool) -> None:
             f"reachability   {body.get('reachability', 'unknown')}"
             + (f" ({body['reachability_reason']})" if body.get("reachability_reason") else ""),
             *_relay_lines(body),
+            *_nat_traversal_lines(body),
             f"uptime         {body['uptime_s']:.0f} s",
             "alerts         " + "\n               ".join(alert_lines),
         ],
     )
+
+
+def _nat_traversal_lines(body: dict[str, Any]) -> list[str]:
+    """How others reach us, the UPnP mapping and the hole punches so far."""
+    lines = []
+    if body.get("reached_by"):
+        lines.append(f"reached by     {body['reached_by']}")
+    upnp = body.get("upnp")
+    if upnp:
+        mapped = ", ".join(
+            f"{m['proto']} {m['internal_port']}->{upnp.get('external_ip') or '?'}:{m['external_port']}"
+            for m in upnp.get("mappings", [])
+        )
+        error = f" ({upnp['last_error']})" if upnp.get("last_error") else ""
+        lines.append(f"upnp           {upnp['state']}" + (f": {mapped}" if mapped else "") + error)
+    punch = body.get("hole_punch")
+    if punch and punch.get("enabled"):
+        lines.append(
+            f"hole punching  {punch['direct']} direct, {punch['failed']} failed"
+            + (f", {punch['in_progress']} in progress" if punch.get("in_progress") else "")
+        )
+    return lines
 
 
 def _relay_lines(body: dict[str, Any]) -> list[str]:
@@ -744,39 +767,65 @@ def demo(tiny: bool, as_json: bool) -> None:
 
 @main.command(name="nat-test")
 @click.option(
-    "--types",
-    "types",
+    "--case",
+    "cases",
     multiple=True,
-    type=click.Choice(["full-cone", "address-restricted", "port-restricted", "symmetric", "port-forward"]),
-    help="Router NAT types to run (repeatable; default: all four and port-forward).",
+    metavar="NAT_A:NAT_B[+upnp|+port-forward]",
+    help="A pair to run, NAT types full-cone | address-restricted | port-restricted | symmetric "
+    "(repeatable; default: the short matrix).",
 )
-@click.option("--repetitions", type=click.IntRange(1, 20), default=1, help="Runs per type (default 1).")
+@click.option("--full", is_flag=True, help="Every pair of NAT types, UPnP on each, and a port forward.")
+@click.option("--repetitions", type=click.IntRange(1, 20), default=1, help="Runs per case (default 1).")
+@click.option("--parallel", type=click.IntRange(1, 12), default=4, help="Cases run at once (default 4).")
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results here."
 )
-def nat_test(types: tuple[str, ...], repetitions: int, json_path: Path | None) -> None:
-    """Run real daemons behind namespace NATs and check their AutoNAT verdicts (Linux, root)."""
+def nat_test(cases: tuple[str, ...], full: bool, repetitions: int, parallel: int, json_path: Path | None) -> None:
+    """Run real daemons behind namespace NATs and connect them to each other (Linux, root).
+
+    Prints, per pair, both AutoNAT verdicts, the relay reservation, whether data was exchanged and
+    how the connection was made (direct, hole punch, relay), with times.
+    """
     from rich.console import Console
 
     from nat import natmatrix
 
-    problem = natmatrix.requirements_problem()
+    try:
+        chosen = [natmatrix.parse_case(text) for text in cases]
+    except ValueError as error:
+        click.echo(f"clawnode: E_INVALID_ARGUMENT: {error}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if full:
+        chosen += natmatrix.full_cases()
+    chosen = chosen or list(natmatrix.SHORT_CASES)
+    problem = natmatrix.requirements_problem(chosen)
     if problem is not None:
         click.echo(f"clawnode: E_UNAVAILABLE: nat-test needs Linux and root: {problem}", err=True)
         sys.exit(EXIT_CANNOT_START)
     console = Console(stderr=True)
-    try:
-        results = natmatrix.run_matrix(
-            types or natmatrix.ALL_CASES,
-            repetitions,
-            progress=lambda r: console.print(f"{r.case} #{r.repetition + 1}: {r.home_verdict} ({r.home_reason})"),
-        )
-    except natmatrix.MatrixError as error:
-        click.echo(f"clawnode: {error.code}: {error.message}", err=True)
-        sys.exit(EXIT_CANNOT_START)
+    with console.status(f"running {len(chosen) * repetitions} NAT cases, {parallel} at a time"):
+        try:
+            results = natmatrix.run_matrix(
+                chosen,
+                repetitions,
+                parallel=parallel,
+                progress=lambda r: console.print(f"{r.case} #{r.repetition + 1}: {r.path} (ok: {r.ok})"),
+            )
+        except (natmatrix.MatrixError, ValueError) as error:
+            code, message = (
+                (error.code, error.message)
+                if isinstance(error, natmatrix.MatrixError)
+                else (
+                    "E_INVALID_ARGUMENT",
+                    str(error),
+                )
+            )
+            click.echo(f"clawnode: {code}: {message}", err=True)
+            sys.exit(EXIT_CANNOT_START if code == "E_UNAVAILABLE" else EXIT_CONFIG)
     Console().print(natmatrix.render_table(results))
     if json_path is not None:
-        json_path.write_text(json.dumps([r.model_dump() for r in results], indent=2), encoding="utf-8")
+        payload = {"summary": natmatrix.summarize(results), "results": [r.model_dump(mode="json") for r in results]}
+        json_path.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     sys.exit(0 if all(r.ok for r in results) else 1)
 
 

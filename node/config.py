@@ -110,6 +110,14 @@ class NatSection(_Section):
     autonat_peer_interval_s: float = Field(
         30.0, ge=0.0, le=86_400.0, description="one AutoNAT request per peer per this many seconds"
     )
+    hole_punch: bool = Field(True, description="upgrade connections dialed through a relay to direct ones (DCUtR)")
+    upnp: bool = Field(
+        True, description="map the listen port on the home router by UPnP IGD (listeners on a LAN address only)"
+    )
+    dht_client_when_private: bool = Field(
+        True, description="a node AutoNAT finds private queries the DHT but stays out of others' routing tables"
+    )
+    upnp_lease_s: int = Field(3600, ge=60, le=604_800, description="UPnP mapping lease; renewed at half of it")
 
 
 class RelaySection(_Section):

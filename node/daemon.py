@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import multiaddr
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
@@ -32,13 +33,16 @@ from dht.publisher import CapabilityPublisher
 from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
 from dht.records import Reachability, bind_wallet
 from dht.service import DhtService
-from nat.autonat import AutoNat, AutoNatSettings
+from nat.autonat import AutoNat, AutoNatSettings, listen_ports
+from nat.holepunch import HolePunchService, HolePunchSettings
 from nat.reachability import ReachabilityState
 from nat.relay import RelayService, RelaySettings
+from nat.upnp import UpnpService, UpnpSettings
 from node.alerts import AlertService, AlertsReply
 from node.api import (
     CapabilitiesReply,
     EscrowStatus,
+    HolePunchView,
     IdentityReply,
     LeasesReply,
     LedgerSummaryReply,
@@ -51,6 +55,7 @@ from node.api import (
     RelayReservationView,
     SettlementsReply,
     StatusReply,
+    UpnpView,
     create_app,
 )
 from node.config import Config
@@ -132,6 +137,8 @@ class Node:
         self.reachability = ReachabilityState()  # measured by AutoNAT; see effective_reachability()
         self._autonat: AutoNat | None = None
         self._relay: RelayService | None = None
+        self._holepunch: HolePunchService | None = None
+        self._upnp: UpnpService | None = None
         self.rejections = RejectionCounter()
         self.offer_book = OfferBook(data_dir / OFFER_BOOK_FILE)
         self._ledger: Ledger | None = None
@@ -245,7 +252,12 @@ class Node:
         await self.offer_book.load()
         listen_addrs = parse_multiaddrs(self.config.node.listen)
         ensure_tcp_ports_free(listen_addrs)
-        self._host = build_host(key_pair, max_connections=self.config.node.max_connections, listen_addrs=listen_addrs)
+        self._host = build_host(
+            key_pair,
+            max_connections=self.config.node.max_connections,
+            listen_addrs=listen_addrs,
+            extra_addrs=self._mapped_addrs,
+        )
         try:
             async with self._host.run(listen_addrs):
                 async with trio.open_nursery() as nursery:
@@ -283,6 +295,16 @@ class Node:
                     # A new measured verdict is a change of the record: republish at once.
                     self.reachability.on_change(self._reachability_changed)
                     await nursery.start(self._autonat.run)
+                    self._upnp = UpnpService(
+                        UpnpSettings(enabled=self._wants_upnp(listen_addrs), lease_s=self.config.nat.upnp_lease_s),
+                        ports=lambda: listen_ports([str(a) for a in self.host.get_transport_addrs()]),
+                        on_change=self._upnp_changed,
+                    )
+                    await nursery.start(self._upnp.run)
+                    self._holepunch = HolePunchService(
+                        self._host, HolePunchSettings(enabled=self.config.nat.hole_punch)
+                    )
+                    await nursery.start(self._holepunch.run)
                     # Circuit relay v2: the hop service on a relay; reservations while private.
                     self._relay = RelayService(
                         self._host,
@@ -290,8 +312,11 @@ class Node:
                         serve_hop=self.config.node.role == "relay",
                         wants_reservations=self._wants_relays,
                         on_change=self._relays_changed,
+                        on_relayed_dial=self._holepunch.relayed_dial,
                     )
                     await nursery.start(self._relay.run)
+                    if self.config.node.reachability == "private":
+                        self._reachability_changed()  # configured private: a DHT client from the start
                     self._discovery = Discovery(
                         self._host,
                         self._dht,
@@ -385,6 +410,14 @@ class Node:
     def relay(self) -> RelayService | None:
         return self._relay
 
+    @property
+    def holepunch(self) -> HolePunchService | None:
+        return self._holepunch
+
+    @property
+    def upnp(self) -> UpnpService | None:
+        return self._upnp
+
     def relayed_addrs(self) -> list[str]:
         """``<relay addr>/p2p/<relay id>/p2p-circuit`` for each relay holding a reservation for us, while private."""
         if self._relay is None or not self._wants_relays():
@@ -395,9 +428,31 @@ class Node:
         if self._publisher is not None:
             self._publisher.republish()
 
+    def _wants_upnp(self, listen_addrs: list[multiaddr.Multiaddr]) -> bool:
+        """A mapping can only point at a listener on a LAN address: none for loopback-only nodes."""
+        if not self.config.nat.upnp or self.config.node.role != "node":
+            return False
+        return any(not str(addr).startswith(("/ip4/127.", "/ip6/::1/")) for addr in listen_addrs)
+
+    def _mapped_addrs(self) -> list[str]:
+        return self._upnp.external_addrs() if self._upnp is not None else []
+
+    def _upnp_changed(self, addrs: list[str]) -> None:
+        """A new or lost mapping: measure reachability again (the mapping should make us public)."""
+        log.info("upnp: %s", ", ".join(addrs) if addrs else "no mapping")
+        if self._autonat is not None:
+            self._autonat.recheck_soon()
+            self._autonat.push_identify_soon()  # peers (and the DHT answers they give) learn the address
+        self._reachability_changed()
+
     def _reachability_changed(self) -> None:
         if self._relay is not None:
             self._relay.wake()
+        # A private node only queries the DHT: in others' tables it would cost every lookup
+        # a dial timeout to its LAN address.
+        if self._dht is not None and self._dht.kad is not None and self.config.nat.dht_client_when_private:
+            if self._dht.serve(self.effective_reachability() != "private") and self._autonat is not None:
+                self._autonat.push_identify_soon()
         if self._publisher is not None and self.config.node.reachability == "unknown":
             self._publisher._changed.set()  # the publisher's own "republish now" signal
 
@@ -565,7 +620,22 @@ class Node:
             relay_hop_reservations=(
                 self._relay.hop_reservations() if self._relay is not None and self._relay.serve_hop else None
             ),
+            hole_punch=HolePunchView.model_validate(self._holepunch.summary()) if self._holepunch else None,
+            upnp=UpnpView.model_validate(self._upnp.summary()) if self._upnp is not None else None,
+            reached_by=self.reached_by(),
         )
+
+    def reached_by(self) -> str:
+        """How other nodes reach this one, in words (status, dashboard)."""
+        reachability = self.effective_reachability()
+        if reachability == "public":
+            return "direct (upnp mapping)" if self._mapped_addrs() else "direct"
+        if reachability == "private":
+            if not self.relayed_addrs():
+                return "unreachable (no relay reservation yet)"
+            punched = self._holepunch.counts["direct"] if self._holepunch else 0
+            return "relay, upgraded by hole punch" if punched else "relay"
+        return "not known yet"
 
     def peers(self) -> PeersReply:
         connected = set(self.host.get_connected_peers())
@@ -583,6 +653,8 @@ class Node:
                     addrs=addrs,
                     connected=peer_id in connected,
                     in_routing_table=peer_id in in_table,
+                    connection=self._holepunch.path_to(peer_id) if self._holepunch else None,
+                    hole_punched=self._holepunch.punched(peer_id) if self._holepunch else False,
                 )
             )
         return PeersReply(peers=replies)

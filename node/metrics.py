@@ -5,8 +5,8 @@ is never stale and nothing is double-registered across the many nodes one test p
 No label carries a token, an endpoint or a path: peers appear only as counts.
 
 Latencies (DHT lookups, local and leased inference) are accumulated in ``LatencyHistogram``s that
-live on the node's parts and are copied into each scrape as Prometheus histograms. Relay and
-hole-punch outcomes are not exported yet: NAT traversal reports nothing to count so far.
+live on the node's parts and are copied into each scrape as Prometheus histograms, like the time
+a successful hole punch took.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from runtime.telemetry import LatencyHistogram
 
@@ -33,6 +33,48 @@ def _histogram(name: str, help_text: str, by_via: Iterable[tuple[str, LatencyHis
     for via, hist in by_via:
         family.add_metric([via], hist.cumulative(), hist.total_s)
     return family
+
+
+def _nat_traversal(node: Node) -> list[Metric]:
+    """Relay dials, hole punches, connections by path and the UPnP mapping."""
+    families: list[Metric] = []
+    relay = node.relay
+    if relay is not None:
+        dials = CounterMetricFamily(
+            "clawnode_relay_dials", "circuits this node dialed through a relay, by outcome", labels=["outcome"]
+        )
+        for outcome, count in relay.dials.items():
+            dials.add_metric([outcome], count)
+        families.append(dials)
+    punch = node.holepunch
+    if punch is not None:
+        punches = CounterMetricFamily(
+            "clawnode_hole_punches",
+            "hole punches (DCUtR) this node started, by outcome: direct or failed (the relay stays)",
+            labels=["outcome"],
+        )
+        for outcome, count in punch.counts.items():
+            punches.add_metric([outcome], count)
+        took = HistogramMetricFamily(
+            "clawnode_hole_punch_seconds", "from the start of a successful hole punch to the direct connection"
+        )
+        took.add_metric([], punch.direct_after_s.cumulative(), punch.direct_after_s.total_s)
+        connections = GaugeMetricFamily(
+            "clawnode_connections", "connected peers by path: direct or relayed", labels=["path"]
+        )
+        for path, count in punch.connections_by_path().items():
+            connections.add_metric([path], count)
+        families += [punches, took, connections]
+    upnp = node.upnp
+    if upnp is not None:
+        mapped = GaugeMetricFamily(
+            "clawnode_upnp_mappings", "port mappings held on the home router by UPnP, by protocol", labels=["proto"]
+        )
+        held = Counter(str(m["proto"]) for m in upnp.summary()["mappings"])
+        for proto in ("TCP", "UDP"):
+            mapped.add_metric([proto], held[proto])
+        families.append(mapped)
+    return families
 
 
 class _Families:
@@ -70,6 +112,7 @@ async def render_metrics(node: Node) -> bytes:
         gauge("clawnode_relay_hop_reservations", "reservations this relay grants right now").set(
             status.relay_hop_reservations
         )
+    families += _nat_traversal(node)
     rejected = gauge("clawnode_records_rejected", "capability records rejected, by reason", ("reason",))
     for reason, count in status.records_rejected.items():
         rejected.labels(reason=reason).set(count)

@@ -186,6 +186,9 @@ def test_overview_shows_the_nodes_figures_and_a_price_change_republishes(
     assert text(page, "#offers-count") == "1"
     assert text(page, "#capabilities-list") == "model:demo"
     assert text(page, "#reachability") in ("public", "private", "unknown")
+    status = api(node, "GET", "/api/status")
+    assert text(page, "#reached-by").startswith(status["reached_by"])  # how others reach it, from the node
+    assert "relay reservation(s)" in text(page, "#nat-traversal")
     for key in ("income", "spend", "net"):
         assert page.get_attribute(f"#{key}", "data-wei") == str(summary["total"][key]), key
     assert text(page, "#income") == "0.000000350 ETH"

@@ -12,6 +12,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
+from dht.offers import Offer
 from dht.records import verify_record
 from nat.relay import RelayRefused, RelayService, RelaySettings, is_circuit, reserve
 from node.config import ApiSection, BootstrapSection, Config, EscrowSection, NodeSection, RelaySection
@@ -96,4 +97,55 @@ async def test_private_node_is_reached_through_relays(tmp_path: Path) -> None:
             else:
                 raise AssertionError("relay 1 accepted a reservation over its limit")
             assert (await reserve(client, ID.from_base58(str(relay2.host.get_id())))).expires_at > time.time()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_relayed_connection_is_upgraded_by_hole_punching(tmp_path: Path) -> None:
+    """A consumer that knows a private provider only from its signed record reaches it through a
+    relay, then DCUtR turns that into a direct connection which new streams use (loopback: every
+    address is dialable, so the punch always succeeds here; the NAT matrix shows where it fails)."""
+    async with trio.open_nursery() as nursery:
+        relays = []
+        for name in ("relay1", "relay2"):
+            relay = Node(config("relay"), tmp_path / name)
+            await nursery.start(relay.run)
+            relays.append(relay.listen_addrs()[0])
+        private_config = config("node", "private", RelaySection(static_relays=relays)).model_copy(  # type: ignore[call-arg]
+            update={
+                "bootstrap": BootstrapSection(peers=relays, use_defaults=False),
+                "offers": [Offer(name="model:probe", price_per_unit=1)],  # type: ignore[call-arg]
+            }
+        )
+        private = Node(private_config, tmp_path / "private")
+        await nursery.start(private.run)
+        consumer_config = config("node", "public").model_copy(
+            update={"bootstrap": BootstrapSection(peers=relays, use_defaults=False)}
+        )
+        consumer = Node(consumer_config, tmp_path / "consumer")
+        await nursery.start(consumer.run)
+        private_id = private.host.get_id()
+        with trio.fail_after(30):
+            while not (private.publisher.published_at and len(private.relayed_addrs()) == 2):
+                await trio.sleep(0.1)
+        assert not private.dht.serving  # private: it asks the DHT, nobody routes through it
+
+        described = await consumer.describe(str(private_id))
+        assert described.reachable and described.record.peer_id == str(private_id)
+        with trio.fail_after(20):
+            while consumer.holepunch is None or consumer.holepunch.counts["direct"] < 1:
+                await trio.sleep(0.1)
+        entry = next(p for p in consumer.peers().peers if p.peer_id == str(private_id))
+        assert entry.connection == "direct" and entry.hole_punched
+        # New streams take the direct connection.
+        sealed, _rtt = await fetch_sealed_record(consumer.host, private_id)
+        assert verify_record(sealed, now=time.time()).peer_id == str(private_id)
+        metrics = await _samples(consumer)
+        assert metrics['clawnode_relay_dials_total{outcome="ok"}'] >= 1
+        assert metrics['clawnode_hole_punches_total{outcome="direct"}'] == 1
+        assert metrics['clawnode_hole_punches_total{outcome="failed"}'] == 0
+        assert metrics["clawnode_hole_punch_seconds_count"] == 1
+        assert metrics['clawnode_connections{path="direct"}'] >= 1
+        status = consumer.status()
+        assert status.hole_punch is not None and status.hole_punch.direct == 1
+        assert private.status().reached_by.startswith("relay")
         nursery.cancel_scope.cancel()

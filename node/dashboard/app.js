@@ -133,6 +133,19 @@ function renderOverview(status, caps, summary) {
   if (status) {
     $("peer-id").textContent = status.peer_id;
     $("connected-peers").textContent = String(status.connected_peers);
+    // How others reach this node, and why: the AutoNAT verdict, UPnP, relays, hole punches.
+    const reason = status.reachability_reason ? ` (${status.reachability_reason})` : "";
+    $("reached-by").textContent = `${status.reached_by || "not known yet"}${reason}`;
+    const parts = [];
+    if (status.upnp) {
+      const mapped = status.upnp.mappings.map((m) => `${m.proto} ${m.external_port}`).join(", ");
+      parts.push(`UPnP ${status.upnp.state}${mapped ? `: ${mapped}` : ""}`);
+    }
+    parts.push(`${status.relay_reservations.length} relay reservation(s)`);
+    if (status.hole_punch && status.hole_punch.enabled) {
+      parts.push(`hole punches: ${status.hole_punch.direct} direct, ${status.hole_punch.failed} failed`);
+    }
+    $("nat-traversal").textContent = parts.join("; ");
   }
   if (caps) {
     const record = caps.record;

@@ -1,0 +1,162 @@
+"""Hole punching (DCUtR): turn a relayed connection into a direct one.
+
+The wire exchange is py-libp2p's ``DCUtRProtocol`` (``/libp2p/dcutr``: CONNECT with each side's
+predicted public addresses, SYNC after half the measured round trip, then a TCP simultaneous open
+from the listen port, whose listener carries ``SO_REUSEPORT``). This module decides *when* to punch
+and keeps count of what happened:
+
+- py-libp2p's own trigger (a loop on both sides that punches every relayed peer every 2 s) is
+  switched off: both sides starting sessions at once made them race each other. Here the node that
+  dialed *through* a relay starts the exchange right after the circuit is up (``RelayService``
+  tells us), so exactly one side drives; the other answers in py-libp2p's stream handler.
+- Each attempt ends as ``direct`` (a verified direct connection, how long it took) or ``failed``
+  (symmetric NATs and loss: the relayed connection stays and keeps working). ``summary()`` feeds
+  ``clawnode status``, the dashboard and ``/metrics``.
+- New streams prefer a direct connection over a relayed one (py-libp2p's "best" connection
+  choice), so calls move to the punched path as soon as it exists; DCUtR closes the relayed
+  connection after a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.tools.anyio_service import background_trio_service
+
+from runtime.telemetry import LatencyHistogram
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["direct", "failed"]
+ConnectionPath = Literal["direct", "relayed"]
+
+
+class _OneSidedDCUtR(DCUtRProtocol):
+    """py-libp2p's DCUtR without its periodic trigger (see the module docstring) and without its
+    plain direct dial first: we punch only peers whose record says they are private, where that
+    dial just waits out its timeout (5 s) before the exchange starts."""
+
+    async def _auto_drive_loop(self) -> None:
+        return None
+
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class HolePunchSettings:
+    enabled: bool = True
+    dial_timeout_s: int = 5
+    history: int = 64
+
+
+@dataclass(frozen=True)
+class Attempt:
+    peer_id: str
+    outcome: Outcome
+    seconds: float
+    finished_at: float
+
+
+@dataclass
+class HolePunchService:
+    host: IHost
+    settings: HolePunchSettings = field(default_factory=HolePunchSettings)
+    counts: dict[Outcome, int] = field(default_factory=lambda: {"direct": 0, "failed": 0})
+    direct_after_s: LatencyHistogram = field(default_factory=LatencyHistogram)  # successful punches
+    _recent: deque[Attempt] = field(init=False)
+    _punched: set[str] = field(default_factory=set)
+    _running: set[str] = field(default_factory=set)
+    _nursery: trio.Nursery | None = None
+    _protocol: DCUtRProtocol | None = None
+
+    def __post_init__(self) -> None:
+        self._recent = deque(maxlen=self.settings.history)
+
+    async def run(self, *, task_status: TaskStatus[HolePunchService] = trio.TASK_STATUS_IGNORED) -> None:
+        if not self.settings.enabled:
+            task_status.started(self)
+            await trio.sleep_forever()
+        self._protocol = _OneSidedDCUtR(self.host, dial_timeout=self.settings.dial_timeout_s)
+        async with background_trio_service(self._protocol), trio.open_nursery() as nursery:
+            await self._protocol.event_started.wait()
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    def relayed_dial(self, peer_id: ID) -> None:
+        """A circuit to ``peer_id`` was just dialed by us: punch in the background."""
+        key = str(peer_id)
+        if self._nursery is None or self._protocol is None or key in self._running:
+            return
+        self._running.add(key)
+        self._nursery.start_soon(self._punch, peer_id)
+
+    async def _punch(self, peer_id: ID) -> None:
+        assert self._protocol is not None
+        key = str(peer_id)
+        started = time.monotonic()
+        try:
+            ok = await self._protocol.initiate_hole_punch(peer_id)
+        except Exception as error:  # noqa: BLE001 - a failed punch leaves the relayed path working
+            log.debug("hole punch to %s raised %s", peer_id, type(error).__name__)
+            ok = False
+        finally:
+            self._running.discard(key)
+        outcome: Outcome = "direct" if ok else "failed"
+        seconds = time.monotonic() - started
+        self.counts[outcome] += 1
+        self._recent.append(Attempt(key, outcome, round(seconds, 3), time.time()))
+        if ok:
+            self._punched.add(key)
+            self.direct_after_s.observe(seconds)
+        log.info("hole punch to %s: %s after %.2f s", peer_id, outcome, seconds)
+
+    def path_to(self, peer_id: ID) -> ConnectionPath | None:
+        """How we are connected to ``peer_id`` right now (None: not connected)."""
+        conns = self.host.get_network().get_connections(peer_id)
+        if not conns:
+            return None
+        for conn in conns:
+            try:
+                addrs = conn.get_transport_addresses()
+            except Exception:  # noqa: BLE001 - a closing connection
+                continue
+            if addrs and any("/p2p-circuit" not in str(addr) for addr in addrs):
+                return "direct"
+        return "relayed"
+
+    def connections_by_path(self) -> dict[ConnectionPath, int]:
+        """Connected peers by how we are connected to them now."""
+        counts: dict[ConnectionPath, int] = {"direct": 0, "relayed": 0}
+        for peer_id in self.host.get_connected_peers():
+            path = self.path_to(peer_id)
+            if path is not None:
+                counts[path] += 1
+        return counts
+
+    def punched(self, peer_id: ID) -> bool:
+        """Whether the direct connection to ``peer_id`` came from a hole punch."""
+        return str(peer_id) in self._punched
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "enabled": self.settings.enabled,
+            "direct": self.counts["direct"],
+            "failed": self.counts["failed"],
+            "in_progress": len(self._running),
+            "recent": [
+                {"outcome": a.outcome, "seconds": a.seconds, "finished_at": a.finished_at} for a in self._recent
+            ],
+        }
