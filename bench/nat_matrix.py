@@ -1,0 +1,79 @@
+"""The full NAT matrix: how often a home node reaches another directly, and whether the relay always works.
+
+Usage (Linux, root, ``ip``, ``nft``, Debian's ``miniupnpd``)::
+
+    python bench/nat_matrix.py                       # every ordered NAT pair + UPnP + port forward, once
+    python bench/nat_matrix.py --repetitions 3 --json nat-matrix.json
+    python bench/nat_matrix.py --loss 5              # every router drops 5 % of what it forwards
+
+Real ``clawnode start`` daemons in network namespaces (``nat.natmatrix``, the same code as
+``clawnode nat-test --full``): per pair, A asks B for its signed record; recorded are both AutoNAT
+verdicts, B's relay reservations, whether data came back, and how A ended up connected (direct by
+UPnP/port forward, hole punch, relay only). Printed: the table, then the figures the issue names:
+
+- ``direct rate``: pairs where a direct path exists (no symmetric NAT facing a port-restricted or
+  symmetric one) that ended on a hole-punched connection (goal >= 90 %);
+- ``relay fallback``: every run without a direct connection that still exchanged data over the
+  relay (goal 100 %);
+- ``mapped direct``: UPnP / port-forward runs reached directly;
+- hole punch time p50 (DCUtR start to a verified direct connection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nat import natmatrix
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repetitions", type=int, default=1)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--loss", type=int, default=0, help="percent of forwarded packets each router drops")
+    parser.add_argument("--no-upnp", action="store_true", help="leave out the UPnP cases")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    cases = natmatrix.full_cases(upnp=not args.no_upnp)
+    problem = natmatrix.requirements_problem(cases)
+    if problem is not None:
+        print(f"E_UNAVAILABLE: {problem}", file=sys.stderr)
+        return 4
+    from rich.console import Console
+
+    console = Console()
+    started = time.monotonic()
+    with console.status(f"{len(cases) * args.repetitions} runs, {args.parallel} at a time"):
+        results = natmatrix.run_matrix(
+            cases,
+            args.repetitions,
+            parallel=args.parallel,
+            loss_percent=args.loss,
+            progress=lambda r: console.print(f"  {r.case} #{r.repetition + 1}: {r.path}", highlight=False),
+        )
+    console.print(natmatrix.render_table(results))
+    summary = natmatrix.summarize(results)
+    print(
+        f"direct rate {summary['direct']} = {summary['direct_rate']} (goal >= 0.9) | "
+        f"relay fallback {summary['relay_fallback']} = {summary['relay_fallback_rate']} (goal 1.0) | "
+        f"mapped direct {summary['mapped_direct']} | hole punch p50 {summary['hole_punch_seconds_p50']} s | "
+        f"loss {args.loss} % | {time.monotonic() - started:.0f} s"
+    )
+    if args.json is not None:
+        payload = {
+            "summary": summary,
+            "loss_percent": args.loss,
+            "results": [r.model_dump(mode="json") for r in results],
+        }
+        args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
