@@ -132,6 +132,24 @@ async def reserve(host: IHost, relay_id: ID) -> Reservation:
     )
 
 
+def _free_departed_reservations(protocol: CircuitV2Protocol) -> None:
+    """A reservation is valid only while its holder stays connected (circuit v2 spec).
+
+    py-libp2p frees a slot only at expiry (an hour by default), so peers that came and went kept
+    the relay full: in the NAT matrix a relay with 16 slots refused every private node after two
+    rounds of eight. Slots of disconnected holders are now freed whenever expired ones are.
+    """
+    manager = protocol.resource_manager
+    clean_expired = manager._clean_expired
+
+    def clean_expired_and_departed() -> None:
+        clean_expired()
+        for peer_id in [p for p in manager._reservations if not manager._is_peer_connected(p)]:
+            del manager._reservations[peer_id]
+
+    manager._clean_expired = clean_expired_and_departed  # type: ignore[method-assign]
+
+
 class RelayService:
     """The relay protocol on one host: hop service (relay role), reservations while private, dialing."""
 
@@ -159,6 +177,7 @@ class RelayService:
             reservation_ttl=settings.reservation_ttl_s,
         )
         self.protocol = CircuitV2Protocol(host, limits=self.limits, allow_hop=serve_hop)
+        _free_departed_reservations(self.protocol)
         # No CLIENT role: with it, every dial through a relay first takes a reservation there
         # (transport.py:398), using up the relay's slots for peers that only dial out.
         roles = RelayRole.STOP | (RelayRole.HOP if serve_hop else RelayRole(0))
