@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--loss", type=int, default=0, help="percent of forwarded packets each router drops")
     parser.add_argument("--no-upnp", action="store_true", help="leave out the UPnP cases")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep-logs", type=Path, default=None, help="copy every daemon's log here")
     args = parser.parse_args()
     cases = natmatrix.full_cases(upnp=not args.no_upnp)
     problem = natmatrix.requirements_problem(cases)
@@ -55,6 +56,7 @@ def main() -> int:
             args.repetitions,
             parallel=args.parallel,
             loss_percent=args.loss,
+            keep_logs=args.keep_logs,
             progress=lambda r: console.print(f"  {r.case} #{r.repetition + 1}: {r.path}", highlight=False),
         )
     console.print(natmatrix.render_table(results))
