@@ -268,7 +268,7 @@ class Daemon:
                 at = (
                     time.time()
                     if stamp is None
-                    else datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    else datetime.strptime(stamp.group(1), _STAMP_FMT).timestamp()
                 )
                 first = max(0.0, at - self.started_wall)
             found = ("public" if match.group(1) == "public" else "private", match.group(2), first)
