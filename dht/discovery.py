@@ -71,6 +71,9 @@ class _Cached:
     fetched_at: float
 
 
+RELAYED_FETCH_FACTOR = 3  # the second try (through a relay, usually) gets this many times the timeout
+
+
 class Discovery:
     def __init__(
         self,
@@ -145,7 +148,8 @@ class Discovery:
             # first deadline).
             if not await self._learn_addrs_from_record(peer_id):
                 raise
-            data, rtt = await fetch_sealed_record(self.host, peer_id, self.fetch_timeout_s)
+            # A circuit costs a reservation lookup, the relay's dial and a second handshake: more time.
+            data, rtt = await fetch_sealed_record(self.host, peer_id, self.fetch_timeout_s * RELAYED_FETCH_FACTOR)
         record = self._accept(data, key)
         self._cache[key] = _Cached(record, rtt, now)
         return record, rtt

@@ -7,7 +7,9 @@ the reason). One topology, 5 public daemons and 8 home daemons (4 pairs at once)
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -24,11 +26,29 @@ def _leftover_daemons(marker: str) -> list[str]:
     return [line for line in out.splitlines() if marker in line and "node.cli start" in line]
 
 
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "nat-matrix"
+
+
+def _explain(result: natmatrix.Result, index: int) -> str:
+    """The result and the end of both home daemons' logs (kept in test-artifacts/nat-matrix/)."""
+    tails = []
+    for side in ("a", "b"):
+        log = ARTIFACTS / f"home-{side}-{index}-0.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        useful = [line for line in lines if " INFO " in line or " WARNING " in line or " ERROR " in line]
+        tails.append(f"--- home-{side} ---\n" + "\n".join(useful[-12:]))
+    return f"{result!r}\n" + "\n".join(tails)
+
+
 @needs_netns
 def test_short_matrix_follows_what_the_nats_allow() -> None:
     before = set(netns_list())
-    results = natmatrix.run_matrix(natmatrix.SHORT_CASES, repetitions=1)
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    results = natmatrix.run_matrix(natmatrix.SHORT_CASES, repetitions=1, keep_logs=ARTIFACTS)
     by_case = {r.case: r for r in results}
+    index = {case.label: i for i, case in enumerate(natmatrix.SHORT_CASES)}
+    failed = [_explain(r, index[r.case]) for r in results if not r.ok]
+    assert not failed, "\n\n".join(failed)
     assert set(by_case) == {case.label for case in natmatrix.SHORT_CASES}
 
     for result in results:
