@@ -162,8 +162,13 @@ async def test_sigkill_during_metering_and_settlement_loses_nothing(anvil: Anvil
                     provider_lease.update(leases[0])
                     return leases[0]["state"] != "open" and all(s["state"] == "landed" for s in settlements)
 
+                async def ledger_caught_up() -> bool:
+                    # A claim can land on chain a moment before the provider's ledger records it.
+                    released = (await chain.run(escrow.get, consumer_account.address, escrow_id)).released
+                    return bool(provider_lease.get("settled_amount") == released)
+
                 with trio.fail_after(120):
-                    while not await trio.to_thread.run_sync(claimed):
+                    while not (await trio.to_thread.run_sync(claimed) and await ledger_caught_up()):
                         await trio.sleep(0.3)
                 consumer_receipts = await consumer.ledger.list_receipts(lease.lease_id, limit=10**5)
                 owed = max(r.amount for r in consumer_receipts)
