@@ -265,11 +265,7 @@ class Daemon:
                 continue
             if first is None:
                 stamp = _STAMP_RE.match(line)
-                at = (
-                    time.time()
-                    if stamp is None
-                    else datetime.strptime(stamp.group(1), _STAMP_FMT).timestamp()
-                )
+                at = time.time() if stamp is None else datetime.strptime(stamp.group(1), _STAMP_FMT).timestamp()
                 first = max(0.0, at - self.started_wall)
             found = ("public" if match.group(1) == "public" else "private", match.group(2), first)
         return found
