@@ -27,7 +27,7 @@ import pytest
 
 from node.datadir import read_api_token
 from runtime.escrow import Chain, EscrowClient
-from tests.runtime.support import anvil_process, anvil_skip_reason
+from tests.runtime.support import anvil_daemon_env, anvil_process, anvil_skip_reason
 from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, prepare_data_dir
 from tests.test_dashboard import Browser, api, text, wait_until
 from tests.test_dashboard import _skip as _browser_skip
@@ -47,15 +47,8 @@ def chain() -> Iterator[tuple[dict[str, str], Chain, EscrowClient]]:
     with anvil_process() as url:
         chain = Chain.rpc(url)
         escrow = EscrowClient.deploy(chain, chain.dev_accounts()[0])
-        env = {
-            "CLAWNODE_ESCROW_MODE": "rpc",
-            "CLAWNODE_ESCROW_RPC_URL": url,
-            "CLAWNODE_ESCROW_CONTRACT": escrow.address,
-            "CLAWNODE_ESCROW_SETTLE_INTERVAL_S": "0.5",
-            # Long enough that the rejected task is not refunded before the page disputes it.
-            "CLAWNODE_ESCROW_DISPUTE_WINDOW_S": "600",
-            "CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false",
-        }
+        # Long enough that the rejected task is not refunded before the page disputes it.
+        env = anvil_daemon_env(url, escrow.address, dispute_window_s=600)
         yield env, chain, escrow
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from runtime.escrow import Chain, EscrowClient
-from tests.runtime.support import anvil_process, anvil_skip_reason
+from tests.runtime.support import anvil_daemon_env, anvil_process, anvil_skip_reason
 from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, prepare_data_dir, run_cli
 
 _skip = anvil_skip_reason()
@@ -32,14 +32,7 @@ def chain_env() -> Iterator[tuple[dict[str, str], Chain]]:
     with anvil_process() as url:
         chain = Chain.rpc(url)
         escrow = EscrowClient.deploy(chain, chain.dev_accounts()[0])
-        env = {
-            "CLAWNODE_ESCROW_MODE": "rpc",
-            "CLAWNODE_ESCROW_RPC_URL": url,
-            "CLAWNODE_ESCROW_CONTRACT": escrow.address,
-            "CLAWNODE_ESCROW_SETTLE_INTERVAL_S": "0.5",
-            "CLAWNODE_ESCROW_DISPUTE_WINDOW_S": "30",
-            "CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false",
-        }
+        env = anvil_daemon_env(url, escrow.address, dispute_window_s=30)
         yield env, chain
 
 

@@ -62,6 +62,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def anvil_daemon_env(url: str, contract: str, *, dispute_window_s: int) -> dict[str, str]:
+    """Environment for ``clawnode start`` daemons settling on the anvil chain at ``url``."""
+    return {
+        "CLAWNODE_ESCROW_MODE": "rpc",
+        "CLAWNODE_ESCROW_RPC_URL": url,
+        "CLAWNODE_ESCROW_CONTRACT": contract,
+        "CLAWNODE_ESCROW_SETTLE_INTERVAL_S": "0.5",
+        "CLAWNODE_ESCROW_DISPUTE_WINDOW_S": str(dispute_window_s),
+        "CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false",
+    }
+
+
 @contextlib.contextmanager
 def anvil_process() -> Iterator[str]:
     """Run anvil on a free loopback port; yields its URL."""
