@@ -150,6 +150,43 @@ def _free_departed_reservations(protocol: CircuitV2Protocol) -> None:
     manager._clean_expired = clean_expired_and_departed  # type: ignore[method-assign]
 
 
+@dataclass
+class RelayedTraffic:
+    """What this relay carried for others: bytes, and circuits it cut at a limit (data or duration)."""
+
+    bytes: int = 0
+    cut: dict[str, int] = field(default_factory=lambda: {"data": 0, "duration": 0})
+
+
+def _count_relayed_traffic(protocol: CircuitV2Protocol) -> RelayedTraffic:
+    """py-libp2p keeps a circuit's byte count in a local variable and only logs a cut; an operator
+    (and the lease-over-relay test) needs both. Every relayed chunk passes through
+    ``_read_stream_with_retry`` and every cut sends RESOURCE_LIMIT_EXCEEDED through ``_send_status``."""
+    traffic = RelayedTraffic()
+    read = protocol._read_stream_with_retry
+    send_status = protocol._send_status
+
+    async def counted_read(stream: INetStream, *args: object, **kwargs: object) -> bytes | None:
+        data = await read(stream, *args, **kwargs)  # type: ignore[arg-type]
+        if data:
+            traffic.bytes += len(data)
+        return data
+
+    async def counted_status(
+        stream: INetStream, status: StatusCode, message: str, *args: object, **kwargs: object
+    ) -> None:
+        if status == StatusCode.RESOURCE_LIMIT_EXCEEDED:
+            if "duration limit" in message:
+                traffic.cut["duration"] += 1
+            elif "Data transfer limit" in message:
+                traffic.cut["data"] += 1
+        await send_status(stream, status, message, *args, **kwargs)  # type: ignore[arg-type]
+
+    protocol._read_stream_with_retry = counted_read  # type: ignore[method-assign]
+    protocol._send_status = counted_status  # type: ignore[method-assign, assignment]
+    return traffic
+
+
 class RelayService:
     """The relay protocol on one host: hop service (relay role), reservations while private, dialing."""
 
@@ -178,6 +215,7 @@ class RelayService:
         )
         self.protocol = CircuitV2Protocol(host, limits=self.limits, allow_hop=serve_hop)
         _free_departed_reservations(self.protocol)
+        self.relayed = _count_relayed_traffic(self.protocol)  # relay role: what we carried for others
         # No CLIENT role: with it, every dial through a relay first takes a reservation there
         # (transport.py:398), using up the relay's slots for peers that only dial out.
         roles = RelayRole.STOP | (RelayRole.HOP if serve_hop else RelayRole(0))

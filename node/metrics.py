@@ -46,6 +46,19 @@ def _nat_traversal(node: Node) -> list[Metric]:
         for outcome, count in relay.dials.items():
             dials.add_metric([outcome], count)
         families.append(dials)
+        if relay.serve_hop:
+            carried = CounterMetricFamily(
+                "clawnode_relay_circuit_bytes", "bytes this relay carried on circuits between other peers"
+            )
+            carried.add_metric([], relay.relayed.bytes)
+            cut = CounterMetricFamily(
+                "clawnode_relay_circuits_cut",
+                "circuits this relay cut at a limit ([relay] max_circuit_bytes / max_circuit_duration_s)",
+                labels=["limit"],
+            )
+            for limit, count in relay.relayed.cut.items():
+                cut.add_metric([limit], count)
+            families += [carried, cut]
     punch = node.holepunch
     if punch is not None:
         punches = CounterMetricFamily(
