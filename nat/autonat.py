@@ -423,7 +423,8 @@ class AutoNat:
             # Count it only if that identity really connected to us during this request.
             seen = self.inbound.seen.get(reply.dialer)
             if seen is not None and seen >= started:
-                results.append(ServerResult(str(peer_id), ip, "ok", reply.dialer, self._clock()))
+                reached = tuple(result.addr for result in dialed if result.status == "ok")
+                results.append(ServerResult(str(peer_id), ip, "ok", reply.dialer, self._clock(), reached))
             else:
                 results.append(ServerResult(str(peer_id), ip, "error", "dial-back not seen", self._clock()))
             return
@@ -474,6 +475,28 @@ class AutoNat:
             self._conclusive_at = answered_at
         self._record(verdict, reason, results)
         return self.state
+
+    def confirmed_addrs(self) -> list[str]:
+        """While public: the addresses at least two servers (or ``min_servers``, if fewer) dialed us
+        back on, most confirmed first. A manual port forward makes us public at ``router IP:port``,
+        an address no listener and no UPnP mapping names: without it in our identify and record,
+        peers would only know our LAN address."""
+        if self.state.verdict != "public":
+            return []
+        counts: dict[str, int] = {}
+        for _, _, result in self._recent.values():
+            if result.outcome == "ok":
+                for addr in set(result.confirmed):
+                    counts[addr] = counts.get(addr, 0) + 1
+        needed = min(2, self.settings.min_servers)
+        usable = [
+            addr
+            for addr, count in counts.items()
+            if count >= needed
+            and dialable_tcp_addr(addr) == addr
+            and (self.settings.allow_private or is_public_ip(_ip_of(addr) or ""))
+        ]
+        return sorted(usable, key=lambda addr: -counts[addr])
 
     def _still_valid(self, now: float) -> bool:
         """Whether the last conclusive verdict is recent enough to outlive inconclusive rounds."""

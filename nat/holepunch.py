@@ -30,6 +30,7 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
 
 from runtime.telemetry import LatencyHistogram
 
@@ -52,6 +53,23 @@ class _OneSidedDCUtR(DCUtRProtocol):
 
     async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
         return False
+
+    async def _perform_hole_punch(self, peer_id: ID, addrs: list[Multiaddr], as_responder: bool = False) -> bool:
+        """As the initiator, py-libp2p dials from the listen port and takes the *responder* role in
+        the security handshake, as a merged TCP simultaneous open needs. When our side is behind a
+        symmetric NAT the other side's dial never arrives; ours reaches its listener as a plain
+        inbound connection instead, where it is the responder too, and the handshake stalls (the
+        NAT matrix: symmetric x full-cone and symmetric x address-restricted ended on the relay).
+        So the initiator also dials each address plainly, as the handshake's initiator."""
+        if not as_responder:
+            return await super()._perform_hole_punch(peer_id, addrs, as_responder)
+        async with trio.open_nursery() as nursery:
+            for addr in addrs:
+                if "/p2p-circuit" not in str(addr):
+                    nursery.start_soon(self._dial_peer, peer_id, addr, None, False)
+            punched = await super()._perform_hole_punch(peer_id, addrs, as_responder)
+            nursery.cancel_scope.cancel()
+        return punched
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ class ServerResult:
     outcome: ServerOutcome  # ok: dialed us back (and we saw it); dial_error: could not; error: no usable answer
     detail: str = ""  # the dial-back identity, or the error code
     at: float = 0.0  # unix time of the answer
+    confirmed: tuple[str, ...] = ()  # ok: the addresses it reached us on
 
 
 @dataclass

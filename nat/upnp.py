@@ -477,7 +477,10 @@ class UpnpService:
         if failures:
             st.last_error = failures[-1]
         # "mapped": the IGD holds our mappings (or there is nothing to map yet); "failed": none could be made
-        st.state = "failed" if wanted and not st.mappings else "mapped"
+        state: State = "failed" if wanted and not st.mappings else "mapped"
+        if state == "failed" and st.state != "failed":
+            log.info("upnp: the IGD made no mapping (%s)", st.last_error)
+        st.state = state
         self._notify()
 
     def _next_wakeup(self) -> float:

@@ -256,7 +256,7 @@ class Node:
             key_pair,
             max_connections=self.config.node.max_connections,
             listen_addrs=listen_addrs,
-            extra_addrs=self._mapped_addrs,
+            extra_addrs=self._external_addrs,
         )
         try:
             async with self._host.run(listen_addrs):
@@ -436,6 +436,11 @@ class Node:
 
     def _mapped_addrs(self) -> list[str]:
         return self._upnp.external_addrs() if self._upnp is not None else []
+
+    def _external_addrs(self) -> list[str]:
+        """Advertised ahead of the listen addresses: UPnP mappings, then what AutoNAT servers reached."""
+        confirmed = self._autonat.confirmed_addrs() if self._autonat is not None else []
+        return self._mapped_addrs() + confirmed
 
     def _upnp_changed(self, addrs: list[str]) -> None:
         """A new or lost mapping: measure reachability again (the mapping should make us public)."""

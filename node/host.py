@@ -66,7 +66,7 @@ def build_host(
         ),
         # Extra (mapped, public) addresses first: py-libp2p dials one TCP address per peer, the
         # first its peer store lists, and peers store ours in the order identify sends them.
-        addrs_factory=lambda candidates: _parse_extra(extra_addrs()) + advertised_addrs(candidates),
+        addrs_factory=lambda candidates: _unique(_parse_extra(extra_addrs()) + advertised_addrs(candidates)),
     )
     _guard_inbound_streams(host)
     return host
@@ -120,6 +120,11 @@ def advertised_addrs(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Mu
         else:
             result.append(addr)
     return result
+
+
+def _unique(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    seen: set[str] = set()
+    return [addr for addr in addrs if not (str(addr) in seen or seen.add(str(addr)))]  # type: ignore[func-returns-value]
 
 
 def _parse_extra(addrs: list[str]) -> list[multiaddr.Multiaddr]:

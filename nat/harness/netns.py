@@ -176,7 +176,7 @@ table ip clawnat {{
     }}
     chain nat_post {{
         type nat hook postrouting priority srcnat; policy accept;
-        oifname "{wan}" {snat}
+        iifname "{lan}" oifname "{wan}" {snat}
     }}
     chain track {{
         type filter hook postrouting priority srcnat + 10; policy accept;

@@ -46,7 +46,8 @@ def test_rulesets_per_type() -> None:
         return render_ruleset(nat, wan_if="wan0", lan_if="lan0", wan_ip="203.0.113.101", **kw)
 
     fc, ar, pr, sym = (render(t) for t in NatType)
-    assert 'oifname "wan0" masquerade\n' in pr and "cone_map" not in pr
+    # LAN traffic only: the router's own (miniupnpd's STUN) keeps its port, as on a real router
+    assert 'iifname "lan0" oifname "wan0" masquerade\n' in pr and "cone_map" not in pr
     assert "masquerade fully-random" in sym and "cone_map" not in sym
     for cone in (ar, fc):
         assert "snat ip to 203.0.113.101 persistent" in cone
