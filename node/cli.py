@@ -543,12 +543,16 @@ def _task_line(task: dict[str, Any]) -> str:
 def _task_detail(task: dict[str, Any]) -> list[str]:
     lines = [_task_line(task)]
     lines.extend(f"  bid {b['bid_id']}  {b['bidder'][:16]}…  {_wei(b['price'])}  {b['state']}" for b in task["bids"])
+    lines.extend(
+        f"  evidence {e['evidence_id'][:12]}  from {e['submitted_by'][:16]}…  {e['size']} bytes  {e['note'][:60]}"
+        for e in task.get("evidence", [])
+    )
     return lines
 
 
 @main.group()
 def task() -> None:
-    """Tasks: publish, bid, award, deliver, review, dispute."""
+    """Tasks: publish, bid, award, deliver, review, dispute, add evidence."""
 
 
 @task.command(name="publish")
@@ -660,6 +664,21 @@ def task_review(task_id: str, accept: bool, reason: str, data_dir: str | None, a
 def task_dispute(task_id: str, reason: str, data_dir: str | None, as_json: bool) -> None:
     """Dispute TASK_ID (after a rejection or a review timeout): the escrow freezes for the arbiter."""
     body = _call_api(data_dir, f"/api/tasks/{task_id}/dispute", method="POST", body={"reason": reason}, timeout=120.0)
+    _print(body, as_json, _task_detail(body))
+
+
+@task.command(name="evidence")
+@click.argument("task_id")
+@click.option("--note", default="", help="What the arbiter should read.")
+@click.option(
+    "--attach", "attachment", type=click.File("rb"), default=None, help="A file (at most 64 KiB), - for stdin."
+)
+@data_dir_option
+@json_option
+def task_evidence(task_id: str, note: str, attachment: Any, data_dir: str | None, as_json: bool) -> None:
+    """Add a signed note (and a file) to the open dispute of TASK_ID; the arbiter and the other party get it."""
+    request = {"note": note, "attachment_b64": base64.b64encode(attachment.read()).decode() if attachment else ""}
+    body = _call_api(data_dir, f"/api/tasks/{task_id}/evidence", method="POST", body=request, timeout=120.0)
     _print(body, as_json, _task_detail(body))
 
 

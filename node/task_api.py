@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dht.records import CAPABILITY_NAME
 from protocols.task import TaskMarket
-from protocols.task_wire import BidView, TaskView
+from protocols.task_wire import MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE, BidView, TaskView
 from runtime.errors import ClawnodeError, ErrorCode
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
@@ -61,6 +61,11 @@ class DisputeBody(_Body):
     reason: str = Field("", max_length=500)
 
 
+class EvidenceBody(_Body):
+    note: str = Field("", max_length=MAX_EVIDENCE_NOTE)
+    attachment_b64: str = Field("", max_length=(MAX_EVIDENCE_ATTACHMENT + 2) * 4 // 3 + 4)
+
+
 class ResolveBody(_Body):
     to_bidder: int = Field(ge=0, description="wei to the bidder; the rest goes back to the creator")
 
@@ -72,6 +77,19 @@ class TaskListReply(BaseModel):
 class ArtifactReply(BaseModel):
     task_id: str
     artifact_b64: str
+
+
+class EvidenceAttachmentReply(BaseModel):
+    task_id: str
+    evidence_id: str
+    attachment_b64: str
+
+
+def _base64(text: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"{field} is not base64") from None
 
 
 class TaskNode(Protocol):
@@ -120,11 +138,7 @@ def mount_tasks(app: FastAPI, node: TaskNode) -> None:
 
     @app.post("/api/tasks/{task_id}/result")
     async def submit(task_id: str, body: ResultBody) -> TaskView:
-        try:
-            artifact = base64.b64decode(body.artifact_b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "artifact_b64 is not base64") from None
-        return await node.tasks.submit(task_id, artifact)
+        return await node.tasks.submit(task_id, _base64(body.artifact_b64, "artifact_b64"))
 
     @app.get("/api/tasks/{task_id}/result")
     async def result(task_id: str) -> ArtifactReply:
@@ -137,6 +151,17 @@ def mount_tasks(app: FastAPI, node: TaskNode) -> None:
     @app.post("/api/tasks/{task_id}/dispute")
     async def dispute(task_id: str, body: DisputeBody) -> TaskView:
         return await node.tasks.dispute(task_id, body.reason)
+
+    @app.post("/api/tasks/{task_id}/evidence")
+    async def add_evidence(task_id: str, body: EvidenceBody) -> TaskView:
+        return await node.tasks.add_evidence(task_id, body.note, _base64(body.attachment_b64, "attachment_b64"))
+
+    @app.get("/api/tasks/{task_id}/evidence/{evidence_id}")
+    async def evidence_attachment(task_id: str, evidence_id: str) -> EvidenceAttachmentReply:
+        attachment = await node.tasks.evidence_attachment(task_id, evidence_id)
+        return EvidenceAttachmentReply(
+            task_id=task_id, evidence_id=evidence_id, attachment_b64=base64.b64encode(attachment).decode()
+        )
 
     @app.post("/api/tasks/{task_id}/resolve")
     async def resolve(task_id: str, body: ResolveBody) -> TaskView:

@@ -77,7 +77,7 @@ from protocols.machines import task as m
 from protocols.rpc import request, serve_requests
 from protocols.signed import from_base64, open_base64, seal, to_base64
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.ledger import EscrowRef, LeaseOpen, Ledger
+from runtime.ledger import EscrowRef, Evidence, LeaseOpen, Ledger
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient
@@ -121,6 +121,7 @@ class TaskLocal:
     artifact: bytes | None = None
     review_env: str | None = None
     dispute_reason: str | None = None
+    evidence: dict[str, w.EvidenceView] = field(default_factory=dict)  # evidence id -> what the parties sent
     closing: bool = False
     closed: bool = False
     refund_queued: bool = False
@@ -186,6 +187,7 @@ class TaskMarket:
             w.ReviewRequest: self._on_review,
             w.DisputeCase: self._on_dispute_case,
             w.DisputeRequest: self._on_dispute,
+            w.EvidenceRequest: self._on_evidence,
             w.ResolutionRequest: self._on_resolution,
             w.CancelRequest: self._on_cancel,
         }
@@ -691,6 +693,78 @@ class TaskMarket:
         )
         self._start_close_out(message.task_id)
 
+    async def add_evidence(self, task_id: str, note: str, attachment: bytes = b"") -> w.TaskView:
+        """As a party to an open dispute: sign a note (and an attachment) and send it to the arbiter.
+
+        Kept here first, then pushed to the arbiter (retried) and the other party (best effort); when
+        the arbiter cannot be reached the error says so and sending the same piece again retries.
+        """
+        if len(attachment) > w.MAX_EVIDENCE_ATTACHMENT:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, f"evidence attachments are at most {w.MAX_EVIDENCE_ATTACHMENT} bytes"
+            )
+        if len(note) > w.MAX_EVIDENCE_NOTE:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, f"evidence notes are at most {w.MAX_EVIDENCE_NOTE} characters"
+            )
+        if not note.strip() and not attachment:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "evidence needs a note or an attachment")
+        record, local = self._task(task_id)
+        notice = w.EvidenceNotice(
+            task_id=task_id,
+            party=self.peer_id,
+            note=note,
+            content_hash=hashlib.sha256(attachment).hexdigest(),
+            size=len(attachment),
+            submitted_at=int(self._now()),
+        )
+        known = local.evidence.get(notice.evidence_id)
+        if known is not None:  # sent before: same signed time, so the arbiter sees one piece
+            notice = notice.model_copy(update={"submitted_at": known.submitted_at})
+        envelope = to_base64(seal(notice, self.key, domain=w.EVIDENCE_DOMAIN, payload_type=w.EVIDENCE_TYPE))
+        await self._keep_evidence(notice, envelope, attachment, self.peer_id)
+        award = self._award_of(local)
+        request = w.EvidenceRequest(envelope=envelope, attachment=to_base64(attachment))
+        other = award.bidder if self.peer_id == record.creator else record.creator
+        self._spawn(self._push_quietly, other, request)
+        await self._push(record.arbiter, request, attempts=PUSH_ATTEMPTS)
+        log.info("task %s: evidence %s sent to the arbiter", task_id[:12], notice.evidence_id[:12])
+        return self._view(task_id)
+
+    async def evidence_attachment(self, task_id: str, evidence_id: str) -> bytes:
+        self._task(task_id)
+        return await self.ledger.evidence_attachment(task_id, evidence_id)
+
+    async def _on_evidence(self, message: w.EvidenceRequest, remote: str) -> None:
+        """As the arbiter or the other party: check the signature and the attachment, then keep it."""
+        signer, payload = open_base64(message.envelope, domain=w.EVIDENCE_DOMAIN, payload_type=w.EVIDENCE_TYPE)
+        notice = w.EvidenceNotice.model_validate_json(payload)
+        if signer != remote or notice.party != remote:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the evidence is not signed by its sender")
+        attachment = from_base64(message.attachment) if message.attachment else b""
+        if hashlib.sha256(attachment).hexdigest() != notice.content_hash or len(attachment) != notice.size:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the attachment does not match the signed hash")
+        await self._keep_evidence(notice, message.envelope, attachment, remote)
+
+    async def _keep_evidence(self, notice: w.EvidenceNotice, envelope: str, attachment: bytes, party: str) -> None:
+        """The book decides whether the piece may join the dispute; the ledger keeps it across restarts."""
+        _, local = self._task(notice.task_id)
+        evidence_id = notice.evidence_id
+        self._apply(
+            m.AddEvidence(task_id=notice.task_id, evidence_id=evidence_id, content_hash=notice.content_hash), party
+        )
+        view = w.EvidenceView(
+            evidence_id=evidence_id,
+            submitted_by=party,
+            note=notice.note,
+            content_hash=notice.content_hash,
+            size=notice.size,
+            submitted_at=notice.submitted_at,
+        )
+        local.evidence.setdefault(evidence_id, view)
+        piece = Evidence(task_id=notice.task_id, **view.model_dump())
+        await self.ledger.add_evidence(piece, attachment=attachment, envelope=envelope)
+
     async def _on_dispute_case(self, case: w.DisputeCase, remote: str) -> None:
         """As the arbiter: rebuild the task from the signed evidence and record the dispute."""
         ann_signer, ann_payload = open_base64(
@@ -979,6 +1053,7 @@ class TaskMarket:
             result_state=str(result.state) if result else None,
             receipt_state=str(receipt.state) if receipt else None,
             dispute_state=str(dispute.state) if dispute else None,
+            evidence=sorted(local.evidence.values(), key=lambda e: (e.submitted_at, e.evidence_id)),
             to_bidder=receipt.to_bidder if receipt else None,
             to_creator=receipt.to_creator if receipt else None,
         )

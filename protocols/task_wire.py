@@ -9,6 +9,9 @@ envelope (``protocols.signed``, base64 in the JSON frame), each kind under its o
 * :class:`ResultNotice` — signed by the bidder: the artifact's sha256 and size. The artifact bytes
   ride beside it (base64, at most :data:`MAX_ARTIFACT`), never inside the signature.
 * :class:`ReviewNotice` — signed by the creator: accepted or rejected, with a reason.
+* :class:`EvidenceNotice` — signed by either party of an open dispute: a note and an attachment's
+  sha256 and size (the bytes ride beside it, at most :data:`MAX_EVIDENCE_ATTACHMENT`). It goes to
+  the arbiter and the other party; its id is a hash of what it says, so sending it again is harmless.
 
 A :class:`DisputeCase` carries those envelopes (and the creator-signed announcement) to the
 arbiter, so the arbiter can rebuild the task without having watched it. Everything else rides on
@@ -17,6 +20,7 @@ the Noise-secured stream, whose remote peer id already says who is speaking.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +33,8 @@ MAX_ARTIFACT = 256 * 1024
 MAX_ENVELOPE_B64 = 24 * 1024
 MAX_PARAMS = 8 * 1024
 MAX_REASON = 280
+MAX_EVIDENCE_NOTE = 2000
+MAX_EVIDENCE_ATTACHMENT = 64 * 1024
 # base64 of the largest artifact, its envelope and the JSON around them.
 MAX_TASK_FRAME = 512 * 1024
 
@@ -38,6 +44,8 @@ RESULT_DOMAIN = "clawnode-task-result"
 RESULT_TYPE = b"/clawnode/task-result/1"
 REVIEW_DOMAIN = "clawnode-task-review"
 REVIEW_TYPE = b"/clawnode/task-review/1"
+EVIDENCE_DOMAIN = "clawnode-task-evidence"
+EVIDENCE_TYPE = b"/clawnode/task-evidence/1"
 
 
 class _Msg(BaseModel):
@@ -81,6 +89,25 @@ class ReviewNotice(_Msg):
     verdict: Literal["accepted", "rejected"]
     reason: str = Field("", max_length=MAX_REASON)
     reviewed_at: int = Field(ge=0)
+
+
+class EvidenceNotice(_Msg):
+    """A party's signed piece of evidence for an open dispute."""
+
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    party: str = Field(pattern=PEER_ID_PATTERN)
+    note: str = Field("", max_length=MAX_EVIDENCE_NOTE)
+    content_hash: str = Field(pattern=SHA256_HEX, description="sha256 of the attachment (of no bytes when none)")
+    size: int = Field(ge=0, le=MAX_EVIDENCE_ATTACHMENT)
+    submitted_at: int = Field(ge=0)
+
+    @property
+    def evidence_id(self) -> str:
+        """What the piece says, hashed: the same note and attachment from the same party is the same piece."""
+        digest = hashlib.sha256()
+        for part in (self.task_id, self.party, self.note, self.content_hash):
+            digest.update(part.encode() + b"\0")
+        return digest.hexdigest()[:32]
 
 
 # -- requests --
@@ -145,6 +172,14 @@ class DisputeRequest(_Msg):
     reason: str = Field("", max_length=MAX_REASON)
 
 
+class EvidenceRequest(_Msg):
+    """A party → the arbiter and the other party."""
+
+    type: Literal["evidence"] = "evidence"
+    envelope: str = Field(max_length=MAX_ENVELOPE_B64)
+    attachment: str = Field("", max_length=(MAX_EVIDENCE_ATTACHMENT + 2) * 4 // 3 + 4, description="base64")
+
+
 class ResolutionRequest(_Msg):
     """Arbiter → both parties; each checks it against the closed escrow on chain."""
 
@@ -170,6 +205,7 @@ TaskRequest = Annotated[
     | ReviewRequest
     | DisputeCase
     | DisputeRequest
+    | EvidenceRequest
     | ResolutionRequest
     | CancelRequest,
     Field(discriminator="type"),
@@ -193,6 +229,15 @@ class BidView(BaseModel):
     price: int
     asset: str
     state: str
+
+
+class EvidenceView(BaseModel):
+    evidence_id: str
+    submitted_by: str
+    note: str
+    content_hash: str
+    size: int
+    submitted_at: int
 
 
 class TaskView(BaseModel):
@@ -219,5 +264,6 @@ class TaskView(BaseModel):
     result_state: str | None = None
     receipt_state: str | None = None
     dispute_state: str | None = None
+    evidence: list[EvidenceView] = Field(default_factory=list)
     to_bidder: int | None = None
     to_creator: int | None = None

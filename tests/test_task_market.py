@@ -169,6 +169,8 @@ async def test_reject_dispute_and_arbiter_split() -> None:
         assert arbiter.tasks.view(task_id).role == "arbiter"
         assert arbiter.tasks.view(task_id).dispute_state == "dispute_open"
 
+        await _evidence_reaches_the_arbiter(creator, bidder, arbiter, task_id)
+
         to_bidder = price * 60 // 100
         to_creator = price - to_bidder
         with pytest.raises(ClawnodeError) as refused:
@@ -177,6 +179,9 @@ async def test_reject_dispute_and_arbiter_split() -> None:
 
         resolved = await arbiter.tasks.resolve(task_id, to_bidder)
         assert resolved.dispute_state == "dispute_resolved"
+        with pytest.raises(ClawnodeError) as refused:
+            await bidder.tasks.add_evidence(task_id, "one more thing")
+        assert refused.value.code == ErrorCode.CONFLICT  # the dispute is decided
         await _wait_closed([creator, bidder], task_id)
         lease_id = view.escrow_id[2:]
         await _wait_landed(bidder, lease_id)
@@ -201,6 +206,66 @@ async def test_reject_dispute_and_arbiter_split() -> None:
             to_bidder,
             to_creator,
         )
+
+
+async def _evidence_reaches_the_arbiter(creator: Node, bidder: Node, arbiter: Node, task_id: str) -> None:
+    """Both parties add signed evidence to the open dispute; the arbiter (and the other party) keep it."""
+    log_lines = b"step 1: counted 3 words\nstep 2: answered 3\n"
+    view = await bidder.tasks.add_evidence(task_id, "the run's log: the answer matches the prompt", log_lines)
+    (piece,) = view.evidence
+    assert piece.submitted_by == _peer(bidder) and piece.size == len(log_lines)
+    assert piece.content_hash == hashlib.sha256(log_lines).hexdigest()
+    for node in (arbiter, creator):
+        await wait_for(lambda n=node: len(n.tasks.view(task_id).evidence) == 1, 10, "evidence delivered")  # type: ignore[misc]
+        assert node.tasks.view(task_id).evidence[0].note == piece.note
+    assert await arbiter.tasks.evidence_attachment(task_id, piece.evidence_id) == log_lines
+    (kept,) = await arbiter.ledger.list_evidence(task_id)
+    assert kept.evidence_id == piece.evidence_id and kept.submitted_by == _peer(bidder)
+
+    # The creator answers; the same piece sent again stays one piece.
+    await creator.tasks.add_evidence(task_id, "the prompt asked for a sentence, not a count")
+    again = await bidder.tasks.add_evidence(task_id, piece.note, log_lines)
+    assert [e.evidence_id for e in again.evidence].count(piece.evidence_id) == 1
+    await wait_for(lambda: len(arbiter.tasks.view(task_id).evidence) == 2, 10, "both parties heard")
+    assert {e.submitted_by for e in arbiter.tasks.view(task_id).evidence} == {_peer(creator), _peer(bidder)}
+    assert len(await arbiter.ledger.list_evidence(task_id)) == 2
+
+    # What a careless or hostile party might send.
+    for note, attachment, code in (
+        ("", b"", ErrorCode.INVALID_ARGUMENT),
+        ("x" * (w.MAX_EVIDENCE_NOTE + 1), b"", ErrorCode.INVALID_ARGUMENT),
+        ("big", b"x" * (w.MAX_EVIDENCE_ATTACHMENT + 1), ErrorCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(ClawnodeError) as error:
+            await bidder.tasks.add_evidence(task_id, note, attachment)
+        assert error.value.code == code
+    with pytest.raises(ClawnodeError) as error:
+        await arbiter.tasks.add_evidence(task_id, "the arbiter judges, it does not testify")
+    assert error.value.code == ErrorCode.FORBIDDEN
+
+    async def send_to_arbiter(notice: w.EvidenceNotice, key: object, attachment: bytes) -> None:
+        envelope = to_base64(seal(notice, key, domain=w.EVIDENCE_DOMAIN, payload_type=w.EVIDENCE_TYPE))  # type: ignore[arg-type]
+        message = w.EvidenceRequest(envelope=envelope, attachment=to_base64(attachment))
+        await request(bidder.host, arbiter.host.get_id(), TASK_PROTOCOL, message, _ACK, max_frame=w.MAX_TASK_FRAME)
+
+    forged = w.EvidenceNotice(
+        task_id=task_id,
+        party=_peer(bidder),
+        note="the attachment is not what the signature says",
+        content_hash=hashlib.sha256(b"one thing").hexdigest(),
+        size=9,
+        submitted_at=int(time.time()),
+    )
+    with pytest.raises(ClawnodeError) as error:
+        await send_to_arbiter(forged, bidder.tasks.key, b"another")
+    assert error.value.code == ErrorCode.INVALID_ARGUMENT
+    as_creator = forged.model_copy(
+        update={"party": _peer(creator), "content_hash": hashlib.sha256(b"").hexdigest(), "size": 0}
+    )
+    with pytest.raises(ClawnodeError) as error:
+        await send_to_arbiter(as_creator, creator.tasks.key, b"")  # signed by the creator, sent by the bidder
+    assert error.value.code == ErrorCode.FORBIDDEN
+    assert len(arbiter.tasks.view(task_id).evidence) == 2
 
 
 async def test_adversarial_requests_are_refused() -> None:

@@ -12,6 +12,7 @@ Machines (anything not in a table is refused with ``E_CONFLICT``)::
     TaskReceipt receipt_pending --settle|refund|dispute--> receipt_settled|receipt_refunded|receipt_disputed
                 receipt_disputed --settle|refund--> receipt_settled|receipt_refunded
     Dispute     dispute_open --resolve|reject--> dispute_resolved|dispute_rejected
+                (dispute_open --add_evidence--> dispute_open: "evidence only while the dispute is open")
 
 Actors in the tables are *roles relative to one task*: ``creator``,
 ``participant`` (any account that is neither creator, arbiter nor system),
@@ -50,6 +51,9 @@ Money, and the choices made where the brief was silent:
   ``review_timeout_s``; one dispute per task.  The same party disputing again
   gets the existing id back (``DisputeOpened(merged=True)``, not counted
   against its rate); the other party gets ``E_CONFLICT``.
+* Each party may add up to ``max_evidence_per_party`` pieces of evidence to an open dispute
+  (``AddEvidence``, ids are content hashes: the same piece again is ``EvidenceAdded(merged=True)``,
+  the same id with another hash ``E_CONFLICT``); the arbiter and the other party are notified.
 * ``RejectDispute`` decides against whoever opened it (full refund if the
   bidder opened it, full release if the creator did).
 * ``RevokeAward`` is only possible after the task deadline and before any
@@ -137,6 +141,7 @@ class Ev(StrEnum):
     REFUND = "refund"
     DISPUTE = "dispute"
     RESOLVE = "resolve"
+    ADD_EVIDENCE = "add_evidence"
 
 
 St = TypeVar("St", bound=str)
@@ -205,6 +210,7 @@ DISPUTE_MACHINE: Machine[DisputeState, Ev] = Machine(
     [
         _t(DS.OPEN, Ev.RESOLVE, DS.RESOLVED, ARBITER),
         _t(DS.OPEN, Ev.REJECT, DS.REJECTED, ARBITER),
+        _t(DS.OPEN, Ev.ADD_EVIDENCE, DS.OPEN, CREATOR, AWARDED_BIDDER),
     ],
     initial=DS.OPEN,
     terminal=[DS.RESOLVED, DS.REJECTED],
@@ -230,6 +236,7 @@ class RiskLimits(BaseModel):
     max_bids_per_minute: int = Field(default=30, ge=1)
     max_disputes_per_hour: int = Field(default=3, ge=1)
     dispute_window_s: int = Field(default=86_400, ge=0, description="how long a rejection waits before the refund")
+    max_evidence_per_party: int = Field(default=8, ge=1, description="pieces of evidence each party may add")
 
 
 # -- events (inputs) -----------------------------------------------------------------------
@@ -300,6 +307,11 @@ class RejectDispute(_Event):
     pass
 
 
+class AddEvidence(_Event):
+    evidence_id: str
+    content_hash: str
+
+
 class Settle(_Event):
     settlement_id: str
 
@@ -322,6 +334,7 @@ TaskEvent = (
     | OpenDispute
     | ResolveDispute
     | RejectDispute
+    | AddEvidence
     | Settle
     | Refund
 )
@@ -338,6 +351,7 @@ NotifyTopic = Literal[
     "result_rejected",
     "dispute_opened",
     "dispute_decided",
+    "evidence_added",
     "task_cancelled",
     "task_expired",
     "task_closed",
@@ -384,7 +398,17 @@ class DisputeOpened:
     merged: bool
 
 
-Effect = Notify | ReleaseToBidder | RefundCreator | DisputeOpened
+@dataclass(frozen=True)
+class EvidenceAdded:
+    """A piece of evidence joined the dispute; ``merged`` when the same piece was already there."""
+
+    task_id: str
+    evidence_id: str
+    submitted_by: str
+    merged: bool
+
+
+Effect = Notify | ReleaseToBidder | RefundCreator | DisputeOpened | EvidenceAdded
 
 
 # -- records (the book's state; read them, do not mutate them) ------------------------------
@@ -427,12 +451,21 @@ class ReceiptRecord:
     state: ReceiptState = ReceiptState.PENDING
 
 
+@dataclass(frozen=True)
+class EvidenceRecord:
+    evidence_id: str
+    submitted_by: str
+    content_hash: str
+    submitted_at: float
+
+
 @dataclass
 class DisputeRecord:
     dispute_id: str
     opened_by: str
     opened_at: float
     state: DisputeState = DisputeState.OPEN
+    evidence: dict[str, EvidenceRecord] = field(default_factory=dict)
 
 
 @dataclass
@@ -508,6 +541,7 @@ class TaskBook:
             OpenDispute: self._open_dispute,
             ResolveDispute: self._decide_dispute,
             RejectDispute: self._decide_dispute,
+            AddEvidence: self._add_evidence,
             Settle: self._finalize,
             Refund: self._finalize,
         }
@@ -765,6 +799,30 @@ class TaskBook:
             Notify(task.task_id, task.creator, "dispute_decided"),
             Notify(task.task_id, task.award.bidder, "dispute_decided"),
             *self._payouts(task),
+        ]
+
+    def _add_evidence(self, ev: AddEvidence, actor: str, now: float) -> list[Effect]:
+        task = self.get(ev.task_id)
+        dispute = task.dispute
+        state = dispute.state if dispute is not None else None
+        role = self._gate(DISPUTE_MACHINE, state, Ev.ADD_EVIDENCE, roles_of(task, actor), "the task has no dispute")
+        assert dispute is not None and task.award is not None
+        if not ev.evidence_id or not ev.content_hash:
+            raise _err(ErrorCode.INVALID_ARGUMENT, "evidence needs an id and a content hash")
+        known = dispute.evidence.get(ev.evidence_id)
+        if known is not None:
+            if known.submitted_by != actor or known.content_hash != ev.content_hash:
+                raise _err(ErrorCode.CONFLICT, "another piece of evidence has this id")
+            return [EvidenceAdded(task.task_id, ev.evidence_id, actor, merged=True)]
+        if sum(1 for e in dispute.evidence.values() if e.submitted_by == actor) >= self.limits.max_evidence_per_party:
+            raise _err(ErrorCode.RATE_LIMITED, "too many pieces of evidence from this party")
+        self._move(DISPUTE_MACHINE, dispute, dispute.dispute_id, Ev.ADD_EVIDENCE, role)
+        dispute.evidence[ev.evidence_id] = EvidenceRecord(ev.evidence_id, actor, ev.content_hash, now)
+        other = task.award.bidder if actor == task.creator else task.creator
+        return [
+            EvidenceAdded(task.task_id, ev.evidence_id, actor, merged=False),
+            Notify(task.task_id, task.arbiter, "evidence_added"),
+            Notify(task.task_id, other, "evidence_added"),
         ]
 
     def _finalize(self, ev: Settle | Refund, actor: str, now: float) -> list[Effect]:

@@ -6,6 +6,7 @@ from runtime.ledger.ledger import Ledger
 from runtime.ledger.models import (
     Dispute,
     EscrowRef,
+    Evidence,
     Lease,
     LeaseOpen,
     QueueStats,
@@ -23,6 +24,7 @@ __all__ = [
     "AuditReport",
     "Dispute",
     "EscrowRef",
+    "Evidence",
     "Lease",
     "LeaseOpen",
     "Ledger",

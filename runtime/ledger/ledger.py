@@ -22,6 +22,7 @@ from libp2p.crypto.keys import PrivateKey
 from runtime.ledger.audit import AuditEntry, AuditReport
 from runtime.ledger.models import (
     Dispute,
+    Evidence,
     Lease,
     LeaseOpen,
     QueueStats,
@@ -169,6 +170,15 @@ class Ledger:
 
     async def list_disputes(self, *, limit: int = 100) -> list[Dispute]:
         return await self._run(self.store.list_disputes, limit=limit)
+
+    async def add_evidence(self, piece: Evidence, *, attachment: bytes, envelope: str) -> bool:
+        return await self._run(self.store.add_evidence, piece, attachment=attachment, envelope=envelope)
+
+    async def list_evidence(self, task_id: str) -> list[Evidence]:
+        return await self._run(self.store.list_evidence, task_id)
+
+    async def evidence_attachment(self, task_id: str, evidence_id: str) -> bytes:
+        return await self._run(self.store.evidence_attachment, task_id, evidence_id)
 
     async def create_task(
         self, task_id: str, *, role: TaskRole, counterparty: str | None, budget: int, idempotency_key: str

@@ -120,6 +120,18 @@ class Dispute(BaseModel):
     resolved_at: int | None
 
 
+class Evidence(BaseModel):
+    """A piece of evidence in a task's dispute (the attachment's bytes are kept beside it)."""
+
+    task_id: str
+    evidence_id: str
+    submitted_by: str
+    note: str
+    content_hash: str
+    size: int
+    submitted_at: int
+
+
 TaskRole = Literal["creator", "worker"]
 TaskState = Literal["task_open", "task_awarded", "task_closed", "task_cancelled", "task_expired"]
 

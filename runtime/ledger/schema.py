@@ -131,6 +131,22 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at INTEGER NOT NULL
     );
     """,
+    # 3: evidence the parties sent into a task's dispute, kept by both parties and by the arbiter
+    # that decides on it (a piece is a note and an attachment of at most 64 KiB, with the sender's
+    # signed envelope naming the attachment's sha256)
+    """
+    CREATE TABLE dispute_evidence (
+        task_id TEXT NOT NULL,
+        evidence_id TEXT NOT NULL,
+        submitted_by TEXT NOT NULL,
+        note TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        attachment BLOB NOT NULL,
+        envelope TEXT NOT NULL,
+        submitted_at INTEGER NOT NULL,
+        PRIMARY KEY (task_id, evidence_id)
+    );
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -28,6 +28,7 @@ from runtime.ledger.errors import LedgerError
 from runtime.ledger.models import (
     Dispute,
     EscrowRef,
+    Evidence,
     Lease,
     LeaseOpen,
     QueueStats,
@@ -677,6 +678,51 @@ class LedgerStore:
                 )
             ]
             return [self._dispute(self._conn, dispute_id) for dispute_id in ids]
+
+    def add_evidence(self, piece: Evidence, *, attachment: bytes, envelope: str) -> bool:
+        """Keep a piece of dispute evidence; False when it was already kept (sending it again is harmless)."""
+        with self._tx() as conn:
+            added = conn.execute(
+                "INSERT OR IGNORE INTO dispute_evidence (task_id, evidence_id, submitted_by, note, content_hash,"
+                " attachment, envelope, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    piece.task_id,
+                    piece.evidence_id,
+                    piece.submitted_by,
+                    piece.note,
+                    piece.content_hash,
+                    attachment,
+                    envelope,
+                    piece.submitted_at,
+                ),
+            ).rowcount
+            if added:
+                self._audit(
+                    conn,
+                    "dispute.evidence",
+                    f"{piece.task_id}/{piece.evidence_id}",
+                    {"submitted_by": piece.submitted_by, "content_hash": piece.content_hash, "size": piece.size},
+                )
+            return bool(added)
+
+    def list_evidence(self, task_id: str) -> list[Evidence]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT task_id, evidence_id, submitted_by, note, content_hash, length(attachment), submitted_at"
+                " FROM dispute_evidence WHERE task_id = ? ORDER BY submitted_at, evidence_id",
+                (task_id,),
+            ).fetchall()
+        fields = ("task_id", "evidence_id", "submitted_by", "note", "content_hash", "size", "submitted_at")
+        return [Evidence.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
+
+    def evidence_attachment(self, task_id: str, evidence_id: str) -> bytes:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT attachment FROM dispute_evidence WHERE task_id = ? AND evidence_id = ?", (task_id, evidence_id)
+            ).fetchone()
+        if row is None:
+            raise errors.not_found("evidence_not_found", "no such piece of evidence")
+        return bytes(row[0])
 
     def _dispute(self, conn: sqlite3.Connection, dispute_id: str) -> Dispute:
         row = conn.execute(

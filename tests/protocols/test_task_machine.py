@@ -21,6 +21,7 @@ from protocols.machines.task import (
     SYSTEM,
     TASK_MACHINE,
     Accept,
+    AddEvidence,
     Award,
     AwardState,
     BidState,
@@ -28,6 +29,7 @@ from protocols.machines.task import (
     DisputeOpened,
     DisputeState,
     Effect,
+    EvidenceAdded,
     Expire,
     Notify,
     OpenDispute,
@@ -185,6 +187,56 @@ def test_dispute_permissions_and_preconditions() -> None:
     publish(book2)
     assert code_of(book2, OpenDispute(task_id="t1"), ALICE, T0) == ErrorCode.CONFLICT  # no award
     assert code_of(book2, RejectDispute(task_id="t1"), ARB, T0) == ErrorCode.CONFLICT  # no dispute
+
+
+def test_evidence_joins_an_open_dispute_only() -> None:
+    book = delivered()
+    assert code_of(book, AddEvidence(task_id="t1", evidence_id="e1", content_hash="h1"), WORKER, T0 + 20) == (
+        ErrorCode.CONFLICT  # no dispute yet
+    )
+    book.apply(Reject(task_id="t1", reason="no"), ALICE, T0 + 20)
+    book.apply(OpenDispute(task_id="t1"), WORKER, T0 + 21)
+    effects = book.apply(AddEvidence(task_id="t1", evidence_id="e1", content_hash="h1"), WORKER, T0 + 22)
+    assert effects == [
+        EvidenceAdded("t1", "e1", WORKER, merged=False),
+        Notify("t1", ARB, "evidence_added"),
+        Notify("t1", ALICE, "evidence_added"),
+    ]
+    # the same piece again merges; its id with other content, or from the other party, conflicts
+    again = book.apply(AddEvidence(task_id="t1", evidence_id="e1", content_hash="h1"), WORKER, T0 + 23)
+    assert again == [EvidenceAdded("t1", "e1", WORKER, merged=True)]
+    assert code_of(book, AddEvidence(task_id="t1", evidence_id="e1", content_hash="h2"), WORKER, T0 + 23) == (
+        ErrorCode.CONFLICT
+    )
+    assert code_of(book, AddEvidence(task_id="t1", evidence_id="e1", content_hash="h1"), ALICE, T0 + 23) == (
+        ErrorCode.CONFLICT
+    )
+    book.apply(AddEvidence(task_id="t1", evidence_id="e2", content_hash="h2"), ALICE, T0 + 24)
+    # strangers and the arbiter bring no evidence; empty ids are refused
+    assert code_of(book, AddEvidence(task_id="t1", evidence_id="e3", content_hash="h"), WORKER2, T0) == (
+        ErrorCode.FORBIDDEN
+    )
+    assert code_of(book, AddEvidence(task_id="t1", evidence_id="e3", content_hash="h"), ARB, T0) == ErrorCode.FORBIDDEN
+    assert code_of(book, AddEvidence(task_id="t1", evidence_id="", content_hash="h"), ALICE, T0) == (
+        ErrorCode.INVALID_ARGUMENT
+    )
+    t = book.get("t1")
+    assert t.dispute is not None and [(e.evidence_id, e.submitted_by) for e in t.dispute.evidence.values()] == [
+        ("e1", WORKER),
+        ("e2", ALICE),
+    ]
+    # each party's share is limited
+    limit = book.limits.max_evidence_per_party
+    for n in range(limit - 1):
+        book.apply(AddEvidence(task_id="t1", evidence_id=f"w{n}", content_hash="h"), WORKER, T0 + 30)
+    assert code_of(book, AddEvidence(task_id="t1", evidence_id="w-last", content_hash="h"), WORKER, T0 + 31) == (
+        ErrorCode.RATE_LIMITED
+    )
+    # once decided, the dispute takes no more
+    book.apply(RejectDispute(task_id="t1"), ARB, T0 + 40)
+    assert code_of(book, AddEvidence(task_id="t1", evidence_id="e9", content_hash="h"), ALICE, T0 + 41) == (
+        ErrorCode.CONFLICT
+    )
 
 
 def test_dispute_rate_limit_per_account() -> None:
@@ -355,6 +407,7 @@ PRIMARY: dict[type, tuple[Machine[Any, Any], str, StateOf]] = {
     OpenDispute: (RECEIPT_MACHINE, "dispute", lambda t, e: t.receipt and t.receipt.state),
     ResolveDispute: (DISPUTE_MACHINE, "resolve", lambda t, e: t.dispute and t.dispute.state),
     RejectDispute: (DISPUTE_MACHINE, "reject", lambda t, e: t.dispute and t.dispute.state),
+    AddEvidence: (DISPUTE_MACHINE, "add_evidence", lambda t, e: t.dispute and t.dispute.state),
     Settle: (RECEIPT_MACHINE, "settle", lambda t, e: t.receipt and t.receipt.state),
     Refund: (RECEIPT_MACHINE, "refund", lambda t, e: t.receipt and t.receipt.state),
 }
@@ -379,6 +432,7 @@ GUARD_CODES: dict[type, set[ErrorCode]] = {
     OpenDispute: {ErrorCode.CONFLICT, ErrorCode.RATE_LIMITED},
     ResolveDispute: {ErrorCode.INVALID_ARGUMENT},
     RejectDispute: set(),
+    AddEvidence: {ErrorCode.INVALID_ARGUMENT, ErrorCode.CONFLICT, ErrorCode.RATE_LIMITED},
     Settle: {ErrorCode.INVALID_ARGUMENT, ErrorCode.CONFLICT},
     Refund: {ErrorCode.INVALID_ARGUMENT, ErrorCode.CONFLICT},
 }
@@ -415,7 +469,13 @@ def expected_gate(book: TaskBook, event: Any, actor: str) -> ErrorCode | str | N
     row = next((r for r in machine.transitions if r.source == state and r.event == table_event), None)
     if row is None:
         return ErrorCode.CONFLICT
-    return None if roles & row.actors else ErrorCode.FORBIDDEN
+    if not roles & row.actors:
+        return ErrorCode.FORBIDDEN
+    if isinstance(event, AddEvidence) and t.dispute is not None:
+        known = t.dispute.evidence.get(event.evidence_id)
+        if known is not None and (known.submitted_by, known.content_hash) == (actor, event.content_hash):
+            return "merge"
+    return None
 
 
 class MarketModel(RuleBasedStateMachine):
@@ -449,7 +509,7 @@ class MarketModel(RuleBasedStateMachine):
             return None
         assert gate in (None, "merge"), (type(event).__name__, actor, gate)
         if gate == "merge":
-            assert len(effects) == 1 and isinstance(effects[0], DisputeOpened) and effects[0].merged
+            assert len(effects) == 1 and isinstance(effects[0], DisputeOpened | EvidenceAdded) and effects[0].merged
         self.ok += 1
         return effects
 
@@ -507,6 +567,10 @@ class MarketModel(RuleBasedStateMachine):
             event, actor = SubmitResult(task_id=tid, content_hash="sha256:00", size=1), t.award.bidder
         elif t.result is not None and t.result.state == ResultState.SUBMITTED and receipt.state == ReceiptState.PENDING:
             event = Accept(task_id=tid) if choice % 2 else Reject(task_id=tid, reason="bad")
+        elif t.dispute is not None and t.dispute.state == DisputeState.OPEN and data.draw(st.booleans()):
+            piece = f"e{len(t.dispute.evidence) + choice % 2}"
+            event = AddEvidence(task_id=tid, evidence_id=piece, content_hash="sha256:01")
+            actor = [t.creator, t.award.bidder][choice % 2]
         elif t.dispute is not None and t.dispute.state == DisputeState.OPEN:
             price = t.award.price
             to_bidder = price * choice // 3
@@ -594,6 +658,15 @@ class MarketModel(RuleBasedStateMachine):
         if effects:
             assert isinstance(effects[0], DisputeOpened)
             assert t is not None and t.dispute is not None and effects[0].dispute_id == t.dispute.dispute_id
+
+    @rule(data=st.data(), piece=st.sampled_from(["e1", "e1", "e2", ""]), content=st.sampled_from(["h1", "h1", "h2"]))
+    def add_evidence(self, data: st.DataObject, piece: str, content: str) -> None:
+        tid, t = self.task(data)
+        party = data.draw(st.sampled_from([t.creator, t.award.bidder])) if t and t.award else None
+        effects = self.run(AddEvidence(task_id=tid, evidence_id=piece, content_hash=content), self.pick(data, party))
+        if effects:
+            assert t is not None and t.dispute is not None and piece in t.dispute.evidence
+            assert t.dispute.state == DisputeState.OPEN
 
     @rule(data=st.data(), share=st.sampled_from([0, 1, 2, 3, 4]), off=st.sampled_from([0, 0, 0, 1]))
     def decide(self, data: st.DataObject, share: int, off: int) -> None:
