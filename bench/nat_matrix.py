@@ -50,15 +50,14 @@ def main() -> int:
 
     console = Console()
     started = time.monotonic()
-    with console.status(f"{len(cases) * args.repetitions} runs, {args.parallel} at a time"):
-        results = natmatrix.run_matrix(
-            cases,
-            args.repetitions,
-            parallel=args.parallel,
-            loss_percent=args.loss,
-            keep_logs=args.keep_logs,
-            progress=lambda r: console.print(f"  {r.case} #{r.repetition + 1}: {r.path}", highlight=False),
-        )
+    results = natmatrix.run_matrix_with_progress(
+        console,
+        cases,
+        args.repetitions,
+        parallel=args.parallel,
+        loss_percent=args.loss,
+        keep_logs=args.keep_logs,
+    )
     console.print(natmatrix.render_table(results))
     summary = natmatrix.summarize(results)
     print(

@@ -417,6 +417,29 @@ def _start_servers(topo: Topology, root: Path, timeout: float) -> _Servers:
     return servers
 
 
+def run_matrix_with_progress(console: Any, cases: Sequence[Case], repetitions: int = 1, **options: Any) -> list[Result]:
+    """``run_matrix`` under a rich progress bar (runs done of all, elapsed), each run's outcome
+    printed above it as it finishes: ``clawnode nat-test`` and ``bench/nat_matrix.py``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"NAT runs, {options.get('parallel', 4)} at a time", total=len(cases) * repetitions)
+
+        def finished(result: Result) -> None:
+            verdict = "ok" if result.ok else "NOT AS EXPECTED"
+            bar.console.print(f"  {result.case} #{result.repetition + 1}: {result.path} ({verdict})", highlight=False)
+            bar.advance(task)
+
+        return run_matrix(cases, repetitions, progress=finished, **options)
+
+
 def run_matrix(
     cases: Sequence[Case] = SHORT_CASES,
     repetitions: int = 1,

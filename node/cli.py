@@ -821,26 +821,16 @@ def nat_test(cases: tuple[str, ...], full: bool, repetitions: int, parallel: int
     if problem is not None:
         click.echo(f"clawnode: E_UNAVAILABLE: nat-test needs Linux and root: {problem}", err=True)
         sys.exit(EXIT_CANNOT_START)
-    console = Console(stderr=True)
-    with console.status(f"running {len(chosen) * repetitions} NAT cases, {parallel} at a time"):
-        try:
-            results = natmatrix.run_matrix(
-                chosen,
-                repetitions,
-                parallel=parallel,
-                progress=lambda r: console.print(f"{r.case} #{r.repetition + 1}: {r.path} (ok: {r.ok})"),
-            )
-        except (natmatrix.MatrixError, ValueError) as error:
-            code, message = (
-                (error.code, error.message)
-                if isinstance(error, natmatrix.MatrixError)
-                else (
-                    "E_INVALID_ARGUMENT",
-                    str(error),
-                )
-            )
-            click.echo(f"clawnode: {code}: {message}", err=True)
-            sys.exit(EXIT_CANNOT_START if code == "E_UNAVAILABLE" else EXIT_CONFIG)
+    try:
+        results = natmatrix.run_matrix_with_progress(Console(stderr=True), chosen, repetitions, parallel=parallel)
+    except (natmatrix.MatrixError, ValueError) as error:
+        code, message = (
+            (error.code, error.message)
+            if isinstance(error, natmatrix.MatrixError)
+            else ("E_INVALID_ARGUMENT", str(error))
+        )
+        click.echo(f"clawnode: {code}: {message}", err=True)
+        sys.exit(EXIT_CANNOT_START if code == "E_UNAVAILABLE" else EXIT_CONFIG)
     Console().print(natmatrix.render_table(results))
     if json_path is not None:
         payload = {"summary": natmatrix.summarize(results), "results": [r.model_dump(mode="json") for r in results]}

@@ -3,13 +3,12 @@ driven by Playwright) against real ``clawnode start`` daemons sharing one anvil 
 
 A creator, a bidder and an arbiter, each its own process with a funded anvil wallet, take a task
 through the node API (publish → bid → award with an escrow lock → submit → reject) while the
-creator's page is open: the task shows up and moves on without a reload; a dispute on a task with
-nothing delivered is refused with the node's error; then the operator types a reason and opens a
-dispute from the page. The page shows it open, and so do the creator's API, the escrow contract
-(the lock is frozen on chain), the bidder, and the arbiter that received the signed evidence.
-
-There is no endpoint to add evidence to an open dispute (the case the arbiter gets carries the
-signed announcement, award, result and review): the page offers none, so none is tested here.
+creator's page is open: the task shows up and moves on without a reload; no dispute is offered
+before something was delivered, and none without a reason; then the operator types a reason and
+opens a dispute from the page. The page shows it open, and so do the creator's API, the escrow
+contract (the lock is frozen on chain), the bidder, and the arbiter that received the signed case.
+Then the operator adds evidence from the page, a note and a file: the arbiter holds both (the
+file byte for byte), the bidder sees the note, and the page lists it.
 
 Screenshots go to ``test-artifacts/dashboard/``. Skipped, with the install command, when no
 chromium or playwright is found, or when anvil (npm) is not installed.
@@ -123,19 +122,8 @@ def test_a_dispute_opened_from_the_page_reaches_the_chain_the_bidder_and_the_arb
     assert cells[1:4] == ["creator", CAPABILITY, "summarise a <b>page</b>"] and cells[5] == "task_open"
     assert page.locator("#tasks-table b").count() == 0
 
-    # A dispute needs a reason, and one on a task with nothing awarded is refused with the node's error.
-    row.locator("button.open-dispute").click()
-    page.wait_for_selector("#tasks-message.error:has-text('Say what went wrong')")
-    row.locator("input.dispute-reason").fill("too early")
-    row.locator("button.open-dispute").click()
-    page.wait_for_function(
-        "() => { const m = document.getElementById('tasks-message');"
-        " return m.className === 'error' && /\\(E_[A-Z_]+\\)$/.test(m.textContent); }",
-        timeout=15_000,
-    )
-    refused = text(page, "#tasks-message")
-    assert "no award" in refused and refused.endswith("(E_CONFLICT)"), refused
-    assert (_task(creator, task_id) or {}).get("dispute_state") is None
+    # Nothing awarded or delivered yet: nothing to dispute, so no dispute is offered.
+    assert row.locator("button.open-dispute").count() == 0
 
     # Bid, award (the escrow lock), deliver and reject, all through the API.
     wait_until(lambda: _task(bidder, task_id), "the announcement reaching the bidder", timeout_s=60)
@@ -166,6 +154,9 @@ def test_a_dispute_opened_from_the_page_reaches_the_chain_the_bidder_and_the_arb
     assert cells[5] == "task_awarded" and cells[6] == "result_rejected" and cells[7] == ""
     assert row.locator("button.open-dispute").count() == 1
     browser.shot("tasks-rejected")
+    # A dispute needs a reason: the arbiter reads it.
+    row.locator("button.open-dispute").click()
+    page.wait_for_selector("#tasks-message.error:has-text('Say what went wrong')")
 
     # Open the dispute from the page.
     escrow_id = bytes.fromhex(awarded["escrow_id"][2:])
@@ -196,6 +187,39 @@ def test_a_dispute_opened_from_the_page_reaches_the_chain_the_bidder_and_the_arb
     case = wait_until(lambda: _task(arbiter, task_id), "the dispute case at the arbiter", timeout_s=60)
     assert case["role"] == "arbiter" and case["dispute_state"] == "dispute_open", case
     assert case["result_state"] == "result_rejected" and case["price"] == PRICE
+
+    # Evidence from the page: a note and a file go to the arbiter (and the bidder sees the note).
+    evidence_form = page.locator(f'#tasks-table tr[data-evidence-for="{task_id}"]')
+    evidence_form.locator("button.add-evidence").click()
+    page.wait_for_selector("#tasks-message.error:has-text('Write a note or attach a file')")
+    note = "The brief asked for <i>three</i> sentences; the summary has one."
+    attachment = b"brief.txt: summarise the page in three sentences\n"
+    evidence_form.locator("textarea.evidence-note").fill(note)
+    evidence_form.locator("input.evidence-file").set_input_files(
+        {"name": "brief.txt", "mimeType": "text/plain", "buffer": attachment}
+    )
+    evidence_form.locator("button.add-evidence").click()
+    page.wait_for_selector(
+        f"#tasks-message:has-text('Evidence sent to the arbiter of task {task_id[:8]}')", timeout=60_000
+    )
+    page.wait_for_selector(f'#tasks-table tr[data-evidence-for="{task_id}"] .evidence-text', timeout=15_000)
+    assert text(page, f'#tasks-table tr[data-evidence-for="{task_id}"] .evidence-text') == note
+    assert page.locator("#tasks-table i").count() == 0  # markup in a note is shown as text
+    assert page.evaluate("window.__notReloaded") is True
+    browser.shot("tasks-evidence")
+    held = wait_until(
+        lambda: (_task(arbiter, task_id) or {}).get("evidence"), "the evidence at the arbiter", timeout_s=60
+    )
+    (piece,) = held
+    assert piece["note"] == note and piece["size"] == len(attachment)
+    assert piece["submitted_by"] == creator_id
+    stored = api(arbiter, "GET", f"/api/tasks/{task_id}/evidence/{piece['evidence_id']}")
+    assert base64.b64decode(stored["attachment_b64"]) == attachment
+    wait_until(
+        lambda: [e["note"] for e in (_task(bidder, task_id) or {}).get("evidence", [])] == [note],
+        "the evidence at the bidder",
+        timeout_s=60,
+    )
 
     browser.assert_no_secrets(creator, tmp_path)
     for node in (creator, bidder, arbiter):

@@ -119,6 +119,13 @@ def test_a_task_from_publish_to_payment_through_the_cli(
     assert closed[0]["receipt_state"] == "receipt_settled"
     wait_until(lambda: cli(bidder, "ledger")["total"]["income"] == 4_000_000, "the bidder's income")
     assert cli(creator, "ledger")["total"]["spend"] == 4_000_000
+    # Evidence joins open disputes only; a file over the limit is refused before anything is sent.
+    late = run_cli("task", "evidence", task_id, "--note", "too late", "--data-dir", str(creator.data_dir))
+    assert late.returncode == 1 and "E_CONFLICT" in late.stderr, late.stderr
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (64 * 1024 + 1))
+    refused = run_cli("task", "evidence", task_id, "--attach", str(big), "--data-dir", str(creator.data_dir))
+    assert refused.returncode == 1 and "E_INVALID_ARGUMENT" in refused.stderr, refused.stderr
     for node in (creator, bidder):
         assert cli(node, "ledger", "verify")["ok"] is True
         assert str(tmp_path) not in node.log()

@@ -327,19 +327,55 @@ function renderLedger(summary, receipts, settlements) {
   }
 }
 
+// A party may dispute once there is something to dispute: a rejected result, or one awaiting review.
+function canDispute(task) {
+  const party = task.role === "creator" || task.role === "awarded_bidder";
+  const delivered = task.result_state === "result_rejected" || task.result_state === "result_submitted";
+  return party && delivered && !task.dispute_state;
+}
+
+function canAddEvidence(task) {
+  return (task.role === "creator" || task.role === "awarded_bidder") && task.dispute_state === "dispute_open";
+}
+
+function evidenceRow(task) {
+  const evidence = Array.isArray(task.evidence) ? task.evidence : [];
+  if (!evidence.length && !canAddEvidence(task)) return null;
+  const from = (peer) => (peer === task.creator ? "creator" : peer === task.awarded_bidder ? "bidder" : short(peer));
+  const items = evidence.map((e) => h("li", { "data-evidence-id": e.evidence_id },
+    h("span", { class: "muted", text: `${from(e.submitted_by)}, ${when(e.submitted_at)}: ` }),
+    h("span", { class: "evidence-text", text: e.note }),
+    e.size ? " " : null,
+    e.size ? h("button", { type: "button", class: "secondary download-evidence", text: `attachment (${e.size} bytes)`,
+      onclick: () => downloadEvidence(task.task_id, e.evidence_id) }) : null));
+  let form = null;
+  if (canAddEvidence(task)) {
+    const note = h("textarea", { class: "evidence-note", rows: 2, maxlength: 2000, placeholder: "what the arbiter should know", "aria-label": "evidence note" });
+    const file = h("input", { type: "file", class: "evidence-file", "aria-label": "evidence attachment" });
+    const button = h("button", { type: "button", class: "add-evidence", text: "Add evidence",
+      onclick: () => addEvidence(task.task_id, note.value, file.files && file.files[0]) });
+    form = h("div", { class: "evidence-form" }, note, " ", file, " ", button);
+  }
+  return h("tr", { class: "evidence-row", "data-evidence-for": task.task_id },
+    h("td", { colspan: 9 }, h("strong", { text: `Evidence (${evidence.length})` }),
+      items.length ? h("ul", { class: "evidence-list" }, ...items) : null, form));
+}
+
 function renderTasks(tasks) {
   const table = $("tasks-table");
-  if (table.contains(document.activeElement) && document.activeElement.tagName === "INPUT") return;
-  if (!changed("tasks", tasks.tasks)) return;
-  fillTable("tasks-table", tasks.tasks.map((task) => {
+  const typing = table.contains(document.activeElement) && ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName);
+  if (typing || !changed("tasks", tasks.tasks)) return;
+  const message = $("tasks-message");
+  if (message.className === "error") message.textContent = "";  // the task moved on: an old error no longer applies
+  fillTable("tasks-table", tasks.tasks.flatMap((task) => {
     let action = "";
-    if ((task.role === "creator" || task.role === "awarded_bidder") && !task.dispute_state) {
+    if (canDispute(task)) {
       const reason = h("input", { class: "dispute-reason", placeholder: "what went wrong", maxlength: 500, "aria-label": "dispute reason" });
       const button = h("button", { type: "button", class: "open-dispute danger", text: "Open a dispute" });
       button.addEventListener("click", () => dispute(task.task_id, reason.value));
       action = h("div", {}, reason, " ", button);
     }
-    return h("tr", { "data-task-id": task.task_id },
+    const row = h("tr", { "data-task-id": task.task_id },
       idCell(task.task_id),
       h("td", { text: task.role }),
       h("td", { class: "id", text: task.capability || "" }),
@@ -349,18 +385,57 @@ function renderTasks(tasks) {
       h("td", { text: task.result_state || "" }),
       h("td", { text: task.dispute_state || "" }),
       h("td", {}, action));
+    const evidence = evidenceRow(task);
+    return evidence ? [row, evidence] : [row];
   }), 9, "No tasks: publish or watch tasks with `clawnode task`.");
 }
 
-async function dispute(taskId, reason) {
+function tasksMessage(ok, text) {
   const message = $("tasks-message");
-  if (!reason.trim()) { message.className = "error"; message.textContent = "Say what went wrong: the arbiter reads it."; return; }
+  message.className = ok ? "muted" : "error";
+  message.textContent = text;
+}
+
+async function dispute(taskId, reason) {
+  if (!reason.trim()) { tasksMessage(false, "Say what went wrong: the arbiter reads it."); return; }
   try {
     const reply = await api(`/api/tasks/${encodeURIComponent(taskId)}/dispute`, { method: "POST", body: { reason: reason.trim() } });
-    message.className = reply.ok ? "muted" : "error";
-    message.textContent = reply.ok ? `Dispute opened on task ${short(taskId)}.` : errorText(reply);
+    tasksMessage(reply.ok, reply.ok ? `Dispute opened on task ${short(taskId)}.` : errorText(reply));
     if (document.activeElement) document.activeElement.blur();
     delete last.tasks;
+  } catch (error) { handle(error); }
+}
+
+const MAX_ATTACHMENT = 64 * 1024;
+
+function base64Of(buffer) {
+  const bytes = new Uint8Array(buffer);
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(binary);
+}
+
+async function addEvidence(taskId, note, file) {
+  if (!note.trim() && !file) { tasksMessage(false, "Write a note or attach a file: the arbiter reads it."); return; }
+  if (file && file.size > MAX_ATTACHMENT) { tasksMessage(false, `Attachments are at most ${MAX_ATTACHMENT} bytes.`); return; }
+  try {
+    const attachment = file ? base64Of(await file.arrayBuffer()) : "";
+    const body = { note: note.trim(), attachment_b64: attachment };
+    const reply = await api(`/api/tasks/${encodeURIComponent(taskId)}/evidence`, { method: "POST", body });
+    tasksMessage(reply.ok, reply.ok ? `Evidence sent to the arbiter of task ${short(taskId)}.` : errorText(reply));
+    if (document.activeElement) document.activeElement.blur();
+    delete last.tasks;
+  } catch (error) { handle(error); }
+}
+
+async function downloadEvidence(taskId, evidenceId) {
+  try {
+    const reply = await api(`/api/tasks/${encodeURIComponent(taskId)}/evidence/${encodeURIComponent(evidenceId)}`);
+    if (!reply.ok) { tasksMessage(false, errorText(reply)); return; }
+    const bytes = Uint8Array.from(atob(reply.body.attachment_b64), (c) => c.charCodeAt(0));
+    const link = h("a", { href: URL.createObjectURL(new Blob([bytes])), download: `evidence-${evidenceId.slice(0, 12)}.bin` });
+    link.click();
+    URL.revokeObjectURL(link.href);
   } catch (error) { handle(error); }
 }
 

@@ -22,13 +22,15 @@ OpenAI do not count it).
 from __future__ import annotations
 
 import codecs
+import contextlib
+import ctypes
 import logging
 import math
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -83,6 +85,41 @@ class LoadReport:
     n_ctx: int
     chat_format: str
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+_DEFAULT_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _load_progress(progress: Progress | None) -> Iterator[None]:
+    """llama.cpp reports load progress to ``llama_model_params.progress_callback``, but
+    llama-cpp-python's ``Llama()`` builds its params itself (from ``llama_model_default_params``)
+    and takes no callback. For the length of one load, that function hands out params carrying
+    ours; the lock keeps two loads from swapping it under each other."""
+    if progress is None:
+        yield
+        return
+    import llama_cpp.llama_cpp as bindings
+
+    def report(value: float, _user_data: ctypes.c_void_p) -> bool:
+        with contextlib.suppress(Exception):  # progress must never abort a load
+            progress(float(value))
+        return True
+
+    callback = bindings.llama_progress_callback(report)  # kept referenced until the load returns
+    original = bindings.llama_model_default_params
+
+    def params_with_progress() -> Any:
+        params = original()
+        params.progress_callback = callback
+        return params
+
+    with _DEFAULT_PARAMS_LOCK:
+        bindings.llama_model_default_params = params_with_progress
+        try:
+            yield
+        finally:
+            bindings.llama_model_default_params = original
 
 
 class _Worker:
@@ -334,21 +371,18 @@ class LlamaModel:
         return self._llama is not None
 
     async def load(self, progress: Progress | None = None) -> LoadReport:
-        """Load the model on its worker thread; ``progress`` gets 0.0 at the start and 1.0 when done.
-
-        llama-cpp-python 0.3.36 does not expose llama.cpp's load-progress callback, and a small model
-        loads in well under a second, so there is no finer progress than that.
-        """
+        """Load the model on its worker thread; ``progress`` gets 0.0 at the start, llama.cpp's own
+        load progress in between (called on the worker thread) and 1.0 when done."""
         if self.load_report is not None:
             return self.load_report
         if not self.path.is_file():
-            raise ClawnodeError(ErrorCode.NOT_FOUND, f"model file not found: {self.path}")
+            raise ClawnodeError(ErrorCode.NOT_FOUND, f"model {self.name}: its file was not found")
         if self._worker is None:
             self._worker = _Worker(self.name)
         if progress is not None:
             progress(0.0)
         try:
-            report = await self._worker.run(self._load_blocking)
+            report = await self._worker.run(lambda: self._load_blocking(progress))
         except BaseException:
             self._worker.stop()
             self._worker = None
@@ -378,13 +412,14 @@ class LlamaModel:
             kwargs["n_threads_batch"] = self.n_threads
         return kwargs
 
-    def _load_blocking(self) -> LoadReport:
+    def _load_blocking(self, progress: Progress | None = None) -> LoadReport:
         from llama_cpp import Llama, llama_chat_format
 
         before = _rss()
         started = time.perf_counter()
         try:
-            llama = Llama(**self._llama_kwargs())
+            with _load_progress(progress):
+                llama = Llama(**self._llama_kwargs())
         except (ValueError, RuntimeError) as error:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"cannot load {self.path.name}: {error}") from None
         seconds = time.perf_counter() - started

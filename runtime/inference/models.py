@@ -23,6 +23,7 @@ build here is CPU-only and portable: ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUI
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import time
@@ -36,6 +37,7 @@ from dht.offers import Offer
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import DEFAULT_MAX_QUEUE, LlamaModel
 from runtime.inference.service import ChatService, EmbeddingService
+from runtime.progress import ProgressBar
 from runtime.service import ServiceRegistry
 
 # llama.cpp's general.file_type values (enum llama_ftype) for the ones seen in practice.
@@ -130,6 +132,10 @@ def _metadata_int(metadata: dict[str, str], key: str) -> int | None:
         return None
 
 
+def _report_load(bar: ProgressBar, note: str, fraction: float) -> None:
+    bar.update(fraction, note)
+
+
 class ModelHost:
     """Loads the configured models and keeps them by name."""
 
@@ -141,27 +147,20 @@ class ModelHost:
         self.models: dict[str, LlamaModel] = {}
         self._progress = progress if progress is not None else sys.stderr
 
-    def _say(self, line: str) -> None:
-        try:
-            print(line, file=self._progress, flush=True)
-        except (OSError, ValueError):
-            pass
-
     async def start(self) -> None:
-        """Load every model in turn, reporting progress; a model that fails stops the start."""
+        """Load every model in turn, each with a progress bar; a model that fails stops the start."""
         total = len(self.specs)
         for index, spec in enumerate(self.specs):
             started = time.perf_counter()
-            self._say(f"[{100 * index // max(total, 1):3d}%] model {spec.name}: locating")
+            bar = ProgressBar(f"model {index + 1}/{total} {spec.name}", self._progress)
+            bar.update(0.0, "locating")
             path = await trio.to_thread.run_sync(spec.resolve_path)
-            size_mb = path.stat().st_size / 1e6
-            self._say(f"[{100 * index // max(total, 1):3d}%] model {spec.name}: loading {path.name} ({size_mb:.1f} MB)")
+            note = f"loading {path.name} ({path.stat().st_size / 1e6:.1f} MB)"
             model = spec.engine(path)
-            report = await model.load()
+            report = await model.load(functools.partial(_report_load, bar, note))
             self.models[spec.name] = model
-            self._say(
-                f"[{100 * (index + 1) // total:3d}%] model {spec.name}: ready in "
-                f"{time.perf_counter() - started:.2f} s (load {report.seconds:.2f} s, "
+            bar.done(
+                f"ready in {time.perf_counter() - started:.2f} s (load {report.seconds:.2f} s, "
                 f"RSS +{report.rss_delta_bytes / 2**20:.0f} MiB, chat format {report.chat_format})"
             )
 

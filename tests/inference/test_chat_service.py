@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,15 @@ async def test_embedding_service_counts_input_tokens(tiny: LlamaModel) -> None:
 
 async def test_model_host_offers_and_registers(tiny_path: Path) -> None:
     spec = ModelSpec(name="tiny", path=str(tiny_path), n_ctx=256, n_threads=1, price_per_unit=7, embeddings=True)  # type: ignore[call-arg]
-    host = ModelHost([spec])
+    shown = io.StringIO()
+    host = ModelHost([spec], progress=shown)
     await host.start()
     try:
+        # Not a terminal: a line per quarter of the bar, then the full bar with the outcome.
+        lines = shown.getvalue().splitlines()
+        assert lines[0].startswith("model 1/1 tiny [") and lines[0].endswith("0% locating")
+        assert lines[-1].startswith("model 1/1 tiny [" + "#" * 24 + "] 100% ready in"), lines
+        assert str(tiny_path.parent) not in shown.getvalue()
         offers = {offer.name: offer for offer in host.offers()}
         assert set(offers) == {"model:tiny", "embedding:tiny"}
         chat = offers["model:tiny"]

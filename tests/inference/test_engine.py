@@ -26,7 +26,9 @@ async def test_load_reports_time_memory_and_the_gguf_chat_template(tiny_path: Pa
     progress: list[float] = []
     report = await model.load(progress=progress.append)
     try:
-        assert progress == [0.0, 1.0]
+        # 0.0 and 1.0 from us, llama.cpp's own reports (from the loading thread) in between.
+        assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(progress)
+        assert any(0.0 < value <= 1.0 for value in progress[1:-1]), progress
         assert 0 < report.seconds < 5
         assert report.rss_bytes > 0
         assert report.n_ctx == 256
@@ -41,6 +43,7 @@ async def test_a_missing_file_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(ClawnodeError) as raised:
         await LlamaModel(tmp_path / "none.gguf").load()
     assert raised.value.code == ErrorCode.NOT_FOUND
+    assert str(tmp_path) not in raised.value.message  # no local path in an error
 
 
 async def test_greedy_and_seeded_output_is_deterministic(tiny: LlamaModel) -> None:
