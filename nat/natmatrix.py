@@ -325,7 +325,7 @@ def start_daemon(
         **os.environ,
         "CLAWNODE_ESCROW_MODE": "off",
         "CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false",
-        "CLAWNODE_LOG_LEVEL": "info",
+        "CLAWNODE_LOG_LEVEL": os.environ.get("CLAWNODE_LOG_LEVEL", "info"),  # debug: why a case went wrong
         **(env or {}),
     }
     environment.pop("CLAWNODE_DATA_DIR", None)

@@ -26,6 +26,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from node.dial_order import order_dials
 from runtime.errors import ClawnodeError, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def build_host(
         addrs_factory=lambda candidates: _unique(_parse_extra(extra_addrs()) + advertised_addrs(candidates)),
     )
     _guard_inbound_streams(host)
+    order_dials(host)
     return host
 
 

@@ -158,6 +158,9 @@ async def test_four_servers_dial_back_from_other_identities_on_fresh_connections
             assert dialer in client.inbound.seen
         assert len({result.detail for result in ok}) == len(ok)
         assert state.checked_at is not None
+        # What the servers reached is what a public node advertises (a port forward's address).
+        own = str(client.host.get_addrs()[0]).split("/p2p/")[0]
+        assert client.confirmed_addrs() == [own]
 
 
 async def test_answers_add_up_across_checks_without_asking_a_server_twice() -> None:
@@ -189,6 +192,7 @@ async def test_unreachable_address_gets_private() -> None:
         assert state.verdict == "private", state.reason
         assert [result.outcome for result in state.servers] == ["dial_error"] * 3
         assert state.reason == "autonat: 0/3 dial-backs"
+        assert client.confirmed_addrs() == []  # nothing reached: nothing to advertise
 
 
 async def test_server_dials_only_the_observed_ip_and_rate_limits() -> None:

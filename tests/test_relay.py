@@ -166,3 +166,38 @@ async def test_a_relayed_connection_is_upgraded_by_hole_punching(tmp_path: Path)
         assert status.hole_punch is not None and status.hole_punch.direct == 1
         assert private.status().reached_by.startswith("relay")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_relay_cuts_a_circuit_at_its_data_limit_and_counts_it(tmp_path: Path) -> None:
+    """A relay that lets a circuit carry 1 KiB: reaching a private node through it (Noise,
+    identify and a record fetch are several KiB) fails, and the relay's /metrics says why."""
+    async with trio.open_nursery() as nursery:
+        relay = Node(config("relay", relay=RelaySection(max_circuit_bytes=1024)), tmp_path / "relay")  # type: ignore[call-arg]
+        await nursery.start(relay.run)
+        relay_addr = relay.listen_addrs()[0]
+        private = Node(
+            config("node", "private", RelaySection(static_relays=[relay_addr], min_relays=1)),  # type: ignore[call-arg]
+            tmp_path / "private",
+        )
+        await nursery.start(private.run)
+        with trio.fail_after(15):
+            while not private.relayed_addrs():
+                await trio.sleep(0.1)
+        client = build_host(create_new_key_pair())
+        async with client.run(LOOPBACK):
+            await nursery.start(RelayService(client, RelaySettings(), serve_hop=False).run)
+            private_id = private.host.get_id()
+            client.get_peerstore().add_addrs(private_id, [multiaddr.Multiaddr(f"{relay_addr}/p2p-circuit")], 60)
+            with trio.fail_after(60):
+                while (await _samples(relay)).get('clawnode_relay_circuits_cut_total{limit="data"}', 0) < 1:
+                    with trio.move_on_after(10):
+                        try:
+                            await fetch_sealed_record(client, private_id)
+                        except Exception:  # noqa: BLE001 - the cut circuit fails the fetch, as it should
+                            pass
+                    await trio.sleep(0.2)
+        metrics = await _samples(relay)
+        assert metrics['clawnode_relay_circuits_cut_total{limit="data"}'] >= 1
+        assert metrics['clawnode_relay_circuits_cut_total{limit="duration"}'] == 0
+        assert 0 < metrics["clawnode_relay_circuit_bytes_total"]
+        nursery.cancel_scope.cancel()
