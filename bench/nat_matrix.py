@@ -38,10 +38,11 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--loss", type=int, default=0, help="percent of forwarded packets each router drops")
     parser.add_argument("--no-upnp", action="store_true", help="leave out the UPnP cases")
+    parser.add_argument("--quic", action="store_true", help="also the 16 pairs and the UPnP cases with QUIC listeners")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy every daemon's log here")
     args = parser.parse_args()
-    cases = natmatrix.full_cases(upnp=not args.no_upnp)
+    cases = natmatrix.full_cases(upnp=not args.no_upnp, quic=args.quic)
     problem = natmatrix.requirements_problem(cases)
     if problem is not None:
         print(f"E_UNAVAILABLE: {problem}", file=sys.stderr)
@@ -63,7 +64,8 @@ def main() -> int:
     print(
         f"direct rate {summary['direct']} = {summary['direct_rate']} (goal >= 0.9) | "
         f"relay fallback {summary['relay_fallback']} = {summary['relay_fallback_rate']} (goal 1.0) | "
-        f"mapped direct {summary['mapped_direct']} | hole punch p50 {summary['hole_punch_seconds_p50']} s | "
+        f"mapped direct {summary['mapped_direct']} | QUIC direct {summary['quic_direct']} | "
+        f"hole punch p50 {summary['hole_punch_seconds_p50']} s | "
         f"loss {args.loss} % | {time.monotonic() - started:.0f} s"
     )
     if args.json is not None:

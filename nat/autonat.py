@@ -166,6 +166,18 @@ def listen_ports(addrs: Sequence[str]) -> list[int]:
     return ports
 
 
+def quic_listen_ports(addrs: Sequence[str]) -> list[int]:
+    """The UDP ports of these addresses' ``/udp/<port>/quic-v1`` listeners (0 and duplicates left out)."""
+    ports: list[int] = []
+    for addr in addrs:
+        parts = addr.split("/")
+        if len(parts) >= 6 and parts[3] == "udp" and parts[5] in ("quic-v1", "quic") and parts[4].isdigit():
+            port = int(parts[4])
+            if 0 < port < 65536 and port not in ports:
+                ports.append(port)
+    return ports
+
+
 def candidate_addrs(addrs: Sequence[str], *, allow_private: bool, limit: int) -> list[str]:
     """The own addresses worth asking about: TCP, public-looking unless ``allow_private``, no duplicates."""
     found: list[str] = []

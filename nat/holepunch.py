@@ -155,6 +155,18 @@ class HolePunchService:
                 return "direct"
         return "relayed"
 
+    def direct_transport(self, peer_id: ID) -> Literal["tcp", "quic"] | None:
+        """The transport of our direct connection to ``peer_id`` (None: none, or relayed only)."""
+        for conn in self.host.get_network().get_connections(peer_id):
+            try:
+                addrs = [str(addr) for addr in conn.get_transport_addresses()]
+            except Exception:  # noqa: BLE001 - a closing connection
+                continue
+            direct = [addr for addr in addrs if "/p2p-circuit" not in addr]
+            if direct:
+                return "quic" if any("/quic" in addr for addr in direct) else "tcp"
+        return None
+
     def connections_by_path(self) -> dict[ConnectionPath, int]:
         """Connected peers by how we are connected to them now."""
         counts: dict[ConnectionPath, int] = {"direct": 0, "relayed": 0}

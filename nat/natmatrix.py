@@ -64,6 +64,8 @@ _STAMP_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 Verdict = Literal["public", "private", "unknown"]
 Mapping = Literal["none", "upnp", "port-forward"]
 Path_ = Literal["direct", "hole-punch", "relay", "none"]
+Transport = Literal["tcp", "quic"]
+MAX_CASES = 25
 
 _RESTRICTIVE = {NatType.PORT_RESTRICTED, NatType.SYMMETRIC}
 
@@ -84,12 +86,13 @@ class Case(BaseModel):
     nat_a: NatType
     nat_b: NatType
     mapping_b: Mapping = "none"
-    transport: Literal["tcp"] = "tcp"
+    transport: Transport = "tcp"  # quic: the home nodes (and the servers) listen on QUIC too
 
     @property
     def label(self) -> str:
         suffix = "" if self.mapping_b == "none" else f" +{self.mapping_b}"
-        return f"{self.nat_a.value} x {self.nat_b.value}{suffix}"
+        quic = " /quic" if self.transport == "quic" else ""
+        return f"{self.nat_a.value} x {self.nat_b.value}{suffix}{quic}"
 
     def expected_path(self) -> Path_:
         if self.mapping_b != "none":
@@ -98,12 +101,18 @@ class Case(BaseModel):
 
 
 def parse_case(text: str) -> Case:
-    """``"full-cone:symmetric"``, ``"port-restricted:port-restricted+upnp"`` -> a ``Case``."""
+    """``"full-cone:symmetric"``, ``"port-restricted:port-restricted+upnp"``, ``"…/quic"`` -> a ``Case``."""
+    text, slash, transport = text.partition("/")
     body, _, mapping = text.partition("+")
     nat_a, sep, nat_b = body.partition(":")
-    if not sep:
-        raise ValueError(f"bad case {text!r}: NAT_A:NAT_B[+upnp|+port-forward]")
-    return Case(nat_a=NatType(nat_a), nat_b=NatType(nat_b), mapping_b=mapping or "none")  # type: ignore[arg-type]
+    if not sep or (slash and transport not in ("tcp", "quic")):
+        raise ValueError(f"bad case {text!r}: NAT_A:NAT_B[+upnp|+port-forward][/quic]")
+    return Case(
+        nat_a=NatType(nat_a),
+        nat_b=NatType(nat_b),
+        mapping_b=mapping or "none",  # type: ignore[arg-type]
+        transport=transport or "tcp",  # type: ignore[arg-type]
+    )
 
 
 # CI's short matrix: the pattern physics allows, one case each.
@@ -115,9 +124,14 @@ SHORT_CASES: tuple[Case, ...] = (
 )
 
 
-def full_cases(*, upnp: bool = True) -> list[Case]:
-    """Every ordered pair of NAT types, plus B behind each type with UPnP (and a port forward)."""
+def full_cases(*, upnp: bool = True, quic: bool = False) -> list[Case]:
+    """Every ordered pair of NAT types, plus B behind each type with UPnP (and a port forward);
+    ``quic``: the 16 pairs and the UPnP cases again with QUIC listeners beside TCP."""
     cases = [Case(nat_a=a, nat_b=b) for a, b in itertools.product(NatType, NatType)]
+    if quic:
+        cases += [Case(nat_a=a, nat_b=b, transport="quic") for a, b in itertools.product(NatType, NatType)]
+        if upnp:
+            cases += [Case(nat_a=NatType.PORT_RESTRICTED, nat_b=b, mapping_b="upnp", transport="quic") for b in NatType]
     if upnp:
         cases += [Case(nat_a=NatType.PORT_RESTRICTED, nat_b=b, mapping_b="upnp") for b in NatType]
     cases.append(Case(nat_a=NatType.PORT_RESTRICTED, nat_b=NatType.SYMMETRIC, mapping_b="port-forward"))
@@ -150,6 +164,7 @@ class Result(BaseModel):
     expected_path: Path_ = "none"
     seconds_to_direct: float | None = None  # hole punches: the DCUtR attempt, relayed connection to direct
     data_after_punch: bool | None = None  # a second request answered once the path settled
+    direct_transport: Transport | None = None  # what A's direct connection to B runs on
     # TCP connections (ip:port) the relays and helpers opened towards the home side: AutoNAT
     # dial-backs (and any other dial). Only the routers' public addresses may appear.
     server_dials: list[str] = Field(default_factory=list)
@@ -318,6 +333,7 @@ def start_daemon(
     role: str,
     bootstrap: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    quic: bool = False,
 ) -> Daemon:
     data_dir = ensure_data_dir(root / name)
     log_path = root / f"{name}.log"
@@ -343,6 +359,8 @@ def start_daemon(
         "--role",
         role,
     ]
+    if quic:  # beside TCP: AutoNAT dials back TCP only; py-libp2p dials QUIC first where both exist
+        argv += ["--listen", f"/ip4/{host.ip}/udp/{LISTEN_PORT}/quic-v1"]
     for addr in bootstrap:
         argv += ["--bootstrap", addr]
     with log_path.open("wb") as log:
@@ -382,7 +400,7 @@ def _router_names(index: int) -> tuple[str, str]:
     return f"r{2 * index + 1}", f"r{2 * index + 2}"
 
 
-def _start_servers(topo: Topology, root: Path, timeout: float) -> _Servers:
+def _start_servers(topo: Topology, root: Path, timeout: float, *, quic: bool = False) -> _Servers:
     # Identities made up front, so every public daemon can start at once with all the others as
     # bootstrap peers (an AutoNAT client needs >= 3 connected servers).
     public_hosts = [topo.relay, *topo.helpers]
@@ -403,6 +421,7 @@ def _start_servers(topo: Topology, root: Path, timeout: float) -> _Servers:
                 # Home nodes here re-check every 10 s (below); a server's default of one request
                 # per peer per 30 s would refuse most of those rounds.
                 env={"CLAWNODE_NAT_AUTONAT_SERVE": "always", "CLAWNODE_NAT_AUTONAT_PEER_INTERVAL_S": "5"},
+                quic=quic,
             )
         )
     servers = _Servers(daemons[0], daemons[1:], list(addrs.values()))
@@ -437,7 +456,10 @@ def run_matrix_with_progress(console: Any, cases: Sequence[Case], repetitions: i
             bar.console.print(f"  {result.case} #{result.repetition + 1}: {result.path} ({verdict})", highlight=False)
             bar.advance(task)
 
-        return run_matrix(cases, repetitions, progress=finished, **options)
+        results: list[Result] = []
+        for start in range(0, len(cases), MAX_CASES):  # one topology holds MAX_CASES pairs of routers
+            results += run_matrix(cases[start : start + MAX_CASES], repetitions, progress=finished, **options)
+        return results
 
 
 def run_matrix(
@@ -462,8 +484,8 @@ def run_matrix(
         raise MatrixError(f"the NAT matrix needs Linux and root: {problem}")
     if repetitions < 1 or parallel < 1:
         raise ValueError("repetitions and parallel must be >= 1")
-    if not 1 <= len(cases) <= 25:
-        raise ValueError("1..25 cases (two routers each, 50 at most)")
+    if not 1 <= len(cases) <= MAX_CASES:
+        raise ValueError(f"1..{MAX_CASES} cases (two routers each, {2 * MAX_CASES} at most)")
     routers: dict[str, NatType] = {}
     for index, case in enumerate(cases):
         name_a, name_b = _router_names(index)
@@ -472,7 +494,7 @@ def run_matrix(
     root = Path(tempfile.mkdtemp(prefix="clawnode-natmatrix-"))
     try:
         with Topology(routers, loss_percent=loss_percent) as topo:
-            servers = _start_servers(topo, root, timeout_s)
+            servers = _start_servers(topo, root, timeout_s, quic=any(case.transport == "quic" for case in cases))
             if any(case.mapping_b == "upnp" for case in cases):
                 from nat.harness.upnpd import start_miniupnpd
 
@@ -514,14 +536,16 @@ def _check_server_dials(batch: list[Result], servers: _Servers) -> None:
         result.ok = result.ok and not stray
 
 
-def _start_home(topo: Topology, host: Host, root: Path, name: str, boot: list[str], *, serves: bool) -> Daemon:
+def _start_home(
+    topo: Topology, host: Host, root: Path, name: str, boot: list[str], *, serves: bool, quic: bool = False
+) -> Daemon:
     if serves:
         data_dir = ensure_data_dir(root / name)
         (data_dir / "config.toml").write_text(OFFER_TOML, encoding="utf-8")
     # Re-checked every 10 s rather than 300 s: a first check before three servers are connected
     # is retried after min(30 s, interval), which would dominate a case's time.
     env = {"CLAWNODE_NAT_AUTONAT_INTERVAL_S": "10"}
-    return start_daemon(topo, host, name=name, root=root, role="node", bootstrap=boot, env=env)
+    return start_daemon(topo, host, name=name, root=root, role="node", bootstrap=boot, env=env, quic=quic)
 
 
 def _published_reachable(daemon: Daemon) -> bool:
@@ -561,6 +585,7 @@ def _run_case(
         nat_a=case.nat_a.value,
         nat_b=case.nat_b.value,
         mapping_b=case.mapping_b,
+        transport=case.transport,
         repetition=rep,
         router_a_ip=router_a.wan_ip,
         router_b_ip=router_b.wan_ip,
@@ -568,8 +593,9 @@ def _run_case(
         expected_path=case.expected_path(),
     )
     tag = f"{index}-{rep}"
-    b = _start_home(topo, host_b, root, f"home-b-{tag}", servers.boot, serves=True)
-    a = _start_home(topo, host_a, root, f"home-a-{tag}", servers.boot, serves=False)
+    quic = case.transport == "quic"
+    b = _start_home(topo, host_b, root, f"home-b-{tag}", servers.boot, serves=True, quic=quic)
+    a = _start_home(topo, host_a, root, f"home-a-{tag}", servers.boot, serves=False, quic=quic)
     watched = [*servers.every, a, b]
     try:
         wait_for("both verdicts", lambda: a.verdict()[0] != "unknown" and b.verdict()[0] != "unknown", timeout, watched)
@@ -625,6 +651,7 @@ def _settle_path(a: Daemon, b_id: str, case: Case, result: Result, wait_s: float
             break
         time.sleep(0.5)
     entry = _peer_entry(a, b_id) or entry
+    result.direct_transport = entry.get("transport")
     if entry.get("connection") == "direct":
         return "hole-punch" if entry.get("hole_punched") else "direct"
     if entry.get("connection") == "relayed" or (result.data_exchanged and result.verdict_b == "private"):
@@ -641,6 +668,8 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
     fallback_ok = sum(1 for r in [*punchable, *relay_only] if r.path != "hole-punch" and r.data_exchanged)
     fallback_total = sum(1 for r in [*punchable, *relay_only] if r.path != "hole-punch")
     punch_times = sorted(r.seconds_to_direct for r in punchable if r.seconds_to_direct is not None)
+    quic = [r for r in punchable if r.transport == "quic"]
+    quic_direct = sum(1 for r in quic if r.path == "hole-punch" and r.direct_transport == "quic")
     return {
         "runs": len(results),
         "direct_rate": round(direct_ok / len(punchable), 3) if punchable else None,
@@ -650,6 +679,8 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
         "mapped_direct": f"{sum(1 for r in mapped if r.path == 'direct')}/{len(mapped)}",
         "hole_punch_seconds_p50": punch_times[len(punch_times) // 2] if punch_times else None,
         "ok": f"{sum(1 for r in results if r.ok)}/{len(results)}",
+        # QUIC cases where a direct path exists that ended on a direct QUIC connection
+        "quic_direct": f"{quic_direct}/{len(quic)}" if quic else None,
     }
 
 
@@ -665,7 +696,8 @@ def render_table(results: Sequence[Result]) -> Any:
     """A rich ``Table`` of the results."""
     from rich.table import Table
 
-    table = Table(title="clawnode NAT matrix (real daemons in network namespaces, TCP)")
+    transports = sorted({r.transport for r in results}, reverse=True)  # tcp, then quic
+    table = Table(title=f"clawnode NAT matrix (real daemons in network namespaces, {' and '.join(transports).upper()})")
     for column in ("A x B", "rep", "AutoNAT A/B", "relays B", "data", "path", "expected", "to direct", "ok"):
         table.add_column(column)
     for r in results:
@@ -676,7 +708,7 @@ def render_table(results: Sequence[Result]) -> Any:
             f"{r.verdict_a}/{r.verdict_b}" + (f" (upnp {r.upnp_b})" if r.upnp_b else ""),
             str(r.relay_reservations_b),
             data,
-            r.path,
+            r.path + (f" ({r.direct_transport})" if r.direct_transport and r.path in ("direct", "hole-punch") else ""),
             r.expected_path,
             _seconds(r.seconds_to_direct),
             "yes" if r.ok else "NO" + (f" ({r.error})" if r.error else ""),
@@ -684,6 +716,7 @@ def render_table(results: Sequence[Result]) -> Any:
     summary = summarize(results)
     table.caption = (
         f"direct where a path exists {summary['direct']} (rate {summary['direct_rate']}), relay fallback "
-        f"{summary['relay_fallback']}, mapped direct {summary['mapped_direct']}; QUIC not measured"
+        f"{summary['relay_fallback']}, mapped direct {summary['mapped_direct']}"
+        + ("" if "quic" in transports else "; QUIC not run (--quic, or a case ending in /quic)")
     )
     return table

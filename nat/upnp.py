@@ -279,11 +279,13 @@ class UpnpService:
         ports: Callable[[], Iterable[int]],
         *,
         on_change: Callable[[list[str]], None] | None = None,
+        quic_ports: Callable[[], Iterable[int]] = tuple,
         lan_ip: str | None = None,
         mapper_factory: Callable[[UpnpSettings], PortMapper] | None = None,
     ) -> None:
         self.settings = settings
         self._ports = ports
+        self._quic_ports = quic_ports  # listen ports that also carry QUIC: their UDP mapping is advertised
         self._on_change = on_change
         self._lan_override = lan_ip
         self._factory = mapper_factory or (
@@ -301,16 +303,22 @@ class UpnpService:
         return self._st.state
 
     def external_addrs(self) -> list[str]:
-        """``/ip4/<external ip>/tcp/<external port>`` for each live TCP mapping (UDP is not advertised yet)."""
+        """``/ip4/<external ip>/tcp/<external port>`` for each live TCP mapping, and
+        ``/ip4/<external ip>/udp/<external port>/quic-v1`` for each UDP mapping of a QUIC listen port."""
         ext = self._st.external_ip
         if ext is None or _non_public(ext):
             return []
         now = time.time()
-        return sorted(
-            f"/ip4/{ext}/tcp/{m.external_port}"
-            for m in self._st.mappings.values()
-            if m.proto == "TCP" and (m.expires_at == 0 or m.expires_at > now)
+        try:
+            quic = {int(port) for port in self._quic_ports()}
+        except Exception:  # noqa: BLE001 - the TCP mappings still count
+            quic = set()
+        live = [m for m in self._st.mappings.values() if m.expires_at == 0 or m.expires_at > now]
+        tcp = sorted(f"/ip4/{ext}/tcp/{m.external_port}" for m in live if m.proto == "TCP")
+        udp = sorted(
+            f"/ip4/{ext}/udp/{m.external_port}/quic-v1" for m in live if m.proto == "UDP" and m.internal_port in quic
         )
+        return tcp + udp
 
     def summary(self) -> dict[str, Any]:
         st = self._st

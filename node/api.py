@@ -109,6 +109,7 @@ class PeerReply(BaseModel):
     in_routing_table: bool
     connection: Literal["direct", "relayed"] | None = None  # how we are connected now (None: not connected)
     hole_punched: bool = False  # the direct connection came from a hole punch
+    transport: Literal["tcp", "quic"] | None = None  # of the direct connection
 
 
 class PeersReply(BaseModel):

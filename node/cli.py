@@ -789,17 +789,20 @@ def demo(tiny: bool, as_json: bool) -> None:
     "--case",
     "cases",
     multiple=True,
-    metavar="NAT_A:NAT_B[+upnp|+port-forward]",
-    help="A pair to run, NAT types full-cone | address-restricted | port-restricted | symmetric "
-    "(repeatable; default: the short matrix).",
+    metavar="NAT_A:NAT_B[+upnp|+port-forward][/quic]",
+    help="A pair to run, NAT types full-cone | address-restricted | port-restricted | symmetric; "
+    "/quic: QUIC listeners beside TCP (repeatable; default: the short matrix).",
 )
 @click.option("--full", is_flag=True, help="Every pair of NAT types, UPnP on each, and a port forward.")
+@click.option("--quic", is_flag=True, help="With --full: the 16 pairs and the UPnP cases again with QUIC listeners.")
 @click.option("--repetitions", type=click.IntRange(1, 20), default=1, help="Runs per case (default 1).")
 @click.option("--parallel", type=click.IntRange(1, 12), default=4, help="Cases run at once (default 4).")
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results here."
 )
-def nat_test(cases: tuple[str, ...], full: bool, repetitions: int, parallel: int, json_path: Path | None) -> None:
+def nat_test(
+    cases: tuple[str, ...], full: bool, quic: bool, repetitions: int, parallel: int, json_path: Path | None
+) -> None:
     """Run real daemons behind namespace NATs and connect them to each other (Linux, root).
 
     Prints, per pair, both AutoNAT verdicts, the relay reservation, whether data was exchanged and
@@ -815,7 +818,7 @@ def nat_test(cases: tuple[str, ...], full: bool, repetitions: int, parallel: int
         click.echo(f"clawnode: E_INVALID_ARGUMENT: {error}", err=True)
         sys.exit(EXIT_CONFIG)
     if full:
-        chosen += natmatrix.full_cases()
+        chosen += natmatrix.full_cases(quic=quic)
     chosen = chosen or list(natmatrix.SHORT_CASES)
     problem = natmatrix.requirements_problem(chosen)
     if problem is not None:

@@ -33,7 +33,7 @@ from dht.publisher import CapabilityPublisher
 from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
 from dht.records import Reachability, bind_wallet
 from dht.service import DhtService
-from nat.autonat import AutoNat, AutoNatSettings, listen_ports
+from nat.autonat import AutoNat, AutoNatSettings, listen_ports, quic_listen_ports
 from nat.holepunch import HolePunchService, HolePunchSettings
 from nat.reachability import ReachabilityState
 from nat.relay import RelayService, RelaySettings
@@ -298,6 +298,7 @@ class Node:
                     self._upnp = UpnpService(
                         UpnpSettings(enabled=self._wants_upnp(listen_addrs), lease_s=self.config.nat.upnp_lease_s),
                         ports=lambda: listen_ports([str(a) for a in self.host.get_transport_addrs()]),
+                        quic_ports=lambda: quic_listen_ports([str(a) for a in self.host.get_transport_addrs()]),
                         on_change=self._upnp_changed,
                     )
                     await nursery.start(self._upnp.run)
@@ -660,6 +661,7 @@ class Node:
                     in_routing_table=peer_id in in_table,
                     connection=self._holepunch.path_to(peer_id) if self._holepunch else None,
                     hole_punched=self._holepunch.punched(peer_id) if self._holepunch else False,
+                    transport=self._holepunch.direct_transport(peer_id) if self._holepunch else None,
                 )
             )
         return PeersReply(peers=replies)

@@ -119,10 +119,17 @@ def test_full_matrix_has_every_pair_and_fits_the_topology() -> None:
     cases = natmatrix.full_cases()
     assert len({(c.nat_a, c.nat_b) for c in cases if c.mapping_b == "none"}) == 16
     assert sum(1 for c in cases if c.mapping_b == "upnp") == 4
-    assert len(cases) <= 25  # two routers per case, 50 routers at most
+    assert len(cases) <= natmatrix.MAX_CASES  # two routers per case, 50 routers at most
+    with_quic = natmatrix.full_cases(quic=True)
+    assert len(with_quic) == len(cases) + 16 + 4 and {c.transport for c in with_quic} == {"tcp", "quic"}
+    quic = natmatrix.parse_case("symmetric:full-cone/quic")
+    assert quic.transport == "quic" and quic.label == "symmetric x full-cone /quic"
+    assert natmatrix.parse_case("symmetric:full-cone").transport == "tcp"
 
 
-@pytest.mark.parametrize("text", ["symmetric", "cone:symmetric", "symmetric:symmetric+magic", ""])
+@pytest.mark.parametrize(
+    "text", ["symmetric", "cone:symmetric", "symmetric:symmetric+magic", "", "full-cone:full-cone/udp"]
+)
 def test_cli_rejects_a_bad_case(text: str) -> None:
     from node.cli import EXIT_CONFIG, main
 
@@ -157,6 +164,8 @@ def test_summary_counts_direct_and_relay_fallback() -> None:
             path=path,
             data_exchanged=data,
             seconds_to_direct=0.4 if path == "hole-punch" else None,
+            transport=parsed.transport,
+            direct_transport=parsed.transport if path in ("hole-punch", "direct") else None,
         )
 
     results = [
@@ -170,7 +179,16 @@ def test_summary_counts_direct_and_relay_fallback() -> None:
     assert summary["direct"] == "1/2" and summary["direct_rate"] == 0.5
     assert summary["relay_fallback"] == "2/3"
     assert summary["mapped_direct"] == "1/1"
-    console = Console(record=True, width=240, file=io.StringIO())
-    console.print(natmatrix.render_table(results))
-    text = console.export_text()
-    assert "full-cone x full-cone" in text and "hole-punch" in text and "QUIC not measured" in text
+    assert summary["quic_direct"] is None
+
+    def rendered(rows: list[natmatrix.Result]) -> str:
+        console = Console(record=True, width=240, file=io.StringIO())
+        console.print(natmatrix.render_table(rows))
+        return console.export_text()
+
+    text = rendered(results)
+    assert "full-cone x full-cone" in text and "hole-punch (tcp)" in text and "QUIC not run" in text
+    with_quic = [*results, result("address-restricted:full-cone/quic", "hole-punch")]
+    assert natmatrix.summarize(with_quic)["quic_direct"] == "1/1"
+    text = rendered(with_quic)
+    assert "TCP AND QUIC" in text and "hole-punch (quic)" in text and "QUIC not run" not in text

@@ -58,7 +58,8 @@ async def main():
     changes = []
     settings = UpnpSettings(lease_s=LEASE, renew_fraction=0.5, discover_timeout_ms=DISCOVER_MS,
                             description="clawnode-test", retry_initial_s=1.0, retry_interval_s=2.0)
-    service = UpnpService(settings, lambda: [PORT], on_change=changes.append)
+    # The port listens for QUIC too (as a node with /udp/PORT/quic-v1 would): its UDP mapping is advertised.
+    service = UpnpService(settings, lambda: [PORT], quic_ports=lambda: [PORT], on_change=changes.append)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_tcp, echo, PORT)
         svc_scope = trio.CancelScope()
@@ -197,7 +198,8 @@ def test_maps_renews_and_removes(topo: Topology) -> None:
         ext = by_proto["TCP"]["external_port"]
         assert ext == INTERNAL_PORT  # the same external port is free, so it is taken
         assert by_proto["UDP"]["external_port"] == ext
-        assert mapped["addrs"] == [f"/ip4/203.0.113.101/tcp/{ext}"]
+        advertised = [f"/ip4/203.0.113.101/tcp/{ext}", f"/ip4/203.0.113.101/udp/{ext}/quic-v1"]
+        assert mapped["addrs"] == advertised
         # the IGD itself holds both mappings, to the LAN host
         for proto in ("TCP", "UDP"):
             entry = mapped["igd"][f"{proto}/{ext}"]
@@ -222,7 +224,7 @@ def test_maps_renews_and_removes(topo: Topology) -> None:
         stopped = _read_event(proc, "stopped")
         assert stopped["summary"]["mappings"] == []
         assert stopped["igd"]["TCP/" + str(ext)] is None and stopped["igd"]["UDP/" + str(ext)] is None
-        assert stopped["changes"][0] == [f"/ip4/203.0.113.101/tcp/{ext}"] and stopped["changes"][-1] == []
+        assert stopped["changes"][0] == advertised and stopped["changes"][-1] == []
         assert f"dnat ip to {r1.hosts[0].ip}:{INTERNAL_PORT}" not in _nft_upnp(topo)
         assert _connect(topo, r1.wan_ip, ext) != 0
         proc.wait(timeout=5)
@@ -259,7 +261,7 @@ def test_taken_port_gets_another(topo: Topology) -> None:
         assert ext != port and by_proto["TCP"]["internal_port"] == port
         assert by_proto["UDP"]["external_port"] == ext  # UDP follows the TCP external port
         assert mapped["igd"][f"TCP/{ext}"][0] == r1.hosts[0].ip
-        assert mapped["addrs"] == [f"/ip4/{r1.wan_ip}/tcp/{ext}"]
+        assert mapped["addrs"] == [f"/ip4/{r1.wan_ip}/tcp/{ext}", f"/ip4/{r1.wan_ip}/udp/{ext}/quic-v1"]
         assert _connect(topo, r1.wan_ip, ext) == 0
         _read_event(proc, "renewed")
         assert proc.stdin is not None
