@@ -121,7 +121,7 @@ class TaskLocal:
     artifact: bytes | None = None
     review_env: str | None = None
     dispute_reason: str | None = None
-    evidence: dict[str, w.EvidenceView] = field(default_factory=dict)  # evidence id -> what the parties sent
+    evidence: dict[str, Evidence] = field(default_factory=dict)  # evidence id -> what the parties sent
     closing: bool = False
     closed: bool = False
     refund_queued: bool = False
@@ -753,7 +753,8 @@ class TaskMarket:
         self._apply(
             m.AddEvidence(task_id=notice.task_id, evidence_id=evidence_id, content_hash=notice.content_hash), party
         )
-        view = w.EvidenceView(
+        piece = Evidence(
+            task_id=notice.task_id,
             evidence_id=evidence_id,
             submitted_by=party,
             note=notice.note,
@@ -761,8 +762,7 @@ class TaskMarket:
             size=notice.size,
             submitted_at=notice.submitted_at,
         )
-        local.evidence.setdefault(evidence_id, view)
-        piece = Evidence(task_id=notice.task_id, **view.model_dump())
+        local.evidence.setdefault(evidence_id, piece)
         await self.ledger.add_evidence(piece, attachment=attachment, envelope=envelope)
 
     async def _on_dispute_case(self, case: w.DisputeCase, remote: str) -> None:

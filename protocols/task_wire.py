@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocols.lease_wire import ADDRESS, HEX32, SHA256_HEX, EscrowLock
+from runtime.ledger.models import Evidence
 from runtime.ledger.receipts import MAX_AMOUNT, PEER_ID_PATTERN
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -231,15 +232,6 @@ class BidView(BaseModel):
     state: str
 
 
-class EvidenceView(BaseModel):
-    evidence_id: str
-    submitted_by: str
-    note: str
-    content_hash: str
-    size: int
-    submitted_at: int
-
-
 class TaskView(BaseModel):
     """A task as this node sees it; ``role`` is this node's part in it."""
 
@@ -264,6 +256,6 @@ class TaskView(BaseModel):
     result_state: str | None = None
     receipt_state: str | None = None
     dispute_state: str | None = None
-    evidence: list[EvidenceView] = Field(default_factory=list)
+    evidence: list[Evidence] = Field(default_factory=list)  # the dispute's, as the ledger keeps them
     to_bidder: int | None = None
     to_creator: int | None = None

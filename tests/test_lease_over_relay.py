@@ -49,6 +49,16 @@ def _private(relays: list[str], *, offers: bool, hole_punch: bool) -> Config:
     )
 
 
+async def _countersigned(provider: Node, lease_id: str, units: int, *, timeout_s: float) -> None:
+    """Until the provider holds a receipt for ``units`` that the consumer countersigned."""
+    with trio.fail_after(timeout_s):
+        while True:
+            receipts = await provider.ledger.list_receipts(lease_id)
+            if max((r.units for r in receipts if r.countersigned), default=0) >= units:
+                return
+            await trio.sleep(0.1)
+
+
 async def _relayed_bytes(relays: list[Node]) -> int:
     total = 0
     for relay in relays:
@@ -129,14 +139,7 @@ async def test_lease_control_rides_the_relay_within_limits_and_inference_moves_t
         opened = await _relayed_bytes(relays)
         results = [await consumer.market.call(lease.lease_id, {"prompt": PROMPT}) for _ in range(3)]
         assert [r.units for r in results] == [10, 10, 10]
-        with trio.fail_after(20):
-            while (
-                max(
-                    (r.units for r in await provider.ledger.list_receipts(lease.lease_id) if r.countersigned), default=0
-                )
-                < 30
-            ):
-                await trio.sleep(0.1)
+        await _countersigned(provider, lease.lease_id, 30, timeout_s=20)
         over_relay = await _relayed_bytes(relays)
         assert consumer.holepunch.path_to(provider_id) == "relayed"
         assert provider.status().reached_by.startswith("relay")
@@ -162,14 +165,7 @@ async def test_lease_control_rides_the_relay_within_limits_and_inference_moves_t
         assert after_big - before_big < 4096  # the relayed connection's keep-alives at most
 
         # The lease still settles: the provider claims what the consumer countersigned.
-        with trio.fail_after(30):
-            while (
-                max(
-                    (r.units for r in await provider.ledger.list_receipts(lease.lease_id) if r.countersigned), default=0
-                )
-                < 3030
-            ):
-                await trio.sleep(0.1)
+        await _countersigned(provider, lease.lease_id, 3030, timeout_s=30)
         await consumer.market.revoke(lease.lease_id)
         client = consumer.escrow_client
         assert client is not None
