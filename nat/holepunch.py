@@ -32,6 +32,7 @@ from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from nat.relay import is_circuit
 from runtime.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class _OneSidedDCUtR(DCUtRProtocol):
             return await super()._perform_hole_punch(peer_id, addrs, as_responder)
         async with trio.open_nursery() as nursery:
             for addr in addrs:
-                if "/p2p-circuit" not in str(addr):
+                if not is_circuit(addr):
                     nursery.start_soon(self._dial_peer, peer_id, addr, None, False)
             punched = await super()._perform_hole_punch(peer_id, addrs, as_responder)
             nursery.cancel_scope.cancel()
@@ -141,31 +142,31 @@ class HolePunchService:
             self.direct_after_s.observe(seconds)
         log.info("hole punch to %s: %s after %.2f s", peer_id, outcome, seconds)
 
-    def path_to(self, peer_id: ID) -> ConnectionPath | None:
-        """How we are connected to ``peer_id`` right now (None: not connected)."""
+    def _direct_addrs(self, peer_id: ID) -> list[str] | None:
+        """The addresses of our direct connection to ``peer_id``: [] when relayed only, None when not connected."""
         conns = self.host.get_network().get_connections(peer_id)
         if not conns:
             return None
         for conn in conns:
             try:
-                addrs = conn.get_transport_addresses()
+                direct = [str(addr) for addr in conn.get_transport_addresses() if not is_circuit(addr)]
             except Exception:  # noqa: BLE001 - a closing connection
                 continue
-            if addrs and any("/p2p-circuit" not in str(addr) for addr in addrs):
-                return "direct"
-        return "relayed"
+            if direct:
+                return direct
+        return []
+
+    def path_to(self, peer_id: ID) -> ConnectionPath | None:
+        """How we are connected to ``peer_id`` right now (None: not connected)."""
+        direct = self._direct_addrs(peer_id)
+        return None if direct is None else ("direct" if direct else "relayed")
 
     def direct_transport(self, peer_id: ID) -> Literal["tcp", "quic"] | None:
         """The transport of our direct connection to ``peer_id`` (None: none, or relayed only)."""
-        for conn in self.host.get_network().get_connections(peer_id):
-            try:
-                addrs = [str(addr) for addr in conn.get_transport_addresses()]
-            except Exception:  # noqa: BLE001 - a closing connection
-                continue
-            direct = [addr for addr in addrs if "/p2p-circuit" not in addr]
-            if direct:
-                return "quic" if any("/quic" in addr for addr in direct) else "tcp"
-        return None
+        direct = self._direct_addrs(peer_id)
+        if not direct:
+            return None
+        return "quic" if any("/quic" in addr for addr in direct) else "tcp"
 
     def connections_by_path(self) -> dict[ConnectionPath, int]:
         """Connected peers by how we are connected to them now."""

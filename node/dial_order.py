@@ -25,6 +25,7 @@ import psutil
 from libp2p.abc import IHost
 
 from nat.autonat import is_public_ip
+from nat.relay import is_circuit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 SAME_LAN, PUBLIC, OTHER_PRIVATE, LOOPBACK, RELAYED = range(5)
@@ -48,7 +49,7 @@ def own_networks() -> list[Network]:
 
 def dial_class(addr: multiaddr.Multiaddr | str, networks: Sequence[Network]) -> int:
     text = str(addr)
-    if "/p2p-circuit" in text:
+    if is_circuit(text):
         return RELAYED
     parts = text.split("/")
     if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
