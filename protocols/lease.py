@@ -41,11 +41,21 @@ from libp2p.peer.id import ID
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from dht.offers import Offer
+from dht.records import bind_wallet, wallet_binding_holds
 from nat.relay import open_stream
 from protocols import lease_wire as w
 from protocols.background import spawn_guarded
+from protocols.machines.lease import (
+    END_FROZEN,
+    LeaseSession,
+    LockFacts,
+    check_countersignature,
+    check_end_frame,
+    check_lock,
+    check_receipt_claim,
+    chunk_tokens,
+)
 from protocols.machines.lease import LeasePolicy as SessionPolicy
-from protocols.machines.lease import LeaseSession, check_receipt_claim
 from protocols.rpc import error_reply, parse_reply, request, serve_requests
 from protocols.signed import open_base64, seal, to_base64
 from protocols.wire import FrameReader, write_frame
@@ -73,6 +83,9 @@ SWEEP_INTERVAL_S = 1.0
 RECEIPT_CATCH_UP_S = 2.0
 # Chain time and our clock differ by a block or two; the lock must still outlive the lease.
 DEADLINE_SLACK_S = 30
+# How often a provider rereads the escrow behind each lease it serves (a disputed one stops service),
+# and a consumer the escrow of a lease it countersigned (the claim it sees is booked as spend).
+ESCROW_CHECK_S = 2.0
 
 _REQUESTS: TypeAdapter[Any] = TypeAdapter(w.LeaseRequest)
 _QUOTE_REPLY = TypeAdapter(w.QuoteReply)
@@ -88,10 +101,12 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _units_estimate(body: dict[str, Any]) -> int:
-    """The most units a call may use, as its body declares (``max_tokens``), for the budget check."""
-    declared = body.get("max_tokens")
-    return declared if isinstance(declared, int) and declared > 0 else 1
+@dataclass
+class _Ticket:
+    """One call's hold on its lease's budget, from authorisation until it is metered or released."""
+
+    served: ServedLease | None = None
+    reserved: int = 0
 
 
 @dataclass
@@ -106,6 +121,8 @@ class ServedLease:
     claimed_seq: int = 0
     last_claim_at: float = 0.0
     in_flight: int = 0  # calls being served or metered; the lease ends after they are counted
+    escrow_checked_at: float = 0.0
+    escrow_checking: bool = False
 
 
 @dataclass
@@ -118,6 +135,10 @@ class HeldLease:
     seen_units: int = 0
     ended_reason: str | None = None
     last_countersigned_seq: int = 0
+    committed: int = 0  # wei: the newest voucher we signed
+    booked: int = 0  # wei: what the escrow showed released to the provider, booked as spend
+    observed_at: float = 0.0
+    observing: bool = False
 
 
 class LeaseMarket:
@@ -366,17 +387,30 @@ class LeaseMarket:
         if lock.escrow_id[2:] != opening.lease_id:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease id must be the escrow id")
         state = await client.chain.run(client.get, lock.payer, bytes.fromhex(lock.escrow_id[2:]))
-        if state.phase != "active":
-            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "no active escrow lock was found for this lease")
-        if state.payee.lower() != terms.payee.lower() or state.arbiter.lower() != terms.arbiter.lower():
-            raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock names another payee or arbiter than the quote")
-        if state.amount - state.released < opening.budget:
-            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the escrow lock holds less than the budget")
-        if state.window != terms.dispute_window_s:
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock's dispute window differs from the quote")
         chain_now = await client.chain.run(client.chain.now)
-        if state.deadline < chain_now + quote.duration_s:
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock ends before the lease would")
+        wallet = opening.wallet
+        check_lock(
+            LockFacts(
+                lease_id=opening.lease_id,
+                escrow_id=lock.escrow_id,
+                lock_payer=lock.payer,
+                wallet=None if wallet is None else wallet.address,
+                wallet_bound=wallet is not None and wallet_binding_holds(wallet, remote),
+                phase=state.phase,
+                payee=state.payee,
+                arbiter=state.arbiter,
+                amount=state.amount,
+                released=state.released,
+                deadline=state.deadline,
+                window=state.window,
+                chain_now=chain_now,
+                quote_payee=terms.payee,
+                quote_arbiter=terms.arbiter,
+                quote_window=terms.dispute_window_s,
+                budget=opening.budget,
+                duration_s=quote.duration_s,
+            )
+        )
         return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
 
     def _served(self, lease_id: str, remote: str) -> ServedLease:
@@ -407,39 +441,43 @@ class LeaseMarket:
         reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
         end: w.CallEnd | None = None
         counted: ServedLease | None = None
+        ticket = _Ticket()
         try:
             try:
                 call = w.CallRequest.model_validate_json(await reader.read_frame(self.call_read_timeout_s))
                 counted = self.served.get(call.lease_id)
                 if counted is not None:
                     counted.in_flight += 1
-                end = await self._serve_call(call, remote, stream)
+                end = await self._serve_call(call, remote, stream, ticket)
                 reply: BaseModel = end
             except Exception as error:  # noqa: BLE001 - every failure becomes an error frame
                 if not isinstance(error, ClawnodeError | ValidationError):
                     log.warning("call failed: %s", type(error).__name__)
                 self._failed("serve_call", error)
                 reply = error_reply(error)
-            delivered = False
+            written = False
             with trio.move_on_after(CALL_READ_TIMEOUT_S):
                 try:
                     await write_frame(stream, reply.model_dump_json().encode(), max_frame=MAX_CALL_FRAME)
-                    if end is not None:
-                        # A written frame may still sit in a buffer: only the consumer's ack says it
-                        # counted the units, so a receipt never claims units it was not told about.
-                        w.CallAck.model_validate_json(await reader.read_frame(CALL_ACK_TIMEOUT_S))
-                    delivered = True
-                except Exception:  # noqa: BLE001 - the consumer went away before acknowledging
-                    delivered = False
-            if end is not None and delivered and end.units > 0:
-                await self._meter(call.lease_id, end.units)
+                    written = True
+                except Exception:  # noqa: BLE001 - the consumer went away before the end frame
+                    written = False
+            if end is not None and written:
+                # Metered as the end frame leaves, not when (or whether) the consumer acknowledges it:
+                # the consumer counts the same units from that frame, so receipts stay honest.
+                await self._meter(call.lease_id, ticket, end.units)
+                with trio.move_on_after(CALL_ACK_TIMEOUT_S), contextlib.suppress(Exception):
+                    w.CallAck.model_validate_json(await reader.read_frame(CALL_ACK_TIMEOUT_S))
         finally:
+            if ticket.served is not None:  # a failed or cut call: its reservation goes back, unmetered
+                ticket.served.session.finish_call(ticket.reserved, 0, self.clock())
+                ticket.served = None
             if counted is not None:
                 counted.in_flight -= 1
             with trio.move_on_after(1):
                 await stream.close()
 
-    async def _serve_call(self, call: w.CallRequest, remote: str, stream: INetStream) -> w.CallEnd:
+    async def _serve_call(self, call: w.CallRequest, remote: str, stream: INetStream, ticket: _Ticket) -> w.CallEnd:
         served = self.served.get(call.lease_id)
         if (
             served is None
@@ -451,15 +489,19 @@ class LeaseMarket:
             code = ErrorCode.EXPIRED if served.ended_reason == "expired" else ErrorCode.CONFLICT
             raise ClawnodeError(code, f"the lease has ended ({served.ended_reason})")
         served.session.consumer_seen(self.clock())
+        service = self.services.get(served.grant.capability)
+        if service is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{served.grant.capability} is not being served right now")
         try:
-            served.session.authorize(self.clock(), units_estimate=_units_estimate(call.body))
+            # Units held for this call until it is metered, so calls in flight never overshoot the budget.
+            plan = served.session.reserve(self.clock(), call.body)
         except ClawnodeError as error:
             if error.code == ErrorCode.EXPIRED:
                 self._spawn(self._end_served, call.lease_id, "expired")
             raise
-        service = self.services.get(served.grant.capability)
-        if service is None:
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{served.grant.capability} is not being served right now")
+        ticket.served, ticket.reserved = served, plan.reserve
+        # The engine is told to stop where the reservation ends.
+        body = {**call.body, "max_tokens": plan.max_tokens}
 
         started = time.monotonic()
         first_chunk = True
@@ -473,26 +515,26 @@ class LeaseMarket:
             with trio.fail_after(CALL_READ_TIMEOUT_S):
                 await write_frame(stream, chunk, max_frame=MAX_CALL_FRAME)
 
-        usage = await service.run(call.body, emit)
+        usage = await service.run(body, emit)
         self.serve_duration_s.observe(time.monotonic() - started)
-        # What the budget still covers: an engine that overshoots its estimate costs the provider.
-        session = served.session
-        affordable = (
-            usage.units
-            if session.price_per_unit == 0
-            else (session.policy.budget_cap // session.price_per_unit) - session.units_metered
-        )
-        units = max(0, min(usage.units, affordable))
+        # An engine that counts more than the call reserved costs the provider, never the consumer.
+        units = served.session.billable(plan.reserve, max(0, usage.units))
         return w.CallEnd(units=units, usage=usage.detail, served_by=self.peer_id)
 
-    async def _meter(self, lease_id: str, units: int) -> None:
-        served = self.served.get(lease_id)
+    async def _meter(self, lease_id: str, ticket: _Ticket, units: int) -> None:
+        served = ticket.served
         if served is None:
             return
-        await self.ledger.record_usage(
-            lease_id, writer=self.peer_id, units=units, idempotency_key=f"call/{secrets.token_hex(12)}"
-        )
-        if served.session.meter(units, self.clock()):
+        try:
+            if units > 0:
+                await self.ledger.record_usage(
+                    lease_id, writer=self.peer_id, units=units, idempotency_key=f"call/{secrets.token_hex(12)}"
+                )
+        except ClawnodeError as error:
+            log.warning("usage of lease %s could not be recorded: %s", lease_id[:12], error.code)
+            units = 0
+        ticket.served = None
+        if served.session.finish_call(ticket.reserved, units, self.clock()):
             self._spawn(self._push_receipt, lease_id)
 
     async def _push_receipt(self, lease_id: str) -> bool:
@@ -519,22 +561,102 @@ class LeaseMarket:
                 signed = reply.receipt
                 if signed.body != receipt.body or signed.provider_sig != receipt.provider_sig:
                     raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the consumer countersigned another receipt")
-                await self.ledger.record_countersigned(signed)
             except ClawnodeError as error:
                 log.info("receipt %d of lease %s not countersigned: %s", receipt.body.seq, lease_id[:12], error.code)
+                return False
+            try:
+                self._check_voucher(served, signed)
+                await self.ledger.record_countersigned(signed)
+            except ClawnodeError as error:
+                # A countersignature that would not pay (no voucher, a forged one, a bad signature):
+                # the lease serves nothing more until a valid one arrives.
+                log.info("receipt %d of lease %s refused: %s", receipt.body.seq, lease_id[:12], error.code)
+                if error.code in (ErrorCode.FORBIDDEN, ErrorCode.UNAUTHENTICATED):
+                    served.session.countersignature_refused(self.clock())
                 return False
             served.session.countersigned(receipt.body.seq, self.clock())
             return True
 
+    def _check_voucher(self, served: ServedLease, signed: SignedReceipt) -> None:
+        """The voucher in a countersignature must be the escrow payer's, for exactly the receipt's amount."""
+        signer: str | None = None
+        escrow = served.escrow
+        client = self.escrow()
+        if escrow is not None and signed.voucher is not None:
+            if client is None:
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
+            from runtime.escrow import voucher_signer
+
+            signer = voucher_signer(
+                client.chain.chain_id,
+                escrow.contract,
+                escrow.payer,
+                bytes.fromhex(escrow.escrow_id[2:]),
+                signed.body.amount,
+                signed.voucher,
+            )
+        check_countersignature(
+            escrowed=escrow is not None,
+            amount=signed.body.amount,
+            voucher=signed.voucher,
+            voucher_signer=signer,
+            payer=None if escrow is None else escrow.payer,
+        )
+
+    async def _check_escrow(self, lease_id: str) -> None:
+        """Reread a served lease's escrow: one disputed (frozen) or closed under us ends the lease."""
+        served = self.served.get(lease_id)
+        client = self.escrow()
+        if served is None or served.escrow is None or client is None or served.escrow_checking:
+            return
+        served.escrow_checking = True
+        try:
+            state = await client.chain.run(client.get, served.escrow.payer, bytes.fromhex(served.escrow.escrow_id[2:]))
+        except ClawnodeError as error:
+            log.info("escrow of lease %s unreadable: %s", lease_id[:12], error.code)
+            return
+        finally:
+            served.escrow_checking = False
+            served.escrow_checked_at = self.clock()
+        if served.ended_reason is None and END_FROZEN in served.session.escrow_observed(state.phase):
+            log.info("lease %s ends: its escrow is %s", lease_id[:12], state.phase)
+            await self._end_served(lease_id, f"escrow {state.phase}")
+
+    async def _observe_spend(self, lease_id: str) -> None:
+        """As the consumer: book as spend what the escrow shows released to the provider (its claims)."""
+        held = self.held.get(lease_id)
+        client = self.escrow()
+        if held is None or held.escrow_id is None or client is None or held.observing:
+            return
+        held.observing = True
+        try:
+            state = await client.chain.run(client.get, client.account.address, held.escrow_id)
+            if state.released > held.booked:
+                await self.ledger.book_released(lease_id, state.released)
+                held.booked = state.released
+        except ClawnodeError as error:
+            log.info("escrow of lease %s not observed: %s", lease_id[:12], error.code)
+        finally:
+            held.observing = False
+            held.observed_at = self.clock()
+
     async def _sweep(self) -> None:
         while True:
             await trio.sleep(SWEEP_INTERVAL_S)
+            now = self.clock()
+            for lease_id, held in list(self.held.items()):
+                if held.escrow_id is not None and held.booked < held.committed and not held.observing:
+                    if now - held.observed_at >= ESCROW_CHECK_S:
+                        self._spawn(self._observe_spend, lease_id)
             for lease_id, served in list(self.served.items()):
                 if served.ended_reason is not None:
                     continue
                 if served.session.state == "lease_ended":  # expired while authorizing a call
                     self._spawn(self._end_served, lease_id, "expired")
                     continue
+                if served.escrow is not None and now - served.escrow_checked_at >= ESCROW_CHECK_S:
+                    if not served.escrow_checking:
+                        self._spawn(self._check_escrow, lease_id)
                 self._claim_if_due(lease_id, served)
                 for action in served.session.tick(self.clock()):
                     if action == "issue_receipt":
@@ -676,12 +798,17 @@ class LeaseMarket:
         try:
             if quote.escrow is not None:
                 lock = await self._lock(quote, escrow_id, amount)
+            wallet = None
+            if lock is not None:
+                account = self._our_escrow_for(quote.escrow).account if quote.escrow else None
+                wallet = None if account is None else bind_wallet(bytes(account.key), self.peer_id)
             opening = w.LeaseOpen(
                 quote=quote_reply.envelope,
                 lease_id=lease_id,
                 budget=amount,
                 mode="escrow" if lock else "postpaid",
                 lock=lock,
+                wallet=wallet,
             )
             envelope = seal(opening, self.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
             grant_reply = await request(
@@ -788,14 +915,17 @@ class LeaseMarket:
                 try:
                     await write_frame(stream, request_frame, max_frame=MAX_CALL_FRAME)
                     reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
+                    tokens_received = 0
                     while True:
                         frame = parse_reply(await reader.read_frame(stall_s), _CALL_FRAMES)
                         if isinstance(frame, w.Chunk):
+                            tokens_received += chunk_tokens(frame.data)
                             await on_chunk(frame.data)
                             continue
-                        held.seen_units += frame.units
+                        # Only units consistent with what arrived and what was asked are counted (and
+                        # later countersigned); an inflated end frame is refused, unacknowledged.
+                        held.seen_units += check_end_frame(frame.units, tokens_received, body)
                         end: w.CallEnd = frame
-                        # Counted first, then acknowledged: the provider meters only acknowledged units.
                         with trio.move_on_after(CALL_ACK_TIMEOUT_S) as ack_scope:
                             ack_scope.shield = True
                             with contextlib.suppress(Exception):
@@ -839,6 +969,7 @@ class LeaseMarket:
                 raise
             signed = stored.receipt
         held.last_countersigned_seq = receipt.body.seq
+        held.committed = max(held.committed, receipt.body.amount if held.escrow_id is not None else 0)
         return w.Countersigned(receipt=signed)
 
     async def _voucher(self, held: HeldLease, amount: int) -> str | None:

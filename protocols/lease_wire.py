@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dht.records import CAPABILITY_NAME
+from dht.records import CAPABILITY_NAME, WalletBinding
 from runtime.ledger.receipts import LEASE_ID_PATTERN, MAX_AMOUNT, PEER_ID_PATTERN, SignedReceipt
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
@@ -82,6 +82,9 @@ class LeaseOpen(_Msg):
     budget: int = Field(ge=0, le=MAX_AMOUNT)
     mode: Literal["escrow", "postpaid"]
     lock: EscrowLock | None = None
+    wallet: WalletBinding | None = Field(
+        None, description="escrow mode: the payer wallet, bound to the consumer's peer id by the wallet's signature"
+    )
 
 
 class LeaseGrant(_Msg):
@@ -186,7 +189,11 @@ class CallEnd(_Msg):
 
 
 class CallAck(_Msg):
-    """Consumer → provider after the end frame: the units are counted; only now does the provider meter."""
+    """Consumer → provider after the end frame: the units are counted.
+
+    The provider meters a call once its end frame is written, ack or not: a consumer that reads the
+    answer and never acknowledges pays for it all the same.
+    """
 
     type: Literal["ack"] = "ack"
 

@@ -33,7 +33,9 @@ Choices where the brief was silent:
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +66,7 @@ class LeaseEvent(StrEnum):
     ABANDON = "abandon"
     CLOSE = "close"
     SETTLE = "settle"
+    FREEZE = "freeze"  # the escrow behind the lease was disputed or closed on chain
 
 
 def _t(source: LeaseState, event: LeaseEvent, target: LeaseState, *actors: str) -> Transition[LeaseState, LeaseEvent]:
@@ -84,6 +87,7 @@ LEASE_MACHINE: Machine[LeaseState, LeaseEvent] = Machine(
         *(_t(s, _Ev.EXPIRE, _E, SYSTEM) for s in (_Q, _A, _P)),
         *(_t(s, _Ev.ABANDON, _E, SYSTEM) for s in (_A, _P)),
         *(_t(s, _Ev.CLOSE, _E, CONSUMER) for s in (_A, _P)),
+        *(_t(s, _Ev.FREEZE, _E, SYSTEM) for s in (_Q, _A, _P)),
         _t(_E, _Ev.SETTLE, _S, SYSTEM),
     ],
     initial=_Q,
@@ -95,6 +99,7 @@ ISSUE_RECEIPT = "issue_receipt"
 PAUSE = "pause"
 END_ABANDONED = "end_abandoned"
 EXPIRE = "expire"
+END_FROZEN = "end_frozen"
 
 PAUSED_MESSAGE = "paused: a usage receipt is waiting for the countersignature"
 
@@ -153,6 +158,7 @@ class LeaseSession:
         self.history: list[tuple[LeaseState, LeaseEvent, LeaseState]] = []
         self.requests_served = 0
         self.units_metered = 0
+        self.units_reserved = 0  # held by calls in flight: metered + reserved never exceeds the budget
         self.units_receipted = 0  # units_total of the newest issued receipt
         self.units_countersigned = 0  # units_total of the newest countersigned receipt
         self.last_seq = 0  # newest issued receipt
@@ -243,10 +249,61 @@ class LeaseSession:
             self._recent_requests.popleft()
         if len(self._recent_requests) >= self.policy.rate_per_minute:
             raise ClawnodeError(ErrorCode.RATE_LIMITED, "too many requests per minute for this lease")
-        if (self.units_metered + units_estimate) * self.price_per_unit > self.policy.budget_cap:
+        if (self.units_metered + self.units_reserved + units_estimate) * self.price_per_unit > self.policy.budget_cap:
             raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
         self.requests_served += 1
         self._recent_requests.append(now)
+
+    @property
+    def units_left(self) -> int:
+        """Units the budget still covers beyond what is metered and reserved by calls in flight."""
+        if self.price_per_unit == 0:
+            return UNLIMITED_UNITS
+        return max(0, self.policy.budget_cap // self.price_per_unit - self.units_metered - self.units_reserved)
+
+    def reserve(self, now: float, body: dict[str, Any]) -> CallPlan:
+        """Admit one call and hold the most units it may use until ``finish_call``.
+
+        The plan's ``max_tokens`` is what the engine must be told, so the call cannot outgrow its
+        reservation; concurrent calls together never reserve more than the budget covers.
+        """
+        plan = plan_call(body, self.units_left)
+        self.authorize(now, plan.reserve)
+        self.units_reserved += plan.reserve
+        return plan
+
+    def billable(self, reserved: int, units: int) -> int:
+        """What a call that reserved ``reserved`` units may be billed for the ``units`` its engine counted."""
+        if reserved < 0 or units < 0:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units must be >= 0")
+        return min(units, reserved)
+
+    def finish_call(self, reserved: int, units: int, now: float) -> bool:
+        """A call ended: its reservation is released and its billable units metered (0 for a failed call).
+
+        True when the adapter should issue a receipt now.
+        """
+        if not 0 <= reserved <= self.units_reserved:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "releasing more units than are reserved")
+        billed = self.billable(reserved, units)
+        self.units_reserved -= reserved
+        if billed == 0:
+            return False
+        return self.meter(billed, now)
+
+    def countersignature_refused(self, now: float) -> list[str]:
+        """The consumer's answer to a receipt did not hold (no voucher, a forged one): serve no more."""
+        if self.state == LeaseState.ACTIVE:
+            self._apply(LeaseEvent.PAUSE, PROVIDER)
+            return [PAUSE]
+        return []
+
+    def escrow_observed(self, phase: str) -> list[str]:
+        """The adapter read the lease's escrow on chain: a frozen (disputed) or closed one ends the lease."""
+        if escrow_frozen(phase) and self.state in (LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED):
+            self._apply(LeaseEvent.FREEZE, SYSTEM)
+            return [END_FROZEN]
+        return []
 
     def _receipt_due(self, now: float) -> bool:
         unreceipted = self.units_metered - self.units_receipted
@@ -261,7 +318,7 @@ class LeaseSession:
         if units < 0:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units must be >= 0")
         self._require(LeaseState.ACTIVE, LeaseState.PAUSED, LeaseState.ENDED, what="meter usage")
-        if (self.units_metered + units) * self.price_per_unit > self.policy.budget_cap:
+        if (self.units_metered + self.units_reserved + units) * self.price_per_unit > self.policy.budget_cap:
             raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
         self.units_metered += units
         return self._receipt_due(now)
@@ -336,3 +393,165 @@ def check_receipt_claim(
         raise ClawnodeError(ErrorCode.CONFLICT, "the receipt claims more units than were delivered")
     if receipt_amount != receipt_units * price_per_unit:
         raise ClawnodeError(ErrorCode.CONFLICT, "the receipt amount does not equal units times price")
+
+
+# -- calls: what a call may cost, and what the consumer accepts ------------------------------------
+
+# The most completion tokens a call without ``max_tokens`` may produce (the engine's own default).
+DEFAULT_COMPLETION_CAP = 256
+# Template tokens a chat prompt may add around its text (role markers, BOS), and per string.
+PROMPT_OVERHEAD_UNITS = 16
+PER_STRING_OVERHEAD_UNITS = 4
+UNLIMITED_UNITS = 2**62
+END_FRAME_INFLATED = "the end frame claims more units than were delivered"
+
+
+class CallPlan(NamedTuple):
+    reserve: int  # units held for the call until it is metered
+    max_tokens: int  # the completion bound the engine is told
+
+
+def declared_max_tokens(body: dict[str, Any]) -> int | None:
+    """A body's ``max_tokens``: None when absent; anything but a positive integer is refused."""
+    value = body.get("max_tokens")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "body.max_tokens must be a positive integer")
+    return value
+
+
+def prompt_units_estimate(body: Any) -> int:
+    """An upper bound on the units a body's input text can count: one per UTF-8 byte of every string
+    (a token is at least one byte), plus template overhead."""
+
+    def walk(value: Any) -> int:
+        if isinstance(value, str):
+            return len(value.encode()) + PER_STRING_OVERHEAD_UNITS
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return sum(walk(v) for v in value)
+        return 0
+
+    return walk(body) + PROMPT_OVERHEAD_UNITS
+
+
+def plan_call(body: dict[str, Any], units_left: int) -> CallPlan:
+    """How many units to reserve for a call, and the completion bound to hand the engine.
+
+    A declared ``max_tokens`` must fit what is left (else ``E_INSUFFICIENT_FUNDS``); without one the
+    completion is capped at ``DEFAULT_COMPLETION_CAP`` or what is left. The prompt's estimate is
+    reserved as far as the budget allows beyond the completion: a call that counts more than its
+    reservation is billed its reservation (the provider's loss, never the consumer's).
+    """
+    if units_left < 0:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units_left must be >= 0")
+    declared = declared_max_tokens(body)
+    if declared is not None:
+        if declared > units_left:
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
+        completion = declared
+    else:
+        completion = min(DEFAULT_COMPLETION_CAP, units_left)
+        if completion < 1:
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
+    reserve = completion + min(prompt_units_estimate(body), units_left - completion)
+    return CallPlan(reserve=reserve, max_tokens=completion)
+
+
+def chunk_tokens(data: dict[str, Any]) -> int:
+    """Tokens a streamed chunk carries as the consumer counts them: its ``tokens`` field, else one."""
+    tokens = data.get("tokens")
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
+        return tokens
+    return 1
+
+
+def check_end_frame(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> int:
+    """Consumer side: the units of a call's end frame, accepted only within what was delivered and asked.
+
+    Bounded by the tokens received plus the prompt's estimate, and by ``max_tokens`` plus that
+    estimate when the request declared one. Returns the units to count; ``E_CONFLICT`` otherwise.
+    """
+    if claimed_units < 0 or tokens_received < 0:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units must be >= 0")
+    prompt = prompt_units_estimate(body)
+    bound = tokens_received + prompt
+    try:
+        declared = declared_max_tokens(body)
+    except ClawnodeError:
+        declared = None
+    if declared is not None:
+        bound = min(bound, declared + prompt)
+    if claimed_units > bound:
+        raise ClawnodeError(ErrorCode.CONFLICT, END_FRAME_INFLATED)
+    return claimed_units
+
+
+# -- countersignatures: what the provider accepts ----------------------------------------------
+
+
+def check_countersignature(
+    *, escrowed: bool, amount: int, voucher: str | None, voucher_signer: str | None, payer: str | None
+) -> None:
+    """Provider side: a countersigned receipt counts only with a voucher the escrow's payer signed
+    for exactly its amount (``voucher_signer`` is who the adapter recovered for that amount)."""
+    if not escrowed or amount == 0:
+        return
+    if voucher is None:
+        raise ClawnodeError(ErrorCode.FORBIDDEN, "the countersignature carries no escrow voucher")
+    if payer is None or voucher_signer is None or voucher_signer.lower() != payer.lower():
+        raise ClawnodeError(ErrorCode.UNAUTHENTICATED, "the voucher is not the escrow payer's for this amount")
+
+
+# -- grants: the escrow lock a lease is opened on ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockFacts:
+    """What the provider read about a lease's escrow lock, and what the quote and open say."""
+
+    lease_id: str
+    escrow_id: str  # 0x-hex, from the open
+    lock_payer: str  # from the open
+    wallet: str | None  # the consumer's wallet, bound to its peer id by the wallet's signature
+    wallet_bound: bool  # the binding's signature holds for the consumer's peer id
+    phase: str
+    payee: str
+    arbiter: str
+    amount: int
+    released: int
+    deadline: int
+    window: int
+    chain_now: int
+    quote_payee: str
+    quote_arbiter: str
+    quote_window: int
+    budget: int
+    duration_s: int
+
+
+def escrow_frozen(phase: str) -> bool:
+    """An escrow that no longer pays its payee on a voucher: disputed, closed or gone."""
+    return phase != "active"
+
+
+def check_lock(f: LockFacts) -> None:
+    """The grant's verdict on the lock: the consumer's own, paying us, holding the budget long enough."""
+    if f.escrow_id[2:] != f.lease_id:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease id must be the escrow id")
+    if f.wallet is None or not f.wallet_bound:
+        raise ClawnodeError(ErrorCode.FORBIDDEN, "the open carries no wallet bound to the consumer's peer id")
+    if f.wallet.lower() != f.lock_payer.lower():
+        raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock is paid by another wallet than the consumer's")
+    if escrow_frozen(f.phase):
+        raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "no active escrow lock was found for this lease")
+    if f.payee.lower() != f.quote_payee.lower() or f.arbiter.lower() != f.quote_arbiter.lower():
+        raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock names another payee or arbiter than the quote")
+    if f.amount - f.released < f.budget:
+        raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the escrow lock holds less than the budget")
+    if f.window != f.quote_window:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock's dispute window differs from the quote")
+    if f.deadline < f.chain_now + f.duration_s:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock ends before the lease would")

@@ -80,6 +80,35 @@ def voucher_digest(chain_id: int, contract: str, payer: str, escrow_id: bytes, c
     )
 
 
+# secp256k1's group order halved: the contract refuses signatures with a higher s (malleable twins).
+_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
+
+
+def voucher_signer(
+    chain_id: int, contract: str, payer: str, escrow_id: bytes, cumulative: int, signature: str | bytes
+) -> str | None:
+    """Who signed a voucher for exactly ``cumulative`` wei, as the contract's ``claim`` would recover it.
+
+    Off-chain and pure (no chain access): ``None`` for a malformed or high-s signature, which the
+    contract would refuse; otherwise the recovered address (the payer's only if the voucher holds).
+    """
+    from eth_account import Account
+
+    try:
+        raw = bytes.fromhex(signature.removeprefix("0x")) if isinstance(signature, str) else bytes(signature)
+    except ValueError:
+        return None
+    if len(raw) != 65 or int.from_bytes(raw[32:64], "big") > _HALF_N:
+        return None
+    v = raw[64] + 27 if raw[64] < 27 else raw[64]
+    try:
+        digest = voucher_digest(chain_id, contract, payer, escrow_id, cumulative)
+        signer = Account.recover_message(encode_defunct(primitive=digest), vrs=(v, raw[:32], raw[32:64]))
+    except Exception:  # noqa: BLE001 - any malformed signature is simply not the payer's
+        return None
+    return str(signer)
+
+
 class NonceManager:
     """The next nonce of one account, counted locally and re-read from the chain after any doubt."""
 

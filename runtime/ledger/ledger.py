@@ -98,6 +98,9 @@ class Ledger:
     ) -> SignedReceipt:
         return await self._run(self.store.countersign_receipt, receipt, key, voucher=voucher)
 
+    async def book_released(self, lease_id: str, released_total: int) -> int:
+        return await self._run(self.store.book_released, lease_id, released_total)
+
     async def record_countersigned(self, receipt: SignedReceipt) -> ReceiptRecord:
         return await self._run(self.store.record_countersigned, receipt)
 

@@ -553,25 +553,8 @@ class LedgerStore:
             moved = 0
             if current.lease_id is not None:
                 lease = self._lease(conn, current.lease_id)
-                if released_total is not None and released_total > lease.settled_amount:
-                    moved = released_total - lease.settled_amount
-                    conn.execute(
-                        "INSERT INTO money (entry_id, lease_id, peer, direction, amount, day, at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            settlement_id,
-                            lease.lease_id,
-                            lease.counterparty,
-                            "income" if lease.role == "provider" else "spend",
-                            str(moved),
-                            _day(now),
-                            now,
-                        ),
-                    )
-                    conn.execute(
-                        "UPDATE leases SET settled_amount = ? WHERE lease_id = ?", (str(released_total), lease.lease_id)
-                    )
-                    self._mark_receipts_settled(conn, lease.lease_id, released_total)
+                if released_total is not None:
+                    moved = self._book_released(conn, lease, released_total, settlement_id, now)
                 if current.kind == "refund":
                     conn.execute(
                         "UPDATE leases SET state = 'closed', refunded_amount = ?, ended_at = COALESCE(ended_at, ?)"
@@ -585,6 +568,51 @@ class LedgerStore:
                 {"kind": current.kind, "tx_hash": tx_hash, "moved": moved, "refunded": refunded},
             )
             return self._settlement(conn, settlement_id)
+
+    def book_released(self, lease_id: str, released_total: int) -> int:
+        """As the consumer: the escrow shows ``released_total`` paid to the provider; book what is new as spend.
+
+        Called when the consumer sees the provider's claim land, so its ledger agrees with the chain
+        (and the provider's income) without waiting for the refund. Returns the wei booked now.
+        """
+        with self._tx() as conn:
+            lease = self._lease(conn, lease_id)
+            if lease.role != "consumer" or lease.escrow is None:
+                raise errors.forbidden("not_consumer", "only the consumer of an escrowed lease books released spend")
+            moved = self._book_released(conn, lease, released_total, f"{lease_id}/released/{released_total}", None)
+            if moved:
+                self._audit(conn, "money.released", lease_id, {"released_total": released_total, "moved": moved})
+            return moved
+
+    def _book_released(
+        self, conn: sqlite3.Connection, lease: Lease, released_total: int, entry_id: str, now: int | None
+    ) -> int:
+        """Book ``released_total - settled_amount`` as income or spend, once; the write-time invariants hold."""
+        if released_total < 0:
+            raise errors.invalid("bad_amount", "a released total cannot be negative")
+        if lease.role == "consumer" and released_total > lease.budget:
+            # The consumer locked exactly the budget: the chain cannot have released more.
+            raise LedgerError(ErrorCode.INSUFFICIENT_FUNDS, "over_budget", "released more than the lease's budget")
+        if released_total <= lease.settled_amount:
+            return 0
+        moved = released_total - lease.settled_amount
+        assert moved > 0 and lease.settled_amount + moved == released_total
+        at = self._clock() if now is None else now
+        conn.execute(
+            "INSERT INTO money (entry_id, lease_id, peer, direction, amount, day, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry_id,
+                lease.lease_id,
+                lease.counterparty,
+                "income" if lease.role == "provider" else "spend",
+                str(moved),
+                _day(at),
+                at,
+            ),
+        )
+        conn.execute("UPDATE leases SET settled_amount = ? WHERE lease_id = ?", (str(released_total), lease.lease_id))
+        self._mark_receipts_settled(conn, lease.lease_id, released_total)
+        return moved
 
     def _mark_receipts_settled(self, conn: sqlite3.Connection, lease_id: str, released_total: int) -> None:
         rows = conn.execute(

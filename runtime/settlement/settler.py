@@ -15,10 +15,11 @@ from typing import Literal
 from runtime.escrow import EscrowClient, EscrowError
 from runtime.ledger.models import Settlement
 
-# Reasons worth trying again later: the chain was down or slow, the refund is not due yet, or the
-# state moved under us (the next attempt reads it afresh).
+# Reasons worth trying again later: the chain was down or slow, the refund is not due yet, the
+# state moved under us (the next attempt reads it afresh), or the escrow is disputed (frozen until
+# the arbiter resolves it, after which the claim or refund is closed out with what the chain says).
 RETRY_REASONS = frozenset(
-    {"chain_unavailable", "receipt_timeout", "too_early", "reverted", "rejected", "already_released"}
+    {"chain_unavailable", "receipt_timeout", "too_early", "reverted", "rejected", "already_released", "disputed"}
 )
 
 
@@ -63,6 +64,12 @@ class EscrowSettler:
         if s.kind in ("claim", "release"):
             if state.released >= s.amount:
                 return Outcome("landed", tx_hash=s.tx_hash, released_total=state.released)
+            if state.phase == "disputed":
+                # Frozen until the arbiter resolves; then the next attempt closes it out.
+                return Outcome("retry", "disputed")
+            if state.phase == "closed" and s.last_error == "disputed":
+                # The arbiter resolved the dispute we waited on: what it gave is final, book that.
+                return Outcome("landed", reason="resolved", tx_hash=s.tx_hash, released_total=state.released)
             if state.phase != "active":
                 return Outcome("failed", state.phase)
             if s.kind == "claim":
@@ -79,7 +86,7 @@ class EscrowSettler:
                 "landed", tx_hash=s.tx_hash, released_total=state.released, refunded=state.amount - state.released
             )
         if state.phase == "disputed":
-            return Outcome("failed", "disputed")
+            return Outcome("retry", "disputed")  # the arbiter's resolution closes it; then it lands
         result = client.refund(payer, escrow_id, on_signed=on_signed)
         return Outcome(
             "landed", tx_hash=result.tx_hash, released_total=state.released, refunded=state.amount - state.released

@@ -55,12 +55,14 @@ async def test_a_settlement_that_can_never_land_fails_visibly_instead_of_looping
     chain = Chain.embedded()
     m = await open_market(chain, tmp_path)
     await meter_and_countersign(m, 10, "u1")
-    await chain.run(m.consumer.escrow.dispute, m.payer.address, m.escrow_id)
+    # The provider waited too long: the payer took everything back after deadline + window.
+    await chain.run(chain.time_travel, m.deadline + m.window - await chain.run(chain.now) + 5)
+    await chain.run(m.consumer.escrow.refund, m.payer.address, m.escrow_id)
     settlement = await m.provider.ledger.enqueue_claim(LEASE)
     report = await m.provider.queue.flush()
     assert report.failed == 1
     failed = await m.provider.ledger.get_settlement(settlement.settlement_id)
-    assert (failed.state, failed.last_error) == ("failed", "disputed")
+    assert (failed.state, failed.last_error) == ("failed", "closed")
     assert (await m.provider.ledger.queue_stats()).length == 0
     assert [e.kind for e in await m.provider.ledger.audit_entries(after_seq=0, limit=100)][-1] == "settlement.failed"
 
