@@ -47,7 +47,18 @@ class NodeSection(_Section):
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/4021"],
         description="multiaddrs to listen on; port 0 picks a free port",
     )
-    max_connections: int = Field(300, ge=1, le=10_000, description="open connections at most")
+    max_connections: int = Field(
+        300, ge=1, le=10_000, description="open connections at most (upgraded: after Noise and Yamux)"
+    )
+    handshake_timeout_s: float = Field(
+        10.0, ge=0.1, le=120.0, description="an inbound connection not upgraded (Noise + Yamux) by then is closed"
+    )
+    max_pending_connections_per_ip: int = Field(
+        8, ge=1, le=1000, description="inbound connections still in their handshake from one IP (IPv6: one /64)"
+    )
+    max_pending_connections: int = Field(
+        256, ge=1, le=10_000, description="inbound connections still in their handshake, from all IPs"
+    )
     reachability: Reachability = Field(
         "unknown",
         description="unknown | public | private: what the capability record declares; unknown: measured by AutoNAT",

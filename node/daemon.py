@@ -59,6 +59,7 @@ from node.api import (
     create_app,
 )
 from node.config import Config
+from node.conn_guard import ConnLimits
 from node.datadir import (
     RunningNode,
     clear_running,
@@ -255,6 +256,7 @@ class Node:
         self._host = build_host(
             key_pair,
             max_connections=self.config.node.max_connections,
+            conn_limits=ConnLimits.of(self.config.node),
             listen_addrs=listen_addrs,
             extra_addrs=self._external_addrs,
         )

@@ -26,6 +26,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from node.conn_guard import ConnLimits, guard_inbound_connections
 from node.dial_order import order_dials
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -42,14 +43,18 @@ def build_host(
     peerstore: PeerStore | None = None,
     listen_addrs: Sequence[multiaddr.Multiaddr] = (),
     extra_addrs: Callable[[], list[str]] = list,
+    conn_limits: ConnLimits | None = None,
 ) -> IHost:
     """A host offering Noise + Yamux only, whose inbound streams cannot crash it.
 
     ``listen_addrs`` must be the addresses later given to ``host.run()`` when one of
     them is QUIC: py-libp2p builds the QUIC transport only when it sees one here,
     and otherwise silently listens on nothing for it. ``extra_addrs`` are advertised too
-    (identify, AutoNAT): the address a UPnP mapping gave us on the router.
+    (identify, AutoNAT): the address a UPnP mapping gave us on the router. ``conn_limits``
+    bound the inbound connections still in their handshake (``node.conn_guard``); only
+    upgraded connections count against ``max_connections``.
     """
+    limits = conn_limits or ConnLimits()
     host = new_host(
         listen_addrs=list(listen_addrs) or None,
         key_pair=key_pair,
@@ -64,12 +69,15 @@ def build_host(
             min_connections=min(8, max_connections),
             low_watermark=min(16, max_connections),
             high_watermark=max_connections,
+            # node.conn_guard closes an unfinished upgrade at handshake_timeout_s; this is a backstop.
+            inbound_upgrade_timeout=limits.handshake_timeout_s + 1,
         ),
         # Extra (mapped, public) addresses first: py-libp2p dials one TCP address per peer, the
         # first its peer store lists, and peers store ours in the order identify sends them.
         addrs_factory=lambda candidates: _unique(_parse_extra(extra_addrs()) + advertised_addrs(candidates)),
     )
     _guard_inbound_streams(host)
+    guard_inbound_connections(host.get_network(), limits)  # type: ignore[arg-type]
     order_dials(host)
     return host
 

@@ -1,0 +1,195 @@
+"""Inbound connections: only upgraded ones count, a handshake has a deadline, and one IP waits in few.
+
+py-libp2p 0.8.1 admits an inbound TCP connection through a limiter of ``max_connections -
+min_connections`` slots taken the moment the socket is accepted, before Noise or Yamux. A
+stranger holding that many idle sockets open (reconnecting as each one times out) kept every
+new peer out. And a slot taken by a connection that did upgrade was only given back when the
+whole swarm stopped, so peers that came and went used the slots up for good.
+
+``ConnGuard`` takes over the swarm's inbound entry point (``Swarm._handle_inbound_connection``,
+which every listener calls through a closure, so replacing it on the instance covers them all):
+
+* a connection that has not finished the upgrade (Noise + Yamux + registration) within
+  ``handshake_timeout_s`` is closed;
+* at most ``max_pending_per_ip`` connections from one IPv4 address (or IPv6 /64) and
+  ``max_pending`` in all may be upgrading at once; one more is closed at once;
+* ``max_connections`` is left to py-libp2p's own check, which counts upgraded connections
+  only, and a connection's handler ends when the connection does.
+
+Pre-multiplexed connections (QUIC) finished their handshake in the transport and take
+py-libp2p's own path unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from libp2p.abc import IMuxedConn, IRawConnection
+from libp2p.io.abc import ReadWriteCloser
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.swarm import Swarm
+from multiaddr import Multiaddr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConnLimits:
+    """The limits on inbound connections that have not finished the libp2p upgrade."""
+
+    handshake_timeout_s: float = 10.0
+    max_pending_per_ip: int = 8
+    max_pending: int = 256
+
+    @classmethod
+    def of(cls, node: _NodeSettings) -> ConnLimits:
+        """The limits the ``node.*`` config section sets."""
+        return cls(
+            handshake_timeout_s=node.handshake_timeout_s,
+            max_pending_per_ip=node.max_pending_connections_per_ip,
+            max_pending=node.max_pending_connections,
+        )
+
+
+class _NodeSettings(Protocol):
+    @property
+    def handshake_timeout_s(self) -> float: ...
+
+    @property
+    def max_pending_connections_per_ip(self) -> int: ...
+
+    @property
+    def max_pending_connections(self) -> int: ...
+
+
+def ip_key(address: str) -> str:
+    """The bucket a remote address is counted in: the IPv4 address, or the IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class ConnGuard:
+    """Admits, times and counts inbound connections for one swarm; ``install`` once, before listening."""
+
+    def __init__(self, swarm: Swarm, limits: ConnLimits) -> None:
+        self.swarm = swarm
+        self.limits = limits
+        self.pending: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()  # reason: per_ip | total
+        self.timed_out = 0
+        self.upgraded = 0
+        self._original: Any = None
+
+    @property
+    def pending_total(self) -> int:
+        return sum(self.pending.values())
+
+    def install(self) -> None:
+        swarm: Any = self.swarm
+        self._original = swarm._handle_inbound_connection
+        # The admission limiter py-libp2p takes per raw connection: ours replaces it.
+        swarm._inbound_limiter = trio.CapacityLimiter(math.inf)
+        swarm._handle_inbound_connection = self.handle
+
+    async def handle(self, read_write_closer: ReadWriteCloser, maddr: Multiaddr) -> None:
+        if isinstance(read_write_closer, IMuxedConn):
+            await self._original(read_write_closer, maddr)
+            return
+        key = self._key(read_write_closer)
+        reason = self._refusal(key)
+        if reason is not None:
+            self.refused[reason] += 1
+            log.debug("inbound connection refused: %s", reason)
+            await _close_quietly(read_write_closer)
+            return
+        self.pending[key] += 1
+        try:
+            muxed = await self._upgrade(read_write_closer, maddr)
+        finally:
+            self.pending[key] -= 1
+            if self.pending[key] <= 0:
+                del self.pending[key]
+        if muxed is None:
+            return
+        self.upgraded += 1
+        # The listener closes the socket when this handler returns: stay as long as the connection.
+        closed: trio.Event | None = getattr(muxed, "event_closed", None)
+        if closed is None:
+            await self.swarm.manager.wait_finished()
+        else:
+            await closed.wait()
+
+    def _key(self, read_write_closer: ReadWriteCloser) -> str:
+        try:
+            remote = read_write_closer.get_remote_address()
+        except Exception:  # noqa: BLE001 - a socket already gone has no address
+            remote = None
+        return ip_key(str(remote[0])) if remote else "unknown"
+
+    def _refusal(self, key: str) -> str | None:
+        if self.pending[key] >= self.limits.max_pending_per_ip:
+            return "per_ip"
+        if self.pending_total >= self.limits.max_pending:
+            return "total"
+        return None
+
+    async def _upgrade(self, read_write_closer: ReadWriteCloser, maddr: Multiaddr) -> IMuxedConn | None:
+        """Noise + Yamux + registration within the deadline, or the connection is closed."""
+        swarm = self.swarm
+        raw: IRawConnection | None = None
+        try:
+            with trio.move_on_after(self.limits.handshake_timeout_s) as deadline:
+                remote = swarm._build_remote_multiaddr(read_write_closer)
+                if remote is not None and not await swarm.connection_gate.is_allowed(remote):
+                    self.refused["gate"] += 1
+                    await _close_quietly(read_write_closer)
+                    return None
+                raw = RawConnection(read_write_closer, False)
+                return await swarm.upgrade_inbound_raw_conn(raw, maddr)
+        except Exception as error:  # noqa: BLE001 - a failed handshake costs that connection only
+            log.debug("inbound upgrade failed: %s", type(error).__name__)
+        if deadline.cancelled_caught:
+            self.timed_out += 1
+            log.debug("inbound connection closed: no upgrade within %g s", self.limits.handshake_timeout_s)
+        await _close_quietly(raw if raw is not None else read_write_closer)
+        return None
+
+
+async def _close_quietly(conn: ReadWriteCloser | IRawConnection) -> None:
+    with trio.move_on_after(1):
+        try:
+            await conn.close()
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+
+
+_GUARDS: weakref.WeakKeyDictionary[Swarm, ConnGuard] = weakref.WeakKeyDictionary()
+
+
+def guard_inbound_connections(swarm: Swarm, limits: ConnLimits) -> ConnGuard:
+    guard = ConnGuard(swarm, limits)
+    guard.install()
+    _GUARDS[swarm] = guard
+    return guard
+
+
+def guard_of(swarm: object) -> ConnGuard | None:
+    """The guard installed on ``swarm`` (a host's network), if any."""
+    try:
+        return _GUARDS.get(swarm)  # type: ignore[call-overload]
+    except TypeError:
+        return None
