@@ -25,7 +25,10 @@ The expression subset this evaluator computes (anything else is refused when the
 in ``_bucket``/``_sum``/``_count``). ``increase`` is the rise of a counter over the samples kept in
 the window (counter resets are handled, nothing is extrapolated); ``rate`` is that rise divided by
 the time between the first and last sample of the window. Both need two samples in the window, so
-a series that just appeared yields nothing yet. Without ``sum`` each matching series is its own
+a series that just appeared yields nothing yet. A metric that has not been set (no sample in
+``/metrics``, or a NaN value) yields nothing either, so no rule fires on a value the node does not
+know yet; ``clawnode_escrow_disconnected`` has no sample until the first connection attempt answers.
+Without ``sum`` each matching series is its own
 alert; ``sum`` adds the matching series (or the per-series rates) into one value. ``$value`` and
 other templates in annotations are not expanded.
 """
@@ -235,6 +238,8 @@ class History:
     def add(self, samples: Iterable[Sample], now: float) -> None:
         self.latest = {}
         for name, labels, value in samples:
+            if math.isnan(value):  # not set yet: nothing to evaluate
+                continue
             key = (name, labels)
             self.latest[key] = value
             self.series.setdefault(key, deque()).append((now, value))

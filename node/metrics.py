@@ -90,6 +90,25 @@ def _nat_traversal(node: Node) -> list[Metric]:
     return families
 
 
+def _escrow_disconnected(node: Node) -> Metric:
+    """1 once a configured chain failed to connect, 0 when connected or off; no sample while unknown.
+
+    Until the first connection attempt has an answer (state ``connecting``, or not started yet) the
+    node does not know whether the chain is down: a rule on this gauge must not fire on a node that
+    is merely starting, so the gauge has no sample and the rule nothing to evaluate.
+    """
+    family = GaugeMetricFamily(
+        "clawnode_escrow_disconnected",
+        "1 when an escrow chain is configured but not connected (no sample until the first attempt answers)",
+    )
+    escrow = node.escrow_status
+    if escrow.mode == "off" or escrow.state == "connected":
+        family.add_metric([], 0)
+    elif escrow.state == "unavailable":
+        family.add_metric([], 1)
+    return family
+
+
 class _Families:
     """A collector that yields families built for this one scrape."""
 
@@ -209,9 +228,7 @@ async def render_metrics(node: Node) -> bytes:
     gauge("clawnode_escrow_connected", "1 when the escrow chain is connected").set(
         1 if node.escrow_status.state == "connected" else 0
     )
-    gauge("clawnode_escrow_disconnected", "1 when an escrow chain is configured but not connected").set(
-        1 if node.escrow_status.mode != "off" and node.escrow_status.state != "connected" else 0
-    )
+    families.append(_escrow_disconnected(node))
     counts = await node.ledger.counts()
     gauge("clawnode_ledger_receipts", "usage receipts in the ledger").set(counts["receipts"])
     by_day = await node.ledger.totals_by_day()

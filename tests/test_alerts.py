@@ -299,3 +299,43 @@ async def test_a_stalled_queue_fires_in_a_running_node(tmp_path: Path, scan_logs
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"{node.api_url}/api/alerts")).status_code == 401
         nursery.cancel_scope.cancel()
+
+
+async def test_fresh_node_with_connected_chain_has_no_escrow_alert(tmp_path: Path) -> None:
+    # The first evaluation runs while the embedded chain is still starting: an escrow state nobody
+    # knows yet is not a disconnected chain, and must not put a P0 beside "Escrow: embedded, connected".
+    node = Node(market_config(bootstrap=[]), tmp_path / "node", services=ServiceRegistry())
+    assert node.config.escrow.mode == "embedded"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        with trio.fail_after(60):
+            while node.escrow_status.state != "connected":
+                await trio.sleep(0.05)
+        summary = (await _get(node, "/api/ledger/summary")).json()
+        assert summary["escrow"]["mode"] == "embedded" and summary["escrow"]["state"] == "connected"
+        alerts = (await _get(node, "/api/alerts")).json()["alerts"]
+        assert "EscrowChainDisconnected" not in {alert["name"] for alert in alerts}, alerts
+        await node.alerting.evaluate_once()
+        assert (await _get(node, "/api/alerts")).json() == {"alerts": []}
+        nursery.cancel_scope.cancel()
+
+
+def test_a_metric_not_set_yet_fires_nothing() -> None:
+    rules = parse_rules(
+        """
+groups:
+  - name: g
+    rules:
+      - alert: NotZero
+        expr: clawnode_x != 0
+        for: 0s
+        labels: {severity: P0}
+        annotations: {summary: x is not zero}
+"""
+    )
+    evaluator = AlertEvaluator(rules)
+    evaluator.step([], 0.0)  # absent from /metrics
+    evaluator.step([("clawnode_x", frozenset(), float("nan"))], STEP_S)  # exported as NaN
+    assert evaluator.alerts() == []
+    evaluator.step([("clawnode_x", frozenset(), 1.0)], 2 * STEP_S)
+    assert [alert.name for alert in evaluator.alerts()] == ["NotZero"]
