@@ -86,6 +86,11 @@ DEADLINE_SLACK_S = 30
 # How often a provider rereads the escrow behind each lease it serves (a disputed one stops service),
 # and a consumer the escrow of a lease it countersigned (the claim it sees is booked as spend).
 ESCROW_CHECK_S = 2.0
+# A call the budget cannot cover while other calls hold reservations waits this long for them to be
+# metered (a client's next call often arrives a moment before its previous one is counted).
+RESERVE_WAIT_S = 2.0
+# The end frame's write and the metering after it are shielded from cancellation this long at most.
+END_WRITE_TIMEOUT_S = 3.0
 
 _REQUESTS: TypeAdapter[Any] = TypeAdapter(w.LeaseRequest)
 _QUOTE_REPLY = TypeAdapter(w.QuoteReply)
@@ -123,6 +128,11 @@ class ServedLease:
     in_flight: int = 0  # calls being served or metered; the lease ends after they are counted
     escrow_checked_at: float = 0.0
     escrow_checking: bool = False
+    released: trio.Event = field(default_factory=trio.Event)  # set whenever a reservation is given back
+
+    def reservation_returned(self) -> None:
+        self.released.set()
+        self.released = trio.Event()
 
 
 @dataclass
@@ -456,21 +466,25 @@ class LeaseMarket:
                 self._failed("serve_call", error)
                 reply = error_reply(error)
             written = False
-            with trio.move_on_after(CALL_READ_TIMEOUT_S):
+            with trio.move_on_after(CALL_READ_TIMEOUT_S if end is None else END_WRITE_TIMEOUT_S) as writing:
+                # An end frame that may have left is metered even if the node is shutting down meanwhile.
+                writing.shield = end is not None
                 try:
                     await write_frame(stream, reply.model_dump_json().encode(), max_frame=MAX_CALL_FRAME)
                     written = True
                 except Exception:  # noqa: BLE001 - the consumer went away before the end frame
                     written = False
+                if end is not None and written:
+                    # Metered as the end frame leaves, not when (or whether) the consumer acknowledges
+                    # it: the consumer counts the same units from that frame, so receipts stay honest.
+                    await self._meter(call.lease_id, ticket, end.units)
             if end is not None and written:
-                # Metered as the end frame leaves, not when (or whether) the consumer acknowledges it:
-                # the consumer counts the same units from that frame, so receipts stay honest.
-                await self._meter(call.lease_id, ticket, end.units)
                 with trio.move_on_after(CALL_ACK_TIMEOUT_S), contextlib.suppress(Exception):
                     w.CallAck.model_validate_json(await reader.read_frame(CALL_ACK_TIMEOUT_S))
         finally:
             if ticket.served is not None:  # a failed or cut call: its reservation goes back, unmetered
                 ticket.served.session.finish_call(ticket.reserved, 0, self.clock())
+                ticket.served.reservation_returned()
                 ticket.served = None
             if counted is not None:
                 counted.in_flight -= 1
@@ -492,13 +506,22 @@ class LeaseMarket:
         service = self.services.get(served.grant.capability)
         if service is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{served.grant.capability} is not being served right now")
-        try:
-            # Units held for this call until it is metered, so calls in flight never overshoot the budget.
-            plan = served.session.reserve(self.clock(), call.body)
-        except ClawnodeError as error:
-            if error.code == ErrorCode.EXPIRED:
-                self._spawn(self._end_served, call.lease_id, "expired")
-            raise
+        # Units held for this call until it is metered, so calls in flight never overshoot the budget.
+        give_up_at = trio.current_time() + RESERVE_WAIT_S
+        while True:
+            try:
+                plan = served.session.reserve(self.clock(), call.body)
+                break
+            except ClawnodeError as error:
+                if error.code == ErrorCode.EXPIRED:
+                    self._spawn(self._end_served, call.lease_id, "expired")
+                if error.code != ErrorCode.INSUFFICIENT_FUNDS or served.session.units_reserved == 0:
+                    raise
+                released = served.released
+                with trio.move_on_at(give_up_at) as waited:
+                    await released.wait()
+                if waited.cancelled_caught:
+                    raise
         ticket.served, ticket.reserved = served, plan.reserve
         # The engine is told to stop where the reservation ends.
         body = {**call.body, "max_tokens": plan.max_tokens}
@@ -525,16 +548,18 @@ class LeaseMarket:
         served = ticket.served
         if served is None:
             return
-        try:
-            if units > 0:
+        # Counted at once (no await before): the reservation turns into metered units in one step.
+        ticket.served = None
+        due = served.session.finish_call(ticket.reserved, units, self.clock())
+        served.reservation_returned()
+        if units > 0:
+            try:
                 await self.ledger.record_usage(
                     lease_id, writer=self.peer_id, units=units, idempotency_key=f"call/{secrets.token_hex(12)}"
                 )
-        except ClawnodeError as error:
-            log.warning("usage of lease %s could not be recorded: %s", lease_id[:12], error.code)
-            units = 0
-        ticket.served = None
-        if served.session.finish_call(ticket.reserved, units, self.clock()):
+            except ClawnodeError as error:
+                log.warning("usage of lease %s could not be recorded: %s", lease_id[:12], error.code)
+        if due:
             self._spawn(self._push_receipt, lease_id)
 
     async def _push_receipt(self, lease_id: str) -> bool:

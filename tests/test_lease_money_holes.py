@@ -1,0 +1,293 @@
+"""The lease market's money holes (issue 14), each closed and shown on real nodes over loopback and
+the real embedded chain: a cheating peer is one node whose market is monkeypatched.
+
+Every test here failed on the code before the fix (the comment in each says how).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+import trio
+from libp2p.peer.id import ID
+from pydantic import TypeAdapter
+
+from dht.records import bind_wallet
+from node.config import MarketSection
+from node.daemon import Node
+from protocols import lease as lease_module
+from protocols import lease_wire as w
+from protocols.machines.lease import END_FRAME_INFLATED
+from protocols.rpc import request
+from protocols.signed import seal
+from runtime.errors import ClawnodeError, ErrorCode
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
+
+FAST = MarketSection(  # type: ignore[call-arg]
+    receipt_every_units=5, receipt_every_s=1, countersign_timeout_s=2, abandon_after_s=30, claim_every_s=1
+)
+QUOTE_REPLY = TypeAdapter(w.QuoteReply)
+GRANT_REPLY = TypeAdapter(w.GrantReply)
+ACK_FRAME = w.CallAck().model_dump_json().encode()
+
+
+def _peer(node: Node) -> str:
+    return str(node.host.get_id())
+
+
+def _escrow(node: Node) -> Any:
+    client = node.escrow_client
+    assert client is not None
+    return client
+
+
+async def _released(node: Node, lease_id: str) -> int:
+    """What the chain says the lease's escrow released to the provider (read as its payer)."""
+    lease = await node.ledger.get_lease(lease_id)
+    assert lease.escrow is not None
+    client = _escrow(node)
+    state = await client.chain.run(client.get, lease.escrow.payer, bytes.fromhex(lease.escrow.escrow_id[2:]))
+    return int(state.released)
+
+
+async def _money(node: Node) -> tuple[int, int]:
+    """(income, spend) in this node's ledger, wei."""
+    totals = await node.ledger.totals_by_peer()
+    return sum(t.income for t in totals), sum(t.spend for t in totals)
+
+
+async def _settled(node: Node, settlement_id: str, state: str = "landed") -> bool:
+    try:
+        return (await node.ledger.get_settlement(settlement_id)).state == state
+    except ClawnodeError:
+        return False
+
+
+async def _await_true(check: Any, timeout_s: float, what: str) -> None:
+    with trio.fail_after(timeout_s):
+        while not await check():
+            await trio.sleep(0.1)
+
+
+async def test_consumer_that_skips_the_ack_is_still_metered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the provider metered only acknowledged calls, so 10 calls served 30 words for 0 units."""
+    original = lease_module.write_frame
+
+    async def no_acks(stream: Any, data: bytes, **kwargs: Any) -> None:
+        if data == ACK_FRAME:
+            await stream.close()  # reads the end frame, then hangs up without acknowledging
+            return
+        await original(stream, data, **kwargs)
+
+    monkeypatch.setattr(lease_module, "write_frame", no_acks)
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=60)
+        for _ in range(10):
+            result = await consumer.market.call(view.lease_id, {"prompt": "one two three"})
+            assert result.units == 3
+        served = provider.market.served[view.lease_id]
+        await wait_for(lambda: served.session.units_metered == 30, 10, what="30 units metered")
+        assert (await provider.ledger.get_lease(view.lease_id)).metered_units == 30
+        # The consumer counted the same 30 from the end frames, so the final receipt is countersigned
+        # and the provider is paid for everything it delivered.
+        await consumer.market.revoke(view.lease_id)
+        await _await_true(lambda: _settled(provider, f"{view.lease_id}/claim/{served.session.last_seq}"), 15, "claim")
+        assert await _released(provider, view.lease_id) == 30 * WORD_PRICE
+        assert (await _money(provider))[0] == 30 * WORD_PRICE
+
+
+async def test_consumer_refuses_to_countersign_inflated_units() -> None:
+    """Before: the consumer counted whatever the end frame said and countersigned the budget's worth."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 50, duration_s=60)
+        original = provider.market._serve_call
+
+        async def inflated(call: w.CallRequest, remote: str, stream: Any, ticket: Any) -> w.CallEnd:
+            end = await original(call, remote, stream, ticket)
+            return end.model_copy(update={"units": 10**6})
+
+        provider.market._serve_call = inflated  # type: ignore[method-assign]
+        with pytest.raises(ClawnodeError) as caught:
+            await consumer.market.call(view.lease_id, {"prompt": "one"})
+        assert (caught.value.code, caught.value.message) == (ErrorCode.CONFLICT, END_FRAME_INFLATED)
+        assert consumer.market.held[view.lease_id].seen_units == 0
+        # The cheat pads its meter to the budget and asks for a countersignature: refused.
+        await provider.ledger.record_usage(view.lease_id, writer=_peer(provider), units=49, idempotency_key="pad")
+        assert not await provider.market._push_receipt(view.lease_id)
+        assert not any(r.countersigned and r.units > 0 for r in await provider.ledger.list_receipts(view.lease_id))
+        assert not any(r.units > 0 for r in await consumer.ledger.list_receipts(view.lease_id))
+
+
+async def test_provider_refuses_countersignature_without_valid_voucher() -> None:
+    """Before: a countersignature with no voucher or a forged one was recorded and service went on."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        market = consumer.market
+        no_voucher = await market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=60)
+        wrong_amount = await market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=60)
+        original_voucher = market._voucher
+
+        async def cheat(held: Any, amount: int) -> str | None:
+            if held.grant.lease_id == no_voucher.lease_id:
+                return None
+            return await original_voucher(held, amount + WORD_PRICE)  # signed, but for another amount
+
+        market._voucher = cheat  # type: ignore[method-assign]
+        for view in (no_voucher, wrong_amount):
+            await market.call(view.lease_id, {"prompt": "one two three four five six"})
+            served = provider.market.served[view.lease_id]
+            await wait_for(lambda served=served: served.session.state == "lease_paused", 10, what="paused")
+            with pytest.raises(ClawnodeError) as caught:
+                await market.call(view.lease_id, {"prompt": "more"})
+            assert caught.value.code == ErrorCode.CONFLICT and "paused" in caught.value.message
+            assert not any(r.countersigned for r in await provider.ledger.list_receipts(view.lease_id))
+        assert await provider.ledger.list_settlements() == []
+
+
+async def test_grant_refuses_a_lock_paid_by_another_wallet() -> None:
+    """Before: a stranger replaying a buyer's lock in its own open got the lease (and the buyer did not)."""
+    async with market_nodes([{"offers": (WORD_OFFER,)}, {}, {}]) as (nodes, _):
+        provider, buyer, stranger = nodes
+        peer = ID.from_base58(_peer(provider))
+        refusals: list[tuple[ErrorCode, str]] = []
+
+        async def front_run(lock: w.EscrowLock, amount: int) -> None:
+            """The stranger sees the buyer's lock on chain and races to open a lease on it first."""
+            quote = await request(
+                stranger.host,
+                peer,
+                lease_module.LEASE_PROTOCOL,
+                w.QuoteRequest(capability=WORDS, expected_units=10, duration_s=60),
+                QUOTE_REPLY,
+            )
+            buyer_wallet = bytes(_escrow(buyer).account.key)
+            stranger_wallet = bytes(_escrow(stranger).account.key)
+            for binding in (
+                None,
+                bind_wallet(stranger_wallet, _peer(stranger)),  # its own wallet: not the lock's payer
+                bind_wallet(buyer_wallet, _peer(buyer)),  # the buyer's public binding: not its peer id
+            ):
+                opening = w.LeaseOpen(
+                    quote=quote.envelope,
+                    lease_id=lock.escrow_id[2:],
+                    budget=amount,
+                    mode="escrow",
+                    lock=lock,
+                    wallet=binding,
+                )
+                envelope = base64.b64encode(
+                    seal(opening, stranger.market.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
+                ).decode()
+                with pytest.raises(ClawnodeError) as caught:
+                    await request(
+                        stranger.host, peer, lease_module.LEASE_PROTOCOL, w.OpenRequest(envelope=envelope), GRANT_REPLY
+                    )
+                refusals.append((caught.value.code, caught.value.message))
+
+        original_lock = buyer.market._lock
+
+        async def lock_then_front_run(quote: w.Quote, escrow_id: bytes, amount: int) -> w.EscrowLock:
+            lock = await original_lock(quote, escrow_id, amount)
+            await front_run(lock, amount)
+            return lock
+
+        buyer.market._lock = lock_then_front_run  # type: ignore[method-assign]
+        view = await buyer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 10, duration_s=60)
+        assert [code for code, _ in refusals] == [ErrorCode.FORBIDDEN] * 3, refusals
+        assert "another wallet" in refusals[1][1]
+        # The buyer's own open went through after the stranger's attempts, and it is served.
+        assert provider.market.served[view.lease_id].grant.consumer == _peer(buyer)
+        assert (await buyer.market.call(view.lease_id, {"prompt": "mine"})).units == 1
+
+
+async def test_concurrent_calls_cannot_overshoot_the_budget() -> None:
+    """Before: 8 concurrent calls on a 10-unit lease, each admitted on a 1-unit estimate, got 8 x 256 words."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 10, duration_s=60)
+        prompt = " ".join(f"w{i}" for i in range(256))
+        delivered: list[int] = []
+        refused: list[ErrorCode] = []
+
+        async def one_call() -> None:
+            words = 0
+
+            async def count(_data: dict[str, Any]) -> None:
+                nonlocal words
+                words += 1
+
+            try:
+                await consumer.market.stream_call(view.lease_id, {"prompt": prompt}, count)
+            except ClawnodeError as error:
+                refused.append(error.code)
+            delivered.append(words)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(one_call)
+        served = provider.market.served[view.lease_id]
+        assert sum(delivered) <= 10, delivered
+        assert refused and set(refused) == {ErrorCode.INSUFFICIENT_FUNDS}
+        await wait_for(lambda: served.session.units_reserved == 0, 5, what="reservations released")
+        assert served.session.units_metered == sum(delivered) == consumer.market.held[view.lease_id].seen_units
+
+
+async def test_disputed_escrow_stops_service_and_claims_retry_after_resolution() -> None:
+    """Before: a payer that disputed right after the grant kept being served, and the provider's claim
+    failed for good as `disputed`, never retried once the arbiter resolved."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, shared):
+        provider, consumer = nodes
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=60)
+        await consumer.market.call(view.lease_id, {"prompt": "one two three four five six"})
+        served = provider.market.served[view.lease_id]
+        await wait_for(lambda: served.session.units_countersigned == 6, 10, what="countersigned")
+        payer = _escrow(consumer)
+        escrow_id = bytes.fromhex(view.lease_id)
+        await payer.chain.run(payer.dispute, payer.account.address, escrow_id)
+        # Within the provider's metering rhythm the lease ends and calls are refused.
+        await wait_for(lambda: served.ended_reason == "escrow disputed", 10, what="lease ended on the dispute")
+        with pytest.raises(ClawnodeError):
+            await consumer.market.call(view.lease_id, {"prompt": "free ride"})
+        claim_id = f"{view.lease_id}/claim/{served.session.countersigned_seq}"
+
+        async def waiting_on_dispute() -> bool:
+            settlement = await provider.ledger.get_settlement(claim_id)
+            return settlement.state == "pending" and settlement.last_error == "disputed"
+
+        await _await_true(waiting_on_dispute, 15, "the claim waits on the dispute")
+        # The arbiter gives the provider what the consumer countersigned; the claim closes out.
+        arbiter = shared.deployer.for_account(shared.arbiter)
+        await arbiter.chain.run(arbiter.resolve, payer.account.address, escrow_id, 6 * WORD_PRICE)
+        await _await_true(lambda: _settled(provider, claim_id), 30, "the claim closes out")
+        await _await_true(lambda: _settled(consumer, f"{view.lease_id}/refund"), 30, "the refund closes out")
+        assert (await _money(provider))[0] == (await _money(consumer))[1] == 6 * WORD_PRICE
+        assert await _released(provider, view.lease_id) == 6 * WORD_PRICE
+
+
+async def test_consumer_books_spend_when_the_claim_lands() -> None:
+    """Before: the consumer's ledger showed no spend until its refund landed (deadline + window later),
+    while the chain had paid the provider and the provider's ledger showed the income."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=600)
+        await consumer.market.call(view.lease_id, {"prompt": "one two three four five six seven"})
+        served = provider.market.served[view.lease_id]
+        await wait_for(lambda: served.session.units_countersigned == 7, 10, what="countersigned")
+
+        async def provider_paid() -> bool:
+            return (await _money(provider))[0] == 7 * WORD_PRICE
+
+        await _await_true(provider_paid, 15, "the provider's claim")
+
+        # The lease is still open, the refund months away: the consumer books the claim it sees.
+        async def consumer_booked() -> bool:
+            return (await _money(consumer))[1] == 7 * WORD_PRICE
+
+        await _await_true(consumer_booked, 10, "the consumer's spend")
+        assert await _released(consumer, view.lease_id) == 7 * WORD_PRICE
+        assert consumer.market.held[view.lease_id].ended_reason is None
+        assert (await consumer.ledger.verify_audit()).ok
