@@ -7,6 +7,7 @@ Every test here failed on the code before the fix (the comment in each says how)
 from __future__ import annotations
 
 import base64
+from functools import partial
 from typing import Any
 
 import pytest
@@ -139,8 +140,8 @@ async def test_provider_refuses_countersignature_without_valid_voucher() -> None
         market._voucher = cheat  # type: ignore[method-assign]
         for view in (no_voucher, wrong_amount):
             await market.call(view.lease_id, {"prompt": "one two three four five six"})
-            served = provider.market.served[view.lease_id]
-            await wait_for(lambda served=served: served.session.state == "lease_paused", 10, what="paused")
+            session = provider.market.served[view.lease_id].session
+            await wait_for(partial(lambda s: s.state == "lease_paused", session), 10, what="paused")
             with pytest.raises(ClawnodeError) as caught:
                 await market.call(view.lease_id, {"prompt": "more"})
             assert caught.value.code == ErrorCode.CONFLICT and "paused" in caught.value.message

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import pytest
-from hypothesis import settings
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from protocols.machines.lease import (
     CONSUMER,
+    DEFAULT_COMPLETION_CAP,
     END_ABANDONED,
+    END_FRAME_INFLATED,
+    END_FROZEN,
     EXPIRE,
     ISSUE_RECEIPT,
     LEASE_MACHINE,
@@ -23,9 +30,17 @@ from protocols.machines.lease import (
     LeasePolicy,
     LeaseSession,
     LeaseState,
+    LockFacts,
+    check_countersignature,
+    check_end_frame,
+    check_lock,
     check_receipt_claim,
+    chunk_tokens,
+    plan_call,
+    prompt_units_estimate,
 )
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.escrow import voucher_digest, voucher_signer
 
 T0 = 1_000
 
@@ -276,6 +291,7 @@ class LeaseModel(RuleBasedStateMachine):
             abandon_s=60,
         )
         self.seen_history = 0
+        self.tickets: list[int] = []  # reservations of calls in flight
         self.recent: list[float] = []
         self.was_settled = False
 
@@ -344,7 +360,7 @@ class LeaseModel(RuleBasedStateMachine):
             expected = ErrorCode.CONFLICT
         elif s.requests_served >= s.policy.max_requests or len(self.recent) >= s.policy.rate_per_minute:
             expected = ErrorCode.RATE_LIMITED
-        elif (s.units_metered + estimate) * s.price_per_unit > s.policy.budget_cap:
+        elif (s.units_metered + s.units_reserved + estimate) * s.price_per_unit > s.policy.budget_cap:
             expected = ErrorCode.INSUFFICIENT_FUNDS
         else:
             expected = None
@@ -357,9 +373,39 @@ class LeaseModel(RuleBasedStateMachine):
         expected: ErrorCode | None = None
         if s.state in (LeaseState.QUOTED, LeaseState.SETTLED):
             expected = ErrorCode.CONFLICT
-        elif (s.units_metered + units) * s.price_per_unit > s.policy.budget_cap:
+        elif (s.units_metered + s.units_reserved + units) * s.price_per_unit > s.policy.budget_cap:
             expected = ErrorCode.INSUFFICIENT_FUNDS
         self.attempt(lambda: s.meter(units, self.now), expected)
+
+    @rule(words=st.integers(0, 6), max_tokens=st.one_of(st.none(), st.integers(1, 12)))
+    def reserve_call(self, words: int, max_tokens: int | None) -> None:
+        """A call is admitted with a reservation (what concurrent calls must share)."""
+        s = self.s
+        body: dict[str, object] = {"prompt": " ".join("w" for _ in range(words))}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        left = s.units_left
+        try:
+            plan = s.reserve(self.now, body)
+        except ClawnodeError as error:
+            assert error.code != ErrorCode.INSUFFICIENT_FUNDS or (max_tokens or 1) > left or left == 0
+            return
+        self.recent.append(self.now)
+        assert plan.max_tokens <= plan.reserve <= left
+        assert max_tokens is None or plan.max_tokens == max_tokens
+        self.tickets.append(plan.reserve)
+
+    @rule(pick=st.integers(0, 20), units=st.integers(0, 40))
+    def finish_call(self, pick: int, units: int) -> None:
+        """A call in flight ends: its reservation goes back and at most that much is metered."""
+        if not self.tickets:
+            return
+        s = self.s
+        reserved = self.tickets.pop(pick % len(self.tickets))
+        before = s.units_metered
+        expected = ErrorCode.CONFLICT if s.state == LeaseState.SETTLED and min(units, reserved) else None
+        self.attempt(lambda: s.finish_call(reserved, units, self.now), expected)
+        assert s.units_metered - before in (0, min(units, reserved))
 
     @rule(extra=st.integers(0, 2))
     def issue_receipt(self, extra: int) -> None:
@@ -442,6 +488,8 @@ class LeaseModel(RuleBasedStateMachine):
     def money_and_counts(self) -> None:
         s = self.s
         assert s.units_metered * s.price_per_unit <= s.policy.budget_cap
+        assert (s.units_metered + s.units_reserved) * s.price_per_unit <= s.policy.budget_cap
+        assert s.units_reserved == sum(self.tickets)
         assert s.requests_served <= s.policy.max_requests
         assert s.units_countersigned <= s.units_receipted <= s.units_metered
         assert all(seq > s.countersigned_seq for seq in s.outstanding)
@@ -451,3 +499,220 @@ class LeaseModel(RuleBasedStateMachine):
 
 LeaseModel.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
 TestLeaseModel = LeaseModel.TestCase
+
+
+# -- the money rules (issue 14): pure verdicts, checked over random inputs ------------------------
+
+PROMPTS = st.lists(st.text(alphabet="ab é漢", min_size=1, max_size=6), max_size=8).map(" ".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=PROMPTS, max_tokens=st.one_of(st.none(), st.integers(1, 400)), left=st.integers(0, 600))
+def test_plan_call_never_reserves_beyond_what_is_left(prompt: str, max_tokens: int | None, left: int) -> None:
+    body: dict[str, object] = {"prompt": prompt}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    try:
+        plan = plan_call(body, left)
+    except ClawnodeError as error:
+        assert error.code == ErrorCode.INSUFFICIENT_FUNDS
+        assert left == 0 or (max_tokens is not None and max_tokens > left)
+        return
+    assert 1 <= plan.max_tokens <= plan.reserve <= left
+    assert plan.max_tokens == (max_tokens if max_tokens is not None else min(DEFAULT_COMPLETION_CAP, left))
+    # The prompt is reserved as far as the budget goes beyond the completion.
+    assert plan.reserve == plan.max_tokens + min(prompt_units_estimate(body), left - plan.max_tokens)
+
+
+def test_plan_call_refuses_a_malformed_max_tokens() -> None:
+    for bad in (0, -3, "10", 2.5, True):
+        with pytest.raises(ClawnodeError) as caught:
+            plan_call({"prompt": "a", "max_tokens": bad}, 100)
+        assert caught.value.code == ErrorCode.INVALID_ARGUMENT
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prompt=PROMPTS,
+    completion=st.integers(0, 50),
+    per_chunk=st.integers(1, 4),
+    max_tokens=st.one_of(st.none(), st.integers(1, 60)),
+    prompt_counted=st.booleans(),
+    inflate=st.integers(0, 10**6),
+)
+def test_end_frame_units_are_accepted_only_within_what_arrived(
+    prompt: str, completion: int, per_chunk: int, max_tokens: int | None, prompt_counted: bool, inflate: int
+) -> None:
+    """An honest end frame (words: the completion; chat: prompt tokens + completion) always passes;
+    one claiming more than chunks received + the prompt's bound, or max_tokens + it, is refused."""
+    body: dict[str, object] = {"prompt": prompt}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+        completion = min(completion, max_tokens)
+    # The consumer's count: chunks of ``per_chunk`` tokens (chat) as the chunks carried them.
+    chunks = [{"text": "x", "tokens": min(per_chunk, completion - i)} for i in range(0, completion, per_chunk)]
+    received = sum(chunk_tokens(c) for c in chunks)
+    assert received == completion
+    prompt_tokens = len(prompt.encode()) if prompt_counted else 0  # a tokenizer never beats a byte each
+    honest = prompt_tokens + completion
+    assert check_end_frame(honest, received, body) == honest
+    claimed = honest + inflate
+    bound = received + prompt_units_estimate(body)
+    if max_tokens is not None:
+        bound = min(bound, max_tokens + prompt_units_estimate(body))
+    if claimed > bound:
+        with pytest.raises(ClawnodeError) as caught:
+            check_end_frame(claimed, received, body)
+        assert (caught.value.code, caught.value.message) == (ErrorCode.CONFLICT, END_FRAME_INFLATED)
+    else:
+        assert check_end_frame(claimed, received, body) == claimed
+
+
+def test_one_chunk_cannot_claim_a_million_units() -> None:
+    with pytest.raises(ClawnodeError) as caught:
+        check_end_frame(10**6, 1, {"prompt": "hi"})
+    assert caught.value.code == ErrorCode.CONFLICT
+
+
+_PAYER = Account.from_key(b"\x11" * 32)
+_OTHER = Account.from_key(b"\x22" * 32)
+_CONTRACT = "0x" + "ab" * 20
+
+
+def _voucher(account: Any, escrow_id: bytes, amount: int) -> str:
+    digest = voucher_digest(31337, _CONTRACT, _PAYER.address, escrow_id, amount)
+    return "0x" + bytes(account.sign_message(encode_defunct(primitive=digest)).signature).hex()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    amount=st.integers(1, 10**20),
+    signed_amount_delta=st.sampled_from([0, 0, 1, -1]),
+    signer=st.sampled_from(["payer", "payer", "other", "none", "garbage"]),
+    escrow_id=st.binary(min_size=32, max_size=32),
+)
+def test_a_countersignature_counts_only_with_the_payers_voucher_for_its_amount(
+    amount: int, signed_amount_delta: int, signer: str, escrow_id: bytes
+) -> None:
+    voucher: str | None
+    if signer == "none":
+        voucher = None
+    elif signer == "garbage":
+        voucher = "0x" + "00" * 65
+    else:
+        voucher = _voucher(_PAYER if signer == "payer" else _OTHER, escrow_id, amount + signed_amount_delta)
+    recovered = (
+        None if voucher is None else voucher_signer(31337, _CONTRACT, _PAYER.address, escrow_id, amount, voucher)
+    )
+
+    def verdict() -> None:
+        check_countersignature(
+            escrowed=True, amount=amount, voucher=voucher, voucher_signer=recovered, payer=_PAYER.address
+        )
+
+    if signer == "payer" and signed_amount_delta == 0:
+        verdict()
+        return
+    with pytest.raises(ClawnodeError) as caught:
+        verdict()
+    assert caught.value.code == (ErrorCode.FORBIDDEN if voucher is None else ErrorCode.UNAUTHENTICATED)
+    # Post-paid leases and zero amounts need no voucher.
+    check_countersignature(escrowed=False, amount=amount, voucher=None, voucher_signer=None, payer=None)
+    check_countersignature(escrowed=True, amount=0, voucher=None, voucher_signer=None, payer=_PAYER.address)
+
+
+_GOOD_LOCK = LockFacts(
+    lease_id="ab" * 32,
+    escrow_id="0x" + "ab" * 32,
+    lock_payer=_PAYER.address,
+    wallet=_PAYER.address.lower(),
+    wallet_bound=True,
+    phase="active",
+    payee="0x" + "01" * 20,
+    arbiter="0x" + "02" * 20,
+    amount=1_000,
+    released=0,
+    deadline=10_000,
+    window=30,
+    chain_now=5_000,
+    quote_payee="0x" + "01" * 20,
+    quote_arbiter="0x" + "02" * 20,
+    quote_window=30,
+    budget=1_000,
+    duration_s=4_000,
+)
+_LOCK_FLAWS: dict[str, tuple[dict[str, object], ErrorCode]] = {
+    "lease id is not the escrow id": ({"lease_id": "cd" * 32}, ErrorCode.INVALID_ARGUMENT),
+    "no wallet binding": ({"wallet": None}, ErrorCode.FORBIDDEN),
+    "binding not for this peer": ({"wallet_bound": False}, ErrorCode.FORBIDDEN),
+    "lock paid by another wallet": ({"lock_payer": _OTHER.address}, ErrorCode.FORBIDDEN),
+    "disputed": ({"phase": "disputed"}, ErrorCode.INSUFFICIENT_FUNDS),
+    "closed": ({"phase": "closed"}, ErrorCode.INSUFFICIENT_FUNDS),
+    "missing": ({"phase": "none"}, ErrorCode.INSUFFICIENT_FUNDS),
+    "another payee": ({"payee": "0x" + "03" * 20}, ErrorCode.FORBIDDEN),
+    "another arbiter": ({"arbiter": "0x" + "03" * 20}, ErrorCode.FORBIDDEN),
+    "short amount": ({"amount": 999}, ErrorCode.INSUFFICIENT_FUNDS),
+    "partly released": ({"released": 1}, ErrorCode.INSUFFICIENT_FUNDS),
+    "another window": ({"window": 31}, ErrorCode.INVALID_ARGUMENT),
+    "ends too soon": ({"deadline": 8_999}, ErrorCode.INVALID_ARGUMENT),
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(flaws=st.sets(st.sampled_from(sorted(_LOCK_FLAWS)), max_size=3), extra=st.integers(0, 10**6))
+def test_the_grant_takes_only_the_consumers_own_sufficient_lock(flaws: set[str], extra: int) -> None:
+    """A lock is granted iff nothing is wrong with it; any flaw refuses it with one of the flaws' codes."""
+    good = dataclasses.replace(_GOOD_LOCK, amount=_GOOD_LOCK.amount + extra, deadline=_GOOD_LOCK.deadline + extra)
+    check_lock(good)
+    if not flaws:
+        return
+    changes: dict[str, object] = {}
+    for flaw in flaws:
+        changes.update(_LOCK_FLAWS[flaw][0])
+    with pytest.raises(ClawnodeError) as caught:
+        check_lock(dataclasses.replace(_GOOD_LOCK, **changes))  # type: ignore[arg-type]
+    assert caught.value.code in {_LOCK_FLAWS[flaw][1] for flaw in flaws}
+
+
+@settings(max_examples=100, deadline=None)
+@given(phase=st.sampled_from(["none", "active", "disputed", "closed"]), paused=st.booleans())
+def test_a_frozen_escrow_ends_a_live_lease(phase: str, paused: bool) -> None:
+    s = make()
+    if paused:
+        s.receipt_issued(1, 0, T0)
+        s.countersignature_refused(T0)
+        assert s.state == LeaseState.PAUSED
+    actions = s.escrow_observed(phase)
+    if phase == "active":
+        assert actions == [] and s.state in (LeaseState.ACTIVE, LeaseState.PAUSED)
+    else:
+        assert actions == [END_FROZEN] and s.state == LeaseState.ENDED
+        assert s.history[-1][1] == LeaseEvent.FREEZE
+        assert s.escrow_observed(phase) == []  # once
+
+
+def test_a_refused_countersignature_pauses_service_until_a_valid_one() -> None:
+    s = make(every_units=5)
+    s.authorize(T0, 5)
+    assert s.meter(5, T0)
+    s.receipt_issued(1, 5, T0)
+    assert s.countersignature_refused(T0) == [PAUSE]
+    with pytest.raises(ClawnodeError) as caught:
+        s.authorize(T0 + 1, 1)
+    assert caught.value.code == ErrorCode.CONFLICT
+    s.countersigned(1, T0 + 2)
+    assert s.state == LeaseState.ACTIVE
+
+
+def test_concurrent_reservations_share_the_budget() -> None:
+    """8 calls without max_tokens on a 10-unit lease: the first holds all 10, the rest are refused."""
+    s = make(budget_cap=20, price=2)
+    plans = []
+    for _ in range(8):
+        try:
+            plans.append(s.reserve(T0, {"prompt": "x " * 256}))
+        except ClawnodeError as error:
+            assert error.code == ErrorCode.INSUFFICIENT_FUNDS
+    assert [p.max_tokens for p in plans] == [10] and s.units_reserved == 10
+    assert not s.finish_call(10, 256, T0)  # the engine overshot: billed its reservation only
+    assert (s.units_metered, s.units_reserved) == (10, 0)
