@@ -1,0 +1,554 @@
+"""Fuzzing every protocol a node serves: hypothesis-generated inputs, two ways to drive them.
+
+Used by ``tests/test_protocol_fuzz.py`` (a few hundred inputs per protocol, in CI) and
+``bench/fuzz.py`` (10^4 and more). Inputs are generated with hypothesis strategies, collected up
+front (``corpus``) and then driven in one of two ways:
+
+* **handler** — the protocol's registered stream handler (``host.get_mux().handlers``) is called
+  on an in-memory stream that yields the input's bytes and then end-of-stream, and whatever it
+  writes back is parsed as frames. This is the node's own code from the first byte read to the
+  last byte written, minus Noise and Yamux; thousands of inputs per second.
+* **stream** — a separate libp2p host opens a real stream to the node over loopback, writes the
+  bytes, reads the reply (or gives up after a short wait and resets the stream).
+
+Gossip is driven through the topic validator the node registered (handler) and by publishing on
+the topic from a peer's own pubsub (stream).
+
+A **crash** is the handler raising (with an in-memory stream that never fails), or the node no
+longer answering. An **internal error** is an ``E_INTERNAL`` reply: the handler hit something it
+did not expect. Both are bugs; every other reply (a stable error code, or a real answer) is fine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+from libp2p.abc import IHost
+from libp2p.crypto.keys import PrivateKey
+from libp2p.custom_types import TProtocol
+from libp2p.peer.envelope import Envelope, make_unsigned
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
+
+from protocols import lease_wire, task_wire
+from protocols.capability import CAPABILITY_PROTOCOL, MAX_MESSAGE
+from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement
+from protocols.lease import INFER_PROTOCOL, LEASE_PROTOCOL, MAX_CALL_FRAME, MAX_LEASE_FRAME
+from protocols.task import TASK_PROTOCOL
+from protocols.wire import encode_uvarint
+from runtime.errors import ErrorCode
+
+PROTOCOLS: dict[str, TProtocol] = {
+    "lease": LEASE_PROTOCOL,
+    "infer": INFER_PROTOCOL,
+    "task": TASK_PROTOCOL,
+    "capability": CAPABILITY_PROTOCOL,
+}
+MAX_FRAME = {
+    "lease": MAX_LEASE_FRAME,
+    "infer": MAX_CALL_FRAME,
+    "task": task_wire.MAX_TASK_FRAME,
+    "capability": MAX_MESSAGE,
+}
+# The request models each protocol reads, whose shapes the JSON inputs imitate.
+SHAPES: dict[str, tuple[type[Any], ...]] = {
+    "lease": (
+        lease_wire.QuoteRequest,
+        lease_wire.OpenRequest,
+        lease_wire.RevokeRequest,
+        lease_wire.RenewRequest,
+        lease_wire.ReceiptPush,
+    ),
+    "infer": (lease_wire.CallRequest, lease_wire.CallAck, lease_wire.Cancel),
+    "task": (
+        task_wire.BidRequest,
+        task_wire.WithdrawBidRequest,
+        task_wire.AwardRequest,
+        task_wire.ResultRequest,
+        task_wire.ReviewRequest,
+        task_wire.DisputeCase,
+        task_wire.DisputeRequest,
+        task_wire.EvidenceRequest,
+        task_wire.ResolutionRequest,
+        task_wire.CancelRequest,
+    ),
+    "capability": (),
+    "gossip": (TaskAnnouncement,),
+}
+DEEP = "\x00deep:"  # a placeholder string replaced by deeply nested JSON after encoding
+
+
+@dataclass(frozen=True)
+class Known:
+    """Real values the inputs may carry, so that some of them get past the first checks."""
+
+    peer_ids: tuple[str, ...] = ()
+    lease_ids: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ("model:words",)
+    task_ids: tuple[str, ...] = ()
+
+
+# -- strategies --
+
+
+def _huge_ints() -> st.SearchStrategy[int]:
+    return st.sampled_from(
+        [0, -1, 1, 2**31, 2**53 + 1, 2**62, 2**63 - 1, 2**63, 2**64, 2**256 - 1, 2**256, -(2**63), 10**400]
+    )
+
+
+def _long_text() -> st.SearchStrategy[str]:
+    return st.builds(lambda s, n: (s or "a") * n, st.text(max_size=8), st.integers(1, 20_000))
+
+
+def _deep() -> st.SearchStrategy[str]:
+    return st.builds(lambda depth, kind: f"{DEEP}{kind}{depth}", st.integers(1, 5000), st.sampled_from("[{"))
+
+
+def _scalars(known: Known) -> st.SearchStrategy[Any]:
+    plausible = [*known.peer_ids, *known.lease_ids, *known.capabilities, *known.task_ids]
+    parts: list[st.SearchStrategy[Any]] = [
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        _huge_ints(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=40),
+        st.sampled_from(["0x" + "a" * 40, "0x" + "0" * 64, "a" * 64, "AAAA", "=", "", "model:words", "\u202e"]),
+        _long_text(),
+        _deep(),
+    ]
+    if plausible:
+        parts.append(st.sampled_from(plausible))
+    return st.one_of(parts)
+
+
+def _values(known: Known) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        _scalars(known),
+        lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+        max_leaves=8,
+    )
+
+
+_PEER_FIELDS = {"provider", "consumer", "creator", "bidder", "party", "served_by", "arbiter"}
+
+
+def _plausible(name: str, annotation: Any, known: Known, depth: int = 0) -> st.SearchStrategy[Any]:
+    """A value of the right type for field ``name``, often one the node knows."""
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields") and depth < 3:
+        return _valid_shape(annotation, known, depth + 1)
+    text = str(annotation)
+    if name == "lease_id" and known.lease_ids:
+        return st.sampled_from(known.lease_ids)
+    if name == "task_id" and known.task_ids:
+        return st.sampled_from(known.task_ids)
+    if name == "capability":
+        return st.sampled_from(known.capabilities)
+    if name in _PEER_FIELDS and known.peer_ids:
+        return st.sampled_from(known.peer_ids)
+    if name in {"payee", "payer", "contract", "arbiter_wallet"}:
+        return st.just("0x" + "ab" * 20)
+    if name in {"escrow_id", "tx_hash"}:
+        return st.just("0x" + "cd" * 32)
+    if "int" in text:
+        return st.integers(0, 10**6)
+    if "dict" in text:
+        return st.dictionaries(st.text(max_size=8), st.one_of(st.integers(), st.text(max_size=8)), max_size=3)
+    if "bool" in text:
+        return st.booleans()
+    return st.text(alphabet="abcdefABCDEF0123456789+/=", min_size=1, max_size=64)
+
+
+def _valid_shape(model: type[Any], known: Known, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
+    fields = {
+        name: _plausible(name, info.annotation, known, depth)
+        for name, info in model.model_fields.items()
+        if name != "type"
+    }
+    tag = model.model_fields["type"].default if "type" in model.model_fields else None
+    if tag is not None:
+        fields["type"] = st.just(tag)
+    return st.fixed_dictionaries(fields)
+
+
+def _one_nasty(model: type[Any], known: Known) -> st.SearchStrategy[dict[str, Any]]:
+    """A plausible message with one field replaced by a nasty value (wrong type, huge, deep, long)."""
+    names = [name for name in model.model_fields if name != "type"]
+
+    @st.composite
+    def build(draw: st.DrawFn) -> dict[str, Any]:
+        out = dict(draw(_valid_shape(model, known)))
+        if names:
+            out[draw(st.sampled_from(names))] = draw(_values(known))
+        return out
+
+    return build()
+
+
+def _shaped(model: type[Any], known: Known) -> st.SearchStrategy[dict[str, Any]]:
+    """A dict with the model's field names (some dropped, some extra) and nasty values."""
+    names = [name for name in model.model_fields if name != "type"]
+    type_tag = model.model_fields["type"].default if "type" in model.model_fields else None
+    values = _values(known)
+
+    @st.composite
+    def build(draw: st.DrawFn) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if type_tag is not None:
+            out["type"] = draw(st.one_of(st.just(type_tag), st.just(type_tag), _scalars(known)))
+        for name in names:
+            if draw(st.integers(0, 9)) == 0:
+                continue  # missing
+            out[name] = draw(values)
+        if draw(st.integers(0, 5)) == 0:
+            out[draw(st.text(max_size=10))] = draw(values)  # extra
+        return out
+
+    return st.one_of(build(), _one_nasty(model, known), _one_nasty(model, known), _valid_shape(model, known))
+
+
+def _encode(document: Any) -> bytes:
+    text = json.dumps(document, allow_nan=True, ensure_ascii=False)
+
+    def deepen(match_text: str) -> str:
+        kind, depth = match_text[0], int(match_text[1:])
+        return ('{"a":' * depth + "1" + "}" * depth) if kind == "{" else ("[" * depth + "]" * depth)
+
+    prefix = json.dumps(DEEP)[:-1]
+    while prefix in text:
+        start = text.index(prefix)
+        end = text.index('"', start + 1)
+        marker = json.loads(text[start : end + 1])[len(DEEP) :]
+        text = text[:start] + deepen(marker) + text[end + 1 :]
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _mutated(raw: bytes) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.just(raw),
+        st.just(raw),
+        st.builds(lambda cut: raw[: max(0, len(raw) - cut)], st.integers(1, 64)),  # truncated JSON
+        st.builds(lambda junk: raw + junk, st.binary(max_size=16)),  # trailing garbage
+        st.just(raw.replace(b'"', b'"\\ud800', 1)),  # a lone surrogate
+        st.just(b"\xef\xbb\xbf" + raw),  # a byte order mark
+        st.just(raw.replace(b":", b':NaN,"x":', 1)),
+        st.builds(lambda b: bytes(b) + raw, st.binary(min_size=1, max_size=4)),
+    )
+
+
+def _framed(payload: bytes, max_frame: int) -> st.SearchStrategy[bytes]:
+    """The payload behind a length prefix: honest, truncated, oversized, or never finished."""
+    honest = encode_uvarint(len(payload)) + payload
+    return st.one_of(
+        st.just(honest),
+        st.just(honest),
+        st.just(honest),
+        st.builds(lambda cut: honest[: max(1, len(honest) - cut)], st.integers(1, 32)),  # truncated frame
+        st.builds(lambda extra: encode_uvarint(len(payload) + extra) + payload, st.integers(1, 1 << 20)),
+        st.sampled_from([encode_uvarint(max_frame + 1), encode_uvarint(2**63), b"\xff" * 10, b"\x80" * 9 + b"\x01"]),
+        st.just(honest + honest),  # two frames where one is expected
+        st.just(b"\x00"),  # an empty frame
+    )
+
+
+def json_inputs(protocol: str, known: Known) -> st.SearchStrategy[bytes]:
+    shapes = [_shaped(model, known) for model in SHAPES[protocol]]
+    documents: st.SearchStrategy[Any] = (
+        st.one_of([*shapes, _values(known)]) if shapes else st.one_of(st.just({"type": "get_record"}), _values(known))
+    )
+    return documents.map(_encode).flatmap(_mutated)
+
+
+def stream_inputs(protocol: str, known: Known) -> st.SearchStrategy[bytes]:
+    """Bytes a peer writes on a fresh stream of ``protocol``."""
+    max_frame = MAX_FRAME[protocol]
+    framed_json = json_inputs(protocol, known).flatmap(lambda payload: _framed(payload, max_frame))
+    framed_garbage = st.binary(max_size=512).flatmap(lambda payload: _framed(payload, max_frame))
+    return st.one_of(framed_json, framed_json, framed_json, framed_garbage, st.binary(max_size=64))
+
+
+@dataclass(frozen=True)
+class GossipInput:
+    """What a peer publishes: ``sealed`` payloads are signed into a valid envelope by the driver."""
+
+    payload: bytes
+    sealed: bool
+    domain: str = ANNOUNCEMENT_DOMAIN
+    payload_type: bytes = ANNOUNCEMENT_PAYLOAD_TYPE
+
+
+def gossip_inputs(known: Known) -> st.SearchStrategy[GossipInput]:
+    announcement_json = json_inputs("gossip", known)
+    return st.one_of(
+        st.builds(GossipInput, announcement_json, st.just(True)),
+        st.builds(GossipInput, announcement_json, st.just(True)),
+        st.builds(GossipInput, st.binary(max_size=512), st.just(False)),
+        st.builds(GossipInput, announcement_json, st.just(True), st.sampled_from(["", "other", "clawnode-x"])),
+        st.builds(
+            GossipInput,
+            announcement_json,
+            st.just(True),
+            st.just(ANNOUNCEMENT_DOMAIN),
+            st.binary(max_size=24),
+        ),
+    )
+
+
+def corpus(strategy: st.SearchStrategy[Any], count: int, seed_value: int) -> list[Any]:
+    """``count`` examples of ``strategy`` (reproducible by ``seed_value``); blocking, run it in a thread."""
+    found: list[Any] = []
+
+    @seed(seed_value)
+    @settings(
+        max_examples=count,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        deadline=None,
+    )
+    @given(strategy)
+    def collect(example: Any) -> None:
+        found.append(example)
+
+    collect()
+    return found
+
+
+def seal_raw(item: GossipInput, key: PrivateKey) -> bytes:
+    """A gossip input as published: a signed envelope around its payload, or the raw bytes."""
+    if not item.sealed:
+        return item.payload
+    signature = key.sign(make_unsigned(item.domain, item.payload_type, item.payload))
+    return Envelope(key.get_public_key(), item.payload_type, item.payload, signature).marshal_envelope()
+
+
+# -- outcomes --
+
+
+@dataclass
+class Outcome:
+    protocol: str
+    way: str  # handler | stream
+    inputs: int = 0
+    crashes: int = 0
+    internal_errors: int = 0
+    replies: dict[str, int] = field(default_factory=dict)  # reply type or error code -> count
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)  # the first few failing inputs, described
+
+    def record(self, kind: str) -> None:
+        self.replies[kind] = self.replies.get(kind, 0) + 1
+
+    def failed(self, what: str, data: bytes, detail: str) -> None:
+        if len(self.failures) < 5:
+            self.failures.append(f"{what} on {data[:120]!r}{'…' if len(data) > 120 else ''}: {detail}")
+
+    def summary(self) -> str:
+        rate = self.inputs / self.seconds if self.seconds > 0 else math.inf
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.replies.items(), key=lambda kv: -kv[1])[:6])
+        return (
+            f"{self.protocol:<10} via {self.way:<7} inputs={self.inputs} crashes={self.crashes} "
+            f"internal_errors={self.internal_errors} {rate:.0f}/s [{kinds}]"
+        )
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    """The complete frames in ``data`` (a trailing partial one is dropped)."""
+    frames: list[bytes] = []
+    while data:
+        value, shift, start = 0, 0, 0
+        for position, byte in enumerate(data[:10]):
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                start = position + 1
+                break
+        else:
+            return frames
+        if len(data) < start + value:
+            return frames
+        frames.append(data[start : start + value])
+        data = data[start + value :]
+    return frames
+
+
+def reply_kind(frame: bytes) -> str:
+    """``E_…`` for an error reply, the reply's ``type`` otherwise (``unparsable`` if not JSON)."""
+    try:
+        document = json.loads(frame)
+    except ValueError:
+        return "unparsable"
+    if not isinstance(document, dict):
+        return "unparsable"
+    if document.get("type") == "error":
+        return str(document.get("code"))
+    return str(document.get("type"))
+
+
+def _score(outcome: Outcome, data: bytes, written: bytes) -> None:
+    frames = split_frames(written)
+    if not frames:
+        outcome.record("no reply")
+    for frame in frames:
+        kind = reply_kind(frame)
+        outcome.record(kind)
+        if kind == ErrorCode.INTERNAL.value:
+            outcome.internal_errors += 1
+            outcome.failed("E_INTERNAL", data, frame[:200].decode(errors="replace"))
+
+
+# -- the handler way --
+
+
+class _Conn:
+    def __init__(self, peer_id: ID) -> None:
+        self.peer_id = peer_id
+
+
+class MemoryStream:
+    """A stream whose peer wrote ``data`` and then closed its side; what the node writes is kept."""
+
+    def __init__(self, data: bytes, remote: ID, protocol: TProtocol) -> None:
+        self._data = data
+        self.written = bytearray()
+        self.muxed_conn = _Conn(remote)
+        self._protocol = protocol
+        self.closed = False
+        self.was_reset = False
+
+    def get_protocol(self) -> TProtocol:
+        return self._protocol
+
+    async def read(self, n: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        size = len(self._data) if n is None else n
+        chunk, self._data = self._data[:size], self._data[size:]
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.written.extend(data)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+
+StreamHandler = Callable[[Any], Awaitable[None]]
+
+
+def registered_handler(host: IHost, protocol: TProtocol) -> StreamHandler:
+    handler = host.get_mux().handlers.get(protocol)
+    if handler is None:
+        raise LookupError(f"the node serves no {protocol}")
+    return handler  # type: ignore[no-any-return]
+
+
+async def drive_handler(
+    host: IHost, name: str, inputs: list[bytes], remotes: list[ID], *, timeout_s: float = 15.0
+) -> Outcome:
+    """Each input to the node's registered handler of ``name`` on an in-memory stream."""
+    protocol = PROTOCOLS[name]
+    handler = registered_handler(host, protocol)
+    outcome = Outcome(name, "handler")
+    started = time.perf_counter()
+    for index, data in enumerate(inputs):
+        stream = MemoryStream(data, remotes[index % len(remotes)], protocol)
+        outcome.inputs += 1
+        try:
+            with trio.fail_after(timeout_s):
+                await handler(stream)
+        except trio.TooSlowError:
+            outcome.crashes += 1
+            outcome.failed("hang", data, f"no end within {timeout_s:g} s")
+            continue
+        except Exception as error:  # noqa: BLE001 - what we are looking for
+            outcome.crashes += 1
+            outcome.failed("crash", data, type(error).__name__)
+            continue
+        _score(outcome, data, bytes(stream.written))
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+async def drive_streams(
+    attacker: IHost,
+    target: ID,
+    name: str,
+    inputs: list[bytes],
+    *,
+    concurrency: int = 8,
+    reply_wait_s: float = 0.5,
+) -> Outcome:
+    """Each input on a real stream from ``attacker``; the reply is read for at most ``reply_wait_s``."""
+    protocol = PROTOCOLS[name]
+    outcome = Outcome(name, "stream")
+    limiter = trio.CapacityLimiter(concurrency)
+    started = time.perf_counter()
+
+    async def one(data: bytes) -> None:
+        async with limiter:
+            outcome.inputs += 1
+            try:
+                with trio.fail_after(10):
+                    stream = await attacker.new_stream(target, [protocol])
+            except Exception as error:  # noqa: BLE001 - the node did not take a new stream
+                outcome.crashes += 1
+                outcome.failed("no stream", data, type(error).__name__)
+                return
+            written = bytearray()
+            try:
+                await stream.write(data)
+                with trio.move_on_after(reply_wait_s):
+                    while True:
+                        chunk = await stream.read(65536)
+                        if not chunk:
+                            break
+                        written.extend(chunk)
+            except Exception:  # noqa: BLE001 - the node may hang up on garbage
+                pass
+            finally:
+                with trio.move_on_after(1):
+                    try:
+                        await stream.reset()
+                    except Exception:  # noqa: BLE001 - already closed
+                        pass
+            _score(outcome, data, bytes(written))
+
+    async with trio.open_nursery() as nursery:
+        for data in inputs:
+            nursery.start_soon(one, data)
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def drive_gossip_validator(
+    validate: Callable[[ID, rpc_pb2.Message], bool], inputs: list[GossipInput], key: PrivateKey, forwarder: ID
+) -> Outcome:
+    """Each input through the node's topic validator, as pubsub calls it for a received message."""
+    outcome = Outcome("gossip", "handler")
+    started = time.perf_counter()
+    for index, item in enumerate(inputs):
+        data = seal_raw(item, key)
+        message = rpc_pb2.Message(data=data, from_id=forwarder.to_bytes(), seqno=index.to_bytes(8, "big"))
+        outcome.inputs += 1
+        try:
+            accepted = validate(forwarder, message)
+        except Exception as error:  # noqa: BLE001 - what we are looking for
+            outcome.crashes += 1
+            outcome.failed("crash", data, type(error).__name__)
+            continue
+        outcome.record("accepted" if accepted else "rejected")
+    outcome.seconds = time.perf_counter() - started
+    return outcome
