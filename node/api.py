@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -15,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from dht.discovery import DescribeResult, DiscoveryQuery, ProviderResult
 from dht.offers import Offer
@@ -22,6 +24,7 @@ from dht.records import CAPABILITY_NAME, CapabilityRecord
 from node.alerts import AlertsReply
 from node.dashboard import is_public as is_dashboard_file
 from node.dashboard import mount_dashboard
+from node.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, HttpGuard
 from node.openai_api import OpenAINode, error_type, mount_completions, mount_openai
 from node.task_api import TaskNode, mount_tasks
 from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
@@ -276,17 +279,52 @@ def _bearer_token_check(token: str) -> Callable[[Request], None]:
     return check
 
 
+# Every numeric query parameter is bounded: a value SQLite or the chain cannot hold is a 400, not a 500.
+MAX_OFFSET = 1_000_000_000
 Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+MAX_WEI = 2**256 - 1  # a uint256, as the escrow contract holds amounts
 
 
-def create_app(node: NodeView, token: str) -> FastAPI:
-    app = FastAPI(
+class DiscoverParams(DiscoveryQuery):
+    """``GET /api/discover``'s query string: DiscoveryQuery with bounds on every number."""
+
+    max_price: int | None = Field(None, ge=0, le=MAX_WEI, description="highest price per unit, smallest asset unit")
+    min_ctx: int | None = Field(None, ge=1, le=2**31, description="smallest context length in tokens")
+    min_vram_gb: int | None = Field(None, ge=0, le=2**20)
+
+
+class GuardedFastAPI(FastAPI):
+    """FastAPI with a wrapper outside all of its own middleware, ServerErrorMiddleware included."""
+
+    outermost: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        inner = super().build_middleware_stack()
+        return inner if self.outermost is None else self.outermost(inner)
+
+
+def create_app(
+    node: NodeView,
+    token: str,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+) -> FastAPI:
+    """The API app; ``HttpGuard`` checks Host, token, body size and JSON depth before anything else."""
+    app = GuardedFastAPI(
         title="clawnode",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
         dependencies=[Depends(_bearer_token_check(token))],
+    )
+    app.outermost = partial(
+        HttpGuard,
+        token=token,
+        is_public=is_dashboard_file,
+        max_body_bytes=max_body_bytes,
+        max_json_depth=max_json_depth,
     )
 
     @app.exception_handler(ClawnodeError)
@@ -334,8 +372,8 @@ def create_app(node: NodeView, token: str) -> FastAPI:
         return await node.remove_offer(name)
 
     @app.get("/api/discover")
-    async def discover(query: Annotated[DiscoveryQuery, Query()]) -> DiscoverReply:
-        return DiscoverReply(providers=await node.discover(query))
+    async def discover(query: Annotated[DiscoverParams, Query()]) -> DiscoverReply:
+        return DiscoverReply(providers=await node.discover(DiscoveryQuery.model_validate(query.model_dump())))
 
     @app.get("/api/describe/{peer_id}")
     async def describe(peer_id: str) -> DescribeResult:

@@ -62,6 +62,26 @@ def _configure_logging(level: str) -> None:
     libp2p_logger.propagate = level == "debug"
     libp2p_logger.setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
     logging.getLogger("hypercorn").setLevel(logging.WARNING)
+    # web3 and urllib3 log the RPC URL (and its key) at debug: never shown. Whatever else names a
+    # URL, in a message or a traceback (debug only), is redacted on the way out.
+    for name in ("web3", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redact_record)
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    from runtime.escrow.errors import redact
+
+    message = record.getMessage()
+    cleaned = redact(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    return True
 
 
 async def _run_until_signalled(config: Config, data_dir: Path) -> None:

@@ -76,6 +76,18 @@ class NodeSection(_Section):
 
 class ApiSection(_Section):
     port: int = Field(7421, ge=0, le=65535, description="local HTTP API port on 127.0.0.1; 0 picks a free one")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=1 << 30,
+        description="largest request body the API reads, bytes (larger: 413 E_INVALID_ARGUMENT, unread)",
+    )
+    max_json_depth: int = Field(
+        64,
+        ge=2,
+        le=1000,
+        description="deepest JSON nesting a request body may have (deeper: 400 E_INVALID_ARGUMENT, never parsed)",
+    )
 
 
 class BootstrapSection(_Section):

@@ -71,6 +71,7 @@ from node.datadir import (
 )
 from node.hardware import detect_hardware
 from node.host import build_host, ensure_tcp_ports_free, parse_multiaddrs
+from node.http_guard import quiet_error_logger
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
 from node.router import Router
 from protocols.gossip import TaskAnnouncements
@@ -561,8 +562,9 @@ class Node:
         hypercorn_config = HypercornConfig()
         hypercorn_config.bind = [f"127.0.0.1:{self.config.api.port}"]
         hypercorn_config.accesslog = None
-        hypercorn_config.errorlog = logging.getLogger("hypercorn.error")
-        app = create_app(self, token)
+        hypercorn_config.errorlog = quiet_error_logger()  # no traceback below debug (node/http_guard.py)
+        api = self.config.api
+        app = create_app(self, token, max_body_bytes=api.max_body_bytes, max_json_depth=api.max_json_depth)
 
         async def serve_and_report(*, task_status: TaskStatus[list[str]]) -> None:
             try:

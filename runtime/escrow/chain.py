@@ -18,7 +18,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from runtime.escrow.errors import normalise
+from runtime.errors import ClawnodeError
+from runtime.escrow.errors import is_chain_error, normalise
 
 T = TypeVar("T")
 
@@ -73,7 +74,15 @@ class Chain:
     def sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` holding the chain lock (for code already on a worker thread)."""
         with self.lock:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except ClawnodeError:
+                raise
+            except Exception as error:
+                # A raw web3 or HTTP error names the RPC URL (and its key): only a stable reason leaves.
+                if is_chain_error(error):
+                    raise normalise(error) from None
+                raise
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` on a worker thread, one call at a time per chain.
@@ -89,13 +98,11 @@ class Chain:
 
     def now(self) -> int:
         """The latest block's timestamp."""
-        with self.lock:
-            return int(self.w3.eth.get_block("latest")["timestamp"])
+        return self.sync(lambda: int(self.w3.eth.get_block("latest")["timestamp"]))
 
     def next_timestamp(self) -> int:
         """The timestamp the next transaction will run at (on wall-clock chains: at least)."""
-        with self.lock:
-            return int(self.w3.eth.get_block("pending")["timestamp"])
+        return self.sync(lambda: int(self.w3.eth.get_block("pending")["timestamp"]))
 
     def time_travel(self, seconds: int) -> None:
         """Move chain time forward by ``seconds`` and mine a block there."""

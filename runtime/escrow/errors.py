@@ -65,6 +65,40 @@ RETRYABLE = frozenset({"chain_unavailable", "receipt_timeout"})
 _REVERT = re.compile(r"execution reverted:?\s*([a-z_]+)")
 
 
+# A URL's userinfo, path and query can carry an API key (``https://host/v2/<key>``, ``/?key=…``,
+# ``user:key@host``): only its scheme, host and port survive redaction.
+_URL = re.compile(r"""(?i)\b([a-z][a-z0-9+.-]*)://(?:[^\s/?#@'"]*@)?([^\s/?#'"@]+)([^\s'"<>)]*)""")
+_URL_PATH = re.compile(r"(?i)\b(url:\s*)/[^\s'\"<>)]*")  # requests: "... with url: /v3/<key> (Caused by ...)"
+_SECRET_PARAM = re.compile(r"""(?i)\b(key|api[_-]?key|apikey|token|secret|password|auth)=[^\s&'"<>)]+""")
+
+
+def _cut_url(match: re.Match[str]) -> str:
+    rest = match.group(3)
+    return f"{match.group(1)}://{match.group(2)}{'/…' if rest not in ('', '/') else rest}"
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL cut to ``scheme://host:port/…`` and ``key=…``-like values hidden.
+
+    For anything that may quote an RPC or upstream URL: exception texts, transport errors, log lines.
+    """
+    text = _URL_PATH.sub(lambda m: f"{m.group(1)}/…", _URL.sub(_cut_url, text))
+    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=…", text)
+
+
+def describe(error: BaseException) -> str:
+    """The exception's type and its redacted message: safe for a log line or a reply."""
+    message = redact(str(error))
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def is_chain_error(error: BaseException) -> bool:
+    """An exception raised by web3 or its HTTP transport (their texts may name the RPC URL)."""
+    from web3.exceptions import Web3Exception
+
+    return isinstance(error, Web3Exception) or _is_transport_error(error)
+
+
 class EscrowError(ClawnodeError):
     """A failed escrow operation: ``reason`` is the contract's (or client's) stable reason."""
 
