@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dht.records import (
     CAPABILITY_NAME,
+    MAX_PRICE_PER_UNIT,
+    UINT256_MAX,
     CapabilityDescriptor,
     Kind,
     ModelFacts,
@@ -67,17 +69,21 @@ EMBEDDING_REPLY_SCHEMA: dict[str, Any] = {
 
 
 class Offer(BaseModel):
-    """One thing this node sells. Prices are integers in the asset's smallest unit (wei for ETH)."""
+    """One thing this node sells. Prices are integers in the asset's smallest unit (wei for ETH).
+
+    ``price_per_unit`` is at most 10**30 (``MAX_PRICE_PER_UNIT``): the most a quote can carry, since
+    the escrow locks price × units (up to 2**62 units) as a uint256.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=CAPABILITY_NAME, description="kind:name, e.g. model:gemma3-270m-q4_k_m")
     summary: str = Field("", max_length=280)
     unit: PriceUnit = "token"
-    price_per_unit: int = Field(ge=0)
+    price_per_unit: int = Field(ge=0, le=MAX_PRICE_PER_UNIT, description="wei per unit, at most 10**30")
     asset: str = "ETH"
     chain: str = "eip155:31337"
-    minimum_lock: int = Field(0, ge=0)
+    minimum_lock: int = Field(0, ge=0, le=UINT256_MAX)
     context_length: int | None = Field(None, ge=1)
     family: str = ""
     parameters: int = Field(0, ge=0)

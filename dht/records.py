@@ -14,17 +14,27 @@ from typing import Any, Literal
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from libp2p.crypto.keys import PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dht.schema_safety import SchemaBudgetExceeded, instance_problems, schema_problem, validation_budget
 from protocols.signed import SignatureError, canonical_json, open_sealed, seal
 
 RECORD_DOMAIN = "clawnode-capability-record"
 RECORD_PAYLOAD_TYPE = b"/clawnode/capability-record/1"
 MAX_RECORD_BYTES = 8 * 1024
 MAX_CAPABILITIES = 16
+# What one verification may spend evaluating the record's schemas against its examples.
+RECORD_BUDGET_S = 0.5
+
+# The most a price per unit can be: a quote carries ``price_per_unit`` and ``expected_units``
+# (at most 2**62) and the escrow locks their product as a uint256, so the product must fit in
+# 2**256 - 1. 10**30 wei (10**12 ETH) per unit keeps it below 2**163, far inside; any larger price
+# is refused where an offer is written and in a received record.
+UINT256_MAX = 2**256 - 1
+MAX_QUOTE_UNITS = 2**62
+MAX_PRICE_PER_UNIT = 10**30
+assert MAX_PRICE_PER_UNIT * MAX_QUOTE_UNITS <= UINT256_MAX
 
 Kind = Literal["model", "embedding", "search", "storage"]
 PriceUnit = Literal["token", "request", "second"]
@@ -40,10 +50,12 @@ class _Strict(BaseModel):
 
 class Pricing(_Strict):
     unit: PriceUnit
-    price_per_unit: int = Field(ge=0, description="in the smallest unit of the asset (wei for ETH)")
+    price_per_unit: int = Field(
+        ge=0, le=MAX_PRICE_PER_UNIT, description="in the smallest unit of the asset (wei for ETH), at most 10**30"
+    )
     asset: str = Field("ETH", pattern=r"^[A-Za-z0-9]{1,16}$")
     chain: str = Field("eip155:31337", pattern=r"^[a-z0-9]{3,8}:[A-Za-z0-9-]{1,32}$", description="CAIP-2 chain id")
-    minimum_lock: int = Field(0, ge=0, description="smallest escrow lock accepted, in the same unit")
+    minimum_lock: int = Field(0, ge=0, le=UINT256_MAX, description="smallest escrow lock accepted, in the same unit")
 
 
 class Prerequisites(_Strict):
@@ -76,10 +88,9 @@ class CapabilityDescriptor(_Strict):
     @field_validator("params_schema", "returns")
     @classmethod
     def _is_a_json_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        try:
-            Draft202012Validator.check_schema(schema)
-        except SchemaError as error:
-            raise ValueError(f"not a JSON Schema: {error.message}") from None
+        problem = schema_problem(schema)
+        if problem is not None:
+            raise ValueError(f"not a usable JSON Schema ({problem})")
         return schema
 
     @model_validator(mode="after")
@@ -88,16 +99,28 @@ class CapabilityDescriptor(_Strict):
             raise ValueError(f"a {self.kind} capability is named {self.kind}:<name>")
         if self.kind in ("model", "embedding") and self.model is None:
             raise ValueError("a model capability states its model facts")
-        validator = Draft202012Validator(self.params_schema)
+        # Checked again here: a descriptor built unchecked (model_construct) and then put in a record
+        # gets only this validator re-run, and an unchecked schema is never evaluated.
+        problem = schema_problem(self.params_schema)
+        if problem is not None:
+            raise ValueError(f"params_schema is not a usable JSON Schema ({problem})")
+        # SchemaBudgetExceeded is not a ValueError: it passes through pydantic to the caller,
+        # which refuses the record as an unsafe schema rather than an invalid one.
         for index, example in enumerate(self.examples):
-            problem = next(iter(validator.iter_errors(example)), None)
-            if problem is not None:
-                raise ValueError(f"examples[{index}] does not satisfy params_schema: {problem.message}")
+            problems = instance_problems(self.params_schema, example, limit=1)
+            if problems:
+                raise ValueError(f"examples[{index}] does not satisfy params_schema: {problems[0]}")
         return self
 
     def request_problems(self, request: dict[str, Any]) -> list[str]:
-        """Why ``request`` would be refused by this capability's ``params_schema`` (empty: accepted)."""
-        return [error.message for error in Draft202012Validator(self.params_schema).iter_errors(request)]
+        """Why ``request`` would be refused by this capability's ``params_schema`` (empty: accepted).
+
+        Bounded in time: a request that takes the schema too long to evaluate is refused for that.
+        """
+        try:
+            return instance_problems(self.params_schema, request)
+        except SchemaBudgetExceeded:
+            return ["the request took too long to check against params_schema"]
 
 
 class Hardware(_Strict):
@@ -192,6 +215,8 @@ class Rejection(StrEnum):
     STALE_SEQUENCE = "stale_sequence"
     WALLET_BINDING = "bad_wallet_binding"
     PRIVATE_DATA = "private_data"
+    UNSAFE_SCHEMA = "unsafe_schema"  # a $ref outside the schema, a backtracking pattern, too big or too costly
+    MALFORMED = "malformed"  # anything else the checks choked on (deep nesting, odd JSON): never an exception
 
 
 class RecordRejected(ValueError):
@@ -210,16 +235,78 @@ def seal_record(record: CapabilityRecord, private_key: PrivateKey) -> bytes:
     return sealed
 
 
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` nests (a scalar: 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def unsafe_schema_in(payload: Any) -> str | None:
+    """The first unsafe schema in a parsed record payload, as a reason (None: every schema is safe).
+
+    Pure; runs before the model is built, so a hostile schema is never evaluated.
+    """
+    if not isinstance(payload, dict) or not isinstance(payload.get("capabilities"), list):
+        return None
+    for index, capability in enumerate(payload["capabilities"][:MAX_CAPABILITIES]):
+        if not isinstance(capability, dict):
+            continue
+        for field in ("params_schema", "returns"):
+            if field in capability:
+                problem = schema_problem(capability[field])
+                if problem is not None:
+                    return f"capabilities[{index}].{field}: {problem}"
+    return None
+
+
 def verify_record(data: bytes, *, now: float, held_seq: int | None = None) -> CapabilityRecord:
-    """Accept a sealed record only if every check passes; raise :class:`RecordRejected` otherwise."""
+    """Accept a sealed record only if every check passes; raise :class:`RecordRejected` otherwise.
+
+    Nothing else ever escapes: whatever the checks themselves choke on is a ``malformed`` rejection.
+    CPU-bound (a signature, JSON Schema checks): async callers run it on a worker thread.
+    """
+    try:
+        with validation_budget(RECORD_BUDGET_S):
+            return _verify_record(data, now=now, held_seq=held_seq)
+    except RecordRejected:
+        raise
+    except SchemaBudgetExceeded:
+        raise RecordRejected(Rejection.UNSAFE_SCHEMA, "evaluating its schemas took too long") from None
+    except Exception as error:  # noqa: BLE001 - a stranger's bytes must never raise anything else
+        raise RecordRejected(Rejection.MALFORMED, type(error).__name__) from None
+
+
+def _verify_record(data: bytes, *, now: float, held_seq: int | None) -> CapabilityRecord:
+    if not isinstance(data, bytes | bytearray):
+        raise RecordRejected(Rejection.MALFORMED, "not bytes")
     if len(data) > MAX_RECORD_BYTES:
         raise RecordRejected(Rejection.OVERSIZED, f"{len(data)} bytes")
     try:
-        signer, payload = open_sealed(data, domain=RECORD_DOMAIN, payload_type=RECORD_PAYLOAD_TYPE)
+        signer, payload = open_sealed(bytes(data), domain=RECORD_DOMAIN, payload_type=RECORD_PAYLOAD_TYPE)
     except SignatureError as error:
         raise RecordRejected(Rejection.BAD_SIGNATURE, str(error)) from None
     try:
-        record = CapabilityRecord.model_validate(json.loads(payload))
+        parsed = json.loads(payload)
+    except (ValueError, RecursionError) as error:
+        raise RecordRejected(Rejection.SCHEMA, type(error).__name__) from None
+    if json_depth(parsed) > MAX_JSON_DEPTH:
+        raise RecordRejected(Rejection.SCHEMA, f"nested deeper than {MAX_JSON_DEPTH}")
+    unsafe = unsafe_schema_in(parsed)
+    if unsafe is not None:
+        raise RecordRejected(Rejection.UNSAFE_SCHEMA, unsafe)
+    try:
+        record = CapabilityRecord.model_validate(parsed)
     except (ValueError, ValidationError) as error:
         raise RecordRejected(Rejection.SCHEMA, type(error).__name__) from None
     if record.peer_id != str(signer):

@@ -19,6 +19,7 @@ from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from nat.relay import open_stream
+from protocols.signed import from_base64
 from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -89,10 +90,16 @@ async def fetch_sealed_record(host: IHost, peer_id: ID, timeout_s: float = REQUE
         raise
     except Exception as error:  # noqa: BLE001 - dial and stream failures come in many types
         raise ClawnodeError(ErrorCode.UNAVAILABLE, f"the peer is unreachable ({type(error).__name__})") from None
+    return parse_record_reply(frame), rtt
+
+
+def parse_record_reply(frame: bytes) -> bytes:
+    """The sealed record in a peer's reply frame; ``ClawnodeError`` for anything else (never another exception)."""
     try:
         reply = Reply.validate_json(frame)
     except ValidationError:
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the peer sent an unreadable reply") from None
     if isinstance(reply, ErrorReply):
-        raise ClawnodeError(reply.code, reply.message)
-    return base64.b64decode(reply.envelope), rtt
+        # The peer's words are not ours to repeat: its code, and a message of bounded length.
+        raise ClawnodeError(reply.code, reply.message[:200])
+    return from_base64(reply.envelope)
