@@ -7,6 +7,7 @@ with a bound; then filtered and ranked by price, then round-trip time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field
 from dht.offers import capability_key
 from dht.record_validator import RejectionCounter, record_key
 from dht.records import CAPABILITY_NAME, CapabilityRecord, Reachability, RecordRejected, Rejection, verify_record
+from dht.seq_book import SeqBook
 from dht.service import DhtService
 from protocols.capability import fetch_sealed_record
 from runtime.errors import ClawnodeError, ErrorCode
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 PARALLEL_FETCHES = 8
 MAX_PROVIDERS = 50
+# Verifying a record (a signature, its schemas against its examples) is CPU work: done on worker
+# threads, two at a time, so the event loop never waits on a stranger's record.
+PARALLEL_VERIFICATIONS = 2
 
 
 class DiscoveryQuery(BaseModel):
@@ -85,6 +90,7 @@ class Discovery:
         cache_ttl_s: float = 2.0,
         fetch_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        seq_book: SeqBook | None = None,
     ) -> None:
         self.host = host
         self.dht = dht
@@ -99,19 +105,29 @@ class Discovery:
         # queries for the same thing wait for the one in flight and share its cache.
         self._lookup_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self._fetch_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
-        self._highest_seq: dict[str, int] = {}
+        # The highest sequence seen per peer, shared with the DHT validator and kept across restarts.
+        self.seq_book = seq_book if seq_book is not None else SeqBook()
+        self._verifications = trio.CapacityLimiter(PARALLEL_VERIFICATIONS)
 
-    def _accept(self, data: bytes, expected_peer: str) -> CapabilityRecord:
-        held = self._highest_seq.get(expected_peer)
+    async def _accept(self, data: bytes, expected_peer: str) -> CapabilityRecord:
+        """Verify ``data`` as ``expected_peer``'s record (on a worker thread); count and raise a rejection."""
+        held = self.seq_book.highest(expected_peer)
+        verify = functools.partial(
+            verify_record, data, now=self._clock(), held_seq=held - 1 if held is not None else None
+        )
         try:
-            record = verify_record(data, now=self._clock(), held_seq=held - 1 if held is not None else None)
+            record = await trio.to_thread.run_sync(verify, limiter=self._verifications)
+            if record.peer_id != expected_peer:
+                raise RecordRejected(Rejection.WRONG_SIGNER, "the record describes another peer")
+            stale = self.seq_book.verdict(expected_peer, record.seq)  # raised meanwhile by another path
+            if stale is not None:
+                raise RecordRejected(stale, f"sequence {record.seq} is older than one already seen")
         except RecordRejected as rejected:
             self.rejections.count(rejected.reason)
             raise
-        if record.peer_id != expected_peer:
-            self.rejections.count(Rejection.WRONG_SIGNER)
-            raise RecordRejected(Rejection.WRONG_SIGNER, "the record describes another peer")
-        self._highest_seq[expected_peer] = record.seq
+        self.seq_book.note(expected_peer, record.seq)
+        # A copy this node holds for the DHT is replaced by the newer one, so it serves no older one.
+        self.dht.replace_held_value(record_key(expected_peer), data, record.seq)
         self._remember_relayed_addrs(record)
         return record
 
@@ -150,7 +166,7 @@ class Discovery:
                 raise
             # A circuit costs a reservation lookup, the relay's dial and a second handshake: more time.
             data, rtt = await fetch_sealed_record(self.host, peer_id, self.fetch_timeout_s * RELAYED_FETCH_FACTOR)
-        record = self._accept(data, key)
+        record = await self._accept(data, key)
         self._cache[key] = _Cached(record, rtt, now)
         return record, rtt
 
@@ -161,11 +177,11 @@ class Discovery:
         was last seen at (often its LAN address); the record names its relays while it is
         private and its UPnP-mapped address once it has one.
         """
-        stored = await self.dht.dht.get_value(record_key(str(peer_id)))
+        stored = await self._stored_record(peer_id)
         if stored is None:
             return False
         try:
-            record = self._accept(stored, str(peer_id))
+            record = await self._accept(stored, str(peer_id))
         except RecordRejected:
             return False
         signed = []
@@ -185,6 +201,14 @@ class Discovery:
             peerstore.clear_addrs(peer_id)
             peerstore.add_addrs(peer_id, signed + known, 600)
         return bool(signed)
+
+    async def _stored_record(self, peer_id: ID) -> bytes | None:
+        """The peer's record as the DHT has it (None: not found, or the lookup failed)."""
+        try:
+            return await self.dht.dht.get_value(record_key(str(peer_id)))
+        except Exception as error:  # noqa: BLE001 - a failed lookup is "not found", whatever broke
+            log.debug("record lookup for %s failed: %s", peer_id, type(error).__name__)
+            return None
 
     async def providers_of(self, capability: str) -> list[ID]:
         async with self._lookup_locks[capability]:
@@ -215,8 +239,11 @@ class Discovery:
                 try:
                     candidates.append(await self.fetch_live(peer_id))
                 except (ClawnodeError, RecordRejected) as error:
-                    # Unreachable, stale or forged: it falls out of the results.
+                    # Unreachable, stale, forged or poisoned: it falls out of the results.
                     log.debug("provider %s dropped: %s", peer_id, error)
+                    self._cache.pop(str(peer_id), None)
+                except Exception as error:  # noqa: BLE001 - one provider's trouble never fails the query
+                    log.debug("provider %s dropped: %s", peer_id, type(error).__name__)
                     self._cache.pop(str(peer_id), None)
 
         limiter = trio.CapacityLimiter(PARALLEL_FETCHES)
@@ -245,17 +272,21 @@ class Discovery:
             # The peer's signed record names where it can be reached (relays while private);
             # the routing answers only where it was last seen.
             if not await self._learn_addrs_from_record(peer_id):
-                await self.dht.find_peer_addrs(peer_id)
+                try:
+                    await self.dht.find_peer_addrs(peer_id)
+                except Exception as error:  # noqa: BLE001 - the live fetch below then fails cleanly
+                    log.debug("peer lookup for %s failed: %s", peer_id, type(error).__name__)
         try:
             record, rtt = await self.fetch_live(peer_id)
             return DescribeResult(peer_id=str(peer_id), reachable=True, rtt_ms=round(rtt * 1000, 2), record=record)
         except (ClawnodeError, RecordRejected):
             pass
-        stored = await self.dht.dht.get_value(record_key(str(peer_id)))
+        # Only when the peer cannot answer itself: the DHT's copy, never older than one seen before.
+        stored = await self._stored_record(peer_id)
         if stored is None:
             raise ClawnodeError(ErrorCode.NOT_FOUND, "no capability record for that peer")
         try:
-            record = self._accept(stored, str(peer_id))
+            record = await self._accept(stored, str(peer_id))
         except RecordRejected:
             raise ClawnodeError(ErrorCode.NOT_FOUND, "no valid capability record for that peer") from None
         return DescribeResult(peer_id=str(peer_id), reachable=False, rtt_ms=None, record=record)

@@ -2,7 +2,15 @@
 
 py-libp2p keeps the value it already holds unless ``select()`` prefers the new
 one, so ``select()`` picks the highest sequence number, and ``validate()``
-refuses a value that is not newer than the one this node holds (a replay).
+refuses a value that is not newer than the one this node holds (a replay), or
+older than the newest record this node has seen from that peer by any path
+(:mod:`dht.seq_book`).
+
+py-libp2p calls the validator synchronously on the trio thread (PUT_VALUE,
+GET_VALUE answers, ``select()``): every schema a record carries is checked
+for safety before anything is evaluated, patterns run on RE2 and evaluation
+has a time budget (:mod:`dht.schema_safety`), so a hostile record costs
+milliseconds at most. Nothing but :class:`RecordRejected` ever leaves it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dht.records import (
     Rejection,
     verify_record,
 )
+from dht.seq_book import SeqBook
 from protocols.signed import SignatureError, open_sealed
 
 RECORD_NAMESPACE = "clawnode"
@@ -52,7 +61,7 @@ def sequence_of(value: bytes) -> int | None:
     try:
         _, payload = open_sealed(value, domain=RECORD_DOMAIN, payload_type=RECORD_PAYLOAD_TYPE)
         seq = json.loads(payload).get("seq")
-    except (SignatureError, ValueError, AttributeError):
+    except (SignatureError, ValueError, AttributeError, RecursionError, TypeError):
         return None
     return seq if isinstance(seq, int) else None
 
@@ -63,22 +72,27 @@ class CapabilityRecordValidator(Validator):
         rejections: RejectionCounter,
         held_value: Callable[[str], bytes | None] = lambda key: None,
         clock: Callable[[], float] = time.time,
+        seq_book: SeqBook | None = None,
     ) -> None:
         self.rejections = rejections
         self._held_value = held_value
         self._clock = clock
+        self.seq_book = seq_book if seq_book is not None else SeqBook()
 
     def check(self, key: str, value: bytes) -> CapabilityRecord:
-        held = self._held_value(key)
-        held_seq = sequence_of(held) if held is not None and held != value else None
         try:
+            held = self._held_value(key)
+            held_seq = sequence_of(held) if held is not None and held != value else None
             record = verify_record(value, now=self._clock(), held_seq=held_seq)
+            if key != record_key(record.peer_id):
+                raise RecordRejected(Rejection.WRONG_SIGNER, "stored under another peer's key")
+            stale = self.seq_book.verdict(record.peer_id, record.seq)
+            if stale is not None:
+                raise RecordRejected(stale, f"sequence {record.seq} is older than one already seen")
         except RecordRejected as rejected:
             self.rejections.count(rejected.reason)
             raise
-        if key != record_key(record.peer_id):
-            self.rejections.count(Rejection.WRONG_SIGNER)
-            raise RecordRejected(Rejection.WRONG_SIGNER, "stored under another peer's key")
+        self.seq_book.note(record.peer_id, record.seq)
         return record
 
     def validate(self, key: str, value: bytes) -> None:

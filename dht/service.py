@@ -20,6 +20,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from bootstrap.peer_book import PeerBook
 from dht.protocol_id import current_kad_protocol_id
+from dht.record_validator import sequence_of
 
 if TYPE_CHECKING:
     # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
@@ -297,6 +298,20 @@ class DhtService:
             return None
         record = self.kad.value_store.get(key.encode())
         return record.value if record is not None else None
+
+    def replace_held_value(self, key: str, value: bytes, seq: int) -> bool:
+        """Replace the copy this node holds for ``key`` by ``value`` (already verified, sequence ``seq``)
+        if the held one is older; True if it did. A key this node holds nothing for stays empty."""
+        if self.kad is None:
+            return False
+        held = self.held_value(key)
+        if held is None or held == value:
+            return False
+        held_seq = sequence_of(held)
+        if held_seq is not None and held_seq >= seq:
+            return False
+        self.kad.value_store.put(key.encode(), value)
+        return True
 
     async def find_providers(self, key: bytes, count: int = 50) -> list[PeerInfo]:
         """Every provider of ``key`` that the peers closest to it know, plus our own.

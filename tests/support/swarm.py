@@ -26,6 +26,7 @@ from dht.protocol_id import use_kad_protocol_id
 from dht.publisher import CapabilityPublisher
 from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
 from dht.records import CapabilityRecord, Hardware, Reachability, bind_wallet
+from dht.seq_book import SeqBook
 from dht.service import DhtService
 from node.host import build_host
 
@@ -56,6 +57,7 @@ class SwarmNode:
     publisher: CapabilityPublisher
     discovery: Discovery
     rejections: RejectionCounter
+    seq_book: SeqBook
 
     @property
     def peer_id(self) -> str:
@@ -95,6 +97,7 @@ async def _run_node(
     host = build_host(key_pair)
     async with host.run(LOOPBACK), trio.open_nursery() as nursery:
         rejections = RejectionCounter()
+        seq_book = SeqBook()  # shared by the validator and discovery, as in the daemon
         dht = DhtService(
             host,
             bootstrap_addrs=bootstrap,
@@ -102,7 +105,9 @@ async def _run_node(
             refresh_interval_s=refresh_interval_s,
             validators={"clawtest": AnyValueValidator()},
         )
-        dht.add_validator(RECORD_NAMESPACE, CapabilityRecordValidator(rejections, held_value=dht.held_value))
+        dht.add_validator(
+            RECORD_NAMESPACE, CapabilityRecordValidator(rejections, held_value=dht.held_value, seq_book=seq_book)
+        )
         await nursery.start(dht.run)
         publisher = CapabilityPublisher(
             host,
@@ -115,8 +120,8 @@ async def _run_node(
             reachability=_constant(spec.reachability),
         )
         await nursery.start(publisher.run)
-        discovery = Discovery(host, dht, rejections, _record_of(publisher), cache_ttl_s=cache_ttl_s)
-        task_status.started(SwarmNode(key_pair, host, dht, publisher, discovery, rejections))
+        discovery = Discovery(host, dht, rejections, _record_of(publisher), cache_ttl_s=cache_ttl_s, seq_book=seq_book)
+        task_status.started(SwarmNode(key_pair, host, dht, publisher, discovery, rejections, seq_book))
         await trio.sleep_forever()
 
 
