@@ -15,17 +15,58 @@ from typing import TYPE_CHECKING
 import trio
 from libp2p.abc import IHost
 from libp2p.crypto.keys import PrivateKey
+from pydantic import ValidationError
 
 from dht.offers import Offer, capability_key
 from dht.record_validator import record_key
-from dht.records import CapabilityRecord, Hardware, Reachability, WalletBinding, seal_record
+from dht.records import (
+    CapabilityRecord,
+    Hardware,
+    Reachability,
+    RecordRejected,
+    Rejection,
+    WalletBinding,
+    seal_record,
+)
+from dht.schema_safety import SchemaBudgetExceeded
 from dht.service import DhtService
 from protocols.capability import CAPABILITY_PROTOCOL, capability_handler
+from runtime.errors import ClawnodeError, ErrorCode
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
+
+
+def validation_summary(error: ValidationError) -> str:
+    """Which fields failed and how, without the values (an owner's offer may hold anything)."""
+    parts = []
+    for item in error.errors()[:4]:
+        where = ".".join(str(p) for p in item["loc"]) or "offer"
+        # Our own validators' messages name fields and rules; pydantic's others are only typed.
+        parts.append(f"{where}: {item['msg'][:160]}" if item["type"] == "value_error" else f"{where} ({item['type']})")
+    return "; ".join(parts)
+
+
+def seal_refusal(build: Callable[[], CapabilityRecord], private_key: PrivateKey) -> RecordRejected | None:
+    """Why the record ``build()`` makes could not be published (None: it seals).
+
+    The verdict on an offer: building the descriptors and sealing the record are the exact steps
+    publishing takes, so an offer that passes here cannot fail later for what it says.
+    """
+    try:
+        seal_record(build(), private_key)
+    except RecordRejected as rejected:
+        return rejected
+    except SchemaBudgetExceeded:
+        return RecordRejected(Rejection.UNSAFE_SCHEMA, "checking its examples against its schema took too long")
+    except ValidationError as error:
+        return RecordRejected(Rejection.SCHEMA, validation_summary(error))
+    except ValueError as error:
+        # Offer.descriptor's own refusals name the offer's kind and fields, never its values.
+        return RecordRejected(Rejection.SCHEMA, str(error)[:200])
+    return None
 
 
 class CapabilityPublisher:
@@ -52,35 +93,67 @@ class CapabilityPublisher:
         self._reachability = reachability
         self._extra_addrs = extra_addrs  # e.g. relayed addresses while private (nat/relay.py)
         self._clock = clock
-        self._offers = {offer.name: offer for offer in offers}
-        for offer in offers:
-            offer.descriptor()  # an offer that cannot become a descriptor fails at start, not at publish
-        self._changed = trio.Event()
         self._seq = 0
+        self._offers: dict[str, Offer] = {}
+        # Offers (stored in offers.json, configured, or a loaded model's) whose record cannot be
+        # sealed: left out with the reason, never a failed start. Name → "reason: detail".
+        self.skipped: dict[str, str] = {}
+        for offer in offers:
+            refusal = self.offer_refusal(offer)
+            if refusal is None:
+                self._offers[offer.name] = offer
+            else:
+                self.skipped[offer.name] = str(refusal)
+                log.warning("offer %s is not published: %s", offer.name, refusal.reason.value)
+        self._changed = trio.Event()
         self.record: CapabilityRecord | None = None
         self.sealed: bytes | None = None
         self.published_at: float | None = None
+        self.publish_refusals = 0  # records that could not be sealed at publish time (the last one kept)
 
     @property
     def offers(self) -> list[Offer]:
         return list(self._offers.values())
 
+    def offer_refusal(self, offer: Offer) -> RecordRejected | None:
+        """Why the record with ``offer`` added (or replaced) could not be published; None if it can."""
+        candidate = {**self._offers, offer.name: offer}
+        seq = max(self._seq + 1, int(self._clock() * 1000))  # as long as the next real one
+        return seal_refusal(lambda: self._make_record(list(candidate.values()), seq=seq), self._private_key)
+
     def set_offer(self, offer: Offer) -> None:
-        offer.descriptor()
+        """Offer ``offer`` from now on; ``E_INVALID_ARGUMENT`` (naming the reason) if its record cannot be sealed."""
+        refusal = self.offer_refusal(offer)
+        if refusal is not None:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"offer refused ({refusal})")
         self._offers[offer.name] = offer
+        self.skipped.pop(offer.name, None)
         self._changed.set()
 
     def remove_offer(self, name: str) -> bool:
         removed = self._offers.pop(name, None) is not None
+        removed = self.skipped.pop(name, None) is not None or removed
         if removed:
             self._changed.set()
         return removed
 
     def republish(self) -> None:
         """Rebuild the record served directly now, and publish it (its addresses or reachability changed)."""
-        self.record = self.build_record()
-        self.sealed = seal_record(self.record, self._private_key)
+        self._reseal()
         self._changed.set()
+
+    def _reseal(self) -> bool:
+        """Build and seal the current record; on a refusal keep serving the last one (False)."""
+        record = self.build_record()
+        try:
+            sealed = seal_record(record, self._private_key)
+        except RecordRejected as rejected:
+            # e.g. more relayed addresses than fit: the last good record stays served.
+            self.publish_refusals += 1
+            log.warning("the capability record cannot be sealed, keeping the last one: %s", rejected.reason.value)
+            return False
+        self.record, self.sealed = record, sealed
+        return True
 
     def _next_seq(self) -> int:
         # Milliseconds since the epoch keep sequence numbers rising across restarts
@@ -89,23 +162,26 @@ class CapabilityPublisher:
         return self._seq
 
     def build_record(self) -> CapabilityRecord:
+        return self._make_record(list(self._offers.values()), seq=self._next_seq())
+
+    def _make_record(self, offers: list[Offer], *, seq: int) -> CapabilityRecord:
         now = int(self._clock())
         return CapabilityRecord(
             peer_id=str(self.host.get_id()),
-            seq=self._next_seq(),
+            seq=seq,
             issued_at=now,
             expires_at=now + self.record_ttl_s,
             reachability=self._reachability(),
             addrs=([str(addr).split("/p2p/")[0] for addr in self.host.get_addrs()] + self._extra_addrs())[:16],
             hardware=self.hardware,
-            capabilities=[offer.descriptor() for offer in self._offers.values()],
+            capabilities=[offer.descriptor() for offer in offers],
             wallet=self.wallet,
         )
 
     async def publish(self) -> None:
-        record = self.build_record()
-        sealed = seal_record(record, self._private_key)
-        self.record, self.sealed = record, sealed
+        if not self._reseal() or self.record is None or self.sealed is None:
+            return
+        record, sealed = self.record, self.sealed
         if not record.capabilities:
             # Nothing to sell: served to whoever asks, but no DHT traffic for it.
             return
@@ -132,8 +208,7 @@ class CapabilityPublisher:
 
     async def run(self, *, task_status: TaskStatus[CapabilityPublisher] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(CAPABILITY_PROTOCOL, capability_handler(lambda: self.sealed))
-        self.record = self.build_record()
-        self.sealed = seal_record(self.record, self._private_key)
+        self._reseal()
         task_status.started(self)
         try:
             await self.dht.joined.wait()

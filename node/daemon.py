@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from dht.protocol_id import use_kad_protocol_id
 from dht.publisher import CapabilityPublisher
 from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
 from dht.records import Reachability, bind_wallet
+from dht.seq_book import SeqBook
 from dht.service import DhtService
 from nat.autonat import AutoNat, AutoNatSettings, listen_ports, quic_listen_ports
 from nat.holepunch import HolePunchService, HolePunchSettings
@@ -74,6 +76,7 @@ from node.host import build_host, ensure_tcp_ports_free, parse_multiaddrs
 from node.http_guard import quiet_error_logger
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
 from node.router import Router
+from protocols.background import Supervisor
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
 from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
@@ -142,6 +145,9 @@ class Node:
         self._holepunch: HolePunchService | None = None
         self._upnp: UpnpService | None = None
         self.rejections = RejectionCounter()
+        self.seq_book = SeqBook.in_data_dir(data_dir)  # the newest record seen per peer (replays refused)
+        # Every service below runs supervised: one that fails is restarted, the node keeps running.
+        self.supervisor = Supervisor()
         self.offer_book = OfferBook(data_dir / OFFER_BOOK_FILE)
         self._ledger: Ledger | None = None
         self.escrow_status = EscrowStatus(mode=config.escrow.mode, state="off")
@@ -252,6 +258,7 @@ class Node:
         peer_book = PeerBook.in_data_dir(self.data_dir)
         await peer_book.load()
         await self.offer_book.load()
+        await self.seq_book.load()
         listen_addrs = parse_multiaddrs(self.config.node.listen)
         ensure_tcp_ports_free(listen_addrs)
         self._host = build_host(
@@ -266,7 +273,7 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     # Before the DHT dials anyone, so pubsub sees every connection as it opens.
                     self._announcements = TaskAnnouncements(self._host)
-                    await nursery.start(self._announcements.run)
+                    await nursery.start(self.supervisor.run, "announcements", self._announcements.run)
                     self._dht = DhtService(
                         self._host,
                         bootstrap_addrs=self.bootstrap_addrs(),
@@ -274,9 +281,12 @@ class Node:
                         refresh_interval_s=self.config.dht.refresh_interval_s,
                     )
                     self._dht.add_validator(
-                        RECORD_NAMESPACE, CapabilityRecordValidator(self.rejections, held_value=self._dht.held_value)
+                        RECORD_NAMESPACE,
+                        CapabilityRecordValidator(
+                            self.rejections, held_value=self._dht.held_value, seq_book=self.seq_book
+                        ),
                     )
-                    await nursery.start(self._dht.run)
+                    await nursery.start(self.supervisor.run, "dht", self._dht.run)
                     self._publisher = CapabilityPublisher(
                         self._host,
                         self._dht,
@@ -288,7 +298,7 @@ class Node:
                         reachability=self.effective_reachability,
                         extra_addrs=self.relayed_addrs,
                     )
-                    await nursery.start(self._publisher.run)
+                    await nursery.start(self.supervisor.run, "publisher", self._publisher.run)
                     self._autonat = AutoNat(
                         self._host,
                         self._autonat_settings(),
@@ -297,18 +307,18 @@ class Node:
                     )
                     # A new measured verdict is a change of the record: republish at once.
                     self.reachability.on_change(self._reachability_changed)
-                    await nursery.start(self._autonat.run)
+                    await nursery.start(self.supervisor.run, "autonat", self._autonat.run)
                     self._upnp = UpnpService(
                         UpnpSettings(enabled=self._wants_upnp(listen_addrs), lease_s=self.config.nat.upnp_lease_s),
                         ports=lambda: listen_ports([str(a) for a in self.host.get_transport_addrs()]),
                         quic_ports=lambda: quic_listen_ports([str(a) for a in self.host.get_transport_addrs()]),
                         on_change=self._upnp_changed,
                     )
-                    await nursery.start(self._upnp.run)
+                    await nursery.start(self.supervisor.run, "upnp", self._upnp.run)
                     self._holepunch = HolePunchService(
                         self._host, HolePunchSettings(enabled=self.config.nat.hole_punch)
                     )
-                    await nursery.start(self._holepunch.run)
+                    await nursery.start(self.supervisor.run, "holepunch", self._holepunch.run)
                     # Circuit relay v2: the hop service on a relay; reservations while private.
                     self._relay = RelayService(
                         self._host,
@@ -318,7 +328,7 @@ class Node:
                         on_change=self._relays_changed,
                         on_relayed_dial=self._holepunch.relayed_dial,
                     )
-                    await nursery.start(self._relay.run)
+                    await nursery.start(self.supervisor.run, "relay", self._relay.run)
                     if self.config.node.reachability == "private":
                         self._reachability_changed()  # configured private: a DHT client from the start
                     self._discovery = Discovery(
@@ -327,6 +337,7 @@ class Node:
                         self.rejections,
                         lambda: self.publisher.record,
                         cache_ttl_s=self.config.capabilities.cache_ttl_s,
+                        seq_book=self.seq_book,
                     )
                     self._market = LeaseMarket(
                         self._host,
@@ -339,7 +350,7 @@ class Node:
                         escrow_terms=self._escrow_terms,
                         wake_settlement=self._wake_settlement,
                     )
-                    await nursery.start(self._market.run)
+                    await nursery.start(self.supervisor.run, "market", self._market.run)
                     self._router = Router(
                         self._market,
                         self.services,
@@ -348,7 +359,7 @@ class Node:
                         fetch_rtt=self._provider_rtt,
                         embed=self._embed if self.config.models else None,
                     )
-                    await nursery.start(self._router.run)
+                    await nursery.start(self.supervisor.run, "router", self._router.run)
                     self._tasks = TaskMarket(
                         self._host,
                         key_pair.private_key,
@@ -359,10 +370,12 @@ class Node:
                         wake_settlement=self._wake_settlement,
                         locate=self.dht.find_peer_addrs,
                     )
-                    await nursery.start(self._tasks.run)
-                    await nursery.start(self._serve_api, token)
-                    nursery.start_soon(self._run_settlement, wallet_key)
-                    await nursery.start(self.alerting.run)
+                    await nursery.start(self.supervisor.run, "tasks", self._tasks.run)
+                    await nursery.start(self.supervisor.run, "api", partial(self._serve_api, token))
+                    settlement = partial(self._run_settlement, wallet_key)
+                    nursery.start_soon(partial(self.supervisor.run, "settlement", settlement, reports_ready=False))
+                    await nursery.start(self.supervisor.run, "seq_book", self.seq_book.run)
+                    await nursery.start(self.supervisor.run, "alerts", self.alerting.run)
                     await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card())
                     self.started_at = time.monotonic()
                     log.info(
@@ -669,6 +682,13 @@ class Node:
                 )
             )
         return PeersReply(peers=replies)
+
+    def skipped_offers(self) -> dict[str, str]:
+        """Offers stored or configured but not published, each with the reason its record cannot be sealed."""
+        skipped = dict(self.offer_book.unreadable)
+        if self._publisher is not None:
+            skipped.update(self._publisher.skipped)
+        return skipped
 
     def capabilities(self) -> CapabilitiesReply:
         return CapabilitiesReply(offers=self.publisher.offers, record=self.publisher.record)

@@ -148,6 +148,15 @@ async def render_metrics(node: Node) -> bytes:
     rejected = gauge("clawnode_records_rejected", "capability records rejected, by reason", ("reason",))
     for reason, count in status.records_rejected.items():
         rejected.labels(reason=reason).set(count)
+    gauge("clawnode_offers_skipped", "stored or configured offers left unpublished: their record cannot be sealed").set(
+        len(node.skipped_offers())
+    )
+    restarts = CounterMetricFamily(
+        "clawnode_service_restarts", "times a failed node service was restarted, by service", labels=["service"]
+    )
+    for service, count in sorted(node.supervisor.restarts.items()):
+        restarts.add_metric([service], count)
+    families.append(restarts)
 
     leases = gauge("clawnode_leases", "leases since start, by our role and state", ("role", "state"))
     units = gauge("clawnode_lease_units", "units metered on leases since start, by our role", ("role",))

@@ -7,13 +7,18 @@ Each entry replaces the config's offer of the same name, adds a new one, or (as
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import trio
 from pydantic import BaseModel, ValidationError
 
 from dht.offers import Offer
+from dht.publisher import validation_summary
 from runtime.files import write_atomically
+
+log = logging.getLogger(__name__)
 
 OFFER_BOOK_FILE = "offers.json"
 
@@ -27,18 +32,31 @@ class OfferBook:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.overrides: dict[str, Offer | None] = {}
+        # Entries this version cannot read as an offer (e.g. a price beyond what a quote carries):
+        # skipped with the reason, and written back as they were until the owner replaces them.
+        self.unreadable: dict[str, str] = {}
+        self._unreadable_raw: dict[str, Any] = {}
         self._limiter = trio.CapacityLimiter(1)
 
     def _load_blocking(self) -> None:
         try:
-            data = OfferBookFile.model_validate(json.loads(self.path.read_text(encoding="utf-8")))
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            entries = raw["overrides"]
+            if not isinstance(entries, dict):
+                raise ValueError("overrides is not an object")
         except FileNotFoundError:
             return
-        except (ValueError, ValidationError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             # Keep the damaged file for its owner to inspect; run on the config's offers.
             self.path.replace(self.path.with_suffix(".damaged"))
             return
-        self.overrides = dict(data.overrides)
+        for name, entry in entries.items():
+            try:
+                self.overrides[name] = None if entry is None else Offer.model_validate(entry)
+            except ValidationError as error:
+                self.unreadable[name] = f"schema_invalid: {validation_summary(error)}"
+                self._unreadable_raw[name] = entry
+                log.warning("stored offer %s is skipped: it is not a valid offer", name)
 
     async def load(self) -> None:
         await trio.to_thread.run_sync(self._load_blocking, limiter=self._limiter)
@@ -54,5 +72,9 @@ class OfferBook:
 
     async def record(self, name: str, offer: Offer | None) -> None:
         self.overrides[name] = offer
-        text = OfferBookFile(overrides=self.overrides).model_dump_json(indent=1)
+        self.unreadable.pop(name, None)
+        self._unreadable_raw.pop(name, None)
+        data = OfferBookFile(overrides=self.overrides).model_dump(mode="json")
+        data["overrides"].update(self._unreadable_raw)
+        text = json.dumps(data, indent=1)
         await trio.to_thread.run_sync(write_atomically, self.path, text, limiter=self._limiter)
