@@ -34,6 +34,10 @@ tests:
         values: "0+5x40"          # 5 failures a minute
       - series: clawnode_escrow_disconnected
         values: "0x40"
+      - series: clawnode_service_restarts_total{{service="router"}}
+        values: "0x4 1x10"        # the router failed and was restarted at minute 5
+      - series: clawnode_offers_skipped
+        values: "0x2 1x10"        # a stored offer could not be sealed at minute 3
     alert_rule_test:
       - eval_time: 28m
         alertname: SettlementQueueStalled
@@ -65,6 +69,24 @@ tests:
       - eval_time: 30m
         alertname: EscrowChainDisconnected
         exp_alerts: []
+      - eval_time: 4m
+        alertname: ServiceRestarting
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: ServiceRestarting
+        exp_alerts:
+          - exp_labels: {{severity: P1, service: router}}
+            exp_annotations:
+              summary: A node service failed and was restarted in the last 15 minutes; the node kept running.
+      - eval_time: 2m
+        alertname: OfferSkipped
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: OfferSkipped
+        exp_alerts:
+          - exp_labels: {{severity: P1}}
+            exp_annotations:
+              summary: An offer is not published: its record cannot be sealed; replace or delete it (logged why).
 """
 
 
@@ -76,7 +98,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_accepts_the_rules_file() -> None:
     checked = _promtool("check", "rules", str(RULES))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 7 rules found" in checked.stdout
+    assert "SUCCESS: 9 rules found" in checked.stdout
 
 
 def test_rules_fire_in_prometheus_as_in_the_daemon(tmp_path: Path) -> None:
