@@ -86,7 +86,7 @@ tests:
         exp_alerts:
           - exp_labels: {{severity: P1}}
             exp_annotations:
-              summary: An offer is not published: its record cannot be sealed; replace or delete it (logged why).
+              summary: An offer is left unpublished as its record cannot be sealed; replace or delete it.
 """
 
 
