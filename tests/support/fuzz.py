@@ -21,30 +21,42 @@ did not expect. Both are bugs; every other reply (a stable error code, or a real
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import multiaddr
 import trio
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from libp2p import generate_new_ed25519_identity
 from libp2p.abc import IHost
 from libp2p.crypto.keys import PrivateKey
 from libp2p.custom_types import TProtocol
 from libp2p.peer.envelope import Envelope, make_unsigned
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.tools.anyio_service import background_trio_service
+from pydantic import TypeAdapter
 
+from node.host import build_host
 from protocols import lease_wire, task_wire
-from protocols.capability import CAPABILITY_PROTOCOL, MAX_MESSAGE
-from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement
+from protocols.capability import CAPABILITY_PROTOCOL, MAX_MESSAGE, fetch_sealed_record
+from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement, build_pubsub, task_topic
 from protocols.lease import INFER_PROTOCOL, LEASE_PROTOCOL, MAX_CALL_FRAME, MAX_LEASE_FRAME
+from protocols.rpc import request
 from protocols.task import TASK_PROTOCOL
 from protocols.wire import encode_uvarint
-from runtime.errors import ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
+
+if TYPE_CHECKING:
+    from node.daemon import Node
 
 PROTOCOLS: dict[str, TProtocol] = {
     "lease": LEASE_PROTOCOL,
@@ -94,6 +106,7 @@ class Known:
     lease_ids: tuple[str, ...] = ()
     capabilities: tuple[str, ...] = ("model:words",)
     task_ids: tuple[str, ...] = ()
+    now: int = 1_800_000_000  # unix seconds that times in the inputs are drawn around
 
 
 # -- strategies --
@@ -159,6 +172,14 @@ def _plausible(name: str, annotation: Any, known: Known, depth: int = 0) -> st.S
         return st.just("0x" + "ab" * 20)
     if name in {"escrow_id", "tx_hash"}:
         return st.just("0x" + "cd" * 32)
+    if name in {"params_hash", "content_hash", "token_sha256"}:
+        return st.just("ab" * 32)
+    if name in {"bid_id", "quote_id"}:
+        return st.just("id-1")
+    if name == "asset":
+        return st.just("ETH")
+    if name in {"deadline", "expires_at", "valid_until"}:
+        return st.integers(known.now - 10, known.now + 10**6)
     if "int" in text:
         return st.integers(0, 10**6)
     if "dict" in text:
@@ -533,13 +554,15 @@ async def drive_streams(
     return outcome
 
 
-def drive_gossip_validator(
+async def drive_gossip_validator(
     validate: Callable[[ID, rpc_pb2.Message], bool], inputs: list[GossipInput], key: PrivateKey, forwarder: ID
 ) -> Outcome:
     """Each input through the node's topic validator, as pubsub calls it for a received message."""
     outcome = Outcome("gossip", "handler")
     started = time.perf_counter()
     for index, item in enumerate(inputs):
+        if index % 100 == 0:
+            await trio.sleep(0)  # let the node run between batches
         data = seal_raw(item, key)
         message = rpc_pb2.Message(data=data, from_id=forwarder.to_bytes(), seqno=index.to_bytes(8, "big"))
         outcome.inputs += 1
@@ -552,3 +575,141 @@ def drive_gossip_validator(
         outcome.record("accepted" if accepted else "rejected")
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+# -- a whole run: a provider and a consumer node, a stranger's host, every protocol --
+
+LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+
+
+def _announcement(creator: str, task_id: str) -> TaskAnnouncement:
+    return TaskAnnouncement(
+        task_id=task_id,
+        creator=creator,
+        capability=WORDS,
+        budget=10**15,
+        deadline=int(time.time()) + 3600,
+        review_timeout_s=600,
+        summary="an honest task after the garbage",
+        params_hash=hashlib.sha256(task_id.encode()).hexdigest(),
+    )
+
+
+async def _fuzz_gossip(
+    provider: Node, attacker: IHost, key: PrivateKey, pubsub: Any, inputs: list[GossipInput], on_stream: int
+) -> list[Outcome]:
+    topic = task_topic(WORDS)
+    validator: Any = provider.announcements.pubsub.topic_validators[topic].validator  # ours is synchronous
+    direct = await drive_gossip_validator(validator, inputs[on_stream:], key, attacker.get_id())
+    # Then published for real: the node's pubsub validates each one as it arrives.
+    await pubsub.subscribe(topic)
+    router = provider.announcements.router
+    with trio.fail_after(10):
+        while attacker.get_id() not in router.mesh.get(topic, set()):
+            await trio.sleep(0.05)
+    published = Outcome("gossip", "stream")
+    stats = provider.announcements.stats
+    rejected_before, delivered_before = stats.rejected, stats.delivered
+    started = time.perf_counter()
+    for item in inputs[:on_stream]:
+        await pubsub.publish(topic, seal_raw(item, key))
+        published.inputs += 1
+    with trio.move_on_after(max(2.0, on_stream / 100)):
+        while stats.rejected + stats.delivered - rejected_before - delivered_before < published.inputs:
+            await trio.sleep(0.05)
+    published.seconds = time.perf_counter() - started
+    published.replies = {"rejected": stats.rejected - rejected_before, "accepted": stats.delivered - delivered_before}
+    return [direct, published]
+
+
+async def honest_calls(provider: Node, consumer: Node, attacker: IHost, key: PrivateKey, pubsub: Any) -> list[str]:
+    """What an honest peer no longer gets from the node (nothing, when all is well)."""
+    problems: list[str] = []
+    target = str(provider.host.get_id())
+    try:
+        with trio.fail_after(30):
+            view = await consumer.market.open_lease(target, WORDS, budget=WORD_PRICE * 10, duration_s=60)
+            result = await consumer.market.call(view.lease_id, {"prompt": "still serving after the garbage"})
+        if result.units != 5 or result.served_by != target:
+            problems.append(f"lease call: {result.units} units served by another peer")
+    except Exception as error:  # noqa: BLE001 - reported, not raised
+        problems.append(f"lease call failed: {type(error).__name__}: {error}")
+    try:
+        with trio.fail_after(10):
+            sealed, _ = await fetch_sealed_record(consumer.host, ID.from_base58(target))
+        if not sealed:
+            problems.append("capability: an empty record")
+    except Exception as error:  # noqa: BLE001
+        problems.append(f"capability fetch failed: {type(error).__name__}: {error}")
+    bid = task_wire.BidRequest(task_id="no-such-task", bid_id="b1", price=1, payee="0x" + "ab" * 20)
+    try:
+        await request(consumer.host, ID.from_base58(target), TASK_PROTOCOL, bid, TypeAdapter(task_wire.Ack))
+    except ClawnodeError as error:
+        if error.code in (ErrorCode.INTERNAL, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE):
+            problems.append(f"task request: {error.code.value}")
+    # The genuine announcement published after the garbage arrives.
+    updates = await provider.announcements.subscribe(WORDS)
+    honest = _announcement(str(attacker.get_id()), f"honest-{time.monotonic_ns()}")
+    await pubsub.publish(task_topic(WORDS), seal_raw(GossipInput(honest.model_dump_json().encode(), True), key))
+    with trio.move_on_after(10) as waited:
+        async for item in updates:
+            if item.announcement.task_id == honest.task_id:
+                break
+    if waited.cancelled_caught:
+        problems.append("gossip: an honest announcement was not delivered")
+    await updates.aclose()
+    return problems
+
+
+@dataclass
+class FuzzRun:
+    outcomes: list[Outcome]
+    problems: list[str]  # what honest peers no longer got afterwards
+
+
+async def fuzz_market(
+    per_protocol: int,
+    on_stream: int,
+    seed_value: int,
+    *,
+    progress: Callable[[str], None] = lambda _: None,
+) -> FuzzRun:
+    """``per_protocol`` inputs to each protocol, ``on_stream`` of them over real streams, the rest
+    through the registered handler; then the honest calls."""
+    async with market_nodes([{"offers": (WORD_OFFER,)}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        target = provider.host.get_id()
+        # A lease the consumer holds, so some inputs name a real lease (and come from its party).
+        held = await consumer.market.open_lease(str(target), WORDS, budget=WORD_PRICE * 20, duration_s=300)
+        await provider.announcements.subscribe(WORDS)  # a seller's subscription: the topic validator
+
+        attacker_key = generate_new_ed25519_identity()
+        attacker = build_host(attacker_key)
+        pubsub, router = build_pubsub(attacker)
+        known = Known(
+            peer_ids=(str(target), str(consumer.host.get_id()), str(attacker.get_id())),
+            lease_ids=(held.lease_id,),
+            task_ids=("task-1",),
+            now=int(time.time()),
+        )
+        outcomes: list[Outcome] = []
+        async with attacker.run([LOOPBACK]), background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            with trio.fail_after(10):
+                await attacker.connect(info_from_p2p_addr(multiaddr.Multiaddr(provider.listen_addrs()[0])))
+            remotes = [attacker.get_id(), consumer.host.get_id()]
+            for index, name in enumerate(PROTOCOLS):
+                progress(f"{name}: generating {per_protocol} inputs")
+                inputs = await trio.to_thread.run_sync(
+                    corpus, stream_inputs(name, known), per_protocol, seed_value + index
+                )
+                outcomes.append(await drive_streams(attacker, target, name, inputs[:on_stream]))
+                progress(outcomes[-1].summary())
+                outcomes.append(await drive_handler(provider.host, name, inputs[on_stream:], remotes))
+                progress(outcomes[-1].summary())
+            progress(f"gossip: generating {per_protocol} inputs")
+            gossip = await trio.to_thread.run_sync(corpus, gossip_inputs(known), per_protocol, seed_value + 99)
+            outcomes += await _fuzz_gossip(provider, attacker, attacker_key.private_key, pubsub, gossip, on_stream)
+            progress("honest calls")
+            problems = await honest_calls(provider, consumer, attacker, attacker_key.private_key, pubsub)
+        return FuzzRun(outcomes, problems)
