@@ -46,6 +46,7 @@ from nat.relay import open_stream
 from protocols import lease_wire as w
 from protocols.background import spawn_guarded
 from protocols.machines.lease import (
+    BUDGET_BUSY_MESSAGE,
     END_FROZEN,
     LeaseSession,
     LockFacts,
@@ -515,7 +516,7 @@ class LeaseMarket:
             except ClawnodeError as error:
                 if error.code == ErrorCode.EXPIRED:
                     self._spawn(self._end_served, call.lease_id, "expired")
-                if error.code != ErrorCode.INSUFFICIENT_FUNDS or served.session.units_reserved == 0:
+                if error.code != ErrorCode.RATE_LIMITED or error.message != BUDGET_BUSY_MESSAGE:
                     raise
                 released = served.released
                 with trio.move_on_at(give_up_at) as waited:
@@ -659,6 +660,8 @@ class LeaseMarket:
             if state.released > held.booked:
                 await self.ledger.book_released(lease_id, state.released)
                 held.booked = state.released
+            if state.phase != "active":
+                held.committed = held.booked  # refunded or resolved: nothing more will move
         except ClawnodeError as error:
             log.info("escrow of lease %s not observed: %s", lease_id[:12], error.code)
         finally:

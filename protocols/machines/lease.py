@@ -21,8 +21,19 @@ Choices where the brief was silent:
   clears every older outstanding receipt.
 * Metering is a hard cap: ``meter`` refuses (``E_INSUFFICIENT_FUNDS``) units
   that would take ``units_metered * price`` over ``budget_cap`` and records
-  nothing; ``authorize`` only checks the estimate.  Work finishing after a
-  pause or an end is still metered (it was authorized while active).
+  nothing.  Work finishing after a pause or an end is still metered (it was
+  authorized while active).
+* Calls reserve: ``reserve`` holds ``max_tokens`` (or ``DEFAULT_COMPLETION_CAP``,
+  or what is left) plus the prompt's estimate until ``finish_call`` turns the
+  reservation into at most that many metered units, so metered + reserved never
+  exceeds the budget however many calls run at once.  A call that would fit
+  once the calls in flight are metered is ``E_RATE_LIMITED`` (busy), one that
+  never can is ``E_INSUFFICIENT_FUNDS``.
+* The consumer counts an end frame's units only within what arrived
+  (``check_end_frame``); the provider counts a countersignature only with the
+  escrow payer's voucher for exactly its amount (``check_countersignature``);
+  the grant takes only the consumer's own, sufficient lock (``check_lock``);
+  an escrow seen disputed or closed ends the lease (``escrow_observed``).
 * The abandon clock runs from the later of the oldest outstanding receipt and
   the last sign of life (``consumer_seen`` or a countersignature).
 * ``tick`` performs at most one transition: expire beats abandon beats pause;
@@ -102,6 +113,7 @@ EXPIRE = "expire"
 END_FROZEN = "end_frozen"
 
 PAUSED_MESSAGE = "paused: a usage receipt is waiting for the countersignature"
+BUDGET_BUSY_MESSAGE = "the lease's budget is held by calls in flight; retry when they finish"
 
 
 class LeasePolicy(BaseModel):
@@ -234,6 +246,11 @@ class LeaseSession:
     # -- serving -----------------------------------------------------------------------
     def authorize(self, now: float, units_estimate: int = 0) -> None:
         """Admit one request or refuse it with the reason the consumer should see; counts it."""
+        self._check_admissible(now, units_estimate)
+        self.requests_served += 1
+        self._recent_requests.append(now)
+
+    def _check_admissible(self, now: float, units_estimate: int) -> None:
         if units_estimate < 0:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units_estimate must be >= 0")
         if self.state in (LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED) and now >= self.policy.expires_at:
@@ -251,8 +268,6 @@ class LeaseSession:
             raise ClawnodeError(ErrorCode.RATE_LIMITED, "too many requests per minute for this lease")
         if (self.units_metered + self.units_reserved + units_estimate) * self.price_per_unit > self.policy.budget_cap:
             raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
-        self.requests_served += 1
-        self._recent_requests.append(now)
 
     @property
     def units_left(self) -> int:
@@ -267,7 +282,15 @@ class LeaseSession:
         The plan's ``max_tokens`` is what the engine must be told, so the call cannot outgrow its
         reservation; concurrent calls together never reserve more than the budget covers.
         """
-        plan = plan_call(body, self.units_left)
+        self._check_admissible(now, 0)  # expiry, pause and limits come before the budget
+        try:
+            plan = plan_call(body, self.units_left)
+        except ClawnodeError as error:
+            if error.code != ErrorCode.INSUFFICIENT_FUNDS or self.units_reserved == 0:
+                raise
+            # It would fit once the calls in flight are metered: busy, not broke (the lease stays usable).
+            plan_call(body, self.units_left + self.units_reserved)
+            raise ClawnodeError(ErrorCode.RATE_LIMITED, BUDGET_BUSY_MESSAGE) from None
         self.authorize(now, plan.reserve)
         self.units_reserved += plan.reserve
         return plan

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from protocols.machines.lease import (
+    BUDGET_BUSY_MESSAGE,
     CONSUMER,
     DEFAULT_COMPLETION_CAP,
     END_ABANDONED,
@@ -712,7 +713,11 @@ def test_concurrent_reservations_share_the_budget() -> None:
         try:
             plans.append(s.reserve(T0, {"prompt": "x " * 256}))
         except ClawnodeError as error:
-            assert error.code == ErrorCode.INSUFFICIENT_FUNDS
+            # Busy, not broke: the lease would cover the call once the first is metered.
+            assert (error.code, error.message) == (ErrorCode.RATE_LIMITED, BUDGET_BUSY_MESSAGE)
     assert [p.max_tokens for p in plans] == [10] and s.units_reserved == 10
     assert not s.finish_call(10, 256, T0)  # the engine overshot: billed its reservation only
     assert (s.units_metered, s.units_reserved) == (10, 0)
+    with pytest.raises(ClawnodeError) as caught:
+        s.reserve(T0, {"prompt": "x"})
+    assert caught.value.code == ErrorCode.INSUFFICIENT_FUNDS  # now it is spent
