@@ -94,7 +94,7 @@ def _cheat(provider: Node, consumer: Node, scenario: Scenario) -> None:
             end = await original_serve(*args)
             return end.model_copy(update={"units": end.units * 10 + 5})
 
-        provider.market._serve_call = inflated  # type: ignore[method-assign]
+        provider.market._serve_call = inflated  # type: ignore[method-assign,assignment]
     if scenario.consumer in ("no_voucher", "wrong_voucher"):
         original_voucher = consumer.market._voucher
 
