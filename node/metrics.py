@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from node.conn_guard import guard_of
 from runtime.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -90,6 +91,27 @@ def _nat_traversal(node: Node) -> list[Metric]:
     return families
 
 
+def _inbound_connections(node: Node) -> list[Metric]:
+    """Inbound connections the guard refused or timed out, and those in their handshake now."""
+    guard = guard_of(node.host.get_network())
+    if guard is None:
+        return []
+    refused = CounterMetricFamily(
+        "clawnode_inbound_refused",
+        "inbound connections closed before their handshake: per_ip / total pending limit, gate",
+        labels=["reason"],
+    )
+    for reason in ("per_ip", "total", "gate"):
+        refused.add_metric([reason], guard.refused[reason])
+    timed_out = CounterMetricFamily(
+        "clawnode_inbound_handshake_timeouts", "inbound connections closed unfinished at node.handshake_timeout_s"
+    )
+    timed_out.add_metric([], guard.timed_out)
+    pending = GaugeMetricFamily("clawnode_inbound_pending", "inbound connections in their handshake now")
+    pending.add_metric([], guard.pending_total)
+    return [refused, timed_out, pending]
+
+
 def _escrow_disconnected(node: Node) -> Metric:
     """1 once a configured chain failed to connect, 0 when connected or off; no sample while unknown.
 
@@ -145,6 +167,7 @@ async def render_metrics(node: Node) -> bytes:
             status.relay_hop_reservations
         )
     families += _nat_traversal(node)
+    families += _inbound_connections(node)
     rejected = gauge("clawnode_records_rejected", "capability records rejected, by reason", ("reason",))
     for reason, count in status.records_rejected.items():
         rejected.labels(reason=reason).set(count)

@@ -9,7 +9,9 @@ handshakes open, and an unfinished handshake is closed after ``node.handshake_ti
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import httpx
 import multiaddr
 import pytest
 import trio
@@ -18,9 +20,13 @@ from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
 
-from node.config import NodeSection
+from node.config import EscrowSection, NodeSection
 from node.conn_guard import ConnLimits, guard_of, ip_key
+from node.daemon import Node
+from node.datadir import read_api_token
 from node.host import build_host
+from runtime.service import ServiceRegistry
+from tests.support.market import market_config, metric_samples
 
 PING = TProtocol("/ipfs/ping/1.0.0")
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
@@ -139,3 +145,32 @@ def test_connection_limits_come_from_the_node_section() -> None:
     section = NodeSection(handshake_timeout_s=3, max_pending_connections_per_ip=2, max_pending_connections=40)  # type: ignore[call-arg]
     assert ConnLimits.of(section) == ConnLimits(handshake_timeout_s=3.0, max_pending_per_ip=2, max_pending=40)
     assert ConnLimits.of(NodeSection()) == ConnLimits()  # type: ignore[call-arg]
+
+
+async def test_the_daemon_applies_the_node_section_and_reports_refusals(tmp_path: Path) -> None:
+    base = market_config(bootstrap=[])
+    config = base.model_copy(
+        update={
+            "node": NodeSection(  # type: ignore[call-arg]
+                listen=["/ip4/127.0.0.1/tcp/0"], handshake_timeout_s=1.0, max_pending_connections_per_ip=2
+            ),
+            "escrow": EscrowSection(mode="off"),  # type: ignore[call-arg]
+        }
+    )
+    node = Node(config, tmp_path / "node", services=ServiceRegistry())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        port = int(node.listen_addrs()[0].split("/tcp/")[1].split("/")[0])
+        idle = await _open_idle(port, "127.0.0.2", 5)
+        assert await _count_closed(idle, within_s=0.5) == 3
+        assert await _count_closed(idle, within_s=3) == 5
+        token = await trio.to_thread.run_sync(read_api_token, node.data_dir)
+        async with httpx.AsyncClient() as client:
+            reply = await client.get(f"{node.api_url}/metrics", headers={"authorization": f"Bearer {token}"})
+        samples = metric_samples(reply.text)
+        assert samples['clawnode_inbound_refused_total{reason="per_ip"}'] == 3
+        assert samples["clawnode_inbound_handshake_timeouts_total"] == 2
+        assert samples["clawnode_inbound_pending"] == 0
+        for sock in idle:
+            sock.close()
+        nursery.cancel_scope.cancel()
