@@ -67,9 +67,11 @@ class EscrowSettler:
             if state.phase == "disputed":
                 # Frozen until the arbiter resolves; then the next attempt closes it out.
                 return Outcome("retry", "disputed")
-            if state.phase == "closed" and s.last_error == "disputed":
-                # The arbiter resolved the dispute we waited on: what it gave is final, book that.
-                return Outcome("landed", reason="resolved", tx_hash=s.tx_hash, released_total=state.released)
+            if state.phase == "closed" and (s.last_error == "disputed" or state.released > 0):
+                # Closed for good (the arbiter resolved the dispute we waited on, or the rest went back
+                # after the payee was paid in part): what the chain released is final, so book that;
+                # the ledger counts only what it had not counted yet.
+                return Outcome("landed", reason="closed", tx_hash=s.tx_hash, released_total=state.released)
             if state.phase != "active":
                 return Outcome("failed", state.phase)
             if s.kind == "claim":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -27,6 +28,8 @@ from node.daemon import Node
 from protocols import lease as lease_module
 from protocols import lease_wire as w
 from runtime.errors import ClawnodeError
+from runtime.escrow import Chain
+from tests.runtime.scenario import BUDGET, LEASE, PRICE, meter_and_countersign, open_market
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
 
 EXAMPLES = int(os.environ.get("CLAWNODE_PROPERTY_EXAMPLES", "8"))
@@ -230,3 +233,29 @@ def test_an_honest_lease_with_a_dispute_is_paid_what_was_countersigned() -> None
             budget_units=20,
         ),
     )
+
+
+async def test_a_claim_and_a_refund_on_a_disputed_escrow_wait_for_the_arbiter(tmp_path: Path) -> None:
+    """Settlement level: both wait (retried, not failed) while the escrow is frozen; once the arbiter
+    splits it, both close out and the two ledgers book exactly the chain's split."""
+    chain = Chain.embedded()
+    m = await open_market(chain, tmp_path)
+    owed = await meter_and_countersign(m, 10, "u1")
+    await chain.run(m.consumer.escrow.dispute, m.payer.address, m.escrow_id)
+    claim = await m.provider.ledger.enqueue_claim(LEASE)
+    refund = await m.consumer.ledger.enqueue_refund(LEASE)
+    for side, settlement in ((m.provider, claim), (m.consumer, refund)):
+        assert (await side.queue.flush()).retried == 1
+        waiting = await side.ledger.get_settlement(settlement.settlement_id)
+        assert (waiting.state, waiting.last_error) == ("pending", "disputed")
+    arbiter = m.provider.escrow.for_account(chain.dev_accounts()[2])
+    to_payee = owed - PRICE  # the arbiter takes one unit off
+    await chain.run(arbiter.resolve, m.payer.address, m.escrow_id, to_payee)
+    m.clock.advance(3600)
+    for side, settlement in ((m.provider, claim), (m.consumer, refund)):
+        assert (await side.queue.flush()).landed == 1
+        assert (await side.ledger.get_settlement(settlement.settlement_id)).state == "landed"
+    [income] = await m.provider.ledger.totals_by_peer()
+    [spend] = await m.consumer.ledger.totals_by_peer()
+    assert income.income == spend.spend == to_payee
+    assert (await m.consumer.ledger.get_lease(LEASE)).refunded_amount == BUDGET - to_payee
