@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Protocol
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
@@ -31,6 +31,7 @@ from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.audit import AuditReport
 from runtime.ledger.models import Lease, QueueStats, ReceiptRecord, Settlement, Totals
+from runtime.ledger.receipts import MAX_AMOUNT
 
 
 class IdentityReply(BaseModel):
@@ -231,7 +232,7 @@ class OpenLeaseBody(BaseModel):
 
     peer_id: str = Field(min_length=32, max_length=128)
     capability: str = Field(pattern=CAPABILITY_NAME)
-    budget: int | None = Field(None, ge=1, description="wei to lock; default: price x expected_units")
+    budget: int | None = Field(None, ge=1, le=MAX_AMOUNT, description="wei to lock; default: price x expected_units")
     duration_s: int = Field(3600, ge=1, le=MAX_DURATION_S)
     expected_units: int = Field(1000, ge=1, le=2**62)
 
@@ -283,13 +284,12 @@ def _bearer_token_check(token: str) -> Callable[[Request], None]:
 MAX_OFFSET = 1_000_000_000
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
-MAX_WEI = 2**256 - 1  # a uint256, as the escrow contract holds amounts
 
 
 class DiscoverParams(DiscoveryQuery):
     """``GET /api/discover``'s query string: DiscoveryQuery with bounds on every number."""
 
-    max_price: int | None = Field(None, ge=0, le=MAX_WEI, description="highest price per unit, smallest asset unit")
+    max_price: int | None = Field(None, ge=0, le=MAX_AMOUNT, description="highest price per unit, smallest asset unit")
     min_ctx: int | None = Field(None, ge=1, le=2**31, description="smallest context length in tokens")
     min_vram_gb: int | None = Field(None, ge=0, le=2**20)
 
@@ -413,7 +413,13 @@ def create_app(
 
     @app.post("/api/leases")
     async def open_lease(body: OpenLeaseBody) -> LeaseView:
-        return await node.open_lease(body)
+        try:
+            return await node.open_lease(body)
+        except ValidationError:
+            # The quote's price times expected_units left what a lease can hold (a uint256 of wei).
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, "the lease's budget (price x expected_units) is out of range"
+            ) from None
 
     @app.get("/api/leases")
     async def leases() -> LeaseListReply:

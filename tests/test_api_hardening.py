@@ -279,3 +279,26 @@ async def test_rpc_url_never_logged_when_a_lock_fails(caplog: pytest.LogCaptureF
     assert RPC_KEY not in reply.text and "127.0.0.1:" not in reply.text
     assert RPC_KEY not in caplog.text, [r.getMessage() for r in caplog.records if RPC_KEY in caplog.text]
     assert "Traceback" not in caplog.text
+
+
+async def test_lease_budgets_out_of_range_are_a_400_or_a_402_not_a_500() -> None:
+    dear = WORD_OFFER.model_copy(update={"price_per_unit": 10**30})  # the most an offer may ask
+    async with market_nodes([{"offers": (dear,)}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        await wait_for(lambda: provider.publisher.record is not None)
+        token = await trio.to_thread.run_sync(read_api_token, consumer.data_dir)
+        peer = str(provider.host.get_id())
+        cases = [
+            ({"budget": 2**256}, 400, ErrorCode.INVALID_ARGUMENT),  # more than a uint256
+            ({"expected_units": 2**63}, 400, ErrorCode.INVALID_ARGUMENT),
+            ({"expected_units": 1}, 402, ErrorCode.INSUFFICIENT_FUNDS),  # 10^30 wei: more than the wallet holds
+        ]
+        async with httpx.AsyncClient(timeout=60) as client:
+            for extra, status, code in cases:
+                reply = await client.post(
+                    f"{consumer.api_url}/api/leases",
+                    json={"peer_id": peer, "capability": WORDS, **extra},
+                    headers={"authorization": f"Bearer {token}"},
+                )
+                assert reply.status_code == status, (extra, reply.text)
+                assert _code(reply) == code

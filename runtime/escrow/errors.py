@@ -9,9 +9,12 @@ would name the RPC endpoint.
 
 from __future__ import annotations
 
+import logging
 import re
 
 from runtime.errors import ClawnodeError, ErrorCode
+
+log = logging.getLogger(__name__)
 
 REASON_CODES: dict[str, ErrorCode] = {
     "exists": ErrorCode.CONFLICT,
@@ -127,6 +130,8 @@ def normalise(error: BaseException) -> EscrowError:
 
     if isinstance(error, EscrowError):
         return error
+    # What the chain said, for whoever debugs: its type and its text with any URL cut to the host.
+    log.debug("chain error: %s", describe(error))
     if isinstance(error, TimeExhausted):
         return EscrowError("receipt_timeout")
     if _is_transport_error(error):
@@ -136,7 +141,7 @@ def normalise(error: BaseException) -> EscrowError:
     if match and match.group(1) in REASON_CODES:
         return EscrowError(match.group(1))
     lowered = text.lower()
-    if "insufficient funds" in lowered:
+    if "insufficient funds" in lowered or "not have enough balance" in lowered:
         return EscrowError("insufficient_funds")
     if "revert" in lowered:
         return EscrowError("reverted")

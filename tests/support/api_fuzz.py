@@ -54,6 +54,8 @@ CONTENT_TYPES = [
     "application/octet-stream",
     "application/json;;;=",
 ]
+ALLOWED_HOSTS = frozenset(f"{name}{port}" for name in ("127.0.0.1", "localhost", "[::1]") for port in ("", ":7421"))
+PUBLIC_PATHS = frozenset({"/", "/app.js", "/style.css"})  # the dashboard's files, served without the token
 TOKEN_CHARS = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
 
 # A plausible body per route template: fuzz replaces one field, so validation and handlers run deep.
@@ -170,19 +172,31 @@ def _nested(draw: st.DrawFn) -> bytes:
     return b'{"a":' * depth + b"1" + b"}" * depth
 
 
+@dataclass(frozen=True)
+class Known:
+    """Values of the node under test that take requests deeper: real peer ids, task ids, ..."""
+
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)  # route template -> sample body
+    path_values: dict[str, list[str]] = field(default_factory=dict)  # path parameter name -> values
+
+    def body(self, template: str) -> dict[str, Any] | None:
+        return self.bodies.get(template) or SAMPLE_BODIES.get(template)
+
+
 @st.composite
-def _mutated_sample(draw: st.DrawFn, template: str) -> bytes:
-    sample = dict(SAMPLE_BODIES.get(template) or {"x": 1})
+def _mutated_sample(draw: st.DrawFn, template: str, known: Known) -> bytes:
+    sample = dict(known.body(template) or {"x": 1})
     key = draw(st.sampled_from([*sample, "extra"]))
     sample[key] = draw(_json_values())
     return _dumps(sample)
 
 
-def _bodies(template: str) -> st.SearchStrategy[bytes]:
+def _bodies(template: str, known: Known) -> st.SearchStrategy[bytes]:
+    sample = known.body(template)
     return st.one_of(
-        st.just(_dumps(SAMPLE_BODIES[template])) if template in SAMPLE_BODIES else st.just(b""),
-        _mutated_sample(template),
-        _mutated_sample(template),
+        st.just(_dumps(sample) if sample is not None else b""),
+        _mutated_sample(template, known),
+        _mutated_sample(template, known),
         _json_values().map(_dumps),
         _nested(),
         st.binary(max_size=200),
@@ -199,15 +213,20 @@ class RouteInfo:
 
 
 @st.composite
-def _path(draw: st.DrawFn, routes: list[RouteInfo]) -> tuple[RouteInfo, str, str]:
+def _path(draw: st.DrawFn, routes: list[RouteInfo], known: Known) -> tuple[RouteInfo, str, str]:
     """(route, path, method)."""
     if draw(st.integers(0, 9)) == 0:
         made_up = "/" + draw(st.text(max_size=30))
         return RouteInfo("", frozenset({"GET"}), ()), made_up, draw(st.sampled_from(["GET", "POST"]))
-    route = draw(st.sampled_from(routes))
+    with_query = [route for route in routes if route.query]
+    route = draw(st.sampled_from(routes if draw(st.integers(0, 3)) else with_query or routes))
     template, methods = route.template, route.methods
     path = template
     for name in re.findall(r"\{(\w+)\}", template):
+        real = known.path_values.get(name)
+        if real and draw(st.booleans()):
+            path = path.replace("{" + name + "}", draw(st.sampled_from(real)))
+            continue
         value = draw(
             st.one_of(
                 st.text(alphabet=string.hexdigits, min_size=1, max_size=70),
@@ -265,10 +284,11 @@ def _latin1(max_size: int = 40) -> st.SearchStrategy[str]:
 
 
 @st.composite
-def requests(draw: st.DrawFn, routes: list[RouteInfo], token: str) -> FuzzRequest:
+def requests(draw: st.DrawFn, routes: list[RouteInfo], token: str, known: Known | None = None) -> FuzzRequest:
     """One hostile request for an app with these routes and this token."""
-    route, path, method = draw(_path(routes))
-    body = draw(_bodies(route.template)) if draw(st.integers(0, 5)) else b""
+    known = known or Known()
+    route, path, method = draw(_path(routes, known))
+    body = draw(_bodies(route.template, known)) if draw(st.integers(0, 5)) else b""
     headers: list[tuple[bytes, bytes]] = []
     good_host = draw(st.integers(0, 9)) < 8
     host = (
@@ -313,6 +333,23 @@ def requests(draw: st.DrawFn, routes: list[RouteInfo], token: str) -> FuzzReques
     cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=2)))
     chunks = tuple(body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)) or (b"",)
     return FuzzRequest(method, path, draw(_query(route.query)), tuple(headers), chunks)
+
+
+def known_values(provider_peer_id: str, wallet: str) -> Known:
+    """Sample bodies and path values that name a real provider (serving ``model:words``) and wallet."""
+    return Known(
+        bodies={
+            "/api/leases": {"peer_id": provider_peer_id, "capability": "model:words", "budget": 10**12},
+            "/api/tasks": {
+                "capability": "model:words",
+                "budget": 1000,
+                "deadline_s": 60,
+                "arbiter_peer": provider_peer_id,
+                "arbiter_wallet": wallet,
+            },
+        },
+        path_values={"peer_id": [provider_peer_id], "name": ["model:words", "model:fuzz"]},
+    )
 
 
 def route_table(app: Any) -> list[RouteInfo]:
@@ -405,7 +442,15 @@ def judge(request: FuzzRequest, outcome: Outcome, token: str, report: FuzzReport
         if forbidden in text:
             report.note(f"{what}: the reply carries {forbidden[:12]!r}")
             return
-    if outcome.status >= 400 and request.method != "HEAD":
+    if outcome.status < 400:
+        headers = dict(reversed(request.headers))  # the first of repeated headers, as the server reads them
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        if host not in ALLOWED_HOSTS:
+            report.note(f"{what}: {outcome.status} for a foreign Host {host[:40]!r}")
+        public = request.method in ("GET", "HEAD") and request.path in PUBLIC_PATHS
+        if not public and headers.get(b"authorization") != f"Bearer {token}".encode():
+            report.note(f"{what}: {outcome.status} without the token")
+    elif request.method != "HEAD":
         try:
             code = json.loads(outcome.body)["error"]["code"]
         except (ValueError, KeyError, TypeError):
@@ -446,10 +491,12 @@ def watching_logs(token: str) -> Iterator[LogWatch]:
         root.setLevel(old_level)
 
 
-async def fuzz_app(app: ASGIApp, token: str, inputs: int, *, seed: int | None = None) -> FuzzReport:
+async def fuzz_app(
+    app: ASGIApp, token: str, inputs: int, *, seed: int | None = None, known: Known | None = None
+) -> FuzzReport:
     """Play ``inputs`` hypothesis-drawn requests against ``app`` (from a trio task) and judge them."""
     report = FuzzReport()
-    strategy = requests(route_table(app), token)
+    strategy = requests(route_table(app), token, known)
 
     @settings(
         max_examples=inputs,
