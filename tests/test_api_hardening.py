@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -302,3 +303,28 @@ async def test_lease_budgets_out_of_range_are_a_400_or_a_402_not_a_500() -> None
                 )
                 assert reply.status_code == status, (extra, reply.text)
                 assert _code(reply) == code
+
+
+def test_rpc_url_never_logged_even_at_debug(tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    # Nothing listens on port 1: every JSON-RPC request fails, with the URL in web3's and requests' texts.
+    url = f"http://127.0.0.1:1/v3/{RPC_KEY}?key={RPC_KEY}"
+    node = DaemonProcess(
+        tmp_path / "node",
+        LOOPBACK_ANY_PORT,
+        env={
+            "CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false",
+            "CLAWNODE_ESCROW_MODE": "rpc",
+            "CLAWNODE_ESCROW_RPC_URL": url,
+            "CLAWNODE_ESCROW_CONTRACT": "0x" + "11" * 20,
+            "CLAWNODE_LOG_LEVEL": "debug",
+        },
+    ).start()
+    daemons.append(node)
+    deadline = time.monotonic() + 20
+    while "escrow chain unavailable" not in node.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert node.api("/api/ledger/summary")["escrow"]["state"] == "unavailable"
+    node.stop()
+    log = node.log()
+    assert "escrow chain unavailable" in log and "chain error: " in log  # the debug lines are there ...
+    assert RPC_KEY not in log  # ... without the key
