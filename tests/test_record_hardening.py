@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -207,6 +209,40 @@ def test_schemas_re2_cannot_run_or_too_costly_are_refused() -> None:
         verify_record(record, now=time.time())
     assert rejected.value.reason is Rejection.UNSAFE_SCHEMA
     assert time.monotonic() - started < 1.0
+
+
+CYCLE_CHECK = """
+import warnings
+from libp2p import generate_new_ed25519_identity
+from libp2p.peer.id import ID
+from dht.record_validator import CapabilityRecordValidator, RejectionCounter, record_key
+from dht.records import CapabilityDescriptor, RecordRejected
+from tests.support.records import GEMMA, make_record, sealed_unchecked
+
+key_pair = generate_new_ed25519_identity()
+fields = dict(GEMMA.descriptor())
+fields.update(params_schema={"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, examples=[{"q": 1}])
+record = make_record(key_pair, seq=5).model_copy(
+    update={"capabilities": [CapabilityDescriptor.model_construct(**fields)]}
+)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    data = sealed_unchecked(record, key_pair)
+counter = RejectionCounter()
+try:
+    CapabilityRecordValidator(counter).validate(record_key(str(ID.from_pubkey(key_pair.public_key))), data)
+except RecordRejected as rejected:
+    print(rejected.reason.value, counter.snapshot())
+"""
+
+
+def test_a_cyclic_ref_cannot_crash_the_validating_node() -> None:
+    # Run apart: before the fix, evaluating such a schema overflowed the C stack (a segfault, exit
+    # -11): any node that validated the record (a PUT_VALUE, a describe) died on the spot.
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", CYCLE_CHECK], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "unsafe_schema {'unsafe_schema': 1}", done.stdout
 
 
 # -- 3. an unresolvable $ref is a rejection; honest providers are still found ---------------------
