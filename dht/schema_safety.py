@@ -38,8 +38,8 @@ MAX_SCHEMA_BYTES = 4096
 MAX_SCHEMA_DEPTH = 32
 MAX_EXPANDED_NODES = 2000
 MAX_PATTERN_CHARS = 512
-# Enough for every example of a full record many times over (a chat schema against its example
-# takes well under a millisecond); a schema that needs more is refused, not waited for.
+# CPU seconds. Enough for every example of a full record many times over (a chat schema against its
+# example takes well under a millisecond); a schema that needs more is refused, not waited for.
 DEFAULT_BUDGET_S = 0.25
 
 ProblemKind = Literal[
@@ -248,8 +248,12 @@ _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("schema
 
 @contextmanager
 def validation_budget(seconds: float) -> Iterator[None]:
-    """Evaluations inside the block stop after ``seconds`` in all (a tighter outer budget wins)."""
-    deadline = time.monotonic() + seconds
+    """Evaluations inside the block stop after ``seconds`` in all (a tighter outer budget wins).
+
+    Seconds of this thread's CPU time, not of the clock: a loaded machine (or a thread waiting for
+    the GIL) never makes an honest schema look costly.
+    """
+    deadline = time.thread_time() + seconds
     outer = _DEADLINE.get()
     token = _DEADLINE.set(deadline if outer is None else min(outer, deadline))
     try:
@@ -304,7 +308,7 @@ KeywordFn = Callable[[Any, Any, Any, dict[str, Any]], Iterator[ValidationError] 
 def _budgeted(fn: KeywordFn) -> KeywordFn:
     def check(validator: Any, value: Any, instance: Any, schema: dict[str, Any]) -> Iterator[ValidationError]:
         deadline = _DEADLINE.get()
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline is not None and time.thread_time() > deadline:
             raise SchemaBudgetExceeded("schema evaluation ran out of time")
         result = fn(validator, value, instance, schema)
         if result is not None:

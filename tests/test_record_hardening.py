@@ -209,6 +209,21 @@ def test_schemas_re2_cannot_run_or_too_costly_are_refused() -> None:
         verify_record(record, now=time.time())
     assert rejected.value.reason is Rejection.UNSAFE_SCHEMA
     assert time.monotonic() - started < 1.0
+    # Within every static bound, but costly against its own example (2**7 checks per item, 3000
+    # items): the evaluation budget (50 ms of CPU) refuses it, once; the verdict is then remembered.
+    costly_defs: dict[str, Any] = {"a0": {"type": "integer"}}
+    for i in range(1, 8):
+        costly_defs[f"a{i}"] = {"allOf": [{"$ref": f"#/$defs/a{i - 1}"}, {"$ref": f"#/$defs/a{i - 1}"}]}
+    costly = {"type": "object", "properties": {"q": {"type": "array", "items": {"$ref": "#/$defs/a7"}}}}
+    costly["$defs"] = costly_defs
+    assert schema_problem(costly) is None
+    record = poisoned_record(KEY_PAIR, costly, {"q": [1] * 3000}, seq=2)
+    for _ in range(2):
+        started = time.monotonic()
+        with pytest.raises(RecordRejected) as rejected:
+            verify_record(record, now=time.time())
+        assert rejected.value.reason is Rejection.UNSAFE_SCHEMA and "too long" in str(rejected.value)
+        assert time.monotonic() - started < 1.0
 
 
 CYCLE_CHECK = """
