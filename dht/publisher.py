@@ -66,6 +66,8 @@ def seal_refusal(build: Callable[[], CapabilityRecord], private_key: PrivateKey)
     except ValueError as error:
         # Offer.descriptor's own refusals name the offer's kind and fields, never its values.
         return RecordRejected(Rejection.SCHEMA, str(error)[:200])
+    except Exception as error:  # noqa: BLE001 - whatever else an offer trips: refused, never raised
+        return RecordRejected(Rejection.MALFORMED, type(error).__name__)
     return None
 
 

@@ -126,9 +126,8 @@ def test_unsealable_offer_is_refused_and_never_kills_the_node(tmp_path: Path, da
     assert daemon.stop()[0] == 0
 
     # Offers stored by an earlier version (or written by hand) that cannot be published now.
-    stored.write_text(
-        json.dumps({"version": 1, "overrides": {"model:leaky": LEAKY_OFFER, "model:huge": OVERSIZED_OFFER}})
-    )
+    planted = {"model:leaky": LEAKY_OFFER, "model:huge": OVERSIZED_OFFER, "model:dear": OVERPRICED_OFFER}
+    stored.write_text(json.dumps({"version": 1, "overrides": planted}))
     restarted = DaemonProcess(tmp_path / "node", LOOPBACK_ANY_PORT, env=env).start()
     daemons.append(restarted)
     assert _request(restarted, "GET", "/api/capabilities").json()["offers"] == []
@@ -138,13 +137,16 @@ def test_unsealable_offer_is_refused_and_never_kills_the_node(tmp_path: Path, da
         alerts = _request(restarted, "GET", "/api/alerts").json()["alerts"]
         time.sleep(0.2)
     assert any(a["name"] == "OfferSkipped" for a in alerts), alerts
-    assert "clawnode_offers_skipped 2.0" in _request(restarted, "GET", "/metrics").text
+    assert "clawnode_offers_skipped 3.0" in _request(restarted, "GET", "/metrics").text
     log = restarted.log()
     assert "offer model:leaky is not published: private_data" in log
     assert "offer model:huge is not published: oversized" in log
+    assert "stored offer model:dear is skipped" in log
     assert "10.1.2.3" not in log and str(tmp_path) not in log
-    # The owner can remove what was skipped.
+    # The owner can remove what was skipped; what is left stays in offers.json, untouched.
     assert _request(restarted, "DELETE", "/api/offers/model:huge").status_code == 200
+    kept = json.loads(stored.read_text())["overrides"]
+    assert kept["model:huge"] is None and kept["model:dear"] == OVERPRICED_OFFER
     assert restarted.process is not None and restarted.process.poll() is None
 
 
