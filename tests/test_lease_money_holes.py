@@ -249,10 +249,19 @@ async def test_disputed_escrow_stops_service_and_claims_retry_after_resolution()
         payer = _escrow(consumer)
         escrow_id = bytes.fromhex(view.lease_id)
         await payer.chain.run(payer.dispute, payer.account.address, escrow_id)
-        # Within the provider's metering rhythm the lease ends and calls are refused.
-        await wait_for(lambda: served.ended_reason == "escrow disputed", 10, what="lease ended on the dispute")
-        with pytest.raises(ClawnodeError):
-            await consumer.market.call(view.lease_id, {"prompt": "free ride"})
+        # The payer keeps calling on its frozen escrow: within the provider's rhythm the lease ends.
+        disputed_at = trio.current_time()
+        with trio.fail_after(15):
+            while True:
+                try:
+                    await consumer.market.call(view.lease_id, {"prompt": "free ride"})
+                except ClawnodeError:
+                    break
+                await trio.sleep(0.2)
+        assert served.ended_reason == "escrow disputed"
+        # Served at most one check interval and one sweep (plus the chain read) after the dispute.
+        rhythm = lease_module.ESCROW_CHECK_S + lease_module.SWEEP_INTERVAL_S
+        assert trio.current_time() - disputed_at < rhythm + 3.0
         claim_id = f"{view.lease_id}/claim/{served.session.countersigned_seq}"
 
         async def waiting_on_dispute() -> bool:

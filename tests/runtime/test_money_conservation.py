@@ -120,10 +120,13 @@ async def _play(scenario: Scenario) -> None:
 
     if scenario.consumer == "skip_ack":
         lease_module.write_frame = no_acks  # type: ignore[assignment]
+    idle_check_s = lease_module.ESCROW_IDLE_CHECK_S
+    lease_module.ESCROW_IDLE_CHECK_S = lease_module.ESCROW_CHECK_S  # a dispute after the last call shows soon
     try:
         await _play_on_nodes(scenario)
     finally:
         lease_module.write_frame = original_write  # type: ignore[assignment]
+        lease_module.ESCROW_IDLE_CHECK_S = idle_check_s
 
 
 async def _play_on_nodes(scenario: Scenario) -> None:
