@@ -177,7 +177,7 @@ def _reply_frame(rng: random.Random) -> bytes:
     return json.dumps(random_instance(rng)).encode()
 
 
-class _MemoryStream:
+class MemoryStream:
     """Just enough of a libp2p stream for the handler: reads the given bytes, keeps what is written."""
 
     def __init__(self, incoming: bytes) -> None:
@@ -211,7 +211,7 @@ async def _handler_cases(
 ) -> None:
     handle = capability_handler(lambda: sealed)
     for frame in frames:
-        stream = _MemoryStream(frame)
+        stream = MemoryStream(frame)
         started = time.perf_counter()
         try:
             with trio.fail_after(5):

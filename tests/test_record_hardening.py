@@ -28,7 +28,7 @@ from libp2p.peer.id import ID
 from libp2p.records.record import make_signed_put_record
 from pydantic import ValidationError
 
-from bench.fuzz_records import random_schema, run_record_fuzz
+from bench.fuzz_records import MemoryStream, random_schema, run_record_fuzz
 from dht.discovery import DiscoveryQuery
 from dht.offers import Offer
 from dht.record_validator import CapabilityRecordValidator, RejectionCounter, record_key
@@ -38,14 +38,15 @@ from dht.records import (
     CapabilityDescriptor,
     RecordRejected,
     Rejection,
+    seal_record,
     verify_record,
 )
 from dht.schema_safety import schema_problem
 from dht.seq_book import SeqBook
 from node.datadir import read_api_token, read_running
-from protocols.capability import parse_record_reply
+from protocols.capability import capability_handler, parse_record_reply
 from protocols.lease_wire import Quote
-from runtime.errors import ClawnodeError
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.receipts import MAX_AMOUNT
 from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess
 from tests.support.records import GEMMA, make_record, sealed_unchecked
@@ -355,8 +356,6 @@ async def test_record_sequence_marks_survive_a_restart(tmp_path: Path) -> None:
     book = SeqBook.in_data_dir(tmp_path)
     newer = make_record(KEY_PAIR, seq=20)
     validator = CapabilityRecordValidator(RejectionCounter(), seq_book=book)
-    from dht.records import seal_record
-
     validator.validate(record_key(newer.peer_id), seal_record(newer, KEY_PAIR.private_key))
     await book.save()
     restarted = SeqBook.in_data_dir(tmp_path)
@@ -408,6 +407,23 @@ def test_random_reply_frames_are_refused_with_a_code(frame: bytes) -> None:
         parse_record_reply(frame)
     except ClawnodeError as error:
         assert error.code.value.startswith("E_")
+
+
+@settings(max_examples=150, deadline=None)
+@given(frame=st.binary(max_size=48) | st.builds(lambda body: bytes([len(body)]) + body, st.binary(max_size=40)))
+def test_random_requests_get_a_record_or_a_coded_error_from_the_handler(frame: bytes) -> None:
+    sealed = seal_record(make_record(KEY_PAIR, seq=3), KEY_PAIR.private_key)
+    stream = MemoryStream(frame)
+
+    async def serve() -> None:
+        with trio.fail_after(10):
+            await capability_handler(lambda: sealed)(stream)  # type: ignore[arg-type]
+
+    trio.run(serve)
+    reply = json.loads(stream.written[1:] if stream.written[0] < 0x80 else stream.written[2:])
+    assert reply["type"] in ("record", "error")
+    if reply["type"] == "error":
+        assert reply["code"] in {code.value for code in ErrorCode} - {"E_INTERNAL"} and reply["message"]
 
 
 def test_the_record_fuzz_finds_no_crash() -> None:
