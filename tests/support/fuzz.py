@@ -21,9 +21,11 @@ did not expect. Both are bugs; every other reply (a stable error code, or a real
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -107,6 +109,7 @@ class Known:
     capabilities: tuple[str, ...] = ("model:words",)
     task_ids: tuple[str, ...] = ()
     now: int = 1_800_000_000  # unix seconds that times in the inputs are drawn around
+    signer: PrivateKey | None = None  # signs envelopes inside inputs (a party's key reaches past the signature)
 
 
 # -- strategies --
@@ -155,10 +158,47 @@ def _values(known: Known) -> st.SearchStrategy[Any]:
 _PEER_FIELDS = {"provider", "consumer", "creator", "bidder", "party", "served_by", "arbiter"}
 
 
-def _plausible(name: str, annotation: Any, known: Known, depth: int = 0) -> st.SearchStrategy[Any]:
+def _signed_fields() -> dict[tuple[str, str], tuple[type[Any], str, bytes]]:
+    """Fields that carry a base64 signed envelope: (owner model, field) -> (payload model, domain, type)."""
+    lease, task = lease_wire, task_wire
+    award = (task.AwardNotice, task.AWARD_DOMAIN, task.AWARD_TYPE)
+    result = (task.ResultNotice, task.RESULT_DOMAIN, task.RESULT_TYPE)
+    review = (task.ReviewNotice, task.REVIEW_DOMAIN, task.REVIEW_TYPE)
+    announcement = (TaskAnnouncement, ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE)
+    return {
+        ("OpenRequest", "envelope"): (lease.LeaseOpen, lease.OPEN_DOMAIN, lease.OPEN_TYPE),
+        ("LeaseOpen", "quote"): (lease.Quote, lease.QUOTE_DOMAIN, lease.QUOTE_TYPE),
+        ("AwardRequest", "envelope"): award,
+        ("ResultRequest", "envelope"): result,
+        ("ReviewRequest", "envelope"): review,
+        ("EvidenceRequest", "envelope"): (task.EvidenceNotice, task.EVIDENCE_DOMAIN, task.EVIDENCE_TYPE),
+        ("DisputeCase", "announcement"): announcement,
+        ("DisputeCase", "award"): award,
+        ("DisputeCase", "result"): result,
+        ("DisputeCase", "review"): review,
+        ("AwardNotice", "announcement"): announcement,
+    }
+
+
+def _sealed_b64(model: type[Any], domain: str, payload_type: bytes, known: Known, depth: int) -> st.SearchStrategy[str]:
+    """Base64 of an envelope that really verifies, signed by ``known.signer``, around a nasty payload."""
+    key = known.signer
+    assert key is not None
+    payloads = st.one_of(_shaped(model, known, depth + 1), _valid_shape(model, known, depth + 1)).map(_encode)
+    return payloads.map(
+        lambda payload: base64.b64encode(seal_raw(GossipInput(payload, True, domain, payload_type), key)).decode()
+    )
+
+
+def _plausible(name: str, annotation: Any, known: Known, depth: int = 0, owner: str = "") -> st.SearchStrategy[Any]:
     """A value of the right type for field ``name``, often one the node knows."""
     if isinstance(annotation, type) and hasattr(annotation, "model_fields") and depth < 3:
         return _valid_shape(annotation, known, depth + 1)
+    signed = _signed_fields().get((owner, name))
+    if signed is not None and known.signer is not None and depth < 2:
+        return _sealed_b64(*signed, known, depth)
+    if name in {"artifact", "attachment"}:
+        return st.binary(max_size=256).map(lambda data: base64.b64encode(data).decode())
     text = str(annotation)
     if name == "lease_id" and known.lease_ids:
         return st.sampled_from(known.lease_ids)
@@ -191,7 +231,7 @@ def _plausible(name: str, annotation: Any, known: Known, depth: int = 0) -> st.S
 
 def _valid_shape(model: type[Any], known: Known, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
     fields = {
-        name: _plausible(name, info.annotation, known, depth)
+        name: _plausible(name, info.annotation, known, depth, model.__name__)
         for name, info in model.model_fields.items()
         if name != "type"
     }
@@ -201,13 +241,13 @@ def _valid_shape(model: type[Any], known: Known, depth: int = 0) -> st.SearchStr
     return st.fixed_dictionaries(fields)
 
 
-def _one_nasty(model: type[Any], known: Known) -> st.SearchStrategy[dict[str, Any]]:
+def _one_nasty(model: type[Any], known: Known, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
     """A plausible message with one field replaced by a nasty value (wrong type, huge, deep, long)."""
     names = [name for name in model.model_fields if name != "type"]
 
     @st.composite
     def build(draw: st.DrawFn) -> dict[str, Any]:
-        out = dict(draw(_valid_shape(model, known)))
+        out = dict(draw(_valid_shape(model, known, depth)))
         if names:
             out[draw(st.sampled_from(names))] = draw(_values(known))
         return out
@@ -215,7 +255,7 @@ def _one_nasty(model: type[Any], known: Known) -> st.SearchStrategy[dict[str, An
     return build()
 
 
-def _shaped(model: type[Any], known: Known) -> st.SearchStrategy[dict[str, Any]]:
+def _shaped(model: type[Any], known: Known, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
     """A dict with the model's field names (some dropped, some extra) and nasty values."""
     names = [name for name in model.model_fields if name != "type"]
     type_tag = model.model_fields["type"].default if "type" in model.model_fields else None
@@ -234,7 +274,9 @@ def _shaped(model: type[Any], known: Known) -> st.SearchStrategy[dict[str, Any]]
             out[draw(st.text(max_size=10))] = draw(values)  # extra
         return out
 
-    return st.one_of(build(), _one_nasty(model, known), _one_nasty(model, known), _valid_shape(model, known))
+    return st.one_of(
+        build(), _one_nasty(model, known, depth), _one_nasty(model, known, depth), _valid_shape(model, known, depth)
+    )
 
 
 def _encode(document: Any) -> bytes:
@@ -667,15 +709,63 @@ class FuzzRun:
     problems: list[str]  # what honest peers no longer got afterwards
 
 
+def _mutate(data: bytes, other: bytes, rng: random.Random) -> bytes:
+    """One byte-level mutation: flips, a cut, a splice with another input, an insertion, a repeat."""
+    if not data:
+        return other[: rng.randrange(len(other) + 1)]
+    cut = rng.randrange(len(data) + 1)
+    kind = rng.randrange(5)
+    if kind == 0:
+        out = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+        return bytes(out)
+    if kind == 1:
+        return data[:cut]
+    if kind == 2:
+        return data[:cut] + other[rng.randrange(len(other) + 1) :]
+    if kind == 3:
+        return data[:cut] + rng.randbytes(rng.randint(1, 16)) + data[cut:]
+    return data[:cut] + data[cut : cut + rng.randint(1, 64)] * rng.randint(2, 8) + data[cut:]
+
+
+def expand(base: list[bytes], total: int, seed_value: int) -> list[bytes]:
+    """``base``, then mutants of it up to ``total`` inputs. Half the mutants keep an honest length
+    prefix around a mutated body, so they reach the JSON parser rather than the framing check."""
+    rng = random.Random(seed_value)
+    out = list(base[:total])
+    while base and len(out) < total:
+        data, other = rng.choice(base), rng.choice(base)
+        frames = split_frames(data)
+        if frames and rng.random() < 0.5:
+            body = _mutate(frames[0], split_frames(other)[0] if split_frames(other) else other, rng)
+            out.append(encode_uvarint(len(body)) + body)
+        else:
+            out.append(_mutate(data, other, rng))
+    return out
+
+
+def expand_gossip(base: list[GossipInput], total: int, seed_value: int) -> list[GossipInput]:
+    rng = random.Random(seed_value)
+    out = list(base[:total])
+    while base and len(out) < total:
+        item, other = rng.choice(base), rng.choice(base)
+        out.append(GossipInput(_mutate(item.payload, other.payload, rng), item.sealed, item.domain, item.payload_type))
+    return out
+
+
 async def fuzz_market(
     per_protocol: int,
     on_stream: int,
     seed_value: int,
     *,
+    generated: int | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> FuzzRun:
     """``per_protocol`` inputs to each protocol, ``on_stream`` of them over real streams, the rest
-    through the registered handler; then the honest calls."""
+    through the registered handler; then the honest calls. ``generated`` of them come from the
+    hypothesis strategies (default: all), the rest are byte-level mutants of those (``expand``)."""
+    drawn = per_protocol if generated is None else min(generated, per_protocol)
     async with market_nodes([{"offers": (WORD_OFFER,)}, {}]) as (nodes, _):
         provider, consumer = nodes
         target = provider.host.get_id()
@@ -691,6 +781,7 @@ async def fuzz_market(
             lease_ids=(held.lease_id,),
             task_ids=("task-1",),
             now=int(time.time()),
+            signer=consumer.market.key,
         )
         outcomes: list[Outcome] = []
         async with attacker.run([LOOPBACK]), background_trio_service(pubsub), background_trio_service(router):
@@ -699,16 +790,16 @@ async def fuzz_market(
                 await attacker.connect(info_from_p2p_addr(multiaddr.Multiaddr(provider.listen_addrs()[0])))
             remotes = [attacker.get_id(), consumer.host.get_id()]
             for index, name in enumerate(PROTOCOLS):
-                progress(f"{name}: generating {per_protocol} inputs")
-                inputs = await trio.to_thread.run_sync(
-                    corpus, stream_inputs(name, known), per_protocol, seed_value + index
-                )
+                progress(f"{name}: generating {drawn} inputs, {per_protocol - drawn} mutants of them")
+                base = await trio.to_thread.run_sync(corpus, stream_inputs(name, known), drawn, seed_value + index)
+                inputs = expand(base, per_protocol, seed_value + index)
                 outcomes.append(await drive_streams(attacker, target, name, inputs[:on_stream]))
                 progress(outcomes[-1].summary())
                 outcomes.append(await drive_handler(provider.host, name, inputs[on_stream:], remotes))
                 progress(outcomes[-1].summary())
-            progress(f"gossip: generating {per_protocol} inputs")
-            gossip = await trio.to_thread.run_sync(corpus, gossip_inputs(known), per_protocol, seed_value + 99)
+            progress(f"gossip: generating {drawn} inputs, {per_protocol - drawn} mutants of them")
+            drawn_gossip = await trio.to_thread.run_sync(corpus, gossip_inputs(known), drawn, seed_value + 99)
+            gossip = expand_gossip(drawn_gossip, per_protocol, seed_value + 99)
             outcomes += await _fuzz_gossip(provider, attacker, attacker_key.private_key, pubsub, gossip, on_stream)
             progress("honest calls")
             problems = await honest_calls(provider, consumer, attacker, attacker_key.private_key, pubsub)
