@@ -301,3 +301,48 @@ async def test_consumer_books_spend_when_the_claim_lands() -> None:
         assert await _released(consumer, view.lease_id) == 7 * WORD_PRICE
         assert consumer.market.held[view.lease_id].ended_reason is None
         assert (await consumer.ledger.verify_audit()).ok
+
+
+async def test_a_hundred_parallel_calls_on_one_lease_are_all_paid() -> None:
+    """Before: 100 parallel 30-word calls on a 1000-unit lease delivered 3000 words and 990 were
+    paid (67 % unpaid). Now every delivered word is metered, counted by the consumer and paid.
+    ``pytest -s`` prints the figures."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 1000, duration_s=300)
+        prompt = " ".join(f"w{i}" for i in range(30))
+        delivered = 0
+        outcomes: dict[str, int] = {}
+
+        async def one_call() -> None:
+            nonlocal delivered
+
+            async def count(_data: dict[str, Any]) -> None:
+                nonlocal delivered
+                delivered += 1
+
+            try:
+                await consumer.market.stream_call(view.lease_id, {"prompt": prompt}, count)
+                outcome = "ok"
+            except ClawnodeError as error:
+                outcome = error.code.value
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(100):
+                nursery.start_soon(one_call)
+        served = provider.market.served[view.lease_id]
+        await consumer.market.revoke(view.lease_id)
+
+        async def claimed() -> bool:
+            settlements = await provider.ledger.list_settlements()
+            return bool(settlements) and all(s.state == "landed" for s in settlements)
+
+        await _await_true(claimed, 30, "the claims")
+        paid = await _released(provider, view.lease_id) // WORD_PRICE
+        print(
+            f"100 parallel calls: {outcomes}; words delivered {delivered}, metered {served.session.units_metered},"
+            f" counted by the consumer {consumer.market.held[view.lease_id].seen_units}, paid on chain {paid}"
+        )
+        assert delivered == served.session.units_metered == consumer.market.held[view.lease_id].seen_units == paid
+        assert paid <= 1000 and set(outcomes) <= {"ok", "E_INSUFFICIENT_FUNDS", "E_RATE_LIMITED"}
