@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 import trio
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from starlette.routing import Route
@@ -491,29 +492,34 @@ def watching_logs(token: str) -> Iterator[LogWatch]:
         root.setLevel(old_level)
 
 
+BATCH = 1000  # examples per hypothesis run: its bookkeeping grows with each, and is dropped between runs
+
+
 async def fuzz_app(
     app: ASGIApp, token: str, inputs: int, *, seed: int | None = None, known: Known | None = None
 ) -> FuzzReport:
-    """Play ``inputs`` hypothesis-drawn requests against ``app`` (from a trio task) and judge them."""
+    """Play ``inputs`` hypothesis-drawn requests against ``app`` (from a trio task) and judge them.
+
+    Deterministic: batch ``i`` of up to ``BATCH`` examples runs with seed ``seed + i`` (``seed``
+    defaults to 0), so the same inputs come each time for the same arguments.
+    """
     report = FuzzReport()
     strategy = requests(route_table(app), token, known)
+    base = seed or 0
+    for batch, start in enumerate(range(0, inputs, BATCH)):
 
-    @settings(
-        max_examples=inputs,
-        deadline=None,
-        database=None,
-        phases=(Phase.generate,),
-        suppress_health_check=list(HealthCheck),
-        derandomize=seed is None,
-    )
-    @given(strategy)
-    def one(request: FuzzRequest) -> None:
-        outcome = trio.from_thread.run(play, app, request)
-        judge(request, outcome, token, report)
+        @hypothesis_seed(base + batch)
+        @settings(
+            max_examples=min(BATCH, inputs - start),
+            deadline=None,
+            database=None,
+            phases=(Phase.generate,),
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(strategy)
+        def one(request: FuzzRequest) -> None:
+            outcome = trio.from_thread.run(play, app, request)
+            judge(request, outcome, token, report)
 
-    if seed is not None:
-        from hypothesis import seed as hypothesis_seed
-
-        one = hypothesis_seed(seed)(one)
-    await trio.to_thread.run_sync(one)
+        await trio.to_thread.run_sync(one)
     return report
