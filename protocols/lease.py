@@ -4,16 +4,21 @@ The rules live elsewhere: the lease lifecycle and metering rhythm in ``protocols
 (pure), money in the ledger and the escrow contract. This module only moves messages between
 streams, those machines, the ledger and the chain.
 
-Provider side (``LeaseDesk``): quote → verify the consumer's signed open and its escrow lock on
-chain → signed grant with a fresh access token (only its sha256 is kept) → serve calls that carry
-the token, metering each → push a signed usage receipt every N units or T seconds and at the end
-→ claim from escrow what the consumer countersigned. A receipt left unsigned pauses service; a
-consumer silent too long loses the lease.
+Provider side (``LeaseDesk``): quote → verify the consumer's signed open, its wallet binding and
+its escrow lock on chain (``check_lock``: the consumer's own wallet pays, enough, long enough) →
+signed grant with a fresh access token (only its sha256 is kept) → serve calls that carry the
+token, each holding a reservation of the budget while it runs (the engine is told ``max_tokens``)
+and metered as its end frame leaves → push a signed usage receipt every N units or T seconds and
+at the end → claim from escrow what the consumer countersigned with a valid voucher. A receipt
+left unsigned, or answered without a valid voucher, pauses service; a consumer silent too long
+loses the lease; an escrow seen disputed or closed on chain ends it.
 
 Consumer side (``LeaseHolder``): ask for a quote, check it is the provider's and addressed to us,
-lock the budget, open, keep the token in memory only, count the units each call reports, and
-countersign a receipt only for units actually delivered (with an escrow voucher for that total).
-When a lease ends, the rest of the lock is refunded through the settlement queue.
+lock the budget, open (with its wallet bound to its peer id), keep the token in memory only, count
+the units each call's end frame reports when they are consistent with what arrived
+(``check_end_frame``), and countersign a receipt only for units counted (with an escrow voucher for
+that total). The provider's claims are booked as spend when seen on chain; when a lease ends, the
+rest of the lock is refunded through the settlement queue.
 
 Every exchange is one stream with one request and one reply (``protocols.rpc``), so each side
 dials the other when it has something to say: on the connection that already exists, which is
@@ -482,6 +487,9 @@ class LeaseMarket:
                     # Metered as the end frame leaves, not when (or whether) the consumer acknowledges
                     # it: the consumer counts the same units from that frame, so receipts stay honest.
                     await self._meter(call.lease_id, ticket, end.units)
+            if counted is not None:  # counted: the lease may end now, whatever the ack does
+                counted.in_flight -= 1
+                counted = None
             if end is not None and written:
                 with trio.move_on_after(CALL_ACK_TIMEOUT_S), contextlib.suppress(Exception):
                     w.CallAck.model_validate_json(await reader.read_frame(CALL_ACK_TIMEOUT_S))
