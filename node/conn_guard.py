@@ -13,8 +13,11 @@ which every listener calls through a closure, so replacing it on the instance co
   ``handshake_timeout_s`` is closed;
 * at most ``max_pending_per_ip`` connections from one IPv4 address (or IPv6 /64) and
   ``max_pending`` in all may be upgrading at once; one more is closed at once;
-* ``max_connections`` is left to py-libp2p's own check, which counts upgraded connections
-  only, and a connection's handler ends when the connection does.
+* upgraded inbound connections are capped at ``max_inbound`` (``max_connections -
+  min_connections``, as py-libp2p meant, so outbound dials keep room): a connection arriving
+  while that many are open is closed before its handshake; the count drops when one closes;
+* ``max_connections`` stays py-libp2p's own check at registration, which counts upgraded
+  connections only.
 
 Pre-multiplexed connections (QUIC) finished their handshake in the transport and take
 py-libp2p's own path unchanged.
@@ -47,6 +50,7 @@ class ConnLimits:
     handshake_timeout_s: float = 10.0
     max_pending_per_ip: int = 8
     max_pending: int = 256
+    max_inbound: int | None = None  # upgraded inbound connections; None: only max_connections caps them
 
     @classmethod
     def of(cls, node: _NodeSettings) -> ConnLimits:
@@ -89,9 +93,10 @@ class ConnGuard:
         self.swarm = swarm
         self.limits = limits
         self.pending: Counter[str] = Counter()
-        self.refused: Counter[str] = Counter()  # reason: per_ip | total
+        self.refused: Counter[str] = Counter()  # reason: per_ip | total | gate | inbound_full
         self.timed_out = 0
-        self.upgraded = 0
+        self.upgraded = 0  # inbound connections that finished the upgrade, ever
+        self.inbound = 0  # of those, open now
         self._original: Any = None
 
     @property
@@ -126,12 +131,16 @@ class ConnGuard:
         if muxed is None:
             return
         self.upgraded += 1
-        # The listener closes the socket when this handler returns: stay as long as the connection.
-        closed: trio.Event | None = getattr(muxed, "event_closed", None)
-        if closed is None:
-            await self.swarm.manager.wait_finished()
-        else:
-            await closed.wait()
+        self.inbound += 1
+        try:
+            # The listener closes the socket when this handler returns: stay as long as the connection.
+            closed: trio.Event | None = getattr(muxed, "event_closed", None)
+            if closed is None:
+                await self.swarm.manager.wait_finished()
+            else:
+                await closed.wait()
+        finally:
+            self.inbound -= 1
 
     def _key(self, read_write_closer: ReadWriteCloser) -> str:
         try:
@@ -141,6 +150,8 @@ class ConnGuard:
         return ip_key(str(remote[0])) if remote else "unknown"
 
     def _refusal(self, key: str) -> str | None:
+        if self.limits.max_inbound is not None and self.inbound >= self.limits.max_inbound:
+            return "inbound_full"
         if self.pending[key] >= self.limits.max_pending_per_ip:
             return "per_ip"
         if self.pending_total >= self.limits.max_pending:

@@ -8,6 +8,7 @@ py-libp2p's ~250 ms wait for a fallback dial on every connect.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,7 +55,10 @@ def build_host(
     bound the inbound connections still in their handshake (``node.conn_guard``); only
     upgraded connections count against ``max_connections``.
     """
+    min_connections = min(8, max_connections)
     limits = conn_limits or ConnLimits()
+    if limits.max_inbound is None:  # py-libp2p's own split: outbound dials keep min_connections
+        limits = dataclasses.replace(limits, max_inbound=max(1, max_connections - min_connections))
     host = new_host(
         listen_addrs=list(listen_addrs) or None,
         key_pair=key_pair,
@@ -66,7 +70,7 @@ def build_host(
             max_connections=max_connections,
             # py-libp2p dials every known peer until 50 connections by default;
             # a home node needs a handful, the DHT dials the rest on demand.
-            min_connections=min(8, max_connections),
+            min_connections=min_connections,
             low_watermark=min(16, max_connections),
             high_watermark=max_connections,
             # node.conn_guard closes an unfinished upgrade at handshake_timeout_s; this is a backstop.

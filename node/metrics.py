@@ -98,10 +98,10 @@ def _inbound_connections(node: Node) -> list[Metric]:
         return []
     refused = CounterMetricFamily(
         "clawnode_inbound_refused",
-        "inbound connections closed before their handshake: per_ip / total pending limit, gate",
+        "inbound connections closed before their handshake: per_ip / total pending limit, gate, inbound_full",
         labels=["reason"],
     )
-    for reason in ("per_ip", "total", "gate"):
+    for reason in ("per_ip", "total", "gate", "inbound_full"):
         refused.add_metric([reason], guard.refused[reason])
     timed_out = CounterMetricFamily(
         "clawnode_inbound_handshake_timeouts", "inbound connections closed unfinished at node.handshake_timeout_s"

@@ -127,6 +127,22 @@ async def test_peers_that_come_and_go_do_not_use_up_inbound_slots() -> None:
                 while server.get_network().get_connections():
                     await trio.sleep(0.05)
 
+        # The two inbound slots count open upgraded connections: a third peer waits for one to close.
+        first, second, third, fourth = (build_host(generate_new_ed25519_identity()) for _ in range(4))
+        async with first.run([LOOPBACK]), second.run([LOOPBACK]), third.run([LOOPBACK]), fourth.run([LOOPBACK]):
+            with trio.fail_after(5):
+                await _ping(first, server)
+                await _ping(second, server)
+            with pytest.raises(Exception), trio.fail_after(5):  # noqa: B017 - refused however py-libp2p says it
+                await _ping(third, server)
+            guard = guard_of(server.get_network())
+            assert guard is not None and guard.refused["inbound_full"] >= 1 and guard.inbound == 2
+            await first.disconnect(server.get_id())
+            with trio.fail_after(5):
+                while guard.inbound > 1:
+                    await trio.sleep(0.05)
+                await _ping(fourth, server)  # (the third remembers its failed dial for a while)
+
 
 @pytest.mark.parametrize(
     ("address", "key"),
