@@ -422,9 +422,10 @@ def check_receipt_claim(
 
 # The most completion tokens a call without ``max_tokens`` may produce (the engine's own default).
 DEFAULT_COMPLETION_CAP = 256
-# Template tokens a chat prompt may add around its text (role markers, BOS), and per string.
-PROMPT_OVERHEAD_UNITS = 16
-PER_STRING_OVERHEAD_UNITS = 4
+# Tokens a chat template may add around the text (BOS, role markers, a default system prompt of a
+# few dozen tokens, an end-of-generation token the engine counts but never streams), and per string.
+PROMPT_OVERHEAD_UNITS = 64
+PER_STRING_OVERHEAD_UNITS = 8
 UNLIMITED_UNITS = 2**62
 END_FRAME_INFLATED = "the end frame claims more units than were delivered"
 
