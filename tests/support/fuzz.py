@@ -771,7 +771,18 @@ async def fuzz_market(
         target = provider.host.get_id()
         # A lease the consumer holds, so some inputs name a real lease (and come from its party).
         held = await consumer.market.open_lease(str(target), WORDS, budget=WORD_PRICE * 20, duration_s=300)
-        await provider.announcements.subscribe(WORDS)  # a seller's subscription: the topic validator
+        await provider.tasks.watch(WORDS)  # a seller's subscription: the topic validator, tasks into the book
+        # Real tasks, so some inputs name one: the provider's own (strangers bid on it, the
+        # consumer arbitrates it) and the consumer's (the provider may bid; the consumer awards
+        # and reviews it with envelopes it really signs, the provider arbitrates it).
+        wallet = "0x" + "ab" * 20
+        own = await provider.tasks.publish(
+            WORDS, 10**15, 3600, arbiter_peer=str(consumer.host.get_id()), arbiter_wallet=wallet
+        )
+        theirs = await consumer.tasks.publish(WORDS, 10**15, 3600, arbiter_peer=str(target), arbiter_wallet=wallet)
+        with trio.move_on_after(10):
+            while not any(task.task_id == theirs.task_id for task in provider.tasks.tasks()):
+                await trio.sleep(0.05)
 
         attacker_key = generate_new_ed25519_identity()
         attacker = build_host(attacker_key)
@@ -779,7 +790,7 @@ async def fuzz_market(
         known = Known(
             peer_ids=(str(target), str(consumer.host.get_id()), str(attacker.get_id())),
             lease_ids=(held.lease_id,),
-            task_ids=("task-1",),
+            task_ids=(own.task_id, theirs.task_id, "task-1"),
             now=int(time.time()),
             signer=consumer.market.key,
         )
