@@ -19,9 +19,12 @@ and keeps count of what happened:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -44,6 +47,79 @@ Outcome = Literal["direct", "failed"]
 ConnectionPath = Literal["direct", "relayed"]
 
 
+PunchSource = tuple[str, int]
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_wildcard(ip: str) -> bool:
+    return ip in ("0.0.0.0", "::")
+
+
+def _family_of(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
+def punch_source(target_ip: str, route_ip: str | None, listeners: Sequence[PunchSource]) -> PunchSource | None:
+    """The (ip, port) a hole-punch dial to ``target_ip`` must leave from, or None (an ephemeral source).
+
+    The NAT maps the listen port as seen from the interface that routes to the peer: that is the
+    source whose external mapping ``router ip:listen port`` we advertised. ``route_ip`` is the local
+    address of the route to ``target_ip`` (``route_source_ip``); ``listeners`` the bound TCP listen
+    sockets (``0.0.0.0``/``::`` when listening on every interface). Never loopback for a peer that is
+    not on loopback (py-libp2p took the first advertised address, 127.0.0.1 with ``0.0.0.0``, and
+    every dial failed at once); never an address no listener covers (the bind would fail).
+    """
+    if route_ip is None or _family_of(route_ip) != _family_of(target_ip):
+        return None
+    if _is_loopback(route_ip) and not _is_loopback(target_ip):
+        return None
+    for ip, port in listeners:
+        if ip == route_ip and port:
+            return (route_ip, port)
+    for ip, port in listeners:
+        if _is_wildcard(ip) and _family_of(ip) == _family_of(route_ip) and port:
+            return (route_ip, port)
+    return None
+
+
+def route_source_ip(target_ip: str) -> str | None:
+    """The local address the kernel picks to reach ``target_ip`` (a UDP ``connect``: one routing
+    lookup, no packet sent, does not block)."""
+    family = socket.AF_INET6 if _family_of(target_ip) == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((target_ip, 9))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None
+
+
+def _tcp_target(addr: Multiaddr) -> tuple[str, int] | None:
+    parts = str(addr).split("/")
+    if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+        return None
+    try:
+        return parts[2], int(parts[4])
+    except ValueError:
+        return None
+
+
+def tcp_listeners(host: IHost) -> list[PunchSource]:
+    """The host's bound TCP listen sockets as (ip, port): the real port when it listened on port 0."""
+    found: list[PunchSource] = []
+    for addr in host.get_transport_addrs():
+        target = _tcp_target(addr)
+        if target is not None and "/p2p-circuit" not in str(addr):
+            found.append(target)
+    return found
+
+
 class _OneSidedDCUtR(DCUtRProtocol):
     """py-libp2p's DCUtR without its periodic trigger (see the module docstring) and without its
     plain direct dial first: we punch only peers whose record says they are private, where that
@@ -54,6 +130,25 @@ class _OneSidedDCUtR(DCUtRProtocol):
 
     async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
         return False
+
+    async def _dial_peer(
+        self, peer_id: ID, addr: Multiaddr, source: PunchSource | None = None, as_responder: bool = False
+    ) -> None:
+        """py-libp2p binds every punch dial to the first advertised address (127.0.0.1 when listening
+        on 0.0.0.0, or a UPnP mapping's router address, which cannot be bound): bind the listen port on
+        the interface that routes to ``addr`` instead (``punch_source``)."""
+        if source is not None:
+            target = _tcp_target(addr)
+            if target is None:
+                source = None
+            else:
+                source = punch_source(target[0], route_source_ip(target[0]), tcp_listeners(self.host))
+                log.debug(
+                    "hole-punch dial to %s binds %s",
+                    addr,
+                    f"{source[0]}:{source[1]}" if source else "an ephemeral port",
+                )
+        await super()._dial_peer(peer_id, addr, source, as_responder)
 
     async def _perform_hole_punch(self, peer_id: ID, addrs: list[Multiaddr], as_responder: bool = False) -> bool:
         """As the initiator, py-libp2p dials from the listen port and takes the *responder* role in

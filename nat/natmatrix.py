@@ -65,6 +65,7 @@ Verdict = Literal["public", "private", "unknown"]
 Mapping = Literal["none", "upnp", "port-forward"]
 Path_ = Literal["direct", "hole-punch", "relay", "none"]
 Transport = Literal["tcp", "quic"]
+Listen = Literal["any", "lan"]  # home nodes listen on 0.0.0.0 (the shipped default) or on their LAN IP
 MAX_CASES = 25
 
 _RESTRICTIVE = {NatType.PORT_RESTRICTED, NatType.SYMMETRIC}
@@ -87,12 +88,14 @@ class Case(BaseModel):
     nat_b: NatType
     mapping_b: Mapping = "none"
     transport: Transport = "tcp"  # quic: the home nodes (and the servers) listen on QUIC too
+    listen: Listen = "any"  # any: node.listen's default 0.0.0.0; lan: the host's LAN IP
 
     @property
     def label(self) -> str:
         suffix = "" if self.mapping_b == "none" else f" +{self.mapping_b}"
         quic = " /quic" if self.transport == "quic" else ""
-        return f"{self.nat_a.value} x {self.nat_b.value}{suffix}{quic}"
+        lan = " @lan" if self.listen == "lan" else ""
+        return f"{self.nat_a.value} x {self.nat_b.value}{suffix}{quic}{lan}"
 
     def expected_path(self) -> Path_:
         if self.mapping_b != "none":
@@ -101,7 +104,11 @@ class Case(BaseModel):
 
 
 def parse_case(text: str) -> Case:
-    """``"full-cone:symmetric"``, ``"port-restricted:port-restricted+upnp"``, ``"…/quic"`` -> a ``Case``."""
+    """``"full-cone:symmetric"``, ``"port-restricted:port-restricted+upnp"``, ``"…/quic"``, ``"…@lan"``
+    (home nodes listen on their LAN IP instead of 0.0.0.0) -> a ``Case``."""
+    text, at, listen = text.partition("@")
+    if at and listen != "lan":
+        raise ValueError(f"bad case {text!r}: only @lan may follow a case")
     text, slash, transport = text.partition("/")
     body, _, mapping = text.partition("+")
     nat_a, sep, nat_b = body.partition(":")
@@ -112,6 +119,7 @@ def parse_case(text: str) -> Case:
         nat_b=NatType(nat_b),
         mapping_b=mapping or "none",  # type: ignore[arg-type]
         transport=transport or "tcp",  # type: ignore[arg-type]
+        listen="lan" if at else "any",
     )
 
 
@@ -334,7 +342,10 @@ def start_daemon(
     bootstrap: Sequence[str] = (),
     env: dict[str, str] | None = None,
     quic: bool = False,
+    listen_ip: str | None = None,
 ) -> Daemon:
+    """``listen_ip``: what the daemon listens on (default the host's own IP; home nodes: 0.0.0.0)."""
+    listen = listen_ip or host.ip
     data_dir = ensure_data_dir(root / name)
     log_path = root / f"{name}.log"
     environment = {
@@ -353,14 +364,14 @@ def start_daemon(
         "--data-dir",
         str(data_dir),
         "--listen",
-        f"/ip4/{host.ip}/tcp/{LISTEN_PORT}",
+        f"/ip4/{listen}/tcp/{LISTEN_PORT}",
         "--api-port",
         "0",
         "--role",
         role,
     ]
     if quic:  # beside TCP: AutoNAT dials back TCP only; py-libp2p dials QUIC first where both exist
-        argv += ["--listen", f"/ip4/{host.ip}/udp/{LISTEN_PORT}/quic-v1"]
+        argv += ["--listen", f"/ip4/{listen}/udp/{LISTEN_PORT}/quic-v1"]
     for addr in bootstrap:
         argv += ["--bootstrap", addr]
     with log_path.open("wb") as log:
@@ -537,7 +548,15 @@ def _check_server_dials(batch: list[Result], servers: _Servers) -> None:
 
 
 def _start_home(
-    topo: Topology, host: Host, root: Path, name: str, boot: list[str], *, serves: bool, quic: bool = False
+    topo: Topology,
+    host: Host,
+    root: Path,
+    name: str,
+    boot: list[str],
+    *,
+    serves: bool,
+    quic: bool = False,
+    listen: Listen = "any",
 ) -> Daemon:
     if serves:
         data_dir = ensure_data_dir(root / name)
@@ -545,7 +564,10 @@ def _start_home(
     # Re-checked every 10 s rather than 300 s: a first check before three servers are connected
     # is retried after min(30 s, interval), which would dominate a case's time.
     env = {"CLAWNODE_NAT_AUTONAT_INTERVAL_S": "10"}
-    return start_daemon(topo, host, name=name, root=root, role="node", bootstrap=boot, env=env, quic=quic)
+    listen_ip = "0.0.0.0" if listen == "any" else host.ip
+    return start_daemon(
+        topo, host, name=name, root=root, role="node", bootstrap=boot, env=env, quic=quic, listen_ip=listen_ip
+    )
 
 
 def _published_reachable(daemon: Daemon) -> bool:
@@ -594,8 +616,8 @@ def _run_case(
     )
     tag = f"{index}-{rep}"
     quic = case.transport == "quic"
-    b = _start_home(topo, host_b, root, f"home-b-{tag}", servers.boot, serves=True, quic=quic)
-    a = _start_home(topo, host_a, root, f"home-a-{tag}", servers.boot, serves=False, quic=quic)
+    b = _start_home(topo, host_b, root, f"home-b-{tag}", servers.boot, serves=True, quic=quic, listen=case.listen)
+    a = _start_home(topo, host_a, root, f"home-a-{tag}", servers.boot, serves=False, quic=quic, listen=case.listen)
     watched = [*servers.every, a, b]
     try:
         wait_for("both verdicts", lambda: a.verdict()[0] != "unknown" and b.verdict()[0] != "unknown", timeout, watched)
