@@ -158,7 +158,7 @@ async def test_lease_control_rides_the_relay_within_limits_and_inference_moves_t
         assert punch.counts["direct"] == 1
         assert consumer.holepunch.path_to(provider_id) == "direct"
         before_big = await _relayed_bytes(relays)
-        big = await consumer.market.call(lease.lease_id, {"prompt": BIG_PROMPT})
+        big = await consumer.market.call(lease.lease_id, {"prompt": BIG_PROMPT, "max_tokens": 3000})
         assert big.units == 3000 and big.chunks[-1]["text"] == "token02999"
         after_big = await _relayed_bytes(relays)
         print(f"relay bytes during the {3000}-word call on the punched path: {after_big - before_big}")
