@@ -186,7 +186,13 @@ class EscrowSection(_Section):
     contract: str = Field(
         "", pattern=r"^(0x[0-9a-fA-F]{40})?$", description="address of the deployed escrow contract, for mode rpc"
     )
-    rpc_timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="timeout of one JSON-RPC request, seconds")
+    rpc_timeout_s: float = Field(5.0, gt=0.0, le=300.0, description="timeout of one JSON-RPC request, seconds")
+    rpc_retries: int = Field(1, ge=0, le=10, description="retries of a JSON-RPC request that timed out or failed")
+    chain_id: int = Field(0, ge=0, description="the chain id the escrow must be on; 0 accepts the chain's own")
+    health_interval_s: float = Field(
+        5.0, ge=0.1, le=3600.0, description="how often the chain's block number (and, after a reset, code) is read"
+    )
+    health_timeout_s: float = Field(2.0, gt=0.0, le=60.0, description="timeout of one health probe, seconds")
     settle_interval_s: float = Field(
         5.0, ge=0.1, le=3600.0, description="how often the settlement queue retries pending settlements, seconds"
     )

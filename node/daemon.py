@@ -151,6 +151,8 @@ class Node:
         self.offer_book = OfferBook(data_dir / OFFER_BOOK_FILE)
         self._ledger: Ledger | None = None
         self.escrow_status = EscrowStatus(mode=config.escrow.mode, state="off")
+        # "no_escrow_contract" / "wrong_chain" while the configured address holds no escrow (metrics, alert).
+        self.escrow_problem: str | None = None
         self.settlement_queue: Any = None  # a runtime.settlement.SettlementQueue once the chain is there
         self._arbiter = ""
         self.dht_lookup_s = LatencyHistogram()
@@ -506,9 +508,12 @@ class Node:
                 break
             except ClawnodeError as error:  # EscrowError: a stable reason, never the URL
                 self.escrow_status = EscrowStatus(mode=self.config.escrow.mode, state="unavailable")
+                reason = getattr(error, "reason", None)
+                self.escrow_problem = reason if reason in ("no_escrow_contract", "wrong_chain") else None
                 log.warning("escrow chain unavailable (%s); retrying in %.0f s", error.message, delay)
             await trio.sleep(delay)
             delay = min(ESCROW_RETRY_MAX_S, delay * 2)
+        self.escrow_problem = None
         from runtime.settlement import EscrowSettler, SettlementQueue
 
         self._arbiter = self.config.escrow.arbiter or await trio.to_thread.run_sync(self._default_arbiter, client)
@@ -524,7 +529,24 @@ class Node:
         self.settlement_queue = SettlementQueue(
             self.ledger, client.chain, EscrowSettler(client), interval_s=self.config.escrow.settle_interval_s
         )
-        await self.settlement_queue.run()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(client.watch, interval_s=self.config.escrow.health_interval_s, on_change=self._on_chain_health)
+            )
+            await self.settlement_queue.run()
+
+    def _on_chain_health(self, health: Any) -> None:
+        """The health watch's verdict changed (a runtime.escrow.health.ChainHealth)."""
+        connected = health.state == "ok"
+        self.escrow_status = self.escrow_status.model_copy(
+            update={"state": "connected" if connected else "unavailable"}
+        )
+        self.escrow_problem = health.state if health.state in ("no_escrow_contract", "wrong_chain") else None
+        if connected:
+            log.info("escrow chain answers again")
+            self._wake_settlement()
+        else:
+            log.warning("escrow chain: %s", health.message)
 
     def _wake_settlement(self) -> None:
         if self.settlement_queue is not None:
@@ -563,6 +585,9 @@ class Node:
             rpc_url=section.rpc_url or None,
             contract=section.contract or None,
             rpc_timeout_s=section.rpc_timeout_s,
+            rpc_retries=section.rpc_retries,
+            health_timeout_s=section.health_timeout_s,
+            chain_id=section.chain_id or None,
         )
         return connect_escrow(settings, Account.from_key(wallet_key))
 

@@ -261,6 +261,10 @@ async def render_metrics(node: Node) -> bytes:
         1 if node.escrow_status.state == "connected" else 0
     )
     families.append(_escrow_disconnected(node))
+    gauge(
+        "clawnode_escrow_contract_invalid",
+        "1 while escrow.contract holds no escrow contract on the chain (or the chain is not escrow.chain_id)",
+    ).set(1 if node.escrow_problem else 0)
     counts = await node.ledger.counts()
     gauge("clawnode_ledger_receipts", "usage receipts in the ledger").set(counts["receipts"])
     by_day = await node.ledger.totals_by_day()

@@ -1,4 +1,4 @@
-"""The escrow contract's committed build: ABI and bytecode in ``Escrow.json`` beside ``Escrow.vy``.
+"""The escrow contract's committed build: ABI, bytecode and runtime bytecode in ``Escrow.json`` beside ``Escrow.vy``.
 
 The daemon loads the committed JSON (no compiler at run time); ``python -m runtime.escrow.artifacts``
 rewrites it from the source, and ``tests/runtime/test_escrow_artifacts.py`` fails when the two differ.
@@ -28,6 +28,14 @@ class Artifact(BaseModel):
     source_sha256: str
     abi: list[dict[str, Any]]
     bytecode: str
+    bytecode_runtime: str
+
+    @property
+    def runtime_code_hash(self) -> bytes:
+        """keccak256 of the code a deployed escrow holds (Escrow.vy has no immutables: it is exact)."""
+        from eth_utils import keccak
+
+        return bytes(keccak(hexstr=self.bytecode_runtime))
 
 
 def compile_source() -> Artifact:
@@ -38,13 +46,14 @@ def compile_source() -> Artifact:
     if vyper.__version__ != VYPER_VERSION:
         raise RuntimeError(f"vyper {VYPER_VERSION} is required to build the escrow, found {vyper.__version__}")
     source = SOURCE_PATH.read_text()
-    out = compile_code(source, output_formats=["abi", "bytecode"])
+    out = compile_code(source, output_formats=["abi", "bytecode", "bytecode_runtime"])
     return Artifact(
         contract="Escrow",
         vyper_version=VYPER_VERSION,
         source_sha256=hashlib.sha256(source.encode()).hexdigest(),
         abi=out["abi"],
         bytecode=out["bytecode"],
+        bytecode_runtime=out["bytecode_runtime"],
     )
 
 

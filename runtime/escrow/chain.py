@@ -4,12 +4,19 @@ web3.py's synchronous API is used from worker threads only: its calls block, Asy
 run under trio, and the in-process chain is not thread-safe. So every use of ``w3`` holds
 ``Chain.lock`` (any thread, synchronous callers such as benchmarks) and async callers go through
 ``Chain.run``, which queues them one at a time on a worker thread (a trio limiter of one).
+
+Two things never wait in that line: functions marked ``@local`` (they need no RPC, e.g. signing a
+voucher) run on their own worker thread without the lock, and the health probe (``Chain.probe``)
+talks to a JSON-RPC chain through its own connection with a short timeout and no retry. While the
+last probe found the chain unreachable, ``Chain.run`` refuses at once with ``chain_unavailable``
+instead of queueing behind calls that wait out their timeouts.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -19,9 +26,24 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from runtime.errors import ClawnodeError
-from runtime.escrow.errors import is_chain_error, normalise
+from runtime.escrow.errors import EscrowError, is_chain_error, normalise
+from runtime.escrow.health import ChainHealth
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_LOCAL_MARK = "__clawnode_chain_local__"
+
+
+def local(fn: F) -> F:
+    """Mark ``fn`` as needing no RPC (pure local crypto): ``Chain.run`` never queues it behind chain I/O."""
+    setattr(fn, _LOCAL_MARK, True)
+    return fn
+
+
+def is_local(fn: Callable[..., Any]) -> bool:
+    return bool(getattr(fn, _LOCAL_MARK, False))
+
 
 ChainMode = Literal["embedded", "rpc"]
 
@@ -34,12 +56,16 @@ LOCAL_DEV_ACCOUNTS = 10
 class Chain:
     """A connected chain; ``chain_id`` is read from it, never assumed."""
 
-    def __init__(self, w3: Web3, mode: ChainMode, *, tester: Any = None) -> None:
+    def __init__(self, w3: Web3, mode: ChainMode, *, tester: Any = None, probe_w3: Web3 | None = None) -> None:
         self.w3 = w3
         self.mode = mode
         self.lock = threading.RLock()
         self._tester = tester
         self._limiter: trio.CapacityLimiter | None = None
+        # A second connection for the health probe (JSON-RPC only): it never waits for the lock.
+        self._probe_w3 = probe_w3
+        self.health = ChainHealth("ok", "connected", time.monotonic())
+        self.watched = False  # True while a health watch keeps ``health`` current
         with self.lock:
             try:
                 self.chain_id: int = int(w3.eth.chain_id)
@@ -56,10 +82,20 @@ class Chain:
         return cls(Web3(EthereumTesterProvider(tester)), "embedded", tester=tester)
 
     @classmethod
-    def rpc(cls, url: str, *, timeout_s: float = 10.0) -> Chain:
+    def rpc(cls, url: str, *, timeout_s: float = 10.0, retries: int = 1, probe_timeout_s: float = 2.0) -> Chain:
+        """A JSON-RPC chain: each request waits ``timeout_s`` and is retried ``retries`` times (reads
+        and sends alike: a resent raw transaction is the same transaction), so a chain that stopped
+        answering fails a call within about ``(retries + 1) * timeout_s``, not web3's default five tries."""
+        import requests
         from web3 import HTTPProvider
+        from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
-        return cls(Web3(HTTPProvider(url, request_kwargs={"timeout": timeout_s})), "rpc")
+        # web3's own choice of errors to retry (a refused connection, an HTTP error, a timeout).
+        errors = (ConnectionError, requests.HTTPError, requests.Timeout)
+        retry = ExceptionRetryConfiguration(errors=errors, retries=retries + 1, backoff_factor=0.1)
+        provider = HTTPProvider(url, request_kwargs={"timeout": timeout_s}, exception_retry_configuration=retry)
+        probe = HTTPProvider(url, request_kwargs={"timeout": probe_timeout_s}, exception_retry_configuration=None)
+        return cls(Web3(provider), "rpc", probe_w3=Web3(probe))
 
     def dev_accounts(self) -> list[LocalAccount]:
         """Funded accounts of a development chain (the in-process one, or anvil/hardhat defaults)."""
@@ -88,11 +124,29 @@ class Chain:
         """Run ``fn(*args, **kwargs)`` on a worker thread, one call at a time per chain.
 
         Not abandoned on cancellation: a transaction that was handed to the chain is seen through,
-        so the caller learns its outcome.
+        so the caller learns its outcome. A ``@local`` function runs on its own thread at once; any
+        other call is refused with ``chain_unavailable`` while the health watch finds the chain
+        unreachable.
         """
+        if is_local(fn):
+            return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+        if self.watched and self.health.state == "unreachable":
+            raise EscrowError("chain_unavailable")
         if self._limiter is None:
             self._limiter = trio.CapacityLimiter(1)
         return await trio.to_thread.run_sync(functools.partial(self.sync, fn, *args, **kwargs), limiter=self._limiter)
+
+    def probe(self, fn: Callable[[Web3], T]) -> T:
+        """Blocking: ``fn(w3)`` on the probe connection (JSON-RPC: own socket, short timeout, no retry).
+
+        The in-process chain has no second connection; its probe takes the lock (its calls are short).
+        """
+        if self._probe_w3 is not None:
+            try:
+                return fn(self._probe_w3)
+            except Exception as error:  # noqa: BLE001 - normalised to a stable code
+                raise normalise(error) from None
+        return self.sync(fn, self.w3)
 
     # -- development-chain helpers (tests, demo, benchmarks) --
 

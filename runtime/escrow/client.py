@@ -9,10 +9,12 @@ in wei; escrow ids are 32 bytes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import trio
 from eth_abi import encode as abi_encode
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
@@ -20,8 +22,9 @@ from eth_utils import keccak, to_checksum_address
 from web3.contract import Contract
 
 from runtime.escrow import artifacts
-from runtime.escrow.chain import Chain
+from runtime.escrow.chain import Chain, local
 from runtime.escrow.errors import EscrowError, normalise
+from runtime.escrow.health import ChainHealth, ContractVerdict, judge_contract, next_health
 
 # Gas limits per call: the measured cost (bench/ledger.py prints it) with headroom. Explicit so
 # nothing depends on a chain's estimator.
@@ -132,10 +135,13 @@ class NonceManager:
 class EscrowClient:
     """One wallet's view of one deployed escrow contract."""
 
-    def __init__(self, chain: Chain, account: LocalAccount, address: str) -> None:
+    def __init__(
+        self, chain: Chain, account: LocalAccount, address: str, *, expected_chain_id: int | None = None
+    ) -> None:
         self.chain = chain
         self.account = account
         self.address = to_checksum_address(address)
+        self.expected_chain_id = expected_chain_id
         self.contract: Contract = chain.w3.eth.contract(address=self.address, abi=artifacts.load().abi)
         self._nonces = NonceManager(chain, account.address)
 
@@ -144,7 +150,7 @@ class EscrowClient:
         artifact = artifacts.load()
         factory = chain.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
         client = cls.__new__(cls)
-        client.chain, client.account = chain, account
+        client.chain, client.account, client.expected_chain_id = chain, account, None
         client._nonces = NonceManager(chain, account.address)
         with chain.lock:
             receipt = client._send(factory.constructor(), "deploy", 0, None)
@@ -153,7 +159,62 @@ class EscrowClient:
 
     def for_account(self, account: LocalAccount) -> EscrowClient:
         """The same contract seen from another wallet (tests, demo)."""
-        return EscrowClient(self.chain, account, self.address)
+        return EscrowClient(self.chain, account, self.address, expected_chain_id=self.expected_chain_id)
+
+    # -- is the escrow there? --
+
+    def judge(self, w3: Any) -> ContractVerdict:
+        """Blocking: whether ``self.address`` holds the escrow's runtime code on the expected chain, read via ``w3``."""
+        chain_id = int(w3.eth.chain_id)
+        code = bytes(w3.eth.get_code(self.address))
+        return judge_contract(
+            chain_id=chain_id,
+            expected_chain_id=self.expected_chain_id,
+            address=self.address,
+            code_hash=bytes(keccak(code)),
+            escrow_code_hash=artifacts.load().runtime_code_hash,
+        )
+
+    def verify_contract(self) -> None:
+        """Blocking: raise ``EscrowError`` (E_UNAVAILABLE, ``no_escrow_contract`` or ``wrong_chain``) unless
+        the configured address holds the escrow on the expected chain. Nothing is sent."""
+        with self.chain.lock:
+            try:
+                verdict = self.judge(self.chain.w3)
+            except Exception as error:  # noqa: BLE001 - normalised to a stable code
+                raise normalise(error) from None
+        if not verdict.ok:
+            raise EscrowError(verdict.kind, verdict.message)
+
+    def probe_health(self, previous: ChainHealth) -> ChainHealth:
+        """Blocking: one health probe (block number, then the contract's code when the chain looks reset
+        or was not ``ok``) on the chain's probe connection, folded into ``previous``."""
+        now = time.monotonic()
+        try:
+            block = self.chain.probe(lambda w3: int(w3.eth.block_number))
+            verdict = None
+            if not previous.ok or previous.block_number is None or block < previous.block_number:
+                verdict = self.chain.probe(self.judge)
+        except EscrowError:
+            return next_health(previous, now=now, answered=False)
+        return next_health(previous, now=now, answered=True, block_number=block, verdict=verdict)
+
+    async def watch(self, *, interval_s: float, on_change: Callable[[ChainHealth], None] | None = None) -> None:
+        """Probe the chain every ``interval_s`` forever, keeping ``chain.health`` current (runs in a nursery)."""
+        self.chain.watched = True
+        try:
+            while True:
+                previous = self.chain.health
+                # The probe has its own short timeout; abandoning it on cancellation loses nothing.
+                health = await trio.to_thread.run_sync(  # type: ignore[call-arg]  # stale trio-stubs
+                    self.probe_health, previous, abandon_on_cancel=True
+                )
+                self.chain.health = health
+                if on_change is not None and (health.state, health.message) != (previous.state, previous.message):
+                    on_change(health)
+                await trio.sleep(interval_s)
+        finally:
+            self.chain.watched = False
 
     # -- reads --
 
@@ -192,6 +253,7 @@ class EscrowClient:
 
     # -- vouchers --
 
+    @local
     def sign_voucher(self, escrow_id: bytes, cumulative: int) -> bytes:
         """As the payer: let the payee claim up to ``cumulative`` wei in total."""
         digest = voucher_digest(self.chain.chain_id, self.address, self.account.address, escrow_id, cumulative)
@@ -213,7 +275,11 @@ class EscrowClient:
         call = self.contract.functions.lock(
             escrow_id, to_checksum_address(payee), to_checksum_address(arbiter), deadline, window
         )
-        return self._transact(call, "lock", amount, on_signed)
+        with self.chain.lock:
+            # Value goes out only to the escrow's code, checked now: an address with none (a typo, a
+            # reset dev chain, another network) would take the budget as a plain transfer.
+            self.verify_contract()
+            return self._transact(call, "lock", amount, on_signed)
 
     def release(self, escrow_id: bytes, cumulative: int, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
         """As the payer: raise the payee's total to ``cumulative``."""

@@ -35,6 +35,8 @@ REASON_CODES: dict[str, ErrorCode] = {
     # Not contract reasons: what the client itself concludes.
     "insufficient_funds": ErrorCode.INSUFFICIENT_FUNDS,
     "chain_unavailable": ErrorCode.UNAVAILABLE,
+    "no_escrow_contract": ErrorCode.UNAVAILABLE,
+    "wrong_chain": ErrorCode.UNAVAILABLE,
     "receipt_timeout": ErrorCode.TIMEOUT,
     "reverted": ErrorCode.INTERNAL,
     "rejected": ErrorCode.INTERNAL,
@@ -58,6 +60,8 @@ MESSAGES: dict[str, str] = {
     "nothing_to_withdraw": "nothing is credited to this address",
     "insufficient_funds": "the wallet cannot pay for value and gas",
     "chain_unavailable": "the chain is unreachable",
+    "no_escrow_contract": "escrow.contract holds no escrow contract on this chain",
+    "wrong_chain": "the escrow RPC serves another chain than escrow.chain_id",
     "receipt_timeout": "the transaction was not mined in time",
     "reverted": "the transaction reverted",
     "rejected": "the chain refused the transaction",
@@ -105,8 +109,10 @@ def is_chain_error(error: BaseException) -> bool:
 class EscrowError(ClawnodeError):
     """A failed escrow operation: ``reason`` is the contract's (or client's) stable reason."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(REASON_CODES.get(reason, ErrorCode.INTERNAL), MESSAGES.get(reason, "escrow operation failed"))
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(
+            REASON_CODES.get(reason, ErrorCode.INTERNAL), message or MESSAGES.get(reason, "escrow operation failed")
+        )
         self.reason = reason
 
     @property

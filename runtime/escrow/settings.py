@@ -27,7 +27,10 @@ class EscrowSettings(BaseModel):
     mode: EscrowMode = Field("embedded", description="embedded | rpc | off")
     rpc_url: str | None = Field(None, description="JSON-RPC URL when mode = rpc (never logged or shown)")
     contract: str | None = Field(None, pattern=r"^0x[0-9a-fA-F]{40}$", description="escrow address when mode = rpc")
-    rpc_timeout_s: float = Field(10.0, gt=0, le=300)
+    rpc_timeout_s: float = Field(5.0, gt=0, le=300)
+    rpc_retries: int = Field(1, ge=0, le=10)
+    health_timeout_s: float = Field(2.0, gt=0, le=60)
+    chain_id: int | None = Field(None, ge=1, description="refuse a chain with another id (None: any)")
 
     @model_validator(mode="after")
     def _rpc_needs_url_and_contract(self) -> EscrowSettings:
@@ -60,7 +63,9 @@ def connect_escrow(settings: EscrowSettings, wallet: LocalAccount | None = None)
     """Blocking (run it in a worker thread): the node's escrow client, or None when escrow is off.
 
     ``wallet`` is the node's payout/payment key; the embedded chain uses its first dev account
-    when none is given. Raises ``EscrowError`` (``chain_unavailable``) when the RPC chain is down.
+    when none is given. Raises ``EscrowError`` (``chain_unavailable``) when the RPC chain is down, and
+    (``no_escrow_contract``, ``wrong_chain``) when ``contract`` does not hold the committed escrow's
+    runtime code on the chain (or the chain is not ``chain_id``).
     """
     if settings.mode == "off":
         return None
@@ -73,7 +78,14 @@ def connect_escrow(settings: EscrowSettings, wallet: LocalAccount | None = None)
         fund_from_dev_account(chain, wallet.address)
         return client.for_account(wallet)
     assert settings.rpc_url is not None and settings.contract is not None  # checked by the model
-    chain = Chain.rpc(settings.rpc_url, timeout_s=settings.rpc_timeout_s)
+    chain = Chain.rpc(
+        settings.rpc_url,
+        timeout_s=settings.rpc_timeout_s,
+        retries=settings.rpc_retries,
+        probe_timeout_s=settings.health_timeout_s,
+    )
     if wallet is None:
         raise ValueError("mode = rpc needs the node's wallet key")
-    return EscrowClient(chain, wallet, settings.contract)
+    client = EscrowClient(chain, wallet, settings.contract, expected_chain_id=settings.chain_id)
+    client.verify_contract()  # E_UNAVAILABLE no_escrow_contract / wrong_chain: never lock there
+    return client

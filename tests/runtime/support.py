@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -77,6 +78,13 @@ def anvil_daemon_env(url: str, contract: str, *, dispute_window_s: int) -> dict[
 @contextlib.contextmanager
 def anvil_process() -> Iterator[str]:
     """Run anvil on a free loopback port; yields its URL."""
+    with anvil_popen() as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def anvil_popen() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run anvil on a free loopback port; yields its URL and process (to SIGSTOP it: a frozen chain)."""
     binary = anvil_binary()
     assert binary is not None, ANVIL_INSTALL_HINT
     port = free_port()
@@ -93,8 +101,10 @@ def anvil_process() -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("anvil did not start")
             time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
         proc.kill()
         proc.wait()
 
