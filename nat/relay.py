@@ -10,6 +10,13 @@ Built on py-libp2p's ``libp2p.relay.circuit_v2``:
   ``relay.min_relays`` reservations while the node is private, renews each once
   ``relay.renew_fraction`` of its TTL has passed, and builds the relayed addresses
   ``<relay addr>/p2p/<relay id>/p2p-circuit`` the capability record carries.
+- A reservation lives only as long as the connection to its relay (circuit v2 spec): when that
+  connection closes (a notifee sees it; the maintenance loop checks too) the reservation and its
+  circuit addresses are dropped at once (a connection that dies silently, e.g. a home router
+  forgetting its NAT mapping, is found by a ping every ``probe_interval_s``), another known relay
+  is reserved on, and the lost relay is re-dialled with capped exponential backoff (``retry_delay``:
+  1 s doubling to 60 s) and reserved on again as soon as it is connected. Failed renewals back off
+  the same way (they used to be retried every 0.05 s); failures are logged once a minute per relay.
 - A ``/p2p-circuit`` address is dialled only by ``CircuitV2Transport.dial()`` (``host.connect()``
   ignores it): ``connect_via_relay`` does that before a ``new_stream`` when the peer has no
   working direct address.
@@ -26,8 +33,10 @@ from typing import TYPE_CHECKING
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import PING_LENGTH
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
@@ -65,6 +74,8 @@ class RelaySettings:
     min_relays: int = 2
     renew_fraction: float = 0.5
     poll_interval_s: float = 5.0
+    probe_interval_s: float = 5.0  # each reserved-on relay is pinged this often over its connection
+    probe_timeout_s: float = 4.0  # unanswered this long: the connection is dead (a silent NAT, a hung relay)
 
 
 class RelayRefused(Exception):
@@ -88,9 +99,92 @@ class Reservation:
         return [f"{addr}/p2p-circuit" for addr in self.relay_addrs]
 
 
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
+LOG_EVERY_S = 60.0
+
+
+def retry_delay(failures: int, *, first_s: float = RETRY_FIRST_S, max_s: float = RETRY_MAX_S) -> float:
+    """Seconds to wait after ``failures`` consecutive failures with one relay: 1, 2, 4, ... 60."""
+    if failures <= 0:
+        return 0.0
+    return min(max_s, first_s * 2.0 ** min(failures - 1, 32))
+
+
+@dataclass
+class _Health:
+    """One relay's consecutive failures, when it may be tried again, and when we last logged about it."""
+
+    failures: int = 0
+    retry_at: float = 0.0
+    logged_at: float = float("-inf")
+    quiet: int = 0  # failures not logged since logged_at
+
+
 @dataclass
 class _Failures:
-    until: dict[str, float] = field(default_factory=dict)
+    health: dict[str, _Health] = field(default_factory=dict)
+
+    def get(self, key: str) -> _Health:
+        return self.health.setdefault(key, _Health())
+
+    def may_try(self, key: str, now: float) -> bool:
+        return self.get(key).retry_at <= now
+
+    def failed(self, key: str, now: float, what: str, error: object) -> None:
+        health = self.get(key)
+        health.failures += 1
+        health.retry_at = now + retry_delay(health.failures)
+        if now - health.logged_at >= LOG_EVERY_S:
+            more = f" ({health.quiet} more failures not logged)" if health.quiet else ""
+            log.info("%s %s failed: %s; next try in %.0f s%s", what, key, error, health.retry_at - now, more)
+            health.logged_at, health.quiet = now, 0
+        else:
+            health.quiet += 1
+            log.debug("%s %s failed: %s", what, key, error)
+
+    def succeeded(self, key: str) -> None:
+        health = self.health.get(key)
+        if health is not None:
+            health.failures, health.retry_at = 0, 0.0
+
+    def retry_now(self, key: str) -> None:
+        """The relay is connected again: try it at once, whatever its backoff said."""
+        health = self.health.get(key)
+        if health is not None:
+            health.retry_at = 0.0
+
+
+class _RelayWatch(INotifee):
+    """Tells the relay service when a peer connects or a relay's last connection closes."""
+
+    def __init__(self, service: RelayService) -> None:
+        self._service = weakref.ref(service)
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        service = self._service()
+        if service is not None:
+            service._peer_connected(str(conn.muxed_conn.peer_id))
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        service = self._service()
+        if service is None:
+            return
+        peer_id = conn.muxed_conn.peer_id
+        if not [c for c in network.get_connections(peer_id) if c is not conn]:
+            service._relay_lost(str(peer_id), "disconnected")
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
 
 
 def is_circuit(addr: multiaddr.Multiaddr | str) -> bool:
@@ -233,6 +327,8 @@ class RelayService:
         self.reservations: dict[str, Reservation] = {}
         self.dials: dict[str, int] = {"ok": 0, "failed": 0}  # circuits we dialed through a relay
         self._failures = _Failures()
+        self._lost: dict[str, None] = {}  # relays whose reservation went with their connection: re-dialled
+        self.lost_total = 0  # reservations dropped because their relay went away
         self._wake = trio.Event()
 
     # --- what others read -------------------------------------------------------------------
@@ -261,44 +357,131 @@ class RelayService:
     def wake(self) -> None:
         self._wake.set()
 
+    def _connected_to(self, key: str) -> bool:
+        try:
+            return bool(self.host.get_network().get_connections(ID.from_base58(key)))
+        except Exception:  # noqa: BLE001 - a malformed id is not connected
+            return False
+
+    def _relay_lost(self, key: str, why: str) -> None:
+        """The connection to a relay we hold a reservation on is gone: so is the reservation."""
+        if self.reservations.pop(key, None) is None:
+            return
+        self.lost_total += 1
+        self._lost[key] = None
+        log.info("relay %s lost (%s): reservation dropped", key, why)
+        self._on_change()
+        self.wake()
+
+    def _peer_connected(self, key: str) -> None:
+        """A relay we lost (or a configured one) is connected again: reserve on it now."""
+        if key in self._lost or key in self._static_ids():
+            self._failures.retry_now(key)
+            self.wake()
+
+    def _static_ids(self) -> list[str]:
+        ids = []
+        for text in self.settings.static_relays:
+            try:
+                ids.append(str(info_from_p2p_addr(multiaddr.Multiaddr(text)).peer_id))
+            except Exception:  # noqa: BLE001 - config validation checked the multiaddr
+                continue
+        return ids
+
     # --- running ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[RelayService] = trio.TASK_STATUS_IGNORED) -> None:
+        watch = _RelayWatch(self)
+        network = self.host.get_network()
         async with background_trio_service(self.protocol):
             await self.protocol.event_started.wait()
             _SERVICES[self.host] = self
+            network.register_notifee(watch)
             task_status.started(self)
             try:
-                while True:
-                    self._wake = trio.Event()
-                    if self._wants():
-                        await self._maintain()
-                    elif self.reservations:
-                        self.reservations.clear()  # public again: the relays' copies simply expire
-                        self._on_change()
-                    with trio.move_on_after(self._next_wake_in()):
-                        await self._wake.wait()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._probe_loop)
+                    await self._loop()
             finally:
                 _SERVICES.pop(self.host, None)
+                remove = getattr(network, "remove_notifee", None)
+                if remove is not None:
+                    remove(watch)
+
+    async def _probe_loop(self) -> None:
+        """Ping every relay we hold a reservation on; one that does not answer is gone."""
+        while True:
+            await trio.sleep(self.settings.probe_interval_s)
+            async with trio.open_nursery() as nursery:
+                for key in list(self.reservations):
+                    nursery.start_soon(self._probe, key)
+
+    async def _probe(self, key: str) -> None:
+        peer_id = ID.from_base58(key)
+        if not self._connected_to(key):
+            self._relay_lost(key, "not connected")
+            return
+        payload = b"\x00" * PING_LENGTH
+        try:
+            with trio.fail_after(self.settings.probe_timeout_s):
+                stream = await self.host.new_stream(peer_id, [PING_PROTOCOL])
+                try:
+                    await stream.write(payload)
+                    received = b""
+                    while len(received) < PING_LENGTH:
+                        chunk = await stream.read(PING_LENGTH - len(received))
+                        if not chunk:
+                            raise ConnectionError("ping stream closed")
+                        received += chunk
+                finally:
+                    with trio.move_on_after(1):
+                        await stream.close()
+        except Exception as error:  # noqa: BLE001 - any failure means the relay is not there for us
+            if key not in self.reservations:
+                return
+            self._relay_lost(key, f"ping failed: {type(error).__name__}")
+            with trio.move_on_after(2):
+                try:
+                    await self.host.disconnect(peer_id)  # the dead connection: a redial opens a fresh one
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake = trio.Event()
+            if self._wants():
+                await self._maintain()
+            elif self.reservations:
+                self.reservations.clear()  # public again: the relays' copies simply expire
+                self._on_change()
+            with trio.move_on_after(self._next_wake_in()):
+                await self._wake.wait()
 
     def _renew_at(self, res: Reservation) -> float:
         return res.reserved_at + (res.expires_at - res.reserved_at) * self.settings.renew_fraction
 
     def _next_wake_in(self) -> float:
+        """Until the next renewal or retry falls due (never before a relay's backoff allows it)."""
         delay = self.settings.poll_interval_s
+        now = time.time()
         if self._wants():
-            for res in self.reservations.values():
-                delay = min(delay, self._renew_at(res) - time.time())
+            for key, res in self.reservations.items():
+                due = max(self._renew_at(res), self._failures.get(key).retry_at)
+                delay = min(delay, due - now)
+            if len(self.reservations) < self.settings.min_relays:
+                for key in [*self._static_ids(), *self._lost]:
+                    if key not in self.reservations:
+                        delay = min(delay, self._failures.get(key).retry_at - now)
         return max(0.05, delay)
 
     def candidates(self) -> list[ID]:
-        """Relays to try: the configured ones first, then connected peers that announce the hop protocol."""
-        found: list[ID] = []
-        for text in self.settings.static_relays:
-            try:
-                found.append(info_from_p2p_addr(multiaddr.Multiaddr(text)).peer_id)
-            except Exception:  # noqa: BLE001 - config validation checked the multiaddr
-                continue
+        """Relays to try: the configured ones first, then relays we lost that are connected again, then
+        connected peers that announce the hop protocol."""
+        found: list[ID] = [ID.from_base58(key) for key in self._static_ids()]
+        for key in self._lost:
+            peer = ID.from_base58(key)
+            if peer not in found and self._connected_to(key):
+                found.append(peer)
         store = self.host.get_peerstore()
         for peer in self.host.get_connected_peers():
             try:
@@ -308,19 +491,37 @@ class RelayService:
                 continue
         return [peer for peer in found if peer != self.host.get_id()]
 
-    async def _connect_static(self) -> None:
+    async def _connect_relays(self) -> None:
+        """Dial the configured relays and the lost ones we are not connected to, each within its backoff."""
+        infos: dict[str, PeerInfo] = {}
         for text in self.settings.static_relays:
             info = info_from_p2p_addr(multiaddr.Multiaddr(text))
-            if info.peer_id == self.host.get_id() or self.host.get_network().get_connections(info.peer_id):
+            infos.setdefault(str(info.peer_id), info)
+        store = self.host.get_peerstore()
+        for key in self._lost:
+            if key not in infos:
+                peer_id = ID.from_base58(key)
+                try:
+                    addrs = [addr for addr in store.addrs(peer_id) if not is_circuit(addr)]
+                except Exception:  # noqa: BLE001 - its addresses expired from the peer store
+                    addrs = []
+                if addrs:
+                    infos[key] = PeerInfo(peer_id, addrs)
+        for key, info in infos.items():
+            if info.peer_id == self.host.get_id() or key in self.reservations or self._connected_to(key):
                 continue
-            if self._failures.until.get(str(info.peer_id), 0.0) > time.time():
+            if not self._failures.may_try(key, time.time()):
                 continue
+            # py-libp2p refuses every dial to a peer for 60 s after all its addresses failed (its
+            # negative cache): a relay back after 5 s would wait out the rest. Our backoff decides.
+            negative = getattr(self.host.get_network(), "_negative_peer_cache", None)
+            if negative is not None:
+                negative.evict(key)
             try:
                 with trio.fail_after(DIAL_TIMEOUT_S):
                     await self.host.connect(info)
-            except Exception as error:  # noqa: BLE001 - retried later
-                log.info("relay %s unreachable: %s", info.peer_id, type(error).__name__)
-                self._failures.until[str(info.peer_id)] = time.time() + 30.0
+            except Exception as error:  # noqa: BLE001 - retried after its backoff
+                self._failures.failed(key, time.time(), "dialing relay", type(error).__name__)
 
     async def _maintain(self) -> None:
         now = time.time()
@@ -329,31 +530,40 @@ class RelayService:
             if res.expires_at <= now:
                 del self.reservations[key]
                 changed = True
-        await self._connect_static()
-        # Renew what is due.
+            elif not self._connected_to(key):  # the notifee missed it (or it closed meanwhile)
+                self._relay_lost(key, "not connected")
+        await self._connect_relays()
+        # Renew what is due (and allowed by the relay's backoff).
         for key, res in list(self.reservations.items()):
-            if self._renew_at(res) <= now:
+            now = time.time()
+            if self._renew_at(res) <= now and self._failures.may_try(key, now):
                 try:
                     fresh = await reserve(self.host, ID.from_base58(key))
-                except Exception as error:  # noqa: BLE001 - kept until it expires, then replaced
-                    log.info("renewing the reservation on %s failed: %s", key, error)
+                except Exception as error:  # noqa: BLE001 - kept until it expires or its relay goes away
+                    self._failures.failed(key, time.time(), "renewing the reservation on", error)
+                    if not self._connected_to(key):
+                        self._relay_lost(key, "renewal failed")
                     continue
+                self._failures.succeeded(key)
                 fresh.renewals = res.renewals + 1
                 self.reservations[key] = fresh
                 changed = changed or fresh.relay_addrs != res.relay_addrs
-        # Top up to min_relays.
+        # Top up to min_relays: lost relays that are back, configured ones, connected hop peers.
         for relay in self.candidates():
             if len(self.reservations) >= self.settings.min_relays:
                 break
             key = str(relay)
-            if key in self.reservations or self._failures.until.get(key, 0.0) > now:
+            if key in self.reservations or not self._failures.may_try(key, time.time()):
                 continue
+            if key in self._lost and not self._connected_to(key):
+                continue  # _connect_relays re-dials it within its backoff
             try:
                 self.reservations[key] = await reserve(self.host, relay)
             except Exception as error:  # noqa: BLE001 - another relay is tried
-                log.info("reservation on %s failed: %s", key, error)
-                self._failures.until[key] = now + 30.0
+                self._failures.failed(key, time.time(), "reservation on", error)
                 continue
+            self._failures.succeeded(key)
+            self._lost.pop(key, None)
             log.info("reserved on relay %s until %d", key, self.reservations[key].expires_at)
             changed = True
         if changed:
