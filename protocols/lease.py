@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -53,13 +54,17 @@ from protocols.background import spawn_guarded
 from protocols.machines.lease import (
     BUDGET_BUSY_MESSAGE,
     END_FROZEN,
+    LEASE_SALT_BYTES,
     LeaseSession,
     LockFacts,
+    aborted_call_units,
     check_countersignature,
     check_end_frame,
     check_lock,
     check_receipt_claim,
     chunk_tokens,
+    lease_id_for,
+    receipt_tolerance,
 )
 from protocols.machines.lease import LeasePolicy as SessionPolicy
 from protocols.rpc import error_reply, parse_reply, request, serve_requests
@@ -67,7 +72,7 @@ from protocols.signed import open_base64, seal, to_base64
 from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger, SignedReceipt
-from runtime.service import ServiceRegistry
+from runtime.service import ServiceRegistry, Usage
 from runtime.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -99,6 +104,8 @@ ESCROW_IDLE_CHECK_S = 30.0
 RESERVE_WAIT_S = 2.0
 # The end frame's write and the metering after it are shielded from cancellation this long at most.
 END_WRITE_TIMEOUT_S = 3.0
+# A consumer leaving a call asks the provider to stop and reads on to its end frame this long at most.
+CANCEL_DRAIN_S = 1.0
 
 _REQUESTS: TypeAdapter[Any] = TypeAdapter(w.LeaseRequest)
 _QUOTE_REPLY = TypeAdapter(w.QuoteReply)
@@ -120,6 +127,7 @@ class _Ticket:
 
     served: ServedLease | None = None
     reserved: int = 0
+    streamed: int = 0  # tokens of the chunks written (``chunk_tokens``): what a cut call is billed
 
 
 @dataclass
@@ -152,6 +160,7 @@ class HeldLease:
     token: str
     escrow_id: bytes | None
     seen_units: int = 0
+    aborted_calls: int = 0  # calls left without the provider's end or error frame (in-flight tolerance)
     ended_reason: str | None = None
     last_countersigned_seq: int = 0
     committed: int = 0  # wei: the newest voucher we signed
@@ -412,6 +421,8 @@ class LeaseMarket:
             LockFacts(
                 lease_id=opening.lease_id,
                 escrow_id=lock.escrow_id,
+                consumer=ID.from_base58(remote).to_bytes(),
+                salt=None if opening.salt is None else bytes.fromhex(opening.salt),
                 lock_payer=lock.payer,
                 wallet=None if wallet is None else wallet.address,
                 wallet_bound=wallet is not None and wallet_binding_holds(wallet, remote),
@@ -467,7 +478,7 @@ class LeaseMarket:
                 counted = self.served.get(call.lease_id)
                 if counted is not None:
                     counted.in_flight += 1
-                end = await self._serve_call(call, remote, stream, ticket)
+                end = await self._serve_call(call, remote, stream, ticket, reader)
                 reply: BaseModel = end
             except Exception as error:  # noqa: BLE001 - every failure becomes an error frame
                 if not isinstance(error, ClawnodeError | ValidationError):
@@ -487,6 +498,12 @@ class LeaseMarket:
                     # Metered as the end frame leaves, not when (or whether) the consumer acknowledges
                     # it: the consumer counts the same units from that frame, so receipts stay honest.
                     await self._meter(call.lease_id, ticket, end.units)
+            if ticket.served is not None and ticket.streamed > 0:
+                # Cut before its end frame (the consumer reset or hung up, the engine failed after
+                # streaming): billed the chunks written, no prompt; the consumer counts what arrived.
+                with trio.move_on_after(END_WRITE_TIMEOUT_S) as metering:
+                    metering.shield = True
+                    await self._meter(call.lease_id, ticket, aborted_call_units(ticket.reserved, ticket.streamed))
             if counted is not None:  # counted: the lease may end now, whatever the ack does
                 counted.in_flight -= 1
                 counted = None
@@ -503,7 +520,9 @@ class LeaseMarket:
             with trio.move_on_after(1):
                 await stream.close()
 
-    async def _serve_call(self, call: w.CallRequest, remote: str, stream: INetStream, ticket: _Ticket) -> w.CallEnd:
+    async def _serve_call(
+        self, call: w.CallRequest, remote: str, stream: INetStream, ticket: _Ticket, reader: FrameReader
+    ) -> w.CallEnd:
         served = self.served.get(call.lease_id)
         if (
             served is None
@@ -547,14 +566,30 @@ class LeaseMarket:
                 first_chunk = False
                 self.serve_first_chunk_s.observe(time.monotonic() - started)
             chunk = w.Chunk(data=data).model_dump_json().encode()
-            with trio.fail_after(CALL_READ_TIMEOUT_S):
+            # A chunk is written whole or not at all (a cancel never cuts a frame), then counted.
+            with trio.CancelScope(shield=True), trio.fail_after(CALL_READ_TIMEOUT_S):
                 await write_frame(stream, chunk, max_frame=MAX_CALL_FRAME)
+            ticket.streamed += chunk_tokens(data)
 
-        usage = await service.run(body, emit)
+        outcome: Usage | Exception | None = None
+        async with trio.open_nursery() as nursery:
+            # The consumer's cancel frame, or its hanging up, stops the engine.
+            nursery.start_soon(_stop_on_cancel, reader, nursery.cancel_scope)
+            try:
+                outcome = await service.run(body, emit)
+            except Exception as error:  # noqa: BLE001 - re-raised below, outside the nursery
+                outcome = error
+            nursery.cancel_scope.cancel()
+        if isinstance(outcome, Exception):
+            raise outcome
         self.serve_duration_s.observe(time.monotonic() - started)
+        if outcome is None:
+            # Cancelled by the consumer: the end frame bills the chunks written, no prompt.
+            units = aborted_call_units(plan.reserve, ticket.streamed)
+            return w.CallEnd(units=units, usage={"completion_tokens": units}, served_by=self.peer_id)
         # An engine that counts more than the call reserved costs the provider, never the consumer.
-        units = served.session.billable(plan.reserve, max(0, usage.units))
-        return w.CallEnd(units=units, usage=usage.detail, served_by=self.peer_id)
+        units = served.session.billable(plan.reserve, max(0, outcome.units))
+        return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id)
 
     async def _meter(self, lease_id: str, ticket: _Ticket, units: int) -> None:
         served = ticket.served
@@ -813,7 +848,9 @@ class LeaseMarket:
         if quote.consumer != self.peer_id or quote.capability != capability or quote.provider != provider:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote is not the one asked for")
         amount = budget if budget is not None else quote.price_per_unit * quote.expected_units
-        escrow_id = secrets.token_bytes(32)
+        # Bound to our peer id: nobody else can lock under this id and take the lease first.
+        salt = secrets.token_bytes(LEASE_SALT_BYTES)
+        escrow_id = lease_id_for(self.host.get_id().to_bytes(), salt)
         lease_id = escrow_id.hex()
         lock: w.EscrowLock | None = None
         escrow_ref: EscrowRef | None = None
@@ -850,6 +887,7 @@ class LeaseMarket:
                 mode="escrow" if lock else "postpaid",
                 lock=lock,
                 wallet=wallet,
+                salt=salt.hex(),
             )
             envelope = seal(opening, self.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
             grant_reply = await request(
@@ -953,28 +991,41 @@ class LeaseMarket:
         try:
             with trio.fail_after(timeout_s):
                 stream = await open_stream(self.host, ID.from_base58(held.grant.provider), [INFER_PROTOCOL])
+                reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
+                tokens_received = 0
+                last_frame = False  # the provider's end or error frame arrived: nothing is left in flight
+                requested = False
                 try:
                     await write_frame(stream, request_frame, max_frame=MAX_CALL_FRAME)
-                    reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
-                    tokens_received = 0
+                    requested = True
                     while True:
-                        frame = parse_reply(await reader.read_frame(stall_s), _CALL_FRAMES)
+                        raw = await reader.read_frame(stall_s)
+                        frame = _call_frame(raw)
+                        if frame is None:
+                            # An error frame (after the chunks it follows, all counted below) or garbage.
+                            last_frame = True
+                            parse_reply(raw, _CALL_FRAMES)
+                            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the peer sent an unreadable reply")
                         if isinstance(frame, w.Chunk):
                             tokens_received += chunk_tokens(frame.data)
                             await on_chunk(frame.data)
                             continue
                         # Only units consistent with what arrived and what was asked are counted (and
                         # later countersigned); an inflated end frame is refused, unacknowledged.
-                        held.seen_units += check_end_frame(frame.units, tokens_received, body)
-                        end: w.CallEnd = frame
+                        last_frame, received, tokens_received = True, tokens_received, 0
+                        held.seen_units += check_end_frame(frame.units, received, body)
                         with trio.move_on_after(CALL_ACK_TIMEOUT_S) as ack_scope:
                             ack_scope.shield = True
                             with contextlib.suppress(Exception):
                                 await write_frame(stream, w.CallAck().model_dump_json().encode())
-                        return end
+                        return frame
                 finally:
-                    with trio.move_on_after(1) as cleanup:
+                    with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
                         cleanup.shield = True
+                        if last_frame:
+                            held.seen_units += tokens_received  # delivered before the provider's error
+                        elif requested:
+                            await self._leave_call(held, stream, reader, body, tokens_received)
                         await stream.close()
         except trio.TooSlowError:
             self.failures[("call", ErrorCode.TIMEOUT.value)] += 1
@@ -988,6 +1039,35 @@ class LeaseMarket:
                 ErrorCode.UNAVAILABLE, f"the provider is unreachable ({type(error).__name__})"
             ) from None
 
+    async def _leave_call(
+        self, held: HeldLease, stream: INetStream, reader: FrameReader, body: dict[str, Any], tokens: int
+    ) -> None:
+        """We leave a call before its end frame (cancelled, stalled, the sink failed): what was delivered
+        is paid. Ask the provider to stop and read on to its end frame, which bills the chunks it wrote,
+        so both sides count the same; a provider that does not answer in ``CANCEL_DRAIN_S`` (stalled,
+        gone, the stream cut) leaves the tokens received counted and this call's in-flight tolerance."""
+        try:
+            await write_frame(stream, w.Cancel().model_dump_json().encode())
+            with trio.fail_after(CANCEL_DRAIN_S):
+                while True:
+                    raw = await reader.read_frame(CANCEL_DRAIN_S)
+                    frame = _call_frame(raw)
+                    if frame is None:  # the provider's error frame: everything before it arrived
+                        held.seen_units += tokens
+                        return
+                    if isinstance(frame, w.Chunk):
+                        tokens += chunk_tokens(frame.data)
+                        continue
+                    with contextlib.suppress(ClawnodeError):  # an inflated end frame counts nothing
+                        held.seen_units += check_end_frame(frame.units, tokens, body)
+                    with contextlib.suppress(Exception):
+                        await write_frame(stream, w.CallAck().model_dump_json().encode())
+                    return
+        except Exception:  # noqa: BLE001 - a stalled, gone or cut provider
+            pass
+        held.seen_units += tokens
+        held.aborted_calls += 1
+
     async def _countersign(self, message: w.ReceiptPush, remote: str) -> w.Countersigned:
         receipt = message.receipt
         held = self.held.get(receipt.body.lease_id)
@@ -996,7 +1076,13 @@ class LeaseMarket:
         with trio.move_on_after(RECEIPT_CATCH_UP_S):
             while held.seen_units < receipt.body.units:
                 await trio.sleep(0.05)
-        check_receipt_claim(receipt.body.units, receipt.body.amount, held.seen_units, held.grant.price_per_unit)
+        check_receipt_claim(
+            receipt.body.units,
+            receipt.body.amount,
+            held.seen_units,
+            held.grant.price_per_unit,
+            tolerance_units=receipt_tolerance(held.aborted_calls),
+        )
         voucher = await self._voucher(held, receipt.body.amount)
         try:
             signed: SignedReceipt = await self.ledger.countersign_receipt(receipt, self.key, voucher=voucher)
@@ -1083,6 +1169,23 @@ class LeaseMarket:
         views = [self._view_served(s) for s in self.served.values()]
         views.extend(self._view_held(h) for h in self.held.values())
         return sorted(views, key=lambda view: view.lease_id)
+
+
+async def _stop_on_cancel(reader: FrameReader, scope: trio.CancelScope) -> None:
+    """While a call streams, the consumer says nothing until the end frame: any frame it sends (a
+    cancel), its hanging up or a reset stops the call."""
+    with contextlib.suppress(Exception):
+        await reader.read_frame(math.inf)
+    scope.cancel()
+
+
+def _call_frame(raw: bytes) -> w.Chunk | w.CallEnd | None:
+    """A chunk or an end frame; None for anything else (an error frame, something unreadable)."""
+    try:
+        frame: w.Chunk | w.CallEnd = _CALL_FRAMES.validate_json(raw)
+    except ValidationError:
+        return None
+    return frame
 
 
 def _view(grant: w.LeaseGrant, role: str, state: str, units: int) -> w.LeaseView:

@@ -85,6 +85,9 @@ class LeaseOpen(_Msg):
     wallet: WalletBinding | None = Field(
         None, description="escrow mode: the payer wallet, bound to the consumer's peer id by the wallet's signature"
     )
+    salt: str | None = Field(
+        None, pattern=SHA256_HEX, description="the lease id is sha256(domain, the consumer's peer id, this salt)"
+    )
 
 
 class LeaseGrant(_Msg):
@@ -199,6 +202,9 @@ class CallAck(_Msg):
 
 
 class Cancel(_Msg):
+    """Consumer → provider mid-stream: stop. The provider ends the call with an end frame billing the
+    chunks it wrote (no prompt); the consumer reads on to that frame, so both count the same."""
+
     type: Literal["cancel"] = "cancel"
 
 

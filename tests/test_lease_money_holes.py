@@ -107,11 +107,11 @@ async def test_consumer_refuses_to_countersign_inflated_units() -> None:
         view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 50, duration_s=60)
         original = provider.market._serve_call
 
-        async def inflated(call: w.CallRequest, remote: str, stream: Any, ticket: Any) -> w.CallEnd:
-            end = await original(call, remote, stream, ticket)
+        async def inflated(*args: Any) -> w.CallEnd:
+            end = await original(*args)
             return end.model_copy(update={"units": 10**6})
 
-        provider.market._serve_call = inflated  # type: ignore[method-assign]
+        provider.market._serve_call = inflated  # type: ignore[method-assign,assignment]
         with pytest.raises(ClawnodeError) as caught:
             await consumer.market.call(view.lease_id, {"prompt": "one"})
         assert (caught.value.code, caught.value.message) == (ErrorCode.CONFLICT, END_FRAME_INFLATED)

@@ -34,6 +34,14 @@ Choices where the brief was silent:
   escrow payer's voucher for exactly its amount (``check_countersignature``);
   the grant takes only the consumer's own, sufficient lock (``check_lock``);
   an escrow seen disputed or closed ends the lease (``escrow_observed``).
+* A call that ends without its end frame (the consumer reset or hung up, the engine failed after
+  streaming) is metered for the tokens of the chunks written, no prompt, within its reservation
+  (``aborted_call_units``); the consumer counts the chunks it received, and accepts receipts up to
+  ``ABORTED_CALL_TOLERANCE_UNITS`` more per call it left without the provider's last frame
+  (``receipt_tolerance``): what can still be in flight when a stream is cut.
+* The lease id is the escrow id, and an escrow id is bound to its consumer: sha256 of a domain, the
+  consumer's peer id and a salt the open carries (``lease_id_for``), so nobody can lock their own
+  escrow under a buyer's id and open it first (``check_lock``).
 * The abandon clock runs from the later of the oldest outstanding receipt and
   the last sign of life (``consumer_seen`` or a countersignature).
 * ``tick`` performs at most one transition: expire beats abandon beats pause;
@@ -43,6 +51,7 @@ Choices where the brief was silent:
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
@@ -397,6 +406,21 @@ class LeaseSession:
         return self.units_metered * self.price_per_unit
 
 
+# What a consumer that leaves a call without the provider's last frame (a stall, a cut connection,
+# a reset) may be short of the provider's count: the chunks written after its last read and before
+# the cut, a few frames on any link (a chunk is at least one token). An honest consumer that leaves
+# asks the provider to stop and drains to its end frame, so its count is exact; this covers the rest.
+ABORTED_CALL_TOLERANCE_UNITS = 16
+
+
+def receipt_tolerance(aborted_calls: int) -> int:
+    """Consumer side: the units a receipt may exceed the consumer's own count by, for the calls it left
+    without the provider's end or error frame (everything else it counted exactly)."""
+    if aborted_calls < 0:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "aborted_calls must be >= 0")
+    return aborted_calls * ABORTED_CALL_TOLERANCE_UNITS
+
+
 def check_receipt_claim(
     receipt_units: int,
     receipt_amount: int,
@@ -484,6 +508,14 @@ def plan_call(body: dict[str, Any], units_left: int) -> CallPlan:
     return CallPlan(reserve=reserve, max_tokens=completion)
 
 
+def aborted_call_units(reserved: int, streamed_tokens: int) -> int:
+    """Provider side: what a call that ended without its end frame is billed: the tokens of the chunks
+    written (``chunk_tokens`` each, as the consumer counts them), no prompt, within its reservation."""
+    if reserved < 0 or streamed_tokens < 0:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units must be >= 0")
+    return min(streamed_tokens, reserved)
+
+
 def chunk_tokens(data: dict[str, Any]) -> int:
     """Tokens a streamed chunk carries as the consumer counts them: its ``tokens`` field, else one."""
     tokens = data.get("tokens")
@@ -532,12 +564,26 @@ def check_countersignature(
 # -- grants: the escrow lock a lease is opened on ------------------------------------------------
 
 
+LEASE_ID_DOMAIN = b"clawnode-lease-id\x00"
+LEASE_SALT_BYTES = 32
+
+
+def lease_id_for(consumer: bytes, salt: bytes) -> bytes:
+    """The escrow id (= lease id) a consumer may lock under: bound to its peer id (bytes) by a hash, so
+    a stranger who sees it on chain cannot lock its own escrow under it and take the lease first."""
+    if len(salt) != LEASE_SALT_BYTES:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"a lease salt is {LEASE_SALT_BYTES} bytes")
+    return hashlib.sha256(LEASE_ID_DOMAIN + len(consumer).to_bytes(2, "big") + consumer + salt).digest()
+
+
 @dataclass(frozen=True)
 class LockFacts:
     """What the provider read about a lease's escrow lock, and what the quote and open say."""
 
     lease_id: str
     escrow_id: str  # 0x-hex, from the open
+    consumer: bytes  # the sender's peer id (bytes): the Noise session says who opens
+    salt: bytes | None  # from the open: escrow_id must be lease_id_for(consumer, salt)
     lock_payer: str  # from the open
     wallet: str | None  # the consumer's wallet, bound to its peer id by the wallet's signature
     wallet_bound: bool  # the binding's signature holds for the consumer's peer id
@@ -556,6 +602,9 @@ class LockFacts:
     duration_s: int
 
 
+LEASE_ID_NOT_BOUND = "the lease id is not derived from the consumer's peer id"
+
+
 def escrow_frozen(phase: str) -> bool:
     """An escrow that no longer pays its payee on a voucher: disputed, closed or gone."""
     return phase != "active"
@@ -569,6 +618,8 @@ def check_lock(f: LockFacts) -> None:
         raise ClawnodeError(ErrorCode.FORBIDDEN, "the open carries no wallet bound to the consumer's peer id")
     if f.wallet.lower() != f.lock_payer.lower():
         raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock is paid by another wallet than the consumer's")
+    if f.salt is None or len(f.salt) != LEASE_SALT_BYTES or lease_id_for(f.consumer, f.salt).hex() != f.escrow_id[2:]:
+        raise ClawnodeError(ErrorCode.FORBIDDEN, LEASE_ID_NOT_BOUND)
     if escrow_frozen(f.phase):
         raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "no active escrow lock was found for this lease")
     if f.payee.lower() != f.quote_payee.lower() or f.arbiter.lower() != f.quote_arbiter.lower():

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from protocols.machines.lease import (
+    ABORTED_CALL_TOLERANCE_UNITS,
     BUDGET_BUSY_MESSAGE,
     CONSUMER,
     DEFAULT_COMPLETION_CAP,
@@ -22,6 +23,7 @@ from protocols.machines.lease import (
     END_FROZEN,
     EXPIRE,
     ISSUE_RECEIPT,
+    LEASE_ID_NOT_BOUND,
     LEASE_MACHINE,
     PAUSE,
     PAUSED_MESSAGE,
@@ -32,13 +34,16 @@ from protocols.machines.lease import (
     LeaseSession,
     LeaseState,
     LockFacts,
+    aborted_call_units,
     check_countersignature,
     check_end_frame,
     check_lock,
     check_receipt_claim,
     chunk_tokens,
+    lease_id_for,
     plan_call,
     prompt_units_estimate,
+    receipt_tolerance,
 )
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import voucher_digest, voucher_signer
@@ -622,9 +627,15 @@ def test_a_countersignature_counts_only_with_the_payers_voucher_for_its_amount(
     check_countersignature(escrowed=True, amount=0, voucher=None, voucher_signer=None, payer=_PAYER.address)
 
 
+_CONSUMER = b"\x00\x24\x08\x01\x12\x20" + b"\x07" * 32  # the shape of an ed25519 peer id's bytes
+_STRANGER = b"\x00\x24\x08\x01\x12\x20" + b"\x09" * 32
+_SALT = b"\x5a" * 32
+_BOUND_ID = lease_id_for(_CONSUMER, _SALT).hex()
 _GOOD_LOCK = LockFacts(
-    lease_id="ab" * 32,
-    escrow_id="0x" + "ab" * 32,
+    lease_id=_BOUND_ID,
+    escrow_id="0x" + _BOUND_ID,
+    consumer=_CONSUMER,
+    salt=_SALT,
     lock_payer=_PAYER.address,
     wallet=_PAYER.address.lower(),
     wallet_bound=True,
@@ -647,6 +658,11 @@ _LOCK_FLAWS: dict[str, tuple[dict[str, object], ErrorCode]] = {
     "no wallet binding": ({"wallet": None}, ErrorCode.FORBIDDEN),
     "binding not for this peer": ({"wallet_bound": False}, ErrorCode.FORBIDDEN),
     "lock paid by another wallet": ({"lock_payer": _OTHER.address}, ErrorCode.FORBIDDEN),
+    # A stranger that saw the buyer's escrow id on chain, locked its own escrow under it and opens.
+    "a squatter opens the buyer's id": ({"consumer": _STRANGER}, ErrorCode.FORBIDDEN),
+    "another salt": ({"salt": b"\x5b" * 32}, ErrorCode.FORBIDDEN),
+    "no salt": ({"salt": None}, ErrorCode.FORBIDDEN),
+    "a short salt": ({"salt": b"\x5a" * 31}, ErrorCode.FORBIDDEN),
     "disputed": ({"phase": "disputed"}, ErrorCode.INSUFFICIENT_FUNDS),
     "closed": ({"phase": "closed"}, ErrorCode.INSUFFICIENT_FUNDS),
     "missing": ({"phase": "none"}, ErrorCode.INSUFFICIENT_FUNDS),
@@ -721,3 +737,56 @@ def test_concurrent_reservations_share_the_budget() -> None:
     with pytest.raises(ClawnodeError) as caught:
         s.reserve(T0, {"prompt": "x"})
     assert caught.value.code == ErrorCode.INSUFFICIENT_FUNDS  # now it is spent
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    consumer=st.binary(min_size=1, max_size=64),
+    other=st.binary(min_size=1, max_size=64),
+    salt=st.binary(min_size=32, max_size=32),
+    other_salt=st.binary(min_size=32, max_size=32),
+)
+def test_a_lease_id_is_bound_to_its_consumer(consumer: bytes, other: bytes, salt: bytes, other_salt: bytes) -> None:
+    """The lock of an id derived for one peer is refused to every other peer, whatever salt it shows."""
+    bound = lease_id_for(consumer, salt).hex()
+    facts = dataclasses.replace(_GOOD_LOCK, lease_id=bound, escrow_id="0x" + bound, consumer=consumer, salt=salt)
+    check_lock(facts)
+    for squatter, its_salt in ((other, salt), (other, other_salt), (consumer, other_salt)):
+        if (squatter, its_salt) == (consumer, salt):
+            continue
+        with pytest.raises(ClawnodeError) as caught:
+            check_lock(dataclasses.replace(facts, consumer=squatter, salt=its_salt))
+        assert (caught.value.code, caught.value.message) == (ErrorCode.FORBIDDEN, LEASE_ID_NOT_BOUND)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    reserved=st.integers(0, 500),
+    streamed=st.integers(0, 1_000),
+    in_flight=st.integers(0, ABORTED_CALL_TOLERANCE_UNITS),
+    aborted=st.integers(1, 20),
+)
+def test_a_cut_call_is_billed_what_streamed_within_its_reservation(
+    reserved: int, streamed: int, in_flight: int, aborted: int
+) -> None:
+    """The provider bills a cut call the chunks it wrote, never beyond the reservation; a consumer that
+    received all but what was in flight still countersigns it, and never more than the tolerance."""
+    billed = aborted_call_units(reserved, streamed)
+    assert billed == min(reserved, streamed)
+    received = max(0, billed - in_flight)
+    check_receipt_claim(billed, billed * 3, received, 3, tolerance_units=receipt_tolerance(1))
+    ceiling = received + receipt_tolerance(aborted)
+    check_receipt_claim(ceiling, ceiling * 3, received, 3, tolerance_units=receipt_tolerance(aborted))
+    with pytest.raises(ClawnodeError) as caught:
+        check_receipt_claim(ceiling + 1, (ceiling + 1) * 3, received, 3, tolerance_units=receipt_tolerance(aborted))
+    assert caught.value.code == ErrorCode.CONFLICT
+    assert receipt_tolerance(0) == 0
+    with pytest.raises(ClawnodeError):
+        aborted_call_units(-1, 0)
+
+
+def test_a_session_meters_a_cut_call_within_its_reservation() -> None:
+    s = make(budget_cap=1_000, price=2)
+    plan = s.reserve(T0, {"prompt": "x", "max_tokens": 20})
+    assert not s.finish_call(plan.reserve, aborted_call_units(plan.reserve, 7), T0)
+    assert (s.units_metered, s.units_reserved) == (7, 0)
