@@ -7,6 +7,7 @@ Every test here failed on the code before the fix (the comment in each says how)
 from __future__ import annotations
 
 import base64
+import secrets
 from functools import partial
 from typing import Any
 
@@ -20,11 +21,12 @@ from node.config import MarketSection
 from node.daemon import Node
 from protocols import lease as lease_module
 from protocols import lease_wire as w
-from protocols.machines.lease import END_FRAME_INFLATED
+from protocols.machines.lease import ABORTED_CALL_TOLERANCE_UNITS, END_FRAME_INFLATED, LEASE_ID_NOT_BOUND
 from protocols.rpc import request
-from protocols.signed import seal
+from protocols.signed import open_base64, seal
 from runtime.errors import ClawnodeError, ErrorCode
-from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
+from runtime.service import Emit, Usage
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, WordService, market_nodes, wait_for
 
 FAST = MarketSection(  # type: ignore[call-arg]
     receipt_every_units=5, receipt_every_s=1, countersign_timeout_s=2, abandon_after_s=30, claim_every_s=1
@@ -346,3 +348,184 @@ async def test_a_hundred_parallel_calls_on_one_lease_are_all_paid() -> None:
         )
         assert delivered == served.session.units_metered == consumer.market.held[view.lease_id].seen_units == paid
         assert paid <= 1000 and set(outcomes) <= {"ok", "E_INSUFFICIENT_FUNDS", "E_RATE_LIMITED"}
+
+
+class SlowWords(WordService):
+    """Word echo at a model's pace (one word every 20 ms), so a consumer can leave mid-answer; after
+    ``stall_after`` words it falls silent instead."""
+
+    def __init__(self, stall_after: int | None = None) -> None:
+        self.stall_after = stall_after
+
+    async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
+        words = str(body["prompt"]).split()[: body.get("max_tokens", 10**6)]
+        for index, word in enumerate(words):
+            if index == self.stall_after:
+                await trio.sleep_forever()
+            await emit({"text": word})
+            await trio.sleep(0.02)
+        return Usage(units=len(words), detail={"completion_tokens": len(words)})
+
+
+LONG_PROMPT = " ".join(f"w{i}" for i in range(40))
+
+
+async def _leave_after(market: Any, lease_id: str, chunks: int, *, stall_s: float = 30.0) -> int:
+    """Stream a call and leave it (cancel) once ``chunks`` chunks arrived; the chunks seen."""
+    seen = 0
+    with trio.CancelScope() as scope:
+
+        async def count(_data: dict[str, Any]) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == chunks:
+                scope.cancel()
+
+        await market.stream_call(lease_id, {"prompt": LONG_PROMPT}, count, stall_s=stall_s)
+    return seen
+
+
+async def _paid_out(provider: Node, consumer: Node, lease_id: str) -> int:
+    """Revoke, wait for the provider's claims and the consumer's booking; the units the chain paid."""
+    await consumer.market.revoke(lease_id)
+
+    async def claimed() -> bool:
+        settlements = await provider.ledger.list_settlements()
+        return bool(settlements) and all(s.state == "landed" for s in settlements)
+
+    await _await_true(claimed, 20, "the claims")
+    released = await _released(provider, lease_id)
+
+    async def booked() -> bool:
+        return (await _money(consumer))[1] == released
+
+    await _await_true(booked, 15, "the consumer's spend")
+    assert (await _money(provider))[0] == released
+    return released // WORD_PRICE
+
+
+async def test_consumer_that_resets_mid_stream_still_pays_for_what_it_received() -> None:
+    """Before: the provider metered a call only when its end frame was written, so a consumer that read
+    5 words of each answer and reset the stream got 3 x 5 words metered 0 and paid 0."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        provider.services.register(WORDS, SlowWords())
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 200, duration_s=60)
+        held = consumer.market.held[view.lease_id]
+
+        async def reset_instead_of_cancel(
+            held: Any, stream: Any, reader: Any, body: dict[str, Any], tokens: int
+        ) -> None:
+            """The cheat: no cancel frame, no draining to the end frame; the stream is reset."""
+            await stream.reset()
+            held.seen_units += tokens  # the node still counts what it received, so it can countersign
+            held.aborted_calls += 1
+
+        consumer.market._leave_call = reset_instead_of_cancel  # type: ignore[method-assign]
+        for _ in range(3):
+            assert await _leave_after(consumer.market, view.lease_id, 5) == 5
+        served = provider.market.served[view.lease_id]
+        await wait_for(lambda: served.session.units_reserved == 0 and served.in_flight == 0, 5, what="cut calls")
+        metered = served.session.units_metered
+        # Billed the words it wrote: the 15 read, plus at most what was in flight when each reset came.
+        assert held.seen_units == 15 and 15 <= metered <= 15 + 3 * ABORTED_CALL_TOLERANCE_UNITS
+        assert (await provider.ledger.get_lease(view.lease_id)).metered_units == metered
+        # The consumer countersigns it (within its tolerance for the 3 cut calls) and the chain pays it.
+        paid = await _paid_out(provider, consumer, view.lease_id)
+        print(f"3 calls reset after 5 words: metered {metered}, counted by the consumer {held.seen_units}, paid {paid}")
+        assert paid == metered == await provider.ledger.countersigned_amount(view.lease_id) // WORD_PRICE
+
+
+async def test_an_honest_consumer_that_leaves_mid_stream_pays_what_it_received_and_no_more() -> None:
+    """Before: an agent leaving a call, or a router failing over from a stalled provider, paid nothing
+    for the words it had received. Now it asks the provider to stop and reads on to the end frame,
+    which bills the words written: both sides count the same, and no prompt is billed."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        provider.services.register(WORDS, SlowWords())
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 200, duration_s=60)
+        held = consumer.market.held[view.lease_id]
+        served = provider.market.served[view.lease_id]
+        left = [await _leave_after(consumer.market, view.lease_id, k) for k in (3, 7)]
+        assert left == [3, 7]
+        # A provider that stalls after 4 words: the consumer's stall timer leaves, the engine is stopped.
+        provider.services.register(WORDS, SlowWords(stall_after=4))
+        with pytest.raises(ClawnodeError) as caught:
+            await _leave_after(consumer.market, view.lease_id, 100, stall_s=0.5)
+        assert caught.value.code == ErrorCode.TIMEOUT
+        await wait_for(lambda: served.session.units_reserved == 0 and served.in_flight == 0, 5, what="calls done")
+        # Exactly what arrived on the consumer's node (a word or two may follow the cancel), no prompt.
+        assert held.aborted_calls == 0
+        assert served.session.units_metered == held.seen_units
+        assert 3 + 7 + 4 <= held.seen_units <= 3 + 7 + 4 + 4
+        paid = await _paid_out(provider, consumer, view.lease_id)
+        assert paid == held.seen_units
+
+
+async def test_a_stranger_cannot_squat_a_buyers_lease_id() -> None:
+    """Before: the lease id was any escrow id and the contract keys escrows by (payer, id), so a stranger
+    who saw the buyer's lock on chain locked its own escrow under the same id, opened first and got
+    the lease id; the buyer's own open then failed. Now the id is bound to the buyer's peer id."""
+    async with market_nodes([{"offers": (WORD_OFFER,)}, {}, {}]) as (nodes, _):
+        provider, buyer, stranger = nodes
+        peer = ID.from_base58(_peer(provider))
+        refusals: list[tuple[ErrorCode, str]] = []
+
+        async def squat(escrow_id: bytes, amount: int) -> None:
+            """The stranger locks its own money under the buyer's id and races to open on it."""
+            reply = await request(
+                stranger.host,
+                peer,
+                lease_module.LEASE_PROTOCOL,
+                w.QuoteRequest(capability=WORDS, expected_units=10, duration_s=60),
+                QUOTE_REPLY,
+            )
+            _, payload = open_base64(reply.envelope, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
+            terms = w.Quote.model_validate_json(payload).escrow
+            assert terms is not None
+            client = _escrow(stranger)
+            chain_now = await client.chain.run(client.chain.next_timestamp)
+            locked = await client.chain.run(
+                lambda: client.lock(
+                    escrow_id,
+                    payee=terms.payee,
+                    arbiter=terms.arbiter,
+                    amount=amount,
+                    deadline=chain_now + 120,
+                    window=terms.dispute_window_s,
+                )
+            )
+            lock = w.EscrowLock(payer=client.account.address, escrow_id="0x" + escrow_id.hex(), tx_hash=locked.tx_hash)
+            wallet = bind_wallet(bytes(client.account.key), _peer(stranger))  # its own wallet, its own lock
+            for salt in (None, secrets.token_hex(32)):
+                opening = w.LeaseOpen(
+                    quote=reply.envelope,
+                    lease_id=escrow_id.hex(),
+                    budget=amount,
+                    mode="escrow",
+                    lock=lock,
+                    wallet=wallet,
+                    salt=salt,
+                )
+                envelope = base64.b64encode(
+                    seal(opening, stranger.market.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
+                ).decode()
+                with pytest.raises(ClawnodeError) as caught:
+                    await request(
+                        stranger.host, peer, lease_module.LEASE_PROTOCOL, w.OpenRequest(envelope=envelope), GRANT_REPLY
+                    )
+                refusals.append((caught.value.code, caught.value.message))
+
+        original_lock = buyer.market._lock
+
+        async def lock_then_squat(quote: w.Quote, escrow_id: bytes, amount: int) -> w.EscrowLock:
+            lock = await original_lock(quote, escrow_id, amount)
+            await squat(escrow_id, amount)
+            return lock
+
+        buyer.market._lock = lock_then_squat  # type: ignore[method-assign]
+        view = await buyer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 10, duration_s=60)
+        assert refusals == [(ErrorCode.FORBIDDEN, LEASE_ID_NOT_BOUND)] * 2, refusals
+        # The buyer's open went through after the squatter's, and it is the buyer's lease that is served.
+        assert provider.market.served[view.lease_id].grant.consumer == _peer(buyer)
+        assert (await buyer.market.call(view.lease_id, {"prompt": "mine"})).units == 1
