@@ -7,9 +7,9 @@ unchanged; the daemon evaluates it too, so an operator without Prometheus still 
 ``GET /api/alerts`` and a line in ``clawnode status``.
 
 Every ``alerts.interval_s`` the daemon renders its metrics, parses them with prometheus_client's own
-parser, keeps a short history of the samples, and evaluates each rule: an expression that holds
-makes the alert ``pending``; once it has held for the rule's ``for:`` it is ``firing``; when it
-stops holding the alert is gone (no ``resolved`` state is kept).
+parser, keeps a bounded history of the samples the rules read (``History``), and evaluates each
+rule: an expression that holds makes the alert ``pending``; once it has held for the rule's
+``for:`` it is ``firing``; when it stops holding the alert is gone (no ``resolved`` state is kept).
 
 The expression subset this evaluator computes (anything else is refused when the rules load)::
 
@@ -227,13 +227,38 @@ def _increase(points: Iterable[tuple[float, float]]) -> float:
     return rise
 
 
-class History:
-    """Recent samples per series, long enough for the longest range a rule asks for."""
+# Points kept per series and window: a range of 1h evaluated every second keeps one point per
+# ~14 s instead of 3600 (``increase`` over them differs from the full-resolution one by at most
+# one step's rise at the window's start, the same as a slower scrape).
+MAX_POINTS_PER_WINDOW = 256
 
-    def __init__(self, keep_s: float) -> None:
-        self.keep_s = keep_s
+
+class History:
+    """The samples the rules read, and nothing else: bounded whatever the interval or the run time.
+
+    Only metrics named by a ``rate``/``increase`` rule keep a history, each for the longest window a
+    rule asks of it (plus one resolution step), at most ``max_points`` points per window: a point is
+    added once ``window / max_points`` has passed since the one before the newest, otherwise it
+    replaces the newest (unless the counter went down: a reset's rise must not be lost). Only
+    metrics named by an instant rule are kept in ``latest``.
+    """
+
+    def __init__(
+        self,
+        ranges: Mapping[str, float],
+        instant: Iterable[str] = (),
+        *,
+        max_points: int = MAX_POINTS_PER_WINDOW,
+    ) -> None:
+        self.ranges = dict(ranges)
+        self.instant = frozenset(instant)
+        self.max_points = max_points
         self.series: dict[SeriesKey, deque[tuple[float, float]]] = {}
         self.latest: dict[SeriesKey, float] = {}
+
+    def points(self) -> int:
+        """How many points are held in all (what the tests bound)."""
+        return sum(len(points) for points in self.series.values()) + len(self.latest)
 
     def add(self, samples: Iterable[Sample], now: float) -> None:
         self.latest = {}
@@ -241,11 +266,21 @@ class History:
             if math.isnan(value):  # not set yet: nothing to evaluate
                 continue
             key = (name, labels)
-            self.latest[key] = value
-            self.series.setdefault(key, deque()).append((now, value))
-        horizon = now - self.keep_s
+            if name in self.instant:
+                self.latest[key] = value
+            window = self.ranges.get(name)
+            if window is None:
+                continue
+            points = self.series.setdefault(key, deque())
+            step = window / self.max_points
+            # The newest point is provisional until it lies ``step`` after the one before it.
+            if len(points) >= 2 and points[-1][0] - points[-2][0] < step and value >= points[-1][1]:
+                points[-1] = (now, value)
+            else:
+                points.append((now, value))
         for key in list(self.series):
             points = self.series[key]
+            horizon = now - self.ranges[key[0]] * (1 + 1 / self.max_points)
             while points and points[0][0] < horizon:
                 points.popleft()
             if not points:
@@ -305,8 +340,12 @@ class AlertEvaluator:
 
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
-        longest = max((rule.expr.window_s for rule in rules), default=0.0)
-        self.history = History(keep_s=longest + 60.0)
+        ranges: dict[str, float] = {}
+        for rule in rules:
+            if rule.expr.func is not None:
+                ranges[rule.expr.metric] = max(ranges.get(rule.expr.metric, 0.0), rule.expr.window_s)
+        instant = {rule.expr.metric for rule in rules if rule.expr.func is None}
+        self.history = History(ranges, instant)
         self.active: dict[tuple[str, Labels], _Active] = {}
 
     def step(self, samples: Iterable[Sample], now: float) -> None:

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dht.discovery import DiscoveryQuery
 from node.alerts import (
+    MAX_POINTS_PER_WINDOW,
     AlertEvaluator,
     Rule,
     Sample,
@@ -339,3 +340,53 @@ groups:
     assert evaluator.alerts() == []
     evaluator.step([("clawnode_x", frozenset(), 1.0)], 2 * STEP_S)
     assert [alert.name for alert in evaluator.alerts()] == ["NotZero"]
+
+
+# -- (d) the history stays bounded: hours of one-second evaluations --
+
+
+def _node_like_samples(t: float) -> list[Sample]:
+    """What a busy node's /metrics looks like to the evaluator: the shipped rules' metrics, rising,
+    and many series no rule reads (histogram buckets, per-peer gauges)."""
+    samples: list[Sample] = []
+    for code in ("E_TIMEOUT", "E_UNAVAILABLE", "E_INSUFFICIENT_FUNDS", "E_FORBIDDEN"):
+        for op in ("open", "call"):
+            samples.append(("clawnode_lease_failures_total", frozenset({("code", code), ("op", op)}), t // 600))
+    for name in (
+        "clawnode_settlements_failed_total",
+        "clawnode_settlement_retries_total",
+        "clawnode_service_restarts_total",
+    ):
+        samples.append((name, frozenset(), 0.0))
+    for name in ("clawnode_settlement_queue_length", "clawnode_settlement_queue_oldest_age_seconds"):
+        samples.append((name, frozenset(), 1.0))
+    samples.append(("clawnode_escrow_disconnected", frozenset(), 0.0))
+    for bucket in range(40):
+        samples.append(("clawnode_dht_lookup_seconds_bucket", frozenset({("le", str(bucket))}), t))
+    for peer in range(40):
+        samples.append(("clawnode_peer_rtt_seconds", frozenset({("peer", f"p{peer}")}), 0.01))
+    return samples
+
+
+def test_history_is_bounded_over_hours_of_evaluations() -> None:
+    rules = load_rules(None)
+    evaluator = AlertEvaluator(rules)
+    sizes: dict[int, int] = {}
+    start = 1_000_000.0
+    for i in range(3 * 3600 + 1):  # three hours, evaluated every second
+        evaluator.step(_node_like_samples(float(i)), start + i)
+        if i % 1800 == 0:
+            sizes[i // 60] = evaluator.history.points()
+    range_series = 8 + 3  # the counters a rate/increase rule reads
+    bound = range_series * (MAX_POINTS_PER_WINDOW + 3) + 20  # + the instant rules' latest values
+    assert max(sizes.values()) <= bound, sizes
+    assert sizes[180] == sizes[120], f"the history still grows after its longest window: {sizes}"
+    # Series no rule reads keep nothing (before: every one, for the longest window + 60 s).
+    assert not any(name.endswith("_bucket") or "rtt" in name for name, _ in evaluator.history.series)
+    assert not any("rtt" in name for name, _ in evaluator.history.latest)
+    # Downsampling keeps the answer: each of the 8 series rose from 9900 // 600 to 10800 // 600 in
+    # the last 15 minutes (the window's first point is at most one resolution step late).
+    (failures,) = [rule for rule in rules if rule.name == "LeaseFailureRate"]
+    (value,) = evaluator.history.vector(failures.expr, start + 3 * 3600).values()
+    assert value == 8 * (10800 // 600 - 9900 // 600)
+    print(f"history points every 30 min over 3 h: {sizes}")
