@@ -2,13 +2,15 @@
 
 Each example starts a provider and a consumer (full ``Node``s over loopback, a fresh embedded chain
 with the escrow contract), opens a lease and plays a random scenario: the consumer honest, skipping
-the acks, countersigning without a voucher or with one for another amount; the provider honest or
-inflating its end frames; calls alone or concurrent, with or without ``max_tokens``; and maybe a
-dispute on chain in the middle, which the arbiter resolves with what the consumer countersigned.
+the acks, leaving calls mid-stream (cleanly, or resetting the stream), countersigning without a
+voucher or with one for another amount; the provider honest or inflating its end frames; calls
+alone or concurrent, with or without ``max_tokens``; and maybe a dispute on chain in the middle,
+which the arbiter resolves with what the consumer countersigned.
 
 Whatever happened: the provider is paid exactly what the consumer countersigned, the consumer never
-countersigned more than it counted itself, nothing exceeds the budget, and the chain, the provider's
-income and the consumer's spend agree to the wei. With honest parties the provider is paid for
+countersigned more than it counted itself (plus the in-flight tolerance of the calls it cut),
+nothing exceeds the budget, and the chain, the provider's income and the consumer's spend agree to
+the wei. With honest parties (one that leaves calls cleanly included) the provider is paid for
 every unit it delivered. ``CLAWNODE_PROPERTY_EXAMPLES`` runs more examples (default 8, about 15 s here).
 """
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,6 +30,7 @@ from node.config import MarketSection
 from node.daemon import Node
 from protocols import lease as lease_module
 from protocols import lease_wire as w
+from protocols.machines.lease import receipt_tolerance
 from runtime.errors import ClawnodeError
 from runtime.escrow import Chain
 from tests.runtime.scenario import BUDGET, LEASE, PRICE, meter_and_countersign, open_market
@@ -49,7 +53,7 @@ class Call:
 
 @dataclass(frozen=True)
 class Scenario:
-    consumer: str  # honest | skip_ack | no_voucher | wrong_voucher
+    consumer: str  # honest | skip_ack | leaves | resets | no_voucher | wrong_voucher
     provider: str  # honest | inflate
     calls: tuple[Call, ...]
     dispute_after: int | None  # the call after which the payer disputes on chain
@@ -58,7 +62,7 @@ class Scenario:
 
 SCENARIOS = st.builds(
     Scenario,
-    consumer=st.sampled_from(["honest", "skip_ack", "no_voucher", "wrong_voucher"]),
+    consumer=st.sampled_from(["honest", "skip_ack", "leaves", "resets", "no_voucher", "wrong_voucher"]),
     provider=st.sampled_from(["honest", "honest", "inflate"]),
     calls=st.lists(
         st.builds(Call, st.integers(1, 8), st.one_of(st.none(), st.integers(1, 8)), st.booleans()),
@@ -107,6 +111,14 @@ def _cheat(provider: Node, consumer: Node, scenario: Scenario) -> None:
             return await original_voucher(held, amount + WORD_PRICE)
 
         consumer.market._voucher = voucher  # type: ignore[method-assign]
+    if scenario.consumer == "resets":
+
+        async def reset(held: Any, stream: Any, reader: Any, body: dict[str, Any], tokens: int) -> None:
+            await stream.reset()  # no cancel frame, no draining: the provider bills what it wrote
+            held.seen_units += tokens
+            held.aborted_calls += 1
+
+        consumer.market._leave_call = reset  # type: ignore[method-assign]
 
 
 async def _play(scenario: Scenario) -> None:
@@ -146,8 +158,18 @@ async def _play_on_nodes(scenario: Scenario) -> None:
             body: dict[str, Any] = {"prompt": " ".join(f"w{i}" for i in range(c.words))}
             if c.max_tokens is not None:
                 body["max_tokens"] = c.max_tokens
+            leave_after = max(1, c.words // 2) if scenario.consumer in ("leaves", "resets") else None
             try:
-                await consumer.market.call(lease_id, body)
+                with trio.CancelScope() as scope:
+
+                    async def chunk(_data: dict[str, Any]) -> None:
+                        nonlocal leave_after
+                        if leave_after is not None:
+                            leave_after -= 1
+                            if leave_after == 0:
+                                scope.cancel()  # the agent leaves mid-answer
+
+                    await consumer.market.stream_call(lease_id, body, chunk)
             except ClawnodeError:
                 pass  # refused (budget, paused, ended) or an inflated end frame: counted as the rules say
 
@@ -203,10 +225,11 @@ async def _play_on_nodes(scenario: Scenario) -> None:
         # The provider is paid exactly what the consumer countersigned (the arbiter gave that too) ...
         countersigned = await provider.ledger.countersigned_amount(lease_id)
         assert released == countersigned, (released, countersigned)
-        # ... and the consumer never countersigned more than it counted itself.
-        assert countersigned <= held.seen_units * WORD_PRICE
+        # ... and the consumer never countersigned more than it counted itself, but for what may have
+        # been in flight when it cut a stream.
+        assert countersigned <= (held.seen_units + receipt_tolerance(held.aborted_calls)) * WORD_PRICE
         assert served.session.units_metered * WORD_PRICE <= budget
-        honest = scenario.provider == "honest" and scenario.consumer in ("honest", "skip_ack")
+        honest = scenario.provider == "honest" and scenario.consumer in ("honest", "skip_ack", "leaves")
         if honest and not disputed:
             # Honest parties: paid for every unit delivered, which is what the consumer counted.
             assert released == served.session.units_metered * WORD_PRICE == held.seen_units * WORD_PRICE
@@ -234,6 +257,21 @@ def test_an_honest_lease_with_a_dispute_is_paid_what_was_countersigned() -> None
             calls=(Call(5, None, False), Call(3, 2, True), Call(4, None, False)),
             dispute_after=1,
             budget_units=20,
+        ),
+    )
+
+
+@pytest.mark.parametrize("consumer", ["leaves", "resets"])
+def test_a_consumer_that_leaves_calls_mid_stream_conserves_money(consumer: str) -> None:
+    """The mid-stream exits the random draw may miss: cleanly (paid every unit delivered) or by reset."""
+    trio.run(
+        _play,
+        Scenario(
+            consumer=consumer,
+            provider="honest",
+            calls=(Call(8, None, False), Call(6, 4, True), Call(5, None, False)),
+            dispute_after=None,
+            budget_units=30,
         ),
     )
 
