@@ -30,6 +30,7 @@ from dht.records import (
 )
 from dht.schema_safety import SchemaBudgetExceeded
 from dht.service import DhtService
+from nat.addresses import record_addrs
 from protocols.capability import CAPABILITY_PROTOCOL, capability_handler
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -168,13 +169,16 @@ class CapabilityPublisher:
 
     def _make_record(self, offers: list[Offer], *, seq: int) -> CapabilityRecord:
         now = int(self._clock())
+        reachability = self._reachability()
         return CapabilityRecord(
             peer_id=str(self.host.get_id()),
             seq=seq,
             issued_at=now,
             expires_at=now + self.record_ttl_s,
-            reachability=self._reachability(),
-            addrs=([str(addr).split("/p2p/")[0] for addr in self.host.get_addrs()] + self._extra_addrs())[:16],
+            reachability=reachability,
+            # Ranked by reachability (nat.addresses): confirmed, relayed while private, then the rest;
+            # loopback only when the node has nothing else.
+            addrs=record_addrs(self.host, self._extra_addrs(), reachability)[:16],
             hardware=self.hardware,
             capabilities=[offer.descriptor() for offer in offers],
             wallet=self.wallet,

@@ -48,6 +48,8 @@ from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter
 
 from dht.records import Reachability
+from nat.addresses import candidate_addrs as candidate_addrs_of
+from nat.addresses import sources_for
 from nat.reachability import ReachabilityState, ServerResult
 from protocols.rpc import request, serve_requests
 from runtime.errors import ClawnodeError, ErrorCode
@@ -257,7 +259,8 @@ class AutoNat:
         self.settings = settings or AutoNatSettings()
         self.state = state or ReachabilityState()
         self.serves_by_role = serves_by_role
-        self._own_addrs = own_addrs or (lambda: [str(addr) for addr in host.get_addrs()])
+        # Unranked: a UPnP mapping is published only once confirmed, so it must be asked about first.
+        self._own_addrs = own_addrs or (lambda: candidate_addrs_of(host))
         self._own_ports = own_ports or (lambda: listen_ports([str(addr) for addr in host.get_transport_addrs()]))
         self._clock = clock
         self.inbound = _InboundWatch()
@@ -315,6 +318,9 @@ class AutoNat:
         self._wake.set()
 
     async def run(self, *, task_status: TaskStatus[AutoNat] = trio.TASK_STATUS_IGNORED) -> None:
+        sources = sources_for(self.host)  # what the host publishes: confirmed addresses first
+        sources.confirmed = self.confirmed_addrs
+        sources.reachability = lambda: self.state.verdict
         self.host.get_network().register_notifee(self.inbound)
         async with trio.open_nursery() as nursery:
             if self.settings.serve != "never":

@@ -27,6 +27,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from nat.addresses import install_identify_hook, published
 from node.conn_guard import ConnLimits, guard_inbound_connections
 from node.dial_order import order_dials
 from runtime.errors import ClawnodeError, ErrorCode
@@ -59,6 +60,17 @@ def build_host(
     limits = conn_limits or ConnLimits()
     if limits.max_inbound is None:  # py-libp2p's own split: outbound dials keep min_connections
         limits = dataclasses.replace(limits, max_inbound=max(1, max_connections - min_connections))
+    built: list[IHost] = []
+
+    def addrs_factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        # Ranked by reachability (nat.addresses.rank_addrs): py-libp2p dials one TCP address per
+        # peer, the first its peer store lists, and peers store ours in the order identify sends them.
+        listen = [str(addr) for addr in advertised_addrs(candidates)]
+        extra = [str(addr) for addr in _parse_extra(extra_addrs())]
+        if not built:
+            return _unique(_parse_extra(extra + listen))
+        return _parse_extra(published(built[0], listen, extra))
+
     host = new_host(
         listen_addrs=list(listen_addrs) or None,
         key_pair=key_pair,
@@ -76,10 +88,10 @@ def build_host(
             # node.conn_guard closes an unfinished upgrade at handshake_timeout_s; this is a backstop.
             inbound_upgrade_timeout=limits.handshake_timeout_s + 1,
         ),
-        # Extra (mapped, public) addresses first: py-libp2p dials one TCP address per peer, the
-        # first its peer store lists, and peers store ours in the order identify sends them.
-        addrs_factory=lambda candidates: _unique(_parse_extra(extra_addrs()) + advertised_addrs(candidates)),
+        addrs_factory=addrs_factory,
     )
+    built.append(host)
+    install_identify_hook()
     _guard_inbound_streams(host)
     guard_inbound_connections(host.get_network(), limits)  # type: ignore[arg-type]
     order_dials(host)

@@ -1,0 +1,216 @@
+"""Which of our addresses we publish, and in which order (identify and the signed capability record).
+
+py-libp2p dials one TCP address per peer, the first it stores, so the order is what peers try.
+``rank_addrs`` decides it from plain data (a pure function, tested with hypothesis):
+
+1. addresses AutoNAT servers reached us on (``confirmed``): known to work from outside;
+2. while private, the relayed ``/p2p-circuit`` addresses (the only way in from outside);
+3. public listen addresses not (yet) confirmed;
+4. private (LAN, CGNAT) listen addresses: peers on the same LAN reach us there;
+5. loopback only for a peer on loopback, or when we have no other direct address (a node listening
+   on 127.0.0.1 only: every multi-node test): a peer elsewhere that dials our 127.0.0.1 reaches itself.
+
+A UPnP mapping (``mapped``) is published only once AutoNAT confirms it: behind a double NAT the
+home router maps a port on an address nobody outside can reach, and it used to stay first.
+
+``install_identify_hook`` lets identify answer per asking peer: identify builds its message from
+``host.get_addrs()``, which cannot know who asks; the hook tells it whether the asker is on loopback.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from libp2p.abc import IHost
+
+Reachability = Literal["public", "private", "unknown"]
+AddrClass = Literal["confirmed", "relayed", "public", "private", "loopback", "mapped", "other"]
+
+_ASKER_ON_LOOPBACK: contextvars.ContextVar[bool] = contextvars.ContextVar("asker_on_loopback", default=False)
+
+
+def _ip_of(addr: str) -> str | None:
+    parts = addr.split("/")
+    if len(parts) >= 3 and parts[1] in ("ip4", "ip6"):
+        return parts[2]
+    return None
+
+
+def classify(addr: str) -> AddrClass:
+    """What kind of address ``addr`` is by itself (``confirmed``/``mapped`` are known only from where it came)."""
+    if "/p2p-circuit" in addr:
+        return "relayed"
+    ip = _ip_of(addr)
+    if ip is None:
+        return "other"
+    try:
+        parsed = ipaddress.ip_address(ip)
+    except ValueError:
+        return "other"
+    if parsed.is_loopback:
+        return "loopback"
+    if parsed.is_unspecified:
+        return "other"
+    from nat.autonat import is_public_ip  # the harness' documentation ranges count as public there too
+
+    return "public" if is_public_ip(ip) else "private"
+
+
+@dataclass(frozen=True)
+class AddressInputs:
+    """Plain data in: our candidate addresses by origin, the AutoNAT verdict, who asks."""
+
+    listen: tuple[str, ...] = ()  # listen addresses, 0.0.0.0 already expanded to each interface
+    mapped: tuple[str, ...] = ()  # UPnP mappings on the home router (unconfirmed unless also in confirmed)
+    confirmed: tuple[str, ...] = ()  # reached by AutoNAT dial-backs (manual port forwards, working mappings)
+    relayed: tuple[str, ...] = ()  # <relay>/p2p/<id>/p2p-circuit, while private
+    reachability: Reachability = "unknown"
+    asker_on_loopback: bool = False
+
+
+def rank_addrs(inputs: AddressInputs) -> list[str]:
+    """The addresses to publish, best first, each once (see the module docstring)."""
+    confirmed = [a for a in inputs.confirmed if classify(a) in ("public", "private")]
+    relayed = [a for a in inputs.relayed if classify(a) == "relayed"]
+    # Listen addresses and whatever else came in, by class; unconfirmed mappings are left out.
+    by_class: dict[AddrClass, list[str]] = {"public": [], "private": [], "loopback": [], "other": []}
+    for addr in [*inputs.confirmed, *inputs.listen]:
+        if addr in confirmed:
+            continue
+        kind = classify(addr)
+        if kind in by_class:
+            by_class[kind].append(addr)
+    if inputs.reachability == "private":
+        ordered = confirmed + relayed + by_class["public"] + by_class["private"] + by_class["other"]
+    else:
+        ordered = confirmed + by_class["public"] + by_class["private"] + by_class["other"] + relayed
+    direct = confirmed + by_class["public"] + by_class["private"] + by_class["other"]
+    if inputs.asker_on_loopback or not direct:  # relayed addresses of a loopback-only node lead to loopback
+        ordered += by_class["loopback"]
+    seen: set[str] = set()
+    return [a for a in ordered if not (a in seen or seen.add(a))]  # type: ignore[func-returns-value]
+
+
+# --- where the inputs come from, per host ----------------------------------------------------------
+
+
+@dataclass
+class AddressSources:
+    """What a running node knows about its addresses; the NAT services fill it in as they start."""
+
+    confirmed: Callable[[], list[str]] | None = None  # None: no AutoNAT runs, the extra addresses are vouched for
+    reachability: Callable[[], Reachability] = lambda: "unknown"
+    last_listen: list[str] = field(default_factory=list)  # what the host's address factory saw last
+    last_extra: list[str] = field(default_factory=list)
+
+    def candidates(self) -> list[str]:
+        """Every address we might be reached on, unranked and unfiltered: what AutoNAT asks about."""
+        seen: set[str] = set()
+        both = self.last_extra + self.last_listen
+        return [a for a in both if not (a in seen or seen.add(a))]  # type: ignore[func-returns-value]
+
+
+_SOURCES: weakref.WeakKeyDictionary[IHost, AddressSources] = weakref.WeakKeyDictionary()
+
+
+def sources_for(host: IHost) -> AddressSources:
+    found = _SOURCES.get(host)
+    if found is None:
+        found = _SOURCES[host] = AddressSources()
+    return found
+
+
+def asker_on_loopback() -> bool:
+    """Whether the peer we are answering right now (identify) reached us over loopback."""
+    return _ASKER_ON_LOOPBACK.get()
+
+
+def published(
+    host: IHost,
+    listen: Sequence[str],
+    extra: Sequence[str],
+    relayed: Sequence[str] = (),
+    *,
+    remember: bool = True,
+    reachability: Reachability | None = None,
+) -> list[str]:
+    """Ranked addresses for ``host`` (``node.host``'s address factory: identify): ``listen`` with 0.0.0.0
+    expanded, ``extra`` the mapped and confirmed ones, ``relayed`` circuit addresses (the record)."""
+    sources = sources_for(host)
+    if remember:
+        sources.last_listen, sources.last_extra = list(listen), list(extra)
+    if sources.confirmed is None:
+        confirmed, mapped = list(extra), []
+    else:
+        known = set(sources.confirmed())
+        confirmed = [a for a in extra if a in known]
+        mapped = [a for a in extra if a not in known]
+    return rank_addrs(
+        AddressInputs(
+            listen=tuple(listen),
+            mapped=tuple(mapped),
+            confirmed=tuple(confirmed),
+            relayed=tuple(relayed),
+            reachability=reachability or sources.reachability(),
+            asker_on_loopback=asker_on_loopback(),
+        )
+    )
+
+
+def record_addrs(host: IHost, relayed: Sequence[str], reachability: Reachability | None = None) -> list[str]:
+    """The addresses for the signed capability record: as identify ranks them for a peer that is not
+    on loopback, with the relayed ones where they belong (first while private). ``reachability``:
+    what the record declares (a configured ``node.reachability`` wins over AutoNAT's verdict)."""
+    token = _ASKER_ON_LOOPBACK.set(False)
+    try:
+        plain = [str(addr).split("/p2p/")[0] for addr in host.get_addrs()]  # refreshes the factory's view
+        sources = sources_for(host)
+        if not (sources.last_listen or sources.last_extra):  # a host without node.host's factory
+            return rank_addrs(
+                AddressInputs(listen=tuple(plain), relayed=tuple(relayed), reachability=reachability or "unknown")
+            )
+        return published(
+            host, sources.last_listen, sources.last_extra, relayed, remember=False, reachability=reachability
+        )
+    finally:
+        _ASKER_ON_LOOPBACK.reset(token)
+
+
+_HOOKED = False
+
+
+def install_identify_hook() -> None:
+    """Make py-libp2p's identify (and identify push) build its message knowing whether the asking
+    peer is on loopback: its observed address, which identify computes anyway, says so."""
+    global _HOOKED
+    if _HOOKED:
+        return
+    from libp2p.identity.identify import identify as identify_module
+    from libp2p.identity.identify_push import identify_push as push_module
+
+    original = identify_module._mk_identify_protobuf
+
+    def per_asker(host: IHost, observed_multiaddr: Any) -> Any:
+        on_loopback = observed_multiaddr is not None and classify(str(observed_multiaddr)) == "loopback"
+        token = _ASKER_ON_LOOPBACK.set(on_loopback)
+        try:
+            return original(host, observed_multiaddr)
+        finally:
+            _ASKER_ON_LOOPBACK.reset(token)
+
+    identify_module._mk_identify_protobuf = per_asker
+    push_module._mk_identify_protobuf = per_asker  # type: ignore[attr-defined]
+    _HOOKED = True
+
+
+def candidate_addrs(host: IHost) -> list[str]:
+    """Every address ``host`` might be reached on, unranked (mapped ones included): what AutoNAT
+    asks servers to dial back, so that an unconfirmed mapping can become a confirmed one."""
+    advertised = [str(addr).split("/p2p/")[0] for addr in host.get_addrs()]  # refreshes the factory's view
+    found = sources_for(host).candidates()
+    return found or advertised

@@ -1,0 +1,137 @@
+"""Published addresses ranked by reachability (``nat.addresses.rank_addrs``) and where they are used:
+identify answers per asking peer, the signed record, AutoNAT's questions."""
+
+from __future__ import annotations
+
+import socket
+
+import multiaddr
+import psutil
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from libp2p.crypto.secp256k1 import create_new_key_pair
+from libp2p.peer.peerinfo import PeerInfo
+
+from nat.addresses import AddressInputs, candidate_addrs, classify, rank_addrs, record_addrs, sources_for
+from node.host import build_host
+
+LAN = "/ip4/192.168.1.10/tcp/4021"
+LOOP = "/ip4/127.0.0.1/tcp/4021"
+PUBLIC = "/ip4/198.18.0.1/tcp/4021"  # not global, so "private" by is_public_ip; see below
+WAN = "/ip4/203.0.113.7/tcp/4021"  # the harness' "internet" (documentation range): public
+MAPPED = "/ip4/203.0.113.99/tcp/4021"
+CIRCUIT = "/ip4/203.0.113.2/tcp/4021/p2p/12D3KooWRelay/p2p-circuit"
+
+
+def test_a_private_node_on_0_0_0_0_publishes_relays_then_lan_and_no_loopback() -> None:
+    ranked = rank_addrs(AddressInputs(listen=(LOOP, LAN), relayed=(CIRCUIT,), reachability="private"))
+    assert ranked == [CIRCUIT, LAN]
+
+
+def test_confirmed_first_and_an_unconfirmed_mapping_is_left_out() -> None:
+    inputs = AddressInputs(listen=(LOOP, LAN), mapped=(MAPPED,), reachability="private", relayed=(CIRCUIT,))
+    assert MAPPED not in rank_addrs(inputs)  # double NAT: the router's "external" address is unreachable
+    confirmed = AddressInputs(listen=(LOOP, LAN), mapped=(), confirmed=(MAPPED,), reachability="public")
+    assert rank_addrs(confirmed) == [MAPPED, LAN]
+
+
+def test_loopback_for_a_loopback_asker_or_a_loopback_only_node() -> None:
+    assert rank_addrs(AddressInputs(listen=(LOOP, LAN), asker_on_loopback=True)) == [LAN, LOOP]
+    assert rank_addrs(AddressInputs(listen=(LOOP,))) == [LOOP]
+    # A loopback-only node holding relays (tests): its loopback address stays with its circuits.
+    assert rank_addrs(AddressInputs(listen=(LOOP,), relayed=(CIRCUIT,), reachability="private")) == [CIRCUIT, LOOP]
+
+
+def test_public_listen_before_lan_and_relayed_last_unless_private() -> None:
+    assert rank_addrs(AddressInputs(listen=(LAN, WAN), relayed=(CIRCUIT,))) == [WAN, LAN, CIRCUIT]
+    assert classify(PUBLIC) == "private" and classify(WAN) == "public" and classify(CIRCUIT) == "relayed"
+
+
+_octet = st.integers(0, 255)
+_ip4 = st.one_of(
+    st.tuples(st.just(127), _octet, _octet, _octet),
+    st.tuples(st.just(192), st.just(168), _octet, _octet),
+    st.tuples(st.just(203), st.just(0), st.just(113), _octet),
+    st.tuples(st.integers(1, 223), _octet, _octet, _octet),
+).map(lambda t: ".".join(map(str, t)))
+_tcp = st.builds(lambda ip, port: f"/ip4/{ip}/tcp/{port}", _ip4, st.integers(1, 65535))
+_circuit = _tcp.map(lambda a: f"{a}/p2p/12D3KooWRelay/p2p-circuit")
+_inputs = st.builds(
+    AddressInputs,
+    listen=st.lists(_tcp, max_size=6).map(tuple),
+    mapped=st.lists(_tcp, max_size=2).map(tuple),
+    confirmed=st.lists(_tcp, max_size=2).map(tuple),
+    relayed=st.lists(_circuit, max_size=3).map(tuple),
+    reachability=st.sampled_from(["public", "private", "unknown"]),
+    asker_on_loopback=st.booleans(),
+)
+
+
+@given(_inputs)
+def test_ranking_properties(inputs: AddressInputs) -> None:
+    ranked = rank_addrs(inputs)
+    assert len(ranked) == len(set(ranked))
+    allowed = set(inputs.listen) | set(inputs.confirmed) | set(inputs.relayed)
+    assert set(ranked) <= allowed  # an unconfirmed mapping is never published
+    assert not set(inputs.mapped) - set(inputs.listen) - set(inputs.confirmed) & set(ranked)
+    direct = [a for a in ranked if classify(a) not in ("loopback", "relayed")]
+    if any(classify(a) == "loopback" for a in ranked):
+        assert inputs.asker_on_loopback or not direct
+        first = next(i for i, a in enumerate(ranked) if classify(a) == "loopback")
+        assert all(classify(a) == "loopback" for a in ranked[first:])  # after everything else
+    # Confirmed addresses (non-loopback) lead, in their order.
+    lead = [a for a in dict.fromkeys(inputs.confirmed) if classify(a) in ("public", "private")]
+    assert ranked[: len(lead)] == lead
+    if inputs.reachability == "private":  # relayed right after confirmed, before any listen address
+        relayed = list(dict.fromkeys(inputs.relayed))
+        assert ranked[len(lead) : len(lead) + len(relayed)] == relayed
+    # Every non-loopback listen address is published.
+    assert {a for a in inputs.listen if classify(a) != "loopback"} <= set(ranked)
+
+
+def _non_loopback_ipv4() -> str | None:
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family == socket.AF_INET and not addr.address.startswith("127."):
+                return str(addr.address)
+    return None
+
+
+async def test_identify_names_loopback_only_to_a_peer_on_loopback() -> None:
+    """A node on 0.0.0.0 (the default): a peer that reached it over 127.0.0.1 learns 127.0.0.1 too, a
+    peer that reached it on its interface address does not (it would dial itself there)."""
+    own_ip = _non_loopback_ipv4()
+    if own_ip is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    server = build_host(create_new_key_pair())
+    near, far = build_host(create_new_key_pair()), build_host(create_new_key_pair())
+    loopback = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with server.run([multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/0")]), near.run(loopback), far.run(loopback):
+        port = int(str(server.get_transport_addrs()[0]).split("/tcp/")[1])
+        assert not any("/127." in str(a) for a in server.get_addrs())
+        assert record_addrs(server, []) == [str(a).split("/p2p/")[0] for a in server.get_addrs()]
+        sid = server.get_id()
+        await near.connect(PeerInfo(sid, [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]))
+        await far.connect(PeerInfo(sid, [multiaddr.Multiaddr(f"/ip4/{own_ip}/tcp/{port}")]))
+        with trio.fail_after(10):
+            while not any("/127." in str(a) for a in near.get_peerstore().addrs(sid)):
+                await trio.sleep(0.05)
+            while len(far.get_peerstore().addrs(sid)) < 2 and trio.current_time() > 0:
+                await trio.sleep(0.05)
+                if any(str(a).startswith(f"/ip4/{own_ip}/") for a in far.get_peerstore().addrs(sid)):
+                    break
+        await trio.sleep(0.5)  # identify has answered both
+        assert not any("/127." in str(a) for a in far.get_peerstore().addrs(sid))
+
+
+async def test_autonat_asks_about_an_unconfirmed_mapping_that_is_not_published() -> None:
+    mapped = "/ip4/203.0.113.99/tcp/4021"
+    host = build_host(create_new_key_pair(), extra_addrs=lambda: [mapped])
+    sources_for(host).confirmed = list  # AutoNAT runs and has confirmed nothing yet
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        assert not any(mapped in str(a) for a in host.get_addrs())
+        assert mapped in candidate_addrs(host)
+        sources_for(host).confirmed = lambda: [mapped]  # confirmed by two servers
+        assert str(host.get_addrs()[0]).startswith(mapped)
