@@ -5,20 +5,25 @@ The rules live elsewhere: the lease lifecycle and metering rhythm in ``protocols
 streams, those machines, the ledger and the chain.
 
 Provider side (``LeaseDesk``): quote → verify the consumer's signed open, its wallet binding and
-its escrow lock on chain (``check_lock``: the consumer's own wallet pays, enough, long enough) →
-signed grant with a fresh access token (only its sha256 is kept) → serve calls that carry the
-token, each holding a reservation of the budget while it runs (the engine is told ``max_tokens``)
-and metered as its end frame leaves → push a signed usage receipt every N units or T seconds and
-at the end → claim from escrow what the consumer countersigned with a valid voucher. A receipt
-left unsigned, or answered without a valid voucher, pauses service; a consumer silent too long
-loses the lease; an escrow seen disputed or closed on chain ends it.
+its escrow lock on chain (``check_lock``: the consumer's own wallet pays, enough, long enough, under
+an escrow id derived from its peer id) → signed grant with a fresh access token (only its sha256 is
+kept) → serve calls that carry the token, each holding a reservation of the budget while it runs
+(the engine is told ``max_tokens``) and metered as its end frame leaves (a call cut before it, for
+the chunks written; a cancel frame stops the engine and gets an end frame billing those) → push a
+signed usage receipt every N units or T seconds and at the end → claim from escrow what the
+consumer countersigned with a valid voucher. A receipt left unsigned, or answered without a valid
+voucher, pauses service; a consumer silent too long loses the lease; an escrow seen disputed or
+closed on chain ends it.
 
 Consumer side (``LeaseHolder``): ask for a quote, check it is the provider's and addressed to us,
-lock the budget, open (with its wallet bound to its peer id), keep the token in memory only, count
-the units each call's end frame reports when they are consistent with what arrived
-(``check_end_frame``), and countersign a receipt only for units counted (with an escrow voucher for
-that total). The provider's claims are booked as spend when seen on chain; when a lease ends, the
-rest of the lock is refunded through the settlement queue.
+lock the budget under an escrow id derived from our peer id and a salt (``lease_id_for``), open
+(with its wallet bound to its peer id), keep the token in memory only, count the units each call's
+end frame reports when they are consistent with what arrived (``check_end_frame``), leave a call by
+a cancel frame and reading on to its end frame (counting the chunks received when the provider does
+not answer, with a small in-flight tolerance: ``receipt_tolerance``), and countersign a receipt only
+for units counted (with an escrow voucher for that total). The provider's claims are booked as
+spend when seen on chain; when a lease ends, the rest of the lock is refunded through the
+settlement queue.
 
 Every exchange is one stream with one request and one reply (``protocols.rpc``), so each side
 dials the other when it has something to say: on the connection that already exists, which is
