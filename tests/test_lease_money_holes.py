@@ -454,10 +454,11 @@ async def test_an_honest_consumer_that_leaves_mid_stream_pays_what_it_received_a
             await _leave_after(consumer.market, view.lease_id, 100, stall_s=0.5)
         assert caught.value.code == ErrorCode.TIMEOUT
         await wait_for(lambda: served.session.units_reserved == 0 and served.in_flight == 0, 5, what="calls done")
-        # Exactly what arrived on the consumer's node (a word or two may follow the cancel), no prompt.
+        # Exactly what arrived on the consumer's node (a few words may follow each cancel), no prompt,
+        # far from the 40 words each answer had.
         assert held.aborted_calls == 0
         assert served.session.units_metered == held.seen_units
-        assert 3 + 7 + 4 <= held.seen_units <= 3 + 7 + 4 + 4
+        assert 3 + 7 + 4 <= held.seen_units <= 3 + 7 + 4 + 2 * ABORTED_CALL_TOLERANCE_UNITS
         paid = await _paid_out(provider, consumer, view.lease_id)
         assert paid == held.seen_units
 
