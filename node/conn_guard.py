@@ -30,6 +30,7 @@ import logging
 import math
 import weakref
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -133,12 +134,16 @@ class ConnGuard:
         self.upgraded += 1
         self.inbound += 1
         try:
-            # The listener closes the socket when this handler returns: stay as long as the connection.
+            # The listener closes the socket when this handler returns: stay as long as the connection,
+            # and no longer than the swarm. The listener's tasks outlive a stopped swarm (py-libp2p runs
+            # them in a system task until the listener is closed), so waiting for the connection alone
+            # kept a stopped node's sockets open: peers kept a connection nobody answered on (a
+            # restarted provider's consumer opened its next stream there and timed out after 10 s).
             closed: trio.Event | None = getattr(muxed, "event_closed", None)
             if closed is None:
                 await self.swarm.manager.wait_finished()
             else:
-                await closed.wait()
+                await _first_of(closed.wait, self.swarm.manager.wait_finished)
         finally:
             self.inbound -= 1
 
@@ -178,6 +183,18 @@ class ConnGuard:
             log.debug("inbound connection closed: no upgrade within %g s", self.limits.handshake_timeout_s)
         await _close_quietly(raw if raw is not None else read_write_closer)
         return None
+
+
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as one of ``waits`` returns."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait_then_cancel(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(wait_then_cancel, wait)
 
 
 async def _close_quietly(conn: ReadWriteCloser | IRawConnection) -> None:

@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable, Sequence
 import multiaddr
 import psutil
 from libp2p import new_host
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStore
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -94,8 +95,90 @@ def build_host(
     install_identify_hook()
     _guard_inbound_streams(host)
     guard_inbound_connections(host.get_network(), limits)  # type: ignore[arg-type]
+    heal_redials(host)  # before order_dials: its stable sort keeps the newest addresses first in a class
     order_dials(host)
     return host
+
+
+class _Unblock(INotifee):
+    """A peer that connects to us is reachable: lift py-libp2p's negative dial cache for it."""
+
+    def __init__(self, unblock: Callable[[ID], None]) -> None:
+        self._unblock = unblock
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._unblock(conn.muxed_conn.peer_id)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None: ...
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None: ...
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None: ...
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None: ...
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None: ...
+
+
+def heal_redials(host: IHost) -> None:
+    """A restarted peer is dialed again at once, at the address it has now.
+
+    py-libp2p 0.8.1 refuses every dial to a peer for 60 s after one dial to it failed (the swarm's
+    negative cache), even while that peer holds a connection to us, and dials one TCP address per
+    peer, the first its peer store lists: the old one, dead after a restart on a new port. So a
+    provider killed and restarted stayed unreachable for ~60 s (the router paid a backup meanwhile,
+    and a lease call failed with StreamFailure). Here:
+
+    * a connection from or to the peer (it came back and dialed us, identify, a relay) lifts the
+      block, and a dial to a peer we hold an open connection to is never blocked;
+    * news about its addresses (``add_addrs``: its signed record read again, a DHT answer, identify)
+      lifts it too, and addresses added later are listed first within their dial class (stable
+      within one ``add_addrs``, so a record's own order is kept); ``clear_addrs`` forgets them.
+    """
+    network = host.get_network()
+    unblock: Callable[[ID], None] | None = getattr(network, "unblock_peer", None)
+    if unblock is None:  # a py-libp2p without the negative cache
+        return
+    network.register_notifee(_Unblock(unblock))
+    dial_peer = network.dial_peer
+
+    async def dial_peer_connected_first(peer_id: ID) -> list[INetConn]:
+        # py-libp2p checks the block before the connections it holds: a peer connected to us
+        # (it dialed us after its restart) was still refused for the rest of the 60 s.
+        if any(not conn.is_closed for conn in network.get_connections(peer_id)):
+            unblock(peer_id)
+        return await dial_peer(peer_id)
+
+    network.dial_peer = dial_peer_connected_first  # type: ignore[method-assign]
+    peerstore = host.get_peerstore()
+    add_addrs, clear_addrs, stored = peerstore.add_addrs, peerstore.clear_addrs, peerstore.addrs
+    added: dict[ID, dict[str, int]] = {}
+    batches = iter(range(1, 1 << 62))
+
+    def add_addrs_noting(peer_id: ID, addrs: Sequence[multiaddr.Multiaddr], ttl: int = 0) -> None:
+        add_addrs(peer_id, addrs, ttl)
+        if peer_id not in added and len(added) >= 10_000:  # bounded like the peer store itself
+            del added[next(iter(added))]
+        seen = added.setdefault(peer_id, {})
+        batch = next(batches)
+        for addr in addrs:
+            seen.setdefault(str(addr), batch)
+        if len(seen) > 64:  # a peer flooding addresses: keep the newest only
+            for old in sorted(seen, key=seen.__getitem__)[: len(seen) - 64]:
+                del seen[old]
+        unblock(peer_id)
+
+    def clear_addrs_forgetting(peer_id: ID) -> None:
+        clear_addrs(peer_id)
+        added.pop(peer_id, None)
+
+    def newest_first(peer_id: ID) -> list[multiaddr.Multiaddr]:
+        seen = added.get(peer_id, {})
+        return sorted(stored(peer_id), key=lambda addr: -seen.get(str(addr), 0))
+
+    peerstore.add_addrs = add_addrs_noting  # type: ignore[method-assign]
+    peerstore.clear_addrs = clear_addrs_forgetting  # type: ignore[method-assign]
+    peerstore.addrs = newest_first  # type: ignore[method-assign]
 
 
 def _guard_inbound_streams(host: IHost) -> None:
