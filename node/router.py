@@ -7,6 +7,13 @@ A provider that refuses, stalls or disconnects mid-stream costs a short pause: t
 to the next one and asks it to continue the same answer (the text so far is sent back as the
 start of the assistant's reply), so the agent's stream goes on where it stopped.
 
+Leases: before each request the router checks that the provider's lease still covers it, by budget
+(what the request may reserve at most, ``call_units_needed``, beside the units already used and those
+held by calls in flight) and by time (``RENEW_BEFORE_S`` before it expires); one that does not is
+retired and a new one opened first, so no agent request meets a spent lease (``lease_fits``, a pure
+verdict). A retired lease is ended once its last call returns: its rest is refunded and it leaves
+the live set.
+
 Health: every ``health_interval_s`` the router fetches the capability record of each provider it
 knows (a round trip it also feeds into the latency EWMA); ``failures_to_failover`` consecutive
 failures (calls or checks) take a provider out of rotation until a check succeeds again.
@@ -20,6 +27,7 @@ import math
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +38,7 @@ from libp2p.peer.id import ID
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.config import RouterSection
 from protocols.lease import LeaseMarket
+from protocols.machines.lease import DEFAULT_COMPLETION_CAP, prompt_units_estimate
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
@@ -102,6 +111,46 @@ class ConsensusOutcome:
         }
 
 
+# A lease is renewed when it would expire within this many seconds (or a tenth of its duration).
+RENEW_BEFORE_S = 30.0
+
+
+def call_units_needed(body: dict[str, Any]) -> int:
+    """The most units a provider may reserve for ``body``: its completion bound and its prompt's estimate."""
+    max_tokens = body.get("max_tokens")
+    completion = (
+        max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0 else 0
+    )
+    return (completion or DEFAULT_COMPLETION_CAP) + prompt_units_estimate(body)
+
+
+@dataclass(frozen=True)
+class LeaseFit:
+    ok: bool
+    reason: str  # "fits" | "budget" | "time"
+
+
+def lease_fits(
+    *,
+    budget: int,
+    price_per_unit: int,
+    used_units: int,
+    reserved_units: int,
+    need_units: int,
+    expires_at: float,
+    now: float,
+    renew_before_s: float,
+) -> LeaseFit:
+    """Whether a held lease can carry one more request of ``need_units`` now (pure: plain data in)."""
+    if expires_at - now < renew_before_s:
+        return LeaseFit(False, "time")
+    if price_per_unit > 0:
+        units_left = budget // price_per_unit - used_units - reserved_units
+        if units_left < need_units:
+            return LeaseFit(False, "budget")
+    return LeaseFit(True, "fits")
+
+
 TextSink = Callable[[str], Awaitable[None]]
 # Internal: text plus how many tokens it holds (a provider's chunk may batch several).
 TokenSink = Callable[[str, int], Awaitable[None]]
@@ -132,6 +181,11 @@ class Router:
         self.health: dict[str, ProviderHealth] = {}
         self._leases: dict[tuple[str, str], str] = {}
         self._lease_locks: dict[tuple[str, str], trio.Lock] = {}
+        self._reserved: dict[str, int] = {}  # lease id -> units its calls in flight may use
+        self._in_flight: dict[str, int] = {}  # lease id -> calls in flight
+        self._retired: set[str] = set()  # replaced leases, ended when their last call returns
+        self.leases_opened = 0
+        self.leases_renewed = 0
         # For /metrics: model calls answered by this node's own services.
         self.local_first_chunk_s = LatencyHistogram()
         self.local_duration_s = LatencyHistogram()
@@ -258,8 +312,11 @@ class Router:
             for provider in providers[: self.settings.max_providers]:
                 chunks.clear()
                 try:
-                    lease_id = await self._lease(provider, capability)
-                    end = await self.market.stream_call(lease_id, body, collect, stall_s=self.settings.stall_timeout_s)
+                    lease_id = await self._lease(provider, capability, body)
+                    async with self._using(lease_id, body):
+                        end = await self.market.stream_call(
+                            lease_id, body, collect, stall_s=self.settings.stall_timeout_s
+                        )
                 except ClawnodeError as error:
                     if error.code not in PROVIDER_FAULTS:
                         raise
@@ -332,7 +389,7 @@ class Router:
         self, provider: ProviderResult, capability: str, body: dict[str, Any], sink: TokenSink, result: RouteResult
     ) -> None:
         health = self._health(provider.peer_id)
-        lease_id = await self._lease(provider, capability)
+        lease_id = await self._lease(provider, capability, body)
         received = 0
 
         async def on_chunk(data: dict[str, Any]) -> None:
@@ -345,14 +402,17 @@ class Router:
         started = self.clock()
         health.in_flight += 1
         try:
-            end = await self.market.stream_call(lease_id, body, on_chunk, stall_s=self.settings.stall_timeout_s)
+            async with self._using(lease_id, body):
+                end = await self.market.stream_call(lease_id, body, on_chunk, stall_s=self.settings.stall_timeout_s)
         except ClawnodeError as error:
             health.consecutive_failures += 1
             result.completion_tokens += received  # delivered before the failure
             if received:
                 result.served_by.append(provider.peer_id)
             if error.code in (ErrorCode.EXPIRED, ErrorCode.CONFLICT, ErrorCode.INSUFFICIENT_FUNDS, ErrorCode.FORBIDDEN):
-                self._leases.pop((provider.peer_id, capability), None)
+                if self._leases.get((provider.peer_id, capability)) == lease_id:
+                    del self._leases[(provider.peer_id, capability)]
+                await self._retire(lease_id)
             raise
         finally:
             health.in_flight -= 1
@@ -363,24 +423,80 @@ class Router:
         result.completion_tokens += end.usage.get("completion_tokens", end.units)
         result.served_by.append(provider.peer_id)
 
-    async def _lease(self, provider: ProviderResult, capability: str) -> str:
+    async def _lease(self, provider: ProviderResult, capability: str, body: dict[str, Any]) -> str:
+        """The provider's lease for ``capability``, renewed first when it cannot carry ``body``."""
         key = (provider.peer_id, capability)
+        need = call_units_needed(body)
         async with self._lease_locks.setdefault(key, trio.Lock()):
             lease_id = self._leases.get(key)
             if lease_id is not None:
                 held = self.market.held.get(lease_id)
                 if held is not None and held.ended_reason is None:
-                    return lease_id
-            budget = max(1, provider.price_per_unit) * self.settings.lease_units
+                    grant = held.grant
+                    fit = lease_fits(
+                        budget=grant.budget,
+                        price_per_unit=grant.price_per_unit,
+                        used_units=held.seen_units,
+                        reserved_units=self._reserved.get(lease_id, 0),
+                        need_units=need,
+                        expires_at=grant.expires_at,
+                        now=self.market.clock(),
+                        renew_before_s=min(RENEW_BEFORE_S, self.settings.lease_duration_s / 10),
+                    )
+                    if fit.ok:
+                        return lease_id
+                    log.info("lease %s runs out (%s); opening the next one first", lease_id[:12], fit.reason)
+                    self.leases_renewed += 1
+                del self._leases[key]
+                await self._retire(lease_id)
+            units = max(self.settings.lease_units, 2 * need)
+            budget = max(1, provider.price_per_unit) * units
             view = await self.market.open_lease(
                 provider.peer_id,
                 capability,
                 budget=budget,
                 duration_s=self.settings.lease_duration_s,
-                expected_units=self.settings.lease_units,
+                expected_units=units,
             )
+            self.leases_opened += 1
             self._leases[key] = view.lease_id
             return view.lease_id
+
+    @asynccontextmanager
+    async def _using(self, lease_id: str, body: dict[str, Any]) -> AsyncIterator[None]:
+        """One call on ``lease_id``: its units held against the lease while it runs; a retired lease
+        is ended when its last call returns."""
+        units = call_units_needed(body)
+        self._reserved[lease_id] = self._reserved.get(lease_id, 0) + units
+        self._in_flight[lease_id] = self._in_flight.get(lease_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._reserved[lease_id] -= units
+            self._in_flight[lease_id] -= 1
+            if not self._in_flight[lease_id]:
+                del self._reserved[lease_id], self._in_flight[lease_id]
+                if lease_id in self._retired:
+                    with trio.CancelScope(shield=True):
+                        await self._end(lease_id)
+
+    async def _retire(self, lease_id: str) -> None:
+        """A lease the router no longer uses: ended now when idle, else after its last call."""
+        if self._in_flight.get(lease_id):
+            self._retired.add(lease_id)
+            return
+        await self._end(lease_id)
+
+    async def _end(self, lease_id: str) -> None:
+        self._retired.discard(lease_id)
+        held = self.market.held.get(lease_id)
+        if held is None or held.ended_reason is not None:
+            return
+        try:
+            with trio.move_on_after(self.settings.stall_timeout_s):
+                await self.market.revoke(lease_id)  # the rest is refunded; it leaves the live set
+        except ClawnodeError as error:
+            log.info("could not end the spent lease %s (%s)", lease_id[:12], error.code)
 
     async def _from_upstream(self, model: str, body: dict[str, Any], sink: TokenSink, result: RouteResult) -> None:
         url = self.settings.upstream_url.rstrip("/") + "/chat/completions"
