@@ -83,16 +83,21 @@ class Chain:
 
     @classmethod
     def rpc(cls, url: str, *, timeout_s: float = 10.0, retries: int = 1, probe_timeout_s: float = 2.0) -> Chain:
-        """A JSON-RPC chain: each request waits ``timeout_s`` and is retried ``retries`` times (reads
-        and sends alike: a resent raw transaction is the same transaction), so a chain that stopped
-        answering fails a call within about ``(retries + 1) * timeout_s``, not web3's default five tries."""
+        """A JSON-RPC chain: each read waits ``timeout_s`` and is retried ``retries`` times, so a chain
+        that stopped answering fails a call within about ``(retries + 1) * timeout_s``, not after web3's
+        default five tries (~52 s at 10 s); a raw transaction is sent once."""
         import requests
         from web3 import HTTPProvider
-        from web3.providers.rpc.utils import ExceptionRetryConfiguration
+        from web3.providers.rpc.utils import REQUEST_RETRY_ALLOWLIST, ExceptionRetryConfiguration
 
         # web3's own choice of errors to retry (a refused connection, an HTTP error, a timeout).
         errors = (ConnectionError, requests.HTTPError, requests.Timeout)
-        retry = ExceptionRetryConfiguration(errors=errors, retries=retries + 1, backoff_factor=0.1)
+        # A send whose answer timed out may have landed: resending it would only be refused ("already
+        # known", "nonce too low"); its fate is read from the chain instead (``tx_status``).
+        reads = [method for method in REQUEST_RETRY_ALLOWLIST if method != "eth_sendRawTransaction"]
+        retry = ExceptionRetryConfiguration(
+            errors=errors, retries=retries + 1, backoff_factor=0.1, method_allowlist=reads
+        )
         provider = HTTPProvider(url, request_kwargs={"timeout": timeout_s}, exception_retry_configuration=retry)
         probe = HTTPProvider(url, request_kwargs={"timeout": probe_timeout_s}, exception_retry_configuration=None)
         return cls(Web3(provider), "rpc", probe_w3=Web3(probe))
