@@ -56,10 +56,14 @@ from dht.records import bind_wallet, wallet_binding_holds
 from nat.relay import open_stream
 from protocols import lease_wire as w
 from protocols.background import spawn_guarded
+from protocols.machines.history import finished_to_evict
 from protocols.machines.lease import (
     BUDGET_BUSY_MESSAGE,
     END_FROZEN,
+    FINISHED_KEEP,
+    FINISHED_KEEP_S,
     LEASE_SALT_BYTES,
+    USED_QUOTES_MAX,
     LeaseSession,
     LockFacts,
     aborted_call_units,
@@ -69,6 +73,7 @@ from protocols.machines.lease import (
     check_receipt_claim,
     chunk_tokens,
     lease_id_for,
+    quotes_to_forget,
     receipt_tolerance,
 )
 from protocols.machines.lease import LeasePolicy as SessionPolicy
@@ -204,7 +209,13 @@ class LeaseMarket:
         self.clock = clock
         self.served: dict[str, ServedLease] = {}
         self.held: dict[str, HeldLease] = {}
-        self._used_quotes: dict[str, int] = {}
+        self._used_quotes: dict[str, int] = {}  # quote id -> valid_until, until it has passed
+        # Finished leases, oldest first: (side, lease id) -> when they finished. Kept for the API and
+        # late messages for a while (``finished_to_evict``), then forgotten; the ledger keeps them.
+        self._finished: dict[tuple[str, str], float] = {}
+        self.finished_keep = FINISHED_KEEP
+        self.finished_keep_s = FINISHED_KEEP_S
+        self.used_quotes_max = USED_QUOTES_MAX
         self._nursery: trio.Nursery | None = None
         self.call_read_timeout_s = CALL_READ_TIMEOUT_S
         # For /metrics: refusals and failures by (operation, error code); durations of calls served.
@@ -339,6 +350,13 @@ class LeaseMarket:
             raise ClawnodeError(ErrorCode.EXPIRED, "the quote has expired; ask for a new one")
         if quote.quote_id in self._used_quotes:
             raise ClawnodeError(ErrorCode.CONFLICT, "this quote was already used to open a lease")
+        # Oldest first: what expired at the front goes at once (cheap); all of them when the set is full.
+        while self._used_quotes and next(iter(self._used_quotes.values())) < now:
+            del self._used_quotes[next(iter(self._used_quotes))]
+        if len(self._used_quotes) >= self.used_quotes_max:
+            self._forget_used_quotes(now)
+            if len(self._used_quotes) >= self.used_quotes_max:
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "too many leases opened lately; try again later")
         if opening.budget < quote.price_per_unit:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the budget does not cover a single unit")
         escrow_ref = await self._check_payment(quote, opening, remote, now)
@@ -385,6 +403,35 @@ class LeaseMarket:
         log.info("lease %s granted to %s for %s", grant.lease_id[:12], remote[:16], grant.capability)
         envelope = seal(grant, self.key, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
         return w.GrantReply(envelope=to_base64(envelope), token=token)
+
+    def _forget_used_quotes(self, now: float) -> None:
+        for quote_id in quotes_to_forget(self._used_quotes, now):
+            del self._used_quotes[quote_id]
+
+    def _finished_now(self, side: str, lease_id: str) -> None:
+        """A lease's end work is done (final receipt, claim or refund queued): start its retention."""
+        self._finished[(side, lease_id)] = self.clock()
+        self._forget_finished()
+
+    def _forget_finished(self) -> None:
+        """Drop finished leases past their retention (``finished_to_evict``); a message about one later
+        gets ``E_NOT_FOUND``, like any lease this node does not know."""
+        keys = {f"{side}/{lease_id}": (side, lease_id) for side, lease_id in self._finished}
+        entries = [
+            (name, at, self._settled(*keys[name])) for name, at in zip(keys, self._finished.values(), strict=True)
+        ]
+        for name in finished_to_evict(entries, self.clock(), keep=self.finished_keep, keep_s=self.finished_keep_s):
+            side, lease_id = keys[name]
+            del self._finished[(side, lease_id)]
+            (self.served if side == "served" else self.held).pop(lease_id, None)
+
+    def _settled(self, side: str, lease_id: str) -> bool:
+        """Whether nothing more waits on a finished lease's entry: a consumer books the provider's claims
+        as it sees them on chain; a provider's claim is in the ledger's settlement queue."""
+        if side == "served":
+            return True
+        held = self.held.get(lease_id)
+        return held is None or held.escrow_id is None or held.booked >= held.committed
 
     def _new_session(self, grant: w.LeaseGrant, now: int) -> LeaseSession:
         s = self.settings
@@ -724,6 +771,8 @@ class LeaseMarket:
         while True:
             await trio.sleep(SWEEP_INTERVAL_S)
             now = self.clock()
+            self._forget_used_quotes(now)
+            self._forget_finished()
             for lease_id, held in list(self.held.items()):
                 if held.escrow_id is not None and held.booked < held.committed and not held.observing:
                     if now - held.observed_at >= ESCROW_CHECK_S:
@@ -768,6 +817,12 @@ class LeaseMarket:
         if served is None or served.ended_reason is not None:
             return
         served.ended_reason = reason
+        try:
+            await self._wind_down_served(lease_id, served, reason, notify=notify)
+        finally:
+            self._finished_now("served", lease_id)
+
+    async def _wind_down_served(self, lease_id: str, served: ServedLease, reason: str, *, notify: bool) -> None:
         # New calls are refused from here; those under way are metered before the final receipt.
         with trio.move_on_after(CALL_READ_TIMEOUT_S):
             while served.in_flight:
@@ -1156,10 +1211,13 @@ class LeaseMarket:
         if held is None or held.ended_reason is not None:
             return
         held.ended_reason = reason
-        await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
-        if held.escrow_id is not None:
-            await self.ledger.enqueue_refund(lease_id)
-            self.wake_settlement()
+        try:
+            await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
+            if held.escrow_id is not None:
+                await self.ledger.enqueue_refund(lease_id)
+                self.wake_settlement()
+        finally:
+            self._finished_now("held", lease_id)
 
     # ================= views =================
 
@@ -1171,6 +1229,7 @@ class LeaseMarket:
         return _view(served.grant, "provider", str(served.session.state), served.session.units_metered)
 
     def leases(self) -> list[w.LeaseView]:
+        """Live leases and those finished lately (``FINISHED_KEEP``, ``FINISHED_KEEP_S``); the ledger has all."""
         views = [self._view_served(s) for s in self.served.values()]
         views.extend(self._view_held(h) for h in self.held.values())
         return sorted(views, key=lambda view: view.lease_id)

@@ -993,6 +993,7 @@ class TaskMarket:
         while True:
             await trio.sleep(SWEEP_INTERVAL_S)
             now = self._now()
+            self._forget_finished(now)
             for task_id, record in list(self.book.tasks.items()):
                 if record.state == m.TaskState.OPEN and now >= record.deadline:
                     try:
@@ -1004,6 +1005,13 @@ class TaskMarket:
                         self._spawn(
                             functools.partial(self.ledger.set_task_state, idempotency_key=key), task_id, "task_expired"
                         )
+
+    def _forget_finished(self, now: float) -> None:
+        """Finished tasks leave memory after ``TASK_FINISHED_KEEP_S`` or beyond the newest
+        ``TASK_FINISHED_KEEP`` (the book decides); a message about one later is ``E_NOT_FOUND``."""
+        busy = frozenset(task_id for task_id, local in self.local.items() if local.closing)
+        for task_id in self.book.forget_finished(now, busy):
+            self.local.pop(task_id, None)
 
     # ================= views =================
 
@@ -1062,5 +1070,6 @@ class TaskMarket:
         return self._view(task_id)
 
     def tasks(self) -> list[w.TaskView]:
-        """Every task this node knows: its own, the announced ones it watches, the ones it arbitrates."""
+        """Every task this node knows: its own, the announced ones it watches, the ones it arbitrates
+        (live ones and those finished lately; the ledger keeps our own for good)."""
         return sorted((self._view(t) for t in self.book.tasks if t in self.local), key=lambda v: v.task_id)

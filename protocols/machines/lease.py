@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocols.machines.history import History
 from protocols.machines.table import Machine, Transition
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -124,6 +125,17 @@ END_FROZEN = "end_frozen"
 PAUSED_MESSAGE = "paused: a usage receipt is waiting for the countersignature"
 BUDGET_BUSY_MESSAGE = "the lease's budget is held by calls in flight; retry when they finish"
 
+# A session's transition log keeps its newest entries only (a long lease pauses and resumes often).
+LEASE_HISTORY = 256
+# Finished leases (ended, their final receipt and claim or refund queued) stay in memory for the API
+# and a late message at most this long and at most this many; the ledger keeps the history.
+FINISHED_KEEP = 256
+FINISHED_KEEP_S = 600.0
+# Quotes used to open a lease are remembered until their validity ends (an expired quote is refused
+# anyway); at most this many at once: a node that granted this many in one validity window refuses
+# more opens until some expire.
+USED_QUOTES_MAX = 65536
+
 
 class LeasePolicy(BaseModel):
     """What the consumer bought; integers only so both sides compute the same numbers."""
@@ -152,7 +164,7 @@ class LeaseSession:
     ``receipt_issued`` once it has signed and sent a receipt, ``countersigned``
     when the consumer's signature arrives, and ``tick`` on a timer.  Every
     state change goes through :data:`LEASE_MACHINE` and is appended to
-    ``history`` as ``(previous, event, next)``.
+    ``history`` as ``(previous, event, next)`` (the newest ``LEASE_HISTORY`` entries).
     """
 
     def __init__(
@@ -176,7 +188,7 @@ class LeaseSession:
         self.countersign_timeout_s = countersign_timeout_s
         self.abandon_after_s = abandon_after_s
         self.state: LeaseState = LEASE_MACHINE.initial
-        self.history: list[tuple[LeaseState, LeaseEvent, LeaseState]] = []
+        self.history: History[tuple[LeaseState, LeaseEvent, LeaseState]] = History(LEASE_HISTORY)
         self.requests_served = 0
         self.units_metered = 0
         self.units_reserved = 0  # held by calls in flight: metered + reserved never exceeds the budget
@@ -630,3 +642,8 @@ def check_lock(f: LockFacts) -> None:
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock's dispute window differs from the quote")
     if f.deadline < f.chain_now + f.duration_s:
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock ends before the lease would")
+
+
+def quotes_to_forget(used: dict[str, int], now: float) -> list[str]:
+    """Used quotes whose validity has ended: a reuse is refused as expired, so they need no memory."""
+    return [quote_id for quote_id, valid_until in used.items() if valid_until < now]

@@ -73,6 +73,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocols.machines.history import History, finished_to_evict
 from protocols.machines.table import Machine, Transition
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -83,6 +84,15 @@ BIDDER = "bidder"
 AWARDED_BIDDER = "awarded_bidder"
 ARBITER = "arbiter"
 TASK_ROLES = frozenset({CREATOR, PARTICIPANT, BIDDER, AWARDED_BIDDER, ARBITER, SYSTEM})
+# The book's transition log keeps its newest entries only.
+TASK_HISTORY = 4096
+# Finished tasks (closed, cancelled, expired; their close-out done) stay in the book at most this long
+# and at most this many (``TaskBook.forget_finished``); our own are in the ledger.
+TASK_FINISHED_KEEP = 256
+TASK_FINISHED_KEEP_S = 600.0
+# A forgotten task's id stays taken until its deadline (a replayed announcement cannot bring it back
+# while it could still be published); at most this many such ids, the oldest dropped first.
+TASK_TOMBSTONES_MAX = 65536
 
 
 class TaskState(StrEnum):
@@ -518,13 +528,16 @@ class TaskBook:
     """Pure state of many tasks; :meth:`apply` is the only entry point that changes it.
 
     Every state change goes through a machine's ``next_state`` and is logged in
-    ``history`` as ``(machine, entity_id, previous, event, next)``.
+    ``history`` as ``(machine, entity_id, previous, event, next)`` (the newest ``TASK_HISTORY``
+    entries).
     """
 
     def __init__(self, limits: RiskLimits | None = None) -> None:
         self.limits = limits or RiskLimits()
         self.tasks: dict[str, TaskRecord] = {}
-        self.history: list[tuple[str, str, str, str, str]] = []
+        self.history: History[tuple[str, str, str, str, str]] = History(TASK_HISTORY)
+        self._finished_at: dict[str, float] = {}  # task id -> when the book first saw it finished
+        self._forgotten: dict[str, float] = {}  # task id -> deadline: ids that stay taken
         self._bid_times: dict[str, deque[float]] = {}
         self._dispute_times: dict[str, deque[float]] = {}
         self._handlers: dict[type[_Event], Callable[[Any, str, float], list[Effect]]] = {
@@ -558,6 +571,36 @@ class TaskBook:
         if task is None:
             raise _err(ErrorCode.NOT_FOUND, "unknown task")
         return task
+
+    def forget_finished(
+        self,
+        now: float,
+        busy: frozenset[str] = frozenset(),
+        *,
+        keep: int = TASK_FINISHED_KEEP,
+        keep_s: float = TASK_FINISHED_KEEP_S,
+    ) -> list[str]:
+        """Drop finished tasks past their retention and idle rate-limit entries; return the ids dropped.
+
+        ``busy`` are tasks whose close-out is still running: they wait out the time limit, not the count.
+        """
+        finished = (TS.CLOSED, TS.CANCELLED, TS.EXPIRED)
+        for task_id, task in self.tasks.items():
+            if task.state in finished and task_id not in self._finished_at:
+                self._finished_at[task_id] = now
+        entries = [(task_id, at, task_id not in busy) for task_id, at in self._finished_at.items()]
+        gone = finished_to_evict(entries, now, keep=keep, keep_s=keep_s)
+        for task_id in gone:
+            del self._finished_at[task_id]
+            self._forgotten[task_id] = self.tasks.pop(task_id).deadline
+        for task_id in [t for t, deadline in self._forgotten.items() if deadline <= now]:
+            del self._forgotten[task_id]
+        while len(self._forgotten) > TASK_TOMBSTONES_MAX:
+            del self._forgotten[next(iter(self._forgotten))]
+        for times, window in ((self._bid_times, 60.0), (self._dispute_times, 3600.0)):
+            for actor in [a for a, t in times.items() if not t or t[-1] <= now - window]:
+                del times[actor]
+        return gone
 
     def open_tasks_of(self, account: str) -> int:
         return sum(1 for t in self.tasks.values() if t.creator == account and t.state in (TS.OPEN, TS.AWARDED))
@@ -608,7 +651,7 @@ class TaskBook:
     def _publish(self, ev: Publish, actor: str, now: float) -> list[Effect]:
         if actor == SYSTEM:
             raise _err(ErrorCode.FORBIDDEN, "the system account cannot publish tasks")
-        if ev.task_id in self.tasks:
+        if ev.task_id in self.tasks or ev.task_id in self._forgotten:
             raise _err(ErrorCode.CONFLICT, "the task id is already taken")
         if not ev.task_id or not ev.arbiter or ev.arbiter in (actor, SYSTEM):
             raise _err(ErrorCode.INVALID_ARGUMENT, "a task needs an id and an arbiter other than its creator")
