@@ -33,3 +33,9 @@ def not_found(reason: str, message: str) -> LedgerError:
 
 def invalid(reason: str, message: str) -> LedgerError:
     return LedgerError(ErrorCode.INVALID_ARGUMENT, reason, message)
+
+
+def invariant(reason: str, message: str) -> LedgerError:
+    """A money invariant the write would break (``invariant_*``): refused, nothing stored. Only a bug
+    in this node (or a chain that contradicts itself) gets here, so it is ``E_INTERNAL``."""
+    return LedgerError(ErrorCode.INTERNAL, f"invariant_{reason}", message)

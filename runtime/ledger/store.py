@@ -46,7 +46,8 @@ from runtime.ledger.schema import migrate
 
 Clock = Callable[[], int]
 
-# TaskOrder transitions (REQUIREMENTS.md); anything else is E_CONFLICT.
+# TaskOrder transitions: open -> awarded | cancelled | expired, awarded -> closed; anything else is
+# E_CONFLICT.
 TASK_TRANSITIONS: dict[str, frozenset[str]] = {
     "task_open": frozenset({"task_awarded", "task_cancelled", "task_expired"}),
     "task_awarded": frozenset({"task_closed"}),
@@ -59,6 +60,47 @@ def _wall_clock() -> int:
 
 def _day(at: int) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d")
+
+
+# -- money invariants, checked in the transaction that writes, before the row (TigerBeetle style) --
+#
+# Each raises ``errors.invariant`` (E_INTERNAL, reason ``invariant_*``); the transaction rolls back, so
+# the row that would break it is never stored. The checks that judge a peer's input (a stale or
+# over-budget receipt, a usage writer) come first with their own codes; these are the backstop.
+
+
+def _check_amounts(**amounts: int) -> None:
+    """Every amount and unit count the ledger stores is a non-negative integer."""
+    for name, value in amounts.items():
+        if type(value) is not int or value < 0:
+            raise errors.invariant("negative_amount", f"{name} must be a non-negative integer")
+
+
+def _check_receipt_progress(lease: Lease, body: ReceiptBody, last: tuple[int, int, int] | None) -> None:
+    """A receipt is cumulative: units x price, within the budget, and never behind the newest one stored
+    (``last`` is its seq, units, amount)."""
+    _check_amounts(seq=body.seq, units=body.units, amount=body.amount)
+    if body.amount != body.units * lease.price_per_unit or body.amount > lease.budget:
+        raise errors.invariant("receipt_amount", "a receipt's amount is units x price and within the budget")
+    if last is not None and (body.seq <= last[0] or body.units < last[1] or body.amount < last[2]):
+        raise errors.invariant("receipt_decreased", "a lease's cumulative receipts never go back")
+
+
+def _check_resolution(lease: Lease, to_payee: int, to_payer: int) -> None:
+    """A dispute's split gives out exactly what was locked: the payer (consumer) locked the budget, the
+    payee (provider) accepted a lock holding at least it."""
+    _check_amounts(to_payee=to_payee, to_payer=to_payer)
+    total = to_payee + to_payer
+    if total < lease.budget or (lease.role == "consumer" and total != lease.budget):
+        raise errors.invariant("resolution_total", "a resolution's two parts add up to what was locked")
+
+
+def _check_released(lease: Lease, released_total: int, refunded: int | None) -> None:
+    """What the escrow paid out (released to the payee, refunded to the payer) never exceeds what the
+    payer locked: the consumer locked exactly the lease's budget."""
+    _check_amounts(released_total=released_total, refunded=refunded or 0)
+    if lease.role == "consumer" and released_total + (refunded or 0) > lease.budget:
+        raise errors.invariant("released_over_locked", "more released and refunded than was locked")
 
 
 class LedgerStore:
@@ -145,6 +187,7 @@ class LedgerStore:
             def action() -> str:
                 if conn.execute("SELECT 1 FROM leases WHERE lease_id = ?", (lease.lease_id,)).fetchone():
                     raise errors.conflict("lease_exists", "a lease with this id already exists")
+                _check_amounts(price_per_unit=lease.price_per_unit, budget=lease.budget)
                 escrow = lease.escrow
                 conn.execute(
                     "INSERT INTO leases (lease_id, role, provider, consumer, price_per_unit, budget, state,"
@@ -260,6 +303,7 @@ class LedgerStore:
                     raise LedgerError(
                         ErrorCode.INSUFFICIENT_FUNDS, "over_budget", "this usage would exceed the lease's budget"
                     )
+                _check_amounts(units=units, cumulative_units=cumulative)
                 now = self._clock()
                 conn.execute(
                     "INSERT INTO usage (lease_id, units, cumulative_units, recorded_at) VALUES (?, ?, ?, ?)",
@@ -307,7 +351,7 @@ class LedgerStore:
                 issued_at=self._clock(),
             )
             signed = receipts.sign_as_provider(body, key)
-            self._insert_receipt(conn, signed)
+            self._insert_receipt(conn, lease, signed)
             self._audit(conn, "receipt.issued", lease_id, _receipt_audit(signed))
             return signed
 
@@ -324,7 +368,7 @@ class LedgerStore:
             self._check_parties(lease, body)
             self._check_sequence(conn, lease, body)
             signed = receipts.countersign(receipt, key, voucher)
-            self._insert_receipt(conn, signed)
+            self._insert_receipt(conn, lease, signed)
             self._audit(conn, "receipt.countersigned", body.lease_id, _receipt_audit(signed))
             return signed
 
@@ -366,8 +410,12 @@ class LedgerStore:
         if last is not None and (body.seq <= last[0] or body.units < last[1]):
             raise errors.conflict("receipt_stale", "the receipt is older than one already recorded")
 
-    def _insert_receipt(self, conn: sqlite3.Connection, signed: SignedReceipt) -> None:
+    def _insert_receipt(self, conn: sqlite3.Connection, lease: Lease, signed: SignedReceipt) -> None:
         body = signed.body
+        last = conn.execute(
+            "SELECT seq, units, amount FROM receipts WHERE lease_id = ? ORDER BY seq DESC LIMIT 1", (lease.lease_id,)
+        ).fetchone()
+        _check_receipt_progress(lease, body, None if last is None else (last[0], last[1], int(last[2])))
         conn.execute(
             "INSERT INTO receipts (lease_id, seq, receipt_hash, units, amount, body, provider_sig, consumer_sig,"
             " voucher, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -473,6 +521,7 @@ class LedgerStore:
             "SELECT kind, amount, params FROM settlements WHERE settlement_id = ?", (settlement_id,)
         )
         row = existing.fetchone()
+        _check_amounts(amount=amount)
         if row is not None:
             if (row[0], int(row[1]), json.loads(row[2])) != (kind, amount, params):
                 raise errors.conflict("settlement_exists", "a different settlement with this id exists")
@@ -553,6 +602,7 @@ class LedgerStore:
             moved = 0
             if current.lease_id is not None:
                 lease = self._lease(conn, current.lease_id)
+                _check_released(lease, released_total or 0, refunded if current.kind == "refund" else None)
                 if released_total is not None:
                     moved = self._book_released(conn, lease, released_total, settlement_id, now)
                 if current.kind == "refund":
@@ -596,7 +646,12 @@ class LedgerStore:
         if released_total <= lease.settled_amount:
             return 0
         moved = released_total - lease.settled_amount
-        assert moved > 0 and lease.settled_amount + moved == released_total
+        booked = sum(
+            int(row[0]) for row in conn.execute("SELECT amount FROM money WHERE lease_id = ?", (lease.lease_id,))
+        )
+        if booked != lease.settled_amount:
+            # Income or spend rows and the lease's settled amount disagree: booking more would hide it.
+            raise errors.invariant("money_rows_mismatch", "the money booked for a lease is its settled amount")
         at = self._clock() if now is None else now
         conn.execute(
             "INSERT INTO money (entry_id, lease_id, peer, direction, amount, day, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -684,6 +739,7 @@ class LedgerStore:
                 dispute = self._dispute(conn, dispute_id)
                 if dispute.state != "dispute_open":
                     raise errors.conflict("dispute_not_open", "the dispute is not open")
+                _check_resolution(self._lease(conn, dispute.lease_id), to_payee, to_payer)
                 conn.execute(
                     "UPDATE disputes SET state = 'dispute_resolved', to_payee = ?, to_payer = ?, resolved_at = ?"
                     " WHERE dispute_id = ?",

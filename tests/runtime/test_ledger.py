@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runtime.errors import ErrorCode
-from runtime.ledger import LeaseOpen, Ledger, LedgerError, LedgerStore
+from runtime.ledger import EscrowRef, LeaseOpen, Ledger, LedgerError, LedgerStore
 from runtime.ledger.schema import LATEST_VERSION
 from tests.runtime.support import peer_id, peer_key
 
@@ -182,6 +185,128 @@ async def test_disputes_are_recorded_once_and_only_by_parties(tmp_path: Path) ->
         await ledger.open_dispute("lease-1", opened_by=peer_id(CONSUMER), reason="bad output", idempotency_key="d1")
     ) == dispute
     assert (await ledger.get_lease("lease-1")).state == "disputed"
-    resolved = await ledger.resolve_dispute(dispute.dispute_id, to_payee=10, to_payer=20, idempotency_key="r1")
-    assert (resolved.state, resolved.to_payee, resolved.to_payer) == ("dispute_resolved", 10, 20)
+    resolved = await ledger.resolve_dispute(dispute.dispute_id, to_payee=10, to_payer=10**6 - 10, idempotency_key="r1")
+    assert (resolved.state, resolved.to_payee, resolved.to_payer) == ("dispute_resolved", 10, 10**6 - 10)
     assert len(await ledger.list_disputes()) == 1
+
+
+# -- money invariants, refused at write time with nothing stored --
+
+ESCROW = EscrowRef(contract="0x" + "11" * 20, payer="0x" + "22" * 20, escrow_id="0x" + "33" * 32)
+BUDGET = 900
+
+
+def _escrowed(lease_id: str, role: str = "consumer") -> LeaseOpen:
+    return LeaseOpen(
+        lease_id=lease_id,
+        role=role,  # type: ignore[arg-type]
+        provider=peer_id(PROVIDER),
+        consumer=peer_id(CONSUMER),
+        price_per_unit=3,
+        budget=BUDGET,
+        escrow=ESCROW,
+    )
+
+
+def _footprint(store: LedgerStore) -> tuple[Any, ...]:
+    """Everything a refused write could have left behind."""
+    conn = store._conn
+    return tuple(
+        conn.execute(query).fetchall()
+        for query in (
+            "SELECT * FROM leases ORDER BY lease_id",
+            "SELECT * FROM receipts ORDER BY lease_id, seq",
+            "SELECT * FROM money ORDER BY entry_id",
+            "SELECT settlement_id, state FROM settlements ORDER BY settlement_id",
+            "SELECT dispute_id, state, to_payee, to_payer FROM disputes ORDER BY dispute_id",
+            "SELECT COUNT(*) FROM audit",
+            "SELECT COUNT(*) FROM idempotency",
+        )
+    )
+
+
+def _refused(store: LedgerStore, reason: str, write: Any) -> None:
+    before = _footprint(store)
+    with pytest.raises(LedgerError) as caught:
+        write()
+    assert (caught.value.code, caught.value.reason) == (ErrorCode.INTERNAL, f"invariant_{reason}")
+    assert _footprint(store) == before, "a refused write must store nothing"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    opened = LedgerStore.open(tmp_path / "ledger.db")
+    yield opened
+    opened.close()
+
+
+_LEASE_IDS = iter(range(10**9))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    to_payee=st.integers(-5, BUDGET + 5),
+    off=st.integers(-3, 3),  # how far the two parts miss the lock
+    role=st.sampled_from(["consumer", "provider"]),
+)
+def test_a_resolution_gives_out_exactly_what_was_locked(store: LedgerStore, to_payee: int, off: int, role: str) -> None:
+    to_payer = BUDGET - to_payee + off
+    lease_id = f"lease-r{next(_LEASE_IDS)}"
+    store.open_lease(_escrowed(lease_id, role), idempotency_key=f"open/{lease_id}")
+    dispute = store.open_dispute(lease_id, opened_by=peer_id(CONSUMER), reason="", idempotency_key=f"d/{lease_id}")
+    total = to_payee + to_payer
+    fits = total == BUDGET if role == "consumer" else total >= BUDGET
+
+    def resolve() -> Any:
+        return store.resolve_dispute(
+            dispute.dispute_id, to_payee=to_payee, to_payer=to_payer, idempotency_key=f"r/{lease_id}"
+        )
+
+    if to_payee < 0 or to_payer < 0:
+        _refused(store, "negative_amount", resolve)
+    elif not fits:
+        _refused(store, "resolution_total", resolve)
+    else:
+        assert resolve().state == "dispute_resolved"
+
+
+def test_a_negative_amount_is_never_stored(store: LedgerStore) -> None:
+    bad = _escrowed("lease-n").model_copy(update={"budget": -1})  # past pydantic's own check
+    _refused(store, "negative_amount", lambda: store.open_lease(bad, idempotency_key="open/n"))
+    store.open_lease(_escrowed("lease-n"), idempotency_key="open/n2")
+    store.enqueue_refund("lease-n")
+    _refused(
+        store,
+        "negative_amount",
+        lambda: store.mark_landed("lease-n/refund", tx_hash=None, released_total=-1, refunded=0),
+    )
+
+
+def test_receipts_never_go_back(store: LedgerStore) -> None:
+    store.open_lease(_lease("lease-c", budget=BUDGET), idempotency_key="open/c")
+    store.record_usage("lease-c", writer=peer_id(PROVIDER), units=10, idempotency_key="u1")
+    first = store.issue_receipt("lease-c", PROVIDER.private_key)
+    assert (first.body.units, first.body.amount) == (10, 30)
+    # Metering that went backwards (a bug, a hand-edited file): the next receipt would undo the first.
+    store._conn.execute("UPDATE leases SET metered_units = 4 WHERE lease_id = 'lease-c'")
+    _refused(store, "receipt_decreased", lambda: store.issue_receipt("lease-c", PROVIDER.private_key))
+
+
+def test_released_and_refunded_never_exceed_the_lock(store: LedgerStore) -> None:
+    store.open_lease(_escrowed("lease-x"), idempotency_key="open/x")
+    store.enqueue_refund("lease-x")
+    _refused(
+        store,
+        "released_over_locked",
+        lambda: store.mark_landed("lease-x/refund", tx_hash=None, released_total=BUDGET - 10, refunded=20),
+    )
+    landed = store.mark_landed("lease-x/refund", tx_hash=None, released_total=BUDGET - 10, refunded=10)
+    assert landed.state == "landed"
+
+
+def test_money_rows_agree_with_the_settled_amount(store: LedgerStore) -> None:
+    store.open_lease(_escrowed("lease-m"), idempotency_key="open/m")
+    assert store.book_released("lease-m", 300) == 300
+    # The settled amount no longer matches the spend rows: booking on top of it would hide the gap.
+    store._conn.execute("UPDATE leases SET settled_amount = '0' WHERE lease_id = 'lease-m'")
+    _refused(store, "money_rows_mismatch", lambda: store.book_released("lease-m", 600))
