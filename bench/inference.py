@@ -410,7 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_logging()
     disable_yamux_rtt_pings()
     if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE" or os.environ.get("GGML_NO_BACKTRACE") != "1":
-        progress("warning: set OMP_WAIT_POLICY=PASSIVE and GGML_NO_BACKTRACE=1 (see /work/shared/FACTS.md)")
+        progress(
+            "warning: set OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads otherwise spin and take the CPU the"
+            " measurement needs) and GGML_NO_BACKTRACE=1 (ggml's abort handler otherwise forks gdb)"
+        )
     signal.alarm(int(args.time_limit + 60))
     wall = time.monotonic()
     load_start = load()
