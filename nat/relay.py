@@ -102,6 +102,8 @@ class Reservation:
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
 LOG_EVERY_S = 60.0
+MAX_LOST = 16  # lost relays re-dialled at once (configured ones are re-dialled anyway)
+GIVE_UP_AFTER = 14  # failed re-dials of a lost relay found by discovery: 1+2+...+32+60*8 s, ~10 min
 
 
 def retry_delay(failures: int, *, first_s: float = RETRY_FIRST_S, max_s: float = RETRY_MAX_S) -> float:
@@ -328,6 +330,7 @@ class RelayService:
         self.dials: dict[str, int] = {"ok": 0, "failed": 0}  # circuits we dialed through a relay
         self._failures = _Failures()
         self._lost: dict[str, None] = {}  # relays whose reservation went with their connection: re-dialled
+        self._no_ping: set[str] = set()  # relays that do not speak ping: their connection alone tells
         self.lost_total = 0  # reservations dropped because their relay went away
         self._wake = trio.Event()
 
@@ -368,7 +371,10 @@ class RelayService:
         if self.reservations.pop(key, None) is None:
             return
         self.lost_total += 1
-        self._lost[key] = None
+        self._lost.pop(key, None)
+        self._lost[key] = None  # newest last
+        while len(self._lost) > MAX_LOST:  # relays only found as connected hop peers come and go
+            del self._lost[next(iter(self._lost))]
         log.info("relay %s lost (%s): reservation dropped", key, why)
         self._on_change()
         self.wake()
@@ -414,7 +420,8 @@ class RelayService:
             await trio.sleep(self.settings.probe_interval_s)
             async with trio.open_nursery() as nursery:
                 for key in list(self.reservations):
-                    nursery.start_soon(self._probe, key)
+                    if key not in self._no_ping:
+                        nursery.start_soon(self._probe, key)
 
     async def _probe(self, key: str) -> None:
         peer_id = ID.from_base58(key)
@@ -436,8 +443,13 @@ class RelayService:
                 finally:
                     with trio.move_on_after(1):
                         await stream.close()
-        except Exception as error:  # noqa: BLE001 - any failure means the relay is not there for us
+        except Exception as error:  # noqa: BLE001 - sorted out below
             if key not in self.reservations:
+                return
+            if not isinstance(error, trio.TooSlowError) and self._connected_to(key):
+                # Answered, but not ping (a relay without the protocol): alive; don't ask it again.
+                self._no_ping.add(key)
+                log.debug("relay %s does not answer ping (%s): not probed", key, type(error).__name__)
                 return
             self._relay_lost(key, f"ping failed: {type(error).__name__}")
             with trio.move_on_after(2):
@@ -494,6 +506,7 @@ class RelayService:
     async def _connect_relays(self) -> None:
         """Dial the configured relays and the lost ones we are not connected to, each within its backoff."""
         infos: dict[str, PeerInfo] = {}
+        static = set(self._static_ids())
         for text in self.settings.static_relays:
             info = info_from_p2p_addr(multiaddr.Multiaddr(text))
             infos.setdefault(str(info.peer_id), info)
@@ -522,6 +535,8 @@ class RelayService:
                     await self.host.connect(info)
             except Exception as error:  # noqa: BLE001 - retried after its backoff
                 self._failures.failed(key, time.time(), "dialing relay", type(error).__name__)
+                if key in self._lost and key not in static and self._failures.get(key).failures >= GIVE_UP_AFTER:
+                    del self._lost[key]  # ~10 min without an answer: forgotten until seen again
 
     async def _maintain(self) -> None:
         now = time.time()
