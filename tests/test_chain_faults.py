@@ -128,6 +128,13 @@ def test_a_reset_dev_chain_refuses_the_lock_and_the_probe_sees_it(anvil: tuple[s
     with pytest.raises(EscrowError) as locked:
         _lock(escrow, dev[1].address, dev[2].address)
     assert locked.value.reason == "no_escrow_contract"
+    # Reads and settlements say why too, and a refund never "lands" on an address without code.
+    with pytest.raises(EscrowError) as read:
+        escrow.get(dev[3].address, ESCROW_ID)
+    assert read.value.reason == "no_escrow_contract" and read.value.code == ErrorCode.UNAVAILABLE
+    with pytest.raises(EscrowError) as refunded:
+        escrow.refund(dev[3].address, ESCROW_ID)
+    assert refunded.value.reason == "no_escrow_contract"
     assert _payer_nonce_and_balance(chain, dev[3].address) == before
     # The block number went back: the probe re-reads the code and says what is wrong.
     after = escrow.probe_health(health)

@@ -186,6 +186,19 @@ class EscrowClient:
         if not verdict.ok:
             raise EscrowError(verdict.kind, verdict.message)
 
+    def _explain(self, error: Exception) -> EscrowError:
+        """A read that returned nothing: say so when the address holds no escrow (else normalise)."""
+        from web3.exceptions import BadFunctionCallOutput
+
+        if isinstance(error, BadFunctionCallOutput):
+            try:
+                verdict = self.judge(self.chain.w3)
+            except Exception:  # noqa: BLE001 - the original error is the better report then
+                return normalise(error)
+            if not verdict.ok:
+                return EscrowError(verdict.kind, verdict.message)
+        return normalise(error)
+
     def probe_health(self, previous: ChainHealth) -> ChainHealth:
         """Blocking: one health probe (block number, then the contract's code when the chain looks reset
         or was not ``ok``) on the chain's probe connection, folded into ``previous``."""
@@ -223,7 +236,7 @@ class EscrowClient:
             try:
                 raw = self.contract.functions.escrows(escrow_key(payer, escrow_id)).call()
             except Exception as error:  # noqa: BLE001 - normalised to a stable code
-                raise normalise(error) from None
+                raise self._explain(error) from None
         payee, arbiter, amount, released, deadline, window, state = raw
         return EscrowState(payee, arbiter, amount, released, deadline, window, _PHASES[state])
 
@@ -232,7 +245,7 @@ class EscrowClient:
             try:
                 return int(self.contract.functions.credit(to_checksum_address(address)).call())
             except Exception as error:  # noqa: BLE001
-                raise normalise(error) from None
+                raise self._explain(error) from None
 
     def contract_balance(self) -> int:
         with self.chain.lock:
@@ -275,11 +288,7 @@ class EscrowClient:
         call = self.contract.functions.lock(
             escrow_id, to_checksum_address(payee), to_checksum_address(arbiter), deadline, window
         )
-        with self.chain.lock:
-            # Value goes out only to the escrow's code, checked now: an address with none (a typo, a
-            # reset dev chain, another network) would take the budget as a plain transfer.
-            self.verify_contract()
-            return self._transact(call, "lock", amount, on_signed)
+        return self._transact(call, "lock", amount, on_signed)
 
     def release(self, escrow_id: bytes, cumulative: int, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
         """As the payer: raise the payee's total to ``cumulative``."""
@@ -315,6 +324,10 @@ class EscrowClient:
 
     def _transact(self, call: Any, name: str, value: int, on_signed: Callable[[str], None] | None = None) -> TxResult:
         with self.chain.lock:
+            # Only to the escrow's code, checked now: an address with none (a typo, a reset dev chain,
+            # another network) would take a lock's budget as a plain transfer, and "land" a claim or a
+            # refund that did nothing.
+            self.verify_contract()
             try:
                 # Against the pending block: the timestamp the transaction itself will see.
                 call.call({"from": self.account.address, "value": value}, block_identifier="pending")
