@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from libp2p.abc import INetStream
+from libp2p.host.ping import ID as PING_PROTOCOL
 
 from nat.natmatrix import make_identity
 from nat.relay import RETRY_MAX_S, retry_delay
@@ -143,4 +145,32 @@ async def test_with_three_relays_the_record_names_only_live_ones(tmp_path: Path)
         assert record is not None
         circuits = [addr for addr in record.addrs if "/p2p-circuit" in addr]
         assert circuits and all(any(relay in addr for relay in held) for addr in circuits)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_relay_that_stops_answering_is_dropped_by_the_ping_probe(tmp_path: Path) -> None:
+    """A hung relay (or a connection a NAT forgot): nothing closes, but pings go unanswered."""
+    async with trio.open_nursery() as nursery:
+        relay = Node(_relay_config(), tmp_path / "relay")
+        await nursery.start(_run, relay, trio.CancelScope())
+        relay_id = str(relay.host.get_id())
+        private = Node(
+            config("node", "private", RelaySection(static_relays=relay.listen_addrs(), min_relays=1)),  # type: ignore[call-arg]
+            tmp_path / "private",
+        )
+        await nursery.start(private.run)
+        with trio.fail_after(15):
+            while _named(private, relay_id) != (True, True):
+                await trio.sleep(0.1)
+
+        async def hang(stream: INetStream) -> None:
+            await trio.sleep_forever()
+
+        relay.host.set_stream_handler(PING_PROTOCOL, hang)
+        hung_at = time.monotonic()
+        with trio.fail_after(14):  # probe every 5 s, 4 s to answer: <= 9 s, with room for a loaded CI box
+            while _named(private, relay_id) != (False, False):
+                await trio.sleep(0.1)
+        print(f"hung relay dropped after {time.monotonic() - hung_at:.2f} s")
+        assert private.relay is not None and private.relay.lost_total == 1
         nursery.cancel_scope.cancel()
