@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import multiaddr
 import trio
 from libp2p import generate_new_ed25519_identity
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.custom_types import TProtocol
 from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.network.config import RetryConfig
@@ -50,6 +50,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 from dht.records import Reachability
 from nat.addresses import candidate_addrs as candidate_addrs_of
 from nat.addresses import sources_for
+from nat.notifee import QuietNotifee
 from nat.reachability import ReachabilityState, ServerResult
 from protocols.rpc import request, serve_requests
 from runtime.errors import ClawnodeError, ErrorCode
@@ -197,7 +198,7 @@ def candidate_addrs(addrs: Sequence[str], *, allow_private: bool, limit: int) ->
 # Server side
 
 
-class _InboundWatch(INotifee):
+class _InboundWatch(QuietNotifee):
     """Remembers which peer ids opened a connection to us, and when (for the client's own check)."""
 
     def __init__(self, limit: int = 256) -> None:
@@ -216,21 +217,6 @@ class _InboundWatch(INotifee):
         if len(self.seen) > self._limit:
             oldest = min(self.seen, key=lambda key: self.seen[key])
             del self.seen[oldest]
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        return None
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
 
 
 class AutoNat:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.host.ping import PING_LENGTH
@@ -49,6 +49,8 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
+
+from nat.notifee import QuietNotifee
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -157,7 +159,7 @@ class _Failures:
             health.retry_at = 0.0
 
 
-class _RelayWatch(INotifee):
+class _RelayWatch(QuietNotifee):
     """Tells the relay service when a peer connects or a relay's last connection closes."""
 
     def __init__(self, service: RelayService) -> None:
@@ -175,18 +177,6 @@ class _RelayWatch(INotifee):
         peer_id = conn.muxed_conn.peer_id
         if not [c for c in network.get_connections(peer_id) if c is not conn]:
             service._relay_lost(str(peer_id), "disconnected")
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
 
 
 def is_circuit(addr: multiaddr.Multiaddr | str) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import multiaddr
 import psutil
 from libp2p import new_host
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -29,6 +29,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from nat.addresses import install_identify_hook, published
+from nat.notifee import QuietNotifee
 from node.conn_guard import ConnLimits, guard_inbound_connections
 from node.dial_order import order_dials
 from runtime.errors import ClawnodeError, ErrorCode
@@ -100,7 +101,7 @@ def build_host(
     return host
 
 
-class _Unblock(INotifee):
+class _Unblock(QuietNotifee):
     """A peer that connects to us is reachable: lift py-libp2p's negative dial cache for it."""
 
     def __init__(self, unblock: Callable[[ID], None]) -> None:
@@ -108,16 +109,6 @@ class _Unblock(INotifee):
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         self._unblock(conn.muxed_conn.peer_id)
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None: ...
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None: ...
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None: ...
-
-    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None: ...
-
-    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None: ...
 
 
 def heal_redials(host: IHost) -> None:
