@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import multiaddr
 import trio
-from libp2p import generate_new_ed25519_identity
 from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.custom_types import TProtocol
 from libp2p.identity.identify_push.identify_push import push_identify_to_peers
@@ -49,7 +48,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from dht.records import Reachability
 from nat.addresses import candidate_addrs as candidate_addrs_of
-from nat.addresses import sources_for
+from nat.addresses import is_public_ip, sources_for
 from nat.notifee import QuietNotifee
 from nat.reachability import ReachabilityState, ServerResult
 from protocols.rpc import request, serve_requests
@@ -121,24 +120,6 @@ def _ip_of(addr: str) -> str | None:
     if len(parts) >= 3 and parts[1] in ("ip4", "ip6"):
         return parts[2]
     return None
-
-
-def is_public_ip(ip: str) -> bool:
-    try:
-        parsed = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(parsed, ipaddress.IPv4Address):
-        if parsed in ipaddress.ip_network("100.64.0.0/10"):
-            return False  # carrier-grade NAT: is_private misses it on older Pythons
-        if any(parsed in net for net in _DOCUMENTATION_V4):
-            # Never routed on the internet, so harmless to accept; the netns NAT harness
-            # (nat/harness) uses 203.0.113.0/24 as its "internet".
-            return True
-    return parsed.is_global and not parsed.is_multicast
-
-
-_DOCUMENTATION_V4 = tuple(ipaddress.ip_network(net) for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
 
 
 def dialable_tcp_addr(addr: str) -> str | None:
@@ -226,7 +207,9 @@ class AutoNat:
     addresses; only public-looking ones are sent unless ``allow_private``), ``own_ports`` the TCP
     ports to be dialed at the IP each server observes (default: the listen ports); tests pass a
     closed port to both to play an unreachable node. ``serves_by_role`` is
-    true for relay and bootstrap nodes, which serve whatever their own verdict.
+    true for relay and bootstrap nodes, which serve whatever their own verdict. ``build_dialer(n)``
+    returns a fresh host with a new identity and at most ``n`` connections for the dial-backs
+    (the daemon passes ``node.host.build_host``; nat/ must not import node/).
     """
 
     def __init__(
@@ -239,7 +222,9 @@ class AutoNat:
         own_addrs: Callable[[], list[str]] | None = None,
         own_ports: Callable[[], list[int]] | None = None,
         clock: Callable[[], float] = time.time,
+        build_dialer: Callable[[int], IHost],
     ) -> None:
+        self._build_dialer = build_dialer
         self._conclusive_at: float | None = None  # trio time of the last public/private verdict
         self.host = host
         self.settings = settings or AutoNatSettings()
@@ -325,12 +310,7 @@ class AutoNat:
                 nursery.cancel_scope.cancel()
 
     async def _run_dialer(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # Imported here: node.host is the one place hosts are built, and it must not import nat.
-        from node.host import build_host
-
-        dialer = build_host(
-            generate_new_ed25519_identity(), max_connections=max(8, self.settings.server_max_concurrent)
-        )
+        dialer = self._build_dialer(max(8, self.settings.server_max_concurrent))
         dialer.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
         async with dialer.run([]):
             # It dials only when asked: no auto-connecting to peers it met in dial-backs.

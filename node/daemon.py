@@ -72,7 +72,7 @@ from node.datadir import (
     publish_running,
 )
 from node.hardware import detect_hardware
-from node.host import build_host, ensure_tcp_ports_free, parse_multiaddrs
+from node.host import build_dialer_host, build_host, ensure_tcp_ports_free, parse_multiaddrs
 from node.http_guard import quiet_error_logger
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
 from node.router import Router
@@ -306,6 +306,7 @@ class Node:
                         self._autonat_settings(),
                         state=self.reachability,
                         serves_by_role=self.config.node.role in ("relay", "bootstrap"),
+                        build_dialer=build_dialer_host,
                     )
                     # A new measured verdict is a change of the record: republish at once.
                     self.reachability.on_change(self._reachability_changed)

@@ -24,7 +24,7 @@ import multiaddr
 import psutil
 from libp2p.abc import IHost
 
-from nat.autonat import is_public_ip
+from nat.addresses import is_public_ip
 from nat.relay import is_circuit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import multiaddr
 import psutil
-from libp2p import new_host
+from libp2p import generate_new_ed25519_identity, new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
@@ -109,6 +109,11 @@ class _Unblock(QuietNotifee):
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         self._unblock(conn.muxed_conn.peer_id)
+
+
+def build_dialer_host(max_connections: int) -> IHost:
+    """A throwaway host with a fresh identity, for AutoNAT's dial-backs (``AutoNat(build_dialer=…)``)."""
+    return build_host(generate_new_ed25519_identity(), max_connections=max_connections)
 
 
 def heal_redials(host: IHost) -> None:

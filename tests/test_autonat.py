@@ -30,7 +30,7 @@ from nat.autonat import (
 from nat.reachability import ReachabilityState, ServerResult
 from node.config import ApiSection, BootstrapSection, Config, EscrowSection, NatSection, NodeSection
 from node.daemon import Node
-from node.host import build_host
+from node.host import build_dialer_host, build_host
 from protocols.rpc import request
 from protocols.wire import encode_uvarint
 from runtime.errors import ClawnodeError, ErrorCode
@@ -72,6 +72,7 @@ async def autonat_node(
             serves_by_role=serves,
             own_addrs=(lambda: own_addrs) if own_addrs is not None else None,
             own_ports=(lambda: own_ports) if own_ports is not None else None,
+            build_dialer=build_dialer_host,
         )
         scope = trio.CancelScope()
 
@@ -241,7 +242,11 @@ async def test_server_dials_only_the_observed_ip_and_rate_limits() -> None:
             assert [result.status for result in reply.results] == ["ok"]
     # Validation alone (no network): too many addresses, another protocol, private in production,
     # another IP; mixed requests dial only what may be dialed; ports are dialed at the observed IP.
-    strict = AutoNat(build_host(generate_new_ed25519_identity()), AutoNatSettings(server_max_addrs=2))
+    strict = AutoNat(
+        build_host(generate_new_ed25519_identity()),
+        AutoNatSettings(server_max_addrs=2),
+        build_dialer=build_dialer_host,
+    )
     for addrs, observed, code in [
         (
             ["/ip4/81.2.69.5/tcp/1", "/ip4/81.2.69.5/tcp/2", "/ip4/81.2.69.5/tcp/3"],
