@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import multiaddr
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dht.offers import Offer
 from dht.records import Reachability
+from protocols.settings import MarketSection
+from protocols.settings import Section as _Section
 from runtime.inference.models import ModelSpec
 
 CONFIG_FILE_NAME = "config.toml"
@@ -35,10 +37,6 @@ def _check_multiaddrs(values: list[str]) -> list[str]:
         except Exception as error:  # noqa: BLE001 - multiaddr raises several unrelated types
             raise ValueError(f"not a multiaddr: {value!r} ({error})") from None
     return values
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class NodeSection(_Section):
@@ -216,28 +214,6 @@ class EscrowSection(_Section):
         if self.mode == "rpc" and (not self.rpc_url or not self.contract):
             raise ValueError("escrow.mode = rpc needs escrow.rpc_url and escrow.contract")
         return self
-
-
-class MarketSection(_Section):
-    receipt_every_units: int = Field(1000, ge=1, description="the provider signs a usage receipt every N units")
-    receipt_every_s: int = Field(30, ge=1, le=3600, description="... or every T seconds with unreceipted usage")
-    countersign_timeout_s: int = Field(
-        60, ge=1, le=86_400, description="service pauses when a receipt stays unsigned this long"
-    )
-    abandon_after_s: int = Field(
-        300, ge=1, le=86_400, description="the lease ends when the consumer stays silent this long"
-    )
-    claim_every_s: int = Field(
-        300, ge=1, le=86_400, description="how often a provider claims countersigned usage (and at the end)"
-    )
-    quote_valid_s: int = Field(60, ge=1, le=3600, description="how long a quote can be opened")
-    max_lease_s: int = Field(86_400, ge=1, le=30 * 86_400, description="the longest lease this node grants")
-    max_requests: int = Field(100_000, ge=1, description="requests per lease at most")
-    rate_per_minute: int = Field(600, ge=1, description="requests per minute per lease at most")
-    trusted_peers: list[str] = Field(
-        default_factory=list, description="peer ids served post-paid without an escrow lock"
-    )
-    postpaid_cap: int = Field(0, ge=0, description="the most a trusted peer's post-paid lease may owe, wei")
 
 
 class RouterSection(_Section):

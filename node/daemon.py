@@ -490,7 +490,7 @@ class Node:
 
     def _advertised_offers(self) -> list[Offer]:
         """The loaded models' offers, then the configured offers (same name: config wins), then the API's."""
-        merged = {offer.name: offer for offer in self.model_host.offers()}
+        merged = {offer.name: offer for offer in map(Offer.model_validate, self.model_host.offer_fields())}
         merged.update((offer.name, offer) for offer in self.config.offers)
         return self.offer_book.effective(list(merged.values()))
 

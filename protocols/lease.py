@@ -78,6 +78,7 @@ from protocols.machines.lease import (
 )
 from protocols.machines.lease import LeasePolicy as SessionPolicy
 from protocols.rpc import error_reply, parse_reply, request, serve_requests
+from protocols.settings import MarketSection
 from protocols.signed import open_base64, seal, to_base64
 from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
@@ -86,7 +87,6 @@ from runtime.service import ServiceRegistry, Usage
 from runtime.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
-    from node.config import MarketSection
     from runtime.escrow import EscrowClient
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,6 @@ from typing import Any, TextIO
 import trio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dht.offers import Offer
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import DEFAULT_MAX_QUEUE, LlamaModel
 from runtime.inference.service import ChatService, EmbeddingService
@@ -186,9 +185,10 @@ class ModelHost:
             services.unregister(spec.capability)
             services.unregister(spec.embedding_capability)
 
-    def offers(self) -> list[Offer]:
-        """An offer per loaded model (and per embedding service), priced by the token."""
-        offers: list[Offer] = []
+    def offer_fields(self) -> list[dict[str, Any]]:
+        """An offer per loaded model (and per embedding service), priced by the token: the fields of
+        a ``dht.offers.Offer`` (the node builds and validates it; runtime/ knows no dht/)."""
+        offers: list[dict[str, Any]] = []
         for spec in self.specs:
             model = self.models.get(spec.name)
             if model is None:
@@ -201,9 +201,9 @@ class ModelHost:
                 "unit": "token",
                 "price_per_unit": spec.price_per_unit,
             }
-            offers.append(Offer(name=spec.capability, summary=spec.summary or f"{spec.name} chat", **facts))
+            offers.append({"name": spec.capability, "summary": spec.summary or f"{spec.name} chat", **facts})
             if spec.embeddings:
                 offers.append(
-                    Offer(name=spec.embedding_capability, summary=spec.summary or f"{spec.name} embeddings", **facts)
+                    {"name": spec.embedding_capability, "summary": spec.summary or f"{spec.name} embeddings", **facts}
                 )
         return offers

@@ -99,7 +99,7 @@ async def test_model_host_offers_and_registers(tiny_path: Path) -> None:
         assert lines[0].startswith("model 1/1 tiny [") and lines[0].endswith("0% locating")
         assert lines[-1].startswith("model 1/1 tiny [" + "#" * 24 + "] 100% ready in"), lines
         assert str(tiny_path.parent) not in shown.getvalue()
-        offers = {offer.name: offer for offer in host.offers()}
+        offers = {offer.name: offer for offer in map(Offer.model_validate, host.offer_fields())}
         assert set(offers) == {"model:tiny", "embedding:tiny"}
         chat = offers["model:tiny"]
         assert (chat.unit, chat.price_per_unit, chat.context_length, chat.family) == ("token", 7, 256, "llama")

@@ -1,0 +1,37 @@
+"""Settings models owned by the protocols: ``[market]`` is read by the lease market.
+
+``node/config.py`` builds the whole config from these (the keys, defaults, bounds and environment
+names are the same as when they lived there); protocols/ must not import node/.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are an error, values never change after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MarketSection(Section):
+    receipt_every_units: int = Field(1000, ge=1, description="the provider signs a usage receipt every N units")
+    receipt_every_s: int = Field(30, ge=1, le=3600, description="... or every T seconds with unreceipted usage")
+    countersign_timeout_s: int = Field(
+        60, ge=1, le=86_400, description="service pauses when a receipt stays unsigned this long"
+    )
+    abandon_after_s: int = Field(
+        300, ge=1, le=86_400, description="the lease ends when the consumer stays silent this long"
+    )
+    claim_every_s: int = Field(
+        300, ge=1, le=86_400, description="how often a provider claims countersigned usage (and at the end)"
+    )
+    quote_valid_s: int = Field(60, ge=1, le=3600, description="how long a quote can be opened")
+    max_lease_s: int = Field(86_400, ge=1, le=30 * 86_400, description="the longest lease this node grants")
+    max_requests: int = Field(100_000, ge=1, description="requests per lease at most")
+    rate_per_minute: int = Field(600, ge=1, description="requests per minute per lease at most")
+    trusted_peers: list[str] = Field(
+        default_factory=list, description="peer ids served post-paid without an escrow lock"
+    )
+    postpaid_cap: int = Field(0, ge=0, description="the most a trusted peer's post-paid lease may owe, wei")
