@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 from pydantic import BaseModel, ValidationError
 
-from runtime.files import write_atomically
+from runtime.files import save_quietly
 
 PEER_BOOK_FILE = "peers.json"
 MAX_PEERS_KEPT = 500
@@ -69,7 +69,7 @@ class PeerBook:
 
     def _save_blocking(self) -> None:
         kept = dict(sorted(self._peers.items(), key=lambda item: item[1].last_seen, reverse=True)[:MAX_PEERS_KEPT])
-        write_atomically(self.path, PeerBookFile(peers=kept).model_dump_json(indent=1))
+        save_quietly(self.path, PeerBookFile(peers=kept).model_dump_json(indent=1))
 
     async def load(self) -> None:
         await trio.to_thread.run_sync(self._load_blocking, limiter=self._limiter)

@@ -20,7 +20,7 @@ import trio
 from pydantic import BaseModel, Field, ValidationError
 
 from dht.records import Rejection
-from runtime.files import write_atomically
+from runtime.files import save_quietly
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -95,7 +95,7 @@ class SeqBook:
 
     def _save_blocking(self, text: str) -> None:
         if self.path is not None:
-            write_atomically(self.path, text)
+            save_quietly(self.path, text)
 
     async def load(self) -> None:
         await trio.to_thread.run_sync(self._load_blocking, limiter=self._limiter)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from runtime.files import write_atomically
+from runtime.files import save_quietly
 
 if TYPE_CHECKING:
     from libp2p.crypto.keys import KeyPair
@@ -94,7 +94,7 @@ class RunningNode(BaseModel):
 
 
 def publish_running(data_dir: Path, running: RunningNode) -> None:
-    write_atomically(data_dir / RUNNING_FILE, running.model_dump_json(indent=2))
+    save_quietly(data_dir / RUNNING_FILE, running.model_dump_json(indent=2))
 
 
 def read_running(data_dir: Path) -> RunningNode | None:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from node.conn_guard import guard_of
+from runtime.files import save_failures
 from runtime.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -254,9 +255,19 @@ async def render_metrics(node: Node) -> bytes:
     retried = CounterMetricFamily("clawnode_settlement_retries", "settlement attempts that did not land (ledger)")
     retried.add_metric([], retries)
     families += [failed, retried]
-    gauge("clawnode_ledger_write_failures", "ledger operations that failed for a storage reason").set(
-        node.ledger.write_failures
+    # Failures since the last write that committed: 0 again once the disk takes writes, so the alert resolves.
+    gauge(
+        "clawnode_ledger_write_failures", "ledger operations that failed for a storage reason since the last write"
+    ).set(node.ledger.failing_writes)
+    ledger_failed = CounterMetricFamily(
+        "clawnode_ledger_storage_errors", "ledger operations that failed for a storage reason since start"
     )
+    ledger_failed.add_metric([], node.ledger.write_failures)
+    saves_failed = CounterMetricFamily(
+        "clawnode_data_dir_save_failures", "state file saves (peer book, offers, ...) the disk refused since start"
+    )
+    saves_failed.add_metric([], save_failures.total)
+    families += [ledger_failed, saves_failed]
     gauge("clawnode_escrow_connected", "1 when the escrow chain is connected").set(
         1 if node.escrow_status.state == "connected" else 0
     )

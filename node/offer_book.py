@@ -16,7 +16,8 @@ from pydantic import BaseModel, ValidationError
 
 from dht.offers import Offer
 from dht.publisher import validation_summary
-from runtime.files import write_atomically
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.files import DISK_FULL_MESSAGE, save_quietly
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,15 @@ class OfferBook:
         return list(offers.values())
 
     async def record(self, name: str, offer: Offer | None) -> None:
-        self.overrides[name] = offer
-        self.unreadable.pop(name, None)
-        self._unreadable_raw.pop(name, None)
-        data = OfferBookFile(overrides=self.overrides).model_dump(mode="json")
-        data["overrides"].update(self._unreadable_raw)
+        """Store the change, or raise ``E_UNAVAILABLE`` (``disk_full``) with nothing changed when the
+        data dir cannot take it: an offer that would be lost at the next restart is not accepted."""
+        overrides = {**self.overrides, name: offer}
+        unreadable_raw = {key: value for key, value in self._unreadable_raw.items() if key != name}
+        data = OfferBookFile(overrides=overrides).model_dump(mode="json")
+        data["overrides"].update(unreadable_raw)
         text = json.dumps(data, indent=1)
-        await trio.to_thread.run_sync(write_atomically, self.path, text, limiter=self._limiter)
+        if not await trio.to_thread.run_sync(save_quietly, self.path, text, limiter=self._limiter):
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, DISK_FULL_MESSAGE)
+        self.overrides = overrides
+        self.unreadable.pop(name, None)
+        self._unreadable_raw = unreadable_raw

@@ -29,7 +29,7 @@ tests:
       - series: clawnode_settlement_queue_oldest_age_seconds
         values: "0+600x40"        # 600 s older every minute: > 10800 from minute 19
       - series: clawnode_ledger_write_failures
-        values: "0x4 1x10"        # the first failed write at minute 5
+        values: "0x4 1x10 0x10"   # the first failed write at minute 5, a write lands again at minute 16
       - series: clawnode_lease_failures_total{{op="open",code="E_UNAVAILABLE"}}
         values: "0+5x40"          # 5 failures a minute
       - series: clawnode_escrow_disconnected
@@ -57,6 +57,9 @@ tests:
           - exp_labels: {{severity: P0}}
             exp_annotations:
               summary: The ledger failed to write (disk full or storage error); usage may go unrecorded.
+      - eval_time: 17m
+        alertname: LedgerWriteFailures
+        exp_alerts: []            # resolved: the gauge counts failures since the last write that landed
       - eval_time: 2m
         alertname: LeaseFailureRate
         exp_alerts: []

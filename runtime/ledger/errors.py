@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.files import DISK_FULL_MESSAGE, DISK_FULL_REASON
 
 
 class LedgerError(ClawnodeError):
@@ -39,3 +40,8 @@ def invariant(reason: str, message: str) -> LedgerError:
     """A money invariant the write would break (``invariant_*``): refused, nothing stored. Only a bug
     in this node (or a chain that contradicts itself) gets here, so it is ``E_INTERNAL``."""
     return LedgerError(ErrorCode.INTERNAL, f"invariant_{reason}", message)
+
+
+def disk_full() -> LedgerError:
+    """SQLite could not write (SQLITE_FULL, SQLITE_IOERR): the node is read-only until space returns."""
+    return LedgerError(ErrorCode.UNAVAILABLE, DISK_FULL_REASON, DISK_FULL_MESSAGE)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import trio
 from libp2p.crypto.keys import PrivateKey
 
+from runtime.ledger import errors
 from runtime.ledger.audit import AuditEntry, AuditReport
 from runtime.ledger.models import (
     Dispute,
@@ -39,12 +40,22 @@ from runtime.ledger.store import Clock, LedgerStore
 
 T = TypeVar("T")
 
+# SQLite's primary result codes for a write the disk refused (extended codes keep these in the low byte).
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+
+
+def _disk_full(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL)
+
 
 class Ledger:
     def __init__(self, store: LedgerStore) -> None:
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
-        self.write_failures = 0  # storage errors (disk full, I/O, corruption), for metrics and alerts
+        self.write_failures = 0  # storage errors (disk full, I/O, corruption) since start
+        self.failing_writes = 0  # ... since the last write that committed: the alert's gauge
 
     @classmethod
     async def open(cls, path: Path, *, clock: Clock | None = None) -> Ledger:
@@ -56,11 +67,19 @@ class Ledger:
         await self._run(self.store.close)
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        commits = self.store.commits
         try:
             return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
-        except sqlite3.Error:
+        except sqlite3.Error as error:
             self.write_failures += 1
+            self.failing_writes += 1
+            if _disk_full(error):
+                # Read-only until space returns: the caller is refused E_UNAVAILABLE, nothing exits.
+                raise errors.disk_full() from error
             raise
+        finally:
+            if self.store.commits != commits:
+                self.failing_writes = 0  # a write landed: the disk took it again
 
     # leases
     async def open_lease(self, lease: LeaseOpen, *, idempotency_key: str) -> Lease:

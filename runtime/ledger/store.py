@@ -54,6 +54,10 @@ TASK_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
+WAL_AUTOCHECKPOINT_PAGES = 256
+JOURNAL_SIZE_LIMIT_BYTES = 1 << 20
+
+
 def _wall_clock() -> int:
     return int(time.time())
 
@@ -110,6 +114,7 @@ class LedgerStore:
         self._conn = conn
         self._clock = clock
         self._lock = threading.RLock()
+        self.commits = 0  # write transactions committed since open
 
     @classmethod
     def open(cls, path: Path, *, clock: Clock | None = None) -> LedgerStore:
@@ -120,6 +125,10 @@ class LedgerStore:
             # FULL: in WAL mode every COMMIT is fsynced, so a committed receipt survives power loss.
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
+            # Small disks: checkpoint the WAL every 256 pages (1 MiB at 4 KiB pages; SQLite's default is
+            # 1000, about 4 MiB) and truncate it back to at most 1 MiB after a checkpoint.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
             migrate(conn)
         except BaseException:
             conn.close()
@@ -138,10 +147,17 @@ class LedgerStore:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # A COMMIT that failed (disk full) leaves the transaction open: end it, or every later
+                # BEGIN fails too and the ledger never heals when space returns.
+                if self._conn.in_transaction:
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
                 raise
-            self._conn.execute("COMMIT")
+            self.commits += 1
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

@@ -1,0 +1,242 @@
+"""A full disk (issue 15): the node turns read-only, refuses new work with E_UNAVAILABLE ``disk_full``,
+never exits, and heals by itself once space returns.
+
+The data dir sits on a small tmpfs (root only: the tests skip elsewhere) that a filler file fills."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from node.datadir import read_api_token, read_running
+from node.offer_book import OfferBook
+from runtime import files
+from runtime.errors import ErrorCode
+from runtime.files import DISK_FULL_REASON, save_failures, save_quietly
+from runtime.ledger import LeaseOpen, Ledger, LedgerError
+from tests.runtime.support import peer_id, peer_key
+from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, prepare_data_dir
+
+PROVIDER, CONSUMER = peer_key("disk-provider"), peer_key("disk-consumer")
+OFFER = {"name": "model:tiny", "summary": "a tiny model", "price_per_unit": 1000}
+
+
+def _mount_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    yield from _mount_tmpfs(tmp_path / "disk", "4m")
+
+
+def _fill(directory: Path) -> Path:
+    """Take every free byte of ``directory``'s file system with one filler file."""
+    filler = directory / "filler"
+    chunk = b"\0" * 65536
+    with open(filler, "wb", buffering=0) as file:
+        while True:
+            try:
+                file.write(chunk)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+                if len(chunk) == 1:
+                    break
+                chunk = chunk[: len(chunk) // 2]
+    return filler
+
+
+def _lease(lease_id: str) -> LeaseOpen:
+    return LeaseOpen(
+        lease_id=lease_id,
+        role="provider",
+        provider=peer_id(PROVIDER),
+        consumer=peer_id(CONSUMER),
+        price_per_unit=3,
+        budget=10**6,
+    )
+
+
+# -- the save helper --
+
+
+def test_a_save_the_disk_refuses_keeps_the_old_file_logs_once_and_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "peers.json"
+    assert save_quietly(path, "old")
+    before = save_failures.total
+
+    def no_space(_: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    monkeypatch.setattr(save_failures, "_last_log", float("-inf"))
+    with caplog.at_level(logging.WARNING, logger="runtime.files"):
+        assert not save_quietly(path, "new")
+        assert not save_quietly(path, "newer")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peers.json"]  # no temporary file left behind
+    assert save_failures.total == before + 2 and save_failures.current >= 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "runtime.files"]
+    assert len(lines) == 1 and "peers.json" in lines[0] and str(tmp_path) not in lines[0]
+
+    monkeypatch.undo()
+    assert save_quietly(path, "new")
+    assert path.read_text() == "new" and save_failures.current == 0
+
+
+def test_other_errors_still_raise(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        save_quietly(tmp_path / "missing" / "peers.json", "{}")
+
+
+# -- on a real full disk --
+
+
+async def test_the_ledger_refuses_disk_full_and_heals_when_space_returns(small_disk: Path) -> None:
+    ledger = await Ledger.open(small_disk / "ledger.db")
+    await ledger.open_lease(_lease("before"), idempotency_key="before")
+    filler = _fill(small_disk)
+    refused: LedgerError | None = None
+    for i in range(200):
+        try:
+            await ledger.open_lease(_lease(f"full-{i}"), idempotency_key=f"full-{i}")
+        except LedgerError as error:
+            refused = error
+            break
+    assert refused is not None, "the ledger never met the full disk"
+    assert refused.code == ErrorCode.UNAVAILABLE and refused.reason == DISK_FULL_REASON
+    assert DISK_FULL_REASON in refused.message and str(small_disk) not in refused.message
+    assert ledger.failing_writes >= 1
+    assert (await ledger.get_lease("before")).budget == 10**6  # reads still work
+
+    filler.unlink()
+    await ledger.open_lease(_lease("after"), idempotency_key="after")  # healed, nothing reopened
+    assert ledger.failing_writes == 0 and ledger.write_failures >= 1
+    await ledger.aclose()
+
+
+async def test_an_offer_the_disk_refuses_is_not_accepted(small_disk: Path) -> None:
+    from dht.offers import Offer
+
+    book = OfferBook(small_disk / "offers.json")
+    filler = _fill(small_disk)
+    with pytest.raises(Exception) as caught:
+        await book.record("model:tiny", Offer(**OFFER))  # type: ignore[arg-type]
+    assert getattr(caught.value, "code", None) == ErrorCode.UNAVAILABLE
+    assert DISK_FULL_REASON in str(caught.value)
+    assert "model:tiny" not in book.overrides
+    filler.unlink()
+    await book.record("model:tiny", Offer(**OFFER))  # type: ignore[arg-type]
+    assert "model:tiny" in book.overrides
+
+
+# -- a real daemon --
+
+
+def _api(daemon: DaemonProcess, method: str, path: str, body: object = None) -> httpx.Response:
+    running = read_running(daemon.data_dir)
+    assert running is not None
+    headers = {"authorization": f"Bearer {read_api_token(daemon.data_dir)}"}
+    return httpx.request(method, f"{running.api_url}{path}", json=body, headers=headers, timeout=10)
+
+
+def _metric(daemon: DaemonProcess, name: str) -> float:
+    for line in _api(daemon, "GET", "/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_a_daemon_on_a_full_disk_stays_up_refuses_writes_and_heals(
+    tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    data_dir = prepare_data_dir(tmp_path / "node")
+    mounts = _mount_tmpfs(data_dir, "4m")  # the daemon's log (beside the data dir) stays off it
+    next(mounts)
+    try:
+        daemon = DaemonProcess(data_dir, LOOPBACK_ANY_PORT, env={"CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false"}).start()
+        daemons.append(daemon)
+        assert _api(daemon, "PUT", "/api/offers/model:tiny", OFFER).status_code == 200
+
+        filler = _fill(data_dir)
+        refused = _api(daemon, "PUT", "/api/offers/model:tiny", {**OFFER, "price_per_unit": 2000})
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "E_UNAVAILABLE" and DISK_FULL_REASON in error["message"]
+        assert str(tmp_path) not in refused.text
+        assert _metric(daemon, "clawnode_data_dir_save_failures_total") >= 1
+        assert daemon.process is not None and daemon.process.poll() is None  # still alive
+        assert _api(daemon, "GET", "/api/status").status_code == 200
+
+        filler.unlink()
+        healed = _api(daemon, "PUT", "/api/offers/model:tiny", {**OFFER, "price_per_unit": 2000})
+        assert healed.status_code == 200, healed.text
+        assert '"price_per_unit": 2000' in (data_dir / "offers.json").read_text()
+        assert daemon.process.poll() is None
+        code, _ = daemon.stop()
+        assert code == 0, daemon.log()[-3000:]
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+        next(mounts, None)
+
+
+async def test_a_running_node_fires_the_ledger_alert_on_a_full_disk_and_resolves_it(tmp_path: Path) -> None:
+    import trio
+
+    from node.config import AlertsSection
+    from node.daemon import Node
+    from runtime.service import ServiceRegistry
+    from tests.support.market import market_config
+
+    data_dir = tmp_path / "node"
+    mounts = _mount_tmpfs(data_dir, "4m")
+    next(mounts)
+    try:
+        config = market_config(bootstrap=[]).model_copy(update={"alerts": AlertsSection(interval_s=0.2)})
+        node = Node(config, data_dir, services=ServiceRegistry())
+        token_headers: dict[str, str] = {}
+
+        async def ledger_alert() -> str | None:
+            async with httpx.AsyncClient() as client:
+                reply = await client.get(f"{node.api_url}/api/alerts", headers=token_headers)
+            assert reply.status_code == 200
+            states = [a["state"] for a in reply.json()["alerts"] if a["name"] == "LedgerWriteFailures"]
+            return states[0] if states else None
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            token_headers["authorization"] = f"Bearer {read_api_token(data_dir)}"
+            filler = _fill(data_dir)
+            with pytest.raises(LedgerError) as caught:
+                for i in range(200):
+                    await node.ledger.open_lease(_lease(f"full-{i}"), idempotency_key=f"full-{i}")
+            assert caught.value.code == ErrorCode.UNAVAILABLE and caught.value.reason == DISK_FULL_REASON
+            with trio.fail_after(10):
+                while await ledger_alert() != "firing":
+                    await trio.sleep(0.1)
+
+            filler.unlink()
+            await node.ledger.open_lease(_lease("after"), idempotency_key="after")
+            with trio.fail_after(10):
+                while await ledger_alert() is not None:
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+    finally:
+        next(mounts, None)
