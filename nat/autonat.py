@@ -46,9 +46,8 @@ from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter
 
-from dht.records import Reachability
+from nat.addresses import Reachability, is_public_ip, sources_for
 from nat.addresses import candidate_addrs as candidate_addrs_of
-from nat.addresses import is_public_ip, sources_for
 from nat.notifee import QuietNotifee
 from nat.reachability import ReachabilityState, ServerResult
 from protocols.rpc import request, serve_requests

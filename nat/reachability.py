@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dht.records import Reachability
+from nat.addresses import Reachability
 
 ServerOutcome = Literal["ok", "dial_error", "error"]
 

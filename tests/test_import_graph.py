@@ -1,0 +1,52 @@
+"""The layering rule (docs/architecture.md, "Layers"): no import cycles, imports point down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.tools import import_graph
+
+
+def test_the_import_graph_has_no_new_violations() -> None:
+    new, stale = import_graph.check()
+    assert not new, "import graph violations (tests/tools/import_graph.py):\n" + "\n".join(new)
+    assert not stale, "fixed, so remove from ALLOWED in tests/tools/import_graph.py:\n" + "\n".join(stale)
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+def test_the_check_finds_hidden_cycles_and_wrong_directions(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {
+            "node/__init__.py": "",
+            "node/host.py": "from nat.autonat import probe\n",
+            "nat/__init__.py": "",
+            # A function-level import still counts; a TYPE_CHECKING one breaks no module cycle
+            # but still counts for the direction and folder rules.
+            "nat/autonat.py": "def probe():\n    from node.host import build\n",
+            "nat/relay.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import upnp\n",
+            "nat/upnp.py": "from nat import relay\n",
+            "runtime/__init__.py": "",
+            "runtime/ledger.py": "import libp2p.crypto\nfrom dht.offers import Offer\n",
+            "dht/__init__.py": "",
+            "dht/offers.py": "from runtime import ledger\n",
+            "protocols/__init__.py": "",
+            "bootstrap/__init__.py": "",
+        },
+    )
+    found = import_graph.violations(import_graph.build(tmp_path))
+    assert "module cycle: nat.autonat -> node.host -> nat.autonat" in found
+    assert "module cycle: dht.offers -> runtime.ledger -> dht.offers" in found
+    assert not any("nat.relay -> nat.upnp" in line or "nat.upnp -> nat.relay" in line for line in found)
+    assert "forbidden: nat.autonat imports node.host  [nat must not import node]" in found
+    assert "forbidden: runtime.ledger imports libp2p  [runtime must not import libp2p]" in found
+    assert "forbidden: runtime.ledger imports dht.offers  [runtime must not import dht]" in found
+    assert any(line.startswith("folder cycle among nat, node -- ") for line in found)
+    assert any(line.startswith("folder cycle among dht, runtime -- ") for line in found)
+    assert len(found) == 7, found

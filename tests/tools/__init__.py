@@ -1,0 +1,1 @@
+"""Developer tools that the suite also runs (see tests/tools/import_graph.py)."""
