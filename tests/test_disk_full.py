@@ -240,3 +240,18 @@ async def test_a_running_node_fires_the_ledger_alert_on_a_full_disk_and_resolves
             nursery.cancel_scope.cancel()
     finally:
         next(mounts, None)
+
+
+async def test_the_wal_stays_near_one_mebibyte(tmp_path: Path) -> None:
+    """wal_autocheckpoint = 256 pages and journal_size_limit = 1 MiB: SQLite's defaults (1000 pages,
+    no limit) let the WAL reach ~4 MiB before a checkpoint. ``pytest -s -k wal_stays`` prints the peak."""
+    path = tmp_path / "ledger.db"
+    ledger = await Ledger.open(path)
+    wal = path.with_name("ledger.db-wal")
+    peak = 0
+    for i in range(1500):
+        await ledger.open_lease(_lease(f"wal-{i}"), idempotency_key=f"wal-{i}")
+        peak = max(peak, wal.stat().st_size if wal.exists() else 0)
+    await ledger.aclose()
+    print(f"WAL peak over 1500 lease opens: {peak / 2**20:.2f} MiB")
+    assert peak <= 1.2 * 2**20
