@@ -6,7 +6,7 @@ Usage (Linux, root, ``ip``, ``nft``, Debian's ``miniupnpd``)::
     python bench/nat_matrix.py --repetitions 3 --json nat-matrix.json
     python bench/nat_matrix.py --loss 5              # every router drops 5 % of what it forwards
 
-Real ``clawnode start`` daemons in network namespaces (``nat.natmatrix``, the same code as
+Real ``clawnode start`` daemons in network namespaces (``node.natmatrix``, the same code as
 ``clawnode nat-test --full``): per pair, A asks B for its signed record; recorded are both AutoNAT
 verdicts, B's relay reservations, whether data came back, and how A ended up connected (direct by
 UPnP/port forward, hole punch, relay only). Printed: the table, then the figures the issue names:
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nat import natmatrix
+from node import natmatrix
 
 
 def main() -> int:

@@ -830,7 +830,7 @@ def nat_test(
     """
     from rich.console import Console
 
-    from nat import natmatrix
+    from node import natmatrix
 
     try:
         chosen = [natmatrix.parse_case(text) for text in cases]

@@ -14,10 +14,10 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.host.ping import ID as PING_PROTOCOL
 
-from nat.natmatrix import make_identity
 from nat.relay import RETRY_MAX_S, retry_delay
 from node.config import Config, RelaySection
 from node.daemon import Node
+from node.natmatrix import make_identity
 from tests.support.processes import DaemonProcess
 from tests.test_relay import config
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nat import natmatrix
 from nat.harness.netns import NatType, netns_list
+from node import natmatrix
 
 _MISSING = natmatrix.requirements_problem(natmatrix.SHORT_CASES)
 needs_netns = pytest.mark.skipif(_MISSING is not None, reason=f"NAT matrix: {_MISSING}")
