@@ -255,3 +255,27 @@ async def test_the_wal_stays_near_one_mebibyte(tmp_path: Path) -> None:
     await ledger.aclose()
     print(f"WAL peak over 1500 lease opens: {peak / 2**20:.2f} MiB")
     assert peak <= 1.2 * 2**20
+
+
+async def test_a_provider_on_a_full_disk_refuses_lease_opens_disk_full_then_serves_again(tmp_path: Path) -> None:
+    from runtime.errors import ClawnodeError
+    from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
+
+    mounts = _mount_tmpfs(tmp_path / "node0", "8m")  # the provider's data dir; the consumer's is not on it
+    provider_dir = next(mounts)
+    try:
+        async with market_nodes([{"offers": (WORD_OFFER,)}, {}], root=tmp_path) as (nodes, _):
+            provider, consumer = nodes
+            target = str(provider.host.get_id())
+            filler = _fill(provider_dir)
+            with pytest.raises(ClawnodeError) as caught:
+                await consumer.market.open_lease(target, WORDS, budget=WORD_PRICE * 20, duration_s=300)
+            assert caught.value.code == ErrorCode.UNAVAILABLE, caught.value.message
+            assert DISK_FULL_REASON in caught.value.message and str(tmp_path) not in caught.value.message
+            assert provider.ledger.failing_writes >= 1
+
+            filler.unlink()
+            lease = await consumer.market.open_lease(target, WORDS, budget=WORD_PRICE * 20, duration_s=300)
+            assert lease.lease_id and provider.ledger.failing_writes == 0
+    finally:
+        next(mounts, None)
