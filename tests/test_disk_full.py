@@ -108,7 +108,10 @@ def test_other_errors_still_raise(tmp_path: Path) -> None:
 # -- on a real full disk --
 
 
-async def test_the_ledger_refuses_disk_full_and_heals_when_space_returns(small_disk: Path) -> None:
+async def test_the_ledger_refuses_disk_full_and_heals_when_space_returns(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="runtime.ledger.ledger")
     ledger = await Ledger.open(small_disk / "ledger.db")
     await ledger.open_lease(_lease("before"), idempotency_key="before")
     filler = _fill(small_disk)
@@ -124,6 +127,11 @@ async def test_the_ledger_refuses_disk_full_and_heals_when_space_returns(small_d
     assert DISK_FULL_REASON in refused.message and str(small_disk) not in refused.message
     assert ledger.failing_writes >= 1
     assert (await ledger.get_lease("before")).budget == 10**6  # reads still work
+    for i in range(3):  # more refusals: still one log line, no path in it
+        with pytest.raises(LedgerError):
+            await ledger.open_lease(_lease(f"again-{i}"), idempotency_key=f"again-{i}")
+    lines = [r.getMessage() for r in caplog.records if r.name == "runtime.ledger.ledger"]
+    assert len(lines) == 1 and "full" in lines[0] and str(small_disk) not in lines[0]
 
     filler.unlink()
     await ledger.open_lease(_lease("after"), idempotency_key="after")  # healed, nothing reopened

@@ -11,7 +11,9 @@ on, which is what lets the daemon say "the ledger commits before a reply leaves 
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +41,8 @@ from runtime.ledger.receipts import SignedReceipt
 from runtime.ledger.store import Clock, LedgerStore
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+DISK_FULL_LOG_EVERY_S = 60.0
 
 # SQLite's primary result codes for a write the disk refused (extended codes keep these in the low byte).
 _SQLITE_IOERR = 10
@@ -56,6 +60,7 @@ class Ledger:
         self._limiter = trio.CapacityLimiter(1)
         self.write_failures = 0  # storage errors (disk full, I/O, corruption) since start
         self.failing_writes = 0  # ... since the last write that committed: the alert's gauge
+        self._disk_full_logged_at = float("-inf")
 
     @classmethod
     async def open(cls, path: Path, *, clock: Clock | None = None) -> Ledger:
@@ -75,6 +80,10 @@ class Ledger:
             self.failing_writes += 1
             if _disk_full(error):
                 # Read-only until space returns: the caller is refused E_UNAVAILABLE, nothing exits.
+                now = time.monotonic()
+                if now - self._disk_full_logged_at >= DISK_FULL_LOG_EVERY_S:
+                    self._disk_full_logged_at = now
+                    log.warning("the ledger cannot write (the data dir is full or failing); new work is refused")
                 raise errors.disk_full() from error
             raise
         finally:
