@@ -18,7 +18,7 @@ Built on py-libp2p's ``libp2p.relay.circuit_v2``:
   1 s doubling to 60 s) and reserved on again as soon as it is connected. Failed renewals back off
   the same way (they used to be retried every 0.05 s); failures are logged once a minute per relay.
 - A ``/p2p-circuit`` address is dialled only by ``CircuitV2Transport.dial()`` (``host.connect()``
-  ignores it): ``connect_via_relay`` does that before a ``new_stream`` when the peer has no
+  ignores it): ``connect_via_relay`` (``protocols/streams.py``) does that before a ``new_stream`` when the peer has no
   working direct address.
 """
 
@@ -27,14 +27,13 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import multiaddr
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork
-from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.host.ping import PING_LENGTH
 from libp2p.peer.id import ID
@@ -51,6 +50,12 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 
 from nat.notifee import QuietNotifee
+from protocols.streams import (  # is_circuit is still imported from here
+    DIAL_TIMEOUT_S,
+    is_circuit,
+    register_circuit_dialer,
+    unregister_circuit_dialer,
+)
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -59,7 +64,6 @@ log = logging.getLogger(__name__)
 
 HOP = str(HOP_PROTOCOL)
 RESERVE_TIMEOUT_S = 10.0
-DIAL_TIMEOUT_S = 10.0
 _SERVICES: weakref.WeakKeyDictionary[IHost, RelayService] = weakref.WeakKeyDictionary()
 
 
@@ -177,10 +181,6 @@ class _RelayWatch(QuietNotifee):
         peer_id = conn.muxed_conn.peer_id
         if not [c for c in network.get_connections(peer_id) if c is not conn]:
             service._relay_lost(str(peer_id), "disconnected")
-
-
-def is_circuit(addr: multiaddr.Multiaddr | str) -> bool:
-    return "/p2p-circuit" in str(addr)
 
 
 async def reserve(host: IHost, relay_id: ID) -> Reservation:
@@ -392,6 +392,7 @@ class RelayService:
         async with background_trio_service(self.protocol):
             await self.protocol.event_started.wait()
             _SERVICES[self.host] = self
+            register_circuit_dialer(self.host, self)
             network.register_notifee(watch)
             task_status.started(self)
             try:
@@ -400,6 +401,7 @@ class RelayService:
                     await self._loop()
             finally:
                 _SERVICES.pop(self.host, None)
+                unregister_circuit_dialer(self.host)
                 remove = getattr(network, "remove_notifee", None)
                 if remove is not None:
                     remove(watch)
@@ -577,58 +579,3 @@ class RelayService:
 
 def service_for(host: IHost) -> RelayService | None:
     return _SERVICES.get(host)
-
-
-async def connect_via_relay(host: IHost, peer_id: ID, addrs: Sequence[multiaddr.Multiaddr] = ()) -> bool:
-    """Make sure a connection to ``peer_id`` exists, through a relay when no direct address works.
-
-    Returns False when nothing was done (already connected, or no circuit address known: the
-    caller's ``new_stream`` dials as usual); raises the last error when every circuit failed.
-    """
-    network = host.get_network()
-    if network.get_connections(peer_id):
-        return False
-    known = list(addrs)
-    try:
-        known += [addr for addr in host.get_peerstore().addrs(peer_id) if addr not in known]
-    except Exception:  # noqa: BLE001 - no addresses stored
-        pass
-    circuits = [addr for addr in known if is_circuit(addr)]
-    if not circuits:
-        return False
-    # Circuit addresses come from the peer's signed record, which names them only while the peer
-    # is private: its direct addresses would time out behind its NAT, so the relays go first and
-    # a hole punch (``nat.holepunch``) finds the direct path afterwards.
-    service = _SERVICES.get(host)
-    error: Exception = ConnectionError("no relay service runs on this host")
-    if service is not None:
-        suffix = f"/p2p/{peer_id}"
-        for addr in circuits:
-            text = str(addr)
-            target = multiaddr.Multiaddr(text if text.endswith(suffix) else text + suffix)
-            try:
-                with trio.fail_after(DIAL_TIMEOUT_S):
-                    await service.transport.dial(target)
-                service.dials["ok"] += 1
-                service.on_relayed_dial(peer_id)
-                return True
-            except Exception as failure:  # noqa: BLE001 - the next relay is tried
-                service.dials["failed"] += 1
-                log.info("no circuit to %s through %s: %s", peer_id, text.split("/p2p/")[1], type(failure).__name__)
-                error = failure
-    direct = [addr for addr in known if not is_circuit(addr)]
-    if direct:
-        # A stale record: the peer may be public again.
-        with trio.fail_after(DIAL_TIMEOUT_S):
-            await host.connect(PeerInfo(peer_id, direct))
-        return True
-    raise error
-
-
-async def open_stream(host: IHost, peer_id: ID, protocols: Sequence[TProtocol]) -> INetStream:
-    """``host.new_stream``, first connecting through a relay when the peer is known only by circuit addresses."""
-    try:
-        await connect_via_relay(host, peer_id)
-    except Exception as error:  # noqa: BLE001 - new_stream's own dial reports the failure
-        log.debug("no circuit to %s: %s", peer_id, error)
-    return await host.new_stream(peer_id, list(protocols))

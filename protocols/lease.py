@@ -53,7 +53,6 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from dht.offers import Offer
 from dht.records import bind_wallet, wallet_binding_holds
-from nat.relay import open_stream
 from protocols import lease_wire as w
 from protocols.background import spawn_guarded
 from protocols.machines.history import finished_to_evict
@@ -80,6 +79,7 @@ from protocols.machines.lease import LeasePolicy as SessionPolicy
 from protocols.rpc import error_reply, parse_reply, request, serve_requests
 from protocols.settings import MarketSection
 from protocols.signed import open_base64, seal, to_base64
+from protocols.streams import open_stream
 from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger, SignedReceipt

@@ -18,7 +18,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from nat.relay import open_stream
+from protocols.streams import open_stream
 from protocols.wire import DEFAULT_MAX_FRAME, FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 

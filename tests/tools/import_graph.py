@@ -56,7 +56,7 @@ ALLOWED: dict[str, str] = {
     "folder cycle among dht, nat, protocols": (
         "dht and protocols use each other (dht.records signs with protocols.signed, dht.publisher and "
         "dht.discovery serve and fetch over protocols.capability; protocols.lease/gossip/lease_wire read "
-        "dht.records and dht.offers), and protocols reach relays through nat.relay.open_stream while "
+        "dht.records and dht.offers); nat joins it as dht.publisher uses nat.addresses while "
         "nat.autonat speaks protocols.rpc"
     ),
     "forbidden: runtime.ledger.ledger imports libp2p  [runtime must not import libp2p]": (
