@@ -287,3 +287,23 @@ async def test_a_provider_on_a_full_disk_refuses_lease_opens_disk_full_then_serv
             assert lease.lease_id and provider.ledger.failing_writes == 0
     finally:
         next(mounts, None)
+
+
+async def test_the_peer_book_and_sequence_marks_ride_out_a_full_disk(small_disk: Path) -> None:
+    from bootstrap.peer_book import PeerBook
+    from dht.seq_book import SeqBook
+
+    peers, seqs = PeerBook(small_disk / "peers.json"), SeqBook(small_disk / "record_seqs.json")
+    peers.remember("12D3KooWpeer", ["/ip4/127.0.0.1/tcp/4001"])
+    await peers.save()
+    filler = _fill(small_disk)
+    before = save_failures.total
+    peers.remember("12D3KooWother", ["/ip4/127.0.0.1/tcp/4002"])
+    seqs.note("12D3KooWpeer", 7)
+    await peers.save()  # raised OSError [Errno 28] into the DHT service, which took the daemon down
+    await seqs.save()
+    assert save_failures.total >= before + 2
+    assert "12D3KooWother" not in (small_disk / "peers.json").read_text()  # the old file, whole
+    filler.unlink()
+    await peers.save()
+    assert "12D3KooWother" in (small_disk / "peers.json").read_text()
