@@ -74,6 +74,7 @@ from node.datadir import (
 from node.hardware import detect_hardware
 from node.host import build_dialer_host, build_host, ensure_tcp_ports_free, parse_multiaddrs
 from node.http_guard import quiet_error_logger
+from node.metrics import render_metrics
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
 from node.router import Router
 from protocols.background import Supervisor
@@ -801,8 +802,6 @@ class Node:
         return await self.market.call(lease_id, body)
 
     async def metrics(self) -> bytes:
-        from node.metrics import render_metrics
-
         return await render_metrics(self)
 
     def alerts(self) -> AlertsReply:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -23,11 +23,61 @@ from runtime.files import save_failures
 from runtime.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
-    from node.daemon import Node
+    from libp2p.abc import IHost
+
+    from nat.holepunch import HolePunchService
+    from nat.relay import RelayService
+    from nat.upnp import UpnpService
+    from node.api import EscrowStatus, StatusReply
+    from node.router import Router
+    from protocols.background import Supervisor
+    from protocols.lease import LeaseMarket
+    from runtime.ledger import Ledger
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 SETTLEMENT_PAGE = 1000
+
+
+class MetricsSource(Protocol):
+    """What a scrape reads of the node (``node.daemon.Node`` is one): metrics never import the daemon."""
+
+    @property
+    def host(self) -> IHost: ...
+
+    @property
+    def relay(self) -> RelayService | None: ...
+
+    @property
+    def holepunch(self) -> HolePunchService | None: ...
+
+    @property
+    def upnp(self) -> UpnpService | None: ...
+
+    @property
+    def escrow_status(self) -> EscrowStatus: ...
+
+    @property
+    def escrow_problem(self) -> str | None: ...
+
+    @property
+    def supervisor(self) -> Supervisor: ...
+
+    @property
+    def market(self) -> LeaseMarket: ...
+
+    @property
+    def dht_lookup_s(self) -> LatencyHistogram: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    def status(self) -> StatusReply: ...
+
+    def skipped_offers(self) -> dict[str, str]: ...
 
 
 def _histogram(name: str, help_text: str, by_via: Iterable[tuple[str, LatencyHistogram]]) -> HistogramMetricFamily:
@@ -37,7 +87,7 @@ def _histogram(name: str, help_text: str, by_via: Iterable[tuple[str, LatencyHis
     return family
 
 
-def _nat_traversal(node: Node) -> list[Metric]:
+def _nat_traversal(node: MetricsSource) -> list[Metric]:
     """Relay dials, hole punches, connections by path and the UPnP mapping."""
     families: list[Metric] = []
     relay = node.relay
@@ -92,7 +142,7 @@ def _nat_traversal(node: Node) -> list[Metric]:
     return families
 
 
-def _inbound_connections(node: Node) -> list[Metric]:
+def _inbound_connections(node: MetricsSource) -> list[Metric]:
     """Inbound connections the guard refused or timed out, and those in their handshake now."""
     guard = guard_of(node.host.get_network())
     if guard is None:
@@ -113,7 +163,7 @@ def _inbound_connections(node: Node) -> list[Metric]:
     return [refused, timed_out, pending]
 
 
-def _escrow_disconnected(node: Node) -> Metric:
+def _escrow_disconnected(node: MetricsSource) -> Metric:
     """1 once a configured chain failed to connect, 0 when connected or off; no sample while unknown.
 
     Until the first connection attempt has an answer (state ``connecting``, or not started yet) the
@@ -142,7 +192,7 @@ class _Families:
         yield from self.families
 
 
-async def render_metrics(node: Node) -> bytes:
+async def render_metrics(node: MetricsSource) -> bytes:
     registry = CollectorRegistry()
 
     def gauge(name: str, help_text: str, labels: tuple[str, ...] = ()) -> Gauge:
