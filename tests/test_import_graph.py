@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.tools import import_graph
 
 
@@ -40,7 +42,9 @@ def test_the_check_finds_hidden_cycles_and_wrong_directions(tmp_path: Path) -> N
             "bootstrap/__init__.py": "",
         },
     )
-    found = import_graph.violations(import_graph.build(tmp_path))
+    graph = import_graph.build(tmp_path)
+    found = import_graph.violations(graph)
+    assert import_graph.type_only_cycles(graph) == [["nat.relay", "nat.upnp", "nat.relay"]]
     assert "module cycle: nat.autonat -> node.host -> nat.autonat" in found
     assert "module cycle: dht.offers -> runtime.ledger -> dht.offers" in found
     assert not any("nat.relay -> nat.upnp" in line or "nat.upnp -> nat.relay" in line for line in found)
@@ -50,3 +54,14 @@ def test_the_check_finds_hidden_cycles_and_wrong_directions(tmp_path: Path) -> N
     assert any(line.startswith("folder cycle among nat, node -- ") for line in found)
     assert any(line.startswith("folder cycle among dht, runtime -- ") for line in found)
     assert len(found) == 7, found
+
+
+def test_the_command_exits_1_and_lists_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(import_graph, "check", lambda: (["forbidden: a imports b"], ["old entry"]))
+    assert import_graph.main() == 1
+    out = capsys.readouterr().out
+    assert "forbidden: a imports b" in out and "stale allowed entry (fixed? remove it from ALLOWED): old entry" in out
+    monkeypatch.setattr(import_graph, "check", lambda: ([], []))
+    assert import_graph.main() == 0
