@@ -68,6 +68,16 @@ async def _settled(node: Node, settlement_id: str, state: str = "landed") -> boo
         return False
 
 
+async def _refused_open(sender: Node, peer: ID, opening: w.LeaseOpen) -> tuple[ErrorCode, str]:
+    """Send ``opening`` to ``peer`` signed by ``sender``; the refusal's code and message (it must be refused)."""
+    envelope = base64.b64encode(
+        seal(opening, sender.market.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
+    ).decode()
+    with pytest.raises(ClawnodeError) as caught:
+        await request(sender.host, peer, lease_module.LEASE_PROTOCOL, w.OpenRequest(envelope=envelope), GRANT_REPLY)
+    return caught.value.code, caught.value.message
+
+
 async def _await_true(check: Any, timeout_s: float, what: str) -> None:
     with trio.fail_after(timeout_s):
         while not await check():
@@ -182,14 +192,7 @@ async def test_grant_refuses_a_lock_paid_by_another_wallet() -> None:
                     lock=lock,
                     wallet=binding,
                 )
-                envelope = base64.b64encode(
-                    seal(opening, stranger.market.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
-                ).decode()
-                with pytest.raises(ClawnodeError) as caught:
-                    await request(
-                        stranger.host, peer, lease_module.LEASE_PROTOCOL, w.OpenRequest(envelope=envelope), GRANT_REPLY
-                    )
-                refusals.append((caught.value.code, caught.value.message))
+                refusals.append(await _refused_open(stranger, peer, opening))
 
         original_lock = buyer.market._lock
 
@@ -508,14 +511,7 @@ async def test_a_stranger_cannot_squat_a_buyers_lease_id() -> None:
                     wallet=wallet,
                     salt=salt,
                 )
-                envelope = base64.b64encode(
-                    seal(opening, stranger.market.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
-                ).decode()
-                with pytest.raises(ClawnodeError) as caught:
-                    await request(
-                        stranger.host, peer, lease_module.LEASE_PROTOCOL, w.OpenRequest(envelope=envelope), GRANT_REPLY
-                    )
-                refusals.append((caught.value.code, caught.value.message))
+                refusals.append(await _refused_open(stranger, peer, opening))
 
         original_lock = buyer.market._lock
 
