@@ -75,6 +75,13 @@ class SeqBook:
         if mark is None or seq > mark.seq:
             self._marks[peer_id] = SeqMark(seq=seq, seen_at=time.time())
             self._dirty = True
+            if len(self._marks) > 2 * MAX_PEERS_KEPT:
+                # Bounded in memory too (a book with no file is never saved, so never trimmed there).
+                self._marks = self._newest()
+
+    def _newest(self) -> dict[str, SeqMark]:
+        """The marks of the :data:`MAX_PEERS_KEPT` peers seen most recently."""
+        return dict(sorted(self._marks.items(), key=lambda item: item[1].seen_at, reverse=True)[:MAX_PEERS_KEPT])
 
     def __len__(self) -> int:
         return len(self._marks)
@@ -103,7 +110,7 @@ class SeqBook:
     async def save(self) -> None:
         if not self._dirty or self.path is None:
             return
-        kept = dict(sorted(self._marks.items(), key=lambda item: item[1].seen_at, reverse=True)[:MAX_PEERS_KEPT])
+        kept = self._newest()
         self._marks, self._dirty = kept, False
         await trio.to_thread.run_sync(
             self._save_blocking, SeqBookFile(peers=kept).model_dump_json(), limiter=self._limiter
