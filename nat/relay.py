@@ -137,7 +137,8 @@ class _Failures:
         return self.health.setdefault(key, _Health())
 
     def may_try(self, key: str, now: float) -> bool:
-        return self.get(key).retry_at <= now
+        health = self.health.get(key)  # asking adds no entry: only relays that failed are kept
+        return health is None or health.retry_at <= now
 
     def failed(self, key: str, now: float, what: str, error: object) -> None:
         health = self.get(key)
