@@ -71,6 +71,7 @@ from protocols.machines.lease import (
     check_lock,
     check_receipt_claim,
     chunk_tokens,
+    escrow_frozen,
     lease_id_for,
     quotes_to_forget,
     receipt_tolerance,
@@ -416,12 +417,10 @@ class LeaseMarket:
     def _forget_finished(self) -> None:
         """Drop finished leases past their retention (``finished_to_evict``); a message about one later
         gets ``E_NOT_FOUND``, like any lease this node does not know."""
-        keys = {f"{side}/{lease_id}": (side, lease_id) for side, lease_id in self._finished}
-        entries = [
-            (name, at, self._settled(*keys[name])) for name, at in zip(keys, self._finished.values(), strict=True)
-        ]
-        for name in finished_to_evict(entries, self.clock(), keep=self.finished_keep, keep_s=self.finished_keep_s):
-            side, lease_id = keys[name]
+        entries = [(key, at, self._settled(*key)) for key, at in self._finished.items()]
+        for side, lease_id in finished_to_evict(
+            entries, self.clock(), keep=self.finished_keep, keep_s=self.finished_keep_s
+        ):
             del self._finished[(side, lease_id)]
             (self.served if side == "served" else self.held).pop(lease_id, None)
 
@@ -759,7 +758,7 @@ class LeaseMarket:
             if state.released > held.booked:
                 await self.ledger.book_released(lease_id, state.released)
                 held.booked = state.released
-            if state.phase != "active":
+            if escrow_frozen(state.phase):
                 held.committed = held.booked  # refunded or resolved: nothing more will move
         except ClawnodeError as error:
             log.info("escrow of lease %s not observed: %s", lease_id[:12], error.code)

@@ -45,7 +45,10 @@ class History(deque[T], Generic[T]):
         return super().__getitem__(index)
 
 
-def finished_to_evict(finished: list[tuple[str, float, bool]], now: float, *, keep: int, keep_s: float) -> list[str]:
+K = TypeVar("K")
+
+
+def finished_to_evict(finished: list[tuple[K, float, bool]], now: float, *, keep: int, keep_s: float) -> list[K]:
     """Which finished entries (leases, tasks) to forget: ``finished`` is ``(id, finished_at, settled)``, oldest first.
 
     Beyond the newest ``keep`` the oldest go whatever their state (the ledger and the settlement queue
