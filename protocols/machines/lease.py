@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocols.machines.escrow_lock import LockState, LockTerms, check_escrow_lock, escrow_frozen
 from protocols.machines.history import History
 from protocols.machines.table import Machine, Transition
 from runtime.errors import ClawnodeError, ErrorCode
@@ -617,11 +618,6 @@ class LockFacts:
 LEASE_ID_NOT_BOUND = "the lease id is not derived from the consumer's peer id"
 
 
-def escrow_frozen(phase: str) -> bool:
-    """An escrow that no longer pays its payee on a voucher: disputed, closed or gone."""
-    return phase != "active"
-
-
 def check_lock(f: LockFacts) -> None:
     """The grant's verdict on the lock: the consumer's own, paying us, holding the budget long enough."""
     if f.escrow_id[2:] != f.lease_id:
@@ -632,16 +628,10 @@ def check_lock(f: LockFacts) -> None:
         raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock is paid by another wallet than the consumer's")
     if f.salt is None or len(f.salt) != LEASE_SALT_BYTES or lease_id_for(f.consumer, f.salt).hex() != f.escrow_id[2:]:
         raise ClawnodeError(ErrorCode.FORBIDDEN, LEASE_ID_NOT_BOUND)
-    if escrow_frozen(f.phase):
-        raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "no active escrow lock was found for this lease")
-    if f.payee.lower() != f.quote_payee.lower() or f.arbiter.lower() != f.quote_arbiter.lower():
-        raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock names another payee or arbiter than the quote")
-    if f.amount - f.released < f.budget:
-        raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the escrow lock holds less than the budget")
-    if f.window != f.quote_window:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock's dispute window differs from the quote")
-    if f.deadline < f.chain_now + f.duration_s:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the escrow lock ends before the lease would")
+    check_escrow_lock(  # the checks the task market shares
+        LockState(f.phase, f.payee, f.arbiter, f.amount, f.released, f.deadline, f.window),
+        LockTerms("lease", f.quote_payee, f.quote_arbiter, f.budget, f.quote_window, f.chain_now + f.duration_s),
+    )
 
 
 def quotes_to_forget(used: dict[str, int], now: float) -> list[str]:

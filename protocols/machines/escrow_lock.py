@@ -1,0 +1,76 @@
+"""The escrow-lock check both markets share: is the lock on chain the one that was agreed?
+
+A lease's grant (``protocols.machines.lease.check_lock``) and a task's award on the bidder's side
+(``protocols.machines.task_checks.check_award``) both read one escrow lock from the chain and ask
+the same questions of it: still active, paying the agreed payee under the agreed arbiter, holding
+the agreed amount, with the agreed dispute window, lasting long enough. The market-specific checks
+(whose wallet pays, how the id is bound) stay with each market.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from protocols.machines.verdict import Refusal, enforce
+from runtime.errors import ErrorCode
+
+
+@dataclass(frozen=True)
+class LockState:
+    """An escrow lock as the chain shows it."""
+
+    phase: str  # none | active | disputed | closed
+    payee: str
+    arbiter: str
+    amount: int
+    released: int
+    deadline: int  # chain time
+    window: int
+
+
+@dataclass(frozen=True)
+class LockTerms:
+    """What the lock must be: from the quote (a lease) or the signed award (a task)."""
+
+    subject: Literal["lease", "task"]
+    payee: str
+    arbiter: str
+    amount: int
+    window: int
+    lasts_until: int  # chain time the lock must not end before
+
+
+def escrow_frozen(phase: str) -> bool:
+    """An escrow that no longer pays its payee on a voucher: disputed, closed or gone."""
+    return phase != "active"
+
+
+def lock_verdict(lock: LockState, terms: LockTerms) -> Refusal | None:
+    """``None`` when the lock holds what was agreed; otherwise the first thing wrong with it."""
+    if escrow_frozen(lock.phase):
+        return Refusal(
+            ErrorCode.INSUFFICIENT_FUNDS, "lock_not_active", f"no active escrow lock was found for this {terms.subject}"
+        )
+    if lock.payee.lower() != terms.payee.lower() or lock.arbiter.lower() != terms.arbiter.lower():
+        return Refusal(
+            ErrorCode.FORBIDDEN, "lock_wrong_parties", "the escrow lock names another payee or arbiter than agreed"
+        )
+    if lock.amount - lock.released < terms.amount:
+        return Refusal(ErrorCode.INSUFFICIENT_FUNDS, "lock_short", "the escrow lock holds less than agreed")
+    if lock.window != terms.window:
+        return Refusal(
+            ErrorCode.INVALID_ARGUMENT,
+            "lock_wrong_window",
+            "the escrow lock's dispute window differs from the agreed one",
+        )
+    if lock.deadline < terms.lasts_until:
+        return Refusal(
+            ErrorCode.INVALID_ARGUMENT, "lock_too_short", f"the escrow lock ends before the {terms.subject} would"
+        )
+    return None
+
+
+def check_escrow_lock(lock: LockState, terms: LockTerms) -> None:
+    """:func:`lock_verdict`, raised."""
+    enforce(lock_verdict(lock, terms))

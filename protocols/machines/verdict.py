@@ -1,0 +1,33 @@
+"""The typed verdict of a market rule: ``None`` admits, a :class:`Refusal` refuses.
+
+Rules in ``protocols.machines`` that check fetched facts return ``Refusal | None``; the adapter
+raises :meth:`Refusal.error` (or calls :func:`enforce`). ``reason`` is stable and machine-readable
+(``wrong_payee``, ``lock_too_short``, ...): tests count refusals by it, logs may print it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.errors import ClawnodeError, ErrorCode
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a rule refused: a stable error code, a stable reason and a message safe to show a peer."""
+
+    code: ErrorCode
+    reason: str
+    message: str
+
+    def error(self) -> ClawnodeError:
+        return ClawnodeError(self.code, self.message)
+
+
+Verdict = Refusal | None
+
+
+def enforce(verdict: Verdict) -> None:
+    """Raise the refusal's error, if it is one."""
+    if verdict is not None:
+        raise verdict.error()
