@@ -118,6 +118,18 @@ class Ledger:
             self.store.record_usage, lease_id, writer=writer, units=units, idempotency_key=idempotency_key
         )
 
+    async def reserve_call(self, lease_id: str, call_id: str, *, reserved_units: int) -> None:
+        await self._run(self.store.reserve_call, lease_id, call_id, reserved_units=reserved_units)
+
+    async def settle_call(self, lease_id: str, call_id: str, *, units: int) -> int:
+        return await self._run(self.store.settle_call, lease_id, call_id, units=units)
+
+    async def settle_pending_calls(self) -> list[tuple[str, str, int]]:
+        return await self._run(self.store.settle_pending_calls)
+
+    async def pending_calls(self, lease_id: str | None = None) -> list[tuple[str, str, int]]:
+        return await self._run(self.store.pending_calls, lease_id)
+
     async def issue_receipt(self, lease_id: str, key: PrivateKey) -> SignedReceipt:
         return await self._run(self.store.issue_receipt, lease_id, key)
 

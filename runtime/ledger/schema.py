@@ -147,6 +147,18 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (task_id, evidence_id)
     );
     """,
+    # 4: the write-ahead meter: a provider writes one row per call before the engine runs (the units the
+    # call reserved) and settles it into usage, in one transaction, when the call ends; a row left by a
+    # crash is settled at the next start (``LedgerStore.settle_pending_calls``)
+    """
+    CREATE TABLE pending_calls (
+        lease_id TEXT NOT NULL REFERENCES leases(lease_id),
+        call_id TEXT NOT NULL,
+        reserved_units INTEGER NOT NULL CHECK (reserved_units >= 0),
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (lease_id, call_id)
+    );
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

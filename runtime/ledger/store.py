@@ -314,30 +314,109 @@ class LedgerStore:
                     raise errors.forbidden("usage_not_provider", "only the lease's provider can record usage")
                 if lease.state != "open":
                     raise errors.conflict("lease_not_open", "usage can only be recorded on an open lease")
-                cumulative = lease.metered_units + units
-                if cumulative * lease.price_per_unit > lease.budget:
-                    raise LedgerError(
-                        ErrorCode.INSUFFICIENT_FUNDS, "over_budget", "this usage would exceed the lease's budget"
-                    )
-                _check_amounts(units=units, cumulative_units=cumulative)
-                now = self._clock()
-                conn.execute(
-                    "INSERT INTO usage (lease_id, units, cumulative_units, recorded_at) VALUES (?, ?, ?, ?)",
-                    (lease_id, units, cumulative, now),
-                )
-                conn.execute("UPDATE leases SET metered_units = ? WHERE lease_id = ?", (cumulative, lease_id))
-                result = UsageRecorded(
-                    lease_id=lease_id,
-                    units=units,
-                    cumulative_units=cumulative,
-                    cumulative_amount=cumulative * lease.price_per_unit,
-                )
-                return result.model_dump()
+                return self._add_usage(conn, lease, units).model_dump()
 
             request = {"lease_id": lease_id, "writer": writer, "units": units}
             return UsageRecorded.model_validate(
                 self._idempotent(conn, idempotency_key, "record_usage", request, action)
             )
+
+    def _add_usage(self, conn: sqlite3.Connection, lease: Lease, units: int) -> UsageRecorded:
+        """One usage row and the lease's new total, within the budget (the caller holds the transaction)."""
+        cumulative = lease.metered_units + units
+        if cumulative * lease.price_per_unit > lease.budget:
+            raise LedgerError(ErrorCode.INSUFFICIENT_FUNDS, "over_budget", "this usage would exceed the lease's budget")
+        _check_amounts(units=units, cumulative_units=cumulative)
+        conn.execute(
+            "INSERT INTO usage (lease_id, units, cumulative_units, recorded_at) VALUES (?, ?, ?, ?)",
+            (lease.lease_id, units, cumulative, self._clock()),
+        )
+        conn.execute("UPDATE leases SET metered_units = ? WHERE lease_id = ?", (cumulative, lease.lease_id))
+        return UsageRecorded(
+            lease_id=lease.lease_id,
+            units=units,
+            cumulative_units=cumulative,
+            cumulative_amount=cumulative * lease.price_per_unit,
+        )
+
+    # -- the write-ahead meter (provider only): no call is served without a durable row --
+
+    def reserve_call(self, lease_id: str, call_id: str, *, reserved_units: int) -> None:
+        """Before a call's engine runs: a durable row naming the call and the units it reserved.
+
+        The provider serves the call only once this committed, so the ledger knows of every call
+        served (a disk that refuses it refuses the call, before any chunk). ``settle_call`` turns it
+        into usage when the call ends; ``settle_pending_calls`` settles what a crash left.
+        """
+        _check_amounts(reserved_units=reserved_units)
+        with self._tx() as conn:
+            lease = self._lease(conn, lease_id)
+            if lease.role != "provider":
+                raise errors.forbidden("usage_not_provider", "only the lease's provider meters calls")
+            if lease.state != "open":
+                raise errors.conflict("lease_not_open", "calls can only be served on an open lease")
+            if conn.execute(
+                "SELECT 1 FROM pending_calls WHERE lease_id = ? AND call_id = ?", (lease_id, call_id)
+            ).fetchone():
+                raise errors.conflict("call_exists", "this call is already pending")
+            conn.execute(
+                "INSERT INTO pending_calls (lease_id, call_id, reserved_units, created_at) VALUES (?, ?, ?, ?)",
+                (lease_id, call_id, reserved_units, self._clock()),
+            )
+
+    def settle_call(self, lease_id: str, call_id: str, *, units: int) -> int:
+        """A call ended: its pending row goes and ``units`` (at most what it reserved) become usage, in one
+        transaction. Returns the units metered: 0 when the lease is no longer open (nothing more can be
+        receipted on it). A call that is not pending (settled already) is ``E_NOT_FOUND``."""
+        _check_amounts(units=units)
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT reserved_units FROM pending_calls WHERE lease_id = ? AND call_id = ?", (lease_id, call_id)
+            ).fetchone()
+            if row is None:
+                raise errors.not_found("call_not_pending", "no such pending call")
+            if units > row[0]:
+                raise errors.invariant("settled_over_reserved", "a call is settled for at most what it reserved")
+            conn.execute("DELETE FROM pending_calls WHERE lease_id = ? AND call_id = ?", (lease_id, call_id))
+            lease = self._lease(conn, lease_id)
+            if units == 0 or lease.state != "open":
+                return 0
+            self._add_usage(conn, lease, units)
+            return units
+
+    def settle_pending_calls(self) -> list[tuple[str, str, int]]:
+        """At start, before any call is served: settle every call a crash left pending, at 0 units.
+
+        Why 0: a provider writes a call's end frame (or its last chunk) before it settles the call, so a
+        row still pending after a crash belongs to a call cut anywhere between its first chunk and its
+        settlement, and the provider cannot tell where, nor how many of the chunks it wrote reached the
+        consumer (a frame written to a socket dies with the connection). The consumer counted anything
+        from 0 to the reservation for it; the only figure it can never have counted less than is 0. So
+        these calls bill nothing: a crash can cost the provider the calls it had in flight, never make the
+        consumer pay for units it could not count (or leave receipts it would refuse to countersign).
+        Returns (lease id, call id, units reserved) of each row settled; an audit entry records each.
+        """
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT lease_id, call_id, reserved_units FROM pending_calls ORDER BY created_at, lease_id, call_id"
+            ).fetchall()
+            conn.execute("DELETE FROM pending_calls")
+            for lease_id, call_id, reserved in rows:
+                self._audit(
+                    conn, "call.settled_at_restart", lease_id, {"call_id": call_id, "reserved": reserved, "units": 0}
+                )
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def pending_calls(self, lease_id: str | None = None) -> list[tuple[str, str, int]]:
+        """(lease id, call id, units reserved) of the calls not settled yet."""
+        query = "SELECT lease_id, call_id, reserved_units FROM pending_calls"
+        args: tuple[Any, ...] = ()
+        if lease_id is not None:
+            query += " WHERE lease_id = ?"
+            args = (lease_id,)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY created_at, call_id", args).fetchall()
+        return [(row[0], row[1], row[2]) for row in rows]
 
     # -- receipts --
 
