@@ -9,10 +9,11 @@ in wei; escrow ids are 32 bytes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import trio
 from eth_abi import encode as abi_encode
@@ -25,6 +26,8 @@ from runtime.escrow import artifacts
 from runtime.escrow.chain import Chain, local
 from runtime.escrow.errors import EscrowError, normalise
 from runtime.escrow.health import ChainHealth, ContractVerdict, judge_contract, next_health
+
+log = logging.getLogger(__name__)
 
 # Gas limits per call: the measured cost (bench/ledger.py prints it) with headroom. Explicit so
 # nothing depends on a chain's estimator.
@@ -40,6 +43,28 @@ GAS_LIMITS: dict[str, int] = {
 }
 
 RECEIPT_TIMEOUT_S = 120.0
+# After this long without a receipt, look whether the transaction can still be mined at all: the chain
+# dropped it (a reset under it) or its nonce lies beyond the chain's pending count (a gap, never mined).
+STALL_CHECK_S = 3.0
+
+
+class LockJournal(Protocol):
+    """Where the client records a lock before it sends it and what became of it (the ledger).
+
+    Called on the chain's worker thread; ``lock_intent`` raising (a full disk) stops the send.
+    ``escrow_id`` is ``0x`` + 64 hex digits.
+    """
+
+    def lock_intent(self, *, contract: str, payer: str, escrow_id: str, amount: int) -> None: ...
+
+    def lock_signed(self, *, payer: str, escrow_id: str, tx_hash: str) -> None: ...
+
+    def lock_outcome(self, *, payer: str, escrow_id: str, outcome: LockOutcome, tx_hash: str | None) -> None: ...
+
+
+# "landed": mined; "failed": nothing was sent, or it was mined and reverted (no value moved);
+# "unknown": sent, but no receipt came (it may still land: the reconciliation looks for it).
+LockOutcome = Literal["landed", "failed", "unknown"]
 
 EscrowPhase = Literal["none", "active", "disputed", "closed"]
 _PHASES: tuple[EscrowPhase, ...] = ("none", "active", "disputed", "closed")
@@ -113,23 +138,41 @@ def voucher_signer(
 
 
 class NonceManager:
-    """The next nonce of one account, counted locally and re-read from the chain after any doubt."""
+    """The next nonce of one account, re-read from the chain's ``pending`` count before every send.
+
+    All of an account's sends go through the chain's one write lane and each waits for its receipt,
+    so the chain's pending count is the right nonce every time; a cached count would be stale after
+    a chain reset (an anvil restart puts every account back at 0, and a transaction sent with the
+    old nonce waits behind a gap forever). ``resyncs`` counts the times the chain disagreed with the
+    count kept here (a reset, another sender with the same key, a transaction dropped by the chain).
+    """
 
     def __init__(self, chain: Chain, address: str) -> None:
         self._chain = chain
         self._address = address
         self._next: int | None = None
+        self.resyncs = 0
+
+    def pending_count(self) -> int:
+        return int(self._chain.w3.eth.get_transaction_count(self._address, "pending"))  # type: ignore[arg-type]
 
     def take(self) -> int:
-        if self._next is None:
-            self._next = int(self._chain.w3.eth.get_transaction_count(self._address, "pending"))  # type: ignore[arg-type]
-        nonce = self._next
-        self._next += 1
+        nonce = self.pending_count()
+        if self._next is not None and nonce != self._next:
+            self.resyncs += 1
+            log.info("nonce resynced from the chain: expected %d, the chain's pending count is %d", self._next, nonce)
+        self._next = nonce + 1
         return nonce
 
     def forget(self) -> None:
-        """A send failed or its fate is unknown: ask the chain next time."""
+        """A send failed or its fate is unknown: expect nothing of the next count."""
         self._next = None
+
+
+def is_nonce_error(error: BaseException) -> bool:
+    """The chain refused a transaction for its nonce (too low: already used; too high: a gap)."""
+    text = " ".join(str(part) for part in (getattr(error, "message", None), *error.args) if part).lower()
+    return "nonce too low" in text or "nonce too high" in text
 
 
 class EscrowClient:
@@ -143,7 +186,19 @@ class EscrowClient:
         self.address = to_checksum_address(address)
         self.expected_chain_id = expected_chain_id
         self.contract: Contract = chain.w3.eth.contract(address=self.address, abi=artifacts.load().abi)
-        self._nonces = NonceManager(chain, account.address)
+        self._init_sender()
+
+    def _init_sender(self) -> None:
+        self._nonces = NonceManager(self.chain, self.account.address)
+        self.receipt_timeout_s = RECEIPT_TIMEOUT_S
+        self.stall_check_s = STALL_CHECK_S
+        # The ledger, set by the daemon: each lock is recorded before it is sent.
+        self.lock_journal: LockJournal | None = None
+
+    @property
+    def nonce_resyncs(self) -> int:
+        """How often the chain's nonce differed from the one this client expected (a reset, another sender)."""
+        return self._nonces.resyncs
 
     @classmethod
     def deploy(cls, chain: Chain, account: LocalAccount) -> EscrowClient:
@@ -151,7 +206,7 @@ class EscrowClient:
         factory = chain.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
         client = cls.__new__(cls)
         client.chain, client.account, client.expected_chain_id = chain, account, None
-        client._nonces = NonceManager(chain, account.address)
+        client._init_sender()
         with chain.lock:
             receipt = client._send(factory.constructor(), "deploy", 0, None)
             address = receipt["contractAddress"]
@@ -285,10 +340,36 @@ class EscrowClient:
         window: int,
         on_signed: Callable[[str], None] | None = None,
     ) -> TxResult:
+        """Lock ``amount`` wei under ``escrow_id``; with a ``lock_journal`` the intent is recorded first.
+
+        The journal learns the outcome: "landed", "failed" (nothing sent, or reverted), or "unknown"
+        (sent, no receipt in time: the reconciliation refunds it if it lands later).
+        """
         call = self.contract.functions.lock(
             escrow_id, to_checksum_address(payee), to_checksum_address(arbiter), deadline, window
         )
-        return self._transact(call, "lock", amount, on_signed)
+        journal = self.lock_journal
+        if journal is None:
+            return self._transact(call, "lock", amount, on_signed)
+        payer, key = self.account.address, "0x" + escrow_id.hex()
+        journal.lock_intent(contract=self.address, payer=payer, escrow_id=key, amount=amount)
+        signed: list[str] = []
+
+        def record_signed(tx_hash: str) -> None:
+            journal.lock_signed(payer=payer, escrow_id=key, tx_hash=tx_hash)
+            signed.append(tx_hash)
+            if on_signed is not None:
+                on_signed(tx_hash)
+
+        try:
+            result = self._transact(call, "lock", amount, record_signed)
+        except EscrowError as error:
+            sent = bool(signed) and error.reason != "reverted"
+            outcome: LockOutcome = "unknown" if sent else "failed"
+            journal.lock_outcome(payer=payer, escrow_id=key, outcome=outcome, tx_hash=signed[-1] if signed else None)
+            raise
+        journal.lock_outcome(payer=payer, escrow_id=key, outcome="landed", tx_hash=result.tx_hash)
+        return result
 
     def release(self, escrow_id: bytes, cumulative: int, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
         """As the payer: raise the payee's total to ``cumulative``."""
@@ -338,14 +419,43 @@ class EscrowClient:
 
     def _send(self, call: Any, name: str, value: int, on_signed: Callable[[str], None] | None) -> Any:
         w3 = self.chain.w3
+        signed, nonce = self._sign(call, name, value)
         try:
+            w3.eth.send_raw_transaction(signed.raw_transaction)
+        except Exception as error:  # noqa: BLE001
+            self._nonces.forget()
+            if not is_nonce_error(error):
+                raise normalise(error) from None
+            # The nonce was taken before we asked (another sender with this key, a reset between the
+            # read and the send): the transaction was refused, so one more try with a fresh count
+            # cannot pay twice.
+            log.info("the chain refused nonce %d; resending with a fresh one", nonce)
+            signed, nonce = self._sign(call, name, value)
+            try:
+                w3.eth.send_raw_transaction(signed.raw_transaction)
+            except Exception as again:  # noqa: BLE001
+                self._nonces.forget()
+                raise normalise(again) from None
+        if on_signed is not None:
+            # Lets the caller persist the hash before the transaction can land (crash recovery).
+            on_signed(signed.hash.to_0x_hex())
+        receipt = self._wait(signed, nonce)
+        if receipt["status"] != 1:
+            # Mined but reverted: the state changed between our eth_call and the block.
+            raise EscrowError("reverted")
+        return receipt
+
+    def _sign(self, call: Any, name: str, value: int) -> tuple[Any, int]:
+        w3 = self.chain.w3
+        try:
+            nonce = self._nonces.take()
             tx = call.build_transaction(
                 {
                     "from": self.account.address,
                     "value": value,
                     "gas": GAS_LIMITS[name],
                     "gasPrice": w3.eth.gas_price,
-                    "nonce": self._nonces.take(),
+                    "nonce": nonce,
                     "chainId": self.chain.chain_id,
                 }
             )
@@ -353,16 +463,39 @@ class EscrowClient:
         except Exception as error:  # noqa: BLE001
             self._nonces.forget()
             raise normalise(error) from None
-        if on_signed is not None:
-            # Lets the caller persist the hash before the transaction can land (crash recovery).
-            on_signed(signed.hash.to_0x_hex())
+        return signed, nonce
+
+    def _wait(self, signed: Any, nonce: int) -> Any:
+        """The receipt of ``signed``; after ``stall_check_s`` without one, give up at once when the chain
+        can no longer mine it (dropped, or behind a nonce gap after a reset), else wait out the timeout."""
+        from web3.exceptions import TimeExhausted, TransactionNotFound
+
+        w3 = self.chain.w3
+        deadline = time.monotonic() + self.receipt_timeout_s
+        first = min(self.stall_check_s, self.receipt_timeout_s)
         try:
-            w3.eth.send_raw_transaction(signed.raw_transaction)
-            receipt = w3.eth.wait_for_transaction_receipt(signed.hash, timeout=RECEIPT_TIMEOUT_S, poll_latency=0.05)
+            return w3.eth.wait_for_transaction_receipt(signed.hash, timeout=first, poll_latency=0.05)
+        except TimeExhausted:
+            pass
         except Exception as error:  # noqa: BLE001
             self._nonces.forget()
             raise normalise(error) from None
-        if receipt["status"] != 1:
-            # Mined but reverted: the state changed between our eth_call and the block.
-            raise EscrowError("reverted")
-        return receipt
+        try:
+            try:
+                w3.eth.get_transaction(signed.hash)
+                known = True
+            except TransactionNotFound:
+                known = False
+            if not known or nonce > self._nonces.pending_count():
+                # Never mined as things stand: the chain forgot it, or a reset left a gap before its nonce.
+                self._nonces.forget()
+                log.warning("a sent transaction cannot be mined (the chain was reset under it); nonce resynced")
+                self._nonces.resyncs += 1
+                raise EscrowError("receipt_timeout", "the transaction was dropped by the chain (reset?)")
+            left = max(0.0, deadline - time.monotonic())
+            return w3.eth.wait_for_transaction_receipt(signed.hash, timeout=left, poll_latency=0.05)
+        except EscrowError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            self._nonces.forget()
+            raise normalise(error) from None

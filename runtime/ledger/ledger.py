@@ -25,11 +25,13 @@ from runtime.ledger import errors
 from runtime.ledger.audit import AuditEntry, AuditReport
 from runtime.ledger.models import (
     Dispute,
+    EscrowMismatches,
     Evidence,
     Lease,
     LeaseOpen,
     QueueStats,
     ReceiptRecord,
+    ReconcileRow,
     Settlement,
     Task,
     TaskRole,
@@ -52,6 +54,33 @@ _SQLITE_FULL = 13
 def _disk_full(error: sqlite3.Error) -> bool:
     code = getattr(error, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL)
+
+
+class LedgerLockJournal:
+    """Writes the escrow client's lock journal straight to the store from the chain's worker thread
+    (the store serialises its connection); a write the disk refuses stops the lock (E_UNAVAILABLE)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def _write(self, fn: Callable[..., None], **kwargs: Any) -> None:
+        try:
+            fn(**kwargs)
+        except sqlite3.Error as error:
+            self._ledger.write_failures += 1
+            self._ledger.failing_writes += 1
+            if _disk_full(error):
+                raise errors.disk_full() from error
+            raise
+
+    def lock_intent(self, *, contract: str, payer: str, escrow_id: str, amount: int) -> None:
+        self._write(self._ledger.store.lock_intent, contract=contract, payer=payer, escrow_id=escrow_id, amount=amount)
+
+    def lock_signed(self, *, payer: str, escrow_id: str, tx_hash: str) -> None:
+        self._write(self._ledger.store.lock_signed, payer=payer, escrow_id=escrow_id, tx_hash=tx_hash)
+
+    def lock_outcome(self, *, payer: str, escrow_id: str, outcome: str, tx_hash: str | None) -> None:
+        self._write(self._ledger.store.lock_outcome, payer=payer, escrow_id=escrow_id, outcome=outcome, tx_hash=tx_hash)
 
 
 class Ledger:
@@ -195,6 +224,29 @@ class Ledger:
 
     async def queue_stats(self) -> QueueStats:
         return await self._run(self.store.queue_stats)
+
+    # the chain reconciliation
+    async def reconcile_rows(self, *, since: int, limit: int = 256) -> list[ReconcileRow]:
+        return await self._run(self.store.reconcile_rows, since=since, limit=limit)
+
+    async def flag_settlement(self, settlement_id: str, *, reason: str) -> Settlement:
+        return await self._run(self.store.flag_settlement, settlement_id, reason=reason)
+
+    async def resume_refund(self, settlement_id: str) -> Settlement:
+        return await self._run(self.store.resume_refund, settlement_id)
+
+    async def refund_landed_lock(self, payer: str, escrow_id: str) -> Settlement | None:
+        return await self._run(self.store.refund_landed_lock, payer, escrow_id)
+
+    async def flag_lock(self, payer: str, escrow_id: str, *, reason: str) -> None:
+        await self._run(self.store.flag_lock, payer, escrow_id, reason=reason)
+
+    async def escrow_mismatches(self) -> EscrowMismatches:
+        return await self._run(self.store.escrow_mismatches)
+
+    def lock_journal(self) -> LedgerLockJournal:
+        """The escrow client's ``LockJournal``: records each lock before it is sent (on the chain's thread)."""
+        return LedgerLockJournal(self)
 
     # disputes and tasks
     async def open_dispute(self, lease_id: str, *, opened_by: str, reason: str, idempotency_key: str) -> Dispute:

@@ -11,7 +11,7 @@ from runtime.ledger.receipts import LEASE_ID_PATTERN, MAX_AMOUNT, PEER_ID_PATTER
 LeaseRole = Literal["provider", "consumer"]
 LeaseState = Literal["open", "ended", "disputed", "closed"]
 SettlementKind = Literal["claim", "release", "refund", "withdraw"]
-SettlementState = Literal["pending", "landed", "failed"]
+SettlementState = Literal["pending", "landed", "failed", "flagged"]
 Amount = int
 
 _ADDRESS = r"^0x[0-9a-fA-F]{40}$"
@@ -94,6 +94,36 @@ class Settlement(BaseModel):
     tx_hash: str | None
     created_at: int
     finished_at: int | None
+
+
+LockState = Literal["intent", "sent", "unknown", "landed", "failed", "refunding", "flagged"]
+
+
+class ReconcileRow(BaseModel):
+    """One escrow-related ledger row with the lease facts the reconciliation rule reads (plain data).
+
+    ``source`` "lock": a row of ``escrow_locks`` (``key`` is the escrow id); "settlement": a claim,
+    release or refund (``key`` is the settlement id).
+    """
+
+    source: Literal["lock", "settlement"]
+    key: str
+    kind: Literal["lock", "claim", "release", "refund"]
+    state: str
+    payer: str
+    escrow_id: str
+    lease_id: str | None
+    lease_open: bool = False
+    last_error: str | None = None
+    lock_landed: bool | None = None
+    booked: int = 0
+
+
+class EscrowMismatches(BaseModel):
+    """What the reconciliation flagged: rows the chain does not know, waiting for the operator."""
+
+    count: int = Field(description="distinct escrows with a flagged lock or settlement")
+    escrow_ids: list[str] = Field(description="the first few of them, truncated (0x1234abcd…)")
 
 
 class QueueStats(BaseModel):

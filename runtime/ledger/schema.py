@@ -159,6 +159,45 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (lease_id, call_id)
     );
     """,
+    # 5: the chain reconciliation (issue 15). A lock is recorded before it is sent (escrow_locks: what the
+    # payer meant to lock, then what became of it), and a settlement the chain does not know can be
+    # "flagged": it is no longer retried and waits for the operator. SQLite cannot widen a CHECK, so the
+    # settlements table is rebuilt with its rows kept as they are.
+    """
+    CREATE TABLE escrow_locks (
+        payer TEXT NOT NULL,
+        escrow_id TEXT NOT NULL,
+        contract TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('intent', 'sent', 'unknown', 'landed', 'failed', 'refunding', 'flagged')),
+        tx_hash TEXT,
+        flag_reason TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (payer, escrow_id)
+    );
+    CREATE INDEX escrow_locks_updated ON escrow_locks (updated_at);
+    CREATE TABLE settlements_v5 (
+        settlement_id TEXT PRIMARY KEY,
+        lease_id TEXT REFERENCES leases(lease_id),
+        kind TEXT NOT NULL CHECK (kind IN ('claim', 'release', 'refund', 'withdraw')),
+        amount TEXT NOT NULL,
+        params TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'landed', 'failed', 'flagged')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        last_error TEXT,
+        tx_hash TEXT,
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER
+    );
+    INSERT INTO settlements_v5 SELECT settlement_id, lease_id, kind, amount, params, state, attempts, next_attempt_at,
+        last_error, tx_hash, created_at, finished_at FROM settlements;
+    DROP TABLE settlements;
+    ALTER TABLE settlements_v5 RENAME TO settlements;
+    CREATE INDEX settlements_due ON settlements (state, next_attempt_at);
+    CREATE INDEX settlements_finished ON settlements (finished_at);
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

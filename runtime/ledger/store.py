@@ -27,12 +27,14 @@ from runtime.ledger.canonical import canonical_bytes, sha256_hex
 from runtime.ledger.errors import LedgerError
 from runtime.ledger.models import (
     Dispute,
+    EscrowMismatches,
     EscrowRef,
     Evidence,
     Lease,
     LeaseOpen,
     QueueStats,
     ReceiptRecord,
+    ReconcileRow,
     Settlement,
     SettlementKind,
     Task,
@@ -684,8 +686,8 @@ class LedgerStore:
         """
         with self._tx() as conn:
             current = self._settlement(conn, settlement_id)
-            if current.state == "landed":
-                return current
+            if current.state in ("landed", "flagged"):
+                return current  # flagged: the operator decides, a late attempt does not book around the flag
             if current.state == "failed":
                 raise errors.conflict("settlement_failed", "the settlement already failed")
             now = self._clock()
@@ -1013,6 +1015,207 @@ class LedgerStore:
             for key, s in sorted(sums.items())
         ]
 
+    # -- escrow locks (the payer's journal of its locks) and the chain reconciliation --
+
+    def lock_intent(self, *, contract: str, payer: str, escrow_id: str, amount: int) -> None:
+        """Before a lock is sent: what the payer means to lock. A retry of a failed lock starts over."""
+        _check_amounts(amount=amount)
+        with self._tx() as conn:
+            now = self._clock()
+            row = conn.execute(
+                "SELECT state FROM escrow_locks WHERE payer = ? AND escrow_id = ?", (payer, escrow_id)
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO escrow_locks (payer, escrow_id, contract, amount, state, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, 'intent', ?, ?)",
+                    (payer, escrow_id, contract, str(amount), now, now),
+                )
+                self._audit(conn, "lock.intent", escrow_id, {"payer": payer, "amount": amount})
+            elif row[0] == "failed":
+                self._move_lock(conn, payer, escrow_id, "failed", "intent", now)
+
+    def lock_signed(self, *, payer: str, escrow_id: str, tx_hash: str) -> None:
+        with self._tx() as conn:
+            current = self._lock_state(conn, payer, escrow_id)
+            if current is not None:
+                self._move_lock(conn, payer, escrow_id, current, "sent", self._clock(), tx_hash=tx_hash)
+
+    def lock_outcome(self, *, payer: str, escrow_id: str, outcome: str, tx_hash: str | None) -> None:
+        with self._tx() as conn:
+            current = self._lock_state(conn, payer, escrow_id)
+            if current is not None:
+                self._move_lock(conn, payer, escrow_id, current, outcome, self._clock(), tx_hash=tx_hash)
+                if outcome != "landed":
+                    self._audit(conn, f"lock.{outcome}", escrow_id, {"payer": payer, "tx_hash": tx_hash})
+
+    def lock_state(self, payer: str, escrow_id: str) -> str | None:
+        with self._lock:
+            return self._lock_state(self._conn, payer, escrow_id)
+
+    def _lock_state(self, conn: sqlite3.Connection, payer: str, escrow_id: str) -> str | None:
+        row = conn.execute(
+            "SELECT state FROM escrow_locks WHERE payer = ? AND escrow_id = ?", (payer, escrow_id)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def _move_lock(
+        self,
+        conn: sqlite3.Connection,
+        payer: str,
+        escrow_id: str,
+        current: str,
+        to: str,
+        now: int,
+        *,
+        tx_hash: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        if to != current and to not in _LOCK_MOVES.get(current, ()):
+            raise errors.invariant("lock_transition", f"a lock cannot go from {current} to {to}")
+        conn.execute(
+            "UPDATE escrow_locks SET state = ?, tx_hash = COALESCE(?, tx_hash), flag_reason = COALESCE(?, flag_reason),"
+            " updated_at = ? WHERE payer = ? AND escrow_id = ?",
+            (to, tx_hash, reason, now, payer, escrow_id),
+        )
+
+    def reconcile_rows(self, *, since: int, limit: int = 256) -> list[ReconcileRow]:
+        """The escrow rows the reconciliation compares with the chain: every pending claim, release and
+        refund, those that landed or failed since ``since``, and the locks not final or changed since
+        then; newest first, at most ``limit`` of each source."""
+        out: list[ReconcileRow] = []
+        with self._read() as conn:
+            locks = conn.execute(
+                "SELECT l.payer, l.escrow_id, l.state, x.lease_id, x.state FROM escrow_locks l"
+                " LEFT JOIN leases x ON x.escrow_payer = l.payer AND x.escrow_id = l.escrow_id"
+                " WHERE l.state IN ('intent', 'sent', 'unknown', 'failed', 'landed') AND l.updated_at >= ?"
+                " ORDER BY l.updated_at DESC LIMIT ?",
+                (since, limit),
+            ).fetchall()
+            for payer, escrow_id, state, lease_id, lease_state in locks:
+                out.append(
+                    ReconcileRow(
+                        source="lock",
+                        key=escrow_id,
+                        kind="lock",
+                        state=state,
+                        payer=payer,
+                        escrow_id=escrow_id,
+                        lease_id=lease_id,
+                        lease_open=lease_state == "open",
+                    )
+                )
+            rows = conn.execute(
+                "SELECT s.settlement_id, s.kind, s.state, s.params, s.last_error, s.lease_id, x.settled_amount,"
+                " x.escrow_payer, x.state FROM settlements s LEFT JOIN leases x ON x.lease_id = s.lease_id"
+                " WHERE s.kind != 'withdraw' AND (s.state = 'pending' OR"
+                " (s.state IN ('landed', 'failed') AND s.finished_at >= ?))"
+                " ORDER BY s.created_at DESC LIMIT ?",
+                (since, limit),
+            ).fetchall()
+            for sid, kind, state, params, last_error, lease_id, settled, lease_payer, lease_state in rows:
+                p = json.loads(params)
+                payer = str(p.get("payer") or lease_payer or "")
+                escrow_id = str(p.get("escrow_id", ""))
+                if not payer or not escrow_id:
+                    continue
+                lock = self._lock_state(conn, payer, escrow_id)
+                out.append(
+                    ReconcileRow(
+                        source="settlement",
+                        key=sid,
+                        kind=kind,
+                        state=state,
+                        payer=payer,
+                        escrow_id=escrow_id,
+                        lease_id=lease_id,
+                        lease_open=lease_state == "open",
+                        last_error=last_error,
+                        lock_landed=None if lock is None else lock in ("landed", "refunding", "flagged"),
+                        booked=int(settled or 0),
+                    )
+                )
+        return out
+
+    def flag_settlement(self, settlement_id: str, *, reason: str) -> Settlement:
+        """The chain does not know this settlement's escrow (or its effect): stop retrying, keep it for the operator."""
+        with self._tx() as conn:
+            current = self._settlement(conn, settlement_id)
+            if current.state == "flagged":
+                return current
+            if current.state not in _SETTLEMENT_MOVES or "flagged" not in _SETTLEMENT_MOVES[current.state]:
+                raise errors.invariant(
+                    "settlement_transition", f"a settlement cannot go from {current.state} to flagged"
+                )
+            conn.execute(
+                "UPDATE settlements SET state = 'flagged', last_error = ?, finished_at = COALESCE(finished_at, ?)"
+                " WHERE settlement_id = ?",
+                (reason, self._clock(), settlement_id),
+            )
+            self._audit(conn, "settlement.flagged", settlement_id, {"from": current.state, "reason": reason})
+            return self._settlement(conn, settlement_id)
+
+    def resume_refund(self, settlement_id: str) -> Settlement:
+        """A refund that gave up (no escrow yet) has an escrow on chain now: queue it again."""
+        with self._tx() as conn:
+            current = self._settlement(conn, settlement_id)
+            if current.state == "pending":
+                return current
+            if current.kind != "refund" or "pending" not in _SETTLEMENT_MOVES.get(current.state, ()):
+                raise errors.invariant(
+                    "settlement_transition", f"a {current.kind} cannot go from {current.state} back to pending"
+                )
+            now = self._clock()
+            conn.execute(
+                "UPDATE settlements SET state = 'pending', next_attempt_at = ?, finished_at = NULL"
+                " WHERE settlement_id = ?",
+                (now, settlement_id),
+            )
+            self._audit(conn, "settlement.resumed", settlement_id, {"after": current.last_error})
+            return self._settlement(conn, settlement_id)
+
+    def refund_landed_lock(self, payer: str, escrow_id: str) -> Settlement | None:
+        """A lock this node did not count as landed is on chain: queue (or resume) its lease's refund.
+
+        Returns the refund, or None when no lease holds this escrow (nothing to refund it under).
+        """
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT lease_id FROM leases WHERE escrow_payer = ? AND escrow_id = ?", (payer, escrow_id)
+            ).fetchone()
+        if row is None:
+            return None
+        # The refund first, then the lock's move: a crash between leaves the lock to be found again.
+        refund = self.enqueue_refund(str(row[0]))
+        if refund.state == "failed":
+            refund = self.resume_refund(refund.settlement_id)
+        with self._tx() as conn:
+            current = self._lock_state(conn, payer, escrow_id)
+            if current is not None and current != "refunding":
+                self._move_lock(conn, payer, escrow_id, current, "refunding", self._clock())
+                self._audit(conn, "lock.landed_unbooked", escrow_id, {"lease_id": row[0], "from": current})
+        return refund
+
+    def flag_lock(self, payer: str, escrow_id: str, *, reason: str) -> None:
+        with self._tx() as conn:
+            current = self._lock_state(conn, payer, escrow_id)
+            if current is None or current == "flagged":
+                return
+            self._move_lock(conn, payer, escrow_id, current, "flagged", self._clock(), reason=reason)
+            self._audit(conn, "lock.flagged", escrow_id, {"from": current, "reason": reason})
+
+    def escrow_mismatches(self, *, show: int = 5) -> EscrowMismatches:
+        """How many escrows have a flagged lock or settlement, and the first ``show`` ids (truncated)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT escrow_id, MIN(at) FROM ("
+                " SELECT escrow_id, updated_at AS at FROM escrow_locks WHERE state = 'flagged'"
+                " UNION ALL SELECT json_extract(params, '$.escrow_id'), finished_at FROM settlements"
+                " WHERE state = 'flagged') GROUP BY escrow_id ORDER BY MIN(at), escrow_id"
+            ).fetchall()
+        ids = [str(escrow_id)[:10] + "…" for escrow_id, _ in rows[:show] if escrow_id]
+        return EscrowMismatches(count=len(rows), escrow_ids=ids)
+
     # -- audit --
 
     def verify_audit(self, expected_head: str | None = None) -> audit.AuditReport:
@@ -1031,6 +1234,27 @@ _LEASE_COLUMNS = (
 _RECEIPT_COLUMNS = (
     "lease_id, seq, receipt_hash, units, amount, body, provider_sig, consumer_sig, voucher, settled, recorded_at"
 )
+# The moves a lock row may make (a repeated state is a no-op): sent once signed; landed, failed or
+# unknown when the send returns; a failed lock may be tried again; one that landed behind the node's
+# back gets its refund queued ("refunding"); one the chain forgot is "flagged" for the operator.
+_LOCK_MOVES: dict[str, frozenset[str]] = {
+    "intent": frozenset({"sent", "landed", "failed", "unknown", "refunding"}),
+    "sent": frozenset({"landed", "failed", "unknown", "refunding"}),
+    "unknown": frozenset({"landed", "refunding"}),
+    "failed": frozenset({"intent", "refunding"}),
+    "landed": frozenset({"flagged"}),
+    "refunding": frozenset({"flagged"}),
+    "flagged": frozenset(),
+}
+# The reconciliation's moves of a settlement: any row the chain contradicts is flagged (final); a
+# refund that gave up is resumed when its escrow turns up on chain.
+_SETTLEMENT_MOVES: dict[str, frozenset[str]] = {
+    "pending": frozenset({"flagged"}),
+    "landed": frozenset({"flagged"}),
+    "failed": frozenset({"flagged", "pending"}),
+    "flagged": frozenset(),
+}
+
 _SETTLEMENT_COLUMNS = (
     "settlement_id, lease_id, kind, amount, params, state, attempts, next_attempt_at, last_error, tx_hash,"
     " created_at, finished_at"
