@@ -402,16 +402,17 @@ class AutoNat:
             results.append(ServerResult(str(peer_id), ip, "error", "bad reply", self._clock()))
             return
         dialed = [result for result in reply.results if result.status != "forbidden"]
+        tried = tuple(result.addr for result in dialed)
         if any(result.status == "ok" for result in dialed):
             # Count it only if that identity really connected to us during this request.
             seen = self.inbound.seen.get(reply.dialer)
             if seen is not None and seen >= started:
                 reached = tuple(result.addr for result in dialed if result.status == "ok")
-                results.append(ServerResult(str(peer_id), ip, "ok", reply.dialer, self._clock(), reached))
+                results.append(ServerResult(str(peer_id), ip, "ok", reply.dialer, self._clock(), reached, tried))
             else:
                 results.append(ServerResult(str(peer_id), ip, "error", "dial-back not seen", self._clock()))
             return
-        results.append(ServerResult(str(peer_id), ip, "dial_error", reply.dialer, self._clock()))
+        results.append(ServerResult(str(peer_id), ip, "dial_error", reply.dialer, self._clock(), dialed=tried))
 
     async def check(self, ask: Ask | None = None) -> ReachabilityState:
         """Ask up to ``max_servers_per_check`` servers to dial back, then update and return the state.
@@ -480,6 +481,25 @@ class AutoNat:
             and (self.settings.allow_private or is_public_ip(_ip_of(addr) or ""))
         ]
         return sorted(usable, key=lambda addr: -counts[addr])
+
+    def observed_ips(self) -> list[str]:
+        """The IPs the servers of the current verdict saw our requests come from (they dial only
+        that one), most often seen first."""
+        counts: dict[str, int] = {}
+        for _, _, result in self._recent.values():
+            for ip in {_ip_of(addr) for addr in result.dialed} - {None}:
+                assert ip is not None
+                counts[ip] = counts.get(ip, 0) + 1
+        return sorted(counts, key=lambda ip: -counts[ip])
+
+    def tested_addrs(self) -> list[tuple[str, float]]:
+        """Every address a server of the current verdict dialed (reached or not), with the unix time
+        of the latest answer about it."""
+        latest: dict[str, float] = {}
+        for _, _, result in self._recent.values():
+            for addr in result.dialed:
+                latest[addr] = max(latest.get(addr, 0.0), result.at)
+        return sorted(latest.items())
 
     def _still_valid(self, now: float) -> bool:
         """Whether the last conclusive verdict is recent enough to outlive inconclusive rounds."""

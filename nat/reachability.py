@@ -27,6 +27,7 @@ class ServerResult:
     detail: str = ""  # the dial-back identity, or the error code
     at: float = 0.0  # unix time of the answer
     confirmed: tuple[str, ...] = ()  # ok: the addresses it reached us on
+    dialed: tuple[str, ...] = ()  # ok, dial_error: every address it dialed (all at the IP it saw us come from)
 
 
 @dataclass

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import trio
 
+from nat.double_nat import DoubleNat, DoubleNatFacts, OutsideView, judge_double_nat
+
 if TYPE_CHECKING:
     # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
     from trio_typing import TaskStatus
@@ -245,6 +247,7 @@ class Mapping:
     expires_at: float  # wall clock (time.time()); 0 for a permanent lease
     renew_at: float  # trio clock
     renewals: int = 0
+    made_at: float = field(default_factory=time.time)  # wall clock: when the IGD first granted it
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -270,7 +273,8 @@ class UpnpService:
 
     ``ports`` returns the internal TCP ports to map (re-read at every renewal/poll); the internal address
     is the LAN address miniupnpc used to reach the IGD, unless ``lan_ip`` is given. ``on_change`` gets
-    the new ``external_addrs()`` each time they change (also ``[]`` on shutdown).
+    the new ``external_addrs()`` each time they change (also ``[]`` on shutdown). ``outside`` tells
+    what AutoNAT saw of us, so that a double NAT is told (``double_nat()``, ``summary()``).
     """
 
     def __init__(
@@ -282,11 +286,13 @@ class UpnpService:
         quic_ports: Callable[[], Iterable[int]] = tuple,
         lan_ip: str | None = None,
         mapper_factory: Callable[[UpnpSettings], PortMapper] | None = None,
+        outside: Callable[[], OutsideView] | None = None,
     ) -> None:
         self.settings = settings
         self._ports = ports
         self._quic_ports = quic_ports  # listen ports that also carry QUIC: their UDP mapping is advertised
         self._on_change = on_change
+        self._outside = outside  # what AutoNAT saw of us: for telling a double NAT
         self._lan_override = lan_ip
         self._factory = mapper_factory or (
             lambda s: PortMapper(discover_timeout_ms=s.discover_timeout_ms, description=s.description)
@@ -302,18 +308,34 @@ class UpnpService:
     def state(self) -> State:
         return self._st.state
 
+    def _live(self) -> list[Mapping]:
+        now = time.time()
+        return [m for m in self._st.mappings.values() if m.expires_at == 0 or m.expires_at > now]
+
+    def double_nat(self) -> DoubleNat:
+        """Whether the IGD is itself behind another NAT (``nat.double_nat``), from what it reports
+        and what AutoNAT saw (``outside``)."""
+        ext = self._st.external_ip
+        live = self._live() if ext else []
+        mapped = tuple((f"/ip4/{ext}/tcp/{m.external_port}", m.made_at) for m in live if m.proto == "TCP")
+        try:
+            outside = self._outside() if self._outside is not None else OutsideView()
+        except Exception:  # noqa: BLE001 - judged on the IGD's word alone
+            outside = OutsideView()
+        return judge_double_nat(DoubleNatFacts(igd_external_ip=ext, mapped=mapped, outside=outside))
+
     def external_addrs(self) -> list[str]:
         """``/ip4/<external ip>/tcp/<external port>`` for each live TCP mapping, and
-        ``/ip4/<external ip>/udp/<external port>/quic-v1`` for each UDP mapping of a QUIC listen port."""
+        ``/ip4/<external ip>/udp/<external port>/quic-v1`` for each UDP mapping of a QUIC listen port;
+        none while the IGD's external address is not ours to the world (double NAT)."""
         ext = self._st.external_ip
-        if ext is None or _non_public(ext):
+        if ext is None or _non_public(ext) or not self.double_nat().offer_mapping:
             return []
-        now = time.time()
         try:
             quic = {int(port) for port in self._quic_ports()}
         except Exception:  # noqa: BLE001 - the TCP mappings still count
             quic = set()
-        live = [m for m in self._st.mappings.values() if m.expires_at == 0 or m.expires_at > now]
+        live = self._live()
         tcp = sorted(f"/ip4/{ext}/tcp/{m.external_port}" for m in live if m.proto == "TCP")
         udp = sorted(
             f"/ip4/{ext}/udp/{m.external_port}/quic-v1" for m in live if m.proto == "UDP" and m.internal_port in quic
@@ -322,10 +344,12 @@ class UpnpService:
 
     def summary(self) -> dict[str, Any]:
         st = self._st
+        double = self.double_nat()
         return {
             "state": st.state,
             "external_ip": st.external_ip,
-            "double_nat": bool(st.external_ip and _non_public(st.external_ip)),
+            "double_nat": double.detected,
+            "double_nat_reason": double.reason,
             "internal_ip": st.lan_ip,
             "lease_s": self.settings.lease_s,
             "mappings": [m.as_dict() for _, m in sorted(st.mappings.items())],

@@ -73,7 +73,10 @@ class UpnpMappingView(BaseModel):
 
 class UpnpView(BaseModel):
     state: str  # disabled | searching | no-igd | mapped | failed
-    external_ip: str | None = None  # the router's public address (ours to the world; no LAN address here)
+    external_ip: str | None = None  # what the router reports as its external address
+    # the router is itself behind another NAT (nat.double_nat): its mapping is not published
+    double_nat: bool = False
+    double_nat_reason: str | None = None  # igd_address_private | igd_address_differs | mapping_unreachable
     mappings: list[UpnpMappingView] = Field(default_factory=list)
     last_error: str | None = None  # a stable code, never a path or an address of ours
 

@@ -245,6 +245,8 @@ def _nat_traversal_lines(body: dict[str, Any]) -> list[str]:
         )
         error = f" ({upnp['last_error']})" if upnp.get("last_error") else ""
         lines.append(f"upnp           {upnp['state']}" + (f": {mapped}" if mapped else "") + error)
+        if upnp.get("double_nat"):
+            lines.append(f"double NAT     yes ({upnp.get('double_nat_reason')}): the mapping is not published")
     punch = body.get("hole_punch")
     if punch and punch.get("enabled"):
         lines.append(

@@ -39,6 +39,7 @@ from nat.autonat import AutoNat, AutoNatSettings, listen_ports, quic_listen_port
 from nat.holepunch import HolePunchService, HolePunchSettings
 from nat.reachability import ReachabilityState
 from nat.relay import RelayService, RelaySettings
+from nat.double_nat import OutsideView
 from nat.upnp import UpnpService, UpnpSettings
 from node.alerts import AlertService, AlertsReply
 from node.api import (
@@ -317,6 +318,7 @@ class Node:
                         ports=lambda: listen_ports([str(a) for a in self.host.get_transport_addrs()]),
                         quic_ports=lambda: quic_listen_ports([str(a) for a in self.host.get_transport_addrs()]),
                         on_change=self._upnp_changed,
+                        outside=self._outside_view,
                     )
                     await nursery.start(self.supervisor.run, "upnp", self._upnp.run)
                     self._holepunch = HolePunchService(
@@ -462,6 +464,15 @@ class Node:
         """Advertised ahead of the listen addresses: UPnP mappings, then what AutoNAT servers reached."""
         confirmed = self._autonat.confirmed_addrs() if self._autonat is not None else []
         return self._mapped_addrs() + confirmed
+
+    def _outside_view(self) -> OutsideView:
+        """What AutoNAT saw of us, for telling a double NAT (``nat.double_nat``)."""
+        autonat = self._autonat
+        return OutsideView(
+            observed_ips=tuple(autonat.observed_ips()) if autonat is not None else (),
+            reachability=self.reachability.verdict,
+            tested=tuple(autonat.tested_addrs()) if autonat is not None else (),
+        )
 
     def _upnp_changed(self, addrs: list[str]) -> None:
         """A new or lost mapping: measure reachability again (the mapping should make us public)."""
