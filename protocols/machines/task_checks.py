@@ -1,0 +1,396 @@
+"""The task market's refusals that look at what the adapter fetched: signatures, artifacts, the chain.
+
+The rule of the market wing (as h11 states it in ``_state.py``): every decision that can refuse is a
+pure function here or in :mod:`protocols.machines.task` (the book: bid, award, result, review,
+dispute, evidence, settle/refund), taking what was fetched (who signed an envelope, the sha256 of an
+artifact, an escrow lock as the chain shows it, the clock) as plain data and returning a typed
+verdict (:class:`~protocols.machines.verdict.Refusal` or ``None``, or a :class:`CloseOutStep`). The
+adapters in ``protocols/task/`` only fetch, ask, and act.
+
+The escrow lock of an award is checked with the check the lease market uses
+(:func:`protocols.machines.escrow_lock.lock_verdict`); what only a task asks (the award pays *our*
+wallet, on *our* chain and contract) is checked here first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict
+from protocols.machines.task_model import ReceiptState
+from protocols.machines.verdict import Refusal
+from protocols.task_wire import MAX_ARTIFACT, MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE, MAX_PARAMS
+from runtime.errors import ErrorCode
+
+# Live tasks a node keeps of others' announcements; finished ones leave on the book's own schedule
+# (``TaskBook.forget_finished``). Our own tasks are bounded by ``max_open_tasks_per_account``.
+TASK_BOOK_MAX = 4096
+# Chain time and our clock differ by a block or two; the lock must outlive deadline + review.
+DEADLINE_SLACK_S = 30
+# The close-out sleeps until the next thing it waits for (a refund's ``not_before``) or until woken
+# (a review, a resolution, a dispute); while it waits on a settlement it looks at the chain with
+# these backoffs.
+CLOSE_POLL_MIN_S = 0.5
+CLOSE_POLL_MAX_S = 8.0
+# A disputed lock waits for the arbiter, whose resolution message wakes the close-out; the chain is
+# read this often in case that message is lost.
+CLOSE_DISPUTED_POLL_S = 30.0
+
+F = ErrorCode.FORBIDDEN
+INV = ErrorCode.INVALID_ARGUMENT
+
+
+def _refuse(code: ErrorCode, reason: str, message: str) -> Refusal:
+    return Refusal(code, reason, message)
+
+
+# -- creator ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PublishFacts:
+    arbiter_peer: str | None
+    arbiter_wallet: str | None
+    arbiter_peer_valid: bool
+    params_size: int
+    own_wallet: str | None  # None when the chain is not connected
+
+
+def publish_verdict(f: PublishFacts) -> Refusal | None:
+    if f.arbiter_peer is None or f.arbiter_wallet is None:
+        return _refuse(INV, "no_arbiter", "a task needs an arbiter (peer id and wallet)")
+    if f.params_size > MAX_PARAMS:
+        return _refuse(INV, "params_too_large", f"task parameters over {MAX_PARAMS} bytes")
+    if not f.arbiter_peer_valid:
+        return _refuse(INV, "arbiter_not_a_peer_id", "not a peer id")
+    if f.own_wallet is not None and f.own_wallet.lower() == f.arbiter_wallet.lower():
+        return _refuse(INV, "arbiter_is_self", "the arbiter wallet cannot be this node's own wallet")
+    return None
+
+
+@dataclass(frozen=True)
+class FundingFacts:
+    payee: str | None  # the bid's payee, as the bidder sent it
+    arbiter_wallet: str | None
+    announced: bool  # the signed announcement is at hand
+    balance: int
+    price: int
+    lock_gas_cost: int
+
+
+def funding_verdict(f: FundingFacts) -> Refusal | None:
+    """May the creator lock this bid's price? (Asked after the book took the award in a dry run.)"""
+    if f.payee is None or f.arbiter_wallet is None or not f.announced:
+        return _refuse(ErrorCode.CONFLICT, "award_terms_unknown", "the bid's payee or the task's arbiter is unknown")
+    if f.balance < f.price + f.lock_gas_cost:
+        return _refuse(ErrorCode.INSUFFICIENT_FUNDS, "cannot_pay", "this node's wallet cannot lock the price and gas")
+    return None
+
+
+def lock_lasts_until(chain_now: int, task_deadline: int, now: float, review_timeout_s: int) -> int:
+    """The chain time an award's lock must last until: the delivery deadline, then the review."""
+    return chain_now + max(0, task_deadline - int(now)) + review_timeout_s
+
+
+@dataclass(frozen=True)
+class ResultFacts:
+    signer: str
+    remote: str
+    bidder: str  # as the notice names it
+    size: int  # as the notice signs it
+    content_hash: str
+    artifact_size: int  # what arrived
+    artifact_sha256: str
+
+
+def result_verdict(f: ResultFacts) -> Refusal | None:
+    if f.signer != f.remote:
+        return _refuse(F, "result_signer_not_sender", "the result is signed by another peer than the sender")
+    if f.bidder != f.remote:
+        return _refuse(F, "result_names_other_bidder", "the result names another bidder")
+    if f.artifact_size > MAX_ARTIFACT:
+        return _refuse(INV, "artifact_too_large", f"artifacts are at most {MAX_ARTIFACT} bytes")
+    if f.artifact_size != f.size or f.artifact_sha256 != f.content_hash:
+        return _refuse(INV, "artifact_mismatch", "the artifact does not match its signed hash and size")
+    return None
+
+
+def artifact_verdict(size: int) -> Refusal | None:
+    """A bidder's own artifact, before it is sent."""
+    if size > MAX_ARTIFACT:
+        return _refuse(INV, "artifact_too_large", f"artifacts are at most {MAX_ARTIFACT} bytes")
+    return None
+
+
+# -- bidder -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AwardFacts:
+    """A signed award as the bidder opened it, and what the bidder's book says of its bid."""
+
+    remote: str
+    me: str
+    signer: str
+    creator: str
+    bidder: str
+    task_id: str
+    arbiter_wallet: str
+    price: int
+    announcement_signer: str
+    announcement_task_id: str
+    announcement_arbiter_wallet: str | None
+
+
+def award_verdict(f: AwardFacts) -> Refusal | None:
+    if f.signer != f.remote or f.creator != f.remote:
+        return _refuse(F, "award_signer_not_sender", "the award is not signed by its sender")
+    if f.bidder != f.me:
+        return _refuse(F, "award_for_other_bidder", "the award is made out to another bidder")
+    if (
+        f.announcement_signer != f.remote
+        or f.announcement_task_id != f.task_id
+        or f.announcement_arbiter_wallet != f.arbiter_wallet
+    ):
+        return _refuse(F, "award_not_announced", "the award does not match the creator's announcement")
+    return None
+
+
+def award_bid_verdict(me: str, price: int, bid_bidder: str | None, bid_price: int | None) -> Refusal | None:
+    """The award is for a bid our book holds, at its price (``bid_bidder`` None: no such bid)."""
+    if bid_bidder is None or bid_bidder != me or bid_price != price:
+        return _refuse(ErrorCode.NOT_FOUND, "award_unknown_bid", "no such bid of ours")
+    return None
+
+
+@dataclass(frozen=True)
+class AwardLockFacts:
+    """The award's lock as the chain shows it, and what the bidder expects of it."""
+
+    our_chain_id: int
+    award_chain_id: int
+    our_contract: str
+    award_contract: str
+    our_wallet: str
+    payee: str
+    arbiter_wallet: str
+    price: int
+    window: int  # our dispute window
+    lasts_until: int  # :func:`lock_lasts_until`
+    lock: LockState | None  # None: not read (the chain or the contract is not ours)
+
+
+def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
+    if f.our_chain_id != f.award_chain_id or f.our_contract.lower() != f.award_contract.lower():
+        return _refuse(ErrorCode.UNAVAILABLE, "award_other_chain", "the award's escrow is on another chain or contract")
+    if f.payee.lower() != f.our_wallet.lower():
+        return _refuse(F, "award_pays_other_wallet", "the award pays another wallet than ours")
+    if f.lock is None:
+        return _refuse(ErrorCode.UNAVAILABLE, "lock_unread", "the award's escrow lock was not read")
+    return lock_verdict(f.lock, LockTerms("task", f.payee, f.arbiter_wallet, f.price, f.window, f.lasts_until))
+
+
+def review_verdict(signer: str, remote: str, creator: str) -> Refusal | None:
+    if signer != remote or creator != remote:
+        return _refuse(F, "review_signer_not_sender", "the review is not signed by its sender")
+    return None
+
+
+# -- disputes and evidence (either party) -------------------------------------------------------
+def dispute_ready_verdict(announced: bool, awarded: bool, delivered: bool) -> Refusal | None:
+    """A party may only take to the arbiter what it can prove with signed envelopes."""
+    if not (announced and awarded and delivered):
+        return _refuse(ErrorCode.CONFLICT, "evidence_incomplete", "the signed evidence for this task is incomplete")
+    return None
+
+
+def dispute_notice_verdict(remote: str, me: str, creator: str, bidder: str, phase: str) -> Refusal | None:
+    """The other party says it disputed: only a party, and only when the chain shows the dispute."""
+    if remote not in (creator, bidder) or remote == me:
+        return _refuse(F, "not_the_other_party", "only the other party may dispute this task")
+    if phase != "disputed":
+        return _refuse(ErrorCode.CONFLICT, "escrow_not_disputed", "the escrow is not disputed on chain")
+    return None
+
+
+def evidence_piece_verdict(note: str, attachment_size: int) -> Refusal | None:
+    """A party's own piece of evidence, before it is signed and sent."""
+    if attachment_size > MAX_EVIDENCE_ATTACHMENT:
+        return _refuse(INV, "attachment_too_large", f"evidence attachments are at most {MAX_EVIDENCE_ATTACHMENT} bytes")
+    if len(note) > MAX_EVIDENCE_NOTE:
+        return _refuse(INV, "note_too_long", f"evidence notes are at most {MAX_EVIDENCE_NOTE} characters")
+    if not note.strip() and not attachment_size:
+        return _refuse(INV, "evidence_empty", "evidence needs a note or an attachment")
+    return None
+
+
+@dataclass(frozen=True)
+class EvidenceFacts:
+    signer: str
+    remote: str
+    party: str
+    content_hash: str  # signed
+    size: int  # signed
+    attachment_sha256: str  # what arrived
+    attachment_size: int
+
+
+def evidence_verdict(f: EvidenceFacts) -> Refusal | None:
+    if f.signer != f.remote or f.party != f.remote:
+        return _refuse(F, "evidence_signer_not_sender", "the evidence is not signed by its sender")
+    if f.attachment_sha256 != f.content_hash or f.attachment_size != f.size:
+        return _refuse(INV, "attachment_mismatch", "the attachment does not match the signed hash")
+    return None
+
+
+# -- arbiter ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaseFacts:
+    """A dispute case as the arbiter opened its envelopes (task ids and signers), before the chain."""
+
+    me: str
+    remote: str
+    creator: str  # the announcement's
+    arbiter: str  # the announcement's arbiter peer
+    announcement_signer: str
+    announcement_arbiter_wallet: str | None
+    award_signer: str
+    award_creator: str
+    award_bidder: str
+    award_arbiter_wallet: str
+    result_signer: str
+    result_bidder: str
+    review_signer: str | None  # None: no review in the case
+    task_ids: tuple[str, ...]  # announcement, award, result, case (and review)
+    our_wallet: str
+    tasks_in_book: int
+    known_task: bool
+
+
+def case_verdict(f: CaseFacts) -> Refusal | None:
+    if f.review_signer is not None and f.review_signer != f.creator:
+        return _refuse(F, "review_not_creators", "the review is not the creator's")
+    if f.announcement_signer != f.creator or f.award_signer != f.creator or f.award_creator != f.creator:
+        return _refuse(F, "case_not_creator_signed", "the announcement and award must be signed by the creator")
+    if f.result_signer != f.award_bidder or f.result_bidder != f.award_bidder:
+        return _refuse(F, "result_not_bidders", "the result must be signed by the awarded bidder")
+    if len(set(f.task_ids)) != 1:
+        return _refuse(INV, "case_mixes_tasks", "the evidence is about different tasks")
+    if f.arbiter != f.me or f.announcement_arbiter_wallet != f.award_arbiter_wallet:
+        return _refuse(F, "not_the_arbiter", "this node is not the task's arbiter")
+    if f.remote not in (f.creator, f.award_bidder):
+        return _refuse(F, "not_a_party", "only a party to the task may bring a dispute")
+    if f.our_wallet.lower() != f.award_arbiter_wallet.lower():
+        return _refuse(F, "other_arbiter_wallet", "the task names another arbiter wallet than this node's")
+    if not f.known_task and f.tasks_in_book >= TASK_BOOK_MAX:
+        return _refuse(ErrorCode.RATE_LIMITED, "book_full", "this node keeps too many live tasks; try again later")
+    return None
+
+
+def case_lock_verdict(lock: LockState, our_wallet: str, payee: str, price: int) -> Refusal | None:
+    """The case's lock on chain: disputed, with us as its arbiter, for the award's payee and price."""
+    if lock.phase != "disputed" or lock.arbiter.lower() != our_wallet.lower():
+        return _refuse(
+            ErrorCode.CONFLICT, "escrow_not_disputed", "the escrow is not disputed on chain with this arbiter"
+        )
+    if lock.payee.lower() != payee.lower() or lock.amount != price:
+        return _refuse(F, "lock_not_the_award", "the escrow lock does not match the award")
+    return None
+
+
+ResolveAction = Literal["send", "recorded"]
+
+
+def resolve_verdict(
+    our_wallet: str, arbiter_wallet: str, phase: str, released: int, to_bidder: int
+) -> ResolveAction | Refusal:
+    """The arbiter's resolve: send the split on chain, or record one the chain already shows."""
+    if our_wallet.lower() != arbiter_wallet.lower():
+        return _refuse(F, "not_the_arbiter_wallet", "this node's wallet is not the task's arbiter wallet")
+    if phase == "disputed":
+        return "send"
+    if phase == "closed" and released == to_bidder:
+        return "recorded"
+    return _refuse(ErrorCode.CONFLICT, "escrow_not_disputed", "the escrow is not disputed on chain")
+
+
+def resolution_verdict(remote: str, arbiter: str, phase: str, released: int, to_bidder: int) -> Refusal | None:
+    """A party hears the resolution: only from the arbiter, only as the chain shows it."""
+    if remote != arbiter:
+        return _refuse(F, "not_the_arbiter", "only the task's arbiter resolves its dispute")
+    if phase != "closed" or released != to_bidder:
+        return _refuse(ErrorCode.CONFLICT, "resolution_not_on_chain", "the chain does not show this resolution")
+    return None
+
+
+def announcement_verdict(names_arbiter: bool, tasks_in_book: int) -> Refusal | None:
+    """An announcement joins the book only with an arbiter, and only while the book has room."""
+    if not names_arbiter:
+        return _refuse(INV, "no_arbiter", "the announcement names no arbiter")
+    if tasks_in_book >= TASK_BOOK_MAX:
+        return _refuse(ErrorCode.RATE_LIMITED, "book_full", "this node keeps too many live tasks")
+    return None
+
+
+# -- close-out ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CloseOutFacts:
+    phase: str | None  # the lock's phase; None when the chain could not be read
+    creator_side: bool
+    refund_queued: bool
+    receipt_state: ReceiptState | None
+    to_creator: int | None
+    not_before: float
+    now: float
+    backoff: float  # the current wait between looks at a settling lock
+
+
+@dataclass(frozen=True)
+class CloseOutStep:
+    """``book``: the lock is closed, record it; ``queue_refund``: the creator's refund is due now;
+    ``wait``: sleep ``wait_s`` (or until woken) and look again."""
+
+    action: Literal["book", "queue_refund", "wait"]
+    wait_s: float = 0.0
+
+
+def close_out_step(f: CloseOutFacts) -> CloseOutStep:
+    if f.phase == "closed":
+        return CloseOutStep("book")
+    if f.phase == "disputed":
+        return CloseOutStep("wait", CLOSE_DISPUTED_POLL_S)
+    refund_decided = (
+        f.phase == "active"
+        and f.creator_side
+        and not f.refund_queued
+        and f.receipt_state == ReceiptState.PENDING
+        and bool(f.to_creator)
+    )
+    if refund_decided:
+        if f.now >= f.not_before:
+            return CloseOutStep("queue_refund")
+        return CloseOutStep("wait", min(f.not_before - f.now, CLOSE_DISPUTED_POLL_S))
+    return CloseOutStep("wait", f.backoff)
+
+
+def next_backoff(backoff: float) -> float:
+    return min(max(backoff, CLOSE_POLL_MIN_S) * 2, CLOSE_POLL_MAX_S)
+
+
+@dataclass(frozen=True)
+class FinalizeStep:
+    """``done``: nothing left (already settled or refunded); ``settle``/``refund``: apply it now;
+    ``wait``: the decision is not here yet (a review or resolution on its way: sleep until woken,
+    at most ``wait_s``) or the book's dispute window still runs (sleep ``wait_s``)."""
+
+    action: Literal["done", "settle", "refund", "wait"]
+    wait_s: float = 0.0
+
+
+def finalize_step(
+    receipt_state: ReceiptState | None, decided: bool, not_before: float, now: float, to_bidder: int
+) -> FinalizeStep:
+    if receipt_state is None or receipt_state in (ReceiptState.SETTLED, ReceiptState.REFUNDED):
+        return FinalizeStep("done")
+    if not decided:
+        return FinalizeStep("wait", CLOSE_DISPUTED_POLL_S)
+    if now < not_before:
+        return FinalizeStep("wait", min(not_before - now, CLOSE_DISPUTED_POLL_S))
+    return FinalizeStep("settle" if to_bidder > 0 else "refund")

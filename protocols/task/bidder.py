@@ -1,0 +1,201 @@
+"""The bidder's side of the task market: watch announcements, bid, take an award (after checking its
+lock on chain), deliver, hear the review. The rules: ``TaskBook`` and ``task_checks.announcement_verdict``,
+``award_verdict``, ``award_lock_verdict`` (the escrow-lock check the lease market shares),
+``review_verdict``."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import trio
+
+from protocols import task_wire as w
+from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement, VerifiedAnnouncement
+from protocols.machines import task as m
+from protocols.machines import task_checks as checks
+from protocols.machines.verdict import enforce
+from protocols.signed import open_base64, seal, to_base64
+from protocols.task.base import TaskCore, TaskLocal, log
+from runtime.errors import ClawnodeError
+from runtime.ledger import EscrowRef, LeaseOpen
+
+
+class BidderRole(TaskCore):
+    async def watch(self, capability: str) -> None:
+        """Receive (and relay) announcements of tasks needing ``capability``; each one is published in the book."""
+        if capability in self._watched:
+            return
+        channel = await self.announcements.subscribe(capability)
+        self._watched.add(capability)
+        self._spawn(self._pump, channel)
+
+    async def _pump(self, channel: trio.MemoryReceiveChannel[VerifiedAnnouncement]) -> None:
+        async for item in channel:
+            try:
+                self._on_announcement(item.signer, item.announcement)
+            except ClawnodeError as error:
+                log.debug("announcement %s ignored: %s", item.announcement.task_id[:12], error.code)
+
+    def _on_announcement(self, signer: str, ann: TaskAnnouncement, envelope: str | None = None) -> None:
+        if signer == self.peer_id or ann.task_id in self.book.tasks:
+            return
+        enforce(
+            checks.announcement_verdict(
+                ann.arbiter is not None and ann.arbiter_wallet is not None, len(self.book.tasks)
+            )
+        )
+        assert ann.arbiter is not None
+        self._apply(
+            m.Publish(
+                task_id=ann.task_id,
+                budget=ann.budget,
+                deadline=ann.deadline,
+                allowed_assets=frozenset({ann.asset}),
+                arbiter=ann.arbiter,
+                review_timeout_s=ann.review_timeout_s,
+            ),
+            signer,
+        )
+        self.local[ann.task_id] = TaskLocal(ann, announcement_env=envelope)
+
+    async def bid(self, task_id: str, price: int) -> w.BidView:
+        """Bid ``price`` (wei) on an announced task; the payee is this node's wallet."""
+        record, _ = self._task(task_id)
+        bid_id = secrets.token_hex(8)
+        event = m.PlaceBid(task_id=task_id, bid_id=bid_id, price=price, asset="ETH")
+        self._dry_run(event, self.peer_id)
+        client = self._client()
+        await self._push(
+            record.creator,
+            w.BidRequest(task_id=task_id, bid_id=bid_id, price=price, payee=client.account.address),
+        )
+        self._apply(event, self.peer_id)
+        return self._bid_view(task_id, record.bids[bid_id])
+
+    async def withdraw_bid(self, task_id: str, bid_id: str) -> w.BidView:
+        record, _ = self._task(task_id)
+        event = m.WithdrawBid(task_id=task_id, bid_id=bid_id)
+        self._dry_run(event, self.peer_id)
+        await self._push(record.creator, w.WithdrawBidRequest(task_id=task_id, bid_id=bid_id))
+        self._apply(event, self.peer_id)
+        return self._bid_view(task_id, record.bids[bid_id])
+
+    async def _on_award(self, message: w.AwardRequest, remote: str) -> None:
+        signer, payload = open_base64(message.envelope, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE)
+        notice = w.AwardNotice.model_validate_json(payload)
+        ann_signer, ann_payload = open_base64(
+            notice.announcement, domain=ANNOUNCEMENT_DOMAIN, payload_type=ANNOUNCEMENT_PAYLOAD_TYPE
+        )
+        ann = TaskAnnouncement.model_validate_json(ann_payload)
+        facts = checks.AwardFacts(
+            remote=remote,
+            me=self.peer_id,
+            signer=signer,
+            creator=notice.creator,
+            bidder=notice.bidder,
+            task_id=notice.task_id,
+            arbiter_wallet=notice.arbiter_wallet,
+            price=notice.price,
+            announcement_signer=ann_signer,
+            announcement_task_id=ann.task_id,
+            announcement_arbiter_wallet=ann.arbiter_wallet,
+        )
+        enforce(checks.award_verdict(facts))  # the envelopes first: a stranger learns nothing of our tasks
+        record, local = self._task(notice.task_id)
+        local.announcement_env = notice.announcement
+        bid = record.bids.get(notice.bid_id)
+        enforce(
+            checks.award_bid_verdict(
+                self.peer_id, notice.price, bid.bidder if bid else None, bid.price if bid else None
+            )
+        )
+        await self._check_award_lock(notice, record)
+        self._apply(m.Award(task_id=notice.task_id, bid_id=notice.bid_id, lock_ref=notice.lock.escrow_id), remote)
+        local.award, local.award_env, local.params = notice, message.envelope, notice.params
+        lease_id = self._lease_id(notice)
+        await self.ledger.create_task(
+            notice.task_id,
+            role="worker",
+            counterparty=remote,
+            budget=notice.price,
+            idempotency_key=f"task/{notice.task_id}",
+        )
+        await self.ledger.open_lease(
+            LeaseOpen(
+                lease_id=lease_id,
+                role="provider",
+                provider=self.peer_id,
+                consumer=remote,
+                price_per_unit=notice.price,
+                budget=notice.price,
+                escrow=EscrowRef(contract=notice.contract, payer=notice.lock.payer, escrow_id=notice.lock.escrow_id),
+            ),
+            idempotency_key=f"award/{lease_id}",
+        )
+        await self.ledger.set_task_state(
+            notice.task_id, "task_awarded", idempotency_key=f"task/{notice.task_id}/awarded"
+        )
+        log.info("task %s: award accepted, %d wei locked", notice.task_id[:12], notice.price)
+
+    async def _check_award_lock(self, notice: w.AwardNotice, record: m.TaskRecord) -> None:
+        """Fetch the lock and the chain's clock, then ask ``task_checks.award_lock_verdict``."""
+        client = self._client()
+        ours = client.chain.chain_id == notice.chain_id and client.address.lower() == notice.contract.lower()
+        lock, chain_now = None, 0
+        if ours:
+            lock = self._lock_state(await self._escrow_state(notice))
+            chain_now = await client.chain.run(client.chain.now)
+        enforce(
+            checks.award_lock_verdict(
+                checks.AwardLockFacts(
+                    our_chain_id=client.chain.chain_id,
+                    award_chain_id=notice.chain_id,
+                    our_contract=client.address,
+                    award_contract=notice.contract,
+                    our_wallet=client.account.address,
+                    payee=notice.payee,
+                    arbiter_wallet=notice.arbiter_wallet,
+                    price=notice.price,
+                    window=self.limits.dispute_window_s,
+                    lasts_until=checks.lock_lasts_until(
+                        chain_now, record.deadline, self._now(), record.review_timeout_s
+                    ),
+                    lock=lock,
+                )
+            )
+        )
+
+    async def submit(self, task_id: str, artifact: bytes) -> w.TaskView:
+        """Deliver the result of an awarded task; the creator's book refuses anyone but the awarded bidder."""
+        enforce(checks.artifact_verdict(len(artifact)))
+        record, local = self._task(task_id)
+        notice = w.ResultNotice(
+            task_id=task_id,
+            bidder=self.peer_id,
+            content_hash=hashlib.sha256(artifact).hexdigest(),
+            size=len(artifact),
+            submitted_at=int(self._now()),
+        )
+        envelope = to_base64(seal(notice, self.key, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE))
+        await self._push(record.creator, w.ResultRequest(envelope=envelope, artifact=to_base64(artifact)))
+        self._apply(m.SubmitResult(task_id=task_id, content_hash=notice.content_hash, size=notice.size), self.peer_id)
+        local.result_env = envelope
+        return self._view(task_id)
+
+    async def _on_review(self, message: w.ReviewRequest, remote: str) -> None:
+        signer, payload = open_base64(message.envelope, domain=w.REVIEW_DOMAIN, payload_type=w.REVIEW_TYPE)
+        notice = w.ReviewNotice.model_validate_json(payload)
+        enforce(checks.review_verdict(signer, remote, notice.creator))
+        _, local = self._task(notice.task_id)
+        event: m.TaskEvent = (
+            m.Accept(task_id=notice.task_id)
+            if notice.verdict == "accepted"
+            else m.Reject(task_id=notice.task_id, reason=notice.reason)
+        )
+        self._apply(event, remote)
+        local.review_env = message.envelope
+        self._start_close_out(notice.task_id)
+
+    async def _on_cancel(self, message: w.CancelRequest, remote: str) -> None:
+        self._apply(m.Cancel(task_id=message.task_id), remote)

@@ -1,0 +1,161 @@
+"""The close-out of an awarded task, for the creator and the awarded bidder (and the arbiter's
+book): wait for the lock to close on chain, then book what it moved (ledger first, then the book,
+then the task row); plus the sweep that expires open tasks and forgets finished ones.
+
+No polling loop runs through a dispute window: each step asks ``task_checks.close_out_step`` /
+``finalize_step`` what to do and sleeps until the next deadline it names (a refund's
+``not_before``), until woken by news of the task (a review, a dispute, a resolution: anything the
+book applies), or for a bounded backoff while a settlement lands.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import trio
+
+from protocols import task_wire as w
+from protocols.machines import task as m
+from protocols.machines import task_checks as checks
+from protocols.machines.verdict import enforce
+from protocols.task.base import SWEEP_INTERVAL_S, TaskCore, TaskLocal, log
+from runtime.errors import ClawnodeError
+
+
+class CloseOutRole(TaskCore):
+    async def _on_resolution(self, message: w.ResolutionRequest, remote: str) -> None:
+        record, local = self._task(message.task_id)
+        award = self._award_of(local)
+        enforce(checks.resolution_verdict(remote, record.arbiter, "closed", message.to_bidder, message.to_bidder))
+        state = await self._escrow_state(award)
+        enforce(checks.resolution_verdict(remote, record.arbiter, state.phase, state.released, message.to_bidder))
+        self._record_resolution(record, message.to_bidder, message.to_creator)
+        self._start_close_out(message.task_id)
+
+    @staticmethod
+    async def _sleep_or_wake(local: TaskLocal, seconds: float) -> bool:
+        """Sleep ``seconds`` or until the task's news wakes us; True when woken."""
+        woken = False
+        with trio.move_on_after(max(0.0, seconds)):
+            await local.wake.wait()
+            woken = True
+        if local.wake.is_set():
+            local.wake = trio.Event()
+        return woken
+
+    async def _close_out(self, task_id: str) -> None:
+        """Wait for the lock to close on chain, then book it: ledger first, then the book, then the task row."""
+        record, local = self._task(task_id)
+        award = self._award_of(local)
+        try:
+            backoff = checks.CLOSE_POLL_MIN_S
+            while True:
+                phase: str | None = None
+                try:
+                    state = await self._escrow_state(award)
+                    phase = state.phase
+                except ClawnodeError as error:
+                    log.debug("task %s close-out waits: %s", task_id[:12], error.code)
+                receipt = record.receipt
+                step = checks.close_out_step(
+                    checks.CloseOutFacts(
+                        phase=phase,
+                        creator_side=record.creator == self.peer_id,
+                        refund_queued=local.refund_queued,
+                        receipt_state=receipt.state if receipt else None,
+                        to_creator=receipt.to_creator if receipt else None,
+                        not_before=receipt.not_before if receipt else 0.0,
+                        now=self._now(),
+                        backoff=backoff,
+                    )
+                )
+                if step.action == "book":
+                    break
+                if step.action == "queue_refund":
+                    await self.ledger.enqueue_refund(self._lease_id(award))
+                    local.refund_queued = True
+                    self.wake_settlement()
+                    backoff = checks.CLOSE_POLL_MIN_S
+                    continue
+                woken = await self._sleep_or_wake(local, step.wait_s)
+                backoff = checks.CLOSE_POLL_MIN_S if woken else checks.next_backoff(backoff)
+            await self._book_closed(record, local, award, state.released, state.amount - state.released)
+        finally:
+            local.closing = False
+
+    async def _book_closed(
+        self, record: m.TaskRecord, local: TaskLocal, award: w.AwardNotice, to_bidder: int, to_creator: int
+    ) -> None:
+        task_id, lease_id = record.task_id, self._lease_id(award)
+        if record.dispute is not None:
+            self._record_resolution(record, to_bidder, to_creator)
+            if record.creator == self.peer_id or award.bidder == self.peer_id:
+                try:  # normally recorded when the dispute opened; here in case that message was lost
+                    await self.ledger.open_dispute(
+                        lease_id,
+                        opened_by=record.dispute.opened_by,
+                        reason=local.dispute_reason or "",
+                        idempotency_key=f"dispute/{task_id}",
+                    )
+                except ClawnodeError:
+                    pass
+                await self.ledger.resolve_dispute(
+                    f"{lease_id}/dispute",
+                    to_payee=to_bidder,
+                    to_payer=to_creator,
+                    idempotency_key=f"resolve/{task_id}",
+                )
+        if record.creator != self.peer_id and award.bidder != self.peer_id:
+            local.closed = True  # the arbiter: no ledger rows, nothing to settle
+            return
+        # The settler sees the lock closed and books what the chain moved, without a transaction.
+        await self.ledger.enqueue_refund(lease_id)
+        self.wake_settlement()
+        while True:
+            receipt = record.receipt
+            step = checks.finalize_step(
+                receipt.state if receipt else None,
+                receipt is not None and receipt.to_bidder is not None and receipt.to_creator is not None,
+                receipt.not_before if receipt else 0.0,
+                self._now(),
+                to_bidder,
+            )
+            if step.action == "done":
+                break
+            if step.action == "wait":  # a review or resolution on its way, or the book's window still runs
+                await self._sleep_or_wake(local, step.wait_s)
+                continue
+            event: m.TaskEvent = (
+                m.Settle(task_id=task_id, settlement_id=award.lock.escrow_id)
+                if step.action == "settle"
+                else m.Refund(task_id=task_id, settlement_id=award.lock.escrow_id)
+            )
+            self._apply(event, m.SYSTEM)
+            break
+        await self.ledger.set_task_state(task_id, "task_closed", idempotency_key=f"task/{task_id}/closed")
+        local.closed = True
+        log.info("task %s closed: %d to the bidder, %d back", task_id[:12], to_bidder, to_creator)
+
+    async def _sweep(self) -> None:
+        while True:
+            await trio.sleep(SWEEP_INTERVAL_S)
+            now = self._now()
+            self._forget_finished(now)
+            for task_id, record in list(self.book.tasks.items()):
+                if record.state == m.TaskState.OPEN and now >= record.deadline:
+                    try:
+                        self._apply(m.Expire(task_id=task_id), m.SYSTEM)
+                    except ClawnodeError:
+                        continue
+                    if record.creator == self.peer_id:
+                        key = f"task/{task_id}/expired"
+                        self._spawn(
+                            functools.partial(self.ledger.set_task_state, idempotency_key=key), task_id, "task_expired"
+                        )
+
+    def _forget_finished(self, now: float) -> None:
+        """Finished tasks leave memory after ``TASK_FINISHED_KEEP_S`` or beyond the newest
+        ``TASK_FINISHED_KEEP`` (the book decides); a message about one later is ``E_NOT_FOUND``."""
+        busy = frozenset(task_id for task_id, local in self.local.items() if local.closing)
+        for task_id in self.book.forget_finished(now, busy):
+            self.local.pop(task_id, None)
