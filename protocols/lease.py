@@ -8,8 +8,11 @@ Provider side (``LeaseDesk``): quote → verify the consumer's signed open, its 
 its escrow lock on chain (``check_lock``: the consumer's own wallet pays, enough, long enough, under
 an escrow id derived from its peer id) → signed grant with a fresh access token (only its sha256 is
 kept) → serve calls that carry the token, each holding a reservation of the budget while it runs
-(the engine is told ``max_tokens``) and metered as its end frame leaves (a call cut before it, for
-the chunks written; a cancel frame stops the engine and gets an end frame billing those) → push a
+(the engine is told ``max_tokens``) and a durable pending row in the ledger, written before the
+engine runs (the write-ahead meter: a disk that refuses it refuses the call, before any chunk), then
+settled as its end frame leaves (a call cut before it, for the chunks written; a cancel frame stops
+the engine and gets an end frame billing those; a settlement the disk refuses is retried until it
+lands, and a restart settles what a crash left at 0 units) → push a
 signed usage receipt every N units or T seconds and at the end → claim from escrow what the
 consumer countersigned with a valid voucher. A receipt left unsigned, or answered without a valid
 voucher, pauses service; a consumer silent too long loses the lease; an escrow seen disputed or
@@ -139,6 +142,7 @@ class _Ticket:
     served: ServedLease | None = None
     reserved: int = 0
     streamed: int = 0  # tokens of the chunks written (``chunk_tokens``): what a cut call is billed
+    call_id: str | None = None  # its pending row in the ledger (the write-ahead meter), once written
 
 
 @dataclass
@@ -217,6 +221,11 @@ class LeaseMarket:
         self.finished_keep = FINISHED_KEEP
         self.finished_keep_s = FINISHED_KEEP_S
         self.used_quotes_max = USED_QUOTES_MAX
+        # Calls served whose settlement the disk refused: (lease id, call id) -> units, retried by the sweep
+        # until the ledger takes them. At most the calls in flight when the disk filled: a call whose
+        # pending row cannot be written is refused, so nothing new joins while the disk is full.
+        self._unsettled: dict[tuple[str, str], int] = {}
+        self._settling = False
         self._nursery: trio.Nursery | None = None
         self.call_read_timeout_s = CALL_READ_TIMEOUT_S
         # For /metrics: refusals and failures by (operation, error code); durations of calls served.
@@ -242,6 +251,7 @@ class LeaseMarket:
         A consumer's access tokens lived in memory only, so the leases it held cannot be used
         again: they end, and the rest of their locks goes back through the settlement queue.
         """
+        await self._settle_left_pending()
         now = int(self.clock())
         for lease, grant_json in await self.ledger.open_leases():
             if lease.role == "provider" and grant_json is not None:
@@ -270,6 +280,19 @@ class LeaseMarket:
             except ClawnodeError as error:
                 log.info("lease %s ended at restart with nothing to settle (%s)", lease.lease_id[:12], error.code)
         self.wake_settlement()
+
+    async def _settle_left_pending(self) -> None:
+        """Calls a crash left pending are settled before any call is served, at 0 units
+        (``LedgerStore.settle_pending_calls`` says why); on a full disk, as soon as it takes them."""
+        try:
+            left = await self.ledger.settle_pending_calls()
+        except ClawnodeError as error:
+            if error.code != ErrorCode.UNAVAILABLE:
+                raise
+            left = await self.ledger.pending_calls()
+            self._unsettled.update(((lease_id, call_id), 0) for lease_id, call_id, _ in left)
+        if left:
+            log.info("%d call(s) cut by a restart settled at 0 units", len(left))
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         spawn_guarded(self._nursery, log, fn, *args)
@@ -563,9 +586,9 @@ class LeaseMarket:
                     w.CallAck.model_validate_json(await reader.read_frame(CALL_ACK_TIMEOUT_S))
         finally:
             if ticket.served is not None:  # a failed or cut call: its reservation goes back, unmetered
-                ticket.served.session.finish_call(ticket.reserved, 0, self.clock())
-                ticket.served.reservation_returned()
-                ticket.served = None
+                with trio.move_on_after(END_WRITE_TIMEOUT_S) as releasing:
+                    releasing.shield = True
+                    await self._meter(ticket.served.grant.lease_id, ticket, 0)
             if counted is not None:
                 counted.in_flight -= 1
             with trio.move_on_after(1):
@@ -605,6 +628,12 @@ class LeaseMarket:
                 if waited.cancelled_caught:
                     raise
         ticket.served, ticket.reserved = served, plan.reserve
+        # The write-ahead meter: the call is served only once the ledger holds a durable row for it (a
+        # disk that refuses it refuses the call, E_UNAVAILABLE disk_full, before any chunk); every way
+        # out of the call settles that row (``_meter``).
+        call_id = secrets.token_hex(12)
+        await self.ledger.reserve_call(call.lease_id, call_id, reserved_units=plan.reserve)
+        ticket.call_id = call_id
         # The engine is told to stop where the reservation ends.
         body = {**call.body, "max_tokens": plan.max_tokens}
 
@@ -643,22 +672,55 @@ class LeaseMarket:
         return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id)
 
     async def _meter(self, lease_id: str, ticket: _Ticket, units: int) -> None:
+        """A call ended (``units``: its end frame's, the chunks a cut call wrote, 0 for a failed one): its
+        reservation becomes metered units and its pending row in the ledger is settled with them."""
         served = ticket.served
         if served is None:
             return
         # Counted at once (no await before): the reservation turns into metered units in one step.
         ticket.served = None
-        due = served.session.finish_call(ticket.reserved, units, self.clock())
+        billed = served.session.billable(ticket.reserved, units)
+        due = served.session.finish_call(ticket.reserved, billed, self.clock())
         served.reservation_returned()
-        if units > 0:
-            try:
-                await self.ledger.record_usage(
-                    lease_id, writer=self.peer_id, units=units, idempotency_key=f"call/{secrets.token_hex(12)}"
-                )
-            except ClawnodeError as error:
-                log.warning("usage of lease %s could not be recorded: %s", lease_id[:12], error.code)
+        if ticket.call_id is not None:
+            await self._settle(lease_id, ticket.call_id, billed)
         if due:
             self._spawn(self._push_receipt, lease_id)
+
+    async def _settle(self, lease_id: str, call_id: str, units: int) -> None:
+        """Settle a call's pending row; one the disk refuses is kept and retried (``_settle_unsettled``)."""
+        try:
+            await self.ledger.settle_call(lease_id, call_id, units=units)
+        except ClawnodeError as error:
+            if error.code == ErrorCode.UNAVAILABLE:
+                self._unsettled[(lease_id, call_id)] = units
+            else:
+                log.warning("the call on lease %s could not be settled: %s", lease_id[:12], error.code)
+
+    async def _settle_unsettled(self, lease_id: str | None = None) -> None:
+        """Retry the settlements the disk refused (of one lease, or all), oldest first, until one fails."""
+        for key, units in list(self._unsettled.items()):
+            if lease_id is not None and key[0] != lease_id:
+                continue
+            try:
+                await self.ledger.settle_call(*key, units=units)
+            except ClawnodeError as error:
+                if error.code == ErrorCode.UNAVAILABLE:
+                    return
+                if error.code != ErrorCode.NOT_FOUND:  # not found: settled meanwhile by another retry
+                    log.warning("the call on lease %s could not be settled: %s", key[0][:12], error.code)
+            else:
+                log.info("a call on lease %s is settled now that the disk takes writes again", key[0][:12])
+            self._unsettled.pop(key, None)
+
+    async def _retry_settlements(self) -> None:
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            await self._settle_unsettled()
+        finally:
+            self._settling = False
 
     async def _push_receipt(self, lease_id: str) -> bool:
         """Sign a receipt for everything metered and get it countersigned; False if the consumer did not."""
@@ -772,6 +834,8 @@ class LeaseMarket:
             now = self.clock()
             self._forget_used_quotes(now)
             self._forget_finished()
+            if self._unsettled and not self._settling:
+                self._spawn(self._retry_settlements)
             for lease_id, held in list(self.held.items()):
                 if held.escrow_id is not None and held.booked < held.committed and not held.observing:
                     if now - held.observed_at >= ESCROW_CHECK_S:
@@ -826,6 +890,7 @@ class LeaseMarket:
         with trio.move_on_after(CALL_READ_TIMEOUT_S):
             while served.in_flight:
                 await trio.sleep(0.01)
+        await self._settle_unsettled(lease_id)  # in the final receipt if the disk takes them now
         # The final receipt, while the consumer may still be there to countersign it.
         with trio.move_on_after(PUSH_TIMEOUT_S):
             await self._push_receipt(lease_id)

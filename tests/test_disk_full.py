@@ -307,3 +307,84 @@ async def test_the_peer_book_and_sequence_marks_ride_out_a_full_disk(small_disk:
     filler.unlink()
     await peers.save()
     assert "12D3KooWother" in (small_disk / "peers.json").read_text()
+
+
+async def test_a_provider_whose_disk_fills_mid_traffic_serves_no_call_it_does_not_meter(tmp_path: Path) -> None:
+    """The write-ahead meter: every call served has a durable row before its first chunk, so once space
+    returns the provider has metered exactly what the consumer counted; a call the disk refuses is
+    refused whole (E_UNAVAILABLE ``disk_full``, no chunk); calls are served again once space returns.
+    Before: chunks and end frames kept going out while the meter's writes failed (25 % unmetered)."""
+    import trio
+
+    from runtime.errors import ClawnodeError
+    from runtime.service import ServiceRegistry, Usage
+    from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, WordService, market_nodes
+
+    mounts = _mount_tmpfs(tmp_path / "node0", "8m")  # the provider's data dir; the consumer's is not on it
+    provider_dir = next(mounts)
+    fillers: list[Path] = []
+    ledgers: list[Ledger] = []
+
+    async def fill_until_the_ledger_fails() -> None:
+        fillers.append(await trio.to_thread.run_sync(_fill, provider_dir))
+        for i in range(200):  # the WAL may still have room for a few writes: use it up
+            try:
+                await ledgers[0].open_lease(_lease(f"fill-{i}"), idempotency_key=f"fill-{i}")
+            except LedgerError:
+                return
+
+    class FillsTheDisk(WordService):
+        """Echoes words; during the third call, after its first chunk, the provider's disk fills up: that
+        call's pending row is written, its settlement is not (until space returns)."""
+
+        calls = 0
+
+        async def run(self, body: dict[str, object], emit: object) -> Usage:
+            FillsTheDisk.calls += 1
+
+            async def emit_then_fill(data: dict[str, object]) -> None:
+                await emit(data)  # type: ignore[operator]
+                if FillsTheDisk.calls == 3 and not fillers:
+                    await fill_until_the_ledger_fails()
+
+            return await super().run(body, emit_then_fill)  # type: ignore[arg-type]
+
+    services = ServiceRegistry()
+    services.register(WORDS, FillsTheDisk())
+    try:
+        async with market_nodes([{"offers": (WORD_OFFER,), "services": services}, {}], root=tmp_path) as (nodes, _):
+            provider, consumer = nodes
+            ledgers.append(provider.ledger)
+            view = await consumer.market.open_lease(
+                str(provider.host.get_id()), WORDS, budget=WORD_PRICE * 100_000, duration_s=300
+            )
+            held = consumer.market.held[view.lease_id]
+            served, refused = 0, None
+            for _ in range(400):
+                chunks: list[dict[str, object]] = []
+
+                async def collect(data: dict[str, object], chunks: list[dict[str, object]] = chunks) -> None:
+                    chunks.append(data)
+
+                try:
+                    await consumer.market.stream_call(view.lease_id, {"prompt": "one two three four five"}, collect)
+                except ClawnodeError as error:
+                    refused = error
+                    assert chunks == [], "a refused call served chunks"
+                    break
+                served += 1
+            assert refused is not None, "the provider never met the full disk"
+            assert served == 3 and len(provider.market._unsettled) == 1  # the third call waits for space
+            assert refused.code == ErrorCode.UNAVAILABLE and DISK_FULL_REASON in refused.message
+            assert str(tmp_path) not in refused.message
+
+            fillers[0].unlink()  # space returns: the settlements the disk refused land, calls are served
+            with trio.fail_after(10):
+                while provider.market._unsettled:
+                    await trio.sleep(0.05)
+            await consumer.market.call(view.lease_id, {"prompt": "six seven"})
+            lease = await provider.ledger.get_lease(view.lease_id)
+            assert await provider.ledger.pending_calls() == []
+            assert lease.metered_units == held.seen_units == 5 * served + 2, (lease.metered_units, held.seen_units)
+    finally:
+        next(mounts, None)

@@ -128,8 +128,9 @@ async def test_consumer_refuses_to_countersign_inflated_units() -> None:
             await consumer.market.call(view.lease_id, {"prompt": "one"})
         assert (caught.value.code, caught.value.message) == (ErrorCode.CONFLICT, END_FRAME_INFLATED)
         assert consumer.market.held[view.lease_id].seen_units == 0
-        # The cheat pads its meter to the budget and asks for a countersignature: refused.
-        await provider.ledger.record_usage(view.lease_id, writer=_peer(provider), units=49, idempotency_key="pad")
+        # The cheat's meter holds the inflated call's whole reservation (the budget's 50 units); it asks
+        # for a countersignature: refused.
+        assert (await provider.ledger.get_lease(view.lease_id)).metered_units == 50
         assert not await provider.market._push_receipt(view.lease_id)
         assert not any(r.countersigned and r.units > 0 for r in await provider.ledger.list_receipts(view.lease_id))
         assert not any(r.units > 0 for r in await consumer.ledger.list_receipts(view.lease_id))
