@@ -30,7 +30,7 @@ from node.task_api import TaskNode, mount_tasks
 from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.audit import AuditReport
-from runtime.ledger.models import Lease, QueueStats, ReceiptRecord, Settlement, Totals
+from runtime.ledger.models import EscrowMismatches, Lease, QueueStats, ReceiptRecord, Settlement, Totals
 from runtime.ledger.receipts import MAX_AMOUNT
 
 
@@ -107,6 +107,9 @@ class StatusReply(BaseModel):
     hole_punch: HolePunchView | None = None
     upnp: UpnpView | None = None
     reached_by: str = ""  # how others reach us: e.g. "direct (upnp)", "relay + hole punch", "direct"
+    # Added with the chain reconciliation: escrows whose ledger rows the chain does not know (flagged,
+    # no longer retried); None while no escrow chain is connected.
+    escrow_mismatches: EscrowMismatches | None = None
 
 
 class PeerReply(BaseModel):

@@ -226,10 +226,20 @@ def status(data_dir: str | None, as_json: bool) -> None:
             + (f" ({body['reachability_reason']})" if body.get("reachability_reason") else ""),
             *_relay_lines(body),
             *_nat_traversal_lines(body),
+            *_escrow_mismatch_lines(body),
             f"uptime         {body['uptime_s']:.0f} s",
             "alerts         " + "\n               ".join(alert_lines),
         ],
     )
+
+
+def _escrow_mismatch_lines(body: dict[str, Any]) -> list[str]:
+    """Escrows the chain does not know (the reconciliation flagged them; see docs/operations.md)."""
+    mismatches = body.get("escrow_mismatches")
+    if not mismatches or not mismatches.get("count"):
+        return []
+    ids = ", ".join(mismatches.get("escrow_ids", []))
+    return [f"escrow flagged {mismatches['count']} escrow(s) the chain does not know, not retried ({ids})"]
 
 
 def _nat_traversal_lines(body: dict[str, Any]) -> list[str]:

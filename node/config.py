@@ -194,6 +194,12 @@ class EscrowSection(_Section):
     settle_interval_s: float = Field(
         5.0, ge=0.1, le=3600.0, description="how often the settlement queue retries pending settlements, seconds"
     )
+    reconcile_every_s: float = Field(
+        60.0,
+        ge=0.1,
+        le=86_400.0,
+        description="how often the ledger's escrow rows are compared with the chain (seconds)",
+    )
     arbiter: str = Field(
         "",
         pattern=r"^(0x[0-9a-fA-F]{40})?$",

@@ -156,6 +156,7 @@ class Node:
         # "no_escrow_contract" / "wrong_chain" while the configured address holds no escrow (metrics, alert).
         self.escrow_problem: str | None = None
         self.settlement_queue: Any = None  # a runtime.settlement.SettlementQueue once the chain is there
+        self.reconciler: Any = None  # a runtime.settlement.reconcile.Reconciler once the chain is there
         self._arbiter = ""
         self.dht_lookup_s = LatencyHistogram()
         rules = config.alerts.rules
@@ -528,6 +529,7 @@ class Node:
             delay = min(ESCROW_RETRY_MAX_S, delay * 2)
         self.escrow_problem = None
         from runtime.settlement import EscrowSettler, SettlementQueue
+        from runtime.settlement.reconcile import Reconciler
 
         self._arbiter = self.config.escrow.arbiter or await trio.to_thread.run_sync(self._default_arbiter, client)
         self.escrow_client = client
@@ -542,10 +544,15 @@ class Node:
         self.settlement_queue = SettlementQueue(
             self.ledger, client.chain, EscrowSettler(client), interval_s=self.config.escrow.settle_interval_s
         )
+        client.lock_journal = self.ledger.lock_journal()  # every lock is in the ledger before it is sent
+        self.reconciler = Reconciler(
+            self.ledger, client, every_s=self.config.escrow.reconcile_every_s, wake_settlement=self._wake_settlement
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 partial(client.watch, interval_s=self.config.escrow.health_interval_s, on_change=self._on_chain_health)
             )
+            nursery.start_soon(self.reconciler.run)
             await self.settlement_queue.run()
 
     def _on_chain_health(self, health: Any) -> None:
@@ -684,6 +691,7 @@ class Node:
             hole_punch=HolePunchView.model_validate(self._holepunch.summary()) if self._holepunch else None,
             upnp=UpnpView.model_validate(self._upnp.summary()) if self._upnp is not None else None,
             reached_by=self.reached_by(),
+            escrow_mismatches=self.reconciler.mismatches if self.reconciler is not None else None,
         )
 
     def reached_by(self) -> str:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from protocols.background import Supervisor
     from protocols.lease import LeaseMarket
     from runtime.ledger import Ledger
+    from runtime.settlement.reconcile import Reconciler
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -59,6 +60,9 @@ class MetricsSource(Protocol):
 
     @property
     def escrow_problem(self) -> str | None: ...
+
+    @property
+    def reconciler(self) -> Reconciler | None: ...
 
     @property
     def supervisor(self) -> Supervisor: ...
@@ -286,7 +290,7 @@ async def render_metrics(node: MetricsSource) -> bytes:
         queue.oldest_age_s or 0
     )
     settlements = gauge("clawnode_settlements", "settlements in the ledger, by state", ("state",))
-    by_settlement_state: Counter[str] = Counter({"pending": 0, "landed": 0, "failed": 0})
+    by_settlement_state: Counter[str] = Counter({"pending": 0, "landed": 0, "failed": 0, "flagged": 0})
     retries = 0
     offset = 0
     while True:
@@ -326,6 +330,10 @@ async def render_metrics(node: MetricsSource) -> bytes:
         "clawnode_escrow_contract_invalid",
         "1 while escrow.contract holds no escrow contract on the chain (or the chain is not escrow.chain_id)",
     ).set(1 if node.escrow_problem else 0)
+    gauge(
+        "clawnode_escrow_ledger_mismatches",
+        "escrows whose ledger rows the chain does not know (flagged by the reconciliation, no longer retried)",
+    ).set(node.reconciler.mismatches.count if node.reconciler is not None else 0)
     counts = await node.ledger.counts()
     gauge("clawnode_ledger_receipts", "usage receipts in the ledger").set(counts["receipts"])
     by_day = await node.ledger.totals_by_day()

@@ -38,6 +38,8 @@ tests:
         values: "0x4 1x10"        # the router failed and was restarted at minute 5
       - series: clawnode_offers_skipped
         values: "0x2 1x10"        # a stored offer could not be sealed at minute 3
+      - series: clawnode_escrow_ledger_mismatches
+        values: "0x6 2x10"        # the reconciliation flagged two escrows at minute 7
     alert_rule_test:
       - eval_time: 28m
         alertname: SettlementQueueStalled
@@ -90,6 +92,15 @@ tests:
           - exp_labels: {{severity: P1}}
             exp_annotations:
               summary: An offer is left unpublished as its record cannot be sealed; replace or delete it.
+      - eval_time: 6m
+        alertname: EscrowLedgerMismatch
+        exp_alerts: []
+      - eval_time: 7m
+        alertname: EscrowLedgerMismatch
+        exp_alerts:
+          - exp_labels: {{severity: P0}}
+            exp_annotations:
+              summary: The ledger holds escrow locks, claims or refunds the chain does not know; see `clawnode status` and `clawnode ledger --settlements`.
 """
 
 
@@ -101,7 +112,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_accepts_the_rules_file() -> None:
     checked = _promtool("check", "rules", str(RULES))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 10 rules found" in checked.stdout
+    assert "SUCCESS: 11 rules found" in checked.stdout
 
 
 def test_rules_fire_in_prometheus_as_in_the_daemon(tmp_path: Path) -> None:

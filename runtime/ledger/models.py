@@ -112,6 +112,7 @@ class ReconcileRow(BaseModel):
     state: str
     payer: str
     escrow_id: str
+    contract: str | None = None
     lease_id: str | None
     lease_open: bool = False
     last_error: str | None = None

@@ -1086,13 +1086,13 @@ class LedgerStore:
         out: list[ReconcileRow] = []
         with self._read() as conn:
             locks = conn.execute(
-                "SELECT l.payer, l.escrow_id, l.state, x.lease_id, x.state FROM escrow_locks l"
+                "SELECT l.payer, l.escrow_id, l.state, x.lease_id, x.state, l.contract FROM escrow_locks l"
                 " LEFT JOIN leases x ON x.escrow_payer = l.payer AND x.escrow_id = l.escrow_id"
                 " WHERE l.state IN ('intent', 'sent', 'unknown', 'failed', 'landed') AND l.updated_at >= ?"
                 " ORDER BY l.updated_at DESC LIMIT ?",
                 (since, limit),
             ).fetchall()
-            for payer, escrow_id, state, lease_id, lease_state in locks:
+            for payer, escrow_id, state, lease_id, lease_state, contract in locks:
                 out.append(
                     ReconcileRow(
                         source="lock",
@@ -1101,19 +1101,21 @@ class LedgerStore:
                         state=state,
                         payer=payer,
                         escrow_id=escrow_id,
+                        contract=contract,
                         lease_id=lease_id,
                         lease_open=lease_state == "open",
                     )
                 )
             rows = conn.execute(
                 "SELECT s.settlement_id, s.kind, s.state, s.params, s.last_error, s.lease_id, x.settled_amount,"
-                " x.escrow_payer, x.state FROM settlements s LEFT JOIN leases x ON x.lease_id = s.lease_id"
+                " x.escrow_payer, x.state, x.escrow_contract"
+                " FROM settlements s LEFT JOIN leases x ON x.lease_id = s.lease_id"
                 " WHERE s.kind != 'withdraw' AND (s.state = 'pending' OR"
                 " (s.state IN ('landed', 'failed') AND s.finished_at >= ?))"
                 " ORDER BY s.created_at DESC LIMIT ?",
                 (since, limit),
             ).fetchall()
-            for sid, kind, state, params, last_error, lease_id, settled, lease_payer, lease_state in rows:
+            for sid, kind, state, params, last_error, lease_id, settled, lease_payer, lease_state, contract in rows:
                 p = json.loads(params)
                 payer = str(p.get("payer") or lease_payer or "")
                 escrow_id = str(p.get("escrow_id", ""))
@@ -1128,6 +1130,7 @@ class LedgerStore:
                         state=state,
                         payer=payer,
                         escrow_id=escrow_id,
+                        contract=contract,
                         lease_id=lease_id,
                         lease_open=lease_state == "open",
                         last_error=last_error,

@@ -1,0 +1,154 @@
+"""The reconciliation: every ``every_s`` the ledger's escrow rows are compared with the chain.
+
+A trio service beside the settlement queue. Each pass reads the ledger's escrow-related rows (locks
+not yet final or changed lately, pending claims/releases/refunds, those that landed or failed within
+``lookback_s``), reads each escrow once from the chain, and asks the pure rule
+``runtime.escrow.reconcile.judge`` what each difference means:
+
+- flagged (the chain does not know the escrow, or a claim/refund it never saw, e.g. after a dev chain
+  reset): the row moves to ``flagged`` in the ledger (the queue stops retrying it), the
+  ``clawnode_escrow_ledger_mismatches`` gauge and ``EscrowLedgerMismatch`` alert show it, and so do
+  ``clawnode status`` and the status API (count and truncated escrow ids);
+- a lock that landed while the ledger counted it as failed or unknown (its receipt wait timed out):
+  its refund is queued (or a refund that gave up is resumed), so no wei stays locked.
+
+A pass is skipped while the chain is unreachable or the contract is not the escrow: nothing is
+flagged for a chain that cannot be asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from runtime.escrow import EscrowClient, EscrowError
+from runtime.escrow.reconcile import ChainEscrow, LedgerRow, judge
+from runtime.ledger import Ledger
+from runtime.ledger.models import EscrowMismatches, ReconcileRow
+
+log = logging.getLogger(__name__)
+
+RECONCILE_EVERY_S = 60.0
+# How far back landed and failed rows are compared (pending ones always are): a reset dev chain
+# forgets everything, a real chain nothing, so a day of history bounds the reads of each pass.
+RECONCILE_LOOKBACK_S = 86_400
+# Rows of each source (locks, settlements) compared in one pass, newest first.
+RECONCILE_ROWS = 256
+
+
+@dataclass
+class ReconcileReport:
+    compared: int = 0
+    flagged: int = 0
+    refunds: int = 0
+    skipped: str | None = None  # why the pass did not compare ("chain_unavailable", ...)
+    actions: list[tuple[str, str, str]] = field(default_factory=list)  # (action, row key, reason)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        ledger: Ledger,
+        client: EscrowClient,
+        *,
+        every_s: float = RECONCILE_EVERY_S,
+        lookback_s: int = RECONCILE_LOOKBACK_S,
+        wake_settlement: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ledger = ledger
+        self.client = client
+        self.every_s = every_s
+        self.lookback_s = lookback_s
+        self._wake_settlement = wake_settlement
+        self._clock = clock
+        self.mismatches = EscrowMismatches(count=0, escrow_ids=[])
+        self.passes = 0
+
+    async def run(self) -> None:
+        self.mismatches = await self.ledger.escrow_mismatches()  # what earlier runs flagged
+        while True:
+            try:
+                await self.reconcile_once()
+            except EscrowError as error:
+                log.info("reconciliation pass skipped: %s", error.reason)
+            await trio.sleep(self.every_s)
+
+    async def reconcile_once(self) -> ReconcileReport:
+        report = ReconcileReport()
+        chain = self.client.chain
+        if chain.watched and not chain.health.ok:
+            report.skipped = chain.health.state
+            return report
+        since = int(self._clock()) - self.lookback_s
+        contract = self.client.address.lower()
+        rows = [
+            row
+            for row in await self.ledger.reconcile_rows(since=since, limit=RECONCILE_ROWS)
+            if row.contract is None or row.contract.lower() == contract
+        ]
+        facts: dict[tuple[str, str], ChainEscrow] = {}
+        for row in rows:
+            key = (row.payer, row.escrow_id)
+            if key not in facts:
+                # Raises (chain_unavailable, no_escrow_contract): the pass ends, nothing is flagged.
+                state = await chain.run(self.client.get, row.payer, bytes.fromhex(row.escrow_id[2:]))
+                facts[key] = ChainEscrow(phase=state.phase, amount=state.amount, released=state.released)
+        woke = False
+        for row in rows:
+            verdict = judge(_plain(row), facts[(row.payer, row.escrow_id)])
+            report.compared += 1
+            if verdict.action in ("ok", "wait"):
+                continue
+            report.actions.append((verdict.action, row.key, verdict.reason))
+            if verdict.action == "flag":
+                report.flagged += 1
+                if row.source == "settlement":
+                    await self.ledger.flag_settlement(row.key, reason=verdict.reason)
+                else:
+                    await self.ledger.flag_lock(row.payer, row.escrow_id, reason=verdict.reason)
+                log.warning(
+                    "escrow ledger mismatch: %s %s of escrow %s… flagged (%s); it is no longer retried",
+                    row.kind,
+                    row.state,
+                    row.escrow_id[:10],
+                    verdict.reason,
+                )
+            elif verdict.action == "refund":
+                if row.lease_id is None:
+                    continue  # no lease holds this escrow here: nothing to refund it under
+                await self.ledger.refund_landed_lock(row.payer, row.escrow_id)
+                report.refunds += 1
+                woke = True
+                log.warning(
+                    "a lock counted as not landed is on chain (escrow %s…): its refund is queued", row.escrow_id[:10]
+                )
+            elif verdict.action == "resume":
+                await self.ledger.resume_refund(row.key)
+                report.refunds += 1
+                woke = True
+                log.warning(
+                    "escrow %s… turned up on chain after its refund gave up: refund resumed", row.escrow_id[:10]
+                )
+        if woke and self._wake_settlement is not None:
+            self._wake_settlement()
+        self.mismatches = await self.ledger.escrow_mismatches()
+        self.passes += 1
+        return report
+
+
+def _plain(row: ReconcileRow) -> LedgerRow:
+    state: Any = row.state
+    return LedgerRow(
+        kind=row.kind,
+        state=state,
+        lease_open=row.lease_open,
+        last_error=row.last_error,
+        lock_landed=row.lock_landed,
+        booked=row.booked,
+    )
