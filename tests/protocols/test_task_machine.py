@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import event as hypothesis_event
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from protocols.machines.table import Machine
 from protocols.machines.task import (
@@ -506,6 +508,9 @@ class MarketModel(RuleBasedStateMachine):
             else:
                 assert exc.code == gate, (type(event).__name__, actor, exc.code, gate, exc.message)
             assert "/" not in exc.message  # no paths (nor anything path-like) in user-facing messages
+            reason = f"{type(event).__name__}: {exc.code} {exc.message}"
+            BOOK_REFUSALS[reason] += 1
+            hypothesis_event(f"refused {reason}")
             return None
         assert gate in (None, "merge"), (type(event).__name__, actor, gate)
         if gate == "merge":
@@ -732,5 +737,18 @@ class MarketModel(RuleBasedStateMachine):
         assert all(t.budget <= limits.max_task_budget for t in self.book.tasks.values())
 
 
-MarketModel.TestCase.settings = settings(max_examples=120, stateful_step_count=60, deadline=None)
-TestMarketModel = MarketModel.TestCase
+# Refusals the model saw, by event and reason (``code message``), over every run of the model.
+BOOK_REFUSALS: Counter[str] = Counter()
+
+
+def test_the_book_model_refuses_random_events_by_reason() -> None:
+    """Random event sequences against the book; the refusals it saw are printed by reason, and every
+    kind of guard (bid, award, result, review, dispute, evidence, settle/refund) refused at least once."""
+    BOOK_REFUSALS.clear()
+    run_state_machine_as_test(MarketModel, settings=settings(max_examples=120, stateful_step_count=60, deadline=None))
+    print(f"\nbook refusals: {sum(BOOK_REFUSALS.values())} in {len(BOOK_REFUSALS)} reasons")
+    for reason, count in BOOK_REFUSALS.most_common():
+        print(f"  {count:6d}  {reason}")
+    kinds = {reason.split(":")[0] for reason in BOOK_REFUSALS}
+    guarded = {"PlaceBid", "Award", "SubmitResult", "Accept", "Reject", "OpenDispute", "AddEvidence", "Settle"}
+    assert guarded <= kinds, guarded - kinds
