@@ -200,8 +200,10 @@ async def test_a_chain_reset_is_flagged_not_retried_and_new_leases_lock_with_fre
                 await trio.sleep(0.1)
 
         for node in nodes:
+            assert node.reconciler.passes >= 1  # a pass ran at connect, before the reset
             report = await node.reconciler.reconcile_once()
             assert report.flagged >= 1 and report.skipped is None, report
+            assert report.full  # another genesis block: rows that landed are compared again
             status = node.status()
             assert status.escrow_mismatches is not None and status.escrow_mismatches.count == 1
             assert status.escrow_mismatches.escrow_ids == ["0x" + lease.lease_id[:8] + "…"]
@@ -217,8 +219,9 @@ async def test_a_chain_reset_is_flagged_not_retried_and_new_leases_lock_with_fre
         provider._wake_settlement()
         await trio.sleep(0.3)
         assert (await provider.ledger.get_settlement(claim.settlement_id)).attempts == attempts
-        # A second pass flags nothing new.
-        assert (await provider.reconciler.reconcile_once()).flagged == 0
+        # A second pass flags nothing new, and leaves rows that landed alone (the chain did not go back).
+        again = await provider.reconciler.reconcile_once()
+        assert again.flagged == 0 and not again.full
 
         # A new lease right after the reset: the lock goes out with the chain's nonce, and lands.
         resyncs = client.nonce_resyncs

@@ -226,8 +226,8 @@ class Ledger:
         return await self._run(self.store.queue_stats)
 
     # the chain reconciliation
-    async def reconcile_rows(self, *, since: int, limit: int = 256) -> list[ReconcileRow]:
-        return await self._run(self.store.reconcile_rows, since=since, limit=limit)
+    async def reconcile_rows(self, *, since: int, limit: int = 256, landed: bool = True) -> list[ReconcileRow]:
+        return await self._run(self.store.reconcile_rows, since=since, limit=limit, landed=landed)
 
     async def flag_settlement(self, settlement_id: str, *, reason: str) -> Settlement:
         return await self._run(self.store.flag_settlement, settlement_id, reason=reason)

@@ -1079,18 +1079,19 @@ class LedgerStore:
             (to, tx_hash, reason, now, payer, escrow_id),
         )
 
-    def reconcile_rows(self, *, since: int, limit: int = 256) -> list[ReconcileRow]:
+    def reconcile_rows(self, *, since: int, limit: int = 256, landed: bool = True) -> list[ReconcileRow]:
         """The escrow rows the reconciliation compares with the chain: every pending claim, release and
         refund, those that landed or failed since ``since``, and the locks not final or changed since
-        then; newest first, at most ``limit`` of each source."""
+        then; newest first, at most ``limit`` of each source. ``landed=False`` leaves out the rows that
+        landed (locks and settlements): on a chain that has not gone back they cannot change."""
         out: list[ReconcileRow] = []
         with self._read() as conn:
             locks = conn.execute(
                 "SELECT l.payer, l.escrow_id, l.state, x.lease_id, x.state, l.contract FROM escrow_locks l"
                 " LEFT JOIN leases x ON x.escrow_payer = l.payer AND x.escrow_id = l.escrow_id"
-                " WHERE l.state IN ('intent', 'sent', 'unknown', 'failed', 'landed') AND l.updated_at >= ?"
+                " WHERE l.state IN (?, 'intent', 'sent', 'unknown', 'failed') AND l.updated_at >= ?"
                 " ORDER BY l.updated_at DESC LIMIT ?",
-                (since, limit),
+                ("landed" if landed else "intent", since, limit),
             ).fetchall()
             for payer, escrow_id, state, lease_id, lease_state, contract in locks:
                 out.append(
@@ -1111,9 +1112,9 @@ class LedgerStore:
                 " x.escrow_payer, x.state, x.escrow_contract"
                 " FROM settlements s LEFT JOIN leases x ON x.lease_id = s.lease_id"
                 " WHERE s.kind != 'withdraw' AND (s.state = 'pending' OR"
-                " (s.state IN ('landed', 'failed') AND s.finished_at >= ?))"
+                " (s.state IN (?, 'failed') AND s.finished_at >= ?))"
                 " ORDER BY s.created_at DESC LIMIT ?",
-                (since, limit),
+                ("landed" if landed else "failed", since, limit),
             ).fetchall()
             for sid, kind, state, params, last_error, lease_id, settled, lease_payer, lease_state, contract in rows:
                 p = json.loads(params)

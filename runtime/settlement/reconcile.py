@@ -13,7 +13,9 @@ not yet final or changed lately, pending claims/releases/refunds, those that lan
   its refund is queued (or a refund that gave up is resumed), so no wei stays locked.
 
 A pass is skipped while the chain is unreachable or the contract is not the escrow: nothing is
-flagged for a chain that cannot be asked.
+flagged for a chain that cannot be asked. Rows that landed are compared only in the first pass and
+after the chain went back (another genesis block, or a head below the last one seen): on a chain
+that only moves forward they cannot change, and each comparison is a read in the chain's lane.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 
 import trio
 
-from runtime.escrow import EscrowClient, EscrowError
+from runtime.errors import ClawnodeError
+from runtime.escrow import EscrowClient
 from runtime.escrow.reconcile import ChainEscrow, LedgerRow, judge
 from runtime.ledger import Ledger
 from runtime.ledger.models import EscrowMismatches, ReconcileRow
@@ -47,6 +50,7 @@ class ReconcileReport:
     flagged: int = 0
     refunds: int = 0
     skipped: str | None = None  # why the pass did not compare ("chain_unavailable", ...)
+    full: bool = False  # rows that landed were compared too (first pass, or the chain went back)
     actions: list[tuple[str, str, str]] = field(default_factory=list)  # (action, row key, reason)
 
 
@@ -69,14 +73,15 @@ class Reconciler:
         self._clock = clock
         self.mismatches = EscrowMismatches(count=0, escrow_ids=[])
         self.passes = 0
+        self._seen: tuple[str, int] | None = None  # (genesis hash, head) at the last full comparison
 
     async def run(self) -> None:
         self.mismatches = await self.ledger.escrow_mismatches()  # what earlier runs flagged
         while True:
             try:
                 await self.reconcile_once()
-            except EscrowError as error:
-                log.info("reconciliation pass skipped: %s", error.reason)
+            except ClawnodeError as error:  # the chain or the ledger failed this pass; the next one tries again
+                log.info("reconciliation pass ended early: %s", error.message)
             await trio.sleep(self.every_s)
 
     async def reconcile_once(self) -> ReconcileReport:
@@ -86,10 +91,13 @@ class Reconciler:
             report.skipped = chain.health.state
             return report
         since = int(self._clock()) - self.lookback_s
+        genesis, head = await chain.run(_chain_marker, chain.w3)
+        seen = self._seen
+        report.full = seen is None or seen[0] != genesis or head < seen[1]
         contract = self.client.address.lower()
         rows = [
             row
-            for row in await self.ledger.reconcile_rows(since=since, limit=RECONCILE_ROWS)
+            for row in await self.ledger.reconcile_rows(since=since, limit=RECONCILE_ROWS, landed=report.full)
             if row.contract is None or row.contract.lower() == contract
         ]
         facts: dict[tuple[str, str], ChainEscrow] = {}
@@ -139,7 +147,16 @@ class Reconciler:
             self._wake_settlement()
         self.mismatches = await self.ledger.escrow_mismatches()
         self.passes += 1
+        if report.full or seen is None:
+            self._seen = (genesis, head)
+        else:
+            self._seen = (seen[0], max(seen[1], head))
         return report
+
+
+def _chain_marker(w3: Any) -> tuple[str, int]:
+    """Blocking: the chain's genesis block hash and its head number (a reset changes one or the other)."""
+    return bytes(w3.eth.get_block(0)["hash"]).hex(), int(w3.eth.block_number)
 
 
 def _plain(row: ReconcileRow) -> LedgerRow:
