@@ -32,7 +32,7 @@ DEADLINE_SLACK_S = 30
 # (a review, a resolution, a dispute); while it waits on a settlement it looks at the chain with
 # these backoffs.
 CLOSE_POLL_MIN_S = 0.5
-CLOSE_POLL_MAX_S = 8.0
+CLOSE_POLL_MAX_S = 2.0
 # A disputed lock waits for the arbiter, whose resolution message wakes the close-out; the chain is
 # read this often in case that message is lost.
 CLOSE_DISPUTED_POLL_S = 30.0
