@@ -444,7 +444,8 @@ def test_the_close_out_sleeps_through_the_dispute_window(window_s: int, settle_a
     is queued the moment the window ends and the closed lock is seen within one backoff."""
     reads, seen_closed_at = simulate_close_out(window_s, settle_after_s, creator_side=True)
     polls_before = window_s / c.CLOSE_DISPUTED_POLL_S + 1
-    assert reads <= polls_before + 2 + math.log2(c.CLOSE_POLL_MAX_S / c.CLOSE_POLL_MIN_S) + settle_after_s / 4
+    landing = math.log2(c.CLOSE_POLL_MAX_S / c.CLOSE_POLL_MIN_S) + settle_after_s / c.CLOSE_POLL_MAX_S + 1
+    assert reads <= polls_before + 2 + landing
     assert seen_closed_at <= window_s + settle_after_s + c.CLOSE_POLL_MAX_S
     event(f"reads per hour of window: {int(3600 * reads / max(window_s, 3600))}")
 
