@@ -1,7 +1,8 @@
 """The local HTTP API (127.0.0.1 only), guarded by the bearer token in the data dir.
 
 Replies never carry a secret or a local file path: the token is compared, never
-echoed, and errors are ``{"error": {"code", "message"}}`` with a stable code.
+echoed, and errors are ``{"error": {"code", "message", "type", "reason"}}`` with a stable code and,
+where one applies, a stable machine-readable reason (null otherwise).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from node.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, Http
 from node.openai_api import OpenAINode, error_type, mount_completions, mount_openai
 from node.task_api import TaskNode, mount_tasks
 from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
-from runtime.errors import ClawnodeError, ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode, clean_reason
 from runtime.ledger.audit import AuditReport
 from runtime.ledger.models import EscrowMismatches, Lease, QueueStats, ReceiptRecord, Settlement, Totals
 from runtime.ledger.receipts import MAX_AMOUNT
@@ -183,6 +184,7 @@ class ErrorBody(BaseModel):
     code: ErrorCode
     message: str
     type: str = Field(description="the OpenAI error type, so OpenAI clients read our errors too")
+    reason: str | None = Field(None, description="the stable machine-readable reason (e.g. paused, disk_full)")
 
 
 class ErrorReply(BaseModel):
@@ -268,8 +270,8 @@ _HTTP_STATUS = {
 }
 
 
-def error_response(code: ErrorCode, message: str) -> JSONResponse:
-    body = ErrorReply(error=ErrorBody(code=code, message=message, type=error_type(code)))
+def error_response(code: ErrorCode, message: str, reason: str | None = None) -> JSONResponse:
+    body = ErrorReply(error=ErrorBody(code=code, message=message, type=error_type(code), reason=clean_reason(reason)))
     return JSONResponse(body.model_dump(mode="json"), status_code=_HTTP_STATUS[code])
 
 
@@ -335,7 +337,7 @@ def create_app(
 
     @app.exception_handler(ClawnodeError)
     async def _known(_: Request, error: ClawnodeError) -> JSONResponse:
-        return error_response(error.code, error.message)
+        return error_response(error.code, error.message, error.reason)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:

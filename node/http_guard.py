@@ -89,8 +89,10 @@ def is_loopback_host(host: str, server_port: int | None) -> bool:
 
 
 def error_body(code: ErrorCode, message: str) -> bytes:
-    """The API's error shape, ``{"error": {"code", "message", "type"}}``."""
-    return json.dumps({"error": {"code": code.value, "message": message, "type": error_type(code)}}).encode()
+    """The API's error shape, ``{"error": {"code", "message", "type", "reason"}}`` (the guard's refusals
+    name no finer reason than their code)."""
+    error = {"code": code.value, "message": message, "type": error_type(code), "reason": None}
+    return json.dumps({"error": error}).encode()
 
 
 async def send_error(send: Send, status: int, code: ErrorCode, message: str) -> None:

@@ -3,7 +3,7 @@
 ``/v1/chat/completions`` goes through the router (a local model, else the network, else the
 configured upstream), streamed as server-sent events or not; ``stream_options.include_usage``
 adds the final usage chunk. Errors use OpenAI's shape, ``{"error": {"message", "type", "code"}}``,
-with our stable code in ``code``. The API key is the node's API token.
+with our stable code in ``code`` and its stable ``reason`` (or null) beside it. The API key is the node's API token.
 
 Streaming is written straight to the ASGI ``send``: the router runs inside the response's own
 call, so a client that goes away fails the next write, which cancels the router and closes the
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from node.router import Router, RouteResult
-from runtime.errors import ClawnodeError, ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode, clean_reason
 
 MAX_TOKENS_LIMIT = 32_768
 
@@ -176,7 +176,16 @@ class SSEResponse(Response):
             await self._produce(send_event)
         except ClawnodeError as error:
             # Headers are gone: the error travels as an event, in OpenAI's shape.
-            await send_event({"error": {"message": error.message, "type": error_type(error.code), "code": error.code}})
+            await send_event(
+                {
+                    "error": {
+                        "message": error.message,
+                        "type": error_type(error.code),
+                        "code": error.code,
+                        "reason": clean_reason(error.reason),
+                    }
+                }
+            )
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
 

@@ -12,7 +12,10 @@ Leases: before each request the router checks that the provider's lease still co
 held by calls in flight) and by time (``RENEW_BEFORE_S`` before it expires); one that does not is
 retired and a new one opened first, so no agent request meets a spent lease (``lease_fits``, a pure
 verdict). A retired lease is ended once its last call returns: its rest is refunded and it leaves
-the live set.
+the live set. A refusal retires the lease only when its reason says it is spent (``ended``,
+``expired``, ``over_budget``: ``lease_outlives``); one that is only ``paused`` (a receipt waits for
+our countersignature) is kept, so the request fails over but no second lock goes on chain, and the
+lease serves again once the countersignature lands.
 
 Health: every ``health_interval_s`` the router fetches the capability record of each provider it
 knows (a round trip it also feeds into the latency EWMA); ``failures_to_failover`` consecutive
@@ -38,7 +41,7 @@ from libp2p.peer.id import ID
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.config import RouterSection
 from protocols.lease import LeaseMarket
-from protocols.machines.lease import DEFAULT_COMPLETION_CAP, prompt_units_estimate
+from protocols.machines.lease import DEFAULT_COMPLETION_CAP, lease_outlives, prompt_units_estimate
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
@@ -409,7 +412,9 @@ class Router:
             result.completion_tokens += received  # delivered before the failure
             if received:
                 result.served_by.append(provider.peer_id)
-            if error.code in (ErrorCode.EXPIRED, ErrorCode.CONFLICT, ErrorCode.INSUFFICIENT_FUNDS, ErrorCode.FORBIDDEN):
+            # A lease only paused (its receipt waits for our countersignature) or busy serves again by
+            # itself: kept, so no second lock goes on chain for it; an ended, expired or spent one goes.
+            if not lease_outlives(error.code, error.reason):
                 if self._leases.get((provider.peer_id, capability)) == lease_id:
                     del self._leases[(provider.peer_id, capability)]
                 await self._retire(lease_id)

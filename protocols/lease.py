@@ -60,10 +60,12 @@ from protocols import lease_wire as w
 from protocols.background import spawn_guarded
 from protocols.machines.history import finished_to_evict
 from protocols.machines.lease import (
+    ASK_AGAIN,
     BUDGET_BUSY_MESSAGE,
     END_FROZEN,
     FINISHED_KEEP,
     FINISHED_KEEP_S,
+    ISSUE_RECEIPT,
     LEASE_SALT_BYTES,
     USED_QUOTES_MAX,
     LeaseSession,
@@ -85,7 +87,7 @@ from protocols.settings import MarketSection
 from protocols.signed import open_base64, seal, to_base64
 from protocols.streams import open_stream
 from protocols.wire import FrameReader, write_frame
-from runtime.errors import ClawnodeError, ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger, SignedReceipt
 from runtime.service import ServiceRegistry, Usage
 from runtime.telemetry import LatencyHistogram
@@ -603,10 +605,9 @@ class LeaseMarket:
             or served.grant.consumer != remote
             or not hmac.compare_digest(token_digest(call.token), served.grant.token_sha256)
         ):
-            raise ClawnodeError(ErrorCode.FORBIDDEN, "unknown lease or wrong access token")
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "unknown lease or wrong access token", Reason.UNKNOWN_LEASE)
         if served.ended_reason is not None:
-            code = ErrorCode.EXPIRED if served.ended_reason == "expired" else ErrorCode.CONFLICT
-            raise ClawnodeError(code, f"the lease has ended ({served.ended_reason})")
+            raise _ended(served.ended_reason)
         served.session.consumer_seen(self.clock())
         service = self.services.get(served.grant.capability)
         if service is None:
@@ -852,7 +853,7 @@ class LeaseMarket:
                         self._spawn(self._check_escrow, lease_id)
                 self._claim_if_due(lease_id, served)
                 for action in served.session.tick(self.clock()):
-                    if action == "issue_receipt":
+                    if action in (ISSUE_RECEIPT, ASK_AGAIN):
                         self._spawn(self._push_receipt, lease_id)
                     elif action == "pause":
                         log.info("lease %s paused: a receipt waits for its countersignature", lease_id[:12])
@@ -1082,8 +1083,7 @@ class LeaseMarket:
         if held is None:
             raise ClawnodeError(ErrorCode.NOT_FOUND, "no lease with this id")
         if held.ended_reason is not None:
-            code = ErrorCode.EXPIRED if held.ended_reason == "expired" else ErrorCode.CONFLICT
-            raise ClawnodeError(code, f"the lease has ended ({held.ended_reason})")
+            raise _ended(held.ended_reason)
         return held
 
     async def call(self, lease_id: str, body: dict[str, Any], *, timeout_s: float = 120.0) -> w.CallResult:
@@ -1305,6 +1305,13 @@ async def _stop_on_cancel(reader: FrameReader, scope: trio.CancelScope) -> None:
     with contextlib.suppress(Exception):
         await reader.read_frame(math.inf)
     scope.cancel()
+
+
+def _ended(why: str) -> ClawnodeError:
+    """The refusal of a call on a lease that has ended (``why``: expired, abandoned, revoked by …)."""
+    if why == "expired":
+        return ClawnodeError(ErrorCode.EXPIRED, "the lease has ended (expired)", Reason.EXPIRED)
+    return ClawnodeError(ErrorCode.CONFLICT, f"the lease has ended ({why})", Reason.ENDED)
 
 
 def _call_frame(raw: bytes) -> w.Chunk | w.CallEnd | None:

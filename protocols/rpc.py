@@ -2,8 +2,9 @@
 
 Requests and replies are pydantic models with a ``type`` tag, sent as JSON frames
 (``protocols.wire``). A handler raises ``ClawnodeError`` to answer ``{type: "error", code,
-message}``; anything else it raises is answered ``E_INTERNAL`` without its text, so an exception
-message (which may name a file or an endpoint) never leaves the node.
+message, reason}`` (``reason``: the error's stable machine-readable reason, or null); anything
+else it raises is answered ``E_INTERNAL`` without its text, so an exception message (which may
+name a file or an endpoint) never leaves the node.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from protocols.streams import open_stream
 from protocols.wire import DEFAULT_MAX_FRAME, FrameReader, write_frame
-from runtime.errors import ClawnodeError, ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode, clean_reason
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,14 @@ class ErrorReply(BaseModel):
     type: Literal["error"] = "error"
     code: ErrorCode
     message: str = Field(max_length=500)
+    # Added later: a peer that sends none is read as null, and one that does not know it ignores it.
+    reason: str | None = Field(None, max_length=64, description="the stable machine-readable reason")
 
 
 def error_reply(error: BaseException) -> ErrorReply:
-    """What a peer is told about ``error``: its code and message if it is ours, else nothing more."""
+    """What a peer is told about ``error``: its code, message and reason if it is ours, else nothing more."""
     if isinstance(error, ClawnodeError):
-        return ErrorReply(code=error.code, message=error.message[:500])
+        return ErrorReply(code=error.code, message=error.message[:500], reason=clean_reason(error.reason))
     if isinstance(error, ValidationError):
         return ErrorReply(code=ErrorCode.INVALID_ARGUMENT, message="the request does not match the protocol")
     return ErrorReply(code=ErrorCode.INTERNAL, message=f"internal error ({type(error).__name__})")
@@ -109,7 +112,7 @@ def parse_reply(frame: bytes, replies: TypeAdapter[R]) -> R:
     except ValidationError:
         pass
     else:
-        raise ClawnodeError(error.code, error.message)
+        raise ClawnodeError(error.code, error.message, clean_reason(error.reason))
     try:
         return replies.validate_json(frame)
     except ValidationError:

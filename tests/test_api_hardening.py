@@ -193,6 +193,7 @@ async def test_unexpected_errors_answer_e_internal_and_log_the_type_only(caplog:
         "code": "E_INTERNAL",
         "message": "internal error (RuntimeError)",
         "type": "server_error",
+        "reason": None,
     }
     assert "an API request failed (RuntimeError)" in caplog.text
     assert HOSTILE_MARKER not in caplog.text and "Traceback" not in caplog.text

@@ -45,7 +45,13 @@ Choices where the brief was silent:
 * The abandon clock runs from the later of the oldest outstanding receipt and
   the last sign of life (``consumer_seen`` or a countersignature).
 * ``tick`` performs at most one transition: expire beats abandon beats pause;
-  "issue_receipt" is only emitted while active.
+  "issue_receipt" is only emitted while active; while paused, "ask_again" every
+  ``receipt_every_s`` (the outstanding receipt is pushed again, so a countersignature that
+  comes late resumes the lease).
+* Refusals carry a stable ``reason`` (``runtime.errors.Reason``) beside their code: ``paused``
+  (serves again after the countersignature), ``ended``/``expired`` (never again),
+  ``over_budget``, ``budget_busy``, ``request_limit``, ``rate_limit``; ``lease_outlives``
+  says which of them leave a consumer's lease worth keeping.
 * ``renew`` with an expiry that does not extend the lease is ``E_INVALID_ARGUMENT``.
 """
 
@@ -62,7 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from protocols.machines.escrow_lock import LockState, LockTerms, check_escrow_lock, escrow_frozen
 from protocols.machines.history import History
 from protocols.machines.table import Machine, Transition
-from runtime.errors import ClawnodeError, ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode, Reason
 
 PROVIDER = "provider"
 CONSUMER = "consumer"
@@ -122,9 +128,11 @@ PAUSE = "pause"
 END_ABANDONED = "end_abandoned"
 EXPIRE = "expire"
 END_FROZEN = "end_frozen"
+ASK_AGAIN = "ask_again"  # paused: push the outstanding receipt to the consumer again
 
 PAUSED_MESSAGE = "paused: a usage receipt is waiting for the countersignature"
 BUDGET_BUSY_MESSAGE = "the lease's budget is held by calls in flight; retry when they finish"
+OVER_BUDGET_MESSAGE = "the lease budget would be exceeded"
 
 # A session's transition log keeps its newest entries only (a long lease pauses and resumes often).
 LEASE_HISTORY = 256
@@ -200,6 +208,7 @@ class LeaseSession:
         self.outstanding: dict[int, _Receipt] = {}
         self.last_receipt_at: float | None = None
         self.last_contact_at: float | None = None
+        self.last_asked_at: float | None = None  # the outstanding receipt was last pushed (issued or asked again)
         self._recent_requests: deque[float] = deque()
 
     # -- the one place state changes -----------------------------------------------------
@@ -217,7 +226,7 @@ class LeaseSession:
         """Provider accepts the quote; the receipt and contact clocks start now."""
         if self.state == LeaseState.QUOTED and now >= self.policy.expires_at:
             self._apply(LeaseEvent.EXPIRE, SYSTEM)
-            raise ClawnodeError(ErrorCode.EXPIRED, "the lease has expired")
+            raise ClawnodeError(ErrorCode.EXPIRED, "the lease has expired", Reason.EXPIRED)
         self._apply(LeaseEvent.GRANT, PROVIDER)
         self.last_receipt_at = now
         self.last_contact_at = now
@@ -277,19 +286,21 @@ class LeaseSession:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units_estimate must be >= 0")
         if self.state in (LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED) and now >= self.policy.expires_at:
             self._apply(LeaseEvent.EXPIRE, SYSTEM)
-            raise ClawnodeError(ErrorCode.EXPIRED, "the lease has expired")
+            raise ClawnodeError(ErrorCode.EXPIRED, "the lease has expired", Reason.EXPIRED)
         if self.state == LeaseState.PAUSED:
-            raise ClawnodeError(ErrorCode.CONFLICT, PAUSED_MESSAGE)
+            raise ClawnodeError(ErrorCode.CONFLICT, PAUSED_MESSAGE, Reason.PAUSED)
         if self.state != LeaseState.ACTIVE:
-            raise ClawnodeError(ErrorCode.CONFLICT, f"the lease is not active ({self.state})")
+            raise ClawnodeError(ErrorCode.CONFLICT, f"the lease is not active ({self.state})", Reason.ENDED)
         if self.requests_served >= self.policy.max_requests:
-            raise ClawnodeError(ErrorCode.RATE_LIMITED, "the lease's request limit is reached")
+            raise ClawnodeError(ErrorCode.RATE_LIMITED, "the lease's request limit is reached", Reason.REQUEST_LIMIT)
         while self._recent_requests and self._recent_requests[0] <= now - 60:
             self._recent_requests.popleft()
         if len(self._recent_requests) >= self.policy.rate_per_minute:
-            raise ClawnodeError(ErrorCode.RATE_LIMITED, "too many requests per minute for this lease")
+            raise ClawnodeError(
+                ErrorCode.RATE_LIMITED, "too many requests per minute for this lease", Reason.RATE_LIMIT
+            )
         if (self.units_metered + self.units_reserved + units_estimate) * self.price_per_unit > self.policy.budget_cap:
-            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, OVER_BUDGET_MESSAGE, Reason.OVER_BUDGET)
 
     @property
     def units_left(self) -> int:
@@ -312,7 +323,7 @@ class LeaseSession:
                 raise
             # It would fit once the calls in flight are metered: busy, not broke (the lease stays usable).
             plan_call(body, self.units_left + self.units_reserved)
-            raise ClawnodeError(ErrorCode.RATE_LIMITED, BUDGET_BUSY_MESSAGE) from None
+            raise ClawnodeError(ErrorCode.RATE_LIMITED, BUDGET_BUSY_MESSAGE, Reason.BUDGET_BUSY) from None
         self.authorize(now, plan.reserve)
         self.units_reserved += plan.reserve
         return plan
@@ -364,7 +375,7 @@ class LeaseSession:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units must be >= 0")
         self._require(LeaseState.ACTIVE, LeaseState.PAUSED, LeaseState.ENDED, what="meter usage")
         if (self.units_metered + self.units_reserved + units) * self.price_per_unit > self.policy.budget_cap:
-            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, OVER_BUDGET_MESSAGE, Reason.OVER_BUDGET)
         self.units_metered += units
         return self._receipt_due(now)
 
@@ -380,6 +391,7 @@ class LeaseSession:
         self.last_seq = seq
         self.units_receipted = units_total
         self.last_receipt_at = now
+        self.last_asked_at = now
         self.outstanding[seq] = _Receipt(seq, units_total, now)
 
     def countersigned(self, seq: int, now: float) -> None:
@@ -410,6 +422,13 @@ class LeaseSession:
             if self.state == LeaseState.ACTIVE and now - oldest >= self.countersign_timeout_s:
                 self._apply(LeaseEvent.PAUSE, PROVIDER)
                 return [PAUSE]
+            asked = self.last_asked_at if self.last_asked_at is not None else oldest
+            if self.state == LeaseState.PAUSED and now - asked >= self.receipt_every_s:
+                # A pause lasts until the countersignature arrives: the receipt is asked for again
+                # every ``receipt_every_s`` (the consumer may have been busy or unreachable), so a
+                # lease that is only paused resumes instead of waiting to be abandoned.
+                self.last_asked_at = now
+                return [ASK_AGAIN]
         if self.state == LeaseState.ACTIVE and self._receipt_due(now):
             return [ISSUE_RECEIPT]
         return []
@@ -417,6 +436,23 @@ class LeaseSession:
     @property
     def amount_metered(self) -> int:
         return self.units_metered * self.price_per_unit
+
+
+# Refusals after which a consumer keeps its lease: it serves again by itself (a countersignature
+# resumes a pause, metered calls free a busy budget, the minute passes); the disk heals.
+_LEASE_OUTLIVES = frozenset({Reason.PAUSED, Reason.BUDGET_BUSY, Reason.RATE_LIMIT, Reason.DISK_FULL})
+
+
+def lease_outlives(code: ErrorCode, reason: str | None) -> bool:
+    """Consumer side: whether a lease refused with ``code``/``reason`` is worth keeping (a router keeps
+    it rather than locking a fresh one on chain), or is spent: ``ended``, ``expired``, ``over_budget``,
+    a lease the provider does not know. A refusal that names no reason (an older peer) is judged by its
+    code as before: only ``E_CONFLICT``, ``E_EXPIRED``, ``E_INSUFFICIENT_FUNDS`` and ``E_FORBIDDEN``
+    spend it."""
+    return reason in _LEASE_OUTLIVES or code not in _SPENDS_LEASE
+
+
+_SPENDS_LEASE = frozenset({ErrorCode.EXPIRED, ErrorCode.CONFLICT, ErrorCode.INSUFFICIENT_FUNDS, ErrorCode.FORBIDDEN})
 
 
 # What a consumer that leaves a call without the provider's last frame (a stall, a cut connection,
@@ -511,12 +547,12 @@ def plan_call(body: dict[str, Any], units_left: int) -> CallPlan:
     declared = declared_max_tokens(body)
     if declared is not None:
         if declared > units_left:
-            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, OVER_BUDGET_MESSAGE, Reason.OVER_BUDGET)
         completion = declared
     else:
         completion = min(DEFAULT_COMPLETION_CAP, units_left)
         if completion < 1:
-            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the lease budget would be exceeded")
+            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, OVER_BUDGET_MESSAGE, Reason.OVER_BUDGET)
     reserve = completion + min(prompt_units_estimate(body), units_left - completion)
     return CallPlan(reserve=reserve, max_tokens=completion)
 

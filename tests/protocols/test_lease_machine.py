@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from protocols.machines.lease import (
     ABORTED_CALL_TOLERANCE_UNITS,
+    ASK_AGAIN,
     BUDGET_BUSY_MESSAGE,
     CONSUMER,
     DEFAULT_COMPLETION_CAP,
@@ -41,6 +42,7 @@ from protocols.machines.lease import (
     check_receipt_claim,
     chunk_tokens,
     lease_id_for,
+    lease_outlives,
     plan_call,
     prompt_units_estimate,
     receipt_tolerance,
@@ -159,6 +161,34 @@ def test_pause_resume_and_paused_message() -> None:
     s.authorize(T0 + 23)
 
 
+def test_a_pause_asks_for_the_countersignature_again_and_refuses_with_reasons() -> None:
+    s = make(timeout_s=20, every_s=30, abandon_s=1_000, budget_cap=20)
+    s.authorize(T0)
+    s.meter(3, T0)
+    s.receipt_issued(1, 3, T0)
+    assert s.tick(T0 + 20) == [PAUSE]
+    assert s.tick(T0 + 29) == []
+    assert s.tick(T0 + 30) == [ASK_AGAIN]  # every receipt_every_s since the receipt was last pushed
+    assert s.tick(T0 + 59) == []
+    assert s.tick(T0 + 60) == [ASK_AGAIN]
+    with pytest.raises(ClawnodeError) as paused:
+        s.authorize(T0 + 61)
+    assert (paused.value.code, paused.value.reason) == (ErrorCode.CONFLICT, "paused")
+    assert lease_outlives(paused.value.code, paused.value.reason)  # a router keeps it
+    s.countersigned(1, T0 + 62)
+    assert s.state == LeaseState.ACTIVE and s.tick(T0 + 200) == []
+    with pytest.raises(ClawnodeError) as broke:
+        s.reserve(T0 + 63, {"prompt": "x", "max_tokens": 9})
+    assert (broke.value.code, broke.value.reason) == (ErrorCode.INSUFFICIENT_FUNDS, "over_budget")
+    s.revoke(CONSUMER)
+    with pytest.raises(ClawnodeError) as ended:
+        s.authorize(T0 + 64)
+    assert (ended.value.code, ended.value.reason) == (ErrorCode.CONFLICT, "ended")
+    assert not lease_outlives(ended.value.code, ended.value.reason)
+    assert not lease_outlives(ErrorCode.EXPIRED, "expired") and not lease_outlives(ErrorCode.CONFLICT, None)
+    assert lease_outlives(ErrorCode.UNAVAILABLE, "disk_full") and lease_outlives(ErrorCode.TIMEOUT, None)
+
+
 def test_countersign_only_clears_and_resumes_when_nothing_is_left() -> None:
     s = make(timeout_s=20)
     s.meter(4, T0)
@@ -208,8 +238,8 @@ def test_abandon_and_contact() -> None:
     s.meter(1, T0)
     s.receipt_issued(1, 1, T0)
     assert s.tick(T0 + 20) == [PAUSE]
-    s.consumer_seen(T0 + 50)  # alive but not signing: stays paused, abandonment postponed
-    assert s.tick(T0 + 100) == []
+    s.consumer_seen(T0 + 50)  # alive but not signing: stays paused (asked again), abandonment postponed
+    assert s.tick(T0 + 100) == [ASK_AGAIN]
     assert s.tick(T0 + 150) == [END_ABANDONED]
     assert s.state == LeaseState.ENDED
     assert s.tick(T0 + 10_000) == []
@@ -448,6 +478,8 @@ class LeaseModel(RuleBasedStateMachine):
             assert before in (LeaseState.ACTIVE, LeaseState.PAUSED) and self.s.state == LeaseState.ENDED
         elif actions == [PAUSE]:
             assert before == LeaseState.ACTIVE and self.s.state == LeaseState.PAUSED
+        elif actions == [ASK_AGAIN]:
+            assert before == self.s.state == LeaseState.PAUSED and self.s.outstanding
         else:
             assert self.s.state == before
             if actions == [ISSUE_RECEIPT]:
