@@ -66,6 +66,7 @@ Money, and the choices made where the brief was silent:
 # ruff: noqa: F403, F405 - the vocabulary comes from task_model by name
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -125,6 +126,24 @@ class TaskBook:
         if handler is None:
             raise _err(ErrorCode.INVALID_ARGUMENT, "unknown task event")
         return handler(event, actor, now)
+
+    def dry_run(self, event: TaskEvent, actor: str, now: float) -> list[Effect]:
+        """What :meth:`apply` would return (or raise), changing nothing.
+
+        Every event but ``Publish`` touches one task and the actor's rate-limit window, so it runs on
+        a probe book holding copies of just those; ``Publish`` (which counts the creator's open
+        tasks) runs on a copy of the whole book.
+        """
+        if isinstance(event, Publish):
+            return copy.deepcopy(self).apply(event, actor, now)
+        probe = TaskBook(self.limits)
+        task = self.tasks.get(event.task_id)
+        if task is not None:
+            probe.tasks[event.task_id] = copy.deepcopy(task)
+        for mine, theirs in ((self._bid_times, probe._bid_times), (self._dispute_times, probe._dispute_times)):
+            if actor in mine:
+                theirs[actor] = deque(mine[actor])
+        return probe.apply(event, actor, now)
 
     def get(self, task_id: str) -> TaskRecord:
         task = self.tasks.get(task_id)

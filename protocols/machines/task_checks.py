@@ -29,13 +29,13 @@ TASK_BOOK_MAX = 4096
 # Chain time and our clock differ by a block or two; the lock must outlive deadline + review.
 DEADLINE_SLACK_S = 30
 # The close-out sleeps until the next thing it waits for (a refund's ``not_before``) or until woken
-# (a review, a resolution, a dispute); while it waits on a settlement it looks at the chain with
-# these backoffs.
+# (a review, a resolution, a dispute, evidence). While a release or refund lands it looks at the chain
+# with a backoff from CLOSE_POLL_MIN_S to CLOSE_POLL_MAX_S; after CLOSE_FAST_FOR_S without news, and
+# through a dispute window or a dispute, every CLOSE_IDLE_POLL_S (in case a message was lost).
 CLOSE_POLL_MIN_S = 0.5
 CLOSE_POLL_MAX_S = 2.0
-# A disputed lock waits for the arbiter, whose resolution message wakes the close-out; the chain is
-# read this often in case that message is lost.
-CLOSE_DISPUTED_POLL_S = 30.0
+CLOSE_FAST_FOR_S = 60.0
+CLOSE_IDLE_POLL_S = 30.0
 
 F = ErrorCode.FORBIDDEN
 INV = ErrorCode.INVALID_ARGUMENT
@@ -355,22 +355,22 @@ def close_out_step(f: CloseOutFacts) -> CloseOutStep:
     if f.phase == "closed":
         return CloseOutStep("book")
     if f.phase == "disputed":
-        return CloseOutStep("wait", CLOSE_DISPUTED_POLL_S)
+        return CloseOutStep("wait", CLOSE_IDLE_POLL_S)
     refund_decided = (
-        f.phase == "active"
-        and f.creator_side
-        and not f.refund_queued
-        and f.receipt_state == ReceiptState.PENDING
-        and bool(f.to_creator)
+        f.phase == "active" and f.receipt_state == ReceiptState.PENDING and bool(f.to_creator) and not f.refund_queued
     )
-    if refund_decided:
-        if f.now >= f.not_before:
-            return CloseOutStep("queue_refund")
-        return CloseOutStep("wait", min(f.not_before - f.now, CLOSE_DISPUTED_POLL_S))
+    if refund_decided and f.now < f.not_before:  # either side: nothing moves before the window ends
+        return CloseOutStep("wait", min(f.not_before - f.now, CLOSE_IDLE_POLL_S))
+    if refund_decided and f.creator_side:
+        return CloseOutStep("queue_refund")
     return CloseOutStep("wait", f.backoff)
 
 
-def next_backoff(backoff: float) -> float:
+def next_backoff(backoff: float, quiet_s: float) -> float:
+    """The next wait while a settlement lands: doubling up to ``CLOSE_POLL_MAX_S``, then, after
+    ``CLOSE_FAST_FOR_S`` without news or progress, ``CLOSE_IDLE_POLL_S``."""
+    if quiet_s >= CLOSE_FAST_FOR_S:
+        return CLOSE_IDLE_POLL_S
     return min(max(backoff, CLOSE_POLL_MIN_S) * 2, CLOSE_POLL_MAX_S)
 
 
@@ -390,7 +390,7 @@ def finalize_step(
     if receipt_state is None or receipt_state in (ReceiptState.SETTLED, ReceiptState.REFUNDED):
         return FinalizeStep("done")
     if not decided:
-        return FinalizeStep("wait", CLOSE_DISPUTED_POLL_S)
+        return FinalizeStep("wait", CLOSE_IDLE_POLL_S)
     if now < not_before:
-        return FinalizeStep("wait", min(not_before - now, CLOSE_DISPUTED_POLL_S))
+        return FinalizeStep("wait", min(not_before - now, CLOSE_IDLE_POLL_S))
     return FinalizeStep("settle" if to_bidder > 0 else "refund")

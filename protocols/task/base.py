@@ -8,7 +8,6 @@ and ``protocols.machines.task_checks`` (what the adapter fetched).
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -134,7 +133,7 @@ class TaskCore:
 
     def _dry_run(self, event: m.TaskEvent, actor: str) -> list[m.Effect]:
         """Would the book take ``event``? Raises its error without changing anything."""
-        return copy.deepcopy(self.book).apply(event, actor, self._now())
+        return self.book.dry_run(event, actor, self._now())
 
     def _wake(self, task_id: str) -> None:
         """Something happened to ``task_id``: a waiting close-out looks again now."""

@@ -48,7 +48,7 @@ class CloseOutRole(TaskCore):
         record, local = self._task(task_id)
         award = self._award_of(local)
         try:
-            backoff = checks.CLOSE_POLL_MIN_S
+            backoff, quiet_since = checks.CLOSE_POLL_MIN_S, self._now()
             while True:
                 phase: str | None = None
                 try:
@@ -75,10 +75,13 @@ class CloseOutRole(TaskCore):
                     await self.ledger.enqueue_refund(self._lease_id(award))
                     local.refund_queued = True
                     self.wake_settlement()
-                    backoff = checks.CLOSE_POLL_MIN_S
+                    backoff, quiet_since = checks.CLOSE_POLL_MIN_S, self._now()
                     continue
-                woken = await self._sleep_or_wake(local, step.wait_s)
-                backoff = checks.CLOSE_POLL_MIN_S if woken else checks.next_backoff(backoff)
+                if await self._sleep_or_wake(local, step.wait_s):
+                    backoff, quiet_since = checks.CLOSE_POLL_MIN_S, self._now()
+                else:  # a window's end is news too: the other party acts on it
+                    last_news = max(quiet_since, receipt.not_before if receipt else 0.0)
+                    backoff = checks.next_backoff(backoff, self._now() - last_news)
             await self._book_closed(record, local, award, state.released, state.amount - state.released)
         finally:
             local.closing = False

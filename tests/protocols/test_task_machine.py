@@ -499,10 +499,16 @@ class MarketModel(RuleBasedStateMachine):
     def run(self, event: TaskEvent, actor: str) -> list[Effect] | None:
         gate = expected_gate(self.book, event, actor)
         before = len(self.book.history)
+        try:  # a dry run answers what apply will, changing nothing
+            dry: list[Effect] | ErrorCode = self.book.dry_run(event, actor, self.now)
+        except ClawnodeError as exc:
+            dry = exc.code
+        assert len(self.book.history) == before
         try:
             effects = self.book.apply(event, actor, self.now)
         except ClawnodeError as exc:
             assert len(self.book.history) == before, "a refusal must change nothing"
+            assert dry == exc.code, (type(event).__name__, dry, exc.code)
             if gate is None:
                 assert exc.code in GUARD_CODES[type(event)], (type(event).__name__, exc.code, exc.message)
             else:
@@ -513,6 +519,7 @@ class MarketModel(RuleBasedStateMachine):
             hypothesis_event(f"refused {reason}")
             return None
         assert gate in (None, "merge"), (type(event).__name__, actor, gate)
+        assert dry == effects, (type(event).__name__, dry, effects)
         if gate == "merge":
             assert len(effects) == 1 and isinstance(effects[0], DisputeOpened | EvidenceAdded) and effects[0].merged
         self.ok += 1
