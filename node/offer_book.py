@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from dht.offers import Offer
 from dht.publisher import validation_summary
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.files import DISK_FULL_MESSAGE, save_quietly
+from runtime.files import DISK_FULL_MESSAGE, DISK_FULL_REASON, save_quietly
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class OfferBook:
         data["overrides"].update(unreadable_raw)
         text = json.dumps(data, indent=1)
         if not await trio.to_thread.run_sync(save_quietly, self.path, text, limiter=self._limiter):
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, DISK_FULL_MESSAGE)
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, DISK_FULL_MESSAGE, DISK_FULL_REASON)
         self.overrides = overrides
         self.unreadable.pop(name, None)
         self._unreadable_raw = unreadable_raw

@@ -186,7 +186,7 @@ def test_a_daemon_on_a_full_disk_stays_up_refuses_writes_and_heals(
         refused = _api(daemon, "PUT", "/api/offers/model:tiny", {**OFFER, "price_per_unit": 2000})
         assert refused.status_code == 503, refused.text
         error = refused.json()["error"]
-        assert error["code"] == "E_UNAVAILABLE" and DISK_FULL_REASON in error["message"]
+        assert error["code"] == "E_UNAVAILABLE" and error["reason"] == DISK_FULL_REASON
         assert str(tmp_path) not in refused.text
         assert _metric(daemon, "clawnode_data_dir_save_failures_total") >= 1
         assert daemon.process is not None and daemon.process.poll() is None  # still alive
@@ -279,6 +279,7 @@ async def test_a_provider_on_a_full_disk_refuses_lease_opens_disk_full_then_serv
             with pytest.raises(ClawnodeError) as caught:
                 await consumer.market.open_lease(target, WORDS, budget=WORD_PRICE * 20, duration_s=300)
             assert caught.value.code == ErrorCode.UNAVAILABLE, caught.value.message
+            assert caught.value.reason == DISK_FULL_REASON  # as the provider's error frame said
             assert DISK_FULL_REASON in caught.value.message and str(tmp_path) not in caught.value.message
             assert provider.ledger.failing_writes >= 1
 
@@ -375,7 +376,7 @@ async def test_a_provider_whose_disk_fills_mid_traffic_serves_no_call_it_does_no
                 served += 1
             assert refused is not None, "the provider never met the full disk"
             assert served == 3 and len(provider.market._unsettled) == 1  # the third call waits for space
-            assert refused.code == ErrorCode.UNAVAILABLE and DISK_FULL_REASON in refused.message
+            assert refused.code == ErrorCode.UNAVAILABLE and refused.reason == DISK_FULL_REASON
             assert str(tmp_path) not in refused.message
 
             fillers[0].unlink()  # space returns: the settlements the disk refused land, calls are served
