@@ -258,7 +258,7 @@ async def _evidence_reaches_the_arbiter(creator: Node, bidder: Node, arbiter: No
     )
     with pytest.raises(ClawnodeError) as error:
         await send_to_arbiter(forged, bidder.tasks.key, b"another")
-    assert error.value.code == ErrorCode.INVALID_ARGUMENT
+    assert (error.value.code, error.value.reason) == (ErrorCode.INVALID_ARGUMENT, "attachment_mismatch")
     as_creator = forged.model_copy(
         update={"party": _peer(creator), "content_hash": hashlib.sha256(b"").hexdigest(), "size": 0}
     )
@@ -323,7 +323,8 @@ async def test_adversarial_requests_are_refused() -> None:
         envelope = to_base64(seal(notice, bidder.tasks.key, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE))
         with pytest.raises(ClawnodeError) as error:
             await send(w.ResultRequest(envelope=envelope, artifact=to_base64(b"abcde")))
-        assert error.value.code == ErrorCode.INVALID_ARGUMENT
+        # The reason travels in the error frame: a program can tell a bad artifact from a bad signature.
+        assert (error.value.code, error.value.reason) == (ErrorCode.INVALID_ARGUMENT, "artifact_mismatch")
 
         # An oversized artifact: refused before sending, and by the creator when sent anyway.
         big = b"x" * (w.MAX_ARTIFACT + 1)

@@ -2,7 +2,8 @@
 
 Rules in ``protocols.machines`` that check fetched facts return ``Refusal | None``; the adapter
 raises :meth:`Refusal.error` (or calls :func:`enforce`). ``reason`` is stable and machine-readable
-(``wrong_payee``, ``lock_too_short``, ...): tests count refusals by it, logs may print it.
+(``lock_wrong_parties``, ``lock_too_short``, ...): it travels with the error (wire error frames,
+API replies) as ``ClawnodeError.reason``, and the machines' tests count refusals by it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class Refusal:
     message: str
 
     def error(self) -> ClawnodeError:
-        return ClawnodeError(self.code, self.message)
+        return ClawnodeError(self.code, self.message, self.reason)
 
 
 Verdict = Refusal | None

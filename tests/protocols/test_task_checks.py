@@ -17,7 +17,7 @@ from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict
 from protocols.machines.task_model import ReceiptState
 from protocols.machines.verdict import Refusal
 from protocols.task_wire import MAX_ARTIFACT, MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE
-from runtime.errors import ErrorCode
+from runtime.errors import ErrorCode, clean_reason
 
 PEERS = ["12D3KooWcreator", "12D3KooWbidder", "12D3KooWstranger", "12D3KooWarbiter"]
 CREATOR, BIDDER, STRANGER, ARBITER = PEERS
@@ -33,7 +33,9 @@ def tally(seen: Counter[str], verdict: Refusal | None) -> None:
     seen[reason] += 1
     event(reason)
     if verdict is not None:
-        assert verdict.reason and verdict.message and "/" not in verdict.message
+        assert verdict.message and "/" not in verdict.message
+        error = verdict.error()  # the reason travels with the error, as a token the wire takes
+        assert (error.code, error.reason) == (verdict.code, verdict.reason) == (error.code, clean_reason(error.reason))
 
 
 def report(name: str, seen: Counter[str], expected: set[str]) -> None:
