@@ -11,11 +11,12 @@ Leases: before each request the router checks that the provider's lease still co
 (what the request may reserve at most, ``call_units_needed``, beside the units already used and those
 held by calls in flight) and by time (``RENEW_BEFORE_S`` before it expires); one that does not is
 retired and a new one opened first, so no agent request meets a spent lease (``lease_fits``, a pure
-verdict). A retired lease is ended once its last call returns: its rest is refunded and it leaves
-the live set. A refusal retires the lease only when its reason says it is spent (``ended``,
-``expired``, ``over_budget``: ``lease_outlives``); one that is only ``paused`` (a receipt waits for
-our countersignature) is kept, so the request fails over but no second lock goes on chain, and the
-lease serves again once the countersignature lands.
+verdict in ``protocols/machines/lease.py``, beside the reservation rule it mirrors). A retired lease
+is ended once its last call returns: its rest is refunded and it leaves the live set. A refusal
+retires the lease only when its reason says it is spent (``ended``, ``expired``, ``over_budget``:
+``lease_outlives``); one that is only ``paused`` (a receipt waits for our countersignature) is kept,
+so the request fails over but no second lock goes on chain, and the lease serves again once the
+countersignature lands.
 
 Health: every ``health_interval_s`` the router fetches the capability record of each provider it
 knows (a round trip it also feeds into the latency EWMA); ``failures_to_failover`` consecutive
@@ -41,7 +42,7 @@ from libp2p.peer.id import ID
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.config import RouterSection
 from protocols.lease import LeaseMarket
-from protocols.machines.lease import DEFAULT_COMPLETION_CAP, lease_outlives, prompt_units_estimate
+from protocols.machines.lease import call_units_needed, lease_fits, lease_outlives
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
@@ -116,42 +117,6 @@ class ConsensusOutcome:
 
 # A lease is renewed when it would expire within this many seconds (or a tenth of its duration).
 RENEW_BEFORE_S = 30.0
-
-
-def call_units_needed(body: dict[str, Any]) -> int:
-    """The most units a provider may reserve for ``body``: its completion bound and its prompt's estimate."""
-    max_tokens = body.get("max_tokens")
-    completion = (
-        max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0 else 0
-    )
-    return (completion or DEFAULT_COMPLETION_CAP) + prompt_units_estimate(body)
-
-
-@dataclass(frozen=True)
-class LeaseFit:
-    ok: bool
-    reason: str  # "fits" | "budget" | "time"
-
-
-def lease_fits(
-    *,
-    budget: int,
-    price_per_unit: int,
-    used_units: int,
-    reserved_units: int,
-    need_units: int,
-    expires_at: float,
-    now: float,
-    renew_before_s: float,
-) -> LeaseFit:
-    """Whether a held lease can carry one more request of ``need_units`` now (pure: plain data in)."""
-    if expires_at - now < renew_before_s:
-        return LeaseFit(False, "time")
-    if price_per_unit > 0:
-        units_left = budget // price_per_unit - used_units - reserved_units
-        if units_left < need_units:
-            return LeaseFit(False, "budget")
-    return LeaseFit(True, "fits")
 
 
 TextSink = Callable[[str], Awaitable[None]]

@@ -557,6 +557,46 @@ def plan_call(body: dict[str, Any], units_left: int) -> CallPlan:
     return CallPlan(reserve=reserve, max_tokens=completion)
 
 
+def call_units_needed(body: dict[str, Any]) -> int:
+    """Consumer side: the most units a provider may reserve for ``body`` (``plan_call``'s reservation
+    when the budget is no object): its completion bound and its prompt's estimate. A ``max_tokens``
+    the provider would refuse counts as absent."""
+    try:
+        declared = declared_max_tokens(body)
+    except ClawnodeError:
+        declared = None
+    return (declared or DEFAULT_COMPLETION_CAP) + prompt_units_estimate(body)
+
+
+@dataclass(frozen=True)
+class LeaseFit:
+    ok: bool
+    reason: str  # "fits" | "budget" | "time"
+
+
+def lease_fits(
+    *,
+    budget: int,
+    price_per_unit: int,
+    used_units: int,
+    reserved_units: int,
+    need_units: int,
+    expires_at: float,
+    now: float,
+    renew_before_s: float,
+) -> LeaseFit:
+    """Consumer side: whether a held lease can carry one more call of ``need_units`` now, by time (it
+    must not expire within ``renew_before_s``) and by budget (what is left beside the units used and
+    those reserved by calls in flight, as ``LeaseSession.units_left`` counts on the provider)."""
+    if expires_at - now < renew_before_s:
+        return LeaseFit(False, "time")
+    if price_per_unit > 0:
+        units_left = budget // price_per_unit - used_units - reserved_units
+        if units_left < need_units:
+            return LeaseFit(False, "budget")
+    return LeaseFit(True, "fits")
+
+
 def aborted_call_units(reserved: int, streamed_tokens: int) -> int:
     """Provider side: what a call that ended without its end frame is billed: the tokens of the chunks
     written (``chunk_tokens`` each, as the consumer counts them), no prompt, within its reservation."""

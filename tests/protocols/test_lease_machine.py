@@ -30,12 +30,14 @@ from protocols.machines.lease import (
     PAUSED_MESSAGE,
     PROVIDER,
     SYSTEM,
+    UNLIMITED_UNITS,
     LeaseEvent,
     LeasePolicy,
     LeaseSession,
     LeaseState,
     LockFacts,
     aborted_call_units,
+    call_units_needed,
     check_countersignature,
     check_end_frame,
     check_lock,
@@ -822,3 +824,21 @@ def test_a_session_meters_a_cut_call_within_its_reservation() -> None:
     plan = s.reserve(T0, {"prompt": "x", "max_tokens": 20})
     assert not s.finish_call(plan.reserve, aborted_call_units(plan.reserve, 7), T0)
     assert (s.units_metered, s.units_reserved) == (7, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(max_size=40),
+    max_tokens=st.one_of(st.none(), st.integers(-3, 5_000), st.booleans(), st.text(max_size=3)),
+)
+def test_the_router_counts_what_the_provider_would_reserve(text: str, max_tokens: object) -> None:
+    """``call_units_needed`` (the router's lease check) is ``plan_call``'s reservation with an unlimited
+    budget: the router never opens a lease too small for a call the provider would reserve for."""
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": text}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    try:
+        reserve = plan_call(body, UNLIMITED_UNITS).reserve
+    except ClawnodeError:  # an invalid max_tokens: refused by the provider, counted as absent
+        reserve = DEFAULT_COMPLETION_CAP + prompt_units_estimate(body)
+    assert call_units_needed(body) == reserve
