@@ -81,8 +81,9 @@ from runtime.errors import ClawnodeError, ErrorCode
 __all__ = [*_VOCABULARY, "TaskBook"]
 
 
-def _err(code: ErrorCode, message: str) -> ClawnodeError:
-    return ClawnodeError(code, message)
+def _err(code: ErrorCode, message: str, reason: str) -> ClawnodeError:
+    """A refusal of the book: its code, a message for people and a stable reason for programs."""
+    return ClawnodeError(code, message, reason)
 
 
 class TaskBook:
@@ -124,7 +125,7 @@ class TaskBook:
         """Apply one authenticated event by ``actor`` at ``now``; return what the adapter must do."""
         handler = self._handlers.get(type(event))
         if handler is None:
-            raise _err(ErrorCode.INVALID_ARGUMENT, "unknown task event")
+            raise _err(ErrorCode.INVALID_ARGUMENT, "unknown task event", "unknown_event")
         return handler(event, actor, now)
 
     def dry_run(self, event: TaskEvent, actor: str, now: float) -> list[Effect]:
@@ -148,7 +149,7 @@ class TaskBook:
     def get(self, task_id: str) -> TaskRecord:
         task = self.tasks.get(task_id)
         if task is None:
-            raise _err(ErrorCode.NOT_FOUND, "unknown task")
+            raise _err(ErrorCode.NOT_FOUND, "unknown task", "unknown_task")
         return task
 
     def forget_finished(
@@ -189,15 +190,17 @@ class TaskBook:
     def _gate(machine: Machine[Any, Ev], state: str | None, event: Ev, roles: frozenset[str], missing: str) -> str:
         """Permission, then table; returns the role to act as.  Guards come after this."""
         if not roles & machine.actors_for(event):
-            raise _err(ErrorCode.FORBIDDEN, f"{machine.name}: this account may not {event}")
+            raise _err(ErrorCode.FORBIDDEN, f"{machine.name}: this account may not {event}", "not_permitted")
         if state is None:
-            raise _err(ErrorCode.CONFLICT, missing)
+            raise _err(ErrorCode.CONFLICT, missing, "missing_stage")
         row = machine.lookup(state, event)
         if row is None:
-            raise _err(ErrorCode.CONFLICT, f"{machine.name}: cannot {event} in state {state}")
+            raise _err(ErrorCode.CONFLICT, f"{machine.name}: cannot {event} in state {state}", "wrong_state")
         usable = sorted(roles & row.actors)
         if not usable:
-            raise _err(ErrorCode.FORBIDDEN, f"{machine.name}: this account may not {event} in state {state}")
+            raise _err(
+                ErrorCode.FORBIDDEN, f"{machine.name}: this account may not {event} in state {state}", "not_permitted"
+            )
         return usable[0]
 
     def _move(self, machine: Machine[Any, Ev], record: Any, entity_id: str, event: Ev, role: str) -> None:
@@ -210,7 +213,7 @@ class TaskBook:
         while times and times[0] <= now - window:
             times.popleft()
         if len(times) >= limit:
-            raise _err(ErrorCode.RATE_LIMITED, f"too many {what}; try again later")
+            raise _err(ErrorCode.RATE_LIMITED, f"too many {what}; try again later", "too_many_" + what.split()[0])
 
     @staticmethod
     def _decide(receipt: ReceiptRecord, to_bidder: int, to_creator: int, not_before: float) -> None:
@@ -229,17 +232,23 @@ class TaskBook:
     # -- handlers ---------------------------------------------------------------------------
     def _publish(self, ev: Publish, actor: str, now: float) -> list[Effect]:
         if actor == SYSTEM:
-            raise _err(ErrorCode.FORBIDDEN, "the system account cannot publish tasks")
+            raise _err(ErrorCode.FORBIDDEN, "the system account cannot publish tasks", "system_account")
         if ev.task_id in self.tasks or ev.task_id in self._forgotten:
-            raise _err(ErrorCode.CONFLICT, "the task id is already taken")
+            raise _err(ErrorCode.CONFLICT, "the task id is already taken", "task_id_taken")
         if not ev.task_id or not ev.arbiter or ev.arbiter in (actor, SYSTEM):
-            raise _err(ErrorCode.INVALID_ARGUMENT, "a task needs an id and an arbiter other than its creator")
+            raise _err(
+                ErrorCode.INVALID_ARGUMENT, "a task needs an id and an arbiter other than its creator", "no_arbiter"
+            )
         if ev.budget < 1 or ev.budget > self.limits.max_task_budget:
-            raise _err(ErrorCode.INVALID_ARGUMENT, "the task budget is outside the allowed range")
+            raise _err(
+                ErrorCode.INVALID_ARGUMENT, "the task budget is outside the allowed range", "budget_out_of_range"
+            )
         if ev.deadline <= now or ev.review_timeout_s < 1 or not ev.allowed_assets:
-            raise _err(ErrorCode.INVALID_ARGUMENT, "a task needs a future deadline, a review timeout and assets")
+            raise _err(
+                ErrorCode.INVALID_ARGUMENT, "a task needs a future deadline, a review timeout and assets", "bad_terms"
+            )
         if self.open_tasks_of(actor) >= self.limits.max_open_tasks_per_account:
-            raise _err(ErrorCode.RATE_LIMITED, "too many open tasks for this account")
+            raise _err(ErrorCode.RATE_LIMITED, "too many open tasks for this account", "too_many_open_tasks")
         self.tasks[ev.task_id] = TaskRecord(
             task_id=ev.task_id,
             creator=actor,
@@ -257,15 +266,15 @@ class TaskBook:
         task = self.get(ev.task_id)
         role = self._gate(TASK_MACHINE, task.state, Ev.PLACE_BID, roles_of(task, actor), "")
         if not ev.bid_id or ev.price < 1:
-            raise _err(ErrorCode.INVALID_ARGUMENT, "a bid needs an id and a positive price")
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a bid needs an id and a positive price", "bad_bid")
         if ev.asset not in task.allowed_assets:
-            raise _err(ErrorCode.FORBIDDEN, "this task does not accept that asset")
+            raise _err(ErrorCode.FORBIDDEN, "this task does not accept that asset", "asset_not_accepted")
         if ev.bid_id in task.bids:
-            raise _err(ErrorCode.CONFLICT, "the bid id is already taken")
+            raise _err(ErrorCode.CONFLICT, "the bid id is already taken", "bid_id_taken")
         if ev.price > task.budget:
-            raise _err(ErrorCode.CONFLICT, "the bid exceeds the task budget")
+            raise _err(ErrorCode.CONFLICT, "the bid exceeds the task budget", "over_budget")
         if now >= task.deadline:
-            raise _err(ErrorCode.EXPIRED, "the task deadline has passed")
+            raise _err(ErrorCode.EXPIRED, "the task deadline has passed", "deadline_passed")
         times = self._bid_times.setdefault(actor, deque())
         self._within_rate(times, now, 60, self.limits.max_bids_per_minute, "bids per minute")
         self._move(TASK_MACHINE, task, task.task_id, Ev.PLACE_BID, role)
@@ -277,7 +286,7 @@ class TaskBook:
         task = self.get(ev.task_id)
         bid = task.bids.get(ev.bid_id)
         if bid is None:
-            raise _err(ErrorCode.NOT_FOUND, "unknown bid")
+            raise _err(ErrorCode.NOT_FOUND, "unknown bid", "unknown_bid")
         role = self._gate(BID_MACHINE, bid.state, Ev.WITHDRAW, roles_of(task, actor, bid), "")
         self._move(BID_MACHINE, bid, bid.bid_id, Ev.WITHDRAW, role)
         return [Notify(task.task_id, task.creator, "bid_withdrawn")]
@@ -286,14 +295,14 @@ class TaskBook:
         task = self.get(ev.task_id)
         bid = task.bids.get(ev.bid_id)
         if bid is None:
-            raise _err(ErrorCode.NOT_FOUND, "unknown bid")
+            raise _err(ErrorCode.NOT_FOUND, "unknown bid", "unknown_bid")
         role = self._gate(TASK_MACHINE, task.state, Ev.AWARD, roles_of(task, actor), "")
         if bid.state != BS.SUBMITTED:
-            raise _err(ErrorCode.CONFLICT, "the bid is no longer open")
+            raise _err(ErrorCode.CONFLICT, "the bid is no longer open", "bid_closed")
         if not ev.lock_ref:
-            raise _err(ErrorCode.CONFLICT, "the budget is not locked")
+            raise _err(ErrorCode.CONFLICT, "the budget is not locked", "not_locked")
         if now >= task.deadline:
-            raise _err(ErrorCode.EXPIRED, "the task deadline has passed")
+            raise _err(ErrorCode.EXPIRED, "the task deadline has passed", "deadline_passed")
         self._move(TASK_MACHINE, task, task.task_id, Ev.AWARD, role)
         effects: list[Effect] = []
         for other in task.bids.values():
@@ -312,9 +321,9 @@ class TaskBook:
         role = self._gate(AWARD_MACHINE, state, Ev.REVOKE, roles_of(task, actor), "the task has no award")
         assert award is not None and task.receipt is not None
         if task.result is not None:
-            raise _err(ErrorCode.CONFLICT, "a result was already delivered")
+            raise _err(ErrorCode.CONFLICT, "a result was already delivered", "result_delivered")
         if now < task.deadline:
-            raise _err(ErrorCode.CONFLICT, "the delivery deadline has not passed")
+            raise _err(ErrorCode.CONFLICT, "the delivery deadline has not passed", "deadline_not_passed")
         self._move(AWARD_MACHINE, award, task.task_id, Ev.REVOKE, role)
         self._decide(task.receipt, 0, award.price, now)
         return [Notify(task.task_id, award.bidder, "award_revoked"), *self._payouts(task)]
@@ -326,9 +335,9 @@ class TaskBook:
         role = self._gate(AWARD_MACHINE, state, Ev.DELIVER, roles_of(task, actor), "the task has no award")
         assert award is not None
         if not ev.content_hash or ev.size < 0:
-            raise _err(ErrorCode.INVALID_ARGUMENT, "a result needs a content hash and a size >= 0")
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a result needs a content hash and a size >= 0", "bad_result")
         if task.result is not None:
-            raise _err(ErrorCode.CONFLICT, "a result was already delivered")
+            raise _err(ErrorCode.CONFLICT, "a result was already delivered", "result_delivered")
         self._move(AWARD_MACHINE, award, task.task_id, Ev.DELIVER, role)
         task.result = ResultRecord(ev.content_hash, ev.size, now, state=RESULT_MACHINE.initial)
         return [Notify(task.task_id, task.creator, "result_submitted")]
@@ -341,9 +350,9 @@ class TaskBook:
         role = self._gate(RESULT_MACHINE, state, event, roles_of(task, actor), "no result has been delivered")
         assert result is not None and task.award is not None and task.receipt is not None
         if task.receipt.state != CS.PENDING:
-            raise _err(ErrorCode.CONFLICT, "the result is under dispute")
+            raise _err(ErrorCode.CONFLICT, "the result is under dispute", "under_dispute")
         if isinstance(ev, Reject) and not ev.reason.strip():
-            raise _err(ErrorCode.INVALID_ARGUMENT, "a rejection needs a reason")
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a rejection needs a reason", "no_reason")
         self._move(RESULT_MACHINE, result, task.task_id, event, role)
         price = task.award.price
         if isinstance(ev, Accept):
@@ -360,7 +369,7 @@ class TaskBook:
         event = Ev.CANCEL if isinstance(ev, Cancel) else Ev.EXPIRE
         role = self._gate(TASK_MACHINE, task.state, event, roles_of(task, actor), "")
         if event == Ev.EXPIRE and now < task.deadline:
-            raise _err(ErrorCode.CONFLICT, "the task deadline has not passed")
+            raise _err(ErrorCode.CONFLICT, "the task deadline has not passed", "deadline_not_passed")
         self._move(TASK_MACHINE, task, task.task_id, event, role)
         topic: NotifyTopic = "task_cancelled" if event == Ev.CANCEL else "task_expired"
         effects: list[Effect] = [] if event == Ev.CANCEL else [Notify(task.task_id, task.creator, topic)]
@@ -374,7 +383,7 @@ class TaskBook:
         task = self.get(ev.task_id)
         roles = roles_of(task, actor)
         if not roles & RECEIPT_MACHINE.actors_for(Ev.DISPUTE):
-            raise _err(ErrorCode.FORBIDDEN, "only the creator or the awarded bidder may dispute")
+            raise _err(ErrorCode.FORBIDDEN, "only the creator or the awarded bidder may dispute", "not_permitted")
         if task.dispute is not None and task.dispute.opened_by == actor:
             return [DisputeOpened(task.task_id, task.dispute.dispute_id, actor, merged=True)]
         receipt = task.receipt
@@ -386,7 +395,9 @@ class TaskBook:
             result is not None and result.state == RS.SUBMITTED and now >= result.submitted_at + task.review_timeout_s
         )
         if not (timed_out or (result is not None and result.state == RS.REJECTED)):
-            raise _err(ErrorCode.CONFLICT, "a dispute needs a rejected result or a review timeout")
+            raise _err(
+                ErrorCode.CONFLICT, "a dispute needs a rejected result or a review timeout", "nothing_to_dispute"
+            )
         times = self._dispute_times.setdefault(actor, deque())
         self._within_rate(times, now, 3600, self.limits.max_disputes_per_hour, "disputes per hour")
         self._move(RECEIPT_MACHINE, receipt, task.task_id, Ev.DISPUTE, role)
@@ -411,7 +422,9 @@ class TaskBook:
         price = task.award.price
         if isinstance(ev, ResolveDispute):
             if ev.to_bidder < 0 or ev.to_creator < 0 or ev.to_bidder + ev.to_creator != price:
-                raise _err(ErrorCode.INVALID_ARGUMENT, "the split must be >= 0 and add up to the award price")
+                raise _err(
+                    ErrorCode.INVALID_ARGUMENT, "the split must be >= 0 and add up to the award price", "bad_split"
+                )
             split = (ev.to_bidder, ev.to_creator)
         else:
             split = (price, 0) if dispute.opened_by == task.creator else (0, price)
@@ -430,14 +443,14 @@ class TaskBook:
         role = self._gate(DISPUTE_MACHINE, state, Ev.ADD_EVIDENCE, roles_of(task, actor), "the task has no dispute")
         assert dispute is not None and task.award is not None
         if not ev.evidence_id or not ev.content_hash:
-            raise _err(ErrorCode.INVALID_ARGUMENT, "evidence needs an id and a content hash")
+            raise _err(ErrorCode.INVALID_ARGUMENT, "evidence needs an id and a content hash", "bad_evidence")
         known = dispute.evidence.get(ev.evidence_id)
         if known is not None:
             if known.submitted_by != actor or known.content_hash != ev.content_hash:
-                raise _err(ErrorCode.CONFLICT, "another piece of evidence has this id")
+                raise _err(ErrorCode.CONFLICT, "another piece of evidence has this id", "evidence_id_taken")
             return [EvidenceAdded(task.task_id, ev.evidence_id, actor, merged=True)]
         if sum(1 for e in dispute.evidence.values() if e.submitted_by == actor) >= self.limits.max_evidence_per_party:
-            raise _err(ErrorCode.RATE_LIMITED, "too many pieces of evidence from this party")
+            raise _err(ErrorCode.RATE_LIMITED, "too many pieces of evidence from this party", "too_much_evidence")
         self._move(DISPUTE_MACHINE, dispute, dispute.dispute_id, Ev.ADD_EVIDENCE, role)
         dispute.evidence[ev.evidence_id] = EvidenceRecord(ev.evidence_id, actor, ev.content_hash, now)
         other = task.award.bidder if actor == task.creator else task.creator
@@ -455,17 +468,17 @@ class TaskBook:
         role = self._gate(RECEIPT_MACHINE, state, event, roles_of(task, actor), "the task has no receipt")
         assert receipt is not None and task.award is not None
         if not ev.settlement_id:
-            raise _err(ErrorCode.INVALID_ARGUMENT, "a settlement id is required")
+            raise _err(ErrorCode.INVALID_ARGUMENT, "a settlement id is required", "no_settlement_id")
         if ev.settlement_id != receipt.settlement_id:
-            raise _err(ErrorCode.CONFLICT, "the settlement id does not match the locked budget")
+            raise _err(ErrorCode.CONFLICT, "the settlement id does not match the locked budget", "wrong_settlement")
         if receipt.to_bidder is None or receipt.to_creator is None:
-            raise _err(ErrorCode.CONFLICT, "nothing has been decided for this receipt yet")
+            raise _err(ErrorCode.CONFLICT, "nothing has been decided for this receipt yet", "undecided")
         if event == Ev.SETTLE and receipt.to_bidder == 0:
-            raise _err(ErrorCode.CONFLICT, "the decision is a refund, not a settlement")
+            raise _err(ErrorCode.CONFLICT, "the decision is a refund, not a settlement", "decided_refund")
         if event == Ev.REFUND and receipt.to_bidder > 0:
-            raise _err(ErrorCode.CONFLICT, "the decision pays the bidder; settle it instead")
+            raise _err(ErrorCode.CONFLICT, "the decision pays the bidder; settle it instead", "decided_settle")
         if now < receipt.not_before:
-            raise _err(ErrorCode.CONFLICT, "the dispute window is still open")
+            raise _err(ErrorCode.CONFLICT, "the dispute window is still open", "dispute_window_open")
         self._move(RECEIPT_MACHINE, receipt, task.task_id, event, role)
         task.released += receipt.to_bidder
         task.refunded += receipt.to_creator

@@ -55,7 +55,7 @@ from protocols.machines.task import (
     TaskState,
     WithdrawBid,
 )
-from runtime.errors import ClawnodeError, ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode, clean_reason
 
 T0 = 10_000
 ALICE, BOB, WORKER, WORKER2, ARB = "0xalice", "0xbob", "0xworker", "0xworker2", "0xarbiter"
@@ -514,7 +514,8 @@ class MarketModel(RuleBasedStateMachine):
             else:
                 assert exc.code == gate, (type(event).__name__, actor, exc.code, gate, exc.message)
             assert "/" not in exc.message  # no paths (nor anything path-like) in user-facing messages
-            reason = f"{type(event).__name__}: {exc.code} {exc.message}"
+            assert exc.reason is not None and clean_reason(exc.reason) == exc.reason, exc.message
+            reason = f"{type(event).__name__}: {exc.code} {exc.reason}"
             BOOK_REFUSALS[reason] += 1
             hypothesis_event(f"refused {reason}")
             return None
@@ -744,7 +745,7 @@ class MarketModel(RuleBasedStateMachine):
         assert all(t.budget <= limits.max_task_budget for t in self.book.tasks.values())
 
 
-# Refusals the model saw, by event and reason (``code message``), over every run of the model.
+# Refusals the model saw, by event, code and stable reason, over every run of the model.
 BOOK_REFUSALS: Counter[str] = Counter()
 
 
