@@ -15,9 +15,11 @@ between streams, gossip, the book, the ledger and the chain:
 * ``closeout`` -- wait for the lock to close (sleeping until woken or the next deadline), book it;
   the sweep that expires open tasks and forgets finished ones;
 * ``handler`` -- :class:`TaskMarket`, which joins the roles and dispatches each request;
-* ``protocols.task_wire`` -- the wire models. Every node keeps its own book and applies each event it learns of
-with the actor the event is authenticated as: the stream's remote peer, or the signer of an
-envelope; ``SYSTEM`` for its own timers and chain confirmations.
+* ``protocols.task_wire`` -- the wire models.
+
+Every node keeps its own book and applies each event it learns of with the actor the event is
+authenticated as: the stream's remote peer, or the signer of an envelope; ``SYSTEM`` for its own
+timers and chain confirmations.
 
 Flow (``C`` creator, ``B`` bidder, ``A`` arbiter)::
 
@@ -31,7 +33,7 @@ Flow (``C`` creator, ``B`` bidder, ``A`` arbiter)::
                    is queued once the book's dispute window passed and the chain is not disputed
     B|C dispute -> chain dispute, ledger open_dispute, DisputeCase -> A, DisputeRequest -> other
     A resolve   -> chain resolve (arbiter wallet), ResolutionRequest -> C and B
-    close-out   -> each party watches the lock until the chain says ``closed``, then records the
+    close-out   -> each party waits for the lock until the chain says ``closed``, then records the
                    outcome (ledger dispute resolution, a reconciling refund settlement that books
                    what the chain moved), applies Settle/Refund and closes the task.
 
