@@ -1,5 +1,11 @@
 """The task market: six small state machines as data, and one pure book that applies them.
 
+The rule of the market wing: every decision that can refuse is a pure function or method here, in
+``task_checks`` (what the adapter fetched: envelopes, artifacts, the escrow lock, the close-out's
+next step) or in ``escrow_lock``, taking facts as plain data and answering with a typed verdict or
+typed effects; a refusal carries a stable code and reason. The adapters (``protocols/task/``) only
+fetch, ask and act. The vocabulary (states, tables, events, effects, records) is ``task_model``.
+
 Machines (anything not in a table is refused with ``E_CONFLICT``)::
 
     TaskOrder   task_open --award--> task_awarded --close--> task_closed
