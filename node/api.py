@@ -180,6 +180,13 @@ class LedgerVerifyReply(AuditReport):
     """The audit chain recomputed from its first entry."""
 
 
+class MismatchAckReply(BaseModel):
+    """The operator acknowledged the flagged escrows: they stay flagged in the ledger, no longer alert."""
+
+    acknowledged: int = Field(description="escrows acknowledged by this call")
+    mismatches: EscrowMismatches = Field(description="what still counts as a mismatch (flagged since)")
+
+
 class ErrorBody(BaseModel):
     code: ErrorCode
     message: str
@@ -219,6 +226,8 @@ class NodeView(OpenAINode, TaskNode, Protocol):
     async def ledger_summary(self, since_day: str | None) -> LedgerSummaryReply: ...
 
     async def ledger_verify(self) -> LedgerVerifyReply: ...
+
+    async def ack_escrow_mismatches(self) -> MismatchAckReply: ...
 
     async def open_lease(self, body: OpenLeaseBody) -> LeaseView: ...
 
@@ -410,6 +419,10 @@ def create_app(
     @app.get("/api/ledger/verify")
     async def ledger_verify() -> LedgerVerifyReply:
         return await node.ledger_verify()
+
+    @app.post("/api/ledger/mismatches/ack")
+    async def ack_escrow_mismatches() -> MismatchAckReply:
+        return await node.ack_escrow_mismatches()
 
     @app.get("/metrics")
     async def metrics() -> Response:

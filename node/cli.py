@@ -461,6 +461,20 @@ def ledger(ctx: click.Context, data_dir: str | None, show: str | None, limit: st
     _print(body, as_json, lines)
 
 
+@ledger.command(name="ack-mismatches")
+@data_dir_option
+@json_option
+@click.pass_context
+def ledger_ack_mismatches(ctx: click.Context, data_dir: str | None, as_json: bool) -> None:
+    """Acknowledge the escrows the chain does not know (see `clawnode status`): they stay flagged in the
+    ledger, the EscrowLedgerMismatch alert resolves."""
+    group = ctx.parent.params if ctx.parent is not None else {}
+    body = _call_api(data_dir or group.get("data_dir"), "/api/ledger/mismatches/ack", method="POST")
+    as_json = as_json or bool(group.get("as_json"))
+    left = body["mismatches"]["count"]
+    _print(body, as_json, [f"acknowledged {body['acknowledged']} flagged escrow(s); {left} left"])
+
+
 @ledger.command(name="verify")
 @data_dir_option
 @json_option

@@ -50,6 +50,7 @@ from node.api import (
     LeasesReply,
     LedgerSummaryReply,
     LedgerVerifyReply,
+    MismatchAckReply,
     MoneyTotals,
     OpenLeaseBody,
     PeerReply,
@@ -796,6 +797,15 @@ class Node:
     async def ledger_verify(self) -> LedgerVerifyReply:
         report = await self.ledger.verify_audit()
         return LedgerVerifyReply.model_validate(report.model_dump())
+
+    async def ack_escrow_mismatches(self) -> MismatchAckReply:
+        """The operator has looked at the flagged escrows: they stop counting (gauge, alert, status)."""
+        acknowledged = await self.ledger.acknowledge_mismatches()
+        mismatches = await self.ledger.escrow_mismatches()
+        if self.reconciler is not None:
+            self.reconciler.mismatches = mismatches
+        log.info("%d flagged escrow(s) acknowledged by the operator", acknowledged)
+        return MismatchAckReply(acknowledged=acknowledged, mismatches=mismatches)
 
     # the lease market, driven by the API
 

@@ -17,12 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
 
+import httpx
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from node.cli import _escrow_mismatch_lines
 from node.daemon import Node
+from node.datadir import read_api_token
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import Chain, EscrowClient
 from runtime.escrow.reconcile import FLAG_REASONS, ChainEscrow, ChainPhase, LedgerRow, RowKind, RowState, judge
@@ -120,6 +123,9 @@ def test_a_flagged_settlement_is_never_retried_and_moves_are_checked(tmp_path: P
     assert refused.value.reason == "invariant_settlement_transition"
     assert store.escrow_mismatches().count == 1
     assert store.escrow_mismatches().escrow_ids == ["0x01010101…"]
+    assert store.acknowledge_mismatches() == 1  # the operator looked: it stops counting, stays flagged
+    assert store.escrow_mismatches().count == 0 and store.acknowledge_mismatches() == 0
+    assert store.get_settlement(refund.settlement_id).state == "flagged"
 
     payer, escrow_id = "0x" + "ab" * 20, "0x" + "01" * 32
     store.lock_intent(contract="0x" + "cd" * 20, payer=payer, escrow_id=escrow_id, amount=100)
@@ -223,6 +229,18 @@ async def test_a_chain_reset_is_flagged_not_retried_and_new_leases_lock_with_fre
         again = await provider.reconciler.reconcile_once()
         assert again.flagged == 0 and not again.full
 
+        # `clawnode status` says it in one line; the operator acknowledges and the alert resolves.
+        assert _escrow_mismatch_lines(provider.status().model_dump()) == [
+            f"escrow flagged 1 escrow(s) the chain does not know, not retried (0x{lease.lease_id[:8]}…)"
+        ]
+        acked = (await _post(provider, "/api/ledger/mismatches/ack")).json()
+        assert acked == {"acknowledged": 1, "mismatches": {"count": 0, "escrow_ids": []}}
+        assert (await provider.ledger.get_settlement(claim.settlement_id)).state == "flagged"  # kept as it was
+        assert metric_samples((await _get(provider, "/metrics")).text)["clawnode_escrow_ledger_mismatches"] == 0
+        await provider.alerting.evaluate_once()
+        assert "EscrowLedgerMismatch" not in {a.name for a in provider.alerting.reply().alerts}
+        assert _escrow_mismatch_lines(provider.status().model_dump()) == []
+
         # A new lease right after the reset: the lock goes out with the chain's nonce, and lands.
         resyncs = client.nonce_resyncs
         with trio.fail_after(10):
@@ -274,11 +292,11 @@ async def test_a_lock_that_lands_after_its_receipt_wait_gave_up_is_refunded(anvi
         assert (await consumer.reconciler.reconcile_once()).refunds == 0  # once
 
 
-async def _get(node: Node, path: str) -> Any:
-    import httpx
-
-    from node.datadir import read_api_token
-
+async def _get(node: Node, path: str, method: str = "GET") -> Any:
     token = await trio.to_thread.run_sync(read_api_token, node.data_dir)
     async with httpx.AsyncClient() as http:
-        return await http.get(f"{node.api_url}{path}", headers={"authorization": f"Bearer {token}"})
+        return await http.request(method, f"{node.api_url}{path}", headers={"authorization": f"Bearer {token}"})
+
+
+async def _post(node: Node, path: str) -> Any:
+    return await _get(node, path, method="POST")

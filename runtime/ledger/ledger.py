@@ -244,6 +244,9 @@ class Ledger:
     async def escrow_mismatches(self) -> EscrowMismatches:
         return await self._run(self.store.escrow_mismatches)
 
+    async def acknowledge_mismatches(self) -> int:
+        return await self._run(self.store.acknowledge_mismatches)
+
     def lock_journal(self) -> LedgerLockJournal:
         """The escrow client's ``LockJournal``: records each lock before it is sent (on the chain's thread)."""
         return LedgerLockJournal(self)

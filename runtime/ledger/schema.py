@@ -198,6 +198,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX settlements_due ON settlements (state, next_attempt_at);
     CREATE INDEX settlements_finished ON settlements (finished_at);
     """,
+    # 6: the operator's acknowledgement of flagged escrows (``clawnode ledger ack-mismatches``): the rows stay
+    # flagged, the escrow no longer counts as a mismatch (gauge, alert, status)
+    """
+    CREATE TABLE escrow_mismatch_acks (
+        escrow_id TEXT PRIMARY KEY,
+        acked_at INTEGER NOT NULL
+    );
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

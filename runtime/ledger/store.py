@@ -1208,17 +1208,35 @@ class LedgerStore:
             self._move_lock(conn, payer, escrow_id, current, "flagged", self._clock(), reason=reason)
             self._audit(conn, "lock.flagged", escrow_id, {"from": current, "reason": reason})
 
+    _FLAGGED_ESCROWS = (
+        "SELECT escrow_id, MIN(at) FROM ("
+        " SELECT escrow_id, updated_at AS at FROM escrow_locks WHERE state = 'flagged'"
+        " UNION ALL SELECT json_extract(params, '$.escrow_id'), finished_at FROM settlements"
+        " WHERE state = 'flagged') WHERE escrow_id IS NOT NULL"
+        " AND escrow_id NOT IN (SELECT escrow_id FROM escrow_mismatch_acks)"
+        " GROUP BY escrow_id ORDER BY MIN(at), escrow_id"
+    )
+
     def escrow_mismatches(self, *, show: int = 5) -> EscrowMismatches:
-        """How many escrows have a flagged lock or settlement, and the first ``show`` ids (truncated)."""
+        """How many escrows have a flagged lock or settlement the operator has not acknowledged, and the
+        first ``show`` ids (truncated)."""
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT escrow_id, MIN(at) FROM ("
-                " SELECT escrow_id, updated_at AS at FROM escrow_locks WHERE state = 'flagged'"
-                " UNION ALL SELECT json_extract(params, '$.escrow_id'), finished_at FROM settlements"
-                " WHERE state = 'flagged') GROUP BY escrow_id ORDER BY MIN(at), escrow_id"
-            ).fetchall()
-        ids = [str(escrow_id)[:10] + "…" for escrow_id, _ in rows[:show] if escrow_id]
+            rows = conn.execute(self._FLAGGED_ESCROWS).fetchall()
+        ids = [str(escrow_id)[:10] + "…" for escrow_id, _ in rows[:show]]
         return EscrowMismatches(count=len(rows), escrow_ids=ids)
+
+    def acknowledge_mismatches(self) -> int:
+        """The operator has looked at every flagged escrow: they stop counting as mismatches (their rows
+        stay flagged, and the acknowledgement is audited). Returns how many escrows were acknowledged."""
+        with self._tx() as conn:
+            ids = [str(row[0]) for row in conn.execute(self._FLAGGED_ESCROWS).fetchall()]
+            now = self._clock()
+            conn.executemany(
+                "INSERT INTO escrow_mismatch_acks (escrow_id, acked_at) VALUES (?, ?)", [(i, now) for i in ids]
+            )
+            if ids:
+                self._audit(conn, "mismatch.acknowledged", "escrow", {"escrow_ids": ids})
+        return len(ids)
 
     # -- audit --
 
