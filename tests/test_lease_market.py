@@ -170,6 +170,8 @@ async def test_a_restarted_provider_keeps_serving_its_leases(tmp_path: Path) -> 
             consumer.host.get_peerstore().add_addrs(provider.host.get_id(), provider.host.get_addrs(), 3600)
             view = await consumer.market.open_lease(str(provider.host.get_id()), WORDS, budget=WORD_PRICE * 100)
             assert (await consumer.market.call(view.lease_id, {"prompt": PROMPT})).units == 10
+            # The process dies with a call in flight: its pending meter row is left behind.
+            await provider.ledger.reserve_call(view.lease_id, "cut-by-the-crash", reserved_units=50)
             nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
@@ -182,7 +184,9 @@ async def test_a_restarted_provider_keeps_serving_its_leases(tmp_path: Path) -> 
             with trio.fail_after(10):
                 while (lease := await provider.ledger.get_lease(view.lease_id)).metered_units < 13:
                     await trio.sleep(0.05)
+            # The restart settled the cut call at 0 units (never more than the consumer could count).
             assert lease.metered_units == 13 and lease.state == "open"
+            assert await provider.ledger.pending_calls() == []
 
             async def countersigned() -> int:
                 receipts = await provider.ledger.list_receipts(view.lease_id)
