@@ -30,6 +30,9 @@ into phases (shares of the length): warm-up 15 %, chain freeze 15 %, after 15 %,
 - disk full: a filler file takes every free byte of the primary's tmpfs for ``--disk-full-s`` (default
   as the freeze), then is deleted.
 
+Faults never overlap: a phase starts at its planned time or when the previous fault healed, whichever
+is later.
+
 A fault's own window runs from its injection until it healed plus ``--grace-s`` (default 2 s: the time
 the issue allows a restarted provider to be called again). A failed request is "in a fault" when its
 [start, end] overlaps a fault's window, else "outside". A request fails when the reply is not a 200
@@ -332,11 +335,17 @@ async def inject(soak: Soak, kind: str, anvil_proc: Any, primary: DaemonProcess,
         try:
             await trio.to_thread.run_sync(primary.kill)
             await trio.sleep(args.down_s)
-            await trio.to_thread.run_sync(primary.start, 60.0)
+            try:
+                await trio.to_thread.run_sync(primary.start, 60.0)
+            except (RuntimeError, TimeoutError) as error:
+                log(f"the primary did not come back ({type(error).__name__}); trying once more:\n{error}"[-3000:])
+                fault.note = "the first restart failed; "
+                await trio.to_thread.run_sync(primary.kill)
+                await trio.to_thread.run_sync(primary.start, 60.0)
         finally:
             soak.killing = False
         fault.healed = time.monotonic()
-        fault.note = f"back after {fault.healed - fault.started:.1f} s"
+        fault.note += f"back after {fault.healed - fault.started:.1f} s"
     elif kind == "disk":
         log(f"t={at:.0f}s disk full: filling the primary's {args.disk} tmpfs for {args.disk_full_s:.0f} s")
         filler = await trio.to_thread.run_sync(_fill, disk)
@@ -349,18 +358,21 @@ async def inject(soak: Soak, kind: str, anvil_proc: Any, primary: DaemonProcess,
     log(f"{kind} healed after {(fault.healed or 0) - fault.started:.1f} s; primary alive: {alive}")
 
 
-async def schedule(soak: Soak, anvil_proc: Any, primary: DaemonProcess, disk: Path) -> None:
-    total = soak.args.minutes * 60
-    at = soak.t0
-    for name, share, _ in PHASES:
-        soak.phases.append((name, at, at + share * total))
-        at += share * total
-    async with trio.open_nursery() as nursery:
-        for (name, start, _), (_, _, kind) in zip(soak.phases, PHASES, strict=True):
-            await trio.sleep_until(trio.current_time() + max(0.0, start - time.monotonic()))
-            log(f"t={start - soak.t0:.0f}s phase: {name}")
-            if kind is not None:
-                nursery.start_soon(inject, soak, kind, anvil_proc, primary, disk)
+async def schedule(soak: Soak, anvil_proc: Any, primary: DaemonProcess, disk: Path, until: float) -> None:
+    """The phases one after another; faults never overlap: a phase starts at its planned time or when
+    the previous fault healed, whichever is later (a slow restart shortens the phases after it)."""
+    planned = soak.t0
+    for name, share, kind in PHASES:
+        await trio.sleep(max(0.0, planned - time.monotonic()))
+        start = time.monotonic()
+        if soak.phases:
+            previous, previous_start, _ = soak.phases[-1]
+            soak.phases[-1] = (previous, previous_start, start)
+        soak.phases.append((name, start, until))
+        log(f"t={start - soak.t0:.0f}s phase: {name}")
+        if kind is not None and start < until:
+            await inject(soak, kind, anvil_proc, primary, disk)
+        planned += share * soak.args.minutes * 60
 
 
 async def wait_until(what: str, timeout_s: float, check: Any) -> bool:
@@ -588,7 +600,7 @@ async def run(args: argparse.Namespace, root: Path) -> int:
         until = soak.t0 + args.minutes * 60
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sampler, soak, daemons, until)
-            nursery.start_soon(schedule, soak, anvil_proc, daemons["primary"], disk)
+            nursery.start_soon(schedule, soak, anvil_proc, daemons["primary"], disk, until)
             for index in range(args.clients):
                 nursery.start_soon(agent, soak, running.api_url, token, index, until)
         log("traffic stopped; final settlement")
@@ -607,9 +619,20 @@ def report(soak: Soak, figures: dict[str, Any], names: dict[str, str]) -> int:
     args = soak.args
     for line in phase_table(soak, names):
         log(line)
+    primary = next((peer for peer, name in names.items() if name == "primary"), "")
     for fault in soak.faults:
         start, end = soak.window(fault)
-        log(f"fault {fault.kind}: window t={start - soak.t0:.1f}..{end - soak.t0:.1f} s {fault.note}")
+        healed = fault.healed if fault.healed is not None else math.inf
+        back = min(
+            (r.ended for r in soak.requests if r.ok and r.started >= healed and r.served_by[-1:] == (primary,)),
+            default=None,
+        )
+        served = "never" if back is None else f"+{back - healed:.1f} s"
+        log(
+            f"fault {fault.kind}: window t={start - soak.t0:.1f}..{end - soak.t0:.1f} s; "
+            f"{fault.note}{'; ' * bool(fault.note)}"
+            f"first request answered by the primary after it healed: {served}"
+        )
     failed = [r for r in soak.requests if not r.ok]
     outside = [r for r in failed if not soak.in_fault(r)]
     for request in failed[:40]:
