@@ -64,8 +64,8 @@ def test_the_rule_never_refunds_what_the_chain_does_not_hold_and_flags_only_with
 ) -> None:
     verdict = judge(row, chain)
     if verdict.action in ("refund", "resume"):
-        assert chain.phase != "none"  # only an escrow the chain holds is refunded
-        assert row.kind in ("lock", "refund")
+        assert chain.phase != "none"  # only an escrow the chain holds is refunded or settled again
+        assert row.kind == "lock" if verdict.action == "refund" else row.state == "failed"
     if verdict.action == "flag":
         assert verdict.reason in FLAG_REASONS
     if chain.phase == "none":
@@ -93,6 +93,9 @@ def test_the_rule_on_a_reset_chain_and_on_a_late_lock() -> None:
     assert judge(LedgerRow("lock", "unknown"), active).action == "refund"
     assert judge(LedgerRow("lock", "unknown", lease_open=True), active).action == "wait"
     assert judge(LedgerRow("refund", "failed", last_error="not_found"), active).action == "resume"
+    # A claim that gave up while the escrow was not there (a wrong contract then) is tried again.
+    assert judge(LedgerRow("claim", "failed", last_error="no_escrow_contract"), active).action == "resume"
+    assert judge(LedgerRow("claim", "failed", last_error="bad_signature"), active).action == "ok"
 
 
 # -- the ledger's moves --
@@ -119,13 +122,19 @@ def test_a_flagged_settlement_is_never_retried_and_moves_are_checked(tmp_path: P
     assert store.due_settlements(2**40) == []  # retries stop
     assert store.mark_landed(refund.settlement_id, tx_hash=None, released_total=0).state == "flagged"
     with pytest.raises(LedgerError) as refused:
-        store.resume_refund(refund.settlement_id)
+        store.resume_settlement(refund.settlement_id)
     assert refused.value.reason == "invariant_settlement_transition"
     assert store.escrow_mismatches().count == 1
     assert store.escrow_mismatches().escrow_ids == ["0x01010101…"]
     assert store.acknowledge_mismatches() == 1  # the operator looked: it stops counting, stays flagged
     assert store.escrow_mismatches().count == 0 and store.acknowledge_mismatches() == 0
     assert store.get_settlement(refund.settlement_id).state == "flagged"
+
+    withdraw = store.enqueue_withdraw(idempotency_key="w1")
+    store.mark_failed(withdraw.settlement_id, error="not_found")
+    with pytest.raises(LedgerError) as not_resumable:
+        store.resume_settlement(withdraw.settlement_id)  # only claims, releases and refunds come back
+    assert not_resumable.value.reason == "invariant_settlement_transition"
 
     payer, escrow_id = "0x" + "ab" * 20, "0x" + "01" * 32
     store.lock_intent(contract="0x" + "cd" * 20, payer=payer, escrow_id=escrow_id, amount=100)

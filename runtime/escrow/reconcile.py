@@ -13,8 +13,9 @@ Actions:
   claim or refund the chain never saw): stop retrying it, alert, show it to the operator;
 - ``refund``: a lock the ledger did not count as landed is on chain (its receipt wait timed out, a
   stale transaction landed later): queue its refund so no wei stays locked;
-- ``resume``: a refund that gave up (the escrow was not there yet) now has an escrow to refund:
-  queue it again.
+- ``resume``: a settlement that gave up because the escrow was not there (not yet, or the contract
+  was wrong then) now has its escrow on chain: queue it again (every amount is cumulative, so a
+  claim or refund sent again cannot pay twice).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ _TABLE: dict[tuple[RowKind, RowState, ChainClass], tuple[Action, str]] = {
     ("claim", "landed", "open"): ("ok", "refine"),
     ("claim", "landed", "closed"): ("ok", "refine"),
     ("claim", "failed", "none"): ("ok", "refine"),
-    ("claim", "failed", "open"): ("ok", "gave_up"),
+    ("claim", "failed", "open"): ("ok", "refine"),
     ("claim", "failed", "closed"): ("ok", "gave_up"),
     ("release", "pending", "none"): ("flag", "escrow_unknown"),
     ("release", "pending", "open"): ("ok", "queued"),
@@ -110,7 +111,7 @@ _TABLE: dict[tuple[RowKind, RowState, ChainClass], tuple[Action, str]] = {
     ("release", "landed", "open"): ("ok", "refine"),
     ("release", "landed", "closed"): ("ok", "refine"),
     ("release", "failed", "none"): ("ok", "refine"),
-    ("release", "failed", "open"): ("ok", "gave_up"),
+    ("release", "failed", "open"): ("ok", "refine"),
     ("release", "failed", "closed"): ("ok", "gave_up"),
     # -- refunds (the payer's rest) --
     ("refund", "pending", "none"): ("flag", "refine"),
@@ -139,6 +140,10 @@ def judge(row: LedgerRow, chain: ChainEscrow) -> Verdict:
     if reason != "refine":
         return Verdict(action, reason)
     if row.kind in ("claim", "release"):
+        if row.state == "failed" and chain.phase != "none":  # the escrow it gave up on is there now
+            return (
+                Verdict("resume", "escrow_back") if row.last_error in _GAVE_UP_NOT_THERE else Verdict("ok", "gave_up")
+            )
         if row.state == "failed":  # chain "none": flag only a row that gave up because the escrow was not there
             gave_up_for_it = row.last_error in _GAVE_UP_NOT_THERE
             return Verdict("flag", "escrow_unknown") if gave_up_for_it else Verdict("ok", "gave_up")

@@ -232,8 +232,8 @@ class Ledger:
     async def flag_settlement(self, settlement_id: str, *, reason: str) -> Settlement:
         return await self._run(self.store.flag_settlement, settlement_id, reason=reason)
 
-    async def resume_refund(self, settlement_id: str) -> Settlement:
-        return await self._run(self.store.resume_refund, settlement_id)
+    async def resume_settlement(self, settlement_id: str) -> Settlement:
+        return await self._run(self.store.resume_settlement, settlement_id)
 
     async def refund_landed_lock(self, payer: str, escrow_id: str) -> Settlement | None:
         return await self._run(self.store.refund_landed_lock, payer, escrow_id)

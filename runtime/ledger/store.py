@@ -1159,13 +1159,13 @@ class LedgerStore:
             self._audit(conn, "settlement.flagged", settlement_id, {"from": current.state, "reason": reason})
             return self._settlement(conn, settlement_id)
 
-    def resume_refund(self, settlement_id: str) -> Settlement:
-        """A refund that gave up (no escrow yet) has an escrow on chain now: queue it again."""
+    def resume_settlement(self, settlement_id: str) -> Settlement:
+        """A claim, release or refund that gave up (no escrow then) has its escrow on chain now: queue it again."""
         with self._tx() as conn:
             current = self._settlement(conn, settlement_id)
             if current.state == "pending":
                 return current
-            if current.kind != "refund" or "pending" not in _SETTLEMENT_MOVES.get(current.state, ()):
+            if current.kind == "withdraw" or "pending" not in _SETTLEMENT_MOVES.get(current.state, ()):
                 raise errors.invariant(
                     "settlement_transition", f"a {current.kind} cannot go from {current.state} back to pending"
                 )
@@ -1192,7 +1192,7 @@ class LedgerStore:
         # The refund first, then the lock's move: a crash between leaves the lock to be found again.
         refund = self.enqueue_refund(str(row[0]))
         if refund.state == "failed":
-            refund = self.resume_refund(refund.settlement_id)
+            refund = self.resume_settlement(refund.settlement_id)
         with self._tx() as conn:
             current = self._lock_state(conn, payer, escrow_id)
             if current is not None and current != "refunding":
@@ -1269,7 +1269,7 @@ _LOCK_MOVES: dict[str, frozenset[str]] = {
     "flagged": frozenset(),
 }
 # The reconciliation's moves of a settlement: any row the chain contradicts is flagged (final); a
-# refund that gave up is resumed when its escrow turns up on chain.
+# claim, release or refund that gave up is resumed when its escrow turns up on chain.
 _SETTLEMENT_MOVES: dict[str, frozenset[str]] = {
     "pending": frozenset({"flagged"}),
     "landed": frozenset({"flagged"}),

@@ -10,7 +10,9 @@ not yet final or changed lately, pending claims/releases/refunds, those that lan
   ``clawnode_escrow_ledger_mismatches`` gauge and ``EscrowLedgerMismatch`` alert show it, and so do
   ``clawnode status`` and the status API (count and truncated escrow ids);
 - a lock that landed while the ledger counted it as failed or unknown (its receipt wait timed out):
-  its refund is queued (or a refund that gave up is resumed), so no wei stays locked.
+  its refund is queued (or a refund that gave up is resumed), so no wei stays locked;
+- a claim, release or refund that gave up because its escrow was not there (not yet, or the
+  contract was wrong then) is queued again once the escrow is on chain.
 
 A pass is skipped while the chain is unreachable or the contract is not the escrow: nothing is
 flagged for a chain that cannot be asked. Rows that landed are compared only in the first pass and
@@ -49,6 +51,7 @@ class ReconcileReport:
     compared: int = 0
     flagged: int = 0
     refunds: int = 0
+    resumed: int = 0
     skipped: str | None = None  # why the pass did not compare ("chain_unavailable", ...)
     full: bool = False  # rows that landed were compared too (first pass, or the chain went back)
     actions: list[tuple[str, str, str]] = field(default_factory=list)  # (action, row key, reason)
@@ -137,12 +140,10 @@ class Reconciler:
                     "a lock counted as not landed is on chain (escrow %s…): its refund is queued", row.escrow_id[:10]
                 )
             elif verdict.action == "resume":
-                await self.ledger.resume_refund(row.key)
-                report.refunds += 1
+                await self.ledger.resume_settlement(row.key)
+                report.resumed += 1
                 woke = True
-                log.warning(
-                    "escrow %s… turned up on chain after its refund gave up: refund resumed", row.escrow_id[:10]
-                )
+                log.warning("escrow %s… is on chain after its %s gave up: resumed", row.escrow_id[:10], row.kind)
         if woke and self._wake_settlement is not None:
             self._wake_settlement()
         self.mismatches = await self.ledger.escrow_mismatches()
