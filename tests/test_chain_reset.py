@@ -252,12 +252,18 @@ async def test_a_chain_reset_is_flagged_not_retried_and_new_leases_lock_with_fre
 
         # A new lease right after the reset: the lock goes out with the chain's nonce, and lands.
         resyncs = client.nonce_resyncs
+        started = trio.current_time()
         with trio.fail_after(10):
             fresh = await consumer.market.open_lease(peer, WORDS, budget=WORD_PRICE * 50, duration_s=30)
+        opened_s = trio.current_time() - started
         assert client.nonce_resyncs > resyncs
         state = await chain.run(client.get, client.account.address, bytes.fromhex(fresh.lease_id))
         assert state.phase == "active" and state.amount == WORD_PRICE * 50
         assert (await consumer.market.call(fresh.lease_id, {"prompt": "one two three"})).units == 3
+        print(
+            f"chain reset: the first lease after it opened (lock mined) in {opened_s:.2f} s,"
+            f" nonce resyncs {client.nonce_resyncs}"
+        )
 
 
 @needs_anvil
