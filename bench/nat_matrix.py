@@ -7,16 +7,25 @@ Usage (Linux, root, ``ip``, ``nft``, Debian's ``miniupnpd``)::
     python bench/nat_matrix.py --loss 5              # every router drops 5 % of what it forwards
 
 Real ``clawnode start`` daemons in network namespaces (``node.natmatrix``, the same code as
-``clawnode nat-test --full``): per pair, A asks B for its signed record; recorded are both AutoNAT
-verdicts, B's relay reservations, whether data came back, and how A ended up connected (direct by
-UPnP/port forward, hole punch, relay only). Printed: the table, then the figures the issue names:
+``clawnode nat-test --full``), every home node on the shipped defaults (``0.0.0.0``, default
+AutoNAT, relay, UPnP and hole-punch settings): per pair, A asks B for its signed record; recorded
+are both AutoNAT verdicts, B's relay reservations, whether data came back, and how A ended up
+connected (direct by UPnP/port forward, hole punch, over the LAN, relay only). Besides the 16 NAT
+pairs, UPnP behind each type and a port forward: double NAT (a carrier-grade NAT in front of the
+home router, with and without UPnP there), two nodes behind one router, and relay loss (B's two
+relays killed one after the other, the last one restarted). Printed: the table, then the figures:
 
 - ``direct rate``: pairs where a direct path exists (no symmetric NAT facing a port-restricted or
-  symmetric one) that ended on a hole-punched connection (goal >= 90 %);
+  symmetric one; double NAT included, as the NATs add up; the same-LAN pair) that ended direct
+  (goal >= 90 %);
 - ``relay fallback``: every run without a direct connection that still exchanged data over the
   relay (goal 100 %);
 - ``mapped direct``: UPnP / port-forward runs reached directly;
-- hole punch time p50 (DCUtR start to a verified direct connection).
+- ``first data p50``: from the later of A's and B's start to A's first record answered live by B
+  (goal < 10 s); hole punch time p50 (DCUtR start to a verified direct connection);
+- ``relay recovery``: from the restarted relay's start to B's reservation on it again (goal < 10 s).
+
+The last line is ``nat_matrix: direct_rate=… relay_fallback=… first_data_p50_s=… relay_recovery_s=…``.
 """
 
 from __future__ import annotations
@@ -66,6 +75,8 @@ def main() -> int:
         f"relay fallback {summary['relay_fallback']} = {summary['relay_fallback_rate']} (goal 1.0) | "
         f"mapped direct {summary['mapped_direct']} | QUIC direct {summary['quic_direct']} | "
         f"hole punch p50 {summary['hole_punch_seconds_p50']} s | "
+        f"first data p50 {summary['first_data_p50_s']} s (max {summary['first_data_max_s']} s) | "
+        f"double NAT told {summary['double_nat_told']} | relay loss ok {summary['relay_loss_ok']} | "
         f"loss {args.loss} % | {time.monotonic() - started:.0f} s"
     )
     if args.json is not None:
@@ -75,6 +86,7 @@ def main() -> int:
             "results": [r.model_dump(mode="json") for r in results],
         }
         args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    print(natmatrix.summary_line(summary))
     return 0
 
 

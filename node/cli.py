@@ -835,11 +835,17 @@ def demo(tiny: bool, as_json: bool) -> None:
     "--case",
     "cases",
     multiple=True,
-    metavar="NAT_A:NAT_B[+upnp|+port-forward][/quic]",
-    help="A pair to run, NAT types full-cone | address-restricted | port-restricted | symmetric; "
-    "/quic: QUIC listeners beside TCP (repeatable; default: the short matrix).",
+    metavar="NAT_A:NAT_B[+upnp|+port-forward][/quic][@lan] | same-lan[:NAT] | relay-loss",
+    help="A pair to run, NAT types full-cone | address-restricted | port-restricted | symmetric, "
+    "cgn-NAT: behind a carrier-grade NAT too (double NAT); /quic: QUIC listeners beside TCP; same-lan: "
+    "two nodes behind one router; relay-loss: a node's relays killed and one restarted "
+    "(repeatable; default: the short matrix).",
 )
-@click.option("--full", is_flag=True, help="Every pair of NAT types, UPnP on each, and a port forward.")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Every pair of NAT types, UPnP on each, a port forward, double NAT, same LAN, relay loss.",
+)
 @click.option("--quic", is_flag=True, help="With --full: the 16 pairs and the UPnP cases again with QUIC listeners.")
 @click.option("--repetitions", type=click.IntRange(1, 20), default=1, help="Runs per case (default 1).")
 @click.option("--parallel", type=click.IntRange(1, 12), default=4, help="Cases run at once (default 4).")

@@ -33,6 +33,8 @@ INTERNET_SUBNET = ipaddress.ip_network("203.0.113.0/24")  # TEST-NET-3 (RFC 5737
 RELAY_IP = "203.0.113.2"
 HELPER_IPS = ("203.0.113.11", "203.0.113.12", "203.0.113.13", "203.0.113.14")
 ROUTER_WAN_BASE = 100  # router i (1-based) gets 203.0.113.(100 + i) on its WAN side
+CARRIER_WAN_BASE = 150  # the carrier-grade NAT in front of router i: 203.0.113.(150 + i)
+CARRIER_SUBNET = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598 shared address space, inside a carrier
 STUN_PORT = 3478
 STUN_ALT_PORT = 3479
 
@@ -187,6 +189,7 @@ table ip clawnat {{
 {loss}
         ct state established,related accept
         iifname "{lan}" oifname "{wan}" accept
+        iifname "{lan}" oifname "{lan}" accept
         iifname "{wan}" oifname "{lan}" ct status dnat accept
     }}
 }}
@@ -315,6 +318,14 @@ class Router:
     loss_percent: int = 0
     wan_if: str = "wan0"
     lan_if: str = "lan0"
+    # A carrier-grade NAT in front of this router (double NAT): the router's WAN is then
+    # 100.64.i.2 behind the carrier's ``lan0`` (100.64.i.1), and the carrier holds the public address.
+    carrier: Router | None = None
+
+    @property
+    def public_ip(self) -> str:
+        """The address the internet sees this router's LAN behind: the carrier's, if there is one."""
+        return self.carrier.wan_ip if self.carrier is not None else self.wan_ip
 
 
 _LIVE: weakref.WeakSet[Topology] = weakref.WeakSet()
@@ -334,6 +345,11 @@ class Topology:
     (203.0.113.11-14); per router ``rN``: ``P-rN`` with ``wan0`` (203.0.113.(100+N)) and ``lan0``
     (192.168.N.1/24), and LAN hosts ``P-rN-a``, ``P-rN-b``... (192.168.N.10, .11, ...) whose
     default route is the router. Nothing routes beyond 203.0.113.0/24.
+
+    ``carriers`` puts a carrier-grade NAT of the given type in front of a router (double NAT):
+    ``P-rN-cgn`` with ``wan0`` 203.0.113.(150+N) on the internet and ``lan0`` 100.64.N.1/24 facing the
+    router, whose ``wan0`` becomes 100.64.N.2 with a route to 203.0.113.0/24 via the carrier.
+    ``lan_hosts`` gives a router more (or fewer) LAN hosts than ``hosts_per_lan``.
     """
 
     def __init__(
@@ -345,12 +361,20 @@ class Topology:
         loss_percent: int = 0,
         udp_timeout: int | None = None,
         mapping_timeout: int = 300,
+        carriers: dict[str, NatType] | None = None,
+        lan_hosts: dict[str, int] | None = None,
     ) -> None:
         self.prefix = prefix or f"cnat{secrets.token_hex(3)}"
         _check_prefix(self.prefix)
         routers = routers or {"r1": NatType.PORT_RESTRICTED, "r2": NatType.PORT_RESTRICTED}
+        carriers = carriers or {}
+        lan_hosts = lan_hosts or {}
         if not 1 <= len(routers) <= 50 or not 1 <= hosts_per_lan <= 20:
             raise ValueError("1..50 routers, 1..20 hosts per LAN")
+        if not set(carriers) <= set(routers) or not set(lan_hosts) <= set(routers):
+            raise ValueError("carriers and lan_hosts name routers of this topology")
+        if any(not 1 <= n <= 20 for n in lan_hosts.values()):
+            raise ValueError("1..20 hosts per LAN")
         self.udp_timeout = udp_timeout
         self.mapping_timeout = mapping_timeout
         self.namespaces: list[str] = []
@@ -372,7 +396,19 @@ class Topology:
                 nat=NatType(nat),
                 loss_percent=loss_percent,
             )
-            for j in range(hosts_per_lan):
+            if name in carriers:
+                router.wan_ip = f"100.64.{index}.2"
+                router.carrier = Router(
+                    name=f"{name}c",
+                    ns=self._ns(f"{name}-cgn"),
+                    index=index,
+                    wan_ip=str(INTERNET_SUBNET.network_address + CARRIER_WAN_BASE + index),
+                    lan_ip=f"100.64.{index}.1",
+                    lan_subnet=f"100.64.{index}.0/24",
+                    nat=NatType(carriers[name]),
+                    loss_percent=loss_percent,
+                )
+            for j in range(lan_hosts.get(name, hosts_per_lan)):
                 letter = chr(ord("a") + j)
                 router.hosts.append(
                     Host(
@@ -431,7 +467,31 @@ class Topology:
             wire(host.ns, host.iface, host.name, host.ip)
         for router in self.routers.values():
             self._add_ns(router.ns)
-            wire(router.ns, router.wan_if, router.name, router.wan_ip)
+            carrier = router.carrier
+            if carrier is None:
+                wire(router.ns, router.wan_if, router.name, router.wan_ip)
+            else:
+                self._add_ns(carrier.ns)
+                wire(carrier.ns, carrier.wan_if, carrier.name, carrier.wan_ip)
+                ip(
+                    "link",
+                    "add",
+                    router.wan_if,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    carrier.lan_if,
+                    "netns",
+                    carrier.ns,
+                    ns=router.ns,
+                )
+                ip("addr", "add", f"{carrier.lan_ip}/24", "dev", carrier.lan_if, ns=carrier.ns)
+                ip("link", "set", carrier.lan_if, "up", ns=carrier.ns)
+                ip("addr", "add", f"{router.wan_ip}/24", "dev", router.wan_if, ns=router.ns)
+                ip("link", "set", router.wan_if, "up", ns=router.ns)
+                ip("route", "add", str(INTERNET_SUBNET), "via", carrier.lan_ip, ns=router.ns)
+                sysctl(carrier.ns, "net.ipv4.ip_forward", 1)
             for k, host in enumerate(router.hosts):
                 self._add_ns(host.ns)
                 port = f"p{k}"
@@ -472,11 +532,17 @@ class Topology:
         return self.routers[name]
 
     def set_nat(self, router_name: str, nat: NatType, *, loss_percent: int | None = None) -> None:
-        """(Re)load the router's rule set for ``nat`` and forget its conntrack state."""
+        """(Re)load the router's rule set for ``nat`` and forget its conntrack state (and its
+        carrier's, if it has one: a fresh double NAT)."""
         router = self.routers[router_name]
         router.nat = NatType(nat)
         if loss_percent is not None:
             router.loss_percent = loss_percent
+        self._load_nat(router)
+        if router.carrier is not None:
+            self._load_nat(router.carrier)
+
+    def _load_nat(self, router: Router) -> None:
         nft_load(
             router.ns,
             render_ruleset(

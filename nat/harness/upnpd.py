@@ -134,10 +134,7 @@ listening_ip={lan}
 http_port={http_port}
 enable_upnp=yes
 enable_natpmp=yes
-ext_perform_stun=yes
-ext_stun_host={stun_host}
-ext_stun_port={stun_port}
-secure_mode=yes
+{stun}secure_mode=yes
 system_uptime=no
 notify_interval=60
 clean_ruleset_interval=600
@@ -167,7 +164,7 @@ def _wait_http(router: Router, topology: Topology, deadline: float) -> None:
 
 
 def start_miniupnpd(
-    topology: Topology, router_name: str, *, timeout: float = 15.0, log_path: Path | None = None
+    topology: Topology, router_name: str, *, timeout: float = 15.0, log_path: Path | None = None, stun: bool = True
 ) -> None:
     """Start miniupnpd (UPnP IGD + NAT-PMP) in router ``router_name`` and wait until it serves.
 
@@ -182,7 +179,8 @@ def start_miniupnpd(
     if missing:
         raise HarnessError(missing)
     router = topology.router(router_name)
-    start_stun(topology)
+    if stun:
+        start_stun(topology)
     topology.exec_in(
         router.ns,
         ["nft", "-f", "-"],
@@ -196,8 +194,13 @@ def start_miniupnpd(
                 wan=router.wan_if,
                 lan=router.lan_if,
                 http_port=UPNP_HTTP_PORT,
-                stun_host=topology.relay.ip,
-                stun_port=getattr(topology, "_upnp_stun_port", UPNP_STUN_PORT),
+                stun=(
+                    "ext_perform_stun=yes\n"
+                    f"ext_stun_host={topology.relay.ip}\n"
+                    f"ext_stun_port={getattr(topology, '_upnp_stun_port', UPNP_STUN_PORT)}\n"
+                    if stun
+                    else ""
+                ),
                 index=router.index % 10,
                 name=router.name,
                 table=NFT_TABLE,

@@ -183,3 +183,33 @@ def test_namespaces_removed_on_exit_and_on_error() -> None:
 def test_bad_prefix_is_refused() -> None:
     with pytest.raises(ValueError):
         Topology(prefix="../etc")
+
+
+@needs_netns
+def test_double_nat_and_one_lan() -> None:
+    """A carrier-grade NAT in front of a full-cone router: the outside meets the stricter of the two,
+    at the carrier's address; two hosts behind one router reach each other over the LAN bridge
+    (with br_netfilter loaded the router's drop-policy forward chain used to cut them off)."""
+    with Topology({"r1": NatType.FULL_CONE}, carriers={"r1": NatType.PORT_RESTRICTED}, lan_hosts={"r1": 2}) as topology:
+        router = topology.router("r1")
+        assert router.carrier is not None and router.public_ip == router.carrier.wan_ip != router.wan_ip
+        assert router.wan_ip.startswith("100.64.")  # RFC 6598 shared space, inside the carrier
+        result = classify(topology, "r1")
+        assert result.nat_type is NatType.PORT_RESTRICTED, result.evidence
+        assert result.external_ip == router.public_ip
+        a, b = router.hosts
+        probe = "import socket,sys\ns=socket.create_connection((sys.argv[1], 7), timeout=3)\n"
+        server = topology.run_in(b.ns, [sys.executable, "-c", _LISTEN_ONCE], stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline().strip() == "READY"
+        done = topology.exec_in(a.ns, [sys.executable, "-c", probe, b.ip], check=False)
+        assert done.returncode == 0, done.stderr
+        assert server.stdout.readline().strip() == a.ip  # straight from A's LAN address: no NAT between
+
+
+_LISTEN_ONCE = """\
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 7)); s.listen(1)
+print("READY", flush=True)
+conn, peer = s.accept()
+print(peer[0], flush=True)
+"""

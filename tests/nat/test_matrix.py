@@ -2,6 +2,7 @@
 
 The namespace tests need Linux, root, `ip`, `nft` and Debian's `miniupnpd` (skipped otherwise, with
 the reason). One topology, 5 public daemons and 8 home daemons (4 pairs at once), ~2-3 minutes.
+Every home daemon runs the shipped defaults (0.0.0.0, default AutoNAT and relay settings).
 """
 
 from __future__ import annotations
@@ -52,27 +53,38 @@ def test_short_matrix_follows_what_the_nats_allow() -> None:
     assert set(by_case) == {case.label for case in natmatrix.SHORT_CASES}
 
     for result in results:
-        # AutoNAT right on both sides of every NAT: private behind it, public once UPnP maps B's port.
+        # AutoNAT right on both sides of every NAT: private behind it, public once UPnP maps B's
+        # port (unless a carrier-grade NAT sits in front of B's router: the mapping leads nowhere).
         assert result.verdict_a == "private", result
-        assert result.verdict_b == ("public" if result.mapping_b == "upnp" else "private"), result
-        # AutoNAT servers dialed each home side only at its router's public address.
+        reachable = result.mapping_b == "upnp" and not result.cgn_b
+        assert result.verdict_b == ("public" if reachable else "private"), result
+        # AutoNAT servers dialed each home side only at its router's public address (the
+        # carrier's, behind a double NAT).
         assert result.dials_only_router_ips, result.server_dials
         assert f"{result.router_b_ip}:{natmatrix.LISTEN_PORT}" in result.server_dials, result
         # Data went both ways on every pair, and again once the path had settled.
         assert result.data_exchanged and result.data_after_punch, result
         assert result.error == "" and result.ok, result
+        assert result.seconds_start_to_data is not None  # reported by the bench (no timed assertion)
 
     punched = by_case["full-cone x port-restricted"]
     assert punched.path == "hole-punch", punched
     assert punched.relay_reservations_b >= 2  # a private node holds reservations on two relays
     assert punched.seconds_to_direct is not None and punched.seconds_to_direct < 15
-    for label in ("port-restricted x symmetric", "symmetric x symmetric"):
-        relayed = by_case[label]
-        assert relayed.path == "relay", relayed  # no direct path exists: the relay carries it
-        assert relayed.relay_reservations_b >= 2
+    relayed = by_case["symmetric x symmetric"]
+    assert relayed.path == "relay", relayed  # no direct path exists: the relay carries it
+    assert relayed.relay_reservations_b >= 2
     mapped = by_case["port-restricted x port-restricted +upnp"]
     assert mapped.upnp_b == "mapped" and mapped.path == "direct", mapped
     assert mapped.relay_reservations_b == 0  # public: no relay needed
+    assert mapped.double_nat_b is False  # one NAT: the IGD's address is the one servers see
+    # Double NAT: B's home router maps by UPnP behind a carrier-grade NAT. The mapping is made but
+    # leads nowhere: status says double NAT, B stays private on its relays, and A punches through
+    # both NATs to a direct connection.
+    double = by_case["full-cone x cgn-port-restricted +upnp"]
+    assert double.upnp_b == "mapped" and double.double_nat_b is True, double
+    assert double.double_nat_reason_b == "mapping_unreachable", double
+    assert double.router_b_ip.startswith("203.0.113.1") and double.path == "hole-punch", double
 
     summary = natmatrix.summarize(results)
     assert summary["direct_rate"] == 1.0 and summary["relay_fallback_rate"] == 1.0
@@ -115,11 +127,14 @@ def test_where_a_direct_path_exists(nat_a: str, nat_b: str, direct: bool) -> Non
     assert natmatrix.parse_case(f"{nat_a}:{nat_b}+upnp").expected_path() == "direct"
 
 
-def test_full_matrix_has_every_pair_and_fits_the_topology() -> None:
+def test_full_matrix_has_every_pair_and_the_new_cases() -> None:
     cases = natmatrix.full_cases()
-    assert len({(c.nat_a, c.nat_b) for c in cases if c.mapping_b == "none"}) == 16
-    assert sum(1 for c in cases if c.mapping_b == "upnp") == 4
-    assert len(cases) <= natmatrix.MAX_CASES  # two routers per case, 50 routers at most
+    plain = [c for c in cases if c.kind == "pair" and not (c.cgn_a or c.cgn_b)]
+    assert len({(c.nat_a, c.nat_b) for c in plain if c.mapping_b == "none"}) == 16
+    assert sum(1 for c in plain if c.mapping_b == "upnp") == 4
+    double = [c for c in cases if c.cgn_a or c.cgn_b]
+    assert any(c.mapping_b == "upnp" for c in double) and any(c.mapping_b == "none" for c in double)
+    assert {c.kind for c in cases} == {"pair", "same-lan", "relay-loss"}
     with_quic = natmatrix.full_cases(quic=True)
     assert len(with_quic) == len(cases) + 16 + 4 and {c.transport for c in with_quic} == {"tcp", "quic"}
     quic = natmatrix.parse_case("symmetric:full-cone/quic")
@@ -128,7 +143,38 @@ def test_full_matrix_has_every_pair_and_fits_the_topology() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["symmetric", "cone:symmetric", "symmetric:symmetric+magic", "", "full-cone:full-cone/udp"]
+    ("text", "label", "path"),
+    [
+        ("full-cone:cgn-port-restricted", "full-cone x cgn-port-restricted", "hole-punch"),
+        ("symmetric:cgn-port-restricted", "symmetric x cgn-port-restricted", "relay"),  # the CGN filters by port
+        ("cgn-full-cone:cgn-full-cone", "cgn-full-cone x cgn-full-cone", "hole-punch"),
+        ("cgn-symmetric:cgn-full-cone", "cgn-symmetric x cgn-full-cone", "relay"),
+        # UPnP behind a carrier NAT maps a port nobody outside reaches: as without UPnP
+        ("full-cone:cgn-port-restricted+upnp", "full-cone x cgn-port-restricted +upnp", "hole-punch"),
+        ("symmetric:cgn-port-restricted+upnp", "symmetric x cgn-port-restricted +upnp", "relay"),
+        ("same-lan", "same LAN (port-restricted)", "lan"),
+        ("same-lan:symmetric", "same LAN (symmetric)", "lan"),
+        ("relay-loss", "relay loss (port-restricted)", "relay"),
+    ],
+)
+def test_double_nat_same_lan_and_relay_loss_cases(text: str, label: str, path: str) -> None:
+    case = natmatrix.parse_case(text)
+    assert case.label == label and case.expected_path() == path
+    assert case.expected_verdict_b() == "private"
+    assert natmatrix.behind(NatType.FULL_CONE, NatType.PORT_RESTRICTED) is NatType.PORT_RESTRICTED
+    assert natmatrix.behind(NatType.SYMMETRIC, NatType.FULL_CONE) is NatType.SYMMETRIC
+
+
+def test_log_lines_a_minute() -> None:
+    assert natmatrix.lines_per_minute([]) == 0
+    assert natmatrix.lines_per_minute([0.0, 10.0, 59.9, 60.0, 61.0]) == 4  # 10.0 .. 61.0: within 60 s
+    assert natmatrix.lines_per_minute([0.0, 60.0, 120.0]) == 1
+    assert natmatrix.lines_per_minute([float(i) for i in range(0, 600, 5)]) == 12
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["symmetric", "cone:symmetric", "symmetric:symmetric+magic", "", "full-cone:full-cone/udp", "cgn-:full-cone"],
 )
 def test_cli_rejects_a_bad_case(text: str) -> None:
     from node.cli import EXIT_CONFIG, main
@@ -150,10 +196,13 @@ def test_cli_refuses_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_summary_counts_direct_and_relay_fallback() -> None:
     from rich.console import Console
 
-    def result(case: str, path: natmatrix.Path_, data: bool = True) -> natmatrix.Result:
+    def result(case: str, path: natmatrix.Path_, data: bool = True, start_to_data: float = 8.0) -> natmatrix.Result:
         parsed = natmatrix.parse_case(case)
         return natmatrix.Result(
             case=parsed.label,
+            kind=parsed.kind,
+            cgn_b=parsed.cgn_b,
+            seconds_start_to_data=start_to_data if data else None,
             nat_a=parsed.nat_a.value,
             nat_b=parsed.nat_b.value,
             mapping_b=parsed.mapping_b,
@@ -180,6 +229,17 @@ def test_summary_counts_direct_and_relay_fallback() -> None:
     assert summary["relay_fallback"] == "2/3"
     assert summary["mapped_direct"] == "1/1"
     assert summary["quic_direct"] is None
+    assert summary["first_data_p50_s"] == 8.0 and summary["relay_recovery_s"] is None
+    # a double NAT pair and a same-LAN pair count where a direct path exists; relay loss apart
+    loss = result("relay-loss", "relay")
+    loss.relay_recovery_s = 2.5
+    double = result("full-cone:cgn-port-restricted", "hole-punch", start_to_data=20.0)
+    more = [*results, double, result("same-lan", "lan"), loss]
+    summary = natmatrix.summarize(more)
+    assert summary["direct"] == "3/4" and summary["relay_recovery_s"] == 2.5
+    assert natmatrix.summary_line(summary) == (
+        "nat_matrix: direct_rate=0.75 relay_fallback=0.667 first_data_p50_s=8.0 relay_recovery_s=2.5"
+    )
 
     def rendered(rows: list[natmatrix.Result]) -> str:
         console = Console(record=True, width=240, file=io.StringIO())
