@@ -22,6 +22,24 @@ capabilities at its own price. Then, one measurement at a time:
    until a random node's ``find`` shows the new price. Records are fetched from the
    provider directly, so this needs no DHT write to land.
 
+``--first-contact`` measures something else: how soon a freshly started home node can
+find and be found (issue 16). A swarm of ``--nodes`` public nodes (two of them providers
+of ``model:swarm-offer``) is up first; then ``--home`` fresh nodes start at once, each
+offering its own ``model:home-<k>``. A home node is private: what it announces (identify)
+is a tarpit address (a socket that takes connections and never answers, like a LAN
+address dialled from outside), so only peers it dialled itself reach it, and after
+``--private-after`` seconds (the AutoNAT verdict) it turns DHT client and pushes identify,
+as the daemon does. Per home node, from its start:
+
+* ``find``: until its own ``Discovery.find`` first returns the swarm's providers
+  (``find_call`` is how long that successful call itself took);
+* ``found``: until a public node's provider lookup (``providers_of``) lists it;
+* ``publish``: until its publisher's first ``publish()`` finished.
+
+Meanwhile public nodes keep looking up random keys; ``lookup_max`` is the slowest such
+lookup after the home nodes turned client (a lookup that waits on a silent peer shows
+here). It ends with ``discovery_first_contact: ...``.
+
 Visibility times include one ``find`` round (poll resolution); ``find=`` in the
 progress lines is the mean duration of the polls.
 
@@ -48,21 +66,32 @@ import logging
 import math
 import random
 import resource
+import secrets
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import multiaddr
 import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dht.discovery import DiscoveryQuery, ProviderResult
+from bootstrap.peer_book import PeerBook
+from dht.discovery import Discovery, DiscoveryQuery, ProviderResult
 from dht.offers import Offer
-from dht.records import Hardware
+from dht.publisher import CapabilityPublisher
+from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
+from dht.records import Hardware, bind_wallet
+from dht.seq_book import SeqBook
+from dht.service import DhtService
+from node.host import build_host
 from tests.support.swarm import NodeSpec, SwarmNode, open_swarm
 
 GWEI = 10**9
@@ -71,6 +100,7 @@ BOOTSTRAP_COUNT = 2
 POLL_GAP_S = 0.02
 # Seconds kept at the end of --time-limit for unwinding the swarm.
 SHUTDOWN_RESERVE_S = 20.0
+LOOPBACK_LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
 
 def progress(text: str) -> None:
@@ -319,6 +349,170 @@ async def run(args: argparse.Namespace) -> Figures:
     return figures
 
 
+# --- first contact (issue 16) ------------------------------------------------------------------
+
+SWARM_OFFER = "model:swarm-offer"
+FIRST_CONTACT_PROVIDERS = (3, 4)  # swarm indices offering SWARM_OFFER (0 and 1 are the bootstrap peers)
+
+
+@dataclass
+class FirstContact:
+    setup_s: float = 0.0
+    find_s: list[float] = field(default_factory=list)
+    find_call_s: list[float] = field(default_factory=list)
+    found_s: list[float] = field(default_factory=list)
+    publish_s: list[float] = field(default_factory=list)
+    lookups_s: list[float] = field(default_factory=list)
+    missed: list[str] = field(default_factory=list)
+
+
+async def _home_node(
+    k: int,
+    swarm: list[SwarmNode],
+    tarpit_port: int,
+    scratch: Path,
+    args: argparse.Namespace,
+    figures: FirstContact,
+    turned: trio.Event,
+) -> None:
+    started = trio.current_time()
+    key_pair = generate_new_ed25519_identity()
+    host = build_host(key_pair)
+    capability = f"model:home-{k}"
+    # Only peers it dials itself reach it: what it announces goes nowhere.
+    hidden = [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{tarpit_port}")]
+    async with host.run(LOOPBACK_LISTEN), trio.open_nursery() as nursery:
+        host.get_addrs = lambda: list(hidden)  # type: ignore[method-assign]
+        rejections, seq_book = RejectionCounter(), SeqBook()
+        dht = DhtService(
+            host,
+            bootstrap_addrs=[node.addrs[0] for node in swarm[:BOOTSTRAP_COUNT]],
+            peer_book=PeerBook(scratch / f"home-{k}.json"),
+            refresh_interval_s=3600.0,
+        )
+        dht.add_validator(
+            RECORD_NAMESPACE, CapabilityRecordValidator(rejections, held_value=dht.held_value, seq_book=seq_book)
+        )
+        await nursery.start(dht.run)
+        publisher = CapabilityPublisher(
+            host,
+            dht,
+            key_pair.private_key,
+            wallet=bind_wallet(secrets.token_bytes(32), str(host.get_id())),
+            hardware=Hardware(cores=4, ram_mb=8192),
+            offers=[offer(capability, GWEI)],
+            reachability=lambda: "private",
+        )
+        await nursery.start(publisher.run)
+        discovery = Discovery(host, dht, rejections, lambda: publisher.record, cache_ttl_s=0.0, seq_book=seq_book)
+        me = host.get_id()
+
+        async def turn_client() -> None:
+            await trio.sleep(args.private_after)
+            dht.serve(False)
+            # As the daemon does after serve(): peers learn the protocol list without the DHT.
+            with trio.move_on_after(10):
+                await push_identify_to_peers(host)
+            turned.set()
+
+        async def first_find() -> None:
+            expected = {swarm[i].peer_id for i in FIRST_CONTACT_PROVIDERS}
+            while True:
+                call = trio.current_time()
+                with trio.move_on_after(args.query_timeout):
+                    results = await discovery.find(DiscoveryQuery(capability=SWARM_OFFER))
+                    if {r.peer_id for r in results} >= expected:
+                        figures.find_s.append(trio.current_time() - started)
+                        figures.find_call_s.append(trio.current_time() - call)
+                        return
+                await trio.sleep(0.1)
+
+        async def be_found() -> None:
+            querier = swarm[BOOTSTRAP_COUNT + k % (len(swarm) - BOOTSTRAP_COUNT)]
+            while True:
+                with trio.move_on_after(args.query_timeout):
+                    if me in await querier.discovery.providers_of(capability):
+                        figures.found_s.append(trio.current_time() - started)
+                        return
+                await trio.sleep(0.1)
+
+        async def published() -> None:
+            while publisher.published_at is None:
+                await trio.sleep(0.01)
+            figures.publish_s.append(trio.current_time() - started)
+
+        nursery.start_soon(turn_client)
+        with trio.move_on_after(args.visible_timeout) as scope:
+            async with trio.open_nursery() as measures:
+                measures.start_soon(first_find)
+                measures.start_soon(be_found)
+                measures.start_soon(published)
+        if scope.cancelled_caught:
+            figures.missed.append(f"home {k} not done within {args.visible_timeout}s")
+        await trio.sleep(args.private_after + 12)  # stay up while the public nodes' lookups run
+        nursery.cancel_scope.cancel()
+
+
+async def _public_lookups(swarm: list[SwarmNode], turned: trio.Event, rng: random.Random, out: list[float]) -> None:
+    """Public nodes look up random keys; after the home nodes turned client, each lookup's time."""
+    await turned.wait()
+    for _ in range(12):
+        node = rng.choice(swarm)
+        key = secrets.token_bytes(32)
+        started = trio.current_time()
+        with trio.move_on_after(30):
+            await node.dht.dht.peer_routing.find_closest_peers_network(key)
+        out.append(trio.current_time() - started)
+        await trio.sleep(0.5)
+
+
+async def run_first_contact(args: argparse.Namespace) -> FirstContact:
+    figures = FirstContact()
+    rng = random.Random(args.seed)
+    start = trio.current_time()
+    specs = {
+        index: NodeSpec(offers=(offer(SWARM_OFFER, GWEI * (n + 1)),), hardware=Hardware(cores=4, ram_mb=16384))
+        for n, index in enumerate(FIRST_CONTACT_PROVIDERS)
+    }
+    with (
+        trio.move_on_after(args.time_limit - SHUTDOWN_RESERVE_S),
+        tempfile.TemporaryDirectory(prefix="clawnode-first-contact-") as scratch,
+    ):
+        async with open_swarm(args.nodes, bootstrap_count=BOOTSTRAP_COUNT, specs=specs, cache_ttl_s=0.0) as swarm:
+            figures.setup_s = trio.current_time() - start
+            progress(f"swarm of {args.nodes} up in {figures.setup_s:.1f}s; starting {args.home} home nodes")
+            # A port that completes the TCP handshake in the kernel and never answers: a dial hangs.
+            with trio.socket.socket() as tarpit:
+                await tarpit.bind(("127.0.0.1", 0))
+                tarpit.listen(1024)
+                port = tarpit.getsockname()[1]
+                turned = trio.Event()
+                async with trio.open_nursery() as homes:
+                    homes.start_soon(_public_lookups, swarm, turned, rng, figures.lookups_s)
+                    for k in range(args.home):
+                        homes.start_soon(_home_node, k, swarm, port, Path(scratch), args, figures, turned)
+    return figures
+
+
+def report_first_contact(args: argparse.Namespace, figures: FirstContact) -> None:
+    notes = f" [{'; '.join(figures.missed)}]" if figures.missed else ""
+    progress(
+        f"find {sorted(round(v, 2) for v in figures.find_s)} found {sorted(round(v, 2) for v in figures.found_s)} "
+        f"publish {sorted(round(v, 2) for v in figures.publish_s)} lookups {[round(v, 2) for v in figures.lookups_s]}"
+    )
+    print(
+        f"discovery_first_contact: nodes={args.nodes} home={args.home} private_after_s={args.private_after} "
+        f"find_p50_s={fmt(percentile(figures.find_s, 0.5))} find_max_s={fmt(max(figures.find_s, default=math.nan))} "
+        f"find_call_p50_s={fmt(percentile(figures.find_call_s, 0.5))} "
+        f"found_p50_s={fmt(percentile(figures.found_s, 0.5))} "
+        f"found_max_s={fmt(max(figures.found_s, default=math.nan))} "
+        f"publish_p50_s={fmt(percentile(figures.publish_s, 0.5))} "
+        f"lookup_max_s={fmt(max(figures.lookups_s, default=math.nan))} "
+        f"done={len(figures.find_s)}/{args.home}{notes}",
+        flush=True,
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--nodes", type=int, default=100)
@@ -330,7 +524,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--visible-timeout", type=float, default=30.0, help="seconds to wait for one change")
     parser.add_argument("--time-limit", type=float, default=440.0, help="seconds for the whole run")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--first-contact", action="store_true", help="time a fresh home node's first find and find-by")
+    parser.add_argument("--home", type=int, default=4, help="--first-contact: fresh home nodes started at once")
+    parser.add_argument("--private-after", type=float, default=2.0, help="--first-contact: seconds to the NAT verdict")
     args = parser.parse_args(argv)
+    if args.first_contact:
+        if args.nodes < max(FIRST_CONTACT_PROVIDERS) + 1 or args.home < 1:
+            parser.error("--first-contact needs --nodes >= 5 and --home >= 1")
+        return args
     if args.nodes < BOOTSTRAP_COUNT + args.providers or args.providers < 1:
         parser.error("need 1 <= providers <= nodes - 2")
     return args
@@ -346,6 +547,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Backstop: whatever hangs, the process ends half a minute after the limit.
     signal.alarm(int(args.time_limit + 30))
     wall = time.monotonic()
+    if args.first_contact:
+        first = trio.run(run_first_contact, args)
+        signal.alarm(0)
+        progress(f"done in {time.monotonic() - wall:.1f}s")
+        report_first_contact(args, first)
+        return 0
     figures = trio.run(run, args)
     signal.alarm(0)
     progress(f"done in {time.monotonic() - wall:.1f}s")

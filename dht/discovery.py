@@ -35,6 +35,7 @@ MAX_PROVIDERS = 50
 # Verifying a record (a signature, its schemas against its examples) is CPU work: done on worker
 # threads, two at a time, so the event loop never waits on a stranger's record.
 PARALLEL_VERIFICATIONS = 2
+READY_WAIT_S = 5.0  # how long a lookup waits for a node's first DHT peer
 
 
 class DiscoveryQuery(BaseModel):
@@ -218,6 +219,9 @@ class Discovery:
         cached = self._providers.get(capability)
         if cached is not None and self._clock() - cached[0] < self.cache_ttl_s:
             return cached[1]
+        # A node just started asks as soon as it knows one DHT peer (bounded: alone, it answers empty).
+        with trio.move_on_after(READY_WAIT_S):
+            await self.dht.ready.wait()
         infos = await self.dht.find_providers(bytes.fromhex(capability_key(capability)), count=MAX_PROVIDERS)
         seen: dict[ID, None] = {}
         for info in infos:

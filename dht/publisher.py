@@ -40,6 +40,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+async def _first_of(*events: trio.Event | None) -> None:
+    """Return when any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            if event is not None:
+                nursery.start_soon(wait, event)
+
+
 def validation_summary(error: ValidationError) -> str:
     """Which fields failed and how, without the values (an owner's offer may hold anything)."""
     parts = []
@@ -217,11 +230,14 @@ class CapabilityPublisher:
         self._reseal()
         task_status.started(self)
         try:
-            await self.dht.joined.wait()
+            # With the first DHT peer, not after the whole join: a fresh node is findable in
+            # seconds. Published once more when the join is done, to the peers it met on the way.
+            await self.dht.ready.wait()
             while True:
                 self._changed = trio.Event()
+                joined = self.dht.joined.is_set()
                 await self.publish()
                 with trio.move_on_after(self.record_ttl_s / 2):
-                    await self._changed.wait()
+                    await _first_of(self._changed, None if joined else self.dht.joined)
         finally:
             self.host.remove_stream_handler(CAPABILITY_PROTOCOL)

@@ -4,14 +4,15 @@ routing table fresh, and rejoin when the node finds itself alone."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify_push.identify_push import ID_PUSH, push_identify_to_peers
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -19,6 +20,7 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from bootstrap.peer_book import PeerBook
+from dht.lookup_guard import SilentPeers, may_ask, serves_dht
 from dht.protocol_id import current_kad_protocol_id
 from dht.record_validator import sequence_of
 
@@ -28,11 +30,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DIAL_TIMEOUT_S = 5.0
 PARALLEL_DIALS = 8
 PEER_BOOK_DIAL_LIMIT = 50
 PROVIDER_QUERY_FANOUT = 6
+PROVIDER_ANSWER_TIMEOUT_S = 5.0
 ADOPT_INTERVAL_S = 1.0
+# Seconds a DHT query (or the join) waits to reach a peer it is not connected to; py-libp2p waited
+# its whole 10 s query timeout. A peer not reached in that time is not asked again for a while
+# (``lookup_guard.SilentPeers``). Config: dht.dial_timeout_s.
+DEFAULT_DIAL_TIMEOUT_S = 4.0
+ANNOUNCE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class DhtService:
         refresh_interval_s: float,
         server_mode: bool = True,
         validators: Mapping[str, Validator] | None = None,
+        dial_timeout_s: float = DEFAULT_DIAL_TIMEOUT_S,
     ) -> None:
         self.host = host
         self.bootstrap = peer_infos_from_addrs(bootstrap_addrs)
@@ -68,8 +76,14 @@ class DhtService:
         self.mode = DHTMode.SERVER if server_mode else DHTMode.CLIENT
         self.protocol_id = current_kad_protocol_id()
         self.validators = dict(validators or {})
+        self.dial_timeout_s = dial_timeout_s
         self.kad: KadDHT | None = None
+        # ready: one DHT peer is in the routing table, so publishing and lookups can start;
+        # joined: the whole join (every bootstrap and remembered peer tried, self lookup) is done.
+        self.ready = trio.Event()
         self.joined = trio.Event()
+        self.silent: SilentPeers[ID] = SilentPeers()
+        self._nursery: trio.Nursery | None = None
 
     @property
     def dht(self) -> KadDHT:
@@ -89,9 +103,11 @@ class DhtService:
             validator=NamespacedValidator(self.validators, strict_validation=True),
             strict_validation=True,
         )
-        self._keep_clients_out(self.kad)
+        self._guard_lookups(self.kad)
+        restore_push_handler = self._watch_identify_push()
         try:
             async with background_trio_service(self.kad), trio.open_nursery() as nursery:
+                self._nursery = nursery
                 task_status.started(self)
                 nursery.start_soon(self._adopt_periodically)
                 await self.join()
@@ -99,6 +115,8 @@ class DhtService:
                     await trio.sleep(self.refresh_interval_s)
                     await self.refresh()
         finally:
+            self._nursery = None
+            restore_push_handler()
             with trio.CancelScope(shield=True):
                 self.remember_peers()
                 await self.peer_book.save()
@@ -121,13 +139,16 @@ class DhtService:
 
     async def _dial(self, info: PeerInfo, limiter: trio.CapacityLimiter, connected: list[ID]) -> None:
         async with limiter:
-            with trio.move_on_after(DIAL_TIMEOUT_S):
+            with trio.move_on_after(self.dial_timeout_s):
                 try:
                     await self.host.connect(info)
                 except Exception as error:  # noqa: BLE001 - an unreachable peer is normal
                     log.debug("dial %s failed: %s", info.peer_id, type(error).__name__)
                     return
                 connected.append(info.peer_id)
+                # Publishing and lookups start with the first DHT peer, not when every dial is done.
+                await self.dht.add_peer(info.peer_id)
+                self._note_ready()
 
     async def join(self) -> JoinReport:
         """Connect to bootstrap peers and remembered peers, then fill the routing table."""
@@ -142,6 +163,7 @@ class DhtService:
         if connected:
             await self.look_up_self()
             await self.adopt_connected_dht_peers()
+        self._note_ready()
         self.remember_peers()
         await self.peer_book.save()
         self.joined.set()
@@ -187,34 +209,132 @@ class DhtService:
             await trio.sleep(ADOPT_INTERVAL_S)
             await self.adopt_connected_dht_peers()
             self.drop_clients()
+            self._note_ready()
+
+    def _note_ready(self) -> None:
+        if not self.ready.is_set() and self.routing_table_size() > 0:
+            self.ready.set()
 
     # --- client mode: private nodes stay out of everyone's routing table -------------------------
 
-    def _speaks_dht(self, peer_id: ID) -> bool | None:
-        """Whether identify says the peer serves our DHT (None: identify has not told us yet)."""
+    def _protocols(self, peer_id: ID) -> list[str] | None:
         try:
-            protocols = self.host.get_peerstore().get_protocols(peer_id)
+            return [str(p) for p in self.host.get_peerstore().get_protocols(peer_id)]
         except Exception:  # noqa: BLE001 - an unknown peer
             return None
-        if not protocols:
-            return None
-        return self.protocol_id in protocols
 
-    def _keep_clients_out(self, kad: KadDHT) -> None:
-        """Refuse peers that do not serve the DHT, even when they query us.
+    def _speaks_dht(self, peer_id: ID) -> bool | None:
+        """Whether identify says the peer serves our DHT (None: identify has not told us yet)."""
+        return serves_dht(self._protocols(peer_id), self.protocol_id)
 
-        py-libp2p adds every peer that opens a DHT stream to us (``skip_server_mode_check``):
-        private nodes that only ask would land in the table, be handed out as "closer peers",
-        and every lookup would then wait out dials to their LAN addresses.
+    def may_ask(self, peer_id: ID) -> bool:
+        """Whether lookups ask ``peer_id`` now, and whether it may be in the routing table."""
+        silent = self.silent.is_silent(peer_id, trio.current_time())
+        return may_ask(self._protocols(peer_id), self.protocol_id, silent=silent)
+
+    def _went_silent(self, peer_id: ID) -> None:
+        self.silent.note(peer_id, trio.current_time())
+        if self.kad is not None and self.kad.routing_table.remove_peer(peer_id):
+            log.debug("%s let a DHT query time out: out of the routing table", peer_id)
+
+    async def _reach(self, peer_id: ID) -> bool:
+        """Connect to ``peer_id`` for a DHT query within ``dial_timeout_s``; False if that failed.
+
+        A peer that cannot be reached in that time goes silent: its address leads nowhere (a LAN
+        address seen from outside, a node that left). Once connected, the query itself keeps
+        py-libp2p's own timeout: a connected peer that is slow is busy, not gone.
         """
-        add_peer = kad.add_peer
-
-        async def add_servers_only(peer_id: ID, skip_server_mode_check: bool = False) -> bool:
-            if self._speaks_dht(peer_id) is False:
+        if peer_id in self.host.get_connected_peers():
+            return True
+        try:
+            addrs = self.host.get_peerstore().addrs(peer_id)
+        except Exception:  # noqa: BLE001 - an unknown peer: nowhere to dial
+            return False
+        if not addrs:
+            return False
+        with trio.move_on_after(self.dial_timeout_s):
+            try:
+                await self.host.connect(PeerInfo(peer_id, addrs))
+            except Exception as error:  # noqa: BLE001 - refused, unroutable: py-libp2p's failure path
+                log.debug("DHT dial to %s failed: %s", peer_id, type(error).__name__)
                 return False
-            return await add_peer(peer_id, skip_server_mode_check=skip_server_mode_check)
+            return True
+        self._went_silent(peer_id)
+        return False
 
-        kad.add_peer = add_servers_only  # type: ignore[method-assign]
+    def _guarded(self, step: Callable[..., Awaitable[Any]], failed: Callable[[], Any]) -> Any:
+        """``step(peer_id, ...)``, one of py-libp2p's per-peer queries: skipped for a peer not to be
+        asked, and for one that cannot be reached within ``dial_timeout_s`` (which goes silent)."""
+
+        async def guarded(peer_id: ID, *args: Any, **kwargs: Any) -> Any:
+            if not self.may_ask(peer_id) or not await self._reach(peer_id):
+                return failed()
+            return await step(peer_id, *args, **kwargs)
+
+        return guarded
+
+    def _guard_lookups(self, kad: KadDHT) -> None:
+        """Keep peers that do not serve the DHT, or went silent, out of the table and out of lookups.
+
+        py-libp2p adds every peer that opens a DHT stream to us, and every peer a routing answer
+        names, to the routing table: private nodes that only ask would be handed out as "closer
+        peers", and every lookup would wait on dials to their LAN addresses. Each per-peer step
+        first reaches the peer within ``dial_timeout_s`` instead of py-libp2p's 10 s; a peer not
+        reached leaves the table and is not asked again (``SILENT_HOLD_S``) unless it queries us.
+        """
+        table = kad.routing_table
+        add_to_table = table.add_peer
+
+        async def add_if_askable(peer_obj: PeerInfo | ID, *, skip_server_mode_check: bool = False) -> bool:
+            peer_id = peer_obj.peer_id if isinstance(peer_obj, PeerInfo) else peer_obj
+            if skip_server_mode_check:
+                self.silent.clear(peer_id)  # it just opened a DHT stream to us: alive
+            if not self.may_ask(peer_id):
+                return False
+            return await add_to_table(peer_obj, skip_server_mode_check=skip_server_mode_check)
+
+        table.add_peer = add_if_askable  # type: ignore[method-assign]
+
+        routing = kad.peer_routing
+        find_closest = routing.find_closest_peers_network
+
+        async def askable_closest(target_key: bytes, count: int = 20) -> list[ID]:
+            return [peer_id for peer_id in await find_closest(target_key, count) if self.may_ask(peer_id)]
+
+        routing.find_closest_peers_network = askable_closest  # type: ignore[method-assign]
+        routing._query_peer_for_closest = self._guarded(routing._query_peer_for_closest, list)  # type: ignore[method-assign]
+        values, providers = kad.value_store, kad.provider_store
+        values._store_at_peer = self._guarded(values._store_at_peer, lambda: False)  # type: ignore[method-assign]
+        values._get_from_peer = self._guarded(values._get_from_peer, lambda: None)  # type: ignore[method-assign]
+        providers._send_add_provider = self._guarded(providers._send_add_provider, lambda: False)  # type: ignore[method-assign]
+        providers._get_providers_from_peer_with_closers = self._guarded(  # type: ignore[method-assign]
+            providers._get_providers_from_peer_with_closers, lambda: ([], [])
+        )
+
+    def _watch_identify_push(self) -> Callable[[], None]:
+        """A peer that pushes a protocol list without our DHT (it turned client) leaves the routing
+        table as the push arrives. Returns what puts py-libp2p's handler back."""
+        mux = self.host.get_mux()
+        original = mux.handlers.get(ID_PUSH)
+        if original is None:
+            return lambda: None
+
+        async def handle_push(stream: INetStream) -> None:
+            peer_id = stream.muxed_conn.peer_id
+            try:
+                await original(stream)
+            finally:
+                if self.kad is not None and self._speaks_dht(peer_id) is False:
+                    if self.kad.routing_table.remove_peer(peer_id):
+                        log.debug("%s turned DHT client: out of the routing table", peer_id)
+
+        self.host.set_stream_handler(ID_PUSH, handle_push)
+
+        def restore() -> None:
+            if mux.handlers.get(ID_PUSH) is handle_push:
+                self.host.set_stream_handler(ID_PUSH, original)
+
+        return restore
 
     def drop_clients(self) -> int:
         """Remove peers that stopped serving the DHT (identify push) from the routing table."""
@@ -233,7 +353,8 @@ class DhtService:
         """Serve the DHT (public nodes) or only query it (private nodes); True if that changed.
 
         Unlike ``KadDHT.switch_mode`` this keeps our routing table: a client still needs it to
-        look things up. Peers learn the change from identify (push it after calling this).
+        look things up. Connected peers learn the change at once: the new protocol list is pushed
+        to them (identify push), and ours drop a peer whose list lacks the DHT as it arrives.
         """
         kad = self.dht
         mode = DHTMode.SERVER if on else DHTMode.CLIENT
@@ -244,8 +365,18 @@ class DhtService:
             self.host.set_stream_handler(TProtocol(self.protocol_id), kad.handle_stream)
         else:
             self.host.remove_stream_handler(TProtocol(self.protocol_id))
+        if self._nursery is not None:
+            self._nursery.start_soon(self.announce_protocols)
         log.info("DHT %s", "server mode (publicly reachable)" if on else "client mode (private: not in others' tables)")
         return True
+
+    async def announce_protocols(self) -> None:
+        """Push our protocol list (identify push) to every connected peer; best effort."""
+        with trio.move_on_after(ANNOUNCE_TIMEOUT_S):
+            try:
+                await push_identify_to_peers(self.host)
+            except Exception as error:  # noqa: BLE001 - peers learn it on their next identify
+                log.debug("identify push failed: %s", type(error).__name__)
 
     async def look_up_self(self) -> None:
         """Kademlia's join: look up our own id and keep the peers met on the way.
@@ -329,7 +460,7 @@ class DhtService:
 
         async def ask(peer_id: ID) -> None:
             async with limiter:
-                with trio.move_on_after(DIAL_TIMEOUT_S):
+                with trio.move_on_after(PROVIDER_ANSWER_TIMEOUT_S):
                     try:
                         answer, _ = await kad.provider_store._get_providers_from_peer_with_closers(peer_id, key)
                     except Exception as error:  # noqa: BLE001 - one silent peer does not spoil the lookup

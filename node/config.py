@@ -106,6 +106,12 @@ class BootstrapSection(_Section):
 class DhtSection(_Section):
     protocol_id: str = Field("/clawnode/kad/1.0.0", pattern=r"^/\S+$", description="Kademlia protocol id")
     refresh_interval_s: float = Field(60.0, ge=1.0, le=86_400.0, description="routing-table refresh period")
+    dial_timeout_s: float = Field(
+        4.0,
+        ge=0.5,
+        le=60.0,
+        description="seconds a DHT query or join waits to reach a peer; one not reached is not asked for 60 s",
+    )
 
 
 class NatSection(_Section):

@@ -1,0 +1,142 @@
+"""Fast first contact (issue 16): a node that turns DHT client leaves its peers' routing tables
+as it says so, and a lookup neither asks a peer that stopped serving the DHT nor waits out a
+silent one. Real hosts on loopback; the pure rules in dht/lookup_guard.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import multiaddr
+import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from bootstrap.peer_book import PeerBook
+from dht.lookup_guard import SilentPeers, may_ask, serves_dht
+from dht.protocol_id import use_kad_protocol_id
+from dht.service import DhtService
+from node.host import build_host
+
+KAD = "/clawnode/kad/1.0.0"
+LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+DIAL_TIMEOUT_S = 1.0
+# py-libp2p's own per-peer query timeout: what a lookup waited on an unreachable peer before.
+LIBP2P_QUERY_TIMEOUT_S = 10.0
+
+
+# --- the pure rules ----------------------------------------------------------------------------
+
+
+def test_a_peer_is_asked_unless_it_lists_no_dht_or_went_silent() -> None:
+    assert serves_dht(None, KAD) is None and serves_dht([], KAD) is None
+    assert may_ask(None, KAD, silent=False)  # learnt from a routing answer: asked
+    assert may_ask([KAD, "/ipfs/id/1.0.0"], KAD, silent=False)
+    assert not may_ask(["/ipfs/id/1.0.0", "/ipfs/ping/1.0.0"], KAD, silent=False)  # turned client
+    assert not may_ask([KAD], KAD, silent=True)
+    assert not may_ask(None, KAD, silent=True)
+
+
+def test_silent_peers_are_held_for_a_while_cleared_by_a_sign_of_life_and_bounded() -> None:
+    silent: SilentPeers[str] = SilentPeers(hold_s=10.0, limit=3)
+    silent.note("a", now=100.0)
+    assert silent.is_silent("a", now=109.9)
+    assert not silent.is_silent("a", now=110.0)  # the hold is over: asked again
+    assert len(silent) == 0
+    silent.note("b", now=0.0)
+    silent.clear("b")
+    assert not silent.is_silent("b", now=1.0)
+    for peer in ("p", "q", "r", "s"):
+        silent.note(peer, now=5.0)
+    assert len(silent) == 3 and not silent.is_silent("p", now=6.0)  # the oldest was forgotten
+
+
+# --- real hosts --------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def dht_node(tmp: Path, name: str, bootstrap: list[str]) -> AsyncIterator[DhtService]:
+    host = build_host(generate_new_ed25519_identity())
+    async with host.run(LOOPBACK), trio.open_nursery() as nursery:
+        dht = DhtService(
+            host,
+            bootstrap_addrs=bootstrap,
+            peer_book=PeerBook(tmp / f"{name}.json"),
+            refresh_interval_s=3600.0,
+            dial_timeout_s=DIAL_TIMEOUT_S,
+        )
+        await nursery.start(dht.run)
+        try:
+            yield dht
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def p2p_addr(dht: DhtService) -> str:
+    addr = str(dht.host.get_addrs()[0])
+    return addr if "/p2p/" in addr else f"{addr}/p2p/{dht.host.get_id()}"
+
+
+async def wait_until(condition: object, timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while not callable(condition) or not condition():
+            await trio.sleep(0.02)
+
+
+async def test_a_node_that_turns_client_leaves_its_peers_tables_as_it_says_so(tmp_path: Path) -> None:
+    use_kad_protocol_id()
+    async with dht_node(tmp_path, "a", []) as a:
+        async with dht_node(tmp_path, "h", [p2p_addr(a)]) as home:
+            home_id = home.host.get_id()
+            await wait_until(lambda: home_id in a.dht.routing_table.get_peer_ids() and a._speaks_dht(home_id), 10)
+
+            # The AutoNAT verdict says private: serve() alone must tell the peers (no one else pushes).
+            assert home.serve(False)
+            await wait_until(lambda: home_id not in a.dht.routing_table.get_peer_ids(), 3)
+            assert a._speaks_dht(home_id) is False and not a.may_ask(home_id)
+            # The adopt loop and a query from the client do not bring it back.
+            await home.look_up_self()
+            await trio.sleep(1.5)
+            assert home_id not in a.dht.routing_table.get_peer_ids()
+            # Still connected and still a client of a's DHT: its own lookups work.
+            assert a.host.get_id() in home.dht.routing_table.get_peer_ids()
+
+
+async def test_a_lookup_gives_a_silent_peer_one_short_timeout_then_drops_it(tmp_path: Path) -> None:
+    use_kad_protocol_id()
+    # Where a home node's LAN address leads from outside: the TCP handshake completes, nothing answers.
+    with trio.socket.socket() as tarpit:
+        await tarpit.bind(("127.0.0.1", 0))
+        tarpit.listen(64)
+        hidden = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{tarpit.getsockname()[1]}")
+        async with dht_node(tmp_path, "a", []) as a, dht_node(tmp_path, "q", [p2p_addr(a)]) as q:
+            await wait_until(lambda: q.ready.is_set(), 10)
+            # A peer q heard of from a routing answer (address and table entry), since gone behind a NAT.
+            gone = ID.from_pubkey(generate_new_ed25519_identity().public_key)
+            q.host.get_peerstore().add_addrs(gone, [hidden], 3600)
+            assert await q.dht.routing_table.add_peer(PeerInfo(gone, [hidden]))
+
+            started = trio.current_time()
+            with trio.fail_after(LIBP2P_QUERY_TIMEOUT_S - 2):
+                closest = await q.dht.peer_routing.find_closest_peers_network(gone.to_bytes())
+            first = trio.current_time() - started
+            assert a.host.get_id() in closest and gone not in closest
+            assert gone not in q.dht.routing_table.get_peer_ids() and not q.may_ask(gone)
+
+            # The next lookup does not ask it at all, and a routing answer cannot put it back.
+            asked: list[ID] = []
+            new_stream = q.host.new_stream
+
+            async def spy(peer_id: ID, protocol_ids: Sequence[TProtocol]) -> INetStream:
+                asked.append(peer_id)
+                return await new_stream(peer_id, protocol_ids)
+
+            q.host.new_stream = spy  # type: ignore[method-assign]
+            await q.dht.peer_routing.find_closest_peers_network(gone.to_bytes())
+            assert asked and gone not in asked
+            assert not await q.dht.routing_table.add_peer(PeerInfo(gone, [hidden]))
+            assert first >= DIAL_TIMEOUT_S * 0.9  # it was dialled once, and waited on for the dial timeout
