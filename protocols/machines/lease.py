@@ -68,6 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from protocols.machines.escrow_lock import LockState, LockTerms, check_escrow_lock, escrow_frozen
 from protocols.machines.history import History
 from protocols.machines.table import Machine, Transition
+from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 
 PROVIDER = "provider"
@@ -470,6 +471,25 @@ def receipt_tolerance(aborted_calls: int) -> int:
     return aborted_calls * ABORTED_CALL_TOLERANCE_UNITS
 
 
+def receipt_claim_verdict(
+    receipt_units: int,
+    receipt_amount: int,
+    seen_units: int,
+    price_per_unit: int,
+    tolerance_units: int = 0,
+) -> Refusal | None:
+    """Consumer side: whether a receipt may be countersigned: not over what the consumer counted
+    (``seen_units``, plus ``tolerance_units`` for counting differences both sides accept, e.g. a call
+    left in flight), and priced at units times price."""
+    if min(receipt_units, receipt_amount, seen_units, price_per_unit, tolerance_units) < 0:
+        return Refusal(ErrorCode.INVALID_ARGUMENT, "receipt_negative", "receipt figures must be >= 0")
+    if receipt_units > seen_units + tolerance_units:
+        return Refusal(ErrorCode.CONFLICT, "receipt_over_count", "the receipt claims more units than were delivered")
+    if receipt_amount != receipt_units * price_per_unit:
+        return Refusal(ErrorCode.CONFLICT, "receipt_mispriced", "the receipt amount does not equal units times price")
+    return None
+
+
 def check_receipt_claim(
     receipt_units: int,
     receipt_amount: int,
@@ -477,18 +497,8 @@ def check_receipt_claim(
     price_per_unit: int,
     tolerance_units: int = 0,
 ) -> None:
-    """Consumer side: refuse to countersign a receipt that over-meters or mis-prices.
-
-    ``seen_units`` is what the consumer itself counted; ``tolerance_units``
-    absorbs counting differences that both sides accept (e.g. a request in
-    flight).
-    """
-    if min(receipt_units, receipt_amount, seen_units, price_per_unit, tolerance_units) < 0:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "receipt figures must be >= 0")
-    if receipt_units > seen_units + tolerance_units:
-        raise ClawnodeError(ErrorCode.CONFLICT, "the receipt claims more units than were delivered")
-    if receipt_amount != receipt_units * price_per_unit:
-        raise ClawnodeError(ErrorCode.CONFLICT, "the receipt amount does not equal units times price")
+    """:func:`receipt_claim_verdict`, raised."""
+    enforce(receipt_claim_verdict(receipt_units, receipt_amount, seen_units, price_per_unit, tolerance_units))
 
 
 # -- calls: what a call may cost, and what the consumer accepts ------------------------------------
@@ -613,14 +623,12 @@ def chunk_tokens(data: dict[str, Any]) -> int:
     return 1
 
 
-def check_end_frame(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> int:
-    """Consumer side: the units of a call's end frame, accepted only within what was delivered and asked.
-
-    Bounded by the tokens received plus the prompt's estimate, and by ``max_tokens`` plus that
-    estimate when the request declared one. Returns the units to count; ``E_CONFLICT`` otherwise.
-    """
+def end_frame_verdict(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> Refusal | None:
+    """Consumer side: whether a call's end frame may be counted: its units within what was delivered and
+    asked, i.e. the tokens received plus the prompt's estimate, and ``max_tokens`` plus that estimate
+    when the request declared one."""
     if claimed_units < 0 or tokens_received < 0:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units must be >= 0")
+        return Refusal(ErrorCode.INVALID_ARGUMENT, "units_negative", "units must be >= 0")
     prompt = prompt_units_estimate(body)
     bound = tokens_received + prompt
     try:
@@ -630,7 +638,13 @@ def check_end_frame(claimed_units: int, tokens_received: int, body: dict[str, An
     if declared is not None:
         bound = min(bound, declared + prompt)
     if claimed_units > bound:
-        raise ClawnodeError(ErrorCode.CONFLICT, END_FRAME_INFLATED)
+        return Refusal(ErrorCode.CONFLICT, "end_frame_inflated", END_FRAME_INFLATED)
+    return None
+
+
+def check_end_frame(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> int:
+    """:func:`end_frame_verdict`, raised: the units to count, or ``E_CONFLICT`` for an inflated frame."""
+    enforce(end_frame_verdict(claimed_units, tokens_received, body))
     return claimed_units
 
 

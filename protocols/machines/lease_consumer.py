@@ -1,0 +1,346 @@
+"""The compute lease as its consumer sees it: its lifecycle table and the consumer's decisions.
+
+The rule of the market wing (as h11 states it in ``_state.py``): every decision that can refuse is a
+pure function or method in ``protocols.machines``, taking what was fetched (the provider's signed
+replies, the units counted, the chain's escrow state, the clock) as plain data and answering with a
+typed verdict (:class:`~protocols.machines.verdict.Refusal` or ``None``); the adapter
+(``protocols.lease.consumer``) only fetches, asks and acts. The provider's side of the same lease is
+``protocols.machines.lease`` (:class:`~protocols.machines.lease.LeaseSession`); the rules both sides
+share a number with (the end frame's bound, the receipt's tolerance, a refusal that leaves the lease
+worth keeping, whether a held lease fits one more call) live there and are used here, not copied.
+
+Lifecycle (roles: ``consumer`` -- this node, ``provider`` -- what the provider told us, ``system`` --
+our timers and chain reads)::
+
+    lease_opening --lock--> lease_locked --grant--> lease_active      (escrowed)
+    lease_opening --grant--> lease_active                              (post-paid)
+    lease_opening|lease_locked --fail--> lease_ended                   (the open failed: refund)
+    lease_active --pause--> lease_paused --resume--> lease_active      (a call refused ``paused``;
+                                                                        our countersignature resumes)
+    lease_active|lease_paused --countersign--> lease_active            (a receipt we signed)
+    lease_ending|lease_ended --countersign--> same                     (the final receipt)
+    lease_active --renew--> lease_active
+    lease_active|lease_paused --close--> lease_ending --end--> lease_ended  (we revoke, then end)
+    lease_active|lease_paused|lease_ending --revoke|expire|spend--> lease_ended
+    lease_ended --settle--> lease_settled   (terminal: the escrow is closed, nothing more moves)
+
+Choices:
+
+* ``spend``: a call refused with a reason that leaves the lease spent (``ended``, ``expired``,
+  ``over_budget``, an unknown lease; :func:`~protocols.machines.lease.lease_outlives` says which)
+  ends the held lease; one refused ``paused`` pauses it; ``budget_busy``, ``rate_limit``,
+  ``disk_full`` and transport failures change nothing (:func:`call_refused_event`).
+* A receipt is countersigned in every state that holds a grant but ``lease_settled``: the provider's
+  final receipt comes while we end it, or just after.
+* ``lease_settled`` is reached when the escrow is seen closed (refunded or resolved) with every
+  claim booked (:func:`settled`); a post-paid lease stays ``lease_ended``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from protocols.machines.escrow_lock import escrow_frozen
+from protocols.machines.history import History
+from protocols.machines.lease import (
+    LEASE_HISTORY,
+    LeaseFit,
+    end_frame_verdict,
+    lease_fits,
+    lease_outlives,
+    receipt_claim_verdict,
+    receipt_tolerance,
+)
+from protocols.machines.table import Machine, Transition
+from protocols.machines.verdict import Refusal
+from runtime.errors import ClawnodeError, ErrorCode, Reason
+
+PROVIDER = "provider"
+CONSUMER = "consumer"
+SYSTEM = "system"
+
+
+class ConsumerState(StrEnum):
+    OPENING = "lease_opening"
+    LOCKED = "lease_locked"
+    ACTIVE = "lease_active"
+    PAUSED = "lease_paused"
+    ENDING = "lease_ending"
+    ENDED = "lease_ended"
+    SETTLED = "lease_settled"
+
+
+class ConsumerEvent(StrEnum):
+    LOCK = "lock"  # our escrow lock is on chain
+    GRANT = "grant"  # the provider's grant checked out
+    FAIL = "fail"  # the open failed after the ledger row was written
+    PAUSE = "pause"  # a call was refused ``paused``
+    RESUME = "resume"  # a call went through again
+    COUNTERSIGN = "countersign"  # we countersigned a receipt
+    RENEW = "renew"
+    CLOSE = "close"  # we revoke: asking the provider to end it
+    END = "end"  # our revocation is done (acknowledged or not)
+    REVOKE = "revoke"  # the provider ended it
+    EXPIRE = "expire"
+    SPEND = "spend"  # a call was refused with a reason that leaves the lease spent
+    SETTLE = "settle"
+
+
+def _t(
+    source: ConsumerState, event: ConsumerEvent, target: ConsumerState, *actors: str
+) -> Transition[ConsumerState, ConsumerEvent]:
+    return Transition(source, event, target, frozenset(actors))
+
+
+_O, _L, _A, _P = ConsumerState.OPENING, ConsumerState.LOCKED, ConsumerState.ACTIVE, ConsumerState.PAUSED
+_G, _E, _S = ConsumerState.ENDING, ConsumerState.ENDED, ConsumerState.SETTLED
+_Ev = ConsumerEvent
+
+CONSUMER_LEASE_MACHINE: Machine[ConsumerState, ConsumerEvent] = Machine(
+    "consumer_lease",
+    [
+        _t(_O, _Ev.LOCK, _L, CONSUMER),
+        _t(_O, _Ev.GRANT, _A, CONSUMER),
+        _t(_L, _Ev.GRANT, _A, CONSUMER),
+        _t(_O, _Ev.FAIL, _E, CONSUMER),
+        _t(_L, _Ev.FAIL, _E, CONSUMER),
+        _t(_A, _Ev.PAUSE, _P, PROVIDER),
+        _t(_P, _Ev.RESUME, _A, PROVIDER),
+        _t(_A, _Ev.COUNTERSIGN, _A, CONSUMER),
+        _t(_P, _Ev.COUNTERSIGN, _A, CONSUMER),
+        _t(_G, _Ev.COUNTERSIGN, _G, CONSUMER),
+        _t(_E, _Ev.COUNTERSIGN, _E, CONSUMER),
+        _t(_A, _Ev.RENEW, _A, CONSUMER),
+        _t(_A, _Ev.CLOSE, _G, CONSUMER),
+        _t(_P, _Ev.CLOSE, _G, CONSUMER),
+        _t(_G, _Ev.END, _E, CONSUMER),
+        *(_t(s, _Ev.REVOKE, _E, PROVIDER) for s in (_A, _P, _G)),
+        *(_t(s, _Ev.EXPIRE, _E, SYSTEM, PROVIDER) for s in (_A, _P, _G)),
+        *(_t(s, _Ev.SPEND, _E, PROVIDER) for s in (_A, _P, _G)),
+        _t(_E, _Ev.SETTLE, _S, SYSTEM),
+    ],
+    initial=_O,
+    terminal=[_S],
+)
+
+# States in which the lease serves calls (as far as we know; the provider has the last word).
+USABLE = frozenset({ConsumerState.ACTIVE, ConsumerState.PAUSED})
+# States after the lease was granted and before it ended.
+LIVE = frozenset({ConsumerState.ACTIVE, ConsumerState.PAUSED, ConsumerState.ENDING})
+
+
+class ConsumerLease:
+    """The consumer's view of one lease's state; every change goes through :data:`CONSUMER_LEASE_MACHINE`
+    and is logged in ``history`` as ``(previous, event, next)`` (the newest ``LEASE_HISTORY``)."""
+
+    def __init__(self) -> None:
+        self.state: ConsumerState = CONSUMER_LEASE_MACHINE.initial
+        self.history: History[tuple[ConsumerState, ConsumerEvent, ConsumerState]] = History(LEASE_HISTORY)
+
+    def apply(self, event: ConsumerEvent, actor: str) -> ConsumerState:
+        """The one place the consumer's state changes: the new state, or the machine's refusal."""
+        previous = self.state
+        self.state = CONSUMER_LEASE_MACHINE.next_state(previous, event, actor)
+        self.history.append((previous, event, self.state))
+        return self.state
+
+    def may(self, event: ConsumerEvent, actor: str) -> bool:
+        """Whether ``actor`` may apply ``event`` now (no refusal raised)."""
+        row = CONSUMER_LEASE_MACHINE.lookup(self.state, event)
+        return row is not None and actor in row.actors
+
+    @property
+    def ended(self) -> bool:
+        return self.state in (ConsumerState.ENDED, ConsumerState.SETTLED)
+
+
+# -- the quote and the grant ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuoteFacts:
+    """The provider's signed quote as opened, and what we asked for."""
+
+    signer: str  # who signed the envelope
+    provider: str  # whom we asked
+    me: str  # our peer id
+    quote_provider: str
+    quote_consumer: str
+    quote_capability: str
+    capability: str  # what we asked for
+    escrowed: bool  # the quote names escrow terms
+    budget: int
+    postpaid_cap: int
+
+
+def quote_verdict(f: QuoteFacts) -> Refusal | None:
+    """The provider's quote: signed by the provider, made out to us for what we asked; a post-paid
+    quote must cover our budget."""
+    if f.signer != f.provider:
+        return Refusal(
+            ErrorCode.FORBIDDEN, "quote_wrong_signer", "the quote is signed by another peer than the provider"
+        )
+    if f.quote_consumer != f.me or f.quote_capability != f.capability or f.quote_provider != f.provider:
+        return Refusal(ErrorCode.FORBIDDEN, "quote_not_asked", "the quote is not the one asked for")
+    if not f.escrowed and f.budget > f.postpaid_cap:
+        return Refusal(
+            ErrorCode.INSUFFICIENT_FUNDS, "over_postpaid_cap", "the budget exceeds the provider's post-paid cap"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class GrantFacts:
+    """The provider's signed grant as opened, the token beside it, and the lease we opened."""
+
+    signer: str
+    provider: str
+    me: str
+    lease_id: str  # ours, from the open
+    quote_id: str
+    price_per_unit: int
+    budget: int
+    token: str  # the access token in the reply (never stored beyond the held lease)
+    grant_lease_id: str
+    grant_consumer: str
+    grant_quote_id: str
+    grant_price_per_unit: int
+    grant_budget: int
+    grant_token_sha256: str
+
+
+def grant_verdict(f: GrantFacts, token_digest: str) -> Refusal | None:
+    """The grant: the provider's, for exactly the lease we opened on the quote we took, and the access
+    token the one it signed (``token_digest``: its sha256, computed by the caller)."""
+    if f.signer != f.provider:
+        return Refusal(
+            ErrorCode.FORBIDDEN, "grant_wrong_signer", "the grant is signed by another peer than the provider"
+        )
+    if (
+        f.grant_lease_id != f.lease_id
+        or f.grant_consumer != f.me
+        or f.grant_quote_id != f.quote_id
+        or f.grant_price_per_unit != f.price_per_unit
+        or f.grant_budget != f.budget
+    ):
+        return Refusal(ErrorCode.CONFLICT, "grant_mismatch", "the grant does not match the lease we opened")
+    if not hmac.compare_digest(token_digest, f.grant_token_sha256):
+        return Refusal(ErrorCode.FORBIDDEN, "grant_wrong_token", "the access token does not match the signed grant")
+    return None
+
+
+# -- calls and receipts --------------------------------------------------------------------------
+
+
+def call_verdict(state: ConsumerState, ended_reason: str | None = None) -> Refusal | None:
+    """Whether we send a call on a held lease: only one that may serve (a paused one is tried: the
+    provider resumes it on our countersignature, which may be on its way)."""
+    if state in USABLE:
+        return None
+    if state in (ConsumerState.OPENING, ConsumerState.LOCKED):
+        return Refusal(ErrorCode.CONFLICT, "not_granted", "the lease is not granted yet")
+    if ended_reason == "expired":
+        return Refusal(ErrorCode.EXPIRED, Reason.EXPIRED, "the lease has ended (expired)")
+    return Refusal(ErrorCode.CONFLICT, Reason.ENDED, f"the lease has ended ({ended_reason or state})")
+
+
+def end_frame_units(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> int | Refusal:
+    """The units a call's end frame adds to our count, or why it is refused (an inflated frame counts
+    nothing): :func:`~protocols.machines.lease.end_frame_verdict`."""
+    verdict = end_frame_verdict(claimed_units, tokens_received, body)
+    return claimed_units if verdict is None else verdict
+
+
+def call_refused_event(code: ErrorCode, reason: str | None) -> ConsumerEvent | None:
+    """What a call the provider refused does to the held lease: ``paused`` pauses it, ``expired``
+    expires it, any other refusal that spends it (:func:`~protocols.machines.lease.lease_outlives`
+    false) ends it, the rest nothing."""
+    if reason == Reason.PAUSED:
+        return ConsumerEvent.PAUSE
+    if lease_outlives(code, reason):
+        return None
+    return ConsumerEvent.EXPIRE if reason == Reason.EXPIRED else ConsumerEvent.SPEND
+
+
+def should_abandon(code: ErrorCode, reason: str | None) -> bool:
+    """Whether a router drops a held lease after a failed call (and opens another), rather than
+    keeping it: the lease is spent. A paused, busy or rate-limited one serves again by itself."""
+    return not lease_outlives(code, reason)
+
+
+@dataclass(frozen=True)
+class ReceiptFacts:
+    """A receipt the provider pushed, and what we counted on the lease."""
+
+    state: ConsumerState
+    units: int  # the receipt's cumulative units
+    amount: int
+    seen_units: int  # what we counted from end frames and chunks
+    aborted_calls: int  # calls we left without the provider's last frame
+    price_per_unit: int
+
+
+def countersign_verdict(f: ReceiptFacts) -> Refusal | None:
+    """Whether to countersign a receipt (and sign a voucher for its amount): the lease holds a grant and
+    is not settled, and the receipt claims no more than we counted plus the in-flight tolerance of
+    the calls we left (``receipt_tolerance``), at units times the agreed price."""
+    if CONSUMER_LEASE_MACHINE.lookup(f.state, ConsumerEvent.COUNTERSIGN) is None:
+        return Refusal(ErrorCode.CONFLICT, "not_countersignable", f"no receipt is signed while the lease is {f.state}")
+    if f.aborted_calls < 0:
+        return Refusal(ErrorCode.INVALID_ARGUMENT, "receipt_negative", "aborted_calls must be >= 0")
+    return receipt_claim_verdict(
+        f.units, f.amount, f.seen_units, f.price_per_unit, tolerance_units=receipt_tolerance(f.aborted_calls)
+    )
+
+
+def receipt_counted(f: ReceiptFacts) -> bool:
+    """Whether our count has caught up with the receipt (else we wait a moment for end frames in flight)."""
+    return f.seen_units + receipt_tolerance(max(0, f.aborted_calls)) >= f.units
+
+
+# -- renew, settle -------------------------------------------------------------------------------
+
+
+def renew_verdict(state: ConsumerState, expires_at: int, new_expires_at: int) -> Refusal | None:
+    """Whether to ask for a renewal: only an active lease, and only to push its expiry later."""
+    if CONSUMER_LEASE_MACHINE.lookup(state, ConsumerEvent.RENEW) is None:
+        return Refusal(ErrorCode.CONFLICT, "not_renewable", f"a lease is not renewed while it is {state}")
+    if new_expires_at <= expires_at:
+        return Refusal(ErrorCode.INVALID_ARGUMENT, "renew_not_later", "a renewal must extend the expiry")
+    return None
+
+
+def should_renew(
+    *,
+    budget: int,
+    price_per_unit: int,
+    used_units: int,
+    reserved_units: int,
+    need_units: int,
+    expires_at: float,
+    now: float,
+    renew_before_s: float,
+) -> LeaseFit:
+    """Whether a held lease still carries one more call of ``need_units`` or is replaced first (by time
+    or by budget): :func:`~protocols.machines.lease.lease_fits`."""
+    return lease_fits(
+        budget=budget,
+        price_per_unit=price_per_unit,
+        used_units=used_units,
+        reserved_units=reserved_units,
+        need_units=need_units,
+        expires_at=expires_at,
+        now=now,
+        renew_before_s=renew_before_s,
+    )
+
+
+def settled(*, state: ConsumerState, escrowed: bool, phase: str, booked: int, committed: int) -> bool:
+    """Whether an ended escrowed lease is settled: its escrow closed (refunded or resolved) with every
+    voucher we signed booked as spend."""
+    if booked < 0 or committed < 0:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "amounts must be >= 0")
+    return state == ConsumerState.ENDED and escrowed and escrow_frozen(phase) and booked >= committed
