@@ -285,6 +285,7 @@ class Node:
                         bootstrap_addrs=self.bootstrap_addrs(),
                         peer_book=peer_book,
                         refresh_interval_s=self.config.dht.refresh_interval_s,
+                        dial_timeout_s=self.config.dht.dial_timeout_s,
                     )
                     self._dht.add_validator(
                         RECORD_NAMESPACE,
@@ -488,10 +489,9 @@ class Node:
         if self._relay is not None:
             self._relay.wake()
         # A private node only queries the DHT: in others' tables it would cost every lookup
-        # a dial timeout to its LAN address.
+        # a dial timeout to its LAN address. serve() tells the connected peers (identify push).
         if self._dht is not None and self._dht.kad is not None and self.config.nat.dht_client_when_private:
-            if self._dht.serve(self.effective_reachability() != "private") and self._autonat is not None:
-                self._autonat.push_identify_soon()
+            self._dht.serve(self.effective_reachability() != "private")
         if self._publisher is not None and self.config.node.reachability == "unknown":
             self._publisher._changed.set()  # the publisher's own "republish now" signal
 
