@@ -12,11 +12,17 @@ countersigned more than it counted itself (plus the in-flight tolerance of the c
 nothing exceeds the budget, and the chain, the provider's income and the consumer's spend agree to
 the wei. With honest parties (one that leaves calls cleanly included) the provider is paid for
 every unit it delivered. ``CLAWNODE_PROPERTY_EXAMPLES`` runs more examples (default 8, about 15 s here).
+A wait that runs out fails naming what it waited for, with the chain's escrow, both ledgers' lease
+and settlements, and the newest lines the nodes logged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,11 @@ FAST = MarketSection(  # type: ignore[call-arg]
 )
 ACK_FRAME = w.CallAck().model_dump_json().encode()
 SETTLE_TIMEOUT_S = 40
+# What the market and the settlement queue said lately (a retry's reason, background work that
+# failed), both nodes together: shown with a wait that ran out.
+HEARD_LOGGERS = ("protocols", "runtime", "node")
+HEARD_MAX = 40
+SEEN_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,38 @@ def _peer(node: Node) -> str:
     return str(node.host.get_id())
 
 
-async def _until(check: Any, what: str) -> None:
-    with trio.fail_after(SETTLE_TIMEOUT_S):
-        while not await check():
-            await trio.sleep(0.1)
+@contextmanager
+def _heard() -> Iterator[deque[str]]:
+    """The newest INFO-and-above lines of the node's own loggers while an example plays."""
+    lines: deque[str] = deque(maxlen=HEARD_MAX)
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(f"{record.name}: {record.getMessage()}")  # type: ignore[method-assign]
+    loggers = [logging.getLogger(name) for name in HEARD_LOGGERS]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.addHandler(handler)
+        each.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        for each, level in zip(loggers, levels, strict=True):
+            each.removeHandler(handler)
+            each.setLevel(level)
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str, seen: Callable[[], Awaitable[str]]) -> None:
+    """Wait for ``check``; one that does not come fails naming the wait and what ``seen()`` describes."""
+    started = trio.current_time()
+    try:
+        with trio.fail_after(SETTLE_TIMEOUT_S):
+            while not await check():
+                await trio.sleep(0.1)
+    except trio.TooSlowError:
+        waited = trio.current_time() - started
+        state = "nothing (the state could not be read either)"
+        with trio.move_on_after(SEEN_TIMEOUT_S):
+            state = await seen()
+        raise AssertionError(f"{what}: not after {waited:.0f} s; saw {state}") from None
 
 
 async def _money(node: Node) -> tuple[int, int]:
@@ -135,13 +174,14 @@ async def _play(scenario: Scenario) -> None:
     idle_check_s = lease_module.ESCROW_IDLE_CHECK_S
     lease_module.ESCROW_IDLE_CHECK_S = lease_module.ESCROW_CHECK_S  # a dispute after the last call shows soon
     try:
-        await _play_on_nodes(scenario)
+        with _heard() as heard:
+            await _play_on_nodes(scenario, heard)
     finally:
         lease_module.write_frame = original_write  # type: ignore[assignment]
         lease_module.ESCROW_IDLE_CHECK_S = idle_check_s
 
 
-async def _play_on_nodes(scenario: Scenario) -> None:
+async def _play_on_nodes(scenario: Scenario, heard: deque[str]) -> None:
     async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, shared):
         provider, consumer = nodes
         budget = WORD_PRICE * scenario.budget_units
@@ -153,6 +193,22 @@ async def _play_on_nodes(scenario: Scenario) -> None:
         assert payer is not None
         escrow_id = bytes.fromhex(lease_id)
         _cheat(provider, consumer, scenario)
+
+        async def seen() -> str:
+            """What both sides and the chain hold, for a wait that ran out."""
+            parts = [f"{scenario}", f"chain {await payer.chain.run(payer.get, payer.account.address, escrow_id)}"]
+            for name, node, side in (("provider", provider, served), ("consumer", consumer, held)):
+                lease = await node.ledger.get_lease(lease_id)
+                settlements = [
+                    (s.kind, s.state, s.amount, s.attempts, s.last_error) for s in await node.ledger.list_settlements()
+                ]
+                parts.append(
+                    f"{name}: lease {lease.state} settled={lease.settled_amount} refunded={lease.refunded_amount}"
+                    f" metered={lease.metered_units} ended_reason={side.ended_reason} settlements={settlements}"
+                    f" money={await _money(node)}"
+                )
+            parts.append(f"lately heard: {list(heard)}")
+            return "; ".join(parts)
 
         async def call(c: Call) -> None:
             body: dict[str, Any] = {"prompt": " ".join(f"w{i}" for i in range(c.words))}
@@ -192,7 +248,7 @@ async def _play_on_nodes(scenario: Scenario) -> None:
             async def provider_stopped() -> bool:
                 return served.ended_reason is not None and (await provider.ledger.get_lease(lease_id)).state != "open"
 
-            await _until(provider_stopped, "the provider ends the frozen lease")
+            await _until(provider_stopped, "the provider ends the frozen lease", seen)
             state = await payer.chain.run(payer.get, payer.account.address, escrow_id)
             owed = await provider.ledger.countersigned_amount(lease_id)
             arbiter = shared.deployer.for_account(shared.arbiter)
@@ -201,22 +257,22 @@ async def _play_on_nodes(scenario: Scenario) -> None:
             async def refund_landed() -> bool:
                 return any(s.kind == "refund" and s.state == "landed" for s in await consumer.ledger.list_settlements())
 
-            await _until(refund_landed, "the consumer's refund after the resolution")
+            await _until(refund_landed, "the consumer's refund after the resolution", seen)
         else:
             await consumer.market.revoke(lease_id)
 
             async def provider_ended() -> bool:
                 return (await provider.ledger.get_lease(lease_id)).state != "open"
 
-            await _until(provider_ended, "the provider's end of the lease")
-        await _until(lambda: _settlements_final(provider), "the provider's claims")
+            await _until(provider_ended, "the provider's end of the lease", seen)
+        await _until(lambda: _settlements_final(provider), "the provider's claims", seen)
         state = await payer.chain.run(payer.get, payer.account.address, escrow_id)
         released = state.released
 
         async def consumer_booked() -> bool:
             return (await _money(consumer))[1] == released
 
-        await _until(consumer_booked, "the consumer's spend")
+        await _until(consumer_booked, "the consumer's spend", seen)
 
         # The chain agrees with both ledgers, to the wei.
         income, _ = await _money(provider)
