@@ -139,7 +139,7 @@ class DhtService:
 
     async def _dial(self, info: PeerInfo, limiter: trio.CapacityLimiter, connected: list[ID]) -> None:
         async with limiter:
-            with trio.move_on_after(self.dial_timeout_s):
+            with trio.move_on_after(self.dial_timeout_s) as deadline:
                 try:
                     await self.host.connect(info)
                 except Exception as error:  # noqa: BLE001 - an unreachable peer is normal
@@ -149,6 +149,8 @@ class DhtService:
                 # Publishing and lookups start with the first DHT peer, not when every dial is done.
                 await self.dht.add_peer(info.peer_id)
                 self._note_ready()
+            if deadline.cancelled_caught:
+                self._went_silent(info.peer_id)  # the self lookup that follows does not wait on it again
 
     async def join(self) -> JoinReport:
         """Connect to bootstrap peers and remembered peers, then fill the routing table."""

@@ -59,7 +59,9 @@ def test_silent_peers_are_held_for_a_while_cleared_by_a_sign_of_life_and_bounded
 
 
 @asynccontextmanager
-async def dht_node(tmp: Path, name: str, bootstrap: list[str]) -> AsyncIterator[DhtService]:
+async def dht_node(
+    tmp: Path, name: str, bootstrap: list[str], dial_timeout_s: float = DIAL_TIMEOUT_S
+) -> AsyncIterator[DhtService]:
     host = build_host(generate_new_ed25519_identity())
     async with host.run(LOOPBACK), trio.open_nursery() as nursery:
         dht = DhtService(
@@ -67,7 +69,7 @@ async def dht_node(tmp: Path, name: str, bootstrap: list[str]) -> AsyncIterator[
             bootstrap_addrs=bootstrap,
             peer_book=PeerBook(tmp / f"{name}.json"),
             refresh_interval_s=3600.0,
-            dial_timeout_s=DIAL_TIMEOUT_S,
+            dial_timeout_s=dial_timeout_s,
         )
         await nursery.start(dht.run)
         try:
@@ -140,3 +142,21 @@ async def test_a_lookup_gives_a_silent_peer_one_short_timeout_then_drops_it(tmp_
             assert asked and gone not in asked
             assert not await q.dht.routing_table.add_peer(PeerInfo(gone, [hidden]))
             assert first >= DIAL_TIMEOUT_S * 0.9  # it was dialled once, and waited on for the dial timeout
+
+
+async def test_a_fresh_node_is_ready_with_its_first_dht_peer_before_its_join_ends(tmp_path: Path) -> None:
+    use_kad_protocol_id()
+    with trio.socket.socket() as tarpit:
+        await tarpit.bind(("127.0.0.1", 0))
+        tarpit.listen(64)
+        silent_id = ID.from_pubkey(generate_new_ed25519_identity().public_key)
+        silent = f"/ip4/127.0.0.1/tcp/{tarpit.getsockname()[1]}/p2p/{silent_id}"
+        async with dht_node(tmp_path, "a", []) as a:
+            # One bootstrap peer answers, the other never does: the join waits out its dial.
+            async with dht_node(tmp_path, "fresh", [silent, p2p_addr(a)], dial_timeout_s=3.0) as fresh:
+                with trio.fail_after(10):
+                    await fresh.ready.wait()
+                assert not fresh.joined.is_set()  # publishing and lookups need not wait for the join
+                assert a.host.get_id() in fresh.dht.routing_table.get_peer_ids()
+                with trio.fail_after(10):
+                    await fresh.joined.wait()
