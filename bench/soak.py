@@ -16,7 +16,8 @@ Setup: one anvil chain with the escrow deployed (``tests.runtime.support.anvil_p
   ``--disk`` tmpfs (``tests.test_disk_full._mount_tmpfs``);
 - ``backup``: the same model at twice the price;
 - ``consumer``: no model; its router buys ``model:tiny`` from the network through leases it opens
-  itself (``[router] lease_units`` small, so leases run out and are renewed during the run).
+  itself (``[router] lease_units`` = ``--lease-units``, half the shipped default, so leases run out and
+  are renewed during the run).
 
 ``--clients`` agents post ``/v1/chat/completions`` (non-streaming, ``--max-tokens``) to the consumer's
 API one after another, pausing ``--interval`` s between requests, for ``--minutes``. The run is cut
@@ -63,7 +64,10 @@ Prints a per-phase table and the settlement figures to stderr (the failed reques
 and code too), then exactly one line to stdout::
 
     soak: minutes=… requests=… failed=… failed_in_faults=… failed_outside=… unpaid_units=… lost_wei=…
-          still_locked_wei=… rss_growth_mb_per_h=…
+          still_locked_wei=… rss_growth_mb_per_h=… exits=… leases=…
+
+(``exits``: daemons that exited without the bench killing them, each started again for the
+settlement; ``leases``: escrows the consumer locked.)
 
 Goals (issue 15): failed_outside 0, unpaid_units 0, lost_wei 0, rss growth < 5 MB/h (after the
 first hour: a 15-minute run only shows the trend). Everything started is stopped and the tmpfs
@@ -440,6 +444,13 @@ async def settle(
     refunded = await wait_until("consumer refunds", args.refund_wait, refunds_landed)
     log(f"every escrow closed: {refunded} ({time.monotonic() - started:.0f} s)")
     await trio.sleep(2.0)  # a refund can land a moment before the consumer's ledger records it
+    for name, daemon in daemons.items():
+        settlements = await trio.to_thread.run_sync(paged, daemon, "/api/ledger/settlements", "settlements")
+        states = Counter(f"{s['kind']} {s['state']}" for s in settlements)
+        failed = [s for s in settlements if s["state"] == "failed"]
+        log(f"settlements of {name}: {dict(sorted(states.items()))}")
+        for settlement in failed[:5]:
+            log(f"  failed {settlement['kind']} {settlement['settlement_id'][:12]}: {settlement['last_error']}")
 
     locked = await trio.to_thread.run_sync(locks)
     by_key: dict[bytes, dict[str, Any]] = {}
@@ -664,7 +675,7 @@ def report(soak: Soak, figures: dict[str, Any], names: dict[str, str]) -> int:
         f"soak: minutes={args.minutes:g} requests={len(soak.requests)} failed={len(failed)} "
         f"failed_in_faults={len(failed) - len(outside)} failed_outside={len(outside)} "
         f"unpaid_units={totals['unpaid']} lost_wei={totals['lost']} still_locked_wei={totals['still']} "
-        f"rss_growth_mb_per_h={worst:.1f} exits={len(soak.exits)}",
+        f"rss_growth_mb_per_h={worst:.1f} exits={len(soak.exits)} leases={figures['escrows']}",
         flush=True,
     )
     return 0
@@ -678,7 +689,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--price", type=int, default=1000, help="the primary's wei per unit; the backup asks twice")
-    parser.add_argument("--lease-units", type=int, default=2000, help="[router] lease_units of the consumer")
+    parser.add_argument("--lease-units", type=int, default=10_000, help="[router] lease_units of the consumer")
     parser.add_argument("--alerts-interval", type=float, default=1.0, help="[alerts] interval_s of every daemon")
     parser.add_argument("--freeze-s", type=float, default=None, help="chain freeze length (default run/10, ≤ 60)")
     parser.add_argument("--disk-full-s", type=float, default=None, help="disk-full length (default as the freeze)")
