@@ -32,6 +32,7 @@ from nat.addresses import install_identify_hook, published
 from nat.notifee import QuietNotifee
 from node.conn_guard import ConnLimits, guard_inbound_connections
 from node.dial_order import order_dials
+from node.yamux_writes import make_frame_writes_whole
 from runtime.errors import ClawnodeError, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def build_host(
     bound the inbound connections still in their handshake (``node.conn_guard``); only
     upgraded connections count against ``max_connections``.
     """
+    make_frame_writes_whole()  # a cancelled writer never leaves half a Noise frame (node.yamux_writes)
     min_connections = min(8, max_connections)
     limits = conn_limits or ConnLimits()
     if limits.max_inbound is None:  # py-libp2p's own split: outbound dials keep min_connections
