@@ -17,6 +17,7 @@ from node.config import MarketSection
 from node.daemon import Node
 from protocols import lease as lease_module
 from protocols import lease_wire as w
+from protocols.lease import handler as lease_handler
 from protocols.rpc import request
 from protocols.signed import seal
 from protocols.wire import encode_uvarint
@@ -193,7 +194,7 @@ async def test_an_over_metering_provider_gets_no_countersignature() -> None:
 
 
 async def test_oversized_frames_and_slow_loris_cost_one_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lease_module, "LEASE_READ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(lease_handler, "LEASE_READ_TIMEOUT_S", 1.0)
     async with market_nodes([{"offers": (WORD_OFFER,)}, {}]) as (nodes, _):
         provider, consumer = nodes
         peer = ID.from_base58(_peer(provider))

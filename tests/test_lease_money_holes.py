@@ -21,6 +21,7 @@ from node.config import MarketSection
 from node.daemon import Node
 from protocols import lease as lease_module
 from protocols import lease_wire as w
+from protocols.lease import consumer as lease_consumer
 from protocols.machines.lease import ABORTED_CALL_TOLERANCE_UNITS, END_FRAME_INFLATED, LEASE_ID_NOT_BOUND
 from protocols.rpc import request
 from protocols.signed import open_base64, seal
@@ -86,7 +87,7 @@ async def _await_true(check: Any, timeout_s: float, what: str) -> None:
 
 async def test_consumer_that_skips_the_ack_is_still_metered(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: the provider metered only acknowledged calls, so 10 calls served 30 words for 0 units."""
-    original = lease_module.write_frame
+    original = lease_consumer.write_frame
 
     async def no_acks(stream: Any, data: bytes, **kwargs: Any) -> None:
         if data == ACK_FRAME:
@@ -94,7 +95,7 @@ async def test_consumer_that_skips_the_ack_is_still_metered(monkeypatch: pytest.
             return
         await original(stream, data, **kwargs)
 
-    monkeypatch.setattr(lease_module, "write_frame", no_acks)
+    monkeypatch.setattr(lease_consumer, "write_frame", no_acks)
     async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
         provider, consumer = nodes
         view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=60)

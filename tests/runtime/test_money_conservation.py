@@ -34,8 +34,9 @@ from hypothesis import strategies as st
 
 from node.config import MarketSection
 from node.daemon import Node
-from protocols import lease as lease_module
 from protocols import lease_wire as w
+from protocols.lease import consumer as lease_consumer
+from protocols.lease import provider as lease_provider
 from protocols.machines.lease import receipt_tolerance
 from runtime.errors import ClawnodeError
 from runtime.escrow import Chain
@@ -161,7 +162,7 @@ def _cheat(provider: Node, consumer: Node, scenario: Scenario) -> None:
 
 
 async def _play(scenario: Scenario) -> None:
-    original_write = lease_module.write_frame
+    original_write = lease_consumer.write_frame
 
     async def no_acks(stream: Any, data: bytes, **kwargs: Any) -> None:
         if data == ACK_FRAME:
@@ -170,15 +171,15 @@ async def _play(scenario: Scenario) -> None:
         await original_write(stream, data, **kwargs)
 
     if scenario.consumer == "skip_ack":
-        lease_module.write_frame = no_acks  # type: ignore[assignment]
-    idle_check_s = lease_module.ESCROW_IDLE_CHECK_S
-    lease_module.ESCROW_IDLE_CHECK_S = lease_module.ESCROW_CHECK_S  # a dispute after the last call shows soon
+        lease_consumer.write_frame = no_acks  # type: ignore[assignment]
+    idle_check_s = lease_provider.ESCROW_IDLE_CHECK_S
+    lease_provider.ESCROW_IDLE_CHECK_S = lease_provider.ESCROW_CHECK_S  # a dispute after the last call shows soon
     try:
         with _heard() as heard:
             await _play_on_nodes(scenario, heard)
     finally:
-        lease_module.write_frame = original_write  # type: ignore[assignment]
-        lease_module.ESCROW_IDLE_CHECK_S = idle_check_s
+        lease_consumer.write_frame = original_write  # type: ignore[assignment]
+        lease_provider.ESCROW_IDLE_CHECK_S = idle_check_s
 
 
 async def _play_on_nodes(scenario: Scenario, heard: deque[str]) -> None:

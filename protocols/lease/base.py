@@ -1,0 +1,297 @@
+"""What both sides of the lease market share: the protocol's constants, the leases each side keeps,
+the retention of finished ones, and the views the API shows.
+
+:class:`LeaseCore` holds the state; the role mixins add what each side does (``serving``: the calls a
+provider serves; ``provider``: quote, grant, receipts, claims, ending; ``consumer``: open, calls,
+countersignatures, renewal, ending) and ``handler.LeaseMarket`` joins them and dispatches the
+protocol's requests. Nothing here decides: the rules are in ``protocols.machines.lease`` (the
+provider's) and ``protocols.machines.lease_consumer`` (the consumer's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.crypto.keys import PrivateKey
+from libp2p.custom_types import TProtocol
+from pydantic import TypeAdapter, ValidationError
+
+from dht.offers import Offer
+from protocols import lease_wire as w
+from protocols.background import spawn_guarded
+from protocols.machines.history import finished_to_evict
+from protocols.machines.lease import FINISHED_KEEP, FINISHED_KEEP_S, USED_QUOTES_MAX, LeaseSession, quotes_to_forget
+from protocols.machines.lease_consumer import CONSUMER, ConsumerEvent, ConsumerLease
+from protocols.settings import MarketSection
+from protocols.wire import FrameReader
+from runtime.errors import ClawnodeError, ErrorCode, Reason
+from runtime.ledger import EscrowRef, Ledger
+from runtime.service import ServiceRegistry
+from runtime.telemetry import LatencyHistogram
+
+if TYPE_CHECKING:
+    from runtime.escrow import EscrowClient
+
+log = logging.getLogger("protocols.lease")
+
+LEASE_PROTOCOL = TProtocol("/clawnode/lease/1.0.0")
+INFER_PROTOCOL = TProtocol("/clawnode/infer/1.0.0")
+MAX_LEASE_FRAME = 64 * 1024
+MAX_CALL_FRAME = 1 << 20
+CALL_READ_TIMEOUT_S = 10.0
+CALL_ACK_TIMEOUT_S = 5.0
+LEASE_READ_TIMEOUT_S = 10.0
+PUSH_TIMEOUT_S = 10.0
+SWEEP_INTERVAL_S = 1.0
+# A receipt may arrive a moment before the consumer has read the end frame of the call it covers.
+RECEIPT_CATCH_UP_S = 2.0
+# Chain time and our clock differ by a block or two; the lock must still outlive the lease.
+DEADLINE_SLACK_S = 30
+# How often a provider rereads the escrow behind each lease it serves calls on (a disputed one stops
+# service), and behind an idle one; a consumer the escrow of a lease whose voucher it signed (the
+# claim it sees is booked as spend). An embedded-chain read costs ~8 ms of the one chain thread.
+ESCROW_CHECK_S = 2.0
+ESCROW_IDLE_CHECK_S = 30.0
+# A call the budget cannot cover while other calls hold reservations waits this long for them to be
+# metered (a client's next call often arrives a moment before its previous one is counted).
+RESERVE_WAIT_S = 2.0
+# The end frame's write and the metering after it are shielded from cancellation this long at most.
+END_WRITE_TIMEOUT_S = 3.0
+# A consumer leaving a call asks the provider to stop and reads on to its end frame this long at most.
+CANCEL_DRAIN_S = 1.0
+
+REQUESTS: TypeAdapter[Any] = TypeAdapter(w.LeaseRequest)
+QUOTE_REPLY = TypeAdapter(w.QuoteReply)
+GRANT_REPLY = TypeAdapter(w.GrantReply)
+ACK = TypeAdapter(w.Ack)
+COUNTERSIGNED = TypeAdapter(w.Countersigned)
+CALL_FRAMES: TypeAdapter[Any] = TypeAdapter(w.Chunk | w.CallEnd)
+
+EscrowSource = Callable[[], "EscrowClient | None"]
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def granted_machine() -> ConsumerLease:
+    """The consumer's machine of a lease whose grant checked out (post-paid: no lock before it)."""
+    machine = ConsumerLease()
+    machine.apply(ConsumerEvent.GRANT, CONSUMER)
+    return machine
+
+
+@dataclass
+class Ticket:
+    """One call's hold on its lease's budget, from authorisation until it is metered or released."""
+
+    served: ServedLease | None = None
+    reserved: int = 0
+    streamed: int = 0  # tokens of the chunks written (``chunk_tokens``): what a cut call is billed
+    call_id: str | None = None  # its pending row in the ledger (the write-ahead meter), once written
+
+
+@dataclass
+class ServedLease:
+    """A lease this node provides: the grant, the token's hash and the metering session."""
+
+    grant: w.LeaseGrant
+    session: LeaseSession
+    escrow: EscrowRef | None
+    push_lock: trio.Lock = field(default_factory=trio.Lock)
+    ended_reason: str | None = None
+    claimed_seq: int = 0
+    last_claim_at: float = 0.0
+    in_flight: int = 0  # calls being served or metered; the lease ends after they are counted
+    escrow_checked_at: float = 0.0
+    escrow_checked_requests: int = 0  # requests served when the escrow was last read
+    escrow_checking: bool = False
+    released: trio.Event = field(default_factory=trio.Event)  # set whenever a reservation is given back
+
+    def reservation_returned(self) -> None:
+        self.released.set()
+        self.released = trio.Event()
+
+
+@dataclass
+class HeldLease:
+    """A lease this node consumes. The token lives here, in memory, and nowhere else."""
+
+    grant: w.LeaseGrant
+    token: str
+    escrow_id: bytes | None
+    seen_units: int = 0
+    aborted_calls: int = 0  # calls left without the provider's end or error frame (in-flight tolerance)
+    ended_reason: str | None = None
+    last_countersigned_seq: int = 0
+    committed: int = 0  # wei: the newest voucher we signed
+    booked: int = 0  # wei: what the escrow showed released to the provider, booked as spend
+    observed_at: float = 0.0
+    observing: bool = False
+    # Its state, moved only by the consumer's machine (``protocols.machines.lease_consumer``).
+    machine: ConsumerLease = field(default_factory=granted_machine)
+
+    def apply(self, event: ConsumerEvent, actor: str = CONSUMER) -> None:
+        self.machine.apply(event, actor)
+
+
+class LeaseCore:
+    """What both sides of the lease market share for one node: the leases, the chain, retention, views."""
+
+    def __init__(
+        self,
+        host: IHost,
+        key: PrivateKey,
+        ledger: Ledger,
+        settings: MarketSection,
+        *,
+        offers: Callable[[], list[Offer]],
+        services: ServiceRegistry,
+        escrow: EscrowSource,
+        escrow_terms: Callable[[], w.EscrowTerms | None],
+        wake_settlement: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.key = key
+        self.peer_id = str(host.get_id())
+        self.ledger = ledger
+        self.settings = settings
+        self.offers = offers
+        self.services = services
+        self.escrow = escrow
+        self.escrow_terms = escrow_terms
+        self.wake_settlement = wake_settlement
+        self.clock = clock
+        self.served: dict[str, ServedLease] = {}
+        self.held: dict[str, HeldLease] = {}
+        self._used_quotes: dict[str, int] = {}  # quote id -> valid_until, until it has passed
+        # Finished leases, oldest first: (side, lease id) -> when they finished. Kept for the API and
+        # late messages for a while (``finished_to_evict``), then forgotten; the ledger keeps them.
+        self._finished: dict[tuple[str, str], float] = {}
+        self.finished_keep = FINISHED_KEEP
+        self.finished_keep_s = FINISHED_KEEP_S
+        self.used_quotes_max = USED_QUOTES_MAX
+        # Calls served whose settlement the disk refused: (lease id, call id) -> units, retried by the sweep
+        # until the ledger takes them. At most the calls in flight when the disk filled: a call whose
+        # pending row cannot be written is refused, so nothing new joins while the disk is full.
+        self._unsettled: dict[tuple[str, str], int] = {}
+        self._settling = False
+        self._nursery: trio.Nursery | None = None
+        self.call_read_timeout_s = CALL_READ_TIMEOUT_S
+        # For /metrics: refusals and failures by (operation, error code); durations of calls served.
+        self.failures: Counter[tuple[str, str]] = Counter()
+        self.serve_first_chunk_s = LatencyHistogram()
+        self.serve_duration_s = LatencyHistogram()
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        spawn_guarded(self._nursery, log, fn, *args)
+
+    # What one role asks of another (the roles are joined in ``handler.LeaseMarket``).
+    async def _end_served(self, lease_id: str, reason: str, *, notify: bool = True) -> None:
+        raise NotImplementedError  # provider
+
+    async def _push_receipt(self, lease_id: str) -> bool:
+        raise NotImplementedError  # provider
+
+    async def _settle_unsettled(self, lease_id: str | None = None) -> None:
+        raise NotImplementedError  # serving
+
+    def _failed(self, op: str, error: BaseException) -> None:
+        if isinstance(error, ClawnodeError):
+            code = error.code
+        else:
+            code = ErrorCode.INVALID_ARGUMENT if isinstance(error, ValidationError) else ErrorCode.INTERNAL
+        self.failures[(op, code.value)] += 1
+
+    def _forget_used_quotes(self, now: float) -> None:
+        for quote_id in quotes_to_forget(self._used_quotes, now):
+            del self._used_quotes[quote_id]
+
+    def _finished_now(self, side: str, lease_id: str) -> None:
+        """A lease's end work is done (final receipt, claim or refund queued): start its retention."""
+        self._finished[(side, lease_id)] = self.clock()
+        self._forget_finished()
+
+    def _forget_finished(self) -> None:
+        """Drop finished leases past their retention (``finished_to_evict``); a message about one later
+        gets ``E_NOT_FOUND``, like any lease this node does not know."""
+        entries = [(key, at, self._settled(*key)) for key, at in self._finished.items()]
+        for side, lease_id in finished_to_evict(
+            entries, self.clock(), keep=self.finished_keep, keep_s=self.finished_keep_s
+        ):
+            del self._finished[(side, lease_id)]
+            (self.served if side == "served" else self.held).pop(lease_id, None)
+
+    def _settled(self, side: str, lease_id: str) -> bool:
+        """Whether nothing more waits on a finished lease's entry: a consumer books the provider's claims
+        as it sees them on chain; a provider's claim is in the ledger's settlement queue."""
+        if side == "served":
+            return True
+        held = self.held.get(lease_id)
+        return held is None or held.escrow_id is None or held.booked >= held.committed
+
+    # ================= views =================
+
+    def _view_held(self, held: HeldLease) -> w.LeaseView:
+        return lease_view(held.grant, "consumer", str(held.machine.state), held.seen_units)
+
+    def _view_served(self, served: ServedLease) -> w.LeaseView:
+        return lease_view(served.grant, "provider", str(served.session.state), served.session.units_metered)
+
+    def leases(self) -> list[w.LeaseView]:
+        """Live leases and those finished lately (``FINISHED_KEEP``, ``FINISHED_KEEP_S``); the ledger has all."""
+        views = [self._view_served(s) for s in self.served.values()]
+        views.extend(self._view_held(h) for h in self.held.values())
+        return sorted(views, key=lambda view: view.lease_id)
+
+
+async def stop_on_cancel(reader: FrameReader, scope: trio.CancelScope) -> None:
+    """While a call streams, the consumer says nothing until the end frame: any frame it sends (a
+    cancel), its hanging up or a reset stops the call."""
+    with contextlib.suppress(Exception):
+        await reader.read_frame(math.inf)
+    scope.cancel()
+
+
+def ended_error(why: str) -> ClawnodeError:
+    """The refusal of a call on a lease that has ended (``why``: expired, abandoned, revoked by …)."""
+    if why == "expired":
+        return ClawnodeError(ErrorCode.EXPIRED, "the lease has ended (expired)", Reason.EXPIRED)
+    return ClawnodeError(ErrorCode.CONFLICT, f"the lease has ended ({why})", Reason.ENDED)
+
+
+def call_frame(raw: bytes) -> w.Chunk | w.CallEnd | None:
+    """A chunk or an end frame; None for anything else (an error frame, something unreadable)."""
+    try:
+        frame: w.Chunk | w.CallEnd = CALL_FRAMES.validate_json(raw)
+    except ValidationError:
+        return None
+    return frame
+
+
+def lease_view(grant: w.LeaseGrant, role: str, state: str, units: int) -> w.LeaseView:
+    """A lease as the API shows it: the grant's terms, our side, its state and units; never the token."""
+    return w.LeaseView(
+        lease_id=grant.lease_id,
+        role=role,
+        provider=grant.provider,
+        consumer=grant.consumer,
+        capability=grant.capability,
+        price_per_unit=grant.price_per_unit,
+        budget=grant.budget,
+        expires_at=grant.expires_at,
+        mode=grant.mode,
+        state=state,
+        units=units,
+    )

@@ -1,0 +1,503 @@
+"""The consumer's side of a lease: ask for a quote and check it, lock the budget under an escrow id
+derived from our peer id (``lease_id_for``), open, check the grant, keep the token in memory only,
+call (counting each end frame only within what arrived, leaving a call by a cancel frame and reading
+on to its end frame), countersign receipts for what was counted (with an escrow voucher for the
+total), renew, end, and book the provider's claims as spend when seen on chain.
+
+Its state is :class:`~protocols.machines.lease_consumer.ConsumerLease` (one table); its decisions
+are the verdicts of ``protocols.machines.lease_consumer`` (``quote_verdict``, ``grant_verdict``,
+``call_verdict``, ``end_frame_units``, ``countersign_verdict``, ``renew_verdict``,
+``call_refused_event``, ``settled``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.peer.id import ID
+
+from dht.records import bind_wallet
+from protocols import lease_wire as w
+from protocols.lease.base import (
+    ACK,
+    CALL_ACK_TIMEOUT_S,
+    CALL_FRAMES,
+    CANCEL_DRAIN_S,
+    DEADLINE_SLACK_S,
+    ESCROW_CHECK_S,
+    GRANT_REPLY,
+    INFER_PROTOCOL,
+    LEASE_PROTOCOL,
+    MAX_CALL_FRAME,
+    PUSH_TIMEOUT_S,
+    QUOTE_REPLY,
+    RECEIPT_CATCH_UP_S,
+    HeldLease,
+    LeaseCore,
+    call_frame,
+    log,
+    token_digest,
+)
+from protocols.machines import lease_consumer as c
+from protocols.machines.escrow_lock import escrow_frozen
+from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
+from protocols.machines.verdict import Refusal, enforce
+from protocols.rpc import parse_reply, request
+from protocols.signed import open_base64, seal, to_base64
+from protocols.streams import open_stream
+from protocols.wire import FrameReader, write_frame
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
+
+if TYPE_CHECKING:
+    from runtime.escrow import EscrowClient
+
+
+class ConsumerRole(LeaseCore):
+    async def open_lease(
+        self,
+        provider: str,
+        capability: str,
+        *,
+        budget: int | None = None,
+        duration_s: int = 3600,
+        expected_units: int = 1000,
+    ) -> w.LeaseView:
+        try:
+            return await self._open_lease(
+                provider, capability, budget=budget, duration_s=duration_s, expected_units=expected_units
+            )
+        except ClawnodeError as error:
+            self._failed("open", error)
+            raise
+
+    async def _open_lease(
+        self, provider: str, capability: str, *, budget: int | None, duration_s: int, expected_units: int
+    ) -> w.LeaseView:
+        try:
+            peer = ID.from_base58(provider)
+        except Exception:  # noqa: BLE001 - base58 and multihash errors alike
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "not a peer id") from None
+        if provider == self.peer_id:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "a node cannot lease from itself")
+        quote_reply = await request(
+            self.host,
+            peer,
+            LEASE_PROTOCOL,
+            w.QuoteRequest(capability=capability, expected_units=expected_units, duration_s=duration_s),
+            QUOTE_REPLY,
+        )
+        signer, payload = open_base64(quote_reply.envelope, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
+        if str(signer) != provider:  # before reading a payload someone else signed
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote is signed by another peer than the provider")
+        quote = w.Quote.model_validate_json(payload)
+        amount = budget if budget is not None else quote.price_per_unit * quote.expected_units
+        enforce(
+            c.quote_verdict(
+                c.QuoteFacts(
+                    signer=str(signer),
+                    provider=provider,
+                    me=self.peer_id,
+                    quote_provider=quote.provider,
+                    quote_consumer=quote.consumer,
+                    quote_capability=quote.capability,
+                    capability=capability,
+                    escrowed=quote.escrow is not None,
+                    budget=amount,
+                    postpaid_cap=quote.postpaid_cap,
+                )
+            )
+        )
+        machine = c.ConsumerLease()  # lease_opening
+        # Bound to our peer id: nobody else can lock under this id and take the lease first.
+        salt = secrets.token_bytes(LEASE_SALT_BYTES)
+        escrow_id = lease_id_for(self.host.get_id().to_bytes(), salt)
+        lease_id = escrow_id.hex()
+        lock: w.EscrowLock | None = None
+        escrow_ref: EscrowRef | None = None
+        if quote.escrow is not None:
+            client = self._our_escrow_for(quote.escrow)
+            escrow_ref = EscrowRef(contract=client.address, payer=client.account.address, escrow_id="0x" + lease_id)
+        # In the ledger before any money moves: a lock that never becomes a lease is refunded from here.
+        await self.ledger.open_lease(
+            LeaseOpen(
+                lease_id=lease_id,
+                role="consumer",
+                provider=provider,
+                consumer=self.peer_id,
+                price_per_unit=quote.price_per_unit,
+                budget=amount,
+                escrow=escrow_ref,
+            ),
+            idempotency_key=f"open/{lease_id}",
+        )
+        try:
+            if quote.escrow is not None:
+                lock = await self._lock(quote, escrow_id, amount)
+                machine.apply(c.ConsumerEvent.LOCK, c.CONSUMER)
+            wallet = None
+            if lock is not None:
+                account = self._our_escrow_for(quote.escrow).account if quote.escrow else None
+                wallet = None if account is None else bind_wallet(bytes(account.key), self.peer_id)
+            opening = w.LeaseOpen(
+                quote=quote_reply.envelope,
+                lease_id=lease_id,
+                budget=amount,
+                mode="escrow" if lock else "postpaid",
+                lock=lock,
+                wallet=wallet,
+                salt=salt.hex(),
+            )
+            envelope = seal(opening, self.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
+            grant_reply = await request(
+                self.host, peer, LEASE_PROTOCOL, w.OpenRequest(envelope=to_base64(envelope)), GRANT_REPLY
+            )
+            grant = self._check_grant(grant_reply, provider, quote, opening)
+            machine.apply(c.ConsumerEvent.GRANT, c.CONSUMER)
+        except BaseException:
+            if machine.may(c.ConsumerEvent.FAIL, c.CONSUMER):
+                machine.apply(c.ConsumerEvent.FAIL, c.CONSUMER)
+            with trio.CancelScope(shield=True):
+                await self._abandon_opening(lease_id, escrowed=lock is not None)
+            raise
+        self.held[lease_id] = HeldLease(grant, grant_reply.token, escrow_id if lock else None, machine=machine)
+        log.info("lease %s opened with %s for %s", lease_id[:12], provider[:16], capability)
+        return self._view_held(self.held[lease_id])
+
+    def _our_escrow_for(self, terms: w.EscrowTerms) -> EscrowClient:
+        client = self.escrow()
+        if client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected; cannot lock")
+        if client.chain.chain_id != terms.chain_id or client.address.lower() != terms.contract.lower():
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "the provider's escrow is on another chain or contract")
+        return client
+
+    async def _lock(self, quote: w.Quote, escrow_id: bytes, amount: int) -> w.EscrowLock:
+        assert quote.escrow is not None
+        terms = quote.escrow
+        client = self._our_escrow_for(terms)
+        chain_now = await client.chain.run(client.chain.next_timestamp)
+        result = await client.chain.run(
+            lambda: client.lock(
+                escrow_id,
+                payee=terms.payee,
+                arbiter=terms.arbiter,
+                amount=amount,
+                deadline=chain_now + quote.duration_s + DEADLINE_SLACK_S,
+                window=terms.dispute_window_s,
+            )
+        )
+        return w.EscrowLock(payer=client.account.address, escrow_id="0x" + escrow_id.hex(), tx_hash=result.tx_hash)
+
+    def _check_grant(self, reply: w.GrantReply, provider: str, quote: w.Quote, opening: w.LeaseOpen) -> w.LeaseGrant:
+        signer, payload = open_base64(reply.envelope, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
+        if str(signer) != provider:  # before reading a payload someone else signed
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the grant is signed by another peer than the provider")
+        grant = w.LeaseGrant.model_validate_json(payload)
+        facts = c.GrantFacts(
+            signer=str(signer),
+            provider=provider,
+            me=self.peer_id,
+            lease_id=opening.lease_id,
+            quote_id=quote.quote_id,
+            price_per_unit=quote.price_per_unit,
+            budget=opening.budget,
+            token=reply.token,
+            grant_lease_id=grant.lease_id,
+            grant_consumer=grant.consumer,
+            grant_quote_id=grant.quote_id,
+            grant_price_per_unit=grant.price_per_unit,
+            grant_budget=grant.budget,
+            grant_token_sha256=grant.token_sha256,
+        )
+        enforce(c.grant_verdict(facts, token_digest(reply.token)))
+        return grant
+
+    async def _abandon_opening(self, lease_id: str, *, escrowed: bool) -> None:
+        try:
+            await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
+            if escrowed:
+                await self.ledger.enqueue_refund(lease_id)
+                self.wake_settlement()
+        except ClawnodeError as error:
+            log.warning("could not wind down the failed lease %s: %s", lease_id[:12], error.code)
+
+    def _held(self, lease_id: str) -> HeldLease:
+        held = self.held.get(lease_id)
+        if held is None:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no lease with this id")
+        enforce(c.call_verdict(held.machine.state, held.ended_reason))
+        return held
+
+    async def call(self, lease_id: str, body: dict[str, Any], *, timeout_s: float = 120.0) -> w.CallResult:
+        """Use a lease: send one request, collect the streamed chunks and the exact usage."""
+        chunks: list[dict[str, Any]] = []
+
+        async def collect(data: dict[str, Any]) -> None:
+            chunks.append(data)
+
+        end = await self.stream_call(lease_id, body, collect, timeout_s=timeout_s)
+        return w.CallResult(chunks=chunks, units=end.units, usage=end.usage, served_by=end.served_by)
+
+    async def stream_call(
+        self,
+        lease_id: str,
+        body: dict[str, Any],
+        on_chunk: Callable[[dict[str, Any]], Awaitable[None]],
+        *,
+        timeout_s: float = 300.0,
+        stall_s: float = 30.0,
+    ) -> w.CallEnd:
+        """Use a lease, handing each chunk to ``on_chunk`` as it arrives; the end frame's exact usage.
+
+        A provider silent for ``stall_s`` between frames counts as gone (``E_TIMEOUT``), so a router
+        can move on; leaving early (cancellation) closes the stream, which stops the provider.
+        """
+        held = self._held(lease_id)
+        request_frame = w.CallRequest(lease_id=lease_id, token=held.token, body=body).model_dump_json().encode()
+        try:
+            with trio.fail_after(timeout_s):
+                stream = await open_stream(self.host, ID.from_base58(held.grant.provider), [INFER_PROTOCOL])
+                reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
+                tokens_received = 0
+                last_frame = False  # the provider's end or error frame arrived: nothing is left in flight
+                requested = False
+                try:
+                    await write_frame(stream, request_frame, max_frame=MAX_CALL_FRAME)
+                    requested = True
+                    while True:
+                        raw = await reader.read_frame(stall_s)
+                        frame = call_frame(raw)
+                        if frame is None:
+                            # An error frame (after the chunks it follows, all counted below) or garbage.
+                            last_frame = True
+                            try:
+                                parse_reply(raw, CALL_FRAMES)
+                            except ClawnodeError as refusal:
+                                self._call_refused(held, refusal)
+                                raise
+                            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the peer sent an unreadable reply")
+                        if isinstance(frame, w.Chunk):
+                            tokens_received += chunk_tokens(frame.data)
+                            await on_chunk(frame.data)
+                            continue
+                        # Only units consistent with what arrived and what was asked are counted (and
+                        # later countersigned); an inflated end frame is refused, unacknowledged.
+                        last_frame, received, tokens_received = True, tokens_received, 0
+                        counted = c.end_frame_units(frame.units, received, body)
+                        if isinstance(counted, Refusal):
+                            raise counted.error()
+                        held.seen_units += counted
+                        if held.machine.may(c.ConsumerEvent.RESUME, c.PROVIDER):
+                            held.apply(c.ConsumerEvent.RESUME, c.PROVIDER)  # it served: no longer paused
+                        with trio.move_on_after(CALL_ACK_TIMEOUT_S) as ack_scope:
+                            ack_scope.shield = True
+                            with contextlib.suppress(Exception):
+                                await write_frame(stream, w.CallAck().model_dump_json().encode())
+                        return frame
+                finally:
+                    with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
+                        cleanup.shield = True
+                        if last_frame:
+                            held.seen_units += tokens_received  # delivered before the provider's error
+                        elif requested:
+                            await self._leave_call(held, stream, reader, body, tokens_received)
+                        await stream.close()
+        except trio.TooSlowError:
+            self.failures[("call", ErrorCode.TIMEOUT.value)] += 1
+            raise ClawnodeError(ErrorCode.TIMEOUT, "the provider did not finish in time") from None
+        except ClawnodeError as error:
+            self._failed("call", error)
+            raise
+        except Exception as error:  # noqa: BLE001 - dial and stream failures come in many types
+            self.failures[("call", ErrorCode.UNAVAILABLE.value)] += 1
+            raise ClawnodeError(
+                ErrorCode.UNAVAILABLE, f"the provider is unreachable ({type(error).__name__})"
+            ) from None
+
+    async def _leave_call(
+        self, held: HeldLease, stream: INetStream, reader: FrameReader, body: dict[str, Any], tokens: int
+    ) -> None:
+        """We leave a call before its end frame (cancelled, stalled, the sink failed): what was delivered
+        is paid. Ask the provider to stop and read on to its end frame, which bills the chunks it wrote,
+        so both sides count the same; a provider that does not answer in ``CANCEL_DRAIN_S`` (stalled,
+        gone, the stream cut) leaves the tokens received counted and this call's in-flight tolerance."""
+        try:
+            await write_frame(stream, w.Cancel().model_dump_json().encode())
+            with trio.fail_after(CANCEL_DRAIN_S):
+                while True:
+                    raw = await reader.read_frame(CANCEL_DRAIN_S)
+                    frame = call_frame(raw)
+                    if frame is None:  # the provider's error frame: everything before it arrived
+                        held.seen_units += tokens
+                        return
+                    if isinstance(frame, w.Chunk):
+                        tokens += chunk_tokens(frame.data)
+                        continue
+                    counted = c.end_frame_units(frame.units, tokens, body)
+                    if not isinstance(counted, Refusal):  # an inflated end frame counts nothing
+                        held.seen_units += counted
+                    with contextlib.suppress(Exception):
+                        await write_frame(stream, w.CallAck().model_dump_json().encode())
+                    return
+        except Exception:  # noqa: BLE001 - a stalled, gone or cut provider
+            pass
+        held.seen_units += tokens
+        held.aborted_calls += 1
+
+    async def _countersign(self, message: w.ReceiptPush, remote: str) -> w.Countersigned:
+        receipt = message.receipt
+        held = self.held.get(receipt.body.lease_id)
+        if held is None or held.grant.provider != remote or receipt.body.provider != remote:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease with this peer")
+
+        def facts() -> c.ReceiptFacts:
+            return c.ReceiptFacts(
+                state=held.machine.state,
+                units=receipt.body.units,
+                amount=receipt.body.amount,
+                seen_units=held.seen_units,
+                aborted_calls=held.aborted_calls,
+                price_per_unit=held.grant.price_per_unit,
+            )
+
+        with trio.move_on_after(RECEIPT_CATCH_UP_S):
+            while not c.receipt_counted(facts()):
+                await trio.sleep(0.05)
+        enforce(c.countersign_verdict(facts()))
+        voucher = await self._voucher(held, receipt.body.amount)
+        try:
+            signed: SignedReceipt = await self.ledger.countersign_receipt(receipt, self.key, voucher=voucher)
+        except ClawnodeError as error:
+            # The provider asks again for a receipt we already signed (it crashed before storing our
+            # signature): the same countersigned receipt, not a second one.
+            if error.code != ErrorCode.CONFLICT:
+                raise
+            stored = await self.ledger.get_receipt(receipt.body.lease_id, receipt.body.seq)
+            if stored.receipt.body != receipt.body or not stored.countersigned:
+                raise
+            signed = stored.receipt
+        held.last_countersigned_seq = receipt.body.seq
+        if held.machine.may(c.ConsumerEvent.COUNTERSIGN, c.CONSUMER):
+            held.apply(c.ConsumerEvent.COUNTERSIGN)  # a paused lease serves again
+        held.committed = max(held.committed, receipt.body.amount if held.escrow_id is not None else 0)
+        return w.Countersigned(receipt=signed)
+
+    async def _voucher(self, held: HeldLease, amount: int) -> str | None:
+        if held.escrow_id is None:
+            return None
+        client = self.escrow()
+        if client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
+        escrow_id = held.escrow_id
+        signature = await client.chain.run(client.sign_voucher, escrow_id, amount)
+        return "0x" + signature.hex()
+
+    async def revoke_held(self, lease_id: str) -> w.LeaseView:
+        """End a lease we hold: tell the provider (it claims what was countersigned), then the rest of
+        the lock is refunded."""
+        held = self.held.get(lease_id)
+        if held is None:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no lease with this id")
+        if held.machine.state != c.ConsumerState.ENDING:  # a second revoke while the first waits goes on
+            enforce(c.call_verdict(held.machine.state, held.ended_reason))
+            held.apply(c.ConsumerEvent.CLOSE)
+        with trio.move_on_after(PUSH_TIMEOUT_S):
+            try:
+                await request(
+                    self.host,
+                    ID.from_base58(held.grant.provider),
+                    LEASE_PROTOCOL,
+                    w.RevokeRequest(lease_id=lease_id),
+                    ACK,
+                    timeout_s=PUSH_TIMEOUT_S,
+                )
+            except ClawnodeError as error:
+                log.info("the provider did not acknowledge the revocation of %s (%s)", lease_id[:12], error.code)
+        await self._end_held(lease_id, "revoked by the consumer")
+        return self._view_held(held)
+
+    async def renew(self, lease_id: str, duration_s: int) -> w.LeaseView:
+        held = self._held(lease_id)
+        expires_at = held.grant.expires_at + duration_s
+        enforce(c.renew_verdict(held.machine.state, held.grant.expires_at, expires_at))
+        await request(
+            self.host,
+            ID.from_base58(held.grant.provider),
+            LEASE_PROTOCOL,
+            w.RenewRequest(lease_id=lease_id, expires_at=expires_at),
+            ACK,
+        )
+        held.grant = held.grant.model_copy(update={"expires_at": expires_at})
+        if held.machine.may(c.ConsumerEvent.RENEW, c.CONSUMER):
+            held.apply(c.ConsumerEvent.RENEW)
+        return self._view_held(held)
+
+    async def _end_held(self, lease_id: str, reason: str) -> None:
+        held = self.held.get(lease_id)
+        if held is None or held.ended_reason is not None:
+            return
+        held.ended_reason = reason
+        if held.machine.state == c.ConsumerState.ENDING:
+            held.apply(c.ConsumerEvent.END)  # our revocation is done
+        elif held.machine.may(c.ConsumerEvent.REVOKE, c.PROVIDER):
+            held.apply(c.ConsumerEvent.REVOKE, c.PROVIDER)
+        try:
+            await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
+            if held.escrow_id is not None:
+                await self.ledger.enqueue_refund(lease_id)
+                self.wake_settlement()
+        finally:
+            self._finished_now("held", lease_id)
+
+    async def _observe_spend(self, lease_id: str) -> None:
+        """As the consumer: book as spend what the escrow shows released to the provider (its claims)."""
+        held = self.held.get(lease_id)
+        client = self.escrow()
+        if held is None or held.escrow_id is None or client is None or held.observing:
+            return
+        held.observing = True
+        try:
+            state = await client.chain.run(client.get, client.account.address, held.escrow_id)
+            if state.released > held.booked:
+                await self.ledger.book_released(lease_id, state.released)
+                held.booked = state.released
+            if escrow_frozen(state.phase):
+                held.committed = held.booked  # refunded or resolved: nothing more will move
+            settled = c.settled(
+                state=held.machine.state, escrowed=True, phase=state.phase, booked=held.booked, committed=held.committed
+            )
+            if settled:
+                held.apply(c.ConsumerEvent.SETTLE, c.SYSTEM)
+        except ClawnodeError as error:
+            log.info("escrow of lease %s not observed: %s", lease_id[:12], error.code)
+        finally:
+            held.observing = False
+            held.observed_at = self.clock()
+
+    async def _revoked_by_provider(self, message: w.RevokeRequest, remote: str) -> w.Ack:
+        held = self.held.get(message.lease_id)
+        if held is None or held.grant.provider != remote:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease with this peer")
+        await self._end_held(message.lease_id, message.reason)
+        return w.Ack()
+
+    def _call_refused(self, held: HeldLease, refusal: ClawnodeError) -> None:
+        """The provider refused a call: a ``paused`` refusal pauses the held lease (our countersignature
+        resumes it). A refusal that spends it (``should_abandon``) is left to the holder's revoke, which
+        tells the provider and refunds the rest of the lock."""
+        event = c.call_refused_event(refusal.code, refusal.reason)
+        if event == c.ConsumerEvent.PAUSE and held.machine.may(event, c.PROVIDER):
+            held.apply(event, c.PROVIDER)
+
+    def _sweep_held(self, now: float) -> None:
+        """The consumer's timer step: reread the escrow of a lease whose vouchers are not all booked."""
+        for lease_id, held in list(self.held.items()):
+            if held.escrow_id is not None and held.booked < held.committed and not held.observing:
+                if now - held.observed_at >= ESCROW_CHECK_S:
+                    self._spawn(self._observe_spend, lease_id)

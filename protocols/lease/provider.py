@@ -1,0 +1,436 @@
+"""The provider's side of a lease: quote, grant (the consumer's signed open, its wallet binding and
+its escrow lock read on chain), renewal, usage receipts pushed for countersignature (each checked for
+the escrow payer's voucher), claims of what was countersigned, the escrow reread under a served
+lease, and the end (final receipt, claim, notice to the consumer). The calls themselves are
+``serving``. The rules: ``protocols.machines.lease`` (``LeaseSession``: metering rhythm, pause,
+abandon, expiry; ``check_lock``, ``check_countersignature``, ``quotes_to_forget``)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from dht.offers import Offer
+from dht.records import wallet_binding_holds
+from protocols import lease_wire as w
+from protocols.lease.base import (
+    ACK,
+    CALL_READ_TIMEOUT_S,
+    COUNTERSIGNED,
+    ESCROW_CHECK_S,
+    ESCROW_IDLE_CHECK_S,
+    LEASE_PROTOCOL,
+    MAX_LEASE_FRAME,
+    PUSH_TIMEOUT_S,
+    ServedLease,
+    log,
+    token_digest,
+)
+from protocols.lease.serving import ServingRole
+from protocols.machines.lease import (
+    ASK_AGAIN,
+    END_ABANDONED,
+    END_FROZEN,
+    EXPIRE,
+    ISSUE_RECEIPT,
+    PAUSE,
+    LeaseSession,
+    LeaseState,
+    LockFacts,
+    check_countersignature,
+    check_lock,
+)
+from protocols.machines.lease import LeasePolicy as SessionPolicy
+from protocols.rpc import request
+from protocols.signed import open_base64, seal, to_base64
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
+
+
+class ProviderRole(ServingRole):
+    def _offer(self, capability: str) -> Offer:
+        for offer in self.offers():
+            if offer.name == capability:
+                return offer
+        raise ClawnodeError(ErrorCode.NOT_FOUND, f"this node does not offer {capability}")
+
+    async def _quote(self, message: w.QuoteRequest, remote: str) -> w.QuoteReply:
+        offer = self._offer(message.capability)
+        if self.services.get(message.capability) is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{message.capability} is offered but not being served")
+        if message.duration_s > self.settings.max_lease_s:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, f"leases last at most {self.settings.max_lease_s} s on this node"
+            )
+        terms = self.escrow_terms()
+        trusted = remote in self.settings.trusted_peers
+        if terms is None and not trusted:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected; try again later")
+        quote = w.Quote(
+            quote_id=secrets.token_hex(16),
+            provider=self.peer_id,
+            consumer=remote,
+            capability=offer.name,
+            price_per_unit=offer.price_per_unit,
+            expected_units=message.expected_units,
+            duration_s=message.duration_s,
+            valid_until=int(self.clock()) + self.settings.quote_valid_s,
+            escrow=None if trusted else terms,
+            postpaid_cap=self.settings.postpaid_cap if trusted else 0,
+        )
+        envelope = seal(quote, self.key, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
+        return w.QuoteReply(envelope=to_base64(envelope))
+
+    async def _grant(self, message: w.OpenRequest, remote: str) -> w.GrantReply:
+        signer, payload = open_base64(message.envelope, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
+        if str(signer) != remote:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the lease open is signed by another peer than the sender")
+        opening = w.LeaseOpen.model_validate_json(payload)
+        quote_signer, quote_payload = open_base64(opening.quote, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
+        if str(quote_signer) != self.peer_id:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote was not signed by this node")
+        quote = w.Quote.model_validate_json(quote_payload)
+        now = int(self.clock())
+        if quote.consumer != remote:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote was made out to another peer")
+        if quote.valid_until < now:
+            raise ClawnodeError(ErrorCode.EXPIRED, "the quote has expired; ask for a new one")
+        if quote.quote_id in self._used_quotes:
+            raise ClawnodeError(ErrorCode.CONFLICT, "this quote was already used to open a lease")
+        # Oldest first: what expired at the front goes at once (cheap); all of them when the set is full.
+        while self._used_quotes and next(iter(self._used_quotes.values())) < now:
+            del self._used_quotes[next(iter(self._used_quotes))]
+        if len(self._used_quotes) >= self.used_quotes_max:
+            self._forget_used_quotes(now)
+            if len(self._used_quotes) >= self.used_quotes_max:
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "too many leases opened lately; try again later")
+        if opening.budget < quote.price_per_unit:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the budget does not cover a single unit")
+        escrow_ref = await self._check_payment(quote, opening, remote, now)
+        # Claimed before the first await that could interleave a second open of the same quote.
+        self._used_quotes[quote.quote_id] = quote.valid_until
+        token = secrets.token_urlsafe(32)
+        grant = w.LeaseGrant(
+            lease_id=opening.lease_id,
+            quote_id=quote.quote_id,
+            provider=self.peer_id,
+            consumer=remote,
+            capability=quote.capability,
+            price_per_unit=quote.price_per_unit,
+            budget=opening.budget,
+            expires_at=now + quote.duration_s,
+            token_sha256=token_digest(token),
+            policy=w.LeasePolicy(
+                max_requests=self.settings.max_requests,
+                budget_cap=opening.budget,
+                rate_per_minute=self.settings.rate_per_minute,
+            ),
+            mode=opening.mode,
+        )
+        try:
+            await self.ledger.open_lease(
+                LeaseOpen(
+                    lease_id=grant.lease_id,
+                    role="provider",
+                    provider=self.peer_id,
+                    consumer=remote,
+                    price_per_unit=grant.price_per_unit,
+                    budget=grant.budget,
+                    escrow=escrow_ref,
+                    grant=grant.model_dump_json(),
+                ),
+                idempotency_key=f"grant/{grant.lease_id}",
+            )
+        except ClawnodeError:
+            del self._used_quotes[quote.quote_id]
+            raise
+        self.served[grant.lease_id] = ServedLease(
+            grant, self._new_session(grant, now), escrow_ref, last_claim_at=self.clock(), escrow_checked_at=self.clock()
+        )
+        log.info("lease %s granted to %s for %s", grant.lease_id[:12], remote[:16], grant.capability)
+        envelope = seal(grant, self.key, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
+        return w.GrantReply(envelope=to_base64(envelope), token=token)
+
+    def _new_session(self, grant: w.LeaseGrant, now: int) -> LeaseSession:
+        s = self.settings
+        session = LeaseSession(
+            SessionPolicy(
+                max_requests=grant.policy.max_requests,
+                budget_cap=grant.policy.budget_cap,
+                rate_per_minute=grant.policy.rate_per_minute,
+                expires_at=grant.expires_at,
+            ),
+            grant.price_per_unit,
+            receipt_every_units=s.receipt_every_units,
+            receipt_every_s=s.receipt_every_s,
+            countersign_timeout_s=s.countersign_timeout_s,
+            abandon_after_s=s.abandon_after_s,
+        )
+        session.grant(now)
+        return session
+
+    async def _check_payment(self, quote: w.Quote, opening: w.LeaseOpen, remote: str, now: int) -> EscrowRef | None:
+        if opening.mode == "postpaid":
+            if quote.escrow is not None or remote not in self.settings.trusted_peers:
+                raise ClawnodeError(ErrorCode.FORBIDDEN, "post-paid leases are for trusted peers only")
+            if opening.budget > quote.postpaid_cap:
+                raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the budget exceeds the post-paid cap")
+            return None
+        terms, lock = quote.escrow, opening.lock
+        if terms is None or lock is None:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "an escrowed lease needs the quote's terms and a lock")
+        client = self.escrow()
+        if client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
+        if lock.escrow_id[2:] != opening.lease_id:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease id must be the escrow id")
+        state = await client.chain.run(client.get, lock.payer, bytes.fromhex(lock.escrow_id[2:]))
+        chain_now = await client.chain.run(client.chain.now)
+        wallet = opening.wallet
+        check_lock(
+            LockFacts(
+                lease_id=opening.lease_id,
+                escrow_id=lock.escrow_id,
+                consumer=ID.from_base58(remote).to_bytes(),
+                salt=None if opening.salt is None else bytes.fromhex(opening.salt),
+                lock_payer=lock.payer,
+                wallet=None if wallet is None else wallet.address,
+                wallet_bound=wallet is not None and wallet_binding_holds(wallet, remote),
+                phase=state.phase,
+                payee=state.payee,
+                arbiter=state.arbiter,
+                amount=state.amount,
+                released=state.released,
+                deadline=state.deadline,
+                window=state.window,
+                chain_now=chain_now,
+                quote_payee=terms.payee,
+                quote_arbiter=terms.arbiter,
+                quote_window=terms.dispute_window_s,
+                budget=opening.budget,
+                duration_s=quote.duration_s,
+            )
+        )
+        return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
+
+    def _served(self, lease_id: str, remote: str) -> ServedLease:
+        served = self.served.get(lease_id)
+        if served is None or served.grant.consumer != remote:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease with this peer")
+        return served
+
+    async def _renew(self, message: w.RenewRequest, remote: str) -> w.Ack:
+        served = self._served(message.lease_id, remote)
+        limit = int(self.clock()) + self.settings.max_lease_s
+        if message.expires_at > limit:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"leases last at most {self.settings.max_lease_s} s")
+        if served.escrow is not None:
+            client = self.escrow()
+            if client is None:
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
+            state = await client.chain.run(client.get, served.escrow.payer, bytes.fromhex(served.escrow.escrow_id[2:]))
+            if state.deadline < message.expires_at:
+                raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the escrow lock ends before the renewed lease")
+        served.session.renew(message.expires_at, "consumer")
+        served.grant = served.grant.model_copy(update={"expires_at": message.expires_at})
+        await self.ledger.update_grant(message.lease_id, served.grant.model_dump_json())
+        return w.Ack(expires_at=message.expires_at)
+
+    async def _push_receipt(self, lease_id: str) -> bool:
+        """Sign a receipt for everything metered and get it countersigned; False if the consumer did not."""
+        served = self.served.get(lease_id)
+        if served is None:
+            return False
+        async with served.push_lock:
+            receipt = await self.ledger.issue_receipt(lease_id, self.key)
+            if receipt.countersigned:
+                return True
+            if receipt.body.seq > served.session.last_seq:
+                served.session.receipt_issued(receipt.body.seq, receipt.body.units, self.clock())
+            try:
+                reply = await request(
+                    self.host,
+                    ID.from_base58(served.grant.consumer),
+                    LEASE_PROTOCOL,
+                    w.ReceiptPush(receipt=receipt),
+                    COUNTERSIGNED,
+                    timeout_s=PUSH_TIMEOUT_S,
+                    max_frame=MAX_LEASE_FRAME,
+                )
+                signed = reply.receipt
+                if signed.body != receipt.body or signed.provider_sig != receipt.provider_sig:
+                    raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the consumer countersigned another receipt")
+            except ClawnodeError as error:
+                log.info("receipt %d of lease %s not countersigned: %s", receipt.body.seq, lease_id[:12], error.code)
+                return False
+            try:
+                self._check_voucher(served, signed)
+                await self.ledger.record_countersigned(signed)
+            except ClawnodeError as error:
+                # A countersignature that would not pay (no voucher, a forged one, a bad signature):
+                # the lease serves nothing more until a valid one arrives.
+                log.info("receipt %d of lease %s refused: %s", receipt.body.seq, lease_id[:12], error.code)
+                if error.code in (ErrorCode.FORBIDDEN, ErrorCode.UNAUTHENTICATED):
+                    served.session.countersignature_refused(self.clock())
+                return False
+            served.session.countersigned(receipt.body.seq, self.clock())
+            return True
+
+    def _check_voucher(self, served: ServedLease, signed: SignedReceipt) -> None:
+        """The voucher in a countersignature must be the escrow payer's, for exactly the receipt's amount."""
+        signer: str | None = None
+        escrow = served.escrow
+        client = self.escrow()
+        if escrow is not None and signed.voucher is not None:
+            if client is None:
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
+            from runtime.escrow import voucher_signer
+
+            signer = voucher_signer(
+                client.chain.chain_id,
+                escrow.contract,
+                escrow.payer,
+                bytes.fromhex(escrow.escrow_id[2:]),
+                signed.body.amount,
+                signed.voucher,
+            )
+        check_countersignature(
+            escrowed=escrow is not None,
+            amount=signed.body.amount,
+            voucher=signed.voucher,
+            voucher_signer=signer,
+            payer=None if escrow is None else escrow.payer,
+        )
+
+    async def _check_escrow(self, lease_id: str) -> None:
+        """Reread a served lease's escrow: one disputed (frozen) or closed under us ends the lease."""
+        served = self.served.get(lease_id)
+        client = self.escrow()
+        if served is None or served.escrow is None or client is None or served.escrow_checking:
+            return
+        served.escrow_checking = True
+        served.escrow_checked_requests = served.session.requests_served
+        try:
+            state = await client.chain.run(client.get, served.escrow.payer, bytes.fromhex(served.escrow.escrow_id[2:]))
+        except ClawnodeError as error:
+            log.info("escrow of lease %s unreadable: %s", lease_id[:12], error.code)
+            return
+        finally:
+            served.escrow_checking = False
+            served.escrow_checked_at = self.clock()
+        if served.ended_reason is None and END_FROZEN in served.session.escrow_observed(state.phase):
+            log.info("lease %s ends: its escrow is %s", lease_id[:12], state.phase)
+            await self._end_served(lease_id, f"escrow {state.phase}")
+
+    def _claim_if_due(self, lease_id: str, served: ServedLease) -> None:
+        """Claim what was countersigned so far, every ``claim_every_s``: a long lease is paid as it goes."""
+        now = self.clock()
+        signed_seq = served.session.countersigned_seq
+        if served.escrow is None or signed_seq <= served.claimed_seq:
+            return
+        if now - served.last_claim_at < self.settings.claim_every_s:
+            return
+        served.claimed_seq, served.last_claim_at = signed_seq, now
+
+        async def claim() -> None:
+            await self.ledger.enqueue_claim(lease_id)
+            self.wake_settlement()
+
+        self._spawn(claim)
+
+    async def _end_served(self, lease_id: str, reason: str, *, notify: bool = True) -> None:
+        served = self.served.get(lease_id)
+        if served is None or served.ended_reason is not None:
+            return
+        served.ended_reason = reason
+        try:
+            await self._wind_down_served(lease_id, served, reason, notify=notify)
+        finally:
+            self._finished_now("served", lease_id)
+
+    async def _wind_down_served(self, lease_id: str, served: ServedLease, reason: str, *, notify: bool) -> None:
+        # New calls are refused from here; those under way are metered before the final receipt.
+        with trio.move_on_after(CALL_READ_TIMEOUT_S):
+            while served.in_flight:
+                await trio.sleep(0.01)
+        await self._settle_unsettled(lease_id)  # in the final receipt if the disk takes them now
+        # The final receipt, while the consumer may still be there to countersign it.
+        with trio.move_on_after(PUSH_TIMEOUT_S):
+            await self._push_receipt(lease_id)
+        await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
+        if served.escrow is not None:
+            try:
+                await self.ledger.enqueue_claim(lease_id)
+                self.wake_settlement()
+            except ClawnodeError as error:
+                log.info("lease %s ended with nothing to claim (%s)", lease_id[:12], error.code)
+        log.info("lease %s ended: %s", lease_id[:12], reason)
+        if notify:
+            with trio.move_on_after(PUSH_TIMEOUT_S):
+                try:
+                    await request(
+                        self.host,
+                        ID.from_base58(served.grant.consumer),
+                        LEASE_PROTOCOL,
+                        w.RevokeRequest(lease_id=lease_id, reason=reason),
+                        ACK,
+                        timeout_s=PUSH_TIMEOUT_S,
+                    )
+                except ClawnodeError:
+                    pass
+
+    async def _revoked_by_consumer(self, message: w.RevokeRequest, remote: str) -> w.Ack:
+        served = self._served(message.lease_id, remote)
+        if served.ended_reason is not None:
+            return w.Ack()
+        served.session.revoke("consumer")
+        await self._end_served(message.lease_id, "revoked by the consumer", notify=False)
+        return w.Ack()
+
+    async def revoke_served(self, lease_id: str) -> w.LeaseView:
+        """End a lease we provide: the final receipt, then the claim of what was countersigned."""
+        served = self.served[lease_id]
+        served.session.revoke("provider")
+        view = self._view_served(served)
+        await self._end_served(lease_id, "revoked by the provider")
+        return view.model_copy(update={"state": LeaseState.ENDED.value})
+
+    async def _restore_served(self, lease: Any, grant_json: str, now: int) -> None:
+        """After a restart: a lease we provide whose grant was stored goes on from what the ledger kept."""
+        grant = w.LeaseGrant.model_validate_json(grant_json)
+        session = self._new_session(grant, min(now, grant.expires_at - 1))
+        last_seq, receipted, signed_seq, signed = await self.ledger.receipt_progress(lease.lease_id)
+        session.restore(
+            units_metered=lease.metered_units,
+            last_seq=last_seq,
+            units_receipted=receipted,
+            countersigned_seq=signed_seq,
+            units_countersigned=signed,
+            now=now,
+        )
+        self.served[lease.lease_id] = ServedLease(grant, session, lease.escrow, last_claim_at=self.clock())
+        log.info("lease %s restored", lease.lease_id[:12])
+
+    def _sweep_served(self, now: float) -> None:
+        """The provider's timer step for every lease it serves: expiry, escrow rereads, claims, receipts."""
+        for lease_id, served in list(self.served.items()):
+            if served.ended_reason is not None:
+                continue
+            if served.session.state == LeaseState.ENDED:  # expired while authorizing a call
+                self._spawn(self._end_served, lease_id, "expired")
+                continue
+            if served.escrow is not None and not served.escrow_checking:
+                busy = served.session.requests_served != served.escrow_checked_requests
+                if now - served.escrow_checked_at >= (ESCROW_CHECK_S if busy else ESCROW_IDLE_CHECK_S):
+                    self._spawn(self._check_escrow, lease_id)
+            self._claim_if_due(lease_id, served)
+            for action in served.session.tick(self.clock()):
+                if action in (ISSUE_RECEIPT, ASK_AGAIN):
+                    self._spawn(self._push_receipt, lease_id)
+                elif action == PAUSE:
+                    log.info("lease %s paused: a receipt waits for its countersignature", lease_id[:12])
+                elif action in (END_ABANDONED, EXPIRE):
+                    self._spawn(self._end_served, lease_id, "abandoned" if action == END_ABANDONED else "expired")

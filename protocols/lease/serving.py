@@ -1,0 +1,233 @@
+"""The provider's calls: admit a call on its lease (a reservation of the budget and a durable
+pending row in the ledger, the write-ahead meter), stream it, meter it as its end frame leaves, and
+settle its row (retried while the disk refuses). The rules: ``LeaseSession.reserve``,
+``finish_call``, ``billable`` and ``aborted_call_units`` in ``protocols.machines.lease``."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import secrets
+import time
+from typing import Any
+
+import trio
+from libp2p.abc import INetStream
+from pydantic import BaseModel, ValidationError
+
+from protocols import lease_wire as w
+from protocols.lease.base import (
+    CALL_ACK_TIMEOUT_S,
+    CALL_READ_TIMEOUT_S,
+    END_WRITE_TIMEOUT_S,
+    MAX_CALL_FRAME,
+    RESERVE_WAIT_S,
+    LeaseCore,
+    ServedLease,
+    Ticket,
+    ended_error,
+    log,
+    stop_on_cancel,
+    token_digest,
+)
+from protocols.machines.lease import BUDGET_BUSY_MESSAGE, aborted_call_units, chunk_tokens
+from protocols.rpc import error_reply
+from protocols.wire import FrameReader, write_frame
+from runtime.errors import ClawnodeError, ErrorCode, Reason
+from runtime.service import Usage
+
+
+class ServingRole(LeaseCore):
+    async def _settle_left_pending(self) -> None:
+        """Calls a crash left pending are settled before any call is served, at 0 units
+        (``LedgerStore.settle_pending_calls`` says why); on a full disk, as soon as it takes them."""
+        try:
+            left = await self.ledger.settle_pending_calls()
+        except ClawnodeError as error:
+            if error.code != ErrorCode.UNAVAILABLE:
+                raise
+            left = await self.ledger.pending_calls()
+            self._unsettled.update(((lease_id, call_id), 0) for lease_id, call_id, _ in left)
+        if left:
+            log.info("%d call(s) cut by a restart settled at 0 units", len(left))
+
+    async def _handle_call(self, stream: INetStream) -> None:
+        remote = str(stream.muxed_conn.peer_id)
+        reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
+        end: w.CallEnd | None = None
+        counted: ServedLease | None = None
+        ticket = Ticket()
+        try:
+            try:
+                call = w.CallRequest.model_validate_json(await reader.read_frame(self.call_read_timeout_s))
+                counted = self.served.get(call.lease_id)
+                if counted is not None:
+                    counted.in_flight += 1
+                end = await self._serve_call(call, remote, stream, ticket, reader)
+                reply: BaseModel = end
+            except Exception as error:  # noqa: BLE001 - every failure becomes an error frame
+                if not isinstance(error, ClawnodeError | ValidationError):
+                    log.warning("call failed: %s", type(error).__name__)
+                self._failed("serve_call", error)
+                reply = error_reply(error)
+            written = False
+            with trio.move_on_after(CALL_READ_TIMEOUT_S if end is None else END_WRITE_TIMEOUT_S) as writing:
+                # An end frame that may have left is metered even if the node is shutting down meanwhile.
+                writing.shield = end is not None
+                try:
+                    await write_frame(stream, reply.model_dump_json().encode(), max_frame=MAX_CALL_FRAME)
+                    written = True
+                except Exception:  # noqa: BLE001 - the consumer went away before the end frame
+                    written = False
+                if end is not None and written:
+                    # Metered as the end frame leaves, not when (or whether) the consumer acknowledges
+                    # it: the consumer counts the same units from that frame, so receipts stay honest.
+                    await self._meter(call.lease_id, ticket, end.units)
+            if ticket.served is not None and ticket.streamed > 0:
+                # Cut before its end frame (the consumer reset or hung up, the engine failed after
+                # streaming): billed the chunks written, no prompt; the consumer counts what arrived.
+                with trio.move_on_after(END_WRITE_TIMEOUT_S) as metering:
+                    metering.shield = True
+                    await self._meter(call.lease_id, ticket, aborted_call_units(ticket.reserved, ticket.streamed))
+            if counted is not None:  # counted: the lease may end now, whatever the ack does
+                counted.in_flight -= 1
+                counted = None
+            if end is not None and written:
+                with trio.move_on_after(CALL_ACK_TIMEOUT_S), contextlib.suppress(Exception):
+                    w.CallAck.model_validate_json(await reader.read_frame(CALL_ACK_TIMEOUT_S))
+        finally:
+            if ticket.served is not None:  # a failed or cut call: its reservation goes back, unmetered
+                with trio.move_on_after(END_WRITE_TIMEOUT_S) as releasing:
+                    releasing.shield = True
+                    await self._meter(ticket.served.grant.lease_id, ticket, 0)
+            if counted is not None:
+                counted.in_flight -= 1
+            with trio.move_on_after(1):
+                await stream.close()
+
+    async def _serve_call(
+        self, call: w.CallRequest, remote: str, stream: INetStream, ticket: Ticket, reader: FrameReader
+    ) -> w.CallEnd:
+        served = self.served.get(call.lease_id)
+        if (
+            served is None
+            or served.grant.consumer != remote
+            or not hmac.compare_digest(token_digest(call.token), served.grant.token_sha256)
+        ):
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "unknown lease or wrong access token", Reason.UNKNOWN_LEASE)
+        if served.ended_reason is not None:
+            raise ended_error(served.ended_reason)
+        served.session.consumer_seen(self.clock())
+        service = self.services.get(served.grant.capability)
+        if service is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{served.grant.capability} is not being served right now")
+        # Units held for this call until it is metered, so calls in flight never overshoot the budget.
+        give_up_at = trio.current_time() + RESERVE_WAIT_S
+        while True:
+            try:
+                plan = served.session.reserve(self.clock(), call.body)
+                break
+            except ClawnodeError as error:
+                if error.code == ErrorCode.EXPIRED:
+                    self._spawn(self._end_served, call.lease_id, "expired")
+                if error.code != ErrorCode.RATE_LIMITED or error.message != BUDGET_BUSY_MESSAGE:
+                    raise
+                released = served.released
+                with trio.move_on_at(give_up_at) as waited:
+                    await released.wait()
+                if waited.cancelled_caught:
+                    raise
+        ticket.served, ticket.reserved = served, plan.reserve
+        # The write-ahead meter: the call is served only once the ledger holds a durable row for it (a
+        # disk that refuses it refuses the call, E_UNAVAILABLE disk_full, before any chunk); every way
+        # out of the call settles that row (``_meter``).
+        call_id = secrets.token_hex(12)
+        await self.ledger.reserve_call(call.lease_id, call_id, reserved_units=plan.reserve)
+        ticket.call_id = call_id
+        # The engine is told to stop where the reservation ends.
+        body = {**call.body, "max_tokens": plan.max_tokens}
+
+        started = time.monotonic()
+        first_chunk = True
+
+        async def emit(data: dict[str, Any]) -> None:
+            nonlocal first_chunk
+            if first_chunk:
+                first_chunk = False
+                self.serve_first_chunk_s.observe(time.monotonic() - started)
+            chunk = w.Chunk(data=data).model_dump_json().encode()
+            # A chunk is written whole or not at all (a cancel never cuts a frame), then counted.
+            with trio.CancelScope(shield=True), trio.fail_after(CALL_READ_TIMEOUT_S):
+                await write_frame(stream, chunk, max_frame=MAX_CALL_FRAME)
+            ticket.streamed += chunk_tokens(data)
+
+        outcome: Usage | Exception | None = None
+        async with trio.open_nursery() as nursery:
+            # The consumer's cancel frame, or its hanging up, stops the engine.
+            nursery.start_soon(stop_on_cancel, reader, nursery.cancel_scope)
+            try:
+                outcome = await service.run(body, emit)
+            except Exception as error:  # noqa: BLE001 - re-raised below, outside the nursery
+                outcome = error
+            nursery.cancel_scope.cancel()
+        if isinstance(outcome, Exception):
+            raise outcome
+        self.serve_duration_s.observe(time.monotonic() - started)
+        if outcome is None:
+            # Cancelled by the consumer: the end frame bills the chunks written, no prompt.
+            units = aborted_call_units(plan.reserve, ticket.streamed)
+            return w.CallEnd(units=units, usage={"completion_tokens": units}, served_by=self.peer_id)
+        # An engine that counts more than the call reserved costs the provider, never the consumer.
+        units = served.session.billable(plan.reserve, max(0, outcome.units))
+        return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id)
+
+    async def _meter(self, lease_id: str, ticket: Ticket, units: int) -> None:
+        """A call ended (``units``: its end frame's, the chunks a cut call wrote, 0 for a failed one): its
+        reservation becomes metered units and its pending row in the ledger is settled with them."""
+        served = ticket.served
+        if served is None:
+            return
+        # Counted at once (no await before): the reservation turns into metered units in one step.
+        ticket.served = None
+        billed = served.session.billable(ticket.reserved, units)
+        due = served.session.finish_call(ticket.reserved, billed, self.clock())
+        served.reservation_returned()
+        if ticket.call_id is not None:
+            await self._settle(lease_id, ticket.call_id, billed)
+        if due:
+            self._spawn(self._push_receipt, lease_id)
+
+    async def _settle(self, lease_id: str, call_id: str, units: int) -> None:
+        """Settle a call's pending row; one the disk refuses is kept and retried (``_settle_unsettled``)."""
+        try:
+            await self.ledger.settle_call(lease_id, call_id, units=units)
+        except ClawnodeError as error:
+            if error.code == ErrorCode.UNAVAILABLE:
+                self._unsettled[(lease_id, call_id)] = units
+            else:
+                log.warning("the call on lease %s could not be settled: %s", lease_id[:12], error.code)
+
+    async def _settle_unsettled(self, lease_id: str | None = None) -> None:
+        """Retry the settlements the disk refused (of one lease, or all), oldest first, until one fails."""
+        for key, units in list(self._unsettled.items()):
+            if lease_id is not None and key[0] != lease_id:
+                continue
+            try:
+                await self.ledger.settle_call(*key, units=units)
+            except ClawnodeError as error:
+                if error.code == ErrorCode.UNAVAILABLE:
+                    return
+                if error.code != ErrorCode.NOT_FOUND:  # not found: settled meanwhile by another retry
+                    log.warning("the call on lease %s could not be settled: %s", key[0][:12], error.code)
+            else:
+                log.info("a call on lease %s is settled now that the disk takes writes again", key[0][:12])
+            self._unsettled.pop(key, None)
+
+    async def _retry_settlements(self) -> None:
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            await self._settle_unsettled()
+        finally:
+            self._settling = False
