@@ -11,6 +11,7 @@ import io
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -95,14 +96,25 @@ def test_short_matrix_follows_what_the_nats_allow() -> None:
 
 @needs_netns
 def test_cleanup_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that fails once every daemon is started (the first wait fails at once, instead of the
+    ~25 s the public nodes take to reach a verdict) leaves no namespace and no daemon behind."""
     before = set(netns_list())
+    started: list[natmatrix.Daemon] = []
+    real_start = natmatrix.start_daemon
 
-    def boom(*args: object, **kwargs: object) -> natmatrix.Result:
+    def start(*args: Any, **kwargs: Any) -> natmatrix.Daemon:
+        started.append(real_start(*args, **kwargs))
+        return started[-1]
+
+    def boom(*args: object, **kwargs: object) -> None:
+        assert started and all(daemon.proc.poll() is None for daemon in started)  # they run
         raise RuntimeError("case failed")
 
-    monkeypatch.setattr(natmatrix, "_run_case", boom)
+    monkeypatch.setattr(natmatrix, "start_daemon", start)
+    monkeypatch.setattr(natmatrix, "wait_for", boom)
     with pytest.raises(RuntimeError, match="case failed"):
         natmatrix.run_matrix([natmatrix.parse_case("symmetric:symmetric")], repetitions=1)
+    assert len(started) == 5  # the relay and the four helpers
     assert set(netns_list()) <= before
     assert _leftover_daemons("clawnode-natmatrix-") == []
 
