@@ -30,6 +30,7 @@ from protocols.lease.base import (
     token_digest,
 )
 from protocols.lease.serving import ServingRole
+from protocols.machines import lease_provider as rules
 from protocols.machines.lease import (
     ASK_AGAIN,
     END_ABANDONED,
@@ -44,6 +45,7 @@ from protocols.machines.lease import (
     check_lock,
 )
 from protocols.machines.lease import LeasePolicy as SessionPolicy
+from protocols.machines.verdict import enforce
 from protocols.rpc import request
 from protocols.signed import open_base64, seal, to_base64
 from runtime.errors import ClawnodeError, ErrorCode
@@ -51,24 +53,24 @@ from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
 
 
 class ProviderRole(ServingRole):
-    def _offer(self, capability: str) -> Offer:
-        for offer in self.offers():
-            if offer.name == capability:
-                return offer
-        raise ClawnodeError(ErrorCode.NOT_FOUND, f"this node does not offer {capability}")
+    def _offer(self, capability: str) -> Offer | None:
+        return next((offer for offer in self.offers() if offer.name == capability), None)
 
     async def _quote(self, message: w.QuoteRequest, remote: str) -> w.QuoteReply:
         offer = self._offer(message.capability)
-        if self.services.get(message.capability) is None:
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{message.capability} is offered but not being served")
-        if message.duration_s > self.settings.max_lease_s:
-            raise ClawnodeError(
-                ErrorCode.INVALID_ARGUMENT, f"leases last at most {self.settings.max_lease_s} s on this node"
-            )
         terms = self.escrow_terms()
         trusted = remote in self.settings.trusted_peers
-        if terms is None and not trusted:
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected; try again later")
+        ask = rules.QuoteAsk(
+            capability=message.capability,
+            offered=offer is not None,
+            served=self.services.get(message.capability) is not None,
+            duration_s=message.duration_s,
+            max_lease_s=self.settings.max_lease_s,
+            escrow_connected=terms is not None,
+            trusted=trusted,
+        )
+        enforce(rules.quote_verdict(ask))
+        assert offer is not None
         quote = w.Quote(
             quote_id=secrets.token_hex(16),
             provider=self.peer_id,
@@ -86,29 +88,29 @@ class ProviderRole(ServingRole):
 
     async def _grant(self, message: w.OpenRequest, remote: str) -> w.GrantReply:
         signer, payload = open_base64(message.envelope, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
-        if str(signer) != remote:
-            raise ClawnodeError(ErrorCode.FORBIDDEN, "the lease open is signed by another peer than the sender")
+        enforce(rules.open_signer_verdict(remote, str(signer)))
         opening = w.LeaseOpen.model_validate_json(payload)
         quote_signer, quote_payload = open_base64(opening.quote, domain=w.QUOTE_DOMAIN, payload_type=w.QUOTE_TYPE)
-        if str(quote_signer) != self.peer_id:
-            raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote was not signed by this node")
         quote = w.Quote.model_validate_json(quote_payload)
         now = int(self.clock())
-        if quote.consumer != remote:
-            raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote was made out to another peer")
-        if quote.valid_until < now:
-            raise ClawnodeError(ErrorCode.EXPIRED, "the quote has expired; ask for a new one")
-        if quote.quote_id in self._used_quotes:
-            raise ClawnodeError(ErrorCode.CONFLICT, "this quote was already used to open a lease")
         # Oldest first: what expired at the front goes at once (cheap); all of them when the set is full.
         while self._used_quotes and next(iter(self._used_quotes.values())) < now:
             del self._used_quotes[next(iter(self._used_quotes))]
         if len(self._used_quotes) >= self.used_quotes_max:
             self._forget_used_quotes(now)
-            if len(self._used_quotes) >= self.used_quotes_max:
-                raise ClawnodeError(ErrorCode.UNAVAILABLE, "too many leases opened lately; try again later")
-        if opening.budget < quote.price_per_unit:
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the budget does not cover a single unit")
+        facts = rules.OpenFacts(
+            sender=remote,
+            me=self.peer_id,
+            quote_signer=str(quote_signer),
+            quote_consumer=quote.consumer,
+            valid_until=quote.valid_until,
+            now=now,
+            quote_used=quote.quote_id in self._used_quotes,
+            used_quotes_full=len(self._used_quotes) >= self.used_quotes_max,
+            budget=opening.budget,
+            price_per_unit=quote.price_per_unit,
+        )
+        enforce(rules.open_verdict(facts))
         escrow_ref = await self._check_payment(quote, opening, remote, now)
         # Claimed before the first await that could interleave a second open of the same quote.
         self._used_quotes[quote.quote_id] = quote.valid_until
@@ -173,20 +175,21 @@ class ProviderRole(ServingRole):
         return session
 
     async def _check_payment(self, quote: w.Quote, opening: w.LeaseOpen, remote: str, now: int) -> EscrowRef | None:
-        if opening.mode == "postpaid":
-            if quote.escrow is not None or remote not in self.settings.trusted_peers:
-                raise ClawnodeError(ErrorCode.FORBIDDEN, "post-paid leases are for trusted peers only")
-            if opening.budget > quote.postpaid_cap:
-                raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the budget exceeds the post-paid cap")
+        terms, lock, client = quote.escrow, opening.lock, self.escrow()
+        payment = rules.PaymentFacts(
+            postpaid=opening.mode == "postpaid",
+            quote_escrowed=terms is not None,
+            trusted=remote in self.settings.trusted_peers,
+            budget=opening.budget,
+            postpaid_cap=quote.postpaid_cap,
+            has_lock=lock is not None,
+            lease_id_is_escrow_id=lock is not None and lock.escrow_id[2:] == opening.lease_id,
+            chain_connected=client is not None,
+        )
+        enforce(rules.payment_verdict(payment))
+        if payment.postpaid:
             return None
-        terms, lock = quote.escrow, opening.lock
-        if terms is None or lock is None:
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "an escrowed lease needs the quote's terms and a lock")
-        client = self.escrow()
-        if client is None:
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
-        if lock.escrow_id[2:] != opening.lease_id:
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease id must be the escrow id")
+        assert terms is not None and lock is not None and client is not None
         state = await client.chain.run(client.get, lock.payer, bytes.fromhex(lock.escrow_id[2:]))
         chain_now = await client.chain.run(client.chain.now)
         wallet = opening.wallet
@@ -224,16 +227,14 @@ class ProviderRole(ServingRole):
 
     async def _renew(self, message: w.RenewRequest, remote: str) -> w.Ack:
         served = self._served(message.lease_id, remote)
-        limit = int(self.clock()) + self.settings.max_lease_s
-        if message.expires_at > limit:
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"leases last at most {self.settings.max_lease_s} s")
+        enforce(rules.renew_verdict(message.expires_at, int(self.clock()), self.settings.max_lease_s))
         if served.escrow is not None:
             client = self.escrow()
-            if client is None:
-                raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
-            state = await client.chain.run(client.get, served.escrow.payer, bytes.fromhex(served.escrow.escrow_id[2:]))
-            if state.deadline < message.expires_at:
-                raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, "the escrow lock ends before the renewed lease")
+            deadline = None
+            if client is not None:
+                escrow_id = bytes.fromhex(served.escrow.escrow_id[2:])
+                deadline = (await client.chain.run(client.get, served.escrow.payer, escrow_id)).deadline
+            enforce(rules.renew_lock_verdict(client is not None, deadline, message.expires_at))
         served.session.renew(message.expires_at, "consumer")
         served.grant = served.grant.model_copy(update={"expires_at": message.expires_at})
         await self.ledger.update_grant(message.lease_id, served.grant.model_dump_json())

@@ -57,7 +57,6 @@ Choices where the brief was silent:
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
@@ -65,8 +64,18 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocols.machines.escrow_lock import LockState, LockTerms, check_escrow_lock, escrow_frozen
+from protocols.machines.escrow_lock import escrow_frozen
 from protocols.machines.history import History
+from protocols.machines.lease_provider import (  # the provider's checks of what a consumer sends; re-exported
+    LEASE_ID_DOMAIN,
+    LEASE_ID_NOT_BOUND,
+    LEASE_SALT_BYTES,
+    LockFacts,
+    check_countersignature,
+    check_lock,
+    lease_id_for,
+    quotes_to_forget,
+)
 from protocols.machines.table import Machine, Transition
 from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
@@ -648,82 +657,13 @@ def check_end_frame(claimed_units: int, tokens_received: int, body: dict[str, An
     return claimed_units
 
 
-# -- countersignatures: what the provider accepts ----------------------------------------------
-
-
-def check_countersignature(
-    *, escrowed: bool, amount: int, voucher: str | None, voucher_signer: str | None, payer: str | None
-) -> None:
-    """Provider side: a countersigned receipt counts only with a voucher the escrow's payer signed
-    for exactly its amount (``voucher_signer`` is who the adapter recovered for that amount)."""
-    if not escrowed or amount == 0:
-        return
-    if voucher is None:
-        raise ClawnodeError(ErrorCode.FORBIDDEN, "the countersignature carries no escrow voucher")
-    if payer is None or voucher_signer is None or voucher_signer.lower() != payer.lower():
-        raise ClawnodeError(ErrorCode.UNAUTHENTICATED, "the voucher is not the escrow payer's for this amount")
-
-
-# -- grants: the escrow lock a lease is opened on ------------------------------------------------
-
-
-LEASE_ID_DOMAIN = b"clawnode-lease-id\x00"
-LEASE_SALT_BYTES = 32
-
-
-def lease_id_for(consumer: bytes, salt: bytes) -> bytes:
-    """The escrow id (= lease id) a consumer may lock under: bound to its peer id (bytes) by a hash, so
-    a stranger who sees it on chain cannot lock its own escrow under it and take the lease first."""
-    if len(salt) != LEASE_SALT_BYTES:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"a lease salt is {LEASE_SALT_BYTES} bytes")
-    return hashlib.sha256(LEASE_ID_DOMAIN + len(consumer).to_bytes(2, "big") + consumer + salt).digest()
-
-
-@dataclass(frozen=True)
-class LockFacts:
-    """What the provider read about a lease's escrow lock, and what the quote and open say."""
-
-    lease_id: str
-    escrow_id: str  # 0x-hex, from the open
-    consumer: bytes  # the sender's peer id (bytes): the Noise session says who opens
-    salt: bytes | None  # from the open: escrow_id must be lease_id_for(consumer, salt)
-    lock_payer: str  # from the open
-    wallet: str | None  # the consumer's wallet, bound to its peer id by the wallet's signature
-    wallet_bound: bool  # the binding's signature holds for the consumer's peer id
-    phase: str
-    payee: str
-    arbiter: str
-    amount: int
-    released: int
-    deadline: int
-    window: int
-    chain_now: int
-    quote_payee: str
-    quote_arbiter: str
-    quote_window: int
-    budget: int
-    duration_s: int
-
-
-LEASE_ID_NOT_BOUND = "the lease id is not derived from the consumer's peer id"
-
-
-def check_lock(f: LockFacts) -> None:
-    """The grant's verdict on the lock: the consumer's own, paying us, holding the budget long enough."""
-    if f.escrow_id[2:] != f.lease_id:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease id must be the escrow id")
-    if f.wallet is None or not f.wallet_bound:
-        raise ClawnodeError(ErrorCode.FORBIDDEN, "the open carries no wallet bound to the consumer's peer id")
-    if f.wallet.lower() != f.lock_payer.lower():
-        raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock is paid by another wallet than the consumer's")
-    if f.salt is None or len(f.salt) != LEASE_SALT_BYTES or lease_id_for(f.consumer, f.salt).hex() != f.escrow_id[2:]:
-        raise ClawnodeError(ErrorCode.FORBIDDEN, LEASE_ID_NOT_BOUND)
-    check_escrow_lock(  # the checks the task market shares
-        LockState(f.phase, f.payee, f.arbiter, f.amount, f.released, f.deadline, f.window),
-        LockTerms("lease", f.quote_payee, f.quote_arbiter, f.budget, f.quote_window, f.chain_now + f.duration_s),
-    )
-
-
-def quotes_to_forget(used: dict[str, int], now: float) -> list[str]:
-    """Used quotes whose validity has ended: a reuse is refused as expired, so they need no memory."""
-    return [quote_id for quote_id, valid_until in used.items() if valid_until < now]
+__all__ = [  # the names moved to ``lease_provider`` stay importable from here
+    "LEASE_ID_DOMAIN",
+    "LEASE_ID_NOT_BOUND",
+    "LEASE_SALT_BYTES",
+    "LockFacts",
+    "check_countersignature",
+    "check_lock",
+    "lease_id_for",
+    "quotes_to_forget",
+]
