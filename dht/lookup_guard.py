@@ -14,7 +14,7 @@ from collections.abc import Collection
 from typing import Generic, TypeVar
 
 # A peer that let one query time out is neither asked nor taken back into the routing table
-# for this long, unless it shows it is alive (it answers, or it queries us).
+# for this long, unless it shows it is alive (it queries us, or holds a connection to us).
 SILENT_HOLD_S = 60.0
 # Silent peers remembered at once (the oldest is forgotten first).
 MAX_SILENT_PEERS = 4096

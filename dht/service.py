@@ -231,7 +231,8 @@ class DhtService:
 
     def may_ask(self, peer_id: ID) -> bool:
         """Whether lookups ask ``peer_id`` now, and whether it may be in the routing table."""
-        silent = self.silent.is_silent(peer_id, trio.current_time())
+        # A silent peer that holds a connection to us now (it came back, it dialled us) is reachable.
+        silent = self.silent.is_silent(peer_id, trio.current_time()) and peer_id not in self.host.get_connected_peers()
         return may_ask(self._protocols(peer_id), self.protocol_id, silent=silent)
 
     def _went_silent(self, peer_id: ID) -> None:
