@@ -83,6 +83,19 @@ def p2p_addr(dht: DhtService) -> str:
     return addr if "/p2p/" in addr else f"{addr}/p2p/{dht.host.get_id()}"
 
 
+def spy_on_streams(dht: DhtService) -> list[ID]:
+    """The peers ``dht``'s host opens streams to from now on."""
+    asked: list[ID] = []
+    new_stream = dht.host.new_stream
+
+    async def spy(peer_id: ID, protocol_ids: Sequence[TProtocol]) -> INetStream:
+        asked.append(peer_id)
+        return await new_stream(peer_id, protocol_ids)
+
+    dht.host.new_stream = spy  # type: ignore[method-assign]
+    return asked
+
+
 async def wait_until(condition: object, timeout: float) -> None:
     with trio.fail_after(timeout):
         while not callable(condition) or not condition():
@@ -106,6 +119,11 @@ async def test_a_node_that_turns_client_leaves_its_peers_tables_as_it_says_so(tm
             assert home_id not in a.dht.routing_table.get_peer_ids()
             # Still connected and still a client of a's DHT: its own lookups work.
             assert a.host.get_id() in home.dht.routing_table.get_peer_ids()
+            # a's lookups do not ask it, though it is connected (py-libp2p asks every connected
+            # peer while the table is small).
+            asked = spy_on_streams(a)
+            await a.dht.peer_routing.find_closest_peers_network(home_id.to_bytes())
+            assert home_id not in asked
 
 
 async def test_a_lookup_gives_a_silent_peer_one_short_timeout_then_drops_it(tmp_path: Path) -> None:
@@ -130,14 +148,7 @@ async def test_a_lookup_gives_a_silent_peer_one_short_timeout_then_drops_it(tmp_
             assert gone not in q.dht.routing_table.get_peer_ids() and not q.may_ask(gone)
 
             # The next lookup does not ask it at all, and a routing answer cannot put it back.
-            asked: list[ID] = []
-            new_stream = q.host.new_stream
-
-            async def spy(peer_id: ID, protocol_ids: Sequence[TProtocol]) -> INetStream:
-                asked.append(peer_id)
-                return await new_stream(peer_id, protocol_ids)
-
-            q.host.new_stream = spy  # type: ignore[method-assign]
+            asked = spy_on_streams(q)
             await q.dht.peer_routing.find_closest_peers_network(gone.to_bytes())
             assert asked and gone not in asked
             assert not await q.dht.routing_table.add_peer(PeerInfo(gone, [hidden]))
