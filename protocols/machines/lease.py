@@ -1,5 +1,14 @@
 """The compute lease: its lifecycle table and the provider's metering rhythm.
 
+The rule of the market wing: every decision that can refuse is a pure function or method in
+``protocols.machines``, taking what the adapter fetched as plain data and answering with a typed
+verdict; the adapters (``protocols/lease/``) only fetch, ask and act. The lease's rules are four
+modules: this one (``LeaseSession``: grant, admission, metering, receipts, countersignatures, pause,
+abandon, expiry, renewal, the escrow seen frozen), ``lease_calls`` (what a call may cost and what a
+consumer accepts: both sides count with it), ``lease_provider`` (the provider's checks of a quote
+request, an open, its payment and lock, a renewal, a voucher) and ``lease_consumer`` (the
+consumer's machine and checks). The names of ``lease_calls`` and ``lease_provider`` are re-exported.
+
 Everything here is pure: every method takes ``now`` (unix seconds) from the
 caller and returns what the I/O adapter should do next.  That makes the whole
 rhythm (meter -> receipt -> countersignature -> pause/abandon) replayable in
@@ -58,14 +67,37 @@ Choices where the brief was silent:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocols.machines.escrow_lock import escrow_frozen
 from protocols.machines.history import History
+from protocols.machines.lease_calls import (  # the rules both sides count with; re-exported
+    ABORTED_CALL_TOLERANCE_UNITS,
+    DEFAULT_COMPLETION_CAP,
+    END_FRAME_INFLATED,
+    OVER_BUDGET_MESSAGE,
+    PER_STRING_OVERHEAD_UNITS,
+    PROMPT_OVERHEAD_UNITS,
+    UNLIMITED_UNITS,
+    CallPlan,
+    LeaseFit,
+    aborted_call_units,
+    call_units_needed,
+    check_end_frame,
+    check_receipt_claim,
+    chunk_tokens,
+    declared_max_tokens,
+    end_frame_verdict,
+    lease_fits,
+    lease_outlives,
+    plan_call,
+    prompt_units_estimate,
+    receipt_claim_verdict,
+    receipt_tolerance,
+)
 from protocols.machines.lease_provider import (  # the provider's checks of what a consumer sends; re-exported
     LEASE_ID_DOMAIN,
     LEASE_ID_NOT_BOUND,
@@ -77,7 +109,6 @@ from protocols.machines.lease_provider import (  # the provider's checks of what
     quotes_to_forget,
 )
 from protocols.machines.table import Machine, Transition
-from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 
 PROVIDER = "provider"
@@ -142,7 +173,6 @@ ASK_AGAIN = "ask_again"  # paused: push the outstanding receipt to the consumer 
 
 PAUSED_MESSAGE = "paused: a usage receipt is waiting for the countersignature"
 BUDGET_BUSY_MESSAGE = "the lease's budget is held by calls in flight; retry when they finish"
-OVER_BUDGET_MESSAGE = "the lease budget would be exceeded"
 
 # A session's transition log keeps its newest entries only (a long lease pauses and resumes often).
 LEASE_HISTORY = 256
@@ -448,222 +478,35 @@ class LeaseSession:
         return self.units_metered * self.price_per_unit
 
 
-# Refusals after which a consumer keeps its lease: it serves again by itself (a countersignature
-# resumes a pause, metered calls free a busy budget, the minute passes); the disk heals.
-_LEASE_OUTLIVES = frozenset({Reason.PAUSED, Reason.BUDGET_BUSY, Reason.RATE_LIMIT, Reason.DISK_FULL})
-
-
-def lease_outlives(code: ErrorCode, reason: str | None) -> bool:
-    """Consumer side: whether a lease refused with ``code``/``reason`` is worth keeping (a router keeps
-    it rather than locking a fresh one on chain), or is spent: ``ended``, ``expired``, ``over_budget``,
-    a lease the provider does not know. A refusal that names no reason (an older peer) is judged by its
-    code as before: only ``E_CONFLICT``, ``E_EXPIRED``, ``E_INSUFFICIENT_FUNDS`` and ``E_FORBIDDEN``
-    spend it."""
-    return reason in _LEASE_OUTLIVES or code not in _SPENDS_LEASE
-
-
-_SPENDS_LEASE = frozenset({ErrorCode.EXPIRED, ErrorCode.CONFLICT, ErrorCode.INSUFFICIENT_FUNDS, ErrorCode.FORBIDDEN})
-
-
-# What a consumer that leaves a call without the provider's last frame (a stall, a cut connection,
-# a reset) may be short of the provider's count: the chunks written after its last read and before
-# the cut, a few frames on any link (a chunk is at least one token). An honest consumer that leaves
-# asks the provider to stop and drains to its end frame, so its count is exact; this covers the rest.
-ABORTED_CALL_TOLERANCE_UNITS = 16
-
-
-def receipt_tolerance(aborted_calls: int) -> int:
-    """Consumer side: the units a receipt may exceed the consumer's own count by, for the calls it left
-    without the provider's end or error frame (everything else it counted exactly)."""
-    if aborted_calls < 0:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "aborted_calls must be >= 0")
-    return aborted_calls * ABORTED_CALL_TOLERANCE_UNITS
-
-
-def receipt_claim_verdict(
-    receipt_units: int,
-    receipt_amount: int,
-    seen_units: int,
-    price_per_unit: int,
-    tolerance_units: int = 0,
-) -> Refusal | None:
-    """Consumer side: whether a receipt may be countersigned: not over what the consumer counted
-    (``seen_units``, plus ``tolerance_units`` for counting differences both sides accept, e.g. a call
-    left in flight), and priced at units times price."""
-    if min(receipt_units, receipt_amount, seen_units, price_per_unit, tolerance_units) < 0:
-        return Refusal(ErrorCode.INVALID_ARGUMENT, "receipt_negative", "receipt figures must be >= 0")
-    if receipt_units > seen_units + tolerance_units:
-        return Refusal(ErrorCode.CONFLICT, "receipt_over_count", "the receipt claims more units than were delivered")
-    if receipt_amount != receipt_units * price_per_unit:
-        return Refusal(ErrorCode.CONFLICT, "receipt_mispriced", "the receipt amount does not equal units times price")
-    return None
-
-
-def check_receipt_claim(
-    receipt_units: int,
-    receipt_amount: int,
-    seen_units: int,
-    price_per_unit: int,
-    tolerance_units: int = 0,
-) -> None:
-    """:func:`receipt_claim_verdict`, raised."""
-    enforce(receipt_claim_verdict(receipt_units, receipt_amount, seen_units, price_per_unit, tolerance_units))
-
-
-# -- calls: what a call may cost, and what the consumer accepts ------------------------------------
-
-# The most completion tokens a call without ``max_tokens`` may produce (the engine's own default).
-DEFAULT_COMPLETION_CAP = 256
-# Tokens a chat template may add around the text (BOS, role markers, a default system prompt of a
-# few dozen tokens, an end-of-generation token the engine counts but never streams), and per string.
-PROMPT_OVERHEAD_UNITS = 64
-PER_STRING_OVERHEAD_UNITS = 8
-UNLIMITED_UNITS = 2**62
-END_FRAME_INFLATED = "the end frame claims more units than were delivered"
-
-
-class CallPlan(NamedTuple):
-    reserve: int  # units held for the call until it is metered
-    max_tokens: int  # the completion bound the engine is told
-
-
-def declared_max_tokens(body: dict[str, Any]) -> int | None:
-    """A body's ``max_tokens``: None when absent; anything but a positive integer is refused."""
-    value = body.get("max_tokens")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "body.max_tokens must be a positive integer")
-    return value
-
-
-def prompt_units_estimate(body: Any) -> int:
-    """An upper bound on the units a body's input text can count: one per UTF-8 byte of every string
-    (a token is at least one byte), plus template overhead."""
-
-    def walk(value: Any) -> int:
-        if isinstance(value, str):
-            return len(value.encode()) + PER_STRING_OVERHEAD_UNITS
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, list | tuple):
-            return sum(walk(v) for v in value)
-        return 0
-
-    return walk(body) + PROMPT_OVERHEAD_UNITS
-
-
-def plan_call(body: dict[str, Any], units_left: int) -> CallPlan:
-    """How many units to reserve for a call, and the completion bound to hand the engine.
-
-    A declared ``max_tokens`` must fit what is left (else ``E_INSUFFICIENT_FUNDS``); without one the
-    completion is capped at ``DEFAULT_COMPLETION_CAP`` or what is left. The prompt's estimate is
-    reserved as far as the budget allows beyond the completion: a call that counts more than its
-    reservation is billed its reservation (the provider's loss, never the consumer's).
-    """
-    if units_left < 0:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units_left must be >= 0")
-    declared = declared_max_tokens(body)
-    if declared is not None:
-        if declared > units_left:
-            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, OVER_BUDGET_MESSAGE, Reason.OVER_BUDGET)
-        completion = declared
-    else:
-        completion = min(DEFAULT_COMPLETION_CAP, units_left)
-        if completion < 1:
-            raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, OVER_BUDGET_MESSAGE, Reason.OVER_BUDGET)
-    reserve = completion + min(prompt_units_estimate(body), units_left - completion)
-    return CallPlan(reserve=reserve, max_tokens=completion)
-
-
-def call_units_needed(body: dict[str, Any]) -> int:
-    """Consumer side: the most units a provider may reserve for ``body`` (``plan_call``'s reservation
-    when the budget is no object): its completion bound and its prompt's estimate. A ``max_tokens``
-    the provider would refuse counts as absent."""
-    try:
-        declared = declared_max_tokens(body)
-    except ClawnodeError:
-        declared = None
-    return (declared or DEFAULT_COMPLETION_CAP) + prompt_units_estimate(body)
-
-
-@dataclass(frozen=True)
-class LeaseFit:
-    ok: bool
-    reason: str  # "fits" | "budget" | "time"
-
-
-def lease_fits(
-    *,
-    budget: int,
-    price_per_unit: int,
-    used_units: int,
-    reserved_units: int,
-    need_units: int,
-    expires_at: float,
-    now: float,
-    renew_before_s: float,
-) -> LeaseFit:
-    """Consumer side: whether a held lease can carry one more call of ``need_units`` now, by time (it
-    must not expire within ``renew_before_s``) and by budget (what is left beside the units used and
-    those reserved by calls in flight, as ``LeaseSession.units_left`` counts on the provider)."""
-    if expires_at - now < renew_before_s:
-        return LeaseFit(False, "time")
-    if price_per_unit > 0:
-        units_left = budget // price_per_unit - used_units - reserved_units
-        if units_left < need_units:
-            return LeaseFit(False, "budget")
-    return LeaseFit(True, "fits")
-
-
-def aborted_call_units(reserved: int, streamed_tokens: int) -> int:
-    """Provider side: what a call that ended without its end frame is billed: the tokens of the chunks
-    written (``chunk_tokens`` each, as the consumer counts them), no prompt, within its reservation."""
-    if reserved < 0 or streamed_tokens < 0:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units must be >= 0")
-    return min(streamed_tokens, reserved)
-
-
-def chunk_tokens(data: dict[str, Any]) -> int:
-    """Tokens a streamed chunk carries as the consumer counts them: its ``tokens`` field, else one."""
-    tokens = data.get("tokens")
-    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
-        return tokens
-    return 1
-
-
-def end_frame_verdict(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> Refusal | None:
-    """Consumer side: whether a call's end frame may be counted: its units within what was delivered and
-    asked, i.e. the tokens received plus the prompt's estimate, and ``max_tokens`` plus that estimate
-    when the request declared one."""
-    if claimed_units < 0 or tokens_received < 0:
-        return Refusal(ErrorCode.INVALID_ARGUMENT, "units_negative", "units must be >= 0")
-    prompt = prompt_units_estimate(body)
-    bound = tokens_received + prompt
-    try:
-        declared = declared_max_tokens(body)
-    except ClawnodeError:
-        declared = None
-    if declared is not None:
-        bound = min(bound, declared + prompt)
-    if claimed_units > bound:
-        return Refusal(ErrorCode.CONFLICT, "end_frame_inflated", END_FRAME_INFLATED)
-    return None
-
-
-def check_end_frame(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> int:
-    """:func:`end_frame_verdict`, raised: the units to count, or ``E_CONFLICT`` for an inflated frame."""
-    enforce(end_frame_verdict(claimed_units, tokens_received, body))
-    return claimed_units
-
-
-__all__ = [  # the names moved to ``lease_provider`` stay importable from here
+__all__ = [  # the names moved to ``lease_calls`` and ``lease_provider`` stay importable from here
+    "ABORTED_CALL_TOLERANCE_UNITS",
+    "DEFAULT_COMPLETION_CAP",
+    "END_FRAME_INFLATED",
     "LEASE_ID_DOMAIN",
     "LEASE_ID_NOT_BOUND",
     "LEASE_SALT_BYTES",
+    "OVER_BUDGET_MESSAGE",
+    "PER_STRING_OVERHEAD_UNITS",
+    "PROMPT_OVERHEAD_UNITS",
+    "UNLIMITED_UNITS",
+    "CallPlan",
+    "LeaseFit",
     "LockFacts",
+    "aborted_call_units",
+    "call_units_needed",
     "check_countersignature",
+    "check_end_frame",
     "check_lock",
+    "check_receipt_claim",
+    "chunk_tokens",
+    "declared_max_tokens",
+    "end_frame_verdict",
+    "lease_fits",
     "lease_id_for",
+    "lease_outlives",
+    "plan_call",
+    "prompt_units_estimate",
     "quotes_to_forget",
+    "receipt_claim_verdict",
+    "receipt_tolerance",
 ]

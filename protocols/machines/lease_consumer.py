@@ -7,7 +7,8 @@ typed verdict (:class:`~protocols.machines.verdict.Refusal` or ``None``); the ad
 (``protocols.lease.consumer``) only fetches, asks and acts. The provider's side of the same lease is
 ``protocols.machines.lease`` (:class:`~protocols.machines.lease.LeaseSession`); the rules both sides
 share a number with (the end frame's bound, the receipt's tolerance, a refusal that leaves the lease
-worth keeping, whether a held lease fits one more call) live there and are used here, not copied.
+worth keeping, whether a held lease fits one more call) live in ``protocols.machines.lease_calls``
+and are used here, not copied.
 
 Lifecycle (roles: ``consumer`` -- this node, ``provider`` -- what the provider told us, ``system`` --
 our timers and chain reads)::
@@ -45,8 +46,8 @@ from typing import Any
 
 from protocols.machines.escrow_lock import escrow_frozen
 from protocols.machines.history import History
-from protocols.machines.lease import (
-    LEASE_HISTORY,
+from protocols.machines.lease import LEASE_HISTORY
+from protocols.machines.lease_calls import (
     LeaseFit,
     end_frame_verdict,
     lease_fits,
