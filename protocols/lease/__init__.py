@@ -41,13 +41,13 @@ the other when it has something to say: on the connection that already exists, w
 node behind a NAT reachable by its provider.
 """
 
+# What importers read. A value a test changes is patched in the module that reads it
+# (``protocols.lease.provider.ESCROW_IDLE_CHECK_S``, ``protocols.lease.handler.LEASE_READ_TIMEOUT_S``,
+# ``protocols.lease.consumer.write_frame``), and is not here, so a patch of this package fails loudly.
 from protocols.lease.base import (
-    CALL_READ_TIMEOUT_S,
     ESCROW_CHECK_S,
-    ESCROW_IDLE_CHECK_S,
     INFER_PROTOCOL,
     LEASE_PROTOCOL,
-    LEASE_READ_TIMEOUT_S,
     MAX_CALL_FRAME,
     MAX_LEASE_FRAME,
     SWEEP_INTERVAL_S,
@@ -58,12 +58,9 @@ from protocols.lease.base import (
 from protocols.lease.handler import LeaseMarket
 
 __all__ = [
-    "CALL_READ_TIMEOUT_S",
     "ESCROW_CHECK_S",
-    "ESCROW_IDLE_CHECK_S",
     "INFER_PROTOCOL",
     "LEASE_PROTOCOL",
-    "LEASE_READ_TIMEOUT_S",
     "MAX_CALL_FRAME",
     "MAX_LEASE_FRAME",
     "SWEEP_INTERVAL_S",
