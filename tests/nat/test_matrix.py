@@ -56,7 +56,9 @@ def test_short_matrix_follows_what_the_nats_allow() -> None:
     for result in results:
         # AutoNAT right on both sides of every NAT: private behind it, public once UPnP maps B's
         # port (unless a carrier-grade NAT sits in front of B's router: the mapping leads nowhere).
-        assert result.verdict_a == "private", result
+        # (behind a full-cone NAT, public too, once a punch dial left a mapping on its listen port)
+        full_cone_a = result.nat_a == "full-cone" and not result.cgn_a
+        assert result.verdict_a == "private" or (full_cone_a and result.verdict_a == "public"), result
         reachable = result.mapping_b == "upnp" and not result.cgn_b
         assert result.verdict_b == ("public" if reachable else "private"), result
         # AutoNAT servers dialed each home side only at its router's public address (the
@@ -175,6 +177,16 @@ def test_double_nat_same_lan_and_relay_loss_cases(text: str, label: str, path: s
     assert case.expected_verdict_b() == "private"
     assert natmatrix.behind(NatType.FULL_CONE, NatType.PORT_RESTRICTED) is NatType.PORT_RESTRICTED
     assert natmatrix.behind(NatType.SYMMETRIC, NatType.FULL_CONE) is NatType.SYMMETRIC
+
+
+def test_what_counts_as_allowed() -> None:
+    # full-cone: reachable by anyone once a mapping on the listen port exists
+    assert natmatrix.verdict_as_allowed("public", "private", NatType.FULL_CONE)
+    assert not natmatrix.verdict_as_allowed("public", "private", NatType.PORT_RESTRICTED)
+    assert not natmatrix.verdict_as_allowed("unknown", "private", NatType.FULL_CONE)
+    # a pair that allows a punch may end direct without one; a relay-only pair may not end direct
+    assert natmatrix.path_as_allowed("direct", "hole-punch") and natmatrix.path_as_allowed("lan", "lan")
+    assert not natmatrix.path_as_allowed("direct", "relay") and not natmatrix.path_as_allowed("relay", "hole-punch")
 
 
 def test_log_lines_a_minute() -> None:
