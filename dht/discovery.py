@@ -219,9 +219,8 @@ class Discovery:
         cached = self._providers.get(capability)
         if cached is not None and self._clock() - cached[0] < self.cache_ttl_s:
             return cached[1]
-        # A node just started asks as soon as it knows one DHT peer (bounded: alone, it answers empty).
-        with trio.move_on_after(READY_WAIT_S):
-            await self.dht.ready.wait()
+        # A node just started asks as soon as it knows one DHT peer, rather than answer empty.
+        await self.dht.wait_until_ready(READY_WAIT_S)
         infos = await self.dht.find_providers(bytes.fromhex(capability_key(capability)), count=MAX_PROVIDERS)
         seen: dict[ID, None] = {}
         for info in infos:

@@ -213,6 +213,21 @@ class DhtService:
             self.drop_clients()
             self._note_ready()
 
+    async def wait_until_ready(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for the first DHT peer; not at all once the join ended without one
+        (a node alone answers from what it has at once)."""
+        if self.ready.is_set() or self.joined.is_set():
+            return
+        with trio.move_on_after(timeout_s):
+            async with trio.open_nursery() as nursery:
+
+                async def until(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until, self.ready)
+                nursery.start_soon(until, self.joined)
+
     def _note_ready(self) -> None:
         if not self.ready.is_set() and self.routing_table_size() > 0:
             self.ready.set()

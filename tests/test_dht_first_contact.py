@@ -163,6 +163,11 @@ async def test_a_fresh_node_is_ready_with_its_first_dht_peer_before_its_join_end
         silent_id = ID.from_pubkey(generate_new_ed25519_identity().public_key)
         silent = f"/ip4/127.0.0.1/tcp/{tarpit.getsockname()[1]}/p2p/{silent_id}"
         async with dht_node(tmp_path, "a", []) as a:
+            # Alone (nobody to join): a lookup does not wait for a first peer that cannot come.
+            with trio.fail_after(5):
+                await a.joined.wait()
+            with trio.fail_after(2):
+                await a.wait_until_ready(30)
             # One bootstrap peer answers, the other never does: the join waits out its dial.
             async with dht_node(tmp_path, "fresh", [silent, p2p_addr(a)], dial_timeout_s=3.0) as fresh:
                 with trio.fail_after(10):
