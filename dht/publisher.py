@@ -232,7 +232,8 @@ class CapabilityPublisher:
         try:
             # With the first DHT peer, not after the whole join: a fresh node is findable in
             # seconds. Published once more when the join is done, to the peers it met on the way.
-            await self.dht.ready.wait()
+            # (A node with no one to join publishes when its join ends, into its own store.)
+            await _first_of(self.dht.ready, self.dht.joined)
             while True:
                 self._changed = trio.Event()
                 joined = self.dht.joined.is_set()
