@@ -71,9 +71,11 @@ def test_short_matrix_follows_what_the_nats_allow() -> None:
         assert result.seconds_start_to_data is not None  # reported by the bench (no timed assertion)
 
     punched = by_case["full-cone x port-restricted"]
-    assert punched.path == "hole-punch", punched
+    # Direct: punched, or B's dial during the punch got through A's full-cone NAT first.
+    assert natmatrix.path_as_allowed(punched.path, "hole-punch") and punched.path != "relay", punched
     assert punched.relay_reservations_b >= 2  # a private node holds reservations on two relays
-    assert punched.seconds_to_direct is not None and punched.seconds_to_direct < 15
+    if punched.path == "hole-punch":
+        assert punched.seconds_to_direct is not None and punched.seconds_to_direct < 15
     relayed = by_case["symmetric x symmetric"]
     assert relayed.path == "relay", relayed  # no direct path exists: the relay carries it
     assert relayed.relay_reservations_b >= 2
@@ -87,7 +89,8 @@ def test_short_matrix_follows_what_the_nats_allow() -> None:
     double = by_case["full-cone x cgn-port-restricted +upnp"]
     assert double.upnp_b == "mapped" and double.double_nat_b is True, double
     assert double.double_nat_reason_b == "mapping_unreachable", double
-    assert double.router_b_ip.startswith("203.0.113.1") and double.path == "hole-punch", double
+    assert double.router_b_ip.startswith("203.0.113.1"), double  # the carrier's address
+    assert double.path in ("hole-punch", "direct"), double
 
     summary = natmatrix.summarize(results)
     assert summary["direct_rate"] == 1.0 and summary["relay_fallback_rate"] == 1.0
