@@ -36,10 +36,10 @@ from dht.records import Reachability, bind_wallet
 from dht.seq_book import SeqBook
 from dht.service import DhtService
 from nat.autonat import AutoNat, AutoNatSettings, listen_ports, quic_listen_ports
+from nat.double_nat import OutsideView
 from nat.holepunch import HolePunchService, HolePunchSettings
 from nat.reachability import ReachabilityState
 from nat.relay import RelayService, RelaySettings
-from nat.double_nat import OutsideView
 from nat.upnp import UpnpService, UpnpSettings
 from node.alerts import AlertService, AlertsReply
 from node.api import (

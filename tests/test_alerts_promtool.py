@@ -100,7 +100,9 @@ tests:
         exp_alerts:
           - exp_labels: {{severity: P0}}
             exp_annotations:
-              summary: The ledger holds escrow locks, claims or refunds the chain does not know; see `clawnode status` and `clawnode ledger --settlements`.
+              summary: >-
+                The ledger holds escrow locks, claims or refunds the chain does not know;
+                see `clawnode status` and `clawnode ledger --settlements`.
 """
 
 

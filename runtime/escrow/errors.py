@@ -109,11 +109,14 @@ def is_chain_error(error: BaseException) -> bool:
 class EscrowError(ClawnodeError):
     """A failed escrow operation: ``reason`` is the contract's (or client's) stable reason."""
 
+    reason: str
+
     def __init__(self, reason: str, message: str | None = None) -> None:
         super().__init__(
-            REASON_CODES.get(reason, ErrorCode.INTERNAL), message or MESSAGES.get(reason, "escrow operation failed")
+            REASON_CODES.get(reason, ErrorCode.INTERNAL),
+            message or MESSAGES.get(reason, "escrow operation failed"),
+            reason,
         )
-        self.reason = reason
 
     @property
     def retryable(self) -> bool:
