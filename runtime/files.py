@@ -9,13 +9,15 @@ import threading
 import time
 from pathlib import Path
 
+from runtime.errors import Reason
+
 log = logging.getLogger(__name__)
 
 # Errors a full or failing disk raises; a save that meets one is skipped, logged and counted.
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 LOG_EVERY_S = 60.0
 # The message of the E_UNAVAILABLE a write refused for want of disk space carries: the stable reason first.
-DISK_FULL_REASON = "disk_full"
+DISK_FULL_REASON = str(Reason.DISK_FULL)
 DISK_FULL_MESSAGE = f"{DISK_FULL_REASON}: the node's disk is full or failing; changes are refused until space returns"
 
 
