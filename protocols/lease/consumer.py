@@ -7,7 +7,7 @@ total), renew, end, and book the provider's claims as spend when seen on chain.
 Its state is :class:`~protocols.machines.lease_consumer.ConsumerLease` (one table); its decisions
 are the verdicts of ``protocols.machines.lease_consumer`` (``quote_verdict``, ``grant_verdict``,
 ``call_verdict``, ``end_frame_units``, ``countersign_verdict``, ``renew_verdict``,
-``call_refused_event``, ``settled``).
+``call_refused_event``, ``escrow_seen``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from protocols.lease.base import (
     CANCEL_DRAIN_S,
     DEADLINE_SLACK_S,
     ESCROW_CHECK_S,
+    ESCROW_IDLE_CHECK_S,
     GRANT_REPLY,
     INFER_PROTOCOL,
     LEASE_PROTOCOL,
@@ -44,7 +45,6 @@ from protocols.lease.base import (
     token_digest,
 )
 from protocols.machines import lease_consumer as c
-from protocols.machines.escrow_lock import escrow_frozen
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
 from protocols.machines.verdict import Refusal, enforce
 from protocols.rpc import parse_reply, request
@@ -404,7 +404,10 @@ class ConsumerRole(LeaseCore):
         held = self.held.get(lease_id)
         if held is None:
             raise ClawnodeError(ErrorCode.NOT_FOUND, "no lease with this id")
-        if held.machine.state != c.ConsumerState.ENDING:  # a second revoke while the first waits goes on
+        # A second revoke while the first waits goes on; so does one of a lease a refused call spent
+        # (ended in the machine, its end work not done yet): the provider is told, the rest refunded.
+        spent = held.machine.state == c.ConsumerState.ENDED and held.ended_reason is None
+        if held.machine.state != c.ConsumerState.ENDING and not spent:
             enforce(c.call_verdict(held.machine.state, held.ended_reason))
             held.apply(c.ConsumerEvent.CLOSE)
         with trio.move_on_after(PUSH_TIMEOUT_S):
@@ -438,12 +441,17 @@ class ConsumerRole(LeaseCore):
             held.apply(c.ConsumerEvent.RENEW)
         return self._view_held(held)
 
-    async def _end_held(self, lease_id: str, reason: str) -> None:
+    async def _end_held(self, lease_id: str, reason: str, event: c.ConsumerEvent | None = None) -> None:
+        """The held lease's end work, once: its ledger row closed and the rest of the lock refunded.
+        ``event``: the machine's event when a verdict named one (``freeze``); else the provider ended it
+        or our revocation is done."""
         held = self.held.get(lease_id)
         if held is None or held.ended_reason is not None:
             return
         held.ended_reason = reason
-        if held.machine.state == c.ConsumerState.ENDING:
+        if event is not None and held.machine.may(event, c.SYSTEM):
+            held.apply(event, c.SYSTEM)
+        elif held.machine.state == c.ConsumerState.ENDING:
             held.apply(c.ConsumerEvent.END)  # our revocation is done
         elif held.machine.may(c.ConsumerEvent.REVOKE, c.PROVIDER):
             held.apply(c.ConsumerEvent.REVOKE, c.PROVIDER)
@@ -456,7 +464,9 @@ class ConsumerRole(LeaseCore):
             self._finished_now("held", lease_id)
 
     async def _observe_spend(self, lease_id: str) -> None:
-        """As the consumer: book as spend what the escrow shows released to the provider (its claims)."""
+        """As the consumer: book as spend what the escrow shows released to the provider (its claims or
+        the arbiter's resolution), and end the held lease when the escrow is frozen: the provider's
+        notice may have been lost, the chain has the last word (``escrow_seen``)."""
         held = self.held.get(lease_id)
         client = self.escrow()
         if held is None or held.escrow_id is None or client is None or held.observing:
@@ -464,15 +474,22 @@ class ConsumerRole(LeaseCore):
         held.observing = True
         try:
             state = await client.chain.run(client.get, client.account.address, held.escrow_id)
-            if state.released > held.booked:
-                await self.ledger.book_released(lease_id, state.released)
-                held.booked = state.released
-            if escrow_frozen(state.phase):
-                held.committed = held.booked  # refunded or resolved: nothing more will move
-            settled = c.settled(
-                state=held.machine.state, escrowed=True, phase=state.phase, booked=held.booked, committed=held.committed
+            seen = c.escrow_seen(
+                state=held.machine.state,
+                ended=held.ended_reason is not None,
+                phase=state.phase,
+                released=state.released,
+                booked=held.booked,
+                committed=held.committed,
             )
-            if settled:
+            if seen.book:
+                await self.ledger.book_released(lease_id, seen.book)
+                held.booked = seen.book
+            held.committed = seen.committed
+            if seen.end:
+                log.info("lease %s ends: its escrow is %s", lease_id[:12], state.phase)
+                await self._end_held(lease_id, f"escrow {state.phase}", seen.event)
+            if seen.settle and held.machine.may(c.ConsumerEvent.SETTLE, c.SYSTEM):
                 held.apply(c.ConsumerEvent.SETTLE, c.SYSTEM)
         except ClawnodeError as error:
             log.info("escrow of lease %s not observed: %s", lease_id[:12], error.code)
@@ -489,15 +506,22 @@ class ConsumerRole(LeaseCore):
 
     def _call_refused(self, held: HeldLease, refusal: ClawnodeError) -> None:
         """The provider refused a call: a ``paused`` refusal pauses the held lease (our countersignature
-        resumes it). A refusal that spends it (``should_abandon``) is left to the holder's revoke, which
-        tells the provider and refunds the rest of the lock."""
+        resumes it); one that spends or expires it (``should_abandon``) ends it in the machine, so no
+        further call is sent on it. Its end work is left to the holder's revoke, which tells the
+        provider and refunds the rest of the lock (or to the escrow sweep, once the lock is frozen)."""
         event = c.call_refused_event(refusal.code, refusal.reason)
-        if event == c.ConsumerEvent.PAUSE and held.machine.may(event, c.PROVIDER):
+        if event is not None and held.machine.may(event, c.PROVIDER):
             held.apply(event, c.PROVIDER)
 
     def _sweep_held(self, now: float) -> None:
-        """The consumer's timer step: reread the escrow of a lease whose vouchers are not all booked."""
+        """The consumer's timer step: reread the escrow of a lease whose vouchers are not all booked
+        (every ``ESCROW_CHECK_S``), and of every other escrowed lease not ended yet (every
+        ``ESCROW_IDLE_CHECK_S``): a dispute ends it even if the provider's notice was lost."""
         for lease_id, held in list(self.held.items()):
-            if held.escrow_id is not None and held.booked < held.committed and not held.observing:
-                if now - held.observed_at >= ESCROW_CHECK_S:
-                    self._spawn(self._observe_spend, lease_id)
+            if held.escrow_id is None or held.observing:
+                continue
+            unbooked = held.booked < held.committed
+            if not unbooked and held.ended_reason is not None:
+                continue
+            if now - held.observed_at >= (ESCROW_CHECK_S if unbooked else ESCROW_IDLE_CHECK_S):
+                self._spawn(self._observe_spend, lease_id)

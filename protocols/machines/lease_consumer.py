@@ -22,7 +22,7 @@ our timers and chain reads)::
     lease_ending|lease_ended --countersign--> same                     (the final receipt)
     lease_active --renew--> lease_active
     lease_active|lease_paused --close--> lease_ending --end--> lease_ended  (we revoke, then end)
-    lease_active|lease_paused|lease_ending --revoke|expire|spend--> lease_ended
+    lease_active|lease_paused|lease_ending --revoke|expire|spend|freeze--> lease_ended
     lease_ended --settle--> lease_settled   (terminal: the escrow is closed, nothing more moves)
 
 Choices:
@@ -31,10 +31,15 @@ Choices:
   ``over_budget``, an unknown lease; :func:`~protocols.machines.lease.lease_outlives` says which)
   ends the held lease; one refused ``paused`` pauses it; ``budget_busy``, ``rate_limit``,
   ``disk_full`` and transport failures change nothing (:func:`call_refused_event`).
+* ``freeze``: the escrow read on chain no longer pays the provider (disputed, closed, gone): the held
+  lease ends there, whether or not the provider's notice arrived (:func:`escrow_event`); a spent one
+  whose end we have not done yet ends too. Its refund waits on a dispute and lands once the escrow
+  is closed.
 * A receipt is countersigned in every state that holds a grant but ``lease_settled``: the provider's
   final receipt comes while we end it, or just after.
 * ``lease_settled`` is reached when the escrow is seen closed (refunded or resolved) with every
-  claim booked (:func:`settled`); a post-paid lease stays ``lease_ended``.
+  claim booked (:func:`settled`); a post-paid lease stays ``lease_ended``. A disputed escrow is not
+  closed: the arbiter's resolution still releases to the provider, which we book as spend then.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class ConsumerEvent(StrEnum):
     REVOKE = "revoke"  # the provider ended it
     EXPIRE = "expire"
     SPEND = "spend"  # a call was refused with a reason that leaves the lease spent
+    FREEZE = "freeze"  # the escrow, read on chain, no longer pays the provider
     SETTLE = "settle"
 
 
@@ -121,6 +127,7 @@ CONSUMER_LEASE_MACHINE: Machine[ConsumerState, ConsumerEvent] = Machine(
         *(_t(s, _Ev.REVOKE, _E, PROVIDER) for s in (_A, _P, _G)),
         *(_t(s, _Ev.EXPIRE, _E, SYSTEM, PROVIDER) for s in (_A, _P, _G)),
         *(_t(s, _Ev.SPEND, _E, PROVIDER) for s in (_A, _P, _G)),
+        *(_t(s, _Ev.FREEZE, _E, SYSTEM) for s in (_A, _P, _G)),
         _t(_E, _Ev.SETTLE, _S, SYSTEM),
     ],
     initial=_O,
@@ -339,9 +346,52 @@ def should_renew(
     )
 
 
+def escrow_closed(phase: str) -> bool:
+    """Whether nothing more moves out of an escrow: closed (refunded or resolved) or gone. A disputed
+    one is frozen but not closed: the arbiter's resolution still releases to the provider."""
+    return phase in ("closed", "none")
+
+
+@dataclass(frozen=True)
+class EscrowSeen:
+    """What one read of a held lease's escrow means for it (:func:`escrow_seen`)."""
+
+    end: bool  # the held lease ends now: its ledger row is closed and the rest of the lock refunded
+    event: ConsumerEvent | None  # the machine's event for that end (``freeze``), None if it has ended
+    book: int  # the released amount to book as spend (more than booked so far), else 0
+    committed: int  # what may still be released to the provider: the newest voucher, or the booked
+    # amount once the escrow is closed
+    settle: bool  # the lease is settled (:func:`settled`) after this read
+
+
+def escrow_seen(
+    *, state: ConsumerState, ended: bool, phase: str, released: int, booked: int, committed: int
+) -> EscrowSeen:
+    """What the escrow read on chain (``phase``, ``released``) does to a held escrowed lease in ``state``
+    whose end work is done (``ended``) or not: a frozen escrow ends it (the provider's notice may
+    have been lost: the chain has the last word); a release beyond what we booked is booked as spend;
+    a closed escrow releases nothing more, so what we committed beyond the release is not owed."""
+    if released < 0 or booked < 0 or committed < 0:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "amounts must be >= 0")
+    end = escrow_frozen(phase) and not ended
+    row = CONSUMER_LEASE_MACHINE.lookup(state, ConsumerEvent.FREEZE) if end else None
+    event = None if row is None else row.event
+    after = state if row is None else row.target
+    book = released if released > booked else 0
+    now_booked = max(booked, released)
+    now_committed = now_booked if escrow_closed(phase) else committed
+    return EscrowSeen(
+        end=end,
+        event=event,
+        book=book,
+        committed=now_committed,
+        settle=settled(state=after, escrowed=True, phase=phase, booked=now_booked, committed=now_committed),
+    )
+
+
 def settled(*, state: ConsumerState, escrowed: bool, phase: str, booked: int, committed: int) -> bool:
     """Whether an ended escrowed lease is settled: its escrow closed (refunded or resolved) with every
     voucher we signed booked as spend."""
     if booked < 0 or committed < 0:
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "amounts must be >= 0")
-    return state == ConsumerState.ENDED and escrowed and escrow_frozen(phase) and booked >= committed
+    return state == ConsumerState.ENDED and escrowed and escrow_closed(phase) and booked >= committed

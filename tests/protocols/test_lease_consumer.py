@@ -345,3 +345,34 @@ def test_settled_only_once_the_escrow_is_closed_and_booked() -> None:
     assert not c.settled(state=ConsumerState.ACTIVE, phase="closed", **kw)
     assert not c.settled(state=ConsumerState.ENDED, phase="closed", escrowed=True, booked=20, committed=30)
     assert not c.settled(state=ConsumerState.ENDED, phase="closed", escrowed=False, booked=0, committed=0)
+    assert not c.settled(state=ConsumerState.ENDED, phase="disputed", **kw)  # the arbiter may still release
+
+
+def test_a_frozen_escrow_ends_the_held_lease_and_its_release_is_booked() -> None:
+    """The chain has the last word: a disputed escrow ends a live lease whether or not the provider's
+    notice arrived; the arbiter's release is booked as spend, and what we committed beyond it is not
+    owed once the escrow is closed."""
+    live: dict[str, Any] = {"state": ConsumerState.ACTIVE, "ended": False}
+    assert c.escrow_seen(**live, phase="active", released=0, booked=0, committed=9) == c.EscrowSeen(
+        end=False, event=None, book=0, committed=9, settle=False
+    )
+    disputed = c.escrow_seen(**live, phase="disputed", released=0, booked=0, committed=9)
+    assert (disputed.end, disputed.event, disputed.committed, disputed.settle) == (
+        True,
+        ConsumerEvent.FREEZE,
+        9,  # not forgotten: the resolution may still release it
+        False,
+    )
+    ended: dict[str, Any] = {"state": ConsumerState.ENDED, "ended": True}
+    still = c.escrow_seen(**ended, phase="disputed", released=0, booked=0, committed=9)
+    assert (still.end, still.book, still.committed, still.settle) == (False, 0, 9, False)
+    resolved = c.escrow_seen(**ended, phase="closed", released=7, booked=0, committed=9)
+    assert (resolved.end, resolved.book, resolved.committed, resolved.settle) == (False, 7, 7, True)
+    # A lease a refused call spent (ended in the machine, its end work not done) ends on a frozen escrow.
+    spent = c.escrow_seen(state=ConsumerState.ENDED, ended=False, phase="disputed", released=0, booked=0, committed=0)
+    assert (spent.end, spent.event) == (True, None)
+    # Our own revocation under way: the frozen escrow ends it too.
+    ending = c.escrow_seen(state=ConsumerState.ENDING, ended=False, phase="closed", released=3, booked=3, committed=3)
+    assert (ending.end, ending.event, ending.book, ending.settle) == (True, ConsumerEvent.FREEZE, 0, True)
+    with pytest.raises(ClawnodeError):
+        c.escrow_seen(**live, phase="active", released=-1, booked=0, committed=0)
