@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocols.machines.table import Machine, Transition
+from runtime.ledger.vocabulary import BIDDER, CREATOR, TASK_MOVES, TaskState  # shared with the ledger
 
 __all__ = [
     "ARBITER",
@@ -82,9 +83,7 @@ __all__ = [
 ]
 
 SYSTEM = "system"
-CREATOR = "creator"
 PARTICIPANT = "participant"
-BIDDER = "bidder"
 AWARDED_BIDDER = "awarded_bidder"
 ARBITER = "arbiter"
 TASK_ROLES = frozenset({CREATOR, PARTICIPANT, BIDDER, AWARDED_BIDDER, ARBITER, SYSTEM})
@@ -97,14 +96,6 @@ TASK_FINISHED_KEEP_S = 600.0
 # A forgotten task's id stays taken until its deadline (a replayed announcement cannot bring it back
 # while it could still be published); at most this many such ids, the oldest dropped first.
 TASK_TOMBSTONES_MAX = 65536
-
-
-class TaskState(StrEnum):
-    OPEN = "task_open"
-    AWARDED = "task_awarded"
-    CLOSED = "task_closed"
-    CANCELLED = "task_cancelled"
-    EXPIRED = "task_expired"
 
 
 class BidState(StrEnum):
@@ -179,6 +170,12 @@ TASK_MACHINE: Machine[TaskState, Ev] = Machine(
     initial=TS.OPEN,
     terminal=[TS.CLOSED, TS.CANCELLED, TS.EXPIRED],
 )
+# One source of truth with the ledger: the table makes exactly the state moves the ledger accepts
+# (runtime/ledger/vocabulary.py), adding who may make each and by which event.
+if {(t.source, t.target) for t in TASK_MACHINE.transitions if t.source != t.target} != {
+    (source, target) for source, targets in TASK_MOVES.items() for target in targets
+}:
+    raise ValueError("task: TASK_MACHINE's moves differ from the ledger's TASK_MOVES")
 BID_MACHINE: Machine[BidState, Ev] = Machine(
     "bid",
     [

@@ -116,7 +116,7 @@ class BidderRole(TaskCore):
         lease_id = self._lease_id(notice)
         await self.ledger.create_task(
             notice.task_id,
-            role="worker",
+            role=m.BIDDER,
             counterparty=remote,
             budget=notice.price,
             idempotency_key=f"task/{notice.task_id}",
@@ -134,7 +134,7 @@ class BidderRole(TaskCore):
             idempotency_key=f"award/{lease_id}",
         )
         await self.ledger.set_task_state(
-            notice.task_id, "task_awarded", idempotency_key=f"task/{notice.task_id}/awarded"
+            notice.task_id, m.TaskState.AWARDED, idempotency_key=f"task/{notice.task_id}/awarded"
         )
         log.info("task %s: award accepted, %d wei locked", notice.task_id[:12], notice.price)
 

@@ -135,7 +135,7 @@ class CloseOutRole(TaskCore):
             )
             self._apply(event, m.SYSTEM)
             break
-        await self.ledger.set_task_state(task_id, "task_closed", idempotency_key=f"task/{task_id}/closed")
+        await self.ledger.set_task_state(task_id, m.TaskState.CLOSED, idempotency_key=f"task/{task_id}/closed")
         local.closed = True
         log.info("task %s closed: %d to the bidder, %d back", task_id[:12], to_bidder, to_creator)
 
@@ -153,7 +153,9 @@ class CloseOutRole(TaskCore):
                     if record.creator == self.peer_id:
                         key = f"task/{task_id}/expired"
                         self._spawn(
-                            functools.partial(self.ledger.set_task_state, idempotency_key=key), task_id, "task_expired"
+                            functools.partial(self.ledger.set_task_state, idempotency_key=key),
+                            task_id,
+                            m.TaskState.EXPIRED,
                         )
 
     def _forget_finished(self, now: float) -> None:

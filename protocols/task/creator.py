@@ -80,7 +80,7 @@ class CreatorRole(TaskCore):
         envelope = seal(ann, self.key, domain=ANNOUNCEMENT_DOMAIN, payload_type=ANNOUNCEMENT_PAYLOAD_TYPE)
         self.local[ann.task_id] = TaskLocal(ann, announcement_env=to_base64(envelope), params=params)
         await self.ledger.create_task(
-            ann.task_id, role="creator", counterparty=None, budget=budget, idempotency_key=f"task/{ann.task_id}"
+            ann.task_id, role=m.CREATOR, counterparty=None, budget=budget, idempotency_key=f"task/{ann.task_id}"
         )
         await self.announcements.announce(ann, self.key)
         log.info("task %s published for %s", ann.task_id[:12], capability)
@@ -172,7 +172,7 @@ class CreatorRole(TaskCore):
         )
         local.award = notice
         local.award_env = to_base64(seal(notice, self.key, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE))
-        await self.ledger.set_task_state(task_id, "task_awarded", idempotency_key=f"task/{task_id}/awarded")
+        await self.ledger.set_task_state(task_id, m.TaskState.AWARDED, idempotency_key=f"task/{task_id}/awarded")
         log.info("task %s awarded to %s", task_id[:12], bid.bidder[:16])
         try:
             await self._push(bid.bidder, w.AwardRequest(envelope=local.award_env), attempts=PUSH_ATTEMPTS)
@@ -245,7 +245,7 @@ class CreatorRole(TaskCore):
     async def cancel(self, task_id: str) -> w.TaskView:
         record, _ = self._task(task_id)
         self._apply(m.Cancel(task_id=task_id), self.peer_id)
-        await self.ledger.set_task_state(task_id, "task_cancelled", idempotency_key=f"task/{task_id}/cancelled")
+        await self.ledger.set_task_state(task_id, m.TaskState.CANCELLED, idempotency_key=f"task/{task_id}/cancelled")
         for bidder in {bid.bidder for bid in record.bids.values()}:
             self._spawn(self._push_quietly, bidder, w.CancelRequest(task_id=task_id))
         return self._view(task_id)

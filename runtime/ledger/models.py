@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.ledger.receipts import LEASE_ID_PATTERN, MAX_AMOUNT, PEER_ID_PATTERN, SignedReceipt
+from runtime.ledger.vocabulary import TaskRole, TaskState
 
 LeaseRole = Literal["provider", "consumer"]
 LeaseState = Literal["open", "ended", "disputed", "closed"]
@@ -163,8 +164,7 @@ class Evidence(BaseModel):
     submitted_at: int
 
 
-TaskRole = Literal["creator", "worker"]
-TaskState = Literal["task_open", "task_awarded", "task_closed", "task_cancelled", "task_expired"]
+# the task vocabulary is shared with the task machine (runtime/ledger/vocabulary.py)
 
 
 class Task(BaseModel):

@@ -206,6 +206,26 @@ MIGRATIONS: tuple[str, ...] = (
         acked_at INTEGER NOT NULL
     );
     """,
+    # 7: one vocabulary with the task machine (runtime/ledger/vocabulary.py): our side of a task is
+    # 'creator' or 'bidder' (was 'worker'), and the state is one of the machine's. The table is rebuilt
+    # (SQLite cannot change a CHECK), its rows kept with 'worker' rewritten to 'bidder'; the audit chain
+    # keeps the words it was written with.
+    """
+    CREATE TABLE tasks_v7 (
+        task_id TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('creator', 'bidder')),
+        counterparty TEXT,
+        state TEXT NOT NULL
+            CHECK (state IN ('task_open', 'task_awarded', 'task_closed', 'task_cancelled', 'task_expired')),
+        budget TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    INSERT INTO tasks_v7 SELECT task_id, CASE role WHEN 'worker' THEN 'bidder' ELSE role END, counterparty, state,
+        budget, created_at, updated_at FROM tasks;
+    DROP TABLE tasks;
+    ALTER TABLE tasks_v7 RENAME TO tasks;
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

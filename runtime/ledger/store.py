@@ -45,15 +45,9 @@ from runtime.ledger.models import (
 )
 from runtime.ledger.receipts import ReceiptBody, SignedReceipt
 from runtime.ledger.schema import migrate
+from runtime.ledger.vocabulary import check_task_move
 
 Clock = Callable[[], int]
-
-# TaskOrder transitions: open -> awarded | cancelled | expired, awarded -> closed; anything else is
-# E_CONFLICT.
-TASK_TRANSITIONS: dict[str, frozenset[str]] = {
-    "task_open": frozenset({"task_awarded", "task_cancelled", "task_expired"}),
-    "task_awarded": frozenset({"task_closed"}),
-}
 
 
 WAL_AUTOCHECKPOINT_PAGES = 256
@@ -953,8 +947,7 @@ class LedgerStore:
 
             def action() -> str:
                 task = self._task(conn, task_id)
-                if state not in TASK_TRANSITIONS.get(task.state, frozenset()):
-                    raise errors.conflict("bad_transition", f"a task cannot go from {task.state} to {state}")
+                check_task_move(task.state, state)  # the task machine's moves, one table for both
                 conn.execute(
                     "UPDATE tasks SET state = ?, updated_at = ? WHERE task_id = ?", (state, self._clock(), task_id)
                 )

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from runtime.errors import ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger, LedgerError, LedgerStore
-from runtime.ledger.schema import LATEST_VERSION
+from runtime.ledger.schema import LATEST_VERSION, MIGRATIONS, _statements
+from runtime.ledger.vocabulary import BIDDER, TaskState
 from tests.runtime.support import peer_id, peer_key
 
 PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
@@ -162,14 +163,48 @@ async def test_anchored_head_catches_a_truncated_tail(tmp_path: Path) -> None:
 
 async def test_task_transitions_follow_the_table(tmp_path: Path) -> None:
     ledger = await Ledger.open(tmp_path / "ledger.db")
-    task = await ledger.create_task("t1", role="creator", counterparty=None, budget=50, idempotency_key="t1")
-    assert task.state == "task_open"
-    await ledger.set_task_state("t1", "task_awarded", idempotency_key="t1-award")
-    await ledger.set_task_state("t1", "task_awarded", idempotency_key="t1-award")  # a retry
-    with pytest.raises(LedgerError) as caught:
-        await ledger.set_task_state("t1", "task_cancelled", idempotency_key="t1-cancel")
-    assert (caught.value.code, caught.value.reason) == (ErrorCode.CONFLICT, "bad_transition")
-    assert (await ledger.set_task_state("t1", "task_closed", idempotency_key="t1-close")).state == "task_closed"
+    task = await ledger.create_task("t1", role=BIDDER, counterparty=None, budget=50, idempotency_key="t1")
+    assert (task.role, task.state) == ("bidder", "task_open")
+    await ledger.set_task_state("t1", TaskState.AWARDED, idempotency_key="t1-award")
+    await ledger.set_task_state("t1", TaskState.AWARDED, idempotency_key="t1-award")  # a retry
+    for refused in (TaskState.CANCELLED, TaskState.OPEN, TaskState.AWARDED):  # not moves of the table
+        with pytest.raises(LedgerError) as caught:
+            await ledger.set_task_state("t1", refused, idempotency_key=f"t1-{refused}")
+        assert (caught.value.code, caught.value.reason) == (ErrorCode.CONFLICT, "bad_transition")
+    assert (await ledger.set_task_state("t1", TaskState.CLOSED, idempotency_key="t1-close")).state == "task_closed"
+    with pytest.raises(LedgerError):  # a terminal state moves nowhere
+        await ledger.set_task_state("t1", TaskState.EXPIRED, idempotency_key="t1-expire")
+    await ledger.aclose()
+
+
+async def test_a_v6_ledger_with_tasks_migrates_to_the_machine_words(tmp_path: Path) -> None:
+    """A ledger written before schema v7 stored our side of a task as 'worker': it reads back as the task
+    machine's 'bidder', its state and audit chain intact, and the schema then refuses the old word."""
+    path = tmp_path / "ledger.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in MIGRATIONS[:6]:
+        for statement in _statements(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 6")
+    conn.executemany(
+        "INSERT INTO tasks (task_id, role, counterparty, state, budget, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, 1, 2)",
+        [("t-worker", "worker", "peer-a", "task_awarded", "70"), ("t-creator", "creator", None, "task_open", "90")],
+    )
+    conn.close()
+    ledger = await Ledger.open(path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
+    worker = await ledger.set_task_state("t-worker", TaskState.CLOSED, idempotency_key="close")
+    assert (worker.role, worker.counterparty, worker.state, worker.budget) == ("bidder", "peer-a", "task_closed", 70)
+    creator = await ledger.set_task_state("t-creator", TaskState.EXPIRED, idempotency_key="expire")
+    assert (creator.role, creator.state, creator.budget) == ("creator", "task_expired", 90)
+    assert (await ledger.verify_audit()).ok
+    await ledger.aclose()
+    with pytest.raises(sqlite3.IntegrityError):
+        sqlite3.connect(path).execute(
+            "INSERT INTO tasks (task_id, role, counterparty, state, budget, created_at, updated_at)"
+            " VALUES ('t3', 'worker', NULL, 'task_open', '1', 1, 1)"
+        )
 
 
 async def test_disputes_are_recorded_once_and_only_by_parties(tmp_path: Path) -> None:
