@@ -20,12 +20,12 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field
 
+from dht.capability import fetch_sealed_record
 from dht.offers import capability_key
-from dht.record_validator import RejectionCounter, record_key
+from dht.record_validator import RejectionCounter, record_key, sequence_of
 from dht.records import CAPABILITY_NAME, CapabilityRecord, Reachability, RecordRejected, Rejection, verify_record
 from dht.seq_book import SeqBook
 from dht.service import DhtService
-from protocols.capability import fetch_sealed_record
 from runtime.errors import ClawnodeError, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ MAX_PROVIDERS = 50
 # threads, two at a time, so the event loop never waits on a stranger's record.
 PARALLEL_VERIFICATIONS = 2
 READY_WAIT_S = 5.0  # how long a lookup waits for a node's first DHT peer
+# When the record copy this node holds names no address it has not tried already, the copies held by
+# this many of the key's closest peers are read (each within the fetch timeout): a newer one may name
+# the relays the peer reserved since.
+NETWORK_READ_FANOUT = 6
 
 
 class DiscoveryQuery(BaseModel):
@@ -178,12 +182,20 @@ class Discovery:
         was last seen at (often its LAN address); the record names its relays while it is
         private and its UPnP-mapped address once it has one.
         """
+        tried = self._known_addrs(peer_id)
+        record: CapabilityRecord | None = None
         stored = await self._stored_record(peer_id)
-        if stored is None:
-            return False
-        try:
-            record = await self._accept(stored, str(peer_id))
-        except RecordRejected:
+        if stored is not None:
+            try:
+                record = await self._accept(stored, str(peer_id))
+            except RecordRejected:
+                record = None
+        if record is None or set(record.addrs) <= tried:
+            # The copy this node holds (py-libp2p answers from it without asking anyone) names only
+            # addresses that just failed, e.g. a LAN address from before the peer reserved its relays:
+            # the peers closest to the key may hold a newer one.
+            record = await self._newer_record_from_network(peer_id, record) or record
+        if record is None:
             return False
         signed = []
         for addr in record.addrs:
@@ -202,6 +214,49 @@ class Discovery:
             peerstore.clear_addrs(peer_id)
             peerstore.add_addrs(peer_id, signed + known, 600)
         return bool(signed)
+
+    def _known_addrs(self, peer_id: ID) -> set[str]:
+        try:
+            return {str(addr) for addr in self.host.get_peerstore().addrs(peer_id)}
+        except Exception:  # noqa: BLE001 - an unknown peer
+            return set()
+
+    async def _newer_record_from_network(self, peer_id: ID, held: CapabilityRecord | None) -> CapabilityRecord | None:
+        """The newest valid copy of the peer's record that the key's closest peers hold, if it is
+        newer than ``held`` (never this node's own copy); None if none is."""
+        kad = self.dht.dht
+        key = record_key(str(peer_id)).encode()
+        try:
+            closest = await kad.peer_routing.find_closest_peers_network(key)
+        except Exception as error:  # noqa: BLE001 - a failed lookup finds nothing newer
+            log.debug("closest peers for %s's record: lookup failed: %s", peer_id, type(error).__name__)
+            return None
+        found: list[bytes] = []
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(self.fetch_timeout_s):
+                try:
+                    value = await kad.value_store._get_from_peer(peer, key)
+                except Exception as error:  # noqa: BLE001 - one silent peer does not spoil the read
+                    log.debug("GET_VALUE to %s failed: %s", peer, type(error).__name__)
+                    return
+                if isinstance(value, bytes) and value not in found:
+                    found.append(value)
+
+        me = self.host.get_id()
+        async with trio.open_nursery() as nursery:
+            for peer in [peer for peer in closest if peer not in (me, peer_id)][:NETWORK_READ_FANOUT]:
+                nursery.start_soon(ask, peer)
+        floor = held.seq if held is not None else -1
+        seqs = [await trio.to_thread.run_sync(sequence_of, value, limiter=self._verifications) for value in found]
+        for seq, value in sorted(zip(seqs, found, strict=True), key=lambda pair: -(pair[0] or -1)):
+            if seq is None or seq <= floor:
+                break
+            try:
+                return await self._accept(value, str(peer_id))
+            except RecordRejected:
+                continue
+        return None
 
     async def _stored_record(self, peer_id: ID) -> bytes | None:
         """The peer's record as the DHT has it (None: not found, or the lookup failed)."""

@@ -17,10 +17,15 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from bootstrap.peer_book import PeerBook
+from dht.discovery import Discovery
 from dht.lookup_guard import SilentPeers, may_ask, serves_dht
 from dht.protocol_id import use_kad_protocol_id
+from dht.record_validator import RejectionCounter, record_key
+from dht.records import seal_record
 from dht.service import DhtService
 from node.host import build_host
+from tests.support.records import GEMMA, make_record
+from tests.support.swarm import NodeSpec, open_swarm
 
 KAD = "/clawnode/kad/1.0.0"
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -176,3 +181,31 @@ async def test_a_fresh_node_is_ready_with_its_first_dht_peer_before_its_join_end
                 assert a.host.get_id() in fresh.dht.routing_table.get_peer_ids()
                 with trio.fail_after(10):
                     await fresh.joined.wait()
+
+
+# --- describe reads past a stale copy ------------------------------------------------------------
+
+
+async def test_describe_reads_the_newer_record_when_the_held_copy_names_only_dead_addresses() -> None:
+    """A asks for B's record before B has reserved its relays: A's copy names only B's LAN address.
+    Once B's newer record (with the addresses it answers at) is in the DHT, describe must read it
+    instead of handing back the stale copy as unreachable for as long as A holds it."""
+    async with open_swarm(4, specs={2: NodeSpec(offers=(GEMMA,))}) as nodes:
+        provider, asker = nodes[2], nodes[3]
+        assert provider.publisher.record is not None
+        newer_seq = provider.publisher.record.seq
+        # B's first record: an address nobody answers at (a closed port), an older sequence.
+        stale = make_record(provider.key_pair, seq=newer_seq - 1, addrs=["/ip4/127.0.0.1/tcp/9"])
+        key = record_key(provider.peer_id)
+        # A holds that copy for the DHT and has seen nothing newer (a fresh discovery, sequence
+        # book and cache); it is not connected to B and knows no address of B's.
+        asker.dht.dht.value_store.put(key.encode(), seal_record(stale, provider.key_pair.private_key))
+        discovery = Discovery(asker.host, asker.dht, RejectionCounter(), lambda: None, cache_ttl_s=0.0)
+        await asker.host.disconnect(provider.host.get_id())
+        asker.host.get_peerstore().clear_addrs(provider.host.get_id())
+        with trio.fail_after(30):
+            described = await discovery.describe(provider.host.get_id())
+        assert described.reachable, "describe gave up on the stale copy's address"
+        assert described.record.seq == newer_seq
+        # The newer record replaced the stale copy A holds, so A serves no stale one either.
+        assert asker.dht.held_value(key) == provider.publisher.sealed
