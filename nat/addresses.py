@@ -10,6 +10,9 @@ py-libp2p dials one TCP address per peer, the first it stores, so the order is w
 5. loopback only for a peer on loopback, or when we have no other direct address (a node listening
    on 127.0.0.1 only: every multi-node test): a peer elsewhere that dials our 127.0.0.1 reaches itself.
 
+Before AutoNAT's first verdict, a node none of whose own addresses is public (``looks_private``)
+already reserves on relays (``wants_relays``); its circuit addresses then come after the direct ones.
+
 A UPnP mapping (``mapped``) is published only once AutoNAT confirms it: behind a double NAT the
 home router maps a port on an address nobody outside can reach, and it used to stay first.
 
@@ -111,6 +114,25 @@ def rank_addrs(inputs: AddressInputs) -> list[str]:
         ordered += by_class["loopback"]
     seen: set[str] = set()
     return [a for a in ordered if not (a in seen or seen.add(a))]  # type: ignore[func-returns-value]
+
+
+def looks_private(addrs: Sequence[str]) -> bool:
+    """Whether nothing among our own addresses (listen, with 0.0.0.0 expanded; UPnP mappings; confirmed)
+    could be reached from outside: each is loopback or private (RFC 1918, CGNAT, link-local, ULA)
+    and at least one is private. A loopback-only node (tests, a local dev setup) is not taken for a
+    node behind a NAT; an address of another kind (a DNS name, say) may be public."""
+    kinds = {classify(addr) for addr in addrs if classify(addr) != "relayed"}
+    return "private" in kinds and kinds <= {"private", "loopback"}
+
+
+def wants_relays(reachability: Reachability, own_addrs: Sequence[str]) -> bool:
+    """Whether to hold relay reservations (and publish their circuit addresses): while AutoNAT says
+    private, and before its first verdict when ``looks_private(own_addrs)``: a home node behind a NAT
+    is reachable through a relay seconds after start instead of after the verdict. Ranked after the
+    direct addresses while the verdict is unknown (``rank_addrs``); dropped once it says public."""
+    if reachability == "unknown":
+        return looks_private(own_addrs)
+    return reachability == "private"
 
 
 # --- where the inputs come from, per host ----------------------------------------------------------

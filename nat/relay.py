@@ -7,7 +7,8 @@ Built on py-libp2p's ``libp2p.relay.circuit_v2``:
 - Reservations are made here, not by py-libp2p's ``CircuitV2Transport._refresh_reservations_worker``:
   that worker renews only 30 s before expiry (``RESERVATION_REFRESH_MARGIN``, transport.py:83),
   keeps no relay addresses and swallows refusals. ``RelayService`` keeps at least
-  ``relay.min_relays`` reservations while the node is private, renews each once
+  ``relay.min_relays`` reservations while the node is private (and, before AutoNAT's first verdict,
+  while none of its own addresses is public: ``nat.addresses.wants_relays``), renews each once
   ``relay.renew_fraction`` of its TTL has passed, and builds the relayed addresses
   ``<relay addr>/p2p/<relay id>/p2p-circuit`` the capability record carries.
 - A reservation lives only as long as the connection to its relay (circuit v2 spec): when that
@@ -18,7 +19,7 @@ Built on py-libp2p's ``libp2p.relay.circuit_v2``:
   1 s doubling to 60 s) and reserved on again as soon as it is connected. Failed renewals back off
   the same way (they used to be retried every 0.05 s); failures are logged once a minute per relay.
 - A ``/p2p-circuit`` address is dialled only by ``CircuitV2Transport.dial()`` (``host.connect()``
-  ignores it): ``connect_via_relay`` (``protocols/streams.py``) does that before a ``new_stream`` when the peer has no
+  ignores it): ``connect_via_relay`` (``wire/streams.py``) does that before a ``new_stream`` when the peer has no
   working direct address.
 """
 
@@ -50,7 +51,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 
 from nat.notifee import QuietNotifee
-from protocols.streams import (  # is_circuit is still imported from here
+from wire.streams import (  # is_circuit is still imported from here
     DIAL_TIMEOUT_S,
     is_circuit,
     register_circuit_dialer,
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 
 HOP = str(HOP_PROTOCOL)
 RESERVE_TIMEOUT_S = 10.0
+TOP_UP_POLL_S = 1.0  # while short of min_relays: how often connected peers are checked for new relays
 _SERVICES: weakref.WeakKeyDictionary[IHost, RelayService] = weakref.WeakKeyDictionary()
 
 
@@ -474,6 +476,9 @@ class RelayService:
                 due = max(self._renew_at(res), self._failures.get(key).retry_at)
                 delay = min(delay, due - now)
             if len(self.reservations) < self.settings.min_relays:
+                # A relay found as a connected peer is known only once identify says it serves the hop
+                # protocol: looked for every second (cheap; each relay's own backoff still applies).
+                delay = min(delay, TOP_UP_POLL_S)
                 for key in [*self._static_ids(), *self._lost]:
                     if key not in self.reservations:
                         delay = min(delay, self._failures.get(key).retry_at - now)

@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.peer.peerinfo import PeerInfo
 
-from nat.addresses import AddressInputs, candidate_addrs, classify, rank_addrs, record_addrs, sources_for
+from nat.addresses import (
+    AddressInputs,
+    candidate_addrs,
+    classify,
+    looks_private,
+    rank_addrs,
+    record_addrs,
+    sources_for,
+    wants_relays,
+)
 from node.host import build_host
 
 LAN = "/ip4/192.168.1.10/tcp/4021"
@@ -42,6 +51,21 @@ def test_loopback_for_a_loopback_asker_or_a_loopback_only_node() -> None:
     assert rank_addrs(AddressInputs(listen=(LOOP,))) == [LOOP]
     # A loopback-only node holding relays (tests): its loopback address stays with its circuits.
     assert rank_addrs(AddressInputs(listen=(LOOP,), relayed=(CIRCUIT,), reachability="private")) == [CIRCUIT, LOOP]
+
+
+def test_a_node_with_no_public_address_reserves_relays_before_the_verdict() -> None:
+    """A home node (0.0.0.0: loopback and a LAN or CGNAT address) takes relays at once; a node with a
+    public address, a loopback-only one, or one AutoNAT found public waits; private always reserves."""
+    cgnat = "/ip4/100.64.3.4/tcp/4021"
+    for home in ((LOOP, LAN), (LAN,), (LOOP, cgnat), (LOOP, LAN, CIRCUIT)):
+        assert looks_private(home) and wants_relays("unknown", home), home
+    for other in ((LOOP, LAN, WAN), (WAN,), (LOOP,), (), ("/dns4/node.example/tcp/4021", LAN)):
+        assert not wants_relays("unknown", other), other
+    assert not wants_relays("public", (LOOP, LAN)), "dropped once AutoNAT says public"
+    assert wants_relays("private", (LOOP, LAN, WAN)) and wants_relays("private", ())
+    # Until the verdict, the relayed addresses come after every direct one.
+    ranked = rank_addrs(AddressInputs(listen=(LOOP, LAN), relayed=(CIRCUIT,), reachability="unknown"))
+    assert ranked == [LAN, CIRCUIT]
 
 
 def test_public_listen_before_lan_and_relayed_last_unless_private() -> None:
