@@ -413,7 +413,7 @@ async def settle(
 
     def claims_landed() -> bool:
         for provider in providers:
-            if any(lease["state"] == "open" for lease in paged(provider, "/api/ledger/leases", "leases")):
+            if any(lease["state"] == "lease_active" for lease in paged(provider, "/api/ledger/leases", "leases")):
                 return False
             settlements = paged(provider, "/api/ledger/settlements", "settlements")
             if any(s["state"] == "pending" for s in settlements):

@@ -384,7 +384,7 @@ async def _summary(
             r["provider_income"] == r["consumer_spend"] == r["units"] * r["price_per_unit"] for r in lease_rows
         ),
         "each lease: refund == budget - spend, lease closed": all(
-            r["refunded"] == r["budget"] - r["consumer_spend"] and r["state"] == "closed" for r in lease_rows
+            r["refunded"] == r["budget"] - r["consumer_spend"] and r["state"] == "lease_settled" for r in lease_rows
         ),
         "task: the split matches the arbiter's resolution, on chain too": task["to_bidder"]
         == task["resolved_to_bidder"]

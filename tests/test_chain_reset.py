@@ -282,7 +282,7 @@ async def test_a_lock_that_lands_after_its_receipt_wait_gave_up_is_refunded(anvi
                 await consumer.market.open_lease(str(provider.host.get_id()), WORDS, budget=budget, duration_s=5)
             assert timed_out.value.code == ErrorCode.TIMEOUT
             [lease] = await consumer.ledger.list_leases()
-            assert lease.state == "ended"
+            assert lease.state == "lease_ended"
             assert (await consumer.ledger.queue_stats()).length == 0  # the open did not queue a refund
             escrow_id = "0x" + lease.lease_id
             assert consumer.ledger.store.lock_state(client.account.address, escrow_id) == "unknown"

@@ -78,7 +78,7 @@ async def test_wrong_token_expired_lease_and_over_budget_are_refused() -> None:
         # Expiry ended the lease on both sides and the provider claims the 3 words served.
         await wait_for(lambda: consumer.market.held[view.lease_id].ended_reason == "expired", 15)
         provider_lease = await provider.ledger.get_lease(view.lease_id)
-        assert provider_lease.state == "ended" and provider_lease.metered_units == 3
+        assert provider_lease.state == "lease_ended" and provider_lease.metered_units == 3
 
 
 async def test_replayed_open_and_foreign_quotes_are_refused() -> None:

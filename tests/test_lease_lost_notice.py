@@ -88,7 +88,9 @@ async def test_a_dispute_ends_the_held_lease_when_the_providers_notice_is_lost(n
         await payer.chain.run(payer.dispute, payer.account.address, escrow_id)
 
         async def provider_stopped() -> bool:
-            return served.ended_reason is not None and (await provider.ledger.get_lease(lease_id)).state != "open"
+            return (
+                served.ended_reason is not None and (await provider.ledger.get_lease(lease_id)).state != "lease_active"
+            )
 
         await _until(provider_stopped, "the provider ends the frozen lease")
         assert notices_lost == ["escrow disputed"]  # the consumer was never told
@@ -115,7 +117,7 @@ async def test_a_dispute_ends_the_held_lease_when_the_providers_notice_is_lost(n
         _, spend = await _money(consumer)
         assert income == spend == state.released
         lease = await consumer.ledger.get_lease(lease_id)
-        assert lease.state != "open"
+        assert lease.state != "lease_active"
         assert (lease.settled_amount, lease.refunded_amount) == (state.released, BUDGET - state.released)
         for node in (provider, consumer):
             assert (await node.ledger.verify_audit()).ok
@@ -141,7 +143,7 @@ async def test_a_call_refused_on_an_ended_lease_ends_the_held_lease(notices_lost
         assert again.value.reason == Reason.ENDED and provider.market.failures == served_before
         await consumer.market.revoke(lease_id)  # its end work: the ledger row closed, the rest refunded
         assert held.ended_reason == "revoked by the consumer"
-        assert (await consumer.ledger.get_lease(lease_id)).state != "open"
+        assert (await consumer.ledger.get_lease(lease_id)).state != "lease_active"
 
         async def booked() -> bool:
             income, _ = await _money(provider)

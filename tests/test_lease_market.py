@@ -185,7 +185,7 @@ async def test_a_restarted_provider_keeps_serving_its_leases(tmp_path: Path) -> 
                 while (lease := await provider.ledger.get_lease(view.lease_id)).metered_units < 13:
                     await trio.sleep(0.05)
             # The restart settled the cut call at 0 units (never more than the consumer could count).
-            assert lease.metered_units == 13 and lease.state == "open"
+            assert lease.metered_units == 13 and lease.state == "lease_active"
             assert await provider.ledger.pending_calls() == []
 
             async def countersigned() -> int:
@@ -210,7 +210,7 @@ async def test_a_running_lease_is_paid_as_it_goes() -> None:
         with trio.fail_after(30):
             while (await client.chain.run(client.get, client.account.address, escrow_id)).released < 10 * WORD_PRICE:
                 await trio.sleep(0.2)
-        assert (await provider.ledger.get_lease(lease.lease_id)).state == "open"
+        assert (await provider.ledger.get_lease(lease.lease_id)).state == "lease_active"
         await consumer.market.call(lease.lease_id, {"prompt": PROMPT})
         with trio.fail_after(30):
             while (await client.chain.run(client.get, client.account.address, escrow_id)).released < 20 * WORD_PRICE:

@@ -161,7 +161,7 @@ async def test_sigkill_during_metering_and_settlement_loses_nothing(anvil: Anvil
                     leases = provider.api("/api/ledger/leases")["leases"]
                     settlements = provider.api("/api/ledger/settlements")["settlements"]
                     provider_lease.update(leases[0])
-                    return leases[0]["state"] != "open" and all(s["state"] == "landed" for s in settlements)
+                    return leases[0]["state"] != "lease_active" and all(s["state"] == "landed" for s in settlements)
 
                 async def ledger_caught_up() -> bool:
                     # A claim can land on chain a moment before the provider's ledger records it.

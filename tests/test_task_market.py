@@ -197,7 +197,7 @@ async def test_reject_dispute_and_arbiter_split() -> None:
             assert dispute.state == "dispute_resolved" and dispute.opened_by == _peer(bidder)
             assert (dispute.to_payee, dispute.to_payer) == (to_bidder, to_creator)
             lease = await node.ledger.get_lease(lease_id)
-            assert lease.state == "closed"
+            assert lease.state == "lease_settled"
             assert (lease.settled_amount, lease.refunded_amount) == (to_bidder, to_creator)
             assert node.tasks.view(task_id).receipt_state == "receipt_settled"
             assert await _task_row_closed(node, task_id)
@@ -307,7 +307,7 @@ async def test_adversarial_requests_are_refused() -> None:
         finally:
             creator.escrow_client = funded
         assert _state(creator, task_id) == TaskState.OPEN
-        assert all(lease.state == "ended" for lease in await creator.ledger.list_leases())
+        assert all(lease.state == "lease_ended" for lease in await creator.ledger.list_leases())
 
         view = await creator.tasks.award(task_id, bid.bid_id)
         assert view.state == "task_awarded"

@@ -110,19 +110,12 @@ from protocols.machines.lease_provider import (  # the provider's checks of what
 )
 from protocols.machines.table import Machine, Transition
 from runtime.errors import ClawnodeError, ErrorCode, Reason
+from runtime.ledger.vocabulary import LEASE_MOVES, LeaseState  # the names and moves the ledger stores
 
 PROVIDER = "provider"
 CONSUMER = "consumer"
 SYSTEM = "system"
 LEASE_ROLES = frozenset({PROVIDER, CONSUMER, SYSTEM})
-
-
-class LeaseState(StrEnum):
-    QUOTED = "lease_quoted"
-    ACTIVE = "lease_active"
-    PAUSED = "lease_paused"
-    ENDED = "lease_ended"
-    SETTLED = "lease_settled"
 
 
 class LeaseEvent(StrEnum):
@@ -162,6 +155,12 @@ LEASE_MACHINE: Machine[LeaseState, LeaseEvent] = Machine(
     initial=_Q,
     terminal=[_S],
 )
+# One source of truth with the ledger: the table makes exactly the state moves the ledger checks what it
+# stores against (runtime/ledger/vocabulary.py), adding who may make each and by which event.
+if {(t.source, t.target) for t in LEASE_MACHINE.transitions if t.source != t.target} != {
+    (source, target) for source, targets in LEASE_MOVES.items() for target in targets
+}:
+    raise ValueError("lease: LEASE_MACHINE's moves differ from the ledger's LEASE_MOVES")
 
 # Actions tick() hands to the I/O adapter.
 ISSUE_RECEIPT = "issue_receipt"

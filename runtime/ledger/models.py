@@ -7,10 +7,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.ledger.receipts import LEASE_ID_PATTERN, MAX_AMOUNT, PEER_ID_PATTERN, SignedReceipt
-from runtime.ledger.vocabulary import TaskRole, TaskState
+from runtime.ledger.vocabulary import LeaseState, TaskRole, TaskState
 
 LeaseRole = Literal["provider", "consumer"]
-LeaseState = Literal["open", "ended", "disputed", "closed"]
 SettlementKind = Literal["claim", "release", "refund", "withdraw"]
 SettlementState = Literal["pending", "landed", "failed", "flagged"]
 Amount = int

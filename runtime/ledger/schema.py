@@ -226,6 +226,38 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE tasks;
     ALTER TABLE tasks_v7 RENAME TO tasks;
     """,
+    # 8: one vocabulary with the lease machine (runtime/ledger/vocabulary.py): a lease row's state is one
+    # of the machine's, the subset a ledger row takes: 'open' -> 'lease_active', 'ended' -> 'lease_ended',
+    # 'disputed' -> 'lease_ended' (the machine's freeze: a disputed escrow ends the lease; the dispute is
+    # its own row in disputes), 'closed' -> 'lease_settled'. The table is rebuilt (SQLite cannot change a
+    # CHECK) with its rows and the references to it kept (``migrate`` runs with foreign keys off and checks
+    # them before the commit); the audit chain keeps the words it was written with.
+    """
+    CREATE TABLE leases_v8 (
+        lease_id TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('provider', 'consumer')),
+        provider TEXT NOT NULL,
+        consumer TEXT NOT NULL,
+        price_per_unit TEXT NOT NULL,
+        budget TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('lease_active', 'lease_ended', 'lease_settled')),
+        escrow_contract TEXT,
+        escrow_payer TEXT,
+        escrow_id TEXT,
+        metered_units INTEGER NOT NULL DEFAULT 0,
+        settled_amount TEXT NOT NULL DEFAULT '0',
+        refunded_amount TEXT NOT NULL DEFAULT '0',
+        created_at INTEGER NOT NULL,
+        ended_at INTEGER
+    );
+    INSERT INTO leases_v8 SELECT lease_id, role, provider, consumer, price_per_unit, budget,
+        CASE state WHEN 'open' THEN 'lease_active' WHEN 'ended' THEN 'lease_ended' WHEN 'disputed' THEN 'lease_ended'
+            WHEN 'closed' THEN 'lease_settled' END,
+        escrow_contract, escrow_payer, escrow_id, metered_units, settled_amount, refunded_amount, created_at, ended_at
+        FROM leases;
+    DROP TABLE leases;
+    ALTER TABLE leases_v8 RENAME TO leases;
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)
@@ -240,16 +272,27 @@ def migrate(conn: sqlite3.Connection) -> int:
             "schema_too_new",
             f"the ledger has schema version {found}; this clawnode knows up to {LATEST_VERSION}",
         )
-    for version in range(found + 1, LATEST_VERSION + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _statements(MIGRATIONS[version - 1]):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {version}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    # A migration may rebuild a table others reference (SQLite cannot change a CHECK): foreign keys are off
+    # while it runs (the pragma is a no-op inside a transaction) and checked before its commit.
+    foreign_keys = int(conn.execute("PRAGMA foreign_keys").fetchone()[0])
+    conn.execute("PRAGMA foreign_keys = OFF")
+    try:
+        for version in range(found + 1, LATEST_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(MIGRATIONS[version - 1]):
+                    conn.execute(statement)
+                if conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                    raise LedgerError(
+                        ErrorCode.INTERNAL, "migration_broke_references", f"migration {version} broke a reference"
+                    )
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.execute(f"PRAGMA foreign_keys = {foreign_keys}")
     return found
 
 

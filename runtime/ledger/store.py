@@ -45,7 +45,7 @@ from runtime.ledger.models import (
 )
 from runtime.ledger.receipts import ReceiptBody, SignedReceipt
 from runtime.ledger.schema import migrate
-from runtime.ledger.vocabulary import check_task_move
+from runtime.ledger.vocabulary import LeaseState, check_lease_move, check_task_move
 
 Clock = Callable[[], int]
 
@@ -204,7 +204,7 @@ class LedgerStore:
                 conn.execute(
                     "INSERT INTO leases (lease_id, role, provider, consumer, price_per_unit, budget, state,"
                     " escrow_contract, escrow_payer, escrow_id, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?, ?, 'lease_active', ?, ?, ?, ?)",
                     (
                         lease.lease_id,
                         lease.role,
@@ -234,16 +234,30 @@ class LedgerStore:
 
             def action() -> str:
                 lease = self._lease(conn, lease_id)
-                if lease.state != "open":
+                if lease.state != LeaseState.ACTIVE:
                     raise errors.conflict("lease_not_open", "only an open lease can end")
-                conn.execute(
-                    "UPDATE leases SET state = 'ended', ended_at = ? WHERE lease_id = ?", (self._clock(), lease_id)
-                )
+                self._move_lease(conn, lease, LeaseState.ENDED, ended_at=self._clock())
                 self._audit(conn, "lease.ended", lease_id, {"metered_units": lease.metered_units})
                 return lease_id
 
             self._idempotent(conn, idempotency_key, "end_lease", {"lease_id": lease_id}, action)
             return self._lease(conn, lease_id)
+
+    def _move_lease(
+        self, conn: sqlite3.Connection, lease: Lease, to: LeaseState, *, ended_at: int | None = None
+    ) -> None:
+        """Store a lease's new state, each step asserted against the lease machine's moves (one table, in
+        ``runtime/ledger/vocabulary.py``); an active lease reaches settled through ended, as the machine
+        goes. ``ended_at`` is kept when the lease already has one."""
+        steps = [LeaseState.ENDED, to] if lease.state == LeaseState.ACTIVE and to == LeaseState.SETTLED else [to]
+        current = lease.state
+        for step in steps:
+            check_lease_move(current, step)
+            current = step
+        conn.execute(
+            "UPDATE leases SET state = ?, ended_at = COALESCE(ended_at, ?) WHERE lease_id = ?",
+            (to.value, ended_at, lease.lease_id),
+        )
 
     def update_grant(self, lease_id: str, grant: str) -> None:
         """Replace a served lease's stored terms (a renewal moved its expiry)."""
@@ -261,7 +275,7 @@ class LedgerStore:
         with self._lock:
             rows = self._conn.execute(
                 f"SELECT {_LEASE_COLUMNS}, (SELECT grant_json FROM lease_grants g WHERE g.lease_id = leases.lease_id)"
-                " FROM leases WHERE state = 'open' ORDER BY created_at, lease_id"
+                " FROM leases WHERE state = 'lease_active' ORDER BY created_at, lease_id"
             ).fetchall()
         return [(_lease_from_row(row[:-1]), row[-1]) for row in rows]
 
@@ -308,7 +322,7 @@ class LedgerStore:
                 lease = self._lease(conn, lease_id)
                 if lease.role != "provider" or writer != lease.provider:
                     raise errors.forbidden("usage_not_provider", "only the lease's provider can record usage")
-                if lease.state != "open":
+                if lease.state != LeaseState.ACTIVE:
                     raise errors.conflict("lease_not_open", "usage can only be recorded on an open lease")
                 return self._add_usage(conn, lease, units).model_dump()
 
@@ -349,7 +363,7 @@ class LedgerStore:
             lease = self._lease(conn, lease_id)
             if lease.role != "provider":
                 raise errors.forbidden("usage_not_provider", "only the lease's provider meters calls")
-            if lease.state != "open":
+            if lease.state != LeaseState.ACTIVE:
                 raise errors.conflict("lease_not_open", "calls can only be served on an open lease")
             if conn.execute(
                 "SELECT 1 FROM pending_calls WHERE lease_id = ? AND call_id = ?", (lease_id, call_id)
@@ -375,7 +389,7 @@ class LedgerStore:
                 raise errors.invariant("settled_over_reserved", "a call is settled for at most what it reserved")
             conn.execute("DELETE FROM pending_calls WHERE lease_id = ? AND call_id = ?", (lease_id, call_id))
             lease = self._lease(conn, lease_id)
-            if units == 0 or lease.state != "open":
+            if units == 0 or lease.state != LeaseState.ACTIVE:
                 return 0
             self._add_usage(conn, lease, units)
             return units
@@ -697,10 +711,9 @@ class LedgerStore:
                 if released_total is not None:
                     moved = self._book_released(conn, lease, released_total, settlement_id, now)
                 if current.kind == "refund":
+                    self._move_lease(conn, lease, LeaseState.SETTLED, ended_at=now)
                     conn.execute(
-                        "UPDATE leases SET state = 'closed', refunded_amount = ?, ended_at = COALESCE(ended_at, ?)"
-                        " WHERE lease_id = ?",
-                        (str(refunded or 0), now, lease.lease_id),
+                        "UPDATE leases SET refunded_amount = ? WHERE lease_id = ?", (str(refunded or 0), lease.lease_id)
                     )
             self._audit(
                 conn,
@@ -807,7 +820,10 @@ class LedgerStore:
                 lease = self._lease(conn, lease_id)
                 if opened_by not in (lease.provider, lease.consumer):
                     raise errors.forbidden("not_a_party", "only the lease's parties can dispute it")
-                if lease.state not in ("open", "ended"):
+                if (
+                    lease.state not in (LeaseState.ACTIVE, LeaseState.ENDED)
+                    or conn.execute("SELECT 1 FROM disputes WHERE lease_id = ?", (lease_id,)).fetchone()
+                ):  # one dispute per lease: a disputed lease is ended and has its dispute row
                     raise errors.conflict("lease_not_disputable", "the lease cannot be disputed in its state")
                 dispute_id = f"{lease_id}/dispute"
                 conn.execute(
@@ -815,7 +831,7 @@ class LedgerStore:
                     " VALUES (?, ?, ?, ?, 'dispute_open', ?)",
                     (dispute_id, lease_id, opened_by, reason[:500], self._clock()),
                 )
-                conn.execute("UPDATE leases SET state = 'disputed' WHERE lease_id = ?", (lease_id,))
+                self._move_lease(conn, lease, LeaseState.ENDED)  # the machine's freeze
                 self._audit(conn, "dispute.opened", dispute_id, {"lease_id": lease_id, "opened_by": opened_by})
                 return dispute_id
 
@@ -830,13 +846,14 @@ class LedgerStore:
                 dispute = self._dispute(conn, dispute_id)
                 if dispute.state != "dispute_open":
                     raise errors.conflict("dispute_not_open", "the dispute is not open")
-                _check_resolution(self._lease(conn, dispute.lease_id), to_payee, to_payer)
+                lease = self._lease(conn, dispute.lease_id)
+                _check_resolution(lease, to_payee, to_payer)
                 conn.execute(
                     "UPDATE disputes SET state = 'dispute_resolved', to_payee = ?, to_payer = ?, resolved_at = ?"
                     " WHERE dispute_id = ?",
                     (str(to_payee), str(to_payer), self._clock(), dispute_id),
                 )
-                conn.execute("UPDATE leases SET state = 'closed' WHERE lease_id = ?", (dispute.lease_id,))
+                self._move_lease(conn, lease, LeaseState.SETTLED)
                 self._audit(conn, "dispute.resolved", dispute_id, {"to_payee": to_payee, "to_payer": to_payer})
                 return dispute_id
 
@@ -1097,7 +1114,7 @@ class LedgerStore:
                         escrow_id=escrow_id,
                         contract=contract,
                         lease_id=lease_id,
-                        lease_open=lease_state == "open",
+                        lease_open=lease_state == LeaseState.ACTIVE,
                     )
                 )
             rows = conn.execute(
@@ -1126,7 +1143,7 @@ class LedgerStore:
                         escrow_id=escrow_id,
                         contract=contract,
                         lease_id=lease_id,
-                        lease_open=lease_state == "open",
+                        lease_open=lease_state == LeaseState.ACTIVE,
                         last_error=last_error,
                         lock_landed=None if lock is None else lock in ("landed", "refunding", "flagged"),
                         booked=int(settled or 0),

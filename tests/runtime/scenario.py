@@ -149,7 +149,7 @@ async def run_lease_end_to_end(chain: Chain, tmp_path: Path) -> None:
     [day] = await m.provider.ledger.totals_by_day()
     assert day.income == owed
     lease = await m.consumer.ledger.get_lease(LEASE)
-    assert (lease.state, lease.settled_amount, lease.refunded_amount) == ("closed", owed, BUDGET - owed)
+    assert (lease.state, lease.settled_amount, lease.refunded_amount) == ("lease_settled", owed, BUDGET - owed)
     assert all(r.settled for r in await m.provider.ledger.list_receipts(LEASE))
     for side in (m.provider, m.consumer):
         assert (await side.ledger.verify_audit()).ok

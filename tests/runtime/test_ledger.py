@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from runtime.errors import ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger, LedgerError, LedgerStore
 from runtime.ledger.schema import LATEST_VERSION, MIGRATIONS, _statements
-from runtime.ledger.vocabulary import BIDDER, TaskState
+from runtime.ledger.vocabulary import BIDDER, LeaseState, TaskState
 from tests.runtime.support import peer_id, peer_key
 
 PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
@@ -219,10 +219,88 @@ async def test_disputes_are_recorded_once_and_only_by_parties(tmp_path: Path) ->
     assert (
         await ledger.open_dispute("lease-1", opened_by=peer_id(CONSUMER), reason="bad output", idempotency_key="d1")
     ) == dispute
-    assert (await ledger.get_lease("lease-1")).state == "disputed"
+    assert (await ledger.get_lease("lease-1")).state == "lease_ended"
     resolved = await ledger.resolve_dispute(dispute.dispute_id, to_payee=10, to_payer=10**6 - 10, idempotency_key="r1")
     assert (resolved.state, resolved.to_payee, resolved.to_payer) == ("dispute_resolved", 10, 10**6 - 10)
     assert len(await ledger.list_disputes()) == 1
+
+
+async def test_a_disputed_lease_is_ended_and_cannot_be_disputed_again(tmp_path: Path) -> None:
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    await ledger.open_lease(_lease(), idempotency_key="open")
+    await ledger.open_dispute("lease-1", opened_by=peer_id(CONSUMER), reason="bad output", idempotency_key="d1")
+    for write in (
+        lambda: ledger.open_dispute("lease-1", opened_by=peer_id(PROVIDER), reason="no", idempotency_key="d2"),
+        lambda: ledger.end_lease("lease-1", idempotency_key="end"),
+        lambda: ledger.record_usage("lease-1", writer=peer_id(PROVIDER), units=1, idempotency_key="u1"),
+    ):
+        with pytest.raises(LedgerError) as caught:
+            await write()
+        assert caught.value.code == ErrorCode.CONFLICT
+    assert (await ledger.get_lease("lease-1")).state == "lease_ended"
+    await ledger.aclose()
+
+
+def test_a_lease_move_not_in_the_machine_table_is_refused_at_write_time(store: LedgerStore) -> None:
+    """The pair assertion: whatever asks, the store writes a lease state only along the lease machine's moves
+    (runtime/ledger/vocabulary.py), and only states a ledger row takes."""
+    store.open_lease(_lease(), idempotency_key="open")
+    store.end_lease("lease-1", idempotency_key="end")
+    for to in (LeaseState.ACTIVE, LeaseState.PAUSED, LeaseState.QUOTED):
+        with pytest.raises(LedgerError) as caught, store._tx() as conn:
+            store._move_lease(conn, store.get_lease("lease-1"), to)
+        assert (caught.value.code, caught.value.reason) == (ErrorCode.INTERNAL, "invariant_lease_transition")
+        assert store.get_lease("lease-1").state == "lease_ended"
+
+
+async def test_a_v7_ledger_with_leases_migrates_to_the_machine_words(tmp_path: Path) -> None:
+    """A ledger written before schema v8 stored open/ended/disputed/closed: each lease reads back in the lease
+    machine's words, the rows that reference it intact and still checked, an open one still metered."""
+    path = tmp_path / "ledger.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in MIGRATIONS[:7]:
+        for statement in _statements(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 7")
+    provider, consumer = peer_id(PROVIDER), peer_id(CONSUMER)
+    for lease_id, state in (("l-open", "open"), ("l-ended", "ended"), ("l-disp", "disputed"), ("l-closed", "closed")):
+        conn.execute(
+            "INSERT INTO leases (lease_id, role, provider, consumer, price_per_unit, budget, state, metered_units,"
+            " created_at) VALUES (?, 'provider', ?, ?, '3', '1000', ?, 2, 1)",
+            (lease_id, provider, consumer, state),
+        )
+        conn.execute(
+            "INSERT INTO usage (lease_id, units, cumulative_units, recorded_at) VALUES (?, 2, 2, 1)", (lease_id,)
+        )
+    conn.execute(
+        "INSERT INTO disputes (dispute_id, lease_id, opened_by, reason, state, created_at)"
+        " VALUES ('l-disp/dispute', 'l-disp', ?, 'bad', 'dispute_open', 1)",
+        (consumer,),
+    )
+    conn.close()
+    ledger = await Ledger.open(path)
+    states = {lease.lease_id: lease.state for lease in await ledger.list_leases()}
+    assert states == {
+        "l-open": "lease_active",
+        "l-ended": "lease_ended",
+        "l-disp": "lease_ended",
+        "l-closed": "lease_settled",
+    }
+    assert [lease.lease_id for lease, _ in ledger.store.open_leases()] == ["l-open"]
+    recorded = await ledger.record_usage("l-open", writer=provider, units=3, idempotency_key="u")
+    assert recorded.cumulative_units == 5
+    resolved = await ledger.resolve_dispute("l-disp/dispute", to_payee=6, to_payer=994, idempotency_key="r")
+    assert resolved.state == "dispute_resolved" and (await ledger.get_lease("l-disp")).state == "lease_settled"
+    await ledger.aclose()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 5
+    assert check.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
+    check.execute("PRAGMA foreign_keys = ON")
+    assert check.execute("PRAGMA foreign_key_check").fetchall() == []
+    with pytest.raises(sqlite3.IntegrityError):  # the references still point at the rebuilt table
+        check.execute("INSERT INTO usage (lease_id, units, cumulative_units, recorded_at) VALUES ('nope', 1, 1, 1)")
+    with pytest.raises(sqlite3.IntegrityError):  # the old words are refused
+        check.execute("UPDATE leases SET state = 'open' WHERE lease_id = 'l-open'")
 
 
 # -- money invariants, refused at write time with nothing stored --

@@ -247,7 +247,10 @@ async def _play_on_nodes(scenario: Scenario, heard: deque[str]) -> None:
         if disputed:
 
             async def provider_stopped() -> bool:
-                return served.ended_reason is not None and (await provider.ledger.get_lease(lease_id)).state != "open"
+                return (
+                    served.ended_reason is not None
+                    and (await provider.ledger.get_lease(lease_id)).state != "lease_active"
+                )
 
             await _until(provider_stopped, "the provider ends the frozen lease", seen)
             state = await payer.chain.run(payer.get, payer.account.address, escrow_id)
@@ -263,7 +266,7 @@ async def _play_on_nodes(scenario: Scenario, heard: deque[str]) -> None:
             await consumer.market.revoke(lease_id)
 
             async def provider_ended() -> bool:
-                return (await provider.ledger.get_lease(lease_id)).state != "open"
+                return (await provider.ledger.get_lease(lease_id)).state != "lease_active"
 
             await _until(provider_ended, "the provider's end of the lease", seen)
         await _until(lambda: _settlements_final(provider), "the provider's claims", seen)
