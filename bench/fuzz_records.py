@@ -10,7 +10,7 @@ Each input is one of:
    patterns RE2 refuses or that backtrack in Python, combinators nested and doubled, big sizes)
    and a random example, through the DHT validator (``CapabilityRecordValidator.validate``);
 2. a valid record with a few bytes changed, through the same validator;
-3. a random reply frame, through ``protocols.capability.parse_record_reply`` (the asking side);
+3. a random reply frame, through ``dht.capability.parse_record_reply`` (the asking side);
 4. a random request frame, through ``capability_handler`` (the answering side) over an in-memory
    stream.
 
@@ -41,6 +41,7 @@ from libp2p import generate_new_ed25519_identity
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
+from dht.capability import capability_handler, parse_record_reply
 from dht.offers import Offer
 from dht.record_validator import CapabilityRecordValidator, RejectionCounter, record_key
 from dht.records import (
@@ -54,10 +55,9 @@ from dht.records import (
     bind_wallet,
     seal_record,
 )
-from protocols.capability import capability_handler, parse_record_reply
-from protocols.signed import seal
-from protocols.wire import encode_uvarint
 from runtime.errors import ClawnodeError, ErrorCode
+from wire.framing import encode_uvarint
+from wire.signed import seal
 
 PATTERNS = ["^(a+)+$", "(a|aa)*b", "(x+x+)+y", "(a)\\1", "(?=a)", "[", "^[a-z0-9_-]{1,32}$", "\\d+", ".*" * 40]
 TYPES = ["string", "integer", "number", "object", "array", "boolean", "null"]

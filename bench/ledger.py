@@ -30,7 +30,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 
 from runtime.escrow import GAS_LIMITS, Chain, EscrowClient
 from runtime.ledger import LeaseOpen, Ledger
-from runtime.ledger.receipts import peer_id_of
+from wire.peer_keys import ed25519_public_key, peer_id_of, receipt_key
 
 
 def plain_inserts_per_s(directory: Path, count: int) -> float:
@@ -51,8 +51,8 @@ def plain_inserts_per_s(directory: Path, count: int) -> float:
 async def receipts_per_s(directory: Path, count: int) -> float:
     provider_key, consumer_key = create_new_key_pair(b"p" * 32), create_new_key_pair(b"c" * 32)
     provider_id, consumer_id = peer_id_of(provider_key.private_key), peer_id_of(consumer_key.private_key)
-    provider = await Ledger.open(directory / "provider.db")
-    consumer = await Ledger.open(directory / "consumer.db")
+    provider = await Ledger.open(directory / "provider.db", peer_keys=ed25519_public_key)
+    consumer = await Ledger.open(directory / "consumer.db", peer_keys=ed25519_public_key)
     for ledger, role in ((provider, "provider"), (consumer, "consumer")):
         lease = LeaseOpen(
             lease_id="bench",
@@ -66,8 +66,8 @@ async def receipts_per_s(directory: Path, count: int) -> float:
     start = time.perf_counter()
     for i in range(count):
         await provider.record_usage("bench", writer=provider_id, units=50, idempotency_key=f"u{i}")
-        receipt = await provider.issue_receipt("bench", provider_key.private_key)
-        signed = await consumer.countersign_receipt(receipt, consumer_key.private_key)
+        receipt = await provider.issue_receipt("bench", receipt_key(provider_key.private_key))
+        signed = await consumer.countersign_receipt(receipt, receipt_key(consumer_key.private_key))
         await provider.record_countersigned(signed)
     elapsed = time.perf_counter() - start
     assert (await provider.countersigned_amount("bench")) == count * 50 * 10**9

@@ -17,6 +17,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import PrivateKey
 from pydantic import ValidationError
 
+from dht.capability import CAPABILITY_PROTOCOL, capability_handler
 from dht.offers import Offer, capability_key
 from dht.record_validator import record_key
 from dht.records import (
@@ -31,7 +32,6 @@ from dht.records import (
 from dht.schema_safety import SchemaBudgetExceeded
 from dht.service import DhtService
 from nat.addresses import record_addrs
-from protocols.capability import CAPABILITY_PROTOCOL, capability_handler
 from runtime.errors import ClawnodeError, ErrorCode
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from dht.records import (
     verify_record,
 )
 from dht.seq_book import SeqBook
-from protocols.signed import SignatureError, open_sealed
+from wire.signed import SignatureError, open_sealed
 
 RECORD_NAMESPACE = "clawnode"
 

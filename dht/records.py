@@ -21,7 +21,7 @@ from libp2p.crypto.keys import PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dht.schema_safety import SchemaBudgetExceeded, instance_problems, schema_problem, validation_budget
-from protocols.signed import SignatureError, canonical_json, open_sealed, seal
+from wire.signed import SignatureError, canonical_json, open_sealed, seal
 
 RECORD_DOMAIN = "clawnode-capability-record"
 RECORD_PAYLOAD_TYPE = b"/clawnode/capability-record/1"

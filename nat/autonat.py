@@ -7,7 +7,7 @@ handshake proves the requester answered there, and the requester's connection ta
 the test, because that identity never had a connection to it. The client also checks that the
 dial-back identity the server names did connect to it, so a lying server cannot make it public.
 
-One request frame, one reply frame (``protocols.rpc``):
+One request frame, one reply frame (``wire.rpc``):
 
 - ``{"type": "dial_back", "addrs": ["/ip4/81.2.69.5/tcp/4021", ...], "ports": [4021]}`` — own TCP
   addresses (public-looking ones only, unless ``allow_private``) and listen ports to be dialed at
@@ -50,8 +50,8 @@ from nat.addresses import Reachability, is_public_ip, sources_for
 from nat.addresses import candidate_addrs as candidate_addrs_of
 from nat.notifee import QuietNotifee
 from nat.reachability import ReachabilityState, ServerResult
-from protocols.rpc import request, serve_requests
 from runtime.errors import ClawnodeError, ErrorCode
+from wire.rpc import request, serve_requests
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus

@@ -90,6 +90,7 @@ from runtime.inference.models import ModelHost
 from runtime.ledger import Ledger
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
+from wire.peer_keys import ed25519_public_key
 
 if TYPE_CHECKING:
     # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
@@ -245,7 +246,7 @@ class Node:
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         use_kad_protocol_id(self.config.dht.protocol_id)
         key_pair, token, wallet_key = await trio.to_thread.run_sync(self._load_secrets)
-        self._ledger = await Ledger.open(self.data_dir / LEDGER_FILE)
+        self._ledger = await Ledger.open(self.data_dir / LEDGER_FILE, peer_keys=ed25519_public_key)
         try:
             try:
                 await self._load_models()

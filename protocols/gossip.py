@@ -11,7 +11,7 @@ outbound queue per peer, a 32-message subscription channel, a 120 s heartbeat).
 :class:`GossipSettings` sets every knob deliberately; the ones py-libp2p does
 not expose are applied in :func:`build_pubsub` (see its comments).
 
-Every message is a libp2p signed envelope (``protocols/signed.py``). A topic
+Every message is a libp2p signed envelope (``wire/signed.py``). A topic
 validator rejects, before relaying, anything that does not verify, is not a task
 announcement for that topic's capability, is larger than 16 KiB, or whose
 ``creator`` is not the key that signed it. Rejected messages are never relayed,
@@ -41,8 +41,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dht.records import CAPABILITY_NAME
-from protocols.signed import SignatureError, open_sealed, seal, signer_peer_id
 from runtime.errors import ClawnodeError, ErrorCode
+from wire.signed import SignatureError, open_sealed, seal, signer_peer_id
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus

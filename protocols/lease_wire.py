@@ -1,7 +1,7 @@
 """The messages of ``/clawnode/lease/1.0.0`` and ``/clawnode/infer/1.0.0``.
 
 Signed objects (a provider's quote and grant, a consumer's lease open) travel as libp2p signed
-envelopes (``protocols.signed``), base64 in a JSON frame, each kind under its own domain so a
+envelopes (``wire.signed``), base64 in a JSON frame, each kind under its own domain so a
 signature on one can never be replayed as another. Everything else rides on the Noise-secured
 stream, whose remote peer id already says who is speaking.
 

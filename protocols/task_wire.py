@@ -2,7 +2,7 @@
 
 Like the lease protocol (``protocols.lease_wire``), every exchange is one request frame and one
 reply frame. What a party may later have to prove to an arbiter travels as a libp2p signed
-envelope (``protocols.signed``, base64 in the JSON frame), each kind under its own domain:
+envelope (``wire.signed``, base64 in the JSON frame), each kind under its own domain:
 
 * :class:`AwardNotice` — signed by the creator: who won, at what price, paid to which wallet, and
   the escrow lock that holds the price (the bidder checks that lock on chain before accepting).

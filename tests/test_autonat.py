@@ -31,9 +31,9 @@ from nat.reachability import ReachabilityState, ServerResult
 from node.config import ApiSection, BootstrapSection, Config, EscrowSection, NatSection, NodeSection
 from node.daemon import Node
 from node.host import build_dialer_host, build_host
-from protocols.rpc import request
-from protocols.wire import encode_uvarint
 from runtime.errors import ClawnodeError, ErrorCode
+from wire.framing import encode_uvarint
+from wire.rpc import request
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 # Loopback: every server has the same IP, so distinct peer ids count; private addresses allowed.

@@ -24,10 +24,10 @@ import trio
 from node.datadir import load_or_create_identity, read_api_token, read_running
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger
-from runtime.ledger.receipts import peer_id_of
 from tests.runtime.support import free_port
 from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, run_cli
 from tests.test_ledger_daemon import PRICE, _write_money
+from wire.peer_keys import peer_id_of
 
 try:
     from playwright.sync_api import Page, Response, sync_playwright

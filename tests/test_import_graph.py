@@ -56,6 +56,35 @@ def test_the_check_finds_hidden_cycles_and_wrong_directions(tmp_path: Path) -> N
     assert len(found) == 7, found
 
 
+def test_the_peer_to_peer_folders_stack_one_way(tmp_path: Path) -> None:
+    """protocols > dht > nat > wire: an import upward is refused even where it closes no cycle."""
+    _write(
+        tmp_path,
+        {
+            "protocols/__init__.py": "",
+            "protocols/lease.py": "from dht.records import Record\nfrom wire.rpc import request\n",
+            "protocols/gossip.py": "",
+            "dht/__init__.py": "",
+            "dht/records.py": "from protocols.gossip import topic\nfrom wire.signed import seal\n",
+            "nat/__init__.py": "",
+            "nat/autonat.py": "from dht.records import Record\nfrom wire.rpc import request\n",
+            "nat/addresses.py": "",
+            "wire/__init__.py": "",
+            "wire/rpc.py": "from nat.addresses import ranked\nfrom runtime.errors import ErrorCode\n",
+            "wire/signed.py": "",
+            "runtime/__init__.py": "",
+            "runtime/errors.py": "from wire import signed\n",
+        },
+    )
+    found = import_graph.violations(import_graph.build(tmp_path))
+    assert sorted(line for line in found if line.startswith("forbidden")) == [
+        "forbidden: dht.records imports protocols.gossip  [dht must not import protocols]",
+        "forbidden: nat.autonat imports dht.records  [nat must not import dht]",
+        "forbidden: runtime.errors imports wire.signed  [runtime must not import wire]",
+        "forbidden: wire.rpc imports nat.addresses  [wire must not import nat]",
+    ]
+
+
 def test_the_command_exits_1_and_lists_what_is_wrong(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,11 +18,11 @@ from node.daemon import Node
 from protocols import lease as lease_module
 from protocols import lease_wire as w
 from protocols.lease import handler as lease_handler
-from protocols.rpc import request
-from protocols.signed import seal
-from protocols.wire import encode_uvarint
 from runtime.errors import ClawnodeError, ErrorCode
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
+from wire.framing import encode_uvarint
+from wire.rpc import request
+from wire.signed import seal
 
 FAST = MarketSection(  # type: ignore[call-arg]
     receipt_every_units=5, receipt_every_s=1, countersign_timeout_s=2, abandon_after_s=4
@@ -238,7 +238,7 @@ async def test_a_receipt_pushed_twice_is_countersigned_once() -> None:
         view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=60)
         TOKENS.append(consumer.market.held[view.lease_id].token)
         await consumer.market.call(view.lease_id, {"prompt": "one two three"})
-        receipt = await provider.ledger.issue_receipt(view.lease_id, provider.market.key)
+        receipt = await provider.ledger.issue_receipt(view.lease_id, provider.market.receipt_key)
         push = w.ReceiptPush(receipt=receipt)
         consumer_id = ID.from_base58(_peer(consumer))
         replies = [

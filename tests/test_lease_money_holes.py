@@ -23,11 +23,11 @@ from protocols import lease as lease_module
 from protocols import lease_wire as w
 from protocols.lease import consumer as lease_consumer
 from protocols.machines.lease import ABORTED_CALL_TOLERANCE_UNITS, END_FRAME_INFLATED, LEASE_ID_NOT_BOUND
-from protocols.rpc import request
-from protocols.signed import open_base64, seal
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import Emit, Usage
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, WordService, market_nodes, wait_for
+from wire.rpc import request
+from wire.signed import open_base64, seal
 
 FAST = MarketSection(  # type: ignore[call-arg]
     receipt_every_units=5, receipt_every_s=1, countersign_timeout_s=2, abandon_after_s=30, claim_every_s=1

@@ -14,8 +14,9 @@ from pathlib import Path
 import trio
 
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger
-from tests.runtime.support import peer_id, peer_key
+from tests.runtime.support import peer_id, peer_key, receipt_key_of
 from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, run_cli
+from wire.peer_keys import ed25519_public_key
 
 PROVIDER, CONSUMER, SELLER = peer_key("ledger-provider"), peer_key("ledger-consumer"), peer_key("ledger-seller")
 PRICE = 10**9
@@ -49,8 +50,8 @@ def _assert_no_secrets(text: str, data_dir: Path) -> None:
 
 async def _write_money(data_dir: Path, scratch: Path) -> None:
     """Provider lease: 3 countersigned receipts, 2 of them settled; consumer lease: one release landed."""
-    ours = await Ledger.open(data_dir / "ledger.db")
-    theirs = await Ledger.open(scratch / "consumer.db")
+    ours = await Ledger.open(data_dir / "ledger.db", peer_keys=ed25519_public_key)
+    theirs = await Ledger.open(scratch / "consumer.db", peer_keys=ed25519_public_key)
     try:
         sold = LeaseOpen(
             lease_id="lease-sold",
@@ -65,8 +66,8 @@ async def _write_money(data_dir: Path, scratch: Path) -> None:
         await theirs.open_lease(sold.model_copy(update={"role": "consumer"}), idempotency_key="open-sold")
         for i, units in enumerate((100, 250, 50)):
             await ours.record_usage("lease-sold", writer=peer_id(PROVIDER), units=units, idempotency_key=f"u{i}")
-            receipt = await ours.issue_receipt("lease-sold", PROVIDER.private_key)
-            signed = await theirs.countersign_receipt(receipt, CONSUMER.private_key, voucher="0x" + "cd" * 65)
+            receipt = await ours.issue_receipt("lease-sold", receipt_key_of(PROVIDER))
+            signed = await theirs.countersign_receipt(receipt, receipt_key_of(CONSUMER), voucher="0x" + "cd" * 65)
             await ours.record_countersigned(signed)
             if i == 1:
                 claim = await ours.enqueue_claim("lease-sold")

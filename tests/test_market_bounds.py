@@ -32,10 +32,10 @@ from protocols.machines.lease import (
     quotes_to_forget,
 )
 from protocols.machines.task import TASK_FINISHED_KEEP, TASK_HISTORY, TaskBook
-from protocols.signed import open_base64, seal, to_base64
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import ServiceRegistry
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, WordService
+from wire.signed import open_base64, seal, to_base64
 
 CAPABILITY = WORDS
 LEASES = 10_000

@@ -18,8 +18,8 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
+from dht.capability import fetch_sealed_record
 from node.daemon import Node
-from protocols.capability import fetch_sealed_record
 from runtime.errors import ClawnodeError, ErrorCode
 from tests.support.market import market_nodes, wait_for
 from tests.support.processes import DaemonProcess, prepare_data_dir

@@ -29,6 +29,7 @@ from libp2p.records.record import make_signed_put_record
 from pydantic import ValidationError
 
 from bench.fuzz_records import MemoryStream, random_schema, run_record_fuzz
+from dht.capability import capability_handler, parse_record_reply
 from dht.discovery import DiscoveryQuery
 from dht.offers import Offer
 from dht.record_validator import CapabilityRecordValidator, RejectionCounter, record_key
@@ -44,7 +45,6 @@ from dht.records import (
 from dht.schema_safety import schema_problem
 from dht.seq_book import SeqBook
 from node.datadir import read_api_token, read_running
-from protocols.capability import capability_handler, parse_record_reply
 from protocols.lease_wire import Quote
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.receipts import MAX_AMOUNT

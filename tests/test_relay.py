@@ -12,13 +12,13 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
+from dht.capability import fetch_sealed_record
 from dht.offers import Offer
 from dht.records import verify_record
 from nat.relay import RelayRefused, RelayService, RelaySettings, is_circuit, reserve
 from node.config import ApiSection, BootstrapSection, Config, EscrowSection, NodeSection, RelaySection
 from node.daemon import Node
 from node.host import build_host
-from protocols.capability import fetch_sealed_record
 from tests.support.market import metric_samples
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]

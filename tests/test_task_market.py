@@ -18,11 +18,11 @@ from node.daemon import Node
 from protocols import task_wire as w
 from protocols.gossip import task_topic
 from protocols.machines.task import TaskState
-from protocols.rpc import request
-from protocols.signed import seal, to_base64
 from protocols.task import TASK_PROTOCOL
 from runtime.errors import ClawnodeError, ErrorCode
 from tests.support.market import SharedChain, market_nodes, wait_for
+from wire.rpc import request
+from wire.signed import seal, to_base64
 
 CAPABILITY = "model:words"
 ETH = 10**18

@@ -36,7 +36,7 @@ open (wallet bound to the peer id) -> keep the token in memory only -> count eac
 within what arrived -> countersign a receipt only for units counted -> when the lease ends, the rest
 of the lock is refunded through the settlement queue.
 
-Every exchange is one stream with one request and one reply (``protocols.rpc``), so each side dials
+Every exchange is one stream with one request and one reply (``wire.rpc``), so each side dials
 the other when it has something to say: on the connection that already exists, which is what keeps a
 node behind a NAT reachable by its provider.
 """

@@ -33,11 +33,12 @@ from protocols.machines.history import finished_to_evict
 from protocols.machines.lease import FINISHED_KEEP, FINISHED_KEEP_S, USED_QUOTES_MAX, LeaseSession, quotes_to_forget
 from protocols.machines.lease_consumer import CONSUMER, ConsumerEvent, ConsumerLease
 from protocols.settings import MarketSection
-from protocols.wire import FrameReader
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.ledger import EscrowRef, Ledger
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
+from wire.framing import FrameReader
+from wire.peer_keys import receipt_key
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient
@@ -164,6 +165,7 @@ class LeaseCore:
     ) -> None:
         self.host = host
         self.key = key
+        self.receipt_key = receipt_key(key)  # the same key, as the ledger signs receipts with it
         self.peer_id = str(host.get_id())
         self.ledger = ledger
         self.settings = settings

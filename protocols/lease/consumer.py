@@ -47,12 +47,12 @@ from protocols.lease.base import (
 from protocols.machines import lease_consumer as c
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
 from protocols.machines.verdict import Refusal, enforce
-from protocols.rpc import parse_reply, request
-from protocols.signed import open_base64, seal, to_base64
-from protocols.streams import open_stream
-from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
+from wire.framing import FrameReader, write_frame
+from wire.rpc import parse_reply, request
+from wire.signed import open_base64, seal, to_base64
+from wire.streams import open_stream
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient
@@ -372,7 +372,7 @@ class ConsumerRole(LeaseCore):
         enforce(c.countersign_verdict(facts()))
         voucher = await self._voucher(held, receipt.body.amount)
         try:
-            signed: SignedReceipt = await self.ledger.countersign_receipt(receipt, self.key, voucher=voucher)
+            signed: SignedReceipt = await self.ledger.countersign_receipt(receipt, self.receipt_key, voucher=voucher)
         except ClawnodeError as error:
             # The provider asks again for a receipt we already signed (it crashed before storing our
             # signature): the same countersigned receipt, not a second one.

@@ -22,8 +22,8 @@ from protocols.lease.base import (
 )
 from protocols.lease.consumer import ConsumerRole
 from protocols.lease.provider import ProviderRole
-from protocols.rpc import serve_requests
 from runtime.errors import ClawnodeError
+from wire.rpc import serve_requests
 
 
 class LeaseMarket(ProviderRole, ConsumerRole):

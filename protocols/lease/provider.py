@@ -46,10 +46,10 @@ from protocols.machines.lease import (
 )
 from protocols.machines.lease import LeasePolicy as SessionPolicy
 from protocols.machines.verdict import enforce
-from protocols.rpc import request
-from protocols.signed import open_base64, seal, to_base64
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
+from wire.rpc import request
+from wire.signed import open_base64, seal, to_base64
 
 
 class ProviderRole(ServingRole):
@@ -246,7 +246,7 @@ class ProviderRole(ServingRole):
         if served is None:
             return False
         async with served.push_lock:
-            receipt = await self.ledger.issue_receipt(lease_id, self.key)
+            receipt = await self.ledger.issue_receipt(lease_id, self.receipt_key)
             if receipt.countersigned:
                 return True
             if receipt.body.seq > served.session.last_seq:

@@ -31,10 +31,10 @@ from protocols.lease.base import (
     token_digest,
 )
 from protocols.machines.lease import BUDGET_BUSY_MESSAGE, aborted_call_units, chunk_tokens
-from protocols.rpc import error_reply
-from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.service import Usage
+from wire.framing import FrameReader, write_frame
+from wire.rpc import error_reply
 
 
 class ServingRole(LeaseCore):

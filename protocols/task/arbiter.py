@@ -12,8 +12,8 @@ from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, Tas
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import Refusal, enforce
-from protocols.signed import open_base64
 from protocols.task.base import TaskCore, TaskLocal, log
+from wire.signed import open_base64
 
 
 class ArbiterRole(TaskCore):

@@ -27,9 +27,9 @@ from protocols.background import spawn_guarded
 from protocols.gossip import TaskAnnouncement, TaskAnnouncements
 from protocols.machines import task as m
 from protocols.machines.escrow_lock import LockState
-from protocols.rpc import request
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import Evidence, Ledger
+from wire.rpc import request
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient

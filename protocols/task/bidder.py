@@ -15,10 +15,10 @@ from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, Tas
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import enforce
-from protocols.signed import open_base64, seal, to_base64
 from protocols.task.base import TaskCore, TaskLocal, log
 from runtime.errors import ClawnodeError
 from runtime.ledger import EscrowRef, LeaseOpen
+from wire.signed import open_base64, seal, to_base64
 
 
 class BidderRole(TaskCore):

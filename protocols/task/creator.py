@@ -16,10 +16,10 @@ from protocols.lease_wire import EscrowLock
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import enforce
-from protocols.signed import from_base64, open_base64, seal, to_base64
 from protocols.task.base import PUSH_ATTEMPTS, TaskCore, TaskLocal, log, peer_id_valid
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen
+from wire.signed import from_base64, open_base64, seal, to_base64
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient

@@ -11,9 +11,9 @@ from protocols import task_wire as w
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import enforce
-from protocols.signed import from_base64, open_base64, seal, to_base64
 from protocols.task.base import PUSH_ATTEMPTS, TaskCore, log
 from runtime.ledger import Evidence
+from wire.signed import from_base64, open_base64, seal, to_base64
 
 
 class DisputeRole(TaskCore):

@@ -11,13 +11,13 @@ from libp2p.peer.id import ID
 from pydantic import BaseModel, TypeAdapter
 
 from protocols import task_wire as w
-from protocols.rpc import serve_requests
 from protocols.task.arbiter import ArbiterRole
 from protocols.task.base import READ_TIMEOUT_S, TASK_PROTOCOL
 from protocols.task.bidder import BidderRole
 from protocols.task.closeout import CloseOutRole
 from protocols.task.creator import CreatorRole
 from protocols.task.dispute import DisputeRole
+from wire.rpc import serve_requests
 
 _REQUESTS: TypeAdapter[Any] = TypeAdapter(w.TaskRequest)
 

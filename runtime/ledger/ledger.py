@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
-from libp2p.crypto.keys import PrivateKey
 
 from runtime.ledger import errors
 from runtime.ledger.audit import AuditEntry, AuditReport
@@ -39,7 +38,7 @@ from runtime.ledger.models import (
     Totals,
     UsageRecorded,
 )
-from runtime.ledger.receipts import SignedReceipt
+from runtime.ledger.receipts import PeerKeys, ReceiptKey, SignedReceipt
 from runtime.ledger.store import Clock, LedgerStore
 
 T = TypeVar("T")
@@ -84,18 +83,27 @@ class LedgerLockJournal:
 
 
 class Ledger:
-    def __init__(self, store: LedgerStore) -> None:
+    def __init__(self, store: LedgerStore, *, peer_keys: PeerKeys | None = None) -> None:
         self.store = store
+        # Reads the Ed25519 public key a peer id embeds (the layer above hands it in); a ledger opened
+        # without it never verifies a receipt.
+        self._peer_keys = peer_keys
         self._limiter = trio.CapacityLimiter(1)
         self.write_failures = 0  # storage errors (disk full, I/O, corruption) since start
         self.failing_writes = 0  # ... since the last write that committed: the alert's gauge
         self._disk_full_logged_at = float("-inf")
 
     @classmethod
-    async def open(cls, path: Path, *, clock: Clock | None = None) -> Ledger:
-        """Open (create, migrate) the ledger file at ``path``."""
+    async def open(cls, path: Path, *, clock: Clock | None = None, peer_keys: PeerKeys | None = None) -> Ledger:
+        """Open (create, migrate) the ledger file at ``path``; ``peer_keys`` to verify receipts."""
         store = await trio.to_thread.run_sync(functools.partial(LedgerStore.open, path, clock=clock))
-        return cls(store)
+        return cls(store, peer_keys=peer_keys)
+
+    @property
+    def peer_keys(self) -> PeerKeys:
+        if self._peer_keys is None:
+            raise RuntimeError("this ledger was opened without peer_keys: it cannot verify receipts")
+        return self._peer_keys
 
     async def aclose(self) -> None:
         await self._run(self.store.close)
@@ -159,19 +167,19 @@ class Ledger:
     async def pending_calls(self, lease_id: str | None = None) -> list[tuple[str, str, int]]:
         return await self._run(self.store.pending_calls, lease_id)
 
-    async def issue_receipt(self, lease_id: str, key: PrivateKey) -> SignedReceipt:
+    async def issue_receipt(self, lease_id: str, key: ReceiptKey) -> SignedReceipt:
         return await self._run(self.store.issue_receipt, lease_id, key)
 
     async def countersign_receipt(
-        self, receipt: SignedReceipt, key: PrivateKey, *, voucher: str | None = None
+        self, receipt: SignedReceipt, key: ReceiptKey, *, voucher: str | None = None
     ) -> SignedReceipt:
-        return await self._run(self.store.countersign_receipt, receipt, key, voucher=voucher)
+        return await self._run(self.store.countersign_receipt, receipt, key, self.peer_keys, voucher=voucher)
 
     async def book_released(self, lease_id: str, released_total: int) -> int:
         return await self._run(self.store.book_released, lease_id, released_total)
 
     async def record_countersigned(self, receipt: SignedReceipt) -> ReceiptRecord:
-        return await self._run(self.store.record_countersigned, receipt)
+        return await self._run(self.store.record_countersigned, receipt, self.peer_keys)
 
     async def get_receipt(self, lease_id: str, seq: int) -> ReceiptRecord:
         return await self._run(self.store.get_receipt, lease_id, seq)

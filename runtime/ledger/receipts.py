@@ -2,8 +2,11 @@
 
 A receipt is cumulative: ``units`` and ``amount`` are totals for the lease so far, and ``seq``
 grows by one per receipt, so the newest countersigned receipt alone says what is owed and an old
-one can never be cashed twice. Both signatures are Ed25519 by libp2p peer keys; the peer ids in
-the body embed the public keys, so a receipt verifies without any other lookup:
+one can never be cashed twice. Both signatures are Ed25519 (PyNaCl, over raw key bytes) by the
+peers' libp2p keys; the peer ids in the body embed the public keys, so a receipt verifies without
+any other lookup. This module knows no peer-id format: the layer above hands in the signing key as
+a ``ReceiptKey`` (raw seed + its peer id) and reading a peer id's public key as ``PeerKeys``
+(``wire.peer_keys`` builds both from libp2p keys):
 
 - provider: ``PROVIDER_DOMAIN || canonical(body)``
 - consumer: ``CONSUMER_DOMAIN || canonical({"body", "provider_sig", "voucher"})``: the consumer
@@ -14,11 +17,12 @@ the body embed the public keys, so a receipt verifies without any other lookup:
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
-from libp2p.crypto.ed25519 import Ed25519PublicKey
-from libp2p.crypto.keys import PrivateKey
-from libp2p.peer.id import ID
+from nacl.exceptions import CryptoError
+from nacl.signing import SigningKey, VerifyKey
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.ledger import errors
@@ -30,6 +34,27 @@ CONSUMER_DOMAIN = b"clawnode/usage-receipt/consumer/v1\x00"
 MAX_AMOUNT = 2**256 - 1
 LEASE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{32,128}$"
+ED25519_KEY_BYTES = 32
+
+PeerKeys = Callable[[str], bytes | None]
+"""A peer id -> the raw 32-byte Ed25519 public key it embeds, or None when it embeds none."""
+
+
+@dataclass(frozen=True)
+class ReceiptKey:
+    """The node's receipt-signing key: the raw 32-byte Ed25519 seed of its peer key and its peer id."""
+
+    seed: bytes = field(repr=False)
+    peer_id: str
+    _signing: SigningKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.seed) != ED25519_KEY_BYTES:
+            raise ValueError("an Ed25519 seed is 32 bytes")
+        object.__setattr__(self, "_signing", SigningKey(self.seed))
+
+    def sign(self, data: bytes) -> bytes:
+        return self._signing.sign(data).signature
 
 
 class ReceiptBody(BaseModel):
@@ -84,50 +109,47 @@ def consumer_payload(body: ReceiptBody, provider_sig: str, voucher: str | None) 
     )
 
 
-def peer_id_of(key: PrivateKey) -> str:
-    return ID.from_pubkey(key.get_public_key()).to_base58()
-
-
-def _verify(peer_id: str, data: bytes, signature: str) -> bool:
+def _verify(peer_id: str, data: bytes, signature: str, peer_keys: PeerKeys) -> bool:
     try:
-        public_key = ID.from_base58(peer_id).extract_public_key()
+        public_key = peer_keys(peer_id)
     except Exception:  # noqa: BLE001 - any malformed peer id means "cannot verify"
         return False
-    if not isinstance(public_key, Ed25519PublicKey):
+    if public_key is None or len(public_key) != ED25519_KEY_BYTES:
         return False
     try:
-        return bool(public_key.verify(data, _unb64(signature)))
-    except errors.LedgerError:
+        VerifyKey(public_key).verify(data, _unb64(signature))
+    except (errors.LedgerError, CryptoError, ValueError, TypeError):
         return False
-    except Exception:  # noqa: BLE001 - the signature library raises on malformed signatures
-        return False
+    return True
 
 
-def sign_as_provider(body: ReceiptBody, key: PrivateKey) -> SignedReceipt:
-    if peer_id_of(key) != body.provider:
+def sign_as_provider(body: ReceiptBody, key: ReceiptKey) -> SignedReceipt:
+    if key.peer_id != body.provider:
         raise errors.forbidden("not_provider", "only the lease's provider can sign its usage receipts")
     return SignedReceipt(body=body, provider_sig=_b64(key.sign(PROVIDER_DOMAIN + body.canonical())))
 
 
-def countersign(receipt: SignedReceipt, key: PrivateKey, voucher: str | None = None) -> SignedReceipt:
+def countersign(
+    receipt: SignedReceipt, key: ReceiptKey, peer_keys: PeerKeys, voucher: str | None = None
+) -> SignedReceipt:
     """As the consumer: check the provider's signature, then countersign (with an optional voucher)."""
-    verify_provider(receipt)
-    if peer_id_of(key) != receipt.body.consumer:
+    verify_provider(receipt, peer_keys)
+    if key.peer_id != receipt.body.consumer:
         raise errors.forbidden("not_consumer", "only the lease's consumer can countersign its receipts")
     signature = key.sign(consumer_payload(receipt.body, receipt.provider_sig, voucher))
     return receipt.model_copy(update={"consumer_sig": _b64(signature), "voucher": voucher})
 
 
-def verify_provider(receipt: SignedReceipt) -> None:
-    if not _verify(receipt.body.provider, PROVIDER_DOMAIN + receipt.body.canonical(), receipt.provider_sig):
+def verify_provider(receipt: SignedReceipt, peer_keys: PeerKeys) -> None:
+    if not _verify(receipt.body.provider, PROVIDER_DOMAIN + receipt.body.canonical(), receipt.provider_sig, peer_keys):
         raise errors.forged("the provider's signature on the receipt does not verify")
 
 
-def verify_countersigned(receipt: SignedReceipt) -> None:
+def verify_countersigned(receipt: SignedReceipt, peer_keys: PeerKeys) -> None:
     """Both signatures verify, or ``LedgerError`` (``receipt_forged`` / ``receipt_not_countersigned``)."""
-    verify_provider(receipt)
+    verify_provider(receipt, peer_keys)
     if receipt.consumer_sig is None:
         raise errors.forbidden("receipt_not_countersigned", "the receipt lacks the consumer's countersignature")
     payload = consumer_payload(receipt.body, receipt.provider_sig, receipt.voucher)
-    if not _verify(receipt.body.consumer, payload, receipt.consumer_sig):
+    if not _verify(receipt.body.consumer, payload, receipt.consumer_sig, peer_keys):
         raise errors.forged("the consumer's countersignature on the receipt does not verify")

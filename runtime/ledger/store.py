@@ -19,8 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from libp2p.crypto.keys import PrivateKey
-
 from runtime.errors import ErrorCode
 from runtime.ledger import audit, errors, receipts
 from runtime.ledger.canonical import canonical_bytes, sha256_hex
@@ -430,7 +428,7 @@ class LedgerStore:
 
     # -- receipts --
 
-    def issue_receipt(self, lease_id: str, key: PrivateKey) -> SignedReceipt:
+    def issue_receipt(self, lease_id: str, key: receipts.ReceiptKey) -> SignedReceipt:
         """As the provider: sign a receipt for everything metered so far.
 
         Idempotent by content: with nothing metered since the last receipt, that receipt is returned.
@@ -461,10 +459,15 @@ class LedgerStore:
             return signed
 
     def countersign_receipt(
-        self, receipt: SignedReceipt, key: PrivateKey, *, voucher: str | None = None
+        self,
+        receipt: SignedReceipt,
+        key: receipts.ReceiptKey,
+        peer_keys: receipts.PeerKeys,
+        *,
+        voucher: str | None = None,
     ) -> SignedReceipt:
         """As the consumer: verify the provider's receipt against our lease, countersign and store it."""
-        receipts.verify_provider(receipt)
+        receipts.verify_provider(receipt, peer_keys)
         body = receipt.body
         with self._tx() as conn:
             lease = self._lease(conn, body.lease_id)
@@ -472,14 +475,14 @@ class LedgerStore:
                 raise errors.forbidden("not_consumer", "only the lease's consumer countersigns its receipts")
             self._check_parties(lease, body)
             self._check_sequence(conn, lease, body)
-            signed = receipts.countersign(receipt, key, voucher)
+            signed = receipts.countersign(receipt, key, peer_keys, voucher)
             self._insert_receipt(conn, lease, signed)
             self._audit(conn, "receipt.countersigned", body.lease_id, _receipt_audit(signed))
             return signed
 
-    def record_countersigned(self, receipt: SignedReceipt) -> ReceiptRecord:
+    def record_countersigned(self, receipt: SignedReceipt, peer_keys: receipts.PeerKeys) -> ReceiptRecord:
         """As the provider: store the consumer's countersignature on a receipt we issued."""
-        receipts.verify_countersigned(receipt)
+        receipts.verify_countersigned(receipt, peer_keys)
         body = receipt.body
         with self._tx() as conn:
             lease = self._lease(conn, body.lease_id)

@@ -35,7 +35,7 @@ from protocols.gossip import (
     build_pubsub,
     task_topic,
 )
-from protocols.signed import seal
+from wire.signed import seal
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus

@@ -15,7 +15,8 @@ from pathlib import Path
 import trio
 
 from runtime.ledger import EscrowRef, Ledger, LedgerError
-from tests.runtime.support import lease_for, peer_id, peer_key
+from tests.runtime.support import lease_for, peer_id, peer_key, receipt_key_of
+from wire.peer_keys import ed25519_public_key
 
 PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
 LEASE = "lease-crash"
@@ -29,8 +30,8 @@ def units(i: int) -> int:
 
 
 async def main(directory: Path, count: int, rpc: tuple[str, str, str] | None) -> None:
-    provider = await Ledger.open(directory / "provider.db")
-    consumer = await Ledger.open(directory / "consumer.db")
+    provider = await Ledger.open(directory / "provider.db", peer_keys=ed25519_public_key)
+    consumer = await Ledger.open(directory / "consumer.db", peer_keys=ed25519_public_key)
     queue = voucher_signer = None
     escrow_ref = None
     if rpc is not None:
@@ -56,12 +57,12 @@ async def main(directory: Path, count: int, rpc: tuple[str, str, str] | None) ->
         start += 1
     for i in range(max(0, start - 1), count):
         await provider.record_usage(LEASE, writer=peer_id(PROVIDER), units=units(i), idempotency_key=f"u{i}")
-        receipt = await provider.issue_receipt(LEASE, PROVIDER.private_key)
+        receipt = await provider.issue_receipt(LEASE, receipt_key_of(PROVIDER))
         voucher = None
         if voucher_signer is not None:
             voucher = "0x" + voucher_signer.sign_voucher(bytes.fromhex(escrow_id[2:]), receipt.body.amount).hex()
         try:
-            signed = await consumer.countersign_receipt(receipt, CONSUMER.private_key, voucher=voucher)
+            signed = await consumer.countersign_receipt(receipt, receipt_key_of(CONSUMER), voucher=voucher)
         except LedgerError as error:
             if error.reason != "receipt_replayed":
                 raise

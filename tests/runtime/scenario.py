@@ -16,7 +16,8 @@ from eth_account.signers.local import LocalAccount
 from runtime.escrow import Chain, EscrowClient
 from runtime.ledger import EscrowRef, Ledger
 from runtime.settlement import Backoff, EscrowSettler, SettlementQueue
-from tests.runtime.support import lease_for, peer_id, peer_key
+from tests.runtime.support import lease_for, peer_id, peer_key, receipt_key_of
+from wire.peer_keys import ed25519_public_key
 
 PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
 PRICE = 10**12  # wei per token
@@ -76,7 +77,7 @@ async def open_market(chain: Chain, tmp_path: Path, *, backoff: Backoff | None =
     ref = EscrowRef(contract=deployed.address, payer=payer.address, escrow_id="0x" + escrow_id.hex())
     sides = []
     for role, escrow in (("provider", payee_escrow), ("consumer", payer_escrow)):
-        ledger = await Ledger.open(tmp_path / f"{role}.db", clock=lambda: int(clock()))
+        ledger = await Ledger.open(tmp_path / f"{role}.db", clock=lambda: int(clock()), peer_keys=ed25519_public_key)
         lease = lease_for(role, LEASE, PROVIDER, CONSUMER, price_per_unit=PRICE, budget=BUDGET, escrow=ref)
         await ledger.open_lease(lease, idempotency_key=f"open-{LEASE}")
         queue = SettlementQueue(ledger, chain, EscrowSettler(escrow), backoff=backoff, clock=clock)
@@ -87,9 +88,9 @@ async def open_market(chain: Chain, tmp_path: Path, *, backoff: Backoff | None =
 async def meter_and_countersign(m: Market, units: int, key: str) -> int:
     """The provider meters ``units``, issues a receipt; the consumer countersigns it with a voucher."""
     await m.provider.ledger.record_usage(LEASE, writer=peer_id(PROVIDER), units=units, idempotency_key=key)
-    receipt = await m.provider.ledger.issue_receipt(LEASE, PROVIDER.private_key)
+    receipt = await m.provider.ledger.issue_receipt(LEASE, receipt_key_of(PROVIDER))
     voucher = "0x" + m.consumer.escrow.sign_voucher(m.escrow_id, receipt.body.amount).hex()
-    signed = await m.consumer.ledger.countersign_receipt(receipt, CONSUMER.private_key, voucher=voucher)
+    signed = await m.consumer.ledger.countersign_receipt(receipt, receipt_key_of(CONSUMER), voucher=voucher)
     await m.provider.ledger.record_countersigned(signed)
     return receipt.body.amount
 

@@ -20,7 +20,8 @@ from libp2p.crypto.keys import KeyPair
 
 from runtime.escrow import Chain, EscrowClient
 from runtime.ledger import EscrowRef, LeaseOpen
-from runtime.ledger.receipts import peer_id_of
+from runtime.ledger.receipts import ReceiptKey
+from wire.peer_keys import peer_id_of, receipt_key
 
 ANVIL_DIR = Path(__file__).parent / "anvil"
 # `npm install`, not `npm ci`: the package's optional per-platform binaries other than this one are
@@ -37,6 +38,11 @@ def peer_key(name: str) -> KeyPair:
 
 def peer_id(key: KeyPair) -> str:
     return peer_id_of(key.private_key)
+
+
+def receipt_key_of(key: KeyPair) -> ReceiptKey:
+    """The peer key as the ledger signs receipts with it."""
+    return receipt_key(key.private_key)
 
 
 def anvil_binary() -> Path | None:

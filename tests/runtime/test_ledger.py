@@ -15,7 +15,7 @@ from runtime.errors import ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger, LedgerError, LedgerStore
 from runtime.ledger.schema import LATEST_VERSION, MIGRATIONS, _statements
 from runtime.ledger.vocabulary import BIDDER, LeaseState, TaskState
-from tests.runtime.support import peer_id, peer_key
+from tests.runtime.support import peer_id, peer_key, receipt_key_of
 
 PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
 
@@ -398,11 +398,11 @@ def test_a_negative_amount_is_never_stored(store: LedgerStore) -> None:
 def test_receipts_never_go_back(store: LedgerStore) -> None:
     store.open_lease(_lease("lease-c", budget=BUDGET), idempotency_key="open/c")
     store.record_usage("lease-c", writer=peer_id(PROVIDER), units=10, idempotency_key="u1")
-    first = store.issue_receipt("lease-c", PROVIDER.private_key)
+    first = store.issue_receipt("lease-c", receipt_key_of(PROVIDER))
     assert (first.body.units, first.body.amount) == (10, 30)
     # Metering that went backwards (a bug, a hand-edited file): the next receipt would undo the first.
     store._conn.execute("UPDATE leases SET metered_units = 4 WHERE lease_id = 'lease-c'")
-    _refused(store, "receipt_decreased", lambda: store.issue_receipt("lease-c", PROVIDER.private_key))
+    _refused(store, "receipt_decreased", lambda: store.issue_receipt("lease-c", receipt_key_of(PROVIDER)))
 
 
 def test_released_and_refunded_never_exceed_the_lock(store: LedgerStore) -> None:

@@ -46,16 +46,16 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.tools.anyio_service import background_trio_service
 from pydantic import TypeAdapter
 
+from dht.capability import CAPABILITY_PROTOCOL, MAX_MESSAGE, fetch_sealed_record
 from node.host import build_host
 from protocols import lease_wire, task_wire
-from protocols.capability import CAPABILITY_PROTOCOL, MAX_MESSAGE, fetch_sealed_record
 from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement, build_pubsub, task_topic
 from protocols.lease import INFER_PROTOCOL, LEASE_PROTOCOL, MAX_CALL_FRAME, MAX_LEASE_FRAME
-from protocols.rpc import request
 from protocols.task import TASK_PROTOCOL
-from protocols.wire import encode_uvarint
 from runtime.errors import ClawnodeError, ErrorCode
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
+from wire.framing import encode_uvarint
+from wire.rpc import request
 
 if TYPE_CHECKING:
     from node.daemon import Node

@@ -19,7 +19,7 @@ from dht.records import (
     bind_wallet,
     seal_record,
 )
-from protocols.signed import seal
+from wire.signed import seal
 
 GEMMA = Offer(name="model:gemma3-270m-q4_k_m", price_per_unit=10**9, context_length=8192, family="gemma3")
 

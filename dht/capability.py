@@ -18,10 +18,10 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from protocols.signed import from_base64
-from protocols.streams import open_stream
-from protocols.wire import FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode
+from wire.framing import FrameReader, write_frame
+from wire.signed import from_base64
+from wire.streams import open_stream
 
 CAPABILITY_PROTOCOL = TProtocol("/clawnode/capability/1.0.0")
 # Room for an oversized record to arrive and be rejected (and counted) as oversized;

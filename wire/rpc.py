@@ -1,7 +1,7 @@
 """One request frame, one reply frame: the exchange every clawnode protocol but streaming calls uses.
 
 Requests and replies are pydantic models with a ``type`` tag, sent as JSON frames
-(``protocols.wire``). A handler raises ``ClawnodeError`` to answer ``{type: "error", code,
+(``wire.framing``). A handler raises ``ClawnodeError`` to answer ``{type: "error", code,
 message, reason}`` (``reason``: the error's stable machine-readable reason, or null); anything
 else it raises is answered ``E_INTERNAL`` without its text, so an exception message (which may
 name a file or an endpoint) never leaves the node.
@@ -19,9 +19,9 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from protocols.streams import open_stream
-from protocols.wire import DEFAULT_MAX_FRAME, FrameReader, write_frame
 from runtime.errors import ClawnodeError, ErrorCode, clean_reason
+from wire.framing import DEFAULT_MAX_FRAME, FrameReader, write_frame
+from wire.streams import open_stream
 
 log = logging.getLogger(__name__)
 
