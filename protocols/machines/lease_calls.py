@@ -28,10 +28,17 @@ _LEASE_OUTLIVES = frozenset({Reason.PAUSED, Reason.BUDGET_BUSY, Reason.RATE_LIMI
 def lease_outlives(code: ErrorCode, reason: str | None) -> bool:
     """Consumer side: whether a lease refused with ``code``/``reason`` is worth keeping (a router keeps
     it rather than locking a fresh one on chain), or is spent: ``ended``, ``expired``, ``over_budget``,
-    a lease the provider does not know. A refusal that names no reason (an older peer) is judged by its
-    code as before: only ``E_CONFLICT``, ``E_EXPIRED``, ``E_INSUFFICIENT_FUNDS`` and ``E_FORBIDDEN``
-    spend it."""
+    ``request_limit``, a lease the provider does not know. A refusal that names no reason (an older
+    peer) is judged by its code as before: only ``E_CONFLICT``, ``E_EXPIRED``,
+    ``E_INSUFFICIENT_FUNDS`` and ``E_FORBIDDEN`` spend it."""
+    if reason in _SPENT:
+        return False
     return reason in _LEASE_OUTLIVES or code not in _SPENDS_LEASE
+
+
+# Refusals after which the lease serves nothing more (``request_limit``: its request count is used
+# up, whatever the code it travels with).
+_SPENT = frozenset({Reason.ENDED, Reason.EXPIRED, Reason.OVER_BUDGET, Reason.REQUEST_LIMIT, Reason.UNKNOWN_LEASE})
 
 
 _SPENDS_LEASE = frozenset({ErrorCode.EXPIRED, ErrorCode.CONFLICT, ErrorCode.INSUFFICIENT_FUNDS, ErrorCode.FORBIDDEN})

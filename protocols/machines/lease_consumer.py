@@ -264,13 +264,17 @@ def end_frame_units(claimed_units: int, tokens_received: int, body: dict[str, An
 
 def call_refused_event(code: ErrorCode, reason: str | None) -> ConsumerEvent | None:
     """What a call the provider refused does to the held lease: ``paused`` pauses it, ``expired``
-    expires it, any other refusal that spends it (:func:`~protocols.machines.lease.lease_outlives`
-    false) ends it, the rest nothing."""
+    expires it, ``ended`` or ``request_limit`` (nothing more can be served) ends it, the rest
+    nothing. ``over_budget`` refuses this call only: a smaller one may still fit the rest of the
+    budget, so the lease stays open for its holder (a router retires it anyway: ``should_abandon``).
+    ``code`` is kept for callers that judge by it; the reason alone decides here."""
     if reason == Reason.PAUSED:
         return ConsumerEvent.PAUSE
-    if lease_outlives(code, reason):
-        return None
-    return ConsumerEvent.EXPIRE if reason == Reason.EXPIRED else ConsumerEvent.SPEND
+    if reason == Reason.EXPIRED:
+        return ConsumerEvent.EXPIRE
+    if reason in (Reason.ENDED, Reason.REQUEST_LIMIT):
+        return ConsumerEvent.SPEND
+    return None  # a refusal without a reason (an older peer) leaves the lease as it is
 
 
 def should_abandon(code: ErrorCode, reason: str | None) -> bool:
