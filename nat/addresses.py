@@ -117,7 +117,7 @@ def rank_addrs(inputs: AddressInputs) -> list[str]:
 
 
 def looks_private(addrs: Sequence[str]) -> bool:
-    """Whether nothing among our own addresses (listen, with 0.0.0.0 expanded; UPnP mappings; confirmed)
+    """Whether nothing among our own addresses (the listen addresses, 0.0.0.0 expanded: ``listen_addrs``)
     could be reached from outside: each is loopback or private (RFC 1918, CGNAT, link-local, ULA)
     and at least one is private. A loopback-only node (tests, a local dev setup) is not taken for a
     node behind a NAT; an address of another kind (a DNS name, say) may be public."""
@@ -245,6 +245,13 @@ def install_identify_hook() -> None:
     identify_module._mk_identify_protobuf = per_asker
     push_module._mk_identify_protobuf = per_asker  # type: ignore[attr-defined]
     _HOOKED = True
+
+
+def listen_addrs(host: IHost) -> list[str]:
+    """``host``'s own listen addresses (0.0.0.0 expanded), without mappings or confirmed ones: what
+    ``wants_relays`` judges (an unconfirmed UPnP mapping may lead nowhere, e.g. behind a double NAT)."""
+    advertised = [str(addr).split("/p2p/")[0] for addr in host.get_addrs()]  # refreshes the factory's view
+    return list(sources_for(host).last_listen) or advertised
 
 
 def candidate_addrs(host: IHost) -> list[str]:

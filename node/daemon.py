@@ -35,7 +35,7 @@ from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, Re
 from dht.records import Reachability, bind_wallet
 from dht.seq_book import SeqBook
 from dht.service import DhtService
-from nat.addresses import candidate_addrs, wants_relays
+from nat.addresses import listen_addrs, wants_relays
 from nat.autonat import AutoNat, AutoNatSettings, listen_ports, quic_listen_ports
 from nat.double_nat import OutsideView
 from nat.holepunch import HolePunchService, HolePunchSettings
@@ -435,7 +435,7 @@ class Node:
         """While private, and before AutoNAT's first verdict when none of our own addresses is public."""
         if self.config.node.role == "relay" or self._host is None:
             return False
-        return wants_relays(self.effective_reachability(), candidate_addrs(self._host))
+        return wants_relays(self.effective_reachability(), listen_addrs(self._host))
 
     @property
     def relay(self) -> RelayService | None:
