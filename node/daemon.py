@@ -99,6 +99,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How often a node that started on a full disk tries again to write its running card.
+RUNNING_CARD_RETRY_S = 5.0
+
 LEDGER_FILE = "ledger.db"
 ESCROW_RETRY_MAX_S = 60.0
 
@@ -387,7 +390,10 @@ class Node:
                     nursery.start_soon(partial(self.supervisor.run, "settlement", settlement, reports_ready=False))
                     await nursery.start(self.supervisor.run, "seq_book", self.seq_book.run)
                     await nursery.start(self.supervisor.run, "alerts", self.alerting.run)
-                    await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card())
+                    if not await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card()):
+                        # Started on a full disk: the old card would name a dead process and port, and
+                        # every CLI command would lose this node; keep trying until space returns.
+                        nursery.start_soon(self._publish_running_when_possible)
                     self.started_at = time.monotonic()
                     log.info(
                         "clawnode %s running as %s, peer id %s, API %s",
@@ -400,6 +406,10 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(clear_running, self.data_dir)
+
+    async def _publish_running_when_possible(self) -> None:
+        while not await trio.to_thread.run_sync(publish_running, self.data_dir, self._running_card()):
+            await trio.sleep(RUNNING_CARD_RETRY_S)
 
     def _autonat_settings(self) -> AutoNatSettings:
         nat = self.config.nat

@@ -93,8 +93,9 @@ class RunningNode(BaseModel):
     role: str
 
 
-def publish_running(data_dir: Path, running: RunningNode) -> None:
-    save_quietly(data_dir / RUNNING_FILE, running.model_dump_json(indent=2))
+def publish_running(data_dir: Path, running: RunningNode) -> bool:
+    """Tell the CLI where this node's API is; False when the disk refused it (the caller tries again)."""
+    return save_quietly(data_dir / RUNNING_FILE, running.model_dump_json(indent=2))
 
 
 def read_running(data_dir: Path) -> RunningNode | None:

@@ -389,3 +389,54 @@ async def test_a_provider_whose_disk_fills_mid_traffic_serves_no_call_it_does_no
             assert lease.metered_units == held.seen_units == 5 * served + 2, (lease.metered_units, held.seen_units)
     finally:
         next(mounts, None)
+
+
+async def test_a_lease_that_ends_on_a_full_disk_is_still_claimed_once_space_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease the consumer revokes while the provider's disk is full: its end and its claim wait for
+    space instead of being given up, so the countersigned service is paid on chain once space returns.
+    Before: the claim's write failed, the provider logged "ended with nothing to claim" and the
+    consumer's refund took back the whole lock (1,848 metered units unpaid in a soak run)."""
+    import trio
+
+    from node.config import MarketSection
+    from protocols.lease import provider as provider_side
+    from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
+
+    monkeypatch.setattr(provider_side, "DISK_RETRY_MAX_S", 0.2)  # the backoff's cap (30 s) is not what is tested
+    rare_claims = MarketSection(receipt_every_units=4, receipt_every_s=1, countersign_timeout_s=5, claim_every_s=3600)  # type: ignore[call-arg]
+    mounts = _mount_tmpfs(tmp_path / "node0", "8m")  # the provider's data dir; the consumer's is not on it
+    provider_dir = next(mounts)
+    try:
+        async with market_nodes([{"offers": (WORD_OFFER,), "market": rare_claims}, {}], root=tmp_path) as (nodes, _):
+            provider, consumer = nodes
+            view = await consumer.market.open_lease(
+                str(provider.host.get_id()), WORDS, budget=WORD_PRICE * 1000, duration_s=300
+            )
+            for _ in range(4):
+                await consumer.market.call(view.lease_id, {"prompt": "one two three four five"})
+            with trio.fail_after(10):  # the receipts so far are countersigned (20 words)
+                while await provider.ledger.countersigned_amount(view.lease_id) < 20 * WORD_PRICE:
+                    await trio.sleep(0.05)
+            filler = await trio.to_thread.run_sync(_fill, provider_dir)
+            for i in range(200):  # the WAL may still have room for a few writes: use it up
+                try:
+                    await provider.ledger.open_lease(_lease(f"fill-{i}"), idempotency_key=f"fill-{i}")
+                except LedgerError:
+                    break
+            await consumer.market.revoke(view.lease_id)
+            await trio.sleep(1)  # the provider's wind-down meets the full disk
+            assert [s for s in await provider.ledger.list_settlements() if s.kind == "claim"] == []
+
+            filler.unlink()
+            with trio.fail_after(30):
+                while not any(
+                    s.kind == "claim" and s.state == "landed" for s in await provider.ledger.list_settlements()
+                ):
+                    await trio.sleep(0.1)
+            owed = await provider.ledger.countersigned_amount(view.lease_id)
+            income = sum(t.income for t in await provider.ledger.totals_by_peer())
+            assert owed >= 20 * WORD_PRICE and income == owed, (income, owed)
+    finally:
+        next(mounts, None)

@@ -61,6 +61,14 @@ class LeaseMarket(ProviderRole, ConsumerRole):
                     await self.ledger.enqueue_refund(lease.lease_id)
             except ClawnodeError as error:
                 log.info("lease %s ended at restart with nothing to settle (%s)", lease.lease_id[:12], error.code)
+        # Leases that ended before the restart but whose claim never got queued (a crash between the
+        # two writes, or a full disk at the end): countersigned service is still paid.
+        for lease_id in await self.ledger.unclaimed_leases():
+            try:
+                await self.ledger.enqueue_claim(lease_id)
+                log.info("lease %s: its claim is queued at restart", lease_id[:12])
+            except ClawnodeError as error:
+                log.warning("lease %s: its claim could not be queued at restart (%s)", lease_id[:12], error.code)
         self.wake_settlement()
 
     async def _handle_lease(self, frame: bytes, remote: ID) -> BaseModel:

@@ -8,7 +8,8 @@ abandon, expiry; ``check_lock``, ``check_countersignature``, ``quotes_to_forget`
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import trio
 from libp2p.peer.id import ID
@@ -50,6 +51,8 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
 from wire.rpc import request
 from wire.signed import open_base64, seal, to_base64
+
+T = TypeVar("T")
 
 
 class ProviderRole(ServingRole):
@@ -334,10 +337,15 @@ class ProviderRole(ServingRole):
             return
         if now - served.last_claim_at < self.settings.claim_every_s:
             return
+        claimed_before = served.claimed_seq
         served.claimed_seq, served.last_claim_at = signed_seq, now
 
         async def claim() -> None:
-            await self.ledger.enqueue_claim(lease_id)
+            try:
+                await self.ledger.enqueue_claim(lease_id)
+            except ClawnodeError:
+                served.claimed_seq = min(served.claimed_seq, claimed_before)  # the next sweep asks again
+                raise
             self.wake_settlement()
 
         self._spawn(claim)
@@ -361,13 +369,14 @@ class ProviderRole(ServingRole):
         # The final receipt, while the consumer may still be there to countersign it.
         with trio.move_on_after(PUSH_TIMEOUT_S):
             await self._push_receipt(lease_id)
-        await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
-        if served.escrow is not None:
-            try:
-                await self.ledger.enqueue_claim(lease_id)
-                self.wake_settlement()
-            except ClawnodeError as error:
-                log.info("lease %s ended with nothing to claim (%s)", lease_id[:12], error.code)
+        try:
+            await self._close_in_ledger(lease_id, served, retry=False)
+        except ClawnodeError as error:
+            if error.code != ErrorCode.UNAVAILABLE:
+                raise
+            # The disk refuses: the end and the claim wait for space in the background, so the peer
+            # that revoked gets its answer now and countersigned service is still paid.
+            self._spawn(self._close_in_ledger, lease_id, served)
         log.info("lease %s ended: %s", lease_id[:12], reason)
         if notify:
             with trio.move_on_after(PUSH_TIMEOUT_S):
@@ -382,6 +391,25 @@ class ProviderRole(ServingRole):
                     )
                 except ClawnodeError:
                     pass
+
+    async def _close_in_ledger(self, lease_id: str, served: ServedLease, *, retry: bool = True) -> None:
+        """Record the lease's end and queue the claim of what was countersigned; with ``retry``, each
+        write the full disk refuses is tried again until it lands."""
+
+        async def write(step: Callable[[], Awaitable[T]]) -> T:
+            return await (_until_the_disk_takes_it(step) if retry else step())
+
+        await write(lambda: self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}"))
+        if served.escrow is None:
+            return
+        try:
+            await write(lambda: self.ledger.enqueue_claim(lease_id))
+        except ClawnodeError as error:
+            if error.code == ErrorCode.UNAVAILABLE:
+                raise
+            log.info("lease %s ended with nothing to claim (%s)", lease_id[:12], error.code)
+            return
+        self.wake_settlement()
 
     async def _revoked_by_consumer(self, message: w.RevokeRequest, remote: str) -> w.Ack:
         served = self._served(message.lease_id, remote)
@@ -435,3 +463,22 @@ class ProviderRole(ServingRole):
                     log.info("lease %s paused: a receipt waits for its countersignature", lease_id[:12])
                 elif action in (END_ABANDONED, EXPIRE):
                     self._spawn(self._end_served, lease_id, "abandoned" if action == END_ABANDONED else "expired")
+
+
+# A ledger write the full disk refuses at a lease's end is tried again this often at most, for as long
+# as the node runs: a claim given up here would leave countersigned service unpaid (a restart finds
+# what is left: ``LeaseMarket._recover``).
+DISK_RETRY_MAX_S = 30.0
+
+
+async def _until_the_disk_takes_it(write: Callable[[], Awaitable[T]]) -> T:
+    """Run a ledger write again, with a capped backoff, while the disk refuses it (``E_UNAVAILABLE``)."""
+    delay = min(1.0, DISK_RETRY_MAX_S)
+    while True:
+        try:
+            return await write()
+        except ClawnodeError as error:
+            if error.code != ErrorCode.UNAVAILABLE:
+                raise
+        await trio.sleep(delay)
+        delay = min(DISK_RETRY_MAX_S, delay * 2)

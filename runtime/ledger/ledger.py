@@ -140,6 +140,9 @@ class Ledger:
     async def open_leases(self) -> list[tuple[Lease, str | None]]:
         return await self._run(self.store.open_leases)
 
+    async def unclaimed_leases(self) -> list[str]:
+        return await self._run(self.store.unclaimed_leases)
+
     async def receipt_progress(self, lease_id: str) -> tuple[int, int, int, int]:
         return await self._run(self.store.receipt_progress, lease_id)
 

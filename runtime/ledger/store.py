@@ -277,6 +277,21 @@ class LedgerStore:
             ).fetchall()
         return [(_lease_from_row(row[:-1]), row[-1]) for row in rows]
 
+    def unclaimed_leases(self) -> list[str]:
+        """Ended escrowed leases this node provides whose newest countersigned receipt (with its voucher)
+        has no claim queued: what a crash or a full disk at a lease's end left unasked."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT l.lease_id FROM leases l JOIN receipts r ON r.lease_id = l.lease_id"
+                " WHERE l.role = 'provider' AND l.state = 'lease_ended' AND l.escrow_id IS NOT NULL"
+                " AND r.consumer_sig IS NOT NULL AND r.voucher IS NOT NULL"
+                " AND r.seq = (SELECT MAX(seq) FROM receipts x WHERE x.lease_id = l.lease_id"
+                " AND x.consumer_sig IS NOT NULL AND x.voucher IS NOT NULL)"
+                " AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.settlement_id = l.lease_id || '/claim/' || r.seq)"
+                " ORDER BY l.created_at, l.lease_id"
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def receipt_progress(self, lease_id: str) -> tuple[int, int, int, int]:
         """(newest seq, its units, newest countersigned seq, its units) of a lease's receipts."""
         with self._lock:

@@ -35,6 +35,19 @@ async def test_a_claim_that_landed_before_a_crash_is_not_paid_or_counted_twice(t
     assert await chain.run(m.provider.escrow.credit_of, m.payee.address) == owed
 
 
+async def test_an_ended_lease_whose_claim_was_never_queued_is_found_until_it_is(tmp_path: Path) -> None:
+    """What a restart asks the ledger for (``LeaseMarket._recover``): an ended escrowed lease of ours with
+    a countersigned receipt and no claim of it queued (a crash or a full disk between the two writes)."""
+    m = await open_market(Chain.embedded(), tmp_path)
+    await meter_and_countersign(m, 40, "usage-0")
+    assert await m.provider.ledger.unclaimed_leases() == []  # still open: the lease's end claims it
+    await m.provider.ledger.end_lease(LEASE, idempotency_key="end")
+    assert await m.provider.ledger.unclaimed_leases() == [LEASE]
+    assert await m.consumer.ledger.unclaimed_leases() == []  # the consumer claims nothing
+    await m.provider.ledger.enqueue_claim(LEASE)
+    assert await m.provider.ledger.unclaimed_leases() == []
+
+
 async def test_payer_release_and_later_claim_are_reconciled_not_added(tmp_path: Path) -> None:
     chain = Chain.embedded()
     m = await open_market(chain, tmp_path)
