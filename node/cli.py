@@ -98,6 +98,8 @@ async def _run_until_signalled(config: Config, data_dir: Path) -> None:
 
 
 async def _stop_on_signals(node_scope: trio.CancelScope) -> None:
+    from node.yamux_writes import release_frame_writes  # libp2p: only the daemon's commands load it
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if node_scope.cancel_called:
@@ -105,6 +107,7 @@ async def _stop_on_signals(node_scope: trio.CancelScope) -> None:
                 os._exit(128 + signum)
             logging.getLogger("clawnode").info("stopping (signal %d)", signum)
             node_scope.cancel()
+            release_frame_writes()  # a frame to a peer that stopped reading must not hold the shutdown
             # Shutdown is bounded: whatever still runs after the grace period is abandoned.
             watchdog = threading.Timer(SHUTDOWN_GRACE_S, os._exit, args=(1,))
             watchdog.daemon = True

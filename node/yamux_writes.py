@@ -13,7 +13,8 @@ the revocation, and paused the lease until it counted as abandoned).
 So a writer that holds the lock finishes its frame shielded from cancellation; a cancel is seen
 before the lock (nothing is spent yet) or after the frame left. The shield is bounded: a frame still
 not out after ``FRAME_WRITE_TIMEOUT_S`` (a peer that stopped reading) closes the connection, which
-such a peer has lost anyway, and the writer gets the muxer's usual write error.
+such a peer has lost anyway, and the writer gets the muxer's usual write error. A daemon that is
+shutting down cuts that wait short (``release_frame_writes``).
 """
 
 from __future__ import annotations
@@ -28,14 +29,37 @@ log = logging.getLogger(__name__)
 
 FRAME_WRITE_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 1.0
+# At shutdown a frame still waiting for a peer that stopped reading gets this long, not the full
+# timeout: the daemon's shutdown is bounded (SHUTDOWN_GRACE_S) and must not wait out the shield.
+SHUTDOWN_GRACE_S = 0.5
+
+# The shields of frames being written now (at most one per connection: the write lock).
+_writing: set[trio.CancelScope] = set()
+
+
+_shutting_down = False
+
+
+def release_frame_writes() -> None:
+    """Shutting down: every frame being written, or written from now on, gets ``SHUTDOWN_GRACE_S``
+    at most."""
+    global _shutting_down
+    _shutting_down = True
+    deadline = trio.current_time() + SHUTDOWN_GRACE_S
+    for scope in list(_writing):
+        scope.deadline = min(scope.deadline, deadline)
 
 
 async def _write_frame_whole(self: Yamux, data: bytes) -> None:
     """``Yamux._write_frame``: serialized by the write lock, and once under it, not cancellable."""
     async with self._write_lock:
         with trio.CancelScope(shield=True) as writing:
-            writing.deadline = trio.current_time() + FRAME_WRITE_TIMEOUT_S
-            await self.secured_conn.write(data)
+            writing.deadline = trio.current_time() + (SHUTDOWN_GRACE_S if _shutting_down else FRAME_WRITE_TIMEOUT_S)
+            _writing.add(writing)
+            try:
+                await self.secured_conn.write(data)
+            finally:
+                _writing.discard(writing)
         if writing.cancelled_caught:
             log.info(
                 "a frame to %s was not sent in %.0f s: the connection is closed", self.peer_id, FRAME_WRITE_TIMEOUT_S

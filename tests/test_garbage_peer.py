@@ -97,7 +97,8 @@ async def test_garbage_on_every_protocol_leaves_the_node_running(tmp_path: Path)
                 assert echoed == probe
         status = await trio.to_thread.run_sync(lambda: run_cli("status", "--data-dir", str(node.data_dir)))
         assert status.returncode == 0, status.stderr
-        code, _ = node.stop()
-        assert code == 0
+        code, took_s = node.stop()
+        print(f"stopped in {took_s:.2f} s")
+        assert code == 0, node.log()[-3000:]
     finally:
         node.kill()
