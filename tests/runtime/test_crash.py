@@ -27,7 +27,7 @@ from tests.runtime.support import anvil_process, anvil_skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLS = int(os.environ.get("CLAWNODE_CRASH_KILLS", "20"))
-COUNT = 600  # enough work that 20 kills, 0–0.5 s apart, all land before the worker finishes
+COUNT = 1500  # enough work that 20 kills, 0–0.5 s apart, all land before the worker finishes (600 took 3.5 s)
 
 
 @pytest.fixture(scope="module")
