@@ -53,9 +53,7 @@ from protocols.machines.escrow_lock import escrow_frozen
 from protocols.machines.history import History
 from protocols.machines.lease import LEASE_HISTORY
 from protocols.machines.lease_calls import (
-    LeaseFit,
     end_frame_verdict,
-    lease_fits,
     lease_outlives,
     receipt_claim_verdict,
     receipt_tolerance,
@@ -323,31 +321,6 @@ def renew_verdict(state: ConsumerState, expires_at: int, new_expires_at: int) ->
     if new_expires_at <= expires_at:
         return Refusal(ErrorCode.INVALID_ARGUMENT, "renew_not_later", "a renewal must extend the expiry")
     return None
-
-
-def should_renew(
-    *,
-    budget: int,
-    price_per_unit: int,
-    used_units: int,
-    reserved_units: int,
-    need_units: int,
-    expires_at: float,
-    now: float,
-    renew_before_s: float,
-) -> LeaseFit:
-    """Whether a held lease still carries one more call of ``need_units`` or is replaced first (by time
-    or by budget): :func:`~protocols.machines.lease.lease_fits`."""
-    return lease_fits(
-        budget=budget,
-        price_per_unit=price_per_unit,
-        used_units=used_units,
-        reserved_units=reserved_units,
-        need_units=need_units,
-        expires_at=expires_at,
-        now=now,
-        renew_before_s=renew_before_s,
-    )
 
 
 def escrow_closed(phase: str) -> bool:

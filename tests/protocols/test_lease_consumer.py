@@ -14,7 +14,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from protocols.machines import lease_consumer as c
-from protocols.machines.lease import ABORTED_CALL_TOLERANCE_UNITS, prompt_units_estimate
+from protocols.machines.lease import ABORTED_CALL_TOLERANCE_UNITS, lease_fits, prompt_units_estimate
 from protocols.machines.lease_consumer import (
     CONSUMER,
     CONSUMER_LEASE_MACHINE,
@@ -328,7 +328,7 @@ def test_random_renewals_only_extend_an_active_lease() -> None:
 
     run()
     report("renew", seen, {"admitted", "not_renewable", "renew_not_later"})
-    fit = c.should_renew(
+    fit = lease_fits(  # the router asks this before each call (renew when it does not fit)
         budget=300,
         price_per_unit=3,
         used_units=90,
