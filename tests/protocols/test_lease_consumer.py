@@ -26,6 +26,7 @@ from protocols.machines.lease_consumer import (
 )
 from protocols.machines.verdict import Refusal
 from runtime.errors import ClawnodeError, ErrorCode, Reason, clean_reason
+from tests.protocols.refusals import report
 
 ME, PROV, OTHER = "12D3KooWme", "12D3KooWprovider", "12D3KooWstranger"
 TOKEN = "t" * 43
@@ -40,14 +41,6 @@ def tally(seen: Counter[str], verdict: Refusal | None) -> None:
         assert verdict.message
         error = verdict.error()  # the reason travels with the error as a token the wire takes
         assert (error.code, error.reason) == (verdict.code, clean_reason(verdict.reason))
-
-
-def report(name: str, seen: Counter[str], expected: set[str]) -> None:
-    print(f"\n{name}: {sum(seen.values())} verdicts")
-    for reason, count in seen.most_common():
-        print(f"  {count:6d}  {reason}")
-    reasons = {r.split(" ")[-1] for r in seen}
-    assert expected <= reasons, expected - reasons
 
 
 # -- the table -----------------------------------------------------------------------------------

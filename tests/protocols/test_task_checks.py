@@ -18,6 +18,7 @@ from protocols.machines.task_model import ReceiptState
 from protocols.machines.verdict import Refusal
 from protocols.task_wire import MAX_ARTIFACT, MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE
 from runtime.errors import ErrorCode, clean_reason
+from tests.protocols.refusals import report
 
 PEERS = ["12D3KooWcreator", "12D3KooWbidder", "12D3KooWstranger", "12D3KooWarbiter"]
 CREATOR, BIDDER, STRANGER, ARBITER = PEERS
@@ -36,14 +37,6 @@ def tally(seen: Counter[str], verdict: Refusal | None) -> None:
         assert verdict.message and "/" not in verdict.message
         error = verdict.error()  # the reason travels with the error, as a token the wire takes
         assert (error.code, error.reason) == (verdict.code, verdict.reason) == (error.code, clean_reason(error.reason))
-
-
-def report(name: str, seen: Counter[str], expected: set[str]) -> None:
-    print(f"\n{name}: {sum(seen.values())} verdicts")
-    for reason, count in seen.most_common():
-        print(f"  {count:6d}  {reason}")
-    reasons = {r.split(" ")[-1] for r in seen}
-    assert expected <= reasons, expected - reasons
 
 
 def flip(draw: Any, good: T, bad: list[Any]) -> Any:
