@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +74,7 @@ from node.datadir import (
     publish_running,
 )
 from node.hardware import detect_hardware
-from node.host import build_dialer_host, build_host, ensure_tcp_ports_free, parse_multiaddrs
+from node.host import build_dialer_host, build_host, clawnode_version, ensure_tcp_ports_free, parse_multiaddrs
 from node.http_guard import quiet_error_logger
 from node.metrics import render_metrics
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
@@ -104,13 +103,6 @@ RUNNING_CARD_RETRY_S = 5.0
 
 LEDGER_FILE = "ledger.db"
 ESCROW_RETRY_MAX_S = 60.0
-
-
-def clawnode_version() -> str:
-    try:
-        return version("clawnode")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 EscrowConnector = Callable[[bytes], Any]

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 import multiaddr
 import psutil
@@ -20,6 +21,7 @@ from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify import identify as identify_module
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStore
@@ -41,6 +43,27 @@ SECURITY_PROTOCOLS = (str(NOISE_PROTOCOL_ID),)
 MUXER_PROTOCOLS = (str(YAMUX_PROTOCOL_ID),)
 
 
+def clawnode_version() -> str:
+    try:
+        return version("clawnode")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def agent_version() -> str:
+    """What identify tells peers this node runs: ``clawnode/<version>``, as js-libp2p says ``js-libp2p/…``."""
+    return f"clawnode/{clawnode_version()}"
+
+
+def announce_clawnode_agent() -> None:
+    """Make identify (and identify push) announce :func:`agent_version` instead of ``py-libp2p/<version>``.
+
+    py-libp2p 0.8.1 reads the module global ``AGENT_VERSION`` each time it builds an identify
+    message and offers no setting for it; one process runs one clawnode, so setting it once is right.
+    """
+    identify_module.AGENT_VERSION = agent_version()
+
+
 def build_host(
     key_pair: KeyPair,
     *,
@@ -59,6 +82,7 @@ def build_host(
     bound the inbound connections still in their handshake (``node.conn_guard``); only
     upgraded connections count against ``max_connections``.
     """
+    announce_clawnode_agent()
     make_frame_writes_whole()  # a cancelled writer never leaves half a Noise frame (node.yamux_writes)
     min_connections = min(8, max_connections)
     limits = conn_limits or ConnLimits()

@@ -10,9 +10,12 @@ import trio
 from libp2p import generate_new_ed25519_identity
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL_ID
+from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.utils.varint import read_length_prefixed_protobuf
 
-from node.host import advertised_addrs, build_host
+from node.host import advertised_addrs, build_host, clawnode_version
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 EXPLODING = TProtocol("/clawnode/test-explodes/1.0.0")
@@ -100,3 +103,19 @@ async def test_peers_connect_and_ping_over_quic() -> None:
         assert echoed == b"q" * 32
         remote = [str(conn.get_transport_addresses()) for conn in client.get_network().connections[server.get_id()]]
         assert any("quic" in text for text in remote), remote
+
+
+async def test_identify_announces_clawnode_and_its_version() -> None:
+    server, client = build_host(generate_new_ed25519_identity()), build_host(generate_new_ed25519_identity())
+    async with server.run(LOOPBACK), client.run(LOOPBACK):
+        with trio.fail_after(10):
+            await client.connect(info_from_p2p_addr(server.get_addrs()[0]))
+            stream = await client.new_stream(server.get_id(), [IDENTIFY_PROTOCOL_ID])
+            try:
+                data = await read_length_prefixed_protobuf(stream, use_varint_format=True)
+            finally:
+                await stream.close()
+    seen = Identify()
+    seen.ParseFromString(data)
+    assert seen.agent_version == f"clawnode/{clawnode_version()}"
+    assert not seen.agent_version.startswith("py-libp2p")

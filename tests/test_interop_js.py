@@ -31,7 +31,6 @@ from libp2p import generate_new_ed25519_identity
 from libp2p.abc import IHost
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.host.ping import PingService
-from libp2p.identity.identify.identify import AGENT_VERSION
 from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL_ID
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -47,7 +46,7 @@ from dht.protocol_id import (
     current_kad_protocol_id,
     use_kad_protocol_id,
 )
-from node.host import build_host
+from node.host import agent_version, build_host
 
 JS_DIR = Path(__file__).parent / "interop" / "js"
 NODE = shutil.which("node")
@@ -251,7 +250,8 @@ async def test_identify_both_ways(connected: Nodes) -> None:
     assert CLAWNODE_KAD_PROTOCOL_ID in py_seen_by_js["protocols"]
     assert IPFS_KAD_PROTOCOL_ID not in py_seen_by_js["protocols"]
     assert {str(IDENTIFY_PROTOCOL_ID), PING_PROTOCOL_ID} <= set(py_seen_by_js["protocols"])
-    assert py_seen_by_js["agent_version"] == AGENT_VERSION
+    assert py_seen_by_js["agent_version"] == agent_version()
+    assert py_seen_by_js["agent_version"].startswith("clawnode/")
     py_addrs = {str(addr).split("/p2p/")[0] for addr in connected.host.get_addrs()}
     assert py_addrs & set(py_seen_by_js["listen_addrs"])
 
