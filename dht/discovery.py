@@ -23,10 +23,11 @@ from pydantic import BaseModel, Field
 from dht.capability import fetch_sealed_record
 from dht.offers import capability_key
 from dht.record_validator import RejectionCounter, record_key, sequence_of
-from dht.records import CAPABILITY_NAME, CapabilityRecord, Reachability, RecordRejected, Rejection, verify_record
+from dht.records import CapabilityRecord, Reachability, RecordRejected, Rejection, verify_record
 from dht.seq_book import SeqBook
 from dht.service import DhtService
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.model_ids import CapabilityName
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ NETWORK_READ_FANOUT = 6
 
 
 class DiscoveryQuery(BaseModel):
-    capability: str = Field(pattern=CAPABILITY_NAME)
+    capability: CapabilityName
     max_price: int | None = Field(None, ge=0, description="highest price per unit, smallest asset unit")
     min_ctx: int | None = Field(None, ge=1, description="smallest context length in tokens")
     min_vram_gb: int | None = Field(None, ge=0)

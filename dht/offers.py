@@ -10,7 +10,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from dht.records import (
-    CAPABILITY_NAME,
     MAX_PRICE_PER_UNIT,
     UINT256_MAX,
     CapabilityDescriptor,
@@ -21,6 +20,7 @@ from dht.records import (
     Pricing,
     Risk,
 )
+from runtime.model_ids import CapabilityName
 
 CHAT_REQUEST_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -77,7 +77,7 @@ class Offer(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=CAPABILITY_NAME, description="kind:name, e.g. model:gemma3-270m-q4_k_m")
+    name: CapabilityName = Field(description="kind:name, e.g. model:gemma3-270m-q4_k_m or model:Qwen/Qwen2.5-0.5B")
     summary: str = Field("", max_length=280)
     unit: PriceUnit = "token"
     price_per_unit: int = Field(ge=0, le=MAX_PRICE_PER_UNIT, description="wei per unit, at most 10**30")
@@ -115,7 +115,7 @@ class Offer(BaseModel):
         model = None
         if kind in ("model", "embedding"):
             model = ModelFacts(
-                family=self.family or self.name.split(":", 1)[1].split("-")[0],
+                family=self.family or default_family(self.name),
                 parameters=self.parameters,
                 quantisation=self.quantisation or "unknown",
                 context_length=self.context_length or 2048,
@@ -144,6 +144,13 @@ class Offer(BaseModel):
             examples=examples or [],
             model=model,
         )
+
+
+def default_family(capability: str) -> str:
+    """A model's family guessed from its id: ``model:Qwen/Qwen2.5-0.5B-Instruct`` → ``Qwen2.5``,
+    ``model:llama3.2:1b`` → ``llama3.2``, ``model:gemma3-270m`` → ``gemma3``."""
+    model_id = capability.split(":", 1)[1]
+    return model_id.rsplit("/", 1)[-1].split(":", 1)[0].split("-", 1)[0][:64]
 
 
 def capability_key(name: str) -> str:

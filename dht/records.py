@@ -21,6 +21,7 @@ from libp2p.crypto.keys import PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dht.schema_safety import SchemaBudgetExceeded, instance_problems, schema_problem, validation_budget
+from runtime.model_ids import CAPABILITY_NAME_PATTERN, CapabilityName
 from wire.signed import SignatureError, canonical_json, open_sealed, seal
 
 RECORD_DOMAIN = "clawnode-capability-record"
@@ -46,7 +47,9 @@ PriceUnit = Literal["token", "request", "second"]
 Risk = Literal["low", "medium", "high"]
 Reachability = Literal["public", "private", "unknown"]
 
-CAPABILITY_NAME = r"^(model|embedding|search|storage):[a-z0-9][a-z0-9._-]{0,95}$"
+# ``<kind>:<id>``, the id as the ecosystem writes it (``model:Qwen/Qwen2.5-0.5B-Instruct``,
+# ``model:llama3.2:1b``): runtime.model_ids says what it allows and refuses (URLs, local paths).
+CAPABILITY_NAME = CAPABILITY_NAME_PATTERN
 
 
 class _Strict(BaseModel):
@@ -78,7 +81,7 @@ class ModelFacts(_Strict):
 
 
 class CapabilityDescriptor(_Strict):
-    name: str = Field(pattern=CAPABILITY_NAME)
+    name: CapabilityName
     kind: Kind
     summary: str = Field(max_length=280)
     params_schema: dict[str, Any]

@@ -378,13 +378,13 @@ def create_app(
     async def capabilities() -> CapabilitiesReply:
         return node.capabilities()
 
-    @app.put("/api/offers/{name}")
+    @app.put("/api/offers/{name:path}")
     async def set_offer(name: str, offer: Offer) -> CapabilitiesReply:
         if offer.name != name:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the offer's name differs from the one in the path")
         return await node.set_offer(offer)
 
-    @app.delete("/api/offers/{name}")
+    @app.delete("/api/offers/{name:path}")
     async def remove_offer(name: str) -> CapabilitiesReply:
         return await node.remove_offer(name)
 

@@ -15,7 +15,9 @@ from dht.records import private_leaks
 from node.datadir import read_api_token
 from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, run_cli
 
-GEMMA = "model:gemma3-270m-q4_k_m"
+# A model id as the ecosystem writes it: "/", ":" and upper case survive config, record, DHT key, find,
+# describe and the offers API (whose path then holds a "/").
+GEMMA = "model:unsloth/Gemma-3-270m-it-GGUF:Q4_K_M"
 PROVIDER_CONFIG = """
 [node]
 reachability = "public"
@@ -25,7 +27,7 @@ gpu_model = "RTX 3060"
 vram_mb = 12288
 
 [[offers]]
-name = "model:gemma3-270m-q4_k_m"
+name = "model:unsloth/Gemma-3-270m-it-GGUF:Q4_K_M"
 summary = "Gemma 3 270M (Q4_K_M), chat"
 price_per_unit = 2000000000
 context_length = 8192

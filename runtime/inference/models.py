@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import DEFAULT_MAX_QUEUE, LlamaModel
 from runtime.inference.service import ChatService, EmbeddingService
+from runtime.model_ids import ModelId
 from runtime.progress import ProgressBar
 from runtime.service import ServiceRegistry
 
@@ -64,7 +65,10 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,94}$", description="served as model:<name>")
+    name: ModelId = Field(
+        description="served as model:<name>; a model id as the ecosystem writes it (Qwen/Qwen2.5-0.5B-Instruct, "
+        "llama3.2:1b): letters, digits, _ and -, with . / : between them, at most 128 characters"
+    )
     path: str = Field("", description="a GGUF file")
     package: str = Field(
         "", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$", description="an installed package shipping a GGUF"
