@@ -181,8 +181,11 @@ class HardwareSection(_Section):
 
 
 class EscrowSection(_Section):
-    mode: Literal["embedded", "rpc", "off"] = Field(
-        "embedded", description="embedded (in-process dev chain) | rpc (a JSON-RPC chain) | off (no chain)"
+    mode: Literal["auto", "embedded", "rpc", "off"] = Field(
+        "auto",
+        description="auto (a bootstrap serves its network's dev chain, other nodes join it through their "
+        "bootstrap peers, else a private chain) | embedded (a private in-process chain) | rpc (a JSON-RPC "
+        "chain) | off (no chain)",
     )
     rpc_url: str = Field(
         "", repr=False, description="JSON-RPC URL for mode rpc, http:// or https:// (never logged or shown)"
@@ -212,6 +215,14 @@ class EscrowSection(_Section):
         description="arbiter of the escrows this node sells under; empty: the embedded chain's second dev account",
     )
     dispute_window_s: int = Field(600, ge=0, le=30 * 86_400, description="dispute window after a lease's deadline")
+    dev_rpc_listen: str = Field(
+        "127.0.0.1:0",
+        pattern=r"^(\[[0-9a-fA-F:]+\]|[0-9.]+):[0-9]{1,5}$",
+        description="mode auto, role bootstrap: where the network's dev chain answers JSON-RPC (IP:port, 0: any)",
+    )
+    join_timeout_s: float = Field(
+        20.0, ge=0.0, le=600.0, description="mode auto: how long to ask the bootstrap peers for the network's chain"
+    )
 
     @field_validator("rpc_url")
     @classmethod
@@ -226,6 +237,21 @@ class EscrowSection(_Section):
         if self.mode == "rpc" and (not self.rpc_url or not self.contract):
             raise ValueError("escrow.mode = rpc needs escrow.rpc_url and escrow.contract")
         return self
+
+
+class SandboxSection(_Section):
+    kinds: list[Literal["wasm", "native"]] = Field(
+        default_factory=lambda: ["wasm"],  # type: ignore[arg-type]
+        description="task kinds this node runs in its sandbox (native: bubblewrap, only for sellers who opt in)",
+    )
+    auto_run: bool = Field(True, description="run an awarded sandboxed task and submit its result without a person")
+    auto_arbitrate: bool = Field(True, description="as an arbiter, decide a sandboxed task's dispute by re-running it")
+    max_fuel: int = Field(10**10, ge=1, le=10**13, description="most fuel (wasm instructions) one run may ask for")
+    max_memory_mb: int = Field(256, ge=1, le=4096, description="most memory one run may ask for, MiB")
+    max_wall_s: float = Field(60.0, gt=0, le=3600, description="most wall-clock seconds one run may ask for")
+    max_output_bytes: int = Field(256 * 1024, ge=0, le=256 * 1024, description="most output one run may write")
+    max_module_bytes: int = Field(256 * 1024, ge=1, le=256 * 1024, description="largest module or program fetched")
+    concurrency: int = Field(2, ge=1, le=64, description="sandboxed runs at once")
 
 
 class RouterSection(_Section):
@@ -265,6 +291,7 @@ class Config(_Section):
     escrow: EscrowSection = Field(default_factory=EscrowSection)  # type: ignore[arg-type]
     market: MarketSection = Field(default_factory=MarketSection)  # type: ignore[arg-type]
     router: RouterSection = Field(default_factory=RouterSection)  # type: ignore[arg-type]
+    sandbox: SandboxSection = Field(default_factory=SandboxSection)  # type: ignore[arg-type]
     log: LogSection = Field(default_factory=LogSection)  # type: ignore[arg-type]
     alerts: AlertsSection = Field(default_factory=AlertsSection)  # type: ignore[arg-type]
     offers: list[Offer] = Field(default_factory=list, description="what this node sells ([[offers]] tables)")

@@ -34,7 +34,7 @@ from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, Re
 from dht.records import Reachability, bind_wallet
 from dht.seq_book import SeqBook
 from dht.service import DhtService
-from nat.addresses import listen_addrs, wants_relays
+from nat.addresses import DHT_CLIENT_BEFORE_VERDICT_S, listen_addrs, serves_dht, wants_relays
 from nat.autonat import AutoNat, AutoNatSettings, listen_ports, quic_listen_ports
 from nat.double_nat import OutsideView
 from nat.holepunch import HolePunchService, HolePunchSettings
@@ -88,6 +88,7 @@ from protocols.task import TaskMarket
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelHost
 from runtime.ledger import Ledger
+from runtime.sandbox import Limits, Sandboxes, SandboxPolicy, SandboxStats
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
 from wire.peer_keys import ed25519_public_key
@@ -133,6 +134,22 @@ class Node:
         self._router: Router | None = None
         self._announcements: TaskAnnouncements | None = None
         self._tasks: TaskMarket | None = None
+        box = config.sandbox
+        self.sandbox = Sandboxes(
+            SandboxPolicy(
+                kinds=frozenset(box.kinds),
+                auto_run=box.auto_run,
+                auto_arbitrate=box.auto_arbitrate,
+                cap=Limits(
+                    fuel=box.max_fuel,
+                    memory_bytes=box.max_memory_mb * 1024 * 1024,
+                    wall_s=box.max_wall_s,
+                    output_bytes=box.max_output_bytes,
+                ),
+                max_module_bytes=box.max_module_bytes,
+                concurrency=box.concurrency,
+            )
+        )
         self.started_at = time.monotonic()
         self.api_url = ""
         self._host: IHost | None = None
@@ -199,6 +216,10 @@ class Node:
         if self._tasks is None:
             raise RuntimeError("the node is not running")
         return self._tasks
+
+    @property
+    def sandbox_stats(self) -> SandboxStats:
+        return self.sandbox.stats
 
     @property
     def router(self) -> Router:
@@ -283,6 +304,7 @@ class Node:
                         peer_book=peer_book,
                         refresh_interval_s=self.config.dht.refresh_interval_s,
                         dial_timeout_s=self.config.dht.dial_timeout_s,
+                        server_mode=self._serves_dht(),
                     )
                     self._dht.add_validator(
                         RECORD_NAMESPACE,
@@ -291,6 +313,7 @@ class Node:
                         ),
                     )
                     await nursery.start(self.supervisor.run, "dht", self._dht.run)
+                    nursery.start_soon(self._serve_dht_after_grace)
                     self._publisher = CapabilityPublisher(
                         self._host,
                         self._dht,
@@ -301,6 +324,7 @@ class Node:
                         record_ttl_s=self.config.capabilities.record_ttl_s,
                         reachability=self.effective_reachability,
                         extra_addrs=self.relayed_addrs,
+                        addrs_pending=lambda: self._wants_relays() and not self.relayed_addrs(),
                     )
                     await nursery.start(self.supervisor.run, "publisher", self._publisher.run)
                     self._autonat = AutoNat(
@@ -375,6 +399,7 @@ class Node:
                         escrow=lambda: self.escrow_client,
                         wake_settlement=self._wake_settlement,
                         locate=self.dht.find_peer_addrs,
+                        sandbox=self.sandbox,
                     )
                     await nursery.start(self.supervisor.run, "tasks", self._tasks.run)
                     await nursery.start(self.supervisor.run, "api", partial(self._serve_api, token))
@@ -439,6 +464,22 @@ class Node:
             return False
         return wants_relays(self.effective_reachability(), listen_addrs(self._host))
 
+    def _serves_dht(self) -> bool:
+        """Serve the DHT unless private (``nat.dht_client_when_private``), or before AutoNAT's first
+        verdict with no public address of our own (``nat.addresses.serves_dht``)."""
+        if not self.config.nat.dht_client_when_private or self._host is None:
+            return True
+        if self.config.node.role != "node" and self.effective_reachability() == "unknown":
+            return True  # relays and bootstrap nodes serve from the start, as their role says
+        waited_s = time.monotonic() - self.started_at
+        return serves_dht(self.effective_reachability(), listen_addrs(self._host), waited_s=waited_s)
+
+    async def _serve_dht_after_grace(self) -> None:
+        """Still no verdict ``DHT_CLIENT_BEFORE_VERDICT_S`` after the start: serve the DHT (``serves_dht``)."""
+        await trio.sleep(max(0.0, self.started_at + DHT_CLIENT_BEFORE_VERDICT_S - time.monotonic()))
+        if self._dht is not None and self._dht.kad is not None:
+            self._dht.serve(self._serves_dht())
+
     @property
     def relay(self) -> RelayService | None:
         return self._relay
@@ -497,8 +538,8 @@ class Node:
             self._relay.wake()
         # A private node only queries the DHT: in others' tables it would cost every lookup
         # a dial timeout to its LAN address. serve() tells the connected peers (identify push).
-        if self._dht is not None and self._dht.kad is not None and self.config.nat.dht_client_when_private:
-            self._dht.serve(self.effective_reachability() != "private")
+        if self._dht is not None and self._dht.kad is not None:
+            self._dht.serve(self._serves_dht())
         if self._publisher is not None and self.config.node.reachability == "unknown":
             self._publisher._changed.set()  # the publisher's own "republish now" signal
 

@@ -167,6 +167,36 @@ def _inbound_connections(node: MetricsSource) -> list[Metric]:
     return [refused, timed_out, pending]
 
 
+def _sandbox(node: MetricsSource) -> list[Metric]:
+    """Sandboxed task runs (runtime/sandbox): runs, kills by limit, refusals and refused system calls."""
+    stats = getattr(node, "sandbox_stats", None)
+    if stats is None:
+        return []
+    runs = CounterMetricFamily("clawnode_sandbox_runs", "sandboxed task runs started, by kind", labels=["kind"])
+    for kind in ("wasm", "native"):
+        runs.add_metric([kind], stats.runs[kind])
+    kills = CounterMetricFamily(
+        "clawnode_sandbox_kills", "sandboxed runs stopped by a limit, by kind and limit", labels=["kind", "limit"]
+    )
+    for (kind, limit), count in sorted(stats.kills.items()):
+        kills.add_metric([kind, str(limit)], count)
+    refusals = CounterMetricFamily(
+        "clawnode_sandbox_refusals",
+        "sandboxed runs refused before they ran, by kind and reason",
+        labels=["kind", "reason"],
+    )
+    for (kind, reason), count in sorted(stats.refusals.items()):
+        refusals.add_metric([kind, str(reason)], count)
+    denied = CounterMetricFamily(
+        "clawnode_sandbox_denied_calls",
+        "system calls a sandboxed program was refused (escape attempts), by kind and call",
+        labels=["kind", "call"],
+    )
+    for (kind, call), count in sorted(stats.denied_calls.items()):
+        denied.add_metric([kind, call], count)
+    return [runs, kills, refusals, denied]
+
+
 def _escrow_disconnected(node: MetricsSource) -> Metric:
     """1 once a configured chain failed to connect, 0 when connected or off; no sample while unknown.
 
@@ -223,6 +253,7 @@ async def render_metrics(node: MetricsSource) -> bytes:
         )
     families += _nat_traversal(node)
     families += _inbound_connections(node)
+    families += _sandbox(node)
     rejected = gauge("clawnode_records_rejected", "capability records rejected, by reason", ("reason",))
     for reason, count in status.records_rejected.items():
         rejected.labels(reason=reason).set(count)

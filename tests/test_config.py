@@ -20,6 +20,7 @@ def test_first_start_writes_commented_defaults_that_parse_to_the_defaults(tmp_pa
     sections.add("alerts")
     sections.add("nat")
     sections.add("relay")
+    sections.add("sandbox")
     assert tomllib.loads(default_config_text()) == {section: {} for section in sections}
 
 

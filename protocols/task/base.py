@@ -29,6 +29,7 @@ from protocols.machines import task as m
 from protocols.machines.escrow_lock import LockState
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import Evidence, Ledger
+from runtime.sandbox import Sandboxes
 from wire.rpc import request
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class TaskCore:
         wake_settlement: Callable[[], None] = lambda: None,
         locate: Callable[[ID], Awaitable[list[str]]] | None = None,
         clock: Callable[[], float] = time.time,
+        sandbox: Sandboxes | None = None,
     ) -> None:
         self.host = host
         self.key = key
@@ -112,6 +114,7 @@ class TaskCore:
         self.wake_settlement = wake_settlement
         self.locate = locate
         self.clock = clock
+        self.sandbox = sandbox if sandbox is not None else Sandboxes()
         self.local: dict[str, TaskLocal] = {}
         self._watched: set[str] = set()
         self._nursery: trio.Nursery | None = None

@@ -1,0 +1,61 @@
+"""One node's sandboxes: the kinds it runs, the caps it grants, and the runners behind them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox.limits import Limits, RunResult, SandboxReason, refuse
+from runtime.sandbox.stats import SandboxStats
+from runtime.sandbox.wasm import MAX_MODULE_BYTES, WasmSandbox
+
+Kind = Literal["wasm", "native"]
+KINDS: tuple[Kind, ...] = ("wasm", "native")
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """What this node runs (``[sandbox]`` in the config)."""
+
+    kinds: frozenset[str] = frozenset({"wasm"})
+    auto_run: bool = True
+    auto_arbitrate: bool = True
+    cap: Limits = field(default_factory=lambda: Limits(fuel=10**10, memory_bytes=256 * 1024 * 1024, wall_s=60.0))
+    max_module_bytes: int = MAX_MODULE_BYTES
+    concurrency: int = 2
+
+
+class Sandboxes:
+    """The node's runners by kind; ``native`` is built on first use (it needs bubblewrap)."""
+
+    def __init__(self, policy: SandboxPolicy | None = None, stats: SandboxStats | None = None) -> None:
+        self.policy = policy or SandboxPolicy()
+        self.stats = stats or SandboxStats()
+        self.wasm = WasmSandbox(
+            max_module_bytes=self.policy.max_module_bytes,
+            cap=self.policy.cap,
+            stats=self.stats,
+            concurrency=self.policy.concurrency,
+        )
+        self._native: object | None = None
+
+    def accepts(self, kind: str) -> bool:
+        return kind in self.policy.kinds
+
+    def _runner(self, kind: str) -> WasmSandbox:
+        if kind == "wasm":
+            return self.wasm
+        raise refuse(ErrorCode.FORBIDDEN, SandboxReason.KIND_NOT_ACCEPTED, "no sandbox runs that kind")
+
+    def has(self, kind: str, sha256: str) -> bool:
+        try:
+            return self._runner(kind).has(sha256)
+        except ClawnodeError:
+            return False
+
+    def load(self, kind: str, module: bytes, sha256: str | None = None) -> str:
+        return self._runner(kind).load(module, sha256)
+
+    async def run(self, kind: str, sha256: str, input: bytes, limits: Limits) -> RunResult:
+        return await self._runner(kind).run_async(sha256, input, limits)
