@@ -27,9 +27,9 @@ import ctypes
 import logging
 import math
 import queue
-import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,10 @@ from typing import Any, TypeVar
 import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.chat_formats import TemplateSlots, check_messages, prepare_messages
+from runtime.inference.grammar import GrammarConstraint, invalid, schema_grammar
+from runtime.inference.sampling import Pick, Sampling, TokenPicker
+from runtime.inference.tools import ToolCallParser, ToolUse, tools_grammar
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,11 @@ Message = dict[str, Any]
 
 DEFAULT_MAX_QUEUE = 8
 SHUTDOWN_WAIT_S = 10.0
+MAX_CHOICES = 8
+MAX_EMBEDDING_TOKEN_ID_INPUTS = 256
+# What every LlamaModel serves (the capability record's model features).
+FEATURES = frozenset({"tools", "json_schema", "logprobs", "n"})
+Chunk = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -62,13 +71,16 @@ class TokenUsage:
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished generation. ``finish_reason``: stop (end token or a stop string), length, cancelled."""
+    """A finished generation. ``finish_reason``: stop (end token or a stop string), length,
+    tool_calls, cancelled; with ``n`` > 1 the last choice's, ``finish_reasons`` holds each one's.
+    ``usage`` counts the prompt once and the completion tokens of every choice."""
 
     text: str
     usage: TokenUsage
     finish_reason: str
     first_token_s: float | None = None  # from admission to the first sampled token
     generation_s: float = 0.0  # from the first to the last sampled token
+    finish_reasons: tuple[str, ...] = ()
 
     @property
     def tokens_per_s(self) -> float:
@@ -224,10 +236,13 @@ class _Request:
 
     prompt: Callable[[Any], tuple[list[int], list[str]]]  # llama → (tokens, extra stop strings)
     max_tokens: int
-    temperature: float
-    top_p: float
+    sampling: Sampling
     seed: int | None
     stop: list[str]
+    n: int = 1
+    grammar: str | None = None  # GBNF every choice must follow
+    grammar_param: str = "response_format"
+    tools: ToolUse | None = None  # parse tool calls out of the reply
 
 
 class TokenStream:
@@ -235,11 +250,16 @@ class TokenStream:
 
     Pieces are text (a multi-byte character split over tokens comes out whole). After the last piece,
     ``completion`` holds the exact usage. Leaving the ``async with`` early cancels the generation.
+
+    A stream from :meth:`LlamaModel.stream_generate` yields chunk dicts instead (the chat service's
+    chunk contract): ``{"index", "tokens", "text", "logprobs"?, "tool_calls"?, "finish_reason"?}``,
+    one per sampled token and a last one per choice (``tokens`` 0) with its ``finish_reason``.
     """
 
-    def __init__(self, model: LlamaModel, request: _Request) -> None:
+    def __init__(self, model: LlamaModel, request: _Request, *, chunks: bool = False) -> None:
         self._model = model
         self._request = request
+        self._chunks = chunks
         self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
         self._cancel = threading.Event()
         self._done = trio.Event()
@@ -287,37 +307,46 @@ class TokenStream:
     def __aiter__(self) -> TokenStream:
         return self
 
-    async def __anext__(self) -> str:
-        if self.completion is not None or not self._admitted:
-            raise StopAsyncIteration
-        if self._pending is not None:
-            (kind, value), self._pending = self._pending, None
-        else:
-            try:
-                kind, value = await self._receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                raise StopAsyncIteration from None
-        if kind == "piece":
-            return str(value)
-        if kind == "end":
-            self.completion = value
-            raise StopAsyncIteration
-        raise value  # kind == "error"
+    async def __anext__(self) -> Any:
+        """The next text piece (a chunk dict for ``stream_generate``)."""
+        while True:
+            if self.completion is not None or not self._admitted:
+                raise StopAsyncIteration
+            if self._pending is not None:
+                (kind, value), self._pending = self._pending, None
+            else:
+                try:
+                    kind, value = await self._receive.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    raise StopAsyncIteration from None
+            if kind == "piece":
+                if self._chunks:
+                    return value
+                if value.get("text"):
+                    return value["text"]
+                continue
+            if kind == "end":
+                self.completion = value
+                raise StopAsyncIteration
+            raise value  # kind == "error"
 
-    def drain_ready(self) -> list[str]:
-        """The pieces the engine has already produced, without waiting.
+    def drain_ready(self) -> list[Any]:
+        """The pieces (chunks) the engine has already produced, without waiting.
 
         Lets a streamer send what piled up as one frame: no delay while the engine is slower than
         the wire, far fewer frames when it is faster.
         """
-        pieces: list[str] = []
+        pieces: list[Any] = []
         while self._pending is None:
             try:
                 kind, value = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
             if kind == "piece":
-                pieces.append(str(value))
+                if self._chunks:
+                    pieces.append(value)
+                elif value.get("text"):
+                    pieces.append(value["text"])
             else:
                 self._pending = (kind, value)
         return pieces
@@ -326,12 +355,14 @@ class TokenStream:
         pieces = [piece async for piece in self]
         if self.completion is None:
             raise ClawnodeError(ErrorCode.INTERNAL, "the generation ended without a result")
+        text = "".join(p.get("text", "") for p in pieces) if self._chunks else "".join(pieces)
         return Completion(
-            text="".join(pieces),
+            text=text,
             usage=self.completion.usage,
             finish_reason=self.completion.finish_reason,
             first_token_s=self.completion.first_token_s,
             generation_s=self.completion.generation_s,
+            finish_reasons=self.completion.finish_reasons,
         )
 
 
@@ -361,6 +392,7 @@ class LlamaModel:
         self._llama: Any = None
         self._embedder: Any = None
         self._formatter: Callable[..., Any] | None = None
+        self.slots = TemplateSlots(family="")
         self.metadata: dict[str, str] = {}
         self.load_report: LoadReport | None = None
 
@@ -447,6 +479,7 @@ class LlamaModel:
         else:
             self._formatter = _named_formatter(chat_format)
         self.chat_format = chat_format
+        self.slots = TemplateSlots.of(chat_format, template if chat_format == "gguf-template" else None)
         self._llama = llama
         return LoadReport(
             seconds=seconds,
@@ -456,6 +489,23 @@ class LlamaModel:
             chat_format=chat_format,
             metadata={k: v for k, v in self.metadata.items() if not k.startswith("tokenizer.chat_template")},
         )
+
+    def features(self) -> frozenset[str]:
+        """The request features this model serves (the capability record's ``features``):
+        ``tools``, ``json_schema`` (also ``json_object``), ``logprobs``, ``n``; every loaded model
+        serves them all (grammars, logprobs and choices are the engine's, not the model's)."""
+        return FEATURES
+
+    @property
+    def context_length(self) -> int:
+        """The tokens a prompt and its reply fit in (the configured ``n_ctx`` before loading)."""
+        return self._context_length(self._llama) if self._llama is not None else self.n_ctx
+
+    @property
+    def chat_family(self) -> str:
+        """The chat template family: ``gguf-template`` (the GGUF's own Jinja template) or a
+        llama-cpp-python format name such as ``gemma``; empty before loading."""
+        return self.chat_format if self._llama is not None else ""
 
     def _context_length(self, llama: Any) -> int:
         # llama.cpp rounds the context up to a multiple of 256 and Llama.n_ctx() reports that, but
@@ -515,23 +565,27 @@ class LlamaModel:
     async def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
         return await self._exclusive(lambda: list(self._llama.tokenize(text.encode(), add_bos, special)))
 
-    async def format_chat(self, messages: list[Message]) -> str:
-        """The prompt text the chat template makes of ``messages``."""
-        _check_messages(messages)
-        return str(self._format(messages).prompt)
+    async def format_chat(self, messages: list[Message], tools: ToolUse | None = None) -> str:
+        """The prompt text the chat template makes of ``messages`` (rewritten for its slots)."""
+        check_messages(messages)
+        return str(self._format(messages, tools).prompt)
 
-    def _format(self, messages: list[Message]) -> Any:
+    def _format(self, messages: list[Message], tools: ToolUse | None = None) -> Any:
         assert self._formatter is not None
+        prepared = prepare_messages(messages, self.slots, tools)
+        kwargs: dict[str, Any] = {}
+        if tools is not None and tools.active and self.slots.tools:
+            kwargs["tools"] = [tool.openai() for tool in tools.tools]
         try:
-            return self._formatter(messages=messages)
+            return self._formatter(messages=prepared, **kwargs)
         except Exception as error:  # noqa: BLE001 - jinja2 raises many types for a bad conversation
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"the chat template refused: {error}") from None
 
     def _chat_prompt(
-        self, messages: list[Message], assistant_prefix: str = ""
+        self, messages: list[Message], assistant_prefix: str = "", tools: ToolUse | None = None
     ) -> Callable[[Any], tuple[list[int], list[str]]]:
         def build(llama: Any) -> tuple[list[int], list[str]]:
-            result = self._format(messages)
+            result = self._format(messages, tools)
             # Continuing an answer: the reply so far follows the template's generation prompt.
             prompt = result.prompt + assistant_prefix
             tokens = llama.tokenize(prompt.encode(), not result.added_special, True)
@@ -541,13 +595,58 @@ class LlamaModel:
         return build
 
     @staticmethod
-    def _text_prompt(prompt: str) -> Callable[[Any], tuple[list[int], list[str]]]:
+    def _text_prompt(prompt: str | list[int]) -> Callable[[Any], tuple[list[int], list[str]]]:
         def build(llama: Any) -> tuple[list[int], list[str]]:
+            if isinstance(prompt, list):
+                n_vocab = llama.n_vocab()
+                if not all(0 <= token < n_vocab for token in prompt):
+                    raise invalid(f"prompt holds a token id outside the vocabulary of {n_vocab}", "prompt")
+                return list(prompt), []
             return list(llama.tokenize(prompt.encode(), True, False)), []
 
         return build
 
     # generation
+
+    def stream_generate(
+        self,
+        *,
+        messages: list[Message] | None = None,
+        prompt: str | list[int] | None = None,
+        max_tokens: int = 256,
+        sampling: Sampling | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        n: int = 1,
+        schema: dict[str, Any] | None = None,
+        tools: ToolUse | None = None,
+        assistant_prefix: str = "",
+    ) -> TokenStream:
+        """Stream chunk dicts (see :class:`TokenStream`) of a chat (``messages``) or a plain
+        completion (``prompt``: text, or token ids taken as they are), with ``n`` choices one after
+        another. ``schema`` (already checked by ``grammar.check_schema``) or active ``tools``
+        constrain every choice by a grammar."""
+        sampling = sampling or Sampling()
+        if messages is not None:
+            check_messages(messages)
+            build = self._chat_prompt(messages, assistant_prefix, tools)
+        elif isinstance(prompt, str) or (
+            isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            build = self._text_prompt(prompt)
+        else:
+            raise invalid("prompt must be a string or a non-empty list of token ids", "prompt")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+            raise invalid(f"n must be an integer from 1 to {MAX_CHOICES}", "n")
+        request = _request(build, max_tokens, sampling, seed, stop)
+        request.n = n
+        if tools is not None and tools.active:
+            if schema is not None:
+                raise invalid("tools and a JSON response_format cannot be combined", "response_format")
+            request.grammar, request.grammar_param, request.tools = tools_grammar(tools), "tools", tools
+        elif schema is not None:
+            request.grammar = schema_grammar(schema)
+        return TokenStream(self, request, chunks=True)
 
     def stream_chat(
         self,
@@ -564,9 +663,9 @@ class LlamaModel:
 
         ``assistant_prefix`` continues a reply another engine started (the router's failover).
         """
-        _check_messages(messages)
+        check_messages(messages)
         build = self._chat_prompt(messages, assistant_prefix)
-        return TokenStream(self, _request(build, max_tokens, temperature, seed, stop, top_p))
+        return TokenStream(self, _request(build, max_tokens, _sampling(temperature, top_p), seed, stop))
 
     async def chat(
         self,
@@ -597,7 +696,9 @@ class LlamaModel:
         """Stream a plain completion of ``prompt`` (a BOS token is added; no chat template)."""
         if not isinstance(prompt, str):
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "prompt must be a string")
-        return TokenStream(self, _request(self._text_prompt(prompt), max_tokens, temperature, seed, stop, top_p))
+        return TokenStream(
+            self, _request(self._text_prompt(prompt), max_tokens, _sampling(temperature, top_p), seed, stop)
+        )
 
     async def complete(
         self,
@@ -641,13 +742,14 @@ class LlamaModel:
 
         def job() -> None:
             try:
-                result = self._generate_blocking(request, cancel, lambda piece: to_trio(deliver, ("piece", piece)))
+                result = self._generate_blocking(request, cancel, lambda chunk: to_trio(deliver, ("piece", chunk)))
                 completion = Completion(
                     text="",
                     usage=result[0],
-                    finish_reason=result[1],
+                    finish_reason=result[1][-1],
                     first_token_s=None if result[2] is None else result[2] - admitted,
                     generation_s=result[3],
+                    finish_reasons=tuple(result[1]),
                 )
                 to_trio(set_final, completion)
                 to_trio(deliver, ("end", completion))
@@ -662,12 +764,36 @@ class LlamaModel:
 
         self._worker.submit(job)
 
-    def _generate_blocking(
-        self, request: _Request, cancel: threading.Event, emit: Callable[[str], None]
-    ) -> tuple[TokenUsage, str, float | None, float]:
-        """On the worker: tokenize, check the context, sample token by token, emit text pieces.
+    @staticmethod
+    def _eval_prompt(llama: Any, tokens: list[int]) -> None:
+        """Decode the prompt, reusing the cached prefix it shares with the last one."""
+        keep = 0
+        if llama.n_tokens > 0 and not (getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False)):
+            for cached, new in zip(llama.input_ids[: llama.n_tokens], tokens, strict=False):
+                if cached != new:
+                    break
+                keep += 1
+            keep = min(keep, len(tokens) - 1)  # at least one token decoded: fresh logits
+        if keep == 0:
+            llama.reset()
+        llama.n_tokens = keep
+        llama.eval(tokens[keep:])
 
-        Returns (usage, finish reason, perf_counter of the first token or None, generation seconds).
+    @staticmethod
+    def _logits(llama: Any, n_vocab: int) -> Any:
+        import numpy as np
+
+        pointer = llama._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(pointer, shape=(n_vocab,)).copy()
+
+    def _generate_blocking(
+        self, request: _Request, cancel: threading.Event, emit: Callable[[Chunk], None]
+    ) -> tuple[TokenUsage, list[str], float | None, float]:
+        """On the worker: tokenize, check the context, then per choice sample token by token and
+        emit a chunk per token and a last one with the choice's finish reason.
+
+        Returns (usage, finish reason per choice, perf_counter of the first token or None,
+        generation seconds).
         """
         import llama_cpp
 
@@ -686,111 +812,201 @@ class LlamaModel:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the prompt is empty")
         usage_prompt = len(prompt_tokens)
         if request.max_tokens == 0 or cancel.is_set():
-            return TokenUsage(usage_prompt, 0), "cancelled" if cancel.is_set() else "length", None, 0.0
-        llama.set_seed(request.seed if request.seed is not None else random.randrange(1, 2**31))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        scanner = _StopScanner([*request.stop, *template_stops])
+            reason = "cancelled" if cancel.is_set() else "length"
+            return TokenUsage(usage_prompt, 0), [reason] * request.n, None, 0.0
         vocab = llama._model.vocab
+        n_vocab = int(llama.n_vocab())
+        picker = TokenPicker(request.sampling, n_vocab, request.seed)
+        self._eval_prompt(llama, prompt_tokens)
+        prompt_logits = self._logits(llama, n_vocab)
+        stops = [*request.stop, *template_stops]
+        total = 0
+        reasons: list[str] = []
+        first: float | None = None
+        for index in range(request.n):
+            if index:
+                llama.n_tokens = len(prompt_tokens)  # the next eval drops the last choice's tokens
+            grammar = (
+                GrammarConstraint(vocab, n_vocab, request.grammar, request.grammar_param)
+                if request.grammar is not None
+                else None
+            )
+            parser = ToolCallParser(request.tools.forced) if request.tools is not None else None
+            try:
+                generated, finish, started = self._generate_choice(
+                    llama, request, index, prompt_logits, picker, grammar, parser, stops, cancel, emit
+                )
+            finally:
+                if grammar is not None:
+                    grammar.close()
+            if first is None:
+                first = started
+            total += generated
+            if finish == "stop" and parser is not None and parser.called:
+                finish = "tool_calls"
+            reasons.append(finish)
+            if finish != "cancelled":
+                emit({"index": index, "tokens": 0, "text": "", "finish_reason": finish})
+            else:
+                break
+        del llama_cpp
+        elapsed = time.perf_counter() - first if first is not None else 0.0
+        return TokenUsage(usage_prompt, total), reasons, first, elapsed
+
+    def _generate_choice(
+        self,
+        llama: Any,
+        request: _Request,
+        index: int,
+        logits: Any,
+        picker: TokenPicker,
+        grammar: GrammarConstraint | None,
+        parser: ToolCallParser | None,
+        stops: list[str],
+        cancel: threading.Event,
+        emit: Callable[[Chunk], None],
+    ) -> tuple[int, str, float | None]:
+        """One choice; returns (tokens sampled, finish reason, perf_counter of its first token)."""
+        import llama_cpp
+
+        vocab = llama._model.vocab
+        n_vocab = logits.shape[0]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        scanner = _StopScanner(stops)
+        counts: Counter[int] = Counter()
         generated = 0
         finish = "length"
         first: float | None = None
-        for token in llama.generate(
-            prompt_tokens,
-            temp=request.temperature,
-            top_p=request.top_p,
-            top_k=40,
-            min_p=0.05,
-            repeat_penalty=1.0,
-            reset=True,
-        ):
-            if first is None:
-                first = time.perf_counter()
+
+        def send(text: str, tokens: int, pick: Pick | None) -> None:
+            chunk: Chunk = {"index": index, "tokens": tokens, "text": text}
+            if parser is not None:
+                chunk["text"], calls = parser.feed(text)
+                if calls:
+                    chunk["tool_calls"] = calls
+            if pick is not None and pick.logprob is not None:
+                chunk["logprobs"] = [self._logprob_entry(llama, pick)]
+            emit(chunk)
+
+        while True:
             if cancel.is_set():
                 finish = "cancelled"
                 break
+            if generated >= request.max_tokens:
+                break
+            pick = picker.pick(logits, counts, grammar)
+            token = pick.token
+            if first is None:
+                first = time.perf_counter()
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 finish = "stop"
                 break
             generated += 1
+            counts[token] += 1
+            if grammar is not None:
+                grammar.accept(token)
             text, stopped = scanner.feed(decoder.decode(llama.detokenize([token])))
-            if text:
-                emit(text)
+            send(text, 1, pick)
             if stopped:
                 finish = "stop"
                 break
-            if generated >= request.max_tokens:
-                break
+            if generated < request.max_tokens:
+                llama.eval([token])
+                logits = self._logits(llama, n_vocab)
         if finish != "stop" and finish != "cancelled":
             tail, stopped = scanner.feed(decoder.decode(b"", final=True))
             tail += "" if stopped else scanner.flush()
             if tail:
-                emit(tail)
-        elapsed = time.perf_counter() - first if first is not None else 0.0
-        return TokenUsage(usage_prompt, generated), finish, first, elapsed
+                send(tail, 0, None)
+        return generated, finish, first
+
+    @staticmethod
+    def _logprob_entry(llama: Any, pick: Pick) -> dict[str, Any]:
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            raw = bytes(llama.detokenize([token], special=True))
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+        assert pick.logprob is not None
+        chosen = entry(pick.token, pick.logprob)
+        chosen["top_logprobs"] = [entry(token, logprob) for token, logprob in pick.top]
+        return chosen
 
     # embeddings
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
+    async def embed(self, texts: list[str] | list[list[int]]) -> list[list[float]]:
         vectors, _ = await self.embed_with_count(texts)
         return vectors
 
-    async def embed_with_count(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Mean-pooled embeddings of ``texts`` and the number of tokens they took."""
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "input must be a string or a non-empty list of strings")
+    async def embed_with_count(self, texts: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+        """Mean-pooled embeddings, normalised to unit length (L2), of ``texts`` (strings, or
+        lists of token ids taken as they are) and the number of tokens they took."""
+        if not isinstance(texts, list) or not texts:
+            raise invalid("input must be a string or a non-empty list of strings or token lists", "input")
+        if not all(isinstance(t, str) for t in texts) and not all(
+            isinstance(t, list) and t and all(isinstance(x, int) and not isinstance(x, bool) for x in t) for t in texts
+        ):
+            raise invalid("input must be a string or a non-empty list of strings or token lists", "input")
         return await self._exclusive(lambda: self._embed_blocking(texts))
 
-    def _embed_blocking(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def _embed_blocking(self, texts: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
         import llama_cpp
+        import numpy as np
 
         if self._embedder is None:
             self._embedder = llama_cpp.Llama(
-                **self._llama_kwargs(), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN
+                **self._llama_kwargs(),
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                n_batch=self.n_ctx,  # an input is decoded in one batch: up to the whole context
+                n_ubatch=self.n_ctx,
             )
         embedder = self._embedder
-        limit = self._context_length(embedder)
+        limit = min(self._context_length(embedder), int(embedder.n_batch))
+        n_vocab = int(embedder.n_vocab())
+        tokenized: list[list[int]] = []
         for text in texts:
-            count = len(embedder.tokenize(text.encode(), True, False))
-            if count > limit:
+            tokens = list(embedder.tokenize(text.encode(), True, False)) if isinstance(text, str) else list(text)
+            if not all(0 <= token < n_vocab for token in tokens):
+                raise invalid(f"input holds a token id outside the vocabulary of {n_vocab}", "input")
+            if len(tokens) > limit:
                 raise ClawnodeError(
-                    ErrorCode.INVALID_ARGUMENT, f"too many tokens: an input has {count}, the context holds {limit}"
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"too many tokens: an input has {len(tokens)}, the context holds {limit}",
                 )
-        vectors, tokens = embedder.embed(texts, normalize=False, truncate=False, return_count=True)
-        return [[float(x) for x in vector] for vector in vectors], int(tokens)
+            tokenized.append(tokens)
+        vectors: list[list[float]] = []
+        for tokens in tokenized:  # one sequence per decode: every token an output, mean-pooled
+            embedder._batch.reset()
+            embedder._batch.add_sequence(tokens, 0, True)
+            embedder._ctx.kv_cache_clear()
+            embedder._ctx.decode(embedder._batch)
+            pooled = llama_cpp.llama_get_embeddings_seq(embedder._ctx.ctx, 0)
+            vector = np.ctypeslib.as_array(pooled, shape=(embedder.n_embd(),)).astype(np.float64)
+            norm = float(np.linalg.norm(vector))
+            vectors.append([float(x) for x in (vector / norm if norm > 0 else vector)])
+        return vectors, sum(len(tokens) for tokens in tokenized)
+
+
+def _sampling(temperature: float, top_p: float) -> Sampling:
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "temperature must be a number from 0 to 2")
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "top_p must be in (0, 1]")
+    return Sampling(temperature=float(temperature), top_p=float(top_p))
 
 
 def _request(
     prompt: Callable[[Any], tuple[list[int], list[str]]],
     max_tokens: int,
-    temperature: float,
+    sampling: Sampling,
     seed: int | None,
     stop: str | list[str] | None,
-    top_p: float,
 ) -> _Request:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "max_tokens must be a non-negative integer")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "temperature must be a number from 0 to 2")
-    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "top_p must be in (0, 1]")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "seed must be an integer")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "stop must be a string or a list of at most 4 strings")
-    return _Request(prompt, max_tokens, float(temperature), float(top_p), seed, stops)
-
-
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "messages must be a non-empty list")
-    for index, message in enumerate(messages):
-        if (
-            not isinstance(message, dict)
-            or message.get("role") not in ("system", "user", "assistant")
-            or not isinstance(message.get("content"), str)
-        ):
-            raise ClawnodeError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"messages[{index}] must be an object with role system|user|assistant and string content",
-            )
+    return _Request(prompt, max_tokens, sampling, seed, stops)

@@ -1,12 +1,28 @@
 """The inference engine as metered services of the lease market (``/clawnode/infer/1.0.0``).
 
-``ChatService`` takes an OpenAI chat-completions request body (or a completions body with
-``prompt``) and streams ``{"text": pieces, "tokens": n}`` chunks (what the engine produced since
-the last frame); its units are the prompt's tokens plus the
-completion's, both counted by the engine. ``continue_from`` continues a reply another provider
-began (the router's failover): the text so far follows the generation prompt.
-``EmbeddingService`` takes ``{"input": str | list[str]}`` and sends ``{"embeddings": [...]}``; its
-units are the input's tokens.
+``ChatService`` takes an OpenAI chat-completions body (or a completions body with ``prompt``: a
+string or a list of token ids), as the API layer normalised it, checks it again (it comes from
+strangers) and streams chunks::
+
+    {"text": str, "tokens": int, "index": int (only with n > 1),
+     "logprobs": [{"token", "logprob", "bytes", "top_logprobs": [...]}],
+     "tool_calls": [{"index", "id"?, "type"?, "function": {"name"?, "arguments"}}],
+     "finish_reason": "stop" | "length" | "tool_calls"}
+
+``tokens`` counts the sampled tokens a chunk stands for, also when its text is empty (a tool call's
+tokens are metered like any others); each choice's last chunk carries its ``finish_reason``. Its
+units are the prompt's tokens (once, whatever ``n``) plus every choice's completion tokens, all
+counted by the engine. Honoured: ``max_tokens`` (or ``max_completion_tokens``), ``temperature``,
+``top_p``, ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``n``,
+``logprobs``, ``top_logprobs``, ``response_format`` (``text``, ``json_object``, ``json_schema``
+with ``strict``: grammar-constrained), ``tools``, ``tool_choice``, ``parallel_tool_calls``,
+``continue_from`` (a reply another provider began, the router's failover: only for plain text
+replies). A value it cannot honour is refused with ``INVALID_ARGUMENT`` naming the param
+(``... (param: <name>)``). Other keys (``model``, ``stream``, ``user``...) are the API layer's.
+
+``EmbeddingService`` takes ``{"input": str | list[str] | list[int] | list[list[int]]}`` (token
+ids taken as they are) and sends ``{"embeddings": [...]}``, unit-length (L2) vectors; its units
+are the input's tokens.
 """
 
 from __future__ import annotations
@@ -14,30 +30,97 @@ from __future__ import annotations
 from typing import Any
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.inference.engine import LlamaModel
+from runtime.inference.engine import MAX_CHOICES, LlamaModel
+from runtime.inference.grammar import check_schema, invalid
+from runtime.inference.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Sampling
+from runtime.inference.tools import parse_tools
 from runtime.service import Emit, Usage
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.8
 MAX_EMBEDDING_INPUTS = 256
 EMBEDDINGS_PER_CHUNK = 32  # a 1 MiB call frame holds ~70 640-d vectors as JSON
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 
 
 def _invalid(message: str) -> ClawnodeError:
     return ClawnodeError(ErrorCode.INVALID_ARGUMENT, message)
 
 
-def _number(body: dict[str, Any], key: str, default: float) -> float:
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(f"body.{key} must be a number")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise invalid(f"{key} must be a number from {low:g} to {high:g}", key)
     return float(value)
 
 
+def _logit_bias(value: Any) -> dict[int, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise invalid(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases", "logit_bias")
+    bias: dict[int, float] = {}
+    for key, amount in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise invalid("logit_bias keys must be token ids", "logit_bias") from None
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or not -100 <= amount <= 100:
+            raise invalid("logit_bias values must be numbers from -100 to 100", "logit_bias")
+        bias[token] = float(amount)
+    return bias
+
+
+def _response_schema(value: Any) -> dict[str, Any] | None:
+    """The JSON Schema a ``response_format`` constrains replies to (None for text)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid("response_format must be an object", "response_format")
+    kind = value.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise invalid("response_format.json_schema must be an object with a schema", "response_format")
+        if not isinstance(spec.get("strict", False), bool | None):
+            raise invalid("response_format.json_schema.strict must be a boolean", "response_format")
+        # strict or not, the grammar enforces the schema.
+        return check_schema(spec.get("schema", {}), "response_format")
+    raise invalid(f"response_format type {str(kind)[:40]!r} is not supported", "response_format")
+
+
+def merge_chunks(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive chunks of one choice as one (text joined, tokens summed, logprobs in order);
+    a chunk with tool calls stays its own, a finish reason ends its run."""
+    merged: list[dict[str, Any]] = []
+    for chunk in chunks:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and last.get("index", 0) == chunk.get("index", 0)
+            and "finish_reason" not in last
+            and "tool_calls" not in last
+            and "tool_calls" not in chunk
+        ):
+            last["text"] += chunk.get("text", "")
+            last["tokens"] += chunk["tokens"]
+            if "logprobs" in chunk:
+                last.setdefault("logprobs", []).extend(chunk["logprobs"])
+            if "finish_reason" in chunk:
+                last["finish_reason"] = chunk["finish_reason"]
+        else:
+            merged.append(dict(chunk))
+    return merged
+
+
 class ChatService:
-    """A chat model sold by the token: OpenAI chat-completions body in, text chunks out."""
+    """A chat model sold by the token: OpenAI chat-completions body in, chunks out."""
 
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
@@ -48,51 +131,88 @@ class ChatService:
         messages = body.get("messages")
         prompt = body.get("prompt")
         if prompt is not None and messages is None:
-            if not isinstance(prompt, str):
-                raise _invalid("body.prompt must be a string")
+            if not isinstance(prompt, str) and not (
+                isinstance(prompt, list)
+                and prompt
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+            ):
+                raise invalid("prompt must be a string or a non-empty list of token ids", "prompt")
         elif not isinstance(messages, list) or not messages:
-            raise _invalid("body.messages must be a non-empty list")
+            raise invalid("messages must be a non-empty list", "messages")
         continue_from = body.get("continue_from", "")
         if not isinstance(continue_from, str):
-            raise _invalid("body.continue_from must be a string")
-        max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
+            raise invalid("continue_from must be a string", "continue_from")
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_TOKENS
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise _invalid("body.max_tokens must be a positive integer")
-        temperature = _number(body, "temperature", DEFAULT_TEMPERATURE)
-        top_p = _number(body, "top_p", 0.95)
+            raise invalid("max_tokens must be a positive integer", "max_tokens")
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise _invalid("body.seed must be an integer")
+            raise invalid("seed must be an integer", "seed")
         stop = body.get("stop")
         if stop is not None and not isinstance(stop, str | list):
-            raise _invalid("body.stop must be a string or a list of strings")
+            raise invalid("stop must be a string or a list of strings", "stop")
+        n = body.get("n", 1)
+        if n is None:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+            raise invalid(f"n must be an integer from 1 to {MAX_CHOICES}", "n")
+        logprobs = body.get("logprobs", False)
+        if logprobs is None:
+            logprobs = False
+        if not isinstance(logprobs, bool):
+            raise invalid("logprobs must be a boolean", "logprobs")
+        top_logprobs = body.get("top_logprobs")
+        if top_logprobs is not None:
+            if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int):
+                raise invalid(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
+            if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+                raise invalid(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
+            if not logprobs:
+                raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        sampling = Sampling(
+            temperature=_number(body, "temperature", DEFAULT_TEMPERATURE, 0, 2),
+            top_p=_number(body, "top_p", 0.95, 0, 1) or 1e-9,
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
+            logit_bias=_logit_bias(body.get("logit_bias")),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs or 0,
+        )
+        schema = _response_schema(body.get("response_format"))
+        tools = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if tools is not None and messages is None:
+            raise invalid("tools need messages", "tools")
+        if continue_from and (n > 1 or schema is not None or (tools is not None and tools.active)):
+            raise invalid("continue_from is only for plain text replies", "continue_from")
         # body.stream is ignored: the infer protocol always streams.
-        if isinstance(prompt, str) and messages is None:
-            stream = self.model.stream_complete(
-                prompt + continue_from,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                seed=seed,
-                stop=stop,
-                top_p=top_p,
+        if messages is None:
+            text_prompt = prompt + continue_from if isinstance(prompt, str) else prompt
+            stream = self.model.stream_generate(
+                prompt=text_prompt, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop, n=n, schema=schema
             )
         else:
-            stream = self.model.stream_chat(
-                messages,  # type: ignore[arg-type]  # checked above
+            stream = self.model.stream_generate(
+                messages=messages,
                 max_tokens=max_tokens,
-                temperature=temperature,
+                sampling=sampling,
                 seed=seed,
                 stop=stop,
-                top_p=top_p,
+                n=n,
+                schema=schema,
+                tools=tools,
                 assistant_prefix=continue_from,
             )
         async with stream:
-            async for piece in stream:
-                # One frame carries every piece ready by now; ``tokens`` says how many it holds.
-                more = stream.drain_ready()
-                await emit({"text": piece + "".join(more), "tokens": 1 + len(more)})
+            async for chunk in stream:
+                # One frame carries every chunk ready by now; ``tokens`` says how many tokens it holds.
+                for merged in merge_chunks([chunk, *stream.drain_ready()]):
+                    if n == 1:
+                        merged.pop("index", None)
+                    await emit(merged)
         usage = stream.usage
         if usage is None:
             raise ClawnodeError(ErrorCode.INTERNAL, "the generation ended without a usage count")
@@ -102,8 +222,27 @@ class ChatService:
         )
 
 
+def _embedding_inputs(raw: Any) -> list[str] | list[list[int]]:
+    def token_list(value: Any) -> bool:
+        return (
+            isinstance(value, list)
+            and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+        )
+
+    if isinstance(raw, str):
+        return [raw]
+    if token_list(raw):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
+        return raw
+    if isinstance(raw, list) and raw and all(token_list(t) for t in raw):
+        return raw
+    raise invalid("input must be a string, a list of strings, a list of token ids or a list of token id lists", "input")
+
+
 class EmbeddingService:
-    """Mean-pooled embeddings sold by the input token."""
+    """Mean-pooled, unit-length embeddings sold by the input token."""
 
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
@@ -111,12 +250,9 @@ class EmbeddingService:
     async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
         if not isinstance(body, dict):
             raise _invalid("the body must be an object")
-        raw = body.get("input")
-        texts = [raw] if isinstance(raw, str) else raw
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise _invalid("body.input must be a string or a non-empty list of strings")
+        texts = _embedding_inputs(body.get("input"))
         if len(texts) > MAX_EMBEDDING_INPUTS:
-            raise _invalid(f"body.input holds at most {MAX_EMBEDDING_INPUTS} strings")
+            raise invalid(f"input holds at most {MAX_EMBEDDING_INPUTS} items", "input")
         vectors, tokens = await self.model.embed_with_count(texts)
         for start in range(0, len(vectors), EMBEDDINGS_PER_CHUNK):
             chunk: dict[str, Any] = {"embeddings": vectors[start : start + EMBEDDINGS_PER_CHUNK]}

@@ -1,0 +1,219 @@
+"""Grammar-constrained decoding: JSON Schemas and tool calls as llama.cpp GBNF grammars.
+
+A schema from a request is checked first (size, depth, and only keywords the grammar can enforce:
+a reply that passes the grammar must validate against the schema), then turned into GBNF with
+llama-cpp-python's ``SchemaConverter`` (a port of llama.cpp's ``json_schema_to_grammar``). The
+grammar runs as llama.cpp's own grammar sampler (``llama_sampler_init_grammar``) on logits the
+engine's token loop holds in numpy: :class:`GrammarConstraint` asks it whether one token is
+allowed (cheap) or masks the whole vocabulary (needed for logprobs, or when the first pick was
+refused), then advances it with the token chosen.
+
+Refused, with ``INVALID_ARGUMENT`` naming the request param: a schema that is not a JSON object,
+is larger than :data:`MAX_SCHEMA_BYTES` or deeper than :data:`MAX_SCHEMA_DEPTH`, is not a valid
+JSON Schema, or uses a keyword listed in :data:`UNENFORCED_KEYWORDS` (``oneOf``, numeric bounds,
+``not``, ...): decoding could not keep a reply valid under them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import ClawnodeError, ErrorCode
+
+MAX_SCHEMA_BYTES = 16_384  # a schema as compact JSON
+MAX_SCHEMA_DEPTH = 12  # nested objects/arrays of a schema document
+MAX_GRAMMAR_BYTES = 256_000  # the GBNF a request's schemas (all tools together) turn into
+
+# Keywords whose constraint the GBNF converter does not enforce: a grammar-valid reply could fail
+# validation, so a schema using them is refused rather than honoured half way.
+UNENFORCED_KEYWORDS = frozenset(
+    {
+        "oneOf",
+        "allOf",
+        "not",
+        "if",
+        "then",
+        "else",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "uniqueItems",
+        "contains",
+        "minContains",
+        "maxContains",
+        "patternProperties",
+        "propertyNames",
+        "dependentRequired",
+        "dependentSchemas",
+        "dependencies",
+        "minProperties",
+        "maxProperties",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+        "$dynamicRef",
+        "$recursiveRef",
+    }
+)
+# Keywords whose value is a map of names to schemas (their keys are names, not keywords).
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions"})
+# Keywords whose value is data, never a schema.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "description", "title", "required"})
+
+
+def invalid(message: str, param: str) -> ClawnodeError:
+    return ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"{message} (param: {param})")
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _check_keywords(schema: Any, param: str) -> None:
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise invalid("a JSON Schema must be an object", param)
+    for key, value in schema.items():
+        if key in UNENFORCED_KEYWORDS:
+            raise invalid(f"JSON Schema keyword {key!r} is not supported by constrained decoding", param)
+        if key in _DATA_KEYWORDS:
+            continue
+        if key in _SCHEMA_MAPS:
+            if not isinstance(value, dict):
+                raise invalid(f"JSON Schema {key!r} must be an object", param)
+            for sub in value.values():
+                _check_keywords(sub, param)
+        elif key in ("items", "additionalProperties") and isinstance(value, dict | bool):
+            _check_keywords(value, param)
+        elif key in ("anyOf", "prefixItems", "items"):
+            if not isinstance(value, list) or not value:
+                raise invalid(f"JSON Schema {key!r} must be a non-empty list", param)
+            for sub in value:
+                _check_keywords(sub, param)
+        elif key == "pattern" and isinstance(value, str) and not (value.startswith("^") and value.endswith("$")):
+            raise invalid("a JSON Schema pattern must be anchored with ^ and $", param)
+
+
+def check_schema(schema: Any, param: str) -> dict[str, Any]:
+    """Bound and validate a JSON Schema from a request; return it (a dict)."""
+    if not isinstance(schema, dict):
+        raise invalid("the JSON Schema must be an object", param)
+    try:
+        size = len(json.dumps(schema, separators=(",", ":")))
+    except (TypeError, ValueError):
+        raise invalid("the JSON Schema is not JSON", param) from None
+    if size > MAX_SCHEMA_BYTES:
+        raise invalid(f"the JSON Schema is larger than {MAX_SCHEMA_BYTES} bytes", param)
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise invalid(f"the JSON Schema nests deeper than {MAX_SCHEMA_DEPTH}", param)
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as error:
+        raise invalid(f"invalid JSON Schema: {error.message[:200]}", param) from None
+    _check_keywords(schema, param)
+    return schema
+
+
+class GrammarBuilder:
+    """Several JSON Schemas (and hand-written rules) in one GBNF grammar."""
+
+    def __init__(self) -> None:
+        from llama_cpp.llama_grammar import SchemaConverter
+
+        self._converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        self._extra: dict[str, str] = {}
+
+    def schema(self, schema: dict[str, Any], name: str, param: str) -> str:
+        """Add ``schema`` under the rule ``name``; return the rule's name."""
+        try:
+            resolved = self._converter.resolve_refs(schema, "request")
+            return str(self._converter.visit(resolved, name))
+        except (AssertionError, AttributeError, KeyError, ValueError, TypeError, RecursionError, IndexError) as error:
+            raise invalid(f"the JSON Schema cannot be enforced: {str(error)[:200]}", param) from None
+
+    def rule(self, name: str, body: str) -> None:
+        self._extra[name] = body
+
+    def build(self, param: str) -> str:
+        # The converter's string characters include raw control characters, which JSON forbids.
+        text = self._converter.format_grammar().replace(_LOOSE_CHAR, _JSON_CHAR)
+        if self._extra:
+            text += "\n" + "\n".join(f"{name} ::= {body}" for name, body in self._extra.items())
+        if len(text) > MAX_GRAMMAR_BYTES:
+            raise invalid("the schemas make too large a grammar", param)
+        return text
+
+
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_JSON_CHAR = 'char ::= [^"\\\\\\x00-\\x1F] |'
+
+
+def literal(text: str) -> str:
+    """A GBNF string literal."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def schema_grammar(schema: dict[str, Any], param: str = "response_format") -> str:
+    builder = GrammarBuilder()
+    builder.schema(schema, "", param)  # "" is the converter's name for the root rule
+    return builder.build(param)
+
+
+JSON_OBJECT_GRAMMAR_SCHEMA: dict[str, Any] = {"type": "object"}
+
+
+class GrammarConstraint:
+    """llama.cpp's grammar sampler over one generation (made and used on the engine's worker)."""
+
+    def __init__(self, vocab: Any, n_vocab: int, grammar: str, param: str) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self._sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        if not self._sampler:
+            raise invalid("the grammar could not be parsed", param)
+        self.grammar = grammar
+        self.n_vocab = n_vocab
+        self._one_data = (llama_cpp.llama_token_data * 1)()
+        self._one = llama_cpp.llama_token_data_array(data=self._one_data, size=1, selected=-1, sorted=False)
+        self._all: Any = None
+
+    def allows(self, token: int) -> bool:
+        self._one_data[0].id = token  # type: ignore[assignment]
+        self._one_data[0].logit = 0.0
+        self._one_data[0].p = 0.0
+        self._one.size = 1
+        self._llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(self._one))
+        return bool(math.isfinite(self._one_data[0].logit))
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` with every token the grammar refuses here set to -inf."""
+        from llama_cpp._internals import LlamaTokenDataArray
+
+        if self._all is None:
+            self._all = LlamaTokenDataArray(n_vocab=self.n_vocab)
+        self._all.copy_logits(logits.astype(np.single, copy=False))
+        self._llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(self._all.candidates))
+        masked: np.ndarray = np.array(self._all.candidates_data.logit, dtype=np.float64)
+        return masked
+
+    def accept(self, token: int) -> None:
+        self._llama_cpp.llama_sampler_accept(self._sampler, token)
+
+    def close(self) -> None:
+        if self._sampler:
+            self._llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
