@@ -29,6 +29,7 @@ from node.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, Http
 from node.openai_api import OpenAINode, error_type, mount_completions, mount_openai
 from node.task_api import TaskNode, mount_tasks
 from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
+from protocols.machines.payable import unpayable_summary
 from runtime.errors import ClawnodeError, ErrorCode, clean_reason
 from runtime.ledger.audit import AuditReport
 from runtime.ledger.models import EscrowMismatches, Lease, QueueStats, ReceiptRecord, Settlement, Totals
@@ -132,8 +133,18 @@ class CapabilitiesReply(BaseModel):
     record: CapabilityRecord | None
 
 
+class Unpayable(BaseModel):
+    """A provider this node cannot pay (protocols/machines/payable.py): listed, never tried."""
+
+    provider: ProviderResult
+    reason: str = Field(description="other_chain | other_contract")
+    message: str
+
+
 class DiscoverReply(BaseModel):
-    providers: list[ProviderResult]
+    providers: list[ProviderResult] = Field(description="the providers this node can pay, ranked")
+    unpayable: list[Unpayable] = Field(default_factory=list, description="providers on another chain or contract")
+    note: str | None = Field(None, description="e.g. '3 providers on other chains'; null when none is left out")
 
 
 class LeasesReply(BaseModel):
@@ -214,6 +225,8 @@ class NodeView(OpenAINode, TaskNode, Protocol):
     async def remove_offer(self, name: str) -> CapabilitiesReply: ...
 
     async def discover(self, query: DiscoveryQuery) -> list[ProviderResult]: ...
+
+    async def discover_split(self, query: DiscoveryQuery) -> tuple[list[ProviderResult], list[Unpayable]]: ...
 
     async def describe(self, peer_id: str) -> DescribeResult: ...
 
@@ -390,7 +403,10 @@ def create_app(
 
     @app.get("/api/discover")
     async def discover(query: Annotated[DiscoverParams, Query()]) -> DiscoverReply:
-        return DiscoverReply(providers=await node.discover(DiscoveryQuery.model_validate(query.model_dump())))
+        found = await node.discover_split(DiscoveryQuery.model_validate(query.model_dump()))
+        return DiscoverReply(
+            providers=found[0], unpayable=found[1], note=unpayable_summary([item.reason for item in found[1]])
+        )
 
     @app.get("/api/describe/{peer_id}")
     async def describe(peer_id: str) -> DescribeResult:

@@ -25,6 +25,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
 from bootstrap.defaults import DEFAULT_BOOTSTRAP_PEERS
+from bootstrap.network import ChainTimeouts, NetworkService, join_network_chain, serve_network_chain
 from bootstrap.peer_book import PeerBook
 from dht.discovery import DescribeResult, Discovery, DiscoveryQuery, ProviderResult
 from dht.offers import Offer
@@ -59,6 +60,7 @@ from node.api import (
     RelayReservationView,
     SettlementsReply,
     StatusReply,
+    Unpayable,
     UpnpView,
     create_app,
 )
@@ -83,6 +85,7 @@ from protocols.background import Supervisor
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
 from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
+from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict
 from protocols.machines.task import RiskLimits
 from protocols.task import TaskMarket
 from runtime.errors import ClawnodeError, ErrorCode
@@ -171,6 +174,7 @@ class Node:
         # "no_escrow_contract" / "wrong_chain" while the configured address holds no escrow (metrics, alert).
         self.escrow_problem: str | None = None
         self.settlement_queue: Any = None  # a runtime.settlement.SettlementQueue once the chain is there
+        self.network: NetworkService | None = None  # /clawnode/network/1.0.0, once running
         self.reconciler: Any = None  # a runtime.settlement.reconcile.Reconciler once the chain is there
         self._arbiter = ""
         self.dht_lookup_s = LatencyHistogram()
@@ -298,6 +302,10 @@ class Node:
                     # Before the DHT dials anyone, so pubsub sees every connection as it opens.
                     self._announcements = TaskAnnouncements(self._host)
                     await nursery.start(self.supervisor.run, "announcements", self._announcements.run)
+                    # escrow.mode auto: the network's chain is served or learnt over /clawnode/network/1.0.0.
+                    auto = self.config.escrow.mode == "auto" and self._escrow_connector is None
+                    self.network = NetworkService(self._host, preparing=auto)
+                    await nursery.start(self.supervisor.run, "network", self.network.run)
                     self._dht = DhtService(
                         self._host,
                         bootstrap_addrs=self.bootstrap_addrs(),
@@ -565,9 +573,7 @@ class Node:
         while True:
             try:
                 # Nothing is committed while connecting, so a shutdown need not wait for it.
-                client = await trio.to_thread.run_sync(  # type: ignore[call-arg]  # stale trio-stubs
-                    self._connect_escrow, wallet_key, abandon_on_cancel=True
-                )
+                client = await self._open_escrow(wallet_key)
                 break
             except ClawnodeError as error:  # EscrowError: a stable reason, never the URL
                 self.escrow_status = EscrowStatus(mode=self.config.escrow.mode, state="unavailable")
@@ -577,6 +583,7 @@ class Node:
             await trio.sleep(delay)
             delay = min(ESCROW_RETRY_MAX_S, delay * 2)
         self.escrow_problem = None
+        self._stamp_offers(client)
         from runtime.settlement import EscrowSettler, SettlementQueue
         from runtime.settlement.reconcile import Reconciler
 
@@ -623,7 +630,10 @@ class Node:
 
     def _default_arbiter(self, client: Any) -> str:
         """Development chains only: their second funded account arbitrates."""
-        if self.config.escrow.mode != "embedded" and self._escrow_connector is None:
+        profile = self.network.profile if self.network is not None else None
+        if profile is not None and profile.arbiter:
+            return profile.arbiter  # the network's (mode auto, joined or served)
+        if self.config.escrow.mode not in ("embedded", "auto") and self._escrow_connector is None:
             return ""
         return str(client.chain.dev_accounts()[1].address)
 
@@ -790,7 +800,7 @@ class Node:
 
     async def set_offer(self, offer: Offer) -> CapabilitiesReply:
         try:
-            self.publisher.set_offer(offer)
+            self.publisher.set_offer(self._stamped(offer))
         except ValueError as error:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, str(error)) from None
         await self.offer_book.record(offer.name, offer)
@@ -803,6 +813,80 @@ class Node:
         return self.capabilities()
 
     async def discover(self, query: DiscoveryQuery) -> list[ProviderResult]:
+        """The providers this node can pay (the router's candidates); see :meth:`discover_split`."""
+        return (await self.discover_split(query))[0]
+
+    async def discover_split(self, query: DiscoveryQuery) -> tuple[list[ProviderResult], list[Unpayable]]:
+        """Discovery's providers split by ``payable_verdict``: those this node can pay, and the others."""
+        ours = self.payment_network()
+        payable: list[ProviderResult] = []
+        others: list[Unpayable] = []
+        for provider in await self._discover_all(query):
+            capability = provider.record.capability(provider.capability)
+            prerequisites = capability.prerequisites if capability is not None else None
+            terms = ProviderTerms(
+                prerequisites.escrow_chain if prerequisites else None,
+                prerequisites.escrow_contract if prerequisites else None,
+            )
+            refusal = payable_verdict(ours, terms)
+            if refusal is None:
+                payable.append(provider)
+            else:
+                others.append(Unpayable(provider=provider, reason=refusal.reason, message=refusal.message))
+        return payable, others
+
+    def payment_network(self) -> PaymentNetwork | None:
+        """The chain and contract this node pays and is paid on; None while none is connected."""
+        client = self.escrow_client
+        if client is None:
+            return None
+        return PaymentNetwork(chain=caip2(client.chain.chain_id), contract=client.address)
+
+    def _stamped(self, offer: Offer) -> Offer:
+        """``offer`` naming the chain and escrow contract this node is paid on (every record says where)."""
+        network = self.payment_network()
+        if network is None:
+            return offer
+        return offer.model_copy(update={"chain": network.chain, "escrow_contract": network.contract})
+
+    def _stamp_offers(self, client: Any) -> None:
+        """The escrow just connected: republish every offer naming its chain and contract."""
+        if self._publisher is None:
+            return
+        for offer in self._publisher.offers:
+            try:
+                self._publisher.set_offer(self._stamped(offer))
+            except ClawnodeError as error:
+                log.warning("offer %s keeps its old chain: %s", offer.name, error.message)
+
+    async def _open_escrow(self, wallet_key: bytes) -> Any:
+        """The escrow client; ``escrow.mode = "auto"`` serves or joins the network's chain (bootstrap/network.py)."""
+        escrow, network = self.config.escrow, self.network
+        if self._escrow_connector is None and escrow.mode == "auto" and network is not None:
+            if self.config.node.role == "bootstrap":
+                host, _, port = escrow.dev_rpc_listen.rpartition(":")
+                return await serve_network_chain(
+                    network, wallet_key, listen_host=host.strip("[]"), listen_port=int(port)
+                )
+            timeouts = ChainTimeouts(
+                rpc_timeout_s=escrow.rpc_timeout_s,
+                rpc_retries=escrow.rpc_retries,
+                health_timeout_s=escrow.health_timeout_s,
+            )
+            return await join_network_chain(
+                network,
+                self.host,
+                wallet_key,
+                bootstrap_addrs=self.bootstrap_addrs(),
+                join_timeout_s=escrow.join_timeout_s,
+                timeouts=timeouts,
+            )
+        # Nothing is committed while connecting, so a shutdown need not wait for it.
+        return await trio.to_thread.run_sync(  # type: ignore[call-arg]  # stale trio-stubs
+            self._connect_escrow, wallet_key, abandon_on_cancel=True
+        )
+
+    async def _discover_all(self, query: DiscoveryQuery) -> list[ProviderResult]:
         started = time.monotonic()
         try:
             return await self.discovery.find(query)

@@ -15,6 +15,7 @@ instead of queueing behind calls that wait out their timeouts.
 from __future__ import annotations
 
 import functools
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,18 @@ LOCAL_DEV_MNEMONIC = "test test test test test test test test test test test jun
 LOCAL_DEV_ACCOUNTS = 10
 
 
+# Chain ids of private in-process chains: random in [2**32, 2**48), far above the ids public and test
+# chains use (chainlist's largest are below 2**32, anvil's 31337, eth-tester's fixed 131277322940537 is
+# above the range), and below 2**53 so a JavaScript client reads them exactly. Two private chains
+# share an id with probability about 2**-47.
+PRIVATE_CHAIN_ID_MIN = 2**32
+PRIVATE_CHAIN_ID_MAX = 2**48
+
+
+def private_chain_id() -> int:
+    return PRIVATE_CHAIN_ID_MIN + secrets.randbelow(PRIVATE_CHAIN_ID_MAX - PRIVATE_CHAIN_ID_MIN)
+
+
 class Chain:
     """A connected chain; ``chain_id`` is read from it, never assumed."""
 
@@ -73,13 +86,28 @@ class Chain:
                 raise normalise(error) from None
 
     @classmethod
-    def embedded(cls) -> Chain:
-        """A fresh in-process chain (py-evm via eth-tester) with ten funded dev accounts."""
+    def embedded(cls, chain_id: int | None = None) -> Chain:
+        """A fresh in-process chain (py-evm via eth-tester) with ten funded dev accounts.
+
+        ``chain_id`` replaces eth-tester's fixed id (131277322940537, the same in every process):
+        a node's private chain gets one of its own (``devchain.private_chain_id``), so no other
+        node's chain can be mistaken for it, and the chain signs and checks transactions with it.
+        """
         from eth_tester import EthereumTester, PyEVMBackend
         from web3 import EthereumTesterProvider
+        from web3.providers.eth_tester.defaults import static_return
 
-        tester = EthereumTester(PyEVMBackend())
-        return cls(Web3(EthereumTesterProvider(tester)), "embedded", tester=tester)
+        backend = PyEVMBackend()
+        if chain_id is not None:
+            # eth-tester builds its chain class per backend: the id is set on that class alone.
+            type(backend.chain).chain_id = chain_id
+        tester = EthereumTester(backend)
+        provider = EthereumTesterProvider(tester)
+        if chain_id is not None:
+            endpoints: dict[str, Any] = dict(provider.api_endpoints or {})
+            endpoints["eth"] = {**endpoints["eth"], "chainId": static_return(chain_id)}  # type: ignore[arg-type]
+            provider.api_endpoints = endpoints
+        return cls(Web3(provider), "embedded", tester=tester)
 
     @classmethod
     def rpc(cls, url: str, *, timeout_s: float = 10.0, retries: int = 1, probe_timeout_s: float = 2.0) -> Chain:

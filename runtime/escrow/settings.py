@@ -1,8 +1,8 @@
 """Escrow settings and the one place that turns them into a client: "embedded", "rpc" or "off".
 
-- ``embedded``: a fresh in-process py-evm chain per start, the contract deployed on it, the
-  node's wallet funded from a dev account (or a dev account itself when no wallet is given).
-  For the demo and tests; nothing on it survives a restart.
+- ``embedded``: a fresh in-process py-evm chain per start with a random chain id of its own, the
+  contract deployed on it, the node's wallet funded from a dev account (or a dev account itself
+  when no wallet is given). Private: no other node can pay on it. Nothing survives a restart.
 - ``rpc``: a JSON-RPC chain (anvil, hardhat, geth, a testnet) at ``rpc_url`` with the contract
   already deployed at ``contract``; the chain id is read from the chain.
 - ``off``: no chain; trusted peers only, post-paid with a cap (enforced by the lease protocol).
@@ -15,7 +15,7 @@ from typing import Any, Literal
 from eth_account.signers.local import LocalAccount
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from runtime.escrow.chain import Chain
+from runtime.escrow.chain import Chain, private_chain_id
 from runtime.escrow.client import EscrowClient
 
 EscrowMode = Literal["embedded", "rpc", "off"]
@@ -70,7 +70,8 @@ def connect_escrow(settings: EscrowSettings, wallet: LocalAccount | None = None)
     if settings.mode == "off":
         return None
     if settings.mode == "embedded":
-        chain = Chain.embedded()
+        # A chain id of its own: another node's private chain can never be taken for this one.
+        chain = Chain.embedded(chain_id=private_chain_id())
         dev = chain.dev_accounts()[0]
         client = EscrowClient.deploy(chain, dev)
         if wallet is None or wallet.address == dev.address:

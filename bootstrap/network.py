@@ -1,0 +1,306 @@
+"""The network profile and ``/clawnode/network/1.0.0``: which chain and escrow a network pays on.
+
+Nodes can only pay each other on one chain, in one escrow contract. A *network profile* names
+them: the chain (CAIP-2), the escrow contract, the JSON-RPC URLs a node reaches the chain at, and
+the arbiter of its escrows. On ``escrow.mode = "auto"`` (the default):
+
+- a ``bootstrap`` node runs the network's development chain (``runtime/escrow/devchain.py``: the
+  in-process chain with an id of its own, the escrow deployed, served over JSON-RPC on
+  ``escrow.dev_rpc_listen``, loopback by default) and hands its profile to whoever asks;
+- every other node asks its bootstrap peers for the profile when it starts, connects to that chain,
+  and asks the bootstrap's faucet to fund its wallet (once per wallet); it then hands the same
+  profile on to nodes that join through it. A node with no bootstrap peer, or whose bootstrap
+  peers all answer that they have no shared chain, runs a private in-process chain (an id of its
+  own: nobody can pay it, and discovery says so).
+
+The protocol is one request, one reply (``wire.rpc``): ``profile`` → the profile or none;
+``fund`` → whether coin was sent. A profile is only ever handed out by a node that serves or
+joined a development chain; a node on an operator's chain (``mode = "rpc"``) names its chain and
+contract but never its RPC URL (which may carry a key).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from runtime.errors import ClawnodeError, ErrorCode
+from wire.rpc import request, serve_requests
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+NETWORK_PROTOCOL = TProtocol("/clawnode/network/1.0.0")
+MAX_FRAME = 4096
+ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+CAIP2 = r"^[a-z0-9]{3,8}:[A-Za-z0-9-]{1,32}$"
+ASK_TIMEOUT_S = 5.0
+FUND_TIMEOUT_S = 30.0
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkProfile(_Msg):
+    """Where a network pays: chain, escrow contract, the chain's JSON-RPC URLs, the arbiter."""
+
+    chain: str = Field(pattern=CAIP2, description="CAIP-2, e.g. eip155:31337")
+    contract: str = Field(pattern=ADDRESS)
+    rpc_urls: list[Annotated[str, Field(max_length=200, pattern=r"^https?://")]] = Field(
+        default_factory=list, max_length=4, description="a development chain's JSON-RPC endpoints; empty otherwise"
+    )
+    arbiter: str | None = Field(None, pattern=ADDRESS)
+    faucet: bool = Field(False, description="the node funds a joining wallet on request")
+
+    @property
+    def chain_id(self) -> int | None:
+        namespace, _, reference = self.chain.partition(":")
+        return int(reference) if namespace == "eip155" and reference.isdigit() else None
+
+
+class ProfileRequest(_Msg):
+    type: Literal["profile"] = "profile"
+
+
+class FundRequest(_Msg):
+    type: Literal["fund"] = "fund"
+    address: str = Field(pattern=ADDRESS)
+
+
+class ProfileReply(_Msg):
+    type: Literal["profile"] = "profile"
+    profile: NetworkProfile | None = None
+
+
+class FundReply(_Msg):
+    type: Literal["funded"] = "funded"
+    funded: bool
+
+
+_REQUESTS: TypeAdapter[ProfileRequest | FundRequest] = TypeAdapter(
+    Annotated[ProfileRequest | FundRequest, Field(discriminator="type")]
+)
+_PROFILE = TypeAdapter(ProfileReply)
+_FUNDED = TypeAdapter(FundReply)
+
+Faucet = Callable[[str], Awaitable[bool]]
+
+
+class NetworkService:
+    """Answers ``/clawnode/network/1.0.0`` with this node's profile and, on a dev chain's node, its faucet."""
+
+    def __init__(self, host: IHost, *, preparing: bool = False) -> None:
+        self.host = host
+        self.profile: NetworkProfile | None = None
+        self.faucet: Faucet | None = None
+        # While this node still starts or joins its chain it says so (``network_starting``), so a
+        # node joining through it asks again instead of taking "no profile" for an answer.
+        self.preparing = preparing
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: TaskStatus[NetworkService] = trio.TASK_STATUS_IGNORED) -> None:
+        """Answer the protocol (and serve a development chain, once started) until cancelled."""
+        self.host.set_stream_handler(NETWORK_PROTOCOL, serve_requests(self._handle, max_frame=MAX_FRAME))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.host.remove_stream_handler(NETWORK_PROTOCOL)
+
+    async def _handle(self, frame: bytes, remote: ID) -> BaseModel:
+        message = _REQUESTS.validate_json(frame)
+        if self.preparing:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node is still starting its chain", "network_starting")
+        if isinstance(message, ProfileRequest):
+            return ProfileReply(profile=self.profile)
+        if self.faucet is None or self.profile is None or not self.profile.faucet:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "this node runs no faucet", "no_faucet")
+        # Once per wallet, and a bounded number of wallets (runtime/escrow/devchain.py).
+        return FundReply(funded=await self.faucet(message.address))
+
+
+async def ask_profile(host: IHost, peer: ID, *, timeout_s: float = ASK_TIMEOUT_S) -> NetworkProfile | None:
+    """The peer's network profile; None when it has none. Raises ``ClawnodeError`` when it cannot say."""
+    reply = await request(
+        host, peer, NETWORK_PROTOCOL, ProfileRequest(), _PROFILE, timeout_s=timeout_s, max_frame=MAX_FRAME
+    )
+    return reply.profile
+
+
+async def ask_funds(host: IHost, peer: ID, address: str, *, timeout_s: float = FUND_TIMEOUT_S) -> bool:
+    """Ask the peer's faucet to fund ``address``; whether it sent coin."""
+    reply = await request(
+        host, peer, NETWORK_PROTOCOL, FundRequest(address=address), _FUNDED, timeout_s=timeout_s, max_frame=MAX_FRAME
+    )
+    return reply.funded
+
+
+def peer_of(addr: str) -> tuple[ID, str | None] | None:
+    """The peer id a bootstrap multiaddr ends in, and its IP (None for a DNS name); None if malformed."""
+    try:
+        parsed = multiaddr.Multiaddr(addr)
+        peer = ID.from_base58(parsed.value_for_protocol("p2p"))
+    except Exception:  # noqa: BLE001 - a malformed address names no peer
+        return None
+    ip = None
+    for protocol in ("ip4", "ip6"):
+        try:
+            ip = parsed.value_for_protocol(protocol)
+            break
+        except Exception:  # noqa: BLE001 - not this family
+            continue
+    return peer, ip
+
+
+def reachable_url(url: str, peer_ip: str | None) -> str:
+    """A dev chain URL bound to every interface (``0.0.0.0``, ``::``) names the bootstrap's own IP instead."""
+    parts = urlsplit(url)
+    if parts.hostname not in ("0.0.0.0", "::") or peer_ip is None:
+        return url
+    host = f"[{peer_ip}]" if ":" in peer_ip else peer_ip
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
+
+
+# -- escrow.mode = "auto": serve the network's chain, or join the one a bootstrap peer serves --
+
+JOIN_RETRY_S = 1.0
+
+
+async def find_profile(
+    host: IHost, bootstrap_addrs: list[str], *, timeout_s: float
+) -> tuple[ID, NetworkProfile] | None:
+    """Ask the bootstrap peers for a profile naming a chain's URL until one does (or ``timeout_s``).
+
+    None when there is no bootstrap peer, when every one of them answered that it has none, or when
+    none answered in time. The URLs come back reachable from here (:func:`reachable_url`).
+    """
+    pending: dict[ID, str | None] = {}
+    for addr in bootstrap_addrs:
+        parsed = peer_of(addr)
+        if parsed is not None and parsed[0] != host.get_id():
+            pending.setdefault(parsed[0], parsed[1])
+    with trio.move_on_after(timeout_s):
+        while pending:
+            for peer, ip in list(pending.items()):
+                try:
+                    profile = await ask_profile(host, peer)
+                except ClawnodeError as error:
+                    log.debug("network profile from %s: %s", peer, error.code)
+                    continue  # not reachable yet, or an older node: asked again
+                if profile is None or not profile.rpc_urls:
+                    del pending[peer]
+                    continue
+                urls = [reachable_url(url, ip) for url in profile.rpc_urls]
+                return peer, profile.model_copy(update={"rpc_urls": urls})
+            await trio.sleep(JOIN_RETRY_S)
+    return None
+
+
+class ChainTimeouts(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rpc_timeout_s: float = 5.0
+    rpc_retries: int = 1
+    health_timeout_s: float = 2.0
+
+
+async def serve_network_chain(service: NetworkService, wallet_key: bytes, *, listen_host: str, listen_port: int) -> Any:
+    """As the network's bootstrap: start the development chain, serve it in ``nursery``, fund our own
+    wallet, publish the profile and the faucet; the node's ``EscrowClient``."""
+    from eth_account import Account
+
+    from runtime.escrow.devchain import DevChain
+
+    if service._nursery is None:
+        raise ClawnodeError(ErrorCode.UNAVAILABLE, "the network service is not running")
+    dev: DevChain = await trio.to_thread.run_sync(DevChain.start)
+    url: str = await service._nursery.start(dev.serve, listen_host, listen_port)
+    wallet = Account.from_key(wallet_key)
+    await trio.to_thread.run_sync(dev.fund, wallet.address)
+
+    async def faucet(address: str) -> bool:
+        return await dev.chain.run(dev.fund, address)
+
+    service.faucet = faucet
+    service.profile = NetworkProfile(
+        chain=f"eip155:{dev.chain.chain_id}",
+        contract=dev.deployer.address,
+        rpc_urls=[url],
+        arbiter=dev.arbiter,
+        faucet=True,
+    )
+    service.preparing = False
+    log.info("serving the network's development chain eip155:%d, escrow %s", dev.chain.chain_id, dev.deployer.address)
+    return dev.deployer.for_account(wallet)
+
+
+async def join_network_chain(
+    service: NetworkService,
+    host: IHost,
+    wallet_key: bytes,
+    *,
+    bootstrap_addrs: list[str],
+    join_timeout_s: float,
+    timeouts: ChainTimeouts,
+) -> Any:
+    """Join the chain a bootstrap peer's profile names (funded by its faucet), else a private chain.
+
+    The node's ``EscrowClient``. Raises ``EscrowError`` when the named chain does not answer or holds
+    no escrow at the named address (the caller retries).
+    """
+    from eth_account import Account
+
+    from runtime.escrow import EscrowSettings, connect_escrow
+
+    wallet = Account.from_key(wallet_key)
+    found = await find_profile(host, bootstrap_addrs, timeout_s=join_timeout_s)
+    if found is None:
+        if bootstrap_addrs:
+            log.warning("no bootstrap peer named a network chain: this node pays on a private chain of its own")
+        service.preparing = False  # asked, it names no chain: nobody can pay on a private one
+        return await trio.to_thread.run_sync(connect_escrow, EscrowSettings(mode="embedded"), wallet)
+    peer, profile = found
+    settings = EscrowSettings(
+        mode="rpc",
+        rpc_url=profile.rpc_urls[0],
+        contract=profile.contract,
+        chain_id=profile.chain_id,
+        rpc_timeout_s=timeouts.rpc_timeout_s,
+        rpc_retries=timeouts.rpc_retries,
+        health_timeout_s=timeouts.health_timeout_s,
+    )
+    client = await trio.to_thread.run_sync(connect_escrow, settings, wallet)
+    assert client is not None  # mode rpc always connects or raises
+    balance = await client.chain.run(lambda: int(client.chain.w3.eth.get_balance(wallet.address)))
+    if balance == 0 and profile.faucet:
+        try:
+            funded = await ask_funds(host, peer, wallet.address)
+        except ClawnodeError as error:
+            funded = False
+            log.warning("the network's faucet did not answer (%s)", error.code)
+        log.info("joined the network chain %s through %s%s", profile.chain, peer, ", wallet funded" if funded else "")
+
+    # Nodes joining through this one learn the same chain (the URL as reached from here), and their
+    # fund requests are passed on to the faucet this node was funded by.
+    async def faucet(address: str) -> bool:
+        return await ask_funds(host, peer, address)
+
+    service.faucet = faucet if profile.faucet else None
+    service.profile = profile
+    service.preparing = False
+    return client

@@ -1,0 +1,219 @@
+"""A network's development chain: the in-process chain, the escrow on it, served over JSON-RPC.
+
+The bootstrap node of a local network runs it (``escrow.mode = "auto"``, the default, on role
+``bootstrap``): one py-evm chain with a chain id of its own (:func:`private_chain_id`), the escrow
+contract deployed by its first dev account, and a JSON-RPC endpoint the nodes that join through
+the bootstrap connect to as to any chain (``Chain.rpc``). A faucet gives each joining wallet coin
+from the dev account, once.
+
+The endpoint is a small door into a process, so it opens little: loopback by default, POST only,
+a body of at most :data:`MAX_RPC_BODY` bytes, no batches, only the methods the escrow client uses
+(:data:`RPC_METHODS`), and an ``eth_call``/``eth_estimateGas`` gas cap (:data:`MAX_CALL_GAS`) so a
+caller cannot make the chain's one thread loop for long. Every request runs under the chain's lock
+on a worker thread, one at a time, like the node's own chain calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from runtime.escrow.chain import Chain, private_chain_id
+from runtime.escrow.client import GAS_LIMITS, EscrowClient
+from runtime.escrow.errors import redact
+from runtime.escrow.settings import fund_from_dev_account
+
+log = logging.getLogger(__name__)
+
+MAX_RPC_BODY = 256 * 1024  # the deploy transaction (~20 KB of hex) with room to spare
+MAX_CALL_GAS = GAS_LIMITS["deploy"]
+MAX_ERROR_MESSAGE = 300
+RPC_METHODS = frozenset(
+    {
+        "eth_chainId",
+        "net_version",
+        "eth_blockNumber",
+        "eth_getBlockByNumber",
+        "eth_getBalance",
+        "eth_getCode",
+        "eth_call",
+        "eth_estimateGas",
+        "eth_getTransactionCount",
+        "eth_gasPrice",
+        "eth_sendRawTransaction",
+        "eth_getTransactionReceipt",
+        "eth_getTransactionByHash",
+    }
+)
+
+# What a faucet hands each new wallet, and how many wallets it funds at most (a stranger cannot
+# drain the dev account by asking for fresh addresses forever).
+FAUCET_AMOUNT = 100 * 10**18  # 1024 wallets take a tenth of the dev account's 10**6 ETH
+FAUCET_MAX_WALLETS = 1024
+
+
+def _to_wire(value: Any) -> Any:
+    """A web3 result as JSON-RPC writes it: quantities and bytes as 0x hex, keys as they are."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return hex(value)
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(key): _to_wire(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_wire(item) for item in value]
+    return str(value)
+
+
+def _error(request_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message[:MAX_ERROR_MESSAGE]}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def _capped_call(params: list[Any]) -> list[Any]:
+    """``eth_call``/``eth_estimateGas`` params with the transaction's gas at most :data:`MAX_CALL_GAS`."""
+    if not params or not isinstance(params[0], dict):
+        return params
+    tx = dict(params[0])
+    gas = tx.get("gas")
+    try:
+        asked = int(gas, 16) if isinstance(gas, str) else int(gas) if isinstance(gas, int) else MAX_CALL_GAS
+    except ValueError:
+        asked = MAX_CALL_GAS
+    tx["gas"] = hex(min(max(asked, 21_000), MAX_CALL_GAS))
+    return [tx, *params[1:]]
+
+
+def answer_rpc(chain: Chain, body: bytes) -> dict[str, Any]:
+    """Blocking: one JSON-RPC request against ``chain`` (its lock held); the JSON-RPC reply object."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return _error(None, -32700, "parse error")
+    if not isinstance(request, dict):
+        return _error(None, -32600, "one request object per call (no batches)")
+    request_id = request.get("id")
+    if not isinstance(request_id, int | str | None) or (isinstance(request_id, str) and len(request_id) > 64):
+        request_id = None
+    method, params = request.get("method"), request.get("params", [])
+    if not isinstance(method, str) or method not in RPC_METHODS:
+        return _error(request_id, -32601, "method not served by this development chain")
+    if not isinstance(params, list) or len(params) > 4:
+        return _error(request_id, -32602, "params must be a list of at most 4 items")
+    if method in ("eth_call", "eth_estimateGas"):
+        params = _capped_call(params)
+    with chain.lock:
+        try:
+            result = chain.w3.manager.request_blocking(method, params)  # type: ignore[arg-type]
+        except Exception as error:  # noqa: BLE001 - every chain error goes back as a JSON-RPC error
+            text = " ".join(str(part) for part in (getattr(error, "message", None), *error.args) if part)
+            return _error(request_id, 3 if "revert" in text.lower() else -32000, redact(text) or type(error).__name__)
+    return {"jsonrpc": "2.0", "id": request_id, "result": _to_wire(result)}
+
+
+@dataclass
+class DevChain:
+    """A network's development chain: the chain, its escrow deployment, the faucet's book."""
+
+    chain: Chain
+    deployer: EscrowClient
+    funded: set[str] = field(default_factory=set)
+    url: str = ""  # the JSON-RPC URL once served
+
+    @classmethod
+    def start(cls) -> DevChain:
+        """Blocking: a fresh chain with a private id and the escrow deployed."""
+        chain = Chain.embedded(chain_id=private_chain_id())
+        return cls(chain, EscrowClient.deploy(chain, chain.dev_accounts()[0]))
+
+    @property
+    def arbiter(self) -> str:
+        """The dev account that arbitrates on this network (the second one, as on the embedded chain)."""
+        return str(self.chain.dev_accounts()[1].address)
+
+    def fund(self, address: str) -> bool:
+        """Blocking: give ``address`` :data:`FAUCET_AMOUNT` once; False when it had its share or the faucet is done."""
+        key = address.lower()
+        if key in self.funded or len(self.funded) >= FAUCET_MAX_WALLETS:
+            return False
+        self.funded.add(key)
+        try:
+            fund_from_dev_account(self.chain, address, FAUCET_AMOUNT)
+        except Exception:
+            self.funded.discard(key)
+            raise
+        return True
+
+    async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the chain over JSON-RPC on ``host:port`` (0: any free port) until cancelled; ``url`` is set."""
+        from hypercorn.config import Config as HypercornConfig
+        from hypercorn.trio import serve
+
+        config = HypercornConfig()
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.accesslog = None
+        config.errorlog = None
+        app = rpc_app(self.chain)
+
+        async def report(*, task_status: Any) -> None:
+            await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+
+        async with trio.open_nursery() as nursery:
+            bound: list[str] = await nursery.start(report)
+            self.url = bound[0]
+            log.info("development chain %d served over JSON-RPC on %s", self.chain.chain_id, redact(self.url))
+            task_status.started(self.url)
+
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def rpc_app(chain: Chain) -> Callable[[dict[str, Any], Receive, Send], Awaitable[None]]:
+    """The ASGI app of :func:`answer_rpc`: POST only, a bounded body read before anything is parsed."""
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["method"] != "POST":
+            await _reply(send, 405, _error(None, -32600, "POST a JSON-RPC request"))
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            body.extend(message.get("body", b""))
+            if len(body) > MAX_RPC_BODY:
+                await _reply(send, 413, _error(None, -32600, f"request larger than {MAX_RPC_BODY} bytes"))
+                return
+            if not message.get("more_body"):
+                break
+        reply = await chain.run(answer_rpc, chain, bytes(body))
+        await _reply(send, 200, reply)
+
+    return app
+
+
+async def _reply(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
