@@ -7,7 +7,6 @@ where one applies, a stable machine-readable reason (null otherwise).
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from functools import partial
 from typing import Annotated, Any, Literal, Protocol
@@ -23,10 +22,12 @@ from dht.discovery import DescribeResult, DiscoveryQuery, ProviderResult
 from dht.offers import Offer
 from dht.records import CAPABILITY_NAME, CapabilityRecord
 from node.alerts import AlertsReply
+from node.anthropic_api import mount_anthropic
 from node.dashboard import is_public as is_dashboard_file
 from node.dashboard import mount_dashboard
-from node.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, HttpGuard
-from node.openai_api import OpenAINode, error_type, mount_completions, mount_openai
+from node.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, HttpGuard, token_offered
+from node.openai_api import HTTP_STATUS, OpenAINode, error_type, mount_completions, mount_openai, param_of
+from node.responses_api import mount_responses
 from node.task_api import TaskNode, mount_tasks
 from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
 from protocols.machines.payable import unpayable_summary
@@ -203,6 +204,7 @@ class ErrorBody(BaseModel):
     message: str
     type: str = Field(description="the OpenAI error type, so OpenAI clients read our errors too")
     reason: str | None = Field(None, description="the stable machine-readable reason (e.g. paused, disk_full)")
+    param: str | None = Field(None, description="the request field the error is about, as OpenAI names it")
 
 
 class ErrorReply(BaseModel):
@@ -277,24 +279,16 @@ class LeaseListReply(BaseModel):
     leases: list[LeaseView]
 
 
-_HTTP_STATUS = {
-    ErrorCode.INVALID_ARGUMENT: 400,
-    ErrorCode.UNAUTHENTICATED: 401,
-    ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.CONFLICT: 409,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.INSUFFICIENT_FUNDS: 402,
-    ErrorCode.EXPIRED: 410,
-    ErrorCode.TIMEOUT: 504,
-    ErrorCode.UNAVAILABLE: 503,
-    ErrorCode.INTERNAL: 500,
-}
-
-
 def error_response(code: ErrorCode, message: str, reason: str | None = None) -> JSONResponse:
-    body = ErrorReply(error=ErrorBody(code=code, message=message, type=error_type(code), reason=clean_reason(reason)))
-    return JSONResponse(body.model_dump(mode="json"), status_code=_HTTP_STATUS[code])
+    body = ErrorReply(
+        error=ErrorBody(
+            code=code, message=message, type=error_type(code), reason=clean_reason(reason), param=param_of(message)
+        )
+    )
+    reply = body.model_dump(mode="json")
+    if reply["error"]["param"] is None:
+        del reply["error"]["param"]  # only where a request field is at fault
+    return JSONResponse(reply, status_code=HTTP_STATUS[code])
 
 
 def _bearer_token_check(token: str) -> Callable[[Request], None]:
@@ -303,8 +297,8 @@ def _bearer_token_check(token: str) -> Callable[[Request], None]:
     def check(request: Request) -> None:
         if is_dashboard_file(request.method, request.url.path):
             return  # the dashboard's page and assets hold no data; its /api calls carry the token
-        offered = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(offered, expected):
+        offered = {name.lower(): value for name, value in request.headers.raw}
+        if not token_offered(offered, expected):
             raise ClawnodeError(ErrorCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     return check
@@ -476,6 +470,8 @@ def create_app(
 
     mount_openai(app, node)
     mount_completions(app, node)
+    mount_responses(app, node)
+    mount_anthropic(app, node)
     mount_tasks(app, node)
     mount_dashboard(app)
     return app

@@ -5,8 +5,8 @@ Before any route, parser or framework code sees a request it checks, in this ord
 1. the ``Host`` header names this machine's loopback API (``127.0.0.1``, ``localhost`` or
    ``[::1]``, with or without the API port), else 421 ``E_FORBIDDEN``: a web page whose DNS
    name was rebound to 127.0.0.1 cannot talk to the node, not even to the dashboard's files;
-2. the bearer token, before a single byte of the body is read (401 ``E_UNAUTHENTICATED``),
-   except for the dashboard's public files;
+2. the bearer token (or the same token as ``x-api-key``, as Anthropic's clients send it), before a
+   single byte of the body is read (401 ``E_UNAUTHENTICATED``), except for the dashboard's public files;
 3. the body's size, from ``Content-Length`` and then counted as it streams in (413
    ``E_INVALID_ARGUMENT`` past ``api.max_body_bytes``);
 4. the JSON nesting depth, scanned on the raw bytes (400 ``E_INVALID_ARGUMENT`` past
@@ -142,9 +142,7 @@ class HttpGuard:
         if not is_loopback_host(headers.get(b"host", b"").decode("latin-1"), server_port):
             await send_error(send, 421, ErrorCode.FORBIDDEN, "the Host header must name 127.0.0.1, localhost or [::1]")
             return
-        if not self._is_public(scope["method"], scope["path"]) and not secrets.compare_digest(
-            headers.get(b"authorization", b""), self._expected
-        ):
+        if not self._is_public(scope["method"], scope["path"]) and not token_offered(headers, self._expected):
             await send_error(send, 401, ErrorCode.UNAUTHENTICATED, "missing or wrong bearer token")
             return
         body = await self._read_body(headers, receive, send)
@@ -216,6 +214,13 @@ class HttpGuard:
             log.error("an API request failed (%s)", type(error).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
             if not started:
                 await send_error(send, 500, ErrorCode.INTERNAL, f"internal error ({type(error).__name__})")
+
+
+def token_offered(headers: dict[bytes, bytes], expected: bytes) -> bool:
+    """The API token as ``Authorization: Bearer <token>`` or, as Anthropic's clients send it, ``x-api-key``."""
+    bearer = secrets.compare_digest(headers.get(b"authorization", b""), expected)
+    api_key = secrets.compare_digest(b"Bearer " + headers.get(b"x-api-key", b""), expected)
+    return bearer or api_key
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:

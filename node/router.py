@@ -5,7 +5,15 @@ through discovery, ranked by health, load, price and measured latency (EWMA), ea
 a lease the router opens itself and reuses; then a configured upstream OpenAI-compatible URL.
 A provider that refuses, stalls or disconnects mid-stream costs a short pause: the router moves
 to the next one and asks it to continue the same answer (the text so far is sent back as the
-start of the assistant's reply), so the agent's stream goes on where it stopped.
+start of the assistant's reply), so the agent's stream goes on where it stopped. Only a plain text
+answer can be continued so: a request with ``n`` > 1, ``tools`` or a ``response_format`` other than
+text (its grammar state is not in the text) fails over before its first chunk only, never mid-answer.
+
+Chunks: the API receives every chunk dict a service emits (``text``, ``tokens``, ``index``,
+``logprobs``, ``tool_calls``, ``finish_reason``: the chunk contract of ``runtime/inference/service.py``),
+checked first by :func:`clean_chunk` (a provider is a stranger); ``tokens`` is counted even when a
+chunk holds no text (tool-call tokens are metered too). Discovery is asked only for providers whose
+model descriptor serves the request's features (``required_features``).
 
 Leases: before each request the router checks that the provider's lease still covers it, by budget
 (what the request may reserve at most, ``call_units_needed``, beside the units already used and those
@@ -120,8 +128,8 @@ RENEW_BEFORE_S = 30.0
 
 
 TextSink = Callable[[str], Awaitable[None]]
-# Internal: text plus how many tokens it holds (a provider's chunk may batch several).
-TokenSink = Callable[[str, int], Awaitable[None]]
+# A chunk dict as the chat service emits it, checked by ``clean_chunk``.
+ChunkSink = Callable[[dict[str, Any]], Awaitable[None]]
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 Discover = Callable[[DiscoveryQuery], Awaitable[list[ProviderResult]]]
 FetchRtt = Callable[[str], Awaitable[float]]
@@ -201,17 +209,31 @@ class Router:
     # -- answering --
 
     async def chat(self, model: str, body: dict[str, Any], on_text: TextSink) -> RouteResult:
-        """Answer a chat request for ``model``, streaming text pieces to ``on_text``."""
+        """Answer a chat request for ``model``, streaming only its text pieces to ``on_text``."""
+
+        async def text_only(chunk: dict[str, Any]) -> None:
+            text = chunk.get("text")
+            if isinstance(text, str) and text:
+                await on_text(text)
+
+        return await self.chat_chunks(model, body, text_only)
+
+    async def chat_chunks(self, model: str, body: dict[str, Any], on_chunk: ChunkSink) -> RouteResult:
+        """Answer a chat request for ``model``, streaming every (checked) chunk dict to ``on_chunk``."""
         capability = f"model:{model}"
         result = RouteResult()
         delivered: list[str] = []
         tokens_delivered = 0
+        chunks_delivered = 0
 
-        async def sink(text: str, tokens: int = 1) -> None:
-            nonlocal tokens_delivered
-            delivered.append(text)
-            tokens_delivered += tokens
-            await on_text(text)
+        async def sink(chunk: dict[str, Any]) -> None:
+            nonlocal tokens_delivered, chunks_delivered
+            text = chunk.get("text")
+            if isinstance(text, str):
+                delivered.append(text)
+            tokens_delivered += chunk_tokens(chunk)
+            chunks_delivered += 1
+            await on_chunk(chunk)
 
         local = self.services.get(capability)
         if local is not None:
@@ -222,9 +244,7 @@ class Router:
                 if first_chunk[0]:
                     first_chunk[0] = False
                     self.local_first_chunk_s.observe(time.monotonic() - started)
-                text = data.get("text")
-                if isinstance(text, str) and text:
-                    await sink(text)
+                await sink(clean_chunk(data))
 
             usage = await local.run(body, emit)
             self.local_duration_s.observe(time.monotonic() - started)
@@ -234,7 +254,8 @@ class Router:
             return result
 
         errors: list[ClawnodeError] = []
-        providers = self.rank(await self.discover(DiscoveryQuery(capability=capability, limit=20)))
+        resumable = continuable(body)
+        providers = self.rank(await self.discover(discovery_query(capability, body)))
         for provider in providers[: self.settings.max_providers]:
             if not self.usable(provider.peer_id) and any(self.usable(p.peer_id) for p in providers):
                 continue
@@ -248,20 +269,27 @@ class Router:
                 errors.append(error)
                 result.failovers += 1
                 log.info("provider %s failed (%s); trying the next", provider.peer_id[:16], error.code)
-        if self.settings.upstream_url:
+                if chunks_delivered and not resumable:
+                    raise ClawnodeError(
+                        ErrorCode.UNAVAILABLE,
+                        f"the provider of {model} failed mid-answer ({error.code}); an answer with n > 1, "
+                        "tools or a response_format cannot be continued by another provider",
+                    ) from None
+        if self.settings.upstream_url and (resumable or not chunks_delivered):
             await self._from_upstream(model, _continued(body, delivered, tokens_delivered), sink, result)
             return result
         if errors:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"every provider of {model} failed (last: {errors[-1].code})")
         raise ClawnodeError(ErrorCode.NOT_FOUND, f"no node serves {model} and no upstream is configured")
 
-    async def embeddings(self, model: str, texts: list[str]) -> tuple[list[list[float]], int, str]:
-        """Vectors for ``texts`` from ``embedding:<model>``: local, else the first provider that answers.
+    async def embeddings(self, model: str, texts: list[str] | list[list[int]]) -> tuple[list[list[float]], int, str]:
+        """Vectors for ``texts`` (strings or token-id lists) from ``embedding:<model>``: local, else the
+        first provider that answers.
 
         Returns (vectors, input tokens, who served them).
         """
         capability = f"embedding:{model}"
-        body = {"input": texts}
+        body: dict[str, Any] = {"input": texts}
         chunks: list[dict[str, Any]] = []
 
         async def collect(data: dict[str, Any]) -> None:
@@ -326,8 +354,10 @@ class Router:
                 provider = queue.pop(0)
                 pieces: list[str] = []
 
-                async def sink(text: str, tokens: int = 1, pieces: list[str] = pieces) -> None:
-                    pieces.append(text)
+                async def sink(chunk: dict[str, Any], pieces: list[str] = pieces) -> None:
+                    text = chunk.get("text")
+                    if isinstance(text, str):
+                        pieces.append(text)
 
                 result = RouteResult()
                 try:
@@ -354,7 +384,7 @@ class Router:
         return ConsensusOutcome(answers[majority[0]][1], usage, answers, majority, confidence, reached)
 
     async def _from_provider(
-        self, provider: ProviderResult, capability: str, body: dict[str, Any], sink: TokenSink, result: RouteResult
+        self, provider: ProviderResult, capability: str, body: dict[str, Any], sink: ChunkSink, result: RouteResult
     ) -> None:
         health = self._health(provider.peer_id)
         lease_id = await self._lease(provider, capability, body)
@@ -362,10 +392,9 @@ class Router:
 
         async def on_chunk(data: dict[str, Any]) -> None:
             nonlocal received
-            text = data.get("text")
-            if isinstance(text, str) and text:
-                received += _tokens_in(data)
-                await sink(text, _tokens_in(data))
+            chunk = clean_chunk(data)
+            received += chunk_tokens(chunk)
+            await sink(chunk)
 
         started = self.clock()
         health.in_flight += 1
@@ -468,7 +497,7 @@ class Router:
         except ClawnodeError as error:
             log.info("could not end the spent lease %s (%s)", lease_id[:12], error.code)
 
-    async def _from_upstream(self, model: str, body: dict[str, Any], sink: TokenSink, result: RouteResult) -> None:
+    async def _from_upstream(self, model: str, body: dict[str, Any], sink: ChunkSink, result: RouteResult) -> None:
         url = self.settings.upstream_url.rstrip("/") + "/chat/completions"
         headers = (
             {"authorization": f"Bearer {self.settings.upstream_api_key}"} if self.settings.upstream_api_key else {}
@@ -481,9 +510,8 @@ class Router:
                         raise ClawnodeError(ErrorCode.UNAVAILABLE, f"the upstream answered {reply.status_code}")
                     async for event in _sse_events(reply.aiter_lines()):
                         for choice in event.get("choices") or []:
-                            text = (choice.get("delta") or {}).get("content")
-                            if isinstance(text, str) and text:
-                                await sink(text, 1)
+                            if isinstance(choice, dict):
+                                await sink(clean_chunk(_upstream_chunk(choice)))
                         usage = event.get("usage")
                         if isinstance(usage, dict):
                             result.prompt_tokens = int(usage.get("prompt_tokens", 0))
@@ -499,17 +527,150 @@ class Router:
         return self.clock() - started
 
 
-def _tokens_in(chunk: dict[str, Any]) -> int:
-    """Tokens a provider's chunk holds (it says so when it batches; one otherwise)."""
-    tokens = chunk.get("tokens", 1)
-    return tokens if isinstance(tokens, int) and tokens > 0 else 1
+def chunk_tokens(chunk: dict[str, Any]) -> int:
+    """Tokens a checked chunk stands for (its ``tokens``; one for a text chunk that does not say)."""
+    tokens = chunk.get("tokens")
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
+        return tokens
+    return 1 if chunk.get("text") else 0
+
+
+MAX_CHOICES = 8
+MAX_TOOL_CALLS = 64
+MAX_CHUNK_LOGPROBS = 4096
+MAX_TOP_LOGPROBS = 20
+
+
+def _bad_chunk(what: str) -> ClawnodeError:
+    # The provider's fault, not the request's: the router fails over (before the first chunk).
+    return ClawnodeError(ErrorCode.INTERNAL, f"the provider sent a malformed chunk ({what})")
+
+
+def _logprob_entry(entry: Any, top: bool) -> dict[str, Any]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+        raise _bad_chunk("logprobs")
+    logprob = entry.get("logprob")
+    if isinstance(logprob, bool) or not isinstance(logprob, int | float) or math.isnan(logprob) or logprob > 1e-3:
+        raise _bad_chunk("logprobs")
+    raw = entry.get("bytes")
+    out: dict[str, Any] = {
+        "token": entry["token"],
+        "logprob": min(0.0, max(float(logprob), -9999.0)),
+        "bytes": [b for b in raw if isinstance(b, int) and 0 <= b < 256] if isinstance(raw, list) else None,
+    }
+    if not top:
+        tops = entry.get("top_logprobs") or []
+        if not isinstance(tops, list) or len(tops) > MAX_TOP_LOGPROBS:
+            raise _bad_chunk("top_logprobs")
+        out["top_logprobs"] = [_logprob_entry(t, True) for t in tops]
+    return out
+
+
+def _tool_call_delta(call: Any) -> dict[str, Any]:
+    if not isinstance(call, dict):
+        raise _bad_chunk("tool_calls")
+    index = call.get("index", 0)
+    function = call.get("function") or {}
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
+        raise _bad_chunk("tool_calls.index")
+    if not isinstance(function, dict):
+        raise _bad_chunk("tool_calls.function")
+    out: dict[str, Any] = {"index": index}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"][:128]
+    if call.get("type") is not None:
+        out["type"] = "function"
+    fn: dict[str, Any] = {}
+    if isinstance(function.get("name"), str):
+        fn["name"] = function["name"][:256]
+    arguments = function.get("arguments")
+    if arguments is not None and not isinstance(arguments, str):
+        raise _bad_chunk("tool_calls.arguments")
+    fn["arguments"] = arguments or ""
+    out["function"] = fn
+    return out
+
+
+def clean_chunk(data: Any) -> dict[str, Any]:
+    """A chunk from a chat service (local or a stranger's) reduced to the contract's keys, each checked;
+    anything else is dropped. Raises ``E_INTERNAL`` (a provider fault) for a malformed one."""
+    if not isinstance(data, dict):
+        raise _bad_chunk("not an object")
+    chunk: dict[str, Any] = {}
+    text = data.get("text")
+    if text is not None:
+        if not isinstance(text, str):
+            raise _bad_chunk("text")
+        chunk["text"] = text
+    tokens = data.get("tokens")
+    if tokens is not None:
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= 1_000_000:
+            raise _bad_chunk("tokens")
+        chunk["tokens"] = tokens
+    index = data.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_CHOICES:
+        raise _bad_chunk("index")
+    chunk["index"] = index
+    logprobs = data.get("logprobs")
+    if logprobs is not None:
+        if not isinstance(logprobs, list) or len(logprobs) > MAX_CHUNK_LOGPROBS:
+            raise _bad_chunk("logprobs")
+        chunk["logprobs"] = [_logprob_entry(entry, False) for entry in logprobs]
+    calls = data.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or len(calls) > MAX_TOOL_CALLS:
+            raise _bad_chunk("tool_calls")
+        chunk["tool_calls"] = [_tool_call_delta(call) for call in calls]
+    finish = data.get("finish_reason")
+    if finish is not None:
+        if finish not in ("stop", "length", "tool_calls", "content_filter"):
+            raise _bad_chunk("finish_reason")
+        chunk["finish_reason"] = finish
+    return chunk
+
+
+def continuable(body: dict[str, Any]) -> bool:
+    """Whether another provider can continue this request's answer from its text so far: only a single
+    plain-text answer (no ``n`` > 1, no tools, no constrained ``response_format``)."""
+    n = body.get("n")
+    if isinstance(n, int) and n > 1:
+        return False
+    if body.get("tools"):
+        return False
+    response_format = body.get("response_format")
+    return not (isinstance(response_format, dict) and response_format.get("type", "text") != "text")
+
+
+def discovery_query(capability: str, body: dict[str, Any]) -> DiscoveryQuery:
+    """What discovery is asked for: providers of ``capability`` that serve the request's features."""
+    # ISSUE18-WIRE: the features filter (required_features(body) from protocols/machines/model_features.py)
+    # is added here once the network side lands.
+    return DiscoveryQuery(capability=capability, limit=20)
+
+
+def _upstream_chunk(choice: dict[str, Any]) -> dict[str, Any]:
+    """An upstream OpenAI stream choice as our chunk (text, tool-call deltas, logprobs, finish)."""
+    delta = choice.get("delta") or {}
+    chunk: dict[str, Any] = {"index": choice.get("index", 0)}
+    if isinstance(delta, dict):
+        if delta.get("content"):
+            chunk["text"] = delta["content"]
+            chunk["tokens"] = 1
+        if delta.get("tool_calls"):
+            chunk["tool_calls"] = delta["tool_calls"]
+    logprobs = choice.get("logprobs")
+    if isinstance(logprobs, dict) and logprobs.get("content"):
+        chunk["logprobs"] = logprobs["content"]
+    if choice.get("finish_reason"):
+        chunk["finish_reason"] = choice["finish_reason"]
+    return chunk
 
 
 def _continued(body: dict[str, Any], delivered: list[str], tokens: int) -> dict[str, Any]:
     """The request for the next provider: the same, asked to continue the answer given so far."""
-    if not delivered:
-        return body
     so_far = "".join(delivered)
+    if not so_far:
+        return body
     max_tokens = body.get("max_tokens")
     update: dict[str, Any] = {"continue_from": so_far}
     if isinstance(max_tokens, int):
@@ -519,7 +680,7 @@ def _continued(body: dict[str, Any], delivered: list[str], tokens: int) -> dict[
 
 def _openai_body(body: dict[str, Any]) -> dict[str, Any]:
     """Our continuation as plain OpenAI: the text so far as a partial assistant message."""
-    out = {k: v for k, v in body.items() if k not in ("continue_from", "clawnode", "model")}
+    out = {k: v for k, v in body.items() if k not in ("continue_from", "clawnode", "model", "stream", "stream_options")}
     so_far = body.get("continue_from")
     if isinstance(so_far, str) and so_far:
         out["messages"] = [*body.get("messages", []), {"role": "assistant", "content": so_far}]
