@@ -26,8 +26,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocols.lease_wire import ADDRESS, HEX32, SHA256_HEX, EscrowLock
+from runtime.errors import REASON_PATTERN, ClawnodeError, ErrorCode
 from runtime.ledger.models import Evidence
 from runtime.ledger.receipts import MAX_AMOUNT, PEER_ID_PATTERN
+from runtime.sandbox import Limits
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_ARTIFACT = 256 * 1024
@@ -38,6 +40,9 @@ MAX_EVIDENCE_NOTE = 2000
 MAX_EVIDENCE_ATTACHMENT = 64 * 1024
 # base64 of the largest artifact, its envelope and the JSON around them.
 MAX_TASK_FRAME = 512 * 1024
+# A sandboxed task's module (or native program), fetched from whoever holds it; its input rides in the params.
+MAX_MODULE = 256 * 1024
+MAX_RUN_INPUT = 4096
 
 AWARD_DOMAIN = "clawnode-task-award"
 AWARD_TYPE = b"/clawnode/task-award/1"
@@ -51,6 +56,41 @@ EVIDENCE_TYPE = b"/clawnode/task-evidence/1"
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- sandboxed tasks --
+
+
+class SandboxTerms(_Msg):
+    """What a ``wasm`` or ``native`` task names in its params (JSON): the program by hash, its input, its limits."""
+
+    kind: Literal["wasm", "native"]
+    module_sha256: str = Field(pattern=SHA256_HEX)
+    module_size: int = Field(ge=1, le=MAX_MODULE)
+    input_b64: str = Field("", max_length=(MAX_RUN_INPUT + 2) * 4 // 3 + 4)
+    limits: Limits
+    arbitration: Literal["rerun", "person"] = Field("rerun", description="rerun: the arbiter re-executes it")
+
+
+def sandbox_terms(params: str | None) -> SandboxTerms | None:
+    """The sandbox terms in a task's params; None for a task that names no kind (a person delivers it)."""
+    try:
+        data = SandboxTerms.model_validate_json(params or "")
+    except ValueError:
+        if params and '"kind"' in params:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, "the task's sandbox terms are invalid", "bad_terms"
+            ) from None
+        return None
+    return data
+
+
+class RunUsage(_Msg):
+    """What a sandboxed run used, signed with its result: fuel (wasm instructions; native CPU-ms), how it ended."""
+
+    fuel_used: int = Field(ge=0)
+    outcome: str = Field(pattern=REASON_PATTERN)
+    exit_code: int | None = None
 
 
 # -- signed payloads --
@@ -82,6 +122,7 @@ class ResultNotice(_Msg):
     content_hash: str = Field(pattern=SHA256_HEX)
     size: int = Field(ge=0, le=MAX_ARTIFACT)
     submitted_at: int = Field(ge=0)
+    usage: RunUsage | None = None  # a sandboxed task's metered run
 
 
 class ReviewNotice(_Msg):
@@ -189,6 +230,15 @@ class ResolutionRequest(_Msg):
     to_bidder: int = Field(ge=0, le=MAX_AMOUNT)
     to_creator: int = Field(ge=0, le=MAX_AMOUNT)
     tx_hash: str | None = Field(None, pattern=HEX32)
+    verdict: str | None = Field(None, pattern=REASON_PATTERN, description="an automatic decision's reason")
+
+
+class ModuleRequest(_Msg):
+    """The awarded seller or the arbiter → whoever holds a sandboxed task's module."""
+
+    type: Literal["module"] = "module"
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    sha256: str = Field(pattern=SHA256_HEX)
 
 
 class CancelRequest(_Msg):
@@ -208,6 +258,7 @@ TaskRequest = Annotated[
     | DisputeRequest
     | EvidenceRequest
     | ResolutionRequest
+    | ModuleRequest
     | CancelRequest,
     Field(discriminator="type"),
 ]
@@ -218,6 +269,11 @@ TaskRequest = Annotated[
 
 class Ack(_Msg):
     type: Literal["ack"] = "ack"
+
+
+class ModuleReply(_Msg):
+    type: Literal["module_reply"] = "module_reply"
+    module: str = Field(max_length=(MAX_MODULE + 2) * 4 // 3 + 4, description="base64")
 
 
 # -- what the API and CLI show --
@@ -259,3 +315,6 @@ class TaskView(BaseModel):
     evidence: list[Evidence] = Field(default_factory=list)  # the dispute's, as the ledger keeps them
     to_bidder: int | None = None
     to_creator: int | None = None
+    kind: str | None = None  # wasm / native: a sandboxed task
+    run: RunUsage | None = None  # the seller's metered run, as signed with its result
+    run_verdict: str | None = None  # the arbiter's automatic decision (or why it left it to a person)

@@ -61,6 +61,8 @@ class ArbiterRole(TaskCore):
         state = self._lock_state(await self._escrow_state(award))
         enforce(checks.case_lock_verdict(state, client.account.address, award.payee, award.price))
         self._replay_case(ann, award, result, review, case, remote)
+        self.local[ann.task_id].result_usage = result.usage
+        self._after_case(ann.task_id)
 
     def _replay_case(
         self,
@@ -115,7 +117,7 @@ class ArbiterRole(TaskCore):
             self._apply(m.OpenDispute(task_id=task_id), remote)
         log.info("task %s: dispute case received from %s", task_id[:12], remote[:16])
 
-    async def resolve(self, task_id: str, to_bidder: int) -> w.TaskView:
+    async def resolve(self, task_id: str, to_bidder: int, verdict: str | None = None) -> w.TaskView:
         """As the arbiter: split the disputed price on chain, ``to_bidder`` to the bidder, the rest back."""
         record, local = self._task(task_id)
         price = record.award.price if record.award is not None else 0
@@ -139,7 +141,7 @@ class ArbiterRole(TaskCore):
             tx_hash = sent.tx_hash
         self._apply(event, self.peer_id)
         message = w.ResolutionRequest(
-            task_id=task_id, to_bidder=to_bidder, to_creator=price - to_bidder, tx_hash=tx_hash
+            task_id=task_id, to_bidder=to_bidder, to_creator=price - to_bidder, tx_hash=tx_hash, verdict=verdict
         )
         async with trio.open_nursery() as nursery:
             for party in (record.creator, award.bidder):

@@ -79,6 +79,9 @@ class TaskLocal:
     review_env: str | None = None
     dispute_reason: str | None = None
     evidence: dict[str, Evidence] = field(default_factory=dict)  # evidence id -> what the parties sent
+    module: bytes | None = None  # a sandboxed task's module, held to serve its seller and arbiter
+    result_usage: w.RunUsage | None = None  # the seller's signed usage of a sandboxed run
+    run_verdict: str | None = None  # the arbiter's automatic decision, or why a person must decide
     closing: bool = False
     closed: bool = False
     refund_queued: bool = False
@@ -231,6 +234,12 @@ class TaskCore:
     async def _close_out(self, task_id: str) -> None:
         raise NotImplementedError  # closeout.CloseOutRole
 
+    def _after_award(self, task_id: str) -> None:
+        """The award was accepted here (runner.RunnerRole runs a sandboxed task)."""
+
+    def _after_case(self, task_id: str) -> None:
+        """A dispute case reached this arbiter (runner.RunnerRole re-runs a sandboxed task)."""
+
     def _record_resolution(self, record: m.TaskRecord, to_bidder: int, to_creator: int) -> None:
         if record.dispute is not None and record.dispute.state == m.DisputeState.OPEN:
             self._apply(
@@ -288,7 +297,19 @@ class TaskCore:
             evidence=sorted(local.evidence.values(), key=lambda e: (e.submitted_at, e.evidence_id)),
             to_bidder=receipt.to_bidder if receipt else None,
             to_creator=receipt.to_creator if receipt else None,
+            kind=self._kind_of(local),
+            run=local.result_usage,
+            run_verdict=local.run_verdict,
         )
+
+    @staticmethod
+    def _kind_of(local: TaskLocal) -> str | None:
+        params = local.params if local.params is not None else (local.award.params if local.award else None)
+        try:
+            terms = w.sandbox_terms(params)
+        except ClawnodeError:
+            return None
+        return terms.kind if terms is not None else None
 
     def view(self, task_id: str) -> w.TaskView:
         return self._view(task_id)

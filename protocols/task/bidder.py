@@ -137,6 +137,7 @@ class BidderRole(TaskCore):
             notice.task_id, m.TaskState.AWARDED, idempotency_key=f"task/{notice.task_id}/awarded"
         )
         log.info("task %s: award accepted, %d wei locked", notice.task_id[:12], notice.price)
+        self._after_award(notice.task_id)
 
     async def _check_award_lock(self, notice: w.AwardNotice, record: m.TaskRecord) -> None:
         """Fetch the lock and the chain's clock, then ask ``task_checks.award_lock_verdict``."""
@@ -166,7 +167,7 @@ class BidderRole(TaskCore):
             )
         )
 
-    async def submit(self, task_id: str, artifact: bytes) -> w.TaskView:
+    async def submit(self, task_id: str, artifact: bytes, usage: w.RunUsage | None = None) -> w.TaskView:
         """Deliver the result of an awarded task; the creator's book refuses anyone but the awarded bidder."""
         enforce(checks.artifact_verdict(len(artifact)))
         record, local = self._task(task_id)
@@ -176,11 +177,12 @@ class BidderRole(TaskCore):
             content_hash=hashlib.sha256(artifact).hexdigest(),
             size=len(artifact),
             submitted_at=int(self._now()),
+            usage=usage,
         )
         envelope = to_base64(seal(notice, self.key, domain=w.RESULT_DOMAIN, payload_type=w.RESULT_TYPE))
         await self._push(record.creator, w.ResultRequest(envelope=envelope, artifact=to_base64(artifact)))
         self._apply(m.SubmitResult(task_id=task_id, content_hash=notice.content_hash, size=notice.size), self.peer_id)
-        local.result_env = envelope
+        local.result_env, local.result_usage = envelope, usage
         return self._view(task_id)
 
     async def _on_review(self, message: w.ReviewRequest, remote: str) -> None:

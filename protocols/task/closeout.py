@@ -30,6 +30,7 @@ class CloseOutRole(TaskCore):
         state = await self._escrow_state(award)
         enforce(checks.resolution_verdict(remote, record.arbiter, state.phase, state.released, message.to_bidder))
         self._record_resolution(record, message.to_bidder, message.to_creator)
+        local.run_verdict = message.verdict or local.run_verdict
         self._start_close_out(message.task_id)
 
     @staticmethod

@@ -210,7 +210,7 @@ class CreatorRole(TaskCore):
         _, local = self._task(notice.task_id)
         enforce(verdict)
         self._apply(m.SubmitResult(task_id=notice.task_id, content_hash=notice.content_hash, size=notice.size), remote)
-        local.result_env, local.artifact = message.envelope, artifact
+        local.result_env, local.artifact, local.result_usage = message.envelope, artifact, notice.usage
         log.info("task %s: result of %d bytes received", notice.task_id[:12], notice.size)
 
     def artifact(self, task_id: str) -> bytes:

@@ -11,18 +11,16 @@ from libp2p.peer.id import ID
 from pydantic import BaseModel, TypeAdapter
 
 from protocols import task_wire as w
-from protocols.task.arbiter import ArbiterRole
 from protocols.task.base import READ_TIMEOUT_S, TASK_PROTOCOL
-from protocols.task.bidder import BidderRole
 from protocols.task.closeout import CloseOutRole
-from protocols.task.creator import CreatorRole
 from protocols.task.dispute import DisputeRole
+from protocols.task.runner import RunnerRole
 from wire.rpc import serve_requests
 
 _REQUESTS: TypeAdapter[Any] = TypeAdapter(w.TaskRequest)
 
 
-class TaskMarket(CreatorRole, BidderRole, DisputeRole, ArbiterRole, CloseOutRole):
+class TaskMarket(RunnerRole, DisputeRole, CloseOutRole):
     """Every role of the task market for one node; mount with ``await nursery.start(market.run)``."""
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -46,6 +44,7 @@ class TaskMarket(CreatorRole, BidderRole, DisputeRole, ArbiterRole, CloseOutRole
             w.EvidenceRequest: self._on_evidence,
             w.ResolutionRequest: self._on_resolution,
             w.CancelRequest: self._on_cancel,
+            w.ModuleRequest: self._on_module,
         }
-        await handlers[type(message)](message, str(remote))
-        return w.Ack()
+        reply = await handlers[type(message)](message, str(remote))
+        return reply if isinstance(reply, BaseModel) else w.Ack()

@@ -1,0 +1,107 @@
+"""The rules of sandboxed tasks (``wasm``, ``native``): who runs, who may fetch the module, and the
+arbiter's decision by re-execution. Pure: facts in, a typed verdict out; the adapter
+(``protocols/task/runner.py``) fetches, runs and acts.
+
+The arbiter's decision (:func:`rerun_verdict`), for a task whose terms leave the dispute to
+re-execution (``arbitration = "rerun"``):
+
+* the arbiter could not re-run it (no party served the module, the module or limits are refused by
+  the arbiter's sandbox, the wall clock killed its run) -> ``escalate``: a person decides;
+* the re-run's output has the sha256 and size the seller signed, and (``wasm``) the same fuel,
+  outcome and exit code as its signed usage -> everything to the seller (``rerun_matches``);
+  the program failing (a trap, a limit) is still the program the buyer named, faithfully run;
+* otherwise -> everything back to the buyer (``output_differs`` / ``usage_differs``).
+
+``native`` runs are compared on output hash, size, outcome and exit code only: CPU time is not
+deterministic across machines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from protocols.machines.verdict import Refusal
+from runtime.errors import ErrorCode
+
+
+def _refuse(code: ErrorCode, reason: str, message: str) -> Refusal:
+    return Refusal(code, reason, message)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """The awarded seller, before it runs a task: does it run this kind, within its caps, by itself?"""
+
+    kind: str
+    accepted: bool  # the kind is in this node's [sandbox] kinds
+    automatic: bool  # [sandbox] auto_run (seller) or auto_arbitrate (arbiter)
+    within_caps: bool  # the task's limits are within this node's caps
+    module_size_ok: bool
+
+
+def run_verdict(f: RunFacts) -> Refusal | None:
+    if not f.automatic:
+        return _refuse(ErrorCode.CONFLICT, "not_automatic", "this node runs sandboxed tasks only when asked")
+    if not f.accepted:
+        return _refuse(ErrorCode.FORBIDDEN, "kind_not_accepted", f"this node does not run {f.kind} tasks")
+    if not f.module_size_ok:
+        return _refuse(ErrorCode.INVALID_ARGUMENT, "module_too_large", "the module is larger than this node takes")
+    if not f.within_caps:
+        return _refuse(ErrorCode.FORBIDDEN, "limits_too_high", "the task's limits exceed this node's caps")
+    return None
+
+
+def module_request_verdict(
+    remote: str, creator: str, awarded_bidder: str | None, arbiter: str, held: str | None, wanted: str
+) -> Refusal | None:
+    """A task's module is served to its awarded seller and its arbiter, by whoever holds it."""
+    if remote not in (creator, arbiter) and remote != awarded_bidder:
+        return _refuse(
+            ErrorCode.FORBIDDEN, "not_a_party", "only the task's awarded seller and arbiter fetch its module"
+        )
+    if held is None or held != wanted:
+        return _refuse(ErrorCode.NOT_FOUND, "module_unknown", "this node does not hold that module")
+    return None
+
+
+@dataclass(frozen=True)
+class Usage:
+    fuel_used: int
+    outcome: str
+    exit_code: int | None
+
+
+@dataclass(frozen=True)
+class RerunFacts:
+    kind: str
+    price: int
+    claimed_sha256: str  # the seller's signed result
+    claimed_size: int
+    claimed_usage: Usage | None  # signed with it
+    rerun_sha256: str | None  # None: the arbiter could not re-run
+    rerun_size: int = 0
+    rerun_usage: Usage | None = None
+    rerun_refusal: str | None = None  # the sandbox's stable reason, when it could not re-run
+
+
+@dataclass(frozen=True)
+class RerunVerdict:
+    action: Literal["resolve", "escalate"]
+    to_bidder: int
+    reason: str
+
+
+def rerun_verdict(f: RerunFacts) -> RerunVerdict:
+    if f.rerun_sha256 is None or f.rerun_usage is None:
+        return RerunVerdict("escalate", 0, f.rerun_refusal or "rerun_unavailable")
+    if (f.rerun_sha256, f.rerun_size) != (f.claimed_sha256, f.claimed_size):
+        return RerunVerdict("resolve", 0, "output_differs")
+    claimed, rerun = f.claimed_usage, f.rerun_usage
+    if claimed is not None:
+        same = (claimed.outcome, claimed.exit_code) == (rerun.outcome, rerun.exit_code)
+        if f.kind == "wasm":
+            same = same and claimed.fuel_used == rerun.fuel_used
+        if not same:
+            return RerunVerdict("resolve", 0, "usage_differs")
+    return RerunVerdict("resolve", f.price, "rerun_matches")

@@ -1,0 +1,218 @@
+"""Sandboxed tasks (``wasm``, ``native``): publish a program by hash, serve it, run it on award, and
+decide its dispute by re-running it. The rules: ``protocols.machines.task_run`` (``run_verdict``,
+``module_request_verdict``, ``rerun_verdict``); the sandboxes: ``runtime.sandbox``.
+
+* The creator publishes the program's sha256, size, input and limits in the task's params (their
+  hash is in the signed announcement, the params ride in the signed award) and keeps the bytes.
+* The awarded seller whose ``[sandbox]`` runs that kind within its caps fetches the program from the
+  creator (``ModuleRequest``, size-capped, checked against the hash), runs it in its sandbox (a
+  worker thread or a child process), and submits the output with its signed usage (fuel, outcome).
+* The arbiter of a disputed sandboxed task fetches the program from either party, re-runs it under
+  the same limits, and resolves on chain by ``rerun_verdict`` without a person; when it cannot
+  re-run (or the task says ``arbitration = "person"``) the dispute waits for ``resolve`` by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+from pydantic import TypeAdapter
+
+from protocols import task_wire as w
+from protocols.machines import task_run as rules
+from protocols.machines.verdict import enforce
+from protocols.task.arbiter import ArbiterRole
+from protocols.task.base import PUSH_TIMEOUT_S, TASK_PROTOCOL, log, parse_peer
+from protocols.task.bidder import BidderRole
+from protocols.task.creator import CreatorRole
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox import Limits, RunResult, sha256_hex
+from wire.rpc import request
+from wire.signed import from_base64, to_base64
+
+_MODULE_REPLY = TypeAdapter(w.ModuleReply)
+
+
+class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
+    async def publish_run(
+        self,
+        capability: str,
+        budget: int,
+        deadline_s: int,
+        *,
+        kind: Literal["wasm", "native"],
+        module: bytes,
+        input: bytes = b"",
+        limits: Limits | None = None,
+        summary: str = "",
+        arbiter_peer: str | None = None,
+        arbiter_wallet: str | None = None,
+        review_timeout_s: int = 600,
+        arbitration: Literal["rerun", "person"] = "rerun",
+    ) -> w.TaskView:
+        """Publish a sandboxed task: the program by hash (this node keeps and serves it), input, limits."""
+        if len(module) > w.MAX_MODULE:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, f"modules are at most {w.MAX_MODULE} bytes", "module_too_large"
+            )
+        if len(input) > w.MAX_RUN_INPUT:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, f"inputs are at most {w.MAX_RUN_INPUT} bytes", "input_too_large"
+            )
+        digest = sha256_hex(module)
+        if kind == "wasm":
+            self.sandbox.load("wasm", module, digest)  # refuses a module no sandbox would run
+        terms = w.SandboxTerms(
+            kind=kind,
+            module_sha256=digest,
+            module_size=len(module),
+            input_b64=base64.b64encode(input).decode(),
+            limits=limits or Limits(),
+            arbitration=arbitration,
+        )
+        view = await self.publish(
+            capability,
+            budget,
+            deadline_s,
+            summary=summary,
+            params=terms.model_dump_json(),
+            arbiter_peer=arbiter_peer,
+            arbiter_wallet=arbiter_wallet,
+            review_timeout_s=review_timeout_s,
+        )
+        self.local[view.task_id].module = module
+        return self._view(view.task_id)
+
+    async def _on_module(self, message: w.ModuleRequest, remote: str) -> w.ModuleReply:
+        record, local = self._task(message.task_id)
+        held = sha256_hex(local.module) if local.module is not None else None
+        bidder = record.award.bidder if record.award is not None else None
+        enforce(rules.module_request_verdict(remote, record.creator, bidder, record.arbiter, held, message.sha256))
+        assert local.module is not None
+        return w.ModuleReply(module=to_base64(local.module))
+
+    async def _fetch_module(self, task_id: str, terms: w.SandboxTerms, holders: list[str]) -> bytes | None:
+        """The program from the first holder that serves the named bytes."""
+        for holder in holders:
+            if holder == self.peer_id:
+                continue
+            try:
+                peer = parse_peer(holder)
+                await self._reachable(peer)
+                reply = await request(
+                    self.host,
+                    peer,
+                    TASK_PROTOCOL,
+                    w.ModuleRequest(task_id=task_id, sha256=terms.module_sha256),
+                    _MODULE_REPLY,
+                    timeout_s=PUSH_TIMEOUT_S,
+                    max_frame=w.MAX_TASK_FRAME,
+                )
+                module = from_base64(reply.module)
+            except ClawnodeError as error:
+                log.info("task %s: module not fetched from %s: %s", task_id[:12], holder[:16], error.code)
+                continue
+            if len(module) == terms.module_size and sha256_hex(module) == terms.module_sha256:
+                return module
+            log.warning("task %s: %s served another module than the task names", task_id[:12], holder[:16])
+        return None
+
+    def _run_facts(self, terms: w.SandboxTerms, automatic: bool) -> rules.RunFacts:
+        policy = self.sandbox.policy
+        return rules.RunFacts(
+            kind=terms.kind,
+            accepted=self.sandbox.accepts(terms.kind),
+            automatic=automatic,
+            within_caps=terms.limits.within(policy.cap),
+            module_size_ok=terms.module_size <= policy.max_module_bytes,
+        )
+
+    async def _run_terms(self, terms: w.SandboxTerms, module: bytes) -> RunResult:
+        digest = self.sandbox.load(terms.kind, module, terms.module_sha256)
+        return await self.sandbox.run(terms.kind, digest, base64.b64decode(terms.input_b64), terms.limits)
+
+    # -- the seller --
+
+    def _after_award(self, task_id: str) -> None:
+        _, local = self._task(task_id)
+        if w.sandbox_terms(local.params) is not None:
+            self._spawn(self._execute, task_id)
+
+    async def _execute(self, task_id: str) -> None:
+        record, local = self._task(task_id)
+        terms = w.sandbox_terms(local.params)
+        assert terms is not None
+        refusal = rules.run_verdict(self._run_facts(terms, self.sandbox.policy.auto_run))
+        if refusal is not None:
+            if refusal.reason != "not_automatic":
+                self.sandbox.stats.refused(terms.kind, refusal.reason)
+            log.info("task %s not run here: %s", task_id[:12], refusal.reason)
+            return
+        module = local.module or await self._fetch_module(task_id, terms, [record.creator])
+        if module is None:
+            log.warning("task %s: the module could not be fetched", task_id[:12])
+            return
+        local.module = module  # served to the arbiter should the result be disputed
+        try:
+            result = await self._run_terms(terms, module)
+        except ClawnodeError as error:  # refused, or killed by the wall clock: nothing to submit
+            log.warning("task %s: the run was refused: %s %s", task_id[:12], error.code, error.reason)
+            return
+        usage = w.RunUsage(fuel_used=result.fuel_used, outcome=str(result.outcome), exit_code=result.exit_code)
+        await self.submit(task_id, result.output, usage)
+        log.info("task %s: ran (%s, %d fuel) and submitted", task_id[:12], result.outcome, result.fuel_used)
+
+    # -- the arbiter --
+
+    def _after_case(self, task_id: str) -> None:
+        _, local = self._task(task_id)
+        if local.award is not None and w.sandbox_terms(local.award.params) is not None:
+            self._spawn(self._arbitrate, task_id)
+
+    async def _arbitrate(self, task_id: str) -> None:
+        record, local = self._task(task_id)
+        award = self._award_of(local)
+        terms = w.sandbox_terms(award.params)
+        if terms is None or record.result is None:
+            return
+        if terms.arbitration != "rerun":
+            local.run_verdict = "left_to_a_person"
+            return
+        claimed = local.result_usage
+        facts = rules.RerunFacts(
+            kind=terms.kind,
+            price=award.price,
+            claimed_sha256=record.result.content_hash,
+            claimed_size=record.result.size,
+            claimed_usage=rules.Usage(claimed.fuel_used, claimed.outcome, claimed.exit_code) if claimed else None,
+            rerun_sha256=None,
+        )
+        refusal = rules.run_verdict(self._run_facts(terms, self.sandbox.policy.auto_arbitrate))
+        if refusal is not None:
+            facts = rules.RerunFacts(**{**facts.__dict__, "rerun_refusal": refusal.reason})
+        else:
+            module = local.module or await self._fetch_module(task_id, terms, [record.creator, award.bidder])
+            if module is None:
+                facts = rules.RerunFacts(**{**facts.__dict__, "rerun_refusal": "module_unavailable"})
+            else:
+                local.module = module
+                try:
+                    result = await self._run_terms(terms, module)
+                    facts = rules.RerunFacts(
+                        **{
+                            **facts.__dict__,
+                            "rerun_sha256": result.output_sha256,
+                            "rerun_size": len(result.output),
+                            "rerun_usage": rules.Usage(result.fuel_used, str(result.outcome), result.exit_code),
+                        }
+                    )
+                except ClawnodeError as error:
+                    facts = rules.RerunFacts(**{**facts.__dict__, "rerun_refusal": error.reason or "rerun_refused"})
+        verdict = rules.rerun_verdict(facts)
+        local.run_verdict = verdict.reason
+        if verdict.action == "escalate":
+            log.warning("task %s: not re-run (%s); the dispute waits for a person", task_id[:12], verdict.reason)
+            return
+        log.info("task %s: re-run decides %s: %d to the seller", task_id[:12], verdict.reason, verdict.to_bidder)
+        await self.resolve(task_id, verdict.to_bidder, verdict=verdict.reason)

@@ -1,0 +1,123 @@
+"""``wasm`` tasks end to end: real nodes, gossip, task streams, ledgers and the embedded chain.
+
+The seller's node fetches the module from the buyer, runs it in its sandbox and submits the output
+with its metered fuel; a dispute is decided by the arbiter re-running the module and resolving on
+chain with no person: a correct result rejected goes to the seller, a wrong one back to the buyer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import trio
+from pydantic import TypeAdapter
+
+from node.daemon import Node
+from protocols import task_wire as w
+from protocols.gossip import task_topic
+from protocols.machines.task import TaskState
+from protocols.task import TASK_PROTOCOL
+from protocols.task_wire import RunUsage
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox import Limits, WasmSandbox, sha256_hex
+from tests.support import wasm_modules as mods
+from tests.support.market import SharedChain, market_nodes, wait_for
+from wire.rpc import request
+
+CAPABILITY = "model:wasm-upper"
+ETH = 10**18
+PRICE = ETH // 2
+LIMITS = Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output_bytes=4096)
+
+_REPLY = TypeAdapter(w.ModuleReply)
+
+pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
+
+
+def _peer(node: Node) -> str:
+    return str(node.host.get_id())
+
+
+async def _publish(creator: Node, seller: Node, arbiter: Node, shared: SharedChain, text: bytes) -> str:
+    topic = task_topic(CAPABILITY)
+    await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30, "sub")
+    view = await creator.tasks.publish_run(
+        CAPABILITY,
+        ETH,
+        120,
+        kind="wasm",
+        module=mods.UPPER,
+        input=text,
+        limits=LIMITS,
+        summary="upper-case the input",
+        arbiter_peer=_peer(arbiter),
+        arbiter_wallet=shared.arbiter.address,
+        review_timeout_s=60,
+    )
+    assert view.kind == "wasm"
+    await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
+    bid = await seller.tasks.bid(view.task_id, PRICE)
+    await creator.tasks.award(view.task_id, bid.bid_id)
+    return view.task_id
+
+
+async def _closed_with(node: Node, task_id: str, to_bidder: int) -> None:
+    await wait_for(lambda: str(node.tasks.book.get(task_id).state) == TaskState.CLOSED, 30, "task closed")
+    view = node.tasks.view(task_id)
+    assert (view.to_bidder, view.to_creator) == (to_bidder, PRICE - to_bidder)
+
+
+async def test_wasm_tasks_run_by_the_seller_and_disputes_decided_by_re_execution() -> None:
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    specs = [{}, {}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    async with market_nodes(specs, chain=shared) as (nodes, _):
+        creator, seller, cheat, arbiter = nodes
+        cheat.sandbox.policy = dataclasses.replace(cheat.sandbox.policy, auto_run=False)  # delivers by hand
+        for node in (seller, cheat):
+            await node.tasks.watch(CAPABILITY)
+        expected = WasmSandbox()
+        honest = expected.run(expected.load(mods.UPPER), b"pay me", LIMITS)
+
+        # 1. Accepted: the seller ran it by itself; the output and fuel are what anyone gets.
+        task_id = await _publish(creator, seller, arbiter, shared, b"pay me")
+        await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
+        view = creator.tasks.view(task_id)
+        assert creator.tasks.artifact(task_id) == honest.output == b"PAY ME!\x06"
+        assert view.result_hash == honest.output_sha256
+        assert view.run == RunUsage(fuel_used=honest.fuel_used, outcome="exited", exit_code=0)
+        assert seller.sandbox.stats.runs["wasm"] == 1
+        await creator.tasks.review(task_id, True)
+        await _closed_with(seller, task_id, PRICE)
+
+        # 2. The buyer rejects a correct result and disputes: the re-run pays the seller.
+        task_id = await _publish(creator, seller, arbiter, shared, b"pay me")
+        await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
+        await creator.tasks.review(task_id, False, "I do not like it")
+        await creator.tasks.dispute(task_id, "wrong, surely")
+        for node in (creator, seller):
+            await _closed_with(node, task_id, PRICE)
+        assert arbiter.tasks.view(task_id).run_verdict == "rerun_matches"
+        assert creator.tasks.view(task_id).run_verdict == "rerun_matches"
+        assert arbiter.tasks.view(task_id).dispute_state == "dispute_resolved"
+
+        # 3. A seller submits a wrong output (claiming the honest fuel): the re-run refunds the buyer.
+        await wait_for(
+            lambda: cheat.host.get_id() in creator.announcements.pubsub.peer_topics.get(task_topic(CAPABILITY), ()),
+            30,
+            "sub",
+        )
+        task_id = await _publish(creator, cheat, arbiter, shared, b"pay me")
+        # The module is served to the awarded seller and the arbiter only.
+        ask = w.ModuleRequest(task_id=task_id, sha256=sha256_hex(mods.UPPER))
+        with pytest.raises(ClawnodeError) as refused:
+            await request(seller.host, creator.host.get_id(), TASK_PROTOCOL, ask, _REPLY, max_frame=w.MAX_TASK_FRAME)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "not_a_party")
+        usage = RunUsage(fuel_used=honest.fuel_used, outcome="exited", exit_code=0)
+        await cheat.tasks.submit(task_id, b"PAY ME NOW!\x06", usage)
+        await creator.tasks.review(task_id, False, "not the program's output")
+        await creator.tasks.dispute(task_id, "the output is not what the module writes")
+        for node in (creator, cheat):
+            await _closed_with(node, task_id, 0)
+        assert arbiter.tasks.view(task_id).run_verdict == "output_differs"
+        assert arbiter.sandbox.stats.runs["wasm"] == 2
