@@ -27,7 +27,7 @@ from dht.records import CapabilityRecord, Reachability, RecordRejected, Rejectio
 from dht.seq_book import SeqBook
 from dht.service import DhtService
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.model_ids import CapabilityName
+from runtime.model_ids import MODEL_FEATURES, CapabilityName, ModelFeature
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ class DiscoveryQuery(BaseModel):
     min_ctx: int | None = Field(None, ge=1, description="smallest context length in tokens")
     min_vram_gb: int | None = Field(None, ge=0)
     reachable: bool = Field(False, description="only providers that declare themselves publicly reachable")
+    features: list[ModelFeature] = Field(
+        default_factory=list,
+        max_length=len(MODEL_FEATURES),
+        description="only providers whose model serves all of these (tools, json_schema, logprobs, n)",
+    )
     limit: int = Field(20, ge=1, le=MAX_PROVIDERS)
 
 
@@ -60,6 +65,8 @@ class ProviderResult(BaseModel):
     asset: str
     chain: str
     context_length: int | None
+    features: list[str] = Field(default_factory=list, description="what the model serves beyond free text")
+    chat_format: str = ""
     vram_mb: int
     gpu_model: str | None
     reachability: Reachability
@@ -365,6 +372,9 @@ def _result(record: CapabilityRecord, rtt_s: float, query: DiscoveryQuery, *, is
         return None
     if query.reachable and record.reachability != "public":
         return None
+    served = capability.model.features if capability.model else []
+    if not set(query.features) <= set(served):
+        return None
     return ProviderResult(
         peer_id=record.peer_id,
         capability=capability.name,
@@ -373,6 +383,8 @@ def _result(record: CapabilityRecord, rtt_s: float, query: DiscoveryQuery, *, is
         asset=pricing.asset,
         chain=pricing.chain,
         context_length=context,
+        features=list(served),
+        chat_format=capability.model.chat_format if capability.model else "",
         vram_mb=record.hardware.vram_mb,
         gpu_model=record.hardware.gpu_model,
         reachability=record.reachability,

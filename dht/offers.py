@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dht.records import (
     MAX_PRICE_PER_UNIT,
@@ -20,7 +20,7 @@ from dht.records import (
     Pricing,
     Risk,
 )
-from runtime.model_ids import CapabilityName
+from runtime.model_ids import MODEL_FEATURES, CapabilityName, ModelFeature
 
 CHAT_REQUEST_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -31,10 +31,10 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
             "minItems": 1,
             "items": {
                 "type": "object",
-                "required": ["role", "content"],
+                "required": ["role"],
                 "properties": {
-                    "role": {"enum": ["system", "user", "assistant"]},
-                    "content": {"type": "string"},
+                    "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                    "content": {"type": ["string", "array", "null"]},
                 },
             },
         },
@@ -85,6 +85,12 @@ class Offer(BaseModel):
     chain: str = "eip155:31337"
     minimum_lock: int = Field(0, ge=0, le=UINT256_MAX)
     context_length: int | None = Field(None, ge=1)
+    features: list[ModelFeature] = Field(
+        default_factory=list, description="what a model offer serves beyond free text: tools, json_schema, logprobs, n"
+    )
+    chat_format: str = Field(
+        "", pattern=r"^([a-z0-9][a-z0-9._-]{0,47})?$", description="a model's chat template family (chatml, gemma...)"
+    )
     family: str = ""
     parameters: int = Field(0, ge=0)
     quantisation: str = ""
@@ -97,9 +103,33 @@ class Offer(BaseModel):
     trusted_postpaid_allowed: bool = False
     escrow_contract: str | None = Field(None, pattern=r"^0x[0-9a-fA-F]{40}$")
 
+    @field_validator("features")
+    @classmethod
+    def _each_once_in_order(cls, features: list[ModelFeature]) -> list[ModelFeature]:
+        return [name for name in MODEL_FEATURES if name in features]
+
+    @model_validator(mode="after")
+    def _features_of_models_only(self) -> Offer:
+        if self.features and self.kind != "model":
+            raise ValueError("only a model offer serves features (tools, json_schema, logprobs, n)")
+        return self
+
     @property
     def kind(self) -> Kind:
         return self.name.split(":", 1)[0]  # type: ignore[return-value]
+
+    def model_facts(self) -> ModelFacts | None:
+        """The model facts of a model or embedding offer, as its descriptor carries them; None otherwise."""
+        if self.kind not in ("model", "embedding"):
+            return None
+        return ModelFacts(
+            family=self.family or default_family(self.name),
+            parameters=self.parameters,
+            quantisation=self.quantisation or "unknown",
+            context_length=self.context_length or 2048,
+            features=self.features,
+            chat_format=self.chat_format,
+        )
 
     def descriptor(self) -> CapabilityDescriptor:
         kind = self.kind
@@ -112,14 +142,7 @@ class Offer(BaseModel):
             examples = examples if examples is not None else [{"input": "hello"}]
         if schema is None or reply is None:
             raise ValueError(f"a {kind} offer needs params_schema and returns")
-        model = None
-        if kind in ("model", "embedding"):
-            model = ModelFacts(
-                family=self.family or default_family(self.name),
-                parameters=self.parameters,
-                quantisation=self.quantisation or "unknown",
-                context_length=self.context_length or 2048,
-            )
+        model = self.model_facts()
         return CapabilityDescriptor(
             name=self.name,
             kind=kind,

@@ -18,10 +18,19 @@ from typing import Any, Literal
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from libp2p.crypto.keys import PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from dht.schema_safety import SchemaBudgetExceeded, instance_problems, schema_problem, validation_budget
-from runtime.model_ids import CAPABILITY_NAME_PATTERN, CapabilityName
+from runtime.model_ids import CAPABILITY_NAME_PATTERN, MODEL_FEATURES, CapabilityName, ModelFeature
 from wire.signed import SignatureError, canonical_json, open_sealed, seal
 
 RECORD_DOMAIN = "clawnode-capability-record"
@@ -78,6 +87,32 @@ class ModelFacts(_Strict):
     parameters: int = Field(ge=0)
     quantisation: str = Field(max_length=32)
     context_length: int = Field(ge=1)
+    features: list[ModelFeature] = Field(
+        default_factory=list,
+        max_length=len(MODEL_FEATURES),
+        description="what the provider serves beyond free text: tools, json_schema, logprobs, n",
+    )
+    chat_format: str = Field(
+        "", pattern=r"^([a-z0-9][a-z0-9._-]{0,47})?$", description="the chat template family, e.g. chatml, gemma"
+    )
+
+    @field_validator("features")
+    @classmethod
+    def _in_order(cls, features: list[ModelFeature]) -> list[ModelFeature]:
+        # One way to write each set, so a record's canonical encoding is unique.
+        if features != [name for name in MODEL_FEATURES if name in features]:
+            raise ValueError(f"features are listed once each, in the order {', '.join(MODEL_FEATURES)}")
+        return features
+
+    @model_serializer(mode="wrap")
+    def _without_empty_additions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A record from before features were published has neither key; left out while empty, its
+        # canonical encoding (which the signature covers) is still the one it was signed as.
+        data: dict[str, Any] = handler(self)
+        for key in ("features", "chat_format"):
+            if not data.get(key):
+                data.pop(key, None)
+        return data
 
 
 class CapabilityDescriptor(_Strict):

@@ -20,6 +20,7 @@ import trio
 from node.datadir import ensure_data_dir, read_api_token, read_running
 from node.paths import resolve_data_dir
 from runtime.errors import ClawnodeError
+from runtime.model_ids import MODEL_FEATURES
 
 if TYPE_CHECKING:
     from node.config import Config
@@ -320,6 +321,8 @@ def _offer_line(capability: dict[str, Any]) -> str:
     pricing = capability["pricing"]
     model = capability.get("model") or {}
     context = f"  ctx {model['context_length']}" if model else ""
+    if model.get("features"):
+        context += "  " + ",".join(model["features"])
     return f"{capability['name']:<40} {_price(pricing['price_per_unit'], pricing['asset'])}/{pricing['unit']}{context}"
 
 
@@ -330,6 +333,13 @@ def _offer_line(capability: dict[str, Any]) -> str:
 @click.option("--min-ctx", type=str, default=None, help="Smallest context length, tokens.")
 @click.option("--min-vram", type=str, default=None, help="Smallest GPU memory, GB.")
 @click.option("--reachable", is_flag=True, help="Only providers that are publicly reachable.")
+@click.option(
+    "--feature",
+    "features",
+    multiple=True,
+    type=click.Choice(MODEL_FEATURES),
+    help="Only providers whose model serves this (repeatable): tools, json_schema, logprobs, n.",
+)
 @click.option("--limit", type=str, default=None, help="At most this many providers (default 20).")
 @json_option
 def find(
@@ -339,16 +349,18 @@ def find(
     min_ctx: str | None,
     min_vram: str | None,
     reachable: bool,
+    features: tuple[str, ...],
     limit: str | None,
     as_json: bool,
 ) -> None:
-    """Nodes that serve CAPABILITY (e.g. model:gemma3-270m-q4_k_m), cheapest and fastest first."""
+    """Nodes that serve CAPABILITY (e.g. model:Qwen/Qwen2.5-0.5B-Instruct), cheapest and fastest first."""
     params = {
         "capability": capability,
         "max_price": max_price,
         "min_ctx": min_ctx,
         "min_vram_gb": min_vram,
         "reachable": "true" if reachable else None,
+        "features": list(features) or None,
         "limit": limit,
     }
     body = _call_api(data_dir, "/api/discover", params=params, timeout=60.0)
@@ -356,12 +368,22 @@ def find(
     for provider in body["providers"]:
         hardware = provider["gpu_model"] or "cpu"
         context = f"ctx {provider['context_length']}" if provider["context_length"] else ""
+        served = ",".join(provider.get("features") or []) or "text only"
         lines.append(
             f"{provider['peer_id']}  {_price(provider['price_per_unit'], provider['asset'])}/{provider['unit']}  "
-            f"{context}  {hardware}  {provider['reachability']}  rtt {provider['rtt_ms']:.1f} ms"
+            f"{context}  {served}  {hardware}  {provider['reachability']}  rtt {provider['rtt_ms']:.1f} ms"
             + ("  (this node)" if provider["is_self"] else "")
         )
-    _print(body, as_json, lines or [f"no provider of {capability} matches"])
+    unpayable = body.get("unpayable") or []
+    if not lines:
+        lines.append(f"no provider of {capability} that this node can pay matches")
+    if unpayable:
+        # Listed so the owner sees them, never tried: this node cannot pay on their chain or contract.
+        lines.append(f"{body.get('note') or len(unpayable)} (this node cannot pay them):")
+        for item in unpayable:
+            provider = item["provider"]
+            lines.append(f"  {provider['peer_id']}  {provider['chain']}  unreachable for payment ({item['reason']})")
+    _print(body, as_json, lines)
 
 
 @main.command()

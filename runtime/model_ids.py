@@ -17,7 +17,7 @@ The patterns use no look-around (pydantic's Rust regex engine has none) and are 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 from pydantic import Field
 
@@ -44,6 +44,13 @@ CapabilityName = Annotated[
         examples=["model:Qwen/Qwen2.5-0.5B-Instruct"],
     ),
 ]
+
+# What a model's provider may serve beyond free text, as its capability record lists them
+# (``ModelFacts.features``): tool calls, output constrained to a JSON Schema (``json_object`` too),
+# log probabilities, several choices (``n`` > 1). protocols.machines.model_features says which a
+# request needs; the engine's ``LlamaModel.features()`` says which a loaded model serves.
+ModelFeature = Literal["tools", "json_schema", "logprobs", "n"]
+MODEL_FEATURES: Final[tuple[ModelFeature, ...]] = ("tools", "json_schema", "logprobs", "n")
 
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
 _CAPABILITY_NAME = re.compile(CAPABILITY_NAME_PATTERN)

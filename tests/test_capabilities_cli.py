@@ -34,6 +34,8 @@ context_length = 8192
 family = "gemma3"
 parameters = 270000000
 quantisation = "Q4_K_M"
+features = ["json_schema", "tools"]
+chat_format = "gemma"
 """
 
 
@@ -87,8 +89,15 @@ def test_offers_are_found_described_repriced_withdrawn_and_never_leak(
     assert find("--max-price", "1999999999") == []
     assert find("--min-ctx", "16384") == []
     assert [p["peer_id"] for p in find("--min-vram", "12", "--reachable")] == [seller_id]
+    # What the model serves beyond free text is in the record, and find filters on it.
+    assert found[0]["features"] == ["tools", "json_schema"] and found[0]["chat_format"] == "gemma"
+    assert [p["peer_id"] for p in find("--feature", "tools", "--feature", "json_schema")] == [seller_id]
+    assert find("--feature", "tools", "--feature", "logprobs") == []
+    unknown = run_cli("find", GEMMA, "--data-dir", str(buyer.data_dir), "--feature", "grammar", timeout=90)
+    assert unknown.returncode != 0 and "grammar" in unknown.stderr
     text = run_cli("find", GEMMA, "--data-dir", str(buyer.data_dir), timeout=90)
     assert text.returncode == 0 and seller_id in text.stdout and "2 gwei/token" in text.stdout
+    assert "tools,json_schema" in text.stdout
     outputs.append(text.stdout)
 
     described = cli_json("describe", seller_id, "--data-dir", str(buyer.data_dir))

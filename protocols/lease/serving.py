@@ -31,6 +31,8 @@ from protocols.lease.base import (
     token_digest,
 )
 from protocols.machines.lease import BUDGET_BUSY_MESSAGE, aborted_call_units, chunk_tokens
+from protocols.machines.model_features import required_features, serves
+from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.service import Usage
 from wire.framing import FrameReader, write_frame
@@ -121,6 +123,11 @@ class ServingRole(LeaseCore):
         service = self.services.get(served.grant.capability)
         if service is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"{served.grant.capability} is not being served right now")
+        # A request for what this model does not serve (tools, a JSON Schema, logprobs, n > 1) is refused
+        # before anything is reserved or generated, never answered with free text that drops it.
+        capability = served.grant.capability
+        offer = next((offer for offer in self.offers() if offer.name == capability), None)
+        enforce(serves(required_features(call.body), offer.model_facts() if offer else None, capability=capability))
         # Units held for this call until it is metered, so calls in flight never overshoot the budget.
         give_up_at = trio.current_time() + RESERVE_WAIT_S
         while True:

@@ -101,6 +101,17 @@ UNLIMITED_UNITS = 2**62
 END_FRAME_INFLATED = "the end frame claims more units than were delivered"
 
 
+# The most choices (``n``) a request may ask for; the engine refuses more.
+MAX_CHOICES = 8
+
+
+def completion_choices(body: Any) -> int:
+    """How many completions a body asks for (``n``): each may run to ``max_tokens``, and every one is
+    metered. 1 for anything but an integer from 1 to :data:`MAX_CHOICES` (the engine refuses those)."""
+    n = body.get("n") if isinstance(body, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHOICES else 1
+
+
 class CallPlan(NamedTuple):
     reserve: int  # units held for the call until it is metered
     max_tokens: int  # the completion bound the engine is told
@@ -136,22 +147,25 @@ def plan_call(body: dict[str, Any], units_left: int) -> CallPlan:
     """How many units to reserve for a call, and the completion bound to hand the engine.
 
     A declared ``max_tokens`` must fit what is left (else ``E_INSUFFICIENT_FUNDS``); without one the
-    completion is capped at ``DEFAULT_COMPLETION_CAP`` or what is left. The prompt's estimate is
+    completion is capped at ``DEFAULT_COMPLETION_CAP`` or what is left. With ``n`` choices each may run to
+    the bound, so ``n`` times it is reserved (and must fit). The prompt's estimate is
     reserved as far as the budget allows beyond the completion: a call that counts more than its
     reservation is billed its reservation (the provider's loss, never the consumer's).
     """
     if units_left < 0:
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units_left must be >= 0")
     declared = declared_max_tokens(body)
+    choices = completion_choices(body)
     if declared is not None:
-        if declared > units_left:
+        if declared * choices > units_left:
             raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, OVER_BUDGET_MESSAGE, Reason.OVER_BUDGET)
         completion = declared
     else:
-        completion = min(DEFAULT_COMPLETION_CAP, units_left)
+        completion = min(DEFAULT_COMPLETION_CAP, units_left // choices)
         if completion < 1:
             raise ClawnodeError(ErrorCode.INSUFFICIENT_FUNDS, OVER_BUDGET_MESSAGE, Reason.OVER_BUDGET)
-    reserve = completion + min(prompt_units_estimate(body), units_left - completion)
+    completions = completion * choices
+    reserve = completions + min(prompt_units_estimate(body), units_left - completions)
     return CallPlan(reserve=reserve, max_tokens=completion)
 
 
@@ -163,7 +177,7 @@ def call_units_needed(body: dict[str, Any]) -> int:
         declared = declared_max_tokens(body)
     except ClawnodeError:
         declared = None
-    return (declared or DEFAULT_COMPLETION_CAP) + prompt_units_estimate(body)
+    return (declared or DEFAULT_COMPLETION_CAP) * completion_choices(body) + prompt_units_estimate(body)
 
 
 @dataclass(frozen=True)
@@ -224,7 +238,7 @@ def end_frame_verdict(claimed_units: int, tokens_received: int, body: dict[str, 
     except ClawnodeError:
         declared = None
     if declared is not None:
-        bound = min(bound, declared + prompt)
+        bound = min(bound, declared * completion_choices(body) + prompt)
     if claimed_units > bound:
         return Refusal(ErrorCode.CONFLICT, "end_frame_inflated", END_FRAME_INFLATED)
     return None

@@ -13,14 +13,15 @@ Pure: :func:`required_features` reads a request body (a stranger's, so it never 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from protocols.machines.verdict import Refusal
 from runtime.errors import ErrorCode
+from runtime.model_ids import MODEL_FEATURES, ModelFeature
 
-Feature = Literal["tools", "json_schema", "logprobs", "n"]
+Feature = ModelFeature
 # In the order a refusal names them.
-FEATURES: Final[tuple[Feature, ...]] = ("tools", "json_schema", "logprobs", "n")
+FEATURES: Final = MODEL_FEATURES
 # The request field a client set to need each feature: a refusal names it as OpenAI's ``param``.
 FEATURE_PARAMS: Final[dict[str, str]] = {
     "tools": "tools",

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocols.machines import lease_calls
 from protocols.machines import model_features as mf
-from runtime.errors import ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode
 from tests.protocols.refusals import report
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -97,7 +98,7 @@ _bodies = st.fixed_dictionaries({}, optional=_field_values) | _json
 def test_random_bodies_against_random_providers_are_refused_by_reason() -> None:
     seen: Counter[str] = Counter()
 
-    @settings(max_examples=400, deadline=None, database=None)
+    @settings(max_examples=300, deadline=None, database=None)
     @given(body=_bodies, served=st.sets(st.sampled_from(mf.FEATURES)), as_json=st.booleans())
     def run(body: Any, served: set[str], as_json: bool) -> None:
         needed = mf.required_features(body)  # a stranger's body never raises
@@ -121,3 +122,39 @@ def test_random_bodies_against_random_providers_are_refused_by_reason() -> None:
 
     run()
     report("model features", seen, {"admitted", "feature_not_served"})
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    n=st.integers(1, 8),
+    max_tokens=st.one_of(st.none(), st.integers(1, 100)),
+    left=st.integers(0, 3_000),
+    tools=st.booleans(),
+)
+def test_every_choice_and_every_constrained_token_is_metered(
+    n: int, max_tokens: int | None, left: int, tools: bool
+) -> None:
+    """``n`` choices may each run to ``max_tokens``: ``n`` times it is reserved and may be claimed; the
+    tools and schemas a request carries count in its prompt's estimate like its messages."""
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "n": n}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if tools:
+        body["tools"] = [TOOL]
+        assert lease_calls.prompt_units_estimate(body) > lease_calls.prompt_units_estimate({**body, "tools": []})
+    per_choice = max_tokens or lease_calls.DEFAULT_COMPLETION_CAP
+    assert lease_calls.call_units_needed(body) == per_choice * n + lease_calls.prompt_units_estimate(body)
+    try:
+        plan = lease_calls.plan_call(body, left)
+    except ClawnodeError as error:
+        assert error.reason == "over_budget"
+        assert (max_tokens or 1) * n > left
+        return
+    assert plan.max_tokens * n <= plan.reserve <= left
+    if max_tokens is not None:
+        assert plan.max_tokens == max_tokens
+        # An end frame claiming every choice's tokens is counted, one beyond is inflated.
+        whole = max_tokens * n + lease_calls.prompt_units_estimate(body)
+        assert lease_calls.end_frame_verdict(whole, max_tokens * n, body) is None
+        inflated = lease_calls.end_frame_verdict(whole + 1, max_tokens * n + 1, body)
+        assert inflated is not None and inflated.reason == "end_frame_inflated"
