@@ -52,6 +52,7 @@ Message = dict[str, Any]
 
 DEFAULT_MAX_QUEUE = 8
 SHUTDOWN_WAIT_S = 10.0
+WAKE_GAP_S = 0.002  # see _submit_generation
 MAX_CHOICES = 8
 MAX_EMBEDDING_TOKEN_ID_INPUTS = 256
 # What every LlamaModel serves (the capability record's model features).
@@ -740,9 +741,36 @@ class LlamaModel:
             except trio.RunFinishedError:
                 cancel.set()
 
+        # Items wait here until trio takes them: one wake-up of trio per batch, not per token (each
+        # wake-up costs a socket write and a GIL hand-over, about a millisecond on a busy machine).
+        # Trio is woken at once unless it was woken less than WAKE_GAP_S ago; the last item of a
+        # generation always wakes it, so an item waits at most one token's time.
+        waiting: list[tuple[str, Any]] = []
+        lock = threading.Lock()
+        last_wake = [0.0]
+        scheduled = [False]
+
+        def take() -> None:  # runs in trio
+            with lock:
+                items = waiting.copy()
+                waiting.clear()
+                scheduled[0] = False
+            for item in items:
+                deliver(item)
+
+        def push(item: tuple[str, Any], last: bool = False) -> None:  # runs on the worker
+            now = time.perf_counter()
+            with lock:
+                waiting.append(item)
+                if scheduled[0] or (not last and now - last_wake[0] < WAKE_GAP_S):
+                    return
+                scheduled[0] = True
+                last_wake[0] = now
+            to_trio(take)
+
         def job() -> None:
             try:
-                result = self._generate_blocking(request, cancel, lambda chunk: to_trio(deliver, ("piece", chunk)))
+                result = self._generate_blocking(request, cancel, lambda chunk: push(("piece", chunk)))
                 completion = Completion(
                     text="",
                     usage=result[0],
@@ -752,12 +780,12 @@ class LlamaModel:
                     finish_reasons=tuple(result[1]),
                 )
                 to_trio(set_final, completion)
-                to_trio(deliver, ("end", completion))
+                push(("end", completion), last=True)
             except ClawnodeError as error:
-                to_trio(deliver, ("error", error))
+                push(("error", error), last=True)
             except Exception as error:  # llama.cpp failures come as several types
                 log.exception("generation on %s failed", self.name)
-                to_trio(deliver, ("error", ClawnodeError(ErrorCode.INTERNAL, f"generation failed: {error}")))
+                push(("error", ClawnodeError(ErrorCode.INTERNAL, f"generation failed: {error}")), last=True)
             finally:
                 to_trio(send.close)
                 to_trio(done.set)

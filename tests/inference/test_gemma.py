@@ -59,3 +59,14 @@ async def test_gemma_embeddings_rank_similar_texts_closer(gemma: LlamaModel) -> 
     )
     assert len(cat) == len(kitten) == len(taxes) == 640
     assert _cosine(cat, kitten) > _cosine(cat, taxes)
+
+
+async def test_gemma_keeps_the_system_message_in_the_first_user_turn(gemma: LlamaModel) -> None:
+    """Gemma's format has no system slot: the system text is folded into the first user turn."""
+    question = {"role": "user", "content": "What is the capital of France?"}
+    system = {"role": "system", "content": "Answer like a pirate."}
+    bare = await gemma.chat([question], max_tokens=1, temperature=0)
+    told = await gemma.chat([system, question], max_tokens=1, temperature=0)
+    assert told.usage.prompt_tokens > bare.usage.prompt_tokens
+    prompt = await gemma.format_chat([system, question])
+    assert prompt.startswith("<start_of_turn>user\nAnswer like a pirate.\n\nWhat is the capital of France?")
