@@ -7,6 +7,7 @@ from typing import Literal
 
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox.limits import Limits, RunResult, SandboxReason, refuse
+from runtime.sandbox.native import NativeSandbox
 from runtime.sandbox.stats import SandboxStats
 from runtime.sandbox.wasm import MAX_MODULE_BYTES, WasmSandbox
 
@@ -27,7 +28,7 @@ class SandboxPolicy:
 
 
 class Sandboxes:
-    """The node's runners by kind; ``native`` is built on first use (it needs bubblewrap)."""
+    """The node's runners by kind; ``native`` is built on first use (its runs need bubblewrap)."""
 
     def __init__(self, policy: SandboxPolicy | None = None, stats: SandboxStats | None = None) -> None:
         self.policy = policy or SandboxPolicy()
@@ -38,14 +39,23 @@ class Sandboxes:
             stats=self.stats,
             concurrency=self.policy.concurrency,
         )
-        self._native: object | None = None
+        self._native: NativeSandbox | None = None
 
     def accepts(self, kind: str) -> bool:
         return kind in self.policy.kinds
 
-    def _runner(self, kind: str) -> WasmSandbox:
+    def _runner(self, kind: str) -> WasmSandbox | NativeSandbox:
         if kind == "wasm":
             return self.wasm
+        if kind == "native":
+            if self._native is None:
+                self._native = NativeSandbox(
+                    max_program_bytes=self.policy.max_module_bytes,
+                    cap=self.policy.cap,
+                    stats=self.stats,
+                    concurrency=self.policy.concurrency,
+                )
+            return self._native
         raise refuse(ErrorCode.FORBIDDEN, SandboxReason.KIND_NOT_ACCEPTED, "no sandbox runs that kind")
 
     def has(self, kind: str, sha256: str) -> bool:

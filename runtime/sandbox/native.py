@@ -1,0 +1,408 @@
+"""``native`` runs: a program (an ELF binary or a ``#!`` script) under bubblewrap, for sellers who opt in.
+
+The sandbox of one run (``bwrap --unshare-all --die-with-parent``):
+
+* **Namespaces**: new user, pid, network (loopback only, nothing routed), ipc, uts and cgroup
+  namespaces; a new session (no terminal to inject into).
+* **File system**: a read-only root made of the host's ``/usr`` only (``/bin``, ``/lib`` and
+  ``/lib64`` are links into it): no ``/home``, ``/root``, ``/etc``, ``/var`` or data directory, so
+  the node's identity key and wallet are not there to read. The program is bound read-only at
+  ``/task/program``, a private ``/tmp`` is a size-capped tmpfs; the input arrives on stdin (a
+  read-only file) and the output leaves on stdout (a pipe the node reads up to the output cap).
+* **seccomp** (x86_64): a filter kills the process on calls that reach for the kernel's
+  privileged or cross-process surface (``ptrace``, ``mount``, ``unshare``, ``setns``, ``bpf``,
+  ``keyctl``, ``perf_event_open``, ``io_uring_*``, module loading, ...) and refuses sockets of any
+  family but ``AF_UNIX`` with ``EACCES``.
+* **Limits** (rlimits, set before bubblewrap starts): CPU seconds from the fuel cap (native fuel is
+  CPU-milliseconds), address space from the memory cap, processes and threads (``RLIMIT_NPROC``,
+  counted for the unprivileged user the run uses), open files, file size, no core dumps; the wall
+  clock is the node's: at the cap the whole process group (and, through the pid namespace, every
+  process the program started) is killed.
+* **Identity**: when the node runs as root, the run drops to ``nobody`` (65534) before bubblewrap,
+  so the process limit counts only sandboxed processes.
+
+A native run's fuel (CPU time) is not deterministic: a dispute over it compares the output and how
+it ended, not the fuel (``protocols.machines.task_run``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import trio
+
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox.limits import Limits, Outcome, RunResult, SandboxReason, refuse, sha256_hex
+from runtime.sandbox.stats import SandboxStats
+
+KIND = "native"
+BWRAP = "/usr/bin/bwrap"
+MAX_PROGRAM_BYTES = 256 * 1024
+MAX_INPUT_BYTES = 1024 * 1024
+PROGRAM_CACHE = 16
+TMP_BYTES = 16 * 1024 * 1024
+NOBODY = 65534
+
+# -- seccomp (classic BPF, x86_64) --
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_RET_KILL_PROCESS = 0x80000000
+_RET_ERRNO = 0x00050000
+_RET_ALLOW = 0x7FFF0000
+_EACCES = 13
+_SYS_SOCKET = 41
+_AF_UNIX = 1
+# Privileged or cross-process calls a task has no business making: the process is killed (SIGSYS).
+_KILLED_CALLS = {
+    "ptrace": 101,
+    "pivot_root": 155,
+    "mount": 165,
+    "umount2": 166,
+    "swapon": 167,
+    "swapoff": 168,
+    "reboot": 169,
+    "sethostname": 170,
+    "setdomainname": 171,
+    "init_module": 175,
+    "delete_module": 176,
+    "kexec_load": 246,
+    "add_key": 248,
+    "request_key": 249,
+    "keyctl": 250,
+    "unshare": 272,
+    "perf_event_open": 298,
+    "name_to_handle_at": 303,
+    "open_by_handle_at": 304,
+    "setns": 308,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "kcmp": 312,
+    "finit_module": 313,
+    "kexec_file_load": 320,
+    "bpf": 321,
+    "userfaultfd": 323,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+}
+
+
+def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("HBBI", code, jt, jf, k)
+
+
+def seccomp_filter() -> bytes | None:
+    """The filter as a BPF program bubblewrap loads (``--seccomp FD``); None off x86_64 (not applied)."""
+    if platform.machine() != "x86_64":
+        return None
+    ld_w_abs, jeq_k, ret_k = 0x20, 0x15, 0x06
+    prog = [
+        _insn(ld_w_abs, 0, 0, 4),  # arch
+        _insn(jeq_k, 1, 0, _AUDIT_ARCH_X86_64),
+        _insn(ret_k, 0, 0, _RET_KILL_PROCESS),
+        _insn(ld_w_abs, 0, 0, 0),  # syscall number
+    ]
+    for number in sorted(_KILLED_CALLS.values()):
+        prog += [_insn(jeq_k, 0, 1, number), _insn(ret_k, 0, 0, _RET_KILL_PROCESS)]
+    prog += [
+        _insn(jeq_k, 0, 3, _SYS_SOCKET),
+        _insn(ld_w_abs, 0, 0, 16),  # args[0] (low half): the address family
+        _insn(jeq_k, 0, 1, _AF_UNIX),
+        _insn(ret_k, 0, 0, _RET_ALLOW),
+        _insn(ld_w_abs, 0, 0, 0),  # not a socket call, or a socket of another family
+        _insn(jeq_k, 0, 1, _SYS_SOCKET),
+        _insn(ret_k, 0, 0, _RET_ERRNO | _EACCES),
+        _insn(ret_k, 0, 0, _RET_ALLOW),
+    ]
+    return b"".join(prog)
+
+
+def bwrap_available() -> bool:
+    return os.access(BWRAP, os.X_OK)
+
+
+def _user_tasks(uid: int) -> int:
+    """Processes and threads the user runs now (what RLIMIT_NPROC counts)."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid:
+                count += len(os.listdir(f"/proc/{entry.name}/task"))
+        except OSError:
+            continue
+    return count
+
+
+class NativeSandbox:
+    """Programs by sha256 (bounded cache of their bytes), each run in a fresh bubblewrap sandbox."""
+
+    def __init__(
+        self,
+        *,
+        max_program_bytes: int = MAX_PROGRAM_BYTES,
+        cap: Limits | None = None,
+        stats: SandboxStats | None = None,
+        concurrency: int = 2,
+    ) -> None:
+        self.max_program_bytes = max_program_bytes
+        self.cap = cap or Limits(fuel=60_000, memory_bytes=512 * 1024 * 1024, wall_s=60.0, output_bytes=256 * 1024)
+        self.stats = stats or SandboxStats()
+        self._programs: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._seccomp = seccomp_filter()
+
+    def has(self, sha256: str) -> bool:
+        with self._lock:
+            return sha256 in self._programs
+
+    def load(self, program: bytes, sha256: str | None = None) -> str:
+        digest = sha256_hex(program)
+        try:
+            if len(program) > self.max_program_bytes:
+                raise refuse(
+                    ErrorCode.INVALID_ARGUMENT,
+                    SandboxReason.MODULE_TOO_LARGE,
+                    f"programs are at most {self.max_program_bytes} bytes",
+                )
+            if sha256 is not None and sha256 != digest:
+                raise refuse(
+                    ErrorCode.INVALID_ARGUMENT,
+                    SandboxReason.MODULE_HASH_MISMATCH,
+                    "the program is not the named sha256",
+                )
+            if not (program.startswith(b"\x7fELF") or program.startswith(b"#!")):
+                raise refuse(ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_INVALID, "not an ELF binary or a script")
+        except ClawnodeError as error:
+            self.stats.refused(KIND, error.reason or "")
+            raise
+        with self._lock:
+            self._programs[digest] = program
+            self._programs.move_to_end(digest)
+            while len(self._programs) > PROGRAM_CACHE:
+                self._programs.popitem(last=False)
+        return digest
+
+    async def run_async(self, sha256: str, input: bytes, limits: Limits) -> RunResult:
+        return await trio.to_thread.run_sync(self.run, sha256, input, limits, limiter=self._limiter)
+
+    def run(self, sha256: str, input: bytes, limits: Limits) -> RunResult:
+        """Run a loaded program on ``input`` under ``limits`` in bubblewrap. Blocks: a worker thread's job."""
+        try:
+            if not limits.within(self.cap):
+                raise refuse(ErrorCode.FORBIDDEN, SandboxReason.LIMITS_TOO_HIGH, "the limits exceed this node's caps")
+            if len(input) > MAX_INPUT_BYTES:
+                raise refuse(
+                    ErrorCode.INVALID_ARGUMENT,
+                    SandboxReason.INPUT_TOO_LARGE,
+                    f"inputs are at most {MAX_INPUT_BYTES} bytes",
+                )
+            if not bwrap_available():
+                raise refuse(ErrorCode.UNAVAILABLE, SandboxReason.SANDBOX_UNAVAILABLE, "bubblewrap is not installed")
+            with self._lock:
+                program = self._programs.get(sha256)
+            if program is None:
+                raise refuse(ErrorCode.NOT_FOUND, SandboxReason.MODULE_UNKNOWN, "the program is not loaded")
+        except ClawnodeError as error:
+            self.stats.refused(KIND, error.reason or "")
+            raise
+        self.stats.ran(KIND)
+        scratch = Path(tempfile.mkdtemp(prefix="clawnode-native-"))
+        try:
+            return self._run_in(scratch, program, input, limits)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _argv(self, scratch: Path, seccomp_fd: int | None) -> list[str]:
+        argv = [
+            BWRAP,
+            "--unshare-all",
+            "--die-with-parent",
+            "--new-session",
+            "--clearenv",
+            "--setenv",
+            "PATH",
+            "/usr/bin:/bin",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--size",
+            str(TMP_BYTES),
+            "--tmpfs",
+            "/tmp",
+            "--ro-bind",
+            str(scratch / "program"),
+            "/task/program",
+            "--chdir",
+            "/tmp",
+        ]
+        if seccomp_fd is not None:
+            argv += ["--seccomp", str(seccomp_fd)]
+        return [*argv, "--", "/task/program"]
+
+    def _run_in(self, scratch: Path, program: bytes, input: bytes, limits: Limits) -> RunResult:
+        os.chmod(scratch, 0o755)
+        (scratch / "program").write_bytes(program)
+        os.chmod(scratch / "program", 0o555)
+        (scratch / "input").write_bytes(input)
+        os.chmod(scratch / "input", 0o444)
+        as_root = os.geteuid() == 0
+        uid = NOBODY if as_root else os.geteuid()
+        nproc = limits.pids + 2 + (0 if as_root else _user_tasks(uid))  # bubblewrap and its init count too
+        cpu_s = max(1, -(-limits.fuel // 1000))
+
+        def limit_child() -> None:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (TMP_BYTES, TMP_BYTES))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if as_root:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+        seccomp_fd: int | None = None
+        if self._seccomp is not None:
+            seccomp_fd = os.memfd_create("clawnode-seccomp", 0)
+            os.write(seccomp_fd, self._seccomp)
+            os.lseek(seccomp_fd, 0, os.SEEK_SET)
+        started = time.perf_counter()
+        try:
+            with open(scratch / "input", "rb") as stdin:
+                proc = subprocess.Popen(
+                    self._argv(scratch, seccomp_fd),
+                    stdin=stdin,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=limit_child,
+                    start_new_session=True,
+                    pass_fds=(seccomp_fd,) if seccomp_fd is not None else (),
+                    close_fds=True,
+                )
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
+        output, cut, timed_out, code, cpu_s_used = self._collect(proc, limits)
+        wall_s = time.perf_counter() - started
+        cpu_ms = int(cpu_s_used * 1000)
+        if timed_out:
+            self.stats.killed(KIND, SandboxReason.WALL_CLOCK)
+            raise refuse(ErrorCode.TIMEOUT, SandboxReason.WALL_CLOCK, f"killed after {limits.wall_s:g} s of wall clock")
+        outcome: Outcome = Outcome.EXITED
+        exit_code: int | None = code
+        denied: tuple[str, ...] = ()
+        if cut:
+            outcome, exit_code = Outcome.OUTPUT_LIMIT, None
+        elif code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL) and cpu_ms >= (cpu_s - 1) * 1000:
+            outcome, exit_code = Outcome.FUEL_EXHAUSTED, None
+        elif code == 128 + signal.SIGSYS:
+            outcome, exit_code, denied = Outcome.TRAP, None, ("seccomp",)
+        elif code > 128:
+            outcome, exit_code = Outcome.TRAP, None
+        self.stats.denied(KIND, denied)
+        result = RunResult(
+            output=output,
+            output_sha256=sha256_hex(output),
+            fuel_used=cpu_ms,
+            outcome=outcome,
+            exit_code=exit_code,
+            denied_calls=denied,
+            wall_s=wall_s,
+        )
+        if result.killed_by_limit:
+            self.stats.killed(KIND, outcome)
+        return result
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        """Kill bubblewrap's children (the pid namespace's init: every process in it dies with it),
+        then bubblewrap's process group."""
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for child in children:
+            try:
+                os.kill(int(child), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _collect(self, proc: subprocess.Popen[bytes], limits: Limits) -> tuple[bytes, bool, bool, int, float]:
+        """Read stdout up to the cap until the program ends: (output, cut at the cap, killed by the wall
+        clock, exit code (128 + signal when killed), CPU seconds)."""
+        assert proc.stdout is not None
+        deadline = time.monotonic() + limits.wall_s
+        output = bytearray()
+        cut = timed_out = False
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    self._kill(proc)
+                    break
+                if not selector.select(min(left, 0.5)):
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                if len(output) + len(chunk) > limits.output_bytes:
+                    output += chunk[: limits.output_bytes - len(output)]
+                    cut = True
+                    self._kill(proc)
+                    break
+                output += chunk
+        proc.stdout.close()
+        while True:  # wait4: this run's own CPU time (bubblewrap and the processes it waited for)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                timed_out = True
+                self._kill(proc)
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.005)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if code < 0:  # bubblewrap itself killed by a signal (ours)
+            code = 128 - code
+        return bytes(output), cut, timed_out, code, usage.ru_utime + usage.ru_stime

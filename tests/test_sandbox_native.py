@@ -1,0 +1,150 @@
+"""The ``native`` sandbox (bubblewrap, seccomp, rlimits): the escape battery on a running node.
+
+Programs that read the node's identity key and other host files, open sockets to the node's API and
+the internet, fork without end, allocate without end, loop, sleep past the deadline, flood their
+output, write outside it and reach for ``unshare(2)``: each is contained, reported with a stable
+code and counted, and the node's API answers while they run and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import time
+
+import httpx
+import pytest
+import trio
+
+from node.daemon import Node
+from node.datadir import IDENTITY_FILE, read_api_token
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox import Limits, Outcome, RunResult, SandboxReason
+from runtime.sandbox.native import BWRAP, NOBODY, bwrap_available
+from tests.support import native_programs as progs
+from tests.support.market import market_nodes, metric_samples
+
+
+def _bwrap_works() -> bool:
+    if not bwrap_available():
+        return False
+    links = ["--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"]
+    probe = subprocess.run(
+        [BWRAP, "--unshare-all", "--ro-bind", "/usr", "/usr", *links, "--", "/usr/bin/true"], check=False
+    )
+    return probe.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not _bwrap_works(), reason="bubblewrap with user namespaces is not available")
+
+LIMITS = Limits(fuel=1000, memory_bytes=256 * 1024 * 1024, wall_s=2.0, output_bytes=64 * 1024, pids=16)
+
+
+async def _api_get(node: Node, path: str, token: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        return await client.get(f"{node.api_url}{path}", headers={"authorization": f"Bearer {token}"})
+
+
+def _nobody_processes() -> int:
+    return sum(1 for e in os.scandir("/proc") if e.name.isdigit() and _uid(e.path) == NOBODY)
+
+
+def _uid(path: str) -> int | None:
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return None
+
+
+async def test_native_escape_battery_is_contained_and_the_node_keeps_answering() -> None:
+    async with market_nodes([{}]) as ((node,), _):
+        node.sandbox.policy = dataclasses.replace(node.sandbox.policy, kinds=frozenset({"wasm", "native"}))
+        token = await trio.to_thread.run_sync(read_api_token, node.data_dir)
+        key_path = node.data_dir / IDENTITY_FILE
+        api_port = node.api_url.rsplit(":", 1)[1].strip("/")
+        outcomes: dict[str, RunResult | tuple[str, str | None]] = {}
+
+        async def attempt(name: str, program: bytes, data: bytes = b"", limits: Limits = LIMITS) -> None:
+            try:
+                digest = node.sandbox.load("native", program)
+                outcomes[name] = await node.sandbox.run("native", digest, data, limits)
+            except ClawnodeError as error:
+                outcomes[name] = (error.code, error.reason)
+
+        battery = {
+            "read_key": (progs.READ_HOST_FILE, str(key_path).encode() + b"\n"),
+            "socket": (progs.OPEN_SOCKET, api_port.encode()),
+            "fork_bomb": (progs.FORK_BOMB, b""),
+            "allocate": (progs.ALLOCATE, b""),
+            "loop": (progs.LOOP_FOREVER, b""),
+            "sleep": (progs.SLEEP_PAST_DEADLINE, b""),
+            "huge_output": (progs.HUGE_OUTPUT, b""),
+            "write_outside": (progs.WRITE_OUTSIDE_OUTPUT, str(node.data_dir).encode() + b"\n"),
+            "unshare": (progs.UNSHARE, b""),
+        }
+        answered = 0
+        async with trio.open_nursery() as nursery:
+            for name, (program, data) in battery.items():
+                nursery.start_soon(attempt, name, program, data)
+            with trio.fail_after(30):
+                while len(outcomes) < len(battery):
+                    assert (await _api_get(node, "/api/status", token)).status_code == 200
+                    answered += 1
+                    await trio.sleep(0.1)
+        assert answered >= 3
+
+        def result(name: str) -> RunResult:
+            found = outcomes[name]
+            assert isinstance(found, RunResult), (name, found)
+            return found
+
+        key = key_path.read_bytes()
+        assert result("read_key").output == b"done\n" and key not in result("read_key").output
+        assert b"CONNECTED" not in result("socket").output and result("socket").output.count(b"refused") == 2
+        assert outcomes["fork_bomb"] == (ErrorCode.TIMEOUT, SandboxReason.WALL_CLOCK)
+        assert result("allocate").output == b"refused\n"
+        loop = outcomes["loop"]
+        assert loop == (ErrorCode.TIMEOUT, SandboxReason.WALL_CLOCK) or (
+            isinstance(loop, RunResult) and loop.outcome == Outcome.FUEL_EXHAUSTED
+        )
+        assert outcomes["sleep"] == (ErrorCode.TIMEOUT, SandboxReason.WALL_CLOCK)
+        huge = result("huge_output")
+        assert huge.outcome == Outcome.OUTPUT_LIMIT and len(huge.output) == LIMITS.output_bytes
+        outside = result("write_outside").output
+        assert b"WROTE_USR" not in outside and b"done" in outside
+        assert not (node.data_dir / "pwned").exists() and not os.path.exists("/usr/pwned")
+        unshare = result("unshare")
+        assert unshare.outcome == Outcome.TRAP and unshare.denied_calls == ("seccomp",)
+        assert b"SURVIVED" not in unshare.output
+        if os.geteuid() == 0:  # runs drop to nobody: every process the fork bomb made is gone
+            deadline = time.monotonic() + 5
+            while _nobody_processes() and time.monotonic() < deadline:
+                await trio.sleep(0.1)
+            assert _nobody_processes() == 0
+
+        samples = metric_samples((await _api_get(node, "/metrics", token)).text)
+        assert samples['clawnode_sandbox_runs_total{kind="native"}'] == len(battery)
+        assert samples['clawnode_sandbox_kills_total{kind="native",limit="wall_clock"}'] >= 2
+        assert samples['clawnode_sandbox_kills_total{kind="native",limit="output_limit"}'] == 1
+        assert samples['clawnode_sandbox_denied_calls_total{call="seccomp",kind="native"}'] == 1
+
+
+def test_native_refusals_carry_stable_codes() -> None:
+    from runtime.sandbox.native import NativeSandbox
+
+    box = NativeSandbox(max_program_bytes=1024, cap=LIMITS)
+    for call, code, reason in (
+        (lambda: box.load(b"MZ not a program"), ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_INVALID),
+        (lambda: box.load(b"#!" + b"x" * 1024), ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_TOO_LARGE),
+        (lambda: box.load(progs.UPPER, "0" * 64), ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_HASH_MISMATCH),
+        (
+            lambda: box.run(box.load(progs.UPPER), b"", LIMITS.model_copy(update={"pids": 17})),
+            ErrorCode.FORBIDDEN,
+            SandboxReason.LIMITS_TOO_HIGH,
+        ),
+    ):
+        with pytest.raises(ClawnodeError) as refused:
+            call()
+        assert (refused.value.code, refused.value.reason) == (code, reason)
+    assert box.run(box.load(progs.UPPER), b"same every time", LIMITS).output == b"SAME EVERY TIME"
