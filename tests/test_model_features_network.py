@@ -7,6 +7,7 @@ serves on."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import trio
@@ -46,7 +47,7 @@ async def _find(consumer: Node, want: int, **query: object) -> list[ProviderResu
 
 
 async def test_discovery_and_the_provider_keep_requests_to_models_that_serve_them() -> None:
-    specs = [{}, {"offers": (FULL_OFFER,)}, {"offers": (WORD_OFFER,)}, {}, {"models": (SMOL,)}]
+    specs: list[dict[str, Any]] = [{}, {"offers": (FULL_OFFER,)}, {"offers": (WORD_OFFER,)}, {}, {"models": (SMOL,)}]
     async with market_nodes(specs) as (nodes, _):
         _, full, plain, consumer, smol = nodes
         await wait_for(lambda: full.publisher.record is not None and plain.publisher.record is not None)
