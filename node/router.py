@@ -51,6 +51,7 @@ from dht.discovery import DiscoveryQuery, ProviderResult
 from node.config import RouterSection
 from protocols.lease import LeaseMarket
 from protocols.machines.lease import call_units_needed, lease_fits, lease_outlives
+from protocols.machines.model_features import required_features
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
@@ -280,7 +281,9 @@ class Router:
             return result
         if errors:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"every provider of {model} failed (last: {errors[-1].code})")
-        raise ClawnodeError(ErrorCode.NOT_FOUND, f"no node serves {model} and no upstream is configured")
+        needs = sorted(required_features(body))
+        serving = f"{model} with {', '.join(needs)}" if needs else model
+        raise ClawnodeError(ErrorCode.NOT_FOUND, f"no node serves {serving} and no upstream is configured")
 
     async def embeddings(self, model: str, texts: list[str] | list[list[int]]) -> tuple[list[list[float]], int, str]:
         """Vectors for ``texts`` (strings or token-id lists) from ``embedding:<model>``: local, else the
@@ -643,9 +646,7 @@ def continuable(body: dict[str, Any]) -> bool:
 
 def discovery_query(capability: str, body: dict[str, Any]) -> DiscoveryQuery:
     """What discovery is asked for: providers of ``capability`` that serve the request's features."""
-    # ISSUE18-WIRE: the features filter (required_features(body) from protocols/machines/model_features.py)
-    # is added here once the network side lands.
-    return DiscoveryQuery(capability=capability, limit=20)
+    return DiscoveryQuery(capability=capability, features=sorted(required_features(body)), limit=20)
 
 
 def _upstream_chunk(choice: dict[str, Any]) -> dict[str, Any]:

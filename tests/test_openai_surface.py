@@ -24,6 +24,7 @@ import trio
 from dht.discovery import DiscoveryQuery
 from node.daemon import Node
 from node.datadir import read_api_token
+from node.router import ProviderHealth
 from runtime.service import ServiceRegistry
 from tests.support.agent_service import AgentService, VectorService
 from tests.support.market import WORD_OFFER, WORDS, market_nodes
@@ -76,19 +77,26 @@ def calls_of(message: Any) -> list[dict[str, Any]]:
     return [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls]
 
 
+# The provider offers every feature the agent service serves: a provider refuses what its offer lacks.
+AGENT_OFFER = WORD_OFFER.model_copy(update={"features": ["tools", "json_schema", "logprobs", "n"]})
+
+
 async def _agent_nodes_and_wait(agent: AgentService) -> Any:
     services = ServiceRegistry()
     services.register(WORDS, agent)
-    return market_nodes([{"offers": (WORD_OFFER,), "services": services}, {}])
+    # A second provider of the same model serves no features (the plain word echo).
+    return market_nodes([{"offers": (AGENT_OFFER,), "services": services}, {"offers": (WORD_OFFER,)}, {}])
 
 
 async def test_tools_n_and_logprobs_bought_from_a_second_node_streamed_and_not() -> None:
     agent = AgentService()
     async with await _agent_nodes_and_wait(agent) as (nodes, _):
-        provider, consumer = nodes
+        provider, plain_provider, consumer = nodes
         with trio.fail_after(60):
-            while not await consumer.discover(DiscoveryQuery(capability=WORDS)):
+            while len(await consumer.discover(DiscoveryQuery(capability=WORDS))) < 2:
                 await trio.sleep(0.2)
+        # Ranked first for anything, the featureless provider is never asked for what it does not serve.
+        consumer.router.health[str(provider.host.get_id())] = ProviderHealth(ewma_latency_s=60.0)
         forced: dict[str, Any] = {
             "model": "words",
             "messages": ASK,
@@ -117,6 +125,7 @@ async def test_tools_n_and_logprobs_bought_from_a_second_node_streamed_and_not()
         assert call["name"] == "get_weather"
         jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])
         assert plain.system_fingerprint and plain.model_extra["clawnode"]["served_by"] == [str(provider.host.get_id())]
+        assert not await plain_provider.ledger.list_leases()
         # The streamed deltas reassemble into the same call.
         [again] = reassemble(streamed).values()
         assert again["finish"] == "tool_calls" and again["content"] == ""

@@ -1,12 +1,12 @@
 """A chat service that speaks the whole chunk contract (``node/router.py``) without a model.
 
-It answers like a tool-using model would: with tools (and ``tool_choice`` not ``none``) it calls the
-named (or first) tool with arguments that fit the tool's parameters schema, streamed in pieces as
-``tool_calls`` deltas; with a JSON ``response_format`` it writes an instance of the schema; otherwise
-it echoes the last message's words. ``n`` choices interleave, ``logprobs`` ride on every text chunk,
-each choice ends with its ``finish_reason``, and usage counts every choice. A last message that
-says ``overflow`` is refused before the first chunk, as an engine refuses a prompt past its context.
-It keeps the bodies it received, so a test sees what the API layer passed on.
+It answers like a tool-using model would: with tools it calls the named (or first) tool when one is
+forced, or on a user's turn, with arguments that fit the tool's parameters schema, streamed in pieces
+as ``tool_calls`` deltas; with a JSON ``response_format`` it writes an instance of the schema;
+otherwise it echoes the last user or tool message's words. ``n`` choices interleave, ``logprobs``
+ride on every text chunk, each choice ends with its ``finish_reason``, and usage counts every choice.
+A last message that says ``overflow`` is refused before the first chunk, as an engine refuses a
+prompt past its context. It keeps the bodies it received, so a test sees what the API layer passed on.
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ class AgentService:
         choice = body.get("tool_choice", "auto")
         format_ = body.get("response_format") or {}
         used = 0
-        if tools and choice != "none" and not (choice == "auto" and "no tools" in text):
+        last_role = (body.get("messages") or [{}])[-1].get("role")
+        # Like an agent model: a tool is called when one is forced, or on a user's turn; after a tool's
+        # answer it replies in text.
+        if tools and (choice not in ("auto", "none") or (choice == "auto" and last_role == "user")):
             name = choice["function"]["name"] if isinstance(choice, dict) else tools[0]["function"]["name"]
             [tool] = [t for t in tools if t["function"]["name"] == name]
             for index in range(n):
