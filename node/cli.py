@@ -608,6 +608,9 @@ def _task_line(task: dict[str, Any]) -> str:
         f"budget {_wei(task['budget'])}  bids {len(task['bids'])}{price}"
         + (f"  result {task['result_state']}" if task.get("result_state") else "")
         + (f"  dispute {task['dispute_state']}" if task.get("dispute_state") else "")
+        + (f"  {task['kind']}" if task.get("kind") else "")
+        + (f"  fuel {task['run']['fuel_used']} ({task['run']['outcome']})" if task.get("run") else "")
+        + (f"  re-run {task['run_verdict']}" if task.get("run_verdict") else "")
     )
 
 
@@ -635,6 +638,13 @@ def task() -> None:
 @click.option("--arbiter-peer", default=None, help="Peer id of the arbiter.")
 @click.option("--arbiter-wallet", default=None, help="Wallet address of the arbiter.")
 @click.option("--review-timeout", "review_timeout_s", default="600", help="Seconds you have to review a result.")
+@click.option("--wasm", "wasm_file", default=None, help="A wasm module the seller runs in its sandbox.")
+@click.option("--native", "native_file", default=None, help="A program the seller runs under bubblewrap.")
+@click.option("--input", "input_file", default=None, help="The sandboxed program's stdin (at most 4 KiB).")
+@click.option("--fuel", default=None, help="Sandbox: most wasm instructions (native: CPU-milliseconds).")
+@click.option("--memory-mb", default=None, help="Sandbox: most memory, MiB.")
+@click.option("--wall", "wall_s", default=None, help="Sandbox: most wall-clock seconds.")
+@click.option("--arbitration", type=click.Choice(["rerun", "person"]), default="rerun", help="Who decides a dispute.")
 @data_dir_option
 @json_option
 def task_publish(
@@ -646,10 +656,17 @@ def task_publish(
     arbiter_peer: str | None,
     arbiter_wallet: str | None,
     review_timeout_s: str,
+    wasm_file: str | None,
+    native_file: str | None,
+    input_file: str | None,
+    fuel: str | None,
+    memory_mb: str | None,
+    wall_s: str | None,
+    arbitration: str,
     data_dir: str | None,
     as_json: bool,
 ) -> None:
-    """Announce a task for CAPABILITY on the network."""
+    """Announce a task for CAPABILITY on the network (with --wasm/--native: a sandboxed one)."""
     request: dict[str, Any] = {
         "capability": capability,
         "budget": budget,
@@ -660,6 +677,16 @@ def task_publish(
     }
     if arbiter_peer or arbiter_wallet:
         request.update(arbiter_peer=arbiter_peer, arbiter_wallet=arbiter_wallet)
+    program = wasm_file or native_file
+    if program:
+        limits = {"fuel": fuel, "memory_bytes": int(memory_mb) * 1024 * 1024 if memory_mb else None, "wall_s": wall_s}
+        request.update(
+            kind="wasm" if wasm_file else "native",
+            module_b64=base64.b64encode(Path(program).read_bytes()).decode(),
+            input_b64=base64.b64encode(Path(input_file).read_bytes() if input_file else b"").decode(),
+            limits={k: v for k, v in limits.items() if v is not None},
+            arbitration=arbitration,
+        )
     body = _call_api(data_dir, "/api/tasks", method="POST", body=request, timeout=60.0)
     _print(body, as_json, [f"task {body['task_id']} published", _task_line(body)])
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Protocol
+from typing import Literal, Protocol
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from dht.records import CAPABILITY_NAME
 from protocols.task import TaskMarket
-from protocols.task_wire import MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE, BidView, TaskView
+from protocols.task_wire import MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE, MAX_MODULE, MAX_RUN_INPUT, BidView, TaskView
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox import Limits
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 
@@ -34,6 +35,12 @@ class PublishBody(_Body):
     arbiter_peer: str | None = Field(None, min_length=32, max_length=128)
     arbiter_wallet: str | None = Field(None, pattern=ADDRESS)
     review_timeout_s: int = Field(600, ge=1, le=30 * 86_400)
+    # A sandboxed task: the program (its sha256 goes in the params), its input and limits.
+    kind: Literal["wasm", "native"] | None = Field(None, description="run by the seller's sandbox")
+    module_b64: str = Field("", max_length=(MAX_MODULE + 2) * 4 // 3 + 4)
+    input_b64: str = Field("", max_length=(MAX_RUN_INPUT + 2) * 4 // 3 + 4)
+    limits: Limits | None = None
+    arbitration: Literal["rerun", "person"] = "rerun"
 
 
 class WatchBody(_Body):
@@ -100,6 +107,21 @@ class TaskNode(Protocol):
 def mount_tasks(app: FastAPI, node: TaskNode) -> None:
     @app.post("/api/tasks")
     async def publish(body: PublishBody) -> TaskView:
+        if body.kind is not None:
+            return await node.tasks.publish_run(
+                body.capability,
+                body.budget,
+                body.deadline_s,
+                kind=body.kind,
+                module=_base64(body.module_b64, "module_b64"),
+                input=_base64(body.input_b64, "input_b64"),
+                limits=body.limits,
+                summary=body.summary,
+                arbiter_peer=body.arbiter_peer,
+                arbiter_wallet=body.arbiter_wallet,
+                review_timeout_s=body.review_timeout_s,
+                arbitration=body.arbitration,
+            )
         return await node.tasks.publish(
             body.capability,
             body.budget,

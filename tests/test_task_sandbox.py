@@ -7,13 +7,16 @@ chain with no person: a correct result rejected goes to the seller, a wrong one 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 
+import httpx
 import pytest
 import trio
 from pydantic import TypeAdapter
 
 from node.daemon import Node
+from node.datadir import read_api_token
 from protocols import task_wire as w
 from protocols.gossip import task_topic
 from protocols.machines.task import TaskState
@@ -39,22 +42,46 @@ def _peer(node: Node) -> str:
     return str(node.host.get_id())
 
 
-async def _publish(creator: Node, seller: Node, arbiter: Node, shared: SharedChain, text: bytes) -> str:
+async def _publish(
+    creator: Node, seller: Node, arbiter: Node, shared: SharedChain, text: bytes, *, via_api: bool = False
+) -> str:
     topic = task_topic(CAPABILITY)
     await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30, "sub")
-    view = await creator.tasks.publish_run(
-        CAPABILITY,
-        ETH,
-        120,
-        kind="wasm",
-        module=mods.UPPER,
-        input=text,
-        limits=LIMITS,
-        summary="upper-case the input",
-        arbiter_peer=_peer(arbiter),
-        arbiter_wallet=shared.arbiter.address,
-        review_timeout_s=60,
-    )
+    if via_api:  # what `clawnode task publish --wasm FILE --input FILE` sends
+        token = await trio.to_thread.run_sync(read_api_token, creator.data_dir)
+        body = {
+            "capability": CAPABILITY,
+            "budget": ETH,
+            "deadline_s": 120,
+            "summary": "upper-case the input",
+            "arbiter_peer": _peer(arbiter),
+            "arbiter_wallet": shared.arbiter.address,
+            "review_timeout_s": 60,
+            "kind": "wasm",
+            "module_b64": base64.b64encode(mods.UPPER).decode(),
+            "input_b64": base64.b64encode(text).decode(),
+            "limits": LIMITS.model_dump(),
+        }
+        async with httpx.AsyncClient(timeout=30) as client:
+            reply = await client.post(
+                f"{creator.api_url}/api/tasks", json=body, headers={"authorization": f"Bearer {token}"}
+            )
+        assert reply.status_code == 200, reply.text
+        view = w.TaskView.model_validate(reply.json())
+    else:
+        view = await creator.tasks.publish_run(
+            CAPABILITY,
+            ETH,
+            120,
+            kind="wasm",
+            module=mods.UPPER,
+            input=text,
+            limits=LIMITS,
+            summary="upper-case the input",
+            arbiter_peer=_peer(arbiter),
+            arbiter_wallet=shared.arbiter.address,
+            review_timeout_s=60,
+        )
     assert view.kind == "wasm"
     await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
     bid = await seller.tasks.bid(view.task_id, PRICE)
@@ -80,7 +107,7 @@ async def test_wasm_tasks_run_by_the_seller_and_disputes_decided_by_re_execution
         honest = expected.run(expected.load(mods.UPPER), b"pay me", LIMITS)
 
         # 1. Accepted: the seller ran it by itself; the output and fuel are what anyone gets.
-        task_id = await _publish(creator, seller, arbiter, shared, b"pay me")
+        task_id = await _publish(creator, seller, arbiter, shared, b"pay me", via_api=True)
         await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
         view = creator.tasks.view(task_id)
         assert creator.tasks.artifact(task_id) == honest.output == b"PAY ME!\x06"
