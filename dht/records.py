@@ -180,6 +180,17 @@ class WalletBinding(_Strict):
     signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
 
 
+class SandboxOffer(_Strict):
+    """The sandboxed task kinds this node runs for tasks it wins, and the most one run may ask for."""
+
+    kinds: list[Literal["wasm", "native"]] = Field(max_length=2)
+    max_fuel: int = Field(ge=1, le=10**13, description="wasm instructions (native: CPU-milliseconds)")
+    max_memory_mb: int = Field(ge=1, le=4096)
+    max_wall_s: float = Field(gt=0, le=3600)
+    max_output_bytes: int = Field(ge=0, le=16 * 1024 * 1024)
+    max_module_bytes: int = Field(ge=1, le=16 * 1024 * 1024)
+
+
 class CapabilityRecord(_Strict):
     peer_id: str
     seq: int = Field(ge=1)
@@ -190,6 +201,7 @@ class CapabilityRecord(_Strict):
     hardware: Hardware
     capabilities: list[CapabilityDescriptor] = Field(default_factory=list, max_length=MAX_CAPABILITIES)
     wallet: WalletBinding
+    sandbox: SandboxOffer | None = None  # the task kinds it runs (runtime/sandbox), for sellers of tasks
 
     @model_validator(mode="after")
     def _consistent(self) -> CapabilityRecord:
