@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
 from dht.discovery import DiscoveryQuery, ProviderResult
 from dht.offers import Offer
 from node.daemon import Node
+from node.datadir import read_api_token
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
@@ -60,6 +62,18 @@ async def test_discovery_and_the_provider_keep_requests_to_models_that_serve_the
         # Asked for tools (or n and logprobs), discovery skips the provider whose model lacks them.
         assert [p.peer_id for p in await _find(consumer, 1, features=["tools"])] == [full_id]
         assert [p.peer_id for p in await _find(consumer, 1, features=["n", "logprobs"])] == [full_id]
+
+        # The consumer's /v1 router buys a request with tools only from the provider that serves them.
+        token = await trio.to_thread.run_sync(read_api_token, consumer.data_dir)
+        async with httpx.AsyncClient(timeout=60) as client:
+            for _ in range(3):
+                reply = await client.post(
+                    f"{consumer.api_url}/v1/chat/completions",
+                    headers={"authorization": f"Bearer {token}"},
+                    json={"model": "words", **WITH_TOOLS},
+                )
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["clawnode"]["served_by"] == [full_id]
 
         # Sent anyway (a stale record, a consumer that never asked): refused before any generation.
         lease = await consumer.market.open_lease(plain_id, WORDS, budget=WORD_PRICE * 100)
