@@ -199,6 +199,18 @@ class GrammarConstraint:
         self._llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(self._one))
         return bool(math.isfinite(self._one_data[0].logit))
 
+    def allowed_among(self, ids: np.ndarray) -> np.ndarray:
+        """Which of the tokens ``ids`` the grammar allows here (one pass over just those)."""
+        import llama_cpp
+
+        data = (llama_cpp.llama_token_data * len(ids))()
+        for slot, token in zip(data, ids, strict=True):
+            slot.id = int(token)
+            slot.logit = 0.0
+        candidates = llama_cpp.llama_token_data_array(data=data, size=len(ids), selected=-1, sorted=False)
+        self._llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(candidates))
+        return np.array([math.isfinite(slot.logit) for slot in data[: candidates.size]], dtype=bool)
+
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` with every token the grammar refuses here set to -inf."""
         from llama_cpp._internals import LlamaTokenDataArray

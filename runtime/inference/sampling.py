@@ -18,10 +18,12 @@ by the request's ``seed`` (one generator per request: the choices of ``n`` > 1 d
 seed repeats them all).
 
 The grammar is consulted lazily when no logprobs are asked for: the token picked from the
-unconstrained distribution is checked alone, and only if the grammar refuses it is the whole
-vocabulary masked and the pick drawn again (at temperature 0 this is exactly the constrained
-argmax). With logprobs the vocabulary is masked every step, since the logprobs must be the
-constrained ones.
+unconstrained distribution is checked alone; if the grammar refuses it, the 64 most likely tokens
+are checked and the pick drawn again among those allowed (the whole vocabulary is masked only when
+none of them is). At temperature 0 this is exactly the constrained argmax; when sampling, tokens
+beyond those 64 are left out of the redraw (they are less likely than every token kept). With
+logprobs the whole vocabulary is masked every step, since the logprobs must be the constrained
+ones.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ TOP_K = 40
 MIN_P = 0.05
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias
+SHORTLIST = 64  # tokens checked against the grammar before masking the whole vocabulary
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,20 @@ class TokenPicker:
         scaled = np.exp((values - values[0]) / s.temperature)
         return int(ids[self.rng.choice(ids.size, p=scaled / scaled.sum())])
 
+    @staticmethod
+    def _constrain(x: np.ndarray, grammar: GrammarConstraint) -> np.ndarray:
+        """``x`` with the tokens the grammar refuses at -inf: first among the SHORTLIST most likely
+        tokens only (masking a whole vocabulary costs milliseconds); if none of them is allowed,
+        over the whole vocabulary. Either way the most likely allowed token stays the most likely."""
+        k = min(SHORTLIST, x.size)
+        ids = np.argpartition(-x, k - 1)[:k]
+        allowed = grammar.allowed_among(ids)
+        if not allowed.any():
+            return grammar.mask(x)
+        shortlisted = np.full_like(x, -np.inf)
+        shortlisted[ids[allowed]] = x[ids[allowed]]
+        return shortlisted
+
     def pick(self, logits: np.ndarray, counts: Counter[int], grammar: GrammarConstraint | None) -> Pick:
         x = self.adjust(logits, counts)
         want_logprobs = self.sampling.logprobs
@@ -114,7 +131,7 @@ class TokenPicker:
             x = grammar.mask(x)
         token = self._draw(x)
         if grammar is not None and not want_logprobs and not grammar.allows(token):
-            x = grammar.mask(x)
+            x = self._constrain(x, grammar)
             token = self._draw(x)
         if not np.isfinite(x[token]):
             raise ClawnodeError(ErrorCode.INTERNAL, "constrained decoding reached a dead end")
