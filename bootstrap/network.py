@@ -179,6 +179,7 @@ def reachable_url(url: str, peer_ip: str | None) -> str:
 # -- escrow.mode = "auto": serve the network's chain, or join the one a bootstrap peer serves --
 
 JOIN_RETRY_S = 1.0
+DEV_CHAIN_TIMEOUT_S = 10.0
 
 
 async def find_profile(
@@ -280,9 +281,11 @@ async def join_network_chain(
         rpc_url=profile.rpc_urls[0],
         contract=profile.contract,
         chain_id=profile.chain_id,
-        rpc_timeout_s=timeouts.rpc_timeout_s,
+        rpc_timeout_s=max(timeouts.rpc_timeout_s, DEV_CHAIN_TIMEOUT_S),
         rpc_retries=timeouts.rpc_retries,
-        health_timeout_s=timeouts.health_timeout_s,
+        # A development chain answers from another Python process, which a busy machine can keep
+        # off the CPU for seconds (4 ms a request when idle): a 2 s probe took it for down.
+        health_timeout_s=max(timeouts.health_timeout_s, DEV_CHAIN_TIMEOUT_S),
     )
     client = await trio.to_thread.run_sync(connect_escrow, settings, wallet)
     assert client is not None  # mode rpc always connects or raises

@@ -835,16 +835,16 @@ class Node:
                 others.append(Unpayable(provider=provider, reason=refusal.reason, message=refusal.message))
         return payable, others
 
-    def payment_network(self) -> PaymentNetwork | None:
-        """The chain and contract this node pays and is paid on; None while none is connected."""
-        client = self.escrow_client
+    def payment_network(self, client: Any = None) -> PaymentNetwork | None:
+        """The chain and contract this node (or ``client``) pays and is paid on; None while none is connected."""
+        client = client if client is not None else self.escrow_client
         if client is None:
             return None
         return PaymentNetwork(chain=caip2(client.chain.chain_id), contract=client.address)
 
-    def _stamped(self, offer: Offer) -> Offer:
+    def _stamped(self, offer: Offer, client: Any = None) -> Offer:
         """``offer`` naming the chain and escrow contract this node is paid on (every record says where)."""
-        network = self.payment_network()
+        network = self.payment_network(client)
         if network is None:
             return offer
         return offer.model_copy(update={"chain": network.chain, "escrow_contract": network.contract})
@@ -855,7 +855,7 @@ class Node:
             return
         for offer in self._publisher.offers:
             try:
-                self._publisher.set_offer(self._stamped(offer))
+                self._publisher.set_offer(self._stamped(offer, client))
             except ClawnodeError as error:
                 log.warning("offer %s keeps its old chain: %s", offer.name, error.message)
 
