@@ -596,14 +596,20 @@ class LlamaModel:
         return build
 
     @staticmethod
-    def _text_prompt(prompt: str | list[int]) -> Callable[[Any], tuple[list[int], list[str]]]:
+    def _text_prompt(prompt: str | list[int], suffix: str = "") -> Callable[[Any], tuple[list[int], list[str]]]:
+        """A plain prompt: text (a BOS token added) or token ids as they are; ``suffix`` (the
+        router's failover text so far) follows it."""
+
         def build(llama: Any) -> tuple[list[int], list[str]]:
             if isinstance(prompt, list):
                 n_vocab = llama.n_vocab()
                 if not all(0 <= token < n_vocab for token in prompt):
                     raise invalid(f"prompt holds a token id outside the vocabulary of {n_vocab}", "prompt")
-                return list(prompt), []
-            return list(llama.tokenize(prompt.encode(), True, False)), []
+                tail = list(llama.tokenize(suffix.encode(), False, False)) if suffix else []
+                if tail and not suffix.startswith(" ") and llama.detokenize(tail[:1]) == b" ":
+                    tail = tail[1:]  # a SentencePiece tokenizer's space prefix: not part of the text
+                return [*prompt, *tail], []
+            return list(llama.tokenize((prompt + suffix).encode(), True, False)), []
 
         return build
 
@@ -625,7 +631,8 @@ class LlamaModel:
     ) -> TokenStream:
         """Stream chunk dicts (see :class:`TokenStream`) of a chat (``messages``) or a plain
         completion (``prompt``: text, or token ids taken as they are), with ``n`` choices one after
-        another. ``schema`` (already checked by ``grammar.check_schema``) or active ``tools``
+        another; ``assistant_prefix`` continues a reply begun elsewhere (after the generation
+        prompt, or after the plain prompt). ``schema`` (already checked by ``grammar.check_schema``) or active ``tools``
         constrain every choice by a grammar."""
         sampling = sampling or Sampling()
         if messages is not None:
@@ -634,7 +641,7 @@ class LlamaModel:
         elif isinstance(prompt, str) or (
             isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
         ):
-            build = self._text_prompt(prompt)
+            build = self._text_prompt(prompt, assistant_prefix)
         else:
             raise invalid("prompt must be a string or a non-empty list of token ids", "prompt")
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:

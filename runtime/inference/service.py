@@ -190,9 +190,15 @@ class ChatService:
             raise invalid("continue_from is only for plain text replies", "continue_from")
         # body.stream is ignored: the infer protocol always streams.
         if messages is None:
-            text_prompt = prompt + continue_from if isinstance(prompt, str) else prompt
             stream = self.model.stream_generate(
-                prompt=text_prompt, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop, n=n, schema=schema
+                prompt=prompt,
+                max_tokens=max_tokens,
+                sampling=sampling,
+                seed=seed,
+                stop=stop,
+                n=n,
+                schema=schema,
+                assistant_prefix=continue_from,
             )
         else:
             stream = self.model.stream_generate(

@@ -32,8 +32,8 @@ def tiny_vocabulary() -> list[str]:
     return [*CONTROL_TOKENS, *(f"<0x{b:02X}>" for b in range(256)), "▁", *(chr(c) for c in range(33, 127))]
 
 
-def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
-    """Write the tiny model to ``path`` (same bytes for the same seed) and return ``path``."""
+def write_tiny_llama_gguf(path: Path, seed: int = 0, chat_template: str = CHAT_TEMPLATE) -> Path:
+    """Write the tiny model to ``path`` (same bytes for the same seed and template) and return ``path``."""
     import gguf
     import numpy as np
 
@@ -70,7 +70,7 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     def normal(*shape: int, scale: float) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)

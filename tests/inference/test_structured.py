@@ -18,6 +18,8 @@ import pytest
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import LlamaModel
 from runtime.inference.service import ChatService, EmbeddingService
+from runtime.inference.tiny_model import write_tiny_llama_gguf
+from runtime.inference.tools import parse_tools
 from tests.inference.schemas import random_schema
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
@@ -189,8 +191,6 @@ async def test_a_tool_round_trip_history_is_rendered_in_the_generic_format(tiny2
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "3"},
     ]
-    from runtime.inference.tools import parse_tools
-
     prompt = await tiny2k.format_chat(history, parse_tools([ADD], "auto", None))
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in prompt
     assert "<tool_response>\n3\n</tool_response>" in prompt
@@ -330,3 +330,49 @@ async def test_what_cannot_be_honoured_is_refused_naming_the_param(
         await run(tiny, {"messages": ASK, "max_tokens": 4, **extra})
     assert raised.value.code == ErrorCode.INVALID_ARGUMENT
     assert raised.value.message.endswith(f"(param: {param})"), raised.value.message
+
+
+# A template with a tools slot, tool calls and the tool role (as Hermes/Qwen-style templates have).
+TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|im_start|>system\n# Tools\n{% for tool in tools %}"
+    "{{ tool | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message.tool_calls %}{% for call in message.tool_calls %}"
+    "<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}"
+    "{% elif message['role'] == 'tool' %}<tool_response>{{ message['content'] }}</tool_response>"
+    "{% else %}{{ message['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+async def test_a_template_with_a_tools_slot_renders_the_tools_itself(tmp_path: Path) -> None:
+    model = LlamaModel(write_tiny_llama_gguf(tmp_path / "tools.gguf", chat_template=TOOLS_TEMPLATE), n_ctx=2048)
+    await model.load()
+    try:
+        assert model.slots.tools and model.slots.tool_calls and model.slots.tool_role
+        call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+        history: list[dict[str, Any]] = [
+            {"role": "user", "content": "Add 1 and 2"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+        ]
+        prompt = await model.format_chat(history, parse_tools([ADD], "auto", None))
+        assert prompt.startswith('<s><|im_start|>system\n# Tools\n{"type": "function", "function": {"name": "add"')
+        assert "You can call these functions" not in prompt  # not the generic format
+        assert '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' in prompt
+        assert "<|im_start|>tool\n<tool_response>3</tool_response>" in prompt
+        body = {"messages": history, "tools": [ADD], "tool_choice": "required", "max_tokens": 400, "seed": 1}
+        chunks, _ = await run(model, body)
+        (only,) = choices(chunks)[0]["calls"].values()
+        jsonschema.validate(json.loads(only["arguments"]), SCHEMAS["add"])
+    finally:
+        await model.aclose()
+
+
+async def test_continue_from_follows_a_token_id_prompt(tiny: LlamaModel) -> None:
+    ids = await tiny.tokenize("hello there", add_bos=True)
+    whole = choices((await run(tiny, {"prompt": ids, "max_tokens": 8, "temperature": 0}))[0])[0]["text"]
+    rest = choices(
+        (await run(tiny, {"prompt": ids, "continue_from": whole[:3], "max_tokens": 5, "temperature": 0}))[0]
+    )[0]["text"]
+    assert whole[:3] + rest == whole
