@@ -25,7 +25,8 @@ from dht.discovery import DiscoveryQuery
 from node.daemon import Node
 from node.datadir import read_api_token
 from node.router import ProviderHealth
-from runtime.service import ServiceRegistry
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.service import Emit, ServiceRegistry, Usage
 from tests.support.agent_service import AgentService, VectorService
 from tests.support.market import WORD_OFFER, WORDS, market_nodes
 
@@ -318,3 +319,65 @@ async def test_every_unhonoured_field_is_a_400_naming_it_and_agent_traffic_is_ac
         completion = await trio.to_thread.run_sync(completions)
         assert completion.choices[0].text == "a b " and completion.choices[0].finish_reason == "length"
         assert completion.choices[0].logprobs.tokens == ["a ", "b "]
+
+
+class FailingAgent(AgentService):
+    """Fails like a provider that goes away: before its first chunk ("early") or after it ("late")."""
+
+    async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
+        self.bodies.append(body)
+        if "late" in str(body["messages"][-1]["content"]):
+            if body.get("tools"):
+                delta = {
+                    "index": 0,
+                    "id": "call_x",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": ""},
+                }
+                await emit({"tokens": 1, "tool_calls": [delta]})
+            else:
+                await emit({"tokens": 1, "text": "late "})
+        raise ClawnodeError(ErrorCode.UNAVAILABLE, "the provider went away")
+
+
+async def test_a_tool_call_fails_over_before_its_first_chunk_never_after_it() -> None:
+    failing, healthy = FailingAgent(), AgentService()
+    specs: list[dict[str, Any]] = []
+    for agent in (failing, healthy):
+        services = ServiceRegistry()
+        services.register(WORDS, agent)
+        specs.append({"offers": (AGENT_OFFER,), "services": services})
+    async with market_nodes([*specs, {}]) as (nodes, _):
+        _, second, consumer = nodes
+        with trio.fail_after(60):
+            while len(await consumer.discover(DiscoveryQuery(capability=WORDS))) < 2:
+                await trio.sleep(0.2)
+        # The failing provider is ranked first.
+        consumer.router.health[str(second.host.get_id())] = ProviderHealth(ewma_latency_s=60.0)
+
+        def ask(content: str, tools: bool) -> Any:
+            extra: dict[str, Any] = {"tools": [TIME], "tool_choice": "required"} if tools else {}
+            try:
+                return client(consumer).chat.completions.create(
+                    model="words", messages=[{"role": "user", "content": content}], stream=True, **extra
+                )
+            except openai.APIStatusError as error:
+                return error
+
+        early = await trio.to_thread.run_sync(lambda: reassemble(list(ask("fail early", True))))
+        assert [c["name"] for c in early[0]["calls"].values()] == ["get_time"]  # the second provider's call
+        late_text = await trio.to_thread.run_sync(lambda: reassemble(list(ask("fail late please", False))))
+        assert late_text[0]["content"].startswith("late ")  # a text answer is continued by the next provider
+        assert healthy.bodies[-1]["continue_from"] == "late "
+        served = len(healthy.bodies)
+
+        def late_tools() -> Any:
+            chunks = []
+            with pytest.raises(openai.APIError):
+                for chunk in ask("fail late please", True):
+                    chunks.append(chunk)
+            return chunks
+
+        chunks = await trio.to_thread.run_sync(late_tools)
+        # The call began on the first provider: it is not finished by another (its arguments would not fit).
+        assert chunks and len(healthy.bodies) == served
