@@ -42,9 +42,10 @@ Then the agent surface (issue 18), ``--surface-requests`` 0 skips it:
   one string field, so the model writes the same kind of text inside it) ÷ tokens/s of free text, on the
   direct model through its ``ChatService`` (the engine's full request path, grammar included), pairs
   alternating, medians (goal >= 0.8);
-- ``schema_valid``: the share of ``--schemas`` (default 100) random JSON Schemas (objects of strings with
-  and without ``maxLength``, integers, numbers, booleans, enums, bounded arrays, a nested object; all or
-  some properties required) whose reply parses and validates (``jsonschema``);
+- ``schema_valid``: the share of ``--schemas`` (default 100) random JSON Schemas (``tests.inference.schemas``,
+  the generator of the engine's own tests: objects, bounded arrays and strings, numbers, booleans,
+  null, enums, consts, ``anyOf`` and type unions, some properties required) whose reply parses and
+  validates (``jsonschema``);
 - ``tool_roundtrip_ms_local`` / ``_network``: an agent's tool round trip over HTTP, as an OpenAI client
   does it: a request with a forced (named) tool call, then the tool's result sent back for the final
   answer; the sum of both requests' wall times, median of ``--surface-requests``. Local: the provider's
@@ -93,6 +94,7 @@ from runtime.inference.models import ModelSpec
 from runtime.inference.service import ChatService
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.service import Emit, ServiceRegistry, Usage
+from tests.inference.schemas import random_schema
 from tests.support.market import market_nodes
 
 MODEL_NAME = "bench"
@@ -292,35 +294,6 @@ WEATHER_TOOL: dict[str, Any] = {
         },
     },
 }
-FIELD_NAMES = ("name", "city", "age", "score", "active", "tags", "level", "colour", "count", "title", "note")
-WORDS_FOR_ENUMS = ("red", "green", "blue", "low", "high", "yes", "no", "north", "south", "small", "large")
-
-
-def random_schema(rng: random.Random, depth: int = 0) -> dict[str, Any]:
-    """A small random object schema of what constrained decoding enforces (no numeric bounds)."""
-    names = rng.sample(FIELD_NAMES, rng.randint(1, 4))
-    properties: dict[str, Any] = {}
-    for name in names:
-        kinds = ["string", "bounded_string", "integer", "number", "boolean", "enum", "array"]
-        kind = rng.choice(kinds + (["object"] if depth == 0 else []))
-        if kind == "string":
-            properties[name] = {"type": "string"}
-        elif kind == "bounded_string":
-            properties[name] = {"type": "string", "maxLength": rng.choice((4, 8, 16, 24))}
-        elif kind == "enum":
-            properties[name] = {"enum": rng.sample(WORDS_FOR_ENUMS, rng.randint(2, 4))}
-        elif kind == "array":
-            item = rng.choice(({"type": "string", "maxLength": 12}, {"type": "integer"}, {"type": "boolean"}))
-            properties[name] = {"type": "array", "items": item, "maxItems": rng.randint(1, 4)}
-        elif kind == "object":
-            properties[name] = random_schema(rng, depth + 1)
-        else:
-            properties[name] = {"type": kind}
-    required = names if rng.random() < 0.5 else [n for n in names if rng.random() < 0.5]
-    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
-    if required:
-        schema["required"] = required
-    return schema
 
 
 def schema_format(schema: dict[str, Any], name: str = "reply") -> dict[str, Any]:
