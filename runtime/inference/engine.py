@@ -809,6 +809,8 @@ class LlamaModel:
                     break
                 keep += 1
             keep = min(keep, len(tokens) - 1)  # at least one token decoded: fresh logits
+        if keep > 0 and not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0  # this cache cannot drop a suffix: decode it all again
         if keep == 0:
             llama.reset()
         llama.n_tokens = keep
@@ -859,8 +861,11 @@ class LlamaModel:
         reasons: list[str] = []
         first: float | None = None
         for index in range(request.n):
-            if index:
-                llama.n_tokens = len(prompt_tokens)  # the next eval drops the last choice's tokens
+            if index:  # the next choice starts from the prompt again: drop the last one's tokens
+                if llama._ctx.kv_cache_seq_rm(-1, len(prompt_tokens), -1):
+                    llama.n_tokens = len(prompt_tokens)
+                else:
+                    self._eval_prompt(llama, prompt_tokens)
             grammar = (
                 GrammarConstraint(vocab, n_vocab, request.grammar, request.grammar_param)
                 if request.grammar is not None

@@ -75,16 +75,16 @@ class TokenPicker:
                 f"logit_bias names a token outside the vocabulary of {n_vocab} (param: logit_bias)",
             )
         self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
-        self._bias_values = np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
+        self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
 
     def adjust(self, logits: np.ndarray, counts: Counter[int]) -> np.ndarray:
-        x = np.array(logits, dtype=np.float64)
+        x = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay as they are
         if self._bias_ids.size:
             x[self._bias_ids] += self._bias_values
         s = self.sampling
         if counts and (s.frequency_penalty or s.presence_penalty):
             ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-            seen = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+            seen = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
             x[ids] -= seen * s.frequency_penalty + s.presence_penalty
         return x
 
