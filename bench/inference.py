@@ -188,13 +188,16 @@ class EngineTap:
 
     def __init__(self, model: LlamaModel) -> None:
         self.last: TokenStream | None = None
-        original = model.stream_chat
+        # ``stream_chat`` (the direct path) and ``stream_generate`` (what the chat service calls).
+        for name in ("stream_chat", "stream_generate"):
+            setattr(model, name, self._tap(getattr(model, name)))
 
+    def _tap(self, original: Any) -> Any:
         def tapped(*args: Any, **kwargs: Any) -> TokenStream:
             self.last = original(*args, **kwargs)
             return self.last
 
-        setattr(model, "stream_chat", tapped)  # noqa: B010
+        return tapped
 
     def engine_figures(self) -> tuple[float, float]:
         final = self.last.final if self.last is not None else None
