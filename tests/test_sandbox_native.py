@@ -102,7 +102,10 @@ async def test_native_escape_battery_is_contained_and_the_node_keeps_answering()
         key = key_path.read_bytes()
         assert result("read_key").output == b"done\n" and key not in result("read_key").output
         assert b"CONNECTED" not in result("socket").output and result("socket").output.count(b"refused") == 2
-        assert outcomes["fork_bomb"] == (ErrorCode.TIMEOUT, SandboxReason.WALL_CLOCK)
+        bomb = outcomes["fork_bomb"]  # the process limit makes sh give up, or the wall clock kills it all
+        assert bomb == (ErrorCode.TIMEOUT, SandboxReason.WALL_CLOCK) or (
+            isinstance(bomb, RunResult) and bomb.exit_code != 0
+        )
         assert result("allocate").output == b"refused\n"
         loop = outcomes["loop"]
         assert loop == (ErrorCode.TIMEOUT, SandboxReason.WALL_CLOCK) or (
@@ -118,14 +121,14 @@ async def test_native_escape_battery_is_contained_and_the_node_keeps_answering()
         assert unshare.outcome == Outcome.TRAP and unshare.denied_calls == ("seccomp",)
         assert b"SURVIVED" not in unshare.output
         if os.geteuid() == 0:  # runs drop to nobody: every process the fork bomb made is gone
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 15  # a killed pid namespace takes a few seconds to clear
             while _nobody_processes() and time.monotonic() < deadline:
                 await trio.sleep(0.1)
             assert _nobody_processes() == 0
 
         samples = metric_samples((await _api_get(node, "/metrics", token)).text)
         assert samples['clawnode_sandbox_runs_total{kind="native"}'] == len(battery)
-        assert samples['clawnode_sandbox_kills_total{kind="native",limit="wall_clock"}'] >= 2
+        assert samples['clawnode_sandbox_kills_total{kind="native",limit="wall_clock"}'] >= 1
         assert samples['clawnode_sandbox_kills_total{kind="native",limit="output_limit"}'] == 1
         assert samples['clawnode_sandbox_denied_calls_total{call="seccomp",kind="native"}'] == 1
 
