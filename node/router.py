@@ -538,6 +538,7 @@ def chunk_tokens(chunk: dict[str, Any]) -> int:
     return 1 if chunk.get("text") else 0
 
 
+CHUNK_KEYS = frozenset({"text", "tokens", "index", "logprobs", "tool_calls", "finish_reason"})
 MAX_CHOICES = 8
 MAX_TOOL_CALLS = 64
 MAX_CHUNK_LOGPROBS = 4096
