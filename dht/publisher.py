@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,13 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
+
+# The longest the first DHT publish waits for the addresses that make a home node reachable (its
+# relay reservations). A record published without them names only a LAN address: a peer that
+# fetched it dialled that address and waited out its fetch timeout (5 s) before reading a newer copy.
+FIRST_PUBLISH_WAIT_S = 3.0
+PENDING_POLL_S = 0.1
+MAX_PUBLISHES_IN_FLIGHT = 2
 
 
 async def _first_of(*events: trio.Event | None) -> None:
@@ -98,6 +106,8 @@ class CapabilityPublisher:
         record_ttl_s: int = 600,
         reachability: Callable[[], Reachability] = lambda: "unknown",
         extra_addrs: Callable[[], list[str]] = list,
+        addrs_pending: Callable[[], bool] = lambda: False,
+        first_publish_wait_s: float = FIRST_PUBLISH_WAIT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.host = host
@@ -108,6 +118,10 @@ class CapabilityPublisher:
         self.record_ttl_s = record_ttl_s
         self._reachability = reachability
         self._extra_addrs = extra_addrs  # e.g. relayed addresses while private (nat/relay.py)
+        # True while the addresses that make this node reachable are still coming (a home node's
+        # relay reservations, a second or so after start): the first DHT publish waits for them.
+        self._addrs_pending = addrs_pending
+        self.first_publish_wait_s = first_publish_wait_s
         self._clock = clock
         self._seq = 0
         self._offers: dict[str, Offer] = {}
@@ -225,6 +239,21 @@ class CapabilityPublisher:
         self.published_at = self._clock()
         log.info("published capability record seq %d with %d offers", record.seq, len(record.capabilities))
 
+    async def _wait_for_addrs(self) -> None:
+        """Before the first DHT publish: wait (at most ``first_publish_wait_s``) while the addresses
+        that make this node reachable are still coming."""
+        with trio.move_on_after(self.first_publish_wait_s):
+            while self._addrs_pending():
+                await trio.sleep(PENDING_POLL_S)
+
+    async def _publish_in(self, scope: trio.CancelScope, running: deque[trio.CancelScope]) -> None:
+        try:
+            with scope:
+                await self.publish()
+        finally:
+            if scope in running:
+                running.remove(scope)
+
     async def run(self, *, task_status: TaskStatus[CapabilityPublisher] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(CAPABILITY_PROTOCOL, capability_handler(lambda: self.sealed))
         self._reseal()
@@ -234,11 +263,23 @@ class CapabilityPublisher:
             # seconds. Published once more when the join is done, to the peers it met on the way.
             # (A node with no one to join publishes when its join ends, into its own store.)
             await _first_of(self.dht.ready, self.dht.joined)
-            while True:
-                self._changed = trio.Event()
-                joined = self.dht.joined.is_set()
-                await self.publish()
-                with trio.move_on_after(self.record_ttl_s / 2):
-                    await _first_of(self._changed, None if joined else self.dht.joined)
+            await self._wait_for_addrs()
+            # A change starts the next publish at once, beside the one in flight (which waits on the
+            # slowest of the key's closest peers: seconds when one must be dialled); a home node's
+            # record naming its relays used to wait behind the one published a second earlier
+            # without them, while peers could read only that one. At most MAX_PUBLISHES_IN_FLIGHT:
+            # a further change cuts the oldest short (a newer record supersedes it).
+            running: deque[trio.CancelScope] = deque()
+            async with trio.open_nursery() as nursery:
+                while True:
+                    self._changed = trio.Event()
+                    joined = self.dht.joined.is_set()
+                    if len(running) >= MAX_PUBLISHES_IN_FLIGHT:
+                        running.popleft().cancel()
+                    scope = trio.CancelScope()
+                    running.append(scope)
+                    nursery.start_soon(self._publish_in, scope, running)
+                    with trio.move_on_after(self.record_ttl_s / 2):
+                        await _first_of(self._changed, None if joined else self.dht.joined)
         finally:
             self.host.remove_stream_handler(CAPABILITY_PROTOCOL)

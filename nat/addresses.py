@@ -125,6 +125,11 @@ def looks_private(addrs: Sequence[str]) -> bool:
     return "private" in kinds and kinds <= {"private", "loopback"}
 
 
+# Before AutoNAT's first verdict a node none of whose addresses is public queries the DHT without
+# serving it for at most this long (``serves_dht``).
+DHT_CLIENT_BEFORE_VERDICT_S = 30.0
+
+
 def wants_relays(reachability: Reachability, own_addrs: Sequence[str]) -> bool:
     """Whether to hold relay reservations (and publish their circuit addresses): while AutoNAT says
     private, and before its first verdict when ``looks_private(own_addrs)``: a home node behind a NAT
@@ -133,6 +138,19 @@ def wants_relays(reachability: Reachability, own_addrs: Sequence[str]) -> bool:
     if reachability == "unknown":
         return looks_private(own_addrs)
     return reachability == "private"
+
+
+def serves_dht(reachability: Reachability, own_addrs: Sequence[str], *, waited_s: float) -> bool:
+    """Whether to serve the DHT (be in others' routing tables) rather than only query it: unless AutoNAT
+    says private, and, before its first verdict, not while ``looks_private(own_addrs)`` for the first
+    ``DHT_CLIENT_BEFORE_VERDICT_S`` (``waited_s``: seconds since the start). A home node that served
+    from its start until its verdict (~5-15 s) was handed out in routing answers with its LAN address,
+    and every lookup meanwhile (the other home nodes' first publish among them) waited out a dial to
+    it. After the bound it serves as before (a network of LAN nodes only, where no AutoNAT server
+    ever answers, still has a DHT); a node with a working UPnP mapping serves once AutoNAT confirms it."""
+    if reachability == "unknown":
+        return not looks_private(own_addrs) or waited_s >= DHT_CLIENT_BEFORE_VERDICT_S
+    return reachability == "public"
 
 
 # --- where the inputs come from, per host ----------------------------------------------------------

@@ -15,12 +15,14 @@ from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.peer.peerinfo import PeerInfo
 
 from nat.addresses import (
+    DHT_CLIENT_BEFORE_VERDICT_S,
     AddressInputs,
     candidate_addrs,
     classify,
     looks_private,
     rank_addrs,
     record_addrs,
+    serves_dht,
     sources_for,
     wants_relays,
 )
@@ -66,6 +68,18 @@ def test_a_node_with_no_public_address_reserves_relays_before_the_verdict() -> N
     # Until the verdict, the relayed addresses come after every direct one.
     ranked = rank_addrs(AddressInputs(listen=(LOOP, LAN), relayed=(CIRCUIT,), reachability="unknown"))
     assert ranked == [LAN, CIRCUIT]
+
+
+def test_a_home_node_queries_the_dht_without_serving_it_until_autonat_says_public() -> None:
+    """Before the verdict a node with no public address of its own stays out of others' routing
+    tables (they would dial its LAN address), for DHT_CLIENT_BEFORE_VERDICT_S at most."""
+    home, public, loopback = (LOOP, LAN), (LOOP, LAN, WAN), (LOOP,)
+    assert not serves_dht("unknown", home, waited_s=0.0)
+    assert not serves_dht("unknown", home, waited_s=DHT_CLIENT_BEFORE_VERDICT_S - 0.1)
+    assert serves_dht("unknown", home, waited_s=DHT_CLIENT_BEFORE_VERDICT_S)  # a LAN with no AutoNAT server
+    assert serves_dht("unknown", public, waited_s=0.0) and serves_dht("unknown", loopback, waited_s=0.0)
+    assert serves_dht("public", home, waited_s=0.0)  # a working UPnP mapping, confirmed
+    assert not serves_dht("private", public, waited_s=3600.0)
 
 
 def test_public_listen_before_lan_and_relayed_last_unless_private() -> None:

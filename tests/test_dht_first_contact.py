@@ -4,6 +4,7 @@ silent one. Real hosts on loopback; the pure rules in dht/lookup_guard.py."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ import multiaddr
 import trio
 from libp2p import generate_new_ed25519_identity
 from libp2p.abc import INetStream
+from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -20,8 +22,9 @@ from bootstrap.peer_book import PeerBook
 from dht.discovery import Discovery
 from dht.lookup_guard import SilentPeers, may_ask, serves_dht
 from dht.protocol_id import use_kad_protocol_id
-from dht.record_validator import RejectionCounter, record_key
-from dht.records import seal_record
+from dht.publisher import CapabilityPublisher
+from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter, record_key
+from dht.records import Hardware, bind_wallet, seal_record
 from dht.service import DhtService
 from node.host import build_host
 from tests.support.records import GEMMA, make_record
@@ -209,3 +212,86 @@ async def test_describe_reads_the_newer_record_when_the_held_copy_names_only_dea
         assert described.record.seq == newer_seq
         # The newer record replaced the stale copy A holds, so A serves no stale one either.
         assert asker.dht.held_value(key) == provider.publisher.sealed
+
+
+# --- a home node's first record names its relays ---------------------------------------------------
+
+RELAYED = "/ip4/203.0.113.2/tcp/4021/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit"
+
+
+@asynccontextmanager
+async def record_node(tmp: Path, name: str, bootstrap: list[str], key_pair: KeyPair) -> AsyncIterator[DhtService]:
+    """A DHT node that stores capability records (validated, as in the daemon)."""
+    host = build_host(key_pair)
+    async with host.run(LOOPBACK), trio.open_nursery() as nursery:
+        dht = DhtService(
+            host,
+            bootstrap_addrs=bootstrap,
+            peer_book=PeerBook(tmp / f"{name}.json"),
+            refresh_interval_s=3600.0,
+            dial_timeout_s=DIAL_TIMEOUT_S,
+        )
+        dht.add_validator(RECORD_NAMESPACE, CapabilityRecordValidator(RejectionCounter(), held_value=dht.held_value))
+        await nursery.start(dht.run)
+        try:
+            yield dht
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_first_publish_waits_for_the_relays_and_a_change_is_not_held_back(tmp_path: Path) -> None:
+    """A home node reserves its relays a second or so after its start: its first record in the DHT
+    must already name them (one that named only its LAN address sent every early asker to that
+    address, a 5 s fetch timeout, before it read a newer copy). And a record that changes while a
+    publish is still waiting on a slow peer reaches the DHT without waiting for that one."""
+    use_kad_protocol_id()
+    relayed: list[str] = []
+    home_key = generate_new_ed25519_identity()
+    async with record_node(tmp_path, "a", [], generate_new_ed25519_identity()) as a:
+        async with record_node(tmp_path, "home", [p2p_addr(a)], home_key) as home:
+            publisher = CapabilityPublisher(
+                home.host,
+                home,
+                home_key.private_key,
+                wallet=bind_wallet(secrets.token_bytes(32), str(home.host.get_id())),
+                hardware=Hardware(cores=2, ram_mb=4096),
+                offers=[GEMMA],
+                extra_addrs=lambda: list(relayed),
+                addrs_pending=lambda: not relayed,
+            )
+            key = record_key(str(home.host.get_id()))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(publisher.run)
+                await trio.sleep(1.0)  # the relays are being reserved: nothing published yet
+                assert publisher.published_at is None and a.held_value(key) is None
+                relayed.append(RELAYED)
+                with trio.fail_after(10):
+                    while publisher.published_at is None:
+                        await trio.sleep(0.02)
+                first = a.held_value(key)
+                assert first is not None and RELAYED.encode() in first, "the first record lacks the relays"
+
+                # The next publish hangs on a slow peer (the put to it never ends); the record
+                # changes meanwhile: the newer one is stored without waiting for the hung put.
+                put_value = home.dht.put_value
+                hung = trio.Event()
+
+                async def slow_then_normal(put_key: str, value: bytes) -> None:
+                    if not hung.is_set():
+                        hung.set()
+                        await trio.sleep_forever()
+                    await put_value(put_key, value)
+
+                home.dht.put_value = slow_then_normal  # type: ignore[method-assign]
+                publisher.republish()
+                with trio.fail_after(5):
+                    await hung.wait()
+                hung_record = publisher.record
+                publisher.set_offer(GEMMA.model_copy(update={"price_per_unit": GEMMA.price_per_unit * 2}))
+                with trio.fail_after(10):
+                    while publisher.record is hung_record or a.held_value(key) != publisher.sealed:
+                        await trio.sleep(0.02)
+                assert publisher.record is not None and publisher.record.capabilities[0].pricing.price_per_unit == (
+                    GEMMA.price_per_unit * 2
+                )
+                nursery.cancel_scope.cancel()
