@@ -62,6 +62,7 @@ PROTOCOL_ID = TProtocol("/clawnode/autonat/1.0.0")
 MAX_FRAME = 8 * 1024
 MAX_ADDRS_ON_WIRE = 16
 STALE_AFTER_CHECKS = 3  # a verdict survives inconclusive rounds for this many check intervals
+ERROR_RETRY_FIRST_S = 2.0  # while unknown, servers that gave no usable answer are asked again this soon (doubling)
 
 ServeMode = Literal["auto", "always", "never"]
 Ask = tuple[tuple[str, ...], tuple[int, ...]]  # (own addresses, listen ports at the observed IP)
@@ -237,6 +238,8 @@ class AutoNat:
         self._dialer: IHost | None = None
         self._serving = False
         self._last_request: dict[str, float] = {}
+        self._inconclusive = 0  # inconclusive rounds in a row (client)
+        self._round_conclusive = False  # whether the last round decided public or private
         self._dialing = trio.Semaphore(self.settings.server_max_concurrent)
         self._dial_locks: dict[str, trio.Lock] = {}
         self._wake = trio.Event()
@@ -339,17 +342,42 @@ class AutoNat:
                 if servers:
                     await self.check(addrs)
                     last_addrs, last_servers = addrs, servers
-                    conclusive = self.state.verdict != "unknown"
-                    next_check = trio.current_time() + (
-                        settings.check_interval_s if conclusive else settings.retry_interval_s
-                    )
+                    # A round that decided nothing (too few answers) is followed up soon even when
+                    # an earlier verdict still stands: a UPnP mapping made just after a "private"
+                    # verdict was asked about at once, every server refused (asked a moment before),
+                    # and the node stayed private with a working mapping until the next check (300 s).
+                    conclusive = self._round_conclusive
+                    if conclusive:
+                        self._inconclusive = 0
+                        next_check = trio.current_time() + settings.check_interval_s
+                    else:
+                        self._inconclusive += 1
+                        next_check = trio.current_time() + self._retry_in()
                 elif self.state.checked_at is None:
                     self.state.reason = "autonat: no AutoNAT server connected yet"
-            # Until a first check ran, look for servers (identified peers) every second.
-            with trio.move_on_after(settings.addr_poll_s if self.state.checked_at else min(1.0, settings.addr_poll_s)):
+            # Until a first check ran, look for servers (identified peers) every second; a round due
+            # sooner than the next poll (a quick retry while unknown) is not held back by it.
+            poll = settings.addr_poll_s if self.state.checked_at else min(1.0, settings.addr_poll_s)
+            due_in = next_check - trio.current_time()
+            with trio.move_on_after(min(poll, due_in) if due_in > 0 else poll):
                 await self._wake.wait()
 
     # ---- client
+
+    def _errored(self) -> bool:
+        return any(result.outcome == "error" for _, _, result in self._recent.values())
+
+    def _error_retry_s(self) -> float:
+        """How soon a server that gave no usable answer is asked again: 2 s, doubling with each
+        inconclusive round, up to ``retry_interval_s``."""
+        return min(self.settings.retry_interval_s, ERROR_RETRY_FIRST_S * 2.0 ** max(0, self._inconclusive - 1))
+
+    def _retry_in(self) -> float:
+        """Seconds to the next round while the verdict is unknown: soon (``_error_retry_s``) when
+        servers gave no usable answer, e.g. busy with other nodes' dial-backs (a home network's nodes
+        starting at once): the verdict of a node with a UPnP mapping waited 30 s for the next round
+        (48 s after its start instead of ~6 s); else ``retry_interval_s``."""
+        return self._error_retry_s() if self._errored() else self.settings.retry_interval_s
 
     def _candidates(self) -> Ask:
         """What to ask about: up to two listen ports (at the observed IP), then own addresses."""
@@ -432,11 +460,18 @@ class AutoNat:
             for peer, (at, asked, result) in self._recent.items()
             if asked == key and now - at < settings.check_interval_s
         }
-        fresh = {peer for peer, (at, _, _) in self._recent.items() if now - at < settings.retry_interval_s}
+        # A server that answered is not asked again within retry_interval_s; one that gave no usable
+        # answer (busy with other dial-backs, a timeout) may be asked at the next round.
+        fresh = {
+            peer
+            for peer, (at, _, result) in self._recent.items()
+            if now - at < (settings.retry_interval_s if result.outcome != "error" else self._error_retry_s())
+        }
         servers = [peer_id for peer_id in self._servers() if str(peer_id) not in fresh]
         random.shuffle(servers)
         servers = servers[: settings.max_servers_per_check]
         if not servers and not self._recent:
+            self._round_conclusive = False
             self._record("unknown", "autonat: no AutoNAT server connected", [])
             return self.state
         answers: list[ServerResult] = []
@@ -449,6 +484,7 @@ class AutoNat:
                 self._recent[answer.peer_id] = (answered_at, key, answer)
         results = [result for _, _, result in self._recent.values()]
         verdict, reason = judge(results, settings.min_servers, settings.distinct_by)
+        self._round_conclusive = verdict != "unknown"
         if verdict == "unknown" and self._still_valid(answered_at):
             # Too few servers could answer this round (rate limits right after a check, a new
             # address): that says nothing new about us. Dropping to unknown would drop a private
@@ -532,6 +568,11 @@ class AutoNat:
         last = self._last_request.get(peer)
         if last is not None and now - last < self.settings.server_peer_interval_s:
             raise ClawnodeError(ErrorCode.RATE_LIMITED, "one AutoNAT request per peer per interval")
+
+    def _note_request(self, peer: str) -> None:
+        """Count a request that is served against its peer's interval (one refused because too many
+        dial-backs ran may be asked again at once: it cost nothing)."""
+        now = trio.current_time()
         self._last_request[peer] = now
         if len(self._last_request) > 4096:
             cutoff = now - self.settings.server_peer_interval_s
@@ -585,6 +626,7 @@ class AutoNat:
             self._dialing.acquire_nowait()
         except trio.WouldBlock:
             raise ClawnodeError(ErrorCode.RATE_LIMITED, "too many dial-backs running") from None
+        self._note_request(str(remote))
         try:
             results = [await self._dial_back(remote, addr) for addr in targets]
         finally:

@@ -183,6 +183,56 @@ async def test_answers_add_up_across_checks_without_asking_a_server_twice() -> N
         assert sorted(result.outcome for result in state.servers) == ["ok"] * 3
 
 
+async def test_a_busy_server_is_asked_again_within_seconds_not_at_the_next_round() -> None:
+    """Three servers for K=3, one busy with other nodes' dial-backs when the client asks: that round is
+    inconclusive. The client's own loop asks the busy one again ~2 s later (not after
+    ``retry_interval_s``, an hour here; 30 s by default: a home node with a UPnP mapping learned it
+    was public 48 s after its start), and the refused request did not count against the per-peer
+    interval (60 s here), so the server answers and the node is public."""
+    settings = replace(LOOPBACK_SETTINGS, server_peer_interval_s=60, addr_poll_s=3600)
+    async with trio.open_nursery() as nursery:
+        servers: list[AutoNat] = []
+        async with _servers(nursery, 3, settings, servers):
+            busy = servers[2]
+            for _ in range(busy.settings.server_max_concurrent):
+                busy._dialing.acquire_nowait()  # every dial-back slot "running"
+            client_settings = replace(settings, serve="never")
+            async with autonat_node(nursery, client_settings, serves=False) as client:
+                await connect_and_identify(client.host, [server.host for server in servers])
+                with trio.fail_after(20):
+                    while not any(r.outcome == "error" for r in client.state.servers):
+                        await trio.sleep(0.05)
+                assert client.state.verdict == "unknown", client.state.reason
+                for _ in range(busy.settings.server_max_concurrent):
+                    busy._dialing.release()
+                released = trio.current_time()
+                with trio.fail_after(15):
+                    while client.state.verdict != "public":
+                        await trio.sleep(0.05)
+                assert trio.current_time() - released < 10, "asked again at the next round only"
+                assert sorted(r.outcome for r in client.state.servers) == ["ok"] * 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_mapping_made_just_after_a_private_verdict_makes_the_node_public_within_seconds() -> None:
+    """UPnP maps the port a moment after AutoNAT said private: the re-check at once is refused by
+    every server (each answered a moment ago), which decides nothing. The node asks again seconds
+    later instead of keeping ``private`` with a working mapping until the next check (an hour here,
+    300 s by default)."""
+    port = closed_port()
+    addrs = [f"/ip4/127.0.0.1/tcp/{port}"]
+    settings = replace(LOOPBACK_SETTINGS, server_peer_interval_s=4)
+    async with swarm(3, client_addrs=addrs, client_ports=[], settings=settings) as (client, _servers):
+        with trio.fail_after(20):
+            while client.state.verdict != "private":
+                await trio.sleep(0.05)
+        addrs[:] = [str(client.host.get_addrs()[0]).split("/p2p/")[0]]  # the new mapping: reachable
+        client.recheck_soon()
+        with trio.fail_after(20):
+            while client.state.verdict != "public":
+                await trio.sleep(0.05)
+
+
 async def test_unreachable_address_gets_private() -> None:
     """A node behind a NAT: its address and its listen port (at the IP the servers observe)
     lead nowhere, here a closed port."""
