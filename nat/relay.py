@@ -14,7 +14,8 @@ Built on py-libp2p's ``libp2p.relay.circuit_v2``:
 - A reservation lives only as long as the connection to its relay (circuit v2 spec): when that
   connection closes (a notifee sees it; the maintenance loop checks too) the reservation and its
   circuit addresses are dropped at once (a connection that dies silently, e.g. a home router
-  forgetting its NAT mapping, is found by a ping every ``probe_interval_s``), another known relay
+  forgetting its NAT mapping, is found by a ping every ``probe_interval_s``, two unanswered in a
+  row: one answered late on a busy machine dropped live relays several times a minute), another known relay
   is reserved on, and the lost relay is re-dialled with capped exponential backoff (``retry_delay``:
   1 s doubling to 60 s) and reserved on again as soon as it is connected. Failed renewals back off
   the same way (they used to be retried every 0.05 s); failures are logged once a minute per relay.
@@ -83,7 +84,7 @@ class RelaySettings:
     renew_fraction: float = 0.5
     poll_interval_s: float = 5.0
     probe_interval_s: float = 5.0  # each reserved-on relay is pinged this often over its connection
-    probe_timeout_s: float = 4.0  # unanswered this long: the connection is dead (a silent NAT, a hung relay)
+    probe_timeout_s: float = 4.0  # two pings unanswered this long: the connection is dead (a silent NAT, a hung relay)
 
 
 class RelayRefused(Exception):
@@ -109,6 +110,7 @@ class Reservation:
 
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
+PROBE_TRIES = 2  # pings in a row that must go unanswered before a relay is taken for gone
 LOG_EVERY_S = 60.0
 MAX_LOST = 16  # lost relays re-dialled at once (configured ones are re-dialled anyway)
 GIVE_UP_AFTER = 14  # failed re-dials of a lost relay found by discovery: 1+2+...+32+60*8 s, ~10 min
@@ -419,10 +421,20 @@ class RelayService:
                         nursery.start_soon(self._probe, key)
 
     async def _probe(self, key: str) -> None:
+        """Ping the relay; it is taken for gone when two pings in a row go unanswered (the second
+        sent at once): on a busy machine one ping answered late dropped a live relay, and its
+        reservation with it, several times a minute."""
+        for attempt in range(PROBE_TRIES):
+            if await self._ping_once(key, last=attempt == PROBE_TRIES - 1):
+                return
+
+    async def _ping_once(self, key: str, *, last: bool) -> bool:
+        """One ping; True when the relay answered or needs no more pings (not probed, not ours now,
+        judged lost)."""
         peer_id = ID.from_base58(key)
         if not self._connected_to(key):
             self._relay_lost(key, "not connected")
-            return
+            return True
         payload = b"\x00" * PING_LENGTH
         try:
             with trio.fail_after(self.settings.probe_timeout_s):
@@ -440,18 +452,22 @@ class RelayService:
                         await stream.close()
         except Exception as error:  # noqa: BLE001 - sorted out below
             if key not in self.reservations:
-                return
+                return True
             if not isinstance(error, trio.TooSlowError) and self._connected_to(key):
                 # Answered, but not ping (a relay without the protocol): alive; don't ask it again.
                 self._no_ping.add(key)
                 log.debug("relay %s does not answer ping (%s): not probed", key, type(error).__name__)
-                return
+                return True
+            if not last and isinstance(error, trio.TooSlowError):
+                log.debug("relay %s: ping unanswered within %.0f s, pinging again", key, self.settings.probe_timeout_s)
+                return False
             self._relay_lost(key, f"ping failed: {type(error).__name__}")
             with trio.move_on_after(2):
                 try:
                     await self.host.disconnect(peer_id)  # the dead connection: a redial opens a fresh one
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+        return True
 
     async def _loop(self) -> None:
         while True:
