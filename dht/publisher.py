@@ -27,6 +27,7 @@ from dht.records import (
     Reachability,
     RecordRejected,
     Rejection,
+    SandboxOffer,
     WalletBinding,
     seal_record,
 )
@@ -107,6 +108,7 @@ class CapabilityPublisher:
         reachability: Callable[[], Reachability] = lambda: "unknown",
         extra_addrs: Callable[[], list[str]] = list,
         addrs_pending: Callable[[], bool] = lambda: False,
+        sandbox: SandboxOffer | None = None,
         first_publish_wait_s: float = FIRST_PUBLISH_WAIT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -123,6 +125,7 @@ class CapabilityPublisher:
         self._addrs_pending = addrs_pending
         self.first_publish_wait_s = first_publish_wait_s
         self._clock = clock
+        self.sandbox = sandbox  # the sandboxed task kinds this node runs, and its caps
         self._seq = 0
         self._offers: dict[str, Offer] = {}
         # Offers (stored in offers.json, configured, or a loaded model's) whose record cannot be
@@ -209,6 +212,7 @@ class CapabilityPublisher:
             hardware=self.hardware,
             capabilities=[offer.descriptor() for offer in offers],
             wallet=self.wallet,
+            sandbox=self.sandbox,
         )
 
     async def publish(self) -> None:
