@@ -945,7 +945,10 @@ class LlamaModel:
             counts[token] += 1
             if grammar is not None:
                 grammar.accept(token)
-            text, stopped = scanner.feed(decoder.decode(llama.detokenize([token])))
+            # Under a grammar, a special token's text counts (the grammar matched it, and a template's
+            # tool-call marker may be one); free text leaves special tokens out, as before.
+            piece = llama.detokenize([token], special=grammar is not None)
+            text, stopped = scanner.feed(decoder.decode(piece))
             send(text, 1, pick)
             if stopped:
                 finish = "stop"

@@ -16,6 +16,7 @@ JSON Schema, or uses a keyword listed in :data:`UNENFORCED_KEYWORDS` (``oneOf``,
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import math
@@ -135,11 +136,14 @@ class GrammarBuilder:
 
         self._converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
         self._extra: dict[str, str] = {}
+        self._count = 0
 
     def schema(self, schema: dict[str, Any], name: str, param: str) -> str:
         """Add ``schema`` under the rule ``name``; return the rule's name."""
         try:
-            resolved = self._converter.resolve_refs(schema, "request")
+            # The converter rewrites $refs in place, and keys them by this name: a copy, its own name.
+            self._count += 1
+            resolved = self._converter.resolve_refs(copy.deepcopy(schema), f"schema{self._count}")
             return str(self._converter.visit(resolved, name))
         except (AssertionError, AttributeError, KeyError, ValueError, TypeError, RecursionError, IndexError) as error:
             raise invalid(f"the JSON Schema cannot be enforced: {str(error)[:200]}", param) from None

@@ -376,3 +376,27 @@ async def test_continue_from_follows_a_token_id_prompt(tiny: LlamaModel) -> None
         (await run(tiny, {"prompt": ids, "continue_from": whole[:3], "max_tokens": 5, "temperature": 0}))[0]
     )[0]["text"]
     assert whole[:3] + rest == whole
+
+
+async def test_schemas_with_refs_are_left_as_sent_and_kept_apart(tiny2k: LlamaModel) -> None:
+    """Two tools whose $defs share a name each get their own; the body's schemas are not rewritten."""
+
+    def tool(name: str, inner: dict[str, Any]) -> dict[str, Any]:
+        parameters = {
+            "type": "object",
+            "$defs": {"Arg": inner},
+            "properties": {"x": {"$ref": "#/$defs/Arg"}},
+            "required": ["x"],
+            "additionalProperties": False,
+        }
+        return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+    tools = [tool("count", {"type": "integer"}), tool("flag", {"type": "boolean"})]
+    sent = json.dumps(tools)
+    for seed in range(4):
+        body = {"messages": ASK, "tools": tools, "tool_choice": "required", "max_tokens": 300, "seed": seed}
+        chunks, _ = await run(tiny2k, body)
+        for call in choices(chunks)[0]["calls"].values():
+            (schema,) = [t["function"]["parameters"] for t in tools if t["function"]["name"] == call["name"]]
+            jsonschema.validate(json.loads(call["arguments"]), schema)
+    assert json.dumps(tools) == sent
