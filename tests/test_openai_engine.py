@@ -126,6 +126,11 @@ def choices_and_schemas(node: Node, token: str, schemas: list[dict[str, Any]]) -
         )
         for seed, schema in enumerate(schemas)
     ]
+    # A prompt past the context is known before the first token: a 400 before the stream starts.
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "sea " * 600}], max_tokens=8, stream=True
+        )
     return several, structured
 
 
