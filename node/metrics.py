@@ -194,7 +194,14 @@ def _sandbox(node: MetricsSource) -> list[Metric]:
     )
     for (kind, call), count in sorted(stats.denied_calls.items()):
         denied.add_metric([kind, call], count)
-    return [runs, kills, refusals, denied]
+    violations = CounterMetricFamily(
+        "clawnode_sandbox_violations",
+        "refused system calls plus kills by limit, by kind (what SandboxViolations watches)",
+        labels=["kind"],
+    )
+    for kind in ("wasm", "native"):
+        violations.add_metric([kind], stats.violations(kind))
+    return [runs, kills, refusals, denied, violations]
 
 
 def _escrow_disconnected(node: MetricsSource) -> Metric:

@@ -81,6 +81,7 @@ async def test_escape_battery_is_contained_and_the_node_keeps_answering() -> Non
             except ClawnodeError as error:
                 outcomes[name] = (error.code, error.reason)
 
+        await node.alerting.evaluate_once()  # the violations counter's first point: 0
         answered = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(attempt, "read_key", mods.READ_HOST_FILE, key_path)
@@ -127,3 +128,9 @@ async def test_escape_battery_is_contained_and_the_node_keeps_answering() -> Non
         assert samples['clawnode_sandbox_refusals_total{kind="wasm",reason="import_not_allowed"}'] == 1
         for call in ("path_open", "sock_accept", "poll_oneoff", "fd_write"):
             assert samples[f'clawnode_sandbox_denied_calls_total{{call="{call}",kind="wasm"}}'] >= 1, call
+        # Repeated violations raise the P1 alert.
+        await node.alerting.evaluate_once()
+        alerts = (await _api_get(node, "/api/alerts", token)).json()["alerts"]
+        assert [(a["name"], a["severity"], a["state"]) for a in alerts if a["name"] == "SandboxViolations"] == [
+            ("SandboxViolations", "P1", "firing")
+        ]

@@ -36,7 +36,8 @@ class SandboxStats:
             for call in calls:
                 self.denied_calls[(kind, call)] += 1
 
-    def violations(self) -> int:
-        """Kills by limit plus refused system calls: what the alert watches grow."""
+    def violations(self, kind: str) -> int:
+        """Kills by limit plus refused system calls of one kind: what the alert watches grow."""
         with self._lock:
-            return sum(self.kills.values()) + sum(self.denied_calls.values())
+            kills = sum(count for (k, _), count in self.kills.items() if k == kind)
+            return kills + sum(count for (k, _), count in self.denied_calls.items() if k == kind)
