@@ -69,6 +69,12 @@ SAMPLE_BODIES: dict[str, dict[str, Any]] = {
     },
     "/v1/completions": {"model": "words", "prompt": "one two", "max_tokens": 4},
     "/v1/embeddings": {"model": "words", "input": ["one"]},
+    "/v1/responses": {
+        "model": "words",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "one two"}]}],
+        "max_output_tokens": 4,
+    },
+    "/v1/messages": {"model": "words", "max_tokens": 4, "messages": [{"role": "user", "content": "one two"}]},
     "/api/leases": {"peer_id": "12D3KooW" + "A" * 44, "capability": "model:words", "budget": 10},
     "/api/leases/{lease_id}/renew": {"duration_s": 60},
     "/api/leases/{lease_id}/call": {"prompt": "one two"},
