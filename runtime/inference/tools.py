@@ -273,3 +273,35 @@ def _merge(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             merged.append(delta)
     return merged
+
+
+GENERIC_TEXT_FIXED_BYTES = 512  # the instruction lines of generic_tools_text, a named function included
+PER_TOOL_BYTES = 64  # a tool's line beyond its own JSON (a default parameters schema, the newline)
+CALL_WRAPPER_BYTES = 64  # an earlier call's "<tool_call>\n{"name": …, "arguments": …}\n</tool_call>" and newline
+RESPONSE_WRAPPER_BYTES = 40  # a tool result's "<tool_response>\n…\n</tool_response>" and newline
+
+
+def rendering_bytes_bound(body: Any) -> int:
+    """An upper bound on the UTF-8 bytes the engine's generic rendering adds to the strings of a chat
+    body (the tool list and its instructions, the wrapper around each earlier call and each tool
+    result). A token is at least one byte, so a consumer bounding a prompt's tokens by the bytes of
+    the body's strings adds this for what the engine writes around them. Pure: no model needed."""
+    if not isinstance(body, dict):
+        return 0
+    extra = 0
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools and body.get("tool_choice") != "none":
+        try:
+            extra += len(json.dumps(tools).encode()) + PER_TOOL_BYTES * len(tools) + GENERIC_TEXT_FIXED_BYTES
+        except (TypeError, ValueError):
+            extra += GENERIC_TEXT_FIXED_BYTES
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            continue
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            extra += CALL_WRAPPER_BYTES * len(calls)
+        if message.get("role") == "tool":
+            extra += RESPONSE_WRAPPER_BYTES
+    return extra

@@ -19,7 +19,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import LlamaModel
 from runtime.inference.service import ChatService, EmbeddingService
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.inference.tools import parse_tools
+from runtime.inference.tools import parse_tools, rendering_bytes_bound
 from tests.inference.schemas import random_schema
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
@@ -400,3 +400,30 @@ async def test_schemas_with_refs_are_left_as_sent_and_kept_apart(tiny2k: LlamaMo
             (schema,) = [t["function"]["parameters"] for t in tools if t["function"]["name"] == call["name"]]
             jsonschema.validate(json.loads(call["arguments"]), schema)
     assert json.dumps(tools) == sent
+
+
+async def test_the_rendering_bound_covers_what_the_engine_writes_around_the_strings(tiny2k: LlamaModel) -> None:
+    """The tiny vocabulary is one character a token: the prompt's tokens stay within the bytes of the
+    body's strings (plus a little per string and per template) plus rendering_bytes_bound."""
+
+    def string_bytes(value: Any) -> int:
+        if isinstance(value, str):
+            return len(value.encode()) + 8
+        if isinstance(value, dict):
+            return sum(string_bytes(v) for v in value.values())
+        if isinstance(value, list):
+            return sum(string_bytes(v) for v in value)
+        return 0
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    history: list[dict[str, Any]] = [
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "Add 1 and 2"},
+        {"role": "assistant", "content": None, "tool_calls": [call, call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+    ]
+    for tool_choice in ("auto", "required", {"type": "function", "function": {"name": "get_weather"}}):
+        body = {"messages": history, "tools": [WEATHER, ADD], "tool_choice": tool_choice, "max_tokens": 1}
+        _, detail = await run(tiny2k, body)
+        assert detail["prompt_tokens"] <= string_bytes(body) + 64 + rendering_bytes_bound(body)
