@@ -241,6 +241,13 @@ class ModuleRequest(_Msg):
     sha256: str = Field(pattern=SHA256_HEX)
 
 
+class TermsRequest(_Msg):
+    """A would-be bidder → the creator: the sandbox terms of a task, before bidding."""
+
+    type: Literal["terms"] = "terms"
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+
+
 class CancelRequest(_Msg):
     """Creator → its bidders."""
 
@@ -259,6 +266,7 @@ TaskRequest = Annotated[
     | EvidenceRequest
     | ResolutionRequest
     | ModuleRequest
+    | TermsRequest
     | CancelRequest,
     Field(discriminator="type"),
 ]
@@ -269,6 +277,18 @@ TaskRequest = Annotated[
 
 class Ack(_Msg):
     type: Literal["ack"] = "ack"
+
+
+class TermsReply(_Msg):
+    """A sandboxed task's terms without its input (the award carries all of them, signed); a task
+    with no sandboxed kind answers ``E_NOT_FOUND``/``no_sandbox_terms``."""
+
+    type: Literal["terms_reply"] = "terms_reply"
+    kind: Literal["wasm", "native"]
+    module_sha256: str = Field(pattern=SHA256_HEX)
+    module_size: int = Field(ge=1, le=MAX_MODULE)
+    limits: Limits
+    arbitration: Literal["rerun", "person"]
 
 
 class ModuleReply(_Msg):

@@ -119,6 +119,18 @@ async def test_wasm_tasks_run_by_the_seller_and_disputes_decided_by_re_execution
 
         # 2. The buyer rejects a correct result and disputes: the re-run pays the seller.
         task_id = await _publish(creator, seller, arbiter, shared, b"pay me")
+        # A node that would not run the task does not bid on it: it asked the creator for the terms.
+        await wait_for(lambda: task_id in cheat.tasks.book.tasks, 30, "announcement")
+        manual = cheat.sandbox.policy
+        for policy, reason in (
+            (dataclasses.replace(manual, auto_run=True, kinds=frozenset({"native"})), "kind_not_accepted"),
+            (dataclasses.replace(manual, auto_run=True, cap=LIMITS.model_copy(update={"fuel": 10})), "limits_too_high"),
+        ):
+            cheat.sandbox.policy = policy
+            with pytest.raises(ClawnodeError) as refused:
+                await cheat.tasks.bid(task_id, PRICE)
+            assert refused.value.reason == reason
+        cheat.sandbox.policy = manual
         await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
         await creator.tasks.review(task_id, False, "I do not like it")
         await creator.tasks.dispute(task_id, "wrong, surely")

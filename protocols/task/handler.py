@@ -45,6 +45,7 @@ class TaskMarket(RunnerRole, DisputeRole, CloseOutRole):
             w.ResolutionRequest: self._on_resolution,
             w.CancelRequest: self._on_cancel,
             w.ModuleRequest: self._on_module,
+            w.TermsRequest: self._on_terms,
         }
         reply = await handlers[type(message)](message, str(remote))
         return reply if isinstance(reply, BaseModel) else w.Ack()

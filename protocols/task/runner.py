@@ -32,6 +32,7 @@ from wire.rpc import request
 from wire.signed import from_base64, to_base64
 
 _MODULE_REPLY = TypeAdapter(w.ModuleReply)
+_TERMS_REPLY = TypeAdapter(w.TermsReply)
 
 
 class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
@@ -83,6 +84,49 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
         )
         self.local[view.task_id].module = module
         return self._view(view.task_id)
+
+    async def _on_terms(self, message: w.TermsRequest, remote: str) -> w.TermsReply:
+        _, local = self._task(message.task_id)
+        terms = w.sandbox_terms(local.params)
+        if terms is None:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "the task names no sandboxed program", "no_sandbox_terms")
+        return w.TermsReply(
+            kind=terms.kind,
+            module_sha256=terms.module_sha256,
+            module_size=terms.module_size,
+            limits=terms.limits,
+            arbitration=terms.arbitration,
+        )
+
+    async def bid(self, task_id: str, price: int) -> w.BidView:
+        """Bid on a task; a node that runs sandboxed tasks by itself first asks the creator for the
+        task's sandbox terms and bids only on one it will run (``run_verdict``)."""
+        record, _ = self._task(task_id)
+        if self.sandbox.policy.auto_run:
+            terms: w.TermsReply | None = None
+            try:
+                terms = await request(
+                    self.host,
+                    parse_peer(record.creator),
+                    TASK_PROTOCOL,
+                    w.TermsRequest(task_id=task_id),
+                    _TERMS_REPLY,
+                    timeout_s=PUSH_TIMEOUT_S,
+                    max_frame=w.MAX_TASK_FRAME,
+                )
+            except ClawnodeError as error:
+                if error.reason != "no_sandbox_terms":
+                    raise
+            if terms is not None:
+                sandboxed = w.SandboxTerms(
+                    kind=terms.kind,
+                    module_sha256=terms.module_sha256,
+                    module_size=terms.module_size,
+                    limits=terms.limits,
+                    arbitration=terms.arbitration,
+                )
+                enforce(rules.run_verdict(self._run_facts(sandboxed, automatic=True)))
+        return await super().bid(task_id, price)
 
     async def _on_module(self, message: w.ModuleRequest, remote: str) -> w.ModuleReply:
         record, local = self._task(message.task_id)
