@@ -33,7 +33,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import MAX_CHOICES, LlamaModel
 from runtime.inference.grammar import check_schema, invalid
 from runtime.inference.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Sampling
-from runtime.inference.tools import parse_tools
+from runtime.inference.tools import merge_deltas, parse_tools
 from runtime.service import Emit, Usage
 
 DEFAULT_MAX_TOKENS = 256
@@ -96,26 +96,29 @@ def _response_schema(value: Any) -> dict[str, Any] | None:
 
 
 def merge_chunks(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Consecutive chunks of one choice as one (text joined, tokens summed, logprobs in order);
-    a chunk with tool calls stays its own, a finish reason ends its run."""
+    """Consecutive chunks of one choice as one: text joined, tokens summed, logprobs in order,
+    tool-call deltas of one call joined (a call's first delta keeps its id, type and name); a finish
+    reason ends its run. A choice's text and its tool calls never share a reply, so nothing is
+    reordered."""
     merged: list[dict[str, Any]] = []
     for chunk in chunks:
         last = merged[-1] if merged else None
-        if (
-            last is not None
-            and last.get("index", 0) == chunk.get("index", 0)
-            and "finish_reason" not in last
-            and "tool_calls" not in last
-            and "tool_calls" not in chunk
-        ):
+        if last is not None and last.get("index", 0) == chunk.get("index", 0) and "finish_reason" not in last:
             last["text"] += chunk.get("text", "")
             last["tokens"] += chunk["tokens"]
             if "logprobs" in chunk:
                 last.setdefault("logprobs", []).extend(chunk["logprobs"])
+            if "tool_calls" in chunk:
+                last["tool_calls"] = merge_deltas([*last.get("tool_calls", []), *chunk["tool_calls"]])
             if "finish_reason" in chunk:
                 last["finish_reason"] = chunk["finish_reason"]
         else:
-            merged.append(dict(chunk))
+            copied = dict(chunk)
+            if "logprobs" in copied:
+                copied["logprobs"] = list(copied["logprobs"])
+            if "tool_calls" in copied:
+                copied["tool_calls"] = merge_deltas(copied["tool_calls"])
+            merged.append(copied)
     return merged
 
 

@@ -241,7 +241,7 @@ class ToolCallParser:
                 self.buf = self.buf[len(CALL_TAIL) :]
                 self.calls += 1
                 self.state = "head"
-        return "", _merge(deltas)
+        return "", merge_deltas(deltas)
 
     def _scan_args(self) -> int:
         for i, char in enumerate(self.buf):
@@ -264,14 +264,14 @@ class ToolCallParser:
         return len(self.buf)
 
 
-def _merge(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Join consecutive deltas of one call into one (a first delta keeps its id, type and name)."""
+def merge_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join consecutive deltas of one call into one (a first delta keeps its id, type and name); new dicts."""
     merged: list[dict[str, Any]] = []
     for delta in deltas:
         if merged and merged[-1]["index"] == delta["index"] and "id" not in delta:
             merged[-1]["function"]["arguments"] += delta["function"]["arguments"]
         else:
-            merged.append(delta)
+            merged.append({**delta, "function": dict(delta["function"])})
     return merged
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import LlamaModel
-from runtime.inference.service import ChatService, EmbeddingService
+from runtime.inference.service import ChatService, EmbeddingService, merge_chunks
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.inference.tools import parse_tools, rendering_bytes_bound
 from tests.inference.schemas import random_schema
@@ -427,3 +427,35 @@ async def test_the_rendering_bound_covers_what_the_engine_writes_around_the_stri
         body = {"messages": history, "tools": [WEATHER, ADD], "tool_choice": tool_choice, "max_tokens": 1}
         _, detail = await run(tiny2k, body)
         assert detail["prompt_tokens"] <= string_bytes(body) + 64 + rendering_bytes_bound(body)
+
+
+def test_merged_chunks_reassemble_into_the_same_reply() -> None:
+    """What a frame carries (chunks merged) reassembles like the chunks one by one."""
+    one_by_one = [
+        {
+            "index": 0,
+            "tokens": 1,
+            "text": "",
+            "tool_calls": [
+                {"index": 0, "id": "call_a", "type": "function", "function": {"name": "add", "arguments": ""}}
+            ],
+        },
+        {"index": 0, "tokens": 1, "text": "", "tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]},
+        {"index": 0, "tokens": 1, "text": "", "tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]},
+        {
+            "index": 0,
+            "tokens": 1,
+            "text": "",
+            "tool_calls": [
+                {"index": 1, "id": "call_b", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+            ],
+        },
+        {"index": 1, "tokens": 1, "text": "x", "logprobs": [{"token": "x", "logprob": -1.0}]},
+        {"index": 1, "tokens": 1, "text": "y", "logprobs": [{"token": "y", "logprob": -2.0}]},
+        {"index": 0, "tokens": 0, "text": "", "finish_reason": "tool_calls"},
+        {"index": 1, "tokens": 0, "text": "", "finish_reason": "length"},
+    ]
+    merged = merge_chunks([dict(c) for c in one_by_one])
+    assert len(merged) == 4
+    assert choices(merged) == choices(one_by_one)
+    assert sum(c["tokens"] for c in merged) == 6
