@@ -1,4 +1,4 @@
-"""``wasm`` tasks end to end: real nodes, gossip, task streams, ledgers and the embedded chain.
+"""``wasm`` (and ``native``) tasks end to end: real nodes, gossip, task streams, ledgers and the embedded chain.
 
 The seller's node fetches the module from the buyer, runs it in its sandbox and submits the output
 with its metered fuel; a dispute is decided by the arbiter re-running the module and resolving on
@@ -24,6 +24,8 @@ from protocols.task import TASK_PROTOCOL
 from protocols.task_wire import RunUsage
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits, WasmSandbox, sha256_hex
+from runtime.sandbox.native import bwrap_available
+from tests.support import native_programs
 from tests.support import wasm_modules as mods
 from tests.support.market import SharedChain, market_nodes, wait_for
 from wire.rpc import request
@@ -32,6 +34,7 @@ CAPABILITY = "model:wasm-upper"
 ETH = 10**18
 PRICE = ETH // 2
 LIMITS = Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output_bytes=4096)
+NATIVE_LIMITS = Limits(fuel=2000, memory_bytes=64 * 1024 * 1024, wall_s=5.0, output_bytes=4096, pids=8)
 
 _REPLY = TypeAdapter(w.ModuleReply)
 
@@ -43,7 +46,14 @@ def _peer(node: Node) -> str:
 
 
 async def _publish(
-    creator: Node, seller: Node, arbiter: Node, shared: SharedChain, text: bytes, *, via_api: bool = False
+    creator: Node,
+    seller: Node,
+    arbiter: Node,
+    shared: SharedChain,
+    text: bytes,
+    *,
+    via_api: bool = False,
+    native: bytes | None = None,
 ) -> str:
     topic = task_topic(CAPABILITY)
     await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30, "sub")
@@ -73,16 +83,16 @@ async def _publish(
             CAPABILITY,
             ETH,
             120,
-            kind="wasm",
-            module=mods.UPPER,
+            kind="native" if native else "wasm",
+            module=native or mods.UPPER,
             input=text,
-            limits=LIMITS,
+            limits=NATIVE_LIMITS if native else LIMITS,
             summary="upper-case the input",
             arbiter_peer=_peer(arbiter),
             arbiter_wallet=shared.arbiter.address,
             review_timeout_s=60,
         )
-    assert view.kind == "wasm"
+    assert view.kind == ("native" if native else "wasm")
     await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
     bid = await seller.tasks.bid(view.task_id, PRICE)
     await creator.tasks.award(view.task_id, bid.bid_id)
@@ -95,7 +105,7 @@ async def _closed_with(node: Node, task_id: str, to_bidder: int) -> None:
     assert (view.to_bidder, view.to_creator) == (to_bidder, PRICE - to_bidder)
 
 
-async def test_wasm_tasks_run_by_the_seller_and_disputes_decided_by_re_execution() -> None:
+async def test_sandboxed_tasks_run_by_the_seller_and_disputes_decided_by_re_execution() -> None:
     shared = await trio.to_thread.run_sync(SharedChain.start)
     specs = [{}, {}, {}, {"wallet_key": shared.arbiter.key.hex()}]
     async with market_nodes(specs, chain=shared) as (nodes, _):
@@ -160,3 +170,20 @@ async def test_wasm_tasks_run_by_the_seller_and_disputes_decided_by_re_execution
             await _closed_with(node, task_id, 0)
         assert arbiter.tasks.view(task_id).run_verdict == "output_differs"
         assert arbiter.sandbox.stats.runs["wasm"] == 2
+
+        # 4. A native program (sellers and arbiters that opt in): run under bubblewrap, disputed,
+        # decided by the arbiter's re-run on output and outcome (CPU time is not compared).
+        if not bwrap_available():
+            return
+        for node in (seller, arbiter):
+            node.sandbox.policy = dataclasses.replace(node.sandbox.policy, kinds=frozenset({"wasm", "native"}))
+        task_id = await _publish(creator, seller, arbiter, shared, b"shout this", native=native_programs.UPPER)
+        await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
+        assert creator.tasks.artifact(task_id) == b"SHOUT THIS"
+        assert creator.tasks.view(task_id).run.outcome == "exited"  # type: ignore[union-attr]
+        await creator.tasks.review(task_id, False, "too loud")
+        await creator.tasks.dispute(task_id, "too loud")
+        for node in (creator, seller):
+            await _closed_with(node, task_id, PRICE)
+        assert arbiter.tasks.view(task_id).run_verdict == "rerun_matches"
+        assert arbiter.sandbox.stats.runs["native"] == 1
