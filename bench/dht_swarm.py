@@ -244,6 +244,7 @@ class WorkerState:
     scratch: Path
     stack: AsyncExitStack
     join_limiter: trio.CapacityLimiter
+    conn_budget: int | None
     nodes: list[WorkerNode] = field(default_factory=list)
 
 
@@ -258,7 +259,7 @@ async def _start_nodes(state: WorkerState, count: int, bootstrap: list[str], joi
     started = time.perf_counter()
     new_nodes: list[WorkerNode] = []
     for _ in range(count):
-        host = build_host(generate_new_ed25519_identity())
+        host = build_host(generate_new_ed25519_identity(), connection_budget=state.conn_budget)
         await state.stack.enter_async_context(host.run(LOOPBACK))
         nursery = await state.stack.enter_async_context(trio.open_nursery())
         state.stack.callback(nursery.cancel_scope.cancel)
@@ -367,6 +368,7 @@ async def _lookup(state: WorkerState, searcher: int, candidates: list[str], time
 class WorkerConfig:
     join_concurrency: int
     yamux_rtt: bool
+    conn_budget: int
 
 
 async def _serve(conn: multiprocessing.connection.Connection, index: int, config: WorkerConfig) -> None:
@@ -377,7 +379,13 @@ async def _serve(conn: multiprocessing.connection.Connection, index: int, config
     conn.send({"op": "ready", "rss": rss_bytes()})
     with tempfile.TemporaryDirectory(prefix=f"clawnode-bench-{index}-") as scratch:
         async with AsyncExitStack() as stack:
-            state = WorkerState(index, Path(scratch), stack, trio.CapacityLimiter(config.join_concurrency))
+            state = WorkerState(
+                index,
+                Path(scratch),
+                stack,
+                trio.CapacityLimiter(config.join_concurrency),
+                config.conn_budget or None,
+            )
             while True:
                 try:
                     # Small pickled dicts: once readable, the whole message is there.
@@ -535,14 +543,17 @@ def stop_workers(workers: Sequence[Worker], timeout: float = 40.0) -> float:
     return time.monotonic() - started
 
 
-def processes_for(size: int, cores: int, fd_limit: int) -> int:
+def processes_for(size: int, cores: int, fd_limit: int, conn_budget: int = 0) -> int:
     """Worker processes for a swarm of ``size``: one per core, more where file descriptors demand it.
 
-    A swarm of py-libp2p DHT nodes ends up fully meshed (every queried peer keeps
-    its connection, up to ``max_connections`` = 300), and every connection costs a
-    file descriptor at each end: a process with n nodes needs about n * (size - 1).
+    Without a connection budget a swarm of py-libp2p DHT nodes ends up fully meshed
+    (every queried peer keeps its connection, up to ``max_connections`` = 300), and
+    every connection costs a file descriptor at each end: a process with n nodes
+    needs about n * (size - 1). With one, a node holds about the budget (twice it
+    counted, for connections that open together before the trim).
     """
-    need = math.ceil(size * (size - 1) / (FD_SHARE * fd_limit))
+    per_node = size - 1 if conn_budget <= 0 else min(size - 1, 2 * conn_budget)
+    need = math.ceil(size * per_node / (FD_SHARE * fd_limit))
     return max(1, cores, need)
 
 
@@ -577,6 +588,8 @@ class SizeResult:
     p50: float
     p95: float
     hops: float
+    hops_p50: float
+    hops_p90: float
     rounds: float
     queries: float
     success: float
@@ -587,6 +600,9 @@ class SizeResult:
     marginal: float
     table_mean: float
     conns_mean: float
+    conns_after: float
+    conns_after_max: int
+    conn_budget: int
     note: str
 
     def figures(self) -> str:
@@ -596,7 +612,10 @@ class SizeResult:
             f"(log2N={math.log2(self.size):.2f}) success={self.success:.1f}% rss/node={self.rss_per_node:.1f}MiB "
             f"(baseline={self.baseline:.0f}MiB/process, +{self.marginal:.2f}MiB/node) "
             f"lookups={self.lookups} cold={self.cold:.0f}% queries/lookup={self.queries:.1f} "
+            f"hops p50/p90={self.hops_p50:g}/{self.hops_p90:g} "
             f"routing-table={self.table_mean:.0f} conns={self.conns_mean:.0f} "
+            f"conns-after-lookups={self.conns_after:.1f} (max {self.conns_after_max}, "
+            f"budget {self.conn_budget or 'none'}) "
             f"processes={len(self.counts)} ({split_text}) build={self.build_seconds:.0f}s"
         )
         if self.joined < self.size:
@@ -622,6 +641,7 @@ class Options:
     yamux_rtt: bool
     time_limit: float
     seed: int
+    conn_budget: int
 
 
 @dataclass
@@ -652,7 +672,7 @@ class SwarmRun:
         return self.deadline - time.monotonic()
 
     def _add_workers(self, total: int) -> None:
-        config = WorkerConfig(self.options.join_concurrency, self.options.yamux_rtt)
+        config = WorkerConfig(self.options.join_concurrency, self.options.yamux_rtt, self.options.conn_budget)
         new = [Worker(self.context, index, config) for index in range(len(self.workers), total)]
         ready = [worker.recv(time.monotonic() + 120.0) for worker in new]
         self.workers.extend(new)
@@ -671,7 +691,9 @@ class SwarmRun:
     def grow(self, size: int) -> float:
         """Start nodes until the swarm has ``size``; returns the seconds it took."""
         started = time.monotonic()
-        processes = self.options.processes or processes_for(size, self.options.cores, self.options.fd_limit)
+        processes = self.options.processes or processes_for(
+            size, self.options.cores, self.options.fd_limit, self.options.conn_budget
+        )
         processes = max(processes, len(self.workers))
         if len(self.workers) < processes:
             progress(f"N={size}: starting worker processes {len(self.workers)}..{processes - 1}")
@@ -799,6 +821,8 @@ class SwarmRun:
             p50=percentile(latencies, 0.5),
             p95=percentile(latencies, 0.95),
             hops=mean(found),
+            hops_p50=percentile(found, 0.5),
+            hops_p90=percentile(found, 0.9),
             rounds=mean([r["rounds"] for r in results]),
             queries=mean([r["queries"] for r in results]),
             success=100.0 * mean([r["success"] for r in results]),
@@ -809,6 +833,9 @@ class SwarmRun:
             marginal=(total_rss - sum(self.baselines)) / size,
             table_mean=mean([value for reply in settled for value in reply["tables"]]),
             conns_mean=mean([value for reply in settled for value in reply["conns"]]),
+            conns_after=mean([value for reply in final for value in reply["conns"]]),
+            conns_after_max=max(value for reply in final for value in reply["conns"]),
+            conn_budget=options.conn_budget,
             note=note,
         )
 
@@ -852,6 +879,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=540.0,
         help="seconds for the whole run: joins and lookups stop early to end within it (default 540)",
     )
+    parser.add_argument(
+        "--conn-budget",
+        type=int,
+        default=64,
+        help="connections each node keeps (build_host's connection_budget, node.connection_budget; "
+        "0: none, every connection kept up to max_connections 300) (default 64)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     return parser.parse_args(argv)
 
@@ -881,13 +915,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         yamux_rtt=args.yamux_rtt,
         time_limit=args.time_limit,
         seed=args.seed,
+        conn_budget=args.conn_budget,
     )
     started = time.monotonic()
     figures: list[str] = []
+    results: list[SizeResult] = []
     swarm = SwarmRun(options)
     try:
         for size in sizes:
-            figures.append(swarm.measure(size).figures())
+            results.append(swarm.measure(size))
+            figures.append(results[-1].figures())
     except KeyboardInterrupt:
         progress("interrupted")
         return 130
@@ -904,6 +941,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"lookup budget {options.budget:g}s/size"
     )
     print("dht_swarm " + " | ".join([*figures, settings]), flush=True)
+    last = results[-1]
+    print(
+        f"dht_swarm: n={last.size} p50_s={last.p50:.3f} p95_s={last.p95:.3f} success={last.success / 100:.3f} "
+        f"hops_p50={last.hops_p50:g} conns_per_node={last.conns_after:.1f}",
+        flush=True,
+    )
     return 0
 
 

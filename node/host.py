@@ -32,6 +32,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from nat.addresses import install_identify_hook, published
 from nat.notifee import QuietNotifee
+from node.conn_budget import keep_connection_budget
 from node.conn_guard import ConnLimits, guard_inbound_connections
 from node.dial_order import order_dials
 from node.yamux_writes import make_frame_writes_whole
@@ -72,6 +73,7 @@ def build_host(
     listen_addrs: Sequence[multiaddr.Multiaddr] = (),
     extra_addrs: Callable[[], list[str]] = list,
     conn_limits: ConnLimits | None = None,
+    connection_budget: int | None = None,
 ) -> IHost:
     """A host offering Noise + Yamux only, whose inbound streams cannot crash it.
 
@@ -80,11 +82,15 @@ def build_host(
     and otherwise silently listens on nothing for it. ``extra_addrs`` are advertised too
     (identify, AutoNAT): the address a UPnP mapping gave us on the router. ``conn_limits``
     bound the inbound connections still in their handshake (``node.conn_guard``); only
-    upgraded connections count against ``max_connections``.
+    upgraded connections count against ``max_connections``. ``connection_budget``: keep about that
+    many connections, closing idle ones (``node.conn_budget``); None keeps every connection up to
+    ``max_connections``.
     """
     announce_clawnode_agent()
     make_frame_writes_whole()  # a cancelled writer never leaves half a Noise frame (node.yamux_writes)
-    min_connections = min(8, max_connections)
+    # py-libp2p's auto-connector dials known peers while below these: never past the budget.
+    keep = min(max_connections, connection_budget or max_connections)
+    min_connections = min(8, keep)
     limits = conn_limits or ConnLimits()
     if limits.max_inbound is None:  # py-libp2p's own split: outbound dials keep min_connections
         limits = dataclasses.replace(limits, max_inbound=max(1, max_connections - min_connections))
@@ -111,7 +117,7 @@ def build_host(
             # py-libp2p dials every known peer until 50 connections by default;
             # a home node needs a handful, the DHT dials the rest on demand.
             min_connections=min_connections,
-            low_watermark=min(16, max_connections),
+            low_watermark=min(16, keep),
             high_watermark=max_connections,
             # node.conn_guard closes an unfinished upgrade at handshake_timeout_s; this is a backstop.
             inbound_upgrade_timeout=limits.handshake_timeout_s + 1,
@@ -124,6 +130,8 @@ def build_host(
     guard_inbound_connections(host.get_network(), limits)  # type: ignore[arg-type]
     heal_redials(host)  # before order_dials: its stable sort keeps the newest addresses first in a class
     order_dials(host)
+    if connection_budget is not None:  # after heal_redials: a dial it lets through still asks the budget
+        keep_connection_budget(host, connection_budget)
     return host
 
 

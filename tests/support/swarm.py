@@ -90,11 +90,12 @@ async def _run_node(
     refresh_interval_s: float,
     record_ttl_s: int,
     cache_ttl_s: float,
+    connection_budget: int | None,
     *,
     task_status: TaskStatus[SwarmNode] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     key_pair = generate_new_ed25519_identity()
-    host = build_host(key_pair)
+    host = build_host(key_pair, connection_budget=connection_budget)
     async with host.run(LOOPBACK), trio.open_nursery() as nursery:
         rejections = RejectionCounter()
         seq_book = SeqBook()  # shared by the validator and discovery, as in the daemon
@@ -134,11 +135,13 @@ async def open_swarm(
     specs: Mapping[int, NodeSpec] | None = None,
     record_ttl_s: int = 600,
     cache_ttl_s: float = 0.0,
+    connection_budget: int | None = None,
 ) -> AsyncIterator[list[SwarmNode]]:
     """Start ``size`` nodes; the first ``bootstrap_count`` are the others' bootstrap peers.
 
     ``specs`` gives some nodes offers, hardware and reachability; the rest offer
-    nothing. Every node has joined and published when the block starts.
+    nothing. Every node has joined and published when the block starts. ``connection_budget``: each
+    node keeps about that many connections (``node.conn_budget``).
     """
     use_kad_protocol_id()
     specs = specs or {}
@@ -155,6 +158,7 @@ async def open_swarm(
                     refresh_interval_s,
                     record_ttl_s,
                     cache_ttl_s,
+                    connection_budget,
                 )
                 node = await nursery.start(run_node)
                 nodes.append(node)

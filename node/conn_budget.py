@@ -1,0 +1,263 @@
+"""A connection budget: a node keeps about ``node.connection_budget`` connections, not a full mesh.
+
+py-libp2p keeps every connection it ever opened until the peer closes it or ``max_connections``
+(300) is reached, and a Kademlia lookup opens one to each peer it asks: at N = 200 on loopback every
+node ended up connected to nearly every other (issue 23). A home node cannot hold that at internet
+scale, and a full mesh hid how routing really behaves (every lookup took "one hop").
+
+``ConnBudget`` watches one host's swarm and, whenever a connection opens or a request stream on one
+closes while more than ``budget`` are open, closes the ones idle longest first. A connection is *never* closed by
+the budget when
+
+* it carries an open stream other than a long-lived background one (GossipSub's): a DHT query, a
+  lease call or its metering, a relay circuit (the hop stream on the relay's connection);
+* it is younger than ``grace_s`` and has not yet carried a request stream (one other than identify
+  and ping) to its end: a connection just dialed is about to carry the stream it was dialed for;
+* ``protected(peer)`` says so: the daemon protects peers with a live lease, relays holding our
+  reservation and peers reached by a hole punch (``node.daemon``).
+
+So what the budget closes are idle DHT connections (queries done) and idle connections of other
+protocols, longest idle first; the routing table keeps those peers, and their addresses are kept in
+the peer store for ``KEEP_ADDRS_S`` so a later query dials them again. ``max_connections`` stays the
+hard cap py-libp2p enforces (a dial is never refused or delayed by the budget); between connections
+opening and the trim after them the count can go over the budget by those that opened at the same
+time, and it stays over while every connection is busy, young or protected.
+
+The choice itself is a pure function (:func:`to_close`) over plain facts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetConn, INetStream, INetwork
+from libp2p.peer.id import ID
+
+from dht.service import DhtService
+from nat.notifee import QuietNotifee
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = 64
+DEFAULT_GRACE_S = 5.0
+# Seconds a peer whose idle connection the budget closed stays dialable from the peer store: the
+# routing table keeps it, so a later lookup asks it again (py-libp2p's own TTL from a connect is 120 s).
+KEEP_ADDRS_S = 3600
+# Streams that stay open for as long as the connection does and carry no request: they do not make
+# a connection busy.
+BACKGROUND_PROTOCOLS = ("/meshsub/", "/floodsub/")
+# Streams every connection carries as it opens (identify, ping): a connection that carried only
+# these has not yet served the request it was opened for.
+SETUP_PROTOCOLS = ("/ipfs/id/", "/ipfs/ping/", "/libp2p/autonat/")
+
+
+@dataclass(frozen=True)
+class ConnFacts:
+    """What the budget knows about one open connection."""
+
+    key: int  # an index into the caller's list
+    busy_streams: int  # open streams that are not background ones
+    age_s: float
+    used: bool  # a request stream (not identify or ping) on it has closed
+    idle_s: float  # since the last stream on it opened or closed (its age if it never had one)
+    protected: bool
+
+
+def to_close(conns: Sequence[ConnFacts], budget: int, *, grace_s: float) -> list[int]:
+    """The keys of the connections to close so that at most ``budget`` stay open, idle longest first;
+    fewer (or none) when too few are idle, old enough and unprotected."""
+    excess = len(conns) - budget
+    if excess <= 0:
+        return []
+    closable = [c for c in conns if c.busy_streams == 0 and not c.protected and (c.used or c.age_s >= grace_s)]
+    closable.sort(key=lambda c: -c.idle_s)
+    return [c.key for c in closable[:excess]]
+
+
+def _protocol(stream: INetStream) -> str:
+    try:
+        return str(stream.get_protocol() or "")
+    except Exception:  # noqa: BLE001 - a stream still negotiating has none yet
+        return ""
+
+
+def _is_background(stream: INetStream) -> bool:
+    return _protocol(stream).startswith(BACKGROUND_PROTOCOLS)
+
+
+class _Activity(QuietNotifee):
+    def __init__(self, budget: ConnBudget) -> None:
+        self.budget = budget
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self.budget.note_active(conn)
+        await self.budget.trim()
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        self.budget.note_active(stream.muxed_conn)
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        self.budget.note_active(stream.muxed_conn)
+        if _protocol(stream).startswith(SETUP_PROTOCOLS):
+            return
+        # A request done: the connection has served what it was opened for, and may be idle now.
+        self.budget.note_used(stream.muxed_conn)
+        await self.budget.trim()
+
+
+class ConnBudget:
+    """Keeps one host at about ``budget`` connections; ``install`` once, before the host runs."""
+
+    def __init__(
+        self,
+        host: IHost,
+        budget: int = DEFAULT_BUDGET,
+        *,
+        grace_s: float = DEFAULT_GRACE_S,
+        protected: Callable[[ID], bool] = lambda peer_id: False,
+    ) -> None:
+        self.host = host
+        self.budget = budget
+        self.grace_s = grace_s
+        self.protected = protected
+        self.closed = 0  # connections the budget closed, ever
+        # Awaited with the peer before its connection is closed (``keep_in_routing_table``).
+        self.before_close: Callable[[ID], Awaitable[object]] | None = None
+        self._closing: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Keyed by the muxed connection (streams name it; the swarm's connection wraps it).
+        self._last_active: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._opened: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._used: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def install(self) -> None:
+        self.host.get_network().register_notifee(_Activity(self))
+
+    def note_active(self, conn: Any) -> None:
+        muxed = getattr(conn, "muxed_conn", conn)
+        now = time.monotonic()
+        self._opened.setdefault(muxed, now)
+        self._last_active[muxed] = now
+
+    def note_used(self, conn: Any) -> None:
+        self._used.add(getattr(conn, "muxed_conn", conn))
+
+    def open_connections(self) -> list[INetConn]:
+        """Open connections, less those a trim is closing already."""
+        return [
+            conn
+            for conn in self.host.get_network().get_connections()
+            if not conn.is_closed and conn not in self._closing
+        ]
+
+    def facts(self, conns: Sequence[INetConn]) -> list[ConnFacts]:
+        now = time.monotonic()
+        found = []
+        for index, conn in enumerate(conns):
+            muxed = conn.muxed_conn
+            opened = self._opened.setdefault(muxed, now)
+            try:
+                streams = conn.get_streams()
+            except Exception:  # noqa: BLE001 - a connection closing under us
+                streams = ()
+            busy = sum(1 for stream in streams if not _is_background(stream))
+            if busy:
+                self._last_active[muxed] = now
+            try:
+                protected = self.protected(muxed.peer_id)
+            except Exception:  # noqa: BLE001 - a failing predicate keeps the connection
+                protected = True
+            found.append(
+                ConnFacts(
+                    key=index,
+                    busy_streams=busy,
+                    age_s=now - opened,
+                    used=muxed in self._used,
+                    idle_s=now - self._last_active.get(muxed, opened),
+                    protected=protected,
+                )
+            )
+        return found
+
+    async def trim(self) -> int:
+        """Close idle connections until at most ``budget`` are open (or none is left to close); returns
+        how many it closed. The closes run at once: py-libp2p takes ~0.2 s to close one connection."""
+        conns = self.open_connections()
+        if len(conns) <= self.budget:
+            return 0
+        chosen = [conns[key] for key in to_close(self.facts(conns), self.budget, grace_s=self.grace_s)]
+        self._closing.update(chosen)
+        async with trio.open_nursery() as nursery:
+            for conn in chosen:
+                nursery.start_soon(self._close, conn)
+        return len(chosen)
+
+    async def _close(self, conn: INetConn) -> None:
+        peer_id = conn.muxed_conn.peer_id
+        if self.before_close is not None:
+            with trio.move_on_after(1):
+                try:
+                    await self.before_close(peer_id)
+                except Exception as error:  # noqa: BLE001 - the close goes on
+                    log.debug("before closing %s: %s", peer_id, type(error).__name__)
+        peerstore = self.host.get_peerstore()
+        try:
+            addrs = peerstore.addrs(peer_id)
+        except Exception:  # noqa: BLE001 - expired or unknown: nothing to keep
+            addrs = []
+        self.closed += 1
+        with trio.move_on_after(2):
+            try:
+                await conn.close()
+            except Exception as error:  # noqa: BLE001 - already closing
+                log.debug("closing an idle connection failed: %s", type(error).__name__)
+        if addrs:
+            peerstore.add_addrs(peer_id, addrs, KEEP_ADDRS_S)
+
+
+_BUDGETS: weakref.WeakKeyDictionary[Any, ConnBudget] = weakref.WeakKeyDictionary()
+
+
+def keep_connection_budget(
+    host: IHost, budget: int, *, grace_s: float = DEFAULT_GRACE_S, protected: Callable[[ID], bool] | None = None
+) -> ConnBudget:
+    kept = ConnBudget(host, budget, grace_s=grace_s, protected=protected or (lambda peer_id: False))
+    kept.install()
+    _BUDGETS[host.get_network()] = kept
+    return kept
+
+
+def budget_of(host: IHost) -> ConnBudget | None:
+    return _BUDGETS.get(host.get_network())
+
+
+def protect_connections(host: IHost, protected: Callable[[ID], bool]) -> None:
+    """The budget of ``host`` (if it has one) never closes a connection to a peer ``protected`` names."""
+    budget = budget_of(host)
+    if budget is not None:
+        budget.protected = protected
+
+
+def keep_in_routing_table(host: IHost, dht: DhtService) -> None:
+    """A DHT peer whose idle connection the budget closes is put in the routing table first.
+
+    py-libp2p adds a peer that queries us only if identify already gave its addresses, and
+    ``DhtService`` adopts the connected rest each second: a connection closed by the budget right
+    after its first query (a node joining through us) left that peer out of every table, and at
+    N = 10 with a budget of 3 half the lookups failed. ``add_peer`` still refuses a peer that does
+    not serve the DHT (``DhtService``'s guard).
+    """
+    budget = budget_of(host)
+    if budget is None:
+        return
+
+    async def adopt(peer_id: ID) -> None:
+        if dht.kad is not None and peer_id not in dht.kad.routing_table.get_peer_ids():
+            await dht.kad.add_peer(peer_id)
+
+    budget.before_close = adopt
