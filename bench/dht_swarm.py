@@ -103,6 +103,7 @@ from libp2p.stream_muxer.yamux import yamux as yamux_module
 from bootstrap.peer_book import PeerBook
 from dht.protocol_id import use_kad_protocol_id
 from dht.service import DhtService, JoinReport
+from node.conn_budget import keep_in_routing_table
 from node.host import build_host
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -270,6 +271,7 @@ async def _start_nodes(state: WorkerState, count: int, bootstrap: list[str], joi
             refresh_interval_s=3600.0,
             join_limiter=state.join_limiter,
         )
+        keep_in_routing_table(host, dht)  # as the daemon does: a no-op without a budget
         await nursery.start(dht.run)
         node = WorkerNode(host, dht)
         state.nodes.append(node)
