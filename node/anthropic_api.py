@@ -160,7 +160,9 @@ def _text(content: str | list[dict[str, Any]], param: str) -> str:
     return flatten_content([_text_part(block, f"{param}[{i}]") for i, block in enumerate(content)], param) or ""
 
 
-def _text_part(block: dict[str, Any], param: str) -> dict[str, Any]:
+def _text_part(block: Any, param: str) -> dict[str, Any]:
+    if not isinstance(block, dict):
+        raise invalid("a content block is an object with a type", param)
     if block.get("type") != "text":
         shown = block.get("type") if isinstance(block.get("type"), str) else "untyped"
         raise invalid(f"content blocks of type {str(shown)[:32]!r} are not served here", param)

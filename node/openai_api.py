@@ -343,17 +343,23 @@ def _response_format(response_format: ResponseFormat) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": out}
 
 
-def flatten_content(content: str | list[dict[str, Any]] | None, param: str) -> str | None:
+def flatten_content(content: str | list[Any] | None, param: str) -> str | None:
     """Content parts as one string: text parts joined, any other part (an image, audio, a file) refused."""
     if content is None or isinstance(content, str):
         return content
     texts = []
     for index, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise invalid("a content part is an object with a type", f"{param}[{index}]")
         kind = part.get("type")
-        if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
+        if kind in ("text", "input_text", "output_text", "refusal"):
+            text = part.get("refusal" if kind == "refusal" else "text")
+            if not isinstance(text, str):
+                raise invalid(
+                    f"a {kind} part needs its {'refusal' if kind == 'refusal' else 'text'} (a string)",
+                    f"{param}[{index}]",
+                )
+            texts.append(text)
         else:
             shown = kind if isinstance(kind, str) else "untyped"
             raise invalid(f"content parts of type {shown[:32]!r} are not served (text only)", f"{param}[{index}]")
