@@ -41,6 +41,20 @@ def test_same_module_input_and_limits_give_the_same_hash_and_fuel() -> None:
     assert runs == {(Outcome.FUEL_EXHAUSTED, 1000)}
 
 
+def test_pointers_outside_the_memory_are_refused_not_clamped() -> None:
+    box = WasmSandbox()
+    module = mods.wasm("""(module
+     (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+     (memory (export "memory") 1)
+     (func (export "_start")
+       (i32.store (i32.const 0) (i32.const 65530)) (i32.store (i32.const 4) (i32.const 100))
+       (i32.store8 (i32.const 40) (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+       (i32.store (i32.const 0) (i32.const 40)) (i32.store (i32.const 4) (i32.const 1))
+       (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))""")
+    result = box.run(box.load(module), b"", LIMITS)
+    assert result.ok and result.output == bytes([21])  # EFAULT, and nothing of the bad span written
+
+
 def test_refusals_carry_stable_codes() -> None:
     box = WasmSandbox(max_module_bytes=64 * 1024, cap=LIMITS)
     cases = [

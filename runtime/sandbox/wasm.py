@@ -55,6 +55,7 @@ _ESUCCESS = 0
 _EBADF = 8
 _ENOTCAPABLE = 76
 _ESPIPE = 70
+_EFAULT = 21
 
 
 class _Exit(Exception):
@@ -288,6 +289,10 @@ class WasmSandbox:
             outcome, exit_code = self._trap_outcome(trap, store, memory, limits), None
         except wt.WasmtimeError:  # instantiation refused: the declared memory is above the cap
             outcome, exit_code = Outcome.MEMORY_LIMIT, None
+        except ClawnodeError:
+            raise
+        except Exception:  # noqa: BLE001 - anything else a host call hit: the same trap on every machine
+            outcome, exit_code = Outcome.TRAP, None
         return outcome, exit_code, memory
 
     def _trap_outcome(self, trap: wt.Trap, store: wt.Store, memory: wt.Memory | None, limits: Limits) -> Outcome:
@@ -348,6 +353,8 @@ class WasmSandbox:
     @staticmethod
     def _two_zeros(caller: wt.Caller, a: int, b: int) -> int:
         memory = _memory(caller)
+        if max(a, b) + 4 > memory.data_len(caller):
+            return _EFAULT
         memory.write(caller, bytes(4), a)
         memory.write(caller, bytes(4), b)
         return _ESUCCESS
@@ -359,20 +366,34 @@ class WasmSandbox:
         # filetype character device (2), no flags, rights: fd_read (1<<1) or fd_write (1<<6)
         rights = (1 << 1) if fd == 0 else (1 << 6)
         stat = bytes([2, 0]) + bytes(6) + rights.to_bytes(8, "little") + bytes(8)
-        _memory(caller).write(caller, stat, out)
+        memory = _memory(caller)
+        if out + len(stat) > memory.data_len(caller):
+            return _EFAULT
+        memory.write(caller, stat, out)
         return _ESUCCESS
 
     @staticmethod
-    def _iovecs(caller: wt.Caller, memory: wt.Memory, iovs: int, n: int) -> list[tuple[int, int]]:
-        raw = memory.read(caller, iovs, iovs + 8 * min(n, 1024))
-        return [(_u32(raw, 8 * i), _u32(raw, 8 * i + 4)) for i in range(min(n, 1024))]
+    def _iovecs(caller: wt.Caller, memory: wt.Memory, iovs: int, n: int) -> list[tuple[int, int]] | None:
+        """The iovecs, or None when any of them (or the array) lies outside the memory (``EFAULT``)."""
+        size = memory.data_len(caller)
+        count = min(n, 1024)
+        if iovs + 8 * count > size:
+            return None
+        raw = memory.read(caller, iovs, iovs + 8 * count)
+        vectors = [(_u32(raw, 8 * i), _u32(raw, 8 * i + 4)) for i in range(count)]
+        if any(ptr + length > size for ptr, length in vectors):
+            return None
+        return vectors
 
     def _fd_read(self, caller: wt.Caller, io: _Io, fd: int, iovs: int, n: int, nread: int) -> int:
         if fd != 0:
             return _EBADF
         memory = _memory(caller)
+        vectors = self._iovecs(caller, memory, iovs, n)
+        if vectors is None or nread + 4 > memory.data_len(caller):
+            return _EFAULT
         total = 0
-        for ptr, length in self._iovecs(caller, memory, iovs, n):
+        for ptr, length in vectors:
             chunk = io.input[io.read_at : io.read_at + length]
             if not chunk:
                 break
@@ -387,8 +408,11 @@ class WasmSandbox:
             io.deny("fd_write")
             return _EBADF
         memory = _memory(caller)
+        vectors = self._iovecs(caller, memory, iovs, n)
+        if vectors is None or nwritten + 4 > memory.data_len(caller):
+            return _EFAULT
         total = 0
-        for ptr, length in self._iovecs(caller, memory, iovs, n):
+        for ptr, length in vectors:
             if fd == 2:
                 io.stderr_bytes += length
                 total += length
