@@ -2,7 +2,8 @@
 ``bind_tools`` (a forced call, streamed and not), a tool round trip, and ``with_structured_output``.
 
 The chat service is ``AgentService`` (``tests/support/agent_service.py``), a stand-in that speaks the
-chunk contract like a tool-using model.
+chunk contract like a tool-using model, bought by the framework's node from a second node over the
+network.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
+from dht.discovery import DiscoveryQuery
 from node.datadir import read_api_token
 from runtime.service import ServiceRegistry
-from tests.support.agent_service import AgentService
-from tests.support.market import market_nodes
+from tests.support.agent_service import AGENT_OFFER, AgentService
+from tests.support.market import WORDS, market_nodes
 
 pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 
-MODEL = "Acme/Agent-1:q4"
+MODEL = "words"
 
 
 @tool
@@ -40,9 +42,12 @@ class Place(BaseModel):
 async def test_langchain_bind_tools_round_trip_and_structured_output() -> None:
     agent = AgentService()
     services = ServiceRegistry()
-    services.register(f"model:{MODEL}", agent)
-    async with market_nodes([{"services": services}]) as (nodes, _):
-        [node] = nodes
+    services.register(WORDS, agent)
+    async with market_nodes([{"offers": (AGENT_OFFER,), "services": services}, {}]) as (nodes, _):
+        provider, node = nodes
+        with trio.fail_after(60):
+            while not await node.discover(DiscoveryQuery(capability=WORDS)):
+                await trio.sleep(0.2)
         token = await trio.to_thread.run_sync(read_api_token, node.data_dir)
 
         def run() -> tuple[Any, Any, Any, Any]:
@@ -70,3 +75,5 @@ async def test_langchain_bind_tools_round_trip_and_structured_output() -> None:
         assert [m["role"] for m in sent] == ["user", "assistant", "tool"] and sent[2]["tool_call_id"] == call["id"]
         assert isinstance(place, Place) and place.city == "Paris"
         assert agent.bodies[-1]["response_format"]["type"] == "json_schema"
+        [lease] = await provider.ledger.list_leases()  # all of it bought through one lease
+        assert lease.metered_units > 0

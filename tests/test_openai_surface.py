@@ -27,7 +27,7 @@ from node.datadir import read_api_token
 from node.router import ProviderHealth
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import Emit, ServiceRegistry, Usage
-from tests.support.agent_service import AgentService, VectorService
+from tests.support.agent_service import AGENT_OFFER, AgentService, VectorService
 from tests.support.market import WORD_OFFER, WORDS, market_nodes
 
 pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
@@ -76,10 +76,6 @@ def reassemble(chunks: list[Any]) -> dict[int, dict[str, Any]]:
 
 def calls_of(message: Any) -> list[dict[str, Any]]:
     return [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls]
-
-
-# The provider offers every feature the agent service serves: a provider refuses what its offer lacks.
-AGENT_OFFER = WORD_OFFER.model_copy(update={"features": ["tools", "json_schema", "logprobs", "n"]})
 
 
 async def _agent_nodes_and_wait(agent: AgentService) -> Any:

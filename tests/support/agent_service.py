@@ -14,8 +14,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from node.localnet import WORD_OFFER
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import Emit, Usage
+
+# The word-echo offer with every feature the agent service serves (a provider refuses what its offer lacks).
+AGENT_OFFER = WORD_OFFER.model_copy(update={"features": ["tools", "json_schema", "logprobs", "n"]})
 
 
 def instance_of(schema: dict[str, Any]) -> Any:
