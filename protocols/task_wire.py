@@ -231,6 +231,9 @@ class ResolutionRequest(_Msg):
     to_creator: int = Field(ge=0, le=MAX_AMOUNT)
     tx_hash: str | None = Field(None, pattern=HEX32)
     verdict: str | None = Field(None, pattern=REASON_PATTERN, description="an automatic decision's reason")
+    # The arbiter's re-run as a signed EvidenceNotice (party = the arbiter) and its output as attachment.
+    evidence: str | None = Field(None, max_length=MAX_ENVELOPE_B64)
+    attachment: str = Field("", max_length=(MAX_EVIDENCE_ATTACHMENT + 2) * 4 // 3 + 4, description="base64")
 
 
 class ModuleRequest(_Msg):

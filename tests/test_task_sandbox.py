@@ -149,6 +149,12 @@ async def test_sandboxed_tasks_run_by_the_seller_and_disputes_decided_by_re_exec
         assert arbiter.tasks.view(task_id).run_verdict == "rerun_matches"
         assert creator.tasks.view(task_id).run_verdict == "rerun_matches"
         assert arbiter.tasks.view(task_id).dispute_state == "dispute_resolved"
+        # The arbiter's signed re-run record, with the output it got, is in all three ledgers.
+        for node in (arbiter, creator, seller):
+            (piece,) = [e for e in await node.ledger.list_evidence(task_id) if e.submitted_by == _peer(arbiter)]
+            assert "rerun_matches" in piece.note and honest.output_sha256 in piece.note
+            assert await node.ledger.evidence_attachment(task_id, piece.evidence_id) == honest.output
+            assert piece.evidence_id in {e.evidence_id for e in node.tasks.view(task_id).evidence}
 
         # 3. A seller submits a wrong output (claiming the honest fuel): the re-run refunds the buyer.
         await wait_for(
@@ -169,6 +175,8 @@ async def test_sandboxed_tasks_run_by_the_seller_and_disputes_decided_by_re_exec
         for node in (creator, cheat):
             await _closed_with(node, task_id, 0)
         assert arbiter.tasks.view(task_id).run_verdict == "output_differs"
+        (piece,) = await creator.ledger.list_evidence(task_id)
+        assert piece.submitted_by == _peer(arbiter) and "output_differs" in piece.note
         assert arbiter.sandbox.stats.runs["wasm"] == 2
 
         # 4. A native program (sellers and arbiters that opt in): run under bubblewrap, disputed,

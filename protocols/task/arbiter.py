@@ -13,7 +13,7 @@ from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import Refusal, enforce
 from protocols.task.base import TaskCore, TaskLocal, log
-from wire.signed import open_base64
+from wire.signed import open_base64, to_base64
 
 
 class ArbiterRole(TaskCore):
@@ -140,8 +140,15 @@ class ArbiterRole(TaskCore):
             sent = await client.chain.run(client.resolve, award.lock.payer, escrow_id, to_bidder)
             tx_hash = sent.tx_hash
         self._apply(event, self.peer_id)
+        evidence, attachment = local.run_evidence or (None, b"")
         message = w.ResolutionRequest(
-            task_id=task_id, to_bidder=to_bidder, to_creator=price - to_bidder, tx_hash=tx_hash, verdict=verdict
+            task_id=task_id,
+            to_bidder=to_bidder,
+            to_creator=price - to_bidder,
+            tx_hash=tx_hash,
+            verdict=verdict,
+            evidence=evidence,
+            attachment=to_base64(attachment) if attachment else "",
         )
         async with trio.open_nursery() as nursery:
             for party in (record.creator, award.bidder):

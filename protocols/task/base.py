@@ -82,6 +82,7 @@ class TaskLocal:
     module: bytes | None = None  # a sandboxed task's module, held to serve its seller and arbiter
     result_usage: w.RunUsage | None = None  # the seller's signed usage of a sandboxed run
     run_verdict: str | None = None  # the arbiter's automatic decision, or why a person must decide
+    run_evidence: tuple[str, bytes] | None = None  # the arbiter's signed re-run record and its output
     closing: bool = False
     closed: bool = False
     refund_queued: bool = False
@@ -233,6 +234,23 @@ class TaskCore:
 
     async def _close_out(self, task_id: str) -> None:
         raise NotImplementedError  # closeout.CloseOutRole
+
+    async def _keep_run_evidence(self, notice: w.EvidenceNotice, envelope: str, attachment: bytes) -> None:
+        """The arbiter's re-run record: beside the parties' evidence in the view and the ledger (the book
+        takes evidence from the parties only, so it is not applied there)."""
+        local = self.local.get(notice.task_id)
+        piece = Evidence(
+            task_id=notice.task_id,
+            evidence_id=notice.evidence_id,
+            submitted_by=notice.party,
+            note=notice.note,
+            content_hash=notice.content_hash,
+            size=notice.size,
+            submitted_at=notice.submitted_at,
+        )
+        if local is not None:
+            local.evidence.setdefault(piece.evidence_id, piece)
+        await self.ledger.add_evidence(piece, attachment=attachment, envelope=envelope)
 
     def _after_award(self, task_id: str) -> None:
         """The award was accepted here (runner.RunnerRole runs a sandboxed task)."""

@@ -29,7 +29,7 @@ from protocols.task.creator import CreatorRole
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits, RunResult, sha256_hex
 from wire.rpc import request
-from wire.signed import from_base64, to_base64
+from wire.signed import from_base64, seal, to_base64
 
 _MODULE_REPLY = TypeAdapter(w.ModuleReply)
 _TERMS_REPLY = TypeAdapter(w.TermsReply)
@@ -209,6 +209,39 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
 
     # -- the arbiter --
 
+    async def _record_rerun(
+        self, task_id: str, facts: rules.RerunFacts, verdict: rules.RerunVerdict, output: bytes
+    ) -> None:
+        """Sign what the re-run found (and attach its output when it fits): kept in this ledger, and sent
+        to both parties with the resolution."""
+        _, local = self._task(task_id)
+        if facts.rerun_usage is not None:
+            usage = facts.rerun_usage
+            found = (
+                f"output sha256 {facts.rerun_sha256} ({facts.rerun_size} bytes), fuel {usage.fuel_used}, "
+                f"{usage.outcome} {usage.exit_code}"
+            )
+        else:
+            found = f"not re-run: {facts.rerun_refusal}"
+        claimed = facts.claimed_usage
+        note = (
+            f"re-run by the arbiter: {verdict.reason}. Re-run: {found}. Seller's result: output sha256 "
+            f"{facts.claimed_sha256} ({facts.claimed_size} bytes)"
+            + (f", fuel {claimed.fuel_used}, {claimed.outcome} {claimed.exit_code}" if claimed else "")
+        )[: w.MAX_EVIDENCE_NOTE]
+        attachment = output if len(output) <= w.MAX_EVIDENCE_ATTACHMENT else b""
+        notice = w.EvidenceNotice(
+            task_id=task_id,
+            party=self.peer_id,
+            note=note,
+            content_hash=sha256_hex(attachment),
+            size=len(attachment),
+            submitted_at=int(self._now()),
+        )
+        envelope = to_base64(seal(notice, self.key, domain=w.EVIDENCE_DOMAIN, payload_type=w.EVIDENCE_TYPE))
+        local.run_evidence = (envelope, attachment)
+        await self._keep_run_evidence(notice, envelope, attachment)
+
     def _after_case(self, task_id: str) -> None:
         _, local = self._task(task_id)
         if local.award is not None and w.sandbox_terms(local.award.params) is not None:
@@ -232,6 +265,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
             claimed_usage=rules.Usage(claimed.fuel_used, claimed.outcome, claimed.exit_code) if claimed else None,
             rerun_sha256=None,
         )
+        rerun_output = b""
         refusal = rules.run_verdict(self._run_facts(terms, self.sandbox.policy.auto_arbitrate))
         if refusal is not None:
             facts = rules.RerunFacts(**{**facts.__dict__, "rerun_refusal": refusal.reason})
@@ -243,6 +277,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
                 local.module = module
                 try:
                     result = await self._run_terms(terms, module)
+                    rerun_output = result.output
                     facts = rules.RerunFacts(
                         **{
                             **facts.__dict__,
@@ -255,6 +290,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
                     facts = rules.RerunFacts(**{**facts.__dict__, "rerun_refusal": error.reason or "rerun_refused"})
         verdict = rules.rerun_verdict(facts)
         local.run_verdict = verdict.reason
+        await self._record_rerun(task_id, facts, verdict, rerun_output)
         if verdict.action == "escalate":
             log.warning("task %s: not re-run (%s); the dispute waits for a person", task_id[:12], verdict.reason)
             return
