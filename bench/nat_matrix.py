@@ -5,6 +5,7 @@ Usage (Linux, root, ``ip``, ``nft``, Debian's ``miniupnpd``)::
     python bench/nat_matrix.py                       # every ordered NAT pair + UPnP + port forward, once
     python bench/nat_matrix.py --repetitions 3 --json nat-matrix.json
     python bench/nat_matrix.py --loss 5              # every router drops 5 % of what it forwards
+    python bench/nat_matrix.py --case full-cone:port-restricted --case port-restricted:symmetric+upnp
 
 Real ``clawnode start`` daemons in network namespaces (``node.natmatrix``, the same code as
 ``clawnode nat-test --full``), every home node on the shipped defaults (``0.0.0.0``, default
@@ -50,8 +51,19 @@ def main() -> int:
     parser.add_argument("--quic", action="store_true", help="also the 16 pairs and the UPnP cases with QUIC listeners")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy every daemon's log here")
+    parser.add_argument(
+        "--case",
+        dest="cases",
+        action="append",
+        default=[],
+        metavar="CASE",
+        help="run only this case (as `clawnode nat-test --case`: NAT_A:NAT_B[+upnp], same-lan, relay-loss; repeatable)",
+    )
     args = parser.parse_args()
-    cases = natmatrix.full_cases(upnp=not args.no_upnp, quic=args.quic)
+    if args.cases:
+        cases = [natmatrix.parse_case(text) for text in args.cases]
+    else:
+        cases = natmatrix.full_cases(upnp=not args.no_upnp, quic=args.quic)
     problem = natmatrix.requirements_problem(cases)
     if problem is not None:
         print(f"E_UNAVAILABLE: {problem}", file=sys.stderr)

@@ -4,9 +4,10 @@ One topology (``nat.harness``): the relay host runs a bootstrap/relay daemon, ``
 (a private node keeps reservations on two), ``h1``..``h3`` public nodes that serve AutoNAT
 (``nat.autonat_serve = "always"``). A case is a pair of home LANs, each behind its own router:
 ``A`` (behind NAT type ``nat_a``) asks ``B`` (behind ``nat_b``, serving one offer) for its
-capability record with ``clawnode describe``; ``B``'s router optionally maps B's port by UPnP (a real
-``miniupnpd`` in the router namespace) or by a manual port forward. Every case gets fresh data dirs
-(new peer ids); the cases of one repetition run at once, each on its own two routers.
+capability record (``GET /api/describe``, what ``clawnode describe`` calls); ``B``'s router
+optionally maps B's port by UPnP (a real ``miniupnpd`` in the router namespace) or by a manual port
+forward. Every case gets fresh data dirs (new peer ids); the cases of one repetition run at once,
+each on its own two routers.
 
 Recorded per case: both AutoNAT verdicts (and that the servers dialed only the routers' public
 addresses), B's relay reservations, whether the record came back live from B (data exchanged, its
@@ -77,6 +78,7 @@ MAX_CASES = 25
 CGN_NAT = NatType.PORT_RESTRICTED
 RELAY_LOSS_BOUND_S = 10.0  # the issue's bound on dropping a dead relay and taking a restarted one back
 RELAY_LOSS_LOG_LINES = 10  # and on the log lines a minute meanwhile
+ASK_AGAIN_S = 0.5  # A asks B again this long after a failed ask
 
 _RESTRICTIVE = {NatType.PORT_RESTRICTED, NatType.SYMMETRIC}
 _ORDER = (NatType.FULL_CONE, NatType.ADDRESS_RESTRICTED, NatType.PORT_RESTRICTED, NatType.SYMMETRIC)
@@ -246,7 +248,8 @@ class Result(BaseModel):
     data_exchanged: bool = False  # B's record came back live from B
     seconds_to_data: float | None = None  # A's `describe` of B, request to answer
     # from the later of A's and B's start to A's first `describe` of B answered live by B (A asks
-    # from its start on, once a second; each ask is one `clawnode describe`)
+    # from its start on, again 0.5 s after a failed ask; each ask is one `GET /api/describe` through curl, the call
+    # `clawnode describe` makes)
     seconds_start_to_data: float | None = None
     describe_attempts: int = 0
     rtt_ms: float | None = None  # the record request's round trip over the path in use then
@@ -740,8 +743,8 @@ def _peer_entry(daemon: Daemon, peer_id: str) -> dict[str, Any]:
 
 
 def _first_data(a: Daemon, b_id: str, since: float, timeout: float, watched: list[Daemon], result: Result) -> None:
-    """A asks for B's record (``clawnode describe``, answered live by B), again a second after each
-    failed ask; records the time from ``since`` (the later start) to the answer."""
+    """A asks for B's record (``GET /api/describe``, answered live by B), again ``ASK_AGAIN_S`` after
+    each failed ask; records the time from ``since`` (the later start) to the answer."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -752,7 +755,9 @@ def _first_data(a: Daemon, b_id: str, since: float, timeout: float, watched: lis
         result.describe_attempts += 1
         asked = time.monotonic()
         try:
-            described = a.cli(["describe", b_id, "--json"], timeout=max(5.0, min(90.0, deadline - asked)))
+            # The API `clawnode describe` calls, through curl: a `clawnode` command costs a Python
+            # start (1-3 s on a busy box) before it asks, which is not the network's time.
+            described = a.api(f"/api/describe/{b_id}", timeout=max(5.0, min(90.0, deadline - asked)))
         except subprocess.TimeoutExpired:
             last, described = f"describe timed out after {time.monotonic() - asked:.0f} s", {}
         except HarnessError as error:
@@ -764,7 +769,7 @@ def _first_data(a: Daemon, b_id: str, since: float, timeout: float, watched: lis
             result.rtt_ms = described.get("rtt_ms")
             return
         last = last or "answered, but not live from B"
-        time.sleep(1.0)
+        time.sleep(ASK_AGAIN_S)
     raise HarnessError(f"no live answer from B within {timeout:.0f} s ({result.describe_attempts} asks; last: {last})")
 
 
@@ -816,6 +821,10 @@ def _run_case(
             wait_for("B's record with its addresses", lambda: _published_reachable(b), timeout, watched)
         _first_data(a, b_id, max(a.started_wall, b.started_wall), max(timeout, 150.0), watched, result)
         wait_for("both verdicts", lambda: a.verdict()[0] != "unknown" and b.verdict()[0] != "unknown", timeout, watched)
+        if case.expected_verdict_b() == "public":
+            # A mapping made just after a first "private" verdict is re-checked within seconds: B
+            # must end public (waiting for any verdict read the private one in one mapped run).
+            wait_for("B's verdict public", lambda: b.verdict()[0] == "public", timeout, watched)
         result.verdict_a, _, seconds_a = a.verdict()
         result.verdict_b, _, seconds_b = b.verdict()
         result.seconds_to_verdict_a = round(seconds_a, 2) if seconds_a is not None else None
@@ -834,7 +843,7 @@ def _run_case(
             result.double_nat_b = bool(upnp.get("double_nat"))
             result.double_nat_reason_b = upnp.get("double_nat_reason")
         result.path = _settle_path(a, b, b_id, case, result)
-        again = a.cli(["describe", b_id, "--json"], timeout=60)
+        again = a.api(f"/api/describe/{b_id}", timeout=60)
         result.data_after_punch = bool(again.get("reachable"))
     except (HarnessError, ValueError, subprocess.SubprocessError) as error:
         lines = [line for line in str(error).splitlines() if line.strip()]
