@@ -21,6 +21,7 @@ the Noise-secured stream, whose remote peer id already says who is speaking.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,16 +74,18 @@ class SandboxTerms(_Msg):
 
 
 def sandbox_terms(params: str | None) -> SandboxTerms | None:
-    """The sandbox terms in a task's params; None for a task that names no kind (a person delivers it)."""
+    """The sandbox terms in a task's params; None for a task whose params name no sandboxed kind
+    (``"kind": "wasm"`` or ``"native"``): a person delivers it."""
     try:
-        data = SandboxTerms.model_validate_json(params or "")
+        data = json.loads(params or "")
     except ValueError:
-        if params and '"kind"' in params:
-            raise ClawnodeError(
-                ErrorCode.INVALID_ARGUMENT, "the task's sandbox terms are invalid", "bad_terms"
-            ) from None
         return None
-    return data
+    if not isinstance(data, dict) or data.get("kind") not in ("wasm", "native"):
+        return None
+    try:
+        return SandboxTerms.model_validate(data)
+    except ValueError:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the task's sandbox terms are invalid", "bad_terms") from None
 
 
 class RunUsage(_Msg):

@@ -62,8 +62,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
                 ErrorCode.INVALID_ARGUMENT, f"inputs are at most {w.MAX_RUN_INPUT} bytes", "input_too_large"
             )
         digest = sha256_hex(module)
-        if kind == "wasm":
-            self.sandbox.load("wasm", module, digest)  # refuses a module no sandbox would run
+        self.sandbox.load(kind, module, digest)  # refuses a module (or program) no sandbox would run
         terms = w.SandboxTerms(
             kind=kind,
             module_sha256=digest,

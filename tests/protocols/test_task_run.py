@@ -66,3 +66,20 @@ def test_who_runs_and_who_fetches() -> None:
     assert before_award is not None and before_award.reason == "not_a_party"
     missing = module_request_verdict("arbiter", "creator", "seller", "arbiter", None, held)
     assert missing is not None and missing.reason == "module_unknown"
+
+
+def test_only_params_naming_a_sandboxed_kind_are_sandbox_terms() -> None:
+    import pytest
+
+    from protocols.task_wire import sandbox_terms
+    from runtime.errors import ClawnodeError
+
+    for params in ('{"kind": "summary"}', "{}", "[1]", "not json", None):
+        assert sandbox_terms(params) is None
+    terms = sandbox_terms(
+        '{"kind": "wasm", "module_sha256": "' + "a" * 64 + '", "module_size": 10, "limits": {"fuel": 5}}'
+    )
+    assert terms is not None and terms.limits.fuel == 5 and terms.arbitration == "rerun"
+    with pytest.raises(ClawnodeError) as refused:
+        sandbox_terms('{"kind": "wasm", "module_size": 10}')
+    assert refused.value.reason == "bad_terms"
