@@ -368,7 +368,8 @@ def find(
     for provider in body["providers"]:
         hardware = provider["gpu_model"] or "cpu"
         context = f"ctx {provider['context_length']}" if provider["context_length"] else ""
-        served = ",".join(provider.get("features") or []) or "text only"
+        text_only = "text only" if provider["capability"].startswith("model:") else ""
+        served = ",".join(provider.get("features") or []) or text_only
         lines.append(
             f"{provider['peer_id']}  {_price(provider['price_per_unit'], provider['asset'])}/{provider['unit']}  "
             f"{context}  {served}  {hardware}  {provider['reachability']}  rtt {provider['rtt_ms']:.1f} ms"
@@ -943,6 +944,149 @@ def nat_test(
         payload = {"summary": natmatrix.summarize(results), "results": [r.model_dump(mode="json") for r in results]}
         json_path.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+# wallet and escrow tooling
+
+
+def _passphrase(confirm: bool) -> str:
+    """From ``CLAWNODE_WALLET_PASSPHRASE`` (scripts), else asked on the terminal (never echoed)."""
+    given = os.environ.get("CLAWNODE_WALLET_PASSPHRASE")
+    if given is not None:
+        return given
+    return str(click.prompt("passphrase", hide_input=True, confirmation_prompt=confirm, err=True))
+
+
+@main.group(invoke_without_command=True)
+@data_dir_option
+@json_option
+@click.pass_context
+def wallet(ctx: click.Context, data_dir: str | None, as_json: bool) -> None:
+    """The node's escrow wallet: address, chain, balance and escrow credit (withdraw, export, import below)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    body = _call_api(data_dir, "/api/wallet", timeout=30.0)
+    lines = [
+        f"address        {body['address']}",
+        f"chain          {body['chain']}  (escrow.mode {body['mode']})",
+        f"escrow         {body['contract']}",
+        f"balance        {_wei(body['balance'])}",
+        f"escrow credit  {_wei(body['escrow_credit'])}  (claimed income; clawnode wallet withdraw)",
+    ]
+    _print(body, as_json, lines)
+
+
+@wallet.command(name="withdraw")
+@click.option("--to", type=str, default=None, help="Address to pay out to (default: the node's own wallet).")
+@data_dir_option
+@json_option
+def wallet_withdraw(to: str | None, data_dir: str | None, as_json: bool) -> None:
+    """Move the escrow credit (what the node's claims earned) out of the escrow contract."""
+    body = _call_api(data_dir, "/api/wallet/withdraw", method="POST", body={"to": to}, timeout=150.0)
+    _print(body, as_json, [f"withdrew {_wei(body['amount'])} to {body['to']} (tx {body['tx_hash']})"])
+
+
+@wallet.command(name="export")
+@click.argument("keystore", type=click.Path(dir_okay=False, path_type=Path))
+@data_dir_option
+def wallet_export(keystore: Path, data_dir: str | None) -> None:
+    """Write the wallet key to KEYSTORE, encrypted with a passphrase (a v3 keystore any Ethereum wallet reads)."""
+    from node.datadir import WALLET_FILE
+    from runtime.escrow.wallet import export_keystore
+
+    path = resolve_data_dir(data_dir) / WALLET_FILE
+    if not path.exists():
+        click.echo("clawnode: E_NOT_FOUND: this data dir has no wallet yet (start the node once)", err=True)
+        sys.exit(1)
+    key = bytes.fromhex(path.read_text().strip().removeprefix("0x"))
+    try:
+        exported = export_keystore(key, _passphrase(confirm=True))
+    except ClawnodeError as error:
+        click.echo(f"clawnode: {error.code}: {error.message}", err=True)
+        sys.exit(1)
+    try:
+        fd = os.open(keystore, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        click.echo("clawnode: E_CONFLICT: the keystore file exists already", err=True)
+        sys.exit(1)
+    with os.fdopen(fd, "w") as file:
+        json.dump(exported, file)
+    click.echo(f"exported wallet 0x{exported['address']}")
+
+
+@wallet.command(name="import")
+@click.argument("keystore", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--replace", is_flag=True, help="Replace an existing wallet (kept as wallet.key.replaced-<time>).")
+@data_dir_option
+def wallet_import(keystore: Path, replace: bool, data_dir: str | None) -> None:
+    """Make the key in KEYSTORE (a passphrase-encrypted v3 keystore) this node's wallet; the node must be stopped."""
+    from eth_account import Account
+
+    from node.datadir import WALLET_FILE
+    from runtime.escrow.wallet import import_keystore
+
+    directory = ensure_data_dir(resolve_data_dir(data_dir))
+    if read_running(directory) is not None:
+        click.echo("clawnode: E_CONFLICT: stop the node first (its wallet is in use)", err=True)
+        sys.exit(1)
+    path = directory / WALLET_FILE
+    if path.exists() and not replace:
+        click.echo("clawnode: E_CONFLICT: this data dir has a wallet already (--replace keeps it aside)", err=True)
+        sys.exit(1)
+    try:
+        key = import_keystore(keystore.read_bytes(), _passphrase(confirm=False))
+    except ClawnodeError as error:
+        click.echo(f"clawnode: {error.code}: {error.message}", err=True)
+        sys.exit(1)
+    if path.exists():
+        path.rename(directory / f"{WALLET_FILE}.replaced-{int(time.time())}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(key.hex())
+    click.echo(f"imported wallet {Account.from_key(key).address}")
+
+
+@main.group()
+def escrow() -> None:
+    """Escrow contract tooling."""
+
+
+@escrow.command(name="deploy")
+@click.option("--rpc-url", type=str, default=None, help="The chain's JSON-RPC URL (default: escrow.rpc_url).")
+@data_dir_option
+@json_option
+def escrow_deploy(rpc_url: str | None, data_dir: str | None, as_json: bool) -> None:
+    """Deploy the escrow contract, paid by this node's wallet; print what other nodes need to use it."""
+    from node.config import ConfigError, load_config
+    from node.datadir import load_or_create_wallet_key
+    from runtime.escrow.wallet import deploy_escrow
+
+    directory = ensure_data_dir(resolve_data_dir(data_dir))
+    try:
+        url = rpc_url or load_config(directory, {}).escrow.rpc_url
+    except ConfigError as error:
+        click.echo(f"clawnode: {error}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if not url.startswith(("http://", "https://")):
+        click.echo("clawnode: E_INVALID_ARGUMENT: give --rpc-url (http:// or https://) or set escrow.rpc_url", err=True)
+        sys.exit(EXIT_CONFIG)
+    try:
+        deployed = deploy_escrow(url, load_or_create_wallet_key(directory))
+    except ClawnodeError as error:  # the URL never appears in these
+        click.echo(f"clawnode: {error.code}: {error.message}", err=True)
+        sys.exit(1)
+    body = {"chain": f"eip155:{deployed.chain_id}", "contract": deployed.contract, "deployer": deployed.deployer}
+    lines = [
+        f"escrow deployed at {deployed.contract} on eip155:{deployed.chain_id} (paid by {deployed.deployer})",
+        "every node of this network needs in its config.toml:",
+        "[escrow]",
+        'mode = "rpc"',
+        'rpc_url = "<this chain\'s JSON-RPC URL>"',
+        f'contract = "{deployed.contract}"',
+        f"chain_id = {deployed.chain_id}",
+        'arbiter = "0x…"  # whoever settles disputes; a seller must name one',
+    ]
+    _print(body, as_json, lines)
 
 
 if __name__ == "__main__":
