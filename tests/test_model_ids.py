@@ -17,13 +17,13 @@ from pydantic import ValidationError
 
 from dht.discovery import DiscoveryQuery
 from dht.offers import Offer, capability_key, default_family
-from dht.records import private_leaks, seal_record, verify_record
+from dht.records import RecordRejected, Rejection, private_leaks, seal_record, verify_record
 from node.config import ConfigError, load_config
 from protocols.gossip import task_topic
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.model_ids import MODEL_ID_MAX_LENGTH, is_capability_name, is_model_id
-from tests.support.records import make_record
+from tests.support.records import make_record, sealed_unchecked
 
 ECOSYSTEM_IDS = [
     "Qwen/Qwen2.5-0.5B-Instruct",
@@ -140,3 +140,26 @@ def test_ids_round_trip_through_config_and_a_signed_record(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as raised:
         load_config(tmp_path, environ={})
     assert "models.0.name" in str(raised.value) and "llama3.2:1b" in str(raised.value)
+
+
+def test_records_without_features_keep_their_encoding_and_features_have_one() -> None:
+    """A model descriptor without features encodes as before features existed (so records signed by
+    older nodes still verify); with features, each set has one encoding (any other is refused)."""
+    key_pair = generate_new_ed25519_identity()
+    plain = Offer(name="model:llama3.2:1b", price_per_unit=1).descriptor()
+    assert set(plain.model_dump(mode="json")["model"]) == {"family", "parameters", "quantisation", "context_length"}
+    verify_record(seal_record(make_record(key_pair, capabilities=[plain]), key_pair.private_key), now=time.time())
+
+    offer = Offer(name="model:llama3.2:1b", price_per_unit=1, features=["n", "tools", "n"], chat_format="chatml")
+    served = offer.descriptor()
+    assert served.model is not None and served.model.features == ["tools", "n"]
+    record = make_record(key_pair, seq=2, capabilities=[served])
+    assert verify_record(seal_record(record, key_pair.private_key), now=time.time()).capabilities[0] == served
+    # Signed by a peer that lists them in another order: not the canonical encoding, refused.
+    shuffled = served.model.model_construct(**{**served.model.__dict__, "features": ["n", "tools"]})
+    forged = make_record(
+        key_pair, seq=3, capabilities=[served.model_construct(**{**served.__dict__, "model": shuffled})]
+    )
+    with pytest.raises(RecordRejected) as refused:
+        verify_record(sealed_unchecked(forged, key_pair), now=time.time())
+    assert refused.value.reason == Rejection.SCHEMA
