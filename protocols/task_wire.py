@@ -342,5 +342,6 @@ class TaskView(BaseModel):
     to_bidder: int | None = None
     to_creator: int | None = None
     kind: str | None = None  # wasm / native: a sandboxed task
+    limits: Limits | None = None  # the sandboxed task's limits
     run: RunUsage | None = None  # the seller's metered run, as signed with its result
     run_verdict: str | None = None  # the arbiter's automatic decision (or why it left it to a person)

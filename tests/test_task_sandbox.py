@@ -123,6 +123,7 @@ async def test_sandboxed_tasks_run_by_the_seller_and_disputes_decided_by_re_exec
         assert creator.tasks.artifact(task_id) == honest.output == b"PAY ME!\x06"
         assert view.result_hash == honest.output_sha256
         assert view.run == RunUsage(fuel_used=honest.fuel_used, outcome="exited", exit_code=0)
+        assert view.kind == "wasm" and view.limits == LIMITS
         assert seller.sandbox.stats.runs["wasm"] == 1
         await creator.tasks.review(task_id, True)
         await _closed_with(seller, task_id, PRICE)

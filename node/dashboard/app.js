@@ -361,6 +361,14 @@ function evidenceRow(task) {
       items.length ? h("ul", { class: "evidence-list" }, ...items) : null, form));
 }
 
+// A sandboxed task's kind and limits, and the seller's metered run once it delivered.
+function sandboxRun(task) {
+  if (!task.kind) return "";
+  const limits = task.limits ? ` (fuel ≤ ${task.limits.fuel}, ${Math.round(task.limits.memory_bytes / 1048576)} MiB, ${task.limits.wall_s} s)` : "";
+  const run = task.run ? `; ran: fuel ${task.run.fuel_used}, ${task.run.outcome}` : "";
+  return ` · ${task.kind}${limits}${run}`;
+}
+
 function renderTasks(tasks) {
   const table = $("tasks-table");
   const typing = table.contains(document.activeElement) && ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName);
@@ -382,8 +390,8 @@ function renderTasks(tasks) {
       h("td", { text: task.summary }),
       amountCell(task.budget),
       h("td", { class: "state", text: task.state }),
-      h("td", { text: task.result_state || "" }),
-      h("td", { text: task.dispute_state || "" }),
+      h("td", { text: (task.result_state || "") + sandboxRun(task) }),
+      h("td", { text: (task.dispute_state || "") + (task.run_verdict ? ` · re-run: ${task.run_verdict}` : "") }),
       h("td", {}, action));
     const evidence = evidenceRow(task);
     return evidence ? [row, evidence] : [row];

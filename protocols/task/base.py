@@ -290,6 +290,7 @@ class TaskCore:
         elif any(bid.bidder == me for bid in record.bids.values()):
             role = "bidder"
         receipt, result, dispute = record.receipt, record.result, record.dispute
+        terms = self._terms_of(local)
         return w.TaskView(
             task_id=task_id,
             role=role,
@@ -315,19 +316,19 @@ class TaskCore:
             evidence=sorted(local.evidence.values(), key=lambda e: (e.submitted_at, e.evidence_id)),
             to_bidder=receipt.to_bidder if receipt else None,
             to_creator=receipt.to_creator if receipt else None,
-            kind=self._kind_of(local),
+            kind=terms.kind if terms is not None else None,
+            limits=terms.limits if terms is not None else None,
             run=local.result_usage,
             run_verdict=local.run_verdict,
         )
 
     @staticmethod
-    def _kind_of(local: TaskLocal) -> str | None:
+    def _terms_of(local: TaskLocal) -> w.SandboxTerms | None:
         params = local.params if local.params is not None else (local.award.params if local.award else None)
         try:
-            terms = w.sandbox_terms(params)
+            return w.sandbox_terms(params)
         except ClawnodeError:
             return None
-        return terms.kind if terms is not None else None
 
     def view(self, task_id: str) -> w.TaskView:
         return self._view(task_id)
