@@ -192,6 +192,29 @@ class LedgerVerifyReply(AuditReport):
     """The audit chain recomputed from its first entry."""
 
 
+class WalletReply(BaseModel):
+    """The node's escrow wallet on its chain (never its key)."""
+
+    address: str
+    chain: str = Field(description="CAIP-2, e.g. eip155:31337")
+    contract: str = Field(description="the escrow contract")
+    balance: int = Field(description="wei in the wallet")
+    escrow_credit: int = Field(description="wei the escrow holds for this wallet (claimed income), withdrawable")
+    mode: str = Field(description="escrow.mode")
+
+
+class WithdrawBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str | None = Field(None, pattern=r"^0x[0-9a-fA-F]{40}$", description="default: the node's own wallet")
+
+
+class WithdrawReply(BaseModel):
+    amount: int = Field(description="wei moved out of the escrow")
+    to: str
+    tx_hash: str
+
+
 class MismatchAckReply(BaseModel):
     """The operator acknowledged the flagged escrows: they stay flagged in the ledger, no longer alert."""
 
@@ -243,6 +266,10 @@ class NodeView(OpenAINode, TaskNode, Protocol):
     async def ledger_verify(self) -> LedgerVerifyReply: ...
 
     async def ack_escrow_mismatches(self) -> MismatchAckReply: ...
+
+    async def wallet(self) -> WalletReply: ...
+
+    async def withdraw(self, to: str | None) -> WithdrawReply: ...
 
     async def open_lease(self, body: OpenLeaseBody) -> LeaseView: ...
 
@@ -433,6 +460,14 @@ def create_app(
     @app.post("/api/ledger/mismatches/ack")
     async def ack_escrow_mismatches() -> MismatchAckReply:
         return await node.ack_escrow_mismatches()
+
+    @app.get("/api/wallet")
+    async def wallet() -> WalletReply:
+        return await node.wallet()
+
+    @app.post("/api/wallet/withdraw")
+    async def withdraw(body: WithdrawBody) -> WithdrawReply:
+        return await node.withdraw(body.to)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -62,6 +62,8 @@ from node.api import (
     StatusReply,
     Unpayable,
     UpnpView,
+    WalletReply,
+    WithdrawReply,
     create_app,
 )
 from node.config import Config
@@ -885,6 +887,39 @@ class Node:
         return await trio.to_thread.run_sync(  # type: ignore[call-arg]  # stale trio-stubs
             self._connect_escrow, wallet_key, abandon_on_cancel=True
         )
+
+    def _connected_escrow(self) -> Any:
+        client = self.escrow_client
+        if client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
+        return client
+
+    async def wallet(self) -> WalletReply:
+        """The escrow wallet: address, chain, contract, balance and the escrow's credit for it."""
+        client = self._connected_escrow()
+        address = client.account.address
+        balance = await client.chain.run(lambda: int(client.chain.w3.eth.get_balance(address)))
+        credit = await client.chain.run(client.credit_of, address)
+        return WalletReply(
+            address=address,
+            chain=caip2(client.chain.chain_id),
+            contract=client.address,
+            balance=balance,
+            escrow_credit=credit,
+            mode=self.config.escrow.mode,
+        )
+
+    async def withdraw(self, to: str | None) -> WithdrawReply:
+        """Move this wallet's whole escrow credit (claimed income) to ``to`` (default: the wallet itself)."""
+        from runtime.escrow import EscrowError
+
+        client = self._connected_escrow()
+        credit = await client.chain.run(client.credit_of, client.account.address)
+        if credit == 0:
+            raise EscrowError("nothing_to_withdraw")
+        result = await client.chain.run(client.withdraw, to)
+        log.info("withdrew %d wei of escrow credit", credit)
+        return WithdrawReply(amount=credit, to=to or client.account.address, tx_hash=result.tx_hash)
 
     async def _discover_all(self, query: DiscoveryQuery) -> list[ProviderResult]:
         started = time.monotonic()

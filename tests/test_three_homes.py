@@ -141,3 +141,17 @@ def test_three_homes_on_the_defaults_trade_and_a_provider_on_another_chain_is_ne
     state = reader.get(escrow(consumer)["wallet"], bytes.fromhex(lease["lease_id"]))
     assert state.released == income and state.payee.lower() == escrow(provider)["wallet"].lower()
     assert reader.credit_of(escrow(provider)["wallet"]) == income
+
+    # clawnode wallet: the same credit, withdrawn into the provider's wallet.
+    shown = run_cli("wallet", "--json", "--data-dir", str(provider.data_dir), timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    wallet = json.loads(shown.stdout)
+    assert wallet["escrow_credit"] == income and wallet["chain"] == f"eip155:{network['chain_id']}"
+    withdrawn = run_cli("wallet", "withdraw", "--json", "--data-dir", str(provider.data_dir), timeout=150)
+    assert withdrawn.returncode == 0, withdrawn.stderr
+    paid_out = json.loads(withdrawn.stdout)
+    assert paid_out["amount"] == income
+    assert reader.credit_of(escrow(provider)["wallet"]) == 0
+    receipt = chain.w3.eth.get_transaction_receipt(paid_out["tx_hash"])
+    gas = int(receipt["gasUsed"]) * int(receipt["effectiveGasPrice"])
+    assert int(chain.w3.eth.get_balance(wallet["address"])) == wallet["balance"] + income - gas

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_RPC_BODY = 256 * 1024  # the deploy transaction (~20 KB of hex) with room to spare
 MAX_CALL_GAS = GAS_LIMITS["deploy"]
 MAX_ERROR_MESSAGE = 300
+KEEP_ALIVE_S = 300.0
 RPC_METHODS = frozenset(
     {
         "eth_chainId",
@@ -164,6 +165,10 @@ class DevChain:
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         config.accesslog = None
         config.errorlog = None
+        # Longer than any client's idle gap (the health probe comes every few seconds): at hypercorn's
+        # 5 s default the server closed an idle connection just as a probe reused it, and the node
+        # took its chain for down.
+        config.keep_alive_timeout = KEEP_ALIVE_S
         app = rpc_app(self.chain)
 
         async def report(*, task_status: Any) -> None:
