@@ -166,11 +166,6 @@ async def test_the_tiny_model_serves_the_surface_locally_and_through_a_second_no
                 jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the consumer's prompt_units_estimate (protocols/machines/lease_calls.py) leaves out the tool list the "
-    "engine renders into the prompt, so the provider's end frame looks inflated (E_CONFLICT end_frame_inflated)",
-)
 async def test_a_tool_call_bought_through_a_second_node(tmp_path: Path) -> None:
     async with market_nodes([{"models": (await _tiny_spec(tmp_path),)}, {}]) as (nodes, _):
         provider, consumer = nodes

@@ -129,7 +129,10 @@ def declared_max_tokens(body: dict[str, Any]) -> int | None:
 
 def prompt_units_estimate(body: Any) -> int:
     """An upper bound on the units a body's input text can count: one per UTF-8 byte of every string
-    (a token is at least one byte), plus template overhead."""
+    (a token is at least one byte), plus template overhead, plus what the engine writes around them
+    (a tool list and its instructions, the wrappers of earlier calls and tool results:
+    ``rendering_bytes_bound``)."""
+    from runtime.inference.tools import rendering_bytes_bound  # the engine's own bound, kept beside its rendering
 
     def walk(value: Any) -> int:
         if isinstance(value, str):
@@ -140,7 +143,7 @@ def prompt_units_estimate(body: Any) -> int:
             return sum(walk(v) for v in value)
         return 0
 
-    return walk(body) + PROMPT_OVERHEAD_UNITS
+    return walk(body) + PROMPT_OVERHEAD_UNITS + rendering_bytes_bound(body)
 
 
 def plan_call(body: dict[str, Any], units_left: int) -> CallPlan:
