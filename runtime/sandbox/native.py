@@ -13,7 +13,7 @@ The sandbox of one run (``bwrap --unshare-all --die-with-parent``):
   privileged or cross-process surface (``ptrace``, ``mount``, ``unshare``, ``setns``, ``bpf``,
   ``keyctl``, ``perf_event_open``, ``io_uring_*``, module loading, ...) and refuses sockets of any
   family but ``AF_UNIX`` with ``EACCES``.
-* **Limits** (rlimits, set before bubblewrap starts): CPU seconds from the fuel cap (native fuel is
+* **Limits** (rlimits, set by ``prlimit`` before bubblewrap starts): CPU seconds from the fuel cap (native fuel is
   CPU-milliseconds), address space from the memory cap, processes and threads (``RLIMIT_NPROC``,
   counted for the unprivileged user the run uses), open files, file size, no core dumps; the wall
   clock is the node's: at the cap the whole process group (and, through the pid namespace, every
@@ -21,15 +21,16 @@ The sandbox of one run (``bwrap --unshare-all --die-with-parent``):
 * **Identity**: when the node runs as root, the run drops to ``nobody`` (65534) before bubblewrap,
   so the process limit counts only sandboxed processes.
 
-A native run's fuel (CPU time) is not deterministic: a dispute over it compares the output and how
-it ended, not the fuel (``protocols.machines.task_run``).
+A native run's fuel is the CPU time ``wait4`` reports for bubblewrap (the processes it waited for:
+an estimate, a process killed by a signal inside the pid namespace may not be counted); the cap is
+``RLIMIT_CPU`` (SIGXCPU, then SIGKILL: ``fuel_exhausted``). It is not deterministic: a dispute over
+a native run compares the output and how it ended, not the fuel (``protocols.machines.task_run``).
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import resource
 import selectors
 import shutil
 import signal
@@ -49,6 +50,7 @@ from runtime.sandbox.stats import SandboxStats
 
 KIND = "native"
 BWRAP = "/usr/bin/bwrap"
+PRLIMIT = "/usr/bin/prlimit"
 MAX_PROGRAM_BYTES = 256 * 1024
 MAX_INPUT_BYTES = 1024 * 1024
 PROGRAM_CACHE = 16
@@ -135,7 +137,7 @@ def seccomp_filter() -> bytes | None:
 
 
 def bwrap_available() -> bool:
-    return os.access(BWRAP, os.X_OK)
+    return os.access(BWRAP, os.X_OK) and os.access(PRLIMIT, os.X_OK)
 
 
 def _user_tasks(uid: int) -> int:
@@ -217,7 +219,9 @@ class NativeSandbox:
                     f"inputs are at most {MAX_INPUT_BYTES} bytes",
                 )
             if not bwrap_available():
-                raise refuse(ErrorCode.UNAVAILABLE, SandboxReason.SANDBOX_UNAVAILABLE, "bubblewrap is not installed")
+                raise refuse(
+                    ErrorCode.UNAVAILABLE, SandboxReason.SANDBOX_UNAVAILABLE, "bubblewrap or prlimit is not installed"
+                )
             with self._lock:
                 program = self._programs.get(sha256)
             if program is None:
@@ -283,17 +287,19 @@ class NativeSandbox:
         nproc = limits.pids + 2 + (0 if as_root else _user_tasks(uid))  # bubblewrap and its init count too
         cpu_s = max(1, -(-limits.fuel // 1000))
 
-        def limit_child() -> None:
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (TMP_BYTES, TMP_BYTES))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if as_root:
-                os.setgroups([])
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        # prlimit (util-linux) sets the limits and execs bubblewrap: no Python runs between fork and
+        # exec (preexec_fn is unsafe in a threaded daemon); Popen drops to nobody the same way.
+        prlimit = [
+            PRLIMIT,
+            f"--cpu={cpu_s}:{cpu_s + 1}",
+            f"--as={limits.memory_bytes}",
+            f"--fsize={TMP_BYTES}",
+            "--nofile=64",
+            "--core=0",
+            f"--nproc={nproc}",
+            "--",
+        ]
+        drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_root else {}
 
         seccomp_fd: int | None = None
         if self._seccomp is not None:
@@ -303,12 +309,12 @@ class NativeSandbox:
         started = time.perf_counter()
         try:
             with open(scratch / "input", "rb") as stdin:
-                proc = subprocess.Popen(
-                    self._argv(scratch, seccomp_fd),
+                proc = subprocess.Popen(  # type: ignore[call-overload]
+                    [*prlimit, *self._argv(scratch, seccomp_fd)],
                     stdin=stdin,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL,
-                    preexec_fn=limit_child,
+                    **drop,
                     start_new_session=True,
                     pass_fds=(seccomp_fd,) if seccomp_fd is not None else (),
                     close_fds=True,
@@ -327,7 +333,7 @@ class NativeSandbox:
         denied: tuple[str, ...] = ()
         if cut:
             outcome, exit_code = Outcome.OUTPUT_LIMIT, None
-        elif code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL) and cpu_ms >= (cpu_s - 1) * 1000:
+        elif code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL):  # RLIMIT_CPU's soft, then hard, signal
             outcome, exit_code = Outcome.FUEL_EXHAUSTED, None
         elif code == 128 + signal.SIGSYS:
             outcome, exit_code, denied = Outcome.TRAP, None, ("seccomp",)
