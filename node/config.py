@@ -223,6 +223,13 @@ class EscrowSection(_Section):
     join_timeout_s: float = Field(
         20.0, ge=0.0, le=600.0, description="mode auto: how long to ask the bootstrap peers for the network's chain"
     )
+    max_gas_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="refuse to lock a lease whose gas (lock + claim + refund) would exceed this share of the "
+        "amount locked, at the chain's gas price; 0: no limit",
+    )
 
     @field_validator("rpc_url")
     @classmethod

@@ -585,6 +585,7 @@ class Node:
             await trio.sleep(delay)
             delay = min(ESCROW_RETRY_MAX_S, delay * 2)
         self.escrow_problem = None
+        client.max_gas_share = self.config.escrow.max_gas_share  # runtime/escrow/fees.py
         self._stamp_offers(client)
         from runtime.settlement import EscrowSettler, SettlementQueue
         from runtime.settlement.reconcile import Reconciler

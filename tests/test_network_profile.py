@@ -15,6 +15,8 @@ from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, pay
 from runtime.errors import ErrorCode
 from runtime.escrow import Chain, EscrowClient
 from runtime.escrow.devchain import MAX_CALL_GAS, MAX_RPC_BODY, DevChain, answer_rpc
+from runtime.escrow.errors import EscrowError
+from runtime.escrow.fees import gas_share_refusal
 
 CONTRACT = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20
@@ -139,3 +141,26 @@ def test_profiles_name_their_chain_and_urls_reachable_from_the_joiner() -> None:
     parsed = peer_of(f"/ip4/10.0.0.2/tcp/4020/p2p/{peer}")
     assert parsed is not None and str(parsed[0]) == peer and parsed[1] == "10.0.0.2"
     assert peer_of("/ip4/10.0.0.2/tcp/4020") is None
+
+
+def test_a_lock_not_worth_its_gas_is_refused_before_anything_is_sent() -> None:
+    assert gas_share_refusal(amount=10**9, gas_price=10**9, max_share=0) is None  # no limit: the default
+    assert gas_share_refusal(amount=10**18, gas_price=10**9, max_share=0.01) is None
+    refused = gas_share_refusal(amount=2_000 * 10**9, gas_price=5 * 10**7, max_share=0.01)  # 2,000 tokens at 1 gwei, L2
+    assert refused is not None and refused[:2] == (ErrorCode.INVALID_ARGUMENT, "gas_share")
+    assert "695.00%" in refused[2]  # 278k gas at 0.05 gwei: seven times the lease's value
+
+    dev = DevChain.start()
+    wallet = Account.create()
+    dev.fund(wallet.address)
+    payer = dev.deployer.for_account(wallet)
+    payer.max_gas_share = 0.01
+    payee, arbiter = dev.chain.dev_accounts()[2:4]
+    terms = {"payee": payee.address, "arbiter": arbiter.address, "deadline": dev.chain.now() + 600, "window": 5}
+    nonce = dev.chain.w3.eth.get_transaction_count(wallet.address)
+    with pytest.raises(EscrowError) as error:
+        payer.lock(b"\x04" * 32, amount=10**12, **terms)  # type: ignore[arg-type]
+    assert error.value.code == ErrorCode.INVALID_ARGUMENT and error.value.reason == "gas_share"
+    assert dev.chain.w3.eth.get_transaction_count(wallet.address) == nonce  # nothing was sent
+    payer.lock(b"\x05" * 32, amount=10**17, **terms)  # type: ignore[arg-type]  # 0.28 % of it: locked
+    assert payer.get(wallet.address, b"\x05" * 32).amount == 10**17

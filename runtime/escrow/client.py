@@ -25,6 +25,7 @@ from web3.contract import Contract
 from runtime.escrow import artifacts
 from runtime.escrow.chain import Chain, local
 from runtime.escrow.errors import EscrowError, normalise
+from runtime.escrow.fees import gas_share_refusal
 from runtime.escrow.health import ChainHealth, ContractVerdict, judge_contract, next_health
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,9 @@ class EscrowClient:
         self.stall_check_s = STALL_CHECK_S
         # The ledger, set by the daemon: each lock is recorded before it is sent.
         self.lock_journal: LockJournal | None = None
+        # escrow.max_gas_share, set by the daemon: a lock whose lease gas would exceed this share of
+        # its amount is refused before anything is sent (runtime/escrow/fees.py); 0: no limit.
+        self.max_gas_share = 0.0
 
     @property
     def nonce_resyncs(self) -> int:
@@ -214,7 +218,9 @@ class EscrowClient:
 
     def for_account(self, account: LocalAccount) -> EscrowClient:
         """The same contract seen from another wallet (tests, demo)."""
-        return EscrowClient(self.chain, account, self.address, expected_chain_id=self.expected_chain_id)
+        client = EscrowClient(self.chain, account, self.address, expected_chain_id=self.expected_chain_id)
+        client.max_gas_share = self.max_gas_share
+        return client
 
     # -- is the escrow there? --
 
@@ -348,6 +354,11 @@ class EscrowClient:
         call = self.contract.functions.lock(
             escrow_id, to_checksum_address(payee), to_checksum_address(arbiter), deadline, window
         )
+        if self.max_gas_share > 0:
+            gas_price = self.chain.sync(lambda: int(self.chain.w3.eth.gas_price))
+            refusal = gas_share_refusal(amount=amount, gas_price=gas_price, max_share=self.max_gas_share)
+            if refusal is not None:
+                raise EscrowError("gas_share", refusal[2])
         journal = self.lock_journal
         if journal is None:
             return self._transact(call, "lock", amount, on_signed)

@@ -34,6 +34,7 @@ REASON_CODES: dict[str, ErrorCode] = {
     "nothing_to_withdraw": ErrorCode.CONFLICT,
     # Not contract reasons: what the client itself concludes.
     "insufficient_funds": ErrorCode.INSUFFICIENT_FUNDS,
+    "gas_share": ErrorCode.INVALID_ARGUMENT,
     "chain_unavailable": ErrorCode.UNAVAILABLE,
     "no_escrow_contract": ErrorCode.UNAVAILABLE,
     "wrong_chain": ErrorCode.UNAVAILABLE,
@@ -59,6 +60,7 @@ MESSAGES: dict[str, str] = {
     "forbidden": "the caller is not allowed to do this",
     "nothing_to_withdraw": "nothing is credited to this address",
     "insufficient_funds": "the wallet cannot pay for value and gas",
+    "gas_share": "the lease's gas would take more of its value than escrow.max_gas_share allows",
     "chain_unavailable": "the chain is unreachable",
     "no_escrow_contract": "escrow.contract holds no escrow contract on this chain",
     "wrong_chain": "the escrow RPC serves another chain than escrow.chain_id",
