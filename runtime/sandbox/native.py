@@ -284,7 +284,9 @@ class NativeSandbox:
         os.chmod(scratch / "input", 0o444)
         as_root = os.geteuid() == 0
         uid = NOBODY if as_root else os.geteuid()
-        nproc = limits.pids + 2 + (0 if as_root else _user_tasks(uid))  # bubblewrap and its init count too
+        # RLIMIT_NPROC counts every process of the user: those of other runs still running or being
+        # cleared too. Bubblewrap and its init count as two.
+        nproc = limits.pids + 2 + _user_tasks(uid)
         cpu_s = max(1, -(-limits.fuel // 1000))
 
         # prlimit (util-linux) sets the limits and execs bubblewrap: no Python runs between fork and
