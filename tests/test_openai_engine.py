@@ -126,6 +126,10 @@ def choices_and_schemas(node: Node, token: str, schemas: list[dict[str, Any]]) -
         )
         for seed, schema in enumerate(schemas)
     ]
+    # Token ids as inputs, as default embedding clients send them: one unit each in the lease's bounds.
+    vectors = client.embeddings.create(model=MODEL, input=[list(range(10, 210)), list(range(20, 60))])
+    assert vectors.usage.prompt_tokens == 240 and len(vectors.data) == 2
+    assert all(abs(sum(x * x for x in d.embedding) - 1) < 1e-3 for d in vectors.data)  # unit length
     # A prompt past the context is known before the first token: a 400 before the stream starts.
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
@@ -142,7 +146,7 @@ async def _discoverable(consumer: Node) -> None:
 
 async def _tiny_spec(tmp_path: Path) -> ModelSpec:
     path = await trio.to_thread.run_sync(write_tiny_llama_gguf, tmp_path / "tiny.gguf")
-    return ModelSpec(name=MODEL, path=str(path), price_per_unit=1000, n_threads=1)  # type: ignore[call-arg]
+    return ModelSpec(name=MODEL, path=str(path), price_per_unit=1000, n_threads=1, embeddings=True)  # type: ignore[call-arg]
 
 
 async def test_the_tiny_model_serves_the_surface_locally_and_through_a_second_node(tmp_path: Path) -> None:

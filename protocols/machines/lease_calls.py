@@ -128,10 +128,10 @@ def declared_max_tokens(body: dict[str, Any]) -> int | None:
 
 
 def prompt_units_estimate(body: Any) -> int:
-    """An upper bound on the units a body's input text can count: one per UTF-8 byte of every string
-    (a token is at least one byte), plus template overhead, plus what the engine writes around them
-    (a tool list and its instructions, the wrappers of earlier calls and tool results:
-    ``rendering_bytes_bound``)."""
+    """An upper bound on the units a body's input can count: one per UTF-8 byte of every string (a
+    token is at least one byte) and one per integer (a token id), plus template overhead, plus what
+    the engine writes around them (a tool list and its instructions, the wrappers of earlier calls and
+    tool results: ``rendering_bytes_bound``)."""
     from runtime.inference.tools import rendering_bytes_bound  # the engine's own bound, kept beside its rendering
 
     def walk(value: Any) -> int:
@@ -141,6 +141,8 @@ def prompt_units_estimate(body: Any) -> int:
             return sum(walk(v) for v in value.values())
         if isinstance(value, list | tuple):
             return sum(walk(v) for v in value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return 1  # a token id (a prompt or an embedding input as token ids) is one token
         return 0
 
     return walk(body) + PROMPT_OVERHEAD_UNITS + rendering_bytes_bound(body)
