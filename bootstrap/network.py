@@ -108,6 +108,10 @@ class NetworkService:
         # While this node still starts or joins its chain it says so (``network_starting``), so a
         # node joining through it asks again instead of taking "no profile" for an answer.
         self.preparing = preparing
+        # How this node came to its chain (``clawnode network``): serving (a bootstrap's dev chain),
+        # joined (through ``joined_through``), private (its own in-process chain), or not known yet.
+        self.state: Literal["starting", "serving", "joined", "private"] = "starting"
+        self.joined_through: str | None = None
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: TaskStatus[NetworkService] = trio.TASK_STATUS_IGNORED) -> None:
@@ -245,6 +249,7 @@ async def serve_network_chain(service: NetworkService, wallet_key: bytes, *, lis
         arbiter=dev.arbiter,
         faucet=True,
     )
+    service.state = "serving"
     service.preparing = False
     log.info("serving the network's development chain eip155:%d, escrow %s", dev.chain.chain_id, dev.deployer.address)
     return dev.deployer.for_account(wallet)
@@ -274,29 +279,43 @@ async def join_network_chain(
         if bootstrap_addrs:
             log.warning("no bootstrap peer named a network chain: this node pays on a private chain of its own")
         service.preparing = False  # asked, it names no chain: nobody can pay on a private one
+        service.state = "private"
         return await trio.to_thread.run_sync(connect_escrow, EscrowSettings(mode="embedded"), wallet)
     peer, profile = found
-    settings = EscrowSettings(
-        mode="rpc",
-        rpc_url=profile.rpc_urls[0],
-        contract=profile.contract,
-        chain_id=profile.chain_id,
-        rpc_timeout_s=max(timeouts.rpc_timeout_s, DEV_CHAIN_TIMEOUT_S),
-        rpc_retries=timeouts.rpc_retries,
-        # A development chain answers from another Python process, which a busy machine can keep
-        # off the CPU for seconds (4 ms a request when idle): a 2 s probe took it for down.
-        health_timeout_s=max(timeouts.health_timeout_s, DEV_CHAIN_TIMEOUT_S),
-    )
-    client = await trio.to_thread.run_sync(connect_escrow, settings, wallet)
+    client: Any = None
+    for index, url in enumerate(profile.rpc_urls):  # the first that answers with the escrow on the named chain
+        settings = EscrowSettings(
+            mode="rpc",
+            rpc_url=url,
+            contract=profile.contract,
+            chain_id=profile.chain_id,
+            rpc_timeout_s=max(timeouts.rpc_timeout_s, DEV_CHAIN_TIMEOUT_S),
+            rpc_retries=timeouts.rpc_retries,
+            # A development chain answers from another Python process, which a busy machine can keep
+            # off the CPU for seconds (4 ms a request when idle): a 2 s probe took it for down.
+            health_timeout_s=max(timeouts.health_timeout_s, DEV_CHAIN_TIMEOUT_S),
+        )
+        try:
+            client = await trio.to_thread.run_sync(connect_escrow, settings, wallet)
+            break
+        except ClawnodeError as error:
+            if index == len(profile.rpc_urls) - 1:
+                raise
+            log.info(
+                "the network's chain URL %d of %d failed (%s); trying the next",
+                index + 1,
+                len(profile.rpc_urls),
+                error.reason,
+            )
     assert client is not None  # mode rpc always connects or raises
     balance = await client.chain.run(lambda: int(client.chain.w3.eth.get_balance(wallet.address)))
+    funded = False
     if balance == 0 and profile.faucet:
         try:
             funded = await ask_funds(host, peer, wallet.address)
         except ClawnodeError as error:
-            funded = False
             log.warning("the network's faucet did not answer (%s)", error.code)
-        log.info("joined the network chain %s through %s%s", profile.chain, peer, ", wallet funded" if funded else "")
+    log.info("joined the network chain %s through %s%s", profile.chain, peer, ", wallet funded" if funded else "")
 
     # Nodes joining through this one learn the same chain (the URL as reached from here), and their
     # fund requests are passed on to the faucet this node was funded by.
@@ -305,5 +324,6 @@ async def join_network_chain(
 
     service.faucet = faucet if profile.faucet else None
     service.profile = profile
+    service.state, service.joined_through = "joined", str(peer)
     service.preparing = False
     return client

@@ -203,6 +203,19 @@ class WalletReply(BaseModel):
     mode: str = Field(description="escrow.mode")
 
 
+class NetworkReply(BaseModel):
+    """Which chain and escrow this node pays on, and how it came to them (bootstrap/network.py)."""
+
+    mode: str = Field(description="escrow.mode")
+    state: str = Field(description="serving | joined | private | configured | starting | off")
+    chain: str | None = Field(None, description="CAIP-2")
+    contract: str | None = None
+    arbiter: str | None = Field(None, description="the network's arbiter (mode auto)")
+    joined_through: str | None = Field(None, description="the peer whose profile this node joined")
+    faucet: bool = Field(False, description="this node funds (or passes on funding for) joining wallets")
+    rpc_url: str | None = Field(None, description="only while serving: this node's own dev chain endpoint")
+
+
 class WithdrawBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -268,6 +281,8 @@ class NodeView(OpenAINode, TaskNode, Protocol):
     async def ack_escrow_mismatches(self) -> MismatchAckReply: ...
 
     async def wallet(self) -> WalletReply: ...
+
+    def network_view(self) -> NetworkReply: ...
 
     async def withdraw(self, to: str | None) -> WithdrawReply: ...
 
@@ -460,6 +475,10 @@ def create_app(
     @app.post("/api/ledger/mismatches/ack")
     async def ack_escrow_mismatches() -> MismatchAckReply:
         return await node.ack_escrow_mismatches()
+
+    @app.get("/api/network")
+    async def network() -> NetworkReply:
+        return node.network_view()
 
     @app.get("/api/wallet")
     async def wallet() -> WalletReply:

@@ -1046,6 +1046,32 @@ def wallet_import(keystore: Path, replace: bool, data_dir: str | None) -> None:
     click.echo(f"imported wallet {Account.from_key(key).address}")
 
 
+@main.command()
+@data_dir_option
+@json_option
+def network(data_dir: str | None, as_json: bool) -> None:
+    """Which chain and escrow contract this node pays on, and how it came to them."""
+    body = _call_api(data_dir, "/api/network")
+    how = {
+        "serving": "serving the network's development chain (role bootstrap, escrow.mode auto)",
+        "joined": f"joined through {body['joined_through']}",
+        "private": "a private chain of its own: no other node can pay or be paid here",
+        "configured": "the chain in escrow.rpc_url (escrow.mode rpc)",
+        "starting": "connecting to its chain",
+        "off": "no chain (escrow.mode off): post-paid with trusted peers only",
+    }.get(body["state"], body["state"])
+    lines = [f"network   {how}"]
+    if body["chain"]:
+        lines += [f"chain     {body['chain']}", f"escrow    {body['contract']}"]
+    if body["arbiter"]:
+        lines.append(f"arbiter   {body['arbiter']}")
+    if body["rpc_url"]:
+        lines.append(f"json-rpc  {body['rpc_url']}  (the dev chain this node serves)")
+    if body["faucet"]:
+        lines.append("faucet    funds each joining wallet once")
+    _print(body, as_json, lines)
+
+
 @main.group()
 def escrow() -> None:
     """Escrow contract tooling."""

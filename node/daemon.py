@@ -59,6 +59,7 @@ from node.api import (
     ReceiptsReply,
     RelayReservationView,
     SettlementsReply,
+    NetworkReply,
     StatusReply,
     Unpayable,
     UpnpView,
@@ -887,6 +888,28 @@ class Node:
         # Nothing is committed while connecting, so a shutdown need not wait for it.
         return await trio.to_thread.run_sync(  # type: ignore[call-arg]  # stale trio-stubs
             self._connect_escrow, wallet_key, abandon_on_cancel=True
+        )
+
+    def network_view(self) -> NetworkReply:
+        """The chain and escrow this node pays on and how it came to them (``clawnode network``)."""
+        mode, network, ours = self.config.escrow.mode, self.network, self.payment_network()
+        if mode == "off":
+            return NetworkReply(mode=mode, state="off")
+        state = {"embedded": "private", "rpc": "configured"}.get(mode, "starting")
+        profile = network.profile if network is not None else None
+        if mode == "auto" and network is not None and network.state != "starting":
+            state = network.state
+        if ours is None:
+            state = "starting"
+        return NetworkReply(
+            mode=mode,
+            state=state,
+            chain=ours.chain if ours else None,
+            contract=ours.contract if ours else None,
+            arbiter=self._arbiter or None,
+            joined_through=network.joined_through if network is not None else None,
+            faucet=network is not None and network.faucet is not None,
+            rpc_url=profile.rpc_urls[0] if state == "serving" and profile and profile.rpc_urls else None,
         )
 
     def _connected_escrow(self) -> Any:

@@ -88,6 +88,13 @@ def test_three_homes_on_the_defaults_trade_and_a_provider_on_another_chain_is_ne
     assert escrow(provider)["chain_id"] == escrow(consumer)["chain_id"] == network["chain_id"]
     assert escrow(provider)["contract"] == escrow(consumer)["contract"] == network["contract"]
     assert escrow(stranger)["chain_id"] != network["chain_id"]  # a private chain of its own
+    served = _api(bootstrap, "GET", "/api/network")
+    assert served["state"] == "serving" and served["rpc_url"] == f"http://127.0.0.1:{rpc_port}" and served["faucet"]
+    assert _api(stranger, "GET", "/api/network")["state"] == "private"
+    shown = run_cli("network", "--data-dir", str(consumer.data_dir))
+    assert shown.returncode == 0, shown.stderr
+    boot_id = bootstrap.identity()["peer_id"]
+    assert f"joined through {boot_id}" in shown.stdout and f"eip155:{network['chain_id']}" in shown.stdout
 
     # find: the provider is listed, the cheaper stranger only as unreachable for payment.
     last: list[Any] = []
