@@ -11,6 +11,11 @@ that is the distribution the token is drawn from before ``temperature``, ``top_k
 is always the first of ``top_logprobs``). The chosen token's logprob and the ``top_logprobs``
 alternatives come from that same distribution.
 
+Under a grammar that distribution is restricted to what the grammar allows, and, as masking a
+whole vocabulary costs milliseconds (10 ms for 49k tokens, about 50 ms for Gemma's 262k), to the
+allowed ones among the ``SHORTLIST`` (64) most likely tokens; only when none of those is allowed
+is the whole vocabulary masked. Every token left out is less likely than every token kept.
+
 Sampling: temperature 0 takes the most likely token. Otherwise the 40 most likely tokens are kept,
 then the smallest set of them whose probability reaches ``top_p``, then those at least ``min_p``
 times as likely as the best, and one is drawn at ``temperature`` with a ``numpy`` generator seeded
@@ -18,12 +23,9 @@ by the request's ``seed`` (one generator per request: the choices of ``n`` > 1 d
 seed repeats them all).
 
 The grammar is consulted lazily when no logprobs are asked for: the token picked from the
-unconstrained distribution is checked alone; if the grammar refuses it, the 64 most likely tokens
-are checked and the pick drawn again among those allowed (the whole vocabulary is masked only when
-none of them is). At temperature 0 this is exactly the constrained argmax; when sampling, tokens
-beyond those 64 are left out of the redraw (they are less likely than every token kept). With
-logprobs the whole vocabulary is masked every step, since the logprobs must be the constrained
-ones.
+unconstrained distribution is checked alone, and only if the grammar refuses it is the pick drawn
+again from the constrained distribution above. At temperature 0 either way gives exactly the
+constrained argmax.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class TokenPicker:
         x = self.adjust(logits, counts)
         want_logprobs = self.sampling.logprobs
         if grammar is not None and want_logprobs:
-            x = grammar.mask(x)
+            x = self._constrain(x, grammar)
         token = self._draw(x)
         if grammar is not None and not want_logprobs and not grammar.allows(token):
             x = self._constrain(x, grammar)
