@@ -241,6 +241,15 @@ async def test_logit_bias_and_penalties_change_the_choice(tiny: LlamaModel) -> N
     assert len(set(fresh[0]["text"])) >= len(set(repeated))
 
 
+async def test_a_tiny_top_p_keeps_only_the_most_likely_token(tiny: LlamaModel) -> None:
+    greedy = choices((await run(tiny, {"messages": ASK, "max_tokens": 24, "temperature": 0}))[0])[0]["text"]
+    for seed in range(3):
+        body = {"messages": ASK, "max_tokens": 24, "temperature": 2.0, "seed": seed}
+        assert choices((await run(tiny, {**body, "top_p": 1e-6}))[0])[0]["text"] == greedy
+    hot = [choices((await run(tiny, {**body, "seed": seed, "top_p": 1.0}))[0])[0]["text"] for seed in range(3)]
+    assert any(text != greedy for text in hot)
+
+
 async def test_n_choices_are_counted_once_for_the_prompt_and_each_for_the_completion(tiny: LlamaModel) -> None:
     body = {"messages": ASK, "max_tokens": 12, "temperature": 1.0, "seed": 11, "n": 3}
     chunks, detail = await run(tiny, body)
