@@ -48,6 +48,18 @@ class NodeSection(_Section):
     max_connections: int = Field(
         300, ge=1, le=10_000, description="open connections at most (upgraded: after Noise and Yamux)"
     )
+    connection_budget: int = Field(
+        64,
+        ge=4,
+        le=10_000,
+        description="connections kept: above it the longest idle ones are closed (never one carrying a stream, "
+        "a live lease, a relay reservation or a hole-punched link); node.max_connections if that is smaller",
+    )
+    mdns: bool = Field(
+        True,
+        description="find peers on the LAN by mDNS (_p2p._udp.local) with no bootstrap peer; "
+        "only while the node listens on a non-loopback address",
+    )
     handshake_timeout_s: float = Field(
         10.0, ge=0.1, le=120.0, description="an inbound connection not upgraded (Noise + Yamux) by then is closed"
     )

@@ -53,13 +53,13 @@ from node.api import (
     LedgerVerifyReply,
     MismatchAckReply,
     MoneyTotals,
+    NetworkReply,
     OpenLeaseBody,
     PeerReply,
     PeersReply,
     ReceiptsReply,
     RelayReservationView,
     SettlementsReply,
-    NetworkReply,
     StatusReply,
     Unpayable,
     UpnpView,
@@ -68,6 +68,7 @@ from node.api import (
     create_app,
 )
 from node.config import Config
+from node.conn_budget import keep_in_routing_table, protect_connections
 from node.conn_guard import ConnLimits
 from node.datadir import (
     RunningNode,
@@ -81,6 +82,7 @@ from node.datadir import (
 from node.hardware import detect_hardware
 from node.host import build_dialer_host, build_host, clawnode_version, ensure_tcp_ports_free, parse_multiaddrs
 from node.http_guard import quiet_error_logger
+from node.mdns import MdnsDiscovery, connect_found
 from node.metrics import render_metrics
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
 from node.router import Router
@@ -94,6 +96,7 @@ from protocols.task import TaskMarket
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelHost
 from runtime.ledger import Ledger
+from runtime.ledger.vocabulary import LeaseState
 from runtime.sandbox import Limits, Sandboxes, SandboxPolicy, SandboxStats
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
@@ -110,6 +113,7 @@ RUNNING_CARD_RETRY_S = 5.0
 
 LEDGER_FILE = "ledger.db"
 ESCROW_RETRY_MAX_S = 60.0
+LIVE_LEASE_STATES = frozenset({LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED})
 
 
 EscrowConnector = Callable[[bytes], Any]
@@ -261,6 +265,20 @@ class Node:
             raise RuntimeError("the node is not running")
         return self._discovery
 
+    def _keeps_connection(self, peer_id: ID) -> bool:
+        """The connection budget never closes the connection to a peer we hold a live lease with, a relay
+        holding our reservation, or a peer reached by a hole punch (``node.conn_budget``)."""
+        text = str(peer_id)
+        if self._relay is not None and text in self._relay.reservations:
+            return True
+        if self._holepunch is not None and self._holepunch.punched(peer_id):
+            return True
+        if self._market is None:
+            return False
+        return any(
+            text in (view.provider, view.consumer) and view.state in LIVE_LEASE_STATES for view in self._market.leases()
+        )
+
     def bootstrap_addrs(self) -> list[str]:
         addrs = list(self.config.bootstrap.peers)
         if self.config.bootstrap.use_defaults:
@@ -295,6 +313,7 @@ class Node:
         self._host = build_host(
             key_pair,
             max_connections=self.config.node.max_connections,
+            connection_budget=min(self.config.node.connection_budget, self.config.node.max_connections),
             conn_limits=ConnLimits.of(self.config.node),
             listen_addrs=listen_addrs,
             extra_addrs=self._external_addrs,
@@ -323,7 +342,16 @@ class Node:
                             self.rejections, held_value=self._dht.held_value, seq_book=self.seq_book
                         ),
                     )
+                    keep_in_routing_table(self._host, self._dht)
+                    protect_connections(self._host, self._keeps_connection)
                     await nursery.start(self.supervisor.run, "dht", self._dht.run)
+                    if self.config.node.mdns:
+                        mdns = MdnsDiscovery(
+                            self._host.get_id(),
+                            lambda: [str(addr) for addr in self._host.get_addrs()] if self._host else [],
+                            connect_found(self._host),
+                        )
+                        await nursery.start(self.supervisor.run, "mdns", mdns.run)
                     nursery.start_soon(self._serve_dht_after_grace)
                     self._publisher = CapabilityPublisher(
                         self._host,
