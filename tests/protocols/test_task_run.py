@@ -83,3 +83,65 @@ def test_only_params_naming_a_sandboxed_kind_are_sandbox_terms() -> None:
     with pytest.raises(ClawnodeError) as refused:
         sandbox_terms('{"kind": "wasm", "module_size": 10}')
     assert refused.value.reason == "bad_terms"
+
+
+def test_the_re_run_verdict_pays_the_seller_only_for_what_it_reproduced() -> None:
+    from collections import Counter
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tests.protocols.refusals import report
+
+    hashes = st.sampled_from(["a" * 64, "b" * 64])
+    usages = st.builds(Usage, st.sampled_from([700, 701]), st.sampled_from(["exited", "trap"]), st.sampled_from([0, 1]))
+    seen: Counter[str] = Counter()
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(
+        kind=st.sampled_from(["wasm", "native"]),
+        price=st.integers(1, 10**18),
+        claimed=st.tuples(hashes, st.integers(0, 2), st.none() | usages),
+        rerun=st.none() | st.tuples(hashes, st.integers(0, 2), usages),
+        refusal=st.none() | st.sampled_from(["wall_clock", "module_unavailable", "limits_too_high"]),
+    )
+    def check(
+        kind: str,
+        price: int,
+        claimed: tuple[str, int, Usage | None],
+        rerun: tuple[str, int, Usage] | None,
+        refusal: str | None,
+    ) -> None:
+        facts = RerunFacts(
+            kind=kind,
+            price=price,
+            claimed_sha256=claimed[0],
+            claimed_size=claimed[1],
+            claimed_usage=claimed[2],
+            rerun_sha256=rerun[0] if rerun else None,
+            rerun_size=rerun[1] if rerun else 0,
+            rerun_usage=rerun[2] if rerun else None,
+            rerun_refusal=None if rerun else refusal,
+        )
+        verdict = rerun_verdict(facts)
+        seen[f"{verdict.action} {verdict.reason}"] += 1
+        if rerun is None:  # nothing reproduced: never decided without a person
+            assert verdict.action == "escalate" and verdict.reason == (refusal or "rerun_unavailable")
+            return
+        assert verdict.action == "resolve" and verdict.to_bidder in (0, price)
+        same_output = (rerun[0], rerun[1]) == (claimed[0], claimed[1])
+        if verdict.to_bidder:  # the seller is paid only for the output (and usage) the arbiter got too
+            assert same_output
+            usage = claimed[2]
+            if usage is not None:
+                assert (usage.outcome, usage.exit_code) == (rerun[2].outcome, rerun[2].exit_code)
+                assert kind == "native" or usage.fuel_used == rerun[2].fuel_used
+        else:
+            assert not same_output or verdict.reason == "usage_differs"
+
+    check()
+    report(
+        "rerun_verdict",
+        seen,
+        {"rerun_matches", "output_differs", "usage_differs", "wall_clock", "module_unavailable", "rerun_unavailable"},
+    )
