@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,14 @@ def test_three_homes_on_the_defaults_trade_and_a_provider_on_another_chain_is_ne
     bootstrap = DaemonProcess(boot_dir, [*LOOPBACK_ANY_PORT, "--role", "bootstrap"], env=FAST).start()
     daemons.append(bootstrap)
     joins = [*LOOPBACK_ANY_PORT, "--bootstrap", bootstrap.identity()["listen_addrs"][0]]
-    provider = DaemonProcess(_home(tmp_path, "provider", serves + "price_per_unit = 1000\n"), joins, env=FAST).start()
+    provider = DaemonProcess(_home(tmp_path, "provider", serves + "price_per_unit = 1000\n"), joins, env=FAST)
     stranger = DaemonProcess(
         _home(tmp_path, "stranger", '[escrow]\nmode = "embedded"\n' + serves + "price_per_unit = 1\n"), joins, env=FAST
-    ).start()
-    consumer = DaemonProcess(_home(tmp_path, "consumer"), joins, env=FAST).start()
+    )
+    consumer = DaemonProcess(_home(tmp_path, "consumer"), joins, env=FAST)
     daemons.extend([provider, stranger, consumer])
+    with ThreadPoolExecutor(3) as starting:  # three homes switched on at once
+        list(starting.map(DaemonProcess.start, [provider, stranger, consumer]))
     ids = {name: d.identity()["peer_id"] for name, d in (("provider", provider), ("stranger", stranger))}
 
     # Everyone on "auto" but the stranger pays on the bootstrap's chain, each with a funded wallet.
@@ -100,9 +103,7 @@ def test_three_homes_on_the_defaults_trade_and_a_provider_on_another_chain_is_ne
     last: list[Any] = []
 
     def found() -> dict[str, Any] | None:
-        result = run_cli("find", "model:tiny", "--json", "--data-dir", str(consumer.data_dir), timeout=60)
-        assert result.returncode == 0, result.stderr
-        body = json.loads(result.stdout)
+        body = dict(_api(consumer, "GET", "/api/discover?capability=model:tiny"))
         last[:] = [{k: v for k, v in body.items() if k != "providers"}, [p["peer_id"] for p in body["providers"]]]
         listed = {p["peer_id"] for p in body["providers"]}
         others = {u["provider"]["peer_id"]: u["reason"] for u in body["unpayable"]}
@@ -114,7 +115,7 @@ def test_three_homes_on_the_defaults_trade_and_a_provider_on_another_chain_is_ne
         raise AssertionError(f"find listed {last}, expected {ids}") from None
     assert body["note"] == "1 provider on other chains"
     assert body["providers"][0]["chain"] == f"eip155:{network['chain_id']}"
-    text = run_cli("find", "model:tiny", "--data-dir", str(consumer.data_dir), timeout=60).stdout
+    text = run_cli("find", "model:tiny", "--data-dir", str(consumer.data_dir), timeout=60).stdout  # as people read it
     assert f"{ids['stranger']}  eip155:" in text and "unreachable for payment (other_chain)" in text
 
     asked = ("chat", "tiny", "hello there", "--max-tokens", "8", "--data-dir", str(consumer.data_dir))
