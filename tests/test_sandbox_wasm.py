@@ -57,11 +57,15 @@ def test_pointers_outside_the_memory_are_refused_not_clamped() -> None:
 
 def test_refusals_carry_stable_codes() -> None:
     box = WasmSandbox(max_module_bytes=64 * 1024, cap=LIMITS)
+    # A name WASI does not have (each would be a new metric label if counted).
+    not_wasi = mods.wasm("""(module (import "wasi_snapshot_preview1" "sock_open_x" (func))
+      (memory (export "memory") 1) (func (export "_start")))""")
     cases = [
         (lambda: box.load(mods.UPPER, "0" * 64), ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_HASH_MISMATCH),
         (lambda: box.load(b"\0asm junk"), ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_INVALID),
         (lambda: box.load(b"\0" * (64 * 1024 + 1)), ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_TOO_LARGE),
         (lambda: box.load(mods.HOST_SOCKET_IMPORT), ErrorCode.FORBIDDEN, SandboxReason.IMPORT_NOT_ALLOWED),
+        (lambda: box.load(not_wasi), ErrorCode.FORBIDDEN, SandboxReason.IMPORT_NOT_ALLOWED),
         (lambda: box.run("f" * 64, b"", LIMITS), ErrorCode.NOT_FOUND, SandboxReason.MODULE_UNKNOWN),
         (
             lambda: box.run(box.load(mods.UPPER), b"", LIMITS.model_copy(update={"fuel": LIMITS.fuel + 1})),
@@ -73,7 +77,7 @@ def test_refusals_carry_stable_codes() -> None:
         with pytest.raises(ClawnodeError) as refused:
             call()
         assert (refused.value.code, refused.value.reason) == (code, reason)
-    assert box.stats.refusals[("wasm", "import_not_allowed")] == 1
+    assert box.stats.refusals[("wasm", "import_not_allowed")] == 2
 
 
 async def _api_get(node: Node, path: str, token: str) -> httpx.Response:

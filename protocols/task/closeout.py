@@ -136,7 +136,7 @@ class CloseOutRole(TaskCore):
                     idempotency_key=f"resolve/{task_id}",
                 )
         if record.creator != self.peer_id and award.bidder != self.peer_id:
-            local.closed = True  # the arbiter: no ledger rows, nothing to settle
+            local.closed, local.module = True, None  # the arbiter: no ledger rows, nothing to settle
             return
         # The settler sees the lock closed and books what the chain moved, without a transaction.
         await self.ledger.enqueue_refund(lease_id)
@@ -163,7 +163,7 @@ class CloseOutRole(TaskCore):
             self._apply(event, m.SYSTEM)
             break
         await self.ledger.set_task_state(task_id, m.TaskState.CLOSED, idempotency_key=f"task/{task_id}/closed")
-        local.closed = True
+        local.closed, local.module = True, None  # nobody fetches a closed task's module
         log.info("task %s closed: %d to the bidder, %d back", task_id[:12], to_bidder, to_creator)
 
     async def _sweep(self) -> None:

@@ -13,7 +13,8 @@ The sandbox:
   can ever be named), ``sched_yield``. Every other WASI call (``path_open``, ``sock_*``,
   ``poll_oneoff``, ``clock_time_get``, ``random_get``, ...) links to a stub that refuses with
   ``ENOTCAPABLE`` and records the attempt (``denied_calls``): there is no file, socket, clock or
-  randomness to reach. Imports from any other module refuse the run (``import_not_allowed``).
+  randomness to reach. Imports from any other module, or of names that are not preview1 functions,
+  refuse the module (``import_not_allowed``), so the refused calls counted are a fixed set of names.
 * **Limits**: fuel (wasm instructions) with a cap (``fuel_exhausted``), the store's memory limiter
   (``memory.grow`` fails past ``memory_bytes``; a trap with the memory at the cap is reported
   ``memory_limit``), a wall-clock cap by epoch interruption (a ticker thread advances the engine's
@@ -48,6 +49,20 @@ MAX_INPUT_BYTES = 1024 * 1024
 MODULE_CACHE = 16
 EPOCH_TICK_S = 0.01
 MAX_DENIED_KEPT = 32  # denied calls kept per run (all are counted)
+# Every function of wasi_snapshot_preview1: a module may import only these (so the names counted as
+# refused calls, and shown as metric labels, are a fixed set).
+WASI_CALLS = frozenset(
+    {
+        "args_get", "args_sizes_get", "environ_get", "environ_sizes_get", "clock_res_get", "clock_time_get",
+        "fd_advise", "fd_allocate", "fd_close", "fd_datasync", "fd_fdstat_get", "fd_fdstat_set_flags",
+        "fd_fdstat_set_rights", "fd_filestat_get", "fd_filestat_set_size", "fd_filestat_set_times", "fd_pread",
+        "fd_prestat_get", "fd_prestat_dir_name", "fd_pwrite", "fd_read", "fd_readdir", "fd_renumber", "fd_seek",
+        "fd_sync", "fd_tell", "fd_write", "path_create_directory", "path_filestat_get", "path_filestat_set_times",
+        "path_link", "path_open", "path_readlink", "path_remove_directory", "path_rename", "path_symlink",
+        "path_unlink_file", "poll_oneoff", "proc_exit", "proc_raise", "sched_yield", "random_get", "sock_accept",
+        "sock_recv", "sock_send", "sock_shutdown",
+    }
+)  # fmt: skip
 STDERR_CAP = 4096
 
 # WASI errno values
@@ -200,7 +215,7 @@ class WasmSandbox:
     @staticmethod
     def _check_imports(module: wt.Module) -> None:
         for item in module.imports:
-            if item.module != WASI or not isinstance(item.type, wt.FuncType):
+            if item.module != WASI or item.name not in WASI_CALLS or not isinstance(item.type, wt.FuncType):
                 raise refuse(
                     ErrorCode.FORBIDDEN,
                     SandboxReason.IMPORT_NOT_ALLOWED,
