@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 from typing import Literal
 
+import trio
 from pydantic import TypeAdapter
 
 from protocols import task_wire as w
@@ -62,7 +63,8 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
                 ErrorCode.INVALID_ARGUMENT, f"inputs are at most {w.MAX_RUN_INPUT} bytes", "input_too_large"
             )
         digest = sha256_hex(module)
-        self.sandbox.load(kind, module, digest)  # refuses a module (or program) no sandbox would run
+        # Refuses a module (or program) no sandbox would run; compiling is a worker thread's job.
+        await trio.to_thread.run_sync(self.sandbox.load, kind, module, digest)
         terms = w.SandboxTerms(
             kind=kind,
             module_sha256=digest,
@@ -172,7 +174,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
         )
 
     async def _run_terms(self, terms: w.SandboxTerms, module: bytes) -> RunResult:
-        digest = self.sandbox.load(terms.kind, module, terms.module_sha256)
+        digest = await trio.to_thread.run_sync(self.sandbox.load, terms.kind, module, terms.module_sha256)
         return await self.sandbox.run(terms.kind, digest, base64.b64decode(terms.input_b64), terms.limits)
 
     # -- the seller --
