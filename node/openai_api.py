@@ -126,16 +126,34 @@ def _loc_param(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+# Refused fields whose value here asks for nothing (besides null), so a client that always sends them
+# is served; any other value is refused. ``web_search_options: {}`` does ask for a web search.
+OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "functions": ([],),
+    "metadata": ({},),
+    "include": ([],),
+    "background": (False,),
+    "top_logprobs": (0,),
+    "mcp_servers": ([],),
+    "thinking": ({"type": "disabled"},),
+}
+
+
+def _asks_nothing(key: str, value: Any) -> bool:
+    return value is None or any(type(value) is type(off) and value == off for off in OFF_VALUES.get(key, ()))
+
+
 def parse_body(
     model: type[BaseModelT], raw: Any, refused: dict[str, str] | None = None, *, shape: str = "request"
 ) -> BaseModelT:
-    """``raw`` checked field by field: a refused field (set to anything but null) or an unknown one is
-    a 400 naming it; then pydantic's checks, whose first failure is a 400 naming its field."""
+    """``raw`` checked field by field: a refused field (set to anything but null or its ``OFF_VALUES``)
+    or an unknown one is a 400 naming it; then pydantic's checks, whose first failure is a 400 naming its
+    field."""
     if not isinstance(raw, dict):
         raise invalid(f"the {shape} body must be a JSON object", "body")
     for key, value in raw.items():
         if refused and key in refused:
-            if value is not None:
+            if not _asks_nothing(key, value):
                 raise invalid(f"{key} is not supported: {refused[key]}", key)
         elif key not in model.model_fields:
             raise invalid(f"unknown field {key!r}", str(key)[:64])
