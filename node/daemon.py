@@ -90,7 +90,7 @@ from protocols.background import Supervisor
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
 from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
-from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict
+from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict, unpayable_summary
 from protocols.machines.task import RiskLimits
 from protocols.task import TaskMarket
 from runtime.errors import ClawnodeError, ErrorCode
@@ -182,6 +182,7 @@ class Node:
         self.escrow_problem: str | None = None
         self.settlement_queue: Any = None  # a runtime.settlement.SettlementQueue once the chain is there
         self.network: NetworkService | None = None  # /clawnode/network/1.0.0, once running
+        self._unpayable_notes: dict[str, str] = {}  # capability -> "3 providers on other chains"
         self.reconciler: Any = None  # a runtime.settlement.reconcile.Reconciler once the chain is there
         self._arbiter = ""
         self.dht_lookup_s = LatencyHistogram()
@@ -427,6 +428,7 @@ class Node:
                         self.config.router,
                         fetch_rtt=self._provider_rtt,
                         embed=self._embed if self.config.models else None,
+                        unpayable_note=self._unpayable_notes.get,
                     )
                     await nursery.start(self.supervisor.run, "router", self._router.run)
                     self._tasks = TaskMarket(
@@ -865,6 +867,13 @@ class Node:
                 payable.append(provider)
             else:
                 others.append(Unpayable(provider=provider, reason=refusal.reason, message=refusal.message))
+        # For the router's "no provider" answer: the last word per capability, a bounded few kept.
+        self._unpayable_notes.pop(query.capability, None)
+        note = unpayable_summary([other.reason for other in others])
+        if note is not None and not payable:
+            self._unpayable_notes[query.capability] = note
+            while len(self._unpayable_notes) > 256:
+                del self._unpayable_notes[next(iter(self._unpayable_notes))]
         return payable, others
 
     def payment_network(self, client: Any = None) -> PaymentNetwork | None:

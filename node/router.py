@@ -147,8 +147,11 @@ class Router:
         fetch_rtt: FetchRtt | None = None,
         embed: Embed | None = None,
         clock: Callable[[], float] = time.monotonic,
+        unpayable_note: Callable[[str], str | None] | None = None,
     ) -> None:
         self.embed = embed
+        # "3 providers on other chains" for a capability discovery found only unpayable providers of.
+        self.unpayable_note = unpayable_note
         self.market = market
         self.services = services
         self.discover = discover
@@ -283,6 +286,11 @@ class Router:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"every provider of {model} failed (last: {errors[-1].code})")
         needs = sorted(required_features(body))
         serving = f"{model} with {', '.join(needs)}" if needs else model
+        note = self.unpayable_note(f"model:{model}") if self.unpayable_note is not None else None
+        if note is not None:
+            raise ClawnodeError(
+                ErrorCode.NOT_FOUND, f"no node this one can pay serves {serving} ({note}); no upstream is configured"
+            )
         raise ClawnodeError(ErrorCode.NOT_FOUND, f"no node serves {serving} and no upstream is configured")
 
     async def embeddings(self, model: str, texts: list[str] | list[list[int]]) -> tuple[list[list[float]], int, str]:

@@ -66,6 +66,7 @@ def test_three_homes_on_the_defaults_trade_and_a_provider_on_another_chain_is_ne
 ) -> None:
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     serves = f'[[models]]\nname = "tiny"\npath = "{model}"\nn_threads = 1\n'
+    lonely = f'[[models]]\nname = "lonely"\npath = "{model}"\nn_threads = 1\n'  # only the stranger serves it
     rpc_port = _free_port()
     boot_dir = _home(tmp_path, "bootstrap", f'[escrow]\ndev_rpc_listen = "127.0.0.1:{rpc_port}"\n')
     bootstrap = DaemonProcess(boot_dir, [*LOOPBACK_ANY_PORT, "--role", "bootstrap"], env=FAST).start()
@@ -73,7 +74,9 @@ def test_three_homes_on_the_defaults_trade_and_a_provider_on_another_chain_is_ne
     joins = [*LOOPBACK_ANY_PORT, "--bootstrap", bootstrap.identity()["listen_addrs"][0]]
     provider = DaemonProcess(_home(tmp_path, "provider", serves + "price_per_unit = 1000\n"), joins, env=FAST)
     stranger = DaemonProcess(
-        _home(tmp_path, "stranger", '[escrow]\nmode = "embedded"\n' + serves + "price_per_unit = 1\n"), joins, env=FAST
+        _home(tmp_path, "stranger", '[escrow]\nmode = "embedded"\n' + serves + "price_per_unit = 1\n" + lonely),
+        joins,
+        env=FAST,
     )
     consumer = DaemonProcess(_home(tmp_path, "consumer"), joins, env=FAST)
     daemons.extend([provider, stranger, consumer])
@@ -123,6 +126,10 @@ def test_three_homes_on_the_defaults_trade_and_a_provider_on_another_chain_is_ne
     assert chat.returncode == 0, chat.stderr + consumer.log()[-3000:]
     assert len(chat.stdout.rstrip("\n")) == 8
     assert f"[served by {ids['provider'][:16]}]" in chat.stderr
+    # A model only the stranger serves: not found here, and the answer says why.
+    lonely_chat = run_cli("chat", "lonely", "hi", "--data-dir", str(consumer.data_dir), timeout=120)
+    assert lonely_chat.returncode == 1 and "E_NOT_FOUND" in lonely_chat.stderr
+    assert "1 provider on other chains" in lonely_chat.stderr
     assert _api(stranger, "GET", "/api/ledger/leases")["leases"] == []  # never even quoted a lease
 
     # End the router's lease: the provider claims what was countersigned, from the escrow on the network chain.
