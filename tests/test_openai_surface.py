@@ -204,7 +204,7 @@ async def test_every_unhonoured_field_is_a_400_naming_it_and_agent_traffic_is_ac
                 reply = await http.post(path, json=body)
                 assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
             # A refused field set to null or its off value asks for nothing: accepted.
-            quiet = {"functions": [], "metadata": {}, "audio": None, "reasoning_effort": None}
+            quiet: dict[str, Any] = {"functions": [], "metadata": {}, "audio": None, "reasoning_effort": None}
             assert (await http.post("/v1/chat/completions", json={**base, **quiet})).status_code == 200
             # /v1/models/{id}: ids with "/" and ":" route; an unknown one is OpenAI's 404.
             reply = await http.get("/v1/models/Acme/Agent-1:q4")
