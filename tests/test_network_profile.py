@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import httpx
@@ -12,7 +13,7 @@ from eth_account import Account
 
 from bootstrap.network import NetworkProfile, peer_of, reachable_url
 from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict, unpayable_summary
-from runtime.errors import ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import Chain, EscrowClient
 from runtime.escrow.devchain import MAX_CALL_GAS, MAX_RPC_BODY, DevChain, answer_rpc
 from runtime.escrow.errors import EscrowError
@@ -164,3 +165,15 @@ def test_a_lock_not_worth_its_gas_is_refused_before_anything_is_sent() -> None:
     assert dev.chain.w3.eth.get_transaction_count(wallet.address) == nonce  # nothing was sent
     payer.lock(b"\x05" * 32, amount=10**17, **terms)  # type: ignore[arg-type]  # 0.28 % of it: locked
     assert payer.get(wallet.address, b"\x05" * 32).amount == 10**17
+
+
+async def test_a_taken_dev_rpc_port_is_named() -> None:
+    dev = await trio.to_thread.run_sync(DevChain.start)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(ClawnodeError) as refused:
+                await nursery.start(dev.serve, "127.0.0.1", port)
+    assert refused.value.code == ErrorCode.UNAVAILABLE and "escrow.dev_rpc_listen" in refused.value.message

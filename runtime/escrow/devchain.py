@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow.chain import Chain, private_chain_id
 from runtime.escrow.client import GAS_LIMITS, EscrowClient
 from runtime.escrow.errors import redact
@@ -171,14 +172,31 @@ class DevChain:
         config.keep_alive_timeout = KEEP_ALIVE_S
         app = rpc_app(self.chain)
 
-        async def report(*, task_status: Any) -> None:
-            await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+        outer = task_status
 
-        async with trio.open_nursery() as nursery:
-            bound: list[str] = await nursery.start(report)
-            self.url = bound[0]
-            log.info("development chain %d served over JSON-RPC on %s", self.chain.chain_id, redact(self.url))
-            task_status.started(self.url)
+        class Started:
+            """Sets ``url`` from the address hypercorn bound, then tells the caller."""
+
+            def started(self_, bound: list[str]) -> None:
+                self.url = bound[0]
+                log.info("development chain %d served over JSON-RPC on %s", self.chain.chain_id, redact(self.url))
+                outer.started(self.url)
+
+        taken = ClawnodeError(
+            ErrorCode.UNAVAILABLE,
+            f"cannot serve the development chain on {host}:{port}: the port is in use (escrow.dev_rpc_listen)",
+            "port_in_use",
+        )
+        try:
+            await serve(app, config, task_status=Started())  # type: ignore[arg-type]
+        except OSError:
+            raise taken from None
+        except BaseExceptionGroup as group:
+            # Raised bare (not in a group), so the daemon's escrow connect loop retries it like any other.
+            bind_failed, rest = group.split(OSError)
+            if bind_failed is not None and rest is None:
+                raise taken from None
+            raise
 
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
