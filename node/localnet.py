@@ -87,7 +87,9 @@ def market_config(
         node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"]),  # type: ignore[call-arg]
         api=ApiSection(port=0),
         bootstrap=BootstrapSection(peers=bootstrap, use_defaults=False),
-        escrow=EscrowSection(settle_interval_s=0.5, dispute_window_s=dispute_window_s),  # type: ignore[call-arg]
+        # market_nodes hands every node the shared chain; a node started alone on this config runs a
+        # private chain of its own (no network to join: its bootstrap peers are in-process nodes).
+        escrow=EscrowSection(mode="embedded", settle_interval_s=0.5, dispute_window_s=dispute_window_s),  # type: ignore[call-arg]
         market=market or MarketSection(receipt_every_units=10, receipt_every_s=2),  # type: ignore[call-arg]
         offers=list(offers),
         models=list(models),
