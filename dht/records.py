@@ -186,7 +186,7 @@ class SandboxOffer(_Strict):
     kinds: list[Literal["wasm", "native"]] = Field(max_length=2)
     max_fuel: int = Field(ge=1, le=10**13, description="wasm instructions (native: CPU-milliseconds)")
     max_memory_mb: int = Field(ge=1, le=4096)
-    max_wall_s: float = Field(gt=0, le=3600)
+    max_wall_s: int = Field(ge=1, le=3600, description="whole seconds (signed payloads carry no floats)")
     max_output_bytes: int = Field(ge=0, le=16 * 1024 * 1024)
     max_module_bytes: int = Field(ge=1, le=16 * 1024 * 1024)
 
