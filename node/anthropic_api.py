@@ -39,6 +39,7 @@ from node.openai_api import (
     invalid,
     parse_body,
     read_json,
+    retry_headers,
 )
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -73,7 +74,7 @@ def anthropic_error(error: ClawnodeError) -> dict[str, Any]:
 
 
 def anthropic_error_response(error: ClawnodeError) -> Response:
-    return JSONResponse(anthropic_error(error), status_code=HTTP_STATUS[error.code])
+    return JSONResponse(anthropic_error(error), status_code=HTTP_STATUS[error.code], headers=retry_headers(error))
 
 
 class Tool(StrictBody):

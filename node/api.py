@@ -26,7 +26,15 @@ from node.anthropic_api import mount_anthropic
 from node.dashboard import is_public as is_dashboard_file
 from node.dashboard import mount_dashboard
 from node.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, HttpGuard, token_offered
-from node.openai_api import HTTP_STATUS, OpenAINode, error_type, mount_completions, mount_openai, param_of
+from node.openai_api import (
+    HTTP_STATUS,
+    OpenAINode,
+    error_type,
+    mount_completions,
+    mount_openai,
+    param_of,
+    retry_headers,
+)
 from node.responses_api import mount_responses
 from node.task_api import TaskNode, mount_tasks
 from protocols.lease_wire import MAX_DURATION_S, CallResult, LeaseView
@@ -395,7 +403,9 @@ def create_app(
 
     @app.exception_handler(ClawnodeError)
     async def _known(_: Request, error: ClawnodeError) -> JSONResponse:
-        return error_response(error.code, error.message, error.reason)
+        reply = error_response(error.code, error.message, error.reason)
+        reply.headers.update(retry_headers(error))  # a busy model: when to retry (429 Retry-After)
+        return reply
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:

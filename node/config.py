@@ -283,6 +283,9 @@ class RouterSection(_Section):
     health_interval_s: float = Field(5.0, gt=0)
     failures_to_failover: int = Field(3, ge=1)
     stall_timeout_s: float = Field(30.0, gt=0, description="a provider silent this long mid-stream is dropped")
+    busy_wait_s: float = Field(
+        10.0, ge=0, le=600, description="how long a request waits out busy providers (their hints) before a 429"
+    )
     consensus_majority: float = Field(0.66, gt=0, le=1, description="share of replicas the winning cluster needs")
     consensus_similarity: float = Field(0.85, gt=0, le=1, description="cosine at which two answers agree")
 

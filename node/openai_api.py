@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import secrets
 import struct
@@ -104,8 +105,15 @@ def error_json(error: ClawnodeError) -> dict[str, Any]:
     }
 
 
+def retry_headers(error: ClawnodeError) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, rounded up) for a busy refusal that carries a hint."""
+    if error.retry_after_s is None:
+        return {}
+    return {"retry-after": str(max(1, math.ceil(error.retry_after_s)))}
+
+
 def openai_error_response(error: ClawnodeError) -> Response:
-    return JSONResponse({"error": error_json(error)}, status_code=HTTP_STATUS[error.code])
+    return JSONResponse({"error": error_json(error)}, status_code=HTTP_STATUS[error.code], headers=retry_headers(error))
 
 
 _UNION_LABELS = frozenset(

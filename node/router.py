@@ -26,6 +26,12 @@ retires the lease only when its reason says it is spent (``ended``, ``expired``,
 so the request fails over but no second lock goes on chain, and the lease serves again once the
 countersignature lands.
 
+Busy: a provider whose model queue is full refuses with ``E_RATE_LIMITED`` reason ``busy`` and a
+``retry_after_s`` hint; that is no fault (the provider stays in rotation): the next provider is
+tried, and when every one is busy the request waits the soonest hint and tries again while that fits
+in ``busy_wait_s``, then fails with ``E_RATE_LIMITED`` carrying the hint (``/v1``: 429 with
+``Retry-After``, before any byte of a stream).
+
 Health: every ``health_interval_s`` the router fetches the capability record of each provider it
 knows (a round trip it also feeds into the latency EWMA); ``failures_to_failover`` consecutive
 failures (calls or checks) take a provider out of rotation until a check succeeds again.
@@ -52,7 +58,7 @@ from node.config import RouterSection
 from protocols.lease import LeaseMarket
 from protocols.machines.lease import call_units_needed, lease_fits, lease_outlives
 from protocols.machines.model_features import required_features
-from runtime.errors import ClawnodeError, ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
 
@@ -73,6 +79,20 @@ PROVIDER_FAULTS = frozenset(
         ErrorCode.NOT_FOUND,
     }
 )
+
+
+def is_busy(error: ClawnodeError) -> bool:
+    """A refusal that says "not now": a model's queue is full (``busy``, with a retry-after hint)."""
+    return error.code == ErrorCode.RATE_LIMITED and (error.reason == Reason.BUSY or error.retry_after_s is not None)
+
+
+@dataclass
+class _Delivery:
+    """What a request has delivered to its agent so far (across failovers and retries)."""
+
+    texts: list[str] = field(default_factory=list)
+    tokens: int = 0
+    chunks: int = 0
 
 
 @dataclass
@@ -226,19 +246,40 @@ class Router:
         """Answer a chat request for ``model``, streaming every (checked) chunk dict to ``on_chunk``."""
         capability = f"model:{model}"
         result = RouteResult()
-        delivered: list[str] = []
-        tokens_delivered = 0
-        chunks_delivered = 0
+        delivery = _Delivery()
 
         async def sink(chunk: dict[str, Any]) -> None:
-            nonlocal tokens_delivered, chunks_delivered
             text = chunk.get("text")
             if isinstance(text, str):
-                delivered.append(text)
-            tokens_delivered += chunk_tokens(chunk)
-            chunks_delivered += 1
+                delivery.texts.append(text)
+            delivery.tokens += chunk_tokens(chunk)
+            delivery.chunks += 1
             await on_chunk(chunk)
 
+        # A busy answer (every provider's queue full, or ours) is waited out while the hint fits in
+        # ``busy_wait_s``; after that the agent is told to retry (HTTP 429 with Retry-After).
+        give_up_at = trio.current_time() + self.settings.busy_wait_s
+        while True:
+            try:
+                return await self._chat_attempt(model, capability, body, sink, result, delivery)
+            except ClawnodeError as error:
+                if not is_busy(error) or delivery.chunks:
+                    raise
+                wait = error.retry_after_s if error.retry_after_s is not None else 1.0
+                if trio.current_time() + wait > give_up_at:
+                    raise
+                log.info("%s is busy; retrying in %.1f s", model, wait)
+                await trio.sleep(wait)
+
+    async def _chat_attempt(
+        self,
+        model: str,
+        capability: str,
+        body: dict[str, Any],
+        sink: ChunkSink,
+        result: RouteResult,
+        delivery: _Delivery,
+    ) -> RouteResult:
         local = self.services.get(capability)
         if local is not None:
             started = time.monotonic()
@@ -264,7 +305,7 @@ class Router:
             if not self.usable(provider.peer_id) and any(self.usable(p.peer_id) for p in providers):
                 continue
             try:
-                body_now = _continued(body, delivered, tokens_delivered)
+                body_now = _continued(body, delivery.texts, delivery.tokens)
                 await self._from_provider(provider, capability, body_now, sink, result)
                 return result
             except ClawnodeError as error:
@@ -273,15 +314,25 @@ class Router:
                 errors.append(error)
                 result.failovers += 1
                 log.info("provider %s failed (%s); trying the next", provider.peer_id[:16], error.code)
-                if chunks_delivered and not resumable:
+                if delivery.chunks and not resumable:
                     raise ClawnodeError(
                         ErrorCode.UNAVAILABLE,
                         f"the provider of {model} failed mid-answer ({error.code}); an answer with n > 1, "
                         "tools or a response_format cannot be continued by another provider",
                     ) from None
-        if self.settings.upstream_url and (resumable or not chunks_delivered):
-            await self._from_upstream(model, _continued(body, delivered, tokens_delivered), sink, result)
+        if self.settings.upstream_url and (resumable or not delivery.chunks):
+            await self._from_upstream(model, _continued(body, delivery.texts, delivery.tokens), sink, result)
             return result
+        busy = [error for error in errors if is_busy(error)]
+        if busy:
+            # Someone can take it later: the agent is told when (the soonest hint), not that it failed.
+            hint = min(error.retry_after_s or 1.0 for error in busy)
+            raise ClawnodeError(
+                ErrorCode.RATE_LIMITED,
+                f"every provider of {model} is busy or failed; retry after {hint:g} s",
+                Reason.BUSY,
+                retry_after_s=hint,
+            )
         if errors:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"every provider of {model} failed (last: {errors[-1].code})")
         needs = sorted(required_features(body))
@@ -413,7 +464,8 @@ class Router:
             async with self._using(lease_id, body):
                 end = await self.market.stream_call(lease_id, body, on_chunk, stall_s=self.settings.stall_timeout_s)
         except ClawnodeError as error:
-            health.consecutive_failures += 1
+            if not is_busy(error):  # a full queue is not a fault: the provider stays in rotation
+                health.consecutive_failures += 1
             result.completion_tokens += received  # delivered before the failure
             if received:
                 result.served_by.append(provider.peer_id)

@@ -38,6 +38,7 @@ class Reason(StrEnum):
     RATE_LIMIT = "rate_limit"  # too many requests per minute on the lease
     UNKNOWN_LEASE = "unknown_lease"  # no such lease with this peer, or a wrong access token
     DISK_FULL = "disk_full"  # the node's disk refuses writes: read-only until space returns
+    BUSY = "busy"  # the model's queue is full: retry after the error's ``retry_after_s``
 
 
 # A reason is a short token: lower-case letters, digits and underscores.
@@ -52,8 +53,12 @@ def clean_reason(reason: object) -> str | None:
 class ClawnodeError(Exception):
     """An error whose code, message and reason are safe to show to a user or a peer."""
 
-    def __init__(self, code: ErrorCode, message: str, reason: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, reason: str | None = None, *, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.reason = reason
+        # A busy refusal's hint: how many seconds until a retry may be taken (HTTP ``Retry-After``).
+        self.retry_after_s = retry_after_s

@@ -36,12 +36,20 @@ class ErrorReply(BaseModel):
     message: str = Field(max_length=500)
     # Added later: a peer that sends none is read as null, and one that does not know it ignores it.
     reason: str | None = Field(None, max_length=64, description="the stable machine-readable reason")
+    # Added later too: a busy peer's hint, seconds until a retry may be taken (E_RATE_LIMITED).
+    retry_after_s: float | None = Field(None, ge=0, le=3600)
 
 
 def error_reply(error: BaseException) -> ErrorReply:
     """What a peer is told about ``error``: its code, message and reason if it is ours, else nothing more."""
     if isinstance(error, ClawnodeError):
-        return ErrorReply(code=error.code, message=error.message[:500], reason=clean_reason(error.reason))
+        hint = error.retry_after_s
+        return ErrorReply(
+            code=error.code,
+            message=error.message[:500],
+            reason=clean_reason(error.reason),
+            retry_after_s=None if hint is None else min(3600.0, max(0.0, hint)),
+        )
     if isinstance(error, ValidationError):
         return ErrorReply(code=ErrorCode.INVALID_ARGUMENT, message="the request does not match the protocol")
     return ErrorReply(code=ErrorCode.INTERNAL, message=f"internal error ({type(error).__name__})")
@@ -112,7 +120,7 @@ def parse_reply(frame: bytes, replies: TypeAdapter[R]) -> R:
     except ValidationError:
         pass
     else:
-        raise ClawnodeError(error.code, error.message, clean_reason(error.reason))
+        raise ClawnodeError(error.code, error.message, clean_reason(error.reason), retry_after_s=error.retry_after_s)
     try:
         return replies.validate_json(frame)
     except ValidationError:

@@ -34,6 +34,7 @@ from protocols.machines.lease import BUDGET_BUSY_MESSAGE, aborted_call_units, ch
 from protocols.machines.model_features import required_features, serves
 from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
+from runtime.inference.admission import borrowing
 from runtime.service import Usage
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
@@ -173,7 +174,9 @@ class ServingRole(LeaseCore):
             # The consumer's cancel frame, or its hanging up, stops the engine.
             nursery.start_soon(stop_on_cancel, reader, nursery.cancel_scope)
             try:
-                outcome = await service.run(body, emit)
+                # The engine queues the call as its consumer's: admitted in turn with other consumers'.
+                with borrowing(remote):
+                    outcome = await service.run(body, emit)
             except Exception as error:  # noqa: BLE001 - re-raised below, outside the nursery
                 outcome = error
             nursery.cancel_scope.cancel()

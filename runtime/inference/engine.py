@@ -4,9 +4,10 @@ A ``llama_cpp.Llama`` instance is not thread-safe (two threads in one instance c
 so every ``LlamaModel`` owns exactly one worker thread and runs everything that touches its
 instances there: loading, tokenizing, generating, embedding. trio talks to it like this:
 
-* admission: a ``trio.CapacityLimiter(1)`` per model; one request holds it while it generates and
-  at most ``max_queue`` more wait for it, a request beyond that is refused with ``E_RATE_LIMITED``
-  (a waiting request that is cancelled simply leaves the queue);
+* admission: a :class:`~runtime.inference.admission.FairAdmission` per model; one request holds
+  it while it generates and at most ``max_queue`` more wait for it, admitted round-robin between
+  borrowers (leases), a request beyond that is refused with ``E_RATE_LIMITED`` (reason ``busy``, a
+  ``retry_after_s`` hint); a waiting request that is cancelled simply leaves the queue;
 * streaming: the worker hands each decoded piece to trio with ``TrioToken.run_sync_soon`` into an
   unbounded memory channel (bounded in practice by ``max_tokens``), so it never blocks on a slow
   consumer;
@@ -39,6 +40,7 @@ from typing import Any, TypeVar
 import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.admission import FairAdmission
 from runtime.inference.chat_formats import TemplateSlots, check_messages, prepare_messages
 from runtime.inference.grammar import GrammarConstraint, invalid, schema_grammar
 from runtime.inference.sampling import Pick, Sampling, TokenPicker
@@ -388,7 +390,8 @@ class LlamaModel:
         self.n_gpu_layers = n_gpu_layers
         self.chat_format = chat_format or ""
         self.max_queue = max_queue
-        self._limiter = trio.CapacityLimiter(1)
+        self.admission = FairAdmission(name, slots=1, max_queue=max_queue)
+        self._tickets: dict[int, int] = {}  # id(holder) -> its admission ticket
         self._worker: _Worker | None = None
         self._llama: Any = None
         self._embedder: Any = None
@@ -536,15 +539,12 @@ class LlamaModel:
     async def _admit(self, borrower: object) -> None:
         if self._llama is None or self._worker is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"model {self.name} is not loaded")
-        statistics = self._limiter.statistics()
-        if statistics.borrowed_tokens >= 1 and statistics.tasks_waiting >= self.max_queue:
-            raise ClawnodeError(
-                ErrorCode.RATE_LIMITED, f"model {self.name} is busy ({statistics.tasks_waiting} requests waiting)"
-            )
-        await self._limiter.acquire_on_behalf_of(borrower)
+        self._tickets[id(borrower)] = await self.admission.acquire()
 
     def _release(self, borrower: object) -> None:
-        self._limiter.release_on_behalf_of(borrower)
+        ticket = self._tickets.pop(id(borrower), None)
+        if ticket is not None:
+            self.admission.release(ticket)
 
     async def _exclusive(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the worker as one admitted request."""
@@ -559,7 +559,7 @@ class LlamaModel:
     @property
     def queued(self) -> int:
         """Requests waiting for the model (not counting the one being served)."""
-        return int(self._limiter.statistics().tasks_waiting)
+        return self.admission.waiting
 
     # tokens
 
