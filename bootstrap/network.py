@@ -126,6 +126,11 @@ class NetworkService:
             self._nursery = None
             self.host.remove_stream_handler(NETWORK_PROTOCOL)
 
+    def forget(self) -> None:
+        """The chain this node joined is gone: no profile to hand on until it joins again."""
+        self.profile, self.faucet, self.joined_through = None, None, None
+        self.state, self.preparing = "starting", True
+
     async def _handle(self, frame: bytes, remote: ID) -> BaseModel:
         message = _REQUESTS.validate_json(frame)
         if self.preparing:

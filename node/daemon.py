@@ -113,6 +113,9 @@ RUNNING_CARD_RETRY_S = 5.0
 
 LEDGER_FILE = "ledger.db"
 ESCROW_RETRY_MAX_S = 60.0
+# A joined network chain that stays unreachable (or turns into another chain) this long is given up
+# and the network joined again: its bootstrap restarted, with a fresh development chain.
+REJOIN_AFTER_S = 30.0
 LIVE_LEASE_STATES = frozenset({LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED})
 
 
@@ -183,6 +186,7 @@ class Node:
         self.settlement_queue: Any = None  # a runtime.settlement.SettlementQueue once the chain is there
         self.network: NetworkService | None = None  # /clawnode/network/1.0.0, once running
         self._unpayable_notes: dict[str, str] = {}  # capability -> "3 providers on other chains"
+        self.rejoin_after_s = REJOIN_AFTER_S
         self.reconciler: Any = None  # a runtime.settlement.reconcile.Reconciler once the chain is there
         self._arbiter = ""
         self.dht_lookup_s = LatencyHistogram()
@@ -643,7 +647,26 @@ class Node:
                 partial(client.watch, interval_s=self.config.escrow.health_interval_s, on_change=self._on_chain_health)
             )
             nursery.start_soon(self.reconciler.run)
+            if self.network is not None and self.network.state == "joined":
+                nursery.start_soon(self._rejoin_when_lost, client)
             await self.settlement_queue.run()
+
+    async def _rejoin_when_lost(self, client: Any) -> None:
+        """A joined dev chain lives in its bootstrap's process: once it is gone (unreachable, or another
+        chain answers at its URL) for ``rejoin_after_s``, the network is joined again (raising restarts
+        the settlement service, whose connect asks the bootstrap peers anew)."""
+        lost_since: float | None = None
+        while True:
+            await trio.sleep(self.config.escrow.health_interval_s)
+            if client.chain.health.state == "ok":
+                lost_since = None
+                continue
+            now = time.monotonic()
+            lost_since = now if lost_since is None else lost_since
+            if now - lost_since >= self.rejoin_after_s and self.network is not None:
+                self.network.forget()
+                log.warning("the network's chain is gone (%s); joining the network again", client.chain.health.state)
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "the network's chain is gone", "network_lost")
 
     def _on_chain_health(self, health: Any) -> None:
         """The health watch's verdict changed (a runtime.escrow.health.ChainHealth)."""
