@@ -20,6 +20,8 @@ import copy
 import ctypes
 import json
 import math
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,13 @@ from runtime.errors import ClawnodeError, ErrorCode
 MAX_SCHEMA_BYTES = 16_384  # a schema as compact JSON
 MAX_SCHEMA_DEPTH = 12  # nested objects/arrays of a schema document
 MAX_GRAMMAR_BYTES = 256_000  # the GBNF a request's schemas (all tools together) turn into
+# Repetition counts (minLength, maxLength, minItems, maxItems, a pattern's {m,n}) become that many
+# nested groups in the grammar: 10**8 took the converter 48 s and 6 GB, 20 000 overflowed the stack
+# of llama.cpp's grammar parser (the process died). Bounded per count and per schema.
+MAX_SCHEMA_REPEAT = 1000
+MAX_SCHEMA_REPEAT_TOTAL = 16_000
+_REPEAT_KEYWORDS = frozenset({"minLength", "maxLength", "minItems", "maxItems"})
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 # Keywords whose constraint the GBNF converter does not enforce: a grammar-valid reply could fail
 # validation, so a schema using them is refused rather than honoured half way.
@@ -80,6 +89,32 @@ def _depth(value: Any) -> int:
     return 0
 
 
+def _count(digits: str) -> int:
+    return int(digits) if len(digits) <= 6 else MAX_SCHEMA_REPEAT_TOTAL + 1
+
+
+def _repeats(schema: Any) -> Iterator[int]:
+    """Every repetition count in a schema document (names under ``properties`` are not keywords)."""
+    if isinstance(schema, list):
+        for item in schema:
+            yield from _repeats(item)
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        if key in _DATA_KEYWORDS:
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for sub in value.values():
+                yield from _repeats(sub)
+        elif key in _REPEAT_KEYWORDS and isinstance(value, int):
+            yield value
+        elif key == "pattern" and isinstance(value, str):
+            for low, high in _QUANTIFIER.findall(value):
+                yield max(_count(low), _count(high or "0"))
+        else:
+            yield from _repeats(value)
+
+
 def _check_keywords(schema: Any, param: str) -> None:
     if isinstance(schema, bool):
         return
@@ -118,6 +153,13 @@ def check_schema(schema: Any, param: str) -> dict[str, Any]:
         raise invalid(f"the JSON Schema is larger than {MAX_SCHEMA_BYTES} bytes", param)
     if _depth(schema) > MAX_SCHEMA_DEPTH:
         raise invalid(f"the JSON Schema nests deeper than {MAX_SCHEMA_DEPTH}", param)
+    counts = list(_repeats(schema))
+    if any(count > MAX_SCHEMA_REPEAT for count in counts) or sum(counts) > MAX_SCHEMA_REPEAT_TOTAL:
+        raise invalid(
+            f"the JSON Schema repeats more than {MAX_SCHEMA_REPEAT} times in one place or "
+            f"{MAX_SCHEMA_REPEAT_TOTAL} in all (minLength, maxLength, minItems, maxItems, a pattern's {{m,n}})",
+            param,
+        )
     import jsonschema
 
     try:

@@ -1,0 +1,67 @@
+"""A JSON Schema's repetition counts are bounded before any grammar is built.
+
+``maxLength``/``maxItems`` (and a pattern's ``{m,n}``) expand into nested optional groups: a count of
+10**8 took the converter 48 s and 6 GB on the trio loop, and a count of 20 000 (a 140 KB grammar,
+under the grammar bound) crashed the process with a stack overflow inside llama.cpp's grammar
+parser. One request from a stranger buying a lease could do either to a provider.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.engine import LlamaModel
+from runtime.inference.grammar import MAX_SCHEMA_REPEAT, check_schema
+from runtime.inference.service import ChatService
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+
+HOSTILE: list[dict[str, Any]] = [
+    {"type": "string", "maxLength": 10**8},
+    {"type": "string", "minLength": 30_000},
+    {"type": "array", "items": {"type": "integer"}, "maxItems": 10**8},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 20_000},
+    {"type": "string", "pattern": "^a{0,20000}$"},
+    {"type": "string", "pattern": "^(ab){30000,}$"},
+    {"type": "object", "properties": {"a": {"type": "string", "pattern": "^x{1, 99999999}$"}}},
+    # Each count within the bound, their sum far above it.
+    {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": MAX_SCHEMA_REPEAT} for i in range(40)}},
+]
+
+
+@pytest.mark.parametrize("schema", HOSTILE, ids=lambda s: json.dumps(s)[:48])
+def test_huge_repetition_counts_are_refused_naming_the_param(schema: dict[str, Any]) -> None:
+    with pytest.raises(ClawnodeError) as raised:
+        check_schema(schema, "response_format")
+    assert raised.value.code == ErrorCode.INVALID_ARGUMENT
+    assert raised.value.message.endswith("(param: response_format)")
+
+
+async def test_a_schema_at_the_bound_is_still_served(tiny_path: Path) -> None:
+    schema = {"type": "string", "pattern": f"^a{{0,{MAX_SCHEMA_REPEAT}}}$"}
+    model = LlamaModel(tiny_path, name="tiny", n_ctx=512, n_threads=1)
+    await model.load()
+    try:
+        chunks: list[dict[str, Any]] = []
+
+        async def emit(chunk: dict[str, Any]) -> None:
+            chunks.append(chunk)
+
+        body = {
+            "messages": [{"role": "user", "content": "a"}],
+            "max_tokens": 64,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+        }
+        await ChatService(model).run(body, emit)
+    finally:
+        await model.aclose()
+    text = "".join(chunk.get("text", "") for chunk in chunks)
+    if chunks[-1].get("finish_reason") == "stop":
+        jsonschema.validate(json.loads(text), schema)
+    assert set(text) <= set('"a ')
