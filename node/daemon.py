@@ -32,7 +32,7 @@ from dht.offers import Offer
 from dht.protocol_id import use_kad_protocol_id
 from dht.publisher import CapabilityPublisher
 from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
-from dht.records import Reachability, bind_wallet
+from dht.records import Reachability, SandboxOffer, bind_wallet
 from dht.seq_book import SeqBook
 from dht.service import DhtService
 from nat.addresses import DHT_CLIENT_BEFORE_VERDICT_S, listen_addrs, serves_dht, wants_relays
@@ -237,6 +237,20 @@ class Node:
     def sandbox_stats(self) -> SandboxStats:
         return self.sandbox.stats
 
+    def _sandbox_offer(self) -> SandboxOffer | None:
+        """What the record says of the sandboxed task kinds this node runs ([sandbox])."""
+        box = self.config.sandbox
+        if not box.kinds or not box.auto_run:
+            return None
+        return SandboxOffer(
+            kinds=sorted(set(box.kinds)),  # type: ignore[arg-type]
+            max_fuel=box.max_fuel,
+            max_memory_mb=box.max_memory_mb,
+            max_wall_s=max(1, int(box.max_wall_s)),
+            max_output_bytes=box.max_output_bytes,
+            max_module_bytes=box.max_module_bytes,
+        )
+
     @property
     def router(self) -> Router:
         if self._router is None:
@@ -369,6 +383,7 @@ class Node:
                         reachability=self.effective_reachability,
                         extra_addrs=self.relayed_addrs,
                         addrs_pending=lambda: self._wants_relays() and not self.relayed_addrs(),
+                        sandbox=self._sandbox_offer(),
                     )
                     await nursery.start(self.supervisor.run, "publisher", self._publisher.run)
                     self._autonat = AutoNat(

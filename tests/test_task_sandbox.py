@@ -113,6 +113,9 @@ async def test_sandboxed_tasks_run_by_the_seller_and_disputes_decided_by_re_exec
         cheat.sandbox.policy = dataclasses.replace(cheat.sandbox.policy, auto_run=False)  # delivers by hand
         for node in (seller, cheat):
             await node.tasks.watch(CAPABILITY)
+        # Sellers state the kinds they run and their caps in their capability record.
+        offer = seller.publisher.build_record().sandbox
+        assert offer is not None and offer.kinds == ["wasm"] and offer.max_module_bytes == 256 * 1024
         expected = WasmSandbox()
         honest = expected.run(expected.load(mods.UPPER), b"pay me", LIMITS)
 
