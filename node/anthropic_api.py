@@ -41,6 +41,7 @@ from node.openai_api import (
     read_json,
     retry_headers,
 )
+from node.router import RouteResult
 from runtime.errors import ClawnodeError, ErrorCode
 
 REFUSED_MESSAGES = {
@@ -222,6 +223,17 @@ def _tool_input(arguments: str) -> dict[str, Any]:
     return value
 
 
+def _usage(result: RouteResult) -> dict[str, int]:
+    """Anthropic's usage: ``input_tokens`` leaves out the prompt tokens read from the KV cache, which
+    ``cache_read_input_tokens`` counts (both are billed as prompt tokens)."""
+    cached = min(result.cached_tokens, result.prompt_tokens)
+    return {
+        "input_tokens": result.prompt_tokens - cached,
+        "cache_read_input_tokens": cached,
+        "output_tokens": result.completion_tokens,
+    }
+
+
 def mount_anthropic(app: FastAPI, node: OpenAINode) -> None:
     @app.post("/v1/messages", response_model=None)
     async def messages(http: Request) -> Response:
@@ -264,7 +276,7 @@ async def _messages(http: Request, node: OpenAINode) -> Response:
                 }
             )
         stop = _STOP_REASONS[choices.finish_reason(0, chat.limit, result)]
-        usage = {"input_tokens": result.prompt_tokens, "output_tokens": result.completion_tokens}
+        usage = _usage(result)
         out = envelope(content, stop, usage)
         out["clawnode"] = extension(result)
         return JSONResponse(out)
@@ -329,7 +341,7 @@ async def _messages(http: Request, node: OpenAINode) -> Response:
             await on_chunk({})
         await close_block()
         stop = _STOP_REASONS[choices.finish_reason(0, chat.limit, result)]
-        usage = {"input_tokens": result.prompt_tokens, "output_tokens": result.completion_tokens}
+        usage = _usage(result)
         await event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": usage})
         await event("message_stop", {"clawnode": extension(result)})
 

@@ -489,11 +489,13 @@ def _completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-def usage_json(result: RouteResult) -> dict[str, int]:
+def usage_json(result: RouteResult) -> dict[str, Any]:
+    """OpenAI's usage; ``cached_tokens``: prompt tokens whose KV cache was reused (billed as prompt tokens)."""
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
 
 

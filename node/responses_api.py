@@ -41,6 +41,7 @@ from node.openai_api import (
     parse_body,
     read_json,
 )
+from node.router import RouteResult
 from runtime.errors import ClawnodeError
 
 REFUSED_RESPONSES = {
@@ -175,10 +176,11 @@ def _item_messages(item: dict[str, Any], param: str, before: list[dict[str, Any]
     raise invalid(f"input items of type {shown[:32]!r} are not served", f"{param}.type")
 
 
-def _usage(prompt: int, completion: int) -> dict[str, Any]:
+def _usage(result: RouteResult) -> dict[str, Any]:
+    prompt, completion = result.prompt_tokens, result.completion_tokens
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": result.cached_tokens},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + completion,
@@ -271,7 +273,7 @@ def mount_responses(app: FastAPI, node: OpenAINode) -> None:
         if not request.stream:
             choices, result = await chat_answer(node.router, request.model, body, 1, _ignore)
             status, output = finished(choices, choices.finish_reason(0, chat.limit, result) == "length")
-            out = reply.envelope(status, output, _usage(result.prompt_tokens, result.completion_tokens))
+            out = reply.envelope(status, output, _usage(result))
             out["clawnode"] = extension(result)
             return JSONResponse(out)
 
@@ -362,7 +364,7 @@ def mount_responses(app: FastAPI, node: OpenAINode) -> None:
             final = reply.envelope(
                 "incomplete" if limit_hit else "completed",
                 items,
-                _usage(result.prompt_tokens, result.completion_tokens),
+                _usage(result),
             )
             final["clawnode"] = extension(result)
             await event("response.incomplete" if limit_hit else "response.completed", {"response": final})

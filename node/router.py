@@ -114,6 +114,7 @@ class RouteResult:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the provider's KV cache already held
     served_by: list[str] = field(default_factory=list)
     failovers: int = 0
 
@@ -295,6 +296,7 @@ class Router:
             self.local_duration_s.observe(time.monotonic() - started)
             result.prompt_tokens = usage.detail.get("prompt_tokens", 0)
             result.completion_tokens = usage.detail.get("completion_tokens", 0)
+            result.cached_tokens = _cached(usage.detail)
             result.served_by.append("local")
             return result
 
@@ -483,6 +485,7 @@ class Router:
         health.record_latency(self.clock() - started)
         result.prompt_tokens = end.usage.get("prompt_tokens", 0)
         result.completion_tokens += end.usage.get("completion_tokens", end.units)
+        result.cached_tokens = _cached(end.usage)
         result.served_by.append(provider.peer_id)
 
     async def _lease(self, provider: ProviderResult, capability: str, body: dict[str, Any]) -> str:
@@ -579,6 +582,10 @@ class Router:
                         if isinstance(usage, dict):
                             result.prompt_tokens = int(usage.get("prompt_tokens", 0))
                             result.completion_tokens += int(usage.get("completion_tokens", 0))
+                            details = usage.get("prompt_tokens_details")
+                            if isinstance(details, dict):
+                                cached = {"cached_tokens": details.get("cached_tokens", 0)}
+                                result.cached_tokens = _cached({**cached, "prompt_tokens": result.prompt_tokens})
         except httpx.HTTPError as error:
             # The URL may carry credentials: say what failed, never where.
             raise ClawnodeError(ErrorCode.UNAVAILABLE, f"the upstream failed ({type(error).__name__})") from None
@@ -588,6 +595,14 @@ class Router:
         started = self.clock()
         await describe(ID.from_base58(peer))
         return self.clock() - started
+
+
+def _cached(usage: dict[str, Any]) -> int:
+    """A usage's ``cached_tokens``, never more than its prompt tokens (a provider is a stranger)."""
+    cached, prompt = usage.get("cached_tokens", 0), usage.get("prompt_tokens", 0)
+    if not isinstance(cached, int) or isinstance(cached, bool) or not isinstance(prompt, int):
+        return 0
+    return max(0, min(cached, prompt))
 
 
 def chunk_tokens(chunk: dict[str, Any]) -> int:

@@ -66,6 +66,10 @@ Chunk = dict[str, Any]
 class TokenUsage:
     prompt_tokens: int
     completion_tokens: int
+    # Of the prompt tokens, those whose KV cache was reused from an earlier sequence (not decoded
+    # again): OpenAI's ``prompt_tokens_details.cached_tokens``. Still prompt tokens: billed as such,
+    # so two usages that bill the same compare equal whatever their cache did.
+    cached_tokens: int = field(default=0, compare=False)
 
     @property
     def total_tokens(self) -> int:
@@ -800,8 +804,9 @@ class LlamaModel:
         self._worker.submit(job)
 
     @staticmethod
-    def _eval_prompt(llama: Any, tokens: list[int]) -> None:
-        """Decode the prompt, reusing the cached prefix it shares with the last one."""
+    def _eval_prompt(llama: Any, tokens: list[int]) -> int:
+        """Decode the prompt, reusing the cached prefix it shares with the last one; returns how many
+        tokens were reused (the next turn of a conversation, a common system prompt)."""
         keep = 0
         if llama.n_tokens > 0 and not (getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False)):
             for cached, new in zip(llama.input_ids[: llama.n_tokens], tokens, strict=False):
@@ -815,6 +820,7 @@ class LlamaModel:
             llama.reset()
         llama.n_tokens = keep
         llama.eval(tokens[keep:])
+        return keep
 
     @staticmethod
     def _logits(llama: Any, n_vocab: int) -> Any:
@@ -854,7 +860,7 @@ class LlamaModel:
         vocab = llama._model.vocab
         n_vocab = int(llama.n_vocab())
         picker = TokenPicker(request.sampling, n_vocab, request.seed)
-        self._eval_prompt(llama, prompt_tokens)
+        cached = self._eval_prompt(llama, prompt_tokens)
         prompt_logits = self._logits(llama, n_vocab)
         stops = [*request.stop, *template_stops]
         total = 0
@@ -891,7 +897,7 @@ class LlamaModel:
                 break
         del llama_cpp
         elapsed = time.perf_counter() - first if first is not None else 0.0
-        return TokenUsage(usage_prompt, total), reasons, first, elapsed
+        return TokenUsage(usage_prompt, total, cached), reasons, first, elapsed
 
     def _generate_choice(
         self,

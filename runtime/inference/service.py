@@ -225,10 +225,11 @@ class ChatService:
         usage = stream.usage
         if usage is None:
             raise ClawnodeError(ErrorCode.INTERNAL, "the generation ended without a usage count")
-        return Usage(
-            units=usage.total_tokens,
-            detail={"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
-        )
+        detail = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+        if usage.cached_tokens:
+            # Reused from the KV cache, not decoded again; billed like any prompt token (units above).
+            detail["cached_tokens"] = usage.cached_tokens
+        return Usage(units=usage.total_tokens, detail=detail)
 
 
 def _embedding_inputs(raw: Any) -> list[str] | list[list[int]]:
