@@ -83,6 +83,7 @@ class TaskLocal:
     result_usage: w.RunUsage | None = None  # the seller's signed usage of a sandboxed run
     run_verdict: str | None = None  # the arbiter's automatic decision, or why a person must decide
     run_evidence: tuple[str, bytes] | None = None  # the arbiter's signed re-run record and its output
+    rerunning: bool = False  # the arbiter's re-run is under way (a case sent again starts no second one)
     closing: bool = False
     closed: bool = False
     refund_queued: bool = False

@@ -245,10 +245,20 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
 
     def _after_case(self, task_id: str) -> None:
         _, local = self._task(task_id)
+        if local.rerunning or local.run_verdict is not None:  # the same case sent again
+            return
         if local.award is not None and w.sandbox_terms(local.award.params) is not None:
+            local.rerunning = True
             self._spawn(self._arbitrate, task_id)
 
     async def _arbitrate(self, task_id: str) -> None:
+        _, local = self._task(task_id)
+        try:
+            await self._rerun_and_decide(task_id)
+        finally:
+            local.rerunning = False
+
+    async def _rerun_and_decide(self, task_id: str) -> None:
         record, local = self._task(task_id)
         award = self._award_of(local)
         terms = w.sandbox_terms(award.params)
