@@ -46,6 +46,7 @@ from protocols.lease.base import (
 )
 from protocols.machines import lease_consumer as c
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
+from protocols.machines.lease_calls import call_bytes_verdict
 from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
@@ -264,7 +265,7 @@ class ConsumerRole(LeaseCore):
             with trio.fail_after(timeout_s):
                 stream = await open_stream(self.host, ID.from_base58(held.grant.provider), [INFER_PROTOCOL])
                 reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
-                tokens_received = 0
+                tokens_received = bytes_received = 0
                 last_frame = False  # the provider's end or error frame arrived: nothing is left in flight
                 requested = False
                 try:
@@ -283,6 +284,8 @@ class ConsumerRole(LeaseCore):
                                 raise
                             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the peer sent an unreadable reply")
                         if isinstance(frame, w.Chunk):
+                            bytes_received += len(raw)
+                            enforce(call_bytes_verdict(bytes_received, body))
                             tokens_received += chunk_tokens(frame.data)
                             await on_chunk(frame.data)
                             continue

@@ -249,6 +249,23 @@ def end_frame_verdict(claimed_units: int, tokens_received: int, body: dict[str, 
     return None
 
 
+# What a call's chunk frames may carry in all (consumer side): a share per unit the call may be billed
+# (a token's text, its bytes and 20 top logprobs fit well within it) and room for an embeddings
+# reply's vectors. Without a bound a provider streamed chunks claiming no tokens (free) for the
+# whole call timeout, up to 1 MiB a frame, into the consumer's memory.
+CALL_BYTES_PER_UNIT = 16 * 1024
+CALL_BYTES_SLACK = 64 * 1024 * 1024
+STREAM_TOO_LARGE = "the provider streamed more than the call can carry"
+
+
+def call_bytes_verdict(received_bytes: int, body: dict[str, Any]) -> Refusal | None:
+    """Consumer side: whether a call's chunk frames, ``received_bytes`` so far, are within its bound;
+    past it the provider is at fault (``E_INTERNAL``: a router fails over to another)."""
+    if received_bytes > call_units_needed(body) * CALL_BYTES_PER_UNIT + CALL_BYTES_SLACK:
+        return Refusal(ErrorCode.INTERNAL, "stream_too_large", STREAM_TOO_LARGE)
+    return None
+
+
 def check_end_frame(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> int:
     """:func:`end_frame_verdict`, raised: the units to count, or ``E_CONFLICT`` for an inflated frame."""
     enforce(end_frame_verdict(claimed_units, tokens_received, body))
