@@ -15,7 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dht.records import CAPABILITY_NAME
 from protocols.task import TaskMarket
-from protocols.task_wire import MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE, MAX_MODULE, MAX_RUN_INPUT, BidView, TaskView
+from protocols.task_wire import (
+    MAX_EVIDENCE_ATTACHMENT,
+    MAX_EVIDENCE_NOTE,
+    MAX_MODULE,
+    MAX_RUN_INPUT,
+    BidView,
+    RunUsage,
+    TaskView,
+)
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits
 
@@ -57,6 +65,7 @@ class AwardBody(_Body):
 
 class ResultBody(_Body):
     artifact_b64: str = Field(max_length=400_000)
+    usage: RunUsage | None = Field(None, description="a sandboxed task run by hand: what the run used, signed with it")
 
 
 class ReviewBody(_Body):
@@ -160,7 +169,7 @@ def mount_tasks(app: FastAPI, node: TaskNode) -> None:
 
     @app.post("/api/tasks/{task_id}/result")
     async def submit(task_id: str, body: ResultBody) -> TaskView:
-        return await node.tasks.submit(task_id, _base64(body.artifact_b64, "artifact_b64"))
+        return await node.tasks.submit(task_id, _base64(body.artifact_b64, "artifact_b64"), body.usage)
 
     @app.get("/api/tasks/{task_id}/result")
     async def result(task_id: str) -> ArtifactReply:

@@ -173,7 +173,15 @@ async def test_sandboxed_tasks_run_by_the_seller_and_disputes_decided_by_re_exec
             await request(seller.host, creator.host.get_id(), TASK_PROTOCOL, ask, _REPLY, max_frame=w.MAX_TASK_FRAME)
         assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "not_a_party")
         usage = RunUsage(fuel_used=honest.fuel_used, outcome="exited", exit_code=0)
-        await cheat.tasks.submit(task_id, b"PAY ME NOW!\x06", usage)
+        token = await trio.to_thread.run_sync(read_api_token, cheat.data_dir)
+        async with httpx.AsyncClient(timeout=30) as client:  # by hand, through the API, with a usage claim
+            reply = await client.post(
+                f"{cheat.api_url}/api/tasks/{task_id}/result",
+                json={"artifact_b64": base64.b64encode(b"PAY ME NOW!\x06").decode(), "usage": usage.model_dump()},
+                headers={"authorization": f"Bearer {token}"},
+            )
+        assert reply.status_code == 200, reply.text
+        assert creator.tasks.view(task_id).run == usage
         await creator.tasks.review(task_id, False, "not the program's output")
         await creator.tasks.dispute(task_id, "the output is not what the module writes")
         for node in (creator, cheat):
