@@ -53,6 +53,9 @@ Progress = Callable[[float], None]
 Message = dict[str, Any]
 
 DEFAULT_MAX_QUEUE = 8
+DEFAULT_PREFIX_CACHE_MB = 256
+MAX_SAVED_PREFIXES = 8
+MIN_SAVED_PREFIX = 32  # a sequence shorter than this is not worth a saved state
 SHUTDOWN_WAIT_S = 10.0
 WAKE_GAP_S = 0.002  # see _submit_generation
 MAX_CHOICES = 8
@@ -237,6 +240,26 @@ class _StopScanner:
         return out
 
 
+@dataclass(eq=False)
+class _SavedPrefix:
+    """The KV cache of one earlier sequence (its tokens), kept to resume from when a prompt starts
+    with them again: another consumer's conversation, interleaved with this one's turns."""
+
+    tokens: list[int]
+    data: Any  # a ctypes byte array from llama_state_seq_get_data
+    size: int
+    used: float
+
+
+def _common_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
+    n = 0
+    for a, b in zip(cached, tokens, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class _Request:
     """One generation: how to build its prompt tokens (on the worker) and how to sample."""
@@ -386,6 +409,7 @@ class LlamaModel:
         n_gpu_layers: int = 0,
         chat_format: str | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
     ) -> None:
         self.path = Path(path)
         self.name = name
@@ -394,6 +418,9 @@ class LlamaModel:
         self.n_gpu_layers = n_gpu_layers
         self.chat_format = chat_format or ""
         self.max_queue = max_queue
+        # Saved KV caches of earlier sequences (the worker's alone), at most this many bytes in all.
+        self.prefix_cache_bytes = max(0, prefix_cache_mb) << 20
+        self._prefixes: list[_SavedPrefix] = []
         self.admission = FairAdmission(name, slots=1, max_queue=max_queue)
         self._tickets: dict[int, int] = {}  # id(holder) -> its admission ticket
         self._worker: _Worker | None = None
@@ -803,16 +830,22 @@ class LlamaModel:
 
         self._worker.submit(job)
 
-    @staticmethod
-    def _eval_prompt(llama: Any, tokens: list[int]) -> int:
-        """Decode the prompt, reusing the cached prefix it shares with the last one; returns how many
-        tokens were reused (the next turn of a conversation, a common system prompt)."""
+    def _eval_prompt(self, llama: Any, tokens: list[int]) -> int:
+        """Decode the prompt, reusing the cached prefix it shares with the last sequence, or with a
+        saved earlier one when that shares more; returns how many tokens were reused (the next turn
+        of a conversation, a common system prompt). A live sequence about to be overwritten is saved
+        first (bounded: ``MAX_SAVED_PREFIXES`` states, ``prefix_cache_bytes`` in all, oldest out)."""
         keep = 0
-        if llama.n_tokens > 0 and not (getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False)):
-            for cached, new in zip(llama.input_ids[: llama.n_tokens], tokens, strict=False):
-                if cached != new:
-                    break
-                keep += 1
+        reusable = not (getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False))
+        if reusable:
+            keep = _common_prefix(llama.input_ids[: llama.n_tokens].tolist(), tokens)
+            if self.prefix_cache_bytes > 0:
+                best = max(self._prefixes, key=lambda p: _common_prefix(p.tokens, tokens), default=None)
+                shared = _common_prefix(best.tokens, tokens) if best is not None else 0
+                if llama.n_tokens - keep >= MIN_SAVED_PREFIX:
+                    self._save_prefix(llama)  # the live sequence would be lost: keep it for its next turn
+                if best is not None and shared > keep + MIN_SAVED_PREFIX // 4 and self._restore_prefix(llama, best):
+                    keep = shared
             keep = min(keep, len(tokens) - 1)  # at least one token decoded: fresh logits
         if keep > 0 and not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
             keep = 0  # this cache cannot drop a suffix: decode it all again
@@ -821,6 +854,43 @@ class LlamaModel:
         llama.n_tokens = keep
         llama.eval(tokens[keep:])
         return keep
+
+    def _save_prefix(self, llama: Any) -> None:
+        import llama_cpp
+
+        tokens = llama.input_ids[: llama.n_tokens].tolist()
+        ctx = llama._ctx.ctx
+        size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
+        if size <= 0 or size > self.prefix_cache_bytes:
+            return
+        data = (ctypes.c_uint8 * size)()
+        if int(llama_cpp.llama_state_seq_get_data(ctx, data, size, 0)) != size:
+            return
+        # An older state of the same conversation (a prefix of this one) is superseded.
+        self._prefixes = [p for p in self._prefixes if _common_prefix(p.tokens, tokens) < len(p.tokens)]
+        self._prefixes.append(_SavedPrefix(tokens, data, size, time.monotonic()))
+        self._prefixes.sort(key=lambda p: p.used)
+        while len(self._prefixes) > MAX_SAVED_PREFIXES or sum(p.size for p in self._prefixes) > self.prefix_cache_bytes:
+            self._prefixes.pop(0)  # the least recently used
+
+    def _restore_prefix(self, llama: Any, saved: _SavedPrefix) -> bool:
+        import llama_cpp
+
+        llama._ctx.kv_cache_clear()
+        if int(llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, saved.data, saved.size, 0)) != saved.size:
+            llama._ctx.kv_cache_clear()
+            llama.n_tokens = 0
+            self._prefixes.remove(saved)
+            return False
+        llama.input_ids[: len(saved.tokens)] = saved.tokens
+        llama.n_tokens = len(saved.tokens)
+        saved.used = time.monotonic()
+        return True
+
+    @property
+    def saved_prefixes(self) -> int:
+        """How many earlier sequences' KV caches are kept to resume from."""
+        return len(self._prefixes)
 
     @staticmethod
     def _logits(llama: Any, n_vocab: int) -> Any:

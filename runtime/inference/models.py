@@ -35,7 +35,7 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.inference.engine import DEFAULT_MAX_QUEUE, LlamaModel
+from runtime.inference.engine import DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB, LlamaModel
 from runtime.inference.service import ChatService, EmbeddingService
 from runtime.model_ids import ModelId
 from runtime.progress import ProgressBar
@@ -82,6 +82,12 @@ class ModelSpec(BaseModel):
     summary: str = Field("", max_length=280)
     embeddings: bool = Field(False, description="also sell embedding:<name>")
     max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=0, le=10_000, description="requests waiting at most")
+    prefix_cache_mb: int = Field(
+        DEFAULT_PREFIX_CACHE_MB,
+        ge=0,
+        le=1 << 20,
+        description="MiB of saved KV caches of earlier conversations to resume from (0: only the last one)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -129,6 +135,7 @@ class ModelSpec(BaseModel):
             n_gpu_layers=self.n_gpu_layers,
             chat_format=self.chat_format or None,
             max_queue=self.max_queue,
+            prefix_cache_mb=self.prefix_cache_mb,
         )
 
 

@@ -3,6 +3,7 @@ tokens reported as ``cached_tokens``) and says exactly what it says without the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from runtime.inference.engine import LlamaModel
@@ -31,8 +32,43 @@ async def test_the_second_turn_reuses_the_first_and_answers_the_same_as_without_
     assert cached_usage.get("cached_tokens", 0) >= usage_1["prompt_tokens"] - 1
     assert cached_usage["prompt_tokens"] > cached_usage["cached_tokens"]
 
+    tiny.prefix_cache_bytes = 0  # no saved states: another conversation evicts this one
     await _chat(tiny, [{"role": "user", "content": "Something else entirely, to evict the conversation."}])
     fresh_text, fresh_usage = await _chat(tiny, second)
     assert fresh_usage.get("cached_tokens", 0) < usage_1["prompt_tokens"] // 2  # decoded again
     assert fresh_usage["prompt_tokens"] == cached_usage["prompt_tokens"]
     assert cached_text == fresh_text  # temperature 0: the cache changes nothing but the time
+
+
+async def test_interleaved_conversations_each_resume_from_their_saved_state(tiny_path: Path) -> None:
+    model = LlamaModel(tiny_path, name="tiny", n_ctx=512, n_threads=1)
+    await model.load()
+    try:
+        conversations: dict[str, list[dict[str, Any]]] = {
+            name: [
+                {"role": "system", "content": f"You are {name}, a long-winded assistant who likes the weather."},
+                {"role": "user", "content": f"{name}: tell me about the weather in a town by the sea, please."},
+            ]
+            for name in ("Alice", "Bob", "Carol")
+        }
+        firsts = {}
+        for name, messages in conversations.items():  # three agents' first turns, one after another
+            reply, firsts[name] = await _chat(model, messages)
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And tomorrow?"}]
+        assert model.saved_prefixes == 2  # Alice's and Bob's sequences were saved when the next began
+        seconds = {name: await _chat(model, messages) for name, messages in conversations.items()}
+        for name, (_, usage) in seconds.items():  # each second turn resumed its own first one
+            assert usage.get("cached_tokens", 0) >= firsts[name]["prompt_tokens"] - 1, name
+    finally:
+        await model.aclose()
+
+    # The same second turns computed from nothing say the same (temperature 0).
+    fresh = LlamaModel(tiny_path, name="tiny", n_ctx=512, n_threads=1, prefix_cache_mb=0)
+    await fresh.load()
+    try:
+        for name, messages in conversations.items():
+            text, usage = await _chat(fresh, messages)
+            assert usage.get("cached_tokens", 0) < firsts[name]["prompt_tokens"], name
+            assert text == seconds[name][0], name
+    finally:
+        await fresh.aclose()
