@@ -205,6 +205,12 @@ class EscrowSection(_Section):
     contract: str = Field(
         "", pattern=r"^(0x[0-9a-fA-F]{40})?$", description="address of the deployed escrow contract, for mode rpc"
     )
+    fallback_rpc_urls: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        repr=False,
+        description="more JSON-RPC URLs of the same chain, tried in order when rpc_url does not answer (never shown)",
+    )
     rpc_timeout_s: float = Field(5.0, gt=0.0, le=300.0, description="timeout of one JSON-RPC request, seconds")
     rpc_retries: int = Field(1, ge=0, le=10, description="retries of a JSON-RPC request that timed out or failed")
     chain_id: int = Field(0, ge=0, description="the chain id the escrow must be on; 0 accepts the chain's own")
@@ -250,6 +256,13 @@ class EscrowSection(_Section):
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value
+
+    @field_validator("fallback_rpc_urls")
+    @classmethod
+    def _http_urls(cls, values: list[str]) -> list[str]:
+        if any(not value.startswith(("http://", "https://")) for value in values):
+            raise ValueError("every URL must start with http:// or https://")
+        return values
 
     @model_validator(mode="after")
     def _rpc_needs_url_and_contract(self) -> EscrowSection:

@@ -662,14 +662,16 @@ class Node:
                 partial(client.watch, interval_s=self.config.escrow.health_interval_s, on_change=self._on_chain_health)
             )
             nursery.start_soon(self.reconciler.run)
-            if self.network is not None and self.network.state == "joined":
+            failover = self.config.escrow.mode == "rpc" and bool(self.config.escrow.fallback_rpc_urls)
+            if failover or (self.network is not None and self.network.state == "joined"):
                 nursery.start_soon(self._rejoin_when_lost, client)
             await self.settlement_queue.run()
 
     async def _rejoin_when_lost(self, client: Any) -> None:
         """A joined dev chain lives in its bootstrap's process: once it is gone (unreachable, or another
         chain answers at its URL) for ``rejoin_after_s``, the network is joined again (raising restarts
-        the settlement service, whose connect asks the bootstrap peers anew)."""
+        the settlement service, whose connect asks the bootstrap peers anew). On ``rpc`` with
+        ``fallback_rpc_urls`` the same restart connects through the first URL that answers."""
         lost_since: float | None = None
         while True:
             await trio.sleep(self.config.escrow.health_interval_s)
@@ -678,10 +680,11 @@ class Node:
                 continue
             now = time.monotonic()
             lost_since = now if lost_since is None else lost_since
-            if now - lost_since >= self.rejoin_after_s and self.network is not None:
-                self.network.forget()
-                log.warning("the network's chain is gone (%s); joining the network again", client.chain.health.state)
-                raise ClawnodeError(ErrorCode.UNAVAILABLE, "the network's chain is gone", "network_lost")
+            if now - lost_since >= self.rejoin_after_s:
+                if self.network is not None and self.network.state == "joined":
+                    self.network.forget()
+                log.warning("the escrow chain is gone (%s); connecting again", client.chain.health.state)
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "the escrow chain is gone", "chain_lost")
 
     def _on_chain_health(self, health: Any) -> None:
         """The health watch's verdict changed (a runtime.escrow.health.ChainHealth)."""
@@ -739,6 +742,7 @@ class Node:
             rpc_retries=section.rpc_retries,
             health_timeout_s=section.health_timeout_s,
             chain_id=section.chain_id or None,
+            fallback_urls=tuple(section.fallback_rpc_urls),
         )
         return connect_escrow(settings, Account.from_key(wallet_key))
 

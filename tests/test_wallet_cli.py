@@ -106,3 +106,27 @@ def test_escrow_deploy_prints_what_the_other_nodes_need(tmp_path: Path, served_c
 
     down = run_cli("escrow", "deploy", "--rpc-url", "http://127.0.0.1:9/secret-key", "--data-dir", str(home))
     assert down.exit_code == 1 and "E_UNAVAILABLE" in down.stderr and "secret-key" not in down.stderr
+
+
+def test_a_dead_rpc_url_is_passed_over_for_the_next(served_chain: tuple[DevChain, str]) -> None:
+    from runtime.escrow import EscrowSettings, connect_escrow
+    from runtime.escrow.errors import EscrowError
+
+    dev, url = served_chain
+    wallet = Account.create()
+    settings = EscrowSettings(
+        mode="rpc",
+        rpc_url="http://127.0.0.1:9/down",  # nothing listens there
+        fallback_urls=(url,),
+        contract=dev.deployer.address,
+        chain_id=dev.chain.chain_id,
+        rpc_timeout_s=2,
+        rpc_retries=0,
+    )
+    client = connect_escrow(settings, wallet)
+    assert client is not None and client.chain.chain_id == dev.chain.chain_id
+    # Another chain at a fallback URL is a configuration to fix, not an outage: refused, never used.
+    wrong = settings.model_copy(update={"chain_id": dev.chain.chain_id + 1})
+    with pytest.raises(EscrowError) as refused:
+        connect_escrow(wrong, wallet)
+    assert refused.value.reason == "wrong_chain"

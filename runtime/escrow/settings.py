@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from eth_account.signers.local import LocalAccount
@@ -17,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from runtime.escrow.chain import Chain, private_chain_id
 from runtime.escrow.client import EscrowClient
+from runtime.escrow.errors import EscrowError
+
+log = logging.getLogger(__name__)
 
 EscrowMode = Literal["embedded", "rpc", "off"]
 
@@ -31,6 +35,9 @@ class EscrowSettings(BaseModel):
     rpc_retries: int = Field(1, ge=0, le=10)
     health_timeout_s: float = Field(2.0, gt=0, le=60)
     chain_id: int | None = Field(None, ge=1, description="refuse a chain with another id (None: any)")
+    fallback_urls: tuple[str, ...] = Field(
+        (), max_length=8, description="more JSON-RPC URLs of the same chain, tried in order when rpc_url fails"
+    )
 
     @model_validator(mode="after")
     def _rpc_needs_url_and_contract(self) -> EscrowSettings:
@@ -79,14 +86,24 @@ def connect_escrow(settings: EscrowSettings, wallet: LocalAccount | None = None)
         fund_from_dev_account(chain, wallet.address)
         return client.for_account(wallet)
     assert settings.rpc_url is not None and settings.contract is not None  # checked by the model
-    chain = Chain.rpc(
-        settings.rpc_url,
-        timeout_s=settings.rpc_timeout_s,
-        retries=settings.rpc_retries,
-        probe_timeout_s=settings.health_timeout_s,
-    )
     if wallet is None:
         raise ValueError("mode = rpc needs the node's wallet key")
-    client = EscrowClient(chain, wallet, settings.contract, expected_chain_id=settings.chain_id)
-    client.verify_contract()  # E_UNAVAILABLE no_escrow_contract / wrong_chain: never lock there
-    return client
+    urls = [settings.rpc_url, *settings.fallback_urls]
+    for index, url in enumerate(urls):
+        try:
+            chain = Chain.rpc(
+                url,
+                timeout_s=settings.rpc_timeout_s,
+                retries=settings.rpc_retries,
+                probe_timeout_s=settings.health_timeout_s,
+            )
+            client = EscrowClient(chain, wallet, settings.contract, expected_chain_id=settings.chain_id)
+            client.verify_contract()  # E_UNAVAILABLE no_escrow_contract / wrong_chain: never lock there
+            return client
+        except EscrowError as error:
+            # Only a URL that does not answer is passed over: another chain or no escrow there is a
+            # configuration to fix, not an outage to route around.
+            if error.reason != "chain_unavailable" or index == len(urls) - 1:
+                raise
+            log.warning("escrow RPC URL %d of %d does not answer; trying the next", index + 1, len(urls))
+    raise AssertionError("unreachable")
