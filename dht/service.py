@@ -40,6 +40,7 @@ ADOPT_INTERVAL_S = 1.0
 # (``lookup_guard.SilentPeers``). Config: dht.dial_timeout_s.
 DEFAULT_DIAL_TIMEOUT_S = 4.0
 ANNOUNCE_TIMEOUT_S = 10.0
+JOIN_DIAL_FACTOR = 2.5  # the join gives each peer this many times dial_timeout_s (10 s by default)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,10 @@ class DhtService:
 
     async def _dial(self, info: PeerInfo, limiter: trio.CapacityLimiter, connected: list[ID]) -> None:
         async with limiter:
-            with trio.move_on_after(self.dial_timeout_s) as deadline:
+            # Longer than a lookup's dial: a bootstrap or remembered peer is worth a slow handshake
+            # (on a loaded 2-core box a TCP + Noise + Yamux upgrade took over 4 s, and every join dial
+            # was cut short: "0 of 5 known peers answered"); `ready` comes with the first one anyway.
+            with trio.move_on_after(self.dial_timeout_s * JOIN_DIAL_FACTOR) as deadline:
                 try:
                     await self.host.connect(info)
                 except Exception as error:  # noqa: BLE001 - an unreachable peer is normal

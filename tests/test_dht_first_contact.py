@@ -177,7 +177,7 @@ async def test_a_fresh_node_is_ready_with_its_first_dht_peer_before_its_join_end
             with trio.fail_after(2):
                 await a.wait_until_ready(30)
             # One bootstrap peer answers, the other never does: the join waits out its dial.
-            async with dht_node(tmp_path, "fresh", [silent, p2p_addr(a)], dial_timeout_s=3.0) as fresh:
+            async with dht_node(tmp_path, "fresh", [silent, p2p_addr(a)], dial_timeout_s=2.0) as fresh:
                 with trio.fail_after(10):
                     await fresh.ready.wait()
                 assert not fresh.joined.is_set()  # publishing and lookups need not wait for the join
