@@ -91,6 +91,8 @@ class Offer(BaseModel):
     chat_format: str = Field(
         "", pattern=r"^([a-z0-9][a-z0-9._-]{0,47})?$", description="a model's chat template family (chatml, gemma...)"
     )
+    parallel: int = Field(0, ge=0, le=1024, description="a model's sequences generated at once (0: not said)")
+    max_queue: int = Field(0, ge=0, le=10_000, description="a model's requests that may wait beyond them")
     family: str = ""
     parameters: int = Field(0, ge=0)
     quantisation: str = ""
@@ -129,6 +131,8 @@ class Offer(BaseModel):
             context_length=self.context_length or 2048,
             features=self.features,
             chat_format=self.chat_format,
+            parallel=self.parallel,
+            max_queue=self.max_queue,
         )
 
     def descriptor(self) -> CapabilityDescriptor:

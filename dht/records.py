@@ -95,6 +95,10 @@ class ModelFacts(_Strict):
     chat_format: str = Field(
         "", pattern=r"^([a-z0-9][a-z0-9._-]{0,47})?$", description="the chat template family, e.g. chatml, gemma"
     )
+    # Capacity, so a router spreads load before anyone refuses: sequences generated at once, and
+    # requests that may wait beyond them (more are refused E_RATE_LIMITED busy). 0: not said.
+    parallel: int = Field(0, ge=0, le=1024, description="sequences the model generates at once")
+    max_queue: int = Field(0, ge=0, le=10_000, description="requests that may wait beyond them")
 
     @field_validator("features")
     @classmethod
@@ -109,7 +113,7 @@ class ModelFacts(_Strict):
         # A record from before features were published has neither key; left out while empty, its
         # canonical encoding (which the signature covers) is still the one it was signed as.
         data: dict[str, Any] = handler(self)
-        for key in ("features", "chat_format"):
+        for key in ("features", "chat_format", "parallel", "max_queue"):
             if not data.get(key):
                 data.pop(key, None)
         return data

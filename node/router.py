@@ -81,6 +81,16 @@ PROVIDER_FAULTS = frozenset(
 )
 
 
+def capacity_of(provider: ProviderResult) -> int:
+    """The requests a provider's record says its model takes at once (generating and waiting); 1
+    where it says nothing."""
+    descriptor = provider.record.capability(provider.capability)
+    facts = descriptor.model if descriptor is not None else None
+    if facts is None or facts.parallel < 1:
+        return 1
+    return facts.parallel + facts.max_queue
+
+
 def is_busy(error: ClawnodeError) -> bool:
     """A refusal that says "not now": a model's queue is full (``busy``, with a retry-after hint)."""
     return error.code == ErrorCode.RATE_LIMITED and (error.reason == Reason.BUSY or error.retry_after_s is not None)
@@ -101,6 +111,7 @@ class ProviderHealth:
     consecutive_failures: int = 0
     in_flight: int = 0
     served: int = 0
+    busy_until: float = 0.0  # a busy refusal's hint: ranked after the others until then
 
     def record_latency(self, seconds: float) -> None:
         self.ewma_latency_s = (
@@ -222,12 +233,17 @@ class Router:
         return self.health.setdefault(peer, ProviderHealth())
 
     def rank(self, providers: list[ProviderResult]) -> list[ProviderResult]:
-        """Healthy first, then least loaded, cheapest, fastest (EWMA, else the discovery round trip)."""
+        """Healthy first, then not known busy, least loaded (our calls in flight against the capacity
+        its record states: ``parallel`` + ``max_queue``), cheapest, fastest (EWMA, else the discovery
+        round trip)."""
+        now = self.clock()
 
-        def key(provider: ProviderResult) -> tuple[int, int, int, float]:
+        def key(provider: ProviderResult) -> tuple[int, int, float, int, float]:
             health = self._health(provider.peer_id)
             latency = health.ewma_latency_s if health.ewma_latency_s is not None else provider.rtt_ms / 1000
-            return (0 if self.usable(provider.peer_id) else 1, health.in_flight, provider.price_per_unit, latency)
+            load = health.in_flight / capacity_of(provider)
+            busy = 1 if health.busy_until > now else 0
+            return (0 if self.usable(provider.peer_id) else 1, busy, load, provider.price_per_unit, latency)
 
         return sorted((p for p in providers if not p.is_self), key=key)
 
@@ -466,7 +482,10 @@ class Router:
             async with self._using(lease_id, body):
                 end = await self.market.stream_call(lease_id, body, on_chunk, stall_s=self.settings.stall_timeout_s)
         except ClawnodeError as error:
-            if not is_busy(error):  # a full queue is not a fault: the provider stays in rotation
+            if is_busy(error):  # a full queue is not a fault: the provider stays in rotation, ranked later
+                hint = error.retry_after_s if error.retry_after_s is not None else 1.0
+                health.busy_until = self.clock() + min(hint, 60.0)
+            else:
                 health.consecutive_failures += 1
             result.completion_tokens += received  # delivered before the failure
             if received:

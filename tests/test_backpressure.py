@@ -13,9 +13,10 @@ import httpx
 import pytest
 import trio
 
-from dht.discovery import DiscoveryQuery
+from dht.discovery import DiscoveryQuery, ProviderResult
 from node.daemon import Node
 from node.datadir import read_api_token
+from node.router import ProviderHealth, capacity_of
 from runtime.inference.engine import LlamaModel
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
@@ -51,6 +52,31 @@ def _check_streamed_answer(status: int, text: str) -> None:
     assert finals[-1] == "length"
 
 
+def _check_ranking(consumer: Node, found: ProviderResult) -> None:
+    """The record states the model's capacity; the router ranks by load against it and puts a
+    provider that just said it is busy last until its hint has passed."""
+    descriptor = found.record.capability(f"model:{MODEL}")
+    assert descriptor is not None and descriptor.model is not None
+    assert (descriptor.model.parallel, descriptor.model.max_queue) == (1, QUEUE)
+    roomy_facts = descriptor.model.model_copy(update={"max_queue": 30})
+    roomy_record = found.record.model_copy(
+        update={"capabilities": [descriptor.model_copy(update={"model": roomy_facts})]}
+    )
+    small, roomy = (
+        found.model_copy(update={"peer_id": "small"}),
+        found.model_copy(update={"peer_id": "roomy", "record": roomy_record}),
+    )
+    router = consumer.router
+    assert capacity_of(small) == 1 + QUEUE and capacity_of(roomy) == 31
+    router.health["small"], router.health["roomy"] = ProviderHealth(in_flight=1), ProviderHealth(in_flight=2)
+    assert [p.peer_id for p in router.rank([small, roomy])] == ["roomy", "small"]  # 2/31 of it vs 1/3
+    router.health["small"].in_flight = 0
+    assert [p.peer_id for p in router.rank([small, roomy])] == ["small", "roomy"]
+    router.health["small"].busy_until = router.clock() + 5
+    assert [p.peer_id for p in router.rank([small, roomy])] == ["roomy", "small"]
+    del router.health["small"], router.health["roomy"]
+
+
 async def test_a_burst_past_the_queue_gets_answers_and_clean_429s_then_a_waiting_router_is_served(
     tmp_path: Path,
 ) -> None:
@@ -64,6 +90,8 @@ async def test_a_burst_past_the_queue_gets_answers_and_clean_429s_then_a_waiting
         with trio.fail_after(60):
             while not await consumer.discover(DiscoveryQuery(capability=f"model:{MODEL}")):
                 await trio.sleep(0.2)
+        [found] = await consumer.discover(DiscoveryQuery(capability=f"model:{MODEL}"))
+        _check_ranking(consumer, found)
         consumer.router.settings = consumer.router.settings.model_copy(update={"busy_wait_s": 0.0})
         chat = {"model": MODEL, "messages": ASK, "max_tokens": 24, "temperature": 0, "stream": True}
         # The lease is opened (and the route warmed) by one request first.

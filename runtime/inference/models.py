@@ -229,7 +229,9 @@ class ModelHost:
                 "price_per_unit": spec.price_per_unit,
             }
             # What the model serves beyond free text, and its template family, go in the record.
-            chat = {"features": sorted(model.features()), "chat_format": model.chat_family}
+            chat: dict[str, Any] = {"features": sorted(model.features()), "chat_format": model.chat_family}
+            # Its capacity: a router ranks providers by their load against it.
+            chat |= {"parallel": model.admission.slots, "max_queue": model.max_queue}
             offers.append({"name": spec.capability, "summary": spec.summary or f"{spec.name} chat", **facts, **chat})
             if spec.embeddings:
                 offers.append(
