@@ -37,7 +37,11 @@ async def test_a_joined_node_follows_its_restarted_bootstrap_to_a_fresh_chain(
     joiner.rejoin_after_s = 1.0
     async with trio.open_nursery() as nursery:
         await nursery.start(joiner.run)
-        await wait_for(lambda: joiner.network is not None and joiner.network.state == "joined", 60, "the first join")
+
+        def joined() -> bool:
+            return joiner.escrow_client is not None and joiner.network is not None and joiner.network.state == "joined"
+
+        await wait_for(joined, 60, "the first join")
         first = joiner.escrow_client.chain.chain_id
         assert first == await trio.to_thread.run_sync(boot_chain)
 
