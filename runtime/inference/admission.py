@@ -91,9 +91,11 @@ class FairAdmission:
     async def acquire(self, borrower: str | None = None) -> int:
         """A slot for ``borrower`` (default: :func:`current_borrower`); returns a ticket for ``release``."""
         who = current_borrower() if borrower is None else borrower
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self.active < self.slots and self._waiting == 0:
-            await trio.lowlevel.checkpoint()
-            return self._grant_now()
+            ticket = self._grant_now()  # granted before yielding: no other task can take the slot too
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return ticket
         if self._waiting >= self.max_queue and not self._displace(who):
             raise self._busy()
         waiter = _Waiter(who)

@@ -75,3 +75,22 @@ async def test_a_cancelled_waiter_leaves_and_the_borrower_is_taken_from_the_cont
     assert current_borrower() == "" and admission.waiting == 0
     admission.release(holder)
     assert admission.active == 0 and admission.hold_ewma_s is not None
+
+
+async def test_requests_arriving_together_never_exceed_the_slots() -> None:
+    admission = FairAdmission("m", slots=2, max_queue=64)
+    running, most = 0, 0
+
+    async def request(borrower: str) -> None:
+        nonlocal running, most
+        ticket = await admission.acquire(borrower)
+        running += 1
+        most = max(most, running)
+        await trio.sleep(0.001)
+        running -= 1
+        admission.release(ticket)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(20):  # all start in the same scheduling round
+            nursery.start_soon(request, f"b{index % 3}")
+    assert most == 2 and admission.active == 0 and admission.waiting == 0
