@@ -659,12 +659,14 @@ class LlamaModel:
         schema: dict[str, Any] | None = None,
         tools: ToolUse | None = None,
         assistant_prefix: str = "",
+        grammar: str | None = None,
     ) -> TokenStream:
         """Stream chunk dicts (see :class:`TokenStream`) of a chat (``messages``) or a plain
         completion (``prompt``: text, or token ids taken as they are), with ``n`` choices one after
         another; ``assistant_prefix`` continues a reply begun elsewhere (after the generation
         prompt, or after the plain prompt). ``schema`` (already checked by ``grammar.check_schema``) or active ``tools``
-        constrain every choice by a grammar."""
+        constrain every choice by a grammar; ``grammar``, when given, is the one already built from
+        them (``schema_grammar``/``tools_grammar`` take seconds on large schemas: a worker thread's job)."""
         sampling = sampling or Sampling()
         if messages is not None:
             check_messages(messages)
@@ -682,9 +684,9 @@ class LlamaModel:
         if tools is not None and tools.active:
             if schema is not None:
                 raise invalid("tools and a JSON response_format cannot be combined", "response_format")
-            request.grammar, request.grammar_param, request.tools = tools_grammar(tools), "tools", tools
+            request.grammar, request.grammar_param, request.tools = grammar or tools_grammar(tools), "tools", tools
         elif schema is not None:
-            request.grammar = schema_grammar(schema)
+            request.grammar = grammar or schema_grammar(schema)
         return TokenStream(self, request, chunks=True)
 
     def stream_chat(

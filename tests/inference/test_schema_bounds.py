@@ -69,8 +69,9 @@ async def test_a_schema_at_the_bound_is_still_served(tiny_path: Path) -> None:
 
 
 async def test_schemas_are_checked_off_the_trio_loop(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """jsonschema's check of one 13 KB schema takes about 0.5 s: 64 tools of them held a provider's
-    trio loop (every lease, DHT query and API call) for 13 s per request."""
+    """jsonschema's check of one 13 KB schema takes about 0.5 s, and its conversion to a grammar can
+    take seconds: 64 tools held a provider's trio loop (every lease, DHT query and API call) for
+    8-13 s per request."""
     from runtime.inference import service, tools
 
     threads: list[bool] = []
@@ -82,8 +83,21 @@ async def test_schemas_are_checked_off_the_trio_loop(tiny_path: Path, monkeypatc
 
         return check
 
+    def watched1(real: Any) -> Any:
+        def build(*args: Any) -> Any:
+            threads.append(threading.current_thread() is threading.main_thread())
+            return real(*args)
+
+        return build
+
+    from runtime.inference import engine
+
     monkeypatch.setattr(tools, "check_schema", watched(tools.check_schema))
     monkeypatch.setattr(service, "check_schema", watched(service.check_schema))
+    # Converting schemas to a grammar: 64 tools of 300 optional properties took 8 s.
+    for module in (service, engine):
+        monkeypatch.setattr(module, "schema_grammar", watched1(module.schema_grammar))
+        monkeypatch.setattr(module, "tools_grammar", watched1(module.tools_grammar))
     add = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     model = LlamaModel(tiny_path, name="tiny", n_ctx=2048, n_threads=1)
     await model.load()
@@ -99,4 +113,4 @@ async def test_schemas_are_checked_off_the_trio_loop(tiny_path: Path, monkeypatc
         await ChatService(model).run({"messages": messages, "max_tokens": 4, "response_format": schema_format}, emit)
     finally:
         await model.aclose()
-    assert threads == [False, False]
+    assert threads == [False, False, False, False]  # two checks, two grammars
