@@ -332,7 +332,7 @@ class Node:
         self._host = build_host(
             key_pair,
             max_connections=self.config.node.max_connections,
-            connection_budget=min(self.config.node.connection_budget, self.config.node.max_connections),
+            connection_budget=min(self.config.node.connection_budget, self.config.node.max_connections) or None,
             conn_limits=ConnLimits.of(self.config.node),
             listen_addrs=listen_addrs,
             extra_addrs=self._external_addrs,
