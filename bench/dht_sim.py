@@ -51,7 +51,7 @@ answer first named the target (counted as ``bench/dht_swarm.py`` does).
 
 Speed: py-libp2p hashes every peer id (SHA-256) on every closest-peers query; the hash is cached
 (``functools.lru_cache`` on ``peer_id_to_key``, same answers). N = 1,000 over 2 h takes ~9 min and
-N = 10,000 (``--refresh-s 0``) ~35 min on a shared core.
+N = 10,000 (``--refresh-s 0``) ~25 min on a shared core.
 
 The simulated time runs on trio's ``MockClock`` (``autojump_threshold=0``): every sleep is
 skipped at once when nothing else can run, so two hours pass in however long the CPU needs.
