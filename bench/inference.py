@@ -53,6 +53,12 @@ Then the agent surface (issue 18), ``--surface-requests`` 0 skips it:
   the consumer's ``/v1``, whose router buys the same model from the provider over a lease. Both are
   warmed up once (the network one opens its lease).
 
+Backpressure (issue 19), ``--burst`` (default 50), 0 skips it: that many streamed chat requests at
+once through the consumer's ``/v1``; ``burst_answered`` (whole answers), ``burst_429`` (clean 429s
+with ``Retry-After``, after the router waited out busy hints up to ``router.busy_wait_s``) and
+``burst_other`` (anything else, e.g. a 200 followed by an error event: should be 0), the answered
+ones' time to first event p50.
+
 Prefix caching (issue 19), ``--prefix-requests`` (default 6) pairs, 0 skips it: on the direct model,
 a conversation with a long system prompt, then its second turn timed to its first token (``max_tokens``
 1: the engine's admission-to-first-token time, i.e. the prefill). ``prefill_cached_ms``: the second
@@ -178,6 +184,9 @@ class Figures:
     tool_local_s: list[float] = field(default_factory=list)
     tool_network_s: list[float] = field(default_factory=list)
     tool_failures: list[str] = field(default_factory=list)
+    burst: dict[str, int] = field(default_factory=dict)  # outcome -> requests
+    burst_ttft_s: list[float] = field(default_factory=list)
+    burst_wall_s: float = math.nan
     prefill_cached_s: list[float] = field(default_factory=list)  # second turn, its prefix reused
     prefill_fresh_s: list[float] = field(default_factory=list)  # the same second turn, decoded whole
     cached_tokens: list[int] = field(default_factory=list)
@@ -489,6 +498,41 @@ async def prefix_phase(args: argparse.Namespace, model: LlamaModel, figures: Fig
         model.prefix_cache_bytes = budget
 
 
+async def burst_phase(args: argparse.Namespace, consumer: Node, figures: Figures) -> None:
+    """``--burst`` streamed chat requests at once through the consumer's ``/v1`` (its router buys them
+    from the provider): each ends as a whole answer (200, ``[DONE]``, no error event), a clean 429 with
+    ``Retry-After``, or something else (counted as ``other``: a 200 followed by an error event, say)."""
+    token = await trio.to_thread.run_sync(read_api_token, consumer.data_dir)
+    headers = {"authorization": f"Bearer {token}"}
+    body = {"model": MODEL_NAME, "messages": messages(PROMPTS[0]), "max_tokens": args.max_tokens, "stream": True}
+    body["temperature"] = 0
+
+    async def one(client: httpx.AsyncClient) -> None:
+        started = time.perf_counter()
+        outcome = "other"
+        async with client.stream("POST", f"{consumer.api_url}/v1/chat/completions", json=body, headers=headers) as r:
+            if r.status_code == 429 and int(r.headers.get("retry-after", "0")) >= 1:
+                outcome = "refused_429"
+            elif r.status_code == 200:
+                first, events = None, []
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        first = first or time.perf_counter()
+                        events.append(line[6:])
+                if events and events[-1] == "[DONE]" and not any('"error"' in e for e in events):
+                    outcome = "answered"
+                    figures.burst_ttft_s.append((first or started) - started)
+        figures.burst[outcome] = figures.burst.get(outcome, 0) + 1
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=args.burst)) as client:
+        async with trio.open_nursery() as nursery:
+            for _ in range(args.burst):
+                nursery.start_soon(one, client)
+    figures.burst_wall_s = time.perf_counter() - started
+    progress(f"burst of {args.burst}: {figures.burst} in {figures.burst_wall_s:.1f}s")
+
+
 async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> None:
     deadline = time.perf_counter() + args.time_limit
     chat_format = "gemma" if args.model == "gemma" else None
@@ -571,6 +615,8 @@ async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> Non
                 await consumer.market.stream_call(frame_lease, {"frames": args.frames}, count)
                 figures.frames = (received, time.perf_counter() - started)
                 progress(f"frame stub: {received} frames in {figures.frames[1]:.2f}s")
+            if args.burst > 0 and time.perf_counter() < deadline:
+                await burst_phase(args, consumer, figures)
             if args.prefix_requests > 0:
                 await prefix_phase(args, direct_model, figures, deadline)
             if args.surface_requests > 0:
@@ -629,6 +675,9 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
         f"failed={len(figures.tool_failures)} "
         f"schema_ratio={schema_ratio:.3f} tool_roundtrip_ms_local={1e3 * tool_local:.1f} "
         f"tool_roundtrip_ms_network={1e3 * tool_network:.1f} "
+        f"burst={sum(figures.burst.values())} burst_answered={figures.burst.get('answered', 0)} "
+        f"burst_429={figures.burst.get('refused_429', 0)} burst_other={figures.burst.get('other', 0)} "
+        f"burst_ttft_p50_ms={1e3 * p50(figures.burst_ttft_s):.1f} burst_wall_s={figures.burst_wall_s:.1f} "
         f"prefill_cached_ms={1e3 * p50(figures.prefill_cached_s):.1f} "
         f"prefill_fresh_ms={1e3 * p50(figures.prefill_fresh_s):.1f} "
         f"cached_tokens={int(p50(figures.cached_tokens)) if figures.cached_tokens else 0}"
@@ -669,6 +718,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=6,
         help="schema/free pairs and tool round trips per path (issue 18's figures); 0 skips them",
     )
+    parser.add_argument("--burst", type=int, default=50, help="streamed /v1 requests at once; 0 skips")
     parser.add_argument(
         "--prefix-requests", type=int, default=6, help="second turns timed with and without prefix caching; 0 skips"
     )

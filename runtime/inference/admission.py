@@ -8,15 +8,15 @@ cannot starve the others: its requests queue behind each other, not in front of 
 When the queue is full, a newcomer whose borrower holds fewer waiting places than the heaviest one
 takes the heaviest borrower's newest place (that request is refused instead); otherwise the newcomer
 is refused. A refusal is ``E_RATE_LIMITED`` with reason ``busy`` and ``retry_after_s``: about one
-request's service time (a moving average of how long a request held its slot), the time until the
-queue moves by one place.
+request's service time (a moving average of how long a request held its slot) over the slots, the
+time until the queue moves by one place (0.05 to 60 s; HTTP's ``Retry-After`` rounds it up to whole
+seconds).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -28,7 +28,7 @@ from runtime.errors import ClawnodeError, ErrorCode, Reason
 
 _BORROWER: ContextVar[str] = ContextVar("clawnode_borrower", default="")
 HOLD_EWMA_ALPHA = 0.3
-MIN_RETRY_AFTER_S = 1.0
+MIN_RETRY_AFTER_S = 0.05  # a fast model frees a place in milliseconds (HTTP Retry-After rounds up to 1 s)
 MAX_RETRY_AFTER_S = 60.0
 
 
@@ -75,9 +75,10 @@ class FairAdmission:
         return self._waiting
 
     def retry_after_s(self) -> float:
-        """The hint a refusal carries: about one request's service time, at least a second."""
-        hold = self.hold_ewma_s if self.hold_ewma_s is not None else MIN_RETRY_AFTER_S
-        return float(min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, math.ceil(hold / self.slots))))
+        """The hint a refusal carries: about one request's service time over the slots (when the queue
+        moves by one place), 1 s before any request has been timed."""
+        hold = self.hold_ewma_s if self.hold_ewma_s is not None else 1.0
+        return round(min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, hold / self.slots)), 3)
 
     def _busy(self) -> ClawnodeError:
         self.refused += 1
