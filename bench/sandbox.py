@@ -23,15 +23,16 @@ Measures, in one process:
    claim, an honest run that hit its limit, the module withheld by both parties, a task that asks
    for a person, limits above the arbiter's caps, a non-deterministic native program. Each is
    decided as the arbiter does: a real re-run in the arbiter's sandbox, then ``rerun_verdict``.
-   The share decided without a person, and how many of those decisions were wrong (the
-   non-deterministic program: its honest seller loses). Disputes over tasks with no sandboxed
+   The share decided without a person, and how many of those decisions were wrong (``wrong``; a
+   native output that differs is re-run once more, and a program whose two re-runs differ goes to a
+   person instead of refunding its honest seller away). Disputes over tasks with no sandboxed
    kind (a person's deliverable, inference) always go to a person and are not in this batch.
 5. ``escapes``: both escape batteries (the modules and programs of the tests) run once; an escape is
    any entry whose containment check fails (a host file's bytes in the output, a connection made,
    a process left behind, a write outside the output, a run not stopped by its limit).
 
 Progress goes to stderr, the figures to stdout, the last line ``sandbox: start_ms_wasm=…
-start_ms_native=… kernel_ratio=… arbitration_s=… auto_resolved=… escapes=…``.
+start_ms_native=… kernel_ratio=… arbitration_s=… auto_resolved=… wrong=… escapes=…``.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ FAULTS = {  # fault: (weight, who should win: "seller" / "buyer" / "person")
     "module_withheld": (5, "person"),
     "asks_for_person": (5, "person"),
     "limits_above_arbiter": (5, "person"),
-    "nondeterministic": (7, "seller"),
+    "nondeterministic": (7, "person"),  # the arbiter's own two runs differ: not reproducible
 }
 
 NONDETERMINISTIC = b"#!/bin/sh\nhead -c 8 /dev/urandom | od -An -tx1\n"
@@ -255,13 +256,23 @@ def mixed_batch(count: int, rng: random.Random) -> tuple[float, int, Counter[str
             verdict_facts = RerunFacts(**{**facts.__dict__, "rerun_refusal": "module_unavailable"})
         else:
             try:
-                rerun = arbiter.run_sync(kind, arbiter.load(kind, program, digest), data, limits)
+                loaded = arbiter.load(kind, program, digest)
+                rerun = arbiter.run_sync(kind, loaded, data, limits)
+                reproducible = True
+                if kind == "native" and rerun.output_sha256 != facts.claimed_sha256:  # as the arbiter: once more
+                    again = arbiter.run_sync(kind, loaded, data, limits)
+                    reproducible = (again.output_sha256, again.outcome, again.exit_code) == (
+                        rerun.output_sha256,
+                        rerun.outcome,
+                        rerun.exit_code,
+                    )
                 verdict_facts = RerunFacts(
                     **{
                         **facts.__dict__,
                         "rerun_sha256": rerun.output_sha256,
                         "rerun_size": len(rerun.output),
                         "rerun_usage": Usage(rerun.fuel_used, str(rerun.outcome), rerun.exit_code),
+                        "rerun_reproducible": reproducible,
                     }
                 )
             except ClawnodeError as error:
@@ -433,7 +444,7 @@ def main() -> None:
     print(f"escape batteries: {escaped} escaped{(': ' + ', '.join(which)) if which else ''}")
     print(
         f"sandbox: start_ms_wasm={ms_wasm:.2f} start_ms_native={ms_native:.1f} kernel_ratio={ratio:.3f} "
-        f"arbitration_s={arbitration_s:.2f} auto_resolved={share:.2f} escapes={escaped}"
+        f"arbitration_s={arbitration_s:.2f} auto_resolved={share:.2f} wrong={wrong} escapes={escaped}"
     )
 
 

@@ -10,7 +10,11 @@ re-execution (``arbitration = "rerun"``):
 * the re-run's output has the sha256 and size the seller signed, and (``wasm``) the same fuel,
   outcome and exit code as its signed usage -> everything to the seller (``rerun_matches``);
   the program failing (a trap, a limit) is still the program the buyer named, faithfully run;
-* otherwise -> everything back to the buyer (``output_differs`` / ``usage_differs``).
+* otherwise -> everything back to the buyer (``output_differs`` / ``usage_differs``);
+* but a ``native`` program whose re-run differs from the claim is run a second time, and when the
+  arbiter's own two runs differ the program is not reproducible (it reads randomness, the clock, its
+  pid): re-execution proves nothing either way -> ``escalate`` (``not_reproducible``), so an honest
+  seller of a non-deterministic program is never refunded away by a re-run.
 
 ``native`` runs are compared on output hash, size, outcome and exit code only: CPU time is not
 deterministic across machines.
@@ -83,6 +87,7 @@ class RerunFacts:
     rerun_size: int = 0
     rerun_usage: Usage | None = None
     rerun_refusal: str | None = None  # the sandbox's stable reason, when it could not re-run
+    rerun_reproducible: bool = True  # False: the arbiter's second run of a native program differed from its first
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class RerunVerdict:
 def rerun_verdict(f: RerunFacts) -> RerunVerdict:
     if f.rerun_sha256 is None or f.rerun_usage is None:
         return RerunVerdict("escalate", 0, f.rerun_refusal or "rerun_unavailable")
+    if not f.rerun_reproducible:
+        return RerunVerdict("escalate", 0, "not_reproducible")
     if (f.rerun_sha256, f.rerun_size) != (f.claimed_sha256, f.claimed_size):
         return RerunVerdict("resolve", 0, "output_differs")
     claimed, rerun = f.claimed_usage, f.rerun_usage

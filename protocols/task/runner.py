@@ -288,6 +288,16 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
                 local.module = module
                 try:
                     result = await self._run_terms(terms, module)
+                    if terms.kind == "native" and result.output_sha256 != record.result.content_hash:
+                        # A differing native output may be the program's own doing (randomness, the
+                        # clock): a second run tells a non-deterministic program from a wrong result.
+                        again = await self._run_terms(terms, module)
+                        reproducible = (again.output_sha256, again.outcome, again.exit_code) == (
+                            result.output_sha256,
+                            result.outcome,
+                            result.exit_code,
+                        )
+                        facts = rules.RerunFacts(**{**facts.__dict__, "rerun_reproducible": reproducible})
                     rerun_output = result.output
                     facts = rules.RerunFacts(
                         **{

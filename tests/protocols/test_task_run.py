@@ -44,6 +44,9 @@ def test_the_re_run_decides_every_disputed_sandboxed_task_it_could_run() -> None
     cannot = rerun_verdict(_with(rerun_sha256=None, rerun_usage=None, rerun_refusal="wall_clock"))
     assert (cannot.action, cannot.reason) == ("escalate", "wall_clock")
     assert rerun_verdict(_with(rerun_sha256=None, rerun_usage=None)).reason == "rerun_unavailable"
+    # A native program whose two re-runs differ proves nothing: a person decides, nobody is refunded away.
+    shaky = rerun_verdict(_with(kind="native", rerun_sha256="b" * 64, rerun_reproducible=False))
+    assert (shaky.action, shaky.reason, shaky.to_bidder) == ("escalate", "not_reproducible", 0)
 
 
 def test_who_runs_and_who_fetches() -> None:
@@ -97,13 +100,14 @@ def test_the_re_run_verdict_pays_the_seller_only_for_what_it_reproduced() -> Non
     usages = st.builds(Usage, st.sampled_from([700, 701]), st.sampled_from(["exited", "trap"]), st.sampled_from([0, 1]))
     seen: Counter[str] = Counter()
 
-    @settings(max_examples=200, deadline=None, database=None)
+    @settings(max_examples=400, deadline=None, database=None)
     @given(
         kind=st.sampled_from(["wasm", "native"]),
         price=st.integers(1, 10**18),
         claimed=st.tuples(hashes, st.integers(0, 2), st.none() | usages),
         rerun=st.none() | st.tuples(hashes, st.integers(0, 2), usages),
         refusal=st.none() | st.sampled_from(["wall_clock", "module_unavailable", "limits_too_high"]),
+        reproducible=st.sampled_from([True, True, True, False]),
     )
     def check(
         kind: str,
@@ -111,6 +115,7 @@ def test_the_re_run_verdict_pays_the_seller_only_for_what_it_reproduced() -> Non
         claimed: tuple[str, int, Usage | None],
         rerun: tuple[str, int, Usage] | None,
         refusal: str | None,
+        reproducible: bool,
     ) -> None:
         facts = RerunFacts(
             kind=kind,
@@ -122,11 +127,15 @@ def test_the_re_run_verdict_pays_the_seller_only_for_what_it_reproduced() -> Non
             rerun_size=rerun[1] if rerun else 0,
             rerun_usage=rerun[2] if rerun else None,
             rerun_refusal=None if rerun else refusal,
+            rerun_reproducible=reproducible,
         )
         verdict = rerun_verdict(facts)
         seen[f"{verdict.action} {verdict.reason}"] += 1
         if rerun is None:  # nothing reproduced: never decided without a person
             assert verdict.action == "escalate" and verdict.reason == (refusal or "rerun_unavailable")
+            return
+        if not reproducible:  # the arbiter could not reproduce its own run: never decided without a person
+            assert (verdict.action, verdict.reason) == ("escalate", "not_reproducible")
             return
         assert verdict.action == "resolve" and verdict.to_bidder in (0, price)
         same_output = (rerun[0], rerun[1]) == (claimed[0], claimed[1])
@@ -143,5 +152,13 @@ def test_the_re_run_verdict_pays_the_seller_only_for_what_it_reproduced() -> Non
     report(
         "rerun_verdict",
         seen,
-        {"rerun_matches", "output_differs", "usage_differs", "wall_clock", "module_unavailable", "rerun_unavailable"},
+        {
+            "rerun_matches",
+            "output_differs",
+            "usage_differs",
+            "wall_clock",
+            "module_unavailable",
+            "rerun_unavailable",
+            "not_reproducible",
+        },
     )
