@@ -69,6 +69,16 @@ class NetworkProfile(_Msg):
         namespace, _, reference = self.chain.partition(":")
         return int(reference) if namespace == "eip155" and reference.isdigit() else None
 
+    @property
+    def on_development_chain(self) -> bool:
+        """Whether the chain is a development chain (a private id, as ``devchain`` gives one): the
+        only kind a profile is handed out for, and the only kind a node joins. A transaction signed
+        for such a chain can be replayed on no public one (EIP-155)."""
+        from runtime.escrow.chain import PRIVATE_CHAIN_ID_MAX, PRIVATE_CHAIN_ID_MIN
+
+        chain_id = self.chain_id
+        return chain_id is not None and PRIVATE_CHAIN_ID_MIN <= chain_id < PRIVATE_CHAIN_ID_MAX
+
 
 class ProfileRequest(_Msg):
     type: Literal["profile"] = "profile"
@@ -213,6 +223,12 @@ async def find_profile(
                     log.debug("network profile from %s: %s", peer, error.code)
                     continue  # not reachable yet, or an older node: asked again
                 if profile is None or not profile.rpc_urls:
+                    del pending[peer]
+                    continue
+                if not profile.on_development_chain:
+                    # A bootstrap naming eip155:1 would have this node sign its escrow transactions for
+                    # mainnet and hand them to the bootstrap's URL: replayable there with an imported wallet.
+                    log.warning("bootstrap peer %s names %s, not a development chain: not joined", peer, profile.chain)
                     del pending[peer]
                     continue
                 urls = [reachable_url(url, ip) for url in profile.rpc_urls]
