@@ -55,6 +55,9 @@ REDIAL_AFTER_S = 30.0
 ANSWERS_PER_S = 2
 MAX_TXT_ADDRS = 16
 MAX_PEERS = 256  # peers remembered (when each was last dialed): bounded
+# Dials of peers heard of at once: a LAN stranger's answers can name a dozen fresh peer ids each,
+# at addresses it picks; a peer heard while these are busy is dialed when heard of again.
+MAX_DIALS_IN_FLIGHT = 4
 
 
 def announced_addrs(addrs: Iterable[str]) -> list[str]:
@@ -175,6 +178,7 @@ class MdnsDiscovery:
         self.instance = secrets.token_hex(16)  # the spec's random peer name: our id is in the TXT only
         self.heard = 0  # peers heard of, ever (ourselves left out)
         self._dialed: dict[str, float] = {}
+        self._dialing = 0
         self._answered: list[float] = []
         self._sock: trio.socket.SocketType | None = None
 
@@ -252,6 +256,8 @@ class MdnsDiscovery:
         for peer_id, addrs in heard.peers.items():
             if peer_id == mine:
                 continue
+            if self._dialing >= MAX_DIALS_IN_FLIGHT:
+                break
             last = self._dialed.get(peer_id)
             if last is not None and now - last < REDIAL_AFTER_S:
                 continue
@@ -261,6 +267,7 @@ class MdnsDiscovery:
                 del self._dialed[next(iter(self._dialed))]
             self._dialed[peer_id] = now
             info = PeerInfo(ID.from_base58(peer_id), [multiaddr.Multiaddr(addr) for addr in addrs])
+            self._dialing += 1
             nursery.start_soon(self._found, info)
 
     async def _found(self, info: PeerInfo) -> None:
@@ -268,6 +275,8 @@ class MdnsDiscovery:
             await self.found(info)
         except Exception as error:  # noqa: BLE001 - a LAN peer we cannot reach now: heard of again later
             log.debug("mDNS peer %s: %s", info.peer_id, type(error).__name__)
+        finally:
+            self._dialing -= 1
 
 
 def connect_found(host: IHost, timeout_s: float = 5.0) -> Callable[[PeerInfo], Awaitable[None]]:
