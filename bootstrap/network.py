@@ -267,7 +267,7 @@ async def serve_network_chain(service: NetworkService, wallet_key: bytes, *, lis
         chain=f"eip155:{dev.chain.chain_id}",
         contract=dev.deployer.address,
         rpc_urls=[url],
-        arbiter=dev.arbiter,
+        arbiter=wallet.address,  # the bootstrap's own key: a dev account's is public
         faucet=True,
     )
     service.state = "serving"

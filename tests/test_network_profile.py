@@ -15,7 +15,7 @@ from bootstrap.network import NetworkProfile, peer_of, reachable_url
 from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict, unpayable_summary
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import Chain, EscrowClient
-from runtime.escrow.devchain import MAX_CALL_GAS, MAX_RPC_BODY, DevChain, answer_rpc
+from runtime.escrow.devchain import FAUCET_AMOUNT, KNOWN_ACCOUNT_KEEP, MAX_CALL_GAS, MAX_RPC_BODY, DevChain, answer_rpc
 from runtime.escrow.errors import EscrowError
 from runtime.escrow.fees import gas_share_refusal
 
@@ -91,6 +91,19 @@ def test_the_dev_chain_answers_only_what_the_escrow_client_needs() -> None:
     tx = {"to": dev.deployer.address, "data": refund._encode_transaction_data(), "gas": hex(10**9)}
     reverted = _rpc(chain, "eth_call", [tx, "latest"])
     assert reverted["error"]["code"] == 3 and "not_found" in reverted["error"]["message"]
+
+
+def test_the_dev_chain_keys_everyone_knows_hold_next_to_nothing() -> None:
+    """eth-tester's funded accounts have the same keys in every process: whoever reaches the JSON-RPC
+    endpoint could spend them, so the faucet's coin sits under a fresh key and they are left empty."""
+    dev = DevChain.start()
+    w3 = dev.chain.w3
+    assert all(w3.eth.get_balance(account.address) == KNOWN_ACCOUNT_KEEP for account in dev.chain.dev_accounts())
+    assert w3.eth.get_balance(dev.faucet.address) > 9 * 10**6 * 10**18  # nearly all of their 10**7 ETH
+    assert dev.faucet.address not in {account.address for account in dev.chain.dev_accounts()}
+    stranger = Account.create().address
+    assert dev.fund(stranger) and w3.eth.get_balance(stranger) == FAUCET_AMOUNT
+    assert not dev.fund(stranger)  # once per wallet
 
 
 def test_eth_call_gas_is_capped() -> None:

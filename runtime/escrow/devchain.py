@@ -4,7 +4,14 @@ The bootstrap node of a local network runs it (``escrow.mode = "auto"``, the def
 ``bootstrap``): one py-evm chain with a chain id of its own (:func:`private_chain_id`), the escrow
 contract deployed by its first dev account, and a JSON-RPC endpoint the nodes that join through
 the bootstrap connect to as to any chain (``Chain.rpc``). A faucet gives each joining wallet coin
-from the dev account, once.
+once.
+
+The in-process chain starts with ten funded accounts whose keys are the same in every process
+(eth-tester's): anyone who reaches the endpoint could spend them. So :meth:`DevChain.start` makes a
+faucet account with a fresh random key, sweeps the known accounts' coin into it (each keeps
+:data:`KNOWN_ACCOUNT_KEEP`, as a read without a sender is charged to the first of them), and keeps
+the faucet's key in the bootstrap's memory only; the network's arbiter is the bootstrap's own wallet (a known
+key as arbiter would let any buyer resolve its own disputed escrow to itself).
 
 The endpoint is a small door into a process, so it opens little: loopback by default, POST only,
 a body of at most :data:`MAX_RPC_BODY` bytes, no batches, only the methods the escrow client uses
@@ -22,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow.chain import Chain, private_chain_id
@@ -57,6 +66,30 @@ RPC_METHODS = frozenset(
 # drain the dev account by asking for fresh addresses forever).
 FAUCET_AMOUNT = 100 * 10**18  # 1024 wallets take a tenth of the dev account's 10**6 ETH
 FAUCET_MAX_WALLETS = 1024
+
+
+KNOWN_ACCOUNT_KEEP = 10**18  # 10 ETH in all: less than one faucet grant is left to whoever knows the keys
+
+
+def sweep_known_accounts(chain: Chain, to: str) -> None:
+    """Blocking: move the coin of the chain's known dev accounts to ``to`` (their keys are public)."""
+    with chain.lock:
+        w3 = chain.w3
+        gas_price = int(w3.eth.gas_price)
+        for account in chain.dev_accounts():
+            left = int(w3.eth.get_balance(account.address)) - 21_000 * gas_price - KNOWN_ACCOUNT_KEEP
+            if left <= 0:
+                continue
+            tx: dict[str, Any] = {
+                "to": w3.to_checksum_address(to),
+                "value": left,
+                "gas": 21_000,
+                "gasPrice": gas_price,
+                "nonce": int(w3.eth.get_transaction_count(account.address, "pending")),
+                "chainId": chain.chain_id,
+            }
+            signed = account.sign_transaction(tx)
+            w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(signed.raw_transaction))
 
 
 def _to_wire(value: Any) -> Any:
@@ -130,19 +163,19 @@ class DevChain:
 
     chain: Chain
     deployer: EscrowClient
+    faucet: LocalAccount  # a fresh key, never served: the known dev accounts are swept into it
     funded: set[str] = field(default_factory=set)
     url: str = ""  # the JSON-RPC URL once served
 
     @classmethod
     def start(cls) -> DevChain:
-        """Blocking: a fresh chain with a private id and the escrow deployed."""
+        """Blocking: a fresh chain with a private id, the escrow deployed, the known accounts' coin
+        swept into a faucet account of its own."""
         chain = Chain.embedded(chain_id=private_chain_id())
-        return cls(chain, EscrowClient.deploy(chain, chain.dev_accounts()[0]))
-
-    @property
-    def arbiter(self) -> str:
-        """The dev account that arbitrates on this network (the second one, as on the embedded chain)."""
-        return str(self.chain.dev_accounts()[1].address)
+        deployer = EscrowClient.deploy(chain, chain.dev_accounts()[0])
+        faucet: LocalAccount = Account.create()
+        sweep_known_accounts(chain, faucet.address)
+        return cls(chain, deployer, faucet)
 
     def fund(self, address: str) -> bool:
         """Blocking: give ``address`` :data:`FAUCET_AMOUNT` once; False when it had its share or the faucet is done."""
@@ -151,7 +184,7 @@ class DevChain:
             return False
         self.funded.add(key)
         try:
-            fund_from_dev_account(self.chain, address, FAUCET_AMOUNT)
+            fund_from_dev_account(self.chain, address, FAUCET_AMOUNT, source=self.faucet)
         except Exception:
             self.funded.discard(key)
             raise

@@ -49,9 +49,11 @@ class EscrowSettings(BaseModel):
 EMBEDDED_WALLET_FUNDING = 1_000 * 10**18
 
 
-def fund_from_dev_account(chain: Chain, address: str, amount: int = EMBEDDED_WALLET_FUNDING) -> None:
-    """Give ``address`` coin from the first dev account (development chains only)."""
-    dev = chain.dev_accounts()[0]
+def fund_from_dev_account(
+    chain: Chain, address: str, amount: int = EMBEDDED_WALLET_FUNDING, *, source: LocalAccount | None = None
+) -> None:
+    """Give ``address`` coin from ``source``, by default the first dev account (development chains only)."""
+    dev = source if source is not None else chain.dev_accounts()[0]
     with chain.lock:
         w3 = chain.w3
         tx: dict[str, Any] = {
