@@ -461,7 +461,9 @@ class Choices:
                 call["function"]["name"] = function["name"]
             call["function"]["arguments"] += function.get("arguments") or ""
         if chunk.get("logprobs") is not None:
-            state.logprobs = [*(state.logprobs or []), *chunk["logprobs"]]
+            if state.logprobs is None:
+                state.logprobs = []
+            state.logprobs.extend(chunk["logprobs"])  # in place: a copy per chunk made a long answer O(n^2)
         if chunk.get("finish_reason"):
             state.finish_reason = chunk["finish_reason"]
         return state
