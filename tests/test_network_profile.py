@@ -15,7 +15,15 @@ from bootstrap.network import NetworkProfile, peer_of, reachable_url
 from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict, unpayable_summary
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import Chain, EscrowClient
-from runtime.escrow.devchain import FAUCET_AMOUNT, KNOWN_ACCOUNT_KEEP, MAX_CALL_GAS, MAX_RPC_BODY, DevChain, answer_rpc
+from runtime.escrow.devchain import (
+    FAUCET_AMOUNT,
+    KNOWN_ACCOUNT_KEEP,
+    MAX_CALL_GAS,
+    MAX_RPC_BODY,
+    MAX_SEND_GAS,
+    DevChain,
+    answer_rpc,
+)
 from runtime.escrow.errors import EscrowError
 from runtime.escrow.fees import gas_share_refusal
 
@@ -104,6 +112,28 @@ def test_the_dev_chain_keys_everyone_knows_hold_next_to_nothing() -> None:
     stranger = Account.create().address
     assert dev.fund(stranger) and w3.eth.get_balance(stranger) == FAUCET_AMOUNT
     assert not dev.fund(stranger)  # once per wallet
+
+
+def test_a_sent_transaction_may_not_hold_the_chain_for_long() -> None:
+    """A loop up to the block gas limit held the chain's one thread ~11 s per transaction."""
+    dev = DevChain.start()
+    w3 = dev.chain.w3
+    sender = Account.create()
+    dev.fund(sender.address)
+
+    def raw(**fields: Any) -> str:
+        tx = {"value": 1, "gasPrice": int(w3.eth.gas_price), "chainId": dev.chain.chain_id, "nonce": 0}
+        return "0x" + bytes(sender.sign_transaction({**tx, **fields}).raw_transaction).hex()
+
+    stranger = Account.create().address
+    too_much = _rpc(dev.chain, "eth_sendRawTransaction", [raw(to=stranger, gas=MAX_SEND_GAS + 1)])
+    assert too_much["error"]["code"] == -32602 and "gas limit" in too_much["error"]["message"]
+    creation = _rpc(dev.chain, "eth_sendRawTransaction", [raw(data="0x00", gas=MAX_CALL_GAS + 1)])
+    assert f"gas limit above {MAX_CALL_GAS}" in creation["error"]["message"]
+    assert "undecodable" in _rpc(dev.chain, "eth_sendRawTransaction", ["0xzz"])["error"]["message"]
+    assert w3.eth.get_transaction_count(sender.address) == 0  # none of them reached the chain
+    assert "result" in _rpc(dev.chain, "eth_sendRawTransaction", [raw(to=stranger, gas=21_000)])
+    assert w3.eth.get_balance(stranger) == 1
 
 
 def test_eth_call_gas_is_capped() -> None:

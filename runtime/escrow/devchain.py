@@ -15,8 +15,9 @@ key as arbiter would let any buyer resolve its own disputed escrow to itself).
 
 The endpoint is a small door into a process, so it opens little: loopback by default, POST only,
 a body of at most :data:`MAX_RPC_BODY` bytes, no batches, only the methods the escrow client uses
-(:data:`RPC_METHODS`), and an ``eth_call``/``eth_estimateGas`` gas cap (:data:`MAX_CALL_GAS`) so a
-caller cannot make the chain's one thread loop for long. Every request runs under the chain's lock
+(:data:`RPC_METHODS`), an ``eth_call``/``eth_estimateGas`` gas cap (:data:`MAX_CALL_GAS`) and a
+sent transaction's gas limit at most :data:`MAX_SEND_GAS` (a creation: the escrow's deploy gas), so a caller
+cannot make the chain's one thread loop for long. Every request runs under the chain's lock
 on a worker thread, one at a time, like the node's own chain calls.
 """
 
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 MAX_RPC_BODY = 256 * 1024  # the deploy transaction (~20 KB of hex) with room to spare
 MAX_CALL_GAS = GAS_LIMITS["deploy"]
+# A sent transaction needs no more gas than the escrow client's largest call: a loop up to the
+# block's gas limit held the chain (and every node's escrow calls) for ~11 s per transaction.
+MAX_SEND_GAS = max(limit for name, limit in GAS_LIMITS.items() if name != "deploy")
 MAX_ERROR_MESSAGE = 300
 KEEP_ALIVE_S = 300.0
 RPC_METHODS = frozenset(
@@ -130,6 +134,32 @@ def _capped_call(params: list[Any]) -> list[Any]:
     return [tx, *params[1:]]
 
 
+def _sent_gas_refusal(params: list[Any]) -> str | None:
+    """Why an ``eth_sendRawTransaction`` is refused before the chain sees it, or None.
+
+    Decoded by hand (legacy, EIP-2930 and EIP-1559 layouts): a gas limit above
+    :data:`MAX_SEND_GAS` (a contract creation: :data:`MAX_CALL_GAS`, what deploying the escrow takes)."""
+    import rlp  # eth-account's own dependency
+
+    try:
+        raw = bytes.fromhex(str(params[0]).removeprefix("0x"))
+        if raw and raw[0] < 0x7F:  # typed: 0x01 (gasPrice at 2) or 0x02 (fee cap at 3), gas next
+            if raw[0] not in (1, 2):
+                return "unknown transaction type"
+            fields = rlp.decode(raw[1:])
+            gas_at = 3 if raw[0] == 1 else 4
+        else:
+            fields = rlp.decode(raw)
+            gas_at = 2
+        gas, to = int.from_bytes(fields[gas_at], "big"), fields[gas_at + 1]
+    except Exception:  # noqa: BLE001 - anything undecodable is refused, never passed on
+        return "undecodable transaction"
+    cap = MAX_CALL_GAS if not to else MAX_SEND_GAS  # a creation may deploy an escrow, nothing larger
+    if gas > cap:
+        return f"gas limit above {cap}"
+    return None
+
+
 def answer_rpc(chain: Chain, body: bytes) -> dict[str, Any]:
     """Blocking: one JSON-RPC request against ``chain`` (its lock held); the JSON-RPC reply object."""
     try:
@@ -148,6 +178,10 @@ def answer_rpc(chain: Chain, body: bytes) -> dict[str, Any]:
         return _error(request_id, -32602, "params must be a list of at most 4 items")
     if method in ("eth_call", "eth_estimateGas"):
         params = _capped_call(params)
+    if method == "eth_sendRawTransaction":
+        refusal = _sent_gas_refusal(params) if params else "params must hold the raw transaction"
+        if refusal is not None:
+            return _error(request_id, -32602, f"transaction refused: {refusal}")
     with chain.lock:
         try:
             result = chain.w3.manager.request_blocking(method, params)  # type: ignore[arg-type]
