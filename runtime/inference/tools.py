@@ -35,6 +35,9 @@ from typing import Any
 from runtime.inference.grammar import GrammarBuilder, check_schema, invalid, literal
 
 MAX_TOOLS = 64
+# All tools' parameter schemas together, as compact JSON: each is checked (jsonschema, the grammar
+# converter) in a worker thread, and 64 schemas of 16 KB took about 30 s of CPU for one request.
+MAX_TOOLS_SCHEMA_BYTES = 65_536
 MAX_DESCRIPTION = 2048
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CALL_OPEN = "<tool_call>\n"
@@ -90,6 +93,7 @@ def parse_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolU
     if len(tools) > MAX_TOOLS:
         raise invalid(f"at most {MAX_TOOLS} tools", "tools")
     parsed: list[Tool] = []
+    schema_bytes = 0
     for index, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
             raise invalid(f"tools[{index}] must be a function tool", "tools")
@@ -105,6 +109,12 @@ def parse_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolU
         parameters = function.get("parameters")
         if parameters is None:
             parameters = {"type": "object", "properties": {}}
+        try:
+            schema_bytes += len(json.dumps(parameters, separators=(",", ":")))
+        except (TypeError, ValueError):
+            raise invalid(f"tools[{index}].function.parameters is not JSON", "tools") from None
+        if schema_bytes > MAX_TOOLS_SCHEMA_BYTES:
+            raise invalid(f"the tools' parameter schemas hold more than {MAX_TOOLS_SCHEMA_BYTES} bytes in all", "tools")
         parameters = check_schema(parameters, "tools")
         if parameters.get("type", "object") != "object":
             raise invalid(f"tools[{index}].function.parameters must describe an object", "tools")

@@ -114,3 +114,22 @@ async def test_schemas_are_checked_off_the_trio_loop(tiny_path: Path, monkeypatc
     finally:
         await model.aclose()
     assert threads == [False, False, False, False]  # two checks, two grammars
+
+
+def test_the_tools_parameter_schemas_are_bounded_in_all() -> None:
+    """64 tools of 16 KB schemas each cost ~30 s of CPU to check and convert for one request."""
+    from runtime.inference.tools import MAX_TOOLS_SCHEMA_BYTES, parse_tools
+
+    def tool(index: int, filler: int) -> dict[str, Any]:
+        properties = {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(filler)}
+        return {
+            "type": "function",
+            "function": {"name": f"t{index}", "parameters": {"type": "object", "properties": properties}},
+        }
+
+    each = len(json.dumps(tool(0, 100)["function"]["parameters"], separators=(",", ":")))
+    fits = MAX_TOOLS_SCHEMA_BYTES // each
+    assert parse_tools([tool(i, 100) for i in range(fits)], "auto", None) is not None
+    with pytest.raises(ClawnodeError) as raised:
+        parse_tools([tool(i, 100) for i in range(fits + 1)], "auto", None)
+    assert raised.value.code == ErrorCode.INVALID_ARGUMENT and raised.value.message.endswith("(param: tools)")
