@@ -22,6 +22,7 @@ contract but never its RPC URL (which may carry a key).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +34,8 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from protocols.machines import faucet as faucet_rule
+from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from wire.rpc import request, serve_requests
 
@@ -123,6 +126,8 @@ class NetworkService:
         self.state: Literal["starting", "serving", "joined", "private"] = "starting"
         self.joined_through: str | None = None
         self._nursery: trio.Nursery | None = None
+        # When this node last granted fund requests: the faucet's rate (protocols/machines/faucet.py).
+        self._grants: deque[float] = deque(maxlen=faucet_rule.GRANTS_PER_WINDOW)
 
     async def run(self, *, task_status: TaskStatus[NetworkService] = trio.TASK_STATUS_IGNORED) -> None:
         """Answer the protocol (and serve a development chain, once started) until cancelled."""
@@ -149,7 +154,9 @@ class NetworkService:
             return ProfileReply(profile=self.profile)
         if self.faucet is None or self.profile is None or not self.profile.faucet:
             raise ClawnodeError(ErrorCode.NOT_FOUND, "this node runs no faucet", "no_faucet")
-        # Once per wallet, and a bounded number of wallets (runtime/escrow/devchain.py).
+        # Once per wallet, a bounded number of wallets (runtime/escrow/devchain.py), at a bounded rate.
+        enforce(faucet_rule.faucet_verdict(trio.current_time(), self._grants))
+        self._grants.append(trio.current_time())  # counted before the await: concurrent asks see it
         return FundReply(funded=await self.faucet(message.address))
 
 
@@ -335,7 +342,7 @@ async def join_network_chain(
         try:
             funded = await ask_funds(host, peer, wallet.address)
         except ClawnodeError as error:
-            log.warning("the network's faucet did not answer (%s)", error.code)
+            log.warning("the network's faucet did not fund this wallet (%s %s)", error.code, error.reason or "")
     log.info("joined the network chain %s through %s%s", profile.chain, peer, ", wallet funded" if funded else "")
 
     # Nodes joining through this one learn the same chain (the URL as reached from here), and their

@@ -220,3 +220,31 @@ async def test_a_taken_dev_rpc_port_is_named() -> None:
             with pytest.raises(ClawnodeError) as refused:
                 await nursery.start(dev.serve, "127.0.0.1", port)
     assert refused.value.code == ErrorCode.UNAVAILABLE and "escrow.dev_rpc_listen" in refused.value.message
+
+
+async def test_the_faucet_funds_a_bounded_number_of_wallets_a_minute(autojump_clock: trio.abc.Clock) -> None:
+    """Fresh addresses cost a stranger nothing: without a rate one could take every grant in seconds."""
+    from bootstrap.network import FundRequest, NetworkService
+    from protocols.machines.faucet import GRANTS_PER_WINDOW, WINDOW_S
+
+    asked: list[str] = []
+
+    async def faucet(address: str) -> bool:
+        asked.append(address)
+        return True
+
+    service = NetworkService(host=None)  # type: ignore[arg-type]  # the handler never touches the host
+    service.profile = NetworkProfile(chain="eip155:1234567890123", contract=CONTRACT, faucet=True)
+    service.faucet = faucet
+
+    def ask() -> bytes:
+        return FundRequest(address=Account.create().address).model_dump_json().encode()
+
+    for _ in range(GRANTS_PER_WINDOW):
+        assert (await service._handle(ask(), None)).funded  # type: ignore[arg-type, attr-defined]
+    with pytest.raises(ClawnodeError) as refused:
+        await service._handle(ask(), None)  # type: ignore[arg-type]
+    assert (refused.value.code, refused.value.reason) == (ErrorCode.RATE_LIMITED, "faucet_busy")
+    assert len(asked) == GRANTS_PER_WINDOW  # the refused one never reached the chain
+    await trio.sleep(WINDOW_S)
+    assert (await service._handle(ask(), None)).funded  # type: ignore[arg-type, attr-defined]
