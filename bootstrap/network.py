@@ -34,9 +34,8 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from protocols.machines import faucet as faucet_rule
-from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.escrow import faucet as faucet_rule
 from wire.rpc import request, serve_requests
 
 if TYPE_CHECKING:
@@ -126,7 +125,7 @@ class NetworkService:
         self.state: Literal["starting", "serving", "joined", "private"] = "starting"
         self.joined_through: str | None = None
         self._nursery: trio.Nursery | None = None
-        # When this node last granted fund requests: the faucet's rate (protocols/machines/faucet.py).
+        # When this node last granted fund requests: the faucet's rate (runtime/escrow/faucet.py).
         self._grants: deque[float] = deque(maxlen=faucet_rule.GRANTS_PER_WINDOW)
 
     async def run(self, *, task_status: TaskStatus[NetworkService] = trio.TASK_STATUS_IGNORED) -> None:
@@ -155,7 +154,9 @@ class NetworkService:
         if self.faucet is None or self.profile is None or not self.profile.faucet:
             raise ClawnodeError(ErrorCode.NOT_FOUND, "this node runs no faucet", "no_faucet")
         # Once per wallet, a bounded number of wallets (runtime/escrow/devchain.py), at a bounded rate.
-        enforce(faucet_rule.faucet_verdict(trio.current_time(), self._grants))
+        refusal = faucet_rule.faucet_verdict(trio.current_time(), self._grants)
+        if refusal is not None:
+            raise refusal
         self._grants.append(trio.current_time())  # counted before the await: concurrent asks see it
         return FundReply(funded=await self.faucet(message.address))
 

@@ -225,7 +225,7 @@ async def test_a_taken_dev_rpc_port_is_named() -> None:
 async def test_the_faucet_funds_a_bounded_number_of_wallets_a_minute(autojump_clock: trio.abc.Clock) -> None:
     """Fresh addresses cost a stranger nothing: without a rate one could take every grant in seconds."""
     from bootstrap.network import FundRequest, NetworkService
-    from protocols.machines.faucet import GRANTS_PER_WINDOW, WINDOW_S
+    from runtime.escrow.faucet import GRANTS_PER_WINDOW, WINDOW_S
 
     asked: list[str] = []
 

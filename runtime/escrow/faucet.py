@@ -13,19 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from protocols.machines.verdict import Refusal
-from runtime.errors import ErrorCode
+from runtime.errors import ClawnodeError, ErrorCode
 
 WINDOW_S = 60.0
 GRANTS_PER_WINDOW = 16
 
 
-def faucet_verdict(now: float, recent_grants: Sequence[float]) -> Refusal | None:
-    """``recent_grants``: when this node last granted fund requests (monotonic seconds)."""
+def faucet_verdict(now: float, recent_grants: Sequence[float]) -> ClawnodeError | None:
+    """``recent_grants``: when this node last granted fund requests (monotonic seconds). Pure; it
+    lives beside the dev chain rather than in ``protocols/machines`` because ``bootstrap/`` (its
+    adapter) may not import ``protocols/``."""
     if sum(1 for granted in recent_grants if now - granted < WINDOW_S) >= GRANTS_PER_WINDOW:
-        return Refusal(
+        return ClawnodeError(
             ErrorCode.RATE_LIMITED,
-            "faucet_busy",
             f"the faucet funds at most {GRANTS_PER_WINDOW} wallets a minute; ask again later",
+            "faucet_busy",
         )
     return None
