@@ -57,6 +57,34 @@ def refuse(code: ErrorCode, reason: SandboxReason, message: str) -> ClawnodeErro
     return ClawnodeError(code, message, str(reason))
 
 
+MAX_INPUT_BYTES = 1024 * 1024  # a run's input, whatever the kind
+
+
+def checked_program(program: bytes, sha256: str | None, max_bytes: int, noun: str) -> str:
+    """The sha256 of a module or program a runner is asked to load; refused when it is larger than
+    ``max_bytes`` or is not the ``sha256`` it was named by (``noun``: "module", "program")."""
+    if len(program) > max_bytes:
+        raise refuse(
+            ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_TOO_LARGE, f"{noun}s are at most {max_bytes} bytes"
+        )
+    digest = sha256_hex(program)
+    if sha256 is not None and sha256 != digest:
+        raise refuse(
+            ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_HASH_MISMATCH, f"the {noun} is not the named sha256"
+        )
+    return digest
+
+
+def check_run(limits: Limits, cap: Limits, input: bytes) -> None:
+    """A run asks no more than the node's ``cap`` grants, on an input within :data:`MAX_INPUT_BYTES`."""
+    if not limits.within(cap):
+        raise refuse(ErrorCode.FORBIDDEN, SandboxReason.LIMITS_TOO_HIGH, "the limits exceed this node's caps")
+    if len(input) > MAX_INPUT_BYTES:
+        raise refuse(
+            ErrorCode.INVALID_ARGUMENT, SandboxReason.INPUT_TOO_LARGE, f"inputs are at most {MAX_INPUT_BYTES} bytes"
+        )
+
+
 class Limits(BaseModel):
     """What one run may use. ``fuel`` is wasm instructions (native: CPU-milliseconds)."""
 

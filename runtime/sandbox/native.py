@@ -45,14 +45,22 @@ from pathlib import Path
 import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.sandbox.limits import Limits, Outcome, RunResult, SandboxReason, refuse, sha256_hex
+from runtime.sandbox.limits import (
+    Limits,
+    Outcome,
+    RunResult,
+    SandboxReason,
+    check_run,
+    checked_program,
+    refuse,
+    sha256_hex,
+)
 from runtime.sandbox.stats import SandboxStats
 
 KIND = "native"
 BWRAP = "/usr/bin/bwrap"
 PRLIMIT = "/usr/bin/prlimit"
 MAX_PROGRAM_BYTES = 256 * 1024
-MAX_INPUT_BYTES = 1024 * 1024
 PROGRAM_CACHE = 16
 TMP_BYTES = 16 * 1024 * 1024
 NOBODY = 65534
@@ -178,20 +186,8 @@ class NativeSandbox:
             return sha256 in self._programs
 
     def load(self, program: bytes, sha256: str | None = None) -> str:
-        digest = sha256_hex(program)
         try:
-            if len(program) > self.max_program_bytes:
-                raise refuse(
-                    ErrorCode.INVALID_ARGUMENT,
-                    SandboxReason.MODULE_TOO_LARGE,
-                    f"programs are at most {self.max_program_bytes} bytes",
-                )
-            if sha256 is not None and sha256 != digest:
-                raise refuse(
-                    ErrorCode.INVALID_ARGUMENT,
-                    SandboxReason.MODULE_HASH_MISMATCH,
-                    "the program is not the named sha256",
-                )
+            digest = checked_program(program, sha256, self.max_program_bytes, "program")
             if not (program.startswith(b"\x7fELF") or program.startswith(b"#!")):
                 raise refuse(ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_INVALID, "not an ELF binary or a script")
         except ClawnodeError as error:
@@ -210,14 +206,7 @@ class NativeSandbox:
     def run(self, sha256: str, input: bytes, limits: Limits) -> RunResult:
         """Run a loaded program on ``input`` under ``limits`` in bubblewrap. Blocks: a worker thread's job."""
         try:
-            if not limits.within(self.cap):
-                raise refuse(ErrorCode.FORBIDDEN, SandboxReason.LIMITS_TOO_HIGH, "the limits exceed this node's caps")
-            if len(input) > MAX_INPUT_BYTES:
-                raise refuse(
-                    ErrorCode.INVALID_ARGUMENT,
-                    SandboxReason.INPUT_TOO_LARGE,
-                    f"inputs are at most {MAX_INPUT_BYTES} bytes",
-                )
+            check_run(limits, self.cap, input)
             if not bwrap_available():
                 raise refuse(
                     ErrorCode.UNAVAILABLE, SandboxReason.SANDBOX_UNAVAILABLE, "bubblewrap or prlimit is not installed"

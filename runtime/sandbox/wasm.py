@@ -39,13 +39,21 @@ import trio
 import wasmtime as wt
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.sandbox.limits import Limits, Outcome, RunResult, SandboxReason, refuse, sha256_hex
+from runtime.sandbox.limits import (
+    Limits,
+    Outcome,
+    RunResult,
+    SandboxReason,
+    check_run,
+    checked_program,
+    refuse,
+    sha256_hex,
+)
 from runtime.sandbox.stats import SandboxStats
 
 KIND = "wasm"
 WASI = "wasi_snapshot_preview1"
 MAX_MODULE_BYTES = 256 * 1024
-MAX_INPUT_BYTES = 1024 * 1024
 MODULE_CACHE = 16
 EPOCH_TICK_S = 0.01
 MAX_DENIED_KEPT = 32  # denied calls kept per run (all are counted)
@@ -182,18 +190,8 @@ class WasmSandbox:
 
     def load(self, module: bytes, sha256: str | None = None) -> str:
         """Check, compile and cache ``module`` (wasm binary, or WAT text in tests); return its sha256."""
-        digest = sha256_hex(module)
         try:
-            if len(module) > self.max_module_bytes:
-                raise refuse(
-                    ErrorCode.INVALID_ARGUMENT,
-                    SandboxReason.MODULE_TOO_LARGE,
-                    f"modules are at most {self.max_module_bytes} bytes",
-                )
-            if sha256 is not None and sha256 != digest:
-                raise refuse(
-                    ErrorCode.INVALID_ARGUMENT, SandboxReason.MODULE_HASH_MISMATCH, "the module is not the named sha256"
-                )
+            digest = checked_program(module, sha256, self.max_module_bytes, "module")
             if self.has(digest):
                 return digest
             try:
@@ -243,14 +241,7 @@ class WasmSandbox:
     def run(self, sha256: str, input: bytes, limits: Limits) -> RunResult:
         """Run a loaded module on ``input`` under ``limits``. Blocks: call from a worker thread."""
         try:
-            if not limits.within(self.cap):
-                raise refuse(ErrorCode.FORBIDDEN, SandboxReason.LIMITS_TOO_HIGH, "the limits exceed this node's caps")
-            if len(input) > MAX_INPUT_BYTES:
-                raise refuse(
-                    ErrorCode.INVALID_ARGUMENT,
-                    SandboxReason.INPUT_TOO_LARGE,
-                    f"inputs are at most {MAX_INPUT_BYTES} bytes",
-                )
+            check_run(limits, self.cap, input)
         except ClawnodeError as error:
             self.stats.refused(KIND, error.reason or "")
             raise
