@@ -8,6 +8,7 @@ and ``protocols.machines.task_checks`` (what the adapter fetched).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,11 +27,14 @@ from protocols import task_wire as w
 from protocols.background import spawn_guarded
 from protocols.gossip import TaskAnnouncement, TaskAnnouncements
 from protocols.machines import task as m
+from protocols.machines import task_checks as checks
 from protocols.machines.escrow_lock import LockState
+from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import Evidence, Ledger
 from runtime.sandbox import Sandboxes
 from wire.rpc import request
+from wire.signed import from_base64, open_base64
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient
@@ -338,3 +342,22 @@ class TaskCore:
         """Every task this node knows: its own, the announced ones it watches, the ones it arbitrates
         (live ones and those finished lately; the ledger keeps our own for good)."""
         return sorted((self._view(t) for t in self.book.tasks if t in self.local), key=lambda v: v.task_id)
+
+
+def checked_evidence(envelope: str, attachment_b64: str | None, remote: str) -> tuple[w.EvidenceNotice, bytes]:
+    """A signed piece of evidence and its attachment as a party or the arbiter sent them, checked by
+    ``task_checks.evidence_verdict`` (signer, party, the attachment's hash and size)."""
+    signer, payload = open_base64(envelope, domain=w.EVIDENCE_DOMAIN, payload_type=w.EVIDENCE_TYPE)
+    notice = w.EvidenceNotice.model_validate_json(payload)
+    attachment = from_base64(attachment_b64) if attachment_b64 else b""
+    facts = checks.EvidenceFacts(
+        signer=signer,
+        remote=remote,
+        party=notice.party,
+        content_hash=notice.content_hash,
+        size=notice.size,
+        attachment_sha256=hashlib.sha256(attachment).hexdigest(),
+        attachment_size=len(attachment),
+    )
+    enforce(checks.evidence_verdict(facts))
+    return notice, attachment

@@ -11,7 +11,6 @@ book applies), or for a bounded backoff while a settlement lands.
 from __future__ import annotations
 
 import functools
-import hashlib
 
 import trio
 
@@ -19,9 +18,8 @@ from protocols import task_wire as w
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import enforce
-from protocols.task.base import SWEEP_INTERVAL_S, TaskCore, TaskLocal, log
+from protocols.task.base import SWEEP_INTERVAL_S, TaskCore, TaskLocal, checked_evidence, log
 from runtime.errors import ClawnodeError, ErrorCode
-from wire.signed import from_base64, open_base64
 
 
 class CloseOutRole(TaskCore):
@@ -41,21 +39,9 @@ class CloseOutRole(TaskCore):
         """The arbiter's signed record of its re-run: checked like a party's evidence, kept in the ledger."""
         assert message.evidence is not None
         envelope = message.evidence
-        signer, payload = open_base64(envelope, domain=w.EVIDENCE_DOMAIN, payload_type=w.EVIDENCE_TYPE)
-        notice = w.EvidenceNotice.model_validate_json(payload)
+        notice, attachment = checked_evidence(envelope, message.attachment, remote)
         if notice.task_id != message.task_id:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the evidence is about another task", "case_mixes_tasks")
-        attachment = from_base64(message.attachment) if message.attachment else b""
-        facts = checks.EvidenceFacts(
-            signer=signer,
-            remote=remote,
-            party=notice.party,
-            content_hash=notice.content_hash,
-            size=notice.size,
-            attachment_sha256=hashlib.sha256(attachment).hexdigest(),
-            attachment_size=len(attachment),
-        )
-        enforce(checks.evidence_verdict(facts))
         enforce(checks.resolution_verdict(remote, arbiter, "closed", 0, 0))  # the task's arbiter, nobody else
         await self._keep_run_evidence(notice, envelope, attachment)
 

@@ -11,9 +11,9 @@ from protocols import task_wire as w
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import enforce
-from protocols.task.base import PUSH_ATTEMPTS, TaskCore, log
+from protocols.task.base import PUSH_ATTEMPTS, TaskCore, checked_evidence, log
 from runtime.ledger import Evidence
-from wire.signed import from_base64, open_base64, seal, to_base64
+from wire.signed import seal, to_base64
 
 
 class DisputeRole(TaskCore):
@@ -105,19 +105,7 @@ class DisputeRole(TaskCore):
 
     async def _on_evidence(self, message: w.EvidenceRequest, remote: str) -> None:
         """As the arbiter or the other party: check the signature and the attachment, then keep it."""
-        signer, payload = open_base64(message.envelope, domain=w.EVIDENCE_DOMAIN, payload_type=w.EVIDENCE_TYPE)
-        notice = w.EvidenceNotice.model_validate_json(payload)
-        attachment = from_base64(message.attachment) if message.attachment else b""
-        facts = checks.EvidenceFacts(
-            signer=signer,
-            remote=remote,
-            party=notice.party,
-            content_hash=notice.content_hash,
-            size=notice.size,
-            attachment_sha256=hashlib.sha256(attachment).hexdigest(),
-            attachment_size=len(attachment),
-        )
-        enforce(checks.evidence_verdict(facts))
+        notice, attachment = checked_evidence(message.envelope, message.attachment, remote)
         await self._keep_evidence(notice, message.envelope, attachment, remote)
 
     async def _keep_evidence(self, notice: w.EvidenceNotice, envelope: str, attachment: bytes, party: str) -> None:
