@@ -54,6 +54,7 @@ class DiscoveryQuery(BaseModel):
         max_length=len(MODEL_FEATURES),
         description="only providers whose model serves all of these (tools, json_schema, logprobs, n)",
     )
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="only this GGUF file (sha256, hex)")
     limit: int = Field(20, ge=1, le=MAX_PROVIDERS)
 
 
@@ -67,6 +68,7 @@ class ProviderResult(BaseModel):
     context_length: int | None
     features: list[str] = Field(default_factory=list, description="what the model serves beyond free text")
     chat_format: str = ""
+    sha256: str = Field("", description="the served GGUF file's sha256, when the record states it")
     vram_mb: int
     gpu_model: str | None
     reachability: Reachability
@@ -375,6 +377,9 @@ def _result(record: CapabilityRecord, rtt_s: float, query: DiscoveryQuery, *, is
     served = capability.model.features if capability.model else []
     if not set(query.features) <= set(served):
         return None
+    sha256 = capability.model.sha256 if capability.model else ""
+    if query.sha256 is not None and sha256 != query.sha256:
+        return None
     return ProviderResult(
         peer_id=record.peer_id,
         capability=capability.name,
@@ -385,6 +390,7 @@ def _result(record: CapabilityRecord, rtt_s: float, query: DiscoveryQuery, *, is
         context_length=context,
         features=list(served),
         chat_format=capability.model.chat_format if capability.model else "",
+        sha256=sha256,
         vram_mb=record.hardware.vram_mb,
         gpu_model=record.hardware.gpu_model,
         reachability=record.reachability,

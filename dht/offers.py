@@ -96,6 +96,7 @@ class Offer(BaseModel):
     family: str = ""
     parameters: int = Field(0, ge=0)
     quantisation: str = ""
+    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="a model's GGUF file sha256, hex")
     params_schema: dict[str, Any] | None = None
     returns: dict[str, Any] | None = None
     examples: list[dict[str, Any]] | None = None
@@ -133,6 +134,7 @@ class Offer(BaseModel):
             chat_format=self.chat_format,
             parallel=self.parallel,
             max_queue=self.max_queue,
+            sha256=self.sha256,
         )
 
     def descriptor(self) -> CapabilityDescriptor:

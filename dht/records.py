@@ -99,6 +99,8 @@ class ModelFacts(_Strict):
     # requests that may wait beyond them (more are refused E_RATE_LIMITED busy). 0: not said.
     parallel: int = Field(0, ge=0, le=1024, description="sequences the model generates at once")
     max_queue: int = Field(0, ge=0, le=10_000, description="requests that may wait beyond them")
+    # The served GGUF file's sha256 (lowercase hex), so a verifier can load the very same file.
+    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="sha256 of the served GGUF file, hex")
 
     @field_validator("features")
     @classmethod
@@ -113,7 +115,7 @@ class ModelFacts(_Strict):
         # A record from before features were published has neither key; left out while empty, its
         # canonical encoding (which the signature covers) is still the one it was signed as.
         data: dict[str, Any] = handler(self)
-        for key in ("features", "chat_format", "parallel", "max_queue"):
+        for key in ("features", "chat_format", "parallel", "max_queue", "sha256"):
             if not data.get(key):
                 data.pop(key, None)
         return data

@@ -340,6 +340,7 @@ def _offer_line(capability: dict[str, Any]) -> str:
     type=click.Choice(MODEL_FEATURES),
     help="Only providers whose model serves this (repeatable): tools, json_schema, logprobs, n.",
 )
+@click.option("--sha256", type=str, default=None, help="Only providers serving this GGUF file (its sha256, hex).")
 @click.option("--limit", type=str, default=None, help="At most this many providers (default 20).")
 @json_option
 def find(
@@ -350,6 +351,7 @@ def find(
     min_vram: str | None,
     reachable: bool,
     features: tuple[str, ...],
+    sha256: str | None,
     limit: str | None,
     as_json: bool,
 ) -> None:
@@ -361,6 +363,7 @@ def find(
         "min_vram_gb": min_vram,
         "reachable": "true" if reachable else None,
         "features": list(features) or None,
+        "sha256": sha256.lower() if sha256 else None,
         "limit": limit,
     }
     body = _call_api(data_dir, "/api/discover", params=params, timeout=60.0)

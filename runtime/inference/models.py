@@ -40,6 +40,7 @@ from runtime.inference.service import ChatService, EmbeddingService
 from runtime.model_ids import ModelId
 from runtime.progress import ProgressBar
 from runtime.service import ServiceRegistry
+from runtime.verify.identity import file_sha256
 
 # llama.cpp's general.file_type values (enum llama_ftype) for the ones seen in practice.
 FILE_TYPES: dict[int | None, str] = {
@@ -171,6 +172,7 @@ class ModelHost:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "two models have the same name")
         self.specs = list(specs)
         self.models: dict[str, LlamaModel] = {}
+        self.sha256s: dict[str, str] = {}  # name -> its GGUF file's sha256 (the record's model identity)
         self._progress = progress if progress is not None else sys.stderr
 
     async def start(self) -> None:
@@ -185,6 +187,7 @@ class ModelHost:
             model = spec.engine(path)
             report = await model.load(functools.partial(_report_load, bar, note))
             self.models[spec.name] = model
+            self.sha256s[spec.name] = await trio.to_thread.run_sync(file_sha256, path)
             bar.done(
                 f"ready in {time.perf_counter() - started:.2f} s (load {report.seconds:.2f} s, "
                 f"RSS +{report.rss_delta_bytes / 2**20:.0f} MiB, chat format {report.chat_format})"
@@ -225,6 +228,7 @@ class ModelHost:
                 "family": metadata.get("general.architecture", "")[:64],
                 "quantisation": FILE_TYPES.get(_metadata_int(metadata, "general.file_type"), ""),
                 "context_length": model.n_ctx,
+                "sha256": self.sha256s.get(spec.name, ""),
                 "unit": "token",
                 "price_per_unit": spec.price_per_unit,
             }
