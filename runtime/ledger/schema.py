@@ -258,6 +258,37 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE leases;
     ALTER TABLE leases_v8 RENAME TO leases;
     """,
+    # 9: payment channels (issue 20): one escrow per consumer-provider pair that many leases draw on
+    # (runtime/ledger/channels.py). channel_leases says where each lease starts on its channel's
+    # cumulative voucher line; it is written before the lease row (no reference to leases), so a crash
+    # between the two leaves an orphan row that matches no lease, never a channel lease taken for a plain one.
+    """
+    CREATE TABLE channels (
+        channel_id TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('provider', 'consumer')),
+        peer TEXT NOT NULL,
+        contract TEXT NOT NULL,
+        payer TEXT NOT NULL,
+        payee TEXT NOT NULL,
+        salt TEXT,
+        amount TEXT NOT NULL,
+        deadline INTEGER NOT NULL,
+        dispute_window INTEGER NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('channel_opening', 'channel_open', 'channel_closing', 'channel_closed', 'channel_failed')),
+        refunded TEXT NOT NULL DEFAULT '0',
+        last_used_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        closed_at INTEGER
+    );
+    CREATE INDEX channels_peer ON channels (role, peer, state);
+    CREATE TABLE channel_leases (
+        lease_id TEXT PRIMARY KEY,
+        channel_id TEXT NOT NULL REFERENCES channels(channel_id),
+        base TEXT NOT NULL
+    );
+    CREATE INDEX channel_leases_channel ON channel_leases (channel_id);
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -22,6 +22,7 @@ from typing import Any
 from runtime.errors import ErrorCode
 from runtime.ledger import audit, errors, receipts
 from runtime.ledger.canonical import canonical_bytes, sha256_hex
+from runtime.ledger.channels import ChannelRecords
 from runtime.ledger.errors import LedgerError
 from runtime.ledger.models import (
     Dispute,
@@ -101,7 +102,7 @@ def _check_released(lease: Lease, released_total: int, refunded: int | None) -> 
         raise errors.invariant("released_over_locked", "more released and refunded than was locked")
 
 
-class LedgerStore:
+class LedgerStore(ChannelRecords):
     """Open with ``LedgerStore.open(path)``; the file is created and migrated as needed."""
 
     def __init__(self, conn: sqlite3.Connection, clock: Clock) -> None:
@@ -288,6 +289,7 @@ class LedgerStore:
                 " AND r.seq = (SELECT MAX(seq) FROM receipts x WHERE x.lease_id = l.lease_id"
                 " AND x.consumer_sig IS NOT NULL AND x.voucher IS NOT NULL)"
                 " AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.settlement_id = l.lease_id || '/claim/' || r.seq)"
+                " AND NOT EXISTS (SELECT 1 FROM channel_leases c WHERE c.lease_id = l.lease_id)"
                 " ORDER BY l.created_at, l.lease_id"
             ).fetchall()
         return [row[0] for row in rows]
@@ -733,6 +735,8 @@ class LedgerStore:
                     conn.execute(
                         "UPDATE leases SET refunded_amount = ? WHERE lease_id = ?", (str(refunded or 0), lease.lease_id)
                     )
+            elif "channel_id" in current.params:  # a channel's claim, close or refund (runtime/ledger/channels.py)
+                moved = self._book_channel(conn, current, released_total, refunded, now)
             self._audit(
                 conn,
                 "settlement.landed",
