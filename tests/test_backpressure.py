@@ -81,7 +81,7 @@ async def test_a_burst_past_the_queue_gets_answers_and_clean_429s_then_a_waiting
     tmp_path: Path,
 ) -> None:
     path = await trio.to_thread.run_sync(write_tiny_llama_gguf, tmp_path / "tiny.gguf")
-    spec = ModelSpec(name=MODEL, path=str(path), n_threads=1, max_queue=QUEUE)  # type: ignore[call-arg]
+    spec = ModelSpec(name=MODEL, path=str(path), n_threads=1, max_queue=QUEUE, parallel=1)  # type: ignore[call-arg]
     async with market_nodes([{"models": (spec,)}, {}]) as (nodes, _):
         provider, consumer = nodes
         model = provider.model_host.get(MODEL)

@@ -54,6 +54,9 @@ Message = dict[str, Any]
 
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_PREFIX_CACHE_MB = 256
+DEFAULT_KV_TOKENS = 16_384  # the default parallel sequences' contexts fit in this many tokens
+MAX_DEFAULT_PARALLEL = 8
+MAX_PARALLEL = 64
 MAX_SAVED_PREFIXES = 8
 MIN_SAVED_PREFIX = 32  # a sequence shorter than this is not worth a saved state
 SHUTDOWN_WAIT_S = 10.0
@@ -109,7 +112,7 @@ class LoadReport:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-_DEFAULT_PARAMS_LOCK = threading.Lock()
+_DEFAULT_PARAMS_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -144,17 +147,88 @@ def _load_progress(progress: Progress | None) -> Iterator[None]:
             bindings.llama_model_default_params = original
 
 
+def _default_parallel(model: Any, n_ctx: int) -> int:
+    """How many sequences a model decodes at once unless configured: as many contexts as fit in
+    ``DEFAULT_KV_TOKENS`` tokens and in a quarter of the memory available now (the KV cache of a
+    context costs 2 × layers × KV heads × head size × 2 bytes a token), at most
+    ``MAX_DEFAULT_PARALLEL``; 1 for a recurrent or hybrid model (its state is not split by
+    position, so sequences cannot be trimmed or copied)."""
+    import llama_cpp
+    import psutil
+
+    handle = model.model
+    if _is_recurrent(model):
+        return 1
+    heads = max(1, int(llama_cpp.llama_model_n_head(handle)))
+    head_size = int(llama_cpp.llama_model_n_embd(handle)) // heads
+    kv_heads = int(llama_cpp.llama_model_n_head_kv(handle)) or heads
+    per_token = 2 * int(llama_cpp.llama_model_n_layer(handle)) * head_size * kv_heads * 2
+    by_memory = (psutil.virtual_memory().available // 4) // max(1, per_token * n_ctx)
+    return max(1, min(MAX_DEFAULT_PARALLEL, DEFAULT_KV_TOKENS // max(1, n_ctx), int(by_memory)))
+
+
+@contextlib.contextmanager
+def _parallel_context(parallel: int | None, n_ctx: int) -> Iterator[list[int]]:
+    """For the length of one load, the context ``Llama()`` creates (on this thread) gets room for
+    ``parallel`` sequences (default: :func:`_default_parallel`) of ``n_ctx`` tokens each in one
+    unified KV cache: ``llama_context_params`` has ``n_seq_max`` and ``kv_unified``, which
+    ``Llama()`` takes no argument for. Yields a one-item list that holds the number chosen."""
+    import llama_cpp.llama as high
+
+    internals = high.internals
+    original = internals.LlamaContext
+    loader = threading.current_thread()
+    chosen = [1]
+
+    def make(*, model: Any, params: Any, verbose: bool = True) -> Any:
+        if threading.current_thread() is loader:
+            count = parallel if parallel is not None else _default_parallel(model, n_ctx)
+            count = 1 if _is_recurrent(model) else count
+            chosen[0] = count
+            if count > 1:
+                params.n_ctx = n_ctx * count
+                params.n_seq_max = count
+                params.kv_unified = True
+        return original(model=model, params=params, verbose=verbose)
+
+    with _DEFAULT_PARAMS_LOCK:
+        setattr(internals, "LlamaContext", make)  # noqa: B010 - a module's class, swapped for one load
+        try:
+            yield chosen
+        finally:
+            setattr(internals, "LlamaContext", original)  # noqa: B010
+
+
+def _is_recurrent(model: Any) -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_model_is_recurrent(model.model) or llama_cpp.llama_model_is_hybrid(model.model))
+
+
 class _Worker:
-    """One thread running submitted jobs in order; results come back to trio through its token."""
+    """One thread running submitted jobs in order; results come back to trio through its token.
+
+    With ``background`` set (the batch of running sequences), the thread runs one of its steps
+    whenever no job waits and it has work: jobs (a new sequence joining, tokenizing) run between
+    two decode steps."""
 
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.background: _Batcher | None = None
         self._thread = threading.Thread(target=self._loop, name=f"llama:{name}", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while True:
-            job = self._jobs.get()
+            background = self.background
+            if background is not None and background.busy:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    background.step()
+                    continue
+            else:
+                job = self._jobs.get()
             if job is None:
                 return
             job()
@@ -273,6 +347,396 @@ class _Request:
     grammar: str | None = None  # GBNF every choice must follow
     grammar_param: str = "response_format"
     tools: ToolUse | None = None  # parse tool calls out of the reply
+
+
+class _Choice:
+    """One choice's token loop, fed the logits of each step: sampling, grammar, stop strings, tool
+    calls and logprobs, a chunk emitted per token. ``step`` returns the token to decode next, or
+    None when the choice is over (``finish``: length, stop or cancelled); then call ``end``."""
+
+    def __init__(
+        self,
+        llama: Any,
+        request: _Request,
+        index: int,
+        picker: TokenPicker,
+        grammar: GrammarConstraint | None,
+        parser: ToolCallParser | None,
+        stops: list[str],
+        cancel: threading.Event,
+        emit: Callable[[Chunk], None],
+    ) -> None:
+        self.llama = llama
+        self.request = request
+        self.index = index
+        self.picker = picker
+        self.grammar = grammar
+        self.parser = parser
+        self.cancel = cancel
+        self.emit = emit
+        self.vocab = llama._model.vocab
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.scanner = _StopScanner(stops)
+        self.counts: Counter[int] = Counter()
+        self.generated = 0
+        self.finish = "length"
+        self.first: float | None = None
+
+    def _send(self, text: str, tokens: int, pick: Pick | None) -> None:
+        chunk: Chunk = {"index": self.index, "tokens": tokens, "text": text}
+        if self.parser is not None:
+            chunk["text"], calls = self.parser.feed(text)
+            if calls:
+                chunk["tool_calls"] = calls
+        if pick is not None and pick.logprob is not None:
+            chunk["logprobs"] = [LlamaModel._logprob_entry(self.llama, pick)]
+        self.emit(chunk)
+
+    def step(self, logits: Any) -> int | None:
+        import llama_cpp
+
+        if self.cancel.is_set():
+            self.finish = "cancelled"
+            return None
+        if self.generated >= self.request.max_tokens:
+            return None
+        pick = self.picker.pick(logits, self.counts, self.grammar)
+        token = pick.token
+        if self.first is None:
+            self.first = time.perf_counter()
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self.finish = "stop"
+            return None
+        self.generated += 1
+        self.counts[token] += 1
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        # Under a grammar, a special token's text counts (the grammar matched it, and a template's
+        # tool-call marker may be one); free text leaves special tokens out, as before.
+        piece = self.llama.detokenize([token], special=self.grammar is not None)
+        text, stopped = self.scanner.feed(self.decoder.decode(piece))
+        self._send(text, 1, pick)
+        if stopped:
+            self.finish = "stop"
+            return None
+        return token if self.generated < self.request.max_tokens else None
+
+    def end(self) -> None:
+        """Flush what the stop scanner held back (unless a stop string or a cancel ended it)."""
+        if self.finish != "stop" and self.finish != "cancelled":
+            tail, stopped = self.scanner.feed(self.decoder.decode(b"", final=True))
+            tail += "" if stopped else self.scanner.flush()
+            if tail:
+                self._send(tail, 0, None)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One of a batched model's sequence ids and the tokens whose KV cache it holds."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    used: float = 0.0
+    busy: bool = False
+
+
+Finish = Callable[[TokenUsage | None, list[str], float | None, float, BaseException | None], None]
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request in the batch: its prompt still to decode, then its choices one after another."""
+
+    request: _Request
+    cancel: threading.Event
+    emit: Callable[[Chunk], None]
+    finish: Finish
+    slot: _Slot | None = None
+    prompt: list[int] = field(default_factory=list)
+    stops: list[str] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to decode
+    pos: int = 0  # the position of the next token decoded
+    cached: int = 0
+    picker: TokenPicker | None = None
+    choice: _Choice | None = None
+    index: int = 0
+    total: int = 0
+    reasons: list[str] = field(default_factory=list)
+    first: float | None = None
+    prompt_logits: Any = None
+    next_token: int | None = None
+    out: int = -1  # its row of logits in the last decoded batch
+
+
+class _Batcher:
+    """Continuous batching on the worker thread: every running sequence advances by one token per
+    ``llama_decode`` (prompts decode in chunks within the same batch), sequences join between two
+    steps and leave when done or cancelled, each with its own sampling, grammar, stop strings and
+    logprobs. Each sequence has its own KV-cache sequence id (a slot); an idle slot keeps its
+    tokens, so the next turn of a conversation, or a prompt sharing another slot's prefix (copied
+    with ``llama_memory_seq_cp``), decodes only what is new."""
+
+    def __init__(self, model: LlamaModel, llama: Any, parallel: int) -> None:
+        import llama_cpp
+
+        self.model = model
+        self.llama = llama
+        self.ctx = llama._ctx.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_batch = int(llama.n_batch)
+        self.n_vocab = int(llama.n_vocab())
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.slots = [_Slot(i) for i in range(parallel)]
+        # Copying another slot's prefix is exact only when attention sees every earlier position
+        # (a sliding window may have dropped some of the source's).
+        self.can_copy = int(llama_cpp.llama_model_n_swa(llama._model.model)) <= 0
+        self.joining: list[_Sequence] = []
+        self.running: list[_Sequence] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.joining or self.running)
+
+    @property
+    def active(self) -> int:
+        return len(self.joining) + len(self.running)
+
+    def add(self, seq: _Sequence) -> None:
+        self.joining.append(seq)
+
+    def close(self) -> None:
+        import llama_cpp
+
+        while self.busy:
+            self.step()
+        llama_cpp.llama_batch_free(self.batch)
+
+    # joining
+
+    def _start(self, seq: _Sequence) -> None:
+        model, llama = self.model, self.llama
+        request = seq.request
+        prompt, template_stops = request.prompt(llama)
+        n_ctx = model._context_length(llama)
+        if len(prompt) + request.max_tokens > n_ctx:
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"too many tokens: the prompt has {len(prompt)} and max_tokens is {request.max_tokens}, "
+                f"but {model.name}'s context holds {n_ctx}",
+            )
+        if not prompt:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the prompt is empty")
+        if request.max_tokens == 0 or seq.cancel.is_set():
+            reason = "cancelled" if seq.cancel.is_set() else "length"
+            seq.finish(TokenUsage(len(prompt), 0), [reason] * request.n, None, 0.0, None)
+            return
+        seq.picker = TokenPicker(request.sampling, self.n_vocab, request.seed)
+        seq.prompt, seq.stops = prompt, [*request.stop, *template_stops]
+        slot = self._pick_slot(prompt)
+        slot.busy = True
+        seq.slot = slot
+        keep = self._reuse(slot, prompt)
+        seq.pending, seq.pos, seq.cached = prompt[keep:], keep, keep
+        self.running.append(seq)
+
+    def _pick_slot(self, tokens: list[int]) -> _Slot:
+        """The idle slot holding most of a prefix of ``tokens`` (the same conversation's last turn);
+        else an empty one, else the least recently used. A sequence about to be overwritten is
+        saved first when the prefix cache has room (its next turn resumes from it)."""
+        free = [slot for slot in self.slots if not slot.busy]
+        best = max(free, key=lambda slot: (_common_prefix(slot.tokens, tokens), slot.used))
+        common = _common_prefix(best.tokens, tokens)
+        if common >= MIN_SAVED_PREFIX // 4 and 2 * common >= len(best.tokens):
+            slot = best
+        else:
+            slot = min(free, key=lambda slot: (bool(slot.tokens), slot.used))
+            common = _common_prefix(slot.tokens, tokens)
+        if len(slot.tokens) - common >= MIN_SAVED_PREFIX and self.model.prefix_cache_bytes > 0:
+            self.model._save_prefix_of(self.ctx, slot.seq_id, slot.tokens)
+        return slot
+
+    def _reuse(self, slot: _Slot, tokens: list[int]) -> int:
+        """Make ``slot`` hold the longest prefix of ``tokens`` it can get (its own tokens, another
+        slot's, a saved state); returns how many tokens it holds."""
+        import llama_cpp
+
+        model = self.model
+        keep = _common_prefix(slot.tokens, tokens)
+        donor, shared = None, keep
+        if self.can_copy:
+            for other in self.slots:
+                common = _common_prefix(other.tokens, tokens) if other is not slot else 0
+                if common > shared + MIN_SAVED_PREFIX // 4:
+                    donor, shared = other, common
+        saved = max(model._prefixes, key=lambda p: _common_prefix(p.tokens, tokens), default=None)
+        from_saved = _common_prefix(saved.tokens, tokens) if saved is not None else 0
+        if saved is not None and from_saved > shared + MIN_SAVED_PREFIX // 4:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            slot.tokens = []
+            if model._restore_prefix_to(self.ctx, slot.seq_id, saved):
+                slot.tokens, keep = list(saved.tokens), from_saved
+        elif donor is not None:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, 0, shared)
+            slot.tokens, keep = tokens[:shared], shared
+        keep = min(keep, len(tokens) - 1)  # at least one token decoded: fresh logits
+        if keep <= 0 or not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            keep = 0
+        slot.tokens = tokens[:keep]
+        return keep
+
+    # stepping
+
+    def step(self) -> None:
+        """Let sequences join, decode one batch, advance every sequence that got logits."""
+        import llama_cpp
+        import numpy as np
+
+        joining, self.joining = self.joining, []
+        for seq in joining:
+            self._guard(seq, lambda seq=seq: self._start(seq))  # type: ignore[misc]
+        for seq in list(self.running):
+            if seq.cancel.is_set() and seq.next_token is None:  # still decoding its prompt
+                self._guard(seq, lambda seq=seq: self._cancelled(seq))  # type: ignore[misc]
+        batch = self.batch
+        n = 0
+        fed: list[tuple[_Sequence, list[int]]] = []
+
+        def add(seq: _Sequence, tokens: list[int], logits_last: bool) -> None:
+            nonlocal n
+            assert seq.slot is not None
+            for k, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = seq.pos + k
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.slot.seq_id
+                batch.logits[n] = logits_last and k == len(tokens) - 1
+                n += 1
+            seq.out = n - 1 if logits_last else -1
+            fed.append((seq, tokens))
+
+        for seq in self.running:
+            seq.out = -1
+            if seq.next_token is not None and n < self.n_batch:
+                add(seq, [seq.next_token], True)
+                seq.next_token = None
+        for seq in self.running:
+            if seq.pending and n < self.n_batch:
+                take = seq.pending[: self.n_batch - n]
+                seq.pending = seq.pending[len(take) :]
+                add(seq, take, not seq.pending)
+        if n == 0:
+            return
+        batch.n_tokens = n
+        code = int(llama_cpp.llama_decode(self.ctx, batch))
+        if code != 0:
+            error = ClawnodeError(ErrorCode.INTERNAL, f"generation failed: llama_decode returned {code}")
+            for seq, _ in fed:
+                assert seq.slot is not None
+                llama_cpp.llama_memory_seq_rm(self.memory, seq.slot.seq_id, -1, -1)
+                seq.slot.tokens = []
+                self._end(seq, error)
+            return
+        for seq, tokens in fed:
+            assert seq.slot is not None
+            seq.slot.tokens.extend(tokens)
+            seq.pos += len(tokens)
+        for seq, _ in fed:
+            if seq.out >= 0:
+                pointer = llama_cpp.llama_get_logits_ith(self.ctx, seq.out)
+                logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+                self._guard(seq, lambda seq=seq, logits=logits: self._advance(seq, logits))  # type: ignore[misc]
+
+    def _guard(self, seq: _Sequence, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except ClawnodeError as error:
+            self._end(seq, error)
+        except Exception as error:  # llama.cpp failures come as several types
+            log.exception("generation on %s failed", self.model.name)
+            self._end(seq, ClawnodeError(ErrorCode.INTERNAL, f"generation failed: {error}"))
+
+    def _cancelled(self, seq: _Sequence) -> None:
+        seq.reasons.append("cancelled")
+        self._end(seq)
+
+    def _advance(self, seq: _Sequence, logits: Any) -> None:
+        """Feed the sequence the logits of its last token; start its next choice when one ends."""
+        import llama_cpp
+
+        request, slot = seq.request, seq.slot
+        assert slot is not None and seq.picker is not None
+        if request.n > 1 and seq.choice is None and seq.index == 0:
+            seq.prompt_logits = logits
+        while True:
+            if seq.choice is None:
+                grammar = (
+                    GrammarConstraint(self.llama._model.vocab, self.n_vocab, request.grammar, request.grammar_param)
+                    if request.grammar is not None
+                    else None
+                )
+                parser = ToolCallParser(request.tools.forced) if request.tools is not None else None
+                seq.choice = _Choice(
+                    self.llama, request, seq.index, seq.picker, grammar, parser, seq.stops, seq.cancel, seq.emit
+                )
+            choice = seq.choice
+            try:
+                token = choice.step(logits)
+            except BaseException:
+                if choice.grammar is not None:
+                    choice.grammar.close()
+                seq.choice = None
+                raise
+            if token is not None:
+                seq.next_token = token
+                return
+            choice.end()
+            if choice.grammar is not None:
+                choice.grammar.close()
+            seq.choice = None
+            if seq.first is None:
+                seq.first = choice.first
+            seq.total += choice.generated
+            finish = choice.finish
+            if finish == "stop" and choice.parser is not None and choice.parser.called:
+                finish = "tool_calls"
+            seq.reasons.append(finish)
+            if finish == "cancelled" or seq.index + 1 >= request.n:
+                self._end(seq)
+                return
+            if finish != "cancelled":
+                seq.emit({"index": seq.index, "tokens": 0, "text": "", "finish_reason": finish})
+            seq.index += 1
+            # The next choice starts from the prompt again: drop the last one's tokens.
+            if llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, len(seq.prompt), -1):
+                slot.tokens = slot.tokens[: len(seq.prompt)]
+                seq.pos = len(seq.prompt)
+                logits = seq.prompt_logits
+                continue
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            slot.tokens, seq.pos, seq.pending = [], 0, list(seq.prompt)
+            return
+
+    def _end(self, seq: _Sequence, error: BaseException | None = None) -> None:
+        if seq.choice is not None and seq.choice.grammar is not None:
+            seq.choice.grammar.close()
+        seq.choice = None
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot is not None:
+            seq.slot.busy = False
+            seq.slot.used = time.monotonic()
+            seq.slot = None
+        if error is not None:
+            seq.finish(None, [], None, 0.0, error)
+            return
+        reasons = seq.reasons
+        if reasons and reasons[-1] != "cancelled":
+            seq.emit({"index": seq.index, "tokens": 0, "text": "", "finish_reason": reasons[-1]})
+        elapsed = time.perf_counter() - seq.first if seq.first is not None else 0.0
+        usage = TokenUsage(len(seq.prompt), seq.total, seq.cached)
+        seq.finish(usage, reasons, seq.first, elapsed, None)
 
 
 class TokenStream:
@@ -410,7 +874,10 @@ class LlamaModel:
         chat_format: str | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
         prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
+        parallel: int | None = None,
     ) -> None:
+        if parallel is not None and not 1 <= parallel <= MAX_PARALLEL:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"parallel must be from 1 to {MAX_PARALLEL}")
         self.path = Path(path)
         self.name = name
         self.n_ctx = n_ctx
@@ -421,7 +888,11 @@ class LlamaModel:
         # Saved KV caches of earlier sequences (the worker's alone), at most this many bytes in all.
         self.prefix_cache_bytes = max(0, prefix_cache_mb) << 20
         self._prefixes: list[_SavedPrefix] = []
-        self.admission = FairAdmission(name, slots=1, max_queue=max_queue)
+        # Sequences decoded at once (continuous batching; None: chosen at load, see
+        # _default_parallel); 1 runs the single-sequence path, one request after another.
+        self.parallel = parallel
+        self.admission = FairAdmission(name, slots=parallel or 1, max_queue=max_queue)
+        self._batcher: _Batcher | None = None
         self._tickets: dict[int, int] = {}  # id(holder) -> its admission ticket
         self._worker: _Worker | None = None
         self._llama: Any = None
@@ -485,7 +956,7 @@ class LlamaModel:
         before = _rss()
         started = time.perf_counter()
         try:
-            with _load_progress(progress):
+            with _load_progress(progress), _parallel_context(self.parallel, self.n_ctx) as chosen:
                 llama = Llama(**self._llama_kwargs())
         except (ValueError, RuntimeError) as error:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"cannot load {self.path.name}: {error}") from None
@@ -516,6 +987,11 @@ class LlamaModel:
         self.chat_format = chat_format
         self.slots = TemplateSlots.of(chat_format, template if chat_format == "gguf-template" else None)
         self._llama = llama
+        self.admission.slots = chosen[0]
+        if chosen[0] > 1:
+            self._batcher = _Batcher(self, llama, chosen[0])
+            assert self._worker is not None
+            self._worker.background = self._batcher
         return LoadReport(
             seconds=seconds,
             rss_bytes=_rss(),
@@ -555,6 +1031,10 @@ class LlamaModel:
             return
 
         def free() -> None:
+            batcher, self._batcher = self._batcher, None
+            if batcher is not None:
+                batcher.close()  # the sequences in progress finish first
+                worker.background = None
             for instance in (self._llama, self._embedder):
                 if instance is not None:
                     instance.close()
@@ -808,6 +1288,38 @@ class LlamaModel:
                 last_wake[0] = now
             to_trio(take)
 
+        def finish(
+            usage: TokenUsage | None,
+            reasons: list[str],
+            first: float | None,
+            elapsed: float,
+            error: BaseException | None,
+        ) -> None:  # runs on the worker: a batched sequence ended
+            try:
+                if error is not None:
+                    push(("error", error), last=True)
+                    return
+                assert usage is not None
+                completion = Completion(
+                    text="",
+                    usage=usage,
+                    finish_reason=reasons[-1],
+                    first_token_s=None if first is None else first - admitted,
+                    generation_s=elapsed,
+                    finish_reasons=tuple(reasons),
+                )
+                to_trio(set_final, completion)
+                push(("end", completion), last=True)
+            finally:
+                to_trio(send.close)
+                to_trio(done.set)
+
+        batcher = self._batcher
+        if batcher is not None:
+            sequence = _Sequence(request, cancel, lambda chunk: push(("piece", chunk)), finish)
+            self._worker.submit(lambda: batcher.add(sequence))
+            return
+
         def job() -> None:
             try:
                 result = self._generate_blocking(request, cancel, lambda chunk: push(("piece", chunk)))
@@ -858,34 +1370,43 @@ class LlamaModel:
         return keep
 
     def _save_prefix(self, llama: Any) -> None:
+        self._save_prefix_of(llama._ctx.ctx, 0, llama.input_ids[: llama.n_tokens].tolist())
+
+    def _save_prefix_of(self, ctx: Any, seq_id: int, tokens: list[int]) -> None:
+        """Keep the KV cache of sequence ``seq_id`` (holding ``tokens``) as a saved state."""
         import llama_cpp
 
-        tokens = llama.input_ids[: llama.n_tokens].tolist()
-        ctx = llama._ctx.ctx
-        size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
+        size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
         if size <= 0 or size > self.prefix_cache_bytes:
             return
         data = (ctypes.c_uint8 * size)()
-        if int(llama_cpp.llama_state_seq_get_data(ctx, data, size, 0)) != size:
+        if int(llama_cpp.llama_state_seq_get_data(ctx, data, size, seq_id)) != size:
             return
         # An older state of the same conversation (a prefix of this one) is superseded.
         self._prefixes = [p for p in self._prefixes if _common_prefix(p.tokens, tokens) < len(p.tokens)]
-        self._prefixes.append(_SavedPrefix(tokens, data, size, time.monotonic()))
+        self._prefixes.append(_SavedPrefix(list(tokens), data, size, time.monotonic()))
         self._prefixes.sort(key=lambda p: p.used)
         while len(self._prefixes) > MAX_SAVED_PREFIXES or sum(p.size for p in self._prefixes) > self.prefix_cache_bytes:
             self._prefixes.pop(0)  # the least recently used
 
     def _restore_prefix(self, llama: Any, saved: _SavedPrefix) -> bool:
-        import llama_cpp
-
         llama._ctx.kv_cache_clear()
-        if int(llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, saved.data, saved.size, 0)) != saved.size:
+        if not self._restore_prefix_to(llama._ctx.ctx, 0, saved):
             llama._ctx.kv_cache_clear()
             llama.n_tokens = 0
-            self._prefixes.remove(saved)
             return False
         llama.input_ids[: len(saved.tokens)] = saved.tokens
         llama.n_tokens = len(saved.tokens)
+        return True
+
+    def _restore_prefix_to(self, ctx: Any, seq_id: int, saved: _SavedPrefix) -> bool:
+        """Load a saved state into the (empty) sequence ``seq_id``; a state that fails is dropped."""
+        import llama_cpp
+
+        if int(llama_cpp.llama_state_seq_set_data(ctx, saved.data, saved.size, seq_id)) != saved.size:
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), seq_id, -1, -1)
+            self._prefixes.remove(saved)
+            return False
         saved.used = time.monotonic()
         return True
 
@@ -985,61 +1506,13 @@ class LlamaModel:
         emit: Callable[[Chunk], None],
     ) -> tuple[int, str, float | None]:
         """One choice; returns (tokens sampled, finish reason, perf_counter of its first token)."""
-        import llama_cpp
-
-        vocab = llama._model.vocab
         n_vocab = logits.shape[0]
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        scanner = _StopScanner(stops)
-        counts: Counter[int] = Counter()
-        generated = 0
-        finish = "length"
-        first: float | None = None
-
-        def send(text: str, tokens: int, pick: Pick | None) -> None:
-            chunk: Chunk = {"index": index, "tokens": tokens, "text": text}
-            if parser is not None:
-                chunk["text"], calls = parser.feed(text)
-                if calls:
-                    chunk["tool_calls"] = calls
-            if pick is not None and pick.logprob is not None:
-                chunk["logprobs"] = [self._logprob_entry(llama, pick)]
-            emit(chunk)
-
-        while True:
-            if cancel.is_set():
-                finish = "cancelled"
-                break
-            if generated >= request.max_tokens:
-                break
-            pick = picker.pick(logits, counts, grammar)
-            token = pick.token
-            if first is None:
-                first = time.perf_counter()
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                finish = "stop"
-                break
-            generated += 1
-            counts[token] += 1
-            if grammar is not None:
-                grammar.accept(token)
-            # Under a grammar, a special token's text counts (the grammar matched it, and a template's
-            # tool-call marker may be one); free text leaves special tokens out, as before.
-            piece = llama.detokenize([token], special=grammar is not None)
-            text, stopped = scanner.feed(decoder.decode(piece))
-            send(text, 1, pick)
-            if stopped:
-                finish = "stop"
-                break
-            if generated < request.max_tokens:
-                llama.eval([token])
-                logits = self._logits(llama, n_vocab)
-        if finish != "stop" and finish != "cancelled":
-            tail, stopped = scanner.feed(decoder.decode(b"", final=True))
-            tail += "" if stopped else scanner.flush()
-            if tail:
-                send(tail, 0, None)
-        return generated, finish, first
+        choice = _Choice(llama, request, index, picker, grammar, parser, stops, cancel, emit)
+        while (token := choice.step(logits)) is not None:
+            llama.eval([token])
+            logits = self._logits(llama, n_vocab)
+        choice.end()
+        return choice.generated, choice.finish, choice.first
 
     @staticmethod
     def _logprob_entry(llama: Any, pick: Pick) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.inference.engine import DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB, LlamaModel
+from runtime.inference.engine import DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB, MAX_PARALLEL, LlamaModel
 from runtime.inference.service import ChatService, EmbeddingService
 from runtime.model_ids import ModelId
 from runtime.progress import ProgressBar
@@ -83,6 +83,13 @@ class ModelSpec(BaseModel):
     summary: str = Field("", max_length=280)
     embeddings: bool = Field(False, description="also sell embedding:<name>")
     max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=0, le=10_000, description="requests waiting at most")
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_PARALLEL,
+        description="sequences decoded at once in one batch (continuous batching); default from n_ctx and "
+        "the memory free at load, at most 8; 1: one request after another",
+    )
     prefix_cache_mb: int = Field(
         DEFAULT_PREFIX_CACHE_MB,
         ge=0,
@@ -137,6 +144,7 @@ class ModelSpec(BaseModel):
             chat_format=self.chat_format or None,
             max_queue=self.max_queue,
             prefix_cache_mb=self.prefix_cache_mb,
+            parallel=self.parallel,
         )
 
 

@@ -169,7 +169,7 @@ async def test_leaving_a_stream_stops_generation(tiny_path: Path) -> None:
 
 
 async def test_a_full_queue_is_rate_limited(tiny_path: Path) -> None:
-    model = LlamaModel(tiny_path, name="busy", n_ctx=256, n_threads=1, max_queue=1)
+    model = LlamaModel(tiny_path, name="busy", n_ctx=256, n_threads=1, max_queue=1, parallel=1)
     await model.load()
     try:
         holder = model.stream_complete("a", max_tokens=8)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from runtime.inference.engine import LlamaModel
 from runtime.inference.service import ChatService
 
@@ -20,7 +22,19 @@ async def _chat(model: LlamaModel, messages: list[dict[str, Any]]) -> tuple[str,
     return "".join(pieces), usage.detail
 
 
-async def test_the_second_turn_reuses_the_first_and_answers_the_same_as_without_the_cache(tiny: LlamaModel) -> None:
+@pytest.mark.parametrize("parallel", [1, 4])
+async def test_the_second_turn_reuses_the_first_and_answers_the_same_as_without_the_cache(
+    tiny_path: Path, parallel: int
+) -> None:
+    tiny = LlamaModel(tiny_path, name="tiny", n_ctx=512, n_threads=1, parallel=parallel)
+    await tiny.load()
+    try:
+        await _second_turn(tiny, parallel)
+    finally:
+        await tiny.aclose()
+
+
+async def _second_turn(tiny: LlamaModel, parallel: int) -> None:
     first = [
         {"role": "system", "content": "You are a terse assistant who answers in one line."},
         {"role": "user", "content": "Name a colour of the sea."},
@@ -32,16 +46,19 @@ async def test_the_second_turn_reuses_the_first_and_answers_the_same_as_without_
     assert cached_usage.get("cached_tokens", 0) >= usage_1["prompt_tokens"] - 1
     assert cached_usage["prompt_tokens"] > cached_usage["cached_tokens"]
 
-    tiny.prefix_cache_bytes = 0  # no saved states: another conversation evicts this one
-    await _chat(tiny, [{"role": "user", "content": "Something else entirely, to evict the conversation."}])
+    tiny.prefix_cache_bytes = 0  # no saved states: other conversations, one per slot, evict this one
+    for i in range(parallel):
+        await _chat(tiny, [{"role": "user", "content": f"Something else entirely ({i}), to evict the conversation."}])
     fresh_text, fresh_usage = await _chat(tiny, second)
     assert fresh_usage.get("cached_tokens", 0) < usage_1["prompt_tokens"] // 2  # decoded again
     assert fresh_usage["prompt_tokens"] == cached_usage["prompt_tokens"]
     assert cached_text == fresh_text  # temperature 0: the cache changes nothing but the time
 
 
-async def test_interleaved_conversations_each_resume_from_their_saved_state(tiny_path: Path) -> None:
-    model = LlamaModel(tiny_path, name="tiny", n_ctx=512, n_threads=1)
+@pytest.mark.parametrize("parallel", [1, 2])
+async def test_interleaved_conversations_each_resume_from_their_saved_state(tiny_path: Path, parallel: int) -> None:
+    """Three agents' conversations on a model with fewer sequences (slots) than conversations."""
+    model = LlamaModel(tiny_path, name="tiny", n_ctx=512, n_threads=1, parallel=parallel)
     await model.load()
     try:
         conversations: dict[str, list[dict[str, Any]]] = {
@@ -55,7 +72,9 @@ async def test_interleaved_conversations_each_resume_from_their_saved_state(tiny
         for name, messages in conversations.items():  # three agents' first turns, one after another
             reply, firsts[name] = await _chat(model, messages)
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And tomorrow?"}]
-        assert model.saved_prefixes == 2  # Alice's and Bob's sequences were saved when the next began
+        # The conversations that lost their slot to the next one were saved (Alice's and Bob's with
+        # one slot, Alice's with two).
+        assert model.saved_prefixes == 3 - parallel
         seconds = {name: await _chat(model, messages) for name, messages in conversations.items()}
         for name, (_, usage) in seconds.items():  # each second turn resumed its own first one
             assert usage.get("cached_tokens", 0) >= firsts[name]["prompt_tokens"] - 1, name
