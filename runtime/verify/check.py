@@ -1,0 +1,263 @@
+"""Verification: one prefill pass of the same GGUF over prompt + completion, compared with openings.
+
+:class:`Prefill` loads a model once (blocking: a worker thread's job) and returns, for a prompt and
+the produced token ids, the log-softmax of the logits at every produced position, asking llama.cpp
+for logits at those positions only (a whole vocabulary row per prompt token would cost as much as
+the model for small models with large vocabularies).
+
+:func:`compare` puts the openings of a commitment beside those rows and counts what an honest
+provider never shows, within ``tolerance`` nats (calibrated by bench/verify.py on other thread
+counts and batch sizes):
+
+- ``logprob``: a committed logprob differs from the verifier's for the same token (another model,
+  another quantisation, another prompt);
+- ``top``: a token the verifier ranks above the committed ones is missing from them;
+- ``not_sampled``: the produced token could not come out of the declared sampling: at temperature 0
+  it is not the most likely token; above 0 it is outside the engine's candidates (the 40 most
+  likely, then those within ``top_p``, then those at least ``min_p`` as likely as the best).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.verify.commitment import Opened
+
+# Nats. Defaults for a model whose noise was not measured; Prefill.tolerances() measures a loaded model's.
+TOLERANCE = 1.0  # any one committed logprob
+MEAN_TOLERANCE = 0.15  # the mean over every committed logprob of a reply
+NOISE_FACTOR_MAX = 3.0  # tolerance = factor × the noise measured between batch and token-by-token passes
+NOISE_FACTOR_MEAN = 3.0
+FLOOR_MAX = 0.25
+FLOOR_MEAN = 0.03
+SAMPLING_TOP_K = 40  # runtime.inference.sampling's TOP_K and MIN_P: the engine's candidate set
+SAMPLING_MIN_P = 0.05
+MAX_POSITIONS = 4096
+
+
+@dataclass
+class Findings:
+    """What :func:`compare` saw; ``failed`` when anything an honest provider never shows was seen."""
+
+    positions: int = 0
+    logprob: int = 0
+    top: int = 0
+    not_sampled: int = 0
+    max_logprob_diff: float = 0.0
+    mean_logprob_diff: float = 0.0
+    logprob_mean: int = 0  # 1 when the mean difference over every compared entry is beyond its tolerance
+    first_bad: int | None = None  # index of the first failing position
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.logprob or self.top or self.not_sampled or self.logprob_mean)
+
+    def reason(self) -> str:
+        for name in ("not_sampled", "logprob", "logprob_mean", "top"):
+            if getattr(self, name):
+                return name
+        return ""
+
+
+def log_softmax(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    top = rows.max(axis=1, keepdims=True)
+    return (rows - top - np.log(np.exp(rows - top).sum(axis=1, keepdims=True))).astype(np.float32)
+
+
+def compare(
+    rows: np.ndarray,
+    tokens: Sequence[int],
+    opened: Sequence[Opened],
+    *,
+    temperature: float,
+    top_p: float = 0.95,
+    tolerance: float = TOLERANCE,
+    mean_tolerance: float = MEAN_TOLERANCE,
+    scale: int = 16,
+) -> Findings:
+    """Compare the verifier's log-softmax ``rows`` (one per produced position) with the provider's
+    openings of the same positions and the produced ``tokens``."""
+    found = Findings()
+    slack = tolerance + 0.5 / scale  # the commitment's rounding on top of the tolerance
+    diffs: list[float] = []
+    for index, (row, token, position) in enumerate(zip(rows, tokens, opened, strict=True)):
+        found.positions += 1
+        bad = False
+        committed = {}
+        for token_id, logprob, clipped in zip(position.ids, position.logprobs, position.clipped, strict=True):
+            if not 0 <= token_id < row.shape[0]:
+                found.logprob += 1
+                bad = True
+                continue
+            mine = float(row[token_id])
+            diff = max(0.0, mine - logprob) if clipped else abs(mine - logprob)
+            diffs.append(diff)
+            found.max_logprob_diff = max(found.max_logprob_diff, diff)
+            if diff > slack:
+                found.logprob += 1
+                bad = True
+            committed[token_id] = logprob
+        # The verifier's best token must be among the committed ones unless it ties with the last one.
+        best = int(np.argmax(row))
+        if committed and best not in committed and float(row[best]) > min(committed.values()) + slack:
+            found.top += 1
+            bad = True
+        if not _could_sample(row, token, temperature, top_p, tolerance):
+            found.not_sampled += 1
+            bad = True
+        if bad and found.first_bad is None:
+            found.first_bad = index
+    found.mean_logprob_diff = sum(diffs) / len(diffs) if diffs else 0.0
+    if found.mean_logprob_diff > mean_tolerance + 0.25 / scale:
+        found.logprob_mean = 1
+    return found
+
+
+def _could_sample(row: np.ndarray, token: int, temperature: float, top_p: float, tolerance: float) -> bool:
+    if not 0 <= token < row.shape[0]:
+        return False
+    best = float(row.max())
+    mine = float(row[token])
+    if temperature <= 0:
+        return mine >= best - tolerance  # the most likely token, or one tied with it within the tolerance
+    # Candidates: the top 40, then top_p, then min_p; each bound widened by the tolerance.
+    order = (
+        np.argpartition(-row, SAMPLING_TOP_K - 1)[:SAMPLING_TOP_K] if row.size > SAMPLING_TOP_K else np.arange(row.size)
+    )
+    kth = float(row[order].min())
+    if mine < kth - tolerance:
+        return False
+    if mine < best + np.log(SAMPLING_MIN_P) - tolerance:
+        return False
+    # top_p: tokens strictly more likely than this one (by more than the tolerance) must not already reach top_p.
+    above = row[order][row[order] > mine + tolerance]
+    probs = np.exp(above.astype(np.float64) - best)
+    total = np.exp(row[order].astype(np.float64) - best).sum()
+    return bool(probs.sum() / total < top_p + 1e-6)
+
+
+class Prefill:
+    """A model loaded for verification: one prefill per check, logits only where they are compared."""
+
+    def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int | None = None, n_ubatch: int = 512) -> None:
+        import llama_cpp
+
+        self.n_ctx = n_ctx
+        self._lock = threading.Lock()
+        self.llama: Any = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=min(n_ubatch, n_ctx),
+            n_threads=n_threads,
+            logits_all=False,
+            verbose=False,
+        )
+        self.n_vocab = int(self.llama.n_vocab())
+
+    def rows(self, prompt: Sequence[int], completion: Sequence[int]) -> np.ndarray:
+        """Log-softmax rows for each completion position (blocking)."""
+        import llama_cpp
+
+        total = len(prompt) + len(completion)
+        if not prompt or not completion or total > self.n_ctx or len(completion) > MAX_POSITIONS:
+            raise ValueError("the prompt and completion do not fit the verifier's context")
+        tokens = [*prompt, *completion[:-1]]  # the last produced token predicts nothing compared
+        first = len(prompt) - 1
+        with self._lock:
+            ctx = self.llama._ctx
+            ctx.kv_cache_clear()
+            batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+            try:
+                for i, token in enumerate(tokens):
+                    batch.token[i] = token
+                    batch.pos[i] = i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = i >= first
+                batch.n_tokens = len(tokens)
+                if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                out = np.empty((len(completion), self.n_vocab), dtype=np.float32)
+                for j in range(len(completion)):
+                    pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, first + j)
+                    out[j] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+            finally:
+                llama_cpp.llama_batch_free(batch)
+        return log_softmax(out)
+
+    def rows_stepwise(self, prompt: Sequence[int], completion: Sequence[int]) -> np.ndarray:
+        """The same rows as :meth:`rows`, computed as a provider does: the prompt in one batch, then one
+        token per decode (blocking)."""
+        import llama_cpp
+
+        tokens = [*prompt, *completion[:-1]]
+        out = np.empty((len(completion), self.n_vocab), dtype=np.float32)
+        with self._lock:
+            ctx = self.llama._ctx
+            ctx.kv_cache_clear()
+            batch = llama_cpp.llama_batch_init(len(prompt), 0, 1)
+            try:
+                for start, stop in [(0, len(prompt)), *((i, i + 1) for i in range(len(prompt), len(tokens)))]:
+                    for j, i in enumerate(range(start, stop)):
+                        batch.token[j], batch.pos[j], batch.n_seq_id[j] = tokens[i], i, 1
+                        batch.seq_id[j][0] = 0
+                        batch.logits[j] = i == stop - 1
+                    batch.n_tokens = stop - start
+                    if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
+                        raise RuntimeError("llama_decode failed")
+                    pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, stop - start - 1)
+                    out[stop - len(prompt)] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+            finally:
+                llama_cpp.llama_batch_free(batch)
+        return log_softmax(out)
+
+    def tolerances(self, prompt: Sequence[int], completion: Sequence[int], k: int = 4) -> tuple[float, float]:
+        """(per-entry, mean) tolerances from the noise between :meth:`rows` and :meth:`rows_stepwise`
+        on a sample sequence, over each position's ``k`` most likely tokens (blocking; once per model)."""
+        batch, stepwise = self.rows(prompt, completion), self.rows_stepwise(prompt, completion)
+        top = np.argsort(-stepwise, axis=1)[:, :k]
+        diffs = np.abs(np.take_along_axis(batch, top, 1) - np.take_along_axis(stepwise, top, 1))
+        return (
+            max(FLOOR_MAX, NOISE_FACTOR_MAX * float(diffs.max())),
+            max(FLOOR_MEAN, NOISE_FACTOR_MEAN * float(diffs.mean())),
+        )
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+class TokenIndex:
+    """Token bytes → id for a model's vocabulary, for engines whose logprob entries carry bytes only.
+    Where several ids share bytes, a normal token wins over a byte-fallback or control one."""
+
+    def __init__(self, path: Path) -> None:
+        import llama_cpp
+
+        llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        try:
+            vocab = llama._model.vocab
+            index: dict[bytes, int] = {}
+            rank: dict[bytes, int] = {}
+            for token in range(int(llama.n_vocab())):
+                raw = bytes(llama.detokenize([token], special=True))
+                attr = int(llama_cpp.llama_vocab_get_attr(vocab, token))
+                score = 0 if attr & llama_cpp.LLAMA_TOKEN_ATTR_NORMAL else 1
+                if raw not in index or score < rank[raw]:
+                    index[raw], rank[raw] = token, score
+            self._index = index
+        finally:
+            llama.close()
+
+    def id_of(self, entry: dict[str, Any]) -> int:
+        if isinstance(entry.get("id"), int):
+            return int(entry["id"])
+        return self._index[bytes(entry["bytes"])]

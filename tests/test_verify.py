@@ -1,0 +1,109 @@
+"""Verified inference (issue 21): a commitment to the top-k logprobs of every produced position, and one
+prefill of the same GGUF that catches another model, a replaced token or another temperature."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from runtime.inference.engine import LlamaModel
+from runtime.inference.sampling import Sampling
+from runtime.inference.tiny_model import write_tiny_llama_gguf
+from runtime.verify.check import Findings, Prefill, TokenIndex, compare
+from runtime.verify.commitment import Commitment, Position, commit, decode_chunk, opening_matches
+from runtime.verify.provider import positions_from_chunks
+
+PROMPT = "Verify me: the quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("verify")
+    return write_tiny_llama_gguf(folder / "served.gguf", seed=0), write_tiny_llama_gguf(folder / "other.gguf", seed=1)
+
+
+async def _generate(path: Path, temperature: float, max_tokens: int = 40) -> tuple[list[int], Commitment, list[int]]:
+    model = LlamaModel(path, name="tiny", n_ctx=256, n_threads=1)
+    await model.load()
+    try:
+        prompt = await model.tokenize(PROMPT, add_bos=True)
+        sampling = Sampling(temperature=temperature, logprobs=True, top_logprobs=4)
+        async with model.stream_generate(prompt=prompt, max_tokens=max_tokens, sampling=sampling, seed=7) as stream:
+            chunks = [chunk async for chunk in stream]
+    finally:
+        await model.aclose()
+    positions = positions_from_chunks(chunks, TokenIndex(path))
+    return prompt, commit(positions), [p.token for p in positions]
+
+
+def _check(path: Path, prompt: list[int], sent: Commitment, tokens: list[int], temperature: float) -> Findings:
+    opened = []
+    for index in range(len(sent.chunks)):
+        opening = sent.open(index)
+        assert opening_matches(sent.root, opening, len(tokens))
+        opened += decode_chunk(opening.data, tokens[index * sent.chunk : (index + 1) * sent.chunk])
+    verifier = Prefill(path, n_ctx=256, n_threads=2, n_ubatch=16)  # another thread count and batch size
+    try:
+        return compare(verifier.rows(prompt, tokens), tokens, opened, temperature=temperature)
+    finally:
+        verifier.close()
+
+
+def test_a_chunk_opens_against_its_root_and_nothing_else_does() -> None:
+    positions = [Position(t % 300, tuple((t * 7 + i, -0.3 * i) for i in range(4))) for t in range(70)]
+    sent = commit(positions)
+    assert len(sent.root) == 32 and len(sent.chunks) == 3
+    for index in range(3):
+        opening = sent.open(index)
+        assert opening_matches(sent.root, opening, 70)
+        assert not opening_matches(sent.root, opening, 71)  # another token count
+        forged = dataclasses.replace(opening, data=opening.data[:-1] + bytes([opening.data[-1] ^ 1]))
+        assert not opening_matches(sent.root, forged, 70)
+    assert not opening_matches(sent.root, dataclasses.replace(sent.open(0), index=1), 70)
+    decoded = decode_chunk(sent.open(2).data, [p.token for p in positions[64:]])
+    assert [d.ids for d in decoded] == [tuple(i for i, _ in p.top) for p in positions[64:]]
+    assert sent.encoded_bytes / 70 <= 16
+    with pytest.raises(ValueError):
+        decode_chunk(sent.open(0).data[:-3], [p.token for p in positions[:32]])
+
+
+async def test_an_honest_reply_passes_at_either_temperature(files: tuple[Path, Path]) -> None:
+    served, _ = files
+    for temperature in (0.0, 0.9):
+        prompt, sent, tokens = await _generate(served, temperature)
+        found = await trio.to_thread.run_sync(_check, served, prompt, sent, tokens, temperature)
+        assert not found.failed, found
+        assert found.positions == len(tokens) == 40
+
+
+async def test_another_model_a_replaced_token_and_another_temperature_are_caught(files: tuple[Path, Path]) -> None:
+    served, other = files
+    # Another model (same vocabulary, other weights) behind the advertised file.
+    prompt, sent, tokens = await _generate(other, 0.0)
+    found = await trio.to_thread.run_sync(_check, served, prompt, sent, tokens, 0.0)
+    assert found.failed and found.logprob
+    # Sampled at temperature 1 while temperature 0 was declared: some token is not the most likely one.
+    prompt, sent, tokens = await _generate(served, 1.0)
+    found = await trio.to_thread.run_sync(_check, served, prompt, sent, tokens, 0.0)
+    assert found.failed and found.not_sampled
+    # A token the model never produced, with a commitment made to fit it (a prefill-only cheat).
+    prompt, _, tokens = await _generate(served, 0.0)
+    tokens[5] = (tokens[5] + 17) % 356 or 300
+    cheater = Prefill(served, n_ctx=256, n_threads=1)
+    rows = cheater.rows(prompt, tokens)
+    cheater.close()
+    top = (-rows).argsort(axis=1)[:, :4]
+    fitted = commit(
+        [
+            Position(t, tuple((int(i), float(row[i])) for i in ids))
+            for t, row, ids in zip(tokens, rows, top, strict=True)
+        ]
+    )
+    found = await trio.to_thread.run_sync(_check, served, prompt, fitted, tokens, 0.0)
+    assert found.failed and found.reason() == "not_sampled" and found.first_bad == 5
