@@ -1,0 +1,77 @@
+"""Verified inference's decisions (issue 21), as pure functions of fetched facts.
+
+:func:`check_verdict` turns what a spot-check found into a typed outcome and its consequences: a
+provider whose openings do not match the root it signed, who does not answer, or whose openings
+disagree with the verifier's prefill of the advertised file has failed; the consumer then stops
+countersigning, ends the lease and opens a dispute with the signed evidence. A check the consumer
+cannot run (it holds another file, or none) is ``unverifiable``: no consequence, and no credit.
+
+:func:`standing` is the per-provider score the router ranks by: checks passed raise it slowly, a
+failed check (this node's own, never a stranger's report alone) puts the provider last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from protocols.machines.verdict import Refusal
+from runtime.errors import ErrorCode
+
+Outcome = Literal["passed", "failed", "unverifiable"]
+# Stable reasons, as the ledger records them and `clawnode find` shows them.
+FailReason = Literal["opening_mismatch", "no_answer", "logprob", "logprob_mean", "top", "not_sampled", "unsigned_root"]
+
+
+@dataclass(frozen=True)
+class CheckFacts:
+    """What the adapter fetched for one spot-check of one call."""
+
+    root_signed: bool  # the call's commitment root is in a receipt the provider signed
+    answered: bool  # the provider sent the openings asked for, in time
+    openings_match: bool  # every opening opens against that root
+    holds_file: bool  # this verifier holds the advertised file (same sha256)
+    findings_reason: str = ""  # runtime.verify.check.Findings.reason(): "" when the comparison passed
+
+
+@dataclass(frozen=True)
+class CheckVerdict:
+    outcome: Outcome
+    reason: str = ""
+
+    @property
+    def stop_countersigning(self) -> bool:
+        return self.outcome == "failed"
+
+    @property
+    def dispute(self) -> bool:
+        """Open a dispute with the evidence: only when the provider's own signature binds the root."""
+        return self.outcome == "failed" and self.reason != "unsigned_root"
+
+    def refusal(self) -> Refusal | None:
+        if self.outcome != "failed":
+            return None
+        return Refusal(
+            ErrorCode.FORBIDDEN, f"verification_{self.reason}", f"the provider failed verification ({self.reason})"
+        )
+
+
+def check_verdict(facts: CheckFacts) -> CheckVerdict:
+    if not facts.root_signed:
+        return CheckVerdict("failed", "unsigned_root")
+    if not facts.answered:
+        return CheckVerdict("failed", "no_answer")
+    if not facts.openings_match:
+        return CheckVerdict("failed", "opening_mismatch")
+    if not facts.holds_file:
+        return CheckVerdict("unverifiable", "no_file")
+    if facts.findings_reason:
+        return CheckVerdict("failed", facts.findings_reason)
+    return CheckVerdict("passed")
+
+
+def standing(passed: int, failed: int) -> float:
+    """0 after any failed check by this node; else rises from 0.5 toward 1 with checks passed."""
+    if failed > 0:
+        return 0.0
+    return (passed + 1) / (passed + 2)

@@ -1,0 +1,36 @@
+"""The pure decisions of verified inference: what a spot-check's facts mean, and a provider's standing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from protocols.machines.verify import CheckFacts, check_verdict, standing
+
+GOOD = CheckFacts(root_signed=True, answered=True, openings_match=True, holds_file=True)
+
+
+def test_a_check_passes_only_when_every_fact_holds() -> None:
+    assert check_verdict(GOOD).outcome == "passed" and check_verdict(GOOD).refusal() is None
+    cases = {
+        "unsigned_root": dataclasses.replace(GOOD, root_signed=False),
+        "no_answer": dataclasses.replace(GOOD, answered=False),
+        "opening_mismatch": dataclasses.replace(GOOD, openings_match=False),
+        "logprob": dataclasses.replace(GOOD, findings_reason="logprob"),
+        "not_sampled": dataclasses.replace(GOOD, findings_reason="not_sampled"),
+    }
+    for reason, facts in cases.items():
+        verdict = check_verdict(facts)
+        assert (verdict.outcome, verdict.reason, verdict.stop_countersigning) == ("failed", reason, True)
+        refusal = verdict.refusal()
+        assert refusal is not None and refusal.reason == f"verification_{reason}"
+    # Without the provider's signature on the root there is no evidence to dispute with.
+    assert not check_verdict(cases["unsigned_root"]).dispute and check_verdict(cases["logprob"]).dispute
+    # A consumer without the advertised file can neither pass nor fail the provider.
+    unverifiable = check_verdict(dataclasses.replace(GOOD, holds_file=False, findings_reason="logprob"))
+    assert (unverifiable.outcome, unverifiable.stop_countersigning) == ("unverifiable", False)
+
+
+def test_standing_rises_with_passed_checks_and_drops_to_zero_on_a_failure() -> None:
+    assert standing(0, 0) == 0.5
+    assert standing(0, 0) < standing(3, 0) < standing(30, 0) < 1
+    assert standing(100, 1) == 0.0
