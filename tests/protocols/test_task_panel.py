@@ -1,0 +1,100 @@
+"""The k-of-m panel's pure rules: who sits on it, which votes count, when it has decided."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols.machines.task_panel import (
+    MAX_PANEL,
+    PanelFacts,
+    Vote,
+    panel_terms_verdict,
+    tally,
+    vote_verdict,
+)
+
+PRICE = 100
+PANEL = PanelFacts(members=("a", "b", "c"), threshold=2, price=PRICE)
+
+
+def _reason(verdict: object) -> str | None:
+    return getattr(verdict, "reason", None)
+
+
+def test_a_panel_is_a_strict_majority_of_distinct_members_who_are_not_parties() -> None:
+    members = [("a", "0x" + "1" * 40), ("b", "0x" + "2" * 40), ("c", "0x" + "3" * 40)]
+    assert panel_terms_verdict(members, 2, ["creator"]) is None
+    assert panel_terms_verdict(members, 3) is None
+    assert _reason(panel_terms_verdict(members, 1)) == "panel_threshold"  # two splits could both win
+    assert _reason(panel_terms_verdict(members, 4)) == "panel_threshold"
+    assert _reason(panel_terms_verdict([], 1)) == "panel_size"
+    many = [(f"p{i}", f"0x{i:040x}") for i in range(MAX_PANEL + 1)]
+    assert _reason(panel_terms_verdict(many, MAX_PANEL)) == "panel_size"
+    assert _reason(panel_terms_verdict([*members[:2], ("a", "0x" + "4" * 40)], 2)) == "panel_duplicate"
+    assert _reason(panel_terms_verdict([*members[:2], ("d", "0x" + "2" * 40)], 2)) == "panel_duplicate"
+    assert _reason(panel_terms_verdict(members, 2, ["b"])) == "panel_party"
+
+
+def test_two_agreeing_votes_of_three_decide_and_a_member_votes_once() -> None:
+    assert tally(PANEL, [Vote("a", 100)]).state == "open"
+    decided = tally(PANEL, [Vote("a", 100), Vote("b", 0), Vote("c", 100)])
+    assert (decided.state, decided.to_bidder, decided.agreeing) == ("decided", 100, 2)
+    # A stranger, an impossible split and a changed vote do not count; the same vote again is harmless.
+    verdict = tally(PANEL, [Vote("x", 0), Vote("a", 101), Vote("a", 0), Vote("a", 100), Vote("a", 0), Vote("b", 0)])
+    assert verdict.refused == (("x", "not_on_panel"), ("a", "bad_split"), ("a", "vote_final"))
+    assert verdict.state == "decided" and verdict.to_bidder == 0
+    assert vote_verdict(PANEL, {"a": 0}, Vote("a", 0)) == "merged"
+    # Abstentions and a split vote leave nothing that can reach the threshold: a person decides.
+    assert tally(PANEL, [Vote("a", None), Vote("b", 0), Vote("c", 100)]).state == "deadlocked"
+    assert tally(PANEL, [Vote("a", None), Vote("b", None)]).state == "deadlocked"
+    assert tally(PANEL, [Vote("a", None), Vote("b", 40)]).state == "open"
+
+
+@st.composite
+def panels(draw: st.DrawFn) -> PanelFacts:
+    k = draw(st.integers(1, MAX_PANEL))
+    return PanelFacts(tuple(f"m{i}" for i in range(k)), draw(st.integers(k // 2 + 1, k)), PRICE)
+
+
+def _votes(facts: PanelFacts) -> st.SearchStrategy[list[Vote]]:
+    voters = st.sampled_from([*facts.members, "stranger"])
+    splits = st.one_of(st.none(), st.sampled_from([0, 50, PRICE, PRICE + 1]))  # few splits: they collide
+    return st.lists(st.builds(Vote, voters, splits), max_size=3 * MAX_PANEL)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_tally_matches_a_plain_count_of_each_members_first_valid_vote(data: st.DataObject) -> None:
+    facts = data.draw(panels())
+    votes = data.draw(_votes(facts))
+    verdict = tally(facts, votes)
+    first: dict[str, int | None] = {}
+    for vote in votes:
+        if vote.voter in facts.members and (vote.to_bidder is None or vote.to_bidder <= PRICE):
+            first.setdefault(vote.voter, vote.to_bidder)
+    assert verdict.votes == first
+    counts = Counter(v for v in first.values() if v is not None)
+    winners = [split for split, n in counts.items() if n >= facts.threshold]
+    assert len(winners) <= 1  # a strict majority: never two decided splits
+    if winners:
+        assert (verdict.state, verdict.to_bidder) == ("decided", winners[0])
+    elif max(counts.values(), default=0) + len(facts.members) - len(first) < facts.threshold:
+        assert verdict.state == "deadlocked"
+    else:
+        assert verdict.state == "open"
+    assert all(reason in ("not_on_panel", "bad_split", "vote_final") for _, reason in verdict.refused)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_the_decision_does_not_depend_on_the_order_votes_land_in(data: st.DataObject) -> None:
+    facts = data.draw(panels())
+    chosen = data.draw(st.dictionaries(st.sampled_from(facts.members), st.one_of(st.none(), st.sampled_from([0, 50]))))
+    votes = [Vote(voter, split) for voter, split in chosen.items()]
+    again = data.draw(st.permutations(votes + votes))  # each sent twice, in any order
+    first, second = tally(facts, votes), tally(facts, again)
+    assert (first.state, first.to_bidder, first.votes) == (second.state, second.to_bidder, second.votes)
+    assert second.refused == ()
