@@ -1,7 +1,8 @@
-"""The escrow contract's committed build: ABI, bytecode and runtime bytecode in ``Escrow.json`` beside ``Escrow.vy``.
+"""The contracts' committed builds: ABI, bytecode and runtime bytecode in ``<Name>.json`` beside ``<Name>.vy``.
 
+``Escrow`` is the lease escrow; ``MockERC20`` a stand-in stablecoin for development chains and tests.
 The daemon loads the committed JSON (no compiler at run time); ``python -m runtime.escrow.artifacts``
-rewrites it from the source, and ``tests/runtime/test_escrow_artifacts.py`` fails when the two differ.
+rewrites them from the sources, and ``tests/runtime/test_escrow_artifacts.py`` fails when they differ.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ HERE = Path(__file__).parent
 SOURCE_PATH = HERE / "Escrow.vy"
 ARTIFACT_PATH = HERE / "Escrow.json"
 VYPER_VERSION = "0.4.3"
+CONTRACTS = ("Escrow", "MockERC20")
 
 
 class Artifact(BaseModel):
@@ -38,17 +40,17 @@ class Artifact(BaseModel):
         return bytes(keccak(hexstr=self.bytecode_runtime))
 
 
-def compile_source() -> Artifact:
-    """Compile ``Escrow.vy`` in-process with the pinned vyper (0.3–0.7 s)."""
+def compile_source(name: str = "Escrow") -> Artifact:
+    """Compile ``<name>.vy`` in-process with the pinned vyper (0.5–4 s)."""
     import vyper  # imported here: only the build and its check need the compiler
     from vyper.compiler import compile_code
 
     if vyper.__version__ != VYPER_VERSION:
         raise RuntimeError(f"vyper {VYPER_VERSION} is required to build the escrow, found {vyper.__version__}")
-    source = SOURCE_PATH.read_text()
+    source = (HERE / f"{name}.vy").read_text()
     out = compile_code(source, output_formats=["abi", "bytecode", "bytecode_runtime"])
     return Artifact(
-        contract="Escrow",
+        contract=name,
         vyper_version=VYPER_VERSION,
         source_sha256=hashlib.sha256(source.encode()).hexdigest(),
         abi=out["abi"],
@@ -62,11 +64,14 @@ def render(artifact: Artifact) -> str:
 
 
 @cache
-def load() -> Artifact:
-    """The committed artifact."""
-    return Artifact.model_validate_json(ARTIFACT_PATH.read_text())
+def load(name: str = "Escrow") -> Artifact:
+    """The committed artifact of ``name`` (one of :data:`CONTRACTS`)."""
+    if name not in CONTRACTS:
+        raise ValueError(f"no such contract: {name}")
+    return Artifact.model_validate_json((HERE / f"{name}.json").read_text())
 
 
 if __name__ == "__main__":
-    ARTIFACT_PATH.write_text(render(compile_source()))
-    print(f"wrote {ARTIFACT_PATH.name}")
+    for contract in CONTRACTS:
+        (HERE / f"{contract}.json").write_text(render(compile_source(contract)))
+        print(f"wrote {contract}.json")

@@ -10,8 +10,9 @@ in wei; escrow ids are 32 bytes.
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -33,15 +34,25 @@ log = logging.getLogger(__name__)
 # Gas limits per call: the measured cost (bench/ledger.py prints it) with headroom. Explicit so
 # nothing depends on a chain's estimator.
 GAS_LIMITS: dict[str, int] = {
-    "deploy": 2_000_000,
+    "deploy": 3_600_000,
     "lock": 250_000,
+    "lock_token": 300_000,
+    "lock_panel": 400_000,
+    "top_up": 150_000,
     "release": 120_000,
     "claim": 150_000,
+    "draw": 150_000,
+    "settle": 170_000,
     "refund": 120_000,
     "dispute": 120_000,
     "resolve": 150_000,
+    "resolve_by_panel": 250_000,
     "withdraw": 120_000,
+    "withdraw_token": 120_000,
+    "approve": 80_000,
 }
+
+ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 
 RECEIPT_TIMEOUT_S = 120.0
 # After this long without a receipt, look whether the transaction can still be mined at all: the chain
@@ -80,6 +91,12 @@ class EscrowState:
     deadline: int
     window: int
     phase: EscrowPhase
+    token: str = ZERO_ADDRESS  # the ERC-20 it holds; ZERO_ADDRESS: the chain's native coin
+    threshold: int = 0  # m of a panel escrow (its arbiter is then ZERO_ADDRESS); 0: one arbiter
+
+    @property
+    def native(self) -> bool:
+        return int(self.token, 16) == 0
 
     @property
     def remaining(self) -> int:
@@ -121,6 +138,32 @@ def voucher_signer(
     Off-chain and pure (no chain access): ``None`` for a malformed or high-s signature, which the
     contract would refuse; otherwise the recovered address (the payer's only if the voucher holds).
     """
+    return _recover(lambda: voucher_digest(chain_id, contract, payer, escrow_id, cumulative), signature)
+
+
+# What a panel vote's digest starts with, so a vote can never be taken for a voucher (the contract's PANEL_TAG).
+PANEL_TAG = keccak(text="clawnode.escrow.panel_vote")
+
+
+def panel_vote_digest(chain_id: int, contract: str, payer: str, escrow_id: bytes, to_payee: int) -> bytes:
+    """What a panel arbiter's EIP-191 vote signs: the payee gets ``to_payee`` of what is still locked."""
+    return keccak(
+        abi_encode(
+            ["bytes32", "uint256", "address", "bytes32", "uint256"],
+            [PANEL_TAG, chain_id, to_checksum_address(contract), escrow_key(payer, escrow_id), to_payee],
+        )
+    )
+
+
+def panel_vote_signer(
+    chain_id: int, contract: str, payer: str, escrow_id: bytes, to_payee: int, signature: str | bytes
+) -> str | None:
+    """Who signed a panel vote for exactly ``to_payee``, as ``resolve_by_panel`` would recover it (pure);
+    ``None`` for a malformed or high-s signature. Count it only if the address is on the escrow's panel."""
+    return _recover(lambda: panel_vote_digest(chain_id, contract, payer, escrow_id, to_payee), signature)
+
+
+def _recover(digest: Callable[[], bytes], signature: str | bytes) -> str | None:
     from eth_account import Account
 
     try:
@@ -131,11 +174,29 @@ def voucher_signer(
         return None
     v = raw[64] + 27 if raw[64] < 27 else raw[64]
     try:
-        digest = voucher_digest(chain_id, contract, payer, escrow_id, cumulative)
-        signer = Account.recover_message(encode_defunct(primitive=digest), vrs=(v, raw[:32], raw[32:64]))
-    except Exception:  # noqa: BLE001 - any malformed signature is simply not the payer's
+        signer = Account.recover_message(encode_defunct(primitive=digest()), vrs=(v, raw[:32], raw[32:64]))
+    except Exception:  # noqa: BLE001 - any malformed signature is simply nobody's
         return None
     return str(signer)
+
+
+def asset_id(chain_id: int, token: str | None = None) -> str:
+    """The CAIP-19 name of what an escrow holds: the chain's native coin, or an ERC-20 token on it."""
+    if token is None or int(token, 16) == 0:
+        return f"eip155:{chain_id}/slip44:60"
+    return f"eip155:{chain_id}/erc20:{to_checksum_address(token)}"
+
+
+_ASSET = re.compile(r"^eip155:([1-9][0-9]{0,19})/(?:slip44:60|erc20:(0x[0-9a-fA-F]{40}))$")
+
+
+def parse_asset(asset: str) -> tuple[int, str | None]:
+    """(chain id, token address or None for the native coin) of a CAIP-19 :func:`asset_id`; ValueError otherwise."""
+    match = _ASSET.match(asset)
+    if match is None:
+        raise ValueError("an asset is eip155:<chain id>/slip44:60 or eip155:<chain id>/erc20:<address>")
+    token = match.group(2)
+    return int(match.group(1)), to_checksum_address(token) if token else None
 
 
 class NonceManager:
@@ -298,15 +359,26 @@ class EscrowClient:
                 raw = self.contract.functions.escrows(escrow_key(payer, escrow_id)).call()
             except Exception as error:  # noqa: BLE001 - normalised to a stable code
                 raise self._explain(error) from None
-        payee, arbiter, amount, released, deadline, window, state = raw
-        return EscrowState(payee, arbiter, amount, released, deadline, window, _PHASES[state])
+        payee, arbiter, amount, released, deadline, window, state, token, threshold = raw
+        return EscrowState(payee, arbiter, amount, released, deadline, window, _PHASES[state], token, threshold)
 
-    def credit_of(self, address: str) -> int:
+    def credit_of(self, address: str, token: str | None = None) -> int:
+        """What ``address`` may withdraw in ``token`` (None: the native coin)."""
         with self.chain.lock:
             try:
-                return int(self.contract.functions.credit(to_checksum_address(address)).call())
+                asset = to_checksum_address(token or ZERO_ADDRESS)
+                return int(self.contract.functions.credit(to_checksum_address(address), asset).call())
             except Exception as error:  # noqa: BLE001
                 raise self._explain(error) from None
+
+    def panel_of(self, payer: str, escrow_id: bytes) -> tuple[str, ...]:
+        """The arbiters of a panel escrow (empty for a single-arbiter one)."""
+        with self.chain.lock:
+            try:
+                members = self.contract.functions.panel(to_checksum_address(payer), escrow_id).call()
+            except Exception as error:  # noqa: BLE001
+                raise self._explain(error) from None
+        return tuple(str(member) for member in members)
 
     def contract_balance(self) -> int:
         with self.chain.lock:
@@ -333,6 +405,12 @@ class EscrowClient:
         digest = voucher_digest(self.chain.chain_id, self.address, self.account.address, escrow_id, cumulative)
         return bytes(self.account.sign_message(encode_defunct(primitive=digest)).signature)
 
+    @local
+    def sign_panel_vote(self, payer: str, escrow_id: bytes, to_payee: int) -> bytes:
+        """As a panel arbiter: vote that the payee gets ``to_payee`` of what is still locked, the payer the rest."""
+        digest = panel_vote_digest(self.chain.chain_id, self.address, payer, escrow_id, to_payee)
+        return bytes(self.account.sign_message(encode_defunct(primitive=digest)).signature)
+
     # -- transactions --
 
     def lock(
@@ -344,24 +422,86 @@ class EscrowClient:
         amount: int,
         deadline: int,
         window: int,
+        token: str | None = None,
         on_signed: Callable[[str], None] | None = None,
     ) -> TxResult:
-        """Lock ``amount`` wei under ``escrow_id``; with a ``lock_journal`` the intent is recorded first.
+        """Lock ``amount`` (wei, or the smallest unit of ERC-20 ``token``) under ``escrow_id``; with a
+        ``lock_journal`` the intent is recorded first. A token lock first approves the escrow for ``amount``.
 
         The journal learns the outcome: "landed", "failed" (nothing sent, or reverted), or "unknown"
         (sent, no receipt in time: the reconciliation refunds it if it lands later).
         """
-        call = self.contract.functions.lock(
-            escrow_id, to_checksum_address(payee), to_checksum_address(arbiter), deadline, window
+        if token is None or int(token, 16) == 0:
+            call = self.contract.functions.lock(
+                escrow_id, to_checksum_address(payee), to_checksum_address(arbiter), deadline, window
+            )
+            return self._lock(call, "lock", escrow_id, amount, amount, on_signed)
+        call = self.contract.functions.lock_token(
+            escrow_id,
+            to_checksum_address(token),
+            amount,
+            to_checksum_address(payee),
+            to_checksum_address(arbiter),
+            deadline,
+            window,
         )
-        if self.max_gas_share > 0:
+        return self._lock(call, "lock_token", escrow_id, amount, 0, on_signed, token=token)
+
+    def lock_panel(
+        self,
+        escrow_id: bytes,
+        *,
+        payee: str,
+        panel: Sequence[str],
+        threshold: int,
+        amount: int,
+        deadline: int,
+        window: int,
+        token: str | None = None,
+        on_signed: Callable[[str], None] | None = None,
+    ) -> TxResult:
+        """Lock like :meth:`lock`, decided if disputed by ``threshold`` of the ``panel`` arbiters' signed
+        votes (:meth:`resolve_by_panel`) instead of one arbiter; at most 5 arbiters."""
+        if amount <= 0:
+            raise EscrowError("bad_amount")
+        if not 1 <= threshold <= len(panel) <= 5:
+            raise EscrowError("bad_panel")
+        asset = to_checksum_address(token or ZERO_ADDRESS)
+        call = self.contract.functions.lock_panel(
+            escrow_id,
+            asset,
+            amount,
+            to_checksum_address(payee),
+            [to_checksum_address(member) for member in panel],
+            threshold,
+            deadline,
+            window,
+        )
+        native = int(asset, 16) == 0
+        return self._lock(call, "lock_panel", escrow_id, amount, amount if native else 0, on_signed, token=token)
+
+    def _lock(
+        self,
+        call: Any,
+        name: str,
+        escrow_id: bytes,
+        amount: int,
+        value: int,
+        on_signed: Callable[[str], None] | None,
+        *,
+        token: str | None = None,
+    ) -> TxResult:
+        if self.max_gas_share > 0 and token is None:
+            # A token's value in wei is unknown here: the share is judged for the native coin only.
             gas_price = self.chain.sync(lambda: int(self.chain.w3.eth.gas_price))
             refusal = gas_share_refusal(amount=amount, gas_price=gas_price, max_share=self.max_gas_share)
             if refusal is not None:
                 raise EscrowError("gas_share", refusal[2])
+        if token is not None and int(token, 16) != 0:
+            self.approve(token, amount)
         journal = self.lock_journal
         if journal is None:
-            return self._transact(call, "lock", amount, on_signed)
+            return self._transact(call, name, value, on_signed)
         payer, key = self.account.address, "0x" + escrow_id.hex()
         journal.lock_intent(contract=self.address, payer=payer, escrow_id=key, amount=amount)
         signed: list[str] = []
@@ -373,7 +513,7 @@ class EscrowClient:
                 on_signed(tx_hash)
 
         try:
-            result = self._transact(call, "lock", amount, record_signed)
+            result = self._transact(call, name, value, record_signed)
         except EscrowError as error:
             sent = bool(signed) and error.reason != "reverted"
             outcome: LockOutcome = "unknown" if sent else "failed"
@@ -381,6 +521,26 @@ class EscrowClient:
             raise
         journal.lock_outcome(payer=payer, escrow_id=key, outcome="landed", tx_hash=result.tx_hash)
         return result
+
+    def approve(self, token: str, amount: int) -> TxResult:
+        """Let the escrow pull ``amount`` of ERC-20 ``token`` from this wallet (before a token lock or top-up)."""
+        from runtime.escrow.token import token_contract
+
+        call = token_contract(self.chain, token).functions.approve(self.address, amount)
+        return self._transact(call, "approve", 0)
+
+    def top_up(
+        self, escrow_id: bytes, *, amount: int, deadline: int, on_signed: Callable[[str], None] | None = None
+    ) -> TxResult:
+        """As the payer: add ``amount`` (0: none) to an open escrow and move its deadline to ``deadline``
+        (never earlier). A token escrow's top-up first approves the escrow for ``amount``."""
+        if amount < 0:
+            raise EscrowError("bad_amount")
+        state = self.get(self.account.address, escrow_id)
+        value = amount if state.native else 0
+        if amount > 0 and not state.native:
+            self.approve(state.token, amount)
+        return self._transact(self.contract.functions.top_up(escrow_id, amount, deadline), "top_up", value, on_signed)
 
     def release(self, escrow_id: bytes, cumulative: int, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
         """As the payer: raise the payee's total to ``cumulative``."""
@@ -399,6 +559,33 @@ class EscrowClient:
         call = self.contract.functions.claim(to_checksum_address(payer), escrow_id, cumulative, signature)
         return self._transact(call, "claim", 0, on_signed)
 
+    def draw(
+        self,
+        payer: str,
+        escrow_id: bytes,
+        cumulative: int,
+        signature: bytes,
+        *,
+        on_signed: Callable[[str], None] | None = None,
+    ) -> TxResult:
+        """As :meth:`claim`, but the escrow stays open when all of it is paid (a channel the payer may top up)."""
+        call = self.contract.functions.draw(to_checksum_address(payer), escrow_id, cumulative, signature)
+        return self._transact(call, "draw", 0, on_signed)
+
+    def settle(
+        self,
+        payer: str,
+        escrow_id: bytes,
+        cumulative: int = 0,
+        signature: bytes = b"",
+        *,
+        on_signed: Callable[[str], None] | None = None,
+    ) -> TxResult:
+        """As the payee: take ``cumulative`` in total with the payer's voucher (when above what was
+        released), give the rest back to the payer now, and close the escrow."""
+        call = self.contract.functions.settle(to_checksum_address(payer), escrow_id, cumulative, signature)
+        return self._transact(call, "settle", 0, on_signed)
+
     def refund(self, payer: str, escrow_id: bytes, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
         call = self.contract.functions.refund(to_checksum_address(payer), escrow_id)
         return self._transact(call, "refund", 0, on_signed)
@@ -410,9 +597,32 @@ class EscrowClient:
         call = self.contract.functions.resolve(to_checksum_address(payer), escrow_id, to_payee)
         return self._transact(call, "resolve", 0)
 
-    def withdraw(self, to: str | None = None, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
-        call = self.contract.functions.withdraw(to_checksum_address(to or self.account.address))
-        return self._transact(call, "withdraw", 0, on_signed)
+    def resolve_by_panel(
+        self,
+        payer: str,
+        escrow_id: bytes,
+        to_payee: int,
+        signatures: Sequence[bytes],
+        *,
+        on_signed: Callable[[str], None] | None = None,
+    ) -> TxResult:
+        """As anyone: split a disputed panel escrow as ``to_payee`` with the panel arbiters' signed votes."""
+        if len(signatures) > 5:
+            raise EscrowError("bad_signature", "at most 5 votes (a panel has at most 5 arbiters)")
+        call = self.contract.functions.resolve_by_panel(
+            to_checksum_address(payer), escrow_id, to_payee, [bytes(s) for s in signatures]
+        )
+        return self._transact(call, "resolve_by_panel", 0, on_signed)
+
+    def withdraw(
+        self, to: str | None = None, *, token: str | None = None, on_signed: Callable[[str], None] | None = None
+    ) -> TxResult:
+        """Pay out this wallet's whole credit in ``token`` (None: the native coin) to ``to`` (default: itself)."""
+        receiver = to_checksum_address(to or self.account.address)
+        if token is None or int(token, 16) == 0:
+            return self._transact(self.contract.functions.withdraw(receiver), "withdraw", 0, on_signed)
+        call = self.contract.functions.withdraw_token(to_checksum_address(token), receiver)
+        return self._transact(call, "withdraw_token", 0, on_signed)
 
     def _transact(self, call: Any, name: str, value: int, on_signed: Callable[[str], None] | None = None) -> TxResult:
         with self.chain.lock:

@@ -1,16 +1,19 @@
-"""The committed ABI and bytecode are what the committed Vyper source compiles to."""
+"""The committed ABIs and bytecodes are what the committed Vyper sources compile to."""
 
 from __future__ import annotations
+
+import pytest
 
 from runtime.escrow import artifacts
 
 
-def test_committed_artifact_equals_a_fresh_compile() -> None:
-    fresh = artifacts.compile_source()
-    committed = artifacts.load()
+@pytest.mark.parametrize("name", artifacts.CONTRACTS)
+def test_committed_artifact_equals_a_fresh_compile(name: str) -> None:
+    fresh = artifacts.compile_source(name)
+    committed = artifacts.load(name)
     assert committed.source_sha256 == fresh.source_sha256, (
-        "Escrow.vy changed: rebuild with `python -m runtime.escrow.artifacts` and commit Escrow.json"
+        f"{name}.vy changed: rebuild with `python -m runtime.escrow.artifacts` and commit {name}.json"
     )
     assert committed.abi == fresh.abi
     assert committed.bytecode == fresh.bytecode
-    assert artifacts.ARTIFACT_PATH.read_text() == artifacts.render(fresh)
+    assert (artifacts.HERE / f"{name}.json").read_text() == artifacts.render(fresh)
