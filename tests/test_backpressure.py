@@ -5,6 +5,7 @@ out the hint and is served."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,116 @@ async def test_a_burst_past_the_queue_gets_answers_and_clean_429s_then_a_waiting
         assert [status for status, _, _ in waited] == [200] * (QUEUE + 1)
         for status, _, text in waited:
             _check_streamed_answer(status, text)
+
+
+async def _stream(
+    client: httpx.AsyncClient, node: Node, token: str, body: dict[str, Any], clock: list[float]
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """A streamed chat: (status, headers, facts); facts: ``first`` and ``end`` (trio clock),
+    ``usage``, ``finish``, ``text`` (or ``error`` from a refusal's body)."""
+    headers = {"authorization": f"Bearer {token}"}
+    facts: dict[str, Any] = {"text": ""}
+    async with client.stream("POST", f"{node.api_url}/v1/chat/completions", json=body, headers=headers) as reply:
+        if reply.status_code != 200:
+            facts["error"] = json.loads(await reply.aread())
+            return reply.status_code, dict(reply.headers), facts
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event.get("usage"):
+                facts["usage"] = event["usage"]
+            for choice in event["choices"]:
+                if choice["delta"].get("content"):
+                    facts.setdefault("first", trio.current_time())
+                    facts["text"] += choice["delta"]["content"]
+                if choice.get("finish_reason"):
+                    facts["finish"] = choice["finish_reason"]
+        facts["end"] = trio.current_time()
+        clock.append(facts["end"])
+        return reply.status_code, dict(reply.headers), facts
+
+
+async def test_sixteen_streams_run_at_once_with_exact_usage_and_a_burst_of_fifty_gets_answers_or_clean_429s(
+    tmp_path: Path,
+) -> None:
+    """One provider decoding 16 sequences in one batch: 16 agents streaming at once through a
+    consumer all get whole answers, interleaved (every first token before the last answer ends),
+    each with the usage the engine counts for it alone; a burst of 50 gets answers and 429s only."""
+    path = await trio.to_thread.run_sync(write_tiny_llama_gguf, tmp_path / "tiny.gguf")
+    spec = ModelSpec(name=MODEL, path=str(path), n_threads=1, max_queue=8, parallel=16, n_ctx=512)  # type: ignore[call-arg]
+    async with market_nodes([{"models": (spec,)}, {}]) as (nodes, _), contextlib.AsyncExitStack() as stack:
+        provider, consumer = nodes
+        model = provider.model_host.get(MODEL)
+        assert isinstance(model, LlamaModel) and model.admission.slots == 16
+        token = await trio.to_thread.run_sync(read_api_token, consumer.data_dir)
+        with trio.fail_after(60):
+            while not await consumer.discover(DiscoveryQuery(capability=f"model:{MODEL}")):
+                await trio.sleep(0.2)
+        consumer.router.settings = consumer.router.settings.model_copy(update={"busy_wait_s": 0.0})
+        # One client for all (each new one builds an SSL context: tens of ms on the test's loop).
+        client = await stack.enter_async_context(httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)))
+
+        def chat(i: int, max_tokens: int) -> dict[str, Any]:
+            messages = [{"role": "user", "content": f"agent {i}: " + "tell me more " * (i % 5)}]
+            return {
+                "model": MODEL,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+
+        status, _, _ = await _stream(client, consumer, token, chat(99, 4), [])  # opens the lease
+        assert status == 200
+        # What the engine counts for each prompt alone (max_tokens 0: nothing generated).
+        expected = [(await model.chat(chat(i, 0)["messages"], max_tokens=0)).usage.prompt_tokens for i in range(16)]
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, model.admission.active)
+                await trio.sleep(0.002)
+
+        results: dict[int, tuple[int, dict[str, str], dict[str, Any]]] = {}
+        ends: list[float] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as streams:
+                for i in range(16):
+
+                    async def one(i: int = i) -> None:
+                        results[i] = await _stream(client, consumer, token, chat(i, 96), ends)
+
+                    streams.start_soon(one)
+            nursery.cancel_scope.cancel()
+        assert sorted(results) == list(range(16))
+        for i, (status, _, facts) in results.items():
+            assert status == 200, facts
+            usage = facts["usage"]
+            assert usage["prompt_tokens"] == expected[i]
+            assert usage["completion_tokens"] == 96 if facts["finish"] == "length" else 0 < usage["completion_tokens"]
+            assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert max(facts["first"] for _, _, facts in results.values()) < max(ends)
+        assert peak >= 4  # decoded together, not one after another (they reach the provider over ~0.5 s)
+
+        # A burst of 50 at once: whole answers and clean 429s with Retry-After, nothing else.
+        burst: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+
+                async def hit(i: int = i) -> None:
+                    burst.append(await _stream(client, consumer, token, chat(i, 16), []))
+
+                nursery.start_soon(hit)
+        answered = [facts for status, _, facts in burst if status == 200]
+        refused = [(headers, facts) for status, headers, facts in burst if status == 429]
+        assert len(answered) + len(refused) == 50, [status for status, _, _ in burst]
+        assert len(answered) >= 16 + 8  # every slot and every queue place was used
+        for facts in answered:
+            assert facts["finish"] in ("length", "stop") and facts["usage"]["completion_tokens"] > 0
+        for headers, facts in refused:
+            assert int(headers["retry-after"]) >= 1 and facts["error"]["error"]["code"] == "E_RATE_LIMITED"
