@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocols.lease_wire import ADDRESS, HEX32, SHA256_HEX, EscrowLock
+from protocols.machines.task_panel import MAX_PANEL
 from runtime.errors import REASON_PATTERN, ClawnodeError, ErrorCode
 from runtime.ledger.models import Evidence
 from runtime.ledger.receipts import MAX_AMOUNT, PEER_ID_PATTERN
@@ -53,6 +54,8 @@ REVIEW_DOMAIN = "clawnode-task-review"
 REVIEW_TYPE = b"/clawnode/task-review/1"
 EVIDENCE_DOMAIN = "clawnode-task-evidence"
 EVIDENCE_TYPE = b"/clawnode/task-evidence/1"
+VOTE_DOMAIN = "clawnode-task-vote"
+VOTE_TYPE = b"/clawnode/task-vote/1"
 
 
 class _Msg(BaseModel):
@@ -60,6 +63,26 @@ class _Msg(BaseModel):
 
 
 # -- sandboxed tasks --
+
+
+class PanelMember(_Msg):
+    peer: str = Field(pattern=PEER_ID_PATTERN)
+    wallet: str = Field(pattern=ADDRESS, description="the wallet whose signed vote the escrow contract counts")
+
+
+class PanelTerms(_Msg):
+    """A panel of ``k`` arbiters and its threshold ``m`` (``protocols.machines.task_panel``): the escrow
+    is locked with their wallets and pays out once ``m`` of their signed votes name the same split."""
+
+    members: list[PanelMember] = Field(min_length=1, max_length=MAX_PANEL)
+    threshold: int = Field(ge=1, le=MAX_PANEL)
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        return tuple(member.peer for member in self.members)
+
+    def wallet_of(self, peer: str) -> str | None:
+        return next((member.wallet for member in self.members if member.peer == peer), None)
 
 
 class SandboxTerms(_Msg):
@@ -71,6 +94,7 @@ class SandboxTerms(_Msg):
     input_b64: str = Field("", max_length=(MAX_RUN_INPUT + 2) * 4 // 3 + 4)
     limits: Limits
     arbitration: Literal["rerun", "person"] = Field("rerun", description="rerun: the arbiter re-executes it")
+    panel: PanelTerms | None = Field(None, description="k arbiters who each re-run and vote; m votes decide")
 
 
 def sandbox_terms(params: str | None) -> SandboxTerms | None:
@@ -153,6 +177,20 @@ class EvidenceNotice(_Msg):
         for part in (self.task_id, self.party, self.note, self.content_hash):
             digest.update(part.encode() + b"\0")
         return digest.hexdigest()[:32]
+
+
+class VoteNotice(_Msg):
+    """A panel member's signed vote: ``to_bidder`` of the price to the seller (``None``: it abstains, it
+    could not decide). ``signature`` is its wallet's signature of the escrow contract's panel vote
+    digest for that split (what ``resolve_by_panel`` counts); an abstention has none."""
+
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    voter: str = Field(pattern=PEER_ID_PATTERN)
+    wallet: str = Field(pattern=ADDRESS)
+    to_bidder: int | None = Field(None, ge=0, le=MAX_AMOUNT)
+    reason: str = Field(pattern=REASON_PATTERN, description="why: rerun_matches, output_differs, not_reproducible...")
+    signature: str = Field("", pattern=r"^(0x[0-9a-f]{130})?$")
+    voted_at: int = Field(ge=0)
 
 
 # -- requests --
@@ -239,6 +277,13 @@ class ResolutionRequest(_Msg):
     attachment: str = Field("", max_length=(MAX_EVIDENCE_ATTACHMENT + 2) * 4 // 3 + 4, description="base64")
 
 
+class VoteRequest(_Msg):
+    """A panel member → the other members and both parties: its signed vote."""
+
+    type: Literal["vote"] = "vote"
+    envelope: str = Field(max_length=MAX_ENVELOPE_B64)
+
+
 class ModuleRequest(_Msg):
     """The awarded seller or the arbiter → whoever holds a sandboxed task's module."""
 
@@ -271,6 +316,7 @@ TaskRequest = Annotated[
     | DisputeRequest
     | EvidenceRequest
     | ResolutionRequest
+    | VoteRequest
     | ModuleRequest
     | TermsRequest
     | CancelRequest,
@@ -345,3 +391,6 @@ class TaskView(BaseModel):
     limits: Limits | None = None  # the sandboxed task's limits
     run: RunUsage | None = None  # the seller's metered run, as signed with its result
     run_verdict: str | None = None  # the arbiter's automatic decision (or why it left it to a person)
+    panel: PanelTerms | None = None  # the task's arbiter panel, when it names one
+    panel_votes: dict[str, int | None] = Field(default_factory=dict)  # member -> its counted vote (None: abstained)
+    panel_state: Literal["open", "decided", "deadlocked"] | None = None

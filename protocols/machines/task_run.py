@@ -57,10 +57,17 @@ def run_verdict(f: RunFacts) -> Refusal | None:
 
 
 def module_request_verdict(
-    remote: str, creator: str, awarded_bidder: str | None, arbiter: str, held: str | None, wanted: str
+    remote: str,
+    creator: str,
+    awarded_bidder: str | None,
+    arbiter: str,
+    held: str | None,
+    wanted: str,
+    panel: tuple[str, ...] = (),
 ) -> Refusal | None:
-    """A task's module is served to its awarded seller and its arbiter, by whoever holds it."""
-    if remote not in (creator, arbiter) and remote != awarded_bidder:
+    """A task's module is served to its awarded seller and its arbiter (or its panel's members), by
+    whoever holds it."""
+    if remote not in (creator, arbiter, *panel) and remote != awarded_bidder:
         return _refuse(
             ErrorCode.FORBIDDEN, "not_a_party", "only the task's awarded seller and arbiter fetch its module"
         )

@@ -11,8 +11,10 @@ from protocols import task_wire as w
 from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
+from protocols.machines import task_panel as panel_rules
 from protocols.machines.verdict import Refusal, enforce
 from protocols.task.base import TaskCore, TaskLocal, log
+from runtime.errors import ClawnodeError, ErrorCode
 from wire.signed import open_base64, to_base64
 
 
@@ -35,13 +37,22 @@ class ArbiterRole(TaskCore):
             review = w.ReviewNotice.model_validate_json(review_payload)
             task_ids.append(review.task_id)
         client = self._client()
+        our_wallet: str = client.account.address
+        arbiter = ann.arbiter or ""
+        terms = w.sandbox_terms(award.params)
+        panel = terms.panel if terms is not None else None
+        if panel is not None:  # a member of the task's panel: judged as its arbiter, with its panel wallet
+            named = panel.wallet_of(self.peer_id)
+            if named is None or named.lower() != our_wallet.lower():
+                raise ClawnodeError(ErrorCode.FORBIDDEN, "this node is not on the task's panel", "not_on_panel")
+            our_wallet, arbiter = award.arbiter_wallet, self.peer_id
         enforce(
             checks.case_verdict(
                 checks.CaseFacts(
                     me=self.peer_id,
                     remote=remote,
                     creator=ann.creator,
-                    arbiter=ann.arbiter or "",
+                    arbiter=arbiter,
                     announcement_signer=ann_signer,
                     announcement_arbiter_wallet=ann.arbiter_wallet,
                     award_signer=award_signer,
@@ -52,14 +63,19 @@ class ArbiterRole(TaskCore):
                     result_bidder=result.bidder,
                     review_signer=review_signer,
                     task_ids=tuple(task_ids),
-                    our_wallet=client.account.address,
+                    our_wallet=our_wallet,
                     tasks_in_book=len(self.book.tasks),
                     known_task=ann.task_id in self.book.tasks,
                 )
             )
         )
-        state = self._lock_state(await self._escrow_state(award))
-        enforce(checks.case_lock_verdict(state, client.account.address, award.payee, award.price))
+        raw = await self._escrow_state(award)
+        enforce(checks.case_lock_verdict(self._lock_state(raw), our_wallet, award.payee, award.price))
+        if panel is not None:
+            payer, escrow_id = award.lock.payer, bytes.fromhex(award.lock.escrow_id[2:])
+            on_chain = await client.chain.run(client.panel_of, payer, escrow_id)
+            wallets = [member.wallet for member in panel.members]
+            enforce(panel_rules.panel_lock_verdict(wallets, panel.threshold, raw.arbiter, raw.threshold, on_chain))
         self._replay_case(ann, award, result, review, case, remote)
         self.local[ann.task_id].result_usage = result.usage
         self._after_case(ann.task_id)

@@ -88,6 +88,8 @@ class TaskLocal:
     run_verdict: str | None = None  # the arbiter's automatic decision, or why a person must decide
     run_evidence: tuple[str, bytes] | None = None  # the arbiter's signed re-run record and its output
     rerunning: bool = False  # the arbiter's re-run is under way (a case sent again starts no second one)
+    votes: dict[str, tuple[w.VoteNotice, str]] = field(default_factory=dict)  # panel member -> its vote, envelope
+    panel_sent: bool = False  # this panel member sent the decided split on chain (or saw it there)
     closing: bool = False
     closed: bool = False
     refund_queued: bool = False
@@ -257,6 +259,9 @@ class TaskCore:
             local.evidence.setdefault(piece.evidence_id, piece)
         await self.ledger.add_evidence(piece, attachment=attachment, envelope=envelope)
 
+    async def _check_panel_lock(self, notice: w.AwardNotice, panel: w.PanelTerms, creator: str) -> None:
+        raise NotImplementedError  # panel.PanelRole
+
     def _after_award(self, task_id: str) -> None:
         """The award was accepted here (runner.RunnerRole runs a sandboxed task)."""
 
@@ -325,7 +330,17 @@ class TaskCore:
             limits=terms.limits if terms is not None else None,
             run=local.result_usage,
             run_verdict=local.run_verdict,
+            **self._panel_view(local),
         )
+
+    def _panel_view(self, local: TaskLocal) -> dict[str, Any]:
+        """The panel's part of the view (panel.PanelRole fills it in)."""
+        return {}
+
+    @staticmethod
+    def _panel_of(local: TaskLocal) -> w.PanelTerms | None:
+        terms = TaskCore._terms_of(local)
+        return terms.panel if terms is not None else None
 
     @staticmethod
     def _terms_of(local: TaskLocal) -> w.SandboxTerms | None:

@@ -26,13 +26,16 @@ class CloseOutRole(TaskCore):
     async def _on_resolution(self, message: w.ResolutionRequest, remote: str) -> None:
         record, local = self._task(message.task_id)
         award = self._award_of(local)
-        enforce(checks.resolution_verdict(remote, record.arbiter, "closed", message.to_bidder, message.to_bidder))
+        panel = self._panel_of(local)
+        # A panel's decision is told by whichever member sent it on chain.
+        arbiter = remote if panel is not None and remote in panel.peers else record.arbiter
+        enforce(checks.resolution_verdict(remote, arbiter, "closed", message.to_bidder, message.to_bidder))
         state = await self._escrow_state(award)
-        enforce(checks.resolution_verdict(remote, record.arbiter, state.phase, state.released, message.to_bidder))
+        enforce(checks.resolution_verdict(remote, arbiter, state.phase, state.released, message.to_bidder))
         self._record_resolution(record, message.to_bidder, message.to_creator)
         local.run_verdict = message.verdict or local.run_verdict
         if message.evidence is not None:
-            await self._keep_arbiter_evidence(message, remote, record.arbiter)
+            await self._keep_arbiter_evidence(message, remote, arbiter)
         self._start_close_out(message.task_id)
 
     async def _keep_arbiter_evidence(self, message: w.ResolutionRequest, remote: str, arbiter: str) -> None:

@@ -141,11 +141,32 @@ class CreatorRole(TaskCore):
                 checks.lock_lasts_until(chain_now, record.deadline, self._now(), record.review_timeout_s)
                 + checks.DEADLINE_SLACK_S
             )
-            result = await client.chain.run(
-                lambda: client.lock(
-                    escrow_id, payee=payee, arbiter=arbiter_wallet, amount=bid.price, deadline=deadline, window=window
+            terms = self._terms_of(local)
+            panel = terms.panel if terms is not None else None
+            if panel is not None:  # k arbiters, m of whose signed votes pay out (protocols/task/panel.py)
+                wallets = [member.wallet for member in panel.members]
+                result = await client.chain.run(
+                    lambda: client.lock_panel(
+                        escrow_id,
+                        payee=payee,
+                        panel=wallets,
+                        threshold=panel.threshold,
+                        amount=bid.price,
+                        deadline=deadline,
+                        window=window,
+                    )
                 )
-            )
+            else:
+                result = await client.chain.run(
+                    lambda: client.lock(
+                        escrow_id,
+                        payee=payee,
+                        arbiter=arbiter_wallet,
+                        amount=bid.price,
+                        deadline=deadline,
+                        window=window,
+                    )
+                )
         except BaseException as error:
             with trio.CancelScope(shield=True):
                 await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")

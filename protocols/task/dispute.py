@@ -50,6 +50,11 @@ class DisputeRole(TaskCore):
             reason=reason[: w.MAX_REASON],
         )
         self._spawn(self._push_quietly, other, w.DisputeRequest(task_id=task_id, reason=reason[: w.MAX_REASON]))
+        terms = self._terms_of(local)
+        if terms is not None and terms.panel is not None:  # every member judges it
+            for member in terms.panel.peers:
+                if member != record.arbiter:
+                    self._spawn(self._push_quietly, member, case)
         await self._push(record.arbiter, case, attempts=PUSH_ATTEMPTS)
         self._start_close_out(task_id)
         log.info("task %s disputed", task_id[:12])

@@ -43,6 +43,7 @@ class TaskMarket(RunnerRole, DisputeRole, CloseOutRole):
             w.DisputeRequest: self._on_dispute,
             w.EvidenceRequest: self._on_evidence,
             w.ResolutionRequest: self._on_resolution,
+            w.VoteRequest: self._on_vote,
             w.CancelRequest: self._on_cancel,
             w.ModuleRequest: self._on_module,
             w.TermsRequest: self._on_terms,

@@ -21,12 +21,14 @@ import trio
 from pydantic import TypeAdapter
 
 from protocols import task_wire as w
+from protocols.machines import task_panel as panel_rules
 from protocols.machines import task_run as rules
 from protocols.machines.verdict import enforce
 from protocols.task.arbiter import ArbiterRole
 from protocols.task.base import PUSH_TIMEOUT_S, TASK_PROTOCOL, log, parse_peer
 from protocols.task.bidder import BidderRole
 from protocols.task.creator import CreatorRole
+from protocols.task.panel import ZERO_WALLET, PanelRole
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits, RunResult, sha256_hex
 from wire.rpc import request
@@ -36,7 +38,7 @@ _MODULE_REPLY = TypeAdapter(w.ModuleReply)
 _TERMS_REPLY = TypeAdapter(w.TermsReply)
 
 
-class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
+class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
     async def publish_run(
         self,
         capability: str,
@@ -52,8 +54,14 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
         arbiter_wallet: str | None = None,
         review_timeout_s: int = 600,
         arbitration: Literal["rerun", "person"] = "rerun",
+        panel: w.PanelTerms | None = None,
     ) -> w.TaskView:
-        """Publish a sandboxed task: the program by hash (this node keeps and serves it), input, limits."""
+        """Publish a sandboxed task: the program by hash (this node keeps and serves it), input, limits;
+        with a ``panel``, its ``k`` members judge a dispute and ``m`` agreeing votes pay out (no single arbiter)."""
+        if panel is not None:
+            members = [(member.peer, member.wallet) for member in panel.members]
+            enforce(panel_rules.panel_terms_verdict(members, panel.threshold, (self.peer_id,)))
+            arbiter_peer, arbiter_wallet = panel.members[0].peer, ZERO_WALLET  # the first member takes evidence
         if len(module) > w.MAX_MODULE:
             raise ClawnodeError(
                 ErrorCode.INVALID_ARGUMENT, f"modules are at most {w.MAX_MODULE} bytes", "module_too_large"
@@ -72,6 +80,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
             input_b64=base64.b64encode(input).decode(),
             limits=limits or Limits(),
             arbitration=arbitration,
+            panel=panel,
         )
         view = await self.publish(
             capability,
@@ -133,7 +142,11 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
         record, local = self._task(message.task_id)
         held = sha256_hex(local.module) if local.module is not None else None
         bidder = record.award.bidder if record.award is not None else None
-        enforce(rules.module_request_verdict(remote, record.creator, bidder, record.arbiter, held, message.sha256))
+        panel = self._panel_of(local)
+        members = panel.peers if panel is not None else ()
+        enforce(
+            rules.module_request_verdict(remote, record.creator, bidder, record.arbiter, held, message.sha256, members)
+        )
         assert local.module is not None
         return w.ModuleReply(module=to_base64(local.module))
 
@@ -265,7 +278,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
         if terms is None or record.result is None:
             return
         if terms.arbitration != "rerun":
-            local.run_verdict = "left_to_a_person"
+            local.run_verdict = "left_to_a_person"  # a person resolves (or, on a panel, votes by hand)
             return
         claimed = local.result_usage
         facts = rules.RerunFacts(
@@ -312,6 +325,10 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole):
         verdict = rules.rerun_verdict(facts)
         local.run_verdict = verdict.reason
         await self._record_rerun(task_id, facts, verdict, rerun_output)
+        if terms.panel is not None:  # one vote of the panel's: a split, or an abstention it could not decide
+            split = verdict.to_bidder if verdict.action == "resolve" else None
+            await self.vote(task_id, split, verdict.reason)
+            return
         if verdict.action == "escalate":
             log.warning("task %s: not re-run (%s); the dispute waits for a person", task_id[:12], verdict.reason)
             return

@@ -65,7 +65,7 @@ def _votes(facts: PanelFacts) -> st.SearchStrategy[list[Vote]]:
     return st.lists(st.builds(Vote, voters, splits), max_size=3 * MAX_PANEL)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_the_tally_matches_a_plain_count_of_each_members_first_valid_vote(data: st.DataObject) -> None:
     facts = data.draw(panels())
@@ -88,7 +88,7 @@ def test_the_tally_matches_a_plain_count_of_each_members_first_valid_vote(data: 
     assert all(reason in ("not_on_panel", "bad_split", "vote_final") for _, reason in verdict.refused)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_the_decision_does_not_depend_on_the_order_votes_land_in(data: st.DataObject) -> None:
     facts = data.draw(panels())

@@ -67,6 +67,7 @@ def test_who_runs_and_who_fetches() -> None:
     assert stranger is not None and stranger.reason == "not_a_party"
     before_award = module_request_verdict("seller", "creator", None, "arbiter", held, held)
     assert before_award is not None and before_award.reason == "not_a_party"
+    assert module_request_verdict("member", "creator", "seller", "arbiter", held, held, ("arbiter", "member")) is None
     missing = module_request_verdict("arbiter", "creator", "seller", "arbiter", None, held)
     assert missing is not None and missing.reason == "module_unknown"
 
