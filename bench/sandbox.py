@@ -21,12 +21,17 @@ Measures, in one process:
 4. ``auto_resolved``: a mixed batch of ``--disputes`` disputed sandboxed tasks, kinds (``wasm``,
    ``native``) and faults drawn at random: an honest result rejected, a wrong output, a wrong fuel
    claim, an honest run that hit its limit, the module withheld by both parties, a task that asks
-   for a person, limits above the arbiter's caps, a non-deterministic native program. Each is
-   decided as the arbiter does: a real re-run in the arbiter's sandbox, then ``rerun_verdict``.
-   The share decided without a person, and how many of those decisions were wrong (``wrong``; a
-   native output that differs is re-run once more, and a program whose two re-runs differ goes to a
-   person instead of refunding its honest seller away). Disputes over tasks with no sandboxed
-   kind (a person's deliverable, inference) always go to a person and are not in this batch.
+   for a person, limits above the arbiter's caps, an honest seller of a non-deterministic native
+   program (half read randomness, which the native sandbox seeds from the program and input, half
+   the clock, which it does not pin). Every task names a 2-of-3 panel: its arbiter and two arbiters
+   drawn from a pool (caps like the arbiter's, higher caps, ``wasm`` only). A ``wasm`` dispute is
+   decided by the arbiter's re-run when it decides; a ``native`` one (and a ``wasm`` one its arbiter
+   could not decide) by the panel: each member re-runs in its own sandbox (real runs) and votes its
+   ``rerun_verdict`` or abstains, ``task_panel.tally`` decides at 2 agreeing votes. Counted as
+   resolved without a person: a re-run's decision or the panel's automatic votes; a person: a task
+   that asks for one, or a panel short of 2 agreeing votes. ``wrong``: decisions against the party
+   that was right. Disputes over tasks with no sandboxed kind (a person's deliverable, inference)
+   always go to a person and are not in this batch.
 5. ``escapes``: both escape batteries (the modules and programs of the tests) run once; an escape is
    any entry whose containment check fails (a host file's bytes in the output, a connection made,
    a process left behind, a write outside the output, a run not stopped by its limit).
@@ -55,6 +60,7 @@ import wasmtime as wt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from protocols.machines.task_panel import PanelFacts, Vote, tally
 from protocols.machines.task_run import RerunFacts, RunFacts, Usage, rerun_verdict, run_verdict
 from runtime.errors import ClawnodeError
 from runtime.sandbox import Limits, Outcome, RunResult, Sandboxes, SandboxPolicy, sha256_hex
@@ -187,7 +193,7 @@ def _closed(node: Any, task_id: str) -> bool:
 
 # -- the mixed batch of disputes --
 
-FAULTS = {  # fault: (weight, who should win: "seller" / "buyer" / "person")
+FAULTS = {  # fault: (weight, who is right: "seller" / "buyer" / "person")
     "honest_rejected": (35, "seller"),
     "wrong_output": (25, "buyer"),
     "wrong_fuel": (8, "buyer"),
@@ -195,16 +201,86 @@ FAULTS = {  # fault: (weight, who should win: "seller" / "buyer" / "person")
     "module_withheld": (5, "person"),
     "asks_for_person": (5, "person"),
     "limits_above_arbiter": (5, "person"),
-    "nondeterministic": (7, "person"),  # the arbiter's own two runs differ: not reproducible
+    # An honest seller of a program that reads randomness or the clock: the seller is right, but only a
+    # reproducible re-run may say so; a program whose re-runs differ goes to a person (not wrong).
+    "nondeterministic": (7, "seller"),
 }
 
-NONDETERMINISTIC = b"#!/bin/sh\nhead -c 8 /dev/urandom | od -An -tx1\n"
+# Half read randomness (the native sandbox seeds it from the program and input: reproducible), half the
+# clock (not pinned: not reproducible).
+NONDETERMINISTIC = (
+    b"#!/bin/sh\nhead -c 8 /dev/urandom | od -An -tx1\n",
+    b"#!/bin/sh\ndate +%s%N\n",
+)
+# The arbiters a panel draws its other two members from: what their records state they run.
+ARBITER_CAP = Limits(fuel=10**9, memory_bytes=256 * 1024 * 1024, wall_s=10)
+PANEL_POOL = (
+    ("like_the_arbiter", frozenset({"wasm", "native"}), ARBITER_CAP),
+    ("higher_caps", frozenset({"wasm", "native"}), ARBITER_CAP.model_copy(update={"fuel": 10**11})),
+    ("wasm_only", frozenset({"wasm"}), ARBITER_CAP),
+)
+PANEL_THRESHOLD = 2
+
+
+def _rerun(
+    arbiter: Sandboxes,
+    kind: str,
+    program: bytes,
+    digest: str,
+    data: bytes,
+    limits: Limits,
+    facts: RerunFacts,
+    withheld: bool,
+) -> RerunFacts:
+    """One arbiter's re-run, as ``runner.RunnerRole`` does it: refused, unavailable, or run (twice for a
+    native output that differs)."""
+    refusal = run_verdict(
+        RunFacts(
+            kind,
+            arbiter.accepts(kind),
+            True,
+            limits.within(arbiter.policy.cap),
+            len(program) <= arbiter.policy.max_module_bytes,
+        )
+    )
+    if refusal is not None:
+        return RerunFacts(**{**facts.__dict__, "rerun_refusal": refusal.reason})
+    if withheld:
+        return RerunFacts(**{**facts.__dict__, "rerun_refusal": "module_unavailable"})
+    try:
+        loaded = arbiter.load(kind, program, digest)
+        rerun = arbiter.run_sync(kind, loaded, data, limits)
+        reproducible = True
+        if kind == "native" and rerun.output_sha256 != facts.claimed_sha256:  # as the arbiter: once more
+            again = arbiter.run_sync(kind, loaded, data, limits)
+            reproducible = (again.output_sha256, again.outcome, again.exit_code) == (
+                rerun.output_sha256,
+                rerun.outcome,
+                rerun.exit_code,
+            )
+        return RerunFacts(
+            **{
+                **facts.__dict__,
+                "rerun_sha256": rerun.output_sha256,
+                "rerun_size": len(rerun.output),
+                "rerun_usage": Usage(rerun.fuel_used, str(rerun.outcome), rerun.exit_code),
+                "rerun_reproducible": reproducible,
+            }
+        )
+    except ClawnodeError as error:
+        return RerunFacts(**{**facts.__dict__, "rerun_refusal": error.reason or "refused"})
 
 
 def mixed_batch(count: int, rng: random.Random) -> tuple[float, int, Counter[str]]:
-    cap = Limits(fuel=10**9, memory_bytes=256 * 1024 * 1024, wall_s=10)
-    seller = Sandboxes(SandboxPolicy(kinds=frozenset({"wasm", "native"}), cap=cap))
-    arbiter = Sandboxes(SandboxPolicy(kinds=frozenset({"wasm", "native"}), cap=cap))
+    """Every task names a 2-of-3 panel (the task's arbiter and two arbiters drawn from ``PANEL_POOL``).
+    A ``wasm`` dispute is decided by the arbiter's re-run when it decides; a ``native`` one, and a
+    ``wasm`` one its arbiter could not decide, by the panel: each member re-runs in its own sandbox and
+    votes (an abstention when it cannot decide), ``tally`` decides at 2 agreeing votes. Resolved
+    without a person: a decision by a re-run or by the panel's automatic votes; a person: a task that
+    asks for one, or a panel that cannot reach 2 agreeing votes."""
+    seller = Sandboxes(SandboxPolicy(kinds=frozenset({"wasm", "native"}), cap=ARBITER_CAP))
+    arbiter = Sandboxes(SandboxPolicy(kinds=frozenset({"wasm", "native"}), cap=ARBITER_CAP))
+    pool = {name: Sandboxes(SandboxPolicy(kinds=kinds, cap=cap)) for name, kinds, cap in PANEL_POOL}
     auto = wrong = 0
     decided: Counter[str] = Counter()
     names, weights = zip(*((name, weight) for name, (weight, _) in FAULTS.items()), strict=True)
@@ -213,9 +289,10 @@ def mixed_batch(count: int, rng: random.Random) -> tuple[float, int, Counter[str
         kind = "native" if fault == "nondeterministic" else rng.choice(["wasm", "wasm", "native"])
         if not bwrap_available() and kind == "native":
             kind = "wasm"
+        others = rng.sample(sorted(pool), 2)
         program = {"wasm": mods.UPPER, "native": progs.UPPER}[kind]
         if fault == "nondeterministic":
-            program = NONDETERMINISTIC
+            program = rng.choice(NONDETERMINISTIC)
         if fault == "honest_hit_limit" and kind == "wasm":
             program = mods.LOOP_FOREVER
         limits = Limits(fuel=1_000_000 if kind == "wasm" else 2000, memory_bytes=64 * 1024 * 1024, wall_s=5.0)
@@ -241,49 +318,26 @@ def mixed_batch(count: int, rng: random.Random) -> tuple[float, int, Counter[str
             claimed_usage=usage,
             rerun_sha256=None,
         )
-        verdict_facts = facts
         if fault == "asks_for_person":
             decided["person:asks_for_person"] += 1
             continue
-        refusal = run_verdict(
-            RunFacts(
-                kind, True, True, limits.within(arbiter.policy.cap), len(program) <= arbiter.policy.max_module_bytes
-            )
-        )
-        if refusal is not None:
-            verdict_facts = RerunFacts(**{**facts.__dict__, "rerun_refusal": refusal.reason})
-        elif fault == "module_withheld":
-            verdict_facts = RerunFacts(**{**facts.__dict__, "rerun_refusal": "module_unavailable"})
+        withheld = fault == "module_withheld"
+        first = rerun_verdict(_rerun(arbiter, kind, program, digest, data, limits, facts, withheld))
+        if kind == "wasm" and first.action == "resolve":
+            to_bidder, how = first.to_bidder, f"rerun:{first.reason}"
         else:
-            try:
-                loaded = arbiter.load(kind, program, digest)
-                rerun = arbiter.run_sync(kind, loaded, data, limits)
-                reproducible = True
-                if kind == "native" and rerun.output_sha256 != facts.claimed_sha256:  # as the arbiter: once more
-                    again = arbiter.run_sync(kind, loaded, data, limits)
-                    reproducible = (again.output_sha256, again.outcome, again.exit_code) == (
-                        rerun.output_sha256,
-                        rerun.outcome,
-                        rerun.exit_code,
-                    )
-                verdict_facts = RerunFacts(
-                    **{
-                        **facts.__dict__,
-                        "rerun_sha256": rerun.output_sha256,
-                        "rerun_size": len(rerun.output),
-                        "rerun_usage": Usage(rerun.fuel_used, str(rerun.outcome), rerun.exit_code),
-                        "rerun_reproducible": reproducible,
-                    }
-                )
-            except ClawnodeError as error:
-                verdict_facts = RerunFacts(**{**facts.__dict__, "rerun_refusal": error.reason or "refused"})
-        verdict = rerun_verdict(verdict_facts)
-        if verdict.action == "escalate":
-            decided[f"person:{verdict.reason}"] += 1
-            continue
+            votes = [Vote("arbiter", first.to_bidder if first.action == "resolve" else None)]
+            for name in others:
+                verdict = rerun_verdict(_rerun(pool[name], kind, program, digest, data, limits, facts, withheld))
+                votes.append(Vote(name, verdict.to_bidder if verdict.action == "resolve" else None))
+            panel = tally(PanelFacts(("arbiter", *others), PANEL_THRESHOLD, 100), votes)
+            if panel.state != "decided" or panel.to_bidder is None:
+                decided[f"person:panel_{panel.state}:{first.reason}"] += 1
+                continue
+            to_bidder, how = panel.to_bidder, f"panel:{first.reason}"
         auto += 1
-        winner = "seller" if verdict.to_bidder else "buyer"
-        decided[f"auto:{winner}:{verdict.reason}"] += 1
+        winner = "seller" if to_bidder else "buyer"
+        decided[f"auto:{winner}:{how}"] += 1
         if winner != FAULTS[fault][1]:
             wrong += 1
             decided[f"wrong:{kind}:{fault}"] += 1
@@ -437,6 +491,10 @@ def main() -> None:
 
     share, wrong, decided = mixed_batch(args.disputes, random.Random(args.seed))
     print(f"mixed batch of {args.disputes}: {share:.0%} decided without a person, {wrong} of them wrongly")
+    print(
+        "  counted as without a person: a decision by the arbiter's re-run or by 2 of 3 panel members' automatic"
+        " votes (each re-ran the program); a person: a task that asks for one, or a panel short of 2 agreeing votes"
+    )
     for outcome, count in sorted(decided.items()):
         print(f"  {outcome}: {count}")
 

@@ -151,3 +151,19 @@ def test_native_refusals_carry_stable_codes() -> None:
             call()
         assert (refused.value.code, refused.value.reason) == (code, reason)
     assert box.run(box.load(progs.UPPER), b"same every time", LIMITS).output == b"SAME EVERY TIME"
+
+
+def test_a_program_reading_randomness_gives_the_seller_and_an_arbiter_the_same_output() -> None:
+    """/dev/urandom is a stream seeded by the program and its input, getrandom(2) is not there (libraries
+    fall back to the device) and Python's hash seed is fixed: a re-run reproduces it; the clock is not pinned."""
+    from runtime.sandbox.native import NativeSandbox
+
+    box = NativeSandbox(cap=LIMITS)
+    reads = box.load(
+        b"#!/usr/bin/python3\nimport os, random, sys\n"
+        b"print(os.urandom(8).hex(), random.random(), hash('x'), open('/dev/urandom', 'rb').read(4).hex())\n"
+    )
+    first, again, other = (box.run(reads, data, LIMITS).output for data in (b"a", b"a", b"b"))
+    assert first == again and first != other and first.strip()
+    clock = box.load(b"#!/bin/sh\ndate +%s%N\n")
+    assert box.run(clock, b"", LIMITS).output != box.run(clock, b"", LIMITS).output

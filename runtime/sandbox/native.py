@@ -18,6 +18,11 @@ The sandbox of one run (``bwrap --unshare-all --die-with-parent``):
   counted for the unprivileged user the run uses), open files, file size, no core dumps; the wall
   clock is the node's: at the cap the whole process group (and, through the pid namespace, every
   process the program started) is killed.
+* **Reproducible**: ``/dev/urandom`` and ``/dev/random`` are a read-only stream seeded by the
+  program's hash and the input (:data:`RANDOM_BYTES` long), ``getrandom(2)`` answers ``ENOSYS`` (so
+  libraries fall back to the device) and ``PYTHONHASHSEED=0``; pids start at 1 in the new pid
+  namespace. A program reading randomness gives the seller and an arbiter the same output; one
+  reading the clock does not (the clock is not pinned), and its dispute goes to a person.
 * **Identity**: when the node runs as root, the run drops to ``nobody`` (65534) before bubblewrap,
   so the process limit counts only sandboxed processes.
 
@@ -29,6 +34,7 @@ a native run compares the output and how it ended, not the fuel (``protocols.mac
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import selectors
@@ -61,6 +67,8 @@ KIND = "native"
 BWRAP = "/usr/bin/bwrap"
 PRLIMIT = "/usr/bin/prlimit"
 MAX_PROGRAM_BYTES = 256 * 1024
+# The bytes a run reads from /dev/urandom and /dev/random: a stream seeded by the program and its input.
+RANDOM_BYTES = 1024 * 1024
 PROGRAM_CACHE = 16
 TMP_BYTES = 16 * 1024 * 1024
 NOBODY = 65534
@@ -71,7 +79,9 @@ _RET_KILL_PROCESS = 0x80000000
 _RET_ERRNO = 0x00050000
 _RET_ALLOW = 0x7FFF0000
 _EACCES = 13
+_ENOSYS = 38
 _SYS_SOCKET = 41
+_SYS_GETRANDOM = 318
 _AF_UNIX = 1
 # Privileged or cross-process calls a task has no business making: the process is killed (SIGSYS).
 _KILLED_CALLS = {
@@ -131,6 +141,8 @@ def seccomp_filter() -> bytes | None:
     ]
     for number in sorted(_KILLED_CALLS.values()):
         prog += [_insn(jeq_k, 0, 1, number), _insn(ret_k, 0, 0, _RET_KILL_PROCESS)]
+    # getrandom(2) is "not implemented": libraries fall back to /dev/urandom, the run's seeded stream.
+    prog += [_insn(jeq_k, 0, 1, _SYS_GETRANDOM), _insn(ret_k, 0, 0, _RET_ERRNO | _ENOSYS)]
     prog += [
         _insn(jeq_k, 0, 3, _SYS_SOCKET),
         _insn(ld_w_abs, 0, 0, 16),  # args[0] (low half): the address family
@@ -142,6 +154,13 @@ def seccomp_filter() -> bytes | None:
         _insn(ret_k, 0, 0, _RET_ALLOW),
     ]
     return b"".join(prog)
+
+
+def seeded_random(program: bytes, input: bytes) -> bytes:
+    """What the run reads as randomness: the same for every run of this program on this input (a seller's
+    and an arbiter's re-run), different for another program or input."""
+    seed = hashlib.sha256(b"clawnode-native-random\0" + hashlib.sha256(program).digest() + input).digest()
+    return hashlib.shake_256(seed).digest(RANDOM_BYTES)
 
 
 def bwrap_available() -> bool:
@@ -251,6 +270,15 @@ class NativeSandbox:
             "/proc",
             "--dev",
             "/dev",
+            "--ro-bind",
+            str(scratch / "random"),
+            "/dev/urandom",
+            "--ro-bind",
+            str(scratch / "random"),
+            "/dev/random",
+            "--setenv",
+            "PYTHONHASHSEED",
+            "0",
             "--size",
             str(TMP_BYTES),
             "--tmpfs",
@@ -271,6 +299,8 @@ class NativeSandbox:
         os.chmod(scratch / "program", 0o555)
         (scratch / "input").write_bytes(input)
         os.chmod(scratch / "input", 0o444)
+        (scratch / "random").write_bytes(seeded_random(program, input))
+        os.chmod(scratch / "random", 0o444)
         as_root = os.geteuid() == 0
         uid = NOBODY if as_root else os.geteuid()
         # RLIMIT_NPROC counts every process of the user: those of other runs still running or being
