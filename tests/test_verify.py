@@ -107,3 +107,64 @@ async def test_another_model_a_replaced_token_and_another_temperature_are_caught
     )
     found = await trio.to_thread.run_sync(_check, served, prompt, fitted, tokens, 0.0)
     assert found.failed and found.reason() == "not_sampled" and found.first_bad == 5
+
+
+async def test_a_spot_check_of_a_signed_commitment_passes_honesty_and_names_each_cheat(
+    files: tuple[Path, Path],
+) -> None:
+    from libp2p import generate_new_ed25519_identity
+
+    from protocols.machines.verify import CheckFacts, check_verdict
+    from runtime.verify.evidence import CommitmentBody, sign_commitment
+    from runtime.verify.identity import file_sha256
+    from runtime.verify.spot import SpotCheck, check_call
+    from wire.peer_keys import ed25519_public_key, receipt_key
+
+    served, other = files
+    key = receipt_key(generate_new_ed25519_identity().private_key)
+    verifier = Prefill(served, n_ctx=256, n_threads=2)
+
+    def signed_call(path: Path, prompt: list[int], sent: Commitment, tokens: list[int]) -> tuple[object, list]:
+        body = CommitmentBody(
+            lease_id="lease-1",
+            call_id="call-1",
+            provider=key.peer_id,
+            model_sha256=file_sha256(served),  # what it advertises, whatever it serves
+            temperature_milli=0,
+            top_p_milli=950,
+            prompt_tokens=len(prompt),
+            completion_tokens=len(tokens),
+            root=sent.root.hex(),
+        )
+        return sign_commitment(body, key), [sent.open(i) for i in range(len(sent.chunks))]
+
+    def verdict(check: SpotCheck) -> str:
+        facts = CheckFacts(
+            root_signed=check.root_signed,
+            answered=True,
+            openings_match=check.openings_match,
+            holds_file=True,
+            findings_reason=check.findings.reason() if check.findings else "",
+        )
+        result = check_verdict(facts)
+        return result.outcome + (f":{result.reason}" if result.reason else "")
+
+    try:
+        tolerances = verifier.tolerances(list(range(40, 60)), list(range(60, 90)))
+        for path, expected in ((served, "passed"), (other, "failed:not_sampled")):
+            prompt, sent, tokens = await _generate(path, 0.0)
+            signed, openings = signed_call(path, prompt, sent, tokens)
+            check = check_call(verifier, prompt, tokens, signed, openings, ed25519_public_key, tolerances)  # type: ignore[arg-type]
+            assert verdict(check) == expected
+        # The honest reply's openings, one byte changed: they no longer open against the signed root.
+        prompt, sent, tokens = await _generate(served, 0.0)
+        signed, openings = signed_call(served, prompt, sent, tokens)
+        openings[0] = dataclasses.replace(openings[0], data=openings[0].data[:-1] + bytes([openings[0].data[-1] ^ 1]))
+        check = check_call(verifier, prompt, tokens, signed, openings, ed25519_public_key, tolerances)  # type: ignore[arg-type]
+        assert verdict(check) == "failed:opening_mismatch"
+        # A commitment someone else signed binds no provider.
+        forged = signed.model_copy(update={"body": signed.body.model_copy(update={"root": "00" * 32})})  # type: ignore[attr-defined]
+        check = check_call(verifier, prompt, tokens, forged, openings, ed25519_public_key, tolerances)
+        assert verdict(check) == "failed:unsigned_root"
+    finally:
+        verifier.close()

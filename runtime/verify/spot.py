@@ -1,0 +1,65 @@
+"""A spot-check of one call, as the consumer (or an arbiter) runs it: blocking, on a worker thread.
+
+Inputs are what the consumer holds after the call and after asking the provider for the openings of
+every chunk: the prompt's token ids (the consumer formats and tokenizes the request with the same
+file), the produced token ids, the provider's signed commitment and the openings. The result is plain
+data; ``protocols.machines.verify.check_verdict`` decides what it means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from runtime.ledger.receipts import PeerKeys
+from runtime.verify.check import Findings, Prefill, compare
+from runtime.verify.commitment import Opened, Opening, decode_chunk, opening_matches
+from runtime.verify.evidence import SignedCommitment, commitment_signed
+
+
+@dataclass(frozen=True)
+class SpotCheck:
+    root_signed: bool
+    openings_match: bool
+    findings: Findings | None  # None when the comparison did not run (a bad signature or opening)
+
+
+def check_call(
+    prefill: Prefill,
+    prompt: Sequence[int],
+    tokens: Sequence[int],
+    signed: SignedCommitment,
+    openings: Sequence[Opening],
+    peer_keys: PeerKeys,
+    tolerances: tuple[float, float],
+) -> SpotCheck:
+    body = signed.body
+    if (
+        not commitment_signed(signed, peer_keys)
+        or body.completion_tokens != len(tokens)
+        or body.prompt_tokens != len(prompt)
+    ):
+        return SpotCheck(False, False, None)
+    root = bytes.fromhex(body.root)
+    opened: list[Opened] = []
+    chunk = 32
+    by_index = {opening.index: opening for opening in openings}
+    for index in range(-(-len(tokens) // chunk)):
+        opening = by_index.get(index)
+        if opening is None or not opening_matches(root, opening, len(tokens)):
+            return SpotCheck(True, False, None)
+        try:
+            opened += decode_chunk(opening.data, tokens[index * chunk : (index + 1) * chunk])
+        except ValueError:
+            return SpotCheck(True, False, None)
+    rows = prefill.rows(prompt, tokens)
+    findings = compare(
+        rows,
+        tokens,
+        opened,
+        temperature=body.temperature_milli / 1000,
+        top_p=body.top_p_milli / 1000,
+        tolerance=tolerances[0],
+        mean_tolerance=tolerances[1],
+    )
+    return SpotCheck(True, True, findings)
