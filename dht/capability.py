@@ -39,6 +39,9 @@ class GetRecord(BaseModel):
 class RecordReply(BaseModel):
     type: Literal["record"] = "record"
     envelope: str = Field(description="base64 of the sealed record")
+    # Unsigned and advisory (it changes with every request): per capability, e.g. a model's
+    # {"running", "parallel", "queued", "max_queue"}; a router's health check spreads load by it.
+    load: dict[str, dict[str, int]] = Field(default_factory=dict, max_length=64)
 
 
 class ErrorReply(BaseModel):
@@ -50,7 +53,9 @@ class ErrorReply(BaseModel):
 Reply = TypeAdapter(Annotated[RecordReply | ErrorReply, Field(discriminator="type")])
 
 
-def capability_handler(sealed_record: Callable[[], bytes | None]) -> Callable[[INetStream], Awaitable[None]]:
+def capability_handler(
+    sealed_record: Callable[[], bytes | None], load: Callable[[], dict[str, dict[str, int]]] = dict
+) -> Callable[[INetStream], Awaitable[None]]:
     async def handle(stream: INetStream) -> None:
         reader = FrameReader(stream, max_frame=MAX_MESSAGE)
         try:
@@ -59,7 +64,7 @@ def capability_handler(sealed_record: Callable[[], bytes | None]) -> Callable[[I
             reply: BaseModel = (
                 ErrorReply(code=ErrorCode.NOT_FOUND, message="this node offers nothing")
                 if sealed is None
-                else RecordReply(envelope=base64.b64encode(sealed).decode())
+                else RecordReply(envelope=base64.b64encode(sealed).decode(), load=load())
             )
         except ValidationError:
             reply = ErrorReply(code=ErrorCode.INVALID_ARGUMENT, message="expected a get_record request")

@@ -111,8 +111,10 @@ class CapabilityPublisher:
         sandbox: SandboxOffer | None = None,
         first_publish_wait_s: float = FIRST_PUBLISH_WAIT_S,
         clock: Callable[[], float] = time.time,
+        load: Callable[[], dict[str, dict[str, int]]] = dict,
     ) -> None:
         self.host = host
+        self._load = load  # live load in the capability protocol's answer (RecordReply.load)
         self.dht = dht
         self._private_key = private_key
         self.wallet = wallet
@@ -259,7 +261,7 @@ class CapabilityPublisher:
                 running.remove(scope)
 
     async def run(self, *, task_status: TaskStatus[CapabilityPublisher] = trio.TASK_STATUS_IGNORED) -> None:
-        self.host.set_stream_handler(CAPABILITY_PROTOCOL, capability_handler(lambda: self.sealed))
+        self.host.set_stream_handler(CAPABILITY_PROTOCOL, capability_handler(lambda: self.sealed, self._load))
         self._reseal()
         task_status.started(self)
         try:

@@ -384,6 +384,7 @@ class Node:
                         extra_addrs=self.relayed_addrs,
                         addrs_pending=lambda: self._wants_relays() and not self.relayed_addrs(),
                         sandbox=self._sandbox_offer(),
+                        load=self.model_host.load,
                     )
                     await nursery.start(self.supervisor.run, "publisher", self._publisher.run)
                     self._autonat = AutoNat(

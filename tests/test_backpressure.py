@@ -14,6 +14,7 @@ import httpx
 import pytest
 import trio
 
+from dht.capability import CAPABILITY_PROTOCOL, MAX_MESSAGE, GetRecord, RecordReply
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.daemon import Node
 from node.datadir import read_api_token
@@ -22,6 +23,8 @@ from runtime.inference.engine import LlamaModel
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from tests.support.market import market_nodes
+from wire.framing import FrameReader, write_frame
+from wire.streams import open_stream
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
@@ -183,6 +186,17 @@ async def _stream(
         return reply.status_code, dict(reply.headers), facts
 
 
+async def _live_load(consumer: Node, provider: Node) -> dict[str, int]:
+    """The provider's live load of the model, as its capability protocol answers it."""
+    stream = await open_stream(consumer.host, provider.host.get_id(), [CAPABILITY_PROTOCOL])
+    try:
+        await write_frame(stream, GetRecord().model_dump_json().encode())
+        reply = RecordReply.model_validate_json(await FrameReader(stream, max_frame=MAX_MESSAGE).read_frame(5))
+    finally:
+        await stream.close()
+    return reply.load[f"model:{MODEL}"]
+
+
 async def test_sixteen_streams_run_at_once_with_exact_usage_and_a_burst_of_fifty_gets_answers_or_clean_429s(
     tmp_path: Path,
 ) -> None:
@@ -219,11 +233,14 @@ async def test_sixteen_streams_run_at_once_with_exact_usage_and_a_burst_of_fifty
         # What the engine counts for each prompt alone (max_tokens 0: nothing generated).
         expected = [(await model.chat(chat(i, 0)["messages"], max_tokens=0)).usage.prompt_tokens for i in range(16)]
         peak = 0
+        loads: list[dict[str, int]] = []
 
         async def watch() -> None:
             nonlocal peak
             while True:
                 peak = max(peak, model.admission.active)
+                if peak >= 4 and not loads:  # the provider's health answer says how busy it is
+                    loads.append(await _live_load(consumer, provider))
                 await trio.sleep(0.002)
 
         results: dict[int, tuple[int, dict[str, str], dict[str, Any]]] = {}
@@ -247,6 +264,8 @@ async def test_sixteen_streams_run_at_once_with_exact_usage_and_a_burst_of_fifty
             assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         assert max(facts["first"] for _, _, facts in results.values()) < max(ends)
         assert peak >= 4  # decoded together, not one after another (they reach the provider over ~0.5 s)
+        [load] = loads
+        assert load["parallel"] == 16 and load["max_queue"] == 8 and load["running"] >= 1
 
         # A burst of 50 at once: whole answers and clean 429s with Retry-After, nothing else.
         burst: list[tuple[int, dict[str, str], dict[str, Any]]] = []

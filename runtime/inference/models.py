@@ -209,6 +209,19 @@ class ModelHost:
     def get(self, name: str) -> LlamaModel | None:
         return self.models.get(name)
 
+    def load(self) -> dict[str, dict[str, int]]:
+        """Each loaded model's live load, for the capability protocol's answer (a router's health
+        check): ``running`` sequences (of ``parallel``) and ``queued`` requests (of ``max_queue``)."""
+        return {
+            f"model:{name}": {
+                "running": model.admission.active,
+                "parallel": model.admission.slots,
+                "queued": model.admission.waiting,
+                "max_queue": model.max_queue,
+            }
+            for name, model in self.models.items()
+        }
+
     def register(self, services: ServiceRegistry) -> None:
         for spec in self.specs:
             model = self.models.get(spec.name)
