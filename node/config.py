@@ -293,6 +293,9 @@ class RouterSection(_Section):
     upstream_timeout_s: float = Field(120.0, gt=0)
     lease_units: int = Field(20_000, ge=1, description="units a router-opened lease budgets for")
     lease_duration_s: int = Field(3600, ge=10)
+    channels: bool = Field(
+        False, description="draw the router's leases on one payment channel per provider (market.channel_* keys)"
+    )
     max_providers: int = Field(3, ge=1, le=20, description="providers tried per request before the upstream")
     health_interval_s: float = Field(5.0, gt=0)
     failures_to_failover: int = Field(3, ge=1)

@@ -541,6 +541,7 @@ class Router:
                 budget=budget,
                 duration_s=self.settings.lease_duration_s,
                 expected_units=units,
+                channel=self.settings.channels,  # drawn on the pair's payment channel: no lock per lease
             )
             self.leases_opened += 1
             self._leases[key] = view.lease_id

@@ -88,6 +88,13 @@ class LeaseOpen(_Msg):
     salt: str | None = Field(
         None, pattern=SHA256_HEX, description="the lease id is sha256(domain, the consumer's peer id, this salt)"
     )
+    channel_base: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_AMOUNT,
+        description="a payment channel: the lock is the pair's channel (its id bound by salt), and this lease's"
+        " vouchers are for channel_base + the receipt's amount (protocols/machines/channel.py)",
+    )
 
 
 class LeaseGrant(_Msg):

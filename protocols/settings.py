@@ -35,3 +35,17 @@ class MarketSection(Section):
         default_factory=list, description="peer ids served post-paid without an escrow lock"
     )
     postpaid_cap: int = Field(0, ge=0, description="the most a trusted peer's post-paid lease may owe, wei")
+    # Payment channels (issue 20; protocols/machines/channel.py): one escrow per consumer-provider pair.
+    channel_leases_per_lock: int = Field(
+        10, ge=1, le=10_000, description="a new payment channel locks this many lease budgets"
+    )
+    channel_duration_s: int = Field(86_400, ge=60, le=30 * 86_400, description="a new channel's lock lasts this long")
+    channel_idle_close_s: int = Field(
+        600, ge=1, le=30 * 86_400, description="the consumer stops drawing on a channel unused this long"
+    )
+    channel_claim_idle_s: int = Field(
+        300, ge=1, le=30 * 86_400, description="the provider closes (claims and settles) a channel unused this long"
+    )
+    channel_margin_s: int = Field(
+        600, ge=0, le=86_400, description="no lease ends within this of its channel's deadline; closing starts then"
+    )

@@ -118,6 +118,7 @@ class ServedLease:
     escrow_checked_requests: int = 0  # requests served when the escrow was last read
     escrow_checking: bool = False
     released: trio.Event = field(default_factory=trio.Event)  # set whenever a reservation is given back
+    channel_base: int | None = None  # drawn on a payment channel (escrow.escrow_id): vouchers are base + amount
 
     def reservation_returned(self) -> None:
         self.released.set()
@@ -139,6 +140,9 @@ class HeldLease:
     booked: int = 0  # wei: what the escrow showed released to the provider, booked as spend
     observed_at: float = 0.0
     observing: bool = False
+    channel_id: str | None = None  # drawn on this payment channel (0x escrow id) from channel_base
+    channel_base: int = 0
+    channel_amount: int = 0  # what the channel held when the lease drew on it
     # Its state, moved only by the consumer's machine (``protocols.machines.lease_consumer``).
     machine: ConsumerLease = field(default_factory=granted_machine)
 

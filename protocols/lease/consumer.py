@@ -39,12 +39,13 @@ from protocols.lease.base import (
     QUOTE_REPLY,
     RECEIPT_CATCH_UP_S,
     HeldLease,
-    LeaseCore,
     call_frame,
     log,
     token_digest,
 )
+from protocols.lease.channels import ChannelDraw, ChannelRole
 from protocols.machines import lease_consumer as c
+from protocols.machines.channel import lease_share
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
 from protocols.machines.lease_calls import call_bytes_verdict
 from protocols.machines.verdict import Refusal, enforce
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from runtime.escrow import EscrowClient
 
 
-class ConsumerRole(LeaseCore):
+class ConsumerRole(ChannelRole):
     async def open_lease(
         self,
         provider: str,
@@ -68,17 +69,31 @@ class ConsumerRole(LeaseCore):
         budget: int | None = None,
         duration_s: int = 3600,
         expected_units: int = 1000,
+        channel: bool = False,
     ) -> w.LeaseView:
+        """Open a lease; ``channel``: draw it on the pair's payment channel (``protocols/lease/channels.py``)."""
         try:
             return await self._open_lease(
-                provider, capability, budget=budget, duration_s=duration_s, expected_units=expected_units
+                provider,
+                capability,
+                budget=budget,
+                duration_s=duration_s,
+                expected_units=expected_units,
+                channel=channel,
             )
         except ClawnodeError as error:
             self._failed("open", error)
             raise
 
     async def _open_lease(
-        self, provider: str, capability: str, *, budget: int | None, duration_s: int, expected_units: int
+        self,
+        provider: str,
+        capability: str,
+        *,
+        budget: int | None,
+        duration_s: int,
+        expected_units: int,
+        channel: bool = False,
     ) -> w.LeaseView:
         try:
             peer = ID.from_base58(provider)
@@ -121,24 +136,42 @@ class ConsumerRole(LeaseCore):
         lease_id = escrow_id.hex()
         lock: w.EscrowLock | None = None
         escrow_ref: EscrowRef | None = None
+        drawn: ChannelDraw | None = None
         if quote.escrow is not None:
             client = self._our_escrow_for(quote.escrow)
-            escrow_ref = EscrowRef(contract=client.address, payer=client.account.address, escrow_id="0x" + lease_id)
+            if channel:
+                # A channel lease has an id of its own; its escrow is the pair's channel (one lock for many).
+                lease_id = secrets.token_bytes(32).hex()
+                drawn = await self.draw_channel(client, quote.escrow, provider, lease_id, amount, quote.duration_s)
+                if drawn is None:
+                    lease_id = escrow_id.hex()
+            escrow_key = lease_id if drawn is None else drawn.channel_id[2:]
+            escrow_ref = EscrowRef(contract=client.address, payer=client.account.address, escrow_id="0x" + escrow_key)
         # In the ledger before any money moves: a lock that never becomes a lease is refunded from here.
-        await self.ledger.open_lease(
-            LeaseOpen(
-                lease_id=lease_id,
-                role="consumer",
-                provider=provider,
-                consumer=self.peer_id,
-                price_per_unit=quote.price_per_unit,
-                budget=amount,
-                escrow=escrow_ref,
-            ),
-            idempotency_key=f"open/{lease_id}",
-        )
         try:
-            if quote.escrow is not None:
+            await self.ledger.open_lease(
+                LeaseOpen(
+                    lease_id=lease_id,
+                    role="consumer",
+                    provider=provider,
+                    consumer=self.peer_id,
+                    price_per_unit=quote.price_per_unit,
+                    budget=amount,
+                    escrow=escrow_ref,
+                ),
+                idempotency_key=f"open/{lease_id}",
+            )
+        except BaseException:
+            if drawn is not None:
+                self.channel_returned(drawn.channel_id, lease_id)
+            raise
+        try:
+            if drawn is not None and quote.escrow is not None:
+                payer = self._our_escrow_for(quote.escrow).account.address
+                lock = w.EscrowLock(payer=payer, escrow_id=drawn.channel_id)
+                salt = bytes.fromhex(drawn.salt)
+                machine.apply(c.ConsumerEvent.LOCK, c.CONSUMER)
+            elif quote.escrow is not None:
                 lock = await self._lock(quote, escrow_id, amount)
                 machine.apply(c.ConsumerEvent.LOCK, c.CONSUMER)
             wallet = None
@@ -153,6 +186,7 @@ class ConsumerRole(LeaseCore):
                 lock=lock,
                 wallet=wallet,
                 salt=salt.hex(),
+                channel_base=None if drawn is None else drawn.base,
             )
             envelope = seal(opening, self.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
             grant_reply = await request(
@@ -164,9 +198,15 @@ class ConsumerRole(LeaseCore):
             if machine.may(c.ConsumerEvent.FAIL, c.CONSUMER):
                 machine.apply(c.ConsumerEvent.FAIL, c.CONSUMER)
             with trio.CancelScope(shield=True):
-                await self._abandon_opening(lease_id, escrowed=lock is not None)
+                if drawn is not None:
+                    self.channel_returned(drawn.channel_id, lease_id)
+                await self._abandon_opening(lease_id, escrowed=lock is not None and drawn is None)
             raise
-        self.held[lease_id] = HeldLease(grant, grant_reply.token, escrow_id if lock else None, machine=machine)
+        held = HeldLease(grant, grant_reply.token, escrow_id if lock else None, machine=machine)
+        if drawn is not None:
+            held.escrow_id = bytes.fromhex(drawn.channel_id[2:])
+            held.channel_id, held.channel_base, held.channel_amount = drawn.channel_id, drawn.base, drawn.amount
+        self.held[lease_id] = held
         log.info("lease %s opened with %s for %s", lease_id[:12], provider[:16], capability)
         return self._view_held(self.held[lease_id])
 
@@ -398,6 +438,9 @@ class ConsumerRole(LeaseCore):
         if client is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected")
         escrow_id = held.escrow_id
+        if held.channel_id is not None:
+            lease_id = held.grant.lease_id
+            amount = self.voucher_amount(held.channel_id, lease_id, held.channel_base, amount, held.channel_amount)
         signature = await client.chain.run(client.sign_voucher, escrow_id, amount)
         return "0x" + signature.hex()
 
@@ -460,7 +503,9 @@ class ConsumerRole(LeaseCore):
             held.apply(c.ConsumerEvent.REVOKE, c.PROVIDER)
         try:
             await self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}")
-            if held.escrow_id is not None:
+            if held.channel_id is not None:
+                self.channel_returned(held.channel_id, lease_id)  # the channel's rest stays for the next lease
+            elif held.escrow_id is not None:
                 await self.ledger.enqueue_refund(lease_id)
                 self.wake_settlement()
         finally:
@@ -477,11 +522,14 @@ class ConsumerRole(LeaseCore):
         held.observing = True
         try:
             state = await client.chain.run(client.get, client.account.address, held.escrow_id)
+            released = state.released
+            if held.channel_id is not None:  # the channel's total: this lease's share of it
+                released = lease_share(released, held.channel_base, held.committed)
             seen = c.escrow_seen(
                 state=held.machine.state,
                 ended=held.ended_reason is not None,
                 phase=state.phase,
-                released=state.released,
+                released=released,
                 booked=held.booked,
                 committed=held.committed,
             )
@@ -524,7 +572,7 @@ class ConsumerRole(LeaseCore):
             if held.escrow_id is None or held.observing:
                 continue
             unbooked = held.booked < held.committed
-            if not unbooked and held.ended_reason is not None:
-                continue
+            if (not unbooked or held.channel_id is not None) and held.ended_reason is not None:
+                continue  # a channel lease's spend is booked when its channel settles
             if now - held.observed_at >= (ESCROW_CHECK_S if unbooked else ESCROW_IDLE_CHECK_S):
                 self._spawn(self._observe_spend, lease_id)

@@ -52,8 +52,8 @@ class LeaseMarket(ProviderRole, ConsumerRole):
                 await self._restore_served(lease, grant_json, now)
                 continue
             await self.ledger.end_lease(lease.lease_id, idempotency_key=f"end/{lease.lease_id}")
-            if lease.escrow is None:
-                continue
+            if lease.escrow is None or await self.channels.of_lease(lease.lease_id) is not None:
+                continue  # a channel lease is settled with its channel (recover_channels, the channel timer)
             try:
                 if lease.role == "provider":
                     await self.ledger.enqueue_claim(lease.lease_id)
@@ -69,6 +69,7 @@ class LeaseMarket(ProviderRole, ConsumerRole):
                 log.info("lease %s: its claim is queued at restart", lease_id[:12])
             except ClawnodeError as error:
                 log.warning("lease %s: its claim could not be queued at restart (%s)", lease_id[:12], error.code)
+        await self.recover_channels()
         self.wake_settlement()
 
     async def _handle_lease(self, frame: bytes, remote: ID) -> BaseModel:
@@ -113,3 +114,4 @@ class LeaseMarket(ProviderRole, ConsumerRole):
                 self._spawn(self._retry_settlements)
             self._sweep_held(now)
             self._sweep_served(now)
+            self.sweep_channels(now)

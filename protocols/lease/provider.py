@@ -30,6 +30,7 @@ from protocols.lease.base import (
     log,
     token_digest,
 )
+from protocols.lease.channels import ChannelRole
 from protocols.lease.serving import ServingRole
 from protocols.machines import lease_provider as rules
 from protocols.machines.lease import (
@@ -55,7 +56,7 @@ from wire.signed import open_base64, seal, to_base64
 T = TypeVar("T")
 
 
-class ProviderRole(ServingRole):
+class ProviderRole(ServingRole, ChannelRole):
     def _offer(self, capability: str) -> Offer | None:
         return next((offer for offer in self.offers() if offer.name == capability), None)
 
@@ -115,6 +116,17 @@ class ProviderRole(ServingRole):
         )
         enforce(rules.open_verdict(facts))
         escrow_ref = await self._check_payment(quote, opening, remote, now)
+        channel_id = escrow_ref.escrow_id if escrow_ref is not None and opening.channel_base is not None else None
+        try:
+            return await self._granted(quote, opening, remote, now, escrow_ref)
+        except BaseException:
+            if channel_id is not None:
+                self.channel_served_ended(channel_id, opening.lease_id)
+            raise
+
+    async def _granted(
+        self, quote: w.Quote, opening: w.LeaseOpen, remote: str, now: int, escrow_ref: EscrowRef | None
+    ) -> w.GrantReply:
         # Claimed before the first await that could interleave a second open of the same quote.
         self._used_quotes[quote.quote_id] = quote.valid_until
         token = secrets.token_urlsafe(32)
@@ -153,7 +165,12 @@ class ProviderRole(ServingRole):
             del self._used_quotes[quote.quote_id]
             raise
         self.served[grant.lease_id] = ServedLease(
-            grant, self._new_session(grant, now), escrow_ref, last_claim_at=self.clock(), escrow_checked_at=self.clock()
+            grant,
+            self._new_session(grant, now),
+            escrow_ref,
+            last_claim_at=self.clock(),
+            escrow_checked_at=self.clock(),
+            channel_base=opening.channel_base,
         )
         log.info("lease %s granted to %s for %s", grant.lease_id[:12], remote[:16], grant.capability)
         envelope = seal(grant, self.key, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)
@@ -186,13 +203,27 @@ class ProviderRole(ServingRole):
             budget=opening.budget,
             postpaid_cap=quote.postpaid_cap,
             has_lock=lock is not None,
-            lease_id_is_escrow_id=lock is not None and lock.escrow_id[2:] == opening.lease_id,
+            # A lease on a payment channel has an id of its own: the channel's binding is checked instead.
+            lease_id_is_escrow_id=lock is not None
+            and (lock.escrow_id[2:] == opening.lease_id or opening.channel_base is not None),
             chain_connected=client is not None,
         )
         enforce(rules.payment_verdict(payment))
         if payment.postpaid:
             return None
         assert terms is not None and lock is not None and client is not None
+        if opening.channel_base is not None:
+            wallet = opening.wallet
+            await self.check_channel(
+                client,
+                terms,
+                opening,
+                remote,
+                None if wallet is None else wallet.address,
+                wallet is not None and wallet_binding_holds(wallet, remote),
+                quote.duration_s,
+            )
+            return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
         state = await client.chain.run(client.get, lock.payer, bytes.fromhex(lock.escrow_id[2:]))
         chain_now = await client.chain.run(client.chain.now)
         wallet = opening.wallet
@@ -298,7 +329,7 @@ class ProviderRole(ServingRole):
                 escrow.contract,
                 escrow.payer,
                 bytes.fromhex(escrow.escrow_id[2:]),
-                signed.body.amount,
+                signed.body.amount + (served.channel_base or 0),  # a channel's vouchers are cumulative over it
                 signed.voucher,
             )
         check_countersignature(
@@ -333,8 +364,8 @@ class ProviderRole(ServingRole):
         """Claim what was countersigned so far, every ``claim_every_s``: a long lease is paid as it goes."""
         now = self.clock()
         signed_seq = served.session.countersigned_seq
-        if served.escrow is None or signed_seq <= served.claimed_seq:
-            return
+        if served.escrow is None or served.channel_base is not None or signed_seq <= served.claimed_seq:
+            return  # a channel is claimed once, when it closes (protocols/lease/channels.py)
         if now - served.last_claim_at < self.settings.claim_every_s:
             return
         claimed_before = served.claimed_seq
@@ -400,6 +431,9 @@ class ProviderRole(ServingRole):
             return await (_until_the_disk_takes_it(step) if retry else step())
 
         await write(lambda: self.ledger.end_lease(lease_id, idempotency_key=f"end/{lease_id}"))
+        if served.escrow is not None and served.channel_base is not None:
+            self.channel_served_ended(served.escrow.escrow_id, lease_id)  # claimed when the channel closes
+            return
         if served.escrow is None:
             return
         try:
@@ -440,7 +474,13 @@ class ProviderRole(ServingRole):
             units_countersigned=signed,
             now=now,
         )
-        self.served[lease.lease_id] = ServedLease(grant, session, lease.escrow, last_claim_at=self.clock())
+        served = ServedLease(grant, session, lease.escrow, last_claim_at=self.clock())
+        drawn = await self.channels.of_lease(lease.lease_id)
+        if drawn is not None:
+            served.channel_base = drawn[1]
+            self.channels  # noqa: B018 - the in-memory state exists
+            self._channel_served[drawn[0]] = lease.lease_id
+        self.served[lease.lease_id] = served
         log.info("lease %s restored", lease.lease_id[:12])
 
     def _sweep_served(self, now: float) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from runtime.escrow import EscrowClient, EscrowError
+from runtime.escrow.client import EscrowState
 from runtime.ledger.models import Settlement
 
 # Reasons worth trying again later: the chain was down or slow, the refund is not due yet, the
@@ -61,6 +62,9 @@ class EscrowSettler:
         if state.phase == "none":
             return Outcome("failed", "not_found")
 
+        if s.kind == "claim" and s.params.get("close"):
+            return self._close_channel(s, payer, escrow_id, state, on_signed)
+
         if s.kind in ("claim", "release"):
             if state.released >= s.amount:
                 return Outcome("landed", tx_hash=s.tx_hash, released_total=state.released)
@@ -93,3 +97,26 @@ class EscrowSettler:
         return Outcome(
             "landed", tx_hash=result.tx_hash, released_total=state.released, refunded=state.amount - state.released
         )
+
+    def _close_channel(
+        self, s: Settlement, payer: str, escrow_id: bytes, state: EscrowState, on_signed: Callable[[str], None]
+    ) -> Outcome:
+        """The provider closes a payment channel: its highest voucher paid and the rest credited back to the
+        payer in one ``settle`` (runtime/ledger/channels.py); on a contract without ``settle``, the voucher
+        is claimed and the payer's refund after deadline + window returns the rest."""
+        client = self.client
+        if state.phase == "closed":
+            return Outcome("landed", reason="closed", tx_hash=s.tx_hash, released_total=state.released)
+        if state.phase == "disputed":
+            return Outcome("retry", "disputed")
+        voucher = bytes.fromhex(str(s.params["voucher"])[2:]) if s.params.get("voucher") else b""
+        owed = s.amount > state.released and bool(voucher)
+        settle = getattr(client, "settle", None)
+        if settle is not None:
+            result = settle(payer, escrow_id, s.amount if owed else 0, voucher if owed else b"", on_signed=on_signed)
+        elif owed:
+            result = client.claim(payer, escrow_id, s.amount, voucher, on_signed=on_signed)
+        else:
+            return Outcome("landed", reason="nothing_owed", tx_hash=s.tx_hash, released_total=state.released)
+        after = client.get(payer, escrow_id)
+        return Outcome("landed", tx_hash=result.tx_hash, released_total=after.released)
