@@ -1,5 +1,8 @@
-"""Discovery in a 30-node swarm with 6 providers: every node gets exactly the matching
-providers for every filter; price changes propagate; a stopped provider drops out."""
+"""Discovery in a 12-node swarm with 6 providers: every node gets exactly the matching
+providers for every filter; price changes propagate; a stopped provider drops out.
+
+The swarm is small to keep the suite fast: the same queries over 100-200 nodes are
+``bench/discovery.py``."""
 
 from __future__ import annotations
 
@@ -40,13 +43,14 @@ GPU_16 = Hardware(gpu_model="RTX 4080", vram_mb=16 * 1024, cores=8, ram_mb=32768
 CPU = Hardware(cores=4, ram_mb=16384)
 
 # index in the swarm -> what that node offers (indices 0 and 1 are the bootstrap peers)
+SWARM_SIZE = 12
 PROVIDERS = {
-    5: NodeSpec(offers=(gemma(1, 8192),), hardware=CPU),
-    9: NodeSpec(offers=(gemma(3, 32768),), hardware=GPU_24),
-    13: NodeSpec(offers=(gemma(2, 4096),), hardware=CPU, reachability="private"),
-    17: NodeSpec(offers=(qwen(5, 32768),), hardware=GPU_16),
-    21: NodeSpec(offers=(minilm(100),), hardware=CPU),
-    25: NodeSpec(offers=(qwen(4, 8192), minilm(200)), hardware=CPU),
+    2: NodeSpec(offers=(gemma(1, 8192),), hardware=CPU),
+    4: NodeSpec(offers=(gemma(3, 32768),), hardware=GPU_24),
+    5: NodeSpec(offers=(gemma(2, 4096),), hardware=CPU, reachability="private"),
+    7: NodeSpec(offers=(qwen(5, 32768),), hardware=GPU_16),
+    9: NodeSpec(offers=(minilm(100),), hardware=CPU),
+    10: NodeSpec(offers=(qwen(4, 8192), minilm(200)), hardware=CPU),
 }
 
 
@@ -57,15 +61,15 @@ class Case:
 
 
 CASES = [
-    Case(DiscoveryQuery(capability=GEMMA), (5, 13, 9)),
-    Case(DiscoveryQuery(capability=GEMMA, max_price=2 * GWEI), (5, 13)),
-    Case(DiscoveryQuery(capability=GEMMA, min_ctx=8192), (5, 9)),
-    Case(DiscoveryQuery(capability=GEMMA, min_vram_gb=16), (9,)),
-    Case(DiscoveryQuery(capability=GEMMA, reachable=True), (5, 9)),
-    Case(DiscoveryQuery(capability=GEMMA, max_price=2 * GWEI, min_ctx=8192, reachable=True), (5,)),
-    Case(DiscoveryQuery(capability=QWEN, max_price=4 * GWEI), (25,)),
-    Case(DiscoveryQuery(capability=QWEN, min_ctx=16000, min_vram_gb=8), (17,)),
-    Case(DiscoveryQuery(capability=MINILM), (21, 25)),
+    Case(DiscoveryQuery(capability=GEMMA), (2, 5, 4)),
+    Case(DiscoveryQuery(capability=GEMMA, max_price=2 * GWEI), (2, 5)),
+    Case(DiscoveryQuery(capability=GEMMA, min_ctx=8192), (2, 4)),
+    Case(DiscoveryQuery(capability=GEMMA, min_vram_gb=16), (4,)),
+    Case(DiscoveryQuery(capability=GEMMA, reachable=True), (2, 4)),
+    Case(DiscoveryQuery(capability=GEMMA, max_price=2 * GWEI, min_ctx=8192, reachable=True), (2,)),
+    Case(DiscoveryQuery(capability=QWEN, max_price=4 * GWEI), (10,)),
+    Case(DiscoveryQuery(capability=QWEN, min_ctx=16000, min_vram_gb=8), (7,)),
+    Case(DiscoveryQuery(capability=MINILM), (9, 10)),
     Case(DiscoveryQuery(capability="model:nobody-serves-this"), ()),
 ]
 
@@ -91,14 +95,14 @@ async def run_queries(nodes: list[SwarmNode], cases: list[Case]) -> list[tuple[i
 async def test_every_node_gets_exactly_the_matching_providers_best_first() -> None:
     # A short cache, as a node would run: each node looks each capability up once
     # and filters the same verified records for the other cases.
-    async with open_swarm(30, specs=PROVIDERS, cache_ttl_s=60.0) as nodes:
+    async with open_swarm(SWARM_SIZE, specs=PROVIDERS, cache_ttl_s=60.0) as nodes:
         answers = await run_queries(nodes, CASES)
         wrong = []
         for node_index, case_index, returned in answers:
             expected = [nodes[i].peer_id for i in CASES[case_index].expected]
             if returned != expected:
                 wrong.append((node_index, case_index, len(returned), len(expected)))
-        assert len(answers) == 30 * len(CASES)
+        assert len(answers) == SWARM_SIZE * len(CASES)
         assert not wrong, f"{len(wrong)} of {len(answers)} answers differ (node, case, got, expected): {wrong[:8]}"
         assert all(node.rejections.total() == 0 for node in nodes)
 
