@@ -167,3 +167,23 @@ def test_a_program_reading_randomness_gives_the_seller_and_an_arbiter_the_same_o
     assert first == again and first != other and first.strip()
     clock = box.load(b"#!/bin/sh\ndate +%s%N\n")
     assert box.run(clock, b"", LIMITS).output != box.run(clock, b"", LIMITS).output
+
+
+def test_a_run_s_processes_together_are_held_to_its_memory_cap_by_its_own_cgroup() -> None:
+    """The address-space rlimit holds each process; the run's cgroup holds all of them together: four
+    children of 30 MiB each under a 64 MiB cap are stopped by the OOM killer (``memory_limit``)."""
+    from runtime.sandbox.native import NativeSandbox
+
+    box = NativeSandbox(cap=LIMITS)
+    if box.cgroup_mode != "cgroup_v1":
+        pytest.skip(f"no per-run cgroup here ({box.cgroup_mode}): the rlimits alone hold")
+    four = box.load(
+        b"#!/usr/bin/python3\nimport os, time\nfor i in range(4):\n    if os.fork() == 0:\n"
+        b"        block = bytearray(30 << 20)\n        block[:: 4096] = b'x' * len(block[:: 4096])\n"
+        b"        time.sleep(0.3)\n        os._exit(0)\nfor i in range(4):\n    os.wait()\nprint('held')\n"
+    )
+    result = box.run(four, b"", LIMITS.model_copy(update={"memory_bytes": 64 << 20}))
+    assert result.outcome == Outcome.MEMORY_LIMIT and result.killed_by_limit
+    assert box.stats.kills[("native", "memory_limit")] == 1
+    groups = box._cgroups.dirs.values()  # type: ignore[union-attr]
+    assert not [p for d in groups for p in d.iterdir() if p.name.startswith("clawnode-run-")]  # removed

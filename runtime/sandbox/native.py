@@ -13,6 +13,11 @@ The sandbox of one run (``bwrap --unshare-all --die-with-parent``):
   privileged or cross-process surface (``ptrace``, ``mount``, ``unshare``, ``setns``, ``bpf``,
   ``keyctl``, ``perf_event_open``, ``io_uring_*``, module loading, ...) and refuses sockets of any
   family but ``AF_UNIX`` with ``EACCES``.
+* **cgroup** (``runtime/sandbox/cgroup.py``): where the host has cgroup v1 with the memory, pids and
+  cpu controllers and lets the node make groups, each run has a group of its own: resident memory
+  at the memory cap (the OOM killer: ``memory_limit``), processes at the process cap (a refused fork
+  is counted as a refused call ``fork``), one CPU, and whatever is left in it is killed when the run
+  ends. Elsewhere (``cgroup_mode`` says why) the rlimits alone hold.
 * **Limits** (rlimits, set by ``prlimit`` before bubblewrap starts): CPU seconds from the fuel cap (native fuel is
   CPU-milliseconds), address space from the memory cap, processes and threads (``RLIMIT_NPROC``,
   counted for the unprivileged user the run uses), open files, file size, no core dumps; the wall
@@ -51,6 +56,7 @@ from pathlib import Path
 import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox.cgroup import CgroupRoots, RunCgroup, detect
 from runtime.sandbox.limits import (
     Limits,
     Outcome,
@@ -191,6 +197,7 @@ class NativeSandbox:
         cap: Limits | None = None,
         stats: SandboxStats | None = None,
         concurrency: int = 2,
+        cgroups: bool = True,
     ) -> None:
         self.max_program_bytes = max_program_bytes
         self.cap = cap or Limits(fuel=60_000, memory_bytes=512 * 1024 * 1024, wall_s=60.0, output_bytes=256 * 1024)
@@ -199,6 +206,11 @@ class NativeSandbox:
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(concurrency)
         self._seccomp = seccomp_filter()
+        # A cgroup of its own per run where the host allows it; otherwise why not, and the rlimits alone.
+        self._cgroups: CgroupRoots | None = None
+        self.cgroup_mode = "off"
+        if cgroups:
+            self._cgroups, self.cgroup_mode = detect()
 
     def has(self, sha256: str) -> bool:
         with self._lock:
@@ -322,6 +334,32 @@ class NativeSandbox:
         ]
         drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_root else {}
 
+        group: RunCgroup | None = None
+        if self._cgroups is not None:
+            try:
+                group = RunCgroup.make(
+                    self._cgroups, memory_bytes=limits.memory_bytes, pids=limits.pids, uid=NOBODY if as_root else None
+                )
+            except OSError as error:
+                self.stats.refused(KIND, SandboxReason.SANDBOX_UNAVAILABLE)
+                raise refuse(
+                    ErrorCode.UNAVAILABLE, SandboxReason.SANDBOX_UNAVAILABLE, "the run's cgroup could not be made"
+                ) from error
+        try:
+            return self._run_grouped(scratch, input, limits, prlimit, drop, group)
+        finally:
+            if group is not None:
+                group.remove()
+
+    def _run_grouped(
+        self,
+        scratch: Path,
+        input: bytes,
+        limits: Limits,
+        prlimit: list[str],
+        drop: dict[str, object],
+        group: RunCgroup | None,
+    ) -> RunResult:
         seccomp_fd: int | None = None
         if self._seccomp is not None:
             seccomp_fd = os.memfd_create("clawnode-seccomp", 0)
@@ -330,8 +368,9 @@ class NativeSandbox:
         started = time.perf_counter()
         try:
             with open(scratch / "input", "rb") as stdin:
+                argv = [*prlimit, *self._argv(scratch, seccomp_fd)]
                 proc = subprocess.Popen(  # type: ignore[call-overload]
-                    [*prlimit, *self._argv(scratch, seccomp_fd)],
+                    group.wrap(argv) if group is not None else argv,
                     stdin=stdin,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL,
@@ -345,6 +384,9 @@ class NativeSandbox:
                 os.close(seccomp_fd)
         output, cut, timed_out, code, cpu_s_used = self._collect(proc, limits)
         wall_s = time.perf_counter() - started
+        usage = group.usage() if group is not None else None
+        if group is not None and code == 125 and not output:
+            raise refuse(ErrorCode.UNAVAILABLE, SandboxReason.SANDBOX_UNAVAILABLE, "the run could not join its cgroup")
         cpu_ms = int(cpu_s_used * 1000)
         if timed_out:
             self.stats.killed(KIND, SandboxReason.WALL_CLOCK)
@@ -354,12 +396,16 @@ class NativeSandbox:
         denied: tuple[str, ...] = ()
         if cut:
             outcome, exit_code = Outcome.OUTPUT_LIMIT, None
+        elif usage is not None and usage.oom_killed:  # the OOM killer stopped a process of the run at its cap
+            outcome, exit_code = Outcome.MEMORY_LIMIT, None
         elif code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL):  # RLIMIT_CPU's soft, then hard, signal
             outcome, exit_code = Outcome.FUEL_EXHAUSTED, None
         elif code == 128 + signal.SIGSYS:
             outcome, exit_code, denied = Outcome.TRAP, None, ("seccomp",)
         elif code > 128:
             outcome, exit_code = Outcome.TRAP, None
+        if usage is not None and usage.forks_refused:
+            denied += ("fork",)  # a fork or clone past the run's pids limit
         self.stats.denied(KIND, denied)
         result = RunResult(
             output=output,
