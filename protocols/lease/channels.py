@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 # How often the sweep looks at channels to close (consumer) or claim (provider).
 CHANNEL_CHECK_S = 5.0
+# How long a lease waits for the one before it on the channel to end before it locks its own escrow.
+CHANNEL_BUSY_WAIT_S = 5.0
 
 
 class ChannelDraw:
@@ -84,6 +86,12 @@ class ChannelRole(LeaseCore):
         async with self._channel_locks.setdefault(provider, trio.Lock()):
             found = await book.list(role="consumer", peer=provider, states=("channel_open",))
             newest = found[0] if found else None
+            if newest is not None and newest.channel_id in self._channel_drawn:
+                # The lease before is still ending (the router retires it after its last call): wait a
+                # moment for it rather than lock a second escrow.
+                with trio.move_on_after(CHANNEL_BUSY_WAIT_S):
+                    while newest.channel_id in self._channel_drawn:
+                        await trio.sleep(0.02)
             chain_now = await client.chain.run(client.chain.next_timestamp)
             view: ch.ChannelView | None = None
             if newest is not None:
