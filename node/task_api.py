@@ -21,6 +21,7 @@ from protocols.task_wire import (
     MAX_MODULE,
     MAX_RUN_INPUT,
     BidView,
+    PanelTerms,
     RunUsage,
     TaskView,
 )
@@ -49,6 +50,7 @@ class PublishBody(_Body):
     input_b64: str = Field("", max_length=(MAX_RUN_INPUT + 2) * 4 // 3 + 4)
     limits: Limits | None = None
     arbitration: Literal["rerun", "person"] = "rerun"
+    panel: PanelTerms | None = Field(None, description="k arbiters (peer, wallet) and m: m agreeing votes pay out")
 
 
 class WatchBody(_Body):
@@ -84,6 +86,10 @@ class EvidenceBody(_Body):
 
 class ResolveBody(_Body):
     to_bidder: int = Field(ge=0, description="wei to the bidder; the rest goes back to the creator")
+
+
+class VoteBody(_Body):
+    to_bidder: int | None = Field(None, ge=0, description="wei to the bidder; null abstains")
 
 
 class TaskListReply(BaseModel):
@@ -130,6 +136,7 @@ def mount_tasks(app: FastAPI, node: TaskNode) -> None:
                 arbiter_wallet=body.arbiter_wallet,
                 review_timeout_s=body.review_timeout_s,
                 arbitration=body.arbitration,
+                panel=body.panel,
             )
         return await node.tasks.publish(
             body.capability,
@@ -197,6 +204,11 @@ def mount_tasks(app: FastAPI, node: TaskNode) -> None:
     @app.post("/api/tasks/{task_id}/resolve")
     async def resolve(task_id: str, body: ResolveBody) -> TaskView:
         return await node.tasks.resolve(task_id, body.to_bidder)
+
+    @app.post("/api/tasks/{task_id}/vote")
+    async def vote(task_id: str, body: VoteBody) -> TaskView:
+        """As a member of the task's panel, by hand (a task whose arbitration is ``person``)."""
+        return await node.tasks.vote(task_id, body.to_bidder)
 
     @app.post("/api/tasks/{task_id}/cancel")
     async def cancel(task_id: str) -> TaskView:

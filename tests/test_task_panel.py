@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import trio
 from pydantic import TypeAdapter
 
 from node.daemon import Node
+from node.datadir import read_api_token
 from protocols import task_wire as w
 from protocols.gossip import task_topic
 from protocols.machines.task import TaskState
@@ -157,4 +159,12 @@ async def test_a_native_task_disputed_is_decided_by_two_of_three_panel_votes_on_
                     max_frame=w.MAX_TASK_FRAME,
                 )
             assert refused.value.reason == reason
-        await trio.sleep(0)
+        # By hand, through the API (a panel whose task asks for a person): only a member may vote.
+        token = await trio.to_thread.run_sync(read_api_token, seller.data_dir)
+        async with httpx.AsyncClient(timeout=10) as http:
+            reply = await http.post(
+                f"{seller.api_url}/api/tasks/{task_id}/vote",
+                json={"to_bidder": 0},
+                headers={"authorization": f"Bearer {token}"},
+            )
+        assert reply.status_code == 403 and "not_on_panel" in reply.text
