@@ -249,6 +249,12 @@ class EscrowSection(_Section):
         description="refuse to lock a lease whose gas (lock + claim + refund) would exceed this share of the "
         "amount locked, at the chain's gas price; 0: no limit",
     )
+    max_fee_gwei: float = Field(
+        0.0, ge=0.0, le=1e6, description="the most a transaction offers per gas (EIP-1559 fee cap), gwei; 0: no cap"
+    )
+    confirmations: int = Field(
+        1, ge=1, le=64, description="blocks deep a lock must be before it is counted (1: the block that holds it)"
+    )
 
     @field_validator("rpc_url")
     @classmethod

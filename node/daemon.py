@@ -744,6 +744,8 @@ class Node:
             health_timeout_s=section.health_timeout_s,
             chain_id=section.chain_id or None,
             fallback_urls=tuple(section.fallback_rpc_urls),
+            max_fee_per_gas=round(section.max_fee_gwei * 10**9),
+            confirmations=section.confirmations,
         )
         return connect_escrow(settings, Account.from_key(wallet_key))
 

@@ -30,7 +30,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import Chain, EscrowClient, EscrowError, EscrowSettings, connect_escrow
 from runtime.escrow.health import ChainHealth, judge_contract, next_health
 from runtime.service import ServiceRegistry
-from tests.runtime.support import anvil_popen, anvil_skip_reason
+from tests.runtime.support import anvil_popen, anvil_skip_reason, free_port
 from tests.support.market import market_config
 
 _skip = anvil_skip_reason()
@@ -272,3 +272,110 @@ async def test_a_frozen_chain_is_seen_signing_goes_on_and_it_heals(anvil: tuple[
         assert _gauge((await _get(node, "/metrics")).text, "clawnode_escrow_connected") == 1
         print(f"frozen chain: alert firing after {seen_after:.1f} s, connected {healed_after:.1f} s after SIGCONT")
         nursery.cancel_scope.cancel()
+
+
+# -- a hostile or broken RPC endpoint, and failing over to the next URL --
+
+
+class _Hostile:
+    """A loopback HTTP server whose every reply is one kind of bad: "huge" (declares and sends 64 MiB),
+    "endless" (chunked, never ends), "deep" (JSON nested 200,000 deep), "trickle" (a byte every 50 ms)."""
+
+    def __init__(self, kind: str) -> None:
+        import socketserver
+
+        kind_ = kind
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                try:
+                    while self.rfile.readline() not in (b"\r\n", b""):
+                        pass
+                    self.rfile.read1(65536)  # the request body (small)
+                    if kind_ == "huge":
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 67108864\r\n\r\n")
+                        for _ in range(1024):
+                            self.wfile.write(b"[" * 65536)
+                    elif kind_ == "endless":
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        while True:
+                            self.wfile.write(b"10000\r\n" + b" " * 65536 + b"\r\n")
+                    elif kind_ == "deep":
+                        body = b"[" * 200_000 + b"]" * 200_000
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                    else:
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                        for _ in range(1000):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                except OSError:
+                    pass
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> str:
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("huge", "bad_reply"), ("endless", "bad_reply"), ("deep", "bad_reply"), ("trickle", "chain_unavailable")],
+)
+def test_a_hostile_rpc_reply_is_bounded_in_size_and_time(kind: str, reason: str) -> None:
+    import resource
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    with _Hostile(kind) as url, pytest.raises(EscrowError) as caught:
+        Chain.rpc(url, timeout_s=1.0, retries=0)
+    assert (caught.value.reason, caught.value.code) == (reason, ErrorCode.UNAVAILABLE)
+    assert "127.0.0.1" not in caught.value.message
+    assert time.monotonic() - started < 5  # the trickle is cut at its 1 s timeout, not after its 50 s
+    # Nothing near the 64 MiB offered was held (ru_maxrss is in KiB on Linux).
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 32 * 1024
+
+
+@needs_anvil
+def test_connect_fails_over_to_the_next_rpc_url_that_serves_the_chain(anvil: tuple[str, Any]) -> None:
+    url, _ = anvil
+    chain = Chain.rpc(url)
+    deployed = EscrowClient.deploy(chain, chain.dev_accounts()[0])
+    payer = chain.dev_accounts()[3]
+    dead = f"http://127.0.0.1:{free_port()}"
+    with _Hostile("deep") as hostile:
+        settings = EscrowSettings(  # type: ignore[call-arg]
+            mode="rpc", rpc_url=dead, contract=deployed.address, fallback_urls=(hostile, url), rpc_timeout_s=1.0
+        )
+        client = connect_escrow(settings, payer)
+    assert client is not None
+    result = _lock(client, chain.dev_accounts()[1].address, chain.dev_accounts()[2].address)
+    assert client.get(payer.address, ESCROW_ID).amount == 10**15 and result.gas_used > 0
+    # Every URL down: the last one's outage is the answer, with no URL in it.
+    with pytest.raises(EscrowError) as down:
+        connect_escrow(
+            EscrowSettings(mode="rpc", rpc_url=dead, contract=deployed.address, fallback_urls=(dead,)), payer
+        )  # type: ignore[call-arg]
+    assert down.value.reason == "chain_unavailable" and "127.0.0.1" not in down.value.message
+
+
+def test_json_depth_is_judged_without_recursing() -> None:
+    from runtime.escrow.chain import MAX_JSON_DEPTH, json_too_deep
+
+    assert not json_too_deep(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH)
+    assert json_too_deep(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1))
+    assert json_too_deep(b"[" * 1_000_000)  # unbalanced: refused, never handed to the decoder
+    # Brackets inside strings do not count; a receipt-like reply passes.
+    assert not json_too_deep(b'{"result": {"logs": [{"topics": ["0x00"], "data": "[[[[[[[[\\"[[["}]}}')

@@ -10,11 +10,16 @@ voucher) run on their own worker thread without the lock, and the health probe (
 talks to a JSON-RPC chain through its own connection with a short timeout and no retry. While the
 last probe found the chain unreachable, ``Chain.run`` refuses at once with ``chain_unavailable``
 instead of queueing behind calls that wait out their timeouts.
+
+A JSON-RPC reply is read in chunks up to :data:`MAX_RPC_REPLY` bytes and within its timeout as a
+whole (not per chunk), so a hostile or broken endpoint can neither fill the node's memory nor hold a
+call forever by trickling bytes: a reply too large or not JSON is ``bad_reply`` (E_UNAVAILABLE).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import secrets
 import threading
 import time
@@ -47,6 +52,87 @@ def is_local(fn: Callable[..., Any]) -> bool:
 
 
 ChainMode = Literal["embedded", "rpc"]
+
+# The largest JSON-RPC reply read: the escrow's code (~30 KB of hex), a block with its transaction
+# hashes, a receipt with logs are far below; a log query of a long soak is the largest (~1 MB).
+MAX_RPC_REPLY = 4 * 1024 * 1024
+_CHUNK = 64 * 1024
+
+
+# How deep a JSON-RPC reply may nest: a receipt's logs are 4 deep. Python's JSON decoder recurses per
+# level and py_ecc (imported with web3) raises the recursion limit to 100,000, so a reply of a few
+# hundred thousand "[" overflows the C stack and kills the process instead of raising.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+
+
+def json_too_deep(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``raw`` nests arrays/objects deeper than ``max_depth`` (strings ignored), without recursing.
+
+    Cuts the innermost ``[]``/``{}`` pairs once per level: C-speed passes, at most ``max_depth`` of them.
+    Unbalanced brackets (never valid JSON, and "[" * 10**6 would still recurse) count as too deep."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        shorter = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        if shorter == brackets:
+            return bool(brackets)
+        brackets = shorter
+    return bool(brackets)
+
+
+def read_bounded(response: Any, *, limit: int, deadline: float) -> bytes:
+    """The body of a streamed ``requests`` response: ``bad_reply`` beyond ``limit`` bytes or when
+    compressed (a small gzip body can inflate without bound), a ``requests.Timeout`` once
+    ``time.monotonic()`` passes ``deadline`` (a reply trickled byte by byte: each read is one receive,
+    bounded by the socket timeout, so the whole reply ends within about deadline + one timeout)."""
+    import requests
+
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise EscrowError("bad_reply")
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        raise EscrowError("bad_reply")
+    body = bytearray()
+    while True:
+        chunk = response.raw.read1(_CHUNK, decode_content=False)
+        if not chunk:
+            return bytes(body)
+        body.extend(chunk)
+        if len(body) > limit:
+            raise EscrowError("bad_reply")
+        if time.monotonic() > deadline:
+            raise requests.Timeout("the reply took longer than the request's timeout")
+
+
+def _bounded_provider(url: str, *, timeout_s: float, retry: Any, max_reply: int) -> Any:
+    """web3's HTTPProvider, reading each reply with :func:`read_bounded` and refusing one that is not JSON."""
+    from web3 import HTTPProvider
+    from web3._utils.http_session_manager import HTTPSessionManager
+
+    class Sessions(HTTPSessionManager):
+        def make_post_request(self, endpoint_uri: Any, data: Any, **kwargs: Any) -> bytes:
+            timeout = float(kwargs.setdefault("timeout", timeout_s))
+            kwargs["stream"] = True
+            kwargs["headers"] = {**kwargs.get("headers", {}), "Accept-Encoding": "identity"}
+            deadline = time.monotonic() + timeout
+            with self.get_response_from_post_request(endpoint_uri, data=data, **kwargs) as response:
+                response.raise_for_status()
+                return read_bounded(response, limit=max_reply, deadline=deadline)
+
+    class Provider(HTTPProvider):
+        def decode_rpc_response(self, raw_response: bytes) -> Any:  # type: ignore[override]
+            if json_too_deep(raw_response):
+                raise EscrowError("bad_reply")
+            try:
+                return HTTPProvider.decode_rpc_response(raw_response)
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested to blow the stack
+                raise EscrowError("bad_reply") from None
+
+    provider = Provider(url, request_kwargs={"timeout": timeout_s}, exception_retry_configuration=retry)
+    provider._request_session_manager = Sessions()
+    return provider
+
 
 # anvil's and hardhat's default dev accounts come from this public test mnemonic; they are only
 # ever funded on local development chains.
@@ -110,12 +196,20 @@ class Chain:
         return cls(Web3(provider), "embedded", tester=tester)
 
     @classmethod
-    def rpc(cls, url: str, *, timeout_s: float = 10.0, retries: int = 1, probe_timeout_s: float = 2.0) -> Chain:
+    def rpc(
+        cls,
+        url: str,
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 1,
+        probe_timeout_s: float = 2.0,
+        max_reply: int = MAX_RPC_REPLY,
+    ) -> Chain:
         """A JSON-RPC chain: each read waits ``timeout_s`` and is retried ``retries`` times, so a chain
         that stopped answering fails a call within about ``(retries + 1) * timeout_s``, not after web3's
-        default five tries (~52 s at 10 s); a raw transaction is sent once."""
+        default five tries (~52 s at 10 s); a raw transaction is sent once. A reply is at most
+        ``max_reply`` bytes (``bad_reply`` beyond)."""
         import requests
-        from web3 import HTTPProvider
         from web3.providers.rpc.utils import REQUEST_RETRY_ALLOWLIST, ExceptionRetryConfiguration
 
         # web3's own choice of errors to retry (a refused connection, an HTTP error, a timeout).
@@ -126,8 +220,8 @@ class Chain:
         retry = ExceptionRetryConfiguration(
             errors=errors, retries=retries + 1, backoff_factor=0.1, method_allowlist=reads
         )
-        provider = HTTPProvider(url, request_kwargs={"timeout": timeout_s}, exception_retry_configuration=retry)
-        probe = HTTPProvider(url, request_kwargs={"timeout": probe_timeout_s}, exception_retry_configuration=None)
+        provider = _bounded_provider(url, timeout_s=timeout_s, retry=retry, max_reply=max_reply)
+        probe = _bounded_provider(url, timeout_s=probe_timeout_s, retry=None, max_reply=max_reply)
         return cls(Web3(provider), "rpc", probe_w3=Web3(probe))
 
     def dev_accounts(self) -> list[LocalAccount]:

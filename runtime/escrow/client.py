@@ -26,7 +26,7 @@ from web3.contract import Contract
 from runtime.escrow import artifacts
 from runtime.escrow.chain import Chain, local
 from runtime.escrow.errors import EscrowError, normalise
-from runtime.escrow.fees import gas_share_refusal
+from runtime.escrow.fees import Fees, choose_fees, gas_share_refusal
 from runtime.escrow.health import ChainHealth, ContractVerdict, judge_contract, next_health
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,13 @@ class EscrowClient:
         # escrow.max_gas_share, set by the daemon: a lock whose lease gas would exceed this share of
         # its amount is refused before anything is sent (runtime/escrow/fees.py); 0: no limit.
         self.max_gas_share = 0.0
+        # escrow.max_fee_gwei in wei: the most any transaction offers per gas (0: no cap); a chain
+        # whose base fee is above it is refused with fee_cap before anything is signed.
+        self.max_fee_per_gas = 0
+        # escrow.confirmations: a lock returns (and get_confirmed sees an escrow) only once its block
+        # is this deep (1: the block that holds it).
+        self.confirmations = 1
+        self.confirmation_poll_s = 0.5
 
     @property
     def nonce_resyncs(self) -> int:
@@ -281,6 +288,8 @@ class EscrowClient:
         """The same contract seen from another wallet (tests, demo)."""
         client = EscrowClient(self.chain, account, self.address, expected_chain_id=self.expected_chain_id)
         client.max_gas_share = self.max_gas_share
+        client.max_fee_per_gas = self.max_fee_per_gas
+        client.confirmations = self.confirmations
         return client
 
     # -- is the escrow there? --
@@ -354,9 +363,26 @@ class EscrowClient:
     # -- reads --
 
     def get(self, payer: str, escrow_id: bytes) -> EscrowState:
+        """The escrow as the latest block has it."""
+        return self._get(payer, escrow_id, "latest")
+
+    def get_confirmed(self, payer: str, escrow_id: bytes) -> EscrowState:
+        """The escrow as it stands ``confirmations`` blocks deep: what a seller counts a buyer's lock by
+        (a lock in a block that may still be replaced is "none" here)."""
+        if self.confirmations <= 1:
+            return self._get(payer, escrow_id, "latest")
         with self.chain.lock:
             try:
-                raw = self.contract.functions.escrows(escrow_key(payer, escrow_id)).call()
+                head = int(self.chain.w3.eth.block_number)
+            except Exception as error:  # noqa: BLE001
+                raise normalise(error) from None
+        return self._get(payer, escrow_id, max(0, head - (self.confirmations - 1)))
+
+    def _get(self, payer: str, escrow_id: bytes, block: int | str) -> EscrowState:
+        with self.chain.lock:
+            try:
+                call = self.contract.functions.escrows(escrow_key(payer, escrow_id))
+                raw = call.call(block_identifier=block)  # type: ignore[arg-type]
             except Exception as error:  # noqa: BLE001 - normalised to a stable code
                 raise self._explain(error) from None
         payee, arbiter, amount, released, deadline, window, state, token, threshold = raw
@@ -501,7 +527,7 @@ class EscrowClient:
             self.approve(token, amount)
         journal = self.lock_journal
         if journal is None:
-            return self._transact(call, name, value, on_signed)
+            return self._await_confirmations(self._transact(call, name, value, on_signed))
         payer, key = self.account.address, "0x" + escrow_id.hex()
         journal.lock_intent(contract=self.address, payer=payer, escrow_id=key, amount=amount)
         signed: list[str] = []
@@ -514,6 +540,7 @@ class EscrowClient:
 
         try:
             result = self._transact(call, name, value, record_signed)
+            self._await_confirmations(result)
         except EscrowError as error:
             sent = bool(signed) and error.reason != "reverted"
             outcome: LockOutcome = "unknown" if sent else "failed"
@@ -521,6 +548,30 @@ class EscrowClient:
             raise
         journal.lock_outcome(payer=payer, escrow_id=key, outcome="landed", tx_hash=result.tx_hash)
         return result
+
+    def _await_confirmations(self, result: TxResult) -> TxResult:
+        """Blocking: return ``result`` once its block is ``confirmations`` deep; else ``unconfirmed`` (E_TIMEOUT)
+        after ``receipt_timeout_s``, or at once when the block that held it was replaced."""
+        if self.confirmations <= 1:
+            return result
+        deadline = time.monotonic() + self.receipt_timeout_s
+        while True:
+            with self.chain.lock:
+                try:
+                    head = int(self.chain.w3.eth.block_number)
+                    if head >= result.block_number + self.confirmations - 1:
+                        receipt = self.chain.w3.eth.get_transaction_receipt(result.tx_hash)  # type: ignore[arg-type]
+                        if int(receipt["blockNumber"]) != result.block_number or receipt["status"] != 1:
+                            # A reorg: it may land again, so its fate is "unknown" to the journal, never "failed".
+                            raise EscrowError("unconfirmed", "the block that held the transaction was replaced")
+                        return result
+                except EscrowError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - a transaction gone after a reorg, a transport error
+                    raise normalise(error) from None
+            if time.monotonic() >= deadline:
+                raise EscrowError("unconfirmed")
+            time.sleep(self.confirmation_poll_s)
 
     def approve(self, token: str, amount: int) -> TxResult:
         """Let the escrow pull ``amount`` of ERC-20 ``token`` from this wallet (before a token lock or top-up)."""
@@ -667,15 +718,15 @@ class EscrowClient:
         return receipt
 
     def _sign(self, call: Any, name: str, value: int) -> tuple[Any, int]:
-        w3 = self.chain.w3
         try:
+            fees = self._fees()
             nonce = self._nonces.take()
             tx = call.build_transaction(
                 {
                     "from": self.account.address,
                     "value": value,
                     "gas": GAS_LIMITS[name],
-                    "gasPrice": w3.eth.gas_price,
+                    **fees.tx_fields(),  # type: ignore[typeddict-item]
                     "nonce": nonce,
                     "chainId": self.chain.chain_id,
                 }
@@ -685,6 +736,19 @@ class EscrowClient:
             self._nonces.forget()
             raise normalise(error) from None
         return signed, nonce
+
+    def _fees(self) -> Fees:
+        """EIP-1559 fees from the latest base fee and the chain's suggested price, within ``max_fee_per_gas``."""
+        w3 = self.chain.w3
+        base = w3.eth.get_block("latest").get("baseFeePerGas")
+        chosen = choose_fees(
+            base_fee=None if base is None else int(base),
+            gas_price=int(w3.eth.gas_price),
+            max_fee_cap=self.max_fee_per_gas,
+        )
+        if not isinstance(chosen, Fees):
+            raise EscrowError(chosen[1], chosen[2])
+        return chosen
 
     def _wait(self, signed: Any, nonce: int) -> Any:
         """The receipt of ``signed``; after ``stall_check_s`` without one, give up at once when the chain

@@ -44,6 +44,9 @@ REASON_CODES: dict[str, ErrorCode] = {
     "no_escrow_contract": ErrorCode.UNAVAILABLE,
     "wrong_chain": ErrorCode.UNAVAILABLE,
     "receipt_timeout": ErrorCode.TIMEOUT,
+    "unconfirmed": ErrorCode.TIMEOUT,
+    "fee_cap": ErrorCode.UNAVAILABLE,
+    "bad_reply": ErrorCode.UNAVAILABLE,
     "reverted": ErrorCode.INTERNAL,
     "rejected": ErrorCode.INTERNAL,
 }
@@ -75,11 +78,14 @@ MESSAGES: dict[str, str] = {
     "no_escrow_contract": "escrow.contract holds no escrow contract on this chain",
     "wrong_chain": "the escrow RPC serves another chain than escrow.chain_id",
     "receipt_timeout": "the transaction was not mined in time",
+    "unconfirmed": "the transaction was mined but not confirmed by escrow.confirmations blocks in time",
+    "fee_cap": "the chain's base fee is above escrow.max_fee_gwei",
+    "bad_reply": "the chain's RPC sent a reply that is too large or not JSON-RPC",
     "reverted": "the transaction reverted",
     "rejected": "the chain refused the transaction",
 }
 
-RETRYABLE = frozenset({"chain_unavailable", "receipt_timeout"})
+RETRYABLE = frozenset({"chain_unavailable", "receipt_timeout", "unconfirmed", "fee_cap", "bad_reply"})
 
 _REVERT = re.compile(r"execution reverted:?\s*([a-z_]+)")
 

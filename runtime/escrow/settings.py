@@ -38,6 +38,8 @@ class EscrowSettings(BaseModel):
     fallback_urls: tuple[str, ...] = Field(
         (), max_length=8, description="more JSON-RPC URLs of the same chain, tried in order when rpc_url fails"
     )
+    max_fee_per_gas: int = Field(0, ge=0, description="the most a transaction offers per gas, wei (0: no cap)")
+    confirmations: int = Field(1, ge=1, le=64, description="blocks deep a lock must be before it counts")
 
     @model_validator(mode="after")
     def _rpc_needs_url_and_contract(self) -> EscrowSettings:
@@ -69,6 +71,16 @@ def fund_from_dev_account(
 
 
 def connect_escrow(settings: EscrowSettings, wallet: LocalAccount | None = None) -> EscrowClient | None:
+    """Blocking (run it in a worker thread): the node's escrow client, or None when escrow is off; its
+    fee cap and confirmation depth set from ``settings`` (see :func:`_connect`)."""
+    client = _connect(settings, wallet)
+    if client is not None:
+        client.max_fee_per_gas = settings.max_fee_per_gas
+        client.confirmations = settings.confirmations
+    return client
+
+
+def _connect(settings: EscrowSettings, wallet: LocalAccount | None) -> EscrowClient | None:
     """Blocking (run it in a worker thread): the node's escrow client, or None when escrow is off.
 
     ``wallet`` is the node's payout/payment key; the embedded chain uses its first dev account
@@ -103,9 +115,9 @@ def connect_escrow(settings: EscrowSettings, wallet: LocalAccount | None = None)
             client.verify_contract()  # E_UNAVAILABLE no_escrow_contract / wrong_chain: never lock there
             return client
         except EscrowError as error:
-            # Only a URL that does not answer is passed over: another chain or no escrow there is a
-            # configuration to fix, not an outage to route around.
-            if error.reason != "chain_unavailable" or index == len(urls) - 1:
+            # Only a URL that does not answer (or answers garbage) is passed over: another chain or no
+            # escrow there is a configuration to fix, not an outage to route around.
+            if error.reason not in ("chain_unavailable", "bad_reply") or index == len(urls) - 1:
                 raise
             log.warning("escrow RPC URL %d of %d does not answer; trying the next", index + 1, len(urls))
     raise AssertionError("unreachable")
