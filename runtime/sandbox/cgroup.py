@@ -159,11 +159,14 @@ class RunCgroup:
         are reaped: retried for ``wait_s``)."""
         deadline = time.monotonic() + wait_s
         for directory in self.dirs.values():
-            while directory.exists():
-                self.kill_all()
+            while True:
                 try:
                     directory.rmdir()
-                except OSError:
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # not empty yet: kill what is left, wait for it to be reaped
                     if time.monotonic() > deadline:
                         break
+                    self.kill_all()
                     time.sleep(0.01)

@@ -74,7 +74,7 @@ BWRAP = "/usr/bin/bwrap"
 PRLIMIT = "/usr/bin/prlimit"
 MAX_PROGRAM_BYTES = 256 * 1024
 # The bytes a run reads from /dev/urandom and /dev/random: a stream seeded by the program and its input.
-RANDOM_BYTES = 1024 * 1024
+RANDOM_BYTES = 256 * 1024
 PROGRAM_CACHE = 16
 TMP_BYTES = 16 * 1024 * 1024
 NOBODY = 65534
