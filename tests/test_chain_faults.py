@@ -379,3 +379,11 @@ def test_json_depth_is_judged_without_recursing() -> None:
     assert json_too_deep(b"[" * 1_000_000)  # unbalanced: refused, never handed to the decoder
     # Brackets inside strings do not count; a receipt-like reply passes.
     assert not json_too_deep(b'{"result": {"logs": [{"topics": ["0x00"], "data": "[[[[[[[[\\"[[["}]}}')
+
+
+def test_the_dev_chain_refuses_a_request_nested_to_crash_it() -> None:
+    """The bootstrap's JSON-RPC endpoint takes 256 KB: that many "[" killed the process (SIGSEGV)."""
+    from runtime.escrow.devchain import MAX_RPC_BODY, answer_rpc
+
+    reply = answer_rpc(None, b"[" * MAX_RPC_BODY)  # type: ignore[arg-type]  # refused before the chain is used
+    assert reply["error"]["code"] == -32600 and "deep" in reply["error"]["message"]

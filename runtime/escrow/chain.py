@@ -68,17 +68,19 @@ _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
 
 
 def json_too_deep(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
-    """Whether ``raw`` nests arrays/objects deeper than ``max_depth`` (strings ignored), without recursing.
+    """Whether ``raw`` may nest arrays/objects deeper than ``max_depth`` (strings ignored), without recursing.
 
-    Cuts the innermost ``[]``/``{}`` pairs once per level: C-speed passes, at most ``max_depth`` of them.
-    Unbalanced brackets (never valid JSON, and "[" * 10**6 would still recurse) count as too deep."""
+    Cuts the innermost ``[]``/``{}`` pairs once per level (C-speed passes, at most ``max_depth``); what
+    no pass can cut is unbalanced, and each opening bracket left may add a level the decoder would
+    enter before it fails ("[" * 10**6 still recurses), so those count too."""
     brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    for _ in range(max_depth):
+    levels = 0
+    while brackets and levels <= max_depth:
         shorter = brackets.replace(b"[]", b"").replace(b"{}", b"")
         if shorter == brackets:
-            return bool(brackets)
-        brackets = shorter
-    return bool(brackets)
+            return levels + brackets.count(b"[") + brackets.count(b"{") > max_depth
+        brackets, levels = shorter, levels + 1
+    return levels > max_depth
 
 
 def read_bounded(response: Any, *, limit: int, deadline: float) -> bytes:

@@ -34,7 +34,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.escrow.chain import Chain, private_chain_id
+from runtime.escrow.chain import Chain, json_too_deep, private_chain_id
 from runtime.escrow.client import GAS_LIMITS, EscrowClient
 from runtime.escrow.errors import redact
 from runtime.escrow.settings import fund_from_dev_account
@@ -162,6 +162,8 @@ def _sent_gas_refusal(params: list[Any]) -> str | None:
 
 def answer_rpc(chain: Chain, body: bytes) -> dict[str, Any]:
     """Blocking: one JSON-RPC request against ``chain`` (its lock held); the JSON-RPC reply object."""
+    if json_too_deep(body):  # 256 KB of "[" overflowed the decoder's C stack and killed the node
+        return _error(None, -32600, "request nested too deep")
     try:
         request = json.loads(body)
     except ValueError:
