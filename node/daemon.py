@@ -440,6 +440,7 @@ class Node:
                         escrow_terms=self._escrow_terms,
                         wake_settlement=self._wake_settlement,
                     )
+                    self._market.verifying.local_model = self._model_by_sha256
                     await nursery.start(self.supervisor.run, "market", self._market.run)
                     self._router = Router(
                         self._market,
@@ -712,6 +713,11 @@ class Node:
         if self.config.escrow.mode not in ("embedded", "auto") and self._escrow_connector is None:
             return ""
         return str(client.chain.dev_accounts()[1].address)
+
+    def _model_by_sha256(self, sha256: str) -> Any:
+        """A model this node loaded from the file with this sha256 (verified inference), or None."""
+        name = next((name for name, known in self.model_host.sha256s.items() if known == sha256), None)
+        return self.model_host.get(name) if name is not None else None
 
     def _escrow_terms(self) -> EscrowTerms | None:
         """What this node asks a buyer to lock; None while there is no chain (or no arbiter)."""

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dht.records import CAPABILITY_NAME, WalletBinding
 from runtime.ledger.receipts import LEASE_ID_PATTERN, MAX_AMOUNT, PEER_ID_PATTERN, SignedReceipt
+from runtime.verify.evidence import CallProof
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 HEX32 = r"^0x[0-9a-f]{64}$"
@@ -196,6 +197,8 @@ class CallEnd(_Msg):
     units: int = Field(ge=0, le=2**62, description="exactly what the engine counted for this call")
     usage: dict[str, int] = Field(default_factory=dict)
     served_by: str = Field(pattern=PEER_ID_PATTERN)
+    # Verified inference (docs/verified-inference.md): the call's signed commitment and its chunks.
+    verify: CallProof | None = None
 
 
 class CallAck(_Msg):

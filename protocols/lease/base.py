@@ -29,6 +29,7 @@ from pydantic import TypeAdapter, ValidationError
 from dht.offers import Offer
 from protocols import lease_wire as w
 from protocols.background import spawn_guarded
+from protocols.lease.verifying import Verifying
 from protocols.machines.history import finished_to_evict
 from protocols.machines.lease import FINISHED_KEEP, FINISHED_KEEP_S, USED_QUOTES_MAX, LeaseSession, quotes_to_forget
 from protocols.machines.lease_consumer import CONSUMER, ConsumerEvent, ConsumerLease
@@ -199,6 +200,8 @@ class LeaseCore:
         self.failures: Counter[tuple[str, str]] = Counter()
         self.serve_first_chunk_s = LatencyHistogram()
         self.serve_duration_s = LatencyHistogram()
+        # Verified inference: the consumer's spot-checks and their outcomes per provider.
+        self.verifying = Verifying()
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         spawn_guarded(self._nursery, log, fn, *args)

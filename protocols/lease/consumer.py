@@ -342,6 +342,7 @@ class ConsumerRole(ChannelRole):
                             ack_scope.shield = True
                             with contextlib.suppress(Exception):
                                 await write_frame(stream, w.CallAck().model_dump_json().encode())
+                        await self._spot_check(held, lease_id, body, frame)
                         return frame
                 finally:
                     with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
@@ -362,6 +363,16 @@ class ConsumerRole(ChannelRole):
             raise ClawnodeError(
                 ErrorCode.UNAVAILABLE, f"the provider is unreachable ({type(error).__name__})"
             ) from None
+
+    async def _spot_check(self, held: HeldLease, lease_id: str, body: dict[str, Any], frame: w.CallEnd) -> None:
+        """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned."""
+        outcome = await self.verifying.check(held.grant.provider, lease_id, body, frame.verify)
+        if outcome.startswith("failed:"):
+            reason = outcome.removeprefix("failed:")
+            self._spawn(self.revoke_held, lease_id)
+            raise ClawnodeError(
+                ErrorCode.FORBIDDEN, f"the provider failed verification ({reason})", f"verification_{reason}"
+            )
 
     async def _leave_call(
         self, held: HeldLease, stream: INetStream, reader: FrameReader, body: dict[str, Any], tokens: int

@@ -36,6 +36,9 @@ from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.inference.admission import borrowing
 from runtime.service import Usage
+from runtime.verify.check import index_for
+from runtime.verify.evidence import call_proof
+from runtime.verify.provider import CallRecorder, verifiable
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
 
@@ -154,12 +157,18 @@ class ServingRole(LeaseCore):
         ticket.call_id = call_id
         # The engine is told to stop where the reservation ends.
         body = {**call.body, "max_tokens": plan.max_tokens}
+        # Verified inference: a model call whose record names its file is served with a commitment.
+        recorder = await self._recorder(service, offer, body)
+        if recorder is not None:
+            body = recorder.body
 
         started = time.monotonic()
         first_chunk = True
 
         async def emit(data: dict[str, Any]) -> None:
             nonlocal first_chunk
+            if recorder is not None:
+                data = recorder.see(data)
             if first_chunk:
                 first_chunk = False
                 self.serve_first_chunk_s.observe(time.monotonic() - started)
@@ -189,7 +198,17 @@ class ServingRole(LeaseCore):
             return w.CallEnd(units=units, usage={"completion_tokens": units}, served_by=self.peer_id)
         # An engine that counts more than the call reserved costs the provider, never the consumer.
         units = served.session.billable(plan.reserve, max(0, outcome.units))
-        return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id)
+        proof = None
+        if recorder is not None and offer is not None:
+            proof = call_proof(recorder, self.receipt_key, call.lease_id, call_id, offer.sha256, outcome.detail)
+        return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id, verify=proof)
+
+    async def _recorder(self, service: Any, offer: Any, body: dict[str, Any]) -> CallRecorder | None:
+        model = getattr(service, "model", None)
+        path = getattr(model, "path", None)
+        if offer is None or not offer.sha256 or path is None or not verifiable(body):
+            return None
+        return CallRecorder(body, await trio.to_thread.run_sync(index_for, path))
 
     async def _meter(self, lease_id: str, ticket: Ticket, units: int) -> None:
         """A call ended (``units``: its end frame's, the chunks a cut call wrote, 0 for a failed one): its

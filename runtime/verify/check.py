@@ -32,7 +32,7 @@ from runtime.verify.commitment import Opened
 # Nats. Defaults for a model whose noise was not measured; Prefill.tolerances() measures a loaded model's.
 TOLERANCE = 1.0  # any one committed logprob
 MEAN_TOLERANCE = 0.15  # the mean over every committed logprob of a reply
-NOISE_FACTOR_MAX = 3.0  # tolerance = factor × the noise measured between batch and token-by-token passes
+NOISE_FACTOR_MAX = 5.0  # tolerance = factor × the noise measured between batch and token-by-token passes
 NOISE_FACTOR_MEAN = 3.0
 FLOOR_MAX = 0.25
 FLOOR_MEAN = 0.03
@@ -261,3 +261,45 @@ class TokenIndex:
         if isinstance(entry.get("id"), int):
             return int(entry["id"])
         return self._index[bytes(entry["bytes"])]
+
+
+_indexes: dict[str, TokenIndex] = {}
+_prefills: dict[str, tuple[Prefill, tuple[float, float]]] = {}
+_cache_lock = threading.Lock()
+MAX_CACHED_MODELS = 4
+
+
+def index_for(path: Path) -> TokenIndex:
+    """The model's :class:`TokenIndex`, built once per file (blocking)."""
+    key = str(path)
+    with _cache_lock:
+        known = _indexes.get(key)
+    if known is None:
+        known = TokenIndex(path)
+        with _cache_lock:
+            if len(_indexes) >= MAX_CACHED_MODELS:
+                _indexes.pop(next(iter(_indexes)))
+            _indexes[key] = known
+    return known
+
+
+CALIBRATION_TEXT = (
+    "The lighthouse keeper climbed the stairs every evening, counting each step while the waves broke "
+    "on the rocks below; he had done it for forty years and knew every sound the tower made."
+)
+
+
+def prefill_for(path: Path, n_ctx: int = 2048) -> tuple[Prefill, tuple[float, float]]:
+    """A verifier of the file and its tolerances (measured once on a fixed text), cached per file (blocking)."""
+    key = str(path)
+    with _cache_lock:
+        known = _prefills.get(key)
+    if known is None:
+        prefill = Prefill(path, n_ctx=n_ctx)
+        ids = list(prefill.llama.tokenize(CALIBRATION_TEXT.encode(), True, False))
+        known = (prefill, prefill.tolerances(ids[:16], ids[16:48]))
+        with _cache_lock:
+            if len(_prefills) >= MAX_CACHED_MODELS:
+                _prefills.pop(next(iter(_prefills)))[0].close()
+            _prefills[key] = known
+    return known

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.ledger.canonical import canonical_bytes
 from runtime.ledger.receipts import LEASE_ID_PATTERN, PEER_ID_PATTERN, PeerKeys, ReceiptKey
+from runtime.verify.provider import CallRecorder, declared_sampling
 
 COMMITMENT_DOMAIN = b"clawnode/verify-commitment/v1\x00"
 
@@ -65,3 +66,43 @@ def commitment_signed(signed: SignedCommitment, peer_keys: PeerKeys) -> bool:
     except (CryptoError, ValueError, TypeError):
         return False
     return True
+
+
+class CallProof(BaseModel):
+    """What a provider's end frame carries for a committed call: the signed commitment, the produced
+    token ids and every chunk of the commitment (base64), so the consumer can check any call later
+    without asking again, and the provider never learns which calls are checked."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    commitment: SignedCommitment
+    tokens: list[int] = Field(max_length=1 << 16)
+    chunks: list[str] = Field(max_length=(1 << 16) // 32 + 1)
+
+
+def call_proof(
+    recorder: CallRecorder, key: ReceiptKey, lease_id: str, call_id: str, sha256: str, usage: dict[str, int]
+) -> CallProof | None:
+    """The end frame's proof of a recorded call, signed with the provider's receipt key; None when
+    nothing was produced."""
+    committed = recorder.finish()
+    prompt_tokens = int(usage.get("prompt_tokens", 0))
+    if committed is None or prompt_tokens < 1:
+        return None
+    temperature, top_p = declared_sampling(recorder.body)
+    body = CommitmentBody(
+        lease_id=lease_id,
+        call_id=call_id,
+        provider=key.peer_id,
+        model_sha256=sha256,
+        temperature_milli=min(2000, temperature),
+        top_p_milli=min(1000, top_p),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=committed.n_tokens,
+        root=committed.root.hex(),
+    )
+    return CallProof(
+        commitment=sign_commitment(body, key),
+        tokens=[p.token for p in recorder.positions],
+        chunks=[base64.b64encode(c).decode() for c in committed.chunks],
+    )

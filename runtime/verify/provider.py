@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from runtime.verify.commitment import Position
+from runtime.verify.commitment import MAX_TOKENS, Commitment, K, Position, commit
 
 
 class IdOf(Protocol):
@@ -24,3 +24,55 @@ def positions_from_chunks(chunks: Iterable[dict[str, Any]], index: IdOf) -> list
             top = tuple((index.id_of(alt), float(alt["logprob"])) for alt in entry.get("top_logprobs") or [])
             positions.append(Position(index.id_of(entry), top))
     return positions
+
+
+# Requests whose logprobs an honest prefill reproduces: one choice, no grammar, no bias or penalties,
+# no continuation of another provider's reply. Others are served without a commitment.
+_UNVERIFIABLE_KEYS = ("tools", "response_format", "logit_bias", "continue_from")
+_DEFAULT_TEMPERATURE = 0.8  # runtime.inference.service's
+
+
+def verifiable(body: dict[str, Any]) -> bool:
+    if (body.get("n") or 1) != 1:
+        return False
+    if any(body.get(key) for key in _UNVERIFIABLE_KEYS):
+        return False
+    return not (body.get("presence_penalty") or body.get("frequency_penalty"))
+
+
+def declared_sampling(body: dict[str, Any]) -> tuple[int, int]:
+    """(temperature, top_p) × 1000 as the request declares them (the engine's defaults otherwise)."""
+    temperature = body.get("temperature")
+    top_p = body.get("top_p")
+    t = _DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+    p = 0.95 if top_p is None else float(top_p)
+    return round(t * 1000), max(1, round(p * 1000))
+
+
+class CallRecorder:
+    """Serves one call with top-``K`` logprobs asked of the engine, keeps them as positions, and hands
+    the consumer only the logprobs it asked for (none, or fewer alternatives)."""
+
+    def __init__(self, body: dict[str, Any], index: IdOf) -> None:
+        self.asked = body.get("logprobs") is True
+        self.asked_top = int(body.get("top_logprobs") or 0) if self.asked else 0
+        self.body = {**body, "logprobs": True, "top_logprobs": max(K, self.asked_top)}
+        self.index = index
+        self.positions: list[Position] = []
+
+    def see(self, data: dict[str, Any]) -> dict[str, Any]:
+        entries = data.get("logprobs")
+        if not entries:
+            return data
+        self.positions += positions_from_chunks([data], self.index)
+        if not self.asked:
+            return {key: value for key, value in data.items() if key != "logprobs"}
+        if self.asked_top < K:
+            trimmed = [{**entry, "top_logprobs": entry.get("top_logprobs", [])[: self.asked_top]} for entry in entries]
+            return {**data, "logprobs": trimmed}
+        return data
+
+    def finish(self) -> Commitment | None:
+        if not self.positions or len(self.positions) > MAX_TOKENS:
+            return None
+        return commit(self.positions)
