@@ -24,7 +24,10 @@ relays killed one after the other, the last one restarted). Printed: the table, 
 - ``mapped direct``: UPnP / port-forward runs reached directly;
 - ``first data p50``: from the later of A's and B's start to A's first record answered live by B
   (goal < 10 s); hole punch time p50 (DCUtR start to a verified direct connection);
-- ``relay recovery``: from the restarted relay's start to B's reservation on it again (goal < 10 s).
+- ``relay recovery``: from the restarted relay's start to B's reservation on it again (goal < 10 s);
+- the timeline: per side (``a.`` asks, ``b.`` answers), the p50 seconds from the process's start to
+  its first log line (Python start and imports), ``running``, the DHT joined, its first relay
+  reservation, its first record published, its AutoNAT verdict, a hole punch done.
 
 The last line is ``nat_matrix: direct_rate=… relay_fallback=… first_data_p50_s=… relay_recovery_s=…``.
 """
@@ -90,6 +93,11 @@ def main() -> int:
         f"first data p50 {summary['first_data_p50_s']} s (max {summary['first_data_max_s']} s) | "
         f"double NAT told {summary['double_nat_told']} | relay loss ok {summary['relay_loss_ok']} | "
         f"loss {args.loss} % | {time.monotonic() - started:.0f} s"
+    )
+    stages = summary["timeline_p50_s"]
+    print(
+        "timeline p50 (s from each process's start): "
+        + ", ".join(f"{stage} {seconds}" for stage, seconds in stages.items())
     )
     if args.json is not None:
         payload = {

@@ -163,6 +163,10 @@ class AddressSources:
     confirmed: Callable[[], list[str]] | None = None  # None: no AutoNAT runs, the extra addresses are vouched for
     reachability: Callable[[], Reachability] = lambda: "unknown"
     last_listen: list[str] = field(default_factory=list)  # what the host's address factory saw last
+    # circuit addresses of our relay reservations (``nat.relay``): sent in identify beside the
+    # direct ones, so peers (and the DHT answers they give) can reach a private node through its
+    # relays before its signed record is out (go-libp2p's autorelay does the same)
+    relayed: Callable[[], list[str]] = lambda: []
     last_extra: list[str] = field(default_factory=list)
 
     def candidates(self) -> list[str]:
@@ -225,7 +229,7 @@ def record_addrs(host: IHost, relayed: Sequence[str], reachability: Reachability
     what the record declares (a configured ``node.reachability`` wins over AutoNAT's verdict)."""
     token = _ASKER_ON_LOOPBACK.set(False)
     try:
-        plain = [str(addr).split("/p2p/")[0] for addr in host.get_addrs()]  # refreshes the factory's view
+        plain = [str(addr).split("/p2p/")[0] for addr in host.get_addrs() if not is_relayed(str(addr))]
         sources = sources_for(host)
         if not (sources.last_listen or sources.last_extra):  # a host without node.host's factory
             return rank_addrs(
@@ -265,16 +269,54 @@ def install_identify_hook() -> None:
     _HOOKED = True
 
 
+def advertise_relayed(host: IHost) -> None:
+    """Make ``host.get_addrs()`` end with our circuit addresses (at most ``MAX_RELAYED_ADVERTISED``),
+    as go-libp2p's autorelay advertises them: identify, identify push and the signed peer record
+    py-libp2p sends with DHT messages then name them, so peers (and the DHT answers they give) can
+    reach a private node through its relays before its capability record is out. Last, so the first
+    address stays a direct one (``host.connect`` never dials a circuit address; py-libp2p's swarm
+    dials one address per transport kind at once). Added after py-libp2p's own ``get_addrs``, which
+    would cut a circuit address at the relay's ``/p2p/`` part."""
+    original = host.get_addrs
+    sources = sources_for(host)
+
+    def get_addrs() -> list[Any]:
+        import multiaddr
+
+        addrs = list(original())
+        seen = {str(addr) for addr in addrs}
+        suffix = f"/p2p/{host.get_id()}"
+        for circuit in sources.relayed()[:MAX_RELAYED_ADVERTISED]:
+            text = circuit if circuit.endswith(suffix) else circuit + suffix
+            if text in seen:
+                continue
+            try:
+                addrs.append(multiaddr.Multiaddr(text))
+            except Exception:  # noqa: BLE001 - a relay's bad address is not advertised
+                continue
+            seen.add(text)
+        return addrs
+
+    host.get_addrs = get_addrs  # type: ignore[method-assign]
+
+
+def is_relayed(addr: str) -> bool:
+    return "/p2p-circuit" in addr
+
+
+MAX_RELAYED_ADVERTISED = 8
+
+
 def listen_addrs(host: IHost) -> list[str]:
     """``host``'s own listen addresses (0.0.0.0 expanded), without mappings or confirmed ones: what
     ``wants_relays`` judges (an unconfirmed UPnP mapping may lead nowhere, e.g. behind a double NAT)."""
-    advertised = [str(addr).split("/p2p/")[0] for addr in host.get_addrs()]  # refreshes the factory's view
-    return list(sources_for(host).last_listen) or advertised
+    advertised = [str(addr).split("/p2p/")[0] for addr in host.get_addrs() if not is_relayed(str(addr))]
+    return list(sources_for(host).last_listen) or advertised  # (the call refreshed the factory's view)
 
 
 def candidate_addrs(host: IHost) -> list[str]:
     """Every address ``host`` might be reached on, unranked (mapped ones included): what AutoNAT
     asks servers to dial back, so that an unconfirmed mapping can become a confirmed one."""
-    advertised = [str(addr).split("/p2p/")[0] for addr in host.get_addrs()]  # refreshes the factory's view
-    found = sources_for(host).candidates()
+    advertised = [str(addr).split("/p2p/")[0] for addr in host.get_addrs() if not is_relayed(str(addr))]
+    found = sources_for(host).candidates()  # (the call above refreshed the factory's view)
     return found or advertised

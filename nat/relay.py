@@ -38,6 +38,7 @@ import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.host.ping import PING_LENGTH
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
@@ -51,6 +52,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
+from nat.addresses import sources_for
 from nat.notifee import QuietNotifee
 from wire.streams import (  # is_circuit is still imported from here
     DIAL_TIMEOUT_S,
@@ -328,6 +330,7 @@ class RelayService:
         self._no_ping: set[str] = set()  # relays that do not speak ping: their connection alone tells
         self.lost_total = 0  # reservations dropped because their relay went away
         self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     # --- what others read -------------------------------------------------------------------
 
@@ -352,6 +355,20 @@ class RelayService:
         manager._clean_expired()
         return len(manager._reservations)
 
+    def _changed(self) -> None:
+        """Our circuit addresses changed: the owner republishes its record; connected peers learn the
+        new addresses now (identify push), not at their next identify."""
+        self._on_change()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._push_identify)
+
+    async def _push_identify(self) -> None:
+        try:
+            with trio.move_on_after(10):
+                await push_identify_to_peers(self.host)
+        except Exception as error:  # noqa: BLE001 - best effort; peers learn it on their next identify
+            log.debug("identify push failed: %s", type(error).__name__)
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -371,7 +388,7 @@ class RelayService:
         while len(self._lost) > MAX_LOST:  # relays only found as connected hop peers come and go
             del self._lost[next(iter(self._lost))]
         log.info("relay %s lost (%s): reservation dropped", key, why)
-        self._on_change()
+        self._changed()
         self.wake()
 
     def _peer_connected(self, key: str) -> None:
@@ -399,12 +416,17 @@ class RelayService:
             _SERVICES[self.host] = self
             register_circuit_dialer(self.host, self)
             network.register_notifee(watch)
+            sources = sources_for(self.host)
+            sources.relayed = self.relayed_addrs  # identify carries them (nat.addresses)
             task_status.started(self)
             try:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._probe_loop)
                     await self._loop()
             finally:
+                self._nursery = None
+                sources.relayed = lambda: []
                 _SERVICES.pop(self.host, None)
                 unregister_circuit_dialer(self.host)
                 remove = getattr(network, "remove_notifee", None)
@@ -476,7 +498,7 @@ class RelayService:
                 await self._maintain()
             elif self.reservations:
                 self.reservations.clear()  # public again: the relays' copies simply expire
-                self._on_change()
+                self._changed()
             with trio.move_on_after(self._next_wake_in()):
                 await self._wake.wait()
 
@@ -578,25 +600,38 @@ class RelayService:
                 self.reservations[key] = fresh
                 changed = changed or fresh.relay_addrs != res.relay_addrs
         # Top up to min_relays: lost relays that are back, configured ones, connected hop peers.
+        # The missing ones are asked at once (in parallel), each success told as it comes: a home
+        # node's first circuit address is what makes it reachable, the second need not wait on it.
+        wanted: list[ID] = []
         for relay in self.candidates():
-            if len(self.reservations) >= self.settings.min_relays:
-                break
             key = str(relay)
             if key in self.reservations or not self._failures.may_try(key, time.time()):
                 continue
             if key in self._lost and not self._connected_to(key):
                 continue  # _connect_relays re-dials it within its backoff
-            try:
-                self.reservations[key] = await reserve(self.host, relay)
-            except Exception as error:  # noqa: BLE001 - another relay is tried
-                self._failures.failed(key, time.time(), "reservation on", error)
-                continue
-            self._failures.succeeded(key)
-            self._lost.pop(key, None)
-            log.info("reserved on relay %s until %d", key, self.reservations[key].expires_at)
-            changed = True
+            wanted.append(relay)
+        wanted = wanted[: max(0, self.settings.min_relays - len(self.reservations))]
         if changed:
-            self._on_change()
+            self._changed()
+        if wanted:
+            async with trio.open_nursery() as nursery:
+                for relay in wanted:
+                    nursery.start_soon(self._reserve_on, relay)
+
+    async def _reserve_on(self, relay: ID) -> None:
+        key = str(relay)
+        try:
+            reservation = await reserve(self.host, relay)
+        except Exception as error:  # noqa: BLE001 - another relay is tried on the next round
+            self._failures.failed(key, time.time(), "reservation on", error)
+            return
+        if not self._wants() or (len(self.reservations) >= self.settings.min_relays and key not in self.reservations):
+            return  # public meanwhile, or another parallel ask filled the quota meanwhile (never more than min_relays)
+        self.reservations[key] = reservation
+        self._failures.succeeded(key)
+        self._lost.pop(key, None)
+        log.info("reserved on relay %s until %d", key, reservation.expires_at)
+        self._changed()
 
 
 def service_for(host: IHost) -> RelayService | None:

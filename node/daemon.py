@@ -35,7 +35,7 @@ from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, Re
 from dht.records import Reachability, SandboxOffer, bind_wallet
 from dht.seq_book import SeqBook
 from dht.service import DhtService
-from nat.addresses import DHT_CLIENT_BEFORE_VERDICT_S, listen_addrs, serves_dht, wants_relays
+from nat.addresses import DHT_CLIENT_BEFORE_VERDICT_S, is_relayed, listen_addrs, serves_dht, wants_relays
 from nat.autonat import AutoNat, AutoNatSettings, listen_ports, quic_listen_ports
 from nat.double_nat import OutsideView
 from nat.holepunch import HolePunchService, HolePunchSettings
@@ -367,7 +367,7 @@ class Node:
                     if self.config.node.mdns:
                         mdns = MdnsDiscovery(
                             self._host.get_id(),
-                            lambda: [str(addr) for addr in self._host.get_addrs()] if self._host else [],
+                            lambda: self.listen_addrs() if self._host else [],
                             connect_found(self._host),
                         )
                         await nursery.start(self.supervisor.run, "mdns", mdns.run)
@@ -792,7 +792,9 @@ class Node:
         )
 
     def listen_addrs(self) -> list[str]:
-        return [str(addr) for addr in self.host.get_addrs()]
+        """Our direct addresses (the host also advertises its relays' circuit addresses while it holds
+        reservations: ``nat.addresses.advertise_relayed``; status shows those as ``relayed_addrs``)."""
+        return [str(addr) for addr in self.host.get_addrs() if not is_relayed(str(addr))]
 
     # NodeView, read by the API
 
@@ -807,7 +809,7 @@ class Node:
 
     def status(self) -> StatusReply:
         transport = {str(addr) for addr in self.host.get_transport_addrs()}
-        own = [str(addr).split("/p2p/")[0] for addr in self.host.get_addrs()]
+        own = [addr.split("/p2p/")[0] for addr in self.listen_addrs()]
         return StatusReply(
             peer_id=str(self.host.get_id()),
             role=self.config.node.role,

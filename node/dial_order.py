@@ -12,6 +12,13 @@ twenty cases took over 60 s, most of it dials to other homes' 192.168.x.x. The p
 2. any other private, CGNAT or link-local address (another LAN: rarely reachable),
 3. loopback (only this machine),
 4. a relayed ``/p2p-circuit`` address (the swarm dials those last anyway).
+
+A dial to an address of class 2 (a private address in none of our subnets) gets one attempt of at
+most ``FOREIGN_LAN_DIAL_S`` instead of py-libp2p's four attempts without a time limit: such an
+address is usually another home's LAN, where a SYN is dropped without an answer, and a private node
+is known by its LAN address (identify, DHT answers) before its relayed address is; the swarm's
+parallel dial of a relayed address beside it then decides. On a routed private network (a VPN, an
+office) a connect answers well within the bound.
 """
 
 from __future__ import annotations
@@ -22,13 +29,16 @@ from collections.abc import Callable, Sequence
 
 import multiaddr
 import psutil
+import trio
 from libp2p.abc import IHost
+from libp2p.network.exceptions import SwarmException
 
 from nat.addresses import is_public_ip
 from nat.relay import is_circuit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 SAME_LAN, PUBLIC, OTHER_PRIVATE, LOOPBACK, RELAYED = range(5)
+FOREIGN_LAN_DIAL_S = 2.0
 
 
 def own_networks() -> list[Network]:
@@ -81,3 +91,17 @@ def order_dials(host: IHost, networks: Callable[[], list[Network]] = own_network
         return in_dial_order(stored(peer_id), subnets)  # type: ignore[arg-type]
 
     peerstore.addrs = addrs_in_dial_order  # type: ignore[method-assign, assignment]
+
+    network = host.get_network()
+    dial_with_retry = getattr(network, "_dial_with_retry", None)
+    if dial_with_retry is None or not hasattr(network, "_dial_addr_single_attempt"):
+        return  # another py-libp2p: left as it is
+
+    async def dial_bounded(addr: multiaddr.Multiaddr, peer_id: object, source: object = None) -> object:
+        if source is not None or dial_class(addr, subnets) != OTHER_PRIVATE:
+            return await dial_with_retry(addr, peer_id, source)
+        with trio.move_on_after(FOREIGN_LAN_DIAL_S):
+            return await network._dial_addr_single_attempt(addr, peer_id)  # type: ignore[attr-defined]
+        raise SwarmException(f"no answer from {addr} within {FOREIGN_LAN_DIAL_S:.0f} s (another LAN)")
+
+    network._dial_with_retry = dial_bounded  # type: ignore[attr-defined]

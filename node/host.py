@@ -30,7 +30,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from nat.addresses import install_identify_hook, published
+from nat.addresses import advertise_relayed, install_identify_hook, published
 from nat.notifee import QuietNotifee
 from node.conn_budget import keep_connection_budget
 from node.conn_guard import ConnLimits, guard_inbound_connections
@@ -126,6 +126,7 @@ def build_host(
     )
     built.append(host)
     install_identify_hook()
+    advertise_relayed(host)  # then our relays' circuit addresses, while we hold reservations
     _guard_inbound_streams(host)
     guard_inbound_connections(host.get_network(), limits)  # type: ignore[arg-type]
     heal_redials(host)  # before order_dials: its stable sort keeps the newest addresses first in a class

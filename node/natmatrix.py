@@ -270,6 +270,10 @@ class Result(BaseModel):
     relay_recovery_s: float | None = None  # from the restarted relay's "running" log line
     relay_restart_to_reservation_s: float | None = None  # from the restart command (its start included)
     relay_log_lines_per_min: int | None = None
+    # where the seconds to first data went: per side, seconds from the process's start to each
+    # stage its log shows (``TIMELINE_STAGES``; a stage not reached is left out)
+    timeline_a: dict[str, float] = Field(default_factory=dict)
+    timeline_b: dict[str, float] = Field(default_factory=dict)
     ok: bool = False
     error: str = ""
 
@@ -725,6 +729,40 @@ def _start_home(
     return start_daemon(topo, host, name=name, root=root, role="node", bootstrap=boot, quic=quic, listen_ip=listen_ip)
 
 
+# A daemon's stages to first data, each the first log line that contains the needle (INFO level:
+# what every run logs), in seconds from the process's start.
+TIMELINE_STAGES: tuple[tuple[str, str], ...] = (
+    ("first_log", ""),  # the Python start and imports are over
+    ("running", " running as "),
+    ("joined_dht", "joined the DHT"),
+    ("relay", "reserved on relay"),
+    ("record", "published capability record"),
+    ("verdict", "reachability: "),
+    ("punched", "hole punch to "),
+)
+
+
+def timeline(daemon: Daemon) -> dict[str, float]:
+    """``TIMELINE_STAGES`` of ``daemon`` from its log: stage -> seconds after its process started."""
+    found: dict[str, float] = {}
+    for line in daemon.log_text().splitlines():
+        stamp = _STAMP_RE.match(line)
+        if stamp is None:
+            continue
+        at: float | None = None
+        for stage, needle in TIMELINE_STAGES:
+            if stage in found or needle not in line:
+                continue
+            if stage == "verdict" and _VERDICT_RE.search(line) is None:
+                continue
+            if at is None:
+                at = datetime.strptime(stamp.group(1), _STAMP_FMT).timestamp()
+            found[stage] = round(max(0.0, at - daemon.started_wall), 2)
+        if len(found) == len(TIMELINE_STAGES):
+            break
+    return found
+
+
 def _published_reachable(daemon: Daemon) -> bool:
     """Whether the daemon's record in the DHT names where to reach it: its relays while private."""
     record = daemon.api("/api/capabilities").get("record") or {}
@@ -856,6 +894,7 @@ def _run_case(
     finally:
         a.stop()
         b.stop()
+        result.timeline_a, result.timeline_b = timeline(a), timeline(b)
     result.ok = (
         not result.error
         and verdict_as_allowed(result.verdict_a, result.expected_verdict_a, case.seen_a())
@@ -1057,7 +1096,14 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
     told = [r for r in runs if r.cgn_b and r.mapping_b == "upnp"]
     losses = [r for r in results if r.kind == "relay-loss"]
     recovery = [r.relay_recovery_s for r in losses if r.relay_recovery_s is not None]
+    stages: dict[str, float] = {}
+    for side in ("a", "b"):
+        for stage, _ in TIMELINE_STAGES:
+            seen = [t[stage] for r in runs if stage in (t := getattr(r, f"timeline_{side}"))]
+            if seen:
+                stages[f"{side}.{stage}"] = round(statistics.median(seen), 2)
     return {
+        "timeline_p50_s": stages,
         "runs": len(results),
         "direct_rate": round(direct_ok / len(punchable), 3) if punchable else None,
         "direct": f"{direct_ok}/{len(punchable)}",

@@ -9,6 +9,7 @@ import multiaddr
 import psutil
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from libp2p.crypto.secp256k1 import create_new_key_pair
@@ -173,3 +174,29 @@ async def test_autonat_asks_about_an_unconfirmed_mapping_that_is_not_published()
         assert mapped in candidate_addrs(host)
         sources_for(host).confirmed = lambda: [mapped]  # confirmed by two servers
         assert str(host.get_addrs()[0]).startswith(mapped)
+
+
+async def test_a_dial_to_another_lans_address_is_one_bounded_attempt(autojump_clock: trio.testing.MockClock) -> None:
+    """A peer known only by a private address outside our subnets (another home's LAN, where SYNs go
+    unanswered) costs one dial of at most ``FOREIGN_LAN_DIAL_S``, not py-libp2p's four unbounded ones;
+    the swarm's other dials (a relayed address beside it) are not held up."""
+    from libp2p.network.exceptions import SwarmException
+
+    from node.dial_order import FOREIGN_LAN_DIAL_S
+
+    host = build_host(create_new_key_pair())
+    network = host.get_network()
+    attempts: list[str] = []
+
+    async def unanswered(addr: multiaddr.Multiaddr, peer_id: object, source: object = None) -> object:
+        attempts.append(str(addr))
+        await trio.sleep_forever()
+
+    network._dial_addr_single_attempt = unanswered  # type: ignore[attr-defined]
+    peer = build_host(create_new_key_pair()).get_id()
+    foreign = multiaddr.Multiaddr("/ip4/10.254.254.254/tcp/4021")  # in no subnet of this machine
+    started = trio.current_time()
+    with pytest.raises(SwarmException):
+        await network._dial_with_retry(foreign, peer)  # type: ignore[attr-defined]
+    assert attempts == [str(foreign)]
+    assert trio.current_time() - started < FOREIGN_LAN_DIAL_S + 1
