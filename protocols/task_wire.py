@@ -393,4 +393,4 @@ class TaskView(BaseModel):
     run_verdict: str | None = None  # the arbiter's automatic decision (or why it left it to a person)
     panel: PanelTerms | None = None  # the task's arbiter panel, when it names one
     panel_votes: dict[str, int | None] = Field(default_factory=dict)  # member -> its counted vote (None: abstained)
-    panel_state: Literal["open", "decided", "deadlocked"] | None = None
+    panel_state: Literal["open", "decided", "needs_person", "deadlocked"] | None = None

@@ -7,14 +7,16 @@ as plain data and acts on the typed answer; the escrow contract applies the same
   members (peer id and wallet, 1 <= k <= :data:`MAX_PANEL`, no peer or wallet twice, neither party
   on it) and a threshold ``m`` that is a strict majority (``k // 2 < m <= k``), so two different
   splits can never both reach ``m`` and the decision does not depend on the order votes land in.
-* Each member votes once: a split (``to_bidder`` of the price to the seller, the rest back) or an
-  abstention (it could not decide: the program could not be re-run, or was not reproducible).
-  The same vote again is harmless (``merged``); another vote from the same member is refused
-  (``E_CONFLICT`` ``vote_final``), as is a vote from outside the panel (``E_FORBIDDEN``
-  ``not_on_panel``) or a split over the price (``E_INVALID_ARGUMENT`` ``bad_split``).
-* The panel has *decided* once ``m`` votes name the same split; it is *deadlocked* once no split
-  can reach ``m`` any more (the votes still missing cannot lift the best split to ``m``): then a
-  person decides. Otherwise it is *open*.
+* Each member votes a split (``to_bidder`` of the price to the seller, the rest back) once, or
+  abstains (it could not decide: the program could not be re-run, or was not reproducible). An
+  abstention is not final: the member may vote a split later (a person deciding where its re-run
+  could not). The same vote again is harmless (``merged``); a split after a split, or an abstention
+  after one, is refused (``E_CONFLICT`` ``vote_final``), as is a vote from outside the panel
+  (``E_FORBIDDEN`` ``not_on_panel``) or a split over the price (``E_INVALID_ARGUMENT`` ``bad_split``).
+* The panel has *decided* once ``m`` votes name the same split. It *needs a person* once every
+  member has voted without ``m`` agreeing, while the abstainers could still make a split reach ``m``
+  by hand; it is *deadlocked* once no split can reach ``m`` even so (the members who have not voted
+  a split cannot lift the best split to ``m``). Otherwise it is *open* (votes are missing).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class PanelFacts:
 
 @dataclass(frozen=True)
 class PanelVerdict:
-    state: Literal["open", "decided", "deadlocked"]
+    state: Literal["open", "decided", "needs_person", "deadlocked"]
     to_bidder: int | None  # the decided split (``decided`` only)
     votes: dict[str, int | None] = field(default_factory=dict)  # member -> its counted vote
     refused: tuple[tuple[str, str], ...] = ()  # (voter, reason) of the votes that did not count
@@ -105,7 +107,9 @@ def vote_verdict(facts: PanelFacts, counted: dict[str, int | None], vote: Vote) 
     if vote.voter in counted:
         if counted[vote.voter] == vote.to_bidder:
             return "merged"
-        return _refuse(ErrorCode.CONFLICT, "vote_final", "a panel member votes once")
+        if counted[vote.voter] is None:
+            return None  # an abstention gives way to a split voted later (by hand)
+        return _refuse(ErrorCode.CONFLICT, "vote_final", "a panel member's split is final")
     return None
 
 
@@ -128,9 +132,11 @@ def tally(facts: PanelFacts, votes: Iterable[Vote]) -> PanelVerdict:
     if decided is not None:
         return PanelVerdict("decided", decided, counted, tuple(refused))
     splits = Counter(v for v in counted.values() if v is not None)
-    missing = len(facts.members) - len(counted)
-    if max(splits.values(), default=0) + missing < facts.threshold:
+    undecided = len(facts.members) - sum(splits.values())  # not voted yet, or abstained
+    if max(splits.values(), default=0) + undecided < facts.threshold:
         return PanelVerdict("deadlocked", None, counted, tuple(refused))
+    if len(counted) == len(facts.members):
+        return PanelVerdict("needs_person", None, counted, tuple(refused))
     return PanelVerdict("open", None, counted, tuple(refused))
 
 

@@ -9,7 +9,9 @@ the same signatures again.
   arbiter wallet is the zero address, its arbiter peer the first member, who also takes evidence).
 * A dispute goes to every member (``DisputeCase``). A member re-runs the program as a single arbiter
   would (``runner.RunnerRole``) and votes what ``rerun_verdict`` decides, or abstains when it could
-  not decide (a person on the panel votes by hand with :meth:`PanelRole.vote`).
+  not decide; a person at a member that abstained (or on a task that asks for people) votes a split
+  by hand with :meth:`PanelRole.vote`. A member's split is final, as on chain only agreeing
+  signatures count.
 * A vote is a :class:`~protocols.task_wire.VoteNotice` sealed with the member's peer key, carrying its
   wallet's signature of the contract's vote digest; it goes to the other members and both parties.
 * Once ``m`` counted votes name one split, the members holding them send ``resolve_by_panel`` (the
@@ -167,9 +169,9 @@ class PanelRole(TaskCore):
         panel = self._panel_of(local)
         assert panel is not None
         verdict = self._tally(local, panel)
-        if verdict.state == "deadlocked":
-            local.run_verdict = "panel_deadlocked"
-            log.warning("task %s: the panel cannot reach %d votes; a person decides", task_id[:12], panel.threshold)
+        if verdict.state in ("needs_person", "deadlocked"):
+            local.run_verdict = f"panel_{verdict.state}"
+            log.warning("task %s: the panel is short of agreeing votes (%s)", task_id[:12], verdict.state)
             return
         if verdict.state != "decided" or local.panel_sent or panel.wallet_of(self.peer_id) is None:
             return

@@ -48,9 +48,16 @@ def test_two_agreeing_votes_of_three_decide_and_a_member_votes_once() -> None:
     assert verdict.state == "decided" and verdict.to_bidder == 0
     assert vote_verdict(PANEL, {"a": 0}, Vote("a", 0)) == "merged"
     # Abstentions and a split vote leave nothing that can reach the threshold: a person decides.
-    assert tally(PANEL, [Vote("a", None), Vote("b", 0), Vote("c", 100)]).state == "deadlocked"
-    assert tally(PANEL, [Vote("a", None), Vote("b", None)]).state == "deadlocked"
-    assert tally(PANEL, [Vote("a", None), Vote("b", 40)]).state == "open"
+    # An abstention waits for a person at that member, who may then vote a split by hand.
+    stuck = [Vote("a", None), Vote("b", 0), Vote("c", 100)]
+    assert tally(PANEL, stuck).state == "needs_person"
+    assert (tally(PANEL, [*stuck, Vote("a", 100)]).state, tally(PANEL, [*stuck, Vote("a", 100)]).to_bidder) == (
+        "decided",
+        100,
+    )
+    assert tally(PANEL, [Vote("a", None), Vote("b", None)]).state == "open"
+    assert tally(PANEL, [Vote("a", 0), Vote("b", 40), Vote("c", 100)]).state == "deadlocked"  # no split can win
+    assert tally(PANEL, [Vote("a", 100), Vote("a", None)]).refused == (("a", "vote_final"),)
 
 
 @st.composite
@@ -71,18 +78,21 @@ def test_the_tally_matches_a_plain_count_of_each_members_first_valid_vote(data: 
     facts = data.draw(panels())
     votes = data.draw(_votes(facts))
     verdict = tally(facts, votes)
-    first: dict[str, int | None] = {}
+    first: dict[str, int | None] = {}  # each member's first split, else None if it only abstained
     for vote in votes:
         if vote.voter in facts.members and (vote.to_bidder is None or vote.to_bidder <= PRICE):
-            first.setdefault(vote.voter, vote.to_bidder)
+            if first.get(vote.voter) is None:
+                first[vote.voter] = vote.to_bidder
     assert verdict.votes == first
     counts = Counter(v for v in first.values() if v is not None)
     winners = [split for split, n in counts.items() if n >= facts.threshold]
     assert len(winners) <= 1  # a strict majority: never two decided splits
     if winners:
         assert (verdict.state, verdict.to_bidder) == ("decided", winners[0])
-    elif max(counts.values(), default=0) + len(facts.members) - len(first) < facts.threshold:
+    elif max(counts.values(), default=0) + len(facts.members) - sum(counts.values()) < facts.threshold:
         assert verdict.state == "deadlocked"
+    elif len(first) == len(facts.members):
+        assert verdict.state == "needs_person"
     else:
         assert verdict.state == "open"
     assert all(reason in ("not_on_panel", "bad_split", "vote_final") for _, reason in verdict.refused)
@@ -94,7 +104,9 @@ def test_the_decision_does_not_depend_on_the_order_votes_land_in(data: st.DataOb
     facts = data.draw(panels())
     chosen = data.draw(st.dictionaries(st.sampled_from(facts.members), st.one_of(st.none(), st.sampled_from([0, 50]))))
     votes = [Vote(voter, split) for voter, split in chosen.items()]
-    again = data.draw(st.permutations(votes + votes))  # each sent twice, in any order
+    # Each sent twice in any order, and a member that voted a split may have abstained first.
+    abstained_first = [Vote(v.voter, None) for v in votes if v.to_bidder is not None and data.draw(st.booleans())]
+    again = abstained_first + data.draw(st.permutations(votes + votes))
     first, second = tally(facts, votes), tally(facts, again)
     assert (first.state, first.to_bidder, first.votes) == (second.state, second.to_bidder, second.votes)
     assert second.refused == ()
