@@ -77,13 +77,16 @@ measurements (later phases are skipped when it runs out), and a SIGALRM backstop
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import os
 import random
 import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -192,6 +195,8 @@ class Figures:
     cached_tokens: list[int] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Serving many clients (issue 19): (backend, clients) -> (aggregate tok/s, TTFTs in seconds).
+    serving: dict[tuple[str, int], tuple[float, list[float]]] = field(default_factory=dict)
 
 
 class FrameService:
@@ -479,8 +484,14 @@ async def prefix_phase(args: argparse.Namespace, model: LlamaModel, figures: Fig
                 reply = await model.chat(first, max_tokens=16, temperature=0)
                 second = [*first, {"role": "assistant", "content": reply.text}]
                 second.append({"role": "user", "content": "And what would you check first tomorrow?"})
-                if which == "fresh":  # another conversation evicts this one
-                    await model.chat(messages(f"unrelated {index}"), max_tokens=1, temperature=0)
+                if which == "fresh":  # other conversations at once, one per sequence slot, evict this one
+                    async with trio.open_nursery() as nursery:
+                        for k in range(model.admission.slots):
+                            nursery.start_soon(
+                                functools.partial(
+                                    model.chat, messages(f"unrelated {index}.{k}"), max_tokens=1, temperature=0
+                                )
+                            )
                 done = await model.chat(second, max_tokens=1, temperature=0)
                 first_s = done.first_token_s if done.first_token_s is not None else math.nan
                 if which == "cached":
@@ -531,6 +542,153 @@ async def burst_phase(args: argparse.Namespace, consumer: Node, figures: Figures
                 nursery.start_soon(one, client)
     figures.burst_wall_s = time.perf_counter() - started
     progress(f"burst of {args.burst}: {figures.burst} in {figures.burst_wall_s:.1f}s")
+
+
+# -- many clients at once (issue 19) ---------------------------------------------------------------
+
+SERVING_LEVELS = (1, 4, 8, 16)
+BACKENDS = ("local", "network", "llama_cpp")  # clawnode /v1 on the provider, through a consumer, llama_cpp.server
+SERVER_INSTALL = "pip install -e '.[bench]'  (llama-cpp-python's server requirements)"
+
+
+def llama_server_available() -> bool:
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def start_llama_server(args: argparse.Namespace, path: Path, chat_format: str | None) -> tuple[Any, str]:
+    """``python -m llama_cpp.server`` on the same GGUF, threads and context; (process, base URL)."""
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", MODEL_NAME]
+    command += ["--n_ctx", "2048", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--verbose", "False"]
+    # Its default lets a new request cut off the one streaming: queue them instead, as clawnode does.
+    command += ["--interrupt_requests", "False"]
+    if chat_format:
+        command += ["--chat_format", chat_format]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(timeout=5) as client:
+        with trio.fail_after(120):
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"llama_cpp.server exited with {process.returncode}")
+                try:
+                    if (await client.get(f"{url}/v1/models")).status_code == 200:
+                        return process, url
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.2)
+
+
+async def openai_stream(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any]
+) -> tuple[float, int]:
+    """One streamed chat completion: (seconds to the first content, completion tokens: the usage
+    when the server sends it, else the content events, one a token)."""
+    started = time.perf_counter()
+    first = math.nan
+    deltas = 0
+    usage_tokens: int | None = None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"{url} answered {reply.status_code}: {(await reply.aread())[:200]!r}")
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage_tokens = int(event["usage"]["completion_tokens"])
+            for choice in event.get("choices", ()):
+                if choice.get("delta", {}).get("content"):
+                    if math.isnan(first):
+                        first = time.perf_counter() - started
+                    deltas += 1
+    return first, usage_tokens if usage_tokens is not None else deltas
+
+
+async def serving_level(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], clients: int, args: argparse.Namespace
+) -> tuple[float, list[float]]:
+    """``clients`` clients at once, each sending its share of ``--serving-requests`` one after another
+    (at least one each); (all completion tokens over the wall time, every request's TTFT)."""
+    each = max(1, args.serving_requests // clients)
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def one_client(index: int) -> None:
+        nonlocal tokens
+        for k in range(each):
+            prompt = PROMPTS[(index * each + k) % len(PROMPTS)]
+            body = {"model": MODEL_NAME, "messages": messages(prompt), "max_tokens": args.max_tokens}
+            body |= {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            ttft, count = await openai_stream(client, url, headers, body)
+            ttfts.append(ttft)
+            tokens += count
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index in range(clients):
+            nursery.start_soon(one_client, index)
+    return tokens / (time.perf_counter() - started), ttfts
+
+
+async def serving_phase(
+    args: argparse.Namespace, path: Path, provider: Node, consumer: Node, figures: Figures, deadline: float
+) -> None:
+    """Aggregate tok/s and TTFT with 1, 4, 8, 16 clients through clawnode's ``/v1`` (the provider's
+    own: ``local``; the consumer's, bought over the network: ``network``) and llama-cpp-python's
+    OpenAI server on the same GGUF (``llama_cpp``), levels in turn, the backends in turn per level."""
+    urls = {"local": provider.api_url, "network": consumer.api_url}
+    headers = {
+        "local": {"authorization": f"Bearer {await trio.to_thread.run_sync(read_api_token, provider.data_dir)}"},
+        "network": {"authorization": f"Bearer {await trio.to_thread.run_sync(read_api_token, consumer.data_dir)}"},
+        "llama_cpp": {},
+    }
+    process = None
+    if llama_server_available():
+        process, urls["llama_cpp"] = await start_llama_server(args, path, "gemma" if args.model == "gemma" else None)
+    else:
+        figures.notes.append(f"llama_cpp.server missing: {SERVER_INSTALL}")
+        progress(f"llama_cpp.server is not installed; skipping it. Install: {SERVER_INSTALL}")
+    try:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            warm = {"model": MODEL_NAME, "messages": messages("hello"), "max_tokens": 4, "stream": True}
+            for backend, url in urls.items():
+                await openai_stream(client, url, headers[backend], warm)
+            for clients in args.serving_clients:
+                for backend, url in urls.items():
+                    if time.perf_counter() >= deadline:
+                        figures.notes.append(f"skipped serving {backend} c{clients} by the time limit")
+                        continue
+                    rate, ttfts = await serving_level(client, url, headers[backend], clients, args)
+                    figures.serving[(backend, clients)] = (rate, ttfts)
+                    progress(
+                        f"serving {backend} c{clients}: {rate:.1f} tok/s aggregate, TTFT p50 {fmt_ms(p50(ttfts))} "
+                        f"p95 {fmt_ms(p95(ttfts))}"
+                    )
+    finally:
+        if process is not None:
+            process.terminate()
+            with trio.move_on_after(10):
+                await process.wait()
+            if process.poll() is None:
+                process.kill()
+
+
+def p95(values: Sequence[float]) -> float:
+    ordered = sorted(v for v in values if not math.isnan(v))
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)] if ordered else math.nan
 
 
 async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> None:
@@ -617,6 +775,8 @@ async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> Non
                 progress(f"frame stub: {received} frames in {figures.frames[1]:.2f}s")
             if args.burst > 0 and time.perf_counter() < deadline:
                 await burst_phase(args, consumer, figures)
+            if args.serving_requests > 0 and args.serving_clients:
+                await serving_phase(args, path, provider, consumer, figures, deadline)
             if args.prefix_requests > 0:
                 await prefix_phase(args, direct_model, figures, deadline)
             if args.surface_requests > 0:
@@ -656,7 +816,7 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
     tool_local, tool_network = p50(figures.tool_local_s), p50(figures.tool_network_s)
     notes = "; ".join(figures.notes + [f"tool round trip failed: {f}" for f in figures.tool_failures[:4]])
     return (
-        f"inference model={args.model} threads={args.threads} max_tokens={args.max_tokens} "
+        f"inference: model={args.model} threads={args.threads} max_tokens={args.max_tokens} "
         f"requests={len(figures.direct)}+{len(figures.network)} "
         f"tokens/request direct={min(d_tokens, default=0)}-{max(d_tokens, default=0)} "
         f"network={min(n_tokens, default=0)}-{max(n_tokens, default=0)} "
@@ -682,8 +842,35 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
         f"prefill_fresh_ms={1e3 * p50(figures.prefill_fresh_s):.1f} "
         f"cached_tokens={int(p50(figures.cached_tokens)) if figures.cached_tokens else 0}"
         f"/{int(p50(figures.prompt_tokens)) if figures.prompt_tokens else 0} "
-        f"prefix_speedup={p50(figures.prefill_fresh_s) / p50(figures.prefill_cached_s):.2f}"
+        f"prefix_speedup={p50(figures.prefill_fresh_s) / p50(figures.prefill_cached_s):.2f} "
+        f"{serving_keys(figures)} "
+        f"fast_ratio={n_tps / d_tps:.3f} ttft_added_ms={1e3 * (n_ttft - d_ttft):.1f}"
     )
+
+
+def serving_keys(figures: Figures) -> str:
+    """``serve_<backend>_c<n>=<tok/s>/<ttft p50 ms>/<p95 ms>`` per measured level, then
+    ``agg_c8_tok_s`` (clawnode local, 8 clients), ``agg_ratio_c8`` (that ÷ llama_cpp.server's),
+    ``agg_ratio_min`` (clawnode local ÷ llama_cpp.server, the worst level), ``agg_ratio_network_c8``
+    and ``scale_c8`` (clawnode local 8 clients ÷ its 1 client)."""
+    parts = []
+    for (backend, clients), (tok_s, ttfts) in sorted(
+        figures.serving.items(), key=lambda item: (item[0][1], item[0][0])
+    ):
+        parts.append(f"serve_{backend}_c{clients}={tok_s:.1f}/{1e3 * p50(ttfts):.0f}/{1e3 * p95(ttfts):.0f}")
+
+    def rate(backend: str, clients: int) -> float:
+        found = figures.serving.get((backend, clients))
+        return found[0] if found else math.nan
+
+    levels = sorted({clients for _, clients in figures.serving})
+    ratios = [rate("local", c) / rate("llama_cpp", c) for c in levels if rate("llama_cpp", c) > 0]
+    parts.append(f"agg_c8_tok_s={rate('local', 8):.1f}")
+    parts.append(f"agg_ratio_c8={rate('local', 8) / rate('llama_cpp', 8):.2f}")
+    parts.append(f"agg_ratio_min={min(ratios, default=math.nan):.2f}")
+    parts.append(f"agg_ratio_network_c8={rate('network', 8) / rate('llama_cpp', 8):.2f}")
+    parts.append(f"scale_c8={rate('local', 8) / rate('local', 1):.2f}")
+    return " ".join(parts)
 
 
 def model_path(args: argparse.Namespace, scratch: Path) -> Path:
@@ -717,6 +904,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=6,
         help="schema/free pairs and tool round trips per path (issue 18's figures); 0 skips them",
+    )
+    parser.add_argument(
+        "--serving-clients",
+        type=client_levels,
+        default=SERVING_LEVELS,
+        help="client levels of the side-by-side serving run (clawnode /v1 local, network, llama_cpp.server)",
+    )
+    parser.add_argument(
+        "--serving-requests", type=int, default=16, help="requests per serving level (at least one a client); 0 skips"
     )
     parser.add_argument("--burst", type=int, default=50, help="streamed /v1 requests at once; 0 skips")
     parser.add_argument(

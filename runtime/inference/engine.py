@@ -60,7 +60,11 @@ MAX_PARALLEL = 64
 MAX_SAVED_PREFIXES = 8
 MIN_SAVED_PREFIX = 32  # a sequence shorter than this is not worth a saved state
 SHUTDOWN_WAIT_S = 10.0
-WAKE_GAP_S = 0.002  # see _submit_generation
+# See _submit_generation: a fast engine's tokens reach trio in batches at most this far apart (the
+# first at once). 2 ms made a frame of about 2 tokens at 1,000 tok/s; the network side's work per
+# frame then slowed the engine itself (GIL and CPU): the tiny model's stream through the network
+# went from about 0.5 of direct to about 0.65-0.7 at 10 ms on a loaded 2-core machine.
+WAKE_GAP_S = 0.010
 MAX_CHOICES = 8
 MAX_EMBEDDING_TOKEN_ID_INPUTS = 256
 # What every LlamaModel serves (the capability record's model features).
@@ -349,6 +353,34 @@ class _Request:
     tools: ToolUse | None = None  # parse tool calls out of the reply
 
 
+class _TokenTexts:
+    """Per token, memoised: whether it ends a generation, and its text (with and without special
+    tokens' text). Each is a ctypes call that drops and retakes the GIL: on a busy trio thread a
+    retake waits up to the switch interval, several times a token, so the engine slowed to the
+    network side's pace. At most two entries a vocabulary token."""
+
+    def __init__(self, llama: Any) -> None:
+        self.llama = llama
+        self.vocab = llama._model.vocab
+        self._eog: dict[int, bool] = {}
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+
+    def is_eog(self, token: int) -> bool:
+        found = self._eog.get(token)
+        if found is None:
+            import llama_cpp
+
+            found = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return found
+
+    def piece(self, token: int, special: bool) -> bytes:
+        key = (token, special)
+        found = self._pieces.get(key)
+        if found is None:
+            found = self._pieces[key] = bytes(self.llama.detokenize([token], special=special))
+        return found
+
+
 class _Choice:
     """One choice's token loop, fed the logits of each step: sampling, grammar, stop strings, tool
     calls and logprobs, a chunk emitted per token. ``step`` returns the token to decode next, or
@@ -365,8 +397,10 @@ class _Choice:
         stops: list[str],
         cancel: threading.Event,
         emit: Callable[[Chunk], None],
+        texts: _TokenTexts | None = None,
     ) -> None:
         self.llama = llama
+        self.texts = texts or _TokenTexts(llama)
         self.request = request
         self.index = index
         self.picker = picker
@@ -389,12 +423,10 @@ class _Choice:
             if calls:
                 chunk["tool_calls"] = calls
         if pick is not None and pick.logprob is not None:
-            chunk["logprobs"] = [LlamaModel._logprob_entry(self.llama, pick)]
+            chunk["logprobs"] = [LlamaModel._logprob_entry(self.llama, pick, self.texts)]
         self.emit(chunk)
 
     def step(self, logits: Any) -> int | None:
-        import llama_cpp
-
         if self.cancel.is_set():
             self.finish = "cancelled"
             return None
@@ -404,7 +436,7 @@ class _Choice:
         token = pick.token
         if self.first is None:
             self.first = time.perf_counter()
-        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+        if self.texts.is_eog(token):
             self.finish = "stop"
             return None
         self.generated += 1
@@ -413,7 +445,7 @@ class _Choice:
             self.grammar.accept(token)
         # Under a grammar, a special token's text counts (the grammar matched it, and a template's
         # tool-call marker may be one); free text leaves special tokens out, as before.
-        piece = self.llama.detokenize([token], special=self.grammar is not None)
+        piece = self.texts.piece(token, self.grammar is not None)
         text, stopped = self.scanner.feed(self.decoder.decode(piece))
         self._send(text, 1, pick)
         if stopped:
@@ -678,7 +710,16 @@ class _Batcher:
                 )
                 parser = ToolCallParser(request.tools.forced) if request.tools is not None else None
                 seq.choice = _Choice(
-                    self.llama, request, seq.index, seq.picker, grammar, parser, seq.stops, seq.cancel, seq.emit
+                    self.llama,
+                    request,
+                    seq.index,
+                    seq.picker,
+                    grammar,
+                    parser,
+                    seq.stops,
+                    seq.cancel,
+                    seq.emit,
+                    self.model._texts,
                 )
             choice = seq.choice
             try:
@@ -893,6 +934,7 @@ class LlamaModel:
         self.parallel = parallel
         self.admission = FairAdmission(name, slots=parallel or 1, max_queue=max_queue)
         self._batcher: _Batcher | None = None
+        self._texts: _TokenTexts | None = None
         self._tickets: dict[int, int] = {}  # id(holder) -> its admission ticket
         self._worker: _Worker | None = None
         self._llama: Any = None
@@ -987,6 +1029,7 @@ class LlamaModel:
         self.chat_format = chat_format
         self.slots = TemplateSlots.of(chat_format, template if chat_format == "gguf-template" else None)
         self._llama = llama
+        self._texts = _TokenTexts(llama)
         self.admission.slots = chosen[0]
         if chosen[0] > 1:
             self._batcher = _Batcher(self, llama, chosen[0])
@@ -1507,7 +1550,7 @@ class LlamaModel:
     ) -> tuple[int, str, float | None]:
         """One choice; returns (tokens sampled, finish reason, perf_counter of its first token)."""
         n_vocab = logits.shape[0]
-        choice = _Choice(llama, request, index, picker, grammar, parser, stops, cancel, emit)
+        choice = _Choice(llama, request, index, picker, grammar, parser, stops, cancel, emit, self._texts)
         while (token := choice.step(logits)) is not None:
             llama.eval([token])
             logits = self._logits(llama, n_vocab)
@@ -1515,9 +1558,9 @@ class LlamaModel:
         return choice.generated, choice.finish, choice.first
 
     @staticmethod
-    def _logprob_entry(llama: Any, pick: Pick) -> dict[str, Any]:
+    def _logprob_entry(llama: Any, pick: Pick, texts: _TokenTexts | None = None) -> dict[str, Any]:
         def entry(token: int, logprob: float) -> dict[str, Any]:
-            raw = bytes(llama.detokenize([token], special=True))
+            raw = texts.piece(token, True) if texts is not None else bytes(llama.detokenize([token], special=True))
             return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
         assert pick.logprob is not None
