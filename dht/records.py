@@ -70,7 +70,11 @@ class Pricing(_Strict):
     price_per_unit: int = Field(
         ge=0, le=MAX_PRICE_PER_UNIT, description="in the smallest unit of the asset (wei for ETH), at most 10**30"
     )
-    asset: str = Field("ETH", pattern=r"^[A-Za-z0-9]{1,16}$")
+    asset: str = Field(
+        "ETH",
+        pattern=r"^([A-Za-z0-9]{1,16}|erc20:0x[0-9a-fA-F]{40})$",
+        description="what the price is paid in on `chain`: the coin's symbol, or erc20:<token address>",
+    )
     chain: str = Field("eip155:31337", pattern=r"^[a-z0-9]{3,8}:[A-Za-z0-9-]{1,32}$", description="CAIP-2 chain id")
     minimum_lock: int = Field(0, ge=0, le=UINT256_MAX, description="smallest escrow lock accepted, in the same unit")
 

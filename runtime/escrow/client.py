@@ -190,6 +190,24 @@ def asset_id(chain_id: int, token: str | None = None) -> str:
 _ASSET = re.compile(r"^eip155:([1-9][0-9]{0,19})/(?:slip44:60|erc20:(0x[0-9a-fA-F]{40}))$")
 
 
+NATIVE_ASSET = "ETH"  # what a capability record's price names for the chain's own coin
+_RECORD_TOKEN = re.compile(r"^erc20:(0x[0-9a-fA-F]{40})$")
+
+
+def record_asset(token: str | None = None) -> str:
+    """What a capability record's ``pricing.asset`` says for an escrow in ``token`` (the record's
+    ``pricing.chain`` names the chain): ``ETH`` for the native coin, ``erc20:<checksummed address>``."""
+    if token is None or int(token, 16) == 0:
+        return NATIVE_ASSET
+    return f"erc20:{to_checksum_address(token)}"
+
+
+def asset_token(asset: str) -> str | None:
+    """The ERC-20 address a record's ``pricing.asset`` names, or None for a coin symbol (``ETH``)."""
+    match = _RECORD_TOKEN.match(asset)
+    return to_checksum_address(match.group(1)) if match else None
+
+
 def parse_asset(asset: str) -> tuple[int, str | None]:
     """(chain id, token address or None for the native coin) of a CAIP-19 :func:`asset_id`; ValueError otherwise."""
     match = _ASSET.match(asset)

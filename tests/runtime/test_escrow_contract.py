@@ -370,3 +370,15 @@ def test_a_fee_on_transfer_token_and_coin_sent_with_a_token_lock_are_refused(emb
     )
     assert _reason(lambda: d.as_(payer)._transact(call, "lock_panel", 5)) == "bad_amount"
     assert token.balance_of(d.escrow.address) == 0
+
+
+def test_a_record_price_names_the_token_its_escrow_holds(embedded: Deployed) -> None:
+    from dht.records import Pricing
+    from runtime.escrow.client import asset_token, record_asset
+    from runtime.escrow.token import TokenClient
+
+    token = TokenClient.deploy(embedded.chain, embedded.accounts[8])
+    pricing = Pricing(unit="token", price_per_unit=5, asset=record_asset(token.address.lower()))
+    assert pricing.asset == f"erc20:{token.address}" and asset_token(pricing.asset) == token.address
+    assert Pricing(unit="token", price_per_unit=5).asset == record_asset() == "ETH"
+    assert asset_token("ETH") is None
