@@ -313,6 +313,16 @@ class RouterSection(_Section):
     consensus_similarity: float = Field(0.85, gt=0, le=1, description="cosine at which two answers agree")
 
 
+class VerifySection(_Section):
+    sample_rate: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="share of calls a consumer spot-checks when it holds the provider's GGUF file "
+        "(besides each provider's first call and every call after a failed check)",
+    )
+
+
 class AlertsSection(_Section):
     interval_s: float = Field(15.0, ge=0.05, le=3600.0, description="how often the daemon evaluates its alert rules")
     rules: str = Field(
@@ -337,6 +347,7 @@ class Config(_Section):
     market: MarketSection = Field(default_factory=MarketSection)  # type: ignore[arg-type]
     router: RouterSection = Field(default_factory=RouterSection)  # type: ignore[arg-type]
     sandbox: SandboxSection = Field(default_factory=SandboxSection)  # type: ignore[arg-type]
+    verify: VerifySection = Field(default_factory=VerifySection)  # type: ignore[arg-type]
     log: LogSection = Field(default_factory=LogSection)  # type: ignore[arg-type]
     alerts: AlertsSection = Field(default_factory=AlertsSection)  # type: ignore[arg-type]
     offers: list[Offer] = Field(default_factory=list, description="what this node sells ([[offers]] tables)")

@@ -441,6 +441,7 @@ class Node:
                         wake_settlement=self._wake_settlement,
                     )
                     self._market.verifying.local_model = self._model_by_sha256
+                    self._market.verifying.sample_rate = self.config.verify.sample_rate
                     await nursery.start(self.supervisor.run, "market", self._market.run)
                     self._router = Router(
                         self._market,

@@ -235,7 +235,7 @@ class Router:
     def rank(self, providers: list[ProviderResult]) -> list[ProviderResult]:
         """Healthy first, then not known busy, least loaded (our calls in flight against the capacity
         its record states: ``parallel`` + ``max_queue``), cheapest, fastest (EWMA, else the discovery
-        round trip)."""
+        round trip); never a provider that failed one of this node's verification checks."""
         now = self.clock()
 
         def key(provider: ProviderResult) -> tuple[int, int, float, int, float]:
@@ -245,7 +245,9 @@ class Router:
             busy = 1 if health.busy_until > now else 0
             return (0 if self.usable(provider.peer_id) else 1, busy, load, provider.price_per_unit, latency)
 
-        return sorted((p for p in providers if not p.is_self), key=key)
+        # Verified inference: a provider that failed one of this node's checks is never bought from again.
+        book = getattr(getattr(self.market, "verifying", None), "book", None)
+        return sorted((p for p in providers if not p.is_self and not (book and book.in_doubt(p.peer_id))), key=key)
 
     # -- answering --
 

@@ -21,6 +21,7 @@ def test_first_start_writes_commented_defaults_that_parse_to_the_defaults(tmp_pa
     sections.add("nat")
     sections.add("relay")
     sections.add("sandbox")
+    sections.add("verify")
     assert tomllib.loads(default_config_text()) == {section: {} for section in sections}
 
 

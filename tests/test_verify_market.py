@@ -13,6 +13,7 @@ import trio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from dht.discovery import DiscoveryQuery
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
@@ -61,4 +62,11 @@ async def test_a_substitute_model_is_caught_on_its_first_call_and_an_honest_one_
             assert result.units > 0 and "logprobs" not in result.chunks[0]  # asked none: sent none
         record = consumer.market.verifying.book.get(fair_id)
         assert record is not None and record.failed == 0 and record.passed >= 1
-        await trio.sleep(0)
+
+        # The router never buys from the caught provider again; the honest one stays in its ranking.
+        query = DiscoveryQuery(capability="model:tiny")
+        with trio.fail_after(30):
+            while {cheat_id, fair_id} - {p.peer_id for p in await consumer.discover(query)}:
+                await trio.sleep(0.2)
+        ranked = [p.peer_id for p in consumer.router.rank(await consumer.discover(query))]
+        assert fair_id in ranked and cheat_id not in ranked
