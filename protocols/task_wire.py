@@ -282,6 +282,9 @@ class VoteRequest(_Msg):
 
     type: Literal["vote"] = "vote"
     envelope: str = Field(max_length=MAX_ENVELOPE_B64)
+    # The member's signed record of its re-run (an EvidenceNotice, party = the member) and its output.
+    evidence: str | None = Field(None, max_length=MAX_ENVELOPE_B64)
+    attachment: str = Field("", max_length=(MAX_EVIDENCE_ATTACHMENT + 2) * 4 // 3 + 4, description="base64")
 
 
 class ModuleRequest(_Msg):

@@ -126,6 +126,11 @@ async def test_a_native_task_disputed_is_decided_by_two_of_three_panel_votes_on_
                 panel.members[2].peer: None,
             }
             assert node.tasks.view(task_id).panel_state == "decided"
+        # Each member's signed record of its re-run (or why it could not) is in both parties' ledgers.
+        for party in (creator, seller):
+            await wait_for(lambda p=party: len(p.tasks.view(task_id).evidence) == 3, 10, "records")  # type: ignore[misc]
+            pieces = {e.submitted_by: e.note for e in await party.ledger.list_evidence(task_id)}
+            assert set(pieces) == set(panel.peers) and "kind_not_accepted" in pieces[panel.members[2].peer]
         assert members[0].tasks.view(task_id).run_verdict == "rerun_matches"
         assert members[2].tasks.view(task_id).run_verdict == "kind_not_accepted"
         assert members[0].sandbox.stats.runs["native"] == 1

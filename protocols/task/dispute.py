@@ -100,6 +100,11 @@ class DisputeRole(TaskCore):
         request = w.EvidenceRequest(envelope=envelope, attachment=to_base64(attachment))
         other = award.bidder if self.peer_id == record.creator else record.creator
         self._spawn(self._push_quietly, other, request)
+        terms = self._terms_of(local)
+        if terms is not None and terms.panel is not None:  # every member of the panel judges it
+            for member in terms.panel.peers:
+                if member != record.arbiter:
+                    self._spawn(self._push_quietly, member, request)
         await self._push(record.arbiter, request, attempts=PUSH_ATTEMPTS)
         log.info("task %s: evidence %s sent to the arbiter", task_id[:12], notice.evidence_id[:12])
         return self._view(task_id)

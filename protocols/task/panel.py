@@ -28,7 +28,7 @@ import trio
 from protocols import task_wire as w
 from protocols.machines import task_panel as rules
 from protocols.machines.verdict import Refusal, enforce
-from protocols.task.base import TaskCore, TaskLocal, log
+from protocols.task.base import TaskCore, TaskLocal, checked_evidence, log
 from runtime.errors import ClawnodeError, ErrorCode
 from wire.signed import open_base64, seal, to_base64
 
@@ -110,7 +110,10 @@ class PanelRole(TaskCore):
         envelope = to_base64(seal(notice, self.key, domain=w.VOTE_DOMAIN, payload_type=w.VOTE_TYPE))
         local.votes[self.peer_id] = (notice, envelope)
         log.info("task %s: panel vote %s (%s)", task_id[:12], "abstain" if to_bidder is None else to_bidder, reason)
-        message = w.VoteRequest(envelope=envelope)
+        evidence, attachment = local.run_evidence or (None, b"")
+        message = w.VoteRequest(
+            envelope=envelope, evidence=evidence, attachment=to_base64(attachment) if attachment else ""
+        )
         for peer in {*panel.peers, record.creator, award.bidder} - {self.peer_id}:
             self._spawn(self._push_quietly, peer, message)
         await self._after_vote(task_id)
@@ -162,6 +165,13 @@ class PanelRole(TaskCore):
             local.votes[notice.voter] = (notice, message.envelope)
             self._wake(notice.task_id)
             self._spawn(self._after_vote, notice.task_id)
+        if message.evidence is not None and remote == notice.voter:  # the member's re-run record, in our ledger
+            piece, attachment = checked_evidence(message.evidence, message.attachment, remote)
+            if piece.task_id != notice.task_id:
+                raise ClawnodeError(
+                    ErrorCode.INVALID_ARGUMENT, "the evidence is about another task", "case_mixes_tasks"
+                )
+            await self._keep_run_evidence(piece, message.evidence, attachment)
 
     async def _after_vote(self, task_id: str) -> None:
         """A member holding ``m`` agreeing votes sends them on chain (staggered by its place among them)."""
