@@ -366,7 +366,16 @@ function sandboxRun(task) {
   if (!task.kind) return "";
   const limits = task.limits ? ` (fuel ≤ ${task.limits.fuel}, ${Math.round(task.limits.memory_bytes / 1048576)} MiB, ${task.limits.wall_s} s)` : "";
   const run = task.run ? `; ran: fuel ${task.run.fuel_used}, ${task.run.outcome}` : "";
-  return ` · ${task.kind}${limits}${run}`;
+  return ` · ${task.kind}${limits}${run}${panelVotes(task)}`;
+}
+
+// A task's arbiter panel: m of k, and each member's vote once the dispute reached it.
+function panelVotes(task) {
+  if (!task.panel) return "";
+  const votes = Object.entries(task.panel_votes || {}).map(([peer, split]) =>
+    `${peer.slice(-6)}: ${split === null ? "abstained" : split}`);
+  const state = task.panel_state && task.panel_state !== "open" ? ` ${task.panel_state}` : "";
+  return `; panel ${task.panel.threshold} of ${task.panel.members.length}${state}${votes.length ? ` (${votes.join(", ")})` : ""}`;
 }
 
 function renderTasks(tasks) {
