@@ -333,7 +333,7 @@ class Router:
                     raise
                 errors.append(error)
                 result.failovers += 1
-                log.info("provider %s failed (%s); trying the next", provider.peer_id[:16], error.code)
+                log.info("provider %s failed (%s %s); trying the next", provider.peer_id[:16], error.code, error.reason)
                 if delivery.chunks and not resumable:
                     raise ClawnodeError(
                         ErrorCode.UNAVAILABLE,

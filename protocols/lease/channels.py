@@ -92,6 +92,8 @@ class ChannelRole(LeaseCore):
                 with trio.move_on_after(CHANNEL_BUSY_WAIT_S):
                     while newest.channel_id in self._channel_drawn:
                         await trio.sleep(0.02)
+                found = await book.list(role="consumer", peer=provider, states=("channel_open",))
+                newest = found[0] if found else None  # read again: the lease before signed its last vouchers
             chain_now = await client.chain.run(client.chain.next_timestamp)
             view: ch.ChannelView | None = None
             if newest is not None:
