@@ -387,3 +387,38 @@ def test_the_dev_chain_refuses_a_request_nested_to_crash_it() -> None:
 
     reply = answer_rpc(None, b"[" * MAX_RPC_BODY)  # type: ignore[arg-type]  # refused before the chain is used
     assert reply["error"]["code"] == -32600 and "deep" in reply["error"]["message"]
+
+
+@needs_anvil
+async def test_a_running_node_fails_over_when_its_rpc_url_goes_down(anvil: tuple[str, Any], tmp_path: Path) -> None:
+    """escrow.fallback_rpc_urls at run time: the first URL (a relay to anvil) goes down; after the
+    node's rejoin delay its settlement service connects again through the fallback and works."""
+    from tests.runtime.support import Relay
+
+    url, _ = anvil
+    chain = await trio.to_thread.run_sync(Chain.rpc, url)
+    deployed = await trio.to_thread.run_sync(EscrowClient.deploy, chain, chain.dev_accounts()[0])
+    relay = Relay(int(url.rsplit(":", 1)[1]))
+    node = _rpc_node(tmp_path, relay.url, deployed.address, TEST_RULES)
+    node.config = node.config.model_copy(
+        update={"escrow": node.config.escrow.model_copy(update={"fallback_rpc_urls": [url]})}
+    )
+    node.rejoin_after_s = 1.0
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            with trio.fail_after(15):
+                while node.escrow_status.state != "connected":
+                    await trio.sleep(0.1)
+            first = node.escrow_client
+            relay.down()
+            with trio.fail_after(20):
+                while node.escrow_client is first or node.escrow_status.state != "connected":
+                    await trio.sleep(0.1)
+            client = node.escrow_client
+            assert client is not None
+            state = await client.chain.run(client.get, client.account.address, b"\x01" * 32)  # through the fallback
+            assert state.phase == "none"
+            nursery.cancel_scope.cancel()
+    finally:
+        relay.close()
