@@ -17,7 +17,8 @@ Measures, in one process:
 3. ``arbitration_s``: real nodes on the embedded chain (buyer, seller, arbiter): a ``wasm`` task
    published, awarded, run by the seller, rejected and disputed by the buyer; the time from the
    dispute call to the escrow closed on chain by the arbiter's re-execution (median of
-   ``--arbitrations``).
+   ``--arbitrations``). Printed beside it (not in the last line): the same for a ``native`` task
+   before a 2-of-3 panel, to the escrow closed by ``resolve_by_panel``.
 4. ``auto_resolved``: a mixed batch of ``--disputes`` disputed sandboxed tasks, kinds (``wasm``,
    ``native``) and faults drawn at random: an honest result rejected, a wrong output, a wrong fuel
    claim, an honest run that hit its limit, the module withheld by both parties, a task that asks
@@ -184,6 +185,63 @@ async def arbitration_times(count: int) -> list[float]:
                 await wait_for(partial(_closed, party, task_id), 30, "closed")
             verdict = arbiter.tasks.view(task_id).run_verdict
             say(f"arbitration {index + 1}/{count}: {times[-1]:.2f} s ({verdict}, {state.released} to the seller)")
+    return times
+
+
+async def panel_arbitration_times(count: int) -> list[float]:
+    """A ``native`` task disputed before a 2-of-3 panel (real nodes, the embedded chain): the time from
+    the dispute call to the escrow closed by ``resolve_by_panel``."""
+    import dataclasses
+
+    from protocols import task_wire as w
+    from protocols.gossip import task_topic
+    from tests.support.market import SharedChain, market_nodes, wait_for
+
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    times: list[float] = []
+    async with market_nodes([{}, {}, {}, {}, {}], chain=shared) as (nodes, _):
+        buyer, seller, *members = nodes
+        for node in (seller, *members):
+            node.sandbox.policy = dataclasses.replace(node.sandbox.policy, kinds=frozenset({"wasm", "native"}))
+        panel = w.PanelTerms(
+            members=[
+                w.PanelMember(peer=str(n.host.get_id()), wallet=n.escrow_client.account.address)  # type: ignore[union-attr]
+                for n in members
+            ],
+            threshold=2,
+        )
+        await seller.tasks.watch("model:native-bench")
+        topic = task_topic("model:native-bench")
+        await wait_for(lambda: seller.host.get_id() in buyer.announcements.pubsub.peer_topics.get(topic, ()), 30, "sub")
+        for index in range(count):
+            view = await buyer.tasks.publish_run(
+                "model:native-bench",
+                10**18,
+                120,
+                kind="native",
+                module=progs.UPPER,
+                input=f"dispute {index}".encode(),
+                limits=Limits(fuel=2000, memory_bytes=64 * 1024 * 1024, wall_s=5.0, output_bytes=4096, pids=8),
+                review_timeout_s=60,
+                panel=panel,
+            )
+            task_id = view.task_id
+            await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")  # noqa: B023
+            bid = await seller.tasks.bid(task_id, 10**17)
+            awarded = await buyer.tasks.award(task_id, bid.bid_id)
+            await wait_for(lambda: buyer.tasks.view(task_id).result_state == "result_submitted", 30, "result")  # noqa: B023
+            await buyer.tasks.review(task_id, False, "bench")
+            client = buyer.escrow_client
+            assert client is not None and awarded.escrow_id is not None
+            escrow_id = bytes.fromhex(awarded.escrow_id[2:])
+            started = time.perf_counter()
+            await buyer.tasks.dispute(task_id, "bench")
+            while (await client.chain.run(client.get, client.account.address, escrow_id)).phase != "closed":
+                await trio.sleep(0.02)
+            times.append(time.perf_counter() - started)
+            for party in (buyer, seller):
+                await wait_for(partial(_closed, party, task_id), 30, "closed")
+            say(f"panel arbitration {index + 1}/{count}: {times[-1]:.2f} s ({buyer.tasks.view(task_id).panel_votes})")
     return times
 
 
@@ -488,6 +546,12 @@ def main() -> None:
     arbitration = trio.run(arbitration_times, args.arbitrations)
     arbitration_s = statistics.median(arbitration)
     print(f"arbitration (dispute -> escrow closed by the re-run): {', '.join(f'{t:.2f}' for t in arbitration)} s")
+    if bwrap_available():
+        panel = trio.run(panel_arbitration_times, args.arbitrations)
+        print(
+            "panel arbitration (native, 2 of 3: dispute -> escrow closed by resolve_by_panel): "
+            f"{', '.join(f'{t:.2f}' for t in panel)} s"
+        )
 
     share, wrong, decided = mixed_batch(args.disputes, random.Random(args.seed))
     print(f"mixed batch of {args.disputes}: {share:.0%} decided without a person, {wrong} of them wrongly")
