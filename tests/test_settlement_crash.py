@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +29,17 @@ import trio
 from libp2p.peer.id import ID
 
 from node.daemon import Node
+from node.datadir import read_running
 from runtime.errors import ClawnodeError
 from runtime.escrow import EscrowClient
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.ledger import LedgerStore
+from tests.runtime.forkserver import ForkServer, fork_server
 from tests.runtime.support import AnvilEscrow, anvil_skip_reason, anvil_with_escrow, free_port
 from tests.support.market import market_config, wait_for
 from tests.support.processes import DaemonProcess, prepare_data_dir
 
+ROOT = Path(__file__).resolve().parents[1]
 _skip = anvil_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
@@ -49,7 +55,35 @@ def anvil() -> Iterator[AnvilEscrow]:
         yield chain
 
 
-def _provider(root: Path, anvil: AnvilEscrow, model: Path) -> DaemonProcess:
+@dataclass
+class ForkedDaemon(DaemonProcess):
+    """``clawnode start`` forked by a fork server that paid its imports once (tests/runtime/daemon_fork.py):
+    a process of its own, started on the same data dir and killed with SIGKILL as a fresh one would be."""
+
+    server: ForkServer | None = None
+    pid: int | None = None
+
+    def start(self, wait_s: float = 30.0) -> DaemonProcess:
+        assert self.server is not None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.pid = self.server.spawn(str(self.log_path), "start", "--data-dir", str(self.data_dir), *self.args)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            running = read_running(self.data_dir)
+            if running is not None and running.pid == self.pid:
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"clawnode did not start within {wait_s} s:\n{self.log()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.pid is not None and self.server is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.server.wait(self.pid)
+            self.pid = None
+
+
+def _provider(root: Path, anvil: AnvilEscrow, model: Path, server: ForkServer) -> ForkedDaemon:
     config = f"""
 [node]
 listen = ["/ip4/127.0.0.1/tcp/{free_port()}"]
@@ -72,7 +106,7 @@ price_per_unit = {PRICE}
 n_threads = 1
 """
     wallet_key = anvil.chain.dev_accounts()[1].key.hex()
-    return DaemonProcess(prepare_data_dir(root / "provider", wallet_key=wallet_key, config=config), [])
+    return ForkedDaemon(prepare_data_dir(root / "provider", wallet_key=wallet_key, config=config), [], server=server)
 
 
 def _check_provider_ledger(path: Path, consumer_receipts: dict[int, str], released: int) -> dict[str, int]:
@@ -102,9 +136,14 @@ def _check_provider_ledger(path: Path, consumer_receipts: dict[int, str], releas
 
 
 async def test_sigkill_during_metering_and_settlement_loses_nothing(anvil: AnvilEscrow, tmp_path: Path) -> None:
-    chain, escrow = anvil.chain, anvil.escrow
     model = await trio.to_thread.run_sync(write_tiny_llama_gguf, tmp_path / "tiny.gguf")
-    provider = _provider(tmp_path, anvil, model)
+    with fork_server("tests.runtime.daemon_fork", ROOT, tmp_path / "forkserver.err") as server:
+        provider = _provider(tmp_path, anvil, model, server)
+        await _sigkill_the_provider(anvil, provider)
+
+
+async def _sigkill_the_provider(anvil: AnvilEscrow, provider: ForkedDaemon) -> None:
+    chain, escrow = anvil.chain, anvil.escrow
     await trio.to_thread.run_sync(provider.start)
     rng = random.Random(5)
     consumer_account = chain.dev_accounts()[2]

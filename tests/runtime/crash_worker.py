@@ -1,6 +1,7 @@
 """A provider and a consumer settling a stream of receipts; tests/runtime/test_crash.py SIGKILLs it.
 
-Run: ``python -m tests.runtime.crash_worker DIR COUNT [RPC_URL CONTRACT ESCROW_ID]``. The stream is
+Run: ``python -m tests.runtime.crash_worker DIR COUNT [RPC_URL CONTRACT ESCROW_ID]``, or forked by
+``tests.runtime.forkserver`` (``run(args)``, what tests/runtime/test_crash.py does). The stream is
 deterministic (receipt i meters ``units(i)`` tokens), so a restarted worker replays it from the
 start: every step is idempotent or detected as already done, which is exactly what the test checks.
 With an RPC chain the provider also claims from escrow every few receipts. Prints ``ready`` once
@@ -78,7 +79,14 @@ async def main(directory: Path, count: int, rpc: tuple[str, str, str] | None) ->
     print("done", flush=True)
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
+def run(args: list[str]) -> None:
+    """The entry point the fork server calls (tests/runtime/forkserver.py): ``DIR COUNT [RPC CONTRACT ESCROW_ID]``."""
+    global escrow_id
     escrow_id = args[4] if len(args) == 5 else ""
     trio.run(main, Path(args[0]), int(args[1]), (args[2], args[3], args[4]) if len(args) == 5 else None)
+
+
+escrow_id = ""
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

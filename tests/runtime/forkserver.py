@@ -33,6 +33,8 @@ def serve(module_name: str) -> None:
             try:
                 print(f"pid {os.getpid()}", flush=True)
                 module.run(words[1:])
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
             except BaseException as error:  # noqa: BLE001 - reported as the exit code
                 print(f"error {type(error).__name__}: {error}", file=sys.stderr, flush=True)
                 code = 1
@@ -59,18 +61,26 @@ class ForkServer:
 
     def start(self, *args: str) -> int:
         """Fork a worker; returns its pid once it printed ``ready``."""
-        assert self.proc.stdin is not None
+        self.spawn(*args)
+        while True:
+            line = self._line()
+            if line == "ready":
+                return self._pid
+            if line.startswith("exit "):
+                raise AssertionError(f"the worker ended before it was ready: {line}")
+
+    def spawn(self, *args: str) -> int:
+        """Fork a worker; returns its pid at once (the worker says by other means when it is ready)."""
+        assert self.proc.stdin is not None and all(arg and arg.split() == [arg] for arg in args)
         self.proc.stdin.write(" ".join(("go", *args)) + "\n")
         self.proc.stdin.flush()
-        pid = 0
         while True:
             line = self._line()
             if line.startswith("pid "):
-                pid = int(line.split()[1])
-            elif line == "ready":
-                return pid
-            elif line.startswith("exit "):
-                raise AssertionError(f"the worker ended before it was ready: {line}")
+                self._pid = int(line.split()[1])
+                return self._pid
+            if line.startswith("exit "):
+                raise AssertionError(f"the worker ended before it started: {line}")
 
     def wait(self, pid: int) -> tuple[int, list[str]]:
         """The worker's exit code and the lines it printed after ``ready``."""

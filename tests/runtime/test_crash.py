@@ -12,8 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import subprocess
-import sys
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +22,12 @@ import pytest
 from runtime.escrow import Chain, EscrowClient
 from runtime.ledger import LedgerStore
 from tests.runtime import crash_worker as worker
+from tests.runtime.forkserver import fork_server
 from tests.runtime.support import anvil_process, anvil_skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLS = int(os.environ.get("CLAWNODE_CRASH_KILLS", "20"))
-COUNT = 1500  # enough work that 20 kills, 0–0.5 s apart, all land before the worker finishes (600 took 3.5 s)
+COUNT = 1500  # enough work that 20 kills, 0–0.3 s into each run, all land before the worker finishes (600 took 3.5 s)
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +38,6 @@ def chain_url() -> Iterator[str | None]:
         return
     with anvil_process() as url:
         yield url
-
-
-def _start(directory: Path, rpc: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.runtime.crash_worker", str(directory), str(COUNT), *rpc],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line.strip() != "ready":
-        proc.kill()
-        raise AssertionError(f"worker did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-    return proc
 
 
 def _prefix_sums() -> list[int]:
@@ -132,16 +116,19 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(tmp_path: Path, chai
         rpc = [chain_url, deployed.address, "0x" + escrow_id.hex()]
 
     kills = 0
-    for _ in range(KILLS):
-        proc = _start(tmp_path, rpc)
-        time.sleep(rng.uniform(0.0, 0.5))
-        finished = proc.poll() is not None
-        proc.kill()
-        proc.wait()
-        kills += not finished
-        _check(tmp_path, escrow, final=False)
-    proc = _start(tmp_path, rpc)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and out.strip().endswith("done"), err[-2000:]
+    args = (str(tmp_path), str(COUNT), *rpc)
+    # Each run is a process of its own, SIGKILLed for real; the fork server only pays the imports once.
+    with fork_server("tests.runtime.crash_worker", ROOT, tmp_path / "worker.err") as server:
+        for _ in range(KILLS):
+            pid = server.start(*args)
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(pid, signal.SIGKILL)
+            code, _lines = server.wait(pid)
+            assert code in (0, -signal.SIGKILL), (tmp_path / "worker.err").read_text()[-2000:]
+            kills += code == -signal.SIGKILL
+            _check(tmp_path, escrow, final=False)
+        pid = server.start(*args)
+        code, lines = server.wait(pid)
+        assert code == 0 and lines[-1:] == ["done"], (tmp_path / "worker.err").read_text()[-2000:]
     _check(tmp_path, escrow, final=True)
     assert kills >= KILLS * 0.9  # the kills landed while it was working, not after it finished
