@@ -310,7 +310,7 @@ def _rerun(
         rerun = arbiter.run_sync(kind, loaded, data, limits)
         reproducible = True
         if kind == "native" and rerun.output_sha256 != facts.claimed_sha256:  # as the arbiter: once more
-            again = arbiter.run_sync(kind, loaded, data, limits)
+            again = arbiter.run_sync(kind, loaded, data, limits, salt=b"second run")
             reproducible = (again.output_sha256, again.outcome, again.exit_code) == (
                 rerun.output_sha256,
                 rerun.outcome,

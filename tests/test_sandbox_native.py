@@ -165,6 +165,10 @@ def test_a_program_reading_randomness_gives_the_seller_and_an_arbiter_the_same_o
     )
     first, again, other = (box.run(reads, data, LIMITS).output for data in (b"a", b"a", b"b"))
     assert first == again and first != other and first.strip()
+    # An arbiter's second run reads another stream: a program whose output depends on it shows it.
+    assert box.run(reads, b"a", LIMITS, salt=b"second run").output != first
+    upper = box.load(progs.UPPER)
+    assert box.run(upper, b"a", LIMITS, salt=b"second run").output == box.run(upper, b"a", LIMITS).output == b"A"
     clock = box.load(b"#!/bin/sh\ndate +%s%N\n")
     assert box.run(clock, b"", LIMITS).output != box.run(clock, b"", LIMITS).output
 

@@ -12,9 +12,10 @@ re-execution (``arbitration = "rerun"``):
   the program failing (a trap, a limit) is still the program the buyer named, faithfully run;
 * otherwise -> everything back to the buyer (``output_differs`` / ``usage_differs``);
 * but a ``native`` program whose re-run differs from the claim is run a second time, and when the
-  arbiter's own two runs differ the program is not reproducible (it reads randomness, the clock, its
-  pid): re-execution proves nothing either way -> ``escalate`` (``not_reproducible``), so an honest
-  seller of a non-deterministic program is never refunded away by a re-run.
+  arbiter's own two runs (the second on another random stream) differ the program is not
+  reproducible (its output depends on randomness or the clock): re-execution proves nothing either
+  way -> ``escalate`` (``not_reproducible``), so an honest seller of a non-deterministic program is
+  never refunded away by a re-run.
 
 ``native`` runs are compared on output hash, size, outcome and exit code only: CPU time is not
 deterministic across machines.

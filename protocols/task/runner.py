@@ -186,9 +186,10 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
             module_size_ok=terms.module_size <= policy.max_module_bytes,
         )
 
-    async def _run_terms(self, terms: w.SandboxTerms, module: bytes) -> RunResult:
+    async def _run_terms(self, terms: w.SandboxTerms, module: bytes, salt: bytes = b"") -> RunResult:
         digest = await trio.to_thread.run_sync(self.sandbox.load, terms.kind, module, terms.module_sha256)
-        return await self.sandbox.run(terms.kind, digest, base64.b64decode(terms.input_b64), terms.limits)
+        data = base64.b64decode(terms.input_b64)
+        return await self.sandbox.run(terms.kind, digest, data, terms.limits, salt=salt)
 
     # -- the seller --
 
@@ -302,9 +303,10 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
                 try:
                     result = await self._run_terms(terms, module)
                     if terms.kind == "native" and result.output_sha256 != record.result.content_hash:
-                        # A differing native output may be the program's own doing (randomness, the
-                        # clock): a second run tells a non-deterministic program from a wrong result.
-                        again = await self._run_terms(terms, module)
+                        # A differing native output may be the program's own doing (the clock, or
+                        # randomness a seller on an older node did not seed): a second run, on another
+                        # random stream, tells a program whose output depends on them from a wrong result.
+                        again = await self._run_terms(terms, module, salt=b"second run")
                         reproducible = (again.output_sha256, again.outcome, again.exit_code) == (
                             result.output_sha256,
                             result.outcome,

@@ -39,6 +39,7 @@ a native run compares the output and how it ended, not the fuel (``protocols.mac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -162,10 +163,12 @@ def seccomp_filter() -> bytes | None:
     return b"".join(prog)
 
 
-def seeded_random(program: bytes, input: bytes) -> bytes:
+def seeded_random(program: bytes, input: bytes, salt: bytes = b"") -> bytes:
     """What the run reads as randomness: the same for every run of this program on this input (a seller's
-    and an arbiter's re-run), different for another program or input."""
-    seed = hashlib.sha256(b"clawnode-native-random\0" + hashlib.sha256(program).digest() + input).digest()
+    and an arbiter's re-run), different for another program, input or ``salt``."""
+    seed = hashlib.sha256(
+        b"clawnode-native-random\0" + hashlib.sha256(program).digest() + hashlib.sha256(salt).digest() + input
+    ).digest()
     return hashlib.shake_256(seed).digest(RANDOM_BYTES)
 
 
@@ -231,11 +234,14 @@ class NativeSandbox:
                 self._programs.popitem(last=False)
         return digest
 
-    async def run_async(self, sha256: str, input: bytes, limits: Limits) -> RunResult:
-        return await trio.to_thread.run_sync(self.run, sha256, input, limits, limiter=self._limiter)
+    async def run_async(self, sha256: str, input: bytes, limits: Limits, salt: bytes = b"") -> RunResult:
+        return await trio.to_thread.run_sync(
+            functools.partial(self.run, sha256, input, limits, salt=salt), limiter=self._limiter
+        )
 
-    def run(self, sha256: str, input: bytes, limits: Limits) -> RunResult:
-        """Run a loaded program on ``input`` under ``limits`` in bubblewrap. Blocks: a worker thread's job."""
+    def run(self, sha256: str, input: bytes, limits: Limits, *, salt: bytes = b"") -> RunResult:
+        """Run a loaded program on ``input`` under ``limits`` in bubblewrap. Blocks: a worker thread's job.
+        ``salt`` changes the run's random stream (an arbiter's second run: does the output depend on it?)."""
         try:
             check_run(limits, self.cap, input)
             if not bwrap_available():
@@ -252,7 +258,7 @@ class NativeSandbox:
         self.stats.ran(KIND)
         scratch = Path(tempfile.mkdtemp(prefix="clawnode-native-"))
         try:
-            return self._run_in(scratch, program, input, limits)
+            return self._run_in(scratch, program, input, limits, salt)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -305,13 +311,13 @@ class NativeSandbox:
             argv += ["--seccomp", str(seccomp_fd)]
         return [*argv, "--", "/task/program"]
 
-    def _run_in(self, scratch: Path, program: bytes, input: bytes, limits: Limits) -> RunResult:
+    def _run_in(self, scratch: Path, program: bytes, input: bytes, limits: Limits, salt: bytes) -> RunResult:
         os.chmod(scratch, 0o755)
         (scratch / "program").write_bytes(program)
         os.chmod(scratch / "program", 0o555)
         (scratch / "input").write_bytes(input)
         os.chmod(scratch / "input", 0o444)
-        (scratch / "random").write_bytes(seeded_random(program, input))
+        (scratch / "random").write_bytes(seeded_random(program, input, salt))
         os.chmod(scratch / "random", 0o444)
         as_root = os.geteuid() == 0
         uid = NOBODY if as_root else os.geteuid()

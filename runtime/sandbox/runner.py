@@ -67,9 +67,16 @@ class Sandboxes:
     def load(self, kind: str, module: bytes, sha256: str | None = None) -> str:
         return self._runner(kind).load(module, sha256)
 
-    async def run(self, kind: str, sha256: str, input: bytes, limits: Limits) -> RunResult:
-        return await self._runner(kind).run_async(sha256, input, limits)
+    async def run(self, kind: str, sha256: str, input: bytes, limits: Limits, *, salt: bytes = b"") -> RunResult:
+        """Run a loaded module; ``salt`` changes a ``native`` run's random stream (``wasm`` reads none)."""
+        runner = self._runner(kind)
+        if isinstance(runner, NativeSandbox):
+            return await runner.run_async(sha256, input, limits, salt)
+        return await runner.run_async(sha256, input, limits)
 
-    def run_sync(self, kind: str, sha256: str, input: bytes, limits: Limits) -> RunResult:
+    def run_sync(self, kind: str, sha256: str, input: bytes, limits: Limits, *, salt: bytes = b"") -> RunResult:
         """:meth:`run` in the calling thread (a bench, a worker thread): never on the trio loop."""
-        return self._runner(kind).run(sha256, input, limits)
+        runner = self._runner(kind)
+        if isinstance(runner, NativeSandbox):
+            return runner.run(sha256, input, limits, salt=salt)
+        return runner.run(sha256, input, limits)
