@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,6 +11,8 @@ from runtime.sandbox.limits import Limits, RunResult, SandboxReason, refuse
 from runtime.sandbox.native import NativeSandbox
 from runtime.sandbox.stats import SandboxStats
 from runtime.sandbox.wasm import MAX_MODULE_BYTES, WasmSandbox
+
+log = logging.getLogger("runtime.sandbox")
 
 Kind = Literal["wasm", "native"]
 KINDS: tuple[Kind, ...] = ("wasm", "native")
@@ -55,6 +58,10 @@ class Sandboxes:
                     stats=self.stats,
                     concurrency=self.policy.concurrency,
                 )
+                if self._native.cgroup_mode == "cgroup_v1":
+                    log.info("native runs: a cgroup of their own each (memory, pids, cpu) and rlimits")
+                else:
+                    log.info("native runs: rlimits only, no per-run cgroup (%s)", self._native.cgroup_mode)
             return self._native
         raise refuse(ErrorCode.FORBIDDEN, SandboxReason.KIND_NOT_ACCEPTED, "no sandbox runs that kind")
 
