@@ -6,12 +6,17 @@ from the listen port, whose listener carries ``SO_REUSEPORT``). This module deci
 and keeps count of what happened:
 
 - py-libp2p's own trigger (a loop on both sides that punches every relayed peer every 2 s) is
-  switched off: both sides starting sessions at once made them race each other. Here the node that
-  dialed *through* a relay starts the exchange right after the circuit is up (``RelayService``
-  tells us), so exactly one side drives; the other answers in py-libp2p's stream handler.
-- Each attempt ends as ``direct`` (a verified direct connection, how long it took) or ``failed``
-  (symmetric NATs and loss: the relayed connection stays and keeps working). ``summary()`` feeds
-  ``clawnode status``, the dashboard and ``/metrics``.
+  switched off: both sides starting sessions at once made them race each other. As the DCUtR spec
+  says, the peer that *received* the relayed connection (B, the private one behind its relay)
+  starts the exchange as soon as the circuit is up (a notifee sees the inbound relayed
+  connection); the peer that dialed through the relay (A) answers in py-libp2p's stream handler.
+  So a js-libp2p or go-libp2p peer that reaches a private clawnode node through a relay gets a
+  direct connection (they only answer as A). A still starts the exchange itself when nothing came
+  from B within ``ANSWER_WAIT_S`` of its dial (a peer that never starts, e.g. a clawnode before
+  this change, which punched only as A).
+- Each attempt, whichever side started it, ends as ``direct`` (a verified direct connection, how
+  long it took) or ``failed`` (symmetric NATs and loss: the relayed connection stays and keeps
+  working). ``summary()`` feeds ``clawnode status``, the dashboard and ``/metrics``.
 - New streams prefer a direct connection over a relayed one (py-libp2p's "best" connection
   choice), so calls move to the punched path as soon as it exists; DCUtR closes the relayed
   connection after a grace period.
@@ -24,17 +29,18 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from nat.notifee import QuietNotifee
 from nat.relay import is_circuit
 from runtime.telemetry import LatencyHistogram
 
@@ -48,6 +54,9 @@ ConnectionPath = Literal["direct", "relayed"]
 
 
 PunchSource = tuple[str, int]
+# A, having dialed B through a relay, waits this long for B to start the exchange (the spec's
+# order) before starting it itself.
+ANSWER_WAIT_S = 3.0
 
 
 def _is_loopback(ip: str) -> bool:
@@ -123,7 +132,27 @@ def tcp_listeners(host: IHost) -> list[PunchSource]:
 class _OneSidedDCUtR(DCUtRProtocol):
     """py-libp2p's DCUtR without its periodic trigger (see the module docstring) and without its
     plain direct dial first: we punch only peers whose record says they are private, where that
-    dial just waits out its timeout (5 s) before the exchange starts."""
+    dial just waits out its timeout (5 s) before the exchange starts. Exchanges a peer starts with
+    us are told to ``on_answer`` (started) and ``on_answered`` (done: whether it ended direct)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.on_answer: Callable[[ID], None] = lambda peer_id: None
+        self.on_answered: Callable[[ID, bool, float], None] = lambda peer_id, ok, seconds: None
+
+    async def _handle_dcutr_stream(self, stream: INetStream) -> None:
+        peer_id = stream.muxed_conn.peer_id
+        if await self._have_direct_connection(peer_id):
+            await super()._handle_dcutr_stream(stream)  # closes it: nothing to punch
+            return
+        self.on_answer(peer_id)
+        started = time.monotonic()
+        ok = False
+        try:
+            await super()._handle_dcutr_stream(stream)
+            ok = await self._have_direct_connection(peer_id)
+        finally:
+            self.on_answered(peer_id, ok, time.monotonic() - started)
 
     async def _auto_drive_loop(self) -> None:
         return None
@@ -192,6 +221,11 @@ class HolePunchService:
     _recent: deque[Attempt] = field(init=False)
     _punched: set[str] = field(default_factory=set)
     _running: set[str] = field(default_factory=set)
+    # exchanges we started (B, or A after ANSWER_WAIT_S) and exchanges a peer started with us
+    initiated: int = 0
+    answered: int = 0
+    _answering_now: set[str] = field(default_factory=set)  # exchanges a peer started with us, ongoing
+    _answers_done: set[str] = field(default_factory=set)  # ended while our relayed_dial waited for one
     _nursery: trio.Nursery | None = None
     _protocol: DCUtRProtocol | None = None
 
@@ -202,25 +236,58 @@ class HolePunchService:
         if not self.settings.enabled:
             task_status.started(self)
             await trio.sleep_forever()
-        self._protocol = _OneSidedDCUtR(self.host, dial_timeout=self.settings.dial_timeout_s)
-        async with background_trio_service(self._protocol), trio.open_nursery() as nursery:
-            await self._protocol.event_started.wait()
+        protocol = _OneSidedDCUtR(self.host, dial_timeout=self.settings.dial_timeout_s)
+        protocol.on_answer = self._answering
+        protocol.on_answered = self._answered
+        self._protocol = protocol
+        watch = _InboundRelayed(self)
+        network = self.host.get_network()
+        async with background_trio_service(protocol), trio.open_nursery() as nursery:
+            await protocol.event_started.wait()
             self._nursery = nursery
+            network.register_notifee(watch)
             task_status.started(self)
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                remove = getattr(network, "remove_notifee", None)
+                if remove is not None:
+                    remove(watch)
 
     def relayed_dial(self, peer_id: ID) -> None:
-        """A circuit to ``peer_id`` was just dialed by us: punch in the background."""
+        """A circuit to ``peer_id`` was just dialed by us (we are A): B starts the exchange; if it has
+        not within ``ANSWER_WAIT_S`` (and we are not direct by then), we start it."""
+        key = str(peer_id)
+        if self._nursery is None or self._protocol is None or key in self._running:
+            return
+        self._running.add(key)
+        self._nursery.start_soon(self._punch_unless_started, peer_id)
+
+    def inbound_relayed(self, peer_id: ID) -> None:
+        """``peer_id`` reached us through a relay (we are B): start the exchange now (the spec's order)."""
         key = str(peer_id)
         if self._nursery is None or self._protocol is None or key in self._running:
             return
         self._running.add(key)
         self._nursery.start_soon(self._punch, peer_id)
 
+    async def _punch_unless_started(self, peer_id: ID) -> None:
+        key = str(peer_id)
+        with trio.move_on_after(ANSWER_WAIT_S):
+            while key not in self._answering_now and key not in self._answers_done:
+                await trio.sleep(0.05)
+        if key in self._answering_now or key in self._answers_done or self.path_to(peer_id) != "relayed":
+            self._running.discard(key)  # B drives it (or we are direct, or gone): its outcome is counted
+            self._answers_done.discard(key)
+            return
+        log.debug("hole punch: %s did not start the exchange within %.0f s, starting it", peer_id, ANSWER_WAIT_S)
+        await self._punch(peer_id)
+
     async def _punch(self, peer_id: ID) -> None:
         assert self._protocol is not None
         key = str(peer_id)
         started = time.monotonic()
+        self.initiated += 1
         try:
             ok = await self._protocol.initiate_hole_punch(peer_id)
         except Exception as error:  # noqa: BLE001 - a failed punch leaves the relayed path working
@@ -228,14 +295,27 @@ class HolePunchService:
             ok = False
         finally:
             self._running.discard(key)
+        self._count(key, ok, time.monotonic() - started)
+
+    def _answering(self, peer_id: ID) -> None:
+        self.answered += 1
+        self._answering_now.add(str(peer_id))
+
+    def _answered(self, peer_id: ID, ok: bool, seconds: float) -> None:
+        key = str(peer_id)
+        self._answering_now.discard(key)
+        if key in self._running:  # our own wait for it (relayed_dial) is told it came
+            self._answers_done.add(key)
+        self._count(key, ok, seconds)
+
+    def _count(self, key: str, ok: bool, seconds: float) -> None:
         outcome: Outcome = "direct" if ok else "failed"
-        seconds = time.monotonic() - started
         self.counts[outcome] += 1
         self._recent.append(Attempt(key, outcome, round(seconds, 3), time.time()))
         if ok:
             self._punched.add(key)
             self.direct_after_s.observe(seconds)
-        log.info("hole punch to %s: %s after %.2f s", peer_id, outcome, seconds)
+        log.info("hole punch to %s: %s after %.2f s", key, outcome, seconds)
 
     def _direct_addrs(self, peer_id: ID) -> list[str] | None:
         """The addresses of our direct connection to ``peer_id``: [] when relayed only, None when not connected."""
@@ -281,8 +361,33 @@ class HolePunchService:
             "enabled": self.settings.enabled,
             "direct": self.counts["direct"],
             "failed": self.counts["failed"],
-            "in_progress": len(self._running),
+            "in_progress": len(self._running | self._answering_now),
             "recent": [
                 {"outcome": a.outcome, "seconds": a.seconds, "finished_at": a.finished_at} for a in self._recent
             ],
         }
+
+
+def _relayed_inbound(conn: INetConn) -> bool:
+    """Whether ``conn`` came in through a relay: a circuit, and the remote side opened it."""
+    try:
+        if not any(is_circuit(addr) for addr in conn.get_transport_addresses()):
+            return False
+    except Exception:  # noqa: BLE001 - a connection closing meanwhile
+        return False
+    muxed = getattr(conn, "muxed_conn", None)
+    initiator = getattr(muxed, "is_initiator_value", None)
+    if initiator is None:
+        initiator = getattr(getattr(muxed, "secured_conn", None), "is_initiator", None)
+    return initiator is False
+
+
+class _InboundRelayed(QuietNotifee):
+    """Tells the hole-punch service of each relayed connection a peer opened to us."""
+
+    def __init__(self, service: HolePunchService) -> None:
+        self._service = service
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        if _relayed_inbound(conn):
+            self._service.inbound_relayed(conn.muxed_conn.peer_id)

@@ -343,3 +343,49 @@ async def test_js_provides_py_finds(connected: Nodes) -> None:
     assert [p.peer_id for p in providers] == [connected.js.peer_id]
     js_tcp = {addr.split("/p2p/")[0] for addr in connected.js.addrs}
     assert js_tcp & {str(addr) for addr in providers[0].addrs}
+
+
+@pytest.mark.trio
+async def test_js_reaches_a_private_py_node_through_a_relay_and_py_punches_to_direct() -> None:
+    """DCUtR as the spec orders it: js (A) dials a private clawnode node (B) through a clawnode
+    relay; B, which received the relayed connection, starts the exchange (CONNECT, SYNC) and the
+    connection becomes direct. Before, only the clawnode side that dialed through a relay punched,
+    and js only answers as A: 0 attempts. (js dials public addresses only; on loopback the test
+    peer lets it dial ours, see peer.mjs.)"""
+    from nat.holepunch import HolePunchService, HolePunchSettings
+    from nat.relay import RelayService, RelaySettings
+
+    loopback = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    process, js = await _start_js_peer()
+    try:
+        relay_host = build_host(generate_new_ed25519_identity())
+        private = build_host(generate_new_ed25519_identity())
+        async with relay_host.run(loopback), private.run(loopback), trio.open_nursery() as nursery:
+            await nursery.start(RelayService(relay_host, RelaySettings(), serve_hop=True).run)
+            relay_addr = str(relay_host.get_addrs()[0])
+            settings = RelaySettings(static_relays=(relay_addr,), min_relays=1)
+            relay = RelayService(private, settings, serve_hop=False, wants_reservations=lambda: True)
+            await nursery.start(relay.run)
+            punch = await nursery.start(HolePunchService(private, HolePunchSettings()).run)
+            with trio.fail_after(STEP_TIMEOUT):
+                while not relay.relayed_addrs():
+                    await trio.sleep(0.05)
+            circuit = f"{relay.relayed_addrs()[0]}/p2p/{private.get_id()}"
+            assert (await js.request("dial", addr=circuit))["peer_id"] == str(private.get_id())
+
+            with trio.fail_after(STEP_TIMEOUT * 2):
+                while punch.counts["direct"] < 1:
+                    await trio.sleep(0.05)
+            assert punch.initiated >= 1  # B started it, as the spec says
+            assert punch.path_to(js.peer_id) == "direct"
+            seen = (await js.request("connections", peer_id=str(private.get_id())))["connections"]
+            direct = [c for c in seen if "/p2p-circuit" not in c["remote_addr"] and not c["limited"]]
+            assert direct, seen  # js holds a direct, unlimited connection to the private node
+            # and it carries traffic: a ping from js goes over it
+            assert (await js.request("ping", peer_id=str(private.get_id())))["rtt_ms"] >= 0
+            with trio.move_on_after(2) as cleanup, contextlib.suppress(JsPeerError):
+                cleanup.shield = True
+                await js.request("exit")
+            nursery.cancel_scope.cancel()
+    finally:
+        await _stop_process(process)

@@ -161,6 +161,11 @@ async def test_a_relayed_connection_is_upgraded_by_hole_punching(tmp_path: Path)
                 await trio.sleep(0.1)
         entry = next(p for p in consumer.peers().peers if p.peer_id == str(private_id))
         assert entry.connection == "direct" and entry.hole_punched
+        # As the DCUtR spec says: the private node, which received the relayed connection, started
+        # the exchange; the consumer, which dialed through the relay, answered (a js-libp2p dialer
+        # only answers).
+        assert private.holepunch is not None and private.holepunch.initiated >= 1
+        assert consumer.holepunch.answered >= 1 and consumer.holepunch.initiated == 0
         # New streams take the direct connection.
         sealed, _rtt = await fetch_sealed_record(consumer.host, private_id)
         assert verify_record(sealed, now=time.time()).peer_id == str(private_id)

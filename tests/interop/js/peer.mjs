@@ -1,7 +1,8 @@
 // A js-libp2p peer for tests/test_interop_js.py, driven over stdin/stdout.
 //
-// Listens on /ip4/127.0.0.1/tcp/0 with TCP + Noise + Yamux, identify, ping and
-// a Kademlia DHT in server mode on clawnode's protocol id. Records under the
+// Listens on /ip4/127.0.0.1/tcp/0 with TCP + Noise + Yamux, identify, ping, the
+// circuit relay v2 transport (dials /p2p-circuit addresses), DCUtR and a
+// Kademlia DHT in server mode on clawnode's protocol id. Records under the
 // /clawtest/ namespace are accepted as they are.
 //
 // Protocol: one JSON object per line. The first line written is
@@ -17,12 +18,15 @@
 //   provide {cid}               -> {sent_to: [peer ids the ADD_PROVIDER was sent to]}
 //   find_providers {cid}        -> {providers: [{from, peer_id, addrs}]}  every GET_PROVIDERS answer, ours included
 //   routing_table               -> {peers: [peer ids in the DHT routing table]}
+//   connections {peer_id}       -> {connections: [{remote_addr, direction, limited}]}
 //   exit                        -> {} then the process ends
 // Keys and values are UTF-8 text. Closing stdin also ends the process.
 
 import { createInterface } from 'node:readline'
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
+import { circuitRelayTransport } from '@libp2p/circuit-relay-v2'
+import { dcutr } from '@libp2p/dcutr'
 import { identify } from '@libp2p/identify'
 import { kadDHT } from '@libp2p/kad-dht'
 import { peerIdFromString } from '@libp2p/peer-id'
@@ -49,11 +53,12 @@ const untext = new TextDecoder()
 
 const node = await createLibp2p({
   addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
-  transports: [tcp()],
+  transports: [tcp(), circuitRelayTransport()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   services: {
     identify: identify(),
+    dcutr: dcutr(),
     // kad-dht pings each new contact with this same service; the default limit
     // of one outbound ping stream makes a test's ping right after a dial fail.
     ping: ping({ maxOutboundStreams: 4 }),
@@ -67,6 +72,20 @@ const node = await createLibp2p({
     })
   }
 })
+
+// DCUtR dials only public addresses; on loopback every address is private to js,
+// so this test peer takes any direct TCP address a CONNECT names (the wire
+// exchange, roles and timing are js-libp2p's own).
+node.services.dcutr.getDialableMultiaddrs = (addrs) => {
+  const found = []
+  for (const addr of addrs) {
+    try {
+      const ma = multiaddr(addr)
+      if (!ma.toString().includes('/p2p-circuit') && ma.toString().includes('/tcp/')) found.push(ma)
+    } catch {}
+  }
+  return found
+}
 
 function send (obj) {
   process.stdout.write(JSON.stringify(obj) + '\n')
@@ -158,6 +177,16 @@ const commands = {
     // Internal API: the DHT's k-buckets, to wait until the peers know each other.
     const kb = node.services.dht.routingTable.kb
     return { peers: kb == null ? [] : [...kb.toIterable()].map((peer) => peer.peerId.toString()) }
+  },
+
+  async connections ({ peer_id: peerId }) {
+    return {
+      connections: node.getConnections(peerIdFromString(peerId)).map((connection) => ({
+        remote_addr: connection.remoteAddr.toString(),
+        direction: connection.direction,
+        limited: connection.limits != null
+      }))
+    }
   },
 
   async exit () {
