@@ -1,7 +1,7 @@
 """The NAT matrix with real daemons: CI's short matrix and the rules it is judged by.
 
 The namespace tests need Linux, root, `ip`, `nft` and Debian's `miniupnpd` (skipped otherwise, with
-the reason). One topology, 5 public daemons and 8 home daemons (4 pairs at once), ~2-3 minutes.
+the reason). One topology, 5 public daemons and 6 home daemons (the 3 short cases at once).
 Every home daemon runs the shipped defaults (0.0.0.0, default AutoNAT and relay settings).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from nat.harness.netns import NatType, netns_list
+from nat.harness.netns import CARRIER_WAN_BASE, NatType, netns_list
 from node import natmatrix
 
 _MISSING = natmatrix.requirements_problem(natmatrix.SHORT_CASES)
@@ -46,7 +46,8 @@ def _explain(result: natmatrix.Result, index: int) -> str:
 def test_short_matrix_follows_what_the_nats_allow() -> None:
     before = set(netns_list())
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    results = natmatrix.run_matrix(natmatrix.SHORT_CASES, repetitions=1, keep_logs=ARTIFACTS)
+    # The home nodes start as soon as the public nodes listen (the bench waits for their verdicts).
+    results = natmatrix.run_matrix(natmatrix.SHORT_CASES, keep_logs=ARTIFACTS, server_verdicts=False)
     by_case = {r.case: r for r in results}
     index = {case.label: i for i, case in enumerate(natmatrix.SHORT_CASES)}
     failed = [_explain(r, index[r.case]) for r in results if not r.ok]
@@ -70,12 +71,6 @@ def test_short_matrix_follows_what_the_nats_allow() -> None:
         assert result.error == "" and result.ok, result
         assert result.seconds_start_to_data is not None  # reported by the bench (no timed assertion)
 
-    punched = by_case["full-cone x port-restricted"]
-    # Direct: punched, or B's dial during the punch got through A's full-cone NAT first.
-    assert natmatrix.path_as_allowed(punched.path, "hole-punch") and punched.path != "relay", punched
-    assert punched.relay_reservations_b >= 2  # a private node holds reservations on two relays
-    if punched.path == "hole-punch":
-        assert punched.seconds_to_direct is not None and punched.seconds_to_direct < 15
     relayed = by_case["symmetric x symmetric"]
     assert relayed.path == "relay", relayed  # no direct path exists: the relay carries it
     assert relayed.relay_reservations_b >= 2
@@ -90,8 +85,12 @@ def test_short_matrix_follows_what_the_nats_allow() -> None:
     double = by_case["full-cone x cgn-port-restricted +upnp"]
     assert double.upnp_b == "mapped" and double.double_nat_b is True, double
     assert double.double_nat_reason_b == "mapping_unreachable", double
-    assert double.router_b_ip.startswith("203.0.113.1"), double  # the carrier's address
-    assert double.path in ("hole-punch", "direct"), double
+    assert int(double.router_b_ip.rsplit(".", 1)[1]) > CARRIER_WAN_BASE, double  # the carrier's address
+    # Direct: punched, or B's dial during the punch got through A's full-cone NAT first.
+    assert natmatrix.path_as_allowed(double.path, "hole-punch") and double.path != "relay", double
+    assert double.relay_reservations_b >= 2  # a private node holds reservations on two relays
+    if double.path == "hole-punch":
+        assert double.seconds_to_direct is not None and double.seconds_to_direct < 15
 
     summary = natmatrix.summarize(results)
     assert summary["direct_rate"] == 1.0 and summary["relay_fallback_rate"] == 1.0
