@@ -23,7 +23,7 @@ PROMPT = "the quick brown fox jumps over the lazy dog again"  # 10 words
 CHANNEL_MARKET = MarketSection(  # type: ignore[call-arg]
     receipt_every_units=10,
     receipt_every_s=2,
-    channel_leases_per_lock=4,
+    channel_leases_per_lock=1,  # each lease after the first finds the channel short: it is topped up
     channel_duration_s=600,
     channel_idle_close_s=3600,
     channel_claim_idle_s=1,
@@ -77,12 +77,15 @@ async def test_leases_between_one_pair_draw_on_one_channel() -> None:
         assert len(channels) == 1, "every lease drew on the one channel"
         channel = channels[0]
         assert channel.leases == 3 and channel.committed == 60 * WORD_PRICE
+        # 50 words locked; the second lease found 40 free and the third 30: each topped it up to its budget.
+        assert consumer.market.channel_top_ups == 2
+        locked = budget + 10 * WORD_PRICE + 20 * WORD_PRICE
         escrow_id = bytes.fromhex(channel.channel_id[2:])
-        # One lock on chain for three leases: the consumer's lock journal has one row.
+        # One lock on chain for three leases (and two top-ups): the consumer's lock journal has one row.
         locks = consumer.ledger.store._conn.execute("SELECT escrow_id FROM escrow_locks").fetchall()
         assert locks == [(channel.channel_id,)]
         state = await client.chain.run(client.get, client.account.address, escrow_id)
-        assert state.amount == 4 * budget and state.phase == "active"
+        assert state.amount == locked == channel.amount and state.phase == "active"
 
         # The provider closes the idle channel: its highest voucher (60 words), once, for all three leases.
         await _wait_settled(provider)
@@ -90,10 +93,10 @@ async def test_leases_between_one_pair_draw_on_one_channel() -> None:
         assert len(claims) == 1 and claims[0].amount == 60 * WORD_PRICE and claims[0].lease_id is None
         state = await client.chain.run(client.get, client.account.address, escrow_id)
         assert state.released == 60 * WORD_PRICE
-        if state.phase == "active":  # a contract without settle: the rest comes back after deadline + window
-            now = await client.chain.run(client.chain.now)
-            await client.chain.run(client.chain.time_travel, state.deadline + state.window + 2 - now)
+        assert state.phase == "closed", "one settle paid the provider and gave the rest back at once"
         await _wait_settled(consumer)
+        [refund_row] = [s for s in await consumer.ledger.list_settlements() if s.kind == "refund"]
+        assert refund_row.tx_hash is None, "the consumer's refund found the channel closed: no transaction"
         after = await client.chain.run(client.get, client.account.address, escrow_id)
         assert after.phase == "closed"
 
@@ -103,9 +106,9 @@ async def test_leases_between_one_pair_draw_on_one_channel() -> None:
         credit = await client.chain.run(provider.escrow_client.credit_of, provider.escrow_client.account.address)
         assert credit == sum(income.values())
         refund = await client.chain.run(client.credit_of, client.account.address)
-        assert refund == 4 * budget - 60 * WORD_PRICE
+        assert refund == locked - 60 * WORD_PRICE
         closed = await consumer.market.channels.get(channel.channel_id)
-        assert closed.state == "channel_closed" and closed.refunded == 4 * budget - 60 * WORD_PRICE
+        assert closed.state == "channel_closed" and closed.refunded == locked - 60 * WORD_PRICE
         for lease_id in leases:
             assert (await consumer.ledger.get_lease(lease_id)).state == "lease_settled"
             assert (await provider.ledger.get_lease(lease_id)).settled_amount == income[lease_id]
