@@ -229,7 +229,11 @@ class _Worker:
                 try:
                     job = self._jobs.get_nowait()
                 except queue.Empty:
-                    background.step()
+                    try:
+                        background.step()
+                    except Exception as error:  # the thread must live on: fail the batch instead
+                        log.exception("a decode step failed")
+                        background.fail_all(ClawnodeError(ErrorCode.INTERNAL, f"generation failed: {error}"))
                     continue
             else:
                 job = self._jobs.get()
@@ -535,6 +539,18 @@ class _Batcher:
 
     def add(self, seq: _Sequence) -> None:
         self.joining.append(seq)
+
+    def fail_all(self, error: ClawnodeError) -> None:
+        """End every sequence with ``error`` and forget what their slots held."""
+        import llama_cpp
+
+        for seq in [*self.joining, *self.running]:
+            if seq.slot is not None:
+                llama_cpp.llama_memory_seq_rm(self.memory, seq.slot.seq_id, -1, -1)
+                seq.slot.tokens = []
+            if seq in self.joining:
+                self.joining.remove(seq)
+            self._end(seq, error)
 
     def close(self) -> None:
         import llama_cpp
