@@ -14,6 +14,8 @@
        payee that reverts on receipt blocks only itself.
      - owed[token] is what the contract owes in that token (locked and not paid out, plus
        credited and not withdrawn); every intake asserts the contract holds at least that much.
+     - Every state-changing entry point is @nonreentrant (one lock for all): a token's transferFrom
+       or a withdraw's receiver cannot call back into any of them half-way.
      - Reverts carry short stable reasons ("not_found", "disputed", ...) that the Python client
        maps to clawnode error codes.
 """
@@ -315,6 +317,7 @@ def _check_voucher(payer: address, key: bytes32, cumulative: uint256, signature:
     assert self._signer(self._voucher_hash(key, cumulative), signature) == payer, "bad_signature"
 
 
+@nonreentrant
 @external
 def release(id: bytes32, cumulative: uint256):
     """
@@ -323,6 +326,7 @@ def release(id: bytes32, cumulative: uint256):
     self._pay_to(keccak256(abi_encode(msg.sender, id)), cumulative, True)
 
 
+@nonreentrant
 @external
 def claim(payer: address, id: bytes32, cumulative: uint256, signature: Bytes[65]):
     """
@@ -334,6 +338,7 @@ def claim(payer: address, id: bytes32, cumulative: uint256, signature: Bytes[65]
     self._pay_to(key, cumulative, True)
 
 
+@nonreentrant
 @external
 def draw(payer: address, id: bytes32, cumulative: uint256, signature: Bytes[65]):
     """
@@ -344,6 +349,7 @@ def draw(payer: address, id: bytes32, cumulative: uint256, signature: Bytes[65])
     self._pay_to(key, cumulative, False)
 
 
+@nonreentrant
 @external
 def settle(payer: address, id: bytes32, cumulative: uint256, signature: Bytes[65]):
     """
@@ -367,6 +373,7 @@ def settle(payer: address, id: bytes32, cumulative: uint256, signature: Bytes[65
     log Settled(key=key, to_payee=released, to_payer=rest)
 
 
+@nonreentrant
 @external
 def refund(payer: address, id: bytes32):
     """
@@ -384,6 +391,7 @@ def refund(payer: address, id: bytes32):
     log Refunded(key=key, amount=rest)
 
 
+@nonreentrant
 @external
 def dispute(payer: address, id: bytes32):
     """
@@ -412,6 +420,7 @@ def _split(payer: address, key: bytes32, e: Escrow, to_payee: uint256):
     log Resolved(key=key, to_payee=to_payee, to_payer=rest - to_payee)
 
 
+@nonreentrant
 @external
 def resolve(payer: address, id: bytes32, to_payee: uint256):
     """
@@ -424,6 +433,7 @@ def resolve(payer: address, id: bytes32, to_payee: uint256):
     self._split(payer, key, e, to_payee)
 
 
+@nonreentrant
 @external
 def resolve_by_panel(payer: address, id: bytes32, to_payee: uint256, signatures: DynArray[Bytes[65], MAX_PANEL]):
     """

@@ -450,8 +450,9 @@ class EscrowMachine(RuleBasedStateMachine):
 
 
 EscrowMachine.TestCase.settings = settings(
-    # ~45 s on 2 cores; CLAWNODE_PROPERTY_EXAMPLES=200 for a longer hunt.
-    max_examples=int(os.environ.get("CLAWNODE_PROPERTY_EXAMPLES", "20")),
+    # ~30 s on 2 idle cores; CLAWNODE_PROPERTY_EXAMPLES=200 for a longer hunt. 18, not 20: the
+    # channel, panel and owed-book checks made an example ~8 % dearer, and the suite has no time to give.
+    max_examples=int(os.environ.get("CLAWNODE_PROPERTY_EXAMPLES", "18")),
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
