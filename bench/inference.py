@@ -533,6 +533,12 @@ async def burst_phase(args: argparse.Namespace, consumer: Node, figures: Figures
                 if events and events[-1] == "[DONE]" and not any('"error"' in e for e in events):
                     outcome = "answered"
                     figures.burst_ttft_s.append((first or started) - started)
+                else:
+                    detail = next((e for e in events if '"error"' in e), events[-1] if events else "")
+            else:
+                detail = (await r.aread()).decode(errors="replace")
+            if outcome == "other" and figures.burst.get("other", 0) < 3:
+                figures.notes.append(f"burst other: {r.status_code} {detail[:300]}")
         figures.burst[outcome] = figures.burst.get(outcome, 0) + 1
 
     started = time.perf_counter()
