@@ -20,6 +20,7 @@ import trio
 from libp2p.peer.id import ID
 
 from protocols import lease_wire as w
+from protocols.confirmed import confirmed_lock
 from protocols.lease.base import DEADLINE_SLACK_S, LeaseCore, log
 from protocols.machines import channel as ch
 from protocols.machines.lease import LEASE_SALT_BYTES, lease_id_for
@@ -242,7 +243,7 @@ class ChannelRole(LeaseCore):
             raise ClawnodeError(ErrorCode.CONFLICT, "another lease still draws on this channel", "channel_busy")
         self._channel_served[channel_id] = opening.lease_id  # claimed before the first await
         try:
-            state = await client.chain.run(client.get, opening.lock.payer, escrow_id)
+            state = await confirmed_lock(client, opening.lock.payer, escrow_id)
             chain_now = await client.chain.run(client.chain.now)
             try:
                 high_water = (await book.get(channel_id)).committed

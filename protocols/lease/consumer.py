@@ -46,6 +46,7 @@ from protocols.lease.base import (
 from protocols.lease.channels import ChannelDraw, ChannelRole
 from protocols.machines import lease_consumer as c
 from protocols.machines.channel import lease_share
+from protocols.machines.escrow_lock import LOCK_UNCONFIRMED
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
 from protocols.machines.lease_calls import call_bytes_verdict
 from protocols.machines.verdict import Refusal, enforce
@@ -58,6 +59,9 @@ from wire.streams import open_stream
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient
+
+# Waits before sending an open again that the provider refused lock_unconfirmed (~15 s in all).
+UNCONFIRMED_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 class ConsumerRole(ChannelRole):
@@ -189,9 +193,7 @@ class ConsumerRole(ChannelRole):
                 channel_base=None if drawn is None else drawn.base,
             )
             envelope = seal(opening, self.key, domain=w.OPEN_DOMAIN, payload_type=w.OPEN_TYPE)
-            grant_reply = await request(
-                self.host, peer, LEASE_PROTOCOL, w.OpenRequest(envelope=to_base64(envelope)), GRANT_REPLY
-            )
+            grant_reply = await self._ask_grant(peer, w.OpenRequest(envelope=to_base64(envelope)))
             grant = self._check_grant(grant_reply, provider, quote, opening)
             machine.apply(c.ConsumerEvent.GRANT, c.CONSUMER)
         except BaseException:
@@ -209,6 +211,20 @@ class ConsumerRole(ChannelRole):
         self.held[lease_id] = held
         log.info("lease %s opened with %s for %s", lease_id[:12], provider[:16], capability)
         return self._view_held(self.held[lease_id])
+
+    async def _ask_grant(self, peer: ID, message: w.OpenRequest) -> w.GrantReply:
+        """Send the open; while the provider counts our lock as not yet ``escrow.confirmations`` blocks deep
+        on its side (``lock_unconfirmed``), send the same open again a little later (bounded): the money is
+        locked for this provider, so another provider is no answer."""
+        for delay in (*UNCONFIRMED_RETRY_S, None):
+            try:
+                return await request(self.host, peer, LEASE_PROTOCOL, message, GRANT_REPLY)
+            except ClawnodeError as error:
+                if error.reason != LOCK_UNCONFIRMED or delay is None:
+                    raise
+                log.info("the provider does not count our lock yet (lock_unconfirmed); asking again in %.1f s", delay)
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _our_escrow_for(self, terms: w.EscrowTerms) -> EscrowClient:
         client = self.escrow()

@@ -17,6 +17,7 @@ from libp2p.peer.id import ID
 from dht.offers import Offer
 from dht.records import wallet_binding_holds
 from protocols import lease_wire as w
+from protocols.confirmed import confirmed_lock
 from protocols.lease.base import (
     ACK,
     CALL_READ_TIMEOUT_S,
@@ -224,7 +225,7 @@ class ProviderRole(ServingRole, ChannelRole):
                 quote.duration_s,
             )
             return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
-        state = await client.chain.run(client.get, lock.payer, bytes.fromhex(lock.escrow_id[2:]))
+        state = await confirmed_lock(client, lock.payer, bytes.fromhex(lock.escrow_id[2:]))
         chain_now = await client.chain.run(client.chain.now)
         wallet = opening.wallet
         check_lock(

@@ -71,6 +71,22 @@ def lock_verdict(lock: LockState, terms: LockTerms) -> Refusal | None:
     return None
 
 
+LOCK_UNCONFIRMED = "lock_unconfirmed"
+
+
+def confirmation_verdict(confirmed_phase: str, latest_phase: str, confirmations: int) -> Refusal | None:
+    """A lock the chain's head shows but that is not yet ``escrow.confirmations`` blocks deep does not count
+    yet: refused with a retryable reason (the buyer sends the same open again a little later), never read as
+    "no lock" (which would blame the buyer's funds)."""
+    if confirmed_phase == "none" and latest_phase != "none":
+        return Refusal(
+            ErrorCode.UNAVAILABLE,
+            LOCK_UNCONFIRMED,
+            f"the escrow lock is not yet {confirmations} blocks deep (escrow.confirmations); retry shortly",
+        )
+    return None
+
+
 def check_escrow_lock(lock: LockState, terms: LockTerms) -> None:
     """:func:`lock_verdict`, raised."""
     enforce(lock_verdict(lock, terms))

@@ -11,6 +11,7 @@ import secrets
 import trio
 
 from protocols import task_wire as w
+from protocols.confirmed import confirmed_lock
 from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement, VerifiedAnnouncement
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
@@ -145,7 +146,9 @@ class BidderRole(TaskCore):
         ours = client.chain.chain_id == notice.chain_id and client.address.lower() == notice.contract.lower()
         lock, chain_now = None, 0
         if ours:
-            lock = self._lock_state(await self._escrow_state(notice))
+            lock = self._lock_state(
+                await confirmed_lock(client, notice.lock.payer, bytes.fromhex(notice.lock.escrow_id[2:]))
+            )
             chain_now = await client.chain.run(client.chain.now)
         enforce(
             checks.award_lock_verdict(
