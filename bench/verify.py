@@ -24,7 +24,9 @@ against the root, then ``compare``d. Cheats, each over its share of ``--calls``:
 - ``truncated_prompt``: the provider generates from BOS + the second half of the prompt.
 - ``foreign_token``: one produced token replaced by a random one, and the commitment computed by a
   prefill of the advertised model over the altered reply (a cheat that runs only the cheap prefill).
-- ``temperature``: temperature 0 declared, sampled at 1.0 (honest logprobs otherwise).
+- ``temperature``: temperature 0 declared, sampled at 1.0 (honest logprobs otherwise); also reported
+  over the replies that differ from the greedy one (``temperature_differing``): a reply sampled at 1.0
+  that equals the greedy reply is exactly what temperature 0 gives, and no check can tell them apart.
 
 Honest calls (``--honest``) mix provider threads 1 and 2, verifier ubatch 512 (one batch) and 7 (many),
 verifier threads 2 and 1, declared temperatures 0 and 0.8. Only one llama.cpp build (the portable CPU
@@ -309,7 +311,8 @@ async def main() -> None:
             record("truncated_prompt", name, found)
 
             chunks, _ = await generate(engine, prompt, served.max_tokens, 0.0, call)
-            tokens = [p.token for p in positions_from_chunks(chunks, served.index)]
+            greedy = [p.token for p in positions_from_chunks(chunks, served.index)]
+            tokens = list(greedy)
             where = rng.randrange(len(tokens))
             tokens[where] = rng.choice(served.prompts[rng.randrange(len(served.prompts))][1:])
             rows = await trio.to_thread.run_sync(served.verifiers[1].rows, prompt, tokens)
@@ -319,9 +322,8 @@ async def main() -> None:
                 for t, row, ids in zip(tokens, rows, top, strict=True)
             ]
             found, _ = await trio.to_thread.run_sync(check, served, verifier, prompt, commit(fitted), tokens, 0.0)
-            if tokens == [p.token for p in positions_from_chunks(chunks, served.index)]:
-                found = Findings()  # the "replacement" was the produced token itself: not a cheat
-            record("foreign_token", name, found)
+            if tokens != greedy:  # a "replacement" by the produced token itself is no cheat: not counted
+                record("foreign_token", name, found)
 
             chunks, _ = await generate(engine, prompt, served.max_tokens, 1.0, call)
             positions = positions_from_chunks(chunks, served.index)
@@ -329,6 +331,10 @@ async def main() -> None:
                 check, served, verifier, prompt, commit(positions), [p.token for p in positions], 0.0
             )
             record("temperature", name, found)
+            if [p.token for p in positions] != greedy:
+                # A reply sampled at 1.0 that equals the greedy one is what temperature 0 gives: no
+                # check can tell them apart (nor does it matter to the buyer). Counted apart too.
+                record("temperature_differing", name, found)
         print(f"{name}: cheats done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
         await close(served)
 

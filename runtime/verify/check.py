@@ -35,6 +35,7 @@ MEAN_TOLERANCE = 0.15  # the mean over every committed logprob of a reply
 NOISE_FACTOR_MAX = 5.0  # tolerance = factor × the noise measured between batch and token-by-token passes
 NOISE_FACTOR_MEAN = 3.0
 FLOOR_MAX = 0.25
+TIE_FACTOR = 2.5
 FLOOR_MEAN = 0.03
 SAMPLING_TOP_K = 40  # runtime.inference.sampling's TOP_K and MIN_P: the engine's candidate set
 SAMPLING_MIN_P = 0.05
@@ -87,6 +88,11 @@ def compare(
     openings of the same positions and the produced ``tokens``."""
     found = Findings()
     slack = tolerance + 0.5 / scale  # the commitment's rounding on top of the tolerance
+    # How far below the best token a produced one may be and still count as tied with it (or at a
+    # sampling bound): the per-entry tolerance bounds the worst single logprob, while a tie compares two
+    # logprobs of one row, whose difference an honest provider gets much closer; 2.5 × the mean tolerance
+    # (7.5 × the mean noise), at least the per-entry floor.
+    tie = min(tolerance, max(FLOOR_MAX, TIE_FACTOR * mean_tolerance))
     diffs: list[float] = []
     for index, (row, token, position) in enumerate(zip(rows, tokens, opened, strict=True)):
         found.positions += 1
@@ -110,7 +116,7 @@ def compare(
         if committed and best not in committed and float(row[best]) > min(committed.values()) + slack:
             found.top += 1
             bad = True
-        if not _could_sample(row, token, temperature, top_p, tolerance):
+        if not _could_sample(row, token, temperature, top_p, tie):
             found.not_sampled += 1
             bad = True
         if bad and found.first_bad is None:
