@@ -169,8 +169,28 @@ def test_a_program_reading_randomness_gives_the_seller_and_an_arbiter_the_same_o
     assert box.run(reads, b"a", LIMITS, salt=b"second run").output != first
     upper = box.load(progs.UPPER)
     assert box.run(upper, b"a", LIMITS, salt=b"second run").output == box.run(upper, b"a", LIMITS).output == b"A"
-    clock = box.load(b"#!/bin/sh\ndate +%s%N\n")
-    assert box.run(clock, b"", LIMITS).output != box.run(clock, b"", LIMITS).output
+
+
+def test_a_program_reading_the_clock_gives_the_seller_and_an_arbiter_the_same_output() -> None:
+    """With libfaketime preloaded every run's clocks start at 2000-01-01 and advance per reading, not with
+    real time: the date and a self-timing loop print the same on every run; an arbiter's second run
+    (a salt) starts elsewhere, so a clock-dependent output shows it. Sleeps still take their real time."""
+    from runtime.sandbox.native import NativeSandbox
+
+    box = NativeSandbox(cap=LIMITS)
+    if box.clock_mode != "pinned":
+        pytest.skip(f"the clock is not pinned here ({box.clock_mode}): apt-get install libfaketime")
+    clock = box.load(
+        b"#!/bin/sh\ndate +%s%N\nsleep 0.2\ndate -u '+%F %T.%N'\n"
+        b"python3 -c 'import time\nt = time.monotonic()\nn = 0\nwhile time.monotonic() < t + 0.05: n += 1\n"
+        b"print(time.time(), n)'\n"
+    )
+    first, again = (box.run(clock, b"", LIMITS) for _ in range(2))
+    assert first.outcome == Outcome.EXITED and first.output == again.output
+    lines = first.output.decode().splitlines()
+    assert lines[0].startswith("9466848000") and lines[1].startswith("2000-01-01 00:00:00.")
+    assert first.wall_s >= 0.2  # the sleep was real
+    assert box.run(clock, b"", LIMITS, salt=b"second run").output != first.output
 
 
 def test_a_run_s_processes_together_are_held_to_its_memory_cap_by_its_own_cgroup() -> None:

@@ -26,8 +26,18 @@ The sandbox of one run (``bwrap --unshare-all --die-with-parent``):
 * **Reproducible**: ``/dev/urandom`` and ``/dev/random`` are a read-only stream seeded by the
   program's hash and the input (:data:`RANDOM_BYTES` long), ``getrandom(2)`` answers ``ENOSYS`` (so
   libraries fall back to the device) and ``PYTHONHASHSEED=0``; pids start at 1 in the new pid
-  namespace. A program reading randomness gives the seller and an arbiter the same output; one
-  reading the clock does not (the clock is not pinned), and its dispute goes to a person.
+  namespace. The clock is pinned where Debian's ``libfaketime`` is installed (``clock_mode``):
+  the program runs with it preloaded (it lies under the read-only ``/usr``), every clock starts at
+  :data:`CLOCK_START` (2000-01-01 00:00:00 UTC, the same for every task) and advances
+  :data:`CLOCK_STEP` seconds per reading, not with real time, so a program that prints the date
+  or times itself prints the same on the seller's run and the arbiter's. A program reading
+  randomness or the clock gives the seller and an arbiter the same output. Not pinned: statically
+  linked programs (they read the clock without libc), and everywhere on a node without
+  libfaketime; their disputes go to a person when the re-runs differ. Under the pinned clock
+  sleeps and ``select``/``poll`` timeouts take their real time, but a wait on a lock or condition
+  with a timeout measured on the monotonic clock (``sem_clockwait``: Python's ``Lock.acquire``
+  with a timeout, ``Event.wait``, ``queue.get`` with a timeout) does not end at its timeout: the
+  run's wall clock ends it.
 * **Identity**: when the node runs as root, the run drops to ``nobody`` (65534) before bubblewrap,
   so the process limit counts only sandboxed processes.
 
@@ -79,6 +89,14 @@ RANDOM_BYTES = 256 * 1024
 PROGRAM_CACHE = 16
 TMP_BYTES = 16 * 1024 * 1024
 NOBODY = 65534
+# The pinned clock (libfaketime, preloaded into the program): where every run's clocks start and how
+# far they advance per reading (seconds). An arbiter's second run (a salt) starts at another instant.
+CLOCK_START = 946684800  # 2000-01-01 00:00:00 UTC
+CLOCK_STEP = "0.000001"
+FAKETIME_LIBRARIES = tuple(
+    f"/usr/lib/{triplet}/faketime/libfaketimeMT.so.1"
+    for triplet in ("x86_64-linux-gnu", "aarch64-linux-gnu", "riscv64-linux-gnu")
+)
 
 # -- seccomp (classic BPF, x86_64) --
 _AUDIT_ARCH_X86_64 = 0xC000003E
@@ -172,6 +190,22 @@ def seeded_random(program: bytes, input: bytes, salt: bytes = b"") -> bytes:
     return hashlib.shake_256(seed).digest(RANDOM_BYTES)
 
 
+def faketime_library() -> str | None:
+    """Debian's libfaketime (package ``libfaketime``), under ``/usr`` (the sandbox sees only that); None when
+    it is not installed."""
+    return next((path for path in FAKETIME_LIBRARIES if os.path.isfile(path)), None)
+
+
+def pinned_clock(salt: bytes = b"") -> str:
+    """libfaketime's ``FAKETIME`` for a run: :data:`CLOCK_START` (shifted by up to a year for a ``salt``: an
+    arbiter's second run sees whether the output depends on the clock), :data:`CLOCK_STEP` per reading."""
+    offset = 0
+    if salt:
+        offset = int.from_bytes(hashlib.sha256(b"clawnode-native-clock\0" + salt).digest()[:4], "big") % (366 * 86400)
+    start = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(CLOCK_START + offset))
+    return f"@{start} i{CLOCK_STEP}"
+
+
 def bwrap_available() -> bool:
     return os.access(BWRAP, os.X_OK) and os.access(PRLIMIT, os.X_OK)
 
@@ -214,6 +248,9 @@ class NativeSandbox:
         self.cgroup_mode = "off"
         if cgroups:
             self._cgroups, self.cgroup_mode = detect()
+        # The pinned clock where libfaketime is installed; otherwise why not (the runs read the host's clock).
+        self._faketime = faketime_library()
+        self.clock_mode = "pinned" if self._faketime else "not_pinned: libfaketime is not installed"
 
     def has(self, sha256: str) -> bool:
         with self._lock:
@@ -262,7 +299,7 @@ class NativeSandbox:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _argv(self, scratch: Path, seccomp_fd: int | None) -> list[str]:
+    def _argv(self, scratch: Path, seccomp_fd: int | None, salt: bytes = b"") -> list[str]:
         argv = [
             BWRAP,
             "--unshare-all",
@@ -307,6 +344,8 @@ class NativeSandbox:
             "--chdir",
             "/tmp",
         ]
+        if self._faketime is not None:  # the library lies under the read-only /usr bound above
+            argv += ["--setenv", "LD_PRELOAD", self._faketime, "--setenv", "FAKETIME", pinned_clock(salt)]
         if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
         return [*argv, "--", "/task/program"]
@@ -352,7 +391,7 @@ class NativeSandbox:
                     ErrorCode.UNAVAILABLE, SandboxReason.SANDBOX_UNAVAILABLE, "the run's cgroup could not be made"
                 ) from error
         try:
-            return self._run_grouped(scratch, input, limits, prlimit, drop, group)
+            return self._run_grouped(scratch, input, limits, prlimit, drop, group, salt)
         finally:
             if group is not None:
                 group.remove()
@@ -365,6 +404,7 @@ class NativeSandbox:
         prlimit: list[str],
         drop: dict[str, object],
         group: RunCgroup | None,
+        salt: bytes = b"",
     ) -> RunResult:
         seccomp_fd: int | None = None
         if self._seccomp is not None:
@@ -374,7 +414,7 @@ class NativeSandbox:
         started = time.perf_counter()
         try:
             with open(scratch / "input", "rb") as stdin:
-                argv = [*prlimit, *self._argv(scratch, seccomp_fd)]
+                argv = [*prlimit, *self._argv(scratch, seccomp_fd, salt)]
                 proc = subprocess.Popen(  # type: ignore[call-overload]
                     group.wrap(argv) if group is not None else argv,
                     stdin=stdin,

@@ -62,6 +62,10 @@ class Sandboxes:
                     log.info("native runs: a cgroup of their own each (memory, pids, cpu) and rlimits")
                 else:
                     log.info("native runs: rlimits only, no per-run cgroup (%s)", self._native.cgroup_mode)
+                if self._native.clock_mode == "pinned":
+                    log.info("native runs: the clock pinned (libfaketime), reproducible by an arbiter")
+                else:
+                    log.info("native runs: the host's clock, not reproducible (%s)", self._native.clock_mode)
             return self._native
         raise refuse(ErrorCode.FORBIDDEN, SandboxReason.KIND_NOT_ACCEPTED, "no sandbox runs that kind")
 
