@@ -150,8 +150,21 @@ class Unpayable(BaseModel):
     message: str
 
 
+class VerificationView(BaseModel):
+    """This node's verification checks of one provider (docs/verified-inference.md)."""
+
+    passed: int
+    failed: int
+    unverifiable: int
+    last_reason: str = Field("", description="why the last failed check failed (logprob, not_sampled, ...)")
+    standing: float = Field(description="0 after a failed check; else from 0.5 toward 1 with checks passed")
+
+
 class DiscoverReply(BaseModel):
     providers: list[ProviderResult] = Field(description="the providers this node can pay, ranked")
+    verification: dict[str, VerificationView] = Field(
+        default_factory=dict, description="peer id -> this node's verification checks of that provider, if any"
+    )
     unpayable: list[Unpayable] = Field(default_factory=list, description="providers on another chain or contract")
     note: str | None = Field(None, description="e.g. '3 providers on other chains'; null when none is left out")
 
@@ -275,6 +288,8 @@ class NodeView(OpenAINode, TaskNode, Protocol):
     async def discover_split(self, query: DiscoveryQuery) -> tuple[list[ProviderResult], list[Unpayable]]: ...
 
     async def describe(self, peer_id: str) -> DescribeResult: ...
+
+    def verification_record(self, peer_id: str) -> VerificationView | None: ...
 
     async def ledger_leases(self, limit: int, offset: int) -> LeasesReply: ...
 
@@ -450,8 +465,12 @@ def create_app(
     @app.get("/api/discover")
     async def discover(query: Annotated[DiscoverParams, Query()]) -> DiscoverReply:
         found = await node.discover_split(DiscoveryQuery.model_validate(query.model_dump()))
+        checks = {p.peer_id: view for p in found[0] if (view := node.verification_record(p.peer_id)) is not None}
         return DiscoverReply(
-            providers=found[0], unpayable=found[1], note=unpayable_summary([item.reason for item in found[1]])
+            providers=found[0],
+            verification=checks,
+            unpayable=found[1],
+            note=unpayable_summary([item.reason for item in found[1]]),
         )
 
     @app.get("/api/describe/{peer_id}")

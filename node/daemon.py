@@ -63,6 +63,7 @@ from node.api import (
     StatusReply,
     Unpayable,
     UpnpView,
+    VerificationView,
     WalletReply,
     WithdrawReply,
     create_app,
@@ -92,6 +93,7 @@ from protocols.lease import LeaseMarket
 from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
 from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict, unpayable_summary
 from protocols.machines.task import RiskLimits
+from protocols.machines.verify import standing
 from protocols.task import TaskMarket
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelHost
@@ -714,6 +716,18 @@ class Node:
         if self.config.escrow.mode not in ("embedded", "auto") and self._escrow_connector is None:
             return ""
         return str(client.chain.dev_accounts()[1].address)
+
+    def verification_record(self, peer_id: str) -> VerificationView | None:
+        record = self.market.verifying.book.get(peer_id) if self._market is not None else None
+        if record is None:
+            return None
+        return VerificationView(
+            passed=record.passed,
+            failed=record.failed,
+            unverifiable=record.unverifiable,
+            last_reason=record.last_reason,
+            standing=standing(record.passed, record.failed),
+        )
 
     def _model_by_sha256(self, sha256: str) -> Any:
         """A model this node loaded from the file with this sha256 (verified inference), or None."""

@@ -13,7 +13,10 @@ import trio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from click.testing import CliRunner
+
 from dht.discovery import DiscoveryQuery
+from node.cli import main
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
@@ -70,3 +73,11 @@ async def test_a_substitute_model_is_caught_on_its_first_call_and_an_honest_one_
                 await trio.sleep(0.2)
         ranked = [p.peer_id for p in consumer.router.rank(await consumer.discover(query))]
         assert fair_id in ranked and cheat_id not in ranked
+
+        # `clawnode find` shows this node's checks of each provider it lists.
+        def find() -> str:
+            args = ["find", "model:tiny", "--data-dir", str(consumer.data_dir)]
+            return CliRunner().invoke(main, args, catch_exceptions=False).output
+
+        shown = await trio.to_thread.run_sync(find)
+        assert f"{cheat_id}  verification FAILED (" in shown and f"{fair_id}  verification passed" in shown
