@@ -629,6 +629,21 @@ def _task_detail(task: dict[str, Any]) -> list[str]:
         f"  evidence {e['evidence_id'][:12]}  from {e['submitted_by'][:16]}…  {e['size']} bytes  {e['note'][:60]}"
         for e in task.get("evidence", [])
     )
+    if task.get("panel"):
+        votes = task.get("panel_votes") or {}
+        state = task.get("panel_state") or "no dispute"
+        lines.append(f"  panel {task['panel']['threshold']} of {len(task['panel']['members'])}: {state}")
+        lines.extend(
+            f"    {m['peer'][:16]}…  "
+            + (
+                "not voted"
+                if m["peer"] not in votes
+                else "abstained"
+                if votes[m["peer"]] is None
+                else _wei(votes[m["peer"]])
+            )
+            for m in task["panel"]["members"]
+        )
     return lines
 
 
@@ -653,6 +668,8 @@ def task() -> None:
 @click.option("--memory-mb", default=None, help="Sandbox: most memory, MiB.")
 @click.option("--wall", "wall_s", default=None, help="Sandbox: most wall-clock seconds.")
 @click.option("--arbitration", type=click.Choice(["rerun", "person"]), default="rerun", help="Who decides a dispute.")
+@click.option("--panel", default=None, help="Sandbox: an arbiter panel instead of one arbiter, PEER:WALLET,...")
+@click.option("--threshold", type=int, default=None, help="Votes that must agree (default: a strict majority).")
 @data_dir_option
 @json_option
 def task_publish(
@@ -671,10 +688,13 @@ def task_publish(
     memory_mb: str | None,
     wall_s: str | None,
     arbitration: str,
+    panel: str | None,
+    threshold: int | None,
     data_dir: str | None,
     as_json: bool,
 ) -> None:
-    """Announce a task for CAPABILITY on the network (with --wasm/--native: a sandboxed one)."""
+    """Announce a task for CAPABILITY on the network (with --wasm/--native: a sandboxed one; with --panel:
+    decided in a dispute by THRESHOLD of the panel's arbiters)."""
     request: dict[str, Any] = {
         "capability": capability,
         "budget": budget,
@@ -695,6 +715,18 @@ def task_publish(
             limits={k: v for k, v in limits.items() if v is not None},
             arbitration=arbitration,
         )
+    if panel is not None:
+        if not program:
+            raise click.UsageError("--panel needs a sandboxed task (--wasm or --native)")
+        members = [item.strip().rsplit(":", 1) for item in panel.split(",") if item.strip()]
+        if not members or any(len(member) != 2 or not all(member) for member in members):
+            raise click.UsageError("--panel takes PEER:WALLET pairs separated by commas")
+        request["panel"] = {
+            "members": [{"peer": peer, "wallet": wallet} for peer, wallet in members],
+            "threshold": threshold if threshold is not None else len(members) // 2 + 1,
+        }
+    elif threshold is not None:
+        raise click.UsageError("--threshold goes with --panel")
     body = _call_api(data_dir, "/api/tasks", method="POST", body=request, timeout=60.0)
     _print(body, as_json, [f"task {body['task_id']} published", _task_line(body)])
 
@@ -797,6 +829,22 @@ def task_resolve(task_id: str, to_bidder: str, data_dir: str | None, as_json: bo
     """As the arbiter: pay TO_BIDDER wei of the disputed price to the bidder, the rest back."""
     request = {"to_bidder": to_bidder}
     body = _call_api(data_dir, f"/api/tasks/{task_id}/resolve", method="POST", body=request, timeout=120.0)
+    _print(body, as_json, _task_detail(body))
+
+
+@task.command(name="vote")
+@click.argument("task_id")
+@click.option("--to-bidder", default=None, help="Wei of the price to the seller (the rest back to the buyer).")
+@click.option("--abstain", is_flag=True, help="Vote no split.")
+@data_dir_option
+@json_option
+def task_vote(task_id: str, to_bidder: str | None, abstain: bool, data_dir: str | None, as_json: bool) -> None:
+    """As a member of a disputed task's arbiter panel: vote a split, signed with this node's wallet."""
+    if abstain == (to_bidder is not None):
+        raise click.UsageError("give one of --to-bidder WEI or --abstain")
+    body = _call_api(
+        data_dir, f"/api/tasks/{task_id}/vote", method="POST", body={"to_bidder": to_bidder}, timeout=120.0
+    )
     _print(body, as_json, _task_detail(body))
 
 
