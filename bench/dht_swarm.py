@@ -34,14 +34,13 @@ measured lookup goes over the network. ``cold=`` is the share that needed no
 forgetting. ``success`` means the returned addresses include one the target
 really listens on.
 
-Hops: py-libp2p's iterative lookup runs in rounds of up to ALPHA=10 parallel
-FIND_NODE queries, each round in one nursery (peer_routing.py:288), and does not
-stop when the target turns up: it goes on until the closest peers stop changing.
-The benchmark counts rounds by giving the ``peer_routing`` module a stand-in for
-its ``trio`` whose ``open_nursery`` counts, and wraps
-``PeerRouting._query_peer_for_closest`` to note the round in which a response
-first named the target. ``hops`` is that round, ``rounds`` the rounds until the
-lookup ended.
+Hops: the node's own lookup (``dht/lookup.py``: alpha = 3 queries in flight, a slow one
+stops holding its slot after 0.5 s, ends once the 3 closest peers known have answered, or as soon as
+an answer names the target) fills a ``dht.lookup.LookupStats`` set for the lookup: a peer named by a
+peer at hop h is at hop h + 1 (the searcher's own table is hop 0). ``hops`` is the hop at which an
+answer first named the target, ``rounds`` the deepest hop the lookup reached, ``queries`` the
+FIND_NODE queries it sent. With the connection budget no node is connected to most others, so these
+are the hops of the routing itself.
 
 Yamux RTT pings are off by default (``--yamux-rtt`` keeps them): every Yamux
 connection pings every 30 s (yamux.py:151, :703-726), ~0.07 ms of CPU per
@@ -49,8 +48,8 @@ connection per second here. A real node pays that for its own connections only;
 200 co-located nodes of a full mesh would pay ~1.4 cores for 19,900 connections
 and measure their own contention instead of the DHT.
 
-All patches (hop counting, RTT interval) are made in the worker processes of this
-benchmark only, never in the package.
+The one patch (the RTT interval) is made in the worker processes of this benchmark only, never
+in the package.
 
 Memory: RSS of each worker via psutil; ``baseline`` is a worker's RSS with every
 import done and no host; ``rss/node`` is the workers' total RSS over N, the
@@ -69,8 +68,6 @@ takes tens of seconds.
 from __future__ import annotations
 
 import argparse
-import contextvars
-import inspect
 import logging
 import math
 import multiprocessing
@@ -95,12 +92,11 @@ import psutil
 import trio
 from libp2p import generate_new_ed25519_identity
 from libp2p.abc import IHost
-from libp2p.kad_dht import peer_routing
-from libp2p.kad_dht.peer_routing import PeerRouting
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 
 from bootstrap.peer_book import PeerBook
+from dht.lookup import CURRENT_STATS, LookupStats
 from dht.protocol_id import use_kad_protocol_id
 from dht.service import DhtService, JoinReport
 from node.conn_budget import keep_in_routing_table
@@ -140,36 +136,6 @@ def cpu_seconds() -> float:
 # --------------------------------------------------------------------------- #
 
 
-@dataclass
-class LookupStats:
-    target: ID
-    key: bytes
-    rounds: int = 0
-    queries: int = 0
-    found_round: int | None = None
-
-
-CURRENT_LOOKUP: contextvars.ContextVar[LookupStats | None] = contextvars.ContextVar("current_lookup", default=None)
-
-
-class RoundCountingTrio:
-    """Stands in for ``trio`` inside ``libp2p.kad_dht.peer_routing``.
-
-    ``find_closest_peers_network`` opens exactly one nursery per round of its
-    iterative lookup; counting ``open_nursery`` calls made while a benchmark lookup
-    is current gives the rounds. Everything else is the real ``trio``.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(trio, name)
-
-    def open_nursery(self, *args: Any, **kwargs: Any) -> Any:
-        stats = CURRENT_LOOKUP.get()
-        if stats is not None:
-            stats.rounds += 1
-        return trio.open_nursery(*args, **kwargs)
-
-
 def disable_yamux_rtt_pings() -> None:
     """Stop py-libp2p's Yamux from pinging every connection every 30 s.
 
@@ -184,26 +150,6 @@ def disable_yamux_rtt_pings() -> None:
     if not isinstance(getattr(yamux_module, "RTT_MEASURE_INTERVAL", None), int | float):
         raise RuntimeError("py-libp2p's Yamux changed: revisit disable_yamux_rtt_pings in bench/dht_swarm.py")
     setattr(yamux_module, "RTT_MEASURE_INTERVAL", 10.0**9)  # noqa: B010
-
-
-def install_lookup_instrumentation() -> None:
-    source = inspect.getsource(PeerRouting.find_closest_peers_network)
-    if source.count("trio.open_nursery(") != 1 or not hasattr(PeerRouting, "_query_peer_for_closest"):
-        raise RuntimeError("py-libp2p's PeerRouting changed: revisit the hop counting in bench/dht_swarm.py")
-    setattr(peer_routing, "trio", RoundCountingTrio())  # noqa: B010 - module attribute on purpose
-
-    original = PeerRouting._query_peer_for_closest
-
-    async def counted_query(self: PeerRouting, peer: ID, target_key: bytes) -> list[ID]:
-        stats = CURRENT_LOOKUP.get()
-        result = await original(self, peer, target_key)
-        if stats is not None and stats.key == target_key:
-            stats.queries += 1
-            if stats.found_round is None and stats.target in result:
-                stats.found_round = stats.rounds
-        return result
-
-    setattr(PeerRouting, "_query_peer_for_closest", counted_query)  # noqa: B010
 
 
 # --------------------------------------------------------------------------- #
@@ -337,8 +283,8 @@ async def _lookup(state: WorkerState, searcher: int, candidates: list[str], time
         node.host.get_peerstore().clear_addrs(target)
         if kad.routing_table.peer_in_table(target) or _has_addrs(node.host, target):
             raise RuntimeError("could not make the searcher forget its target")
-    stats = LookupStats(target=target, key=target.to_bytes())
-    token = CURRENT_LOOKUP.set(stats)
+    stats = LookupStats()
+    token = CURRENT_STATS.set(stats)
     addrs: list[str] = []
     error: str | None = None
     started = time.perf_counter()
@@ -352,15 +298,15 @@ async def _lookup(state: WorkerState, searcher: int, candidates: list[str], time
             if info is not None:
                 addrs = [str(addr).split("/p2p/")[0] for addr in info.addrs]
     finally:
-        CURRENT_LOOKUP.reset(token)
+        CURRENT_STATS.reset(token)
     return {
         "target": str(target),
         "cold": cold,
         "seconds": time.perf_counter() - started,
         "timed_out": scope.cancelled_caught,
-        "rounds": stats.rounds,
+        "rounds": stats.max_hop,
         "queries": stats.queries,
-        "found_round": stats.found_round,
+        "found_round": stats.target_hop,
         "addrs": addrs,
         "error": error,
     }
@@ -375,7 +321,6 @@ class WorkerConfig:
 
 async def _serve(conn: multiprocessing.connection.Connection, index: int, config: WorkerConfig) -> None:
     use_kad_protocol_id()
-    install_lookup_instrumentation()
     if not config.yamux_rtt:
         disable_yamux_rtt_pings()
     conn.send({"op": "ready", "rss": rss_bytes()})

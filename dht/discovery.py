@@ -18,11 +18,12 @@ import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from pydantic import BaseModel, Field
 
 from dht.capability import fetch_sealed_record
-from dht.offers import capability_key
-from dht.record_validator import RejectionCounter, record_key, sequence_of
+from dht.offers import legacy_provider_key, provider_key
+from dht.record_validator import RejectionCounter, legacy_record_key, record_key, sequence_of
 from dht.records import CapabilityRecord, Reachability, RecordRejected, Rejection, verify_record
 from dht.seq_book import SeqBook
 from dht.service import DhtService
@@ -270,11 +271,15 @@ class Discovery:
 
     async def _stored_record(self, peer_id: ID) -> bytes | None:
         """The peer's record as the DHT has it (None: not found, or the lookup failed)."""
-        try:
-            return await self.dht.dht.get_value(record_key(str(peer_id)))
-        except Exception as error:  # noqa: BLE001 - a failed lookup is "not found", whatever broke
-            log.debug("record lookup for %s failed: %s", peer_id, type(error).__name__)
-            return None
+        for key in (record_key(str(peer_id)), legacy_record_key(str(peer_id))):  # the legacy one: older releases
+            try:
+                value = await self.dht.dht.get_value(key)
+            except Exception as error:  # noqa: BLE001 - a failed lookup is "not found", whatever broke
+                log.debug("record lookup for %s failed: %s", peer_id, type(error).__name__)
+                continue
+            if value is not None:
+                return value
+        return None
 
     async def providers_of(self, capability: str) -> list[ID]:
         async with self._lookup_locks[capability]:
@@ -286,7 +291,15 @@ class Discovery:
             return cached[1]
         # A node just started asks as soon as it knows one DHT peer, rather than answer empty.
         await self.dht.wait_until_ready(READY_WAIT_S)
-        infos = await self.dht.find_providers(bytes.fromhex(capability_key(capability)), count=MAX_PROVIDERS)
+        # Both keys at once: providers running a release before issue 23 announce the bare digest.
+        infos: list[PeerInfo] = []
+
+        async def providers_under(key: bytes) -> None:
+            infos.extend(await self.dht.find_providers(key, count=MAX_PROVIDERS))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(providers_under, provider_key(capability))
+            nursery.start_soon(providers_under, legacy_provider_key(capability))
         seen: dict[ID, None] = {}
         for info in infos:
             seen.setdefault(info.peer_id, None)

@@ -4,6 +4,7 @@ reply schema and example by default, so an agent can act on the record alone."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from typing import Any
 
@@ -183,5 +184,33 @@ def default_family(capability: str) -> str:
 
 
 def capability_key(name: str) -> str:
-    """The DHT provider key of a capability name (hex of a SHA-256, which py-libp2p takes as bytes)."""
+    """The SHA-256 of a capability name, hex: the raw 32-byte provider key of releases before issue 23
+    (still read, see :func:`legacy_provider_key`); :func:`provider_key` wraps the same digest."""
     return hashlib.sha256(f"clawnode-capability:{name}".encode()).hexdigest()
+
+
+# Multihash: sha2-256 (0x12), 32 bytes (0x20). CIDv1: version 1, codec raw (0x55).
+_SHA256_MULTIHASH = b"\x12\x20"
+_CIDV1_RAW = b"\x01\x55"
+
+
+def provider_key(name: str) -> bytes:
+    """The DHT provider key of a capability: the sha2-256 multihash of ``clawnode-capability:<name>``.
+
+    What go and js DHT servers take as a provider key (the multihash of a CIDv1, here a raw one:
+    :func:`capability_cid`); a bare 32-byte digest was refused by them (``Invalid CID``), so a
+    mixed network lost clawnode's provider records on every non-Python node (issue 23).
+    """
+    return _SHA256_MULTIHASH + bytes.fromhex(capability_key(name))
+
+
+def legacy_provider_key(name: str) -> bytes:
+    """The provider key releases before issue 23 announced under (the bare digest): still read, so
+    providers running an older release are found until they upgrade."""
+    return bytes.fromhex(capability_key(name))
+
+
+def capability_cid(name: str) -> str:
+    """The capability's provider key as a CIDv1 (raw, sha2-256) in base32, as js and go take it
+    (``bafkrei…``): ``findProviders(CID.parse(capability_cid(name)))`` finds its providers."""
+    return "b" + base64.b32encode(_CIDV1_RAW + provider_key(name)).decode().lower().rstrip("=")

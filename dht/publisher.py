@@ -19,7 +19,7 @@ from libp2p.crypto.keys import PrivateKey
 from pydantic import ValidationError
 
 from dht.capability import CAPABILITY_PROTOCOL, capability_handler
-from dht.offers import Offer, capability_key
+from dht.offers import Offer, provider_key
 from dht.record_validator import record_key
 from dht.records import (
     CapabilityRecord,
@@ -233,12 +233,16 @@ class CapabilityPublisher:
             except Exception as error:  # noqa: BLE001 - served directly meanwhile; retried next round
                 failures.append(type(error).__name__)
 
+        async def provide_under_multihash(name: str) -> None:
+            # The multihash itself, not through KadDHT.provide: its key parsing tries a CID first.
+            await kad.provider_store.provide(provider_key(name))
+
         # Concurrently: one after another, a newly added capability waited behind the
         # record and every older offer (seconds each in a busy swarm).
         async with trio.open_nursery() as nursery:
             nursery.start_soon(attempt, lambda key: kad.put_value(key, sealed), record_key(record.peer_id))
             for capability in record.capabilities:
-                nursery.start_soon(attempt, kad.provide, capability_key(capability.name))
+                nursery.start_soon(attempt, provide_under_multihash, capability.name)
         if failures:
             log.info("publishing the capability record partly failed: %s", ", ".join(sorted(set(failures))))
             return

@@ -1,4 +1,5 @@
-"""The DHT validator for signed capability records under ``/clawnode/<peer-id>``.
+"""The DHT validator for signed capability records under ``record_key(peer id)`` (and the legacy
+``/clawnode/<peer-id>``).
 
 py-libp2p keeps the value it already holds unless ``select()`` prefers the new
 one, so ``select()`` picks the highest sequence number, and ``validate()``
@@ -15,7 +16,8 @@ milliseconds at most. Nothing but :class:`RecordRejected` ever leaves it.
 
 from __future__ import annotations
 
-import json
+import base64
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,13 +33,37 @@ from dht.records import (
     verify_record,
 )
 from dht.seq_book import SeqBook
+from runtime.errors import ClawnodeError
+from runtime.jsonsafe import loads_bounded
 from wire.signed import SignatureError, open_sealed
 
 RECORD_NAMESPACE = "clawnode"
 
 
+# The part of a record key after the namespace: a base32 SHA-256 prefix of the peer id, so the whole
+# key is 49 bytes. py-libp2p's DHT server resets a FIND_NODE whose key is over 50 bytes and not a
+# multihash, and every other implementation's put/get starts with a FIND_NODE for the record key:
+# ``/clawnode/<peer id>`` (62 bytes) never reached a clawnode node from js (issue 23), nor from
+# clawnode itself (its own lookups for the key were refused by every peer).
+_RECORD_DIGEST_BYTES = 24
+
+
 def record_key(peer_id: str) -> str:
+    """The DHT key of a peer's capability record: ``/clawnode/<base32 of sha256("clawnode-record:" +
+    peer id)[:24]>`` (49 bytes). Anyone can compute it from the peer id (js: the same three steps)."""
+    digest = hashlib.sha256(f"clawnode-record:{peer_id}".encode()).digest()[:_RECORD_DIGEST_BYTES]
+    return f"/{RECORD_NAMESPACE}/{base64.b32encode(digest).decode().lower().rstrip('=')}"
+
+
+def legacy_record_key(peer_id: str) -> str:
+    """``/clawnode/<peer id>``: where releases before issue 23 stored the record. Still accepted and
+    read, so records of peers running an older release are found until they upgrade."""
     return f"/{RECORD_NAMESPACE}/{peer_id}"
+
+
+def is_key_of(key: str, peer_id: str) -> bool:
+    """Whether ``key`` is where ``peer_id``'s record belongs (the key of now or the legacy one)."""
+    return key in (record_key(peer_id), legacy_record_key(peer_id))
 
 
 class RejectionCounter:
@@ -60,8 +86,8 @@ def sequence_of(value: bytes) -> int | None:
     """The sequence number inside a sealed record, after checking only its envelope signature."""
     try:
         _, payload = open_sealed(value, domain=RECORD_DOMAIN, payload_type=RECORD_PAYLOAD_TYPE)
-        seq = json.loads(payload).get("seq")
-    except (SignatureError, ValueError, AttributeError, RecursionError, TypeError):
+        seq = loads_bounded(payload, what="the record").get("seq")
+    except (SignatureError, ValueError, AttributeError, RecursionError, TypeError, ClawnodeError):
         return None
     return seq if isinstance(seq, int) else None
 
@@ -84,7 +110,7 @@ class CapabilityRecordValidator(Validator):
             held = self._held_value(key)
             held_seq = sequence_of(held) if held is not None and held != value else None
             record = verify_record(value, now=self._clock(), held_seq=held_seq)
-            if key != record_key(record.peer_id):
+            if not is_key_of(key, record.peer_id):
                 raise RecordRejected(Rejection.WRONG_SIGNER, "stored under another peer's key")
             stale = self.seq_book.verdict(record.peer_id, record.seq)
             if stale is not None:
@@ -106,6 +132,6 @@ class CapabilityRecordValidator(Validator):
                 record = verify_record(values[index], now=self._clock())
             except RecordRejected:
                 return -1
-            return record.seq if key == record_key(record.peer_id) else -1
+            return record.seq if is_key_of(key, record.peer_id) else -1
 
         return max(range(len(values)), key=rank)

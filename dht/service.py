@@ -20,6 +20,7 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from bootstrap.peer_book import PeerBook
+from dht.lookup import Lookup
 from dht.lookup_guard import SilentPeers, may_ask, serves_dht
 from dht.protocol_id import current_kad_protocol_id
 from dht.record_validator import sequence_of
@@ -34,6 +35,10 @@ PARALLEL_DIALS = 8
 PEER_BOOK_DIAL_LIMIT = 50
 PROVIDER_QUERY_FANOUT = 6
 PROVIDER_ANSWER_TIMEOUT_S = 5.0
+# The peers closest to a provider key, once looked up, are asked again for this long (and at most
+# this many keys are remembered): ``DhtService.find_providers``.
+CLOSEST_CACHE_S = 30.0
+CLOSEST_CACHE_KEYS = 256
 ADOPT_INTERVAL_S = 1.0
 # Seconds a DHT query (or the join) waits to reach a peer it is not connected to; py-libp2p waited
 # its whole 10 s query timeout. A peer not reached in that time is not asked again for a while
@@ -84,6 +89,8 @@ class DhtService:
         self.ready = trio.Event()
         self.joined = trio.Event()
         self.silent: SilentPeers[ID] = SilentPeers()
+        self.lookup: Lookup | None = None
+        self._closest: dict[bytes, tuple[float, list[ID]]] = {}
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -318,12 +325,18 @@ class DhtService:
         table.add_peer = add_if_askable  # type: ignore[method-assign]
 
         routing = kad.peer_routing
-        find_closest = routing.find_closest_peers_network
-
-        async def askable_closest(target_key: bytes, count: int = 20) -> list[ID]:
-            return [peer_id for peer_id in await find_closest(target_key, count) if self.may_ask(peer_id)]
-
-        routing.find_closest_peers_network = askable_closest  # type: ignore[method-assign]
+        # Our own iterative lookup (dht/lookup.py: why py-libp2p's is replaced), on this instance only:
+        # py-libp2p's find_peer, get_value, put_value, provide and find_providers all call it.
+        self.lookup = Lookup(
+            self.host,
+            self.protocol_id,
+            local_closest=table.find_local_closest_peers,
+            may_ask=self.may_ask,
+            reach=self._reach,
+            answered=self._answered,
+        )
+        routing.find_closest_peers_network = self.lookup.closest_peers  # type: ignore[method-assign,assignment]
+        routing.find_peer = self.find_peer  # type: ignore[method-assign]
         routing._query_peer_for_closest = self._guarded(routing._query_peer_for_closest, list)  # type: ignore[method-assign]
         values, providers = kad.value_store, kad.provider_store
         values._store_at_peer = self._guarded(values._store_at_peer, lambda: False)  # type: ignore[method-assign]
@@ -477,17 +490,21 @@ class DhtService:
         """
         kad = self.dht
         found: dict[ID, PeerInfo] = {info.peer_id: info for info in kad.provider_store.get_providers(key)}
-        closest = await kad.peer_routing.find_closest_peers_network(key)
+        closest = await self._closest_cached(key)
+        answered = 0
         limiter = trio.CapacityLimiter(PARALLEL_DIALS)
 
         async def ask(peer_id: ID) -> None:
             async with limiter:
                 with trio.move_on_after(PROVIDER_ANSWER_TIMEOUT_S):
                     try:
-                        answer, _ = await kad.provider_store._get_providers_from_peer_with_closers(peer_id, key)
+                        answer, closer = await kad.provider_store._get_providers_from_peer_with_closers(peer_id, key)
                     except Exception as error:  # noqa: BLE001 - one silent peer does not spoil the lookup
                         log.debug("GET_PROVIDERS to %s failed: %s", peer_id, type(error).__name__)
                         return
+                    if answer or closer:
+                        nonlocal answered
+                        answered += 1
                     for info in answer:
                         known = found.get(info.peer_id)
                         if known is None or (info.addrs and not known.addrs):
@@ -497,8 +514,60 @@ class DhtService:
         async with trio.open_nursery() as nursery:
             for peer_id in others[:PROVIDER_QUERY_FANOUT]:
                 nursery.start_soon(ask, peer_id)
+        if answered < min(len(others), PROVIDER_QUERY_FANOUT) // 2 + 1:
+            self._closest.pop(key, None)  # half the remembered peers did not answer: walk again next time
         return list(found.values())[:count]
 
+    async def _closest_cached(self, key: bytes) -> list[ID]:
+        """The peers closest to ``key``: a lookup, remembered for ``CLOSEST_CACHE_S``.
+
+        Asking who provides a capability again and again (each query, each node) would walk the DHT
+        again each time to reach the same few peers; their provider lists are asked each time, so a
+        new provider is seen as soon as it announced itself to them. Bounded (``CLOSEST_CACHE_KEYS``).
+        """
+        now = trio.current_time()
+        cached = self._closest.get(key)
+        if cached is not None and now - cached[0] < CLOSEST_CACHE_S:
+            return cached[1]
+        closest = await self.dht.peer_routing.find_closest_peers_network(key)
+        if closest:
+            self._closest.pop(key, None)
+            self._closest[key] = (now, closest)
+            while len(self._closest) > CLOSEST_CACHE_KEYS:
+                del self._closest[next(iter(self._closest))]
+        return closest
+
+    async def _answered(self, peer_id: ID) -> None:
+        """A peer that answered a lookup's FIND_NODE is alive and serves the DHT: into the table."""
+        if self.kad is not None and not self.kad.routing_table.peer_in_table(peer_id):
+            try:
+                await self.kad.routing_table.add_peer(peer_id)
+            except Exception as error:  # noqa: BLE001 - a table that refuses it (full bucket, subnet cap)
+                log.debug("could not add %s: %s", peer_id, type(error).__name__)
+
+    async def find_peer(self, peer_id: ID) -> PeerInfo | None:
+        """The addresses of ``peer_id``: from the routing table or peer store, else a lookup that stops
+        as soon as an answer names it (py-libp2p's went on until the closest set was stable)."""
+        if peer_id == self.host.get_id():
+            return PeerInfo(peer_id, self.host.get_addrs())
+        known = self.dht.routing_table.get_peer_info(peer_id)
+        if known is not None:
+            return known
+        peerstore = self.host.get_peerstore()
+        try:
+            addrs = peerstore.addrs(peer_id)
+        except Exception:  # noqa: BLE001 - unknown peer
+            addrs = []
+        if not addrs:
+            if self.lookup is None:
+                raise RuntimeError("the DHT is not running")
+            await self.lookup.closest_peers(peer_id.to_bytes(), stop_at=peer_id)
+            try:
+                addrs = peerstore.addrs(peer_id)
+            except Exception:  # noqa: BLE001 - nobody named it
+                addrs = []
+        return PeerInfo(peer_id, addrs) if addrs else None
+
     async def find_peer_addrs(self, peer_id: ID) -> list[str]:
-        info = await self.dht.find_peer(peer_id)
+        info = await self.find_peer(peer_id)
         return [str(addr) for addr in info.addrs] if info else []

@@ -6,15 +6,17 @@ from __future__ import annotations
 import functools
 import time
 
+import multihash
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from libp2p import generate_new_ed25519_identity
+from libp2p.kad_dht.kad_dht import parse_cid
 
 from dht.discovery import DiscoveryQuery
-from dht.offers import Offer
-from dht.record_validator import CapabilityRecordValidator, RejectionCounter, record_key
+from dht.offers import Offer, capability_cid, legacy_provider_key, provider_key
+from dht.record_validator import CapabilityRecordValidator, RejectionCounter, legacy_record_key, record_key
 from dht.records import MAX_RECORD_BYTES, RecordRejected, private_leaks, seal_record, verify_record
 from tests.support.records import GEMMA, bad_records, make_record
 from tests.support.swarm import NodeSpec, open_swarm
@@ -71,6 +73,34 @@ def test_the_validator_refuses_a_record_stored_under_another_peers_key() -> None
     with pytest.raises(RecordRejected):
         validator.validate(record_key(other), good())
     assert counter.snapshot() == {"wrong_signer": 1}
+
+
+def test_record_keys_fit_a_find_node_any_dht_server_answers() -> None:
+    """py-libp2p's DHT server resets a FIND_NODE whose key is over 50 bytes and not a multihash: the
+    record key must fit, or neither js's put/get nor our own lookups for it reach a clawnode node."""
+    key = record_key(PEER)
+    assert key.startswith("/clawnode/") and len(key.encode()) <= 50
+    assert key == record_key(PEER) and key != record_key(make_record(generate_new_ed25519_identity()).peer_id)
+    assert len(legacy_record_key(PEER).encode()) > 50  # what it was
+
+
+def test_the_validator_still_takes_a_record_under_its_legacy_key() -> None:
+    counter = RejectionCounter()
+    validator = CapabilityRecordValidator(counter)
+    validator.validate(legacy_record_key(PEER), good())
+    assert validator.select(legacy_record_key(PEER), [good()]) == 0
+    assert counter.total() == 0
+
+
+def test_provider_keys_are_sha256_multihashes_of_a_raw_cid() -> None:
+    """js and go DHT servers refuse a provider key that is not a CID's multihash (``Invalid CID``)."""
+    key = provider_key(GEMMA.name)
+    decoded = multihash.decode(key)
+    assert decoded.code == 0x12 and len(decoded.digest) == 32
+    assert decoded.digest == legacy_provider_key(GEMMA.name)  # the same digest old releases announced
+    cid = capability_cid(GEMMA.name)
+    assert cid.startswith("bafkrei") and parse_cid(cid).multihash == key
+    assert provider_key("model:other") != key
 
 
 def test_select_prefers_the_highest_valid_sequence() -> None:

@@ -1,0 +1,71 @@
+"""The node's iterative lookup (dht/lookup.py): which peer it asks next, when it stops, and that a
+peer that accepts the connection but never answers does not hold a lookup up."""
+
+from __future__ import annotations
+
+import socket
+
+import multiaddr
+import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from dht.lookup import ANSWERED, CURRENT_STATS, FAILED, SLOW, LookupStats, Walk, key_of
+from tests.support.swarm import open_swarm
+
+
+def peers(count: int) -> list[ID]:
+    return [ID.from_pubkey(generate_new_ed25519_identity().public_key) for _ in range(count)]
+
+
+def test_the_walk_asks_the_closest_unasked_peer_and_stops_once_the_closest_have_answered() -> None:
+    me, *others = peers(9)
+    target = key_of(b"some key")
+    walk = Walk(target, me, beta=3)
+    assert not walk.add(me, 0)  # never itself
+    for peer in others:
+        assert walk.add(peer, 0)
+    assert not walk.add(others[0], 2)  # known already: keeps its first hop
+    by_distance = sorted(others, key=lambda p: key_of(p.to_bytes()) ^ target)
+    assert walk.next_peer(20) == by_distance[0]
+    walk.states[by_distance[0]] = FAILED  # unreachable: out of the closest set
+    walk.states[by_distance[1]] = ANSWERED
+    walk.states[by_distance[2]] = SLOW  # reached, no answer in time: settled, still a candidate
+    assert walk.next_peer(20) == by_distance[3]
+    assert not walk.done()
+    walk.states[by_distance[3]] = ANSWERED
+    assert walk.done()
+    assert walk.closest(3) == by_distance[1:4]
+    assert by_distance[0] not in walk.closest(20)
+
+
+async def test_a_lookup_goes_past_a_peer_that_accepts_connections_but_never_answers() -> None:
+    """A DHT peer whose address accepts TCP and then says nothing (a hung process, a tarpit) is in
+    every node's table: lookups still find their target, without waiting out py-libp2p's 10 s."""
+    tarpit = socket.socket()
+    tarpit.bind(("127.0.0.1", 0))
+    tarpit.listen(64)
+    port = tarpit.getsockname()[1]
+    try:
+        async with open_swarm(6) as nodes:
+            hung = peers(1)[0]
+            address = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")
+            for node in nodes:
+                assert await node.dht.dht.routing_table.add_peer(PeerInfo(hung, [address]))
+            searcher, target = nodes[5], nodes[2]
+            searcher.dht.dht.routing_table.remove_peer(target.host.get_id())
+            searcher.host.get_peerstore().clear_addrs(target.host.get_id())
+            stats = LookupStats()
+            token = CURRENT_STATS.set(stats)
+            try:
+                with trio.fail_after(8):  # py-libp2p's query timeout alone is 10 s
+                    addrs = await searcher.dht.find_peer_addrs(target.host.get_id())
+            finally:
+                CURRENT_STATS.reset(token)
+            assert {addr.split("/p2p/")[0] for addr in addrs} & {
+                str(addr).split("/p2p/")[0] for addr in target.host.get_addrs()
+            }
+            assert stats.target_hop is not None and stats.target_hop >= 1
+    finally:
+        tarpit.close()
