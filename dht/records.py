@@ -8,7 +8,6 @@ both the DHT validator and the query path call.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import threading
 from collections import OrderedDict
@@ -30,6 +29,8 @@ from pydantic import (
 )
 
 from dht.schema_safety import SchemaBudgetExceeded, instance_problems, schema_problem, validation_budget
+from runtime.errors import ClawnodeError
+from runtime.jsonsafe import loads_bounded
 from runtime.model_ids import CAPABILITY_NAME_PATTERN, MODEL_FEATURES, CapabilityName, ModelFeature
 from wire.signed import SignatureError, canonical_json, open_sealed, seal
 
@@ -394,8 +395,8 @@ def _check_content(data: bytes) -> CapabilityRecord:
     except SignatureError as error:
         raise RecordRejected(Rejection.BAD_SIGNATURE, str(error)) from None
     try:
-        parsed = json.loads(payload)
-    except (ValueError, RecursionError) as error:
+        parsed = loads_bounded(payload, what="the record", max_depth=MAX_JSON_DEPTH)
+    except (ValueError, RecursionError, ClawnodeError) as error:
         raise RecordRejected(Rejection.SCHEMA, type(error).__name__) from None
     if json_depth(parsed) > MAX_JSON_DEPTH:
         raise RecordRejected(Rejection.SCHEMA, f"nested deeper than {MAX_JSON_DEPTH}")

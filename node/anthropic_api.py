@@ -43,6 +43,7 @@ from node.openai_api import (
 )
 from node.router import RouteResult
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.jsonsafe import loads_bounded
 
 REFUSED_MESSAGES = {
     "top_k": "top_k sampling is not served",
@@ -215,8 +216,8 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
 
 def _tool_input(arguments: str) -> dict[str, Any]:
     try:
-        value = json.loads(arguments) if arguments else {}
-    except ValueError:
+        value = loads_bounded(arguments, what="the tool call's arguments") if arguments else {}
+    except (ValueError, ClawnodeError):
         value = None
     if not isinstance(value, dict):
         raise ClawnodeError(ErrorCode.INTERNAL, "the model's tool call arguments are not a JSON object")

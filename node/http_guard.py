@@ -21,11 +21,8 @@ own error log goes through :func:`quiet_error_logger` for the same reason.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import operator
-import re
 import secrets
 from collections.abc import Callable
 
@@ -34,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.openai_api import error_type
 from runtime.errors import ErrorCode
+from runtime.jsonsafe import json_depth_exceeds
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +39,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_JSON_DEPTH = 64
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
-# A JSON string, complete or cut off at the end of the body (then the decoder stops there too).
-_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
-_OPEN_AS_2 = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 SCAN_OFF_THREAD_BYTES = 256 * 1024
-
-
-def json_depth_exceeds(body: bytes, limit: int) -> bool:
-    """True when ``body``, read as JSON text, nests arrays and objects deeper than ``limit``.
-
-    Works on any bytes, valid JSON or not, without decoding them, at C speed (a 4 MiB body of
-    brackets in well under a second). Brackets inside strings do not count. Depth is not clamped at
-    zero: a decoder stops at the first stray closing bracket, so what follows one never nests.
-    """
-    if limit < 0:
-        return True
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return False  # cannot nest deeper than the brackets it holds
-    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
-    if len(brackets) <= limit:
-        return False
-    # After i brackets, 2 x (openings so far) - i is the depth; each opening counts 2 here.
-    depths = map(operator.sub, itertools.accumulate(brackets.translate(_OPEN_AS_2)), range(1, len(brackets) + 1))
-    return max(depths) > limit
 
 
 def is_loopback_host(host: str, server_port: int | None) -> bool:

@@ -39,7 +39,6 @@ failures (calls or checks) take a provider out of rotation until a check succeed
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -59,6 +58,7 @@ from protocols.lease import LeaseMarket
 from protocols.machines.lease import call_units_needed, lease_fits, lease_outlives
 from protocols.machines.model_features import required_features
 from runtime.errors import ClawnodeError, ErrorCode, Reason
+from runtime.jsonsafe import loads_bounded
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
 
@@ -794,8 +794,8 @@ async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]
         if data == "[DONE]":
             return
         try:
-            event = json.loads(data)
-        except ValueError:
+            event = loads_bounded(data, what="an event")
+        except (ValueError, ClawnodeError):
             continue
         if isinstance(event, dict):
             yield event

@@ -21,7 +21,6 @@ the Noise-secured stream, whose remote peer id already says who is speaking.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from protocols.lease_wire import ADDRESS, HEX32, SHA256_HEX, EscrowLock
 from protocols.machines.task_panel import MAX_PANEL
 from runtime.errors import REASON_PATTERN, ClawnodeError, ErrorCode
+from runtime.jsonsafe import loads_bounded
 from runtime.ledger.models import Evidence
 from runtime.ledger.receipts import MAX_AMOUNT, PEER_ID_PATTERN
 from runtime.sandbox import Limits
@@ -101,8 +101,8 @@ def sandbox_terms(params: str | None) -> SandboxTerms | None:
     """The sandbox terms in a task's params; None for a task whose params name no sandboxed kind
     (``"kind": "wasm"`` or ``"native"``): a person delivers it."""
     try:
-        data = json.loads(params or "")
-    except ValueError:
+        data = loads_bounded(params or "", what="the task's params")
+    except (ValueError, ClawnodeError):
         return None
     if not isinstance(data, dict) or data.get("kind") not in ("wasm", "native"):
         return None

@@ -19,7 +19,6 @@ call forever by trickling bytes: a reply too large or not JSON is ``bad_reply`` 
 from __future__ import annotations
 
 import functools
-import re
 import secrets
 import threading
 import time
@@ -34,6 +33,10 @@ from web3 import Web3
 from runtime.errors import ClawnodeError
 from runtime.escrow.errors import EscrowError, is_chain_error, normalise
 from runtime.escrow.health import ChainHealth
+
+# How deep a JSON-RPC reply may nest (a receipt's logs are 4 deep): runtime/jsonsafe.py says why it matters.
+from runtime.jsonsafe import MAX_JSON_DEPTH as MAX_JSON_DEPTH
+from runtime.jsonsafe import json_too_deep as json_too_deep
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,30 +60,6 @@ ChainMode = Literal["embedded", "rpc"]
 # hashes, a receipt with logs are far below; a log query of a long soak is the largest (~1 MB).
 MAX_RPC_REPLY = 4 * 1024 * 1024
 _CHUNK = 64 * 1024
-
-
-# How deep a JSON-RPC reply may nest: a receipt's logs are 4 deep. Python's JSON decoder recurses per
-# level and py_ecc (imported with web3) raises the recursion limit to 100,000, so a reply of a few
-# hundred thousand "[" overflows the C stack and kills the process instead of raising.
-MAX_JSON_DEPTH = 64
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
-
-
-def json_too_deep(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
-    """Whether ``raw`` may nest arrays/objects deeper than ``max_depth`` (strings ignored), without recursing.
-
-    Cuts the innermost ``[]``/``{}`` pairs once per level (C-speed passes, at most ``max_depth``); what
-    no pass can cut is unbalanced, and each opening bracket left may add a level the decoder would
-    enter before it fails ("[" * 10**6 still recurses), so those count too."""
-    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    levels = 0
-    while brackets and levels <= max_depth:
-        shorter = brackets.replace(b"[]", b"").replace(b"{}", b"")
-        if shorter == brackets:
-            return levels + brackets.count(b"[") + brackets.count(b"{") > max_depth
-        brackets, levels = shorter, levels + 1
-    return levels > max_depth
 
 
 def read_bounded(response: Any, *, limit: int, deadline: float) -> bytes:

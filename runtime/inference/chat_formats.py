@@ -15,12 +15,12 @@ a slot gets the same information in a form it has:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.tools import RESPONSE_CLOSE, RESPONSE_OPEN, ToolUse, generic_tools_text, render_call
+from runtime.jsonsafe import loads_bounded
 
 Message = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
@@ -82,9 +82,9 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
-            function["arguments"] = json.loads(arguments)
-        except ValueError:
-            pass
+            function["arguments"] = loads_bounded(arguments, what="a tool call's arguments")
+        except (ValueError, ClawnodeError):
+            pass  # kept as the client sent it: a string
     return {"id": call.get("id", ""), "type": "function", "function": function}
 
 

@@ -32,7 +32,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.errors import ClawnodeError
 from runtime.inference.grammar import GrammarBuilder, check_schema, invalid, literal
+from runtime.jsonsafe import loads_bounded
 
 MAX_TOOLS = 64
 # All tools' parameter schemas together, as compact JSON: each is checked (jsonschema, the grammar
@@ -182,9 +184,9 @@ def render_call(call: dict[str, Any]) -> str:
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            pass
+            arguments = loads_bounded(arguments, what="a tool call's arguments")
+        except (ValueError, ClawnodeError):
+            pass  # kept as the client sent it: a string
     body = json.dumps({"name": function.get("name", ""), "arguments": arguments if arguments is not None else {}})
     return CALL_OPEN + body + "\n</tool_call>"
 
