@@ -24,15 +24,16 @@ Measures, in one process:
    claim, an honest run that hit its limit, the module withheld by both parties, a task that asks
    for a person, limits above the arbiter's caps, an honest seller of a non-deterministic native
    program (half read randomness, which the native sandbox seeds from the program and input, half
-   the clock, which it does not pin). Every task names a 2-of-3 panel: its arbiter and two arbiters
-   drawn from a pool (caps like the arbiter's, higher caps, ``wasm`` only). A ``wasm`` dispute is
-   decided by the arbiter's re-run when it decides; a ``native`` one (and a ``wasm`` one its arbiter
-   could not decide) by the panel: each member re-runs in its own sandbox (real runs) and votes its
-   ``rerun_verdict`` or abstains, ``task_panel.tally`` decides at 2 agreeing votes. Counted as
-   resolved without a person: a re-run's decision or the panel's automatic votes; a person: a task
-   that asks for one, or a panel short of 2 agreeing votes. ``wrong``: decisions against the party
-   that was right. Disputes over tasks with no sandboxed kind (a person's deliverable, inference)
-   always go to a person and are not in this batch.
+   the clock, which it pins where libfaketime is installed: the clock mode is printed). Every task
+   names a 2-of-3 panel: its arbiter and two arbiters drawn from a pool (caps like the arbiter's,
+   higher caps, ``wasm`` only). A ``wasm`` dispute is decided by the arbiter's re-run when it
+   decides; a ``native`` one (and a ``wasm`` one its arbiter could not decide) by the panel: each
+   member re-runs in its own sandbox (real runs) and votes its ``rerun_verdict`` or abstains,
+   ``task_panel.tally`` decides at 2 agreeing votes. Counted as resolved without a person: a
+   re-run's decision or the panel's automatic votes; a person: a task that asks for one, or a panel
+   short of 2 agreeing votes. ``wrong``: decisions against the party that was right. Disputes over
+   tasks with no sandboxed kind (a person's deliverable, inference) always go to a person and are
+   not in this batch.
 5. ``escapes``: both escape batteries (the modules and programs of the tests) run once; an escape is
    any entry whose containment check fails (a host file's bytes in the output, a connection made,
    a process left behind, a write outside the output, a run not stopped by its limit).
@@ -265,7 +266,7 @@ FAULTS = {  # fault: (weight, who is right: "seller" / "buyer" / "person")
 }
 
 # Half read randomness (the native sandbox seeds it from the program and input: reproducible), half the
-# clock (not pinned: not reproducible).
+# clock (pinned where libfaketime is installed: reproducible there, not elsewhere).
 NONDETERMINISTIC = (
     b"#!/bin/sh\nhead -c 8 /dev/urandom | od -An -tx1\n",
     b"#!/bin/sh\ndate +%s%N\n",
@@ -553,6 +554,8 @@ def main() -> None:
             f"{', '.join(f'{t:.2f}' for t in panel)} s"
         )
 
+    if bwrap_available():
+        say(f"native clock: {NativeSandbox(cap=NATIVE_LIMITS, cgroups=False).clock_mode}")
     share, wrong, decided = mixed_batch(args.disputes, random.Random(args.seed))
     print(f"mixed batch of {args.disputes}: {share:.0%} decided without a person, {wrong} of them wrongly")
     print(
