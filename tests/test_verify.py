@@ -166,5 +166,10 @@ async def test_a_spot_check_of_a_signed_commitment_passes_honesty_and_names_each
         forged = signed.model_copy(update={"body": signed.body.model_copy(update={"root": "00" * 32})})  # type: ignore[attr-defined]
         check = check_call(verifier, prompt, tokens, forged, openings, ed25519_public_key, tolerances)
         assert verdict(check) == "failed:unsigned_root"
+        # A token id outside the vocabulary fails without reaching llama.cpp.
+        signed, openings = signed_call(served, prompt, sent, tokens)
+        bad = [*tokens[:-1], 10**6]
+        check = check_call(verifier, prompt, bad, signed, openings, ed25519_public_key, tolerances)  # type: ignore[arg-type]
+        assert verdict(check) == "failed:not_sampled"
     finally:
         verifier.close()

@@ -61,7 +61,11 @@ class Verifying:
         except ValueError:
             data = []
         openings = [_opening(data, index) for index in range(len(data))]
-        spot: SpotCheck = await trio.to_thread.run_sync(_run, model.path, prompt, proof, openings)
+        try:
+            spot: SpotCheck = await trio.to_thread.run_sync(_run, model.path, prompt, proof, openings)
+        except ValueError:  # longer than the verifier's context: not checked here
+            self.book.note(provider, "unverifiable", "too_long")
+            return "unverifiable"
         facts = CheckFacts(
             root_signed=bound and spot.root_signed,
             answered=True,

@@ -52,6 +52,9 @@ def check_call(
             opened += decode_chunk(opening.data, tokens[index * chunk : (index + 1) * chunk])
         except ValueError:
             return SpotCheck(True, False, None)
+    if any(not 0 <= t < prefill.n_vocab for t in (*prompt, *tokens)):
+        # A token id outside the vocabulary is never produced by the model (and never reaches llama.cpp).
+        return SpotCheck(True, True, Findings(positions=len(tokens), not_sampled=1))
     rows = prefill.rows(prompt, tokens)
     findings = compare(
         rows,
