@@ -15,6 +15,7 @@ def test_a_check_passes_only_when_every_fact_holds() -> None:
         "unsigned_root": dataclasses.replace(GOOD, root_signed=False),
         "no_answer": dataclasses.replace(GOOD, answered=False),
         "opening_mismatch": dataclasses.replace(GOOD, openings_match=False),
+        "prompt_mismatch": dataclasses.replace(GOOD, prompt_matches=False),
         "logprob": dataclasses.replace(GOOD, findings_reason="logprob"),
         "not_sampled": dataclasses.replace(GOOD, findings_reason="not_sampled"),
     }

@@ -71,6 +71,7 @@ class Verifying:
             answered=True,
             openings_match=spot.openings_match,
             holds_file=True,
+            prompt_matches=spot.prompt_matches,
             findings_reason=spot.findings.reason() if spot.findings is not None else "",
         )
         verdict = check_verdict(facts)

@@ -20,7 +20,9 @@ from runtime.errors import ErrorCode
 
 Outcome = Literal["passed", "failed", "unverifiable"]
 # Stable reasons, as the ledger records them and `clawnode find` shows them.
-FailReason = Literal["opening_mismatch", "no_answer", "logprob", "logprob_mean", "top", "not_sampled", "unsigned_root"]
+FailReason = Literal[
+    "opening_mismatch", "prompt_mismatch", "no_answer", "logprob", "logprob_mean", "top", "not_sampled", "unsigned_root"
+]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class CheckFacts:
     answered: bool  # the provider sent the openings asked for, in time
     openings_match: bool  # every opening opens against that root
     holds_file: bool  # this verifier holds the advertised file (same sha256)
+    prompt_matches: bool = True  # the signed prompt length is what this verifier's rendering of the request gives
     findings_reason: str = ""  # runtime.verify.check.Findings.reason(): "" when the comparison passed
 
 
@@ -65,6 +68,8 @@ def check_verdict(facts: CheckFacts) -> CheckVerdict:
         return CheckVerdict("failed", "opening_mismatch")
     if not facts.holds_file:
         return CheckVerdict("unverifiable", "no_file")
+    if not facts.prompt_matches:
+        return CheckVerdict("failed", "prompt_mismatch")
     if facts.findings_reason:
         return CheckVerdict("failed", facts.findings_reason)
     return CheckVerdict("passed")

@@ -22,6 +22,7 @@ class SpotCheck:
     root_signed: bool
     openings_match: bool
     findings: Findings | None  # None when the comparison did not run (a bad signature or opening)
+    prompt_matches: bool = True  # the signed prompt length is the consumer's own rendering's
 
 
 def check_call(
@@ -34,12 +35,13 @@ def check_call(
     tolerances: tuple[float, float],
 ) -> SpotCheck:
     body = signed.body
-    if (
-        not commitment_signed(signed, peer_keys)
-        or body.completion_tokens != len(tokens)
-        or body.prompt_tokens != len(prompt)
-    ):
+    if not commitment_signed(signed, peer_keys):
         return SpotCheck(False, False, None)
+    if body.prompt_tokens != len(prompt):
+        # The provider signed that it processed another prompt (truncated, or another tokenizer's).
+        return SpotCheck(True, True, None, prompt_matches=False)
+    if body.completion_tokens != len(tokens):
+        return SpotCheck(True, False, None)
     root = bytes.fromhex(body.root)
     opened: list[Opened] = []
     chunk = 32
