@@ -204,6 +204,24 @@ def _sandbox(node: MetricsSource) -> list[Metric]:
     return [runs, kills, refusals, denied, violations]
 
 
+def _task_panels(node: MetricsSource) -> list[Metric]:
+    """Disputed tasks whose arbiter panel has not decided: their escrow stays locked until it does."""
+    try:
+        tasks = getattr(node, "tasks", None)
+    except RuntimeError:  # the node is not running: no task market yet
+        return []
+    if tasks is None:
+        return []
+    undecided = GaugeMetricFamily(
+        "clawnode_task_panels_undecided",
+        "disputed tasks whose arbiter panel has not decided (escrow locked), by the panel's state",
+        labels=["state"],
+    )
+    for state, count in tasks.undecided_panels().items():
+        undecided.add_metric([state], count)
+    return [undecided]
+
+
 def _escrow_disconnected(node: MetricsSource) -> Metric:
     """1 once a configured chain failed to connect, 0 when connected or off; no sample while unknown.
 
@@ -261,6 +279,7 @@ async def render_metrics(node: MetricsSource) -> bytes:
     families += _nat_traversal(node)
     families += _inbound_connections(node)
     families += _sandbox(node)
+    families += _task_panels(node)
     rejected = gauge("clawnode_records_rejected", "capability records rejected, by reason", ("reason",))
     for reason, count in status.records_rejected.items():
         rejected.labels(reason=reason).set(count)

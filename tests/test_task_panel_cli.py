@@ -7,9 +7,12 @@ flags that cannot go together are refused before any call.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import httpx
+import pytest
 import trio
 from click.testing import CliRunner, Result
 from eth_account import Account
@@ -17,8 +20,18 @@ from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from node.cli import main
+from node.datadir import read_api_token
+from protocols import task_wire as w
+from protocols.gossip import task_topic
+from protocols.machines.task import TaskState
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox import Limits
+from runtime.sandbox.native import bwrap_available
 from tests.support import native_programs
-from tests.support.market import market_nodes
+from tests.support.market import market_nodes, metric_samples, wait_for
+
+CAPABILITY = "model:native-upper"
+LIMITS = Limits(fuel=2000, memory_bytes=64 * 1024 * 1024, wall_s=5.0, output_bytes=4096, pids=8)
 
 
 def _member() -> tuple[str, str]:
@@ -35,7 +48,7 @@ async def test_a_panel_task_is_published_and_voted_on_through_the_cli(tmp_path: 
             return CliRunner().invoke(main, [*args, "--data-dir", str(node.data_dir)], catch_exceptions=False)
 
         panel = ",".join(f"{peer}:{wallet}" for peer, wallet in members)
-        publish = ["task", "publish", "model:native-upper", "--budget", "1000", "--native", str(program)]
+        publish = ["task", "publish", CAPABILITY, "--budget", "1000", "--native", str(program)]
         published = await trio.to_thread.run_sync(cli, *publish, "--panel", panel, "--json")
         assert published.exit_code == 0, published.output
         view = json.loads(published.output)
@@ -63,3 +76,46 @@ async def test_a_panel_task_is_published_and_voted_on_through_the_cli(tmp_path: 
             refused = await trio.to_thread.run_sync(cli, *bad)
             assert refused.exit_code == 2, (bad, refused.output)
         assert len((await trio.to_thread.run_sync(cli, "task", "list", "--json")).output.split('"task_id"')) == 2
+
+
+async def test_a_panel_that_does_not_answer_is_shown_as_undecided_with_the_escrow_held() -> None:
+    """A native task disputed before a panel whose members never answer (peers no node reaches): the
+    escrow stays locked, and the parties' nodes say so in /metrics (what TaskPanelUnanswered reads) and
+    in `clawnode task list`."""
+    if not bwrap_available():
+        pytest.skip("bubblewrap is not installed")
+    members = [_member() for _ in range(3)]
+    panel = w.PanelTerms(members=[w.PanelMember(peer=p, wallet=a) for p, a in members], threshold=2)
+    async with market_nodes([{}, {}]) as ((creator, seller), _):
+        seller.sandbox.policy = dataclasses.replace(seller.sandbox.policy, kinds=frozenset({"wasm", "native"}))
+        await seller.tasks.watch(CAPABILITY)
+        topic = task_topic(CAPABILITY)
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        view = await creator.tasks.publish_run(
+            CAPABILITY, 10**18, 120, kind="native", module=native_programs.UPPER, input=b"x", limits=LIMITS, panel=panel
+        )
+        task_id = view.task_id
+        await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(task_id, 10**17)
+        await creator.tasks.award(task_id, bid.bid_id)
+        await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
+        assert creator.tasks.undecided_panels()["open"] == 0  # no dispute yet
+        await creator.tasks.review(task_id, False, "wrong")
+        with pytest.raises(ClawnodeError) as unreachable:  # opened on chain; no member can be told
+            await creator.tasks.dispute(task_id, "wrong")
+        assert unreachable.value.code == ErrorCode.UNAVAILABLE
+
+        token = await trio.to_thread.run_sync(read_api_token, creator.data_dir)
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            reply = await client.get(f"{creator.api_url}/metrics", headers={"authorization": f"Bearer {token}"})
+        samples = metric_samples(reply.text)
+        assert samples['clawnode_task_panels_undecided{state="open"}'] == 1
+        assert samples['clawnode_task_panels_undecided{state="deadlocked"}'] == 0
+
+        def listed() -> str:
+            args = ["task", "list", "--data-dir", str(creator.data_dir)]
+            return CliRunner().invoke(main, args, catch_exceptions=False).output
+
+        shown = await trio.to_thread.run_sync(listed)
+        assert "panel 2 of 3: open" in shown and shown.count("not voted") == 3
+        assert str(creator.tasks.book.get(task_id).state) != TaskState.CLOSED

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from protocols import task_wire as w
+from protocols.machines import task as m
 from protocols.machines import task_panel as rules
 from protocols.machines.verdict import Refusal, enforce
 from protocols.task.base import TaskCore, TaskLocal, checked_evidence, log
@@ -51,6 +52,23 @@ class PanelRole(TaskCore):
             verdict = self._tally(local, panel)
             view |= {"panel_votes": verdict.votes, "panel_state": verdict.state}
         return view
+
+    def undecided_panels(self) -> dict[str, int]:
+        """Disputed tasks this node knows whose panel has not decided, by the panel's state (``open``: votes
+        missing, ``needs_person``, ``deadlocked``): the contract pays out only on ``m`` agreeing votes, so
+        their escrow stays locked until the members vote (``clawnode_task_panels_undecided``)."""
+        counts = {"open": 0, "needs_person": 0, "deadlocked": 0}
+        for task_id, record in self.book.tasks.items():
+            local = self.local.get(task_id)
+            panel = self._panel_of(local) if local is not None else None
+            if panel is None or local is None or local.award is None or record.dispute is None:
+                continue
+            if record.dispute.state != m.DisputeState.OPEN:
+                continue
+            state = self._tally(local, panel).state
+            if state in counts:
+                counts[state] += 1
+        return counts
 
     def _tally(self, local: TaskLocal, panel: w.PanelTerms) -> rules.PanelVerdict:
         votes = [rules.Vote(notice.voter, notice.to_bidder) for notice, _ in local.votes.values()]
