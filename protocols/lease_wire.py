@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from dht.records import CAPABILITY_NAME, WalletBinding
 from runtime.ledger.receipts import LEASE_ID_PATTERN, MAX_AMOUNT, PEER_ID_PATTERN, SignedReceipt
@@ -48,6 +48,15 @@ class EscrowTerms(_Msg):
     payee: str = Field(pattern=ADDRESS, description="the provider's wallet")
     arbiter: str = Field(pattern=ADDRESS)
     dispute_window_s: int = Field(ge=0, le=MAX_DURATION_S)
+    token: str | None = Field(None, pattern=ADDRESS, description="the ERC-20 to lock in; None: the chain's coin")
+
+    @model_serializer(mode="wrap")
+    def _without_coin(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A coin quote signs the same bytes as before tokens existed (older peers forbid extra fields)."""
+        data: dict[str, Any] = handler(self)
+        if data.get("token") is None:
+            data.pop("token", None)
+        return data
 
 
 class LeasePolicy(_Msg):

@@ -76,6 +76,10 @@ class ProviderRole(ServingRole, ChannelRole):
         )
         enforce(rules.quote_verdict(ask))
         assert offer is not None
+        if terms is not None and offer.asset.startswith("erc20:"):
+            from runtime.escrow.client import asset_token  # web3 is loaded once a chain is connected
+
+            terms = terms.model_copy(update={"token": asset_token(offer.asset)})  # locked in the offer's token
         quote = w.Quote(
             quote_id=secrets.token_hex(16),
             provider=self.peer_id,
@@ -250,6 +254,8 @@ class ProviderRole(ServingRole, ChannelRole):
                 quote_window=terms.dispute_window_s,
                 budget=opening.budget,
                 duration_s=quote.duration_s,
+                token=state.token,
+                quote_token=terms.token,
             )
         )
         return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)

@@ -27,6 +27,7 @@ class LockState:
     released: int
     deadline: int  # chain time
     window: int
+    token: str = "0x" + "00" * 20  # the ERC-20 locked; the zero address: the chain's coin
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class LockTerms:
     amount: int
     window: int
     lasts_until: int  # chain time the lock must not end before
+    token: str | None = None  # the ERC-20 agreed; None: the chain's coin
 
 
 def escrow_frozen(phase: str) -> bool:
@@ -55,6 +57,10 @@ def lock_verdict(lock: LockState, terms: LockTerms) -> Refusal | None:
     if lock.payee.lower() != terms.payee.lower() or lock.arbiter.lower() != terms.arbiter.lower():
         return Refusal(
             ErrorCode.FORBIDDEN, "lock_wrong_parties", "the escrow lock names another payee or arbiter than agreed"
+        )
+    if int(lock.token, 16) != (0 if terms.token is None else int(terms.token, 16)):
+        return Refusal(
+            ErrorCode.INSUFFICIENT_FUNDS, "lock_wrong_asset", "the escrow lock holds another asset than agreed"
         )
     if lock.amount - lock.released < terms.amount:
         return Refusal(ErrorCode.INSUFFICIENT_FUNDS, "lock_short", "the escrow lock holds less than agreed")

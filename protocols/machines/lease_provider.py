@@ -206,6 +206,8 @@ class LockFacts:
     quote_window: int
     budget: int
     duration_s: int
+    token: str = "0x" + "00" * 20  # the lock's ERC-20 (zero: the coin)
+    quote_token: str | None = None  # the quote's
 
 
 LEASE_ID_NOT_BOUND = "the lease id is not derived from the consumer's peer id"
@@ -222,8 +224,10 @@ def check_lock(f: LockFacts) -> None:
     if f.salt is None or len(f.salt) != LEASE_SALT_BYTES or lease_id_for(f.consumer, f.salt).hex() != f.escrow_id[2:]:
         raise ClawnodeError(ErrorCode.FORBIDDEN, LEASE_ID_NOT_BOUND)
     check_escrow_lock(  # the checks the task market shares
-        LockState(f.phase, f.payee, f.arbiter, f.amount, f.released, f.deadline, f.window),
-        LockTerms("lease", f.quote_payee, f.quote_arbiter, f.budget, f.quote_window, f.chain_now + f.duration_s),
+        LockState(f.phase, f.payee, f.arbiter, f.amount, f.released, f.deadline, f.window, f.token),
+        LockTerms(
+            "lease", f.quote_payee, f.quote_arbiter, f.budget, f.quote_window, f.chain_now + f.duration_s, f.quote_token
+        ),
     )
 
 
