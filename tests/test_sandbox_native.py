@@ -211,3 +211,15 @@ def test_a_run_s_processes_together_are_held_to_its_memory_cap_by_its_own_cgroup
     assert box.stats.kills[("native", "memory_limit")] == 1
     groups = box._cgroups.dirs.values()  # type: ignore[union-attr]
     assert not [p for d in groups for p in d.iterdir() if p.name.startswith("clawnode-run-")]  # removed
+
+
+def test_a_program_cannot_fill_dev_shm_past_the_run_s_scratch_cap() -> None:
+    """/dev/shm inside the sandbox is a tmpfs of the same 16 MiB as /tmp: writing 32 MiB there stops at the
+    cap instead of growing in the host's memory."""
+    from runtime.sandbox.native import TMP_BYTES, NativeSandbox
+
+    box = NativeSandbox(cap=LIMITS)
+    fill = box.load(b"#!/bin/sh\nhead -c 33554432 /dev/zero > /dev/shm/fill 2>/dev/null\nwc -c < /dev/shm/fill\n")
+    result = box.run(fill, b"", LIMITS)
+    assert result.outcome == Outcome.EXITED
+    assert int(result.output.strip()) <= TMP_BYTES

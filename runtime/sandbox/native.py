@@ -325,6 +325,11 @@ class NativeSandbox:
             "/proc",
             "--dev",
             "/dev",
+            # bwrap's /dev/shm is an unbounded tmpfs: a program could fill it past its output cap.
+            "--size",
+            str(TMP_BYTES),
+            "--tmpfs",
+            "/dev/shm",
             "--ro-bind",
             str(scratch / "random"),
             "/dev/urandom",
