@@ -65,6 +65,9 @@ class NetworkProfile(_Msg):
     )
     arbiter: str | None = Field(None, pattern=ADDRESS)
     faucet: bool = Field(False, description="the node funds a joining wallet on request")
+    stablecoin: str | None = Field(
+        None, pattern=ADDRESS, description="an ERC-20 on the chain to price in (dev: a mock)"
+    )
 
     @property
     def chain_id(self) -> int | None:
@@ -277,6 +280,7 @@ async def serve_network_chain(service: NetworkService, wallet_key: bytes, *, lis
         rpc_urls=[url],
         arbiter=wallet.address,  # the bootstrap's own key: a dev account's is public
         faucet=True,
+        stablecoin=dev.token or None,
     )
     service.state = "serving"
     service.preparing = False

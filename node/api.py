@@ -222,6 +222,9 @@ class WalletReply(BaseModel):
     balance: int = Field(description="wei in the wallet")
     escrow_credit: int = Field(description="wei the escrow holds for this wallet (claimed income), withdrawable")
     mode: str = Field(description="escrow.mode")
+    stablecoin: str | None = Field(None, description="the ERC-20 the network's profile names (a dev chain: a mock)")
+    stablecoin_balance: int | None = Field(None, description="its smallest units in the wallet")
+    stablecoin_credit: int | None = Field(None, description="its smallest units the escrow holds for this wallet")
 
 
 class NetworkReply(BaseModel):

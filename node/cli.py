@@ -1028,6 +1028,12 @@ def wallet(ctx: click.Context, data_dir: str | None, as_json: bool) -> None:
         f"balance        {_wei(body['balance'])}",
         f"escrow credit  {_wei(body['escrow_credit'])}  (claimed income; clawnode wallet withdraw)",
     ]
+    if body.get("stablecoin"):
+        lines += [
+            f"stablecoin     {body['stablecoin']}  (the network's ERC-20)",
+            f"  balance      {body['stablecoin_balance']}  (smallest units)",
+            f"  credit       {body['stablecoin_credit']}  (claimed income in it)",
+        ]
     _print(body, as_json, lines)
 
 

@@ -1029,6 +1029,14 @@ class Node:
         address = client.account.address
         balance = await client.chain.run(lambda: int(client.chain.w3.eth.get_balance(address)))
         credit = await client.chain.run(client.credit_of, address)
+        profile = self.network.profile if self.network is not None else None
+        token = profile.stablecoin if profile is not None and profile.chain == caip2(client.chain.chain_id) else None
+        token_balance = token_credit = None
+        if token is not None:
+            from runtime.escrow.token import TokenClient
+
+            token_balance = await client.chain.run(TokenClient(client.chain, client.account, token).balance_of, address)
+            token_credit = await client.chain.run(client.credit_of, address, token)
         return WalletReply(
             address=address,
             chain=caip2(client.chain.chain_id),
@@ -1036,6 +1044,9 @@ class Node:
             balance=balance,
             escrow_credit=credit,
             mode=self.config.escrow.mode,
+            stablecoin=token,
+            stablecoin_balance=token_balance,
+            stablecoin_credit=token_credit,
         )
 
     async def withdraw(self, to: str | None) -> WithdrawReply:

@@ -38,6 +38,7 @@ from runtime.escrow.chain import Chain, json_too_deep, private_chain_id
 from runtime.escrow.client import GAS_LIMITS, EscrowClient
 from runtime.escrow.errors import redact
 from runtime.escrow.settings import fund_from_dev_account
+from runtime.escrow.token import TokenClient
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ RPC_METHODS = frozenset(
 # drain the dev account by asking for fresh addresses forever).
 FAUCET_AMOUNT = 100 * 10**18  # 1024 wallets take a tenth of the dev account's 10**6 ETH
 FAUCET_MAX_WALLETS = 1024
+# And of the network's mock stablecoin (MockERC20, 6 decimals: 1,000 test dollars), to price and pay in.
+FAUCET_TOKENS = 1_000 * 10**6
 
 
 KNOWN_ACCOUNT_KEEP = 10**18  # 10 ETH in all: less than one faucet grant is left to whoever knows the keys
@@ -200,6 +203,7 @@ class DevChain:
     chain: Chain
     deployer: EscrowClient
     faucet: LocalAccount  # a fresh key, never served: the known dev accounts are swept into it
+    token: str = ""  # the network's mock stablecoin (MockERC20): what ``fund`` also hands out
     funded: set[str] = field(default_factory=set)
     url: str = ""  # the JSON-RPC URL once served
 
@@ -209,18 +213,22 @@ class DevChain:
         swept into a faucet account of its own."""
         chain = Chain.embedded(chain_id=private_chain_id())
         deployer = EscrowClient.deploy(chain, chain.dev_accounts()[0])
+        token = TokenClient.deploy(chain, chain.dev_accounts()[0]).address
         faucet: LocalAccount = Account.create()
         sweep_known_accounts(chain, faucet.address)
-        return cls(chain, deployer, faucet)
+        return cls(chain, deployer, faucet, token)
 
     def fund(self, address: str) -> bool:
-        """Blocking: give ``address`` :data:`FAUCET_AMOUNT` once; False when it had its share or the faucet is done."""
+        """Blocking: give ``address`` :data:`FAUCET_AMOUNT` and :data:`FAUCET_TOKENS` of the mock stablecoin
+        once; False when it had its share or the faucet is done."""
         key = address.lower()
         if key in self.funded or len(self.funded) >= FAUCET_MAX_WALLETS:
             return False
         self.funded.add(key)
         try:
             fund_from_dev_account(self.chain, address, FAUCET_AMOUNT, source=self.faucet)
+            if self.token:
+                TokenClient(self.chain, self.faucet, self.token).mint(address, FAUCET_TOKENS)
         except Exception:
             self.funded.discard(key)
             raise
