@@ -443,6 +443,7 @@ class Node:
                         wake_settlement=self._wake_settlement,
                     )
                     self._market.verifying.local_model = self._model_by_sha256
+                    self._market.verifying.advertised = self._advertised_sha256
                     self._market.verifying.sample_rate = self.config.verify.sample_rate
                     await nursery.start(self.supervisor.run, "market", self._market.run)
                     self._router = Router(
@@ -728,6 +729,15 @@ class Node:
             last_reason=record.last_reason,
             standing=standing(record.passed, record.failed),
         )
+
+    async def _advertised_sha256(self, provider: str, lease_id: str) -> str:
+        """The GGUF sha256 the provider's signed record states for the lease's model ("" if none)."""
+        held = self.market.held.get(lease_id)
+        if held is None:
+            return ""
+        record, _ = await self.discovery.fetch_live(ID.from_base58(provider))
+        capability = record.capability(held.grant.capability)
+        return capability.model.sha256 if capability is not None and capability.model is not None else ""
 
     def _model_by_sha256(self, sha256: str) -> Any:
         """A model this node loaded from the file with this sha256 (verified inference), or None."""

@@ -18,6 +18,9 @@ def test_a_check_passes_only_when_every_fact_holds() -> None:
         "prompt_mismatch": dataclasses.replace(GOOD, prompt_matches=False),
         "logprob": dataclasses.replace(GOOD, findings_reason="logprob"),
         "not_sampled": dataclasses.replace(GOOD, findings_reason="not_sampled"),
+        "no_proof": dataclasses.replace(GOOD, proof_sent=False),
+        "model_mismatch": dataclasses.replace(GOOD, model_matches=False, holds_file=False),  # no file needed
+        "text_mismatch": dataclasses.replace(GOOD, text_matches=False),
     }
     for reason, facts in cases.items():
         verdict = check_verdict(facts)
@@ -26,6 +29,7 @@ def test_a_check_passes_only_when_every_fact_holds() -> None:
         assert refusal is not None and refusal.reason == f"verification_{reason}"
     # Without the provider's signature on the root there is no evidence to dispute with.
     assert not check_verdict(cases["unsigned_root"]).dispute and check_verdict(cases["logprob"]).dispute
+    assert not check_verdict(cases["no_proof"]).dispute and check_verdict(cases["model_mismatch"]).dispute
     # A consumer without the advertised file can neither pass nor fail the provider.
     unverifiable = check_verdict(dataclasses.replace(GOOD, holds_file=False, findings_reason="logprob"))
     assert (unverifiable.outcome, unverifiable.stop_countersigning) == ("unverifiable", False)

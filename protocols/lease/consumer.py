@@ -323,6 +323,7 @@ class ConsumerRole(ChannelRole):
                 stream = await open_stream(self.host, ID.from_base58(held.grant.provider), [INFER_PROTOCOL])
                 reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
                 tokens_received = bytes_received = 0
+                texts: list[str] = []  # the reply as received (bounded by call_bytes_verdict), for its check
                 last_frame = False  # the provider's end or error frame arrived: nothing is left in flight
                 requested = False
                 try:
@@ -344,6 +345,8 @@ class ConsumerRole(ChannelRole):
                             bytes_received += len(raw)
                             enforce(call_bytes_verdict(bytes_received, body))
                             tokens_received += chunk_tokens(frame.data)
+                            if isinstance(frame.data.get("text"), str):
+                                texts.append(frame.data["text"])
                             await on_chunk(frame.data)
                             continue
                         # Only units consistent with what arrived and what was asked are counted (and
@@ -359,7 +362,7 @@ class ConsumerRole(ChannelRole):
                             ack_scope.shield = True
                             with contextlib.suppress(Exception):
                                 await write_frame(stream, w.CallAck().model_dump_json().encode())
-                        await self._spot_check(held, lease_id, body, frame)
+                        await self._spot_check(held, lease_id, body, frame, "".join(texts))
                         return frame
                 finally:
                     with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
@@ -381,9 +384,12 @@ class ConsumerRole(ChannelRole):
                 ErrorCode.UNAVAILABLE, f"the provider is unreachable ({type(error).__name__})"
             ) from None
 
-    async def _spot_check(self, held: HeldLease, lease_id: str, body: dict[str, Any], frame: w.CallEnd) -> None:
+    async def _spot_check(
+        self, held: HeldLease, lease_id: str, body: dict[str, Any], frame: w.CallEnd, text: str
+    ) -> None:
         """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned."""
-        outcome = await self.verifying.check(held.grant.provider, lease_id, body, frame.verify)
+        provider = held.grant.provider
+        outcome = await self.verifying.check(provider, lease_id, body, frame.verify, text=text, usage=frame.usage)
         if outcome.startswith("failed:"):
             reason = outcome.removeprefix("failed:")
             self._spawn(self.revoke_held, lease_id)

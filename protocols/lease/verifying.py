@@ -4,15 +4,19 @@ After a call's end frame, when the frame carries a proof for a file this node ho
 consumer checks the call if ``verify_sample_rate`` draws it, always on a provider's first checked call
 and after any doubt: the prompt as its own copy of the model renders it, the produced tokens and
 the committed chunks against the signed root, then one prefill (``runtime.verify.spot.check_call``, on
-a worker thread). ``protocols.machines.verify.check_verdict`` decides; a failure ends the lease (no
-more countersigned receipts) and refuses the call with ``E_FORBIDDEN verification_<reason>``.
+a worker thread), and whether the ids spell the text received. Every proof's signed sha256 is
+compared with the one the provider's signed record advertises for the lease's model (no file needed),
+and a drawn call that should carry a proof (the record names a file, the request is verifiable,
+tokens were produced) but carries none fails as ``no_proof``.
+``protocols.machines.verify.check_verdict`` decides; a failure ends the lease (no more countersigned
+receipts) and refuses the call with ``E_FORBIDDEN verification_<reason>``.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -20,8 +24,9 @@ import trio
 from protocols.machines.verify import CheckFacts, check_verdict
 from runtime.verify.book import VerificationBook
 from runtime.verify.check import prefill_for
-from runtime.verify.commitment import Commitment, Opening
-from runtime.verify.evidence import CallProof
+from runtime.verify.commitment import MAX_TOKENS, Commitment, Opening
+from runtime.verify.evidence import CallProof, commitment_signed
+from runtime.verify.provider import verifiable
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE, should_check
 from runtime.verify.spot import SpotCheck, check_call
 from wire.peer_keys import ed25519_public_key
@@ -29,6 +34,9 @@ from wire.peer_keys import ed25519_public_key
 log = logging.getLogger(__name__)
 
 LocalModel = Callable[[str], Any]  # sha256 -> a loaded LlamaModel of that file, or None
+# (provider, lease id) -> the sha256 the provider's signed record advertises for the lease's model ("" if none)
+Advertised = Callable[[str, str], Awaitable[str]]
+MAX_ADVERTISED = 1024  # leases whose advertised file is remembered
 
 
 class Verifying:
@@ -38,18 +46,68 @@ class Verifying:
         self.local_model = local_model
         self.sample_rate = sample_rate
         self.book = VerificationBook()
+        self.advertised: Advertised | None = None
+        self._advertised: dict[str, str] = {}  # lease id -> sha256 ("" when the record names none)
 
-    async def check(self, provider: str, lease_id: str, body: dict[str, Any], proof: CallProof | None) -> str:
-        """``passed``, ``failed:<reason>``, ``unverifiable`` or ``skipped``."""
-        if proof is None or self.local_model is None:
+    async def _advertised_sha256(self, provider: str, lease_id: str) -> str:
+        known = self._advertised.get(lease_id)
+        if known is None:
+            try:
+                known = await self.advertised(provider, lease_id) if self.advertised is not None else ""
+            except Exception:  # noqa: BLE001 - an unreachable record is "not known", never a failure
+                return ""
+            self._advertised[lease_id] = known
+            while len(self._advertised) > MAX_ADVERTISED:
+                self._advertised.pop(next(iter(self._advertised)))
+        return known
+
+    def _drawn(self, provider: str) -> bool:
+        checked_before, doubt = self.book.checked_before(provider), self.book.in_doubt(provider)
+        return should_check(rate=self.sample_rate, checked_before=checked_before, in_doubt=doubt)
+
+    def _failed(self, provider: str, facts: CheckFacts) -> str:
+        verdict = check_verdict(facts)
+        self.book.note(provider, verdict.outcome, verdict.reason)
+        if verdict.outcome == "failed":
+            log.warning("provider %s failed verification (%s)", provider[:16], verdict.reason)
+            return f"failed:{verdict.reason}"
+        return verdict.outcome
+
+    async def check(
+        self,
+        provider: str,
+        lease_id: str,
+        body: dict[str, Any],
+        proof: CallProof | None,
+        *,
+        text: str | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> str:
+        """``passed``, ``failed:<reason>``, ``unverifiable`` or ``skipped``. ``text``: the reply as
+        received; ``usage``: the end frame's."""
+        if self.local_model is None:
             return "skipped"
+        if proof is None:
+            produced = int((usage or {}).get("completion_tokens", 0))
+            if not verifiable(body) or not 0 < produced <= MAX_TOKENS:
+                return "skipped"  # a call served without a commitment by design
+            if not await self._advertised_sha256(provider, lease_id):
+                return "skipped"  # the record names no file: nothing was promised
+            if not self._drawn(provider):
+                return "skipped"
+            return self._failed(provider, CheckFacts(False, False, False, False, proof_sent=False))
         signed = proof.commitment.body
+        expected = await self._advertised_sha256(provider, lease_id)
+        if expected and signed.model_sha256 != expected:
+            # Cheap, and needs no file: checked on every call that carries a proof.
+            bound = signed.provider == provider and signed.lease_id == lease_id
+            signed_ok = bound and commitment_signed(proof.commitment, ed25519_public_key)
+            return self._failed(provider, CheckFacts(signed_ok, True, True, False, model_matches=False))
         model = self.local_model(signed.model_sha256)
         if model is None:
             self.book.note(provider, "unverifiable", "no_file")
             return "unverifiable"
-        doubt = self.book.in_doubt(provider)
-        if not should_check(rate=self.sample_rate, checked_before=self.book.checked_before(provider), in_doubt=doubt):
+        if not self._drawn(provider):
             return "skipped"
         prompt = await _prompt_ids(model, body, signed.prompt_tokens)
         bound = signed.provider == provider and signed.lease_id == lease_id
@@ -62,7 +120,7 @@ class Verifying:
             data = []
         openings = [_opening(data, index) for index in range(len(data))]
         try:
-            spot: SpotCheck = await trio.to_thread.run_sync(_run, model.path, prompt, proof, openings)
+            spot: SpotCheck = await trio.to_thread.run_sync(_run, model.path, prompt, proof, openings, text)
         except ValueError:  # longer than the verifier's context: not checked here
             self.book.note(provider, "unverifiable", "too_long")
             return "unverifiable"
@@ -73,13 +131,9 @@ class Verifying:
             holds_file=True,
             prompt_matches=spot.prompt_matches,
             findings_reason=spot.findings.reason() if spot.findings is not None else "",
+            text_matches=spot.text_matches,
         )
-        verdict = check_verdict(facts)
-        self.book.note(provider, verdict.outcome, verdict.reason)
-        if verdict.outcome == "failed":
-            log.warning("provider %s failed verification (%s)", provider[:16], verdict.reason)
-            return f"failed:{verdict.reason}"
-        return verdict.outcome
+        return self._failed(provider, facts)
 
 
 def _opening(chunks: list[bytes], index: int) -> Opening:
@@ -87,9 +141,9 @@ def _opening(chunks: list[bytes], index: int) -> Opening:
     return Commitment(tuple(chunks), 1).open(index)
 
 
-def _run(path: Any, prompt: list[int], proof: CallProof, openings: list[Opening]) -> SpotCheck:
+def _run(path: Any, prompt: list[int], proof: CallProof, openings: list[Opening], text: str | None) -> SpotCheck:
     prefill, tolerances = prefill_for(path)
-    return check_call(prefill, prompt, proof.tokens, proof.commitment, openings, ed25519_public_key, tolerances)
+    return check_call(prefill, prompt, proof.tokens, proof.commitment, openings, ed25519_public_key, tolerances, text)
 
 
 async def _prompt_ids(model: Any, body: dict[str, Any], claimed: int) -> list[int] | None:

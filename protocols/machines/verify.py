@@ -3,7 +3,10 @@
 :func:`check_verdict` turns what a spot-check found into a typed outcome and its consequences: a
 provider whose openings do not match the root it signed, who does not answer, or whose openings
 disagree with the verifier's prefill of the advertised file has failed; the consumer then stops
-countersigning, ends the lease and opens a dispute with the signed evidence. A check the consumer
+countersigning, ends the lease and opens a dispute with the signed evidence. So has a provider
+that sends no proof for a call drawn for a check although its record names the file, one that
+signs for another file than its record advertises, and one whose proof's token ids do not spell
+the text the consumer received. A check the consumer
 cannot run (it holds another file, or none) is ``unverifiable``: no consequence, and no credit.
 
 :func:`standing` is the per-provider score the router ranks by: checks passed raise it slowly, a
@@ -21,8 +24,20 @@ from runtime.errors import ErrorCode
 Outcome = Literal["passed", "failed", "unverifiable"]
 # Stable reasons, as the ledger records them and `clawnode find` shows them.
 FailReason = Literal[
-    "opening_mismatch", "prompt_mismatch", "no_answer", "logprob", "logprob_mean", "top", "not_sampled", "unsigned_root"
+    "opening_mismatch",
+    "prompt_mismatch",
+    "no_answer",
+    "logprob",
+    "logprob_mean",
+    "top",
+    "not_sampled",
+    "unsigned_root",
+    "no_proof",
+    "model_mismatch",
+    "text_mismatch",
 ]
+# Failures with no provider signature behind them: nothing to dispute with.
+UNSIGNED_REASONS = frozenset({"unsigned_root", "no_proof"})
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,9 @@ class CheckFacts:
     holds_file: bool  # this verifier holds the advertised file (same sha256)
     prompt_matches: bool = True  # the signed prompt length is what this verifier's rendering of the request gives
     findings_reason: str = ""  # runtime.verify.check.Findings.reason(): "" when the comparison passed
+    proof_sent: bool = True  # the end frame carried a proof (a drawn call the provider must commit to)
+    model_matches: bool = True  # the signed model sha256 is the one the provider's record advertises
+    text_matches: bool = True  # the text received is what the proof's token ids spell
 
 
 @dataclass(frozen=True)
@@ -49,7 +67,7 @@ class CheckVerdict:
     @property
     def dispute(self) -> bool:
         """Open a dispute with the evidence: only when the provider's own signature binds the root."""
-        return self.outcome == "failed" and self.reason != "unsigned_root"
+        return self.outcome == "failed" and self.reason not in UNSIGNED_REASONS
 
     def refusal(self) -> Refusal | None:
         if self.outcome != "failed":
@@ -60,8 +78,13 @@ class CheckVerdict:
 
 
 def check_verdict(facts: CheckFacts) -> CheckVerdict:
+    if not facts.proof_sent:
+        return CheckVerdict("failed", "no_proof")
     if not facts.root_signed:
         return CheckVerdict("failed", "unsigned_root")
+    if not facts.model_matches:
+        # Signed for another file than its record advertises: no file needed to see it.
+        return CheckVerdict("failed", "model_mismatch")
     if not facts.answered:
         return CheckVerdict("failed", "no_answer")
     if not facts.openings_match:
@@ -70,6 +93,8 @@ def check_verdict(facts: CheckFacts) -> CheckVerdict:
         return CheckVerdict("unverifiable", "no_file")
     if not facts.prompt_matches:
         return CheckVerdict("failed", "prompt_mismatch")
+    if not facts.text_matches:
+        return CheckVerdict("failed", "text_mismatch")
     if facts.findings_reason:
         return CheckVerdict("failed", facts.findings_reason)
     return CheckVerdict("passed")

@@ -237,6 +237,12 @@ class Prefill:
             max(FLOOR_MEAN, NOISE_FACTOR_MEAN * float(diffs.mean())),
         )
 
+    def text_of(self, tokens: Sequence[int]) -> str:
+        """The text these ids spell, as the engine streams a reply's (special tokens left out; blocking)."""
+        with self._lock:
+            raw = b"".join(bytes(self.llama.detokenize([t], special=False)) for t in tokens)
+        return raw.decode("utf-8", errors="replace")
+
     def close(self) -> None:
         self.llama.close()
 

@@ -2,7 +2,7 @@
 
 Inputs are what the consumer holds after the call and after asking the provider for the openings of
 every chunk: the prompt's token ids (the consumer formats and tokenizes the request with the same
-file), the produced token ids, the provider's signed commitment and the openings. The result is plain
+file), the produced token ids, the provider's signed commitment, the openings and the text received. The result is plain
 data; ``protocols.machines.verify.check_verdict`` decides what it means.
 """
 
@@ -23,6 +23,17 @@ class SpotCheck:
     openings_match: bool
     findings: Findings | None  # None when the comparison did not run (a bad signature or opening)
     prompt_matches: bool = True  # the signed prompt length is the consumer's own rendering's
+    text_matches: bool = True  # the text received is what the produced token ids spell
+
+
+# A stop string ends a reply with its text cut: what the ids spell may run on past the text received
+# by at most this many characters (a stop string and the rest of the token that held it).
+MAX_CUT_CHARS = 64
+
+
+def text_matches(spelled: str, received: str) -> bool:
+    """Whether ``received`` is the reply the ids spell: all of it, or all but a stop string's cut."""
+    return spelled.startswith(received) and len(spelled) - len(received) <= MAX_CUT_CHARS
 
 
 def check_call(
@@ -33,6 +44,7 @@ def check_call(
     openings: Sequence[Opening],
     peer_keys: PeerKeys,
     tolerances: tuple[float, float],
+    text: str | None = None,
 ) -> SpotCheck:
     body = signed.body
     if not commitment_signed(signed, peer_keys):
@@ -57,6 +69,9 @@ def check_call(
     if any(not 0 <= t < prefill.n_vocab for t in (*prompt, *tokens)):
         # A token id outside the vocabulary is never produced by the model (and never reaches llama.cpp).
         return SpotCheck(True, True, Findings(positions=len(tokens), not_sampled=1))
+    if text is not None and not text_matches(prefill.text_of(tokens), text):
+        # The proof commits to other tokens than the reply the consumer got (text edited or swapped).
+        return SpotCheck(True, True, None, text_matches=False)
     rows = prefill.rows(prompt, tokens)
     findings = compare(
         rows,
