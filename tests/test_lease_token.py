@@ -42,7 +42,7 @@ async def test_a_lease_paid_in_a_mock_stablecoin() -> None:
         _, provider, consumer = nodes
         assert provider.escrow_client is not None and consumer.escrow_client is not None
         client, paid = consumer.escrow_client, provider.escrow_client.account.address
-        await trio.to_thread.run_sync(minter.mint, client.account.address, 1_000 * WORD_PRICE)
+        await trio.to_thread.run_sync(minter.mint, client.account.address, 10_000 * WORD_PRICE)
         await wait_for(lambda: provider.publisher.record is not None)
         found: list[ProviderResult] = []
         with trio.fail_after(30):
@@ -55,7 +55,7 @@ async def test_a_lease_paid_in_a_mock_stablecoin() -> None:
         lease = await consumer.market.open_lease(found[0].peer_id, WORDS, budget=budget, duration_s=30)
         state = await client.chain.run(client.get, client.account.address, bytes.fromhex(lease.lease_id))
         assert state.phase == "active" and state.amount == budget and state.token == minter.address
-        assert await trio.to_thread.run_sync(minter.balance_of, client.account.address) == 900 * WORD_PRICE
+        assert await trio.to_thread.run_sync(minter.balance_of, client.account.address) == 9_900 * WORD_PRICE
 
         results = [await consumer.market.call(lease.lease_id, {"prompt": PROMPT}) for _ in range(3)]
         assert [r.units for r in results] == [10, 10, 10]
@@ -89,6 +89,15 @@ async def test_a_lease_paid_in_a_mock_stablecoin() -> None:
         assert theirs.price_per_unit == ours.price_per_unit == WORD_PRICE
         signed = await consumer.ledger.list_receipts(lease.lease_id)  # what the consumer countersigned
         assert max(r.units for r in signed) * theirs.price_per_unit == state.released
+        # A lease on a payment channel: the channel is locked in the token too, and its draw counts.
+        on_channel = await consumer.market.open_lease(
+            found[0].peer_id, WORDS, budget=budget, duration_s=30, channel=True
+        )
+        assert (await consumer.market.call(on_channel.lease_id, {"prompt": PROMPT})).units == 10
+        held = consumer.market.held[on_channel.lease_id]
+        assert held.channel_id is not None and held.escrow_id is not None
+        channel = await client.chain.run(client.get, client.account.address, held.escrow_id)
+        assert channel.phase == "active" and channel.token == minter.address
         # The provider takes its pay out in the token.
         await client.chain.run(lambda: provider.escrow_client.withdraw(token=minter.address))  # type: ignore[union-attr]
         assert await trio.to_thread.run_sync(minter.balance_of, paid) == 30 * WORD_PRICE

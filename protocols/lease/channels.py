@@ -138,6 +138,7 @@ class ChannelRole(LeaseCore):
             or state.payee.lower() != terms.payee.lower()
             or state.arbiter.lower() != terms.arbiter.lower()
             or state.window != terms.dispute_window_s
+            or int(state.token, 16) != int(terms.token or "0x0", 16)  # a channel in another asset
         ):
             return None
         busy = row.channel_id in self._channel_drawn
@@ -179,6 +180,7 @@ class ChannelRole(LeaseCore):
                     amount=amount,
                     deadline=deadline,
                     window=terms.dispute_window_s,
+                    token=terms.token,
                 )
             )
         except BaseException:
@@ -275,6 +277,8 @@ class ChannelRole(LeaseCore):
                         budget=opening.budget,
                         duration_s=duration_s,
                         margin_s=self.settings.channel_margin_s,
+                        token=state.token,
+                        quote_token=terms.token,
                     )
                 )
             )

@@ -247,6 +247,8 @@ class ChannelLockFacts:
     budget: int
     duration_s: int
     margin_s: int
+    token: str = "0x" + "00" * 20  # the channel's ERC-20 (zero: the coin)
+    quote_token: str | None = None  # the quote's
 
 
 def channel_lock_verdict(f: ChannelLockFacts) -> Refusal | None:
@@ -268,8 +270,8 @@ def channel_lock_verdict(f: ChannelLockFacts) -> Refusal | None:
     # provider claims before the deadline; the payer may take the rest back after it).
     lasts_until = f.chain_now + f.duration_s + f.margin_s
     return lock_verdict(
-        LockState(f.phase, f.payee, f.arbiter, f.amount, f.base, f.deadline, f.window),
-        LockTerms("lease", f.quote_payee, f.quote_arbiter, f.budget, f.quote_window, lasts_until),
+        LockState(f.phase, f.payee, f.arbiter, f.amount, f.base, f.deadline, f.window, f.token),
+        LockTerms("lease", f.quote_payee, f.quote_arbiter, f.budget, f.quote_window, lasts_until, f.quote_token),
     )
 
 
