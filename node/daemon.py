@@ -444,6 +444,7 @@ class Node:
                     )
                     self._market.verifying.local_model = self._model_by_sha256
                     self._market.verifying.advertised = self._advertised_sha256
+                    await self._market.verifying.attach(self.ledger)
                     self._market.verifying.sample_rate = self.config.verify.sample_rate
                     await nursery.start(self.supervisor.run, "market", self._market.run)
                     self._router = Router(

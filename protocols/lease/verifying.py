@@ -22,7 +22,9 @@ from typing import Any
 import trio
 
 from protocols.machines.verify import CheckFacts, check_verdict
-from runtime.verify.book import VerificationBook
+from runtime.ledger import Ledger
+from runtime.ledger.verifications import VerificationRow
+from runtime.verify.book import Record, VerificationBook
 from runtime.verify.check import prefill_for
 from runtime.verify.commitment import MAX_TOKENS, Commitment, Opening
 from runtime.verify.evidence import CallProof, commitment_signed
@@ -48,6 +50,7 @@ class Verifying:
         self.book = VerificationBook()
         self.advertised: Advertised | None = None
         self._advertised: dict[str, str] = {}  # lease id -> sha256 ("" when the record names none)
+        self.ledger: Ledger | None = None  # where outcomes are kept (``attach``)
 
     async def _advertised_sha256(self, provider: str, lease_id: str) -> str:
         known = self._advertised.get(lease_id)
@@ -65,9 +68,26 @@ class Verifying:
         checked_before, doubt = self.book.checked_before(provider), self.book.in_doubt(provider)
         return should_check(rate=self.sample_rate, checked_before=checked_before, in_doubt=doubt)
 
-    def _failed(self, provider: str, facts: CheckFacts) -> str:
+    async def attach(self, ledger: Ledger) -> None:
+        """Keep outcomes in ``ledger`` from now on, and read back those kept before (a provider caught
+        before a restart stays caught)."""
+        for row in await ledger.verification_rows():
+            self.book.restore(row.provider, Record(row.passed, row.failed, row.unverifiable, row.last_reason))
+        self.ledger = ledger
+
+    async def _note(self, provider: str, outcome: str, reason: str = "") -> None:
+        record = self.book.note(provider, outcome, reason)
+        if self.ledger is None:
+            return
+        row = VerificationRow(provider, record.passed, record.failed, record.unverifiable, record.last_reason)
+        try:
+            await self.ledger.save_verification(row)
+        except Exception as error:  # noqa: BLE001 - a full or failing disk: kept in memory, written next time
+            log.warning("a verification outcome was not kept in the ledger (%s)", type(error).__name__)
+
+    async def _failed(self, provider: str, facts: CheckFacts) -> str:
         verdict = check_verdict(facts)
-        self.book.note(provider, verdict.outcome, verdict.reason)
+        await self._note(provider, verdict.outcome, verdict.reason)
         if verdict.outcome == "failed":
             log.warning("provider %s failed verification (%s)", provider[:16], verdict.reason)
             return f"failed:{verdict.reason}"
@@ -95,24 +115,24 @@ class Verifying:
                 return "skipped"  # the record names no file: nothing was promised
             if not self._drawn(provider):
                 return "skipped"
-            return self._failed(provider, CheckFacts(False, False, False, False, proof_sent=False))
+            return await self._failed(provider, CheckFacts(False, False, False, False, proof_sent=False))
         signed = proof.commitment.body
         expected = await self._advertised_sha256(provider, lease_id)
         if expected and signed.model_sha256 != expected:
             # Cheap, and needs no file: checked on every call that carries a proof.
             bound = signed.provider == provider and signed.lease_id == lease_id
             signed_ok = bound and commitment_signed(proof.commitment, ed25519_public_key)
-            return self._failed(provider, CheckFacts(signed_ok, True, True, False, model_matches=False))
+            return await self._failed(provider, CheckFacts(signed_ok, True, True, False, model_matches=False))
         model = self.local_model(signed.model_sha256)
         if model is None:
-            self.book.note(provider, "unverifiable", "no_file")
+            await self._note(provider, "unverifiable", "no_file")
             return "unverifiable"
         if not self._drawn(provider):
             return "skipped"
         prompt = await _prompt_ids(model, body, signed.prompt_tokens)
         bound = signed.provider == provider and signed.lease_id == lease_id
         if prompt is None:
-            self.book.note(provider, "unverifiable", "prompt")
+            await self._note(provider, "unverifiable", "prompt")
             return "unverifiable"
         try:
             data = [base64.b64decode(chunk, validate=True) for chunk in proof.chunks]
@@ -122,7 +142,7 @@ class Verifying:
         try:
             spot: SpotCheck = await trio.to_thread.run_sync(_run, model.path, prompt, proof, openings, text)
         except ValueError:  # longer than the verifier's context: not checked here
-            self.book.note(provider, "unverifiable", "too_long")
+            await self._note(provider, "unverifiable", "too_long")
             return "unverifiable"
         facts = CheckFacts(
             root_signed=bound and spot.root_signed,
@@ -133,7 +153,7 @@ class Verifying:
             findings_reason=spot.findings.reason() if spot.findings is not None else "",
             text_matches=spot.text_matches,
         )
-        return self._failed(provider, facts)
+        return await self._failed(provider, facts)
 
 
 def _opening(chunks: list[bytes], index: int) -> Opening:

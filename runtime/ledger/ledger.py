@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from runtime.ledger import errors
+from runtime.ledger import errors, verifications
 from runtime.ledger.audit import AuditEntry, AuditReport
 from runtime.ledger.models import (
     Dispute,
@@ -40,6 +40,7 @@ from runtime.ledger.models import (
 )
 from runtime.ledger.receipts import PeerKeys, ReceiptKey, SignedReceipt
 from runtime.ledger.store import Clock, LedgerStore
+from runtime.ledger.verifications import VerificationRow
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -313,6 +314,14 @@ class Ledger:
 
     async def totals_by_peer(self, *, since_day: str | None = None) -> list[Totals]:
         return await self._run(self.store.totals_by_peer, since_day=since_day)
+
+    # verified inference's outcomes per provider (runtime/ledger/verifications.py)
+
+    async def save_verification(self, row: VerificationRow) -> None:
+        await self._run(verifications.save, self.store, row)
+
+    async def verification_rows(self) -> list[VerificationRow]:
+        return await self._run(verifications.load, self.store)
 
     async def verify_audit(self, expected_head: str | None = None) -> AuditReport:
         return await self._run(self.store.verify_audit, expected_head)

@@ -289,6 +289,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX channel_leases_channel ON channel_leases (channel_id);
     """,
+    # 10: verified inference (issue 21): this node's checks of each provider, so a provider caught
+    # before a restart stays caught (runtime/ledger/verifications.py; bounded there).
+    """
+    CREATE TABLE verifications (
+        provider TEXT PRIMARY KEY,
+        passed INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        unverifiable INTEGER NOT NULL DEFAULT 0,
+        last_reason TEXT NOT NULL DEFAULT '',
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX verifications_updated ON verifications (updated_at);
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -34,6 +34,13 @@ class VerificationBook:
         record = self.records.get(provider)
         return record is not None and record.failed > 0
 
+    def restore(self, provider: str, record: Record) -> None:
+        """A record read back from the ledger at start (oldest first: the newest stay within the bound)."""
+        self.records.pop(provider, None)
+        self.records[provider] = record
+        while len(self.records) > self.limit:
+            self.records.pop(next(iter(self.records)))
+
     def note(self, provider: str, outcome: str, reason: str = "") -> Record:
         record = self.records.pop(provider, None) or Record()
         if outcome == "passed":
