@@ -244,10 +244,13 @@ class WithdrawBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     to: str | None = Field(None, pattern=r"^0x[0-9a-fA-F]{40}$", description="default: the node's own wallet")
+    token: str | None = Field(
+        None, pattern=r"^0x[0-9a-fA-F]{40}$", description="an ERC-20's credit; default: the coin's"
+    )
 
 
 class WithdrawReply(BaseModel):
-    amount: int = Field(description="wei moved out of the escrow")
+    amount: int = Field(description="wei (or the token's smallest units) moved out of the escrow")
     to: str
     tx_hash: str
 
@@ -310,7 +313,7 @@ class NodeView(OpenAINode, TaskNode, Protocol):
 
     def network_view(self) -> NetworkReply: ...
 
-    async def withdraw(self, to: str | None) -> WithdrawReply: ...
+    async def withdraw(self, to: str | None, token: str | None = None) -> WithdrawReply: ...
 
     async def open_lease(self, body: OpenLeaseBody) -> LeaseView: ...
 
@@ -518,7 +521,7 @@ def create_app(
 
     @app.post("/api/wallet/withdraw")
     async def withdraw(body: WithdrawBody) -> WithdrawReply:
-        return await node.withdraw(body.to)
+        return await node.withdraw(body.to, body.token)
 
     @app.get("/metrics")
     async def metrics() -> Response:

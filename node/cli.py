@@ -1039,12 +1039,14 @@ def wallet(ctx: click.Context, data_dir: str | None, as_json: bool) -> None:
 
 @wallet.command(name="withdraw")
 @click.option("--to", type=str, default=None, help="Address to pay out to (default: the node's own wallet).")
+@click.option("--token", type=str, default=None, help="An ERC-20's credit instead of the coin's (0x… address).")
 @data_dir_option
 @json_option
-def wallet_withdraw(to: str | None, data_dir: str | None, as_json: bool) -> None:
+def wallet_withdraw(to: str | None, token: str | None, data_dir: str | None, as_json: bool) -> None:
     """Move the escrow credit (what the node's claims earned) out of the escrow contract."""
-    body = _call_api(data_dir, "/api/wallet/withdraw", method="POST", body={"to": to}, timeout=150.0)
-    _print(body, as_json, [f"withdrew {_wei(body['amount'])} to {body['to']} (tx {body['tx_hash']})"])
+    body = _call_api(data_dir, "/api/wallet/withdraw", method="POST", body={"to": to, "token": token}, timeout=150.0)
+    amount = _wei(body["amount"]) if token is None else f"{body['amount']} (smallest units of {token})"
+    _print(body, as_json, [f"withdrew {amount} to {body['to']} (tx {body['tx_hash']})"])
 
 
 @wallet.command(name="export")

@@ -1060,16 +1060,17 @@ class Node:
             stablecoin_credit=token_credit,
         )
 
-    async def withdraw(self, to: str | None) -> WithdrawReply:
-        """Move this wallet's whole escrow credit (claimed income) to ``to`` (default: the wallet itself)."""
+    async def withdraw(self, to: str | None, token: str | None = None) -> WithdrawReply:
+        """Move this wallet's whole escrow credit (claimed income) in ``token`` (None: the coin) to ``to``
+        (default: the wallet itself)."""
         from runtime.escrow import EscrowError
 
         client = self._connected_escrow()
-        credit = await client.chain.run(client.credit_of, client.account.address)
+        credit = await client.chain.run(client.credit_of, client.account.address, token)
         if credit == 0:
             raise EscrowError("nothing_to_withdraw")
-        result = await client.chain.run(client.withdraw, to)
-        log.info("withdrew %d wei of escrow credit", credit)
+        result = await client.chain.run(lambda: client.withdraw(to, token=token))
+        log.info("withdrew %d %s of escrow credit", credit, "wei" if token is None else "token units")
         return WithdrawReply(amount=credit, to=to or client.account.address, tx_hash=result.tx_hash)
 
     async def _discover_all(self, query: DiscoveryQuery) -> list[ProviderResult]:

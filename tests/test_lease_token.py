@@ -99,5 +99,6 @@ async def test_a_lease_paid_in_a_mock_stablecoin() -> None:
         channel = await client.chain.run(client.get, client.account.address, held.escrow_id)
         assert channel.phase == "active" and channel.token == minter.address
         # The provider takes its pay out in the token.
-        await client.chain.run(lambda: provider.escrow_client.withdraw(token=minter.address))  # type: ignore[union-attr]
+        paid_out = await provider.withdraw(None, minter.address)  # POST /api/wallet/withdraw {"token": …}
+        assert paid_out.amount == 30 * WORD_PRICE and paid_out.to == paid
         assert await trio.to_thread.run_sync(minter.balance_of, paid) == 30 * WORD_PRICE
