@@ -1,6 +1,7 @@
 """Verified inference (issue 21): the cheats a provider of the very file it advertises could still try,
-each caught on the call it tries it with real nodes and a real lease: sending no proof, signing for
-another file than its record names, and sending a text its proof's token ids do not spell."""
+each caught on the call it tries it with real nodes and a real lease: sending no proof (or one that does
+not parse), signing for another file than its record names, and sending a text its proof's token ids
+do not spell."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.support.market import market_nodes
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 8, "temperature": 0}
 
 
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # the malformed proof, on purpose
 async def test_a_missing_proof_another_files_signature_and_an_edited_text_each_fail_the_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -32,6 +34,9 @@ async def test_a_missing_proof_another_files_signature_and_an_edited_text_each_f
     def call_proof(*args: Any) -> Any:
         if cheat[0] == "no_proof":
             return None
+        if cheat[0] == "malformed":  # a proof the consumer cannot parse counts as none
+            proof = real_proof(*args)
+            return proof.model_copy(update={"tokens": ["not", "ids"]}) if proof is not None else None
         if cheat[0] == "model_mismatch":  # signs, with its own key, for the file it really serves
             args = (*args[:4], "ab" * 32, *args[5:])
         return real_proof(*args)
@@ -54,8 +59,12 @@ async def test_a_missing_proof_another_files_signature_and_an_edited_text_each_f
         consumer.market.verifying.sample_rate = 1.0  # verify.sample_rate: every call is checked
         lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
         assert (await consumer.market.call(lease.lease_id, CHAT)).units > 0  # honest: passes
-        for reason in ("no_proof", "model_mismatch", "text_mismatch"):
-            cheat[0] = reason
+        for cheat[0], reason in (
+            ("no_proof", "no_proof"),
+            ("malformed", "no_proof"),
+            ("model_mismatch", "model_mismatch"),
+            ("text_mismatch", "text_mismatch"),
+        ):
             lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
             with pytest.raises(ClawnodeError) as caught:
                 await consumer.market.call(lease.lease_id, CHAT)
@@ -63,4 +72,4 @@ async def test_a_missing_proof_another_files_signature_and_an_edited_text_each_f
             record = consumer.market.verifying.book.get(provider_id)
             assert record is not None and record.last_reason == reason
         record = consumer.market.verifying.book.get(provider_id)
-        assert record is not None and (record.passed, record.failed) == (1, 3)
+        assert record is not None and (record.passed, record.failed) == (1, 4)

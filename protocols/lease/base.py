@@ -35,6 +35,7 @@ from protocols.machines.lease import FINISHED_KEEP, FINISHED_KEEP_S, USED_QUOTES
 from protocols.machines.lease_consumer import CONSUMER, ConsumerEvent, ConsumerLease
 from protocols.settings import MarketSection
 from runtime.errors import ClawnodeError, ErrorCode, Reason
+from runtime.jsonsafe import loads_bounded
 from runtime.ledger import EscrowRef, Ledger
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
@@ -285,8 +286,20 @@ def call_frame(raw: bytes) -> w.Chunk | w.CallEnd | None:
     try:
         frame: w.Chunk | w.CallEnd = CALL_FRAMES.validate_json(raw)
     except ValidationError:
-        return None
+        return _end_without_proof(raw)
     return frame
+
+
+def _end_without_proof(raw: bytes) -> w.CallEnd | None:
+    """An end frame whose verified-inference proof does not parse is an end frame without one: a call
+    drawn for a check then fails as ``no_proof`` instead of being paid its chunks unchecked."""
+    try:
+        data = loads_bounded(raw, what="a call frame")
+        if isinstance(data, dict) and data.get("type") == "end" and data.get("verify") is not None:
+            return w.CallEnd.model_validate({**data, "verify": None})
+    except (ValueError, ClawnodeError):  # pydantic's ValidationError is a ValueError
+        pass
+    return None
 
 
 def lease_view(grant: w.LeaseGrant, role: str, state: str, units: int) -> w.LeaseView:
