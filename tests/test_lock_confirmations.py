@@ -51,6 +51,24 @@ async def test_a_lock_counts_only_once_it_is_deep_enough() -> None:
     state = await confirmed_lock(seller, buyer.account.address, escrow_id)
     assert state.phase == "active" and state.amount == 1000
 
+    # A top-up (a payment channel's) returns, like a lock, only once it is the payer's confirmations deep.
+    buyer.confirmations, buyer.confirmation_poll_s = 3, 0.05
+    returned_at: list[int] = []
+
+    def top_up() -> None:
+        result = buyer.top_up(escrow_id, amount=500, deadline=chain_now + 700)
+        returned_at.append(result.block_number)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, top_up)
+        for _ in range(2):
+            await trio.sleep(0.3)
+            assert not returned_at  # not yet deep enough
+            await seller.chain.run(seller.chain.time_travel, 1)
+    assert returned_at
+    state = await confirmed_lock(seller, buyer.account.address, escrow_id)
+    assert state.amount == 1500  # the seller at 3 confirmations counts it as soon as it returned
+
 
 async def test_the_consumer_asks_again_until_the_provider_counts_its_lock(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="protocols.lease")

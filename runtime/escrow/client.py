@@ -602,14 +602,16 @@ class EscrowClient:
         self, escrow_id: bytes, *, amount: int, deadline: int, on_signed: Callable[[str], None] | None = None
     ) -> TxResult:
         """As the payer: add ``amount`` (0: none) to an open escrow and move its deadline to ``deadline``
-        (never earlier). A token escrow's top-up first approves the escrow for ``amount``."""
+        (never earlier). A token escrow's top-up first approves the escrow for ``amount``. Returns, like
+        :meth:`lock`, once the top-up is ``confirmations`` deep: what a seller counts it by."""
         if amount < 0:
             raise EscrowError("bad_amount")
         state = self.get(self.account.address, escrow_id)
         value = amount if state.native else 0
         if amount > 0 and not state.native:
             self.approve(state.token, amount)
-        return self._transact(self.contract.functions.top_up(escrow_id, amount, deadline), "top_up", value, on_signed)
+        call = self.contract.functions.top_up(escrow_id, amount, deadline)
+        return self._await_confirmations(self._transact(call, "top_up", value, on_signed))
 
     def release(self, escrow_id: bytes, cumulative: int, *, on_signed: Callable[[str], None] | None = None) -> TxResult:
         """As the payer: raise the payee's total to ``cumulative``."""
