@@ -45,9 +45,9 @@ from node.localnet import WORD_OFFER, WORDS, SharedChain, market_nodes
 from protocols.lease.channels import CHANNEL_CHECK_S
 from protocols.settings import MarketSection
 
-# A channel unused this long closes (both sides' timers); short enough for the wind-down, long enough that
+# A channel unused this long closes (both sides' timers): short enough for the wind-down, long enough that
 # a provider the router skips for a moment keeps its channel.
-IDLE_S = 10
+IDLE_S = 60
 
 
 @dataclass
