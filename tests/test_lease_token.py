@@ -7,6 +7,7 @@ ledgers and the chain agree on every amount.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ import trio
 from dht.discovery import DiscoveryQuery, ProviderResult
 from dht.offers import Offer
 from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow.client import ZERO_ADDRESS, record_asset
 from runtime.escrow.token import TokenClient
 from tests.support.market import WORD_PRICE, WORDS, SharedChain, market_nodes, wait_for
@@ -98,6 +100,22 @@ async def test_a_lease_paid_in_a_mock_stablecoin() -> None:
         assert held.channel_id is not None and held.escrow_id is not None
         channel = await client.chain.run(client.get, client.account.address, held.escrow_id)
         assert channel.phase == "active" and channel.token == minter.address
+        # A wallet short of the token is told so before anything is sent (not "the transaction reverted").
+        poor = shared.connector(secrets.token_bytes(32))
+        with pytest.raises(ClawnodeError) as short:
+            await poor.chain.run(
+                lambda: poor.lock(
+                    secrets.token_bytes(32),
+                    payee=paid,
+                    arbiter=shared.arbiter.address,
+                    amount=1,
+                    deadline=2**40,
+                    window=5,
+                    token=minter.address,
+                )
+            )
+        assert short.value.code == ErrorCode.INSUFFICIENT_FUNDS and short.value.reason == "insufficient_funds"
+        assert await poor.chain.run(lambda: poor.chain.w3.eth.get_transaction_count(poor.account.address)) == 0
         # The provider takes its pay out in the token.
         paid_out = await provider.withdraw(None, minter.address)  # POST /api/wallet/withdraw {"token": …}
         assert paid_out.amount == 30 * WORD_PRICE and paid_out.to == paid

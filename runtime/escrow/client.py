@@ -542,6 +542,7 @@ class EscrowClient:
             if refusal is not None:
                 raise EscrowError("gas_share", refusal[2])
         if token is not None and int(token, 16) != 0:
+            self._token_funds(token, amount)
             self.approve(token, amount)
         journal = self.lock_journal
         if journal is None:
@@ -591,6 +592,14 @@ class EscrowClient:
                 raise EscrowError("unconfirmed")
             time.sleep(self.confirmation_poll_s)
 
+    def _token_funds(self, token: str, amount: int) -> None:
+        """``insufficient_funds`` before anything is sent when the wallet holds less than ``amount`` of
+        ``token`` (the token's transferFrom would revert the lock with no reason a user could read)."""
+        from runtime.escrow.token import TokenClient
+
+        if TokenClient(self.chain, self.account, token).balance_of(self.account.address) < amount:
+            raise EscrowError("insufficient_funds", "the wallet holds less of the escrow's token than the lock")
+
     def approve(self, token: str, amount: int) -> TxResult:
         """Let the escrow pull ``amount`` of ERC-20 ``token`` from this wallet (before a token lock or top-up)."""
         from runtime.escrow.token import token_contract
@@ -609,6 +618,7 @@ class EscrowClient:
         state = self.get(self.account.address, escrow_id)
         value = amount if state.native else 0
         if amount > 0 and not state.native:
+            self._token_funds(state.token, amount)
             self.approve(state.token, amount)
         call = self.contract.functions.top_up(escrow_id, amount, deadline)
         return self._await_confirmations(self._transact(call, "top_up", value, on_signed))
