@@ -39,6 +39,7 @@ LocalModel = Callable[[str], Any]  # sha256 -> a loaded LlamaModel of that file,
 # (provider, lease id) -> the sha256 the provider's signed record advertises for the lease's model ("" if none)
 Advertised = Callable[[str, str], Awaitable[str]]
 MAX_ADVERTISED = 1024  # leases whose advertised file is remembered
+ADVERTISED_WAIT_S = 5.0  # the most a call's end waits for the provider's record (usually discovery's cache)
 
 
 class Verifying:
@@ -56,8 +57,9 @@ class Verifying:
         known = self._advertised.get(lease_id)
         if known is None:
             try:
-                known = await self.advertised(provider, lease_id) if self.advertised is not None else ""
-            except Exception:  # noqa: BLE001 - an unreachable record is "not known", never a failure
+                with trio.fail_after(ADVERTISED_WAIT_S):
+                    known = await self.advertised(provider, lease_id) if self.advertised is not None else ""
+            except Exception:  # noqa: BLE001 - an unreachable record is "not known" (asked again), never a failure
                 return ""
             self._advertised[lease_id] = known
             while len(self._advertised) > MAX_ADVERTISED:
@@ -77,7 +79,8 @@ class Verifying:
 
     async def _note(self, provider: str, outcome: str, reason: str = "") -> None:
         record = self.book.note(provider, outcome, reason)
-        if self.ledger is None:
+        if self.ledger is None or outcome == "unverifiable":
+            # Unverifiable calls (no file here) may be every call: counted in memory, not a disk write each.
             return
         row = VerificationRow(provider, record.passed, record.failed, record.unverifiable, record.last_reason)
         try:
