@@ -160,6 +160,12 @@ class VerificationView(BaseModel):
     standing: float = Field(description="0 after a failed check; else from 0.5 toward 1 with checks passed")
 
 
+class VerificationReply(BaseModel):
+    providers: dict[str, VerificationView] = Field(
+        description="peer id -> this node's verification checks of that provider, most recently checked first"
+    )
+
+
 class DiscoverReply(BaseModel):
     providers: list[ProviderResult] = Field(description="the providers this node can pay, ranked")
     verification: dict[str, VerificationView] = Field(
@@ -296,6 +302,8 @@ class NodeView(OpenAINode, TaskNode, Protocol):
     async def describe(self, peer_id: str) -> DescribeResult: ...
 
     def verification_record(self, peer_id: str) -> VerificationView | None: ...
+
+    def verification_records(self, limit: int) -> dict[str, VerificationView]: ...
 
     async def ledger_leases(self, limit: int, offset: int) -> LeasesReply: ...
 
@@ -526,6 +534,10 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(await node.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/api/verification")
+    async def verification(limit: int = Query(100, ge=1, le=4096)) -> VerificationReply:
+        return VerificationReply(providers=node.verification_records(limit))
 
     @app.get("/api/alerts")
     async def alerts() -> AlertsReply:

@@ -731,6 +731,13 @@ class Node:
             standing=standing(record.passed, record.failed),
         )
 
+    def verification_records(self, limit: int) -> dict[str, VerificationView]:
+        """This node's checks of the providers it checked most recently (the dashboard's table)."""
+        if self._market is None:
+            return {}
+        peers = list(reversed(self._market.verifying.book.records))[:limit]
+        return {peer: view for peer in peers if (view := self.verification_record(peer)) is not None}
+
     async def _advertised_sha256(self, provider: str, lease_id: str) -> str:
         """The GGUF sha256 the provider's signed record states for the lease's model ("" if none)."""
         held = self.market.held.get(lease_id)

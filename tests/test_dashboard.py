@@ -24,6 +24,7 @@ import trio
 from node.datadir import load_or_create_identity, read_api_token, read_running
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.ledger import EscrowRef, LeaseOpen, Ledger
+from runtime.ledger.verifications import VerificationRow
 from tests.runtime.support import free_port
 from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, run_cli
 from tests.test_ledger_daemon import PRICE, _write_money
@@ -159,6 +160,17 @@ def test_the_page_and_its_files_load_without_the_token_and_the_data_does_not(
     assert httpx.put(f"{base}/api/offers/model:x", json={}).status_code == 401
 
 
+CAUGHT = "12D3KooWPu9mDMxJtpfKmTAkrmevSCKia7Kx1J5qt1Zhmzpxop1e"
+
+
+async def _write_verification(data_dir: Path) -> None:
+    ledger = await Ledger.open(data_dir / "ledger.db")
+    try:
+        await ledger.save_verification(VerificationRow(CAUGHT, 2, 1, 0, "logprob"))
+    finally:
+        await ledger.aclose()
+
+
 def test_overview_shows_the_nodes_figures_and_a_price_change_republishes(
     tmp_path: Path, daemons: list[DaemonProcess], browser: Browser
 ) -> None:
@@ -166,6 +178,7 @@ def test_overview_shows_the_nodes_figures_and_a_price_change_republishes(
     first = _daemon(data_dir, mode="off").start()
     first.stop()
     trio.run(_write_money, data_dir, tmp_path)
+    trio.run(_write_verification, data_dir)
     node = _daemon(data_dir, mode="off").start()
     daemons.append(node)
     offer = {"name": "model:demo", "summary": "a demo <b>model</b>", "unit": "token", "price_per_unit": 1000}
@@ -197,6 +210,10 @@ def test_overview_shows_the_nodes_figures_and_a_price_change_republishes(
     assert page.locator("#receipts-table tbody tr").count() == 3
     settlements = api(node, "GET", "/api/ledger/settlements")["settlements"]
     assert page.locator("#settlements-table tbody tr").count() == len(settlements) >= 2
+    # A provider caught before the restart is still shown caught (verified inference, kept in the ledger).
+    caught = page.locator(f'#verification-table tr[data-peer="{CAUGHT}"]')
+    caught.wait_for()
+    assert "FAILED (logprob)" in caught.inner_text()
     # Markup in data is shown as text, never parsed.
     assert page.locator("#offers-table b").count() == 0
     assert "a demo <b>model</b>" in text(page, "#offers-table")

@@ -294,6 +294,17 @@ function renderLeases(live, history) {
   }
 }
 
+function renderVerification(checks) {
+  if (!checks || !changed("verification", checks.providers)) return;
+  fillTable("verification-table", Object.entries(checks.providers).map(([peer, v]) => h("tr", { "data-peer": peer },
+    idCell(peer),
+    h("td", { class: "num", text: String(v.passed) }),
+    h("td", { class: "num", text: String(v.failed) }),
+    h("td", { class: "num", text: String(v.unverifiable) }),
+    h("td", { class: "state", text: v.failed ? `FAILED (${v.last_reason})` : "" }),
+    h("td", { class: "num", text: v.standing.toFixed(2) }))), 6, "This node has checked no provider yet.");
+}
+
 function renderLedger(summary, receipts, settlements) {
   if (summary && changed("summary", [summary.leases, summary.receipts, summary.settlement_queue, summary.by_peer])) {
     $("ledger-leases-count").textContent = String(summary.leases);
@@ -486,13 +497,14 @@ function renderAlerts(reply) {
 async function refresh() {
   try {
     const paths = ["/api/status", "/api/capabilities", "/api/ledger/summary", "/api/leases", "/api/ledger/leases",
-      "/api/ledger/receipts", "/api/ledger/settlements", "/api/tasks", "/api/alerts"];
-    const [status, caps, summary, leases, history, receipts, settlements, tasks, alerts] =
+      "/api/ledger/receipts", "/api/ledger/settlements", "/api/tasks", "/api/alerts", "/api/verification"];
+    const [status, caps, summary, leases, history, receipts, settlements, tasks, alerts, checks] =
       await Promise.all(paths.map((path) => api(path)));
     const body = (reply) => (reply.ok ? reply.body : null);
     renderOverview(body(status), body(caps), body(summary));
     if (caps.ok) renderOffers(caps.body);
     renderLeases(body(leases), body(history));
+    renderVerification(body(checks));
     renderLedger(body(summary), body(receipts), body(settlements));
     if (tasks.ok) renderTasks(tasks.body);
     renderAlerts(alerts);
