@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from protocols.machines.verify import CheckFacts, check_verdict, standing
+from runtime.verify.spot import MAX_CUT_CHARS, text_matches
 
 GOOD = CheckFacts(root_signed=True, answered=True, openings_match=True, holds_file=True)
 
@@ -39,3 +40,14 @@ def test_standing_rises_with_passed_checks_and_drops_to_zero_on_a_failure() -> N
     assert standing(0, 0) == 0.5
     assert standing(0, 0) < standing(3, 0) < standing(30, 0) < 1
     assert standing(100, 1) == 0.0
+
+
+def test_the_text_received_must_be_what_the_ids_spell_but_for_a_stop_strings_cut() -> None:
+    spelled = "Paris is the capital of France.\n\nUser: and Spain?"
+    assert text_matches(spelled, spelled)
+    assert text_matches(spelled, "Paris is the capital of France.")  # cut at a stop string
+    assert not text_matches(spelled, "Buy now! Paris is the capital of France.")  # edited
+    assert not text_matches("Paris", "Paris is the capital")  # the ids cover less than was sent
+    long_stop = "x" * (MAX_CUT_CHARS + 10)
+    assert not text_matches("ok" + long_stop, "ok")
+    assert text_matches("ok" + long_stop, "ok", longest_stop=len(long_stop))  # the request named it

@@ -143,7 +143,9 @@ class Verifying:
             data = []
         openings = [_opening(data, index) for index in range(len(data))]
         try:
-            spot: SpotCheck = await trio.to_thread.run_sync(_run, model.path, prompt, proof, openings, text)
+            spot: SpotCheck = await trio.to_thread.run_sync(
+                _run, model.path, prompt, proof, openings, text, _longest_stop(body)
+            )
         except ValueError:  # longer than the verifier's context: not checked here
             await self._note(provider, "unverifiable", "too_long")
             return "unverifiable"
@@ -164,9 +166,18 @@ def _opening(chunks: list[bytes], index: int) -> Opening:
     return Commitment(tuple(chunks), 1).open(index)
 
 
-def _run(path: Any, prompt: list[int], proof: CallProof, openings: list[Opening], text: str | None) -> SpotCheck:
+def _run(
+    path: Any, prompt: list[int], proof: CallProof, openings: list[Opening], text: str | None, longest_stop: int
+) -> SpotCheck:
     prefill, tolerances = prefill_for(path)
-    return check_call(prefill, prompt, proof.tokens, proof.commitment, openings, ed25519_public_key, tolerances, text)
+    signed, keys = proof.commitment, ed25519_public_key
+    return check_call(prefill, prompt, proof.tokens, signed, openings, keys, tolerances, text, longest_stop)
+
+
+def _longest_stop(body: dict[str, Any]) -> int:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return max((len(s) for s in stops if isinstance(s, str)), default=0)
 
 
 async def _prompt_ids(model: Any, body: dict[str, Any], claimed: int) -> list[int] | None:

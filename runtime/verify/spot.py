@@ -27,13 +27,15 @@ class SpotCheck:
 
 
 # A stop string ends a reply with its text cut: what the ids spell may run on past the text received
-# by at most this many characters (a stop string and the rest of the token that held it).
+# by at most this many characters (a template's stop string and the rest of the token that held it)
+# plus the longest stop string the request named.
 MAX_CUT_CHARS = 64
 
 
-def text_matches(spelled: str, received: str) -> bool:
-    """Whether ``received`` is the reply the ids spell: all of it, or all but a stop string's cut."""
-    return spelled.startswith(received) and len(spelled) - len(received) <= MAX_CUT_CHARS
+def text_matches(spelled: str, received: str, longest_stop: int = 0) -> bool:
+    """Whether ``received`` is the reply the ids spell: all of it, or all but a stop string's cut
+    (``longest_stop``: the longest stop string the request named, in characters)."""
+    return spelled.startswith(received) and len(spelled) - len(received) <= MAX_CUT_CHARS + longest_stop
 
 
 def check_call(
@@ -45,6 +47,7 @@ def check_call(
     peer_keys: PeerKeys,
     tolerances: tuple[float, float],
     text: str | None = None,
+    longest_stop: int = 0,
 ) -> SpotCheck:
     body = signed.body
     if not commitment_signed(signed, peer_keys):
@@ -69,7 +72,7 @@ def check_call(
     if any(not 0 <= t < prefill.n_vocab for t in (*prompt, *tokens)):
         # A token id outside the vocabulary is never produced by the model (and never reaches llama.cpp).
         return SpotCheck(True, True, Findings(positions=len(tokens), not_sampled=1))
-    if text is not None and not text_matches(prefill.text_of(tokens), text):
+    if text is not None and not text_matches(prefill.text_of(tokens), text, longest_stop):
         # The proof commits to other tokens than the reply the consumer got (text edited or swapped).
         return SpotCheck(True, True, None, text_matches=False)
     rows = prefill.rows(prompt, tokens)
