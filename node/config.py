@@ -49,12 +49,12 @@ class NodeSection(_Section):
         300, ge=1, le=10_000, description="open connections at most (upgraded: after Noise and Yamux)"
     )
     connection_budget: int = Field(
-        0,
+        64,
         ge=0,
         le=10_000,
         description="connections kept: above it the longest idle ones are closed (never one carrying a stream, "
         "a live lease, a relay reservation or a hole-punched link); 0: off (every connection kept up to "
-        "node.max_connections). Off by default: in swarms of 30-100 nodes it slowed lookups (issue 23)",
+        "node.max_connections)",
     )
     mdns: bool = Field(
         True,
