@@ -101,8 +101,7 @@ def test_sigkill_a_channel_at_random_points_loses_and_doubles_nothing(tmp_path: 
             for _ in range(KILLS):
                 pid = server.start(*args)
                 time.sleep(rng.uniform(0.0, 0.5))
-                os.kill(pid, signal.SIGKILL)
-                code, lines = server.wait(pid)
+                code, lines = server.kill(pid)
                 kills += code == -signal.SIGKILL
                 assert code in (0, -signal.SIGKILL), (tmp_path / "worker.err").read_text()[-2000:]
                 _check(tmp_path, deployed, payer.address, channel_id, final=False)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -78,8 +77,7 @@ class ForkedDaemon(DaemonProcess):
 
     def kill(self) -> None:
         if self.pid is not None and self.server is not None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.server.wait(self.pid)
+            self.server.kill(self.pid)
             self.pid = None
 
 

@@ -1,10 +1,11 @@
 """A fork server for the SIGKILL tests: pay the imports once, fork a fresh worker per run.
 
 ``python -m tests.runtime.forkserver MODULE`` imports ``MODULE`` (a worker with ``run(argv)``), then
-reads commands on stdin, one per line: ``go ARG...`` forks a child that runs ``MODULE.run(ARGS)``;
-the child's own lines (``ready``, ``done``) go to stdout as it prints them, and when it ends the server
-prints ``exit PID CODE`` (a SIGKILL shows as ``-9``). Every child is a real process of its own, killed
-with a real SIGKILL by the test (``os.kill(pid, SIGKILL)``): the crash is the same as of a process
+reads commands on stdin, one per line: ``go ARG...`` forks a child that runs ``MODULE.run(ARGS)``
+(one at a time); the child's own lines (``ready``, ``done``) go to stdout as it prints them; ``kill``
+sends it SIGKILL and ``wait`` waits for it, and then the server prints ``exit PID CODE`` (a SIGKILL
+shows as ``-9``). The server reaps the child only there, so the pid it kills is always its own child's.
+Every child is a real process of its own, killed with a real SIGKILL: the crash is the same as of a process
 started from scratch, only the interpreter start and the imports (about a second each time on two
 busy cores) are not paid again. The server runs no thread and no event loop, so forking is safe.
 """
@@ -13,36 +14,50 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def serve(module_name: str) -> None:
     module = importlib.import_module(module_name)
     print("server", flush=True)
+    pid = 0
     for line in sys.stdin:
         words = line.split()
-        if not words or words[0] != "go":
+        if not words:
             continue
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 0
-            try:
-                print(f"pid {os.getpid()}", flush=True)
-                module.run(words[1:])
-            except SystemExit as done:
-                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-            except BaseException as error:  # noqa: BLE001 - reported as the exit code
-                print(f"error {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-                code = 1
-            finally:
-                sys.stdout.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        print(f"exit {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
+        if words[0] == "go" and not pid:
+            pid = os.fork()
+            if pid == 0:  # the worker
+                _work(module, words[1:])
+        elif words[0] in ("kill", "wait") and pid:
+            # The worker is not reaped before this point (a zombie at worst), so its pid cannot have been
+            # given to another process: the SIGKILL reaches the worker or nothing.
+            if words[0] == "kill":
+                os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            print(f"exit {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
+            pid = 0
+
+
+def _work(module: Any, args: list[str]) -> None:
+    code = 0
+    try:
+        print(f"pid {os.getpid()}", flush=True)
+        module.run(args)
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except BaseException as error:  # noqa: BLE001 - reported as the exit code
+        print(f"error {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
 
 
 class ForkServer:
@@ -83,7 +98,17 @@ class ForkServer:
                 raise AssertionError(f"the worker ended before it started: {line}")
 
     def wait(self, pid: int) -> tuple[int, list[str]]:
-        """The worker's exit code and the lines it printed after ``ready``."""
+        """Wait for the worker to end; its exit code and the lines it printed after ``ready``."""
+        return self._end("wait", pid)
+
+    def kill(self, pid: int) -> tuple[int, list[str]]:
+        """SIGKILL the worker (if it still runs: the server kills only its own unreaped child); as ``wait``."""
+        return self._end("kill", pid)
+
+    def _end(self, how: str, pid: int) -> tuple[int, list[str]]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(how + "\n")
+        self.proc.stdin.flush()
         lines: list[str] = []
         while True:
             line = self._line()

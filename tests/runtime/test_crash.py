@@ -122,8 +122,7 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(tmp_path: Path, chai
         for _ in range(KILLS):
             pid = server.start(*args)
             time.sleep(rng.uniform(0.0, 0.3))
-            os.kill(pid, signal.SIGKILL)
-            code, _lines = server.wait(pid)
+            code, _lines = server.kill(pid)
             assert code in (0, -signal.SIGKILL), (tmp_path / "worker.err").read_text()[-2000:]
             kills += code == -signal.SIGKILL
             _check(tmp_path, escrow, final=False)
