@@ -138,14 +138,8 @@ class Verifying:
             await self._note(provider, "unverifiable", "prompt")
             return "unverifiable"
         try:
-            data = [base64.b64decode(chunk, validate=True) for chunk in proof.chunks]
-        except ValueError:
-            data = []
-        openings = [_opening(data, index) for index in range(len(data))]
-        try:
-            spot: SpotCheck = await trio.to_thread.run_sync(
-                _run, model.path, prompt, proof, openings, text, _longest_stop(body)
-            )
+            # The openings are rebuilt on the worker thread too: up to 2,049 chunks of hashing.
+            spot: SpotCheck = await trio.to_thread.run_sync(_run, model.path, prompt, proof, text, _longest_stop(body))
         except ValueError:  # longer than the verifier's context: not checked here
             await self._note(provider, "unverifiable", "too_long")
             return "unverifiable"
@@ -161,14 +155,18 @@ class Verifying:
         return await self._failed(provider, facts)
 
 
-def _opening(chunks: list[bytes], index: int) -> Opening:
-    # The chunks arrived whole: the path is rebuilt here and only the root the provider signed binds them.
-    return Commitment(tuple(chunks), 1).open(index)
+def _openings(chunks: list[str]) -> list[Opening]:
+    """The openings of chunks that arrived whole (blocking): the paths are rebuilt here, in one pass over
+    the tree, and only the root the provider signed binds them."""
+    try:
+        data = [base64.b64decode(chunk, validate=True) for chunk in chunks]
+    except ValueError:
+        return []
+    return Commitment(tuple(data), 1).open_all() if data else []
 
 
-def _run(
-    path: Any, prompt: list[int], proof: CallProof, openings: list[Opening], text: str | None, longest_stop: int
-) -> SpotCheck:
+def _run(path: Any, prompt: list[int], proof: CallProof, text: str | None, longest_stop: int) -> SpotCheck:
+    openings = _openings(proof.chunks)
     prefill, tolerances = prefill_for(path)
     signed, keys = proof.commitment, ed25519_public_key
     return check_call(prefill, prompt, proof.tokens, signed, openings, keys, tolerances, text, longest_stop)

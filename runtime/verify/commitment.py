@@ -159,14 +159,22 @@ class Commitment:
         return sum(len(c) for c in self.chunks)
 
     def open(self, index: int) -> Opening:
+        return _open(_levels([_leaf(c) for c in self.chunks]), self.chunks, index)
+
+    def open_all(self) -> list[Opening]:
+        """Every chunk's opening, the tree built once (``open`` per chunk rebuilds it each time: quadratic)."""
         levels = _levels([_leaf(c) for c in self.chunks])
-        path: list[bytes | None] = []
-        at = index
-        for level in levels[:-1]:
-            sibling = at ^ 1
-            path.append(level[sibling] if sibling < len(level) else None)
-            at //= 2
-        return Opening(index, self.chunks[index], tuple(path))
+        return [_open(levels, self.chunks, index) for index in range(len(self.chunks))]
+
+
+def _open(levels: list[list[bytes]], chunks: tuple[bytes, ...], index: int) -> Opening:
+    path: list[bytes | None] = []
+    at = index
+    for level in levels[:-1]:
+        sibling = at ^ 1
+        path.append(level[sibling] if sibling < len(level) else None)
+        at //= 2
+    return Opening(index, chunks[index], tuple(path))
 
 
 def commit(positions: Sequence[Position], k: int = K, scale: int = SCALE, chunk: int = CHUNK) -> Commitment:

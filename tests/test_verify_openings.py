@@ -1,0 +1,67 @@
+"""A provider's proof of up to 2,049 chunks is opened in one pass over its tree, off the trio loop."""
+
+from __future__ import annotations
+
+import base64
+import threading
+
+import pytest
+
+from protocols.lease import verifying
+from runtime.verify import commitment
+from runtime.verify.commitment import Commitment, opening_matches
+from runtime.verify.evidence import CallProof, CommitmentBody, SignedCommitment
+
+
+def test_every_opening_of_a_full_proof_costs_one_tree() -> None:
+    chunks = tuple(bytes([i % 251]) * 3 for i in range(2049))  # the most chunks a CallProof carries
+    built = 0
+    levels = commitment._levels
+
+    def counting(leaves: list[bytes]) -> list[list[bytes]]:
+        nonlocal built
+        built += 1
+        return levels(leaves)
+
+    committed = Commitment(chunks, 2049 * 32)
+    root = committed.root
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(commitment, "_levels", counting)
+        openings = verifying._openings([base64.b64encode(c).decode() for c in chunks])
+    # One tree for all 2,049 (rebuilding it per chunk hashed ~8.4 M times: seconds of a stalled loop).
+    assert built == 1
+    assert len(openings) == 2049
+    assert all(opening_matches(root, o, 2049 * 32) for o in (openings[0], openings[1000], openings[-1]))
+
+
+class _Model:
+    path = None
+
+    async def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return [1, 2, 3]
+
+
+async def test_openings_of_a_proof_are_built_on_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    on_loop: list[bool] = []
+
+    def recording(chunks: list[str]) -> list[commitment.Opening]:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        raise ValueError("stop here")  # read as a call too long to check: unverifiable
+
+    monkeypatch.setattr(verifying, "_openings", recording)
+    body = CommitmentBody(
+        lease_id="lease-1",
+        call_id="call-1",
+        provider="1" * 46,
+        model_sha256="ab" * 32,
+        temperature_milli=0,
+        top_p_milli=1000,
+        prompt_tokens=3,
+        completion_tokens=32,
+        root="00" * 32,
+    )
+    proof = CallProof(commitment=SignedCommitment(body=body, sig=""), tokens=[5] * 32, chunks=["AA=="])
+    checks = verifying.Verifying(local_model=lambda sha256: _Model(), sample_rate=1.0)
+    outcome = await checks.check("1" * 46, "lease-1", {"prompt": "hi"}, proof, text="x")
+    assert outcome == "unverifiable"
+    assert on_loop == [False]
