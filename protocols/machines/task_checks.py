@@ -240,6 +240,19 @@ def evidence_verdict(f: EvidenceFacts) -> Refusal | None:
     return None
 
 
+# An arbiter's or panel member's signed re-run records kept per task: one per run it made (a member that
+# abstained and then voted by hand has sent the same record twice; a re-delivered case may run again).
+MAX_RUN_EVIDENCE = 4
+
+
+def run_evidence_verdict(kept_from_sender: int, already_kept: bool) -> Refusal | None:
+    """Whether another re-run record from one arbiter or member is kept: a vote or resolution repeated with
+    a new record each time (another note, another 64 KiB attachment) must not grow the ledger without end."""
+    if not already_kept and kept_from_sender >= MAX_RUN_EVIDENCE:
+        return _refuse(ErrorCode.RATE_LIMITED, "too_much_evidence", "too many re-run records from this arbiter")
+    return None
+
+
 # -- arbiter ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CaseFacts:

@@ -255,6 +255,9 @@ class TaskCore:
             size=notice.size,
             submitted_at=notice.submitted_at,
         )
+        kept = await self.ledger.list_evidence(notice.task_id)
+        from_sender = sum(1 for e in kept if e.submitted_by == notice.party)
+        enforce(checks.run_evidence_verdict(from_sender, any(e.evidence_id == piece.evidence_id for e in kept)))
         if local is not None:
             local.evidence.setdefault(piece.evidence_id, piece)
         await self.ledger.add_evidence(piece, attachment=attachment, envelope=envelope)
