@@ -65,3 +65,32 @@ async def test_openings_of_a_proof_are_built_on_a_worker_thread(monkeypatch: pyt
     outcome = await checks.check("1" * 46, "lease-1", {"prompt": "hi"}, proof, text="x")
     assert outcome == "unverifiable"
     assert on_loop == [False]
+
+
+class _FakePrefill:
+    def __init__(self, path: object, n_ctx: int = 0) -> None:
+        self.closed = False
+        self.llama = self
+
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        return list(range(48))
+
+    def tolerances(self, prompt: list[int], completion: list[int]) -> tuple[float, float]:
+        return (1.0, 0.1)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_verifier_in_use_is_not_closed_when_the_cache_evicts_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from runtime.verify import check
+
+    monkeypatch.setattr(check, "Prefill", _FakePrefill)
+    monkeypatch.setattr(check, "_prefills", {})
+    in_use, _ = check.prefill_for(Path("/models/a.gguf"))  # a check's worker thread holds it
+    for name in "bcde":  # checks of four other files meanwhile evict it
+        check.prefill_for(Path(f"/models/{name}.gguf"))
+    assert "/models/a.gguf" not in check._prefills
+    assert not in_use.closed  # type: ignore[attr-defined]

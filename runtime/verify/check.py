@@ -312,6 +312,8 @@ def prefill_for(path: Path, n_ctx: int = 2048) -> tuple[Prefill, tuple[float, fl
         known = (prefill, prefill.tolerances(ids[:16], ids[16:48]))
         with _cache_lock:
             if len(_prefills) >= MAX_CACHED_MODELS:
-                _prefills.pop(next(iter(_prefills)))[0].close()
+                # Not closed here: another check's worker thread may be running it right now (llama.cpp
+                # would read freed memory). Its last reference going frees it (Llama.__del__).
+                _prefills.pop(next(iter(_prefills)))
             _prefills[key] = known
     return known
