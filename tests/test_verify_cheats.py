@@ -69,6 +69,8 @@ async def test_a_missing_proof_another_files_signature_and_an_edited_text_each_f
             with pytest.raises(ClawnodeError) as caught:
                 await consumer.market.call(lease.lease_id, CHAT)
             assert caught.value.reason == f"verification_{reason}"
+            held = consumer.market.held.get(lease.lease_id)
+            assert held is None or held.seen_units == 0  # the cheat's call is not owed
             record = consumer.market.verifying.book.get(provider_id)
             assert record is not None and record.last_reason == reason
         record = consumer.market.verifying.book.get(provider_id)

@@ -362,7 +362,7 @@ class ConsumerRole(ChannelRole):
                             ack_scope.shield = True
                             with contextlib.suppress(Exception):
                                 await write_frame(stream, w.CallAck().model_dump_json().encode())
-                        await self._spot_check(held, lease_id, body, frame, "".join(texts))
+                        await self._spot_check(held, lease_id, body, frame, "".join(texts), counted)
                         return frame
                 finally:
                     with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
@@ -385,13 +385,16 @@ class ConsumerRole(ChannelRole):
             ) from None
 
     async def _spot_check(
-        self, held: HeldLease, lease_id: str, body: dict[str, Any], frame: w.CallEnd, text: str
+        self, held: HeldLease, lease_id: str, body: dict[str, Any], frame: w.CallEnd, text: str, counted: int
     ) -> None:
-        """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned."""
+        """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned,
+        and its own units leave what this side agrees it owes (a receipt pushed while the check ran may
+        still have been countersigned for them: the check is not awaited before the provider's ack)."""
         provider = held.grant.provider
         outcome = await self.verifying.check(provider, lease_id, body, frame.verify, text=text, usage=frame.usage)
         if outcome.startswith("failed:"):
             reason = outcome.removeprefix("failed:")
+            held.seen_units = max(0, held.seen_units - counted)
             self._spawn(self.revoke_held, lease_id)
             raise ClawnodeError(
                 ErrorCode.FORBIDDEN, f"the provider failed verification ({reason})", f"verification_{reason}"
