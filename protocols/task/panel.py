@@ -213,6 +213,12 @@ class PanelRole(TaskCore):
         client = self._client()
         escrow_id = bytes.fromhex(award.lock.escrow_id[2:])
         state = await self._escrow_state(award)
+        if state.phase not in ("disputed", "closed"):
+            # Votes that agree before anyone disputed decide nothing: the chain pays only a disputed
+            # escrow, so recording a resolution here would leave this node's view apart from the chain.
+            local.panel_sent = False
+            log.warning("task %s: the panel agrees but the escrow is %s, not disputed", task_id[:12], state.phase)
+            return
         if state.phase == "disputed":
             signatures = [bytes.fromhex(local.votes[p][0].signature[2:]) for p in agreeing[: panel.threshold]]
             try:
