@@ -119,7 +119,7 @@ def _nat_traversal(node: MetricsSource) -> list[Metric]:
     if punch is not None:
         punches = CounterMetricFamily(
             "clawnode_hole_punches",
-            "hole punches (DCUtR) this node started, by outcome: direct or failed (the relay stays)",
+            "hole punches (DCUtR) this node started or answered, by outcome: direct or failed (the relay stays)",
             labels=["outcome"],
         )
         for outcome, count in punch.counts.items():

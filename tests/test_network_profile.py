@@ -192,7 +192,7 @@ def test_a_lock_not_worth_its_gas_is_refused_before_anything_is_sent() -> None:
     assert gas_share_refusal(amount=10**18, gas_price=10**9, max_share=0.01) is None
     refused = gas_share_refusal(amount=2_000 * 10**9, gas_price=5 * 10**7, max_share=0.01)  # 2,000 tokens at 1 gwei, L2
     assert refused is not None and refused[:2] == (ErrorCode.INVALID_ARGUMENT, "gas_share")
-    assert "695.00%" in refused[2]  # 278k gas at 0.05 gwei: seven times the lease's value
+    assert "747.50%" in refused[2]  # 299k gas at 0.05 gwei: seven and a half times the lease's value
 
     dev = DevChain.start()
     wallet = Account.create()

@@ -1,8 +1,8 @@
 """Is a lease worth its gas, and what does a transaction offer per gas? Pure verdicts the escrow client asks.
 
-A lease costs about :data:`LEASE_GAS` on chain: the payer's lock (161k gas), the payee's claim
-(53k) and, when not all of it was used, the refund (64k) — ``bench/ledger.py`` measures each. At an
-L2's 0.05 gwei that is ~1.4·10¹³ wei, seven times the value of a lease of 2,000 tokens at 1 gwei.
+A lease costs about :data:`LEASE_GAS` on chain: the payer's lock (172k gas), the payee's claim
+(58k) and, when not all of it was used, the refund (69k) — ``bench/ledger.py`` measures each. At an
+L2's 0.05 gwei that is ~1.5·10¹³ wei, seven and a half times the value of a lease of 2,000 tokens at 1 gwei.
 ``escrow.max_gas_share`` (0: no limit, the default on development chains, whose gas costs nothing
 real) refuses to lock a lease whose gas, at the chain's current gas price, would be more than that
 share of the amount locked: ``E_INVALID_ARGUMENT`` ``gas_share``, before anything is sent.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from runtime.errors import ErrorCode
 
-LEASE_GAS = 161_000 + 53_000 + 64_000  # lock + claim + refund, measured (bench/ledger.py)
+LEASE_GAS = 172_000 + 58_000 + 69_000  # lock + claim + refund, measured (bench/ledger.py, steady state)
 
 
 def gas_share(*, amount: int, gas_price: int, gas: int = LEASE_GAS) -> float:
