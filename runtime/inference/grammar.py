@@ -22,11 +22,12 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from runtime.errors import ClawnodeError, ErrorCode
+
+if TYPE_CHECKING:  # numpy loads with the engine's first generation, not at the node's start
+    import numpy as np
 
 MAX_SCHEMA_BYTES = 16_384  # a schema as compact JSON
 MAX_SCHEMA_DEPTH = 12  # nested objects/arrays of a schema document
@@ -248,6 +249,7 @@ class GrammarConstraint:
     def allowed_among(self, ids: np.ndarray) -> np.ndarray:
         """Which of the tokens ``ids`` the grammar allows here (one pass over just those)."""
         import llama_cpp
+        import numpy as np
 
         data = (llama_cpp.llama_token_data * len(ids))()
         for slot, token in zip(data, ids, strict=True):
@@ -259,6 +261,7 @@ class GrammarConstraint:
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` with every token the grammar refuses here set to -inf."""
+        import numpy as np
         from llama_cpp._internals import LlamaTokenDataArray
 
         if self._all is None:

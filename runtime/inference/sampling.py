@@ -32,11 +32,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.inference.grammar import GrammarConstraint
+
+if TYPE_CHECKING:  # numpy loads with the first TokenPicker (a generation), not at the node's start
+    import numpy as np
+
+    from runtime.inference.grammar import GrammarConstraint
 
 TOP_K = 40
 MIN_P = 0.05
@@ -67,6 +70,8 @@ class TokenPicker:
     """Picks tokens for one request (all its choices); ``counts`` is per choice."""
 
     def __init__(self, sampling: Sampling, n_vocab: int, seed: int | None) -> None:
+        import numpy as np
+
         self.sampling = sampling
         self.n_vocab = n_vocab
         self.rng = np.random.default_rng(seed)
@@ -80,6 +85,8 @@ class TokenPicker:
         self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
 
     def adjust(self, logits: np.ndarray, counts: Counter[int]) -> np.ndarray:
+        import numpy as np
+
         x = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay as they are
         if self._bias_ids.size:
             x[self._bias_ids] += self._bias_values
@@ -91,6 +98,8 @@ class TokenPicker:
         return x
 
     def _draw(self, x: np.ndarray) -> int:
+        import numpy as np
+
         s = self.sampling
         if s.temperature <= 0:
             return int(np.argmax(x))
@@ -117,6 +126,8 @@ class TokenPicker:
         """``x`` with the tokens the grammar refuses at -inf: first among the SHORTLIST most likely
         tokens only (masking a whole vocabulary costs milliseconds); if none of them is allowed,
         over the whole vocabulary. Either way the most likely allowed token stays the most likely."""
+        import numpy as np
+
         k = min(SHORTLIST, x.size)
         ids = np.argpartition(-x, k - 1)[:k]
         allowed = grammar.allowed_among(ids)
@@ -127,6 +138,8 @@ class TokenPicker:
         return shortlisted
 
     def pick(self, logits: np.ndarray, counts: Counter[int], grammar: GrammarConstraint | None) -> Pick:
+        import numpy as np
+
         x = self.adjust(logits, counts)
         want_logprobs = self.sampling.logprobs
         if grammar is not None and want_logprobs:

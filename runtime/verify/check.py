@@ -23,11 +23,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from runtime.verify.commitment import Opened
+
+if TYPE_CHECKING:  # numpy loads with the first check, not at the node's start
+    import numpy as np
 
 # Nats. Defaults for a model whose noise was not measured; Prefill.tolerances() measures a loaded model's.
 TOLERANCE = 1.0  # any one committed logprob
@@ -68,6 +69,8 @@ class Findings:
 
 
 def log_softmax(rows: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     rows = rows.astype(np.float64)
     top = rows.max(axis=1, keepdims=True)
     return (rows - top - np.log(np.exp(rows - top).sum(axis=1, keepdims=True))).astype(np.float32)
@@ -86,6 +89,8 @@ def compare(
 ) -> Findings:
     """Compare the verifier's log-softmax ``rows`` (one per produced position) with the provider's
     openings of the same positions and the produced ``tokens``."""
+    import numpy as np
+
     found = Findings()
     slack = tolerance + 0.5 / scale  # the commitment's rounding on top of the tolerance
     # How far below the best token a produced one may be and still count as tied with it (or at a
@@ -128,6 +133,8 @@ def compare(
 
 
 def _could_sample(row: np.ndarray, token: int, temperature: float, top_p: float, tolerance: float) -> bool:
+    import numpy as np
+
     if not 0 <= token < row.shape[0]:
         return False
     best = float(row.max())
@@ -172,6 +179,7 @@ class Prefill:
     def rows(self, prompt: Sequence[int], completion: Sequence[int]) -> np.ndarray:
         """Log-softmax rows for each completion position (blocking)."""
         import llama_cpp
+        import numpy as np
 
         total = len(prompt) + len(completion)
         if not prompt or not completion or total > self.n_ctx or len(completion) > MAX_POSITIONS:
@@ -204,6 +212,7 @@ class Prefill:
         """The same rows as :meth:`rows`, computed as a provider does: the prompt in one batch, then one
         token per decode (blocking)."""
         import llama_cpp
+        import numpy as np
 
         tokens = [*prompt, *completion[:-1]]
         out = np.empty((len(completion), self.n_vocab), dtype=np.float32)
@@ -229,6 +238,8 @@ class Prefill:
     def tolerances(self, prompt: Sequence[int], completion: Sequence[int], k: int = 4) -> tuple[float, float]:
         """(per-entry, mean) tolerances from the noise between :meth:`rows` and :meth:`rows_stepwise`
         on a sample sequence, over each position's ``k`` most likely tokens (blocking; once per model)."""
+        import numpy as np
+
         batch, stepwise = self.rows(prompt, completion), self.rows_stepwise(prompt, completion)
         top = np.argsort(-stepwise, axis=1)[:, :k]
         diffs = np.abs(np.take_along_axis(batch, top, 1) - np.take_along_axis(stepwise, top, 1))
