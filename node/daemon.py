@@ -467,6 +467,7 @@ class Node:
                         wake_settlement=self._wake_settlement,
                         locate=self.dht.find_peer_addrs,
                         sandbox=self.sandbox,
+                        models=self.model_host,
                     )
                     await nursery.start(self.supervisor.run, "tasks", self._tasks.run)
                     await nursery.start(self.supervisor.run, "api", partial(self._serve_api, token))

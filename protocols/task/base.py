@@ -113,6 +113,7 @@ class TaskCore:
         locate: Callable[[ID], Awaitable[list[str]]] | None = None,
         clock: Callable[[], float] = time.time,
         sandbox: Sandboxes | None = None,
+        models: Any = None,
     ) -> None:
         self.host = host
         self.key = key
@@ -126,6 +127,7 @@ class TaskCore:
         self.locate = locate
         self.clock = clock
         self.sandbox = sandbox if sandbox is not None else Sandboxes()
+        self.task_models = models  # a runtime.inference.models.ModelHost: the models inference tasks run on
         self.local: dict[str, TaskLocal] = {}
         self._watched: set[str] = set()
         self._nursery: trio.Nursery | None = None

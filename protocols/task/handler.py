@@ -14,13 +14,13 @@ from protocols import task_wire as w
 from protocols.task.base import READ_TIMEOUT_S, TASK_PROTOCOL
 from protocols.task.closeout import CloseOutRole
 from protocols.task.dispute import DisputeRole
-from protocols.task.runner import RunnerRole
+from protocols.task.inference import InferenceRole
 from wire.rpc import serve_requests
 
 _REQUESTS: TypeAdapter[Any] = TypeAdapter(w.TaskRequest)
 
 
-class TaskMarket(RunnerRole, DisputeRole, CloseOutRole):
+class TaskMarket(InferenceRole, DisputeRole, CloseOutRole):
     """Every role of the task market for one node; mount with ``await nursery.start(market.run)``."""
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

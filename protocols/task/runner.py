@@ -229,7 +229,6 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
     ) -> None:
         """Sign what the re-run found (and attach its output when it fits): kept in this ledger, and sent
         to both parties with the resolution."""
-        _, local = self._task(task_id)
         if facts.rerun_usage is not None:
             usage = facts.rerun_usage
             found = (
@@ -243,7 +242,12 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
             f"re-run by the arbiter: {verdict.reason}. Re-run: {found}. Seller's result: output sha256 "
             f"{facts.claimed_sha256} ({facts.claimed_size} bytes)"
             + (f", fuel {claimed.fuel_used}, {claimed.outcome} {claimed.exit_code}" if claimed else "")
-        )[: w.MAX_EVIDENCE_NOTE]
+        )
+        await self._sign_run_evidence(task_id, note, output)
+
+    async def _sign_run_evidence(self, task_id: str, note: str, output: bytes) -> None:
+        _, local = self._task(task_id)
+        note = note[: w.MAX_EVIDENCE_NOTE]
         attachment = output if len(output) <= w.MAX_EVIDENCE_ATTACHMENT else b""
         notice = w.EvidenceNotice(
             task_id=task_id,
