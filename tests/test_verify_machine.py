@@ -51,3 +51,21 @@ def test_the_text_received_must_be_what_the_ids_spell_but_for_a_stop_strings_cut
     long_stop = "x" * (MAX_CUT_CHARS + 10)
     assert not text_matches("ok" + long_stop, "ok")
     assert text_matches("ok" + long_stop, "ok", longest_stop=len(long_stop))  # the request named it
+
+
+def test_what_a_failure_can_be_disputed_with_depends_on_what_the_signed_body_binds() -> None:
+    prompt = dataclasses.replace(GOOD, prompt_matches=False)
+    text = dataclasses.replace(GOOD, text_matches=False)
+    # v1 binds the prompt only by length and not the text streamed: the consumer's word, no dispute.
+    assert not check_verdict(prompt).dispute and not check_verdict(text).dispute
+    assert check_verdict(dataclasses.replace(prompt, body_version=2)).dispute
+    assert check_verdict(dataclasses.replace(text, body_version=2)).dispute
+    # The signed hashes differ from what this node rendered or received: refused, never disputed.
+    for facts, reason in (
+        (dataclasses.replace(GOOD, prompt_hash_matches=False, body_version=2), "prompt_hash_mismatch"),
+        (dataclasses.replace(GOOD, text_hash_matches=False, body_version=2), "text_hash_mismatch"),
+    ):
+        verdict = check_verdict(facts)
+        assert (verdict.outcome, verdict.reason, verdict.dispute) == ("failed", reason, False)
+        refusal = verdict.refusal()
+        assert refusal is not None and refusal.reason == f"verification_{reason}"

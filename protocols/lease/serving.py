@@ -30,12 +30,14 @@ from protocols.lease.base import (
     stop_on_cancel,
     token_digest,
 )
+from protocols.lease.verifying import prompt_ids
 from protocols.machines.lease import BUDGET_BUSY_MESSAGE, aborted_call_units, chunk_tokens
 from protocols.machines.model_features import required_features, serves
 from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.inference.admission import borrowing
 from runtime.service import Usage
+from runtime.verify import evidence
 from runtime.verify.check import index_for
 from runtime.verify.evidence import call_proof
 from runtime.verify.provider import CallRecorder, verifiable
@@ -200,7 +202,12 @@ class ServingRole(LeaseCore):
         units = served.session.billable(plan.reserve, max(0, outcome.units))
         proof = None
         if recorder is not None and offer is not None:
-            proof = call_proof(recorder, self.receipt_key, call.lease_id, call_id, offer.sha256, outcome.detail)
+            ids = None
+            if evidence.SIGNED_VERSION >= 2:  # a v2 body binds the prompt as this file renders the request
+                claimed = int(outcome.detail.get("prompt_tokens", 0))
+                ids = await prompt_ids(getattr(service, "model", None), call.body, claimed)
+            sha256 = offer.sha256
+            proof = call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, outcome.detail, ids)
         return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id, verify=proof)
 
     async def _recorder(self, service: Any, offer: Any, body: dict[str, Any]) -> CallRecorder | None:

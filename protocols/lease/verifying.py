@@ -132,7 +132,7 @@ class Verifying:
             return "unverifiable"
         if not self._drawn(provider):
             return "skipped"
-        prompt = await _prompt_ids(model, body, signed.prompt_tokens)
+        prompt = await prompt_ids(model, body, signed.prompt_tokens)
         bound = signed.provider == provider and signed.lease_id == lease_id
         if prompt is None:
             await self._note(provider, "unverifiable", "prompt")
@@ -151,6 +151,9 @@ class Verifying:
             prompt_matches=spot.prompt_matches,
             findings_reason=spot.findings.reason() if spot.findings is not None else "",
             text_matches=spot.text_matches,
+            prompt_hash_matches=spot.prompt_hash_matches,
+            text_hash_matches=spot.text_hash_matches,
+            body_version=signed.v,
         )
         return await self._failed(provider, facts)
 
@@ -178,8 +181,9 @@ def _longest_stop(body: dict[str, Any]) -> int:
     return max((len(s) for s in stops if isinstance(s, str)), default=0)
 
 
-async def _prompt_ids(model: Any, body: dict[str, Any], claimed: int) -> list[int] | None:
-    """The prompt's token ids as this node's copy of the model renders the request (None if it cannot)."""
+async def prompt_ids(model: Any, body: dict[str, Any], claimed: int) -> list[int] | None:
+    """The prompt's token ids as this node's copy of the model renders the request (None if it cannot);
+    the provider renders them the same way for a v2 commitment body."""
     try:
         messages, prompt = body.get("messages"), body.get("prompt")
         if messages is not None:

@@ -35,9 +35,18 @@ FailReason = Literal[
     "no_proof",
     "model_mismatch",
     "text_mismatch",
+    "prompt_hash_mismatch",
+    "text_hash_mismatch",
 ]
 # Failures with no provider signature behind them: nothing to dispute with.
 UNSIGNED_REASONS = frozenset({"unsigned_root", "no_proof"})
+# Failures that rest on the consumer's word about the request or the text it received: disputable
+# only where the provider's signed body binds those (a v2 body, evidence.CommitmentBody).
+BOUND_ONLY_IN_V2 = frozenset({"prompt_mismatch", "text_mismatch"})
+# The text received differs from the text the provider signed it streamed: the chunks are not signed,
+# so only the consumer says what arrived; and a signed prompt hash that differs from this node's
+# rendering needs the request itself bound to convince an arbiter (docs/verified-inference.md).
+CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch"})
 
 
 @dataclass(frozen=True)
@@ -53,12 +62,18 @@ class CheckFacts:
     proof_sent: bool = True  # the end frame carried a proof (a drawn call the provider must commit to)
     model_matches: bool = True  # the signed model sha256 is the one the provider's record advertises
     text_matches: bool = True  # the text received is what the proof's token ids spell
+    # v2 bodies only (True for v1): the signed prompt_sha256 is this verifier's rendering's ids' hash,
+    # the signed text_sha256 the text received's.
+    prompt_hash_matches: bool = True
+    text_hash_matches: bool = True
+    body_version: int = 1  # the signed commitment body's ``v``
 
 
 @dataclass(frozen=True)
 class CheckVerdict:
     outcome: Outcome
     reason: str = ""
+    body_version: int = 1
 
     @property
     def stop_countersigning(self) -> bool:
@@ -67,7 +82,9 @@ class CheckVerdict:
     @property
     def dispute(self) -> bool:
         """Open a dispute with the evidence: only when the provider's own signature binds the root."""
-        return self.outcome == "failed" and self.reason not in UNSIGNED_REASONS
+        if self.outcome != "failed" or self.reason in UNSIGNED_REASONS or self.reason in CONSUMERS_WORD:
+            return False
+        return self.body_version >= 2 or self.reason not in BOUND_ONLY_IN_V2
 
     def refusal(self) -> Refusal | None:
         if self.outcome != "failed":
@@ -78,6 +95,11 @@ class CheckVerdict:
 
 
 def check_verdict(facts: CheckFacts) -> CheckVerdict:
+    verdict = _check_verdict(facts)
+    return CheckVerdict(verdict.outcome, verdict.reason, facts.body_version)
+
+
+def _check_verdict(facts: CheckFacts) -> CheckVerdict:
     if not facts.proof_sent:
         return CheckVerdict("failed", "no_proof")
     if not facts.root_signed:
@@ -93,6 +115,10 @@ def check_verdict(facts: CheckFacts) -> CheckVerdict:
         return CheckVerdict("unverifiable", "no_file")
     if not facts.prompt_matches:
         return CheckVerdict("failed", "prompt_mismatch")
+    if not facts.prompt_hash_matches:
+        return CheckVerdict("failed", "prompt_hash_mismatch")
+    if not facts.text_hash_matches:
+        return CheckVerdict("failed", "text_hash_mismatch")
     if not facts.text_matches:
         return CheckVerdict("failed", "text_mismatch")
     if facts.findings_reason:

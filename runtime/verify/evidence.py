@@ -6,27 +6,50 @@ the call, the advertised file's sha256, the declared sampling, the token counts 
 consumer keeps that signature with the reply: a chunk that does not open against the signed root, or
 openings that the advertised file does not reproduce, are then evidence anyone holding that file can
 re-check (an arbiter re-runs :func:`runtime.verify.spot.check_call`) without trusting the consumer.
+
+Body versions: ``v: 1`` binds the prompt only by its length and not the text streamed, so a consumer
+could hand an arbiter another prompt of the same length. ``v: 2`` adds ``prompt_sha256`` (sha256 of the
+prompt's token ids, :func:`ids_sha256`, as the provider rendered the request with its file) and
+``text_sha256`` (sha256 of the UTF-8 reply text it streamed). Consumers of this release read both
+(a v1 body has neither field: the fields are left out of the signed bytes when absent, so a v1
+signature verifies as before); consumers of the release before read a v2 body as no proof, so a
+provider signs :data:`SIGNED_VERSION` (1 during this release, 2 from the next).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+from collections.abc import Sequence
 
 from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from runtime.ledger.canonical import canonical_bytes
 from runtime.ledger.receipts import LEASE_ID_PATTERN, PEER_ID_PATTERN, PeerKeys, ReceiptKey
 from runtime.verify.provider import CallRecorder, declared_sampling
 
 COMMITMENT_DOMAIN = b"clawnode/verify-commitment/v1\x00"
+# The body version providers sign: 1 while consumers of the release before (which read only v1) are
+# about; 2 (prompt and text bound) from the next release. Consumers read both now.
+SIGNED_VERSION = 1
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+def ids_sha256(ids: Sequence[int]) -> str:
+    """sha256 of token ids as the signed body binds them: each id as 4 big-endian bytes."""
+    return hashlib.sha256(b"".join(int(i).to_bytes(4, "big") for i in ids)).hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class CommitmentBody(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: int = Field(1, ge=1, le=1)
+    v: int = Field(1, ge=1, le=2)
     lease_id: str = Field(pattern=LEASE_ID_PATTERN)
     call_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
     provider: str = Field(pattern=PEER_ID_PATTERN)
@@ -35,10 +58,21 @@ class CommitmentBody(BaseModel):
     top_p_milli: int = Field(ge=1, le=1000)
     prompt_tokens: int = Field(ge=1, le=1 << 20)
     completion_tokens: int = Field(ge=1, le=1 << 16)
-    root: str = Field(pattern=r"^[0-9a-f]{64}$")
+    root: str = Field(pattern=_SHA256)
+    # v2 only (None in a v1 body, and then not part of the signed bytes).
+    prompt_sha256: str | None = Field(None, pattern=_SHA256)
+    text_sha256: str | None = Field(None, pattern=_SHA256)
+
+    @model_validator(mode="after")
+    def _version_fields(self) -> CommitmentBody:
+        bound = self.prompt_sha256 is not None and self.text_sha256 is not None
+        unbound = self.prompt_sha256 is None and self.text_sha256 is None
+        if (self.v == 2 and not bound) or (self.v == 1 and not unbound):
+            raise ValueError("v2 bodies bind prompt_sha256 and text_sha256, v1 bodies neither")
+        return self
 
     def canonical(self) -> bytes:
-        return canonical_bytes(self.model_dump())
+        return canonical_bytes(self.model_dump(exclude_none=True))
 
 
 class SignedCommitment(BaseModel):
@@ -81,10 +115,17 @@ class CallProof(BaseModel):
 
 
 def call_proof(
-    recorder: CallRecorder, key: ReceiptKey, lease_id: str, call_id: str, sha256: str, usage: dict[str, int]
+    recorder: CallRecorder,
+    key: ReceiptKey,
+    lease_id: str,
+    call_id: str,
+    sha256: str,
+    usage: dict[str, int],
+    prompt_ids: Sequence[int] | None = None,
 ) -> CallProof | None:
     """The end frame's proof of a recorded call, signed with the provider's receipt key; None when
-    nothing was produced."""
+    nothing was produced. ``prompt_ids``: the prompt as the provider rendered the request; with them (and
+    :data:`SIGNED_VERSION` 2) the body is a v2 one, binding them and the text streamed."""
     committed = recorder.finish()
     prompt_tokens = int(usage.get("prompt_tokens", 0))
     if committed is None or prompt_tokens < 1:
@@ -101,6 +142,9 @@ def call_proof(
         completion_tokens=committed.n_tokens,
         root=committed.root.hex(),
     )
+    if SIGNED_VERSION >= 2 and prompt_ids is not None and len(prompt_ids) == prompt_tokens:
+        bound = {"prompt_sha256": ids_sha256(prompt_ids), "text_sha256": text_sha256(recorder.text)}
+        body = CommitmentBody.model_validate({**body.model_dump(exclude_none=True), "v": 2, **bound})
     return CallProof(
         commitment=sign_commitment(body, key),
         tokens=[p.token for p in recorder.positions],

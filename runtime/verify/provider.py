@@ -59,8 +59,15 @@ class CallRecorder:
         self.body = {**body, "logprobs": True, "top_logprobs": max(K, self.asked_top)}
         self.index = index
         self.positions: list[Position] = []
+        self._text: list[str] = []  # the reply text as streamed (bounded by the call's own bound)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
 
     def see(self, data: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(data.get("text"), str):
+            self._text.append(data["text"])
         entries = data.get("logprobs")
         if not entries:
             return data

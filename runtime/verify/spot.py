@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from runtime.ledger.receipts import PeerKeys
 from runtime.verify.check import Findings, Prefill, compare
 from runtime.verify.commitment import Opened, Opening, decode_chunk, opening_matches
-from runtime.verify.evidence import SignedCommitment, commitment_signed
+from runtime.verify.evidence import SignedCommitment, commitment_signed, ids_sha256, text_sha256
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class SpotCheck:
     findings: Findings | None  # None when the comparison did not run (a bad signature or opening)
     prompt_matches: bool = True  # the signed prompt length is the consumer's own rendering's
     text_matches: bool = True  # the text received is what the produced token ids spell
+    prompt_hash_matches: bool = True  # v2: the signed prompt_sha256 is the consumer's rendering's
+    text_hash_matches: bool = True  # v2: the signed text_sha256 is the text received's
 
 
 # A stop string ends a reply with its text cut: what the ids spell may run on past the text received
@@ -55,6 +57,12 @@ def check_call(
     if body.prompt_tokens != len(prompt):
         # The provider signed that it processed another prompt (truncated, or another tokenizer's).
         return SpotCheck(True, True, None, prompt_matches=False)
+    if body.prompt_sha256 is not None and ids_sha256(prompt) != body.prompt_sha256:
+        # Same length, other ids: the provider signed that it evaluated another prompt than this one.
+        return SpotCheck(True, True, None, prompt_hash_matches=False)
+    if body.text_sha256 is not None and text is not None and text_sha256(text) != body.text_sha256:
+        # The text received is not the text the provider signed it streamed.
+        return SpotCheck(True, True, None, text_hash_matches=False)
     if body.completion_tokens != len(tokens):
         return SpotCheck(True, False, None)
     root = bytes.fromhex(body.root)
