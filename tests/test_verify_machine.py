@@ -69,3 +69,27 @@ def test_what_a_failure_can_be_disputed_with_depends_on_what_the_signed_body_bin
         assert (verdict.outcome, verdict.reason, verdict.dispute) == ("failed", reason, False)
         refusal = verdict.refusal()
         assert refusal is not None and refusal.reason == f"verification_{reason}"
+
+
+def test_the_arbiter_refunds_in_full_only_on_its_own_rerun_of_evidence_the_provider_signed() -> None:
+    from protocols.machines.verify import ArbitrationFacts, arbitrate
+
+    v2 = dataclasses.replace(GOOD, body_version=2)
+    cheat = check_verdict(dataclasses.replace(v2, findings_reason="logprob"))
+    honest = check_verdict(v2)
+
+    def decided(recheck: object, bound: bool = True) -> tuple[str, int, str]:
+        result = arbitrate(ArbitrationFacts(bound, recheck, left=1000, owed_if_honest=300))  # type: ignore[arg-type]
+        return result.outcome, result.to_payee, result.reason
+
+    assert decided(cheat) == ("refund", 0, "logprob")  # everything left back to the consumer
+    assert decided(check_verdict(dataclasses.replace(v2, text_matches=False))) == ("refund", 0, "text_mismatch")
+    assert decided(honest) == ("reject", 300, "passed")  # the provider is paid what it is owed
+    # A package that does not bind this escrow (another lease, another prompt than signed) decides nothing.
+    assert decided(cheat, bound=False) == ("reject", 300, "evidence_unbound")
+    # A failure on what the provider never signed (a v1 body's text, a forged root) is no cheat of its.
+    assert decided(check_verdict(dataclasses.replace(GOOD, text_matches=False)))[0] == "reject"
+    assert decided(check_verdict(dataclasses.replace(v2, root_signed=False)))[0] == "reject"
+    assert decided(check_verdict(dataclasses.replace(v2, holds_file=False))) == ("undecided", 0, "no_file")
+    owed_more = arbitrate(ArbitrationFacts(True, honest, left=100, owed_if_honest=300))
+    assert (owed_more.to_payee, owed_more.to_payer(100)) == (100, 0)  # never more than is left

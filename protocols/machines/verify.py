@@ -131,3 +131,51 @@ def standing(passed: int, failed: int) -> float:
     if failed > 0:
         return 0.0
     return (passed + 1) / (passed + 2)
+
+
+ArbitrationOutcome = Literal["refund", "reject", "undecided"]
+
+
+@dataclass(frozen=True)
+class ArbitrationFacts:
+    """What a lease's arbiter fetched and re-ran for a verification dispute (docs/verified-inference.md).
+
+    ``evidence_bound``: the package binds this escrow: its signed commitment names the disputed lease
+    and the escrow's payee's node, is a v2 body, and the package's prompt ids and text hash to the
+    signed ``prompt_sha256`` and ``text_sha256``. ``recheck``: the arbiter's own
+    :func:`check_verdict` over the package (``runtime.verify.spot.check_call`` on its copy of the file
+    the proof names, by sha256). ``left``: what is left of the frozen escrow; ``owed_if_honest``: what
+    the consumer's countersigned receipts plus the disputed call's units come to, not yet released."""
+
+    evidence_bound: bool
+    recheck: CheckVerdict
+    left: int
+    owed_if_honest: int
+
+
+@dataclass(frozen=True)
+class Arbitration:
+    outcome: ArbitrationOutcome
+    to_payee: int = 0
+    reason: str = ""
+
+    def to_payer(self, left: int) -> int:
+        return left - self.to_payee
+
+
+def arbitrate(facts: ArbitrationFacts) -> Arbitration:
+    """A verification dispute, decided without a person where the arbiter's own re-run decides it: a
+    failure the provider's signature binds → everything left goes back to the consumer (the cheat loses
+    the sale; what it released before the freeze stays released); a pass, or evidence that does not bind
+    this escrow or fails only on what the provider never signed → the provider is paid what it is owed;
+    a re-run the arbiter cannot do (no copy of the file) → undecided, nothing resolved."""
+    left = max(0, facts.left)
+    paid = min(left, max(0, facts.owed_if_honest))
+    if not facts.evidence_bound:
+        return Arbitration("reject", paid, "evidence_unbound")
+    verdict = facts.recheck
+    if verdict.outcome == "unverifiable":
+        return Arbitration("undecided", 0, verdict.reason or "unverifiable")
+    if verdict.outcome == "failed" and verdict.dispute:
+        return Arbitration("refund", 0, verdict.reason)
+    return Arbitration("reject", paid, verdict.reason or "passed")
