@@ -279,9 +279,10 @@ class EscrowSection(_Section):
 
 
 class SandboxSection(_Section):
-    kinds: list[Literal["wasm", "native"]] = Field(
+    kinds: list[Literal["wasm", "native", "inference"]] = Field(
         default_factory=lambda: ["wasm"],  # type: ignore[arg-type]
-        description="task kinds this node runs in its sandbox (native: bubblewrap, only for sellers who opt in)",
+        description="task kinds this node runs (native: bubblewrap, only for sellers who opt in; "
+        "inference: a prompt batch on a model this node serves)",
     )
     auto_run: bool = Field(True, description="run an awarded sandboxed task and submit its result without a person")
     auto_arbitrate: bool = Field(True, description="as an arbiter, decide a sandboxed task's dispute by re-running it")

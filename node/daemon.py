@@ -242,10 +242,11 @@ class Node:
     def _sandbox_offer(self) -> SandboxOffer | None:
         """What the record says of the sandboxed task kinds this node runs ([sandbox])."""
         box = self.config.sandbox
-        if not box.kinds or not box.auto_run:
+        kinds = sorted(set(box.kinds) & {"wasm", "native"})  # the record's field names the sandboxed kinds only
+        if not kinds or not box.auto_run:
             return None
         return SandboxOffer(
-            kinds=sorted(set(box.kinds)),  # type: ignore[arg-type]
+            kinds=kinds,  # type: ignore[arg-type]
             max_fuel=box.max_fuel,
             max_memory_mb=box.max_memory_mb,
             max_wall_s=max(1, int(box.max_wall_s)),

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dht.records import CAPABILITY_NAME
 from protocols.task import TaskMarket
+from protocols.task.inference import InferenceTerms
 from protocols.task_wire import (
     MAX_EVIDENCE_ATTACHMENT,
     MAX_EVIDENCE_NOTE,
@@ -51,6 +52,7 @@ class PublishBody(_Body):
     limits: Limits | None = None
     arbitration: Literal["rerun", "person"] = "rerun"
     panel: PanelTerms | None = Field(None, description="k arbiters (peer, wallet) and m: m agreeing votes pay out")
+    inference: InferenceTerms | None = Field(None, description="a prompt batch run on the seller's served model")
 
 
 class WatchBody(_Body):
@@ -122,6 +124,17 @@ class TaskNode(Protocol):
 def mount_tasks(app: FastAPI, node: TaskNode) -> None:
     @app.post("/api/tasks")
     async def publish(body: PublishBody) -> TaskView:
+        if body.inference is not None:
+            return await node.tasks.publish_inference(
+                body.capability,
+                body.budget,
+                body.deadline_s,
+                terms=body.inference,
+                summary=body.summary,
+                arbiter_peer=body.arbiter_peer,
+                arbiter_wallet=body.arbiter_wallet,
+                review_timeout_s=body.review_timeout_s,
+            )
         if body.kind is not None:
             return await node.tasks.publish_run(
                 body.capability,

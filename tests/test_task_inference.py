@@ -11,10 +11,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
 from node.daemon import Node
+from node.datadir import read_api_token
 from protocols.gossip import task_topic
 from protocols.machines import task_inference as rules
 from protocols.machines.task import TaskState
@@ -141,6 +143,7 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
         outputs = json.loads(delivered)["outputs"]
         assert len(outputs) == len(PROMPTS) and all(isinstance(text, str) and text for text in outputs)
         view = creator.tasks.view(task_id)
+        assert view.kind == "inference" and seller.tasks.view(task_id).kind == "inference"
         assert view.run is not None and view.run.outcome == "inference" and 0 < view.run.fuel_used <= 12
         await creator.tasks.review(task_id, False, "I do not like it")
         await creator.tasks.dispute(task_id, "wrong, surely")
@@ -164,8 +167,28 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
         assert arbiter.tasks.view(task_id).run_verdict == "output_differs"
 
         # 3. A model file the arbiter does not hold: nothing is decided without a person.
+        # Published through the API, as `POST /api/tasks` with an ``inference`` object.
         other = terms.model_copy(update={"model_sha256": "e" * 64})
-        task_id = await _publish(creator, seller, arbiter, shared, other)
+        token = await trio.to_thread.run_sync(read_api_token, creator.data_dir)
+        body = {
+            "capability": CAPABILITY,
+            "budget": ETH,
+            "deadline_s": 120,
+            "arbiter_peer": _peer(arbiter),
+            "arbiter_wallet": shared.arbiter.address,
+            "review_timeout_s": 60,
+            "inference": other.model_dump(),
+        }
+        async with httpx.AsyncClient(timeout=30) as client:
+            reply = await client.post(
+                f"{creator.api_url}/api/tasks", json=body, headers={"authorization": f"Bearer {token}"}
+            )
+        assert reply.status_code == 200, reply.text
+        task_id = reply.json()["task_id"]
+        assert reply.json()["kind"] == "inference"
+        await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(task_id, PRICE)
+        await creator.tasks.award(task_id, bid.bid_id)
         await seller.tasks.submit(task_id, delivered, RunUsage(fuel_used=4, outcome="inference"))
         await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
         await creator.tasks.review(task_id, False, "no")

@@ -331,12 +331,16 @@ class TaskCore:
             evidence=sorted(local.evidence.values(), key=lambda e: (e.submitted_at, e.evidence_id)),
             to_bidder=receipt.to_bidder if receipt else None,
             to_creator=receipt.to_creator if receipt else None,
-            kind=terms.kind if terms is not None else None,
+            kind=terms.kind if terms is not None else self._kind_of(local),
             limits=terms.limits if terms is not None else None,
             run=local.result_usage,
             run_verdict=local.run_verdict,
             **self._panel_view(local),
         )
+
+    def _kind_of(self, local: TaskLocal) -> str | None:
+        """The kind of a task that is not sandboxed (inference.InferenceRole names ``inference``)."""
+        return None
 
     def _panel_view(self, local: TaskLocal) -> dict[str, Any]:
         """The panel's part of the view (panel.PanelRole fills it in)."""

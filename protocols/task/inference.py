@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from protocols import task_wire as w
 from protocols.machines import task_inference as rules
-from protocols.task.base import log
+from protocols.task.base import TaskLocal, log
 from protocols.task.runner import RunnerRole
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.jsonsafe import loads_bounded
@@ -120,6 +120,13 @@ class InferenceRole(RunnerRole):
             outputs.append(done.text)
             tokens += done.usage.completion_tokens
         return outputs_bytes(outputs), tokens
+
+    def _kind_of(self, local: TaskLocal) -> str | None:
+        params = local.params if local.params is not None else (local.award.params if local.award else None)
+        try:
+            return KIND if inference_terms(params) is not None else None
+        except ClawnodeError:
+            return None
 
     # -- the seller --
 
