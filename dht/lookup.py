@@ -13,12 +13,17 @@ Here (the libp2p Kademlia spec, as go-libp2p-kad-dht runs it):
 * ``alpha`` (3) queries in flight; a new one starts as soon as one ends. A query slower than
   ``patience_s`` stops holding its slot (it may still answer, until ``query_timeout_s``), so one
   slow or dead peer never stalls the lookup;
-* a lookup ends when the ``beta`` (3) closest peers it knows of have all answered (the closest set
-  is stable: nobody closer is left to ask), or at once when ``stop_at`` is named (``find_peer``);
+* a lookup ends when the ``beta`` closest peers it knows of have all answered (the closest set is
+  stable: nobody closer is left to ask), or at once when ``stop_at`` is named (``find_peer``, beta
+  3). A lookup for the peers to store at or read from (``put_value``, ``provide``, ``get_value``,
+  provider lists) takes beta ``STORE_BETA`` (8): with beta 3 a provider and a reader, each ending
+  on a slightly different closest set, met on too few peers (at N = 60 a query found 1 of 3-4
+  providers);
 * one FIND_NODE is one stream: written, read, parsed here; a query cut short (timeout, the lookup
   ended) resets its stream, so no half-open stream keeps a connection busy;
 * only the sender's signed record is checked (answers name addresses as go's do); an answered
-  peer goes into the routing table, a peer merely named does not (it has not shown it is alive);
+  peer goes into the routing table, and so do the closest peers the walk ends with (py-libp2p put
+  every peer an answer named there; the routing table checks each against the DHT guard);
 * hops are honest: a peer named by a peer at hop ``h`` is at hop ``h + 1`` (the local table is hop 0);
   ``LookupStats`` reports the hop at which the target was first named.
 
@@ -51,6 +56,7 @@ log = logging.getLogger(__name__)
 
 ALPHA = 3
 BETA = 3
+STORE_BETA = 8
 K = 20
 # A connected peer that has not answered FIND_NODE in this long is given up by this lookup
 # (py-libp2p: 10 s); the lookup itself moved on after ``PATIENCE_S``.
@@ -169,15 +175,13 @@ class Lookup:
 
     async def closest_peers(self, key: bytes, count: int = K, *, stop_at: ID | None = None) -> list[ID]:
         """The ``count`` closest peers to ``key`` that the walk met and that did not fail."""
-        walk = Walk(key_of(key), self.host.get_id(), beta=self.beta)
+        beta = self.beta if stop_at is not None else max(self.beta, STORE_BETA)
+        walk = Walk(key_of(key), self.host.get_id(), beta=beta)
         for seed in self._seeds(key, count):
-            walk.add(seed, 0)
+            if seed != stop_at:  # connected to it or in the table, but its addresses are what we lack
+                walk.add(seed, 0)
         stats = CURRENT_STATS.get()
         found = trio.Event()
-        if stop_at is not None and stop_at in walk.states:
-            found.set()
-            if stats is not None:
-                stats.target_hop = 0
         raw_addrs: dict[ID, list[bytes]] = {}
         wake = trio.Event()
         holding = 0  # queries holding one of the alpha slots
@@ -219,7 +223,7 @@ class Lookup:
             for named in answer:
                 if walk.add(named, hop + 1) and stats is not None:
                     stats.max_hop = max(stats.max_hop, hop + 1)
-                if stop_at is not None and named == stop_at and not found.is_set():
+                if stop_at is not None and named == stop_at and named in raw_addrs and not found.is_set():
                     if stats is not None:
                         stats.target_hop = hop + 1
                     found.set()
@@ -249,6 +253,15 @@ class Lookup:
         if stop_at is not None and stop_at in walk.states and stop_at not in result:
             result.insert(0, stop_at)
         self._remember_addrs(result, raw_addrs)
+        # The closest peers met (with their addresses now) are offered to the routing table, as
+        # py-libp2p offered every peer an answer named: without it tables stayed at the few peers
+        # that answered us, and in a small swarm with a connection budget lookups found nobody.
+        for peer in result:
+            if walk.states.get(peer) in (WAITING, ANSWERED):
+                try:
+                    await self.answered(peer)
+                except Exception as error:  # noqa: BLE001 - the table refused it
+                    log.debug("could not add %s: %s", peer, type(error).__name__)
         return result
 
     def _remember_addrs(self, peers: Sequence[ID], raw_addrs: dict[ID, list[bytes]]) -> None:
