@@ -1,7 +1,9 @@
 """Verified inference (issue 21): a v2 commitment body binds the prompt the provider evaluated and the text
 it streamed, so an arbiter can be shown the very prompt and reply. With real nodes and a real lease: an
 honest provider's v2 proof passes, and a provider that signs another prompt of the same length, streams
-another text than it signed, or signs a text its token ids do not spell is caught on that call."""
+another text than it signed, or signs a text its token ids do not spell is caught on that call; the
+arbiter's re-run of the package refunds the signed cheat and pays the honest provider, whatever prompt
+or text a consumer hands it."""
 
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from protocols.lease import serving
+from protocols.machines.verify import ArbitrationFacts, CheckFacts, arbitrate, check_verdict
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.verify import evidence
-from runtime.verify.evidence import CallProof, commitment_signed, text_sha256
+from runtime.verify.check import prefill_for
+from runtime.verify.evidence import CallProof, DisputePackage, commitment_signed, package_binds, text_sha256
 from runtime.verify.provider import CallRecorder
+from runtime.verify.spot import recheck
 from tests.support.market import market_nodes
 from wire.peer_keys import ed25519_public_key
 
@@ -32,14 +37,18 @@ async def test_a_v2_proof_binds_the_prompt_and_the_text_and_each_unbound_cheat_f
     path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
     cheat: list[str] = [""]  # which cheat the provider plays now ("": honest)
     sent: list[CallProof] = []
+    packages: dict[str, DisputePackage] = {}  # per cheat: what the consumer would hand the arbiter
     real_proof, real_see = serving.call_proof, CallRecorder.see
 
     def call_proof(*args: Any) -> Any:
+        honest_ids = list(args[6])
         if cheat[0] == "prompt_hash_mismatch":  # signs another prompt of the very same length
             args = (*args[:6], list(reversed(args[6])))
         proof = real_proof(*args)
         assert proof is not None
         sent.append(proof)
+        text = args[0].text  # what it streamed (the text_hash_mismatch cheat edits it after this)
+        packages[cheat[0]] = DisputePackage(lease_id=args[2], proof=proof, prompt_ids=honest_ids, text=text)
         return proof
 
     def see(self: CallRecorder, data: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +85,36 @@ async def test_a_v2_proof_binds_the_prompt_and_the_text_and_each_unbound_cheat_f
             assert record is not None and record.last_reason == cheat[0]
         record = consumer.market.verifying.book.get(provider_id)
         assert record is not None and (record.passed, record.failed) == (1, 3)
+
+    # The arbiter's side: its own copy of the file re-runs the check on the package, then decides.
+    prefill, tolerances = prefill_for(path)
+
+    def arbitrated(package: DisputePackage) -> tuple[str, int, str]:
+        bound = package_binds(package, package.lease_id, provider_id, ed25519_public_key)
+        spot = recheck(prefill, package, ed25519_public_key, tolerances)
+        facts = CheckFacts(
+            root_signed=spot.root_signed,
+            answered=True,
+            openings_match=spot.openings_match,
+            holds_file=True,
+            prompt_matches=spot.prompt_matches,
+            findings_reason=spot.findings.reason() if spot.findings is not None else "",
+            text_matches=spot.text_matches,
+            prompt_hash_matches=spot.prompt_hash_matches,
+            text_hash_matches=spot.text_hash_matches,
+            body_version=package.proof.commitment.body.v,
+        )
+        result = arbitrate(ArbitrationFacts(bound, check_verdict(facts), left=1000, owed_if_honest=400))
+        return result.outcome, result.to_payee, result.reason
+
+    assert arbitrated(packages[""]) == ("reject", 400, "passed")  # an honest call: the provider is paid
+    assert arbitrated(packages["text_mismatch"]) == ("refund", 0, "text_mismatch")  # signed, caught again
+    # A consumer that hands the arbiter another prompt (of the same length) than the provider signed,
+    # or another text than it streamed, proves nothing.
+    swapped = packages[""].model_copy(update={"prompt_ids": list(reversed(packages[""].prompt_ids))})
+    assert arbitrated(swapped) == ("reject", 400, "evidence_unbound")
+    edited = packages[""].model_copy(update={"text": "Buy now! " + packages[""].text})
+    assert arbitrated(edited)[2] == "evidence_unbound"
 
 
 def test_a_v1_body_signs_the_same_bytes_as_before_and_a_v2_body_must_bind_both() -> None:

@@ -14,7 +14,6 @@ receipts) and refuses the call with ``E_FORBIDDEN verification_<reason>``.
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,11 +25,11 @@ from runtime.ledger import Ledger
 from runtime.ledger.verifications import VerificationRow
 from runtime.verify.book import Record, VerificationBook
 from runtime.verify.check import prefill_for
-from runtime.verify.commitment import MAX_TOKENS, Commitment, Opening
+from runtime.verify.commitment import MAX_TOKENS, Opening
 from runtime.verify.evidence import CallProof, commitment_signed
 from runtime.verify.provider import verifiable
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE, should_check
-from runtime.verify.spot import SpotCheck, check_call
+from runtime.verify.spot import SpotCheck, check_call, openings_of
 from wire.peer_keys import ed25519_public_key
 
 log = logging.getLogger(__name__)
@@ -159,13 +158,8 @@ class Verifying:
 
 
 def _openings(chunks: list[str]) -> list[Opening]:
-    """The openings of chunks that arrived whole (blocking): the paths are rebuilt here, in one pass over
-    the tree, and only the root the provider signed binds them."""
-    try:
-        data = [base64.b64decode(chunk, validate=True) for chunk in chunks]
-    except ValueError:
-        return []
-    return Commitment(tuple(data), 1).open_all() if data else []
+    """The openings of chunks that arrived whole (blocking): ``runtime.verify.spot.openings_of``."""
+    return openings_of(chunks)
 
 
 def _run(path: Any, prompt: list[int], proof: CallProof, text: str | None, longest_stop: int) -> SpotCheck:

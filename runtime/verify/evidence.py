@@ -150,3 +150,31 @@ def call_proof(
         tokens=[p.token for p in recorder.positions],
         chunks=[base64.b64encode(c).decode() for c in committed.chunks],
     )
+
+
+class DisputePackage(BaseModel):
+    """What a consumer hands a lease's arbiter after a failed check (docs/verified-inference.md): the
+    proof as received, the prompt ids it rendered and the text received. Only a v2 body makes it
+    evidence: the ids and the text must hash to what the provider signed (:func:`package_binds`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    proof: CallProof
+    prompt_ids: list[int] = Field(max_length=1 << 20)
+    text: str = Field(max_length=1 << 22)
+
+
+def package_binds(package: DisputePackage, lease_id: str, provider: str, peer_keys: PeerKeys) -> bool:
+    """Whether ``package`` is evidence about ``lease_id`` served by ``provider`` (the escrow's payee's
+    node): a v2 body signed by that node for that lease, whose prompt and text hashes the package's
+    prompt ids and text give."""
+    body = package.proof.commitment.body
+    return (
+        body.v >= 2
+        and body.lease_id == package.lease_id == lease_id
+        and body.provider == provider
+        and body.prompt_sha256 == ids_sha256(package.prompt_ids)
+        and body.text_sha256 == text_sha256(package.text)
+        and commitment_signed(package.proof.commitment, peer_keys)
+    )

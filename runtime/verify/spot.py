@@ -8,13 +8,14 @@ data; ``protocols.machines.verify.check_verdict`` decides what it means.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from runtime.ledger.receipts import PeerKeys
 from runtime.verify.check import Findings, Prefill, compare
-from runtime.verify.commitment import Opened, Opening, decode_chunk, opening_matches
-from runtime.verify.evidence import SignedCommitment, commitment_signed, ids_sha256, text_sha256
+from runtime.verify.commitment import Commitment, Opened, Opening, decode_chunk, opening_matches
+from runtime.verify.evidence import DisputePackage, SignedCommitment, commitment_signed, ids_sha256, text_sha256
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,39 @@ def check_call(
         mean_tolerance=tolerances[1],
     )
     return SpotCheck(True, True, findings)
+
+
+# The arbiter does not know the request's stop strings (the request is not signed): it allows this
+# many characters of cut instead. An edit anywhere but a cut off the end is caught whatever the allowance.
+ARBITER_STOP_ALLOWANCE = 1024
+
+
+def openings_of(chunks: Sequence[str]) -> list[Opening]:
+    """The openings of a proof's chunks (base64), the tree rebuilt in one pass; [] if one does not decode.
+    Only the root the provider signed binds them."""
+    try:
+        data = [base64.b64decode(chunk, validate=True) for chunk in chunks]
+    except ValueError:
+        return []
+    return Commitment(tuple(data), 1).open_all() if data else []
+
+
+def recheck(
+    prefill: Prefill, package: DisputePackage, peer_keys: PeerKeys, tolerances: tuple[float, float]
+) -> SpotCheck:
+    """An arbiter's re-run of a disputed call on its own copy of the file (blocking): the same check as
+    the consumer's, over the prompt ids and text the package carries (bound by the signed hashes:
+    ``evidence.package_binds`` first)."""
+    proof = package.proof
+    openings = openings_of(proof.chunks)
+    return check_call(
+        prefill,
+        package.prompt_ids,
+        proof.tokens,
+        proof.commitment,
+        openings,
+        peer_keys,
+        tolerances,
+        package.text,
+        ARBITER_STOP_ALLOWANCE,
+    )
