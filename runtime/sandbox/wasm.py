@@ -33,10 +33,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-import wasmtime as wt
 
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox.limits import (
@@ -50,6 +49,20 @@ from runtime.sandbox.limits import (
     sha256_hex,
 )
 from runtime.sandbox.stats import SandboxStats
+
+if TYPE_CHECKING:
+    import wasmtime as wt
+else:
+
+    class _Wasmtime:
+        """``wasmtime``, imported on first use: a node that runs no wasm task never loads it at start."""
+
+        def __getattr__(self, name: str) -> Any:
+            import wasmtime
+
+            return getattr(wasmtime, name)
+
+    wt = _Wasmtime()
 
 KIND = "wasm"
 WASI = "wasi_snapshot_preview1"
@@ -173,14 +186,24 @@ class WasmSandbox:
         stats: SandboxStats | None = None,
         concurrency: int = 2,
     ) -> None:
-        self.engine = wt.Engine(engine_config())
+        self._engine: wt.Engine | None = None  # made on first use (see :attr:`engine`)
+        self._engine_lock = threading.Lock()
+        self._ticker: _Ticker | None = None
         self.max_module_bytes = max_module_bytes
         self.cap = cap or Limits(fuel=10**10, memory_bytes=256 * 1024 * 1024, wall_s=60.0, output_bytes=256 * 1024)
         self.stats = stats or SandboxStats()
         self._modules: OrderedDict[str, wt.Module] = OrderedDict()
         self._lock = threading.Lock()
-        self._ticker = _Ticker(self.engine)
         self._limiter = trio.CapacityLimiter(concurrency)
+
+    @property
+    def engine(self) -> wt.Engine:
+        """The wasmtime engine, made (with its epoch ticker) on first use from any thread."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = wt.Engine(engine_config())
+                self._ticker = _Ticker(self._engine)
+            return self._engine
 
     # -- modules --
 
@@ -249,6 +272,7 @@ class WasmSandbox:
         self.stats.ran(KIND)
         io = _Io(input=input, output_cap=limits.output_bytes)
         store = wt.Store(self.engine)
+        assert self._ticker is not None  # made with the engine
         store.set_fuel(limits.fuel)
         store.set_limits(memory_size=limits.memory_bytes, table_elements=100_000, instances=1, tables=4, memories=1)
         store.set_epoch_deadline(max(1, int(limits.wall_s / EPOCH_TICK_S) + 1))
