@@ -670,6 +670,10 @@ def task() -> None:
 @click.option("--arbitration", type=click.Choice(["rerun", "person"]), default="rerun", help="Who decides a dispute.")
 @click.option("--panel", default=None, help="Sandbox: an arbiter panel instead of one arbiter, PEER:WALLET,...")
 @click.option("--threshold", type=int, default=None, help="Votes that must agree (default: a strict majority).")
+@click.option("--model", default=None, help="Inference: the served model that runs the --prompt batch.")
+@click.option("--model-sha256", default="", help="Inference: its GGUF file's sha256 (as the seller's record states).")
+@click.option("--prompt", "prompts", multiple=True, help="Inference: one prompt of the batch (repeat, at most 16).")
+@click.option("--max-tokens", type=int, default=32, help="Inference: most tokens generated per prompt.")
 @data_dir_option
 @json_option
 def task_publish(
@@ -690,11 +694,16 @@ def task_publish(
     arbitration: str,
     panel: str | None,
     threshold: int | None,
+    model: str | None,
+    model_sha256: str,
+    prompts: tuple[str, ...],
+    max_tokens: int,
     data_dir: str | None,
     as_json: bool,
 ) -> None:
     """Announce a task for CAPABILITY on the network (with --wasm/--native: a sandboxed one; with --panel:
-    decided in a dispute by THRESHOLD of the panel's arbiters)."""
+    decided in a dispute by THRESHOLD of the panel's arbiters; with --model and --prompt: a prompt batch
+    the seller runs on that model at temperature 0)."""
     request: dict[str, Any] = {
         "capability": capability,
         "budget": budget,
@@ -715,6 +724,16 @@ def task_publish(
             limits={k: v for k, v in limits.items() if v is not None},
             arbitration=arbitration,
         )
+    if model is not None:
+        if program or not prompts:
+            raise click.UsageError("--model takes one or more --prompt and no --wasm/--native")
+        request["inference"] = {
+            "model": model,
+            "model_sha256": model_sha256,
+            "prompts": list(prompts),
+            "max_tokens": max_tokens,
+            "arbitration": arbitration,
+        }
     if panel is not None:
         if not program:
             raise click.UsageError("--panel needs a sandboxed task (--wasm or --native)")

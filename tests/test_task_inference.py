@@ -11,12 +11,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
+from click.testing import CliRunner, Result
 
+from node.cli import main
 from node.daemon import Node
-from node.datadir import read_api_token
 from protocols.gossip import task_topic
 from protocols.machines import task_inference as rules
 from protocols.machines.task import TaskState
@@ -150,6 +150,7 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
         for node in (creator, seller):
             await _closed_with(node, task_id, PRICE)
         assert arbiter.tasks.view(task_id).run_verdict == "rerun_matches"
+        assert seller.sandbox.stats.runs["inference"] == arbiter.sandbox.stats.runs["inference"] == 1
         (piece,) = [e for e in await creator.ledger.list_evidence(task_id) if e.submitted_by == _peer(arbiter)]
         assert "rerun_matches" in piece.note and sha256_hex(delivered) in piece.note
 
@@ -167,25 +168,20 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
         assert arbiter.tasks.view(task_id).run_verdict == "output_differs"
 
         # 3. A model file the arbiter does not hold: nothing is decided without a person.
-        # Published through the API, as `POST /api/tasks` with an ``inference`` object.
-        other = terms.model_copy(update={"model_sha256": "e" * 64})
-        token = await trio.to_thread.run_sync(read_api_token, creator.data_dir)
-        body = {
-            "capability": CAPABILITY,
-            "budget": ETH,
-            "deadline_s": 120,
-            "arbiter_peer": _peer(arbiter),
-            "arbiter_wallet": shared.arbiter.address,
-            "review_timeout_s": 60,
-            "inference": other.model_dump(),
-        }
-        async with httpx.AsyncClient(timeout=30) as client:
-            reply = await client.post(
-                f"{creator.api_url}/api/tasks", json=body, headers={"authorization": f"Bearer {token}"}
+        # Published through the CLI (which posts an ``inference`` object to ``POST /api/tasks``).
+        cli = ["task", "publish", CAPABILITY, "--budget", str(ETH), "--deadline", "120", "--model", "tiny"]
+        cli += ["--model-sha256", "e" * 64, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-tokens", "6"]
+        cli += ["--arbiter-peer", _peer(arbiter), "--arbiter-wallet", shared.arbiter.address, "--review-timeout", "60"]
+
+        def run_cli() -> Result:
+            return CliRunner().invoke(
+                main, [*cli, "--data-dir", str(creator.data_dir), "--json"], catch_exceptions=False
             )
-        assert reply.status_code == 200, reply.text
-        task_id = reply.json()["task_id"]
-        assert reply.json()["kind"] == "inference"
+
+        published = await trio.to_thread.run_sync(run_cli)
+        assert published.exit_code == 0, published.output
+        task_id = json.loads(published.output)["task_id"]
+        assert json.loads(published.output)["kind"] == "inference"
         await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")
         bid = await seller.tasks.bid(task_id, PRICE)
         await creator.tasks.award(task_id, bid.bid_id)

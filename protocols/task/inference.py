@@ -147,6 +147,7 @@ class InferenceRole(RunnerRole):
                 self.sandbox.stats.refused(KIND, refusal.reason)
             log.info("task %s not run here: %s", task_id[:12], refusal.reason)
             return
+        self.sandbox.stats.ran(KIND)
         try:
             output, tokens = await self._run_batch(terms)
         except ClawnodeError as error:
@@ -196,6 +197,7 @@ class InferenceRole(RunnerRole):
         elif refusal is not None:
             facts = rules.InferenceRerunFacts(**{**facts.__dict__, "rerun_refusal": refusal.reason})
         else:
+            self.sandbox.stats.ran(KIND)
             try:
                 output, _ = await self._run_batch(terms)
                 facts = rules.InferenceRerunFacts(**{**facts.__dict__, "rerun_sha256": sha256_hex(output)})
