@@ -83,6 +83,11 @@ async def test_a_v2_proof_binds_the_prompt_and_the_text_and_each_unbound_cheat_f
             assert caught.value.reason == f"verification_{cheat[0]}"
             record = consumer.market.verifying.book.get(provider_id)
             assert record is not None and record.last_reason == cheat[0]
+            # Evidence is kept only where the provider's signature binds the failure.
+            kept = consumer.market.verifying.evidence.get(lease.lease_id)
+            assert (kept is not None) == (cheat[0] == "text_mismatch")
+            if kept is not None:
+                assert package_binds(kept, lease.lease_id, provider_id, ed25519_public_key)
         record = consumer.market.verifying.book.get(provider_id)
         assert record is not None and (record.passed, record.failed) == (1, 3)
 

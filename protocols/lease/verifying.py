@@ -26,7 +26,7 @@ from runtime.ledger.verifications import VerificationRow
 from runtime.verify.book import Record, VerificationBook
 from runtime.verify.check import prefill_for
 from runtime.verify.commitment import MAX_TOKENS, Opening
-from runtime.verify.evidence import CallProof, commitment_signed
+from runtime.verify.evidence import CallProof, DisputePackage, commitment_signed
 from runtime.verify.provider import verifiable
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE, should_check
 from runtime.verify.spot import SpotCheck, check_call, openings_of
@@ -38,6 +38,7 @@ LocalModel = Callable[[str], Any]  # sha256 -> a loaded LlamaModel of that file,
 # (provider, lease id) -> the sha256 the provider's signed record advertises for the lease's model ("" if none)
 Advertised = Callable[[str, str], Awaitable[str]]
 MAX_ADVERTISED = 1024  # leases whose advertised file is remembered
+MAX_EVIDENCE = 64  # disputable failures whose package is kept (the most recent)
 ADVERTISED_WAIT_S = 5.0  # the most a call's end waits for the provider's record (usually discovery's cache)
 
 
@@ -51,6 +52,9 @@ class Verifying:
         self.advertised: Advertised | None = None
         self._advertised: dict[str, str] = {}  # lease id -> sha256 ("" when the record names none)
         self.ledger: Ledger | None = None  # where outcomes are kept (``attach``)
+        # lease id -> the package of a failed check the provider's signature binds (a v2 body), kept for
+        # the lease's dispute (docs/verified-inference.md: sending it is not built yet).
+        self.evidence: dict[str, DisputePackage] = {}
 
     async def _advertised_sha256(self, provider: str, lease_id: str) -> str:
         known = self._advertised.get(lease_id)
@@ -87,9 +91,13 @@ class Verifying:
         except Exception as error:  # noqa: BLE001 - a full or failing disk: kept in memory, written next time
             log.warning("a verification outcome was not kept in the ledger (%s)", type(error).__name__)
 
-    async def _failed(self, provider: str, facts: CheckFacts) -> str:
+    async def _failed(self, provider: str, facts: CheckFacts, package: DisputePackage | None = None) -> str:
         verdict = check_verdict(facts)
         await self._note(provider, verdict.outcome, verdict.reason)
+        if package is not None and verdict.dispute:
+            self.evidence[package.lease_id] = package
+            while len(self.evidence) > MAX_EVIDENCE:
+                self.evidence.pop(next(iter(self.evidence)))
         if verdict.outcome == "failed":
             log.warning("provider %s failed verification (%s)", provider[:16], verdict.reason)
             return f"failed:{verdict.reason}"
@@ -154,7 +162,13 @@ class Verifying:
             text_hash_matches=spot.text_hash_matches,
             body_version=signed.v,
         )
-        return await self._failed(provider, facts)
+        package = None
+        if signed.v >= 2 and text is not None and bound:
+            try:
+                package = DisputePackage(lease_id=lease_id, proof=proof, prompt_ids=prompt, text=text)
+            except ValueError:  # beyond the package's bounds: refused all the same, kept without evidence
+                package = None
+        return await self._failed(provider, facts, package)
 
 
 def _openings(chunks: list[str]) -> list[Opening]:
