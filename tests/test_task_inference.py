@@ -74,6 +74,8 @@ def test_the_run_rules_refuse_what_the_node_cannot_or_will_not_run() -> None:
     assert rules.inference_rerun_verdict(other) == rules.RerunVerdict("resolve", 0, "output_differs")
     sampled = dataclasses.replace(other, temperature=0.7)
     assert rules.inference_rerun_verdict(sampled).action == "escalate"  # sampled text proves nothing
+    unnamed = dataclasses.replace(other, model_named=False)  # the seller may have run another file of that name
+    assert rules.inference_rerun_verdict(unnamed) == rules.RerunVerdict("escalate", 0, "model_file_unnamed")
     missing = dataclasses.replace(rerun, rerun_sha256=None, rerun_refusal="model_not_loaded")
     assert rules.inference_rerun_verdict(missing) == rules.RerunVerdict("escalate", 0, "model_not_loaded")
 

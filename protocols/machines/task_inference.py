@@ -8,8 +8,9 @@ model, runs the batch in the engine's worker thread, submits, and re-runs as the
 * :func:`inference_rerun_verdict`: the arbiter's decision. At temperature 0 the engine is greedy,
   so the same model file gives the same text: the re-run's outputs hash equal to the seller's
   signed result -> everything to the seller; differing -> everything back to the buyer. A batch
-  sampled above temperature 0, a model the arbiter does not hold, or a run that failed prove
-  nothing either way -> ``escalate`` (a person, or a panel, decides as for any other task).
+  sampled above temperature 0, a task that names no model file (the seller may have run another
+  file of that name), a model the arbiter does not hold, or a run that failed prove nothing either
+  way -> ``escalate`` (a person decides as for any other task).
 """
 
 from __future__ import annotations
@@ -60,11 +61,14 @@ class InferenceRerunFacts:
     claimed_sha256: str  # the seller's signed result (the outputs' canonical JSON)
     rerun_sha256: str | None  # None: the arbiter could not re-run
     rerun_refusal: str | None = None
+    model_named: bool = True  # the task names the model file's sha256 (else the seller's may be another file)
 
 
 def inference_rerun_verdict(f: InferenceRerunFacts) -> RerunVerdict:
     if f.temperature != 0.0:
         return RerunVerdict("escalate", 0, "not_deterministic")
+    if not f.model_named:
+        return RerunVerdict("escalate", 0, "model_file_unnamed")
     if f.rerun_sha256 is None:
         return RerunVerdict("escalate", 0, f.rerun_refusal or "rerun_unavailable")
     if f.rerun_sha256 != f.claimed_sha256:

@@ -189,11 +189,12 @@ class InferenceRole(RunnerRole):
             temperature=terms.temperature,
             claimed_sha256=record.result.content_hash,
             rerun_sha256=None,
+            model_named=bool(terms.model_sha256),
         )
         output = b""
         refusal = rules.inference_run_verdict(self._inference_facts(terms, self.sandbox.policy.auto_arbitrate))
-        if terms.temperature != 0.0:
-            pass  # a sampled batch proves nothing by re-running it
+        if terms.temperature != 0.0 or not terms.model_sha256:
+            pass  # a sampled batch, or one on an unnamed file, proves nothing by re-running it
         elif refusal is not None:
             facts = rules.InferenceRerunFacts(**{**facts.__dict__, "rerun_refusal": refusal.reason})
         else:
