@@ -8,6 +8,7 @@ simply wait in the ledger, which is where they live anyway.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -118,10 +119,18 @@ ESCROW_RETRY_MAX_S = 60.0
 # A joined network chain that stays unreachable (or turns into another chain) this long is given up
 # and the network joined again: its bootstrap restarted, with a fresh development chain.
 REJOIN_AFTER_S = 30.0
+# What connecting an escrow imports (web3, eth_account: ~0.5 CPU-s); loaded in a worker thread so the
+# trio loop keeps answering meanwhile, and never by a start that connects no escrow.
+ESCROW_MODULES = ("eth_account", "runtime.escrow.settings", "runtime.escrow.chain", "runtime.escrow.client")
 LIVE_LEASE_STATES = frozenset({LeaseState.QUOTED, LeaseState.ACTIVE, LeaseState.PAUSED})
 
 
 EscrowConnector = Callable[[bytes], Any]
+
+
+def _import_escrow_modules() -> None:
+    for name in ESCROW_MODULES:
+        importlib.import_module(name)
 
 
 class Node:
@@ -991,6 +1000,7 @@ class Node:
     async def _open_escrow(self, wallet_key: bytes) -> Any:
         """The escrow client; ``escrow.mode = "auto"`` serves or joins the network's chain (bootstrap/network.py)."""
         escrow, network = self.config.escrow, self.network
+        await trio.to_thread.run_sync(_import_escrow_modules, abandon_on_cancel=True)  # type: ignore[call-arg]  # stale trio-stubs
         if self._escrow_connector is None and escrow.mode == "auto" and network is not None:
             if self.config.node.role == "bootstrap":
                 host, _, port = escrow.dev_rpc_listen.rpartition(":")
