@@ -571,6 +571,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(setup {figures.setup_s:.1f}s){notes}",
         flush=True,
     )
+    print(
+        f"discovery: publish_visible_p50_s={percentile(figures.visible_s, 0.5):.3f} "
+        f"query_p50_s={percentile(figures.query_s, 0.5):.3f}",
+        flush=True,
+    )
     return 0
 
 
