@@ -194,7 +194,8 @@ class WalletBinding(_Strict):
 class SandboxOffer(_Strict):
     """The sandboxed task kinds this node runs for tasks it wins, and the most one run may ask for."""
 
-    kinds: list[Literal["wasm", "native"]] = Field(max_length=2)
+    # ``inference``: prompt batches on this node's served models (a node before it refuses a record naming it).
+    kinds: list[Literal["wasm", "native", "inference"]] = Field(max_length=3)
     max_fuel: int = Field(ge=1, le=10**13, description="wasm instructions (native: CPU-milliseconds)")
     max_memory_mb: int = Field(ge=1, le=4096)
     max_wall_s: int = Field(ge=1, le=3600, description="whole seconds (signed payloads carry no floats)")

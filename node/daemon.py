@@ -251,7 +251,9 @@ class Node:
     def _sandbox_offer(self) -> SandboxOffer | None:
         """What the record says of the sandboxed task kinds this node runs ([sandbox])."""
         box = self.config.sandbox
-        kinds = sorted(set(box.kinds) & {"wasm", "native"})  # the record's field names the sandboxed kinds only
+        kinds = sorted(set(box.kinds) & {"wasm", "native"})
+        if "inference" in box.kinds and self.config.models:  # prompt batches need a served model
+            kinds.append("inference")
         if not kinds or not box.auto_run:
             return None
         return SandboxOffer(

@@ -172,3 +172,19 @@ async def test_the_query_path_drops_and_counts_every_bad_record() -> None:
         counted = asker.rejections.snapshot()
         assert set(counted) == set(rogues), counted
         assert counted["stale_sequence"] == 1
+
+
+def test_a_seller_of_inference_tasks_says_so_in_its_record() -> None:
+    from dht.records import SandboxOffer
+
+    offer = SandboxOffer(
+        kinds=["inference", "wasm"],
+        max_fuel=10**9,
+        max_memory_mb=256,
+        max_wall_s=60,
+        max_output_bytes=65536,
+        max_module_bytes=65536,
+    )
+    sealed = seal_record(make_record(KEY_PAIR, seq=10, sandbox=offer), KEY_PAIR.private_key)
+    record = verify_record(sealed, now=time.time())
+    assert record.sandbox is not None and record.sandbox.kinds == ["inference", "wasm"]
