@@ -100,7 +100,7 @@ def test_sigkill_a_channel_at_random_points_loses_and_doubles_nothing(tmp_path: 
         with fork_server("tests.runtime.channel_crash_worker", ROOT, tmp_path / "worker.err") as server:
             for _ in range(KILLS):
                 pid = server.start(*args)
-                time.sleep(rng.uniform(0.0, 0.5))
+                time.sleep(rng.uniform(0.0, 0.35))
                 code, lines = server.kill(pid)
                 kills += code == -signal.SIGKILL
                 assert code in (0, -signal.SIGKILL), (tmp_path / "worker.err").read_text()[-2000:]

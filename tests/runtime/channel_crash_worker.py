@@ -16,8 +16,11 @@ from pathlib import Path
 import trio
 
 from runtime.errors import ClawnodeError
+from runtime.escrow.chain import Chain  # imported here, so the fork server pays for web3 once
+from runtime.escrow.client import EscrowClient
 from runtime.ledger import EscrowRef, Ledger, LedgerError
 from runtime.ledger.channels import ChannelLedger
+from runtime.settlement import EscrowSettler, SettlementQueue
 from tests.runtime.support import lease_for, peer_id, peer_key, receipt_key_of
 from wire.peer_keys import ed25519_public_key
 
@@ -33,9 +36,6 @@ def units(lease: int, step: int) -> int:
 
 
 async def main(directory: Path, leases: int, url: str, contract: str, channel_id: str) -> None:
-    from runtime.escrow import Chain, EscrowClient
-    from runtime.settlement import EscrowSettler, SettlementQueue
-
     provider = await Ledger.open(directory / "provider.db", peer_keys=ed25519_public_key)
     consumer = await Ledger.open(directory / "consumer.db", peer_keys=ed25519_public_key)
     chain = Chain.rpc(url)

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import trio
 
+from runtime.escrow.chain import Chain  # imported here, so the fork server pays for web3 once
+from runtime.escrow.client import EscrowClient
 from runtime.ledger import EscrowRef, Ledger, LedgerError
+from runtime.settlement import EscrowSettler, SettlementQueue
 from tests.runtime.support import lease_for, peer_id, peer_key, receipt_key_of
 from wire.peer_keys import ed25519_public_key
 
@@ -36,9 +39,6 @@ async def main(directory: Path, count: int, rpc: tuple[str, str, str] | None) ->
     queue = voucher_signer = None
     escrow_ref = None
     if rpc is not None:
-        from runtime.escrow import Chain, EscrowClient
-        from runtime.settlement import EscrowSettler, SettlementQueue
-
         url, contract, escrow_id = rpc
         chain = Chain.rpc(url)
         payer, payee = chain.dev_accounts()[:2]
