@@ -118,7 +118,7 @@ async def test_native_escape_battery_is_contained_and_the_node_keeps_answering()
         assert b"WROTE_USR" not in outside and b"done" in outside
         assert not (node.data_dir / "pwned").exists() and not os.path.exists("/usr/pwned")
         unshare = result("unshare")
-        assert unshare.outcome == Outcome.TRAP and unshare.denied_calls == ("seccomp",)
+        assert unshare.outcome == Outcome.TRAP and unshare.denied_calls == ("seccomp",), unshare
         assert b"SURVIVED" not in unshare.output
         if os.geteuid() == 0:  # runs drop to nobody: every process the fork bomb made is gone
             deadline = time.monotonic() + 15  # a killed pid namespace takes a few seconds to clear

@@ -88,6 +88,8 @@ MAX_PROGRAM_BYTES = 256 * 1024
 RANDOM_BYTES = 256 * 1024
 PROGRAM_CACHE = 16
 TMP_BYTES = 16 * 1024 * 1024
+# Room left in the user-wide process count for other runs where each run has a cgroup of its own.
+NPROC_BACKSTOP = 1024
 NOBODY = 65534
 # The pinned clock (libfaketime, preloaded into the program): where every run's clocks start and how
 # far they advance per reading (seconds). An arbiter's second run (a salt) starts at another instant.
@@ -366,8 +368,10 @@ class NativeSandbox:
         as_root = os.geteuid() == 0
         uid = NOBODY if as_root else os.geteuid()
         # RLIMIT_NPROC counts every process of the user: those of other runs still running or being
-        # cleared too. Bubblewrap and its init count as two.
-        nproc = limits.pids + 2 + _user_tasks(uid)
+        # cleared too. Bubblewrap and its init count as two. Where a cgroup holds each run to its pids,
+        # the user-wide count is only a backstop: a tight one let another run's fork bomb, growing after
+        # this run started, make this run's bubblewrap fail to clone.
+        nproc = limits.pids + 2 + _user_tasks(uid) + (NPROC_BACKSTOP if self._cgroups is not None else 0)
         cpu_s = max(1, -(-limits.fuel // 1000))
 
         # prlimit (util-linux) sets the limits and execs bubblewrap: no Python runs between fork and
