@@ -34,7 +34,7 @@ _skip = anvil_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 MAX_TOKENS = 1200
-KILL_AFTER = 40
+KILL_AFTER = 3  # frames: the engine sends ~10 ms of tokens a frame, and the tiny model runs 1,200 in well under a second
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ async def test_killing_the_streaming_provider_switches_to_the_next(anvil: AnvilE
                 assert usage is not None and usage.completion_tokens == MAX_TOKENS
                 [lease] = await backup.ledger.list_leases()
                 own_completion = lease.metered_units - usage.prompt_tokens
-                assert 0 < own_completion <= MAX_TOKENS - KILL_AFTER
+                assert 0 < own_completion <= MAX_TOKENS - (KILL_AFTER - 1)  # the first piece may be the role alone
                 nursery.cancel_scope.cancel()
     finally:
         cheap.kill()
