@@ -103,7 +103,8 @@ async def test_discovery_and_the_provider_keep_requests_to_models_that_serve_the
         lease = await consumer.market.open_lease(found.peer_id, SMOL.capability, budget=1_000)
         body = {
             "messages": [{"role": "user", "content": "Name a city, as JSON."}],
-            "max_tokens": 24,
+            "max_tokens": 64,
+            "temperature": 0,  # sampled, a long name could end the reply at max_tokens mid-string
             "response_format": {
                 "type": "json_schema",
                 "json_schema": {"name": "city", "schema": SCHEMA, "strict": True},
