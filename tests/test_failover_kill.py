@@ -34,7 +34,7 @@ _skip = anvil_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 MAX_TOKENS = 1200
-KILL_AFTER = 3  # frames: the engine sends ~10 ms of tokens a frame, and the tiny model runs 1,200 in well under a second
+KILL_AFTER = 3  # frames: the engine sends ~10 ms of tokens a frame; the tiny model runs 1,200 in under a second
 
 
 @pytest.fixture(scope="module")
