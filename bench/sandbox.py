@@ -21,7 +21,9 @@ Measures, in one process:
    before a 2-of-3 panel, to the escrow closed by ``resolve_by_panel``.
 4. ``auto_resolved``: a mixed batch of ``--disputes`` disputed sandboxed tasks, kinds (``wasm``,
    ``native``) and faults drawn at random: an honest result rejected, a wrong output, a wrong fuel
-   claim, an honest run that hit its limit, the module withheld by both parties, a task that asks
+   claim, an honest run that hit its limit, an honest result whose program neither party serves (the
+   creator's burden: the seller is paid, ``module_withheld``; a creator whose rejection is right would
+   serve the program it published, so the seller is the right winner there), a task that asks
    for a person, limits above the arbiter's caps, an honest seller of a non-deterministic native
    program (half read randomness, which the native sandbox seeds from the program and input, half
    the clock, which it pins where libfaketime is installed: the clock mode is printed). Every task
@@ -257,7 +259,10 @@ FAULTS = {  # fault: (weight, who is right: "seller" / "buyer" / "person")
     "wrong_output": (25, "buyer"),
     "wrong_fuel": (8, "buyer"),
     "honest_hit_limit": (10, "seller"),
-    "module_withheld": (5, "person"),
+    # An honest result rejected, and then neither party serves the program past the arbiter's deadline: the
+    # creator published it and rejected the result, so the burden of producing it is the creator's (a creator
+    # whose rejection is right serves it); unmet, the seller is paid (``module_withheld``), and rightly.
+    "module_withheld": (5, "seller"),
     "asks_for_person": (5, "person"),
     "limits_above_arbiter": (5, "person"),
     # An honest seller of a program that reads randomness or the clock: the seller is right, but only a
@@ -304,8 +309,8 @@ def _rerun(
     )
     if refusal is not None:
         return RerunFacts(**{**facts.__dict__, "rerun_refusal": refusal.reason})
-    if withheld:
-        return RerunFacts(**{**facts.__dict__, "rerun_refusal": "module_unavailable"})
+    if withheld:  # no party served it by the deadline (the bench does not wait it out)
+        return RerunFacts(**{**facts.__dict__, "rerun_refusal": "module_withheld"})
     try:
         loaded = arbiter.load(kind, program, digest)
         rerun = arbiter.run_sync(kind, loaded, data, limits)

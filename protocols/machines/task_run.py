@@ -5,8 +5,13 @@ arbiter's decision by re-execution. Pure: facts in, a typed verdict out; the ada
 The arbiter's decision (:func:`rerun_verdict`), for a task whose terms leave the dispute to
 re-execution (``arbitration = "rerun"``):
 
-* the arbiter could not re-run it (no party served the module, the module or limits are refused by
-  the arbiter's sandbox, the wall clock killed its run) -> ``escalate``: a person decides;
+* no party served the program the task names within :data:`MODULE_DEADLINE_S` of the arbiter's
+  first ask (``module_wait_verdict``) -> everything to the seller (``module_withheld``): the burden
+  of producing it lies with the creator, who published it, keeps it until the task closes and is
+  the party that rejected the result (or let its review time out); a creator whose rejection is
+  right has every reason to serve it, so one that does not forfeits the dispute;
+* the arbiter could not re-run it otherwise (the module or limits are refused by the arbiter's
+  sandbox, the wall clock killed its run) -> ``escalate``: a person decides;
 * the re-run's output has the sha256 and size the seller signed, and (``wasm``) the same fuel,
   outcome and exit code as its signed usage -> everything to the seller (``rerun_matches``);
   the program failing (a trap, a limit) is still the program the buyer named, faithfully run;
@@ -28,6 +33,11 @@ from typing import Literal
 
 from protocols.machines.verdict import Refusal
 from runtime.errors import ErrorCode
+
+# How long the arbiter of a disputed sandboxed task keeps asking the parties for its program before
+# the creator is held to have withheld it (``module_wait_verdict``), and how often it asks again.
+MODULE_DEADLINE_S = 300.0
+MODULE_RETRY_S = 10.0
 
 
 def _refuse(code: ErrorCode, reason: str, message: str) -> Refusal:
@@ -77,6 +87,12 @@ def module_request_verdict(
     return None
 
 
+def module_wait_verdict(waited_s: float, deadline_s: float) -> Literal["ask_again", "withheld"]:
+    """The arbiter got no program from either party ``waited_s`` after its first ask: ask again, or,
+    past the deadline, hold the creator to have withheld it (``rerun_refusal = "module_withheld"``)."""
+    return "withheld" if waited_s >= deadline_s else "ask_again"
+
+
 @dataclass(frozen=True)
 class Usage:
     fuel_used: int
@@ -94,7 +110,7 @@ class RerunFacts:
     rerun_sha256: str | None  # None: the arbiter could not re-run
     rerun_size: int = 0
     rerun_usage: Usage | None = None
-    rerun_refusal: str | None = None  # the sandbox's stable reason, when it could not re-run
+    rerun_refusal: str | None = None  # the sandbox's stable reason (or module_withheld), when it could not re-run
     rerun_reproducible: bool = True  # False: the arbiter's second run of a native program differed from its first
 
 
@@ -106,6 +122,8 @@ class RerunVerdict:
 
 
 def rerun_verdict(f: RerunFacts) -> RerunVerdict:
+    if f.rerun_refusal == "module_withheld":  # the creator's burden, unmet by the deadline
+        return RerunVerdict("resolve", f.price, "module_withheld")
     if f.rerun_sha256 is None or f.rerun_usage is None:
         return RerunVerdict("escalate", 0, f.rerun_refusal or "rerun_unavailable")
     if not f.rerun_reproducible:

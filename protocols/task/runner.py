@@ -8,8 +8,10 @@ decide its dispute by re-running it. The rules: ``protocols.machines.task_run`` 
   creator (``ModuleRequest``, size-capped, checked against the hash), runs it in its sandbox (a
   worker thread or a child process), and submits the output with its signed usage (fuel, outcome).
 * The arbiter of a disputed sandboxed task fetches the program from either party, re-runs it under
-  the same limits, and resolves on chain by ``rerun_verdict`` without a person; when it cannot
-  re-run (or the task says ``arbitration = "person"``) the dispute waits for ``resolve`` by hand.
+  the same limits, and resolves on chain by ``rerun_verdict`` without a person; a program neither
+  party serves within ``module_deadline_s`` (asked again every ``module_retry_s``) is withheld and
+  the seller is paid (the creator's burden); when it cannot re-run otherwise (or the task says
+  ``arbitration = "person"``) the dispute waits for ``resolve`` by hand.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ _TERMS_REPLY = TypeAdapter(w.TermsReply)
 
 
 class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
+    # How long (and how often) the arbiter asks the parties for a disputed task's program.
+    module_deadline_s: float = rules.MODULE_DEADLINE_S
+    module_retry_s: float = rules.MODULE_RETRY_S
+
     async def publish_run(
         self,
         capability: str,
@@ -176,6 +182,20 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
             log.warning("task %s: %s served another module than the task names", task_id[:12], holder[:16])
         return None
 
+    async def _await_module(self, task_id: str, terms: w.SandboxTerms, holders: list[str]) -> bytes | None:
+        """As the arbiter: ask the parties for the program until one serves it or the deadline passes
+        (``module_wait_verdict``); None: withheld."""
+        started = trio.current_time()
+        while True:
+            module = await self._fetch_module(task_id, terms, holders)
+            if module is not None:
+                return module
+            waited = trio.current_time() - started
+            if rules.module_wait_verdict(waited, self.module_deadline_s) == "withheld":
+                log.warning("task %s: no party served the program in %.0f s: withheld", task_id[:12], waited)
+                return None
+            await trio.sleep(min(self.module_retry_s, self.module_deadline_s - waited))
+
     def _run_facts(self, terms: w.SandboxTerms, automatic: bool) -> rules.RunFacts:
         policy = self.sandbox.policy
         return rules.RunFacts(
@@ -299,9 +319,9 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
         if refusal is not None:
             facts = rules.RerunFacts(**{**facts.__dict__, "rerun_refusal": refusal.reason})
         else:
-            module = local.module or await self._fetch_module(task_id, terms, [record.creator, award.bidder])
-            if module is None:
-                facts = rules.RerunFacts(**{**facts.__dict__, "rerun_refusal": "module_unavailable"})
+            module = local.module or await self._await_module(task_id, terms, [record.creator, award.bidder])
+            if module is None:  # neither party served it by the deadline: the creator's burden unmet
+                facts = rules.RerunFacts(**{**facts.__dict__, "rerun_refusal": "module_withheld"})
             else:
                 local.module = module
                 try:

@@ -49,6 +49,21 @@ def test_the_re_run_decides_every_disputed_sandboxed_task_it_could_run() -> None
     assert (shaky.action, shaky.reason, shaky.to_bidder) == ("escalate", "not_reproducible", 0)
 
 
+def test_a_program_neither_party_serves_by_the_deadline_pays_the_seller() -> None:
+    from protocols.machines.task_run import MODULE_DEADLINE_S, module_wait_verdict
+
+    # The arbiter asks again until the deadline, then holds the creator (who published the program and
+    # rejected the result) to have withheld it: the dispute is the seller's, without a person.
+    assert module_wait_verdict(0.0, MODULE_DEADLINE_S) == "ask_again"
+    assert module_wait_verdict(MODULE_DEADLINE_S - 0.1, MODULE_DEADLINE_S) == "ask_again"
+    assert module_wait_verdict(MODULE_DEADLINE_S, MODULE_DEADLINE_S) == "withheld"
+    withheld = rerun_verdict(_with(rerun_sha256=None, rerun_usage=None, rerun_refusal="module_withheld"))
+    assert (withheld.action, withheld.reason, withheld.to_bidder) == ("resolve", "module_withheld", 100)
+    # Refused by the arbiter's own sandbox is not withheld: a person (or a capable panel) decides.
+    refused = rerun_verdict(_with(rerun_sha256=None, rerun_usage=None, rerun_refusal="limits_too_high"))
+    assert refused.action == "escalate"
+
+
 def test_who_runs_and_who_fetches() -> None:
     ok = RunFacts(kind="wasm", accepted=True, automatic=True, within_caps=True, module_size_ok=True)
     assert run_verdict(ok) is None
@@ -107,7 +122,7 @@ def test_the_re_run_verdict_pays_the_seller_only_for_what_it_reproduced() -> Non
         price=st.integers(1, 10**18),
         claimed=st.tuples(hashes, st.integers(0, 2), st.none() | usages),
         rerun=st.none() | st.tuples(hashes, st.integers(0, 2), usages),
-        refusal=st.none() | st.sampled_from(["wall_clock", "module_unavailable", "limits_too_high"]),
+        refusal=st.none() | st.sampled_from(["wall_clock", "module_withheld", "limits_too_high"]),
         reproducible=st.sampled_from([True, True, True, False]),
     )
     def check(
@@ -132,6 +147,9 @@ def test_the_re_run_verdict_pays_the_seller_only_for_what_it_reproduced() -> Non
         )
         verdict = rerun_verdict(facts)
         seen[f"{verdict.action} {verdict.reason}"] += 1
+        if rerun is None and refusal == "module_withheld":  # the creator's burden: the seller is paid
+            assert (verdict.action, verdict.reason, verdict.to_bidder) == ("resolve", "module_withheld", price)
+            return
         if rerun is None:  # nothing reproduced: never decided without a person
             assert verdict.action == "escalate" and verdict.reason == (refusal or "rerun_unavailable")
             return
@@ -158,7 +176,7 @@ def test_the_re_run_verdict_pays_the_seller_only_for_what_it_reproduced() -> Non
             "output_differs",
             "usage_differs",
             "wall_clock",
-            "module_unavailable",
+            "module_withheld",
             "rerun_unavailable",
             "not_reproducible",
         },
