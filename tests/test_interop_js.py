@@ -4,7 +4,10 @@ A js-libp2p peer (tests/interop/js/peer.mjs) runs as a subprocess driven by JSON
 lines; the Python side is a real clawnode host (``node.host.build_host``) with
 py-libp2p's Kademlia in server mode on ``/clawnode/kad/1.0.0``. Each check goes
 both ways: TCP + Noise + Yamux, identify, ping, and the DHT's PUT_VALUE,
-GET_VALUE, ADD_PROVIDER and GET_PROVIDERS RPCs.
+GET_VALUE, ADD_PROVIDER and GET_PROVIDERS RPCs; then a clawnode node as the daemon runs
+its DHT (capability records under ``/clawnode/`` checked by clawnode's validator on one
+side and by a js port of it in peer.mjs on the other, capabilities announced under
+their raw CIDv1 multihash).
 
 Needs Node.js and the pinned js packages: ``npm ci --prefix tests/interop/js``.
 """
@@ -21,6 +24,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +44,18 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import read_length_prefixed_protobuf
 
+from dht.offers import Offer, capability_cid, provider_key
 from dht.protocol_id import (
     CLAWNODE_KAD_PROTOCOL_ID,
     IPFS_KAD_PROTOCOL_ID,
     current_kad_protocol_id,
     use_kad_protocol_id,
 )
+from dht.record_validator import record_key
+from dht.records import Rejection, seal_record
 from node.host import agent_version, build_host
+from tests.support.records import bad_records, make_record
+from tests.support.swarm import NodeSpec, SwarmNode, _run_node
 
 JS_DIR = Path(__file__).parent / "interop" / "js"
 NODE = shutil.which("node")
@@ -389,3 +398,136 @@ async def test_js_reaches_a_private_py_node_through_a_relay_and_py_punches_to_di
             nursery.cancel_scope.cancel()
     finally:
         await _stop_process(process)
+
+
+# --- a clawnode node as the daemon runs it: records and capabilities --------------------------
+
+OFFER = Offer(name="model:interop-js-q4", price_per_unit=10**9, context_length=4096, family="gemma3")
+# The rejections js's validator (peer.mjs clawnodeRecordProblem) makes too; the others need
+# clawnode's whole schema, its canonical encoding or what it has already seen.
+JS_CHECKS = {
+    Rejection.BAD_SIGNATURE,
+    Rejection.WRONG_SIGNER,
+    Rejection.EXPIRED,
+    Rejection.OVERSIZED,
+    Rejection.WALLET_BINDING,
+}
+
+
+@dataclass
+class Clawnode:
+    node: SwarmNode
+    js: JsPeer
+
+
+@pytest.fixture
+async def clawnode(tmp_path: Path) -> AsyncIterator[Clawnode]:
+    """One js peer and one clawnode node (DHT service, capability publisher and discovery as the
+    daemon wires them, selling OFFER) that bootstrapped from js and published its record."""
+    use_kad_protocol_id()
+    process, js = await _start_js_peer()
+    try:
+        async with trio.open_nursery() as nursery:
+            spec = NodeSpec(offers=(OFFER,))
+            run_node = partial(_run_node, spec, js.addrs[:1], tmp_path / "peers.json", 3600.0, 600, 0.0, None)
+            node: SwarmNode = await nursery.start(run_node)
+            with trio.fail_after(STEP_TIMEOUT):
+                await node.dht.joined.wait()
+                while node.publisher.published_at is None:
+                    await trio.sleep(0.05)
+            yield Clawnode(node, js)
+            with trio.move_on_after(2) as cleanup, contextlib.suppress(JsPeerError):
+                cleanup.shield = True
+                await js.request("exit")
+            nursery.cancel_scope.cancel()
+    finally:
+        await _stop_process(process)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.trio
+async def test_js_gets_a_clawnode_record_and_finds_a_capabilitys_provider(clawnode: Clawnode) -> None:
+    node, js = clawnode.node, clawnode.js
+    sealed = node.publisher.sealed
+    assert sealed is not None
+    key = record_key(node.peer_id)
+
+    # The publisher's PUT_VALUE passed js's validator (js stores only what its validator takes), and
+    # js's get takes both its own copy and py's GET_VALUE answer.
+    got = await js.request("get", key=key, encoding="base64")
+    assert got["best"] == {"from": str(js.peer_id), "value": _b64(sealed)}
+    assert got["responses"] == [{"from": node.peer_id, "value": _b64(sealed)}]
+    assert got["refused"] == []
+
+    # findProviders for the capability's CID (bafkrei...) names the node, from js's own provider
+    # store (the publisher's ADD_PROVIDER) and from py's GET_PROVIDERS answer, with its address.
+    cid = capability_cid(OFFER.name)
+    assert cid.startswith("bafkrei")
+    found = (await js.request("find_providers", cid=cid))["providers"]
+    assert {(p["from"], p["peer_id"]) for p in found} == {(str(js.peer_id), node.peer_id), (node.peer_id, node.peer_id)}
+    assert all(any(addr.startswith("/ip4/127.0.0.1/tcp/") for addr in p["addrs"]) for p in found)
+
+
+@pytest.mark.trio
+async def test_py_discovery_finds_a_js_provider_of_a_capability(clawnode: Clawnode) -> None:
+    node, js = clawnode.node, clawnode.js
+    name = f"model:js-sells-{secrets.token_hex(4)}"
+    assert (await js.request("provide", cid=capability_cid(name)))["sent_to"] == [node.peer_id]
+    key = provider_key(name)
+    kad = node.dht.dht
+    with trio.fail_after(STEP_TIMEOUT):
+        while not kad.provider_store.get_providers(key):
+            await trio.sleep(0.05)
+    # Forget it locally: discovery must ask js with GET_PROVIDERS under the multihash key.
+    del kad.provider_store.providers[key]
+    with trio.fail_after(STEP_TIMEOUT):
+        assert await node.discovery.providers_of(name) == [js.peer_id]
+
+
+@pytest.mark.trio
+async def test_js_puts_a_clawnode_record_and_both_refuse_a_tampered_one(clawnode: Clawnode) -> None:
+    node, js = clawnode.node, clawnode.js
+    seller = generate_new_ed25519_identity()
+    seller_id = str(ID.from_pubkey(seller.public_key))
+    key = record_key(seller_id)
+    good = seal_record(make_record(seller, seq=10), seller.private_key)
+    assert (await js.request("validate", key=key, value=_b64(good), encoding="base64"))["problem"] is None
+
+    # js dht.put() of a record py's validator takes: py stores it, js's get takes it back from py.
+    put = await js.request("put", key=key, value=_b64(good), encoding="base64")
+    assert put["stored_at"] == [node.peer_id]
+    assert node.dht.held_value(key) == good
+    got = await js.request("get", key=key, encoding="base64")
+    assert got["responses"] == [{"from": node.peer_id, "value": _b64(good)}] and got["refused"] == []
+
+    # Each bad record, under the key it claims (a good record under another peer's key as well):
+    # js's validator names the reason where js can check it, and py refuses js's PUT_VALUE of every
+    # one: not stored, counted under its reason.
+    other_key = record_key(str(ID.from_pubkey(generate_new_ed25519_identity().public_key)))
+    cases = [(reason, key, value) for reason, value in bad_records(seller).items() if reason != "stale_sequence"]
+    cases.append((Rejection.WRONG_SIGNER.value, other_key, good))
+    for reason, where, value in cases:
+        problem = (await js.request("validate", key=where, value=_b64(value), encoding="base64"))["problem"]
+        if Rejection(reason) in JS_CHECKS:
+            assert problem is not None and problem.startswith(reason), (reason, problem)
+        else:
+            assert problem is None, (reason, problem)  # only clawnode's checks catch it
+        before = node.rejections.snapshot().get(reason, 0)
+        put = await js.request("put", key=where, value=_b64(value), encoding="base64")
+        assert put["stored_at"] == [], reason
+        assert node.dht.held_value(where) in (None, good), reason
+        assert node.rejections.snapshot().get(reason, 0) > before, reason
+
+    # A tampered copy served by py (written straight into its store, as a hostile node would
+    # answer): js's get refuses py's answer and settles on nothing.
+    fresh = generate_new_ed25519_identity()
+    fresh_key = record_key(str(ID.from_pubkey(fresh.public_key)))
+    forged = bytearray(seal_record(make_record(fresh), fresh.private_key))
+    forged[-1] ^= 0x01  # inside the signature
+    node.dht.dht.value_store.put(fresh_key.encode(), bytes(forged))
+    got = await js.request("get", key=fresh_key, encoding="base64")
+    assert got["refused"] == [node.peer_id]
+    assert got["responses"] == [] and got["best"] is None

@@ -3,7 +3,9 @@
 // Listens on /ip4/127.0.0.1/tcp/0 with TCP + Noise + Yamux, identify, ping, the
 // circuit relay v2 transport (dials /p2p-circuit addresses), DCUtR and a
 // Kademlia DHT in server mode on clawnode's protocol id. Records under the
-// /clawtest/ namespace are accepted as they are.
+// /clawtest/ namespace are accepted as they are; records under /clawnode/ (capability
+// records) pass clawnodeRecordProblem below, js's own port of what clawnode's validator
+// (dht/records.py verify_record, dht/record_validator.py) checks that js can check.
 //
 // Protocol: one JSON object per line. The first line written is
 //   {"event":"ready","peer_id":"12D3...","addrs":["/ip4/127.0.0.1/tcp/N/p2p/12D3..."]}
@@ -14,13 +16,16 @@
 //   ping {peer_id}              -> {rtt_ms}
 //   identify {peer_id}          -> {protocols, agent_version, listen_addrs} (fresh identify exchange)
 //   put {key, value}            -> {stored_at: [peer ids that answered the PUT_VALUE with the record]}
-//   get {key}                   -> {best: {from, value} | null, responses: [{from, value}]}
+//   get {key}                   -> {best: {from, value} | null, responses: [{from, value}],
+//                                   refused: [peer ids whose GET_VALUE answer js's validator refused]}
+//   validate {key, value}       -> {problem: why js's validator refuses the record, or null}
 //   provide {cid}               -> {sent_to: [peer ids the ADD_PROVIDER was sent to]}
 //   find_providers {cid}        -> {providers: [{from, peer_id, addrs}]}  every GET_PROVIDERS answer, ours included
 //   routing_table               -> {peers: [peer ids in the DHT routing table]}
 //   connections {peer_id}       -> {connections: [{remote_addr, direction, limited}]}
 //   exit                        -> {} then the process ends
-// Keys and values are UTF-8 text. Closing stdin also ends the process.
+// Keys are UTF-8 text; values are UTF-8 text, or base64 when the request says
+// "encoding":"base64" (then values in the reply are base64 too). Closing stdin also ends the process.
 
 import { createInterface } from 'node:readline'
 import { noise } from '@chainsafe/libp2p-noise'
@@ -28,12 +33,17 @@ import { yamux } from '@chainsafe/libp2p-yamux'
 import { circuitRelayTransport } from '@libp2p/circuit-relay-v2'
 import { dcutr } from '@libp2p/dcutr'
 import { identify } from '@libp2p/identify'
+import { publicKeyFromProtobuf } from '@libp2p/crypto/keys'
 import { kadDHT } from '@libp2p/kad-dht'
-import { peerIdFromString } from '@libp2p/peer-id'
+import { peerIdFromPublicKey, peerIdFromString } from '@libp2p/peer-id'
 import { ping } from '@libp2p/ping'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p } from 'libp2p'
+import { secp256k1 } from '@noble/curves/secp256k1.js'
+import { sha256 } from '@noble/hashes/sha2.js'
+import { keccak_256 } from '@noble/hashes/sha3.js'
+import { base32 } from 'multiformats/bases/base32'
 import { CID } from 'multiformats/cid'
 
 // js-libp2p 3.x uses Promise.withResolvers, which Node gained in 22.
@@ -49,7 +59,161 @@ const KAD_PROTOCOL = process.env.CLAWNODE_KAD_PROTOCOL ?? '/clawnode/kad/1.0.0'
 const TEST_NAMESPACE = 'clawtest'
 
 const text = new TextEncoder()
-const untext = new TextDecoder()
+const untext = new TextDecoder('utf-8', { fatal: true })
+
+// --- clawnode capability records (the /clawnode/ namespace) ---------------------------------
+// A record is a libp2p signed envelope (public_key = 1, payload_type = 2, payload = 3,
+// signature = 5) over canonical JSON. What js checks, as dht/records.py does: the size, the
+// payload type, the envelope signature (@libp2p/crypto), that the payload names its signer,
+// that the key is the signer's record key (or the legacy /clawnode/<peer id>), issued/expiry
+// times and the sequence number, and the wallet's EIP-191 signature binding the peer id.
+// What only clawnode checks: the full schema (pydantic), the canonical encoding (numbers above
+// 2^53 lose precision in JSON.parse), schema safety, private data, and sequence replay.
+const RECORD_NAMESPACE = 'clawnode'
+const RECORD_DOMAIN = 'clawnode-capability-record'
+const RECORD_PAYLOAD_TYPE = '/clawnode/capability-record/1'
+const MAX_RECORD_BYTES = 8 * 1024
+const RECORD_DIGEST_BYTES = 24
+
+function readVarint (buf, pos) {
+  let value = 0
+  for (let shift = 0; shift < 35; shift += 7) {
+    if (pos >= buf.length) throw new Error('truncated varint')
+    const byte = buf[pos++]
+    value += (byte & 0x7f) * 2 ** shift
+    if ((byte & 0x80) === 0) return [value, pos]
+  }
+  throw new Error('varint too long')
+}
+
+function writeVarint (value) {
+  const out = []
+  while (value >= 0x80) { out.push((value & 0x7f) | 0x80); value = Math.floor(value / 128) }
+  out.push(value)
+  return out
+}
+
+function concat (parts) {
+  const out = new Uint8Array(parts.reduce((n, part) => n + part.length, 0))
+  let at = 0
+  for (const part of parts) { out.set(part, at); at += part.length }
+  return out
+}
+
+// The envelope's length-delimited fields by number; anything else in it is refused.
+function decodeEnvelope (buf) {
+  const fields = {}
+  let pos = 0
+  while (pos < buf.length) {
+    let tag, length
+    [tag, pos] = readVarint(buf, pos)
+    if ((tag & 7) !== 2) throw new Error(`envelope field ${tag >> 3} is not bytes`)
+    ;[length, pos] = readVarint(buf, pos)
+    if (pos + length > buf.length) throw new Error('truncated envelope')
+    fields[tag >> 3] = buf.subarray(pos, pos + length)
+    pos += length
+  }
+  for (const number of [1, 2, 3, 5]) if (fields[number] == null) throw new Error(`envelope lacks field ${number}`)
+  return { publicKey: fields[1], payloadType: fields[2], payload: fields[3], signature: fields[5] }
+}
+
+// /clawnode/<base32 of sha256("clawnode-record:" + peer id)[:24]>, as dht/record_validator.py record_key.
+function recordKey (peerId) {
+  const digest = sha256(text.encode(`clawnode-record:${peerId}`)).subarray(0, RECORD_DIGEST_BYTES)
+  return `/${RECORD_NAMESPACE}/${base32.baseEncode(digest)}`
+}
+
+function hex (bytes) {
+  return [...bytes].map((b) => b.toString(16).padStart(2, '0')).join('')
+}
+
+// The address that signed `message` under EIP-191 (personal_sign), as eth_account recovers it.
+function eip191Signer (message, signatureHex) {
+  const signature = Uint8Array.from(Buffer.from(signatureHex.slice(2), 'hex'))
+  const body = text.encode(message)
+  const digest = keccak_256(concat([text.encode(`\x19Ethereum Signed Message:\n${body.length}`), body]))
+  let v = signature[64]
+  if (v >= 27) v -= 27
+  if (v !== 0 && v !== 1) throw new Error('bad recovery id')
+  const recovered = secp256k1.Signature.fromBytes(concat([[v], signature.subarray(0, 64)]), 'recovered')
+  const point = recovered.recoverPublicKey(digest)
+  return '0x' + hex(keccak_256(point.toBytes(false).subarray(1)).subarray(12))
+}
+
+const isCount = (n) => Number.isSafeInteger(n) && n >= 0
+
+// Why js refuses a /clawnode/ record stored under `key` (both bytes), or null if it passes.
+async function clawnodeRecordProblem (key, value, now = Date.now() / 1000) {
+  if (value.length > MAX_RECORD_BYTES) return 'oversized'
+  let envelope, record
+  try {
+    envelope = decodeEnvelope(value)
+  } catch (err) {
+    return `bad_signature: not a signed envelope (${err.message})`
+  }
+  if (untext.decode(envelope.payloadType) !== RECORD_PAYLOAD_TYPE) return 'bad_signature: another kind of object'
+  let publicKey
+  try {
+    publicKey = publicKeyFromProtobuf(envelope.publicKey)
+  } catch {
+    return 'bad_signature: not a public key'
+  }
+  const domain = text.encode(RECORD_DOMAIN)
+  const unsigned = concat([
+    writeVarint(domain.length), domain,
+    writeVarint(envelope.payloadType.length), envelope.payloadType,
+    writeVarint(envelope.payload.length), envelope.payload
+  ])
+  if (!(await publicKey.verify(unsigned, envelope.signature))) return 'bad_signature: the signature does not verify'
+  const signer = peerIdFromPublicKey(publicKey).toString()
+  try {
+    record = JSON.parse(untext.decode(envelope.payload))
+  } catch {
+    return 'schema_invalid: the payload is not JSON'
+  }
+  if (record == null || typeof record !== 'object' || Array.isArray(record)) return 'schema_invalid: not an object'
+  if (record.peer_id !== signer) return 'wrong_signer: signed by a peer other than the one it describes'
+  const keyText = untext.decode(key)
+  if (keyText !== recordKey(signer) && keyText !== `/${RECORD_NAMESPACE}/${signer}`) {
+    return "wrong_signer: stored under another peer's key"
+  }
+  const { seq, issued_at: issuedAt, expires_at: expiresAt, wallet } = record
+  if (!isCount(seq) || seq < 1 || !isCount(issuedAt) || !isCount(expiresAt)) return 'schema_invalid: seq or times'
+  if (expiresAt <= issuedAt) return 'schema_invalid: expires_at must be after issued_at'
+  if (expiresAt <= now) return 'expired'
+  if (wallet == null || typeof wallet.address !== 'string' || !/^0x[0-9a-fA-F]{40}$/.test(wallet.address) ||
+      typeof wallet.signature !== 'string' || !/^0x[0-9a-fA-F]{130}$/.test(wallet.signature)) {
+    return 'schema_invalid: wallet'
+  }
+  let payout
+  try {
+    payout = eip191Signer(`clawnode payout address for peer ${signer}`, wallet.signature)
+  } catch {
+    return 'bad_wallet_binding: not a signature'
+  }
+  if (payout !== wallet.address.toLowerCase()) return 'bad_wallet_binding: the wallet did not sign this peer id'
+  return null
+}
+
+async function validateClawnodeRecord (key, value) {
+  const problem = await clawnodeRecordProblem(key, value)
+  if (problem != null) throw new Error(`clawnode record refused: ${problem}`)
+}
+
+// The highest sequence number among the valid records (py: CapabilityRecordValidator.select).
+async function selectClawnodeRecord (key, values) {
+  let best = 0
+  let bestSeq = -1
+  for (const [index, value] of values.entries()) {
+    if ((await clawnodeRecordProblem(key, value)) != null) continue
+    const seq = JSON.parse(untext.decode(decodeEnvelope(value).payload)).seq
+    if (seq > bestSeq) { best = index; bestSeq = seq }
+  }
+  return best
+}
+
+const decodeValue = (value, encoding) => encoding === 'base64' ? Uint8Array.from(Buffer.from(value, 'base64')) : text.encode(value)
+const encodeValue = (value, encoding) => encoding === 'base64' ? Buffer.from(value).toString('base64') : untext.decode(value)
 
 const node = await createLibp2p({
   addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
@@ -67,8 +231,8 @@ const node = await createLibp2p({
       clientMode: false,
       // The default mapper drops private addresses, i.e. all of loopback.
       peerInfoMapper: (peer) => peer,
-      validators: { [TEST_NAMESPACE]: async () => {} },
-      selectors: { [TEST_NAMESPACE]: () => 0 }
+      validators: { [TEST_NAMESPACE]: async () => {}, [RECORD_NAMESPACE]: validateClawnodeRecord },
+      selectors: { [TEST_NAMESPACE]: () => 0, [RECORD_NAMESPACE]: selectClawnodeRecord }
     })
   }
 })
@@ -120,30 +284,39 @@ const commands = {
     }
   },
 
-  async put ({ key, value }) {
+  async put ({ key, value, encoding }) {
+    const bytes = decodeValue(value, encoding)
     const storedAt = new Set()
-    for await (const event of node.services.dht.put(text.encode(key), text.encode(value))) {
+    for await (const event of node.services.dht.put(text.encode(key), bytes)) {
       if (event.name === 'PEER_RESPONSE' && event.record != null &&
-          untext.decode(event.record.value) === value) {
+          Buffer.compare(Buffer.from(event.record.value), Buffer.from(bytes)) === 0) {
         storedAt.add(event.from.toString())
       }
     }
     return { stored_at: [...storedAt] }
   },
 
-  async get ({ key }) {
-    // responses: every remote GET_VALUE answer that carried a record;
-    // best: the value get() settles on (our own copy first, if we hold one).
+  async get ({ key, encoding }) {
+    // responses: every remote GET_VALUE answer that carried a record js's validator took;
+    // refused: the peers whose answer it refused; best: the value get() settles on (our own
+    // copy first, if we hold a valid one).
     const responses = []
+    const refused = []
     let best = null
     for await (const event of node.services.dht.get(text.encode(key))) {
       if (event.name === 'PEER_RESPONSE' && event.messageName === 'GET_VALUE' && event.record != null) {
-        responses.push({ from: event.from.toString(), value: untext.decode(event.record.value) })
+        responses.push({ from: event.from.toString(), value: encodeValue(event.record.value, encoding) })
+      } else if (event.name === 'QUERY_ERROR' && /invalid record/.test(event.error?.message ?? '')) {
+        refused.push(event.from.toString())
       } else if (event.name === 'VALUE') {
-        best = { from: event.from.toString(), value: untext.decode(event.value) }
+        best = { from: event.from.toString(), value: encodeValue(event.value, encoding) }
       }
     }
-    return { best, responses }
+    return { best, responses, refused }
+  },
+
+  async validate ({ key, value, encoding }) {
+    return { problem: await clawnodeRecordProblem(text.encode(key), decodeValue(value, encoding)) }
   },
 
   async provide ({ cid }) {
