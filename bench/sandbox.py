@@ -24,12 +24,17 @@ Measures, in one process:
    claim, an honest run that hit its limit, an honest result whose program neither party serves (the
    creator's burden: the seller is paid, ``module_withheld``; a creator whose rejection is right would
    serve the program it published, so the seller is the right winner there), a task that asks
-   for a person, limits above the arbiter's caps, an honest seller of a non-deterministic native
+   for a person, an honest result on a task whose limits are above the default arbiter's caps (the
+   seller's cover them), an honest seller of a non-deterministic native
    program (half read randomness, which the native sandbox seeds from the program and input, half
    the clock, which it pins where libfaketime is installed: the clock mode is printed). Every task
-   names a 2-of-3 panel: its arbiter and two arbiters drawn from a pool (caps like the arbiter's,
-   higher caps, ``wasm`` only). A ``wasm`` dispute is decided by the arbiter's re-run when it
-   decides; a ``native`` one (and a ``wasm`` one its arbiter could not decide) by the panel: each
+   names a 2-of-3 panel drawn by the creator as ``publish_run(panel_from=records)`` draws one
+   (``task_panel.draw_panel``) from a pool of six arbiters' records (the default arbiter, one like
+   it, three with higher caps, one ``wasm`` only): the default arbiter first, the others in random
+   order, only those able to re-run the task; where fewer than 3 are able (``drawn:panel_short``)
+   the creator names its arbiter and two others at random. A ``wasm`` dispute is decided by the
+   first member's re-run when it decides; a ``native`` one (and a ``wasm`` one that member could not
+   decide) by the panel: each
    member re-runs in its own sandbox (real runs) and votes its ``rerun_verdict`` or abstains,
    ``task_panel.tally`` decides at 2 agreeing votes. Counted as resolved without a person: a
    re-run's decision or the panel's automatic votes; a person: a task that asks for one, or a panel
@@ -64,7 +69,7 @@ import wasmtime as wt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from protocols.machines.task_panel import PanelFacts, Vote, tally
+from protocols.machines.task_panel import PanelCandidate, PanelFacts, RunNeeds, Vote, draw_panel, tally
 from protocols.machines.task_run import RerunFacts, RunFacts, Usage, rerun_verdict, run_verdict
 from runtime.errors import ClawnodeError
 from runtime.sandbox import Limits, Outcome, RunResult, Sandboxes, SandboxPolicy, sha256_hex
@@ -264,7 +269,9 @@ FAULTS = {  # fault: (weight, who is right: "seller" / "buyer" / "person")
     # whose rejection is right serves it); unmet, the seller is paid (``module_withheld``), and rightly.
     "module_withheld": (5, "seller"),
     "asks_for_person": (5, "person"),
-    "limits_above_arbiter": (5, "person"),
+    # An honest result rejected, on a task whose limits exceed the default arbiter's caps (the seller's cover
+    # them): a panel drawn from members able to re-run it decides; the seller is right.
+    "limits_above_arbiter": (5, "seller"),
     # An honest seller of a program that reads randomness or the clock: the seller is right, but only a
     # reproducible re-run may say so; a program whose re-runs differ goes to a person (not wrong).
     "nondeterministic": (7, "seller"),
@@ -276,14 +283,20 @@ NONDETERMINISTIC = (
     b"#!/bin/sh\nhead -c 8 /dev/urandom | od -An -tx1\n",
     b"#!/bin/sh\ndate +%s%N\n",
 )
-# The arbiters a panel draws its other two members from: what their records state they run.
+# The arbiters a creator draws a task's panel from (``task_panel.draw_panel``), as their records state what
+# they run: the creator's default arbiter, another like it, three with higher caps, one that runs wasm only.
 ARBITER_CAP = Limits(fuel=10**9, memory_bytes=256 * 1024 * 1024, wall_s=10)
+HIGHER_CAP = ARBITER_CAP.model_copy(update={"fuel": 10**11})
+BOTH = frozenset({"wasm", "native"})
 PANEL_POOL = (
-    ("like_the_arbiter", frozenset({"wasm", "native"}), ARBITER_CAP),
-    ("higher_caps", frozenset({"wasm", "native"}), ARBITER_CAP.model_copy(update={"fuel": 10**11})),
+    ("arbiter", BOTH, ARBITER_CAP),
+    ("like_the_arbiter", BOTH, ARBITER_CAP),
+    ("higher_caps_1", BOTH, HIGHER_CAP),
+    ("higher_caps_2", BOTH, HIGHER_CAP),
+    ("higher_caps_3", BOTH, HIGHER_CAP),
     ("wasm_only", frozenset({"wasm"}), ARBITER_CAP),
 )
-PANEL_THRESHOLD = 2
+PANEL_SIZE, PANEL_THRESHOLD = 3, 2
 
 
 def _rerun(
@@ -335,16 +348,37 @@ def _rerun(
         return RerunFacts(**{**facts.__dict__, "rerun_refusal": error.reason or "refused"})
 
 
+def _candidates(pool: dict[str, Sandboxes]) -> dict[str, PanelCandidate]:
+    """Each pool member as its capability record states it (``panel.panel_candidate``)."""
+    return {
+        name: PanelCandidate(
+            peer=name,
+            wallet=f"0x{index + 1:040x}",
+            kinds=box.policy.kinds,
+            max_fuel=box.policy.cap.fuel,
+            max_memory_bytes=box.policy.cap.memory_bytes,
+            max_wall_s=box.policy.cap.wall_s,
+            max_output_bytes=box.policy.cap.output_bytes,
+            max_module_bytes=box.policy.max_module_bytes,
+        )
+        for index, (name, box) in enumerate(pool.items())
+    }
+
+
 def mixed_batch(count: int, rng: random.Random) -> tuple[float, int, Counter[str]]:
-    """Every task names a 2-of-3 panel (the task's arbiter and two arbiters drawn from ``PANEL_POOL``).
-    A ``wasm`` dispute is decided by the arbiter's re-run when it decides; a ``native`` one, and a
-    ``wasm`` one its arbiter could not decide, by the panel: each member re-runs in its own sandbox and
-    votes (an abstention when it cannot decide), ``tally`` decides at 2 agreeing votes. Resolved
-    without a person: a decision by a re-run or by the panel's automatic votes; a person: a task that
-    asks for one, or a panel that cannot reach 2 agreeing votes."""
-    seller = Sandboxes(SandboxPolicy(kinds=frozenset({"wasm", "native"}), cap=ARBITER_CAP))
-    arbiter = Sandboxes(SandboxPolicy(kinds=frozenset({"wasm", "native"}), cap=ARBITER_CAP))
+    """Every task names a 2-of-3 panel, drawn by the creator from ``PANEL_POOL`` as ``publish_run`` draws
+    one from records (``task_panel.draw_panel``): the default arbiter first, then the others in random
+    order, only those able to re-run the task (kind, caps); where fewer than 3 are able the creator
+    names its arbiter and two others at random. A ``wasm`` dispute is decided by the first member's
+    re-run when it decides; a ``native`` one, and a ``wasm`` one that member could not decide, by the
+    panel: each member re-runs in its own sandbox and votes (an abstention when it cannot decide),
+    ``tally`` decides at 2 agreeing votes. Resolved without a person: a decision by a re-run (a program
+    withheld past the deadline included) or by the panel's automatic votes; a person: a task that asks
+    for one, or a panel that cannot reach 2 agreeing votes."""
+    # The awarded seller's caps cover the task: it bids only on tasks within them (``run_verdict``).
+    seller = Sandboxes(SandboxPolicy(kinds=BOTH, cap=HIGHER_CAP))
     pool = {name: Sandboxes(SandboxPolicy(kinds=kinds, cap=cap)) for name, kinds, cap in PANEL_POOL}
+    records = _candidates(pool)
     auto = wrong = 0
     decided: Counter[str] = Counter()
     names, weights = zip(*((name, weight) for name, (weight, _) in FAULTS.items()), strict=True)
@@ -353,7 +387,7 @@ def mixed_batch(count: int, rng: random.Random) -> tuple[float, int, Counter[str
         kind = "native" if fault == "nondeterministic" else rng.choice(["wasm", "wasm", "native"])
         if not bwrap_available() and kind == "native":
             kind = "wasm"
-        others = rng.sample(sorted(pool), 2)
+        others = rng.sample([name for name in pool if name != "arbiter"], len(pool) - 1)
         program = {"wasm": mods.UPPER, "native": progs.UPPER}[kind]
         if fault == "nondeterministic":
             program = rng.choice(NONDETERMINISTIC)
@@ -362,11 +396,16 @@ def mixed_batch(count: int, rng: random.Random) -> tuple[float, int, Counter[str
         limits = Limits(fuel=1_000_000 if kind == "wasm" else 2000, memory_bytes=64 * 1024 * 1024, wall_s=5.0)
         if fault == "limits_above_arbiter":
             limits = limits.model_copy(update={"fuel": 10**10})
+        needs = RunNeeds(kind, limits.fuel, limits.memory_bytes, limits.wall_s, limits.output_bytes, len(program))
+        drawn = draw_panel([records[n] for n in ("arbiter", *others)], needs, PANEL_SIZE, PANEL_THRESHOLD)
+        if isinstance(drawn, tuple):
+            members = tuple(member.peer for member in drawn)
+        else:  # too few able: the creator names its arbiter and two others
+            members = ("arbiter", *others[: PANEL_SIZE - 1])
+            decided["drawn:panel_short"] += 1
         data = f"dispute {index}".encode()
         digest = seller.load(kind, program)
-        claimed = seller.run_sync(kind, digest, data, limits) if fault != "limits_above_arbiter" else None
-        if claimed is None:  # the seller's caps were as high as the task's
-            claimed = RunResult(b"x", sha256_hex(b"x"), 1, Outcome.EXITED, 0)
+        claimed = seller.run_sync(kind, digest, data, limits)
         output, usage = claimed.output, Usage(claimed.fuel_used, str(claimed.outcome), claimed.exit_code)
         if fault == "wrong_output":
             output = output + b"?"
@@ -386,15 +425,15 @@ def mixed_batch(count: int, rng: random.Random) -> tuple[float, int, Counter[str
             decided["person:asks_for_person"] += 1
             continue
         withheld = fault == "module_withheld"
-        first = rerun_verdict(_rerun(arbiter, kind, program, digest, data, limits, facts, withheld))
+        first = rerun_verdict(_rerun(pool[members[0]], kind, program, digest, data, limits, facts, withheld))
         if kind == "wasm" and first.action == "resolve":
             to_bidder, how = first.to_bidder, f"rerun:{first.reason}"
         else:
-            votes = [Vote("arbiter", first.to_bidder if first.action == "resolve" else None)]
-            for name in others:
+            votes = [Vote(members[0], first.to_bidder if first.action == "resolve" else None)]
+            for name in members[1:]:
                 verdict = rerun_verdict(_rerun(pool[name], kind, program, digest, data, limits, facts, withheld))
                 votes.append(Vote(name, verdict.to_bidder if verdict.action == "resolve" else None))
-            panel = tally(PanelFacts(("arbiter", *others), PANEL_THRESHOLD, 100), votes)
+            panel = tally(PanelFacts(members, PANEL_THRESHOLD, 100), votes)
             if panel.state != "decided" or panel.to_bidder is None:
                 decided[f"person:panel_{panel.state}:{first.reason}"] += 1
                 continue

@@ -17,6 +17,10 @@ as plain data and acts on the typed answer; the escrow contract applies the same
   member has voted without ``m`` agreeing, while the abstainers could still make a split reach ``m``
   by hand; it is *deadlocked* once no split can reach ``m`` even so (the members who have not voted
   a split cannot lift the best split to ``m``). Otherwise it is *open* (votes are missing).
+* A creator may draw its panel from arbiters' capability records (:func:`draw_panel`): only members
+  able to re-run the task sit on it (their record's ``sandbox`` accepts the kind, its caps cover the
+  task's limits and program size), so a task whose limits are above one arbiter's caps is still
+  decided by re-execution rather than by abstentions.
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ from runtime.errors import ErrorCode
 
 __all__ = [
     "MAX_PANEL",
+    "PanelCandidate",
     "PanelFacts",
     "PanelVerdict",
+    "RunNeeds",
     "Vote",
     "VoteFacts",
+    "draw_panel",
     "panel_lock_verdict",
     "panel_terms_verdict",
     "tally",
@@ -96,6 +103,73 @@ def panel_terms_verdict(
     if set(peers) & set(parties):
         return _refuse(ErrorCode.FORBIDDEN, "panel_party", "a party to the task cannot sit on its panel")
     return None
+
+
+@dataclass(frozen=True)
+class RunNeeds:
+    """What a re-run of the task asks of a member's sandbox: the task's kind, limits and program size."""
+
+    kind: str
+    fuel: int
+    memory_bytes: int
+    wall_s: float
+    output_bytes: int
+    module_size: int
+
+
+@dataclass(frozen=True)
+class PanelCandidate:
+    """An arbiter as its capability record states it: its wallet, the kinds it runs and its caps."""
+
+    peer: str
+    wallet: str
+    kinds: frozenset[str]
+    max_fuel: int
+    max_memory_bytes: int
+    max_wall_s: float
+    max_output_bytes: int
+    max_module_bytes: int
+
+    def can_rerun(self, needs: RunNeeds) -> bool:
+        return (
+            needs.kind in self.kinds
+            and needs.fuel <= self.max_fuel
+            and needs.memory_bytes <= self.max_memory_bytes
+            and needs.wall_s <= self.max_wall_s
+            and needs.output_bytes <= self.max_output_bytes
+            and needs.module_size <= self.max_module_bytes
+        )
+
+
+def draw_panel(
+    candidates: Sequence[PanelCandidate], needs: RunNeeds, size: int, threshold: int, parties: Iterable[str] = ()
+) -> tuple[PanelCandidate, ...] | Refusal:
+    """The first ``size`` candidates (in the caller's order of preference) able to re-run the task, none a
+    party and no peer or wallet twice; ``E_NOT_FOUND`` ``panel_short`` when fewer are able, and the
+    panel's own rules (:func:`panel_terms_verdict`) on the size and threshold."""
+    excluded = set(parties)
+    drawn: list[PanelCandidate] = []
+    peers: set[str] = set()
+    wallets: set[str] = set()
+    for candidate in candidates:
+        if len(drawn) == size:
+            break
+        if candidate.peer in excluded or candidate.peer in peers or candidate.wallet.lower() in wallets:
+            continue
+        if candidate.can_rerun(needs):
+            drawn.append(candidate)
+            peers.add(candidate.peer)
+            wallets.add(candidate.wallet.lower())
+    if 1 <= size <= MAX_PANEL and len(drawn) < size:
+        return _refuse(
+            ErrorCode.NOT_FOUND,
+            "panel_short",
+            f"{len(drawn)} of the {size} panel members needed can re-run a {needs.kind} task with these limits",
+        )
+    refusal = panel_terms_verdict([(c.peer, c.wallet) for c in drawn], threshold, excluded)
+    if refusal is not None:
+        return refusal
+    return tuple(drawn)
 
 
 def vote_verdict(facts: PanelFacts, counted: dict[str, int | None], vote: Vote) -> Refusal | Literal["merged"] | None:

@@ -21,21 +21,60 @@ the same signatures again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
+from dht.records import CapabilityRecord
 from protocols import task_wire as w
 from protocols.machines import task as m
 from protocols.machines import task_panel as rules
 from protocols.machines.verdict import Refusal, enforce
 from protocols.task.base import TaskCore, TaskLocal, checked_evidence, log
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox import Limits
 from wire.signed import open_base64, seal, to_base64
 
 ZERO_WALLET = "0x" + "0" * 40
 # Members after the first agreeing one wait this long per place before sending the decided split.
 SEND_STAGGER_S = 2.0
+
+
+def panel_candidate(record: CapabilityRecord) -> rules.PanelCandidate | None:
+    """An arbiter as its (verified) capability record states it; None for a record that runs no sandboxed kind."""
+    offer = record.sandbox
+    if offer is None:
+        return None
+    return rules.PanelCandidate(
+        peer=record.peer_id,
+        wallet=record.wallet.address,
+        kinds=frozenset(offer.kinds),
+        max_fuel=offer.max_fuel,
+        max_memory_bytes=offer.max_memory_mb * 1024 * 1024,
+        max_wall_s=float(offer.max_wall_s),
+        max_output_bytes=offer.max_output_bytes,
+        max_module_bytes=offer.max_module_bytes,
+    )
+
+
+def draw_panel(
+    records: Sequence[CapabilityRecord],
+    kind: str,
+    limits: Limits,
+    module_size: int,
+    size: int,
+    threshold: int,
+    parties: Sequence[str] = (),
+) -> w.PanelTerms:
+    """A panel of ``size`` arbiters able to re-run the task, drawn from ``records`` in their order
+    (``task_panel.draw_panel``; ``E_NOT_FOUND`` ``panel_short`` when fewer are able)."""
+    candidates = [c for c in map(panel_candidate, records) if c is not None]
+    needs = rules.RunNeeds(kind, limits.fuel, limits.memory_bytes, limits.wall_s, limits.output_bytes, module_size)
+    drawn = rules.draw_panel(candidates, needs, size, threshold, parties)
+    if isinstance(drawn, Refusal):
+        raise drawn.error()
+    return w.PanelTerms(members=[w.PanelMember(peer=c.peer, wallet=c.wallet) for c in drawn], threshold=threshold)
 
 
 class PanelRole(TaskCore):

@@ -17,11 +17,13 @@ decide its dispute by re-running it. The rules: ``protocols.machines.task_run`` 
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Literal
 
 import trio
 from pydantic import TypeAdapter
 
+from dht.records import CapabilityRecord
 from protocols import task_wire as w
 from protocols.machines import task_panel as panel_rules
 from protocols.machines import task_run as rules
@@ -30,7 +32,7 @@ from protocols.task.arbiter import ArbiterRole
 from protocols.task.base import PUSH_TIMEOUT_S, TASK_PROTOCOL, log, parse_peer
 from protocols.task.bidder import BidderRole
 from protocols.task.creator import CreatorRole
-from protocols.task.panel import ZERO_WALLET, PanelRole
+from protocols.task.panel import ZERO_WALLET, PanelRole, draw_panel
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits, RunResult, sha256_hex
 from wire.rpc import request
@@ -61,9 +63,17 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
         review_timeout_s: int = 600,
         arbitration: Literal["rerun", "person"] = "rerun",
         panel: w.PanelTerms | None = None,
+        panel_from: Sequence[CapabilityRecord] = (),
+        panel_size: int = 3,
+        panel_threshold: int = 2,
     ) -> w.TaskView:
         """Publish a sandboxed task: the program by hash (this node keeps and serves it), input, limits;
-        with a ``panel``, its ``k`` members judge a dispute and ``m`` agreeing votes pay out (no single arbiter)."""
+        with a ``panel``, its ``k`` members judge a dispute and ``m`` agreeing votes pay out (no single arbiter).
+        With ``panel_from`` (arbiters' verified capability records, in order of preference) and no ``panel``,
+        the panel is the first ``panel_size`` of them able to re-run the task (``draw_panel``)."""
+        if panel is None and panel_from:
+            needs = limits or Limits()
+            panel = draw_panel(panel_from, kind, needs, len(module), panel_size, panel_threshold, (self.peer_id,))
         if panel is not None:
             members = [(member.peer, member.wallet) for member in panel.members]
             enforce(panel_rules.panel_terms_verdict(members, panel.threshold, (self.peer_id,)))

@@ -9,8 +9,11 @@ from hypothesis import strategies as st
 
 from protocols.machines.task_panel import (
     MAX_PANEL,
+    PanelCandidate,
     PanelFacts,
+    RunNeeds,
     Vote,
+    draw_panel,
     panel_terms_verdict,
     tally,
     vote_verdict,
@@ -110,3 +113,59 @@ def test_the_decision_does_not_depend_on_the_order_votes_land_in(data: st.DataOb
     first, second = tally(facts, votes), tally(facts, again)
     assert (first.state, first.to_bidder, first.votes) == (second.state, second.to_bidder, second.votes)
     assert second.refused == ()
+
+
+def _candidate(peer: str, kinds: str = "wasm native", fuel: int = 10**9, memory: int = 2**28) -> PanelCandidate:
+    return PanelCandidate(peer, f"0x{peer * 40}"[:42], frozenset(kinds.split()), fuel, memory, 60.0, 2**16, 2**18)
+
+
+NEEDS = RunNeeds("native", fuel=5000, memory_bytes=2**26, wall_s=5.0, output_bytes=4096, module_size=100)
+
+
+def test_a_drawn_panel_seats_only_members_able_to_re_run_the_task() -> None:
+    pool = [
+        _candidate("a", fuel=1000),  # caps below the task's fuel
+        _candidate("b", kinds="wasm"),  # does not run native programs
+        _candidate("c"),
+        _candidate("d", memory=2**20),  # too little memory
+        _candidate("e"),
+        _candidate("f"),
+        _candidate("g"),
+    ]
+    drawn = draw_panel(pool, NEEDS, 3, 2, ("creator",))
+    assert isinstance(drawn, tuple) and [c.peer for c in drawn] == ["c", "e", "f"]  # in the caller's order
+    # A party never sits; a peer or wallet named twice sits once.
+    drawn = draw_panel([_candidate("c"), _candidate("c"), *pool], NEEDS, 3, 2, ("e",))
+    assert isinstance(drawn, tuple) and [c.peer for c in drawn] == ["c", "f", "g"]
+    # Fewer able than asked: refused, not padded with members who would abstain.
+    short = draw_panel(pool, NEEDS, 5, 3)
+    assert _reason(short) == "panel_short"
+    # The panel's own rules still hold: a threshold that is not a strict majority is refused.
+    assert _reason(draw_panel(pool, NEEDS, 3, 1)) == "panel_threshold"
+    assert _reason(draw_panel(pool, NEEDS, 0, 1)) == "panel_size"
+
+
+@settings(max_examples=100, deadline=None, database=None, derandomize=True)
+@given(st.data())
+def test_every_drawn_member_can_re_run_and_a_short_draw_means_too_few_could(data: st.DataObject) -> None:
+    pool = data.draw(
+        st.lists(
+            st.builds(
+                _candidate,
+                st.sampled_from("abcdefgh"),
+                st.sampled_from(["wasm", "native", "wasm native"]),
+                st.sampled_from([1000, 5000, 10**9]),
+                st.sampled_from([2**20, 2**26, 2**28]),
+            ),
+            max_size=10,
+        )
+    )
+    size = data.draw(st.integers(1, MAX_PANEL))
+    parties = data.draw(st.sets(st.sampled_from("abcdefgh"), max_size=2))
+    drawn = draw_panel(pool, NEEDS, size, size // 2 + 1, parties)
+    able = {c.peer for c in pool if c.can_rerun(NEEDS) and c.peer not in parties}
+    if isinstance(drawn, tuple):
+        assert len(drawn) == size and len({c.peer for c in drawn}) == size
+        assert all(c.can_rerun(NEEDS) and c.peer not in parties for c in drawn)
+    else:
+        assert drawn.reason == "panel_short" and len(able) < size
