@@ -217,6 +217,9 @@ class LeaseCore:
     async def _settle_unsettled(self, lease_id: str | None = None) -> None:
         raise NotImplementedError  # serving
 
+    async def dispute_lease(self, lease_id: str, call_units: int) -> Any:
+        raise NotImplementedError  # the dispute's roles (arbiter.DisputeRole)
+
     def _failed(self, op: str, error: BaseException) -> None:
         if isinstance(error, ClawnodeError):
             code = error.code

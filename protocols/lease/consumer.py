@@ -396,6 +396,8 @@ class ConsumerRole(ChannelRole):
             reason = outcome.removeprefix("failed:")
             held.seen_units = max(0, held.seen_units - counted)
             self._spawn(self.revoke_held, lease_id)
+            if lease_id in self.verifying.evidence:  # signed evidence: freeze the escrow, ask the arbiter
+                self._spawn(self.dispute_lease, lease_id, counted)
             raise ClawnodeError(
                 ErrorCode.FORBIDDEN, f"the provider failed verification ({reason})", f"verification_{reason}"
             )

@@ -1,6 +1,6 @@
-"""``/clawnode/lease/1.0.0`` and ``/clawnode/infer/1.0.0``: the market that joins both sides of a lease,
-mounts the protocols, dispatches each request to the side that handles it, picks leases up after a
-restart and runs the timer."""
+"""``/clawnode/lease/1.0.0``, ``/clawnode/infer/1.0.0`` and ``/clawnode/lease-dispute/1.0.0``: the market
+that joins both sides of a lease (and its disputes), mounts the protocols, dispatches each request to the
+side that handles it, picks leases up after a restart and runs the timer."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from libp2p.peer.id import ID
 from pydantic import BaseModel, ValidationError
 
 from protocols import lease_wire as w
+from protocols.lease.arbiter import DISPUTE_PROTOCOL, DisputeRole
 from protocols.lease.base import (
     INFER_PROTOCOL,
     LEASE_PROTOCOL,
@@ -26,7 +27,7 @@ from runtime.errors import ClawnodeError
 from wire.rpc import serve_requests
 
 
-class LeaseMarket(ProviderRole, ConsumerRole):
+class LeaseMarket(ProviderRole, ConsumerRole, DisputeRole):
     """Both sides of the lease market for one node; mount with ``await nursery.start(market.run)``."""
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -36,6 +37,7 @@ class LeaseMarket(ProviderRole, ConsumerRole):
             handler = serve_requests(self._handle_lease, max_frame=MAX_LEASE_FRAME, read_timeout_s=LEASE_READ_TIMEOUT_S)
             self.host.set_stream_handler(LEASE_PROTOCOL, handler)
             self.host.set_stream_handler(INFER_PROTOCOL, self._handle_call)
+            self.host.set_stream_handler(DISPUTE_PROTOCOL, self.dispute_handler())
             nursery.start_soon(self._sweep)
             task_status.started(self)
 

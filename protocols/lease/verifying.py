@@ -9,7 +9,8 @@ compared with the one the provider's signed record advertises for the lease's mo
 and a drawn call that should carry a proof (the record names a file, the request is verifiable,
 tokens were produced) but carries none fails as ``no_proof``.
 ``protocols.machines.verify.check_verdict`` decides; a failure ends the lease (no more countersigned
-receipts) and refuses the call with ``E_FORBIDDEN verification_<reason>``.
+receipts) and refuses the call with ``E_FORBIDDEN verification_<reason>``; one the provider's signature
+binds keeps its evidence for the lease's dispute (``protocols.lease.arbiter``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Verifying:
         self._advertised: dict[str, str] = {}  # lease id -> sha256 ("" when the record names none)
         self.ledger: Ledger | None = None  # where outcomes are kept (``attach``)
         # lease id -> the package of a failed check the provider's signature binds (a v2 body), kept for
-        # the lease's dispute (docs/verified-inference.md: sending it is not built yet).
+        # the lease's dispute (``protocols.lease.arbiter``: sent to the escrow's arbiter, dropped once
+        # the arbiter resolved it).
         self.evidence: dict[str, DisputePackage] = {}
 
     async def _advertised_sha256(self, provider: str, lease_id: str) -> str:

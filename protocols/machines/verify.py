@@ -179,3 +179,44 @@ def arbitrate(facts: ArbitrationFacts) -> Arbitration:
     if verdict.outcome == "failed" and verdict.dispute:
         return Arbitration("refund", 0, verdict.reason)
     return Arbitration("reject", paid, verdict.reason or "passed")
+
+
+@dataclass(frozen=True)
+class LeaseCaseFacts:
+    """What a lease's arbiter read for a verification dispute before re-running anything: the case as
+    sent and the escrow as the chain holds it (``runtime.escrow.client.EscrowState``)."""
+
+    lease_id: str  # the case's lease (a lease's escrow id is its id: ``lease_id_for``)
+    escrow_id: str  # 0x hex: the escrow the case names
+    package_lease: str  # the lease the dispute package (and its signed body) names
+    our_wallet: str
+    escrow_arbiter: str
+    phase: str  # none, active, disputed, closed
+    threshold: int = 0  # a panel escrow's m (its arbiter is then no one wallet)
+
+
+def lease_case_verdict(facts: LeaseCaseFacts) -> Refusal | None:
+    """Whether this node takes the case: the escrow exists, names this node's wallet as its one arbiter,
+    is frozen (the consumer disputed it), and is the escrow of the very lease the package is about."""
+    if facts.phase == "none":
+        return Refusal(ErrorCode.NOT_FOUND, "no_escrow", "no such escrow on chain")
+    if facts.threshold or facts.escrow_arbiter.lower() != facts.our_wallet.lower():
+        return Refusal(ErrorCode.FORBIDDEN, "not_arbiter", "this node's wallet is not the escrow's arbiter")
+    if facts.escrow_id.lower().removeprefix("0x") != facts.lease_id or facts.package_lease != facts.lease_id:
+        return Refusal(ErrorCode.INVALID_ARGUMENT, "escrow_not_lease", "the escrow, the lease and the evidence differ")
+    if facts.phase != "disputed":
+        return Refusal(ErrorCode.CONFLICT, "not_disputed", "the escrow is not disputed")
+    return None
+
+
+def consumer_dispute_verdict(*, evidence: bool, escrowed: bool, channel: bool, arbiter_known: bool) -> Refusal | None:
+    """Whether the consumer freezes a lease's escrow and sends its evidence after a failed check: only
+    with a package the provider's signature binds, on a lease with an escrow of its own (a channel's
+    lock serves many leases: one lease's cheat does not freeze the others'), whose arbiter it can reach."""
+    if not evidence:
+        return Refusal(ErrorCode.NOT_FOUND, "no_evidence", "no signed evidence of this failure")
+    if not escrowed or channel:
+        return Refusal(ErrorCode.CONFLICT, "no_lease_escrow", "the lease has no escrow of its own to dispute")
+    if not arbiter_known:
+        return Refusal(ErrorCode.UNAVAILABLE, "arbiter_unknown", "no peer is known for the escrow's arbiter")
+    return None

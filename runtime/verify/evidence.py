@@ -12,8 +12,8 @@ could hand an arbiter another prompt of the same length. ``v: 2`` adds ``prompt_
 prompt's token ids, :func:`ids_sha256`, as the provider rendered the request with its file) and
 ``text_sha256`` (sha256 of the UTF-8 reply text it streamed). Consumers of this release read both
 (a v1 body has neither field: the fields are left out of the signed bytes when absent, so a v1
-signature verifies as before); consumers of the release before read a v2 body as no proof, so a
-provider signs :data:`SIGNED_VERSION` (1 during this release, 2 from the next).
+signature verifies as before); providers sign :data:`SIGNED_VERSION` (2; a v2 body is read as no proof
+only by consumers older than the release that introduced it).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from runtime.ledger.receipts import LEASE_ID_PATTERN, PEER_ID_PATTERN, PeerKeys,
 from runtime.verify.provider import CallRecorder, declared_sampling
 
 COMMITMENT_DOMAIN = b"clawnode/verify-commitment/v1\x00"
-# The body version providers sign: 1 while consumers of the release before (which read only v1) are
-# about; 2 (prompt and text bound) from the next release. Consumers read both now.
-SIGNED_VERSION = 1
+# The body version providers sign: 2 (prompt and text bound, so prompt_mismatch and text_mismatch are
+# disputable with the provider's own signed words). Consumers read v1 bodies as well.
+SIGNED_VERSION = 2
 _SHA256 = r"^[0-9a-f]{64}$"
 
 

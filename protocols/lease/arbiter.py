@@ -1,0 +1,333 @@
+"""``/clawnode/lease-dispute/1.0.0``: a lease's verification dispute, from the consumer's freeze to the
+arbiter's resolution on chain (docs/verified-inference.md, "Disputes").
+
+The consumer, after a failed check whose signed evidence it kept (``Verifying.evidence``), freezes the
+lease's escrow (``dispute`` on chain), writes the dispute into its ledger and sends the package to the
+escrow's arbiter (:class:`LeaseDisputeCase`). The arbiter (the node whose wallet the escrow names, and
+that holds the file the proof names, by sha256) checks the case against the chain
+(``protocols.machines.verify.lease_case_verdict``), re-runs the check on a worker thread
+(``runtime.verify.spot.recheck``), lets ``protocols.machines.verify.arbitrate`` decide, resolves on
+chain and tells both parties (:class:`LeaseDisputeOutcome`: the consumer in its reply, the provider in
+a push). Each party records the split as the chain shows it (``resolution_split``; the ledger asserts
+that the two parts add up to what was locked). An arbiter without the file answers
+``E_NOT_FOUND arbiter_no_file`` and resolves nothing: the escrow stays frozen for a person.
+
+Why the package binds the escrow: a lease's escrow id is its lease id (``lease_id_for``), the provider's
+signed commitment names that lease, and the provider served it only after checking that the escrow pays
+its wallet; so the arbiter needs no word of the consumer's about who the provider is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from protocols import lease_wire as w
+from protocols.lease.base import ACK, PUSH_TIMEOUT_S, LeaseCore, log
+from protocols.machines.verdict import Refusal, enforce
+from protocols.machines.verify import (
+    ArbitrationFacts,
+    CheckFacts,
+    LeaseCaseFacts,
+    check_verdict,
+    consumer_dispute_verdict,
+    lease_case_verdict,
+)
+from protocols.machines.verify import arbitrate as decide
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger.receipts import LEASE_ID_PATTERN
+from runtime.verify.check import prefill_for
+from runtime.verify.evidence import DisputePackage, package_binds
+from runtime.verify.spot import SpotCheck, recheck
+from wire.peer_keys import ed25519_public_key
+from wire.rpc import request, serve_requests
+
+DISPUTE_PROTOCOL = TProtocol("/clawnode/lease-dispute/1.0.0")
+# A package holds at most 2^20 prompt ids, 2^16 tokens with their chunks and 4 MiB of text.
+MAX_DISPUTE_FRAME = 16 * 1024 * 1024
+DISPUTE_READ_TIMEOUT_S = 30.0
+ARBITER_TIMEOUT_S = 120.0  # the consumer's wait for the arbiter: a re-run of the call plus two transactions
+MAX_CASES = 4  # cases an arbiter works on at once; more are refused busy (the consumer may send again)
+MAX_OUTCOMES = 256  # outcomes kept in memory per node (the ledger keeps each party's)
+MAX_DISPUTE_SCAN = 1000  # the newest disputes read back to find a lease's (one per lease)
+_ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+
+class LeaseDisputeCase(BaseModel):
+    """Consumer → arbiter: the frozen escrow (payer and lease id: a lease's escrow id is its id) and the
+    evidence. ``owed_if_honest``: what the consumer's vouchers and the disputed call come to, which the
+    provider is paid if the evidence does not hold up (at most what is left)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["lease_dispute_case"] = "lease_dispute_case"
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    payer: str = Field(pattern=_ADDRESS)
+    package: DisputePackage
+    owed_if_honest: int = Field(ge=0, le=10**30)
+
+
+class LeaseDisputeOutcome(BaseModel):
+    """Arbiter → both parties: its decision and the resolving transaction (each party reads the split off
+    the chain, not off this message)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["lease_dispute_outcome"] = "lease_dispute_outcome"
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    payer: str = Field(pattern=_ADDRESS)
+    outcome: Literal["refund", "reject", "undecided"]
+    reason: str = Field(max_length=64)
+    to_payee: int = Field(ge=0, le=10**30, description="wei of what was left, to the provider")
+    tx_hash: str | None = Field(None, max_length=80)
+
+
+DISPUTE_MESSAGES: TypeAdapter[Any] = TypeAdapter(LeaseDisputeCase | LeaseDisputeOutcome)
+OUTCOME = TypeAdapter(LeaseDisputeOutcome)
+
+
+class DisputeRole(LeaseCore):
+    """Both ends of a lease's verification dispute: the consumer's freeze and case, the arbiter's
+    decision, the provider's record of it. Mounted by ``handler.LeaseMarket``."""
+
+    # The peer of the escrows' arbiter wallet (``escrow.arbiter_peer``): where this node, as a consumer,
+    # sends its cases. "": none known, a failed check ends the lease without a dispute.
+    arbiter_peer: str = ""
+
+    @property
+    def lease_disputes(self) -> dict[str, LeaseDisputeOutcome]:
+        """Outcomes this node sent, received or was told, by lease (the most recent ``MAX_OUTCOMES``)."""
+        kept: dict[str, LeaseDisputeOutcome] | None = getattr(self, "_lease_disputes", None)
+        if kept is None:
+            kept = {}
+            self._lease_disputes = kept
+        return kept
+
+    def _keep_outcome(self, outcome: LeaseDisputeOutcome) -> None:
+        self.lease_disputes[outcome.lease_id] = outcome
+        while len(self.lease_disputes) > MAX_OUTCOMES:
+            self.lease_disputes.pop(next(iter(self.lease_disputes)))
+
+    def dispute_handler(self) -> Any:
+        return serve_requests(self._handle_dispute, max_frame=MAX_DISPUTE_FRAME, read_timeout_s=DISPUTE_READ_TIMEOUT_S)
+
+    async def _handle_dispute(self, frame: bytes, remote: ID) -> BaseModel:
+        try:
+            message = DISPUTE_MESSAGES.validate_json(frame)
+            if isinstance(message, LeaseDisputeCase):
+                return await self._arbitrate(message)
+            return await self._told_outcome(message)
+        except (ClawnodeError, ValidationError) as error:
+            self._failed("lease_dispute", error)
+            raise
+
+    # ================= consumer =================
+
+    async def dispute_lease(self, lease_id: str, call_units: int) -> LeaseDisputeOutcome | None:
+        """After a failed check with signed evidence: freeze the lease's escrow, record the dispute and send
+        the case to the arbiter; record the split the chain shows once it resolved. None when no dispute
+        could be opened (no evidence, no escrow of its own, no arbiter known) or the arbiter decided
+        nothing (the escrow stays frozen for a person)."""
+        held, package, client = self.held.get(lease_id), self.verifying.evidence.get(lease_id), self.escrow()
+        refusal = consumer_dispute_verdict(
+            evidence=package is not None,
+            escrowed=held is not None and held.escrow_id is not None and client is not None,
+            channel=held is not None and held.channel_id is not None,
+            arbiter_known=bool(self.arbiter_peer),
+        )
+        if isinstance(refusal, Refusal):
+            log.info("lease %s: no dispute opened (%s)", lease_id[:12], refusal.reason)
+            return None
+        assert held is not None and held.escrow_id is not None and client is not None and package is not None
+        payer, escrow_id = client.account.address, held.escrow_id
+        reason = self.verifying.book.get(held.grant.provider)
+        await self.ledger.open_dispute(
+            lease_id,
+            opened_by=self.peer_id,
+            reason=f"verification_{reason.last_reason if reason is not None else 'failed'}",
+            idempotency_key=f"verify-dispute/{lease_id}",
+        )
+        await client.chain.run(client.dispute, payer, escrow_id)
+        log.warning("lease %s: escrow frozen, evidence sent to the arbiter", lease_id[:12])
+        owed = held.committed + max(0, call_units) * held.grant.price_per_unit
+        case = LeaseDisputeCase(lease_id=lease_id, payer=payer, package=package, owed_if_honest=owed)
+        try:
+            outcome = await request(
+                self.host,
+                ID.from_base58(self.arbiter_peer),
+                DISPUTE_PROTOCOL,
+                case,
+                OUTCOME,
+                timeout_s=ARBITER_TIMEOUT_S,
+                max_frame=MAX_DISPUTE_FRAME,
+            )
+        except ClawnodeError as error:
+            log.warning("lease %s: the arbiter did not decide (%s %s)", lease_id[:12], error.code, error.reason)
+            return None
+        self._keep_outcome(outcome)
+        if outcome.outcome != "undecided":
+            await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=outcome.reason)
+            self.verifying.evidence.pop(lease_id, None)
+            self.wake_settlement()  # the refund waiting on the frozen escrow lands now
+        return outcome
+
+    # ================= arbiter =================
+
+    async def _arbitrate(self, case: LeaseDisputeCase) -> LeaseDisputeOutcome:
+        client = self.escrow()
+        if client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
+        cases: set[str] = getattr(self, "_cases", set())
+        self._cases = cases
+        if case.lease_id in cases:
+            raise ClawnodeError(ErrorCode.CONFLICT, "this case is being decided", "case_in_progress")
+        if len(cases) >= MAX_CASES:
+            raise ClawnodeError(ErrorCode.RATE_LIMITED, "the arbiter is deciding other cases", "busy")
+        cases.add(case.lease_id)
+        try:
+            return await self._decide(client, case)
+        finally:
+            cases.discard(case.lease_id)
+
+    async def _decide(self, client: Any, case: LeaseDisputeCase) -> LeaseDisputeOutcome:
+        escrow_id = bytes.fromhex(case.lease_id) if len(case.lease_id) == 64 else b""
+        if not escrow_id:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
+        state = await client.chain.run(client.get, case.payer, escrow_id)
+        package = case.package
+        enforce(
+            lease_case_verdict(
+                LeaseCaseFacts(
+                    lease_id=case.lease_id,
+                    escrow_id="0x" + escrow_id.hex(),
+                    package_lease=package.lease_id,
+                    our_wallet=client.account.address,
+                    escrow_arbiter=state.arbiter,
+                    phase=state.phase,
+                    threshold=state.threshold,
+                )
+            )
+        )
+        body = package.proof.commitment.body
+        model = self.verifying.local_model(body.model_sha256) if self.verifying.local_model is not None else None
+        if model is None:
+            raise ClawnodeError(
+                ErrorCode.NOT_FOUND, "this arbiter holds no copy of the file the proof names", "arbiter_no_file"
+            )
+        bound = package_binds(package, case.lease_id, body.provider, ed25519_public_key)
+        try:
+            spot: SpotCheck | None = await trio.to_thread.run_sync(_recheck, model.path, package)
+        except ValueError:  # longer than this arbiter's context
+            spot = None
+        decision = decide(
+            ArbitrationFacts(
+                evidence_bound=bound,
+                recheck=check_verdict(_facts(spot, body.v)),
+                left=state.amount - state.released,
+                owed_if_honest=case.owed_if_honest,
+            )
+        )
+        tx_hash: str | None = None
+        if decision.outcome != "undecided":
+            sent = await client.chain.run(client.resolve, case.payer, escrow_id, decision.to_payee)
+            tx_hash = sent.tx_hash
+        outcome = LeaseDisputeOutcome(
+            lease_id=case.lease_id,
+            payer=case.payer,
+            outcome=decision.outcome,
+            reason=decision.reason[:64],
+            to_payee=decision.to_payee,
+            tx_hash=tx_hash,
+        )
+        self._keep_outcome(outcome)
+        log.warning("lease %s: dispute decided, %s (%s)", case.lease_id[:12], decision.outcome, decision.reason)
+        if decision.outcome != "undecided":
+            self._spawn(self._tell_provider, body.provider, outcome)
+        return outcome
+
+    async def _tell_provider(self, provider: str, outcome: LeaseDisputeOutcome) -> None:
+        try:
+            await request(self.host, ID.from_base58(provider), DISPUTE_PROTOCOL, outcome, ACK, timeout_s=PUSH_TIMEOUT_S)
+        except ClawnodeError as error:  # it sees the closed escrow when it claims all the same
+            log.info("the provider of lease %s was not told the outcome (%s)", outcome.lease_id[:12], error.code)
+
+    # ================= provider =================
+
+    async def _told_outcome(self, outcome: LeaseDisputeOutcome) -> w.Ack:
+        """The arbiter says a lease we served was resolved: record the split the chain shows (the message
+        itself moves nothing; anyone may send it)."""
+        lease = await self.ledger.get_lease(outcome.lease_id)
+        if lease.role != "provider" or lease.escrow is None or lease.escrow.payer.lower() != outcome.payer.lower():
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease served", "unknown_lease")
+        escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
+        recorded = await self._record_resolution(
+            outcome.lease_id, lease.escrow.payer, escrow_id, opened_by=lease.consumer, reason=outcome.reason
+        )
+        if not recorded:
+            raise ClawnodeError(ErrorCode.CONFLICT, "the escrow is not resolved on chain", "not_resolved")
+        self._keep_outcome(outcome)
+        self.wake_settlement()
+        return w.Ack()
+
+    # ================= both parties =================
+
+    async def _record_resolution(
+        self, lease_id: str, payer: str, escrow_id: bytes, *, opened_by: str, reason: str
+    ) -> bool:
+        """Write the dispute and its split, as the chain shows the closed escrow, into this node's ledger
+        (once: idempotent). False while the escrow is not closed."""
+        client = self.escrow()
+        if client is None:
+            return False
+        state = await client.chain.run(client.get, payer, escrow_id)
+        if state.phase != "closed":
+            return False
+        try:  # the consumer opened it at the freeze; the provider learns of it here
+            key = f"verify-told/{lease_id}"
+            dispute = await self.ledger.open_dispute(
+                lease_id, opened_by=opened_by, reason=f"verification_{reason}", idempotency_key=key
+            )
+        except ClawnodeError as error:
+            if error.reason != "lease_not_disputable":
+                raise
+            disputes = await self.ledger.list_disputes(limit=MAX_DISPUTE_SCAN)
+            found = next((d for d in disputes if d.lease_id == lease_id), None)
+            if found is None:
+                raise
+            dispute = found
+        if dispute.state != "dispute_open":
+            return True
+        # The escrow is closed: released is the payee's total, the rest went back to the payer.
+        to_payee, to_payer = state.released, state.amount - state.released
+        await self.ledger.resolve_dispute(
+            dispute.dispute_id, to_payee=to_payee, to_payer=to_payer, idempotency_key=f"verify-resolve/{lease_id}"
+        )
+        log.info("lease %s: dispute resolved, %d to the provider, %d back", lease_id[:12], to_payee, to_payer)
+        return True
+
+
+def _recheck(path: Any, package: DisputePackage) -> SpotCheck:
+    prefill, tolerances = prefill_for(path)
+    return recheck(prefill, package, ed25519_public_key, tolerances)
+
+
+def _facts(spot: SpotCheck | None, version: int) -> CheckFacts:
+    """The arbiter's re-run as ``check_verdict`` reads it (None: it could not run: unverifiable)."""
+    if spot is None:
+        return CheckFacts(True, True, True, holds_file=False, body_version=version)
+    return CheckFacts(
+        root_signed=spot.root_signed,
+        answered=True,
+        openings_match=spot.openings_match,
+        holds_file=True,
+        prompt_matches=spot.prompt_matches,
+        findings_reason=spot.findings.reason() if spot.findings is not None else "",
+        text_matches=spot.text_matches,
+        prompt_hash_matches=spot.prompt_hash_matches,
+        text_hash_matches=spot.text_hash_matches,
+        body_version=version,
+    )

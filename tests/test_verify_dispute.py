@@ -1,0 +1,125 @@
+"""Verified inference's dispute, end to end (issue 21): real nodes, a real lease escrow on the shared chain.
+A provider whose record states one GGUF file's sha256 while it serves another is caught on its first
+call; the consumer freezes the escrow and sends the signed evidence to the escrow's arbiter, which
+re-runs the check on its own copy of the advertised file and resolves on chain: everything locked goes
+back to the consumer, no person involved, and both ledgers record the split. The router never picks
+the cheat again; an honest provider on another build (other thread count) is never flagged. An
+arbiter without the file says so and leaves the escrow frozen for a person."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from dht.discovery import DiscoveryQuery
+from node.daemon import Node
+from runtime.errors import ClawnodeError
+from runtime.inference.models import ModelSpec
+from runtime.inference.tiny_model import write_tiny_llama_gguf
+from runtime.verify import identity
+from tests.support.market import SharedChain, market_nodes, wait_for
+
+CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 12, "temperature": 0}
+BUDGET = 10**9
+
+
+def _spec(path: Path, threads: int = 1) -> ModelSpec:
+    return ModelSpec(name="tiny", path=str(path), price_per_unit=1000, n_threads=threads, n_ctx=256)  # type: ignore[call-arg]
+
+
+async def _escrow(node: Node, lease_id: str) -> Any:
+    client = node.escrow_client
+    assert client is not None
+    return await trio.to_thread.run_sync(client.get, client.account.address, bytes.fromhex(lease_id))
+
+
+async def _caught(consumer: Node, provider_id: str) -> str:
+    lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=BUDGET, duration_s=60)
+    with pytest.raises(ClawnodeError) as caught:
+        await consumer.market.call(lease.lease_id, CHAT)
+    assert caught.value.reason is not None and caught.value.reason.startswith("verification_")
+    return lease.lease_id
+
+
+async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_build_is_never_flagged(
+    tmp_path: Path,
+) -> None:
+    advertised = write_tiny_llama_gguf(tmp_path / "advertised.gguf", seed=0)
+    substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
+    honest = write_tiny_llama_gguf(tmp_path / "honest.gguf", seed=0)  # the same bytes, another node's copy
+    arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
+    # The cheat: its record (and every commitment it signs) states the advertised file's sha256.
+    stat = substitute.stat()
+    identity._cache[(str(substitute.resolve()), stat.st_size, stat.st_mtime_ns)] = hashlib.sha256(
+        advertised.read_bytes()
+    ).hexdigest()
+
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    specs = [
+        {"models": (_spec(advertised),)},
+        {"models": (_spec(substitute),)},
+        {"models": (_spec(honest, threads=2),)},  # another build's noise: two threads, not one
+        {"wallet_key": shared.arbiter.key.hex(), "models": (_spec(arbiter_copy),)},
+    ]
+    async with market_nodes(specs, chain=shared) as (nodes, _):
+        consumer, cheat, fair, arbiter = nodes
+        cheat_id, fair_id = str(cheat.host.get_id()), str(fair.host.get_id())
+        consumer.market.arbiter_peer = str(arbiter.host.get_id())  # escrow.arbiter_peer
+
+        # 1. Caught on its first call; the escrow is frozen, the arbiter re-runs and refunds it all.
+        lease_id = await _caught(consumer, cheat_id)
+        await wait_for(lambda: lease_id in consumer.market.lease_disputes, 20, "the arbiter's decision")
+        decided = consumer.market.lease_disputes[lease_id]
+        assert decided.outcome == "refund" and decided.to_payee == 0 and decided.tx_hash
+        state = await _escrow(consumer, lease_id)
+        assert state.phase == "closed" and state.released == 0  # everything locked went back
+        disputes = {d.lease_id: d for d in await consumer.ledger.list_disputes()}
+        mine = disputes[lease_id]
+        assert mine.state == "dispute_resolved" and (mine.to_payee, mine.to_payer) == (0, state.amount)
+        assert mine.opened_by == str(consumer.host.get_id()) and mine.reason.startswith("verification_")
+
+        async def provider_recorded() -> bool:
+            theirs = {d.lease_id: d for d in await cheat.ledger.list_disputes()}
+            return lease_id in theirs and theirs[lease_id].state == "dispute_resolved"
+
+        with trio.fail_after(10):
+            while not await provider_recorded():
+                await trio.sleep(0.1)
+        theirs = {d.lease_id: d for d in await cheat.ledger.list_disputes()}[lease_id]
+        assert (theirs.to_payee, theirs.to_payer) == (0, state.amount)
+        assert lease_id not in consumer.market.verifying.evidence  # the case is closed
+
+        # 2. An arbiter without the advertised file says so; the escrow stays frozen for a person.
+        model_of = arbiter.market.verifying.local_model
+        arbiter.market.verifying.local_model = lambda sha256: None
+        second = await _caught(consumer, cheat_id)
+        told = ("lease_dispute", "E_NOT_FOUND")  # arbiter_no_file
+        await wait_for(lambda: arbiter.market.failures[told] >= 1, 20, "the arbiter's answer")
+        assert (await _escrow(consumer, second)).phase == "disputed"  # frozen, nothing resolved
+        assert second not in consumer.market.lease_disputes
+        assert {d.lease_id: d for d in await consumer.ledger.list_disputes()}[second].state == "dispute_open"
+        arbiter.market.verifying.local_model = model_of
+
+        # 3. An honest provider on another build: every call checked, never flagged, never disputed.
+        consumer.market.verifying.sample_rate = 1.0
+        lease = await consumer.market.open_lease(fair_id, "model:tiny", budget=BUDGET, duration_s=60)
+        for _ in range(3):
+            assert (await consumer.market.call(lease.lease_id, CHAT)).units > 0
+        record = consumer.market.verifying.book.get(fair_id)
+        assert record is not None and record.failed == 0 and record.passed == 3
+        assert lease.lease_id not in consumer.market.lease_disputes
+
+        # 4. The router never buys from the cheat again; the honest provider stays in its ranking.
+        query = DiscoveryQuery(capability="model:tiny")
+        with trio.fail_after(20):
+            while {cheat_id, fair_id} - {p.peer_id for p in await consumer.discover(query)}:
+                await trio.sleep(0.2)
+        ranked = [p.peer_id for p in consumer.router.rank(await consumer.discover(query))]
+        assert fair_id in ranked and cheat_id not in ranked
