@@ -87,7 +87,7 @@ from node.http_guard import quiet_error_logger
 from node.mdns import MdnsDiscovery, connect_found
 from node.metrics import render_metrics
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
-from node.router import Router
+from node.router import Router, fetch_live_load
 from protocols.background import Supervisor
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
@@ -465,6 +465,7 @@ class Node:
                         self.discover,
                         self.config.router,
                         fetch_rtt=self._provider_rtt,
+                        fetch_load=partial(fetch_live_load, self.host),
                         embed=self._embed if self.config.models else None,
                         unpayable_note=self._unpayable_notes.get,
                     )

@@ -32,9 +32,22 @@ tried, and when every one is busy the request waits the soonest hint and tries a
 in ``busy_wait_s``, then fails with ``E_RATE_LIMITED`` carrying the hint (``/v1``: 429 with
 ``Retry-After``, before any byte of a stream).
 
-Health: every ``health_interval_s`` the router fetches the capability record of each provider it
-knows (a round trip it also feeds into the latency EWMA); ``failures_to_failover`` consecutive
-failures (calls or checks) take a provider out of rotation until a check succeeds again.
+Ranking (``protocols/machines/routing.py``, a pure function of the facts fetched here): a provider
+with a free slot first, then one that would queue the request, a full one (or one whose busy hint
+still runs) only when no other is left, one out of rotation last; within that, cheaper, less loaded,
+faster, better verified. The load is the provider's own live answer (its capability protocol's
+``load``, unsigned), fetched before a request that has more than one provider to choose from when the
+last answer is older than ``LOAD_FRESH_S`` (at most ``LOAD_FETCH_TIMEOUT_S`` spent on it; a provider
+that does not answer in time keeps its last answer for up to ``LOAD_MAX_AGE_S``), plus the calls this
+router started on it since; without one, the router's own calls in flight against the capacity its
+record states. A provider this node failed in a verification check is never asked.
+
+Health: every ``health_interval_s`` the router asks each provider it knows for its capability answer
+(a round trip it also feeds into the latency EWMA, and the live load); ``failures_to_failover``
+consecutive failures (calls or checks) take a provider out of rotation until a check succeeds again.
+A provider that served or answered a check within ``REMEMBER_S`` stays a candidate when discovery's
+latest answer misses it (its live record fetch timed out under load): discovery's last copy of its
+signed record is used while that record has not expired.
 """
 
 from __future__ import annotations
@@ -50,21 +63,36 @@ from typing import Any
 
 import httpx
 import trio
+from libp2p.abc import IHost
 from libp2p.peer.id import ID
+from pydantic import ValidationError
 
+from dht.capability import CAPABILITY_PROTOCOL, MAX_MESSAGE, ErrorReply, GetRecord, Reply
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.config import RouterSection
 from protocols.lease import LeaseMarket
 from protocols.machines.lease import call_units_needed, lease_fits, lease_outlives
 from protocols.machines.model_features import required_features
+from protocols.machines.routing import Candidate, LiveLoad, rank_candidates
+from protocols.machines.verify import standing
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.jsonsafe import loads_bounded
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
+from wire.framing import FrameReader, write_frame
+from wire.streams import open_stream
 
 log = logging.getLogger(__name__)
 
 EWMA_ALPHA = 0.3
+# Live load (the provider's capability protocol answer): fetched again before a request with a choice
+# when older than this; a fetch gets at most this long; an answer older than the last is not used.
+LOAD_FRESH_S = 1.0
+LOAD_FETCH_TIMEOUT_S = 0.5
+LOAD_MAX_AGE_S = 15.0
+# A provider that served or answered within this long stays a candidate when discovery misses it.
+REMEMBER_S = 60.0
+MAX_REMEMBERED = 1024  # peers whose load, and capabilities whose providers, the router keeps
 # Errors that say "this provider, not this request": try the next one.
 PROVIDER_FAULTS = frozenset(
     {
@@ -112,11 +140,21 @@ class ProviderHealth:
     in_flight: int = 0
     served: int = 0
     busy_until: float = 0.0  # a busy refusal's hint: ranked after the others until then
+    last_ok: float | None = None  # when it last served, answered a check or was found (router clock)
 
     def record_latency(self, seconds: float) -> None:
         self.ewma_latency_s = (
             seconds if self.ewma_latency_s is None else EWMA_ALPHA * seconds + (1 - EWMA_ALPHA) * self.ewma_latency_s
         )
+
+
+@dataclass
+class _SeenLoad:
+    """A provider's last live-load answer (router clock), and this router's calls started since."""
+
+    fetched_at: float
+    loads: dict[str, dict[str, int]]
+    started: dict[str, int] = field(default_factory=dict)  # capability -> calls started since, still running
 
 
 @dataclass
@@ -166,6 +204,39 @@ ChunkSink = Callable[[dict[str, Any]], Awaitable[None]]
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 Discover = Callable[[DiscoveryQuery], Awaitable[list[ProviderResult]]]
 FetchRtt = Callable[[str], Awaitable[float]]
+# A provider's capability protocol answer: (round trip in seconds, live load per capability).
+FetchLoad = Callable[[str], Awaitable[tuple[float, dict[str, dict[str, int]]]]]
+
+
+async def fetch_live_load(
+    host: IHost, peer: str, timeout_s: float = LOAD_FETCH_TIMEOUT_S
+) -> tuple[float, dict[str, dict[str, int]]]:
+    """``peer``'s live load (``RecordReply.load``, unsigned and advisory) and the round trip it took.
+    The sealed record beside it is not verified here: discovery does that; only the load is read."""
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await open_stream(host, ID.from_base58(peer), [CAPABILITY_PROTOCOL])
+            try:
+                started = time.perf_counter()
+                await write_frame(stream, GetRecord().model_dump_json().encode())
+                frame = await FrameReader(stream, max_frame=MAX_MESSAGE).read_frame(timeout_s)
+                rtt = time.perf_counter() - started
+            finally:
+                with trio.move_on_after(1):
+                    await stream.close()
+    except trio.TooSlowError:
+        raise ClawnodeError(ErrorCode.TIMEOUT, "the peer did not answer in time") from None
+    except ClawnodeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - dial and stream failures come in many types
+        raise ClawnodeError(ErrorCode.UNAVAILABLE, f"the peer is unreachable ({type(error).__name__})") from None
+    try:
+        reply = Reply.validate_json(frame)
+    except ValidationError:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the peer sent an unreadable reply") from None
+    if isinstance(reply, ErrorReply):
+        raise ClawnodeError(reply.code, reply.message[:200])
+    return rtt, reply.load
 
 
 class Router:
@@ -177,6 +248,7 @@ class Router:
         settings: RouterSection,
         *,
         fetch_rtt: FetchRtt | None = None,
+        fetch_load: FetchLoad | None = None,
         embed: Embed | None = None,
         clock: Callable[[], float] = time.monotonic,
         unpayable_note: Callable[[str], str | None] | None = None,
@@ -189,8 +261,13 @@ class Router:
         self.discover = discover
         self.settings = settings
         self.fetch_rtt = fetch_rtt
+        self.fetch_load = fetch_load
         self.clock = clock
         self.health: dict[str, ProviderHealth] = {}
+        self._loads: dict[str, _SeenLoad] = {}  # peer -> its last live-load answer
+        self._load_locks: dict[str, trio.Lock] = {}
+        # capability -> peer -> discovery's last result for it (a candidate while recently healthy)
+        self._remembered: dict[str, dict[str, ProviderResult]] = {}
         self._leases: dict[tuple[str, str], str] = {}
         self._lease_locks: dict[tuple[str, str], trio.Lock] = {}
         self._reserved: dict[str, int] = {}  # lease id -> units its calls in flight may use
@@ -213,6 +290,7 @@ class Router:
             async with trio.open_nursery() as nursery:
                 for peer in list(self.health):
                     nursery.start_soon(self._check, peer)
+                    nursery.start_soon(self._refresh_load, peer)
 
     async def _check(self, peer: str) -> None:
         assert self.fetch_rtt is not None
@@ -224,7 +302,75 @@ class Router:
             health.consecutive_failures += 1
             return
         health.consecutive_failures = 0
+        health.last_ok = self.clock()
         health.record_latency(rtt)
+
+    async def _refresh_load(self, peer: str) -> None:
+        """``peer``'s live load asked again when the last answer is older than ``LOAD_FRESH_S``; one
+        ask per peer at a time (a request finding one under way goes on with what is known). A peer
+        that does not answer within ``LOAD_FETCH_TIMEOUT_S`` keeps its last answer: no fault counted."""
+        seen = self._loads.get(peer)
+        lock = self._load_locks.setdefault(peer, trio.Lock())
+        if self.fetch_load is None or lock.locked() or (seen and self.clock() - seen.fetched_at < LOAD_FRESH_S):
+            return
+        async with lock:
+            loads: dict[str, dict[str, int]] | None = None
+            with trio.move_on_after(LOAD_FETCH_TIMEOUT_S):
+                try:
+                    _, loads = await self.fetch_load(peer)
+                except ClawnodeError as error:
+                    log.debug("no live load from %s (%s)", peer[:16], error.code)
+            if loads is None:
+                return
+            self._loads.pop(peer, None)
+            self._loads[peer] = _SeenLoad(self.clock(), loads)
+            while len(self._loads) > MAX_REMEMBERED:
+                evicted = next(iter(self._loads))
+                del self._loads[evicted]
+                self._load_locks.pop(evicted, None)
+
+    async def _refresh_loads(self, providers: list[ProviderResult]) -> None:
+        """Live loads of the candidates, when there is a choice to make (two or more)."""
+        peers = {p.peer_id for p in providers if not p.is_self}
+        if self.fetch_load is None or len(peers) < 2:
+            return
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(self._refresh_load, peer)
+
+    async def _candidates(self, query: DiscoveryQuery) -> list[ProviderResult]:
+        """Discovery's providers, and those it missed this time that served, answered a check or were
+        found within ``REMEMBER_S`` (a busy provider's record fetch can time out under load), while
+        the signed record discovery last returned for them has not expired; then their live loads."""
+        found = await self.discover(query)
+        now = self.clock()
+        remembered = self._remembered.pop(query.capability, {})
+        self._remembered[query.capability] = remembered  # the most recently asked last (evicted last)
+        for provider in found:
+            if not provider.is_self:
+                self._health(provider.peer_id).last_ok = now
+                remembered.pop(provider.peer_id, None)
+                remembered[provider.peer_id] = provider
+        while len(remembered) > MAX_REMEMBERED // 16:
+            del remembered[next(iter(remembered))]
+        while len(self._remembered) > MAX_REMEMBERED:
+            del self._remembered[next(iter(self._remembered))]
+        listed = {provider.peer_id for provider in found}
+        wall = time.time()
+        for peer, provider in remembered.items():
+            health = self._health(peer)
+            if (
+                peer not in listed
+                and health.consecutive_failures == 0
+                and health.last_ok is not None
+                and now - health.last_ok <= REMEMBER_S
+                and provider.record.expires_at > wall
+                and set(query.features) <= set(provider.features)
+            ):
+                log.info("discovery missed %s; still a candidate (healthy %.0f s ago)", peer[:16], now - health.last_ok)
+                found = [*found, provider]
+        await self._refresh_loads(found)
+        return found
 
     def usable(self, peer: str) -> bool:
         return self._health(peer).consecutive_failures < self.settings.failures_to_failover
@@ -233,21 +379,42 @@ class Router:
         return self.health.setdefault(peer, ProviderHealth())
 
     def rank(self, providers: list[ProviderResult]) -> list[ProviderResult]:
-        """Healthy first, then not known busy, least loaded (our calls in flight against the capacity
-        its record states: ``parallel`` + ``max_queue``), cheapest, fastest (EWMA, else the discovery
-        round trip); never a provider that failed one of this node's verification checks."""
+        """The providers in the order to try them (``protocols.machines.routing.rank_candidates``):
+        by room (live load, else our calls in flight against the record's capacity), health and busy
+        hints, then price, load, latency and verification standing; never a provider that failed one
+        of this node's verification checks."""
+        by_peer: dict[str, ProviderResult] = {}
+        for provider in providers:
+            if not provider.is_self:
+                by_peer.setdefault(provider.peer_id, provider)
         now = self.clock()
+        return [by_peer[peer] for peer in rank_candidates([self._candidate(p, now) for p in by_peer.values()])]
 
-        def key(provider: ProviderResult) -> tuple[int, int, float, int, float]:
-            health = self._health(provider.peer_id)
-            latency = health.ewma_latency_s if health.ewma_latency_s is not None else provider.rtt_ms / 1000
-            load = health.in_flight / capacity_of(provider)
-            busy = 1 if health.busy_until > now else 0
-            return (0 if self.usable(provider.peer_id) else 1, busy, load, provider.price_per_unit, latency)
-
-        # Verified inference: a provider that failed one of this node's checks is never bought from again.
+    def _candidate(self, provider: ProviderResult, now: float) -> Candidate:
+        """What the router knows of ``provider``, as the ranking's plain facts."""
+        health = self._health(provider.peer_id)
+        descriptor = provider.record.capability(provider.capability)
+        facts = descriptor.model if descriptor is not None else None
+        seen = self._loads.get(provider.peer_id)
+        load = None
+        if seen is not None and now - seen.fetched_at <= LOAD_MAX_AGE_S:
+            load = LiveLoad.parse(seen.loads.get(provider.capability))
+        # Verified inference: a provider that failed one of this node's checks has standing 0.
         book = getattr(getattr(self.market, "verifying", None), "book", None)
-        return sorted((p for p in providers if not p.is_self and not (book and book.in_doubt(p.peer_id))), key=key)
+        record = book.get(provider.peer_id) if book is not None else None
+        return Candidate(
+            peer_id=provider.peer_id,
+            price_per_unit=provider.price_per_unit,
+            latency_s=health.ewma_latency_s if health.ewma_latency_s is not None else provider.rtt_ms / 1000,
+            standing=standing(record.passed, record.failed) if record is not None else standing(0, 0),
+            load=load,
+            since_report=seen.started.get(provider.capability, 0) if load is not None and seen is not None else 0,
+            in_flight=health.in_flight,
+            parallel=facts.parallel if facts is not None else 0,
+            max_queue=facts.max_queue if facts is not None else 0,
+            healthy=self.usable(provider.peer_id),
+            busy=health.busy_until > now,
+        )
 
     # -- answering --
 
@@ -320,7 +487,7 @@ class Router:
 
         errors: list[ClawnodeError] = []
         resumable = continuable(body)
-        providers = self.rank(await self.discover(discovery_query(capability, body)))
+        providers = self.rank(await self._candidates(discovery_query(capability, body)))
         for provider in providers[: self.settings.max_providers]:
             if not self.usable(provider.peer_id) and any(self.usable(p.peer_id) for p in providers):
                 continue
@@ -383,7 +550,7 @@ class Router:
             usage = await local.run(body, collect)
             tokens = usage.detail.get("prompt_tokens", usage.units)
         else:
-            providers = self.rank(await self.discover(DiscoveryQuery(capability=capability, limit=20)))
+            providers = self.rank(await self._candidates(DiscoveryQuery(capability=capability, limit=20)))
             if not providers:
                 raise ClawnodeError(ErrorCode.NOT_FOUND, f"no node serves embeddings of {model}")
             last: ClawnodeError | None = None
@@ -422,7 +589,7 @@ class Router:
         holds at least ``consensus_majority`` of the replicas.
         """
         capability = f"model:{model}"
-        providers = [p for p in self.rank(await self.discover(DiscoveryQuery(capability=capability, limit=20)))]
+        providers = self.rank(await self._candidates(DiscoveryQuery(capability=capability, limit=20)))
         if len(providers) < replicas:
             raise ClawnodeError(
                 ErrorCode.UNAVAILABLE, f"consensus needs {replicas} providers of {model}; {len(providers)} found"
@@ -480,6 +647,10 @@ class Router:
 
         started = self.clock()
         health.in_flight += 1
+        # Counted on top of its last live-load answer while it runs, until the next answer counts it.
+        seen = self._loads.get(provider.peer_id)
+        if seen is not None:
+            seen.started[capability] = seen.started.get(capability, 0) + 1
         try:
             async with self._using(lease_id, body):
                 end = await self.market.stream_call(lease_id, body, on_chunk, stall_s=self.settings.stall_timeout_s)
@@ -501,7 +672,10 @@ class Router:
             raise
         finally:
             health.in_flight -= 1
+            if seen is not None and seen.started.get(capability, 0) > 0:
+                seen.started[capability] -= 1
         health.consecutive_failures = 0
+        health.last_ok = self.clock()
         health.served += 1
         health.record_latency(self.clock() - started)
         result.prompt_tokens = end.usage.get("prompt_tokens", 0)
