@@ -233,6 +233,12 @@ class EscrowSection(_Section):
         pattern=r"^(0x[0-9a-fA-F]{40})?$",
         description="arbiter of the escrows this node sells under; empty: the embedded chain's second dev account",
     )
+    arbiter_peer: str = Field(
+        "",
+        pattern=r"^([1-9A-HJ-NP-Za-km-z]{46,64})?$",
+        description="peer id of the node that holds the escrows' arbiter wallet: where this node, as a buyer,"
+        " sends the signed evidence of a failed verification; empty: such a failure ends the lease undisputed",
+    )
     dispute_window_s: int = Field(600, ge=0, le=30 * 86_400, description="dispute window after a lease's deadline")
     dev_rpc_listen: str = Field(
         "127.0.0.1:0",

@@ -458,6 +458,7 @@ class Node:
                     self._market.verifying.advertised = self._advertised_sha256
                     await self._market.verifying.attach(self.ledger)
                     self._market.verifying.sample_rate = self.config.verify.sample_rate
+                    self._market.arbiter_peer = self.config.escrow.arbiter_peer
                     await nursery.start(self.supervisor.run, "market", self._market.run)
                     self._router = Router(
                         self._market,

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from protocols.machines.verify import CheckFacts, check_verdict, standing
+from protocols.machines.verify import (
+    CheckFacts,
+    LeaseCaseFacts,
+    check_verdict,
+    consumer_dispute_verdict,
+    lease_case_verdict,
+    standing,
+)
 from runtime.verify.spot import MAX_CUT_CHARS, text_matches
 
 GOOD = CheckFacts(root_signed=True, answered=True, openings_match=True, holds_file=True)
@@ -30,7 +37,9 @@ def test_a_check_passes_only_when_every_fact_holds() -> None:
         assert refusal is not None and refusal.reason == f"verification_{reason}"
     # Without the provider's signature on the root there is no evidence to dispute with.
     assert not check_verdict(cases["unsigned_root"]).dispute and check_verdict(cases["logprob"]).dispute
-    assert not check_verdict(cases["no_proof"]).dispute and check_verdict(cases["model_mismatch"]).dispute
+    assert not check_verdict(cases["no_proof"]).dispute
+    # Signed for another file than the record states: refused, but the record is not kept as evidence.
+    assert not check_verdict(cases["model_mismatch"]).dispute
     # A consumer without the advertised file can neither pass nor fail the provider.
     unverifiable = check_verdict(dataclasses.replace(GOOD, holds_file=False, findings_reason="logprob"))
     assert (unverifiable.outcome, unverifiable.stop_countersigning) == ("unverifiable", False)
@@ -93,3 +102,40 @@ def test_the_arbiter_refunds_in_full_only_on_its_own_rerun_of_evidence_the_provi
     assert decided(check_verdict(dataclasses.replace(v2, holds_file=False))) == ("undecided", 0, "no_file")
     owed_more = arbitrate(ArbitrationFacts(True, honest, left=100, owed_if_honest=300))
     assert (owed_more.to_payee, owed_more.to_payer(100)) == (100, 0)  # never more than is left
+
+
+def test_an_arbiter_takes_only_a_frozen_escrow_of_its_own_for_the_very_lease_the_evidence_names() -> None:
+    lease = "ab" * 32
+    case = LeaseCaseFacts(
+        lease_id=lease,
+        escrow_id="0x" + lease,
+        package_lease=lease,
+        our_wallet="0x" + "1" * 40,
+        escrow_arbiter="0x" + "1" * 40,
+        phase="disputed",
+    )
+    assert lease_case_verdict(case) is None
+    for change, reason in (
+        ({"phase": "none"}, "no_escrow"),
+        ({"escrow_arbiter": "0x" + "2" * 40}, "not_arbiter"),
+        ({"threshold": 2}, "not_arbiter"),  # a panel escrow: votes, not one arbiter's resolve
+        ({"package_lease": "cd" * 32}, "escrow_not_lease"),  # evidence of another lease
+        ({"escrow_id": "0x" + "cd" * 32}, "escrow_not_lease"),
+        ({"phase": "active"}, "not_disputed"),
+        ({"phase": "closed"}, "not_disputed"),
+    ):
+        refusal = lease_case_verdict(dataclasses.replace(case, **change))  # type: ignore[arg-type]
+        assert refusal is not None and refusal.reason == reason
+
+
+def test_a_consumer_disputes_only_with_signed_evidence_on_an_escrow_of_the_lease_s_own() -> None:
+    facts = {"evidence": True, "escrowed": True, "channel": False, "arbiter_known": True}
+    assert consumer_dispute_verdict(**facts) is None
+    for change, reason in (
+        ({"evidence": False}, "no_evidence"),
+        ({"escrowed": False}, "no_lease_escrow"),
+        ({"channel": True}, "no_lease_escrow"),  # a channel's lock pays many leases
+        ({"arbiter_known": False}, "arbiter_unknown"),
+    ):
+        refusal = consumer_dispute_verdict(**{**facts, **change})
+        assert refusal is not None and refusal.reason == reason

@@ -47,6 +47,11 @@ BOUND_ONLY_IN_V2 = frozenset({"prompt_mismatch", "text_mismatch"})
 # so only the consumer says what arrived; and a signed prompt hash that differs from this node's
 # rendering needs the request itself bound to convince an arbiter (docs/verified-inference.md).
 CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch"})
+# Signed for another file than the record advertises: the provider's own two signed statements, but the
+# package would need the record's sealed bytes (current at the call) and the signed grant naming the
+# lease's capability to prove it to an arbiter, and neither is kept: refused, not disputed (the re-run
+# of a provider that signs the advertised sha256 while serving another file is what an arbiter decides).
+RECORD_UNBOUND = frozenset({"model_mismatch"})
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ class CheckVerdict:
     @property
     def dispute(self) -> bool:
         """Open a dispute with the evidence: only when the provider's own signature binds the root."""
-        if self.outcome != "failed" or self.reason in UNSIGNED_REASONS or self.reason in CONSUMERS_WORD:
+        if self.outcome != "failed" or self.reason in UNSIGNED_REASONS | CONSUMERS_WORD | RECORD_UNBOUND:
             return False
         return self.body_version >= 2 or self.reason not in BOUND_ONLY_IN_V2
 
