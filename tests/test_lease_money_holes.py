@@ -529,3 +529,29 @@ async def test_a_stranger_cannot_squat_a_buyers_lease_id() -> None:
         # The buyer's open went through after the squatter's, and it is the buyer's lease that is served.
         assert provider.market.served[view.lease_id].grant.consumer == _peer(buyer)
         assert (await buyer.market.call(view.lease_id, {"prompt": "mine"})).units == 1
+
+
+async def test_a_countersignature_that_arrives_before_the_chain_is_connected_is_still_claimed() -> None:
+    """Before: a provider whose escrow chain was not connected yet (a restart, an outage) dropped the
+    countersignatures that came back meanwhile ("escrow chain is not connected"), the lease's last one
+    included; the consumer had signed for 7 words, the chain paid the provider for none of them."""
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=600)
+        chain, provider.escrow_client = provider.escrow_client, None  # as while it connects after a restart
+
+        async def reconnect() -> None:
+            await trio.sleep(1.5)
+            provider.escrow_client = chain
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reconnect)
+            await consumer.market.call(view.lease_id, {"prompt": "one two three four five six seven"})
+            await consumer.market.revoke(view.lease_id)
+        receipts = await provider.ledger.list_receipts(view.lease_id)
+        assert max(r.amount for r in receipts if r.countersigned) == 7 * WORD_PRICE
+
+        async def provider_paid() -> bool:
+            return await _released(provider, view.lease_id) == 7 * WORD_PRICE
+
+        await _await_true(provider_paid, 15, "the provider's claim of the last countersigned receipt")

@@ -56,6 +56,10 @@ from wire.signed import open_base64, seal, to_base64
 
 T = TypeVar("T")
 
+# How long a countersignature in hand waits for the escrow chain (connecting after a restart, or back
+# from an outage) to check its voucher before it is dropped.
+ESCROW_WAIT_S = 15.0
+
 
 class ProviderRole(ServingRole, ChannelRole):
     def _offer(self, capability: str) -> Offer | None:
@@ -308,18 +312,32 @@ class ProviderRole(ServingRole, ChannelRole):
             except ClawnodeError as error:
                 log.info("receipt %d of lease %s not countersigned: %s", receipt.body.seq, lease_id[:12], error.code)
                 return False
-            try:
-                self._check_voucher(served, signed)
-                await self.ledger.record_countersigned(signed)
-            except ClawnodeError as error:
-                # A countersignature that would not pay (no voucher, a forged one, a bad signature):
-                # the lease serves nothing more until a valid one arrives.
-                log.info("receipt %d of lease %s refused: %s", receipt.body.seq, lease_id[:12], error.code)
-                if error.code in (ErrorCode.FORBIDDEN, ErrorCode.UNAUTHENTICATED):
-                    served.session.countersignature_refused(self.clock())
-                return False
-            served.session.countersigned(receipt.body.seq, self.clock())
-            return True
+            # The consumer has countersigned and counts this receipt as paid: it must reach the ledger
+            # even when our caller stops waiting (the wind-down's push timeout), and its voucher waits
+            # for an escrow chain that a just-restarted node is still connecting. Dropped, the claim
+            # would miss what the consumer signed (the last receipt before a lease ends is never
+            # superseded by a later one).
+            with trio.CancelScope(shield=True):
+                return await self._keep_countersigned(lease_id, served, signed)
+
+    async def _keep_countersigned(self, lease_id: str, served: ServedLease, signed: SignedReceipt) -> bool:
+        """Check a countersigned receipt's voucher and record it; False if it would not pay."""
+        seq = signed.body.seq
+        with trio.move_on_after(ESCROW_WAIT_S):
+            while served.escrow is not None and self.escrow() is None:
+                await trio.sleep(0.1)
+        try:
+            self._check_voucher(served, signed)
+            await self.ledger.record_countersigned(signed)
+        except ClawnodeError as error:
+            # A countersignature that would not pay (no voucher, a forged one, a bad signature):
+            # the lease serves nothing more until a valid one arrives.
+            log.info("receipt %d of lease %s refused: %s", seq, lease_id[:12], error.code)
+            if error.code in (ErrorCode.FORBIDDEN, ErrorCode.UNAUTHENTICATED):
+                served.session.countersignature_refused(self.clock())
+            return False
+        served.session.countersigned(seq, self.clock())
+        return True
 
     def _check_voucher(self, served: ServedLease, signed: SignedReceipt) -> None:
         """The voucher in a countersignature must be the escrow payer's, for exactly the receipt's amount."""
