@@ -80,6 +80,17 @@ def test_the_run_rules_refuse_what_the_node_cannot_or_will_not_run() -> None:
     assert rules.inference_rerun_verdict(missing) == rules.RerunVerdict("escalate", 0, "model_not_loaded")
 
 
+def test_a_busy_model_is_asked_again_after_its_hint_until_the_deadline() -> None:
+    busy = rules.BusyFacts(busy=True, waited_s=0.0, retry_after_s=0.4)
+    assert rules.busy_retry_verdict(busy) == 0.4
+    assert rules.busy_retry_verdict(dataclasses.replace(busy, retry_after_s=None)) == 1.0  # no hint: a second
+    assert rules.busy_retry_verdict(dataclasses.replace(busy, retry_after_s=0.0)) == rules.BUSY_MIN_WAIT_S
+    # Past the deadline, or any other failure, the failure stands (a person, or no result, as before).
+    late = dataclasses.replace(busy, waited_s=rules.BUSY_DEADLINE_S - 0.1)
+    assert rules.busy_retry_verdict(late) is None
+    assert rules.busy_retry_verdict(dataclasses.replace(busy, busy=False)) is None
+
+
 def test_terms_are_bounded_and_other_kinds_are_not_inference() -> None:
     assert inference_terms('{"kind": "wasm"}') is None and inference_terms(None) is None
     terms = InferenceTerms(model="tiny", prompts=["hi"])
@@ -138,7 +149,17 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
 
         # 1. The seller ran the batch on its model by itself; the buyer rejects it and disputes:
         # the arbiter's re-run at temperature 0 gives the same text and pays the seller.
+        # The seller's model is busy when the batch starts (its slots held, no queue): the prompt the
+        # model refuses (E_RATE_LIMITED busy) is asked again after the hint, not given up.
+        model = seller.model_host.get("tiny")
+        assert model is not None
+        queue, model.admission.max_queue = model.admission.max_queue, 0
+        held = [await model.admission.acquire(borrower="someone else") for _ in range(model.admission.slots)]
         task_id = await _publish(creator, seller, arbiter, shared, terms)
+        await wait_for(lambda: model.admission.refused >= 1, 20, "a busy refusal")
+        for ticket in held:
+            model.admission.release(ticket)
+        model.admission.max_queue = queue
         await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
         delivered = creator.tasks.artifact(task_id)
         assert delivered is not None

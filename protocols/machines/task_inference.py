@@ -5,6 +5,10 @@ model, runs the batch in the engine's worker thread, submits, and re-runs as the
 * :func:`inference_run_verdict`: does this node (the awarded seller, or the arbiter re-running it)
   run the batch by itself? It must accept the kind, run by itself, hold a model of that name whose
   file has the named sha256 (when the task names one), and the batch must be within the bounds.
+* :func:`busy_retry_verdict`: a prompt the model refused because its queue is full (``E_RATE_LIMITED``
+  ``busy``) is asked again after the refusal's ``retry_after_s`` (at least :data:`BUSY_MIN_WAIT_S`),
+  until :data:`BUSY_DEADLINE_S` has passed since the batch started; any other failure stands.
+  A busy model is a moment's load, not a reason to leave a task unrun or a dispute to a person.
 * :func:`inference_rerun_verdict`: the arbiter's decision. At temperature 0 the engine is greedy,
   so the same model file gives the same text: the re-run's outputs hash equal to the seller's
   signed result -> everything to the seller; differing -> everything back to the buyer. A batch
@@ -24,6 +28,27 @@ from runtime.errors import ErrorCode
 MAX_PROMPTS = 16  # prompts in one batch
 MAX_BATCH_BYTES = 16 * 1024  # their UTF-8 bytes together
 MAX_TOKENS = 512  # generated per prompt
+
+
+BUSY_DEADLINE_S = 300.0  # how long a batch waits, in all, on a model whose queue is full
+BUSY_MIN_WAIT_S = 0.05  # the shortest wait before asking a busy model again
+
+
+@dataclass(frozen=True)
+class BusyFacts:
+    busy: bool  # the failure is the model's full queue (E_RATE_LIMITED busy)
+    waited_s: float  # since the batch started
+    retry_after_s: float | None  # the refusal's hint
+
+
+def busy_retry_verdict(f: BusyFacts, deadline_s: float = BUSY_DEADLINE_S) -> float | None:
+    """Seconds to wait before asking the model again, or None: the failure stands."""
+    if not f.busy:
+        return None
+    wait = max(BUSY_MIN_WAIT_S, 1.0 if f.retry_after_s is None else f.retry_after_s)
+    if f.waited_s + wait > deadline_s:
+        return None
+    return wait
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ generation in its worker thread).
   states one), the prompts (bounded: count and bytes), ``max_tokens`` and the temperature (0 by
   default) in the task's params; their hash is in the signed announcement.
 * The awarded seller whose ``[sandbox] kinds`` holds ``inference`` and that serves that model file
-  runs the batch and submits the outputs (canonical JSON, see :func:`outputs_bytes`) with its signed
-  usage: ``fuel_used`` counts the completion tokens, ``outcome`` is ``inference``.
+  runs the batch (a prompt the model refuses as busy is asked again, ``busy_retry_verdict``; the
+  arbiter's re-run too) and submits the outputs (canonical JSON, see :func:`outputs_bytes`) with its
+  signed usage: ``fuel_used`` counts the completion tokens, ``outcome`` is ``inference``.
 * The arbiter of a disputed ``inference`` task re-runs the batch on its own copy of the same model
   file and resolves on chain by ``inference_rerun_verdict`` (exact text at temperature 0); when it
   holds no such file, or the task sampled above 0, the dispute waits for a person.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+import trio
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocols import task_wire as w
@@ -68,6 +70,8 @@ def outputs_bytes(outputs: list[str]) -> bytes:
 
 
 class InferenceRole(RunnerRole):
+    busy_deadline_s: float = rules.BUSY_DEADLINE_S  # how long a batch waits, in all, on a busy model
+
     async def publish_inference(
         self,
         capability: str,
@@ -115,8 +119,19 @@ class InferenceRole(RunnerRole):
         model = self.task_models.get(terms.model)
         outputs: list[str] = []
         tokens = 0
+        started = trio.current_time()
         for prompt in terms.prompts:
-            done = await model.complete(prompt, max_tokens=terms.max_tokens, temperature=terms.temperature)
+            while True:
+                try:
+                    done = await model.complete(prompt, max_tokens=terms.max_tokens, temperature=terms.temperature)
+                    break
+                except ClawnodeError as error:  # a full queue: asked again after its hint (busy_retry_verdict)
+                    busy = error.code == ErrorCode.RATE_LIMITED and error.reason == "busy"
+                    facts = rules.BusyFacts(busy, trio.current_time() - started, error.retry_after_s)
+                    wait = rules.busy_retry_verdict(facts, self.busy_deadline_s)
+                    if wait is None:
+                        raise
+                    await trio.sleep(wait)
             outputs.append(done.text)
             tokens += done.usage.completion_tokens
         return outputs_bytes(outputs), tokens
