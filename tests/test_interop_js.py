@@ -22,7 +22,8 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -127,15 +128,15 @@ async def _stop_process(process: trio.Process) -> None:
             await process.wait()
 
 
-async def _start_js_peer() -> tuple[trio.Process, JsPeer]:
-    assert NODE is not None
+async def _start_peer(argv: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[trio.Process, JsPeer]:
+    """Start a peer process speaking peer.mjs's JSON lines and read its ``ready`` line."""
     process = await trio.lowlevel.open_process(
-        [NODE, str(JS_DIR / "peer.mjs")],
-        cwd=str(JS_DIR),
+        argv,
+        cwd=str(cwd),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         # stderr is inherited: pytest shows it when a test fails.
-        env={**os.environ, "CLAWNODE_KAD_PROTOCOL": str(CLAWNODE_KAD_PROTOCOL_ID)},
+        env={**os.environ, **env},
     )
     try:
         js = JsPeer(process)
@@ -144,11 +145,20 @@ async def _start_js_peer() -> tuple[trio.Process, JsPeer]:
         assert ready.get("event") == "ready", ready
         js.peer_id = ID.from_base58(ready["peer_id"])
         js.addrs = ready["addrs"]
-        assert js.addrs, "the js peer listens on nothing"
+        assert js.addrs, "the peer listens on nothing"
     except BaseException:
         await _stop_process(process)
         raise
     return process, js
+
+
+async def _start_js_peer(prefix: tuple[str, ...] = (), **env: str) -> tuple[trio.Process, JsPeer]:
+    assert NODE is not None
+    return await _start_peer(
+        [*prefix, NODE, str(JS_DIR / "peer.mjs")],
+        cwd=JS_DIR,
+        env={"CLAWNODE_KAD_PROTOCOL": str(CLAWNODE_KAD_PROTOCOL_ID), **env},
+    )
 
 
 class AcceptTestRecords(Validator):
@@ -531,3 +541,96 @@ async def test_js_puts_a_clawnode_record_and_both_refuse_a_tampered_one(clawnode
     got = await js.request("get", key=fresh_key, encoding="base64")
     assert got["refused"] == [node.peer_id]
     assert got["responses"] == [] and got["best"] is None
+
+
+# --- AutoNAT v2 both ways --------------------------------------------------------------------
+
+needs_netns = pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="needs root and ip (a network namespace)",
+)
+# js-libp2p's AutoNAT v2 neither asks about nor dials a private address (loopback, RFC 1918, the
+# documentation ranges): both peers run in a namespace of their own whose only interface, its
+# loopback, holds public-looking addresses. Nothing leaves it: it has no other interface.
+JS_IP, PY_IP, PY_IP2 = "11.0.0.2", "11.0.0.1", "11.0.0.3"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def _public_namespace() -> Iterator[str]:
+    from nat.harness.netns import ip, netns_add
+
+    ns = f"cn-av2-{secrets.token_hex(3)}"
+    try:
+        netns_add(ns)
+        for address in (JS_IP, PY_IP, PY_IP2):
+            ip("addr", "add", f"{address}/32", "dev", "lo", ns=ns)
+        yield ns
+    finally:
+        ip("netns", "delete", ns, check=False)
+
+
+@needs_netns
+@pytest.mark.trio
+async def test_autonat_v2_js_client_py_server_and_py_client_js_server() -> None:
+    """js-libp2p's AutoNAT v2 client verifies its address with a clawnode server, and a clawnode client
+    learns from js-libp2p's server that its addresses are reachable; both servers ask for dial data
+    before dialing an IP other than the one the request came from (js dialed py, so py's requests
+    reach js from PY_IP: PY_IP2 costs dial data; js's come from JS_IP... its listen address, which
+    py sees as the connection's remote, costs nothing)."""
+    with _public_namespace() as ns:
+        netns = ("ip", "netns", "exec", ns)
+        started: dict[str, tuple[trio.Process, JsPeer]] = {}
+
+        async def start_js() -> None:
+            started["js"] = await _start_js_peer(
+                netns, CLAWNODE_JS_LISTEN=f"/ip4/{JS_IP}/tcp/0", CLAWNODE_JS_AUTONAT_V2="1"
+            )
+
+        async def start_py() -> None:
+            argv = [*netns, sys.executable, "-m", "tests.support.autonat_v2_peer"]
+            argv += [f"/ip4/{PY_IP}/tcp/0", f"/ip4/{PY_IP2}/tcp/0"]
+            started["py"] = await _start_peer(argv, cwd=REPO, env={"PYTHONPATH": str(REPO)})
+
+        try:
+            async with trio.open_nursery() as nursery:  # both start at once: the Python one takes seconds
+                nursery.start_soon(start_js)
+                nursery.start_soon(start_py)
+            js, py = started["js"][1], started["py"][1]
+            js_addr = js.addrs[0].split("/p2p/")[0]
+            assert js_addr.startswith(f"/ip4/{JS_IP}/tcp/")
+            unverified = (await js.request("addresses"))["addresses"]
+            assert {"addr": js_addr, "verified": False, "type": "transport"} in unverified
+
+            py_addrs = {
+                ip_: next(a.split("/p2p/")[0] for a in py.addrs if f"/ip4/{ip_}/" in a) for ip_ in (PY_IP, PY_IP2)
+            }
+            # js dials py; identify tells js that py serves AutoNAT v2, and js's client asks it
+            assert (await js.request("dial", addr=py.addrs[0]))["peer_id"] == str(py.peer_id)
+            with trio.fail_after(STEP_TIMEOUT):
+                while True:
+                    seen = (await js.request("addresses"))["addresses"]
+                    if {"addr": js_addr, "verified": True, "type": "transport"} in seen:
+                        break
+                    await trio.sleep(0.1)
+            counts = await py.request("counts")
+            assert counts["served"].get("ok", 0) >= 1 and counts["dials"] >= 1, counts
+
+            # py's client, js's server: the address at the IP js sees py at, then another one
+            assert (await py.request("connect", addr=js.addrs[0]))["peer_id"] == str(js.peer_id)
+            paid = []
+            for address in (PY_IP, PY_IP2):
+                answer = await py.request("ask", peer_id=str(js.peer_id), addrs=[py_addrs[address]])
+                assert (answer["outcome"], answer["addr"]) == ("reachable", py_addrs[address])
+                paid.append(answer["dial_data"])
+            # js sees py's requests come from one IP at most (py-libp2p dials from one of its listen
+            # addresses, or the kernel picks one): for the other address js asked for dial data first.
+            assert any(30_000 <= amount <= 100_000 + 4096 for amount in paid), paid
+            assert all(amount == 0 or 30_000 <= amount <= 100_000 + 4096 for amount in paid), paid
+            for peer in (js, py):
+                with trio.move_on_after(2) as cleanup, contextlib.suppress(JsPeerError):
+                    cleanup.shield = True
+                    await peer.request("exit")
+        finally:
+            for process, _ in started.values():
+                await _stop_process(process)

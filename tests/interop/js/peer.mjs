@@ -1,7 +1,8 @@
 // A js-libp2p peer for tests/test_interop_js.py, driven over stdin/stdout.
 //
-// Listens on /ip4/127.0.0.1/tcp/0 with TCP + Noise + Yamux, identify, ping, the
-// circuit relay v2 transport (dials /p2p-circuit addresses), DCUtR and a
+// Listens on /ip4/127.0.0.1/tcp/0 (or the comma-separated CLAWNODE_JS_LISTEN) with TCP + Noise +
+// Yamux, identify, ping, the circuit relay v2 transport (dials /p2p-circuit addresses), DCUtR,
+// AutoNAT v2 when CLAWNODE_JS_AUTONAT_V2=1 (client and server, js-libp2p's as they are), and a
 // Kademlia DHT in server mode on clawnode's protocol id. Records under the
 // /clawtest/ namespace are accepted as they are; records under /clawnode/ (capability
 // records) pass clawnodeRecordProblem below, js's own port of what clawnode's validator
@@ -23,6 +24,8 @@
 //   find_providers {cid}        -> {providers: [{from, peer_id, addrs}]}  every GET_PROVIDERS answer, ours included
 //   routing_table               -> {peers: [peer ids in the DHT routing table]}
 //   connections {peer_id}       -> {connections: [{remote_addr, direction, limited}]}
+//   addresses                   -> {addresses: [{addr, verified, type}]} (the address manager's view:
+//                                   AutoNAT v2's client marks an address verified once a server reached it)
 //   exit                        -> {} then the process ends
 // Keys are UTF-8 text; values are UTF-8 text, or base64 when the request says
 // "encoding":"base64" (then values in the reply are base64 too). Closing stdin also ends the process.
@@ -30,6 +33,7 @@
 import { createInterface } from 'node:readline'
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
+import { autoNATv2 } from '@libp2p/autonat-v2'
 import { circuitRelayTransport } from '@libp2p/circuit-relay-v2'
 import { dcutr } from '@libp2p/dcutr'
 import { identify } from '@libp2p/identify'
@@ -215,12 +219,17 @@ async function selectClawnodeRecord (key, values) {
 const decodeValue = (value, encoding) => encoding === 'base64' ? Uint8Array.from(Buffer.from(value, 'base64')) : text.encode(value)
 const encodeValue = (value, encoding) => encoding === 'base64' ? Buffer.from(value).toString('base64') : untext.decode(value)
 
+const LISTEN = (process.env.CLAWNODE_JS_LISTEN ?? '/ip4/127.0.0.1/tcp/0').split(',')
+// Off unless asked for: its client walks the DHT looking for servers while an address is unverified.
+const AUTONAT_V2 = process.env.CLAWNODE_JS_AUTONAT_V2 === '1' ? { autonatV2: autoNATv2() } : {}
+
 const node = await createLibp2p({
-  addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
+  addresses: { listen: LISTEN },
   transports: [tcp(), circuitRelayTransport()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   services: {
+    ...AUTONAT_V2,
     identify: identify(),
     dcutr: dcutr(),
     // kad-dht pings each new contact with this same service; the default limit
@@ -362,6 +371,14 @@ const commands = {
     }
   },
 
+  async addresses () {
+    return {
+      addresses: node.components.addressManager.getAddressesWithMetadata().map((a) => ({
+        addr: a.multiaddr.toString(), verified: a.verified, type: a.type
+      }))
+    }
+  },
+
   async exit () {
     setImmediate(stop)
     return {}
@@ -397,5 +414,6 @@ lines.on('close', stop)
 send({
   event: 'ready',
   peer_id: node.peerId.toString(),
-  addrs: node.getMultiaddrs().map((ma) => ma.toString())
+  // getMultiaddrs() names only verified addresses: a public one is not until AutoNAT verified it.
+  addrs: node.components.transportManager.getAddrs().map((ma) => `${ma.toString()}/p2p/${node.peerId.toString()}`)
 })
