@@ -9,9 +9,13 @@ At ``escrow.confirmations = 1`` (the default) this is the head's state, as befor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from protocols.machines.escrow_lock import confirmation_verdict
 from protocols.machines.verdict import enforce
-from runtime.escrow.client import EscrowClient, EscrowState
+
+if TYPE_CHECKING:  # web3 is slow to import; a node with no chain connected never needs it
+    from runtime.escrow.client import EscrowClient, EscrowState
 
 
 async def confirmed_lock(client: EscrowClient, payer: str, escrow_id: bytes) -> EscrowState:
