@@ -374,6 +374,7 @@ class _TokenTexts:
         self.vocab = llama._model.vocab
         self._eog: dict[int, bool] = {}
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._shown: dict[int, tuple[str, bytes]] = {}
 
     def is_eog(self, token: int) -> bool:
         found = self._eog.get(token)
@@ -388,6 +389,15 @@ class _TokenTexts:
         found = self._pieces.get(key)
         if found is None:
             found = self._pieces[key] = bytes(self.llama.detokenize([token], special=special))
+        return found
+
+    def shown(self, token: int) -> tuple[str, bytes]:
+        """A logprob entry's ``token`` text and its bytes (special tokens' text included), memoised:
+        verified inference asks five entries of every token."""
+        found = self._shown.get(token)
+        if found is None:
+            raw = self.piece(token, True)
+            found = self._shown[token] = (raw.decode("utf-8", errors="replace"), raw)
         return found
 
 
@@ -527,6 +537,7 @@ class _Batcher:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_batch = int(llama.n_batch)
         self.n_vocab = int(llama.n_vocab())
+        self._logits_type = ctypes.c_float * self.n_vocab  # a row of llama.cpp's logits buffer
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [_Slot(i) for i in range(parallel)]
         # Copying another slot's prefix is exact only when attention sees every earlier position
@@ -698,8 +709,11 @@ class _Batcher:
             seq.pos += len(tokens)
         for seq, _ in fed:
             if seq.out >= 0:
-                pointer = llama_cpp.llama_get_logits_ith(self.ctx, seq.out)
-                logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+                # A view of llama.cpp's buffer, valid until the next decode: every use below is done
+                # by then (n > 1 copies the prompt's logits it keeps); no copy a token.
+                address = ctypes.addressof(llama_cpp.llama_get_logits_ith(self.ctx, seq.out).contents)
+                row = self._logits_type.from_address(address)
+                logits = np.frombuffer(row, dtype=np.float32)  # type: ignore[call-overload]  # a ctypes array is a buffer
                 self._guard(seq, lambda seq=seq, logits=logits: self._advance(seq, logits))  # type: ignore[misc]
 
     def _guard(self, seq: _Sequence, fn: Callable[[], None]) -> None:
@@ -722,7 +736,7 @@ class _Batcher:
         request, slot = seq.request, seq.slot
         assert slot is not None and seq.picker is not None
         if request.n > 1 and seq.choice is None and seq.index == 0:
-            seq.prompt_logits = logits
+            seq.prompt_logits = logits.copy()
         while True:
             if seq.choice is None:
                 grammar = (
@@ -1581,14 +1595,14 @@ class LlamaModel:
 
     @staticmethod
     def _logprob_entry(llama: Any, pick: Pick, texts: _TokenTexts | None = None) -> dict[str, Any]:
-        def entry(token: int, logprob: float) -> dict[str, Any]:
-            raw = texts.piece(token, True) if texts is not None else bytes(llama.detokenize([token], special=True))
-            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
-
+        shown = (texts or _TokenTexts(llama)).shown
         assert pick.logprob is not None
-        chosen = entry(pick.token, pick.logprob)
-        chosen["top_logprobs"] = [entry(token, logprob) for token, logprob in pick.top]
-        return chosen
+        text, raw = shown(pick.token)
+        tops = []
+        for token, logprob in pick.top:
+            top_text, top_raw = shown(token)
+            tops.append({"token": top_text, "logprob": logprob, "bytes": list(top_raw)})
+        return {"token": text, "logprob": pick.logprob, "bytes": list(raw), "top_logprobs": tops}
 
     # embeddings
 
