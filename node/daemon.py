@@ -38,6 +38,7 @@ from dht.seq_book import SeqBook
 from dht.service import DhtService
 from nat.addresses import DHT_CLIENT_BEFORE_VERDICT_S, is_relayed, listen_addrs, serves_dht, wants_relays
 from nat.autonat import AutoNat, AutoNatSettings, listen_ports, quic_listen_ports
+from nat.autonat_v2 import AutoNatV2, AutoNatV2Settings
 from nat.double_nat import OutsideView
 from nat.holepunch import HolePunchService, HolePunchSettings
 from nat.reachability import ReachabilityState
@@ -411,6 +412,22 @@ class Node:
                     # A new measured verdict is a change of the record: republish at once.
                     self.reachability.on_change(self._reachability_changed)
                     await nursery.start(self.supervisor.run, "autonat", self._autonat.run)
+                    # AutoNAT v2, which js and go nodes speak, beside ours: served whenever ours is.
+                    autonat, nat = self._autonat, self.config.nat
+                    autonat_v2 = AutoNatV2(
+                        self._host,
+                        AutoNatV2Settings(
+                            allow_private=nat.autonat_allow_private,
+                            min_servers=nat.autonat_min_servers,
+                            distinct_by=nat.autonat_distinct_by,
+                            max_running=nat.autonat_max_concurrent,
+                            peer_interval_s=nat.autonat_peer_interval_s,
+                            check_interval_s=nat.autonat_interval_s,
+                        ),
+                        build_dialer=build_dialer_host,
+                        should_serve=lambda: autonat.serving,
+                    )
+                    await nursery.start(self.supervisor.run, "autonat_v2", autonat_v2.run)
                     self._upnp = UpnpService(
                         UpnpSettings(enabled=self._wants_upnp(listen_addrs), lease_s=self.config.nat.upnp_lease_s),
                         ports=lambda: listen_ports([str(a) for a in self.host.get_transport_addrs()]),

@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import multiaddr
@@ -312,3 +313,27 @@ async def test_the_check_loop_judges_each_address() -> None:
             assert verdicts == {own(client.host): "reachable", dead: "unreachable"}
             assert client.autonat.reachable_addrs() == [own(client.host)]
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_daemon_serves_autonat_v2_beside_its_own(tmp_path: Path) -> None:
+    """A bootstrap node serves ``/clawnode/autonat/1.0.0`` by its role, and AutoNAT v2 with it: a v2
+    client (what a js or go node runs) hears that its address is reachable."""
+    from node.config import ApiSection, BootstrapSection, Config, EscrowSection, NatSection, NodeSection
+    from node.daemon import Node as Daemon
+
+    config = Config(
+        node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"], role="bootstrap"),  # type: ignore[call-arg]
+        api=ApiSection(port=0),
+        bootstrap=BootstrapSection(peers=[], use_defaults=False),
+        escrow=EscrowSection(mode="off"),  # type: ignore[call-arg]
+        nat=NatSection(autonat_min_servers=1, autonat_distinct_by="peer", autonat_allow_private=True),  # type: ignore[call-arg]
+    )
+    async with trio.open_nursery() as nursery:
+        daemon = Daemon(config, tmp_path / "boot")
+        await nursery.start(daemon.run)
+        async with v2_node(nursery) as client:
+            await connect(client.host, daemon.host)  # waits until identify names the v2 protocol
+            answer = await client.autonat.ask(daemon.host.get_id(), [own(client.host)])
+            assert (answer.outcome, answer.addr) == ("reachable", own(client.host))
+        nursery.cancel_scope.cancel()
