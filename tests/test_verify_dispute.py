@@ -3,8 +3,9 @@ A provider whose record states one GGUF file's sha256 while it serves another is
 call; the consumer freezes the escrow and sends the signed evidence to the escrow's arbiter, which
 re-runs the check on its own copy of the advertised file and resolves on chain: everything locked goes
 back to the consumer, no person involved, and both ledgers record the split. The router never picks
-the cheat again; an honest provider on another build (other thread count) is never flagged. An
-arbiter without the file says so and leaves the escrow frozen for a person."""
+the cheat again; an honest provider on another build (other thread count) is never flagged, and a
+consumer that disputes its honest call anyway pays it what it owes. An arbiter without the file says
+so and leaves the escrow frozen for a person."""
 
 from __future__ import annotations
 
@@ -108,13 +109,39 @@ async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_bui
         arbiter.market.verifying.local_model = model_of
 
         # 3. An honest provider on another build: every call checked, never flagged, never disputed.
-        consumer.market.verifying.sample_rate = 1.0
+        kept: dict[str, Any] = {}  # the package of each checked call, as a lying consumer would keep it
+        verifying = consumer.market.verifying
+        real_failed = verifying._failed
+
+        async def failed(provider: str, facts: Any, package: Any = None) -> str:
+            if package is not None:
+                kept[package.lease_id] = package
+            return await real_failed(provider, facts, package)
+
+        verifying._failed = failed  # type: ignore[method-assign]
+        verifying.sample_rate = 1.0
         lease = await consumer.market.open_lease(fair_id, "model:tiny", budget=BUDGET, duration_s=60)
         for _ in range(3):
             assert (await consumer.market.call(lease.lease_id, CHAT)).units > 0
-        record = consumer.market.verifying.book.get(fair_id)
+        record = verifying.book.get(fair_id)
         assert record is not None and record.failed == 0 and record.passed == 3
-        assert lease.lease_id not in consumer.market.lease_disputes
+        assert lease.lease_id not in consumer.market.lease_disputes and lease.lease_id not in verifying.evidence
+
+        # A consumer that disputes the honest lease anyway, with the honest call's own package: the
+        # arbiter's re-run passes and the provider is paid what the consumer owes it, the rest goes back.
+        held = consumer.market.held[lease.lease_id]
+        verifying.evidence[lease.lease_id] = kept[lease.lease_id]
+        call = 7 * held.grant.price_per_unit
+        vouched = held.committed
+        assert vouched > 0
+        rejected = await consumer.market.dispute_lease(lease.lease_id, 7)
+        assert rejected is not None and rejected.outcome == "reject" and rejected.reason == "passed"
+        state = await _escrow(consumer, lease.lease_id)
+        # Its vouchers (the last one may be the receipt the revocation brought) and the disputed call.
+        assert state.phase == "closed" and vouched + call <= state.released <= held.committed + call
+        mine = {d.lease_id: d for d in await consumer.ledger.list_disputes()}[lease.lease_id]
+        assert (mine.to_payee, mine.to_payer) == (state.released, state.amount - state.released)
+        verifying.evidence.pop(lease.lease_id, None)
 
         # 4. The router never buys from the cheat again; the honest provider stays in its ranking.
         query = DiscoveryQuery(capability="model:tiny")

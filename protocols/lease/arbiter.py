@@ -59,8 +59,9 @@ _ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 
 class LeaseDisputeCase(BaseModel):
     """Consumer → arbiter: the frozen escrow (payer and lease id: a lease's escrow id is its id) and the
-    evidence. ``owed_if_honest``: what the consumer's vouchers and the disputed call come to, which the
-    provider is paid if the evidence does not hold up (at most what is left)."""
+    evidence. ``owed_if_honest``: what the consumer's vouchers and the disputed call come to in all; if
+    the evidence does not hold up, the provider ends with that in total (what it claimed before the
+    freeze counts toward it; at most what was locked)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -128,7 +129,9 @@ class DisputeRole(LeaseCore):
     # ================= consumer =================
 
     async def dispute_lease(self, lease_id: str, call_units: int) -> LeaseDisputeOutcome | None:
-        """After a failed check with signed evidence: freeze the lease's escrow, record the dispute and send
+        """After a failed check with signed evidence: freeze the lease's escrow (first: from then on the
+        provider claims nothing, not even a receipt countersigned during the failed call), end the lease
+        (the provider is told, the rest of the lock waits for the resolution), record the dispute and send
         the case to the arbiter; record the split the chain shows once it resolved. None when no dispute
         could be opened (no evidence, no escrow of its own, no arbiter known) or the arbiter decided
         nothing (the escrow stays frozen for a person)."""
@@ -141,17 +144,21 @@ class DisputeRole(LeaseCore):
         )
         if isinstance(refusal, Refusal):
             log.info("lease %s: no dispute opened (%s)", lease_id[:12], refusal.reason)
+            await self._revoke_quietly(lease_id)
             return None
         assert held is not None and held.escrow_id is not None and client is not None and package is not None
         payer, escrow_id = client.account.address, held.escrow_id
-        reason = self.verifying.book.get(held.grant.provider)
+        try:
+            await client.chain.run(client.dispute, payer, escrow_id)
+        finally:
+            await self._revoke_quietly(lease_id)
+        record = self.verifying.book.get(held.grant.provider)
         await self.ledger.open_dispute(
             lease_id,
             opened_by=self.peer_id,
-            reason=f"verification_{reason.last_reason if reason is not None else 'failed'}",
+            reason=f"verification_{record.last_reason if record is not None else 'failed'}",
             idempotency_key=f"verify-dispute/{lease_id}",
         )
-        await client.chain.run(client.dispute, payer, escrow_id)
         log.warning("lease %s: escrow frozen, evidence sent to the arbiter", lease_id[:12])
         owed = held.committed + max(0, call_units) * held.grant.price_per_unit
         case = LeaseDisputeCase(lease_id=lease_id, payer=payer, package=package, owed_if_honest=owed)
@@ -168,12 +175,21 @@ class DisputeRole(LeaseCore):
         except ClawnodeError as error:
             log.warning("lease %s: the arbiter did not decide (%s %s)", lease_id[:12], error.code, error.reason)
             return None
-        self._keep_outcome(outcome)
         if outcome.outcome != "undecided":
             await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=outcome.reason)
             self.verifying.evidence.pop(lease_id, None)
             self.wake_settlement()  # the refund waiting on the frozen escrow lands now
+        self._keep_outcome(outcome)  # after the ledger has it
         return outcome
+
+    async def _revoke_quietly(self, lease_id: str) -> None:
+        held = self.held.get(lease_id)
+        if held is None or held.ended_reason is not None:
+            return
+        try:
+            await self.revoke_held(lease_id)
+        except ClawnodeError as error:  # ended meanwhile (the provider's notice, its escrow seen frozen)
+            log.info("lease %s: not revoked (%s)", lease_id[:12], error.code)
 
     # ================= arbiter =================
 
@@ -228,7 +244,7 @@ class DisputeRole(LeaseCore):
                 evidence_bound=bound,
                 recheck=check_verdict(_facts(spot, body.v)),
                 left=state.amount - state.released,
-                owed_if_honest=case.owed_if_honest,
+                owed_if_honest=max(0, case.owed_if_honest - state.released),  # claimed before counts
             )
         )
         tx_hash: str | None = None

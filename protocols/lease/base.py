@@ -220,6 +220,9 @@ class LeaseCore:
     async def dispute_lease(self, lease_id: str, call_units: int) -> Any:
         raise NotImplementedError  # the dispute's roles (arbiter.DisputeRole)
 
+    async def revoke_held(self, lease_id: str) -> w.LeaseView:
+        raise NotImplementedError  # consumer
+
     def _failed(self, op: str, error: BaseException) -> None:
         if isinstance(error, ClawnodeError):
             code = error.code

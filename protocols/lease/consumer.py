@@ -395,9 +395,10 @@ class ConsumerRole(ChannelRole):
         if outcome.startswith("failed:"):
             reason = outcome.removeprefix("failed:")
             held.seen_units = max(0, held.seen_units - counted)
-            self._spawn(self.revoke_held, lease_id)
-            if lease_id in self.verifying.evidence:  # signed evidence: freeze the escrow, ask the arbiter
+            if lease_id in self.verifying.evidence:  # signed evidence: end it, freeze the escrow, ask the arbiter
                 self._spawn(self.dispute_lease, lease_id, counted)
+            else:
+                self._spawn(self.revoke_held, lease_id)
             raise ClawnodeError(
                 ErrorCode.FORBIDDEN, f"the provider failed verification ({reason})", f"verification_{reason}"
             )
