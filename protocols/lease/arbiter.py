@@ -51,6 +51,9 @@ DISPUTE_PROTOCOL = TProtocol("/clawnode/lease-dispute/1.0.0")
 MAX_DISPUTE_FRAME = 16 * 1024 * 1024
 DISPUTE_READ_TIMEOUT_S = 30.0
 ARBITER_TIMEOUT_S = 120.0  # the consumer's wait for the arbiter: a re-run of the call plus two transactions
+# A case is sent again after these waits while the arbiter is busy, unreachable or slow (then left).
+CASE_RETRY_S = (2.0, 10.0, 60.0)
+CASE_RETRIED = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT})
 MAX_CASES = 4  # cases an arbiter works on at once; more are refused busy (the consumer may send again)
 MAX_OUTCOMES = 256  # outcomes kept in memory per node (the ledger keeps each party's)
 MAX_DISPUTE_SCAN = 1000  # the newest disputes read back to find a lease's (one per lease)
@@ -162,18 +165,12 @@ class DisputeRole(LeaseCore):
         log.warning("lease %s: escrow frozen, evidence sent to the arbiter", lease_id[:12])
         owed = held.committed + max(0, call_units) * held.grant.price_per_unit
         case = LeaseDisputeCase(lease_id=lease_id, payer=payer, package=package, owed_if_honest=owed)
-        try:
-            outcome = await request(
-                self.host,
-                ID.from_base58(self.arbiter_peer),
-                DISPUTE_PROTOCOL,
-                case,
-                OUTCOME,
-                timeout_s=ARBITER_TIMEOUT_S,
-                max_frame=MAX_DISPUTE_FRAME,
-            )
-        except ClawnodeError as error:
-            log.warning("lease %s: the arbiter did not decide (%s %s)", lease_id[:12], error.code, error.reason)
+        outcome = await self._send_case(case)
+        if outcome is None:
+            # Lost on the way back, or refused: the chain still says whether the arbiter resolved it.
+            if await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason="resolved"):
+                self.verifying.evidence.pop(lease_id, None)
+                self.wake_settlement()
             return None
         if outcome.outcome != "undecided":
             await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=outcome.reason)
@@ -181,6 +178,32 @@ class DisputeRole(LeaseCore):
             self.wake_settlement()  # the refund waiting on the frozen escrow lands now
         self._keep_outcome(outcome)  # after the ledger has it
         return outcome
+
+    async def _send_case(self, case: LeaseDisputeCase) -> LeaseDisputeOutcome | None:
+        """The arbiter's decision, asked again after ``CASE_RETRY_S`` while it is busy, unreachable or slow;
+        None when it refused the case or never answered."""
+        for delay in (*CASE_RETRY_S, None):
+            try:
+                return await request(
+                    self.host,
+                    ID.from_base58(self.arbiter_peer),
+                    DISPUTE_PROTOCOL,
+                    case,
+                    OUTCOME,
+                    timeout_s=ARBITER_TIMEOUT_S,
+                    max_frame=MAX_DISPUTE_FRAME,
+                )
+            except ClawnodeError as error:
+                if delay is None or error.code not in CASE_RETRIED:
+                    log.warning(
+                        "lease %s: the arbiter did not decide (%s %s)", case.lease_id[:12], error.code, error.reason
+                    )
+                    return None
+                log.info(
+                    "lease %s: the arbiter answered %s; asking again in %.0f s", case.lease_id[:12], error.code, delay
+                )
+                await trio.sleep(delay)
+        return None
 
     async def _revoke_quietly(self, lease_id: str) -> None:
         held = self.held.get(lease_id)
