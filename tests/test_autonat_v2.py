@@ -20,7 +20,8 @@ import multiaddr
 import pytest
 import trio
 from libp2p import generate_new_ed25519_identity
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
+from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.peerinfo import PeerInfo
 
 from nat.autonat_v2 import AutoNatV2, AutoNatV2Settings
@@ -37,6 +38,7 @@ from nat.autonat_v2_rules import (
     outcome_of,
 )
 from nat.autonat_v2_wire import (
+    DIAL_BACK_PROTOCOL,
     DIAL_REQUEST_PROTOCOL,
     MAX_MESSAGE_BYTES,
     DialDataRequest,
@@ -55,6 +57,7 @@ from nat.autonat_v2_wire import (
     encode_message,
 )
 from node.host import build_dialer_host, build_host
+from runtime.errors import ClawnodeError
 from wire.framing import FrameReader, write_frame
 
 if TYPE_CHECKING:
@@ -337,3 +340,31 @@ async def test_a_daemon_serves_autonat_v2_beside_its_own(tmp_path: Path) -> None
             answer = await client.autonat.ask(daemon.host.get_id(), [own(client.host)])
             assert (answer.outcome, answer.addr) == ("reachable", own(client.host))
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_lying_server_and_a_stray_dial_back_change_nothing() -> None:
+    """A server that answers OK without dialing back is not believed (no nonce came), and a dial-back
+    carrying a nonce of no request of ours gets no DialBackResponse."""
+    async with trio.open_nursery() as nursery:
+        async with v2_node(nursery) as client:
+            liar = build_host(generate_new_ed25519_identity())
+            async with liar.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+
+                async def lie(stream: INetStream) -> None:
+                    reader = FrameReader(stream, max_frame=MAX_MESSAGE_BYTES)
+                    assert isinstance(decode_message(await reader.read_frame(5)), DialRequest)
+                    answer = DialResponse(ResponseStatus.OK, 0, DialStatus.OK)
+                    await write_frame(stream, encode_message(answer), max_frame=MAX_MESSAGE_BYTES)
+                    await stream.close()
+
+                liar.set_stream_handler(DIAL_REQUEST_PROTOCOL, lie)
+                await connect(client.host, liar)
+                answer = await client.autonat.ask(liar.get_id(), [own(client.host)])
+                assert (answer.outcome, answer.addr) == ("invalid", None)
+
+                stream = await liar.new_stream(client.host.get_id(), [DIAL_BACK_PROTOCOL])
+                await write_frame(stream, encode_dial_back(424242), max_frame=64)
+                with pytest.raises((ClawnodeError, StreamError)):  # reset: no answer to a nonce nobody sent
+                    await FrameReader(stream, max_frame=64).read_frame(5)
+            nursery.cancel_scope.cancel()
