@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_REACHED_ADDRS = 32  # addresses remembered as reached by dial-backs (``AutoNat._reached``)
+
 PROTOCOL_ID = TProtocol("/clawnode/autonat/1.0.0")
 MAX_FRAME = 8 * 1024
 MAX_ADDRS_ON_WIRE = 16
@@ -245,6 +247,10 @@ class AutoNat:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._recent: dict[str, tuple[float, Ask, ServerResult]] = {}  # peer -> (when, what was asked, result)
+        # address -> server -> when it last dialed us back there, whatever we asked about: ``_recent``
+        # keeps only the answers about the current candidates, and a change of them (a relay dropped
+        # after a public verdict) emptied the confirmed addresses until servers answered again
+        self._reached: dict[str, dict[str, float]] = {}
         self.checks = 0
 
     # ---- lifecycle
@@ -479,9 +485,22 @@ class AutoNat:
             for peer_id in servers:
                 nursery.start_soon(self._ask, peer_id, key, answers)
         answered_at = trio.current_time()
+        verdict_before, confirmed_before = self.state.verdict, self.confirmed_addrs()
         for answer in answers:
             if answer.outcome != "error" or answer.peer_id not in self._recent:
                 self._recent[answer.peer_id] = (answered_at, key, answer)
+        self._note_reached(answers, answered_at)
+        try:
+            return self._judge_round(answered_at)
+        finally:
+            if self.state.verdict == verdict_before and self.confirmed_addrs() != confirmed_before:
+                # The record and identify name confirmed addresses only: republish, tell the peers
+                # (a changed verdict told the listeners already).
+                self.state.addrs_changed()
+                self.push_identify_soon()
+
+    def _judge_round(self, answered_at: float) -> ReachabilityState:
+        settings = self.settings
         results = [result for _, _, result in self._recent.values()]
         verdict, reason = judge(results, settings.min_servers, settings.distinct_by)
         self._round_conclusive = verdict != "unknown"
@@ -496,18 +515,34 @@ class AutoNat:
         self._record(verdict, reason, results)
         return self.state
 
+    def _note_reached(self, answers: Sequence[ServerResult], at: float) -> None:
+        """Remember which server reached us where (``confirmed_addrs``); a server that now failed an
+        address no longer vouches for it; answers older than ``check_interval_s`` are forgotten."""
+        for answer in answers:
+            if answer.outcome not in ("ok", "dial_error"):
+                continue
+            for addr in set(answer.confirmed):
+                self._reached.setdefault(addr, {})[answer.peer_id] = at
+            for addr in set(answer.dialed) - set(answer.confirmed):
+                self._reached.get(addr, {}).pop(answer.peer_id, None)
+        horizon = at - self.settings.check_interval_s
+        kept = {
+            addr: fresh
+            for addr, servers in self._reached.items()
+            if (fresh := {peer: when for peer, when in servers.items() if when > horizon})
+        }
+        newest = sorted(kept, key=lambda addr: -max(kept[addr].values()))[:MAX_REACHED_ADDRS]
+        self._reached = {addr: kept[addr] for addr in newest}
+
     def confirmed_addrs(self) -> list[str]:
         """While public: the addresses at least two servers (or ``min_servers``, if fewer) dialed us
-        back on, most confirmed first. A manual port forward makes us public at ``router IP:port``,
-        an address no listener and no UPnP mapping names: without it in our identify and record,
-        peers would only know our LAN address."""
+        back on within ``check_interval_s``, most confirmed first, whatever we asked them about. A
+        manual port forward makes us public at ``router IP:port``, an address no listener and no
+        UPnP mapping names, and a UPnP mapping is published only once confirmed: without it in our
+        identify and record, peers would only know our LAN address."""
         if self.state.verdict != "public":
             return []
-        counts: dict[str, int] = {}
-        for _, _, result in self._recent.values():
-            if result.outcome == "ok":
-                for addr in set(result.confirmed):
-                    counts[addr] = counts.get(addr, 0) + 1
+        counts = {addr: len(servers) for addr, servers in self._reached.items()}
         needed = min(2, self.settings.min_servers)
         usable = [
             addr

@@ -39,8 +39,13 @@ class ReachabilityState:
     _listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def on_change(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` whenever the verdict changes (e.g. to republish the capability record)."""
+        """Call ``listener`` whenever the verdict changes, or the addresses AutoNAT confirmed while
+        public do (``addrs_changed``): e.g. to republish the capability record."""
         self._listeners.append(listener)
+
+    def addrs_changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def update(self, verdict: Reachability, reason: str, servers: list[ServerResult], checked_at: float) -> None:
         changed = verdict != self.verdict

@@ -233,6 +233,30 @@ async def test_a_mapping_made_just_after_a_private_verdict_makes_the_node_public
                 await trio.sleep(0.05)
 
 
+async def test_confirmed_addresses_outlive_a_change_of_what_is_asked() -> None:
+    """A public node's candidate addresses change right after its verdict (a UPnP-mapped home node
+    drops its relays): the servers that just answered refuse to be asked again so soon and the
+    round decides nothing. The address they reached it on stays confirmed, so its record and
+    identify keep naming it; before, only answers about the current candidates counted, the record
+    of a mapped home node named its LAN address only, and a peer's first contact waited ~50 s."""
+    settings = replace(LOOPBACK_SETTINGS, server_peer_interval_s=60)
+    addrs: list[str] = []
+    async with swarm(3, client_addrs=addrs, client_ports=[], settings=settings) as (client, _servers):
+        own = str(client.host.get_addrs()[0]).split("/p2p/")[0]
+        seen: list[list[str]] = []
+        client.state.on_change(lambda: seen.append(client.confirmed_addrs()))
+        addrs.append(own)
+        with trio.fail_after(30):
+            state = await client.check()
+        assert state.verdict == "public", state.reason
+        assert seen == [[own]]  # listeners of the verdict see the address it was reached on
+        addrs.append(f"/ip4/127.0.0.1/tcp/{closed_port()}")  # the candidates change
+        with trio.fail_after(30):
+            state = await client.check()
+        assert state.verdict == "public", state.reason
+        assert client.confirmed_addrs() == [own]
+
+
 async def test_unreachable_address_gets_private() -> None:
     """A node behind a NAT: its address and its listen port (at the IP the servers observe)
     lead nowhere, here a closed port."""

@@ -163,6 +163,18 @@ def _wait_http(router: Router, topology: Topology, deadline: float) -> None:
     raise HarnessError(f"[{router.ns}] miniupnpd did not open its HTTP port")
 
 
+def restore_chains(topology: Topology, router_name: str) -> None:
+    """(Re)create miniupnpd's empty nftables chains in router ``router_name``: reloading the router's
+    NAT rules (``Topology.set_nat``: ``flush ruleset``) deletes them, and a running miniupnpd then
+    refuses every mapping (``Action Failed``): a matrix repetition after the first had no mapping."""
+    router = topology.router(router_name)
+    topology.exec_in(
+        router.ns,
+        ["nft", "-f", "-"],
+        input=f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n" + _CHAINS.format(table=NFT_TABLE),
+    )
+
+
 def start_miniupnpd(
     topology: Topology, router_name: str, *, timeout: float = 15.0, log_path: Path | None = None, stun: bool = True
 ) -> None:
@@ -181,11 +193,7 @@ def start_miniupnpd(
     router = topology.router(router_name)
     if stun:
         start_stun(topology)
-    topology.exec_in(
-        router.ns,
-        ["nft", "-f", "-"],
-        input=f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n" + _CHAINS.format(table=NFT_TABLE),
-    )
+    restore_chains(topology, router_name)
     tmp = Path(tempfile.mkdtemp(prefix="clawnat-miniupnpd-"))
     try:
         conf = tmp / "miniupnpd.conf"
