@@ -412,7 +412,10 @@ class Node:
                     # A new measured verdict is a change of the record: republish at once.
                     self.reachability.on_change(self._reachability_changed)
                     await nursery.start(self.supervisor.run, "autonat", self._autonat.run)
-                    # AutoNAT v2, which js and go nodes speak, beside ours: served whenever ours is.
+                    # AutoNAT v2, which js and go nodes speak, beside ours: served whenever ours is. Its
+                    # client loop stays off (check_interval_s=0) until its per-address verdicts feed
+                    # the node's reachability, which ours decides: asking servers now would cost them
+                    # dial-backs for nothing.
                     autonat, nat = self._autonat, self.config.nat
                     autonat_v2 = AutoNatV2(
                         self._host,
@@ -422,7 +425,7 @@ class Node:
                             distinct_by=nat.autonat_distinct_by,
                             max_running=nat.autonat_max_concurrent,
                             peer_interval_s=nat.autonat_peer_interval_s,
-                            check_interval_s=nat.autonat_interval_s,
+                            check_interval_s=0,
                         ),
                         build_dialer=build_dialer_host,
                         should_serve=lambda: autonat.serving,
