@@ -669,6 +669,12 @@ def task() -> None:
 @click.option("--wall", "wall_s", default=None, help="Sandbox: most wall-clock seconds.")
 @click.option("--arbitration", type=click.Choice(["rerun", "person"]), default="rerun", help="Who decides a dispute.")
 @click.option("--panel", default=None, help="Sandbox: an arbiter panel instead of one arbiter, PEER:WALLET,...")
+@click.option(
+    "--panel-from",
+    default=None,
+    help="Sandbox: draw the panel from these arbiters, PEER,... (those that can re-run it).",
+)
+@click.option("--panel-size", type=int, default=3, help="With --panel-from: the panel's members.")
 @click.option("--threshold", type=int, default=None, help="Votes that must agree (default: a strict majority).")
 @click.option("--model", default=None, help="Inference: the served model that runs the --prompt batch.")
 @click.option("--model-sha256", default="", help="Inference: its GGUF file's sha256 (as the seller's record states).")
@@ -693,6 +699,8 @@ def task_publish(
     wall_s: str | None,
     arbitration: str,
     panel: str | None,
+    panel_from: str | None,
+    panel_size: int,
     threshold: int | None,
     model: str | None,
     model_sha256: str,
@@ -734,6 +742,8 @@ def task_publish(
             "max_tokens": max_tokens,
             "arbitration": arbitration,
         }
+    if panel is not None and panel_from is not None:
+        raise click.UsageError("--panel and --panel-from do not go together")
     if panel is not None:
         if not program:
             raise click.UsageError("--panel needs a sandboxed task (--wasm or --native)")
@@ -744,8 +754,16 @@ def task_publish(
             "members": [{"peer": peer, "wallet": wallet} for peer, wallet in members],
             "threshold": threshold if threshold is not None else len(members) // 2 + 1,
         }
+    elif panel_from is not None:
+        if not program:
+            raise click.UsageError("--panel-from needs a sandboxed task (--wasm or --native)")
+        request.update(
+            panel_from=[peer.strip() for peer in panel_from.split(",") if peer.strip()],
+            panel_size=panel_size,
+            panel_threshold=threshold,
+        )
     elif threshold is not None:
-        raise click.UsageError("--threshold goes with --panel")
+        raise click.UsageError("--threshold goes with --panel or --panel-from")
     body = _call_api(data_dir, "/api/tasks", method="POST", body=request, timeout=60.0)
     _print(body, as_json, [f"task {body['task_id']} published", _task_line(body)])
 

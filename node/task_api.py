@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from typing import Literal, Protocol
 
+import trio
 from fastapi import FastAPI
+from libp2p.peer.id import ID
 from pydantic import BaseModel, ConfigDict, Field
 
-from dht.records import CAPABILITY_NAME
+from dht.discovery import Discovery
+from dht.records import CAPABILITY_NAME, CapabilityRecord
+from protocols.machines.task_panel import MAX_PANEL
 from protocols.task import TaskMarket
 from protocols.task.inference import InferenceTerms
 from protocols.task_wire import (
@@ -30,6 +35,8 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+log = logging.getLogger(__name__)
 
 
 class _Body(BaseModel):
@@ -52,6 +59,14 @@ class PublishBody(_Body):
     limits: Limits | None = None
     arbitration: Literal["rerun", "person"] = "rerun"
     panel: PanelTerms | None = Field(None, description="k arbiters (peer, wallet) and m: m agreeing votes pay out")
+    panel_from: list[str] | None = Field(
+        None,
+        max_length=2 * MAX_PANEL,
+        description="instead of panel: arbiters' peer ids, in order of preference; the panel is the first "
+        "panel_size whose capability record shows they can re-run the task",
+    )
+    panel_size: int = Field(3, ge=1, le=MAX_PANEL)
+    panel_threshold: int | None = Field(None, ge=1, le=MAX_PANEL, description="default: a strict majority")
     inference: InferenceTerms | None = Field(None, description="a prompt batch run on the seller's served model")
 
 
@@ -120,6 +135,26 @@ class TaskNode(Protocol):
     @property
     def tasks(self) -> TaskMarket: ...
 
+    @property
+    def discovery(self) -> Discovery: ...
+
+
+async def _records(node: TaskNode, peers: list[str]) -> list[CapabilityRecord]:
+    """The peers' verified capability records, fetched live in parallel, in the peers' order; a peer
+    that does not answer (or answers no valid record) is left out."""
+    found: dict[int, CapabilityRecord] = {}
+
+    async def fetch(index: int, peer: str) -> None:
+        try:
+            found[index], _ = await node.discovery.fetch_live(ID.from_base58(peer))
+        except Exception as error:  # noqa: BLE001 - any peer that cannot be asked is not drawn
+            log.info("panel candidate %s left out: %s", peer[:16], type(error).__name__)
+
+    async with trio.open_nursery() as nursery:
+        for index, peer in enumerate(peers):
+            nursery.start_soon(fetch, index, peer)
+    return [found[index] for index in sorted(found)]
+
 
 def mount_tasks(app: FastAPI, node: TaskNode) -> None:
     @app.post("/api/tasks")
@@ -136,6 +171,11 @@ def mount_tasks(app: FastAPI, node: TaskNode) -> None:
                 review_timeout_s=body.review_timeout_s,
             )
         if body.kind is not None:
+            records: list[CapabilityRecord] | None = None
+            if body.panel_from is not None:
+                if body.panel is not None:
+                    raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "name a panel or panel_from, not both")
+                records = await _records(node, body.panel_from)
             return await node.tasks.publish_run(
                 body.capability,
                 body.budget,
@@ -150,6 +190,9 @@ def mount_tasks(app: FastAPI, node: TaskNode) -> None:
                 review_timeout_s=body.review_timeout_s,
                 arbitration=body.arbitration,
                 panel=body.panel,
+                panel_from=records,
+                panel_size=body.panel_size,
+                panel_threshold=body.panel_threshold or body.panel_size // 2 + 1,
             )
         return await node.tasks.publish(
             body.capability,

@@ -1,7 +1,8 @@
 """A panel drawn from arbiters' capability records, end to end: real nodes, their own records, the
 embedded chain.
 
-The creator hands ``publish_run`` the records of the arbiters it found, in order of preference; only
+The creator names the arbiters it found, in order of preference (``clawnode task publish --panel-from``;
+its node fetches their records live and hands them to ``publish_run``); only
 those whose record's ``sandbox`` runs the task's kind within caps that cover its limits sit on the
 panel, so the dispute over a task whose limits exceed one arbiter's caps is decided by re-runs, not
 by that arbiter's abstention and a person.
@@ -10,10 +11,14 @@ by that arbiter's abstention and a person.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import trio
+from click.testing import CliRunner
 
+from node.cli import main
 from protocols.gossip import task_topic
 from protocols.machines.task import TaskState
 from runtime.errors import ClawnodeError, ErrorCode
@@ -29,7 +34,9 @@ LIMITS = Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output
 pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 
 
-async def test_a_panel_drawn_from_records_seats_only_arbiters_able_to_re_run_and_decides_by_their_votes() -> None:
+async def test_a_panel_drawn_from_records_seats_only_arbiters_able_to_re_run_and_decides_by_their_votes(
+    tmp_path: Path,
+) -> None:
     shared = await trio.to_thread.run_sync(SharedChain.start)
     async with market_nodes([{}] * 6, chain=shared) as (nodes, _):
         creator, seller, low, *able = nodes
@@ -64,8 +71,19 @@ async def test_a_panel_drawn_from_records_seats_only_arbiters_able_to_re_run_and
             await publish(4)
         assert (short.value.code, short.value.reason) == (ErrorCode.NOT_FOUND, "panel_short")
 
-        task_id = await publish(3)
+        # Through the CLI: the creator's node fetches each named arbiter's record live and draws from them.
+        low.publisher.republish()  # serve the record with its lowered cap
+        program = tmp_path / "upper.wasm"
+        program.write_bytes(mods.UPPER)
+        peers = ",".join(str(node.host.get_id()) for node in (low, *able))
+        args = ["task", "publish", CAPABILITY, "--budget", str(ETH), "--deadline", "120", "--wasm", str(program)]
+        args += ["--fuel", str(LIMITS.fuel), "--memory-mb", "2", "--wall", "5", "--review-timeout", "60"]
+        args += ["--panel-from", peers, "--json", "--data-dir", str(creator.data_dir)]
+        published = await trio.to_thread.run_sync(lambda: CliRunner().invoke(main, args, catch_exceptions=False))
+        assert published.exit_code == 0, published.output
+        task_id = json.loads(published.output)["task_id"]
         view = creator.tasks.view(task_id)
+        assert view.panel is not None and view.panel.threshold == 2
         assert view.panel is not None
         assert [m.peer for m in view.panel.members] == [str(n.host.get_id()) for n in able]
         assert [m.wallet for m in view.panel.members] == [n.escrow_client.account.address for n in able]  # type: ignore[union-attr]

@@ -63,7 +63,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
         review_timeout_s: int = 600,
         arbitration: Literal["rerun", "person"] = "rerun",
         panel: w.PanelTerms | None = None,
-        panel_from: Sequence[CapabilityRecord] = (),
+        panel_from: Sequence[CapabilityRecord] | None = None,
         panel_size: int = 3,
         panel_threshold: int = 2,
     ) -> w.TaskView:
@@ -71,7 +71,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
         with a ``panel``, its ``k`` members judge a dispute and ``m`` agreeing votes pay out (no single arbiter).
         With ``panel_from`` (arbiters' verified capability records, in order of preference) and no ``panel``,
         the panel is the first ``panel_size`` of them able to re-run the task (``draw_panel``)."""
-        if panel is None and panel_from:
+        if panel is None and panel_from is not None:
             needs = limits or Limits()
             panel = draw_panel(panel_from, kind, needs, len(module), panel_size, panel_threshold, (self.peer_id,))
         if panel is not None:
