@@ -4,7 +4,7 @@ call; the consumer freezes the escrow and sends the signed evidence to the escro
 re-runs the check on its own copy of the advertised file and resolves on chain: everything locked goes
 back to the consumer, no person involved, and both ledgers record the split. The router never picks
 the cheat again; an honest provider on another build (other thread count) is never flagged, and a
-consumer that disputes its honest call anyway pays it what it owes. An arbiter without the file says
+consumer that disputes its honest call anyway pays it what it countersigned. An arbiter without the file says
 so and leaves the escrow frozen for a person."""
 
 from __future__ import annotations
@@ -127,18 +127,19 @@ async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_bui
         assert record is not None and record.failed == 0 and record.passed == 3
         assert lease.lease_id not in consumer.market.lease_disputes and lease.lease_id not in verifying.evidence
 
-        # A consumer that disputes the honest lease anyway, with the honest call's own package: the
-        # arbiter's re-run passes and the provider is paid what the consumer owes it, the rest goes back.
+        # A consumer that disputes the honest lease anyway, with the honest call's own package, and says it
+        # owes nothing: the arbiter's re-run passes, and the provider is paid what its newest receipt the
+        # consumer countersigned says (the arbiter asks it), the rest goes back.
         held = consumer.market.held[lease.lease_id]
         verifying.evidence[lease.lease_id] = kept[lease.lease_id]
-        call = 7 * held.grant.price_per_unit
         vouched = held.committed
         assert vouched > 0
-        rejected = await consumer.market.dispute_lease(lease.lease_id, 7)
+        held.committed = 0  # the lie
+        rejected = await consumer.market.dispute_lease(lease.lease_id, 0)
         assert rejected is not None and rejected.outcome == "reject" and rejected.reason == "passed"
+        countersigned = await fair.ledger.countersigned_amount(lease.lease_id)
         state = await _escrow(consumer, lease.lease_id)
-        # Its vouchers (the last one may be the receipt the revocation brought) and the disputed call.
-        assert state.phase == "closed" and vouched + call <= state.released <= held.committed + call
+        assert state.phase == "closed" and vouched <= state.released <= countersigned
         mine = {d.lease_id: d for d in await consumer.ledger.list_disputes()}[lease.lease_id]
         assert (mine.to_payee, mine.to_payer) == (state.released, state.amount - state.released)
         verifying.evidence.pop(lease.lease_id, None)

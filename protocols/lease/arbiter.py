@@ -36,10 +36,11 @@ from protocols.machines.verify import (
     check_verdict,
     consumer_dispute_verdict,
     lease_case_verdict,
+    owed_total,
 )
 from protocols.machines.verify import arbitrate as decide
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.ledger.receipts import LEASE_ID_PATTERN
+from runtime.ledger.receipts import LEASE_ID_PATTERN, SignedReceipt, verify_countersigned
 from runtime.verify.check import prefill_for
 from runtime.verify.evidence import DisputePackage, package_binds
 from runtime.verify.spot import SpotCheck, recheck
@@ -90,8 +91,26 @@ class LeaseDisputeOutcome(BaseModel):
     tx_hash: str | None = Field(None, max_length=80)
 
 
-DISPUTE_MESSAGES: TypeAdapter[Any] = TypeAdapter(LeaseDisputeCase | LeaseDisputeOutcome)
+class LeaseReceiptAsk(BaseModel):
+    """Arbiter → provider, before paying it what is owed: its newest receipt the consumer countersigned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["lease_receipt_ask"] = "lease_receipt_ask"
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+
+
+class LeaseReceiptAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["lease_receipt"] = "lease_receipt"
+    receipt: SignedReceipt | None = None
+
+
+DISPUTE_MESSAGES: TypeAdapter[Any] = TypeAdapter(LeaseDisputeCase | LeaseDisputeOutcome | LeaseReceiptAsk)
 OUTCOME = TypeAdapter(LeaseDisputeOutcome)
+RECEIPT_ANSWER = TypeAdapter(LeaseReceiptAnswer)
+RECEIPTS_SCANNED = 8  # the provider's newest receipts of a lease among which it finds the countersigned one
 
 
 class DisputeRole(LeaseCore):
@@ -123,7 +142,9 @@ class DisputeRole(LeaseCore):
         try:
             message = DISPUTE_MESSAGES.validate_json(frame)
             if isinstance(message, LeaseDisputeCase):
-                return await self._arbitrate(message)
+                return await self._arbitrate(message, str(remote))
+            if isinstance(message, LeaseReceiptAsk):
+                return await self._receipt_asked(message)
             return await self._told_outcome(message)
         except (ClawnodeError, ValidationError) as error:
             self._failed("lease_dispute", error)
@@ -216,7 +237,7 @@ class DisputeRole(LeaseCore):
 
     # ================= arbiter =================
 
-    async def _arbitrate(self, case: LeaseDisputeCase) -> LeaseDisputeOutcome:
+    async def _arbitrate(self, case: LeaseDisputeCase, consumer: str) -> LeaseDisputeOutcome:
         client = self.escrow()
         if client is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
@@ -228,11 +249,11 @@ class DisputeRole(LeaseCore):
             raise ClawnodeError(ErrorCode.RATE_LIMITED, "the arbiter is deciding other cases", "busy")
         cases.add(case.lease_id)
         try:
-            return await self._decide(client, case)
+            return await self._decide(client, case, consumer)
         finally:
             cases.discard(case.lease_id)
 
-    async def _decide(self, client: Any, case: LeaseDisputeCase) -> LeaseDisputeOutcome:
+    async def _decide(self, client: Any, case: LeaseDisputeCase, consumer: str) -> LeaseDisputeOutcome:
         escrow_id = bytes.fromhex(case.lease_id) if len(case.lease_id) == 64 else b""
         if not escrow_id:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
@@ -262,12 +283,17 @@ class DisputeRole(LeaseCore):
             spot: SpotCheck | None = await trio.to_thread.run_sync(_recheck, model.path, package)
         except ValueError:  # longer than this arbiter's context
             spot = None
+        verdict = check_verdict(_facts(spot, body.v))
+        countersigned = 0
+        if not (bound and verdict.outcome == "failed" and verdict.dispute):  # the provider may be owed
+            countersigned = await self._countersigned(body.provider, consumer, case.lease_id)
+        owed = owed_total(case.owed_if_honest, countersigned)
         decision = decide(
             ArbitrationFacts(
                 evidence_bound=bound,
-                recheck=check_verdict(_facts(spot, body.v)),
+                recheck=verdict,
                 left=state.amount - state.released,
-                owed_if_honest=max(0, case.owed_if_honest - state.released),  # claimed before counts
+                owed_if_honest=max(0, owed - state.released),  # what it claimed before the freeze counts
             )
         )
         tx_hash: str | None = None
@@ -287,6 +313,33 @@ class DisputeRole(LeaseCore):
         if decision.outcome != "undecided":
             self._spawn(self._tell_provider, body.provider, outcome)
         return outcome
+
+    async def _countersigned(self, provider: str, consumer: str, lease_id: str) -> int:
+        """What the provider's newest receipt countersigned by the case's consumer says is owed (0 when it
+        has none, does not answer in time, or sends one that does not verify)."""
+        try:
+            answer = await request(
+                self.host,
+                ID.from_base58(provider),
+                DISPUTE_PROTOCOL,
+                LeaseReceiptAsk(lease_id=lease_id),
+                RECEIPT_ANSWER,
+                timeout_s=PUSH_TIMEOUT_S,
+            )
+        except ClawnodeError as error:
+            log.info("lease %s: the provider sent no receipt (%s)", lease_id[:12], error.code)
+            return 0
+        receipt = answer.receipt
+        if receipt is None:
+            return 0
+        body = receipt.body
+        if (body.lease_id, body.provider, body.consumer) != (lease_id, provider, consumer):
+            return 0
+        try:
+            verify_countersigned(receipt, ed25519_public_key)
+        except ClawnodeError:
+            return 0
+        return body.amount
 
     async def _tell_provider(self, provider: str, outcome: LeaseDisputeOutcome) -> None:
         try:
@@ -311,6 +364,18 @@ class DisputeRole(LeaseCore):
         self._keep_outcome(outcome)
         self.wake_settlement()
         return w.Ack()
+
+    async def _receipt_asked(self, ask: LeaseReceiptAsk) -> LeaseReceiptAnswer:
+        """The arbiter of a disputed lease we serve asks what the consumer countersigned: our newest
+        receipt with its countersignature (the lease id is the consumer's random escrow id: only its
+        parties and their arbiter know it)."""
+        lease = await self.ledger.get_lease(ask.lease_id)
+        if lease.role != "provider":
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease served", "unknown_lease")
+        records = await self.ledger.list_receipts(ask.lease_id, limit=RECEIPTS_SCANNED)
+        signed = [r for r in records if r.countersigned]
+        newest = max(signed, key=lambda r: r.seq) if signed else None
+        return LeaseReceiptAnswer(receipt=newest.receipt if newest is not None else None)
 
     # ================= both parties =================
 

@@ -225,3 +225,9 @@ def consumer_dispute_verdict(*, evidence: bool, escrowed: bool, channel: bool, a
     if not arbiter_known:
         return Refusal(ErrorCode.UNAVAILABLE, "arbiter_unknown", "no peer is known for the escrow's arbiter")
     return None
+
+
+def owed_total(consumer_says: int, countersigned: int) -> int:
+    """What an honest provider is owed for a lease in all: the consumer's figure (its vouchers and the
+    disputed call), never less than the newest receipt the consumer countersigned (signed by both)."""
+    return max(0, consumer_says, countersigned)
