@@ -2,8 +2,9 @@
 A provider whose record states one GGUF file's sha256 while it serves another is caught on its first
 call; the consumer freezes the escrow and sends the signed evidence to the escrow's arbiter, which
 re-runs the check on its own copy of the advertised file and resolves on chain: everything locked goes
-back to the consumer, no person involved, and both ledgers record the split. The router never picks
-the cheat again; an honest provider on another build (other thread count) is never flagged, and a
+back to the consumer, no person involved, and both ledgers record the split; its lease ends and
+nothing more is bought on it. The router never picks the cheat again and `clawnode find` shows it
+failed; an honest provider on another build (other thread count) is never flagged, and a
 consumer that disputes its honest call anyway pays it what it countersigned. An arbiter without the file says
 so and leaves the escrow frozen for a person."""
 
@@ -19,7 +20,10 @@ import trio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from click.testing import CliRunner
+
 from dht.discovery import DiscoveryQuery
+from node.cli import main
 from node.daemon import Node
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
@@ -74,8 +78,17 @@ async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_bui
         cheat_id, fair_id = str(cheat.host.get_id()), str(fair.host.get_id())
         consumer.market.arbiter_peer = str(arbiter.host.get_id())  # escrow.arbiter_peer
 
+        assert cheat.model_host.sha256s["tiny"] == fair.model_host.sha256s["tiny"]  # both advertise one file
+
         # 1. Caught on its first call; the escrow is frozen, the arbiter re-runs and refunds it all.
         lease_id = await _caught(consumer, cheat_id)
+
+        def ended() -> bool:
+            return any(v.lease_id == lease_id and v.state != "active" for v in consumer.market.leases())
+
+        await wait_for(ended, what="the cheat's lease ended")
+        with pytest.raises(ClawnodeError):
+            await consumer.market.call(lease_id, CHAT)  # nothing more is bought on that lease
         await wait_for(lambda: lease_id in consumer.market.lease_disputes, 20, "the arbiter's decision")
         decided = consumer.market.lease_disputes[lease_id]
         assert decided.outcome == "refund" and decided.to_payee == 0 and decided.tx_hash
@@ -122,7 +135,8 @@ async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_bui
         verifying.sample_rate = 1.0
         lease = await consumer.market.open_lease(fair_id, "model:tiny", budget=BUDGET, duration_s=60)
         for _ in range(3):
-            assert (await consumer.market.call(lease.lease_id, CHAT)).units > 0
+            result = await consumer.market.call(lease.lease_id, CHAT)
+            assert result.units > 0 and "logprobs" not in result.chunks[0]  # asked none: sent none
         record = verifying.book.get(fair_id)
         assert record is not None and record.failed == 0 and record.passed == 3
         assert lease.lease_id not in consumer.market.lease_disputes and lease.lease_id not in verifying.evidence
@@ -151,3 +165,11 @@ async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_bui
                 await trio.sleep(0.2)
         ranked = [p.peer_id for p in consumer.router.rank(await consumer.discover(query))]
         assert fair_id in ranked and cheat_id not in ranked
+
+        # `clawnode find` shows this node's checks of each provider it lists.
+        def find() -> str:
+            args = ["find", "model:tiny", "--data-dir", str(consumer.data_dir)]
+            return CliRunner().invoke(main, args, catch_exceptions=False).output
+
+        shown = await trio.to_thread.run_sync(find)
+        assert f"{cheat_id}  verification FAILED (" in shown and f"{fair_id}  verification passed" in shown
