@@ -41,14 +41,15 @@ async def test_a_v2_proof_binds_the_prompt_and_the_text_and_each_unbound_cheat_f
     real_proof, real_see = serving.call_proof, CallRecorder.see
 
     def call_proof(*args: Any) -> Any:
-        honest_ids = list(args[6])
+        honest_ids = list(args[6] or ())  # None when the provider signs v1 (no prompt ids bound)
         if cheat[0] == "prompt_hash_mismatch":  # signs another prompt of the very same length
             args = (*args[:6], list(reversed(args[6])))
         proof = real_proof(*args)
         assert proof is not None
         sent.append(proof)
         text = args[0].text  # what it streamed (the text_hash_mismatch cheat edits it after this)
-        packages[cheat[0]] = DisputePackage(lease_id=args[2], proof=proof, prompt_ids=honest_ids, text=text)
+        if proof.commitment.body.v == 2:  # only a v2 body is evidence
+            packages[cheat[0]] = DisputePackage(lease_id=args[2], proof=proof, prompt_ids=honest_ids, text=text)
         return proof
 
     def see(self: CallRecorder, data: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +77,11 @@ async def test_a_v2_proof_binds_the_prompt_and_the_text_and_each_unbound_cheat_f
         assert body.v == 2 and body.prompt_sha256 is not None and body.text_sha256 is not None
         assert commitment_signed(sent[-1].commitment, ed25519_public_key)
         assert body.text_sha256 != text_sha256("")  # the reply's own text, not nothing
+        # A provider of the release before signs v1 bodies: still read, and an honest one still passes.
+        monkeypatch.setattr(evidence, "SIGNED_VERSION", 1)
+        assert (await consumer.market.call(lease.lease_id, CHAT)).units > 0
+        assert sent[-1].commitment.body.v == 1 and sent[-1].commitment.body.prompt_sha256 is None
+        monkeypatch.setattr(evidence, "SIGNED_VERSION", 2)
         for cheat[0] in ("prompt_hash_mismatch", "text_hash_mismatch", "text_mismatch"):
             lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
             with pytest.raises(ClawnodeError) as caught:
@@ -89,7 +95,7 @@ async def test_a_v2_proof_binds_the_prompt_and_the_text_and_each_unbound_cheat_f
             if kept is not None:
                 assert package_binds(kept, lease.lease_id, provider_id, ed25519_public_key)
         record = consumer.market.verifying.book.get(provider_id)
-        assert record is not None and (record.passed, record.failed) == (1, 3)
+        assert record is not None and (record.passed, record.failed) == (2, 3)
 
     # The arbiter's side: its own copy of the file re-runs the check on the package, then decides.
     prefill, tolerances = prefill_for(path)
