@@ -30,7 +30,7 @@ import math
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -837,6 +837,7 @@ class TokenStream:
         self._admitted = False
         self.completion: Completion | None = None
         self._pending: tuple[str, Any] | None = None  # an end or error read ahead by drain_ready
+        self._ready: deque[Any] = deque()  # pieces received, not yet handed out
         # What the engine did, set when its job ends even if nobody read it (e.g. after a cancel):
         # ``final.usage.completion_tokens`` tells how far a cancelled generation got. No text.
         self.final: Completion | None = None
@@ -881,7 +882,16 @@ class TokenStream:
     async def __anext__(self) -> Any:
         """The next text piece (a chunk dict for ``stream_generate``)."""
         while True:
-            if self.completion is not None or not self._admitted:
+            if not self._admitted:
+                raise StopAsyncIteration
+            if self._ready:
+                value = self._ready.popleft()
+                if self._chunks:
+                    return value
+                if value.get("text"):
+                    return value["text"]
+                continue
+            if self.completion is not None:
                 raise StopAsyncIteration
             if self._pending is not None:
                 (kind, value), self._pending = self._pending, None
@@ -890,11 +900,8 @@ class TokenStream:
                     kind, value = await self._receive.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     raise StopAsyncIteration from None
-            if kind == "piece":
-                if self._chunks:
-                    return value
-                if value.get("text"):
-                    return value["text"]
+            if kind == "pieces":
+                self._ready.extend(value)
                 continue
             if kind == "end":
                 self.completion = value
@@ -908,16 +915,21 @@ class TokenStream:
         the wire, far fewer frames when it is faster.
         """
         pieces: list[Any] = []
-        while self._pending is None:
-            try:
-                kind, value = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            if kind == "piece":
+        while True:
+            while self._ready:
+                value = self._ready.popleft()
                 if self._chunks:
                     pieces.append(value)
                 elif value.get("text"):
                     pieces.append(value["text"])
+            if self._pending is not None:
+                break
+            try:
+                kind, value = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if kind == "pieces":
+                self._ready.extend(value)
             else:
                 self._pending = (kind, value)
         return pieces
@@ -1354,8 +1366,18 @@ class LlamaModel:
                 items = waiting.copy()
                 waiting.clear()
                 scheduled[0] = False
-            for item in items:
-                deliver(item)
+            # Consecutive pieces go as one item (one channel operation a wake-up, not one a token).
+            pieces: list[Any] = []
+            for kind, value in items:
+                if kind == "piece":
+                    pieces.append(value)
+                    continue
+                if pieces:
+                    deliver(("pieces", pieces))
+                    pieces = []
+                deliver((kind, value))
+            if pieces:
+                deliver(("pieces", pieces))
 
         def push(item: tuple[str, Any], last: bool = False) -> None:  # runs on the worker
             now = time.perf_counter()

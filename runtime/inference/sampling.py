@@ -156,17 +156,19 @@ class TokenPicker:
         # Verified inference asks this of every token (top 4): whole-array operations only, no
         # per-element numpy scalars (each costs about a microsecond); the same float32 (float64 under
         # a grammar mask) arithmetic element by element as one at a time, so the figures are identical.
-        top = x.max()
+        # At temperature 0 the token is the first maximum: its logit is the maximum.
+        top = x[token] if self.sampling.temperature <= 0 else x.max()
         logz = top + np.log(np.exp(x - top).sum())
         n_top = self.sampling.top_logprobs
         alternatives: tuple[tuple[int, float], ...] = ()
         if n_top:
             ids = np.argpartition(-x, n_top - 1)[:n_top]
             values = x[ids]
-            order = np.argsort(-values, kind="stable")
-            ids, values = ids[order], values[order]
-            finite = np.isfinite(values)
-            if not finite.all():
-                ids, values = ids[finite], values[finite]
-            alternatives = tuple(zip(ids.tolist(), (values - logz).tolist(), strict=True))
+            logprobs = (values - logz).tolist()
+            ids_, raw = ids.tolist(), values.tolist()
+            if any(value != value for value in raw):  # NaN: numpy's own order (NaN last)
+                order = np.argsort(-values, kind="stable").tolist()
+            else:  # a stable sort of a handful, as numpy's stable argsort of the negated values orders them
+                order = sorted(range(len(raw)), key=lambda i: -raw[i])
+            alternatives = tuple((ids_[i], logprobs[i]) for i in order if math.isfinite(raw[i]))
         return Pick(token, float(x[token] - logz), alternatives)
