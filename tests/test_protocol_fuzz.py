@@ -1,8 +1,8 @@
 """Hypothesis-generated garbage on every protocol a node serves: no crash, no E_INTERNAL, and the
 node still serves honest peers afterwards (issue 14).
 
-A provider node (lease, infer, task, capability, and a gossip subscription) and a consumer node
-run in one trio run with a stranger's bare libp2p host beside them (``tests.support.fuzz``).
+A provider node (lease, infer, lease dispute, task, capability, and a gossip subscription) and a
+consumer node run in one trio run with a stranger's bare libp2p host beside them (``tests.support.fuzz``).
 Inputs are varint frames around JSON shaped like each protocol's wire models (wrong types, huge
 numbers, deep nesting, long strings, lone surrogates, truncated text), garbage behind honest,
 truncated and oversized length prefixes, and for gossip envelopes signed around such payloads.

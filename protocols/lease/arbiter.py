@@ -19,6 +19,7 @@ its wallet; so the arbiter needs no word of the consumer's about who the provide
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import trio
@@ -203,11 +204,15 @@ class DisputeRole(LeaseCore):
     async def _send_case(self, case: LeaseDisputeCase) -> LeaseDisputeOutcome | None:
         """The arbiter's decision, asked again after ``CASE_RETRY_S`` while it is busy, unreachable or slow;
         None when it refused the case or never answered."""
+        arbiter = _peer(self.arbiter_peer)
+        if arbiter is None:
+            log.warning("escrow.arbiter_peer is not a peer id; the case is not sent")
+            return None
         for delay in (*CASE_RETRY_S, None):
             try:
                 return await request(
                     self.host,
-                    ID.from_base58(self.arbiter_peer),
+                    arbiter,
                     DISPUTE_PROTOCOL,
                     case,
                     OUTCOME,
@@ -254,7 +259,7 @@ class DisputeRole(LeaseCore):
             cases.discard(case.lease_id)
 
     async def _decide(self, client: Any, case: LeaseDisputeCase, consumer: str) -> LeaseDisputeOutcome:
-        escrow_id = bytes.fromhex(case.lease_id) if len(case.lease_id) == 64 else b""
+        escrow_id = bytes.fromhex(case.lease_id) if re.fullmatch(r"[0-9a-f]{64}", case.lease_id) else b""
         if not escrow_id:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
         state = await client.chain.run(client.get, case.payer, escrow_id)
@@ -317,10 +322,13 @@ class DisputeRole(LeaseCore):
     async def _countersigned(self, provider: str, consumer: str, lease_id: str) -> int:
         """What the provider's newest receipt countersigned by the case's consumer says is owed (0 when it
         has none, does not answer in time, or sends one that does not verify)."""
+        peer = _peer(provider)
+        if peer is None:
+            return 0
         try:
             answer = await request(
                 self.host,
-                ID.from_base58(provider),
+                peer,
                 DISPUTE_PROTOCOL,
                 LeaseReceiptAsk(lease_id=lease_id),
                 RECEIPT_ANSWER,
@@ -342,8 +350,11 @@ class DisputeRole(LeaseCore):
         return body.amount
 
     async def _tell_provider(self, provider: str, outcome: LeaseDisputeOutcome) -> None:
+        peer = _peer(provider)
+        if peer is None:
+            return
         try:
-            await request(self.host, ID.from_base58(provider), DISPUTE_PROTOCOL, outcome, ACK, timeout_s=PUSH_TIMEOUT_S)
+            await request(self.host, peer, DISPUTE_PROTOCOL, outcome, ACK, timeout_s=PUSH_TIMEOUT_S)
         except ClawnodeError as error:  # it sees the closed escrow when it claims all the same
             log.info("the provider of lease %s was not told the outcome (%s)", outcome.lease_id[:12], error.code)
 
@@ -412,6 +423,13 @@ class DisputeRole(LeaseCore):
         )
         log.info("lease %s: dispute resolved, %d to the provider, %d back", lease_id[:12], to_payee, to_payer)
         return True
+
+
+def _peer(text: str) -> ID | None:
+    try:
+        return ID.from_base58(text)
+    except Exception:  # noqa: BLE001 - base58 and multihash errors come in several types
+        return None
 
 
 def _recheck(path: Any, package: DisputePackage) -> SpotCheck:

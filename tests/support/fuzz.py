@@ -51,6 +51,7 @@ from node.host import build_host
 from protocols import lease_wire, task_wire
 from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement, build_pubsub, task_topic
 from protocols.lease import INFER_PROTOCOL, LEASE_PROTOCOL, MAX_CALL_FRAME, MAX_LEASE_FRAME
+from protocols.lease import arbiter as lease_dispute
 from protocols.task import TASK_PROTOCOL
 from runtime.errors import ClawnodeError, ErrorCode
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
@@ -63,12 +64,14 @@ if TYPE_CHECKING:
 PROTOCOLS: dict[str, TProtocol] = {
     "lease": LEASE_PROTOCOL,
     "infer": INFER_PROTOCOL,
+    "lease_dispute": lease_dispute.DISPUTE_PROTOCOL,
     "task": TASK_PROTOCOL,
     "capability": CAPABILITY_PROTOCOL,
 }
 MAX_FRAME = {
     "lease": MAX_LEASE_FRAME,
     "infer": MAX_CALL_FRAME,
+    "lease_dispute": lease_dispute.MAX_DISPUTE_FRAME,
     "task": task_wire.MAX_TASK_FRAME,
     "capability": MAX_MESSAGE,
 }
@@ -82,6 +85,11 @@ SHAPES: dict[str, tuple[type[Any], ...]] = {
         lease_wire.ReceiptPush,
     ),
     "infer": (lease_wire.CallRequest, lease_wire.CallAck, lease_wire.Cancel),
+    "lease_dispute": (
+        lease_dispute.LeaseDisputeCase,
+        lease_dispute.LeaseDisputeOutcome,
+        lease_dispute.LeaseReceiptAsk,
+    ),
     "task": (
         task_wire.BidRequest,
         task_wire.WithdrawBidRequest,
