@@ -40,6 +40,8 @@ from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from nat import quic_punch
+from nat.autonat import quic_listen_ports
 from nat.notifee import QuietNotifee
 from nat.relay import is_circuit
 from runtime.telemetry import LatencyHistogram
@@ -54,9 +56,13 @@ ConnectionPath = Literal["direct", "relayed"]
 
 
 PunchSource = tuple[str, int]
+MAX_PREDICTED_ADDRS = 20  # py-libp2p's MAX_OBSERVED_ADDRS
 # A, having dialed B through a relay, waits this long for B to start the exchange (the spec's
 # order) before starting it itself.
 ANSWER_WAIT_S = 3.0
+# When both sides listen for QUIC, A's TCP punch dials wait this long for the QUIC punch first
+# (a TCP simultaneous open completes in one round trip and would win every race; see nat.quic_punch).
+QUIC_HEAD_START_S = 1.5
 
 
 def _is_loopback(ip: str) -> bool:
@@ -139,6 +145,7 @@ class _OneSidedDCUtR(DCUtRProtocol):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.on_answer: Callable[[ID], None] = lambda peer_id: None
         self.on_answered: Callable[[ID, bool, float], None] = lambda peer_id, ok, seconds: None
+        self._quic_first: set[ID] = set()  # peers A is punching over QUIC: TCP dials wait QUIC_HEAD_START_S
 
     async def _handle_dcutr_stream(self, stream: INetStream) -> None:
         peer_id = stream.muxed_conn.peer_id
@@ -166,18 +173,48 @@ class _OneSidedDCUtR(DCUtRProtocol):
         """py-libp2p binds every punch dial to the first advertised address (127.0.0.1 when listening
         on 0.0.0.0, or a UPnP mapping's router address, which cannot be bound): bind the listen port on
         the interface that routes to ``addr`` instead (``punch_source``)."""
-        if source is not None:
+        quic = quic_punch.quic_target(addr)
+        if quic is not None:
+            if as_responder:
+                # The side that sent SYNC only sprays from its QUIC listener (the spec; dialing from
+                # the listen port would take the other side's Initials away from the listener, and
+                # py-libp2p cannot take a QUIC connection as responder). The plain dials of
+                # _perform_hole_punch still try QUIC from an ephemeral port.
+                return
+            if source is not None:
+                source = punch_source(quic[0], route_source_ip(quic[0]), quic_punch.quic_listeners(self.host))
+        elif source is not None:
             target = _tcp_target(addr)
             if target is None:
                 source = None
             else:
+                if not as_responder and peer_id in self._quic_first:
+                    with trio.move_on_after(QUIC_HEAD_START_S):
+                        while not await self._verify_direct_connection(peer_id):
+                            await trio.sleep(0.1)
+                    if await self._verify_direct_connection(peer_id):
+                        return
                 source = punch_source(target[0], route_source_ip(target[0]), tcp_listeners(self.host))
-                log.debug(
-                    "hole-punch dial to %s binds %s",
-                    addr,
-                    f"{source[0]}:{source[1]}" if source else "an ephemeral port",
-                )
+        if source is not None:
+            log.debug("hole-punch dial to %s binds %s:%d", addr, source[0], source[1])
         await super()._dial_peer(peer_id, addr, source, as_responder)
+
+    async def _get_observed_addrs(self) -> list[bytes]:
+        """py-libp2p predicts ``router ip:TCP listen port`` only: add ``router ip:QUIC listen port``
+        (``/udp/<port>/quic-v1``) for each QUIC listener, first (``nat.quic_punch``)."""
+        encoded = await super()._get_observed_addrs()
+        ports = quic_listen_ports([str(a) for a in self.host.get_transport_addrs()])
+        if not ports:
+            return encoded
+        addrs = [Multiaddr(raw) for raw in encoded]
+        return [addr.to_bytes() for addr in quic_punch.with_quic_predictions(addrs, ports)][:MAX_PREDICTED_ADDRS]
+
+    async def _spam_udp_for_hole_punch(self, addr: Multiaddr, stop: trio.Event) -> None:
+        """The QUIC punch packets leave from our QUIC listener's socket (py-libp2p sent them from a
+        fresh socket: the NAT mapping they opened led to no listener)."""
+        target = quic_punch.quic_target(addr)
+        if target is not None:
+            await quic_punch.spray_from_listener(self.host, target, stop)
 
     async def _perform_hole_punch(self, peer_id: ID, addrs: list[Multiaddr], as_responder: bool = False) -> bool:
         """As the initiator, py-libp2p dials from the listen port and takes the *responder* role in
@@ -187,7 +224,15 @@ class _OneSidedDCUtR(DCUtRProtocol):
         NAT matrix: symmetric x full-cone and symmetric x address-restricted ended on the relay).
         So the initiator also dials each address plainly, as the handshake's initiator."""
         if not as_responder:
-            return await super()._perform_hole_punch(peer_id, addrs, as_responder)
+            quic_both = bool(quic_punch.quic_listeners(self.host)) and any(
+                quic_punch.quic_target(addr) for addr in addrs
+            )
+            if quic_both:
+                self._quic_first.add(peer_id)
+            try:
+                return await super()._perform_hole_punch(peer_id, addrs, as_responder)
+            finally:
+                self._quic_first.discard(peer_id)
         async with trio.open_nursery() as nursery:
             for addr in addrs:
                 if not is_circuit(addr):
@@ -236,6 +281,7 @@ class HolePunchService:
         if not self.settings.enabled:
             task_status.started(self)
             await trio.sleep_forever()
+        quic_punch.install(self.host)  # QUIC punch dials leave from the QUIC listen port
         protocol = _OneSidedDCUtR(self.host, dial_timeout=self.settings.dial_timeout_s)
         protocol.on_answer = self._answering
         protocol.on_answered = self._answered
