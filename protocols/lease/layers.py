@@ -14,7 +14,9 @@ its lease (``on_lost``); the node goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,9 +27,10 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from protocols.lease.base import token_digest
+from protocols.lease.base import Ticket, token_digest
+from protocols.lease.handler import LeaseMarket
 from protocols.machines.layers import LayerLeaseFacts, tunnel_verdict
-from runtime.errors import ClawnodeError
+from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.split.meter import RpcMeter
 from runtime.split.server import RpcServerProcess
 from wire.framing import FrameReader, write_frame
@@ -40,6 +43,8 @@ OPEN_TIMEOUT_S = 10.0
 CHUNK = 1 << 16
 MAX_TUNNELS_PER_LEASE = 4
 MAX_SERVERS = 2
+MAX_LEASES = 256  # leases remembered beside the market's (their servers, tunnels, usage)
+BILL_EVERY_S = 0.5  # the tokens a tunnel ran are billed this often, and when it ends
 NOT_OURS = "not_our_socket"
 
 
@@ -155,6 +160,8 @@ class LayerSeller:
         max_servers: int = MAX_SERVERS,
         on_usage: Callable[[str, RpcMeter], Awaitable[None]] | None = None,
         on_lost: Callable[[str], Awaitable[None]] | None = None,
+        facts: Callable[[str], LayerLeaseFacts | None] | None = None,
+        bill: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         self.host = host
         self.clock = clock
@@ -164,6 +171,10 @@ class LayerSeller:
         self.max_servers = max_servers
         self.on_usage = on_usage
         self.on_lost = on_lost
+        # Where the leases come from: the market's (``market_facts``), else those granted here.
+        self.facts = facts
+        # Bills the tokens a lease's tunnel ran, as they run (``market_billing``); a refusal cuts it.
+        self.bill = bill
         self.leases: dict[str, LayerLease] = {}
 
     def mount(self) -> None:
@@ -187,6 +198,29 @@ class LayerSeller:
         for lease_id in list(self.leases):
             await self.end(lease_id)
 
+    def _lease(self, lease_id: str) -> tuple[LayerLease | None, LayerLeaseFacts | None]:
+        """The lease's local state (its server, tunnels, usage) and the facts the rule reads."""
+        lease = self.leases.get(lease_id)
+        if self.facts is None:
+            return lease, lease.facts() if lease is not None else None
+        outside = self.facts(lease_id)
+        if outside is None:
+            return None, None
+        if lease is None:
+            if len(self.leases) >= MAX_LEASES:
+                self._forget_idle()
+            lease = LayerLease(lease_id, outside.consumer, outside.token_sha256, outside.ends_at)
+            self.leases[lease_id] = lease
+        mine = lease.facts()
+        return lease, dataclasses.replace(
+            outside, ended=outside.ended or lease.ended, tunnels=mine.tunnels, has_server=mine.has_server
+        )
+
+    def _forget_idle(self) -> None:
+        for lease_id, lease in list(self.leases.items()):
+            if lease.tunnels == 0 and (lease.server is None or not lease.server.alive):
+                del self.leases[lease_id]
+
     def _servers(self) -> int:
         return sum(1 for lease in self.leases.values() if lease.server is not None and lease.server.alive)
 
@@ -207,9 +241,9 @@ class LayerSeller:
         try:
             try:
                 opened = TunnelOpen.model_validate_json(await reader.read_frame(OPEN_TIMEOUT_S))
-                lease = self.leases.get(opened.lease_id)
+                lease, facts = self._lease(opened.lease_id)
                 verdict = tunnel_verdict(
-                    lease.facts() if lease is not None else None,
+                    facts,
                     remote=remote,
                     token_sha256=token_digest(opened.token),
                     now=self.clock(),
@@ -232,12 +266,35 @@ class LayerSeller:
                 return
             await write_frame(stream, TunnelReady().model_dump_json().encode(), max_frame=MAX_OPEN_FRAME)
             meter = RpcMeter()
+            billed = 0
+
+            async def settle() -> None:
+                nonlocal billed
+                due = meter.tokens - billed
+                if due > 0 and self.bill is not None:
+                    billed += due
+                    await self.bill(lease.lease_id, due)
+
             try:
-                await _splice(stream, sock, meter.up, lambda chunk: meter.down(len(chunk)))
+                async with trio.open_nursery() as nursery:
+
+                    async def billing() -> None:
+                        try:
+                            while True:
+                                await trio.sleep(BILL_EVERY_S)
+                                await settle()
+                        except ClawnodeError:  # refused (budget, ended): the tunnel is cut
+                            nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(billing)
+                    await _splice(stream, sock, meter.up, lambda chunk: meter.down(len(chunk)))
+                    nursery.cancel_scope.cancel()
             finally:
                 lease.tunnels -= 1
                 lease.usage.add(meter)
                 with trio.CancelScope(shield=True):
+                    with contextlib.suppress(ClawnodeError):
+                        await settle()
                     if self.on_usage is not None:
                         await self.on_usage(lease.lease_id, meter)
                     if not server.alive and not lease.ended:
@@ -300,7 +357,13 @@ class LocalTunnel:
 
 
 async def _carry(
-    host: IHost, peer: ID, opened: TunnelOpen, sock: trio.SocketStream, tunnel: LocalTunnel, listen_port: int
+    host: IHost,
+    peer: ID,
+    opened: TunnelOpen,
+    sock: trio.SocketStream,
+    tunnel: LocalTunnel,
+    listen_port: int,
+    on_tokens: Callable[[int], None] | None,
 ) -> None:
     try:
         peer_port = sock.socket.getpeername()[1]
@@ -320,8 +383,15 @@ async def _carry(
             return
         meter = RpcMeter()
         tunnel.live.append(meter)
+
+        def sent(chunk: bytes) -> None:
+            before = meter.tokens
+            meter.up(chunk)
+            if on_tokens is not None and meter.tokens > before:
+                on_tokens(meter.tokens - before)  # counted before the seller's receipt can ask for them
+
         try:
-            await _splice(stream, sock, lambda chunk: meter.down(len(chunk)), meter.up)
+            await _splice(stream, sock, lambda chunk: meter.down(len(chunk)), sent)
         finally:
             tunnel.live.remove(meter)
             tunnel.meter_total.add(meter)
@@ -331,8 +401,11 @@ async def _carry(
 
 
 @contextlib.asynccontextmanager
-async def open_tunnel(host: IHost, peer: ID, lease_id: str, token: str) -> AsyncIterator[LocalTunnel]:
-    """A loopback endpoint whose connections reach the seller's layer server for ``lease_id``."""
+async def open_tunnel(
+    host: IHost, peer: ID, lease_id: str, token: str, on_tokens: Callable[[int], None] | None = None
+) -> AsyncIterator[LocalTunnel]:
+    """A loopback endpoint whose connections reach the seller's layer server for ``lease_id``;
+    ``on_tokens`` hears of the tokens the seller's layers ran (``market_counting``)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     listener = listeners[0]
     port = listener.socket.getsockname()[1]
@@ -344,7 +417,7 @@ async def open_tunnel(host: IHost, peer: ID, lease_id: str, token: str) -> Async
             while True:
                 sock = await listener.accept()
                 sock.setsockopt(6, 1, 1)  # TCP_NODELAY: the RPC protocol is request and reply
-                nursery.start_soon(_carry, host, peer, opened, sock, tunnel, port)
+                nursery.start_soon(_carry, host, peer, opened, sock, tunnel, port, on_tokens)
 
         nursery.start_soon(accept)
         try:
@@ -354,4 +427,65 @@ async def open_tunnel(host: IHost, peer: ID, lease_id: str, token: str) -> Async
             await listener.aclose()
 
 
-__all__ = ["LAYERS_PROTOCOL", "LayerSeller", "LayerUsage", "LocalTunnel", "open_tunnel", "own_socket"]
+def market_facts(market: LeaseMarket) -> Callable[[str], LayerLeaseFacts | None]:
+    """Tunnels on the leases the market serves: their consumer, token, expiry and end."""
+
+    def facts(lease_id: str) -> LayerLeaseFacts | None:
+        served = market.served.get(lease_id)
+        if served is None:
+            return None
+        grant = served.grant
+        return LayerLeaseFacts(
+            consumer=grant.consumer,
+            token_sha256=grant.token_sha256,
+            ends_at=float(grant.expires_at),
+            ended=served.ended_reason is not None,
+        )
+
+    return facts
+
+
+def market_billing(market: LeaseMarket) -> Callable[[str, int], Awaitable[None]]:
+    """Bills tokens a tunnel ran on its lease as a call of that many units: reserved within the
+    budget (refused: the tunnel is cut), written to the ledger, metered; receipts, countersignatures
+    and escrow claims follow as for every call."""
+
+    async def bill(lease_id: str, units: int) -> None:
+        served = market.served.get(lease_id)
+        if served is None or served.ended_reason is not None:
+            raise ClawnodeError(ErrorCode.FORBIDDEN, "the layer lease has ended", Reason.ENDED)
+        plan = served.session.reserve(market.clock(), {"max_tokens": units})
+        ticket = Ticket(served=served, reserved=plan.reserve)
+        try:
+            call_id = secrets.token_hex(12)
+            await market.ledger.reserve_call(lease_id, call_id, reserved_units=plan.reserve)
+            ticket.call_id = call_id
+        finally:
+            await market._meter(lease_id, ticket, units if ticket.call_id is not None else 0)
+
+    return bill
+
+
+def market_counting(market: LeaseMarket, lease_id: str) -> Callable[[int], None]:
+    """The consumer's count of a layer lease's units: what its tunnels saw the seller's layers run,
+    which is what it countersigns receipts for."""
+
+    def count(tokens: int) -> None:
+        held = market.held.get(lease_id)
+        if held is not None:
+            held.seen_units += tokens
+
+    return count
+
+
+__all__ = [
+    "LAYERS_PROTOCOL",
+    "LayerSeller",
+    "LayerUsage",
+    "LocalTunnel",
+    "market_billing",
+    "market_counting",
+    "market_facts",
+    "open_tunnel",
+    "own_socket",
+]
