@@ -68,8 +68,10 @@ SHUTDOWN_WAIT_S = 10.0
 # See _submit_generation: a fast engine's tokens reach trio in batches at most this far apart (the
 # first at once). 2 ms made a frame of about 2 tokens at 1,000 tok/s; the network side's work per
 # frame then slowed the engine itself (GIL and CPU): the tiny model's stream through the network
-# went from about 0.5 of direct to about 0.65-0.7 at 10 ms on a loaded 2-core machine.
-WAKE_GAP_S = 0.010
+# went from about 0.5 of direct to about 0.65-0.7 at 10 ms on a loaded 2-core machine. At 20 ms (50
+# frames a second at most, 40-50 tokens a frame at 2,000-3,000 tok/s) trio's CPU a streamed token fell
+# from 37-52 to 23-35 us (thread clocks, same runs); a model slower than 50 tok/s is not delayed at all.
+WAKE_GAP_S = 0.020
 MAX_CHOICES = 8
 MAX_EMBEDDING_TOKEN_ID_INPUTS = 256
 # What every LlamaModel serves (the capability record's model features).
