@@ -745,15 +745,16 @@ def task_publish(
     if panel is not None and panel_from is not None:
         raise click.UsageError("--panel and --panel-from do not go together")
     if panel is not None:
-        if not program:
-            raise click.UsageError("--panel needs a sandboxed task (--wasm or --native)")
+        if not program and model is None:
+            raise click.UsageError("--panel needs a sandboxed task (--wasm or --native) or a prompt batch (--model)")
         members = [item.strip().rsplit(":", 1) for item in panel.split(",") if item.strip()]
         if not members or any(len(member) != 2 or not all(member) for member in members):
             raise click.UsageError("--panel takes PEER:WALLET pairs separated by commas")
-        request["panel"] = {
+        terms = {
             "members": [{"peer": peer, "wallet": wallet} for peer, wallet in members],
             "threshold": threshold if threshold is not None else len(members) // 2 + 1,
         }
+        (request["inference"] if model is not None else request)["panel"] = terms
     elif panel_from is not None:
         if not program:
             raise click.UsageError("--panel-from needs a sandboxed task (--wasm or --native)")

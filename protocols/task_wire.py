@@ -112,6 +112,24 @@ def sandbox_terms(params: str | None) -> SandboxTerms | None:
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the task's sandbox terms are invalid", "bad_terms") from None
 
 
+def panel_terms(params: str | None) -> PanelTerms | None:
+    """The arbiter panel a task's params name: a sandboxed task's (``SandboxTerms.panel``) or an
+    ``inference`` task's (its ``panel``, the same shape); None for a task decided by one arbiter."""
+    terms = sandbox_terms(params)
+    if terms is not None:
+        return terms.panel
+    try:
+        data = loads_bounded(params or "", what="the task's params")
+    except (ValueError, ClawnodeError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") != "inference" or data.get("panel") is None:
+        return None
+    try:
+        return PanelTerms.model_validate(data["panel"])
+    except ValueError:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the task's panel is invalid", "bad_terms") from None
+
+
 class RunUsage(_Msg):
     """What a sandboxed run used, signed with its result: fuel (wasm instructions; native CPU-ms), how it ended."""
 

@@ -21,7 +21,7 @@ from protocols.gossip import task_topic
 from protocols.machines import task_inference as rules
 from protocols.machines.task import TaskState
 from protocols.task.inference import InferenceTerms, inference_terms, outputs_bytes
-from protocols.task_wire import RunUsage
+from protocols.task_wire import PanelMember, PanelTerms, RunUsage
 from runtime.errors import ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
@@ -139,10 +139,12 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
         {},
         {"models": (spec(seller_file),)},
         {"wallet_key": shared.arbiter.key.hex(), "models": (spec(arbiter_file),)},
+        {"models": (spec(write_tiny_llama_gguf(tmp_path / "member.gguf")),)},  # a panel member with a copy
+        {},  # a panel member that serves no model
     ]
     async with market_nodes(specs, chain=shared) as (nodes, _):
-        creator, seller, arbiter = nodes
-        for node in (seller, arbiter):
+        creator, seller, arbiter, *others = nodes
+        for node in (seller, arbiter, *others):
             node.sandbox.policy = dataclasses.replace(node.sandbox.policy, kinds=frozenset({"wasm", "inference"}))
         await seller.tasks.watch(CAPABILITY)
         terms = InferenceTerms(model="tiny", model_sha256=digest, prompts=PROMPTS, max_tokens=6)
@@ -215,3 +217,32 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
         await wait_for(lambda: arbiter.tasks.view(task_id).run_verdict is not None, 20, "arbiter looked")
         assert arbiter.tasks.view(task_id).run_verdict == "model_file_differs"
         assert arbiter.tasks.view(task_id).dispute_state == "dispute_open"
+
+        # 4. A task that names a 2-of-3 panel (the arbiter, a member with a copy of the file, one with no
+        # model, which abstains: model_not_loaded): the buyer locks the price for the panel's wallets, the
+        # seller checks that lock and disputes the rejection of its honest result, and two agreeing re-runs
+        # pay the seller on chain with no single arbiter.
+        seller.sandbox.policy = dataclasses.replace(seller.sandbox.policy, auto_run=True)
+        members = [arbiter, *others]
+        panel = PanelTerms(
+            members=[PanelMember(peer=_peer(n), wallet=n.escrow_client.account.address) for n in members],  # type: ignore[union-attr]
+            threshold=2,
+        )
+        view = await creator.tasks.publish_inference(
+            CAPABILITY, ETH, 120, terms=terms.model_copy(update={"panel": panel}), review_timeout_s=60
+        )
+        task_id = view.task_id
+        assert view.panel == panel
+        await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(task_id, PRICE)
+        await creator.tasks.award(task_id, bid.bid_id)
+        await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
+        await creator.tasks.review(task_id, False, "I do not like it")
+        await wait_for(lambda: seller.tasks.view(task_id).result_state == "result_rejected", 20, "rejection")
+        await seller.tasks.dispute(task_id, "the outputs are the model's text")  # the seller disputes this time
+        for node in (creator, seller):
+            await _closed_with(node, task_id, PRICE)
+        view = creator.tasks.view(task_id)
+        assert view.panel_state == "decided"
+        assert view.panel_votes is not None and [view.panel_votes.get(_peer(m)) for m in members[:2]] == [PRICE] * 2
+        assert others[1].tasks.view(task_id).run_verdict == "model_not_loaded"

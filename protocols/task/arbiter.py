@@ -39,8 +39,7 @@ class ArbiterRole(TaskCore):
         client = self._client()
         our_wallet: str = client.account.address
         arbiter = ann.arbiter or ""
-        terms = w.sandbox_terms(award.params)
-        panel = terms.panel if terms is not None else None
+        panel = w.panel_terms(award.params)
         if panel is not None:  # a member of the task's panel: judged as its arbiter, with its panel wallet
             named = panel.wallet_of(self.peer_id)
             if named is None or named.lower() != our_wallet.lower():

@@ -348,8 +348,11 @@ class TaskCore:
 
     @staticmethod
     def _panel_of(local: TaskLocal) -> w.PanelTerms | None:
-        terms = TaskCore._terms_of(local)
-        return terms.panel if terms is not None else None
+        params = local.params if local.params is not None else (local.award.params if local.award else None)
+        try:
+            return w.panel_terms(params)
+        except ClawnodeError:
+            return None
 
     @staticmethod
     def _terms_of(local: TaskLocal) -> w.SandboxTerms | None:

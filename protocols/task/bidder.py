@@ -169,9 +169,9 @@ class BidderRole(TaskCore):
                 )
             )
         )
-        panel = w.sandbox_terms(notice.params)
-        if panel is not None and panel.panel is not None:
-            await self._check_panel_lock(notice, panel.panel, record.creator)
+        panel = w.panel_terms(notice.params)
+        if panel is not None:
+            await self._check_panel_lock(notice, panel, record.creator)
 
     async def submit(self, task_id: str, artifact: bytes, usage: w.RunUsage | None = None) -> w.TaskView:
         """Deliver the result of an awarded task; the creator's book refuses anyone but the awarded bidder."""

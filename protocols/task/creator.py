@@ -141,8 +141,7 @@ class CreatorRole(TaskCore):
                 checks.lock_lasts_until(chain_now, record.deadline, self._now(), record.review_timeout_s)
                 + checks.DEADLINE_SLACK_S
             )
-            terms = self._terms_of(local)
-            panel = terms.panel if terms is not None else None
+            panel = self._panel_of(local)
             if panel is not None:  # k arbiters, m of whose signed votes pay out (protocols/task/panel.py)
                 wallets = [member.wallet for member in panel.members]
                 result = await client.chain.run(

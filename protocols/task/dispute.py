@@ -50,9 +50,9 @@ class DisputeRole(TaskCore):
             reason=reason[: w.MAX_REASON],
         )
         self._spawn(self._push_quietly, other, w.DisputeRequest(task_id=task_id, reason=reason[: w.MAX_REASON]))
-        terms = self._terms_of(local)
-        if terms is not None and terms.panel is not None:  # every member judges it
-            for member in terms.panel.peers:
+        panel = self._panel_of(local)
+        if panel is not None:  # every member judges it
+            for member in panel.peers:
                 if member != record.arbiter:
                     self._spawn(self._push_quietly, member, case)
         await self._push(record.arbiter, case, attempts=PUSH_ATTEMPTS)
@@ -100,9 +100,9 @@ class DisputeRole(TaskCore):
         request = w.EvidenceRequest(envelope=envelope, attachment=to_base64(attachment))
         other = award.bidder if self.peer_id == record.creator else record.creator
         self._spawn(self._push_quietly, other, request)
-        terms = self._terms_of(local)
-        if terms is not None and terms.panel is not None:  # every member of the panel judges it
-            for member in terms.panel.peers:
+        panel = self._panel_of(local)
+        if panel is not None:  # every member of the panel judges it
+            for member in panel.peers:
                 if member != record.arbiter:
                     self._spawn(self._push_quietly, member, request)
         await self._push(record.arbiter, request, attempts=PUSH_ATTEMPTS)

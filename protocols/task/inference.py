@@ -24,7 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from protocols import task_wire as w
 from protocols.machines import task_inference as rules
+from protocols.machines import task_panel as panel_rules
+from protocols.machines.verdict import enforce
 from protocols.task.base import TaskLocal, log
+from protocols.task.panel import ZERO_WALLET
 from protocols.task.runner import RunnerRole
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.jsonsafe import loads_bounded
@@ -45,6 +48,7 @@ class InferenceTerms(BaseModel):
     max_tokens: int = Field(32, ge=1, le=rules.MAX_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     arbitration: Literal["rerun", "person"] = "rerun"
+    panel: w.PanelTerms | None = Field(None, description="k arbiters who each re-run and vote; m votes decide")
 
     def batch_bytes(self) -> int:
         return sum(len(prompt.encode()) for prompt in self.prompts)
@@ -88,6 +92,10 @@ class InferenceRole(RunnerRole):
             raise ClawnodeError(
                 ErrorCode.INVALID_ARGUMENT, f"prompts are at most {rules.MAX_BATCH_BYTES} bytes", "batch_too_large"
             )
+        if terms.panel is not None:  # as for a sandboxed task: no single arbiter, the first member takes evidence
+            members = [(member.peer, member.wallet) for member in terms.panel.members]
+            enforce(panel_rules.panel_terms_verdict(members, terms.panel.threshold, (self.peer_id,)))
+            arbiter_peer, arbiter_wallet = terms.panel.members[0].peer, ZERO_WALLET
         return await self.publish(
             capability,
             budget,
@@ -224,6 +232,9 @@ class InferenceRole(RunnerRole):
         verdict = rules.inference_rerun_verdict(facts)
         local.run_verdict = verdict.reason
         await self._record_inference_rerun(task_id, facts, verdict, output)
+        if terms.panel is not None:  # one vote of the panel's: a split, or an abstention it could not decide
+            await self.vote(task_id, verdict.to_bidder if verdict.action == "resolve" else None, verdict.reason)
+            return
         if verdict.action == "escalate":
             log.warning("task %s: not re-run (%s); the dispute waits for a person", task_id[:12], verdict.reason)
             return
