@@ -68,6 +68,10 @@ time to first token p50/p95 per backend and level (``serve_<backend>_c<n>``), ``
 ``agg_ratio_c8`` (clawnode local ÷ llama_cpp.server at 8 clients), ``agg_ratio_min`` (the worst level),
 ``scale_c8`` (clawnode local, 8 clients ÷ 1). ``fast_ratio``: the sequential phase's network ÷ direct
 tok/s (read it on ``--model tiny``), ``ttft_added_ms`` the time to first token the network adds.
+``cpu_us_per_token_direct`` / ``_network``: CPU time a token (thread CPU clocks, first piece to last,
+p50) of the trio thread plus the engine worker thread that serves it (network: the provider's, and the
+trio thread then does both nodes' work); ``fast_cpu_ratio`` = direct ÷ network. Wall rates on a shared
+machine swing with its load; CPU a token says what the path costs whatever else runs.
 
 Prefix caching (issue 19), ``--prefix-requests`` (default 6) pairs, 0 skips it: on the direct model,
 a conversation with a long system prompt, then its second turn timed to its first token (``max_tokens``
@@ -100,6 +104,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -179,6 +184,9 @@ class Sample:
     total_s: float  # request start to the end
     engine_tps: float = math.nan  # the engine's own Completion.tokens_per_s
     engine_first_s: float = math.nan  # the engine's own first_token_s (admission to first token)
+    # CPU seconds of the trio thread and the serving engine's worker thread, first piece to last, a
+    # token: what the path costs whatever else loads the machine (wall rates swing with the load).
+    cpu_s_per_token: float = math.nan
 
     @property
     def tps(self) -> float:
@@ -244,17 +252,39 @@ class EngineTap:
         return final.tokens_per_s or math.nan, first
 
 
+class CpuClock:
+    """CPU time of this (trio) thread plus a model's engine worker thread (thread CPU clocks)."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        thread = next((t for t in threading.enumerate() if t.name == f"llama:{model.name}"), None)
+        ident = thread.ident if thread is not None else None
+        self._worker = time.pthread_getcpuclockid(ident) if ident is not None else None
+
+    def __call__(self) -> float:
+        worker = time.clock_gettime(self._worker) if self._worker is not None else math.nan
+        return time.thread_time() + worker
+
+
+def per_token(cpu: tuple[float, float], tokens: int) -> float:
+    return (cpu[1] - cpu[0]) / (tokens - 1) if tokens >= 2 else math.nan
+
+
 def messages(prompt: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": prompt}]
 
 
-async def direct_once(model: LlamaModel, tap: EngineTap, prompt: str, max_tokens: int) -> Sample:
+async def direct_once(
+    model: LlamaModel, tap: EngineTap, prompt: str, max_tokens: int, cpu: CpuClock | None = None
+) -> Sample:
     started = time.perf_counter()
     first = last = math.nan
     pieces = 0
+    cpu_marks = [math.nan, math.nan]
     async with model.stream_chat(messages(prompt), max_tokens=max_tokens, temperature=0.0) as stream:
         async for _ in stream:
             last = time.perf_counter()
+            if cpu is not None:
+                cpu_marks[0 if pieces == 0 else 1] = cpu()
             if pieces == 0:
                 first = last
             pieces += 1
@@ -262,17 +292,27 @@ async def direct_once(model: LlamaModel, tap: EngineTap, prompt: str, max_tokens
     usage = stream.usage
     tokens = usage.completion_tokens if usage is not None else 0
     engine_tps, engine_first = tap.engine_figures()
-    return Sample(first - started, tokens, last - first, ended - started, engine_tps, engine_first)
+    cpu_tok = per_token((cpu_marks[0], cpu_marks[1]), tokens)
+    return Sample(first - started, tokens, last - first, ended - started, engine_tps, engine_first, cpu_tok)
 
 
 async def network_once(
-    consumer: Node, lease_id: str, tap: EngineTap | None, prompt: str, max_tokens: int, pieces_per_token: list[float]
+    consumer: Node,
+    lease_id: str,
+    tap: EngineTap | None,
+    prompt: str,
+    max_tokens: int,
+    pieces_per_token: list[float],
+    cpu: CpuClock | None = None,
 ) -> Sample:
     body = {"messages": messages(prompt), "max_tokens": max_tokens, "temperature": 0.0}
     stamps: list[float] = []
+    cpu_marks = [math.nan, math.nan]
 
     async def on_chunk(_data: dict[str, Any]) -> None:
         stamps.append(time.perf_counter())
+        if cpu is not None:
+            cpu_marks[0 if len(stamps) == 1 else 1] = cpu()
 
     started = time.perf_counter()
     end = await consumer.market.stream_call(lease_id, body, on_chunk)
@@ -283,7 +323,10 @@ async def network_once(
     engine_tps, engine_first = tap.engine_figures() if tap is not None else (math.nan, math.nan)
     if not stamps:
         return Sample(math.nan, tokens, math.nan, ended - started, engine_tps, engine_first)
-    return Sample(stamps[0] - started, tokens, stamps[-1] - stamps[0], ended - started, engine_tps, engine_first)
+    cpu_tok = per_token((cpu_marks[0], cpu_marks[1]), tokens)
+    return Sample(
+        stamps[0] - started, tokens, stamps[-1] - stamps[0], ended - started, engine_tps, engine_first, cpu_tok
+    )
 
 
 async def open_lease(consumer: Node, provider: Node, capability: str) -> str:
@@ -739,6 +782,7 @@ async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> Non
             if served is direct_model:
                 raise RuntimeError("direct and network share one LlamaModel")
             provider_tap = EngineTap(served)
+            direct_cpu, provider_cpu = CpuClock(direct_model), CpuClock(served)
             lease_id = await open_lease(consumer, provider, CAPABILITY)
             progress(f"nodes up and lease open in {time.perf_counter() - mark:.1f}s (load {load()})")
             # Warm-up, untimed: the first stream on a connection and the first decode on each instance.
@@ -752,11 +796,19 @@ async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> Non
                 order = ("direct", "network") if index % 2 == 0 else ("network", "direct")
                 for which in order:
                     if which == "direct":
-                        figures.direct.append(await direct_once(direct_model, direct_tap, prompt, args.max_tokens))
+                        figures.direct.append(
+                            await direct_once(direct_model, direct_tap, prompt, args.max_tokens, direct_cpu)
+                        )
                     else:
                         figures.network.append(
                             await network_once(
-                                consumer, lease_id, provider_tap, prompt, args.max_tokens, figures.pieces_per_token
+                                consumer,
+                                lease_id,
+                                provider_tap,
+                                prompt,
+                                args.max_tokens,
+                                figures.pieces_per_token,
+                                provider_cpu,
                             )
                         )
                 d, n = figures.direct[-1], figures.network[-1]
@@ -817,6 +869,8 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
     n_tokens = [s.tokens for s in figures.network]
     direct_e2e = sum(d_tokens) / sum(s.total_s for s in figures.direct) if figures.direct else math.nan
     network_e2e = sum(n_tokens) / sum(s.total_s for s in figures.network) if figures.network else math.nan
+    cpu_d = p50([s.cpu_s_per_token for s in figures.direct if not math.isnan(s.cpu_s_per_token)])
+    cpu_n = p50([s.cpu_s_per_token for s in figures.network if not math.isnan(s.cpu_s_per_token)])
     e_d = p50([s.engine_tps for s in figures.direct])
     e_n = p50([s.engine_tps for s in figures.network])
     e_first_d = p50([s.engine_first_s for s in figures.direct])
@@ -861,7 +915,9 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
         f"/{int(p50(figures.prompt_tokens)) if figures.prompt_tokens else 0} "
         f"prefix_speedup={p50(figures.prefill_fresh_s) / p50(figures.prefill_cached_s):.2f} "
         f"{serving_keys(figures)} "
-        f"fast_ratio={n_tps / d_tps:.3f} ttft_added_ms={1e3 * (n_ttft - d_ttft):.1f}"
+        f"fast_ratio={n_tps / d_tps:.3f} ttft_added_ms={1e3 * (n_ttft - d_ttft):.1f} "
+        f"cpu_us_per_token_direct={1e6 * cpu_d:.1f} cpu_us_per_token_network={1e6 * cpu_n:.1f} "
+        f"fast_cpu_ratio={cpu_d / cpu_n:.3f}"
     )
 
 
