@@ -92,6 +92,7 @@ from node.router import Router, fetch_live_load
 from protocols.background import Supervisor
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
+from protocols.lease.layers import LayerSeller, market_billing, market_facts
 from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
 from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict, unpayable_summary
 from protocols.machines.task import RiskLimits
@@ -156,6 +157,7 @@ class Node:
         self._escrow_connector = escrow_connector
         self.escrow_client: Any = None  # a runtime.escrow.EscrowClient once the chain is there
         self._market: LeaseMarket | None = None
+        self.layers: LayerSeller | None = None  # /clawnode/layers/1.0.0 with market.layer_servers (docs/split.md)
         self._router: Router | None = None
         self._announcements: TaskAnnouncements | None = None
         self._tasks: TaskMarket | None = None
@@ -480,6 +482,14 @@ class Node:
                     self._market.verifying.sample_rate = self.config.verify.sample_rate
                     self._market.arbiter_peer = self.config.escrow.arbiter_peer
                     await nursery.start(self.supervisor.run, "market", self._market.run)
+                    if self.config.market.layer_servers:
+                        self.layers = LayerSeller(
+                            self._host,
+                            facts=market_facts(self._market),
+                            bill=market_billing(self._market),
+                            max_servers=self.config.market.layer_servers,
+                        )
+                        self.layers.mount()
                     self._router = Router(
                         self._market,
                         self.services,
@@ -524,6 +534,8 @@ class Node:
                     task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
+                if self.layers is not None:
+                    await self.layers.aclose()  # its layer servers end with the node
                 await trio.to_thread.run_sync(clear_running, self.data_dir)
 
     async def _publish_running_when_possible(self) -> None:

@@ -49,3 +49,7 @@ class MarketSection(Section):
     channel_margin_s: int = Field(
         600, ge=0, le=86_400, description="no lease ends within this of its channel's deadline; closing starts then"
     )
+    # Layers of a model run for lease holders (issue 24, docs/split.md): each a sandboxed process.
+    layer_servers: int = Field(
+        0, ge=0, le=16, description="layer servers run at once for lease holders' split models; 0: none"
+    )

