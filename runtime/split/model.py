@@ -64,6 +64,36 @@ def _devices_in_params(devices: Sequence[int]) -> Iterator[None]:
             bindings.llama_model_default_params = original
 
 
+@contextlib.contextmanager
+def _plain_cpu_buffers() -> Iterator[None]:
+    import llama_cpp.llama_cpp as bindings
+
+    with engine._DEFAULT_PARAMS_LOCK:
+        original = bindings.llama_model_default_params
+
+        def params_without_repacking() -> Any:
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
+        bindings.llama_model_default_params = params_without_repacking
+        try:
+            yield
+        finally:
+            bindings.llama_model_default_params = original
+
+
+class PlainCpuLlamaModel(LlamaModel):
+    """A whole model that computes as an RPC server does: no CPU weight repacking
+    (``use_extra_bufts = False``). The server keeps weights in plain CPU buffers; the local CPU
+    backend repacks quantised weights into interleaved layouts whose sums round differently, so
+    greedy text drifts apart after some tokens (gemma3-270m: after about a dozen)."""
+
+    def _load_blocking(self, progress: Any = None) -> Any:
+        with _plain_cpu_buffers():
+            return super()._load_blocking(progress)
+
+
 class SplitLlamaModel(LlamaModel):
     """A :class:`LlamaModel` whose layers run on the RPC servers at ``endpoints`` (``host:port``)."""
 
