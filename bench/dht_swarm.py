@@ -99,7 +99,7 @@ from bootstrap.peer_book import PeerBook
 from dht.lookup import CURRENT_STATS, LookupStats
 from dht.protocol_id import use_kad_protocol_id
 from dht.service import DhtService, JoinReport
-from node.conn_budget import keep_in_routing_table
+from node.conn_budget import budget_of, keep_in_routing_table
 from node.host import build_host
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -241,6 +241,7 @@ def _table_stats(state: WorkerState) -> Message:
     known = [len(node.host.get_peerstore().peers_with_addrs()) for node in state.nodes]
     conns = [len(node.host.get_connected_peers()) for node in state.nodes]
     return {
+        "joined_peers": [node.peer_id for node in state.nodes if node.dht.bench_joined.is_set()],
         "tables": tables,
         "known": known,
         "conns": conns,
@@ -268,7 +269,33 @@ async def _refresh_all(state: WorkerState, concurrency: int, timeout: float) -> 
     return {"refreshed": done, "seconds": time.perf_counter() - started, **_table_stats(state)}
 
 
-async def _lookup(state: WorkerState, searcher: int, candidates: list[str], timeout: float) -> Message:
+def _inspect(state: WorkerState, peers: list[str], target: str) -> Message:
+    """What the local nodes among ``peers`` know of ``target`` (``--trace``)."""
+    target_id = ID.from_base58(target)
+    found: dict[str, str] = {}
+    for node in state.nodes:
+        if node.peer_id not in peers and node.peer_id != target:
+            continue
+        kad = node.dht.dht
+        try:
+            ttl = node.host.get_peerstore().peer_data_map[target_id]  # type: ignore[attr-defined]
+            left = f"{ttl.last_identified + ttl.ttl - time.time():.0f}s" if ttl.ttl else "forever"
+        except KeyError:
+            left = "-"
+        budget = budget_of(node.host)
+        found[node.peer_id] = (
+            f"table={kad.routing_table.size()} conns={len(node.host.get_connected_peers())} "
+            f"has-target-in-table={kad.routing_table.peer_in_table(target_id)} "
+            f"target-addrs={_has_addrs(node.host, target_id)} ttl-left={left} "
+            f"connected-to-target={target_id in node.host.get_connected_peers()} "
+            f"budget-closed={budget.closed if budget else '-'}"
+        )
+    return {"found": found}
+
+
+async def _lookup(
+    state: WorkerState, searcher: int, candidates: list[str], timeout: float, trace: bool = False
+) -> Message:
     node = state.nodes[searcher]
     kad = node.dht.dht
     targets = [ID.from_base58(text) for text in candidates]
@@ -284,6 +311,10 @@ async def _lookup(state: WorkerState, searcher: int, candidates: list[str], time
         if kad.routing_table.peer_in_table(target) or _has_addrs(node.host, target):
             raise RuntimeError("could not make the searcher forget its target")
     stats = LookupStats()
+    if trace:
+        stats.trace = []  # set only when asked: a LookupStats from before --trace has no such field
+    budget = budget_of(node.host)
+    closed_before = budget.closed if budget else 0
     token = CURRENT_STATS.set(stats)
     addrs: list[str] = []
     error: str | None = None
@@ -309,6 +340,9 @@ async def _lookup(state: WorkerState, searcher: int, candidates: list[str], time
         "found_round": stats.target_hop,
         "addrs": addrs,
         "error": error,
+        "trace": getattr(stats, "trace", None),
+        "budget_closed": (budget.closed if budget else 0) - closed_before,
+        "conns": len(node.host.get_connected_peers()),
     }
 
 
@@ -348,7 +382,15 @@ async def _serve(conn: multiprocessing.connection.Connection, index: int, config
                 elif op == "refresh":
                     reply = await _refresh_all(state, message["concurrency"], message["timeout"])
                 elif op == "lookup":
-                    reply = await _lookup(state, message["searcher"], message["candidates"], message["timeout"])
+                    reply = await _lookup(
+                        state,
+                        message["searcher"],
+                        message["candidates"],
+                        message["timeout"],
+                        message.get("trace", False),
+                    )
+                elif op == "inspect":
+                    reply = _inspect(state, message["peers"], message["target"])
                 elif op == "stats":
                     reply = _table_stats(state)
                 else:
@@ -376,6 +418,14 @@ def _exit_now(conn: multiprocessing.connection.Connection, scratch: str) -> NoRe
     os._exit(0)
 
 
+def _innermost(error: BaseException) -> str:
+    """The traceback of the first leaf of ``error``: a host's nested nurseries wrap one failure
+    in a dozen exception groups, past what a formatted traceback shows."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return "".join(traceback.format_exception(error))
+
+
 def worker_main(conn: multiprocessing.connection.Connection, index: int, config: WorkerConfig) -> None:
     # The coordinator owns shutdown: Ctrl-C reaches the whole process group, and a
     # worker interrupted in the middle of a phase would only leave the others waiting.
@@ -386,9 +436,9 @@ def worker_main(conn: multiprocessing.connection.Connection, index: int, config:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         trio.run(_serve, conn, index, config)
-    except BaseException:  # noqa: BLE001 - reported to the coordinator
+    except BaseException as error:  # noqa: BLE001 - reported to the coordinator
         try:
-            conn.send({"op": "error", "error": traceback.format_exc()})
+            conn.send({"op": "error", "error": _innermost(error)})
         except Exception:  # noqa: BLE001 - the coordinator is gone
             pass
     finally:
@@ -589,6 +639,7 @@ class Options:
     time_limit: float
     seed: int
     conn_budget: int
+    trace: bool = False
 
 
 @dataclass
@@ -612,6 +663,7 @@ class SwarmRun:
         self.directory: list[Entry] = []
         self.by_peer: dict[str, Entry] = {}
         self.bootstrap: list[str] = []
+        self.joined_peers: set[str] = set()
         self.rng = random.Random(options.seed)
         self.deadline = time.monotonic() + options.time_limit - SHUTDOWN_RESERVE_S
 
@@ -680,21 +732,53 @@ class SwarmRun:
         return seconds
 
     def stats(self) -> list[Message]:
-        return ask_all(self.workers, [{"op": "stats"}] * len(self.workers), 60.0)
+        replies = ask_all(self.workers, [{"op": "stats"}] * len(self.workers), 60.0)
+        self.joined_peers = {peer for reply in replies for peer in reply["joined_peers"]}
+        return replies
 
     def lookup(self) -> Message:
+        """One find_peer between two nodes whose join ended: a node still joining is in nobody's
+        table yet (and knows nobody), so a lookup from or for it measures the join, not the lookup."""
         options = self.options
-        searcher = self.directory[self.rng.randrange(len(self.directory))]
-        candidates = [entry.peer_id for entry in self.directory if entry is not searcher]
+        joined = [entry for entry in self.directory if entry.peer_id in self.joined_peers] or self.directory
+        searcher = joined[self.rng.randrange(len(joined))]
+        candidates = [entry.peer_id for entry in joined if entry is not searcher]
         self.rng.shuffle(candidates)
         reply = self.workers[searcher.worker].ask(
-            {"op": "lookup", "searcher": searcher.local, "candidates": candidates, "timeout": options.lookup_timeout},
+            {
+                "op": "lookup",
+                "searcher": searcher.local,
+                "candidates": candidates,
+                "timeout": options.lookup_timeout,
+                "trace": options.trace,
+            },
             options.lookup_timeout + 30.0,
         )
         target = self.by_peer[reply["target"]]
         reply["success"] = bool(set(reply["addrs"]) & target.addrs)
+        if options.trace and not reply["success"]:
+            self._print_trace(searcher, target, reply)
         reply["cross_process"] = target.worker != searcher.worker
         return reply
+
+    def _print_trace(self, searcher: Entry, target: Entry, reply: Message) -> None:
+        """A failed lookup, event by event, and what the peers it asked know of its target (``--trace``)."""
+        asked = {line.split()[2] for line in reply["trace"] if line.split()[1] == "ask"}
+        peers = [entry.peer_id for entry in self.directory if entry.peer_id[-6:] in asked]
+        known: dict[str, str] = {}
+        for reply_inspect in ask_all(
+            self.workers, [{"op": "inspect", "peers": peers, "target": target.peer_id}] * len(self.workers), 30.0
+        ):
+            known.update(reply_inspect["found"])
+        lines = [
+            f"FAILED lookup {searcher.peer_id[-6:]} -> {target.peer_id[-6:]} in {reply['seconds']:.2f}s "
+            f"(searcher conns {reply['conns']}, budget closed {reply['budget_closed']} during it, "
+            f"addrs returned {reply['addrs']}, error {reply['error']})",
+            *("  " + line for line in reply["trace"]),
+        ]
+        for peer, facts in sorted(known.items()):
+            lines.append(f"  {'TARGET' if peer == target.peer_id else 'asked'} {peer[-6:]}: {facts}")
+        progress("\n".join(lines))
 
     def measure(self, size: int) -> SizeResult:
         options = self.options
@@ -736,6 +820,8 @@ class SwarmRun:
                 note = f"lookup budget {budget:.0f}s reached after {number} of {options.lookups} lookups"
                 progress(f"N={size}: {note}")
                 break
+            if number % 10 == 0:
+                self.stats()  # nodes whose join ended since join in the draw
             results.append(self.lookup())
             if (number + 1) % 25 == 0:
                 recent = results[-25:]
@@ -834,6 +920,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "0: none, every connection kept up to max_connections 300) (default 64)",
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="print each failed lookup event by event (dht.lookup.LookupStats.trace) and what the peers it "
+        "asked know of the target",
+    )
     return parser.parse_args(argv)
 
 
@@ -863,6 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         time_limit=args.time_limit,
         seed=args.seed,
         conn_budget=args.conn_budget,
+        trace=args.trace,
     )
     started = time.monotonic()
     figures: list[str] = []

@@ -11,14 +11,18 @@ answer names to the routing table. On loopback at N = 200 that was a p50 of 0.44
 Here (the libp2p Kademlia spec, as go-libp2p-kad-dht runs it):
 
 * ``alpha`` (3) queries in flight; a new one starts as soon as one ends. A query slower than
-  ``patience_s`` stops holding its slot (it may still answer, until ``query_timeout_s``), so one
-  slow or dead peer never stalls the lookup;
-* a lookup ends when the ``beta`` closest peers it knows of have all answered (the closest set is
-  stable: nobody closer is left to ask), or at once when ``stop_at`` is named (``find_peer``, beta
-  3). A lookup for the peers to store at or read from (``put_value``, ``provide``, ``get_value``,
-  provider lists) takes beta ``STORE_BETA`` (8): with beta 3 a provider and a reader, each ending
-  on a slightly different closest set, met on too few peers (at N = 60 a query found 1 of 3-4
-  providers);
+  ``patience_s`` stops holding its slot, so one slow or dead peer never stalls the lookup; one
+  slower than ``query_timeout_s`` is given up as late (it no longer holds the lookup's end), and
+  its answer is still read and used until ``answer_timeout_s``;
+* a lookup ends when the ``beta`` closest peers it knows of that have not failed or been given up
+  have all answered (the closest set is stable: nobody closer is left to ask, nobody closer is
+  still being asked), or at once when ``stop_at`` is named (``find_peer``, beta 3). A peer given
+  up as late never settles that set: when it did, a loaded machine's lookups ended as soon as the
+  three closest were late and cut short the queries out to the next closest, which would have
+  named the target (``bench/dht_swarm.py --trace``). A lookup for the peers to store at or read
+  from (``put_value``, ``provide``, ``get_value``, provider lists) takes beta ``STORE_BETA`` (8):
+  with beta 3 a provider and a reader, each ending on a slightly different closest set, met on
+  too few peers (at N = 60 a query found 1 of 3-4 providers);
 * one FIND_NODE is one stream: written, read, parsed here; a query cut short (timeout, the lookup
   ended) resets its stream, so no half-open stream keeps a connection busy;
 * only the sender's signed record is checked (answers name addresses as go's do); an answered
@@ -29,7 +33,9 @@ Here (the libp2p Kademlia spec, as go-libp2p-kad-dht runs it):
 
 The rules of the walk (which peer next, when to stop) are pure: :class:`Walk`. ``DhtService``
 installs :class:`Lookup` on its own ``KadDHT`` instance (never on the class), so py-libp2p's
-``get_value``, ``put_value``, ``provide`` and ``find_providers`` run on it too.
+``get_value``, ``put_value``, ``provide`` and ``find_providers`` run on it too (the publisher
+announces providers with ``DhtService.provide``, which tells the closest peers while it walks).
+``LookupStats.trace`` (``bench/dht_swarm.py --trace``) records each step of one lookup.
 """
 
 from __future__ import annotations
@@ -58,9 +64,11 @@ ALPHA = 3
 BETA = 3
 STORE_BETA = 8
 K = 20
-# A connected peer that has not answered FIND_NODE in this long is given up by this lookup
-# (py-libp2p: 10 s); the lookup itself moved on after ``PATIENCE_S``.
+# A connected peer that has not answered FIND_NODE in this long is given up by this lookup: it no
+# longer keeps the walk from ending (the lookup itself moved on after ``PATIENCE_S``) ...
 QUERY_TIMEOUT_S = 5.0
+# ... but its answer is still read, and used, until this long (py-libp2p's query timeout).
+ANSWER_TIMEOUT_S = 10.0
 # After this long a query no longer holds one of the ``alpha`` slots: the next peer is asked.
 PATIENCE_S = 0.5
 # Addresses learnt from answers are kept this long (py-libp2p's own TTL for them).
@@ -68,6 +76,11 @@ ADDR_TTL_S = 3600
 # At most this many peers are remembered by one lookup (answers name up to 20 each).
 MAX_CANDIDATES = 400
 MAX_QUERIES = 60
+MAX_TRACE = 400
+
+
+def _short(peer: ID) -> str:
+    return str(peer)[-6:]
 
 
 def key_of(data: bytes) -> int:
@@ -84,6 +97,12 @@ class LookupStats:
     failed: int = 0
     target_hop: int | None = None  # the hop at which an answer first named ``stop_at``
     max_hop: int = 0
+    # Set to a list to have what the lookup did written into it, one line an event (bounded).
+    trace: list[str] | None = None
+
+    def note(self, text: str) -> None:
+        if self.trace is not None and len(self.trace) < MAX_TRACE:
+            self.trace.append(f"{trio.current_time():.3f} {text}")
 
 
 # What ``Lookup._ask`` returns for a peer that was reached but did not answer in time.
@@ -91,9 +110,11 @@ _SLOW: list[ID] = []
 
 CURRENT_STATS: contextvars.ContextVar[LookupStats | None] = contextvars.ContextVar("dht_lookup_stats", default=None)
 
-# SLOW: reached, but no answer in time (busy, not gone): still one of the closest for a put or a
-# get, not asked again by this lookup. FAILED: not reached at all: out of the result.
-WAITING, ASKING, ANSWERED, SLOW, FAILED = "waiting", "asking", "answered", "slow", "failed"
+# LATE: asked, no answer within the query timeout: it no longer holds the walk's end, but its answer
+# is still taken if it comes. SLOW: reached, but no answer within the answer timeout either (busy,
+# not gone): still one of the closest for a put or a get, not asked again by this lookup. FAILED:
+# not reached at all: out of the result.
+WAITING, ASKING, LATE, ANSWERED, SLOW, FAILED = "waiting", "asking", "late", "answered", "slow", "failed"
 
 
 @dataclass
@@ -122,17 +143,32 @@ class Walk:
         alive.sort(key=self.distances.__getitem__)
         return alive
 
+    def responsive(self) -> list[ID]:
+        """Known peers that have neither failed nor been given up as late or slow, closest first."""
+        return [peer for peer in self.ordered() if self.states[peer] not in (LATE, SLOW)]
+
     def next_peer(self, window: int) -> ID | None:
-        """The closest peer not asked yet among the ``window`` closest that have not failed."""
-        for peer in self.ordered()[:window]:
+        """The closest peer not asked yet among the ``window`` closest that have neither failed nor
+        been given up as slow (a slow peer does not take the place of one that may answer)."""
+        for peer in self.responsive()[:window]:
             if self.states[peer] == WAITING:
                 return peer
         return None
 
     def done(self) -> bool:
-        """The ``beta`` closest live peers have all answered or been given up as slow."""
-        closest = self.ordered()[: self.beta]
-        return all(self.states[peer] in (ANSWERED, SLOW) for peer in closest)
+        """The ``beta`` closest peers that have neither failed nor been given up as late or slow
+        have all answered: nobody closer is left to ask, and nobody closer is still being asked.
+        Never before anyone answered while a late answer may still come.
+
+        A late peer does not settle the set: on a loaded machine the closest three often answered
+        later than the query timeout, and a walk that counted them as settled ended at once and
+        cut short the queries still out to the next closest (bench/dht_swarm.py --trace: "end
+        running=17", no answer yet, the target unfound).
+        """
+        states = self.states.values()
+        if LATE in states and ANSWERED not in states:
+            return False  # nobody answered yet, and a late answer may still come
+        return all(self.states[peer] == ANSWERED for peer in self.responsive()[: self.beta])
 
     def closest(self, count: int) -> list[ID]:
         return self.ordered()[:count]
@@ -154,6 +190,8 @@ class Lookup:
         beta: int = BETA,
         query_timeout_s: float = QUERY_TIMEOUT_S,
         patience_s: float = PATIENCE_S,
+        answer_timeout_s: float = ANSWER_TIMEOUT_S,
+        offer_later: Callable[[list[ID]], None] | None = None,
     ) -> None:
         self.host = host
         self.protocol_id = TProtocol(protocol_id)
@@ -165,6 +203,8 @@ class Lookup:
         self.beta = beta
         self.query_timeout_s = query_timeout_s
         self.patience_s = patience_s
+        self.answer_timeout_s = max(answer_timeout_s, query_timeout_s)
+        self.offer_later = offer_later
 
     def _seeds(self, key: bytes, count: int) -> list[ID]:
         seeds = list(self.local_closest(key, count))
@@ -173,14 +213,27 @@ class Lookup:
             seeds.extend(self.host.get_connected_peers())
         return [peer for peer in dict.fromkeys(seeds) if self.may_ask(peer)]
 
-    async def closest_peers(self, key: bytes, count: int = K, *, stop_at: ID | None = None) -> list[ID]:
-        """The ``count`` closest peers to ``key`` that the walk met and that did not fail."""
+    async def closest_peers(
+        self,
+        key: bytes,
+        count: int = K,
+        *,
+        stop_at: ID | None = None,
+        on_close_answer: Callable[[ID], object] | None = None,
+    ) -> list[ID]:
+        """The ``count`` closest peers to ``key`` that the walk met and that did not fail.
+
+        ``on_close_answer(peer)``: called as soon as a peer answers while it is one of the ``beta``
+        closest the walk knows (a provider announces itself to it at once: most such peers are
+        among the closest the walk ends with)."""
         beta = self.beta if stop_at is not None else max(self.beta, STORE_BETA)
         walk = Walk(key_of(key), self.host.get_id(), beta=beta)
         for seed in self._seeds(key, count):
             if seed != stop_at:  # connected to it or in the table, but its addresses are what we lack
                 walk.add(seed, 0)
         stats = CURRENT_STATS.get()
+        if stats is not None:
+            stats.note(f"start beta={beta} seeds={len(walk.states)} connected={len(self.host.get_connected_peers())}")
         found = trio.Event()
         raw_addrs: dict[ID, list[bytes]] = {}
         wake = trio.Event()
@@ -199,6 +252,16 @@ class Lookup:
                     released = True
                     holding -= 1
                     wake.set()
+                    if stats is not None:
+                        stats.note(f"patience {_short(peer)}")
+                # Given up as slow: it no longer keeps the walk from ending, but its answer, if it
+                # still comes (until ``answer_timeout_s``), is taken.
+                await trio.sleep(max(0.0, self.query_timeout_s - self.patience_s))
+                if walk.states[peer] == ASKING:
+                    walk.states[peer] = LATE
+                    wake.set()
+                    if stats is not None:
+                        stats.note(f"given-up {_short(peer)}")
 
             hop = walk.hops[peer]
             try:
@@ -216,10 +279,18 @@ class Lookup:
                 walk.states[peer] = FAILED if answer is None else SLOW
                 if stats is not None:
                     stats.failed += 1
+                    stats.note(f"{walk.states[peer]} {_short(peer)}")
                 return
             walk.states[peer] = ANSWERED
+            if on_close_answer is not None and peer in walk.responsive()[:beta]:
+                on_close_answer(peer)
             if stats is not None:
                 stats.answered += 1
+                rank = walk.ordered().index(peer)
+                stats.note(
+                    f"answer {_short(peer)} hop={hop} rank={rank} named={len(answer)} "
+                    f"target={'addrs' if stop_at in raw_addrs else 'no-addrs' if stop_at in answer else 'no'}"
+                )
             for named in answer:
                 if walk.add(named, hop + 1) and stats is not None:
                     stats.max_hop = max(stats.max_hop, hop + 1)
@@ -242,9 +313,16 @@ class Lookup:
                     queries += 1
                     if stats is not None:
                         stats.queries += 1
+                        stats.note(
+                            f"ask {_short(following)} hop={walk.hops[following]} "
+                            f"rank={walk.ordered().index(following)} "
+                            f"connected={following in self.host.get_connected_peers()}"
+                        )
                     nursery.start_soon(ask, following)
                     continue
                 if running == 0 or walk.done():
+                    if stats is not None:
+                        stats.note(f"end running={running} done={walk.done()} queries={queries}")
                     break
                 wake = trio.Event()
                 await wake.wait()
@@ -256,12 +334,18 @@ class Lookup:
         # The closest peers met (with their addresses now) are offered to the routing table, as
         # py-libp2p offered every peer an answer named: without it tables stayed at the few peers
         # that answered us, and in a small swarm with a connection budget lookups found nobody.
-        for peer in result:
-            if walk.states.get(peer) in (WAITING, ANSWERED):
-                try:
-                    await self.answered(peer)
-                except Exception as error:  # noqa: BLE001 - the table refused it
-                    log.debug("could not add %s: %s", peer, type(error).__name__)
+        # After the caller has its answer when ``offer_later`` takes them: adding a peer to a full
+        # bucket pings its oldest peer first, and twenty of those one after another held a finished
+        # lookup for seconds on a loaded machine.
+        offered = [peer for peer in result if walk.states.get(peer) in (WAITING, ANSWERED)]
+        if self.offer_later is not None:
+            self.offer_later(offered)
+            return result
+        for peer in offered:
+            try:
+                await self.answered(peer)
+            except Exception as error:  # noqa: BLE001 - the table refused it
+                log.debug("could not add %s: %s", peer, type(error).__name__)
         return result
 
     def _remember_addrs(self, peers: Sequence[ID], raw_addrs: dict[ID, list[bytes]]) -> None:
@@ -279,18 +363,25 @@ class Lookup:
     async def _ask(self, peer: ID, key: bytes, raw_addrs: dict[ID, list[bytes]]) -> list[ID] | None:
         """One FIND_NODE to ``peer``: the peers it names, ``_SLOW`` (reached, no answer in time), or
         None (not reached, garbage)."""
+        stats = CURRENT_STATS.get()
         if not self.may_ask(peer):
+            if stats is not None:
+                stats.note(f"may-not-ask {_short(peer)}")
             return None
         self._remember_addrs([peer], raw_addrs)  # what the answer that named it said
         if not await self.reach(peer):  # bounded by the DHT's dial timeout; marks the peer silent
+            if stats is not None:
+                stats.note(f"unreached {_short(peer)}")
             return None
         stream: INetStream | None = None
         ok = False
         try:
-            with trio.move_on_after(self.query_timeout_s) as deadline:
+            with trio.move_on_after(self.answer_timeout_s) as deadline:
                 try:
                     stream = await self.host.new_stream(peer, [self.protocol_id])
-                except Exception:  # the connection closed under us (a connection budget trimmed it)
+                except Exception as error:  # the connection closed under us (a connection budget trimmed it)
+                    if stats is not None:
+                        stats.note(f"stream-failed {_short(peer)} {type(error).__name__}: {error}"[:200])
                     if peer in self.host.get_connected_peers() or not await self.reach(peer):
                         raise
                     stream = await self.host.new_stream(peer, [self.protocol_id])  # once more, on a fresh one
@@ -310,6 +401,8 @@ class Lookup:
             # Reached, but it refused this query (a key it will not look up, too busy): alive, and
             # still one of the closest peers for a put or a get, only it named nobody.
             log.debug("FIND_NODE to %s refused: %s", peer, type(error).__name__)
+            if stats is not None:
+                stats.note(f"refused {_short(peer)} {type(error).__name__}: {error}"[:200])
             return []
         finally:
             if stream is not None:

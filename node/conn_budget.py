@@ -184,6 +184,17 @@ class ConnBudget:
             )
         return found
 
+    def _in_use_since(self, conn: INetConn, moment: float) -> bool:
+        """Whether ``conn`` carries a request stream now, or one opened or closed on it after ``moment``."""
+        muxed = conn.muxed_conn
+        try:
+            streams = conn.get_streams()
+        except Exception:  # noqa: BLE001 - a connection closing under us
+            return False
+        if any(not _is_background(stream) for stream in streams):
+            return True
+        return self._last_active.get(muxed, 0.0) > moment
+
     async def trim(self) -> int:
         """Close idle connections until at most ``budget`` are open (or none is left to close); returns
         how many it closed. The closes run at once: py-libp2p takes ~0.2 s to close one connection."""
@@ -199,12 +210,18 @@ class ConnBudget:
 
     async def _close(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id
+        chosen_at = time.monotonic()
         if self.before_close is not None:
             with trio.move_on_after(1):
                 try:
                     await self.before_close(peer_id)
                 except Exception as error:  # noqa: BLE001 - the close goes on
                     log.debug("before closing %s: %s", peer_id, type(error).__name__)
+        if self._in_use_since(conn, chosen_at):
+            # A stream opened on it while ``before_close`` ran (a lookup asking this peer again):
+            # closing now would reset that query mid-way. The next trim looks at it again.
+            self._closing.discard(conn)
+            return
         peerstore = self.host.get_peerstore()
         try:
             addrs = peerstore.addrs(peer_id)

@@ -8,11 +8,13 @@ import socket
 import multiaddr
 import trio
 from libp2p import generate_new_ed25519_identity
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from dht.lookup import ANSWERED, CURRENT_STATS, FAILED, SLOW, LookupStats, Walk, key_of
-from tests.support.swarm import open_swarm
+from dht.lookup import ANSWERED, CURRENT_STATS, FAILED, LATE, SLOW, LookupStats, Walk, key_of
+from tests.support.swarm import SwarmNode, open_swarm
 
 
 def peers(count: int) -> list[ID]:
@@ -31,11 +33,23 @@ def test_the_walk_asks_the_closest_unasked_peer_and_stops_once_the_closest_have_
     assert walk.next_peer(20) == by_distance[0]
     walk.states[by_distance[0]] = FAILED  # unreachable: out of the closest set
     walk.states[by_distance[1]] = ANSWERED
-    walk.states[by_distance[2]] = SLOW  # reached, no answer in time: settled, still a candidate
+    walk.states[by_distance[2]] = SLOW  # reached, no answer in time: still a candidate for a put or a get
     assert walk.next_peer(20) == by_distance[3]
     assert not walk.done()
     walk.states[by_distance[3]] = ANSWERED
+    # A slow peer does not settle the closest set: the next closest must answer too.
+    assert not walk.done()
+    assert walk.next_peer(20) == by_distance[4]
+    walk.states[by_distance[4]] = ANSWERED
     assert walk.done()
+    # Every peer given up as late and nobody answered yet: not done while a late answer may come.
+    small = Walk(target, me, beta=3)
+    for peer in by_distance[:3]:
+        small.add(peer, 0)
+    small.states.update({by_distance[0]: LATE, by_distance[1]: LATE, by_distance[2]: FAILED})
+    assert not small.done()
+    small.states[by_distance[1]] = ANSWERED
+    assert small.done()
     assert walk.closest(3) == by_distance[1:4]
     assert by_distance[0] not in walk.closest(20)
 
@@ -69,3 +83,44 @@ async def test_a_lookup_goes_past_a_peer_that_accepts_connections_but_never_answ
             assert stats.target_hop is not None and stats.target_hop >= 1
     finally:
         tarpit.close()
+
+
+async def test_a_lookup_whose_closest_peers_answer_late_waits_for_the_next_closest() -> None:
+    """On a loaded machine the peers closest to the target may answer later than the query timeout.
+    Giving up on them must not end the lookup while the next closest are still being asked: the
+    lookup used to end there and cut short the query that would have named the target
+    (bench/dht_swarm.py --trace: "end running=17", nothing answered yet)."""
+    async with open_swarm(6) as nodes:
+        searcher, target, *others = nodes
+        target_id = target.host.get_id()
+        searcher.dht.dht.routing_table.remove_peer(target_id)
+        searcher.host.get_peerstore().clear_addrs(target_id)
+        assert set(searcher.dht.dht.routing_table.get_peer_ids()) == {n.host.get_id() for n in others}
+        point = key_of(target_id.to_bytes())
+        *late, next_closest = sorted(others, key=lambda n: key_of(n.host.get_id().to_bytes()) ^ point)
+
+        def answering_after(node: SwarmNode, delay_s: float) -> None:
+            kad = node.dht.dht
+
+            async def handle(stream: INetStream) -> None:
+                await trio.sleep(delay_s)  # a busy peer: it answers, only late
+                await kad.handle_stream(stream)
+
+            node.host.set_stream_handler(TProtocol(node.dht.protocol_id), handle)
+
+        for node in late:  # the three closest: past the query timeout, within the answer timeout
+            answering_after(node, 2.0)
+        answering_after(next_closest, 0.8)  # asked once the first three used up their patience
+        lookup = searcher.dht.lookup
+        assert lookup is not None
+        lookup.patience_s, lookup.query_timeout_s, lookup.answer_timeout_s = 0.1, 0.5, 3.0
+        stats = LookupStats(trace=[])  # what it did, shown if it fails
+        token = CURRENT_STATS.set(stats)
+        try:
+            with trio.fail_after(5):
+                addrs = await searcher.dht.find_peer_addrs(target_id)
+        finally:
+            CURRENT_STATS.reset(token)
+        assert {addr.split("/p2p/")[0] for addr in addrs} & {
+            str(addr).split("/p2p/")[0] for addr in target.host.get_addrs()
+        }, "\n".join(stats.trace or [])
