@@ -6,7 +6,8 @@ node and against llama.cpp's RPC backend over plain TCP (the tunnel's own cost).
 Needs llama.cpp built with its RPC backend (CMAKE_ARGS=-DGGML_RPC=ON) and the gemma package. Every
 layer server runs with ``--threads`` threads (the sellers' under the node's sandbox); the consumer
 keeps only the token embeddings. Prints time to first token and tokens/s of each arrangement, bytes
-moved per generated token through the tunnels, and ends with one line:
+moved per generated token through the tunnels, whether the texts agree (the split's equals the whole
+model's loaded without CPU weight repacking, as the servers compute; docs/split.md), and ends with one line:
 ``split: tok_s_split=… tok_s_whole=… ratio_whole=… ratio_rpc=… bytes_per_token=…``
 (ratio_whole = split ÷ whole, ratio_rpc = split through libp2p ÷ split over plain TCP).
 """
@@ -36,7 +37,7 @@ from protocols.lease import layers
 from runtime.inference.engine import LlamaModel
 from runtime.inference.models import ModelSpec
 from runtime.split import rpc
-from runtime.split.model import SplitLlamaModel
+from runtime.split.model import PlainCpuLlamaModel, SplitLlamaModel
 
 PROMPT = [{"role": "user", "content": "Write a short paragraph about the sea."}]
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
@@ -80,6 +81,14 @@ async def main() -> None:
     finally:
         await whole.aclose()
     print(f"whole: ttft_s={whole_ttft:.3f} tok_s={whole_tps:.2f}")
+    # The whole model computing as the layer servers do (no CPU weight repacking): the split's text.
+    plain_whole = PlainCpuLlamaModel(path, **engine_args)
+    await plain_whole.load()
+    try:
+        plain_ttft, plain_tps, _, plain_text = await measure(plain_whole, args.tokens)
+    finally:
+        await plain_whole.aclose()
+    print(f"whole_plain_cpu: ttft_s={plain_ttft:.3f} tok_s={plain_tps:.2f}")
 
     # llama.cpp's RPC backend over plain TCP: two server processes, no sandbox, no tunnel.
     ports = [_free_port(), _free_port()]
@@ -146,7 +155,10 @@ async def main() -> None:
         finally:
             await split.aclose()
     print(f"split_libp2p: load_s={load_s:.2f} ttft_s={split_ttft:.3f} tok_s={split_tps:.2f}")
-    print(f"same_text: whole=split {whole_text == split_text} rpc=split {rpc_text == split_text}")
+    print(
+        f"same_text: whole_plain_cpu=split {plain_text == split_text} rpc_tcp=split {rpc_text == split_text} "
+        f"whole(repacked)=split {whole_text == split_text}"
+    )
     print(f"ttft: split={split_ttft:.3f} whole={whole_ttft:.3f} rpc_tcp={rpc_ttft:.3f}")
     print(
         f"split: tok_s_split={split_tps:.2f} tok_s_whole={whole_tps:.2f} ratio_whole={split_tps / whole_tps:.3f} "
