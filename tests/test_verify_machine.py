@@ -113,6 +113,8 @@ def test_an_arbiter_takes_only_a_frozen_escrow_of_its_own_for_the_very_lease_the
         our_wallet="0x" + "1" * 40,
         escrow_arbiter="0x" + "1" * 40,
         phase="disputed",
+        payer="0x" + "3" * 40,
+        case_signer="0x" + "3" * 40,
     )
     assert lease_case_verdict(case) is None
     for change, reason in (
@@ -123,6 +125,8 @@ def test_an_arbiter_takes_only_a_frozen_escrow_of_its_own_for_the_very_lease_the
         ({"escrow_id": "0x" + "cd" * 32}, "escrow_not_lease"),
         ({"phase": "active"}, "not_disputed"),
         ({"phase": "closed"}, "not_disputed"),
+        ({"case_signer": "0x" + "4" * 40}, "case_not_payer"),  # the payee froze it and states what it is owed
+        ({"case_signer": None}, "case_not_payer"),
     ):
         refusal = lease_case_verdict(dataclasses.replace(case, **change))  # type: ignore[arg-type]
         assert refusal is not None and refusal.reason == reason

@@ -75,6 +75,9 @@ class LeaseDisputeCase(BaseModel):
     payer: str = Field(pattern=_ADDRESS)
     package: DisputePackage
     owed_if_honest: int = Field(ge=0, le=10**30)
+    # The payer's EIP-191 signature of the escrow and owed_if_honest (``dispute_case_digest``): the payee can
+    # freeze the escrow too, so the arbiter takes the case, and its figure, from the payer only.
+    payer_sig: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
 
 
 class LeaseDisputeOutcome(BaseModel):
@@ -185,8 +188,11 @@ class DisputeRole(LeaseCore):
             idempotency_key=f"verify-dispute/{lease_id}",
         )
         log.warning("lease %s: escrow frozen, evidence sent to the arbiter", lease_id[:12])
-        owed = held.committed + max(0, call_units) * held.grant.price_per_unit
-        case = LeaseDisputeCase(lease_id=lease_id, payer=payer, package=package, owed_if_honest=owed)
+        owed = min(10**30, held.committed + max(0, call_units) * held.grant.price_per_unit)
+        signed = await client.chain.run(client.sign_dispute_case, escrow_id, owed)
+        case = LeaseDisputeCase(
+            lease_id=lease_id, payer=payer, package=package, owed_if_honest=owed, payer_sig="0x" + signed.hex()
+        )
         outcome = await self._send_case(case)
         if outcome is None:
             # Lost on the way back, or refused: the chain still says whether the arbiter resolved it.
@@ -262,6 +268,8 @@ class DisputeRole(LeaseCore):
         escrow_id = bytes.fromhex(case.lease_id) if re.fullmatch(r"[0-9a-f]{64}", case.lease_id) else b""
         if not escrow_id:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
+        from runtime.escrow.client import dispute_case_signer  # web3 is loaded once a chain is connected
+
         state = await client.chain.run(client.get, case.payer, escrow_id)
         package = case.package
         enforce(
@@ -274,6 +282,15 @@ class DisputeRole(LeaseCore):
                     escrow_arbiter=state.arbiter,
                     phase=state.phase,
                     threshold=state.threshold,
+                    payer=case.payer,
+                    case_signer=dispute_case_signer(
+                        client.chain.chain_id,
+                        client.address,
+                        case.payer,
+                        escrow_id,
+                        case.owed_if_honest,
+                        case.payer_sig,
+                    ),
                 )
             )
         )

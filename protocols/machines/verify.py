@@ -198,11 +198,14 @@ class LeaseCaseFacts:
     escrow_arbiter: str
     phase: str  # none, active, disputed, closed
     threshold: int = 0  # a panel escrow's m (its arbiter is then no one wallet)
+    payer: str = ""  # the escrow's payer (the case's)
+    case_signer: str | None = None  # who signed the case and its owed figure (None: no valid signature)
 
 
 def lease_case_verdict(facts: LeaseCaseFacts) -> Refusal | None:
     """Whether this node takes the case: the escrow exists, names this node's wallet as its one arbiter,
-    is frozen (the consumer disputed it), and is the escrow of the very lease the package is about."""
+    is frozen (the consumer disputed it), is the escrow of the very lease the package is about, and its
+    payer signed the case."""
     if facts.phase == "none":
         return Refusal(ErrorCode.NOT_FOUND, "no_escrow", "no such escrow on chain")
     if facts.threshold or facts.escrow_arbiter.lower() != facts.our_wallet.lower():
@@ -211,6 +214,10 @@ def lease_case_verdict(facts: LeaseCaseFacts) -> Refusal | None:
         return Refusal(ErrorCode.INVALID_ARGUMENT, "escrow_not_lease", "the escrow, the lease and the evidence differ")
     if facts.phase != "disputed":
         return Refusal(ErrorCode.CONFLICT, "not_disputed", "the escrow is not disputed")
+    if facts.case_signer is None or facts.case_signer.lower() != facts.payer.lower():
+        # The payee may freeze the escrow too: only the payer states what it owes (else a provider would
+        # send its own honest call's package and name the whole lock as owed).
+        return Refusal(ErrorCode.FORBIDDEN, "case_not_payer", "the escrow's payer did not sign this case")
     return None
 
 

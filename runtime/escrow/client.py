@@ -163,6 +163,28 @@ def panel_vote_signer(
     return _recover(lambda: panel_vote_digest(chain_id, contract, payer, escrow_id, to_payee), signature)
 
 
+# What a lease dispute case's digest starts with, so a case can never be taken for a voucher or a vote.
+CASE_TAG = keccak(text="clawnode.lease_dispute.case")
+
+
+def dispute_case_digest(chain_id: int, contract: str, payer: str, escrow_id: bytes, owed: int) -> bytes:
+    """What the payer's EIP-191 signature on a lease dispute case signs: the escrow and the consumer's
+    ``owed_if_honest`` (so only the payer, not the payee that can also freeze the escrow, states it)."""
+    return keccak(
+        abi_encode(
+            ["bytes32", "uint256", "address", "bytes32", "uint256"],
+            [CASE_TAG, chain_id, to_checksum_address(contract), escrow_key(payer, escrow_id), owed],
+        )
+    )
+
+
+def dispute_case_signer(
+    chain_id: int, contract: str, payer: str, escrow_id: bytes, owed: int, signature: str | bytes
+) -> str | None:
+    """Who signed a dispute case for exactly ``owed`` (pure); ``None`` for a malformed or high-s signature."""
+    return _recover(lambda: dispute_case_digest(chain_id, contract, payer, escrow_id, owed), signature)
+
+
 def _recover(digest: Callable[[], bytes], signature: str | bytes) -> str | None:
     from eth_account import Account
 
@@ -447,6 +469,12 @@ class EscrowClient:
     def sign_voucher(self, escrow_id: bytes, cumulative: int) -> bytes:
         """As the payer: let the payee claim up to ``cumulative`` wei in total."""
         digest = voucher_digest(self.chain.chain_id, self.address, self.account.address, escrow_id, cumulative)
+        return bytes(self.account.sign_message(encode_defunct(primitive=digest)).signature)
+
+    @local
+    def sign_dispute_case(self, escrow_id: bytes, owed: int) -> bytes:
+        """As the payer: the signature that makes a lease dispute case (and its ``owed``) its own."""
+        digest = dispute_case_digest(self.chain.chain_id, self.address, self.account.address, escrow_id, owed)
         return bytes(self.account.sign_message(encode_defunct(primitive=digest)).signature)
 
     @local
