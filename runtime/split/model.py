@@ -44,17 +44,32 @@ def layer_ranges(n_layers: int, shares: Sequence[float]) -> list[tuple[int, int]
     return ranges
 
 
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]  # llama_model_tensor_buft_override
+
+
+# The output head's weight (its own, or the token embeddings it is tied to, loaded once more for it).
+HEAD_PATTERN = rb"^(output|token_embd)\.weight$"
+
+
 @contextlib.contextmanager
-def _devices_in_params(devices: Sequence[int]) -> Iterator[None]:
+def _devices_in_params(devices: Sequence[int], head_local: bool) -> Iterator[None]:
     import llama_cpp.llama_cpp as bindings
 
     array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)  # NULL-terminated
+    overrides = (_BuftOverride * 2)()
+    if head_local:
+        overrides[0] = _BuftOverride(HEAD_PATTERN, rpc.cpu_buffer_type())
     with engine._DEFAULT_PARAMS_LOCK:
         original = bindings.llama_model_default_params
 
         def params_with_devices() -> Any:
             params = original()
             params.devices = ctypes.cast(array, ctypes.c_void_p)
+            # Plain CPU buffers here too (no repacking): the head computes as a server would.
+            params.use_extra_bufts = False
+            if head_local:
+                params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
             return params
 
         bindings.llama_model_default_params = params_with_devices
@@ -98,7 +113,13 @@ class SplitLlamaModel(LlamaModel):
     """A :class:`LlamaModel` whose layers run on the RPC servers at ``endpoints`` (``host:port``)."""
 
     def __init__(
-        self, path: Path | str, *, endpoints: Sequence[str], shares: Sequence[float] | None = None, **kwargs: Any
+        self,
+        path: Path | str,
+        *,
+        endpoints: Sequence[str],
+        shares: Sequence[float] | None = None,
+        head_local: bool = True,
+        **kwargs: Any,
     ) -> None:
         if not endpoints:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "a split model needs at least one layer server")
@@ -106,6 +127,7 @@ class SplitLlamaModel(LlamaModel):
         super().__init__(path, n_gpu_layers=-1, **kwargs)
         self.endpoints = list(endpoints)
         self.shares = list(shares) if shares is not None else [1.0] * len(self.endpoints)
+        self.head_local = head_local
         if len(self.shares) != len(self.endpoints):
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "one share per layer server")
 
@@ -121,5 +143,5 @@ class SplitLlamaModel(LlamaModel):
         for endpoint in self.endpoints:
             found = rpc.server_devices(endpoint)
             devices.append(found[0])  # a server's first device: this project's servers serve one
-        with _devices_in_params(devices):
+        with _devices_in_params(devices, self.head_local):
             return super()._load_blocking(progress)

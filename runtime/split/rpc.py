@@ -91,6 +91,14 @@ def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return ggml, rpc
 
 
+def cpu_buffer_type() -> int:
+    """``ggml_backend_cpu_buffer_type()``: plain host memory of the CPU backend."""
+    ggml, _ = _libraries()
+    cpu = ctypes.CDLL(str(Path(ggml._name).parent / "libggml-cpu.so"), mode=getattr(os, "RTLD_GLOBAL", 0))
+    cpu.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    return int(cpu.ggml_backend_cpu_buffer_type())
+
+
 def server_devices(endpoint: str) -> list[int]:
     """The devices of the RPC server at ``host:port`` (connects to it; blocks)."""
     ggml, rpc = _libraries()
