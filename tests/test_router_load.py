@@ -18,10 +18,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dht.capability import CAPABILITY_PROTOCOL
+from dht.capability import CAPABILITY_PROTOCOL, capability_handler
 from dht.discovery import DiscoveryQuery
 from node.daemon import Node
 from node.router import REMEMBER_S, RouteResult
+from protocols.lease.base import INFER_PROTOCOL
 from protocols.machines.routing import FULL, ROOM, Candidate, LiveLoad, rank_candidates, tier
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import LlamaModel
@@ -182,3 +183,47 @@ async def test_a_provider_that_just_served_stays_a_candidate_when_discovery_miss
             await _ask(consumer, "words")
         assert refused.value.code == ErrorCode.NOT_FOUND
         consumer.router.clock = real_clock
+
+
+async def test_a_provider_that_always_answers_idle_draws_no_more_than_its_signed_capacity(tmp_path: Path) -> None:
+    # The cheaper provider answers "idle, 1000 slots" every time it is asked, while its signed record
+    # states one slot and no queue: this router's own call in flight there fills that slot, so the
+    # next request goes to the pricier provider with room instead of queueing behind the lie.
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    tiny_gguf = await trio.to_thread.run_sync(write_tiny_llama_gguf, tmp_path / "tiny.gguf")
+    specs = [
+        ModelSpec(name=MODEL, path=str(tiny_gguf), n_threads=1, max_queue=1, parallel=1, price_per_unit=price)  # type: ignore[call-arg]
+        for price in (1, 3)
+    ]
+    async with market_nodes([{"models": (specs[0],)}, {"models": (specs[1],)}, {}]) as (nodes, _):
+        liar, pricey, consumer = nodes
+        liar_id, pricey_id = str(liar.host.get_id()), str(pricey.host.get_id())
+        idle = {f"model:{MODEL}": {"running": 0, "parallel": 1000, "queued": 0, "max_queue": 1000}}
+        answer = capability_handler(lambda: liar.publisher.sealed, lambda: idle)
+        liar.host.set_stream_handler(CAPABILITY_PROTOCOL, answer)
+        with trio.fail_after(60):
+            while len(await consumer.discover(DiscoveryQuery(capability=f"model:{MODEL}"))) < 2:
+                await trio.sleep(0.2)
+        release = trio.Event()
+
+        async def held(stream: Any) -> None:  # the router's first call there runs until released
+            await release.wait()
+            await liar.market._handle_call(stream)
+
+        liar.host.set_stream_handler(INFER_PROTOCOL, held)
+
+        served: list[list[str]] = []
+
+        async def first() -> None:
+            served.append((await _ask(consumer, MODEL)).served_by)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            with trio.fail_after(20):
+                while consumer.router._health(liar_id).in_flight < 1:
+                    await trio.sleep(0.05)
+            await trio.sleep(1.1)  # past LOAD_FRESH_S: the liar is asked again and says idle again
+            with trio.fail_after(20):  # sent to the liar, it would wait behind the held call
+                assert (await _ask(consumer, MODEL)).served_by == [pricey_id]
+            release.set()
+        assert served == [[liar_id]]  # both idle at first: the cheaper

@@ -14,7 +14,8 @@ standing of it, the measured latency, its health) and returns the order to try t
    order).
 
 The live load is the provider's own, unsigned word; the router adds the calls it started on that
-provider since the answer was taken (``since_report``). Without a live load (none fetched, or too
+provider since the answer was taken (``since_report``), counts no fewer than its own calls in flight
+there, and believes no more slots or queue than the signed record states. Without a live load (none fetched, or too
 old) the router's own calls in flight are the estimate, against the capacity the signed record
 states (``parallel``, ``max_queue``; one at a time where it states none, and never "full" then).
 """
@@ -77,8 +78,13 @@ def effective_load(candidate: Candidate) -> tuple[int, int, int, int] | None:
     capacity (no live load, no capacity in the record)."""
     if candidate.load is not None:
         load = candidate.load
-        total = load.running + load.queued + max(0, candidate.since_report)
+        # A stranger's word, checked against what this node knows: never fewer requests than this
+        # node's own calls in flight on it, never more room than its signed record states (a provider
+        # answering "idle, 1000 slots" every second would otherwise draw every request before others).
+        total = max(load.running + load.queued + max(0, candidate.since_report), max(0, candidate.in_flight))
         parallel, max_queue = load.parallel, load.max_queue
+        if candidate.parallel >= 1:
+            parallel, max_queue = min(parallel, candidate.parallel), min(max_queue, max(0, candidate.max_queue))
     elif candidate.parallel >= 1:
         total = max(0, candidate.in_flight)
         parallel, max_queue = candidate.parallel, max(0, candidate.max_queue)
