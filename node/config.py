@@ -328,6 +328,14 @@ class VerifySection(_Section):
         description="share of calls a consumer spot-checks when it holds the provider's GGUF file "
         "(besides each provider's first call and every call after a failed check)",
     )
+    serve: bool = Field(
+        False,
+        description="also sell checks of calls served with each loaded model's file (capability "
+        "verify:<sha256>); off by default: releases before it refuse a record naming that kind",
+    )
+    price_per_token: int = Field(
+        0, ge=0, le=10**30, description="price of a token checked as a verifier (0: the model's own price per token)"
+    )
 
 
 class AlertsSection(_Section):

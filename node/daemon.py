@@ -93,6 +93,7 @@ from protocols.background import Supervisor
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
 from protocols.lease.layers import LayerSeller, market_billing, market_facts
+from protocols.lease.verifier import RemoteVerifier, discovery_verifiers, register_verifiers, verify_offer_fields
 from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
 from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict, unpayable_summary
 from protocols.machines.task import RiskLimits
@@ -480,6 +481,9 @@ class Node:
                     self._market.verifying.advertised = self._advertised_sha256
                     await self._market.verifying.attach(self.ledger)
                     self._market.verifying.sample_rate = self.config.verify.sample_rate
+                    self._market.verifying.remote = RemoteVerifier(
+                        self._market, discovery_verifiers(self.discover), self_id=str(self._host.get_id())
+                    )
                     self._market.arbiter_peer = self.config.escrow.arbiter_peer
                     await nursery.start(self.supervisor.run, "market", self._market.run)
                     if self.config.market.layer_servers:
@@ -663,10 +667,15 @@ class Node:
             return
         await self.model_host.start()
         self.model_host.register(self.services)
+        if self.config.verify.serve:
+            register_verifiers(self.model_host, self.services)  # verify:<sha256> (docs/verified-inference.md)
 
     def _advertised_offers(self) -> list[Offer]:
         """The loaded models' offers, then the configured offers (same name: config wins), then the API's."""
-        merged = {offer.name: offer for offer in map(Offer.model_validate, self.model_host.offer_fields())}
+        fields = self.model_host.offer_fields()
+        if self.config.verify.serve:
+            fields += verify_offer_fields(fields, self.config.verify.price_per_token)
+        merged = {offer.name: offer for offer in map(Offer.model_validate, fields)}
         merged.update((offer.name, offer) for offer in self.config.offers)
         return self.offer_book.effective(list(merged.values()))
 

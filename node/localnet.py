@@ -23,7 +23,7 @@ import trio
 from eth_account import Account
 
 from dht.offers import Offer
-from node.config import ApiSection, BootstrapSection, Config, EscrowSection, MarketSection, NodeSection
+from node.config import ApiSection, BootstrapSection, Config, EscrowSection, MarketSection, NodeSection, VerifySection
 from node.daemon import Node
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import Chain, EscrowClient
@@ -82,6 +82,7 @@ def market_config(
     market: MarketSection | None = None,
     dispute_window_s: int = 5,
     models: tuple[ModelSpec, ...] = (),
+    verify: VerifySection | None = None,
 ) -> Config:
     return Config(
         node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"]),  # type: ignore[call-arg]
@@ -93,6 +94,7 @@ def market_config(
         market=market or MarketSection(receipt_every_units=10, receipt_every_s=2),  # type: ignore[call-arg]
         offers=list(offers),
         models=list(models),
+        verify=verify or VerifySection(),  # type: ignore[call-arg]
     )
 
 
@@ -137,6 +139,7 @@ async def market_nodes(
                     market=spec.get("market"),
                     dispute_window_s=spec.get("dispute_window_s", 5),
                     models=tuple(spec.get("models", ())),
+                    verify=spec.get("verify"),
                 )
                 # ``wallet_key`` (hex): this node's escrow wallet, e.g. ``shared.arbiter.key.hex()`` for the arbiter.
                 wallet_hex = spec.get("wallet_key")

@@ -36,6 +36,9 @@ from wire.peer_keys import ed25519_public_key
 log = logging.getLogger(__name__)
 
 LocalModel = Callable[[str], Any]  # sha256 -> a loaded LlamaModel of that file, or None
+# (provider, proof, request, text received, longest stop string) -> a leased verifier's answer, or None
+# when none could check it (protocols.lease.verifier.RemoteVerifier)
+Remote = Callable[[str, CallProof, dict[str, Any], str | None, int], Awaitable[Any]]
 # (provider, lease id) -> the sha256 the provider's signed record advertises for the lease's model ("" if none)
 Advertised = Callable[[str, str], Awaitable[str]]
 MAX_ADVERTISED = 1024  # leases whose advertised file is remembered
@@ -51,6 +54,7 @@ class Verifying:
         self.sample_rate = sample_rate
         self.book = VerificationBook()
         self.advertised: Advertised | None = None
+        self.remote: Remote | None = None  # a leased verifier for files this node does not hold
         self._advertised: dict[str, str] = {}  # lease id -> sha256 ("" when the record names none)
         self.ledger: Ledger | None = None  # where outcomes are kept (``attach``)
         # lease id -> the package of a failed check the provider's signature binds (a v2 body), kept for
@@ -136,19 +140,24 @@ class Verifying:
             signed_ok = bound and commitment_signed(proof.commitment, ed25519_public_key)
             return await self._failed(provider, CheckFacts(signed_ok, True, True, False, model_matches=False))
         model = self.local_model(signed.model_sha256)
+        bound = signed.provider == provider and signed.lease_id == lease_id
         if model is None:
-            await self._note(provider, "unverifiable", "no_file")
-            return "unverifiable"
+            if self.remote is None:
+                await self._note(provider, "unverifiable", "no_file")
+                return "unverifiable"
+            if not self._drawn(provider):
+                return "skipped"
+            return await self._check_remotely(provider, lease_id, body, proof, text, bound)
         if not self._drawn(provider):
             return "skipped"
         prompt = await prompt_ids(model, body, signed.prompt_tokens)
-        bound = signed.provider == provider and signed.lease_id == lease_id
         if prompt is None:
             await self._note(provider, "unverifiable", "prompt")
             return "unverifiable"
         try:
             # The openings are rebuilt on the worker thread too: up to 2,049 chunks of hashing.
-            spot: SpotCheck = await trio.to_thread.run_sync(_run, model.path, prompt, proof, text, _longest_stop(body))
+            stop = _longest_stop(body)
+            spot: SpotCheck = await trio.to_thread.run_sync(run_check, model.path, prompt, proof, text, stop)
         except ValueError:  # longer than the verifier's context: not checked here
             await self._note(provider, "unverifiable", "too_long")
             return "unverifiable"
@@ -164,13 +173,47 @@ class Verifying:
             text_hash_matches=spot.text_hash_matches,
             body_version=signed.v,
         )
-        package = None
-        if signed.v >= 2 and text is not None and bound:
-            try:
-                package = DisputePackage(lease_id=lease_id, proof=proof, prompt_ids=prompt, text=text)
-            except ValueError:  # beyond the package's bounds: refused all the same, kept without evidence
-                package = None
-        return await self._failed(provider, facts, package)
+        return await self._failed(provider, facts, _package(lease_id, proof, prompt, text, bound))
+
+    async def _check_remotely(
+        self, provider: str, lease_id: str, body: dict[str, Any], proof: CallProof, text: str | None, bound: bool
+    ) -> str:
+        """A drawn call whose file this node lacks: a leased verifier checks it
+        (``protocols.lease.verifier``); its answer is applied as this node's own check would be, after
+        this node's own signature check of the root and of the proof's binding to the lease."""
+        assert self.remote is not None
+        answer = await self.remote(provider, proof, body, text, _longest_stop(body))
+        if answer is None:
+            await self._note(provider, "unverifiable", "no_verifier")
+            return "unverifiable"
+        found = answer.facts
+        signed_ok = bound and commitment_signed(proof.commitment, ed25519_public_key)
+        facts = CheckFacts(
+            root_signed=signed_ok and found.root_signed,
+            answered=True,
+            openings_match=found.openings_match,
+            holds_file=found.holds_file,
+            prompt_matches=found.prompt_matches,
+            findings_reason=found.findings_reason,
+            text_matches=found.text_matches,
+            prompt_hash_matches=found.prompt_hash_matches,
+            text_hash_matches=found.text_hash_matches,
+            body_version=proof.commitment.body.v,
+        )
+        prompt = answer.prompt_ids
+        return await self._failed(provider, facts, _package(lease_id, proof, prompt, text, bound) if prompt else None)
+
+
+def _package(
+    lease_id: str, proof: CallProof, prompt: list[int], text: str | None, bound: bool
+) -> DisputePackage | None:
+    """A failed check's evidence, kept when the provider's v2 signature binds it to this lease."""
+    if proof.commitment.body.v < 2 or text is None or not bound:
+        return None
+    try:
+        return DisputePackage(lease_id=lease_id, proof=proof, prompt_ids=prompt, text=text)
+    except ValueError:  # beyond the package's bounds: refused all the same, kept without evidence
+        return None
 
 
 def _openings(chunks: list[str]) -> list[Opening]:
@@ -178,7 +221,9 @@ def _openings(chunks: list[str]) -> list[Opening]:
     return openings_of(chunks)
 
 
-def _run(path: Any, prompt: list[int], proof: CallProof, text: str | None, longest_stop: int) -> SpotCheck:
+def run_check(path: Any, prompt: list[int], proof: CallProof, text: str | None, longest_stop: int) -> SpotCheck:
+    """One check on this node's copy of the file at ``path`` (blocking): the consumer's, and a leased
+    verifier's (``protocols.lease.verifier.VerifierService``)."""
     openings = _openings(proof.chunks)
     prefill, tolerances = prefill_for(path)
     signed, keys = proof.commitment, ed25519_public_key

@@ -238,3 +238,34 @@ def owed_total(consumer_says: int, countersigned: int) -> int:
     """What an honest provider is owed for a lease in all: the consumer's figure (its vouchers and the
     disputed call), never less than the newest receipt the consumer countersigned (signed by both)."""
     return max(0, consumer_says, countersigned)
+
+
+# Leased verifiers (``verify:<sha256>``, protocols/lease/verifier.py): a consumer without the file a
+# proof names leases another node that holds it, never the provider under check, the cheapest first.
+MAX_VERIFIER_TRIES = 3  # verifiers asked, one after another, for one check
+
+
+@dataclass(frozen=True)
+class VerifierOffer:
+    """A ``verify:<sha256>`` provider as discovery found it."""
+
+    peer_id: str
+    price_per_unit: int
+
+
+def choose_verifiers(
+    offers: list[VerifierOffer], *, provider: str, self_id: str, max_price: int | None = None
+) -> list[str]:
+    """The verifiers to ask for one check, in order: never the provider under check, never this node,
+    none above ``max_price`` (per token checked), the cheapest first (peer id breaks ties), at most
+    :data:`MAX_VERIFIER_TRIES`."""
+    fit = [
+        offer
+        for offer in offers
+        if offer.peer_id not in (provider, self_id) and (max_price is None or offer.price_per_unit <= max_price)
+    ]
+    chosen: list[str] = []
+    for offer in sorted(fit, key=lambda o: (o.price_per_unit, o.peer_id)):
+        if offer.peer_id not in chosen:
+            chosen.append(offer.peer_id)
+    return chosen[:MAX_VERIFIER_TRIES]
