@@ -7,8 +7,9 @@ layer placement) run everywhere; the end-to-end test needs llama.cpp built with 
 
 from __future__ import annotations
 
+import contextlib
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import multiaddr
 import pytest
@@ -226,11 +227,11 @@ async def test_a_crashed_layer_server_ends_its_lease_and_strangers_never_reach_i
                 await trio.to_thread.run_sync(lambda: subprocess.run([sys.executable, "-c", probe], timeout=20))
                 assert local.refused == 1 and lease.server is None
                 # The holder's own connection starts the server: the HELLO handshake is answered.
-                hello = await _probe(local.endpoint)
-                assert hello[:9] == struct.pack("<QB", 28, 7)  # protocol v7
-                assert lease.server is not None and lease.server.alive
-                os.kill(lease.server.pid or 0, signal.SIGKILL)
-                await _until(lambda: lost == ["lease0"])
+                async with _connected(local.endpoint) as hello:  # kept open: the tunnel stays up
+                    assert hello[:9] == struct.pack("<QB", 28, 7)  # protocol v7
+                    assert lease.server is not None and lease.server.alive
+                    os.kill(lease.server.pid or 0, signal.SIGKILL)
+                    await _until(lambda: lost == ["lease0"])
             assert lease.ended, (lost, lease)
             assert seller._servers() == 0, seller.leases
             # the node goes on: the seller's host still answers, and the ended lease stays refused
@@ -243,15 +244,25 @@ async def test_a_crashed_layer_server_ends_its_lease_and_strangers_never_reach_i
 
 
 async def _probe(endpoint: str) -> bytes:
-    """A ggml-rpc HELLO on a connection kept open (so the server stays busy with it); its reply."""
+    """A ggml-rpc HELLO on a new connection; the server's reply."""
+    async with _connected(endpoint) as reply:
+        return reply
+
+
+@contextlib.asynccontextmanager
+async def _connected(endpoint: str) -> AsyncIterator[bytes]:
+    """A connection that said HELLO (no transport capabilities), open for the block; the reply."""
     host, port = endpoint.split(":")
     sock = await trio.open_tcp_stream(host, int(port))
-    await sock.send_all(struct.pack("<BQ", HELLO, 24) + bytes(24))  # no transport capabilities
-    reply = b""
-    with trio.fail_after(20):
-        while len(reply) < 8 + 28:
-            chunk = await sock.receive_some(64)
-            if not chunk:
-                raise ConnectionError("closed")
-            reply += chunk
-    return reply
+    try:
+        await sock.send_all(struct.pack("<BQ", HELLO, 24) + bytes(24))
+        reply = b""
+        with trio.fail_after(20):
+            while len(reply) < 8 + 28:
+                chunk = await sock.receive_some(64)
+                if not chunk:
+                    raise ConnectionError("closed")
+                reply += chunk
+        yield reply
+    finally:
+        await sock.aclose()

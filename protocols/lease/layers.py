@@ -216,6 +216,15 @@ class LayerSeller:
             outside, ended=outside.ended or lease.ended, tunnels=mine.tunnels, has_server=mine.has_server
         )
 
+    async def _lost_if_dead(self, lease: LayerLease | None) -> None:
+        """A lease whose server died (a crash, a limit, a kill) ends; the node goes on. Seen when one
+        of its tunnels ends or the next one asks to open."""
+        if lease is None or lease.ended or lease.server is None or lease.server.alive:
+            return
+        await self.end(lease.lease_id)
+        if self.on_lost is not None:
+            await self.on_lost(lease.lease_id)
+
     def _forget_idle(self) -> None:
         for lease_id, lease in list(self.leases.items()):
             if lease.tunnels == 0 and (lease.server is None or not lease.server.alive):
@@ -241,6 +250,7 @@ class LayerSeller:
         try:
             try:
                 opened = TunnelOpen.model_validate_json(await reader.read_frame(OPEN_TIMEOUT_S))
+                await self._lost_if_dead(self.leases.get(opened.lease_id))
                 lease, facts = self._lease(opened.lease_id)
                 verdict = tunnel_verdict(
                     facts,
@@ -297,11 +307,7 @@ class LayerSeller:
                         await settle()
                     if self.on_usage is not None:
                         await self.on_usage(lease.lease_id, meter)
-                    if not server.alive and not lease.ended:
-                        # the server crashed (or hit a limit): the lease ends, the node goes on
-                        await self.end(lease.lease_id)
-                        if self.on_lost is not None:
-                            await self.on_lost(lease.lease_id)
+                    await self._lost_if_dead(lease)
         except Exception:  # noqa: BLE001 - a tunnel's failure is the tunnel's, never the node's
             with contextlib.suppress(Exception):
                 await stream.reset()
