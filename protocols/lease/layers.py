@@ -18,7 +18,7 @@ import dataclasses
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -333,17 +333,19 @@ def _socket_inode(local_port: int, remote_port: int) -> str | None:
     return None
 
 
-def own_socket(peer_port: int, listen_port: int) -> bool:
-    """Is the client end of a connection to our ``listen_port`` (from ``peer_port``) a socket of this process?"""
+def own_socket(peer_port: int, listen_port: int, pids: Iterable[int] = ()) -> bool:
+    """Is the client end of a connection to our ``listen_port`` (from ``peer_port``) a socket of this
+    process, or of one of ``pids`` (its own worker processes)?"""
     inode = _socket_inode(peer_port, listen_port)
     if inode is None:
         return not os.path.exists("/proc/net/tcp")  # no /proc: nothing to check against
     target = f"socket:[{inode}]"
-    with contextlib.suppress(OSError):
-        for fd in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/self/fd/{fd}") == target:
-                    return True
+    for pid in ("self", *(str(p) for p in pids)):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return True
     return False
 
 
@@ -370,10 +372,12 @@ async def _carry(
     tunnel: LocalTunnel,
     listen_port: int,
     on_tokens: Callable[[int], None] | None,
+    clients: Callable[[], Iterable[int]] | None,
 ) -> None:
     try:
         peer_port = sock.socket.getpeername()[1]
-        if not await trio.to_thread.run_sync(own_socket, peer_port, listen_port):
+        pids = list(clients()) if clients is not None else []
+        if not await trio.to_thread.run_sync(own_socket, peer_port, listen_port, pids):
             tunnel.refused += 1
             await sock.aclose()
             return
@@ -408,10 +412,16 @@ async def _carry(
 
 @contextlib.asynccontextmanager
 async def open_tunnel(
-    host: IHost, peer: ID, lease_id: str, token: str, on_tokens: Callable[[int], None] | None = None
+    host: IHost,
+    peer: ID,
+    lease_id: str,
+    token: str,
+    on_tokens: Callable[[int], None] | None = None,
+    clients: Callable[[], Iterable[int]] | None = None,
 ) -> AsyncIterator[LocalTunnel]:
     """A loopback endpoint whose connections reach the seller's layer server for ``lease_id``;
-    ``on_tokens`` hears of the tokens the seller's layers ran (``market_counting``)."""
+    ``on_tokens`` hears of the tokens the seller's layers ran (``market_counting``); ``clients``:
+    the pids of this node's worker processes that may connect too (``runtime.split.worker``)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     listener = listeners[0]
     port = listener.socket.getsockname()[1]
@@ -423,7 +433,7 @@ async def open_tunnel(
             while True:
                 sock = await listener.accept()
                 sock.setsockopt(6, 1, 1)  # TCP_NODELAY: the RPC protocol is request and reply
-                nursery.start_soon(_carry, host, peer, opened, sock, tunnel, port, on_tokens)
+                nursery.start_soon(_carry, host, peer, opened, sock, tunnel, port, on_tokens, clients)
 
         nursery.start_soon(accept)
         try:

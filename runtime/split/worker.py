@@ -1,0 +1,162 @@
+"""A split model in a process of its own, so that a lost layer seller costs that process, never the node.
+
+llama.cpp's RPC client calls ``abort()`` when a server closes or answers malformed bytes: the process
+that loaded the split model ends at once. :class:`SplitWorker` loads it in ``python -m
+runtime.split.worker`` and talks to it with one JSON line per request and per reply over its pipes.
+When the worker ends, the call in flight and every later one fail with ``E_UNAVAILABLE
+layer_seller_lost``; the caller retries elsewhere or falls back to a whole-model provider.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from runtime.errors import ClawnodeError, ErrorCode
+
+SELLER_LOST = "layer_seller_lost"  # stable reason: the worker ended (a layer server was lost, or it crashed)
+MAX_LINE = 4 << 20  # a reply line at most (a completion's text and usage)
+LOAD_TIMEOUT_S = 300.0
+
+
+def _child() -> None:
+    """The worker: load the model the first line names, then answer one chat per line."""
+    from runtime.inference.engine import TokenUsage
+    from runtime.split.model import SplitLlamaModel
+
+    config = json.loads(sys.stdin.readline())
+    model = SplitLlamaModel(
+        config["path"],
+        endpoints=config["endpoints"],
+        shares=config.get("shares"),
+        name=config.get("name", "split"),
+        n_ctx=config.get("n_ctx", 2048),
+        n_threads=config.get("n_threads"),
+    )
+
+    async def serve() -> None:
+        await model.load()
+        print(json.dumps({"ready": True}), flush=True)
+        while line := await trio.to_thread.run_sync(sys.stdin.readline):
+            request = json.loads(line)
+            try:
+                reply = await model.chat(
+                    request["messages"],
+                    max_tokens=int(request.get("max_tokens", 256)),
+                    temperature=float(request.get("temperature", 0.0)),
+                )
+                usage: TokenUsage = reply.usage
+                answer: dict[str, Any] = {
+                    "text": reply.text,
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "finish_reason": reply.finish_reason,
+                }
+            except ClawnodeError as error:
+                answer = {"error": {"code": str(error.code), "reason": error.reason, "message": error.message}}
+            print(json.dumps(answer), flush=True)
+        await model.aclose()
+
+    trio.run(serve)
+
+
+class SplitWorker:
+    """The node's handle on a split model running in a worker process."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        endpoints: list[str],
+        shares: list[float] | None = None,
+        name: str = "split",
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+    ) -> None:
+        self._config = {
+            "path": str(path),
+            "endpoints": list(endpoints),
+            "shares": shares,
+            "name": name,
+            "n_ctx": n_ctx,
+            "n_threads": n_threads,
+        }
+        self._proc: trio.Process | None = None
+        self._buffer = bytearray()
+        self._lock = trio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _lost(self) -> ClawnodeError:
+        return ClawnodeError(
+            ErrorCode.UNAVAILABLE, "the split model's worker ended: a layer seller was lost", SELLER_LOST
+        )
+
+    async def _line(self) -> dict[str, Any]:
+        assert self._proc is not None and self._proc.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self._proc.stdout.receive_some(1 << 16)
+            if not chunk or len(self._buffer) > MAX_LINE:
+                raise self._lost()
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        value = json.loads(line)
+        if not isinstance(value, dict):
+            raise self._lost()
+        return value
+
+    async def load(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "GGML_RPC_NO_RDMA": "1"}
+        self._proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "runtime.split.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        assert self._proc.stdin is not None
+        await self._proc.stdin.send_all(json.dumps(self._config).encode() + b"\n")
+        with trio.fail_after(LOAD_TIMEOUT_S):
+            ready = await self._line()
+        if not ready.get("ready"):
+            raise self._lost()
+
+    async def chat(
+        self, messages: list[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0
+    ) -> dict[str, Any]:
+        """``{"text", "prompt_tokens", "completion_tokens", "finish_reason"}``; ``E_UNAVAILABLE
+        layer_seller_lost`` when the worker is gone."""
+        async with self._lock:
+            if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:
+                raise self._lost()
+            request = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+            try:
+                await self._proc.stdin.send_all(json.dumps(request).encode() + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise self._lost() from None
+            reply = await self._line()
+        if "error" in reply:
+            error = reply["error"]
+            raise ClawnodeError(ErrorCode(error["code"]), str(error["message"]), error.get("reason"))
+        return reply
+
+    async def aclose(self) -> None:
+        if self._proc is None:
+            return
+        with trio.CancelScope(shield=True):
+            if self._proc.returncode is None:
+                self._proc.kill()
+            await self._proc.wait()
+
+
+if __name__ == "__main__":
+    _child()
