@@ -336,6 +336,13 @@ class VerifySection(_Section):
     price_per_token: int = Field(
         0, ge=0, le=10**30, description="price of a token checked as a verifier (0: the model's own price per token)"
     )
+    report_weight: float = Field(
+        0.1,
+        ge=0,
+        le=0.9,
+        description="how far other nodes' signed verification reports move a provider's standing "
+        "(0: ignored); they never exclude a provider",
+    )
 
 
 class AlertsSection(_Section):

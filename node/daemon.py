@@ -93,11 +93,17 @@ from protocols.background import Supervisor
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
 from protocols.lease.layers import LayerSeller, market_billing, market_facts
-from protocols.lease.verifier import RemoteVerifier, discovery_verifiers, register_verifiers, verify_offer_fields
+from protocols.lease.verifier import (
+    REPORTS_PROTOCOL,
+    RemoteVerifier,
+    discovery_verifiers,
+    register_verifiers,
+    reports_handler,
+    verify_offer_fields,
+)
 from protocols.lease_wire import CallResult, EscrowTerms, LeaseView
 from protocols.machines.payable import PaymentNetwork, ProviderTerms, caip2, payable_verdict, unpayable_summary
 from protocols.machines.task import RiskLimits
-from protocols.machines.verify import standing
 from protocols.task import TaskMarket
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelHost
@@ -484,6 +490,8 @@ class Node:
                     self._market.verifying.remote = RemoteVerifier(
                         self._market, discovery_verifiers(self.discover), self_id=str(self._host.get_id())
                     )
+                    self._market.verifying.share_reports(self._market.receipt_key, self.config.verify.report_weight)
+                    self._host.set_stream_handler(REPORTS_PROTOCOL, reports_handler(self._market.verifying))
                     self._market.arbiter_peer = self.config.escrow.arbiter_peer
                     await nursery.start(self.supervisor.run, "market", self._market.run)
                     if self.config.market.layer_servers:
@@ -784,7 +792,7 @@ class Node:
             failed=record.failed,
             unverifiable=record.unverifiable,
             last_reason=record.last_reason,
-            standing=standing(record.passed, record.failed),
+            standing=self.market.verifying.standing(peer_id),
         )
 
     def verification_records(self, limit: int) -> dict[str, VerificationView]:

@@ -399,14 +399,14 @@ class Router:
         load = None
         if seen is not None and now - seen.fetched_at <= LOAD_MAX_AGE_S:
             load = LiveLoad.parse(seen.loads.get(provider.capability))
-        # Verified inference: a provider that failed one of this node's checks has standing 0.
-        book = getattr(getattr(self.market, "verifying", None), "book", None)
-        record = book.get(provider.peer_id) if book is not None else None
+        # Verified inference: a provider that failed one of this node's checks has standing 0; peers'
+        # signed reports shift it, never to 0.
+        verifying = getattr(self.market, "verifying", None)
         return Candidate(
             peer_id=provider.peer_id,
             price_per_unit=provider.price_per_unit,
             latency_s=health.ewma_latency_s if health.ewma_latency_s is not None else provider.rtt_ms / 1000,
-            standing=standing(record.passed, record.failed) if record is not None else standing(0, 0),
+            standing=verifying.standing(provider.peer_id) if verifying is not None else standing(0, 0),
             load=load,
             since_report=seen.started.get(provider.capability, 0) if load is not None and seen is not None else 0,
             in_flight=health.in_flight,

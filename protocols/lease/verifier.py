@@ -22,16 +22,21 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocols.machines.verify import CheckFacts, VerifierOffer, check_verdict, choose_verifiers
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import Emit, Usage
 from runtime.verify.commitment import MAX_TOKENS
 from runtime.verify.evidence import CallProof
+from runtime.verify.reports import SignedReport
+from wire.rpc import request, serve_requests
 
 log = logging.getLogger(__name__)
 
@@ -303,3 +308,54 @@ def discovery_verifiers(discover: Callable[[Any], Awaitable[list[Any]]]) -> Find
         return [VerifierOffer(p.peer_id, p.price_per_unit) for p in found if not p.is_self]
 
     return find
+
+
+# Shared reports (runtime/verify/reports.py): a peer asks a node for its own signed reports about some
+# providers (or its newest ones) and keeps those that verify; they shift its standing, never exclude.
+REPORTS_PROTOCOL = TProtocol("/clawnode/verify-reports/1.0.0")
+MAX_ASKED = 32  # providers one ask names
+MAX_REPORTS = 64  # reports one answer carries
+REPORTS_FRAME = 64 * 1024
+REPORTS_TIMEOUT_S = 10.0
+
+
+class ReportsAsk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["reports_ask"] = "reports_ask"
+    providers: list[str] = Field(default_factory=list, max_length=MAX_ASKED)
+
+
+class ReportsAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["reports"] = "reports"
+    reports: list[SignedReport] = Field(default_factory=list, max_length=MAX_REPORTS)
+
+
+REPORTS_ANSWER: TypeAdapter[ReportsAnswer] = TypeAdapter(ReportsAnswer)
+
+
+def reports_handler(verifying: Any) -> Callable[[INetStream], Awaitable[None]]:
+    """The stream handler of :data:`REPORTS_PROTOCOL`: this node's own reports, as ``verifying`` keeps them."""
+
+    async def answer(frame: bytes, remote: ID) -> BaseModel:
+        asked = ReportsAsk.model_validate_json(frame)
+        return ReportsAnswer(reports=verifying.reports.shared(asked.providers, MAX_REPORTS))
+
+    return serve_requests(answer, max_frame=REPORTS_FRAME, read_timeout_s=REPORTS_TIMEOUT_S)
+
+
+async def fetch_reports(host: Any, verifying: Any, peer: str, providers: list[str] | None = None) -> int:
+    """Ask ``peer`` for its reports about ``providers`` (its newest when None) and keep those that
+    verify (``ReportBook.take``); how many were kept."""
+    answer = await request(
+        host,
+        ID.from_base58(peer),
+        REPORTS_PROTOCOL,
+        ReportsAsk(providers=(providers or [])[:MAX_ASKED]),
+        REPORTS_ANSWER,
+        timeout_s=REPORTS_TIMEOUT_S,
+        max_frame=REPORTS_FRAME,
+    )
+    return sum(verifying.reports.take(report, peer) for report in answer.reports)

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from protocols.machines.verify import CheckFacts, check_verdict
+from protocols.machines.verify import CheckFacts, check_verdict, standing_with_reports
 from runtime.ledger import Ledger
 from runtime.ledger.verifications import VerificationRow
 from runtime.verify.book import Record, VerificationBook
@@ -29,6 +29,7 @@ from runtime.verify.check import prefill_for
 from runtime.verify.commitment import MAX_TOKENS, Opening
 from runtime.verify.evidence import CallProof, DisputePackage, commitment_signed
 from runtime.verify.provider import verifiable
+from runtime.verify.reports import ReportBook
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE, should_check
 from runtime.verify.spot import SpotCheck, check_call, openings_of
 from wire.peer_keys import ed25519_public_key
@@ -61,6 +62,25 @@ class Verifying:
         # the lease's dispute (``protocols.lease.arbiter``: sent to the escrow's arbiter, dropped once
         # the arbiter resolved it).
         self.evidence: dict[str, DisputePackage] = {}
+        # Signed reports of this node's checks, and those peers shared (``share_reports``); they shift
+        # ``standing`` by ``report_weight`` at most, never to 0.
+        self.reports = ReportBook()
+        self.report_weight = 0.0
+        self._sha256_now = ""
+
+    def share_reports(self, key: Any, weight: float) -> None:
+        """Sign a report of each check of this node's own with ``key`` (its ReceiptKey), and weigh the
+        reports peers share by ``weight`` (``verify.report_weight``)."""
+        self.reports = ReportBook(key, ed25519_public_key)
+        self.report_weight = weight
+
+    def standing(self, provider: str) -> float:
+        """What the router ranks ``provider`` by: 0 after a failed check of this node's own; otherwise
+        ``protocols.machines.verify.standing`` of its checks, shifted by peers' reports."""
+        record = self.book.get(provider)
+        tally = self.reports.tally(provider)
+        passed, failed = (record.passed, record.failed) if record is not None else (0, 0)
+        return standing_with_reports(passed, failed, tally.passed, tally.failed, self.report_weight)
 
     async def _advertised_sha256(self, provider: str, lease_id: str) -> str:
         known = self._advertised.get(lease_id)
@@ -86,8 +106,9 @@ class Verifying:
             self.book.restore(row.provider, Record(row.passed, row.failed, row.unverifiable, row.last_reason))
         self.ledger = ledger
 
-    async def _note(self, provider: str, outcome: str, reason: str = "") -> None:
+    async def _note(self, provider: str, outcome: str, reason: str = "", sha256: str = "") -> None:
         record = self.book.note(provider, outcome, reason)
+        self.reports.note(provider, outcome, reason, sha256)
         if self.ledger is None or outcome == "unverifiable":
             # Unverifiable calls (no file here) may be every call: counted in memory, not a disk write each.
             return
@@ -99,7 +120,9 @@ class Verifying:
 
     async def _failed(self, provider: str, facts: CheckFacts, package: DisputePackage | None = None) -> str:
         verdict = check_verdict(facts)
-        await self._note(provider, verdict.outcome, verdict.reason)
+        # The file the check was about, for this node's signed report (set just before this call).
+        sha256, self._sha256_now = self._sha256_now, ""
+        await self._note(provider, verdict.outcome, verdict.reason, sha256)
         if package is not None and verdict.dispute:
             self.evidence[package.lease_id] = package
             while len(self.evidence) > MAX_EVIDENCE:
@@ -138,6 +161,7 @@ class Verifying:
             # Cheap, and needs no file: checked on every call that carries a proof.
             bound = signed.provider == provider and signed.lease_id == lease_id
             signed_ok = bound and commitment_signed(proof.commitment, ed25519_public_key)
+            self._sha256_now = signed.model_sha256
             return await self._failed(provider, CheckFacts(signed_ok, True, True, False, model_matches=False))
         model = self.local_model(signed.model_sha256)
         bound = signed.provider == provider and signed.lease_id == lease_id
@@ -173,6 +197,7 @@ class Verifying:
             text_hash_matches=spot.text_hash_matches,
             body_version=signed.v,
         )
+        self._sha256_now = signed.model_sha256
         return await self._failed(provider, facts, _package(lease_id, proof, prompt, text, bound))
 
     async def _check_remotely(
@@ -201,7 +226,9 @@ class Verifying:
             body_version=proof.commitment.body.v,
         )
         prompt = answer.prompt_ids
-        return await self._failed(provider, facts, _package(lease_id, proof, prompt, text, bound) if prompt else None)
+        package = _package(lease_id, proof, prompt, text, bound) if prompt else None
+        self._sha256_now = proof.commitment.body.model_sha256
+        return await self._failed(provider, facts, package)
 
 
 def _package(

@@ -269,3 +269,28 @@ def choose_verifiers(
         if offer.peer_id not in chosen:
             chosen.append(offer.peer_id)
     return chosen[:MAX_VERIFIER_TRIES]
+
+
+# Shared reports (runtime/verify/reports.py) shift standing by at most ``weight`` of the way toward 1 or
+# toward this floor: never to 0, so no report from others alone makes the router leave a provider out.
+REPORTED_FLOOR = 0.01
+MAX_REPORT_WEIGHT = 0.9
+
+
+def standing_with_reports(
+    passed: int, failed: int, reported_passed: int = 0, reported_failed: int = 0, weight: float = 0.0
+) -> float:
+    """:func:`standing` shifted by other nodes' reports (each reporter counted once): 0 only after a
+    failed check of this node's own; otherwise the share of reporters that saw the provider pass or
+    fail moves it ``weight`` (at most 0.9) of the way toward 1 or toward :data:`REPORTED_FLOOR`."""
+    own = standing(passed, failed)
+    if failed > 0:
+        return 0.0
+    reports = reported_passed + reported_failed
+    weight = min(MAX_REPORT_WEIGHT, max(0.0, weight))
+    if reports <= 0 or weight == 0.0:
+        return own
+    share = (reported_passed - reported_failed) / reports  # -1 … 1
+    target = 1.0 if share > 0 else REPORTED_FLOOR
+    shifted = own + weight * abs(share) * (target - own)
+    return max(REPORTED_FLOOR, min(1.0, shifted))
