@@ -2,7 +2,8 @@
 escrow: the escrow's payee can freeze it as well as its payer, so a provider that freezes its own
 honest lease and sends the arbiter a case of its own (its honest call's package, which it signed, and
 "the consumer owes everything locked") must not be paid a wei more than the consumer owes: the arbiter
-takes a case only with the payer's signature over it."""
+takes a case only with the payer's signature over it. A peer that opens dispute streams and trickles
+16 MiB frames into them is answered busy past a bound instead of read."""
 
 from __future__ import annotations
 
@@ -15,12 +16,22 @@ import trio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from protocols.lease.arbiter import DISPUTE_PROTOCOL, MAX_DISPUTE_FRAME, OUTCOME, LeaseDisputeCase
+from protocols.lease.arbiter import (
+    DISPUTE_PROTOCOL,
+    MAX_DISPUTE_FRAME,
+    MAX_DISPUTE_STREAMS_PER_PEER,
+    OUTCOME,
+    RECEIPT_ANSWER,
+    LeaseDisputeCase,
+    LeaseReceiptAsk,
+)
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from tests.support.market import SharedChain, market_nodes
+from wire.framing import encode_uvarint
 from wire.rpc import request
+from wire.streams import open_stream
 
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 8, "temperature": 0}
 
@@ -76,3 +87,27 @@ async def test_a_provider_that_freezes_its_own_lease_cannot_name_what_it_is_owed
         after = await trio.to_thread.run_sync(payer_client.get, payer, escrow_id)
         assert (after.phase, after.released) == ("disputed", before.released)  # nothing paid out
         assert lease.lease_id not in arbiter.market.lease_disputes
+
+
+async def test_a_peer_that_opens_dispute_streams_and_trickles_frames_is_answered_busy() -> None:
+    # Each dispute stream may hold a frame of up to 16 MiB before anything is checked: a stranger that
+    # keeps opening them and sending a frame slowly is answered busy past two at once, not read.
+    async with market_nodes([{}, {}]) as (nodes, _):
+        arbiter, stranger = nodes
+        target = arbiter.host.get_id()
+        held = []
+        for _ in range(MAX_DISPUTE_STREAMS_PER_PEER):
+            stream = await open_stream(stranger.host, target, [DISPUTE_PROTOCOL])
+            await stream.write(encode_uvarint(MAX_DISPUTE_FRAME) + b"{" * 1024)  # 16 MiB announced, 1 KiB sent
+            held.append(stream)
+        await trio.sleep(0.2)  # both are being read by now
+        ask = LeaseReceiptAsk(lease_id="ab" * 32)
+        with trio.fail_after(5), pytest.raises(ClawnodeError) as busy:  # unbounded: read until its timeout
+            await request(stranger.host, target, DISPUTE_PROTOCOL, ask, RECEIPT_ANSWER, timeout_s=5)
+        assert (busy.value.code, busy.value.reason) == (ErrorCode.RATE_LIMITED, "busy")
+        for stream in held:
+            await stream.reset()
+        await trio.sleep(0.2)
+        with pytest.raises(ClawnodeError) as answered:  # the next one is read and answered again
+            await request(stranger.host, target, DISPUTE_PROTOCOL, ask, RECEIPT_ANSWER, timeout_s=5)
+        assert answered.value.code == ErrorCode.NOT_FOUND

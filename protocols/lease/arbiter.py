@@ -23,6 +23,7 @@ import re
 from typing import Any, Literal
 
 import trio
+from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -45,8 +46,9 @@ from runtime.ledger.receipts import LEASE_ID_PATTERN, SignedReceipt, verify_coun
 from runtime.verify.check import prefill_for
 from runtime.verify.evidence import DisputePackage, package_binds
 from runtime.verify.spot import SpotCheck, recheck
+from wire.framing import write_frame
 from wire.peer_keys import ed25519_public_key
-from wire.rpc import request, serve_requests
+from wire.rpc import error_reply, request, serve_requests
 
 DISPUTE_PROTOCOL = TProtocol("/clawnode/lease-dispute/1.0.0")
 # A package holds at most 2^20 prompt ids, 2^16 tokens with their chunks and 4 MiB of text.
@@ -59,6 +61,10 @@ CASE_RETRIED = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE, ErrorCo
 MAX_CASES = 4  # cases an arbiter works on at once; more are refused busy (the consumer may send again)
 MAX_OUTCOMES = 256  # outcomes kept in memory per node (the ledger keeps each party's)
 MAX_DISPUTE_SCAN = 1000  # the newest disputes read back to find a lease's (one per lease)
+# Dispute streams handled at once, and per peer: each may buffer a frame of up to 16 MiB before any
+# check, so more are answered busy at once instead of read (at most 256 MiB of frames in memory).
+MAX_DISPUTE_STREAMS = 16
+MAX_DISPUTE_STREAMS_PER_PEER = 2
 _ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 
 
@@ -140,7 +146,28 @@ class DisputeRole(LeaseCore):
             self.lease_disputes.pop(next(iter(self.lease_disputes)))
 
     def dispute_handler(self) -> Any:
-        return serve_requests(self._handle_dispute, max_frame=MAX_DISPUTE_FRAME, read_timeout_s=DISPUTE_READ_TIMEOUT_S)
+        serve = serve_requests(self._handle_dispute, max_frame=MAX_DISPUTE_FRAME, read_timeout_s=DISPUTE_READ_TIMEOUT_S)
+        by_peer: dict[str, int] = {}
+
+        async def bounded(stream: INetStream) -> None:
+            peer = str(stream.muxed_conn.peer_id)
+            if sum(by_peer.values()) >= MAX_DISPUTE_STREAMS or by_peer.get(peer, 0) >= MAX_DISPUTE_STREAMS_PER_PEER:
+                busy = ClawnodeError(ErrorCode.RATE_LIMITED, "too many dispute streams at once", "busy")
+                self._failed("lease_dispute", busy)
+                with trio.move_on_after(PUSH_TIMEOUT_S):
+                    await write_frame(stream, error_reply(busy).model_dump_json().encode(), max_frame=MAX_DISPUTE_FRAME)
+                with trio.move_on_after(1):
+                    await stream.close()
+                return
+            by_peer[peer] = by_peer.get(peer, 0) + 1
+            try:
+                await serve(stream)
+            finally:
+                by_peer[peer] -= 1
+                if not by_peer[peer]:
+                    del by_peer[peer]
+
+        return bounded
 
     async def _handle_dispute(self, frame: bytes, remote: ID) -> BaseModel:
         try:
