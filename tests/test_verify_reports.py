@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import trio
+from libp2p.peer.id import ID
 
 from dht.discovery import DiscoveryQuery
-from protocols.lease.verifier import fetch_reports
+from protocols.lease.verifier import REPORTS_ANSWER, REPORTS_PROTOCOL, fetch_reports
 from protocols.machines.verify import REPORTED_FLOOR, standing, standing_with_reports
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.receipts import ReceiptKey
 from runtime.verify.reports import MAX_AGE_S, ReportBook, SignedReport
 from tests.support.market import WORD_OFFER, WORDS, market_nodes
+from wire.framing import FrameReader, write_frame
 from wire.peer_keys import ed25519_public_key, receipt_key
+from wire.rpc import parse_reply
+from wire.streams import open_stream
 
 SHA = "ab" * 32
 
@@ -80,3 +86,12 @@ async def test_a_peers_report_lowers_standing_but_never_excludes_while_an_own_fa
         # Asked again, the same report is not counted twice.
         assert await fetch_reports(receiver.host, receiver.market.verifying, reporter_id, [provider_id]) == 0
         assert receiver.market.verifying.standing(provider_id) == after
+
+        # Garbage gets a clean error, never a crash or an internal error.
+        for garbage in (b"[" * 5000, b'{"type":"reports_ask","providers":' + b'"x",' * 40 + b'"x"]}', b"\xff"):
+            stream = await open_stream(receiver.host, ID.from_base58(reporter_id), [REPORTS_PROTOCOL])
+            await write_frame(stream, garbage)
+            frame = await FrameReader(stream, max_frame=1 << 16).read_frame(10)
+            with pytest.raises(ClawnodeError) as refused:
+                parse_reply(frame, REPORTS_ANSWER)
+            assert refused.value.code == ErrorCode.INVALID_ARGUMENT
