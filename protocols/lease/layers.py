@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -443,6 +444,71 @@ async def open_tunnel(
             await listener.aclose()
 
 
+def layers_capability(sha256: str) -> str:
+    """The capability that sells layer capacity for one GGUF file: ``layers:<sha256>``."""
+    return f"layers:{sha256}"
+
+
+def layer_request_schema(layers: int, memory_mb: int) -> dict[str, Any]:
+    """What a lease of layer capacity may ask: at most ``layers`` layers of the file, within
+    ``memory_mb`` of the seller's memory. The record states the capacity here."""
+    return {
+        "type": "object",
+        "properties": {
+            "layers": {"type": "integer", "minimum": 1, "maximum": layers},
+            "memory_mb": {"type": "integer", "minimum": 0, "maximum": memory_mb},
+        },
+        "additionalProperties": False,
+    }
+
+
+LAYER_REPLY_SCHEMA: dict[str, Any] = {"type": "object", "description": "ggml-rpc over /clawnode/layers/1.0.0"}
+
+
+def layer_offer_fields(
+    model_offers: list[dict[str, Any]], capacity: dict[str, tuple[int, int]], price_per_token: int = 0
+) -> list[dict[str, Any]]:
+    """A ``layers:<sha256>`` offer per file among the node's model offers whose ``capacity`` (sha256
+    -> (layers, memory MB)) is known, priced ``price_per_token`` per token its layers run (0: the
+    model's own price per token)."""
+    offers: dict[str, dict[str, Any]] = {}
+    for offer in model_offers:
+        sha256 = str(offer.get("sha256") or "")
+        if not sha256 or sha256 not in capacity or sha256 in offers:
+            continue
+        layers, memory_mb = capacity[sha256]
+        offers[sha256] = {
+            "name": layers_capability(sha256),
+            "summary": f"up to {layers} layers of {offer['name']}'s file, {memory_mb} MB",
+            "unit": "token",
+            "price_per_unit": price_per_token or int(offer.get("price_per_unit", 0)),
+            "sha256": sha256,
+            "params_schema": layer_request_schema(layers, memory_mb),
+            "returns": LAYER_REPLY_SCHEMA,
+            "examples": [{"layers": layers, "memory_mb": memory_mb}],
+        }
+    return list(offers.values())
+
+
+class LayerService:
+    """What a ``layers:<sha256>`` capability answers on ``/clawnode/infer/1.0.0``: nothing. Its lease
+    is used over ``/clawnode/layers/1.0.0``; registered so the market quotes and grants it."""
+
+    async def run(self, body: dict[str, Any], emit: Callable[[dict[str, Any]], Awaitable[None]]) -> Any:
+        raise ClawnodeError(
+            ErrorCode.INVALID_ARGUMENT, "a layers lease is used over /clawnode/layers/1.0.0, not for calls"
+        )
+
+
+def layer_capacity(descriptor_schema: dict[str, Any]) -> tuple[int, int] | None:
+    """(layers, memory MB) a ``layers:<sha256>`` record's params_schema states, or None."""
+    try:
+        properties = descriptor_schema["properties"]
+        return int(properties["layers"]["maximum"]), int(properties["memory_mb"]["maximum"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def market_facts(market: LeaseMarket) -> Callable[[str], LayerLeaseFacts | None]:
     """Tunnels on the leases the market serves: their consumer, token, expiry and end."""
 
@@ -496,9 +562,15 @@ def market_counting(market: LeaseMarket, lease_id: str) -> Callable[[int], None]
 
 __all__ = [
     "LAYERS_PROTOCOL",
+    "LAYER_REPLY_SCHEMA",
     "LayerSeller",
+    "LayerService",
     "LayerUsage",
     "LocalTunnel",
+    "layer_capacity",
+    "layer_offer_fields",
+    "layer_request_schema",
+    "layers_capability",
     "market_billing",
     "market_counting",
     "market_facts",
