@@ -7,6 +7,7 @@ takes a case only with the payer's signature over it. A peer that opens dispute 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -111,3 +112,51 @@ async def test_a_peer_that_opens_dispute_streams_and_trickles_frames_is_answered
         with pytest.raises(ClawnodeError) as answered:  # the next one is read and answered again
             await request(stranger.host, target, DISPUTE_PROTOCOL, ask, RECEIPT_ANSWER, timeout_s=5)
         assert answered.value.code == ErrorCode.NOT_FOUND
+
+
+async def test_a_creator_never_awards_its_task_to_a_member_of_the_task_s_panel() -> None:
+    # A seller that sits on the panel (not first: the first member is the task's arbiter, who may not
+    # bid) would vote on its own dispute: one more agreeing vote and it pays itself. It skips its own
+    # check of the panel; the creator refuses the award before anything is locked.
+    from protocols import task_wire as tw
+    from protocols.gossip import task_topic
+    from runtime.sandbox import Limits
+    from tests.support import native_programs
+    from tests.support.market import wait_for
+
+    capability = "model:native-upper"
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    async with market_nodes([{}, {}, {}, {}], chain=shared) as (nodes, _):
+        creator, seller, first, third = nodes
+        for node in (creator, seller):
+            node.sandbox.policy = dataclasses.replace(node.sandbox.policy, kinds=frozenset({"wasm", "native"}))
+        await seller.tasks.watch(capability)
+        topic = task_topic(capability)
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        seats = [
+            tw.PanelMember(peer=str(node.host.get_id()), wallet=node.escrow_client.account.address)  # type: ignore[union-attr]
+            for node in (first, third)
+        ]
+        # The seller's seat names a wallet other than its payee's (the chain refuses only payee == member).
+        seats.insert(1, tw.PanelMember(peer=str(seller.host.get_id()), wallet="0x" + "5" * 40))
+        limits = Limits(fuel=2000, memory_bytes=64 * 1024 * 1024, wall_s=5.0, output_bytes=4096, pids=8)
+        view = await creator.tasks.publish_run(
+            capability,
+            10**18,
+            120,
+            kind="native",
+            module=native_programs.UPPER,
+            limits=limits,
+            panel=tw.PanelTerms(members=seats, threshold=2),
+        )
+        await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
+
+        async def no_check(*args: Any) -> None:
+            return None
+
+        seller.tasks._check_panel_lock = no_check  # type: ignore[method-assign,assignment]
+        bid = await seller.tasks.bid(view.task_id, 10**17)
+        with pytest.raises(ClawnodeError) as refused:
+            await creator.tasks.award(view.task_id, bid.bid_id)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "panel_party")
+        assert creator.tasks.view(view.task_id).escrow_id is None  # nothing locked

@@ -15,6 +15,7 @@ from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, Tas
 from protocols.lease_wire import EscrowLock
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
+from protocols.machines import task_panel as panel_rules
 from protocols.machines.verdict import enforce
 from protocols.task.base import PUSH_ATTEMPTS, TaskCore, TaskLocal, log, peer_id_valid
 from runtime.errors import ClawnodeError, ErrorCode
@@ -102,6 +103,10 @@ class CreatorRole(TaskCore):
         record, local = self._task(task_id)
         self._dry_run(m.Award(task_id=task_id, bid_id=bid_id, lock_ref="0x" + "0" * 64), self.peer_id)
         bid = record.bids[bid_id]
+        panel_named = self._panel_of(local)
+        if panel_named is not None:  # a seller on the panel would vote on its own dispute
+            seats = [(member.peer, member.wallet) for member in panel_named.members]
+            enforce(panel_rules.panel_terms_verdict(seats, panel_named.threshold, (self.peer_id, bid.bidder)))
         payee, arbiter_wallet = local.payees.get(bid_id), local.announcement.arbiter_wallet
         client = self._client()
         balance, gas_cost = await client.chain.run(self._funds, client)
