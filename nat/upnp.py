@@ -86,6 +86,9 @@ def _error_from(exc: Exception, default: str = "upnp-error") -> UpnpError:
     return UpnpError(_UPNP_ERRORS.get(text, default), text[:200])
 
 
+DESCRIPTION_S = 3.0  # for fetching an answering IGD's description (after the SSDP search)
+
+
 @dataclass(frozen=True)
 class UpnpSettings:
     enabled: bool = True
@@ -133,12 +136,20 @@ class PortMapper:
 
     def discover(self) -> str:
         """Find an IGD by SSDP and select it; returns the LAN address that routes to it."""
+        self.search()
+        return self.select()
+
+    def search(self) -> None:
+        """The SSDP search alone (``UpnpError`` no-igd when no device answered)."""
         try:
             found = self._upnp.discover()
         except Exception as exc:  # noqa: BLE001 - miniupnpc raises bare Exception (also when nothing answered)
             raise UpnpError("no-igd", (str(exc) or "SSDP search failed")[:200]) from None
         if not found:
             raise UpnpError("no-igd", "no UPnP device answered the SSDP search")
+
+    def select(self) -> str:
+        """After ``search``: fetch the answering devices' descriptions, select the IGD; its LAN address."""
         try:
             self._upnp.selectigd()
         except Exception as exc:  # noqa: BLE001
@@ -418,9 +429,15 @@ class UpnpService:
         mapper = self._factory(self.settings)
         # Bound the whole search (SSDP + IGD description); a search that runs over is abandoned to its
         # thread (it still holds the limiter until it ends, so miniupnpc calls never overlap).
+        # The SSDP search within discover_timeout_ms; once a device answered, fetching its description
+        # gets DESCRIPTION_S of its own: with both within 2 s, a node starting on a loaded box (load
+        # 15-18) missed its router's IGD at the first search and mapped 5-40 s later (the backoff).
         lan: str | None = None
-        with trio.move_on_after(self.settings.discover_timeout_ms / 1000):
-            lan = await self._call(mapper.discover, abandon=True)
+        with trio.move_on_after(self.settings.discover_timeout_ms / 1000) as searching:
+            await self._call(mapper.search, abandon=True)
+        if not searching.cancelled_caught:
+            with trio.move_on_after(DESCRIPTION_S):
+                lan = await self._call(mapper.select, abandon=True)
         if lan is None:
             raise UpnpError("no-igd", f"no IGD answered within {self.settings.discover_timeout_ms} ms")
         if self._lan_override:

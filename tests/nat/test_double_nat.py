@@ -72,7 +72,10 @@ class _Igd(PortMapper):
         self.external = external
         self.lan_ip = "192.168.1.10"
 
-    def discover(self) -> str:
+    def search(self) -> None:
+        return None
+
+    def select(self) -> str:
         return "192.168.1.10"
 
     def external_ip(self) -> str:
