@@ -92,7 +92,14 @@ from node.router import Router, fetch_live_load
 from protocols.background import Supervisor
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
-from protocols.lease.layers import LayerSeller, market_billing, market_facts
+from protocols.lease.layers import (
+    LayerSeller,
+    layer_capacity_of,
+    layer_offer_fields,
+    market_billing,
+    market_facts,
+    register_layer_services,
+)
 from protocols.lease.verifier import (
     REPORTS_PROTOCOL,
     RemoteVerifier,
@@ -677,12 +684,17 @@ class Node:
         self.model_host.register(self.services)
         if self.config.verify.serve:
             register_verifiers(self.model_host, self.services)  # verify:<sha256> (docs/verified-inference.md)
+        if self.config.market.layer_servers:
+            register_layer_services(self.model_host, self.services)  # layers:<sha256> (docs/split.md)
 
     def _advertised_offers(self) -> list[Offer]:
         """The loaded models' offers, then the configured offers (same name: config wins), then the API's."""
         fields = self.model_host.offer_fields()
         if self.config.verify.serve:
             fields += verify_offer_fields(fields, self.config.verify.price_per_token)
+        if self.config.market.layer_servers:
+            models = self.model_host.offer_fields()
+            fields += layer_offer_fields(models, layer_capacity_of(self.model_host))
         merged = {offer.name: offer for offer in map(Offer.model_validate, fields)}
         merged.update((offer.name, offer) for offer in self.config.offers)
         return self.offer_book.effective(list(merged.values()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import multiaddr
@@ -118,6 +119,21 @@ def test_layer_capacity_is_offered_per_file_and_read_back_from_the_descriptor() 
     assert descriptor.request_problems({"layers": 10, "memory_mb": 300}) == []
     assert descriptor.request_problems({"layers": 19}) != []  # more layers than it holds
     assert tunnel.layer_offer_fields(models, {sha: (18, 512)}, price_per_token=3)[0]["price_per_unit"] == 3
+
+
+def test_a_node_offers_layers_of_each_loaded_file(tmp_path: Path) -> None:
+    from runtime.service import ServiceRegistry
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(bytes(3 << 20))
+    loaded = type(
+        "Loaded", (), {"metadata": {"general.architecture": "gemma3", "gemma3.block_count": "18"}, "path": gguf}
+    )
+    host = type("Host", (), {"sha256s": {"g": "ab" * 32, "unhashed": ""}, "get": staticmethod(lambda name: loaded)})
+    assert tunnel.layer_capacity_of(host) == {"ab" * 32: (18, 3)}
+    services = ServiceRegistry()
+    tunnel.register_layer_services(host, services)
+    assert services.names() == [f"layers:{'ab' * 32}"]
 
 
 needs_rpc = pytest.mark.skipif(

@@ -500,6 +500,32 @@ class LayerService:
         )
 
 
+def layer_capacity_of(model_host: Any) -> dict[str, tuple[int, int]]:
+    """sha256 -> (layers, memory MB) of each model ``model_host`` loaded: its GGUF's block count, and
+    its file's size as the memory all its layers take at most."""
+    capacity: dict[str, tuple[int, int]] = {}
+    for name, sha256 in model_host.sha256s.items():
+        model = model_host.get(name)
+        if not sha256 or model is None:
+            continue
+        metadata = getattr(model, "metadata", {}) or {}
+        try:
+            layers = int(metadata.get(f"{metadata.get('general.architecture', '')}.block_count", "0"))
+        except ValueError:
+            continue
+        with contextlib.suppress(OSError):
+            if layers >= 1:
+                capacity[sha256] = (layers, max(1, os.path.getsize(model.path) >> 20))
+    return capacity
+
+
+def register_layer_services(model_host: Any, services: Any) -> None:
+    """Register ``layers:<sha256>`` (a ServiceRegistry's) for each file ``model_host`` loaded, so the
+    market quotes and grants its leases."""
+    for sha256 in layer_capacity_of(model_host):
+        services.register(layers_capability(sha256), LayerService())
+
+
 def layer_capacity(descriptor_schema: dict[str, Any]) -> tuple[int, int] | None:
     """(layers, memory MB) a ``layers:<sha256>`` record's params_schema states, or None."""
     try:
@@ -568,6 +594,7 @@ __all__ = [
     "LayerUsage",
     "LocalTunnel",
     "layer_capacity",
+    "layer_capacity_of",
     "layer_offer_fields",
     "layer_request_schema",
     "layers_capability",
@@ -576,4 +603,5 @@ __all__ = [
     "market_facts",
     "open_tunnel",
     "own_socket",
+    "register_layer_services",
 ]
