@@ -3,7 +3,8 @@ escrow: the escrow's payee can freeze it as well as its payer, so a provider tha
 honest lease and sends the arbiter a case of its own (its honest call's package, which it signed, and
 "the consumer owes everything locked") must not be paid a wei more than the consumer owes: the arbiter
 takes a case only with the payer's signature over it. A peer that opens dispute streams and trickles
-16 MiB frames into them is answered busy past a bound instead of read."""
+16 MiB frames into them is answered busy past a bound instead of read (the escrows' arbiter never is).
+And a task's seller that sits on the task's panel is never awarded it (it would vote on its own dispute)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,19 @@ async def test_a_peer_that_opens_dispute_streams_and_trickles_frames_is_answered
         with pytest.raises(ClawnodeError) as answered:  # the next one is read and answered again
             await request(stranger.host, target, DISPUTE_PROTOCOL, ask, RECEIPT_ANSWER, timeout_s=5)
         assert answered.value.code == ErrorCode.NOT_FOUND
+
+        # The escrows' arbiter is never turned away (it asks for receipts while it decides a case).
+        arbiter.market.arbiter_peer = str(stranger.host.get_id())
+        for _ in range(MAX_DISPUTE_STREAMS_PER_PEER):
+            stream = await open_stream(stranger.host, target, [DISPUTE_PROTOCOL])
+            await stream.write(encode_uvarint(MAX_DISPUTE_FRAME) + b"{" * 1024)
+            held.append(stream)
+        await trio.sleep(0.2)
+        with trio.fail_after(5), pytest.raises(ClawnodeError) as answered:
+            await request(stranger.host, target, DISPUTE_PROTOCOL, ask, RECEIPT_ANSWER, timeout_s=5)
+        assert answered.value.code == ErrorCode.NOT_FOUND
+        for stream in held:
+            await stream.reset()
 
 
 async def test_a_creator_never_awards_its_task_to_a_member_of_the_task_s_panel() -> None:

@@ -63,6 +63,8 @@ MAX_OUTCOMES = 256  # outcomes kept in memory per node (the ledger keeps each pa
 MAX_DISPUTE_SCAN = 1000  # the newest disputes read back to find a lease's (one per lease)
 # Dispute streams handled at once, and per peer: each may buffer a frame of up to 16 MiB before any
 # check, so more are answered busy at once instead of read (at most 256 MiB of frames in memory).
+# The escrows' arbiter peer (``escrow.arbiter_peer``) is never refused: a flood of strangers must not
+# keep it from the provider's countersigned receipt while it decides a case.
 MAX_DISPUTE_STREAMS = 16
 MAX_DISPUTE_STREAMS_PER_PEER = 2
 _ADDRESS = r"^0x[0-9a-fA-F]{40}$"
@@ -151,6 +153,9 @@ class DisputeRole(LeaseCore):
 
         async def bounded(stream: INetStream) -> None:
             peer = str(stream.muxed_conn.peer_id)
+            if peer == self.arbiter_peer:  # the escrows' arbiter asking for receipts, telling outcomes
+                await serve(stream)
+                return
             if sum(by_peer.values()) >= MAX_DISPUTE_STREAMS or by_peer.get(peer, 0) >= MAX_DISPUTE_STREAMS_PER_PEER:
                 busy = ClawnodeError(ErrorCode.RATE_LIMITED, "too many dispute streams at once", "busy")
                 self._failed("lease_dispute", busy)
