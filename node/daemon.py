@@ -103,6 +103,7 @@ from protocols.lease.layers import (
 from protocols.lease.verifier import (
     REPORTS_PROTOCOL,
     RemoteVerifier,
+    ReportPuller,
     discovery_verifiers,
     register_verifiers,
     reports_handler,
@@ -499,6 +500,7 @@ class Node:
                     )
                     self._market.verifying.share_reports(self._market.receipt_key, self.config.verify.report_weight)
                     self._host.set_stream_handler(REPORTS_PROTOCOL, reports_handler(self._market.verifying))
+                    self._market.verifying.pull_reports = ReportPuller(self._market, self._market.verifying)
                     self._market.arbiter_peer = self.config.escrow.arbiter_peer
                     await nursery.start(self.supervisor.run, "market", self._market.run)
                     if self.config.market.layer_servers:

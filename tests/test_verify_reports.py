@@ -77,13 +77,18 @@ async def test_a_peers_report_lowers_standing_but_never_excludes_while_an_own_fa
                 await trio.sleep(0.2)
         assert provider_id not in [p.peer_id for p in reporter.router.rank(await reporter.discover(query))]
 
+        # The receiver's first call to the provider asks its peers about it, in the background.
         before = receiver.market.verifying.standing(provider_id)
-        assert await fetch_reports(receiver.host, receiver.market.verifying, reporter_id, [provider_id]) == 1
+        lease = await receiver.market.open_lease(provider_id, WORDS, budget=10**9, duration_s=60)
+        await receiver.market.call(lease.lease_id, {"prompt": "one two"})
+        with trio.fail_after(10):
+            while receiver.market.verifying.reports.tally(provider_id).failed < 1:
+                await trio.sleep(0.05)
         after = receiver.market.verifying.standing(provider_id)
         assert 0 < after < before  # default verify.report_weight 0.1
         assert provider_id in [p.peer_id for p in receiver.router.rank(await receiver.discover(query))]
         assert receiver.verification_record(provider_id) is None  # no check of its own: no record shown
-        # Asked again, the same report is not counted twice.
+        # Asked again (by hand), the same report is not counted twice.
         assert await fetch_reports(receiver.host, receiver.market.verifying, reporter_id, [provider_id]) == 0
         assert receiver.market.verifying.standing(provider_id) == after
 

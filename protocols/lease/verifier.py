@@ -359,3 +359,35 @@ async def fetch_reports(host: Any, verifying: Any, peer: str, providers: list[st
         max_frame=REPORTS_FRAME,
     )
     return sum(verifying.reports.take(report, peer) for report in answer.reports)
+
+
+PULL_PEERS = 3  # connected peers asked about a provider this node has not checked yet
+PULL_EVERY_S = 600.0  # a provider is asked about again after this long
+MAX_PULLED = 1024  # providers remembered as asked about
+
+
+class ReportPuller:
+    """Asks a few connected peers for their reports about a provider the first time this node calls it
+    (``Verifying.pull_reports``), in the background: never in a call's way."""
+
+    def __init__(self, market: Any, verifying: Any) -> None:
+        self.market = market  # a LeaseMarket: its host, its nursery
+        self.verifying = verifying
+        self._asked: dict[str, float] = {}  # provider -> when its peers were last asked
+
+    def __call__(self, provider: str) -> None:
+        now = trio.current_time()
+        if now - self._asked.get(provider, -PULL_EVERY_S) < PULL_EVERY_S:
+            return
+        self._asked.pop(provider, None)
+        self._asked[provider] = now
+        while len(self._asked) > MAX_PULLED:
+            self._asked.pop(next(iter(self._asked)))
+        self.market._spawn(self._pull, provider)
+
+    async def _pull(self, provider: str) -> None:
+        host = self.market.host
+        peers = [str(p) for p in host.get_connected_peers() if str(p) != provider][:PULL_PEERS]
+        for peer in peers:
+            with contextlib.suppress(Exception):  # an unreachable or odd peer: the next one
+                await fetch_reports(host, self.verifying, peer, [provider])

@@ -56,6 +56,8 @@ class Verifying:
         self.book = VerificationBook()
         self.advertised: Advertised | None = None
         self.remote: Remote | None = None  # a leased verifier for files this node does not hold
+        # Asks peers for their reports about a provider this node calls (protocols.lease.verifier.ReportPuller)
+        self.pull_reports: Callable[[str], None] | None = None
         self._advertised: dict[str, str] = {}  # lease id -> sha256 ("" when the record names none)
         self.ledger: Ledger | None = None  # where outcomes are kept (``attach``)
         # lease id -> the package of a failed check the provider's signature binds (a v2 body), kept for
@@ -146,6 +148,8 @@ class Verifying:
         received; ``usage``: the end frame's."""
         if self.local_model is None:
             return "skipped"
+        if self.pull_reports is not None and not self.book.checked_before(provider):
+            self.pull_reports(provider)  # in the background; at most once in 10 minutes a provider
         if proof is None:
             produced = int((usage or {}).get("completion_tokens", 0))
             if not verifiable(body) or not 0 < produced <= MAX_TOKENS:
