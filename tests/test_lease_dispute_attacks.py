@@ -49,9 +49,10 @@ async def test_a_provider_that_freezes_its_own_lease_cannot_name_what_it_is_owed
         {"models": (_spec(files[0]),)},
         {"models": (_spec(files[1]),)},
         {"wallet_key": shared.arbiter.key.hex(), "models": (_spec(files[2]),)},
+        {},
     ]
     async with market_nodes(specs, chain=shared) as (nodes, _):
-        consumer, provider, arbiter = nodes
+        consumer, provider, arbiter, elsewhere = nodes
         consumer.market.arbiter_peer = str(arbiter.host.get_id())
         kept: dict[str, Any] = {}  # the honest call's package: the provider holds the same (it signed it)
         verifying = consumer.market.verifying
@@ -89,6 +90,24 @@ async def test_a_provider_that_freezes_its_own_lease_cannot_name_what_it_is_owed
         after = await trio.to_thread.run_sync(payer_client.get, payer, escrow_id)
         assert (after.phase, after.released) == ("disputed", before.released)  # nothing paid out
         assert lease.lease_id not in arbiter.market.lease_disputes
+
+        # The payer's own case, saying it owes nothing, sent from another peer id than the lease's
+        # consumer (whose countersigned receipts the arbiter would otherwise not match): the provider
+        # is still paid what the newest receipt with the payer's voucher says.
+        with trio.fail_after(20):
+            while not await provider.ledger.countersigned_amount(lease.lease_id):
+                await trio.sleep(0.1)
+        countersigned = await provider.ledger.countersigned_amount(lease.lease_id)
+        signed = "0x" + (await trio.to_thread.run_sync(payer_client.sign_dispute_case, escrow_id, 0)).hex()
+        case = LeaseDisputeCase(
+            lease_id=lease.lease_id, payer=payer, package=package, owed_if_honest=0, payer_sig=signed
+        )
+        outcome = await request(
+            elsewhere.host, arbiter.host.get_id(), DISPUTE_PROTOCOL, case, OUTCOME, max_frame=MAX_DISPUTE_FRAME
+        )
+        assert outcome.outcome == "reject" and outcome.reason == "passed"
+        closed = await trio.to_thread.run_sync(payer_client.get, payer, escrow_id)
+        assert closed.phase == "closed" and closed.released == countersigned > 0
 
 
 async def test_a_peer_that_opens_dispute_streams_and_trickles_frames_is_answered_busy() -> None:

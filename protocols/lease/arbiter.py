@@ -340,7 +340,7 @@ class DisputeRole(LeaseCore):
         verdict = check_verdict(_facts(spot, body.v))
         countersigned = 0
         if not (bound and verdict.outcome == "failed" and verdict.dispute):  # the provider may be owed
-            countersigned = await self._countersigned(body.provider, consumer, case.lease_id)
+            countersigned = await self._countersigned(body.provider, consumer, case.lease_id, client, case.payer)
         owed = owed_total(case.owed_if_honest, countersigned)
         decision = decide(
             ArbitrationFacts(
@@ -368,9 +368,11 @@ class DisputeRole(LeaseCore):
             self._spawn(self._tell_provider, body.provider, outcome)
         return outcome
 
-    async def _countersigned(self, provider: str, consumer: str, lease_id: str) -> int:
-        """What the provider's newest receipt countersigned by the case's consumer says is owed (0 when it
-        has none, does not answer in time, or sends one that does not verify)."""
+    async def _countersigned(self, provider: str, consumer: str, lease_id: str, client: Any, payer: str) -> int:
+        """What the provider's newest countersigned receipt says is owed: one the case's sender
+        countersigned, or one whose voucher the escrow's payer signed for exactly its amount (so a payer
+        that sends its case from another peer id does not escape it); 0 when it has none, does not
+        answer in time, or sends one that does not verify."""
         peer = _peer(provider)
         if peer is None:
             return 0
@@ -390,13 +392,21 @@ class DisputeRole(LeaseCore):
         if receipt is None:
             return 0
         body = receipt.body
-        if (body.lease_id, body.provider, body.consumer) != (lease_id, provider, consumer):
+        if (body.lease_id, body.provider) != (lease_id, provider):
             return 0
         try:
             verify_countersigned(receipt, ed25519_public_key)
         except ClawnodeError:
             return 0
-        return body.amount
+        if body.consumer == consumer:
+            return body.amount
+        from runtime.escrow.client import voucher_signer  # web3 is loaded once a chain is connected
+
+        if receipt.voucher is None:
+            return 0
+        escrow_id = bytes.fromhex(lease_id)
+        signer = voucher_signer(client.chain.chain_id, client.address, payer, escrow_id, body.amount, receipt.voucher)
+        return body.amount if signer is not None and signer.lower() == payer.lower() else 0
 
     async def _tell_provider(self, provider: str, outcome: LeaseDisputeOutcome) -> None:
         peer = _peer(provider)
