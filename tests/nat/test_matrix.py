@@ -42,9 +42,40 @@ def _explain(result: natmatrix.Result, index: int) -> str:
     return f"{result!r}\n" + "\n".join(tails)
 
 
+class _Own:
+    """This run's namespace prefixes and data folders: another NAT run on the same box (a bench
+    beside the test) adds its own namespaces and daemons meanwhile, which are not this run's leftovers."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.prefixes: list[str] = []
+        self.roots: list[str] = []
+        own = self
+        real_mkdtemp = natmatrix.tempfile.mkdtemp
+
+        class Recorded(natmatrix.Topology):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                own.prefixes.append(self.prefix)
+
+        def mkdtemp(*args: Any, **kwargs: Any) -> str:
+            own.roots.append(real_mkdtemp(*args, **kwargs))
+            return own.roots[-1]
+
+        monkeypatch.setattr(natmatrix, "Topology", Recorded)
+        monkeypatch.setattr(natmatrix.tempfile, "mkdtemp", mkdtemp)
+
+    def leftover_netns(self) -> list[str]:
+        assert self.prefixes, "no topology was built"
+        return [ns for ns in netns_list() if ns.startswith(tuple(f"{prefix}-" for prefix in self.prefixes))]
+
+    def leftover_daemons(self) -> list[str]:
+        assert self.roots, "no data folder was made"
+        return [line for line in _leftover_daemons("clawnode-natmatrix-") if any(r in line for r in self.roots)]
+
+
 @needs_netns
-def test_short_matrix_follows_what_the_nats_allow() -> None:
-    before = set(netns_list())
+def test_short_matrix_follows_what_the_nats_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    own = _Own(monkeypatch)
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     # The home nodes start as soon as the public nodes listen (the bench waits for their verdicts).
     results = natmatrix.run_matrix(natmatrix.SHORT_CASES, keep_logs=ARTIFACTS, server_verdicts=False)
@@ -95,15 +126,15 @@ def test_short_matrix_follows_what_the_nats_allow() -> None:
     summary = natmatrix.summarize(results)
     assert summary["direct_rate"] == 1.0 and summary["relay_fallback_rate"] == 1.0
     # everything is gone: namespaces and daemons
-    assert set(netns_list()) <= before
-    assert _leftover_daemons("clawnode-natmatrix-") == []
+    assert own.leftover_netns() == []
+    assert own.leftover_daemons() == []
 
 
 @needs_netns
 def test_cleanup_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that fails once every daemon is started (the first wait fails at once, instead of the
     ~25 s the public nodes take to reach a verdict) leaves no namespace and no daemon behind."""
-    before = set(netns_list())
+    own = _Own(monkeypatch)
     started: list[natmatrix.Daemon] = []
     real_start = natmatrix.start_daemon
 
@@ -120,8 +151,8 @@ def test_cleanup_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RuntimeError, match="case failed"):
         natmatrix.run_matrix([natmatrix.parse_case("symmetric:symmetric")], repetitions=1)
     assert len(started) == 5  # the relay and the four helpers
-    assert set(netns_list()) <= before
-    assert _leftover_daemons("clawnode-natmatrix-") == []
+    assert own.leftover_netns() == []
+    assert own.leftover_daemons() == []
 
 
 @pytest.mark.parametrize(
