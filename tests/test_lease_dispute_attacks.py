@@ -27,6 +27,7 @@ from protocols.lease.arbiter import (
     LeaseDisputeCase,
     LeaseReceiptAsk,
 )
+from protocols.machines.verify import CheckFacts
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
@@ -108,6 +109,20 @@ async def test_a_provider_that_freezes_its_own_lease_cannot_name_what_it_is_owed
         assert outcome.outcome == "reject" and outcome.reason == "passed"
         closed = await trio.to_thread.run_sync(payer_client.get, payer, escrow_id)
         assert closed.phase == "closed" and closed.released == countersigned > 0
+
+        # A check that fails an honest call wrongly (a leased verifier that lies): the provider is out of
+        # the ranking (standing 0) until the arbiter's re-run finds it not at fault; then it is back.
+        provider_id = str(provider.host.get_id())
+        second = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
+        await consumer.market.call(second.lease_id, CHAT)
+        lie = CheckFacts(True, True, False, True, body_version=2)  # "the openings do not match"
+        assert (await real_failed(provider_id, lie, kept[second.lease_id])).startswith("failed:")
+        assert verifying.standing(provider_id) == 0
+        overruled = await consumer.market.dispute_lease(second.lease_id, 0)
+        assert overruled is not None and overruled.outcome == "reject"
+        assert verifying.standing(provider_id) > 0
+        record = {row.provider: row for row in await consumer.ledger.verification_rows()}[provider_id]
+        assert (record.failed, record.last_reason) == (0, "overruled")  # kept across a restart too
 
 
 async def test_a_peer_that_opens_dispute_streams_and_trickles_frames_is_answered_busy() -> None:

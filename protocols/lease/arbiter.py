@@ -236,6 +236,8 @@ class DisputeRole(LeaseCore):
             await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=outcome.reason)
             self.verifying.evidence.pop(lease_id, None)
             self.wake_settlement()  # the refund waiting on the frozen escrow lands now
+        if outcome.outcome == "reject":  # not at fault: the failed check no longer leaves it out
+            await self.verifying.overruled(held.grant.provider)
         self._keep_outcome(outcome)  # after the ledger has it
         return outcome
 

@@ -120,6 +120,19 @@ class Verifying:
         except Exception as error:  # noqa: BLE001 - a full or failing disk: kept in memory, written next time
             log.warning("a verification outcome was not kept in the ledger (%s)", type(error).__name__)
 
+    async def overruled(self, provider: str) -> None:
+        """The lease's arbiter did not find ``provider`` at fault for a check this node (or a verifier it
+        leased) failed: that failure is taken back, so one wrong check (a lying verifier's) does not
+        leave an honest provider out of the router's ranking for good."""
+        record = self.book.overruled(provider)
+        if record is None or self.ledger is None:
+            return
+        row = VerificationRow(provider, record.passed, record.failed, record.unverifiable, record.last_reason)
+        try:
+            await self.ledger.save_verification(row)
+        except Exception as error:  # noqa: BLE001 - a full or failing disk: kept in memory, written next time
+            log.warning("a verification outcome was not kept in the ledger (%s)", type(error).__name__)
+
     async def _failed(self, provider: str, facts: CheckFacts, package: DisputePackage | None = None) -> str:
         verdict = check_verdict(facts)
         # The file the check was about, for this node's signed report (set just before this call).

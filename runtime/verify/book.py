@@ -54,3 +54,14 @@ class VerificationBook:
         while len(self.records) > self.limit:
             self.records.pop(next(iter(self.records)))
         return record
+
+    def overruled(self, provider: str) -> Record | None:
+        """The escrow's arbiter re-ran a call this node counted as failed and did not find the provider
+        at fault: that failure counts as a pass (None when there is no failure to take back)."""
+        record = self.records.get(provider)
+        if record is None or record.failed < 1:
+            return None
+        record.failed -= 1
+        record.passed += 1
+        record.last_reason = "overruled"
+        return record
