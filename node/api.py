@@ -66,6 +66,17 @@ class HolePunchAttemptView(BaseModel):
     finished_at: float  # unix time
 
 
+class LayerLeaseView(BaseModel):
+    """A layer lease this node serves (docs/split.md): its RPC server runs while ``serving``."""
+
+    lease_id: str  # the first 12 characters
+    consumer: str  # the peer id's last 8 characters
+    state: str  # serving | idle | ended
+    tunnels: int
+    tokens: int  # tokens its layers ran, over the tunnels that ended
+    bytes: int
+
+
 class HolePunchView(BaseModel):
     enabled: bool
     direct: int  # attempts that ended on a verified direct connection
@@ -121,6 +132,7 @@ class StatusReply(BaseModel):
     # Added with the chain reconciliation: escrows whose ledger rows the chain does not know (flagged,
     # no longer retried); None while no escrow chain is connected.
     escrow_mismatches: EscrowMismatches | None = None
+    layer_leases: list[LayerLeaseView] | None = None  # with market.layer_servers > 0 (docs/split.md)
 
 
 class PeerReply(BaseModel):

@@ -231,10 +231,25 @@ def status(data_dir: str | None, as_json: bool) -> None:
             *_relay_lines(body),
             *_nat_traversal_lines(body),
             *_escrow_mismatch_lines(body),
+            *_layer_lines(body),
             f"uptime         {body['uptime_s']:.0f} s",
             "alerts         " + "\n               ".join(alert_lines),
         ],
     )
+
+
+def _layer_lines(body: dict[str, Any]) -> list[str]:
+    """The layer leases this node serves (market.layer_servers; docs/split.md)."""
+    leases = body.get("layer_leases")
+    if leases is None:
+        return []
+    if not leases:
+        return ["layers         serving none yet"]
+    return [
+        f"layers         lease {v['lease_id']} for …{v['consumer']}: {v['state']}, {v['tunnels']} tunnel(s), "
+        f"{v['tokens']} tokens, {v['bytes']} bytes"
+        for v in leases
+    ]
 
 
 def _escrow_mismatch_lines(body: dict[str, Any]) -> list[str]:

@@ -50,6 +50,7 @@ from node.api import (
     EscrowStatus,
     HolePunchView,
     IdentityReply,
+    LayerLeaseView,
     LeasesReply,
     LedgerSummaryReply,
     LedgerVerifyReply,
@@ -949,6 +950,9 @@ class Node:
             upnp=UpnpView.model_validate(self._upnp.summary()) if self._upnp is not None else None,
             reached_by=self.reached_by(),
             escrow_mismatches=self.reconciler.mismatches if self.reconciler is not None else None,
+            layer_leases=(
+                [LayerLeaseView.model_validate(view) for view in self.layers.summary()] if self.layers else None
+            ),
         )
 
     def reached_by(self) -> str:

@@ -239,6 +239,12 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
                     await _until(lambda s=session: s.units_metered == processed)  # type: ignore[misc]
                     assert consumer.market.held[lease_id].seen_units == processed
 
+                # Each seller's status shows the layer lease it serves; the consumer serves none.
+                for node, lease_id in zip(sellers, ids, strict=True):
+                    [view] = node.status().layer_leases or []
+                    assert (view.lease_id, view.state, view.tunnels) == (lease_id[:12], "serving", 1)
+                assert consumer.status().layer_leases is None
+
                 # The second seller's server dies: the worker aborts with it, the node does not.
                 lost = layer_sellers[1].leases[ids[1]]
                 assert lost.server is not None
@@ -252,6 +258,8 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
             finally:
                 await worker.aclose()
         await _until(lambda: all(s.leases[i].tunnels == 0 for s, i in zip(layer_sellers, ids, strict=True)))  # type: ignore[union-attr]
+        lost_view = (sellers[1].status().layer_leases or [])[0]
+        assert (lost_view.lease_id, lost_view.state) == (ids[1][:12], "ended")
         # Both ends of each tunnel metered the same bytes.
         for seller, lease_id, local in zip(layer_sellers, ids, locals_, strict=True):
             assert seller is not None

@@ -199,6 +199,24 @@ class LayerSeller:
         for lease_id in list(self.leases):
             await self.end(lease_id)
 
+    def summary(self, limit: int = 16) -> list[dict[str, Any]]:
+        """The layer leases this node serves, newest first (status, dashboard): whose, how busy, what
+        their layers ran so far. Lease ids and peer ids are shortened; nothing else identifies them."""
+        views = []
+        for lease in reversed(list(self.leases.values())[-limit:]):
+            alive = lease.server is not None and lease.server.alive
+            views.append(
+                {
+                    "lease_id": lease.lease_id[:12],
+                    "consumer": lease.consumer[-8:],
+                    "state": "ended" if lease.ended else "serving" if alive else "idle",
+                    "tunnels": lease.tunnels,
+                    "tokens": lease.usage.tokens,
+                    "bytes": lease.usage.bytes_up + lease.usage.bytes_down,
+                }
+            )
+        return views
+
     def _lease(self, lease_id: str) -> tuple[LayerLease | None, LayerLeaseFacts | None]:
         """The lease's local state (its server, tunnels, usage) and the facts the rule reads."""
         lease = self.leases.get(lease_id)
