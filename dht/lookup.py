@@ -14,15 +14,17 @@ Here (the libp2p Kademlia spec, as go-libp2p-kad-dht runs it):
   ``patience_s`` stops holding its slot, so one slow or dead peer never stalls the lookup; one
   slower than ``query_timeout_s`` is given up as late (it no longer holds the lookup's end), and
   its answer is still read and used until ``answer_timeout_s``;
-* a lookup ends when the ``beta`` closest peers it knows of that have not failed or been given up
-  have all answered (the closest set is stable: nobody closer is left to ask, nobody closer is
-  still being asked), or at once when ``stop_at`` is named (``find_peer``, beta 3). A peer given
-  up as late never settles that set: when it did, a loaded machine's lookups ended as soon as the
-  three closest were late and cut short the queries out to the next closest, which would have
-  named the target (``bench/dht_swarm.py --trace``). A lookup for the peers to store at or read
-  from (``put_value``, ``provide``, ``get_value``, provider lists) takes beta ``STORE_BETA`` (8):
-  with beta 3 a provider and a reader, each ending on a slightly different closest set, met on
-  too few peers (at N = 60 a query found 1 of 3-4 providers);
+* a lookup ends when the ``beta`` closest peers it knows of have all answered (the closest set is
+  stable: nobody closer is left to ask), or at once when ``stop_at`` is named (``find_peer``, beta
+  3). Until ``beta`` peers have answered, a peer given up as late neither settles that set nor
+  takes a place among the peers to ask, and a walk with no answer yet waits for a late one: when a
+  late peer always settled, a loaded machine's lookups ended as soon as the three closest were late
+  and cut short the queries out to the next closest, which would have named the target
+  (``bench/dht_swarm.py --trace``); when it never did, store lookups took 10-20 s there. A lookup
+  for the peers to store at or read from (``put_value``, ``provide``, ``get_value``, provider
+  lists) takes beta ``STORE_BETA`` (8): with beta 3 a provider and a reader, each ending on a
+  slightly different closest set, met on too few peers (at N = 60 a query found 1 of 3-4
+  providers);
 * one FIND_NODE is one stream: written, read, parsed here; a query cut short (timeout, the lookup
   ended) resets its stream, so no half-open stream keeps a connection busy;
 * only the sender's signed record is checked (answers name addresses as go's do); an answered
