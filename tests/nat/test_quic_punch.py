@@ -48,6 +48,46 @@ def test_quic_predictions_sit_beside_each_tcp_prediction() -> None:
     assert quic_target(out[2]) is None
 
 
+async def test_a_source_dial_leaves_from_the_quic_listen_port_and_the_listener_still_takes_others() -> None:
+    """Loopback, no NAT: A dials B over QUIC from A's own QUIC listen port (B sees that port), and
+    while that connection lives a third node still reaches A's listener on the same port."""
+    from libp2p.crypto.secp256k1 import create_new_key_pair
+
+    from nat.quic_punch import install, quic_listeners
+    from node.host import build_host
+
+    listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/udp/0/quic-v1")]
+    a, b, c = (build_host(create_new_key_pair(), listen_addrs=listen) for _ in range(3))
+    async with a.run(listen), b.run(listen), c.run(listen):
+        assert install(a) is not None and install(a) is install(a)  # idempotent
+        (a_ip, a_port), (b_ip, b_port) = quic_listeners(a)[0], quic_listeners(b)[0]
+        b_addr = multiaddr.Multiaddr(f"/ip4/{b_ip}/udp/{b_port}/quic-v1")
+        with trio.fail_after(15):
+            await a.get_network().dial_addr(b_addr, b.get_id(), (a_ip, a_port))  # type: ignore[call-arg]
+            while not b.get_network().get_connections(a.get_id()):
+                await trio.sleep(0.05)
+        seen_by_b = b.get_network().get_connections(a.get_id())[0].muxed_conn.get_remote_address()  # type: ignore[attr-defined]
+        assert tuple(seen_by_b) == (a_ip, a_port)
+        # The listener on that port still takes new connections from anyone else.
+        a_addr = multiaddr.Multiaddr(f"/ip4/{a_ip}/udp/{a_port}/quic-v1")
+        with trio.fail_after(15):
+            await c.get_network().dial_addr(a_addr, a.get_id())
+            while not a.get_network().get_connections(c.get_id()):
+                await trio.sleep(0.05)
+        # and the dialed connection still carries streams both ways
+        from libp2p.custom_types import TProtocol
+
+        async def echo(stream: Any) -> None:
+            await stream.write(await stream.read(16))
+            await stream.close()
+
+        b.set_stream_handler(TProtocol(ECHO), echo)
+        with trio.fail_after(15):
+            stream = await a.new_stream(b.get_id(), [TProtocol(ECHO)])
+            await stream.write(b"ping")
+            assert await stream.read(16) == b"ping"
+
+
 def _read_json(proc: subprocess.Popen[str], deadline: float, what: str) -> dict[str, Any]:
     """The next JSON line ``proc`` prints, by ``deadline`` (other lines are skipped)."""
     assert proc.stdout is not None
