@@ -35,8 +35,7 @@ Here (the libp2p Kademlia spec, as go-libp2p-kad-dht runs it):
 
 The rules of the walk (which peer next, when to stop) are pure: :class:`Walk`. ``DhtService``
 installs :class:`Lookup` on its own ``KadDHT`` instance (never on the class), so py-libp2p's
-``get_value``, ``put_value``, ``provide`` and ``find_providers`` run on it too (the publisher
-announces providers with ``DhtService.provide``, which tells the closest peers while it walks).
+``get_value``, ``put_value``, ``provide`` and ``find_providers`` run on it too.
 ``LookupStats.trace`` (``bench/dht_swarm.py --trace``) records each step of one lookup.
 """
 
@@ -222,19 +221,8 @@ class Lookup:
             seeds.extend(self.host.get_connected_peers())
         return [peer for peer in dict.fromkeys(seeds) if self.may_ask(peer)]
 
-    async def closest_peers(
-        self,
-        key: bytes,
-        count: int = K,
-        *,
-        stop_at: ID | None = None,
-        on_close_answer: Callable[[ID], object] | None = None,
-    ) -> list[ID]:
-        """The ``count`` closest peers to ``key`` that the walk met and that did not fail.
-
-        ``on_close_answer(peer)``: called as soon as a peer answers while it is one of the ``beta``
-        closest the walk knows (a provider announces itself to it at once: most such peers are
-        among the closest the walk ends with)."""
+    async def closest_peers(self, key: bytes, count: int = K, *, stop_at: ID | None = None) -> list[ID]:
+        """The ``count`` closest peers to ``key`` that the walk met and that did not fail."""
         beta = self.beta if stop_at is not None else max(self.beta, STORE_BETA)
         walk = Walk(key_of(key), self.host.get_id(), beta=beta)
         for seed in self._seeds(key, count):
@@ -291,8 +279,6 @@ class Lookup:
                     stats.note(f"{walk.states[peer]} {_short(peer)}")
                 return
             walk.states[peer] = ANSWERED
-            if on_close_answer is not None and peer in walk.responsive()[:beta]:
-                on_close_answer(peer)
             if stats is not None:
                 stats.answered += 1
                 rank = walk.ordered().index(peer)

@@ -235,8 +235,7 @@ class CapabilityPublisher:
 
         async def provide_under_multihash(name: str) -> None:
             # The multihash itself, not through KadDHT.provide: its key parsing tries a CID first.
-            # DhtService.provide announces while it walks (py-libp2p's waited for the whole walk).
-            await self.dht.provide(provider_key(name))
+            await kad.provider_store.provide(provider_key(name))
 
         # Concurrently: one after another, a newly added capability waited behind the
         # record and every older offer (seconds each in a busy swarm).

@@ -39,7 +39,6 @@ PROVIDER_ANSWER_TIMEOUT_S = 5.0
 # this many keys are remembered): ``DhtService.find_providers``.
 CLOSEST_CACHE_S = 30.0
 CLOSEST_CACHE_KEYS = 256
-K_CLOSEST = 20  # the peers a provider record is stored at (Kademlia's k)
 MAX_PENDING_OFFERS = 16  # lookups' closest peers being offered to the routing table at once
 ADOPT_INTERVAL_S = 1.0
 # Seconds a DHT query (or the join) waits to reach a peer it is not connected to; py-libp2p waited
@@ -521,54 +520,6 @@ class DhtService:
         if answered < min(len(others), PROVIDER_QUERY_FANOUT) // 2 + 1:
             self._closest.pop(key, None)  # half the remembered peers did not answer: walk again next time
         return list(found.values())[:count]
-
-    async def provide(self, key: bytes) -> int:
-        """Announce this node as a provider of ``key`` to the peers closest to it; returns how many
-        took the announcement.
-
-        py-libp2p's ``provide`` walks to the key's closest peers first and then sends ADD_PROVIDER
-        to them ten at a time, each waiting up to 10 s, so a new offer became visible only after
-        the whole walk. Here the announcement goes out while the walk runs: at once to the
-        closest peers remembered from a lookup of the key in the last ``CLOSEST_CACHE_S`` (a
-        ``find_providers``, the last ``provide``), to each peer that answers the walk while among
-        the closest it knows, then to the rest of the closest it ends with; all in parallel, each
-        bounded by ``PROVIDER_ANSWER_TIMEOUT_S``, and a finder's ``find_providers`` asks those peers.
-        """
-        kad = self.dht
-        store = kad.provider_store
-        me = self.host.get_id()
-        store.providing_keys.add(key)
-        store.add_provider(key, PeerInfo(me, list(self.host.get_addrs())))
-        told: set[ID] = {me}
-        accepted = 0
-
-        async def tell(peer_id: ID) -> None:
-            nonlocal accepted
-            with trio.move_on_after(PROVIDER_ANSWER_TIMEOUT_S):
-                try:
-                    if await store._send_add_provider(peer_id, key):
-                        accepted += 1
-                except Exception as error:  # noqa: BLE001 - one peer's trouble does not spoil the rest
-                    log.debug("ADD_PROVIDER to %s failed: %s", peer_id, type(error).__name__)
-
-        async with trio.open_nursery() as nursery:
-
-            def tell_once(peer_id: ID) -> None:
-                if peer_id not in told and len(told) <= 2 * K_CLOSEST:
-                    told.add(peer_id)
-                    nursery.start_soon(tell, peer_id)
-
-            cached = self._closest.get(key)
-            if cached is not None and trio.current_time() - cached[0] < CLOSEST_CACHE_S:
-                for peer_id in cached[1][:K_CLOSEST]:
-                    tell_once(peer_id)
-            if self.lookup is None:
-                raise RuntimeError("the DHT is not running")
-            closest = await self.lookup.closest_peers(key, K_CLOSEST, on_close_answer=tell_once)
-            self._remember_closest(key, closest)
-            for peer_id in closest:
-                tell_once(peer_id)
-        return accepted
 
     def _remember_closest(self, key: bytes, closest: list[ID]) -> None:
         if closest:
