@@ -690,16 +690,7 @@ class AutoNat:
             except Exception as failure:  # noqa: BLE001 - every dial failure is a dial_error
                 error = type(failure).__name__
             finally:
-                with trio.move_on_after(2) as cleanup:
-                    cleanup.shield = True
-                    try:
-                        await network.close_peer(peer_id)
-                    except Exception:  # noqa: BLE001 - nothing to close
-                        pass
-                    try:
-                        dialer.get_peerstore().clear_peerdata(peer_id)
-                    except Exception:  # noqa: BLE001 - never stored
-                        pass
+                await forget_dialed_peer(dialer, peer_id)
             rtt_ms = (time.monotonic() - started) * 1000
         return DialResult(
             addr=addr,
@@ -731,3 +722,18 @@ def judge(
         f"autonat: {len(ok)}/{answered} dial-backs, {min_servers} distinct {unit} needed"
         + (f" ({errors} without an answer)" if errors else "")
     )
+
+
+async def forget_dialed_peer(dialer: IHost, peer_id: ID) -> None:
+    """After a dial-back: close the dialer's connection to ``peer_id`` and forget its addresses, within
+    2 s and whatever cancels the caller (a throwaway dialer must not keep what it reached)."""
+    with trio.move_on_after(2) as cleanup:
+        cleanup.shield = True
+        try:
+            await dialer.get_network().close_peer(peer_id)
+        except Exception:  # noqa: BLE001 - nothing to close
+            pass
+        try:
+            dialer.get_peerstore().clear_peerdata(peer_id)
+        except Exception:  # noqa: BLE001 - never stored
+            pass

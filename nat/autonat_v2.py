@@ -41,7 +41,7 @@ from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 
 from nat.addresses import candidate_addrs as candidate_addrs_of
-from nat.autonat import candidate_addrs
+from nat.autonat import candidate_addrs, forget_dialed_peer
 from nat.autonat_v2_rules import (
     DIAL_DATA_MAX,
     AddrVerdict,
@@ -351,16 +351,7 @@ class AutoNatV2:
                 return DialStatus.DIAL_BACK_ERROR
             return DialStatus.OK
         finally:
-            with trio.move_on_after(2) as cleanup:
-                cleanup.shield = True
-                try:
-                    await network.close_peer(peer_id)
-                except Exception:  # noqa: BLE001 - nothing to close
-                    pass
-                try:
-                    dialer.get_peerstore().clear_peerdata(peer_id)
-                except Exception:  # noqa: BLE001 - never stored
-                    pass
+            await forget_dialed_peer(dialer, peer_id)
 
     @staticmethod
     async def _send(stream: INetStream, message: Message) -> None:
