@@ -41,6 +41,7 @@ from wire.streams import open_stream
 LAYERS_PROTOCOL = TProtocol("/clawnode/layers/1.0.0")
 MAX_OPEN_FRAME = 4096
 OPEN_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 5.0  # closing both ends of a tunnel, shielded from the caller's cancellation
 CHUNK = 1 << 16
 MAX_TUNNELS_PER_LEASE = 4
 MAX_SERVERS = 2
@@ -131,20 +132,29 @@ async def _splice(
     from_stream: Callable[[bytes], None],
     from_socket: Callable[[bytes], None],
 ) -> None:
-    """Both directions until either side ends; then both are closed."""
-    async with trio.open_nursery() as nursery:
+    """Both directions until either side ends; then both are closed, also when the caller is cancelled
+    (a consumer's tunnel endpoint closing under a call): a stream left open would keep the seller's
+    tunnel, and its lease's server, waiting for the connection's end."""
+    try:
+        async with trio.open_nursery() as nursery:
 
-        async def one_way(pump: Awaitable[None]) -> None:
+            async def one_way(pump: Awaitable[None]) -> None:
+                with contextlib.suppress(Exception):
+                    await pump
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(one_way, _pump(lambda n: _stream_read(stream, n), sock.send_all, from_stream))
+            nursery.start_soon(one_way, _pump(lambda n: _socket_read(sock, n), stream.write, from_socket))
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
+            cleanup.shield = True
             with contextlib.suppress(Exception):
-                await pump
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(one_way, _pump(lambda n: _stream_read(stream, n), sock.send_all, from_stream))
-        nursery.start_soon(one_way, _pump(lambda n: _socket_read(sock, n), stream.write, from_socket))
-    with contextlib.suppress(Exception):
-        await sock.aclose()
-    with contextlib.suppress(Exception):
-        await stream.close()
+                await sock.aclose()
+            try:
+                await stream.close()
+            except Exception:  # noqa: BLE001 - a stream that cannot close cleanly is reset
+                with contextlib.suppress(Exception):
+                    await stream.reset()
 
 
 class LayerSeller:
