@@ -76,8 +76,8 @@ def capability_handler(
     return handle
 
 
-async def fetch_sealed_record(host: IHost, peer_id: ID, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[bytes, float]:
-    """The peer's sealed record and the request's round-trip time in seconds."""
+async def ask_record(host: IHost, peer_id: ID, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[bytes, float]:
+    """The peer's raw answer to ``get_record`` (unparsed) and the request's round-trip time in seconds."""
     try:
         with trio.fail_after(timeout_s):
             stream = await open_stream(host, peer_id, [CAPABILITY_PROTOCOL])  # through a relay if needed
@@ -95,6 +95,12 @@ async def fetch_sealed_record(host: IHost, peer_id: ID, timeout_s: float = REQUE
         raise
     except Exception as error:  # noqa: BLE001 - dial and stream failures come in many types
         raise ClawnodeError(ErrorCode.UNAVAILABLE, f"the peer is unreachable ({type(error).__name__})") from None
+    return frame, rtt
+
+
+async def fetch_sealed_record(host: IHost, peer_id: ID, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[bytes, float]:
+    """The peer's sealed record and the request's round-trip time in seconds."""
+    frame, rtt = await ask_record(host, peer_id, timeout_s)
     return parse_record_reply(frame), rtt
 
 

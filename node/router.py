@@ -67,7 +67,7 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from pydantic import ValidationError
 
-from dht.capability import CAPABILITY_PROTOCOL, MAX_MESSAGE, ErrorReply, GetRecord, Reply
+from dht.capability import ErrorReply, Reply, ask_record
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.config import RouterSection
 from protocols.lease import LeaseMarket
@@ -79,8 +79,6 @@ from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.jsonsafe import loads_bounded
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
-from wire.framing import FrameReader, write_frame
-from wire.streams import open_stream
 
 log = logging.getLogger(__name__)
 
@@ -213,23 +211,7 @@ async def fetch_live_load(
 ) -> tuple[float, dict[str, dict[str, int]]]:
     """``peer``'s live load (``RecordReply.load``, unsigned and advisory) and the round trip it took.
     The sealed record beside it is not verified here: discovery does that; only the load is read."""
-    try:
-        with trio.fail_after(timeout_s):
-            stream = await open_stream(host, ID.from_base58(peer), [CAPABILITY_PROTOCOL])
-            try:
-                started = time.perf_counter()
-                await write_frame(stream, GetRecord().model_dump_json().encode())
-                frame = await FrameReader(stream, max_frame=MAX_MESSAGE).read_frame(timeout_s)
-                rtt = time.perf_counter() - started
-            finally:
-                with trio.move_on_after(1):
-                    await stream.close()
-    except trio.TooSlowError:
-        raise ClawnodeError(ErrorCode.TIMEOUT, "the peer did not answer in time") from None
-    except ClawnodeError:
-        raise
-    except Exception as error:  # noqa: BLE001 - dial and stream failures come in many types
-        raise ClawnodeError(ErrorCode.UNAVAILABLE, f"the peer is unreachable ({type(error).__name__})") from None
+    frame, rtt = await ask_record(host, ID.from_base58(peer), timeout_s)
     try:
         reply = Reply.validate_json(frame)
     except ValidationError:
