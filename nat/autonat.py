@@ -407,14 +407,7 @@ class AutoNat:
         return found
 
     def _server_ip(self, peer_id: ID) -> str:
-        try:
-            for conn in self.host.get_network().get_connections(peer_id):
-                remote = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
-                if remote:
-                    return str(remote[0])
-        except Exception:  # noqa: BLE001 - a connection closing meanwhile
-            pass
-        return ""
+        return remote_ip(self.host, peer_id)
 
     async def _ask(self, peer_id: ID, ask: Ask, results: list[ServerResult]) -> None:
         ip = self._server_ip(peer_id)
@@ -737,3 +730,15 @@ async def forget_dialed_peer(dialer: IHost, peer_id: ID) -> None:
             dialer.get_peerstore().clear_peerdata(peer_id)
         except Exception:  # noqa: BLE001 - never stored
             pass
+
+
+def remote_ip(host: IHost, peer_id: ID) -> str:
+    """The IP one of our connections to ``peer_id`` comes from ("" when none is open)."""
+    try:
+        for conn in host.get_network().get_connections(peer_id):
+            remote = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
+            if remote:
+                return str(remote[0])
+    except Exception:  # noqa: BLE001 - a connection closing meanwhile
+        pass
+    return ""

@@ -41,7 +41,7 @@ from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 
 from nat.addresses import candidate_addrs as candidate_addrs_of
-from nat.autonat import candidate_addrs, forget_dialed_peer
+from nat.autonat import candidate_addrs, forget_dialed_peer, remote_ip
 from nat.autonat_v2_rules import (
     DIAL_DATA_MAX,
     AddrVerdict,
@@ -377,14 +377,7 @@ class AutoNatV2:
             await _reset(stream)
 
     def _server_ip(self, peer_id: ID) -> str:
-        try:
-            for conn in self.host.get_network().get_connections(peer_id):
-                remote = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
-                if remote:
-                    return str(remote[0])
-        except Exception:  # noqa: BLE001 - a connection closing meanwhile
-            pass
-        return ""
+        return remote_ip(self.host, peer_id)
 
     async def ask(self, peer_id: ID, addrs: Sequence[str]) -> Answer:
         """Ask one server to dial one of ``addrs`` (most wanted first) and say what it found."""
