@@ -20,8 +20,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from runtime.ledger import errors, verifications
+from runtime.ledger import dispute_cases, errors, verifications
 from runtime.ledger.audit import AuditEntry, AuditReport
+from runtime.ledger.dispute_cases import CaseRow
 from runtime.ledger.models import (
     Dispute,
     EscrowMismatches,
@@ -322,6 +323,17 @@ class Ledger:
 
     async def verification_rows(self) -> list[VerificationRow]:
         return await self._run(verifications.load, self.store)
+
+    # a consumer's verification dispute cases until the arbiter answers (runtime/ledger/dispute_cases.py)
+
+    async def save_dispute_case(self, row: CaseRow) -> None:
+        await self._run(dispute_cases.save, self.store, row)
+
+    async def drop_dispute_case(self, lease_id: str) -> None:
+        await self._run(dispute_cases.drop, self.store, lease_id)
+
+    async def dispute_cases(self) -> list[CaseRow]:
+        return await self._run(dispute_cases.load, self.store)
 
     async def verify_audit(self, expected_head: str | None = None) -> AuditReport:
         return await self._run(self.store.verify_audit, expected_head)

@@ -302,6 +302,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX verifications_updated ON verifications (updated_at);
     """,
+    # 11: a consumer's verification dispute cases, kept until the arbiter answers, so a consumer that
+    # restarts between the escrow's freeze and the arbiter's answer sends its case again
+    # (runtime/ledger/dispute_cases.py; bounded there).
+    """
+    CREATE TABLE dispute_cases (
+        lease_id TEXT PRIMARY KEY,
+        provider TEXT NOT NULL,
+        arbiter_peer TEXT NOT NULL,
+        case_json TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -1,0 +1,60 @@
+"""A consumer's verification dispute cases, kept until the arbiter answers (issue 21).
+
+A consumer that failed a provider's call with signed evidence writes the case it will send the escrow's
+arbiter (the signed ``LeaseDisputeCase`` as JSON, the provider, the arbiter's peer id) before it freezes
+the escrow, and deletes it once the arbiter answered or the chain shows the escrow resolved. A consumer
+that restarts in between reads the kept cases back and sends them again while the escrow is frozen
+(``protocols.lease.arbiter.DisputeRole.resume_cases``), so a frozen escrow does not wait for a person
+only because the consumer stopped. The case's JSON is validated by the protocol's model where it is read
+back; this is storage. Bounded: the :data:`MAX_CASES` newest cases are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.ledger.store import LedgerStore
+
+MAX_CASES = 64  # the most recent cases kept (a package may be a few MiB: tokens, chunks, text)
+
+
+@dataclass(frozen=True)
+class CaseRow:
+    lease_id: str
+    provider: str
+    arbiter_peer: str
+    case_json: str
+
+
+def save(store: LedgerStore, row: CaseRow) -> None:
+    """Keep a case (blocking; the same lease's case is replaced); the oldest beyond the bound go."""
+    with store._tx() as conn:
+        conn.execute(
+            "INSERT INTO dispute_cases (lease_id, provider, arbiter_peer, case_json, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (lease_id) DO UPDATE SET provider = excluded.provider,"
+            " arbiter_peer = excluded.arbiter_peer, case_json = excluded.case_json",
+            (row.lease_id, row.provider, row.arbiter_peer, row.case_json, store._clock()),
+        )
+        conn.execute(
+            "DELETE FROM dispute_cases WHERE lease_id NOT IN"
+            " (SELECT lease_id FROM dispute_cases ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+            (MAX_CASES,),
+        )
+
+
+def drop(store: LedgerStore, lease_id: str) -> None:
+    """Forget a case the arbiter answered (blocking)."""
+    with store._tx() as conn:
+        conn.execute("DELETE FROM dispute_cases WHERE lease_id = ?", (lease_id,))
+
+
+def load(store: LedgerStore) -> list[CaseRow]:
+    """Every kept case, oldest first (blocking)."""
+    with store._read() as conn:
+        rows = conn.execute(
+            "SELECT lease_id, provider, arbiter_peer, case_json FROM dispute_cases ORDER BY created_at, rowid LIMIT ?",
+            (MAX_CASES,),
+        ).fetchall()
+    return [CaseRow(*row) for row in rows]
