@@ -23,7 +23,11 @@ One request frame, one reply frame (``wire.rpc``):
 
 Verdict (``AutoNat.check``): ``public`` when at least ``min_servers`` distinct servers (distinct IPs,
 or distinct peer ids with ``distinct_by="peer"`` for loopback tests) dialed back, ``private`` when
-that many failed every address, else ``unknown``.
+that many failed every address, else ``unknown``. With ``v2=`` (the daemon passes its
+``nat.autonat_v2.AutoNatV2``), connected servers that speak AutoNAT v2 but not this protocol (js and
+go nodes) are asked too, about our own addresses (rotated per request: a v2 server dials one), and
+their answers count in the same verdict (``nat.autonat_v2_rules.server_result_of``); a server that
+speaks both is asked over this protocol only.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
 import multiaddr
 import trio
@@ -112,6 +116,14 @@ class AutoNatSettings:
     server_max_concurrent: int = 4  # dial-backs running at once
     server_peer_interval_s: float = 30.0  # one request per peer per this many seconds
     dial_timeout_s: float = 5.0
+
+
+class V2Client(Protocol):
+    """What ``AutoNat`` needs of an AutoNAT v2 client (``nat.autonat_v2.AutoNatV2``)."""
+
+    def servers(self) -> list[ID]: ...
+
+    async def ask_result(self, peer_id: ID, addrs: Sequence[str]) -> ServerResult: ...
 
 
 # Addresses
@@ -225,8 +237,11 @@ class AutoNat:
         own_ports: Callable[[], list[int]] | None = None,
         clock: Callable[[], float] = time.time,
         build_dialer: Callable[[int], IHost],
+        v2: V2Client | None = None,
     ) -> None:
         self._build_dialer = build_dialer
+        self._v2 = v2
+        self._v2_asks = 0  # rotates the address list of v2 requests
         self._conclusive_at: float | None = None  # trio time of the last public/private verdict
         self.host = host
         self.settings = settings or AutoNatSettings()
@@ -393,24 +408,50 @@ class AutoNat:
         return tuple(addrs), ports
 
     def _servers(self) -> list[ID]:
+        """Connected servers of this protocol, then those that speak only AutoNAT v2 (with ``v2``)."""
+        return self._usable(self._v1_servers() + self._v2_only_servers())
+
+    def _v1_servers(self) -> list[ID]:
         peerstore = self.host.get_peerstore()
         found = []
         for peer_id in self.host.get_connected_peers():
             try:
-                if PROTOCOL_ID not in peerstore.get_protocols(peer_id):
-                    continue
+                if PROTOCOL_ID in peerstore.get_protocols(peer_id):
+                    found.append(peer_id)
             except Exception:  # noqa: BLE001 - not identified yet
                 continue
-            # A server on a private address sees us on one too, and would refuse to dial it.
-            if self.settings.allow_private or is_public_ip(self._server_ip(peer_id)):
-                found.append(peer_id)
         return found
+
+    def _v2_only_servers(self) -> list[ID]:
+        if self._v2 is None:
+            return []
+        v1 = set(self._v1_servers())
+        return [peer_id for peer_id in self._v2.servers() if peer_id not in v1]
+
+    def _usable(self, servers: list[ID]) -> list[ID]:
+        # A server on a private address sees us on one too, and would refuse to dial it.
+        return [peer_id for peer_id in servers if self.settings.allow_private or is_public_ip(self._server_ip(peer_id))]
 
     def _server_ip(self, peer_id: ID) -> str:
         return remote_ip(self.host, peer_id)
 
+    async def _ask_v2(self, v2: V2Client, peer_id: ID, ask: Ask, results: list[ServerResult]) -> None:
+        """One v2-only server, about our own addresses: it dials one (the first it may), so each
+        request starts at another one. It cannot dial a bare port at our observed IP."""
+        addrs = list(ask[0])
+        if not addrs:
+            ip = self._server_ip(peer_id)
+            results.append(ServerResult(str(peer_id), ip, "error", "autonat v2: no address to ask", self._clock()))
+            return
+        shift = self._v2_asks % len(addrs)
+        self._v2_asks += 1
+        results.append(await v2.ask_result(peer_id, addrs[shift:] + addrs[:shift]))
+
     async def _ask(self, peer_id: ID, ask: Ask, results: list[ServerResult]) -> None:
         ip = self._server_ip(peer_id)
+        if self._v2 is not None and PROTOCOL_ID not in _protocols_of(self.host, peer_id):
+            await self._ask_v2(self._v2, peer_id, ask, results)
+            return
         started = time.monotonic()
         try:
             reply = await request(
@@ -730,6 +771,13 @@ async def forget_dialed_peer(dialer: IHost, peer_id: ID) -> None:
             dialer.get_peerstore().clear_peerdata(peer_id)
         except Exception:  # noqa: BLE001 - never stored
             pass
+
+
+def _protocols_of(host: IHost, peer_id: ID) -> list[str]:
+    try:
+        return list(host.get_peerstore().get_protocols(peer_id))
+    except Exception:  # noqa: BLE001 - not identified yet
+        return []
 
 
 def remote_ip(host: IHost, peer_id: ID) -> str:

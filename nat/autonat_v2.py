@@ -20,7 +20,10 @@ data up to ``client_max_dial_data`` (else it resets the stream), and counts an O
 dial-back carrying that nonce did reach it (``outcome_of``). The check loop asks up to
 ``max_servers_per_check`` connected v2 servers, each about the address list rotated so that
 different servers test different addresses first (a server dials only one), and keeps one verdict
-per address (``judge_addr``: ``min_servers`` distinct servers decide).
+per address (``judge_addr``: ``min_servers`` distinct servers decide). In the daemon that loop is
+off: the node's own AutoNAT (``nat.autonat.AutoNat``, ``v2=``) asks the servers that speak only v2
+through :meth:`AutoNatV2.ask_result`, and their answers count toward the node's reachability beside
+v1 ones, so a node whose only servers are js or go nodes still learns it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +57,7 @@ from nat.autonat_v2_rules import (
     dial_data_size,
     judge_addr,
     outcome_of,
+    server_result_of,
 )
 from nat.autonat_v2_wire import (
     DIAL_BACK_OK,
@@ -76,6 +81,7 @@ from nat.autonat_v2_wire import (
     encode_dial_back_response,
     encode_message,
 )
+from nat.reachability import ServerResult
 from runtime.errors import ClawnodeError
 from wire.framing import FrameReader, write_frame
 
@@ -428,6 +434,16 @@ class AutoNatV2:
             await write_frame(stream, chunk, max_frame=MAX_MESSAGE_BYTES)
             sent += DIAL_DATA_CHUNK
         return sent
+
+    async def ask_result(self, peer_id: ID, addrs: Sequence[str]) -> ServerResult:
+        """:meth:`ask`, as the one-server result the node's reachability verdict counts beside v1
+        answers (``nat.autonat.AutoNat``, ``v2=``; ``server_result_of``)."""
+        answer = await self.ask(peer_id, addrs)
+        return server_result_of(answer.server, answer.ip, answer.outcome, answer.addr, time.time())
+
+    def servers(self) -> list[ID]:
+        """The connected peers whose identify names the v2 dial-request protocol."""
+        return self._servers()
 
     def _servers(self) -> list[ID]:
         peerstore = self.host.get_peerstore()

@@ -4,7 +4,9 @@ fetches the facts, asks these, and acts).
 Server: :func:`admit` (rate limits, before anything is read beyond the request), :func:`choose_target`
 (the one address it will dial, and whether the requester must first pay in dial data),
 :func:`dial_data_size`. Client: :func:`accept_dial_data` (whether to pay what a server asks),
-:func:`outcome_of` (what a server's answer says about the address) and :func:`judge_addr`.
+:func:`outcome_of` (what a server's answer says about the address), :func:`judge_addr`, and
+:func:`server_result_of` (a v2 answer as the one-server result the node's reachability verdict,
+``nat.autonat.judge``, counts beside v1 answers).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import multiaddr
 
 from nat.addresses import is_public_ip
 from nat.autonat_v2_wire import DialResponse, DialStatus, ResponseStatus
+from nat.reachability import ServerResult
 
 # The spec: servers SHOULD ask for 30k to 100k bytes before dialing an IP other than the observed one.
 DIAL_DATA_MIN = 30_000
@@ -165,3 +168,20 @@ def judge_addr(outcomes: Mapping[str, Outcome], min_servers: int) -> AddrVerdict
     if missed >= min_servers:
         return "unreachable"
     return "unknown"
+
+
+def server_result_of(
+    server: str, ip: str, outcome: Outcome | Literal["declined", "error"], addr: str | None, at: float
+) -> ServerResult:
+    """A v2 server's answer as one server's result for the node's verdict (``nat.autonat.judge``):
+    ``reachable`` (its dial-back brought our nonce) counts as a v1 ``ok`` on that address,
+    ``unreachable`` (it could not connect) as a v1 ``dial_error`` on it, and everything else
+    (rejected, refused, inconclusive, invalid, declined, no answer) as ``error``: no usable answer,
+    asked again soon. A v2 server dials one address where a v1 server dials all asked about at
+    our observed IP, so the same agreement rule (``min_servers`` distinct servers) decides."""
+    detail = f"autonat v2: {outcome}"
+    if outcome == "reachable" and addr is not None:
+        return ServerResult(server, ip, "ok", detail, at, confirmed=(addr,), dialed=(addr,))
+    if outcome == "unreachable" and addr is not None:
+        return ServerResult(server, ip, "dial_error", detail, at, dialed=(addr,))
+    return ServerResult(server, ip, "error", detail, at)

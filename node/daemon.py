@@ -420,21 +420,10 @@ class Node:
                         load=self.model_host.load,
                     )
                     await nursery.start(self.supervisor.run, "publisher", self._publisher.run)
-                    self._autonat = AutoNat(
-                        self._host,
-                        self._autonat_settings(),
-                        state=self.reachability,
-                        serves_by_role=self.config.node.role in ("relay", "bootstrap"),
-                        build_dialer=build_dialer_host,
-                    )
-                    # A new measured verdict is a change of the record: republish at once.
-                    self.reachability.on_change(self._reachability_changed)
-                    await nursery.start(self.supervisor.run, "autonat", self._autonat.run)
-                    # AutoNAT v2, which js and go nodes speak, beside ours: served whenever ours is. Its
-                    # client loop stays off (check_interval_s=0) until its per-address verdicts feed
-                    # the node's reachability, which ours decides: asking servers now would cost them
-                    # dial-backs for nothing.
-                    autonat, nat = self._autonat, self.config.nat
+                    # AutoNAT v2, which js and go nodes speak, beside ours: served whenever ours is.
+                    # Its own check loop stays off (check_interval_s=0): ours asks the servers that
+                    # speak only v2 through it, and their answers count in the node's verdict.
+                    nat = self.config.nat
                     autonat_v2 = AutoNatV2(
                         self._host,
                         AutoNatV2Settings(
@@ -446,9 +435,20 @@ class Node:
                             check_interval_s=0,
                         ),
                         build_dialer=build_dialer_host,
-                        should_serve=lambda: autonat.serving,
+                        should_serve=lambda: self._autonat is not None and self._autonat.serving,
                     )
                     await nursery.start(self.supervisor.run, "autonat_v2", autonat_v2.run)
+                    self._autonat = AutoNat(
+                        self._host,
+                        self._autonat_settings(),
+                        state=self.reachability,
+                        serves_by_role=self.config.node.role in ("relay", "bootstrap"),
+                        build_dialer=build_dialer_host,
+                        v2=autonat_v2,
+                    )
+                    # A new measured verdict is a change of the record: republish at once.
+                    self.reachability.on_change(self._reachability_changed)
+                    await nursery.start(self.supervisor.run, "autonat", self._autonat.run)
                     self._upnp = UpnpService(
                         UpnpSettings(enabled=self._wants_upnp(listen_addrs), lease_s=self.config.nat.upnp_lease_s),
                         ports=lambda: listen_ports([str(a) for a in self.host.get_transport_addrs()]),

@@ -368,3 +368,76 @@ async def test_a_lying_server_and_a_stray_dial_back_change_nothing() -> None:
                 with pytest.raises((ClawnodeError, StreamError)):  # reset: no answer to a nonce nobody sent
                     await FrameReader(stream, max_frame=64).read_frame(5)
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_servers_that_speak_only_v2_decide_the_node_reachability() -> None:
+    """A node whose only AutoNAT servers are v2 servers (what js and go nodes run) learns its
+    reachability from them: public when they reached its address (and then advertises it as
+    confirmed), private when they could not, by the same agreement rule as v1 answers."""
+    from nat.autonat import PROTOCOL_ID, AutoNat, AutoNatSettings
+
+    settings = AutoNatSettings(
+        min_servers=2, distinct_by="peer", allow_private=True, serve="never", retry_interval_s=3600
+    )
+    async with trio.open_nursery() as nursery:
+        async with (
+            v2_node(nursery) as first,
+            v2_node(nursery) as second,
+            v2_node(nursery) as client,
+        ):
+            for server in (first, second):
+                await connect(client.host, server.host)
+                assert PROTOCOL_ID not in client.host.get_peerstore().get_protocols(server.host.get_id())
+            address = own(client.host)
+            asked = [address]
+            autonat = AutoNat(
+                client.host,
+                settings,
+                own_addrs=lambda: asked,
+                own_ports=lambda: [],
+                build_dialer=build_dialer_host,
+                v2=client.autonat,
+            )
+            assert len(autonat._servers()) == 2
+            state = await autonat.check()
+            assert (state.verdict, state.reason) == ("public", "autonat: 2/2 dial-backs")
+            assert autonat.confirmed_addrs() == [address]
+            assert first.autonat.counts.served["ok"] == second.autonat.counts.served["ok"] == 1
+
+            # the same servers, about an address nobody listens on (their rate limit lifted)
+            for server in (first, second):
+                server.autonat._last_by_peer.clear()
+            asked[:] = [f"/ip4/127.0.0.1/tcp/{closed_port()}"]
+            state = await autonat.check()
+            assert (state.verdict, state.reason) == ("private", "autonat: 0/2 dial-backs")
+            assert autonat.confirmed_addrs() == []
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_daemon_learns_it_is_public_from_v2_only_servers(tmp_path: Path) -> None:
+    """A daemon whose only peer serves AutoNAT v2 and not ``/clawnode/autonat/1.0.0`` (a js or go
+    node) measures itself public, declares it in its status and serves AutoNAT then."""
+    from node.config import ApiSection, BootstrapSection, Config, EscrowSection, NatSection, NodeSection
+    from node.daemon import Node as Daemon
+
+    async with trio.open_nursery() as nursery:
+        async with v2_node(nursery) as server:
+            config = Config(
+                node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"], role="node"),  # type: ignore[call-arg]
+                api=ApiSection(port=0),
+                bootstrap=BootstrapSection(
+                    peers=[f"{own(server.host)}/p2p/{server.host.get_id()}"], use_defaults=False
+                ),
+                escrow=EscrowSection(mode="off"),  # type: ignore[call-arg]
+                nat=NatSection(autonat_min_servers=1, autonat_distinct_by="peer", autonat_allow_private=True),  # type: ignore[call-arg]
+            )
+            daemon = Daemon(config, tmp_path / "node")
+            await nursery.start(daemon.run)
+            with trio.fail_after(20):
+                while daemon.status().reachability != "public":
+                    await trio.sleep(0.05)
+            assert daemon.status().reachability_reason == "autonat: 1/1 dial-backs"
+            assert server.autonat.counts.served["ok"] >= 1
+        nursery.cancel_scope.cancel()
