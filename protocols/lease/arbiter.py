@@ -42,6 +42,7 @@ from protocols.machines.verify import (
 )
 from protocols.machines.verify import arbitrate as decide
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger.dispute_cases import CaseRow
 from runtime.ledger.receipts import LEASE_ID_PATTERN, SignedReceipt, verify_countersigned
 from runtime.verify.check import prefill_for
 from runtime.verify.evidence import DisputePackage, package_binds
@@ -58,6 +59,7 @@ ARBITER_TIMEOUT_S = 120.0  # the consumer's wait for the arbiter: a re-run of th
 # A case is sent again after these waits while the arbiter is busy, unreachable or slow (then left).
 CASE_RETRY_S = (2.0, 10.0, 60.0)
 CASE_RETRIED = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT})
+RESUME_POLL_S = 0.5  # a restarted consumer's wait for its escrow chain before it sends kept cases again
 MAX_CASES = 4  # cases an arbiter works on at once; more are refused busy (the consumer may send again)
 MAX_OUTCOMES = 256  # outcomes kept in memory per node (the ledger keeps each party's)
 MAX_DISPUTE_SCAN = 1000  # the newest disputes read back to find a lease's (one per lease)
@@ -194,7 +196,9 @@ class DisputeRole(LeaseCore):
         (the provider is told, the rest of the lock waits for the resolution), record the dispute and send
         the case to the arbiter; record the split the chain shows once it resolved. None when no dispute
         could be opened (no evidence, no escrow of its own, no arbiter known) or the arbiter decided
-        nothing (the escrow stays frozen for a person)."""
+        nothing (the escrow stays frozen for a person). The signed case is written to the ledger before
+        the freeze and kept until the arbiter answers: a consumer that restarts in between sends it
+        again (:meth:`resume_cases`)."""
         held, package, client = self.held.get(lease_id), self.verifying.evidence.get(lease_id), self.escrow()
         refusal = consumer_dispute_verdict(
             evidence=package is not None,
@@ -207,12 +211,23 @@ class DisputeRole(LeaseCore):
             await self._revoke_quietly(lease_id)
             return None
         assert held is not None and held.escrow_id is not None and client is not None and package is not None
-        payer, escrow_id = client.account.address, held.escrow_id
+        payer, escrow_id, provider, arbiter = (
+            client.account.address,
+            held.escrow_id,
+            held.grant.provider,
+            self.arbiter_peer,
+        )
+        owed = min(10**30, held.committed + max(0, call_units) * held.grant.price_per_unit)
+        signed = await client.chain.run(client.sign_dispute_case, escrow_id, owed)
+        case = LeaseDisputeCase(
+            lease_id=lease_id, payer=payer, package=package, owed_if_honest=owed, payer_sig="0x" + signed.hex()
+        )
+        await self._keep_case(case, provider, arbiter)
         try:
             await client.chain.run(client.dispute, payer, escrow_id)
         finally:
             await self._revoke_quietly(lease_id)
-        record = self.verifying.book.get(held.grant.provider)
+        record = self.verifying.book.get(provider)
         await self.ledger.open_dispute(
             lease_id,
             opened_by=self.peer_id,
@@ -220,37 +235,107 @@ class DisputeRole(LeaseCore):
             idempotency_key=f"verify-dispute/{lease_id}",
         )
         log.warning("lease %s: escrow frozen, evidence sent to the arbiter", lease_id[:12])
-        owed = min(10**30, held.committed + max(0, call_units) * held.grant.price_per_unit)
-        signed = await client.chain.run(client.sign_dispute_case, escrow_id, owed)
-        case = LeaseDisputeCase(
-            lease_id=lease_id, payer=payer, package=package, owed_if_honest=owed, payer_sig="0x" + signed.hex()
-        )
-        outcome = await self._send_case(case)
+        return await self._pursue(case, provider, arbiter)
+
+    async def _pursue(self, case: LeaseDisputeCase, provider: str, arbiter: str) -> LeaseDisputeOutcome | None:
+        """Send a frozen escrow's case to its arbiter and record what came of it; the kept case is
+        forgotten once the arbiter answered (a decision or a refusal) or the chain shows it resolved."""
+        lease_id, payer, escrow_id = case.lease_id, case.payer, bytes.fromhex(case.lease_id)
+        outcome, answered = await self._send_case(case, arbiter)
         if outcome is None:
             # Lost on the way back, or refused: the chain still says whether the arbiter resolved it.
             if await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason="resolved"):
                 self.verifying.evidence.pop(lease_id, None)
+                await self._drop_case(lease_id)
                 self.wake_settlement()
+            elif answered:  # refused: frozen for a person, sending it again changes nothing
+                await self._drop_case(lease_id)
             return None
+        await self._drop_case(lease_id)
         if outcome.outcome != "undecided":
             await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=outcome.reason)
             self.verifying.evidence.pop(lease_id, None)
             self.wake_settlement()  # the refund waiting on the frozen escrow lands now
         if outcome.outcome == "reject":  # not at fault: the failed check no longer leaves it out
-            await self.verifying.overruled(held.grant.provider)
+            await self.verifying.overruled(provider)
         self._keep_outcome(outcome)  # after the ledger has it
         return outcome
 
-    async def _send_case(self, case: LeaseDisputeCase) -> LeaseDisputeOutcome | None:
-        """The arbiter's decision, asked again after ``CASE_RETRY_S`` while it is busy, unreachable or slow;
-        None when it refused the case or never answered."""
-        arbiter = _peer(self.arbiter_peer)
+    async def _keep_case(self, case: LeaseDisputeCase, provider: str, arbiter: str) -> None:
+        row = CaseRow(case.lease_id, provider, arbiter, case.model_dump_json())
+        try:
+            await self.ledger.save_dispute_case(row)
+        except Exception as error:  # noqa: BLE001 - a full disk: the case is still sent, only not again after a restart
+            log.warning("lease %s: the dispute case was not kept (%s)", case.lease_id[:12], type(error).__name__)
+
+    async def _drop_case(self, lease_id: str) -> None:
+        try:
+            await self.ledger.drop_dispute_case(lease_id)
+        except Exception as error:  # noqa: BLE001 - kept: sent again at the next start, and answered again
+            log.warning("lease %s: the answered case was not forgotten (%s)", lease_id[:12], type(error).__name__)
+
+    async def resume_cases(self) -> None:
+        """After a restart: each case kept and not yet answered is sent again while its escrow is frozen
+        (frozen first when the freeze had not landed); one the chain shows resolved is recorded; the
+        rest are forgotten. Waits for the escrow chain; never raises (a case left is tried at the next
+        start)."""
+        try:
+            rows = await self.ledger.dispute_cases()
+            if not rows:
+                return
+            while self.escrow() is None:
+                await trio.sleep(RESUME_POLL_S)
+            client = self.escrow()
+            for row in rows:
+                await self._resume_case(client, row)
+        except Exception as error:  # noqa: BLE001 - the chain or the disk failing: the cases stay kept
+            log.warning("dispute cases were not resumed (%s)", type(error).__name__)
+
+    async def _resume_case(self, client: Any, row: CaseRow) -> None:
+        try:
+            case = LeaseDisputeCase.model_validate_json(row.case_json)
+        except ValidationError:
+            await self._drop_case(row.lease_id)
+            return
+        if not re.fullmatch(r"[0-9a-f]{64}", case.lease_id) or case.payer.lower() != client.account.address.lower():
+            await self._drop_case(row.lease_id)  # not an escrow of this wallet's
+            return
+        escrow_id = bytes.fromhex(case.lease_id)
+        state = await client.chain.run(client.get, case.payer, escrow_id)
+        if state.phase == "closed":
+            await self._record_resolution(
+                case.lease_id, case.payer, escrow_id, opened_by=self.peer_id, reason="resolved"
+            )
+            await self._drop_case(row.lease_id)
+            return
+        if state.phase == "active":  # stopped before the freeze landed: freeze it now
+            await client.chain.run(client.dispute, case.payer, escrow_id)
+            try:
+                await self.ledger.open_dispute(
+                    case.lease_id,
+                    opened_by=self.peer_id,
+                    reason="verification_failed",
+                    idempotency_key=f"verify-dispute/{case.lease_id}",
+                )
+            except ClawnodeError as error:  # ended at the restart: recorded with the resolution instead
+                log.info("lease %s: dispute not recorded yet (%s)", case.lease_id[:12], error.reason)
+        elif state.phase != "disputed":
+            await self._drop_case(row.lease_id)
+            return
+        log.warning("lease %s: the dispute case kept before the restart is sent again", case.lease_id[:12])
+        self._spawn(self._pursue, case, row.provider, row.arbiter_peer or self.arbiter_peer)
+
+    async def _send_case(self, case: LeaseDisputeCase, arbiter_peer: str) -> tuple[LeaseDisputeOutcome | None, bool]:
+        """The arbiter's decision, asked again after ``CASE_RETRY_S`` while it is busy, unreachable or slow,
+        and whether it answered at all: (None, True) when it refused the case, (None, False) when it never
+        answered."""
+        arbiter = _peer(arbiter_peer)
         if arbiter is None:
             log.warning("escrow.arbiter_peer is not a peer id; the case is not sent")
-            return None
+            return None, False
         for delay in (*CASE_RETRY_S, None):
             try:
-                return await request(
+                outcome = await request(
                     self.host,
                     arbiter,
                     DISPUTE_PROTOCOL,
@@ -259,17 +344,18 @@ class DisputeRole(LeaseCore):
                     timeout_s=ARBITER_TIMEOUT_S,
                     max_frame=MAX_DISPUTE_FRAME,
                 )
+                return outcome, True
             except ClawnodeError as error:
                 if delay is None or error.code not in CASE_RETRIED:
                     log.warning(
                         "lease %s: the arbiter did not decide (%s %s)", case.lease_id[:12], error.code, error.reason
                     )
-                    return None
+                    return None, error.code not in CASE_RETRIED
                 log.info(
                     "lease %s: the arbiter answered %s; asking again in %.0f s", case.lease_id[:12], error.code, delay
                 )
                 await trio.sleep(delay)
-        return None
+        return None, False
 
     async def _revoke_quietly(self, lease_id: str) -> None:
         held = self.held.get(lease_id)

@@ -39,6 +39,7 @@ class LeaseMarket(ProviderRole, ConsumerRole, DisputeRole):
             self.host.set_stream_handler(INFER_PROTOCOL, self._handle_call)
             self.host.set_stream_handler(DISPUTE_PROTOCOL, self.dispute_handler())
             nursery.start_soon(self._sweep)
+            nursery.start_soon(self.resume_cases)  # dispute cases a restart interrupted
             task_status.started(self)
 
     async def _recover(self) -> None:

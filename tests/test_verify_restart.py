@@ -1,0 +1,106 @@
+"""A verification dispute survives the consumer's restart (issue 21): real nodes on one chain. The consumer
+catches a provider that advertises one tiny model's file while it serves another, keeps the signed case
+in its ledger and freezes the escrow, then stops before the case reaches the arbiter. Started again on
+the same data directory, it reads the case back and sends it while the escrow is frozen; the arbiter
+re-runs the check and refunds everything, no person involved."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from node.daemon import Node
+from runtime.errors import ClawnodeError
+from runtime.inference.models import ModelSpec
+from runtime.inference.tiny_model import write_tiny_llama_gguf
+from runtime.verify import identity
+from tests.support.market import SharedChain, market_nodes, wait_for
+
+CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 8, "temperature": 0}
+BUDGET = 10**9
+
+
+def _spec(path: Path) -> ModelSpec:
+    return ModelSpec(name="tiny", path=str(path), price_per_unit=1000, n_threads=1, n_ctx=256)  # type: ignore[call-arg]
+
+
+async def _escrow(node: Node, lease_id: str) -> Any:
+    client = node.escrow_client
+    assert client is not None
+    return await trio.to_thread.run_sync(client.get, client.account.address, bytes.fromhex(lease_id))
+
+
+async def _until(predicate: Any, what: str, timeout_s: float = 20) -> None:
+    with trio.fail_after(timeout_s):
+        while not await predicate():
+            await trio.sleep(0.1)
+
+
+async def test_a_consumer_that_restarts_between_the_freeze_and_the_case_sends_it_again(tmp_path: Path) -> None:
+    advertised = write_tiny_llama_gguf(tmp_path / "advertised.gguf", seed=0)
+    substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
+    consumer_copy = write_tiny_llama_gguf(tmp_path / "consumer.gguf", seed=0)
+    arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
+    stat = substitute.stat()
+    identity._cache[(str(substitute.resolve()), stat.st_size, stat.st_mtime_ns)] = hashlib.sha256(
+        advertised.read_bytes()
+    ).hexdigest()
+
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    others = [
+        {"models": (_spec(substitute),)},
+        {"wallet_key": shared.arbiter.key.hex(), "models": (_spec(arbiter_copy),)},
+    ]
+    async with market_nodes(others, chain=shared) as (nodes, _):
+        cheat, arbiter = nodes
+        cheat_id, arbiter_id = str(cheat.host.get_id()), str(arbiter.host.get_id())
+        joined = [cheat.listen_addrs()[0], arbiter.listen_addrs()[0]]
+        root = tmp_path / "consumer"
+        consumer_spec = [{"models": (_spec(consumer_copy),)}]
+
+        # 1. Caught; the case is kept and the escrow frozen, then the consumer stops before sending it.
+        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+            market = consumer.market
+            market.arbiter_peer = arbiter_id
+
+            async def stopped_before_sending(case: Any, arbiter_peer: str) -> Any:
+                await trio.sleep_forever()
+
+            market._send_case = stopped_before_sending  # type: ignore[method-assign]
+            lease = await market.open_lease(cheat_id, "model:tiny", budget=BUDGET, duration_s=60)
+            with pytest.raises(ClawnodeError) as caught:
+                await market.call(lease.lease_id, CHAT)
+            assert (caught.value.reason or "").startswith("verification_")
+            lease_id = lease.lease_id
+
+            async def frozen() -> bool:
+                return (await _escrow(consumer, lease_id)).phase == "disputed"
+
+            await _until(frozen, "the escrow frozen")
+            assert [row.lease_id for row in await consumer.ledger.dispute_cases()] == [lease_id]
+        assert lease_id not in arbiter.market.lease_disputes  # the arbiter never heard of it
+
+        # 2. Started again on the same data directory: the kept case goes to the arbiter, which refunds it all.
+        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+            assert str(consumer.host.get_id()) != cheat_id and consumer.market.arbiter_peer == ""  # not configured
+            await wait_for(lambda: lease_id in arbiter.market.lease_disputes, 30, "the arbiter's decision")
+            decided = arbiter.market.lease_disputes[lease_id]
+            assert decided.outcome == "refund" and decided.to_payee == 0
+
+            async def recorded() -> bool:
+                disputes = {d.lease_id: d for d in await consumer.ledger.list_disputes()}
+                return lease_id in disputes and disputes[lease_id].state == "dispute_resolved"
+
+            await _until(recorded, "the consumer's ledger records the split")
+            state = await _escrow(consumer, lease_id)
+            assert state.phase == "closed" and state.released == 0
+            mine = {d.lease_id: d for d in await consumer.ledger.list_disputes()}[lease_id]
+            assert (mine.to_payee, mine.to_payer) == (0, state.amount)
+            assert await consumer.ledger.dispute_cases() == []  # answered: not sent again at the next start
