@@ -18,7 +18,6 @@ import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from pydantic import BaseModel, Field
 
 from dht.capability import fetch_sealed_record
@@ -291,15 +290,12 @@ class Discovery:
             return cached[1]
         # A node just started asks as soon as it knows one DHT peer, rather than answer empty.
         await self.dht.wait_until_ready(READY_WAIT_S)
-        # Both keys at once: providers running a release before issue 23 announce the bare digest.
-        infos: list[PeerInfo] = []
-
-        async def providers_under(key: bytes) -> None:
-            infos.extend(await self.dht.find_providers(key, count=MAX_PROVIDERS))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(providers_under, provider_key(capability))
-            nursery.start_soon(providers_under, legacy_provider_key(capability))
+        # The bare digest (releases before issue 23 announced under it; nothing announces it now)
+        # only when the multihash key names nobody: walking both on every find doubled its DHT
+        # traffic for providers that, once any current release provides, are never the only ones.
+        infos = await self.dht.find_providers(provider_key(capability), count=MAX_PROVIDERS)
+        if not infos:
+            infos = await self.dht.find_providers(legacy_provider_key(capability), count=MAX_PROVIDERS)
         seen: dict[ID, None] = {}
         for info in infos:
             seen.setdefault(info.peer_id, None)
