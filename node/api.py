@@ -77,6 +77,17 @@ class LayerLeaseView(BaseModel):
     bytes: int
 
 
+class SplitSeatView(BaseModel):
+    """One seller's part of a split model this node runs (docs/split.md): which layers it holds."""
+
+    model: str
+    peer: str  # the seller's peer id, last 8 characters
+    lease_id: str  # the first 12 characters
+    layers: str  # "0-9": the layers it holds
+    tokens: int  # tokens its layers ran through our tunnel
+    state: str  # loading | running | lost | closed
+
+
 class HolePunchView(BaseModel):
     enabled: bool
     direct: int  # attempts that ended on a verified direct connection
@@ -133,6 +144,7 @@ class StatusReply(BaseModel):
     # no longer retried); None while no escrow chain is connected.
     escrow_mismatches: EscrowMismatches | None = None
     layer_leases: list[LayerLeaseView] | None = None  # with market.layer_servers > 0 (docs/split.md)
+    split_models: list[SplitSeatView] | None = None  # with split.models (docs/split.md): placements
 
 
 class PeerReply(BaseModel):

@@ -232,6 +232,7 @@ def status(data_dir: str | None, as_json: bool) -> None:
             *_nat_traversal_lines(body),
             *_escrow_mismatch_lines(body),
             *_layer_lines(body),
+            *_split_lines(body),
             f"uptime         {body['uptime_s']:.0f} s",
             "alerts         " + "\n               ".join(alert_lines),
         ],
@@ -249,6 +250,20 @@ def _layer_lines(body: dict[str, Any]) -> list[str]:
         f"layers         lease {v['lease_id']} for …{v['consumer']}: {v['state']}, {v['tunnels']} tunnel(s), "
         f"{v['tokens']} tokens, {v['bytes']} bytes"
         for v in leases
+    ]
+
+
+def _split_lines(body: dict[str, Any]) -> list[str]:
+    """The split models this node runs (split.models; docs/split.md): which peer holds which layers."""
+    seats = body.get("split_models")
+    if seats is None:
+        return []
+    if not seats:
+        return ["split          placed on no sellers yet"]
+    return [
+        f"split          {v['model']}: layers {v['layers']} on …{v['peer']} (lease {v['lease_id']}), "
+        f"{v['tokens']} tokens, {v['state']}"
+        for v in seats
     ]
 
 

@@ -343,6 +343,26 @@ class VerifySection(_Section):
         description="how far other nodes' signed verification reports move a provider's standing "
         "(0: ignored); they never exclude a provider",
     )
+    second_opinion_rate: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="share of a leased verifier's passes checked again by a second, different verifier "
+        "(docs/verified-inference.md); two that disagree both lose standing",
+    )
+
+
+class SplitSection(_Section):
+    models: list[str] = Field(
+        default_factory=list,
+        description="names of [[models]] this node runs split (docs/split.md): it holds the GGUF file and keeps "
+        "the embeddings and output head, the layers run on peers selling layers:<sha256>; not loaded whole",
+    )
+    sellers: int = Field(2, ge=1, le=8, description="layer sellers a split model is placed on at most")
+    prefer: bool = Field(
+        False, description="ask for a split model before whole-model providers (default: only when none answers)"
+    )
+    max_tries: int = Field(3, ge=1, le=10, description="placements tried per request when layer sellers are lost")
 
 
 class AlertsSection(_Section):
@@ -370,6 +390,7 @@ class Config(_Section):
     router: RouterSection = Field(default_factory=RouterSection)  # type: ignore[arg-type]
     sandbox: SandboxSection = Field(default_factory=SandboxSection)  # type: ignore[arg-type]
     verify: VerifySection = Field(default_factory=VerifySection)  # type: ignore[arg-type]
+    split: SplitSection = Field(default_factory=SplitSection)  # type: ignore[arg-type]
     log: LogSection = Field(default_factory=LogSection)  # type: ignore[arg-type]
     alerts: AlertsSection = Field(default_factory=AlertsSection)  # type: ignore[arg-type]
     offers: list[Offer] = Field(default_factory=list, description="what this node sells ([[offers]] tables)")
@@ -384,6 +405,13 @@ class Config(_Section):
         if len(set(names)) != len(names):
             raise ValueError("two [[models]] have the same name")
         return models
+
+    @model_validator(mode="after")
+    def _split_models_are_models(self) -> Config:
+        unknown = sorted(set(self.split.models) - {model.name for model in self.models})
+        if unknown:
+            raise ValueError(f"split.models names no [[models]] entry: {', '.join(unknown)}")
+        return self
 
 
 class ConfigError(Exception):

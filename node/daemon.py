@@ -63,6 +63,7 @@ from node.api import (
     ReceiptsReply,
     RelayReservationView,
     SettlementsReply,
+    SplitSeatView,
     StatusReply,
     Unpayable,
     UpnpView,
@@ -101,6 +102,7 @@ from protocols.lease.layers import (
     market_facts,
     register_layer_services,
 )
+from protocols.lease.split import SplitRunner
 from protocols.lease.verifier import (
     REPORTS_PROTOCOL,
     RemoteVerifier,
@@ -169,7 +171,8 @@ class Node:
         self.config = config
         self.data_dir = data_dir
         self.services = services or ServiceRegistry()
-        self.model_host = ModelHost(config.models)
+        # A model named in split.models runs over leased layers (docs/split.md), never loaded whole here.
+        self.model_host = ModelHost([m for m in config.models if m.name not in config.split.models])
         self._escrow_connector = escrow_connector
         self.escrow_client: Any = None  # a runtime.escrow.EscrowClient once the chain is there
         self._market: LeaseMarket | None = None
@@ -496,6 +499,7 @@ class Node:
                     self._market.verifying.advertised = self._advertised_sha256
                     await self._market.verifying.attach(self.ledger)
                     self._market.verifying.sample_rate = self.config.verify.sample_rate
+                    self._market.verifying.second_opinion_rate = self.config.verify.second_opinion_rate
                     self._market.verifying.remote = RemoteVerifier(
                         self._market, discovery_verifiers(self.discover), self_id=str(self._host.get_id())
                     )
@@ -523,6 +527,21 @@ class Node:
                         unpayable_note=self._unpayable_notes.get,
                     )
                     await nursery.start(self.supervisor.run, "router", self._router.run)
+                    if self.config.split.models:
+                        self._router.split = SplitRunner(
+                            self._host,
+                            self._market,
+                            self.discover,
+                            [],
+                            specs=[m for m in self.config.models if m.name in self.config.split.models],
+                            sellers=self.config.split.sellers,
+                            prefer=self.config.split.prefer,
+                            max_tries=self.config.split.max_tries,
+                            lease_units=self.config.router.lease_units,
+                            lease_duration_s=self.config.router.lease_duration_s,
+                            stall_s=self.config.router.stall_timeout_s,
+                        )
+                        await nursery.start(self.supervisor.run, "split", self._router.split.run)
                     self._tasks = TaskMarket(
                         self._host,
                         key_pair.private_key,
@@ -952,6 +971,11 @@ class Node:
             escrow_mismatches=self.reconciler.mismatches if self.reconciler is not None else None,
             layer_leases=(
                 [LayerLeaseView.model_validate(view) for view in self.layers.summary()] if self.layers else None
+            ),
+            split_models=(
+                [SplitSeatView.model_validate(view) for view in self._router.split.status()]
+                if self._router is not None and self._router.split is not None
+                else None
             ),
         )
 

@@ -71,6 +71,8 @@ from dht.capability import ErrorReply, Reply, ask_record
 from dht.discovery import DiscoveryQuery, ProviderResult
 from node.config import RouterSection
 from protocols.lease import LeaseMarket
+from protocols.lease.split import SplitRunner
+from protocols.machines.layers import NO_LAYER_SELLERS
 from protocols.machines.lease import call_units_needed, lease_fits, lease_outlives
 from protocols.machines.model_features import required_features
 from protocols.machines.routing import Candidate, LiveLoad, rank_candidates
@@ -257,6 +259,8 @@ class Router:
         self._retired: set[str] = set()  # replaced leases, ended when their last call returns
         self.leases_opened = 0
         self.leases_renewed = 0
+        # Models this node runs split, over layers leased from peers (docs/split.md); set by the daemon.
+        self.split: SplitRunner | None = None
         # For /metrics: model calls answered by this node's own services.
         self.local_first_chunk_s = LatencyHistogram()
         self.local_duration_s = LatencyHistogram()
@@ -469,6 +473,9 @@ class Router:
 
         errors: list[ClawnodeError] = []
         resumable = continuable(body)
+        split = self.split if self.split is not None and self.split.holds(model) else None
+        if split is not None and split.prefer and await self._from_split(model, body, sink, result, delivery, errors):
+            return result
         providers = self.rank(await self._candidates(discovery_query(capability, body)))
         for provider in providers[: self.settings.max_providers]:
             if not self.usable(provider.peer_id) and any(self.usable(p.peer_id) for p in providers):
@@ -489,6 +496,12 @@ class Router:
                         f"the provider of {model} failed mid-answer ({error.code}); an answer with n > 1, "
                         "tools or a response_format cannot be continued by another provider",
                     ) from None
+        if (
+            split is not None
+            and not split.prefer
+            and await self._from_split(model, body, sink, result, delivery, errors)
+        ):
+            return result
         if self.settings.upstream_url and (resumable or not delivery.chunks):
             await self._from_upstream(model, _continued(body, delivery.texts, delivery.tokens), sink, result)
             return result
@@ -664,6 +677,57 @@ class Router:
         result.completion_tokens += end.usage.get("completion_tokens", end.units)
         result.cached_tokens = _cached(end.usage)
         result.served_by.append(provider.peer_id)
+
+    async def _from_split(
+        self,
+        model: str,
+        body: dict[str, Any],
+        sink: ChunkSink,
+        result: RouteResult,
+        delivery: _Delivery,
+        errors: list[ClawnodeError],
+    ) -> bool:
+        """Run ``model`` split over leased layers (docs/split.md). A lost layer seller fails the try
+        (the runner places the layers anew without it) and the next try continues the answer, as a
+        whole-model provider's would be; False when every try failed (the caller falls back)."""
+        assert self.split is not None
+        resumable = continuable(body)
+        for _ in range(self.split.max_tries):
+            if delivery.chunks and not resumable:
+                raise ClawnodeError(
+                    ErrorCode.UNAVAILABLE,
+                    f"a layer seller of {model} was lost mid-answer; an answer with n > 1, tools or a "
+                    "response_format cannot be continued",
+                )
+            received = 0
+
+            async def on_chunk(data: dict[str, Any]) -> None:
+                nonlocal received
+                chunk = clean_chunk(data)
+                received += chunk_tokens(chunk)
+                await sink(chunk)
+
+            try:
+                usage = await self.split.chat(model, _continued(body, delivery.texts, delivery.tokens), on_chunk)
+            except ClawnodeError as error:
+                if error.code not in PROVIDER_FAULTS:
+                    raise
+                errors.append(error)
+                result.completion_tokens += received
+                if received:
+                    result.served_by.append("split")
+                if error.reason == NO_LAYER_SELLERS:
+                    return False
+                result.failovers += 1
+                log.info("split %s failed (%s %s); placing it again", model, error.code, error.reason)
+                continue
+            detail = usage.get("detail") or {}
+            result.prompt_tokens = int(detail.get("prompt_tokens", 0))
+            result.completion_tokens += int(detail.get("completion_tokens", usage.get("units", 0)))
+            result.cached_tokens = _cached(detail)
+            result.served_by.append("split")
+            return True
+        return False
 
     async def _lease(self, provider: ProviderResult, capability: str, body: dict[str, Any]) -> str:
         """The provider's lease for ``capability``, renewed first when it cannot carry ``body``."""

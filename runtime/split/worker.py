@@ -10,9 +10,11 @@ layer_seller_lost``; the caller retries elsewhere or falls back to a whole-model
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,17 @@ import trio
 from runtime.errors import ClawnodeError, ErrorCode
 
 SELLER_LOST = "layer_seller_lost"  # stable reason: the worker ended (a layer server was lost, or it crashed)
+SELLER_STALLED = "layer_seller_stalled"  # stable reason: no answer through the layers for the stall timeout
 MAX_LINE = 4 << 20  # a reply line at most (a completion's text and usage)
 LOAD_TIMEOUT_S = 300.0
 
 
 def _child() -> None:
-    """The worker: load the model the first line names, then answer one chat per line."""
-    from runtime.inference.engine import TokenUsage
+    """The worker: load the model the first line names, then answer one request per line.
+
+    A request ``{"body": …}`` is a chat-completions body run by the chat service: each chunk it emits
+    goes out as a line ``{"chunk": …}``, then ``{"usage": {"units", "detail"}}`` (or ``{"error": …}``)."""
+    from runtime.inference.service import ChatService
     from runtime.split.model import SplitLlamaModel
 
     config = json.loads(sys.stdin.readline())
@@ -39,28 +45,25 @@ def _child() -> None:
         n_ctx=config.get("n_ctx", 2048),
         n_threads=config.get("n_threads"),
     )
+    service = ChatService(model)
+
+    def send(value: dict[str, Any]) -> None:
+        print(json.dumps(value), flush=True)
+
+    async def emit(chunk: dict[str, Any]) -> None:
+        send({"chunk": chunk})
 
     async def serve() -> None:
         await model.load()
-        print(json.dumps({"ready": True}), flush=True)
+        send({"ready": True})
         while line := await trio.to_thread.run_sync(sys.stdin.readline):
             request = json.loads(line)
             try:
-                reply = await model.chat(
-                    request["messages"],
-                    max_tokens=int(request.get("max_tokens", 256)),
-                    temperature=float(request.get("temperature", 0.0)),
-                )
-                usage: TokenUsage = reply.usage
-                answer: dict[str, Any] = {
-                    "text": reply.text,
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "finish_reason": reply.finish_reason,
-                }
+                usage = await service.run(request["body"], emit)
+                answer: dict[str, Any] = {"usage": {"units": usage.units, "detail": usage.detail}}
             except ClawnodeError as error:
                 answer = {"error": {"code": str(error.code), "reason": error.reason, "message": error.message}}
-            print(json.dumps(answer), flush=True)
+            send(answer)
         await model.aclose()
 
     trio.run(serve)
@@ -130,24 +133,63 @@ class SplitWorker:
         if not ready.get("ready"):
             raise self._lost()
 
-    async def chat(
-        self, messages: list[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0
+    async def run(
+        self, body: dict[str, Any], emit: Callable[[dict[str, Any]], Awaitable[None]], *, stall_s: float | None = None
     ) -> dict[str, Any]:
-        """``{"text", "prompt_tokens", "completion_tokens", "finish_reason"}``; ``E_UNAVAILABLE
-        layer_seller_lost`` when the worker is gone."""
+        """Run a chat-completions ``body``: each chunk the chat service emits goes to ``emit`` as it comes
+        (the chunk contract of ``runtime/inference/service.py``); returns ``{"units", "detail"}``.
+        ``E_UNAVAILABLE layer_seller_lost`` when the worker is gone, ``E_TIMEOUT layer_seller_stalled``
+        (and the worker is ended) when no line comes for ``stall_s``: a seller that stops answering
+        holds llama.cpp's RPC client forever, so it is never waited on longer."""
         async with self._lock:
             if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:
                 raise self._lost()
-            request = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
             try:
-                await self._proc.stdin.send_all(json.dumps(request).encode() + b"\n")
+                await self._proc.stdin.send_all(json.dumps({"body": body}).encode() + b"\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise self._lost() from None
-            reply = await self._line()
-        if "error" in reply:
-            error = reply["error"]
-            raise ClawnodeError(ErrorCode(error["code"]), str(error["message"]), error.get("reason"))
-        return reply
+            while True:
+                with trio.move_on_after(stall_s if stall_s is not None else math.inf) as waited:
+                    line = await self._line()
+                if waited.cancelled_caught:
+                    self._proc.kill()
+                    raise ClawnodeError(
+                        ErrorCode.TIMEOUT, f"the split model's layers stalled for {stall_s:g} s", SELLER_STALLED
+                    )
+                if "chunk" in line:
+                    await emit(line["chunk"])
+                    continue
+                if "error" in line:
+                    error = line["error"]
+                    raise ClawnodeError(ErrorCode(error["code"]), str(error["message"]), error.get("reason"))
+                usage = line.get("usage")
+                if not isinstance(usage, dict):
+                    raise self._lost()
+                return usage
+
+    async def chat(
+        self, messages: list[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0
+    ) -> dict[str, Any]:
+        """``{"text", "prompt_tokens", "completion_tokens", "finish_reason"}`` of one chat; ``E_UNAVAILABLE
+        layer_seller_lost`` when the worker is gone."""
+        texts: list[str] = []
+        finish: list[str] = []
+
+        async def collect(chunk: dict[str, Any]) -> None:
+            if isinstance(chunk.get("text"), str):
+                texts.append(chunk["text"])
+            if chunk.get("finish_reason"):
+                finish.append(str(chunk["finish_reason"]))
+
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        usage = await self.run(body, collect)
+        detail = usage.get("detail") or {}
+        return {
+            "text": "".join(texts),
+            "prompt_tokens": int(detail.get("prompt_tokens", 0)),
+            "completion_tokens": int(detail.get("completion_tokens", usage.get("units", 0))),
+            "finish_reason": finish[-1] if finish else None,
+        }
 
     async def aclose(self) -> None:
         if self._proc is None:

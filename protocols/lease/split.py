@@ -1,0 +1,373 @@
+"""Split models this node runs itself: their layers leased from peers, the model in a worker (docs/split.md).
+
+A split model is a GGUF file this node holds but does not load whole (config ``split.models``): the
+token embeddings and the output head stay here, the transformer layers run on sellers of
+``layers:<sha256>`` found through discovery. :class:`SplitRunner` places a model at its first
+request: it asks ``protocols.machines.layers.place_sellers`` which sellers to use, opens (or reuses)
+a layer lease with each, opens a tunnel per lease (``open_tunnel``, each tunnel's tokens counted for
+the lease's receipts) and starts a :class:`runtime.split.worker.SplitWorker` over them. Later
+requests reuse the placement.
+
+When the worker ends under a request (``layer_seller_lost``) or stops hearing from its layers
+(``layer_seller_stalled``), each seller is asked through its own tunnel whether its server still
+answers (a ggml-rpc HELLO); those that do not are lost for this model: their lease is ended (the
+seller claims what its receipts say, the rest is refunded) and the next request places the layers
+anew without them, on the sellers left (one seller takes every layer) or new ones. The request
+itself fails with a stable code; the router continues the answer from there (or falls back to a
+whole-model provider).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+
+from dht.discovery import DiscoveryQuery, ProviderResult
+from protocols.lease.handler import LeaseMarket
+from protocols.lease.layers import LocalTunnel, layer_capacity, layers_capability, market_counting, open_tunnel
+from protocols.machines.layers import NO_LAYER_SELLERS, SellerFacts, place_sellers
+from protocols.machines.verdict import Refusal
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.models import ModelSpec
+from runtime.split.meter import HELLO
+from runtime.split.model import layer_ranges
+from runtime.split.worker import SELLER_LOST, SELLER_STALLED, SplitWorker
+from runtime.verify.identity import file_sha256
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0
+LOST_FOR_S = 600.0  # a seller lost under a model is not placed on again for this long
+MAX_LOST = 256
+CLOSE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """A model this node runs split: its name (``model:<name>``), its GGUF file and the file's sha256."""
+
+    name: str
+    path: Path
+    sha256: str
+    n_ctx: int = 2048
+    n_threads: int | None = None
+
+
+@dataclass
+class Seat:
+    """One seller's part of a placement: its lease, the layers it holds and its tunnel."""
+
+    peer: str
+    lease_id: str
+    layers: tuple[int, int]  # [start, end)
+    tunnel: LocalTunnel | None = None
+
+    def tokens(self) -> int:
+        """Tokens its layers ran through our tunnel so far (open connections included)."""
+        if self.tunnel is None:
+            return 0
+        return self.tunnel.meter_total.tokens + sum(meter.tokens for meter in self.tunnel.live)
+
+
+@dataclass
+class Placement:
+    model: str
+    seats: list[Seat]
+    worker: SplitWorker | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    state: str = "loading"  # loading | running | lost | closed
+
+
+def _resolved(spec: ModelSpec) -> SplitModel:
+    """A [[models]] entry's file and its sha256 (blocking: a package may assemble its file, hashing reads it)."""
+    path = spec.resolve_path()
+    return SplitModel(spec.name, path, file_sha256(path), n_ctx=spec.n_ctx, n_threads=spec.n_threads)
+
+
+async def answers(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Does the layer server behind a tunnel endpoint answer a ggml-rpc HELLO (a connection of its own)?"""
+    host, port = endpoint.rsplit(":", 1)
+    with trio.move_on_after(timeout_s):
+        try:
+            sock = await trio.open_tcp_stream(host, int(port))
+        except OSError:
+            return False
+        try:
+            await sock.send_all(struct.pack("<BQ", HELLO, 24) + bytes(24))
+            got = 0
+            while got < 8:
+                chunk = await sock.receive_some(64)
+                if not chunk:
+                    return False
+                got += len(chunk)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return False
+        finally:
+            with trio.CancelScope(shield=True):
+                await sock.aclose()
+    return False
+
+
+class SplitRunner:
+    """Runs the node's split models over leased layers; the router asks it for ``model:<name>``."""
+
+    def __init__(
+        self,
+        host: IHost,
+        market: LeaseMarket,
+        discover: Callable[[DiscoveryQuery], Awaitable[list[ProviderResult]]],
+        models: list[SplitModel],
+        *,
+        specs: list[ModelSpec] | None = None,
+        sellers: int = 2,
+        prefer: bool = False,
+        max_tries: int = 3,
+        lease_units: int = 20_000,
+        lease_duration_s: int = 3600,
+        stall_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self.market = market
+        self.discover = discover
+        self.models = {model.name: model for model in models}
+        # [[models]] entries named in split.models: their file and its sha256 are found when it runs.
+        self.specs = list(specs or [])
+        self._ready = trio.Event()
+        self.sellers = sellers
+        self.prefer = prefer
+        self.max_tries = max_tries
+        self.lease_units = lease_units
+        self.lease_duration_s = lease_duration_s
+        self.stall_s = stall_s
+        self.clock = clock
+        self.placements: dict[str, Placement] = {}
+        self._leases: dict[tuple[str, str], str] = {}  # (model, peer) -> our live layer lease
+        self._lost: dict[tuple[str, str], float] = {}  # (model, peer) -> when it was lost
+        self._locks: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def holds(self, model: str) -> bool:
+        return model in self.models or any(spec.name == model for spec in self.specs)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Holds the placements' tunnels and workers; they end with it, and its leases are ended."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                for spec in self.specs:
+                    if spec.name not in self.models:
+                        try:
+                            self.models[spec.name] = await trio.to_thread.run_sync(_resolved, spec)
+                        except (ClawnodeError, OSError) as error:
+                            log.warning(
+                                "split model %s cannot run: %s", spec.name, getattr(error, "message", "no file")
+                            )
+                self._ready.set()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
+                cleanup.shield = True
+                for lease_id in list(self._leases.values()):
+                    await self._end_lease(lease_id)
+                self._leases.clear()
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each split model's placement: which peer holds which layers, and the tokens each ran."""
+        views = []
+        for placement in self.placements.values():
+            for seat in placement.seats:
+                start, end = seat.layers
+                views.append(
+                    {
+                        "model": placement.model,
+                        "peer": seat.peer[-8:],
+                        "lease_id": seat.lease_id[:12],
+                        "layers": f"{start}-{end - 1}" if end > start else "none",
+                        "tokens": seat.tokens(),
+                        "state": placement.state,
+                    }
+                )
+        return views
+
+    async def chat(
+        self, model: str, body: dict[str, Any], emit: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> dict[str, Any]:
+        """Run a chat-completions body on the split model, its chunks to ``emit``; ``{"units", "detail"}``."""
+        if not self.holds(model):
+            raise ClawnodeError(ErrorCode.NOT_FOUND, f"this node runs no split model {model}")
+        if self.specs:
+            await self._ready.wait()
+        spec = self.models.get(model)
+        if spec is None:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, f"split model {model}: its file cannot be read")
+        async with self._locks.setdefault(model, trio.Lock()):
+            placement = await self._placed(spec)
+        assert placement.worker is not None
+        try:
+            return await placement.worker.run(body, emit, stall_s=self.stall_s)
+        except ClawnodeError as error:
+            if error.reason in (SELLER_LOST, SELLER_STALLED):
+                await self._blame(placement)
+            raise
+
+    async def _placed(self, spec: SplitModel) -> Placement:
+        current = self.placements.get(spec.name)
+        if current is not None and current.state == "running":
+            return current
+        if self._nursery is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "the split runner is not running")
+        capability = layers_capability(spec.sha256)
+        found = [p for p in await self.discover(DiscoveryQuery(capability=capability)) if not p.is_self]  # type: ignore[call-arg]
+        by_peer = {p.peer_id: p for p in found}
+        facts = [
+            SellerFacts(p.peer_id, p.price_per_unit, p.rtt_ms, held=self._live_lease(spec.name, p.peer_id) is not None)
+            for p in by_peer.values()
+        ]
+        plan = place_sellers(facts, lost=self._lost_peers(spec.name), wanted=self.sellers)
+        if isinstance(plan, Refusal):
+            raise plan.error()
+        n_layers = min(self._layers_of(by_peer[peer]) for peer in plan)
+        ranges = layer_ranges(n_layers, [1.0] * len(plan))
+        seats = []
+        for peer, layers in zip(plan, ranges, strict=True):
+            lease_id = await self._lease(spec, by_peer[peer])
+            seats.append(Seat(peer, lease_id, layers))
+        placement = Placement(spec.name, seats)
+        self.placements[spec.name] = placement
+        try:
+            await self._nursery.start(self._hold, spec, placement)
+        except ClawnodeError:
+            placement.state = "lost"
+            raise
+        return placement
+
+    async def _hold(
+        self, spec: SplitModel, placement: Placement, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Opens the placement's tunnels and worker, and keeps them until the placement is done."""
+        holder: list[SplitWorker] = []
+
+        def clients() -> list[int]:
+            return [holder[0].pid] if holder and holder[0].pid is not None else []
+
+        async with contextlib.AsyncExitStack() as stack:
+            for seat in placement.seats:
+                held = self.market.held.get(seat.lease_id)
+                if held is None:
+                    raise ClawnodeError(ErrorCode.UNAVAILABLE, "a layer lease ended before its tunnel opened")
+                seat.tunnel = await stack.enter_async_context(
+                    open_tunnel(
+                        self.host,
+                        ID.from_base58(seat.peer),
+                        seat.lease_id,
+                        held.token,
+                        on_tokens=market_counting(self.market, seat.lease_id),
+                        clients=clients,
+                    )
+                )
+            worker = SplitWorker(
+                spec.path,
+                endpoints=[seat.tunnel.endpoint for seat in placement.seats if seat.tunnel is not None],
+                name=spec.name,
+                n_ctx=spec.n_ctx,
+                n_threads=spec.n_threads,
+            )
+            holder.append(worker)
+            placement.worker = worker
+            try:
+                try:
+                    await worker.load()
+                except ClawnodeError:
+                    await self._blame(placement)
+                    raise
+                placement.state = "running"
+                log.info(
+                    "split model %s placed: %s",
+                    spec.name,
+                    ", ".join(f"{s.peer[-8:]} layers {s.layers[0]}-{s.layers[1] - 1}" for s in placement.seats),
+                )
+                task_status.started()
+                await placement.done.wait()
+            finally:
+                if placement.state in ("running", "loading"):
+                    placement.state = "closed"
+                await worker.aclose()
+
+    async def _blame(self, placement: Placement) -> None:
+        """After the worker was lost: the sellers whose server no longer answers through their tunnel
+        are lost for this model and their leases ended; the placement is done."""
+        placement.state = "lost"
+        now = self.clock()
+        for seat in placement.seats:
+            if seat.tunnel is not None and await answers(seat.tunnel.endpoint):
+                continue
+            log.info("layer seller %s of %s was lost", seat.peer[-8:], placement.model)
+            self._lost[(placement.model, seat.peer)] = now
+            while len(self._lost) > MAX_LOST:
+                del self._lost[next(iter(self._lost))]
+            if self._leases.get((placement.model, seat.peer)) == seat.lease_id:
+                del self._leases[(placement.model, seat.peer)]
+            await self._end_lease(seat.lease_id)
+        placement.done.set()
+
+    def _lost_peers(self, model: str) -> set[str]:
+        now = self.clock()
+        return {peer for (name, peer), at in self._lost.items() if name == model and now - at < LOST_FOR_S}
+
+    def _live_lease(self, model: str, peer: str) -> str | None:
+        lease_id = self._leases.get((model, peer))
+        if lease_id is None:
+            return None
+        held = self.market.held.get(lease_id)
+        if held is None or held.ended_reason is not None or held.grant.expires_at <= self.market.clock() + 60:
+            return None
+        return lease_id
+
+    async def _lease(self, spec: SplitModel, provider: ProviderResult) -> str:
+        lease_id = self._live_lease(spec.name, provider.peer_id)
+        if lease_id is not None:
+            return lease_id
+        view = await self.market.open_lease(
+            provider.peer_id,
+            layers_capability(spec.sha256),
+            budget=max(1, provider.price_per_unit) * self.lease_units,
+            duration_s=self.lease_duration_s,
+            expected_units=self.lease_units,
+        )
+        self._leases[(spec.name, provider.peer_id)] = view.lease_id
+        return view.lease_id
+
+    async def _end_lease(self, lease_id: str) -> None:
+        held = self.market.held.get(lease_id)
+        if held is None or held.ended_reason is not None:
+            return
+        try:
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await self.market.revoke(lease_id)  # the seller claims what its receipts say; the rest is refunded
+        except ClawnodeError as error:
+            log.info("could not end the layer lease %s (%s)", lease_id[:12], error.code)
+
+    @staticmethod
+    def _layers_of(provider: ProviderResult) -> int:
+        descriptor = provider.record.capability(provider.capability)
+        capacity = layer_capacity(descriptor.params_schema) if descriptor is not None else None
+        if capacity is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "a layer seller's record states no capacity", NO_LAYER_SELLERS)
+        return capacity[0]
+
+
+__all__ = ["Placement", "Seat", "SplitModel", "SplitRunner", "answers"]

@@ -1,0 +1,140 @@
+"""The router's split path (issue 24, docs/split.md): which sellers a split model goes on, a lost seller's
+answer continued by the next placement, a clean error when no seller is left, the config that names
+split models, and the placement in ``clawnode status``. The end-to-end run with real sellers, tunnels
+and gemma is ``tests/test_split.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.cli import _split_lines
+from node.config import Config, RouterSection
+from node.router import Router
+from protocols.machines.layers import NO_LAYER_SELLERS, SellerFacts, place_sellers
+from protocols.machines.verdict import Refusal
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.models import ModelSpec
+from runtime.service import ServiceRegistry
+from runtime.split.worker import SELLER_LOST
+
+
+def test_layers_go_on_held_then_cheaper_then_nearer_sellers_never_a_lost_one() -> None:
+    sellers = [
+        SellerFacts("a", price_per_token=5, rtt_ms=1),
+        SellerFacts("b", price_per_token=2, rtt_ms=9),
+        SellerFacts("c", price_per_token=2, rtt_ms=3),
+        SellerFacts("d", price_per_token=9, rtt_ms=50, held=True),  # its weights are loaded: no new lock
+    ]
+    assert place_sellers(sellers, lost=set(), wanted=2) == ["d", "c"]
+    assert place_sellers(sellers, lost={"d"}, wanted=3) == ["c", "b", "a"]
+    # the one seller left takes every layer
+    assert place_sellers(sellers, lost={"a", "b", "c"}, wanted=2) == ["d"]
+    refused = place_sellers(sellers, lost={"a", "b", "c", "d"}, wanted=2)
+    assert isinstance(refused, Refusal)
+    assert (refused.code, refused.reason) == (ErrorCode.UNAVAILABLE, NO_LAYER_SELLERS)
+
+
+class _Runner:
+    """Stands in for SplitRunner at the router's seam: answers per try as ``plan`` says."""
+
+    def __init__(self, plan: list[str], *, prefer: bool = False) -> None:
+        self.plan = plan
+        self.prefer = prefer
+        self.max_tries = 3
+        self.bodies: list[dict[str, Any]] = []
+
+    def holds(self, model: str) -> bool:
+        return model == "big"
+
+    async def chat(self, model: str, body: dict[str, Any], emit: Any) -> dict[str, Any]:
+        self.bodies.append(body)
+        step = self.plan.pop(0)
+        if step == "none":
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "no seller of this model's layers is left", NO_LAYER_SELLERS)
+        if not body.get("continue_from"):
+            await emit({"text": "The sea ", "tokens": 2})
+        if step == "lost":  # the seller's server died after the first piece
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "the split model's worker ended", SELLER_LOST)
+        await emit({"text": "is wide.", "tokens": 3, "finish_reason": "stop"})
+        return {"units": 3, "detail": {"prompt_tokens": 7, "completion_tokens": 3}}
+
+
+async def _nothing(_query: Any) -> list[Any]:
+    return []
+
+
+def _router(runner: _Runner) -> Router:
+    router = Router(None, ServiceRegistry(), _nothing, RouterSection())  # type: ignore[arg-type]
+    router.split = runner  # type: ignore[assignment]
+    return router
+
+
+async def test_a_lost_seller_mid_answer_is_replaced_and_the_answer_goes_on() -> None:
+    runner = _Runner(["lost", "ok"])
+    pieces: list[str] = []
+
+    async def sink(chunk: dict[str, Any]) -> None:
+        pieces.append(chunk.get("text") or "")
+
+    body = {"messages": [{"role": "user", "content": "the sea?"}], "max_tokens": 20}
+    result = await _router(runner).chat_chunks("big", body, sink)
+    # the second placement was asked to continue from what the agent already has
+    assert runner.bodies[1]["continue_from"] == "The sea "
+    assert pieces == ["The sea ", "is wide."]
+    assert (result.failovers, result.served_by, result.completion_tokens) == (1, ["split", "split"], 2 + 3)
+
+
+async def test_no_seller_left_is_a_clean_error_and_other_models_never_go_split() -> None:
+    router = _router(_Runner(["none"]))
+
+    async def sink(chunk: dict[str, Any]) -> None:
+        raise AssertionError("nothing to deliver")
+
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ClawnodeError) as caught:
+        await router.chat_chunks("big", body, sink)
+    assert caught.value.code == ErrorCode.UNAVAILABLE
+    with pytest.raises(ClawnodeError) as other:
+        await router.chat_chunks("small", body, sink)
+    assert other.value.code == ErrorCode.NOT_FOUND
+
+
+async def test_an_answer_that_cannot_be_continued_fails_cleanly_when_a_seller_is_lost() -> None:
+    router = _router(_Runner(["lost", "ok"]))
+
+    async def sink(chunk: dict[str, Any]) -> None:
+        return None
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "n": 2}
+    with pytest.raises(ClawnodeError) as caught:
+        await router.chat_chunks("big", body, sink)
+    assert caught.value.code == ErrorCode.UNAVAILABLE and "cannot be continued" in caught.value.message
+
+
+def test_split_models_name_models_entries(tmp_path: Path) -> None:
+    from node.daemon import Node
+
+    gguf = tmp_path / "big.gguf"
+    gguf.write_bytes(b"GGUF")
+    models = [ModelSpec(name="big", path=str(gguf)), ModelSpec(name="small", path=str(gguf))]
+    config = Config.model_validate({"models": [m.model_dump() for m in models], "split": {"models": ["big"]}})
+    # the split model is not loaded whole; the other one is
+    assert [spec.name for spec in Node(config, tmp_path / "node").model_host.specs] == ["small"]
+    with pytest.raises(ValueError, match=r"split.models names no \[\[models\]\] entry: huge"):
+        Config.model_validate({"models": [m.model_dump() for m in models], "split": {"models": ["huge"]}})
+
+
+def test_status_shows_which_peer_holds_which_layers() -> None:
+    seats = [
+        {"model": "big", "peer": "QmAaaaaa", "lease_id": "0" * 12, "layers": "0-9", "tokens": 31, "state": "running"},
+        {"model": "big", "peer": "QmBbbbbb", "lease_id": "1" * 12, "layers": "10-17", "tokens": 31, "state": "running"},
+    ]
+    assert _split_lines({"split_models": seats}) == [
+        "split          big: layers 0-9 on …QmAaaaaa (lease 000000000000), 31 tokens, running",
+        "split          big: layers 10-17 on …QmBbbbbb (lease 111111111111), 31 tokens, running",
+    ]
+    assert _split_lines({"split_models": []}) == ["split          placed on no sellers yet"]
+    assert _split_lines({}) == []
