@@ -173,3 +173,34 @@ async def test_a_spot_check_of_a_signed_commitment_passes_honesty_and_names_each
         assert verdict(check) == "failed:not_sampled"
     finally:
         verifier.close()
+
+
+def test_scores_read_in_place_agree_with_full_log_softmax_rows(files: tuple[Path, Path]) -> None:
+    """The check reads llama.cpp's logits a block at a time (Prefill.scores); what it keeps must be the
+    full rows' values, at each position's named ids, best id and 40 best candidates."""
+    import numpy as np
+
+    from runtime.verify import check
+
+    served, _ = files
+    verifier = Prefill(served, n_ctx=256, n_threads=1)
+    try:
+        prompt = list(verifier.llama.tokenize(PROMPT.encode(), True, False))
+        completion = [(t * 13) % 300 + 3 for t in range(90)]
+        wanted = [[t, (t + 1) % 356, 999_999] for t in completion]  # one id outside the vocabulary
+        rows = verifier.rows(prompt, completion)
+        for block_values in (check.BLOCK_VALUES, 1000):  # many rows a block, and one row a block
+            original, check.BLOCK_VALUES = check.BLOCK_VALUES, block_values
+            try:
+                scores = verifier.scores(prompt, completion, wanted, with_top=True)
+            finally:
+                check.BLOCK_VALUES = original
+            assert scores.best_ids == [int(i) for i in rows.argmax(axis=1)]
+            assert np.allclose(scores.best, rows.max(axis=1), atol=1e-4)
+            assert scores.top is not None
+            assert np.allclose(scores.top, -np.sort(-rows, axis=1)[:, : check.SAMPLING_TOP_K], atol=1e-4)
+            for named, row, ids in zip(scores.named, rows, wanted, strict=True):
+                assert set(named) == set(ids[:2])
+                assert all(abs(named[i] - float(row[i])) < 1e-4 for i in ids[:2])
+    finally:
+        verifier.close()

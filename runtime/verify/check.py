@@ -1,9 +1,12 @@
 """Verification: one prefill pass of the same GGUF over prompt + completion, compared with openings.
 
-:class:`Prefill` loads a model once (blocking: a worker thread's job) and returns, for a prompt and
-the produced token ids, the log-softmax of the logits at every produced position, asking llama.cpp
-for logits at those positions only (a whole vocabulary row per prompt token would cost as much as
-the model for small models with large vocabularies).
+:class:`Prefill` loads a model once (blocking: a worker thread's job) and evaluates a prompt and the
+produced token ids in one ``llama_decode``, asking llama.cpp for logits at the produced positions
+only (a whole vocabulary row per prompt token would cost as much as the model for small models with
+large vocabularies). :meth:`Prefill.scores` reads those rows where llama.cpp left them, a block of
+rows at a time, and keeps per position only what :func:`compare` needs (:class:`Scores`): no copy
+of the positions × vocabulary matrix, no float64 one (for gemma's 262k vocabulary and a 200-token
+reply that matrix is 210 MB, and its float64 log-softmax took longer than the prefill).
 
 :func:`compare` puts the openings of a commitment beside those rows and counts what an honest
 provider never shows, within ``tolerance`` nats (calibrated by bench/verify.py on other thread
@@ -19,6 +22,7 @@ counts and batch sizes):
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,16 +72,77 @@ class Findings:
         return ""
 
 
+BLOCK_VALUES = 1 << 22  # rows are scored this many values at a time (16 MB of float32 temporaries)
+
+
 def log_softmax(rows: np.ndarray) -> np.ndarray:
+    """The log-softmax of each row, as float32 (a new array; computed a block of rows at a time)."""
     import numpy as np
 
-    rows = rows.astype(np.float64)
-    top = rows.max(axis=1, keepdims=True)
-    return (rows - top - np.log(np.exp(rows - top).sum(axis=1, keepdims=True))).astype(np.float32)
+    out = np.array(rows, dtype=np.float32, copy=True)
+    step = max(1, BLOCK_VALUES // max(1, out.shape[1]))
+    for start in range(0, out.shape[0], step):
+        block = out[start : start + step]
+        block -= _normalisers(block)[:, None].astype(np.float32)
+    return out
+
+
+def _normalisers(block: np.ndarray) -> np.ndarray:
+    """log Σ exp over each row of ``block`` (float64 per row; the exponentials in float32)."""
+    import numpy as np
+
+    top = block.max(axis=1)
+    sums = np.exp(block - top[:, None]).sum(axis=1, dtype=np.float64)
+    return top.astype(np.float64) + np.log(sums)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The verifier's log-probabilities at each produced position, as much of them as :func:`compare`
+    needs: the values of the ids it names (the committed ids and the produced token), the most likely
+    id and its value, and (for a declared temperature above 0) the ``SAMPLING_TOP_K`` best values."""
+
+    n_vocab: int
+    named: list[dict[int, float]]
+    best_ids: list[int]
+    best: list[float]
+    top: np.ndarray | None  # positions × min(SAMPLING_TOP_K, n_vocab), best first; None when not asked
+
+
+def wanted_ids(tokens: Sequence[int], opened: Sequence[Opened]) -> list[list[int]]:
+    """Per position, the ids :func:`compare` looks up: the committed ones and the produced token."""
+    return [[*position.ids, token] for token, position in zip(tokens, opened, strict=True)]
+
+
+def score(logits: np.ndarray, wanted: Sequence[Sequence[int]], *, with_top: bool) -> Scores:
+    """:class:`Scores` of ``logits`` (positions × vocabulary; raw logits or log-probabilities), read a
+    block of rows at a time: never a copy of the whole matrix."""
+    import numpy as np
+
+    positions, n_vocab = logits.shape
+    k = min(SAMPLING_TOP_K, n_vocab)
+    named: list[dict[int, float]] = []
+    best_ids: list[int] = []
+    best: list[float] = []
+    top = np.empty((positions, k), dtype=np.float64) if with_top else None
+    step = max(1, BLOCK_VALUES // max(1, n_vocab))
+    for start in range(0, positions, step):
+        block = logits[start : start + step]
+        norm = _normalisers(block)
+        ids = block.argmax(axis=1)
+        for j in range(block.shape[0]):
+            row = block[j]
+            named.append({t: float(row[t]) - norm[j] for t in wanted[start + j] if 0 <= t < n_vocab})
+            best_ids.append(int(ids[j]))
+            best.append(float(row[ids[j]]) - norm[j])
+        if top is not None:
+            part = np.partition(block, n_vocab - k, axis=1)[:, n_vocab - k :] if k < n_vocab else block
+            top[start : start + block.shape[0]] = -np.sort(-part.astype(np.float64), axis=1) - norm[:, None]
+    return Scores(n_vocab, named, best_ids, best, top)
 
 
 def compare(
-    rows: np.ndarray,
+    rows: np.ndarray | Scores,
     tokens: Sequence[int],
     opened: Sequence[Opened],
     *,
@@ -87,10 +152,11 @@ def compare(
     mean_tolerance: float = MEAN_TOLERANCE,
     scale: int = 16,
 ) -> Findings:
-    """Compare the verifier's log-softmax ``rows`` (one per produced position) with the provider's
-    openings of the same positions and the produced ``tokens``."""
-    import numpy as np
-
+    """Compare the verifier's log-probabilities at each produced position (``rows``: a log-softmax
+    row per position, or their :class:`Scores`) with the provider's openings of the same positions
+    and the produced ``tokens``."""
+    if not isinstance(rows, Scores):
+        rows = score(rows, wanted_ids(tokens, opened), with_top=temperature > 0)
     found = Findings()
     slack = tolerance + 0.5 / scale  # the commitment's rounding on top of the tolerance
     # How far below the best token a produced one may be and still count as tied with it (or at a
@@ -99,16 +165,17 @@ def compare(
     # (7.5 × the mean noise), at least the per-entry floor.
     tie = min(tolerance, max(FLOOR_MAX, TIE_FACTOR * mean_tolerance))
     diffs: list[float] = []
-    for index, (row, token, position) in enumerate(zip(rows, tokens, opened, strict=True)):
+    for index, (token, position) in enumerate(zip(tokens, opened, strict=True)):
         found.positions += 1
         bad = False
+        named = rows.named[index]
         committed = {}
         for token_id, logprob, clipped in zip(position.ids, position.logprobs, position.clipped, strict=True):
-            if not 0 <= token_id < row.shape[0]:
+            if token_id not in named:  # outside the vocabulary
                 found.logprob += 1
                 bad = True
                 continue
-            mine = float(row[token_id])
+            mine = named[token_id]
             diff = max(0.0, mine - logprob) if clipped else abs(mine - logprob)
             diffs.append(diff)
             found.max_logprob_diff = max(found.max_logprob_diff, diff)
@@ -117,11 +184,12 @@ def compare(
                 bad = True
             committed[token_id] = logprob
         # The verifier's best token must be among the committed ones unless it ties with the last one.
-        best = int(np.argmax(row))
-        if committed and best not in committed and float(row[best]) > min(committed.values()) + slack:
+        best, best_id = rows.best[index], rows.best_ids[index]
+        if committed and best_id not in committed and best > min(committed.values()) + slack:
             found.top += 1
             bad = True
-        if not _could_sample(row, token, temperature, top_p, tie):
+        top = rows.top[index] if rows.top is not None else None
+        if token not in named or not _could_sample(named[token], best, top, temperature, top_p, tie):
             found.not_sampled += 1
             bad = True
         if bad and found.first_bad is None:
@@ -132,28 +200,27 @@ def compare(
     return found
 
 
-def _could_sample(row: np.ndarray, token: int, temperature: float, top_p: float, tolerance: float) -> bool:
+def _could_sample(
+    mine: float, best: float, top: np.ndarray | None, temperature: float, top_p: float, tolerance: float
+) -> bool:
+    """Whether a token of log-probability ``mine`` could come out of the declared sampling, ``best``
+    being the most likely token's and ``top`` the engine's top-40 candidates' (best first)."""
     import numpy as np
 
-    if not 0 <= token < row.shape[0]:
-        return False
-    best = float(row.max())
-    mine = float(row[token])
     if temperature <= 0:
         return mine >= best - tolerance  # the most likely token, or one tied with it within the tolerance
+    if top is None:
+        raise ValueError("a temperature above 0 needs the top candidates' scores")
     # Candidates: the top 40, then top_p, then min_p; each bound widened by the tolerance.
-    order = (
-        np.argpartition(-row, SAMPLING_TOP_K - 1)[:SAMPLING_TOP_K] if row.size > SAMPLING_TOP_K else np.arange(row.size)
-    )
-    kth = float(row[order].min())
+    kth = float(top[-1])
     if mine < kth - tolerance:
         return False
     if mine < best + np.log(SAMPLING_MIN_P) - tolerance:
         return False
     # top_p: tokens strictly more likely than this one (by more than the tolerance) must not already reach top_p.
-    above = row[order][row[order] > mine + tolerance]
-    probs = np.exp(above.astype(np.float64) - best)
-    total = np.exp(row[order].astype(np.float64) - best).sum()
+    above = top[top > mine + tolerance]
+    probs = np.exp(above - best)
+    total = np.exp(top - best).sum()
     return bool(probs.sum() / total < top_p + 1e-6)
 
 
@@ -177,7 +244,21 @@ class Prefill:
         self.n_vocab = int(self.llama.n_vocab())
 
     def rows(self, prompt: Sequence[int], completion: Sequence[int]) -> np.ndarray:
-        """Log-softmax rows for each completion position (blocking)."""
+        """Log-softmax rows for each completion position (blocking; a copy: :meth:`scores` is the cheap way)."""
+        with self._lock:
+            return log_softmax(self._logits(prompt, completion))
+
+    def scores(
+        self, prompt: Sequence[int], completion: Sequence[int], wanted: Sequence[Sequence[int]], *, with_top: bool
+    ) -> Scores:
+        """:func:`score` of the logits at each completion position, read where llama.cpp left them (blocking)."""
+        with self._lock:
+            return score(self._logits(prompt, completion), wanted, with_top=with_top)
+
+    def _logits(self, prompt: Sequence[int], completion: Sequence[int]) -> np.ndarray:
+        """One decode of prompt + completion with logits at the completion positions; a view of them
+        (positions × vocabulary) into llama.cpp's buffer, valid until the next decode: the caller holds
+        the lock."""
         import llama_cpp
         import numpy as np
 
@@ -186,27 +267,32 @@ class Prefill:
             raise ValueError("the prompt and completion do not fit the verifier's context")
         tokens = [*prompt, *completion[:-1]]  # the last produced token predicts nothing compared
         first = len(prompt) - 1
-        with self._lock:
-            ctx = self.llama._ctx
-            ctx.kv_cache_clear()
-            batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-            try:
-                for i, token in enumerate(tokens):
-                    batch.token[i] = token
-                    batch.pos[i] = i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = i >= first
-                batch.n_tokens = len(tokens)
-                if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
-                    raise RuntimeError("llama_decode failed")
-                out = np.empty((len(completion), self.n_vocab), dtype=np.float32)
-                for j in range(len(completion)):
-                    pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, first + j)
-                    out[j] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
-            finally:
-                llama_cpp.llama_batch_free(batch)
-        return log_softmax(out)
+        ctx = self.llama._ctx
+        ctx.kv_cache_clear()
+        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for i, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i >= first
+            batch.n_tokens = len(tokens)
+            if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        n = len(completion)
+        row = self.n_vocab * 4
+        start = llama_cpp.llama_get_logits_ith(ctx.ctx, first)
+        base = ctypes.addressof(start.contents)
+        last = llama_cpp.llama_get_logits_ith(ctx.ctx, first + n - 1)
+        if ctypes.addressof(last.contents) == base + (n - 1) * row:  # the rows lie in order, one after another
+            return np.ctypeslib.as_array(start, shape=(n, self.n_vocab))
+        out = np.empty((n, self.n_vocab), dtype=np.float32)  # otherwise copied row by row
+        for j in range(n):
+            out[j] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, first + j), shape=(self.n_vocab,))
+        return out
 
     def rows_stepwise(self, prompt: Sequence[int], completion: Sequence[int]) -> np.ndarray:
         """The same rows as :meth:`rows`, computed as a provider does: the prompt in one batch, then one

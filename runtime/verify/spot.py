@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from runtime.ledger.receipts import PeerKeys
-from runtime.verify.check import Findings, Prefill, compare
+from runtime.verify.check import Findings, Prefill, compare, wanted_ids
 from runtime.verify.commitment import Commitment, Opened, Opening, decode_chunk, opening_matches
 from runtime.verify.evidence import DisputePackage, SignedCommitment, commitment_signed, ids_sha256, text_sha256
 
@@ -84,12 +84,13 @@ def check_call(
     if text is not None and not text_matches(prefill.text_of(tokens), text, longest_stop):
         # The proof commits to other tokens than the reply the consumer got (text edited or swapped).
         return SpotCheck(True, True, None, text_matches=False)
-    rows = prefill.rows(prompt, tokens)
+    temperature = body.temperature_milli / 1000
+    rows = prefill.scores(prompt, tokens, wanted_ids(tokens, opened), with_top=temperature > 0)
     findings = compare(
         rows,
         tokens,
         opened,
-        temperature=body.temperature_milli / 1000,
+        temperature=temperature,
         top_p=body.top_p_milli / 1000,
         tolerance=tolerances[0],
         mean_tolerance=tolerances[1],
