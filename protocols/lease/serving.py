@@ -36,9 +36,11 @@ from protocols.machines.model_features import required_features, serves
 from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.inference.admission import borrowing
+from runtime.inference.service import ChatService
 from runtime.service import Usage
 from runtime.verify import evidence
 from runtime.verify.check import index_for
+from runtime.verify.commitment import K
 from runtime.verify.evidence import call_proof
 from runtime.verify.provider import CallRecorder, verifiable
 from wire.framing import FrameReader, write_frame
@@ -161,8 +163,12 @@ class ServingRole(LeaseCore):
         body = {**call.body, "max_tokens": plan.max_tokens}
         # Verified inference: a model call whose record names its file is served with a commitment.
         recorder = await self._recorder(service, offer, body)
+        commit = 0
         if recorder is not None:
-            body = recorder.body
+            if recorder.asked or not isinstance(service, ChatService):
+                body = recorder.body
+            else:  # the top K kept for the commitment alone, a block of tokens at a time (no logprobs)
+                commit = K
 
         started = time.monotonic()
         first_chunk = True
@@ -171,6 +177,8 @@ class ServingRole(LeaseCore):
             nonlocal first_chunk
             if recorder is not None:
                 data = recorder.see(data)
+                if commit and not data.get("text") and not data.get("tokens") and len(data) <= 2:
+                    return  # only the commitment's positions: nothing for the consumer
             if first_chunk:
                 first_chunk = False
                 self.serve_first_chunk_s.observe(time.monotonic() - started)
@@ -187,7 +195,11 @@ class ServingRole(LeaseCore):
             try:
                 # The engine queues the call as its consumer's: admitted in turn with other consumers'.
                 with borrowing(remote):
-                    outcome = await service.run(body, emit)
+                    if commit:
+                        assert isinstance(service, ChatService)
+                        outcome = await service.run(body, emit, commit=commit)
+                    else:
+                        outcome = await service.run(body, emit)
             except Exception as error:  # noqa: BLE001 - re-raised below, outside the nursery
                 outcome = error
             nursery.cancel_scope.cancel()

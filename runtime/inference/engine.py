@@ -43,7 +43,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.admission import FairAdmission
 from runtime.inference.chat_formats import TemplateSlots, check_messages, prepare_messages
 from runtime.inference.grammar import GrammarConstraint, invalid, schema_grammar
-from runtime.inference.sampling import Pick, Sampling, TokenPicker
+from runtime.inference.sampling import CommitRows, Committed, Pick, Sampling, TokenPicker
 from runtime.inference.tools import ToolCallParser, ToolUse, tools_grammar
 
 log = logging.getLogger(__name__)
@@ -437,8 +437,13 @@ class _Choice:
         self.generated = 0
         self.finish = "length"
         self.first: float | None = None
+        # Verified inference's top-k of every token, kept for the commitment alone (not asked as
+        # logprobs): a block at a time, in chunks' ``commit`` entries. Under a grammar the chat
+        # service asks for logprobs instead (its constrained distribution is the one committed to).
+        commit_top = picker.sampling.commit_top
+        self.rows = CommitRows(commit_top, picker.n_vocab) if commit_top and grammar is None else None
 
-    def _send(self, text: str, tokens: int, pick: Pick | None) -> None:
+    def _send(self, text: str, tokens: int, pick: Pick | None, committed: list[Committed] | None = None) -> None:
         chunk: Chunk = {"index": self.index, "tokens": tokens, "text": text}
         if self.parser is not None:
             chunk["text"], calls = self.parser.feed(text)
@@ -446,6 +451,8 @@ class _Choice:
                 chunk["tool_calls"] = calls
         if pick is not None and pick.logprob is not None:
             chunk["logprobs"] = [LlamaModel._logprob_entry(self.llama, pick, self.texts)]
+        if committed:
+            chunk["commit"] = committed
         self.emit(chunk)
 
     def step(self, logits: Any) -> int | None:
@@ -461,6 +468,9 @@ class _Choice:
         if self.texts.is_eog(token):
             self.finish = "stop"
             return None
+        committed = None
+        if self.rows is not None:  # before counts changes: the row pick drew from
+            committed = self.rows.add(self.picker.adjusted(logits, self.counts), token)
         self.generated += 1
         self.counts[token] += 1
         if self.grammar is not None:
@@ -469,7 +479,7 @@ class _Choice:
         # tool-call marker may be one); free text leaves special tokens out, as before.
         piece = self.texts.piece(token, self.grammar is not None)
         text, stopped = self.scanner.feed(self.decoder.decode(piece))
-        self._send(text, 1, pick)
+        self._send(text, 1, pick, committed)
         if stopped:
             self.finish = "stop"
             return None
@@ -477,11 +487,15 @@ class _Choice:
 
     def end(self) -> None:
         """Flush what the stop scanner held back (unless a stop string or a cancel ended it)."""
+        committed = self.rows.flush() if self.rows is not None else None
         if self.finish != "stop" and self.finish != "cancelled":
             tail, stopped = self.scanner.feed(self.decoder.decode(b"", final=True))
             tail += "" if stopped else self.scanner.flush()
             if tail:
-                self._send(tail, 0, None)
+                self._send(tail, 0, None, committed)
+                committed = None
+        if committed:
+            self.emit({"index": self.index, "tokens": 0, "text": "", "commit": committed})
 
 
 @dataclass(eq=False)
@@ -826,7 +840,8 @@ class TokenStream:
 
     A stream from :meth:`LlamaModel.stream_generate` yields chunk dicts instead (the chat service's
     chunk contract): ``{"index", "tokens", "text", "logprobs"?, "tool_calls"?, "finish_reason"?}``,
-    one per sampled token and a last one per choice (``tokens`` 0) with its ``finish_reason``.
+    one per sampled token and a last one per choice (``tokens`` 0) with its ``finish_reason``; with
+    ``Sampling.commit_top``, also ``"commit"`` (verified inference's positions, a block at a time).
     """
 
     def __init__(self, model: LlamaModel, request: _Request, *, chunks: bool = False) -> None:

@@ -47,6 +47,8 @@ MIN_P = 0.05
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 SHORTLIST = 64  # tokens checked against the grammar before masking the whole vocabulary
+COMMIT_BLOCK = 32  # rows of logits CommitRows keeps before computing their top-k in one go
+COMMIT_BLOCK_BYTES = 1 << 20  # and at most this many bytes of them (a large vocabulary keeps fewer rows)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class Sampling:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0
+    # Verified inference without logprobs asked: the top ``commit_top`` ids and logprobs of every
+    # produced token, kept for the provider's commitment only (``CommitRows``), never shown as logprobs.
+    commit_top: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,14 @@ class TokenPicker:
             seen = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
             x[ids] -= seen * s.frequency_penalty + s.presence_penalty
         return x
+
+    def adjusted(self, logits: np.ndarray, counts: Counter[int]) -> np.ndarray:
+        """The logits ``pick`` draws from without a grammar: ``logits`` itself when no bias or
+        penalty changes them (no copy), else ``adjust``'s copy."""
+        s = self.sampling
+        if self._bias_ids.size or (counts and (s.frequency_penalty or s.presence_penalty)):
+            return self.adjust(logits, counts)
+        return logits
 
     def _draw(self, x: np.ndarray) -> int:
         import numpy as np
@@ -172,3 +185,56 @@ class TokenPicker:
                 order = sorted(range(len(raw)), key=lambda i: -raw[i])
             alternatives = tuple((ids_[i], logprobs[i]) for i in order if math.isfinite(raw[i]))
         return Pick(token, float(x[token] - logz), alternatives)
+
+
+# (token produced, ((id, logprob), ...) most likely first): what a commitment keeps of a position.
+Committed = tuple[int, tuple[tuple[int, float], ...]]
+
+
+class CommitRows:
+    """The top ``k`` (id, logprob) of each produced token, as :meth:`TokenPicker.pick` with
+    ``Sampling(logprobs=True, top_logprobs=k)`` gives them in ``Pick.top``, for verified inference's
+    commitment: the logits rows are copied into a block and the block's top-k computed in one go
+    (numpy's per-call cost, about 25 us a token with the top 4 one token at a time, is paid once a
+    block). Element by element it is the same float32 arithmetic as ``pick``: the figures are
+    identical (tests/inference/test_commit_rows.py)."""
+
+    def __init__(self, k: int, n_vocab: int) -> None:
+        import numpy as np
+
+        self.k = min(k, n_vocab)
+        rows = max(1, min(COMMIT_BLOCK, COMMIT_BLOCK_BYTES // (4 * n_vocab)))
+        self._rows = np.empty((rows, n_vocab), dtype=np.float32)
+        self._tokens: list[int] = []
+
+    def add(self, x: np.ndarray, token: int) -> list[Committed] | None:
+        """Keep ``x`` (the adjusted logits ``token`` was picked from); the block's positions once full."""
+        self._rows[len(self._tokens)] = x
+        self._tokens.append(token)
+        return self.flush() if len(self._tokens) == self._rows.shape[0] else None
+
+    def flush(self) -> list[Committed]:
+        """The positions of the rows kept so far (none: an empty list); the block starts again."""
+        import numpy as np
+
+        tokens, self._tokens = self._tokens, []
+        if not tokens or self.k <= 0:
+            return [(token, ()) for token in tokens]
+        x = self._rows[: len(tokens)]
+        # pick's: top + log(sum(exp(x - top))), top the row's maximum (the greedy token's logit).
+        top = x.max(axis=1)
+        logz = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
+        ids = np.argpartition(-x, self.k - 1, axis=1)[:, : self.k]
+        values = np.take_along_axis(x, ids, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")  # pick's stable order, NaN last
+        ids = np.take_along_axis(ids, order, axis=1)
+        values = np.take_along_axis(values, order, axis=1)
+        logprobs = (values - logz[:, None]).tolist()
+        if np.isfinite(values).all():  # the rule: -inf (a masked token) or NaN alternatives are left out
+            return list(zip(tokens, map(tuple, map(zip, ids.tolist(), logprobs)), strict=True))
+        isfinite = math.isfinite
+        rows = zip(tokens, ids.tolist(), values.tolist(), logprobs, strict=True)
+        return [
+            (token, tuple((i, lp) for i, v, lp in zip(row_ids, row_values, row_logprobs, strict=True) if isfinite(v)))
+            for token, row_ids, row_values, row_logprobs in rows
+        ]

@@ -27,6 +27,7 @@ are the input's tokens.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -110,6 +111,8 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
             last["tokens"] += chunk["tokens"]
             if "logprobs" in chunk:
                 last.setdefault("logprobs", []).extend(chunk["logprobs"])
+            if "commit" in chunk:
+                last.setdefault("commit", []).extend(chunk["commit"])
             if "tool_calls" in chunk:
                 last["tool_calls"] = merge_deltas([*last.get("tool_calls", []), *chunk["tool_calls"]])
             if "finish_reason" in chunk:
@@ -118,6 +121,8 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
             copied = dict(chunk)
             if "logprobs" in copied:
                 copied["logprobs"] = list(copied["logprobs"])
+            if "commit" in copied:
+                copied["commit"] = list(copied["commit"])
             if "tool_calls" in copied:
                 copied["tool_calls"] = merge_deltas(copied["tool_calls"])
             merged.append(copied)
@@ -143,7 +148,12 @@ class ChatService:
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
 
-    async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
+    async def run(self, body: dict[str, Any], emit: Emit, *, commit: int = 0) -> Usage:
+        """Serve ``body``. ``commit``: verified inference's top-k of every produced token, for the
+        provider's commitment (``runtime.verify.provider.CallRecorder``): chunks carry them as
+        ``commit`` entries, ``(token id, ((id, logprob), ...))`` as ``Pick.top`` has them, a block of
+        tokens at a time (``runtime.inference.sampling.CommitRows``). Under a grammar, or with
+        logprobs asked, the chunks' logprobs carry them instead (``top_logprobs`` at least k)."""
         if not isinstance(body, dict):
             raise _invalid("the body must be an object")
         messages = body.get("messages")
@@ -206,6 +216,11 @@ class ChatService:
             raise invalid("tools need messages", "tools")
         if continue_from and (n > 1 or schema is not None or (tools is not None and tools.active)):
             raise invalid("continue_from is only for plain text replies", "continue_from")
+        if commit > 0:
+            if grammar is None and not logprobs:
+                sampling = replace(sampling, commit_top=commit)
+            else:  # the per-token logprobs carry the commitment's figures (a grammar's constrained ones)
+                sampling = replace(sampling, logprobs=True, top_logprobs=max(commit, sampling.top_logprobs))
         # body.stream is ignored: the infer protocol always streams.
         if messages is None:
             stream = self.model.stream_generate(

@@ -68,6 +68,10 @@ class CallRecorder:
     def see(self, data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(data.get("text"), str):
             self._text.append(data["text"])
+        committed = data.get("commit")  # ChatService.run(..., commit=K): (token, top) of positions, not shown
+        if committed is not None:
+            self.positions += [Position(token, top) for token, top in committed]
+            data = {key: value for key, value in data.items() if key != "commit"}
         entries = data.get("logprobs")
         if not entries:
             return data
