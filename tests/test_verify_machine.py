@@ -145,11 +145,15 @@ def test_a_consumer_disputes_only_with_signed_evidence_on_an_escrow_of_the_lease
         assert refusal is not None and refusal.reason == reason
 
 
-def test_a_leased_verifier_is_never_the_provider_under_check_nor_this_node_and_the_cheapest_goes_first() -> None:
+def test_a_leased_verifier_is_never_the_provider_under_check_nor_this_node_nor_dearer_than_the_call() -> None:
+    import random
+
     from protocols.machines.verify import MAX_VERIFIER_TRIES, VerifierOffer, choose_verifiers
 
     offers = [VerifierOffer("cheat", 1), VerifierOffer("me", 2), VerifierOffer("b", 30), VerifierOffer("a", 30)]
     offers += [VerifierOffer("c", 10), VerifierOffer("c", 10), VerifierOffer("dear", 10**6)]
-    assert choose_verifiers(offers, provider="cheat", self_id="me") == ["c", "a", "b"][:MAX_VERIFIER_TRIES]
-    assert choose_verifiers(offers, provider="cheat", self_id="me", max_price=20) == ["c"]
-    assert choose_verifiers([VerifierOffer("cheat", 0)], provider="cheat", self_id="me") == []
+    rng = random.Random(1)
+    chosen = choose_verifiers(offers, provider="cheat", self_id="me", rng=rng, checked_price=1000)
+    assert sorted(chosen) == ["a", "b", "c"][:MAX_VERIFIER_TRIES]  # in a random order; "dear" costs more than the call
+    assert choose_verifiers(offers, provider="cheat", self_id="me", rng=rng, max_price=20) == ["c"]
+    assert choose_verifiers([VerifierOffer("cheat", 0)], provider="cheat", self_id="me", rng=rng) == []

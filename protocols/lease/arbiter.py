@@ -257,7 +257,9 @@ class DisputeRole(LeaseCore):
             self.verifying.evidence.pop(lease_id, None)
             self.wake_settlement()  # the refund waiting on the frozen escrow lands now
         if outcome.outcome == "reject":  # not at fault: the failed check no longer leaves it out
-            await self.verifying.overruled(provider)
+            await self.verifying.overruled(provider, lease_id)
+        elif outcome.outcome == "refund":
+            self.verifying.confirmed(lease_id)
         self._keep_outcome(outcome)  # after the ledger has it
         return outcome
 

@@ -9,7 +9,8 @@ the facts, the verdict (``protocols.machines.verify.check_verdict``) and the pro
 
 A consumer that does not hold the file a drawn call's proof names asks one
 (:class:`RemoteVerifier`): discovery's ``verify:<sha256>`` providers, never the provider under check
-(``protocols.machines.verify.choose_verifiers``: the cheapest first, at most 3 tried), a lease whose
+(``protocols.machines.verify.choose_verifiers``: at random among those at an acceptable price, weighted
+by their standing with this node, at most 3 tried), a lease whose
 budget covers the tokens to check at the verifier's price, one call, the lease ended at once. The
 consumer applies the answer exactly as its own check (``protocols.lease.verifying``), its own
 signature check of the root and binding to the lease first. A verifier that lies to fail an honest
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -247,10 +248,29 @@ class RemoteVerifier:
         return entry[1] if entry is not None else None
 
     async def __call__(
-        self, provider: str, proof: CallProof, request: dict[str, Any], text: str | None, longest_stop: int
+        self,
+        provider: str,
+        proof: CallProof,
+        request: dict[str, Any],
+        text: str | None,
+        longest_stop: int,
+        *,
+        exclude: Collection[str] = (),
     ) -> RemoteCheck | None:
         sha256 = proof.commitment.body.model_sha256
         offers = self._known(sha256) or []
+        verifying = self.market.verifying
+        held = self.market.held.get(proof.commitment.body.lease_id)
+        chosen = choose_verifiers(
+            offers,
+            provider=provider,
+            self_id=self.self_id,
+            rng=verifying.rng,
+            standing=verifying.verifier_standings(),
+            max_price=self.max_price,
+            checked_price=held.grant.price_per_unit if held is not None else None,
+            exclude=exclude,
+        )
         prices = {offer.peer_id: offer.price_per_unit for offer in offers}
         units = checked_tokens(proof)
         body = {
@@ -260,7 +280,7 @@ class RemoteVerifier:
             "longest_stop": min(longest_stop, MAX_STOP_CHARS),
             "max_tokens": units,
         }
-        for verifier in choose_verifiers(offers, provider=provider, self_id=self.self_id, max_price=self.max_price):
+        for verifier in chosen:
             with trio.move_on_after(VERIFY_TIMEOUT_S):
                 try:
                     return await self._ask(verifier, sha256, prices[verifier], units, body)

@@ -16,12 +16,22 @@ binds keeps its evidence for the lease's dispute (``protocols.lease.arbiter``).
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from protocols.machines.verify import CheckFacts, check_verdict, standing_with_reports
+from protocols.machines.verify import (
+    DEFAULT_SECOND_OPINION_RATE,
+    CheckFacts,
+    CheckVerdict,
+    check_verdict,
+    reconcile_opinions,
+    second_opinion_drawn,
+    standing_with_reports,
+    verifier_standing,
+)
 from runtime.ledger import Ledger
 from runtime.ledger.verifications import VerificationRow
 from runtime.verify.book import Record, VerificationBook
@@ -32,14 +42,15 @@ from runtime.verify.provider import verifiable
 from runtime.verify.reports import ReportBook
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE, should_check
 from runtime.verify.spot import SpotCheck, check_call, openings_of
+from runtime.verify.verifiers import VerifierBook
 from wire.peer_keys import ed25519_public_key
 
 log = logging.getLogger(__name__)
 
 LocalModel = Callable[[str], Any]  # sha256 -> a loaded LlamaModel of that file, or None
-# (provider, proof, request, text received, longest stop string) -> a leased verifier's answer, or None
-# when none could check it (protocols.lease.verifier.RemoteVerifier)
-Remote = Callable[[str, CallProof, dict[str, Any], str | None, int], Awaitable[Any]]
+# (provider, proof, request, text received, longest stop string, exclude=verifiers not to ask) -> a leased
+# verifier's answer, or None when none could check it (protocols.lease.verifier.RemoteVerifier)
+Remote = Callable[..., Awaitable[Any]]
 # (provider, lease id) -> the sha256 the provider's signed record advertises for the lease's model ("" if none)
 Advertised = Callable[[str, str], Awaitable[str]]
 MAX_ADVERTISED = 1024  # leases whose advertised file is remembered
@@ -69,6 +80,17 @@ class Verifying:
         self.reports = ReportBook()
         self.report_weight = 0.0
         self._sha256_now = ""
+        # Leased verifiers' records with this node (their pick's weight), the share of their passes a
+        # second verifier checks again, and the draws (unpredictable to a verifier).
+        self.verifiers = VerifierBook()
+        self.second_opinion_rate = DEFAULT_SECOND_OPINION_RATE
+        self.rng: random.Random = random.SystemRandom()
+
+    def verifier_standings(self) -> dict[str, float]:
+        """What a leased verifier is picked with: ``protocols.machines.verify.verifier_standing``."""
+        return {
+            peer: verifier_standing(r.agreed, r.overruled, r.disagreed) for peer, r in self.verifiers.records.items()
+        }
 
     def share_reports(self, key: Any, weight: float) -> None:
         """Sign a report of each check of this node's own with ``key`` (its ReceiptKey), and weigh the
@@ -120,10 +142,22 @@ class Verifying:
         except Exception as error:  # noqa: BLE001 - a full or failing disk: kept in memory, written next time
             log.warning("a verification outcome was not kept in the ledger (%s)", type(error).__name__)
 
-    async def overruled(self, provider: str) -> None:
+    def confirmed(self, lease_id: str) -> None:
+        """The lease's arbiter found the provider at fault: the verifier whose answer failed the call (if
+        one did) gains standing."""
+        verifier = self.verifiers.failed_by.pop(lease_id, None)
+        if verifier is not None:
+            self.verifiers.note(verifier, agreed=1)
+
+    async def overruled(self, provider: str, lease_id: str = "") -> None:
         """The lease's arbiter did not find ``provider`` at fault for a check this node (or a verifier it
         leased) failed: that failure is taken back, so one wrong check (a lying verifier's) does not
-        leave an honest provider out of the router's ranking for good."""
+        leave an honest provider out of the router's ranking for good; a leased verifier whose answer
+        failed the call loses standing."""
+        verifier = self.verifiers.failed_by.pop(lease_id, None)
+        if verifier is not None:
+            self.verifiers.note(verifier, overruled=1)
+            log.warning("verifier %s was overruled by the arbiter", verifier[:16])
         record = self.book.overruled(provider)
         if record is None or self.ledger is None:
             return
@@ -222,30 +256,62 @@ class Verifying:
     ) -> str:
         """A drawn call whose file this node lacks: a leased verifier checks it
         (``protocols.lease.verifier``); its answer is applied as this node's own check would be, after
-        this node's own signature check of the root and of the proof's binding to the lease."""
+        this node's own signature check of the root and of the proof's binding to the lease. A share of
+        passes (``second_opinion_rate``) is checked again by another verifier: two that disagree both
+        lose standing and leave the provider unchecked (``protocols.machines.verify.reconcile_opinions``;
+        a node holding the file checks every drawn call itself and never asks verifiers)."""
         assert self.remote is not None
-        answer = await self.remote(provider, proof, body, text, _longest_stop(body))
+        stop = _longest_stop(body)
+        answer = await self.remote(provider, proof, body, text, stop)
         if answer is None:
             await self._note(provider, "unverifiable", "no_verifier")
             return "unverifiable"
-        found = answer.facts
         signed_ok = bound and commitment_signed(proof.commitment, ed25519_public_key)
-        facts = CheckFacts(
-            root_signed=signed_ok and found.root_signed,
-            answered=True,
-            openings_match=found.openings_match,
-            holds_file=found.holds_file,
-            prompt_matches=found.prompt_matches,
-            findings_reason=found.findings_reason,
-            text_matches=found.text_matches,
-            prompt_hash_matches=found.prompt_hash_matches,
-            text_hash_matches=found.text_hash_matches,
-            body_version=proof.commitment.body.v,
-        )
+        facts = _remote_facts(answer, proof, signed_ok)
+        first = check_verdict(facts)
+        if first.outcome == "passed" and second_opinion_drawn(self.second_opinion_rate, self.rng.random()):
+            other = await self.remote(provider, proof, body, text, stop, exclude={answer.verifier})
+            second: CheckVerdict | None = None
+            if other is not None:
+                second = check_verdict(_remote_facts(other, proof, signed_ok))
+            opinions = reconcile_opinions(first, second, None)
+            who = {"first": answer.verifier, "second": other.verifier if other is not None else ""}
+            for name in opinions.credit:
+                self.verifiers.note(who[name], agreed=1)
+            for name in opinions.blame:
+                self.verifiers.note(who[name], disagreed=1)
+            if opinions.outcome == "unverifiable":
+                log.warning(
+                    "verifiers %s and %s disagree on a call of %s: left unchecked",
+                    who["first"][:16],
+                    who["second"][:16],
+                    provider[:16],
+                )
+                await self._note(provider, "unverifiable", opinions.reason)
+                return "unverifiable"
+        elif first.outcome == "failed":
+            self.verifiers.failed_lease(lease_id, answer.verifier)  # its dispute says who was right
         prompt = answer.prompt_ids
         package = _package(lease_id, proof, prompt, text, bound) if prompt else None
         self._sha256_now = proof.commitment.body.model_sha256
         return await self._failed(provider, facts, package)
+
+
+def _remote_facts(answer: Any, proof: CallProof, signed_ok: bool) -> CheckFacts:
+    """A leased verifier's findings as ``check_verdict`` reads them, with this node's own signature check."""
+    found = answer.facts
+    return CheckFacts(
+        root_signed=signed_ok and found.root_signed,
+        answered=True,
+        openings_match=found.openings_match,
+        holds_file=found.holds_file,
+        prompt_matches=found.prompt_matches,
+        findings_reason=found.findings_reason,
+        text_matches=found.text_matches,
+        prompt_hash_matches=found.prompt_hash_matches,
+        text_hash_matches=found.text_hash_matches,
+        body_version=proof.commitment.body.v,
+    )
 
 
 def _package(

@@ -15,6 +15,8 @@ failed check (this node's own, never a stranger's report alone) puts the provide
 
 from __future__ import annotations
 
+import random
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,10 +49,12 @@ BOUND_ONLY_IN_V2 = frozenset({"prompt_mismatch", "text_mismatch"})
 # so only the consumer says what arrived; and a signed prompt hash that differs from this node's
 # rendering needs the request itself bound to convince an arbiter (docs/verified-inference.md).
 CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch"})
-# Signed for another file than the record advertises: the provider's own two signed statements, but the
-# package would need the record's sealed bytes (current at the call) and the signed grant naming the
-# lease's capability to prove it to an arbiter, and neither is kept: refused, not disputed (the re-run
-# of a provider that signs the advertised sha256 while serving another file is what an arbiter decides).
+# Signed for another file than the record advertises: refused, not disputed. No signature binds the
+# advertised file to the lease (the grant names the capability only; a record is not dated against the
+# lease, and a provider may publish another file at any time), and the commitment names the file that
+# really served the call, so an arbiter's re-run would pass it (docs/verified-inference.md, "Disputes").
+# The re-run of a provider that signs the advertised sha256 while serving another file is what an
+# arbiter decides.
 RECORD_UNBOUND = frozenset({"model_mismatch"})
 
 
@@ -241,8 +245,14 @@ def owed_total(consumer_says: int, countersigned: int) -> int:
 
 
 # Leased verifiers (``verify:<sha256>``, protocols/lease/verifier.py): a consumer without the file a
-# proof names leases another node that holds it, never the provider under check, the cheapest first.
+# proof names leases another node that holds it, never the provider under check. Verifiers are picked at
+# random among those at an acceptable price, weighted by their own standing, so a cheat's accomplices
+# (other peer ids selling checks of its file cheaply and always answering passed) are not asked merely
+# for being cheapest; a share of passes goes to a second, different verifier (``second_opinion``).
 MAX_VERIFIER_TRIES = 3  # verifiers asked, one after another, for one check
+NEW_VERIFIER_STANDING = 0.5  # a verifier this node has no record of
+MIN_VERIFIER_WEIGHT = 0.01  # a discredited verifier is still picked, rarely (it may have been the honest one)
+VERIFIER_LOSS = 4  # each overruled failure or disagreement weighs as much as this many agreements
 
 
 @dataclass(frozen=True)
@@ -253,22 +263,98 @@ class VerifierOffer:
     price_per_unit: int
 
 
+def verifier_standing(agreed: int, overruled: int, disagreed: int) -> float:
+    """A verifier's standing with this node: 0.5 before anything is known, rising toward 1 with each
+    answer a second verifier or the arbiter confirmed, falling with each failure the arbiter overruled
+    and each disagreement with a second verifier (never to 0)."""
+    agreed, lost = max(0, agreed), max(0, overruled) + max(0, disagreed)
+    return (agreed + 1) / (agreed + 2 + VERIFIER_LOSS * lost)
+
+
+def acceptable_price(price: int, *, max_price: int | None, checked_price: int | None) -> bool:
+    """A verifier's price per token checked is acceptable when within ``max_price`` (where one is set)
+    and not above the price per token of the call it checks (where known): a check never costs more
+    per token than the service it checks, whatever the cheapest verifier asks."""
+    if max_price is not None and price > max_price:
+        return False
+    return checked_price is None or checked_price <= 0 or price <= checked_price
+
+
 def choose_verifiers(
-    offers: list[VerifierOffer], *, provider: str, self_id: str, max_price: int | None = None
+    offers: list[VerifierOffer],
+    *,
+    provider: str,
+    self_id: str,
+    rng: random.Random,
+    standing: Mapping[str, float] | None = None,
+    max_price: int | None = None,
+    checked_price: int | None = None,
+    exclude: Collection[str] = (),
 ) -> list[str]:
     """The verifiers to ask for one check, in order: never the provider under check, never this node,
-    none above ``max_price`` (per token checked), the cheapest first (peer id breaks ties), at most
-    :data:`MAX_VERIFIER_TRIES`."""
-    fit = [
-        offer
-        for offer in offers
-        if offer.peer_id not in (provider, self_id) and (max_price is None or offer.price_per_unit <= max_price)
-    ]
+    none in ``exclude`` (the first opinion's verifier, for a second), none at an unacceptable price
+    (:func:`acceptable_price`); drawn at random without replacement, each with a weight of its
+    ``standing`` (:data:`NEW_VERIFIER_STANDING` when unknown, at least :data:`MIN_VERIFIER_WEIGHT`);
+    at most :data:`MAX_VERIFIER_TRIES`."""
+    known = standing or {}
+    weights: dict[str, float] = {}
+    for offer in offers:
+        peer = offer.peer_id
+        if peer in (provider, self_id) or peer in exclude or peer in weights:
+            continue
+        if not acceptable_price(offer.price_per_unit, max_price=max_price, checked_price=checked_price):
+            continue
+        weights[peer] = max(MIN_VERIFIER_WEIGHT, min(1.0, known.get(peer, NEW_VERIFIER_STANDING)))
+    pool = sorted(weights)  # a fixed order, so a seeded draw is reproducible
     chosen: list[str] = []
-    for offer in sorted(fit, key=lambda o: (o.price_per_unit, o.peer_id)):
-        if offer.peer_id not in chosen:
-            chosen.append(offer.peer_id)
-    return chosen[:MAX_VERIFIER_TRIES]
+    while pool and len(chosen) < MAX_VERIFIER_TRIES:
+        total = sum(weights[peer] for peer in pool)
+        point = rng.random() * total
+        pick = pool[-1]
+        for peer in pool:
+            point -= weights[peer]
+            if point < 0:
+                pick = peer
+                break
+        pool.remove(pick)
+        chosen.append(pick)
+    return chosen
+
+
+DEFAULT_SECOND_OPINION_RATE = 0.25  # of the passes a leased verifier answers (docs/verified-inference.md)
+
+
+def second_opinion_drawn(rate: float, draw: float) -> bool:
+    """Whether a leased verifier's pass is checked again by another verifier (``draw`` uniform in [0, 1))."""
+    return draw < min(1.0, max(0.0, rate))
+
+
+@dataclass(frozen=True)
+class Opinions:
+    """Two verifiers' verdicts on one call reconciled: what counts for the provider, and which of the
+    two gain (``credit``) or lose (``blame``) standing: ``first``, ``second``."""
+
+    outcome: Outcome
+    reason: str = ""
+    credit: tuple[str, ...] = ()
+    blame: tuple[str, ...] = ()
+
+
+def reconcile_opinions(first: CheckVerdict, second: CheckVerdict | None, own: CheckVerdict | None = None) -> Opinions:
+    """The first verifier's verdict stands alone when no second opinion came (``second`` None or
+    unverifiable). Two that agree on the outcome both gain standing. Two that disagree: this node's own
+    check decides where it has one (``own``: it holds the file), the verifier that disagrees with it
+    loses standing and the other gains; without one both lose standing and the provider is left
+    unchecked (``unverifiable``, ``verifiers_disagree``): neither's word is taken against the other's."""
+    if second is None or second.outcome == "unverifiable":
+        return Opinions(first.outcome, first.reason)
+    if first.outcome == second.outcome:
+        return Opinions(first.outcome, first.reason or second.reason, credit=("first", "second"))
+    if own is not None and own.outcome != "unverifiable":
+        right = tuple(n for n, v in (("first", first), ("second", second)) if v.outcome == own.outcome)
+        wrong = tuple(n for n in ("first", "second") if n not in right)
+        return Opinions(own.outcome, own.reason, credit=right, blame=wrong)
+    return Opinions("unverifiable", "verifiers_disagree", blame=("first", "second"))
 
 
 # Shared reports (runtime/verify/reports.py) shift standing by at most ``weight`` of the way toward 1 or
