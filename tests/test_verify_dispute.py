@@ -6,7 +6,8 @@ back to the consumer, no person involved, and both ledgers record the split; its
 nothing more is bought on it. The router never picks the cheat again and `clawnode find` shows it
 failed; an honest provider on another build (other thread count) is never flagged, and a
 consumer that disputes its honest call anyway pays it what it countersigned. An arbiter without the file says
-so and leaves the escrow frozen for a person."""
+so and leaves the escrow frozen for a person. A proof signed for another file than the record states
+(model_mismatch) is disputed only when the call does not fit the file the proof names."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ async def _escrow(node: Node, lease_id: str) -> Any:
     client = node.escrow_client
     assert client is not None
     return await trio.to_thread.run_sync(client.get, client.account.address, bytes.fromhex(lease_id))
+
+
+def ended_lease(consumer: Node, lease_id: str) -> Any:
+    return lambda: any(v.lease_id == lease_id and v.state != "active" for v in consumer.market.leases())
 
 
 async def _caught(consumer: Node, provider_id: str) -> str:
@@ -173,3 +178,26 @@ async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_bui
 
         shown = await trio.to_thread.run_sync(find)
         assert f"{cheat_id}  verification FAILED (" in shown and f"{fair_id}  verification passed" in shown
+
+        # 5. A record that advertises another file than the proofs name: model_mismatch, which no signature
+        # makes the provider's fault to a third party. The call is still checked against the file the
+        # proof names: the cheat's call does not fit it (the provider's own signed statement proved
+        # false), so that failure is disputed and refunded; the honest provider's does, so only the
+        # mismatch stands: refused, the lease ended, nothing frozen.
+        async def advertises_another(provider: str, lease_id: str) -> str:
+            return "cd" * 32
+
+        verifying.advertised = advertises_another
+        third = await consumer.market.open_lease(cheat_id, "model:tiny", budget=BUDGET, duration_s=60)
+        with pytest.raises(ClawnodeError) as caught:
+            await consumer.market.call(third.lease_id, CHAT)
+        assert caught.value.reason not in (None, "verification_model_mismatch")
+        await wait_for(lambda: third.lease_id in consumer.market.lease_disputes, 20, "the arbiter's decision")
+        assert consumer.market.lease_disputes[third.lease_id].outcome == "refund"
+        fourth = await consumer.market.open_lease(fair_id, "model:tiny", budget=BUDGET, duration_s=60)
+        with pytest.raises(ClawnodeError) as caught:
+            await consumer.market.call(fourth.lease_id, CHAT)
+        assert caught.value.reason == "verification_model_mismatch"
+        assert fourth.lease_id not in verifying.evidence
+        await wait_for(ended_lease(consumer, fourth.lease_id), what="the mismatched lease ended")
+        assert (await _escrow(consumer, fourth.lease_id)).phase == "active"  # not frozen: no dispute

@@ -5,7 +5,8 @@ consumer checks the call if ``verify_sample_rate`` draws it, always on a provide
 and after any doubt: the prompt as its own copy of the model renders it, the produced tokens and
 the committed chunks against the signed root, then one prefill (``runtime.verify.spot.check_call``, on
 a worker thread), and whether the ids spell the text received. Every proof's signed sha256 is
-compared with the one the provider's signed record advertises for the lease's model (no file needed),
+compared with the one the provider's signed record advertises for the lease's model (no file needed;
+a mismatched call is also checked against the file its proof names, where that file is at hand),
 and a drawn call that should carry a proof (the record names a file, the request is verifiable,
 tokens were produced) but carries none fails as ``no_proof``.
 ``protocols.machines.verify.check_verdict`` decides; a failure ends the lease (no more countersigned
@@ -208,14 +209,11 @@ class Verifying:
             return await self._failed(provider, CheckFacts(False, False, False, False, proof_sent=False))
         signed = proof.commitment.body
         expected = await self._advertised_sha256(provider, lease_id)
-        if expected and signed.model_sha256 != expected:
-            # Cheap, and needs no file: checked on every call that carries a proof.
-            bound = signed.provider == provider and signed.lease_id == lease_id
-            signed_ok = bound and commitment_signed(proof.commitment, ed25519_public_key)
-            self._sha256_now = signed.model_sha256
-            return await self._failed(provider, CheckFacts(signed_ok, True, True, False, model_matches=False))
-        model = self.local_model(signed.model_sha256)
         bound = signed.provider == provider and signed.lease_id == lease_id
+        if expected and signed.model_sha256 != expected:
+            # Needs no file: checked on every call that carries a proof (a prefill only on a mismatch).
+            return await self._mismatched(provider, lease_id, body, proof, text, bound)
+        model = self.local_model(signed.model_sha256)
         if model is None:
             if self.remote is None:
                 await self._note(provider, "unverifiable", "no_file")
@@ -225,17 +223,28 @@ class Verifying:
             return await self._check_remotely(provider, lease_id, body, proof, text, bound)
         if not self._drawn(provider):
             return "skipped"
+        facts, unverifiable, prompt = await self._local_facts(model, body, proof, text, bound)
+        if facts is None:
+            await self._note(provider, "unverifiable", unverifiable)
+            return "unverifiable"
+        self._sha256_now = signed.model_sha256
+        return await self._failed(provider, facts, _package(lease_id, proof, prompt, text, bound))
+
+    async def _local_facts(
+        self, model: Any, body: dict[str, Any], proof: CallProof, text: str | None, bound: bool
+    ) -> tuple[CheckFacts | None, str, list[int]]:
+        """This node's own check of a call on its copy of the file the proof names: the facts (None with
+        why when it cannot check it: ``prompt``, ``too_long``) and the prompt ids it rendered."""
+        signed = proof.commitment.body
         prompt = await prompt_ids(model, body, signed.prompt_tokens)
         if prompt is None:
-            await self._note(provider, "unverifiable", "prompt")
-            return "unverifiable"
+            return None, "prompt", []
         try:
             # The openings are rebuilt on the worker thread too: up to 2,049 chunks of hashing.
             stop = _longest_stop(body)
             spot: SpotCheck = await trio.to_thread.run_sync(run_check, model.path, prompt, proof, text, stop)
         except ValueError:  # longer than the verifier's context: not checked here
-            await self._note(provider, "unverifiable", "too_long")
-            return "unverifiable"
+            return None, "too_long", prompt
         facts = CheckFacts(
             root_signed=bound and spot.root_signed,
             answered=True,
@@ -248,8 +257,33 @@ class Verifying:
             text_hash_matches=spot.text_hash_matches,
             body_version=signed.v,
         )
-        self._sha256_now = signed.model_sha256
-        return await self._failed(provider, facts, _package(lease_id, proof, prompt, text, bound))
+        return facts, "", prompt
+
+    async def _mismatched(
+        self, provider: str, lease_id: str, body: dict[str, Any], proof: CallProof, text: str | None, bound: bool
+    ) -> str:
+        """A proof signed for another file than the provider's record advertises: ``model_mismatch``, not
+        disputed (no signature binds the advertised file to the lease). But the call is also checked
+        against the file the proof names, on this node's copy or through a leased verifier, where one
+        is at hand: a failure there is the provider's own signed statement proved false, disputed like
+        any (the arbiter re-runs that file)."""
+        signed_ok = bound and commitment_signed(proof.commitment, ed25519_public_key)
+        facts = CheckFacts(signed_ok, True, True, False, model_matches=False)
+        package: DisputePackage | None = None
+        sha256 = proof.commitment.body.model_sha256
+        model = self.local_model(sha256) if signed_ok and self.local_model is not None else None
+        if model is not None:
+            found, _, prompt = await self._local_facts(model, body, proof, text, bound)
+            if found is not None and check_verdict(found).dispute:
+                facts, package = found, _package(lease_id, proof, prompt, text, bound)
+        elif signed_ok and self.remote is not None:
+            answer = await self.remote(provider, proof, body, text, _longest_stop(body))
+            found = _remote_facts(answer, proof, signed_ok) if answer is not None else None
+            if found is not None and check_verdict(found).dispute and answer.prompt_ids:
+                facts, package = found, _package(lease_id, proof, answer.prompt_ids, text, bound)
+                self.verifiers.failed_lease(lease_id, answer.verifier)
+        self._sha256_now = sha256
+        return await self._failed(provider, facts, package)
 
     async def _check_remotely(
         self, provider: str, lease_id: str, body: dict[str, Any], proof: CallProof, text: str | None, bound: bool

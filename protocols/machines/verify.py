@@ -53,8 +53,8 @@ CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch"})
 # advertised file to the lease (the grant names the capability only; a record is not dated against the
 # lease, and a provider may publish another file at any time), and the commitment names the file that
 # really served the call, so an arbiter's re-run would pass it (docs/verified-inference.md, "Disputes").
-# The re-run of a provider that signs the advertised sha256 while serving another file is what an
-# arbiter decides.
+# A call that does not fit the file its proof names is what an arbiter decides: the consumer checks a
+# mismatched call against that file too, and such a failure is disputed under its own reason.
 RECORD_UNBOUND = frozenset({"model_mismatch"})
 
 
