@@ -238,6 +238,7 @@ class Prefill:
             n_batch=n_ctx,
             n_ubatch=min(n_ubatch, n_ctx),
             n_threads=n_threads,
+            n_threads_batch=n_threads,  # the prefill is a batch: without it llama.cpp takes every core
             logits_all=False,
             verbose=False,
         )
