@@ -225,6 +225,9 @@ class DisputeRole(LeaseCore):
         await self._keep_case(case, provider, arbiter)
         try:
             await client.chain.run(client.dispute, payer, escrow_id)
+        except Exception:
+            await self._drop_unfrozen(client, case)
+            raise
         finally:
             await self._revoke_quietly(lease_id)
         record = self.verifying.book.get(provider)
@@ -270,6 +273,16 @@ class DisputeRole(LeaseCore):
         except Exception as error:  # noqa: BLE001 - a full disk: the case is still sent, only not again after a restart
             log.warning("lease %s: the dispute case was not kept (%s)", case.lease_id[:12], type(error).__name__)
 
+    async def _drop_unfrozen(self, client: Any, case: LeaseDisputeCase) -> None:
+        """The freeze was refused: the kept case goes unless the escrow is frozen all the same (another
+        failed call of the lease froze it first); kept when the chain cannot say."""
+        try:
+            state = await client.chain.run(client.get, case.payer, bytes.fromhex(case.lease_id))
+        except Exception:  # noqa: BLE001 - kept: the next start asks the chain again
+            return
+        if state.phase != "disputed":
+            await self._drop_case(case.lease_id)
+
     async def _drop_case(self, lease_id: str) -> None:
         try:
             await self.ledger.drop_dispute_case(lease_id)
@@ -305,9 +318,13 @@ class DisputeRole(LeaseCore):
         escrow_id = bytes.fromhex(case.lease_id)
         state = await client.chain.run(client.get, case.payer, escrow_id)
         if state.phase == "closed":
-            await self._record_resolution(
-                case.lease_id, case.payer, escrow_id, opened_by=self.peer_id, reason="resolved"
-            )
+            # Recorded as a dispute's split only where this node opened the dispute (the freeze landed and
+            # was written): an escrow that closed otherwise (the freeze never landed) is no dispute's.
+            disputes = await self.ledger.list_disputes(limit=MAX_DISPUTE_SCAN)
+            if any(d.lease_id == case.lease_id and d.state == "dispute_open" for d in disputes):
+                await self._record_resolution(
+                    case.lease_id, case.payer, escrow_id, opened_by=self.peer_id, reason="resolved"
+                )
             await self._drop_case(row.lease_id)
             return
         if state.phase == "active":  # stopped before the freeze landed: freeze it now
