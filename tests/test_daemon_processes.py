@@ -3,6 +3,7 @@ SIGTERM, and rejoin from their peer books when the bootstrap peer is gone."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -75,6 +76,7 @@ def test_identity_and_token_are_private_files_never_shown(tmp_path: Path, daemon
     outputs = [
         run_cli(command, "--json", "--data-dir", str(node.data_dir)).stdout for command in ("id", "status", "peers")
     ]
+    assert json.loads(outputs[0]) == node.identity()  # the CLI prints what the API (and the other tests) read
     node.stop()
     outputs.append(node.log())
     for output in outputs:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,10 +14,15 @@ from typing import Any
 import httpx
 
 from node.datadir import read_api_token, read_running
+from tests.support.zygote import ForkedProcess, zygote
 
 CLAWNODE = [sys.executable, "-m", "node.cli"]
 # Any free port for libp2p and for the API, so many daemons share one machine.
 LOOPBACK_ANY_PORT = ["--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0"]
+# Daemons are forked from one process that paid their imports (tests/support/zygote.py): the same
+# ``clawnode start`` code in a process of its own, without 2-5 s of interpreter start and imports each.
+# CLAWNODE_TEST_FRESH_DAEMONS=1 starts each as ``python -m node.cli start`` instead.
+FORK_DAEMONS = os.environ.get("CLAWNODE_TEST_FRESH_DAEMONS", "") != "1"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -32,20 +36,20 @@ class DaemonProcess:
     data_dir: Path
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[str] | None = None
+    process: subprocess.Popen[str] | ForkedProcess | None = None
     log_path: Path | None = None
 
     def start(self, wait_s: float = 30.0) -> DaemonProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
-        log = open(self.log_path, "a")
-        self.process = subprocess.Popen(
-            [*CLAWNODE, "start", "--data-dir", str(self.data_dir), *self.args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **self.env},
-        )
+        argv = ["start", "--data-dir", str(self.data_dir), *self.args]
+        if FORK_DAEMONS:
+            self.process = zygote().start(argv, {**os.environ, **self.env}, self.log_path)
+        else:
+            with open(self.log_path, "a") as log:
+                self.process = subprocess.Popen(
+                    [*CLAWNODE, *argv], stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **self.env}
+                )
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -71,9 +75,9 @@ class DaemonProcess:
         return reply.json()
 
     def identity(self) -> dict[str, Any]:
-        result = run_cli("id", "--json", "--data-dir", str(self.data_dir))
-        assert result.returncode == 0, result.stderr
-        return dict(json.loads(result.stdout))
+        """What ``clawnode id --json`` prints (tests/test_daemon_processes.py checks they agree), read from
+        the API without a CLI process of its own (0.5-1.5 s each)."""
+        return dict(self.api("/api/id"))
 
     def connected_peer_ids(self) -> set[str]:
         return {peer["peer_id"] for peer in self.api("/api/peers")["peers"] if peer["connected"]}
