@@ -55,6 +55,36 @@ def is_public_ip(ip: str) -> bool:
 _DOCUMENTATION_V4 = tuple(ipaddress.ip_network(net) for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
 
 
+def dial_back_allowed(target_ip: str, observed_ip: str, *, allow_private: bool) -> bool:
+    """Whether an AutoNAT server may dial ``target_ip`` back for a requester seen at ``observed_ip``:
+    public ones always; private ones only with ``allow_private`` (tests, LANs), and even then never
+    an unspecified or multicast address (``0.0.0.0`` reaches this host), a loopback one unless the
+    requester itself connects over loopback (a LAN peer must not make the server dial its own
+    ``127.0.0.1:<port>``), nor a link-local one other than the requester's own. IPv4-mapped IPv6
+    addresses are judged as the IPv4 address they map."""
+    try:
+        target, observed = ipaddress.ip_address(target_ip), ipaddress.ip_address(observed_ip)
+    except ValueError:
+        return False
+    target = _unmapped(target)
+    observed = _unmapped(observed)
+    if is_public_ip(str(target)):
+        return True
+    if not allow_private or target.is_unspecified or target.is_multicast:
+        return False
+    if target.is_loopback:
+        return observed.is_loopback
+    if target.is_link_local:
+        return target == observed
+    return True
+
+
+def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def _ip_of(addr: str) -> str | None:
     parts = addr.split("/")
     if len(parts) >= 3 and parts[1] in ("ip4", "ip6"):

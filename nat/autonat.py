@@ -50,7 +50,7 @@ from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter
 
-from nat.addresses import Reachability, is_public_ip, sources_for
+from nat.addresses import Reachability, dial_back_allowed, is_public_ip, sources_for
 from nat.addresses import candidate_addrs as candidate_addrs_of
 from nat.notifee import QuietNotifee
 from nat.reachability import ReachabilityState, ServerResult
@@ -676,7 +676,7 @@ class AutoNat:
             ip = ipaddress.ip_address(_ip_of(base) or "")
             if ip != observed:
                 refused[base] = "not the requester's observed IP"
-            elif not self.settings.allow_private and not is_public_ip(str(ip)):
+            elif not dial_back_allowed(str(ip), observed_ip, allow_private=self.settings.allow_private):
                 refused[base] = "a private address"
             elif base not in targets:
                 targets.append(base)

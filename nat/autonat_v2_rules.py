@@ -18,7 +18,7 @@ from typing import Literal
 
 import multiaddr
 
-from nat.addresses import is_public_ip
+from nat.addresses import dial_back_allowed
 from nat.autonat_v2_wire import DialResponse, DialStatus, ResponseStatus
 from nat.reachability import ServerResult
 
@@ -96,7 +96,8 @@ def choose_target(
 ) -> Target | Refused:
     """The first of the first ``max_addrs`` addresses this server is willing to dial (the spec: it
     dials exactly one): TCP, an IP family it has (``families``: 4, 6), not private unless
-    ``allow_private`` (tests, LANs), and no ``/p2p/`` of another peer. Its IP differs from
+    ``allow_private`` (tests, LANs; even then no loopback unless the requester is on loopback, no
+    link-local but its own: ``nat.addresses.dial_back_allowed``), and no ``/p2p/`` of another peer. Its IP differs from
     ``observed_ip``, the one the request came from: the requester pays in dial data first."""
     try:
         observed = ipaddress.ip_address(observed_ip)
@@ -109,7 +110,7 @@ def choose_target(
         base, ip = found
         if ip.version not in families:
             continue
-        if not allow_private and not is_public_ip(str(ip)):
+        if not dial_back_allowed(str(ip), observed_ip, allow_private=allow_private):
             continue
         return Target(index, base, needs_dial_data=ip != observed)
     return Refused(ResponseStatus.DIAL_REFUSED, "no_dialable_address")

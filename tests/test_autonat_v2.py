@@ -109,6 +109,34 @@ def test_malformed_messages_are_refused(data: bytes) -> None:
 # --- rules
 
 
+def test_a_lan_peer_cannot_make_the_server_dial_its_loopback_even_with_allow_private() -> None:
+    """nat.autonat_allow_private lets LAN addresses be dialed back; a LAN peer that asks about the
+    server's own 127.0.0.1:<port> (paying dial data for another IP) would learn which local ports
+    answer: loopback is dialed only for a requester on loopback, link-local only its own address,
+    never 0.0.0.0 (it reaches this host) nor an IPv4-mapped loopback."""
+
+    def choose(addr: str, observed: str) -> Target | Refused:
+        kw: dict[str, object] = {"families": frozenset({4, 6}), "allow_private": True, "max_addrs": 4}
+        return choose_target([ma(addr)], requester=PEER, observed_ip=observed, **kw)  # type: ignore[arg-type]
+
+    refused = Refused(ResponseStatus.DIAL_REFUSED, "no_dialable_address")
+    lan = "192.168.1.7"
+    for addr in (
+        "/ip4/127.0.0.1/tcp/4001",
+        "/ip4/127.5.6.7/tcp/4001",
+        "/ip6/::1/tcp/4001",
+        "/ip6/::ffff:127.0.0.1/tcp/4001",
+        "/ip4/0.0.0.0/tcp/4001",
+        "/ip4/169.254.9.9/tcp/4001",
+        "/ip4/224.0.0.1/tcp/4001",
+    ):
+        assert choose(addr, lan) == refused, addr
+    # the LAN itself is still dialed, the requester's own link-local address too, loopback for a local peer
+    assert choose("/ip4/192.168.1.8/tcp/4001", lan) == Target(0, "/ip4/192.168.1.8/tcp/4001", needs_dial_data=True)
+    assert choose("/ip4/169.254.9.9/tcp/1", "169.254.9.9") == Target(0, "/ip4/169.254.9.9/tcp/1", needs_dial_data=False)
+    assert choose("/ip4/127.0.0.1/tcp/1", "127.0.0.1") == Target(0, "/ip4/127.0.0.1/tcp/1", needs_dial_data=False)
+
+
 def test_the_server_dials_the_first_address_it_may_and_asks_dial_data_for_another_ip() -> None:
     def choose(addrs: list[str], observed: str = "1.2.3.4", **kw: object) -> Target | Refused:
         args: dict[str, object] = {"families": frozenset({4}), "allow_private": False, "max_addrs": 8} | kw
