@@ -26,7 +26,7 @@ Provider flow: quote -> verify the consumer's signed open, its wallet binding an
 (the consumer's own wallet pays, enough, long enough, under an escrow id derived from its peer id)
 -> signed grant with a fresh access token (only its sha256 is kept) -> serve calls that carry the
 token, each holding a reservation of the budget while it runs and a durable pending row in the
-ledger written before the engine runs (a disk that refuses it refuses the call) -> push a signed
+ledger written before any of it leaves (a disk that refuses it refuses the call) -> push a signed
 usage receipt every N units or T seconds and at the end -> claim from escrow what the consumer
 countersigned with a valid voucher. A receipt left unsigned, or answered without a valid voucher,
 pauses service; a consumer silent too long loses the lease; an escrow seen disputed or closed ends it.

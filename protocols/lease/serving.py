@@ -39,12 +39,16 @@ from runtime.inference.admission import borrowing
 from runtime.inference.service import ChatService
 from runtime.service import Usage
 from runtime.verify import evidence
-from runtime.verify.check import index_for
+from runtime.verify.check import TokenIndex, index_for
 from runtime.verify.commitment import K
 from runtime.verify.evidence import call_proof
 from runtime.verify.provider import CallRecorder, verifiable
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
+
+# Token indexes of the files served with a commitment (``index_for``'s), read without a thread hop.
+_INDEXES: dict[str, TokenIndex] = {}
+MAX_INDEXES = 8
 
 
 class ServingRole(LeaseCore):
@@ -153,12 +157,30 @@ class ServingRole(LeaseCore):
                 if waited.cancelled_caught:
                     raise
         ticket.served, ticket.reserved = served, plan.reserve
-        # The write-ahead meter: the call is served only once the ledger holds a durable row for it (a
-        # disk that refuses it refuses the call, E_UNAVAILABLE disk_full, before any chunk); every way
-        # out of the call settles that row (``_meter``).
+        # The write-ahead meter: nothing of the call leaves before the ledger holds a durable row for it
+        # (a disk that refuses it refuses the call, E_UNAVAILABLE disk_full, before any chunk); every way
+        # out of the call settles that row (``_meter``). The row is written while the engine starts (its
+        # prefill and first token): the first chunk, or the end frame, waits for it.
         call_id = secrets.token_hex(12)
-        await self.ledger.reserve_call(call.lease_id, call_id, reserved_units=plan.reserve)
-        ticket.call_id = call_id
+        written = trio.Event()
+        unwritten: list[Exception] = []
+
+        async def write_ahead() -> None:
+            try:
+                with trio.CancelScope(shield=True):  # a row being written is known either way
+                    await self.ledger.reserve_call(call.lease_id, call_id, reserved_units=plan.reserve)
+                ticket.call_id = call_id
+            except Exception as error:  # noqa: BLE001 - the call is refused with it, below
+                unwritten.append(error)
+            finally:
+                written.set()
+
+        async def metered() -> None:
+            if not written.is_set():
+                await written.wait()
+            if unwritten:
+                raise unwritten[0]
+
         # The engine is told to stop where the reservation ends.
         body = {**call.body, "max_tokens": plan.max_tokens}
         # Verified inference: a model call whose record names its file is served with a commitment.
@@ -180,6 +202,7 @@ class ServingRole(LeaseCore):
                 if commit and not data.get("text") and not data.get("tokens") and len(data) <= 2:
                     return  # only the commitment's positions: nothing for the consumer
             if first_chunk:
+                await metered()
                 first_chunk = False
                 self.serve_first_chunk_s.observe(time.monotonic() - started)
             chunk = w.Chunk(data=data).model_dump_json().encode()
@@ -190,6 +213,7 @@ class ServingRole(LeaseCore):
 
         outcome: Usage | Exception | None = None
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_ahead)
             # The consumer's cancel frame, or its hanging up, stops the engine.
             nursery.start_soon(stop_on_cancel, reader, nursery.cancel_scope)
             try:
@@ -203,6 +227,7 @@ class ServingRole(LeaseCore):
             except Exception as error:  # noqa: BLE001 - re-raised below, outside the nursery
                 outcome = error
             nursery.cancel_scope.cancel()
+        await metered()  # written by now (the nursery waited for it): a refused row refuses the call
         if isinstance(outcome, Exception):
             raise outcome
         self.serve_duration_s.observe(time.monotonic() - started)
@@ -227,7 +252,13 @@ class ServingRole(LeaseCore):
         path = getattr(model, "path", None)
         if offer is None or not offer.sha256 or path is None or not verifiable(body):
             return None
-        return CallRecorder(body, await trio.to_thread.run_sync(index_for, path))
+        index = _INDEXES.get(str(path))
+        if index is None:  # built once per file, on a thread (a vocabulary's detokenizing); then no hop a call
+            index = await trio.to_thread.run_sync(index_for, path)
+            while len(_INDEXES) >= MAX_INDEXES:
+                _INDEXES.pop(next(iter(_INDEXES)))
+            _INDEXES[str(path)] = index
+        return CallRecorder(body, index)
 
     async def _meter(self, lease_id: str, ticket: Ticket, units: int) -> None:
         """A call ended (``units``: its end frame's, the chunks a cut call wrote, 0 for a failed one): its

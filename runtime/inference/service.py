@@ -211,7 +211,11 @@ class ChatService:
             top_logprobs=top_logprobs or 0,
         )
         # jsonschema checks a 13 KB schema in about 0.5 s: never on the trio loop (64 tools held it 13 s).
-        schema, tools, grammar = await trio.to_thread.run_sync(_schema_and_tools, body)
+        # Without a response_format or tools there is nothing to check: no thread hop before the first token.
+        if body.get("response_format") is None and not body.get("tools"):
+            schema, tools, grammar = _schema_and_tools(body)
+        else:
+            schema, tools, grammar = await trio.to_thread.run_sync(_schema_and_tools, body)
         if tools is not None and messages is None:
             raise invalid("tools need messages", "tools")
         if continue_from and (n > 1 or schema is not None or (tools is not None and tools.active)):

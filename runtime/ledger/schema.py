@@ -147,7 +147,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (task_id, evidence_id)
     );
     """,
-    # 4: the write-ahead meter: a provider writes one row per call before the engine runs (the units the
+    # 4: the write-ahead meter: a provider writes one row per call before any of it leaves (the units the
     # call reserved) and settles it into usage, in one transaction, when the call ends; a row left by a
     # crash is settled at the next start (``LedgerStore.settle_pending_calls``)
     """

@@ -367,7 +367,7 @@ class LedgerStore(ChannelRecords):
     # -- the write-ahead meter (provider only): no call is served without a durable row --
 
     def reserve_call(self, lease_id: str, call_id: str, *, reserved_units: int) -> None:
-        """Before a call's engine runs: a durable row naming the call and the units it reserved.
+        """Before any of a call leaves: a durable row naming the call and the units it reserved.
 
         The provider serves the call only once this committed, so the ledger knows of every call
         served (a disk that refuses it refuses the call, before any chunk). ``settle_call`` turns it

@@ -149,15 +149,51 @@ async def test_a_leased_chat_is_metered_exactly(tiny_path: Path) -> None:
         assert provider_lease.metered_units == result.units
 
 
-async def test_a_registered_chat_service_replaces_the_word_service(tiny: LlamaModel) -> None:
+async def test_a_registered_chat_service_starts_while_the_calls_ledger_row_is_written(tiny: LlamaModel) -> None:
+    """A chat service registered for a capability serves it. The write-ahead meter's row is written
+    while the engine prefills and picks its first token (it was written first, then the engine started:
+    a disk's fsync added to every time to first token); the first chunk still leaves only once the row
+    is durable."""
+    order: list[str] = []
+    first_chunk = trio.Event()
+
+    class Watched(ChatService):
+        async def run(self, body: dict[str, Any], emit: Any, **kwargs: Any) -> Any:
+            async def watched(data: dict[str, Any]) -> None:
+                if not first_chunk.is_set():
+                    order.append("engine's first chunk")
+                    first_chunk.set()
+                await emit(data)
+
+            return await super().run(body, watched, **kwargs)
+
     services = ServiceRegistry()
-    services.register("model:tiny", ChatService(tiny))
+    services.register("model:tiny", Watched(tiny))
     offer = Offer(name="model:tiny", price_per_unit=TOKEN_PRICE)  # type: ignore[call-arg]
     async with market_nodes([{"offers": (offer,), "services": services}, {}]) as (nodes, _):
         provider, consumer = nodes
         lease = await consumer.market.open_lease(
             str(provider.host.get_id()), "model:tiny", budget=1_000 * TOKEN_PRICE, duration_s=60
         )
-        result = await consumer.market.call(lease.lease_id, {"messages": MESSAGES, "max_tokens": 5, "temperature": 0})
-        assert result.usage["completion_tokens"] == 5
-        assert (await provider.ledger.get_lease(lease.lease_id)).metered_units == result.units
+        reserve_call = provider.ledger.reserve_call
+
+        async def slow_disk(*args: Any, **kwargs: Any) -> None:
+            order.append("row started")
+            with trio.fail_after(10):  # written first, the engine would never start: the test fails here
+                await first_chunk.wait()
+            await reserve_call(*args, **kwargs)
+            order.append("row written")
+
+        provider.ledger.reserve_call = slow_disk  # type: ignore[method-assign]
+
+        async def arrived(_data: dict[str, Any]) -> None:
+            if "chunk arrived" not in order:
+                order.append("chunk arrived")
+
+        end = await consumer.market.stream_call(
+            lease.lease_id, {"messages": MESSAGES, "max_tokens": 5, "temperature": 0}, arrived
+        )
+        assert order == ["row started", "engine's first chunk", "row written", "chunk arrived"]
+        assert end.usage["completion_tokens"] == 5
+        assert (await provider.ledger.get_lease(lease.lease_id)).metered_units == end.units
+        assert await provider.ledger.pending_calls() == []
