@@ -13,6 +13,7 @@ from libp2p.peer.id import ID
 
 from dht.discovery import DiscoveryQuery
 from protocols.lease.verifier import REPORTS_ANSWER, REPORTS_PROTOCOL, fetch_reports
+from protocols.lease.verifying import Verifying
 from protocols.machines.verify import REPORTED_FLOOR, standing, standing_with_reports
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.receipts import ReceiptKey
@@ -62,6 +63,26 @@ def test_a_report_is_taken_only_from_its_signer_fresh_about_a_third_party_and_on
     about_me = ReportBook(alice, ed25519_public_key)
     about_me.note(bob.peer_id, "failed", "top")
     assert not mine.take(about_me.shared([], 10)[0], a)  # nobody's report moves this node's view of itself
+
+
+async def test_a_failed_report_the_arbiter_overruled_is_withdrawn_where_peers_took_it() -> None:
+    # The consumer's check failed an honest call (a lying leased verifier): its signed failed report
+    # spread; the arbiter's re-run finds the provider not at fault, and the peer that had taken the
+    # failure takes the consumer's newer signed pass in its place.
+    consumer, peer = _key(1), _key(2)
+    provider = _key(4).peer_id
+    verifying = Verifying(local_model=lambda sha256: None)
+    verifying.share_reports(consumer, 0.1)
+    await verifying._note(provider, "failed", "top", SHA)
+    theirs = ReportBook(peer, ed25519_public_key)
+    assert theirs.take(verifying.reports.shared([provider], 10)[0], consumer.peer_id)
+    assert theirs.tally(provider).failed == 1
+    await verifying.overruled(provider, "lease-1")
+    withdrawn = verifying.reports.shared([provider], 10)[0]
+    assert (withdrawn.body.outcome, withdrawn.body.reason) == ("passed", "overruled")
+    assert theirs.take(withdrawn, consumer.peer_id)  # dated after the failure even within the same second
+    assert (theirs.tally(provider).failed, theirs.tally(provider).passed) == (0, 1)
+    assert not verifying.reports.withdraw(provider)  # nothing failed left to withdraw
 
 
 async def test_a_peers_report_lowers_standing_but_never_excludes_while_an_own_failure_does() -> None:

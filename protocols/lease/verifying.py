@@ -160,6 +160,8 @@ class Verifying:
             self.verifiers.note(verifier, overruled=1)
             log.warning("verifier %s was overruled by the arbiter", verifier[:16])
         record = self.book.overruled(provider)
+        if record is not None:
+            self.reports.withdraw(provider)  # peers that took this node's failed report take the pass
         if record is None or self.ledger is None:
             return
         row = VerificationRow(provider, record.passed, record.failed, record.unverifiable, record.last_reason)

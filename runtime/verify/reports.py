@@ -109,6 +109,20 @@ class ReportBook:
         while len(self.own) > MAX_OWN:
             self.own.pop(next(iter(self.own)))
 
+    def withdraw(self, provider: str, now: float | None = None) -> bool:
+        """The arbiter found ``provider`` not at fault for a check this node failed: its newest own
+        report, when it says failed, is replaced by a signed ``passed`` one with reason ``overruled``,
+        dated after it, so a peer that already took the failure takes this in its place (a report's
+        newest per reporter counts; an older node reads it as any pass). False when there was none."""
+        old = self.own.get(provider)
+        if self.key is None or old is None or old.body.outcome != "failed":
+            return False
+        at = max(int(time.time() if now is None else now), old.body.at + 1)
+        body = old.body.model_copy(update={"outcome": "passed", "reason": "overruled", "at": at})
+        self.own.pop(provider)
+        self.own[provider] = sign_report(ReportBody.model_validate(body.model_dump()), self.key)
+        return True
+
     def shared(self, providers: Iterable[str], limit: int) -> list[SignedReport]:
         """This node's own reports about ``providers`` (its newest ones when none is named)."""
         wanted = list(providers)
