@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,21 @@ FORK_DAEMONS = os.environ.get("CLAWNODE_TEST_FRESH_DAEMONS", "") != "1"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLAWNODE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+    """``clawnode ARG...`` in a process of its own; forked from the zygote too (its imports paid)."""
+    if not FORK_DAEMONS:
+        return subprocess.run(
+            [*CLAWNODE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        )
+    with tempfile.TemporaryDirectory(prefix="clawnode-cli-") as scratch:
+        out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
+        process = zygote().start(list(args), {**os.environ, **(env or {})}, out, stderr=err)
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        return subprocess.CompletedProcess([*CLAWNODE, *args], code, out.read_text(), err.read_text())
 
 
 @dataclass

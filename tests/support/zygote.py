@@ -1,18 +1,22 @@
-"""One process per test run that pays ``clawnode start``'s imports once and forks each daemon from them.
+"""One process per test run that pays ``clawnode``'s imports once and forks each daemon and CLI run from them.
 
 Every ``python -m node.cli start`` pays the interpreter start and the imports of libp2p, eth_account,
-fastapi, py_ecc and llama.cpp: about 2 s on a quiet core, 4-5 s on two busy ones, before the daemon does
-anything. The suite starts some 70 daemons, most one after the other. ``python -m tests.support.zygote``
+fastapi, py_ecc and llama.cpp: about 2 s on a quiet core, 4-10 s on two busy ones, before the daemon does
+anything; every CLI command pays the interpreter start and node.cli's imports. The suite starts some 60
+daemons, most one after the other, and runs the CLI about a hundred times. ``python -m tests.support.zygote``
 imports what the daemon imports, then forks a child per ``start`` command; the child is a process of its
-own that runs ``node.cli.main()`` with the given argv, environment, working folder and log file, exactly
-the code a fresh ``clawnode start`` runs, and exits through the same atexit handlers. The zygote runs no
-thread and no event loop, so forking it is safe (as tests/runtime/forkserver.py, one child at a time).
+own that runs ``node.cli.main()`` with the given argv, environment, working folder and output files,
+exactly the code a fresh ``clawnode`` runs, and exits through the same atexit handlers (the interpreter's
+own teardown is skipped). The zygote runs no thread and no event loop, so forking it is safe (as
+tests/runtime/forkserver.py, which runs one child at a time). ``python -m node.cli`` itself stays
+covered by tests/test_demo.py and tests/nat/test_matrix.py.
 
 Commands on stdin and answers on stdout are JSON lines: ``{"start": [ARG...], "env": {...}, "cwd": DIR,
-"log": FILE}`` answers ``{"pid": PID}``; ``{"signal": PID, "number": N}`` signals a child that was not
-reaped yet (so a pid reused by another process is never hit); every child's end is reported as
-``{"exit": PID, "code": CODE}`` (a signal N shows as -N, as ``subprocess`` shows it). The zygote ends
-when its stdin closes (the test run ended) and leaves its children to the tests' own cleanup.
+"log": FILE}`` (and ``"stderr": FILE`` for a file of its own) answers ``{"pid": PID}``;
+``{"signal": PID, "number": N}`` signals a child that was not reaped yet (so a pid reused by another
+process is never hit); every child's end is reported as ``{"exit": PID, "code": CODE}`` (a signal N
+shows as -N, as ``subprocess`` shows it). The zygote ends when its stdin closes (the test run ended)
+and leaves its children to the tests' own cleanup.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def _child(command: dict[str, Any]) -> None:
     code = 1
     try:
-        fd = os.open(command["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        for target, path in ((1, command["log"]), (2, command.get("stderr", command["log"]))):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, target)
+            os.close(fd)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
@@ -145,9 +149,13 @@ class Zygote:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def start(self, args: list[str], env: dict[str, str], log: Path) -> ForkedProcess:
+    def start(self, args: list[str], env: dict[str, str], log: Path, stderr: Path | None = None) -> ForkedProcess:
+        """``clawnode ARG...`` with stdout (and stderr, unless given its own file) appended to ``log``."""
         with self._lock:
-            self._send({"start": args, "env": env, "cwd": os.getcwd(), "log": str(log)})
+            command = {"start": args, "env": env, "cwd": os.getcwd(), "log": str(log)}
+            if stderr is not None:
+                command["stderr"] = str(stderr)
+            self._send(command)
             with self._changed:
                 if not self._changed.wait_for(lambda: self._pids or not self.alive(), timeout=30):
                     raise RuntimeError("the daemon zygote did not fork")
