@@ -35,10 +35,12 @@ from protocols.machines.verify import (
     ArbitrationFacts,
     CheckFacts,
     LeaseCaseFacts,
+    StaleFreezeFacts,
     check_verdict,
     consumer_dispute_verdict,
     lease_case_verdict,
     owed_total,
+    stale_freeze_verdict,
 )
 from protocols.machines.verify import arbitrate as decide
 from runtime.errors import ClawnodeError, ErrorCode
@@ -114,6 +116,18 @@ class LeaseReceiptAsk(BaseModel):
     lease_id: str = Field(pattern=LEASE_ID_PATTERN)
 
 
+class LeaseStaleFreeze(BaseModel):
+    """Provider → arbiter: the lease's escrow is frozen and its payer sent no case by deadline + window;
+    end the freeze paying what ``receipt`` (its newest, with the payer's voucher) says is owed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["lease_stale_freeze"] = "lease_stale_freeze"
+    lease_id: str = Field(pattern=LEASE_ID_PATTERN)
+    payer: str = Field(pattern=_ADDRESS)
+    receipt: SignedReceipt
+
+
 class LeaseReceiptAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -121,10 +135,14 @@ class LeaseReceiptAnswer(BaseModel):
     receipt: SignedReceipt | None = None
 
 
-DISPUTE_MESSAGES: TypeAdapter[Any] = TypeAdapter(LeaseDisputeCase | LeaseDisputeOutcome | LeaseReceiptAsk)
+DISPUTE_MESSAGES: TypeAdapter[Any] = TypeAdapter(
+    LeaseDisputeCase | LeaseDisputeOutcome | LeaseReceiptAsk | LeaseStaleFreeze
+)
 OUTCOME = TypeAdapter(LeaseDisputeOutcome)
 RECEIPT_ANSWER = TypeAdapter(LeaseReceiptAnswer)
 RECEIPTS_SCANNED = 8  # the provider's newest receipts of a lease among which it finds the countersigned one
+STALE_SWEEP_S = 600.0  # how often a provider looks for claims an escrow frozen without a case holds up
+STALE_SCAN = 200  # settlements read per sweep
 
 
 class DisputeRole(LeaseCore):
@@ -183,6 +201,8 @@ class DisputeRole(LeaseCore):
                 return await self._arbitrate(message, str(remote))
             if isinstance(message, LeaseReceiptAsk):
                 return await self._receipt_asked(message)
+            if isinstance(message, LeaseStaleFreeze):
+                return await self._end_stale_freeze(message, str(remote))
             return await self._told_outcome(message)
         except (ClawnodeError, ValidationError) as error:
             self._failed("lease_dispute", error)
@@ -524,7 +544,148 @@ class DisputeRole(LeaseCore):
         except ClawnodeError as error:  # it sees the closed escrow when it claims all the same
             log.info("the provider of lease %s was not told the outcome (%s)", outcome.lease_id[:12], error.code)
 
+    async def _end_stale_freeze(self, ask: LeaseStaleFreeze, sender: str) -> LeaseDisputeOutcome:
+        """The payee's node asks to end a freeze its payer sent no case for (``stale_freeze_verdict``)."""
+        client = self.escrow()
+        if client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
+        cases: set[str] = getattr(self, "_cases", set())
+        self._cases = cases
+        deciding = ask.lease_id in cases
+        if not deciding and len(cases) >= MAX_CASES:
+            raise ClawnodeError(ErrorCode.RATE_LIMITED, "the arbiter is deciding other cases", "busy")
+        escrow_id = bytes.fromhex(ask.lease_id)
+        if not deciding:
+            cases.add(ask.lease_id)
+        try:
+            state = await client.chain.run(client.get, ask.payer, escrow_id)
+            now = await client.chain.run(client.chain.now)
+            vouched = await self._vouched(client, ask, sender)
+            decision = stale_freeze_verdict(
+                StaleFreezeFacts(
+                    lease_id=ask.lease_id,
+                    escrow_id="0x" + escrow_id.hex(),
+                    our_wallet=client.account.address,
+                    escrow_arbiter=state.arbiter,
+                    phase=state.phase,
+                    threshold=state.threshold,
+                    amount=state.amount,
+                    released=state.released,
+                    deadline=state.deadline,
+                    window=state.window,
+                    chain_now=now,
+                    deciding=deciding,
+                    vouched=vouched,
+                )
+            )
+            if isinstance(decision, Refusal):
+                raise decision.error()
+            sent = await client.chain.run(client.resolve, ask.payer, escrow_id, decision.to_payee)
+        finally:
+            if not deciding:
+                cases.discard(ask.lease_id)
+        outcome = LeaseDisputeOutcome(
+            lease_id=ask.lease_id,
+            payer=ask.payer,
+            outcome="reject",
+            reason=decision.reason,
+            to_payee=decision.to_payee,
+            tx_hash=sent.tx_hash,
+        )
+        self._keep_outcome(outcome)
+        log.warning("lease %s: a freeze without a case ended, %d to the provider", ask.lease_id[:12], decision.to_payee)
+        return outcome
+
+    async def _vouched(self, client: Any, ask: LeaseStaleFreeze, sender: str) -> int | None:
+        """The amount of the sender's receipt for this lease, countersigned and carrying the payer's
+        voucher for exactly that amount on this escrow; None when it is not that."""
+        receipt, body = ask.receipt, ask.receipt.body
+        if (body.lease_id, body.provider) != (ask.lease_id, sender) or receipt.voucher is None:
+            return None
+        try:
+            verify_countersigned(receipt, ed25519_public_key)
+        except ClawnodeError:
+            return None
+        from runtime.escrow.client import voucher_signer  # web3 is loaded once a chain is connected
+
+        signer = voucher_signer(
+            client.chain.chain_id, client.address, ask.payer, bytes.fromhex(ask.lease_id), body.amount, receipt.voucher
+        )
+        return body.amount if signer is not None and signer.lower() == ask.payer.lower() else None
+
     # ================= provider =================
+
+    async def end_stale_freeze(self, lease_id: str) -> LeaseDisputeOutcome:
+        """Ask the escrows' arbiter to end the freeze of a lease we served whose payer sent no case by
+        deadline + window, paying what the newest receipt with the payer's voucher says; the split is
+        recorded as the chain shows it."""
+        lease = await self.ledger.get_lease(lease_id)
+        arbiter = _peer(self.arbiter_peer)
+        if lease.role != "provider" or lease.escrow is None:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease served", "unknown_lease")
+        if arbiter is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "no arbiter peer known", "no_arbiter")
+        records = await self.ledger.list_receipts(lease_id, limit=RECEIPTS_SCANNED)
+        vouched = [r for r in records if r.countersigned and r.receipt.voucher is not None]
+        if not vouched:
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no receipt with the payer's voucher", "no_voucher")
+        newest = max(vouched, key=lambda r: r.seq)
+        ask = LeaseStaleFreeze(lease_id=lease_id, payer=lease.escrow.payer, receipt=newest.receipt)
+        outcome = await request(
+            self.host, arbiter, DISPUTE_PROTOCOL, ask, OUTCOME, timeout_s=ARBITER_TIMEOUT_S, max_frame=MAX_DISPUTE_FRAME
+        )
+        escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
+        await self._record_resolution(
+            lease_id, lease.escrow.payer, escrow_id, opened_by=lease.consumer, reason="no_case"
+        )
+        self._keep_outcome(outcome)
+        self.wake_settlement()
+        return outcome
+
+    async def stale_freeze_sweep(self) -> None:
+        """Every ``STALE_SWEEP_S``: each claim held up by a frozen escrow whose deadline + window has
+        passed is taken to the arbiter (:meth:`end_stale_freeze`). Never raises."""
+        while True:
+            await trio.sleep(STALE_SWEEP_S)
+            await self.stale_freeze_pass()
+
+    async def stale_freeze_pass(self) -> int:
+        """One sweep; the freezes it ended."""
+        client = self.escrow()
+        if client is None or not self.arbiter_peer:
+            return 0
+        ended = 0
+        try:
+            rows = await self.ledger.list_settlements(limit=STALE_SCAN)
+            held = sorted(
+                {
+                    r.lease_id
+                    for r in rows
+                    if r.lease_id and r.kind == "claim" and r.state == "pending" and r.last_error == "disputed"
+                }
+            )
+            for lease_id in held:
+                lease = await self.ledger.get_lease(lease_id)
+                if lease.role != "provider" or lease.escrow is None:
+                    continue
+                state = await client.chain.run(
+                    client.get, lease.escrow.payer, bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
+                )
+                if (
+                    state.phase != "disputed"
+                    or await client.chain.run(client.chain.now) <= state.deadline + state.window
+                ):
+                    continue
+                try:
+                    await self.end_stale_freeze(lease_id)
+                    ended += 1
+                except ClawnodeError as error:
+                    log.info("lease %s: the freeze was not ended (%s %s)", lease_id[:12], error.code, error.reason)
+        except Exception as error:  # noqa: BLE001 - the chain or the disk failing: the next sweep asks again
+            log.warning("frozen escrows were not looked at (%s)", type(error).__name__)
+        return ended
+
+    # ================= provider: told =================
 
     async def _told_outcome(self, outcome: LeaseDisputeOutcome) -> w.Ack:
         """The arbiter says a lease we served was resolved: record the split the chain shows (the message

@@ -40,6 +40,7 @@ class LeaseMarket(ProviderRole, ConsumerRole, DisputeRole):
             self.host.set_stream_handler(DISPUTE_PROTOCOL, self.dispute_handler())
             nursery.start_soon(self._sweep)
             nursery.start_soon(self.resume_cases)  # dispute cases a restart interrupted
+            nursery.start_soon(self.stale_freeze_sweep)  # escrows frozen with no case sent
             task_status.started(self)
 
     async def _recover(self) -> None:

@@ -191,6 +191,51 @@ def arbitrate(facts: ArbitrationFacts) -> Arbitration:
 
 
 @dataclass(frozen=True)
+class StaleFreezeFacts:
+    """What a lease's arbiter read when the escrow's payee asks it to end a freeze no case came for:
+    the escrow as the chain holds it, the chain's time, whether a case for it is being decided, and
+    the payee's newest receipt the payer vouched for (its amount; None: none that verifies)."""
+
+    lease_id: str
+    escrow_id: str  # 0x hex
+    our_wallet: str
+    escrow_arbiter: str
+    phase: str
+    threshold: int
+    amount: int
+    released: int
+    deadline: int
+    window: int
+    chain_now: int
+    deciding: bool
+    vouched: int | None
+
+
+def stale_freeze_verdict(facts: StaleFreezeFacts) -> Refusal | Arbitration:
+    """A frozen escrow whose payer sent no case by the time it would have been refundable (deadline +
+    window: the payer's whole time to dispute): the payee is paid what the payer's own voucher says it
+    owes, the rest goes back to the payer (``reject``, reason ``no_case``). Nothing more than the payer
+    signed, so a payee that froze the escrow itself gains nothing by it; a payer that froze and stayed
+    silent no longer holds the payee's vouched pay for good."""
+    if facts.phase == "none":
+        return Refusal(ErrorCode.NOT_FOUND, "no_escrow", "no such escrow on chain")
+    if facts.threshold or facts.escrow_arbiter.lower() != facts.our_wallet.lower():
+        return Refusal(ErrorCode.FORBIDDEN, "not_arbiter", "this node's wallet is not the escrow's arbiter")
+    if facts.escrow_id.lower().removeprefix("0x") != facts.lease_id:
+        return Refusal(ErrorCode.INVALID_ARGUMENT, "escrow_not_lease", "the escrow and the lease differ")
+    if facts.phase != "disputed":
+        return Refusal(ErrorCode.CONFLICT, "not_disputed", "the escrow is not disputed")
+    if facts.deciding:
+        return Refusal(ErrorCode.CONFLICT, "case_in_progress", "a case for this escrow is being decided")
+    if facts.chain_now <= facts.deadline + facts.window:
+        return Refusal(ErrorCode.CONFLICT, "case_time_left", "the payer may still send its case")
+    if facts.vouched is None:
+        return Refusal(ErrorCode.FORBIDDEN, "no_voucher", "no receipt with the payer's voucher for this escrow")
+    left = max(0, facts.amount - facts.released)
+    return Arbitration("reject", min(left, max(0, facts.vouched - facts.released)), "no_case")
+
+
+@dataclass(frozen=True)
 class LeaseCaseFacts:
     """What a lease's arbiter read for a verification dispute before re-running anything: the case as
     sent and the escrow as the chain holds it (``runtime.escrow.client.EscrowState``)."""
