@@ -719,7 +719,7 @@ class Router:
                 if error.reason == NO_LAYER_SELLERS:
                     return False
                 result.failovers += 1
-                log.info("split %s failed (%s %s); placing it again", model, error.code, error.reason)
+                log.info("split %s failed (%s %s)", model, error.code, error.reason)
                 continue
             detail = usage.get("detail") or {}
             result.prompt_tokens = int(detail.get("prompt_tokens", 0))

