@@ -385,11 +385,14 @@ class DisputeRole(LeaseCore):
                 )
                 return outcome, True
             except ClawnodeError as error:
-                if delay is None or error.code not in CASE_RETRIED:
+                # case_in_progress: our earlier send timed out while the arbiter went on deciding it; its
+                # decision is still to come, so asking again is waiting for it, not a refusal.
+                retried = error.code in CASE_RETRIED or error.reason == "case_in_progress"
+                if delay is None or not retried:
                     log.warning(
                         "lease %s: the arbiter did not decide (%s %s)", case.lease_id[:12], error.code, error.reason
                     )
-                    return None, error.code not in CASE_RETRIED
+                    return None, not retried
                 log.info(
                     "lease %s: the arbiter answered %s; asking again in %.0f s", case.lease_id[:12], error.code, delay
                 )
