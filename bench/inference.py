@@ -18,8 +18,10 @@ Both use the same ``--threads`` (default 2 for gemma, 1 for tiny), the same prom
 
 - ``TTFT``: direct, from ``stream_chat`` to the first text piece; network, from ``stream_call`` to the
   first chunk (this includes opening a Yamux stream and negotiating the protocol).
-- ``tok/s``: ``(completion_tokens - 1) / (last piece - first piece)``; completion tokens come from the
-  engine (direct) or the end frame's exact ``usage.completion_tokens`` (network).
+- ``tok/s``: ``(completion_tokens - tokens of the first piece) / (last piece - first piece)``; completion
+  tokens come from the engine (direct) or the end frame's exact ``usage.completion_tokens`` (network); a
+  direct piece is one token, a network chunk says how many it holds (the provider's first chunk waits
+  for its ledger row and may hold several).
 
 Direct and network requests alternate (the order flips every request), so load drift hits both. One
 untimed warm-up request of each runs first. Also printed: the engine's own view of each path (its
@@ -187,10 +189,14 @@ class Sample:
     # CPU seconds of the trio thread and the serving engine's worker thread, first piece to last, a
     # token: what the path costs whatever else loads the machine (wall rates swing with the load).
     cpu_s_per_token: float = math.nan
+    # Tokens the first piece carried: the rate counts those after it (a provider's first chunk, held
+    # until its ledger row is durable, can carry many).
+    first_tokens: int = 1
 
     @property
     def tps(self) -> float:
-        return (self.tokens - 1) / self.gen_s if self.tokens >= 2 and self.gen_s > 0 else math.nan
+        after = self.tokens - self.first_tokens
+        return after / self.gen_s if after >= 1 and self.gen_s > 0 else math.nan
 
 
 @dataclass
@@ -265,8 +271,9 @@ class CpuClock:
         return time.thread_time() + worker
 
 
-def per_token(cpu: tuple[float, float], tokens: int) -> float:
-    return (cpu[1] - cpu[0]) / (tokens - 1) if tokens >= 2 else math.nan
+def per_token(cpu: tuple[float, float], tokens: int, first_tokens: int = 1) -> float:
+    after = tokens - first_tokens
+    return (cpu[1] - cpu[0]) / after if after >= 1 else math.nan
 
 
 def messages(prompt: str) -> list[dict[str, Any]]:
@@ -308,9 +315,12 @@ async def network_once(
     body = {"messages": messages(prompt), "max_tokens": max_tokens, "temperature": 0.0}
     stamps: list[float] = []
     cpu_marks = [math.nan, math.nan]
+    first_tokens = [0]
 
-    async def on_chunk(_data: dict[str, Any]) -> None:
+    async def on_chunk(data: dict[str, Any]) -> None:
         stamps.append(time.perf_counter())
+        if len(stamps) == 1:
+            first_tokens[0] = int(data.get("tokens", 0))
         if cpu is not None:
             cpu_marks[0 if len(stamps) == 1 else 1] = cpu()
 
@@ -323,9 +333,16 @@ async def network_once(
     engine_tps, engine_first = tap.engine_figures() if tap is not None else (math.nan, math.nan)
     if not stamps:
         return Sample(math.nan, tokens, math.nan, ended - started, engine_tps, engine_first)
-    cpu_tok = per_token((cpu_marks[0], cpu_marks[1]), tokens)
+    cpu_tok = per_token((cpu_marks[0], cpu_marks[1]), tokens, first_tokens[0])
     return Sample(
-        stamps[0] - started, tokens, stamps[-1] - stamps[0], ended - started, engine_tps, engine_first, cpu_tok
+        stamps[0] - started,
+        tokens,
+        stamps[-1] - stamps[0],
+        ended - started,
+        engine_tps,
+        engine_first,
+        cpu_tok,
+        first_tokens[0],
     )
 
 

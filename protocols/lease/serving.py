@@ -36,7 +36,7 @@ from protocols.machines.model_features import required_features, serves
 from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.inference.admission import borrowing
-from runtime.inference.service import ChatService
+from runtime.inference.service import ChatService, merge_chunks
 from runtime.service import Usage
 from runtime.verify import evidence
 from runtime.verify.check import TokenIndex, index_for
@@ -164,22 +164,53 @@ class ServingRole(LeaseCore):
         call_id = secrets.token_hex(12)
         written = trio.Event()
         unwritten: list[Exception] = []
+        # Chunks the engine produced before the row was written: sent, as one frame where they merge,
+        # as soon as it is (a refused row drops them unsent, uncounted).
+        held: list[dict[str, Any]] = []
+        frames = trio.Lock()  # the held chunks' frames and the next ones never interleave
+        cut: list[Exception] = []  # the held chunks could not be written: the consumer went away
+        merges = isinstance(service, ChatService)
+        started = time.monotonic()
+        first_chunk = True
+
+        async def send(chunks: list[dict[str, Any]]) -> None:
+            nonlocal first_chunk
+            # A chunk is written whole or not at all (a cancel never cuts a frame), then counted.
+            with trio.CancelScope(shield=True), trio.fail_after(CALL_READ_TIMEOUT_S):
+                async with frames:
+                    for data in merge_chunks(chunks) if merges and len(chunks) > 1 else chunks:
+                        await write_frame(
+                            stream, w.Chunk(data=data).model_dump_json().encode(), max_frame=MAX_CALL_FRAME
+                        )
+                        ticket.streamed += chunk_tokens(data)
+                        if first_chunk:
+                            first_chunk = False
+                            self.serve_first_chunk_s.observe(time.monotonic() - started)
 
         async def write_ahead() -> None:
             try:
                 with trio.CancelScope(shield=True):  # a row being written is known either way
                     await self.ledger.reserve_call(call.lease_id, call_id, reserved_units=plan.reserve)
-                ticket.call_id = call_id
             except Exception as error:  # noqa: BLE001 - the call is refused with it, below
                 unwritten.append(error)
-            finally:
+                held.clear()
                 written.set()
+                return
+            ticket.call_id = call_id
+            written.set()
+            if held:
+                chunks = held.copy()
+                held.clear()
+                try:
+                    await send(chunks)
+                except Exception as error:  # noqa: BLE001 - as a failed write in emit: the call is cut
+                    cut.append(error)
 
-        async def metered() -> None:
-            if not written.is_set():
-                await written.wait()
+        def metered() -> None:
             if unwritten:
                 raise unwritten[0]
+            if cut:
+                raise cut[0]
 
         # The engine is told to stop where the reservation ends.
         body = {**call.body, "max_tokens": plan.max_tokens}
@@ -192,24 +223,18 @@ class ServingRole(LeaseCore):
             else:  # the top K kept for the commitment alone, a block of tokens at a time (no logprobs)
                 commit = K
 
-        started = time.monotonic()
-        first_chunk = True
-
         async def emit(data: dict[str, Any]) -> None:
-            nonlocal first_chunk
             if recorder is not None:
                 data = recorder.see(data)
                 if commit and not data.get("text") and not data.get("tokens") and len(data) <= 2:
                     return  # only the commitment's positions: nothing for the consumer
-            if first_chunk:
-                await metered()
-                first_chunk = False
-                self.serve_first_chunk_s.observe(time.monotonic() - started)
-            chunk = w.Chunk(data=data).model_dump_json().encode()
-            # A chunk is written whole or not at all (a cancel never cuts a frame), then counted.
-            with trio.CancelScope(shield=True), trio.fail_after(CALL_READ_TIMEOUT_S):
-                await write_frame(stream, chunk, max_frame=MAX_CALL_FRAME)
-            ticket.streamed += chunk_tokens(data)
+            if not written.is_set():
+                held.append(data)  # the engine goes on meanwhile; bounded by the call's max_tokens
+                return
+            metered()
+            chunks = [*held, data]
+            held.clear()
+            await send(chunks)
 
         outcome: Usage | Exception | None = None
         async with trio.open_nursery() as nursery:
@@ -227,7 +252,7 @@ class ServingRole(LeaseCore):
             except Exception as error:  # noqa: BLE001 - re-raised below, outside the nursery
                 outcome = error
             nursery.cancel_scope.cancel()
-        await metered()  # written by now (the nursery waited for it): a refused row refuses the call
+        metered()  # written by now (the nursery waited for it): a refused row refuses the call
         if isinstance(outcome, Exception):
             raise outcome
         self.serve_duration_s.observe(time.monotonic() - started)
