@@ -741,10 +741,14 @@ def judge(
     """The verdict from one round of answers, and the line saying why."""
 
     def key(result: ServerResult) -> str:
-        return result.peer_id if distinct_by == "peer" else (result.ip or result.peer_id)
+        return result.peer_id if distinct_by == "peer" else result.ip
 
-    ok = {key(result) for result in results if result.outcome == "ok"}
-    failed = {key(result) for result in results if result.outcome == "dial_error"} - ok
+    # By IP, an answer whose server's IP was not read (its connection closed before the ask; the ask
+    # dialed it again) counts for no one: falling back to its peer id let one host's many peer ids
+    # count as many servers.
+    counted = [result for result in results if key(result)]
+    ok = {key(result) for result in counted if result.outcome == "ok"}
+    failed = {key(result) for result in counted if result.outcome == "dial_error"} - ok
     answered = len(ok | failed)
     unit = "servers" if distinct_by == "peer" else "server IPs"
     if len(ok) >= min_servers:

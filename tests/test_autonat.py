@@ -377,6 +377,10 @@ def test_verdict_rules_and_address_filter() -> None:
     failed = [result(f"p{index}", f"81.2.69.{index}", "dial_error") for index in range(3)]
     assert judge(failed, 3, "ip")[0] == "private"
     assert judge([*failed[:2], result("p9", "81.2.69.9", "error")], 3, "ip")[0] == "unknown"
+    # One host's peer ids whose connections closed before the ask (no IP read) are no distinct servers.
+    sybils = [result(f"s{index}", "", "dial_error") for index in range(5)]
+    assert judge([*failed[:2], *sybils], 3, "ip")[0] == "unknown"
+    assert judge(sybils, 3, "peer")[0] == "private"  # loopback tests count peer ids
     assert candidate_addrs(
         [
             "/ip4/127.0.0.1/tcp/4021",
