@@ -6,7 +6,9 @@ node and against llama.cpp's RPC backend over plain TCP (the tunnel's own cost).
 Needs llama.cpp built with its RPC backend (CMAKE_ARGS=-DGGML_RPC=ON) and the gemma package. Every
 layer server runs with ``--threads`` threads (the sellers' under the node's sandbox); the consumer
 keeps only the token embeddings. Prints time to first token and tokens/s of each arrangement, bytes
-moved per generated token through the tunnels, whether the texts agree (the split's equals the whole
+moved per generated token through the tunnels, the same split run as the router runs it (in a
+``SplitWorker`` process: load, TTFT, tokens/s, and how long after a seller's server is killed
+mid-answer the call fails ``E_UNAVAILABLE layer_seller_lost``), whether the texts agree (the split's equals the whole
 model's loaded without CPU weight repacking, as the servers compute; docs/split.md), and ends with one line:
 ``split: tok_s_split=… tok_s_whole=… ratio_whole=… ratio_rpc=… bytes_per_token=…``
 (ratio_whole = split ÷ whole, ratio_rpc = split through libp2p ÷ split over plain TCP).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,10 +37,12 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from node.host import build_host
 from protocols.lease import layers
+from runtime.errors import ClawnodeError
 from runtime.inference.engine import LlamaModel
 from runtime.inference.models import ModelSpec
 from runtime.split import rpc
 from runtime.split.model import PlainCpuLlamaModel, SplitLlamaModel
+from runtime.split.worker import SplitWorker
 
 PROMPT = [{"role": "user", "content": "Write a short paragraph about the sea."}]
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
@@ -129,19 +134,28 @@ async def main() -> None:
     # Through libp2p: two sellers (sandboxed layer servers), the consumer's tunnels on loopback.
     hosts = [build_host(generate_new_ed25519_identity()) for _ in range(3)]
     consumer, sellers = hosts[0], hosts[1:]
+    workers: list[SplitWorker] = []  # the worker process may use the tunnels too
     async with AsyncExitStack() as stack:
         for host in hosts:
             await stack.enter_async_context(host.run([LOOPBACK]))
         tunnels = []
+        seller_sides = []
         for index, host in enumerate(sellers):
             seller = layers.LayerSeller(host, threads=args.threads)
             seller.mount()
             stack.push_async_callback(seller.aclose)
+            seller_sides.append(seller)
             seller.grant(f"lease{index}", str(consumer.get_id()), f"token{index}", ends_at=time.time() + 3600)
             await consumer.connect(PeerInfo(host.get_id(), host.get_addrs()))
             tunnels.append(
                 await stack.enter_async_context(
-                    layers.open_tunnel(consumer, host.get_id(), f"lease{index}", f"token{index}")
+                    layers.open_tunnel(
+                        consumer,
+                        host.get_id(),
+                        f"lease{index}",
+                        f"token{index}",
+                        clients=lambda: [w.pid for w in workers if w.pid is not None],
+                    )
                 )
             )
         split = SplitLlamaModel(path, endpoints=[t.endpoint for t in tunnels], **engine_args)
@@ -154,7 +168,45 @@ async def main() -> None:
             )
         finally:
             await split.aclose()
+        # What the router runs (docs/split.md): the split model in a worker process over the same
+        # tunnels, its chunks as JSON lines; then the second seller's server is killed mid-answer.
+        worker = SplitWorker(path, endpoints=[t.endpoint for t in tunnels], **engine_args)
+        workers.append(worker)
+        started = time.perf_counter()
+        await worker.load()
+        worker_load_s = time.perf_counter() - started
+        try:
+            started = time.perf_counter()
+            await worker.chat(PROMPT, max_tokens=1, temperature=0)
+            worker_ttft = time.perf_counter() - started
+            started = time.perf_counter()
+            reply = await worker.chat(PROMPT, max_tokens=args.tokens, temperature=0)
+            worker_tps = max(1, reply["completion_tokens"]) / (time.perf_counter() - started)
+            killed_at: list[float] = []
+
+            async def kill_on_second(chunk: dict[str, Any]) -> None:
+                if chunk.get("text") and not killed_at:
+                    server = seller_sides[1].leases["lease1"].server
+                    assert server is not None and server.pid is not None
+                    os.kill(server.pid, signal.SIGKILL)
+                    killed_at.append(time.perf_counter())
+
+            body = {"messages": PROMPT, "max_tokens": args.tokens, "temperature": 0}
+            try:
+                await worker.run(body, kill_on_second, stall_s=30.0)
+                lost = "none"
+            except ClawnodeError as error:
+                lost = f"{error.code} {error.reason}"
+            except Exception as error:  # noqa: BLE001 - printed: the host's context would swallow it
+                lost = f"unexpected {error!r}"
+            lost_s = time.perf_counter() - killed_at[0]
+        finally:
+            await worker.aclose()
     print(f"split_libp2p: load_s={load_s:.2f} ttft_s={split_ttft:.3f} tok_s={split_tps:.2f}")
+    print(
+        f"split_worker: load_s={worker_load_s:.2f} ttft_s={worker_ttft:.3f} tok_s={worker_tps:.2f} "
+        f"seller_killed: {lost} after {lost_s:.3f} s"
+    )
     print(
         f"same_text: whole_plain_cpu=split {plain_text == split_text} rpc_tcp=split {rpc_text == split_text} "
         f"whole(repacked)=split {whole_text == split_text}"

@@ -36,6 +36,10 @@ def _child() -> None:
     from runtime.inference.service import ChatService
     from runtime.split.model import SplitLlamaModel
 
+    # The replies go out on a private copy of stdout; what llama.cpp (C code) writes to fd 1 goes to
+    # stderr instead, so it never lands inside a reply line.
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
     config = json.loads(sys.stdin.readline())
     model = SplitLlamaModel(
         config["path"],
@@ -48,7 +52,8 @@ def _child() -> None:
     service = ChatService(model)
 
     def send(value: dict[str, Any]) -> None:
-        print(json.dumps(value), flush=True)
+        replies.write(json.dumps(value) + "\n")
+        replies.flush()
 
     async def emit(chunk: dict[str, Any]) -> None:
         send({"chunk": chunk})
@@ -104,6 +109,8 @@ class SplitWorker:
         )
 
     async def _line(self) -> dict[str, Any]:
+        """The worker's next reply line; a line that is no JSON object (a dying process's last bytes)
+        ends it: lost."""
         assert self._proc is not None and self._proc.stdout is not None
         while b"\n" not in self._buffer:
             chunk = await self._proc.stdout.receive_some(1 << 16)
@@ -112,8 +119,12 @@ class SplitWorker:
             self._buffer += chunk
         line, _, rest = bytes(self._buffer).partition(b"\n")
         self._buffer = bytearray(rest)
-        value = json.loads(line)
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
         if not isinstance(value, dict):
+            self._proc.kill()
             raise self._lost()
         return value
 
