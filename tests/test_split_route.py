@@ -138,3 +138,18 @@ def test_status_shows_which_peer_holds_which_layers() -> None:
     ]
     assert _split_lines({"split_models": []}) == ["split          placed on no sellers yet"]
     assert _split_lines({}) == []
+
+
+async def test_an_error_inside_a_tunnel_reaches_its_caller_as_raised() -> None:
+    """The runner's tunnels wrap a worker's load: its error must come out as it went in (a tunnel that
+    swallowed it left the runner's task without an answer, and a test's failed check without a failure)."""
+    from libp2p import generate_new_ed25519_identity
+
+    from node.host import build_host
+    from protocols.lease.layers import open_tunnel
+
+    host = build_host(generate_new_ed25519_identity())
+    with pytest.raises(ClawnodeError) as caught:
+        async with open_tunnel(host, host.get_id(), "lease0", "token0"):
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "the split model's worker ended", SELLER_LOST)
+    assert caught.value.reason == SELLER_LOST

@@ -456,20 +456,29 @@ async def open_tunnel(
     port = listener.socket.getsockname()[1]
     tunnel = LocalTunnel(endpoint=f"127.0.0.1:{port}")
     opened = TunnelOpen(lease_id=lease_id, token=token)
-    async with trio.open_nursery() as nursery:
+    try:
+        async with trio.open_nursery() as nursery:
 
-        async def accept() -> None:
-            while True:
-                sock = await listener.accept()
-                sock.setsockopt(6, 1, 1)  # TCP_NODELAY: the RPC protocol is request and reply
-                nursery.start_soon(_carry, host, peer, opened, sock, tunnel, port, on_tokens, clients)
+            async def accept() -> None:
+                while True:
+                    sock = await listener.accept()
+                    sock.setsockopt(6, 1, 1)  # TCP_NODELAY: the RPC protocol is request and reply
+                    nursery.start_soon(_carry, host, peer, opened, sock, tunnel, port, on_tokens, clients)
 
-        nursery.start_soon(accept)
-        try:
-            yield tunnel
-        finally:
-            nursery.cancel_scope.cancel()
-            await listener.aclose()
+            nursery.start_soon(accept)
+            try:
+                yield tunnel
+            finally:
+                nursery.cancel_scope.cancel()
+                # Shielded: in the cancelled scope an unshielded await would raise Cancelled in place
+                # of the block's own exception, and the nursery would swallow both.
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+    except BaseExceptionGroup as group:
+        # The block's own exception comes out as it went in, not wrapped by the tunnel's nursery.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def layers_capability(sha256: str) -> str:
