@@ -99,6 +99,12 @@ async def test_a_freeze_the_payer_sends_no_case_for_ends_with_the_provider_paid_
                 consumer.host, arbiter.host.get_id(), DISPUTE_PROTOCOL, ask, OUTCOME, max_frame=MAX_DISPUTE_FRAME
             )
         assert stranger.value.reason == "no_voucher"
+        odd = ask.model_copy(update={"lease_id": "not-an-escrow-id"})
+        with pytest.raises(ClawnodeError) as unbound:
+            await request(
+                provider.host, arbiter.host.get_id(), DISPUTE_PROTOCOL, odd, OUTCOME, max_frame=MAX_DISPUTE_FRAME
+            )
+        assert (unbound.value.code, unbound.value.reason) == (ErrorCode.INVALID_ARGUMENT, "escrow_not_lease")
 
         # The provider's sweep finds its claim held up by the freeze and takes it to the arbiter.
         with trio.fail_after(10):

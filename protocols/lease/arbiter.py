@@ -554,6 +554,8 @@ class DisputeRole(LeaseCore):
             raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
         cases: set[str] = getattr(self, "_cases", set())
         self._cases = cases
+        if not re.fullmatch(r"[0-9a-f]{64}", ask.lease_id):
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
         deciding = ask.lease_id in cases
         if not deciding and len(cases) >= MAX_CASES:
             raise ClawnodeError(ErrorCode.RATE_LIMITED, "the arbiter is deciding other cases", "busy")
