@@ -139,8 +139,16 @@ class SplitWorker:
         )
         assert self._proc.stdin is not None
         await self._proc.stdin.send_all(json.dumps(self._config).encode() + b"\n")
-        with trio.fail_after(LOAD_TIMEOUT_S):
+        with trio.move_on_after(LOAD_TIMEOUT_S) as waited:
             ready = await self._line()
+        if waited.cancelled_caught:
+            # A seller that accepts the tunnel and then never answers (or reads the weights' upload
+            # without end) holds llama.cpp's RPC client: a stable error, so that the runner asks its
+            # sellers through their tunnels and the router goes on elsewhere.
+            self._proc.kill()
+            raise ClawnodeError(
+                ErrorCode.TIMEOUT, f"the split model's layers did not load in {LOAD_TIMEOUT_S:g} s", SELLER_STALLED
+            )
         if not ready.get("ready"):
             raise self._lost()
 
