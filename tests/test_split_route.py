@@ -18,6 +18,7 @@ from protocols.machines.verdict import Refusal
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.service import ServiceRegistry
+from runtime.split.rpc import rpc_available
 from runtime.split.worker import SELLER_LOST
 
 
@@ -153,3 +154,49 @@ async def test_an_error_inside_a_tunnel_reaches_its_caller_as_raised() -> None:
         async with open_tunnel(host, host.get_id(), "lease0", "token0"):
             raise ClawnodeError(ErrorCode.UNAVAILABLE, "the split model's worker ended", SELLER_LOST)
     assert caught.value.reason == SELLER_LOST
+
+
+@pytest.mark.skipif(not rpc_available(), reason="llama-cpp-python is built without its RPC backend")
+async def test_a_seller_stops_the_server_of_a_lease_that_ended_so_the_renewed_one_gets_its_own() -> None:
+    """With one layer server allowed, a consumer that replaced its spent lease reaches a server for the
+    new lease: the ended lease's server stops instead of refusing the new one ``layers_busy``."""
+    import time
+
+    import multiaddr
+    import trio
+    from libp2p import generate_new_ed25519_identity
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from node.host import build_host
+    from protocols.lease.base import token_digest
+    from protocols.lease.layers import LayerSeller, open_tunnel
+    from protocols.lease.split import answers
+    from protocols.machines.layers import LayerLeaseFacts
+
+    loopback = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+    consumer, seller_host = (build_host(generate_new_ed25519_identity()) for _ in range(2))
+    ended: set[str] = set()
+
+    def facts(lease_id: str) -> LayerLeaseFacts:
+        return LayerLeaseFacts(
+            str(consumer.get_id()), token_digest("t-" + lease_id), time.time() + 600, lease_id in ended
+        )
+
+    async with consumer.run([loopback]), seller_host.run([loopback]):
+        seller = LayerSeller(seller_host, facts=facts, max_servers=1)
+        seller.mount()
+        await consumer.connect(PeerInfo(seller_host.get_id(), seller_host.get_addrs()))
+        try:
+            async with open_tunnel(consumer, seller_host.get_id(), "old", "t-old") as old:
+                assert await answers(old.endpoint)
+            first = seller.leases["old"].server
+            assert first is not None and first.alive
+            ended.add("old")  # the consumer revoked it: spent
+            async with open_tunnel(consumer, seller_host.get_id(), "new", "t-new") as new:
+                assert await answers(new.endpoint)
+            with trio.fail_after(10):
+                while first.alive:
+                    await trio.sleep(0.05)
+            assert seller.leases["old"].ended and seller._servers() == 1
+        finally:
+            await seller.aclose()

@@ -254,6 +254,20 @@ class LayerSeller:
         if self.on_lost is not None:
             await self.on_lost(lease.lease_id)
 
+    async def _reap(self) -> None:
+        """Servers of leases that ended outside (revoked, expired, spent: the market's facts) stop, so
+        they no longer count against ``max_servers``: a consumer that renews its lease gets a server
+        for the new one."""
+        if self.facts is None:
+            return
+        now = self.clock()
+        for lease in list(self.leases.values()):
+            if lease.ended or lease.server is None or not lease.server.alive:
+                continue
+            outside = self.facts(lease.lease_id)
+            if outside is None or outside.ended or now >= outside.ends_at:
+                await self.end(lease.lease_id)
+
     def _forget_idle(self) -> None:
         for lease_id, lease in list(self.leases.items()):
             if lease.tunnels == 0 and (lease.server is None or not lease.server.alive):
@@ -280,6 +294,8 @@ class LayerSeller:
             try:
                 opened = TunnelOpen.model_validate_json(await reader.read_frame(OPEN_TIMEOUT_S))
                 await self._lost_if_dead(self.leases.get(opened.lease_id))
+                if self._servers() >= self.max_servers:
+                    await self._reap()
                 lease, facts = self._lease(opened.lease_id)
                 verdict = tunnel_verdict(
                     facts,

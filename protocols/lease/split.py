@@ -36,6 +36,7 @@ from dht.discovery import DiscoveryQuery, ProviderResult
 from protocols.lease.handler import LeaseMarket
 from protocols.lease.layers import LocalTunnel, layer_capacity, layers_capability, market_counting, open_tunnel
 from protocols.machines.layers import NO_LAYER_SELLERS, SellerFacts, place_sellers
+from protocols.machines.lease import lease_fits
 from protocols.machines.verdict import Refusal
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
@@ -50,6 +51,7 @@ PROBE_TIMEOUT_S = 5.0
 LOST_FOR_S = 600.0  # a seller lost under a model is not placed on again for this long
 MAX_LOST = 256
 CLOSE_TIMEOUT_S = 10.0
+RENEW_BEFORE_S = 30.0  # a layer lease is replaced when it would expire within this (or a tenth of its time)
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,11 @@ class SplitRunner:
     async def _placed(self, spec: SplitModel) -> Placement:
         current = self.placements.get(spec.name)
         if current is not None and current.state == "running":
-            return current
+            if all(self._live_lease(spec.name, seat.peer) == seat.lease_id for seat in current.seats):
+                return current
+            # A lease runs out (budget or time): the model is placed again, on a new lease there.
+            current.state = "closed"
+            current.done.set()
         if self._nursery is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, "the split runner is not running")
         capability = layers_capability(spec.sha256)
@@ -329,18 +335,33 @@ class SplitRunner:
         return {peer for (name, peer), at in self._lost.items() if name == model and now - at < LOST_FOR_S}
 
     def _live_lease(self, model: str, peer: str) -> str | None:
+        """Our layer lease with ``peer`` for ``model`` while it can carry another request (by budget
+        and by time, ``lease_fits``, as the router renews whole-model leases)."""
         lease_id = self._leases.get((model, peer))
         if lease_id is None:
             return None
         held = self.market.held.get(lease_id)
-        if held is None or held.ended_reason is not None or held.grant.expires_at <= self.market.clock() + 60:
+        if held is None or held.ended_reason is not None:
             return None
-        return lease_id
+        fit = lease_fits(
+            budget=held.grant.budget,
+            price_per_unit=held.grant.price_per_unit,
+            used_units=held.seen_units,
+            reserved_units=0,
+            need_units=max(1, self.lease_units // 8),
+            expires_at=held.grant.expires_at,
+            now=self.market.clock(),
+            renew_before_s=min(RENEW_BEFORE_S, self.lease_duration_s / 10),
+        )
+        return lease_id if fit.ok else None
 
     async def _lease(self, spec: SplitModel, provider: ProviderResult) -> str:
         lease_id = self._live_lease(spec.name, provider.peer_id)
         if lease_id is not None:
             return lease_id
+        spent = self._leases.pop((spec.name, provider.peer_id), None)
+        if spent is not None:
+            await self._end_lease(spent)  # its rest is refunded
         view = await self.market.open_lease(
             provider.peer_id,
             layers_capability(spec.sha256),
