@@ -145,7 +145,9 @@ class RpcServerProcess:
         argv = self._argv()
         if os.access(PRLIMIT, os.X_OK):
             argv = [PRLIMIT, f"--as={self.memory_bytes}", "--nofile=64", "--core=0", "--", *argv]
-        env = {**os.environ, "GGML_RPC_NO_RDMA": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        # Not the node's environment: it may hold the wallet key or tokens (CLAWNODE_*), and without
+        # bubblewrap (whose --clearenv drops it) a stranger's graph runs in this process.
+        env = {"PATH": "/usr/bin:/bin", "GGML_RPC_NO_RDMA": "1", "OMP_WAIT_POLICY": "PASSIVE"}
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
         self._proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
