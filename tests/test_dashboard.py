@@ -210,6 +210,7 @@ def test_overview_shows_the_nodes_figures_and_a_price_change_republishes(
     assert page.locator("#receipts-table tbody tr").count() == 3
     settlements = api(node, "GET", "/api/ledger/settlements")["settlements"]
     assert page.locator("#settlements-table tbody tr").count() == len(settlements) >= 2
+    assert "No split model runs here" in text(page, "#layers-table")  # docs/split.md: none here
     # A provider caught before the restart is still shown caught (verified inference, kept in the ledger).
     caught = page.locator(f'#verification-table tr[data-peer="{CAUGHT}"]')
     caught.wait_for()

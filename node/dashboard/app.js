@@ -267,6 +267,33 @@ function publish(event) {
   putOffer(offer, `${offer.name} is published.`).then(() => $("publish-form").reset());
 }
 
+// Which peer holds which layers of a split model this node runs, and the layer leases it serves.
+function renderLayers(status) {
+  if (!status) return;
+  const seats = status.split_models || [];
+  const served = status.layer_leases || [];
+  if (!changed("layers", [seats, served])) return;
+  const rows = [
+    ...seats.map((seat) => h("tr", {},
+      h("td", { class: "id", text: seat.lease_id }),
+      h("td", { text: "consumer" }),
+      h("td", { text: seat.model }),
+      h("td", { class: "id", text: `…${seat.peer}` }),
+      h("td", { text: seat.layers }),
+      h("td", { class: "num", text: String(seat.tokens) }),
+      h("td", { class: "state", text: seat.state }))),
+    ...served.map((lease) => h("tr", {},
+      h("td", { class: "id", text: lease.lease_id }),
+      h("td", { text: "seller" }),
+      h("td", { text: "" }),
+      h("td", { class: "id", text: `…${lease.consumer}` }),
+      h("td", { text: `${lease.tunnels} tunnel(s)` }),
+      h("td", { class: "num", text: String(lease.tokens) }),
+      h("td", { class: "state", text: lease.state }))),
+  ];
+  fillTable("layers-table", rows, 7, "No split model runs here and no layer lease is served.");
+}
+
 function renderLeases(live, history) {
   if (live && changed("leases", live.leases)) {
     fillTable("leases-table", live.leases.map((lease) => h("tr", { "data-lease-id": lease.lease_id },
@@ -504,6 +531,7 @@ async function refresh() {
     renderOverview(body(status), body(caps), body(summary));
     if (caps.ok) renderOffers(caps.body);
     renderLeases(body(leases), body(history));
+    renderLayers(body(status));
     renderVerification(body(checks));
     renderLedger(body(summary), body(receipts), body(settlements));
     if (tasks.ok) renderTasks(tasks.body);
