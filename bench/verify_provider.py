@@ -11,12 +11,15 @@ then one token per decode; logprobs are the log-softmax of the raw logits at tem
 most likely committed; temperature 0 takes the most likely token, otherwise the 40 most likely are
 kept, then the smallest set whose probability reaches top_p (0.95), then those at least min_p (0.05)
 as likely as the best, and one is drawn at the temperature with a numpy generator seeded by ``seed``.
-It stops at an end-of-generation token (not produced) or after ``max_tokens``.
+It stops at an end-of-generation token (not produced) or after ``max_tokens``. With
+``VERIFY_PROVIDER_NO_EXTRA_BUFTS=1`` the model loads without llama.cpp's extra buffer types (weight
+repacking and AMX).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -31,6 +34,17 @@ MIN_P = 0.05
 
 def main() -> None:
     path, threads, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if os.environ.get("VERIFY_PROVIDER_NO_EXTRA_BUFTS") == "1":
+        # Without llama.cpp's extra buffer types (weight repacking, AMX): a GGML_NATIVE build's AMX
+        # matmul crashes (SIGSEGV) in some VMs that report AMX.
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def no_extra_bufts() -> llama_cpp.llama_model_params:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = no_extra_bufts
     llama = llama_cpp.Llama(
         model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
     )
