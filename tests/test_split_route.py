@@ -200,3 +200,53 @@ async def test_a_seller_stops_the_server_of_a_lease_that_ended_so_the_renewed_on
             assert seller.leases["old"].ended and seller._servers() == 1
         finally:
             await seller.aclose()
+
+
+# A worker that loads nothing: ready at once, then per request what its argument says.
+_STAND_IN = """
+import json, sys, time
+sys.stdin.readline()
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()
+print(json.dumps({"chunk": {"text": "The sea ", "tokens": 2}}), flush=True)
+if sys.argv[1] == "stall":
+    time.sleep(60)
+print("ggml_abort: remote RPC server crashed", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "code", "reason"),
+    [("stall", ErrorCode.TIMEOUT, "layer_seller_stalled"), ("garbage", ErrorCode.UNAVAILABLE, SELLER_LOST)],
+)
+async def test_a_worker_that_stalls_or_writes_garbage_fails_with_a_stable_code_and_ends(
+    behaviour: str, code: ErrorCode, reason: str
+) -> None:
+    """Never a hang: a split model that hears nothing from its layers for the stall timeout, or whose
+    worker writes something that is no reply (a dying llama.cpp), fails the call with a stable code
+    after the chunks already sent, and its worker process is ended."""
+    import sys
+
+    import trio
+
+    from runtime.split.worker import SplitWorker
+
+    worker = SplitWorker("unused.gguf", endpoints=["127.0.0.1:1"], command=[sys.executable, "-c", _STAND_IN, behaviour])
+    await worker.load()
+    pieces: list[str] = []
+
+    async def emit(chunk: dict[str, Any]) -> None:
+        pieces.append(chunk["text"])
+
+    try:
+        with trio.fail_after(20), pytest.raises(ClawnodeError) as caught:
+            await worker.run({"messages": [{"role": "user", "content": "hi"}]}, emit, stall_s=0.5)
+        assert (caught.value.code, caught.value.reason, pieces) == (code, reason, ["The sea "])
+        with trio.fail_after(10):
+            while worker._proc is not None and worker._proc.poll() is None:
+                await trio.sleep(0.02)
+        with pytest.raises(ClawnodeError):  # a later call fails at once
+            await worker.run({"messages": [{"role": "user", "content": "hi"}]}, emit, stall_s=0.5)
+    finally:
+        await worker.aclose()

@@ -86,6 +86,7 @@ class SplitWorker:
         name: str = "split",
         n_ctx: int = 2048,
         n_threads: int | None = None,
+        command: list[str] | None = None,
     ) -> None:
         self._config = {
             "path": str(path),
@@ -98,6 +99,8 @@ class SplitWorker:
         self._proc: trio.Process | None = None
         self._buffer = bytearray()
         self._lock = trio.Lock()
+        # The worker's command line: this module, unless a test stands in for llama.cpp.
+        self._command = command or [sys.executable, "-m", "runtime.split.worker"]
 
     @property
     def pid(self) -> int | None:
@@ -131,7 +134,7 @@ class SplitWorker:
     async def load(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "GGML_RPC_NO_RDMA": "1"}
         self._proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "runtime.split.worker"],
+            self._command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
