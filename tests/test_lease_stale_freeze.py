@@ -83,6 +83,11 @@ async def test_a_freeze_the_payer_sends_no_case_for_ends_with_the_provider_paid_
         assert payer_client is not None
         payer, escrow_id = payer_client.account.address, bytes.fromhex(lease.lease_id)
         await trio.to_thread.run_sync(payer_client.dispute, payer, escrow_id)  # frozen, and no case ever sent
+        consumer_id = str(consumer.host.get_id())
+        key = f"verify-dispute/{lease.lease_id}"  # as the consumer's dispute_lease records it
+        await consumer.ledger.open_dispute(
+            lease.lease_id, opened_by=consumer_id, reason="verification_x", idempotency_key=key
+        )
 
         with pytest.raises(ClawnodeError) as early:  # the payer may still send its case
             await provider.market.end_stale_freeze(lease.lease_id)
@@ -107,12 +112,19 @@ async def test_a_freeze_the_payer_sends_no_case_for_ends_with_the_provider_paid_
         assert (unbound.value.code, unbound.value.reason) == (ErrorCode.INVALID_ARGUMENT, "escrow_not_lease")
 
         # The provider's sweep finds its claim held up by the freeze and takes it to the arbiter.
+        await provider.ledger.enqueue_claim(lease.lease_id)
+        provider.market.wake_settlement()
         with trio.fail_after(10):
             while not await provider.market.stale_freeze_pass():
-                await trio.sleep(0.1)
+                await trio.sleep(0.05)
         outcome = provider.market.lease_disputes[lease.lease_id]
         assert (outcome.outcome, outcome.reason, outcome.to_payee) == ("reject", "no_case", owed - state.released)
         closed = await trio.to_thread.run_sync(payer_client.get, payer, escrow_id)
         assert (closed.phase, closed.released) == ("closed", owed)
         disputes = await provider.ledger.list_disputes(limit=10)
         assert [(d.lease_id, d.state) for d in disputes] == [(lease.lease_id, "dispute_resolved")]
+        # The consumer is told too and records the split the chain shows (its dispute no longer stays open).
+        with trio.fail_after(10):
+            while (mine := await consumer.ledger.list_disputes(limit=10))[0].state != "dispute_resolved":
+                await trio.sleep(0.05)
+        assert (mine[0].to_payee, mine[0].to_payer) == (owed, closed.amount - owed)

@@ -599,6 +599,7 @@ class DisputeRole(LeaseCore):
         )
         self._keep_outcome(outcome)
         log.warning("lease %s: a freeze without a case ended, %d to the provider", ask.lease_id[:12], decision.to_payee)
+        self._spawn(self._tell_provider, ask.receipt.body.consumer, outcome)  # the consumer records it too
         return outcome
 
     async def _vouched(self, client: Any, ask: LeaseStaleFreeze, sender: str) -> int | None:
@@ -693,17 +694,21 @@ class DisputeRole(LeaseCore):
     # ================= provider: told =================
 
     async def _told_outcome(self, outcome: LeaseDisputeOutcome) -> w.Ack:
-        """The arbiter says a lease we served was resolved: record the split the chain shows (the message
-        itself moves nothing; anyone may send it)."""
+        """The arbiter says a lease we served was resolved (or, for a freeze that came with no case, a lease
+        we held): record the split the chain shows (the message itself moves nothing; anyone may send it)."""
         lease = await self.ledger.get_lease(outcome.lease_id)
-        if lease.role != "provider" or lease.escrow is None or lease.escrow.payer.lower() != outcome.payer.lower():
-            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease served", "unknown_lease")
+        if lease.escrow is None or lease.escrow.payer.lower() != outcome.payer.lower():
+            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease", "unknown_lease")
         escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
+        opened_by = lease.consumer if lease.role == "provider" else self.peer_id
         recorded = await self._record_resolution(
-            outcome.lease_id, lease.escrow.payer, escrow_id, opened_by=lease.consumer, reason=outcome.reason
+            outcome.lease_id, lease.escrow.payer, escrow_id, opened_by=opened_by, reason=outcome.reason
         )
         if not recorded:
             raise ClawnodeError(ErrorCode.CONFLICT, "the escrow is not resolved on chain", "not_resolved")
+        if lease.role != "provider":  # a case kept for it is answered: the escrow is closed
+            self.verifying.evidence.pop(outcome.lease_id, None)
+            await self._drop_case(outcome.lease_id)
         self._keep_outcome(outcome)
         self.wake_settlement()
         return w.Ack()
