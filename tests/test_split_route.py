@@ -250,3 +250,18 @@ async def test_a_worker_that_stalls_or_writes_garbage_fails_with_a_stable_code_a
             await worker.run({"messages": [{"role": "user", "content": "hi"}]}, emit, stall_s=0.5)
     finally:
         await worker.aclose()
+
+
+async def test_a_placement_closed_to_renew_a_lease_blames_no_seller() -> None:
+    """A request still running on a placement closed for a lease's renewal loses its worker; that is no
+    seller's fault: none is marked lost (its tunnels are going, so no server would answer a probe)."""
+    from protocols.lease.split import Placement, Seat, SplitRunner
+
+    no_leases = type("Market", (), {"held": {}})()  # the lease is gone already: nothing to end
+    runner = SplitRunner(None, no_leases, _nothing, [])  # type: ignore[arg-type]
+    closed = Placement("big", [Seat("QmSeller", "lease0", (0, 18))], state="closed")
+    await runner._blame(closed)
+    assert closed.done.is_set() and runner._lost_peers("big") == set()
+    loading = Placement("big", [Seat("QmSeller", "lease0", (0, 18))], state="loading")
+    await runner._blame(loading)  # its load failed: no tunnel answers, the seller is lost
+    assert loading.state == "lost" and runner._lost_peers("big") == {"QmSeller"}

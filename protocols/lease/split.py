@@ -315,7 +315,12 @@ class SplitRunner:
 
     async def _blame(self, placement: Placement) -> None:
         """After the worker was lost: the sellers whose server no longer answers through their tunnel
-        are lost for this model and their leases ended; the placement is done."""
+        are lost for this model and their leases ended; the placement is done. A placement already
+        done (lost under another request, or closed to renew a lease: its tunnels are going) blames
+        no one again."""
+        if placement.state in ("lost", "closed"):
+            placement.done.set()
+            return
         placement.state = "lost"
         now = self.clock()
         for seat in placement.seats:
