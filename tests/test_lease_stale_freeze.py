@@ -16,6 +16,7 @@ import trio
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from protocols.lease.arbiter import DISPUTE_PROTOCOL, MAX_DISPUTE_FRAME, OUTCOME, LeaseStaleFreeze
+from protocols.lease.base import ACK
 from protocols.machines.verdict import Refusal
 from protocols.machines.verify import Arbitration, StaleFreezeFacts, stale_freeze_verdict
 from runtime.errors import ClawnodeError, ErrorCode
@@ -128,3 +129,7 @@ async def test_a_freeze_the_payer_sends_no_case_for_ends_with_the_provider_paid_
             while (mine := await consumer.ledger.list_disputes(limit=10))[0].state != "dispute_resolved":
                 await trio.sleep(0.05)
         assert (mine[0].to_payee, mine[0].to_payer) == (owed, closed.amount - owed)
+        # A push about a lease of the consumer's with no dispute open writes nothing into its ledger.
+        with pytest.raises(ClawnodeError) as unknown:
+            await request(provider.host, consumer.host.get_id(), DISPUTE_PROTOCOL, outcome, ACK)
+        assert unknown.value.reason == "unknown_lease"

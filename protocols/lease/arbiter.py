@@ -699,6 +699,12 @@ class DisputeRole(LeaseCore):
         lease = await self.ledger.get_lease(outcome.lease_id)
         if lease.escrow is None or lease.escrow.payer.lower() != outcome.payer.lower():
             raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease", "unknown_lease")
+        if lease.role != "provider":
+            # Only a dispute this node opened (a freeze it made): a push about a lease that closed
+            # without one must not write a dispute into its ledger.
+            disputes = await self.ledger.list_disputes(limit=MAX_DISPUTE_SCAN)
+            if not any(d.lease_id == outcome.lease_id and d.state == "dispute_open" for d in disputes):
+                raise ClawnodeError(ErrorCode.NOT_FOUND, "no open dispute of this lease", "unknown_lease")
         escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
         opened_by = lease.consumer if lease.role == "provider" else self.peer_id
         recorded = await self._record_resolution(
