@@ -449,9 +449,9 @@ async def main() -> None:
             f"{ver_s[name]:.2f}/{gen_s[name]:.2f} s = {cost:.3f} (spend share at the default rate "
             f"{DEFAULT_SAMPLE_RATE * cost:.4f}){elsewhere}; tolerance {per_entry:.3f}/{mean:.3f}"
         )
-    for name, count in identical.items():
-        sampled = tallies["temperature"][name].calls
-        print(f"temperature: {name} {count} of {sampled} replies sampled at 1.0 identical to the greedy one")
+    for name in servers:
+        if sampled := tallies["temperature"][name].calls:
+            print(f"temperature: {name} {identical[name]} of {sampled} replies sampled at 1.0 equal the greedy one")
     for cls, by_model in tallies.items():
         row = ", ".join(f"{m} {t.caught}/{t.calls}" for m, t in by_model.items() if m != "all")
         total = by_model["all"]
