@@ -294,7 +294,9 @@ class Node:
         return self._router
 
     def local_models(self) -> list[str]:
-        return [name.removeprefix("model:") for name in self.services.names() if name.startswith("model:")]
+        """The models this node answers itself: those it serves, and those it runs split (split.models)."""
+        served = [name.removeprefix("model:") for name in self.services.names() if name.startswith("model:")]
+        return served + [name for name in self.config.split.models if name not in served]
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
         """Embeddings from the first model this node serves (consensus compares answers with them)."""

@@ -122,8 +122,10 @@ def test_split_models_name_models_entries(tmp_path: Path) -> None:
     gguf.write_bytes(b"GGUF")
     models = [ModelSpec(name="big", path=str(gguf)), ModelSpec(name="small", path=str(gguf))]
     config = Config.model_validate({"models": [m.model_dump() for m in models], "split": {"models": ["big"]}})
-    # the split model is not loaded whole; the other one is
-    assert [spec.name for spec in Node(config, tmp_path / "node").model_host.specs] == ["small"]
+    # the split model is not loaded whole; the other one is; /v1/models lists it all the same
+    node = Node(config, tmp_path / "node")
+    assert [spec.name for spec in node.model_host.specs] == ["small"]
+    assert node.local_models() == ["big"]  # "small" is listed once it is loaded and served
     with pytest.raises(ValueError, match=r"split.models names no \[\[models\]\] entry: huge"):
         Config.model_validate({"models": [m.model_dump() for m in models], "split": {"models": ["huge"]}})
 
