@@ -589,9 +589,11 @@ class AutoNat:
 
     def observed_ips(self) -> list[str]:
         """The IPs the servers of the current verdict saw our requests come from (they dial only
-        that one), most often seen first."""
+        that one), most often seen first; AutoNAT v2 answers do not tell it."""
         counts: dict[str, int] = {}
         for _, _, result in self._recent.values():
+            if not result.at_observed_ip:
+                continue
             for ip in {_ip_of(addr) for addr in result.dialed} - {None}:
                 assert ip is not None
                 counts[ip] = counts.get(ip, 0) + 1

@@ -182,7 +182,7 @@ def server_result_of(
     our observed IP, so the same agreement rule (``min_servers`` distinct servers) decides."""
     detail = f"autonat v2: {outcome}"
     if outcome == "reachable" and addr is not None:
-        return ServerResult(server, ip, "ok", detail, at, confirmed=(addr,), dialed=(addr,))
+        return ServerResult(server, ip, "ok", detail, at, confirmed=(addr,), dialed=(addr,), at_observed_ip=False)
     if outcome == "unreachable" and addr is not None:
-        return ServerResult(server, ip, "dial_error", detail, at, dialed=(addr,))
+        return ServerResult(server, ip, "dial_error", detail, at, dialed=(addr,), at_observed_ip=False)
     return ServerResult(server, ip, "error", detail, at)

@@ -27,7 +27,11 @@ class ServerResult:
     detail: str = ""  # the dial-back identity, or the error code
     at: float = 0.0  # unix time of the answer
     confirmed: tuple[str, ...] = ()  # ok: the addresses it reached us on
-    dialed: tuple[str, ...] = ()  # ok, dial_error: every address it dialed (all at the IP it saw us come from)
+    dialed: tuple[str, ...] = ()  # ok, dial_error: every address it dialed
+    # Whether ``dialed`` is at the IP the server saw us come from (v1 dials nothing else); an AutoNAT
+    # v2 server dials any one address we asked about (another IP once paid in dial data), so its
+    # answers say nothing of our observed IP (``AutoNat.observed_ips``, the double-NAT rule).
+    at_observed_ip: bool = True
 
 
 @dataclass

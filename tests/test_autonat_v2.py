@@ -432,6 +432,9 @@ async def test_servers_that_speak_only_v2_decide_the_node_reachability() -> None
             assert (state.verdict, state.reason) == ("public", "autonat: 2/2 dial-backs")
             assert autonat.confirmed_addrs() == [address]
             assert first.autonat.counts.served["ok"] == second.autonat.counts.served["ok"] == 1
+            # A v2 server dials what it was asked about, not only our observed IP: no observed IP
+            # for the double-NAT rule, but the address counts as tested.
+            assert autonat.observed_ips() == [] and [addr for addr, _ in autonat.tested_addrs()] == [address]
 
             # the same servers, about an address nobody listens on (their rate limit lifted)
             for server in (first, second):
