@@ -113,3 +113,19 @@ async def test_commit_under_a_grammar_falls_back_to_logprobs(tiny: LlamaModel, t
     entries = [entry for chunk in chunks for entry in chunk.get("logprobs", [])]
     assert len(entries) == 6 and all(len(entry["top_logprobs"]) >= 1 for entry in entries)
     assert not any("commit" in chunk for chunk in chunks)
+
+
+def test_a_chunks_encoding_is_the_commitments_bytes_as_before() -> None:
+    """``encode_chunk`` (rewritten for speed) gives the bytes the commitment always had: the produced
+    token as 0, other ids + 1 as LEB128 varints (multi-byte past 127), quantised logprobs clipped at 255,
+    a short top padded with clipped entries and a long one cut to k."""
+    from runtime.verify.commitment import Position, encode_chunk
+
+    positions = [
+        Position(7, ((7, -0.01), (300, -2.5), (12, -3.03125), (262143, -40.0))),
+        Position(127, ((126, -0.5), (127, -0.75), (128, -16.0), (5, -15.97))),
+        Position(3, ((3, -0.0),)),
+        Position(9, ((1, -1.0), (2, -2.0), (3, -3.0), (4, -4.0), (5, -5.0))),
+    ]
+    expected = "00ad020d808010002830ff7f00810106080cffff0000000000ffffff0203040510203040"
+    assert encode_chunk(positions).hex() == expected
