@@ -49,6 +49,11 @@ MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 SHORTLIST = 64  # tokens checked against the grammar before masking the whole vocabulary
 COMMIT_BLOCK = 32  # rows of logits CommitRows keeps before computing their top-k in one go
 COMMIT_BLOCK_BYTES = 1 << 20  # and at most this many bytes of them (a large vocabulary keeps fewer rows)
+# From this vocabulary size CommitRows finds a row's top k among the entries at least the k-th best of
+# every STRIDE-th one, instead of numpy's argpartition of the whole row (0.6 ms at 262k entries).
+LARGE_VOCAB = 4096
+STRIDE = 64
+MAX_CANDIDATES = 4096
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,26 @@ class CommitRows:
         self._tokens.append(token)
         return self.flush() if len(self._tokens) == self._rows.shape[0] else None
 
+    def _top_ids(self, row: np.ndarray) -> np.ndarray:
+        """A large row's k best ids. The k-th best of every STRIDE-th entry is at most the row's k-th
+        best, so the entries at least that hold the k best; among them, when no two of the k + 1 best
+        values are equal the k best are one set whatever the method (argpartition's choice among equal
+        values is its own: then, or with too many candidates, the row goes to argpartition)."""
+        import numpy as np
+
+        k = self.k
+        sample = row[::STRIDE]
+        if sample.size > k:
+            threshold = np.partition(sample, sample.size - k)[sample.size - k]
+            candidates = np.flatnonzero(row >= threshold)
+            if k <= candidates.size <= MAX_CANDIDATES:
+                values = row[candidates]
+                order = np.argsort(-values, kind="stable")[: k + 1]
+                best = values[order]
+                if not (best[1:] == best[:-1]).any():
+                    return candidates[order[:k]]
+        return np.argpartition(-row, k - 1)[:k]
+
     def flush(self) -> list[Committed]:
         """The positions of the rows kept so far (none: an empty list); the block starts again."""
         import numpy as np
@@ -224,7 +249,10 @@ class CommitRows:
         # pick's: top + log(sum(exp(x - top))), top the row's maximum (the greedy token's logit).
         top = x.max(axis=1)
         logz = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-        ids = np.argpartition(-x, self.k - 1, axis=1)[:, : self.k]
+        if x.shape[1] >= LARGE_VOCAB:
+            ids = np.stack([self._top_ids(row) for row in x])
+        else:
+            ids = np.argpartition(-x, self.k - 1, axis=1)[:, : self.k]
         values = np.take_along_axis(x, ids, axis=1)
         order = np.argsort(-values, axis=1, kind="stable")  # pick's stable order, NaN last
         ids = np.take_along_axis(ids, order, axis=1)
