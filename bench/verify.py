@@ -275,7 +275,7 @@ async def main() -> None:
         present = {m: shares[m] for m in paths}
         scale = sum(present.values())
         out = {m: max(1, round(total * s / scale)) for m, s in present.items()}
-        out["tiny"] += total - sum(out.values())
+        out["tiny"] = max(0, out["tiny"] + total - sum(out.values()))
         return out
 
     def record(cls: str, model: str, found: Findings) -> None:
@@ -450,11 +450,13 @@ async def main() -> None:
             f"{DEFAULT_SAMPLE_RATE * cost:.4f}){elsewhere}; tolerance {per_entry:.3f}/{mean:.3f}"
         )
     for name in servers:
-        if sampled := tallies["temperature"][name].calls:
+        if "temperature" in tallies and (sampled := tallies["temperature"][name].calls):
             print(f"temperature: {name} {identical[name]} of {sampled} replies sampled at 1.0 equal the greedy one")
     for cls, by_model in tallies.items():
-        row = ", ".join(f"{m} {t.caught}/{t.calls}" for m, t in by_model.items() if m != "all")
+        row = ", ".join(f"{m} {t.caught}/{t.calls}" for m, t in by_model.items() if m != "all" and t.calls)
         total = by_model["all"]
+        if not total.calls:
+            continue
         rate = total.caught / total.calls
         print(f"{cls}: {total.caught}/{total.calls} = {rate:.3f} ({row}) reasons {dict(total.reasons)}")
     rates = [tallies[c]["all"].caught / tallies[c]["all"].calls for c in CLASSES if tallies[c]["all"].calls]
