@@ -51,9 +51,11 @@ costs what that share of the provider's generation costs, priced alike), per mod
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.resources
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -243,6 +245,7 @@ async def main() -> None:
         parser.error(f"unknown classes {sorted(classes - set(CLASSES))}; known: {', '.join(CLASSES)}")
     rng = random.Random(args.seed)
     folder = Path(tempfile.mkdtemp(prefix="verify-bench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # its requantised models: 300 MB and more
     shares = dict(zip(("tiny", "smollm", "gemma"), map(float, args.split.split(",")), strict=True))
 
     paths: dict[str, Path] = {"tiny": write_tiny_llama_gguf(folder / "tiny.gguf", seed=0)}
