@@ -17,7 +17,9 @@ A *provider* is a ``LlamaModel`` (the engine, through its public API) generating
 of a token-id prompt with ``Sampling(logprobs=True, top_logprobs=4)``; its chunks become a commitment
 (``runtime.verify``). The *verifier* is a ``Prefill`` of the advertised file (another thread count
 and batch size than the provider's), with tolerances measured once per model
-(``Prefill.tolerances``) on a text that is not among the prompts; every chunk is opened and checked
+as ``prefill_for`` measures them (``Prefill.tolerances`` over ``--calibration-positions``, default 256,
+of the model's greedy reply to a text that is not among the prompts; 0: the 32 positions of that text
+itself, as before); every chunk is opened and checked
 against the root, then ``compare``d. Cheats, each over its share of ``--calls``:
 
 - ``other_model``: the reply comes from another model. Tiny: another seed (same vocabulary).
@@ -71,7 +73,16 @@ from runtime.inference.engine import LlamaModel
 from runtime.inference.models import ModelSpec
 from runtime.inference.sampling import Sampling
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.verify.check import Findings, Prefill, TokenIndex, compare, wanted_ids
+from runtime.verify.check import (
+    CALIBRATION_POSITIONS,
+    CALIBRATION_PROMPT,
+    CALIBRATION_TEXT,
+    Findings,
+    Prefill,
+    TokenIndex,
+    compare,
+    wanted_ids,
+)
 from runtime.verify.commitment import Commitment, Position, commit, decode_chunk, opening_matches
 from runtime.verify.provider import positions_from_chunks
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE
@@ -94,10 +105,6 @@ PROMPTS = [
     "The old radio crackled as the announcer read the weather: clouds in the north, sun in the south",
     "List three reasons why regular exercise helps people sleep better at night and feel less tired",
 ]
-CALIBRATION = (
-    "The lighthouse keeper climbed the stairs every evening, counting each step while the waves broke "
-    "on the rocks below; he had done it for forty years and knew every sound the tower made."
-)
 K = 4
 CLASSES = ("other_model", "quantisation", "truncated_prompt", "foreign_token", "temperature")
 
@@ -199,7 +206,7 @@ class NativeProvider:
         self.process.wait(timeout=30)
 
 
-async def load(name: str, path: Path, max_tokens: int, native_python: str | None) -> Served:
+async def load(name: str, path: Path, max_tokens: int, native_python: str | None, calibration_positions: int) -> Served:
     n_ctx = max(512, max_tokens + 96)  # the longest prompt is about 25 tokens
     served = Served(name, path, max_tokens, n_ctx)
     for threads in (1, 2):
@@ -213,9 +220,11 @@ async def load(name: str, path: Path, max_tokens: int, native_python: str | None
         await trio.to_thread.run_sync(lambda: Prefill(path, n_ctx=n_ctx, n_threads=1, n_ubatch=7)),
     ]
     served.index = await trio.to_thread.run_sync(TokenIndex, path)
-    calibration = await served.engines[2].tokenize(CALIBRATION, add_bos=True)
+    calibration = await served.engines[2].tokenize(CALIBRATION_TEXT, add_bos=True)
+    # As prefill_for measures them; --calibration-positions 0: the old 32 positions of the text itself.
+    over: list[int] | int = calibration_positions or calibration[CALIBRATION_PROMPT:48]
     served.tolerance = await trio.to_thread.run_sync(
-        served.verifiers[0].tolerances, calibration[:16], calibration[16:48]
+        served.verifiers[0].tolerances, calibration[:CALIBRATION_PROMPT], over
     )
     served.prompts = [await served.engines[2].tokenize(p, add_bos=True) for p in PROMPTS]
     return served
@@ -239,6 +248,12 @@ async def main() -> None:
     parser.add_argument("--reply-tokens", type=int, default=0, help="reply length for every model (0: 16/12/8)")
     parser.add_argument("--classes", default=",".join(CLASSES), help="cheat classes to run (comma-separated)")
     parser.add_argument("--native-python", help="interpreter of a venv with another llama.cpp build")
+    parser.add_argument(
+        "--calibration-positions",
+        type=int,
+        default=CALIBRATION_POSITIONS,
+        help="positions of the greedy reply the tolerances are measured over (0: the text's 32, as before)",
+    )
     args = parser.parse_args()
     classes = {c for c in args.classes.split(",") if c}  # "": honest calls only
     if classes - set(CLASSES):
@@ -291,7 +306,7 @@ async def main() -> None:
     honest_n, cheat_n = counts(args.honest), counts(args.calls)
     servers: dict[str, Served] = {}
     for name, path in paths.items():
-        servers[name] = await load(name, path, tokens_for[name], args.native_python)
+        servers[name] = await load(name, path, tokens_for[name], args.native_python, args.calibration_positions)
         per_entry, mean = servers[name].tolerance
         print(f"{name}: loaded, tolerances per entry {per_entry:.3f} mean {mean:.3f} nats", file=sys.stderr)
     import llama_cpp

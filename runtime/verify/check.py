@@ -326,18 +326,75 @@ class Prefill:
                 llama_cpp.llama_batch_free(batch)
         return log_softmax(out)
 
-    def tolerances(self, prompt: Sequence[int], completion: Sequence[int], k: int = 4) -> tuple[float, float]:
-        """(per-entry, mean) tolerances from the noise between :meth:`rows` and :meth:`rows_stepwise`
-        on a sample sequence, over each position's ``k`` most likely tokens (blocking; once per model)."""
+    def tolerances(self, prompt: Sequence[int], completion: Sequence[int] | int, k: int = 4) -> tuple[float, float]:
+        """(per-entry, mean) tolerances from the noise between :meth:`rows` and the token-by-token pass
+        over each position's ``k`` most likely tokens (blocking; once per model). ``completion``: the
+        produced ids, or how many positions of the model's own greedy reply to ``prompt`` to measure
+        over (how checked replies come about; end-of-generation tokens skipped so it runs that long)."""
         import numpy as np
 
-        batch, stepwise = self.rows(prompt, completion), self.rows_stepwise(prompt, completion)
-        top = np.argsort(-stepwise, axis=1)[:, :k]
-        diffs = np.abs(np.take_along_axis(batch, top, 1) - np.take_along_axis(stepwise, top, 1))
+        completion, top_ids, stepwise = self._stepwise_top(prompt, completion, k)
+        with self._lock:
+            logits = self._logits(prompt, completion)
+            diffs = np.empty_like(stepwise)
+            rows_per_block = max(1, BLOCK_VALUES // self.n_vocab)
+            for start in range(0, len(completion), rows_per_block):
+                block = log_softmax(logits[start : start + rows_per_block])
+                ids = top_ids[start : start + rows_per_block]
+                diffs[start : start + len(block)] = np.abs(
+                    np.take_along_axis(block, ids, 1) - stepwise[start : start + len(block)]
+                )
         return (
             max(FLOOR_MAX, NOISE_FACTOR_MAX * float(diffs.max())),
             max(FLOOR_MEAN, NOISE_FACTOR_MEAN * float(diffs.mean())),
         )
+
+    def _stepwise_top(
+        self, prompt: Sequence[int], completion: Sequence[int] | int, k: int
+    ) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """The token-by-token pass (the prompt in one batch, then one token per decode, as a provider
+        runs): the completion ids (greedy ones when ``completion`` is a count), and per position the
+        ids and log-probabilities of the ``k`` most likely tokens (blocking)."""
+        import llama_cpp
+        import numpy as np
+
+        greedy = isinstance(completion, int)
+        n = int(completion) if isinstance(completion, int) else len(completion)
+        n = min(n, self.n_ctx - len(prompt), MAX_POSITIONS)
+        produced: list[int] = [] if greedy else list(completion)[:n]  # type: ignore[arg-type]
+        top_ids = np.empty((n, k), dtype=np.int64)
+        top_values = np.empty((n, k), dtype=np.float32)
+        vocab = self.llama._model.vocab
+        with self._lock:
+            ctx = self.llama._ctx
+            ctx.kv_cache_clear()
+            batch = llama_cpp.llama_batch_init(len(prompt), 0, 1)
+            try:
+                chunk = list(prompt)
+                for step in range(n):
+                    for j, token in enumerate(chunk):
+                        batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, len(prompt) + step - len(chunk) + j, 1
+                        batch.seq_id[j][0] = 0
+                        batch.logits[j] = j == len(chunk) - 1
+                    batch.n_tokens = len(chunk)
+                    if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
+                        raise RuntimeError("llama_decode failed")
+                    pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, len(chunk) - 1)
+                    row = log_softmax(np.ctypeslib.as_array(pointer, shape=(1, self.n_vocab)))[0]
+                    ids = np.argpartition(-row, k)[:k] if k < self.n_vocab else np.arange(self.n_vocab)
+                    top_ids[step], top_values[step] = ids, row[ids]
+                    if greedy:
+                        for token in [*np.argsort(-row[ids]).tolist(), -1]:
+                            if token < 0:  # every one of the k is an end of generation: the best one then
+                                produced.append(int(np.argmax(row)))
+                                break
+                            if not llama_cpp.llama_vocab_is_eog(vocab, int(ids[token])):
+                                produced.append(int(ids[token]))
+                                break
+                    chunk = [produced[step]]
+            finally:
+                llama_cpp.llama_batch_free(batch)
+        return produced, top_ids, top_values
 
     def text_of(self, tokens: Sequence[int]) -> str:
         """The text these ids spell, as the engine streams a reply's (special tokens left out; blocking)."""
@@ -403,15 +460,26 @@ CALIBRATION_TEXT = (
 )
 
 
+# The tolerances are measured over this many positions of the model's greedy reply to the calibration
+# text's first 16 tokens. The batch-vs-token-by-token noise grows with the reply: gemma3-270m's largest
+# difference was 0.36 nats over the first 32 positions of such a reply and 0.62 over 200, and honest
+# 200-token replies calibrated on 32 positions were flagged (docs/verified-inference.md, "Figures").
+# Checked replies of agents are 100-300 tokens; a reply longer than this is checked with these
+# tolerances too (what its later positions' noise is, is not measured).
+CALIBRATION_PROMPT = 16
+CALIBRATION_POSITIONS = 256
+
+
 def prefill_for(path: Path, n_ctx: int = 2048) -> tuple[Prefill, tuple[float, float]]:
-    """A verifier of the file and its tolerances (measured once on a fixed text), cached per file (blocking)."""
+    """A verifier of the file and its tolerances (measured once, over :data:`CALIBRATION_POSITIONS`
+    positions of the model's greedy reply to a fixed text), cached per file (blocking)."""
     key = str(path)
     with _cache_lock:
         known = _prefills.get(key)
     if known is None:
         prefill = Prefill(path, n_ctx=n_ctx)
         ids = list(prefill.llama.tokenize(CALIBRATION_TEXT.encode(), True, False))
-        known = (prefill, prefill.tolerances(ids[:16], ids[16:48]))
+        known = (prefill, prefill.tolerances(ids[:CALIBRATION_PROMPT], CALIBRATION_POSITIONS))
         with _cache_lock:
             if len(_prefills) >= MAX_CACHED_MODELS:
                 # Not closed here: another check's worker thread may be running it right now (llama.cpp
