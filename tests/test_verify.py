@@ -204,3 +204,19 @@ def test_scores_read_in_place_agree_with_full_log_softmax_rows(files: tuple[Path
                 assert all(abs(named[i] - float(row[i])) < 1e-4 for i in ids[:2])
     finally:
         verifier.close()
+
+
+async def test_tolerances_are_measured_over_the_models_own_greedy_reply(files: tuple[Path, Path]) -> None:
+    # The calibration reply is what a provider at temperature 0 produces: the noise is measured where
+    # honest replies are checked, over as many positions as asked (past any end-of-generation token).
+    served, _ = files
+    prompt, _, tokens = await _generate(served, 0.0)
+    verifier = Prefill(served, n_ctx=256, n_threads=2)
+    try:
+        produced, top_ids, top_values = verifier._stepwise_top(prompt, 120, 4)
+        assert len(produced) == 120 and top_ids.shape == top_values.shape == (120, 4)
+        assert produced[: len(tokens)] == tokens
+        per_entry, mean = verifier.tolerances(prompt, 120)
+        assert per_entry >= 0.25 and mean >= 0.03
+    finally:
+        verifier.close()
