@@ -335,8 +335,8 @@ async def test_a_provider_whose_disk_fills_mid_traffic_serves_no_call_it_does_no
                 return
 
     class FillsTheDisk(WordService):
-        """Echoes words; during the third call, after its first chunk, the provider's disk fills up: that
-        call's pending row is written, its settlement is not (until space returns)."""
+        """Echoes words; during the third call, after its first chunk, once that call's pending row is
+        written, the provider's disk fills up: its settlement is not written (until space returns)."""
 
         calls = 0
 
@@ -346,6 +346,12 @@ async def test_a_provider_whose_disk_fills_mid_traffic_serves_no_call_it_does_no
             async def emit_then_fill(data: dict[str, object]) -> None:
                 await emit(data)  # type: ignore[operator]
                 if FillsTheDisk.calls == 3 and not fillers:
+                    # The provider writes the call's row while the engine starts; a chunk produced before
+                    # the row is durable waits unsent. Fill only once the row is there, as the call's
+                    # first chunk then leaves.
+                    with trio.fail_after(10):
+                        while not await ledgers[0].pending_calls():
+                            await trio.sleep(0.01)
                     await fill_until_the_ledger_fails()
 
             return await super().run(body, emit_then_fill)  # type: ignore[arg-type]
