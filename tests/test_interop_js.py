@@ -299,8 +299,10 @@ async def test_py_puts_js_gets(connected: Nodes) -> None:
         await connected.dht.put_value(key, value.encode())
 
     got = await connected.js.request("get", key=key)
-    # py's PUT_VALUE stored the record at js (js's own copy comes first) ...
-    assert got["best"] == {"from": str(connected.js.peer_id), "value": value}
+    # py's PUT_VALUE stored the record at js (get() yields js's own copy; which equal copy it yields
+    # last varies) ...
+    assert got["best"]["value"] == value
+    assert {"from": str(connected.js.peer_id), "value": value} in got["values"]
     # ... and js's GET_VALUE to py returned it too.
     assert got["responses"] == [{"from": str(connected.py_id), "value": value}]
 
@@ -468,7 +470,9 @@ async def test_js_gets_a_clawnode_record_and_finds_a_capabilitys_provider(clawno
     # The publisher's PUT_VALUE passed js's validator (js stores only what its validator takes), and
     # js's get takes both its own copy and py's GET_VALUE answer.
     got = await js.request("get", key=key, encoding="base64")
-    assert got["best"] == {"from": str(js.peer_id), "value": _b64(sealed)}
+    # Which equal copy get() yields last (its own or py's) varies from run to run.
+    assert got["best"]["value"] == _b64(sealed)
+    assert {"from": str(js.peer_id), "value": _b64(sealed)} in got["values"]
     assert got["responses"] == [{"from": node.peer_id, "value": _b64(sealed)}]
     assert got["refused"] == []
 

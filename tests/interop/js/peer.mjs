@@ -18,6 +18,7 @@
 //   identify {peer_id}          -> {protocols, agent_version, listen_addrs} (fresh identify exchange)
 //   put {key, value}            -> {stored_at: [peer ids that answered the PUT_VALUE with the record]}
 //   get {key}                   -> {best: {from, value} | null, responses: [{from, value}],
+//                                   values: [{from, value}] (every VALUE get() yielded, its own copy's from js),
 //                                   refused: [peer ids whose GET_VALUE answer js's validator refused]}
 //   validate {key, value}       -> {problem: why js's validator refuses the record, or null}
 //   provide {cid}               -> {sent_to: [peer ids the ADD_PROVIDER was sent to]}
@@ -311,6 +312,7 @@ const commands = {
     // copy first, if we hold a valid one).
     const responses = []
     const refused = []
+    const values = []
     let best = null
     for await (const event of node.services.dht.get(text.encode(key))) {
       if (event.name === 'PEER_RESPONSE' && event.messageName === 'GET_VALUE' && event.record != null) {
@@ -319,9 +321,10 @@ const commands = {
         refused.push(event.from.toString())
       } else if (event.name === 'VALUE') {
         best = { from: event.from.toString(), value: encodeValue(event.value, encoding) }
+        values.push(best)
       }
     }
-    return { best, responses, refused }
+    return { best, responses, values, refused }
   },
 
   async validate ({ key, value, encoding }) {
