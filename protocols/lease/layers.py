@@ -26,13 +26,14 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocols.lease.base import Ticket, token_digest
 from protocols.lease.handler import LeaseMarket
 from protocols.machines.layers import LayerLeaseFacts, tunnel_verdict
 from runtime.errors import ClawnodeError, ErrorCode, Reason
-from runtime.split.meter import RpcMeter
+from runtime.split.meter import REPLY_HEADER, REQUEST_HEADER, MessageEdges, RpcMeter
 from runtime.split.server import RpcServerProcess
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
@@ -43,6 +44,8 @@ MAX_OPEN_FRAME = 4096
 OPEN_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0  # closing both ends of a tunnel, shielded from the caller's cancellation
 CHUNK = 1 << 16
+RELEASE_BYTES = 64 << 10  # a tunnel's stream gives its Yamux window back this many bytes at a time
+COALESCE_S = 0.01  # the longest a tunnel waits for the rest of a message before it writes what it has
 MAX_TUNNELS_PER_LEASE = 4
 MAX_SERVERS = 2
 MAX_LEASES = 256  # leases remembered beside the market's (their servers, tunnels, usage)
@@ -102,14 +105,41 @@ class LayerLease:
 
 
 async def _pump(
-    read: Callable[[int], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]], count: Callable[[bytes], None]
+    read: Callable[[int], Awaitable[bytes]],
+    write: Callable[[bytes], Awaitable[None]],
+    count: Callable[[bytes], None],
+    edges: MessageEdges | None = None,
 ) -> None:
+    """Carries one direction. With ``edges`` (reading a socket, whose reads may be cancelled without
+    losing bytes) a message begun is read whole, up to ``CHUNK`` and within ``COALESCE_S``, and
+    written in one go: one yamux frame and one Noise message where the engine's three writes would
+    each cost both, through Python, on both peers. The far end cannot act on part of a message, so
+    the wait costs nothing; a reading that misjudges an edge is bounded by ``COALESCE_S``."""
     while True:
         chunk = await read(CHUNK)
         if not chunk:
             return
         count(chunk)
+        ended = False
+        if edges is not None:
+            edges.feed(chunk)
+            if edges.partial and len(chunk) < CHUNK:
+                parts = [chunk]
+                size = len(chunk)
+                with trio.move_on_after(COALESCE_S):
+                    while edges.partial and size < CHUNK:
+                        more = await read(CHUNK - size)
+                        if not more:
+                            ended = True
+                            break
+                        count(more)
+                        edges.feed(more)
+                        parts.append(more)
+                        size += len(more)
+                chunk = b"".join(parts)
         await write(chunk)
+        if ended:
+            return
 
 
 async def _stream_read(stream: INetStream, size: int) -> bytes:
@@ -117,6 +147,38 @@ async def _stream_read(stream: INetStream, size: int) -> bytes:
         return await stream.read(size)
     except Exception:  # noqa: BLE001 - a reset or closed stream ends the tunnel like an EOF
         return b""
+
+
+class _StreamReader:
+    """Reads a tunnel's stream, giving its Yamux window back ``RELEASE_BYTES`` at a time.
+
+    py-libp2p 0.8.1's ``read`` sends a WINDOW_UPDATE frame after every read that leaves the window
+    short of its target, which is every read of a request-and-reply exchange: half of all the frames
+    a token's RPC messages cost, each a Noise message and a trip through both peers' Python stacks.
+    go-yamux gives the window back once half of it is read. The sender's window (256 KiB) stays far
+    above what is unreleased here, so it never waits. Another muxer's stream reads as it always did."""
+
+    def __init__(self, stream: INetStream) -> None:
+        self.stream = stream
+        muxed = getattr(stream, "muxed_stream", None)
+        self.muxed = muxed if isinstance(muxed, YamuxStream) else None
+        self.unreleased = 0
+
+    async def read(self, size: int) -> bytes:
+        if self.muxed is None:
+            return await _stream_read(self.stream, size)
+        try:
+            data = await self.muxed.conn.read_stream(self.muxed.stream_id, size)
+        except Exception:  # noqa: BLE001 - a reset or closed stream ends the tunnel like an EOF
+            return b""
+        self.unreleased += len(data)
+        if self.unreleased >= RELEASE_BYTES:
+            increment, self.unreleased = self.unreleased, 0
+            async with self.muxed.window_lock:
+                self.muxed.recv_window += increment
+            with contextlib.suppress(Exception):  # a connection closing: the next read ends the tunnel
+                await self.muxed.send_window_update(increment)
+        return data
 
 
 async def _socket_read(sock: trio.SocketStream, size: int) -> bytes:
@@ -131,6 +193,7 @@ async def _splice(
     sock: trio.SocketStream,
     from_stream: Callable[[bytes], None],
     from_socket: Callable[[bytes], None],
+    socket_edges: MessageEdges | None = None,
 ) -> None:
     """Both directions until either side ends; then both are closed, also when the caller is cancelled
     (a consumer's tunnel endpoint closing under a call): a stream left open would keep the seller's
@@ -143,8 +206,8 @@ async def _splice(
                     await pump
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(one_way, _pump(lambda n: _stream_read(stream, n), sock.send_all, from_stream))
-            nursery.start_soon(one_way, _pump(lambda n: _socket_read(sock, n), stream.write, from_socket))
+            nursery.start_soon(one_way, _pump(_StreamReader(stream).read, sock.send_all, from_stream))
+            nursery.start_soon(one_way, _pump(lambda n: _socket_read(sock, n), stream.write, from_socket, socket_edges))
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
             cleanup.shield = True
@@ -342,7 +405,9 @@ class LayerSeller:
                             nursery.cancel_scope.cancel()
 
                     nursery.start_soon(billing)
-                    await _splice(stream, sock, meter.up, lambda chunk: meter.down(len(chunk)))
+                    await _splice(
+                        stream, sock, meter.up, lambda chunk: meter.down(len(chunk)), MessageEdges(REPLY_HEADER)
+                    )
                     nursery.cancel_scope.cancel()
             finally:
                 lease.tunnels -= 1
@@ -446,7 +511,7 @@ async def _carry(
                 on_tokens(meter.tokens - before)  # counted before the seller's receipt can ask for them
 
         try:
-            await _splice(stream, sock, lambda chunk: meter.down(len(chunk)), sent)
+            await _splice(stream, sock, lambda chunk: meter.down(len(chunk)), sent, MessageEdges(REQUEST_HEADER))
         finally:
             tunnel.live.remove(meter)
             tunnel.meter_total.add(meter)

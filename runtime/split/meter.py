@@ -45,6 +45,42 @@ def graph_tokens(payload: bytes | bytearray | memoryview) -> tuple[int, int] | N
     return None
 
 
+REQUEST_HEADER = HEADER  # | command (1) | size (8) |
+REPLY_HEADER = 8  # | size (8) |: every reply of an RPC server (send_msg)
+
+
+@dataclass
+class MessageEdges:
+    """Where the messages of one direction of a connection end, so a tunnel forwards each whole in one
+    write: the client sends a request's command, size and payload as three writes, a server a reply's
+    size and payload as two. ``header`` is ``REQUEST_HEADER`` or ``REPLY_HEADER``; its last 8 bytes are
+    the payload's size."""
+
+    header: int
+    _head: bytearray = field(default_factory=bytearray)
+    _left: int = 0  # payload bytes of the current message still to come
+
+    @property
+    def partial(self) -> bool:
+        """Is a message begun and not yet whole?"""
+        return bool(self._head) or self._left > 0
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        view = memoryview(chunk)
+        while len(view):
+            if self._left:
+                take = min(self._left, len(view))
+                self._left -= take
+                view = view[take:]
+                continue
+            need = self.header - len(self._head)
+            self._head += view[:need]
+            view = view[need:]
+            if len(self._head) == self.header:
+                (self._left,) = struct.unpack_from("<Q", self._head, self.header - 8)
+                self._head.clear()
+
+
 @dataclass
 class RpcMeter:
     """Counts one connection's client-to-server stream: fed every chunk in order."""
