@@ -26,9 +26,9 @@ from node.host import build_host
 from protocols.lease import layers as tunnel
 from protocols.machines.layers import LAYERS_BUSY, TUNNEL_BUSY, LayerLeaseFacts, tunnel_verdict
 from runtime.errors import Reason
-from runtime.split import rpc
 from runtime.split.meter import GRAPH_COMPUTE, GRAPH_RECOMPUTE, HELLO, TENSOR_SIZE, RpcMeter
 from runtime.split.model import layer_ranges
+from tests.support.split import needs_rpc
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 DIGEST = "ab" * 32
@@ -138,12 +138,6 @@ def test_a_node_offers_layers_of_each_loaded_file(tmp_path: Path) -> None:
     tunnel.register_layer_services(host, services)
     assert services.names() == [f"layers:{'ab' * 32}"]
 
-
-needs_rpc = pytest.mark.skipif(
-    not rpc.rpc_available(),
-    reason="llama-cpp-python is built without its RPC backend (libggml-rpc): rebuild with "
-    "CMAKE_ARGS='-DGGML_RPC=ON' pip install --no-cache-dir llama-cpp-python (scripts/test does)",
-)
 
 ENGINE_ARGS = {"name": "gemma3-270m", "n_ctx": 512, "n_threads": 1}
 PROMPT = [{"role": "user", "content": "Write a short paragraph about the sea."}]

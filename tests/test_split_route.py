@@ -18,8 +18,8 @@ from protocols.machines.verdict import Refusal
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.service import ServiceRegistry
-from runtime.split.rpc import rpc_available
 from runtime.split.worker import SELLER_LOST
+from tests.support.split import needs_rpc
 
 
 def test_layers_go_on_held_then_cheaper_then_nearer_sellers_never_a_lost_one() -> None:
@@ -158,7 +158,7 @@ async def test_an_error_inside_a_tunnel_reaches_its_caller_as_raised() -> None:
     assert caught.value.reason == SELLER_LOST
 
 
-@pytest.mark.skipif(not rpc_available(), reason="llama-cpp-python is built without its RPC backend")
+@needs_rpc
 async def test_a_seller_stops_the_server_of_a_lease_that_ended_so_the_renewed_one_gets_its_own() -> None:
     """With one layer server allowed, a consumer that replaced its spent lease reaches a server for the
     new lease: the ended lease's server stops instead of refusing the new one ``layers_busy``."""

@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtime.split import rpc
 from runtime.split.meter import HELLO
 from runtime.split.server import RpcServerProcess
-
-needs_rpc = pytest.mark.skipif(not rpc.rpc_available(), reason="llama-cpp-python is built without its RPC backend")
+from tests.support.split import needs_rpc
 
 
 @needs_rpc

@@ -14,10 +14,8 @@ import trio
 import runtime.split.worker as worker_module
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.split import rpc
 from runtime.split.worker import SELLER_STALLED, SplitWorker
-
-needs_rpc = pytest.mark.skipif(not rpc.rpc_available(), reason="llama-cpp-python is built without its RPC backend")
+from tests.support.split import needs_rpc
 
 
 @needs_rpc
