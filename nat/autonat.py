@@ -409,24 +409,11 @@ class AutoNat:
 
     def _servers(self) -> list[ID]:
         """Connected servers of this protocol, then those that speak only AutoNAT v2 (with ``v2``)."""
-        return self._usable(self._v1_servers() + self._v2_only_servers())
-
-    def _v1_servers(self) -> list[ID]:
-        peerstore = self.host.get_peerstore()
-        found = []
-        for peer_id in self.host.get_connected_peers():
-            try:
-                if PROTOCOL_ID in peerstore.get_protocols(peer_id):
-                    found.append(peer_id)
-            except Exception:  # noqa: BLE001 - not identified yet
-                continue
-        return found
-
-    def _v2_only_servers(self) -> list[ID]:
+        v1 = [peer for peer in self.host.get_connected_peers() if PROTOCOL_ID in _protocols_of(self.host, peer)]
         if self._v2 is None:
-            return []
-        v1 = set(self._v1_servers())
-        return [peer_id for peer_id in self._v2.servers() if peer_id not in v1]
+            return self._usable(v1)
+        known = set(v1)
+        return self._usable(v1 + [peer_id for peer_id in self._v2.servers() if peer_id not in known])
 
     def _usable(self, servers: list[ID]) -> list[ID]:
         # A server on a private address sees us on one too, and would refuse to dial it.
@@ -448,10 +435,10 @@ class AutoNat:
         results.append(await v2.ask_result(peer_id, addrs[shift:] + addrs[:shift]))
 
     async def _ask(self, peer_id: ID, ask: Ask, results: list[ServerResult]) -> None:
-        ip = self._server_ip(peer_id)
         if self._v2 is not None and PROTOCOL_ID not in _protocols_of(self.host, peer_id):
             await self._ask_v2(self._v2, peer_id, ask, results)
             return
+        ip = self._server_ip(peer_id)
         started = time.monotonic()
         try:
             reply = await request(
