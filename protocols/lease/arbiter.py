@@ -303,6 +303,11 @@ class DisputeRole(LeaseCore):
         if state.phase != "disputed":
             await self._drop_case(case.lease_id)
 
+    async def _dispute_open(self, lease_id: str) -> bool:
+        """Whether the ledger holds an open dispute of the lease (one this node opened at its freeze)."""
+        disputes = await self.ledger.list_disputes(limit=MAX_DISPUTE_SCAN)
+        return any(d.lease_id == lease_id and d.state == "dispute_open" for d in disputes)
+
     async def _drop_case(self, lease_id: str) -> None:
         try:
             await self.ledger.drop_dispute_case(lease_id)
@@ -340,8 +345,7 @@ class DisputeRole(LeaseCore):
         if state.phase == "closed":
             # Recorded as a dispute's split only where this node opened the dispute (the freeze landed and
             # was written): an escrow that closed otherwise (the freeze never landed) is no dispute's.
-            disputes = await self.ledger.list_disputes(limit=MAX_DISPUTE_SCAN)
-            if any(d.lease_id == case.lease_id and d.state == "dispute_open" for d in disputes):
+            if await self._dispute_open(case.lease_id):
                 await self._record_resolution(
                     case.lease_id, case.payer, escrow_id, opened_by=self.peer_id, reason="resolved"
                 )
@@ -702,8 +706,7 @@ class DisputeRole(LeaseCore):
         if lease.role != "provider":
             # Only a dispute this node opened (a freeze it made): a push about a lease that closed
             # without one must not write a dispute into its ledger.
-            disputes = await self.ledger.list_disputes(limit=MAX_DISPUTE_SCAN)
-            if not any(d.lease_id == outcome.lease_id and d.state == "dispute_open" for d in disputes):
+            if not await self._dispute_open(outcome.lease_id):
                 raise ClawnodeError(ErrorCode.NOT_FOUND, "no open dispute of this lease", "unknown_lease")
         escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
         opened_by = lease.consumer if lease.role == "provider" else self.peer_id
