@@ -115,13 +115,17 @@ class SplitWorker:
         """The worker's next reply line; a line that is no JSON object (a dying process's last bytes)
         ends it: lost."""
         assert self._proc is not None and self._proc.stdout is not None
-        while b"\n" not in self._buffer:
+        # A line per streamed chunk: the buffer is searched from where the last search ended and cut
+        # in place, not copied whole for every line.
+        searched = 0
+        while (end := self._buffer.find(b"\n", searched)) < 0:
             chunk = await self._proc.stdout.receive_some(1 << 16)
             if not chunk or len(self._buffer) > MAX_LINE:
                 raise self._lost()
+            searched = len(self._buffer)
             self._buffer += chunk
-        line, _, rest = bytes(self._buffer).partition(b"\n")
-        self._buffer = bytearray(rest)
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
         try:
             value = json.loads(line)
         except ValueError:
