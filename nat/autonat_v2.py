@@ -443,9 +443,6 @@ class AutoNatV2:
 
     def servers(self) -> list[ID]:
         """The connected peers whose identify names the v2 dial-request protocol."""
-        return self._servers()
-
-    def _servers(self) -> list[ID]:
         peerstore = self.host.get_peerstore()
         found = []
         for peer_id in self.host.get_connected_peers():
@@ -464,7 +461,7 @@ class AutoNatV2:
     async def check(self) -> dict[str, AddrVerdict]:
         """Ask up to ``max_servers_per_check`` connected v2 servers about our addresses; the verdicts."""
         addrs = self.candidates()
-        servers = self._servers()
+        servers = self.servers()
         servers = sorted(random.sample(servers, min(len(servers), self.settings.max_servers_per_check)), key=str)
         self._round += 1
         answers: list[Answer] = []
@@ -502,7 +499,7 @@ class AutoNatV2:
         asked: set[ID] = set()
         next_check = 0.0
         while True:
-            servers = set(self._servers())
+            servers = set(self.servers())
             unknown = not self._outcomes or "unknown" in self.verdicts().values()
             if servers and (trio.current_time() >= next_check or (unknown and not servers <= asked)):
                 verdicts = await self.check()
