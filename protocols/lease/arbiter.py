@@ -337,10 +337,10 @@ class DisputeRole(LeaseCore):
         except ValidationError:
             await self._drop_case(row.lease_id)
             return
-        if not re.fullmatch(r"[0-9a-f]{64}", case.lease_id) or case.payer.lower() != client.account.address.lower():
+        escrow_id = _escrow_of(case.lease_id)
+        if escrow_id is None or case.payer.lower() != client.account.address.lower():
             await self._drop_case(row.lease_id)  # not an escrow of this wallet's
             return
-        escrow_id = bytes.fromhex(case.lease_id)
         state = await client.chain.run(client.get, case.payer, escrow_id)
         if state.phase == "closed":
             # Recorded as a dispute's split only where this node opened the dispute (the freeze landed and
@@ -431,8 +431,8 @@ class DisputeRole(LeaseCore):
             cases.discard(case.lease_id)
 
     async def _decide(self, client: Any, case: LeaseDisputeCase, consumer: str) -> LeaseDisputeOutcome:
-        escrow_id = bytes.fromhex(case.lease_id) if re.fullmatch(r"[0-9a-f]{64}", case.lease_id) else b""
-        if not escrow_id:
+        escrow_id = _escrow_of(case.lease_id)
+        if escrow_id is None:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
         from runtime.escrow.client import dispute_case_signer  # web3 is loaded once a chain is connected
 
@@ -558,12 +558,12 @@ class DisputeRole(LeaseCore):
             raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
         cases: set[str] = getattr(self, "_cases", set())
         self._cases = cases
-        if not re.fullmatch(r"[0-9a-f]{64}", ask.lease_id):
+        escrow_id = _escrow_of(ask.lease_id)
+        if escrow_id is None:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
         deciding = ask.lease_id in cases
         if not deciding and len(cases) >= MAX_CASES:
             raise ClawnodeError(ErrorCode.RATE_LIMITED, "the arbiter is deciding other cases", "busy")
-        escrow_id = bytes.fromhex(ask.lease_id)
         if not deciding:
             cases.add(ask.lease_id)
         try:
@@ -769,6 +769,11 @@ class DisputeRole(LeaseCore):
         )
         log.info("lease %s: dispute resolved, %d to the provider, %d back", lease_id[:12], to_payee, to_payer)
         return True
+
+
+def _escrow_of(lease_id: str) -> bytes | None:
+    """The escrow id of a lease that has one of its own (its id is the escrow's, ``lease_id_for``)."""
+    return bytes.fromhex(lease_id) if re.fullmatch(r"[0-9a-f]{64}", lease_id) else None
 
 
 def _peer(text: str) -> ID | None:
