@@ -323,8 +323,19 @@ class SplitRunner:
             return
         placement.state = "lost"
         now = self.clock()
-        for seat in placement.seats:
-            if seat.tunnel is not None and await answers(seat.tunnel.endpoint):
+        # Each seller is asked at once: a silent one costs PROBE_TIMEOUT_S, once, not once per seller.
+        answered: set[int] = set()
+
+        async def probe(index: int, tunnel: LocalTunnel) -> None:
+            if await answers(tunnel.endpoint):
+                answered.add(index)
+
+        async with trio.open_nursery() as nursery:
+            for index, seat in enumerate(placement.seats):
+                if seat.tunnel is not None:
+                    nursery.start_soon(probe, index, seat.tunnel)
+        for index, seat in enumerate(placement.seats):
+            if index in answered:
                 continue
             log.info("layer seller %s of %s was lost", seat.peer[-8:], placement.model)
             self._lost[(placement.model, seat.peer)] = now
