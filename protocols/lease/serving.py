@@ -39,16 +39,12 @@ from runtime.inference.admission import borrowing
 from runtime.inference.service import ChatService, merge_chunks
 from runtime.service import Usage
 from runtime.verify import evidence
-from runtime.verify.check import TokenIndex, index_for
+from runtime.verify.check import cached_index, index_for
 from runtime.verify.commitment import K
 from runtime.verify.evidence import call_proof
 from runtime.verify.provider import CallRecorder, verifiable
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
-
-# Token indexes of the files served with a commitment (``index_for``'s), read without a thread hop.
-_INDEXES: dict[str, TokenIndex] = {}
-MAX_INDEXES = 8
 
 
 class ServingRole(LeaseCore):
@@ -277,12 +273,9 @@ class ServingRole(LeaseCore):
         path = getattr(model, "path", None)
         if offer is None or not offer.sha256 or path is None or not verifiable(body):
             return None
-        index = _INDEXES.get(str(path))
+        index = cached_index(path)
         if index is None:  # built once per file, on a thread (a vocabulary's detokenizing); then no hop a call
             index = await trio.to_thread.run_sync(index_for, path)
-            while len(_INDEXES) >= MAX_INDEXES:
-                _INDEXES.pop(next(iter(_INDEXES)))
-            _INDEXES[str(path)] = index
         return CallRecorder(body, index)
 
     async def _meter(self, lease_id: str, ticket: Ticket, units: int) -> None:

@@ -456,6 +456,12 @@ def index_for(path: Path) -> TokenIndex:
     return known
 
 
+def cached_index(path: Path) -> TokenIndex | None:
+    """The model's :class:`TokenIndex` if :func:`index_for` built it already (never blocks: no thread needed)."""
+    with _cache_lock:
+        return _indexes.get(str(path))
+
+
 CALIBRATION_TEXT = (
     "The lighthouse keeper climbed the stairs every evening, counting each step while the waves broke "
     "on the rocks below; he had done it for forty years and knew every sound the tower made."
