@@ -301,33 +301,6 @@ class Prefill:
             out[j] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, first + j), shape=(self.n_vocab,))
         return out
 
-    def rows_stepwise(self, prompt: Sequence[int], completion: Sequence[int]) -> np.ndarray:
-        """The same rows as :meth:`rows`, computed as a provider does: the prompt in one batch, then one
-        token per decode (blocking)."""
-        import llama_cpp
-        import numpy as np
-
-        tokens = [*prompt, *completion[:-1]]
-        out = np.empty((len(completion), self.n_vocab), dtype=np.float32)
-        with self._lock:
-            ctx = self.llama._ctx
-            ctx.kv_cache_clear()
-            batch = llama_cpp.llama_batch_init(len(prompt), 0, 1)
-            try:
-                for start, stop in [(0, len(prompt)), *((i, i + 1) for i in range(len(prompt), len(tokens)))]:
-                    for j, i in enumerate(range(start, stop)):
-                        batch.token[j], batch.pos[j], batch.n_seq_id[j] = tokens[i], i, 1
-                        batch.seq_id[j][0] = 0
-                        batch.logits[j] = i == stop - 1
-                    batch.n_tokens = stop - start
-                    if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
-                        raise RuntimeError("llama_decode failed")
-                    pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, stop - start - 1)
-                    out[stop - len(prompt)] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
-            finally:
-                llama_cpp.llama_batch_free(batch)
-        return log_softmax(out)
-
     def tolerances(self, prompt: Sequence[int], completion: Sequence[int] | int, k: int = 4) -> tuple[float, float]:
         """(per-entry, mean) tolerances from the noise between :meth:`rows` and the token-by-token pass
         over each position's ``k`` most likely tokens (blocking; once per model). ``completion``: the
