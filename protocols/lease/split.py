@@ -183,8 +183,7 @@ class SplitRunner:
             self._nursery = None
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
-                for lease_id in list(self._leases.values()):
-                    await self._end_lease(lease_id)
+                await self._end_leases(list(self._leases.values()))
                 self._leases.clear()
 
     def status(self) -> list[dict[str, Any]]:
@@ -334,6 +333,7 @@ class SplitRunner:
             for index, seat in enumerate(placement.seats):
                 if seat.tunnel is not None:
                     nursery.start_soon(probe, index, seat.tunnel)
+        lost: list[str] = []
         for index, seat in enumerate(placement.seats):
             if index in answered:
                 continue
@@ -343,7 +343,8 @@ class SplitRunner:
                 del self._lost[next(iter(self._lost))]
             if self._leases.get((placement.model, seat.peer)) == seat.lease_id:
                 del self._leases[(placement.model, seat.peer)]
-            await self._end_lease(seat.lease_id)
+            lost.append(seat.lease_id)
+        await self._end_leases(lost)
         placement.done.set()
 
     def _lost_peers(self, model: str) -> set[str]:
@@ -387,6 +388,13 @@ class SplitRunner:
         )
         self._leases[(spec.name, provider.peer_id)] = view.lease_id
         return view.lease_id
+
+    async def _end_leases(self, lease_ids: list[str]) -> None:
+        """End each at once: a seller that does not answer holds its own revoke up to CLOSE_TIMEOUT_S,
+        not the others' (and not past the shared deadline of ``run``'s cleanup)."""
+        async with trio.open_nursery() as nursery:
+            for lease_id in lease_ids:
+                nursery.start_soon(self._end_lease, lease_id)
 
     async def _end_lease(self, lease_id: str) -> None:
         held = self.market.held.get(lease_id)
