@@ -414,12 +414,17 @@ class DisputeRole(LeaseCore):
 
     # ================= arbiter =================
 
+    def _deciding(self) -> set[str]:
+        """The lease ids whose case (or freeze without one) this arbiter is deciding (at most ``MAX_CASES``)."""
+        cases: set[str] = getattr(self, "_cases", set())
+        self._cases = cases
+        return cases
+
     async def _arbitrate(self, case: LeaseDisputeCase, consumer: str) -> LeaseDisputeOutcome:
         client = self.escrow()
         if client is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
-        cases: set[str] = getattr(self, "_cases", set())
-        self._cases = cases
+        cases = self._deciding()
         if case.lease_id in cases:
             raise ClawnodeError(ErrorCode.CONFLICT, "this case is being decided", "case_in_progress")
         if len(cases) >= MAX_CASES:
@@ -556,8 +561,7 @@ class DisputeRole(LeaseCore):
         client = self.escrow()
         if client is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
-        cases: set[str] = getattr(self, "_cases", set())
-        self._cases = cases
+        cases = self._deciding()
         escrow_id = _escrow_of(ask.lease_id)
         if escrow_id is None:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
