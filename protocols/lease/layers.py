@@ -473,6 +473,10 @@ class LocalTunnel:
         total = self.meter_total.bytes_up + self.meter_total.bytes_down
         return total + sum(m.bytes_up + m.bytes_down for m in self.live)
 
+    def tokens(self) -> int:
+        """Tokens the seller's layers ran through this tunnel so far, open connections included."""
+        return self.meter_total.tokens + sum(meter.tokens for meter in self.live)
+
 
 async def _carry(
     host: IHost,

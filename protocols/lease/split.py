@@ -76,9 +76,7 @@ class Seat:
 
     def tokens(self) -> int:
         """Tokens its layers ran through our tunnel so far (open connections included)."""
-        if self.tunnel is None:
-            return 0
-        return self.tunnel.meter_total.tokens + sum(meter.tokens for meter in self.tunnel.live)
+        return self.tunnel.tokens() if self.tunnel is not None else 0
 
 
 @dataclass
