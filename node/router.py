@@ -201,6 +201,22 @@ RENEW_BEFORE_S = 30.0
 TextSink = Callable[[str], Awaitable[None]]
 # A chunk dict as the chat service emits it, checked by ``clean_chunk``.
 ChunkSink = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class _Counted:
+    """A sink that cleans each chunk a provider (or the split model) streams and counts its tokens, so a
+    failed try still bills what was delivered before it."""
+
+    def __init__(self, sink: ChunkSink) -> None:
+        self.sink = sink
+        self.received = 0
+
+    async def __call__(self, data: dict[str, Any]) -> None:
+        chunk = clean_chunk(data)
+        self.received += chunk_tokens(chunk)
+        await self.sink(chunk)
+
+
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 Discover = Callable[[DiscoveryQuery], Awaitable[list[ProviderResult]]]
 FetchRtt = Callable[[str], Awaitable[float]]
@@ -632,14 +648,7 @@ class Router:
     ) -> None:
         health = self._health(provider.peer_id)
         lease_id = await self._lease(provider, capability, body)
-        received = 0
-
-        async def on_chunk(data: dict[str, Any]) -> None:
-            nonlocal received
-            chunk = clean_chunk(data)
-            received += chunk_tokens(chunk)
-            await sink(chunk)
-
+        on_chunk = _Counted(sink)
         started = self.clock()
         health.in_flight += 1
         # Counted on top of its last live-load answer while it runs, until the next answer counts it.
@@ -655,8 +664,8 @@ class Router:
                 health.busy_until = self.clock() + min(hint, 60.0)
             else:
                 health.consecutive_failures += 1
-            result.completion_tokens += received  # delivered before the failure
-            if received:
+            result.completion_tokens += on_chunk.received  # delivered before the failure
+            if on_chunk.received:
                 result.served_by.append(provider.peer_id)
             # A lease only paused (its receipt waits for our countersignature) or busy serves again by
             # itself: kept, so no second lock goes on chain for it; an ended, expired or spent one goes.
@@ -699,22 +708,15 @@ class Router:
                     f"a layer seller of {model} was lost mid-answer; an answer with n > 1, tools or a "
                     "response_format cannot be continued",
                 )
-            received = 0
-
-            async def on_chunk(data: dict[str, Any]) -> None:
-                nonlocal received
-                chunk = clean_chunk(data)
-                received += chunk_tokens(chunk)
-                await sink(chunk)
-
+            on_chunk = _Counted(sink)
             try:
                 usage = await self.split.chat(model, _continued(body, delivery.texts, delivery.tokens), on_chunk)
             except ClawnodeError as error:
                 if error.code not in PROVIDER_FAULTS:
                     raise
                 errors.append(error)
-                result.completion_tokens += received
-                if received:
+                result.completion_tokens += on_chunk.received
+                if on_chunk.received:
                     result.served_by.append("split")
                 if error.reason == NO_LAYER_SELLERS:
                     return False
