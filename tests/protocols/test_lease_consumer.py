@@ -309,6 +309,7 @@ def test_random_renewals_only_extend_an_active_lease() -> None:
     seen: Counter[str] = Counter()
 
     @settings(max_examples=200, deadline=None, database=None)
+    @example(state=ConsumerState.ACTIVE, extend=0)  # an active state with extend <= 0 is drawn too rarely to rely on
     @given(state=st.sampled_from(STATES), extend=st.integers(-10, 100))
     def run(state: ConsumerState, extend: int) -> None:
         verdict = c.renew_verdict(state, 1_000, 1_000 + extend)
