@@ -154,7 +154,7 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None
 async def test_a_consumer_without_the_model_generates_over_two_sellers_leases_and_pays_each_what_it_ran() -> None:
     """Real nodes on one chain: the consumer serves no model (it holds gemma's file, named in
     split.models); asked for gemma over /v1, its router finds two layer sellers, leases from both
-    and runs gemma in a worker process with half the layers on each through their tunnels: one
+    and runs gemma in a worker process with 9 of its 18 layers on each through their tunnels: one
     node's temperature-0 text, and each seller's lease is billed exactly the tokens its layers ran,
     which the consumer counted too. A seller whose server dies in the middle of the next answer
     costs the placement, not the answer: it goes on to its end at a whole-model provider, and the
@@ -287,8 +287,8 @@ async def _split_then_lost(sellers: list[Any], consumer: Any, capability: str) -
         assert consumer.market.held[seat.lease_id].seen_units == processed
     views = consumer.status().split_models or []
     assert sorted((v.layers, v.tokens, v.state) for v in views) == [
-        ("0-9", processed, "running"),
-        ("10-17", processed, "running"),
+        ("0-8", processed, "running"),
+        ("9-17", processed, "running"),
     ]
     # Each seller's status shows the layer lease it serves; the consumer serves none.
     for seat in placement.seats:

@@ -5,37 +5,124 @@ and gemma is ``tests/test_split.py``."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node.cli import _split_lines
 from node.config import Config, RouterSection
 from node.router import Router
-from protocols.machines.layers import NO_LAYER_SELLERS, SellerFacts, place_sellers
+from protocols.machines.layers import NO_LAYER_SELLERS, Seating, SellerFacts, place_sellers, seller_capacity
 from protocols.machines.verdict import Refusal
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.service import ServiceRegistry
+from runtime.split.layout import layer_ranges, shares_for
 from runtime.split.worker import SELLER_LOST
 from tests.support.split import needs_rpc
 
 
 def test_layers_go_on_held_then_cheaper_then_nearer_sellers_never_a_lost_one() -> None:
     sellers = [
-        SellerFacts("a", price_per_token=5, rtt_ms=1),
-        SellerFacts("b", price_per_token=2, rtt_ms=9),
-        SellerFacts("c", price_per_token=2, rtt_ms=3),
-        SellerFacts("d", price_per_token=9, rtt_ms=50, held=True),  # its weights are loaded: no new lock
+        SellerFacts("a", price_per_token=5, rtt_ms=1, layers=18, memory_mb=512),
+        SellerFacts("b", price_per_token=2, rtt_ms=9, layers=18, memory_mb=512),
+        SellerFacts("c", price_per_token=2, rtt_ms=3, layers=18, memory_mb=512),
+        # its weights are loaded: no new lock
+        SellerFacts("d", price_per_token=9, rtt_ms=50, held=True, layers=18, memory_mb=512),
     ]
-    assert place_sellers(sellers, lost=set(), wanted=2) == ["d", "c"]
-    assert place_sellers(sellers, lost={"d"}, wanted=3) == ["c", "b", "a"]
+
+    def peers(lost: set[str], wanted: int) -> list[str] | str:
+        plan = place_sellers(sellers, lost=lost, wanted=wanted, n_layers=18, layer_mb=4.0)
+        return plan.reason if isinstance(plan, Refusal) else [s.peer for s in plan]
+
+    assert peers(set(), 2) == ["d", "c"]
+    assert peers({"d"}, 3) == ["c", "b", "a"]
     # the one seller left takes every layer
-    assert place_sellers(sellers, lost={"a", "b", "c"}, wanted=2) == ["d"]
-    refused = place_sellers(sellers, lost={"a", "b", "c", "d"}, wanted=2)
+    assert place_sellers(sellers, lost={"a", "b", "c"}, wanted=2, n_layers=18) == [Seating("d", 0, 18)]
+    refused = place_sellers(sellers, lost={"a", "b", "c", "d"}, wanted=2, n_layers=18)
     assert isinstance(refused, Refusal)
     assert (refused.code, refused.reason) == (ErrorCode.UNAVAILABLE, NO_LAYER_SELLERS)
+
+
+def test_a_seller_whose_record_states_no_capacity_is_passed_over_not_fatal() -> None:
+    sellers = [
+        SellerFacts("mute", price_per_token=1),  # cheapest, but its record states no layer capacity
+        SellerFacts("a", price_per_token=5, layers=26, memory_mb=4096),
+        SellerFacts("b", price_per_token=6, layers=26, memory_mb=4096),
+    ]
+    plan = place_sellers(sellers, lost=set(), wanted=2, n_layers=26, layer_mb=100.0)
+    assert plan == [Seating("a", 0, 13), Seating("b", 13, 26)]
+    alone = place_sellers(sellers[:1], lost=set(), wanted=2, n_layers=26)
+    assert isinstance(alone, Refusal) and alone.reason == NO_LAYER_SELLERS
+
+
+def test_a_seller_that_holds_8_of_26_layers_gets_8_at_most_the_rest_in_proportion() -> None:
+    small = SellerFacts("small", price_per_token=1, layers=26, memory_mb=800)  # 8 layers of 100 MB
+    big = SellerFacts("big", price_per_token=2, layers=26, memory_mb=2600)
+    plan = place_sellers([small, big], lost=set(), wanted=2, n_layers=26, layer_mb=100.0)
+    assert plan == [Seating("small", 0, 6), Seating("big", 6, 26)]  # 8:26 of 26 layers
+    # Two cheap sellers holding 8 each cannot hold 26: the dearer big one is taken in place of one.
+    twin = SellerFacts("twin", price_per_token=1, layers=8, memory_mb=9999)
+    plan = place_sellers([small, twin, big], lost=set(), wanted=2, n_layers=26, layer_mb=100.0)
+    assert isinstance(plan, list) and [s.peer for s in plan] == ["small", "big"]
+    three = place_sellers([small, twin, big], lost={"big"}, wanted=3, n_layers=26, layer_mb=100.0)
+    assert isinstance(three, Refusal) and three.reason == NO_LAYER_SELLERS  # 8 + 8 < 26
+
+
+_seller = st.builds(
+    SellerFacts,
+    peer=st.sampled_from("abcdefgh"),
+    price_per_token=st.integers(0, 5),
+    rtt_ms=st.floats(0, 100),
+    held=st.booleans(),
+    layers=st.one_of(st.none(), st.integers(0, 40)),
+    memory_mb=st.one_of(st.none(), st.integers(0, 5000)),
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    sellers=st.lists(_seller, max_size=8),
+    lost=st.sets(st.sampled_from("abcdefgh"), max_size=3),
+    wanted=st.integers(1, 4),
+    n_layers=st.integers(1, 40),
+    layer_mb=st.sampled_from([0.0, 3.9, 100.0, 700.0]),
+)
+def test_placement_holds_every_layer_within_each_capacity_or_refuses_only_when_it_cannot(
+    sellers: list[SellerFacts], lost: set[str], wanted: int, n_layers: int, layer_mb: float
+) -> None:
+    plan = place_sellers(sellers, lost=lost, wanted=wanted, n_layers=n_layers, layer_mb=layer_mb)
+    capacity: dict[str, int] = {}
+    for s in sellers:
+        if s.peer not in lost:
+            capacity[s.peer] = max(capacity.get(s.peer, 0), seller_capacity(s, n_layers=n_layers, layer_mb=layer_mb))
+    best = sum(sorted(capacity.values(), reverse=True)[:wanted])
+    if isinstance(plan, Refusal):
+        assert (plan.code, plan.reason) == (ErrorCode.UNAVAILABLE, NO_LAYER_SELLERS)
+        assert best < n_layers  # refused only when no `wanted` sellers left could hold the model
+        return
+    assert best >= n_layers
+    # Contiguous, in layer order, every layer once, on distinct usable sellers, none beyond its capacity.
+    assert plan[0].start == 0 and plan[-1].end == n_layers
+    assert all(a.end == b.start for a, b in itertools.pairwise(plan))
+    assert len({s.peer for s in plan}) == len(plan) <= wanted
+    for seat in plan:
+        assert seat.peer not in lost
+        assert 1 <= seat.count <= capacity[seat.peer]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(counts=st.lists(st.integers(1, 60), min_size=1, max_size=6))
+def test_llama_cpp_gives_each_server_exactly_the_layers_placed_on_it(counts: list[int]) -> None:
+    expected, start = [], 0
+    for count in counts:
+        expected.append((start, start + count))
+        start += count
+    assert layer_ranges(sum(counts), shares_for(counts)) == expected
 
 
 class _Runner:
@@ -267,3 +354,16 @@ async def test_a_placement_closed_to_renew_a_lease_blames_no_seller() -> None:
     loading = Placement("big", [Seat("QmSeller", "lease0", (0, 18))], state="loading")
     await runner._blame(loading)  # its load failed: no tunnel answers, the seller is lost
     assert loading.state == "lost" and runner._lost_peers("big") == {"QmSeller"}
+
+
+def test_a_gguf_file_says_how_many_layers_it_has_and_how_large_the_largest_is(tmp_path: Path) -> None:
+    from runtime.inference.tiny_model import N_LAYER, write_tiny_llama_gguf
+    from runtime.split import rpc
+    from runtime.split.layout import file_layers
+
+    if rpc.library_dir() is None:
+        pytest.skip("llama_cpp is not installed")
+    layers = file_layers(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
+    assert layers is not None and layers.count == N_LAYER and layers.max_bytes > 0
+    (tmp_path / "not.gguf").write_bytes(b"no gguf here")
+    assert file_layers(tmp_path / "not.gguf") is None

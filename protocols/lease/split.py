@@ -35,13 +35,13 @@ from libp2p.peer.id import ID
 from dht.discovery import DiscoveryQuery, ProviderResult
 from protocols.lease.handler import LeaseMarket
 from protocols.lease.layers import LocalTunnel, layer_capacity, layers_capability, market_counting, open_tunnel
-from protocols.machines.layers import NO_LAYER_SELLERS, SellerFacts, place_sellers
+from protocols.machines.layers import SellerFacts, place_sellers
 from protocols.machines.lease import lease_fits
 from protocols.machines.verdict import Refusal
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
+from runtime.split.layout import file_layers, shares_for
 from runtime.split.meter import HELLO
-from runtime.split.model import layer_ranges
 from runtime.split.worker import SELLER_LOST, SELLER_STALLED, SplitWorker
 from runtime.verify.identity import file_sha256
 
@@ -63,6 +63,8 @@ class SplitModel:
     sha256: str
     n_ctx: int = 2048
     n_threads: int | None = None
+    n_layers: int = 0  # its transformer layers (0: unknown, the sellers' records say)
+    layer_mb: float = 0.0  # its largest layer's weights, MB (0: memory is not weighed)
 
 
 @dataclass
@@ -91,7 +93,16 @@ class Placement:
 def _resolved(spec: ModelSpec) -> SplitModel:
     """A [[models]] entry's file and its sha256 (blocking: a package may assemble its file, hashing reads it)."""
     path = spec.resolve_path()
-    return SplitModel(spec.name, path, file_sha256(path), n_ctx=spec.n_ctx, n_threads=spec.n_threads)
+    layers = file_layers(path)
+    return SplitModel(
+        spec.name,
+        path,
+        file_sha256(path),
+        n_ctx=spec.n_ctx,
+        n_threads=spec.n_threads,
+        n_layers=layers.count if layers is not None else 0,
+        layer_mb=layers.max_bytes / (1 << 20) if layers is not None else 0.0,
+    )
 
 
 async def answers(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
@@ -236,19 +247,18 @@ class SplitRunner:
         capability = layers_capability(spec.sha256)
         found = [p for p in await self.discover(DiscoveryQuery(capability=capability)) if not p.is_self]  # type: ignore[call-arg]
         by_peer = {p.peer_id: p for p in found}
-        facts = [
-            SellerFacts(p.peer_id, p.price_per_unit, p.rtt_ms, held=self._live_lease(spec.name, p.peer_id) is not None)
-            for p in by_peer.values()
-        ]
-        plan = place_sellers(facts, lost=self._lost_peers(spec.name), wanted=self.sellers)
+        facts = [self._seller_facts(spec, p) for p in by_peer.values()]
+        # The model's layers from its file; a model known only by name takes what its sellers state.
+        n_layers = spec.n_layers or min((f.layers for f in facts if f.layers), default=0)
+        plan = place_sellers(
+            facts, lost=self._lost_peers(spec.name), wanted=self.sellers, n_layers=n_layers, layer_mb=spec.layer_mb
+        )
         if isinstance(plan, Refusal):
             raise plan.error()
-        n_layers = min(self._layers_of(by_peer[peer]) for peer in plan)
-        ranges = layer_ranges(n_layers, [1.0] * len(plan))
         seats = []
-        for peer, layers in zip(plan, ranges, strict=True):
-            lease_id = await self._lease(spec, by_peer[peer])
-            seats.append(Seat(peer, lease_id, layers))
+        for seating in plan:
+            lease_id = await self._lease(spec, by_peer[seating.peer])
+            seats.append(Seat(seating.peer, lease_id, (seating.start, seating.end)))
         placement = Placement(spec.name, seats)
         self.placements[spec.name] = placement
         try:
@@ -285,6 +295,7 @@ class SplitRunner:
             worker = SplitWorker(
                 spec.path,
                 endpoints=[seat.tunnel.endpoint for seat in placement.seats if seat.tunnel is not None],
+                shares=shares_for([seat.layers[1] - seat.layers[0] for seat in placement.seats]),
                 name=spec.name,
                 n_ctx=spec.n_ctx,
                 n_threads=spec.n_threads,
@@ -404,13 +415,19 @@ class SplitRunner:
         except ClawnodeError as error:
             log.info("could not end the layer lease %s (%s)", lease_id[:12], error.code)
 
-    @staticmethod
-    def _layers_of(provider: ProviderResult) -> int:
+    def _seller_facts(self, spec: SplitModel, provider: ProviderResult) -> SellerFacts:
+        """What ``place_sellers`` weighs of a seller: its price, distance, our lease and the capacity
+        its record states (none stated: it is passed over)."""
         descriptor = provider.record.capability(provider.capability)
         capacity = layer_capacity(descriptor.params_schema) if descriptor is not None else None
-        if capacity is None:
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, "a layer seller's record states no capacity", NO_LAYER_SELLERS)
-        return capacity[0]
+        return SellerFacts(
+            provider.peer_id,
+            provider.price_per_unit,
+            provider.rtt_ms,
+            held=self._live_lease(spec.name, provider.peer_id) is not None,
+            layers=capacity[0] if capacity is not None else None,
+            memory_mb=capacity[1] if capacity is not None else None,
+        )
 
 
 __all__ = ["Placement", "Seat", "SplitModel", "SplitRunner", "answers"]

@@ -58,25 +58,101 @@ def tunnel_verdict(
     return None
 
 
-NO_LAYER_SELLERS = "no_layer_sellers"  # no seller of the file's layers is left to place them on
+NO_LAYER_SELLERS = "no_layer_sellers"  # the sellers left cannot hold the file's layers between them
 
 
 @dataclass(frozen=True)
 class SellerFacts:
-    """A seller of a file's layers as the consumer sees it: found by discovery, or holding our lease."""
+    """A seller of a file's layers as the consumer sees it: found by discovery, or holding our lease.
+    ``layers`` and ``memory_mb`` are the capacity its record states (``layer_capacity``); None where
+    the record states none: such a seller is passed over, never placed on."""
 
     peer: str
     price_per_token: int
     rtt_ms: float = 0.0
     held: bool = False  # we hold a live layer lease with it (its weights may be reused, no new lock)
+    layers: int | None = None
+    memory_mb: int | None = None
 
 
-def place_sellers(sellers: list[SellerFacts], *, lost: frozenset[str] | set[str], wanted: int) -> list[str] | Refusal:
-    """The sellers a split model's layers go on, in layer order: up to ``wanted`` of them, never one
-    that was lost under this model (its server died or stopped answering), those we already hold a
-    lease with first, then cheaper, then nearer. One seller left is enough: it takes every layer."""
-    usable = {s.peer: s for s in sellers if s.peer not in lost}
-    if not usable or wanted < 1:
+@dataclass(frozen=True)
+class Seating:
+    """One seller's part of a placement: the layers ``[start, end)`` it holds."""
+
+    peer: str
+    start: int
+    end: int
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+
+def seller_capacity(seller: SellerFacts, *, n_layers: int, layer_mb: float) -> int:
+    """How many of the file's ``n_layers`` layers a seller can hold: at most the layers its record
+    states, and as many layers of ``layer_mb`` each as its stated memory holds (``layer_mb`` 0: memory
+    is not weighed). 0 where its record states no capacity."""
+    if seller.layers is None or seller.memory_mb is None or seller.layers < 1 or seller.memory_mb < 0:
+        return 0
+    by_memory = n_layers if layer_mb <= 0 else int(seller.memory_mb // layer_mb)
+    return max(0, min(seller.layers, by_memory, n_layers))
+
+
+def place_sellers(
+    sellers: list[SellerFacts],
+    *,
+    lost: frozenset[str] | set[str],
+    wanted: int,
+    n_layers: int,
+    layer_mb: float = 0.0,
+) -> list[Seating] | Refusal:
+    """Which sellers a split model's ``n_layers`` layers go on and which layers each holds, in layer
+    order: up to ``wanted`` sellers, never one that was lost under this model (its server died or
+    stopped answering) or whose record states no usable capacity (``seller_capacity``); those we
+    already hold a lease with first, then cheaper, then nearer, so long as the sellers taken can
+    still hold every layer. Layers are given in proportion to each seller's capacity and never
+    beyond it (a seller that holds 8 of 26 layers gets at most 8); one seller that holds them all
+    is enough. Refused ``no_layer_sellers`` when the sellers left cannot hold the model."""
+    if n_layers < 1 or wanted < 1:
         return Refusal(ErrorCode.UNAVAILABLE, NO_LAYER_SELLERS, "no seller of this model's layers is left")
-    ranked = sorted(usable.values(), key=lambda s: (not s.held, s.price_per_token, s.rtt_ms, s.peer))
-    return [s.peer for s in ranked[:wanted]]
+    usable: dict[str, tuple[SellerFacts, int]] = {}
+    for seller in sellers:
+        capacity = seller_capacity(seller, n_layers=n_layers, layer_mb=layer_mb)
+        if seller.peer in lost or capacity < 1:
+            continue
+        if seller.peer not in usable or capacity > usable[seller.peer][1]:
+            usable[seller.peer] = (seller, capacity)
+    ranked = sorted(usable.values(), key=lambda sc: (not sc[0].held, sc[0].price_per_token, sc[0].rtt_ms, sc[0].peer))
+    taken: list[tuple[str, int]] = []
+    held = 0
+    for index, (seller, capacity) in enumerate(ranked):
+        slots = wanted - len(taken)
+        if slots < 1:
+            break
+        # Taken only if the slots left after it can still be filled to hold every layer.
+        best_rest = sorted((c for _, c in ranked[index + 1 :]), reverse=True)[: slots - 1]
+        if held + capacity + sum(best_rest) >= n_layers:
+            taken.append((seller.peer, capacity))
+            held += capacity
+    if held < n_layers:
+        return Refusal(
+            ErrorCode.UNAVAILABLE, NO_LAYER_SELLERS, "the sellers of this model's layers left cannot hold it"
+        )
+    return _seated(taken, n_layers)
+
+
+def _seated(taken: list[tuple[str, int]], n_layers: int) -> list[Seating]:
+    """``n_layers`` in proportion to each capacity (largest remainders, ties to the better ranked),
+    never beyond one: ``n * c / total <= c`` since the total holds every layer."""
+    total = sum(capacity for _, capacity in taken)
+    counts = [n_layers * capacity // total for _, capacity in taken]
+    remainders = sorted(range(len(taken)), key=lambda i: (-(n_layers * taken[i][1] % total), i))
+    for i in remainders[: n_layers - sum(counts)]:
+        counts[i] += 1
+    seats: list[Seating] = []
+    start = 0
+    for (peer, _), count in zip(taken, counts, strict=True):
+        if count > 0:
+            seats.append(Seating(peer, start, start + count))
+            start += count
+    return seats

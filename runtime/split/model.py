@@ -19,29 +19,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference import engine
 from runtime.inference.engine import LlamaModel
 from runtime.split import rpc
-
-
-def layer_ranges(n_layers: int, shares: Sequence[float]) -> list[tuple[int, int]]:
-    """The ``[start, end)`` layers each server holds, as llama.cpp places them for ``shares``:
-    layer ``i`` goes to the first device whose cumulative share exceeds ``i / (n_layers + 1)`` (the
-    output head counts as layer ``n_layers``: it goes to the last server)."""
-    total = float(sum(shares))
-    if n_layers < 1 or not shares or total <= 0 or any(s < 0 for s in shares):
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "layer shares must be positive")
-    bounds: list[float] = []
-    running = 0.0
-    for share in shares:
-        running += share / total
-        bounds.append(running)
-    owner = []
-    for layer in range(n_layers):
-        at = layer / (n_layers + 1)
-        owner.append(next((i for i, b in enumerate(bounds) if at < b), len(shares) - 1))
-    ranges = []
-    for index in range(len(shares)):
-        mine = [layer for layer, o in enumerate(owner) if o == index]
-        ranges.append((mine[0], mine[-1] + 1) if mine else (0, 0))
-    return ranges
+from runtime.split.layout import layer_ranges, shares_for
 
 
 class _BuftOverride(ctypes.Structure):
@@ -145,3 +123,6 @@ class SplitLlamaModel(LlamaModel):
             devices.append(found[0])  # a server's first device: this project's servers serve one
         with _devices_in_params(devices, self.head_local):
             return super()._load_blocking(progress)
+
+
+__all__ = ["PlainCpuLlamaModel", "SplitLlamaModel", "layer_ranges", "shares_for"]
