@@ -77,9 +77,11 @@ from runtime.verify.check import (
     CALIBRATION_POSITIONS,
     CALIBRATION_PROMPT,
     CALIBRATION_TEXT,
+    SAMPLED_POSITIONS,
     Findings,
     Prefill,
     TokenIndex,
+    check_positions,
     compare,
     wanted_ids,
 )
@@ -152,9 +154,20 @@ async def generate(
     return chunks, time.perf_counter() - started
 
 
+SAMPLE = {"positions": SAMPLED_POSITIONS}  # --positions
+SAMPLE_RNG = random.Random(2)  # the verifier's draw of positions (seeded: the bench repeats)
+
+
 def check(
-    served: Served, verifier: Prefill, prompt: list[int], sent: Commitment, tokens: list[int], temperature: float
+    served: Served,
+    verifier: Prefill,
+    prompt: list[int],
+    sent: Commitment,
+    tokens: list[int],
+    temperature: float,
+    sample: int | None = None,
 ) -> tuple[Findings, float]:
+    """A check as ``spot.check_call`` runs it: a sample of positions (``--positions``; 0: every one)."""
     opened = []
     for index in range(len(sent.chunks)):
         opening = sent.open(index)
@@ -162,9 +175,18 @@ def check(
             raise AssertionError("an honest opening does not match its root")
         opened += decode_chunk(opening.data, tokens[index * sent.chunk : (index + 1) * sent.chunk])
     started = time.perf_counter()
-    rows = verifier.scores(prompt, tokens, wanted_ids(tokens, opened), with_top=temperature > 0)
+    sample = SAMPLE["positions"] if sample is None else sample
+    at = check_positions(tokens, opened, temperature, sample=sample, rng=SAMPLE_RNG)
+    wanted = wanted_ids([tokens[i] for i in at], [opened[i] for i in at])
+    rows = verifier.scores(prompt, tokens, wanted, with_top=temperature > 0, at=at)
     found = compare(
-        rows, tokens, opened, temperature=temperature, tolerance=served.tolerance[0], mean_tolerance=served.tolerance[1]
+        rows,
+        tokens,
+        opened,
+        temperature=temperature,
+        tolerance=served.tolerance[0],
+        mean_tolerance=served.tolerance[1],
+        at=at,
     )
     return found, time.perf_counter() - started
 
@@ -254,7 +276,19 @@ async def main() -> None:
         default=CALIBRATION_POSITIONS,
         help="positions of the greedy reply the tolerances are measured over (0: the text's 32, as before)",
     )
+    parser.add_argument(
+        "--positions",
+        type=int,
+        default=SAMPLED_POSITIONS,
+        help="positions drawn at random per check, beyond the first and the flagged ones (0: every position)",
+    )
+    parser.add_argument(
+        "--compare-full",
+        action="store_true",
+        help="also check every honest call at every position, timed on the same call (cost before sampling)",
+    )
     args = parser.parse_args()
+    SAMPLE["positions"] = args.positions
     classes = {c for c in args.classes.split(",") if c}  # "": honest calls only
     if classes - set(CLASSES):
         parser.error(f"unknown classes {sorted(classes - set(CLASSES))}; known: {', '.join(CLASSES)}")
@@ -286,6 +320,9 @@ async def main() -> None:
     identical: dict[str, int] = defaultdict(int)  # temperature cheat replies equal to the greedy one
     gen_s: dict[str, float] = defaultdict(float)
     ver_s: dict[str, float] = defaultdict(float)
+    full_s: dict[str, float] = defaultdict(float)  # --compare-full: every position, same calls
+    full_flagged: dict[str, int] = defaultdict(int)
+    compared: dict[str, list[int]] = defaultdict(list)  # positions compared per honest call
     committed_bytes = committed_tokens = 0
     diffs: list[float] = []
 
@@ -340,6 +377,13 @@ async def main() -> None:
             sent = commit(positions)
             tokens = [p.token for p in positions]
             found, ver = await trio.to_thread.run_sync(check, served, verifier, prompt, sent, tokens, temperature)
+            compared[name].append(found.positions)
+            if args.compare_full and build == "portable":
+                whole, full = await trio.to_thread.run_sync(
+                    check, served, verifier, prompt, sent, tokens, temperature, 0
+                )
+                full_s[name] += full
+                full_flagged[name] += whole.failed
             if build == "portable":  # the cost is this build's generation against this build's check
                 gen_s[name] += gen
                 ver_s[name] += ver
@@ -467,6 +511,16 @@ async def main() -> None:
             f"{ver_s[name]:.2f}/{gen_s[name]:.2f} s = {cost:.3f} (spend share at the default rate "
             f"{DEFAULT_SAMPLE_RATE * cost:.4f}){elsewhere}; tolerance {per_entry:.3f}/{mean:.3f}"
         )
+        counted = compared[name]
+        print(
+            f"    positions compared per call: mean {sum(counted) / max(1, len(counted)):.1f} (--positions "
+            f"{args.positions}: {args.positions} drawn + the first and flagged ones; 0 every one)"
+        )
+        if args.compare_full and gen_s[name]:
+            print(
+                f"    every position (same calls): verify/generate {full_s[name]:.2f}/{gen_s[name]:.2f} s = "
+                f"{full_s[name] / gen_s[name]:.3f}; flagged {full_flagged[name]}"
+            )
     for name in servers:
         if "temperature" in tallies and (sampled := tallies["temperature"][name].calls):
             print(f"temperature: {name} {identical[name]} of {sampled} replies sampled at 1.0 equal the greedy one")
@@ -482,6 +536,8 @@ async def main() -> None:
     verify_cost = sum(ver_s.values()) / sum(gen_s.values()) if sum(gen_s.values()) else float("nan")
     bytes_per_token = committed_bytes / committed_tokens if committed_tokens else float("nan")
     print(f"elapsed {time.perf_counter() - started:.0f} s; default sample rate {DEFAULT_SAMPLE_RATE}")
+    if args.compare_full and sum(gen_s.values()):
+        print(f"verify_cost at every position (same calls): {sum(full_s.values()) / sum(gen_s.values()):.3f}")
     spend_share = DEFAULT_SAMPLE_RATE * verify_cost
     print(
         f"verify: detection_min={detection_min:.3f} false_positives={honest.caught} honest_calls={honest.calls} "

@@ -15,8 +15,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from runtime.inference.engine import LlamaModel
 from runtime.inference.sampling import Sampling
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.verify.check import Findings, Prefill, TokenIndex, compare
-from runtime.verify.commitment import Commitment, Position, commit, decode_chunk, opening_matches
+from runtime.verify.check import Findings, Prefill, TokenIndex, check_positions, compare, wanted_ids
+from runtime.verify.commitment import Commitment, Opened, Position, commit, decode_chunk, opening_matches
 from runtime.verify.provider import positions_from_chunks
 
 PROMPT = "Verify me: the quick brown fox jumps over the lazy dog."
@@ -218,5 +218,85 @@ async def test_tolerances_are_measured_over_the_models_own_greedy_reply(files: t
         assert produced[: len(tokens)] == tokens
         per_entry, mean = verifier.tolerances(prompt, 120)
         assert per_entry >= 0.25 and mean >= 0.03
+    finally:
+        verifier.close()
+
+
+def _opened(sent: Commitment, tokens: list[int]) -> list[Opened]:
+    opened: list[Opened] = []
+    for index in range(len(sent.chunks)):
+        opened += decode_chunk(sent.open(index).data, tokens[index * sent.chunk : (index + 1) * sent.chunk])
+    return opened
+
+
+def test_a_check_compares_the_first_positions_the_flagged_ones_and_a_fresh_random_draw() -> None:
+    import random
+
+    # 200 positions whose committed best is the produced token, but at 150 (a token below the committed
+    # best) and 170 (a token missing from the committed top 4): the commitment itself contradicts greedy
+    # sampling there, so those are compared whatever the draw.
+    tokens = [10 + i for i in range(200)]
+    opened = [Opened((t, t + 1, t + 2, t + 3), (-0.1, -2.0, -3.0, -4.0), (False,) * 4) for t in tokens]
+    opened[150] = Opened((160, 151, 161, 162), (-0.5, -0.4, -3.0, -4.0), (False,) * 4)
+    opened[170] = Opened((1, 2, 3, 4), (-0.5, -1.0, -3.0, -4.0), (False,) * 4)
+    draws = [check_positions(tokens, opened, 0.0, rng=random.Random(seed)) for seed in range(2)]
+    for at in draws:
+        assert at == sorted(set(at)) and {*range(8), 150, 170} <= set(at)
+        assert len(at) == 8 + 2 + 32
+    assert draws[0] != draws[1]  # the verifier's randomness picks the rest: a provider cannot know it
+    # At a temperature above 0 a token below the committed best is sampling; one missing from the top 4
+    # cannot be ranked without the model, so it is compared.
+    at = check_positions(tokens, opened, 0.8, rng=random.Random(0))
+    assert 170 in at and len(at) == 8 + 1 + 32
+    # A short reply, or a sample of 0, compares every position.
+    assert check_positions(tokens[:40], opened[:40], 0.0) == list(range(40))
+    assert check_positions(tokens, opened, 0.0, sample=0) == list(range(200))
+
+
+async def test_a_sampled_check_reads_the_full_rows_there_and_catches_a_fitted_foreign_token(
+    files: tuple[Path, Path],
+) -> None:
+    import random
+
+    import numpy as np
+
+    served, _ = files
+    prompt, sent, tokens = await _generate(served, 0.0)
+    verifier = Prefill(served, n_ctx=256, n_threads=1)
+    try:
+        # Logits asked at a few positions only are the full pass's rows there.
+        at = [0, 3, 17, 18, 39]
+        rows = verifier.rows(prompt, tokens)
+        scores = verifier.scores(prompt, tokens, [[tokens[i]] for i in at], with_top=True, at=at)
+        assert scores.best_ids == [int(rows[i].argmax()) for i in at]
+        assert np.allclose(scores.best, rows[at].max(axis=1), atol=1e-3)
+        # Honest: passes on any draw.
+        opened = _opened(sent, tokens)
+        for seed in range(3):
+            at = check_positions(tokens, opened, 0.0, sample=4, rng=random.Random(seed))
+            wanted = wanted_ids([tokens[i] for i in at], [opened[i] for i in at])
+            found = compare(
+                verifier.scores(prompt, tokens, wanted, with_top=False, at=at), tokens, opened, temperature=0.0, at=at
+            )
+            assert not found.failed and found.positions == len(at) < len(tokens) == found.reply_positions
+        # A token the model never produced at position 25, the commitment fitted to it by a prefill: the
+        # produced token is not the committed best there, so 25 is compared whatever else is drawn.
+        tokens[25] = (tokens[25] + 17) % 356 or 300
+        rows = verifier.rows(prompt, tokens)
+        top = (-rows).argsort(axis=1)[:, :4]
+        fitted = commit(
+            [
+                Position(t, tuple((int(i), float(row[i])) for i in ids))
+                for t, row, ids in zip(tokens, rows, top, strict=True)
+            ]
+        )
+        opened = _opened(fitted, tokens)
+        at = check_positions(tokens, opened, 0.0, sample=4, rng=random.Random(0))
+        assert 25 in at
+        wanted = wanted_ids([tokens[i] for i in at], [opened[i] for i in at])
+        found = compare(
+            verifier.scores(prompt, tokens, wanted, with_top=False, at=at), tokens, opened, temperature=0.0, at=at
+        )
+        assert found.failed and found.reason() == "not_sampled" and found.first_bad == 25
     finally:
         verifier.close()

@@ -18,11 +18,21 @@ counts and batch sizes):
 - ``not_sampled``: the produced token could not come out of the declared sampling: at temperature 0
   it is not the most likely token; above 0 it is outside the engine's candidates (the 40 most
   likely, then those within ``top_p``, then those at least ``min_p`` as likely as the best).
+
+A spot-check compares a sample of a reply's positions (:func:`check_positions`), not every one: the
+output head (a row per vocabulary entry: 49k for SmolLM2, 262k for gemma) costs about as much as the
+rest of the model per position on a CPU, and llama.cpp runs it only where a logits row is asked for.
+The sample is drawn by the verifier after the provider signed its commitment, so the provider cannot
+know which positions are compared; it always holds the reply's first positions (a truncated prompt
+shows most there) and every position whose committed top-k already contradicts the declared
+sampling (the produced token missing from it, or not its best at temperature 0).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
+import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +56,11 @@ FLOOR_MEAN = 0.03
 SAMPLING_TOP_K = 40  # runtime.inference.sampling's TOP_K and MIN_P: the engine's candidate set
 SAMPLING_MIN_P = 0.05
 MAX_POSITIONS = 4096
+# A spot-check compares the reply's first ALWAYS_FIRST positions, every position the commitment itself
+# flags (:func:`flagged`) and SAMPLED_POSITIONS more drawn at random; a reply no longer than that
+# is compared everywhere. Chosen by bench/verify.py (docs/verified-inference.md, "Sampled positions").
+SAMPLED_POSITIONS = 32
+ALWAYS_FIRST = 8
 
 
 @dataclass
@@ -59,8 +74,9 @@ class Findings:
     max_logprob_diff: float = 0.0
     mean_logprob_diff: float = 0.0
     logprob_mean: int = 0  # 1 when the mean difference over every compared entry is beyond its tolerance
-    first_bad: int | None = None  # index of the first failing position
+    first_bad: int | None = None  # index of the first failing position (in the whole reply)
     notes: list[str] = field(default_factory=list)
+    reply_positions: int = 0  # the reply's length: ``positions`` of them were compared
 
     @property
     def failed(self) -> bool:
@@ -115,6 +131,45 @@ def wanted_ids(tokens: Sequence[int], opened: Sequence[Opened]) -> list[list[int
     return [[*position.ids, token] for token, position in zip(tokens, opened, strict=True)]
 
 
+def flagged(token: int, position: Opened, temperature: float) -> bool:
+    """Whether the provider's own commitment at a position contradicts the declared sampling: the
+    produced token is missing from the committed top-k, or (temperature 0) below the committed best,
+    or (above 0) less than ``SAMPLING_MIN_P`` as likely as it. An honest provider's never does
+    (its produced token is its own best at temperature 0), so such a position is always compared:
+    either the commitment is true there and the token was not sampled as declared, or it is false."""
+    if token not in position.ids:
+        return True
+    mine = position.logprobs[position.ids.index(token)]
+    best = max(position.logprobs)
+    if temperature <= 0:
+        return mine < best
+    return mine < best + math.log(SAMPLING_MIN_P) - 1.0  # 1 nat of slack for the commitment's rounding
+
+
+def check_positions(
+    tokens: Sequence[int],
+    opened: Sequence[Opened],
+    temperature: float,
+    *,
+    sample: int = SAMPLED_POSITIONS,
+    first: int = ALWAYS_FIRST,
+    rng: random.Random | None = None,
+) -> list[int]:
+    """The reply positions a spot-check compares, ascending: the first ``first``, every
+    :func:`flagged` one, and ``sample`` more drawn at random (``rng``: the verifier's own randomness,
+    a ``SystemRandom`` unless given: drawn after the provider signed, so it cannot aim a cheat at the
+    positions left out). ``sample`` 0, or a reply no longer than ``first + sample``: every position."""
+    n = len(tokens)
+    if sample <= 0 or n <= first + sample:
+        return list(range(n))
+    chosen = set(range(first))
+    pairs = enumerate(zip(tokens, opened, strict=True))
+    chosen.update(i for i, (token, position) in pairs if flagged(token, position, temperature))
+    rest = [i for i in range(n) if i not in chosen]
+    chosen.update((rng or random.SystemRandom()).sample(rest, min(sample, len(rest))))
+    return sorted(chosen)
+
+
 def score(logits: np.ndarray, wanted: Sequence[Sequence[int]], *, with_top: bool) -> Scores:
     """:class:`Scores` of ``logits`` (positions × vocabulary; raw logits or log-probabilities), read a
     block of rows at a time: never a copy of the whole matrix."""
@@ -152,13 +207,19 @@ def compare(
     tolerance: float = TOLERANCE,
     mean_tolerance: float = MEAN_TOLERANCE,
     scale: int = 16,
+    at: Sequence[int] | None = None,
 ) -> Findings:
     """Compare the verifier's log-probabilities at each produced position (``rows``: a log-softmax
     row per position, or their :class:`Scores`) with the provider's openings of the same positions
-    and the produced ``tokens``."""
+    and the produced ``tokens``. ``at``: the reply positions ``rows`` stand for, ascending (a
+    :func:`check_positions` sample); None: every position."""
+    reply = len(tokens)
+    index_of = list(range(reply)) if at is None else list(at)
+    if at is not None:
+        tokens, opened = [tokens[i] for i in index_of], [opened[i] for i in index_of]
     if not isinstance(rows, Scores):
         rows = score(rows, wanted_ids(tokens, opened), with_top=temperature > 0)
-    found = Findings()
+    found = Findings(reply_positions=reply)
     slack = tolerance + 0.5 / scale  # the commitment's rounding on top of the tolerance
     # How far below the best token a produced one may be and still count as tied with it (or at a
     # sampling bound): the per-entry tolerance bounds the worst single logprob, while a tie compares two
@@ -199,7 +260,7 @@ def compare(
             found.not_sampled += 1
             bad = True
         if bad and found.first_bad is None:
-            found.first_bad = index
+            found.first_bad = index_of[index]
     found.mean_logprob_diff = sum(diffs) / len(diffs) if diffs else 0.0
     if found.mean_logprob_diff > mean_tolerance + 0.25 / scale:
         found.logprob_mean = 1
@@ -256,16 +317,23 @@ class Prefill:
             return log_softmax(self._logits(prompt, completion))
 
     def scores(
-        self, prompt: Sequence[int], completion: Sequence[int], wanted: Sequence[Sequence[int]], *, with_top: bool
+        self,
+        prompt: Sequence[int],
+        completion: Sequence[int],
+        wanted: Sequence[Sequence[int]],
+        *,
+        with_top: bool,
+        at: Sequence[int] | None = None,
     ) -> Scores:
-        """:func:`score` of the logits at each completion position, read where llama.cpp left them (blocking)."""
+        """:func:`score` of the logits at each completion position (``at``: only those, ascending;
+        ``wanted`` then names ids per position of ``at``), read where llama.cpp left them (blocking)."""
         with self._lock:
-            return score(self._logits(prompt, completion), wanted, with_top=with_top)
+            return score(self._logits(prompt, completion, at), wanted, with_top=with_top)
 
-    def _logits(self, prompt: Sequence[int], completion: Sequence[int]) -> np.ndarray:
-        """One decode of prompt + completion with logits at the completion positions; a view of them
-        (positions × vocabulary) into llama.cpp's buffer, valid until the next decode: the caller holds
-        the lock."""
+    def _logits(self, prompt: Sequence[int], completion: Sequence[int], at: Sequence[int] | None = None) -> np.ndarray:
+        """One decode of prompt + completion with logits at the completion positions (``at``: only
+        those, ascending: the output head runs only there); a view of them (positions × vocabulary)
+        into llama.cpp's buffer, valid until the next decode: the caller holds the lock."""
         import llama_cpp
         import numpy as np
 
@@ -274,6 +342,12 @@ class Prefill:
             raise ValueError("the prompt and completion do not fit the verifier's context")
         tokens = [*prompt, *completion[:-1]]  # the last produced token predicts nothing compared
         first = len(prompt) - 1
+        wanted = list(range(len(completion))) if at is None else list(at)
+        if not wanted or wanted != sorted(set(wanted)) or not 0 <= wanted[0] <= wanted[-1] < len(completion):
+            raise ValueError("the positions to compare are not ascending positions of the completion")
+        asked = bytearray(len(tokens))
+        for j in wanted:
+            asked[first + j] = 1
         ctx = self.llama._ctx
         ctx.kv_cache_clear()
         batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
@@ -283,22 +357,23 @@ class Prefill:
                 batch.pos[i] = i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = i >= first
+                batch.logits[i] = asked[i]
             batch.n_tokens = len(tokens)
             if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed")
         finally:
             llama_cpp.llama_batch_free(batch)
-        n = len(completion)
+        n = len(wanted)
         row = self.n_vocab * 4
-        start = llama_cpp.llama_get_logits_ith(ctx.ctx, first)
+        start = llama_cpp.llama_get_logits_ith(ctx.ctx, first + wanted[0])
         base = ctypes.addressof(start.contents)
-        last = llama_cpp.llama_get_logits_ith(ctx.ctx, first + n - 1)
+        last = llama_cpp.llama_get_logits_ith(ctx.ctx, first + wanted[-1])
         if ctypes.addressof(last.contents) == base + (n - 1) * row:  # the rows lie in order, one after another
             return np.ctypeslib.as_array(start, shape=(n, self.n_vocab))
         out = np.empty((n, self.n_vocab), dtype=np.float32)  # otherwise copied row by row
-        for j in range(n):
-            out[j] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, first + j), shape=(self.n_vocab,))
+        for j, position in enumerate(wanted):
+            pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, first + position)
+            out[j] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
         return out
 
     def tolerances(self, prompt: Sequence[int], completion: Sequence[int] | int, k: int = 4) -> tuple[float, float]:

@@ -9,11 +9,12 @@ data; ``protocols.machines.verify.check_verdict`` decides what it means.
 from __future__ import annotations
 
 import base64
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from runtime.ledger.receipts import PeerKeys
-from runtime.verify.check import Findings, Prefill, compare, wanted_ids
+from runtime.verify.check import SAMPLED_POSITIONS, Findings, Prefill, check_positions, compare, wanted_ids
 from runtime.verify.commitment import Commitment, Opened, Opening, decode_chunk, opening_matches
 from runtime.verify.evidence import DisputePackage, SignedCommitment, commitment_signed, ids_sha256, text_sha256
 
@@ -51,7 +52,12 @@ def check_call(
     tolerances: tuple[float, float],
     text: str | None = None,
     longest_stop: int = 0,
+    *,
+    sample: int = SAMPLED_POSITIONS,
+    rng: random.Random | None = None,
 ) -> SpotCheck:
+    """``sample``: how many positions beyond the first and the flagged ones to compare
+    (``check.check_positions``, drawn with ``rng``, the verifier's own randomness); 0: every one."""
     body = signed.body
     if not commitment_signed(signed, peer_keys):
         return SpotCheck(False, False, None)
@@ -85,7 +91,9 @@ def check_call(
         # The proof commits to other tokens than the reply the consumer got (text edited or swapped).
         return SpotCheck(True, True, None, text_matches=False)
     temperature = body.temperature_milli / 1000
-    rows = prefill.scores(prompt, tokens, wanted_ids(tokens, opened), with_top=temperature > 0)
+    at = check_positions(tokens, opened, temperature, sample=sample, rng=rng)
+    wanted = wanted_ids([tokens[i] for i in at], [opened[i] for i in at])
+    rows = prefill.scores(prompt, tokens, wanted, with_top=temperature > 0, at=at)
     findings = compare(
         rows,
         tokens,
@@ -94,6 +102,7 @@ def check_call(
         top_p=body.top_p_milli / 1000,
         tolerance=tolerances[0],
         mean_tolerance=tolerances[1],
+        at=at,
     )
     return SpotCheck(True, True, findings)
 
@@ -118,7 +127,9 @@ def recheck(
 ) -> SpotCheck:
     """An arbiter's re-run of a disputed call on its own copy of the file (blocking): the same check as
     the consumer's, over the prompt ids and text the package carries (bound by the signed hashes:
-    ``evidence.package_binds`` first)."""
+    ``evidence.package_binds`` first), at every position: a superset of any sample the consumer drew,
+    so a position's failure the consumer found is found again, and the mean is the whole reply's
+    (the consumer's draw is its own word, which it could have chosen to frame an honest provider)."""
     proof = package.proof
     openings = openings_of(proof.chunks)
     return check_call(
@@ -131,4 +142,5 @@ def recheck(
         tolerances,
         package.text,
         ARBITER_STOP_ALLOWANCE,
+        sample=0,
     )
