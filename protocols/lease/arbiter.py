@@ -30,6 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocols import lease_wire as w
 from protocols.lease.base import ACK, PUSH_TIMEOUT_S, LeaseCore, log
+from protocols.machines.dispute import (
+    ToldOutcomeFacts,
+    resume_case_action,
+    resume_retry_delay,
+    told_outcome_verdict,
+)
 from protocols.machines.verdict import Refusal, enforce
 from protocols.machines.verify import (
     ArbitrationFacts,
@@ -203,7 +209,7 @@ class DisputeRole(LeaseCore):
                 return await self._receipt_asked(message)
             if isinstance(message, LeaseStaleFreeze):
                 return await self._end_stale_freeze(message, str(remote))
-            return await self._told_outcome(message)
+            return await self._told_outcome(message, str(remote))
         except (ClawnodeError, ValidationError) as error:
             self._failed("lease_dispute", error)
             raise
@@ -317,19 +323,38 @@ class DisputeRole(LeaseCore):
     async def resume_cases(self) -> None:
         """After a restart: each case kept and not yet answered is sent again while its escrow is frozen
         (frozen first when the freeze had not landed); one the chain shows resolved is recorded; the
-        rest are forgotten. Waits for the escrow chain; never raises (a case left is tried at the next
-        start)."""
+        rest are forgotten (``resume_case_action``). Waits for the escrow chain; never raises. A case that
+        fails (the chain or the disk failing, a freeze the chain refuses) is logged with its code and
+        tried again after ``resume_retry_delay``, then left for the next start; it never holds up the
+        cases after it."""
         try:
             rows = await self.ledger.dispute_cases()
-            if not rows:
-                return
-            while self.escrow() is None:
-                await trio.sleep(RESUME_POLL_S)
-            client = self.escrow()
+        except Exception as error:  # noqa: BLE001 - the disk failing: the cases stay kept
+            log.warning("dispute cases were not read (%s)", _code_of(error))
+            return
+        if not rows:
+            return
+        while (client := self.escrow()) is None:
+            await trio.sleep(RESUME_POLL_S)
+        failures = 0
+        while rows:
+            failed: list[CaseRow] = []
             for row in rows:
-                await self._resume_case(client, row)
-        except Exception as error:  # noqa: BLE001 - the chain or the disk failing: the cases stay kept
-            log.warning("dispute cases were not resumed (%s)", type(error).__name__)
+                try:
+                    await self._resume_case(client, row)
+                except Exception as error:  # noqa: BLE001 - this case only: the others go on
+                    log.warning(
+                        "lease %s: the kept dispute case was not resumed (%s)", row.lease_id[:12], _code_of(error)
+                    )
+                    failed.append(row)
+            failures += 1
+            delay = resume_retry_delay(failures) if failed else None
+            if delay is None:
+                if failed:
+                    log.warning("%d kept dispute cases are left for the next start", len(failed))
+                return
+            await trio.sleep(delay)
+            rows = failed
 
     async def _resume_case(self, client: Any, row: CaseRow) -> None:
         try:
@@ -338,20 +363,21 @@ class DisputeRole(LeaseCore):
             await self._drop_case(row.lease_id)
             return
         escrow_id = _escrow_of(case.lease_id)
-        if escrow_id is None or case.payer.lower() != client.account.address.lower():
-            await self._drop_case(row.lease_id)  # not an escrow of this wallet's
-            return
-        state = await client.chain.run(client.get, case.payer, escrow_id)
-        if state.phase == "closed":
-            # Recorded as a dispute's split only where this node opened the dispute (the freeze landed and
-            # was written): an escrow that closed otherwise (the freeze never landed) is no dispute's.
-            if await self._dispute_open(case.lease_id):
-                await self._record_resolution(
-                    case.lease_id, case.payer, escrow_id, opened_by=self.peer_id, reason="resolved"
-                )
+        ours = escrow_id is not None and case.payer.lower() == client.account.address.lower()
+        phase, dispute_open = "none", False
+        if escrow_id is not None and ours:
+            phase = (await client.chain.run(client.get, case.payer, escrow_id)).phase
+            dispute_open = phase == "closed" and await self._dispute_open(case.lease_id)
+        action = resume_case_action(ours=ours, phase=phase, dispute_open=dispute_open)
+        if action == "record":  # only where this node opened the dispute (its freeze landed and was written)
+            assert escrow_id is not None
+            await self._record_resolution(
+                case.lease_id, case.payer, escrow_id, opened_by=self.peer_id, reason="resolved"
+            )
+        if action in ("drop", "record"):
             await self._drop_case(row.lease_id)
             return
-        if state.phase == "active":  # stopped before the freeze landed: freeze it now
+        if action == "freeze_and_send":  # stopped before the freeze landed: freeze it now
             await client.chain.run(client.dispute, case.payer, escrow_id)
             try:
                 await self.ledger.open_dispute(
@@ -362,9 +388,6 @@ class DisputeRole(LeaseCore):
                 )
             except ClawnodeError as error:  # ended at the restart: recorded with the resolution instead
                 log.info("lease %s: dispute not recorded yet (%s)", case.lease_id[:12], error.reason)
-        elif state.phase != "disputed":
-            await self._drop_case(row.lease_id)
-            return
         log.warning("lease %s: the dispute case kept before the restart is sent again", case.lease_id[:12])
         self._spawn(self._pursue, case, row.provider, row.arbiter_peer or self.arbiter_peer)
 
@@ -701,18 +724,45 @@ class DisputeRole(LeaseCore):
 
     # ================= provider: told =================
 
-    async def _told_outcome(self, outcome: LeaseDisputeOutcome) -> w.Ack:
+    async def _told_outcome(self, outcome: LeaseDisputeOutcome, sender: str) -> w.Ack:
         """The arbiter says a lease we served was resolved (or, for a freeze that came with no case, a lease
-        we held): record the split the chain shows (the message itself moves nothing; anyone may send it)."""
-        lease = await self.ledger.get_lease(outcome.lease_id)
-        if lease.escrow is None or lease.escrow.payer.lower() != outcome.payer.lower():
-            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease", "unknown_lease")
-        if lease.role != "provider":
-            # Only a dispute this node opened (a freeze it made): a push about a lease that closed
-            # without one must not write a dispute into its ledger.
-            if not await self._dispute_open(outcome.lease_id):
-                raise ClawnodeError(ErrorCode.NOT_FOUND, "no open dispute of this lease", "unknown_lease")
-        escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
+        we held): record the split the chain shows, once ``told_outcome_verdict`` admits it (the message
+        itself moves nothing, and a lease that closed without a dispute gets no dispute written)."""
+        try:
+            lease: Any = await self.ledger.get_lease(outcome.lease_id)
+        except ClawnodeError as error:
+            if error.code != ErrorCode.NOT_FOUND:
+                raise
+            lease = None
+        known = lease is not None and lease.escrow is not None and lease.escrow.payer.lower() == outcome.payer.lower()
+        client = self.escrow()
+        if known and client is None:
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
+        phase, escrow_arbiter, threshold, resolved_by, dispute_open = "none", "", 0, None, False
+        escrow_id = b""
+        if known and client is not None:
+            escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
+            state = await client.chain.run(client.get, lease.escrow.payer, escrow_id)
+            phase, escrow_arbiter, threshold = state.phase, state.arbiter, state.threshold
+            if outcome.tx_hash is not None and phase == "closed":
+                resolved_by = await client.chain.run(client.resolved_by, outcome.tx_hash, lease.escrow.payer, escrow_id)
+            if lease.role != "provider":
+                dispute_open = await self._dispute_open(outcome.lease_id)
+        enforce(
+            told_outcome_verdict(
+                ToldOutcomeFacts(
+                    known=known,
+                    role=lease.role if known else "",
+                    sender=sender,
+                    arbiter_peer=self.arbiter_peer,
+                    dispute_open=dispute_open,
+                    phase=phase,
+                    escrow_arbiter=escrow_arbiter,
+                    threshold=threshold,
+                    resolved_by=resolved_by,
+                )
+            )
+        )
         opened_by = lease.consumer if lease.role == "provider" else self.peer_id
         recorded = await self._record_resolution(
             outcome.lease_id, lease.escrow.payer, escrow_id, opened_by=opened_by, reason=outcome.reason
@@ -778,6 +828,13 @@ class DisputeRole(LeaseCore):
 def _escrow_of(lease_id: str) -> bytes | None:
     """The escrow id of a lease that has one of its own (its id is the escrow's, ``lease_id_for``)."""
     return bytes.fromhex(lease_id) if re.fullmatch(r"[0-9a-f]{64}", lease_id) else None
+
+
+def _code_of(error: BaseException) -> str:
+    """An error's stable code and reason for a log line (the type alone for one without a code)."""
+    if isinstance(error, ClawnodeError):
+        return f"{error.code} {error.reason}"
+    return f"{ErrorCode.INTERNAL} {type(error).__name__}"
 
 
 def _peer(text: str) -> ID | None:

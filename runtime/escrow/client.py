@@ -463,6 +463,30 @@ class EscrowClient:
                 raise normalise(error) from None
         return "success" if receipt["status"] == 1 else "failed"
 
+    def resolved_by(self, tx_hash: str, payer: str, escrow_id: bytes) -> str | None:
+        """Who sent ``tx_hash``, when it is a transaction that resolved this contract's escrow (payer, id)
+        (its ``Resolved`` log); None when it is unknown, failed, or resolved no such escrow."""
+        from web3.exceptions import TransactionNotFound
+        from web3.logs import DISCARD
+
+        if not re.fullmatch(r"0x[0-9a-fA-F]{64}", tx_hash):
+            return None
+        key = escrow_key(payer, escrow_id)
+        with self.chain.lock:
+            try:
+                receipt = self.chain.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+            except TransactionNotFound:
+                return None
+            except Exception as error:  # noqa: BLE001
+                raise normalise(error) from None
+            if receipt["status"] != 1:
+                return None
+            events = self.contract.events.Resolved().process_receipt(receipt, errors=DISCARD)
+        for event in events:
+            if str(event["address"]).lower() == self.address.lower() and bytes(event["args"]["key"]) == key:
+                return str(receipt["from"])
+        return None
+
     # -- vouchers --
 
     @local

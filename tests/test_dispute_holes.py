@@ -1,0 +1,231 @@
+"""A hostile stranger against lease disputes and their arbiter (docs/security.md), on real nodes over
+loopback, real SQLite ledgers and the embedded chain. Each test failed on the code before its fix:
+
+- a push of an outcome for a lease that closed without a dispute wrote a dispute, with the chain's
+  split, into its provider's ledger: now an outcome counts only from the arbiter, for an escrow the
+  transaction it names resolved (``told_outcome_verdict``);
+- a kept case whose resumption raised stopped ``resume_cases``: the cases after it waited for the
+  next start (``resume_case_action``, ``resume_retry_delay``);
+- a case the arbiter could not decide was re-run as often as it was sent (``rerun_verdict``);
+- kept cases were bounded by count only, though each may be MiBs (``dispute_cases.MAX_CASE_BYTES``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+from typing import Any
+
+import pytest
+import trio
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from node.daemon import Node
+from protocols.lease.arbiter import DISPUTE_PROTOCOL, LeaseDisputeCase, LeaseDisputeOutcome
+from protocols.lease.base import ACK
+from protocols.machines import dispute as rules
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger.dispute_cases import CaseRow
+from runtime.verify.evidence import CallProof, CommitmentBody, DisputePackage, SignedCommitment, ids_sha256, text_sha256
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, SharedChain, market_nodes
+from wire.rpc import request
+
+
+def _peer(node: Node) -> str:
+    return str(node.host.get_id())
+
+
+def _client(node: Node) -> Any:
+    client = node.escrow_client
+    assert client is not None
+    return client
+
+
+def _package(lease_id: str, provider: str, *, text: str = "x") -> DisputePackage:
+    """Evidence as a consumer keeps it (the provider's signature is not checked before the re-run)."""
+    body = CommitmentBody(
+        v=2,
+        lease_id=lease_id,
+        call_id="c1",
+        provider=provider,
+        model_sha256="00" * 32,
+        temperature_milli=0,
+        top_p_milli=1000,
+        prompt_tokens=1,
+        completion_tokens=1,
+        root="00" * 32,
+        prompt_sha256=ids_sha256([1]),
+        text_sha256=text_sha256(text),
+    )
+    proof = CallProof(commitment=SignedCommitment(body=body, sig="AA=="), tokens=[1], chunks=[])
+    return DisputePackage(lease_id=lease_id, proof=proof, prompt_ids=[1], text=text)
+
+
+def test_the_rules_refuse_with_stable_reasons() -> None:
+    facts = rules.ToldOutcomeFacts(
+        known=True,
+        role="provider",
+        sender="A",
+        arbiter_peer="A",
+        dispute_open=False,
+        phase="closed",
+        escrow_arbiter="0xAb",
+        threshold=0,
+        resolved_by="0xab",
+    )
+
+    def told(**kw: Any) -> str | None:
+        refusal = rules.told_outcome_verdict(dataclasses.replace(facts, **kw))
+        return None if refusal is None else refusal.reason
+
+    assert told() is None
+    assert told(arbiter_peer="") is None  # no arbiter peer known: the chain alone decides
+    assert told(role="consumer", dispute_open=True) is None
+    assert [
+        told(known=False),
+        told(sender="B"),
+        told(role="consumer"),
+        told(phase="disputed"),
+        told(resolved_by=None),
+        told(resolved_by="0xcd"),
+        told(threshold=2),
+    ] == [
+        "unknown_lease",
+        "not_arbiter",
+        "unknown_lease",
+        "not_resolved",
+        "no_resolution",
+        "not_arbiter",
+        "not_arbiter",
+    ]
+    assert [
+        rules.resume_case_action(ours=o, phase=p, dispute_open=d)
+        for o, p, d in [
+            (False, "disputed", True),
+            (True, "closed", True),
+            (True, "closed", False),
+            (True, "active", False),
+            (True, "disputed", False),
+            (True, "none", False),
+        ]
+    ] == ["drop", "record", "drop", "freeze_and_send", "send", "drop"]
+    assert [rules.resume_retry_delay(n) for n in range(4)] == [None, *rules.RESUME_RETRY_S, None]
+
+
+async def test_an_outcome_for_a_lease_that_closed_without_a_dispute_writes_nothing() -> None:
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    specs = [{"offers": (WORD_OFFER,)}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    async with market_nodes(specs, chain=shared) as (nodes, _):
+        provider, consumer, arbiter = nodes
+        stranger = consumer  # any peer but the arbiter: the lease's own consumer will do
+        lease = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 20, duration_s=60)
+        await consumer.market.call(lease.lease_id, {"prompt": "one two three"})
+        payer, escrow_id = _client(consumer).account.address, bytes.fromhex(lease.lease_id)
+        # The lease ends and its provider closes the escrow: paid out, the rest back, no dispute ever.
+        settled = await trio.to_thread.run_sync(_client(provider).settle, payer, escrow_id, 0, b"")
+        state = await trio.to_thread.run_sync(_client(provider).get, payer, escrow_id)
+        assert state.phase == "closed"
+
+        told = LeaseDisputeOutcome(
+            lease_id=lease.lease_id, payer=payer, outcome="refund", reason="x", to_payee=0, tx_hash=settled.tx_hash
+        )
+        # A peer who knows the lease id (the provider knows no arbiter peer: the chain alone decides).
+        with pytest.raises(ClawnodeError) as refused:
+            await request(stranger.host, provider.host.get_id(), DISPUTE_PROTOCOL, told, ACK)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.CONFLICT, "no_resolution")
+        for no_tx in (told.model_copy(update={"tx_hash": None}), told.model_copy(update={"tx_hash": "0x" + "ab" * 32})):
+            with pytest.raises(ClawnodeError) as refused:
+                await request(stranger.host, provider.host.get_id(), DISPUTE_PROTOCOL, no_tx, ACK)
+            assert refused.value.reason == "no_resolution"
+        # Where the provider knows its arbiter's peer, nobody else is heard at all; the arbiter itself
+        # is not believed either when the chain shows no resolution.
+        provider.market.arbiter_peer = _peer(arbiter)
+        with pytest.raises(ClawnodeError) as refused:
+            await request(stranger.host, provider.host.get_id(), DISPUTE_PROTOCOL, told, ACK)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "not_arbiter")
+        with pytest.raises(ClawnodeError) as refused:
+            await request(arbiter.host, provider.host.get_id(), DISPUTE_PROTOCOL, told, ACK)
+        assert refused.value.reason == "no_resolution"
+        assert await provider.ledger.list_disputes(limit=10) == []
+        assert await consumer.ledger.list_disputes(limit=10) == []
+
+        # A real resolution by the escrow's arbiter, told by the arbiter: recorded as the chain shows it.
+        second = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 20, duration_s=60)
+        await consumer.market.call(second.lease_id, {"prompt": "four five"})
+        second_id = bytes.fromhex(second.lease_id)
+        await trio.to_thread.run_sync(_client(consumer).dispute, payer, second_id)
+        resolved = await trio.to_thread.run_sync(_client(arbiter).resolve, payer, second_id, 7)
+        real = told.model_copy(update={"lease_id": second.lease_id, "tx_hash": resolved.tx_hash})
+        with pytest.raises(ClawnodeError) as refused:  # the right transaction, the wrong messenger
+            await request(stranger.host, provider.host.get_id(), DISPUTE_PROTOCOL, real, ACK)
+        assert refused.value.reason == "not_arbiter"
+        with pytest.raises(ClawnodeError) as refused:  # another escrow's resolution, named for the first lease
+            await request(
+                arbiter.host,
+                provider.host.get_id(),
+                DISPUTE_PROTOCOL,
+                real.model_copy(update={"lease_id": lease.lease_id}),
+                ACK,
+            )
+        assert refused.value.reason == "no_resolution"
+        await request(arbiter.host, provider.host.get_id(), DISPUTE_PROTOCOL, real, ACK)
+        disputes = await provider.ledger.list_disputes(limit=10)
+        done = await trio.to_thread.run_sync(_client(provider).get, payer, second_id)
+        assert [(d.lease_id, d.state, d.to_payee) for d in disputes] == [
+            (second.lease_id, "dispute_resolved", done.released)
+        ]
+
+
+async def test_a_kept_case_that_fails_to_resume_does_not_hold_up_the_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(rules, "RESUME_RETRY_S", (0.05, 0.05))
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    async with market_nodes([{}, {"wallet_key": shared.arbiter.key.hex()}], chain=shared) as (nodes, _):
+        consumer, arbiter = nodes
+        payer_client = _client(consumer).for_account(_client(consumer).account)
+        payer, now = payer_client.account.address, shared.chain.now()
+        stuck, frozen = secrets.token_bytes(32), secrets.token_bytes(32)
+        for escrow_id in (stuck, frozen):
+            await trio.to_thread.run_sync(
+                lambda e=escrow_id: payer_client.lock(
+                    e,
+                    payee="0x" + "12" * 20,
+                    arbiter=shared.arbiter.address,
+                    amount=10**15,
+                    deadline=now + 60,
+                    window=60,
+                )
+            )
+        await trio.to_thread.run_sync(payer_client.dispute, payer, frozen)
+        # Past the first escrow's deadline + window: its freeze (it had not landed before the stop) is
+        # refused by the chain now, at every try. It was kept first.
+        await trio.to_thread.run_sync(shared.chain.time_travel, 200)
+        for escrow_id in (stuck, frozen):
+            signed = await trio.to_thread.run_sync(payer_client.sign_dispute_case, escrow_id, 0)
+            case = LeaseDisputeCase(
+                lease_id=escrow_id.hex(),
+                payer=payer,
+                package=_package(escrow_id.hex(), _peer(consumer)),
+                owed_if_honest=0,
+                payer_sig="0x" + signed.hex(),
+            )
+            await consumer.ledger.save_dispute_case(
+                CaseRow(case.lease_id, _peer(consumer), _peer(arbiter), case.model_dump_json())
+            )
+
+        with caplog.at_level(logging.WARNING, logger="protocols.lease"):
+            await consumer.market.resume_cases()
+            # The frozen escrow's case reached the arbiter all the same, which answered it (it holds no copy
+            # of the file: the escrow stays frozen for a person) and so the consumer forgot it.
+            with trio.fail_after(10):
+                while len(await consumer.ledger.dispute_cases()) > 1:
+                    await trio.sleep(0.05)
+        assert [row.lease_id for row in await consumer.ledger.dispute_cases()] == [stuck.hex()]  # for the next start
+        tries = [r.getMessage() for r in caplog.records if "was not resumed" in r.getMessage()]
+        assert len(tries) == 1 + len(rules.RESUME_RETRY_S)  # tried again a bounded number of times, then left
+        assert all(stuck.hex()[:12] in line and "E_" in line for line in tries)  # logged with a stable code
+        assert any("left for the next start" in r.getMessage() for r in caplog.records)
