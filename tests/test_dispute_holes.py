@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,11 +25,13 @@ import trio
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from node.daemon import Node
-from protocols.lease.arbiter import DISPUTE_PROTOCOL, LeaseDisputeCase, LeaseDisputeOutcome
+from protocols.lease.arbiter import DISPUTE_PROTOCOL, MAX_DISPUTE_FRAME, LeaseDisputeCase, LeaseDisputeOutcome
 from protocols.lease.base import ACK
 from protocols.machines import dispute as rules
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger import dispute_cases
 from runtime.ledger.dispute_cases import CaseRow
+from runtime.ledger.store import LedgerStore
 from runtime.verify.evidence import CallProof, CommitmentBody, DisputePackage, SignedCommitment, ids_sha256, text_sha256
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, SharedChain, market_nodes
 from wire.rpc import request
@@ -42,6 +45,18 @@ def _client(node: Node) -> Any:
     client = node.escrow_client
     assert client is not None
     return client
+
+
+def test_kept_cases_are_bounded_by_bytes_as_well_as_by_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = dispute_cases.MAX_CASE_BYTES  # below what 64 cases of a full frame came to (1 GiB), above one case
+    assert MAX_DISPUTE_FRAME <= real < dispute_cases.MAX_CASES * MAX_DISPUTE_FRAME
+    monkeypatch.setattr(dispute_cases, "MAX_CASE_BYTES", 3 * 1000)
+    store = LedgerStore.open(tmp_path / "ledger.sqlite")
+    for n in range(5):  # five cases of 1000 bytes each (a real one may be MiBs: tokens, chunks, text)
+        dispute_cases.save(store, CaseRow(f"{n:064x}", "p", "a", "é" * 500))
+    assert [row.lease_id for row in dispute_cases.load(store)] == [f"{n:064x}" for n in (2, 3, 4)]  # the newest
+    dispute_cases.save(store, CaseRow("f" * 64, "p", "a", "x" * 5000))  # larger than the bound on its own
+    assert [row.lease_id for row in dispute_cases.load(store)] == ["f" * 64]  # the newest is always kept
 
 
 def _package(lease_id: str, provider: str, *, text: str = "x") -> DisputePackage:

@@ -6,7 +6,9 @@ the escrow, and deletes it once the arbiter answered or the chain shows the escr
 that restarts in between reads the kept cases back and sends them again while the escrow is frozen
 (``protocols.lease.arbiter.DisputeRole.resume_cases``), so a frozen escrow does not wait for a person
 only because the consumer stopped. The case's JSON is validated by the protocol's model where it is read
-back; this is storage. Bounded: the :data:`MAX_CASES` newest cases are kept.
+back; this is storage. Bounded: the :data:`MAX_CASES` newest cases are kept, and of those only the newest
+that add up to :data:`MAX_CASE_BYTES` (the newest case is always kept, whatever its size: a case is read
+within the dispute protocol's 16 MiB frame).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     from runtime.ledger.store import LedgerStore
 
 MAX_CASES = 64  # the most recent cases kept (a package may be a few MiB: tokens, chunks, text)
+MAX_CASE_BYTES = 64 * 1024 * 1024  # their JSON in all (read back into memory at once at a start)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,12 @@ def save(store: LedgerStore, row: CaseRow) -> None:
             "DELETE FROM dispute_cases WHERE lease_id NOT IN"
             " (SELECT lease_id FROM dispute_cases ORDER BY created_at DESC, rowid DESC LIMIT ?)",
             (MAX_CASES,),
+        )
+        conn.execute(
+            "DELETE FROM dispute_cases WHERE lease_id IN (SELECT lease_id FROM (SELECT lease_id,"
+            " SUM(length(CAST(case_json AS BLOB))) OVER newest AS kept, ROW_NUMBER() OVER newest AS n"
+            " FROM dispute_cases WINDOW newest AS (ORDER BY created_at DESC, rowid DESC)) WHERE kept > ? AND n > 1)",
+            (MAX_CASE_BYTES,),
         )
 
 
