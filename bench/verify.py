@@ -20,7 +20,11 @@ and batch size than the provider's), with tolerances measured once per model
 as ``prefill_for`` measures them (``Prefill.tolerances`` over ``--calibration-positions``, default 256,
 of the model's greedy reply to a text that is not among the prompts; 0: the 32 positions of that text
 itself, as before); every chunk is opened and checked
-against the root, then ``compare``d. Cheats, each over its share of ``--calls``:
+against the root, then ``compare``d at the positions a consumer's check compares
+(``check.check_positions``: the first 8, those the commitment flags, and ``--positions`` drawn at
+random, default ``SAMPLED_POSITIONS``; 0: every position). ``--compare-full`` also checks each honest
+call of this build at every position, timed on the same call: the cost before sampling, under the
+same load. Cheats, each over its share of ``--calls``:
 
 - ``other_model``: the reply comes from another model. Tiny: another seed (same vocabulary).
   SmolLM2/gemma: the other real model, its tokens mapped into the advertised vocabulary by their
@@ -30,6 +34,10 @@ against the root, then ``compare``d. Cheats, each over its share of ``--calls``:
 - ``truncated_prompt``: the provider generates from BOS + the second half of the prompt.
 - ``foreign_token``: one produced token replaced by a random one, and the commitment computed by a
   prefill of the advertised model over the altered reply (a cheat that runs only the cheap prefill).
+- ``foreign_token_forged`` (only when named in ``--classes``; not in ``detection_min``): the same, with
+  the committed top 4 at the replaced position forged to name the foreign token the best, so nothing
+  in the commitment flags that position: a sampled check (``--positions``) catches it only when it
+  draws the position; ``--positions 0`` compares every one.
 - ``temperature``: temperature 0 declared, sampled at 1.0 (honest logprobs otherwise); also reported
   over the replies that differ from the greedy one (``temperature_differing``): a reply sampled at 1.0
   that equals the greedy reply is exactly what temperature 0 gives, and no check can tell them apart.
@@ -109,6 +117,8 @@ PROMPTS = [
 ]
 K = 4
 CLASSES = ("other_model", "quantisation", "truncated_prompt", "foreign_token", "temperature")
+# Run only when named in --classes, and not in detection_min: a stronger cheat than the classes.
+EXTRA_CLASSES = ("foreign_token_forged",)
 
 
 @dataclass
@@ -290,8 +300,9 @@ async def main() -> None:
     args = parser.parse_args()
     SAMPLE["positions"] = args.positions
     classes = {c for c in args.classes.split(",") if c}  # "": honest calls only
-    if classes - set(CLASSES):
-        parser.error(f"unknown classes {sorted(classes - set(CLASSES))}; known: {', '.join(CLASSES)}")
+    if classes - set(CLASSES) - set(EXTRA_CLASSES):
+        known = ", ".join((*CLASSES, *EXTRA_CLASSES))
+        parser.error(f"unknown classes {sorted(classes - set(CLASSES) - set(EXTRA_CLASSES))}; known: {known}")
     rng = random.Random(args.seed)
     folder = Path(tempfile.mkdtemp(prefix="verify-bench-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # its requantised models: 300 MB and more
@@ -323,6 +334,7 @@ async def main() -> None:
     full_s: dict[str, float] = defaultdict(float)  # --compare-full: every position, same calls
     full_flagged: dict[str, int] = defaultdict(int)
     compared: dict[str, list[int]] = defaultdict(list)  # positions compared per honest call
+    off_best: dict[str, list[float]] = defaultdict(list)  # temperature cheat: share of positions off the best
     committed_bytes = committed_tokens = 0
     diffs: list[float] = []
 
@@ -463,7 +475,7 @@ async def main() -> None:
                     check, served, verifier, prompt, commit(positions), [p.token for p in positions], 0.0
                 )
                 record("truncated_prompt", name, found)
-            if not classes & {"foreign_token", "temperature"}:
+            if not classes & {"foreign_token", "foreign_token_forged", "temperature"}:
                 continue
             chunks, _ = await generate(engine, prompt, served.max_tokens, 0.0, call)
             greedy = [p.token for p in positions_from_chunks(chunks, served.index)]
@@ -480,6 +492,21 @@ async def main() -> None:
                 found, _ = await trio.to_thread.run_sync(check, served, verifier, prompt, commit(fitted), tokens, 0.0)
                 if tokens != greedy:  # a "replacement" by the produced token itself is no cheat: not counted
                     record("foreign_token", name, found)
+            if "foreign_token_forged" in classes and tokens != greedy:
+                # The same, and the committed top 4 at the foreign token forged to name it the best (the
+                # old best beside it, tied): nothing in the commitment flags the position, so a sampled
+                # check catches it only when it draws that position.
+                rows = await trio.to_thread.run_sync(served.verifiers[1].rows, prompt, tokens)
+                top = (-rows).argsort(axis=1)[:, :K]
+                forged = [
+                    Position(t, tuple((int(i), float(row[i])) for i in ids))
+                    for t, row, ids in zip(tokens, rows, top, strict=True)
+                ]
+                best = forged[where].top[0][1]
+                others = [entry for entry in forged[where].top if entry[0] != tokens[where]]
+                forged[where] = Position(tokens[where], ((tokens[where], best), *others[: K - 1]))
+                found, _ = await trio.to_thread.run_sync(check, served, verifier, prompt, commit(forged), tokens, 0.0)
+                record("foreign_token_forged", name, found)
             if "temperature" not in classes:
                 continue
             chunks, _ = await generate(engine, prompt, served.max_tokens, 1.0, call)
@@ -488,6 +515,9 @@ async def main() -> None:
                 check, served, verifier, prompt, commit(positions), [p.token for p in positions], 0.0
             )
             record("temperature", name, found)
+            # Positions whose sampled token is not the committed best: what a sampled check compares on
+            # its own (check.flagged), or, had the commitment been forged there, what it must draw.
+            off_best[name].append(sum(p.token != max(p.top, key=lambda e: e[1])[0] for p in positions) / len(positions))
             if [p.token for p in positions] != greedy:
                 # A reply sampled at 1.0 that equals the greedy one is what temperature 0 gives: no
                 # check can tell them apart (nor does it matter to the buyer). Counted apart too.
@@ -524,6 +554,15 @@ async def main() -> None:
     for name in servers:
         if "temperature" in tallies and (sampled := tallies["temperature"][name].calls):
             print(f"temperature: {name} {identical[name]} of {sampled} replies sampled at 1.0 equal the greedy one")
+            off = sorted(off_best[name])
+            if off and args.positions:
+                low = off[len(off) // 10]  # the 10th percentile reply
+                print(
+                    f"temperature: {name} share of positions off the committed best: mean "
+                    f"{sum(off) / len(off):.2f}, 10th percentile {low:.2f}; with that share forged into "
+                    f"the commitment, {args.positions} drawn positions would miss every one with probability "
+                    f"{(1 - low) ** args.positions:.2e}"
+                )
     for cls, by_model in tallies.items():
         row = ", ".join(f"{m} {t.caught}/{t.calls}" for m, t in by_model.items() if m != "all" and t.calls)
         total = by_model["all"]
