@@ -68,6 +68,23 @@ class FrameReader:
                 raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "frame length prefix is too long")
             await self._fill()
 
+    async def read_first_frame(self, timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> bytes | None:
+        """``read_frame``, or None when the stream ends (closed or reset) before a byte of the frame came:
+        a stream opened ahead of its call and closed unused (``wire.spare_streams``), not a failure."""
+        deadline = trio.current_time() + timeout_s
+        if not self._buffer:
+            try:
+                with trio.fail_after(timeout_s):
+                    chunk = await self._stream.read(65536)
+            except trio.TooSlowError:
+                raise ClawnodeError(ErrorCode.TIMEOUT, f"no complete frame within {timeout_s:g} s") from None
+            except Exception:  # noqa: BLE001 - an EOF or a reset (each muxer raises its own): nothing was asked
+                return None
+            if not chunk:
+                return None
+            self._buffer.extend(chunk)
+        return await self.read_frame(max(0.0, deadline - trio.current_time()))
+
     async def read_frame(self, timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> bytes:
         try:
             with trio.fail_after(timeout_s):

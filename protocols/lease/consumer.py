@@ -13,6 +13,7 @@ are the verdicts of ``protocols.machines.lease_consumer`` (``quote_verdict``, ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,7 @@ from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
 from wire.framing import FrameReader, write_frame
 from wire.rpc import parse_reply, request
 from wire.signed import open_base64, seal, to_base64
-from wire.streams import open_stream
+from wire.spare_streams import SpareStreams
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient
@@ -65,6 +66,12 @@ UNCONFIRMED_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 class ConsumerRole(ChannelRole):
+    @functools.cached_property
+    def spare_streams(self) -> SpareStreams:
+        """A call stream to each provider called lately, negotiated ahead of the next call (a call
+        still uses a stream of its own: ``wire.spare_streams``)."""
+        return SpareStreams(self.host, [INFER_PROTOCOL])
+
     async def open_lease(
         self,
         provider: str,
@@ -318,9 +325,10 @@ class ConsumerRole(ChannelRole):
         """
         held = self._held(lease_id)
         request_frame = w.CallRequest(lease_id=lease_id, token=held.token, body=body).model_dump_json().encode()
+        provider = ID.from_base58(held.grant.provider)
         try:
             with trio.fail_after(timeout_s):
-                stream = await open_stream(self.host, ID.from_base58(held.grant.provider), [INFER_PROTOCOL])
+                stream = await self.spare_streams.take(provider)
                 reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
                 tokens_received = bytes_received = 0
                 texts: list[str] = []  # the reply as received (bounded by call_bytes_verdict), for its check
@@ -362,6 +370,8 @@ class ConsumerRole(ChannelRole):
                             ack_scope.shield = True
                             with contextlib.suppress(Exception):
                                 await write_frame(stream, w.CallAck().model_dump_json().encode())
+                        # The next call's stream is negotiated now, not in front of its first token.
+                        self._spawn(self.spare_streams.refill, provider)
                         await self._spot_check(held, lease_id, body, frame, "".join(texts), counted)
                         return frame
                 finally:
@@ -608,6 +618,8 @@ class ConsumerRole(ChannelRole):
         """The consumer's timer step: reread the escrow of a lease whose vouchers are not all booked
         (every ``ESCROW_CHECK_S``), and of every other escrowed lease not ended yet (every
         ``ESCROW_IDLE_CHECK_S``): a dispute ends it even if the provider's notice was lost."""
+        if self.spare_streams:  # spare call streams idle too long are closed
+            self._spawn(self.spare_streams.close_stale)
         for lease_id, held in list(self.held.items()):
             if held.escrow_id is None or held.observing:
                 continue

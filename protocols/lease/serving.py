@@ -69,7 +69,10 @@ class ServingRole(LeaseCore):
         ticket = Ticket()
         try:
             try:
-                call = w.CallRequest.model_validate_json(await reader.read_frame(self.call_read_timeout_s))
+                request = await reader.read_first_frame(self.call_read_timeout_s)
+                if request is None:  # a spare stream closed unused by its consumer: no call, no failure
+                    return
+                call = w.CallRequest.model_validate_json(request)
                 counted = self.served.get(call.lease_id)
                 if counted is not None:
                     counted.in_flight += 1
