@@ -17,9 +17,11 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -51,6 +53,48 @@ MAX_SERVERS = 2
 MAX_LEASES = 256  # leases remembered beside the market's (their servers, tunnels, usage)
 BILL_EVERY_S = 0.5  # the tokens a tunnel ran are billed this often, and when it ends
 NOT_OURS = "not_our_socket"
+SET_TENSOR = 6  # ggml-rpc's RPC_CMD_SET_TENSOR: no reply, the engine goes on to its next request at once
+# Requests a tunnel may hold back until the engine's next one (within COALESCE_S): the engine waits for
+# nothing after them, and the server gains nothing from them alone before the graph that reads them.
+HELD_COMMANDS = frozenset({SET_TENSOR})
+
+
+@dataclass
+class RequestBatch(MessageEdges):
+    """The consumer's requests, read as :class:`MessageEdges` reads them, plus which command the last
+    whole one was: a request that waits for no reply (``HELD_COMMANDS``) is held, so a token's many
+    small ``SET_TENSOR`` requests (its inputs, a few per layer) cross together with the graph that
+    reads them, one frame where each would cost its own, through Python, on both peers."""
+
+    header: int = REQUEST_HEADER
+    hold: frozenset[int] = HELD_COMMANDS
+    last: int = -1  # the command of the message begun or ended last
+
+    @property
+    def held(self) -> bool:
+        """May what was read wait for the engine's next request?"""
+        return self.last in self.hold
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        view = memoryview(chunk)
+        while len(view):
+            if self._left:
+                take = min(self._left, len(view))
+                self._left -= take
+                view = view[take:]
+                continue
+            need = self.header - len(self._head)
+            self._head += view[:need]
+            view = view[need:]
+            if len(self._head) == self.header:
+                self.last = self._head[0]
+                (self._left,) = struct.unpack_from("<Q", self._head, self.header - 8)
+                self._head.clear()
+
+
+def _waits(edges: MessageEdges) -> bool:
+    """Should a tunnel read on before it writes: a message begun and not whole, or a held request?"""
+    return edges.partial or (isinstance(edges, RequestBatch) and edges.held)
 
 
 class TunnelOpen(BaseModel):
@@ -114,7 +158,9 @@ async def _pump(
     losing bytes) a message begun is read whole, up to ``CHUNK`` and within ``COALESCE_S``, and
     written in one go: one yamux frame and one Noise message where the engine's three writes would
     each cost both, through Python, on both peers. The far end cannot act on part of a message, so
-    the wait costs nothing; a reading that misjudges an edge is bounded by ``COALESCE_S``."""
+    the wait costs nothing; a reading that misjudges an edge is bounded by ``COALESCE_S``. A
+    :class:`RequestBatch` also reads on past a whole request that waits for no reply, so the next ones
+    join it in the same write."""
     while True:
         chunk = await read(CHUNK)
         if not chunk:
@@ -123,11 +169,11 @@ async def _pump(
         ended = False
         if edges is not None:
             edges.feed(chunk)
-            if edges.partial and len(chunk) < CHUNK:
+            if _waits(edges) and len(chunk) < CHUNK:
                 parts = [chunk]
                 size = len(chunk)
                 with trio.move_on_after(COALESCE_S):
-                    while edges.partial and size < CHUNK:
+                    while _waits(edges) and size < CHUNK:
                         more = await read(CHUNK - size)
                         if not more:
                             ended = True
@@ -236,6 +282,8 @@ class LayerSeller:
         on_lost: Callable[[str], Awaitable[None]] | None = None,
         facts: Callable[[str], LayerLeaseFacts | None] | None = None,
         bill: Callable[[str, int], Awaitable[None]] | None = None,
+        cache_root: Path | None = None,
+        cache_bytes: int | None = None,
     ) -> None:
         self.host = host
         self.clock = clock
@@ -250,6 +298,10 @@ class LayerSeller:
         # Bills the tokens a lease's tunnel ran, as they run (``market_billing``); a refusal cuts it.
         self.bill = bill
         self.leases: dict[str, LayerLease] = {}
+        # Where each consumer's servers keep uploaded tensors (ggml-rpc's cache; one folder a consumer),
+        # and that root's bound in bytes (runtime.split.server); None: no cache.
+        self.cache_root = cache_root
+        self.cache_bytes = cache_bytes
 
     def mount(self) -> None:
         self.host.set_stream_handler(LAYERS_PROTOCOL, self._handle)
@@ -342,7 +394,11 @@ class LayerSeller:
     async def _server_of(self, lease: LayerLease) -> RpcServerProcess:
         if lease.server is not None and lease.server.alive:
             return lease.server
-        kwargs = {"memory_bytes": self.memory_bytes} if self.memory_bytes else {}
+        kwargs: dict[str, Any] = {"memory_bytes": self.memory_bytes} if self.memory_bytes else {}
+        if self.cache_root is not None:
+            kwargs |= {"cache_root": self.cache_root, "consumer": lease.consumer}
+            if self.cache_bytes:
+                kwargs["cache_bytes"] = self.cache_bytes
         server = RpcServerProcess(threads=self.threads, sandbox=self.sandbox, **kwargs)
         lease.server = server
         server.spawn()  # on the event loop's thread, which outlives the server (see spawn)
@@ -515,7 +571,7 @@ async def _carry(
                 on_tokens(meter.tokens - before)  # counted before the seller's receipt can ask for them
 
         try:
-            await _splice(stream, sock, lambda chunk: meter.down(len(chunk)), sent, MessageEdges(REQUEST_HEADER))
+            await _splice(stream, sock, lambda chunk: meter.down(len(chunk)), sent, RequestBatch())
         finally:
             tunnel.live.remove(meter)
             tunnel.meter_total.add(meter)

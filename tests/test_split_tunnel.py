@@ -1,0 +1,65 @@
+"""A layer tunnel's consumer side batches the engine's requests that wait for no reply."""
+
+from __future__ import annotations
+
+import struct
+
+import trio
+
+from protocols.lease import layers
+
+
+def request(command: int, payload: bytes) -> bytes:
+    return bytes([command]) + struct.pack("<Q", len(payload)) + payload
+
+
+async def _carried(sends: list[tuple[bytes, float]]) -> tuple[list[bytes], list[bytes]]:
+    """What a consumer-side pump writes to its stream for the engine's ``sends`` (bytes, pause after)."""
+    engine, tunnel_end = trio.socket.socketpair()
+    near, far = trio.SocketStream(engine), trio.SocketStream(tunnel_end)
+    written: list[bytes] = []
+    counted: list[bytes] = []
+
+    async def write(chunk: bytes) -> None:
+        written.append(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            layers._pump, lambda n: layers._socket_read(far, n), write, counted.append, layers.RequestBatch()
+        )
+        for data, pause in sends:
+            await near.send_all(data)
+            await trio.sleep(pause)
+        await near.aclose()
+    assert b"".join(counted) == b"".join(written)  # metering sees every byte once
+    return written, counted
+
+
+async def test_set_tensors_cross_with_the_graph_that_reads_them_in_one_write() -> None:
+    sets = [request(layers.SET_TENSOR, bytes([i]) * 40) for i in range(6)]
+    graph = request(10, b"g" * 500)
+    get = request(8, b"o" * 24)
+    sends = [(data, 0.001) for data in sets] + [(graph, 0.05), (get, 0.05)]
+    written, _ = await _carried(sends)
+    assert written[0] == b"".join(sets) + graph  # the inputs wait for the graph, which goes at once
+    assert written[1] == get  # a request with a reply is never held
+
+
+async def test_a_held_request_goes_on_after_the_bound() -> None:
+    held = request(layers.SET_TENSOR, b"x" * 64)
+    with trio.fail_after(5):
+        written, _ = await _carried([(held, layers.COALESCE_S * 8), (request(8, b""), 0.02)])
+    assert written[0] == held  # the engine sent nothing more: it crossed alone, within COALESCE_S
+    assert len(written) == 2
+
+
+def test_request_batch_knows_the_last_command_however_split() -> None:
+    wire = request(10, b"g" * 30) + request(layers.SET_TENSOR, b"s" * 7)
+    for cut in range(1, len(wire)):
+        batch = layers.RequestBatch()
+        batch.feed(wire[:cut])
+        batch.feed(wire[cut:])
+        assert not batch.partial and batch.held
+    batch = layers.RequestBatch()
+    batch.feed(request(layers.SET_TENSOR, b"s") + request(8, b"")[:5])
+    assert batch.partial  # a get begun: read on for the rest of it
