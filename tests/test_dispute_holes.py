@@ -7,6 +7,7 @@ loopback, real SQLite ledgers and the embedded chain. Each test failed on the co
 - a kept case whose resumption raised stopped ``resume_cases``: the cases after it waited for the
   next start (``resume_case_action``, ``resume_retry_delay``);
 - a case the arbiter could not decide was re-run as often as it was sent (``rerun_verdict``);
+- the arbiter's signature checks of a case (a few ms of crypto each) ran on the trio loop;
 - kept cases were bounded by count only, though each may be MiBs (``dispute_cases.MAX_CASE_BYTES``).
 """
 
@@ -16,7 +17,9 @@ import dataclasses
 import logging
 import os
 import secrets
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,14 +28,24 @@ import trio
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from node.daemon import Node
-from protocols.lease.arbiter import DISPUTE_PROTOCOL, MAX_DISPUTE_FRAME, LeaseDisputeCase, LeaseDisputeOutcome
+from protocols.lease import arbiter as arbiter_module
+from protocols.lease.arbiter import DISPUTE_PROTOCOL, MAX_DISPUTE_FRAME, OUTCOME, LeaseDisputeCase, LeaseDisputeOutcome
 from protocols.lease.base import ACK
 from protocols.machines import dispute as rules
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.escrow import client as escrow_client
 from runtime.ledger import dispute_cases
 from runtime.ledger.dispute_cases import CaseRow
 from runtime.ledger.store import LedgerStore
-from runtime.verify.evidence import CallProof, CommitmentBody, DisputePackage, SignedCommitment, ids_sha256, text_sha256
+from runtime.verify.evidence import (
+    CallProof,
+    CommitmentBody,
+    DisputePackage,
+    SignedCommitment,
+    ids_sha256,
+    sign_commitment,
+    text_sha256,
+)
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, SharedChain, market_nodes
 from wire.rpc import request
 
@@ -59,8 +72,9 @@ def test_kept_cases_are_bounded_by_bytes_as_well_as_by_count(tmp_path: Path, mon
     assert [row.lease_id for row in dispute_cases.load(store)] == ["f" * 64]  # the newest is always kept
 
 
-def _package(lease_id: str, provider: str, *, text: str = "x") -> DisputePackage:
-    """Evidence as a consumer keeps it (the provider's signature is not checked before the re-run)."""
+def _package(lease_id: str, provider: str, *, text: str = "x", key: Any = None) -> DisputePackage:
+    """Evidence as a consumer keeps it: signed by ``key`` (the provider's receipt key) when given, which
+    makes it bind the escrow (``package_binds``); else with a signature nobody checks before the re-run."""
     body = CommitmentBody(
         v=2,
         lease_id=lease_id,
@@ -75,7 +89,8 @@ def _package(lease_id: str, provider: str, *, text: str = "x") -> DisputePackage
         prompt_sha256=ids_sha256([1]),
         text_sha256=text_sha256(text),
     )
-    proof = CallProof(commitment=SignedCommitment(body=body, sig="AA=="), tokens=[1], chunks=[])
+    signed = sign_commitment(body, key) if key is not None else SignedCommitment(body=body, sig="AA==")
+    proof = CallProof(commitment=signed, tokens=[1], chunks=[])
     return DisputePackage(lease_id=lease_id, proof=proof, prompt_ids=[1], text=text)
 
 
@@ -127,6 +142,12 @@ def test_the_rules_refuse_with_stable_reasons() -> None:
             (True, "none", False),
         ]
     ] == ["drop", "record", "drop", "freeze_and_send", "send", "drop"]
+    lease_limit, peer_limit = rules.MAX_RERUNS_PER_LEASE, rules.MAX_RERUNS_PER_PEER
+    assert rules.rerun_verdict(lease_reruns=lease_limit - 1, peer_reruns=peer_limit - 1) is None
+    assert [
+        (r.code, r.reason) if (r := rules.rerun_verdict(lease_reruns=lease, peer_reruns=peer)) else None
+        for lease, peer in [(lease_limit, 0), (0, peer_limit)]
+    ] == [(ErrorCode.CONFLICT, "rerun_limit"), (ErrorCode.RATE_LIMITED, "peer_rerun_limit")]
     assert [rules.resume_retry_delay(n) for n in range(4)] == [None, *rules.RESUME_RETRY_S, None]
 
 
@@ -244,3 +265,67 @@ async def test_a_kept_case_that_fails_to_resume_does_not_hold_up_the_others(
         assert len(tries) == 1 + len(rules.RESUME_RETRY_S)  # tried again a bounded number of times, then left
         assert all(stuck.hex()[:12] in line and "E_" in line for line in tries)  # logged with a stable code
         assert any("left for the next start" in r.getMessage() for r in caplog.records)
+
+
+async def _frozen_case(consumer: Node, arbiter_wallet: str, provider: Node) -> LeaseDisputeCase:
+    """A lease escrow of the consumer's wallet, frozen by it, and its signed case with evidence that
+    ``provider`` signed."""
+    payer_client = _client(consumer).for_account(_client(consumer).account)
+    escrow_id, payer = secrets.token_bytes(32), payer_client.account.address
+    deadline = payer_client.chain.now() + 60
+    await trio.to_thread.run_sync(
+        lambda: payer_client.lock(
+            escrow_id, payee="0x" + "12" * 20, arbiter=arbiter_wallet, amount=10**15, deadline=deadline, window=60
+        )
+    )
+    await trio.to_thread.run_sync(payer_client.dispute, payer, escrow_id)
+    signed = await trio.to_thread.run_sync(payer_client.sign_dispute_case, escrow_id, 0)
+    return LeaseDisputeCase(
+        lease_id=escrow_id.hex(),
+        payer=payer,
+        package=_package(escrow_id.hex(), _peer(provider), key=provider.market.receipt_key),
+        owed_if_honest=0,
+        payer_sig="0x" + signed.hex(),
+    )
+
+
+async def test_a_case_the_arbiter_cannot_decide_is_not_re_run_without_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rules, "MAX_RERUNS_PER_PEER", rules.MAX_RERUNS_PER_LEASE + 1)
+    on_loop: list[bool] = []  # for each signature check of a case: whether it ran on the trio loop's thread
+
+    def watched(check: Any) -> Any:
+        def run(*args: Any) -> Any:
+            on_loop.append(threading.current_thread() is threading.main_thread())
+            return check(*args)
+
+        return run
+
+    monkeypatch.setattr(escrow_client, "dispute_case_signer", watched(escrow_client.dispute_case_signer))
+    monkeypatch.setattr(arbiter_module, "package_binds", watched(arbiter_module.package_binds))
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(b"GGUF" + bytes(60))  # the arbiter's copy of the file, which it cannot load: undecided
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    async with market_nodes([{}, {"wallet_key": shared.arbiter.key.hex()}], chain=shared) as (nodes, _):
+        consumer, arbiter = nodes
+        arbiter.market.verifying.local_model = lambda sha256: SimpleNamespace(path=copy)
+        first, second = [await _frozen_case(consumer, shared.arbiter.address, consumer) for _ in range(2)]
+
+        async def send(case: LeaseDisputeCase) -> LeaseDisputeOutcome:
+            return await request(
+                consumer.host, arbiter.host.get_id(), DISPUTE_PROTOCOL, case, OUTCOME, max_frame=MAX_DISPUTE_FRAME
+            )
+
+        for _ in range(rules.MAX_RERUNS_PER_LEASE):
+            assert (await send(first)).outcome == "undecided"  # re-run, and nothing resolved
+        with pytest.raises(ClawnodeError) as refused:  # sent again for a fresh re-run
+            await send(first)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.CONFLICT, "rerun_limit")
+        state = await trio.to_thread.run_sync(_client(consumer).get, first.payer, bytes.fromhex(first.lease_id))
+        assert state.phase == "disputed"  # frozen for a person, as before
+        assert (await send(second)).outcome == "undecided"
+        with pytest.raises(ClawnodeError) as refused:  # the same peer, another lease, past its rate
+            await send(second)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.RATE_LIMITED, "peer_rerun_limit")
+    assert on_loop and not any(on_loop)

@@ -31,7 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from protocols import lease_wire as w
 from protocols.lease.base import ACK, PUSH_TIMEOUT_S, LeaseCore, log
 from protocols.machines.dispute import (
+    MAX_RERUN_LEASES,
+    MAX_RERUN_PEERS,
+    RERUN_WINDOW_S,
     ToldOutcomeFacts,
+    rerun_verdict,
     resume_case_action,
     resume_retry_delay,
     told_outcome_verdict,
@@ -466,6 +470,15 @@ class DisputeRole(LeaseCore):
 
         state = await client.chain.run(client.get, case.payer, escrow_id)
         package = case.package
+        case_signer = await trio.to_thread.run_sync(
+            dispute_case_signer,
+            client.chain.chain_id,
+            client.address,
+            case.payer,
+            escrow_id,
+            case.owed_if_honest,
+            case.payer_sig,
+        )
         enforce(
             lease_case_verdict(
                 LeaseCaseFacts(
@@ -477,14 +490,7 @@ class DisputeRole(LeaseCore):
                     phase=state.phase,
                     threshold=state.threshold,
                     payer=case.payer,
-                    case_signer=dispute_case_signer(
-                        client.chain.chain_id,
-                        client.address,
-                        case.payer,
-                        escrow_id,
-                        case.owed_if_honest,
-                        case.payer_sig,
-                    ),
+                    case_signer=case_signer,
                 )
             )
         )
@@ -494,7 +500,8 @@ class DisputeRole(LeaseCore):
             raise ClawnodeError(
                 ErrorCode.NOT_FOUND, "this arbiter holds no copy of the file the proof names", "arbiter_no_file"
             )
-        bound = package_binds(package, case.lease_id, body.provider, ed25519_public_key)
+        self._admit_rerun(case.lease_id, consumer)
+        bound = await trio.to_thread.run_sync(package_binds, package, case.lease_id, body.provider, ed25519_public_key)
         try:
             spot: SpotCheck | None = await trio.to_thread.run_sync(_recheck, model.path, package)
         except ValueError:  # longer than this arbiter's context
@@ -530,6 +537,25 @@ class DisputeRole(LeaseCore):
             self._spawn(self._tell_provider, body.provider, outcome)
         return outcome
 
+    def _admit_rerun(self, lease_id: str, peer: str) -> None:
+        """Count a re-run of the lease's case asked by ``peer``, or refuse it (``rerun_verdict``): a case
+        left undecided keeps its escrow frozen, and sending it again must not buy fresh re-runs without end.
+        Counts are kept in memory (bounded), so an arbiter that restarts grants each lease its re-runs again."""
+        leases: dict[str, int] = getattr(self, "_reruns", {})
+        peers: dict[str, list[float]] = getattr(self, "_reruns_by_peer", {})
+        self._reruns, self._reruns_by_peer = leases, peers
+        now = trio.current_time()
+        recent = [at for at in peers.pop(peer, []) if now - at < RERUN_WINDOW_S]
+        if recent:
+            peers[peer] = recent
+        enforce(rerun_verdict(lease_reruns=leases.get(lease_id, 0), peer_reruns=len(recent)))
+        leases[lease_id] = leases.pop(lease_id, 0) + 1
+        peers[peer] = [*recent, now]
+        while len(leases) > MAX_RERUN_LEASES:
+            leases.pop(next(iter(leases)))
+        while len(peers) > MAX_RERUN_PEERS:
+            peers.pop(next(iter(peers)))
+
     async def _countersigned(self, provider: str, consumer: str, lease_id: str, client: Any, payer: str) -> int:
         """What the provider's newest countersigned receipt says is owed: one the case's sender
         countersigned, or one whose voucher the escrow's payer signed for exactly its amount (so a payer
@@ -551,24 +577,11 @@ class DisputeRole(LeaseCore):
             log.info("lease %s: the provider sent no receipt (%s)", lease_id[:12], error.code)
             return 0
         receipt = answer.receipt
-        if receipt is None:
+        if receipt is None or (receipt.body.lease_id, receipt.body.provider) != (lease_id, provider):
             return 0
-        body = receipt.body
-        if (body.lease_id, body.provider) != (lease_id, provider):
-            return 0
-        try:
-            verify_countersigned(receipt, ed25519_public_key)
-        except ClawnodeError:
-            return 0
-        if body.consumer == consumer:
-            return body.amount
-        from runtime.escrow.client import voucher_signer  # web3 is loaded once a chain is connected
-
-        if receipt.voucher is None:
-            return 0
-        escrow_id = bytes.fromhex(lease_id)
-        signer = voucher_signer(client.chain.chain_id, client.address, payer, escrow_id, body.amount, receipt.voucher)
-        return body.amount if signer is not None and signer.lower() == payer.lower() else 0
+        chain_id, contract = client.chain.chain_id, client.address
+        owed = await trio.to_thread.run_sync(_receipt_owed, receipt, chain_id, contract, payer, consumer)
+        return owed or 0
 
     async def _tell_provider(self, provider: str, outcome: LeaseDisputeOutcome) -> None:
         peer = _peer(provider)
@@ -636,19 +649,11 @@ class DisputeRole(LeaseCore):
     async def _vouched(self, client: Any, ask: LeaseStaleFreeze, sender: str) -> int | None:
         """The amount of the sender's receipt for this lease, countersigned and carrying the payer's
         voucher for exactly that amount on this escrow; None when it is not that."""
-        receipt, body = ask.receipt, ask.receipt.body
-        if (body.lease_id, body.provider) != (ask.lease_id, sender) or receipt.voucher is None:
+        body = ask.receipt.body
+        if (body.lease_id, body.provider) != (ask.lease_id, sender):
             return None
-        try:
-            verify_countersigned(receipt, ed25519_public_key)
-        except ClawnodeError:
-            return None
-        from runtime.escrow.client import voucher_signer  # web3 is loaded once a chain is connected
-
-        signer = voucher_signer(
-            client.chain.chain_id, client.address, ask.payer, bytes.fromhex(ask.lease_id), body.amount, receipt.voucher
-        )
-        return body.amount if signer is not None and signer.lower() == ask.payer.lower() else None
+        chain_id, contract = client.chain.chain_id, client.address
+        return await trio.to_thread.run_sync(_receipt_owed, ask.receipt, chain_id, contract, ask.payer, None)
 
     # ================= provider =================
 
@@ -823,6 +828,25 @@ class DisputeRole(LeaseCore):
         )
         log.info("lease %s: dispute resolved, %d to the provider, %d back", lease_id[:12], to_payee, to_payer)
         return True
+
+
+def _receipt_owed(receipt: SignedReceipt, chain_id: int, contract: str, payer: str, consumer: str | None) -> int | None:
+    """What a provider's receipt of a lease says is owed, when it holds (blocking: a few ms of signature
+    checks, run on a worker thread): countersigned, and either countersigned by ``consumer`` or carrying
+    the escrow payer's voucher for exactly its amount on the lease's escrow; None when it does not."""
+    body = receipt.body
+    try:
+        verify_countersigned(receipt, ed25519_public_key)
+    except ClawnodeError:
+        return None
+    if consumer is not None and body.consumer == consumer:
+        return body.amount
+    if receipt.voucher is None:
+        return None
+    from runtime.escrow.client import voucher_signer  # web3 is loaded once a chain is connected
+
+    signer = voucher_signer(chain_id, contract, payer, bytes.fromhex(body.lease_id), body.amount, receipt.voucher)
+    return body.amount if signer is not None and signer.lower() == payer.lower() else None
 
 
 def _escrow_of(lease_id: str) -> bytes | None:

@@ -71,9 +71,10 @@ MAX_RERUN_PEERS = 1024  # peers whose recent re-runs are kept
 def rerun_verdict(*, lease_reruns: int, peer_reruns: int) -> Refusal | None:
     """Whether the arbiter re-runs a case (a few seconds of inference on its own copy of the file):
     a case it could not decide (``undecided``: the escrow stays frozen for a person) is not re-run again
-    and again because its sender asks, nor are one peer's cases past a rate."""
+    and again because its sender asks (``E_CONFLICT``: sending it again changes nothing, a person decides
+    it), nor are one peer's cases past a rate (``E_RATE_LIMITED``: later, it may)."""
     if lease_reruns >= MAX_RERUNS_PER_LEASE:
-        return Refusal(ErrorCode.RATE_LIMITED, "rerun_limit", "this lease's case was re-run as often as it is")
+        return Refusal(ErrorCode.CONFLICT, "rerun_limit", "this lease's case was re-run as often as it may be")
     if peer_reruns >= MAX_RERUNS_PER_PEER:
         return Refusal(ErrorCode.RATE_LIMITED, "peer_rerun_limit", "this peer asked for too many re-runs lately")
     return None
