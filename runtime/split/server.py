@@ -13,6 +13,7 @@ when it crashes or is killed, the lease it serves ends, the node goes on.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import socket
@@ -24,13 +25,14 @@ import time
 from pathlib import Path
 
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.split.sandbox import bwrap_available, code_root, limits_argv, sandbox_argv
 
-BWRAP = "/usr/bin/bwrap"
-PRLIMIT = "/usr/bin/prlimit"
 SOCKET_NAME = "rpc.sock"
 START_TIMEOUT_S = 20.0
 RELAY_CHUNK = 1 << 16
 DEFAULT_MEMORY_BYTES = 4 << 30  # address space: the layers held, their KV cache, the compute buffers
+DEFAULT_CACHE_BYTES = 2 << 30  # a tensor cache folder at most (ggml-rpc's SET_TENSOR_HASH)
+CACHE_PRUNE_S = 1.0
 SERVER_FAILED = "layer_server_failed"  # stable reason: the lease's RPC server did not start or died
 
 
@@ -76,12 +78,58 @@ def _relay(listener: socket.socket, port: int) -> None:
         upstream.close()
 
 
+def layer_cache_dir(root: Path, consumer: str) -> Path:
+    """The tensor cache folder of one consumer (a peer id) under the seller's cache ``root``. One
+    folder per consumer: ggml-rpc names a cached tensor by a 64-bit FNV-1a hash of its bytes, which a
+    client can collide on purpose, so a shared folder would let one consumer plant the tensor another
+    consumer's upload is answered with."""
+    return root / hashlib.sha256(consumer.encode()).hexdigest()[:32]
+
+
+def prune_cache(folder: Path, max_bytes: int) -> int:
+    """Keep ggml-rpc's tensor cache ``folder`` (its files, and those of its folders one level down:
+    a cache root's consumers) within ``max_bytes``: the files used longest ago go first (a cache hit
+    reads a file, a miss writes one). Returns the bytes left."""
+    files: list[tuple[float, int, Path]] = []
+    folders = [folder]
+    while folders:
+        current = folders.pop()
+        with contextlib.suppress(OSError), os.scandir(current) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False) and current == folder:
+                        folders.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=False):
+                        stat = entry.stat(follow_symlinks=False)
+                        files.append((max(stat.st_atime, stat.st_mtime), stat.st_size, Path(entry.path)))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+            total -= size
+    return total
+
+
+def _keep_pruned(folder: Path, max_bytes: int) -> None:
+    while True:
+        with contextlib.suppress(OSError):
+            prune_cache(folder, max_bytes)
+        time.sleep(CACHE_PRUNE_S)
+
+
 def main(argv: list[str]) -> None:
     from runtime.split import rpc
 
     socket_path, threads = argv[0], int(argv[1])
+    # A tensor cache folder and its bound in bytes: large tensors a client uploads are kept there by
+    # their hash, and a later upload of the same tensor is a hash, not the bytes.
+    cache_dir = argv[2] if len(argv) > 3 else None
+    if cache_dir is not None:
+        threading.Thread(target=_keep_pruned, args=(Path(cache_dir), int(argv[3])), daemon=True).start()
     if socket_path.startswith("tcp:"):  # plain ggml-rpc on a loopback port (benches' baseline)
-        rpc.serve(f"127.0.0.1:{int(socket_path[4:])}", threads)
+        rpc.serve(f"127.0.0.1:{int(socket_path[4:])}", threads, cache_dir)
         sys.exit(3)
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
@@ -92,46 +140,57 @@ def main(argv: list[str]) -> None:
     listener.listen(1)
     os.rename(socket_path + ".tmp", socket_path)  # appears only once it accepts
     threading.Thread(target=_relay, args=(listener, port), daemon=True).start()
-    rpc.serve(f"127.0.0.1:{port}", threads)  # returns only if the server could not start
+    rpc.serve(f"127.0.0.1:{port}", threads, cache_dir)  # returns only if the server could not start
     sys.exit(3)
 
 
 class RpcServerProcess:
     """One lease's RPC server process; ``socket_path`` is where the tunnel connects."""
 
-    def __init__(self, *, threads: int = 1, memory_bytes: int = DEFAULT_MEMORY_BYTES, sandbox: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        threads: int = 1,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        sandbox: bool = True,
+        cache_root: Path | None = None,
+        consumer: str = "",
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        """``cache_root``: the seller's tensor cache, a folder of its own (made mode 0700). The server
+        keeps the large tensors (over 10 MiB) the lease's ``consumer`` uploads in that consumer's
+        folder there (``layer_cache_dir``), by hash, so that the consumer's next placement sends their
+        hashes instead of their bytes (ggml-rpc's SET_TENSOR_HASH). The root is pruned to
+        ``cache_bytes`` when a server starts, and a running server keeps its own folder within it.
+        None: no cache."""
         self.threads = max(1, threads)
         self.memory_bytes = memory_bytes
-        self.sandbox = sandbox and os.access(BWRAP, os.X_OK)
+        self.cache_root = cache_root
+        self.cache_dir = layer_cache_dir(cache_root, consumer) if cache_root is not None else None
+        self.cache_bytes = cache_bytes
+        self.sandbox = sandbox and bwrap_available()
         self._dir = Path(tempfile.mkdtemp(prefix="clawnode-layers-"))
         os.chmod(self._dir, 0o700)
         self.socket_path = str(self._dir / SOCKET_NAME)
         self._proc: subprocess.Popen[bytes] | None = None
 
     def _argv(self) -> list[str]:
-        code_root = str(Path(__file__).resolve().parents[2])
         command = [sys.executable, "-m", "runtime.split.server", self.socket_path, str(self.threads)]
+        if self.cache_dir is not None:
+            command += [str(self.cache_dir), str(self.cache_bytes)]
         if not self.sandbox:
             return command
-        argv = [BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
-        argv += ["--setenv", "PATH", "/usr/bin:/bin", "--setenv", "PYTHONPATH", code_root]
-        argv += ["--setenv", "GGML_RPC_NO_RDMA", "1", "--setenv", "OMP_WAIT_POLICY", "PASSIVE"]
-        argv += ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib"]
-        argv += ["--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-        mounted: list[str] = ["/usr"]
-        for folder in (sys.base_prefix, sys.prefix, code_root + "/runtime", *self._library_folders()):
-            if not any(folder == m or folder.startswith(m + "/") for m in mounted):
-                argv += ["--ro-bind", folder, folder]
-                mounted.append(folder)
-        argv += ["--bind", str(self._dir), str(self._dir), "--chdir", "/tmp", "--"]
-        return argv + command
+        writable = [str(self._dir)] + ([str(self.cache_dir)] if self.cache_dir is not None else [])
+        return sandbox_argv(command, env=self._env(), writable=writable)
 
     @staticmethod
-    def _library_folders() -> list[str]:
-        from runtime.split import rpc
-
-        lib = rpc.library_dir()
-        return [str(lib.parent.resolve())] if lib is not None else []
+    def _env() -> dict[str, str]:
+        return {
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": code_root(),
+            "GGML_RPC_NO_RDMA": "1",
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
 
     def start(self) -> None:
         """Start the process and wait until its socket accepts (blocks)."""
@@ -142,15 +201,16 @@ class RpcServerProcess:
         """Start the process. Call it from a thread that lives as long as the server should:
         bubblewrap's ``--die-with-parent`` ends the sandbox when the thread that started it ends
         (a worker thread retired from a pool would take the server with it)."""
-        argv = self._argv()
-        if os.access(PRLIMIT, os.X_OK):
-            argv = [PRLIMIT, f"--as={self.memory_bytes}", "--nofile=64", "--core=0", "--", *argv]
+        if self.cache_root is not None and self.cache_dir is not None:
+            for folder in (self.cache_root, self.cache_dir):
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(folder, 0o700)
+            prune_cache(self.cache_root, self.cache_bytes)
+        argv = limits_argv(self._argv(), self.memory_bytes)
         # Not the node's environment: it may hold the wallet key or tokens (CLAWNODE_*), and without
         # bubblewrap (whose --clearenv drops it) a stranger's graph runs in this process.
-        env = {"PATH": "/usr/bin:/bin", "GGML_RPC_NO_RDMA": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
         self._proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self._env()
         )
 
     def wait_ready(self) -> None:
