@@ -57,6 +57,7 @@ from wire.framing import FrameReader, write_frame
 from wire.rpc import parse_reply, request
 from wire.signed import open_base64, seal, to_base64
 from wire.spare_streams import SpareStreams
+from wire.yamux_window import WindowedReader
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient
@@ -329,7 +330,7 @@ class ConsumerRole(ChannelRole):
         try:
             with trio.fail_after(timeout_s):
                 stream = await self.spare_streams.take(provider)
-                reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
+                reader = FrameReader(WindowedReader(stream), max_frame=MAX_CALL_FRAME)
                 tokens_received = bytes_received = 0
                 texts: list[str] = []  # the reply as received (bounded by call_bytes_verdict), for its check
                 last_frame = False  # the provider's end or error frame arrived: nothing is left in flight

@@ -45,6 +45,7 @@ from runtime.verify.evidence import call_proof
 from runtime.verify.provider import CallRecorder, verifiable
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
+from wire.yamux_window import WindowedReader
 
 
 class ServingRole(LeaseCore):
@@ -63,7 +64,7 @@ class ServingRole(LeaseCore):
 
     async def _handle_call(self, stream: INetStream) -> None:
         remote = str(stream.muxed_conn.peer_id)
-        reader = FrameReader(stream, max_frame=MAX_CALL_FRAME)
+        reader = FrameReader(WindowedReader(stream), max_frame=MAX_CALL_FRAME)
         end: w.CallEnd | None = None
         counted: ServedLease | None = None
         ticket = Ticket()
