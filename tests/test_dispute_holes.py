@@ -8,6 +8,8 @@ loopback, real SQLite ledgers and the embedded chain. Each test failed on the co
   next start (``resume_case_action``, ``resume_retry_delay``);
 - a case the arbiter could not decide was re-run as often as it was sent (``rerun_verdict``);
 - the arbiter's signature checks of a case (a few ms of crypto each) ran on the trio loop;
+- a provider's sweep for claims a silent freeze holds up read only the newest settlements: any newer
+  ones (its own claims and withdrawals, a stranger's many small leases) hid the held claim for good;
 - kept cases were bounded by count only, though each may be MiBs (``dispute_cases.MAX_CASE_BYTES``).
 """
 
@@ -27,6 +29,7 @@ import trio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from node.config import MarketSection
 from node.daemon import Node
 from protocols.lease import arbiter as arbiter_module
 from protocols.lease.arbiter import DISPUTE_PROTOCOL, MAX_DISPUTE_FRAME, OUTCOME, LeaseDisputeCase, LeaseDisputeOutcome
@@ -329,3 +332,41 @@ async def test_a_case_the_arbiter_cannot_decide_is_not_re_run_without_end(
             await send(second)
         assert (refused.value.code, refused.value.reason) == (ErrorCode.RATE_LIMITED, "peer_rerun_limit")
     assert on_loop and not any(on_loop)
+
+
+async def test_a_claim_held_by_a_silent_freeze_is_found_however_many_settlements_came_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The sweep took the newest STALE_SCAN (200) settlements; here one newer settlement stands for them.
+    monkeypatch.setattr(arbiter_module, "STALE_SCAN", 1)
+    fast = MarketSection(receipt_every_units=1, receipt_every_s=1, countersign_timeout_s=2)  # type: ignore[call-arg]
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    specs = [{"offers": (WORD_OFFER,), "market": fast}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    async with market_nodes(specs, chain=shared) as (nodes, _):
+        provider, consumer, arbiter = nodes
+        provider.market.arbiter_peer = _peer(arbiter)
+        lease = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 20, duration_s=60)
+        await consumer.market.call(lease.lease_id, {"prompt": "one two three"})
+        with trio.fail_after(10):
+            while not (owed := await provider.ledger.countersigned_amount(lease.lease_id)):
+                await trio.sleep(0.05)
+        payer, escrow_id = _client(consumer).account.address, bytes.fromhex(lease.lease_id)
+        await trio.to_thread.run_sync(_client(consumer).dispute, payer, escrow_id)  # frozen, no case ever sent
+        state = await trio.to_thread.run_sync(_client(consumer).get, payer, escrow_id)
+        await trio.to_thread.run_sync(shared.chain.time_travel, state.deadline + state.window - shared.chain.now() + 5)
+        await provider.ledger.enqueue_claim(lease.lease_id)
+        provider.market.wake_settlement()
+        with trio.fail_after(10):  # the settler finds the escrow frozen: the claim waits
+            while not any(
+                r.lease_id == lease.lease_id and r.last_error == "disputed"
+                for r in await provider.ledger.list_settlements(limit=10)
+            ):
+                await trio.sleep(0.05)
+        await trio.sleep(1.1)  # the ledger's clock counts seconds: the next settlement is newer
+        await provider.ledger.enqueue_withdraw(idempotency_key="later")
+
+        with trio.fail_after(10):
+            while not await provider.market.stale_freeze_pass():
+                await trio.sleep(0.1)
+        closed = await trio.to_thread.run_sync(_client(consumer).get, payer, escrow_id)
+        assert (closed.phase, closed.released) == ("closed", owed)  # paid what the payer vouched

@@ -152,7 +152,7 @@ OUTCOME = TypeAdapter(LeaseDisputeOutcome)
 RECEIPT_ANSWER = TypeAdapter(LeaseReceiptAnswer)
 RECEIPTS_SCANNED = 8  # the provider's newest receipts of a lease among which it finds the countersigned one
 STALE_SWEEP_S = 600.0  # how often a provider looks for claims an escrow frozen without a case holds up
-STALE_SCAN = 200  # settlements read per sweep
+STALE_SCAN = 200  # claims held up by a freeze taken per sweep (the longest held first)
 
 
 class DisputeRole(LeaseCore):
@@ -698,34 +698,28 @@ class DisputeRole(LeaseCore):
             return 0
         ended = 0
         try:
-            rows = await self.ledger.list_settlements(limit=STALE_SCAN)
-            held = sorted(
-                {
-                    r.lease_id
-                    for r in rows
-                    if r.lease_id and r.kind == "claim" and r.state == "pending" and r.last_error == "disputed"
-                }
-            )
-            for lease_id in held:
-                lease = await self.ledger.get_lease(lease_id)
-                if lease.role != "provider" or lease.escrow is None:
-                    continue
-                state = await client.chain.run(
-                    client.get, lease.escrow.payer, bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
-                )
-                if (
-                    state.phase != "disputed"
-                    or await client.chain.run(client.chain.now) <= state.deadline + state.window
-                ):
-                    continue
-                try:
-                    await self.end_stale_freeze(lease_id)
-                    ended += 1
-                except ClawnodeError as error:
-                    log.info("lease %s: the freeze was not ended (%s %s)", lease_id[:12], error.code, error.reason)
-        except Exception as error:  # noqa: BLE001 - the chain or the disk failing: the next sweep asks again
-            log.warning("frozen escrows were not looked at (%s)", type(error).__name__)
+            held = await self.ledger.claims_held_by_disputes(limit=STALE_SCAN)
+        except Exception as error:  # noqa: BLE001 - the disk failing: the next sweep asks again
+            log.warning("frozen escrows were not looked at (%s)", _code_of(error))
+            return 0
+        for lease_id in held:  # one that fails does not hold up the others
+            try:
+                ended += await self._end_if_stale(client, lease_id)
+            except Exception as error:  # noqa: BLE001 - the chain or the arbiter failing: the next sweep asks again
+                log.info("lease %s: the freeze was not ended (%s)", lease_id[:12], _code_of(error))
         return ended
+
+    async def _end_if_stale(self, client: Any, lease_id: str) -> int:
+        """1 when the lease's escrow was frozen past deadline + window and the arbiter ended the freeze."""
+        lease = await self.ledger.get_lease(lease_id)
+        if lease.role != "provider" or lease.escrow is None:
+            return 0
+        escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
+        state = await client.chain.run(client.get, lease.escrow.payer, escrow_id)
+        if state.phase != "disputed" or await client.chain.run(client.chain.now) <= state.deadline + state.window:
+            return 0
+        await self.end_stale_freeze(lease_id)
+        return 1
 
     # ================= provider: told =================
 

@@ -6,9 +6,10 @@ the escrow, and deletes it once the arbiter answered or the chain shows the escr
 that restarts in between reads the kept cases back and sends them again while the escrow is frozen
 (``protocols.lease.arbiter.DisputeRole.resume_cases``), so a frozen escrow does not wait for a person
 only because the consumer stopped. The case's JSON is validated by the protocol's model where it is read
-back; this is storage. Bounded: the :data:`MAX_CASES` newest cases are kept, and of those only the newest
-that add up to :data:`MAX_CASE_BYTES` (the newest case is always kept, whatever its size: a case is read
-within the dispute protocol's 16 MiB frame).
+back; this is storage (and :func:`held_claims`, the provider's side: claims a freeze holds up).
+Bounded: the :data:`MAX_CASES` newest cases are kept, and of those only the newest that add up to
+:data:`MAX_CASE_BYTES` (the newest is always kept, whatever its size: a case is read within the dispute
+protocol's 16 MiB frame).
 """
 
 from __future__ import annotations
@@ -67,3 +68,16 @@ def load(store: LedgerStore) -> list[CaseRow]:
             (MAX_CASES,),
         ).fetchall()
     return [CaseRow(*row) for row in rows]
+
+
+def held_claims(store: LedgerStore, limit: int) -> list[str]:
+    """The leases whose pending claim a frozen escrow holds up (the settler's last try found it disputed),
+    the longest held first, at most ``limit`` (blocking): what a provider takes to the arbiter once the
+    payer's time to send a case has passed, however many settlements came after."""
+    with store._read() as conn:
+        rows = conn.execute(
+            "SELECT lease_id FROM settlements WHERE state = 'pending' AND kind = 'claim' AND last_error = 'disputed'"
+            " AND lease_id IS NOT NULL GROUP BY lease_id ORDER BY MIN(created_at), lease_id LIMIT ?",
+            (limit,),
+        ).fetchall()
+    return [row[0] for row in rows]

@@ -335,6 +335,9 @@ class Ledger:
     async def dispute_cases(self) -> list[CaseRow]:
         return await self._run(dispute_cases.load, self.store)
 
+    async def claims_held_by_disputes(self, *, limit: int) -> list[str]:
+        return await self._run(dispute_cases.held_claims, self.store, limit)
+
     async def verify_audit(self, expected_head: str | None = None) -> AuditReport:
         return await self._run(self.store.verify_audit, expected_head)
 
