@@ -1,12 +1,19 @@
-"""The split model's processes and their sandbox (docs/split.md, "The seller's safety" and "The tensor
-cache"): the seller's tensor cache stays within its bound in bytes."""
+"""The split model's processes and their sandbox (docs/split.md, "The seller's safety" and "The
+consumer's worker"): the seller's tensor cache stays within its bound in bytes, and the consumer's
+worker, which parses what sellers send, sees its model file and nothing else of the host."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+import pytest
+import trio
+
+from runtime.split.sandbox import bwrap_available
 from runtime.split.server import layer_cache_dir, prune_cache
+from runtime.split.worker import SplitWorker
 
 
 def test_the_tensor_cache_keeps_within_its_bound_dropping_what_was_used_longest_ago(tmp_path: Path) -> None:
@@ -29,3 +36,59 @@ def test_the_tensor_cache_keeps_within_its_bound_dropping_what_was_used_longest_
     assert left() == ["newest", "recent"]
     assert prune_cache(alice, 0) == 0  # a running server keeps its own folder within the bound
     assert left() == ["recent"]
+
+
+_PROBE = """
+import json, os, sys
+config = json.loads(sys.stdin.readline())
+
+def readable(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read() != b""
+    except OSError:
+        return False
+
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()
+seen = {
+    "model": readable(config["path"]),
+    "secret": readable(sys.argv[1]),
+    "key": readable(sys.argv[2]),
+    "env": sorted(k for k in os.environ if k.startswith("CLAWNODE_")),
+}
+print(json.dumps({"usage": {"units": 0, "detail": seen}}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap is not installed")
+async def test_the_consumer_s_worker_reads_its_model_and_nothing_else_of_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp's RPC client in the worker parses bytes from sellers: the worker sees its model file,
+    read-only, and not the node's files (a secret beside the model, the data dir's key) or environment."""
+    monkeypatch.setenv("CLAWNODE_ESCROW_WALLET_KEY", "0x" + "ab" * 32)
+    model, secret = tmp_path / "model.gguf", tmp_path / "secret.txt"
+    model.write_bytes(b"GGUF model bytes")
+    secret.write_text("the node's secret")
+    key = Path.home() / ".bashrc" if (Path.home() / ".bashrc").is_file() else secret
+    command = [sys.executable, "-c", _PROBE, str(secret), str(key)]
+    seen: dict[str, object] = {}
+    for sandbox in (True, False):
+        worker = SplitWorker(model, endpoints=[], command=command, sandbox=sandbox)
+        try:
+            with trio.fail_after(30):
+                await worker.load()
+                # The tunnels admit the process that holds the sockets: under bubblewrap, its innermost.
+                assert worker.pid is not None
+                assert Path(f"/proc/{worker.pid}/comm").read_text().startswith("python")
+                seen[str(sandbox)] = (await worker.run({}, _nothing))["detail"]
+        finally:
+            await worker.aclose()
+    assert seen["True"] == {"model": True, "secret": False, "key": False, "env": []}
+    # Unsandboxed (no bubblewrap) it could read them: the probe tells.
+    assert seen["False"] == {"model": True, "secret": True, "key": True, "env": []}
+
+
+async def _nothing(_chunk: dict[str, object]) -> None:
+    return None

@@ -4,7 +4,9 @@ llama.cpp's RPC client calls ``abort()`` when a server closes or answers malform
 that loaded the split model ends at once. :class:`SplitWorker` loads it in ``python -m
 runtime.split.worker`` and talks to it with one JSON line per request and per reply over its pipes.
 When the worker ends, the call in flight and every later one fail with ``E_UNAVAILABLE
-layer_seller_lost``; the caller retries elsewhere or falls back to a whole-model provider.
+layer_seller_lost``; the caller retries elsewhere or falls back to a whole-model provider. The worker
+parses what sellers send: it runs sandboxed (``runtime/split/sandbox.py``), seeing its model file and
+nothing else of the host.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from typing import Any
 import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.split.sandbox import bwrap_available, code_root, limits_argv, sandbox_argv
+from runtime.split.server import DEFAULT_MEMORY_BYTES
 
 SELLER_LOST = "layer_seller_lost"  # stable reason: the worker ended (a layer server was lost, or it crashed)
 SELLER_STALLED = "layer_seller_stalled"  # stable reason: no answer through the layers for the stall timeout
 MAX_LINE = 4 << 20  # a reply line at most (a completion's text and usage)
 LOAD_TIMEOUT_S = 300.0
+PASSED_ENV = ("GGML_", "OMP_", "LLAMA_")  # llama.cpp's own settings reach the worker; nothing else does
 
 
 def _child() -> None:
@@ -87,7 +92,15 @@ class SplitWorker:
         n_ctx: int = 2048,
         n_threads: int | None = None,
         command: list[str] | None = None,
+        sandbox: bool = True,
+        memory_bytes: int | None = None,
     ) -> None:
+        """``sandbox``: run the worker under bubblewrap where it is installed (``runtime/split/sandbox.py``:
+        the model file read-only, the network shared for the tunnels' loopback ports, nothing else of
+        the host's); the rlimits hold either way: ``memory_bytes`` of address space (default: the
+        model file's size, which the worker maps, plus the layer servers' bound), 64 open files."""
+        self.sandbox = sandbox and bwrap_available()
+        self.memory_bytes = memory_bytes
         self._config = {
             "path": str(path),
             "endpoints": list(endpoints),
@@ -104,7 +117,22 @@ class SplitWorker:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        """The process that runs the model (the one that opens the tunnels' connections): under
+        bubblewrap the innermost of its processes, else the worker itself."""
+        if self._proc is None:
+            return None
+        pid = self._proc.pid
+        for _ in range(4):  # bubblewrap, its pid-1 child, then the interpreter
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() != "bwrap":
+                    break
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                break
+            if not children:
+                break
+            pid = int(children[0])
+        return pid
 
     def _lost(self) -> ClawnodeError:
         return ClawnodeError(
@@ -136,16 +164,27 @@ class SplitWorker:
         return value
 
     async def load(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "GGML_RPC_NO_RDMA": "1"}
+        # Not the node's environment (it may hold the wallet key or tokens, CLAWNODE_*): the worker
+        # parses bytes from sellers.
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": code_root(), "GGML_RPC_NO_RDMA": "1", "HOME": "/tmp"}
+        env |= {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
+        command = list(self._command)
+        path = Path(str(self._config["path"])).absolute()
+        if self.sandbox:
+            command = sandbox_argv(command, env=env, read_only=[(str(path.resolve()), str(path))], share_net=True)
+        memory = self.memory_bytes
+        if memory is None:
+            memory = DEFAULT_MEMORY_BYTES + (path.stat().st_size if path.is_file() else 0)
         self._proc = await trio.lowlevel.open_process(
-            self._command,
+            limits_argv(command, memory),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
         )
         assert self._proc.stdin is not None
-        await self._proc.stdin.send_all(json.dumps(self._config).encode() + b"\n")
+        config = {**self._config, "path": str(path)}
+        await self._proc.stdin.send_all(json.dumps(config).encode() + b"\n")
         with trio.move_on_after(LOAD_TIMEOUT_S) as waited:
             ready = await self._line()
         if waited.cancelled_caught:
