@@ -13,7 +13,12 @@ Here (the libp2p Kademlia spec, as go-libp2p-kad-dht runs it):
 * ``alpha`` (3) queries in flight; a new one starts as soon as one ends. A query slower than
   ``patience_s`` stops holding its slot, so one slow or dead peer never stalls the lookup; one
   slower than ``query_timeout_s`` is given up as late (it no longer holds the lookup's end), and
-  its answer is still read and used until ``answer_timeout_s``;
+  its answer is still read and used until ``answer_timeout_s``. Both are counted from the
+  connection: a dial holds its slot until it connects or fails (the DHT's dial timeout), so at most
+  ``alpha`` dials run at once;
+* while a query to a peer is in flight (``Lookup.asking``) a connection budget does not close its
+  connection (``node.conn_budget``), and a query whose connection closed under it anyway is sent
+  once more on a fresh one instead of counting as an answer naming nobody;
 * a lookup ends when the ``beta`` closest peers it knows of have all answered (the closest set is
   stable: nobody closer is left to ask), or at once when ``stop_at`` is named (``find_peer``, beta
   3). Until ``beta`` peers have answered, a peer given up as late neither settles that set nor
@@ -77,6 +82,9 @@ ADDR_TTL_S = 3600
 # At most this many peers are remembered by one lookup (answers name up to 20 each).
 MAX_CANDIDATES = 400
 MAX_QUERIES = 60
+# How long a query whose connection closed under it waits for the swarm to drop that connection
+# before it dials the peer again.
+RECONNECT_WAIT_S = 1.0
 MAX_TRACE = 400
 
 
@@ -106,7 +114,7 @@ class LookupStats:
             self.trace.append(f"{trio.current_time():.3f} {text}")
 
 
-# What ``Lookup._ask`` returns for a peer that was reached but did not answer in time.
+# What ``Lookup._query`` returns for a peer that was reached but did not answer in time.
 _SLOW: list[ID] = []
 
 CURRENT_STATS: contextvars.ContextVar[LookupStats | None] = contextvars.ContextVar("dht_lookup_stats", default=None)
@@ -213,6 +221,7 @@ class Lookup:
         self.patience_s = patience_s
         self.answer_timeout_s = max(answer_timeout_s, query_timeout_s)
         self.offer_later = offer_later
+        self._asking: dict[ID, int] = {}  # peers with a query in flight, and how many
 
     def _seeds(self, key: bytes, count: int) -> list[ID]:
         seeds = list(self.local_closest(key, count))
@@ -261,16 +270,26 @@ class Lookup:
                         stats.note(f"given-up {_short(peer)}")
 
             hop = walk.hops[peer]
+            self._asking[peer] = self._asking.get(peer, 0) + 1
             try:
-                async with trio.open_nursery() as patience:
-                    patience.start_soon(release_after_patience)
-                    answer = await self._ask(peer, key, raw_addrs)
-                    patience.cancel_scope.cancel()
+                # The dial holds the slot, with no patience: at most ``alpha`` dials (Noise handshakes)
+                # run at once. Patience counted from the dial let a walk whose seeds were all
+                # unconnected start a new dial every 0.5 s, and on a loaded machine twenty handshakes
+                # piled up and none answered within the query timeout (bench/dht_swarm.py --trace).
+                answer: list[ID] | None = None
+                if await self._reach(peer, raw_addrs):
+                    async with trio.open_nursery() as patience:
+                        patience.start_soon(release_after_patience)
+                        answer = await self._query(peer, key, raw_addrs)
+                        patience.cancel_scope.cancel()
             finally:
                 if not released:
                     released = True
                     holding -= 1
                 running -= 1
+                left = self._asking.pop(peer, 1) - 1
+                if left > 0:
+                    self._asking[peer] = left
                 wake.set()
             if answer is None or answer is _SLOW:
                 walk.states[peer] = FAILED if answer is None else SLOW
@@ -355,54 +374,89 @@ class Lookup:
             if parsed:
                 peerstore.add_addrs(peer, parsed, ADDR_TTL_S)
 
-    async def _ask(self, peer: ID, key: bytes, raw_addrs: dict[ID, list[bytes]]) -> list[ID] | None:
-        """One FIND_NODE to ``peer``: the peers it names, ``_SLOW`` (reached, no answer in time), or
-        None (not reached, garbage)."""
+    def asking(self, peer: ID) -> bool:
+        """Whether a lookup has a query to ``peer`` in flight (dialing, or waiting for its answer): a
+        connection budget must not close that connection under it."""
+        return peer in self._asking
+
+    async def _reach(self, peer: ID, raw_addrs: dict[ID, list[bytes]]) -> bool:
+        """Connect to ``peer`` for a query (bounded by the DHT's dial timeout; a peer not reached goes
+        silent there); False for a peer not to be asked or not reached."""
         stats = CURRENT_STATS.get()
         if not self.may_ask(peer):
             if stats is not None:
                 stats.note(f"may-not-ask {_short(peer)}")
-            return None
+            return False
         self._remember_addrs([peer], raw_addrs)  # what the answer that named it said
-        if not await self.reach(peer):  # bounded by the DHT's dial timeout; marks the peer silent
+        if not await self.reach(peer):
             if stats is not None:
                 stats.note(f"unreached {_short(peer)}")
-            return None
-        stream: INetStream | None = None
-        ok = False
-        try:
-            with trio.move_on_after(self.answer_timeout_s) as deadline:
-                try:
+            return False
+        return True
+
+    async def _query(self, peer: ID, key: bytes, raw_addrs: dict[ID, list[bytes]]) -> list[ID] | None:
+        """One FIND_NODE to a connected ``peer``: the peers it names, ``_SLOW`` (reached, no answer in
+        time), ``[]`` (it refused the query) or None (not reached, garbage).
+
+        A query that fails because the connection closed under it (a connection budget, ours or the
+        peer's, trimmed it) is sent once more on a fresh connection: counting it as an answer naming
+        nobody settled the closest set without the peer's answer (bench/dht_swarm.py --trace)."""
+        stats = CURRENT_STATS.get()
+        deadline = trio.current_time() + self.answer_timeout_s
+        for attempt in range(2):
+            stream: INetStream | None = None
+            ok = False
+            try:
+                with trio.move_on_at(deadline) as scope:
                     stream = await self.host.new_stream(peer, [self.protocol_id])
-                except Exception as error:  # the connection closed under us (a connection budget trimmed it)
                     if stats is not None:
-                        stats.note(f"stream-failed {_short(peer)} {type(error).__name__}: {error}"[:200])
-                    if peer in self.host.get_connected_peers() or not await self.reach(peer):
-                        raise
-                    stream = await self.host.new_stream(peer, [self.protocol_id])  # once more, on a fresh one
-                request = Message()
-                request.type = Message.MessageType.FIND_NODE
-                request.key = key
-                request.senderRecord = env_to_send_in_RPC(self.host)[0]
-                payload = request.SerializeToString()
-                await stream.write(varint.encode(len(payload)) + payload)
-                reply = await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
-                ok = True
-            if deadline.cancelled_caught:
-                # Connected but slow: busy, not gone (a loaded machine takes seconds). Only this
-                # lookup gives up on it; a peer that cannot be reached at all went silent in ``reach``.
-                return _SLOW
-        except Exception as error:  # noqa: BLE001 - a reset, a refused protocol
-            # Reached, but it refused this query (a key it will not look up, too busy): alive, and
-            # still one of the closest peers for a put or a get, only it named nobody.
-            log.debug("FIND_NODE to %s refused: %s", peer, type(error).__name__)
-            if stats is not None:
-                stats.note(f"refused {_short(peer)} {type(error).__name__}: {error}"[:200])
-            return []
-        finally:
-            if stream is not None:
-                await _finish(stream, ok)
-        return self._parse(peer, reply, raw_addrs)
+                        stats.note(f"stream {_short(peer)}")
+                    request = Message()
+                    request.type = Message.MessageType.FIND_NODE
+                    request.key = key
+                    request.senderRecord = env_to_send_in_RPC(self.host)[0]
+                    payload = request.SerializeToString()
+                    await stream.write(varint.encode(len(payload)) + payload)
+                    reply = await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
+                    ok = True
+                if scope.cancelled_caught:
+                    # Connected but slow: busy, not gone (a loaded machine takes seconds). Only this
+                    # lookup gives up on it; a peer that cannot be reached at all went silent in ``reach``.
+                    return _SLOW
+            except Exception as error:  # noqa: BLE001 - a reset, a refused protocol, a closed connection
+                closed = not self._live(peer)
+                if stats is not None:
+                    what = "closed" if closed else "refused"
+                    stats.note(f"{what} {_short(peer)} {type(error).__name__}: {error}"[:200])
+                if not closed:
+                    # Reached, and it refused this query (a key it will not look up, too busy): alive,
+                    # and still one of the closest peers for a put or a get, only it named nobody.
+                    log.debug("FIND_NODE to %s refused: %s", peer, type(error).__name__)
+                    return []
+                if attempt > 0 or trio.current_time() >= deadline or not await self._reconnect(peer):
+                    return None
+                continue
+            finally:
+                if stream is not None:
+                    await _finish(stream, ok)
+            return self._parse(peer, reply, raw_addrs)
+        return None
+
+    def _live(self, peer: ID) -> bool:
+        """Whether we hold a connection to ``peer`` that is neither closed nor shutting down."""
+        for conn in self.host.get_network().get_connections(peer):
+            shutting_down = getattr(conn.muxed_conn, "event_shutting_down", None)
+            if not conn.is_closed and not (shutting_down is not None and shutting_down.is_set()):
+                return True
+        return False
+
+    async def _reconnect(self, peer: ID) -> bool:
+        """A fresh connection to ``peer`` once the one closing under a query is gone (py-libp2p drops
+        a closing connection from the swarm a little after it failed its streams)."""
+        with trio.move_on_after(RECONNECT_WAIT_S):
+            while peer in self.host.get_connected_peers() and not self._live(peer):
+                await trio.sleep(0.02)
+        return await self.reach(peer)
 
     def _parse(self, peer: ID, reply: bytes, raw_addrs: dict[ID, list[bytes]]) -> list[ID] | None:
         response = Message()

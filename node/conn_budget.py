@@ -14,7 +14,12 @@ the budget when
 * it is younger than ``grace_s`` and has not yet carried a request stream (one other than identify
   and ping) to its end: a connection just dialed is about to carry the stream it was dialed for;
 * ``protected(peer)`` says so: the daemon protects peers with a live lease, relays holding our
-  reservation and peers reached by a hole punch (``node.daemon``).
+  reservation and peers reached by a hole punch (``node.daemon``);
+* a DHT lookup has a query to that peer in flight (``busy``: dialing it, or about to open its
+  stream): closing it there failed the query, which counted as an answer naming nobody;
+* the peer is one of the ``KEEP_CLOSEST`` (at most ``budget // 8``) peers of our routing table closest to our own id
+  (``keep``): those peers are the ones whose tables must hold us for lookups of us to end there,
+  and a peer connected to us is kept in (or taken back into) their table each second.
 
 So what the budget closes are idle DHT connections (queries done) and idle connections of other
 protocols, longest idle first; the routing table keeps those peers, and their addresses are kept in
@@ -31,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +60,9 @@ BACKGROUND_PROTOCOLS = ("/meshsub/", "/floodsub/")
 # Streams every connection carries as it opens (identify, ping): a connection that carried only
 # these has not yet served the request it was opened for.
 SETUP_PROTOCOLS = ("/ipfs/id/", "/ipfs/ping/", "/libp2p/autonat/")
+# Connections to this many of the routing table's peers closest to our own id are never closed; at
+# most an eighth of the budget (a budget of 64 keeps 8, one under 8 keeps none).
+KEEP_CLOSEST = 8
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,10 @@ class ConnBudget:
         self.budget = budget
         self.grace_s = grace_s
         self.protected = protected
+        # A peer with a DHT query in flight (``keep_in_routing_table`` asks the lookup).
+        self.busy: Callable[[ID], bool] = lambda peer_id: False
+        # Peers whose connections are kept whatever their idleness (our closest table peers).
+        self.keep: Callable[[], Collection[ID]] = frozenset
         self.closed = 0  # connections the budget closed, ever
         # Awaited with the peer before its connection is closed (``keep_in_routing_table``).
         self.before_close: Callable[[ID], Awaitable[object]] | None = None
@@ -158,6 +170,10 @@ class ConnBudget:
     def facts(self, conns: Sequence[INetConn]) -> list[ConnFacts]:
         now = time.monotonic()
         found = []
+        try:
+            kept = set(self.keep())
+        except Exception:  # noqa: BLE001 - a table being rebuilt: nothing extra kept this time
+            kept = set()
         for index, conn in enumerate(conns):
             muxed = conn.muxed_conn
             opened = self._opened.setdefault(muxed, now)
@@ -166,10 +182,12 @@ class ConnBudget:
             except Exception:  # noqa: BLE001 - a connection closing under us
                 streams = ()
             busy = sum(1 for stream in streams if not _is_background(stream))
+            if self._querying(muxed.peer_id):
+                busy += 1
             if busy:
                 self._last_active[muxed] = now
             try:
-                protected = self.protected(muxed.peer_id)
+                protected = muxed.peer_id in kept or self.protected(muxed.peer_id)
             except Exception:  # noqa: BLE001 - a failing predicate keeps the connection
                 protected = True
             found.append(
@@ -184,9 +202,18 @@ class ConnBudget:
             )
         return found
 
+    def _querying(self, peer_id: ID) -> bool:
+        try:
+            return self.busy(peer_id)
+        except Exception:  # noqa: BLE001 - a failing predicate keeps the connection
+            return True
+
     def _in_use_since(self, conn: INetConn, moment: float) -> bool:
-        """Whether ``conn`` carries a request stream now, or one opened or closed on it after ``moment``."""
+        """Whether ``conn`` carries a request stream now, or one opened or closed on it after ``moment``,
+        or a DHT query to its peer is in flight."""
         muxed = conn.muxed_conn
+        if self._querying(muxed.peer_id):
+            return True
         try:
             streams = conn.get_streams()
         except Exception:  # noqa: BLE001 - a connection closing under us
@@ -263,7 +290,9 @@ def protect_connections(host: IHost, protected: Callable[[ID], bool]) -> None:
 
 
 def keep_in_routing_table(host: IHost, dht: DhtService) -> None:
-    """A DHT peer whose idle connection the budget closes is put in the routing table first.
+    """A DHT peer whose idle connection the budget closes is put in the routing table first; the
+    budget closes no connection a lookup of ``dht`` is querying, nor those to the ``KEEP_CLOSEST``
+    table peers closest to us.
 
     py-libp2p adds a peer that queries us only if identify already gave its addresses, and
     ``DhtService`` adopts the connected rest each second: a connection closed by the budget right
@@ -274,6 +303,18 @@ def keep_in_routing_table(host: IHost, dht: DhtService) -> None:
     budget = budget_of(host)
     if budget is None:
         return
+
+    def querying(peer_id: ID) -> bool:
+        return dht.lookup is not None and dht.lookup.asking(peer_id)
+
+    def closest() -> list[ID]:
+        count = min(KEEP_CLOSEST, budget.budget // 8)
+        if dht.kad is None or count <= 0:
+            return []
+        return dht.kad.routing_table.find_local_closest_peers(host.get_id().to_bytes(), count)
+
+    budget.busy = querying
+    budget.keep = closest
 
     async def adopt(peer_id: ID) -> None:
         if dht.kad is not None and peer_id not in dht.kad.routing_table.get_peer_ids():

@@ -13,7 +13,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from dht.lookup import ANSWERED, CURRENT_STATS, FAILED, LATE, SLOW, LookupStats, Walk, key_of
+from dht.lookup import ALPHA, ANSWERED, CURRENT_STATS, FAILED, LATE, SLOW, Lookup, LookupStats, Walk, key_of
 from tests.support.swarm import SwarmNode, open_swarm
 
 
@@ -124,3 +124,85 @@ async def test_a_lookup_whose_closest_peers_answer_late_waits_for_the_next_close
         assert {addr.split("/p2p/")[0] for addr in addrs} & {
             str(addr).split("/p2p/")[0] for addr in target.host.get_addrs()
         }, "\n".join(stats.trace or [])
+
+
+async def test_a_lookup_dials_at_most_alpha_unconnected_peers_at_once() -> None:
+    """A walk whose peers must all be dialed first keeps at most ``alpha`` dials (Noise handshakes)
+    running: the patience that frees a slow query's slot starts once the peer is connected. Counted
+    from the dial, a loaded node started a new handshake every 0.5 s, twenty piled up and none
+    answered in time (bench/dht_swarm.py --trace)."""
+    async with open_swarm(6) as nodes:
+        searcher, target = nodes[5], nodes[2]
+        target_id = target.host.get_id()
+        searcher.dht.dht.routing_table.remove_peer(target_id)
+        searcher.host.get_peerstore().clear_addrs(target_id)
+        lookup = searcher.dht.lookup
+        assert lookup is not None
+        assert len(searcher.dht.dht.routing_table.get_peer_ids()) > ALPHA  # more seeds than slots
+        dialing = most = 0
+        reach = lookup.reach
+
+        async def slow_dial(peer: ID) -> bool:  # every peer as if unconnected: a handshake to wait for
+            nonlocal dialing, most
+            dialing += 1
+            most = max(most, dialing)
+            try:
+                await trio.sleep(0.3)
+                return await reach(peer)
+            finally:
+                dialing -= 1
+
+        lookup.reach = slow_dial
+        lookup.patience_s = 0.05  # each query would free its slot long before its dial ended
+        stats = LookupStats(trace=[])
+        token = CURRENT_STATS.set(stats)
+        try:
+            with trio.fail_after(8):
+                addrs = await searcher.dht.find_peer_addrs(target_id)
+        finally:
+            CURRENT_STATS.reset(token)
+        assert most <= ALPHA, (most, stats.trace)
+        assert {addr.split("/p2p/")[0] for addr in addrs} & {
+            str(addr).split("/p2p/")[0] for addr in target.host.get_addrs()
+        }, "\n".join(stats.trace or [])
+
+
+async def test_a_query_whose_connection_closes_under_it_is_asked_again() -> None:
+    """A peer whose connection is closed in the middle of a FIND_NODE (a connection budget trimmed it)
+    is asked again on a fresh connection; its answer used to count as one naming nobody, which
+    settled the walk without it."""
+    async with open_swarm(4) as nodes:
+        searcher, closing, target, _ = nodes
+        target_id, closing_id = target.host.get_id(), closing.host.get_id()
+        kad = closing.dht.dht
+        assert kad.routing_table.peer_in_table(target_id)
+        streams = 0
+
+        async def close_the_first(stream: INetStream) -> None:
+            nonlocal streams
+            streams += 1
+            if streams == 1:
+                await stream.muxed_conn.close()  # mid-query: the request is read by nobody
+                return
+            await kad.handle_stream(stream)
+
+        closing.host.set_stream_handler(TProtocol(closing.dht.protocol_id), close_the_first)
+        searcher.host.get_peerstore().clear_addrs(target_id)
+        service = searcher.dht
+        lookup = Lookup(
+            searcher.host,
+            service.protocol_id,
+            local_closest=lambda key, count: [closing_id],
+            may_ask=lambda peer: peer == closing_id,  # the only peer this walk asks
+            reach=service._reach,
+            answered=lambda peer: trio.sleep(0),
+        )
+        stats = LookupStats(trace=[])
+        token = CURRENT_STATS.set(stats)
+        try:
+            with trio.fail_after(8):
+                await lookup.closest_peers(target_id.to_bytes(), stop_at=target_id)
+        finally:
+            CURRENT_STATS.reset(token)
+        assert streams == 2, "\n".join(stats.trace or [])
+        assert stats.target_hop == 1, "\n".join(stats.trace or [])
