@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from runtime.split.meter import HELLO
-from runtime.split.server import RpcServerProcess
+from runtime.split.server import RpcServerProcess, open_server_connection
 from tests.support.split import needs_rpc
 
 
@@ -27,7 +27,7 @@ async def test_the_layer_server_never_sees_the_node_s_secrets(monkeypatch: pytes
         assert not [entry for entry in environ if entry.startswith(b"CLAWNODE_")]
         assert os.environ["CLAWNODE_ESCROW_WALLET_KEY"].encode() not in b"\0".join(environ)
         # and it still serves: a ggml-rpc HELLO through its socket is answered
-        sock = await trio.open_unix_socket(server.socket_path)
+        sock = await open_server_connection(server.socket_path)
         async with sock:
             await sock.send_all(struct.pack("<BQ", HELLO, 24) + bytes(24))
             reply = b""
