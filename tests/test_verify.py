@@ -298,5 +298,37 @@ async def test_a_sampled_check_reads_the_full_rows_there_and_catches_a_fitted_fo
             verifier.scores(prompt, tokens, wanted, with_top=False, at=at), tokens, opened, temperature=0.0, at=at
         )
         assert found.failed and found.reason() == "not_sampled" and found.first_bad == 25
+        # Where the commitment is forged too (the foreign token named the best) and the reply after it is
+        # the model's own greedy continuation (so no later position is off its best), nothing flags 25: a
+        # draw that leaves it out passes the call, and only comparing every position (the arbiter's
+        # re-run) or a draw that holds it catches it (docs/verified-inference.md, "Sampled positions").
+        continuation, _, _ = verifier._stepwise_top([*prompt, *tokens[:26]], len(tokens) - 26, 4)
+        tokens = [*tokens[:26], *continuation]
+        rows = verifier.rows(prompt, tokens)
+        top = (-rows).argsort(axis=1)[:, :4]
+        entries = [(int(i), float(rows[25][i])) for i in top[25] if int(i) != tokens[25]]
+        forged_at = Position(tokens[25], ((tokens[25], entries[0][1]), *entries[:3]))
+        forged = commit(
+            [
+                forged_at if j == 25 else Position(t, tuple((int(i), float(row[i])) for i in ids))
+                for j, (t, row, ids) in enumerate(zip(tokens, rows, top, strict=True))
+            ]
+        )
+        opened = _opened(forged, tokens)
+        results = {}
+        for at in (
+            next(
+                a
+                for s in range(100)
+                if 25 not in (a := check_positions(tokens, opened, 0.0, sample=4, rng=random.Random(s)))
+            ),
+            check_positions(tokens, opened, 0.0, sample=0),
+        ):
+            wanted = wanted_ids([tokens[i] for i in at], [opened[i] for i in at])
+            rows_at = verifier.scores(prompt, tokens, wanted, with_top=False, at=at)
+            results[len(at)] = compare(rows_at, tokens, opened, temperature=0.0, at=at)
+        sampled, every = results[min(results)], results[len(tokens)]
+        assert not sampled.failed
+        assert every.failed and every.logprob and every.first_bad == 25
     finally:
         verifier.close()
