@@ -27,8 +27,17 @@ from typing import Any
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.network.stream.net_stream import StreamState
 from libp2p.peer.id import ID
-from libp2p.stream_muxer.yamux.yamux import YamuxStream
+from libp2p.stream_muxer.yamux.yamux import (
+    HEADER_SIZE as YAMUX_HEADER_SIZE,
+)
+from libp2p.stream_muxer.yamux.yamux import (
+    MAX_MESSAGE_SIZE,
+    TYPE_DATA,
+    YAMUX_HEADER_FORMAT,
+    YamuxStream,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocols.lease.base import Ticket, token_digest
@@ -36,7 +45,7 @@ from protocols.lease.handler import LeaseMarket
 from protocols.machines.layers import LayerLeaseFacts, tunnel_verdict
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.split.meter import REPLY_HEADER, REQUEST_HEADER, MessageEdges, RpcMeter
-from runtime.split.server import RpcServerProcess
+from runtime.split.server import RpcServerProcess, open_server_connection
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
 from wire.streams import open_stream
@@ -202,7 +211,12 @@ class _StreamReader:
     short of its target, which is every read of a request-and-reply exchange: half of all the frames
     a token's RPC messages cost, each a Noise message and a trip through both peers' Python stacks.
     go-yamux gives the window back once half of it is read. The sender's window (256 KiB) stays far
-    above what is unreleased here, so it never waits. Another muxer's stream reads as it always did."""
+    above what is unreleased here, so it never waits. Another muxer's stream reads as it always did.
+
+    Data already in the stream's buffer is taken at once (``_take``), and an empty buffer is waited
+    on through the muxer's own event, as ``Yamux.read_stream`` does, without its connection-wide
+    lock (one trio task switch fewer a read); any other state (the stream closing, reset, the
+    connection shutting down) goes through ``read_stream`` and ends the tunnel as it always did."""
 
     def __init__(self, stream: INetStream) -> None:
         self.stream = stream
@@ -210,11 +224,51 @@ class _StreamReader:
         self.muxed = muxed if isinstance(muxed, YamuxStream) else None
         self.unreleased = 0
 
+    def _take(self, size: int) -> bytes | None:
+        """Bytes buffered for an open stream (b"": none yet), or None: ask ``read_stream``."""
+        assert self.muxed is not None
+        conn, stream_id = self.muxed.conn, self.muxed.stream_id
+        stream = conn.streams.get(stream_id)
+        buffer = conn.stream_buffers.get(stream_id)
+        if (
+            stream is not self.muxed
+            or buffer is None
+            or stream.closed
+            or stream.recv_closed
+            or stream.reset_received
+            or conn.event_shutting_down.is_set()
+        ):
+            return None
+        if not buffer:
+            return b""
+        if size >= len(buffer):
+            data = bytes(buffer)
+            buffer.clear()
+        else:
+            data = bytes(buffer[:size])
+            del buffer[:size]
+        return data
+
+    async def _read(self, size: int) -> bytes:
+        assert self.muxed is not None
+        conn, stream_id = self.muxed.conn, self.muxed.stream_id
+        while True:
+            data = self._take(size)
+            if data is None:
+                return await conn.read_stream(stream_id, size)
+            if data:
+                return data
+            event = conn.stream_events.get(stream_id)
+            if event is None:
+                return await conn.read_stream(stream_id, size)
+            await event.wait()
+            conn.stream_events[stream_id] = trio.Event()
+
     async def read(self, size: int) -> bytes:
         if self.muxed is None:
             return await _stream_read(self.stream, size)
         try:
-            data = await self.muxed.conn.read_stream(self.muxed.stream_id, size)
+            data = await self._read(size)
         except Exception:  # noqa: BLE001 - a reset or closed stream ends the tunnel like an EOF
             return b""
         self.unreleased += len(data)
@@ -225,6 +279,37 @@ class _StreamReader:
             with contextlib.suppress(Exception):  # a connection closing: the next read ends the tunnel
                 await self.muxed.send_window_update(increment)
         return data
+
+
+_WRITABLE = frozenset({StreamState.INIT, StreamState.OPEN, StreamState.CLOSE_READ})  # as NetStream.write allows
+
+
+def _stream_writer(stream: INetStream) -> Callable[[bytes], Awaitable[None]]:
+    """Writes a tunnel's stream: a chunk that fits the peer's window goes out as one Yamux DATA frame
+    through the connection's frame writer, as ``YamuxStream.write`` sends it, without the stream's
+    three locks (its state, writers and window: one task switch each). The tunnel's pump is the
+    stream's only writer, and trio runs the window's check and debit with no await between, so none
+    of them guards anything here. A chunk over the window or the frame size, a closing stream or
+    another muxer's takes ``write`` as before."""
+    muxed = getattr(stream, "muxed_stream", None)
+    if not isinstance(muxed, YamuxStream):
+        return stream.write
+
+    async def write(data: bytes) -> None:
+        if (
+            len(data) > MAX_MESSAGE_SIZE - YAMUX_HEADER_SIZE
+            or muxed.send_window < len(data)
+            or muxed.send_closed
+            or muxed.closed
+            or getattr(stream, "_state", None) not in _WRITABLE
+        ):
+            await stream.write(data)
+            return
+        muxed.send_window -= len(data)
+        header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, muxed.stream_id, len(data))
+        await muxed.conn._write_frame(header + data)
+
+    return write
 
 
 async def _socket_read(sock: trio.SocketStream, size: int) -> bytes:
@@ -253,7 +338,9 @@ async def _splice(
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(one_way, _pump(_StreamReader(stream).read, sock.send_all, from_stream))
-            nursery.start_soon(one_way, _pump(lambda n: _socket_read(sock, n), stream.write, from_socket, socket_edges))
+            nursery.start_soon(
+                one_way, _pump(lambda n: _socket_read(sock, n), _stream_writer(stream), from_socket, socket_edges)
+            )
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
             cleanup.shield = True
@@ -431,7 +518,7 @@ class LayerSeller:
                 assert lease is not None
                 lease.tunnels += 1
                 server = await self._server_of(lease)
-                sock = await trio.open_unix_socket(server.socket_path)
+                sock = await open_server_connection(server.socket_path)
             except (ClawnodeError, ValidationError) as error:
                 await write_frame(stream, error_reply(error).model_dump_json().encode(), max_frame=MAX_OPEN_FRAME)
                 await stream.close()
