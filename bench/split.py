@@ -1,7 +1,7 @@
 """gemma3-270m split over two layer sellers through libp2p on loopback, against the whole model on one
 node and against llama.cpp's RPC backend over plain TCP (the tunnel's own cost).
 
-    .venv/bin/python bench/split.py [--tokens 48] [--threads 1]
+    .venv/bin/python bench/split.py [--tokens 48] [--threads 1] [--rounds 3]
 
 Needs llama.cpp built with its RPC backend (CMAKE_ARGS=-DGGML_RPC=ON) and the gemma package. Every
 layer server runs with ``--threads`` threads (the sellers' under the node's sandbox); the consumer
@@ -9,7 +9,10 @@ keeps only the token embeddings. Prints time to first token and tokens/s of each
 moved per generated token through the tunnels, the same split run as the router runs it (in a
 ``SplitWorker`` process: load, TTFT, tokens/s, and how long after a seller's server is killed
 mid-answer the call fails ``E_UNAVAILABLE layer_seller_lost``), whether the texts agree (the split's equals the whole
-model's loaded without CPU weight repacking, as the servers compute; docs/split.md), and ends with one line:
+model's loaded without CPU weight repacking, as the servers compute; docs/split.md). The whole model, the
+split over plain TCP and the split through libp2p stay loaded together and are measured in turns,
+``--rounds`` times (each run printed, with the load average); the summary takes medians, a ratio's
+over the runs of the same round. It ends with one line:
 ``split: tok_s_split=… tok_s_whole=… ratio_whole=… ratio_rpc=… bytes_per_token=…``
 (ratio_whole = split ÷ whole, ratio_rpc = split through libp2p ÷ split over plain TCP).
 """
@@ -20,6 +23,7 @@ import argparse
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -72,6 +76,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not rpc.rpc_available():
         raise SystemExit(str(rpc.unavailable()))
@@ -79,13 +84,12 @@ async def main() -> None:
     path = await trio.to_thread.run_sync(spec.resolve_path)
     engine_args: dict[str, Any] = {"name": "gemma3-270m", "n_ctx": 512, "n_threads": args.threads}
 
+    # Both RPC arrangements stay loaded side by side and are measured in turns with the whole model
+    # (``--rounds`` rounds: whole, plain TCP, libp2p), so a change in the machine's load falls on all
+    # three alike; every run is printed and the summary takes the medians (a ratio's of the pairs
+    # measured in the same round). Each measurement has its warm-up (the time-to-first-token call).
     whole = spec.engine(path)
     await whole.load()
-    try:
-        whole_ttft, whole_tps, _, whole_text = await measure(whole, args.tokens)
-    finally:
-        await whole.aclose()
-    print(f"whole: ttft_s={whole_ttft:.3f} tok_s={whole_tps:.2f}")
     # The whole model computing as the layer servers do (no CPU weight repacking): the split's text.
     plain_whole = PlainCpuLlamaModel(path, **engine_args)
     await plain_whole.load()
@@ -97,7 +101,13 @@ async def main() -> None:
 
     # llama.cpp's RPC backend over plain TCP: two server processes, no sandbox, no tunnel.
     ports = [_free_port(), _free_port()]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "GGML_RPC_NO_RDMA": "1"}
+    # As the sellers' sandboxed servers run (runtime.split.server).
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "GGML_RPC_NO_RDMA": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
     servers = [
         subprocess.Popen(
             [sys.executable, "-m", "runtime.split.server", f"tcp:{port}", str(args.threads)],
@@ -107,102 +117,122 @@ async def main() -> None:
         )
         for port in ports
     ]
-    try:
-        for port in ports:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port)).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    await trio.sleep(0.05)
-        await trio.sleep(0.2)
-        plain = SplitLlamaModel(path, endpoints=[f"127.0.0.1:{p}" for p in ports], **engine_args)
-        await plain.load()
-        try:
-            rpc_ttft, rpc_tps, _, rpc_text = await measure(plain, args.tokens)
-        finally:
-            await plain.aclose()
-    finally:
-        for server in servers:
-            server.kill()
-            server.wait()
-    print(f"rpc_tcp: ttft_s={rpc_ttft:.3f} tok_s={rpc_tps:.2f}")
-
     # Through libp2p: two sellers (sandboxed layer servers), the consumer's tunnels on loopback.
     hosts = [build_host(generate_new_ed25519_identity()) for _ in range(3)]
     consumer, sellers = hosts[0], hosts[1:]
     workers: list[SplitWorker] = []  # the worker process may use the tunnels too
-    async with AsyncExitStack() as stack:
-        for host in hosts:
-            await stack.enter_async_context(host.run([LOOPBACK]))
-        tunnels = []
-        seller_sides = []
-        for index, host in enumerate(sellers):
-            seller = layers.LayerSeller(host, threads=args.threads)
-            seller.mount()
-            stack.push_async_callback(seller.aclose)
-            seller_sides.append(seller)
-            seller.grant(f"lease{index}", str(consumer.get_id()), f"token{index}", ends_at=time.time() + 3600)
-            await consumer.connect(PeerInfo(host.get_id(), host.get_addrs()))
-            tunnels.append(
-                await stack.enter_async_context(
-                    layers.open_tunnel(
-                        consumer,
-                        host.get_id(),
-                        f"lease{index}",
-                        f"token{index}",
-                        clients=lambda: [w.pid for w in workers if w.pid is not None],
+    runs: dict[str, list[tuple[float, float]]] = {"whole": [], "rpc_tcp": [], "split_libp2p": []}
+    try:
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(whole.aclose)
+            for port in ports:
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", port)).close()
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await trio.sleep(0.05)
+            await trio.sleep(0.2)
+            plain = SplitLlamaModel(path, endpoints=[f"127.0.0.1:{p}" for p in ports], **engine_args)
+            await plain.load()
+            for host in hosts:
+                await stack.enter_async_context(host.run([LOOPBACK]))
+            tunnels = []
+            seller_sides = []
+            for index, host in enumerate(sellers):
+                seller = layers.LayerSeller(host, threads=args.threads)
+                seller.mount()
+                stack.push_async_callback(seller.aclose)
+                seller_sides.append(seller)
+                seller.grant(f"lease{index}", str(consumer.get_id()), f"token{index}", ends_at=time.time() + 3600)
+                await consumer.connect(PeerInfo(host.get_id(), host.get_addrs()))
+                tunnels.append(
+                    await stack.enter_async_context(
+                        layers.open_tunnel(
+                            consumer,
+                            host.get_id(),
+                            f"lease{index}",
+                            f"token{index}",
+                            clients=lambda: [w.pid for w in workers if w.pid is not None],
+                        )
                     )
                 )
-            )
-        split = SplitLlamaModel(path, endpoints=[t.endpoint for t in tunnels], **engine_args)
-        started = time.perf_counter()
-        await split.load()
-        load_s = time.perf_counter() - started
-        try:
-            split_ttft, split_tps, per_token, split_text = await measure(
-                split, args.tokens, lambda: sum(t.bytes_moved() for t in tunnels)
-            )
-        finally:
-            await split.aclose()
-        # What the router runs (docs/split.md): the split model in a worker process over the same
-        # tunnels, its chunks as JSON lines; then the second seller's server is killed mid-answer.
-        worker = SplitWorker(path, endpoints=[t.endpoint for t in tunnels], **engine_args)
-        workers.append(worker)
-        started = time.perf_counter()
-        await worker.load()
-        worker_load_s = time.perf_counter() - started
-        try:
+            split = SplitLlamaModel(path, endpoints=[t.endpoint for t in tunnels], **engine_args)
             started = time.perf_counter()
-            await worker.chat(PROMPT, max_tokens=1, temperature=0)
-            worker_ttft = time.perf_counter() - started
-            started = time.perf_counter()
-            reply = await worker.chat(PROMPT, max_tokens=args.tokens, temperature=0)
-            worker_tps = max(1, reply["completion_tokens"]) / (time.perf_counter() - started)
-            killed_at: list[float] = []
-
-            async def kill_on_second(chunk: dict[str, Any]) -> None:
-                if chunk.get("text") and not killed_at:
-                    server = seller_sides[1].leases["lease1"].server
-                    assert server is not None and server.pid is not None
-                    os.kill(server.pid, signal.SIGKILL)
-                    killed_at.append(time.perf_counter())
-
-            body = {"messages": PROMPT, "max_tokens": args.tokens, "temperature": 0}
+            await split.load()
+            load_s = time.perf_counter() - started
             try:
-                await worker.run(body, kill_on_second, stall_s=30.0)
-                lost = "none"
-            except ClawnodeError as error:
-                lost = f"{error.code} {error.reason}"
-            except Exception as error:  # noqa: BLE001 - printed: the host's context would swallow it
-                lost = f"unexpected {error!r}"
-            lost_s = time.perf_counter() - killed_at[0]
-        finally:
-            await worker.aclose()
-    print(f"split_libp2p: load_s={load_s:.2f} ttft_s={split_ttft:.3f} tok_s={split_tps:.2f}")
+                texts: dict[str, str] = {}
+                per_token = 0.0
+                for round_ in range(args.rounds):
+                    for label, model in (("whole", whole), ("rpc_tcp", plain), ("split_libp2p", split)):
+                        moved = (lambda: sum(t.bytes_moved() for t in tunnels)) if model is split else None
+                        ttft, tps, bytes_per, texts[label] = await measure(model, args.tokens, moved)
+                        runs[label].append((ttft, tps))
+                        if model is split:
+                            per_token = bytes_per
+                        print(
+                            f"run {round_} {label}: ttft_s={ttft:.3f} tok_s={tps:.2f} "
+                            f"load_avg={os.getloadavg()[0]:.2f}",
+                            flush=True,
+                        )
+                whole_text, rpc_text, split_text = texts["whole"], texts["rpc_tcp"], texts["split_libp2p"]
+            finally:
+                await split.aclose()
+                await plain.aclose()
+            # What the router runs (docs/split.md): the split model in a worker process over the same
+            # tunnels, its chunks as JSON lines; then the second seller's server is killed mid-answer.
+            worker = SplitWorker(path, endpoints=[t.endpoint for t in tunnels], **engine_args)
+            workers.append(worker)
+            started = time.perf_counter()
+            await worker.load()
+            worker_load_s = time.perf_counter() - started
+            try:
+                started = time.perf_counter()
+                await worker.chat(PROMPT, max_tokens=1, temperature=0)
+                worker_ttft = time.perf_counter() - started
+                started = time.perf_counter()
+                reply = await worker.chat(PROMPT, max_tokens=args.tokens, temperature=0)
+                worker_tps = max(1, reply["completion_tokens"]) / (time.perf_counter() - started)
+                killed_at: list[float] = []
+
+                async def kill_on_second(chunk: dict[str, Any]) -> None:
+                    if chunk.get("text") and not killed_at:
+                        server = seller_sides[1].leases["lease1"].server
+                        assert server is not None and server.pid is not None
+                        os.kill(server.pid, signal.SIGKILL)
+                        killed_at.append(time.perf_counter())
+
+                body = {"messages": PROMPT, "max_tokens": args.tokens, "temperature": 0}
+                try:
+                    await worker.run(body, kill_on_second, stall_s=30.0)
+                    lost = "none"
+                except ClawnodeError as error:
+                    lost = f"{error.code} {error.reason}"
+                except Exception as error:  # noqa: BLE001 - printed: the host's context would swallow it
+                    lost = f"unexpected {error!r}"
+                lost_s = time.perf_counter() - killed_at[0]
+            finally:
+                await worker.aclose()
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+    ttft = {label: statistics.median(r[0] for r in got) for label, got in runs.items()}
+    tps = {label: statistics.median(r[1] for r in got) for label, got in runs.items()}
+    pairs = list(zip(runs["split_libp2p"], runs["whole"], runs["rpc_tcp"], strict=True))
+    ratio_whole = statistics.median(split[1] / alone[1] for split, alone, _ in pairs)
+    ratio_rpc = statistics.median(split[1] / tcp[1] for split, _, tcp in pairs)
+    print(f"whole: ttft_s={ttft['whole']:.3f} tok_s={tps['whole']:.2f} (median of {args.rounds})")
+    print(f"rpc_tcp: ttft_s={ttft['rpc_tcp']:.3f} tok_s={tps['rpc_tcp']:.2f} (median of {args.rounds})")
+    print(
+        f"split_libp2p: load_s={load_s:.2f} ttft_s={ttft['split_libp2p']:.3f} tok_s={tps['split_libp2p']:.2f} "
+        f"(median of {args.rounds})"
+    )
+    print("ratio_rpc per round: " + " ".join(f"{split[1] / tcp[1]:.3f}" for split, _, tcp in pairs))
     print(
         f"split_worker: load_s={worker_load_s:.2f} ttft_s={worker_ttft:.3f} tok_s={worker_tps:.2f} "
         f"seller_killed: {lost} after {lost_s:.3f} s"
@@ -211,10 +241,10 @@ async def main() -> None:
         f"same_text: whole_plain_cpu=split {plain_text == split_text} rpc_tcp=split {rpc_text == split_text} "
         f"whole(repacked)=split {whole_text == split_text}"
     )
-    print(f"ttft: split={split_ttft:.3f} whole={whole_ttft:.3f} rpc_tcp={rpc_ttft:.3f}")
+    print(f"ttft: split={ttft['split_libp2p']:.3f} whole={ttft['whole']:.3f} rpc_tcp={ttft['rpc_tcp']:.3f}")
     print(
-        f"split: tok_s_split={split_tps:.2f} tok_s_whole={whole_tps:.2f} ratio_whole={split_tps / whole_tps:.3f} "
-        f"ratio_rpc={split_tps / rpc_tps:.3f} bytes_per_token={per_token:.0f}"
+        f"split: tok_s_split={tps['split_libp2p']:.2f} tok_s_whole={tps['whole']:.2f} ratio_whole={ratio_whole:.3f} "
+        f"ratio_rpc={ratio_rpc:.3f} bytes_per_token={per_token:.0f}"
     )
 
 
