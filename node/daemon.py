@@ -516,6 +516,8 @@ class Node:
                             facts=market_facts(self._market),
                             bill=market_billing(self._market),
                             max_servers=self.config.market.layer_servers,
+                            # ggml-rpc's tensor cache, a folder per consumer (docs/split.md)
+                            cache_root=self.data_dir / "layer-cache",
                         )
                         self.layers.mount()
                     self._router = Router(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 import trio
 
 from protocols.lease import layers
@@ -31,7 +32,10 @@ def test_edges_follow_requests_and_replies_split_anywhere() -> None:
     assert not edges.partial
 
 
-async def test_a_request_written_in_three_parts_crosses_in_one_write() -> None:
+async def test_a_request_written_in_three_parts_crosses_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bound far above the 1 ms between the engine's writes, so a loaded machine cannot split them
+    # (at 10 ms a scheduling delay did, once, at load average 11).
+    monkeypatch.setattr(layers, "COALESCE_S", 0.5)
     engine, tunnel_end = trio.socket.socketpair()
     near, far = trio.SocketStream(engine), trio.SocketStream(tunnel_end)
     written: list[bytes] = []
@@ -49,6 +53,7 @@ async def test_a_request_written_in_three_parts_crosses_in_one_write() -> None:
             await near.send_all(part)
             await trio.sleep(0.001)  # the engine's writes arrive apart
         await trio.sleep(0.05)
+        monkeypatch.setattr(layers, "COALESCE_S", 0.01)
         half = request(8, b"h" * 10)
         await near.send_all(half[0])  # a message begun and never finished goes on after the bound
         await trio.sleep(layers.COALESCE_S * 5)
