@@ -110,4 +110,15 @@ async def test_a_tunnel_stream_carries_every_byte_in_order_both_ways_over_real_h
                     for at in range(0, len(message), layers.CHUNK):  # as the pump writes: a chunk at a time
                         await write(message[at : at + layers.CHUNK])
             await stream.close()
-    assert bytes(echoed) == b"".join(messages)
+            assert bytes(echoed) == b"".join(messages)
+            # The connection's buffered Noise reader sees its end: the other side drops it, and a new
+            # connection carries a tunnel stream again.
+            await hosts[1].disconnect(hosts[0].get_id())
+            while hosts[0].get_network().get_connections(hosts[1].get_id()):
+                await trio.sleep(0.02)
+            await hosts[0].connect(PeerInfo(hosts[1].get_id(), hosts[1].get_addrs()))
+            stream = await hosts[0].new_stream(hosts[1].get_id(), [ECHO])
+            read, write = layers._StreamReader(stream).read, layers._stream_writer(stream)
+            await write(b"again")
+            assert await read(64) == b"again"
+            await stream.close()

@@ -27,8 +27,11 @@ from typing import Any
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.stream.net_stream import StreamState
 from libp2p.peer.id import ID
+from libp2p.security.noise.io import NoisePacketReadWriter
 from libp2p.stream_muxer.yamux.yamux import (
     HEADER_SIZE as YAMUX_HEADER_SIZE,
 )
@@ -281,6 +284,57 @@ class _StreamReader:
         return data
 
 
+RECEIVE_BYTES = 1 << 17  # a buffered Noise reader takes up to this much from its socket at a time
+
+
+def _buffer_noise_reads(stream: INetStream) -> None:
+    """Reads the Noise messages of ``stream``'s connection from a buffer (an adapter on py-libp2p 0.8.1).
+
+    Its ``NoisePacketReadWriter.read_msg`` reads a message's 2-byte length and then its body, each a
+    socket read under the raw stream's lock: two syscalls and four trio task switches a Yamux frame,
+    on both peers. Here one socket read takes whatever has arrived (often the whole frame, or several)
+    and each message is cut from the buffer, without a switch while one is there. Only the connection's
+    Yamux reader reads it (the handshake is over), so the lock guarded nothing. A broken socket and an
+    end of stream raise what the original raises (``ConnectionClosedError``, ``IncompleteReadError``),
+    which end the connection the same way. Installed once per connection, the first time one of its
+    streams carries a tunnel (the other protocols on it read the same bytes as before); a connection of
+    another kind (not Noise over TCP) is left as it is."""
+    try:
+        packets = stream.muxed_conn.secured_conn.conn.read_writer  # type: ignore[attr-defined]
+        raw = packets.read_write_closer.stream
+    except AttributeError:
+        return
+    if (
+        not isinstance(packets, NoisePacketReadWriter)
+        or not isinstance(raw, TrioTCPStream)
+        or getattr(packets, "_buffered_reads", False)
+    ):
+        return
+    sock = raw.stream
+    buffer = bytearray()
+
+    async def read_msg() -> bytes:
+        while True:
+            if len(buffer) >= 2:
+                size = int.from_bytes(buffer[:2], "big")
+                if len(buffer) >= 2 + size:
+                    message = bytes(buffer[2 : 2 + size])
+                    del buffer[: 2 + size]
+                    return message
+            try:
+                chunk = await sock.receive_some(RECEIVE_BYTES)
+            except trio.BrokenResourceError as error:
+                raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}", transport="tcp") from error
+            except trio.ClosedResourceError:
+                chunk = b""
+            if not chunk:
+                raise IncompleteReadError("the connection closed mid-message", 2, len(buffer))
+            buffer.extend(chunk)
+
+    packets.read_msg = read_msg  # type: ignore[method-assign]
+    packets._buffered_reads = True  # type: ignore[attr-defined]
+
+
 _WRITABLE = frozenset({StreamState.INIT, StreamState.OPEN, StreamState.CLOSE_READ})  # as NetStream.write allows
 
 
@@ -329,6 +383,7 @@ async def _splice(
     """Both directions until either side ends; then both are closed, also when the caller is cancelled
     (a consumer's tunnel endpoint closing under a call): a stream left open would keep the seller's
     tunnel, and its lease's server, waiting for the connection's end."""
+    _buffer_noise_reads(stream)
     try:
         async with trio.open_nursery() as nursery:
 
