@@ -16,7 +16,6 @@ placements after the first over the cache).
 from __future__ import annotations
 
 import argparse
-import functools
 import shutil
 import statistics
 import sys
@@ -39,7 +38,6 @@ from protocols.lease import layers
 from runtime.inference.models import ModelSpec
 from runtime.split import rpc
 from runtime.split.model import SplitLlamaModel
-from runtime.split.server import RpcServerProcess
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 PROMPT = [{"role": "user", "content": "Name three colours."}]
@@ -50,36 +48,27 @@ async def placement(
 ) -> tuple[float, int]:
     """One placement's time to first token (its load included) and the bytes through its tunnels."""
     consumer, sellers = hosts[0], hosts[1:]
-    # The sellers' servers with the consumer's cache folder under the cache root (what the seller
-    # passes to RpcServerProcess), or none.
-    make = functools.partial(RpcServerProcess, cache_root=cache, consumer=str(consumer.get_id()))
-    original, layers.RpcServerProcess = layers.RpcServerProcess, make  # type: ignore[misc, assignment]
-    try:
-        async with AsyncExitStack() as stack:
-            tunnels = []
-            for index, host in enumerate(sellers):
-                seller = layers.LayerSeller(host)
-                seller.mount()
-                stack.push_async_callback(seller.aclose)
-                seller.grant(f"{lease}-{index}", str(consumer.get_id()), "token", ends_at=time.time() + 3600)
-                tunnels.append(
-                    await stack.enter_async_context(
-                        layers.open_tunnel(consumer, host.get_id(), f"{lease}-{index}", "token")
-                    )
-                )
-            started = time.perf_counter()
-            model = SplitLlamaModel(
-                path, endpoints=[t.endpoint for t in tunnels], head_local=head_local, n_ctx=512, n_threads=1
-            )
-            await model.load()
-            try:
-                await model.chat(PROMPT, max_tokens=1, temperature=0)
-                ttft = time.perf_counter() - started
-            finally:
-                await model.aclose()
-            return ttft, sum(t.bytes_moved() for t in tunnels)
-    finally:
-        layers.RpcServerProcess = original  # type: ignore[misc]
+    async with AsyncExitStack() as stack:
+        tunnels = []
+        for index, host in enumerate(sellers):
+            # The seller's tensor cache root (a node's is layer-cache/ in its data dir), or none.
+            seller = layers.LayerSeller(host, cache_root=cache)
+            seller.mount()
+            stack.push_async_callback(seller.aclose)
+            seller.grant(f"{lease}-{index}", str(consumer.get_id()), "token", ends_at=time.time() + 3600)
+            opened = layers.open_tunnel(consumer, host.get_id(), f"{lease}-{index}", "token")
+            tunnels.append(await stack.enter_async_context(opened))
+        started = time.perf_counter()
+        model = SplitLlamaModel(
+            path, endpoints=[t.endpoint for t in tunnels], head_local=head_local, n_ctx=512, n_threads=1
+        )
+        await model.load()
+        try:
+            await model.chat(PROMPT, max_tokens=1, temperature=0)
+            ttft = time.perf_counter() - started
+        finally:
+            await model.aclose()
+        return ttft, sum(t.bytes_moved() for t in tunnels)
 
 
 async def main() -> None:
