@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from runtime.errors import ClawnodeError
 from runtime.split.sandbox import bwrap_available
 from runtime.split.server import layer_cache_dir, prune_cache
 from runtime.split.worker import SplitWorker
@@ -75,7 +76,7 @@ async def test_the_consumer_s_worker_reads_its_model_and_nothing_else_of_the_hos
     command = [sys.executable, "-c", _PROBE, str(secret), str(key)]
     seen: dict[str, object] = {}
     for sandbox in (True, False):
-        worker = SplitWorker(model, endpoints=[], command=command, sandbox=sandbox)
+        worker = SplitWorker(model, endpoints=["127.0.0.1:1"], command=command, sandbox=sandbox)
         try:
             with trio.fail_after(30):
                 await worker.load()
@@ -92,3 +93,64 @@ async def test_the_consumer_s_worker_reads_its_model_and_nothing_else_of_the_hos
 
 async def _nothing(_chunk: dict[str, object]) -> None:
     return None
+
+
+_NETWORK_PROBE = """
+import json, socket, sys
+from runtime.split.worker import private_endpoints
+config = json.loads(sys.stdin.readline())
+[own] = private_endpoints(config["listen"], config["handover_fd"])
+
+def reaches(endpoint, data):
+    host, port = endpoint.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as conn:
+            conn.sendall(data)
+        return True
+    except OSError:
+        return False
+
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()
+seen = {"own": reaches(own, b"through the tunnel"), "node": reaches(sys.argv[1], b"escaped")}
+print(json.dumps({"usage": {"units": 0, "detail": seen}}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap is not installed")
+async def test_a_listening_worker_reaches_its_tunnels_and_nothing_of_the_node_s_network(tmp_path: Path) -> None:
+    """In a network namespace of its own, the worker hands the node its listening sockets (one per
+    layer server) and connects only to them: a port open on the node's loopback is out of reach."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF model bytes")
+    node_port = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    node_endpoint = f"127.0.0.1:{node_port.socket.getsockname()[1]}"
+    worker = SplitWorker(model, listen=1, command=[sys.executable, "-c", _NETWORK_PROBE, node_endpoint])
+    seen: dict[str, object] = {}
+
+    async def ask() -> None:
+        seen.update((await worker.run({}, _nothing))["detail"])
+
+    try:
+        with trio.fail_after(30):
+            [listener] = await worker.start()
+            await worker.load()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                conn = await listener.accept()  # what the node's tunnel does with it
+                assert await conn.receive_some(64) == b"through the tunnel"
+                await conn.aclose()
+            await listener.aclose()
+    finally:
+        await worker.aclose()
+        await node_port.aclose()
+    assert seen == {"own": True, "node": False}
+
+
+def test_a_worker_listens_only_in_a_sandbox_and_never_both_ways() -> None:
+    with pytest.raises(ClawnodeError):
+        SplitWorker("m.gguf", endpoints=["127.0.0.1:1"], listen=1)
+    with pytest.raises(ClawnodeError):
+        SplitWorker("m.gguf", listen=1, sandbox=False)
+    with pytest.raises(ClawnodeError):
+        SplitWorker("m.gguf")

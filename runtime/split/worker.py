@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,31 @@ SELLER_LOST = "layer_seller_lost"  # stable reason: the worker ended (a layer se
 SELLER_STALLED = "layer_seller_stalled"  # stable reason: no answer through the layers for the stall timeout
 MAX_LINE = 4 << 20  # a reply line at most (a completion's text and usage)
 LOAD_TIMEOUT_S = 300.0
+LISTEN_BACKLOG = 8  # the engine connects before the node accepts: its connections wait here
+HANDOVER_TIMEOUT_S = 20.0
 PASSED_ENV = ("GGML_", "OMP_", "LLAMA_")  # llama.cpp's own settings reach the worker; nothing else does
+
+
+def private_endpoints(count: int, handover_fd: int) -> list[str]:
+    """In the worker, in a network namespace of its own: ``count`` listening sockets on its loopback,
+    handed to the node over the socket ``handover_fd`` (SCM_RIGHTS, with their endpoints as JSON);
+    the node's tunnels accept on them (``SplitWorker.start``). Nothing else can reach them, and the
+    worker reaches nothing else. Returns their endpoints, for llama.cpp's RPC client."""
+    handover = socket.socket(fileno=handover_fd)
+    listeners: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            listener = socket.socket()
+            listeners.append(listener)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(LISTEN_BACKLOG)
+        endpoints = [f"127.0.0.1:{listener.getsockname()[1]}" for listener in listeners]
+        socket.send_fds(handover, [json.dumps(endpoints).encode()], [listener.fileno() for listener in listeners])
+    finally:
+        for listener in listeners:
+            listener.close()
+        handover.close()
+    return endpoints
 
 
 def _child() -> None:
@@ -48,7 +73,7 @@ def _child() -> None:
     config = json.loads(sys.stdin.readline())
     model = SplitLlamaModel(
         config["path"],
-        endpoints=config["endpoints"],
+        endpoints=config["endpoints"] or private_endpoints(int(config["listen"]), int(config["handover_fd"])),
         shares=config.get("shares"),
         name=config.get("name", "split"),
         n_ctx=config.get("n_ctx", 2048),
@@ -86,7 +111,8 @@ class SplitWorker:
         self,
         path: Path | str,
         *,
-        endpoints: list[str],
+        endpoints: list[str] | None = None,
+        listen: int = 0,
         shares: list[float] | None = None,
         name: str = "split",
         n_ctx: int = 2048,
@@ -101,9 +127,15 @@ class SplitWorker:
         model file's size, which the worker maps, plus the layer servers' bound), 64 open files."""
         self.sandbox = sandbox and bwrap_available()
         self.memory_bytes = memory_bytes
+        if bool(endpoints) == bool(listen) or (listen and not self.sandbox):
+            raise ClawnodeError(
+                ErrorCode.INVALID_ARGUMENT, "a split worker takes its endpoints, or listens when it is sandboxed"
+            )
+        self.listen = listen
         self._config = {
             "path": str(path),
-            "endpoints": list(endpoints),
+            "endpoints": list(endpoints or []),
+            "listen": listen,
             "shares": shares,
             "name": name,
             "n_ctx": n_ctx,
@@ -163,7 +195,61 @@ class SplitWorker:
             raise self._lost()
         return value
 
-    async def load(self) -> None:
+    async def start(self) -> list[trio.SocketListener]:
+        """Start the worker process; with ``listen``, the listeners it hands over, one per layer
+        server, in its own network namespace (a tunnel accepts on each: ``open_tunnel(listener=…)``).
+        ``load`` then waits for the model."""
+        handover: socket.socket | None = None
+        child_end: socket.socket | None = None
+        if self.listen:
+            handover, child_end = socket.socketpair()
+        try:
+            await self._spawn(child_end)
+        finally:
+            if child_end is not None:
+                child_end.close()
+        if handover is None:
+            return []
+        try:
+            return await self._receive_listeners(handover)
+        finally:
+            handover.close()
+
+    async def _receive_listeners(self, handover: socket.socket) -> list[trio.SocketListener]:
+        handover.setblocking(False)
+        fds: list[int] = []
+        try:
+            with trio.fail_after(HANDOVER_TIMEOUT_S):
+                await trio.lowlevel.wait_readable(handover.fileno())
+            _, fds, _, _ = socket.recv_fds(handover, 1 << 12, self.listen)
+        except (OSError, trio.TooSlowError):
+            pass
+        listeners: list[trio.SocketListener] = []
+        for fd in fds:
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            # The worker is not trusted to hand over anything but listening TCP sockets.
+            if (
+                sock.type != socket.SOCK_STREAM
+                or sock.family != socket.AF_INET
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            ):
+                sock.close()
+                continue
+            sock.setblocking(False)
+            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        if len(listeners) != self.listen:
+            for listener in listeners:
+                await listener.aclose()
+            if self._proc is not None:
+                self._proc.kill()
+            raise self._lost()
+        return listeners
+
+    async def _spawn(self, handover: socket.socket | None) -> None:
         # Not the node's environment (it may hold the wallet key or tokens, CLAWNODE_*): the worker
         # parses bytes from sellers.
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": code_root(), "GGML_RPC_NO_RDMA": "1", "HOME": "/tmp"}
@@ -171,7 +257,10 @@ class SplitWorker:
         command = list(self._command)
         path = Path(str(self._config["path"])).absolute()
         if self.sandbox:
-            command = sandbox_argv(command, env=env, read_only=[(str(path.resolve()), str(path))], share_net=True)
+            # Listening in a network namespace of its own, it reaches nothing but its tunnels; given
+            # endpoints (the node's loopback ports), it shares the node's network.
+            read_only = [(str(path.resolve()), str(path))]
+            command = sandbox_argv(command, env=env, read_only=read_only, share_net=not self.listen)
         memory = self.memory_bytes
         if memory is None:
             memory = DEFAULT_MEMORY_BYTES + (path.stat().st_size if path.is_file() else 0)
@@ -181,10 +270,19 @@ class SplitWorker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
+            pass_fds=[handover.fileno()] if handover is not None else [],
         )
         assert self._proc.stdin is not None
         config = {**self._config, "path": str(path)}
+        if handover is not None:
+            config["handover_fd"] = handover.fileno()
         await self._proc.stdin.send_all(json.dumps(config).encode() + b"\n")
+
+    async def load(self) -> None:
+        """Start the worker (unless ``start`` did) and wait until its model is loaded."""
+        if self._proc is None:
+            await self.start()
+        assert self._proc is not None
         with trio.move_on_after(LOAD_TIMEOUT_S) as waited:
             ready = await self._line()
         if waited.cancelled_caught:
