@@ -31,7 +31,7 @@ from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.stream.net_stream import StreamState
 from libp2p.peer.id import ID
-from libp2p.security.noise.io import NoisePacketReadWriter
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoisePacketReadWriter
 from libp2p.stream_muxer.yamux.yamux import (
     HEADER_SIZE as YAMUX_HEADER_SIZE,
 )
@@ -57,7 +57,9 @@ LAYERS_PROTOCOL = TProtocol("/clawnode/layers/1.0.0")
 MAX_OPEN_FRAME = 4096
 OPEN_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0  # closing both ends of a tunnel, shielded from the caller's cancellation
-CHUNK = 1 << 16
+# The most a tunnel reads or writes at a time: one Yamux DATA frame in one Noise message (64 KiB would
+# be a frame over Yamux's 64 KiB bound and a Noise message over its own: three messages, two frames).
+CHUNK = MAX_PLAINTEXT_LENGTH - YAMUX_HEADER_SIZE
 RELEASE_BYTES = 64 << 10  # a tunnel's stream gives its Yamux window back this many bytes at a time
 COALESCE_S = 0.01  # the longest a tunnel waits for the rest of a message before it writes what it has
 MAX_TUNNELS_PER_LEASE = 4
