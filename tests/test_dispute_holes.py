@@ -6,7 +6,7 @@ loopback, real SQLite ledgers and the embedded chain. Each test failed on the co
   transaction it names resolved (``told_outcome_verdict``);
 - a kept case whose resumption raised stopped ``resume_cases``: the cases after it waited for the
   next start (``resume_case_action``, ``resume_retry_delay``);
-- a case the arbiter could not decide was re-run as often as it was sent (``rerun_verdict``);
+- a case the arbiter could not decide was re-run as often as it was sent (``lease_rerun_verdict``);
 - the arbiter's signature checks of a case (a few ms of crypto each) ran on the trio loop;
 - a provider's sweep for claims a silent freeze holds up read only the newest settlements: any newer
   ones (its own claims and withdrawals, a stranger's many small leases) hid the held claim for good;
@@ -146,11 +146,34 @@ def test_the_rules_refuse_with_stable_reasons() -> None:
         ]
     ] == ["drop", "record", "drop", "freeze_and_send", "send", "drop"]
     lease_limit, peer_limit = rules.MAX_RERUNS_PER_LEASE, rules.MAX_RERUNS_PER_PEER
-    assert rules.rerun_verdict(lease_reruns=lease_limit - 1, peer_reruns=peer_limit - 1) is None
+    assert rules.lease_rerun_verdict(lease_reruns=lease_limit - 1, peer_reruns=peer_limit - 1) is None
     assert [
-        (r.code, r.reason) if (r := rules.rerun_verdict(lease_reruns=lease, peer_reruns=peer)) else None
+        (r.code, r.reason) if (r := rules.lease_rerun_verdict(lease_reruns=lease, peer_reruns=peer)) else None
         for lease, peer in [(lease_limit, 0), (0, peer_limit)]
     ] == [(ErrorCode.CONFLICT, "rerun_limit"), (ErrorCode.RATE_LIMITED, "peer_rerun_limit")]
+    assert rules.lease_rerun_verdict(lease_reruns=0, peer_reruns=0, holds_file=False).reason == "arbiter_no_file"  # type: ignore[union-attr]
+    assert told(chain=False) == "chain_unavailable"
+
+    def intake(**kw: Any) -> str | None:
+        facts = {"chain": True, "lease_escrow": True, "in_progress": False, "deciding": 0, "limit": 4} | kw
+        refusal = rules.case_intake_verdict(**facts)
+        return None if refusal is None else refusal.reason
+
+    assert [
+        intake(),
+        intake(chain=False),
+        intake(lease_escrow=False),
+        intake(in_progress=True),
+        intake(in_progress=True, stale=True),  # decided by stale_freeze_verdict on the chain's facts
+        intake(deciding=4),
+    ] == [None, "chain_unavailable", "escrow_not_lease", "case_in_progress", None, "busy"]
+    asks = [
+        rules.stale_ask_verdict(served=False, arbiter_known=True, vouched=True),
+        rules.stale_ask_verdict(served=True, arbiter_known=False, vouched=True),
+        rules.stale_ask_verdict(served=True, arbiter_known=True, vouched=False),
+        rules.receipt_ask_verdict(served=False),
+    ]
+    assert [r.reason if r else None for r in asks] == ["unknown_lease", "no_arbiter", "no_voucher", "unknown_lease"]
     assert [rules.resume_retry_delay(n) for n in range(4)] == [None, *rules.RESUME_RETRY_S, None]
 
 

@@ -35,9 +35,12 @@ from protocols.machines.dispute import (
     MAX_RERUN_PEERS,
     RERUN_WINDOW_S,
     ToldOutcomeFacts,
-    rerun_verdict,
+    case_intake_verdict,
+    lease_rerun_verdict,
+    receipt_ask_verdict,
     resume_case_action,
     resume_retry_delay,
+    stale_ask_verdict,
     told_outcome_verdict,
 )
 from protocols.machines.verdict import Refusal, enforce
@@ -448,24 +451,26 @@ class DisputeRole(LeaseCore):
         return cases
 
     async def _arbitrate(self, case: LeaseDisputeCase, consumer: str) -> LeaseDisputeOutcome:
-        client = self.escrow()
-        if client is None:
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
-        cases = self._deciding()
-        if case.lease_id in cases:
-            raise ClawnodeError(ErrorCode.CONFLICT, "this case is being decided", "case_in_progress")
-        if len(cases) >= MAX_CASES:
-            raise ClawnodeError(ErrorCode.RATE_LIMITED, "the arbiter is deciding other cases", "busy")
+        client, cases, escrow_id = self.escrow(), self._deciding(), _escrow_of(case.lease_id)
+        enforce(
+            case_intake_verdict(
+                chain=client is not None,
+                lease_escrow=escrow_id is not None,
+                in_progress=case.lease_id in cases,
+                deciding=len(cases),
+                limit=MAX_CASES,
+            )
+        )
+        assert escrow_id is not None
         cases.add(case.lease_id)
         try:
-            return await self._decide(client, case, consumer)
+            return await self._decide(client, case, escrow_id, consumer)
         finally:
             cases.discard(case.lease_id)
 
-    async def _decide(self, client: Any, case: LeaseDisputeCase, consumer: str) -> LeaseDisputeOutcome:
-        escrow_id = _escrow_of(case.lease_id)
-        if escrow_id is None:
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
+    async def _decide(
+        self, client: Any, case: LeaseDisputeCase, escrow_id: bytes, consumer: str
+    ) -> LeaseDisputeOutcome:
         from runtime.escrow.client import dispute_case_signer  # web3 is loaded once a chain is connected
 
         state = await client.chain.run(client.get, case.payer, escrow_id)
@@ -496,11 +501,8 @@ class DisputeRole(LeaseCore):
         )
         body = package.proof.commitment.body
         model = self.verifying.local_model(body.model_sha256) if self.verifying.local_model is not None else None
-        if model is None:
-            raise ClawnodeError(
-                ErrorCode.NOT_FOUND, "this arbiter holds no copy of the file the proof names", "arbiter_no_file"
-            )
-        self._admit_rerun(case.lease_id, consumer)
+        self._admit_rerun(case.lease_id, consumer, holds_file=model is not None)
+        assert model is not None
         bound = await trio.to_thread.run_sync(package_binds, package, case.lease_id, body.provider, ed25519_public_key)
         try:
             spot: SpotCheck | None = await trio.to_thread.run_sync(_recheck, model.path, package)
@@ -537,8 +539,8 @@ class DisputeRole(LeaseCore):
             self._spawn(self._tell_provider, body.provider, outcome)
         return outcome
 
-    def _admit_rerun(self, lease_id: str, peer: str) -> None:
-        """Count a re-run of the lease's case asked by ``peer``, or refuse it (``rerun_verdict``): a case
+    def _admit_rerun(self, lease_id: str, peer: str, *, holds_file: bool) -> None:
+        """Count a re-run of the lease's case asked by ``peer``, or refuse it (``lease_rerun_verdict``): a case
         left undecided keeps its escrow frozen, and sending it again must not buy fresh re-runs without end.
         Counts are kept in memory (bounded), so an arbiter that restarts grants each lease its re-runs again."""
         leases: dict[str, int] = getattr(self, "_reruns", {})
@@ -548,7 +550,9 @@ class DisputeRole(LeaseCore):
         recent = [at for at in peers.pop(peer, []) if now - at < RERUN_WINDOW_S]
         if recent:
             peers[peer] = recent
-        enforce(rerun_verdict(lease_reruns=leases.get(lease_id, 0), peer_reruns=len(recent)))
+        enforce(
+            lease_rerun_verdict(lease_reruns=leases.get(lease_id, 0), peer_reruns=len(recent), holds_file=holds_file)
+        )
         leases[lease_id] = leases.pop(lease_id, 0) + 1
         peers[peer] = [*recent, now]
         while len(leases) > MAX_RERUN_LEASES:
@@ -594,16 +598,19 @@ class DisputeRole(LeaseCore):
 
     async def _end_stale_freeze(self, ask: LeaseStaleFreeze, sender: str) -> LeaseDisputeOutcome:
         """The payee's node asks to end a freeze its payer sent no case for (``stale_freeze_verdict``)."""
-        client = self.escrow()
-        if client is None:
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
-        cases = self._deciding()
-        escrow_id = _escrow_of(ask.lease_id)
-        if escrow_id is None:
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the lease has no escrow of its own", "escrow_not_lease")
+        client, cases, escrow_id = self.escrow(), self._deciding(), _escrow_of(ask.lease_id)
         deciding = ask.lease_id in cases
-        if not deciding and len(cases) >= MAX_CASES:
-            raise ClawnodeError(ErrorCode.RATE_LIMITED, "the arbiter is deciding other cases", "busy")
+        enforce(
+            case_intake_verdict(
+                chain=client is not None,
+                lease_escrow=escrow_id is not None,
+                in_progress=deciding,
+                deciding=len(cases),
+                limit=MAX_CASES,
+                stale=True,
+            )
+        )
+        assert client is not None and escrow_id is not None
         if not deciding:
             cases.add(ask.lease_id)
         try:
@@ -663,14 +670,11 @@ class DisputeRole(LeaseCore):
         recorded as the chain shows it."""
         lease = await self.ledger.get_lease(lease_id)
         arbiter = _peer(self.arbiter_peer)
-        if lease.role != "provider" or lease.escrow is None:
-            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease served", "unknown_lease")
-        if arbiter is None:
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, "no arbiter peer known", "no_arbiter")
-        records = await self.ledger.list_receipts(lease_id, limit=RECEIPTS_SCANNED)
+        served = lease.role == "provider" and lease.escrow is not None
+        records = await self.ledger.list_receipts(lease_id, limit=RECEIPTS_SCANNED) if served else []
         vouched = [r for r in records if r.countersigned and r.receipt.voucher is not None]
-        if not vouched:
-            raise ClawnodeError(ErrorCode.NOT_FOUND, "no receipt with the payer's voucher", "no_voucher")
+        enforce(stale_ask_verdict(served=served, arbiter_known=arbiter is not None, vouched=bool(vouched)))
+        assert lease.escrow is not None and arbiter is not None
         newest = max(vouched, key=lambda r: r.seq)
         ask = LeaseStaleFreeze(lease_id=lease_id, payer=lease.escrow.payer, receipt=newest.receipt)
         outcome = await request(
@@ -735,8 +739,6 @@ class DisputeRole(LeaseCore):
             lease = None
         known = lease is not None and lease.escrow is not None and lease.escrow.payer.lower() == outcome.payer.lower()
         client = self.escrow()
-        if known and client is None:
-            raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node's escrow chain is not connected", "chain_unavailable")
         phase, escrow_arbiter, threshold, resolved_by, dispute_open = "none", "", 0, None, False
         escrow_id = b""
         if known and client is not None:
@@ -759,6 +761,7 @@ class DisputeRole(LeaseCore):
                     escrow_arbiter=escrow_arbiter,
                     threshold=threshold,
                     resolved_by=resolved_by,
+                    chain=client is not None,
                 )
             )
         )
@@ -780,8 +783,7 @@ class DisputeRole(LeaseCore):
         receipt with its countersignature (the lease id is the consumer's random escrow id: only its
         parties and their arbiter know it)."""
         lease = await self.ledger.get_lease(ask.lease_id)
-        if lease.role != "provider":
-            raise ClawnodeError(ErrorCode.NOT_FOUND, "no such lease served", "unknown_lease")
+        enforce(receipt_ask_verdict(served=lease.role == "provider"))
         records = await self.ledger.list_receipts(ask.lease_id, limit=RECEIPTS_SCANNED)
         signed = [r for r in records if r.countersigned]
         newest = max(signed, key=lambda r: r.seq) if signed else None

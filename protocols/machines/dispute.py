@@ -1,6 +1,7 @@
 """A lease dispute's refusals that are not about the evidence itself (docs/security.md), as pure rules of
-fetched facts: who may tell a party how its dispute ended, how often an arbiter re-runs a case it could
-not decide, and what a restarted consumer does with each case it kept (``protocols.lease.arbiter``
+fetched facts: who may tell a party how its dispute ended, when an arbiter takes a case and how often it
+re-runs one it could not decide, when a provider asks to end a freeze without a case or answers an
+arbiter's receipt ask, and what a restarted consumer does with each case it kept (``protocols.lease.arbiter``
 fetches the facts and acts on the verdicts).
 """
 
@@ -36,6 +37,7 @@ class ToldOutcomeFacts:
     escrow_arbiter: str
     threshold: int
     resolved_by: str | None
+    chain: bool = True  # this node's escrow chain is connected (the facts above could be read)
 
 
 def told_outcome_verdict(facts: ToldOutcomeFacts) -> Refusal | None:
@@ -45,6 +47,8 @@ def told_outcome_verdict(facts: ToldOutcomeFacts) -> Refusal | None:
     refunded) has no such transaction: nothing is written, whoever knows its id."""
     if not facts.known:
         return Refusal(ErrorCode.NOT_FOUND, "unknown_lease", "no such lease")
+    if not facts.chain:
+        return Refusal(ErrorCode.UNAVAILABLE, "chain_unavailable", "this node's escrow chain is not connected")
     if facts.arbiter_peer and facts.sender != facts.arbiter_peer:
         return Refusal(ErrorCode.FORBIDDEN, "not_arbiter", "only the escrows' arbiter tells a dispute's outcome")
     if facts.role != "provider" and not facts.dispute_open:
@@ -59,6 +63,47 @@ def told_outcome_verdict(facts: ToldOutcomeFacts) -> Refusal | None:
     return None
 
 
+# ---- an arbiter taking a case (or a freeze without one) ----
+
+
+def case_intake_verdict(
+    *, chain: bool, lease_escrow: bool, in_progress: bool, deciding: int, limit: int, stale: bool = False
+) -> Refusal | None:
+    """Whether an arbiter starts on a case (``stale``: on a payee's ask to end a freeze without one):
+    its escrow chain is connected, the lease has an escrow of its own (its id is the escrow's), the same
+    lease's case is not being decided already (a stale ask goes on: ``stale_freeze_verdict`` refuses
+    it on the chain's facts), and fewer than ``limit`` are being decided."""
+    if not chain:
+        return Refusal(ErrorCode.UNAVAILABLE, "chain_unavailable", "this node's escrow chain is not connected")
+    if not lease_escrow:
+        return Refusal(ErrorCode.INVALID_ARGUMENT, "escrow_not_lease", "the lease has no escrow of its own")
+    if in_progress and not stale:
+        return Refusal(ErrorCode.CONFLICT, "case_in_progress", "this case is being decided")
+    if not in_progress and deciding >= limit:
+        return Refusal(ErrorCode.RATE_LIMITED, "busy", "the arbiter is deciding other cases")
+    return None
+
+
+def stale_ask_verdict(*, served: bool, arbiter_known: bool, vouched: bool) -> Refusal | None:
+    """Whether a provider asks the arbiter to end a freeze without a case: a lease it served with an
+    escrow, an arbiter peer it knows, and a countersigned receipt carrying the payer's voucher."""
+    if not served:
+        return Refusal(ErrorCode.NOT_FOUND, "unknown_lease", "no such lease served")
+    if not arbiter_known:
+        return Refusal(ErrorCode.UNAVAILABLE, "no_arbiter", "no arbiter peer known")
+    if not vouched:
+        return Refusal(ErrorCode.NOT_FOUND, "no_voucher", "no receipt with the payer's voucher")
+    return None
+
+
+def receipt_ask_verdict(*, served: bool) -> Refusal | None:
+    """Whether a provider answers an arbiter's ask for its newest countersigned receipt of a lease: one
+    it served (the lease id is the consumer's random escrow id: only its parties and arbiter know it)."""
+    if not served:
+        return Refusal(ErrorCode.NOT_FOUND, "unknown_lease", "no such lease served")
+    return None
+
+
 # ---- re-runs of a case an arbiter could not decide ----
 
 MAX_RERUNS_PER_LEASE = 2  # re-runs of one lease's case, whatever came of them (an undecided one stays frozen)
@@ -68,11 +113,15 @@ MAX_RERUN_LEASES = 4096  # leases whose re-run count is kept (the oldest forgott
 MAX_RERUN_PEERS = 1024  # peers whose recent re-runs are kept
 
 
-def rerun_verdict(*, lease_reruns: int, peer_reruns: int) -> Refusal | None:
-    """Whether the arbiter re-runs a case (a few seconds of inference on its own copy of the file):
-    a case it could not decide (``undecided``: the escrow stays frozen for a person) is not re-run again
-    and again because its sender asks (``E_CONFLICT``: sending it again changes nothing, a person decides
-    it), nor are one peer's cases past a rate (``E_RATE_LIMITED``: later, it may)."""
+def lease_rerun_verdict(*, lease_reruns: int, peer_reruns: int, holds_file: bool = True) -> Refusal | None:
+    """Whether the arbiter re-runs a case (a few seconds of inference on its own copy of the file): only
+    with a copy of the file the proof names (else nothing is resolved: the escrow stays frozen for a
+    person, ``E_NOT_FOUND arbiter_no_file``); and a case it could not decide (``undecided``: the escrow
+    stays frozen for a person) is not re-run again and again because its sender asks (``E_CONFLICT``:
+    sending it again changes nothing, a person decides it), nor are one peer's cases past a rate
+    (``E_RATE_LIMITED``: later, it may)."""
+    if not holds_file:
+        return Refusal(ErrorCode.NOT_FOUND, "arbiter_no_file", "this arbiter holds no copy of the file the proof names")
     if lease_reruns >= MAX_RERUNS_PER_LEASE:
         return Refusal(ErrorCode.CONFLICT, "rerun_limit", "this lease's case was re-run as often as it may be")
     if peer_reruns >= MAX_RERUNS_PER_PEER:
