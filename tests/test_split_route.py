@@ -84,7 +84,7 @@ _seller = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(
     sellers=st.lists(_seller, max_size=8),
     lost=st.sets(st.sampled_from("abcdefgh"), max_size=3),
