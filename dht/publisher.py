@@ -145,6 +145,8 @@ class CapabilityPublisher:
         self.sealed: bytes | None = None
         self.published_at: float | None = None
         self.publish_refusals = 0  # records that could not be sealed at publish time (the last one kept)
+        # Capability name -> the addresses it was last announced (provided) with; one per offer.
+        self._provided: dict[str, tuple[str, ...]] = {}
 
     @property
     def offers(self) -> list[Offer]:
@@ -217,7 +219,10 @@ class CapabilityPublisher:
             sandbox=self.sandbox,
         )
 
-    async def publish(self) -> None:
+    async def publish(self, *, full: bool = True) -> None:
+        """Publish the current record, and announce this node as a provider of its capabilities:
+        all of them when ``full`` (the periodic republish, the join), else only those not announced
+        yet at the node's current addresses (a change of offers)."""
         if not self._reseal() or self.record is None or self.sealed is None:
             return
         record, sealed = self.record, self.sealed
@@ -226,6 +231,14 @@ class CapabilityPublisher:
             return
         kad = self.dht.dht
         failures: list[str] = []
+        addrs = tuple(sorted(str(addr) for addr in self.host.get_addrs()))
+        names = {capability.name for capability in record.capabilities}
+        for name in [name for name in self._provided if name not in names]:
+            del self._provided[name]  # withdrawn: announced afresh if it comes back
+        # A change of offers announces only the capabilities not announced yet (at these addresses):
+        # a price change needs no DHT write (finds fetch the record from the provider), and
+        # announcing every older capability again tripled a new offer's DHT work on a busy loop.
+        due = [name for name in names if full or self._provided.get(name) != addrs]
 
         async def attempt(step: Callable[[str], Awaitable[object]], key: str) -> None:
             try:
@@ -235,14 +248,15 @@ class CapabilityPublisher:
 
         async def provide_under_multihash(name: str) -> None:
             # The multihash itself, not through KadDHT.provide: its key parsing tries a CID first.
-            await kad.provider_store.provide(provider_key(name))
+            if await self.dht.provide(provider_key(name)) > 0:  # told nobody (alone): announced again next time
+                self._provided[name] = addrs
 
         # Concurrently: one after another, a newly added capability waited behind the
         # record and every older offer (seconds each in a busy swarm).
         async with trio.open_nursery() as nursery:
+            for name in sorted(due):
+                nursery.start_soon(attempt, provide_under_multihash, name)
             nursery.start_soon(attempt, lambda key: kad.put_value(key, sealed), record_key(record.peer_id))
-            for capability in record.capabilities:
-                nursery.start_soon(attempt, provide_under_multihash, capability.name)
         if failures:
             log.info("publishing the capability record partly failed: %s", ", ".join(sorted(set(failures))))
             return
@@ -256,10 +270,10 @@ class CapabilityPublisher:
             while self._addrs_pending():
                 await trio.sleep(PENDING_POLL_S)
 
-    async def _publish_in(self, scope: trio.CancelScope, running: deque[trio.CancelScope]) -> None:
+    async def _publish_in(self, scope: trio.CancelScope, running: deque[trio.CancelScope], full: bool) -> None:
         try:
             with scope:
-                await self.publish()
+                await self.publish(full=full)
         finally:
             if scope in running:
                 running.remove(scope)
@@ -279,7 +293,10 @@ class CapabilityPublisher:
             # record naming its relays used to wait behind the one published a second earlier
             # without them, while peers could read only that one. At most MAX_PUBLISHES_IN_FLIGHT:
             # a further change cuts the oldest short (a newer record supersedes it).
+            # The first publish, the periodic one and the one after the join announce every
+            # capability again; one for a change of offers only what is new (``publish``).
             running: deque[trio.CancelScope] = deque()
+            full = True
             async with trio.open_nursery() as nursery:
                 while True:
                     self._changed = trio.Event()
@@ -288,8 +305,9 @@ class CapabilityPublisher:
                         running.popleft().cancel()
                     scope = trio.CancelScope()
                     running.append(scope)
-                    nursery.start_soon(self._publish_in, scope, running)
-                    with trio.move_on_after(self.record_ttl_s / 2):
+                    nursery.start_soon(self._publish_in, scope, running, full)
+                    with trio.move_on_after(self.record_ttl_s / 2) as period:
                         await _first_of(self._changed, None if joined else self.dht.joined)
+                    full = period.cancelled_caught or (not joined and self.dht.joined.is_set())
         finally:
             self.host.remove_stream_handler(CAPABILITY_PROTOCOL)

@@ -1,0 +1,87 @@
+"""Provider announcements and provider lookups that do not wait on a walk (issue 23: publish ->
+visible). Real hosts on loopback, in swarms of four nodes."""
+
+from __future__ import annotations
+
+import trio
+from libp2p.peer.id import ID
+
+from dht.offers import Offer, provider_key
+from tests.support.records import GEMMA
+from tests.support.swarm import NodeSpec, open_swarm
+
+QWEN = Offer(name="model:qwen2.5-7b-instruct-q4_k_m", price_per_unit=2 * 10**9, context_length=8192, family="qwen2.5")
+
+
+async def test_a_provide_reaches_the_known_closest_peers_while_its_walk_is_still_running() -> None:
+    async with open_swarm(4) as nodes:
+        provider, others = nodes[3], nodes[:3]
+        key = provider_key(QWEN.name)
+        walk_may_end = trio.Event()
+        walk = provider.dht.dht.peer_routing.find_closest_peers_network
+
+        async def stuck_walk(target: bytes, count: int = 20) -> list[ID]:
+            await walk_may_end.wait()
+            return await walk(target, count)
+
+        provider.dht.dht.peer_routing.find_closest_peers_network = stuck_walk  # type: ignore[method-assign,assignment]
+        stored_at = [node for node in others if node.dht.dht.provider_store.get_providers(key)]
+        assert not stored_at
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(provider.dht.provide, key)
+            with trio.fail_after(10):
+                while not stored_at:
+                    await trio.sleep(0.02)
+                    stored_at = [node for node in others if node.dht.dht.provider_store.get_providers(key)]
+            # Told before the walk ended: the peers it already knew hold the record now.
+            assert not walk_may_end.is_set()
+            walk_may_end.set()
+        providers = {info.peer_id for node in others for info in node.dht.dht.provider_store.get_providers(key)}
+        assert providers == {provider.host.get_id()}
+
+
+async def test_a_new_offer_announces_only_itself_and_is_found_without_a_walk() -> None:
+    async with open_swarm(4, specs={3: NodeSpec(offers=(GEMMA,))}) as nodes:
+        asker, provider = nodes[1], nodes[3]
+        announced: list[bytes] = []
+        provide = provider.dht.provide
+
+        async def counting(key: bytes) -> int:
+            announced.append(key)
+            return await provide(key)
+
+        provider.dht.provide = counting  # type: ignore[method-assign]
+        before = provider.publisher.published_at
+        provider.publisher.set_offer(QWEN)
+        with trio.fail_after(10):
+            while provider.publisher.published_at == before:
+                await trio.sleep(0.02)
+        # The change announced the new capability alone; GEMMA was announced already.
+        assert announced == [provider_key(QWEN.name)]
+
+        # A price change needs no announcement (finds fetch the record from the provider) ...
+        before = provider.publisher.published_at
+        provider.publisher.set_offer(QWEN.model_copy(update={"price_per_unit": 3 * 10**9}))
+        with trio.fail_after(10):
+            while provider.publisher.published_at == before:
+                await trio.sleep(0.02)
+        assert announced == [provider_key(QWEN.name)]
+        # ... and the periodic republish announces every capability again.
+        await provider.publisher.publish()
+        assert sorted(announced[1:]) == sorted([provider_key(GEMMA.name), provider_key(QWEN.name)])
+
+        # Another node, remembering no closest peers for the key, finds the provider with rounds
+        # of GET_PROVIDERS to the closest peers it knows: no walk.
+        walks: list[bytes] = []
+        walk = asker.dht.dht.peer_routing.find_closest_peers_network
+
+        async def counting_walk(target: bytes, count: int = 20) -> list[ID]:
+            walks.append(target)
+            return await walk(target, count)
+
+        asker.dht.dht.peer_routing.find_closest_peers_network = counting_walk  # type: ignore[method-assign,assignment]
+        asker.dht._closest.clear()
+        with trio.fail_after(10):
+            found = await asker.discovery.providers_of(QWEN.name)
+        assert found == [provider.host.get_id()]
+        assert provider_key(QWEN.name) not in walks
