@@ -283,12 +283,17 @@ def _inspect(state: WorkerState, peers: list[str], target: str) -> Message:
         except KeyError:
             left = "-"
         budget = budget_of(node.host)
+        network: Any = node.host.get_network()
+        streams = sum(len(conn.get_streams()) for conn in network.get_connections())
+        slots = getattr(network, "_stream_semaphore", None)
         found[node.peer_id] = (
             f"table={kad.routing_table.size()} conns={len(node.host.get_connected_peers())} "
             f"has-target-in-table={kad.routing_table.peer_in_table(target_id)} "
             f"target-addrs={_has_addrs(node.host, target_id)} ttl-left={left} "
             f"connected-to-target={target_id in node.host.get_connected_peers()} "
-            f"budget-closed={budget.closed if budget else '-'}"
+            f"budget-closed={budget.closed if budget else '-'} streams={streams} "
+            f"stream-slots-free={slots.value if slots is not None else '-'} "
+            f"kad-inbound-busy={kad._inbound_limiter.borrowed_tokens}"
         )
     return {"found": found}
 
@@ -765,6 +770,7 @@ class SwarmRun:
         """A failed lookup, event by event, and what the peers it asked know of its target (``--trace``)."""
         asked = {line.split()[2] for line in reply["trace"] if line.split()[1] == "ask"}
         peers = [entry.peer_id for entry in self.directory if entry.peer_id[-6:] in asked]
+        peers.append(searcher.peer_id)
         known: dict[str, str] = {}
         for reply_inspect in ask_all(
             self.workers, [{"op": "inspect", "peers": peers, "target": target.peer_id}] * len(self.workers), 30.0
@@ -777,7 +783,8 @@ class SwarmRun:
             *("  " + line for line in reply["trace"]),
         ]
         for peer, facts in sorted(known.items()):
-            lines.append(f"  {'TARGET' if peer == target.peer_id else 'asked'} {peer[-6:]}: {facts}")
+            role = "TARGET" if peer == target.peer_id else "SEARCHER" if peer == searcher.peer_id else "asked"
+            lines.append(f"  {role} {peer[-6:]}: {facts}")
         progress("\n".join(lines))
 
     def measure(self, size: int) -> SizeResult:

@@ -133,6 +133,11 @@ class Walk:
     target: int
     me: ID
     beta: int = BETA
+    # Whether a late peer among the closest settles the set once ``beta`` peers answered. Not for
+    # ``find_peer``: a walk that had its three answers from farther peers ended while the queries to
+    # the closest, late on a loaded machine, were still out and would have named the target
+    # (bench/dht_swarm.py --trace: "end running=12 done=True", 12 of the 15 peers asked held it).
+    late_settles: bool = True
     states: dict[ID, str] = field(default_factory=dict)
     hops: dict[ID, int] = field(default_factory=dict)
     distances: dict[ID, int] = field(default_factory=dict)
@@ -176,6 +181,11 @@ class Walk:
         cut short the queries still out to the next closest (bench/dht_swarm.py --trace: "end
         running=17", no answer yet, the target unfound).
         """
+        if not self.late_settles:
+            # A late peer among the closest may still name the target: it settles nothing until it
+            # answers or turns slow (``answer_timeout_s``); the walk asks past it meanwhile.
+            settled = [peer for peer in self.ordered() if self.states[peer] != SLOW]
+            return all(self.states[peer] == ANSWERED for peer in settled[: self.beta])
         states = list(self.states.values())
         answered = states.count(ANSWERED)
         if answered >= self.beta:
@@ -233,7 +243,7 @@ class Lookup:
     async def closest_peers(self, key: bytes, count: int = K, *, stop_at: ID | None = None) -> list[ID]:
         """The ``count`` closest peers to ``key`` that the walk met and that did not fail."""
         beta = self.beta if stop_at is not None else max(self.beta, STORE_BETA)
-        walk = Walk(key_of(key), self.host.get_id(), beta=beta)
+        walk = Walk(key_of(key), self.host.get_id(), beta=beta, late_settles=stop_at is None)
         for seed in self._seeds(key, count):
             if seed != stop_at:  # connected to it or in the table, but its addresses are what we lack
                 walk.add(seed, 0)

@@ -52,6 +52,17 @@ def test_the_walk_asks_the_closest_unasked_peer_and_stops_once_the_closest_have_
     assert small.done()
     assert walk.closest(3) == by_distance[1:4]
     assert by_distance[0] not in walk.closest(20)
+    # find_peer: three farther peers answered, the closest is late: its answer may still name the
+    # target, so the walk waits for it until it turns slow (a store lookup would end here).
+    seeking = Walk(target, me, beta=3, late_settles=False)
+    for peer in by_distance[:4]:
+        seeking.add(peer, 0)
+    seeking.states.update({by_distance[0]: LATE, **dict.fromkeys(by_distance[1:4], ANSWERED)})
+    assert not seeking.done()
+    storing = Walk(target, me, beta=3, states=dict(seeking.states), distances=dict(seeking.distances))
+    assert storing.done()
+    seeking.states[by_distance[0]] = SLOW
+    assert seeking.done()
 
 
 async def test_a_lookup_goes_past_a_peer_that_accepts_connections_but_never_answers() -> None:
