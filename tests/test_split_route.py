@@ -367,3 +367,12 @@ def test_a_gguf_file_says_how_many_layers_it_has_and_how_large_the_largest_is(tm
     assert layers is not None and layers.count == N_LAYER and layers.max_bytes > 0
     (tmp_path / "not.gguf").write_bytes(b"no gguf here")
     assert file_layers(tmp_path / "not.gguf") is None
+
+
+def test_a_split_model_saves_no_prefixes_whose_kv_cache_it_would_read_back_from_its_sellers() -> None:
+    from runtime.split.model import SplitLlamaModel
+
+    # Saving a prefix reads the sequence's KV cache back: on a split model it lives on the layer
+    # servers, one GET_TENSOR round trip per cell row per layer before the next prompt's first token.
+    assert SplitLlamaModel("m.gguf", endpoints=["127.0.0.1:1"]).prefix_cache_bytes == 0
+    assert SplitLlamaModel("m.gguf", endpoints=["127.0.0.1:1"], prefix_cache_mb=8).prefix_cache_bytes == 8 << 20
