@@ -35,6 +35,7 @@ SPARE_IDLE_S = 4.0
 SPARES_PER_PEER = 2  # a call that follows the last one at once finds the second while the first is replaced
 MAX_SPARE_PEERS = 32
 OPEN_TIMEOUT_S = 5.0
+WAIT_FOR_SPARE_S = 1.0  # a call waits this long at most for a spare being opened, then opens its own
 CLOSE_TIMEOUT_S = 1.0
 
 
@@ -83,7 +84,8 @@ class SpareStreams:
         self.clock = clock
         # peer -> its spares (stream, parked at), oldest first; peers by their last refill, oldest first
         self._spares: dict[str, list[tuple[INetStream, float]]] = {}
-        self._opening: dict[str, trio.Event] = {}  # peer -> set when its refill ended
+        self._opening: dict[str, trio.Event] = {}  # peer -> set when its refill parked a spare or ended
+        self._waiting: set[str] = set()  # peers a call is waiting for a spare of
         self.taken = 0  # calls that found a spare
 
     def __len__(self) -> int:
@@ -106,9 +108,14 @@ class SpareStreams:
         further along than a new one would be), otherwise a stream opened now."""
         key = str(peer)
         opening = self._opening.get(key)
-        if opening is not None and key not in self._spares:
-            with trio.move_on_after(OPEN_TIMEOUT_S):
-                await opening.wait()
+        if opening is not None and key not in self._spares and key not in self._waiting:
+            # One call waits for the stream being opened; calls beside it open their own at once.
+            self._waiting.add(key)
+            try:
+                with trio.move_on_after(WAIT_FOR_SPARE_S):
+                    await opening.wait()
+            finally:
+                self._waiting.discard(key)
         while (parked := self._pop(key)) is not None:
             stream, at = parked
             if (
