@@ -51,8 +51,12 @@ ADOPT_INTERVAL_S = 1.0
 # (``lookup_guard.SilentPeers``). Config: dht.dial_timeout_s.
 DEFAULT_DIAL_TIMEOUT_S = 4.0
 ANNOUNCE_TIMEOUT_S = 10.0
-# ``DhtService.provide``: an ADD_PROVIDER not sent within this long is given up (py-libp2p's query timeout).
+# ``DhtService.provide``: an ADD_PROVIDER not sent within this long is given up (py-libp2p's query timeout),
+# and one that failed (not reached, its stream refused or timed out) is sent again after these pauses.
+# On a busy swarm (bench/discovery.py's setup, 40 nodes at load 10) 130 of 210 sends failed so, and
+# providers that told nobody stayed unfindable until the next republish, minutes later.
 ADD_PROVIDER_TIMEOUT_S = 10.0
+ADD_PROVIDER_RETRY_S = (2.0, 6.0)
 JOIN_DIAL_FACTOR = 2.5  # the join gives each peer this many times dial_timeout_s (10 s by default)
 
 
@@ -601,7 +605,11 @@ class DhtService:
         the announcement reached nobody until it ended. Here the peers this node already knows to be
         closest (``known_closest``) are told at once while the walk runs; the walk's closest that were
         not among them are told when it ends. Each peer is told once a call (at most ``2 * K_CLOSEST``
-        sends); each send is bounded by ``ADD_PROVIDER_TIMEOUT_S`` and by the DHT guard's dial timeout.
+        peers); a send that failed visibly (the stream refused or timed out) is repeated after each of
+        ``ADD_PROVIDER_RETRY_S`` while the peer may still be asked (one not reached within the dial
+        timeout went silent and is not: ``lookup_guard``), and each try is bounded by
+        ``ADD_PROVIDER_TIMEOUT_S`` and by the DHT guard's dial timeout. py-libp2p's sender reads no
+        echo, so an announcement a receiver resets after accepting the stream still goes unseen.
         """
         kad = self.dht
         store = kad.provider_store
@@ -613,12 +621,17 @@ class DhtService:
 
         async def tell(peer_id: ID) -> None:
             nonlocal delivered
-            with trio.move_on_after(ADD_PROVIDER_TIMEOUT_S):
-                try:
-                    if await store._send_add_provider(peer_id, key):
-                        delivered += 1
-                except Exception as error:  # noqa: BLE001 - one peer's trouble does not spoil the rest
-                    log.debug("ADD_PROVIDER to %s failed: %s", peer_id, type(error).__name__)
+            for delay in (0.0, *ADD_PROVIDER_RETRY_S):
+                await trio.sleep(delay)
+                if not self.may_ask(peer_id):
+                    return  # not reached within the dial timeout (now silent), or it left the DHT
+                with trio.move_on_after(ADD_PROVIDER_TIMEOUT_S):
+                    try:
+                        if await store._send_add_provider(peer_id, key):
+                            delivered += 1
+                            return
+                    except Exception as error:  # noqa: BLE001 - one peer's trouble does not spoil the rest
+                        log.debug("ADD_PROVIDER to %s failed: %s", peer_id, type(error).__name__)
 
         def tell_all(nursery: trio.Nursery, peers: Iterable[ID]) -> None:
             for peer_id in peers:

@@ -4,6 +4,7 @@ visible). Real hosts on loopback, in swarms of four nodes."""
 from __future__ import annotations
 
 import trio
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from dht.offers import Offer, provider_key
@@ -85,3 +86,22 @@ async def test_a_new_offer_announces_only_itself_and_is_found_without_a_walk() -
             found = await asker.discovery.providers_of(QWEN.name)
         assert found == [provider.host.get_id()]
         assert provider_key(QWEN.name) not in walks
+
+
+async def test_a_peer_that_refused_an_announcement_is_told_again() -> None:
+    async with open_swarm(2) as nodes:
+        receiver, provider = nodes
+        key = provider_key(QWEN.name)
+        handler = receiver.host.get_mux().handlers[TProtocol(receiver.dht.protocol_id)]
+        assert handler is not None
+        receiver.host.remove_stream_handler(TProtocol(receiver.dht.protocol_id))  # refuses DHT streams for now
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(provider.dht.provide, key)
+            await trio.sleep(0.5)
+            assert not receiver.dht.dht.provider_store.get_providers(key)
+            receiver.host.set_stream_handler(TProtocol(receiver.dht.protocol_id), handler)
+        # The retry reached it (the receiver stores what it reads a moment after the sender wrote it).
+        with trio.fail_after(5):
+            while not receiver.dht.dht.provider_store.get_providers(key):
+                await trio.sleep(0.02)
+        assert [info.peer_id for info in receiver.dht.dht.provider_store.get_providers(key)] == [provider.host.get_id()]
