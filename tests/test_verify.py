@@ -264,12 +264,13 @@ async def test_a_sampled_check_reads_the_full_rows_there_and_catches_a_fitted_fo
     prompt, sent, tokens = await _generate(served, 0.0)
     verifier = Prefill(served, n_ctx=256, n_threads=1)
     try:
-        # Logits asked at a few positions only are the full pass's rows there.
-        at = [0, 3, 17, 18, 39]
+        # Logits asked at a few positions only (the reply evaluated up to the last of them) are the full
+        # pass's rows there.
         rows = verifier.rows(prompt, tokens)
-        scores = verifier.scores(prompt, tokens, [[tokens[i]] for i in at], with_top=True, at=at)
-        assert scores.best_ids == [int(rows[i].argmax()) for i in at]
-        assert np.allclose(scores.best, rows[at].max(axis=1), atol=1e-3)
+        for at in ([0, 3, 17, 18, 39], [2, 9]):
+            scores = verifier.scores(prompt, tokens, [[tokens[i]] for i in at], with_top=True, at=at)
+            assert scores.best_ids == [int(rows[i].argmax()) for i in at]
+            assert np.allclose(scores.best, rows[at].max(axis=1), atol=1e-3)
         # Honest: passes on any draw.
         opened = _opened(sent, tokens)
         for seed in range(3):

@@ -340,11 +340,12 @@ class Prefill:
         total = len(prompt) + len(completion)
         if not prompt or not completion or total > self.n_ctx or len(completion) > MAX_POSITIONS:
             raise ValueError("the prompt and completion do not fit the verifier's context")
-        tokens = [*prompt, *completion[:-1]]  # the last produced token predicts nothing compared
         first = len(prompt) - 1
         wanted = list(range(len(completion))) if at is None else list(at)
         if not wanted or wanted != sorted(set(wanted)) or not 0 <= wanted[0] <= wanted[-1] < len(completion):
             raise ValueError("the positions to compare are not ascending positions of the completion")
+        # Tokens after the last compared position change nothing before it (causal attention): not evaluated.
+        tokens = [*prompt, *completion[: wanted[-1]]]
         asked = bytearray(len(tokens))
         for j in wanted:
             asked[first + j] = 1
