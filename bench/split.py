@@ -214,7 +214,8 @@ async def main() -> None:
                     lost = f"{error.code} {error.reason}"
                 except Exception as error:  # noqa: BLE001 - printed: the host's context would swallow it
                     lost = f"unexpected {error!r}"
-                lost_s = time.perf_counter() - killed_at[0]
+                # nan: the call ended before its first text chunk (nothing was killed; ``lost`` says why)
+                lost_s = time.perf_counter() - killed_at[0] if killed_at else float("nan")
             finally:
                 await worker.aclose()
     finally:
