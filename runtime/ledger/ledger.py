@@ -2,10 +2,14 @@
 
 aiosqlite needs an asyncio loop (it raises under ``trio.run``), so this does what aiosqlite does
 inside: the standard ``sqlite3`` module, one connection, driven from a worker thread. Every call
-goes through ``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``, so one thread at a time
-owns the connection and calls run in the order they were made. Calls are not abandoned when the
-caller is cancelled: a transaction that started commits (or rolls back) before the caller moves
-on, which is what lets the daemon say "the ledger commits before a reply leaves the node".
+is queued for one writer (``_Writer``): a worker thread that runs the queued calls one after
+another, without a trip back to trio between two of them, so one thread at a time owns the
+connection and calls run in the order they were made, with one exception: a call's write-ahead
+row (``reserve_call``, which the call's first chunk waits for) goes before the settlements and
+receipts queued ahead of it, never before a write that can change a lease (``_next_job``).
+Calls are not abandoned when the caller is cancelled: a transaction that started commits (or
+rolls back) before the caller moves on, which is what lets the daemon say "the ledger commits
+before a reply leaves the node"; a call cancelled while still queued never runs.
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import outcome
 import trio
 
 from runtime.ledger import dispute_cases, errors, verifications
@@ -57,6 +66,94 @@ def _disk_full(error: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL)
 
 
+class Lane(Enum):
+    """How a queued ledger call may be overtaken (``_next_job``)."""
+
+    FIRST = "first"  # a call's write-ahead row: the call's first chunk waits for it
+    YIELDS = "yields"  # commutes with a write-ahead row: a FIRST queued after it may go before it
+    BARRIER = "barrier"  # anything else (a lease opened or ended, a settlement queued): never overtaken
+
+
+# A write-ahead row only inserts a pending call row (no budget or count read), so it commutes with these:
+# they settle other calls' rows, meter, receipt and book what is released; none reads pending rows or
+# changes a lease's state. Everything not named here is a barrier.
+_YIELDS = frozenset(
+    {"settle_call", "record_usage", "issue_receipt", "countersign_receipt", "record_countersigned", "book_released"}
+)
+
+
+def _next_job(lanes: Sequence[Lane]) -> int:
+    """Which queued call (its index, oldest first) the writer runs next: the oldest FIRST that no
+    BARRIER is queued ahead of, else the oldest. So FIRST calls keep their order among themselves,
+    the others keep theirs, and only YIELDS calls are ever overtaken (by a FIRST)."""
+    for index, lane in enumerate(lanes):
+        if lane is Lane.FIRST:
+            return index
+        if lane is Lane.BARRIER:
+            break
+    return 0
+
+
+@dataclass(eq=False)
+class _Job:
+    fn: Callable[[], Any]
+    lane: Lane
+    task: trio.lowlevel.Task
+    token: trio.lowlevel.TrioToken
+    started: bool = field(default=False)
+
+
+class _Writer:
+    """One queue of ledger calls, drained by one worker thread at a time (trio's thread cache: started
+    when a call finds the queue idle, gone when it is empty). Each result goes back to its task with
+    ``run_sync_soon``, as ``trio.to_thread.run_sync`` does, while the thread goes on to the next call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: deque[_Job] = deque()
+        self._draining = False
+
+    async def run(self, fn: Callable[[], T], lane: Lane) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        job = _Job(fn, lane, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
+        with self._lock:
+            self._queue.append(job)
+            start = not self._draining
+            self._draining = True
+        if start:
+            trio.lowlevel.start_thread_soon(self._drain, _ignore, name="clawnode ledger writer")
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            with self._lock:  # cancelled while queued: never runs; once started: waited for, as before
+                if job.started:
+                    return trio.lowlevel.Abort.FAILED
+                self._queue.remove(job)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)  # the outcome, unwrapped
+        return result
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._draining = False
+                    return
+                index = _next_job([job.lane for job in self._queue])
+                job = self._queue[index]
+                del self._queue[index]
+                job.started = True
+            result = outcome.capture(job.fn)
+            try:
+                job.token.run_sync_soon(trio.lowlevel.reschedule, job.task, result)
+            except trio.RunFinishedError:  # the run that asked is gone: nobody to tell
+                pass
+
+
+def _ignore(_: Any) -> None:
+    pass
+
+
 class LedgerLockJournal:
     """Writes the escrow client's lock journal straight to the store from the chain's worker thread
     (the store serialises its connection); a write the disk refuses stops the lock (E_UNAVAILABLE)."""
@@ -90,7 +187,7 @@ class Ledger:
         # Reads the Ed25519 public key a peer id embeds (the layer above hands it in); a ledger opened
         # without it never verifies a receipt.
         self._peer_keys = peer_keys
-        self._limiter = trio.CapacityLimiter(1)
+        self._writer = _Writer()
         self.write_failures = 0  # storage errors (disk full, I/O, corruption) since start
         self.failing_writes = 0  # ... since the last write that committed: the alert's gauge
         self._disk_full_logged_at = float("-inf")
@@ -110,10 +207,16 @@ class Ledger:
     async def aclose(self) -> None:
         await self._run(self.store.close)
 
+    def _lane(self, fn: Callable[..., Any]) -> Lane:
+        if getattr(fn, "__self__", None) is not self.store:
+            return Lane.BARRIER
+        name = getattr(fn, "__name__", "")
+        return Lane.FIRST if name == "reserve_call" else Lane.YIELDS if name in _YIELDS else Lane.BARRIER
+
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         commits = self.store.commits
         try:
-            return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
+            return await self._writer.run(functools.partial(fn, *args, **kwargs), self._lane(fn))
         except sqlite3.Error as error:
             self.write_failures += 1
             self.failing_writes += 1

@@ -1,0 +1,159 @@
+"""The ledger's one writer: a call's write-ahead row goes before the settlements queued ahead of it,
+never before a write that can change a lease; a call cancelled while queued never runs."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runtime.errors import ErrorCode
+from runtime.ledger import Lease, LeaseOpen, Ledger, LedgerError, LedgerStore
+from runtime.ledger.ledger import Lane, _next_job
+from tests.runtime.support import peer_id, peer_key
+
+PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
+
+
+@given(st.lists(st.sampled_from(list(Lane)), max_size=12))
+def test_the_writer_overtakes_only_settlements_and_keeps_each_lanes_order(lanes: list[Lane]) -> None:
+    queue = list(enumerate(lanes))
+    ran: list[int] = []
+    while queue:
+        ran.append(queue.pop(_next_job([lane for _, lane in queue]))[0])
+    assert sorted(ran) == list(range(len(lanes)))
+    position = {job: at for at, job in enumerate(ran)}
+    for a in range(len(lanes)):
+        for b in range(a + 1, len(lanes)):  # a was queued before b
+            overtaken = position[b] < position[a]
+            if overtaken:  # only a write-ahead row overtakes, and only a settlement-like write
+                assert lanes[b] is Lane.FIRST and lanes[a] is Lane.YIELDS
+                assert Lane.BARRIER not in lanes[a:b]
+            elif lanes[a] is Lane.YIELDS and lanes[b] is Lane.FIRST and Lane.BARRIER not in lanes[a:b]:
+                pytest.fail(f"the write-ahead row {b} waited for the settlement {a} queued before it")
+
+
+class _Recording(LedgerStore):
+    """A real store that notes the order its writes ran in."""
+
+    ran: list[str]
+
+    def reserve_call(self, lease_id: str, call_id: str, *, reserved_units: int) -> None:
+        self.ran.append(f"reserve {call_id}")
+        super().reserve_call(lease_id, call_id, reserved_units=reserved_units)
+
+    def settle_call(self, lease_id: str, call_id: str, *, units: int) -> int:
+        self.ran.append(f"settle {call_id}")
+        return super().settle_call(lease_id, call_id, units=units)
+
+    def end_lease(self, lease_id: str, *, idempotency_key: str) -> Lease:
+        self.ran.append("end")
+        return super().end_lease(lease_id, idempotency_key=idempotency_key)
+
+
+async def _ledger(tmp_path: Path) -> tuple[Ledger, _Recording]:
+    store = await trio.to_thread.run_sync(_Recording.open, tmp_path / "ledger.db")
+    assert isinstance(store, _Recording)
+    store.ran = []
+    ledger = Ledger(store)
+    lease = LeaseOpen(
+        lease_id="lease-1",
+        role="provider",
+        provider=peer_id(PROVIDER),
+        consumer=peer_id(CONSUMER),
+        price_per_unit=3,
+        budget=10**6,
+    )
+    await ledger.open_lease(lease, idempotency_key="open")
+    for call in ("c1", "c2"):
+        await ledger.reserve_call("lease-1", call, reserved_units=10)
+    store.ran.clear()
+    return ledger, store
+
+
+async def _hold_writer(ledger: Ledger, nursery: trio.Nursery) -> threading.Event:
+    """Occupy the writer (a running call) until the returned event is set."""
+    release, running = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        running.set()
+        release.wait(10)
+
+    nursery.start_soon(ledger._run, busy)
+    await trio.to_thread.run_sync(running.wait, 10)
+    return release
+
+
+async def test_a_write_ahead_row_goes_before_queued_settlements_not_before_a_lease_change(tmp_path: Path) -> None:
+    ledger, store = await _ledger(tmp_path)
+    refused: list[str] = []
+
+    async def reserve(call: str) -> None:
+        try:
+            await ledger.reserve_call("lease-1", call, reserved_units=10)
+        except LedgerError as error:
+            assert error.code == ErrorCode.CONFLICT
+            refused.append(call)
+
+    async with trio.open_nursery() as nursery:  # with no lease change queued: c3's row goes first
+        release = await _hold_writer(ledger, nursery)
+        nursery.start_soon(partial(ledger.settle_call, "lease-1", "c1", units=4))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(reserve, "c3")
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert store.ran == ["reserve c3", "settle c1"]
+    await ledger.settle_call("lease-1", "c3", units=1)
+    await ledger.reserve_call("lease-1", "c1", reserved_units=10)
+    store.ran.clear()
+    async with trio.open_nursery() as nursery:
+        release = await _hold_writer(ledger, nursery)
+        nursery.start_soon(partial(ledger.settle_call, "lease-1", "c1", units=4))  # queued first
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(partial(ledger.end_lease, "lease-1", idempotency_key="end"))  # changes the lease
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(partial(ledger.settle_call, "lease-1", "c2", units=5))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(reserve, "c3")  # a next call starts
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    # The new call's row went before c2's settlement, queued ahead of it, but not before the lease's
+    # end: so it is refused, as it was when every write ran in the order it was made.
+    assert store.ran == ["settle c1", "end", "reserve c3", "settle c2"]
+    assert refused == ["c3"]
+    assert (await ledger.get_lease("lease-1")).metered_units == 4 + 1 + 4  # c2 settled after the end: 0
+    assert await ledger.pending_calls("lease-1") == []
+    assert (await ledger.verify_audit()).ok
+    await ledger.aclose()
+
+
+async def test_a_call_cancelled_while_queued_never_runs_and_one_running_completes(tmp_path: Path) -> None:
+    ledger, store = await _ledger(tmp_path)
+    outcomes: dict[str, Any] = {}
+
+    async def settle(call: str, scope_out: list[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            scope_out.append(scope)
+            outcomes[call] = await ledger.settle_call("lease-1", call, units=2)
+            return
+        outcomes[call] = "cancelled"
+
+    async with trio.open_nursery() as nursery:
+        release = await _hold_writer(ledger, nursery)
+        scopes: list[trio.CancelScope] = []
+        nursery.start_soon(settle, "c1", scopes)
+        await trio.testing.wait_all_tasks_blocked()
+        scopes[0].cancel()  # still queued: dropped
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert outcomes == {"c1": "cancelled"}
+    assert store.ran == []
+    assert [row[1] for row in await ledger.pending_calls("lease-1")] == ["c1", "c2"]
+    await ledger.aclose()
