@@ -17,7 +17,7 @@ capabilities at its own price. Then, one measurement at a time:
    (``publisher.set_offer``), and a random other node polls ``find`` (cache 0) until
    the provider is in the results; the time from ``set_offer`` to the end of the first
    ``find`` that shows it. ``publish=`` is the time until the provider's own
-   ``publish()`` finished (``put_value`` of the record, then ``provide`` per capability).
+   ``publish()`` finished (``put_value`` of the record and a ``provide`` of the new capability).
 3. ``price change``: a provider changes the price of an offer it already has; the time
    until a random node's ``find`` shows the new price. Records are fetched from the
    provider directly, so this needs no DHT write to land.
