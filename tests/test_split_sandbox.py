@@ -154,3 +154,35 @@ def test_a_worker_listens_only_in_a_sandbox_and_never_both_ways() -> None:
         SplitWorker("m.gguf", listen=1, sandbox=False)
     with pytest.raises(ClawnodeError):
         SplitWorker("m.gguf")
+
+
+_ECHO = """
+import json, sys
+sys.stdin.readline()
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    print(json.dumps({"usage": {"units": 1, "detail": {}}}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap is not installed")
+async def test_a_sandboxed_worker_outlives_the_thread_pool_s_idle_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bubblewrap's --die-with-parent ends the sandbox when the thread that started it ends. Started
+    from one of trio's pool threads (open_process), the worker died with that thread once it had
+    been idle for trio's idle timeout (10 s): a split model's third request failed layer_seller_lost."""
+    import trio._core._thread_cache as thread_cache
+
+    monkeypatch.setattr(thread_cache, "IDLE_TIMEOUT", 0.1)  # pool threads end as soon as they idle
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF model bytes")
+    worker = SplitWorker(model, endpoints=["127.0.0.1:1"], command=[sys.executable, "-c", _ECHO])
+    try:
+        with trio.fail_after(30):
+            await worker.load()
+            await trio.to_thread.run_sync(lambda: None)  # a pool thread, idle and gone after it
+            await trio.sleep(0.5)
+            assert (await worker.run({}, _nothing))["units"] == 1
+    finally:
+        await worker.aclose()

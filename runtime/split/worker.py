@@ -104,6 +104,37 @@ def _child() -> None:
     trio.run(serve)
 
 
+class _Child:
+    """A worker process started with ``subprocess.Popen`` and its pipes as trio streams."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        assert popen.stdin is not None and popen.stdout is not None
+        self._popen = popen
+        self.stdin = trio.lowlevel.FdStream(os.dup(popen.stdin.fileno()))
+        self.stdout = trio.lowlevel.FdStream(os.dup(popen.stdout.fileno()))
+        popen.stdin.close()
+        popen.stdout.close()
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    def kill(self) -> None:
+        if self._popen.poll() is None:
+            self._popen.kill()
+
+    async def wait(self) -> int:
+        while (code := self._popen.poll()) is None:
+            await trio.sleep(0.02)
+        for stream in (self.stdin, self.stdout):
+            await stream.aclose()
+        return code
+
+
 class SplitWorker:
     """The node's handle on a split model running in a worker process."""
 
@@ -141,7 +172,7 @@ class SplitWorker:
             "n_ctx": n_ctx,
             "n_threads": n_threads,
         }
-        self._proc: trio.Process | None = None
+        self._proc: _Child | None = None
         self._buffer = bytearray()
         self._lock = trio.Lock()
         # The worker's command line: this module, unless a test stands in for llama.cpp.
@@ -174,7 +205,7 @@ class SplitWorker:
     async def _line(self) -> dict[str, Any]:
         """The worker's next reply line; a line that is no JSON object (a dying process's last bytes)
         ends it: lost."""
-        assert self._proc is not None and self._proc.stdout is not None
+        assert self._proc is not None
         # A line per streamed chunk: the buffer is searched from where the last search ended and cut
         # in place, not copied whole for every line.
         searched = 0
@@ -264,7 +295,10 @@ class SplitWorker:
         memory = self.memory_bytes
         if memory is None:
             memory = DEFAULT_MEMORY_BYTES + (path.stat().st_size if path.is_file() else 0)
-        self._proc = await trio.lowlevel.open_process(
+        # Started from the event loop's thread, not trio's open_process (which forks in a pool thread):
+        # bubblewrap's --die-with-parent ends the sandbox when the thread that started it ends, and an
+        # idle pool thread ends after some seconds, taking the worker with it mid-conversation.
+        popen = subprocess.Popen(
             limits_argv(command, memory),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -272,7 +306,7 @@ class SplitWorker:
             env=env,
             pass_fds=[handover.fileno()] if handover is not None else [],
         )
-        assert self._proc.stdin is not None
+        self._proc = _Child(popen)
         config = {**self._config, "path": str(path)}
         if handover is not None:
             config["handover_fd"] = handover.fileno()
@@ -305,7 +339,7 @@ class SplitWorker:
         (and the worker is ended) when no line comes for ``stall_s``: a seller that stops answering
         holds llama.cpp's RPC client forever, so it is never waited on longer."""
         async with self._lock:
-            if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:
+            if self._proc is None or self._proc.returncode is not None:
                 raise self._lost()
             try:
                 await self._proc.stdin.send_all(json.dumps({"body": body}).encode() + b"\n")
