@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from runtime.verify.commitment import MAX_TOKENS, Commitment, K, Position, commit
+from runtime.verify.commitment import CHUNK, MAX_TOKENS, Commitment, K, Position, encode_chunk
 
 
 class IdOf(Protocol):
@@ -60,6 +60,9 @@ class CallRecorder:
         self.index = index
         self.positions: list[Position] = []
         self._text: list[str] = []  # the reply text as streamed (bounded by the call's own bound)
+        # Each full CHUNK of positions encoded as it arrives (while the engine makes the next ones), so the
+        # end frame waits only for the last chunk's: the same bytes as commit(self.positions).
+        self._chunks: list[bytes] = []
 
     @property
     def text(self) -> str:
@@ -71,11 +74,13 @@ class CallRecorder:
         committed = data.get("commit")  # ChatService.run(..., commit=K): (token, top) of positions, not shown
         if committed is not None:
             self.positions += [Position(token, top) for token, top in committed]
+            self._encode_full()
             data = {key: value for key, value in data.items() if key != "commit"}
         entries = data.get("logprobs")
         if not entries:
             return data
         self.positions += positions_from_chunks([data], self.index)
+        self._encode_full()
         if not self.asked:
             return {key: value for key, value in data.items() if key != "logprobs"}
         if self.asked_top < K:
@@ -83,7 +88,17 @@ class CallRecorder:
             return {**data, "logprobs": trimmed}
         return data
 
+    def _encode_full(self) -> None:
+        done = len(self._chunks) * CHUNK
+        while done + CHUNK <= min(len(self.positions), MAX_TOKENS):
+            self._chunks.append(encode_chunk(self.positions[done : done + CHUNK]))
+            done += CHUNK
+
     def finish(self) -> Commitment | None:
-        if not self.positions or len(self.positions) > MAX_TOKENS:
+        n = len(self.positions)
+        if not n or n > MAX_TOKENS:
             return None
-        return commit(self.positions)
+        self._encode_full()
+        done = len(self._chunks) * CHUNK
+        tail = [encode_chunk(self.positions[done:])] if done < n else []
+        return Commitment((*self._chunks, *tail), n)
