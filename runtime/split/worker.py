@@ -123,6 +123,9 @@ class _Child:
     def returncode(self) -> int | None:
         return self._popen.poll()
 
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
     def kill(self) -> None:
         if self._popen.poll() is None:
             self._popen.kill()
