@@ -35,7 +35,7 @@ forgetting. ``success`` means the returned addresses include one the target
 really listens on.
 
 Hops: the node's own lookup (``dht/lookup.py``: alpha = 3 queries in flight, a slow one
-stops holding its slot after 0.5 s, ends once the 3 closest peers known have answered, or as soon as
+stops holding its slot 0.5 s after it connects, ends once the 3 closest peers known have answered, or as soon as
 an answer names the target) fills a ``dht.lookup.LookupStats`` set for the lookup: a peer named by a
 peer at hop h is at hop h + 1 (the searcher's own table is hop 0). ``hops`` is the hop at which an
 answer first named the target, ``rounds`` the deepest hop the lookup reached, ``queries`` the
