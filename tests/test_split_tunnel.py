@@ -14,6 +14,7 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from node.host import build_host
 from protocols.lease import layers
+from wire.yamux_window import WindowedReader
 
 
 def request(command: int, payload: bytes) -> bytes:
@@ -78,15 +79,15 @@ ECHO = TProtocol("/clawnode/test-tunnel-echo/1.0.0")
 
 
 async def test_a_tunnel_stream_carries_every_byte_in_order_both_ways_over_real_hosts() -> None:
-    """The tunnel's own stream reads and writes (window given back in bulk, frames written past the
-    stream's locks) carry small messages and ones over the peer's window, in order, both ways."""
+    """The tunnel's stream reads (wire.yamux_window: window given back in bulk) and writes (frames
+    written past the stream's locks) carry small messages and ones over the peer's window, in order, both ways."""
     hosts = [build_host(generate_new_ed25519_identity()) for _ in range(2)]
     sizes = [1, 9, 300, 4096, 65_000, 65_600, 300_000, 12, 1 << 20, 7]
     messages = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
     echoed = bytearray()
 
     async def echo(stream: INetStream) -> None:
-        read, write = layers._StreamReader(stream).read, layers._stream_writer(stream)
+        read, write = WindowedReader(stream).read, layers._stream_writer(stream)
         while data := await read(layers.CHUNK):
             await write(data)
         await stream.close()
@@ -96,7 +97,7 @@ async def test_a_tunnel_stream_carries_every_byte_in_order_both_ways_over_real_h
             hosts[1].set_stream_handler(ECHO, echo)
             await hosts[0].connect(PeerInfo(hosts[1].get_id(), hosts[1].get_addrs()))
             stream = await hosts[0].new_stream(hosts[1].get_id(), [ECHO])
-            read, write = layers._StreamReader(stream).read, layers._stream_writer(stream)
+            read, write = WindowedReader(stream).read, layers._stream_writer(stream)
             async with trio.open_nursery() as nursery:
 
                 async def receive() -> None:
@@ -118,7 +119,7 @@ async def test_a_tunnel_stream_carries_every_byte_in_order_both_ways_over_real_h
                 await trio.sleep(0.02)
             await hosts[0].connect(PeerInfo(hosts[1].get_id(), hosts[1].get_addrs()))
             stream = await hosts[0].new_stream(hosts[1].get_id(), [ECHO])
-            read, write = layers._StreamReader(stream).read, layers._stream_writer(stream)
+            read, write = WindowedReader(stream).read, layers._stream_writer(stream)
             await write(b"again")
             assert await read(64) == b"again"
             await stream.close()

@@ -52,6 +52,7 @@ from runtime.split.server import RpcServerProcess, open_server_connection
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
 from wire.streams import open_stream
+from wire.yamux_window import WindowedReader
 
 LAYERS_PROTOCOL = TProtocol("/clawnode/layers/1.0.0")
 MAX_OPEN_FRAME = 4096
@@ -60,7 +61,6 @@ CLOSE_TIMEOUT_S = 5.0  # closing both ends of a tunnel, shielded from the caller
 # The most a tunnel reads or writes at a time: one Yamux DATA frame in one Noise message (64 KiB would
 # be a frame over Yamux's 64 KiB bound and a Noise message over its own: three messages, two frames).
 CHUNK = MAX_PLAINTEXT_LENGTH - YAMUX_HEADER_SIZE
-RELEASE_BYTES = 64 << 10  # a tunnel's stream gives its Yamux window back this many bytes at a time
 COALESCE_S = 0.01  # the longest a tunnel waits for the rest of a message before it writes what it has
 MAX_TUNNELS_PER_LEASE = 4
 MAX_SERVERS = 2
@@ -202,90 +202,6 @@ async def _pump(
             return
 
 
-async def _stream_read(stream: INetStream, size: int) -> bytes:
-    try:
-        return await stream.read(size)
-    except Exception:  # noqa: BLE001 - a reset or closed stream ends the tunnel like an EOF
-        return b""
-
-
-class _StreamReader:
-    """Reads a tunnel's stream, giving its Yamux window back ``RELEASE_BYTES`` at a time.
-
-    py-libp2p 0.8.1's ``read`` sends a WINDOW_UPDATE frame after every read that leaves the window
-    short of its target, which is every read of a request-and-reply exchange: half of all the frames
-    a token's RPC messages cost, each a Noise message and a trip through both peers' Python stacks.
-    go-yamux gives the window back once half of it is read. The sender's window (256 KiB) stays far
-    above what is unreleased here, so it never waits. Another muxer's stream reads as it always did.
-
-    Data already in the stream's buffer is taken at once (``_take``), and an empty buffer is waited
-    on through the muxer's own event, as ``Yamux.read_stream`` does, without its connection-wide
-    lock (one trio task switch fewer a read); any other state (the stream closing, reset, the
-    connection shutting down) goes through ``read_stream`` and ends the tunnel as it always did."""
-
-    def __init__(self, stream: INetStream) -> None:
-        self.stream = stream
-        muxed = getattr(stream, "muxed_stream", None)
-        self.muxed = muxed if isinstance(muxed, YamuxStream) else None
-        self.unreleased = 0
-
-    def _take(self, size: int) -> bytes | None:
-        """Bytes buffered for an open stream (b"": none yet), or None: ask ``read_stream``."""
-        assert self.muxed is not None
-        conn, stream_id = self.muxed.conn, self.muxed.stream_id
-        stream = conn.streams.get(stream_id)
-        buffer = conn.stream_buffers.get(stream_id)
-        if (
-            stream is not self.muxed
-            or buffer is None
-            or stream.closed
-            or stream.recv_closed
-            or stream.reset_received
-            or conn.event_shutting_down.is_set()
-        ):
-            return None
-        if not buffer:
-            return b""
-        if size >= len(buffer):
-            data = bytes(buffer)
-            buffer.clear()
-        else:
-            data = bytes(buffer[:size])
-            del buffer[:size]
-        return data
-
-    async def _read(self, size: int) -> bytes:
-        assert self.muxed is not None
-        conn, stream_id = self.muxed.conn, self.muxed.stream_id
-        while True:
-            data = self._take(size)
-            if data is None:
-                return await conn.read_stream(stream_id, size)
-            if data:
-                return data
-            event = conn.stream_events.get(stream_id)
-            if event is None:
-                return await conn.read_stream(stream_id, size)
-            await event.wait()
-            conn.stream_events[stream_id] = trio.Event()
-
-    async def read(self, size: int) -> bytes:
-        if self.muxed is None:
-            return await _stream_read(self.stream, size)
-        try:
-            data = await self._read(size)
-        except Exception:  # noqa: BLE001 - a reset or closed stream ends the tunnel like an EOF
-            return b""
-        self.unreleased += len(data)
-        if self.unreleased >= RELEASE_BYTES:
-            increment, self.unreleased = self.unreleased, 0
-            async with self.muxed.window_lock:
-                self.muxed.recv_window += increment
-            with contextlib.suppress(Exception):  # a connection closing: the next read ends the tunnel
-                await self.muxed.send_window_update(increment)
-        return data
-
-
 RECEIVE_BYTES = 1 << 17  # a buffered Noise reader takes up to this much from its socket at a time
 
 
@@ -394,7 +310,7 @@ async def _splice(
                     await pump
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(one_way, _pump(_StreamReader(stream).read, sock.send_all, from_stream))
+            nursery.start_soon(one_way, _pump(WindowedReader(stream).read, sock.send_all, from_stream))
             nursery.start_soon(
                 one_way, _pump(lambda n: _socket_read(sock, n), _stream_writer(stream), from_socket, socket_edges)
             )
