@@ -502,6 +502,7 @@ class Node:
                     await self._market.verifying.attach(self.ledger)
                     self._market.verifying.sample_rate = self.config.verify.sample_rate
                     self._market.verifying.second_opinion_rate = self.config.verify.second_opinion_rate
+                    self._market.verifying.positions = self.config.verify.positions
                     self._market.verifying.remote = RemoteVerifier(
                         self._market, discovery_verifiers(self.discover), self_id=str(self._host.get_id())
                     )
@@ -709,7 +710,8 @@ class Node:
         await self.model_host.start()
         self.model_host.register(self.services)
         if self.config.verify.serve:
-            register_verifiers(self.model_host, self.services)  # verify:<sha256> (docs/verified-inference.md)
+            # verify:<sha256> (docs/verified-inference.md)
+            register_verifiers(self.model_host, self.services, self.config.verify.positions)
         if self.config.market.layer_servers:
             register_layer_services(self.model_host, self.services)  # layers:<sha256> (docs/split.md)
 

@@ -138,8 +138,9 @@ def checked_tokens(proof: CallProof) -> int:
 class VerifierService:
     """``verify:<sha256>``: one leased check per call on this node's copy of the file (a MeteredService)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, positions: int = 0) -> None:
         self._model = model  # a loaded LlamaModel of the file (its path, chat template, tokenizer)
+        self._positions = positions  # verify.positions: 0 compares every reply position
 
     async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
         from protocols.lease.verifying import prompt_ids, run_check  # the consumer's own check, shared
@@ -156,7 +157,7 @@ class VerifierService:
             return Usage(units=0, detail={"checked_tokens": 0})
         try:
             spot = await trio.to_thread.run_sync(
-                run_check, self._model.path, prompt, proof, asked.text, asked.longest_stop
+                run_check, self._model.path, prompt, proof, asked.text, asked.longest_stop, self._positions
             )
         except ValueError:  # longer than this verifier's context
             await emit(_answer(CheckFacts(True, True, True, False), None, 0))
@@ -311,12 +312,13 @@ class RemoteVerifier:
         return RemoteCheck(verifier, answer.facts, answer.prompt_ids, result.units)
 
 
-def register_verifiers(model_host: Any, services: Any) -> None:
-    """Serve ``verify:<sha256>`` for each file ``model_host`` loaded (a ServiceRegistry)."""
+def register_verifiers(model_host: Any, services: Any, positions: int = 0) -> None:
+    """Serve ``verify:<sha256>`` for each file ``model_host`` loaded (a ServiceRegistry); ``positions`` as
+    ``verify.positions``."""
     for name, sha256 in model_host.sha256s.items():
         model = model_host.get(name)
         if sha256 and model is not None:
-            services.register(verify_capability(sha256), VerifierService(model))
+            services.register(verify_capability(sha256), VerifierService(model, positions))
 
 
 def discovery_verifiers(discover: Callable[[Any], Awaitable[list[Any]]]) -> FindVerifiers:

@@ -65,6 +65,7 @@ class Verifying:
     def __init__(self, local_model: LocalModel | None = None, sample_rate: float = DEFAULT_SAMPLE_RATE) -> None:
         self.local_model = local_model
         self.sample_rate = sample_rate
+        self.positions = 0  # verify.positions: 0 compares every reply position
         self.book = VerificationBook()
         self.advertised: Advertised | None = None
         self.remote: Remote | None = None  # a leased verifier for files this node does not hold
@@ -244,7 +245,9 @@ class Verifying:
         try:
             # The openings are rebuilt on the worker thread too: up to 2,049 chunks of hashing.
             stop = _longest_stop(body)
-            spot: SpotCheck = await trio.to_thread.run_sync(run_check, model.path, prompt, proof, text, stop)
+            spot: SpotCheck = await trio.to_thread.run_sync(
+                run_check, model.path, prompt, proof, text, stop, self.positions
+            )
         except ValueError:  # longer than the verifier's context: not checked here
             return None, "too_long", prompt
         facts = CheckFacts(
@@ -367,13 +370,18 @@ def _openings(chunks: list[str]) -> list[Opening]:
     return openings_of(chunks)
 
 
-def run_check(path: Any, prompt: list[int], proof: CallProof, text: str | None, longest_stop: int) -> SpotCheck:
+def run_check(
+    path: Any, prompt: list[int], proof: CallProof, text: str | None, longest_stop: int, positions: int = 0
+) -> SpotCheck:
     """One check on this node's copy of the file at ``path`` (blocking): the consumer's, and a leased
-    verifier's (``protocols.lease.verifier.VerifierService``)."""
+    verifier's (``protocols.lease.verifier.VerifierService``). ``positions`` (``verify.positions``): how many
+    reply positions to draw beyond the first and the flagged ones; 0 compares every position."""
     openings = _openings(proof.chunks)
     prefill, tolerances = prefill_for(path)
     signed, keys = proof.commitment, ed25519_public_key
-    return check_call(prefill, prompt, proof.tokens, signed, openings, keys, tolerances, text, longest_stop)
+    return check_call(
+        prefill, prompt, proof.tokens, signed, openings, keys, tolerances, text, longest_stop, sample=positions
+    )
 
 
 def _longest_stop(body: dict[str, Any]) -> int:
