@@ -603,11 +603,12 @@ async def _carry(
     listen_port: int,
     on_tokens: Callable[[int], None] | None,
     clients: Callable[[], Iterable[int]] | None,
+    private: bool = False,
 ) -> None:
     try:
         peer_port = sock.socket.getpeername()[1]
         pids = list(clients()) if clients is not None else []
-        if not await trio.to_thread.run_sync(own_socket, peer_port, listen_port, pids):
+        if not private and not await trio.to_thread.run_sync(own_socket, peer_port, listen_port, pids):
             tunnel.refused += 1
             await sock.aclose()
             return
@@ -648,10 +649,12 @@ async def open_tunnel(
     token: str,
     on_tokens: Callable[[int], None] | None = None,
     clients: Callable[[], Iterable[int]] | None = None,
+    listener: trio.SocketListener | None = None,
 ) -> AsyncIterator[LocalTunnel]:
     """A loopback endpoint whose connections reach the seller's layer server for ``lease_id``;
     ``on_tokens`` hears of the tokens the seller's layers ran (``market_counting``); ``clients``:
     the pids of this node's worker processes that may connect too (``runtime.split.worker``)."""
+    private = listener
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     listener = listeners[0]
     port = listener.socket.getsockname()[1]
@@ -666,7 +669,16 @@ async def open_tunnel(
                     sock.setsockopt(6, 1, 1)  # TCP_NODELAY: the RPC protocol is request and reply
                     nursery.start_soon(_carry, host, peer, opened, sock, tunnel, port, on_tokens, clients)
 
+            async def accept_private() -> None:
+                assert private is not None
+                while True:
+                    sock = await private.accept()
+                    sock.setsockopt(6, 1, 1)
+                    nursery.start_soon(_carry, host, peer, opened, sock, tunnel, port, on_tokens, clients, True)
+
             nursery.start_soon(accept)
+            if private is not None:
+                nursery.start_soon(accept_private)
             try:
                 yield tunnel
             finally:

@@ -42,6 +42,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.split.layout import file_layers, shares_for
 from runtime.split.meter import HELLO
+from runtime.split.sandbox import bwrap_available
 from runtime.split.worker import SELLER_LOST, SELLER_STALLED, SplitWorker
 from runtime.verify.identity import file_sha256
 
@@ -277,30 +278,52 @@ class SplitRunner:
         def clients() -> list[int]:
             return [holder[0].pid] if holder and holder[0].pid is not None else []
 
+        tokens = []
+        for seat in placement.seats:
+            held = self.market.held.get(seat.lease_id)
+            if held is None:
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "a layer lease ended before its tunnel opened")
+            tokens.append(held.token)
+        shares = shares_for([seat.layers[1] - seat.layers[0] for seat in placement.seats])
+
+        def make(endpoints: list[str] | None) -> SplitWorker:
+            return SplitWorker(
+                spec.path,
+                endpoints=endpoints,
+                listen=0 if endpoints else len(placement.seats),
+                shares=shares,
+                name=spec.name,
+                n_ctx=spec.n_ctx,
+                n_threads=spec.n_threads,
+            )
+
         async with contextlib.AsyncExitStack() as stack:
-            for seat in placement.seats:
-                held = self.market.held.get(seat.lease_id)
-                if held is None:
-                    raise ClawnodeError(ErrorCode.UNAVAILABLE, "a layer lease ended before its tunnel opened")
+            # Sandboxed, the worker listens in a network namespace of its own and hands the node its
+            # listening sockets: each tunnel accepts on one, and the worker reaches nothing else.
+            worker = make(None) if bwrap_available() else None
+            listeners: list[trio.SocketListener | None] = [None] * len(placement.seats)
+            if worker is not None:
+                stack.push_async_callback(worker.aclose)
+                holder.append(worker)
+                listeners = list(await worker.start())
+                for listener in listeners:
+                    if listener is not None:
+                        stack.push_async_callback(listener.aclose)
+            for seat, token, listener in zip(placement.seats, tokens, listeners, strict=True):
                 seat.tunnel = await stack.enter_async_context(
                     open_tunnel(
                         self.host,
                         ID.from_base58(seat.peer),
                         seat.lease_id,
-                        held.token,
+                        token,
                         on_tokens=market_counting(self.market, seat.lease_id),
                         clients=clients,
+                        listener=listener,
                     )
                 )
-            worker = SplitWorker(
-                spec.path,
-                endpoints=[seat.tunnel.endpoint for seat in placement.seats if seat.tunnel is not None],
-                shares=shares_for([seat.layers[1] - seat.layers[0] for seat in placement.seats]),
-                name=spec.name,
-                n_ctx=spec.n_ctx,
-                n_threads=spec.n_threads,
-            )
-            holder.append(worker)
+            if worker is None:
+                worker = make([seat.tunnel.endpoint for seat in placement.seats if seat.tunnel is not None])
+                holder.append(worker)
             placement.worker = worker
             try:
                 try:
