@@ -121,7 +121,13 @@ class _Writer:
             start = not self._draining
             self._draining = True
         if start:
-            trio.lowlevel.start_thread_soon(self._drain, _ignore, name="clawnode ledger writer")
+            try:
+                trio.lowlevel.start_thread_soon(self._drain, _ignore, name="clawnode ledger writer")
+            except BaseException:  # no thread (the process is out of them): this call fails, the next tries again
+                with self._lock:  # nothing ran in between (no writer, no checkpoint): the queue held this job only
+                    self._queue.remove(job)
+                    self._draining = False
+                raise
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             with self._lock:  # cancelled while queued: never runs; once started: waited for, as before

@@ -157,3 +157,26 @@ async def test_a_call_cancelled_while_queued_never_runs_and_one_running_complete
     assert store.ran == []
     assert [row[1] for row in await ledger.pending_calls("lease-1")] == ["c1", "c2"]
     await ledger.aclose()
+
+
+async def test_a_writer_thread_that_cannot_start_fails_that_call_and_the_next_call_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, store = await _ledger(tmp_path)
+    start = trio.lowlevel.start_thread_soon
+
+    def no_thread(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("can't start new thread")  # as threading says when the process is out of threads
+
+    with trio.fail_after(5):  # the writer that ran the setup's writes has gone idle: the next call starts one
+        while ledger._writer._draining:
+            await trio.sleep(0.01)
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", no_thread)
+    with pytest.raises(RuntimeError):
+        await ledger.settle_call("lease-1", "c1", units=2)
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", start)
+    with trio.fail_after(5):  # the ledger is not left waiting for a writer that never started
+        assert await ledger.settle_call("lease-1", "c2", units=3) == 3
+    assert store.ran == ["settle c2"]
+    assert [row[1] for row in await ledger.pending_calls("lease-1")] == ["c1"]
+    await ledger.aclose()
