@@ -379,3 +379,30 @@ async def _connected(endpoint: str) -> AsyncIterator[bytes]:
         yield reply
     finally:
         await sock.aclose()
+
+
+@needs_rpc
+async def test_a_tunnel_whose_consumer_left_while_its_server_started_gives_its_slot_back() -> None:
+    """The holder opens a tunnel and resets it while the seller starts the lease's server: the tunnel
+    never begins, and its slot of the lease's ``MAX_TUNNELS_PER_LEASE`` is free again (a slot kept
+    would refuse the paid lease's tunnels for good after four such)."""
+    import time
+
+    from wire.framing import write_frame
+
+    hosts = [build_host(generate_new_ed25519_identity()) for _ in range(2)]
+    consumer, seller_host = hosts
+    async with hosts[0].run([LOOPBACK]), hosts[1].run([LOOPBACK]):
+        seller = tunnel.LayerSeller(seller_host)
+        seller.mount()
+        lease = seller.grant("lease0", str(consumer.get_id()), "token0", ends_at=time.time() + 600)
+        await consumer.connect(PeerInfo(seller_host.get_id(), seller_host.get_addrs()))
+        try:
+            stream = await consumer.new_stream(seller_host.get_id(), [tunnel.LAYERS_PROTOCOL])
+            opened = tunnel.TunnelOpen(lease_id="lease0", token="token0")
+            await write_frame(stream, opened.model_dump_json().encode(), max_frame=tunnel.MAX_OPEN_FRAME)
+            await _until(lambda: lease.tunnels == 1 and lease.server is not None)
+            await stream.reset()  # the consumer gives up before its tunnel is ready
+            await _until(lambda: lease.tunnels == 0, timeout_s=10.0)
+        finally:
+            await seller.aclose()

@@ -492,13 +492,19 @@ class LayerSeller:
                 lease.tunnels += 1
                 server = await self._server_of(lease)
                 sock = await open_server_connection(server.socket_path)
-            except (ClawnodeError, ValidationError) as error:
+            except (ClawnodeError, ValidationError, OSError) as error:
+                if lease is not None:  # admitted: its slot is free again, whether or not the reply leaves
+                    lease.tunnels -= 1
                 await write_frame(stream, error_reply(error).model_dump_json().encode(), max_frame=MAX_OPEN_FRAME)
                 await stream.close()
-                if lease is not None:
-                    lease.tunnels -= 1
                 return
-            await write_frame(stream, TunnelReady().model_dump_json().encode(), max_frame=MAX_OPEN_FRAME)
+            try:
+                await write_frame(stream, TunnelReady().model_dump_json().encode(), max_frame=MAX_OPEN_FRAME)
+            except BaseException:  # the consumer left while its server started: the tunnel never began
+                lease.tunnels -= 1
+                with trio.CancelScope(shield=True):
+                    await sock.aclose()
+                raise
             meter = RpcMeter()
             billed = 0
 
