@@ -294,7 +294,10 @@ class ServingRole(LeaseCore):
         due = served.session.finish_call(ticket.reserved, billed, self.clock())
         served.reservation_returned()
         if ticket.call_id is not None:
-            await self._settle(lease_id, ticket.call_id, billed)
+            # Counted above: its row is settled too, whatever deadline the caller's scope has left (a
+            # settlement dropped there stayed pending until a restart settled it at 0: served unpaid).
+            with trio.CancelScope(shield=True):
+                await self._settle(lease_id, ticket.call_id, billed)
         if due:
             self._spawn(self._push_receipt, lease_id)
 
