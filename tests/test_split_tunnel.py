@@ -123,3 +123,35 @@ async def test_a_tunnel_stream_carries_every_byte_in_order_both_ways_over_real_h
             await write(b"again")
             assert await read(64) == b"again"
             await stream.close()
+
+
+async def test_a_tunnel_the_seller_never_answered_lets_its_stream_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The consumer gives up on a seller that does not answer its tunnel's opening in time: the engine's
+    connection closes and so does the stream (one left open kept the seller's tunnel, its slot of the
+    lease and the consumer's stream waiting until the connection's end)."""
+    from wire.framing import FrameReader
+
+    monkeypatch.setattr(layers, "OPEN_TIMEOUT_S", 0.3)
+    hosts = [build_host(generate_new_ed25519_identity()) for _ in range(2)]
+    ended = trio.Event()
+
+    async def silent(stream: INetStream) -> None:
+        await FrameReader(stream, max_frame=layers.MAX_OPEN_FRAME).read_frame(5)  # its TunnelOpen
+        with trio.move_on_after(10):
+            while await WindowedReader(stream).read(64):
+                pass
+            ended.set()
+
+    with trio.fail_after(30):
+        async with hosts[0].run([LOOPBACK]), hosts[1].run([LOOPBACK]):
+            hosts[1].set_stream_handler(layers.LAYERS_PROTOCOL, silent)
+            await hosts[0].connect(PeerInfo(hosts[1].get_id(), hosts[1].get_addrs()))
+            async with layers.open_tunnel(hosts[0], hosts[1].get_id(), "lease0", "token0") as local:
+                address, port = local.endpoint.split(":")
+                sock = await trio.open_tcp_stream(address, int(port))
+                with trio.move_on_after(5):
+                    assert await sock.receive_some(64) == b""  # closed by the tunnel
+                await sock.aclose()
+                with trio.move_on_after(5):
+                    await ended.wait()
+                assert ended.is_set(), "the seller's stream was left open"

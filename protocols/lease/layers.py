@@ -611,6 +611,7 @@ async def _carry(
     clients: Callable[[], Iterable[int]] | None,
     private: bool = False,
 ) -> None:
+    stream: INetStream | None = None
     try:
         peer_port = sock.socket.getpeername()[1]
         pids = list(clients()) if clients is not None else []
@@ -645,6 +646,9 @@ async def _carry(
     except Exception:  # noqa: BLE001 - the engine sees its connection close
         with contextlib.suppress(Exception):
             await sock.aclose()
+        if stream is not None:  # and the seller its stream's (no answer in time, a failed write)
+            with contextlib.suppress(Exception):
+                await stream.reset()
 
 
 @contextlib.asynccontextmanager
