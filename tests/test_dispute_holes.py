@@ -205,9 +205,13 @@ async def test_an_outcome_for_a_lease_that_closed_without_a_dispute_writes_nothi
         # Where the provider knows its arbiter's peer, nobody else is heard at all; the arbiter itself
         # is not believed either when the chain shows no resolution.
         provider.market.arbiter_peer = _peer(arbiter)
+        reads: list[Any] = []
+        escrow_get = _client(provider).get
+        _client(provider).get = lambda *args: (reads.append(args), escrow_get(*args))[1]
         with pytest.raises(ClawnodeError) as refused:
             await request(stranger.host, provider.host.get_id(), DISPUTE_PROTOCOL, told, ACK)
         assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "not_arbiter")
+        assert reads == []  # refused before any chain read: a stranger's push costs the node nothing
         with pytest.raises(ClawnodeError) as refused:
             await request(arbiter.host, provider.host.get_id(), DISPUTE_PROTOCOL, told, ACK)
         assert refused.value.reason == "no_resolution"

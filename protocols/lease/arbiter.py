@@ -741,7 +741,10 @@ class DisputeRole(LeaseCore):
         client = self.escrow()
         phase, escrow_arbiter, threshold, resolved_by, dispute_open = "none", "", 0, None, False
         escrow_id = b""
-        if known and client is not None:
+        # A sender the rule refuses anyway (not the arbiter peer this node knows) costs no chain read
+        # and no dispute scan: those facts are fetched only for a sender that may be heard.
+        heard = not self.arbiter_peer or sender == self.arbiter_peer
+        if known and client is not None and heard:
             escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
             state = await client.chain.run(client.get, lease.escrow.payer, escrow_id)
             phase, escrow_arbiter, threshold = state.phase, state.arbiter, state.threshold
