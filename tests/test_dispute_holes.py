@@ -207,7 +207,12 @@ async def test_an_outcome_for_a_lease_that_closed_without_a_dispute_writes_nothi
         provider.market.arbiter_peer = _peer(arbiter)
         reads: list[Any] = []
         escrow_get = _client(provider).get
-        _client(provider).get = lambda *args: (reads.append(args), escrow_get(*args))[1]
+
+        def counted_get(*args: Any) -> Any:
+            reads.append(args)
+            return escrow_get(*args)
+
+        _client(provider).get = counted_get
         with pytest.raises(ClawnodeError) as refused:
             await request(stranger.host, provider.host.get_id(), DISPUTE_PROTOCOL, told, ACK)
         assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "not_arbiter")
