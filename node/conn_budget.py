@@ -88,6 +88,11 @@ def to_close(conns: Sequence[ConnFacts], budget: int, *, grace_s: float) -> list
     return [c.key for c in closable[:excess]]
 
 
+def _in_grace(conn: ConnFacts, grace_s: float) -> bool:
+    """Kept only for its grace: young, unused, idle and unprotected (``to_close`` will take it later)."""
+    return conn.busy_streams == 0 and not conn.protected and not conn.used and conn.age_s < grace_s
+
+
 def _protocol(stream: INetStream) -> str:
     try:
         return str(stream.get_protocol() or "")
@@ -139,6 +144,7 @@ class ConnBudget:
         # Peers whose connections are kept whatever their idleness (our closest table peers).
         self.keep: Callable[[], Collection[ID]] = frozenset
         self.closed = 0  # connections the budget closed, ever
+        self._trim_pending = False  # a trim is due when young connections' grace ends
         # Awaited with the peer before its connection is closed (``keep_in_routing_table``).
         self.before_close: Callable[[ID], Awaitable[object]] | None = None
         self._closing: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -228,12 +234,33 @@ class ConnBudget:
         conns = self.open_connections()
         if len(conns) <= self.budget:
             return 0
-        chosen = [conns[key] for key in to_close(self.facts(conns), self.budget, grace_s=self.grace_s)]
+        facts = self.facts(conns)
+        chosen = [conns[key] for key in to_close(facts, self.budget, grace_s=self.grace_s)]
+        if len(conns) - len(chosen) > self.budget and any(_in_grace(c, self.grace_s) for c in facts):
+            # Still over only because of connections in their grace: nothing else may come along to
+            # trim again (a peer's auto-connector dialing back to an otherwise quiet node), so look
+            # once more when their grace is over.
+            self._trim_after_grace()
         self._closing.update(chosen)
         async with trio.open_nursery() as nursery:
             for conn in chosen:
                 nursery.start_soon(self._close, conn)
         return len(chosen)
+
+    def _trim_after_grace(self) -> None:
+        if self._trim_pending:
+            return
+        self._trim_pending = True
+
+        async def later() -> None:
+            await trio.sleep(self.grace_s)
+            self._trim_pending = False
+            try:
+                await self.trim()
+            except Exception as error:  # noqa: BLE001 - the next connection's trim tries again
+                log.debug("trimming after the grace failed: %s", type(error).__name__)
+
+        trio.lowlevel.spawn_system_task(later)
 
     async def _close(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id
