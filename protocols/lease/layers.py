@@ -89,21 +89,8 @@ class RequestBatch(MessageEdges):
         """May what was read wait for the engine's next request?"""
         return self.last in self.hold
 
-    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
-        view = memoryview(chunk)
-        while len(view):
-            if self._left:
-                take = min(self._left, len(view))
-                self._left -= take
-                view = view[take:]
-                continue
-            need = self.header - len(self._head)
-            self._head += view[:need]
-            view = view[need:]
-            if len(self._head) == self.header:
-                self.last = self._head[0]
-                (self._left,) = struct.unpack_from("<Q", self._head, self.header - 8)
-                self._head.clear()
+    def header_read(self, head: bytearray) -> None:
+        self.last = head[0]
 
 
 def _waits(edges: MessageEdges) -> bool:

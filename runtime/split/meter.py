@@ -77,8 +77,12 @@ class MessageEdges:
             self._head += view[:need]
             view = view[need:]
             if len(self._head) == self.header:
+                self.header_read(self._head)
                 (self._left,) = struct.unpack_from("<Q", self._head, self.header - 8)
                 self._head.clear()
+
+    def header_read(self, head: bytearray) -> None:
+        """A message's header is whole (``head``); a subclass may note what it says."""
 
 
 @dataclass
