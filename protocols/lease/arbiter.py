@@ -77,7 +77,6 @@ CASE_RETRIED = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE, ErrorCo
 RESUME_POLL_S = 0.5  # a restarted consumer's wait for its escrow chain before it sends kept cases again
 MAX_CASES = 4  # cases an arbiter works on at once; more are refused busy (the consumer may send again)
 MAX_OUTCOMES = 256  # outcomes kept in memory per node (the ledger keeps each party's)
-MAX_DISPUTE_SCAN = 1000  # the newest disputes read back to find a lease's (one per lease)
 # Dispute streams handled at once, and per peer: each may buffer a frame of up to 16 MiB before any
 # check, so more are answered busy at once instead of read (at most 256 MiB of frames in memory).
 # The escrows' arbiter peer (``escrow.arbiter_peer``) is never refused: a flood of strangers must not
@@ -318,8 +317,7 @@ class DisputeRole(LeaseCore):
 
     async def _dispute_open(self, lease_id: str) -> bool:
         """Whether the ledger holds an open dispute of the lease (one this node opened at its freeze)."""
-        disputes = await self.ledger.list_disputes(limit=MAX_DISPUTE_SCAN)
-        return any(d.lease_id == lease_id and d.state == "dispute_open" for d in disputes)
+        return any(d.state == "dispute_open" for d in await self.ledger.disputes_of(lease_id))
 
     async def _drop_case(self, lease_id: str) -> None:
         try:
@@ -813,8 +811,7 @@ class DisputeRole(LeaseCore):
         except ClawnodeError as error:
             if error.reason != "lease_not_disputable":
                 raise
-            disputes = await self.ledger.list_disputes(limit=MAX_DISPUTE_SCAN)
-            found = next((d for d in disputes if d.lease_id == lease_id), None)
+            found = next(iter(await self.ledger.disputes_of(lease_id)), None)
             if found is None:
                 raise
             dispute = found

@@ -391,6 +391,9 @@ class Ledger:
     async def list_disputes(self, *, limit: int = 100) -> list[Dispute]:
         return await self._run(self.store.list_disputes, limit=limit)
 
+    async def disputes_of(self, lease_id: str) -> list[Dispute]:
+        return await self._run(self.store.disputes_of, lease_id)
+
     async def add_evidence(self, piece: Evidence, *, attachment: bytes, envelope: str) -> bool:
         return await self._run(self.store.add_evidence, piece, attachment=attachment, envelope=envelope)
 

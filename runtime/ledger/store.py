@@ -893,6 +893,17 @@ class LedgerStore(ChannelRecords):
             ]
             return [self._dispute(self._conn, dispute_id) for dispute_id in ids]
 
+    def disputes_of(self, lease_id: str) -> list[Dispute]:
+        """The disputes of one lease, newest first (a lease has at most one: it ends when disputed)."""
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT dispute_id FROM disputes WHERE lease_id = ? ORDER BY created_at DESC LIMIT 8", (lease_id,)
+                )
+            ]
+            return [self._dispute(self._conn, dispute_id) for dispute_id in ids]
+
     def add_evidence(self, piece: Evidence, *, attachment: bytes, envelope: str) -> bool:
         """Keep a piece of dispute evidence; False when it was already kept (sending it again is harmless)."""
         with self._tx() as conn:

@@ -225,6 +225,19 @@ async def test_disputes_are_recorded_once_and_only_by_parties(tmp_path: Path) ->
     assert len(await ledger.list_disputes()) == 1
 
 
+async def test_a_lease_s_dispute_is_found_however_many_newer_disputes_there_are(tmp_path: Path) -> None:
+    """The arbiter role finds a lease's open dispute by the lease (``disputes_of``): it read the newest
+    1,000 disputes, and a lease disputed before those was taken for one without a dispute."""
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    for n in range(4):
+        await ledger.open_lease(_lease(f"lease-{n}"), idempotency_key=f"open{n}")
+        await ledger.open_dispute(f"lease-{n}", opened_by=peer_id(CONSUMER), reason="r", idempotency_key=f"d{n}")
+    found = await ledger.disputes_of("lease-0")
+    assert [(d.lease_id, d.state) for d in found] == [("lease-0", "dispute_open")]
+    assert await ledger.disputes_of("lease-none") == []
+    await ledger.aclose()
+
+
 async def test_a_disputed_lease_is_ended_and_cannot_be_disputed_again(tmp_path: Path) -> None:
     ledger = await Ledger.open(tmp_path / "ledger.db")
     await ledger.open_lease(_lease(), idempotency_key="open")
