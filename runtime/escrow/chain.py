@@ -193,8 +193,10 @@ class Chain:
         import requests
         from web3.providers.rpc.utils import REQUEST_RETRY_ALLOWLIST, ExceptionRetryConfiguration
 
-        # web3's own choice of errors to retry (a refused connection, an HTTP error, a timeout).
-        errors = (ConnectionError, requests.HTTPError, requests.Timeout)
+        # web3's own choice of errors to retry (an HTTP error, a timeout), and a connection refused or
+        # dropped: web3 names the built-in ConnectionError, which requests' own is not a subclass of, so a
+        # keep-alive connection the chain's side had closed failed the read at its first try.
+        errors = (ConnectionError, requests.ConnectionError, requests.HTTPError, requests.Timeout)
         # A send whose answer timed out may have landed: resending it would only be refused ("already
         # known", "nonce too low"); its fate is read from the chain instead (``tx_status``).
         reads = [method for method in REQUEST_RETRY_ALLOWLIST if method != "eth_sendRawTransaction"]

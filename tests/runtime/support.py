@@ -124,6 +124,7 @@ class Relay:
         self.port = int(self._server.getsockname()[1])
         self._up = threading.Event()
         self._up.set()
+        self._cut = 0  # connections still to be cut as soon as they are accepted
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -143,6 +144,11 @@ class Relay:
     def up(self) -> None:
         self._up.set()
 
+    def cut_next(self, count: int) -> None:
+        """Close the next ``count`` connections as soon as they are accepted (a dropped connection)."""
+        with self._lock:
+            self._cut = count
+
     def close(self) -> None:
         self.down()
         self._server.close()
@@ -153,7 +159,9 @@ class Relay:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            if not self._up.is_set():
+            with self._lock:
+                cut, self._cut = self._cut > 0, max(0, self._cut - 1)
+            if cut or not self._up.is_set():
                 client.close()
                 continue
             try:

@@ -34,6 +34,18 @@ async def test_lease_end_to_end_on_anvil(anvil_url: str, tmp_path: Path) -> None
     await run_lease_end_to_end(chain, tmp_path)
 
 
+async def test_a_read_whose_connection_drops_is_tried_again(anvil_url: str) -> None:
+    """A connection the chain's side closes (a keep-alive connection it dropped, a proxy restarting) fails
+    one try of a read, not the read: it is retried on a new connection."""
+    relay = Relay(urlparse(anvil_url).port or 0)
+    try:
+        chain = Chain.rpc(relay.url, timeout_s=5.0)
+        relay.cut_next(1)
+        assert await chain.run(lambda: int(chain.w3.eth.block_number)) >= 0
+    finally:
+        relay.close()
+
+
 async def test_settlement_waits_out_a_chain_outage_and_lands_once(anvil_url: str, tmp_path: Path) -> None:
     relay = Relay(urlparse(anvil_url).port or 0)
     try:
