@@ -35,7 +35,7 @@ from nat.notifee import QuietNotifee
 from node.conn_budget import keep_connection_budget
 from node.conn_guard import ConnLimits, guard_inbound_connections
 from node.dial_order import order_dials
-from node.yamux_writes import make_frame_writes_whole
+from node.yamux_writes import bound_receive_buffers, make_frame_writes_whole
 from runtime.errors import ClawnodeError, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def build_host(
     """
     announce_clawnode_agent()
     make_frame_writes_whole()  # a cancelled writer never leaves half a Noise frame (node.yamux_writes)
+    bound_receive_buffers()  # a peer writing past a stream's window is not buffered past it (same)
     # py-libp2p's auto-connector dials known peers while below these: never past the budget.
     keep = min(max_connections, connection_budget or max_connections)
     min_connections = min(8, keep)

@@ -15,15 +15,22 @@ before the lock (nothing is spent yet) or after the frame left. The shield is bo
 not out after ``FRAME_WRITE_TIMEOUT_S`` (a peer that stopped reading) closes the connection, which
 such a peer has lost anyway, and the writer gets the muxer's usual write error. A daemon that is
 shutting down cuts that wait short (``release_frame_writes``).
+
+Reading, py-libp2p 0.8.1 buffers a DATA frame past the stream's receive window with only a warning, so
+a peer that ignored the window could push bytes into a stream nobody reads (identify's, once it has
+answered) until the node ran out of memory. Each stream's buffer here holds at most the window the
+node granted (``bound_receive_buffers``): a frame past it ends that stream's receiving side (it reads
+as ended, the frame is dropped), or the connection when the frame opens or accepts the stream.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import trio
 from libp2p.network.connection.exceptions import RawConnError
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, Yamux
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +84,53 @@ async def _write_frame_whole(self: Yamux, data: bytes) -> None:
 def make_frame_writes_whole() -> None:
     """Install the whole-frame write on py-libp2p's Yamux (idempotent)."""
     Yamux._write_frame = _write_frame_whole  # type: ignore[method-assign]
+
+
+class ReceiveWindowExceeded(RawConnError):
+    """A peer wrote past the receive window a stream granted it (a protocol error, as go-yamux has it)."""
+
+
+class _WindowedBuffer(bytearray):
+    """One stream's receive buffer: refuses bytes past the window its node granted (``target_recv_window``,
+    which every grant keeps the window and the unread bytes within)."""
+
+    def __init__(self, conn: Yamux, stream_id: int) -> None:
+        super().__init__()
+        self.conn = conn
+        self.stream_id = stream_id
+
+    def extend(self, data: object) -> None:
+        size = len(data)  # type: ignore[arg-type]
+        stream = self.conn.streams.get(self.stream_id)
+        window = max(DEFAULT_WINDOW_SIZE, getattr(stream, "target_recv_window", 0))
+        if len(self) + size > window:
+            raise ReceiveWindowExceeded(f"{len(self) + size} bytes buffered, over the window of {window}")
+        super().extend(data)  # type: ignore[arg-type]
+
+
+class _StreamBuffers(dict[int, bytearray]):
+    """``Yamux.stream_buffers``, each new stream's buffer a :class:`_WindowedBuffer`."""
+
+    def __init__(self, conn: Yamux) -> None:
+        super().__init__()
+        self.conn = conn
+
+    def __setitem__(self, stream_id: int, buffer: bytearray) -> None:
+        if not isinstance(buffer, _WindowedBuffer):
+            bounded = _WindowedBuffer(self.conn, stream_id)
+            bytearray.extend(bounded, buffer)
+            buffer = bounded
+        super().__setitem__(stream_id, buffer)
+
+
+_original_init = Yamux.__init__
+
+
+def _init_bounded(self: Yamux, *args: Any, **kwargs: Any) -> None:
+    _original_init(self, *args, **kwargs)
+    self.stream_buffers = _StreamBuffers(self)
+
+
+def bound_receive_buffers() -> None:
+    """Bound every Yamux stream's receive buffer by its window (idempotent); see the module's docstring."""
+    Yamux.__init__ = _init_bounded  # type: ignore[method-assign]
