@@ -10,7 +10,9 @@ loopback, real SQLite ledgers and the embedded chain. Each test failed on the co
 - the arbiter's signature checks of a case (a few ms of crypto each) ran on the trio loop;
 - a provider's sweep for claims a silent freeze holds up read only the newest settlements: any newer
   ones (its own claims and withdrawals, a stranger's many small leases) hid the held claim for good;
-- kept cases were bounded by count only, though each may be MiBs (``dispute_cases.MAX_CASE_BYTES``).
+- kept cases were bounded by count only, though each may be MiBs (``dispute_cases.MAX_CASE_BYTES``);
+- a provider showed its newest countersigned receipt of a lease (its amounts) to anyone who asked with
+  the lease id, which is the escrow's id and so on chain (``receipt_ask_verdict``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from node.config import MarketSection
 from node.daemon import Node
 from protocols.lease import arbiter as arbiter_module
-from protocols.lease.arbiter import DISPUTE_PROTOCOL, MAX_DISPUTE_FRAME, OUTCOME, LeaseDisputeCase, LeaseDisputeOutcome
+from protocols.lease.arbiter import (
+    DISPUTE_PROTOCOL,
+    MAX_DISPUTE_FRAME,
+    OUTCOME,
+    RECEIPT_ANSWER,
+    LeaseDisputeCase,
+    LeaseDisputeOutcome,
+    LeaseReceiptAsk,
+)
 from protocols.lease.base import ACK
 from protocols.machines import dispute as rules
 from runtime.errors import ClawnodeError, ErrorCode
@@ -171,9 +181,19 @@ def test_the_rules_refuse_with_stable_reasons() -> None:
         rules.stale_ask_verdict(served=False, arbiter_known=True, vouched=True),
         rules.stale_ask_verdict(served=True, arbiter_known=False, vouched=True),
         rules.stale_ask_verdict(served=True, arbiter_known=True, vouched=False),
-        rules.receipt_ask_verdict(served=False),
+        rules.receipt_ask_verdict(served=False, sender="A", arbiter_peer="A"),
+        rules.receipt_ask_verdict(served=True, sender="B", arbiter_peer="A"),  # refused as an unknown lease
+        rules.receipt_ask_verdict(served=True, sender="B", arbiter_peer=""),  # no arbiter known: nobody
     ]
-    assert [r.reason if r else None for r in asks] == ["unknown_lease", "no_arbiter", "no_voucher", "unknown_lease"]
+    assert [r.reason if r else None for r in asks] == [
+        "unknown_lease",
+        "no_arbiter",
+        "no_voucher",
+        "unknown_lease",
+        "unknown_lease",
+        "unknown_lease",
+    ]
+    assert rules.receipt_ask_verdict(served=True, sender="A", arbiter_peer="A") is None
     assert [rules.resume_retry_delay(n) for n in range(4)] == [None, *rules.RESUME_RETRY_S, None]
 
 
@@ -402,3 +422,38 @@ async def test_a_claim_held_by_a_silent_freeze_is_found_however_many_settlements
                 await trio.sleep(0.1)
         closed = await trio.to_thread.run_sync(_client(consumer).get, payer, escrow_id)
         assert (closed.phase, closed.released) == ("closed", owed)  # paid what the payer vouched
+
+
+async def test_a_provider_shows_its_receipts_to_the_escrows_arbiter_only() -> None:
+    fast = MarketSection(receipt_every_units=1, receipt_every_s=1, countersign_timeout_s=2)  # type: ignore[call-arg]
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    specs = [{"offers": (WORD_OFFER,), "market": fast}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    async with market_nodes(specs, chain=shared) as (nodes, _):
+        provider, consumer, arbiter = nodes
+        stranger = consumer  # any peer but the arbiter, that read the lease id off the chain
+        lease = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 20, duration_s=60)
+        await consumer.market.call(lease.lease_id, {"prompt": "one two three"})
+        with trio.fail_after(10):
+            while not (owed := await provider.ledger.countersigned_amount(lease.lease_id)):
+                await trio.sleep(0.05)
+
+        async def ask(asker: Node, lease_id: str) -> Any:
+            ask = LeaseReceiptAsk(lease_id=lease_id)
+            return await request(asker.host, provider.host.get_id(), DISPUTE_PROTOCOL, ask, RECEIPT_ANSWER)
+
+        async def refusal(asker: Node, lease_id: str) -> tuple[str, str]:
+            with pytest.raises(ClawnodeError) as refused:
+                await ask(asker, lease_id)
+            return str(refused.value.code), str(refused.value.reason)
+
+        unknown = secrets.token_hex(32)
+        # No arbiter peer known: nobody is shown the amounts, the arbiter wallet's node included.
+        for asker in (stranger, arbiter):
+            assert await refusal(asker, lease.lease_id) == (ErrorCode.NOT_FOUND, "unknown_lease")
+        provider.market.arbiter_peer = _peer(arbiter)
+        # A stranger is answered as for a lease the provider never served: it cannot tell the two apart.
+        assert await refusal(stranger, lease.lease_id) == await refusal(stranger, unknown)
+        assert await refusal(stranger, lease.lease_id) == (ErrorCode.NOT_FOUND, "unknown_lease")
+        answer = await ask(arbiter, lease.lease_id)  # the escrows' arbiter gets the countersigned receipt
+        assert answer.receipt is not None and answer.receipt.body.amount == owed > 0
+        assert await refusal(arbiter, unknown) == (ErrorCode.NOT_FOUND, "unknown_lease")

@@ -55,6 +55,7 @@ async def test_a_provider_that_freezes_its_own_lease_cannot_name_what_it_is_owed
     async with market_nodes(specs, chain=shared) as (nodes, _):
         consumer, provider, arbiter, elsewhere = nodes
         consumer.market.arbiter_peer = str(arbiter.host.get_id())
+        provider.market.arbiter_peer = str(arbiter.host.get_id())  # it shows its receipts to that peer only
         kept: dict[str, Any] = {}  # the honest call's package: the provider holds the same (it signed it)
         verifying = consumer.market.verifying
         real_failed = verifying._failed

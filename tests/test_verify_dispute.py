@@ -82,6 +82,7 @@ async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_bui
         consumer, cheat, fair, arbiter = nodes
         cheat_id, fair_id = str(cheat.host.get_id()), str(fair.host.get_id())
         consumer.market.arbiter_peer = str(arbiter.host.get_id())  # escrow.arbiter_peer
+        fair.market.arbiter_peer = str(arbiter.host.get_id())  # the only peer it shows its receipts to
 
         assert cheat.model_host.sha256s["tiny"] == fair.model_host.sha256s["tiny"]  # both advertise one file
 

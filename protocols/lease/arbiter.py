@@ -212,7 +212,7 @@ class DisputeRole(LeaseCore):
             if isinstance(message, LeaseDisputeCase):
                 return await self._arbitrate(message, str(remote))
             if isinstance(message, LeaseReceiptAsk):
-                return await self._receipt_asked(message)
+                return await self._receipt_asked(message, str(remote))
             if isinstance(message, LeaseStaleFreeze):
                 return await self._end_stale_freeze(message, str(remote))
             return await self._told_outcome(message, str(remote))
@@ -779,12 +779,19 @@ class DisputeRole(LeaseCore):
         self.wake_settlement()
         return w.Ack()
 
-    async def _receipt_asked(self, ask: LeaseReceiptAsk) -> LeaseReceiptAnswer:
+    async def _receipt_asked(self, ask: LeaseReceiptAsk, sender: str) -> LeaseReceiptAnswer:
         """The arbiter of a disputed lease we serve asks what the consumer countersigned: our newest
-        receipt with its countersignature (the lease id is the consumer's random escrow id: only its
-        parties and their arbiter know it)."""
-        lease = await self.ledger.get_lease(ask.lease_id)
-        enforce(receipt_ask_verdict(served=lease.role == "provider"))
+        receipt with its countersignature, for the escrows' arbiter peer only (``receipt_ask_verdict``:
+        anyone else, who may read the lease id off the chain, is refused as for a lease we never served,
+        before any ledger read)."""
+        served = False
+        if self.arbiter_peer and sender == self.arbiter_peer:
+            try:
+                served = (await self.ledger.get_lease(ask.lease_id)).role == "provider"
+            except ClawnodeError as error:
+                if error.code != ErrorCode.NOT_FOUND:
+                    raise
+        enforce(receipt_ask_verdict(served=served, sender=sender, arbiter_peer=self.arbiter_peer))
         records = await self.ledger.list_receipts(ask.lease_id, limit=RECEIPTS_SCANNED)
         signed = [r for r in records if r.countersigned]
         newest = max(signed, key=lambda r: r.seq) if signed else None

@@ -96,10 +96,13 @@ def stale_ask_verdict(*, served: bool, arbiter_known: bool, vouched: bool) -> Re
     return None
 
 
-def receipt_ask_verdict(*, served: bool) -> Refusal | None:
-    """Whether a provider answers an arbiter's ask for its newest countersigned receipt of a lease: one
-    it served (the lease id is the consumer's random escrow id: only its parties and arbiter know it)."""
-    if not served:
+def receipt_ask_verdict(*, served: bool, sender: str, arbiter_peer: str) -> Refusal | None:
+    """Whether a provider answers an ask for its newest countersigned receipt of a lease (its amounts):
+    only from the escrows' arbiter peer this node knows (``arbiter_peer``; "" when none is configured:
+    then nobody is answered, as the sender cannot be told from a stranger), for a lease it served. The
+    lease id is no secret (it is the escrow's id, on chain), so any other sender gets the very refusal
+    an unknown lease gets: it learns neither the amounts nor whether this node holds the lease."""
+    if not arbiter_peer or sender != arbiter_peer or not served:
         return Refusal(ErrorCode.NOT_FOUND, "unknown_lease", "no such lease served")
     return None
 
