@@ -11,6 +11,7 @@ loopback, real SQLite ledgers and the embedded chain. Each test failed on the co
 - a provider's sweep for claims a silent freeze holds up read only the newest settlements: any newer
   ones (its own claims and withdrawals, a stranger's many small leases) hid the held claim for good;
 - kept cases were bounded by count only, though each may be MiBs (``dispute_cases.MAX_CASE_BYTES``);
+- a case saved again kept its first ``created_at``, so the byte bound dropped the very case just saved;
 - a provider showed its newest countersigned receipt of a lease (its amounts) to anyone who asked with
   the lease id, which is the escrow's id and so on chain (``receipt_ask_verdict``).
 """
@@ -83,6 +84,28 @@ def test_kept_cases_are_bounded_by_bytes_as_well_as_by_count(tmp_path: Path, mon
     assert [row.lease_id for row in dispute_cases.load(store)] == [f"{n:064x}" for n in (2, 3, 4)]  # the newest
     dispute_cases.save(store, CaseRow("f" * 64, "p", "a", "x" * 5000))  # larger than the bound on its own
     assert [row.lease_id for row in dispute_cases.load(store)] == ["f" * 64]  # the newest is always kept
+
+
+def test_a_re_saved_case_is_never_the_one_the_bound_drops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispute_cases, "MAX_CASE_BYTES", 3 * 1000)
+    ticks = iter(range(1000, 2000))
+    store = LedgerStore.open(tmp_path / "ledger.sqlite", clock=lambda: next(ticks))
+    first, second, third = (f"{n:064x}" for n in range(3))
+    for lease_id in (first, second, third):  # 1000 bytes each: all three fit
+        dispute_cases.save(store, CaseRow(lease_id, "p", "a", "x" * 1000))
+    # The first lease's case is saved again, larger (a freeze sent again with more evidence): the bound
+    # now drops the oldest of the others, not the case the consumer has just written.
+    dispute_cases.save(store, CaseRow(first, "p", "a", "y" * 1500))
+    kept = {row.lease_id: row.case_json for row in dispute_cases.load(store)}
+    assert kept == {third: "x" * 1000, first: "y" * 1500}
+    assert [row.lease_id for row in dispute_cases.load(store)] == [third, first]  # oldest first: it is newest
+    # A clock that stepped back (NTP) does not rank the case just saved behind the others either.
+    back = LedgerStore.open(tmp_path / "back.sqlite", clock=lambda: 5)
+    for lease_id in (first, second):
+        dispute_cases.save(back, CaseRow(lease_id, "p", "a", "x" * 1000))
+    back._clock = lambda: 1
+    dispute_cases.save(back, CaseRow(third, "p", "a", "z" * 2500))
+    assert [row.lease_id for row in dispute_cases.load(back)] == [third]
 
 
 def _package(lease_id: str, provider: str, *, text: str = "x", key: Any = None) -> DisputePackage:

@@ -9,7 +9,7 @@ only because the consumer stopped. The case's JSON is validated by the protocol'
 back; this is storage (and :func:`held_claims`, the provider's side: claims a freeze holds up).
 Bounded: the :data:`MAX_CASES` newest cases are kept, and of those only the newest that add up to
 :data:`MAX_CASE_BYTES` (the newest is always kept, whatever its size: a case is read within the dispute
-protocol's 16 MiB frame).
+protocol's 16 MiB frame). The case just saved counts as the newest, a re-saved one included.
 """
 
 from __future__ import annotations
@@ -33,24 +33,27 @@ class CaseRow:
 
 
 def save(store: LedgerStore, row: CaseRow) -> None:
-    """Keep a case (blocking; the same lease's case is replaced); the oldest beyond the bound go."""
+    """Keep a case (blocking; the same lease's case is replaced and counts as new); the oldest beyond the
+    bound go, never the case just saved (ranked newest whatever the clock says: a re-saved case kept its
+    first ``created_at``, and a clock that stepped back ranks it behind older ones)."""
     with store._tx() as conn:
         conn.execute(
             "INSERT INTO dispute_cases (lease_id, provider, arbiter_peer, case_json, created_at)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (lease_id) DO UPDATE SET provider = excluded.provider,"
-            " arbiter_peer = excluded.arbiter_peer, case_json = excluded.case_json",
+            " arbiter_peer = excluded.arbiter_peer, case_json = excluded.case_json, created_at = excluded.created_at",
             (row.lease_id, row.provider, row.arbiter_peer, row.case_json, store._clock()),
         )
         conn.execute(
-            "DELETE FROM dispute_cases WHERE lease_id NOT IN"
-            " (SELECT lease_id FROM dispute_cases ORDER BY created_at DESC, rowid DESC LIMIT ?)",
-            (MAX_CASES,),
+            "DELETE FROM dispute_cases WHERE lease_id NOT IN (SELECT lease_id FROM dispute_cases"
+            " ORDER BY lease_id = ? DESC, created_at DESC, rowid DESC LIMIT ?)",
+            (row.lease_id, MAX_CASES),
         )
         conn.execute(
             "DELETE FROM dispute_cases WHERE lease_id IN (SELECT lease_id FROM (SELECT lease_id,"
             " SUM(length(CAST(case_json AS BLOB))) OVER newest AS kept, ROW_NUMBER() OVER newest AS n"
-            " FROM dispute_cases WINDOW newest AS (ORDER BY created_at DESC, rowid DESC)) WHERE kept > ? AND n > 1)",
-            (MAX_CASE_BYTES,),
+            " FROM dispute_cases WINDOW newest AS (ORDER BY lease_id = ? DESC, created_at DESC, rowid DESC))"
+            " WHERE kept > ? AND n > 1)",
+            (row.lease_id, MAX_CASE_BYTES),
         )
 
 
