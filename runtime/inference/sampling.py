@@ -238,6 +238,35 @@ class CommitRows:
                     return candidates[order[:k]]
         return np.argpartition(-row, k - 1)[:k]
 
+    def _small_top_ids(self, x: np.ndarray) -> np.ndarray:
+        """A block's k best ids a row, for a vocabulary under LARGE_VOCAB: k + 1 rounds of a row-wise
+        argmax (numpy's row-wise argpartition took about 200 us for 32 rows of 356, the argmaxes about
+        30). Where no two of a row's k + 1 best values are equal (and no NaN) its k best are one set
+        whatever the method; the other rows go to argpartition as before (its choice among equal values
+        is its own), so the ids are the same either way."""
+        import numpy as np
+
+        k = self.k
+        n, width = x.shape
+        if k + 1 > width:
+            return np.argpartition(-x, k - 1, axis=1)[:, :k]
+        y = x.copy()
+        at = np.arange(n)
+        ids = np.empty((n, k + 1), dtype=np.intp)
+        best = np.empty((n, k + 1), dtype=x.dtype)
+        for j in range(k + 1):
+            column = y.argmax(axis=1)
+            ids[:, j] = column
+            best[:, j] = y[at, column]
+            y[at, column] = -np.inf
+        # A NaN is argmax's first pick: such rows, and rows with equal values among their k + 1 best
+        # (an -inf taken twice included), go to argpartition.
+        odd = (best[:, 1:] == best[:, :-1]).any(axis=1) | np.isnan(best[:, 0])
+        ids = ids[:, :k]
+        if odd.any():
+            ids[odd] = np.argpartition(-x[odd], k - 1, axis=1)[:, :k]
+        return ids
+
     def flush(self) -> list[Committed]:
         """The positions of the rows kept so far (none: an empty list); the block starts again."""
         import numpy as np
@@ -252,7 +281,7 @@ class CommitRows:
         if x.shape[1] >= LARGE_VOCAB:
             ids = np.stack([self._top_ids(row) for row in x])
         else:
-            ids = np.argpartition(-x, self.k - 1, axis=1)[:, : self.k]
+            ids = self._small_top_ids(x)
         values = np.take_along_axis(x, ids, axis=1)
         order = np.argsort(-values, axis=1, kind="stable")  # pick's stable order, NaN last
         ids = np.take_along_axis(ids, order, axis=1)
