@@ -6,7 +6,9 @@ is queued for one writer (``_Writer``): a worker thread that runs the queued cal
 another, without a trip back to trio between two of them, so one thread at a time owns the
 connection and calls run in the order they were made, with one exception: a call's write-ahead
 row (``reserve_call``, which the call's first chunk waits for) goes before the settlements and
-receipts queued ahead of it, never before a write that can change a lease (``_next_job``).
+receipts queued ahead of it, never before a write that can change a lease, and at most
+``MAX_JUMPS`` in a row before the oldest queued call runs, so a steady stream of new calls never keeps a
+settlement waiting for ever (``_next_job``).
 Calls are not abandoned when the caller is cancelled: a transaction that started commits (or
 rolls back) before the caller moves on, which is what lets the daemon say "the ledger commits
 before a reply leaves the node"; a call cancelled while still queued never runs.
@@ -82,10 +84,18 @@ _YIELDS = frozenset(
 )
 
 
-def _next_job(lanes: Sequence[Lane]) -> int:
+MAX_JUMPS = 8  # write-ahead rows that run in a row ahead of the oldest queued call; then it runs
+
+
+def _next_job(lanes: Sequence[Lane], jumps: int = 0) -> int:
     """Which queued call (its index, oldest first) the writer runs next: the oldest FIRST that no
-    BARRIER is queued ahead of, else the oldest. So FIRST calls keep their order among themselves,
-    the others keep theirs, and only YIELDS calls are ever overtaken (by a FIRST)."""
+    BARRIER is queued ahead of, else the oldest; the oldest in any case once ``jumps`` (the calls that
+    ran in a row ahead of the oldest queued one) reached ``MAX_JUMPS``, so a queue that never empties of
+    write-ahead rows still runs the settlements and receipts queued ahead of them. So FIRST calls keep
+    their order among themselves, the others keep theirs, and only YIELDS calls are ever overtaken (by
+    a FIRST), never more than ``MAX_JUMPS`` times in a row."""
+    if jumps >= MAX_JUMPS:
+        return 0
     for index, lane in enumerate(lanes):
         if lane is Lane.FIRST:
             return index
@@ -112,6 +122,7 @@ class _Writer:
         self._lock = threading.Lock()
         self._queue: deque[_Job] = deque()
         self._draining = False
+        self._jumps = 0  # calls run in a row ahead of the oldest queued one (``_next_job``)
 
     async def run(self, fn: Callable[[], T], lane: Lane) -> T:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -145,7 +156,8 @@ class _Writer:
                 if not self._queue:
                     self._draining = False
                     return
-                index = _next_job([job.lane for job in self._queue])
+                index = _next_job([job.lane for job in self._queue], self._jumps)
+                self._jumps = self._jumps + 1 if index else 0
                 job = self._queue[index]
                 del self._queue[index]
                 job.started = True

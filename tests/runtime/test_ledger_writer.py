@@ -1,5 +1,7 @@
 """The ledger's one writer: a call's write-ahead row goes before the settlements queued ahead of it,
-never before a write that can change a lease; a call cancelled while queued never runs."""
+never before a write that can change a lease, and never more than ``MAX_JUMPS`` times in a row (a
+steady stream of new calls kept queued settlements waiting for ever); a call cancelled while queued
+never runs."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 
 from runtime.errors import ErrorCode
 from runtime.ledger import Lease, LeaseOpen, Ledger, LedgerError, LedgerStore
-from runtime.ledger.ledger import Lane, _next_job
+from runtime.ledger.ledger import MAX_JUMPS, Lane, _next_job
 from tests.runtime.support import peer_id, peer_key
 
 PROVIDER, CONSUMER = peer_key("provider"), peer_key("consumer")
@@ -38,6 +40,34 @@ def test_the_writer_overtakes_only_settlements_and_keeps_each_lanes_order(lanes:
                 assert Lane.BARRIER not in lanes[a:b]
             elif lanes[a] is Lane.YIELDS and lanes[b] is Lane.FIRST and Lane.BARRIER not in lanes[a:b]:
                 pytest.fail(f"the write-ahead row {b} waited for the settlement {a} queued before it")
+
+
+@given(
+    st.lists(st.sampled_from(list(Lane)), min_size=1, max_size=12),
+    st.lists(st.integers(min_value=1, max_value=3), min_size=200, max_size=200),
+)
+def test_a_queue_that_never_empties_of_write_ahead_rows_still_runs_what_was_queued_before(
+    queued: list[Lane], arrivals: list[int]
+) -> None:
+    # Before each run 1-3 new calls queue their write-ahead rows: more arrive than run, the queue never
+    # empties of them. Each call queued at the start still runs, within MAX_JUMPS + 1 runs of the one before.
+    queue: list[tuple[int, Lane]] = list(enumerate(queued))
+    jumps, ran, steps = 0, {}, 0
+    for step, arriving in enumerate(arrivals):
+        queue += [(-1, Lane.FIRST)] * arriving
+        index = _next_job([lane for _, lane in queue], jumps)
+        jumps = jumps + 1 if index else 0
+        job, _ = queue.pop(index)
+        if job >= 0:
+            ran[job] = step
+        steps = step
+        if len(ran) == len(queued):
+            break
+    assert sorted(ran) == list(range(len(queued))), f"still waiting after {steps + 1} runs"
+    for job, step in ran.items():
+        assert step < (job + 1) * (MAX_JUMPS + 1)
+    assert _next_job([Lane.YIELDS, Lane.FIRST], MAX_JUMPS - 1) == 1  # below the bound: the row goes first
+    assert _next_job([Lane.YIELDS, Lane.FIRST], MAX_JUMPS) == 0
 
 
 class _Recording(LedgerStore):
@@ -131,6 +161,25 @@ async def test_a_write_ahead_row_goes_before_queued_settlements_not_before_a_lea
     assert (await ledger.get_lease("lease-1")).metered_units == 4 + 1 + 4  # c2 settled after the end: 0
     assert await ledger.pending_calls("lease-1") == []
     assert (await ledger.verify_audit()).ok
+    await ledger.aclose()
+
+
+async def test_a_settlement_queued_behind_a_stream_of_new_calls_runs_after_max_jumps_of_them(
+    tmp_path: Path,
+) -> None:
+    ledger, store = await _ledger(tmp_path)
+    calls = [f"n{n}" for n in range(MAX_JUMPS + 3)]
+    async with trio.open_nursery() as nursery:
+        release = await _hold_writer(ledger, nursery)
+        nursery.start_soon(partial(ledger.settle_call, "lease-1", "c1", units=4))  # queued first
+        await trio.testing.wait_all_tasks_blocked()
+        for call in calls:  # new calls keep coming while the writer is busy
+            nursery.start_soon(partial(ledger.reserve_call, "lease-1", call, reserved_units=10))
+            await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    reserved = [f"reserve {call}" for call in calls]
+    assert store.ran == [*reserved[:MAX_JUMPS], "settle c1", *reserved[MAX_JUMPS:]]
+    assert (await ledger.get_lease("lease-1")).metered_units == 4
     await ledger.aclose()
 
 
