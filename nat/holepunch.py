@@ -28,7 +28,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -57,6 +57,10 @@ ConnectionPath = Literal["direct", "relayed"]
 
 PunchSource = tuple[str, int]
 MAX_PREDICTED_ADDRS = 20  # py-libp2p's MAX_OBSERVED_ADDRS
+# Punch dials to one peer in flight at once, every exchange with it together. A CONNECT may name
+# about 370 addresses (4 KiB), py-libp2p dials each at once in three rounds and lets a peer run any
+# number of exchanges: a stranger's 4 KiB had a node hold hundreds of connections to a third party.
+MAX_PUNCH_DIALS = 16
 # A, having dialed B through a relay, waits this long for B to start the exchange (the spec's
 # order) before starting it itself.
 ANSWER_WAIT_S = 3.0
@@ -146,6 +150,7 @@ class _OneSidedDCUtR(DCUtRProtocol):
         self.on_answer: Callable[[ID], None] = lambda peer_id: None
         self.on_answered: Callable[[ID, bool, float], None] = lambda peer_id, ok, seconds: None
         self._quic_first: set[ID] = set()  # peers A is punching over QUIC: TCP dials wait QUIC_HEAD_START_S
+        self._dials: Counter[ID] = Counter()  # punch dials in flight per peer (MAX_PUNCH_DIALS)
 
     async def _handle_dcutr_stream(self, stream: INetStream) -> None:
         peer_id = stream.muxed_conn.peer_id
@@ -173,6 +178,18 @@ class _OneSidedDCUtR(DCUtRProtocol):
         """py-libp2p binds every punch dial to the first advertised address (127.0.0.1 when listening
         on 0.0.0.0, or a UPnP mapping's router address, which cannot be bound): bind the listen port on
         the interface that routes to ``addr`` instead (``punch_source``)."""
+        if self._dials[peer_id] >= MAX_PUNCH_DIALS:
+            log.debug("hole punch: %d dials to %s in flight, %s left out", MAX_PUNCH_DIALS, peer_id, addr)
+            return
+        self._dials[peer_id] += 1
+        try:
+            await self._dial_one(peer_id, addr, source, as_responder)
+        finally:
+            self._dials[peer_id] -= 1
+            if self._dials[peer_id] <= 0:
+                del self._dials[peer_id]
+
+    async def _dial_one(self, peer_id: ID, addr: Multiaddr, source: PunchSource | None, as_responder: bool) -> None:
         quic = quic_punch.quic_target(addr)
         if quic is not None:
             if as_responder:

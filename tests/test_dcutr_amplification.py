@@ -1,0 +1,82 @@
+"""A stranger's DCUtR CONNECT cannot turn a node into a connection flood at an address it picks.
+
+The CONNECT message may hold 4 KiB of addresses: about 370 of ``/ip4/a.b.c.d/tcp/p``. py-libp2p 0.8.1
+dials every one of them at once, three rounds, each dial holding a socket until its timeout, and lets
+one peer run any number of exchanges at a time. So one relayed connection and 4 KiB of bytes had a
+node open hundreds of TCP connections to a third party (here 40 listeners that accept and stay
+silent, as a host that is no libp2p node would) and hold as many descriptors. ``nat.holepunch``
+dials at most ``MAX_PUNCH_DIALS`` of a peer's addresses at once.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import multiaddr
+import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR
+from libp2p.relay.circuit_v2.dcutr import read_dcutr_msg
+from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
+from libp2p.relay.circuit_v2.utils import write_delimited_msg
+
+from nat.holepunch import MAX_PUNCH_DIALS, HolePunchService, HolePunchSettings
+from nat.relay import RelayService, RelaySettings, reserve
+from node.host import build_host
+from wire.streams import connect_via_relay
+
+LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+
+async def test_a_connect_full_of_addresses_opens_few_connections() -> None:
+    relay = build_host(generate_new_ed25519_identity())
+    victim = build_host(generate_new_ed25519_identity())
+    stranger = build_host(generate_new_ed25519_identity())
+    accepted: list[trio.SocketStream] = []
+    most = 0
+
+    async def third_party(conn: trio.SocketStream) -> None:
+        nonlocal most
+        accepted.append(conn)
+        most = max(most, len(accepted))
+        try:
+            while await conn.receive_some(4096):  # silent: never answers the handshake
+                pass
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            accepted.remove(conn)
+
+    async with (
+        relay.run(LOOPBACK),
+        victim.run(LOOPBACK),
+        stranger.run(LOOPBACK),
+        trio.open_nursery() as nursery,
+    ):
+        ports = []
+        for _ in range(40):
+            listeners = await nursery.start(partial(trio.serve_tcp, third_party, 0, host="127.0.0.1"))
+            ports.append(listeners[0].socket.getsockname()[1])
+        await nursery.start(RelayService(relay, RelaySettings(), serve_hop=True).run)
+        await nursery.start(RelayService(victim, RelaySettings(), serve_hop=False).run)
+        await nursery.start(RelayService(stranger, RelaySettings(), serve_hop=False).run)
+        await nursery.start(HolePunchService(victim, HolePunchSettings(dial_timeout_s=5)).run)
+        relay_info = PeerInfo(relay.get_id(), relay.get_addrs())
+        with trio.fail_after(8):
+            await victim.connect(relay_info)
+            await reserve(victim, relay.get_id())
+            await stranger.connect(relay_info)
+            circuit = multiaddr.Multiaddr(f"{relay.get_addrs()[0]}/p2p-circuit")
+            assert await connect_via_relay(stranger, victim.get_id(), [circuit])
+            stream = await stranger.new_stream(victim.get_id(), [DCUTR])
+            connect = HolePunch(type=HolePunch.CONNECT)
+            for port in ports:
+                connect.ObsAddrs.append(multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}").to_bytes())
+            await write_delimited_msg(stream, connect)
+            await read_dcutr_msg(stream, HolePunch)
+            await write_delimited_msg(stream, HolePunch(type=HolePunch.SYNC))
+        await trio.sleep(3)  # the first round's dials are all out by now
+        print(f"{len(connect.ObsAddrs)} addresses asked, at most {most} connections at once")
+        assert 0 < most <= MAX_PUNCH_DIALS, most
+        nursery.cancel_scope.cancel()
