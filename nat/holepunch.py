@@ -216,6 +216,13 @@ class _OneSidedDCUtR(DCUtRProtocol):
             log.debug("hole-punch dial to %s binds %s:%d", addr, source[0], source[1])
         await super()._dial_peer(peer_id, addr, source, as_responder)
 
+    def _decode_observed_addrs(self, addr_bytes: list[bytes]) -> list[Multiaddr]:
+        """The first ``MAX_PREDICTED_ADDRS`` of a CONNECT's addresses (as many as py-libp2p sends): it
+        read all of them (about 370 fit in 4 KiB) into the peer store for 10 minutes, so a stranger's
+        exchanges, one after another, each naming fresh addresses, grew it without bound."""
+        decoded: list[Multiaddr] = super()._decode_observed_addrs(addr_bytes[:MAX_PREDICTED_ADDRS])
+        return decoded
+
     async def _get_observed_addrs(self) -> list[bytes]:
         """py-libp2p predicts ``router ip:TCP listen port`` only: add ``router ip:QUIC listen port``
         (``/udp/<port>/quic-v1``) for each QUIC listener, first (``nat.quic_punch``)."""
