@@ -16,6 +16,11 @@ which every listener calls through a closure, so replacing it on the instance co
 * upgraded inbound connections are capped at ``max_inbound`` (``max_connections -
   min_connections``, as py-libp2p meant, so outbound dials keep room): a connection arriving
   while that many are open is closed before its handshake; the count drops when one closes;
+* one IPv4 address (or IPv6 /64) holds at most ``max_inbound_per_ip`` of those, its connections
+  still upgrading included: a stranger opening ``max_inbound`` connections from one address, each
+  with a fresh identity, kept every other peer out for as long as it held them. Loopback is
+  exempt (``loopback_exempt``: a machine's own nodes, a swarm on one host), and so is a connection
+  with no IP of its own (relayed);
 * ``max_connections`` stays py-libp2p's own check at registration, which counts upgraded
   connections only.
 
@@ -52,6 +57,8 @@ class ConnLimits:
     max_pending_per_ip: int = 8
     max_pending: int = 256
     max_inbound: int | None = None  # upgraded inbound connections; None: only max_connections caps them
+    max_inbound_per_ip: int = 32  # of those (and those upgrading), from one IPv4 address or IPv6 /64
+    loopback_exempt: bool = True  # loopback peers are not counted per IP (a swarm on one machine)
 
     @classmethod
     def of(cls, node: _NodeSettings) -> ConnLimits:
@@ -94,10 +101,11 @@ class ConnGuard:
         self.swarm = swarm
         self.limits = limits
         self.pending: Counter[str] = Counter()
-        self.refused: Counter[str] = Counter()  # reason: per_ip | total | gate | inbound_full
+        self.refused: Counter[str] = Counter()  # reason: per_ip | total | gate | inbound_full | per_ip_inbound
         self.timed_out = 0
         self.upgraded = 0  # inbound connections that finished the upgrade, ever
         self.inbound = 0  # of those, open now
+        self.inbound_by_ip: Counter[str] = Counter()  # of those, per IP key (loopback exempt: not counted)
         self._original: Any = None
 
     @property
@@ -115,8 +123,10 @@ class ConnGuard:
         if isinstance(read_write_closer, IMuxedConn):
             await self._original(read_write_closer, maddr)
             return
-        key = self._key(read_write_closer)
-        reason = self._refusal(key)
+        address = self._address(read_write_closer)
+        key = ip_key(address) if address else "unknown"
+        counted = address is not None and not (self.limits.loopback_exempt and _is_loopback(address))
+        reason = self._refusal(key, counted)
         if reason is not None:
             self.refused[reason] += 1
             log.debug("inbound connection refused: %s", reason)
@@ -133,6 +143,8 @@ class ConnGuard:
             return
         self.upgraded += 1
         self.inbound += 1
+        if counted:
+            self.inbound_by_ip[key] += 1
         try:
             # The listener closes the socket when this handler returns: stay as long as the connection,
             # and no longer than the swarm. The listener's tasks outlive a stopped swarm (py-libp2p runs
@@ -146,17 +158,23 @@ class ConnGuard:
                 await _first_of(closed.wait, self.swarm.manager.wait_finished)
         finally:
             self.inbound -= 1
+            if counted:
+                self.inbound_by_ip[key] -= 1
+                if self.inbound_by_ip[key] <= 0:
+                    del self.inbound_by_ip[key]
 
-    def _key(self, read_write_closer: ReadWriteCloser) -> str:
+    def _address(self, read_write_closer: ReadWriteCloser) -> str | None:
         try:
             remote = read_write_closer.get_remote_address()
         except Exception:  # noqa: BLE001 - a socket already gone has no address
             remote = None
-        return ip_key(str(remote[0])) if remote else "unknown"
+        return str(remote[0]) if remote else None
 
-    def _refusal(self, key: str) -> str | None:
+    def _refusal(self, key: str, counted: bool = True) -> str | None:
         if self.limits.max_inbound is not None and self.inbound >= self.limits.max_inbound:
             return "inbound_full"
+        if counted and self.inbound_by_ip[key] + self.pending[key] >= self.limits.max_inbound_per_ip:
+            return "per_ip_inbound"
         if self.pending[key] >= self.limits.max_pending_per_ip:
             return "per_ip"
         if self.pending_total >= self.limits.max_pending:
@@ -183,6 +201,15 @@ class ConnGuard:
             log.debug("inbound connection closed: no upgrade within %g s", self.limits.handshake_timeout_s)
         await _close_quietly(raw if raw is not None else read_write_closer)
         return None
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
 
 
 async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:

@@ -153,10 +153,10 @@ def _inbound_connections(node: MetricsSource) -> list[Metric]:
         return []
     refused = CounterMetricFamily(
         "clawnode_inbound_refused",
-        "inbound connections closed before their handshake: per_ip / total pending limit, gate, inbound_full",
+        "inbound connections refused: per_ip / total pending limit, gate, inbound_full, per_ip_inbound",
         labels=["reason"],
     )
-    for reason in ("per_ip", "total", "gate", "inbound_full"):
+    for reason in ("per_ip", "total", "gate", "inbound_full", "per_ip_inbound"):
         refused.add_metric([reason], guard.refused[reason])
     timed_out = CounterMetricFamily(
         "clawnode_inbound_handshake_timeouts", "inbound connections closed unfinished at node.handshake_timeout_s"

@@ -190,3 +190,46 @@ async def test_the_daemon_applies_the_node_section_and_reports_refusals(tmp_path
         for sock in idle:
             sock.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_one_ip_cannot_take_every_inbound_slot() -> None:
+    # Inbound slots are max_connections less the 8 kept for outbound dials (here 4). A stranger opening
+    # that many connections from one IP, each with a fresh identity, kept every other peer out for as
+    # long as it held them ("inbound_full"); one IP now holds at most max_inbound_per_ip of them.
+    limits = ConnLimits(max_inbound_per_ip=2, loopback_exempt=False)
+    server = build_host(generate_new_ed25519_identity(), max_connections=12, conn_limits=limits)
+    strangers = [build_host(generate_new_ed25519_identity()) for _ in range(4)]
+    peer = build_host(generate_new_ed25519_identity())
+    async with (
+        server.run([LOOPBACK, multiaddr.Multiaddr("/ip6/::1/tcp/0")]),
+        strangers[0].run([LOOPBACK]),
+        strangers[1].run([LOOPBACK]),
+        strangers[2].run([LOOPBACK]),
+        strangers[3].run([LOOPBACK]),
+        peer.run([multiaddr.Multiaddr("/ip6/::1/tcp/0")]),
+    ):
+        ipv4 = [addr for addr in server.get_addrs() if str(addr).startswith("/ip4/")]
+        ipv6 = [addr for addr in server.get_addrs() if str(addr).startswith("/ip6/")]
+        for stranger in strangers:
+            with trio.move_on_after(3):
+                try:
+                    await stranger.connect(PeerInfo(server.get_id(), ipv4))
+                except Exception:  # noqa: BLE001 - refused, however py-libp2p says it
+                    pass
+        guard = guard_of(server.get_network())
+        assert guard is not None
+        print(f"after the strangers: inbound {guard.inbound}")
+        with trio.fail_after(3):  # a refused connection's close reaches the guard a moment later
+            while guard.inbound > 2:
+                await trio.sleep(0.05)
+        print(f"inbound {guard.inbound}, refused {dict(guard.refused)}")
+        assert guard.refused["per_ip_inbound"] >= 2
+        # A peer from another address still gets in.
+        with trio.fail_after(5):
+            await client_ping(peer, server, ipv6)
+        assert guard.inbound == 3
+
+
+async def client_ping(client: IHost, server: IHost, addrs: list[multiaddr.Multiaddr]) -> None:
+    await client.connect(PeerInfo(server.get_id(), addrs))
+    await _ping(client, server)
