@@ -697,24 +697,31 @@ class AutoNat:
         dialer = self._dialer
         if dialer is None:
             raise ClawnodeError(ErrorCode.UNAVAILABLE, "this node does not serve AutoNAT now")
-        lock = self._dial_locks.setdefault(str(peer_id), trio.Lock())
+        key = str(peer_id)
+        lock = self._dial_locks.setdefault(key, trio.Lock())
         network = dialer.get_network()
-        async with lock:
-            started = time.monotonic()
-            error = ""
-            try:
-                with trio.fail_after(self.settings.dial_timeout_s):
-                    # dial_addr: this address only (connect() would try every address the
-                    # peerstore knows), on a fresh connection from the dialer's identity;
-                    # Noise fails unless the peer at the address is the requester.
-                    await network.dial_addr(multiaddr.Multiaddr(addr), peer_id)
-            except trio.TooSlowError:
-                error = "TooSlowError"
-            except Exception as failure:  # noqa: BLE001 - every dial failure is a dial_error
-                error = type(failure).__name__
-            finally:
-                await forget_dialed_peer(dialer, peer_id)
-            rtt_ms = (time.monotonic() - started) * 1000
+        try:
+            async with lock:
+                started = time.monotonic()
+                error = ""
+                try:
+                    with trio.fail_after(self.settings.dial_timeout_s):
+                        # dial_addr: this address only (connect() would try every address the
+                        # peerstore knows), on a fresh connection from the dialer's identity;
+                        # Noise fails unless the peer at the address is the requester.
+                        await network.dial_addr(multiaddr.Multiaddr(addr), peer_id)
+                except trio.TooSlowError:
+                    error = "TooSlowError"
+                except Exception as failure:  # noqa: BLE001 - every dial failure is a dial_error
+                    error = type(failure).__name__
+                finally:
+                    await forget_dialed_peer(dialer, peer_id)
+                rtt_ms = (time.monotonic() - started) * 1000
+        finally:
+            # The lock goes with its last holder (a released lock a waiter took is still held): each
+            # requester's lock stayed for good, so strangers asking from fresh identities grew it.
+            if not lock.locked() and self._dial_locks.get(key) is lock:
+                del self._dial_locks[key]
         return DialResult(
             addr=addr,
             status="dial_error" if error else "ok",

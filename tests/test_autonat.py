@@ -431,3 +431,21 @@ async def test_daemon_measures_its_reachability_and_reports_it(tmp_path: Path) -
             while node.publisher.record is None or node.publisher.record.reachability != "public":
                 await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
+
+
+async def test_requesters_leave_nothing_behind_on_the_server() -> None:
+    # Each requester's peer id got a dial lock that was never dropped: strangers asking from fresh
+    # identities (one key and one handshake each) grew the server's memory for as long as it ran.
+    settings = replace(LOOPBACK_SETTINGS, server_peer_interval_s=0)
+    async with trio.open_nursery() as nursery, autonat_node(nursery, settings, serves=True) as server:
+        target = PeerInfo(server.host.get_id(), server.host.get_addrs())
+        with trio.fail_after(9):
+            for _ in range(12):
+                async with running(build_host(generate_new_ed25519_identity())) as stranger:
+                    await stranger.connect(target)
+                    ask = DialBackRequest(addrs=[f"/ip4/127.0.0.1/tcp/{closed_port()}"])
+                    reply = await request(stranger, target.peer_id, PROTOCOL_ID, ask, REPLY)
+                    assert [result.status for result in reply.results] == ["dial_error"]
+        print(f"dial locks left: {len(server._dial_locks)}")
+        assert len(server._dial_locks) == 0
+        nursery.cancel_scope.cancel()
