@@ -6,7 +6,8 @@ loopback, real SQLite ledgers and the embedded chain. Each test failed on the co
   transaction it names resolved (``told_outcome_verdict``);
 - a kept case whose resumption raised stopped ``resume_cases``: the cases after it waited for the
   next start (``resume_case_action``, ``resume_retry_delay``);
-- a case the arbiter could not decide was re-run as often as it was sent (``lease_rerun_verdict``);
+- a case the arbiter could not decide was re-run as often as it was sent (``lease_rerun_verdict``), and
+  again after each restart of the arbiter (the counts are in its ledger now, ``runtime/ledger/reruns.py``);
 - the arbiter's signature checks of a case (a few ms of crypto each) ran on the trio loop;
 - a provider's sweep for claims a silent freeze holds up read only the newest settlements: any newer
   ones (its own claims and withdrawals, a stranger's many small leases) hid the held claim for good;
@@ -29,6 +30,7 @@ from typing import Any
 
 import pytest
 import trio
+from libp2p.peer.peerinfo import PeerInfo
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -407,6 +409,44 @@ async def test_a_case_the_arbiter_cannot_decide_is_not_re_run_without_end(
             await send(second)
         assert (refused.value.code, refused.value.reason) == (ErrorCode.RATE_LIMITED, "peer_rerun_limit")
     assert on_loop and not any(on_loop)
+
+
+async def test_an_arbiter_that_restarts_does_not_grant_the_re_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rules, "MAX_RERUNS_PER_PEER", rules.MAX_RERUNS_PER_LEASE + 1)
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(b"GGUF" + bytes(60))  # the arbiter's copy of the file, which it cannot load: undecided
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    async with market_nodes([{}], chain=shared) as ((consumer,), _):
+        first, second = [await _frozen_case(consumer, shared.arbiter.address, consumer) for _ in range(2)]
+        arbiter_spec = [{"wallet_key": shared.arbiter.key.hex()}]
+        joined, root = [consumer.listen_addrs()[0]], tmp_path / "arbiter"
+
+        async def send(arbiter: Node, case: LeaseDisputeCase) -> LeaseDisputeOutcome:
+            arbiter.market.verifying.local_model = lambda sha256: SimpleNamespace(path=copy)
+            await consumer.host.connect(PeerInfo(arbiter.host.get_id(), arbiter.host.get_addrs()))
+            return await request(
+                consumer.host, arbiter.host.get_id(), DISPUTE_PROTOCOL, case, OUTCOME, max_frame=MAX_DISPUTE_FRAME
+            )
+
+        async def refused(arbiter: Node, case: LeaseDisputeCase) -> tuple[str, str]:
+            with pytest.raises(ClawnodeError) as refusal:
+                await send(arbiter, case)
+            return str(refusal.value.code), str(refusal.value.reason)
+
+        async with market_nodes(arbiter_spec, chain=shared, bootstrap=joined, root=root) as ((arbiter,), _):
+            for _ in range(rules.MAX_RERUNS_PER_LEASE):
+                assert (await send(arbiter, first)).outcome == "undecided"
+            assert await refused(arbiter, first) == (ErrorCode.CONFLICT, "rerun_limit")
+            await consumer.host.disconnect(arbiter.host.get_id())
+        # The arbiter stops and starts again on its data dir: the lease's re-runs, and the peer's, still count.
+        async with market_nodes(arbiter_spec, chain=shared, bootstrap=joined, root=root) as ((arbiter,), _):
+            assert await refused(arbiter, first) == (ErrorCode.CONFLICT, "rerun_limit")
+            assert (await send(arbiter, second)).outcome == "undecided"
+            assert await refused(arbiter, second) == (ErrorCode.RATE_LIMITED, "peer_rerun_limit")
+        state = await trio.to_thread.run_sync(_client(consumer).get, first.payer, bytes.fromhex(first.lease_id))
+        assert state.phase == "disputed"  # frozen for a person, as before
 
 
 async def test_a_claim_held_by_a_silent_freeze_is_found_however_many_settlements_came_after(

@@ -33,6 +33,7 @@ from protocols.lease.base import ACK, PUSH_TIMEOUT_S, LeaseCore, log
 from protocols.machines.dispute import (
     MAX_RERUN_LEASES,
     MAX_RERUN_PEERS,
+    MAX_RERUNS_PER_PEER,
     RERUN_WINDOW_S,
     ToldOutcomeFacts,
     case_intake_verdict,
@@ -59,6 +60,7 @@ from protocols.machines.verify import arbitrate as decide
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.dispute_cases import CaseRow
 from runtime.ledger.receipts import LEASE_ID_PATTERN, SignedReceipt, verify_countersigned
+from runtime.ledger.reruns import Bounds
 from runtime.verify.check import prefill_for
 from runtime.verify.evidence import DisputePackage, package_binds
 from runtime.verify.spot import SpotCheck, recheck
@@ -155,6 +157,10 @@ RECEIPT_ANSWER = TypeAdapter(LeaseReceiptAnswer)
 RECEIPTS_SCANNED = 8  # the provider's newest receipts of a lease among which it finds the countersigned one
 STALE_SWEEP_S = 600.0  # how often a provider looks for claims an escrow frozen without a case holds up
 STALE_SCAN = 200  # claims held up by a freeze taken per sweep (the longest held first)
+# What the arbiter's ledger keeps of its re-runs: as its memory does (runtime/ledger/reruns.py).
+_RERUN_BOUNDS = Bounds(
+    window_s=int(RERUN_WINDOW_S), max_leases=MAX_RERUN_LEASES, max_peers=MAX_RERUN_PEERS, per_peer=MAX_RERUNS_PER_PEER
+)
 
 
 class DisputeRole(LeaseCore):
@@ -499,7 +505,7 @@ class DisputeRole(LeaseCore):
         )
         body = package.proof.commitment.body
         model = self.verifying.local_model(body.model_sha256) if self.verifying.local_model is not None else None
-        self._admit_rerun(case.lease_id, consumer, holds_file=model is not None)
+        await self._admit_rerun(case.lease_id, consumer, holds_file=model is not None)
         assert model is not None
         bound = await trio.to_thread.run_sync(package_binds, package, case.lease_id, body.provider, ed25519_public_key)
         try:
@@ -537,26 +543,47 @@ class DisputeRole(LeaseCore):
             self._spawn(self._tell_provider, body.provider, outcome)
         return outcome
 
-    def _admit_rerun(self, lease_id: str, peer: str, *, holds_file: bool) -> None:
+    async def _admit_rerun(self, lease_id: str, peer: str, *, holds_file: bool) -> None:
         """Count a re-run of the lease's case asked by ``peer``, or refuse it (``lease_rerun_verdict``): a case
         left undecided keeps its escrow frozen, and sending it again must not buy fresh re-runs without end.
-        Counts are kept in memory (bounded), so an arbiter that restarts grants each lease its re-runs again."""
-        leases: dict[str, int] = getattr(self, "_reruns", {})
-        peers: dict[str, list[float]] = getattr(self, "_reruns_by_peer", {})
-        self._reruns, self._reruns_by_peer = leases, peers
-        now = trio.current_time()
-        recent = [at for at in peers.pop(peer, []) if now - at < RERUN_WINDOW_S]
-        if recent:
-            peers[peer] = recent
-        enforce(
-            lease_rerun_verdict(lease_reruns=leases.get(lease_id, 0), peer_reruns=len(recent), holds_file=holds_file)
-        )
-        leases[lease_id] = leases.pop(lease_id, 0) + 1
-        peers[peer] = [*recent, now]
-        while len(leases) > MAX_RERUN_LEASES:
-            leases.pop(next(iter(leases)))
-        while len(peers) > MAX_RERUN_PEERS:
-            peers.pop(next(iter(peers)))
+        Counts are kept in memory (bounded) and written to the ledger before the re-run runs, so an arbiter
+        that restarts reads them back instead of granting each lease its re-runs again; a ledger that cannot
+        read or write them refuses the re-run (the consumer sends the case again later)."""
+        async with self._rerun_lock():
+            leases, peers = await self._rerun_counts()
+            now = trio.current_time()
+            recent = [at for at in peers.get(peer, []) if now - at < RERUN_WINDOW_S]
+            reruns = leases.get(lease_id, 0)
+            enforce(lease_rerun_verdict(lease_reruns=reruns, peer_reruns=len(recent), holds_file=holds_file))
+            await self.ledger.count_rerun(lease_id, peer, reruns + 1, _RERUN_BOUNDS)
+            leases.pop(lease_id, None)
+            leases[lease_id] = reruns + 1
+            peers.pop(peer, None)
+            peers[peer] = [*recent, now]
+            while len(leases) > MAX_RERUN_LEASES:
+                leases.pop(next(iter(leases)))
+            while len(peers) > MAX_RERUN_PEERS:
+                peers.pop(next(iter(peers)))
+
+    def _rerun_lock(self) -> trio.Lock:
+        lock: trio.Lock | None = getattr(self, "_reruns_lock", None)
+        if lock is None:
+            lock = self._reruns_lock = trio.Lock()
+        return lock
+
+    async def _rerun_counts(self) -> tuple[dict[str, int], dict[str, list[float]]]:
+        """The re-runs granted, by lease (least recently re-run first) and by peer (times, ``trio.current_time``),
+        read back from the ledger at the first case after a start."""
+        leases: dict[str, int] | None = getattr(self, "_reruns", None)
+        peers: dict[str, list[float]] | None = getattr(self, "_reruns_by_peer", None)
+        if leases is None or peers is None:
+            saved = await self.ledger.dispute_reruns(_RERUN_BOUNDS)
+            now = trio.current_time()
+            leases, peers = dict(saved.leases), {}
+            for peer, ago in saved.peers:
+                peers.setdefault(peer, []).append(now - ago)
+            self._reruns, self._reruns_by_peer = leases, peers
+        return leases, peers
 
     async def _countersigned(self, provider: str, consumer: str, lease_id: str, client: Any, payer: str) -> int:
         """What the provider's newest countersigned receipt says is owed: one the case's sender

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-from runtime.ledger import dispute_cases, errors, verifications
+from runtime.ledger import dispute_cases, errors, reruns, verifications
 from runtime.ledger.audit import AuditEntry, AuditReport
 from runtime.ledger.dispute_cases import CaseRow
 from runtime.ledger.models import (
@@ -461,6 +461,14 @@ class Ledger:
 
     async def claims_held_by_disputes(self, *, limit: int) -> list[str]:
         return await self._run(dispute_cases.held_claims, self.store, limit)
+
+    # an arbiter's re-runs of lease dispute cases (runtime/ledger/reruns.py)
+
+    async def count_rerun(self, lease_id: str, peer: str, count: int, bounds: reruns.Bounds) -> None:
+        await self._run(reruns.count, self.store, lease_id, peer, count, bounds)
+
+    async def dispute_reruns(self, bounds: reruns.Bounds) -> reruns.Reruns:
+        return await self._run(reruns.load, self.store, bounds)
 
     async def verify_audit(self, expected_head: str | None = None) -> AuditReport:
         return await self._run(self.store.verify_audit, expected_head)

@@ -314,6 +314,21 @@ MIGRATIONS: tuple[str, ...] = (
         created_at INTEGER NOT NULL
     );
     """,
+    # 12: an arbiter's re-runs of lease dispute cases, so a restart does not grant each lease (and each
+    # peer) its re-runs again (runtime/ledger/reruns.py; bounded there).
+    """
+    CREATE TABLE dispute_reruns (
+        lease_id TEXT PRIMARY KEY,
+        reruns INTEGER NOT NULL,
+        seq INTEGER NOT NULL
+    );
+    CREATE INDEX dispute_reruns_seq ON dispute_reruns (seq);
+    CREATE TABLE dispute_rerun_peers (
+        peer TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX dispute_rerun_peers_peer ON dispute_rerun_peers (peer);
+    """,
 )
 
 LATEST_VERSION = len(MIGRATIONS)
