@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import multiaddr
 import psutil
@@ -134,7 +136,36 @@ def build_host(
     order_dials(host)
     if connection_budget is not None:  # after heal_redials: a dial it lets through still asks the budget
         keep_connection_budget(host, connection_budget)
+        top_up_to_low_watermark(host)
     return host
+
+
+def top_up_to_low_watermark(host: IHost) -> None:
+    """py-libp2p's auto-connector dials known peers only while the node holds fewer connections than
+    ``low_watermark``, and only as many as reach it.
+
+    py-libp2p 0.8.1 aims at the midpoint of ``low_watermark`` and ``high_watermark`` (158 here, with
+    ``max_connections`` 300) and runs again on every disconnect: under a connection budget each peer
+    it dialed was closed again by the budget, that close started the next round of dials, and at
+    N = 200 (bench/dht_swarm.py) an idle swarm spent two thirds of a core per 100 nodes on Noise
+    handshakes, so DHT streams took seconds to open and lookups ran out of time.
+    """
+    network: Any = host.get_network()
+    connector = getattr(network, "auto_connector", None)
+    if connector is None:
+        return
+    candidates_of = connector._get_candidate_peers
+
+    async def up_to_low_watermark() -> list[ID]:
+        missing = network.connection_config.low_watermark - network.get_total_connections()
+        missing -= len(connector._in_flight_dials)
+        if missing <= 0:
+            return []
+        candidates = [peer for peer in await candidates_of() if not connector._should_skip_peer(peer)]
+        random.shuffle(candidates)
+        return candidates[:missing]
+
+    connector._get_candidate_peers = up_to_low_watermark
 
 
 class _Unblock(QuietNotifee):
