@@ -19,8 +19,9 @@ shutting down cuts that wait short (``release_frame_writes``).
 Reading, py-libp2p 0.8.1 buffers a DATA frame past the stream's receive window with only a warning, so
 a peer that ignored the window could push bytes into a stream nobody reads (identify's, once it has
 answered) until the node ran out of memory. Each stream's buffer here holds at most the window the
-node granted (``bound_receive_buffers``): a frame past it ends that stream's receiving side (it reads
-as ended, the frame is dropped), or the connection when the frame opens or accepts the stream.
+node granted, and a connection's streams together ``MAX_CONNECTION_BUFFERED`` (``bound_receive_buffers``):
+a frame past either ends that stream's receiving side (it reads as ended, the frame is dropped), or
+the connection when the frame opens or accepts the stream.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, Yamux
 log = logging.getLogger(__name__)
 
 FRAME_WRITE_TIMEOUT_S = 30.0
+# Bytes one connection's streams may hold unread, all together: each stream's window grows with its
+# first reads (2-8 MiB after identify's), and a peer may open 256 streams, so the windows alone let
+# one connection hold a gigabyte. One stream may still fill the largest window py-libp2p grants.
+MAX_CONNECTION_BUFFERED = 16 << 20
 CLOSE_TIMEOUT_S = 1.0
 # At shutdown a frame still waiting for a peer that stopped reading gets this long, not the full
 # timeout: the daemon's shutdown is bounded (SHUTDOWN_GRACE_S) and must not wait out the shield.
@@ -105,6 +110,9 @@ class _WindowedBuffer(bytearray):
         window = max(DEFAULT_WINDOW_SIZE, getattr(stream, "target_recv_window", 0))
         if len(self) + size > window:
             raise ReceiveWindowExceeded(f"{len(self) + size} bytes buffered, over the window of {window}")
+        held = sum(len(buffer) for buffer in self.conn.stream_buffers.values())
+        if held + size > MAX_CONNECTION_BUFFERED:
+            raise ReceiveWindowExceeded(f"{held + size} bytes buffered on the connection, over its bound")
         super().extend(data)  # type: ignore[arg-type]
 
 

@@ -4,7 +4,8 @@ py-libp2p 0.8.1 counts a DATA frame past the stream's receive window as a warnin
 the same, so a stranger with one stream to a handler that stopped reading (identify writes its answer
 and closes its side) could push bytes until the node ran out of memory. ``node.yamux_writes`` bounds
 each stream's buffer by the window the node granted: a stream whose peer writes past it stops taking
-data (it reads as ended), and what was buffered stays within the window (at most 16 MiB, py-libp2p's largest).
+data (it reads as ended), and what was buffered stays within the window (at most 16 MiB, py-libp2p's largest),
+and within that much for all of a connection's streams together.
 """
 
 from __future__ import annotations
@@ -59,3 +60,34 @@ async def test_a_peer_writing_past_the_window_is_not_buffered_past_it() -> None:
         held = _buffered(victim)
         print(f"buffered {held} bytes after {PUSHED} pushed")
         assert held <= MAX_WINDOW_SIZE, held
+
+
+async def test_many_streams_past_their_windows_are_not_buffered_past_the_connections_bound() -> None:
+    # Each stream's window grows with its first reads (identify's grants 2-8 MiB), and a connection may
+    # hold 256 streams: within their windows, one stranger's connection held a gigabyte.
+    victim = build_host(generate_new_ed25519_identity())
+    stranger = build_host(generate_new_ed25519_identity())
+    async with (
+        victim.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]),
+        stranger.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]),
+    ):
+        with trio.fail_after(9):
+            await stranger.connect(PeerInfo(victim.get_id(), victim.get_addrs()))
+            streams = []
+            for _ in range(24):
+                stream = await stranger.new_stream(victim.get_id(), [IDENTIFY])
+                await stream.read(65536)
+                streams.append(stream.muxed_stream)  # type: ignore[attr-defined]
+            data = bytes(CHUNK)
+            for muxed in streams:
+                header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, muxed.stream_id, CHUNK)
+                for _ in range(2_000_000 // CHUNK):
+                    await muxed.conn._write_frame(header + data)
+            ping = await stranger.new_stream(victim.get_id(), [PING])
+            await ping.write(bytes(32))
+            echoed = b""
+            while len(echoed) < 32:
+                echoed += await ping.read(32 - len(echoed))
+        held = _buffered(victim)
+        print(f"buffered {held} bytes after {24 * 2_000_000} pushed on 24 streams")
+        assert held <= MAX_WINDOW_SIZE, held  # one stream's largest window, on the whole connection
