@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 FRAME_WRITE_TIMEOUT_S = 30.0
 # Bytes one connection's streams may hold unread, all together: each stream's window grows with its
 # first reads (2-8 MiB after identify's), and a peer may open 256 streams, so the windows alone let
-# one connection hold a gigabyte. One stream may still fill the largest window py-libp2p grants.
-MAX_CONNECTION_BUFFERED = 16 << 20
+# one connection hold a gigabyte. Two streams may still fill the largest window py-libp2p grants (a
+# consumer's layer tunnels to two of a seller's servers, uploading weights while the servers load).
+MAX_CONNECTION_BUFFERED = 32 << 20
 CLOSE_TIMEOUT_S = 1.0
 # At shutdown a frame still waiting for a peer that stopped reading gets this long, not the full
 # timeout: the daemon's shutdown is bounded (SHUTDOWN_GRACE_S) and must not wait out the shield.

@@ -5,7 +5,7 @@ the same, so a stranger with one stream to a handler that stopped reading (ident
 and closes its side) could push bytes until the node ran out of memory. ``node.yamux_writes`` bounds
 each stream's buffer by the window the node granted: a stream whose peer writes past it stops taking
 data (it reads as ended), and what was buffered stays within the window (at most 16 MiB, py-libp2p's largest),
-and within that much for all of a connection's streams together.
+and within twice that for all of a connection's streams together.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ async def test_many_streams_past_their_windows_are_not_buffered_past_the_connect
         with trio.fail_after(9):
             await stranger.connect(PeerInfo(victim.get_id(), victim.get_addrs()))
             streams = []
-            for _ in range(24):
+            for _ in range(36):
                 stream = await stranger.new_stream(victim.get_id(), [IDENTIFY])
                 await stream.read(65536)
                 streams.append(stream.muxed_stream)  # type: ignore[attr-defined]
@@ -89,5 +89,5 @@ async def test_many_streams_past_their_windows_are_not_buffered_past_the_connect
             while len(echoed) < 32:
                 echoed += await ping.read(32 - len(echoed))
         held = _buffered(victim)
-        print(f"buffered {held} bytes after {24 * 2_000_000} pushed on 24 streams")
-        assert held <= MAX_WINDOW_SIZE, held  # one stream's largest window, on the whole connection
+        print(f"buffered {held} bytes after {36 * 2_000_000} pushed on 36 streams")
+        assert held <= 2 * MAX_WINDOW_SIZE, held  # two streams' largest windows, on the whole connection
