@@ -26,6 +26,7 @@ Built on py-libp2p's ``libp2p.relay.circuit_v2``:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 import weakref
@@ -53,6 +54,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 
 from nat.addresses import sources_for
+from nat.autonat import remote_ip
 from nat.notifee import QuietNotifee
 from wire.streams import (  # is_circuit is still imported from here
     DIAL_TIMEOUT_S,
@@ -77,6 +79,9 @@ class RelaySettings:
     """What ``[relay]`` configures (see ``node.config.RelaySection``)."""
 
     max_reservations: int = 16
+    # Of those, held from one IP (or IPv6 /64) at once; loopback exempt unless told (a swarm on one machine).
+    max_reservations_per_ip: int = 4
+    reservations_loopback_exempt: bool = True
     reservation_ttl_s: int = 3600
     max_circuits: int = 8
     max_circuit_duration_s: int = 120
@@ -243,6 +248,49 @@ def _free_departed_reservations(protocol: CircuitV2Protocol) -> None:
     manager._clean_expired = clean_expired_and_departed  # type: ignore[method-assign]
 
 
+def _ip_bucket(address: str) -> str | None:
+    """The bucket reservations are counted in: the IPv4 address or the IPv6 /64 (None: no IP)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _limit_reservations_per_ip(protocol: CircuitV2Protocol, host: IHost, per_ip: int, loopback_exempt: bool) -> None:
+    """At most ``per_ip`` reservations held from one IP (IPv6 /64): py-libp2p counts only the total, so a
+    stranger connecting from one address with ``max_reservations`` fresh identities, each reserving,
+    left the relay refusing every private node that needed it for as long as it stayed connected. A
+    holder with no IP of its own (a relayed connection) is not counted."""
+    manager = protocol.resource_manager
+    can_accept = manager.can_accept_reservation
+
+    def bucket(peer_id: ID) -> str | None:
+        address = remote_ip(host, peer_id)
+        if not address:
+            return None
+        if loopback_exempt and ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            return None
+        return _ip_bucket(address)
+
+    def can_accept_within_ip_limit(peer_id: ID) -> bool:
+        if not can_accept(peer_id):
+            return False
+        if manager.has_reservation(peer_id):
+            return True  # a renewal
+        mine = bucket(peer_id)
+        if mine is None:
+            return True
+        held = sum(1 for holder in list(manager._reservations) if holder != peer_id and bucket(holder) == mine)
+        return held < per_ip
+
+    manager.can_accept_reservation = can_accept_within_ip_limit  # type: ignore[method-assign]
+
+
 @dataclass
 class RelayedTraffic:
     """What this relay carried for others: bytes, and circuits it cut at a limit (data or duration)."""
@@ -308,6 +356,9 @@ class RelayService:
         )
         self.protocol = CircuitV2Protocol(host, limits=self.limits, allow_hop=serve_hop)
         _free_departed_reservations(self.protocol)
+        _limit_reservations_per_ip(
+            self.protocol, host, settings.max_reservations_per_ip, settings.reservations_loopback_exempt
+        )
         self.relayed = _count_relayed_traffic(self.protocol)  # relay role: what we carried for others
         # No CLIENT role: with it, every dial through a relay first takes a reservation there
         # (transport.py:398), using up the relay's slots for peers that only dial out.
