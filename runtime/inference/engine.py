@@ -43,7 +43,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.admission import FairAdmission
 from runtime.inference.chat_formats import TemplateSlots, check_messages, prepare_messages
 from runtime.inference.grammar import GrammarConstraint, invalid, schema_grammar
-from runtime.inference.sampling import CommitRows, Committed, Pick, Sampling, TokenPicker
+from runtime.inference.sampling import CommitBlock, CommitRows, Pick, Sampling, TokenPicker
 from runtime.inference.tools import ToolCallParser, ToolUse, tools_grammar
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,30 @@ MAX_EMBEDDING_TOKEN_ID_INPUTS = 256
 # What every LlamaModel serves (the capability record's model features).
 FEATURES = frozenset({"tools", "json_schema", "logprobs", "n"})
 Chunk = dict[str, Any]
+# Chunk keys a chunk joined on the worker never carries (``_join``): per-token entries.
+_UNJOINED = frozenset(("logprobs", "tool_calls"))
+
+
+def _join(waiting: tuple[str, Any], chunk: Chunk) -> bool:
+    """Join ``chunk`` to the waiting item before it when both are plain chunks of one choice, as
+    ``runtime.inference.service.merge_chunks`` joins them (text, tokens, ``commit`` entries, a finish
+    reason last); False when it must go as its own item."""
+    kind, before = waiting
+    if (
+        kind != "piece"
+        or before.get("index") != chunk.get("index")
+        or "finish_reason" in before
+        or not _UNJOINED.isdisjoint(before)
+        or not _UNJOINED.isdisjoint(chunk)
+    ):
+        return False
+    before["text"] = before.get("text", "") + chunk.get("text", "")
+    before["tokens"] = before.get("tokens", 0) + chunk.get("tokens", 0)
+    if "commit" in chunk:
+        before.setdefault("commit", []).extend(chunk["commit"])
+    if "finish_reason" in chunk:
+        before["finish_reason"] = chunk["finish_reason"]
+    return True
 
 
 @dataclass(frozen=True)
@@ -443,7 +467,7 @@ class _Choice:
         commit_top = picker.sampling.commit_top
         self.rows = CommitRows(commit_top, picker.n_vocab) if commit_top and grammar is None else None
 
-    def _send(self, text: str, tokens: int, pick: Pick | None, committed: list[Committed] | None = None) -> None:
+    def _send(self, text: str, tokens: int, pick: Pick | None, committed: list[CommitBlock] | None = None) -> None:
         chunk: Chunk = {"index": self.index, "tokens": tokens, "text": text}
         if self.parser is not None:
             chunk["text"], calls = self.parser.feed(text)
@@ -470,7 +494,8 @@ class _Choice:
             return None
         committed = None
         if self.rows is not None:  # before counts changes: the row pick drew from
-            committed = self.rows.add(self.picker.adjusted(logits, self.counts), token)
+            block = self.rows.push(self.picker.adjusted(logits, self.counts), token)
+            committed = [block] if block is not None else None
         self.generated += 1
         self.counts[token] += 1
         if self.grammar is not None:
@@ -487,7 +512,8 @@ class _Choice:
 
     def end(self) -> None:
         """Flush what the stop scanner held back (unless a stop string or a cancel ended it)."""
-        committed = self.rows.flush() if self.rows is not None else None
+        block = self.rows.take() if self.rows is not None else None
+        committed = [block] if block is not None else None
         if self.finish != "stop" and self.finish != "cancelled":
             tail, stopped = self.scanner.feed(self.decoder.decode(b"", final=True))
             tail += "" if stopped else self.scanner.flush()
@@ -840,8 +866,10 @@ class TokenStream:
 
     A stream from :meth:`LlamaModel.stream_generate` yields chunk dicts instead (the chat service's
     chunk contract): ``{"index", "tokens", "text", "logprobs"?, "tool_calls"?, "finish_reason"?}``,
-    one per sampled token and a last one per choice (``tokens`` 0) with its ``finish_reason``; with
-    ``Sampling.commit_top``, also ``"commit"`` (verified inference's positions, a block at a time).
+    one per sampled token (consecutive plain ones joined into one while trio has not taken them yet:
+    ``tokens`` says how many it holds) and a last one per choice (``tokens`` 0) with its ``finish_reason``; with
+    ``Sampling.commit_top``, also ``"commit"`` (verified inference's positions: a list of
+    ``CommitBlock``, a block of tokens at a time).
     """
 
     def __init__(self, model: LlamaModel, request: _Request, *, chunks: bool = False) -> None:
@@ -867,7 +895,9 @@ class TokenStream:
         await self._model._admit(self)
         self._admitted = True
         try:
-            self._model._submit_generation(self._request, self._send, self._cancel, self._done, self._set_final)
+            self._model._submit_generation(
+                self._request, self._send, self._cancel, self._done, self._set_final, merge=self._chunks
+            )
         except BaseException:
             self._admitted = False
             self._model._release(self)
@@ -1352,7 +1382,12 @@ class LlamaModel:
         cancel: threading.Event,
         done: trio.Event,
         set_final: Callable[[Completion], None],
+        *,
+        merge: bool = False,
     ) -> None:
+        """``merge``: a chunk joins the one before it while trio has not taken that yet, as
+        ``runtime.inference.service.merge_chunks`` would join them (plain text and ``commit`` entries of
+        one choice): trio then handles one chunk a wake-up, not one a token."""
         assert self._worker is not None
         token = trio.lowlevel.current_trio_token()
         admitted = time.perf_counter()
@@ -1399,7 +1434,8 @@ class LlamaModel:
         def push(item: tuple[str, Any], last: bool = False) -> None:  # runs on the worker
             now = time.perf_counter()
             with lock:
-                waiting.append(item)
+                if not (merge and item[0] == "piece" and waiting and _join(waiting[-1], item[1])):
+                    waiting.append(item)
                 if scheduled[0] or (not last and now - last_wake[0] < WAKE_GAP_S):
                     return
                 scheduled[0] = True

@@ -214,9 +214,14 @@ class CommitRows:
 
     def add(self, x: np.ndarray, token: int) -> list[Committed] | None:
         """Keep ``x`` (the adjusted logits ``token`` was picked from); the block's positions once full."""
+        block = self.push(x, token)
+        return block.entries() if block is not None else None
+
+    def push(self, x: np.ndarray, token: int) -> CommitBlock | None:
+        """``add``, the block handed out as arrays (``CommitBlock``): no Python tuple a position."""
         self._rows[len(self._tokens)] = x
         self._tokens.append(token)
-        return self.flush() if len(self._tokens) == self._rows.shape[0] else None
+        return self.take() if len(self._tokens) == self._rows.shape[0] else None
 
     def _top_ids(self, row: np.ndarray) -> np.ndarray:
         """A large row's k best ids. The k-th best of every STRIDE-th entry is at most the row's k-th
@@ -269,11 +274,19 @@ class CommitRows:
 
     def flush(self) -> list[Committed]:
         """The positions of the rows kept so far (none: an empty list); the block starts again."""
+        block = self.take()
+        return block.entries() if block is not None else []
+
+    def take(self) -> CommitBlock | None:
+        """``flush``'s positions as a ``CommitBlock`` (None when no row is kept)."""
         import numpy as np
 
         tokens, self._tokens = self._tokens, []
-        if not tokens or self.k <= 0:
-            return [(token, ()) for token in tokens]
+        if not tokens:
+            return None
+        if self.k <= 0:
+            empty = np.empty((len(tokens), 0), dtype=np.float32)
+            return CommitBlock(tokens, empty.astype(np.intp), empty, empty)
         x = self._rows[: len(tokens)]
         # pick's: top + log(sum(exp(x - top))), top the row's maximum (the greedy token's logit).
         top = x.max(axis=1)
@@ -286,11 +299,32 @@ class CommitRows:
         order = np.argsort(-values, axis=1, kind="stable")  # pick's stable order, NaN last
         ids = np.take_along_axis(ids, order, axis=1)
         values = np.take_along_axis(values, order, axis=1)
-        logprobs = (values - logz[:, None]).tolist()
-        if np.isfinite(values).all():  # the rule: -inf (a masked token) or NaN alternatives are left out
-            return list(zip(tokens, map(tuple, map(zip, ids.tolist(), logprobs)), strict=True))
+        return CommitBlock(tokens, ids, values - logz[:, None], values)
+
+
+@dataclass(frozen=True, eq=False)
+class CommitBlock:
+    """A block of ``CommitRows`` positions as arrays, each row best first: ``ids`` and ``logprobs``
+    (float32, ``k`` a row), ``values`` the adjusted logits they came from. ``entries()`` gives them as
+    ``Committed`` tuples, ``Pick.top``'s figures exactly; verified inference's recorder encodes the
+    arrays as they are (``runtime.verify.provider``) instead of a Python tuple a position."""
+
+    tokens: list[int]
+    ids: np.ndarray
+    logprobs: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def entries(self) -> list[Committed]:
+        import numpy as np
+
+        ids, logprobs = self.ids.tolist(), self.logprobs.tolist()
+        if np.isfinite(self.values).all():  # the rule: -inf (a masked token) or NaN alternatives are left out
+            return list(zip(self.tokens, map(tuple, map(zip, ids, logprobs)), strict=True))
         isfinite = math.isfinite
-        rows = zip(tokens, ids.tolist(), values.tolist(), logprobs, strict=True)
+        rows = zip(self.tokens, ids, self.values.tolist(), logprobs, strict=True)
         return [
             (token, tuple((i, lp) for i, v, lp in zip(row_ids, row_values, row_logprobs, strict=True) if isfinite(v)))
             for token, row_ids, row_values, row_logprobs in rows

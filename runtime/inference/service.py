@@ -151,8 +151,9 @@ class ChatService:
     async def run(self, body: dict[str, Any], emit: Emit, *, commit: int = 0) -> Usage:
         """Serve ``body``. ``commit``: verified inference's top-k of every produced token, for the
         provider's commitment (``runtime.verify.provider.CallRecorder``): chunks carry them as
-        ``commit`` entries, ``(token id, ((id, logprob), ...))`` as ``Pick.top`` has them, a block of
-        tokens at a time (``runtime.inference.sampling.CommitRows``). Under a grammar, or with
+        ``commit`` entries, ``runtime.inference.sampling.CommitBlock`` arrays (``entries()``: ``(token
+        id, ((id, logprob), ...))`` as ``Pick.top`` has them), a block of tokens at a time
+        (``runtime.inference.sampling.CommitRows``). Under a grammar, or with
         logprobs asked, the chunks' logprobs carry them instead (``top_logprobs`` at least k)."""
         if not isinstance(body, dict):
             raise _invalid("the body must be an object")

@@ -7,10 +7,10 @@ turns them into :class:`~runtime.verify.commitment.Position` values, token ids a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from runtime.verify.commitment import CHUNK, MAX_TOKENS, Commitment, K, Position, encode_chunk
+from runtime.verify.commitment import CHUNK, MAX_TOKENS, SCALE, Commitment, K, Position, encode_chunk
 
 
 class IdOf(Protocol):
@@ -49,6 +49,87 @@ def declared_sampling(body: dict[str, Any]) -> tuple[int, int]:
     return round(t * 1000), max(1, round(p * 1000))
 
 
+class PositionBlock(Protocol):
+    """A block of positions as arrays (``runtime.inference.sampling.CommitBlock``): ``tokens`` produced,
+    ``ids`` and ``logprobs`` (n × k, best first), ``values`` the logits they came from; ``entries()``
+    the same as ``(token, ((id, logprob), ...))`` tuples."""
+
+    @property
+    def tokens(self) -> list[int]: ...
+
+    @property
+    def ids(self) -> Any: ...
+
+    @property
+    def logprobs(self) -> Any: ...
+
+    @property
+    def values(self) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+    def entries(self) -> list[tuple[int, tuple[tuple[int, float], ...]]]: ...
+
+
+def encode_block(block: PositionBlock, start: int, stop: int, k: int = K, scale: int = SCALE) -> bytes | None:
+    """``encode_chunk`` of the block's positions ``start:stop``, the same bytes, computed with numpy on
+    the block's arrays (no Python tuple or loop a position); None when the arrays are not the plain
+    case (fewer than ``k`` alternatives, one not finite: ``encode_chunk`` pads or refuses those)."""
+    import numpy as np
+
+    ids, logprobs = block.ids[start:stop], block.logprobs[start:stop]
+    n = stop - start
+    if n <= 0 or ids.shape != (n, k):
+        return None
+    # encode_chunk's figures: -logprob (a float32 widened to a Python float) times scale, rounded half to
+    # even (``round``, ``rint``), clipped to 0..255. A logprob not finite (an -inf or NaN alternative, left
+    # out of ``entries()``) makes it not finite: encode_chunk's padding, or its refusal, then.
+    quantised = np.rint(logprobs.astype(np.float64) * -scale)
+    if not np.isfinite(quantised).all():
+        return None
+    produced = np.asarray(block.tokens[start:stop], dtype=np.int64)[:, None]
+    values = np.where(ids == produced, 0, ids.astype(np.int64) + 1)
+    if values.min() < 0:
+        return None
+    # Each value as an unsigned LEB128 varint: its 7-bit groups, low first, the high bit on every group
+    # but the last; a group past the value's last is left out (``keep``).
+    places = max(1, (int(values.max()).bit_length() + 6) // 7)
+    data = np.empty((n, k * (places + 1)), dtype=np.uint8)
+    keep = np.ones((n, k * (places + 1)), dtype=bool)
+    groups = data[:, : k * places].reshape(n, k, places)
+    present = keep[:, : k * places].reshape(n, k, places)
+    rest = values
+    for place in range(places):
+        low = rest & 0x7F
+        rest = rest >> 7
+        more = rest > 0
+        groups[:, :, place] = low | (more << 7)
+        if place + 1 < places:
+            present[:, :, place + 1] = more
+    np.clip(quantised, 0, 255, out=quantised)
+    data[:, k * places :] = quantised
+    return data[keep].tobytes()
+
+
+# The positions of one part of a reply: a list of them, or a block (``PositionBlock``) as it came.
+_Part = list[Position] | PositionBlock
+
+
+def _encode_parts(parts: Sequence[tuple[_Part, int, int]]) -> bytes:
+    out = []
+    for part, start, stop in parts:
+        encoded = None if isinstance(part, list) else encode_block(part, start, stop)
+        if encoded is None:
+            positions = part[start:stop] if isinstance(part, list) else _block_positions(part)[start:stop]
+            encoded = encode_chunk(positions)
+        out.append(encoded)
+    return b"".join(out)
+
+
+def _block_positions(block: PositionBlock) -> list[Position]:
+    return [Position(token, top) for token, top in block.entries()]
+
+
 class CallRecorder:
     """Serves one call with top-``K`` logprobs asked of the engine, keeps them as positions, and hands
     the consumer only the logprobs it asked for (none, or fewer alternatives)."""
@@ -58,29 +139,51 @@ class CallRecorder:
         self.asked_top = int(body.get("top_logprobs") or 0) if self.asked else 0
         self.body = {**body, "logprobs": True, "top_logprobs": max(K, self.asked_top)}
         self.index = index
-        self.positions: list[Position] = []
+        self._parts: list[_Part] = []  # the positions as they came, in order
+        self._count = 0
+        self._positions: list[Position] = []  # ``positions``: the parts before ``_listed`` as Positions
+        self._listed = 0
         self._text: list[str] = []  # the reply text as streamed (bounded by the call's own bound)
         # Each full CHUNK of positions encoded as it arrives (while the engine makes the next ones), so the
-        # end frame waits only for the last chunk's: the same bytes as commit(self.positions).
+        # end frame waits only for the last chunk's: the same bytes as commit(self.positions). A block of
+        # positions is encoded from its arrays (``encode_block``); the rest wait in ``_tail``.
         self._chunks: list[bytes] = []
+        self._tail: list[tuple[_Part, int, int]] = []
+        self._tail_count = 0
 
     @property
     def text(self) -> str:
         return "".join(self._text)
 
+    @property
+    def positions(self) -> list[Position]:
+        """Every position recorded so far (a block's made into Positions only when asked for)."""
+        for part in self._parts[self._listed :]:
+            self._positions += part if isinstance(part, list) else _block_positions(part)
+        self._listed = len(self._parts)
+        return self._positions
+
     def see(self, data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(data.get("text"), str):
             self._text.append(data["text"])
-        committed = data.get("commit")  # ChatService.run(..., commit=K): (token, top) of positions, not shown
+        committed = data.get("commit")  # ChatService.run(..., commit=K): blocks of positions, not shown
         if committed is not None:
-            self.positions += [Position(token, top) for token, top in committed]
-            self._encode_full()
+            loose: list[Position] = []
+            for item in committed:
+                if isinstance(item, tuple):  # (token, top), as Pick.top has it
+                    loose.append(Position(item[0], item[1]))
+                    continue
+                if loose:
+                    self._add(loose)
+                    loose = []
+                self._add(item)
+            if loose:
+                self._add(loose)
             data = {key: value for key, value in data.items() if key != "commit"}
         entries = data.get("logprobs")
         if not entries:
             return data
-        self.positions += positions_from_chunks([data], self.index)
-        self._encode_full()
+        self._add(positions_from_chunks([data], self.index))
         if not self.asked:
             return {key: value for key, value in data.items() if key != "logprobs"}
         if self.asked_top < K:
@@ -88,17 +191,26 @@ class CallRecorder:
             return {**data, "logprobs": trimmed}
         return data
 
-    def _encode_full(self) -> None:
-        done = len(self._chunks) * CHUNK
-        while done + CHUNK <= min(len(self.positions), MAX_TOKENS):
-            self._chunks.append(encode_chunk(self.positions[done : done + CHUNK]))
-            done += CHUNK
+    def _add(self, part: _Part) -> None:
+        size = len(part)
+        if not size:
+            return
+        self._parts.append(part)
+        self._count += size
+        at = 0
+        while at < size:
+            take = min(CHUNK - self._tail_count, size - at)
+            self._tail.append((part, at, at + take))
+            self._tail_count += take
+            at += take
+            if self._tail_count == CHUNK:
+                if len(self._chunks) * CHUNK + CHUNK <= MAX_TOKENS:  # past that, finish() commits to nothing
+                    self._chunks.append(_encode_parts(self._tail))
+                self._tail, self._tail_count = [], 0
 
     def finish(self) -> Commitment | None:
-        n = len(self.positions)
+        n = self._count
         if not n or n > MAX_TOKENS:
             return None
-        self._encode_full()
-        done = len(self._chunks) * CHUNK
-        tail = [encode_chunk(self.positions[done:])] if done < n else []
+        tail = [_encode_parts(self._tail)] if self._tail_count else []
         return Commitment((*self._chunks, *tail), n)

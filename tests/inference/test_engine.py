@@ -67,6 +67,35 @@ async def test_streamed_pieces_join_to_the_whole_reply(tiny: LlamaModel) -> None
     assert stream.completion is not None and stream.completion.first_token_s is not None
 
 
+async def test_chunks_made_while_trio_is_busy_reach_it_joined(tiny: LlamaModel) -> None:
+    """A chunk stream (the chat service's) hands trio the plain chunks the engine made meanwhile as one,
+    ``tokens`` saying how many it holds: one item for trio to handle, not one a token. Text, token count
+    and finish reason stay whole; chunks with logprobs stay one a token."""
+    import time
+
+    from runtime.inference.sampling import Sampling
+
+    whole = await tiny.chat(MESSAGES, max_tokens=60, temperature=0)
+    chunks = []
+    async with tiny.stream_generate(messages=MESSAGES, max_tokens=60) as stream:
+        async for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == 1:
+                time.sleep(0.2)  # trio busy (the network's frames): the engine goes on meanwhile
+    assert "".join(chunk["text"] for chunk in chunks) == whole.text
+    assert sum(chunk["tokens"] for chunk in chunks) == 60 == whole.usage.completion_tokens
+    assert max(chunk["tokens"] for chunk in chunks) > 10 and len(chunks) < 30
+    assert chunks[-1]["finish_reason"] == "length"
+    per_token = []
+    sampling = Sampling(logprobs=True, top_logprobs=2)
+    async with tiny.stream_generate(messages=MESSAGES, max_tokens=20, sampling=sampling) as stream:
+        async for chunk in stream:
+            per_token.append(chunk)
+            if len(per_token) == 1:
+                time.sleep(0.2)
+    assert [chunk["tokens"] for chunk in per_token if "logprobs" in chunk] == [1] * 20
+
+
 async def test_usage_is_counted_by_the_engine(tiny: LlamaModel) -> None:
     chat = await tiny.chat(MESSAGES, max_tokens=20, temperature=0)
     prompt_text = await tiny.format_chat(MESSAGES)
