@@ -4,6 +4,7 @@ Usage::
 
     PYTHONPATH=. GGML_NO_BACKTRACE=1 OMP_WAIT_POLICY=PASSIVE python bench/inference.py [--model gemma] [--requests 10]
     PYTHONPATH=. GGML_NO_BACKTRACE=1 OMP_WAIT_POLICY=PASSIVE python bench/inference.py --model tiny   # quick mode
+    ... bench/inference.py --model tiny --max-tokens 256 --sequential-only   # fast_ratio and ttft_added_ms alone
 
 One process, one ``trio.run``:
 
@@ -1011,7 +1012,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--schemas", type=int, default=100, help="random JSON Schemas for the validity rate")
     parser.add_argument("--schema-max-tokens", type=int, default=160, help="max_tokens of a random schema's reply")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds for the measurements")
+    parser.add_argument(
+        "--sequential-only",
+        action="store_true",
+        help="only the sequential direct/network phase (fast_ratio, ttft_added_ms): every other phase skipped",
+    )
     args = parser.parse_args(argv)
+    if args.sequential_only:
+        args.clients, args.frames, args.surface_requests, args.serving_requests = (), 0, 0, 0
+        args.burst = args.prefix_requests = 0
     if args.threads is None:
         # The tiny model decodes a token in microseconds: with 2 threads on a busy machine, ggml's thread
         # synchronisation dominates and direct tok/s swung 530-2,300 between runs.
