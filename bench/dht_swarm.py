@@ -96,7 +96,7 @@ from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 
 from bootstrap.peer_book import PeerBook
-from dht.lookup import CURRENT_STATS, LookupStats
+from dht.lookup import CURRENT_STATS, LookupStats, key_of
 from dht.protocol_id import use_kad_protocol_id
 from dht.service import DhtService, JoinReport
 from node.conn_budget import budget_of, keep_in_routing_table
@@ -273,6 +273,9 @@ def _inspect(state: WorkerState, peers: list[str], target: str) -> Message:
     """What the local nodes among ``peers`` know of ``target`` (``--trace``)."""
     target_id = ID.from_base58(target)
     found: dict[str, str] = {}
+    # Every local node that holds the target in its routing table: is the target missing from the
+    # tables of the peers closest to it, or did the walk not reach them?
+    holders = [node.peer_id for node in state.nodes if node.dht.dht.routing_table.peer_in_table(target_id)]
     for node in state.nodes:
         if node.peer_id not in peers and node.peer_id != target:
             continue
@@ -295,7 +298,7 @@ def _inspect(state: WorkerState, peers: list[str], target: str) -> Message:
             f"stream-slots-free={slots.value if slots is not None else '-'} "
             f"kad-inbound-busy={kad._inbound_limiter.borrowed_tokens}"
         )
-    return {"found": found}
+    return {"found": found, "holders": holders}
 
 
 async def _lookup(
@@ -772,15 +775,28 @@ class SwarmRun:
         peers = [entry.peer_id for entry in self.directory if entry.peer_id[-6:] in asked]
         peers.append(searcher.peer_id)
         known: dict[str, str] = {}
+        holders: set[str] = set()
         for reply_inspect in ask_all(
             self.workers, [{"op": "inspect", "peers": peers, "target": target.peer_id}] * len(self.workers), 30.0
         ):
             known.update(reply_inspect["found"])
+            holders.update(reply_inspect.get("holders", ()))
+        # The swarm's own nodes by distance to the target (dht.lookup's metric), the target first.
+        point = key_of(ID.from_base58(target.peer_id).to_bytes())
+        by_distance = sorted(
+            (entry.peer_id for entry in self.directory if entry.peer_id != target.peer_id),
+            key=lambda peer: key_of(ID.from_base58(peer).to_bytes()) ^ point,
+        )
+        rank = {peer[-6:]: index for index, peer in enumerate(by_distance)}
+        marks = [f"{'*' if peer in holders else ''}{'+' if peer[-6:] in asked else ''}" for peer in by_distance]
+        closest = " ".join(f"{peer[-6:]}{mark}" for peer, mark in zip(by_distance[:10], marks, strict=False))
         lines = [
             f"FAILED lookup {searcher.peer_id[-6:]} -> {target.peer_id[-6:]} in {reply['seconds']:.2f}s "
             f"(searcher conns {reply['conns']}, budget closed {reply['budget_closed']} during it, "
             f"addrs returned {reply['addrs']}, error {reply['error']})",
             *("  " + line for line in reply["trace"]),
+            f"  held by {len(holders)} of {len(self.directory) - 1} tables; the target's 10 closest in the swarm "
+            f"(* holds it, + asked): {closest}; ranks asked: {sorted(rank[peer] for peer in asked if peer in rank)}",
         ]
         for peer, facts in sorted(known.items()):
             role = "TARGET" if peer == target.peer_id else "SEARCHER" if peer == searcher.peer_id else "asked"
