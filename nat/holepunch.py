@@ -383,6 +383,10 @@ class HolePunchService:
         self.counts[outcome] += 1
         self._recent.append(Attempt(key, outcome, round(seconds, 3), time.time()))
         if ok:
+            # Only peers still connected are kept: each one that ever ended direct stayed for good,
+            # so strangers punching from fresh identities grew the set for as long as the node ran.
+            connected = {str(peer) for peer in self.host.get_connected_peers()}
+            self._punched = {peer for peer in self._punched if peer in connected}
             self._punched.add(key)
             self.direct_after_s.observe(seconds)
         log.info("hole punch to %s: %s after %.2f s", key, outcome, seconds)

@@ -106,3 +106,45 @@ async def test_a_connect_full_of_addresses_is_not_kept_whole() -> None:
         print(f"{len(addrs)} addresses in the CONNECT, {len(kept)} kept")
         assert len(kept) <= MAX_PREDICTED_ADDRS, len(kept)
         nursery.cancel_scope.cancel()
+
+
+async def test_peers_that_punched_and_left_are_not_remembered() -> None:
+    """Each peer whose exchange ended direct was remembered for good: strangers punching from fresh
+    identities (a relayed connection each) grew the node's memory for as long as it ran. Only peers
+    still connected are kept."""
+    relay = build_host(generate_new_ed25519_identity())
+    victim = build_host(generate_new_ed25519_identity())
+    async with relay.run(LOOPBACK), victim.run(LOOPBACK), trio.open_nursery() as nursery:
+        await nursery.start(RelayService(relay, RelaySettings(), serve_hop=True).run)
+        await nursery.start(RelayService(victim, RelaySettings(), serve_hop=False).run)
+        service = await nursery.start(HolePunchService(victim, HolePunchSettings(dial_timeout_s=5)).run)
+        relay_info = PeerInfo(relay.get_id(), relay.get_addrs())
+        circuit = multiaddr.Multiaddr(f"{relay.get_addrs()[0]}/p2p-circuit")
+        with trio.fail_after(9):
+            await victim.connect(relay_info)
+            await reserve(victim, relay.get_id())
+            while service.counts["direct"] < 4:
+                stranger = build_host(generate_new_ed25519_identity())
+                try:
+                    async with stranger.run(LOOPBACK), trio.open_nursery() as inner:
+                        await inner.start(RelayService(stranger, RelaySettings(), serve_hop=False).run)
+                        await stranger.connect(relay_info)
+                        await connect_via_relay(stranger, victim.get_id(), [circuit])
+                        stream = await stranger.new_stream(victim.get_id(), [DCUTR])
+                        connect = HolePunch(type=HolePunch.CONNECT)
+                        connect.ObsAddrs.extend(addr.to_bytes() for addr in stranger.get_addrs())
+                        await write_delimited_msg(stream, connect)
+                        await read_dcutr_msg(stream, HolePunch)
+                        await write_delimited_msg(stream, HolePunch(type=HolePunch.SYNC))
+                        while not service.punched(stranger.get_id()):
+                            await trio.sleep(0.05)
+                        await stranger.disconnect(victim.get_id())  # the stranger leaves
+                        inner.cancel_scope.cancel()
+                except* Exception:  # noqa: BLE001 - the stranger's own host failing as it leaves: another tries
+                    pass
+                while stranger.get_id() in victim.get_connected_peers():
+                    await trio.sleep(0.05)
+        print(f"{service.counts['direct']} punched, {len(service._punched)} remembered")
+        assert service.counts["direct"] >= 4
+        assert len(service._punched) <= 1
+        nursery.cancel_scope.cancel()
