@@ -175,6 +175,8 @@ class AwardLockFacts:
     window: int  # our dispute window
     lasts_until: int  # :func:`lock_lasts_until`
     lock: LockState | None  # None: not read (the chain or the contract is not ours)
+    lock_threshold: int = 0  # m of a panel lock (its arbiter is then the zero address); 0: one arbiter
+    panel_named: bool = False  # the award's params name a panel (checked apart: ``panel_lock_verdict``)
 
 
 def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
@@ -184,6 +186,10 @@ def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
         return _refuse(F, "award_pays_other_wallet", "the award pays another wallet than ours")
     if f.lock is None:
         return _refuse(ErrorCode.UNAVAILABLE, "lock_unread", "the award's escrow lock was not read")
+    if f.lock_threshold and not f.panel_named:
+        # A panel lock's arbiter is the zero address, as a panel task's announced arbiter_wallet: without
+        # this, a creator could lock with a panel of its own wallets under params that name none.
+        return _refuse(F, "lock_panel_unnamed", "the escrow lock is decided by a panel the award does not name")
     return lock_verdict(f.lock, LockTerms("task", f.payee, f.arbiter_wallet, f.price, f.window, f.lasts_until))
 
 

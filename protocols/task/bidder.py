@@ -144,12 +144,12 @@ class BidderRole(TaskCore):
         """Fetch the lock and the chain's clock, then ask ``task_checks.award_lock_verdict``."""
         client = self._client()
         ours = client.chain.chain_id == notice.chain_id and client.address.lower() == notice.contract.lower()
-        lock, chain_now = None, 0
+        lock, chain_now, threshold = None, 0, 0
         if ours:
-            lock = self._lock_state(
-                await confirmed_lock(client, notice.lock.payer, bytes.fromhex(notice.lock.escrow_id[2:]))
-            )
+            raw = await confirmed_lock(client, notice.lock.payer, bytes.fromhex(notice.lock.escrow_id[2:]))
+            lock, threshold = self._lock_state(raw), raw.threshold
             chain_now = await client.chain.run(client.chain.now)
+        panel = w.panel_terms(notice.params)
         enforce(
             checks.award_lock_verdict(
                 checks.AwardLockFacts(
@@ -166,10 +166,11 @@ class BidderRole(TaskCore):
                         chain_now, record.deadline, self._now(), record.review_timeout_s
                     ),
                     lock=lock,
+                    lock_threshold=threshold,
+                    panel_named=panel is not None,
                 )
             )
         )
-        panel = w.panel_terms(notice.params)
         if panel is not None:
             await self._check_panel_lock(notice, panel, record.creator)
 

@@ -137,6 +137,16 @@ def test_the_award_lock_check_asks_chain_contract_and_payee_first() -> None:
     report("award lock", seen, {"admitted", "award_other_chain", "award_pays_other_wallet", "lock_not_active"})
 
 
+def test_a_panel_lock_counts_only_under_params_that_name_a_panel() -> None:
+    zero = "0x" + "00" * 20
+    lock = LockState("active", PAYEE, zero, 1_000, 0, 9_000, 30)
+    facts = c.AwardLockFacts(31337, 31337, WALLETS[2], WALLETS[2], PAYEE, PAYEE, zero, 1_000, 30, 9_000, lock)
+    assert c.award_lock_verdict(facts) is None  # a zero arbiter alone is the panel check's to judge
+    unnamed = c.award_lock_verdict(dataclasses.replace(facts, lock_threshold=2))
+    assert unnamed is not None and (unnamed.code, unnamed.reason) == (ErrorCode.FORBIDDEN, "lock_panel_unnamed")
+    assert c.award_lock_verdict(dataclasses.replace(facts, lock_threshold=2, panel_named=True)) is None
+
+
 # -- signed envelopes and artifacts -------------------------------------------------------------
 def _peers(draw: Any, good: str) -> str:
     return flip(draw, good, [p for p in PEERS if p != good])

@@ -1,0 +1,81 @@
+"""Awards a cheating creator might send a seller, with real nodes, gossip, task streams and the embedded chain.
+
+A panel task announces the zero address as its arbiter wallet (no single arbiter: the panel's lock
+names none either). A creator that announced so could lock the price with ``lock_panel`` under
+wallets of its own while the award's params name no panel: every check of the seller passed (payee,
+amount, window, the zero arbiter), the seller did the work, and the creator's own wallets then
+split the disputed escrow back to the creator.
+"""
+
+from __future__ import annotations
+
+import pytest
+from eth_account import Account
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from pydantic import TypeAdapter
+
+from protocols import task_wire as w
+from protocols.gossip import task_topic
+from protocols.task import TASK_PROTOCOL
+from protocols.task.panel import ZERO_WALLET
+from runtime.errors import ClawnodeError, ErrorCode
+from tests.support.market import market_nodes, wait_for
+from wire.rpc import request
+
+CAPABILITY = "model:words"
+ETH = 10**18
+
+_ACK = TypeAdapter(w.Ack)
+
+pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
+
+
+def _fresh_peer() -> str:
+    return str(ID.from_pubkey(create_new_key_pair().public_key))
+
+
+async def test_a_seller_refuses_an_award_locked_under_a_panel_its_params_do_not_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with market_nodes([{}, {}]) as (nodes, _):
+        creator, seller = nodes
+        await seller.tasks.watch(CAPABILITY)
+        topic = task_topic(CAPABILITY)
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        # Announced as a panel task is: the first "member" takes evidence, no arbiter wallet.
+        view = await creator.tasks.publish(
+            CAPABILITY, ETH, 120, params="{}", arbiter_peer=_fresh_peer(), arbiter_wallet=ZERO_WALLET
+        )
+        task_id = view.task_id
+        await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(task_id, ETH // 2)
+
+        # The creator's own wallets as the panel of the lock, while the signed params stay "{}".
+        sock_wallets = [Account.create().address, Account.create().address]
+        sock = w.PanelTerms(
+            members=[w.PanelMember(peer=_fresh_peer(), wallet=wallet) for wallet in sock_wallets], threshold=2
+        )
+        monkeypatch.setattr(creator.tasks, "_panel_of", lambda local: sock)
+        awarded = await creator.tasks.award(task_id, bid.bid_id)
+        client = creator.escrow_client
+        assert client is not None and awarded.escrow_id is not None
+        escrow_id = bytes.fromhex(awarded.escrow_id[2:])
+        state = await client.chain.run(client.get, client.account.address, escrow_id)
+        assert (int(state.arbiter, 16), state.threshold) == (0, 2)
+        on_chain = await client.chain.run(client.panel_of, client.account.address, escrow_id)
+        assert [a.lower() for a in on_chain] == [a.lower() for a in sock_wallets]
+
+        # The seller did not take it: nothing to deliver, no lease row to serve it under.
+        assert seller.tasks.view(task_id).state == "task_open"
+        assert seller.tasks.view(task_id).role == "bidder"
+        with pytest.raises(ClawnodeError) as unknown:
+            await seller.ledger.get_lease(awarded.escrow_id[2:])
+        assert unknown.value.code == ErrorCode.NOT_FOUND
+
+        # Sent again by hand, the refusal says why.
+        envelope = creator.tasks.local[task_id].award_env
+        assert envelope is not None
+        with pytest.raises(ClawnodeError) as refused:
+            await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "lock_panel_unnamed")
