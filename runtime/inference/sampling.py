@@ -243,18 +243,17 @@ class CommitRows:
                     return candidates[order[:k]]
         return np.argpartition(-row, k - 1)[:k]
 
-    def _small_top_ids(self, x: np.ndarray) -> np.ndarray:
-        """A block's k best ids a row, for a vocabulary under LARGE_VOCAB: k + 1 rounds of a row-wise
-        argmax (numpy's row-wise argpartition took about 200 us for 32 rows of 356, the argmaxes about
-        30). Where no two of a row's k + 1 best values are equal (and no NaN) its k best are one set
-        whatever the method; the other rows go to argpartition as before (its choice among equal values
-        is its own), so the ids are the same either way."""
+    def _small_top(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A block's k best ids and values a row, best first, and each row's maximum, for a vocabulary
+        under LARGE_VOCAB: k + 1 rounds of a row-wise argmax (numpy's row-wise argpartition took about
+        200 us for 32 rows of 356, the argmaxes about 30). Where no two of a row's k + 1 best values are
+        equal (and no NaN) its k best are one set, in one order, whatever the method; the other rows go
+        to argpartition and a stable sort as before (its choice among equal values is its own), so the
+        figures are the same either way."""
         import numpy as np
 
         k = self.k
-        n, width = x.shape
-        if k + 1 > width:
-            return np.argpartition(-x, k - 1, axis=1)[:, :k]
+        n = x.shape[0]
         y = x.copy()
         at = np.arange(n)
         ids = np.empty((n, k + 1), dtype=np.intp)
@@ -264,13 +263,26 @@ class CommitRows:
             ids[:, j] = column
             best[:, j] = y[at, column]
             y[at, column] = -np.inf
+        top = best[:, 0].copy()  # x.max(axis=1): argmax takes a NaN first, as max gives NaN
         # A NaN is argmax's first pick: such rows, and rows with equal values among their k + 1 best
         # (an -inf taken twice included), go to argpartition.
         odd = (best[:, 1:] == best[:, :-1]).any(axis=1) | np.isnan(best[:, 0])
-        ids = ids[:, :k]
+        ids, values = ids[:, :k], best[:, :k]
         if odd.any():
-            ids[odd] = np.argpartition(-x[odd], k - 1, axis=1)[:, :k]
-        return ids
+            ids[odd], values[odd] = self._sorted_top(x[odd])
+        return ids, values, top
+
+    def _sorted_top(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows' k best ids and values as pick orders them: argpartition, then a stable sort, NaN last."""
+        import numpy as np
+
+        if x.shape[1] >= LARGE_VOCAB:
+            ids = np.stack([self._top_ids(row) for row in x])
+        else:
+            ids = np.argpartition(-x, self.k - 1, axis=1)[:, : self.k]
+        values = np.take_along_axis(x, ids, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        return np.take_along_axis(ids, order, axis=1), np.take_along_axis(values, order, axis=1)
 
     def flush(self) -> list[Committed]:
         """The positions of the rows kept so far (none: an empty list); the block starts again."""
@@ -288,17 +300,13 @@ class CommitRows:
             empty = np.empty((len(tokens), 0), dtype=np.float32)
             return CommitBlock(tokens, empty.astype(np.intp), empty, empty)
         x = self._rows[: len(tokens)]
-        # pick's: top + log(sum(exp(x - top))), top the row's maximum (the greedy token's logit).
-        top = x.max(axis=1)
-        logz = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-        if x.shape[1] >= LARGE_VOCAB:
-            ids = np.stack([self._top_ids(row) for row in x])
+        if x.shape[1] >= LARGE_VOCAB or self.k + 1 > x.shape[1]:
+            top = x.max(axis=1)
+            ids, values = self._sorted_top(x)
         else:
-            ids = self._small_top_ids(x)
-        values = np.take_along_axis(x, ids, axis=1)
-        order = np.argsort(-values, axis=1, kind="stable")  # pick's stable order, NaN last
-        ids = np.take_along_axis(ids, order, axis=1)
-        values = np.take_along_axis(values, order, axis=1)
+            ids, values, top = self._small_top(x)
+        # pick's: top + log(sum(exp(x - top))), top the row's maximum (the greedy token's logit).
+        logz = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
         return CommitBlock(tokens, ids, values - logz[:, None], values)
 
 
