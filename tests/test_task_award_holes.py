@@ -1,15 +1,20 @@
-"""Awards a cheating creator might send a seller, with real nodes, gossip, task streams and the embedded chain.
+"""What a cheating creator might do to a seller, with real nodes, gossip, task streams and the embedded chain.
 
-A panel task announces the zero address as its arbiter wallet (no single arbiter: the panel's lock
+An award: a panel task announces the zero address as its arbiter wallet (no single arbiter: the panel's lock
 names none either). A creator that announced so could lock the price with ``lock_panel`` under
 wallets of its own while the award's params name no panel: every check of the seller passed (payee,
 amount, window, the zero arbiter), the seller did the work, and the creator's own wallets then
 split the disputed escrow back to the creator.
+
+Silence: a creator that never reviews a delivered result gets its lock back at the lock's deadline +
+window (anyone may call ``refund`` on an escrow no dispute froze) unless the seller disputes first, and a
+sandboxed seller's node delivers by itself, with nobody watching for the review timeout.
 """
 
 from __future__ import annotations
 
 import pytest
+import trio
 from eth_account import Account
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
@@ -79,3 +84,40 @@ async def test_a_seller_refuses_an_award_locked_under_a_panel_its_params_do_not_
         with pytest.raises(ClawnodeError) as refused:
             await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
         assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "lock_panel_unnamed")
+
+
+async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeout() -> None:
+    async with market_nodes([{}, {}]) as (nodes, shared):
+        creator, seller = nodes
+        await seller.tasks.watch(CAPABILITY)
+        topic = task_topic(CAPABILITY)
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        view = await creator.tasks.publish(
+            CAPABILITY,
+            ETH,
+            120,
+            params="{}",
+            arbiter_peer=_fresh_peer(),
+            arbiter_wallet=shared.arbiter.address,
+            review_timeout_s=1,
+        )
+        task_id = view.task_id
+        await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(task_id, ETH // 2)
+        awarded = await creator.tasks.award(task_id, bid.bid_id)
+        assert awarded.escrow_id is not None
+        await seller.tasks.submit(task_id, b"the work")
+        client = creator.escrow_client
+        assert client is not None
+        payer, escrow_id = client.account.address, bytes.fromhex(awarded.escrow_id[2:])
+
+        # The creator says nothing. Past the review timeout the seller freezes the lock for the arbiter,
+        # so the creator cannot take it back at the lock's deadline + window.
+        async def frozen() -> bool:
+            state = await client.chain.run(client.get, payer, escrow_id)
+            return bool(state.phase == "disputed")
+
+        with trio.fail_after(8):
+            while not await frozen():
+                await trio.sleep(0.2)
+        assert seller.tasks.view(task_id).dispute_state == "dispute_open"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict
-from protocols.machines.task_model import ReceiptState
+from protocols.machines.task_model import ReceiptState, ResultState
 from protocols.machines.verdict import Refusal
 from protocols.task_wire import MAX_ARTIFACT, MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE, MAX_PARAMS
 from runtime.errors import ErrorCode
@@ -346,6 +346,43 @@ def announcement_verdict(names_arbiter: bool, tasks_in_book: int) -> Refusal | N
     if tasks_in_book >= TASK_BOOK_MAX:
         return _refuse(ErrorCode.RATE_LIMITED, "book_full", "this node keeps too many live tasks")
     return None
+
+
+# -- a creator's silence (the awarded seller) ----------------------------------------------------
+# How long past the review timeout the seller waits before disputing (the creator's clock may lag ours),
+# and how often it tries again while the dispute cannot be sent (the chain or the arbiter unreachable).
+SILENCE_GRACE_S = 2.0
+SILENCE_RETRY_S = 10.0
+
+
+@dataclass(frozen=True)
+class SilenceFacts:
+    """The awarded seller's view of its delivered result."""
+
+    seller: bool  # this node is the task's awarded bidder
+    result_state: ResultState | None
+    receipt_state: ReceiptState | None
+    disputed: bool  # a dispute is open (ours or the creator's)
+    submitted_at: float
+    review_timeout_s: int
+    now: float
+    tried_at: float  # when this node last tried to dispute the silence (0: never)
+
+
+def silence_dispute_due(f: SilenceFacts) -> bool:
+    """Does the seller dispute a result the creator left unreviewed past the task's review timeout?
+
+    Left alone, the lock goes back to the creator at its deadline + window (``refund``: anyone may call
+    it once no dispute froze the escrow), so a creator that never answers gets the work unpaid; the
+    seller's node therefore takes it to the arbiter itself, as a person would with ``task dispute``."""
+    return (
+        f.seller
+        and f.result_state == ResultState.SUBMITTED
+        and f.receipt_state == ReceiptState.PENDING
+        and not f.disputed
+        and f.now >= f.submitted_at + f.review_timeout_s + SILENCE_GRACE_S
+        and f.now >= f.tried_at + SILENCE_RETRY_S
+    )
 
 
 # -- close-out ----------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ class TaskLocal:
     closing: bool = False
     closed: bool = False
     refund_queued: bool = False
+    silence_tried_at: float = 0.0  # the seller last disputed the creator's silence past the review timeout
     wake: trio.Event = field(default_factory=trio.Event)  # set when news may move the close-out
 
 
@@ -243,6 +244,9 @@ class TaskCore:
 
     async def _close_out(self, task_id: str) -> None:
         raise NotImplementedError  # closeout.CloseOutRole
+
+    async def dispute(self, task_id: str, reason: str = "") -> w.TaskView:
+        raise NotImplementedError  # dispute.DisputeRole
 
     async def _keep_run_evidence(self, notice: w.EvidenceNotice, envelope: str, attachment: bytes) -> None:
         """The arbiter's re-run record: beside the parties' evidence in the view and the ledger (the book

@@ -173,6 +173,35 @@ class CloseOutRole(TaskCore):
                             task_id,
                             m.TaskState.EXPIRED,
                         )
+                self._dispute_if_silent(task_id, record, now)
+
+    def _dispute_if_silent(self, task_id: str, record: m.TaskRecord, now: float) -> None:
+        """As the awarded seller: a result the creator left unreviewed past the review timeout goes to the
+        arbiter (``silence_dispute_due``), before the lock's deadline lets the creator take it back."""
+        local = self.local.get(task_id)
+        result, receipt = record.result, record.receipt
+        if local is None or record.award is None or result is None:
+            return
+        facts = checks.SilenceFacts(
+            seller=record.award.bidder == self.peer_id,
+            result_state=result.state,
+            receipt_state=receipt.state if receipt is not None else None,
+            disputed=record.dispute is not None,
+            submitted_at=result.submitted_at,
+            review_timeout_s=record.review_timeout_s,
+            now=now,
+            tried_at=local.silence_tried_at,
+        )
+        if checks.silence_dispute_due(facts):
+            local.silence_tried_at = now
+            self._spawn(self._dispute_silence, task_id)
+
+    async def _dispute_silence(self, task_id: str) -> None:
+        try:
+            await self.dispute(task_id, "the creator did not review the result within the review timeout")
+            log.info("task %s: unreviewed past its review timeout, disputed", task_id[:12])
+        except ClawnodeError as error:  # tried again after SILENCE_RETRY_S while it is still due
+            log.info("task %s: the unreviewed result could not be disputed yet: %s", task_id[:12], error.code)
 
     def _forget_finished(self, now: float) -> None:
         """Finished tasks leave memory after ``TASK_FINISHED_KEEP_S`` or beyond the newest

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from protocols.machines import task_checks as c
 from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict
-from protocols.machines.task_model import ReceiptState
+from protocols.machines.task_model import ReceiptState, ResultState
 from protocols.machines.verdict import Refusal
 from protocols.task_wire import MAX_ARTIFACT, MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE
 from runtime.errors import ErrorCode, clean_reason
@@ -507,3 +507,29 @@ def test_finalize_applies_only_a_due_decision(
         assert step.action == "wait" and 0 < step.wait_s <= c.CLOSE_IDLE_POLL_S
     else:
         assert step.action == ("settle" if to_bidder else "refund")
+
+
+def test_a_seller_disputes_silence_only_past_the_review_timeout_and_its_grace() -> None:
+    due_at = 100.0 + 60 + c.SILENCE_GRACE_S
+    facts = c.SilenceFacts(
+        seller=True,
+        result_state=ResultState.SUBMITTED,
+        receipt_state=ReceiptState.PENDING,
+        disputed=False,
+        submitted_at=100.0,
+        review_timeout_s=60,
+        now=due_at,
+        tried_at=0.0,
+    )
+    assert c.silence_dispute_due(facts)
+    for changed in (
+        {"now": due_at - 0.1},
+        {"seller": False},
+        {"result_state": ResultState.ACCEPTED},
+        {"result_state": ResultState.REJECTED},
+        {"receipt_state": ReceiptState.SETTLED},
+        {"disputed": True},
+        {"tried_at": due_at - c.SILENCE_RETRY_S + 0.1},
+    ):
+        assert not c.silence_dispute_due(dataclasses.replace(facts, **changed)), changed
+    assert c.silence_dispute_due(dataclasses.replace(facts, tried_at=due_at - c.SILENCE_RETRY_S))
