@@ -8,7 +8,9 @@ split the disputed escrow back to the creator.
 
 Silence: a creator that never reviews a delivered result gets its lock back at the lock's deadline +
 window (anyone may call ``refund`` on an escrow no dispute froze) unless the seller disputes first, and a
-sandboxed seller's node delivers by itself, with nobody watching for the review timeout.
+sandboxed seller's node delivers by itself, with nobody watching for the review timeout. The same for a
+rejection: it is refunded once its dispute window ends, so a creator that rejected every sandboxed
+result got the work unpaid; the arbiter's re-run pays an honest one, so the seller disputes it itself.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from protocols.gossip import task_topic
 from protocols.task import TASK_PROTOCOL
 from protocols.task.panel import ZERO_WALLET
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.sandbox import Limits
+from tests.support import wasm_modules as mods
 from tests.support.market import market_nodes, wait_for
 from wire.rpc import request
 
@@ -118,6 +122,48 @@ async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeou
             return bool(state.phase == "disputed")
 
         with trio.fail_after(8):
+            while not await frozen():
+                await trio.sleep(0.2)
+        assert seller.tasks.view(task_id).dispute_state == "dispute_open"
+
+
+async def test_a_seller_disputes_a_rejection_of_a_sandboxed_result_a_re_run_decides() -> None:
+    async with market_nodes([{}, {}]) as (nodes, shared):
+        creator, seller = nodes
+        await seller.tasks.watch("model:wasm-upper")
+        topic = task_topic("model:wasm-upper")
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        view = await creator.tasks.publish_run(
+            "model:wasm-upper",
+            ETH,
+            120,
+            kind="wasm",
+            module=mods.UPPER,
+            input=b"pay me",
+            limits=Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output_bytes=4096),
+            arbiter_peer=_fresh_peer(),
+            arbiter_wallet=shared.arbiter.address,
+            review_timeout_s=60,
+        )
+        task_id = view.task_id
+        await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(task_id, ETH // 2)
+        awarded = await creator.tasks.award(task_id, bid.bid_id)
+        assert awarded.escrow_id is not None
+        await wait_for(lambda: creator.tasks.view(task_id).result_state == "result_submitted", 20, "result")
+        assert creator.tasks.artifact(task_id) == b"PAY ME!\x06"  # the program's own output
+
+        # The creator rejects it and stays quiet: the refund would land once the window ends.
+        await creator.tasks.review(task_id, False, "not what I wanted")
+        client = creator.escrow_client
+        assert client is not None
+        payer, escrow_id = client.account.address, bytes.fromhex(awarded.escrow_id[2:])
+
+        async def frozen() -> bool:
+            state = await client.chain.run(client.get, payer, escrow_id)
+            return bool(state.phase == "disputed")
+
+        with trio.fail_after(6):
             while not await frozen():
                 await trio.sleep(0.2)
         assert seller.tasks.view(task_id).dispute_state == "dispute_open"

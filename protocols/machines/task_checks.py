@@ -367,6 +367,8 @@ class SilenceFacts:
     review_timeout_s: int
     now: float
     tried_at: float  # when this node last tried to dispute the silence (0: never)
+    rerun_decides: bool = False  # a sandboxed or inference task whose dispute a re-run decides
+    rejected_at: float = 0.0  # when the rejection was decided (its refund's not_before less the window)
 
 
 def silence_dispute_due(f: SilenceFacts) -> bool:
@@ -381,6 +383,23 @@ def silence_dispute_due(f: SilenceFacts) -> bool:
         and f.receipt_state == ReceiptState.PENDING
         and not f.disputed
         and f.now >= f.submitted_at + f.review_timeout_s + SILENCE_GRACE_S
+        and f.now >= f.tried_at + SILENCE_RETRY_S
+    )
+
+
+def rejection_dispute_due(f: SilenceFacts) -> bool:
+    """Does the seller dispute a rejection of a result a re-run decides (a sandboxed or inference task)?
+
+    A rejection is refunded to the creator once its dispute window ends; the seller's node ran the task
+    by itself and nobody may be watching, so a creator that rejected every result would get the work
+    unpaid. The arbiter's re-run pays an honest result, so the node takes it there itself."""
+    return (
+        f.seller
+        and f.rerun_decides
+        and f.result_state == ResultState.REJECTED
+        and f.receipt_state == ReceiptState.PENDING
+        and not f.disputed
+        and f.now >= f.rejected_at + SILENCE_GRACE_S  # the creator may be disputing its rejection itself
         and f.now >= f.tried_at + SILENCE_RETRY_S
     )
 

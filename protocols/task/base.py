@@ -342,6 +342,10 @@ class TaskCore:
             **self._panel_view(local),
         )
 
+    def _rerun_decides(self, local: TaskLocal) -> bool:
+        """Does a re-run decide this task's dispute (runner.RunnerRole, inference.InferenceRole say)?"""
+        return False
+
     def _kind_of(self, local: TaskLocal) -> str | None:
         """The kind of a task that is not sandboxed (inference.InferenceRole names ``inference``)."""
         return None

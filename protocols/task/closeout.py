@@ -177,7 +177,8 @@ class CloseOutRole(TaskCore):
 
     def _dispute_if_silent(self, task_id: str, record: m.TaskRecord, now: float) -> None:
         """As the awarded seller: a result the creator left unreviewed past the review timeout goes to the
-        arbiter (``silence_dispute_due``), before the lock's deadline lets the creator take it back."""
+        arbiter (``silence_dispute_due``), before the lock's deadline lets the creator take it back, and
+        so does a rejected one a re-run decides (``rejection_dispute_due``), before the refund's window ends."""
         local = self.local.get(task_id)
         result, receipt = record.result, record.receipt
         if local is None or record.award is None or result is None:
@@ -191,17 +192,22 @@ class CloseOutRole(TaskCore):
             review_timeout_s=record.review_timeout_s,
             now=now,
             tried_at=local.silence_tried_at,
+            rerun_decides=self._rerun_decides(local),
+            rejected_at=receipt.not_before - self.limits.dispute_window_s if receipt is not None else 0.0,
         )
         if checks.silence_dispute_due(facts):
             local.silence_tried_at = now
-            self._spawn(self._dispute_silence, task_id)
+            self._spawn(self._dispute_silence, task_id, "the creator did not review the result in time")
+        elif checks.rejection_dispute_due(facts):
+            local.silence_tried_at = now
+            self._spawn(self._dispute_silence, task_id, "the re-run decides: the result is the program's")
 
-    async def _dispute_silence(self, task_id: str) -> None:
+    async def _dispute_silence(self, task_id: str, reason: str) -> None:
         try:
-            await self.dispute(task_id, "the creator did not review the result within the review timeout")
-            log.info("task %s: unreviewed past its review timeout, disputed", task_id[:12])
+            await self.dispute(task_id, reason)
+            log.info("task %s disputed by the seller: %s", task_id[:12], reason)
         except ClawnodeError as error:  # tried again after SILENCE_RETRY_S while it is still due
-            log.info("task %s: the unreviewed result could not be disputed yet: %s", task_id[:12], error.code)
+            log.info("task %s: the seller's dispute could not be sent yet: %s", task_id[:12], error.code)
 
     def _forget_finished(self, now: float) -> None:
         """Finished tasks leave memory after ``TASK_FINISHED_KEEP_S`` or beyond the newest

@@ -151,6 +151,16 @@ class InferenceRole(RunnerRole):
         except ClawnodeError:
             return None
 
+    def _rerun_decides(self, local: TaskLocal) -> bool:
+        params = local.params if local.params is not None else (local.award.params if local.award else None)
+        try:
+            terms = inference_terms(params)
+        except ClawnodeError:
+            return False
+        if terms is None:
+            return super()._rerun_decides(local)
+        return terms.arbitration == "rerun" and terms.temperature == 0.0 and bool(terms.model_sha256)
+
     # -- the seller --
 
     def _after_award(self, task_id: str) -> None:

@@ -29,7 +29,7 @@ from protocols.machines import task_panel as panel_rules
 from protocols.machines import task_run as rules
 from protocols.machines.verdict import enforce
 from protocols.task.arbiter import ArbiterRole
-from protocols.task.base import PUSH_TIMEOUT_S, TASK_PROTOCOL, log, parse_peer
+from protocols.task.base import PUSH_TIMEOUT_S, TASK_PROTOCOL, TaskLocal, log, parse_peer
 from protocols.task.bidder import BidderRole
 from protocols.task.creator import CreatorRole
 from protocols.task.panel import ZERO_WALLET, PanelRole, draw_panel
@@ -110,6 +110,14 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
         )
         self.local[view.task_id].module = module
         return self._view(view.task_id)
+
+    def _rerun_decides(self, local: TaskLocal) -> bool:
+        params = local.params if local.params is not None else (local.award.params if local.award else None)
+        try:
+            terms = w.sandbox_terms(params)
+        except ClawnodeError:
+            return False
+        return terms is not None and terms.arbitration == "rerun"
 
     async def _on_terms(self, message: w.TermsRequest, remote: str) -> w.TermsReply:
         _, local = self._task(message.task_id)

@@ -533,3 +533,29 @@ def test_a_seller_disputes_silence_only_past_the_review_timeout_and_its_grace() 
     ):
         assert not c.silence_dispute_due(dataclasses.replace(facts, **changed)), changed
     assert c.silence_dispute_due(dataclasses.replace(facts, tried_at=due_at - c.SILENCE_RETRY_S))
+
+
+def test_a_seller_disputes_a_rejection_only_where_a_re_run_decides_and_after_its_grace() -> None:
+    facts = c.SilenceFacts(
+        seller=True,
+        result_state=ResultState.REJECTED,
+        receipt_state=ReceiptState.PENDING,
+        disputed=False,
+        submitted_at=100.0,
+        review_timeout_s=60,
+        now=110.0 + c.SILENCE_GRACE_S,
+        tried_at=0.0,
+        rerun_decides=True,
+        rejected_at=110.0,
+    )
+    assert c.rejection_dispute_due(facts) and not c.silence_dispute_due(facts)
+    for changed in (
+        {"rerun_decides": False},
+        {"now": 110.0 + c.SILENCE_GRACE_S - 0.1},
+        {"seller": False},
+        {"result_state": ResultState.SUBMITTED},
+        {"receipt_state": ReceiptState.REFUNDED},
+        {"disputed": True},
+        {"tried_at": 110.0},
+    ):
+        assert not c.rejection_dispute_due(dataclasses.replace(facts, **changed)), changed
