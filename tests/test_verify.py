@@ -333,3 +333,26 @@ async def test_a_sampled_check_reads_the_full_rows_there_and_catches_a_fitted_fo
         assert every.failed and every.logprob and every.first_bad == 25
     finally:
         verifier.close()
+
+
+def test_the_40_best_candidates_are_exact_however_the_logits_spread() -> None:
+    """The scores keep each position's 40 best values, found among the logits near the best one where
+    enough are (check.TOP_WIDTHS), else over the whole row: whichever way, exactly the full sort's."""
+    import numpy as np
+
+    from runtime.verify import check
+
+    rng = np.random.default_rng(3)
+    vocab = 5000
+    rows = (rng.standard_normal((6, vocab)) * 0.5).astype(np.float32)  # every value near the best
+    rows[1, :] -= np.linspace(0, 50_000, vocab, dtype=np.float32)  # 2 values within 16, 7 within 64
+    rows[2, 100:] = -1000.0  # 100 values near the best, the rest far below
+    rows[3, :] = 2.0  # all tied
+    rows[4, :39] = 50.0  # 39 near the best: the 40th is far below it
+    rows[5, :] = rng.standard_normal(vocab).astype(np.float32) * 40  # widely spread
+    scores = check.score(rows, [[0, 1]] * len(rows), with_top=True)
+    assert scores.top is not None
+    norm = check._normalisers(rows.copy())
+    expected = -np.sort(-rows.astype(np.float64), axis=1)[:, : check.SAMPLING_TOP_K] - norm[:, None]
+    assert np.array_equal(scores.top, expected)
+    assert scores.best_ids == [int(i) for i in rows.argmax(axis=1)]
