@@ -1,48 +1,46 @@
 """What a lease's client asked of an RPC server, read from the bytes it sent (ggml-rpc protocol v7).
 
 Every request is ``| command (1 byte) | size (8 bytes, little-endian) | payload (size bytes) |``. A
-``GRAPH_COMPUTE`` payload is ``| device (4) | n_nodes (4) | node ids (8 each) | n_tensors (4) |
-tensors (296 bytes each) |``; the first node's second dimension is the number of tokens the graph
-runs through the server's layers (the hidden state is ``n_embd × n_tokens``). ``GRAPH_RECOMPUTE``
-runs the device's last graph again: the same tokens. The meter never blocks the bytes it reads.
+``GRAPH_COMPUTE`` payload is a graph; the tokens it runs through the server's layers are counted as
+the server will compute it (``runtime.split.graph``). ``GRAPH_RECOMPUTE`` runs the device's last
+graph again: the same tokens. The meter never holds back the bytes it reads, but it refuses a graph
+it cannot count (over ``MAX_GRAPH_BYTES``, or one the server would not build as sent): ``up`` raises
+:class:`GraphUnmetered` before the chunk that completes it is forwarded, so the server never has the
+whole request, and the tunnel carrying it is cut.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NoReturn
+
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.split.graph import TENSOR_SIZE as TENSOR_SIZE  # the packed rpc_tensor, for callers
+from runtime.split.graph import GraphRefused, graph_count
 
 GRAPH_COMPUTE = 10
 GRAPH_RECOMPUTE = 16
 HELLO = 14
 COMMAND_COUNT = 19  # RPC_CMD_COUNT: a command byte at or above it is malformed
 HEADER = 9
-TENSOR_SIZE = 296  # packed struct rpc_tensor
-TENSOR_NE_OFFSET = 8 + 4 + 8  # id, type, buffer, then ne[4] (uint32 each)
-MAX_GRAPH_BYTES = 64 << 20  # a graph larger than this is passed on unparsed (counted, no tokens)
+MAX_GRAPH_BYTES = 64 << 20  # a graph larger than this is refused (GRAPH_TOO_LARGE), never passed on
+GRAPH_TOO_LARGE = "graph_too_large"
+RECOMPUTE_MALFORMED = "graph_recompute_malformed"
+RECOMPUTE_SIZE = 4  # | device (4) |
+
+
+class GraphUnmetered(ClawnodeError):
+    """A graph the meter cannot count: the tunnel carrying it is cut before the server has it whole."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorCode.INVALID_ARGUMENT, "a graph the layer meter cannot count is refused", reason)
 
 
 def graph_tokens(payload: bytes | bytearray | memoryview) -> tuple[int, int] | None:
-    """(device, tokens) of a GRAPH_COMPUTE payload, or None if it is malformed."""
-    view = memoryview(payload)
-    if len(view) < 12:
-        return None
-    device, n_nodes = struct.unpack_from("<II", view, 0)
-    offset = 8 + 8 * n_nodes
-    if n_nodes == 0 or len(view) < offset + 4:
-        return None
-    (first,) = struct.unpack_from("<Q", view, 8)
-    (n_tensors,) = struct.unpack_from("<I", view, offset)
-    offset += 4
-    if len(view) < offset + n_tensors * TENSOR_SIZE:
-        return None
-    for index in range(n_tensors):
-        at = offset + index * TENSOR_SIZE
-        (tensor_id,) = struct.unpack_from("<Q", view, at)
-        if tensor_id == first:
-            (rows,) = struct.unpack_from("<I", view, at + TENSOR_NE_OFFSET + 4)
-            return device, int(rows)
-    return None
+    """(device, tokens) of a GRAPH_COMPUTE payload, or None if it is refused (``graph_count``)."""
+    counted = graph_count(payload)
+    return None if isinstance(counted, GraphRefused) else (counted.device, counted.tokens)
 
 
 REQUEST_HEADER = HEADER  # | command (1) | size (8) |
@@ -95,6 +93,7 @@ class RpcMeter:
     tokens: int = 0  # tokens those graphs ran through the server's layers
     commands: int = 0
     malformed: bool = False
+    refused: str | None = None  # why a graph was refused (the connection is cut there), if one was
     _header: bytearray = field(default_factory=bytearray)
     _command: int = -1
     _left: int = 0  # payload bytes of the current command still to come
@@ -105,6 +104,10 @@ class RpcMeter:
         self.bytes_down += size
 
     def up(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Counts ``chunk``; raises :class:`GraphUnmetered` (the chunk must not be forwarded) when it
+        begins a graph over ``MAX_GRAPH_BYTES`` or completes one that cannot be counted."""
+        if self.refused is not None:
+            raise GraphUnmetered(self.refused)
         view = memoryview(chunk)
         self.bytes_up += len(view)
         while len(view) and not self.malformed:
@@ -121,7 +124,13 @@ class RpcMeter:
                     return
                 self._command, self._left = command, size
                 self.commands += 1
-                if command in (GRAPH_COMPUTE, GRAPH_RECOMPUTE) and size <= MAX_GRAPH_BYTES:
+                if command == GRAPH_COMPUTE:
+                    if size > MAX_GRAPH_BYTES:
+                        self._refuse(GRAPH_TOO_LARGE)
+                    self._payload = bytearray()
+                elif command == GRAPH_RECOMPUTE:
+                    if size != RECOMPUTE_SIZE:
+                        self._refuse(RECOMPUTE_MALFORMED)
                     self._payload = bytearray()
             take = min(self._left, len(view))
             if self._payload is not None:
@@ -136,13 +145,17 @@ class RpcMeter:
         self._command, self._payload = -1, None
         if command == GRAPH_COMPUTE:
             self.graphs += 1
-            parsed = graph_tokens(payload) if payload is not None else None
-            if parsed is not None:
-                device, tokens = parsed
-                self._last_tokens[device] = tokens
-                self.tokens += tokens
+            counted = graph_count(payload if payload is not None else b"")
+            if isinstance(counted, GraphRefused):
+                self._refuse(counted.reason)
+            self._last_tokens[counted.device] = counted.tokens
+            self.tokens += counted.tokens
         elif command == GRAPH_RECOMPUTE:
             self.graphs += 1
-            # the request is | device (4) |: the device's last graph again
-            if payload is not None and len(payload) >= 4:
+            # the request is | device (4) |: the device's last graph again (none yet: the server fails it)
+            if payload is not None and len(payload) == RECOMPUTE_SIZE:
                 self.tokens += self._last_tokens.get(struct.unpack_from("<I", payload)[0], 0)
+
+    def _refuse(self, reason: str) -> NoReturn:
+        self.refused = reason
+        raise GraphUnmetered(reason)
