@@ -77,6 +77,7 @@ def _billed(payload: bytes) -> int:
 @pytest.mark.parametrize("tokens", [1, 17, TOKENS])
 def test_an_honest_graph_bills_its_tokens_once_and_again_when_recomputed(tokens: int) -> None:
     assert graph_count(_graph(*_layer(tokens))) == GraphCount(device=0, tokens=tokens)
+    assert graph_count(_graph([], [], device=1)) == GraphCount(device=1, tokens=0)  # computes nothing
     assert _billed(_graph(*_layer(tokens))) == 2 * tokens
 
 

@@ -43,7 +43,6 @@ OP_MUL_MAT_ID = 30
 
 # Reasons a graph is refused (stable: they reach the tunnel's error and the meter's record).
 TRUNCATED = "graph_truncated"
-NO_NODES = "graph_no_nodes"
 UNKNOWN_TENSOR = "graph_unknown_tensor"
 
 
@@ -67,8 +66,8 @@ def graph_count(payload: bytes | bytearray | memoryview) -> GraphCount | GraphRe
     offset = 8 + 8 * n_nodes
     if len(view) < offset + 4:
         return GraphRefused(TRUNCATED)
-    if n_nodes == 0:
-        return GraphRefused(NO_NODES)
+    if n_nodes == 0:  # nothing to compute: no tokens, and nothing to refuse
+        return GraphCount(device, 0)
     nodes = struct.unpack_from(f"<{n_nodes}Q", view, 8)
     (n_tensors,) = struct.unpack_from("<I", view, offset)
     offset += 4
