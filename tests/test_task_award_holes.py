@@ -1,4 +1,4 @@
-"""What a cheating creator might do to a seller, with real nodes, gossip, task streams and the embedded chain.
+"""What a cheating creator (or a bidding stranger) might do: real nodes, gossip, task streams, the dev chain.
 
 An award: a panel task announces the zero address as its arbiter wallet (no single arbiter: the panel's lock
 names none either). A creator that announced so could lock the price with ``lock_panel`` under
@@ -11,6 +11,9 @@ window (anyone may call ``refund`` on an escrow no dispute froze) unless the sel
 sandboxed seller's node delivers by itself, with nobody watching for the review timeout. The same for a
 rejection: it is refunded once its dispute window ends, so a creator that rejected every sandboxed
 result got the work unpaid; the arbiter's re-run pays an honest one, so the seller disputes it itself.
+
+Bids: a stranger could place 30 bids a minute on one task, for as long as the task stays open (up to
+30 days), each kept in the creator's memory and listed in every view of the task.
 """
 
 from __future__ import annotations
@@ -167,3 +170,34 @@ async def test_a_seller_disputes_a_rejection_of_a_sandboxed_result_a_re_run_deci
             while not await frozen():
                 await trio.sleep(0.2)
         assert seller.tasks.view(task_id).dispute_state == "dispute_open"
+
+
+async def test_one_stranger_places_a_few_bids_on_a_task_not_one_every_two_seconds_for_its_lifetime() -> None:
+    async with market_nodes([{}, {}]) as (nodes, _):
+        creator, stranger = nodes
+        view = await creator.tasks.publish(
+            CAPABILITY, ETH, 3600, params="{}", arbiter_peer=_fresh_peer(), arbiter_wallet=ZERO_WALLET[:-1] + "1"
+        )
+        payee = Account.create().address
+
+        async def bid(index: int) -> None:
+            message = w.BidRequest(task_id=view.task_id, bid_id=f"b{index}", price=ETH // 2, payee=payee)
+            await request(stranger.host, creator.host.get_id(), TASK_PROTOCOL, message, _ACK)
+
+        limit = creator.tasks.limits.max_bids_per_bidder
+        for index in range(limit):
+            await bid(index)
+        with pytest.raises(ClawnodeError) as refused:
+            await bid(limit)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.RATE_LIMITED, "too_many_bids_on_task")
+        assert len(creator.tasks.view(view.task_id).bids) == limit
+        # Withdrawing frees nothing: a withdrawn bid stays in the task's record.
+        await request(
+            stranger.host,
+            creator.host.get_id(),
+            TASK_PROTOCOL,
+            w.WithdrawBidRequest(task_id=view.task_id, bid_id="b0"),
+            _ACK,
+        )
+        with pytest.raises(ClawnodeError):
+            await bid(limit + 1)

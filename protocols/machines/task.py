@@ -281,6 +281,12 @@ class TaskBook:
             raise _err(ErrorCode.CONFLICT, "the bid exceeds the task budget", "over_budget")
         if now >= task.deadline:
             raise _err(ErrorCode.EXPIRED, "the task deadline has passed", "deadline_passed")
+        # A task keeps every bid until it ends (up to 30 days): the per-minute window alone let one
+        # account add one every two seconds for the task's whole life.
+        if sum(1 for bid in task.bids.values() if bid.bidder == actor) >= self.limits.max_bids_per_bidder:
+            raise _err(ErrorCode.RATE_LIMITED, "too many bids of this account on this task", "too_many_bids_on_task")
+        if len(task.bids) >= self.limits.max_bids_per_task:
+            raise _err(ErrorCode.RATE_LIMITED, "this task holds as many bids as it takes", "task_bids_full")
         times = self._bid_times.setdefault(actor, deque())
         self._within_rate(times, now, 60, self.limits.max_bids_per_minute, "bids per minute")
         self._move(TASK_MACHINE, task, task.task_id, Ev.PLACE_BID, role)

@@ -245,6 +245,8 @@ class RiskLimits(BaseModel):
     max_task_budget: int = Field(default=10**20, ge=1, description="wei")
     max_open_tasks_per_account: int = Field(default=16, ge=1)
     max_bids_per_minute: int = Field(default=30, ge=1)
+    max_bids_per_bidder: int = Field(default=4, ge=1, description="bids of one account on one task, withdrawn too")
+    max_bids_per_task: int = Field(default=256, ge=1, description="bids one task holds, withdrawn ones too")
     max_disputes_per_hour: int = Field(default=3, ge=1)
     dispute_window_s: int = Field(default=86_400, ge=0, description="how long a rejection waits before the refund")
     max_evidence_per_party: int = Field(default=8, ge=1, description="pieces of evidence each party may add")

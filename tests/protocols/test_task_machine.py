@@ -282,6 +282,26 @@ def test_publish_guards() -> None:
     publish(book, "t3")  # a cancelled task no longer counts
 
 
+def test_a_task_holds_a_few_bids_per_account_and_a_bounded_number_in_all() -> None:
+    book = TaskBook(LIMITS.model_copy(update={"max_bids_per_bidder": 2, "max_bids_per_task": 3}))
+    publish(book)
+
+    def place(bid_id: str, actor: str, now: int = T0) -> None:
+        book.apply(PlaceBid(task_id="t1", bid_id=bid_id, price=10, asset="ETH"), actor, now)
+
+    place("w1", WORKER)
+    place("w2", WORKER)
+    book.apply(WithdrawBid(task_id="t1", bid_id="w1"), WORKER, T0)  # a withdrawn bid still counts
+    with pytest.raises(ClawnodeError) as own:
+        place("w3", WORKER, T0 + 120)
+    assert (own.value.code, own.value.reason) == (ErrorCode.RATE_LIMITED, "too_many_bids_on_task")
+    place("v1", WORKER2)
+    with pytest.raises(ClawnodeError) as full:
+        place("b1", BOB)
+    assert (full.value.code, full.value.reason) == (ErrorCode.RATE_LIMITED, "task_bids_full")
+    assert len(book.get("t1").bids) == 3
+
+
 def test_bid_guards() -> None:
     book = TaskBook(LIMITS)
     publish(book)
