@@ -34,6 +34,7 @@ from runtime.sandbox import Limits
 from tests.support import wasm_modules as mods
 from tests.support.market import market_nodes, wait_for
 from wire.rpc import request
+from wire.signed import seal, to_base64
 
 CAPABILITY = "model:words"
 ETH = 10**18
@@ -201,3 +202,40 @@ async def test_one_stranger_places_a_few_bids_on_a_task_not_one_every_two_second
         )
         with pytest.raises(ClawnodeError):
             await bid(limit + 1)
+
+
+async def test_a_seller_refuses_an_award_that_names_the_lock_of_another_of_its_tasks() -> None:
+    async with market_nodes([{}, {}]) as (nodes, shared):
+        creator, seller = nodes
+        await seller.tasks.watch(CAPABILITY)
+        topic = task_topic(CAPABILITY)
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        arbiter = _fresh_peer()
+        first, second = [
+            (
+                await creator.tasks.publish(
+                    CAPABILITY, ETH, 120, params="{}", arbiter_peer=arbiter, arbiter_wallet=shared.arbiter.address
+                )
+            ).task_id
+            for _ in range(2)
+        ]
+        await wait_for(lambda: {first, second} <= set(seller.tasks.book.tasks), 30, "announcements")
+        bids = [await seller.tasks.bid(task_id, ETH // 2) for task_id in (first, second)]
+        await creator.tasks.award(first, bids[0].bid_id)
+        assert seller.tasks.view(first).role == "awarded_bidder"
+
+        # The second task's award names the first one's lock: one price locked, two tasks' work.
+        award = creator.tasks.local[first].award
+        assert award is not None
+        reused = award.model_copy(
+            update={
+                "task_id": second,
+                "bid_id": bids[1].bid_id,
+                "announcement": creator.tasks.local[second].announcement_env,
+            }
+        )
+        envelope = to_base64(seal(reused, creator.tasks.key, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE))
+        with pytest.raises(ClawnodeError) as refused:
+            await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.CONFLICT, "lock_of_another_task")
+        assert seller.tasks.view(second).state == "task_open"

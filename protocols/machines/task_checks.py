@@ -160,6 +160,14 @@ def award_bid_verdict(me: str, price: int, bid_bidder: str | None, bid_price: in
     return None
 
 
+def award_lock_free_verdict(lock_taken: bool) -> Refusal | None:
+    """The award's lock pays no other task or lease of ours (``lock_taken``: our ledger holds a lease under
+    that escrow, or another award naming it is being checked): one locked price for two tasks' work."""
+    if lock_taken:
+        return _refuse(ErrorCode.CONFLICT, "lock_of_another_task", "the award's lock already pays another of ours")
+    return None
+
+
 @dataclass(frozen=True)
 class AwardLockFacts:
     """The award's lock as the chain shows it, and what the bidder expects of it."""

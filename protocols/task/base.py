@@ -131,6 +131,7 @@ class TaskCore:
         self.task_models = models  # a runtime.inference.models.ModelHost: the models inference tasks run on
         self.local: dict[str, TaskLocal] = {}
         self._watched: set[str] = set()
+        self._awards_checking: set[str] = set()  # escrow ids of awards being checked (bidder side)
         self._nursery: trio.Nursery | None = None
 
     @property

@@ -17,7 +17,7 @@ from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import enforce
 from protocols.task.base import TaskCore, TaskLocal, log
-from runtime.errors import ClawnodeError
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen
 from wire.signed import open_base64, seal, to_base64
 
@@ -111,10 +111,38 @@ class BidderRole(TaskCore):
                 self.peer_id, notice.price, bid.bidder if bid else None, bid.price if bid else None
             )
         )
+        lease_id = self._lease_id(notice)
+        ours = record.award is not None and record.award.lock_ref == notice.lock.escrow_id  # sent again: the book says
+        taken = lease_id in self._awards_checking or (not ours and await self._lease_known(lease_id))
+        enforce(checks.award_lock_free_verdict(taken))
+        self._awards_checking.add(lease_id)  # before the chain reads: a second award naming it waits for none
+        try:
+            await self._accept_award(notice, message.envelope, record, local, remote, lease_id)
+        finally:
+            self._awards_checking.discard(lease_id)
+        self._after_award(notice.task_id)
+
+    async def _lease_known(self, lease_id: str) -> bool:
+        try:
+            await self.ledger.get_lease(lease_id)
+        except ClawnodeError as error:
+            if error.code == ErrorCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
+    async def _accept_award(
+        self,
+        notice: w.AwardNotice,
+        envelope: str,
+        record: m.TaskRecord,
+        local: TaskLocal,
+        remote: str,
+        lease_id: str,
+    ) -> None:
         await self._check_award_lock(notice, record)
         self._apply(m.Award(task_id=notice.task_id, bid_id=notice.bid_id, lock_ref=notice.lock.escrow_id), remote)
-        local.award, local.award_env, local.params = notice, message.envelope, notice.params
-        lease_id = self._lease_id(notice)
+        local.award, local.award_env, local.params = notice, envelope, notice.params
         await self.ledger.create_task(
             notice.task_id,
             role=m.BIDDER,
@@ -138,7 +166,6 @@ class BidderRole(TaskCore):
             notice.task_id, m.TaskState.AWARDED, idempotency_key=f"task/{notice.task_id}/awarded"
         )
         log.info("task %s: award accepted, %d wei locked", notice.task_id[:12], notice.price)
-        self._after_award(notice.task_id)
 
     async def _check_award_lock(self, notice: w.AwardNotice, record: m.TaskRecord) -> None:
         """Fetch the lock and the chain's clock, then ask ``task_checks.award_lock_verdict``."""
