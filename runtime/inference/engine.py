@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.inference.admission import FairAdmission
+from runtime.inference.admission import FairAdmission, current_borrower
 from runtime.inference.chat_formats import TemplateSlots, check_messages, prepare_messages
 from runtime.inference.grammar import GrammarConstraint, invalid, schema_grammar
 from runtime.inference.sampling import CommitBlock, CommitRows, Pick, Sampling, TokenPicker
@@ -363,6 +363,7 @@ class _SavedPrefix:
     data: Any  # a ctypes byte array from llama_state_seq_get_data
     size: int
     used: float
+    owner: str = ""  # the borrower whose sequence it was: only its own requests resume from it
 
 
 def _common_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
@@ -387,6 +388,10 @@ class _Request:
     grammar: str | None = None  # GBNF every choice must follow
     grammar_param: str = "response_format"
     tools: ToolUse | None = None  # parse tool calls out of the reply
+    # The borrower it runs for (``admission.current_borrower``): it reuses only that borrower's KV
+    # cache. A stranger's prompt resuming another consumer's cache would show, in its exact
+    # ``cached_tokens`` (and its speed), how much of its guess that consumer's prompt begins with.
+    owner: str = ""
 
 
 class _TokenTexts:
@@ -532,6 +537,13 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)
     used: float = 0.0
     busy: bool = False
+    owner: str = ""  # the borrower whose tokens it holds
+
+
+def _owned_prefix(owner: str, cached: Sequence[int], wanted_by: str, tokens: Sequence[int]) -> int:
+    """The prefix of ``tokens`` a cache of ``cached`` held for ``owner`` gives ``wanted_by``: none
+    unless it is the same borrower's."""
+    return _common_prefix(cached, tokens) if owner == wanted_by else 0
 
 
 Finish = Callable[[TokenUsage | None, list[str], float | None, float, BaseException | None], None]
@@ -639,43 +651,49 @@ class _Batcher:
             return
         seq.picker = TokenPicker(request.sampling, self.n_vocab, request.seed)
         seq.prompt, seq.stops = prompt, [*request.stop, *template_stops]
-        slot = self._pick_slot(prompt)
+        slot = self._pick_slot(prompt, request.owner)
         slot.busy = True
         seq.slot = slot
-        keep = self._reuse(slot, prompt)
+        keep = self._reuse(slot, prompt, request.owner)
         seq.pending, seq.pos, seq.cached = prompt[keep:], keep, keep
         self.running.append(seq)
 
-    def _pick_slot(self, tokens: list[int]) -> _Slot:
-        """The idle slot holding most of a prefix of ``tokens`` (the same conversation's last turn);
-        else an empty one, else the least recently used. A sequence about to be overwritten is
-        saved first when the prefix cache has room (its next turn resumes from it)."""
+    def _pick_slot(self, tokens: list[int], owner: str) -> _Slot:
+        """The idle slot holding most of a prefix of ``tokens`` for ``owner`` (the same conversation's
+        last turn); else an empty one, else the least recently used. A sequence about to be
+        overwritten is saved first when the prefix cache has room (its next turn resumes from it)."""
         free = [slot for slot in self.slots if not slot.busy]
-        best = max(free, key=lambda slot: (_common_prefix(slot.tokens, tokens), slot.used))
-        common = _common_prefix(best.tokens, tokens)
+
+        def held(slot: _Slot) -> int:
+            return _owned_prefix(slot.owner, slot.tokens, owner, tokens)
+
+        best = max(free, key=lambda slot: (held(slot), slot.used))
+        common = held(best)
         if common >= MIN_SAVED_PREFIX // 4 and 2 * common >= len(best.tokens):
             slot = best
         else:
             slot = min(free, key=lambda slot: (bool(slot.tokens), slot.used))
-            common = _common_prefix(slot.tokens, tokens)
+            common = held(slot)
         if len(slot.tokens) - common >= MIN_SAVED_PREFIX and self.model.prefix_cache_bytes > 0:
-            self.model._save_prefix_of(self.ctx, slot.seq_id, slot.tokens)
+            self.model._save_prefix_of(self.ctx, slot.seq_id, slot.tokens, slot.owner)
         return slot
 
-    def _reuse(self, slot: _Slot, tokens: list[int]) -> int:
-        """Make ``slot`` hold the longest prefix of ``tokens`` it can get (its own tokens, another
-        slot's, a saved state); returns how many tokens it holds."""
+    def _reuse(self, slot: _Slot, tokens: list[int], owner: str) -> int:
+        """Make ``slot`` hold the longest prefix of ``tokens`` it can get from ``owner``'s caches (its
+        own tokens, another slot's, a saved state); returns how many tokens it holds."""
         import llama_cpp
 
         model = self.model
-        keep = _common_prefix(slot.tokens, tokens)
+        keep = _owned_prefix(slot.owner, slot.tokens, owner, tokens)
+        slot.owner = owner
         donor, shared = None, keep
         if self.can_copy:
             for other in self.slots:
-                common = _common_prefix(other.tokens, tokens) if other is not slot else 0
+                common = _owned_prefix(other.owner, other.tokens, owner, tokens) if other is not slot else 0
                 if common > shared + MIN_SAVED_PREFIX // 4:
                     donor, shared = other, common
-        saved = max(model._prefixes, key=lambda p: _common_prefix(p.tokens, tokens), default=None)
+        mine = [p for p in model._prefixes if p.owner == owner]
+        saved = max(mine, key=lambda p: _common_prefix(p.tokens, tokens), default=None)
         from_saved = _common_prefix(saved.tokens, tokens) if saved is not None else 0
         if saved is not None and from_saved > shared + MIN_SAVED_PREFIX // 4:
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
@@ -1024,6 +1042,7 @@ class LlamaModel:
         # Saved KV caches of earlier sequences (the worker's alone), at most this many bytes in all.
         self.prefix_cache_bytes = max(0, prefix_cache_mb) << 20
         self._prefixes: list[_SavedPrefix] = []
+        self._live_owner = ""  # the borrower whose tokens the single-sequence path's cache holds
         # Sequences decoded at once (continuous batching; None: chosen at load, see
         # _default_parallel); 1 runs the single-sequence path, one request after another.
         self.parallel = parallel
@@ -1498,17 +1517,19 @@ class LlamaModel:
 
         self._worker.submit(job)
 
-    def _eval_prompt(self, llama: Any, tokens: list[int]) -> int:
+    def _eval_prompt(self, llama: Any, tokens: list[int], owner: str) -> int:
         """Decode the prompt, reusing the cached prefix it shares with the last sequence, or with a
-        saved earlier one when that shares more; returns how many tokens were reused (the next turn
-        of a conversation, a common system prompt). A live sequence about to be overwritten is saved
-        first (bounded: ``MAX_SAVED_PREFIXES`` states, ``prefix_cache_bytes`` in all, oldest out)."""
+        saved earlier one when that shares more, both ``owner``'s only; returns how many tokens were
+        reused (the next turn of a conversation, a common system prompt). A live sequence about to be
+        overwritten is saved first (bounded: ``MAX_SAVED_PREFIXES`` states, ``prefix_cache_bytes`` in
+        all, oldest out)."""
         keep = 0
         reusable = not (getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False))
         if reusable:
-            keep = _common_prefix(llama.input_ids[: llama.n_tokens].tolist(), tokens)
+            keep = _owned_prefix(self._live_owner, llama.input_ids[: llama.n_tokens].tolist(), owner, tokens)
             if self.prefix_cache_bytes > 0:
-                best = max(self._prefixes, key=lambda p: _common_prefix(p.tokens, tokens), default=None)
+                mine = [p for p in self._prefixes if p.owner == owner]
+                best = max(mine, key=lambda p: _common_prefix(p.tokens, tokens), default=None)
                 shared = _common_prefix(best.tokens, tokens) if best is not None else 0
                 if llama.n_tokens - keep >= MIN_SAVED_PREFIX:
                     self._save_prefix(llama)  # the live sequence would be lost: keep it for its next turn
@@ -1520,14 +1541,15 @@ class LlamaModel:
         if keep == 0:
             llama.reset()
         llama.n_tokens = keep
+        self._live_owner = owner
         llama.eval(tokens[keep:])
         return keep
 
     def _save_prefix(self, llama: Any) -> None:
-        self._save_prefix_of(llama._ctx.ctx, 0, llama.input_ids[: llama.n_tokens].tolist())
+        self._save_prefix_of(llama._ctx.ctx, 0, llama.input_ids[: llama.n_tokens].tolist(), self._live_owner)
 
-    def _save_prefix_of(self, ctx: Any, seq_id: int, tokens: list[int]) -> None:
-        """Keep the KV cache of sequence ``seq_id`` (holding ``tokens``) as a saved state."""
+    def _save_prefix_of(self, ctx: Any, seq_id: int, tokens: list[int], owner: str) -> None:
+        """Keep the KV cache of sequence ``seq_id`` (holding ``tokens`` for ``owner``) as a saved state."""
         import llama_cpp
 
         size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
@@ -1537,8 +1559,10 @@ class LlamaModel:
         if int(llama_cpp.llama_state_seq_get_data(ctx, data, size, seq_id)) != size:
             return
         # An older state of the same conversation (a prefix of this one) is superseded.
-        self._prefixes = [p for p in self._prefixes if _common_prefix(p.tokens, tokens) < len(p.tokens)]
-        self._prefixes.append(_SavedPrefix(list(tokens), data, size, time.monotonic()))
+        self._prefixes = [
+            p for p in self._prefixes if p.owner != owner or _common_prefix(p.tokens, tokens) < len(p.tokens)
+        ]
+        self._prefixes.append(_SavedPrefix(list(tokens), data, size, time.monotonic(), owner))
         self._prefixes.sort(key=lambda p: p.used)
         while len(self._prefixes) > MAX_SAVED_PREFIXES or sum(p.size for p in self._prefixes) > self.prefix_cache_bytes:
             self._prefixes.pop(0)  # the least recently used
@@ -1607,7 +1631,7 @@ class LlamaModel:
         vocab = llama._model.vocab
         n_vocab = int(llama.n_vocab())
         picker = TokenPicker(request.sampling, n_vocab, request.seed)
-        cached = self._eval_prompt(llama, prompt_tokens)
+        cached = self._eval_prompt(llama, prompt_tokens, request.owner)
         prompt_logits = self._logits(llama, n_vocab)
         stops = [*request.stop, *template_stops]
         total = 0
@@ -1618,7 +1642,7 @@ class LlamaModel:
                 if llama._ctx.kv_cache_seq_rm(-1, len(prompt_tokens), -1):
                     llama.n_tokens = len(prompt_tokens)
                 else:
-                    self._eval_prompt(llama, prompt_tokens)
+                    self._eval_prompt(llama, prompt_tokens, request.owner)
             grammar = (
                 GrammarConstraint(vocab, n_vocab, request.grammar, request.grammar_param)
                 if request.grammar is not None
@@ -1757,4 +1781,4 @@ def _request(
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "stop must be a string or a list of at most 4 strings")
-    return _Request(prompt, max_tokens, sampling, seed, stops)
+    return _Request(prompt, max_tokens, sampling, seed, stops, owner=current_borrower())
