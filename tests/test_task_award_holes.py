@@ -18,6 +18,8 @@ Bids: a stranger could place 30 bids a minute on one task, for as long as the ta
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 from eth_account import Account
@@ -25,14 +27,17 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from pydantic import TypeAdapter
 
+from dht.discovery import DiscoveryQuery
 from protocols import task_wire as w
 from protocols.gossip import task_topic
+from protocols.lease_wire import EscrowLock
+from protocols.settings import MarketSection
 from protocols.task import TASK_PROTOCOL
 from protocols.task.panel import ZERO_WALLET
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits
 from tests.support import wasm_modules as mods
-from tests.support.market import market_nodes, wait_for
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
 from wire.rpc import request
 from wire.signed import seal, to_base64
 
@@ -239,3 +244,58 @@ async def test_a_seller_refuses_an_award_that_names_the_lock_of_another_of_its_t
             await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
         assert (refused.value.code, refused.value.reason) == (ErrorCode.CONFLICT, "lock_of_another_task")
         assert seller.tasks.view(second).state == "task_open"
+
+
+async def test_a_seller_refuses_an_award_that_names_a_payment_channel_of_its_leases() -> None:
+    market = MarketSection(channel_duration_s=600, channel_idle_close_s=3600, channel_margin_s=0)  # type: ignore[call-arg]
+    async with market_nodes([{"market": market}, {"offers": (WORD_OFFER,), "market": market}]) as (nodes, _):
+        creator, seller = nodes
+        await seller.tasks.watch(CAPABILITY)
+        await wait_for(lambda: seller.publisher.record is not None)
+        with trio.fail_after(30):
+            while not await creator.discover(DiscoveryQuery(capability=WORDS)):
+                await trio.sleep(0.2)
+        lease = await creator.market.open_lease(
+            str(seller.host.get_id()), WORDS, budget=50 * WORD_PRICE, duration_s=60, channel=True
+        )
+        await creator.market.revoke(lease.lease_id)
+        channel = (await creator.market.channels.list(role="consumer"))[0]
+        client = creator.escrow_client
+        assert client is not None
+        state = await client.chain.run(client.get, client.account.address, bytes.fromhex(channel.channel_id[2:]))
+
+        # A task under the channel's arbiter, awarded on the channel's escrow: its vouchers and the task's
+        # price would draw on one lock.
+        topic = task_topic(CAPABILITY)
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        view = await creator.tasks.publish(
+            CAPABILITY,
+            10 * WORD_PRICE,
+            120,
+            params="{}",
+            arbiter_peer=_fresh_peer(),
+            arbiter_wallet=state.arbiter,
+            review_timeout_s=60,
+        )
+        await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(view.task_id, 10 * WORD_PRICE)
+        notice = w.AwardNotice(
+            task_id=view.task_id,
+            bid_id=bid.bid_id,
+            creator=str(creator.host.get_id()),
+            bidder=str(seller.host.get_id()),
+            price=10 * WORD_PRICE,
+            payee=state.payee,
+            arbiter_wallet=state.arbiter,
+            chain_id=client.chain.chain_id,
+            contract=client.address,
+            lock=EscrowLock(payer=client.account.address, escrow_id=channel.channel_id),
+            awarded_at=int(time.time()),
+            announcement=creator.tasks.local[view.task_id].announcement_env or "",
+            params="{}",
+        )
+        envelope = to_base64(seal(notice, creator.tasks.key, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE))
+        with pytest.raises(ClawnodeError) as refused:
+            await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.CONFLICT, "lock_of_another_task")
+        assert seller.tasks.view(view.task_id).state == "task_open"

@@ -19,6 +19,7 @@ from protocols.machines.verdict import enforce
 from protocols.task.base import TaskCore, TaskLocal, log
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen
+from runtime.ledger.channels import ChannelLedger
 from wire.signed import open_base64, seal, to_base64
 
 
@@ -123,13 +124,17 @@ class BidderRole(TaskCore):
         self._after_award(notice.task_id)
 
     async def _lease_known(self, lease_id: str) -> bool:
-        try:
-            await self.ledger.get_lease(lease_id)
-        except ClawnodeError as error:
-            if error.code == ErrorCode.NOT_FOUND:
-                return False
-            raise
-        return True
+        """Does our ledger hold a lease (a task's, or the lease market's) or a payment channel under this escrow?"""
+        reads = (lambda: self.ledger.get_lease(lease_id), lambda: ChannelLedger(self.ledger).get("0x" + lease_id))
+        for read in reads:
+            try:
+                await read()
+            except ClawnodeError as error:
+                if error.code == ErrorCode.NOT_FOUND:
+                    continue
+                raise
+            return True
+        return False
 
     async def _accept_award(
         self,
