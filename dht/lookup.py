@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import logging
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -95,6 +96,22 @@ def _short(peer: ID) -> str:
 def key_of(data: bytes) -> int:
     """A point in the DHT's key space: SHA-256 of a key or of a peer id's bytes (py-libp2p's metric)."""
     return int.from_bytes(hashlib.sha256(data).digest(), "big")
+
+
+def far_keys(me: int, buckets: int, rng: random.Random) -> list[bytes]:
+    """One random key for each of the ``buckets`` farthest buckets from ``me`` (a point of the key
+    space, ``key_of``): the ``i``-th key's point first differs from ``me`` at bit ``i`` (0: the half
+    of the key space that does not hold ``me``). Keys are hashed into the space, so each is drawn
+    until its point falls in its bucket (``2 ** (i + 1)`` draws on average)."""
+    keys: list[bytes] = []
+    for bucket in range(buckets):
+        shift = 255 - bucket
+        while True:
+            key = rng.randbytes(32)
+            if (key_of(key) ^ me) >> shift == 1:
+                keys.append(key)
+                break
+    return keys
 
 
 @dataclass
@@ -383,6 +400,25 @@ class Lookup:
                     continue
             if parsed:
                 peerstore.add_addrs(peer, parsed, ADDR_TTL_S)
+
+    async def ask_once(self, peer: ID, key: bytes) -> list[ID]:
+        """One FIND_NODE for ``key`` to ``peer`` (reached within the dial timeout), no walk: the peers
+        its answer names, their addresses kept in the peer store; [] if it did not answer."""
+        raw_addrs: dict[ID, list[bytes]] = {}
+        self._asking[peer] = self._asking.get(peer, 0) + 1
+        try:
+            if not await self._reach(peer, raw_addrs):
+                return []
+            answer = await self._query(peer, key, raw_addrs)
+        finally:
+            left = self._asking.pop(peer, 1) - 1
+            if left > 0:
+                self._asking[peer] = left
+        if not answer:  # None, [] or _SLOW
+            return []
+        named = [named_peer for named_peer in answer if named_peer != self.host.get_id()]
+        self._remember_addrs(named, raw_addrs)
+        return named
 
     def asking(self, peer: ID) -> bool:
         """Whether a lookup has a query to ``peer`` in flight (dialing, or waiting for its answer): a

@@ -4,6 +4,7 @@ routing table fresh, and rejoin when the node finds itself alone."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from bootstrap.peer_book import PeerBook
-from dht.lookup import Lookup
+from dht.lookup import Lookup, far_keys, key_of
 from dht.lookup_guard import SilentPeers, may_ask, serves_dht
 from dht.protocol_id import current_kad_protocol_id
 from dht.record_validator import sequence_of
@@ -53,6 +54,12 @@ ANNOUNCE_TIMEOUT_S = 10.0
 # providers that told nobody stayed unfindable until the next republish, minutes later.
 ADD_PROVIDER_TIMEOUT_S = 10.0
 ADD_PROVIDER_RETRY_S = (2.0, 6.0)
+# The join also walks to one random key in each of this many buckets farthest from us (the half of
+# the key space that does not hold us, then a quarter, ...): the self lookup only meets peers close to
+# us, and a table with nobody in the far half sent every lookup of a node there to the edge of our own
+# half, where it ended among peers that knew nobody past it (bench/dht_swarm.py --trace: "held by",
+# the target's ten closest all held it, the walk asked ranks 86-91 of 199).
+FAR_BUCKETS = 4
 JOIN_DIAL_FACTOR = 2.5  # the join gives each peer this many times dial_timeout_s (10 s by default)
 
 
@@ -184,6 +191,7 @@ class DhtService:
             await self.dht.add_peer(peer_id)
         if connected:
             await self.look_up_self()
+            await self.fill_far_buckets(connected)
             await self.adopt_connected_dht_peers()
         self._note_ready()
         self.remember_peers()
@@ -443,6 +451,32 @@ class DhtService:
                     await kad.routing_table.add_peer(PeerInfo(peer_id, addrs))
             except Exception as error:  # noqa: BLE001 - a peer we cannot add is skipped
                 log.debug("could not add %s: %s", peer_id, type(error).__name__)
+
+    async def fill_far_buckets(self, seeds: list[ID], buckets: int = FAR_BUCKETS) -> None:
+        """Ask ``seeds`` (the peers the join reached) for the peers closest to one random key in each
+        of the ``buckets`` buckets farthest from us, and put those in the routing table (``FAR_BUCKETS``:
+        why). One query a key and a seed over the join's connections, no walk: walks from our own table
+        started at the edge of our half, whose peers know nobody past it either, and a walk from the
+        seeds dialed a dozen far peers a key, which doubled the join's handshakes."""
+        if self.lookup is None or not seeds:
+            return
+        lookup = self.lookup
+        named: dict[ID, None] = {}
+
+        async def ask(peer_id: ID, key: bytes) -> None:
+            with trio.move_on_after(ANNOUNCE_TIMEOUT_S):
+                try:
+                    named.update(dict.fromkeys(await lookup.ask_once(peer_id, key)))
+                except Exception as error:  # noqa: BLE001 - the periodic refresh fills the table later
+                    log.debug("far bucket query to %s failed: %s", peer_id, type(error).__name__)
+
+        async with trio.open_nursery() as nursery:
+            for key in far_keys(key_of(self.host.get_id().to_bytes()), buckets, random.Random()):
+                for peer_id in seeds:
+                    nursery.start_soon(ask, peer_id, key)
+        for peer_id in named:
+            with trio.move_on_after(self.dial_timeout_s):  # a full bucket pings its oldest peer
+                await self._answered(peer_id)
 
     async def _refresh_routing_table(self) -> None:
         try:
