@@ -251,6 +251,13 @@ class ChannelRole(LeaseCore):
                 high_water = (await book.get(channel_id)).committed
             except ClawnodeError:
                 high_water = 0
+            try:
+                await self.ledger.get_lease(channel_id[2:])
+                lease_escrow = True
+            except ClawnodeError as error:
+                if error.code != ErrorCode.NOT_FOUND:
+                    raise
+                lease_escrow = False
             enforce(
                 ch.channel_lock_verdict(
                     ch.ChannelLockFacts(
@@ -279,6 +286,7 @@ class ChannelRole(LeaseCore):
                         margin_s=self.settings.channel_margin_s,
                         token=state.token,
                         quote_token=terms.token,
+                        lease_escrow=lease_escrow,
                     )
                 )
             )

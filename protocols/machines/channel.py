@@ -249,6 +249,7 @@ class ChannelLockFacts:
     margin_s: int
     token: str = "0x" + "00" * 20  # the channel's ERC-20 (zero: the coin)
     quote_token: str | None = None  # the quote's
+    lease_escrow: bool = False  # our ledger holds a lease whose own escrow this is (its id is the lease's)
 
 
 def channel_lock_verdict(f: ChannelLockFacts) -> Refusal | None:
@@ -262,6 +263,9 @@ def channel_lock_verdict(f: ChannelLockFacts) -> Refusal | None:
         return Refusal(ErrorCode.FORBIDDEN, "lock_wrong_payer", "the channel is paid by another wallet")
     if f.salt is None or len(f.salt) != LEASE_SALT_BYTES or lease_id_for(f.consumer, f.salt).hex() != f.escrow_id[2:]:
         return Refusal(ErrorCode.FORBIDDEN, "channel_not_bound", "the channel id is not derived from the consumer")
+    if f.lease_escrow:
+        # A per-lease escrow's id is derived as a channel's is: its lease's vouchers already draw on it from 0.
+        return Refusal(ErrorCode.CONFLICT, "channel_is_a_lease", "the escrow is a lease's own, not a channel")
     if f.busy:
         return Refusal(ErrorCode.CONFLICT, "channel_busy", "another lease still draws on this channel")
     if f.base < f.high_water or f.base < f.released:
