@@ -299,3 +299,36 @@ async def test_a_seller_refuses_an_award_that_names_a_payment_channel_of_its_lea
             await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
         assert (refused.value.code, refused.value.reason) == (ErrorCode.CONFLICT, "lock_of_another_task")
         assert seller.tasks.view(view.task_id).state == "task_open"
+
+
+async def test_a_creator_takes_its_lock_back_from_a_seller_that_delivers_nothing_by_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with market_nodes([{}, {}]) as (nodes, shared):
+        creator, seller = nodes
+        await seller.tasks.watch(CAPABILITY)
+        topic = task_topic(CAPABILITY)
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        view = await creator.tasks.publish(
+            CAPABILITY, ETH, 120, params="{}", arbiter_peer=_fresh_peer(), arbiter_wallet=shared.arbiter.address
+        )
+        await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(view.task_id, ETH // 2)
+        awarded = await creator.tasks.award(view.task_id, bid.bid_id)
+        assert awarded.escrow_id is not None
+        lease_id = awarded.escrow_id[2:]
+
+        # The seller won and goes silent; the task's deadline passes (the creator's clock, moved on).
+        monkeypatch.setattr(creator.tasks, "clock", lambda: time.time() + 130)
+
+        async def refund_queued() -> bool:
+            rows = await creator.ledger.list_settlements()
+            return any(row.lease_id == lease_id and row.kind == "refund" for row in rows)
+
+        with trio.fail_after(5):
+            while not await refund_queued():
+                await trio.sleep(0.2)
+        assert creator.tasks.view(view.task_id).to_creator == ETH // 2
+        with pytest.raises(ClawnodeError) as late:  # and a delivery after it counts for nothing
+            await seller.tasks.submit(view.task_id, b"late")
+        assert late.value.code in (ErrorCode.CONFLICT, ErrorCode.FORBIDDEN)

@@ -412,6 +412,13 @@ def rejection_dispute_due(f: SilenceFacts) -> bool:
     )
 
 
+def no_show_revoke_due(creator_side: bool, award_active: bool, delivered: bool, deadline: float, now: float) -> bool:
+    """Does the creator revoke an award whose seller delivered nothing by the task's deadline? Then its
+    close-out queues the lock's refund (it lands after the lock's deadline + window): otherwise a seller
+    that won and went silent kept the creator's price locked until the node restarted."""
+    return creator_side and award_active and not delivered and now >= deadline
+
+
 # -- close-out ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CloseOutFacts:

@@ -174,6 +174,28 @@ class CloseOutRole(TaskCore):
                             m.TaskState.EXPIRED,
                         )
                 self._dispute_if_silent(task_id, record, now)
+                self._revoke_if_no_show(task_id, record, now)
+
+    def _revoke_if_no_show(self, task_id: str, record: m.TaskRecord, now: float) -> None:
+        """As the creator: an award with nothing delivered by the deadline is revoked, and its lock's refund
+        queued by the close-out (``no_show_revoke_due``)."""
+        award = record.award
+        due = checks.no_show_revoke_due(
+            creator_side=record.creator == self.peer_id,
+            award_active=award is not None and award.state == m.AwardState.ACTIVE,
+            delivered=record.result is not None,
+            deadline=record.deadline,
+            now=now,
+        )
+        if not due or task_id not in self.local:
+            return
+        try:
+            self._apply(m.RevokeAward(task_id=task_id), self.peer_id)
+        except ClawnodeError as error:
+            log.info("task %s: the award could not be revoked: %s", task_id[:12], error.code)
+            return
+        log.info("task %s: nothing delivered by the deadline; the award is revoked and its lock refunded", task_id[:12])
+        self._start_close_out(task_id)
 
     def _dispute_if_silent(self, task_id: str, record: m.TaskRecord, now: float) -> None:
         """As the awarded seller: a result the creator left unreviewed past the review timeout goes to the

@@ -559,3 +559,11 @@ def test_a_seller_disputes_a_rejection_only_where_a_re_run_decides_and_after_its
         {"tried_at": 110.0},
     ):
         assert not c.rejection_dispute_due(dataclasses.replace(facts, **changed)), changed
+
+
+def test_a_creator_revokes_an_award_only_when_nothing_was_delivered_by_the_deadline() -> None:
+    assert c.no_show_revoke_due(True, True, False, deadline=100.0, now=100.0)
+    assert not c.no_show_revoke_due(True, True, False, deadline=100.0, now=99.9)
+    assert not c.no_show_revoke_due(True, True, True, deadline=100.0, now=200.0)  # delivered: reviewed instead
+    assert not c.no_show_revoke_due(True, False, False, deadline=100.0, now=200.0)  # revoked already
+    assert not c.no_show_revoke_due(False, True, False, deadline=100.0, now=200.0)  # not our task
