@@ -10,8 +10,9 @@ allowed (microseconds), which of a shortlist are (0.1 ms for 64), or masks the w
 
 Refused, with ``INVALID_ARGUMENT`` naming the request param: a schema that is not a JSON object,
 is larger than :data:`MAX_SCHEMA_BYTES` or deeper than :data:`MAX_SCHEMA_DEPTH`, is not a valid
-JSON Schema, or uses a keyword listed in :data:`UNENFORCED_KEYWORDS` (``oneOf``, numeric bounds,
-``not``, ...): decoding could not keep a reply valid under them.
+JSON Schema, uses a keyword listed in :data:`UNENFORCED_KEYWORDS` (``oneOf``, numeric bounds,
+``not``, ...): decoding could not keep a reply valid under them, or has a ``pattern`` that repeats
+what can match nothing (``(a?){n}``, ``(a*)*``: llama.cpp's grammar engine takes seconds a token on it).
 """
 
 from __future__ import annotations
@@ -138,8 +139,61 @@ def _check_keywords(schema: Any, param: str) -> None:
                 raise invalid(f"JSON Schema {key!r} must be a non-empty list", param)
             for sub in value:
                 _check_keywords(sub, param)
-        elif key == "pattern" and isinstance(value, str) and not (value.startswith("^") and value.endswith("$")):
-            raise invalid("a JSON Schema pattern must be anchored with ^ and $", param)
+        elif key == "pattern" and isinstance(value, str):
+            if not (value.startswith("^") and value.endswith("$")):
+                raise invalid("a JSON Schema pattern must be anchored with ^ and $", param)
+            if _repeats_empty(value):
+                raise invalid(
+                    "a JSON Schema pattern must not repeat what can match nothing (as (a?){n}, (a*)*, (|a)+)", param
+                )
+
+
+def _repeats_empty(pattern: str) -> bool:
+    """Whether ``pattern`` repeats (more than once) something that can match the empty string.
+
+    llama.cpp's grammar engine keeps one stack per way the text so far can have matched: under such
+    a repetition the ways multiply, and each token took seconds (``^(a?){1000}$``: 2 to 4 s a token,
+    on the engine's one worker thread, whoever else was waiting). A pattern Python cannot parse
+    counts as one (jsonschema's own check already refuses what is not a regex)."""
+    from re import _constants as c  # type: ignore[attr-defined]
+    from re import _parser  # type: ignore[attr-defined]
+
+    try:
+        parsed = _parser.parse(pattern)
+    except Exception:  # noqa: BLE001 - re.error, or a recursion error on a deep nest
+        return True
+    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT)
+    found = False
+
+    def nullable(items: Any) -> bool:
+        """Whether the sequence ``items`` can match nothing; sets ``found`` on a repeated nullable body."""
+        nonlocal found
+        empty = True
+        for op, arg in items:
+            if op in repeats:
+                low, high, body = arg
+                inner = nullable(body)
+                if inner and high > 1:
+                    found = True
+                item = low == 0 or inner
+            elif op == c.SUBPATTERN:  # (group, add flags, del flags, items)
+                item = nullable(arg[-1])
+            elif op == c.ATOMIC_GROUP:
+                item = nullable(arg)
+            elif op == c.BRANCH:
+                item = any([nullable(branch) for branch in arg[1]])  # a list: every branch is looked at
+            elif op in (c.AT, c.ASSERT, c.ASSERT_NOT, c.GROUPREF, c.GROUPREF_EXISTS):
+                item = True  # zero width, or what a group matched (which may be nothing)
+            else:  # a character, a class, any character
+                item = False
+            empty = empty and item
+        return empty
+
+    try:
+        nullable(parsed)
+    except RecursionError:
+        return True
+    return found
 
 
 def check_schema(schema: Any, param: str) -> dict[str, Any]:
