@@ -79,6 +79,9 @@ FEATURES = frozenset({"tools", "json_schema", "logprobs", "n"})
 Chunk = dict[str, Any]
 # Chunk keys a chunk joined on the worker never carries (``_join``): per-token entries.
 _UNJOINED = frozenset(("logprobs", "tool_calls"))
+# Tokens one joined chunk holds at most (as ``service.MAX_MERGED_TOKENS``): a reply that piled up while
+# the wire was slow still goes out in frames under the call frame bound.
+MAX_JOINED_TOKENS = 64
 
 
 def _join(waiting: tuple[str, Any], chunk: Chunk) -> bool:
@@ -92,6 +95,7 @@ def _join(waiting: tuple[str, Any], chunk: Chunk) -> bool:
         or "finish_reason" in before
         or not _UNJOINED.isdisjoint(before)
         or not _UNJOINED.isdisjoint(chunk)
+        or before.get("tokens", 0) >= MAX_JOINED_TOKENS
     ):
         return False
     before["text"] = before.get("text", "") + chunk.get("text", "")

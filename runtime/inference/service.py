@@ -44,6 +44,9 @@ DEFAULT_TEMPERATURE = 0.8
 MAX_EMBEDDING_INPUTS = 256
 EMBEDDINGS_PER_CHUNK = 32  # a 1 MiB call frame holds ~70 640-d vectors as JSON
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+# Tokens one merged chunk holds at most: chunks that piled up while the wire was slow (a reply with
+# 20 logprobs a token is ~1.3 KB a token) must still go out in frames under the call frame bound.
+MAX_MERGED_TOKENS = 64
 
 
 def _invalid(message: str) -> ClawnodeError:
@@ -106,7 +109,12 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     merged: list[dict[str, Any]] = []
     for chunk in chunks:
         last = merged[-1] if merged else None
-        if last is not None and last.get("index", 0) == chunk.get("index", 0) and "finish_reason" not in last:
+        if (
+            last is not None
+            and last.get("index", 0) == chunk.get("index", 0)
+            and "finish_reason" not in last
+            and last.get("tokens", 0) < MAX_MERGED_TOKENS
+        ):
             last["text"] += chunk.get("text", "")
             last["tokens"] += chunk["tokens"]
             if "logprobs" in chunk:
