@@ -24,6 +24,7 @@ from protocols.confirmed import confirmed_lock
 from protocols.lease.base import DEADLINE_SLACK_S, LeaseCore, log
 from protocols.machines import channel as ch
 from protocols.machines.lease import LEASE_SALT_BYTES, lease_id_for
+from protocols.machines.lease_consumer import arbiter_verdict
 from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.channels import Channel, ChannelLedger
@@ -152,6 +153,8 @@ class ChannelRole(LeaseCore):
     async def _open_channel(
         self, client: EscrowClient, terms: w.EscrowTerms, provider: str, amount: int, chain_now: int
     ) -> Channel:
+        ours = self.escrow_terms()  # never a lock under an arbiter the provider picked
+        enforce(arbiter_verdict(terms.arbiter, None if ours is None else ours.arbiter))
         salt = secrets.token_bytes(LEASE_SALT_BYTES)
         escrow_id = lease_id_for(self.host.get_id().to_bytes(), salt)
         channel_id = "0x" + escrow_id.hex()

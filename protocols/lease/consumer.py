@@ -125,6 +125,7 @@ class ConsumerRole(ChannelRole):
             raise ClawnodeError(ErrorCode.FORBIDDEN, "the quote is signed by another peer than the provider")
         quote = w.Quote.model_validate_json(payload)
         amount = budget if budget is not None else quote.price_per_unit * quote.expected_units
+        ours = self.escrow_terms()  # the arbiter we trust is the one our own terms name
         enforce(
             c.quote_verdict(
                 c.QuoteFacts(
@@ -138,6 +139,8 @@ class ConsumerRole(ChannelRole):
                     escrowed=quote.escrow is not None,
                     budget=amount,
                     postpaid_cap=quote.postpaid_cap,
+                    quote_arbiter=quote.escrow.arbiter if quote.escrow is not None else "",
+                    trusted_arbiter=None if ours is None else ours.arbiter,
                 )
             )
         )

@@ -180,17 +180,42 @@ class QuoteFacts:
     escrowed: bool  # the quote names escrow terms
     budget: int
     postpaid_cap: int
+    quote_arbiter: str  # the arbiter the quote's escrow terms name ("" when it names none)
+    trusted_arbiter: str | None  # the arbiter our own escrow terms name; None when this node knows none
+
+
+def arbiter_verdict(quote_arbiter: str, trusted_arbiter: str | None) -> Refusal | None:
+    """A lock (a lease's or a payment channel's) only under the arbiter this node trusts: the arbiter
+    decides a disputed escrow alone, so one the provider names (a wallet of its own) could pay it the
+    whole amount locked."""
+    if trusted_arbiter is None:
+        return Refusal(
+            ErrorCode.UNAVAILABLE,
+            "no_trusted_arbiter",
+            "this node knows no arbiter of its own (no escrow chain connected, or none configured): "
+            "set escrow.arbiter to the arbiter you trust",
+        )
+    if quote_arbiter.lower() != trusted_arbiter.lower():
+        return Refusal(
+            ErrorCode.FORBIDDEN,
+            "quote_untrusted_arbiter",
+            "the provider's escrow names another arbiter than the one this node trusts (escrow.arbiter)",
+        )
+    return None
 
 
 def quote_verdict(f: QuoteFacts) -> Refusal | None:
-    """The provider's quote: signed by the provider, made out to us for what we asked; a post-paid
-    quote must cover our budget."""
+    """The provider's quote: signed by the provider, made out to us for what we asked; an escrowed
+    quote must name the arbiter we trust (:func:`arbiter_verdict`); a post-paid quote must cover our
+    budget."""
     if f.signer != f.provider:
         return Refusal(
             ErrorCode.FORBIDDEN, "quote_wrong_signer", "the quote is signed by another peer than the provider"
         )
     if f.quote_consumer != f.me or f.quote_capability != f.capability or f.quote_provider != f.provider:
         return Refusal(ErrorCode.FORBIDDEN, "quote_not_asked", "the quote is not the one asked for")
+    if f.escrowed and (refusal := arbiter_verdict(f.quote_arbiter, f.trusted_arbiter)) is not None:
+        return refusal
     if not f.escrowed and f.budget > f.postpaid_cap:
         return Refusal(
             ErrorCode.INSUFFICIENT_FUNDS, "over_postpaid_cap", "the budget exceeds the provider's post-paid cap"

@@ -131,6 +131,8 @@ def test_random_quotes_are_refused_by_reason() -> None:
             escrowed=d(st.booleans()),
             budget=d(st.integers(0, 2_000)),
             postpaid_cap=d(st.sampled_from([0, 1_000, 10_000])),
+            quote_arbiter=d(st.sampled_from(["0xAbC1", "0xabc1", "0xabc1", "0xdef2"])),
+            trusted_arbiter=d(st.sampled_from(["0xabc1", "0xabc1", "0xABC1", None])),
         )
         verdict = c.quote_verdict(f)
         tally(seen, verdict)
@@ -138,13 +140,28 @@ def test_random_quotes_are_refused_by_reason() -> None:
             assert verdict is not None and verdict.reason == "quote_wrong_signer"
         elif (f.quote_provider, f.quote_consumer, f.quote_capability) != (PROV, ME, "chat"):
             assert verdict is not None and verdict.reason == "quote_not_asked"
+        elif f.escrowed and f.trusted_arbiter is None:
+            assert verdict is not None and verdict.reason == "no_trusted_arbiter"
+        elif f.escrowed and f.quote_arbiter.lower() != (f.trusted_arbiter or "").lower():
+            assert verdict is not None and verdict.reason == "quote_untrusted_arbiter"
         elif not f.escrowed and f.budget > f.postpaid_cap:
             assert verdict is not None and verdict.code == ErrorCode.INSUFFICIENT_FUNDS
         else:
             assert verdict is None
 
     run()
-    report("quote", seen, {"admitted", "quote_wrong_signer", "quote_not_asked", "over_postpaid_cap"})
+    report(
+        "quote",
+        seen,
+        {
+            "admitted",
+            "quote_wrong_signer",
+            "quote_not_asked",
+            "no_trusted_arbiter",
+            "quote_untrusted_arbiter",
+            "over_postpaid_cap",
+        },
+    )
 
 
 def test_random_grants_are_refused_by_reason() -> None:
