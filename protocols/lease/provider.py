@@ -235,6 +235,7 @@ class ProviderRole(ServingRole, ChannelRole):
             return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
         state = await confirmed_lock(client, lock.payer, bytes.fromhex(lock.escrow_id[2:]))
         chain_now = await client.chain.run(client.chain.now)
+        channel_escrow = await self._is_channel(lock.escrow_id)
         wallet = opening.wallet
         check_lock(
             LockFacts(
@@ -260,9 +261,23 @@ class ProviderRole(ServingRole, ChannelRole):
                 duration_s=quote.duration_s,
                 token=state.token,
                 quote_token=terms.token,
+                channel_escrow=channel_escrow,
             )
         )
         return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
+
+    async def _is_channel(self, escrow_id: str) -> bool:
+        """Whether this escrow is a payment channel's we know: in the channel book, or a lease on it is checked now."""
+        book = self.channels
+        if escrow_id in self._channel_served:
+            return True
+        try:
+            await book.get(escrow_id)
+        except ClawnodeError as error:
+            if error.code != ErrorCode.NOT_FOUND:
+                raise
+            return False
+        return True
 
     def _served(self, lease_id: str, remote: str) -> ServedLease:
         served = self.served.get(lease_id)

@@ -208,6 +208,7 @@ class LockFacts:
     duration_s: int
     token: str = "0x" + "00" * 20  # the lock's ERC-20 (zero: the coin)
     quote_token: str | None = None  # the quote's
+    channel_escrow: bool = False  # our channel book holds this escrow id (or a channel lease is being checked on it)
 
 
 LEASE_ID_NOT_BOUND = "the lease id is not derived from the consumer's peer id"
@@ -223,6 +224,9 @@ def check_lock(f: LockFacts) -> None:
         raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock is paid by another wallet than the consumer's")
     if f.salt is None or len(f.salt) != LEASE_SALT_BYTES or lease_id_for(f.consumer, f.salt).hex() != f.escrow_id[2:]:
         raise ClawnodeError(ErrorCode.FORBIDDEN, LEASE_ID_NOT_BOUND)
+    if f.channel_escrow:
+        # A channel's id is derived as a lease's is: its leases' vouchers already draw on this lock.
+        raise ClawnodeError(ErrorCode.CONFLICT, "the escrow is a payment channel's", "lease_is_a_channel")
     check_escrow_lock(  # the checks the task market shares
         LockState(f.phase, f.payee, f.arbiter, f.amount, f.released, f.deadline, f.window, f.token),
         LockTerms(
