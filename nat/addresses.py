@@ -350,3 +350,18 @@ def candidate_addrs(host: IHost) -> list[str]:
     advertised = [str(addr).split("/p2p/")[0] for addr in host.get_addrs() if not is_relayed(str(addr))]
     found = sources_for(host).candidates()  # (the call above refreshed the factory's view)
     return found or advertised
+
+
+def ip_bucket(address: str) -> str | None:
+    """The bucket one remote address is counted in by per-IP bounds: the IPv4 address (an IPv4-mapped IPv6
+    address counts as its IPv4 one) or the IPv6 /64, since one home or host usually holds a whole /64;
+    None when ``address`` is no IP."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

@@ -53,7 +53,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
-from nat.addresses import sources_for
+from nat.addresses import ip_bucket, sources_for
 from nat.autonat import remote_ip
 from nat.notifee import QuietNotifee
 from wire.streams import (  # is_circuit is still imported from here
@@ -248,19 +248,6 @@ def _free_departed_reservations(protocol: CircuitV2Protocol) -> None:
     manager._clean_expired = clean_expired_and_departed  # type: ignore[method-assign]
 
 
-def _ip_bucket(address: str) -> str | None:
-    """The bucket reservations are counted in: the IPv4 address or the IPv6 /64 (None: no IP)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
 def _limit_reservations_per_ip(protocol: CircuitV2Protocol, host: IHost, per_ip: int, loopback_exempt: bool) -> None:
     """At most ``per_ip`` reservations held from one IP (IPv6 /64): py-libp2p counts only the total, so a
     stranger connecting from one address with ``max_reservations`` fresh identities, each reserving,
@@ -275,7 +262,7 @@ def _limit_reservations_per_ip(protocol: CircuitV2Protocol, host: IHost, per_ip:
             return None
         if loopback_exempt and ipaddress.ip_address(address.split("%")[0]).is_loopback:
             return None
-        return _ip_bucket(address)
+        return ip_bucket(address)
 
     def can_accept_within_ip_limit(peer_id: ID) -> bool:
         if not can_accept(peer_id):

@@ -46,6 +46,8 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
 from multiaddr import Multiaddr
 
+from nat.addresses import ip_bucket
+
 log = logging.getLogger(__name__)
 
 
@@ -82,16 +84,9 @@ class _NodeSettings(Protocol):
 
 
 def ip_key(address: str) -> str:
-    """The bucket a remote address is counted in: the IPv4 address, or the IPv6 /64."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    """The bucket a remote address is counted in: the IPv4 address, or the IPv6 /64 (the address itself
+    when it is no IP)."""
+    return ip_bucket(address) or address
 
 
 class ConnGuard:
