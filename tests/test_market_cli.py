@@ -66,7 +66,9 @@ def test_a_task_from_publish_to_payment_through_the_cli(
     creator = _daemon(tmp_path, "creator", env, accounts[1].key.hex(), []).start()
     daemons.append(creator)
     bootstrap = creator.identity()["listen_addrs"][:1]
-    bidder = _daemon(tmp_path, "bidder", env, accounts[2].key.hex(), bootstrap).start()
+    # A seller takes awards only under the arbiter its node trusts: on an rpc chain, escrow.arbiter.
+    trusting = {**env, "CLAWNODE_ESCROW_ARBITER": accounts[3].address}
+    bidder = _daemon(tmp_path, "bidder", trusting, accounts[2].key.hex(), bootstrap).start()
     arbiter = _daemon(tmp_path, "arbiter", env, accounts[3].key.hex(), bootstrap).start()
     daemons.extend([bidder, arbiter])
     for node in (bidder, arbiter):

@@ -332,3 +332,47 @@ async def test_a_creator_takes_its_lock_back_from_a_seller_that_delivers_nothing
         with pytest.raises(ClawnodeError) as late:  # and a delivery after it counts for nothing
             await seller.tasks.submit(view.task_id, b"late")
         assert late.value.code in (ErrorCode.CONFLICT, ErrorCode.FORBIDDEN)
+
+
+async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does_not_trust() -> None:
+    async with market_nodes([{}, {}]) as (nodes, _):
+        creator, seller = nodes
+        await seller.tasks.watch("model:wasm-upper")
+        topic = task_topic("model:wasm-upper")
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        # The creator names a second wallet of its own as the arbiter: it could reject the result, dispute
+        # and resolve the whole lock back to itself from that wallet, with nobody watching the seller's node.
+        sock = Account.create().address
+        view = await creator.tasks.publish_run(
+            "model:wasm-upper",
+            ETH,
+            120,
+            kind="wasm",
+            module=mods.UPPER,
+            input=b"pay me",
+            limits=Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output_bytes=4096),
+            arbiter_peer=_fresh_peer(),
+            arbiter_wallet=sock,
+            review_timeout_s=60,
+        )
+        task_id = view.task_id
+        await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(task_id, ETH // 2)
+        awarded = await creator.tasks.award(task_id, bid.bid_id)
+        assert awarded.escrow_id is not None
+
+        # The seller did not take it: no lease row to serve it under, nothing run, nothing delivered.
+        assert seller.tasks.view(task_id).state == "task_open"
+        with pytest.raises(ClawnodeError) as unknown:
+            await seller.ledger.get_lease(awarded.escrow_id[2:])
+        assert unknown.value.code == ErrorCode.NOT_FOUND
+        await trio.sleep(1.0)
+        assert creator.tasks.view(task_id).result_state != "result_submitted"
+        assert seller.tasks.local[task_id].result_env is None
+
+        # Sent again by hand, the refusal says why.
+        envelope = creator.tasks.local[task_id].award_env
+        assert envelope is not None
+        with pytest.raises(ClawnodeError) as refused:
+            await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
+        assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")

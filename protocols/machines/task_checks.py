@@ -183,8 +183,29 @@ class AwardLockFacts:
     window: int  # our dispute window
     lasts_until: int  # :func:`lock_lasts_until`
     lock: LockState | None  # None: not read (the chain or the contract is not ours)
+    trusted_arbiter: str | None  # the arbiter our own escrow terms name; None when this node knows none
     lock_threshold: int = 0  # m of a panel lock (its arbiter is then the zero address); 0: one arbiter
     panel_named: bool = False  # the award's params name a panel (checked apart: ``panel_lock_verdict``)
+
+
+def award_arbiter_verdict(arbiter_wallet: str, trusted_arbiter: str | None) -> Refusal | None:
+    """An award's single arbiter must be the one this node trusts (its own escrow terms' arbiter): the
+    arbiter decides a disputed lock alone, so a creator naming a second wallet of its own could reject
+    the work, dispute, and resolve the whole price back to itself. A panel's members are checked apart."""
+    if trusted_arbiter is None:
+        return _refuse(
+            ErrorCode.UNAVAILABLE,
+            "no_trusted_arbiter",
+            "this node knows no arbiter of its own (no escrow chain connected, or none configured): "
+            "set escrow.arbiter to the arbiter you trust",
+        )
+    if arbiter_wallet.lower() != trusted_arbiter.lower():
+        return _refuse(
+            F,
+            "award_untrusted_arbiter",
+            "the award's escrow names another arbiter than the one this node trusts (escrow.arbiter)",
+        )
+    return None
 
 
 def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
@@ -198,6 +219,8 @@ def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
         # A panel lock's arbiter is the zero address, as a panel task's announced arbiter_wallet: without
         # this, a creator could lock with a panel of its own wallets under params that name none.
         return _refuse(F, "lock_panel_unnamed", "the escrow lock is decided by a panel the award does not name")
+    if not f.panel_named and (refusal := award_arbiter_verdict(f.arbiter_wallet, f.trusted_arbiter)) is not None:
+        return refusal
     return lock_verdict(f.lock, LockTerms("task", f.payee, f.arbiter_wallet, f.price, f.window, f.lasts_until))
 
 

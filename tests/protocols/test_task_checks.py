@@ -121,6 +121,9 @@ def test_the_award_lock_check_asks_chain_contract_and_payee_first() -> None:
             window=30,
             lasts_until=9_000,
             lock=d(st.sampled_from([lock, lock, lock, None])),
+            trusted_arbiter=d(
+                st.sampled_from([ARB_WALLET, ARB_WALLET, ARB_WALLET.upper().replace("0X", "0x"), OTHER_WALLET, None])
+            ),
         )
         verdict = c.award_lock_verdict(facts)
         tally(seen, verdict)
@@ -130,18 +133,46 @@ def test_the_award_lock_check_asks_chain_contract_and_payee_first() -> None:
             assert verdict is not None and verdict.code == ErrorCode.FORBIDDEN
         elif facts.lock is None:
             assert verdict is not None and verdict.reason == "lock_unread"
+        elif facts.trusted_arbiter is None:
+            assert verdict is not None and (verdict.code, verdict.reason) == (
+                ErrorCode.UNAVAILABLE,
+                "no_trusted_arbiter",
+            )
+        elif facts.trusted_arbiter.lower() != ARB_WALLET.lower():
+            assert verdict is not None and (verdict.code, verdict.reason) == (
+                ErrorCode.FORBIDDEN,
+                "award_untrusted_arbiter",
+            )
         else:
             assert (verdict.reason if verdict else None) == lock_oracle(facts.lock, TERMS)
 
     run()
-    report("award lock", seen, {"admitted", "award_other_chain", "award_pays_other_wallet", "lock_not_active"})
+    report(
+        "award lock",
+        seen,
+        {
+            "admitted",
+            "award_other_chain",
+            "award_pays_other_wallet",
+            "lock_not_active",
+            "award_untrusted_arbiter",
+            "no_trusted_arbiter",
+        },
+    )
 
 
 def test_a_panel_lock_counts_only_under_params_that_name_a_panel() -> None:
     zero = "0x" + "00" * 20
     lock = LockState("active", PAYEE, zero, 1_000, 0, 9_000, 30)
-    facts = c.AwardLockFacts(31337, 31337, WALLETS[2], WALLETS[2], PAYEE, PAYEE, zero, 1_000, 30, 9_000, lock)
+    facts = c.AwardLockFacts(31337, 31337, WALLETS[2], WALLETS[2], PAYEE, PAYEE, zero, 1_000, 30, 9_000, lock, zero)
     assert c.award_lock_verdict(facts) is None  # a zero arbiter alone is the panel check's to judge
+    # ... but a single arbiter this node does not trust is not, under params that name no panel
+    untrusted = c.award_lock_verdict(dataclasses.replace(facts, trusted_arbiter=PAYEE))
+    assert untrusted is not None and (untrusted.code, untrusted.reason) == (
+        ErrorCode.FORBIDDEN,
+        "award_untrusted_arbiter",
+    )
+    assert c.award_lock_verdict(dataclasses.replace(facts, trusted_arbiter=PAYEE, panel_named=True)) is None
     unnamed = c.award_lock_verdict(dataclasses.replace(facts, lock_threshold=2))
     assert unnamed is not None and (unnamed.code, unnamed.reason) == (ErrorCode.FORBIDDEN, "lock_panel_unnamed")
     assert c.award_lock_verdict(dataclasses.replace(facts, lock_threshold=2, panel_named=True)) is None
