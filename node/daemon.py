@@ -558,6 +558,7 @@ class Node:
                         locate=self.dht.find_peer_addrs,
                         sandbox=self.sandbox,
                         models=self.model_host,
+                        arbiter=self._task_arbiter,
                     )
                     self._tasks.escrow_terms = self._escrow_terms  # a seller takes awards under our arbiter only
                     await nursery.start(self.supervisor.run, "tasks", self._tasks.run)
@@ -856,6 +857,12 @@ class Node:
         """A model this node loaded from the file with this sha256 (verified inference), or None."""
         name = next((name for name, known in self.model_host.sha256s.items() if known == sha256), None)
         return self.model_host.get(name) if name is not None else None
+
+    def _task_arbiter(self) -> tuple[str, str] | None:
+        """The arbiter a task this node publishes names when the request names none: the configured
+        arbiter peer with this node's arbiter wallet, or None (the publish is refused ``no_arbiter``)."""
+        peer = self.config.escrow.arbiter_peer
+        return (peer, self._arbiter) if peer and self._arbiter else None
 
     def _escrow_terms(self) -> EscrowTerms | None:
         """What this node asks a buyer to lock; None while there is no chain (or no arbiter)."""
