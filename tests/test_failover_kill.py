@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from dht.discovery import DiscoveryQuery
+from node.config import Config
 from node.daemon import Node
 from node.datadir import read_api_token
 from runtime.escrow import EscrowClient
@@ -69,11 +70,22 @@ async def test_killing_the_streaming_provider_switches_to_the_next(anvil: AnvilE
             account = chain.dev_accounts()[index]
             return lambda _key: EscrowClient(chain, account, escrow.address)
 
+        def under_cheaps_arbiter(config: Config) -> Config:
+            # A consumer locks only under the arbiter it trusts: all three name the one cheap's config does.
+            trusted = config.escrow.model_copy(update={"arbiter": chain.dev_accounts()[9].address})
+            return config.model_copy(update={"escrow": trusted})
+
         with tempfile.TemporaryDirectory(prefix="clawnode-failover-") as root:
             backup = Node(
-                market_config(bootstrap=bootstrap, models=(spec,)), Path(root) / "backup", escrow_connector=connector(2)
+                under_cheaps_arbiter(market_config(bootstrap=bootstrap, models=(spec,))),
+                Path(root) / "backup",
+                escrow_connector=connector(2),
             )
-            consumer = Node(market_config(bootstrap=bootstrap), Path(root) / "consumer", escrow_connector=connector(3))
+            consumer = Node(
+                under_cheaps_arbiter(market_config(bootstrap=bootstrap)),
+                Path(root) / "consumer",
+                escrow_connector=connector(3),
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(backup.run)
                 await nursery.start(consumer.run)

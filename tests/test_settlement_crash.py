@@ -150,6 +150,9 @@ async def _sigkill_the_provider(anvil: AnvilEscrow, provider: ForkedDaemon) -> N
         addrs = provider.identity()["listen_addrs"]
         with tempfile.TemporaryDirectory(prefix="clawnode-crash-") as root:
             config = market_config(bootstrap=addrs[:1])
+            # The consumer locks only under the arbiter it trusts: the one the provider's config names.
+            trusted = config.escrow.model_copy(update={"arbiter": chain.dev_accounts()[9].address})
+            config = config.model_copy(update={"escrow": trusted})
             consumer = Node(
                 config,
                 Path(root) / "consumer",
