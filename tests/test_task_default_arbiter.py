@@ -21,4 +21,4 @@ async def test_a_task_published_without_an_arbiter_names_the_nodes_configured_on
         creator.config = creator.config.model_copy(update={"escrow": escrow})  # as if configured so
         view = await creator.tasks.publish(WORDS, budget=1000, deadline_s=600)
         assert view.arbiter == str(arbiter.host.get_id())
-        assert view.arbiter_wallet.lower() == shared.arbiter.address.lower()
+        assert view.arbiter_wallet is not None and view.arbiter_wallet.lower() == shared.arbiter.address.lower()
