@@ -96,3 +96,26 @@ def confirmation_verdict(confirmed_phase: str, latest_phase: str, confirmations:
 def check_escrow_lock(lock: LockState, terms: LockTerms) -> None:
     """:func:`lock_verdict`, raised."""
     enforce(lock_verdict(lock, terms))
+
+
+def trusted_arbiter_verdict(
+    arbiter: str, trusted_arbiter: str | None, *, subject: Literal["lease", "task"]
+) -> Refusal | None:
+    """A lock (a lease's, a payment channel's or a task's) only under the arbiter this node trusts (its
+    own escrow terms' arbiter): the arbiter decides a disputed escrow alone, so one the other party names
+    (a second wallet of its own) could resolve the whole amount locked to that party."""
+    if trusted_arbiter is None:
+        return Refusal(
+            ErrorCode.UNAVAILABLE,
+            "no_trusted_arbiter",
+            "this node knows no arbiter of its own (no escrow chain connected, or none configured): "
+            "set escrow.arbiter to the arbiter you trust",
+        )
+    if arbiter.lower() != trusted_arbiter.lower():
+        named_by = "the provider's escrow" if subject == "lease" else "the award's escrow"
+        return Refusal(
+            ErrorCode.FORBIDDEN,
+            "quote_untrusted_arbiter" if subject == "lease" else "award_untrusted_arbiter",
+            f"{named_by} names another arbiter than the one this node trusts (escrow.arbiter)",
+        )
+    return None

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from protocols.machines.escrow_lock import escrow_frozen
+from protocols.machines.escrow_lock import escrow_frozen, trusted_arbiter_verdict
 from protocols.machines.history import History
 from protocols.machines.lease import LEASE_HISTORY
 from protocols.machines.lease_calls import (
@@ -185,23 +185,8 @@ class QuoteFacts:
 
 
 def arbiter_verdict(quote_arbiter: str, trusted_arbiter: str | None) -> Refusal | None:
-    """A lock (a lease's or a payment channel's) only under the arbiter this node trusts: the arbiter
-    decides a disputed escrow alone, so one the provider names (a wallet of its own) could pay it the
-    whole amount locked."""
-    if trusted_arbiter is None:
-        return Refusal(
-            ErrorCode.UNAVAILABLE,
-            "no_trusted_arbiter",
-            "this node knows no arbiter of its own (no escrow chain connected, or none configured): "
-            "set escrow.arbiter to the arbiter you trust",
-        )
-    if quote_arbiter.lower() != trusted_arbiter.lower():
-        return Refusal(
-            ErrorCode.FORBIDDEN,
-            "quote_untrusted_arbiter",
-            "the provider's escrow names another arbiter than the one this node trusts (escrow.arbiter)",
-        )
-    return None
+    """A lease's or a payment channel's lock only under the arbiter this node trusts."""
+    return trusted_arbiter_verdict(quote_arbiter, trusted_arbiter, subject="lease")
 
 
 def quote_verdict(f: QuoteFacts) -> Refusal | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict
+from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict, trusted_arbiter_verdict
 from protocols.machines.task_model import ReceiptState, ResultState
 from protocols.machines.verdict import Refusal
 from protocols.task_wire import MAX_ARTIFACT, MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE, MAX_PARAMS
@@ -189,23 +189,8 @@ class AwardLockFacts:
 
 
 def award_arbiter_verdict(arbiter_wallet: str, trusted_arbiter: str | None) -> Refusal | None:
-    """An award's single arbiter must be the one this node trusts (its own escrow terms' arbiter): the
-    arbiter decides a disputed lock alone, so a creator naming a second wallet of its own could reject
-    the work, dispute, and resolve the whole price back to itself. A panel's members are checked apart."""
-    if trusted_arbiter is None:
-        return _refuse(
-            ErrorCode.UNAVAILABLE,
-            "no_trusted_arbiter",
-            "this node knows no arbiter of its own (no escrow chain connected, or none configured): "
-            "set escrow.arbiter to the arbiter you trust",
-        )
-    if arbiter_wallet.lower() != trusted_arbiter.lower():
-        return _refuse(
-            F,
-            "award_untrusted_arbiter",
-            "the award's escrow names another arbiter than the one this node trusts (escrow.arbiter)",
-        )
-    return None
+    """An award's single arbiter must be the one this node trusts; a panel's members are checked apart."""
+    return trusted_arbiter_verdict(arbiter_wallet, trusted_arbiter, subject="task")
 
 
 def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
