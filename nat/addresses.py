@@ -365,3 +365,13 @@ def ip_bucket(address: str) -> str | None:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def is_loopback_ip(address: str) -> bool:
+    """Whether ``address`` is a loopback IP (an IPv4-mapped one included); False when it is no IP."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)

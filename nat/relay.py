@@ -26,7 +26,6 @@ Built on py-libp2p's ``libp2p.relay.circuit_v2``:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 import weakref
@@ -53,7 +52,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
-from nat.addresses import ip_bucket, sources_for
+from nat.addresses import ip_bucket, is_loopback_ip, sources_for
 from nat.autonat import remote_ip
 from nat.notifee import QuietNotifee
 from wire.streams import (  # is_circuit is still imported from here
@@ -260,7 +259,7 @@ def _limit_reservations_per_ip(protocol: CircuitV2Protocol, host: IHost, per_ip:
         address = remote_ip(host, peer_id)
         if not address:
             return None
-        if loopback_exempt and ipaddress.ip_address(address.split("%")[0]).is_loopback:
+        if loopback_exempt and is_loopback_ip(address):
             return None
         return ip_bucket(address)
 

@@ -30,7 +30,6 @@ py-libp2p's own path unchanged.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import weakref
@@ -46,7 +45,7 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
 from multiaddr import Multiaddr
 
-from nat.addresses import ip_bucket
+from nat.addresses import ip_bucket, is_loopback_ip
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ class ConnGuard:
             return
         address = self._address(read_write_closer)
         key = ip_key(address) if address else "unknown"
-        counted = address is not None and not (self.limits.loopback_exempt and _is_loopback(address))
+        counted = address is not None and not (self.limits.loopback_exempt and is_loopback_ip(address))
         reason = self._refusal(key, counted)
         if reason is not None:
             self.refused[reason] += 1
@@ -196,15 +195,6 @@ class ConnGuard:
             log.debug("inbound connection closed: no upgrade within %g s", self.limits.handshake_timeout_s)
         await _close_quietly(raw if raw is not None else read_write_closer)
         return None
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool((mapped or ip).is_loopback)
 
 
 async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
