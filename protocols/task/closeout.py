@@ -11,6 +11,7 @@ book applies), or for a bounded backoff while a settlement lands.
 from __future__ import annotations
 
 import functools
+import math
 
 import trio
 
@@ -203,8 +204,8 @@ class CloseOutRole(TaskCore):
         so does a rejected one a re-run decides (``rejection_dispute_due``), before the refund's window ends."""
         local = self.local.get(task_id)
         result, receipt = record.result, record.receipt
-        if local is None or record.award is None or result is None:
-            return
+        if local is None or record.award is None or result is None or record.award.bidder != self.peer_id:
+            return  # only the awarded seller disputes so: no params parsed each sweep for others' tasks
         facts = checks.SilenceFacts(
             seller=record.award.bidder == self.peer_id,
             result_state=result.state,
@@ -218,10 +219,10 @@ class CloseOutRole(TaskCore):
             rejected_at=receipt.not_before - self.limits.dispute_window_s if receipt is not None else 0.0,
         )
         if checks.silence_dispute_due(facts):
-            local.silence_tried_at = now
+            local.silence_tried_at = math.inf  # no second dispute transaction while this one is in flight
             self._spawn(self._dispute_silence, task_id, "the creator did not review the result in time")
         elif checks.rejection_dispute_due(facts):
-            local.silence_tried_at = now
+            local.silence_tried_at = math.inf
             self._spawn(self._dispute_silence, task_id, "the re-run decides: the result is the program's")
 
     async def _dispute_silence(self, task_id: str, reason: str) -> None:
@@ -230,6 +231,9 @@ class CloseOutRole(TaskCore):
             log.info("task %s disputed by the seller: %s", task_id[:12], reason)
         except ClawnodeError as error:  # tried again after SILENCE_RETRY_S while it is still due
             log.info("task %s: the seller's dispute could not be sent yet: %s", task_id[:12], error.code)
+        finally:
+            if (local := self.local.get(task_id)) is not None:
+                local.silence_tried_at = self._now()  # the retry interval counts from the attempt's end
 
     def _forget_finished(self, now: float) -> None:
         """Finished tasks leave memory after ``TASK_FINISHED_KEEP_S`` or beyond the newest

@@ -112,11 +112,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
         return self._view(view.task_id)
 
     def _rerun_decides(self, local: TaskLocal) -> bool:
-        params = local.params if local.params is not None else (local.award.params if local.award else None)
-        try:
-            terms = w.sandbox_terms(params)
-        except ClawnodeError:
-            return False
+        terms = self._terms_of(local)
         return terms is not None and terms.arbitration == "rerun"
 
     async def _on_terms(self, message: w.TermsRequest, remote: str) -> w.TermsReply:
