@@ -147,7 +147,7 @@ def call_proof(
         body = CommitmentBody.model_validate({**body.model_dump(exclude_none=True), "v": 2, **bound})
     return CallProof(
         commitment=sign_commitment(body, key),
-        tokens=[p.token for p in recorder.positions],
+        tokens=recorder.tokens,
         chunks=[base64.b64encode(c).decode() for c in committed.chunks],
     )
 

@@ -156,6 +156,14 @@ class CallRecorder:
         return "".join(self._text)
 
     @property
+    def tokens(self) -> list[int]:
+        """The token ids recorded so far, in order (what the end frame's proof names: no Position made)."""
+        tokens: list[int] = []
+        for part in self._parts:
+            tokens += [p.token for p in part] if isinstance(part, list) else part.tokens
+        return tokens
+
+    @property
     def positions(self) -> list[Position]:
         """Every position recorded so far (a block's made into Positions only when asked for)."""
         for part in self._parts[self._listed :]:
