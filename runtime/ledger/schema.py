@@ -315,7 +315,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     # 12: an arbiter's re-runs of lease dispute cases, so a restart does not grant each lease (and each
-    # peer) its re-runs again (runtime/ledger/reruns.py; bounded there).
+    # peer) its re-runs again (runtime/ledger/reruns.py; bounded there); disputes found by their lease
+    # (Ledger.disputes_of) without scanning the table.
     """
     CREATE TABLE dispute_reruns (
         lease_id TEXT PRIMARY KEY,
@@ -328,6 +329,7 @@ MIGRATIONS: tuple[str, ...] = (
         at INTEGER NOT NULL
     );
     CREATE INDEX dispute_rerun_peers_peer ON dispute_rerun_peers (peer);
+    CREATE INDEX disputes_lease ON disputes (lease_id);
     """,
 )
 
