@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.inference.engine import MAX_CHOICES, LlamaModel
+from runtime.inference.engine import MAX_CHOICES, MAX_JOINED_TOKENS, LlamaModel
 from runtime.inference.grammar import check_schema, invalid, schema_grammar
 from runtime.inference.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Sampling
 from runtime.inference.tools import ToolUse, merge_deltas, parse_tools, tools_grammar
@@ -44,9 +44,9 @@ DEFAULT_TEMPERATURE = 0.8
 MAX_EMBEDDING_INPUTS = 256
 EMBEDDINGS_PER_CHUNK = 32  # a 1 MiB call frame holds ~70 640-d vectors as JSON
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
-# Tokens one merged chunk holds at most: chunks that piled up while the wire was slow (a reply with
-# 20 logprobs a token is ~1.3 KB a token) must still go out in frames under the call frame bound.
-MAX_MERGED_TOKENS = 64
+# Tokens one merged chunk holds at most: the engine's own bound on a joined chunk (chunks that piled up
+# while the wire was slow must still go out in frames under the call frame bound).
+MAX_MERGED_TOKENS = MAX_JOINED_TOKENS
 
 
 def _invalid(message: str) -> ClawnodeError:

@@ -37,12 +37,6 @@ class GraphUnmetered(ClawnodeError):
         super().__init__(ErrorCode.INVALID_ARGUMENT, "a graph the layer meter cannot count is refused", reason)
 
 
-def graph_tokens(payload: bytes | bytearray | memoryview) -> tuple[int, int] | None:
-    """(device, tokens) of a GRAPH_COMPUTE payload, or None if it is refused (``graph_count``)."""
-    counted = graph_count(payload)
-    return None if isinstance(counted, GraphRefused) else (counted.device, counted.tokens)
-
-
 REQUEST_HEADER = HEADER  # | command (1) | size (8) |
 REPLY_HEADER = 8  # | size (8) |: every reply of an RPC server (send_msg)
 
@@ -148,7 +142,10 @@ class RpcMeter:
             counted = graph_count(payload if payload is not None else b"")
             if isinstance(counted, GraphRefused):
                 self._refuse(counted.reason)
-            self._last_tokens[counted.device] = counted.tokens
+            if counted.tokens:
+                self._last_tokens[counted.device] = counted.tokens
+            else:  # an empty graph: a RECOMPUTE of it counts 0 either way, and no device id is kept for it
+                self._last_tokens.pop(counted.device, None)
             self.tokens += counted.tokens
         elif command == GRAPH_RECOMPUTE:
             self.graphs += 1
