@@ -4,9 +4,9 @@ Usage::
 
     PYTHONPATH=. GGML_NO_BACKTRACE=1 OMP_WAIT_POLICY=PASSIVE python bench/inference.py [--model gemma] [--requests 10]
     PYTHONPATH=. GGML_NO_BACKTRACE=1 OMP_WAIT_POLICY=PASSIVE python bench/inference.py --model tiny   # quick mode
-    ... bench/inference.py --model tiny --max-tokens 256 --sequential-only   # fast_ratio and ttft_added_ms alone
+    ... bench/inference.py --model tiny --max-tokens 256 --sequential-only   # fast_ratio, ttft_added_ms (+ _processes)
 
-One process, one ``trio.run``:
+One process, one ``trio.run`` (``--processes``, below, adds daemon processes):
 
 - ``direct``: a ``LlamaModel`` loaded here, called with ``stream_chat``;
 - ``network``: two full ``node.daemon.Node``s from ``tests.support.market.market_nodes`` on loopback,
@@ -28,6 +28,35 @@ Direct and network requests alternate (the order flips every request), so load d
 untimed warm-up request of each runs first. Also printed: the engine's own view of each path (its
 ``Completion.tokens_per_s`` and first-token time, read from the provider's model as well), which tells
 whether the engine slowed down or only the delivery did.
+
+Then, with ``--processes`` (on by default with ``--sequential-only``, else off), the same pairs with the
+provider a process of its own, as in a deployment, where the consumer is another machine. In the
+one-process phase one trio thread does both nodes' work (Noise, Yamux, frames, spare-stream refills,
+vouchers and receipts) under the GIL that the provider's engine worker needs (the tiny model's worker
+spends most of a token in Python), so the consumer's work slows the provider's engine, which never
+happens between two machines. Here a bootstrap daemon (``clawnode start --role bootstrap``,
+``escrow.mode = "auto"``: it runs the network's development chain) and a provider daemon serving the
+same GGUF (``[[models]]`` with ``path``, the same threads, ``price_per_unit``) are fresh ``python -m
+node.cli start`` processes (not forked from the tests' zygote; held as ``tests/support/processes.py``'s
+``DaemonProcess``, with the environment of ``tests/test_three_homes.py``); the consumer is a ``Node`` in
+this process that joins that chain through the bootstrap (``escrow.mode = "auto"``), dials the provider
+and opens one escrowed lease. Its pairs alternate with ``direct`` on the bench's own model as above
+(same prompts, ``--max-tokens``, timing rules, warm-ups; the direct side measured again in the same
+window). Keys, at the line's end: ``fast_ratio_processes`` and ``ttft_added_ms_processes`` (medians, as
+``fast_ratio`` and ``ttft_added_ms``), ``processes_*`` (both paths' tok/s and TTFT p50, per-pair
+medians, chunks a token), ``provider_tok_s_processes`` (the provider's own clocks from its ``/metrics``:
+the timed calls' tokens after each first chunk over their time from the first chunk written to the
+engine's end, summed), ``provider_first_chunk_ms_processes`` (its mean time from a call's start there to
+its first chunk written), and per token from the kernel's scheduler clocks
+(``/proc/<pid>/task/<tid>/schedstat``, over the timed pairs):
+``processes_engine_cpu_us_per_token_direct`` / ``_provider`` (the engine worker thread on a CPU; the
+provider's is its busiest thread), ``processes_engine_wait_us_per_token_direct`` / ``_provider`` (the
+same thread runnable but waiting for a CPU), ``processes_provider_cpu_us_per_token`` (all the provider's
+threads), ``processes_consumer_cpu_us_per_token`` (this process's CPU across each network call, while
+the direct engine is idle) and ``processes_bootstrap_cpu_us_per_token``. The daemons keep Yamux's RTT
+pings (only this process turns them off); they are stopped (SIGTERM) at the phase's end, on errors and
+ctrl-C, and get SIGTERM from the kernel if the bench dies first (``PR_SET_PDEATHSIG``). On one machine
+the processes still share its cores: the split takes away the shared GIL, not the shared CPUs.
 
 Then aggregate throughput with 1, 4 and 8 concurrent network clients, each with its own lease from the
 same consumer Node: 8 requests per level in all (8 // c each); aggregate tok/s is all completion tokens
@@ -116,22 +145,26 @@ from typing import Any
 
 import httpx
 import jsonschema
+import multiaddr
 import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dht.offers import Offer
-from node.config import MarketSection
+from node.config import ApiSection, BootstrapSection, Config, EscrowSection, MarketSection, NodeSection
 from node.daemon import Node
-from node.datadir import read_api_token
+from node.datadir import RunningNode, read_api_token, read_running
+from runtime.errors import ClawnodeError
 from runtime.inference.engine import LlamaModel, TokenStream
 from runtime.inference.models import ModelSpec
 from runtime.inference.service import ChatService
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.service import Emit, ServiceRegistry, Usage
 from tests.inference.schemas import random_schema
-from tests.support.market import market_nodes
+from tests.support.market import market_nodes, metric_samples, wait_for
+from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, prepare_data_dir
 
 MODEL_NAME = "bench"
 CAPABILITY = f"model:{MODEL_NAME}"
@@ -223,6 +256,17 @@ class Figures:
     notes: list[str] = field(default_factory=list)
     # Serving many clients (issue 19): (backend, clients) -> (aggregate tok/s, TTFTs in seconds).
     serving: dict[tuple[str, int], tuple[float, list[float]]] = field(default_factory=dict)
+    # The provider a daemon process of its own (``--processes``): the same pairs, the direct side again.
+    proc_direct: list[Sample] = field(default_factory=list)
+    proc_network: list[Sample] = field(default_factory=list)
+    proc_pieces: list[float] = field(default_factory=list)
+    # The provider's own clocks over the timed calls: (tokens after each first chunk, seconds from the
+    # first chunk written to the engine's end, seconds from a call's start to its first chunk written,
+    # calls), summed; from its /metrics.
+    proc_provider: tuple[int, float, float, float] | None = None
+    # Scheduler clocks (/proc/<pid>/task/<tid>/schedstat) over the timed pairs, nanoseconds: each path's
+    # engine thread on a CPU and runnable but waiting for one; the provider process's threads on a CPU.
+    proc_sched: dict[str, int] = field(default_factory=dict)
 
 
 class FrameService:
@@ -769,7 +813,254 @@ def p95(values: Sequence[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)] if ordered else math.nan
 
 
-async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> None:
+# -- the provider in a process of its own (issue 19) ----------------------------------------------
+
+# As tests/test_three_homes.py runs its daemons: settlements retried every 0.5 s, no default bootstrap peers.
+DAEMON_ENV = {"CLAWNODE_ESCROW_SETTLE_INTERVAL_S": "0.5", "CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# ``python -m node.cli ARG...`` that gets SIGTERM when the bench's main thread ends, however it ends
+# (SIGALRM's backstop, SIGKILL, a crash): PR_SET_PDEATHSIG (1) survives the exec; argv[1] is the bench's
+# pid, in case it ended before the prctl.
+ORPHAN_GUARD = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'node.cli', *sys.argv[2:]])\n"
+)
+
+
+def launch_daemon(data_dir: Path, args: list[str]) -> DaemonProcess:
+    """``clawnode start --data-dir DATA_DIR ARG...`` as a fresh process (``tests/support/processes.py``'s
+    ``DaemonProcess``, which stops it and reads its API). Called on the trio (main) thread: the parent
+    death signal fires when the thread that forked the child ends, and trio's worker threads end when idle."""
+    daemon = DaemonProcess(data_dir, args, env=DAEMON_ENV)
+    daemon.log_path = data_dir.parent / f"{data_dir.name}.log"
+    argv = [sys.executable, "-c", ORPHAN_GUARD, str(os.getpid()), "start", "--data-dir", str(data_dir), *args]
+    env = {**os.environ, **DAEMON_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    with open(daemon.log_path, "a") as log:
+        daemon.process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env, cwd=REPO_ROOT
+        )
+    return daemon
+
+
+async def daemon_running(daemon: DaemonProcess, timeout_s: float) -> RunningNode:
+    """The daemon's ``running.json`` once it wrote it (its API and libp2p host are up)."""
+    assert daemon.process is not None
+    with trio.fail_after(timeout_s):
+        while True:
+            if daemon.process.poll() is not None:
+                raise RuntimeError(f"clawnode exited with {daemon.process.returncode}:\n{daemon.log()[-3000:]}")
+            running = read_running(daemon.data_dir)
+            if running is not None and running.pid == daemon.process.pid:
+                return running
+            await trio.sleep(0.1)
+
+
+async def daemon_api(client: httpx.AsyncClient, daemon: DaemonProcess, running: RunningNode, path: str) -> Any:
+    token = await trio.to_thread.run_sync(read_api_token, daemon.data_dir)
+    reply = await client.get(f"{running.api_url}{path}", headers={"authorization": f"Bearer {token}"})
+    reply.raise_for_status()
+    return reply.json() if path != "/metrics" else reply.text
+
+
+async def escrow_connected(client: httpx.AsyncClient, daemon: DaemonProcess, running: RunningNode) -> None:
+    while (await daemon_api(client, daemon, running, "/api/ledger/summary"))["escrow"]["state"] != "connected":
+        await trio.sleep(0.2)
+
+
+def p2p_addr(running: RunningNode) -> str:
+    addr = running.listen_addrs[0]
+    return addr if "/p2p/" in addr else f"{addr}/p2p/{running.peer_id}"
+
+
+async def provider_view(
+    client: httpx.AsyncClient, daemon: DaemonProcess, running: RunningNode
+) -> tuple[float, float, float]:
+    """The provider's own clocks over the model calls it served for leases, summed (its ``/metrics``):
+    (seconds from each call's start to its first chunk written, seconds to the engine's end, calls)."""
+    samples = metric_samples(await daemon_api(client, daemon, running, "/metrics"))
+    return (
+        samples.get('clawnode_inference_first_token_seconds_sum{via="lease"}', math.nan),
+        samples.get('clawnode_inference_duration_seconds_sum{via="lease"}', math.nan),
+        samples.get('clawnode_inference_first_token_seconds_count{via="lease"}', math.nan),
+    )
+
+
+async def processes_phase(
+    args: argparse.Namespace,
+    path: Path,
+    scratch: Path,
+    direct_model: LlamaModel,
+    direct_tap: EngineTap,
+    figures: Figures,
+    deadline: float,
+) -> None:
+    """The sequential pairs again, the provider a ``clawnode start`` process of its own (its engine and
+    its trio thread alone in it, as on a machine of its own), a bootstrap daemon running the network's
+    development chain, and the consumer a ``Node`` in this process that joins that chain
+    (``escrow.mode = "auto"``) through the bootstrap, as a home node does."""
+    if time.perf_counter() >= deadline:
+        figures.notes.append("skipped the processes phase by the time limit")
+        return
+    chat_format = "gemma" if args.model == "gemma" else None
+    boot_dir = prepare_data_dir(
+        scratch / "boot",
+        config=f'[escrow]\nmode = "auto"\ndev_rpc_listen = "127.0.0.1:{free_port()}"\n',
+    )
+    model_toml = f'[[models]]\nname = "{MODEL_NAME}"\npath = {json.dumps(str(path))}\nn_threads = {args.threads}\n'
+    model_toml += f"price_per_unit = {PRICE}\n" + (f'chat_format = "{chat_format}"\n' if chat_format else "")
+    provider_dir = prepare_data_dir(scratch / "provider", config='[escrow]\nmode = "auto"\n\n' + model_toml)
+    daemons: list[DaemonProcess] = []
+    mark = time.perf_counter()
+    try:
+        async with httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+            with trio.fail_after(max(1.0, min(180.0, deadline - time.perf_counter()))):
+                daemons.append(launch_daemon(boot_dir, [*LOOPBACK_ANY_PORT, "--role", "bootstrap"]))
+                boot = await daemon_running(daemons[0], 120)
+                daemons.append(launch_daemon(provider_dir, [*LOOPBACK_ANY_PORT, "--bootstrap", p2p_addr(boot)]))
+                served = await daemon_running(daemons[1], 120)
+                await escrow_connected(client, daemons[0], boot)
+                await escrow_connected(client, daemons[1], served)
+                config = Config(
+                    node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"]),  # type: ignore[call-arg]
+                    api=ApiSection(port=0),
+                    bootstrap=BootstrapSection(peers=[p2p_addr(boot)], use_defaults=False),
+                    escrow=EscrowSection(mode="auto", settle_interval_s=0.5),  # type: ignore[call-arg]
+                    market=MarketSection(),  # type: ignore[call-arg]
+                )
+                consumer = Node(config, scratch / "consumer")
+                await nursery.start(consumer.run)
+                await wait_for(
+                    lambda: consumer.escrow_client is not None and consumer.settlement_queue is not None,
+                    what="the consumer's escrow",
+                )
+                await consumer.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(p2p_addr(served))))
+                lease_id = ""
+                while not lease_id:  # the provider may still be loading its model
+                    try:
+                        lease = await consumer.market.open_lease(
+                            served.peer_id, CAPABILITY, budget=10**9 * PRICE, duration_s=3600, expected_units=10**6
+                        )
+                        lease_id = lease.lease_id
+                    except ClawnodeError:
+                        await trio.sleep(0.5)
+            progress(
+                f"processes: bootstrap and provider daemons up, consumer joined, lease open in "
+                f"{time.perf_counter() - mark:.1f}s (load {load()})"
+            )
+            view = functools.partial(provider_view, client, daemons[1], served)
+            await processes_pairs(
+                args, consumer, lease_id, direct_model, direct_tap, figures, deadline, view, served.pid, boot.pid
+            )
+            nursery.cancel_scope.cancel()
+    except* trio.TooSlowError:
+        figures.notes.append("processes phase cut by the time limit")
+    except* Exception as failed:  # noqa: BLE001 - reported; the in-process figures stand
+        for error in failed.exceptions:
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            figures.notes.append(f"processes phase failed: {type(error).__name__}: {first_line}")
+            progress(f"processes phase failed: {error!r}")
+        for daemon in daemons:
+            progress(f"{daemon.data_dir.name} daemon's log, its end:\n{daemon.log()[-2000:]}")
+    finally:
+        with trio.CancelScope(shield=True):
+            for daemon in reversed(daemons):
+                code, _ = await trio.to_thread.run_sync(daemon.stop)
+                if code not in (0, -signal.SIGTERM):
+                    figures.notes.append(f"{daemon.data_dir.name} daemon exited with {code}")
+
+
+async def processes_pairs(
+    args: argparse.Namespace,
+    consumer: Node,
+    lease_id: str,
+    direct_model: LlamaModel,
+    direct_tap: EngineTap,
+    figures: Figures,
+    deadline: float,
+    view: Any,
+    provider_pid: int,
+    bootstrap_pid: int,
+) -> None:
+    """``--requests`` pairs, as the sequential phase: direct and network alternating, the order
+    flipping every request, after one untimed warm-up of each."""
+    await direct_once(direct_model, direct_tap, PROMPTS[0], args.max_tokens)
+    await network_once(consumer, lease_id, None, PROMPTS[0], args.max_tokens, [])
+    worker = next((t for t in threading.enumerate() if t.name == f"llama:{direct_model.name}"), None)
+    direct_tid = worker.native_id if worker is not None else None
+
+    def sched() -> tuple[dict[int, tuple[int, int]], ...]:
+        ours = schedstats(os.getpid(), direct_tid) if direct_tid is not None else {}
+        return schedstats(provider_pid), ours, schedstats(bootstrap_pid)
+
+    before = await view()
+    sched_before = sched()
+    consumer_ns = 0  # this process's threads on a CPU across each network call: the consumer's work
+    for index in range(args.requests):
+        if time.perf_counter() >= deadline:
+            figures.notes.append(f"stopped the processes phase at {index} requests by the time limit")
+            break
+        prompt = PROMPTS[index % len(PROMPTS)]
+        for which in ("direct", "network") if index % 2 == 0 else ("network", "direct"):
+            if which == "direct":
+                figures.proc_direct.append(await direct_once(direct_model, direct_tap, prompt, args.max_tokens))
+            else:
+                cpu = time.process_time_ns()  # all this process's threads: the direct engine's is idle now
+                figures.proc_network.append(
+                    await network_once(consumer, lease_id, None, prompt, args.max_tokens, figures.proc_pieces)
+                )
+                consumer_ns += time.process_time_ns() - cpu
+        d, n = figures.proc_direct[-1], figures.proc_network[-1]
+        progress(
+            f"processes request {index + 1}/{args.requests}: direct {d.tps:.1f} tok/s ttft {1e3 * d.ttft_s:.1f}ms "
+            f"({d.tokens} tok) | network {n.tps:.1f} tok/s ttft {1e3 * n.ttft_s:.1f}ms ({n.tokens} tok)"
+        )
+    sched_after = sched()
+    after = await view()
+    tokens = sum(s.tokens - s.first_tokens for s in figures.proc_network)
+    first_s = after[0] - before[0]
+    figures.proc_provider = (tokens, (after[1] - before[1]) - first_s, first_s, after[2] - before[2])
+    provider = {tid: sched_delta(sched_before[0].get(tid), ran) for tid, ran in sched_after[0].items()}
+    direct = [sched_delta(sched_before[1].get(tid), ran) for tid, ran in sched_after[1].items()]
+    if provider and direct:
+        engine = max(provider.values())  # the provider's engine worker: its busiest thread
+        figures.proc_sched = {
+            "direct_run": direct[0][0],
+            "direct_wait": direct[0][1],
+            "provider_run": engine[0],
+            "provider_wait": engine[1],
+            "provider_all_run": sum(run for run, _ in provider.values()),
+            "consumer_run": consumer_ns,
+            "bootstrap_run": sum(sched_delta(sched_before[2].get(t), ran)[0] for t, ran in sched_after[2].items()),
+        }
+
+
+def schedstats(pid: int, tid: int | None = None) -> dict[int, tuple[int, int]]:
+    """Each thread's (ns on a CPU, ns runnable and waiting for one) from ``/proc/<pid>/task/*/schedstat``
+    (``tid``: that thread alone); empty where the kernel keeps none."""
+    stats: dict[int, tuple[int, int]] = {}
+    tasks = Path(f"/proc/{pid}/task")
+    try:
+        paths = [tasks / str(tid)] if tid is not None else list(tasks.iterdir())
+    except OSError:
+        return stats
+    for task in paths:
+        try:
+            run, wait, _slices = (int(value) for value in (task / "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        stats[int(task.name)] = (run, wait)
+    return stats
+
+
+def sched_delta(before: tuple[int, int] | None, after: tuple[int, int]) -> tuple[int, int]:
+    return (after[0] - before[0], after[1] - before[1]) if before is not None else after
+
+
+async def measure(args: argparse.Namespace, path: Path, figures: Figures, scratch: Path) -> None:
     deadline = time.perf_counter() + args.time_limit
     chat_format = "gemma" if args.model == "gemma" else None
     spec = ModelSpec(  # type: ignore[call-arg]
@@ -869,7 +1160,9 @@ async def measure(args: argparse.Namespace, path: Path, figures: Figures) -> Non
             if args.surface_requests > 0:
                 await schema_phase(args, direct_model, figures, deadline)
                 await tool_phase(args, provider, consumer, figures, deadline)
-            progress("measurements done; stopping the nodes")
+            progress("in-process measurements done; stopping the nodes")
+        if args.processes:
+            await processes_phase(args, path, scratch, direct_model, direct_tap, figures, deadline)
     finally:
         await direct_model.aclose()
 
@@ -935,7 +1228,46 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
         f"{serving_keys(figures)} "
         f"fast_ratio={n_tps / d_tps:.3f} ttft_added_ms={1e3 * (n_ttft - d_ttft):.1f} "
         f"cpu_us_per_token_direct={1e6 * cpu_d:.1f} cpu_us_per_token_network={1e6 * cpu_n:.1f} "
-        f"fast_cpu_ratio={cpu_d / cpu_n:.3f}"
+        f"fast_cpu_ratio={cpu_d / cpu_n:.3f} {processes_keys(figures)}"
+    )
+
+
+def processes_keys(figures: Figures) -> str:
+    """The sequential pairs with the provider a daemon process of its own: ``processes_*`` medians as
+    the in-process ones, ``fast_ratio_processes``, ``ttft_added_ms_processes`` and
+    ``provider_tok_s_processes`` (the provider's own clocks: tokens after each first chunk over the
+    time from the first chunk written to the engine's end, all timed calls summed) and
+    ``provider_first_chunk_ms_processes`` (its mean time from a call's start to its first chunk written),
+    then the scheduler clocks a token (``processes_engine_*``, ``processes_*_cpu_us_per_token``)."""
+    direct, network = figures.proc_direct, figures.proc_network
+    d_tps, n_tps = p50([s.tps for s in direct]), p50([s.tps for s in network])
+    d_ttft, n_ttft = p50([s.ttft_s for s in direct]), p50([s.ttft_s for s in network])
+    ratios = [n.tps / d.tps for d, n in zip(direct, network, strict=False) if d.tps > 0]
+    pairs = [n.ttft_s - d.ttft_s for d, n in zip(direct, network, strict=False)]
+    tokens, seconds, first_s, calls = figures.proc_provider or (0, math.nan, math.nan, math.nan)
+    provider = tokens / seconds if seconds > 0 else math.nan
+    provider_first = first_s / calls if calls > 0 else math.nan
+    sched = figures.proc_sched
+    d_tokens, n_tokens = sum(s.tokens for s in direct), sum(s.tokens for s in network)
+
+    def us_a_token(key: str, count: int) -> str:
+        return f"{sched[key] / 1e3 / count:.1f}" if key in sched and count else "nan"
+
+    return (
+        f"processes_requests={len(direct)}+{len(network)} processes_tok_s_direct={d_tps:.1f} "
+        f"processes_tok_s_network={n_tps:.1f} processes_ratio_per_pair={p50(ratios):.3f} "
+        f"processes_ttft_ms_direct={1e3 * d_ttft:.1f} processes_ttft_ms_network={1e3 * n_ttft:.1f} "
+        f"processes_ttft_added_per_pair_ms={1e3 * p50(pairs):.1f} "
+        f"processes_chunks_per_token={p50(figures.proc_pieces):.2f} "
+        f"fast_ratio_processes={n_tps / d_tps:.3f} ttft_added_ms_processes={1e3 * (n_ttft - d_ttft):.1f} "
+        f"provider_tok_s_processes={provider:.1f} provider_first_chunk_ms_processes={1e3 * provider_first:.1f} "
+        f"processes_engine_cpu_us_per_token_direct={us_a_token('direct_run', d_tokens)} "
+        f"processes_engine_cpu_us_per_token_provider={us_a_token('provider_run', n_tokens)} "
+        f"processes_engine_wait_us_per_token_direct={us_a_token('direct_wait', d_tokens)} "
+        f"processes_engine_wait_us_per_token_provider={us_a_token('provider_wait', n_tokens)} "
+        f"processes_provider_cpu_us_per_token={us_a_token('provider_all_run', n_tokens)} "
+        f"processes_consumer_cpu_us_per_token={us_a_token('consumer_run', n_tokens)} "
+        f"processes_bootstrap_cpu_us_per_token={us_a_token('bootstrap_run', n_tokens)}"
     )
 
 
@@ -1015,9 +1347,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sequential-only",
         action="store_true",
-        help="only the sequential direct/network phase (fast_ratio, ttft_added_ms): every other phase skipped",
+        help="only the sequential direct/network phase (fast_ratio, ttft_added_ms) and, unless --no-processes, "
+        "the same pairs with the provider a daemon process of its own: every other phase skipped",
+    )
+    parser.add_argument(
+        "--processes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the sequential pairs again with the provider a 'clawnode start' process of its own "
+        "(fast_ratio_processes); default: on with --sequential-only, else off",
     )
     args = parser.parse_args(argv)
+    if args.processes is None:
+        args.processes = args.sequential_only
     if args.sequential_only:
         args.clients, args.frames, args.surface_requests, args.serving_requests = (), 0, 0, 0
         args.burst = args.prefix_requests = 0
@@ -1046,7 +1388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="clawnode-bench-") as scratch:
         path = model_path(args, Path(scratch))
         progress(f"model {args.model}: {path} ({path.stat().st_size / 1e6:.1f} MB); load {load_start}")
-        trio.run(measure, args, path, figures)
+        trio.run(measure, args, path, figures, Path(scratch))
     print(report(args, figures, load_start, load()), flush=True)
     signal.alarm(0)
     progress(f"done in {time.monotonic() - wall:.1f}s")
