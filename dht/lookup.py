@@ -52,7 +52,6 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import multiaddr
 import trio
@@ -63,7 +62,6 @@ from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import maybe_consume_signed_record
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
@@ -219,59 +217,6 @@ class Walk:
         return self.ordered()[:count]
 
 
-def _asked(providers: Providers | None) -> Any:
-    """The query a walk sends: FIND_NODE, or GET_PROVIDERS when it collects providers."""
-    return Message.MessageType.FIND_NODE if providers is None else Message.MessageType.GET_PROVIDERS
-
-
-class Providers:
-    """The providers of a key that a GET_PROVIDERS walk's answers named.
-
-    Bounded: each answer gives at most ``limit`` entries, and at most ``KEPT_FACTOR * limit``
-    providers are kept. :meth:`best` ranks them by how many answers named them, so one peer on the
-    walk's path that names junk cannot push out the providers the key's closest peers agree on."""
-
-    KEPT_FACTOR = 4
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.found: dict[ID, PeerInfo] = {}
-        self.named_by: dict[ID, int] = {}
-
-    def take(self, host: IHost, entries: Sequence[Any]) -> None:
-        counted: set[ID] = set()
-        for entry in entries[: self.limit]:
-            try:
-                provider = ID(entry.id)
-            except Exception:  # noqa: BLE001 - a malformed id
-                continue
-            known = self.found.get(provider)
-            if known is None and len(self.found) >= self.KEPT_FACTOR * self.limit:
-                continue
-            if provider not in counted:
-                counted.add(provider)
-                self.named_by[provider] = self.named_by.get(provider, 0) + 1
-            if known is not None and known.addrs:
-                continue  # most of the peers a walk asks name the same few providers: checked once
-            # A provider's own signed peer record, where the answer carries it; one that does not
-            # verify is dropped, as py-libp2p's provider lookup drops it.
-            if not maybe_consume_signed_record(entry, host):
-                continue
-            addrs: list[multiaddr.Multiaddr] = []
-            for raw in list(entry.addrs)[:8]:
-                try:
-                    addrs.append(multiaddr.Multiaddr(raw))
-                except Exception:  # noqa: BLE001 - a malformed address is skipped
-                    continue
-            if known is None or addrs:
-                self.found[provider] = PeerInfo(provider, addrs)
-
-    def best(self) -> list[PeerInfo]:
-        """At most ``limit`` providers, those the most answers named first (then as first named)."""
-        ranked = sorted(self.found, key=lambda provider: -self.named_by.get(provider, 0))
-        return [self.found[provider] for provider in ranked[: self.limit]]
-
-
 class Lookup:
     """Iterative FIND_NODE lookups for one host (see the module docstring)."""
 
@@ -312,15 +257,8 @@ class Lookup:
             seeds.extend(self.host.get_connected_peers())
         return [peer for peer in dict.fromkeys(seeds) if self.may_ask(peer)]
 
-    async def closest_peers(
-        self, key: bytes, count: int = K, *, stop_at: ID | None = None, providers: Providers | None = None
-    ) -> list[ID]:
-        """The ``count`` closest peers to ``key`` that the walk met and that did not fail.
-
-        ``providers``: the walk asks GET_PROVIDERS instead of FIND_NODE (an answer names the closer
-        peers all the same) and keeps every provider an answer names there: a provider list read on
-        the way, from every peer asked, the closest ones included, with no second round of asks
-        after the walk (as go-libp2p-kad-dht's provider lookup)."""
+    async def closest_peers(self, key: bytes, count: int = K, *, stop_at: ID | None = None) -> list[ID]:
+        """The ``count`` closest peers to ``key`` that the walk met and that did not fail."""
         beta = self.beta if stop_at is not None else max(self.beta, STORE_BETA)
         walk = Walk(key_of(key), self.host.get_id(), beta=beta, late_settles=stop_at is None)
         for seed in self._seeds(key, count):
@@ -369,7 +307,7 @@ class Lookup:
                 if await self._reach(peer, raw_addrs):
                     async with trio.open_nursery() as patience:
                         patience.start_soon(release_after_patience)
-                        answer = await self._query(peer, key, raw_addrs, providers)
+                        answer = await self._query(peer, key, raw_addrs)
                         patience.cancel_scope.cancel()
             finally:
                 if not released:
@@ -502,12 +440,9 @@ class Lookup:
             return False
         return True
 
-    async def _query(
-        self, peer: ID, key: bytes, raw_addrs: dict[ID, list[bytes]], providers: Providers | None = None
-    ) -> list[ID] | None:
-        """One FIND_NODE (GET_PROVIDERS when ``providers`` collects them) to a connected ``peer``: the
-        peers it names, ``_SLOW`` (reached, no answer in time), ``[]`` (it refused the query) or None
-        (not reached, garbage).
+    async def _query(self, peer: ID, key: bytes, raw_addrs: dict[ID, list[bytes]]) -> list[ID] | None:
+        """One FIND_NODE to a connected ``peer``: the peers it names, ``_SLOW`` (reached, no answer in
+        time), ``[]`` (it refused the query) or None (not reached, garbage).
 
         A query that fails because the connection closed under it (a connection budget, ours or the
         peer's, trimmed it) is sent once more on a fresh connection: counting it as an answer naming
@@ -523,7 +458,7 @@ class Lookup:
                     if stats is not None:
                         stats.note(f"stream {_short(peer)}")
                     request = Message()
-                    request.type = _asked(providers)
+                    request.type = Message.MessageType.FIND_NODE
                     request.key = key
                     request.senderRecord = env_to_send_in_RPC(self.host)[0]
                     payload = request.SerializeToString()
@@ -550,7 +485,7 @@ class Lookup:
             finally:
                 if stream is not None:
                     await _finish(stream, ok)
-            return self._parse(peer, reply, raw_addrs, providers)
+            return self._parse(peer, reply, raw_addrs)
         return None
 
     def _live(self, peer: ID) -> bool:
@@ -569,20 +504,16 @@ class Lookup:
                 await trio.sleep(0.02)
         return await self.reach(peer)
 
-    def _parse(
-        self, peer: ID, reply: bytes, raw_addrs: dict[ID, list[bytes]], providers: Providers | None = None
-    ) -> list[ID] | None:
+    def _parse(self, peer: ID, reply: bytes, raw_addrs: dict[ID, list[bytes]]) -> list[ID] | None:
         response = Message()
         try:
             response.ParseFromString(reply)
         except Exception:  # noqa: BLE001 - garbage
             return None
-        if response.type != _asked(providers):
+        if response.type != Message.MessageType.FIND_NODE:
             return None
         if not maybe_consume_signed_record(response, self.host, peer):
             return None  # a forged sender record: nothing it says is taken
-        if providers is not None:
-            providers.take(self.host, response.providerPeers)
         named: list[ID] = []
         for entry in response.closerPeers[:K]:
             try:

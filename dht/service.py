@@ -21,7 +21,7 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from bootstrap.peer_book import PeerBook
-from dht.lookup import Lookup, Providers, far_keys, key_of
+from dht.lookup import Lookup, far_keys, key_of
 from dht.lookup_guard import SilentPeers, may_ask, serves_dht
 from dht.protocol_id import current_kad_protocol_id
 from dht.record_validator import sequence_of
@@ -568,21 +568,11 @@ class DhtService:
             answered = sum(answers.get(peer_id) is not None for peer_id in others)
             if answered < len(others) // 2 + 1:
                 self._closest.pop(key, None)  # half the remembered peers did not answer: walk again next time
-        elif self.lookup is not None:
-            # A whole walk, not rounds of GET_PROVIDERS to the closest peers this node knows: those
+        else:
+            # A walk first, not rounds of GET_PROVIDERS to the closest peers this node knows: those
             # rounds were faster (p50 0.29 s against 0.84 s cold, 40 nodes) but settled on peers that
             # did not hold every announcement, and every bench run with them found the exact provider
-            # list less often (bench/README.md, discovery.py). The walk itself asks GET_PROVIDERS, so
-            # every peer it asks (the closest it ends on among them) answers with its list on the way:
-            # no second round of asks once it ends (that round was a fifth of a find at N = 60).
-            walked = Providers(count)
-            closest = await self.lookup.closest_peers(key, providers=walked)
-            self._remember_closest(key, closest)
-            for info in walked.best():
-                known = found.get(info.peer_id)
-                if known is None or (info.addrs and not known.addrs):
-                    found[info.peer_id] = info
-        else:  # a DHT not started (or a simulation's stand-in): walk, then ask the closest
+            # list less often (bench/README.md, discovery.py).
             closest = await self._closest_cached(key)
             await ask_all([peer_id for peer_id in closest if peer_id != me][:PROVIDER_QUERY_FANOUT])
         return list(found.values())[:count]
