@@ -518,7 +518,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--providers", type=int, default=10)
     parser.add_argument("--queries", type=int, default=200, help="find() calls for the latency figures")
-    parser.add_argument("--pairs", type=int, default=8, help="(provider, querier) pairs for publish->visible")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=20,
+        help="(provider, querier) pairs for publish->visible (at most what the providers do not offer yet)",
+    )
     parser.add_argument("--price-changes", type=int, default=5)
     parser.add_argument("--query-timeout", type=float, default=20.0, help="seconds per find()")
     parser.add_argument("--visible-timeout", type=float, default=30.0, help="seconds to wait for one change")
