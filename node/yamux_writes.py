@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 from libp2p.network.connection.exceptions import RawConnError
-from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, MAX_WINDOW_SIZE, Yamux
+from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, Yamux
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,9 @@ class _WindowedBuffer(bytearray):
         window = max(DEFAULT_WINDOW_SIZE, getattr(stream, "target_recv_window", 0))
         if len(self) + size > window:
             raise ReceiveWindowExceeded(f"{len(self) + size} bytes buffered, over the window of {window}")
-        # Each buffer is within its window (at most MAX_WINDOW_SIZE): with few streams the connection
-        # cannot pass its bound, and this runs on every DATA frame, so the sum is taken only when it could.
-        if len(self.conn.stream_buffers) * MAX_WINDOW_SIZE > MAX_CONNECTION_BUFFERED:
-            held = sum(len(buffer) for buffer in self.conn.stream_buffers.values())
-            if held + size > MAX_CONNECTION_BUFFERED:
-                raise ReceiveWindowExceeded(f"{held + size} bytes buffered on the connection, over its bound")
+        held = sum(len(buffer) for buffer in self.conn.stream_buffers.values())
+        if held + size > MAX_CONNECTION_BUFFERED:
+            raise ReceiveWindowExceeded(f"{held + size} bytes buffered on the connection, over its bound")
         super().extend(data)  # type: ignore[arg-type]
 
 
