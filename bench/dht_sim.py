@@ -18,9 +18,9 @@ Real (imported and run unchanged):
   ``_query_peer_for_closest`` does;
 * our guard (``DhtService``): a peer that does not answer within ``dht.dial_timeout_s`` (4 s) costs
   that long, leaves the routing table and is not asked again for 60 s (``dht.lookup_guard.SilentPeers``);
-* provider lookups are ``DhtService.find_providers`` itself on the path of a DHT without our
-  ``Lookup`` installed (local providers, the key's closest peers by py-libp2p's walk, GET_PROVIDERS
-  to the first 6 of them; the daemon's own walk asks GET_PROVIDERS on the way instead, not simulated);
+* provider lookups are ``DhtService.find_providers`` itself (local providers, the key's closest
+  peers, GET_PROVIDERS to the first 6 of them); the walk to the closest is py-libp2p's
+  ``PeerRouting`` here, where the daemon runs its own ``Lookup``;
 * message sizes are those of py-libp2p's protobuf ``Message`` encoder for each request and answer,
   with a real signed peer record per named peer, and an identify message as a real clawnode host
   builds it.
@@ -420,11 +420,8 @@ class Sim:
 
     async def _find_record(self, key: bytes, provider: ID) -> None:
         searcher = self.random_alive(exclude=provider)
-        # What ``find_providers`` reads of its service: no ``Lookup`` of ours installed (the walk is
-        # py-libp2p's ``PeerRouting`` over the simulated network), so it takes the path of a DHT
-        # without one: the closest peers (remembered as the service does), then GET_PROVIDERS to them.
-        shim = SimpleNamespace(dht=_SimKad(self, searcher), host=_Host(self, searcher.peer_id))
-        shim.lookup, shim._closest = None, {}
+        # What ``find_providers`` reads of its service besides ``dht`` and ``host``: its closest-peer cache.
+        shim = SimpleNamespace(dht=_SimKad(self, searcher), host=_Host(self, searcher.peer_id), _closest={})
         shim._remember_closest = functools.partial(DhtService._remember_closest, shim)
         shim._closest_cached = functools.partial(DhtService._closest_cached, shim)
         found = await DhtService.find_providers(shim, key)  # type: ignore[arg-type]
