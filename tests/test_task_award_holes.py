@@ -376,3 +376,56 @@ async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does
         with pytest.raises(ClawnodeError) as refused:
             await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
         assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
+
+
+async def test_two_awards_naming_one_lock_at_once_pay_one_task_only() -> None:
+    async with market_nodes([{}, {}]) as (nodes, shared):
+        creator, seller = nodes
+        await seller.tasks.watch(CAPABILITY)
+        topic = task_topic(CAPABILITY)
+        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        arbiter = _fresh_peer()
+        first, second = [
+            (
+                await creator.tasks.publish(
+                    CAPABILITY, ETH, 120, params="{}", arbiter_peer=arbiter, arbiter_wallet=shared.arbiter.address
+                )
+            ).task_id
+            for _ in range(2)
+        ]
+        await wait_for(lambda: {first, second} <= set(seller.tasks.book.tasks), 30, "announcements")
+        bids = [await seller.tasks.bid(task_id, ETH // 2) for task_id in (first, second)]
+
+        async def hold(peer: str, message: object, *, attempts: int = 1) -> None:
+            return None  # the lock is made and the award sealed; the creator sends it below, twice at once
+
+        creator.tasks._push = hold  # type: ignore[method-assign]
+        await creator.tasks.award(first, bids[0].bid_id)
+        award = creator.tasks.local[first].award
+        assert award is not None
+        reused = award.model_copy(
+            update={
+                "task_id": second,
+                "bid_id": bids[1].bid_id,
+                "announcement": creator.tasks.local[second].announcement_env,
+            }
+        )
+        envelopes = [
+            to_base64(seal(notice, creator.tasks.key, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE))
+            for notice in (award, reused)
+        ]
+        refusals: list[ClawnodeError] = []
+
+        async def send(envelope: str) -> None:
+            try:
+                message = w.AwardRequest(envelope=envelope)
+                await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, message, _ACK)
+            except ClawnodeError as error:
+                refusals.append(error)
+
+        async with trio.open_nursery() as nursery:
+            for envelope in envelopes:
+                nursery.start_soon(send, envelope)
+        assert [(error.code, error.reason) for error in refusals] == [(ErrorCode.CONFLICT, "lock_of_another_task")]
+        roles = [seller.tasks.view(task_id).role for task_id in (first, second)]
+        assert roles.count("awarded_bidder") == 1

@@ -120,10 +120,12 @@ class BidderRole(TaskCore):
         )
         lease_id = self._lease_id(notice)
         ours = record.award is not None and record.award.lock_ref == notice.lock.escrow_id  # sent again: the book says
-        taken = lease_id in self._awards_checking or (not ours and await self._lease_known(lease_id))
-        enforce(checks.award_lock_free_verdict(taken))
-        self._awards_checking.add(lease_id)  # before the chain reads: a second award naming it waits for none
+        enforce(checks.award_lock_free_verdict(lease_id in self._awards_checking))
+        # Claimed before any read: two awards naming one lock at once both passed a check made before
+        # the ledger reads, and one lock paid two tasks. A second award naming it waits for none.
+        self._awards_checking.add(lease_id)
         try:
+            enforce(checks.award_lock_free_verdict(not ours and await self._lease_known(lease_id)))
             await self._accept_award(notice, message.envelope, record, local, remote, lease_id)
         finally:
             self._awards_checking.discard(lease_id)
