@@ -559,8 +559,8 @@ class Node:
                         sandbox=self.sandbox,
                         models=self.model_host,
                         arbiter=self._task_arbiter,
+                        escrow_terms=self._escrow_terms,  # a seller takes awards under our arbiter only
                     )
-                    self._tasks.escrow_terms = self._escrow_terms  # a seller takes awards under our arbiter only
                     await nursery.start(self.supervisor.run, "tasks", self._tasks.run)
                     await nursery.start(self.supervisor.run, "api", partial(self._serve_api, token))
                     settlement = partial(self._run_settlement, wallet_key)

@@ -26,6 +26,7 @@ from pydantic import BaseModel, TypeAdapter
 from protocols import task_wire as w
 from protocols.background import spawn_guarded
 from protocols.gossip import TaskAnnouncement, TaskAnnouncements
+from protocols.lease_wire import EscrowTerms
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.escrow_lock import LockState
@@ -110,6 +111,7 @@ class TaskCore:
         limits: m.RiskLimits | None = None,
         escrow: EscrowSource,
         arbiter: Callable[[], tuple[str, str] | None] = lambda: None,
+        escrow_terms: Callable[[], EscrowTerms | None] = lambda: None,
         wake_settlement: Callable[[], None] = lambda: None,
         locate: Callable[[ID], Awaitable[list[str]]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -124,6 +126,9 @@ class TaskCore:
         self.book = m.TaskBook(limits)
         self.escrow = escrow
         self.default_arbiter = arbiter
+        # This node's own escrow terms (the daemon's ``_escrow_terms``): as a seller, their arbiter is the
+        # only single arbiter an award's lock may name; None trusts no arbiter and refuses every award.
+        self.escrow_terms = escrow_terms
         self.wake_settlement = wake_settlement
         self.locate = locate
         self.clock = clock

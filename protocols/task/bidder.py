@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
 
 import trio
 
 from protocols import task_wire as w
 from protocols.confirmed import confirmed_lock
 from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement, VerifiedAnnouncement
-from protocols.lease_wire import EscrowTerms
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import enforce
@@ -26,10 +24,6 @@ from wire.signed import open_base64, seal, to_base64
 
 
 class BidderRole(TaskCore):
-    # This node's own escrow terms (the daemon's ``_escrow_terms``): their arbiter is the only single
-    # arbiter an award's lock may name. Unset (None), no arbiter is trusted and every award is refused.
-    escrow_terms: Callable[[], EscrowTerms | None] | None = None
-
     async def watch(self, capability: str) -> None:
         """Receive (and relay) announcements of tasks needing ``capability``; each one is published in the book."""
         if capability in self._watched:
@@ -190,7 +184,7 @@ class BidderRole(TaskCore):
             lock, threshold = self._lock_state(raw), raw.threshold
             chain_now = await client.chain.run(client.chain.now)
         panel = w.panel_terms(notice.params)
-        own_terms = self.escrow_terms() if self.escrow_terms is not None else None
+        own_terms = self.escrow_terms()
         enforce(
             checks.award_lock_verdict(
                 checks.AwardLockFacts(
