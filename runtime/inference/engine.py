@@ -79,7 +79,7 @@ FEATURES = frozenset({"tools", "json_schema", "logprobs", "n"})
 Chunk = dict[str, Any]
 # Chunk keys a chunk joined on the worker never carries (``_join``): per-token entries.
 _UNJOINED = frozenset(("logprobs", "tool_calls"))
-# Tokens one joined chunk holds at most (as ``service.MAX_MERGED_TOKENS``): a reply that piled up while
+# Tokens one joined chunk holds at most, here and in ``service.merge_chunks``: a reply that piled up while
 # the wire was slow still goes out in frames under the call frame bound.
 MAX_JOINED_TOKENS = 64
 

@@ -44,9 +44,6 @@ DEFAULT_TEMPERATURE = 0.8
 MAX_EMBEDDING_INPUTS = 256
 EMBEDDINGS_PER_CHUNK = 32  # a 1 MiB call frame holds ~70 640-d vectors as JSON
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
-# Tokens one merged chunk holds at most: the engine's own bound on a joined chunk (chunks that piled up
-# while the wire was slow must still go out in frames under the call frame bound).
-MAX_MERGED_TOKENS = MAX_JOINED_TOKENS
 
 
 def _invalid(message: str) -> ClawnodeError:
@@ -113,7 +110,7 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
             last is not None
             and last.get("index", 0) == chunk.get("index", 0)
             and "finish_reason" not in last
-            and last.get("tokens", 0) < MAX_MERGED_TOKENS
+            and last.get("tokens", 0) < MAX_JOINED_TOKENS  # the engine's own bound on a joined chunk
         ):
             last["text"] += chunk.get("text", "")
             last["tokens"] += chunk["tokens"]
