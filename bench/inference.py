@@ -156,7 +156,7 @@ from dht.offers import Offer
 from node.config import ApiSection, BootstrapSection, Config, EscrowSection, MarketSection, NodeSection
 from node.daemon import Node
 from node.datadir import RunningNode, read_api_token, read_running
-from runtime.errors import ClawnodeError
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import LlamaModel, TokenStream
 from runtime.inference.models import ModelSpec
 from runtime.inference.service import ChatService
@@ -164,7 +164,7 @@ from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.service import Emit, ServiceRegistry, Usage
 from tests.inference.schemas import random_schema
 from tests.support.market import market_nodes, metric_samples, wait_for
-from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, prepare_data_dir
+from tests.support.processes import FAST_DAEMON_ENV, LOOPBACK_ANY_PORT, DaemonProcess, prepare_data_dir
 
 MODEL_NAME = "bench"
 CAPABILITY = f"model:{MODEL_NAME}"
@@ -816,7 +816,6 @@ def p95(values: Sequence[float]) -> float:
 # -- the provider in a process of its own (issue 19) ----------------------------------------------
 
 # As tests/test_three_homes.py runs its daemons: settlements retried every 0.5 s, no default bootstrap peers.
-DAEMON_ENV = {"CLAWNODE_ESCROW_SETTLE_INTERVAL_S": "0.5", "CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # ``python -m node.cli ARG...`` that gets SIGTERM when the bench's main thread ends, however it ends
 # (SIGALRM's backstop, SIGKILL, a crash): PR_SET_PDEATHSIG (1) survives the exec; argv[1] is the bench's
@@ -834,10 +833,10 @@ def launch_daemon(data_dir: Path, args: list[str]) -> DaemonProcess:
     """``clawnode start --data-dir DATA_DIR ARG...`` as a fresh process (``tests/support/processes.py``'s
     ``DaemonProcess``, which stops it and reads its API). Called on the trio (main) thread: the parent
     death signal fires when the thread that forked the child ends, and trio's worker threads end when idle."""
-    daemon = DaemonProcess(data_dir, args, env=DAEMON_ENV)
+    daemon = DaemonProcess(data_dir, args, env=FAST_DAEMON_ENV)
     daemon.log_path = data_dir.parent / f"{data_dir.name}.log"
     argv = [sys.executable, "-c", ORPHAN_GUARD, str(os.getpid()), "start", "--data-dir", str(data_dir), *args]
-    env = {**os.environ, **DAEMON_ENV}
+    env = {**os.environ, **FAST_DAEMON_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     with open(daemon.log_path, "a") as log:
         daemon.process = subprocess.Popen(
@@ -945,7 +944,9 @@ async def processes_phase(
                             served.peer_id, CAPABILITY, budget=10**9 * PRICE, duration_s=3600, expected_units=10**6
                         )
                         lease_id = lease.lease_id
-                    except ClawnodeError:
+                    except ClawnodeError as error:  # another refusal is no wait's to cure: said at once
+                        if error.code not in (ErrorCode.NOT_FOUND, ErrorCode.UNAVAILABLE):
+                            raise
                         await trio.sleep(0.5)
             progress(
                 f"processes: bootstrap and provider daemons up, consumer joined, lease open in "

@@ -24,9 +24,9 @@ import httpx
 from node.datadir import read_api_token, read_running
 from runtime.escrow import Chain, EscrowClient
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, run_cli
+from tests.support.processes import FAST_DAEMON_ENV, LOOPBACK_ANY_PORT, DaemonProcess, run_cli
 
-FAST = {"CLAWNODE_ESCROW_SETTLE_INTERVAL_S": "0.5", "CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false"}
+FAST = FAST_DAEMON_ENV
 
 
 def _free_port() -> int:

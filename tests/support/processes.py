@@ -26,6 +26,10 @@ LOOPBACK_ANY_PORT = ["--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0"]
 FORK_DAEMONS = os.environ.get("CLAWNODE_TEST_FRESH_DAEMONS", "") != "1"
 
 
+# Daemons on loopback that settle every half second and never dial the public bootstrap peers.
+FAST_DAEMON_ENV = {"CLAWNODE_ESCROW_SETTLE_INTERVAL_S": "0.5", "CLAWNODE_BOOTSTRAP_USE_DEFAULTS": "false"}
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """``clawnode ARG...`` in a process of its own; forked from the zygote too (its imports paid)."""
     if not FORK_DAEMONS:
