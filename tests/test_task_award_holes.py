@@ -19,6 +19,7 @@ Bids: a stranger could place 30 bids a minute on one task, for as long as the ta
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import trio
@@ -51,6 +52,25 @@ pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 
 def _fresh_peer() -> str:
     return str(ID.from_pubkey(create_new_key_pair().public_key))
+
+
+async def _two_tasks_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[str, str, list[Any]]:
+    """The creator publishes two tasks under one arbiter; the seller, watching, bids half the price on each."""
+    await seller.tasks.watch(CAPABILITY)
+    topic = task_topic(CAPABILITY)
+    await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+    arbiter = _fresh_peer()
+    first, second = [
+        (
+            await creator.tasks.publish(
+                CAPABILITY, ETH, 120, params="{}", arbiter_peer=arbiter, arbiter_wallet=arbiter_wallet
+            )
+        ).task_id
+        for _ in range(2)
+    ]
+    await wait_for(lambda: {first, second} <= set(seller.tasks.book.tasks), 30, "announcements")
+    bids = [await seller.tasks.bid(task_id, ETH // 2) for task_id in (first, second)]
+    return first, second, bids
 
 
 async def test_a_seller_refuses_an_award_locked_under_a_panel_its_params_do_not_name(
@@ -212,20 +232,7 @@ async def test_one_stranger_places_a_few_bids_on_a_task_not_one_every_two_second
 async def test_a_seller_refuses_an_award_that_names_the_lock_of_another_of_its_tasks() -> None:
     async with market_nodes([{}, {}]) as (nodes, shared):
         creator, seller = nodes
-        await seller.tasks.watch(CAPABILITY)
-        topic = task_topic(CAPABILITY)
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
-        arbiter = _fresh_peer()
-        first, second = [
-            (
-                await creator.tasks.publish(
-                    CAPABILITY, ETH, 120, params="{}", arbiter_peer=arbiter, arbiter_wallet=shared.arbiter.address
-                )
-            ).task_id
-            for _ in range(2)
-        ]
-        await wait_for(lambda: {first, second} <= set(seller.tasks.book.tasks), 30, "announcements")
-        bids = [await seller.tasks.bid(task_id, ETH // 2) for task_id in (first, second)]
+        first, second, bids = await _two_tasks_bid_on(creator, seller, shared.arbiter.address)
         await creator.tasks.award(first, bids[0].bid_id)
         assert seller.tasks.view(first).role == "awarded_bidder"
 
@@ -381,20 +388,7 @@ async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does
 async def test_two_awards_naming_one_lock_at_once_pay_one_task_only() -> None:
     async with market_nodes([{}, {}]) as (nodes, shared):
         creator, seller = nodes
-        await seller.tasks.watch(CAPABILITY)
-        topic = task_topic(CAPABILITY)
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
-        arbiter = _fresh_peer()
-        first, second = [
-            (
-                await creator.tasks.publish(
-                    CAPABILITY, ETH, 120, params="{}", arbiter_peer=arbiter, arbiter_wallet=shared.arbiter.address
-                )
-            ).task_id
-            for _ in range(2)
-        ]
-        await wait_for(lambda: {first, second} <= set(seller.tasks.book.tasks), 30, "announcements")
-        bids = [await seller.tasks.bid(task_id, ETH // 2) for task_id in (first, second)]
+        first, second, bids = await _two_tasks_bid_on(creator, seller, shared.arbiter.address)
 
         async def hold(peer: str, message: object, *, attempts: int = 1) -> None:
             return None  # the lock is made and the award sealed; the creator sends it below, twice at once
