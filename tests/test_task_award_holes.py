@@ -54,11 +54,16 @@ def _fresh_peer() -> str:
     return str(ID.from_pubkey(create_new_key_pair().public_key))
 
 
+async def _watching(creator: Any, seller: Any, capability: str) -> None:
+    """The seller watches ``capability``'s announcements, and the creator's pubsub knows it does."""
+    await seller.tasks.watch(capability)
+    topic = task_topic(capability)
+    await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+
+
 async def _two_tasks_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[str, str, list[Any]]:
     """The creator publishes two tasks under one arbiter; the seller, watching, bids half the price on each."""
-    await seller.tasks.watch(CAPABILITY)
-    topic = task_topic(CAPABILITY)
-    await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+    await _watching(creator, seller, CAPABILITY)
     arbiter = _fresh_peer()
     first, second = [
         (
@@ -78,9 +83,7 @@ async def test_a_seller_refuses_an_award_locked_under_a_panel_its_params_do_not_
 ) -> None:
     async with market_nodes([{}, {}]) as (nodes, _):
         creator, seller = nodes
-        await seller.tasks.watch(CAPABILITY)
-        topic = task_topic(CAPABILITY)
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        await _watching(creator, seller, CAPABILITY)
         # Announced as a panel task is: the first "member" takes evidence, no arbiter wallet.
         view = await creator.tasks.publish(
             CAPABILITY, ETH, 120, params="{}", arbiter_peer=_fresh_peer(), arbiter_wallet=ZERO_WALLET
@@ -122,9 +125,7 @@ async def test_a_seller_refuses_an_award_locked_under_a_panel_its_params_do_not_
 async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeout() -> None:
     async with market_nodes([{}, {}]) as (nodes, shared):
         creator, seller = nodes
-        await seller.tasks.watch(CAPABILITY)
-        topic = task_topic(CAPABILITY)
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        await _watching(creator, seller, CAPABILITY)
         view = await creator.tasks.publish(
             CAPABILITY,
             ETH,
@@ -159,9 +160,7 @@ async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeou
 async def test_a_seller_disputes_a_rejection_of_a_sandboxed_result_a_re_run_decides() -> None:
     async with market_nodes([{}, {}]) as (nodes, shared):
         creator, seller = nodes
-        await seller.tasks.watch("model:wasm-upper")
-        topic = task_topic("model:wasm-upper")
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        await _watching(creator, seller, "model:wasm-upper")
         view = await creator.tasks.publish_run(
             "model:wasm-upper",
             ETH,
@@ -313,9 +312,7 @@ async def test_a_creator_takes_its_lock_back_from_a_seller_that_delivers_nothing
 ) -> None:
     async with market_nodes([{}, {}]) as (nodes, shared):
         creator, seller = nodes
-        await seller.tasks.watch(CAPABILITY)
-        topic = task_topic(CAPABILITY)
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        await _watching(creator, seller, CAPABILITY)
         view = await creator.tasks.publish(
             CAPABILITY, ETH, 120, params="{}", arbiter_peer=_fresh_peer(), arbiter_wallet=shared.arbiter.address
         )
@@ -344,9 +341,7 @@ async def test_a_creator_takes_its_lock_back_from_a_seller_that_delivers_nothing
 async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does_not_trust() -> None:
     async with market_nodes([{}, {}]) as (nodes, _):
         creator, seller = nodes
-        await seller.tasks.watch("model:wasm-upper")
-        topic = task_topic("model:wasm-upper")
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        await _watching(creator, seller, "model:wasm-upper")
         # The creator names a second wallet of its own as the arbiter: it could reject the result, dispute
         # and resolve the whole lock back to itself from that wallet, with nobody watching the seller's node.
         sock = Account.create().address
