@@ -14,15 +14,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import trio
 
-from dht.discovery import DiscoveryQuery
 from protocols.lease import consumer as consumer_module
 from protocols.lease.channels import ChannelDraw
 from protocols.machines.lease import lease_id_for
 from protocols.settings import MarketSection
 from runtime.errors import ClawnodeError, ErrorCode
-from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, discovered, market_nodes
 
 pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 
@@ -34,11 +32,8 @@ MARKET = MarketSection(  # type: ignore[call-arg]
 async def test_a_provider_refuses_a_channel_on_the_escrow_of_a_lease_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     async with market_nodes([{"offers": (WORD_OFFER,), "market": MARKET}, {"market": MARKET}]) as (nodes, _):
         provider, consumer = nodes
-        await wait_for(lambda: provider.publisher.record is not None)
+        await discovered(consumer, provider)
         peer = str(provider.host.get_id())
-        with trio.fail_after(30):
-            while not await consumer.discover(DiscoveryQuery(capability=WORDS)):
-                await trio.sleep(0.2)
 
         # The first lease locks its own escrow under a salt the consumer keeps.
         salt = os.urandom(32)

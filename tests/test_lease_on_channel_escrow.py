@@ -13,15 +13,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import trio
 
-from dht.discovery import DiscoveryQuery
 from protocols import lease_wire as w
 from protocols.lease import consumer as consumer_module
 from protocols.machines.lease import lease_id_for
 from protocols.settings import MarketSection
 from runtime.errors import ClawnodeError, ErrorCode
-from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, discovered, market_nodes
 
 pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 
@@ -33,11 +31,8 @@ MARKET = MarketSection(  # type: ignore[call-arg]
 async def test_a_provider_refuses_a_per_lease_lock_that_is_a_channel_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     async with market_nodes([{"offers": (WORD_OFFER,), "market": MARKET}, {"market": MARKET}]) as (nodes, _):
         provider, consumer = nodes
-        await wait_for(lambda: provider.publisher.record is not None)
+        await discovered(consumer, provider)
         peer = str(provider.host.get_id())
-        with trio.fail_after(30):
-            while not await consumer.discover(DiscoveryQuery(capability=WORDS)):
-                await trio.sleep(0.2)
 
         # A lease on the pair's channel, still open.
         on_channel = await consumer.market.open_lease(peer, WORDS, budget=20 * WORD_PRICE, duration_s=120, channel=True)

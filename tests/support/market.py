@@ -5,6 +5,11 @@ The pieces live in ``node.localnet`` (``clawnode demo`` runs on them too); re-ex
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import trio
+
+from dht.discovery import DiscoveryQuery
 from node.localnet import (
     READY_TIMEOUT_S,
     WORD_OFFER,
@@ -16,6 +21,9 @@ from node.localnet import (
     market_nodes,
     wait_for,
 )
+
+if TYPE_CHECKING:
+    from node.daemon import Node
 
 __all__ = [
     "READY_TIMEOUT_S",
@@ -40,3 +48,11 @@ def metric_samples(text: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
+
+
+async def discovered(consumer: Node, provider: Node, capability: str = WORDS, timeout_s: float = 30.0) -> None:
+    """Once ``provider`` has published its record, until ``consumer``'s discovery lists a provider of ``capability``."""
+    await wait_for(lambda: provider.publisher.record is not None)
+    with trio.fail_after(timeout_s):
+        while not await consumer.discover(DiscoveryQuery(capability=capability)):
+            await trio.sleep(0.2)
