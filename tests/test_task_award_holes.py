@@ -54,6 +54,13 @@ def _fresh_peer() -> str:
     return str(ID.from_pubkey(create_new_key_pair().public_key))
 
 
+async def _award_refused(creator: Any, seller: Any, envelope: str) -> tuple[ErrorCode, str | None]:
+    """The creator sends the seller a sealed award by hand; the code and reason of the seller's refusal."""
+    with pytest.raises(ClawnodeError) as refused:
+        await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
+    return refused.value.code, refused.value.reason
+
+
 async def _watching(creator: Any, seller: Any, capability: str) -> None:
     """The seller watches ``capability``'s announcements, and the creator's pubsub knows it does."""
     await seller.tasks.watch(capability)
@@ -117,9 +124,7 @@ async def test_a_seller_refuses_an_award_locked_under_a_panel_its_params_do_not_
         # Sent again by hand, the refusal says why.
         envelope = creator.tasks.local[task_id].award_env
         assert envelope is not None
-        with pytest.raises(ClawnodeError) as refused:
-            await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
-        assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "lock_panel_unnamed")
+        assert await _award_refused(creator, seller, envelope) == (ErrorCode.FORBIDDEN, "lock_panel_unnamed")
 
 
 async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeout() -> None:
@@ -246,9 +251,7 @@ async def test_a_seller_refuses_an_award_that_names_the_lock_of_another_of_its_t
             }
         )
         envelope = to_base64(seal(reused, creator.tasks.key, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE))
-        with pytest.raises(ClawnodeError) as refused:
-            await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
-        assert (refused.value.code, refused.value.reason) == (ErrorCode.CONFLICT, "lock_of_another_task")
+        assert await _award_refused(creator, seller, envelope) == (ErrorCode.CONFLICT, "lock_of_another_task")
         assert seller.tasks.view(second).state == "task_open"
 
 
@@ -301,9 +304,7 @@ async def test_a_seller_refuses_an_award_that_names_a_payment_channel_of_its_lea
             params="{}",
         )
         envelope = to_base64(seal(notice, creator.tasks.key, domain=w.AWARD_DOMAIN, payload_type=w.AWARD_TYPE))
-        with pytest.raises(ClawnodeError) as refused:
-            await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
-        assert (refused.value.code, refused.value.reason) == (ErrorCode.CONFLICT, "lock_of_another_task")
+        assert await _award_refused(creator, seller, envelope) == (ErrorCode.CONFLICT, "lock_of_another_task")
         assert seller.tasks.view(view.task_id).state == "task_open"
 
 
@@ -375,9 +376,7 @@ async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does
         # Sent again by hand, the refusal says why.
         envelope = creator.tasks.local[task_id].award_env
         assert envelope is not None
-        with pytest.raises(ClawnodeError) as refused:
-            await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
-        assert (refused.value.code, refused.value.reason) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
+        assert await _award_refused(creator, seller, envelope) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
 
 
 async def test_two_awards_naming_one_lock_at_once_pay_one_task_only() -> None:
