@@ -37,10 +37,30 @@ AddrClass = Literal["confirmed", "relayed", "public", "private", "loopback", "ma
 _ASKER_ON_LOOPBACK: contextvars.ContextVar[bool] = contextvars.ContextVar("asker_on_loopback", default=False)
 
 
-def is_public_ip(ip: str) -> bool:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def unmapped(ip: IPAddress) -> IPAddress:
+    """``ip``, or the IPv4 address an IPv4-mapped IPv6 one (``::ffff:a.b.c.d``) stands for: what a
+    dual-stack socket reports for an IPv4 peer. Python 3.11's ``ipaddress`` judges the mapped form as
+    IPv6 (``::ffff:127.0.0.1`` is not loopback, ``::ffff:100.64.0.1`` is global), so every address
+    classification in ``nat`` parses with ``parse_ip``, which goes through this."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """``text`` as an IP address, IPv4-mapped ones as their IPv4 address (``unmapped``); None when it is no IP."""
     try:
-        parsed = ipaddress.ip_address(ip)
+        return unmapped(ipaddress.ip_address(text))
     except ValueError:
+        return None
+
+
+def is_public_ip(ip: str) -> bool:
+    parsed = parse_ip(ip)
+    if parsed is None:
         return False
     if isinstance(parsed, ipaddress.IPv4Address):
         if parsed in ipaddress.ip_network("100.64.0.0/10"):
@@ -62,12 +82,9 @@ def dial_back_allowed(target_ip: str, observed_ip: str, *, allow_private: bool) 
     requester itself connects over loopback (a LAN peer must not make the server dial its own
     ``127.0.0.1:<port>``), nor a link-local one other than the requester's own. IPv4-mapped IPv6
     addresses are judged as the IPv4 address they map."""
-    try:
-        target, observed = ipaddress.ip_address(target_ip), ipaddress.ip_address(observed_ip)
-    except ValueError:
+    target, observed = parse_ip(target_ip), parse_ip(observed_ip)
+    if target is None or observed is None:
         return False
-    target = _unmapped(target)
-    observed = _unmapped(observed)
     if is_public_ip(str(target)):
         return True
     if not allow_private or target.is_unspecified or target.is_multicast:
@@ -77,12 +94,6 @@ def dial_back_allowed(target_ip: str, observed_ip: str, *, allow_private: bool) 
     if target.is_link_local:
         return target == observed
     return True
-
-
-def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def _ip_of(addr: str) -> str | None:
@@ -97,18 +108,15 @@ def classify(addr: str) -> AddrClass:
     if "/p2p-circuit" in addr:
         return "relayed"
     ip = _ip_of(addr)
-    if ip is None:
-        return "other"
-    try:
-        parsed = ipaddress.ip_address(ip)
-    except ValueError:
+    parsed = parse_ip(ip) if ip is not None else None
+    if parsed is None:
         return "other"
     if parsed.is_loopback:
         return "loopback"
     if parsed.is_unspecified:
         return "other"
     # is_public_ip: the harness' documentation ranges count as public there too
-    return "public" if is_public_ip(ip) else "private"
+    return "public" if is_public_ip(str(parsed)) else "private"
 
 
 @dataclass(frozen=True)
@@ -356,22 +364,15 @@ def ip_bucket(address: str) -> str | None:
     """The bucket one remote address is counted in by per-IP bounds: the IPv4 address (an IPv4-mapped IPv6
     address counts as its IPv4 one) or the IPv6 /64, since one home or host usually holds a whole /64;
     None when ``address`` is no IP."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
+    ip = parse_ip(address.split("%")[0])
+    if ip is None:
         return None
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 
 
 def is_loopback_ip(address: str) -> bool:
     """Whether ``address`` is a loopback IP (an IPv4-mapped one included); False when it is no IP."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool((mapped or ip).is_loopback)
+    ip = parse_ip(address.split("%")[0])
+    return ip is not None and ip.is_loopback

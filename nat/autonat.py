@@ -50,7 +50,7 @@ from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter
 
-from nat.addresses import Reachability, dial_back_allowed, is_public_ip, sources_for
+from nat.addresses import Reachability, dial_back_allowed, is_public_ip, parse_ip, sources_for
 from nat.addresses import candidate_addrs as candidate_addrs_of
 from nat.notifee import QuietNotifee
 from nat.reachability import ReachabilityState, ServerResult
@@ -648,9 +648,10 @@ class AutoNat:
             )
         if not message.addrs and not message.ports:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "no address or port to dial back")
-        if not observed_ip:
+        # a dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d: judged (and dialed) as its IPv4 address
+        observed = parse_ip(observed_ip) if observed_ip else None
+        if observed is None:
             raise ClawnodeError(ErrorCode.FORBIDDEN, "no observed address for this connection")
-        observed = ipaddress.ip_address(observed_ip)
         family = "ip4" if observed.version == 4 else "ip6"
         requested: list[str] = []
         for addr in message.addrs:
@@ -662,8 +663,8 @@ class AutoNat:
         targets: list[str] = []
         refused: dict[str, str] = {}
         for base in requested:
-            ip = ipaddress.ip_address(_ip_of(base) or "")
-            if ip != observed:
+            ip = parse_ip(_ip_of(base) or "")
+            if ip is None or ip != observed:
                 refused[base] = "not the requester's observed IP"
             elif not dial_back_allowed(str(ip), observed_ip, allow_private=self.settings.allow_private):
                 refused[base] = "a private address"

@@ -18,7 +18,7 @@ from typing import Literal
 
 import multiaddr
 
-from nat.addresses import dial_back_allowed
+from nat.addresses import dial_back_allowed, parse_ip, unmapped
 from nat.autonat_v2_wire import DialResponse, DialStatus, ResponseStatus
 from nat.reachability import ServerResult
 
@@ -99,9 +99,8 @@ def choose_target(
     ``allow_private`` (tests, LANs; even then no loopback unless the requester is on loopback, no
     link-local but its own: ``nat.addresses.dial_back_allowed``), and no ``/p2p/`` of another peer. Its IP differs from
     ``observed_ip``, the one the request came from: the requester pays in dial data first."""
-    try:
-        observed = ipaddress.ip_address(observed_ip)
-    except ValueError:
+    observed = parse_ip(observed_ip)  # a dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d
+    if observed is None:
         return Refused(ResponseStatus.DIAL_REFUSED, "no_observed_address")
     for index, raw in enumerate(addrs[:max_addrs]):
         found = _tcp_target(raw, requester)
@@ -112,7 +111,7 @@ def choose_target(
             continue
         if not dial_back_allowed(str(ip), observed_ip, allow_private=allow_private):
             continue
-        return Target(index, base, needs_dial_data=ip != observed)
+        return Target(index, base, needs_dial_data=unmapped(ip) != observed)
     return Refused(ResponseStatus.DIAL_REFUSED, "no_dialable_address")
 
 

@@ -24,7 +24,6 @@ and keeps count of what happened:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import time
@@ -41,6 +40,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from nat import quic_punch
+from nat.addresses import is_loopback_ip, parse_ip
 from nat.autonat import quic_listen_ports
 from nat.notifee import QuietNotifee
 from nat.relay import is_circuit
@@ -69,15 +69,9 @@ ANSWER_WAIT_S = 3.0
 QUIC_HEAD_START_S = 1.5
 
 
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
-
-
 def _is_wildcard(ip: str) -> bool:
-    return ip in ("0.0.0.0", "::")
+    parsed = parse_ip(ip)
+    return parsed is not None and parsed.is_unspecified
 
 
 def _family_of(ip: str) -> int:
@@ -96,7 +90,7 @@ def punch_source(target_ip: str, route_ip: str | None, listeners: Sequence[Punch
     """
     if route_ip is None or _family_of(route_ip) != _family_of(target_ip):
         return None
-    if _is_loopback(route_ip) and not _is_loopback(target_ip):
+    if is_loopback_ip(route_ip) and not is_loopback_ip(target_ip):
         return None
     for ip, port in listeners:
         if ip == route_ip and port:
