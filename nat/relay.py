@@ -55,6 +55,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from nat.addresses import ip_bucket, is_loopback_ip, sources_for
 from nat.autonat import remote_ip
 from nat.notifee import QuietNotifee
+from nat.relay_rules import Peer, reservation_per_ip
 from wire.streams import (  # is_circuit is still imported from here
     DIAL_TIMEOUT_S,
     is_circuit,
@@ -248,31 +249,33 @@ def _free_departed_reservations(protocol: CircuitV2Protocol) -> None:
 
 
 def _limit_reservations_per_ip(protocol: CircuitV2Protocol, host: IHost, per_ip: int, loopback_exempt: bool) -> None:
-    """At most ``per_ip`` reservations held from one IP (IPv6 /64): py-libp2p counts only the total, so a
-    stranger connecting from one address with ``max_reservations`` fresh identities, each reserving,
-    left the relay refusing every private node that needed it for as long as it stayed connected. A
-    holder with no IP of its own (a relayed connection) is not counted."""
+    """At most ``per_ip`` reservations held from one IP (IPv6 /64): py-libp2p counts only the total.
+    The rule is ``nat.relay_rules.reservation_per_ip``; this fetches where the asker and each holder
+    connected from, and a refusal gets py-libp2p's answer to a full relay (``RESOURCE_LIMIT_EXCEEDED``,
+    the status the rule names)."""
     manager = protocol.resource_manager
     can_accept = manager.can_accept_reservation
 
-    def bucket(peer_id: ID) -> str | None:
+    def peer(peer_id: ID) -> Peer:
         address = remote_ip(host, peer_id)
         if not address:
-            return None
-        if loopback_exempt and is_loopback_ip(address):
-            return None
-        return ip_bucket(address)
+            return Peer(None)
+        return Peer(ip_bucket(address), on_loopback=is_loopback_ip(address))
 
     def can_accept_within_ip_limit(peer_id: ID) -> bool:
         if not can_accept(peer_id):
             return False
-        if manager.has_reservation(peer_id):
-            return True  # a renewal
-        mine = bucket(peer_id)
-        if mine is None:
-            return True
-        held = sum(1 for holder in list(manager._reservations) if holder != peer_id and bucket(holder) == mine)
-        return held < per_ip
+        holders = [peer(holder) for holder in list(manager._reservations) if holder != peer_id]
+        verdict = reservation_per_ip(
+            peer(peer_id),
+            holders,
+            renewal=manager.has_reservation(peer_id),
+            per_ip=per_ip,
+            loopback_exempt=loopback_exempt,
+        )
+        if verdict is not None:
+            log.debug("relay: reservation refused (%s)", verdict.reason)
+        return verdict is None
 
     manager.can_accept_reservation = can_accept_within_ip_limit  # type: ignore[method-assign]
 
