@@ -452,12 +452,16 @@ class DhtService:
             except Exception as error:  # noqa: BLE001 - a peer we cannot add is skipped
                 log.debug("could not add %s: %s", peer_id, type(error).__name__)
 
-    async def fill_far_buckets(self, seeds: list[ID], buckets: int = FAR_BUCKETS) -> None:
+    async def fill_far_buckets(self, seeds: list[ID], buckets: int = FAR_BUCKETS, seeds_per_key: int = 3) -> None:
         """Ask ``seeds`` (the peers the join reached) for the peers closest to one random key in each
         of the ``buckets`` buckets farthest from us, and put those in the routing table (``FAR_BUCKETS``:
-        why). One query a key and a seed over the join's connections, no walk: walks from our own table
-        started at the edge of our half, whose peers know nobody past it either, and a walk from the
-        seeds dialed a dozen far peers a key, which doubled the join's handshakes."""
+        why). One query a key to each of ``seeds_per_key`` seeds (the next ones for the next key) over
+        the join's connections, no walk: walks from our own table started at the edge of our half,
+        whose peers know nobody past it either, and a walk from the seeds dialed a dozen far peers a
+        key, which doubled the join's handshakes. Every seed was asked every key (a join that reached
+        50 peers sent 200 queries for 4 keys), and the peers named were added one after another, each
+        up to ``dial_timeout_s`` (a full bucket pings its oldest peer): they are added
+        ``PARALLEL_DIALS`` at once."""
         if self.lookup is None or not seeds:
             return
         lookup = self.lookup
@@ -470,13 +474,22 @@ class DhtService:
                 except Exception as error:  # noqa: BLE001 - the periodic refresh fills the table later
                     log.debug("far bucket query to %s failed: %s", peer_id, type(error).__name__)
 
+        per_key = min(max(seeds_per_key, 1), len(seeds))
         async with trio.open_nursery() as nursery:
-            for key in far_keys(key_of(self.host.get_id().to_bytes()), buckets, random.Random()):
-                for peer_id in seeds:
-                    nursery.start_soon(ask, peer_id, key)
-        for peer_id in named:
-            with trio.move_on_after(self.dial_timeout_s):  # a full bucket pings its oldest peer
-                await self._answered(peer_id)
+            keys = far_keys(key_of(self.host.get_id().to_bytes()), buckets, random.Random())
+            for index, key in enumerate(keys):
+                for step in range(per_key):
+                    nursery.start_soon(ask, seeds[(index * per_key + step) % len(seeds)], key)
+        limiter = trio.CapacityLimiter(PARALLEL_DIALS)
+
+        async def add(peer_id: ID) -> None:
+            async with limiter:
+                with trio.move_on_after(self.dial_timeout_s):  # a full bucket pings its oldest peer
+                    await self._answered(peer_id)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in named:
+                nursery.start_soon(add, peer_id)
 
     async def _refresh_routing_table(self) -> None:
         try:
