@@ -109,6 +109,8 @@ def _join(waiting: tuple[str, Any], chunk: Chunk) -> bool:
 
 @dataclass(frozen=True)
 class TokenUsage:
+    # The prompt's tokens; of a generation cancelled before its prompt was decoded whole, those
+    # processed by then (0 before it began): what a cut call's prompt cost the engine.
     prompt_tokens: int
     completion_tokens: int
     # Of the prompt tokens, those whose KV cache was reused from an earlier sequence (not decoded
@@ -650,8 +652,10 @@ class _Batcher:
         if not prompt:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the prompt is empty")
         if request.max_tokens == 0 or seq.cancel.is_set():
-            reason = "cancelled" if seq.cancel.is_set() else "length"
-            seq.finish(TokenUsage(len(prompt), 0), [reason] * request.n, None, 0.0, None)
+            # Cancelled before its prompt was decoded: no prompt token was processed.
+            cancelled = seq.cancel.is_set()
+            usage = TokenUsage(0 if cancelled else len(prompt), 0)
+            seq.finish(usage, ["cancelled" if cancelled else "length"] * request.n, None, 0.0, None)
             return
         seq.picker = TokenPicker(request.sampling, self.n_vocab, request.seed)
         seq.prompt, seq.stops = prompt, [*request.stop, *template_stops]
@@ -876,7 +880,9 @@ class _Batcher:
         if reasons and reasons[-1] != "cancelled":
             seq.emit({"index": seq.index, "tokens": 0, "text": "", "finish_reason": reasons[-1]})
         elapsed = time.perf_counter() - seq.first if seq.first is not None else 0.0
-        usage = TokenUsage(len(seq.prompt), seq.total, seq.cached)
+        # A prompt is decoded a batch at a time: one cancelled while decoding counts what was decoded.
+        decoded = len(seq.prompt) - (len(seq.pending) if seq.index == 0 else 0)
+        usage = TokenUsage(decoded, seq.total, seq.cached)
         seq.finish(usage, reasons, seq.first, elapsed, None)
 
 
@@ -1629,9 +1635,10 @@ class LlamaModel:
         if not prompt_tokens:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the prompt is empty")
         usage_prompt = len(prompt_tokens)
-        if request.max_tokens == 0 or cancel.is_set():
-            reason = "cancelled" if cancel.is_set() else "length"
-            return TokenUsage(usage_prompt, 0), [reason] * request.n, None, 0.0
+        if cancel.is_set():  # cancelled before its prompt was decoded: no prompt token was processed
+            return TokenUsage(0, 0), ["cancelled"] * request.n, None, 0.0
+        if request.max_tokens == 0:
+            return TokenUsage(usage_prompt, 0), ["length"] * request.n, None, 0.0
         vocab = llama._model.vocab
         n_vocab = int(llama.n_vocab())
         picker = TokenPicker(request.sampling, n_vocab, request.seed)

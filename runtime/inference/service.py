@@ -27,6 +27,7 @@ are the input's tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -153,12 +154,16 @@ class ChatService:
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
 
-    async def run(self, body: dict[str, Any], emit: Emit, *, commit: int = 0) -> Usage:
-        """Serve ``body``. ``commit``: verified inference's top-k of every produced token, for the
-        provider's commitment (``runtime.verify.provider.CallRecorder``): chunks carry them as
-        ``commit`` entries, ``runtime.inference.sampling.CommitBlock`` arrays (``entries()``: ``(token
-        id, ((id, logprob), ...))`` as ``Pick.top`` has them), a block of tokens at a time
-        (``runtime.inference.sampling.CommitRows``). Under a grammar, or with
+    async def run(
+        self, body: dict[str, Any], emit: Emit, *, commit: int = 0, on_cut: Callable[[int], None] | None = None
+    ) -> Usage:
+        """Serve ``body``. ``on_cut``: told, when the call is cut (cancelled, or ``emit`` failed) after
+        the engine took it, how many prompt tokens it had decoded by then (0 when it had not begun;
+        the lease bills them with the chunks written). ``commit``: verified inference's top-k of every
+        produced token, for the provider's commitment (``runtime.verify.provider.CallRecorder``):
+        chunks carry them as ``commit`` entries, ``runtime.inference.sampling.CommitBlock`` arrays
+        (``entries()``: ``(token id, ((id, logprob), ...))`` as ``Pick.top`` has them), a block of
+        tokens at a time (``runtime.inference.sampling.CommitRows``). Under a grammar, or with
         logprobs asked, the chunks' logprobs carry them instead (``top_logprobs`` at least k)."""
         if not isinstance(body, dict):
             raise _invalid("the body must be an object")
@@ -257,13 +262,18 @@ class ChatService:
                 assistant_prefix=continue_from,
                 grammar=grammar,
             )
-        async with stream:
-            async for chunk in stream:
-                # One frame carries every chunk ready by now; ``tokens`` says how many tokens it holds.
-                for merged in merge_chunks([chunk, *stream.drain_ready()]):
-                    if n == 1:
-                        merged.pop("index", None)
-                    await emit(merged)
+        try:
+            async with stream:
+                async for chunk in stream:
+                    # One frame carries every chunk ready by now; ``tokens`` says how many tokens it holds.
+                    for merged in merge_chunks([chunk, *stream.drain_ready()]):
+                        if n == 1:
+                            merged.pop("index", None)
+                        await emit(merged)
+        finally:
+            # Cut: the engine's own count, set when its job ended (leaving ``async with`` waits for it).
+            if on_cut is not None and stream.completion is None and stream.final is not None:
+                on_cut(stream.final.usage.prompt_tokens)
         usage = stream.usage
         if usage is None:
             raise ClawnodeError(ErrorCode.INTERNAL, "the generation ended without a usage count")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,39 @@ async def test_leaving_a_stream_stops_generation(tiny_path: Path) -> None:
 
         # The model is free again afterwards.
         assert (await model.complete("go", max_tokens=5)).usage.completion_tokens == 5
+    finally:
+        await model.aclose()
+
+
+@pytest.mark.parametrize("parallel", [1, 2])  # one request after another, and continuous batching
+async def test_a_generation_left_before_its_prompt_is_decoded_counts_no_prompt(tiny_path: Path, parallel: int) -> None:
+    """What a cut call's prompt cost the engine (a lease bills a cut call for it): nothing when it was
+    left before the engine took it up, the whole prompt when left after its first piece. Before, a
+    generation left before the engine took it up counted its whole prompt, never decoded."""
+    model = LlamaModel(tiny_path, name="cut", n_ctx=512, n_threads=1, parallel=parallel)
+    await model.load()
+    try:
+        prompt = "one two three four five six"
+        assert model._worker is not None
+        busy = threading.Event()
+
+        def occupied() -> None:
+            busy.wait()
+
+        model._worker.submit(occupied)  # the engine's thread is busy: the next generation waits for it
+        threading.Timer(0.3, busy.set).start()
+        stream = model.stream_complete(prompt, max_tokens=8)
+        async with stream:
+            pass  # left at once, while it waits for the engine
+        assert stream.final is not None and stream.final.finish_reason == "cancelled"
+        assert stream.final.usage.prompt_tokens == 0
+
+        stream = model.stream_complete(prompt, max_tokens=100)
+        async with stream:
+            async for _ in stream:
+                break
+        assert stream.final is not None and stream.final.finish_reason == "cancelled"
+        assert stream.final.usage.prompt_tokens == len(await model.tokenize(prompt, add_bos=True))
     finally:
         await model.aclose()
 
