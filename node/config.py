@@ -9,6 +9,7 @@ with the key, where it came from and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -233,6 +234,12 @@ class EscrowSection(_Section):
         pattern=r"^(0x[0-9a-fA-F]{40})?$",
         description="arbiter of the escrows this node sells under; empty: the embedded chain's second dev account",
     )
+    trusted_arbiters: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="more arbiter wallets this node trusts, as a seller, on a task's panel (besides its own "
+        "arbiter): an award whose panel its untrusted members could decide alone is refused",
+    )
     arbiter_peer: str = Field(
         "",
         pattern=r"^([1-9A-HJ-NP-Za-km-z]{46,64})?$",
@@ -269,6 +276,13 @@ class EscrowSection(_Section):
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value
+
+    @field_validator("trusted_arbiters")
+    @classmethod
+    def _wallets(cls, values: list[str]) -> list[str]:
+        if any(re.fullmatch(r"0x[0-9a-fA-F]{40}", value) is None for value in values):
+            raise ValueError("every entry must be a wallet address, 0x and 40 hex digits")
+        return values
 
     @field_validator("fallback_rpc_urls")
     @classmethod

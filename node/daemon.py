@@ -560,6 +560,7 @@ class Node:
                         models=self.model_host,
                         arbiter=self._task_arbiter,
                         escrow_terms=self._escrow_terms,  # a seller takes awards under our arbiter only
+                        trusted_arbiters=self.config.escrow.trusted_arbiters,  # ... or panels it may trust
                     )
                     await nursery.start(self.supervisor.run, "tasks", self._tasks.run)
                     await nursery.start(self.supervisor.run, "api", partial(self._serve_api, token))

@@ -93,6 +93,7 @@ def market_config(
     models: tuple[ModelSpec, ...] = (),
     verify: VerifySection | None = None,
     split: SplitSection | None = None,
+    trusted_arbiters: tuple[str, ...] = (),
 ) -> Config:
     return Config(
         node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"]),  # type: ignore[call-arg]
@@ -100,7 +101,12 @@ def market_config(
         bootstrap=BootstrapSection(peers=bootstrap, use_defaults=False),
         # market_nodes hands every node the shared chain; a node started alone on this config runs a
         # private chain of its own (no network to join: its bootstrap peers are in-process nodes).
-        escrow=EscrowSection(mode="embedded", settle_interval_s=0.5, dispute_window_s=dispute_window_s),  # type: ignore[call-arg]
+        escrow=EscrowSection(  # type: ignore[call-arg]
+            mode="embedded",
+            settle_interval_s=0.5,
+            dispute_window_s=dispute_window_s,
+            trusted_arbiters=list(trusted_arbiters),
+        ),
         market=market or MarketSection(receipt_every_units=10, receipt_every_s=2),  # type: ignore[call-arg]
         offers=list(offers),
         models=list(models),
@@ -126,7 +132,8 @@ async def market_nodes(
     bootstrap: list[str] | None = None,
     root: Path | None = None,
 ) -> AsyncIterator[tuple[list[Node], SharedChain]]:
-    """Start one Node per spec (``offers``, ``market``, ``serve``, ``wallet_key``); the first is everyone's bootstrap.
+    """Start one Node per spec (``offers``, ``market``, ``serve``, ``wallet_key``, ``trusted_arbiters``); the
+    first is everyone's bootstrap.
 
     With ``bootstrap`` (multiaddrs of an existing swarm, e.g. ``open_swarm``'s first nodes), every
     node joins through those peers instead. Data dirs go under ``root`` (default: a temporary
@@ -152,6 +159,8 @@ async def market_nodes(
                     models=tuple(spec.get("models", ())),
                     verify=spec.get("verify"),
                     split=spec.get("split"),  # ``split``: a SplitSection naming ``models`` run over leased layers
+                    # ``trusted_arbiters``: wallets the node trusts on a task's panel (escrow.trusted_arbiters)
+                    trusted_arbiters=tuple(spec.get("trusted_arbiters", ())),
                 )
                 # ``wallet_key`` (hex): this node's escrow wallet, e.g. ``shared.arbiter.key.hex()`` for the arbiter.
                 wallet_hex = spec.get("wallet_key")

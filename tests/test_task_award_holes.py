@@ -379,6 +379,55 @@ async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does
         assert await _award_refused(creator, seller, envelope) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
 
 
+async def test_a_seller_refuses_an_award_whose_panel_the_creators_own_wallets_could_decide() -> None:
+    # The third node is a seller that trusts one more arbiter wallet (escrow.trusted_arbiters): sock[0].
+    sock = [Account.create().address for _ in range(2)]
+    async with market_nodes([{}, {}, {"trusted_arbiters": (sock[0],)}]) as (nodes, shared):
+        creator, seller, trusting = nodes
+        await _watching(creator, seller, "model:wasm-upper")
+        await _watching(creator, trusting, "model:wasm-upper")
+        # The panel seats the arbiter the sellers trust, beside two wallets of the creator's own under fresh
+        # peer ids: those two agree, reach the threshold without it and split the disputed price back.
+        panel = w.PanelTerms(
+            members=[w.PanelMember(peer=_fresh_peer(), wallet=wallet) for wallet in (shared.arbiter.address, *sock)],
+            threshold=2,
+        )
+        tasks = []
+        for _ in range(2):
+            view = await creator.tasks.publish_run(
+                "model:wasm-upper",
+                ETH,
+                120,
+                kind="wasm",
+                module=mods.UPPER,
+                input=b"pay me",
+                limits=Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output_bytes=4096),
+                review_timeout_s=60,
+                panel=panel,
+            )
+            tasks.append(view.task_id)
+        await wait_for(lambda: set(tasks) <= set(seller.tasks.book.tasks) & set(trusting.tasks.book.tasks), 30)
+        bid = await seller.tasks.bid(tasks[0], ETH // 2)
+        awarded = await creator.tasks.award(tasks[0], bid.bid_id)
+        assert awarded.escrow_id is not None
+
+        # The seller did not take it: no lease row to serve it under, nothing run, nothing delivered.
+        assert seller.tasks.view(tasks[0]).state == "task_open"
+        with pytest.raises(ClawnodeError) as unknown:
+            await seller.ledger.get_lease(awarded.escrow_id[2:])
+        assert unknown.value.code == ErrorCode.NOT_FOUND
+        assert seller.sandbox.stats.runs.get("wasm", 0) == 0
+        assert seller.tasks.local[tasks[0]].result_env is None
+        envelope = creator.tasks.local[tasks[0]].award_env
+        assert envelope is not None
+        assert await _award_refused(creator, seller, envelope) == (ErrorCode.FORBIDDEN, "panel_untrusted")
+
+        # A seller that trusts one of the two as well (two trusted of three, m = 2): the others cannot decide.
+        bid = await trusting.tasks.bid(tasks[1], ETH // 2)
+        await creator.tasks.award(tasks[1], bid.bid_id)
+        assert trusting.tasks.view(tasks[1]).role == "awarded_bidder"
+
+
 async def test_two_awards_naming_one_lock_at_once_pay_one_task_only() -> None:
     async with market_nodes([{}, {}]) as (nodes, shared):
         creator, seller = nodes

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 from click.testing import CliRunner, Result
+from eth_account import Account
 
 from node.cli import main
 from node.daemon import Node
@@ -135,11 +136,12 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
         return ModelSpec(name="tiny", path=str(path), price_per_unit=1000, n_threads=1, n_ctx=256)  # type: ignore[call-arg]
 
     shared = await trio.to_thread.run_sync(SharedChain.start)
+    member = Account.create()  # a panel member's wallet the seller trusts too (escrow.trusted_arbiters)
     specs = [
         {},
-        {"models": (spec(seller_file),)},
+        {"models": (spec(seller_file),), "trusted_arbiters": (member.address,)},
         {"wallet_key": shared.arbiter.key.hex(), "models": (spec(arbiter_file),)},
-        {"models": (spec(write_tiny_llama_gguf(tmp_path / "member.gguf")),)},  # a panel member with a copy
+        {"models": (spec(write_tiny_llama_gguf(tmp_path / "member.gguf")),), "wallet_key": member.key.hex()},
         {},  # a panel member that serves no model
     ]
     async with market_nodes(specs, chain=shared) as (nodes, _):

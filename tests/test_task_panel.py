@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import trio
+from eth_account import Account
 from pydantic import TypeAdapter
 
 from node.daemon import Node
@@ -60,7 +61,11 @@ def _peer(node: Node) -> str:
 async def test_a_native_task_disputed_is_decided_by_two_of_three_panel_votes_on_chain(
     anvil_chain: SharedChain,
 ) -> None:
-    async with market_nodes([{}, {}, {}, {}, {}], chain=anvil_chain) as (nodes, _):
+    # The seller trusts the members' wallets (escrow.trusted_arbiters): a panel it could not trust is refused.
+    wallets = [Account.create() for _ in range(3)]
+    seller_spec = {"trusted_arbiters": tuple(account.address for account in wallets)}
+    specs = [{}, seller_spec, *({"wallet_key": account.key.hex()} for account in wallets)]
+    async with market_nodes(specs, chain=anvil_chain) as (nodes, _):
         creator, seller, *members = nodes
         for node in (seller, members[0], members[1]):
             node.sandbox.policy = dataclasses.replace(node.sandbox.policy, kinds=frozenset({"wasm", "native"}))

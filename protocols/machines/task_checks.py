@@ -14,6 +14,7 @@ wallet, on *our* chain and contract) is checked here first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -185,12 +186,36 @@ class AwardLockFacts:
     lock: LockState | None  # None: not read (the chain or the contract is not ours)
     trusted_arbiter: str | None  # the arbiter our own escrow terms name; None when this node knows none
     lock_threshold: int = 0  # m of a panel lock (its arbiter is then the zero address); 0: one arbiter
-    panel_named: bool = False  # the award's params name a panel (checked apart: ``panel_lock_verdict``)
+    panel_named: bool = False  # the award's params name a panel (its lock: ``panel_lock_verdict``)
+    panel_wallets: tuple[str, ...] = ()  # the wallets of the panel the params name
+    panel_threshold: int = 0  # its m
+    trusted_wallets: tuple[str, ...] = ()  # more wallets this node trusts on a panel (escrow.trusted_arbiters)
 
 
 def award_arbiter_verdict(arbiter_wallet: str, trusted_arbiter: str | None) -> Refusal | None:
-    """An award's single arbiter must be the one this node trusts; a panel's members are checked apart."""
+    """An award's single arbiter must be the one this node trusts; a panel's members: ``panel_trust_verdict``."""
     return trusted_arbiter_verdict(arbiter_wallet, trusted_arbiter, subject="task")
+
+
+def panel_trust_verdict(
+    panel_wallets: Sequence[str], threshold: int, trusted_arbiter: str | None, trusted_wallets: Sequence[str]
+) -> Refusal | None:
+    """An award's panel must not be decidable by wallets this node does not trust: fewer than ``threshold``
+    members may be untrusted (at least n - m + 1 trusted: this node's own arbiter, ``trusted_arbiter``, or
+    one of ``trusted_wallets``; compared case-insensitively). Otherwise a creator could name a panel of
+    fresh peer ids over wallets of its own, whose m agreeing votes split the disputed price back to it."""
+    trusted = {wallet.lower() for wallet in trusted_wallets}
+    if trusted_arbiter is not None:
+        trusted.add(trusted_arbiter.lower())
+    untrusted = sum(1 for wallet in panel_wallets if wallet.lower() not in trusted)  # a repeated wallet counts twice
+    if untrusted >= threshold:
+        return _refuse(
+            F,
+            "panel_untrusted",
+            f"{untrusted} of the panel's {len(panel_wallets)} members are wallets this node does not trust and "
+            f"{threshold} votes decide: trust more of them (escrow.trusted_arbiters) or bid on another task",
+        )
+    return None
 
 
 def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
@@ -204,7 +229,11 @@ def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
         # A panel lock's arbiter is the zero address, as a panel task's announced arbiter_wallet: without
         # this, a creator could lock with a panel of its own wallets under params that name none.
         return _refuse(F, "lock_panel_unnamed", "the escrow lock is decided by a panel the award does not name")
-    if not f.panel_named and (refusal := award_arbiter_verdict(f.arbiter_wallet, f.trusted_arbiter)) is not None:
+    if f.panel_named:
+        refusal = panel_trust_verdict(f.panel_wallets, f.panel_threshold, f.trusted_arbiter, f.trusted_wallets)
+    else:
+        refusal = award_arbiter_verdict(f.arbiter_wallet, f.trusted_arbiter)
+    if refusal is not None:
         return refusal
     return lock_verdict(f.lock, LockTerms("task", f.payee, f.arbiter_wallet, f.price, f.window, f.lasts_until))
 

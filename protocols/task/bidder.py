@@ -204,6 +204,9 @@ class BidderRole(TaskCore):
                     trusted_arbiter=None if own_terms is None else own_terms.arbiter,
                     lock_threshold=threshold,
                     panel_named=panel is not None,
+                    panel_wallets=() if panel is None else tuple(member.wallet for member in panel.members),
+                    panel_threshold=0 if panel is None else panel.threshold,
+                    trusted_wallets=self.trusted_arbiters,
                 )
             )
         )

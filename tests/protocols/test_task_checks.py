@@ -5,6 +5,7 @@ and fails if a reason it should reach never came up."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections import Counter
 from typing import Any, TypeVar
@@ -172,10 +173,48 @@ def test_a_panel_lock_counts_only_under_params_that_name_a_panel() -> None:
         ErrorCode.FORBIDDEN,
         "award_untrusted_arbiter",
     )
-    assert c.award_lock_verdict(dataclasses.replace(facts, trusted_arbiter=PAYEE, panel_named=True)) is None
+    # A named panel of three, two of whose wallets this node trusts (its arbiter and one configured): m = 2.
+    named = dataclasses.replace(
+        facts, panel_named=True, panel_wallets=(ARB_WALLET, OTHER_WALLET, PAYEE), panel_threshold=2
+    )
+    trusting = dataclasses.replace(named, trusted_arbiter=ARB_WALLET, trusted_wallets=(OTHER_WALLET,))
+    assert c.award_lock_verdict(trusting) is None
     unnamed = c.award_lock_verdict(dataclasses.replace(facts, lock_threshold=2))
     assert unnamed is not None and (unnamed.code, unnamed.reason) == (ErrorCode.FORBIDDEN, "lock_panel_unnamed")
-    assert c.award_lock_verdict(dataclasses.replace(facts, lock_threshold=2, panel_named=True)) is None
+    assert c.award_lock_verdict(dataclasses.replace(trusting, lock_threshold=2)) is None
+    # ... and one whose untrusted members could decide alone is refused, whatever the lock says.
+    for trusted_arbiter, trusted_wallets in ((None, ()), (ARB_WALLET, ()), (None, (PAYEE,))):
+        changed = dataclasses.replace(
+            named, lock_threshold=2, trusted_arbiter=trusted_arbiter, trusted_wallets=trusted_wallets
+        )
+        refused = c.award_lock_verdict(changed)
+        assert refused is not None and (refused.code, refused.reason) == (ErrorCode.FORBIDDEN, "panel_untrusted")
+
+
+def test_a_seller_takes_a_panel_only_if_its_untrusted_members_cannot_decide_alone() -> None:
+    seen: Counter[str] = Counter()
+    pool = ["0x" + "ab" * 19 + f"{i:02x}" for i in range(1, 8)]
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        d = data.draw
+        members = d(st.lists(st.sampled_from(pool), min_size=1, max_size=5))
+        threshold = d(st.integers(0, len(members) + 1))
+        trusted = d(st.lists(st.sampled_from(pool), max_size=4))
+        own = d(st.one_of(st.none(), st.sampled_from(pool)))
+        shown = [wallet.upper().replace("0X", "0x") if d(st.booleans()) else wallet for wallet in members]
+        verdict = c.panel_trust_verdict(shown, threshold, own, trusted)
+        tally(seen, verdict)
+        # Refused exactly when some m members none of whom this node trusts could sign a decision alone.
+        ours = {*trusted, *([own] if own else [])}
+        alone = any(all(w not in ours for w in seats) for seats in itertools.combinations(members, threshold))
+        assert (verdict is not None) == alone
+        if verdict is not None:
+            assert (verdict.code, verdict.reason) == (ErrorCode.FORBIDDEN, "panel_untrusted")
+
+    run()
+    report("panel trust", seen, {"admitted", "panel_untrusted"})
 
 
 # -- signed envelopes and artifacts -------------------------------------------------------------
