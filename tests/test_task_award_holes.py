@@ -18,6 +18,7 @@ Bids: a stranger could place 30 bids a minute on one task, for as long as the ta
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -32,6 +33,8 @@ from dht.discovery import DiscoveryQuery
 from protocols import task_wire as w
 from protocols.gossip import task_topic
 from protocols.lease_wire import EscrowLock
+from protocols.machines.task_checks import REVOKE_RETRY_MIN_S
+from protocols.machines.task_model import RevokeAward
 from protocols.settings import MarketSection
 from protocols.task import TASK_PROTOCOL
 from protocols.task.panel import ZERO_WALLET
@@ -337,6 +340,55 @@ async def test_a_creator_takes_its_lock_back_from_a_seller_that_delivers_nothing
         with pytest.raises(ClawnodeError) as late:  # and a delivery after it counts for nothing
             await seller.tasks.submit(view.task_id, b"late")
         assert late.value.code in (ErrorCode.CONFLICT, ErrorCode.FORBIDDEN)
+
+
+async def test_a_refused_no_show_revoke_is_tried_again_after_a_wait_not_on_every_sweep(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with market_nodes([{}, {}]) as (nodes, shared):
+        creator, seller = nodes
+        await _watching(creator, seller, CAPABILITY)
+        view = await creator.tasks.publish(
+            CAPABILITY, ETH, 120, params="{}", arbiter_peer=_fresh_peer(), arbiter_wallet=shared.arbiter.address
+        )
+        await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(view.task_id, ETH // 2)
+        awarded = await creator.tasks.award(view.task_id, bid.bid_id)
+        assert awarded.escrow_id is not None
+
+        # The creator's book refuses the revoke (as it would a state the sweep did not foresee), every time.
+        book, tries, refusing = creator.tasks.book, [], [True]
+        apply = book.apply
+
+        def refusing_apply(event: Any, actor: str, now: float) -> Any:
+            if isinstance(event, RevokeAward):
+                tries.append(now)
+                if refusing[0]:
+                    raise ClawnodeError(ErrorCode.CONFLICT, "not now", "wrong_state")
+            return apply(event, actor, now)
+
+        monkeypatch.setattr(book, "apply", refusing_apply)
+        caplog.set_level(logging.INFO, logger="protocols.task")
+        skew = [130.0]  # the seller went silent; the task's deadline passes (the creator's clock, moved on)
+        monkeypatch.setattr(creator.tasks, "clock", lambda: time.time() + skew[0])
+        await wait_for(lambda: bool(tries), 5, "a first try")
+        await trio.sleep(3.5)  # three more sweeps
+        assert len(tries) == 1
+        assert sum("could not be revoked" in record.getMessage() for record in caplog.records) == 1
+
+        # Once its wait has passed, the revoke is tried again and the lock's refund queued.
+        refusing[0] = False
+        skew[0] += REVOKE_RETRY_MIN_S
+        lease_id = awarded.escrow_id[2:]
+
+        async def refund_queued() -> bool:
+            rows = await creator.ledger.list_settlements()
+            return any(row.lease_id == lease_id and row.kind == "refund" for row in rows)
+
+        with trio.fail_after(5):
+            while not await refund_queued():
+                await trio.sleep(0.2)
+        assert len(tries) == 2
 
 
 async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does_not_trust() -> None:

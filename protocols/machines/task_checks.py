@@ -449,11 +449,26 @@ def rejection_dispute_due(f: SilenceFacts) -> bool:
     )
 
 
-def no_show_revoke_due(creator_side: bool, award_active: bool, delivered: bool, deadline: float, now: float) -> bool:
+# A no-show revoke the book refused is tried again after REVOKE_RETRY_MIN_S, the wait doubling on each
+# refusal up to REVOKE_RETRY_MAX_S (the sweep runs every second: not a try and a log line each time).
+REVOKE_RETRY_MIN_S = 5.0
+REVOKE_RETRY_MAX_S = 300.0
+
+
+def no_show_revoke_due(
+    creator_side: bool, award_active: bool, delivered: bool, deadline: float, now: float, retry_at: float = 0.0
+) -> bool:
     """Does the creator revoke an award whose seller delivered nothing by the task's deadline? Then its
     close-out queues the lock's refund (it lands after the lock's deadline + window): otherwise a seller
-    that won and went silent kept the creator's price locked until the node restarted."""
-    return creator_side and award_active and not delivered and now >= deadline
+    that won and went silent kept the creator's price locked until the node restarted. ``retry_at``: a
+    revoke the book refused is not tried again before it (:func:`next_revoke_wait`)."""
+    return creator_side and award_active and not delivered and now >= deadline and now >= retry_at
+
+
+def next_revoke_wait(wait_s: float) -> float:
+    """The wait before a refused no-show revoke is tried again: ``REVOKE_RETRY_MIN_S`` after the first
+    refusal, then doubling up to ``REVOKE_RETRY_MAX_S``."""
+    return min(max(wait_s * 2, REVOKE_RETRY_MIN_S), REVOKE_RETRY_MAX_S)
 
 
 # -- close-out ----------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ class TaskLocal:
     closed: bool = False
     refund_queued: bool = False
     silence_tried_at: float = 0.0  # the seller last disputed the creator's silence past the review timeout
+    revoke_retry_at: float = 0.0  # a no-show revoke the book refused is not tried again before this
+    revoke_wait_s: float = 0.0  # the wait after its last refusal (``task_checks.next_revoke_wait``)
     wake: trio.Event = field(default_factory=trio.Event)  # set when news may move the close-out
 
 

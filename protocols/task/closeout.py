@@ -180,20 +180,30 @@ class CloseOutRole(TaskCore):
     def _revoke_if_no_show(self, task_id: str, record: m.TaskRecord, now: float) -> None:
         """As the creator: an award with nothing delivered by the deadline is revoked, and its lock's refund
         queued by the close-out (``no_show_revoke_due``)."""
-        award = record.award
+        award, local = record.award, self.local.get(task_id)
+        if local is None:
+            return
         due = checks.no_show_revoke_due(
             creator_side=record.creator == self.peer_id,
             award_active=award is not None and award.state == m.AwardState.ACTIVE,
             delivered=record.result is not None,
             deadline=record.deadline,
             now=now,
+            retry_at=local.revoke_retry_at,
         )
-        if not due or task_id not in self.local:
+        if not due:
             return
         try:
             self._apply(m.RevokeAward(task_id=task_id), self.peer_id)
-        except ClawnodeError as error:
-            log.info("task %s: the award could not be revoked: %s", task_id[:12], error.code)
+        except ClawnodeError as error:  # tried again after a growing wait, not on every sweep
+            local.revoke_wait_s = checks.next_revoke_wait(local.revoke_wait_s)
+            local.revoke_retry_at = now + local.revoke_wait_s
+            log.info(
+                "task %s: the award could not be revoked (%s); tried again in %.0f s",
+                task_id[:12],
+                error.code,
+                local.revoke_wait_s,
+            )
             return
         log.info("task %s: nothing delivered by the deadline; the award is revoked and its lock refunded", task_id[:12])
         self._start_close_out(task_id)

@@ -637,3 +637,15 @@ def test_a_creator_revokes_an_award_only_when_nothing_was_delivered_by_the_deadl
     assert not c.no_show_revoke_due(True, True, True, deadline=100.0, now=200.0)  # delivered: reviewed instead
     assert not c.no_show_revoke_due(True, False, False, deadline=100.0, now=200.0)  # revoked already
     assert not c.no_show_revoke_due(False, True, False, deadline=100.0, now=200.0)  # not our task
+    # A revoke the book refused waits until its retry time, not the next sweep.
+    assert not c.no_show_revoke_due(True, True, False, deadline=100.0, now=104.9, retry_at=105.0)
+    assert c.no_show_revoke_due(True, True, False, deadline=100.0, now=105.0, retry_at=105.0)
+
+
+def test_a_refused_revoke_waits_longer_each_time_up_to_a_bound() -> None:
+    waits = [0.0]
+    for _ in range(12):
+        waits.append(c.next_revoke_wait(waits[-1]))
+    assert waits[1] == c.REVOKE_RETRY_MIN_S > 1.0  # not every one-second sweep
+    assert all(later >= earlier for earlier, later in itertools.pairwise(waits))
+    assert waits[-1] == c.REVOKE_RETRY_MAX_S and max(waits) == c.REVOKE_RETRY_MAX_S
