@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from libp2p.peer.id import ID
@@ -53,6 +53,9 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
 from wire.rpc import request
 from wire.signed import open_base64, seal, to_base64
+
+if TYPE_CHECKING:
+    from runtime.escrow import EscrowClient
 
 T = TypeVar("T")
 
@@ -127,11 +130,16 @@ class ProviderRole(ServingRole, ChannelRole):
         escrow_ref = await self._check_payment(quote, opening, remote, now)
         channel_id = escrow_ref.escrow_id if escrow_ref is not None and opening.channel_base is not None else None
         try:
-            return await self._granted(quote, opening, remote, now, escrow_ref)
+            reply = await self._granted(quote, opening, remote, now, escrow_ref)
         except BaseException:
             if channel_id is not None:
                 self.channel_served_ended(channel_id, opening.lease_id)
+            elif escrow_ref is not None:
+                self.escrow_claim_dropped(escrow_ref.escrow_id, opening.lease_id, checking_only=True)
             raise
+        if escrow_ref is not None and channel_id is None:
+            self.escrow_claim_kept(escrow_ref.escrow_id, opening.lease_id)  # until the lease ends
+        return reply
 
     async def _granted(
         self, quote: w.Quote, opening: w.LeaseOpen, remote: str, now: int, escrow_ref: EscrowRef | None
@@ -233,9 +241,25 @@ class ProviderRole(ServingRole, ChannelRole):
                 quote.duration_s,
             )
             return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
+        # Claimed before the first await: a channel open naming this escrow while we read is refused at
+        # once (``escrow_claim_verdict``), as the ledger learns of this lease only when its row is written.
+        self.claim_escrow(lock.escrow_id, "lease", opening.lease_id)
+        try:
+            await self._check_lock(client, terms, quote, opening, remote)
+        except BaseException:
+            self.escrow_claim_dropped(lock.escrow_id, opening.lease_id, checking_only=True)
+            raise
+        return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
+
+    async def _check_lock(
+        self, client: EscrowClient, terms: w.EscrowTerms, quote: w.Quote, opening: w.LeaseOpen, remote: str
+    ) -> None:
+        """Read the lease's own lock on chain and ask ``check_lock``, with what our ledger knows of the escrow."""
+        lock = opening.lock
+        assert lock is not None
         state = await confirmed_lock(client, lock.payer, bytes.fromhex(lock.escrow_id[2:]))
         chain_now = await client.chain.run(client.chain.now)
-        channel_escrow = await self._is_channel(lock.escrow_id)
+        channel_escrow = await self.recorded_as(lock.escrow_id, "channel")
         wallet = opening.wallet
         check_lock(
             LockFacts(
@@ -264,20 +288,6 @@ class ProviderRole(ServingRole, ChannelRole):
                 channel_escrow=channel_escrow,
             )
         )
-        return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
-
-    async def _is_channel(self, escrow_id: str) -> bool:
-        """Whether this escrow is a payment channel's we know: in the channel book, or a lease on it is checked now."""
-        book = self.channels
-        if escrow_id in self._channel_served:
-            return True
-        try:
-            await book.get(escrow_id)
-        except ClawnodeError as error:
-            if error.code != ErrorCode.NOT_FOUND:
-                raise
-            return False
-        return True
 
     def _served(self, lease_id: str, remote: str) -> ServedLease:
         served = self.served.get(lease_id)
@@ -430,6 +440,9 @@ class ProviderRole(ServingRole, ChannelRole):
             await self._wind_down_served(lease_id, served, reason, notify=notify)
         finally:
             self._finished_now("served", lease_id)
+            if served.escrow is not None and served.channel_base is None:
+                # The lease row stays: a channel naming this escrow is still refused (``recorded_as``).
+                self.escrow_claim_dropped(served.escrow.escrow_id, lease_id)
 
     async def _wind_down_served(self, lease_id: str, served: ServedLease, reason: str, *, notify: bool) -> None:
         # New calls are refused from here; those under way are metered before the final receipt.
@@ -520,6 +533,9 @@ class ProviderRole(ServingRole, ChannelRole):
             served.channel_base = drawn[1]
             self.channels  # noqa: B018 - the in-memory state exists
             self._channel_served[drawn[0]] = lease.lease_id
+            self.escrow_claim_restored(drawn[0], "channel", drawn[0])
+        elif lease.escrow is not None:
+            self.escrow_claim_restored(lease.escrow.escrow_id, "lease", lease.lease_id)
         self.served[lease.lease_id] = served
         log.info("lease %s restored", lease.lease_id[:12])
 

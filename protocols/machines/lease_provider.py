@@ -1,6 +1,7 @@
 """The provider's decisions on what a consumer sends before and beside the metering: the quote asked
 for, the signed open, the payment behind it (post-paid terms, or the consumer's own escrow lock read
-on chain), a renewal, and the voucher in a countersignature.
+on chain), a renewal, the voucher in a countersignature, and whether an escrow an open names is
+free to check at all (``escrow_claim_verdict``: one escrow, one use, claimed before any read).
 
 The rule of the market wing: every decision that can refuse is a pure function here or in the other
 modules of ``protocols.machines``, taking what the adapter fetched (the request, the envelopes'
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal
 
 from protocols.machines.escrow_lock import LockState, LockTerms, check_escrow_lock
 from protocols.machines.verdict import Refusal
@@ -238,3 +240,51 @@ def check_lock(f: LockFacts) -> None:
 def quotes_to_forget(used: dict[str, int], now: float) -> list[str]:
     """Used quotes whose validity has ended: a reuse is refused as expired, so they need no memory."""
     return [quote_id for quote_id, valid_until in used.items() if valid_until < now]
+
+
+# -- one escrow, one use: the claim an open takes before its reads --------------------------------
+
+# Escrow ids a provider holds claims on at once: opens being checked, leases it serves on their own
+# lock, and its payment channels still open. A claim is never evicted (that would let the escrow be
+# taken twice); a new open beyond this is refused until a lease ends or a channel closes.
+ESCROW_CLAIMS_MAX = 65536
+
+EscrowUse = Literal["lease", "channel"]  # a lease's own lock, or a payment channel many leases draw on
+
+
+@dataclass(frozen=True)
+class EscrowClaimFacts:
+    """What the provider's in-memory claims say of the escrow an open names, before any chain or ledger read."""
+
+    wanted_as: EscrowUse  # what the open names it as
+    held_as: EscrowUse | None  # what a claim holds it as now; None: unclaimed
+    checking: bool  # that claim is an open still being checked (no grant yet)
+    drawn: bool  # a lease we serve draws on it now, or one being checked would (a channel's)
+    claims: int  # claims held now
+    claims_max: int = ESCROW_CLAIMS_MAX
+
+
+def escrow_claim_verdict(f: EscrowClaimFacts) -> Refusal | None:
+    """Whether an open may check (and claim) the escrow it names. Both the per-lease and the channel
+    check read the chain and the ledger before they decide, and the ledger learns of a lease only when
+    its row is written: a second open naming an escrow another open is checking, or a live lease or
+    channel holds, is refused here at once. A live channel's next lease is the one reuse allowed (one
+    lease at a time). The ledger checks after the reads (``check_lock``'s ``channel_escrow``,
+    ``channel_lock_verdict``'s ``lease_escrow``) still refuse what ended before."""
+    if f.held_as is None:
+        if f.claims >= f.claims_max:
+            return Refusal(
+                ErrorCode.UNAVAILABLE, "escrow_claims_full", "this node checks or serves as many escrows as it may"
+            )
+        return None
+    if f.wanted_as == "channel" and f.held_as == "channel":
+        if f.drawn or f.checking:
+            return Refusal(ErrorCode.CONFLICT, "channel_busy", "another lease still draws on this channel")
+        return None
+    if f.checking:
+        return Refusal(ErrorCode.CONFLICT, "escrow_in_use", "another open naming this escrow is being checked")
+    if f.held_as == "lease":
+        if f.wanted_as == "channel":
+            return Refusal(ErrorCode.CONFLICT, "channel_is_a_lease", "the escrow is a lease's own, not a channel")
+        return Refusal(ErrorCode.CONFLICT, "escrow_in_use", "the escrow is the lock of a lease this node serves")
+    return Refusal(ErrorCode.CONFLICT, "lease_is_a_channel", "the escrow is a payment channel's")

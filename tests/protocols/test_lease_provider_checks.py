@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.machines import lease_provider as p
+from runtime.errors import ErrorCode
 from tests.protocols.test_lease_consumer import report, tally
 
 ME, PEER, OTHER = "12D3KooWprovider", "12D3KooWconsumer", "12D3KooWstranger"
@@ -160,3 +161,39 @@ def test_random_renewals_are_refused_by_reason() -> None:
 
     run()
     report("renew (provider)", seen, {"admitted", "lease_too_long", "no_escrow_chain", "lock_too_short"})
+
+
+def test_an_escrow_claimed_by_one_open_is_refused_to_every_other_but_a_live_channels_next_lease() -> None:
+    """Every combination of ``escrow_claim_verdict``'s facts: who may check an escrow another open or a
+    live lease or channel holds (one escrow, one use), and the bound on claims held at once."""
+    uses: tuple[p.EscrowUse, p.EscrowUse] = ("lease", "channel")
+    seen: Counter[str] = Counter()
+    for wanted in uses:
+        for held in (None, *uses):
+            for checking in (False, True):
+                for drawn in (False, True):
+                    for full in (False, True):
+                        facts = p.EscrowClaimFacts(
+                            wanted, held, checking and held is not None, drawn, claims=9 if full else 3, claims_max=9
+                        )
+                        verdict = p.escrow_claim_verdict(facts)
+                        seen["admitted" if verdict is None else f"{verdict.code} {verdict.reason}"] += 1
+                        if held is None:
+                            expected = "escrow_claims_full" if full else None
+                        elif wanted == held == "channel":
+                            expected = "channel_busy" if drawn or checking else None
+                        elif checking:
+                            expected = "escrow_in_use"
+                        elif held == "lease":
+                            expected = "channel_is_a_lease" if wanted == "channel" else "escrow_in_use"
+                        else:
+                            expected = "lease_is_a_channel"
+                        assert (verdict.reason if verdict else None) == expected, facts
+                        assert verdict is None or verdict.code == (
+                            ErrorCode.UNAVAILABLE if expected == "escrow_claims_full" else ErrorCode.CONFLICT
+                        )
+    report(
+        "escrow claims",
+        seen,
+        {"escrow_claims_full", "channel_busy", "escrow_in_use", "channel_is_a_lease", "lease_is_a_channel"},
+    )
