@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +24,18 @@ from node.daemon import Node
 from protocols import lease as lease_module
 from protocols import lease_wire as w
 from protocols.lease import consumer as lease_consumer
-from protocols.machines.lease import ABORTED_CALL_TOLERANCE_UNITS, END_FRAME_INFLATED, LEASE_ID_NOT_BOUND
+from protocols.lease import serving
+from protocols.machines.lease import (
+    ABORTED_CALL_TOLERANCE_UNITS,
+    END_FRAME_INFLATED,
+    LEASE_ID_NOT_BOUND,
+    prompt_units_estimate,
+)
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.engine import LlamaModel
+from runtime.inference.models import ModelSpec
+from runtime.inference.service import ChatService
+from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.service import Emit, Usage
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, WordService, market_nodes, wait_for
 from wire.rpc import request
@@ -358,19 +370,29 @@ async def test_a_hundred_parallel_calls_on_one_lease_are_all_paid() -> None:
 
 class SlowWords(WordService):
     """Word echo at a model's pace (one word every 20 ms), so a consumer can leave mid-answer; after
-    ``stall_after`` words it falls silent instead."""
+    ``stall_after`` words it falls silent instead. ``prompt_tokens``: what its prompt costs, as a
+    model's engine counts it: told to ``on_cut`` when a call is cut (the prompt was read before the
+    first word), as ``ChatService`` does."""
 
-    def __init__(self, stall_after: int | None = None) -> None:
+    def __init__(self, stall_after: int | None = None, prompt_tokens: int = 0) -> None:
         self.stall_after = stall_after
+        self.prompt_tokens = prompt_tokens
 
-    async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
+    async def run(self, body: dict[str, Any], emit: Emit, *, on_cut: Callable[[int], None] | None = None) -> Usage:
         words = str(body["prompt"]).split()[: body.get("max_tokens", 10**6)]
-        for index, word in enumerate(words):
-            if index == self.stall_after:
-                await trio.sleep_forever()
-            await emit({"text": word})
-            await trio.sleep(0.02)
-        return Usage(units=len(words), detail={"completion_tokens": len(words)})
+        finished = False
+        try:
+            for index, word in enumerate(words):
+                if index == self.stall_after:
+                    await trio.sleep_forever()
+                await emit({"text": word})
+                await trio.sleep(0.02)
+            finished = True
+        finally:
+            if not finished and on_cut is not None:
+                on_cut(self.prompt_tokens)
+        detail = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(words)}
+        return Usage(units=self.prompt_tokens + len(words), detail=detail)
 
 
 LONG_PROMPT = " ".join(f"w{i}" for i in range(40))
@@ -442,31 +464,160 @@ async def test_consumer_that_resets_mid_stream_still_pays_for_what_it_received()
         assert paid == metered == await provider.ledger.countersigned_amount(view.lease_id) // WORD_PRICE
 
 
-async def test_an_honest_consumer_that_leaves_mid_stream_pays_what_it_received_and_no_more() -> None:
+async def test_an_honest_consumer_that_leaves_mid_stream_pays_what_it_received_plus_its_prompt() -> None:
     """Before: an agent leaving a call, or a router failing over from a stalled provider, paid nothing
-    for the words it had received. Now it asks the provider to stop and reads on to the end frame,
-    which bills the words written: both sides count the same, and no prompt is billed."""
+    for the words it had received, and later nothing for the prompt the provider had read. Now it asks
+    the provider to stop and reads on to the end frame, which bills the words written and the prompt:
+    both sides count the same."""
+    prompt = len(LONG_PROMPT.split())  # the provider's count of each call's prompt, read before its first word
     async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
         provider, consumer = nodes
-        provider.services.register(WORDS, SlowWords())
+        provider.services.register(WORDS, SlowWords(prompt_tokens=prompt))
         view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 200, duration_s=60)
         held = consumer.market.held[view.lease_id]
         served = provider.market.served[view.lease_id]
         left = [await _leave_after(consumer.market, view.lease_id, k) for k in (3, 7)]
         assert left == [3, 7]
         # A provider that stalls after 4 words: the consumer's stall timer leaves, the engine is stopped.
-        provider.services.register(WORDS, SlowWords(stall_after=4))
+        provider.services.register(WORDS, SlowWords(stall_after=4, prompt_tokens=prompt))
         with pytest.raises(ClawnodeError) as caught:
             await _leave_after(consumer.market, view.lease_id, 100, stall_s=0.5)
         assert caught.value.code == ErrorCode.TIMEOUT
         await wait_for(lambda: served.session.units_reserved == 0 and served.in_flight == 0, 5, what="calls done")
-        # Exactly what arrived on the consumer's node (a few words may follow each cancel), no prompt,
-        # far from the 40 words each answer had.
+        # Exactly what arrived on the consumer's node (a few words may follow each cancel) and the three
+        # prompts, far from the 40 words each answer had.
         assert held.aborted_calls == 0
         assert served.session.units_metered == held.seen_units
-        assert 3 + 7 + 4 <= held.seen_units <= 3 + 7 + 4 + 2 * ABORTED_CALL_TOLERANCE_UNITS
+        least = 3 + 7 + 4 + 3 * prompt
+        assert least <= held.seen_units <= least + 2 * ABORTED_CALL_TOLERANCE_UNITS
         paid = await _paid_out(provider, consumer, view.lease_id)
         assert paid == held.seen_units
+
+
+def _calls_done(served: Any) -> bool:
+    return bool(served.session.units_reserved == 0 and served.in_flight == 0)
+
+
+def _reset_before_leaving(market: Any) -> None:
+    """The consumer's node resets a call's stream before it leaves the call (no cancel frame reaches
+    the provider, no end frame comes back): it counts what it received and allows for the rest."""
+    leave = market._leave_call
+
+    async def reset_first(held: Any, stream: Any, reader: Any, body: dict[str, Any], tokens: int) -> None:
+        await stream.reset()
+        await leave(held, stream, reader, body, tokens)
+
+    market._leave_call = reset_first
+
+
+CUT_PROMPT = [10 + i % 300 for i in range(300)]  # token ids: the prompt is these 300 tokens exactly
+
+
+class FirstChunkHeld(ChatService):
+    """A provider's chat service whose first chunk never leaves: by the time the engine hands it over
+    it has decoded the whole prompt, and ``prefilled`` is set for the consumer to cut the call.
+    ``cut``: the prompt tokens the engine reported for each cut call."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        super().__init__(model)
+        self.prefilled = trio.Event()
+        self.cut: list[int] = []
+
+    async def run(
+        self, body: dict[str, Any], emit: Emit, *, commit: int = 0, on_cut: Callable[[int], None] | None = None
+    ) -> Usage:
+        async def held(_data: dict[str, Any]) -> None:
+            self.prefilled.set()
+            await trio.sleep_forever()
+
+        def told(prompt: int) -> None:
+            self.cut.append(prompt)
+            if on_cut is not None:
+                on_cut(prompt)
+
+        return await super().run(body, held, commit=commit, on_cut=told)
+
+
+async def _cut_after_prefill(market: Any, lease_id: str, service: FirstChunkHeld) -> None:
+    """Call with ``CUT_PROMPT`` and leave the call once the provider's engine has decoded it, before
+    any chunk arrived."""
+    service.prefilled = trio.Event()
+    chunks: list[dict[str, Any]] = []
+
+    async def collect(data: dict[str, Any]) -> None:
+        chunks.append(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(market.stream_call, lease_id, {"prompt": CUT_PROMPT, "max_tokens": 32}, collect))
+        with trio.fail_after(10):
+            await service.prefilled.wait()
+        nursery.cancel_scope.cancel()
+    assert chunks == []
+
+
+async def test_a_call_cut_after_its_prompt_and_before_its_first_chunk_pays_its_prompt(tmp_path: Path) -> None:
+    """Before: a call cut before its first chunk was billed 0, so a stranger could send prompts that
+    fill the context and leave (cancel or reset) before the first chunk, 600 calls a minute: the
+    provider's prefill for free. Now the provider bills the prompt tokens its engine decoded, and the
+    consumer, whichever way it left, accepts that bill and countersigns it."""
+    model = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
+    spec = ModelSpec(name="tiny", path=str(model), price_per_unit=1000, n_threads=1, n_ctx=512)  # type: ignore[call-arg]
+    async with market_nodes([{"models": (spec,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        chat = provider.services.get("model:tiny")
+        assert isinstance(chat, ChatService)
+        service = FirstChunkHeld(chat.model)
+        provider.services.register("model:tiny", service)
+        view = await consumer.market.open_lease(_peer(provider), "model:tiny", budget=10**9, duration_s=60)
+        held = consumer.market.held[view.lease_id]
+        served = provider.market.served[view.lease_id]
+
+        def settled() -> bool:
+            return served.session.units_reserved == 0 and served.in_flight == 0
+
+        # Left by its cancel frame: the end frame bills the prompt the engine decoded, all of it.
+        await _cut_after_prefill(consumer.market, view.lease_id, service)
+        await wait_for(settled, 5, what="the cancelled call")
+        assert service.cut == [len(CUT_PROMPT)]
+        assert served.session.units_metered == held.seen_units == len(CUT_PROMPT)
+        # Left by resetting the stream: no end frame, the provider meters the prompt all the same, and
+        # the consumer's node allows for the prompt of the call it left.
+        _reset_before_leaving(consumer.market)
+        await _cut_after_prefill(consumer.market, view.lease_id, service)
+        await wait_for(settled, 5, what="the reset call")
+        assert service.cut == [len(CUT_PROMPT)] * 2
+        assert served.session.units_metered == 2 * len(CUT_PROMPT)
+        assert (held.seen_units, held.aborted_calls) == (len(CUT_PROMPT), 1)
+        assert (await provider.ledger.get_lease(view.lease_id)).metered_units == 2 * len(CUT_PROMPT)
+        assert await provider.market._push_receipt(view.lease_id)
+        assert await provider.ledger.countersigned_amount(view.lease_id) == 2 * len(CUT_PROMPT) * 1000
+
+
+async def test_a_provider_that_bills_a_cut_call_past_its_prompt_and_tolerance_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer that left a call without its end frame (5 words received) countersigns a bill up to
+    what it received, its prompt's estimate and the in-flight tolerance, and not one unit more. Before:
+    it allowed only the tolerance, so an honest provider's bill for the prompt it decoded was refused."""
+    ceiling = 5 + prompt_units_estimate({"prompt": LONG_PROMPT}) + ABORTED_CALL_TOLERANCE_UNITS
+    bill = [ceiling]
+    monkeypatch.setattr(serving, "aborted_call_units", lambda reserved, streamed, prompt=0: bill[0])
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        provider.services.register(WORDS, SlowWords())
+        _reset_before_leaving(consumer.market)
+        for over, countersigned in ((0, True), (1, False)):
+            bill[0] = ceiling + over
+            view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 400, duration_s=60)
+            served = provider.market.served[view.lease_id]
+            assert await _leave_after(consumer.market, view.lease_id, 5) == 5
+            await wait_for(partial(_calls_done, served), 5, what="the cut call")
+            assert served.session.units_metered == ceiling + over
+            held = consumer.market.held[view.lease_id]
+            assert (held.seen_units, held.aborted_calls) == (5, 1)
+            assert await provider.market._push_receipt(view.lease_id) is countersigned
+            amount = await provider.ledger.countersigned_amount(view.lease_id)
+            assert amount == (ceiling * WORD_PRICE if countersigned else 0)
 
 
 async def test_a_stranger_cannot_squat_a_buyers_lease_id() -> None:

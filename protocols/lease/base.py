@@ -101,6 +101,7 @@ class Ticket:
     served: ServedLease | None = None
     reserved: int = 0
     streamed: int = 0  # tokens of the chunks written (``chunk_tokens``): what a cut call is billed
+    prompt: int = 0  # prompt tokens the engine decoded (by the cut, for a cut call): billed with them
     call_id: str | None = None  # its pending row in the ledger (the write-ahead meter), once written
 
 
@@ -136,6 +137,7 @@ class HeldLease:
     escrow_id: bytes | None
     seen_units: int = 0
     aborted_calls: int = 0  # calls left without the provider's end or error frame (in-flight tolerance)
+    aborted_prompt_units: int = 0  # those calls' prompt estimates: a cut call pays the prompt decoded
     ended_reason: str | None = None
     last_countersigned_seq: int = 0
     committed: int = 0  # wei: the newest voucher we signed

@@ -49,7 +49,7 @@ from protocols.machines import lease_consumer as c
 from protocols.machines.channel import lease_share
 from protocols.machines.escrow_lock import LOCK_UNCONFIRMED
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
-from protocols.machines.lease_calls import call_bytes_verdict
+from protocols.machines.lease_calls import call_bytes_verdict, left_call_prompt_units
 from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
@@ -421,9 +421,11 @@ class ConsumerRole(ChannelRole):
         self, held: HeldLease, stream: INetStream, reader: FrameReader, body: dict[str, Any], tokens: int
     ) -> None:
         """We leave a call before its end frame (cancelled, stalled, the sink failed): what was delivered
-        is paid. Ask the provider to stop and read on to its end frame, which bills the chunks it wrote,
-        so both sides count the same; a provider that does not answer in ``CANCEL_DRAIN_S`` (stalled,
-        gone, the stream cut) leaves the tokens received counted and this call's in-flight tolerance."""
+        is paid, and so is the prompt the provider's engine decoded. Ask the provider to stop and read on
+        to its end frame, which bills the chunks it wrote and that prompt (counted within what arrived
+        and the prompt's estimate, ``end_frame_units``), so both sides count the same; a provider that
+        does not answer in ``CANCEL_DRAIN_S`` (stalled, gone, the stream cut) leaves the tokens received
+        counted and this call's tolerance: what was in flight and its prompt's estimate."""
         try:
             await write_frame(stream, w.Cancel().model_dump_json().encode())
             with trio.fail_after(CANCEL_DRAIN_S):
@@ -446,6 +448,7 @@ class ConsumerRole(ChannelRole):
             pass
         held.seen_units += tokens
         held.aborted_calls += 1
+        held.aborted_prompt_units += left_call_prompt_units(body)
 
     async def _countersign(self, message: w.ReceiptPush, remote: str) -> w.Countersigned:
         receipt = message.receipt
@@ -460,6 +463,7 @@ class ConsumerRole(ChannelRole):
                 amount=receipt.body.amount,
                 seen_units=held.seen_units,
                 aborted_calls=held.aborted_calls,
+                aborted_prompt_units=held.aborted_prompt_units,
                 price_per_unit=held.grant.price_per_unit,
             )
 

@@ -1,12 +1,14 @@
 """The provider's calls: admit a call on its lease (a reservation of the budget and a durable
 pending row in the ledger, the write-ahead meter), stream it, meter it as its end frame leaves, and
-settle its row (retried while the disk refuses). The rules: ``LeaseSession.reserve``,
+settle its row (retried while the disk refuses). A cut call is billed the chunks it wrote and the
+prompt tokens the engine had decoded by the cut. The rules: ``LeaseSession.reserve``,
 ``finish_call``, ``billable`` and ``aborted_call_units`` in ``protocols.machines.lease``."""
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import inspect
 import secrets
 import time
 from typing import Any
@@ -46,6 +48,15 @@ from runtime.verify.provider import CallRecorder, verifiable
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
 from wire.yamux_window import WindowedReader
+
+
+def _reports_cuts(service: object) -> bool:
+    """Whether a service tells what a cut call's prompt cost (its ``run`` takes ``on_cut``, as
+    ``ChatService.run`` does); one that does not bills a cut call its chunks alone."""
+    try:
+        return "on_cut" in inspect.signature(service.run).parameters  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 class ServingRole(LeaseCore):
@@ -97,12 +108,17 @@ class ServingRole(LeaseCore):
                     # Metered as the end frame leaves, not when (or whether) the consumer acknowledges
                     # it: the consumer counts the same units from that frame, so receipts stay honest.
                     await self._meter(call.lease_id, ticket, end.units)
-            if ticket.served is not None and ticket.streamed > 0:
-                # Cut before its end frame (the consumer reset or hung up, the engine failed after
-                # streaming): billed the chunks written, no prompt; the consumer counts what arrived.
+            # An error frame that left ends the call on the consumer's side with the chunks before it.
+            prompt = 0 if written else ticket.prompt
+            if ticket.served is not None and (ticket.streamed > 0 or prompt > 0):
+                # Cut before its end frame left (the consumer reset or hung up, the engine failed after
+                # streaming): billed the chunks written and, unless an error frame reached the consumer,
+                # the prompt the engine had decoded by the cut (none when the engine failed); the consumer
+                # counts what arrived and allows for its prompt (``receipt_tolerance``).
+                units = aborted_call_units(ticket.reserved, ticket.streamed, prompt)
                 with trio.move_on_after(END_WRITE_TIMEOUT_S) as metering:
                     metering.shield = True
-                    await self._meter(call.lease_id, ticket, aborted_call_units(ticket.reserved, ticket.streamed))
+                    await self._meter(call.lease_id, ticket, units)
             if counted is not None:  # counted: the lease may end now, whatever the ack does
                 counted.in_flight -= 1
                 counted = None
@@ -236,6 +252,11 @@ class ServingRole(LeaseCore):
             held.clear()
             await send(chunks)
 
+        # A cut call's prompt tokens, as far as the engine decoded them before the cut (``on_cut``).
+        decoded: list[int] = []
+        run: dict[str, Any] = {"on_cut": decoded.append} if _reports_cuts(service) else {}
+        if commit:
+            run["commit"] = commit
         outcome: Usage | Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(write_ahead)
@@ -244,22 +265,28 @@ class ServingRole(LeaseCore):
             try:
                 # The engine queues the call as its consumer's: admitted in turn with other consumers'.
                 with borrowing(remote):
-                    if commit:
-                        assert isinstance(service, ChatService)
-                        outcome = await service.run(body, emit, commit=commit)
+                    if run:
+                        assert isinstance(service, ChatService) or "commit" not in run
+                        outcome = await service.run(body, emit, **run)
                     else:
                         outcome = await service.run(body, emit)
             except Exception as error:  # noqa: BLE001 - re-raised below, outside the nursery
                 outcome = error
             nursery.cancel_scope.cancel()
+        if decoded and not unwritten:  # a call its row refused is billed nothing, whatever it decoded
+            ticket.prompt = max(0, decoded[-1])
         metered()  # written by now (the nursery waited for it): a refused row refuses the call
         if isinstance(outcome, Exception):
             raise outcome
         self.serve_duration_s.observe(time.monotonic() - started)
         if outcome is None:
-            # Cancelled by the consumer: the end frame bills the chunks written, no prompt.
-            units = aborted_call_units(plan.reserve, ticket.streamed)
-            return w.CallEnd(units=units, usage={"completion_tokens": units}, served_by=self.peer_id)
+            # Cancelled by the consumer: the end frame bills the chunks written and the prompt the engine
+            # had decoded (a call cut before its first chunk still pays the prefill it cost).
+            units = aborted_call_units(plan.reserve, ticket.streamed, ticket.prompt)
+            usage = {"prompt_tokens": min(ticket.prompt, units), "completion_tokens": ticket.streamed}
+            return w.CallEnd(units=units, usage=usage, served_by=self.peer_id)
+        # Its end frame may yet not leave: then it is billed as a cut call (``_handle_call``).
+        ticket.prompt = max(0, int(outcome.detail.get("prompt_tokens", 0)))
         # An engine that counts more than the call reserved costs the provider, never the consumer.
         units = served.session.billable(plan.reserve, max(0, outcome.units))
         proof = None

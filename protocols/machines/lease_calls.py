@@ -1,7 +1,8 @@
 """The rules both sides of a lease count with: what a call may cost (``plan_call``), what a consumer
 accepts of an end frame (``end_frame_verdict``) and of a receipt (``receipt_claim_verdict``, with
-``receipt_tolerance`` for the calls it left), what a call cut before its end frame is billed
-(``aborted_call_units``), and the consumer's view of a held lease (``lease_fits``, ``lease_outlives``).
+``receipt_tolerance`` and ``left_call_prompt_units`` for the calls it left), what a call cut
+before its end frame is billed (``aborted_call_units``), and the consumer's view of a held lease
+(``lease_fits``, ``lease_outlives``).
 
 Pure, like every module of ``protocols.machines``: facts in, a typed verdict or a number out. The
 provider's session (``protocols.machines.lease``) and the consumer's machine
@@ -51,12 +52,21 @@ _SPENDS_LEASE = frozenset({ErrorCode.EXPIRED, ErrorCode.CONFLICT, ErrorCode.INSU
 ABORTED_CALL_TOLERANCE_UNITS = 16
 
 
-def receipt_tolerance(aborted_calls: int) -> int:
+def receipt_tolerance(aborted_calls: int, aborted_prompt_units: int = 0) -> int:
     """Consumer side: the units a receipt may exceed the consumer's own count by, for the calls it left
-    without the provider's end or error frame (everything else it counted exactly)."""
-    if aborted_calls < 0:
-        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "aborted_calls must be >= 0")
-    return aborted_calls * ABORTED_CALL_TOLERANCE_UNITS
+    without the provider's end or error frame (everything else it counted exactly): per call, what
+    was in flight (:data:`ABORTED_CALL_TOLERANCE_UNITS`), and the prompts the provider may have
+    decoded before the cut (``aborted_prompt_units``: the sum of their ``left_call_prompt_units``)."""
+    if aborted_calls < 0 or aborted_prompt_units < 0:
+        raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "aborted_calls and aborted_prompt_units must be >= 0")
+    return aborted_calls * ABORTED_CALL_TOLERANCE_UNITS + aborted_prompt_units
+
+
+def left_call_prompt_units(body: Any) -> int:
+    """Consumer side: what a call we left without the provider's last frame may be billed for its
+    prompt (``aborted_call_units`` bills what the engine decoded before the cut): at most its
+    estimate, :func:`prompt_units_estimate`."""
+    return prompt_units_estimate(body)
 
 
 def receipt_claim_verdict(
@@ -214,12 +224,16 @@ def lease_fits(
     return LeaseFit(True, "fits")
 
 
-def aborted_call_units(reserved: int, streamed_tokens: int) -> int:
-    """Provider side: what a call that ended without its end frame is billed: the tokens of the chunks
-    written (``chunk_tokens`` each, as the consumer counts them), no prompt, within its reservation."""
-    if reserved < 0 or streamed_tokens < 0:
+def aborted_call_units(reserved: int, streamed_tokens: int, prompt_tokens: int = 0) -> int:
+    """Provider side: what a cut call is billed (its consumer left it, by a cancel or a reset, before
+    its end frame, or the end frame could not be written): the tokens of the chunks written
+    (``chunk_tokens`` each, as the consumer counts them) and the prompt tokens the engine had decoded
+    by the cut (0 when it had not begun: a call cut before its first chunk does not get its prefill
+    for nothing), within its reservation. The consumer accepts it within what it received and its
+    prompt's estimate (``end_frame_verdict``; ``receipt_tolerance`` when no end frame came)."""
+    if reserved < 0 or streamed_tokens < 0 or prompt_tokens < 0:
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "units must be >= 0")
-    return min(streamed_tokens, reserved)
+    return min(streamed_tokens + prompt_tokens, reserved)
 
 
 def chunk_tokens(data: dict[str, Any]) -> int:

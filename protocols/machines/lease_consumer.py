@@ -301,24 +301,28 @@ class ReceiptFacts:
     seen_units: int  # what we counted from end frames and chunks
     aborted_calls: int  # calls we left without the provider's last frame
     price_per_unit: int
+    # The prompt estimates of those calls (``left_call_prompt_units``): the provider bills a cut
+    # call the prompt tokens its engine decoded before the cut.
+    aborted_prompt_units: int = 0
 
 
 def countersign_verdict(f: ReceiptFacts) -> Refusal | None:
     """Whether to countersign a receipt (and sign a voucher for its amount): the lease holds a grant and
-    is not settled, and the receipt claims no more than we counted plus the in-flight tolerance of
-    the calls we left (``receipt_tolerance``), at units times the agreed price."""
+    is not settled, and the receipt claims no more than we counted plus the tolerance of the calls we
+    left (``receipt_tolerance``: what was in flight, and their prompts), at units times the agreed price."""
     if CONSUMER_LEASE_MACHINE.lookup(f.state, ConsumerEvent.COUNTERSIGN) is None:
         return Refusal(ErrorCode.CONFLICT, "not_countersignable", f"no receipt is signed while the lease is {f.state}")
-    if f.aborted_calls < 0:
-        return Refusal(ErrorCode.INVALID_ARGUMENT, "receipt_negative", "aborted_calls must be >= 0")
-    return receipt_claim_verdict(
-        f.units, f.amount, f.seen_units, f.price_per_unit, tolerance_units=receipt_tolerance(f.aborted_calls)
-    )
+    if f.aborted_calls < 0 or f.aborted_prompt_units < 0:
+        return Refusal(
+            ErrorCode.INVALID_ARGUMENT, "receipt_negative", "aborted_calls and aborted_prompt_units must be >= 0"
+        )
+    tolerance = receipt_tolerance(f.aborted_calls, f.aborted_prompt_units)
+    return receipt_claim_verdict(f.units, f.amount, f.seen_units, f.price_per_unit, tolerance_units=tolerance)
 
 
 def receipt_counted(f: ReceiptFacts) -> bool:
     """Whether our count has caught up with the receipt (else we wait a moment for end frames in flight)."""
-    return f.seen_units + receipt_tolerance(max(0, f.aborted_calls)) >= f.units
+    return f.seen_units + receipt_tolerance(max(0, f.aborted_calls), max(0, f.aborted_prompt_units)) >= f.units
 
 
 # -- renew, settle -------------------------------------------------------------------------------

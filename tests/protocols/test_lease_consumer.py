@@ -260,16 +260,18 @@ def test_random_receipts_are_countersigned_only_for_what_was_counted() -> None:
         seen_units=st.integers(0, 100),
         over=st.integers(-5, 40),
         aborted=st.integers(0, 2),
+        prompts=st.integers(0, 30),
         mispriced=st.sampled_from([0, 0, 0, 1]),
     )
-    def run(state: ConsumerState, seen_units: int, over: int, aborted: int, mispriced: int) -> None:
+    def run(state: ConsumerState, seen_units: int, over: int, aborted: int, prompts: int, mispriced: int) -> None:
         units = max(0, seen_units + over)
-        f = c.ReceiptFacts(state, units, units * 3 + mispriced, seen_units, aborted, 3)
+        prompts *= aborted  # the prompt estimates of the calls left, if any
+        f = c.ReceiptFacts(state, units, units * 3 + mispriced, seen_units, aborted, 3, aborted_prompt_units=prompts)
         verdict = c.countersign_verdict(f)
         tally(seen, verdict)
         if state in (ConsumerState.OPENING, ConsumerState.LOCKED, ConsumerState.SETTLED):
             assert verdict is not None and verdict.reason == "not_countersignable"
-        elif units > seen_units + aborted * ABORTED_CALL_TOLERANCE_UNITS:
+        elif units > seen_units + aborted * ABORTED_CALL_TOLERANCE_UNITS + prompts:
             assert verdict is not None and verdict.reason == "receipt_over_count"
             assert not c.receipt_counted(f)
         elif mispriced:

@@ -49,6 +49,7 @@ from protocols.machines.lease import (
     prompt_units_estimate,
     receipt_tolerance,
 )
+from protocols.machines.lease_calls import left_call_prompt_units
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import voucher_digest, voucher_signer
 
@@ -797,26 +798,45 @@ def test_a_lease_id_is_bound_to_its_consumer(consumer: bytes, other: bytes, salt
 @given(
     reserved=st.integers(0, 500),
     streamed=st.integers(0, 1_000),
+    prompt=st.integers(0, 300),
+    estimate_over=st.integers(0, 50),
     in_flight=st.integers(0, ABORTED_CALL_TOLERANCE_UNITS),
     aborted=st.integers(1, 20),
 )
-def test_a_cut_call_is_billed_what_streamed_within_its_reservation(
-    reserved: int, streamed: int, in_flight: int, aborted: int
+def test_a_cut_call_is_billed_what_streamed_and_the_prompt_decoded_within_its_reservation(
+    reserved: int, streamed: int, prompt: int, estimate_over: int, in_flight: int, aborted: int
 ) -> None:
-    """The provider bills a cut call the chunks it wrote, never beyond the reservation; a consumer that
-    received all but what was in flight still countersigns it, and never more than the tolerance."""
-    billed = aborted_call_units(reserved, streamed)
-    assert billed == min(reserved, streamed)
-    received = max(0, billed - in_flight)
-    check_receipt_claim(billed, billed * 3, received, 3, tolerance_units=receipt_tolerance(1))
-    ceiling = received + receipt_tolerance(aborted)
-    check_receipt_claim(ceiling, ceiling * 3, received, 3, tolerance_units=receipt_tolerance(aborted))
+    """The provider bills a cut call the chunks it wrote and the prompt tokens its engine decoded
+    before the cut, never beyond the reservation; a consumer that received all but what was in flight
+    still countersigns it (its prompt's estimate bounds the prompt), and never more than the
+    tolerance of the calls it left."""
+    billed = aborted_call_units(reserved, streamed, prompt)
+    assert billed == min(reserved, streamed + prompt)
+    assert aborted_call_units(reserved, streamed) == min(reserved, streamed)  # cut before its prefill began
+    estimate = prompt + estimate_over
+    received = max(0, streamed - in_flight)
+    check_receipt_claim(billed, billed * 3, received, 3, tolerance_units=receipt_tolerance(1, estimate))
+    tolerance = receipt_tolerance(aborted, aborted * estimate)
+    assert tolerance == aborted * (ABORTED_CALL_TOLERANCE_UNITS + estimate)
+    ceiling = received + tolerance
+    check_receipt_claim(ceiling, ceiling * 3, received, 3, tolerance_units=tolerance)
     with pytest.raises(ClawnodeError) as caught:
-        check_receipt_claim(ceiling + 1, (ceiling + 1) * 3, received, 3, tolerance_units=receipt_tolerance(aborted))
+        check_receipt_claim(ceiling + 1, (ceiling + 1) * 3, received, 3, tolerance_units=tolerance)
     assert caught.value.code == ErrorCode.CONFLICT
     assert receipt_tolerance(0) == 0
+    for bad in ((-1, 0, 0), (0, -1, 0), (0, 0, -1)):
+        with pytest.raises(ClawnodeError):
+            aborted_call_units(*bad)
     with pytest.raises(ClawnodeError):
-        aborted_call_units(-1, 0)
+        receipt_tolerance(1, -1)
+
+
+def test_a_call_left_without_an_end_frame_allows_for_its_prompt_estimate() -> None:
+    """The consumer's allowance for a call it left is its prompt's estimate: at least the tokens a
+    provider's engine counts for that prompt (one per byte, plus the template's)."""
+    body = {"messages": [{"role": "user", "content": "w " * 300}], "max_tokens": 8}
+    assert left_call_prompt_units(body) == prompt_units_estimate(body) >= 600
+    assert left_call_prompt_units({"prompt": [1, 2, 3]}) == prompt_units_estimate({"prompt": [1, 2, 3]})
 
 
 def test_a_session_meters_a_cut_call_within_its_reservation() -> None:
@@ -824,6 +844,9 @@ def test_a_session_meters_a_cut_call_within_its_reservation() -> None:
     plan = s.reserve(T0, {"prompt": "x", "max_tokens": 20})
     assert not s.finish_call(plan.reserve, aborted_call_units(plan.reserve, 7), T0)
     assert (s.units_metered, s.units_reserved) == (7, 0)
+    plan = s.reserve(T0, {"prompt": "x", "max_tokens": 20})
+    assert not s.finish_call(plan.reserve, aborted_call_units(plan.reserve, 0, 5), T0)  # cut before its first chunk
+    assert (s.units_metered, s.units_reserved) == (12, 0)
 
 
 @settings(max_examples=200, deadline=None)
