@@ -700,9 +700,7 @@ class _Batcher:
                 common = _owned_prefix(other.owner, other.tokens, owner, tokens) if other is not slot else 0
                 if common > shared + MIN_SAVED_PREFIX // 4:
                     donor, shared = other, common
-        mine = [p for p in model._prefixes if p.owner == owner]
-        saved = max(mine, key=lambda p: _common_prefix(p.tokens, tokens), default=None)
-        from_saved = _common_prefix(saved.tokens, tokens) if saved is not None else 0
+        saved, from_saved = model._best_saved_prefix(tokens, owner)
         if saved is not None and from_saved > shared + MIN_SAVED_PREFIX // 4:
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
             slot.tokens = []
@@ -1538,9 +1536,7 @@ class LlamaModel:
         if reusable:
             keep = _owned_prefix(self._live_owner, llama.input_ids[: llama.n_tokens].tolist(), owner, tokens)
             if self.prefix_cache_bytes > 0:
-                mine = [p for p in self._prefixes if p.owner == owner]
-                best = max(mine, key=lambda p: _common_prefix(p.tokens, tokens), default=None)
-                shared = _common_prefix(best.tokens, tokens) if best is not None else 0
+                best, shared = self._best_saved_prefix(tokens, owner)
                 if llama.n_tokens - keep >= MIN_SAVED_PREFIX:
                     self._save_prefix(llama)  # the live sequence would be lost: keep it for its next turn
                 if best is not None and shared > keep + MIN_SAVED_PREFIX // 4 and self._restore_prefix(llama, best):
@@ -1554,6 +1550,13 @@ class LlamaModel:
         self._live_owner = owner
         llama.eval(tokens[keep:])
         return keep
+
+    def _best_saved_prefix(self, tokens: Sequence[int], owner: str) -> tuple[_SavedPrefix | None, int]:
+        """The saved state of ``owner``'s that shares the longest prefix with ``tokens`` (the first
+        of equals in the cache's list), and how many tokens it shares; (None, 0) when ``owner`` has none."""
+        mine = [p for p in self._prefixes if p.owner == owner]
+        best = max(mine, key=lambda p: _common_prefix(p.tokens, tokens), default=None)
+        return best, _common_prefix(best.tokens, tokens) if best is not None else 0
 
     def _save_prefix(self, llama: Any) -> None:
         self._save_prefix_of(llama._ctx.ctx, 0, llama.input_ids[: llama.n_tokens].tolist(), self._live_owner)
