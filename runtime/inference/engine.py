@@ -79,24 +79,29 @@ FEATURES = frozenset({"tools", "json_schema", "logprobs", "n"})
 Chunk = dict[str, Any]
 # Chunk keys a chunk joined on the worker never carries (``_join``): per-token entries.
 _UNJOINED = frozenset(("logprobs", "tool_calls"))
-# Tokens one joined chunk holds at most, here and in ``service.merge_chunks``: a reply that piled up while
-# the wire was slow still goes out in frames under the call frame bound.
+# Tokens one joined chunk holds at most (``joinable``): a reply that piled up while the wire was slow
+# still goes out in frames under the call frame bound.
 MAX_JOINED_TOKENS = 64
 
 
+def joinable(before: Chunk, chunk: Chunk) -> bool:
+    """Whether ``chunk`` may join the chunk ``before`` it: both of one choice, ``before`` not the last
+    of its choice (no finish reason) and under ``MAX_JOINED_TOKENS``. The one rule of the engine's join
+    on its worker (``_join``) and of ``runtime.inference.service.merge_chunks``."""
+    return (
+        before.get("index", 0) == chunk.get("index", 0)
+        and "finish_reason" not in before
+        and before.get("tokens", 0) < MAX_JOINED_TOKENS
+    )
+
+
 def _join(waiting: tuple[str, Any], chunk: Chunk) -> bool:
-    """Join ``chunk`` to the waiting item before it when both are plain chunks of one choice, as
-    ``runtime.inference.service.merge_chunks`` joins them (text, tokens, ``commit`` entries, a finish
-    reason last); False when it must go as its own item."""
+    """Join ``chunk`` to the waiting item before it when both are plain chunks (no per-token entries)
+    and ``joinable``, as ``runtime.inference.service.merge_chunks`` joins them (text, tokens, ``commit``
+    entries, a finish reason last); False when it must go as its own item."""
     kind, before = waiting
-    if (
-        kind != "piece"
-        or before.get("index") != chunk.get("index")
-        or "finish_reason" in before
-        or not _UNJOINED.isdisjoint(before)
-        or not _UNJOINED.isdisjoint(chunk)
-        or before.get("tokens", 0) >= MAX_JOINED_TOKENS
-    ):
+    plain = kind == "piece" and _UNJOINED.isdisjoint(before) and _UNJOINED.isdisjoint(chunk)
+    if not (plain and joinable(before, chunk)):
         return False
     before["text"] = before.get("text", "") + chunk.get("text", "")
     before["tokens"] = before.get("tokens", 0) + chunk.get("tokens", 0)

@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.inference.engine import MAX_CHOICES, MAX_JOINED_TOKENS, LlamaModel
+from runtime.inference.engine import MAX_CHOICES, LlamaModel, joinable
 from runtime.inference.grammar import check_schema, invalid, schema_grammar
 from runtime.inference.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Sampling
 from runtime.inference.tools import ToolUse, merge_deltas, parse_tools, tools_grammar
@@ -107,12 +107,7 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     merged: list[dict[str, Any]] = []
     for chunk in chunks:
         last = merged[-1] if merged else None
-        if (
-            last is not None
-            and last.get("index", 0) == chunk.get("index", 0)
-            and "finish_reason" not in last
-            and last.get("tokens", 0) < MAX_JOINED_TOKENS  # the engine's own bound on a joined chunk
-        ):
+        if last is not None and joinable(last, chunk):  # the engine's own rule for joining on its worker
             last["text"] += chunk.get("text", "")
             last["tokens"] += chunk["tokens"]
             if "logprobs" in chunk:
