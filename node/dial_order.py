@@ -33,7 +33,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.network.exceptions import SwarmException
 
-from nat.addresses import is_public_ip
+from nat.addresses import is_public_ip, parse_ip
 from nat.relay import is_circuit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -64,9 +64,8 @@ def dial_class(addr: multiaddr.Multiaddr | str, networks: Sequence[Network]) -> 
     parts = text.split("/")
     if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
         return PUBLIC  # dns4/dns6/dnsaddr: resolved by whoever published it for others to use
-    try:
-        ip = ipaddress.ip_address(parts[2])
-    except ValueError:
+    ip = parse_ip(parts[2])  # an IPv4-mapped IPv6 address is judged as its IPv4 address
+    if ip is None:
         return OTHER_PRIVATE
     if ip.is_loopback:
         return LOOPBACK

@@ -22,7 +22,6 @@ find every other). ``node.mdns = false`` turns it off.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 import socket
@@ -38,6 +37,8 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from zeroconf import DNSIncoming, DNSOutgoing, DNSPointer, DNSQuestion, DNSText, const
+
+from nat.addresses import parse_ip
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -68,9 +69,8 @@ def announced_addrs(addrs: Iterable[str]) -> list[str]:
         parts = bare.split("/")
         if "/p2p-circuit" in addr or len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
             continue
-        try:
-            ip = ipaddress.ip_address(parts[2])
-        except ValueError:
+        ip = parse_ip(parts[2])  # an IPv4-mapped IPv6 address is judged as its IPv4 address
+        if ip is None:
             continue
         if ip.is_loopback or ip.is_unspecified or bare in found:
             continue

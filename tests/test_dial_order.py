@@ -44,3 +44,11 @@ def test_the_host_peer_store_answers_in_dial_order() -> None:
     peer = ID.from_base58("12D3KooWMYQ7di2VjiCnBbWg5jskqCseuuzTn6PCxp5WwfbWTqjb")
     host.get_peerstore().add_addrs(peer, [multiaddr.Multiaddr(a) for a in STORED], 60)
     assert [str(a) for a in host.get_peerstore().addrs(peer)] == EXPECTED
+
+
+def test_an_ipv4_mapped_address_is_ranked_as_its_ipv4_address() -> None:
+    """A dual-stack socket reports an IPv4 peer as ``::ffff:a.b.c.d``: on our LAN it is tried first, and a
+    mapped loopback address after every other home's, not as another LAN's private address."""
+    stored = ["/ip6/::ffff:127.0.0.1/tcp/4021", "/ip4/192.168.7.10/tcp/4021", "/ip6/::ffff:192.168.1.20/tcp/4021"]
+    ordered = in_dial_order([multiaddr.Multiaddr(a) for a in stored], OUR_LAN)
+    assert [str(a) for a in ordered] == [stored[2], stored[1], stored[0]]

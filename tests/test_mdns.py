@@ -42,6 +42,14 @@ def test_an_answer_names_the_peer_and_its_lan_addresses_and_garbage_names_nobody
         assert parse_packet(garbage).peers == {}
 
 
+def test_an_ipv4_mapped_loopback_or_unspecified_address_is_not_announced_on_the_lan() -> None:
+    """``::ffff:127.0.0.1`` is this machine's loopback as a dual-stack socket writes it: useless to a LAN peer."""
+    addrs = announced_addrs(
+        ["/ip6/::ffff:127.0.0.1/tcp/4021", "/ip6/::ffff:0.0.0.0/tcp/4021", "/ip6/::ffff:192.168.1.7/tcp/4021"]
+    )
+    assert addrs == ["/ip6/::ffff:192.168.1.7/tcp/4021"]
+
+
 class _Lan:
     def __init__(self) -> None:
         tag = secrets.token_hex(3)
