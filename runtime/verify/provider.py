@@ -141,8 +141,6 @@ class CallRecorder:
         self.index = index
         self._parts: list[_Part] = []  # the positions as they came, in order
         self._count = 0
-        self._positions: list[Position] = []  # ``positions``: the parts before ``_listed`` as Positions
-        self._listed = 0
         self._text: list[str] = []  # the reply text as streamed (bounded by the call's own bound)
         # Each full CHUNK of positions encoded as it arrives (while the engine makes the next ones), so the
         # end frame waits only for the last chunk's: the same bytes as commit(self.positions). A block of
@@ -165,11 +163,12 @@ class CallRecorder:
 
     @property
     def positions(self) -> list[Position]:
-        """Every position recorded so far (a block's made into Positions only when asked for)."""
-        for part in self._parts[self._listed :]:
-            self._positions += part if isinstance(part, list) else _block_positions(part)
-        self._listed = len(self._parts)
-        return self._positions
+        """Every position recorded so far, made anew when asked for: what the commitment stands for (the
+        end frame reads ``tokens`` and ``finish``, which work from the parts as they came)."""
+        positions: list[Position] = []
+        for part in self._parts:
+            positions += part if isinstance(part, list) else _block_positions(part)
+        return positions
 
     def see(self, data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(data.get("text"), str):
