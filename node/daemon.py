@@ -92,6 +92,7 @@ from node.metrics import render_metrics
 from node.offer_book import OFFER_BOOK_FILE, OfferBook
 from node.router import Router, fetch_live_load
 from protocols.background import Supervisor
+from protocols.escrow_claims import EscrowClaims
 from protocols.gossip import TaskAnnouncements
 from protocols.lease import LeaseMarket
 from protocols.lease.layers import (
@@ -486,6 +487,9 @@ class Node:
                         cache_ttl_s=self.config.capabilities.cache_ttl_s,
                         seq_book=self.seq_book,
                     )
+                    # One claim table on escrow ids for both markets: a task award and a lease open naming
+                    # one escrow at the same moment must see each other's check (protocols.escrow_claims).
+                    escrow_claims = EscrowClaims()
                     self._market = LeaseMarket(
                         self._host,
                         key_pair.private_key,
@@ -496,6 +500,7 @@ class Node:
                         escrow=lambda: self.escrow_client,
                         escrow_terms=self._escrow_terms,
                         wake_settlement=self._wake_settlement,
+                        escrow_claims=escrow_claims,
                     )
                     self._market.verifying.local_model = self._model_by_sha256
                     self._market.verifying.advertised = self._advertised_sha256
@@ -561,6 +566,7 @@ class Node:
                         arbiter=self._task_arbiter,
                         escrow_terms=self._escrow_terms,  # a seller takes awards under our arbiter only
                         trusted_arbiters=self.config.escrow.trusted_arbiters,  # ... or panels it may trust
+                        escrow_claims=escrow_claims,
                     )
                     await nursery.start(self.supervisor.run, "tasks", self._tasks.run)
                     await nursery.start(self.supervisor.run, "api", partial(self._serve_api, token))

@@ -29,6 +29,7 @@ from pydantic import TypeAdapter, ValidationError
 from dht.offers import Offer
 from protocols import lease_wire as w
 from protocols.background import spawn_guarded
+from protocols.escrow_claims import EscrowClaims
 from protocols.lease.verifying import Verifying
 from protocols.machines.history import finished_to_evict
 from protocols.machines.lease import FINISHED_KEEP, FINISHED_KEEP_S, USED_QUOTES_MAX, LeaseSession, quotes_to_forget
@@ -170,6 +171,7 @@ class LeaseCore:
         escrow_terms: Callable[[], w.EscrowTerms | None],
         wake_settlement: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        escrow_claims: EscrowClaims | None = None,
     ) -> None:
         self.host = host
         self.key = key
@@ -183,6 +185,8 @@ class LeaseCore:
         self.escrow_terms = escrow_terms
         self.wake_settlement = wake_settlement
         self.clock = clock
+        # The node's one claim table on escrow ids (shared with its task market: ``protocols.escrow_claims``).
+        self.escrow_claims = escrow_claims if escrow_claims is not None else EscrowClaims()
         self.served: dict[str, ServedLease] = {}
         self.held: dict[str, HeldLease] = {}
         self._used_quotes: dict[str, int] = {}  # quote id -> valid_until, until it has passed

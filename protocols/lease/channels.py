@@ -12,15 +12,16 @@ The rules are ``protocols/machines/channel.py``; storage is ``runtime/ledger/cha
 
 One escrow, one use (the provider): every open naming an escrow, a lease's own lock or a channel,
 claims its id in memory before any chain or ledger read (``claim_escrow``, asking
-``lease_provider.escrow_claim_verdict``); the claim goes when the check refuses, stays while the lease
-is served or the channel is open, and is rebuilt from the ledger at restart (``_restore_served``,
-``recover_channels``). Both checks then also ask the ledger (``recorded_as``) for what ended before.
+``lease_provider.escrow_claim_verdict``), in the node's one claim table (``protocols.escrow_claims``),
+which its task market's award check claims in too; the claim goes when the check refuses, stays while
+the lease is served or the channel is open, and is rebuilt from the ledger at restart
+(``_restore_served``, ``recover_channels``). Both checks then also ask the ledger (``recorded_as``) for
+what ended before.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -32,7 +33,7 @@ from protocols.lease.base import DEADLINE_SLACK_S, LeaseCore, log
 from protocols.machines import channel as ch
 from protocols.machines.lease import LEASE_SALT_BYTES, lease_id_for
 from protocols.machines.lease_consumer import arbiter_verdict
-from protocols.machines.lease_provider import EscrowClaimFacts, EscrowUse, escrow_claim_verdict
+from protocols.machines.lease_provider import EscrowUse
 from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.channels import Channel, ChannelLedger
@@ -56,65 +57,16 @@ class ChannelDraw:
         self.amount = amount
 
 
-@dataclass
-class EscrowClaim:
-    """The provider's claim on one escrow id: what it is used as, by whom, and whether still being checked."""
-
-    held_as: EscrowUse
-    holder: str  # the lease id (a lease's own lock) or the channel id
-    checking: bool = True
-
-
 class ChannelRole(LeaseCore):
     """Channel state in memory: which lease draws on which channel now (one at a time), per side; and
-    the provider's claims on the escrows it checks or serves on (one escrow, one use)."""
-
-    @property
-    def escrow_claims(self) -> dict[str, EscrowClaim]:
-        found: dict[str, EscrowClaim] | None = getattr(self, "_escrow_claims", None)
-        if found is None:
-            found = {}
-            self._escrow_claims = found
-        return found
+    the provider's claims on the escrows it checks or serves on (one escrow, one use), in the node's one
+    claim table (``self.escrow_claims``, shared with the task market)."""
 
     def claim_escrow(self, escrow_id: str, wanted_as: EscrowUse, holder: str) -> bool:
         """Claim the escrow an open names, before any read, or raise the refusal; False when a live
         channel already holds it (the claim is the channel's, kept when this lease's check fails)."""
         self.channels  # noqa: B018 - the channel state exists
-        claims = self.escrow_claims
-        held = claims.get(escrow_id)
-        enforce(
-            escrow_claim_verdict(
-                EscrowClaimFacts(
-                    wanted_as=wanted_as,
-                    held_as=None if held is None else held.held_as,
-                    checking=held is not None and held.checking,
-                    drawn=escrow_id in self._channel_served,
-                    claims=len(claims),
-                )
-            )
-        )
-        if held is not None:
-            return False
-        claims[escrow_id] = EscrowClaim(wanted_as, holder)
-        return True
-
-    def escrow_claim_kept(self, escrow_id: str, holder: str) -> None:
-        """The check passed: the claim stays while the lease is served or the channel is open."""
-        held = self.escrow_claims.get(escrow_id)
-        if held is not None and held.holder == holder:
-            held.checking = False
-
-    def escrow_claim_dropped(self, escrow_id: str, holder: str, *, checking_only: bool = False) -> None:
-        """The check refused (``checking_only``: a claim still being checked), the lease ended or the channel
-        closes: the claim goes (the ledger still knows the escrow was used)."""
-        held = self.escrow_claims.get(escrow_id)
-        if held is not None and held.holder == holder and (held.checking or not checking_only):
-            del self.escrow_claims[escrow_id]
-
-    def escrow_claim_restored(self, escrow_id: str, held_as: EscrowUse, holder: str) -> None:
-        """After a restart: a lease served on its own lock, or a channel still open, holds its escrow again."""
-        self.escrow_claims[escrow_id] = EscrowClaim(held_as, holder, checking=False)
+        return self.escrow_claims.claim(escrow_id, wanted_as, holder, drawn=escrow_id in self._channel_served)
 
     async def recorded_as(self, escrow_id: str, use: EscrowUse) -> bool:
         """Whether the ledger holds this escrow, in any state, as a lease's own lock (a lease row under its
@@ -380,11 +332,11 @@ class ChannelRole(LeaseCore):
                 window=state.window,
                 state="channel_open",
             )
-            self.escrow_claim_kept(channel_id, channel_id)  # the channel is in the book: open until it closes
+            self.escrow_claims.kept(channel_id, channel_id)  # the channel is in the book: open until it closes
             await book.attach(opening.lease_id, channel_id, opening.channel_base)
         except BaseException:
             if claimed:
-                self.escrow_claim_dropped(channel_id, channel_id, checking_only=True)
+                self.escrow_claims.dropped(channel_id, channel_id, checking_only=True)
             self.channel_served_ended(channel_id, opening.lease_id)
             raise
 
@@ -404,7 +356,7 @@ class ChannelRole(LeaseCore):
         for row in await self.channels.list(role="consumer", states=("channel_opening", "channel_open")):
             await self._close_channel(row.channel_id, "restart")
         for row in await self.channels.list(role="provider", states=("channel_open",)):
-            self.escrow_claim_restored(row.channel_id, "channel", row.channel_id)
+            self.escrow_claims.restored(row.channel_id, "channel", row.channel_id)
 
     def sweep_channels(self, now: float) -> None:
         self.channels  # noqa: B018
@@ -460,7 +412,7 @@ class ChannelRole(LeaseCore):
                 if claim is not None or (not busy and row.committed == 0 and idle_s >= policy.claim_idle_s):
                     # The highest voucher and the rest back to the payer, in one settle: the channel closes.
                     await self.channels.enqueue_claim(row.channel_id, close=True)
-                    self.escrow_claim_dropped(row.channel_id, row.channel_id)  # closing: the book keeps it
+                    self.escrow_claims.dropped(row.channel_id, row.channel_id)  # closing: the book keeps it
                     self.wake_settlement()
                     log.info("payment channel %s: closing (%s)", row.channel_id[:14], "claim" if claim else "unused")
         except ClawnodeError as error:

@@ -135,10 +135,10 @@ class ProviderRole(ServingRole, ChannelRole):
             if channel_id is not None:
                 self.channel_served_ended(channel_id, opening.lease_id)
             elif escrow_ref is not None:
-                self.escrow_claim_dropped(escrow_ref.escrow_id, opening.lease_id, checking_only=True)
+                self.escrow_claims.dropped(escrow_ref.escrow_id, opening.lease_id, checking_only=True)
             raise
         if escrow_ref is not None and channel_id is None:
-            self.escrow_claim_kept(escrow_ref.escrow_id, opening.lease_id)  # until the lease ends
+            self.escrow_claims.kept(escrow_ref.escrow_id, opening.lease_id)  # until the lease ends
         return reply
 
     async def _granted(
@@ -247,7 +247,7 @@ class ProviderRole(ServingRole, ChannelRole):
         try:
             await self._check_lock(client, terms, quote, opening, remote)
         except BaseException:
-            self.escrow_claim_dropped(lock.escrow_id, opening.lease_id, checking_only=True)
+            self.escrow_claims.dropped(lock.escrow_id, opening.lease_id, checking_only=True)
             raise
         return EscrowRef(contract=client.address, payer=lock.payer, escrow_id=lock.escrow_id)
 
@@ -442,7 +442,7 @@ class ProviderRole(ServingRole, ChannelRole):
             self._finished_now("served", lease_id)
             if served.escrow is not None and served.channel_base is None:
                 # The lease row stays: a channel naming this escrow is still refused (``recorded_as``).
-                self.escrow_claim_dropped(served.escrow.escrow_id, lease_id)
+                self.escrow_claims.dropped(served.escrow.escrow_id, lease_id)
 
     async def _wind_down_served(self, lease_id: str, served: ServedLease, reason: str, *, notify: bool) -> None:
         # New calls are refused from here; those under way are metered before the final receipt.
@@ -533,9 +533,9 @@ class ProviderRole(ServingRole, ChannelRole):
             served.channel_base = drawn[1]
             self.channels  # noqa: B018 - the in-memory state exists
             self._channel_served[drawn[0]] = lease.lease_id
-            self.escrow_claim_restored(drawn[0], "channel", drawn[0])
+            self.escrow_claims.restored(drawn[0], "channel", drawn[0])
         elif lease.escrow is not None:
-            self.escrow_claim_restored(lease.escrow.escrow_id, "lease", lease.lease_id)
+            self.escrow_claims.restored(lease.escrow.escrow_id, "lease", lease.lease_id)
         self.served[lease.lease_id] = served
         log.info("lease %s restored", lease.lease_id[:12])
 

@@ -242,48 +242,57 @@ def quotes_to_forget(used: dict[str, int], now: float) -> list[str]:
     return [quote_id for quote_id, valid_until in used.items() if valid_until < now]
 
 
-# -- one escrow, one use: the claim an open takes before its reads --------------------------------
+# -- one escrow, one use: the claim an open or an award takes before its reads ------------------
 
-# Escrow ids a provider holds claims on at once: opens being checked, leases it serves on their own
-# lock, and its payment channels still open. A claim is never evicted (that would let the escrow be
-# taken twice); a new open beyond this is refused until a lease ends or a channel closes.
+# Escrow ids a node holds claims on at once (``protocols.escrow_claims``, one table for the lease and the
+# task market): opens and awards being checked, leases it serves on their own lock, and its payment
+# channels still open. A claim is never evicted (that would let the escrow be taken twice); a new open
+# beyond this is refused until a check ends, a lease ends or a channel closes.
 ESCROW_CLAIMS_MAX = 65536
 
-EscrowUse = Literal["lease", "channel"]  # a lease's own lock, or a payment channel many leases draw on
+# A lease's own lock, a payment channel many leases draw on, or a task award's lock (the seller's lease row
+# for the task is written under it).
+EscrowUse = Literal["lease", "channel", "task"]
 
 
 @dataclass(frozen=True)
 class EscrowClaimFacts:
-    """What the provider's in-memory claims say of the escrow an open names, before any chain or ledger read."""
+    """What the node's in-memory claims say of the escrow an open or award names, before any chain or ledger read."""
 
-    wanted_as: EscrowUse  # what the open names it as
+    wanted_as: EscrowUse  # what the open or award names it as
     held_as: EscrowUse | None  # what a claim holds it as now; None: unclaimed
-    checking: bool  # that claim is an open still being checked (no grant yet)
+    checking: bool  # that claim is an open or award still being checked (no grant yet)
     drawn: bool  # a lease we serve draws on it now, or one being checked would (a channel's)
     claims: int  # claims held now
     claims_max: int = ESCROW_CLAIMS_MAX
 
 
 def escrow_claim_verdict(f: EscrowClaimFacts) -> Refusal | None:
-    """Whether an open may check (and claim) the escrow it names. Both the per-lease and the channel
-    check read the chain and the ledger before they decide, and the ledger learns of a lease only when
-    its row is written: a second open naming an escrow another open is checking, or a live lease or
-    channel holds, is refused here at once. A live channel's next lease is the one reuse allowed (one
-    lease at a time). The ledger checks after the reads (``check_lock``'s ``channel_escrow``,
-    ``channel_lock_verdict``'s ``lease_escrow``) still refuse what ended before."""
+    """Whether an open or a task award may check (and claim) the escrow it names. The per-lease, the
+    channel and the award check all read the chain and the ledger before they decide, and the ledger
+    learns of a use only when its row is written: a second open or award naming an escrow another is
+    checking, or a live lease or channel holds, is refused here at once (an award with the task market's
+    own reason, ``lock_of_another_task``). A live channel's next lease is the one reuse allowed (one lease
+    at a time). The ledger checks after the reads (``check_lock``'s ``channel_escrow``,
+    ``channel_lock_verdict``'s ``lease_escrow``, the seller's ``award_lock_free_verdict``) still refuse
+    what ended before."""
     if f.held_as is None:
         if f.claims >= f.claims_max:
             return Refusal(
                 ErrorCode.UNAVAILABLE, "escrow_claims_full", "this node checks or serves as many escrows as it may"
             )
         return None
+    if f.wanted_as == "task":
+        return Refusal(ErrorCode.CONFLICT, "lock_of_another_task", "the award's lock already pays another of ours")
     if f.wanted_as == "channel" and f.held_as == "channel":
         if f.drawn or f.checking:
             return Refusal(ErrorCode.CONFLICT, "channel_busy", "another lease still draws on this channel")
         return None
     if f.checking:
-        return Refusal(ErrorCode.CONFLICT, "escrow_in_use", "another open naming this escrow is being checked")
-    if f.held_as == "lease":
+        return Refusal(
+            ErrorCode.CONFLICT, "escrow_in_use", "another open or task award naming this escrow is being checked"
+        )
+    if f.held_as in ("lease", "task"):
         if f.wanted_as == "channel":
             return Refusal(ErrorCode.CONFLICT, "channel_is_a_lease", "the escrow is a lease's own, not a channel")
         return Refusal(ErrorCode.CONFLICT, "escrow_in_use", "the escrow is the lock of a lease this node serves")

@@ -162,8 +162,10 @@ def award_bid_verdict(me: str, price: int, bid_bidder: str | None, bid_price: in
 
 
 def award_lock_free_verdict(lock_taken: bool) -> Refusal | None:
-    """The award's lock pays no other task or lease of ours (``lock_taken``: our ledger holds a lease under
-    that escrow, or another award naming it is being checked): one locked price for two tasks' work."""
+    """The award's lock pays no other task or lease of ours (``lock_taken``: our ledger holds a lease or a
+    payment channel under that escrow): one locked price for two tasks' work. One being checked now, an
+    award's or a lease open's, is refused before any read by the node's escrow claim table
+    (``lease_provider.escrow_claim_verdict``), with this reason."""
     if lock_taken:
         return _refuse(ErrorCode.CONFLICT, "lock_of_another_task", "the award's lock already pays another of ours")
     return None

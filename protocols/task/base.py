@@ -25,6 +25,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from protocols import task_wire as w
 from protocols.background import spawn_guarded
+from protocols.escrow_claims import EscrowClaims
 from protocols.gossip import TaskAnnouncement, TaskAnnouncements
 from protocols.lease_wire import EscrowTerms
 from protocols.machines import task as m
@@ -120,6 +121,7 @@ class TaskCore:
         clock: Callable[[], float] = time.time,
         sandbox: Sandboxes | None = None,
         models: Any = None,
+        escrow_claims: EscrowClaims | None = None,
     ) -> None:
         self.host = host
         self.key = key
@@ -142,7 +144,9 @@ class TaskCore:
         self.task_models = models  # a runtime.inference.models.ModelHost: the models inference tasks run on
         self.local: dict[str, TaskLocal] = {}
         self._watched: set[str] = set()
-        self._awards_checking: set[str] = set()  # escrow ids of awards being checked (bidder side)
+        # The node's one claim table on escrow ids, shared with its lease market (``protocols.escrow_claims``):
+        # a seller claims an award's lock there before reading the chain or the ledger.
+        self.escrow_claims = escrow_claims if escrow_claims is not None else EscrowClaims()
         self._nursery: trio.Nursery | None = None
 
     @property

@@ -1,7 +1,8 @@
 """The bidder's side of the task market: watch announcements, bid, take an award (after checking its
 lock on chain), deliver, hear the review. The rules: ``TaskBook`` and ``task_checks.announcement_verdict``,
 ``award_verdict``, ``award_lock_verdict`` (the escrow-lock check the lease market shares),
-``review_verdict``."""
+``review_verdict``; an award's lock is claimed first in the node's one escrow claim table
+(``protocols.escrow_claims``, shared with the lease market)."""
 
 from __future__ import annotations
 
@@ -112,17 +113,19 @@ class BidderRole(TaskCore):
                 self.peer_id, notice.price, bid.bidder if bid else None, bid.price if bid else None
             )
         )
-        lease_id = self._lease_id(notice)
-        ours = record.award is not None and record.award.lock_ref == notice.lock.escrow_id  # sent again: the book says
-        enforce(checks.award_lock_free_verdict(lease_id in self._awards_checking))
-        # Claimed before any read: two awards naming one lock at once both passed a check made before
-        # the ledger reads, and one lock paid two tasks. A second award naming it waits for none.
-        self._awards_checking.add(lease_id)
+        lease_id, escrow_id = self._lease_id(notice), notice.lock.escrow_id
+        ours = record.award is not None and record.award.lock_ref == escrow_id  # sent again: the book says
+        # Claimed before any read, in the node's one claim table: two awards naming one lock at once, or an
+        # award and a lease or channel open of the lease market naming it, each read the ledger before the
+        # other's row was written, and one lock paid twice. A second one naming it waits for none: refused
+        # ``lock_of_another_task`` (``lease_provider.escrow_claim_verdict``).
+        self.escrow_claims.claim(escrow_id, "task", notice.task_id)
         try:
             enforce(checks.award_lock_free_verdict(not ours and await self._lease_known(lease_id)))
             await self._accept_award(notice, message.envelope, record, local, remote, lease_id)
         finally:
-            self._awards_checking.discard(lease_id)
+            # Checked: refused, or the task's lease row is written under the escrow (the ledger refuses the rest).
+            self.escrow_claims.dropped(escrow_id, notice.task_id, checking_only=True)
         self._after_award(notice.task_id)
 
     async def _lease_known(self, lease_id: str) -> bool:

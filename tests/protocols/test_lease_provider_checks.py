@@ -164,9 +164,9 @@ def test_random_renewals_are_refused_by_reason() -> None:
 
 
 def test_an_escrow_claimed_by_one_open_is_refused_to_every_other_but_a_live_channels_next_lease() -> None:
-    """Every combination of ``escrow_claim_verdict``'s facts: who may check an escrow another open or a
-    live lease or channel holds (one escrow, one use), and the bound on claims held at once."""
-    uses: tuple[p.EscrowUse, p.EscrowUse] = ("lease", "channel")
+    """Every combination of ``escrow_claim_verdict``'s facts: who may check an escrow another open, a task
+    award, or a live lease or channel holds (one escrow, one use), and the bound on claims held at once."""
+    uses: tuple[p.EscrowUse, ...] = ("lease", "channel", "task")
     seen: Counter[str] = Counter()
     for wanted in uses:
         for held in (None, *uses):
@@ -180,11 +180,13 @@ def test_an_escrow_claimed_by_one_open_is_refused_to_every_other_but_a_live_chan
                         seen["admitted" if verdict is None else f"{verdict.code} {verdict.reason}"] += 1
                         if held is None:
                             expected = "escrow_claims_full" if full else None
+                        elif wanted == "task":
+                            expected = "lock_of_another_task"
                         elif wanted == held == "channel":
                             expected = "channel_busy" if drawn or checking else None
                         elif checking:
                             expected = "escrow_in_use"
-                        elif held == "lease":
+                        elif held in ("lease", "task"):
                             expected = "channel_is_a_lease" if wanted == "channel" else "escrow_in_use"
                         else:
                             expected = "lease_is_a_channel"
@@ -195,5 +197,12 @@ def test_an_escrow_claimed_by_one_open_is_refused_to_every_other_but_a_live_chan
     report(
         "escrow claims",
         seen,
-        {"escrow_claims_full", "channel_busy", "escrow_in_use", "channel_is_a_lease", "lease_is_a_channel"},
+        {
+            "escrow_claims_full",
+            "channel_busy",
+            "escrow_in_use",
+            "channel_is_a_lease",
+            "lease_is_a_channel",
+            "lock_of_another_task",
+        },
     )
