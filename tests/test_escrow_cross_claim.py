@@ -9,14 +9,18 @@ drew on one locked amount, and the node was paid for one of the two. Each side k
 (the bidder's awards being checked, the lease market's escrow claims), blind to the other's.
 
 The node now keeps one claim table (``protocols.escrow_claims.EscrowClaims``) that both markets take their
-claim in before any read: the second is refused at once. The window is narrow (the award must reach the
-seller after the channel check's chain reads and before its channel row is written), so the test holds the
-provider's channel-row write until the award has its answer, and the award lands in the window every run.
+claim in before any read: the second is refused at once. The window is narrow (one must reach the node
+after the other's chain reads and before its row is written), so each test holds the first one's row write
+until the second has its answer, and the second lands in the window every run. Both tests failed before:
+both were taken.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,16 +33,21 @@ from dht.discovery import DiscoveryQuery
 from protocols import lease_wire as lw
 from protocols import task_wire as w
 from protocols.gossip import task_topic
+from protocols.lease.channels import ChannelDraw
 from protocols.lease_wire import EscrowLock
+from protocols.machines.lease import lease_id_for
 from protocols.settings import MarketSection
 from protocols.task import TASK_PROTOCOL
+from protocols.task import creator as creator_module
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.ledger import LeaseOpen
 from runtime.ledger.channels import ChannelLedger
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
 from wire.rpc import request
 from wire.signed import seal, to_base64
 
 CAPABILITY = "model:words"
+PRICE = 10 * WORD_PRICE
 MARKET = MarketSection(channel_duration_s=600, channel_idle_close_s=3600, channel_margin_s=0)  # type: ignore[call-arg]
 
 _ACK = TypeAdapter(w.Ack)
@@ -46,29 +55,35 @@ _ACK = TypeAdapter(w.Ack)
 pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 
 
+async def _a_task_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[w.TaskView, w.BidView]:
+    """The seller offers leases and watches tasks; the creator finds its offer and publishes a task (price
+    ``PRICE``, under the node's arbiter) that the seller bids its price on."""
+    await seller.tasks.watch(CAPABILITY)
+    await wait_for(lambda: seller.publisher.record is not None)
+    with trio.fail_after(30):
+        while not await creator.discover(DiscoveryQuery(capability=WORDS)):
+            await trio.sleep(0.2)
+    topic = task_topic(CAPABILITY)
+    await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+    view = await creator.tasks.publish(
+        CAPABILITY,
+        PRICE,
+        120,
+        params="{}",
+        arbiter_peer=str(ID.from_pubkey(create_new_key_pair().public_key)),
+        arbiter_wallet=arbiter_wallet,
+        review_timeout_s=60,
+    )
+    await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
+    return view, await seller.tasks.bid(view.task_id, PRICE)
+
+
 async def test_a_task_award_and_a_channel_open_naming_one_escrow_at_once_take_it_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with market_nodes([{"market": MARKET}, {"offers": (WORD_OFFER,), "market": MARKET}]) as (nodes, shared):
         creator, seller = nodes
-        await seller.tasks.watch(CAPABILITY)
-        await wait_for(lambda: seller.publisher.record is not None)
-        with trio.fail_after(30):
-            while not await creator.discover(DiscoveryQuery(capability=WORDS)):
-                await trio.sleep(0.2)
-        topic = task_topic(CAPABILITY)
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
-        view = await creator.tasks.publish(
-            CAPABILITY,
-            10 * WORD_PRICE,
-            120,
-            params="{}",
-            arbiter_peer=str(ID.from_pubkey(create_new_key_pair().public_key)),
-            arbiter_wallet=shared.arbiter.address,
-            review_timeout_s=60,
-        )
-        await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
-        bid = await seller.tasks.bid(view.task_id, 10 * WORD_PRICE)
+        view, bid = await _a_task_bid_on(creator, seller, shared.arbiter.address)
 
         # The provider's write of the channel row waits (5 s at most) until the award has its answer.
         writing: list[str] = []
@@ -105,7 +120,7 @@ async def test_a_task_award_and_a_channel_open_naming_one_escrow_at_once_take_it
                     bid_id=bid.bid_id,
                     creator=str(creator.host.get_id()),
                     bidder=str(seller.host.get_id()),
-                    price=10 * WORD_PRICE,
+                    price=PRICE,
                     payee=seller_client.account.address,
                     arbiter_wallet=shared.arbiter.address,
                     chain_id=creator_client.chain.chain_id,
@@ -140,3 +155,68 @@ async def test_a_task_award_and_a_channel_open_naming_one_escrow_at_once_take_it
             await seller.ledger.get_lease(writing[0][2:])  # no task lease row under the channel's escrow
         assert unknown.value.code == ErrorCode.NOT_FOUND
         assert [row.channel_id for row in await seller.market.channels.list(role="provider")] == writing
+
+
+async def test_a_channel_open_naming_the_lock_of_an_award_being_checked_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other way round: the creator locks its award under an escrow id it derived from its own peer id
+    and a salt, as a channel's is, and opens a payment channel naming it while the seller checks the award.
+    The seller's write of the task's lease row is held until the channel open has its answer, so the open
+    lands in the window every run. Before, the channel check found no lease row and both were taken."""
+    async with market_nodes([{"market": MARKET}, {"offers": (WORD_OFFER,), "market": MARKET}]) as (nodes, shared):
+        creator, seller = nodes
+        view, bid = await _a_task_bid_on(creator, seller, shared.arbiter.address)
+        salt = os.urandom(32)
+        escrow_id = "0x" + lease_id_for(creator.host.get_id().to_bytes(), salt).hex()
+        stub = SimpleNamespace(token_bytes=lambda n: bytes.fromhex(escrow_id[2:]), token_hex=secrets.token_hex)
+        monkeypatch.setattr(creator_module, "secrets", stub)  # the award's lock id, as the creator picks it
+
+        checking, channel_answered = trio.Event(), trio.Event()
+        open_lease = seller.ledger.open_lease
+
+        async def held_task_row(lease: LeaseOpen, *, idempotency_key: str) -> Any:
+            if idempotency_key.startswith("award/"):
+                checking.set()
+                with trio.move_on_after(5):
+                    await channel_answered.wait()
+            return await open_lease(lease, idempotency_key=idempotency_key)
+
+        monkeypatch.setattr(seller.ledger, "open_lease", held_task_row)
+
+        async def on_the_award_lock(*_: Any) -> ChannelDraw:
+            return ChannelDraw(escrow_id, salt.hex(), 0, PRICE)
+
+        monkeypatch.setattr(creator.market, "draw_channel", on_the_award_lock)
+        outcomes: dict[str, object] = {}
+
+        async def award() -> None:
+            try:
+                outcomes["award"] = await creator.tasks.award(view.task_id, bid.bid_id)
+            except ClawnodeError as error:
+                outcomes["award"] = error
+
+        async def channel_lease() -> None:
+            with trio.move_on_after(10):
+                await checking.wait()  # the award's chain reads are done, its lease row not yet written
+            try:
+                outcomes["channel"] = await creator.market.open_lease(
+                    str(seller.host.get_id()), WORDS, budget=5 * WORD_PRICE, duration_s=60, channel=True
+                )
+            except ClawnodeError as error:
+                outcomes["channel"] = error
+            finally:
+                channel_answered.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(award)
+            nursery.start_soon(channel_lease)
+
+        channel = outcomes["channel"]
+        assert isinstance(outcomes["award"], w.TaskView), outcomes
+        assert isinstance(channel, ClawnodeError), outcomes
+        assert (channel.code, channel.reason) == (ErrorCode.CONFLICT, "escrow_in_use")
+        assert seller.tasks.view(view.task_id).role == "awarded_bidder"
+        assert (await seller.ledger.get_lease(escrow_id[2:])).escrow is not None  # the task's lease row
+        assert await seller.market.channels.list(role="provider") == []
+        assert seller.market.leases() == []
