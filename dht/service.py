@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -105,6 +106,8 @@ class DhtService:
         self.joined = trio.Event()
         self.silent: SilentPeers[ID] = SilentPeers()
         self.lookup: Lookup | None = None
+        # py-libp2p's full refresh, run only when this service asks (``_own_maintenance``)
+        self._kad_refresh: Callable[[], Awaitable[None]] | None = None
         self._closest: dict[bytes, tuple[float, list[ID]]] = {}
         self._pending_offers = 0
         self._nursery: trio.Nursery | None = None
@@ -128,6 +131,7 @@ class DhtService:
             strict_validation=True,
         )
         self._guard_lookups(self.kad)
+        self._own_maintenance(self.kad)
         restore_push_handler = self._watch_identify_push()
         try:
             async with background_trio_service(self.kad), trio.open_nursery() as nursery:
@@ -491,9 +495,37 @@ class DhtService:
             for peer_id in named:
                 nursery.start_soon(add, peer_id)
 
+    def _own_maintenance(self, kad: KadDHT) -> None:
+        """Refresh the routing table and republish only when this service asks.
+
+        py-libp2p's maintenance loop also refreshed the whole table, one walk per bucket, as the DHT
+        started (beside the join's own lookups) and every 10 minutes after; and its first round after
+        ten minutes walked again for every value put and key provided here, whose "last republished"
+        it had never noted (it republishes each after 22 h). The join and ``refresh_interval_s``
+        refresh the table, and the publisher announces again at half its record's lifetime. In a
+        swarm of nodes started one after another, each node's extra walks began ten minutes after its
+        start, and 200 nodes doing so in one process stalled every lookup there for minutes
+        (bench/discovery.py, N = 200: every query timed out from then on). The loop's clean-up still
+        runs, and its republish still comes 22 h after the last put or announcement here.
+        """
+        self._kad_refresh = kad.refresh_routing_table
+
+        async def left_to_the_service() -> None:
+            return None
+
+        kad.refresh_routing_table = left_to_the_service  # type: ignore[method-assign]
+        values = kad.value_store
+        put = values.put
+
+        def put_noted(key: bytes, value: bytes, validity: float = 0.0) -> None:
+            put(key, value, validity)
+            values._last_republish[key] = time.time()
+
+        values.put = put_noted  # type: ignore[method-assign]
+
     async def _refresh_routing_table(self) -> None:
         try:
-            await self.dht.refresh_routing_table()
+            await (self._kad_refresh or self.dht.refresh_routing_table)()
         except Exception as error:  # noqa: BLE001 - a refresh that fails is retried next period
             log.debug("routing table refresh failed: %s", type(error).__name__)
 
@@ -616,6 +648,7 @@ class DhtService:
         store = kad.provider_store
         me = self.host.get_id()
         store.providing_keys.add(key)  # py-libp2p's own republish of what this node provides
+        store._last_republish[key] = time.time()  # ... 22 h from now (``_own_maintenance``)
         store.add_provider(key, PeerInfo(me, list(self.host.get_addrs())))
         told: set[ID] = {me}
         delivered = 0
