@@ -32,7 +32,7 @@ from dht.records import (
     seal_record,
 )
 from dht.schema_safety import SchemaBudgetExceeded
-from dht.service import DhtService
+from dht.service import K_CLOSEST, DhtService
 from nat.addresses import record_addrs
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -47,6 +47,21 @@ log = logging.getLogger(__name__)
 FIRST_PUBLISH_WAIT_S = 3.0
 PENDING_POLL_S = 0.1
 MAX_PUBLISHES_IN_FLIGHT = 2
+# A capability announced to fewer of its key's closest peers than this (or than the DHT peers this
+# node knows, in a smaller network) is announced again after each of ``THIN_RETRY_S`` until it reaches
+# that many, then at the periodic republish. On a busy loop a node's dials time out and the peers it
+# could not reach go silent (``lookup_guard``) for a minute; an announcement made then reached a
+# handful of peers, none of them among the closest a query asks (bench/discovery.py, N = 200: one
+# provider held by 12 peers, none of the key's 6 closest, was missing from every query for its
+# capability until the republish, minutes later).
+WELL_ANNOUNCED = K_CLOSEST // 2
+THIN_RETRY_S = (20.0, 40.0, 80.0, 160.0)
+
+
+def well_announced(delivered: int, dht_peers: int) -> bool:
+    """Whether an announcement that reached ``delivered`` peers needs no early retry, this node
+    knowing ``dht_peers`` DHT peers (its routing table)."""
+    return delivered >= max(1, min(WELL_ANNOUNCED, dht_peers))
 
 
 async def _first_of(*events: trio.Event | None) -> None:
@@ -147,6 +162,9 @@ class CapabilityPublisher:
         self.publish_refusals = 0  # records that could not be sealed at publish time (the last one kept)
         # Capability name -> the addresses it was last announced (provided) with; one per offer.
         self._provided: dict[str, tuple[str, ...]] = {}
+        self._thin_retries = 0  # early retries of thin announcements since the last well-announced one
+        self._thin_retry_waiting = False
+        self._nursery: trio.Nursery | None = None
 
     @property
     def offers(self) -> list[Offer]:
@@ -246,10 +264,14 @@ class CapabilityPublisher:
             except Exception as error:  # noqa: BLE001 - served directly meanwhile; retried next round
                 failures.append(type(error).__name__)
 
+        thin: list[str] = []
+
         async def provide_under_multihash(name: str) -> None:
             # The multihash itself, not through KadDHT.provide: its key parsing tries a CID first.
-            if await self.dht.provide(provider_key(name)) > 0:  # told nobody (alone): announced again next time
+            if well_announced(await self.dht.provide(provider_key(name)), self.dht.routing_table_size()):
                 self._provided[name] = addrs
+            else:  # announced again by the next publish (``THIN_RETRY_S``)
+                thin.append(name)
 
         # Concurrently: one after another, a newly added capability waited behind the
         # record and every older offer (seconds each in a busy swarm).
@@ -257,11 +279,32 @@ class CapabilityPublisher:
             for name in sorted(due):
                 nursery.start_soon(attempt, provide_under_multihash, name)
             nursery.start_soon(attempt, lambda key: kad.put_value(key, sealed), record_key(record.peer_id))
+        self._retry_thin(thin)
         if failures:
             log.info("publishing the capability record partly failed: %s", ", ".join(sorted(set(failures))))
             return
         self.published_at = self._clock()
         log.info("published capability record seq %d with %d offers", record.seq, len(record.capabilities))
+
+    def _retry_thin(self, thin: list[str]) -> None:
+        """After a publish: a publish of what is not announced yet after the next of ``THIN_RETRY_S``
+        when some announcement was thin (one wait at a time), else the retries start over."""
+        if not thin:
+            self._thin_retries = 0
+            return
+        if self._thin_retry_waiting or self._nursery is None or self._thin_retries >= len(THIN_RETRY_S):
+            return
+        wait_s = THIN_RETRY_S[self._thin_retries]
+        self._thin_retries += 1
+        self._thin_retry_waiting = True
+        log.info("%d capability announcements reached few peers; announced again in %.0f s", len(thin), wait_s)
+
+        async def retry() -> None:
+            await trio.sleep(wait_s)
+            self._thin_retry_waiting = False
+            self._changed.set()
+
+        self._nursery.start_soon(retry)
 
     async def _wait_for_addrs(self) -> None:
         """Before the first DHT publish: wait (at most ``first_publish_wait_s``) while the addresses
@@ -298,6 +341,7 @@ class CapabilityPublisher:
             running: deque[trio.CancelScope] = deque()
             full = True
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 while True:
                     self._changed = trio.Event()
                     joined = self.dht.joined.is_set()
@@ -310,4 +354,5 @@ class CapabilityPublisher:
                         await _first_of(self._changed, None if joined else self.dht.joined)
                     full = period.cancelled_caught or (not joined and self.dht.joined.is_set())
         finally:
+            self._nursery = None
             self.host.remove_stream_handler(CAPABILITY_PROTOCOL)

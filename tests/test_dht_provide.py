@@ -3,11 +3,14 @@ visible). Real hosts on loopback, in swarms of four nodes."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from dht import publisher as publisher_module
 from dht.offers import Offer, provider_key
+from dht.publisher import WELL_ANNOUNCED, well_announced
 from tests.support.records import GEMMA
 from tests.support.swarm import NodeSpec, open_swarm
 
@@ -95,3 +98,42 @@ async def test_a_peer_that_refused_an_announcement_is_told_again() -> None:
             while not receiver.dht.dht.provider_store.get_providers(key):
                 await trio.sleep(0.02)
         assert [info.peer_id for info in receiver.dht.dht.provider_store.get_providers(key)] == [provider.host.get_id()]
+
+
+async def test_an_announcement_that_reached_few_peers_is_made_again_before_the_republish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A provider whose dials had timed out (its peers silent for a minute, ``lookup_guard``) when it
+    announced a new offer reached one peer of three; it announces again after ``THIN_RETRY_S``, not
+    at the periodic republish (here 300 s away)."""
+    monkeypatch.setattr(publisher_module, "THIN_RETRY_S", (1.0, 2.0))
+    async with open_swarm(4) as nodes:
+        provider, others = nodes[3], nodes[:3]
+        key = provider_key(QWEN.name)
+        unreachable = [node.host.get_id() for node in others[:2]]
+        for peer_id in unreachable:
+            provider.dht.silent.note(peer_id, trio.current_time())
+            await provider.host.disconnect(peer_id)
+        provider.publisher.set_offer(QWEN)
+        with trio.fail_after(10):
+            while not any(node.dht.dht.provider_store.get_providers(key) for node in others):
+                await trio.sleep(0.02)
+        await trio.sleep(0.3)
+        holders = {node.host.get_id() for node in others if node.dht.dht.provider_store.get_providers(key)}
+        assert holders.isdisjoint(unreachable)
+        for peer_id in unreachable:  # they answer again (their silence would have ended after a minute)
+            provider.dht.silent.clear(peer_id)
+        with trio.fail_after(10):
+            while not all(node.dht.dht.provider_store.get_providers(key) for node in others):
+                await trio.sleep(0.05)
+        assert provider.publisher.record is not None
+        assert provider.publisher.record.capability(QWEN.name) is not None
+
+
+def test_an_announcement_is_thin_below_half_the_closest_peers_or_the_peers_known() -> None:
+    assert not well_announced(0, 0)  # alone: announced again when someone may be there
+    assert well_announced(1, 1)
+    assert not well_announced(1, 3)
+    assert well_announced(3, 3)
+    assert not well_announced(WELL_ANNOUNCED - 1, 200)
+    assert well_announced(WELL_ANNOUNCED, 200)
