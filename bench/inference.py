@@ -118,18 +118,21 @@ surface figures; the tiny random-weight model produces no meaningful JSON or too
 
 Progress goes to stderr, the figures to stdout as one line. ``--time-limit`` (default 300 s) bounds the
 measurements (later phases are skipped when it runs out), and a SIGALRM backstop ends the process
-60 s after it. The load average is printed at the start and the end.
+60 s after it (the daemons it launched killed and its scratch folder removed first). The load average
+is printed at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -155,7 +158,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dht.offers import Offer
 from node.config import ApiSection, BootstrapSection, Config, EscrowSection, MarketSection, NodeSection
 from node.daemon import Node
-from node.datadir import RunningNode, read_api_token, read_running
+from node.datadir import RunningNode, read_api_token
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import LlamaModel, TokenStream
 from runtime.inference.models import ModelSpec
@@ -829,44 +832,40 @@ ORPHAN_GUARD = (
 )
 
 
+# The daemons this process launched, for SIGALRM's backstop (``backstop``) to end before it removes their
+# data dirs.
+LAUNCHED: list[DaemonProcess] = []
+
+
 def launch_daemon(data_dir: Path, args: list[str]) -> DaemonProcess:
-    """``clawnode start --data-dir DATA_DIR ARG...`` as a fresh process (``tests/support/processes.py``'s
-    ``DaemonProcess``, which stops it and reads its API). Called on the trio (main) thread: the parent
-    death signal fires when the thread that forked the child ends, and trio's worker threads end when idle."""
-    daemon = DaemonProcess(data_dir, args, env=FAST_DAEMON_ENV)
-    daemon.log_path = data_dir.parent / f"{data_dir.name}.log"
-    argv = [sys.executable, "-c", ORPHAN_GUARD, str(os.getpid()), "start", "--data-dir", str(data_dir), *args]
-    env = {**os.environ, **FAST_DAEMON_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-    with open(daemon.log_path, "a") as log:
-        daemon.process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env, cwd=REPO_ROOT
-        )
+    """``clawnode start --data-dir DATA_DIR ARG...`` as a fresh process under ``ORPHAN_GUARD``
+    (``tests/support/processes.py``'s ``DaemonProcess``, which spawns it, says when it is up, stops it and
+    reads its API). Called on the trio (main) thread: the parent death signal fires when the thread that
+    forked the child ends, and trio's worker threads end when idle."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    daemon = DaemonProcess(data_dir, args, env={**FAST_DAEMON_ENV, "PYTHONPATH": pythonpath})
+    daemon.spawn([sys.executable, "-c", ORPHAN_GUARD, str(os.getpid())], cwd=REPO_ROOT)
+    LAUNCHED.append(daemon)
     return daemon
 
 
-async def daemon_running(daemon: DaemonProcess, timeout_s: float) -> RunningNode:
-    """The daemon's ``running.json`` once it wrote it (its API and libp2p host are up)."""
-    assert daemon.process is not None
+async def daemon_running(daemon: DaemonProcess, timeout_s: float) -> tuple[RunningNode, str]:
+    """The daemon's ``running.json`` once it wrote it (its API and libp2p host are up), and its API
+    token, read once for every later call."""
     with trio.fail_after(timeout_s):
-        while True:
-            if daemon.process.poll() is not None:
-                raise RuntimeError(f"clawnode exited with {daemon.process.returncode}:\n{daemon.log()[-3000:]}")
-            running = read_running(daemon.data_dir)
-            if running is not None and running.pid == daemon.process.pid:
-                return running
+        while (running := daemon.up()) is None:
             await trio.sleep(0.1)
+    return running, await trio.to_thread.run_sync(read_api_token, daemon.data_dir)
 
 
-async def daemon_api(client: httpx.AsyncClient, daemon: DaemonProcess, running: RunningNode, path: str) -> Any:
-    token = await trio.to_thread.run_sync(read_api_token, daemon.data_dir)
+async def daemon_api(client: httpx.AsyncClient, running: RunningNode, token: str, path: str) -> Any:
     reply = await client.get(f"{running.api_url}{path}", headers={"authorization": f"Bearer {token}"})
     reply.raise_for_status()
     return reply.json() if path != "/metrics" else reply.text
 
 
-async def escrow_connected(client: httpx.AsyncClient, daemon: DaemonProcess, running: RunningNode) -> None:
-    while (await daemon_api(client, daemon, running, "/api/ledger/summary"))["escrow"]["state"] != "connected":
+async def escrow_connected(client: httpx.AsyncClient, running: RunningNode, token: str) -> None:
+    while (await daemon_api(client, running, token, "/api/ledger/summary"))["escrow"]["state"] != "connected":
         await trio.sleep(0.2)
 
 
@@ -875,12 +874,10 @@ def p2p_addr(running: RunningNode) -> str:
     return addr if "/p2p/" in addr else f"{addr}/p2p/{running.peer_id}"
 
 
-async def provider_view(
-    client: httpx.AsyncClient, daemon: DaemonProcess, running: RunningNode
-) -> tuple[float, float, float]:
+async def provider_view(client: httpx.AsyncClient, running: RunningNode, token: str) -> tuple[float, float, float]:
     """The provider's own clocks over the model calls it served for leases, summed (its ``/metrics``):
     (seconds from each call's start to its first chunk written, seconds to the engine's end, calls)."""
-    samples = metric_samples(await daemon_api(client, daemon, running, "/metrics"))
+    samples = metric_samples(await daemon_api(client, running, token, "/metrics"))
     return (
         samples.get('clawnode_inference_first_token_seconds_sum{via="lease"}', math.nan),
         samples.get('clawnode_inference_duration_seconds_sum{via="lease"}', math.nan),
@@ -918,11 +915,11 @@ async def processes_phase(
         async with httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
             with trio.fail_after(max(1.0, min(180.0, deadline - time.perf_counter()))):
                 daemons.append(launch_daemon(boot_dir, [*LOOPBACK_ANY_PORT, "--role", "bootstrap"]))
-                boot = await daemon_running(daemons[0], 120)
+                boot, boot_token = await daemon_running(daemons[0], 120)
                 daemons.append(launch_daemon(provider_dir, [*LOOPBACK_ANY_PORT, "--bootstrap", p2p_addr(boot)]))
-                served = await daemon_running(daemons[1], 120)
-                await escrow_connected(client, daemons[0], boot)
-                await escrow_connected(client, daemons[1], served)
+                served, served_token = await daemon_running(daemons[1], 120)
+                await escrow_connected(client, boot, boot_token)
+                await escrow_connected(client, served, served_token)
                 config = Config(
                     node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"]),  # type: ignore[call-arg]
                     api=ApiSection(port=0),
@@ -952,7 +949,7 @@ async def processes_phase(
                 f"processes: bootstrap and provider daemons up, consumer joined, lease open in "
                 f"{time.perf_counter() - mark:.1f}s (load {load()})"
             )
-            view = functools.partial(provider_view, client, daemons[1], served)
+            view = functools.partial(provider_view, client, served, served_token)
             await processes_pairs(
                 args, consumer, lease_id, direct_model, direct_tap, figures, deadline, view, served.pid, boot.pid
             )
@@ -1373,6 +1370,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def backstop(scratch: Path, signum: int, frame: Any) -> None:
+    """SIGALRM's handler, ``--time-limit`` + 60 s: the daemons this process launched killed and the
+    scratch folder (the model written, the data dirs) removed, which the signal's default left behind;
+    then the process ends by SIGALRM as before."""
+    for daemon in LAUNCHED:
+        daemon.kill()
+    shutil.rmtree(scratch, ignore_errors=True)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGALRM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_logging()
@@ -1382,16 +1390,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warning: set OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads otherwise spin and take the CPU the"
             " measurement needs) and GGML_NO_BACKTRACE=1 (ggml's abort handler otherwise forks gdb)"
         )
-    signal.alarm(int(args.time_limit + 60))
     wall = time.monotonic()
     load_start = load()
     figures = Figures()
     with tempfile.TemporaryDirectory(prefix="clawnode-bench-") as scratch:
+        signal.signal(signal.SIGALRM, functools.partial(backstop, Path(scratch)))
+        signal.alarm(int(args.time_limit + 60))
+        # The last resort, should the handler never run (the main thread stuck without the GIL): tracebacks
+        # of every thread, then the process ends (what SIGALRM's default did at once, the folder left).
+        faulthandler.dump_traceback_later(args.time_limit + 90, exit=True)
         path = model_path(args, Path(scratch))
         progress(f"model {args.model}: {path} ({path.stat().st_size / 1e6:.1f} MB); load {load_start}")
         trio.run(measure, args, path, figures, Path(scratch))
     print(report(args, figures, load_start, load()), flush=True)
     signal.alarm(0)
+    faulthandler.cancel_dump_traceback_later()
     progress(f"done in {time.monotonic() - wall:.1f}s")
     return 0
 

@@ -8,13 +8,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from node.datadir import read_api_token, read_running
+from node.datadir import RunningNode, read_api_token, read_running
 from tests.support.zygote import ForkedProcess, zygote
 
 CLAWNODE = [sys.executable, "-m", "node.cli"]
@@ -57,25 +58,45 @@ class DaemonProcess:
     log_path: Path | None = None
 
     def start(self, wait_s: float = 30.0) -> DaemonProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
-        argv = ["start", "--data-dir", str(self.data_dir), *self.args]
-        if FORK_DAEMONS:
-            self.process = zygote().start(argv, {**os.environ, **self.env}, self.log_path)
-        else:
-            with open(self.log_path, "a") as log:
-                self.process = subprocess.Popen(
-                    [*CLAWNODE, *argv], stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **self.env}
-                )
+        self.spawn()
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"clawnode exited with {self.process.returncode}:\n{self.log()}")
-            running = read_running(self.data_dir)
-            if running is not None and running.pid == self.process.pid:
+            if self.up() is not None:
                 return self
             time.sleep(0.1)
         raise TimeoutError(f"clawnode did not start within {wait_s} s:\n{self.log()}")
+
+    def spawn(self, command: Sequence[str] = (), cwd: Path | None = None) -> None:
+        """``clawnode start --data-dir DATA_DIR ARG...``, not waited for (``up`` says when it is), its
+        output appended to DATA_DIR's log: forked from the zygote, or in a fresh process when
+        ``FORK_DAEMONS`` is off or a ``command`` is given (run as ``COMMAND start ...`` in ``cwd``;
+        ``clawnode`` by default)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        argv = ["start", "--data-dir", str(self.data_dir), *self.args]
+        env = {**os.environ, **self.env}
+        if FORK_DAEMONS and not command:
+            self.process = zygote().start(argv, env, self.log_path)
+            return
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen(
+                [*(command or CLAWNODE), *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,  # as the zygote's forks have it
+                text=True,
+                env=env,
+                cwd=cwd,
+            )
+
+    def up(self) -> RunningNode | None:
+        """The daemon's ``running.json`` once it wrote it (its API and libp2p host are up), else None;
+        RuntimeError, with its log, once it exited."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"clawnode exited with {self.process.returncode}:\n{self.log()}")
+        running = read_running(self.data_dir)
+        return running if running is not None and running.pid == self.process.pid else None
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
