@@ -85,12 +85,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bootstrap.peer_book import PeerBook
 from dht.discovery import Discovery, DiscoveryQuery, ProviderResult
-from dht.offers import Offer
+from dht.lookup import key_of
+from dht.offers import Offer, provider_key
 from dht.publisher import CapabilityPublisher
 from dht.record_validator import RECORD_NAMESPACE, CapabilityRecordValidator, RejectionCounter
 from dht.records import Hardware, bind_wallet
 from dht.seq_book import SeqBook
-from dht.service import DhtService
+from dht.service import PROVIDER_QUERY_FANOUT, DhtService
 from node.host import build_host
 from tests.support.swarm import NodeSpec, SwarmNode, open_swarm
 
@@ -162,6 +163,29 @@ def expected_providers(nodes: list[SwarmNode], capability: str) -> set[str]:
     return {node.peer_id for node in nodes if any(o.name == capability for o in node.publisher.offers)}
 
 
+def report_placement(nodes: list[SwarmNode]) -> None:
+    """Where each provider record sits once the swarm is up: how many of its capability key's true
+    closest peers (by XOR over every node of the swarm) hold it, against how many a query asks
+    (``PROVIDER_QUERY_FANOUT``). A provider none of those closest hold is missing from every query
+    that settles on them; silent marks are peers some node stopped asking (``lookup_guard``)."""
+    for capability in CAPABILITIES:
+        key = provider_key(capability)
+        target = key_of(key)
+        ranked = sorted(nodes, key=lambda node: key_of(node.host.get_id().to_bytes()) ^ target)
+        held: list[str] = []
+        for provider in expected_providers(nodes, capability):
+            holders = [
+                rank
+                for rank, node in enumerate(ranked)
+                if any(str(info.peer_id) == provider for info in node.dht.dht.provider_store.get_providers(key))
+            ]
+            near = sum(rank < PROVIDER_QUERY_FANOUT for rank in holders)
+            held.append(f"{provider[-6:]} {near}/{PROVIDER_QUERY_FANOUT} closest, {len(holders)} in all")
+        progress(f"placement {capability}: " + "; ".join(held))
+    silent = [len(node.dht.silent) for node in nodes]
+    progress(f"silent marks: {sum(silent)} over {sum(1 for n in silent if n)} nodes (max {max(silent)})")
+
+
 async def timed_find(node: SwarmNode, capability: str, timeout: float, figures: Figures) -> list[ProviderResult] | None:
     started = trio.current_time()
     with trio.move_on_after(timeout):
@@ -193,7 +217,8 @@ async def measure_queries(
             else:
                 progress(
                     f"query {index + 1}: node {nodes.index(node)} {capability}: {len(returned & expected)} of "
-                    f"{len(expected)} providers, {len(returned - expected)} others, {elapsed:.3f}s"
+                    f"{len(expected)} providers, {len(returned - expected)} others, {elapsed:.3f}s; missing "
+                    + ", ".join(sorted(peer[-6:] for peer in expected - returned))
                 )
         else:
             progress(f"query {index + 1}: node {nodes.index(node)} {capability}: timed out")
@@ -334,6 +359,7 @@ async def run(args: argparse.Namespace) -> Figures:
                 f"swarm up in {figures.setup_s:.1f}s: routing table mean {sum(tables) / len(tables):.1f} "
                 f"(min {min(tables)}), connections mean {sum(conns) / len(conns):.1f}"
             )
+            report_placement(nodes)
             # What is left: 55 % to queries, then 65 % of the rest to new offers, the rest to
             # price changes. A phase starts no new measurement after its share, and one still
             # running at the overall deadline is cut off (and not counted).
