@@ -37,6 +37,7 @@ from nat.notifee import QuietNotifee
 from node.conn_budget import keep_connection_budget
 from node.conn_guard import ConnLimits, guard_inbound_connections
 from node.dial_order import order_dials
+from node.peer_data import bound_peer_data
 from node.yamux_writes import bound_receive_buffers, make_frame_writes_whole
 from runtime.errors import ClawnodeError, ErrorCode
 
@@ -132,6 +133,7 @@ def build_host(
     advertise_relayed(host)  # then our relays' circuit addresses, while we hold reservations
     _guard_inbound_streams(host)
     guard_inbound_connections(host.get_network(), limits)  # type: ignore[arg-type]
+    bound_peer_data(host.get_peerstore())  # before heal_redials wraps add_addrs: what a stranger leaves
     heal_redials(host)  # before order_dials: its stable sort keeps the newest addresses first in a class
     order_dials(host)
     if connection_budget is not None:  # after heal_redials: a dial it lets through still asks the budget

@@ -1,0 +1,62 @@
+"""What the peer store keeps of one peer: a bounded number of protocols and addresses.
+
+py-libp2p stores whatever a peer's identify (or identify push) names, up to 1 MiB a message: any
+number of protocol names (of any length) and 1000 addresses, kept after the peer leaves until the
+store holds ``max_peers`` (1000) peers. A stranger that connected and pushed 17 000 protocol names
+and 1000 addresses left 1.85 MiB behind, so strangers with fresh identities could make a node hold
+about 2 GiB. go-libp2p reads at most 8 KiB of identify; a clawnode node names about 20 protocols
+and a handful of addresses.
+
+Here each peer keeps at most ``MAX_PEER_PROTOCOLS`` protocol names of at most
+``MAX_PROTOCOL_CHARS`` characters (the first its message lists: the rest are dropped), and at most
+``MAX_PEER_ADDRS`` addresses (the newest: an address added past the bound pushes out the oldest,
+so a peer that restarted on a new port is still dialed at it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import multiaddr
+from libp2p.peer.id import ID
+
+MAX_PEER_PROTOCOLS = 128
+MAX_PROTOCOL_CHARS = 256
+MAX_PEER_ADDRS = 64
+
+
+def bound_peer_data(peerstore: Any) -> None:
+    """Bound what ``peerstore`` (py-libp2p's ``PeerStore``) keeps of each peer; call once, before
+    anything else wraps its ``add_addrs``."""
+    add_protocols, set_protocols, add_addrs = peerstore.add_protocols, peerstore.set_protocols, peerstore.add_addrs
+
+    def held(peer_id: ID) -> Any:
+        return peerstore.peer_data_map.get(peer_id)
+
+    def fitting(protocols: Sequence[str], room: int) -> list[str]:
+        return [str(name) for name in protocols if len(name) <= MAX_PROTOCOL_CHARS][: max(0, room)]
+
+    def add_protocols_bounded(peer_id: ID, protocols: Sequence[str]) -> None:
+        data = held(peer_id)
+        known = set(data.get_protocols()) if data is not None else set()
+        new = [name for name in dict.fromkeys(protocols) if name not in known]
+        add_protocols(peer_id, fitting(new, MAX_PEER_PROTOCOLS - len(known)))
+
+    def set_protocols_bounded(peer_id: ID, protocols: Sequence[str]) -> None:
+        set_protocols(peer_id, fitting(list(dict.fromkeys(protocols)), MAX_PEER_PROTOCOLS))
+
+    def add_addrs_bounded(peer_id: ID, addrs: Sequence[multiaddr.Multiaddr], ttl: int = 0) -> None:
+        addrs = list(addrs)[:MAX_PEER_ADDRS]
+        data = held(peer_id)
+        if data is not None:
+            stored: list[multiaddr.Multiaddr] = data.addrs
+            new = sum(1 for addr in dict.fromkeys(addrs) if addr not in stored)
+            over = len(stored) + new - MAX_PEER_ADDRS
+            if over > 0:
+                del stored[:over]  # the oldest go
+        add_addrs(peer_id, addrs, ttl)
+
+    peerstore.add_protocols = add_protocols_bounded
+    peerstore.set_protocols = set_protocols_bounded
+    peerstore.add_addrs = add_addrs_bounded
