@@ -257,8 +257,19 @@ class Lookup:
             seeds.extend(self.host.get_connected_peers())
         return [peer for peer in dict.fromkeys(seeds) if self.may_ask(peer)]
 
-    async def closest_peers(self, key: bytes, count: int = K, *, stop_at: ID | None = None) -> list[ID]:
-        """The ``count`` closest peers to ``key`` that the walk met and that did not fail."""
+    async def closest_peers(
+        self,
+        key: bytes,
+        count: int = K,
+        *,
+        stop_at: ID | None = None,
+        near: Callable[[ID], None] | None = None,
+    ) -> list[ID]:
+        """The ``count`` closest peers to ``key`` that the walk met and that did not fail.
+
+        ``near(peer)``: called while the walk runs for each peer that answered while it was among
+        the ``count`` closest of at least ``2 * count`` the walk knew of (``provide`` tells it at
+        once instead of after the walk's last answers and patience)."""
         beta = self.beta if stop_at is not None else max(self.beta, STORE_BETA)
         walk = Walk(key_of(key), self.host.get_id(), beta=beta, late_settles=stop_at is None)
         for seed in self._seeds(key, count):
@@ -339,6 +350,10 @@ class Lookup:
                     if stats is not None:
                         stats.target_hop = hop + 1
                     found.set()
+            # Still among the closest with the peers its own answer named, and the walk knows twice as
+            # many: before that, whoever answered first would be (a seed half the key space away).
+            if near is not None and len(walk.states) >= 2 * count and peer in walk.ordered()[:count]:
+                near(peer)
             try:
                 await self.answered(peer)
             except Exception as error:  # noqa: BLE001 - the table refused it: the answer still counts

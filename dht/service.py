@@ -636,9 +636,11 @@ class DhtService:
         py-libp2p's ``provide`` walks to the closest peers first and only then sends its ADD_PROVIDERs,
         ten at a time: on a busy loop the walk alone took 0.5-3 s (bench/discovery.py, 40 nodes), and
         the announcement reached nobody until it ended. Here the peers this node already knows to be
-        closest (``known_closest``) are told at once while the walk runs; the walk's closest that were
-        not among them are told when it ends. Each peer is told once a call (at most ``2 * K_CLOSEST``
-        peers); a send that failed visibly (the stream refused or timed out) is repeated after each of
+        closest (``known_closest``) are told at once while the walk runs; a peer that answers the walk
+        while among the key's closest it knows is told as it answers (``Lookup.closest_peers``'
+        ``near``: at most ``K_CLOSEST`` of them), not after the walk's last answers; the walk's
+        closest not told yet are told when it ends. Each peer is told once a call (at most
+        ``3 * K_CLOSEST`` peers); a send that failed visibly (the stream refused or timed out) is repeated after each of
         ``ADD_PROVIDER_RETRY_S`` while the peer may still be asked (one not reached within the dial
         timeout went silent and is not: ``lookup_guard``), and each try is bounded by
         ``ADD_PROVIDER_TIMEOUT_S`` and by the DHT guard's dial timeout. py-libp2p's sender reads no
@@ -675,8 +677,19 @@ class DhtService:
 
         async with trio.open_nursery() as nursery:
             tell_all(nursery, [peer for peer in self.known_closest(key) if self.may_ask(peer)])
+            told_early = 0
+
+            def tell_near(peer_id: ID) -> None:  # answered the walk among the key's closest it knows
+                nonlocal told_early
+                if told_early < K_CLOSEST and peer_id not in told:
+                    told_early += 1
+                    tell_all(nursery, [peer_id])
+
             try:
-                closest = await kad.peer_routing.find_closest_peers_network(key)
+                if self.lookup is not None:
+                    closest = await self.lookup.closest_peers(key, K_CLOSEST, near=tell_near)
+                else:
+                    closest = await kad.peer_routing.find_closest_peers_network(key)
             except Exception as error:  # noqa: BLE001 - those told already hold it; the next publish walks again
                 log.debug("closest peers for a provide: lookup failed: %s", type(error).__name__)
                 closest = []

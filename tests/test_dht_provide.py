@@ -137,3 +137,43 @@ def test_an_announcement_is_thin_below_half_the_closest_peers_or_the_peers_known
     assert well_announced(3, 3)
     assert not well_announced(WELL_ANNOUNCED - 1, 200)
     assert well_announced(WELL_ANNOUNCED, 200)
+
+
+async def test_a_walk_names_the_closest_peers_that_answered_while_it_still_runs() -> None:
+    async with open_swarm(8) as nodes:
+        walker = nodes[0]
+        assert walker.dht.lookup is not None
+        key = provider_key(QWEN.name)
+        named: list[ID] = []
+        result = await walker.dht.lookup.closest_peers(key, 3, near=named.append)
+        # The walk knew at least 6 peers when it named them: each answered, each among the 3
+        # closest it knew then; the closest of all is among them (it answered on the way).
+        assert named
+        assert len(set(named)) == len(named)
+        assert result[0] in named
+
+
+async def test_a_provide_tells_a_peer_the_walk_meets_among_the_closest_before_the_walk_ends() -> None:
+    async with open_swarm(4) as nodes:
+        provider, far = nodes[3], nodes[0]
+        key = provider_key(QWEN.name)
+        lookup = provider.dht.lookup
+        assert lookup is not None
+        walk_may_end = trio.Event()
+
+        async def walk(target: bytes, count: int = 20, *, stop_at: ID | None = None, near=None) -> list[ID]:  # type: ignore[no-untyped-def]
+            assert near is not None
+            near(far.host.get_id())  # as the real walk does when a peer among the closest answers
+            await walk_may_end.wait()
+            return []
+
+        provider.dht.known_closest = lambda key, count=20: []  # type: ignore[method-assign]
+        lookup.closest_peers = walk  # type: ignore[method-assign]
+        provider.dht.dht.peer_routing.find_closest_peers_network = walk  # type: ignore[method-assign,assignment]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(provider.dht.provide, key)
+            with trio.fail_after(10):
+                while not far.dht.dht.provider_store.get_providers(key):
+                    await trio.sleep(0.02)
+            assert not walk_may_end.is_set()
+            walk_may_end.set()
