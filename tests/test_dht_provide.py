@@ -3,6 +3,8 @@ visible). Real hosts on loopback, in swarms of four nodes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import trio
 from libp2p.custom_types import TProtocol
@@ -161,14 +163,16 @@ async def test_a_provide_tells_a_peer_the_walk_meets_among_the_closest_before_th
         assert lookup is not None
         walk_may_end = trio.Event()
 
-        async def walk(target: bytes, count: int = 20, *, stop_at: ID | None = None, near=None) -> list[ID]:  # type: ignore[no-untyped-def]
+        async def walk(
+            target: bytes, count: int = 20, *, stop_at: ID | None = None, near: Callable[[ID], None] | None = None
+        ) -> list[ID]:
             assert near is not None
             near(far.host.get_id())  # as the real walk does when a peer among the closest answers
             await walk_may_end.wait()
             return []
 
         provider.dht.known_closest = lambda key, count=20: []  # type: ignore[method-assign]
-        lookup.closest_peers = walk  # type: ignore[method-assign]
+        lookup.closest_peers = walk  # type: ignore[method-assign,assignment]
         provider.dht.dht.peer_routing.find_closest_peers_network = walk  # type: ignore[method-assign,assignment]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(provider.dht.provide, key)
