@@ -287,11 +287,17 @@ class _Worker:
     def submit(self, job: Callable[[], None]) -> None:
         self._jobs.put(job)
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the worker thread and wait for it (a cancelled waiter does not stop it)."""
+    async def run(self, fn: Callable[[], T], *, ended: Callable[[], None] | None = None) -> T:
+        """Run ``fn`` on the worker thread and wait for it (a cancelled waiter does not stop it).
+        ``ended``: called in trio once ``fn`` has returned or raised, whether or not anyone still waits."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         box: dict[str, Any] = {}
+
+        def end() -> None:
+            if ended is not None:
+                ended()
+            done.set()
 
         def job() -> None:
             try:
@@ -299,7 +305,7 @@ class _Worker:
             except BaseException as error:  # noqa: BLE001 - handed to the waiting task
                 box["error"] = error
             try:
-                token.run_sync_soon(done.set)
+                token.run_sync_soon(end)
             except trio.RunFinishedError:
                 pass
 
@@ -889,6 +895,30 @@ class _Batcher:
         seq.finish(usage, reasons, seq.first, elapsed, None)
 
 
+class EmbedProgress:
+    """An embeddings job's progress, shared with the worker: :meth:`cut` stops it before its next
+    input and tells the input tokens it had taken by then (those embedded and the one being embedded:
+    what a cut embeddings call cost the engine)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cut = False
+        self._tokens = 0
+
+    def take(self, tokens: int) -> bool:
+        """On the worker, before an input of ``tokens`` is embedded: False once cut (stop)."""
+        with self._lock:
+            if self._cut:
+                return False
+            self._tokens += tokens
+            return True
+
+    def cut(self) -> int:
+        with self._lock:
+            self._cut = True
+            return self._tokens
+
+
 class TokenStream:
     """A generation in progress: ``async with model.stream_chat(...) as stream: async for piece in stream``.
 
@@ -911,12 +941,18 @@ class TokenStream:
         self._cancel = threading.Event()
         self._done = trio.Event()
         self._admitted = False
+        self._release_at_end = False  # left before its job ended: the job's end frees the admission
         self.completion: Completion | None = None
         self._pending: tuple[str, Any] | None = None  # an end or error read ahead by drain_ready
         self._ready: deque[Any] = deque()  # pieces received, not yet handed out
         # What the engine did, set when its job ends even if nobody read it (e.g. after a cancel):
         # ``final.usage.completion_tokens`` tells how far a cancelled generation got. No text.
         self.final: Completion | None = None
+        # The prompt tokens the engine began to decode in one go (set on the worker as it begins, the
+        # single-sequence path only): what a job still running when the stream was left has cost.
+        self.prefill_begun = 0
+        # The generation ended with the engine's error (raised by the iteration), not by a cut.
+        self.failed = False
 
     @property
     def usage(self) -> TokenUsage | None:
@@ -927,7 +963,13 @@ class TokenStream:
         self._admitted = True
         try:
             self._model._submit_generation(
-                self._request, self._send, self._cancel, self._done, self._set_final, merge=self._chunks
+                self._request,
+                self._send,
+                self._cancel,
+                self._job_ended,
+                self._set_final,
+                merge=self._chunks,
+                began=self._began,
             )
         except BaseException:
             self._admitted = False
@@ -941,6 +983,9 @@ class TokenStream:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Stop the generation and wait for its job, at most ``SHUTDOWN_WAIT_S``: a job that outlasts
+        that (a long prompt decoded in one go does not look at the cancel) keeps the admission held
+        until it ends, so the next request is not admitted while the worker is still busy with it."""
         self._cancel.set()
         self._receive.close()
         if self._admitted:
@@ -949,7 +994,19 @@ class TokenStream:
                 with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_WAIT_S):
                     await self._done.wait()
             finally:
-                self._model._release(self)
+                if self._done.is_set():
+                    self._model._release(self)
+                else:
+                    self._release_at_end = True
+
+    def _job_ended(self) -> None:  # runs in trio, once the engine's job for this stream ended
+        self._done.set()
+        if self._release_at_end:
+            self._release_at_end = False
+            self._model._release(self)
+
+    def _began(self, tokens: int) -> None:  # runs on the worker
+        self.prefill_begun = tokens
 
     def _set_final(self, completion: Completion) -> None:
         self.final = completion
@@ -984,6 +1041,7 @@ class TokenStream:
             if kind == "end":
                 self.completion = value
                 raise StopAsyncIteration
+            self.failed = True
             raise value  # kind == "error"
 
     def drain_ready(self) -> list[Any]:
@@ -1228,14 +1286,15 @@ class LlamaModel:
             self.admission.release(ticket)
 
     async def _exclusive(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the worker as one admitted request."""
+        """Run ``fn`` on the worker as one admitted request: admitted until ``fn`` ends, also when its
+        waiter was cancelled before (the worker is busy with it until then)."""
         borrower = object()
         await self._admit(borrower)
-        try:
-            assert self._worker is not None
-            return await self._worker.run(fn)
-        finally:
+        worker = self._worker
+        if worker is None:
             self._release(borrower)
+            raise ClawnodeError(ErrorCode.UNAVAILABLE, f"model {self.name} is not loaded")
+        return await worker.run(fn, ended=lambda: self._release(borrower))
 
     @property
     def queued(self) -> int:
@@ -1412,14 +1471,17 @@ class LlamaModel:
         request: _Request,
         send: trio.MemorySendChannel[tuple[str, Any]],
         cancel: threading.Event,
-        done: trio.Event,
+        done: Callable[[], None],
         set_final: Callable[[Completion], None],
         *,
         merge: bool = False,
+        began: Callable[[int], None] | None = None,
     ) -> None:
         """``merge``: a chunk joins the one before it while trio has not taken that yet, as
         ``runtime.inference.service.merge_chunks`` would join them (plain text and ``commit`` entries of
-        one choice): trio then handles one chunk a wake-up, not one a token."""
+        one choice): trio then handles one chunk a wake-up, not one a token. ``done``: called in trio
+        when the job ended. ``began``: told on the worker how many prompt tokens the single-sequence
+        path is about to decode (it does not look at ``cancel`` until they are)."""
         assert self._worker is not None
         token = trio.lowlevel.current_trio_token()
         admitted = time.perf_counter()
@@ -1498,7 +1560,7 @@ class LlamaModel:
                 push(("end", completion), last=True)
             finally:
                 to_trio(send.close)
-                to_trio(done.set)
+                to_trio(done)
 
         batcher = self._batcher
         if batcher is not None:
@@ -1508,7 +1570,7 @@ class LlamaModel:
 
         def job() -> None:
             try:
-                result = self._generate_blocking(request, cancel, lambda chunk: push(("piece", chunk)))
+                result = self._generate_blocking(request, cancel, lambda chunk: push(("piece", chunk)), began)
                 completion = Completion(
                     text="",
                     usage=result[0],
@@ -1526,7 +1588,7 @@ class LlamaModel:
                 push(("error", ClawnodeError(ErrorCode.INTERNAL, f"generation failed: {error}")), last=True)
             finally:
                 to_trio(send.close)
-                to_trio(done.set)
+                to_trio(done)
 
         self._worker.submit(job)
 
@@ -1619,10 +1681,15 @@ class LlamaModel:
         return np.ctypeslib.as_array(pointer, shape=(n_vocab,)).copy()
 
     def _generate_blocking(
-        self, request: _Request, cancel: threading.Event, emit: Callable[[Chunk], None]
+        self,
+        request: _Request,
+        cancel: threading.Event,
+        emit: Callable[[Chunk], None],
+        began: Callable[[int], None] | None = None,
     ) -> tuple[TokenUsage, list[str], float | None, float]:
         """On the worker: tokenize, check the context, then per choice sample token by token and
-        emit a chunk per token and a last one with the choice's finish reason.
+        emit a chunk per token and a last one with the choice's finish reason. ``began``: told the
+        prompt's tokens as their decode (which does not look at ``cancel``) begins.
 
         Returns (usage, finish reason per choice, perf_counter of the first token or None,
         generation seconds).
@@ -1650,6 +1717,8 @@ class LlamaModel:
         vocab = llama._model.vocab
         n_vocab = int(llama.n_vocab())
         picker = TokenPicker(request.sampling, n_vocab, request.seed)
+        if began is not None:
+            began(usage_prompt)
         cached = self._eval_prompt(llama, prompt_tokens, request.owner)
         prompt_logits = self._logits(llama, n_vocab)
         stops = [*request.stop, *template_stops]
@@ -1728,18 +1797,23 @@ class LlamaModel:
         vectors, _ = await self.embed_with_count(texts)
         return vectors
 
-    async def embed_with_count(self, texts: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+    async def embed_with_count(
+        self, texts: list[str] | list[list[int]], *, progress: EmbedProgress | None = None
+    ) -> tuple[list[list[float]], int]:
         """Mean-pooled embeddings, normalised to unit length (L2), of ``texts`` (strings, or
-        lists of token ids taken as they are) and the number of tokens they took."""
+        lists of token ids taken as they are) and the number of tokens they took. ``progress``: how
+        far the job got, and a way to stop it between inputs (a waiter cancelled does not stop it)."""
         if not isinstance(texts, list) or not texts:
             raise invalid("input must be a string or a non-empty list of strings or token lists", "input")
         if not all(isinstance(t, str) for t in texts) and not all(
             isinstance(t, list) and t and all(isinstance(x, int) and not isinstance(x, bool) for x in t) for t in texts
         ):
             raise invalid("input must be a string or a non-empty list of strings or token lists", "input")
-        return await self._exclusive(lambda: self._embed_blocking(texts))
+        return await self._exclusive(lambda: self._embed_blocking(texts, progress))
 
-    def _embed_blocking(self, texts: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+    def _embed_blocking(
+        self, texts: list[str] | list[list[int]], progress: EmbedProgress | None = None
+    ) -> tuple[list[list[float]], int]:
         import llama_cpp
         import numpy as np
 
@@ -1767,6 +1841,8 @@ class LlamaModel:
             tokenized.append(tokens)
         vectors: list[list[float]] = []
         for tokens in tokenized:  # one sequence per decode: every token an output, mean-pooled
+            if progress is not None and not progress.take(len(tokens)):
+                break  # cut: nobody waits for the rest
             embedder._batch.reset()
             embedder._batch.add_sequence(tokens, 0, True)
             embedder._ctx.kv_cache_clear()

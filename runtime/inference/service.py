@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.inference.engine import MAX_CHOICES, LlamaModel, joinable
+from runtime.inference.engine import MAX_CHOICES, EmbedProgress, LlamaModel, joinable
 from runtime.inference.grammar import check_schema, invalid, schema_grammar
 from runtime.inference.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Sampling
 from runtime.inference.tools import ToolUse, merge_deltas, parse_tools, tools_grammar
@@ -266,9 +266,11 @@ class ChatService:
                             merged.pop("index", None)
                         await emit(merged)
         finally:
-            # Cut: the engine's own count, set when its job ended (leaving ``async with`` waits for it).
-            if on_cut is not None and stream.completion is None and stream.final is not None:
-                on_cut(stream.final.usage.prompt_tokens)
+            # Cut: the engine's own count, set when its job ended (leaving ``async with`` waits for it,
+            # at most ``SHUTDOWN_WAIT_S``); of a job still decoding its prompt in one go after that, the
+            # prompt it began to decode. An engine's failure is no cut.
+            if on_cut is not None and stream.completion is None and not stream.failed:
+                on_cut(stream.final.usage.prompt_tokens if stream.final is not None else stream.prefill_begun)
         usage = stream.usage
         if usage is None:
             raise ClawnodeError(ErrorCode.INTERNAL, "the generation ended without a usage count")
@@ -304,16 +306,31 @@ class EmbeddingService:
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
 
-    async def run(self, body: dict[str, Any], emit: Emit) -> Usage:
+    async def run(self, body: dict[str, Any], emit: Emit, *, on_cut: Callable[[int], None] | None = None) -> Usage:
+        """Serve ``body``. ``on_cut``: told, when the call is cut (cancelled, or ``emit`` failed), the
+        input tokens the engine had embedded or was embedding by then (it stops before the next
+        input; the lease bills them with the chunks written)."""
         if not isinstance(body, dict):
             raise _invalid("the body must be an object")
         texts = _embedding_inputs(body.get("input"))
         if len(texts) > MAX_EMBEDDING_INPUTS:
             raise invalid(f"input holds at most {MAX_EMBEDDING_INPUTS} items", "input")
-        vectors, tokens = await self.model.embed_with_count(texts)
-        for start in range(0, len(vectors), EMBEDDINGS_PER_CHUNK):
-            chunk: dict[str, Any] = {"embeddings": vectors[start : start + EMBEDDINGS_PER_CHUNK]}
-            if len(vectors) > EMBEDDINGS_PER_CHUNK:
-                chunk["index"] = start
-            await emit(chunk)
+        progress = EmbedProgress()
+        try:
+            vectors, tokens = await self.model.embed_with_count(texts, progress=progress)
+        except trio.Cancelled:
+            taken = progress.cut()
+            if on_cut is not None:
+                on_cut(taken)
+            raise
+        try:
+            for start in range(0, len(vectors), EMBEDDINGS_PER_CHUNK):
+                chunk: dict[str, Any] = {"embeddings": vectors[start : start + EMBEDDINGS_PER_CHUNK]}
+                if len(vectors) > EMBEDDINGS_PER_CHUNK:
+                    chunk["index"] = start
+                await emit(chunk)
+        except BaseException:
+            if on_cut is not None:
+                on_cut(tokens)
+            raise
         return Usage(units=tokens, detail={"prompt_tokens": tokens})
