@@ -2,14 +2,20 @@
 
 Usage::
 
-    python bench/fuzz.py [--inputs 10000] [--on-stream 200] [--seed 1]
+    python bench/fuzz.py [--inputs 10000] [--on-stream 200] [--seed 1] [--no-more]
     python bench/fuzz.py --inputs 500              # smoke run
 
 Starts a provider and a consumer ``node.daemon.Node`` on one shared embedded chain
 (``tests.support.market.market_nodes``) and a stranger's bare libp2p host, then sends
 ``--inputs`` generated inputs to each of ``/clawnode/lease/1.0.0``, ``/clawnode/infer/1.0.0``,
-``/clawnode/task/1.0.0``, ``/clawnode/capability/1.0.0`` and the node's gossip topic
-(``tests.support.fuzz`` describes the inputs):
+``/clawnode/lease-dispute/1.0.0``, ``/clawnode/task/1.0.0``, ``/clawnode/capability/1.0.0`` and
+the node's gossip topic, then (unless ``--no-more``) to each of ``/clawnode/network/1.0.0``,
+``/clawnode/verify-reports/1.0.0``, ``/clawnode/layers/1.0.0``, ``/clawnode/autonat/1.0.0``,
+``/libp2p/autonat/2/dial-request``, ``/libp2p/autonat/2/dial-back``, the DHT's
+``/clawnode/kad/1.0.0`` and ``/ipfs/id/push/1.0.0`` (protobuf ones: real messages with nasty
+fields, then framed, cut and mutated like the rest). What the market's provider does not serve
+itself (layers, the AutoNAT servers) is served on its host by stand-ins built as a node builds them
+(``tests.support.fuzz.stand_in_servers``). ``tests.support.fuzz`` describes the inputs:
 
 - ``--on-stream`` of them per protocol over real libp2p streams from the stranger's host
   (gossip: published on the topic from its own pubsub), each reply read for up to 0.5 s;
@@ -23,7 +29,9 @@ inputs per protocol (default 2000) are drawn and the rest are seeded byte-level 
 (bit flips, cuts, splices, insertions, repeats; half keep an honest length prefix).
 
 Then an honest peer opens a lease and calls it, fetches the capability record, sends a task
-request and publishes a genuine announcement; anything it no longer gets counts as a crash.
+request and publishes a genuine announcement; then asks for the network profile and for reports,
+opens a layers tunnel (refused with a stable code), asks both AutoNAT servers for a dial-back, sends
+a DHT FIND_NODE and pushes its identify; anything it no longer gets counts as a crash.
 A crash is a handler raising, hanging or the node no longer answering; an internal error is an
 ``E_INTERNAL`` reply.
 
@@ -122,6 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         help="of those, drawn from the hypothesis strategies; the rest are byte-level mutants (default 2000)",
     )
     parser.add_argument("--seed", type=int, default=1, help="hypothesis seed; the same seed, the same inputs")
+    parser.add_argument(
+        "--idle-wait",
+        type=float,
+        default=45.0,
+        help="seconds a stream of each protocol, opened and never written to, may stay open (0: not checked)",
+    )
+    parser.add_argument(
+        "--no-more",
+        dest="more",
+        action="store_false",
+        help="only the market's protocols and gossip (not network, reports, layers, AutoNAT, DHT, identify push)",
+    )
     args = parser.parse_args(argv)
     if args.inputs < 1 or not 0 <= args.on_stream <= args.inputs:
         parser.error("--inputs must be at least 1 and --on-stream at most --inputs")
@@ -129,13 +149,26 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     run: FuzzRun = trio.run(
-        lambda: fuzz_market(args.inputs, args.on_stream, args.seed, generated=args.generated, progress=_progress)
+        lambda: fuzz_market(
+            args.inputs,
+            args.on_stream,
+            args.seed,
+            generated=args.generated,
+            more=args.more,
+            idle_wait_s=args.idle_wait if args.more else 0.0,
+            progress=_progress,
+        )
     )
-    inputs = crashes = internal = 0
+    inputs = crashes = internal = idle_hangs = 0
+    protocols = {outcome.protocol for outcome in run.outcomes} - {"idle"}
     for outcome in run.outcomes:
         print(outcome.summary())
         for failure in outcome.failures:
             print(f"    {failure}")
+        if outcome.protocol == "idle":  # not an input: counted apart, and as crashes
+            idle_hangs += outcome.crashes
+            crashes += outcome.crashes
+            continue
         inputs += outcome.inputs
         crashes += outcome.crashes
         internal += outcome.internal_errors
@@ -160,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         internal += more[2]
 
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"fuzz: inputs={inputs} crashes={crashes} internal_errors={internal} max_rss_mb={max_rss_mb:.0f}")
+    print(
+        f"fuzz: inputs={inputs} crashes={crashes} internal_errors={internal} max_rss_mb={max_rss_mb:.0f} "
+        f"protocols={len(protocols)} idle_hangs={idle_hangs}"
+    )
     return 1 if crashes or internal else 0
 
 

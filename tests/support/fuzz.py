@@ -22,12 +22,13 @@ did not expect. Both are bugs; every other reply (a stable error code, or a real
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,11 @@ from libp2p import generate_new_ed25519_identity
 from libp2p.abc import IHost
 from libp2p.crypto.keys import PrivateKey
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify.pb.identify_pb2 import Identify
+from libp2p.identity.identify_push.identify_push import ID_PUSH, push_identify_to_peer
+from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
+from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
+from libp2p.kad_dht.pb.kademlia_pb2 import Record as KadRecord
 from libp2p.peer.envelope import Envelope, make_unsigned
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -46,16 +52,20 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.tools.anyio_service import background_trio_service
 from pydantic import TypeAdapter
 
+from bootstrap import network as network_wire
 from dht.capability import CAPABILITY_PROTOCOL, MAX_MESSAGE, fetch_sealed_record
-from node.host import build_host
+from dht.protocol_id import CLAWNODE_KAD_PROTOCOL_ID
+from nat import autonat, autonat_v2_wire
+from nat.autonat_v2 import AutoNatV2, AutoNatV2Settings
+from node.host import build_dialer_host, build_host
 from protocols import lease_wire, task_wire
 from protocols.gossip import ANNOUNCEMENT_DOMAIN, ANNOUNCEMENT_PAYLOAD_TYPE, TaskAnnouncement, build_pubsub, task_topic
-from protocols.lease import INFER_PROTOCOL, LEASE_PROTOCOL, MAX_CALL_FRAME, MAX_LEASE_FRAME
+from protocols.lease import INFER_PROTOCOL, LEASE_PROTOCOL, MAX_CALL_FRAME, MAX_LEASE_FRAME, layers, verifier
 from protocols.lease import arbiter as lease_dispute
 from protocols.task import TASK_PROTOCOL
 from runtime.errors import ClawnodeError, ErrorCode
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes
-from wire.framing import encode_uvarint
+from wire.framing import FrameReader, encode_uvarint
 from wire.rpc import request
 
 if TYPE_CHECKING:
@@ -75,6 +85,37 @@ MAX_FRAME = {
     "task": task_wire.MAX_TASK_FRAME,
     "capability": MAX_MESSAGE,
 }
+# Protocols only the bench drives (``fuzz_market(..., more=True)``): the node's network profile, its
+# verification reports, remote layers, AutoNAT v1 and v2 (served by a stand-in server on the
+# provider's host when the node does not serve them itself), the DHT and identify push.
+MORE_PROTOCOLS: dict[str, TProtocol] = {
+    "network": network_wire.NETWORK_PROTOCOL,
+    "verify_reports": verifier.REPORTS_PROTOCOL,
+    "layers": layers.LAYERS_PROTOCOL,
+    "autonat": autonat.PROTOCOL_ID,
+    "autonat_v2": autonat_v2_wire.DIAL_REQUEST_PROTOCOL,
+    "dial_back": autonat_v2_wire.DIAL_BACK_PROTOCOL,
+    "kad": CLAWNODE_KAD_PROTOCOL_ID,
+    "id_push": ID_PUSH,
+}
+# Of those, the ones that speak protobuf (their replies are counted, not parsed as JSON).
+PROTOBUF = {"autonat_v2", "dial_back", "kad", "id_push"}
+MAX_FRAME |= {
+    "network": network_wire.MAX_FRAME,
+    "verify_reports": verifier.REPORTS_FRAME,
+    "layers": layers.MAX_OPEN_FRAME,
+    "autonat": autonat.MAX_FRAME,
+    "autonat_v2": autonat_v2_wire.MAX_MESSAGE_BYTES,
+    "dial_back": autonat_v2_wire.MAX_DIAL_BACK_BYTES,
+    "kad": MAX_DHT_MESSAGE_SIZE,
+    "id_push": 1 << 20,  # py-libp2p's read_length_prefixed_protobuf limit
+}
+
+
+def protocol_id(name: str) -> TProtocol:
+    return PROTOCOLS[name] if name in PROTOCOLS else MORE_PROTOCOLS[name]
+
+
 # The request models each protocol reads, whose shapes the JSON inputs imitate.
 SHAPES: dict[str, tuple[type[Any], ...]] = {
     "lease": (
@@ -104,6 +145,10 @@ SHAPES: dict[str, tuple[type[Any], ...]] = {
     ),
     "capability": (),
     "gossip": (TaskAnnouncement,),
+    "network": (network_wire.ProfileRequest, network_wire.FundRequest),
+    "verify_reports": (verifier.ReportsAsk,),
+    "layers": (layers.TunnelOpen,),
+    "autonat": (autonat.DialBackRequest,),
 }
 DEEP = "\x00deep:"  # a placeholder string replaced by deeply nested JSON after encoding
 
@@ -339,8 +384,130 @@ def json_inputs(protocol: str, known: Known) -> st.SearchStrategy[bytes]:
     return documents.map(_encode).flatmap(_mutated)
 
 
+def _multiaddr_bytes(known: Known) -> st.SearchStrategy[bytes]:
+    """A multiaddr in binary form: a real one (loopback, public, with a peer id), or garbage."""
+    texts = ["/ip4/127.0.0.1/tcp/4001", "/ip4/8.8.8.8/tcp/1", "/ip6/::1/tcp/65535", "/ip4/10.0.0.1/udp/1/quic-v1"]
+    texts += [f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}" for peer in known.peer_ids]
+    real = st.sampled_from([multiaddr.Multiaddr(text).to_bytes() for text in texts])
+    return st.one_of(real, real, st.binary(max_size=48), st.builds(lambda n: b"\x04" * n, st.integers(1, 300)))
+
+
+def _peer_bytes(known: Known) -> st.SearchStrategy[bytes]:
+    real = [ID.from_base58(peer).to_bytes() for peer in known.peer_ids]
+    return st.one_of(st.sampled_from(real), st.binary(max_size=64)) if real else st.binary(max_size=64)
+
+
+def _kad_message(known: Known) -> st.SearchStrategy[bytes]:
+    peer = st.builds(
+        lambda id_, addrs, connection: KadMessage.Peer(id=id_, addrs=addrs, connection=connection),
+        _peer_bytes(known),
+        st.lists(_multiaddr_bytes(known), max_size=6),
+        st.integers(0, 3),
+    )
+    record = st.builds(
+        lambda key, value, received: KadRecord(key=key, value=value, timeReceived=received),
+        st.one_of(st.binary(max_size=64), st.sampled_from([b"/pk/x", b"/ipns/x", b"/clawnode/cap/model:words"])),
+        st.one_of(st.binary(max_size=256), st.builds(lambda n: b"v" * n, st.integers(1, 200_000))),
+        st.text(max_size=30),
+    )
+
+    @st.composite
+    def build(draw: st.DrawFn) -> bytes:
+        kinds = KadMessage.MessageType
+        every = [kinds.PUT_VALUE, kinds.GET_VALUE, kinds.ADD_PROVIDER, kinds.GET_PROVIDERS, kinds.FIND_NODE, kinds.PING]
+        message = KadMessage(type=draw(st.sampled_from(every)))
+        message.key = draw(st.one_of(_peer_bytes(known), st.binary(max_size=128), st.just(b"")))
+        if draw(st.booleans()):
+            message.record.CopyFrom(draw(record))
+        message.closerPeers.extend(draw(st.lists(peer, max_size=4)))
+        message.providerPeers.extend(draw(st.lists(peer, max_size=4)))
+        if draw(st.integers(0, 3)) == 0:
+            message.clusterLevelRaw = draw(st.integers(-(2**31), 2**31 - 1))
+        return bytes(message.SerializeToString())
+
+    return build()
+
+
+def _identify(known: Known) -> st.SearchStrategy[bytes]:
+    protocol_names = st.one_of(
+        st.sampled_from([str(p) for p in (*PROTOCOLS.values(), *MORE_PROTOCOLS.values())]), st.text(max_size=40)
+    )
+
+    @st.composite
+    def build(draw: st.DrawFn) -> bytes:
+        message = Identify(
+            protocol_version=draw(st.text(max_size=20)),
+            agent_version=draw(st.one_of(st.text(max_size=40), _long_text())),
+            listen_addrs=draw(st.lists(_multiaddr_bytes(known), max_size=draw(st.sampled_from([4, 40, 400])))),
+            protocols=draw(st.lists(protocol_names, max_size=draw(st.sampled_from([4, 40, 400])))),
+        )
+        if draw(st.booleans()):
+            message.public_key = draw(st.binary(max_size=64))
+        if draw(st.booleans()):
+            message.observed_addr = draw(_multiaddr_bytes(known))
+        if draw(st.integers(0, 3)) == 0:
+            message.signedPeerRecord = draw(st.binary(max_size=256))
+        return bytes(message.SerializeToString())
+
+    return build()
+
+
+def _autonat_v2_message(known: Known) -> st.SearchStrategy[bytes]:
+    wire = autonat_v2_wire
+    nonces = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**64 - 1]))
+    request = st.builds(
+        lambda addrs, nonce: wire.encode_message(wire.DialRequest(tuple(addrs), nonce)),
+        st.lists(_multiaddr_bytes(known), max_size=12),
+        nonces,
+    )
+    others = st.one_of(
+        st.builds(lambda data: wire.encode_message(wire.DialDataResponse(data)), st.binary(max_size=5000)),
+        st.builds(
+            lambda index, size: wire.encode_message(wire.DialDataRequest(index, size)),
+            st.integers(0, 2**32),
+            st.integers(0, 2**40),
+        ),
+        st.builds(lambda status: wire.encode_message(wire.DialResponse(status)), st.integers(0, 300)),
+    )
+    return st.one_of(request, request, request, others)
+
+
+def _protobuf_payloads(protocol: str, known: Known) -> st.SearchStrategy[bytes]:
+    if protocol == "kad":
+        return _kad_message(known)
+    if protocol == "id_push":
+        return _identify(known)
+    if protocol == "autonat_v2":
+        return _autonat_v2_message(known)
+    return st.builds(autonat_v2_wire.encode_dial_back, st.integers(0, 2**64 - 1))  # dial_back
+
+
+def protobuf_inputs(protocol: str, known: Known) -> st.SearchStrategy[bytes]:
+    """Bytes a peer writes on a fresh stream of a protobuf protocol: one to three messages (honest
+    framing, truncated, oversized), with now and then a message cut short or with junk after it."""
+    max_frame = MAX_FRAME[protocol]
+    payloads = _protobuf_payloads(protocol, known)
+    spoilt = st.one_of(
+        payloads,
+        payloads,
+        st.builds(lambda raw, cut: raw[: max(0, len(raw) - cut)], payloads, st.integers(1, 16)),
+        st.builds(lambda raw, junk: raw + junk, payloads, st.binary(min_size=1, max_size=16)),
+    )
+    one = spoilt.flatmap(lambda payload: _framed(payload, max_frame))
+    honest = spoilt.map(lambda payload: encode_uvarint(len(payload)) + payload)
+    return st.one_of(
+        one,
+        one,
+        st.builds(lambda first, second: first + second, honest, one),
+        st.binary(max_size=512).flatmap(lambda payload: _framed(payload, max_frame)),
+        st.binary(max_size=64),
+    )
+
+
 def stream_inputs(protocol: str, known: Known) -> st.SearchStrategy[bytes]:
     """Bytes a peer writes on a fresh stream of ``protocol``."""
+    if protocol in PROTOBUF:
+        return protobuf_inputs(protocol, known)
     max_frame = MAX_FRAME[protocol]
     framed_json = json_inputs(protocol, known).flatmap(lambda payload: _framed(payload, max_frame))
     framed_garbage = st.binary(max_size=512).flatmap(lambda payload: _framed(payload, max_frame))
@@ -425,7 +592,8 @@ class Outcome:
 
     def summary(self) -> str:
         rate = self.inputs / self.seconds if self.seconds > 0 else math.inf
-        kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.replies.items(), key=lambda kv: -kv[1])[:6])
+        shown = None if self.protocol == "idle" else 6  # idle: how long each protocol's stream stayed open
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.replies.items(), key=lambda kv: -kv[1])[:shown])
         return (
             f"{self.protocol:<10} via {self.way:<7} inputs={self.inputs} crashes={self.crashes} "
             f"internal_errors={self.internal_errors} {rate:.0f}/s [{kinds}]"
@@ -469,6 +637,10 @@ def _score(outcome: Outcome, data: bytes, written: bytes) -> None:
     frames = split_frames(written)
     if not frames:
         outcome.record("no reply")
+    if outcome.protocol in PROTOBUF:  # no error codes to read: a reply or none
+        if frames:
+            outcome.replies["replies"] = outcome.replies.get("replies", 0) + len(frames)
+        return
     for frame in frames:
         kind = reply_kind(frame)
         outcome.record(kind)
@@ -498,6 +670,9 @@ class MemoryStream:
 
     def get_protocol(self) -> TProtocol:
         return self._protocol
+
+    def get_remote_address(self) -> tuple[str, int]:
+        return ("127.0.0.1", 9)  # loopback, a closed port: AutoNAT's checks judge an address
 
     async def read(self, n: int | None = None) -> bytes:
         await trio.lowlevel.checkpoint()
@@ -530,7 +705,7 @@ async def drive_handler(
     host: IHost, name: str, inputs: list[bytes], remotes: list[ID], *, timeout_s: float = 15.0
 ) -> Outcome:
     """Each input to the node's registered handler of ``name`` on an in-memory stream."""
-    protocol = PROTOCOLS[name]
+    protocol = protocol_id(name)
     handler = registered_handler(host, protocol)
     outcome = Outcome(name, "handler")
     started = time.perf_counter()
@@ -563,7 +738,7 @@ async def drive_streams(
     reply_wait_s: float = 0.5,
 ) -> Outcome:
     """Each input on a real stream from ``attacker``; the reply is read for at most ``reply_wait_s``."""
-    protocol = PROTOCOLS[name]
+    protocol = protocol_id(name)
     outcome = Outcome(name, "stream")
     limiter = trio.CapacityLimiter(concurrency)
     started = time.perf_counter()
@@ -711,6 +886,159 @@ async def honest_calls(provider: Node, consumer: Node, attacker: IHost, key: Pri
     return problems
 
 
+@contextlib.asynccontextmanager
+async def stand_in_servers(provider: Node) -> AsyncIterator[None]:
+    """What the provider does not serve in a market test, served on its host as a node would:
+    remote layers (``LayerSeller`` on the market's leases) and AutoNAT v1 and v2 servers (on
+    loopback: ``allow_private``)."""
+    host = provider.host
+    if layers.LAYERS_PROTOCOL not in host.get_mux().handlers:
+        layers.LayerSeller(host, facts=layers.market_facts(provider.market), max_servers=1).mount()
+    async with trio.open_nursery() as nursery:
+        if autonat.PROTOCOL_ID not in host.get_mux().handlers:
+            settings = autonat.AutoNatSettings(serve="always", allow_private=True, check_interval_s=3600)
+            await nursery.start(autonat.AutoNat(host, settings, build_dialer=build_dialer_host).run)
+        if autonat_v2_wire.DIAL_REQUEST_PROTOCOL not in host.get_mux().handlers:
+            settings_v2 = AutoNatV2Settings(allow_private=True, check_interval_s=0)
+            await nursery.start(AutoNatV2(host, settings_v2, build_dialer=build_dialer_host).run)
+        with trio.fail_after(10):
+            while not {autonat.PROTOCOL_ID, autonat_v2_wire.DIAL_REQUEST_PROTOCOL} <= set(host.get_mux().handlers):
+                await trio.sleep(0.05)
+        try:
+            yield
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _honest_more(provider: Node, consumer: Node) -> list[str]:
+    """What an honest peer no longer gets from the protocols of ``MORE_PROTOCOLS``."""
+    problems: list[str] = []
+    host, target = consumer.host, provider.host.get_id()
+
+    async def asked(name: str, message: Any, replies: TypeAdapter[Any], fine: set[ErrorCode]) -> None:
+        try:
+            await request(host, target, protocol_id(name), message, replies, max_frame=MAX_FRAME[name])
+        except ClawnodeError as error:
+            if error.code not in fine:
+                problems.append(f"{name}: {error.code.value} {error.message}")
+
+    stable = {ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN, ErrorCode.INVALID_ARGUMENT, ErrorCode.RATE_LIMITED}
+    await asked("network", network_wire.ProfileRequest(), TypeAdapter(network_wire.ProfileReply), set())
+    await asked("verify_reports", verifier.ReportsAsk(), verifier.REPORTS_ANSWER, set())
+    await asked(
+        "layers", layers.TunnelOpen(lease_id="no-such-lease", token="t"), TypeAdapter(layers.TunnelReady), stable
+    )
+    port = int(multiaddr.Multiaddr(consumer.listen_addrs()[0]).value_for_protocol("tcp"))
+    await asked("autonat", autonat.DialBackRequest(ports=[port]), TypeAdapter(autonat.DialBackReply), stable)
+
+    async def exchange(name: str, payload: bytes) -> bytes | None:
+        """The first frame the node answers ``payload`` with on a fresh stream (None: none came)."""
+        try:
+            with trio.fail_after(15):
+                stream = await host.new_stream(target, [protocol_id(name)])
+                try:
+                    await stream.write(encode_uvarint(len(payload)) + payload)
+                    return await FrameReader(stream, max_frame=MAX_FRAME[name]).read_frame(15)
+                finally:
+                    with trio.move_on_after(1):
+                        await stream.close()
+        except Exception as error:  # noqa: BLE001 - reported
+            problems.append(f"{name}: no answer ({type(error).__name__})")
+            return None
+
+    find_node = KadMessage(type=KadMessage.MessageType.FIND_NODE, key=host.get_id().to_bytes())
+    await exchange("kad", bytes(find_node.SerializeToString()))
+    wanted = multiaddr.Multiaddr(consumer.listen_addrs()[0]).to_bytes()
+    reply = await exchange("autonat_v2", autonat_v2_wire.encode_message(autonat_v2_wire.DialRequest((wanted,), 7)))
+    if reply is not None:
+        try:
+            autonat_v2_wire.decode_message(reply)
+        except autonat_v2_wire.WireError as error:
+            problems.append(f"autonat_v2: an unreadable answer ({error})")
+    with trio.move_on_after(15) as pushed:
+        if not await push_identify_to_peer(host, target):
+            problems.append("id_push: the push was not taken")
+    if pushed.cancelled_caught:
+        problems.append("id_push: no end within 15 s")
+    return problems
+
+
+async def idle_streams(attacker: IHost, target: ID, names: list[str], wait_s: float) -> Outcome:
+    """One stream of each protocol opened from ``attacker`` and never written to: the node must end
+    each (close or reset) within ``wait_s``; one still open then is a hang (its handler waits for
+    good, holding whatever it holds)."""
+    outcome = Outcome("idle", "stream")
+    started = time.perf_counter()
+
+    async def one(name: str) -> None:
+        outcome.inputs += 1
+        try:
+            with trio.fail_after(10):
+                stream = await attacker.new_stream(target, [protocol_id(name)])
+        except Exception as error:  # noqa: BLE001 - the node did not take a new stream
+            outcome.crashes += 1
+            outcome.failed("no stream", name.encode(), type(error).__name__)
+            return
+        opened = time.perf_counter()
+        try:
+            with trio.move_on_after(wait_s) as waited:
+                while await stream.read(65536):
+                    pass
+        except Exception:  # noqa: BLE001 - a reset ends it too
+            pass
+        if waited.cancelled_caught:
+            outcome.crashes += 1
+            outcome.failed("hang", name.encode(), f"a stream never written to is still open after {wait_s:g} s")
+        else:
+            outcome.record(f"{name}:{time.perf_counter() - opened:.0f}s")
+        with trio.move_on_after(1):
+            try:
+                await stream.reset()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
+
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(one, name)
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+async def fuzz_more(
+    provider: Node,
+    consumer: Node,
+    attacker: IHost,
+    known: Known,
+    per_protocol: int,
+    on_stream: int,
+    drawn: int,
+    seed_value: int,
+    progress: Callable[[str], None],
+    idle_wait_s: float = 0.0,
+) -> tuple[list[Outcome], list[str]]:
+    """``MORE_PROTOCOLS`` fuzzed as ``fuzz_market`` fuzzes the others, then the honest calls on them;
+    with ``idle_wait_s``, then one idle stream of every protocol (``idle_streams``)."""
+    outcomes: list[Outcome] = []
+    target = provider.host.get_id()
+    remotes = [attacker.get_id(), consumer.host.get_id()]
+    async with stand_in_servers(provider):
+        for index, name in enumerate(MORE_PROTOCOLS, start=100):
+            progress(f"{name}: generating {drawn} inputs, {per_protocol - drawn} mutants of them")
+            base = await trio.to_thread.run_sync(corpus, stream_inputs(name, known), drawn, seed_value + index)
+            inputs = expand(base, per_protocol, seed_value + index)
+            outcomes.append(await drive_streams(attacker, target, name, inputs[:on_stream]))
+            progress(outcomes[-1].summary())
+            outcomes.append(await drive_handler(provider.host, name, inputs[on_stream:], remotes))
+            progress(outcomes[-1].summary())
+        progress("honest calls (more protocols)")
+        problems = await _honest_more(provider, consumer)
+        if idle_wait_s > 0:
+            progress(f"idle streams: one of each protocol, never written to, watched for {idle_wait_s:g} s")
+            outcomes.append(await idle_streams(attacker, target, [*PROTOCOLS, *MORE_PROTOCOLS], idle_wait_s))
+            progress(outcomes[-1].summary())
+    return outcomes, problems
+
+
 @dataclass
 class FuzzRun:
     outcomes: list[Outcome]
@@ -768,11 +1096,14 @@ async def fuzz_market(
     seed_value: int,
     *,
     generated: int | None = None,
+    more: bool = False,
+    idle_wait_s: float = 0.0,
     progress: Callable[[str], None] = lambda _: None,
 ) -> FuzzRun:
     """``per_protocol`` inputs to each protocol, ``on_stream`` of them over real streams, the rest
     through the registered handler; then the honest calls. ``generated`` of them come from the
-    hypothesis strategies (default: all), the rest are byte-level mutants of those (``expand``)."""
+    hypothesis strategies (default: all), the rest are byte-level mutants of those (``expand``).
+    With ``more``, the protocols of ``MORE_PROTOCOLS`` too, and idle streams (``fuzz_more``)."""
     drawn = per_protocol if generated is None else min(generated, per_protocol)
     async with market_nodes([{"offers": (WORD_OFFER,)}, {}]) as (nodes, _):
         provider, consumer = nodes
@@ -822,4 +1153,19 @@ async def fuzz_market(
             outcomes += await _fuzz_gossip(provider, attacker, attacker_key.private_key, pubsub, gossip, on_stream)
             progress("honest calls")
             problems = await honest_calls(provider, consumer, attacker, attacker_key.private_key, pubsub)
+            if more:
+                found, more_problems = await fuzz_more(
+                    provider,
+                    consumer,
+                    attacker,
+                    known,
+                    per_protocol,
+                    on_stream,
+                    drawn,
+                    seed_value,
+                    progress,
+                    idle_wait_s,
+                )
+                outcomes += found
+                problems += more_problems
         return FuzzRun(outcomes, problems)
