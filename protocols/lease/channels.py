@@ -10,13 +10,14 @@ consumer stops drawing on an idle, ending or replaced channel (``close_verdict``
 refund: it lands at once when the provider closed the channel, else after deadline + window.
 The rules are ``protocols/machines/channel.py``; storage is ``runtime/ledger/channels.py``.
 
-One escrow, one use (the provider): every open naming an escrow, a lease's own lock or a channel,
-claims its id in memory before any chain or ledger read (``claim_escrow``, asking
-``lease_provider.escrow_claim_verdict``), in the node's one claim table (``protocols.escrow_claims``),
-which its task market's award check claims in too; the claim goes when the check refuses, stays while
-the lease is served or the channel is open, and is rebuilt from the ledger at restart
-(``_restore_served``, ``recover_channels``). Both checks then also ask the ledger (``recorded_as``) for
-what ended before.
+One escrow, one use (the provider): every open naming an escrow, a lease's own lock or a channel, is
+first checked to be the sender's (``lease_provider.escrow_bound_verdict``, pure: a stranger naming a buyer's
+escrow is refused holding nothing), then claims its id in memory before any chain or ledger read
+(``claim_escrow``, asking ``lease_provider.escrow_claim_verdict``), in the node's one claim table
+(``protocols.escrow_claims``), which its task market's award check claims in too; the claim goes when
+the check refuses, stays while the lease is served or the channel is open, and is rebuilt from the ledger
+at restart (``_restore_served``, ``recover_channels``). Both checks then also ask the ledger
+(``recorded_as``) for what ended before.
 """
 
 from __future__ import annotations
@@ -276,7 +277,9 @@ class ChannelRole(LeaseCore):
         channel_id = opening.lock.escrow_id
         escrow_id = bytes.fromhex(channel_id[2:])
         # Claimed before the first await: the escrow (a lease open naming it is refused) and the channel's
-        # one lease at a time (another lease on it is refused ``channel_busy``).
+        # one lease at a time (another lease on it is refused ``channel_busy``). Only the channel's own
+        # consumer gets here (``_check_payment`` asked ``escrow_bound_verdict`` first): a stranger naming a
+        # buyer's idle channel can neither mark it busy through its reads nor touch its idle clock.
         claimed = self.claim_escrow(channel_id, "channel", channel_id)
         self._channel_served[channel_id] = opening.lease_id
         try:

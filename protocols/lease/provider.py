@@ -229,6 +229,12 @@ class ProviderRole(ServingRole, ChannelRole):
         if payment.postpaid:
             return None
         assert terms is not None and lock is not None and client is not None
+        # The escrow must be the sender's (derived from its peer id and the open's salt) before it is claimed:
+        # a stranger naming a buyer's lock it saw on chain would otherwise hold the claim through its chain
+        # reads, and the buyer's own open (and its retries) would be refused ``escrow_in_use`` meanwhile.
+        salt = None if opening.salt is None else bytes.fromhex(opening.salt)
+        sender = ID.from_base58(remote).to_bytes()
+        enforce(rules.escrow_bound_verdict(sender, salt, lock.escrow_id, channel=opening.channel_base is not None))
         if opening.channel_base is not None:
             wallet = opening.wallet
             await self.check_channel(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict
-from protocols.machines.lease_provider import LEASE_SALT_BYTES, lease_id_for
+from protocols.machines.lease_provider import escrow_bound_verdict
 from protocols.machines.table import Machine, Transition
 from protocols.machines.verdict import Refusal
 from runtime.errors import ErrorCode
@@ -261,8 +261,9 @@ def channel_lock_verdict(f: ChannelLockFacts) -> Refusal | None:
         )
     if f.wallet.lower() != f.lock_payer.lower():
         return Refusal(ErrorCode.FORBIDDEN, "lock_wrong_payer", "the channel is paid by another wallet")
-    if f.salt is None or len(f.salt) != LEASE_SALT_BYTES or lease_id_for(f.consumer, f.salt).hex() != f.escrow_id[2:]:
-        return Refusal(ErrorCode.FORBIDDEN, "channel_not_bound", "the channel id is not derived from the consumer")
+    bound = escrow_bound_verdict(f.consumer, f.salt, f.escrow_id, channel=True)
+    if bound is not None:
+        return bound
     if f.lease_escrow:
         # A per-lease escrow's id is derived as a channel's is: its lease's vouchers already draw on it from 0.
         return Refusal(ErrorCode.CONFLICT, "channel_is_a_lease", "the escrow is a lease's own, not a channel")

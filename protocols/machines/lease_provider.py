@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from protocols.machines.escrow_lock import LockState, LockTerms, check_escrow_lock
-from protocols.machines.verdict import Refusal
+from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode
 
 CHAIN_DOWN = "this node's escrow chain is not connected"
@@ -216,6 +216,20 @@ class LockFacts:
 LEASE_ID_NOT_BOUND = "the lease id is not derived from the consumer's peer id"
 
 
+def escrow_bound_verdict(consumer: bytes, salt: bytes | None, escrow_id: str, *, channel: bool) -> Refusal | None:
+    """The escrow an open names must be the sender's: its id is ``lease_id_for(sender, salt)`` with the salt
+    the open carries (a lease's own lock, or the pair's payment channel). Pure and cheap, so the adapter asks
+    it before it claims the escrow (``escrow_claim_verdict``) and before any read: a stranger who saw a
+    buyer's lock on chain and names it is refused at once, holding no claim that would refuse the buyer's
+    own open (``escrow_in_use``) while its chain reads ran. ``check_lock`` and ``channel_lock_verdict`` ask
+    it again with the rest of the facts."""
+    if salt is not None and len(salt) == LEASE_SALT_BYTES and lease_id_for(consumer, salt).hex() == escrow_id[2:]:
+        return None
+    if channel:
+        return Refusal(ErrorCode.FORBIDDEN, "channel_not_bound", "the channel id is not derived from the consumer")
+    return Refusal(ErrorCode.FORBIDDEN, "lease_id_not_bound", LEASE_ID_NOT_BOUND)
+
+
 def check_lock(f: LockFacts) -> None:
     """The grant's verdict on the lock: the consumer's own, paying us, holding the budget long enough."""
     if f.escrow_id[2:] != f.lease_id:
@@ -224,8 +238,7 @@ def check_lock(f: LockFacts) -> None:
         raise ClawnodeError(ErrorCode.FORBIDDEN, "the open carries no wallet bound to the consumer's peer id")
     if f.wallet.lower() != f.lock_payer.lower():
         raise ClawnodeError(ErrorCode.FORBIDDEN, "the escrow lock is paid by another wallet than the consumer's")
-    if f.salt is None or len(f.salt) != LEASE_SALT_BYTES or lease_id_for(f.consumer, f.salt).hex() != f.escrow_id[2:]:
-        raise ClawnodeError(ErrorCode.FORBIDDEN, LEASE_ID_NOT_BOUND)
+    enforce(escrow_bound_verdict(f.consumer, f.salt, f.escrow_id, channel=False))
     if f.channel_escrow:
         # A channel's id is derived as a lease's is: its leases' vouchers already draw on this lock.
         raise ClawnodeError(ErrorCode.CONFLICT, "the escrow is a payment channel's", "lease_is_a_channel")

@@ -206,3 +206,17 @@ def test_an_escrow_claimed_by_one_open_is_refused_to_every_other_but_a_live_chan
             "lock_of_another_task",
         },
     )
+
+
+def test_an_escrow_is_the_senders_only_under_its_own_peer_id_and_salt() -> None:
+    """``escrow_bound_verdict``, asked before the claim: a stranger naming a buyer's escrow (under any salt,
+    the buyer's included) is refused, by the lease or the channel reason; the buyer's own passes."""
+    buyer, stranger, salt = b"\x00\x24buyer", b"\x00\x24stranger", bytes(range(32))
+    escrow_id = "0x" + p.lease_id_for(buyer, salt).hex()
+    assert p.escrow_bound_verdict(buyer, salt, escrow_id, channel=False) is None
+    assert p.escrow_bound_verdict(buyer, salt, escrow_id, channel=True) is None
+    for sender, their_salt in ((stranger, salt), (stranger, bytes(32)), (buyer, bytes(32)), (buyer, None)):
+        for channel, reason in ((False, "lease_id_not_bound"), (True, "channel_not_bound")):
+            verdict = p.escrow_bound_verdict(sender, their_salt, escrow_id, channel=channel)
+            assert verdict is not None and (verdict.code, verdict.reason) == (ErrorCode.FORBIDDEN, reason)
+    assert p.escrow_bound_verdict(buyer, salt[:16], escrow_id, channel=False) is not None  # a short salt
