@@ -201,17 +201,14 @@ async def panel_arbitration_times(count: int) -> list[float]:
     the dispute call to the escrow closed by ``resolve_by_panel``."""
     import dataclasses
 
-    from eth_account import Account
-
     from protocols import task_wire as w
     from protocols.gossip import task_topic
     from tests.support.market import SharedChain, market_nodes, wait_for
 
     shared = await trio.to_thread.run_sync(SharedChain.start)
     times: list[float] = []
-    wallets = [Account.create() for _ in range(3)]  # the members', which the seller trusts (escrow.trusted_arbiters)
-    specs = [{}, {"trusted_arbiters": tuple(account.address for account in wallets)}]
-    specs += [{"wallet_key": account.key.hex()} for account in wallets]
+    # The seller trusts the three members (escrow.trusted_arbiters: their PEER:WALLET).
+    specs = [{}, {"trusts": (2, 3, 4)}, {}, {}, {}]
     async with market_nodes(specs, chain=shared) as (nodes, _):
         buyer, seller, *members = nodes
         for node in (seller, *members):

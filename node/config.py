@@ -194,6 +194,10 @@ class HardwareSection(_Section):
     vram_mb: int = Field(0, ge=0, description="GPU memory to advertise, MiB")
 
 
+# An escrow.trusted_arbiters entry: PEER:WALLET, the member's peer id (as escrow.arbiter_peer) and its wallet.
+TRUSTED_ARBITER_PATTERN = r"[1-9A-HJ-NP-Za-km-z]{46,64}:0x[0-9a-fA-F]{40}"
+
+
 class EscrowSection(_Section):
     mode: Literal["auto", "embedded", "rpc", "off"] = Field(
         "auto",
@@ -237,8 +241,8 @@ class EscrowSection(_Section):
     trusted_arbiters: list[str] = Field(
         default_factory=list,
         max_length=64,
-        description="more arbiter wallets this node trusts, as a seller, on a task's panel (besides its own "
-        "arbiter): an award whose panel its untrusted members could decide alone is refused",
+        description="more arbiters this node trusts, as a seller, on a task's panel (besides its own arbiter), "
+        "each PEER:WALLET (its peer id and its wallet): an award whose panel fewer than m of these decide is refused",
     )
     arbiter_peer: str = Field(
         "",
@@ -279,10 +283,24 @@ class EscrowSection(_Section):
 
     @field_validator("trusted_arbiters")
     @classmethod
-    def _wallets(cls, values: list[str]) -> list[str]:
-        if any(re.fullmatch(r"0x[0-9a-fA-F]{40}", value) is None for value in values):
-            raise ValueError("every entry must be a wallet address, 0x and 40 hex digits")
+    def _peer_wallet_pairs(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if re.fullmatch(TRUSTED_ARBITER_PATTERN, value) is not None:
+                continue
+            if re.fullmatch(r"0x[0-9a-fA-F]{40}", value) is not None:
+                # What this key took before: a wallet alone is not safe to trust, as a panel pairs each
+                # wallet with a peer id its creator chooses, and the case goes to that peer.
+                raise ValueError(
+                    "every entry must be PEER:WALLET, the arbiter's peer id and its wallet; a wallet alone is no "
+                    "longer taken, since a panel could pair that wallet with a peer id the task's creator holds, "
+                    "and the arbiter would never get the case"
+                )
+            raise ValueError("every entry must be PEER:WALLET: a peer id, a colon, and a wallet (0x and 40 hex digits)")
         return values
+
+    def trusted_arbiter_pairs(self) -> tuple[tuple[str, str], ...]:
+        """``trusted_arbiters`` as (peer id, wallet) pairs."""
+        return tuple((peer, wallet) for peer, _, wallet in (value.partition(":") for value in self.trusted_arbiters))
 
     @field_validator("fallback_rpc_urls")
     @classmethod

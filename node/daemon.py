@@ -565,7 +565,7 @@ class Node:
                         models=self.model_host,
                         arbiter=self._task_arbiter,
                         escrow_terms=self._escrow_terms,  # a seller takes awards under our arbiter only
-                        trusted_arbiters=self.config.escrow.trusted_arbiters,  # ... or panels it may trust
+                        trusted_arbiters=self.config.escrow.trusted_arbiter_pairs(),  # ... or panels it trusts
                         escrow_claims=escrow_claims,
                     )
                     await nursery.start(self.supervisor.run, "tasks", self._tasks.run)

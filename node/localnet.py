@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 from eth_account import Account
+from libp2p.peer.id import ID
 
 from dht.offers import Offer
 from node.config import (
@@ -34,6 +35,7 @@ from node.config import (
     VerifySection,
 )
 from node.daemon import Node
+from node.datadir import ensure_data_dir, load_or_create_identity, load_or_create_wallet_key
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import Chain, EscrowClient
 from runtime.escrow.settings import fund_from_dev_account
@@ -94,6 +96,7 @@ def market_config(
     verify: VerifySection | None = None,
     split: SplitSection | None = None,
     trusted_arbiters: tuple[str, ...] = (),
+    arbiter_peer: str = "",
 ) -> Config:
     return Config(
         node=NodeSection(listen=["/ip4/127.0.0.1/tcp/0"]),  # type: ignore[call-arg]
@@ -106,6 +109,7 @@ def market_config(
             settle_interval_s=0.5,
             dispute_window_s=dispute_window_s,
             trusted_arbiters=list(trusted_arbiters),
+            arbiter_peer=arbiter_peer,
         ),
         market=market or MarketSection(receipt_every_units=10, receipt_every_s=2),  # type: ignore[call-arg]
         offers=list(offers),
@@ -132,8 +136,8 @@ async def market_nodes(
     bootstrap: list[str] | None = None,
     root: Path | None = None,
 ) -> AsyncIterator[tuple[list[Node], SharedChain]]:
-    """Start one Node per spec (``offers``, ``market``, ``serve``, ``wallet_key``, ``trusted_arbiters``); the
-    first is everyone's bootstrap.
+    """Start one Node per spec (``offers``, ``market``, ``serve``, ``wallet_key``, ``trusted_arbiters``,
+    ``trusts``, ``arbiter_peer``); the first is everyone's bootstrap.
 
     With ``bootstrap`` (multiaddrs of an existing swarm, e.g. ``open_swarm``'s first nodes), every
     node joins through those peers instead. Data dirs go under ``root`` (default: a temporary
@@ -143,6 +147,9 @@ async def market_nodes(
     with tempfile.TemporaryDirectory(prefix="clawnode-market-") as scratch:
         base = root if root is not None else Path(scratch)
         nodes: list[Node] = []
+        # ``trusts`` (indexes into ``specs``): nodes of this market whose PEER:WALLET this node trusts on a
+        # task's panel, beside its ``trusted_arbiters`` (escrow.trusted_arbiters); their identities are made now.
+        entries = await trio.to_thread.run_sync(_arbiter_entries, specs, base)
         async with trio.open_nursery() as nursery:
             joined_through = list(bootstrap or [])
             for index, spec in enumerate(specs):
@@ -159,8 +166,12 @@ async def market_nodes(
                     models=tuple(spec.get("models", ())),
                     verify=spec.get("verify"),
                     split=spec.get("split"),  # ``split``: a SplitSection naming ``models`` run over leased layers
-                    # ``trusted_arbiters``: wallets the node trusts on a task's panel (escrow.trusted_arbiters)
-                    trusted_arbiters=tuple(spec.get("trusted_arbiters", ())),
+                    # ``trusted_arbiters``: PEER:WALLET entries the node trusts on a task's panel
+                    trusted_arbiters=(
+                        *spec.get("trusted_arbiters", ()),
+                        *(entries[i] for i in spec.get("trusts", ())),
+                    ),
+                    arbiter_peer=spec.get("arbiter_peer", ""),  # escrow.arbiter_peer: our arbiter's peer id
                 )
                 # ``wallet_key`` (hex): this node's escrow wallet, e.g. ``shared.arbiter.key.hex()`` for the arbiter.
                 wallet_hex = spec.get("wallet_key")
@@ -176,6 +187,21 @@ async def market_nodes(
                 yield nodes, shared
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def _arbiter_entries(specs: list[dict[str, Any]], base: Path) -> dict[int, str]:
+    """PEER:WALLET of each node some spec ``trusts``, by index: its identity, and its wallet key where its
+    spec names none, are made in its data dir now (the node loads them when it starts)."""
+    entries: dict[int, str] = {}
+    for index in sorted({i for spec in specs for i in spec.get("trusts", ())}):
+        data_dir = ensure_data_dir(base / f"node{index}")
+        key_pair, _ = load_or_create_identity(data_dir)
+        wallet_hex = specs[index].get("wallet_key")
+        key = (
+            load_or_create_wallet_key(data_dir) if wallet_hex is None else bytes.fromhex(wallet_hex.removeprefix("0x"))
+        )
+        entries[index] = f"{ID.from_pubkey(key_pair.public_key)}:{Account.from_key(key).address}"
+    return entries
 
 
 def _fixed_wallet(shared: SharedChain, wallet_hex: str, _node_key: bytes) -> EscrowClient:

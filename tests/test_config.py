@@ -101,3 +101,27 @@ def test_a_bad_offer_names_its_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(tmp_path, environ={})
     assert "offers.0.name" in str(raised.value) and "kind:name" in str(raised.value)
+
+
+def test_trusted_arbiters_are_peer_and_wallet_pairs_and_a_wallet_alone_stops_the_daemon(tmp_path: Path) -> None:
+    peer, wallet = "12D3KooW" + "A" * 44, "0x" + "ab" * 20
+    (tmp_path / "config.toml").write_text(f'[escrow]\ntrusted_arbiters = ["{peer}:{wallet}"]\n')
+    assert load_config(tmp_path, environ={}).escrow.trusted_arbiter_pairs() == ((peer, wallet),)
+    other, env = "12D3KooW" + "B" * 44, "CLAWNODE_ESCROW_TRUSTED_ARBITERS"
+    from_env = load_config(tmp_path, environ={env: f"{peer}:{wallet},{other}:{wallet}"})
+    assert from_env.escrow.trusted_arbiter_pairs() == ((peer, wallet), (other, wallet))
+    # What the key took before, a wallet alone, is refused with what to write instead: a panel could seat that
+    # wallet under a peer id of the task's creator, and the arbiter would never get the case.
+    for source, file_text, environ in (
+        ("config.toml", f'[escrow]\ntrusted_arbiters = ["{wallet}"]\n', {}),
+        (env, "", {env: wallet}),
+    ):
+        (tmp_path / "config.toml").write_text(file_text)
+        with pytest.raises(ConfigError) as raised:
+            load_config(tmp_path, environ=environ)
+        for name in ("escrow.trusted_arbiters", source, "PEER:WALLET", "a wallet alone"):
+            assert name in str(raised.value)
+    (tmp_path / "config.toml").write_text(f'[escrow]\ntrusted_arbiters = ["{peer}@{wallet}"]\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path, environ={})
+    assert "PEER:WALLET" in str(raised.value)

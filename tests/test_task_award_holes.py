@@ -41,7 +41,7 @@ from protocols.task.panel import ZERO_WALLET
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits
 from tests.support import wasm_modules as mods
-from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, SharedChain, market_nodes, wait_for
 from wire.rpc import request
 from wire.signed import seal, to_base64
 
@@ -431,53 +431,100 @@ async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does
         assert await _award_refused(creator, seller, envelope) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
 
 
+async def _publish_panel_tasks(creator: Any, panels: list[w.PanelTerms]) -> list[str]:
+    """The creator publishes one wasm task per panel."""
+    tasks = []
+    for panel in panels:
+        view = await creator.tasks.publish_run(
+            "model:wasm-upper",
+            ETH,
+            120,
+            kind="wasm",
+            module=mods.UPPER,
+            input=b"pay me",
+            limits=Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output_bytes=4096),
+            review_timeout_s=60,
+            panel=panel,
+        )
+        tasks.append(view.task_id)
+    return tasks
+
+
+async def _took_nothing(creator: Any, seller: Any, task_id: str, escrow_id: str | None) -> tuple[ErrorCode, str | None]:
+    """The seller did not take the award (no lease row, nothing run or delivered); the reason it gives."""
+    assert escrow_id is not None
+    assert seller.tasks.view(task_id).state == "task_open"
+    with pytest.raises(ClawnodeError) as unknown:
+        await seller.ledger.get_lease(escrow_id[2:])
+    assert unknown.value.code == ErrorCode.NOT_FOUND
+    assert seller.sandbox.stats.runs.get("wasm", 0) == 0
+    assert seller.tasks.local[task_id].result_env is None
+    envelope = creator.tasks.local[task_id].award_env
+    assert envelope is not None
+    return await _award_refused(creator, seller, envelope)
+
+
 async def test_a_seller_refuses_an_award_whose_panel_the_creators_own_wallets_could_decide() -> None:
-    # The third node is a seller that trusts one more arbiter wallet (escrow.trusted_arbiters): sock[0].
-    sock = [Account.create().address for _ in range(2)]
-    async with market_nodes([{}, {}, {"trusted_arbiters": (sock[0],)}]) as (nodes, shared):
+    # Both sellers trust their own arbiter (the shared chain's) at the peer id escrow.arbiter_peer names; the
+    # third node trusts one more arbiter (escrow.trusted_arbiters, PEER:WALLET).
+    sock = [(_fresh_peer(), Account.create().address) for _ in range(2)]
+    arbiter_peer = _fresh_peer()
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    ours: dict[str, Any] = {"arbiter_peer": arbiter_peer}
+    specs = [{}, ours, {**ours, "trusted_arbiters": (f"{sock[0][0]}:{sock[0][1]}",)}]
+    async with market_nodes(specs, chain=shared) as (nodes, _):
         creator, seller, trusting = nodes
         await _watching(creator, seller, "model:wasm-upper")
         await _watching(creator, trusting, "model:wasm-upper")
         # The panel seats the arbiter the sellers trust, beside two wallets of the creator's own under fresh
         # peer ids: those two agree, reach the threshold without it and split the disputed price back.
-        panel = w.PanelTerms(
-            members=[w.PanelMember(peer=_fresh_peer(), wallet=wallet) for wallet in (shared.arbiter.address, *sock)],
-            threshold=2,
-        )
-        tasks = []
-        for _ in range(2):
-            view = await creator.tasks.publish_run(
-                "model:wasm-upper",
-                ETH,
-                120,
-                kind="wasm",
-                module=mods.UPPER,
-                input=b"pay me",
-                limits=Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output_bytes=4096),
-                review_timeout_s=60,
-                panel=panel,
-            )
-            tasks.append(view.task_id)
+        members = [(arbiter_peer, shared.arbiter.address), *sock]
+        panel = w.PanelTerms(members=[w.PanelMember(peer=p, wallet=a) for p, a in members], threshold=2)
+        tasks = await _publish_panel_tasks(creator, [panel, panel])
         await wait_for(lambda: set(tasks) <= set(seller.tasks.book.tasks) & set(trusting.tasks.book.tasks), 30)
         bid = await seller.tasks.bid(tasks[0], ETH // 2)
         awarded = await creator.tasks.award(tasks[0], bid.bid_id)
-        assert awarded.escrow_id is not None
-
-        # The seller did not take it: no lease row to serve it under, nothing run, nothing delivered.
-        assert seller.tasks.view(tasks[0]).state == "task_open"
-        with pytest.raises(ClawnodeError) as unknown:
-            await seller.ledger.get_lease(awarded.escrow_id[2:])
-        assert unknown.value.code == ErrorCode.NOT_FOUND
-        assert seller.sandbox.stats.runs.get("wasm", 0) == 0
-        assert seller.tasks.local[tasks[0]].result_env is None
-        envelope = creator.tasks.local[tasks[0]].award_env
-        assert envelope is not None
-        assert await _award_refused(creator, seller, envelope) == (ErrorCode.FORBIDDEN, "panel_untrusted")
+        refusal = await _took_nothing(creator, seller, tasks[0], awarded.escrow_id)
+        assert refusal == (ErrorCode.FORBIDDEN, "panel_untrusted")
 
         # A seller that trusts one of the two as well (two trusted of three, m = 2): the others cannot decide.
         bid = await trusting.tasks.bid(tasks[1], ETH // 2)
         await creator.tasks.award(tasks[1], bid.bid_id)
         assert trusting.tasks.view(tasks[1]).role == "awarded_bidder"
+
+
+async def test_a_seller_refuses_a_panel_seating_a_trusted_wallet_under_another_peer_or_too_few_it_trusts() -> None:
+    # The seller trusts its own arbiter (at escrow.arbiter_peer) and one more arbiter, each as PEER:WALLET.
+    trusted = (_fresh_peer(), Account.create().address)
+    arbiter_peer, creators_peer = _fresh_peer(), _fresh_peer()  # the second: a peer id the creator holds
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    seller_spec = {"arbiter_peer": arbiter_peer, "trusted_arbiters": (f"{trusted[0]}:{trusted[1]}",)}
+    async with market_nodes([{}, seller_spec], chain=shared) as ((creator, seller), _):
+        await _watching(creator, seller, "model:wasm-upper")
+        sock = (_fresh_peer(), Account.create().address)
+        panels = [
+            # Both trusted wallets, one under the creator's peer id: the case goes there, the trusted arbiter
+            # never hears of it, and the creator's two members decide.
+            [(creators_peer, shared.arbiter.address), trusted, sock],
+            # One trusted arbiter and the creator's member, m = 2: the creator's member cannot decide alone, but
+            # its silence keeps any split from m votes, and the disputed lock (no timeout refunds it) stays frozen.
+            [(arbiter_peer, shared.arbiter.address), sock],
+            # The two trusted arbiters, each under its own peer id, beside the creator's member: taken.
+            [(arbiter_peer, shared.arbiter.address), trusted, sock],
+        ]
+        terms = [
+            w.PanelTerms(members=[w.PanelMember(peer=p, wallet=a) for p, a in seats], threshold=2) for seats in panels
+        ]
+        tasks = await _publish_panel_tasks(creator, terms)
+        await wait_for(lambda: set(tasks) <= set(seller.tasks.book.tasks), 30)
+        for task_id in tasks[:2]:
+            bid = await seller.tasks.bid(task_id, ETH // 2)
+            awarded = await creator.tasks.award(task_id, bid.bid_id)
+            refusal = await _took_nothing(creator, seller, task_id, awarded.escrow_id)
+            assert refusal == (ErrorCode.FORBIDDEN, "panel_untrusted")
+        bid = await seller.tasks.bid(tasks[2], ETH // 2)
+        await creator.tasks.award(tasks[2], bid.bid_id)
+        assert seller.tasks.view(tasks[2]).role == "awarded_bidder"
 
 
 async def test_two_awards_naming_one_lock_at_once_pay_one_task_only() -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import trio
 from click.testing import CliRunner, Result
-from eth_account import Account
 
 from node.cli import main
 from node.daemon import Node
@@ -136,12 +135,13 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
         return ModelSpec(name="tiny", path=str(path), price_per_unit=1000, n_threads=1, n_ctx=256)  # type: ignore[call-arg]
 
     shared = await trio.to_thread.run_sync(SharedChain.start)
-    member = Account.create()  # a panel member's wallet the seller trusts too (escrow.trusted_arbiters)
     specs = [
         {},
-        {"models": (spec(seller_file),), "trusted_arbiters": (member.address,)},
+        # The seller trusts the arbiter and the member with a copy on a panel (escrow.trusted_arbiters: their
+        # PEER:WALLET): two of the panel's three, its threshold.
+        {"models": (spec(seller_file),), "trusts": (2, 3)},
         {"wallet_key": shared.arbiter.key.hex(), "models": (spec(arbiter_file),)},
-        {"models": (spec(write_tiny_llama_gguf(tmp_path / "member.gguf")),), "wallet_key": member.key.hex()},
+        {"models": (spec(write_tiny_llama_gguf(tmp_path / "member.gguf")),)},
         {},  # a panel member that serves no model
     ]
     async with market_nodes(specs, chain=shared) as (nodes, _):

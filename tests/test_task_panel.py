@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import trio
-from eth_account import Account
 from pydantic import TypeAdapter
 
 from node.daemon import Node
@@ -61,10 +60,9 @@ def _peer(node: Node) -> str:
 async def test_a_native_task_disputed_is_decided_by_two_of_three_panel_votes_on_chain(
     anvil_chain: SharedChain,
 ) -> None:
-    # The seller trusts the members' wallets (escrow.trusted_arbiters): a panel it could not trust is refused.
-    wallets = [Account.create() for _ in range(3)]
-    seller_spec = {"trusted_arbiters": tuple(account.address for account in wallets)}
-    specs = [{}, seller_spec, *({"wallet_key": account.key.hex()} for account in wallets)]
+    # The seller trusts the members (escrow.trusted_arbiters: their PEER:WALLET): a panel it could not trust is
+    # refused.
+    specs = [{}, {"trusts": (2, 3, 4)}, {}, {}, {}]
     async with market_nodes(specs, chain=anvil_chain) as (nodes, _):
         creator, seller, *members = nodes
         for node in (seller, members[0], members[1]):

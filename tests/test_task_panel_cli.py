@@ -86,8 +86,12 @@ async def test_a_panel_that_does_not_answer_is_shown_as_undecided_with_the_escro
         pytest.skip("bubblewrap is not installed")
     members = [_member() for _ in range(3)]
     panel = w.PanelTerms(members=[w.PanelMember(peer=p, wallet=a) for p, a in members], threshold=2)
-    # An honest panel, whose wallets the seller trusts (escrow.trusted_arbiters), that cannot be reached.
-    async with market_nodes([{}, {"trusted_arbiters": tuple(a for _, a in members)}]) as ((creator, seller), _):
+    # An honest panel, whose members the seller trusts (escrow.trusted_arbiters: PEER:WALLET), that cannot be
+    # reached.
+    async with market_nodes([{}, {"trusted_arbiters": tuple(f"{p}:{a}" for p, a in members)}]) as (
+        (creator, seller),
+        _,
+    ):
         seller.sandbox.policy = dataclasses.replace(seller.sandbox.policy, kinds=frozenset({"wasm", "native"}))
         await seller.tasks.watch(CAPABILITY)
         topic = task_topic(CAPABILITY)

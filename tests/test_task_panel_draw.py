@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import trio
 from click.testing import CliRunner
-from eth_account import Account
 
 from node.cli import main
 from protocols.gossip import task_topic
@@ -26,7 +25,6 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits
 from tests.support import wasm_modules as mods
 from tests.support.market import SharedChain, market_nodes, wait_for
-from tests.support.processes import prepare_data_dir
 
 CAPABILITY = "model:wasm-panel-draw"
 ETH = 10**18
@@ -40,13 +38,9 @@ async def test_a_panel_drawn_from_records_seats_only_arbiters_able_to_re_run_and
     tmp_path: Path,
 ) -> None:
     shared = await trio.to_thread.run_sync(SharedChain.start)
-    # The three able arbiters' wallets (in their data dirs: their records name them) are ones the seller
-    # trusts (escrow.trusted_arbiters).
-    wallets = [Account.create() for _ in range(3)]
-    for index, account in enumerate(wallets, start=3):
-        prepare_data_dir(tmp_path / "nodes" / f"node{index}", wallet_key=account.key.hex())
-    specs = [{}, {"trusted_arbiters": tuple(account.address for account in wallets)}, {}, {}, {}, {}]
-    async with market_nodes(specs, chain=shared, root=tmp_path / "nodes") as (nodes, _):
+    # The three able arbiters are ones the seller trusts (escrow.trusted_arbiters: their PEER:WALLET).
+    specs = [{}, {"trusts": (3, 4, 5)}, {}, {}, {}, {}]
+    async with market_nodes(specs, chain=shared) as (nodes, _):
         creator, seller, low, *able = nodes
         # ``low`` runs wasm, but at most 1000 instructions a run: its record says so, and its sandbox enforces it.
         low.sandbox.policy = dataclasses.replace(low.sandbox.policy, cap=LIMITS.model_copy(update={"fuel": 1000}))

@@ -189,9 +189,11 @@ class AwardLockFacts:
     trusted_arbiter: str | None  # the arbiter our own escrow terms name; None when this node knows none
     lock_threshold: int = 0  # m of a panel lock (its arbiter is then the zero address); 0: one arbiter
     panel_named: bool = False  # the award's params name a panel (its lock: ``panel_lock_verdict``)
-    panel_wallets: tuple[str, ...] = ()  # the wallets of the panel the params name
+    panel_members: tuple[tuple[str, str], ...] = ()  # (peer id, wallet) of each member the params name
     panel_threshold: int = 0  # its m
-    trusted_wallets: tuple[str, ...] = ()  # more wallets this node trusts on a panel (escrow.trusted_arbiters)
+    # The (peer id, wallet) pairs this node trusts on a panel: its own arbiter's (escrow.arbiter_peer with
+    # escrow.arbiter) and those of escrow.trusted_arbiters.
+    trusted_members: tuple[tuple[str, str], ...] = ()
 
 
 def award_arbiter_verdict(arbiter_wallet: str, trusted_arbiter: str | None) -> Refusal | None:
@@ -200,22 +202,27 @@ def award_arbiter_verdict(arbiter_wallet: str, trusted_arbiter: str | None) -> R
 
 
 def panel_trust_verdict(
-    panel_wallets: Sequence[str], threshold: int, trusted_arbiter: str | None, trusted_wallets: Sequence[str]
+    members: Sequence[tuple[str, str]], threshold: int, trusted: Sequence[tuple[str, str]]
 ) -> Refusal | None:
-    """An award's panel must not be decidable by wallets this node does not trust: fewer than ``threshold``
-    members may be untrusted (at least n - m + 1 trusted: this node's own arbiter, ``trusted_arbiter``, or
-    one of ``trusted_wallets``; compared case-insensitively). Otherwise a creator could name a panel of
-    fresh peer ids over wallets of its own, whose m agreeing votes split the disputed price back to it."""
-    trusted = {wallet.lower() for wallet in trusted_wallets}
-    if trusted_arbiter is not None:
-        trusted.add(trusted_arbiter.lower())
-    untrusted = sum(1 for wallet in panel_wallets if wallet.lower() not in trusted)  # a repeated wallet counts twice
-    if untrusted >= threshold:
+    """An award's panel must be one whose decision this node's trusted arbiters make: at least ``threshold``
+    members trusted, and fewer than ``threshold`` not. ``members`` and ``trusted`` are ``(peer id, wallet)``
+    pairs (wallets compared case-insensitively); a member counts as trusted only when both its peer id and
+    its wallet are a pair this node trusts, since the case goes to the member's peer id and a vote counts
+    for the wallet the panel pairs with its voter's peer. Otherwise a creator could seat wallets of its own
+    under fresh peer ids, whose m agreeing votes split the disputed price back to it; seat a trusted wallet
+    under a peer id of its own or a made-up one, so the trusted node never hears of the case; or seat fewer than m
+    trusted members, so its own members' silence or rejection keeps any split from reaching m, and the
+    disputed lock (which no timeout refunds) stays frozen with the seller's pay in it."""
+    ours = {(peer, wallet.lower()) for peer, wallet in trusted}
+    held = sum(1 for peer, wallet in members if (peer, wallet.lower()) in ours)  # a member named twice counts twice
+    untrusted = len(members) - held
+    if held < threshold or untrusted >= threshold:
         return _refuse(
             F,
             "panel_untrusted",
-            f"{untrusted} of the panel's {len(panel_wallets)} members are wallets this node does not trust and "
-            f"{threshold} votes decide: trust more of them (escrow.trusted_arbiters) or bid on another task",
+            f"{held} of the panel's {len(members)} members are arbiters this node trusts (peer id and wallet) and "
+            f"{threshold} votes decide: trust more of them (escrow.trusted_arbiters, PEER:WALLET) or bid on "
+            "another task",
         )
     return None
 
@@ -232,7 +239,7 @@ def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
         # this, a creator could lock with a panel of its own wallets under params that name none.
         return _refuse(F, "lock_panel_unnamed", "the escrow lock is decided by a panel the award does not name")
     if f.panel_named:
-        refusal = panel_trust_verdict(f.panel_wallets, f.panel_threshold, f.trusted_arbiter, f.trusted_wallets)
+        refusal = panel_trust_verdict(f.panel_members, f.panel_threshold, f.trusted_members)
     else:
         refusal = award_arbiter_verdict(f.arbiter_wallet, f.trusted_arbiter)
     if refusal is not None:

@@ -115,7 +115,7 @@ class TaskCore:
         escrow: EscrowSource,
         arbiter: Callable[[], tuple[str, str] | None] = lambda: None,
         escrow_terms: Callable[[], EscrowTerms | None] = lambda: None,
-        trusted_arbiters: Sequence[str] = (),
+        trusted_arbiters: Sequence[tuple[str, str]] = (),
         wake_settlement: Callable[[], None] = lambda: None,
         locate: Callable[[ID], Awaitable[list[str]]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -134,8 +134,9 @@ class TaskCore:
         # This node's own escrow terms (the daemon's ``_escrow_terms``): as a seller, their arbiter is the
         # only single arbiter an award's lock may name; None trusts no arbiter and refuses every award.
         self.escrow_terms = escrow_terms
-        # More wallets than that arbiter's this node trusts on a panel (``escrow.trusted_arbiters``): an award
-        # whose panel m untrusted members could decide alone is refused (``task_checks.panel_trust_verdict``).
+        # More arbiters than our own this node trusts on a panel, as (peer id, wallet) pairs
+        # (``escrow.trusted_arbiters``): an award whose panel fewer than m trusted members decide, or m untrusted
+        # ones could, is refused (``task_checks.panel_trust_verdict``).
         self.trusted_arbiters = tuple(trusted_arbiters)
         self.wake_settlement = wake_settlement
         self.locate = locate

@@ -188,6 +188,8 @@ class BidderRole(TaskCore):
             chain_now = await client.chain.run(client.chain.now)
         panel = w.panel_terms(notice.params)
         own_terms = self.escrow_terms()
+        # Our own arbiter sits on a panel as the pair escrow.arbiter_peer + escrow.arbiter, when both are known.
+        own_arbiter = () if (pair := self.default_arbiter()) is None else (pair,)
         enforce(
             checks.award_lock_verdict(
                 checks.AwardLockFacts(
@@ -207,9 +209,9 @@ class BidderRole(TaskCore):
                     trusted_arbiter=None if own_terms is None else own_terms.arbiter,
                     lock_threshold=threshold,
                     panel_named=panel is not None,
-                    panel_wallets=() if panel is None else tuple(member.wallet for member in panel.members),
+                    panel_members=() if panel is None else tuple((seat.peer, seat.wallet) for seat in panel.members),
                     panel_threshold=0 if panel is None else panel.threshold,
-                    trusted_wallets=self.trusted_arbiters,
+                    trusted_members=(*own_arbiter, *self.trusted_arbiters),
                 )
             )
         )

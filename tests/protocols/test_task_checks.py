@@ -173,43 +173,59 @@ def test_a_panel_lock_counts_only_under_params_that_name_a_panel() -> None:
         ErrorCode.FORBIDDEN,
         "award_untrusted_arbiter",
     )
-    # A named panel of three, two of whose wallets this node trusts (its arbiter and one configured): m = 2.
-    named = dataclasses.replace(
-        facts, panel_named=True, panel_wallets=(ARB_WALLET, OTHER_WALLET, PAYEE), panel_threshold=2
-    )
-    trusting = dataclasses.replace(named, trusted_arbiter=ARB_WALLET, trusted_wallets=(OTHER_WALLET,))
+    # A named panel of three, two of whom this node trusts (its arbiter and one configured, each by peer id
+    # and wallet): m = 2.
+    panel = ((ARBITER, ARB_WALLET), (STRANGER, OTHER_WALLET), (CREATOR + "2", PAYEE))
+    named = dataclasses.replace(facts, panel_named=True, panel_members=panel, panel_threshold=2)
+    trusting = dataclasses.replace(named, trusted_members=panel[:2])
     assert c.award_lock_verdict(trusting) is None
     unnamed = c.award_lock_verdict(dataclasses.replace(facts, lock_threshold=2))
     assert unnamed is not None and (unnamed.code, unnamed.reason) == (ErrorCode.FORBIDDEN, "lock_panel_unnamed")
     assert c.award_lock_verdict(dataclasses.replace(trusting, lock_threshold=2)) is None
-    # ... and one whose untrusted members could decide alone is refused, whatever the lock says.
-    for trusted_arbiter, trusted_wallets in ((None, ()), (ARB_WALLET, ()), (None, (PAYEE,))):
-        changed = dataclasses.replace(
-            named, lock_threshold=2, trusted_arbiter=trusted_arbiter, trusted_wallets=trusted_wallets
-        )
-        refused = c.award_lock_verdict(changed)
+    # ... and one this node's trusted arbiters do not decide is refused, whatever the lock says: too few trusted,
+    # or a trusted wallet under another peer id (the creator's: the trusted node never hears of the case).
+    for trusted in ((), panel[:1], panel[2:], ((ARBITER, ARB_WALLET), (CREATOR, OTHER_WALLET))):
+        refused = c.award_lock_verdict(dataclasses.replace(named, lock_threshold=2, trusted_members=trusted))
         assert refused is not None and (refused.code, refused.reason) == (ErrorCode.FORBIDDEN, "panel_untrusted")
 
 
-def test_a_seller_takes_a_panel_only_if_its_untrusted_members_cannot_decide_alone() -> None:
-    seen: Counter[str] = Counter()
-    pool = ["0x" + "ab" * 19 + f"{i:02x}" for i in range(1, 8)]
+def test_a_panel_is_taken_only_when_trusted_members_reach_the_threshold_and_untrusted_ones_do_not() -> None:
+    t1, t2, a1, a2, a3 = ((f"12D3KooWmember{i}", "0x" + f"{i:02x}" * 20) for i in range(1, 6))
+    trusted = (t1, t2)
+    # The creator's members hold a veto (trusted < m) although they cannot decide alone (untrusted < m).
+    for members, m in (((t1, a1, a2), 3), ((t1, a1), 2), ((t1, t2, a1, a2, a3), 4)):
+        refused = c.panel_trust_verdict(members, m, trusted)
+        assert refused is not None and refused.reason == "panel_untrusted", (members, m)
+    # A trusted wallet seated under the creator's peer id is not a trusted member.
+    assert c.panel_trust_verdict(((CREATOR, t1[1]), t2, a1), 2, trusted) is not None
+    assert c.panel_trust_verdict((t1, t2, a1), 2, trusted) is None
+    assert c.panel_trust_verdict((t1, t2), 2, trusted) is None
 
-    @settings(max_examples=400, deadline=None, database=None)
+
+def test_a_seller_takes_a_panel_only_if_its_trusted_members_decide_it() -> None:
+    seen: Counter[str] = Counter()
+    peers = [f"12D3KooWpeer{i}" for i in range(1, 6)]
+    wallets = ["0x" + "ab" * 19 + f"{i:02x}" for i in range(1, 6)]
+    pairs = st.tuples(st.sampled_from(peers), st.sampled_from(wallets))
+
+    @settings(max_examples=600, deadline=None, database=None)
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
         d = data.draw
-        members = d(st.lists(st.sampled_from(pool), min_size=1, max_size=5))
+        members = d(st.lists(pairs, min_size=1, max_size=5))
         threshold = d(st.integers(0, len(members) + 1))
-        trusted = d(st.lists(st.sampled_from(pool), max_size=4))
-        own = d(st.one_of(st.none(), st.sampled_from(pool)))
-        shown = [wallet.upper().replace("0X", "0x") if d(st.booleans()) else wallet for wallet in members]
-        verdict = c.panel_trust_verdict(shown, threshold, own, trusted)
+        # Mostly pairs of the panel's (so panels get taken), sometimes a panel wallet under another peer id.
+        trusted = d(st.lists(st.one_of(st.sampled_from(members), pairs), max_size=5))
+        shown = [(peer, wallet.upper().replace("0X", "0x") if d(st.booleans()) else wallet) for peer, wallet in members]
+        verdict = c.panel_trust_verdict(shown, threshold, trusted)
         tally(seen, verdict)
-        # Refused exactly when some m members none of whom this node trusts could sign a decision alone.
-        ours = {*trusted, *([own] if own else [])}
-        alone = any(all(w not in ours for w in seats) for seats in itertools.combinations(members, threshold))
-        assert (verdict is not None) == alone
+        # Taken exactly when some m members, each a (peer id, wallet) pair this node trusts, can decide, and no
+        # m members none of whom it trusts can: the creator's members can neither decide nor block a decision.
+        ours = set(trusted)
+        seatings = list(itertools.combinations(members, threshold))
+        decide = any(all(seat in ours for seat in seats) for seats in seatings)
+        alone = any(all(seat not in ours for seat in seats) for seats in seatings)
+        assert (verdict is None) == (decide and not alone)
         if verdict is not None:
             assert (verdict.code, verdict.reason) == (ErrorCode.FORBIDDEN, "panel_untrusted")
 
