@@ -67,3 +67,36 @@ class SilentPeers(Generic[PeerT]):
             del self._until[peer]
             return False
         return True
+
+
+class InboundSlots(Generic[PeerT]):
+    """How many inbound DHT streams each peer holds open at once, at most ``per_peer`` each.
+
+    py-libp2p serves at most 12 inbound DHT streams at once, shared by every peer, and read each with
+    no time limit: one stranger that opened 12 and wrote nothing held them all, and every honest
+    peer's query was reset while it stayed connected (``bench/fuzz.py``'s idle-stream check)."""
+
+    def __init__(self, per_peer: int) -> None:
+        self.per_peer = per_peer
+        self._open: dict[PeerT, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def held(self, peer: PeerT) -> int:
+        return self._open.get(peer, 0)
+
+    def take(self, peer: PeerT) -> bool:
+        """One more stream for ``peer``, or False: it holds ``per_peer`` already."""
+        held = self._open.get(peer, 0)
+        if held >= self.per_peer:
+            return False
+        self._open[peer] = held + 1
+        return True
+
+    def give_back(self, peer: PeerT) -> None:
+        held = self._open.get(peer, 0) - 1
+        if held > 0:
+            self._open[peer] = held
+        else:
+            self._open.pop(peer, None)

@@ -3,6 +3,7 @@ routing table fresh, and rejoin when the node finds itself alone."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -23,7 +24,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from bootstrap.peer_book import PeerBook
 from dht.lookup import Lookup, far_keys, key_of
-from dht.lookup_guard import SilentPeers, may_ask, serves_dht
+from dht.lookup_guard import InboundSlots, SilentPeers, may_ask, serves_dht
 from dht.protocol_id import current_kad_protocol_id
 from dht.record_validator import sequence_of
 
@@ -49,6 +50,11 @@ ADOPT_INTERVAL_S = 1.0
 # (``lookup_guard.SilentPeers``). Config: dht.dial_timeout_s.
 DEFAULT_DIAL_TIMEOUT_S = 4.0
 ANNOUNCE_TIMEOUT_S = 10.0
+# An inbound DHT stream is served at most this long (a query and its answer take milliseconds; our
+# own and py-libp2p's senders open a stream per request), by at most this many streams a peer at once
+# (``lookup_guard.InboundSlots``: why).
+INBOUND_STREAM_S = 10.0
+INBOUND_STREAMS_PER_PEER = 4
 # ``DhtService.provide``: an ADD_PROVIDER not sent within this long is given up (py-libp2p's query timeout),
 # and one that failed (not reached, its stream refused or timed out) is sent again after these pauses.
 # On a busy swarm (bench/discovery.py's setup, 40 nodes at load 10) 130 of 210 sends failed so, and
@@ -105,6 +111,7 @@ class DhtService:
         self.ready = trio.Event()
         self.joined = trio.Event()
         self.silent: SilentPeers[ID] = SilentPeers()
+        self.inbound: InboundSlots[ID] = InboundSlots(INBOUND_STREAMS_PER_PEER)
         self.lookup: Lookup | None = None
         # py-libp2p's full refresh, run only when this service asks (``_own_maintenance``)
         self._kad_refresh: Callable[[], Awaitable[None]] | None = None
@@ -132,6 +139,8 @@ class DhtService:
         )
         self._guard_lookups(self.kad)
         self._own_maintenance(self.kad)
+        if self.kad.mode == DHTMode.SERVER:  # KadDHT registered its own handler: ours bounds it
+            self.host.set_stream_handler(TProtocol(self.protocol_id), self._serve_inbound)
         restore_push_handler = self._watch_identify_push()
         try:
             async with background_trio_service(self.kad), trio.open_nursery() as nursery:
@@ -419,13 +428,32 @@ class DhtService:
             return False
         kad.mode = mode
         if on:
-            self.host.set_stream_handler(TProtocol(self.protocol_id), kad.handle_stream)
+            self.host.set_stream_handler(TProtocol(self.protocol_id), self._serve_inbound)
         else:
             self.host.remove_stream_handler(TProtocol(self.protocol_id))
         if self._nursery is not None:
             self._nursery.start_soon(self.announce_protocols)
         log.info("DHT %s", "server mode (publicly reachable)" if on else "client mode (private: not in others' tables)")
         return True
+
+    async def _serve_inbound(self, stream: INetStream) -> None:
+        """py-libp2p's DHT handler, for at most ``INBOUND_STREAMS_PER_PEER`` streams of one peer at once
+        and ``INBOUND_STREAM_S`` each: its 12 slots, shared by every peer, are no longer held by one
+        stranger's idle streams."""
+        kad = self.dht
+        peer_id = stream.muxed_conn.peer_id
+        if not self.inbound.take(peer_id):
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        try:
+            with trio.move_on_after(INBOUND_STREAM_S) as cut:
+                await kad.handle_stream(stream)
+            if cut.cancelled_caught:
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+        finally:
+            self.inbound.give_back(peer_id)
 
     async def announce_protocols(self) -> None:
         """Push our protocol list (identify push) to every connected peer; best effort."""

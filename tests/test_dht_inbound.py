@@ -1,0 +1,80 @@
+"""A stranger's idle DHT streams cannot starve a node's DHT (real hosts on loopback).
+
+py-libp2p serves at most 12 inbound DHT streams at once, shared by every peer, and read each with no
+time limit: a stranger that opened 12 and wrote nothing had every honest query reset.
+"""
+
+from __future__ import annotations
+
+import multiaddr
+import pytest
+import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from dht import service as service_module
+from dht.lookup_guard import InboundSlots
+from node.host import build_host
+from tests.support.swarm import open_swarm
+from wire.framing import encode_uvarint
+
+
+async def find_node(host: IHost, target: ID, protocol: TProtocol) -> bytes:
+    """One FIND_NODE as a peer sends it; the raw answer (empty if the stream was reset)."""
+    request = Message(type=Message.MessageType.FIND_NODE, key=host.get_id().to_bytes()).SerializeToString()
+    with trio.fail_after(5):
+        stream = await host.new_stream(target, [protocol])
+        try:
+            await stream.write(encode_uvarint(len(request)) + request)
+            return bytes(await stream.read(65536))
+        except Exception:  # noqa: BLE001 - a reset stream: no answer
+            return b""
+        finally:
+            await stream.reset()
+
+
+async def test_a_strangers_idle_dht_streams_leave_honest_queries_answered_and_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service_module, "INBOUND_STREAM_S", 1.5)
+    async with open_swarm(2) as nodes:
+        server, honest = nodes
+        protocol = TProtocol(server.dht.protocol_id)
+        assert await find_node(honest.host, server.host.get_id(), protocol)
+        stranger = build_host(generate_new_ed25519_identity())
+        async with stranger.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            await stranger.connect(info_from_p2p_addr(multiaddr.Multiaddr(f"{server.addrs[0]}/p2p/{server.peer_id}")))
+            idle = []
+            for _ in range(12):
+                try:
+                    idle.append(await stranger.new_stream(server.host.get_id(), [protocol]))
+                except Exception:  # noqa: BLE001 - refused: the stranger holds its share already
+                    pass
+            await trio.sleep(0.3)
+            assert await find_node(honest.host, server.host.get_id(), protocol), "an honest query was reset"
+            assert server.dht.inbound.held(stranger.get_id()) == service_module.INBOUND_STREAMS_PER_PEER
+            await trio.sleep(2.0)
+            ended = 0
+            for stream in idle:
+                try:
+                    with trio.move_on_after(0.5):
+                        ended += not await stream.read(1)
+                except Exception:  # noqa: BLE001 - reset: ended
+                    ended += 1
+            assert ended == len(idle)
+            assert server.dht.inbound.held(stranger.get_id()) == 0
+
+
+def test_a_peer_holds_at_most_its_share_of_inbound_streams() -> None:
+    slots: InboundSlots[str] = InboundSlots(per_peer=2)
+    assert slots.take("a") and slots.take("a") and not slots.take("a")
+    assert slots.take("b")
+    slots.give_back("a")
+    assert slots.take("a")
+    for peer in ("a", "a", "b"):
+        slots.give_back(peer)
+    assert len(slots) == 0
