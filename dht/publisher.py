@@ -270,7 +270,8 @@ class CapabilityPublisher:
             # The multihash itself, not through KadDHT.provide: its key parsing tries a CID first.
             if well_announced(await self.dht.provide(provider_key(name)), self.dht.routing_table_size()):
                 self._provided[name] = addrs
-            else:  # announced again by the next publish (``THIN_RETRY_S``)
+            else:  # announced again by the next publish (``THIN_RETRY_S``), a full one's included
+                self._provided.pop(name, None)
                 thin.append(name)
 
         # Concurrently: one after another, a newly added capability waited behind the

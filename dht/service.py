@@ -54,7 +54,14 @@ ANNOUNCE_TIMEOUT_S = 10.0
 # own and py-libp2p's senders open a stream per request), by at most this many streams a peer at once
 # (``lookup_guard.InboundSlots``: why).
 INBOUND_STREAM_S = 10.0
-INBOUND_STREAMS_PER_PEER = 4
+INBOUND_STREAMS_PER_PEER = 8
+# A stream past a peer's share waits this long for one of its streams to end before it is reset: an
+# honest node's provide and publish send a dozen at once (a reset FIND_NODE reads as an answer naming
+# nobody, a reset PUT_VALUE is not sent again).
+INBOUND_SLOT_WAIT_S = 2.0
+# py-libp2p serves 12 inbound DHT streams at once for every peer together; with one peer holding up to
+# ``INBOUND_STREAMS_PER_PEER``, the others share the rest.
+INBOUND_STREAMS = 32
 # ``DhtService.provide``: an ADD_PROVIDER not sent within this long is given up (py-libp2p's query timeout),
 # and one that failed (not reached, its stream refused or timed out) is sent again after these pauses.
 # On a busy swarm (bench/discovery.py's setup, 40 nodes at load 10) 130 of 210 sends failed so, and
@@ -112,6 +119,7 @@ class DhtService:
         self.joined = trio.Event()
         self.silent: SilentPeers[ID] = SilentPeers()
         self.inbound: InboundSlots[ID] = InboundSlots(INBOUND_STREAMS_PER_PEER)
+        self._inbound_freed = trio.Event()  # set (and replaced) as an inbound DHT stream ends
         self.lookup: Lookup | None = None
         # py-libp2p's full refresh, run only when this service asks (``_own_maintenance``)
         self._kad_refresh: Callable[[], Awaitable[None]] | None = None
@@ -139,6 +147,7 @@ class DhtService:
         )
         self._guard_lookups(self.kad)
         self._own_maintenance(self.kad)
+        self.kad._inbound_limiter = trio.CapacityLimiter(INBOUND_STREAMS)  # 12 in py-libp2p 0.8.1
         if self.kad.mode == DHTMode.SERVER:  # KadDHT registered its own handler: ours bounds it
             self.host.set_stream_handler(TProtocol(self.protocol_id), self._serve_inbound)
         restore_push_handler = self._watch_identify_push()
@@ -438,14 +447,19 @@ class DhtService:
 
     async def _serve_inbound(self, stream: INetStream) -> None:
         """py-libp2p's DHT handler, for at most ``INBOUND_STREAMS_PER_PEER`` streams of one peer at once
-        and ``INBOUND_STREAM_S`` each: its 12 slots, shared by every peer, are no longer held by one
-        stranger's idle streams."""
+        (one more waits up to ``INBOUND_SLOT_WAIT_S`` for one of them to end) and ``INBOUND_STREAM_S``
+        each: the slots py-libp2p shares between every peer are no longer held by one stranger's idle
+        streams."""
         kad = self.dht
         peer_id = stream.muxed_conn.peer_id
-        if not self.inbound.take(peer_id):
-            with contextlib.suppress(Exception):
-                await stream.reset()
-            return
+        deadline = trio.current_time() + INBOUND_SLOT_WAIT_S
+        while not self.inbound.take(peer_id):
+            if trio.current_time() >= deadline:
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+                return
+            with trio.move_on_at(deadline):
+                await self._inbound_freed.wait()
         try:
             with trio.move_on_after(INBOUND_STREAM_S) as cut:
                 await kad.handle_stream(stream)
@@ -454,6 +468,8 @@ class DhtService:
                     await stream.reset()
         finally:
             self.inbound.give_back(peer_id)
+            self._inbound_freed.set()
+            self._inbound_freed = trio.Event()
 
     async def announce_protocols(self) -> None:
         """Push our protocol list (identify push) to every connected peer; best effort."""
@@ -547,7 +563,11 @@ class DhtService:
 
         def put_noted(key: bytes, value: bytes, validity: float = 0.0) -> None:
             put(key, value, validity)
-            values._last_republish[key] = time.time()
+            noted = values._last_republish
+            noted[key] = time.time()
+            if len(noted) > len(values.store) + 256:  # py-libp2p never drops a key gone from its store
+                for gone in [k for k in noted if k not in values.store]:
+                    del noted[gone]
 
         values.put = put_noted  # type: ignore[method-assign]
 

@@ -57,7 +57,8 @@ async def test_a_strangers_idle_dht_streams_leave_honest_queries_answered_and_en
             await trio.sleep(0.3)
             assert await find_node(honest.host, server.host.get_id(), protocol), "an honest query was reset"
             assert server.dht.inbound.held(stranger.get_id()) == service_module.INBOUND_STREAMS_PER_PEER
-            await trio.sleep(2.0)
+            # The 8 held end at 1.5 s; the 4 that waited for them are served next, and end 1.5 s later.
+            await trio.sleep(3.5)
             ended = 0
             for stream in idle:
                 try:
@@ -78,3 +79,24 @@ def test_a_peer_holds_at_most_its_share_of_inbound_streams() -> None:
     for peer in ("a", "a", "b"):
         slots.give_back(peer)
     assert len(slots) == 0
+
+
+async def test_a_burst_of_honest_queries_past_a_peers_share_waits_and_is_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node's provide and publish send a dozen DHT streams to one peer at once: those past its share
+    wait for a slot instead of being reset (a reset FIND_NODE would read as an answer naming nobody)."""
+    monkeypatch.setattr(service_module, "INBOUND_STREAMS_PER_PEER", 2)
+    async with open_swarm(2) as nodes:
+        server, honest = nodes
+        server.dht.inbound.per_peer = 2
+        protocol = TProtocol(server.dht.protocol_id)
+        answers: list[bytes] = []
+
+        async def ask() -> None:
+            answers.append(await find_node(honest.host, server.host.get_id(), protocol))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(ask)
+        assert len(answers) == 12 and all(answers)

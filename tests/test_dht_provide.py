@@ -24,12 +24,17 @@ async def test_a_provide_reaches_the_known_closest_peers_while_its_walk_is_still
         provider, others = nodes[3], nodes[:3]
         key = provider_key(QWEN.name)
         walk_may_end = trio.Event()
-        walk = provider.dht.dht.peer_routing.find_closest_peers_network
+        lookup = provider.dht.lookup
+        assert lookup is not None
+        walk = lookup.closest_peers
 
-        async def stuck_walk(target: bytes, count: int = 20) -> list[ID]:
+        async def stuck_walk(
+            target: bytes, count: int = 20, *, stop_at: ID | None = None, near: Callable[[ID], None] | None = None
+        ) -> list[ID]:
             await walk_may_end.wait()
             return await walk(target, count)
 
+        lookup.closest_peers = stuck_walk  # type: ignore[method-assign,assignment]
         provider.dht.dht.peer_routing.find_closest_peers_network = stuck_walk  # type: ignore[method-assign,assignment]
         stored_at = [node for node in others if node.dht.dht.provider_store.get_providers(key)]
         assert not stored_at
@@ -181,3 +186,32 @@ async def test_a_provide_tells_a_peer_the_walk_meets_among_the_closest_before_th
                     await trio.sleep(0.02)
             assert not walk_may_end.is_set()
             walk_may_end.set()
+
+
+async def test_a_thin_periodic_announcement_of_an_old_offer_is_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The periodic (full) publish of an offer announced well before reached one peer of three: its
+    retry announces that offer again (it is not taken as announced already)."""
+    monkeypatch.setattr(publisher_module, "THIN_RETRY_S", (1.0, 2.0))
+    async with open_swarm(4, specs={3: NodeSpec(offers=(QWEN,))}) as nodes:
+        provider, others = nodes[3], nodes[:3]
+        key = provider_key(QWEN.name)
+        announced: list[bytes] = []
+        provide = provider.dht.provide
+
+        async def counting(key: bytes) -> int:
+            announced.append(key)
+            return await provide(key)
+
+        provider.dht.provide = counting  # type: ignore[method-assign]
+        unreachable = [node.host.get_id() for node in others[:2]]
+        for peer_id in unreachable:
+            provider.dht.silent.note(peer_id, trio.current_time())
+            await provider.host.disconnect(peer_id)
+        await provider.publisher.publish()
+        assert announced == [key]
+        for peer_id in unreachable:
+            provider.dht.silent.clear(peer_id)
+        with trio.fail_after(10):
+            while len(announced) < 2:
+                await trio.sleep(0.05)
+        assert announced == [key, key]
