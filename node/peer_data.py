@@ -11,6 +11,16 @@ Here each peer keeps at most ``MAX_PEER_PROTOCOLS`` protocol names of at most
 ``MAX_PROTOCOL_CHARS`` characters (the first its message lists: the rest are dropped), and at most
 ``MAX_PEER_ADDRS`` addresses (the newest: an address added past the bound pushes out the oldest,
 so a peer that restarted on a new port is still dialed at it).
+
+A peer's signed peer record (an envelope its own key signed, carried by identify and identify push,
+pubsub's ``senderRecord``, gossipsub's peer exchange and the DHT's sender records) is kept whole by
+py-libp2p's ``consume_peer_record``: its raw payload and every address parsed from it, after the peer
+left, whatever the addresses' bound above. One identify push naming 60 000 addresses left 8.9 MiB.
+Here a record is refused (not stored; ``consume_peer_record`` answers False, as for a stale one)
+when its envelope is over ``MAX_PEER_RECORD_BYTES`` or it names more than ``MAX_PEER_ADDRS``
+addresses; the peer stays reachable at the addresses its identify names, and an earlier record
+that fitted stays. Every route above stores through ``consume_peer_record`` (``consume_peer_records``
+too), so one wrapper covers them.
 """
 
 from __future__ import annotations
@@ -24,12 +34,29 @@ from libp2p.peer.id import ID
 MAX_PEER_PROTOCOLS = 128
 MAX_PROTOCOL_CHARS = 256
 MAX_PEER_ADDRS = 64
+# A whole signed envelope (key, payload, signature); go-libp2p reads at most 8 KiB of identify, of
+# which the record is a part. A record of 64 IPv6 addresses is about 2 KiB.
+MAX_PEER_RECORD_BYTES = 4096
+
+
+def record_fits(envelope: Any) -> bool:
+    """Whether ``envelope`` (a signed peer record) is small enough to keep: at most
+    ``MAX_PEER_RECORD_BYTES`` marshalled and at most ``MAX_PEER_ADDRS`` addresses."""
+    try:
+        if len(envelope.raw_payload) + len(envelope.signature) > MAX_PEER_RECORD_BYTES:
+            return False  # before marshalling or parsing anything large
+        if len(envelope.marshal_envelope()) > MAX_PEER_RECORD_BYTES:
+            return False
+        return len(envelope.record().addrs) <= MAX_PEER_ADDRS
+    except Exception:  # noqa: BLE001 - a record py-libp2p cannot read (it raises anything): not kept
+        return False
 
 
 def bound_peer_data(peerstore: Any) -> None:
     """Bound what ``peerstore`` (py-libp2p's ``PeerStore``) keeps of each peer; call once, before
     anything else wraps its ``add_addrs``."""
     add_protocols, set_protocols, add_addrs = peerstore.add_protocols, peerstore.set_protocols, peerstore.add_addrs
+    consume_peer_record = peerstore.consume_peer_record
 
     def held(peer_id: ID) -> Any:
         return peerstore.peer_data_map.get(peer_id)
@@ -57,6 +84,10 @@ def bound_peer_data(peerstore: Any) -> None:
                 del stored[:over]  # the oldest go
         add_addrs(peer_id, addrs, ttl)
 
+    def consume_peer_record_bounded(envelope: Any, ttl: int) -> bool:
+        return record_fits(envelope) and bool(consume_peer_record(envelope, ttl))
+
     peerstore.add_protocols = add_protocols_bounded
     peerstore.set_protocols = set_protocols_bounded
     peerstore.add_addrs = add_addrs_bounded
+    peerstore.consume_peer_record = consume_peer_record_bounded
