@@ -152,7 +152,7 @@ async def arbitration_times(count: int) -> list[float]:
     from tests.support.market import SharedChain, market_nodes, wait_for
 
     shared = await trio.to_thread.run_sync(SharedChain.start)
-    specs = [{}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    specs = [{"arbiter": 2}, {"arbiter": 2}, {"wallet_key": shared.arbiter.key.hex()}]  # escrow.arbiter_peer
     times: list[float] = []
     async with market_nodes(specs, chain=shared) as (nodes, _):
         buyer, seller, arbiter = nodes

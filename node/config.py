@@ -241,14 +241,17 @@ class EscrowSection(_Section):
     trusted_arbiters: list[str] = Field(
         default_factory=list,
         max_length=64,
-        description="more arbiters this node trusts, as a seller, on a task's panel (besides its own arbiter), "
-        "each PEER:WALLET (its peer id and its wallet): an award whose panel fewer than m of these decide is refused",
+        description="more arbiters this node trusts, as a seller, alone or on a task's panel (besides its own "
+        "arbiter), each PEER:WALLET (its peer id and its wallet): an award whose panel fewer than m of these decide, "
+        "or whose single arbiter is no trusted pair, is refused",
     )
     arbiter_peer: str = Field(
         "",
         pattern=r"^([1-9A-HJ-NP-Za-km-z]{46,64})?$",
         description="peer id of the node that holds the escrows' arbiter wallet: where this node, as a buyer,"
-        " sends the signed evidence of a failed verification; empty: such a failure ends the lease undisputed",
+        " sends the signed evidence of a failed verification, and, as a task's seller, the peer id its arbiter must"
+        " be announced under; empty: such a failure ends the lease undisputed, and awards naming its arbiter alone"
+        " are refused",
     )
     dispute_window_s: int = Field(600, ge=0, le=30 * 86_400, description="dispute window after a lease's deadline")
     dev_rpc_listen: str = Field(

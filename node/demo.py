@@ -419,7 +419,8 @@ async def _play(demo: Demo, tiny: bool, root: Path) -> dict[str, Any]:
     specs: list[dict[str, Any]] = [{"wallet_key": shared.arbiter.key.hex()}]
     for price in PRICES:
         spec = ModelSpec(name=name, price_per_unit=price, n_threads=1, **fields)
-        specs.append({"models": (spec,)})
+        # escrow.arbiter_peer: the sellers take the task's award only under the arbiter they know by peer id
+        specs.append({"models": (spec,), "arbiter": 0})
     specs.append({})
     demo.event(f"starting 5 nodes on loopback (the providers load {name})")
     async with market_nodes(specs, chain=shared, root=root / "nodes") as (nodes, _):

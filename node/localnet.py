@@ -137,7 +137,7 @@ async def market_nodes(
     root: Path | None = None,
 ) -> AsyncIterator[tuple[list[Node], SharedChain]]:
     """Start one Node per spec (``offers``, ``market``, ``serve``, ``wallet_key``, ``trusted_arbiters``,
-    ``trusts``, ``arbiter_peer``); the first is everyone's bootstrap.
+    ``trusts``, ``arbiter_peer``, ``arbiter``); the first is everyone's bootstrap.
 
     With ``bootstrap`` (multiaddrs of an existing swarm, e.g. ``open_swarm``'s first nodes), every
     node joins through those peers instead. Data dirs go under ``root`` (default: a temporary
@@ -148,7 +148,9 @@ async def market_nodes(
         base = root if root is not None else Path(scratch)
         nodes: list[Node] = []
         # ``trusts`` (indexes into ``specs``): nodes of this market whose PEER:WALLET this node trusts on a
-        # task's panel, beside its ``trusted_arbiters`` (escrow.trusted_arbiters); their identities are made now.
+        # task's panel, beside its ``trusted_arbiters`` (escrow.trusted_arbiters); ``arbiter`` (an index): the
+        # node whose peer id is this node's escrow.arbiter_peer (a seller takes a single-arbiter award only
+        # when the announced peer id and wallet are a pair it trusts). Their identities are made now.
         entries = await trio.to_thread.run_sync(_arbiter_entries, specs, base)
         async with trio.open_nursery() as nursery:
             joined_through = list(bootstrap or [])
@@ -171,7 +173,9 @@ async def market_nodes(
                         *spec.get("trusted_arbiters", ()),
                         *(entries[i] for i in spec.get("trusts", ())),
                     ),
-                    arbiter_peer=spec.get("arbiter_peer", ""),  # escrow.arbiter_peer: our arbiter's peer id
+                    # escrow.arbiter_peer: our arbiter's peer id, named or that of node ``arbiter``
+                    arbiter_peer=spec.get("arbiter_peer")
+                    or ("" if spec.get("arbiter") is None else entries[spec["arbiter"]].split(":")[0]),
                 )
                 # ``wallet_key`` (hex): this node's escrow wallet, e.g. ``shared.arbiter.key.hex()`` for the arbiter.
                 wallet_hex = spec.get("wallet_key")
@@ -190,10 +194,13 @@ async def market_nodes(
 
 
 def _arbiter_entries(specs: list[dict[str, Any]], base: Path) -> dict[int, str]:
-    """PEER:WALLET of each node some spec ``trusts``, by index: its identity, and its wallet key where its
-    spec names none, are made in its data dir now (the node loads them when it starts)."""
+    """PEER:WALLET of each node some spec ``trusts`` or names as its ``arbiter``, by index: its identity, and
+    its wallet key where its spec names none, are made in its data dir now (the node loads them when it starts)."""
     entries: dict[int, str] = {}
-    for index in sorted({i for spec in specs for i in spec.get("trusts", ())}):
+    named = {i for spec in specs for i in spec.get("trusts", ())} | {
+        spec["arbiter"] for spec in specs if spec.get("arbiter") is not None
+    }
+    for index in sorted(named):
         data_dir = ensure_data_dir(base / f"node{index}")
         key_pair, _ = load_or_create_identity(data_dir)
         wallet_hex = specs[index].get("wallet_key")

@@ -49,6 +49,13 @@ from wire.signed import seal, to_base64
 CAPABILITY = "model:words"
 PRICE = 10 * WORD_PRICE
 MARKET = MarketSection(channel_duration_s=600, channel_idle_close_s=3600, channel_margin_s=0)  # type: ignore[call-arg]
+# The arbiter both nodes name (escrow.arbiter_peer, with the chain's arbiter wallet): the seller takes an award
+# only under the peer id and wallet of an arbiter it trusts. No node runs it; no dispute is raised here.
+ARBITER_PEER = str(ID.from_pubkey(create_new_key_pair().public_key))
+NODES = [
+    {"market": MARKET, "arbiter_peer": ARBITER_PEER},
+    {"offers": (WORD_OFFER,), "market": MARKET, "arbiter_peer": ARBITER_PEER},
+]
 
 _ACK = TypeAdapter(w.Ack)
 
@@ -70,7 +77,7 @@ async def _a_task_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tupl
         PRICE,
         120,
         params="{}",
-        arbiter_peer=str(ID.from_pubkey(create_new_key_pair().public_key)),
+        arbiter_peer=ARBITER_PEER,
         arbiter_wallet=arbiter_wallet,
         review_timeout_s=60,
     )
@@ -81,7 +88,7 @@ async def _a_task_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tupl
 async def test_a_task_award_and_a_channel_open_naming_one_escrow_at_once_take_it_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async with market_nodes([{"market": MARKET}, {"offers": (WORD_OFFER,), "market": MARKET}]) as (nodes, shared):
+    async with market_nodes(NODES) as (nodes, shared):
         creator, seller = nodes
         view, bid = await _a_task_bid_on(creator, seller, shared.arbiter.address)
 
@@ -164,7 +171,7 @@ async def test_a_channel_open_naming_the_lock_of_an_award_being_checked_is_refus
     and a salt, as a channel's is, and opens a payment channel naming it while the seller checks the award.
     The seller's write of the task's lease row is held until the channel open has its answer, so the open
     lands in the window every run. Before, the channel check found no lease row and both were taken."""
-    async with market_nodes([{"market": MARKET}, {"offers": (WORD_OFFER,), "market": MARKET}]) as (nodes, shared):
+    async with market_nodes(NODES) as (nodes, shared):
         creator, seller = nodes
         view, bid = await _a_task_bid_on(creator, seller, shared.arbiter.address)
         salt = os.urandom(32)

@@ -57,11 +57,23 @@ def _fresh_peer() -> str:
     return str(ID.from_pubkey(create_new_key_pair().public_key))
 
 
-async def _award_refused(creator: Any, seller: Any, envelope: str) -> tuple[ErrorCode, str | None]:
-    """The creator sends the seller a sealed award by hand; the code and reason of the seller's refusal."""
+# The arbiter a seller trusts by peer id (escrow.arbiter_peer) with the chain's arbiter wallet (escrow.arbiter):
+# a single-arbiter award is taken only when the announcement names that pair. No node runs it here.
+ARBITER_PEER = _fresh_peer()
+SELLER = {"arbiter_peer": ARBITER_PEER}
+
+
+async def _award_refusal(creator: Any, seller: Any, envelope: str) -> ClawnodeError:
+    """The creator sends the seller a sealed award by hand; the seller's refusal."""
     with pytest.raises(ClawnodeError) as refused:
         await request(creator.host, seller.host.get_id(), TASK_PROTOCOL, w.AwardRequest(envelope=envelope), _ACK)
-    return refused.value.code, refused.value.reason
+    return refused.value
+
+
+async def _award_refused(creator: Any, seller: Any, envelope: str) -> tuple[ErrorCode, str | None]:
+    """The code and reason of the seller's refusal of an award sent by hand."""
+    refused = await _award_refusal(creator, seller, envelope)
+    return refused.code, refused.reason
 
 
 async def _watching(creator: Any, seller: Any, capability: str) -> None:
@@ -74,7 +86,7 @@ async def _watching(creator: Any, seller: Any, capability: str) -> None:
 async def _two_tasks_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[str, str, list[Any]]:
     """The creator publishes two tasks under one arbiter; the seller, watching, bids half the price on each."""
     await _watching(creator, seller, CAPABILITY)
-    arbiter = _fresh_peer()
+    arbiter = ARBITER_PEER
     first, second = [
         (
             await creator.tasks.publish(
@@ -131,7 +143,7 @@ async def test_a_seller_refuses_an_award_locked_under_a_panel_its_params_do_not_
 
 
 async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeout() -> None:
-    async with market_nodes([{}, {}]) as (nodes, shared):
+    async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
         await _watching(creator, seller, CAPABILITY)
         view = await creator.tasks.publish(
@@ -139,7 +151,7 @@ async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeou
             ETH,
             120,
             params="{}",
-            arbiter_peer=_fresh_peer(),
+            arbiter_peer=ARBITER_PEER,
             arbiter_wallet=shared.arbiter.address,
             review_timeout_s=1,
         )
@@ -166,7 +178,7 @@ async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeou
 
 
 async def test_a_seller_disputes_a_rejection_of_a_sandboxed_result_a_re_run_decides() -> None:
-    async with market_nodes([{}, {}]) as (nodes, shared):
+    async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
         await _watching(creator, seller, "model:wasm-upper")
         view = await creator.tasks.publish_run(
@@ -177,7 +189,7 @@ async def test_a_seller_disputes_a_rejection_of_a_sandboxed_result_a_re_run_deci
             module=mods.UPPER,
             input=b"pay me",
             limits=Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output_bytes=4096),
-            arbiter_peer=_fresh_peer(),
+            arbiter_peer=ARBITER_PEER,
             arbiter_wallet=shared.arbiter.address,
             review_timeout_s=60,
         )
@@ -237,7 +249,7 @@ async def test_one_stranger_places_a_few_bids_on_a_task_not_one_every_two_second
 
 
 async def test_a_seller_refuses_an_award_that_names_the_lock_of_another_of_its_tasks() -> None:
-    async with market_nodes([{}, {}]) as (nodes, shared):
+    async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
         first, second, bids = await _two_tasks_bid_on(creator, seller, shared.arbiter.address)
         await creator.tasks.award(first, bids[0].bid_id)
@@ -260,7 +272,7 @@ async def test_a_seller_refuses_an_award_that_names_the_lock_of_another_of_its_t
 
 async def test_a_seller_refuses_an_award_that_names_a_payment_channel_of_its_leases() -> None:
     market = MarketSection(channel_duration_s=600, channel_idle_close_s=3600, channel_margin_s=0)  # type: ignore[call-arg]
-    async with market_nodes([{"market": market}, {"offers": (WORD_OFFER,), "market": market}]) as (nodes, _):
+    async with market_nodes([{"market": market}, {"offers": (WORD_OFFER,), "market": market, **SELLER}]) as (nodes, _):
         creator, seller = nodes
         await seller.tasks.watch(CAPABILITY)
         await wait_for(lambda: seller.publisher.record is not None)
@@ -285,7 +297,7 @@ async def test_a_seller_refuses_an_award_that_names_a_payment_channel_of_its_lea
             10 * WORD_PRICE,
             120,
             params="{}",
-            arbiter_peer=_fresh_peer(),
+            arbiter_peer=ARBITER_PEER,
             arbiter_wallet=state.arbiter,
             review_timeout_s=60,
         )
@@ -314,11 +326,11 @@ async def test_a_seller_refuses_an_award_that_names_a_payment_channel_of_its_lea
 async def test_a_creator_takes_its_lock_back_from_a_seller_that_delivers_nothing_by_the_deadline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async with market_nodes([{}, {}]) as (nodes, shared):
+    async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
         await _watching(creator, seller, CAPABILITY)
         view = await creator.tasks.publish(
-            CAPABILITY, ETH, 120, params="{}", arbiter_peer=_fresh_peer(), arbiter_wallet=shared.arbiter.address
+            CAPABILITY, ETH, 120, params="{}", arbiter_peer=ARBITER_PEER, arbiter_wallet=shared.arbiter.address
         )
         await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
         bid = await seller.tasks.bid(view.task_id, ETH // 2)
@@ -345,11 +357,11 @@ async def test_a_creator_takes_its_lock_back_from_a_seller_that_delivers_nothing
 async def test_a_refused_no_show_revoke_is_tried_again_after_a_wait_not_on_every_sweep(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with market_nodes([{}, {}]) as (nodes, shared):
+    async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
         await _watching(creator, seller, CAPABILITY)
         view = await creator.tasks.publish(
-            CAPABILITY, ETH, 120, params="{}", arbiter_peer=_fresh_peer(), arbiter_wallet=shared.arbiter.address
+            CAPABILITY, ETH, 120, params="{}", arbiter_peer=ARBITER_PEER, arbiter_wallet=shared.arbiter.address
         )
         await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
         bid = await seller.tasks.bid(view.task_id, ETH // 2)
@@ -429,6 +441,42 @@ async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does
         envelope = creator.tasks.local[task_id].award_env
         assert envelope is not None
         assert await _award_refused(creator, seller, envelope) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
+
+
+async def test_a_seller_refuses_an_award_pairing_its_arbiters_wallet_with_another_peer_id() -> None:
+    # The seller knows its arbiter by peer id (escrow.arbiter_peer); the third node does not (unset).
+    async with market_nodes([{}, SELLER, {}]) as (nodes, shared):
+        creator, seller, unset = nodes
+        await _watching(creator, seller, CAPABILITY)
+        await _watching(creator, unset, CAPABILITY)
+        # The trusted wallet under a peer id the creator holds (a fresh one): the seller's dispute would go
+        # there, the real arbiter would never hear of it, and the disputed price (no timeout refunds it) stays
+        # frozen.
+        tasks = [
+            (
+                await creator.tasks.publish(
+                    CAPABILITY, ETH, 120, params="{}", arbiter_peer=peer, arbiter_wallet=shared.arbiter.address
+                )
+            ).task_id
+            for peer in (_fresh_peer(), ARBITER_PEER)
+        ]
+        await wait_for(lambda: set(tasks) <= set(seller.tasks.book.tasks) & set(unset.tasks.book.tasks), 30)
+        bid = await seller.tasks.bid(tasks[0], ETH // 2)
+        awarded = await creator.tasks.award(tasks[0], bid.bid_id)
+        refusal = await _took_nothing(creator, seller, tasks[0], awarded.escrow_id)
+        assert refusal == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
+        envelope = creator.tasks.local[tasks[0]].award_env
+        assert envelope is not None
+        assert "another peer id" in (await _award_refusal(creator, seller, envelope)).message
+
+        # The honest pair, to a node that does not know its arbiter's peer id: it says what to set.
+        bid = await unset.tasks.bid(tasks[1], ETH // 2)
+        awarded = await creator.tasks.award(tasks[1], bid.bid_id)
+        refusal = await _took_nothing(creator, unset, tasks[1], awarded.escrow_id)
+        assert refusal == (ErrorCode.UNAVAILABLE, "no_trusted_arbiter")
+        envelope = creator.tasks.local[tasks[1]].award_env
+        assert envelope is not None
+        assert "escrow.arbiter_peer" in (await _award_refusal(creator, unset, envelope)).message
 
 
 async def _publish_panel_tasks(creator: Any, panels: list[w.PanelTerms]) -> list[str]:
@@ -528,7 +576,7 @@ async def test_a_seller_refuses_a_panel_seating_a_trusted_wallet_under_another_p
 
 
 async def test_two_awards_naming_one_lock_at_once_pay_one_task_only() -> None:
-    async with market_nodes([{}, {}]) as (nodes, shared):
+    async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
         first, second, bids = await _two_tasks_bid_on(creator, seller, shared.arbiter.address)
 

@@ -139,7 +139,7 @@ async def test_inference_tasks_run_by_the_seller_and_disputes_decided_by_re_runn
         {},
         # The seller trusts the arbiter and the member with a copy on a panel (escrow.trusted_arbiters: their
         # PEER:WALLET): two of the panel's three, its threshold.
-        {"models": (spec(seller_file),), "trusts": (2, 3)},
+        {"models": (spec(seller_file),), "trusts": (2, 3), "arbiter": 2},  # escrow.arbiter_peer: node 2
         {"wallet_key": shared.arbiter.key.hex(), "models": (spec(arbiter_file),)},
         {"models": (spec(write_tiny_llama_gguf(tmp_path / "member.gguf")),)},
         {},  # a panel member that serves no model

@@ -95,7 +95,8 @@ async def _chain_state(node: Node, payer: str, escrow_id: str) -> object:
 
 async def test_publish_bid_award_deliver_accept_release() -> None:
     shared = await trio.to_thread.run_sync(SharedChain.start)
-    specs = [{}, {}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    # Each node knows its arbiter by peer id (escrow.arbiter_peer): a seller trusts the announced pair.
+    specs = [{"arbiter": 3}, {"arbiter": 3}, {"arbiter": 3}, {"wallet_key": shared.arbiter.key.hex()}]
     async with market_nodes(specs, chain=shared) as (nodes, _):
         creator, b1, b2, arbiter = nodes
         task_id = await _publish(creator, [b1, b2], arbiter, shared)
@@ -150,7 +151,7 @@ async def test_publish_bid_award_deliver_accept_release() -> None:
 
 async def test_reject_dispute_and_arbiter_split() -> None:
     shared = await trio.to_thread.run_sync(SharedChain.start)
-    specs = [{}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    specs = [{"arbiter": 2}, {"arbiter": 2}, {"wallet_key": shared.arbiter.key.hex()}]  # escrow.arbiter_peer
     async with market_nodes(specs, chain=shared) as (nodes, _):
         creator, bidder, arbiter = nodes
         task_id = await _publish(creator, [bidder], arbiter, shared)
@@ -270,7 +271,7 @@ async def _evidence_reaches_the_arbiter(creator: Node, bidder: Node, arbiter: No
 
 async def test_adversarial_requests_are_refused() -> None:
     shared = await trio.to_thread.run_sync(SharedChain.start)
-    specs = [{}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    specs = [{"arbiter": 2}, {"arbiter": 2}, {"wallet_key": shared.arbiter.key.hex()}]  # escrow.arbiter_peer
     async with market_nodes(specs, chain=shared) as (nodes, _):
         creator, bidder, arbiter = nodes
         task_id = await _publish(creator, [bidder], arbiter, shared)

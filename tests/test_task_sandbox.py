@@ -107,7 +107,7 @@ async def _closed_with(node: Node, task_id: str, to_bidder: int) -> None:
 
 async def test_sandboxed_tasks_run_by_the_seller_and_disputes_decided_by_re_execution() -> None:
     shared = await trio.to_thread.run_sync(SharedChain.start)
-    specs = [{}, {}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    specs = [{"arbiter": 3}, {"arbiter": 3}, {"arbiter": 3}, {"wallet_key": shared.arbiter.key.hex()}]
     async with market_nodes(specs, chain=shared) as (nodes, _):
         creator, seller, cheat, arbiter = nodes
         cheat.sandbox.policy = dataclasses.replace(cheat.sandbox.policy, auto_run=False)  # delivers by hand

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 
 async def test_a_program_withheld_past_the_deadline_pays_the_seller_and_one_served_late_is_re_run() -> None:
     shared = await trio.to_thread.run_sync(SharedChain.start)
-    specs = [{}, {}, {"wallet_key": shared.arbiter.key.hex()}]
+    specs = [{"arbiter": 2}, {"arbiter": 2}, {"wallet_key": shared.arbiter.key.hex()}]  # escrow.arbiter_peer
     async with market_nodes(specs, chain=shared) as (nodes, _):
         creator, seller, arbiter = nodes
         await seller.tasks.watch(CAPABILITY)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict, trusted_arbiter_verdict
+from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict
 from protocols.machines.task_model import ReceiptState, ResultState
 from protocols.machines.verdict import Refusal
 from protocols.task_wire import MAX_ARTIFACT, MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE, MAX_PARAMS
@@ -191,14 +191,58 @@ class AwardLockFacts:
     panel_named: bool = False  # the award's params name a panel (its lock: ``panel_lock_verdict``)
     panel_members: tuple[tuple[str, str], ...] = ()  # (peer id, wallet) of each member the params name
     panel_threshold: int = 0  # its m
-    # The (peer id, wallet) pairs this node trusts on a panel: its own arbiter's (escrow.arbiter_peer with
-    # escrow.arbiter) and those of escrow.trusted_arbiters.
+    # The (peer id, wallet) pairs this node trusts, as a single arbiter or on a panel: its own arbiter's
+    # (escrow.arbiter_peer with escrow.arbiter, when both are known) and those of escrow.trusted_arbiters.
     trusted_members: tuple[tuple[str, str], ...] = ()
+    arbiter_peer: str = ""  # the peer id the announcement names as its single arbiter: a dispute's case goes there
 
 
-def award_arbiter_verdict(arbiter_wallet: str, trusted_arbiter: str | None) -> Refusal | None:
-    """An award's single arbiter must be the one this node trusts; a panel's members: ``panel_trust_verdict``."""
-    return trusted_arbiter_verdict(arbiter_wallet, trusted_arbiter, subject="task")
+def award_arbiter_verdict(
+    arbiter_peer: str, arbiter_wallet: str, own_wallet: str | None, trusted: Sequence[tuple[str, str]]
+) -> Refusal | None:
+    """An award's single arbiter must be one this node trusts by peer id AND wallet (a panel's members:
+    ``panel_trust_verdict``). ``arbiter_peer`` is the peer id the announcement names (a dispute's case goes
+    there), ``arbiter_wallet`` the wallet the award's lock names (it resolves the escrow); ``own_wallet`` is
+    this node's own arbiter wallet (escrow.arbiter; None: none known) and ``trusted`` the ``(peer id,
+    wallet)`` pairs it trusts: its own arbiter's (escrow.arbiter_peer with escrow.arbiter, when both are
+    known) and those of escrow.trusted_arbiters. Wallets compare case-insensitively. A trusted wallet under
+    a peer id of the creator's own or a made-up one is refused: the seller's dispute would go to that peer,
+    the trusted arbiter would never hear of it, and the disputed lock (which no timeout refunds) would keep
+    the seller's pay frozen."""
+    ours = {(peer, wallet.lower()) for peer, wallet in trusted}
+    wallet = arbiter_wallet.lower()
+    if (arbiter_peer, wallet) in ours:
+        return None
+    own = None if own_wallet is None else own_wallet.lower()
+    if own is None and not ours:
+        return _refuse(
+            ErrorCode.UNAVAILABLE,
+            "no_trusted_arbiter",
+            "this node knows no arbiter of its own (no escrow chain connected, or none configured): "
+            "set escrow.arbiter and escrow.arbiter_peer to the arbiter you trust",
+        )
+    trusted_wallets = {w for _, w in ours}
+    if wallet == own and own not in trusted_wallets:
+        return _refuse(
+            ErrorCode.UNAVAILABLE,
+            "no_trusted_arbiter",
+            "the award names this node's arbiter wallet, but this node does not know that arbiter's peer id: "
+            "set escrow.arbiter_peer to it (or trust it as PEER:WALLET in escrow.trusted_arbiters)",
+        )
+    if wallet == own or wallet in trusted_wallets:
+        return _refuse(
+            F,
+            "award_untrusted_arbiter",
+            "the award's arbiter wallet is one this node trusts, but the announcement names another peer id for "
+            "it, which a dispute would go to (trusted pairs: escrow.arbiter_peer with escrow.arbiter, and "
+            "escrow.trusted_arbiters)",
+        )
+    return _refuse(
+        F,
+        "award_untrusted_arbiter",
+        "the award's escrow names another arbiter than the ones this node trusts (escrow.arbiter_peer with "
+        "escrow.arbiter, and escrow.trusted_arbiters)",
+    )
 
 
 def panel_trust_verdict(
@@ -221,8 +265,8 @@ def panel_trust_verdict(
             F,
             "panel_untrusted",
             f"{held} of the panel's {len(members)} members are arbiters this node trusts (peer id and wallet) and "
-            f"{threshold} votes decide: trust more of them (escrow.trusted_arbiters, PEER:WALLET) or bid on "
-            "another task",
+            f"{threshold} votes decide: trust more of them (escrow.arbiter_peer for this node's own arbiter, "
+            "escrow.trusted_arbiters as PEER:WALLET) or bid on another task",
         )
     return None
 
@@ -241,7 +285,7 @@ def award_lock_verdict(f: AwardLockFacts) -> Refusal | None:
     if f.panel_named:
         refusal = panel_trust_verdict(f.panel_members, f.panel_threshold, f.trusted_members)
     else:
-        refusal = award_arbiter_verdict(f.arbiter_wallet, f.trusted_arbiter)
+        refusal = award_arbiter_verdict(f.arbiter_peer, f.arbiter_wallet, f.trusted_arbiter, f.trusted_members)
     if refusal is not None:
         return refusal
     return lock_verdict(f.lock, LockTerms("task", f.payee, f.arbiter_wallet, f.price, f.window, f.lasts_until))

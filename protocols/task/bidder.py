@@ -188,7 +188,8 @@ class BidderRole(TaskCore):
             chain_now = await client.chain.run(client.chain.now)
         panel = w.panel_terms(notice.params)
         own_terms = self.escrow_terms()
-        # Our own arbiter sits on a panel as the pair escrow.arbiter_peer + escrow.arbiter, when both are known.
+        # Our own arbiter is trusted (alone or on a panel) as the pair escrow.arbiter_peer + escrow.arbiter,
+        # when both are known.
         own_arbiter = () if (pair := self.default_arbiter()) is None else (pair,)
         enforce(
             checks.award_lock_verdict(
@@ -212,6 +213,7 @@ class BidderRole(TaskCore):
                     panel_members=() if panel is None else tuple((seat.peer, seat.wallet) for seat in panel.members),
                     panel_threshold=0 if panel is None else panel.threshold,
                     trusted_members=(*own_arbiter, *self.trusted_arbiters),
+                    arbiter_peer=record.arbiter,  # the announcement's: a dispute's case goes to this peer
                 )
             )
         )

@@ -125,7 +125,11 @@ def test_the_award_lock_check_asks_chain_contract_and_payee_first() -> None:
             trusted_arbiter=d(
                 st.sampled_from([ARB_WALLET, ARB_WALLET, ARB_WALLET.upper().replace("0X", "0x"), OTHER_WALLET, None])
             ),
+            arbiter_peer=ARBITER,
         )
+        # This node knows its own arbiter's peer id: escrow.arbiter_peer with its escrow.arbiter.
+        if facts.trusted_arbiter is not None:
+            facts = dataclasses.replace(facts, trusted_members=((ARBITER, facts.trusted_arbiter),))
         verdict = c.award_lock_verdict(facts)
         tally(seen, verdict)
         if facts.award_chain_id != 31337 or facts.award_contract.lower() != WALLETS[2]:
@@ -165,10 +169,13 @@ def test_the_award_lock_check_asks_chain_contract_and_payee_first() -> None:
 def test_a_panel_lock_counts_only_under_params_that_name_a_panel() -> None:
     zero = "0x" + "00" * 20
     lock = LockState("active", PAYEE, zero, 1_000, 0, 9_000, 30)
-    facts = c.AwardLockFacts(31337, 31337, WALLETS[2], WALLETS[2], PAYEE, PAYEE, zero, 1_000, 30, 9_000, lock, zero)
+    facts = c.AwardLockFacts(
+        31337, 31337, WALLETS[2], WALLETS[2], PAYEE, PAYEE, zero, 1_000, 30, 9_000, lock, zero, arbiter_peer=ARBITER
+    )
+    facts = dataclasses.replace(facts, trusted_members=((ARBITER, zero),))
     assert c.award_lock_verdict(facts) is None  # a zero arbiter alone is the panel check's to judge
     # ... but a single arbiter this node does not trust is not, under params that name no panel
-    untrusted = c.award_lock_verdict(dataclasses.replace(facts, trusted_arbiter=PAYEE))
+    untrusted = c.award_lock_verdict(dataclasses.replace(facts, trusted_arbiter=PAYEE, trusted_members=()))
     assert untrusted is not None and (untrusted.code, untrusted.reason) == (
         ErrorCode.FORBIDDEN,
         "award_untrusted_arbiter",
@@ -189,6 +196,40 @@ def test_a_panel_lock_counts_only_under_params_that_name_a_panel() -> None:
         assert refused is not None and (refused.code, refused.reason) == (ErrorCode.FORBIDDEN, "panel_untrusted")
 
 
+def test_a_seller_takes_a_single_arbiter_only_by_a_peer_id_and_wallet_it_trusts() -> None:
+    own, extra = (ARBITER, ARB_WALLET), (STRANGER, OTHER_WALLET)  # escrow.arbiter_peer + escrow.arbiter; a trusted one
+    loud = ARB_WALLET.upper().replace("0X", "0x")
+    assert c.award_arbiter_verdict(ARBITER, loud, ARB_WALLET, (own,)) is None
+    assert c.award_arbiter_verdict(STRANGER, OTHER_WALLET, ARB_WALLET, (own, extra)) is None  # escrow.trusted_arbiters
+    assert c.award_arbiter_verdict(STRANGER, OTHER_WALLET, None, (extra,)) is None
+    cases = [
+        # the trusted wallet under the creator's peer id or a made-up one: the case would never reach our arbiter
+        ((CREATOR, ARB_WALLET, ARB_WALLET, (own,)), ErrorCode.FORBIDDEN, "award_untrusted_arbiter", "another peer id"),
+        (
+            (ARBITER, OTHER_WALLET, ARB_WALLET, (own, extra)),
+            ErrorCode.FORBIDDEN,
+            "award_untrusted_arbiter",
+            "another peer id",
+        ),
+        ((ARBITER, PAYEE, ARB_WALLET, (own, extra)), ErrorCode.FORBIDDEN, "award_untrusted_arbiter", "another arbiter"),
+        # escrow.arbiter_peer unset: our own wallet is named, but we cannot tell whose peer id goes with it
+        ((ARBITER, ARB_WALLET, ARB_WALLET, ()), ErrorCode.UNAVAILABLE, "no_trusted_arbiter", "escrow.arbiter_peer"),
+        (
+            (CREATOR, ARB_WALLET, ARB_WALLET, (extra,)),
+            ErrorCode.UNAVAILABLE,
+            "no_trusted_arbiter",
+            "escrow.arbiter_peer",
+        ),
+        ((ARBITER, PAYEE, ARB_WALLET, ()), ErrorCode.FORBIDDEN, "award_untrusted_arbiter", "another arbiter"),
+        # no arbiter known at all
+        ((ARBITER, ARB_WALLET, None, ()), ErrorCode.UNAVAILABLE, "no_trusted_arbiter", "escrow.arbiter_peer"),
+    ]
+    for args, code, reason, said in cases:
+        refused = c.award_arbiter_verdict(*args)
+        assert refused is not None and (refused.code, refused.reason) == (code, reason), args
+        assert said in refused.message, (args, refused.message)
+
+
 def test_a_panel_is_taken_only_when_trusted_members_reach_the_threshold_and_untrusted_ones_do_not() -> None:
     t1, t2, a1, a2, a3 = ((f"12D3KooWmember{i}", "0x" + f"{i:02x}" * 20) for i in range(1, 6))
     trusted = (t1, t2)
@@ -196,6 +237,7 @@ def test_a_panel_is_taken_only_when_trusted_members_reach_the_threshold_and_untr
     for members, m in (((t1, a1, a2), 3), ((t1, a1), 2), ((t1, t2, a1, a2, a3), 4)):
         refused = c.panel_trust_verdict(members, m, trusted)
         assert refused is not None and refused.reason == "panel_untrusted", (members, m)
+        assert "escrow.arbiter_peer" in refused.message and "escrow.trusted_arbiters" in refused.message
     # A trusted wallet seated under the creator's peer id is not a trusted member.
     assert c.panel_trust_verdict(((CREATOR, t1[1]), t2, a1), 2, trusted) is not None
     assert c.panel_trust_verdict((t1, t2, a1), 2, trusted) is None
