@@ -154,6 +154,12 @@ class AwardNotice(_Msg):
     chain_id: int = Field(ge=1)
     contract: str = Field(pattern=ADDRESS)
     lock: EscrowLock
+    salt: str | None = Field(
+        None,
+        pattern=SHA256_HEX,
+        description="the lock's id is lease_id_for(the creator's peer id, this salt): the creator's own lock, "
+        "never a buyer's lease lock paying the same seller (an award without it is refused lock_not_bound)",
+    )
     awarded_at: int = Field(ge=0, description="unix seconds, creator's clock")
     announcement: str = Field(max_length=MAX_ENVELOPE_B64, description="base64 of the signed announcement")
     params: str = Field(max_length=MAX_PARAMS, description="the task parameters; sha256 = params_hash")

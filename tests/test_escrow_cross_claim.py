@@ -1,12 +1,13 @@
 """One escrow named at the same moment by a task award and a lease open on a node that both sells tasks and
 provides leases: real nodes, gossip, task and lease streams, the dev chain.
 
-A task's creator picks its lock's id freely, so it can name the escrow of a payment channel (or of a lease's
-own lock) it is opening with the same node. The seller's award check asks its ledger for a lease row or a
-channel under that escrow, and the provider's channel check asks it for a lease row under it; each reads
-before the other's row is written. Sent together, both passed: the task's price and the channel's vouchers
-drew on one locked amount, and the node was paid for one of the two. Each side kept its own in-flight set
-(the bidder's awards being checked, the lease market's escrow claims), blind to the other's.
+A task's creator derives its lock's id from its own peer id and a salt, as a channel's (or a lease's own
+lock's) is, so it can name the escrow of a payment channel it is opening with the same node. The seller's
+award check asks its ledger for a lease row or a channel under that escrow, and the provider's channel check
+asks it for a lease row under it; each reads before the other's row is written. Sent together, both passed:
+the task's price and the channel's vouchers drew on one locked amount, and the node was paid for one of the
+two. Each side kept its own in-flight set (the bidder's awards being checked, the lease market's escrow
+claims), blind to the other's.
 
 The node now keeps one claim table (``protocols.escrow_claims.EscrowClaims``) that both markets take their
 claim in before any read: the second is refused at once. The window is narrow (one must reach the node
@@ -122,6 +123,7 @@ async def test_a_task_award_and_a_channel_open_naming_one_escrow_at_once_take_it
             with trio.move_on_after(10):
                 await channel_checked.wait()  # the channel's chain reads are done, its row not yet written
             try:
+                channel = await ChannelLedger(creator.ledger).get(writing[0])
                 notice = w.AwardNotice(
                     task_id=view.task_id,
                     bid_id=bid.bid_id,
@@ -133,6 +135,7 @@ async def test_a_task_award_and_a_channel_open_naming_one_escrow_at_once_take_it
                     chain_id=creator_client.chain.chain_id,
                     contract=creator_client.address,
                     lock=EscrowLock(payer=creator_client.account.address, escrow_id=writing[0]),
+                    salt=channel.salt,  # bound to the creator's peer id, as an award's lock must be
                     awarded_at=int(time.time()),
                     announcement=creator.tasks.local[view.task_id].announcement_env or "",
                     params="{}",
@@ -176,8 +179,8 @@ async def test_a_channel_open_naming_the_lock_of_an_award_being_checked_is_refus
         view, bid = await _a_task_bid_on(creator, seller, shared.arbiter.address)
         salt = os.urandom(32)
         escrow_id = "0x" + lease_id_for(creator.host.get_id().to_bytes(), salt).hex()
-        stub = SimpleNamespace(token_bytes=lambda n: bytes.fromhex(escrow_id[2:]), token_hex=secrets.token_hex)
-        monkeypatch.setattr(creator_module, "secrets", stub)  # the award's lock id, as the creator picks it
+        stub = SimpleNamespace(token_bytes=lambda n: salt, token_hex=secrets.token_hex)
+        monkeypatch.setattr(creator_module, "secrets", stub)  # the award's lock salt, as the creator picks it
 
         checking, channel_answered = trio.Event(), trio.Event()
         open_lease = seller.ledger.open_lease

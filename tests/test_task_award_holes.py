@@ -314,6 +314,7 @@ async def test_a_seller_refuses_an_award_that_names_a_payment_channel_of_its_lea
             chain_id=client.chain.chain_id,
             contract=client.address,
             lock=EscrowLock(payer=client.account.address, escrow_id=channel.channel_id),
+            salt=channel.salt,  # the channel's id is bound to the creator's peer id, as an award's lock is
             awarded_at=int(time.time()),
             announcement=creator.tasks.local[view.task_id].announcement_env or "",
             params="{}",

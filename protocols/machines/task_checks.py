@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from protocols.machines.escrow_lock import LockState, LockTerms, lock_verdict
+from protocols.machines.lease_provider import escrow_bound_verdict
 from protocols.machines.task_model import ReceiptState, ResultState
 from protocols.machines.verdict import Refusal
 from protocols.task_wire import MAX_ARTIFACT, MAX_EVIDENCE_ATTACHMENT, MAX_EVIDENCE_NOTE, MAX_PARAMS
@@ -159,6 +160,25 @@ def award_bid_verdict(me: str, price: int, bid_bidder: str | None, bid_price: in
     if bid_bidder is None or bid_bidder != me or bid_price != price:
         return _refuse(ErrorCode.NOT_FOUND, "award_unknown_bid", "no such bid of ours")
     return None
+
+
+def award_lock_bound_verdict(creator: bytes, salt: str | None, escrow_id: str) -> Refusal | None:
+    """The award's lock must be the creator's own: its id is ``lease_id_for(creator, salt)`` with the salt
+    the award carries (``lease_provider.escrow_bound_verdict``, the rule a lease open's lock keeps). Without
+    it an award could name any lock paying this seller under its arbiter and window, a buyer's lease lock
+    among them: the seller would write the task's lease row under the buyer's escrow, refuse the buyer's own
+    open (``lease_exists``) for good, and the buyer's money would stand behind the creator's task. Pure and
+    cheap, so the bidder asks it before it claims the escrow and before any read (``creator``: the award's
+    creator peer id as bytes, already checked to be the sender)."""
+    raw = None
+    if salt is not None:
+        try:
+            raw = bytes.fromhex(salt)
+        except ValueError:
+            raw = None
+    if escrow_bound_verdict(creator, raw, escrow_id, channel=False) is None:
+        return None
+    return _refuse(F, "lock_not_bound", "the award's lock id is not derived from the creator's peer id")
 
 
 def award_lock_free_verdict(lock_taken: bool) -> Refusal | None:

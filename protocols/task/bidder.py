@@ -10,6 +10,7 @@ import hashlib
 import secrets
 
 import trio
+from libp2p.peer.id import ID
 
 from protocols import task_wire as w
 from protocols.confirmed import confirmed_lock
@@ -105,6 +106,11 @@ class BidderRole(TaskCore):
             announcement_arbiter_wallet=ann.arbiter_wallet,
         )
         enforce(checks.award_verdict(facts))  # the envelopes first: a stranger learns nothing of our tasks
+        # The lock must be the creator's own (its id derived from the creator's peer id and the award's salt),
+        # asked before the claim and any read: a lock of someone else's paying us (a buyer's lease lock) is
+        # refused at once, holding no claim that would refuse that buyer's own open.
+        creator_bytes = ID.from_base58(notice.creator).to_bytes()
+        enforce(checks.award_lock_bound_verdict(creator_bytes, notice.salt, notice.lock.escrow_id))
         record, local = self._task(notice.task_id)
         local.announcement_env = notice.announcement
         bid = record.bids.get(notice.bid_id)

@@ -16,6 +16,7 @@ from protocols.lease_wire import EscrowLock
 from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines import task_panel as panel_rules
+from protocols.machines.lease_provider import LEASE_SALT_BYTES, lease_id_for
 from protocols.machines.verdict import enforce
 from protocols.task.base import PUSH_ATTEMPTS, TaskCore, TaskLocal, log, peer_id_valid
 from runtime.errors import ClawnodeError, ErrorCode
@@ -123,7 +124,9 @@ class CreatorRole(TaskCore):
             )
         )
         assert payee is not None and arbiter_wallet is not None
-        escrow_id = secrets.token_bytes(32)
+        # The lock's id is bound to our peer id by a salt the award carries: the seller takes no lock but ours.
+        salt = secrets.token_bytes(LEASE_SALT_BYTES)
+        escrow_id = lease_id_for(self.host.get_id().to_bytes(), salt)
         lease_id = escrow_id.hex()
         lock_ref = "0x" + lease_id
         # In the ledger before any money moves: a lock whose award fails is refunded from here.
@@ -191,6 +194,7 @@ class CreatorRole(TaskCore):
             chain_id=client.chain.chain_id,
             contract=client.address,
             lock=EscrowLock(payer=client.account.address, escrow_id=lock_ref, tx_hash=result.tx_hash),
+            salt=salt.hex(),
             awarded_at=int(self._now()),
             announcement=local.announcement_env or "",
             params=local.params or "",
