@@ -81,12 +81,17 @@ def test_a_dispute_opened_from_the_page_reaches_the_chain_the_bidder_and_the_arb
     creator = _daemon(tmp_path, "creator", env, accounts[1].key.hex(), [])
     daemons.append(creator)
     bootstrap = creator.identity()["listen_addrs"][:1]
-    # A seller takes awards only under the arbiter its node trusts: on an rpc chain, escrow.arbiter.
-    trusting = {**env, "CLAWNODE_ESCROW_ARBITER": accounts[3].address}
-    bidder = _daemon(tmp_path, "bidder", trusting, accounts[2].key.hex(), bootstrap)
-    daemons.append(bidder)
     arbiter = _daemon(tmp_path, "arbiter", env, accounts[3].key.hex(), bootstrap)
     daemons.append(arbiter)
+    # A seller takes awards only under the arbiter its node trusts, by peer id and wallet: on an rpc chain,
+    # escrow.arbiter_peer with escrow.arbiter.
+    trusting = {
+        **env,
+        "CLAWNODE_ESCROW_ARBITER": accounts[3].address,
+        "CLAWNODE_ESCROW_ARBITER_PEER": arbiter.identity()["peer_id"],
+    }
+    bidder = _daemon(tmp_path, "bidder", trusting, accounts[2].key.hex(), bootstrap)
+    daemons.append(bidder)
     creator_id = creator.identity()["peer_id"]
     for node in (bidder, arbiter):
         node.wait_for_peers({creator_id})

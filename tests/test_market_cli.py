@@ -66,11 +66,17 @@ def test_a_task_from_publish_to_payment_through_the_cli(
     creator = _daemon(tmp_path, "creator", env, accounts[1].key.hex(), []).start()
     daemons.append(creator)
     bootstrap = creator.identity()["listen_addrs"][:1]
-    # A seller takes awards only under the arbiter its node trusts: on an rpc chain, escrow.arbiter.
-    trusting = {**env, "CLAWNODE_ESCROW_ARBITER": accounts[3].address}
-    bidder = _daemon(tmp_path, "bidder", trusting, accounts[2].key.hex(), bootstrap).start()
     arbiter = _daemon(tmp_path, "arbiter", env, accounts[3].key.hex(), bootstrap).start()
-    daemons.extend([bidder, arbiter])
+    daemons.append(arbiter)
+    # A seller takes awards only under the arbiter its node trusts, by peer id and wallet: on an rpc chain,
+    # escrow.arbiter_peer with escrow.arbiter.
+    trusting = {
+        **env,
+        "CLAWNODE_ESCROW_ARBITER": accounts[3].address,
+        "CLAWNODE_ESCROW_ARBITER_PEER": arbiter.identity()["peer_id"],
+    }
+    bidder = _daemon(tmp_path, "bidder", trusting, accounts[2].key.hex(), bootstrap).start()
+    daemons.append(bidder)
     for node in (bidder, arbiter):
         node.wait_for_peers({creator.identity()["peer_id"]})
     wait_until(lambda: creator.api("/api/ledger/summary")["escrow"]["state"] == "connected", "escrow connection")
