@@ -34,9 +34,11 @@ from libp2p.peer.id import ID
 MAX_PEER_PROTOCOLS = 128
 MAX_PROTOCOL_CHARS = 256
 MAX_PEER_ADDRS = 64
-# A whole signed envelope (key, payload, signature); go-libp2p reads at most 8 KiB of identify, of
-# which the record is a part. A record of 64 IPv6 addresses is about 2 KiB.
-MAX_PEER_RECORD_BYTES = 4096
+# A whole signed envelope (key, payload, signature): go-libp2p reads at most 8 KiB of identify, of
+# which the record is a part. 64 IPv6 QUIC addresses, each with its /p2p/ suffix as a node's own
+# record names them, come to about 4.5 KiB; and a refused record costs its peer more than the record:
+# py-libp2p then drops the whole message that carried it (a DHT stream, a pubsub RPC, a relay HOP).
+MAX_PEER_RECORD_BYTES = 8192
 
 
 def record_fits(envelope: Any) -> bool:
