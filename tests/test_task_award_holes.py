@@ -18,6 +18,7 @@ Bids: a stranger could place 30 bids a minute on one task, for as long as the ta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -614,3 +615,21 @@ async def test_two_awards_naming_one_lock_at_once_pay_one_task_only() -> None:
         assert [(error.code, error.reason) for error in refusals] == [(ErrorCode.CONFLICT, "lock_of_another_task")]
         roles = [seller.tasks.view(task_id).role for task_id in (first, second)]
         assert roles.count("awarded_bidder") == 1
+
+
+async def test_a_seller_refuses_an_award_whose_parameters_are_not_those_of_the_task_it_bid_on() -> None:
+    """The creator announces one set of parameters, takes a bid, then awards other ones (here arbitration
+    by a person, which no arbiter decides by itself): the seller refuses before it runs anything."""
+    async with market_nodes([{}, SELLER]) as (nodes, shared):
+        creator, seller = nodes
+        await _watching(creator, seller, CAPABILITY)
+        view = await creator.tasks.publish(
+            CAPABILITY, ETH, 120, params="{}", arbiter_peer=ARBITER_PEER, arbiter_wallet=shared.arbiter.address
+        )
+        await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
+        bid = await seller.tasks.bid(view.task_id, ETH // 2)
+        creator.tasks.local[view.task_id].params = '{"arbitration": "person"}'
+        with contextlib.suppress(ClawnodeError):
+            await creator.tasks.award(view.task_id, bid.bid_id)
+        await trio.sleep(0.5)
+        assert seller.tasks.view(view.task_id).state == "task_open"

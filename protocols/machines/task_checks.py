@@ -14,6 +14,7 @@ wallet, on *our* chain and contract) is checked here first.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -159,6 +160,19 @@ def award_bid_verdict(me: str, price: int, bid_bidder: str | None, bid_price: in
     """The award is for a bid our book holds, at its price (``bid_bidder`` None: no such bid)."""
     if bid_bidder is None or bid_bidder != me or bid_price != price:
         return _refuse(ErrorCode.NOT_FOUND, "award_unknown_bid", "no such bid of ours")
+    return None
+
+
+def award_params_verdict(params_hash: str, params: str) -> Refusal | None:
+    """The award's parameters are the ones the announcement we bid on committed to (its ``params_hash``,
+    from the gossip copy, not the copy inside the award, which the creator may sign anew). Without it a
+    creator could award other terms than the bid's: arbitration by a person in place of a re-run (no
+    arbiter decides and the contract has no dispute timeout, so the seller's pay stays frozen), or
+    more work for the bid's price."""
+    if hashlib.sha256(params.encode()).hexdigest() != params_hash:
+        return _refuse(
+            ErrorCode.FORBIDDEN, "award_params_changed", "the award's parameters are not those of the task bid on"
+        )
     return None
 
 

@@ -112,13 +112,14 @@ class BidderRole(TaskCore):
         creator_bytes = ID.from_base58(notice.creator).to_bytes()
         enforce(checks.award_lock_bound_verdict(creator_bytes, notice.salt, notice.lock.escrow_id))
         record, local = self._task(notice.task_id)
-        local.announcement_env = notice.announcement
         bid = record.bids.get(notice.bid_id)
         enforce(
             checks.award_bid_verdict(
                 self.peer_id, notice.price, bid.bidder if bid else None, bid.price if bid else None
             )
         )
+        enforce(checks.award_params_verdict(local.announcement.params_hash, notice.params))
+        local.announcement_env = notice.announcement
         lease_id, escrow_id = self._lease_id(notice), notice.lock.escrow_id
         ours = record.award is not None and record.award.lock_ref == escrow_id  # sent again: the book says
         # Claimed before any read, in the node's one claim table: two awards naming one lock at once, or an

@@ -5,6 +5,7 @@ and fails if a reason it should reach never came up."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 from collections import Counter
@@ -707,3 +708,11 @@ def test_a_refused_revoke_waits_longer_each_time_up_to_a_bound() -> None:
     assert waits[1] == c.REVOKE_RETRY_MIN_S > 1.0  # not every one-second sweep
     assert all(later >= earlier for earlier, later in itertools.pairwise(waits))
     assert waits[-1] == c.REVOKE_RETRY_MAX_S and max(waits) == c.REVOKE_RETRY_MAX_S
+
+
+def test_an_award_is_taken_only_with_the_parameters_the_announcement_committed_to() -> None:
+    announced = '{"limits": {"fuel": 1000}}'
+    committed = hashlib.sha256(announced.encode()).hexdigest()
+    assert c.award_params_verdict(committed, announced) is None
+    changed = c.award_params_verdict(committed, '{"limits": {"fuel": 1000}, "arbitration": "person"}')
+    assert changed is not None and changed.code == ErrorCode.FORBIDDEN and changed.reason == "award_params_changed"
