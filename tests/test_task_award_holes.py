@@ -84,6 +84,16 @@ async def _watching(creator: Any, seller: Any, capability: str) -> None:
     await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
 
 
+async def _task_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[Any, Any]:
+    """The creator publishes a task under the seller's trusted arbiter; the seller, watching, bids half its price."""
+    await _watching(creator, seller, CAPABILITY)
+    view = await creator.tasks.publish(
+        CAPABILITY, ETH, 120, params="{}", arbiter_peer=ARBITER_PEER, arbiter_wallet=arbiter_wallet
+    )
+    await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
+    return view, await seller.tasks.bid(view.task_id, ETH // 2)
+
+
 async def _two_tasks_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[str, str, list[Any]]:
     """The creator publishes two tasks under one arbiter; the seller, watching, bids half the price on each."""
     await _watching(creator, seller, CAPABILITY)
@@ -330,12 +340,7 @@ async def test_a_creator_takes_its_lock_back_from_a_seller_that_delivers_nothing
 ) -> None:
     async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
-        await _watching(creator, seller, CAPABILITY)
-        view = await creator.tasks.publish(
-            CAPABILITY, ETH, 120, params="{}", arbiter_peer=ARBITER_PEER, arbiter_wallet=shared.arbiter.address
-        )
-        await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
-        bid = await seller.tasks.bid(view.task_id, ETH // 2)
+        view, bid = await _task_bid_on(creator, seller, shared.arbiter.address)
         awarded = await creator.tasks.award(view.task_id, bid.bid_id)
         assert awarded.escrow_id is not None
         lease_id = awarded.escrow_id[2:]
@@ -361,12 +366,7 @@ async def test_a_refused_no_show_revoke_is_tried_again_after_a_wait_not_on_every
 ) -> None:
     async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
-        await _watching(creator, seller, CAPABILITY)
-        view = await creator.tasks.publish(
-            CAPABILITY, ETH, 120, params="{}", arbiter_peer=ARBITER_PEER, arbiter_wallet=shared.arbiter.address
-        )
-        await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
-        bid = await seller.tasks.bid(view.task_id, ETH // 2)
+        view, bid = await _task_bid_on(creator, seller, shared.arbiter.address)
         awarded = await creator.tasks.award(view.task_id, bid.bid_id)
         assert awarded.escrow_id is not None
 
@@ -622,12 +622,7 @@ async def test_a_seller_refuses_an_award_whose_parameters_are_not_those_of_the_t
     by a person, which no arbiter decides by itself): the seller refuses before it runs anything."""
     async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
-        await _watching(creator, seller, CAPABILITY)
-        view = await creator.tasks.publish(
-            CAPABILITY, ETH, 120, params="{}", arbiter_peer=ARBITER_PEER, arbiter_wallet=shared.arbiter.address
-        )
-        await wait_for(lambda: view.task_id in seller.tasks.book.tasks, 30, "announcement")
-        bid = await seller.tasks.bid(view.task_id, ETH // 2)
+        view, bid = await _task_bid_on(creator, seller, shared.arbiter.address)
         creator.tasks.local[view.task_id].params = '{"arbitration": "person"}'
         with contextlib.suppress(ClawnodeError):
             await creator.tasks.award(view.task_id, bid.bid_id)
