@@ -7,6 +7,7 @@ prompt tokens the engine had decoded by the cut. The rules: ``LeaseSession.reser
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import inspect
 import secrets
@@ -50,11 +51,13 @@ from wire.rpc import error_reply
 from wire.yamux_window import WindowedReader
 
 
-def _reports_cuts(service: object) -> bool:
-    """Whether a service tells what a cut call's prompt cost (its ``run`` takes ``on_cut``, as
-    ``ChatService.run`` does); one that does not bills a cut call its chunks alone."""
+@functools.cache
+def _reports_cuts(kind: type) -> bool:
+    """Whether a kind of service tells what a cut call's prompt cost (its ``run`` takes ``on_cut``, as
+    ``ChatService.run`` does); one that does not bills a cut call its chunks alone. Asked once a kind,
+    not once a call: reading a signature is slow."""
     try:
-        return "on_cut" in inspect.signature(service.run).parameters  # type: ignore[attr-defined]
+        return "on_cut" in inspect.signature(kind.run).parameters  # type: ignore[attr-defined]
     except (AttributeError, TypeError, ValueError):
         return False
 
@@ -254,7 +257,7 @@ class ServingRole(LeaseCore):
 
         # A cut call's prompt tokens, as far as the engine decoded them before the cut (``on_cut``).
         decoded: list[int] = []
-        run: dict[str, Any] = {"on_cut": decoded.append} if _reports_cuts(service) else {}
+        run: dict[str, Any] = {"on_cut": decoded.append} if _reports_cuts(type(service)) else {}
         if commit:
             run["commit"] = commit
         outcome: Usage | Exception | None = None
@@ -265,11 +268,8 @@ class ServingRole(LeaseCore):
             try:
                 # The engine queues the call as its consumer's: admitted in turn with other consumers'.
                 with borrowing(remote):
-                    if run:
-                        assert isinstance(service, ChatService) or "commit" not in run
-                        outcome = await service.run(body, emit, **run)
-                    else:
-                        outcome = await service.run(body, emit)
+                    assert isinstance(service, ChatService) or "commit" not in run
+                    outcome = await service.run(body, emit, **run)
             except Exception as error:  # noqa: BLE001 - re-raised below, outside the nursery
                 outcome = error
             nursery.cancel_scope.cancel()
