@@ -265,7 +265,8 @@ def _limit_reservations_per_ip(protocol: CircuitV2Protocol, host: IHost, per_ip:
     def can_accept_within_ip_limit(peer_id: ID) -> bool:
         if not can_accept(peer_id):
             return False
-        holders = [peer(holder) for holder in list(manager._reservations) if holder != peer_id]
+        # Looked up only if the rule counts them (not for a renewal or an exempt asker).
+        holders = (peer(holder) for holder in list(manager._reservations) if holder != peer_id)
         verdict = reservation_per_ip(
             peer(peer_id),
             holders,

@@ -14,7 +14,7 @@ an asker on loopback; holders are counted alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
@@ -39,7 +39,7 @@ class Peer:
 
 
 def reservation_per_ip(
-    asker: Peer, holders: Sequence[Peer], *, renewal: bool, per_ip: int, loopback_exempt: bool
+    asker: Peer, holders: Iterable[Peer], *, renewal: bool, per_ip: int, loopback_exempt: bool
 ) -> Refused | None:
     """``None`` when the relay may grant ``asker`` a reservation as far as the per-IP bound goes, else
     why not (``RESOURCE_LIMIT_EXCEEDED``, what py-libp2p answers when the relay is full; reason
