@@ -174,6 +174,13 @@ class Walk:
         alive.sort(key=self.distances.__getitem__)
         return alive
 
+    def among_closest(self, peer: ID, count: int) -> bool:
+        """Whether ``peer`` is one of the ``count`` closest known peers that have not failed (``ordered``'s
+        first ``count``, without sorting them all)."""
+        mine = self.distances[peer]
+        closer = sum(1 for other, state in self.states.items() if state != FAILED and self.distances[other] < mine)
+        return closer < count
+
     def responsive(self) -> list[ID]:
         """Known peers that have neither failed nor been given up as late or slow, closest first."""
         return [peer for peer in self.ordered() if self.states[peer] not in (LATE, SLOW)]
@@ -352,7 +359,7 @@ class Lookup:
                     found.set()
             # Still among the closest with the peers its own answer named, and the walk knows twice as
             # many: before that, whoever answered first would be (a seed half the key space away).
-            if near is not None and len(walk.states) >= 2 * count and peer in walk.ordered()[:count]:
+            if near is not None and len(walk.states) >= 2 * count and walk.among_closest(peer, count):
                 near(peer)
             try:
                 await self.answered(peer)
