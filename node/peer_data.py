@@ -45,9 +45,12 @@ def record_fits(envelope: Any) -> bool:
     """Whether ``envelope`` (a signed peer record) is small enough to keep: at most
     ``MAX_PEER_RECORD_BYTES`` marshalled and at most ``MAX_PEER_ADDRS`` addresses."""
     try:
-        if len(envelope.raw_payload) + len(envelope.signature) > MAX_PEER_RECORD_BYTES:
+        signed = len(envelope.raw_payload) + len(envelope.signature)
+        if signed > MAX_PEER_RECORD_BYTES:
             return False  # before marshalling or parsing anything large
-        if len(envelope.marshal_envelope()) > MAX_PEER_RECORD_BYTES:
+        # Marshalled only near the bound (the key and framing add well under a KiB): a record comes
+        # with every DHT message, identify and pubsub RPC that carries one.
+        if signed > MAX_PEER_RECORD_BYTES - 1024 and len(envelope.marshal_envelope()) > MAX_PEER_RECORD_BYTES:
             return False
         return len(envelope.record().addrs) <= MAX_PEER_ADDRS
     except Exception:  # noqa: BLE001 - a record py-libp2p cannot read (it raises anything): not kept
