@@ -30,10 +30,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from pydantic import TypeAdapter
 
-from dht.discovery import DiscoveryQuery
 from protocols import lease_wire as lw
 from protocols import task_wire as w
-from protocols.gossip import task_topic
 from protocols.lease.channels import ChannelDraw
 from protocols.lease_wire import EscrowLock
 from protocols.machines.lease import lease_id_for
@@ -43,7 +41,7 @@ from protocols.task import creator as creator_module
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import LeaseOpen
 from runtime.ledger.channels import ChannelLedger
-from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, market_nodes, wait_for
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, discovered, market_nodes, wait_for, watching
 from wire.rpc import request
 from wire.signed import seal, to_base64
 
@@ -66,13 +64,8 @@ pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 async def _a_task_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[w.TaskView, w.BidView]:
     """The seller offers leases and watches tasks; the creator finds its offer and publishes a task (price
     ``PRICE``, under the node's arbiter) that the seller bids its price on."""
-    await seller.tasks.watch(CAPABILITY)
-    await wait_for(lambda: seller.publisher.record is not None)
-    with trio.fail_after(30):
-        while not await creator.discover(DiscoveryQuery(capability=WORDS)):
-            await trio.sleep(0.2)
-    topic = task_topic(CAPABILITY)
-    await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+    await discovered(creator, seller)
+    await watching(creator, seller, CAPABILITY)
     view = await creator.tasks.publish(
         CAPABILITY,
         PRICE,

@@ -573,19 +573,16 @@ async def test_a_call_cut_after_its_prompt_and_before_its_first_chunk_pays_its_p
         held = consumer.market.held[view.lease_id]
         served = provider.market.served[view.lease_id]
 
-        def settled() -> bool:
-            return served.session.units_reserved == 0 and served.in_flight == 0
-
         # Left by its cancel frame: the end frame bills the prompt the engine decoded, all of it.
         await _cut_after_prefill(consumer.market, view.lease_id, service)
-        await wait_for(settled, 5, what="the cancelled call")
+        await wait_for(partial(_calls_done, served), 5, what="the cancelled call")
         assert service.cut == [len(CUT_PROMPT)]
         assert served.session.units_metered == held.seen_units == len(CUT_PROMPT)
         # Left by resetting the stream: no end frame, the provider meters the prompt all the same, and
         # the consumer's node allows for the prompt of the call it left.
         _reset_before_leaving(consumer.market)
         await _cut_after_prefill(consumer.market, view.lease_id, service)
-        await wait_for(settled, 5, what="the reset call")
+        await wait_for(partial(_calls_done, served), 5, what="the reset call")
         assert service.cut == [len(CUT_PROMPT)] * 2
         assert served.session.units_metered == 2 * len(CUT_PROMPT)
         assert (held.seen_units, held.aborted_calls) == (len(CUT_PROMPT), 1)

@@ -30,9 +30,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from pydantic import TypeAdapter
 
-from dht.discovery import DiscoveryQuery
 from protocols import task_wire as w
-from protocols.gossip import task_topic
 from protocols.lease_wire import EscrowLock
 from protocols.machines.task_checks import REVOKE_RETRY_MIN_S
 from protocols.machines.task_model import RevokeAward
@@ -42,7 +40,16 @@ from protocols.task.panel import ZERO_WALLET
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits
 from tests.support import wasm_modules as mods
-from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, SharedChain, market_nodes, wait_for
+from tests.support.market import (
+    WORD_OFFER,
+    WORD_PRICE,
+    WORDS,
+    SharedChain,
+    discovered,
+    market_nodes,
+    wait_for,
+    watching,
+)
 from wire.rpc import request
 from wire.signed import seal, to_base64
 
@@ -77,16 +84,9 @@ async def _award_refused(creator: Any, seller: Any, envelope: str) -> tuple[Erro
     return refused.code, refused.reason
 
 
-async def _watching(creator: Any, seller: Any, capability: str) -> None:
-    """The seller watches ``capability``'s announcements, and the creator's pubsub knows it does."""
-    await seller.tasks.watch(capability)
-    topic = task_topic(capability)
-    await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
-
-
 async def _task_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[Any, Any]:
     """The creator publishes a task under the seller's trusted arbiter; the seller, watching, bids half its price."""
-    await _watching(creator, seller, CAPABILITY)
+    await watching(creator, seller, CAPABILITY)
     view = await creator.tasks.publish(
         CAPABILITY, ETH, 120, params="{}", arbiter_peer=ARBITER_PEER, arbiter_wallet=arbiter_wallet
     )
@@ -96,7 +96,7 @@ async def _task_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[
 
 async def _two_tasks_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[str, str, list[Any]]:
     """The creator publishes two tasks under one arbiter; the seller, watching, bids half the price on each."""
-    await _watching(creator, seller, CAPABILITY)
+    await watching(creator, seller, CAPABILITY)
     arbiter = ARBITER_PEER
     first, second = [
         (
@@ -116,7 +116,7 @@ async def test_a_seller_refuses_an_award_locked_under_a_panel_its_params_do_not_
 ) -> None:
     async with market_nodes([{}, {}]) as (nodes, _):
         creator, seller = nodes
-        await _watching(creator, seller, CAPABILITY)
+        await watching(creator, seller, CAPABILITY)
         # Announced as a panel task is: the first "member" takes evidence, no arbiter wallet.
         view = await creator.tasks.publish(
             CAPABILITY, ETH, 120, params="{}", arbiter_peer=_fresh_peer(), arbiter_wallet=ZERO_WALLET
@@ -156,7 +156,7 @@ async def test_a_seller_refuses_an_award_locked_under_a_panel_its_params_do_not_
 async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeout() -> None:
     async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
-        await _watching(creator, seller, CAPABILITY)
+        await watching(creator, seller, CAPABILITY)
         view = await creator.tasks.publish(
             CAPABILITY,
             ETH,
@@ -191,7 +191,7 @@ async def test_a_seller_disputes_a_result_left_unreviewed_past_the_review_timeou
 async def test_a_seller_disputes_a_rejection_of_a_sandboxed_result_a_re_run_decides() -> None:
     async with market_nodes([{}, SELLER]) as (nodes, shared):
         creator, seller = nodes
-        await _watching(creator, seller, "model:wasm-upper")
+        await watching(creator, seller, "model:wasm-upper")
         view = await creator.tasks.publish_run(
             "model:wasm-upper",
             ETH,
@@ -285,11 +285,7 @@ async def test_a_seller_refuses_an_award_that_names_a_payment_channel_of_its_lea
     market = MarketSection(channel_duration_s=600, channel_idle_close_s=3600, channel_margin_s=0)  # type: ignore[call-arg]
     async with market_nodes([{"market": market}, {"offers": (WORD_OFFER,), "market": market, **SELLER}]) as (nodes, _):
         creator, seller = nodes
-        await seller.tasks.watch(CAPABILITY)
-        await wait_for(lambda: seller.publisher.record is not None)
-        with trio.fail_after(30):
-            while not await creator.discover(DiscoveryQuery(capability=WORDS)):
-                await trio.sleep(0.2)
+        await discovered(creator, seller)
         lease = await creator.market.open_lease(
             str(seller.host.get_id()), WORDS, budget=50 * WORD_PRICE, duration_s=60, channel=True
         )
@@ -301,8 +297,7 @@ async def test_a_seller_refuses_an_award_that_names_a_payment_channel_of_its_lea
 
         # A task under the channel's arbiter, awarded on the channel's escrow: its vouchers and the task's
         # price would draw on one lock.
-        topic = task_topic(CAPABILITY)
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        await watching(creator, seller, CAPABILITY)
         view = await creator.tasks.publish(
             CAPABILITY,
             10 * WORD_PRICE,
@@ -408,7 +403,7 @@ async def test_a_refused_no_show_revoke_is_tried_again_after_a_wait_not_on_every
 async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does_not_trust() -> None:
     async with market_nodes([{}, {}]) as (nodes, _):
         creator, seller = nodes
-        await _watching(creator, seller, "model:wasm-upper")
+        await watching(creator, seller, "model:wasm-upper")
         # The creator names a second wallet of its own as the arbiter: it could reject the result, dispute
         # and resolve the whole lock back to itself from that wallet, with nobody watching the seller's node.
         sock = Account.create().address
@@ -449,8 +444,8 @@ async def test_a_seller_refuses_an_award_pairing_its_arbiters_wallet_with_anothe
     # The seller knows its arbiter by peer id (escrow.arbiter_peer); the third node does not (unset).
     async with market_nodes([{}, SELLER, {}]) as (nodes, shared):
         creator, seller, unset = nodes
-        await _watching(creator, seller, CAPABILITY)
-        await _watching(creator, unset, CAPABILITY)
+        await watching(creator, seller, CAPABILITY)
+        await watching(creator, unset, CAPABILITY)
         # The trusted wallet under a peer id the creator holds (a fresh one): the seller's dispute would go
         # there, the real arbiter would never hear of it, and the disputed price (no timeout refunds it) stays
         # frozen.
@@ -524,8 +519,8 @@ async def test_a_seller_refuses_an_award_whose_panel_the_creators_own_wallets_co
     specs = [{}, ours, {**ours, "trusted_arbiters": (f"{sock[0][0]}:{sock[0][1]}",)}]
     async with market_nodes(specs, chain=shared) as (nodes, _):
         creator, seller, trusting = nodes
-        await _watching(creator, seller, "model:wasm-upper")
-        await _watching(creator, trusting, "model:wasm-upper")
+        await watching(creator, seller, "model:wasm-upper")
+        await watching(creator, trusting, "model:wasm-upper")
         # The panel seats the arbiter the sellers trust, beside two wallets of the creator's own under fresh
         # peer ids: those two agree, reach the threshold without it and split the disputed price back.
         members = [(arbiter_peer, shared.arbiter.address), *sock]
@@ -550,7 +545,7 @@ async def test_a_seller_refuses_a_panel_seating_a_trusted_wallet_under_another_p
     shared = await trio.to_thread.run_sync(SharedChain.start)
     seller_spec = {"arbiter_peer": arbiter_peer, "trusted_arbiters": (f"{trusted[0]}:{trusted[1]}",)}
     async with market_nodes([{}, seller_spec], chain=shared) as ((creator, seller), _):
-        await _watching(creator, seller, "model:wasm-upper")
+        await watching(creator, seller, "model:wasm-upper")
         sock = (_fresh_peer(), Account.create().address)
         panels = [
             # Both trusted wallets, one under the creator's peer id: the case goes there, the trusted arbiter

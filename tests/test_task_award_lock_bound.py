@@ -18,22 +18,19 @@ import time
 from typing import Any
 
 import pytest
-import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from pydantic import TypeAdapter
 
-from dht.discovery import DiscoveryQuery
 from protocols import lease_wire as lw
 from protocols import task_wire as w
-from protocols.gossip import task_topic
 from protocols.lease_wire import EscrowLock
 from protocols.machines.lease_provider import lease_id_for
 from protocols.machines.task_checks import award_lock_bound_verdict
 from protocols.settings import MarketSection
 from protocols.task import TASK_PROTOCOL
 from runtime.errors import ClawnodeError, ErrorCode
-from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, discovered, market_nodes, wait_for
+from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, discovered, market_nodes, wait_for, watching
 from wire.rpc import request
 from wire.signed import open_base64, seal, to_base64
 
@@ -50,13 +47,8 @@ async def test_an_award_naming_a_buyers_lease_lock_is_refused_and_the_buyers_ope
     specs: list[dict[str, Any]] = [{"market": MARKET}, {"offers": (WORD_OFFER,), "market": MARKET}, {"market": MARKET}]
     async with market_nodes(specs) as (nodes, shared):
         creator, seller, buyer = nodes
-        await seller.tasks.watch(CAPABILITY)
-        await wait_for(lambda: seller.publisher.record is not None)
-        with trio.fail_after(30):
-            while not await creator.discover(DiscoveryQuery(capability=WORDS)):
-                await trio.sleep(0.2)
-        topic = task_topic(CAPABILITY)
-        await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
+        await discovered(creator, seller)
+        await watching(creator, seller, CAPABILITY)
         view = await creator.tasks.publish(
             CAPABILITY,
             PRICE,

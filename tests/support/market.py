@@ -21,6 +21,7 @@ from node.localnet import (
     market_nodes,
     wait_for,
 )
+from protocols.gossip import task_topic
 
 if TYPE_CHECKING:
     from node.daemon import Node
@@ -56,3 +57,10 @@ async def discovered(consumer: Node, provider: Node, capability: str = WORDS, ti
     with trio.fail_after(timeout_s):
         while not await consumer.discover(DiscoveryQuery(capability=capability)):
             await trio.sleep(0.2)
+
+
+async def watching(creator: Node, seller: Node, capability: str) -> None:
+    """The seller watches ``capability``'s task announcements, and the creator's pubsub knows it does."""
+    await seller.tasks.watch(capability)
+    topic = task_topic(capability)
+    await wait_for(lambda: seller.host.get_id() in creator.announcements.pubsub.peer_topics.get(topic, ()), 30)
