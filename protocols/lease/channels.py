@@ -23,7 +23,7 @@ at restart (``_restore_served``, ``recover_channels``). Both checks then also as
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import trio
 from libp2p.peer.id import ID
@@ -36,8 +36,8 @@ from protocols.machines.lease import LEASE_SALT_BYTES, lease_id_for
 from protocols.machines.lease_consumer import arbiter_verdict
 from protocols.machines.lease_provider import EscrowUse
 from protocols.machines.verdict import enforce
-from runtime.errors import ClawnodeError, ErrorCode
-from runtime.ledger.channels import Channel, ChannelLedger
+from runtime.errors import ClawnodeError
+from runtime.ledger.channels import Channel, ChannelLedger, escrow_recorded
 
 if TYPE_CHECKING:
     from runtime.escrow import EscrowClient
@@ -69,19 +69,10 @@ class ChannelRole(LeaseCore):
         self.channels  # noqa: B018 - the channel state exists
         return self.escrow_claims.claim(escrow_id, wanted_as, holder, drawn=escrow_id in self._channel_served)
 
-    async def recorded_as(self, escrow_id: str, use: EscrowUse) -> bool:
+    async def recorded_as(self, escrow_id: str, use: Literal["lease", "channel"]) -> bool:
         """Whether the ledger holds this escrow, in any state, as a lease's own lock (a lease row under its
         id: the lease market's or a task's) or as a payment channel (the channel book)."""
-        try:
-            if use == "lease":
-                await self.ledger.get_lease(escrow_id[2:])
-            else:
-                await self.channels.get(escrow_id)
-        except ClawnodeError as error:
-            if error.code != ErrorCode.NOT_FOUND:
-                raise
-            return False
-        return True
+        return await escrow_recorded(self.ledger, escrow_id, use)
 
     @property
     def channels(self) -> ChannelLedger:

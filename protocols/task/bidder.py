@@ -19,9 +19,9 @@ from protocols.machines import task as m
 from protocols.machines import task_checks as checks
 from protocols.machines.verdict import enforce
 from protocols.task.base import TaskCore, TaskLocal, log
-from runtime.errors import ClawnodeError, ErrorCode
+from runtime.errors import ClawnodeError
 from runtime.ledger import EscrowRef, LeaseOpen
-from runtime.ledger.channels import ChannelLedger
+from runtime.ledger.channels import escrow_recorded
 from wire.signed import open_base64, seal, to_base64
 
 
@@ -137,16 +137,10 @@ class BidderRole(TaskCore):
 
     async def _lease_known(self, lease_id: str) -> bool:
         """Does our ledger hold a lease (a task's, or the lease market's) or a payment channel under this escrow?"""
-        reads = (lambda: self.ledger.get_lease(lease_id), lambda: ChannelLedger(self.ledger).get("0x" + lease_id))
-        for read in reads:
-            try:
-                await read()
-            except ClawnodeError as error:
-                if error.code == ErrorCode.NOT_FOUND:
-                    continue
-                raise
-            return True
-        return False
+        escrow_id = "0x" + lease_id
+        return await escrow_recorded(self.ledger, escrow_id, "lease") or await escrow_recorded(
+            self.ledger, escrow_id, "channel"
+        )
 
     async def _accept_award(
         self,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import errors
 from runtime.ledger.models import Lease, Settlement, SettlementKind
 from runtime.ledger.vocabulary import LeaseState
@@ -439,3 +440,18 @@ class ChannelLedger:
 
     async def enqueue_refund(self, channel_id: str) -> Settlement:
         return await self.ledger._run(self.ledger.store.enqueue_channel_refund, channel_id)
+
+
+async def escrow_recorded(ledger: Ledger, escrow_id: str, use: Literal["lease", "channel"]) -> bool:
+    """Whether ``ledger`` holds this escrow, in any state, as a lease's own lock (a lease row under its id:
+    the lease market's or a task's) or as a payment channel (the channel book)."""
+    try:
+        if use == "lease":
+            await ledger.get_lease(escrow_id[2:])
+        else:
+            await ChannelLedger(ledger).get(escrow_id)
+    except ClawnodeError as error:
+        if error.code != ErrorCode.NOT_FOUND:
+            raise
+        return False
+    return True
