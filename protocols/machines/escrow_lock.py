@@ -98,12 +98,11 @@ def check_escrow_lock(lock: LockState, terms: LockTerms) -> None:
     enforce(lock_verdict(lock, terms))
 
 
-def trusted_arbiter_verdict(
-    arbiter: str, trusted_arbiter: str | None, *, subject: Literal["lease", "task"]
-) -> Refusal | None:
-    """A lock (a lease's, a payment channel's or a task's) only under the arbiter this node trusts (its
-    own escrow terms' arbiter): the arbiter decides a disputed escrow alone, so one the other party names
-    (a second wallet of its own) could resolve the whole amount locked to that party."""
+def trusted_arbiter_verdict(arbiter: str, trusted_arbiter: str | None) -> Refusal | None:
+    """A lease's lock (its own or a payment channel's) only under the arbiter this node trusts (its own
+    escrow terms' arbiter): the arbiter decides a disputed escrow alone, so one the provider names (a
+    second wallet of its own) could resolve the whole amount locked to the provider. A task's single
+    arbiter is trusted as a (peer id, wallet) pair: ``task_checks.award_arbiter_verdict``."""
     if trusted_arbiter is None:
         return Refusal(
             ErrorCode.UNAVAILABLE,
@@ -112,10 +111,9 @@ def trusted_arbiter_verdict(
             "set escrow.arbiter to the arbiter you trust",
         )
     if arbiter.lower() != trusted_arbiter.lower():
-        named_by = "the provider's escrow" if subject == "lease" else "the award's escrow"
         return Refusal(
             ErrorCode.FORBIDDEN,
-            "quote_untrusted_arbiter" if subject == "lease" else "award_untrusted_arbiter",
-            f"{named_by} names another arbiter than the one this node trusts (escrow.arbiter)",
+            "quote_untrusted_arbiter",
+            "the provider's escrow names another arbiter than the one this node trusts (escrow.arbiter)",
         )
     return None

@@ -186,7 +186,7 @@ class QuoteFacts:
 
 def arbiter_verdict(quote_arbiter: str, trusted_arbiter: str | None) -> Refusal | None:
     """A lease's or a payment channel's lock only under the arbiter this node trusts."""
-    return trusted_arbiter_verdict(quote_arbiter, trusted_arbiter, subject="lease")
+    return trusted_arbiter_verdict(quote_arbiter, trusted_arbiter)
 
 
 def quote_verdict(f: QuoteFacts) -> Refusal | None:
