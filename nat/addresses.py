@@ -96,7 +96,8 @@ def dial_back_allowed(target_ip: str, observed_ip: str, *, allow_private: bool) 
     return True
 
 
-def _ip_of(addr: str) -> str | None:
+def ip_of(addr: str) -> str | None:
+    """The IP text of an ``/ip4|ip6/<ip>/…`` address, else None."""
     parts = addr.split("/")
     if len(parts) >= 3 and parts[1] in ("ip4", "ip6"):
         return parts[2]
@@ -107,7 +108,7 @@ def classify(addr: str) -> AddrClass:
     """What kind of address ``addr`` is by itself (``confirmed``/``mapped`` are known only from where it came)."""
     if "/p2p-circuit" in addr:
         return "relayed"
-    ip = _ip_of(addr)
+    ip = ip_of(addr)
     parsed = parse_ip(ip) if ip is not None else None
     if parsed is None:
         return "other"

@@ -32,7 +32,6 @@ speaks both is asked over this protocol only.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 import time
@@ -50,8 +49,9 @@ from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from pydantic import BaseModel, Field, TypeAdapter
 
-from nat.addresses import Reachability, dial_back_allowed, is_public_ip, parse_ip, sources_for
+from nat.addresses import Reachability, ip_of, is_public_ip, sources_for
 from nat.addresses import candidate_addrs as candidate_addrs_of
+from nat.autonat_rules import dial_back_targets, dialable_tcp_addr
 from nat.notifee import QuietNotifee
 from nat.reachability import ReachabilityState, ServerResult
 from runtime.errors import ClawnodeError, ErrorCode
@@ -129,29 +129,6 @@ class V2Client(Protocol):
 # Addresses
 
 
-def _ip_of(addr: str) -> str | None:
-    parts = addr.split("/")
-    if len(parts) >= 3 and parts[1] in ("ip4", "ip6"):
-        return parts[2]
-    return None
-
-
-def dialable_tcp_addr(addr: str) -> str | None:
-    """``/ip4|ip6/<ip>/tcp/<port>`` with any ``/p2p/…`` stripped, or None when it is anything else."""
-    base = addr.split("/p2p/")[0]
-    parts = base.split("/")
-    if len(parts) != 5 or parts[0] != "" or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
-        return None
-    try:
-        ipaddress.ip_address(parts[2])
-        port = int(parts[4])
-    except ValueError:
-        return None
-    if not 0 < port < 65536:
-        return None
-    return base
-
-
 def listen_ports(addrs: Sequence[str]) -> list[int]:
     """The TCP ports of these addresses (0 and duplicates left out)."""
     ports: list[int] = []
@@ -183,7 +160,7 @@ def candidate_addrs(addrs: Sequence[str], *, allow_private: bool, limit: int) ->
         base = dialable_tcp_addr(addr)
         if base is None or base in found:
             continue
-        ip = _ip_of(base) or ""
+        ip = ip_of(base) or ""
         if not allow_private and not is_public_ip(ip):
             continue
         found.append(base)
@@ -570,7 +547,7 @@ class AutoNat:
             for addr, count in counts.items()
             if count >= needed
             and dialable_tcp_addr(addr) == addr
-            and (self.settings.allow_private or is_public_ip(_ip_of(addr) or ""))
+            and (self.settings.allow_private or is_public_ip(ip_of(addr) or ""))
         ]
         return sorted(usable, key=lambda addr: -counts[addr])
 
@@ -581,7 +558,7 @@ class AutoNat:
         for _, _, result in self._recent.values():
             if not result.at_observed_ip:
                 continue
-            for ip in {_ip_of(addr) for addr in result.dialed} - {None}:
+            for ip in {ip_of(addr) for addr in result.dialed} - {None}:
                 assert ip is not None
                 counts[ip] = counts.get(ip, 0) + 1
         return sorted(counts, key=lambda ip: -counts[ip])
@@ -637,43 +614,15 @@ class AutoNat:
             self._last_request = {key: at for key, at in self._last_request.items() if at >= cutoff}
 
     def validate(self, message: DialBackRequest, observed_ip: str) -> tuple[list[str], dict[str, str]]:
-        """The addresses to dial, and those refused (with why); raises when nothing may be dialed.
-
-        Only the requester's observed IP is dialed (no third parties, so nobody can use a server to
-        amplify), and no private address unless ``allow_private``.
-        """
-        if len(message.addrs) + len(message.ports) > self.settings.server_max_addrs:
-            raise ClawnodeError(
-                ErrorCode.INVALID_ARGUMENT, f"at most {self.settings.server_max_addrs} addresses per request"
-            )
-        if not message.addrs and not message.ports:
-            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "no address or port to dial back")
-        # a dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d: judged (and dialed) as its IPv4 address
-        observed = parse_ip(observed_ip) if observed_ip else None
-        if observed is None:
-            raise ClawnodeError(ErrorCode.FORBIDDEN, "no observed address for this connection")
-        family = "ip4" if observed.version == 4 else "ip6"
-        requested: list[str] = []
-        for addr in message.addrs:
-            base = dialable_tcp_addr(addr)
-            if base is None:
-                raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "only /ip4|ip6/<ip>/tcp/<port> addresses")
-            requested.append(base)
-        requested.extend(f"/{family}/{observed}/tcp/{port}" for port in message.ports)
-        targets: list[str] = []
-        refused: dict[str, str] = {}
-        for base in requested:
-            ip = parse_ip(_ip_of(base) or "")
-            if ip is None or ip != observed:
-                refused[base] = "not the requester's observed IP"
-            elif not dial_back_allowed(str(ip), observed_ip, allow_private=self.settings.allow_private):
-                refused[base] = "a private address"
-            elif base not in targets:
-                targets.append(base)
-        if not targets:
-            reasons = sorted(set(refused.values()))
-            raise ClawnodeError(ErrorCode.FORBIDDEN, "nothing to dial back: " + ", ".join(reasons))
-        return targets, refused
+        """The addresses to dial, and those refused (with why); raises when nothing may be dialed
+        (the rule: ``nat.autonat_rules.dial_back_targets``)."""
+        return dial_back_targets(
+            message.addrs,
+            message.ports,
+            observed_ip,
+            max_addrs=self.settings.server_max_addrs,
+            allow_private=self.settings.allow_private,
+        )
 
     async def _answer(self, observed_ip: str, frame: bytes, remote: ID) -> BaseModel:
         if not self._serving or self._dialer is None:
