@@ -70,15 +70,21 @@ class SilentPeers(Generic[PeerT]):
 
 
 class InboundSlots(Generic[PeerT]):
-    """How many inbound DHT streams each peer holds open at once, at most ``per_peer`` each.
+    """How many inbound DHT streams each peer holds open at once: at most ``per_peer`` each, and at
+    most ``per_bucket`` for all the peers behind one remote IP (an IPv6 /64) together.
 
     py-libp2p serves at most 12 inbound DHT streams at once, shared by every peer, and read each with
     no time limit: one stranger that opened 12 and wrote nothing held them all, and every honest
-    peer's query was reset while it stayed connected (``bench/fuzz.py``'s idle-stream check)."""
+    peer's query was reset while it stayed connected (``bench/fuzz.py``'s idle-stream check). Peer
+    ids cost nothing, so the per-peer share alone let four identities from one host hold every slot
+    again; an IP costs something. A stream with no bucket (loopback, a relayed stream) counts only
+    against its peer."""
 
-    def __init__(self, per_peer: int) -> None:
+    def __init__(self, per_peer: int, per_bucket: int | None = None) -> None:
         self.per_peer = per_peer
+        self.per_bucket = per_bucket
         self._open: dict[PeerT, int] = {}
+        self._bucket_open: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._open)
@@ -86,17 +92,32 @@ class InboundSlots(Generic[PeerT]):
     def held(self, peer: PeerT) -> int:
         return self._open.get(peer, 0)
 
-    def take(self, peer: PeerT) -> bool:
-        """One more stream for ``peer``, or False: it holds ``per_peer`` already."""
+    def held_by_bucket(self, bucket: str) -> int:
+        return self._bucket_open.get(bucket, 0)
+
+    def take(self, peer: PeerT, bucket: str | None = None) -> bool:
+        """One more stream for ``peer`` (behind ``bucket``), or False: it, or its bucket, holds its share already."""
         held = self._open.get(peer, 0)
         if held >= self.per_peer:
             return False
+        if bucket is not None and self.per_bucket is not None:
+            in_bucket = self._bucket_open.get(bucket, 0)
+            if in_bucket >= self.per_bucket:
+                return False
+            self._bucket_open[bucket] = in_bucket + 1
         self._open[peer] = held + 1
         return True
 
-    def give_back(self, peer: PeerT) -> None:
+    def give_back(self, peer: PeerT, bucket: str | None = None) -> None:
+        """Give back a stream taken with ``take(peer, bucket)`` (the same bucket)."""
         held = self._open.get(peer, 0) - 1
         if held > 0:
             self._open[peer] = held
         else:
             self._open.pop(peer, None)
+        if bucket is not None and self.per_bucket is not None:
+            in_bucket = self._bucket_open.get(bucket, 0) - 1
+            if in_bucket > 0:
+                self._bucket_open[bucket] = in_bucket
+            else:
+                self._bucket_open.pop(bucket, None)

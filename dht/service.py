@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.identity.identify_push.identify_push import ID_PUSH, push_identify_to_peers
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -27,6 +28,7 @@ from dht.lookup import Lookup, far_keys, key_of
 from dht.lookup_guard import InboundSlots, SilentPeers, may_ask, serves_dht
 from dht.protocol_id import current_kad_protocol_id
 from dht.record_validator import sequence_of
+from nat.addresses import ip_bucket, is_loopback_ip
 
 if TYPE_CHECKING:
     # py-libp2p depends on trio-typing, whose stale trio-stubs hide trio's own TaskStatus from mypy.
@@ -62,6 +64,10 @@ INBOUND_SLOT_WAIT_S = 2.0
 # py-libp2p serves 12 inbound DHT streams at once for every peer together; with one peer holding up to
 # ``INBOUND_STREAMS_PER_PEER``, the others share the rest.
 INBOUND_STREAMS = 32
+# The peers behind one remote IP (an IPv6 /64) hold at most this many of them together (loopback
+# and relayed streams excepted): identities are free, so the per-peer share alone let one host with
+# four of them hold every slot.
+INBOUND_STREAMS_PER_IP = 16
 # ``DhtService.provide``: an ADD_PROVIDER not sent within this long is given up (py-libp2p's query timeout),
 # and one that failed (not reached, its stream refused or timed out) is sent again after these pauses.
 # On a busy swarm (bench/discovery.py's setup, 40 nodes at load 10) 130 of 210 sends failed so, and
@@ -92,6 +98,21 @@ def peer_infos_from_addrs(addrs: Iterable[str]) -> list[PeerInfo]:
     return [PeerInfo(peer_id, found) for peer_id, found in grouped.items()]
 
 
+def inbound_bucket(stream: INetStream) -> str | None:
+    """The per-IP bucket an inbound stream counts in (``nat.addresses.ip_bucket``), or None: loopback
+    (every local node and test swarm shares it), a relayed stream, no socket underneath."""
+    try:
+        if stream.muxed_conn.get_connection_type() is ConnectionType.RELAYED:
+            return None  # the relay's address: every peer reaching us through it would share one bucket
+        remote = stream.get_remote_address()
+    except Exception:  # noqa: BLE001 - a stream without a socket underneath
+        return None
+    if not remote:
+        return None
+    address = str(remote[0])
+    return None if is_loopback_ip(address) else ip_bucket(address)
+
+
 class DhtService:
     def __init__(
         self,
@@ -118,7 +139,7 @@ class DhtService:
         self.ready = trio.Event()
         self.joined = trio.Event()
         self.silent: SilentPeers[ID] = SilentPeers()
-        self.inbound: InboundSlots[ID] = InboundSlots(INBOUND_STREAMS_PER_PEER)
+        self.inbound: InboundSlots[ID] = InboundSlots(INBOUND_STREAMS_PER_PEER, INBOUND_STREAMS_PER_IP)
         self._inbound_freed = trio.Event()  # set (and replaced) as an inbound DHT stream ends
         self.lookup: Lookup | None = None
         # py-libp2p's full refresh, run only when this service asks (``_own_maintenance``)
@@ -447,13 +468,14 @@ class DhtService:
 
     async def _serve_inbound(self, stream: INetStream) -> None:
         """py-libp2p's DHT handler, for at most ``INBOUND_STREAMS_PER_PEER`` streams of one peer at once
-        (one more waits up to ``INBOUND_SLOT_WAIT_S`` for one of them to end) and ``INBOUND_STREAM_S``
-        each: the slots py-libp2p shares between every peer are no longer held by one stranger's idle
-        streams."""
+        and ``INBOUND_STREAMS_PER_IP`` of one remote IP (one more waits up to ``INBOUND_SLOT_WAIT_S`` for
+        one of them to end) and ``INBOUND_STREAM_S`` each: the slots py-libp2p shares between every peer
+        are no longer held by one stranger's idle streams."""
         kad = self.dht
         peer_id = stream.muxed_conn.peer_id
+        bucket = inbound_bucket(stream)
         deadline = trio.current_time() + INBOUND_SLOT_WAIT_S
-        while not self.inbound.take(peer_id):
+        while not self.inbound.take(peer_id, bucket):
             if trio.current_time() >= deadline:
                 with contextlib.suppress(Exception):
                     await stream.reset()
@@ -467,7 +489,7 @@ class DhtService:
                 with contextlib.suppress(Exception):
                     await stream.reset()
         finally:
-            self.inbound.give_back(peer_id)
+            self.inbound.give_back(peer_id, bucket)
             self._inbound_freed.set()
             self._inbound_freed = trio.Event()
 
