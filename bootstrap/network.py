@@ -1,4 +1,4 @@
-"""The network profile and ``/clawnode/network/1.0.0``: which chain and escrow a network pays on.
+"""The network profile and ``/clawnode/network/1.1.0``: which chain and escrow a network pays on.
 
 Nodes can only pay each other on one chain, in one escrow contract. A *network profile* names
 them: the chain (CAIP-2), the escrow contract, the JSON-RPC URLs a node reaches the chain at, and
@@ -17,6 +17,13 @@ The protocol is one request, one reply (``wire.rpc``): ``profile`` → the profi
 ``fund`` → whether coin was sent. A profile is only ever handed out by a node that serves or
 joined a development chain; a node on an operator's chain (``mode = "rpc"``) names its chain and
 contract but never its RPC URL (which may carry a key).
+
+``/clawnode/network/1.1.0`` is ``1.0.0`` with one more profile field, ``arbiter_peer``: the peer id
+of the node holding the arbiter wallet (a bootstrap serving its dev chain names itself), which a
+task seller needs beside the wallet to take a single-arbiter award. ``NetworkProfile`` refuses
+unknown fields, so a node from before 1.1.0 would refuse a profile naming it, find no chain and
+run a private one: both ids are served, and a ``1.0.0`` asker gets the profile without
+``arbiter_peer`` (``NetworkProfileV1``, the old shape). A node asks with both ids, newest first.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import faucet as faucet_rule
@@ -43,10 +50,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NETWORK_PROTOCOL = TProtocol("/clawnode/network/1.0.0")
+NETWORK_PROTOCOL = TProtocol("/clawnode/network/1.1.0")
+NETWORK_PROTOCOL_V1 = TProtocol("/clawnode/network/1.0.0")  # nodes before arbiter_peer; still served
 MAX_FRAME = 4096
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 CAIP2 = r"^[a-z0-9]{3,8}:[A-Za-z0-9-]{1,32}$"
+PEER_ID = r"^[1-9A-HJ-NP-Za-km-z]{46,64}$"  # as escrow.arbiter_peer takes it
 ASK_TIMEOUT_S = 5.0
 FUND_TIMEOUT_S = 30.0
 
@@ -55,8 +64,25 @@ class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class NetworkProfile(_Msg):
-    """Where a network pays: chain, escrow contract, the chain's JSON-RPC URLs, the arbiter."""
+def peer_id_valid(value: str) -> bool:
+    """Whether ``value`` is a peer id in its canonical base58 text: a multihash of a public key, either the
+    key itself (identity, at most 42 bytes, as an Ed25519 key's) or its sha2-256 (as an RSA key's)."""
+    try:
+        raw = ID.from_base58(value).to_bytes()
+    except Exception:  # noqa: BLE001 - any undecodable text is the same mistake
+        return False
+    if ID(raw).to_base58() != value:
+        return False
+    identity = len(raw) >= 2 and raw[0] == 0x00 and raw[1] == len(raw) - 2 <= 42
+    sha256 = len(raw) == 34 and raw[0] == 0x12 and raw[1] == 0x20
+    return identity or sha256
+
+
+class NetworkProfileV1(_Msg):
+    """Where a network pays: chain, escrow contract, the chain's JSON-RPC URLs, the arbiter's wallet.
+
+    The profile as ``/clawnode/network/1.0.0`` carries it, and as nodes before 1.1.0 read it (unknown
+    fields refused): what a ``1.0.0`` asker is answered."""
 
     chain: str = Field(pattern=CAIP2, description="CAIP-2, e.g. eip155:31337")
     contract: str = Field(pattern=ADDRESS)
@@ -85,6 +111,41 @@ class NetworkProfile(_Msg):
         return chain_id is not None and PRIVATE_CHAIN_ID_MIN <= chain_id < PRIVATE_CHAIN_ID_MAX
 
 
+class NetworkProfile(NetworkProfileV1):
+    """The profile as ``/clawnode/network/1.1.0`` carries it: the arbiter's peer id beside its wallet."""
+
+    arbiter_peer: str | None = Field(
+        None,
+        pattern=PEER_ID,
+        description="peer id of the node holding the arbiter wallet, where a dispute's case goes (a bootstrap "
+        "serving its dev chain: itself); none: not known",
+    )
+
+    @field_validator("arbiter_peer")
+    @classmethod
+    def _peer_id(cls, value: str | None) -> str | None:
+        if value is not None and not peer_id_valid(value):
+            raise ValueError("arbiter_peer is not a peer id")
+        return value
+
+    @model_validator(mode="after")
+    def _peer_with_wallet(self) -> NetworkProfile:
+        if self.arbiter_peer is not None and self.arbiter is None:
+            raise ValueError("arbiter_peer names the holder of the arbiter wallet: it needs arbiter")
+        return self
+
+    def v1(self) -> NetworkProfileV1:
+        """The profile a ``1.0.0`` asker reads: the same, less ``arbiter_peer``."""
+        return NetworkProfileV1.model_validate(self.model_dump(exclude={"arbiter_peer"}))
+
+    def arbiter_pair(self, wallet: str) -> tuple[str, str] | None:
+        """The arbiter this profile names as a (peer id, wallet) pair, when it names the peer of ``wallet``
+        (the arbiter wallet the node uses, compared case-insensitively); None otherwise."""
+        if self.arbiter_peer is None or self.arbiter is None or self.arbiter.lower() != wallet.lower():
+            return None
+        return self.arbiter_peer, wallet
+
+
 class ProfileRequest(_Msg):
     type: Literal["profile"] = "profile"
 
@@ -99,6 +160,13 @@ class ProfileReply(_Msg):
     profile: NetworkProfile | None = None
 
 
+class ProfileReplyV1(_Msg):
+    """The ``1.0.0`` reply: the profile in the shape nodes before 1.1.0 read."""
+
+    type: Literal["profile"] = "profile"
+    profile: NetworkProfileV1 | None = None
+
+
 class FundReply(_Msg):
     type: Literal["funded"] = "funded"
     funded: bool
@@ -111,10 +179,12 @@ _PROFILE = TypeAdapter(ProfileReply)
 _FUNDED = TypeAdapter(FundReply)
 
 Faucet = Callable[[str], Awaitable[bool]]
+_PROTOCOLS = (NETWORK_PROTOCOL, NETWORK_PROTOCOL_V1)  # newest first: the peer speaks the first it knows
 
 
 class NetworkService:
-    """Answers ``/clawnode/network/1.0.0`` with this node's profile and, on a dev chain's node, its faucet."""
+    """Answers ``/clawnode/network/1.1.0`` (and ``1.0.0``) with this node's profile and, on a dev chain's
+    node, its faucet."""
 
     def __init__(self, host: IHost, *, preparing: bool = False) -> None:
         self.host = host
@@ -134,6 +204,7 @@ class NetworkService:
     async def run(self, *, task_status: TaskStatus[NetworkService] = trio.TASK_STATUS_IGNORED) -> None:
         """Answer the protocol (and serve a development chain, once started) until cancelled."""
         self.host.set_stream_handler(NETWORK_PROTOCOL, serve_requests(self._handle, max_frame=MAX_FRAME))
+        self.host.set_stream_handler(NETWORK_PROTOCOL_V1, serve_requests(self._handle_v1, max_frame=MAX_FRAME))
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -142,6 +213,7 @@ class NetworkService:
         finally:
             self._nursery = None
             self.host.remove_stream_handler(NETWORK_PROTOCOL)
+            self.host.remove_stream_handler(NETWORK_PROTOCOL_V1)
 
     def forget(self) -> None:
         """The chain this node joined is gone: no profile to hand on until it joins again."""
@@ -163,19 +235,26 @@ class NetworkService:
         self._grants.append(trio.current_time())  # counted before the await: concurrent asks see it
         return FundReply(funded=await self.faucet(message.address))
 
+    async def _handle_v1(self, frame: bytes, remote: ID) -> BaseModel:
+        """``1.0.0``: the same answers, the profile without ``arbiter_peer`` (which its askers refuse)."""
+        reply = await self._handle(frame, remote)
+        if isinstance(reply, ProfileReply):
+            return ProfileReplyV1(profile=None if reply.profile is None else reply.profile.v1())
+        return reply
+
 
 async def ask_profile(host: IHost, peer: ID, *, timeout_s: float = ASK_TIMEOUT_S) -> NetworkProfile | None:
-    """The peer's network profile; None when it has none. Raises ``ClawnodeError`` when it cannot say."""
-    reply = await request(
-        host, peer, NETWORK_PROTOCOL, ProfileRequest(), _PROFILE, timeout_s=timeout_s, max_frame=MAX_FRAME
-    )
+    """The peer's network profile; None when it has none. Raises ``ClawnodeError`` when it cannot say.
+
+    Asked on ``1.1.0``, else ``1.0.0`` (a node before 1.1.0: its profile names no ``arbiter_peer``)."""
+    reply = await request(host, peer, _PROTOCOLS, ProfileRequest(), _PROFILE, timeout_s=timeout_s, max_frame=MAX_FRAME)
     return reply.profile
 
 
 async def ask_funds(host: IHost, peer: ID, address: str, *, timeout_s: float = FUND_TIMEOUT_S) -> bool:
     """Ask the peer's faucet to fund ``address``; whether it sent coin."""
     reply = await request(
-        host, peer, NETWORK_PROTOCOL, FundRequest(address=address), _FUNDED, timeout_s=timeout_s, max_frame=MAX_FRAME
+        host, peer, _PROTOCOLS, FundRequest(address=address), _FUNDED, timeout_s=timeout_s, max_frame=MAX_FRAME
     )
     return reply.funded
 
@@ -279,6 +358,8 @@ async def serve_network_chain(service: NetworkService, wallet_key: bytes, *, lis
         contract=dev.deployer.address,
         rpc_urls=[url],
         arbiter=wallet.address,  # the bootstrap's own key: a dev account's is public
+        # ... held by this node, which takes a dispute's case for that wallet as this peer (protocols/task/arbiter.py)
+        arbiter_peer=str(service.host.get_id()),
         faucet=True,
         stablecoin=dev.token or None,
     )

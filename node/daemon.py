@@ -218,7 +218,7 @@ class Node:
         # "no_escrow_contract" / "wrong_chain" while the configured address holds no escrow (metrics, alert).
         self.escrow_problem: str | None = None
         self.settlement_queue: Any = None  # a runtime.settlement.SettlementQueue once the chain is there
-        self.network: NetworkService | None = None  # /clawnode/network/1.0.0, once running
+        self.network: NetworkService | None = None  # /clawnode/network/1.1.0, once running
         self._unpayable_notes: dict[str, str] = {}  # capability -> "3 providers on other chains"
         self.rejoin_after_s = REJOIN_AFTER_S
         self.reconciler: Any = None  # a runtime.settlement.reconcile.Reconciler once the chain is there
@@ -382,7 +382,7 @@ class Node:
                     # Before the DHT dials anyone, so pubsub sees every connection as it opens.
                     self._announcements = TaskAnnouncements(self._host)
                     await nursery.start(self.supervisor.run, "announcements", self._announcements.run)
-                    # escrow.mode auto: the network's chain is served or learnt over /clawnode/network/1.0.0.
+                    # escrow.mode auto: the network's chain is served or learnt over /clawnode/network/1.1.0.
                     auto = self.config.escrow.mode == "auto" and self._escrow_connector is None
                     self.network = NetworkService(self._host, preparing=auto)
                     await nursery.start(self.supervisor.run, "network", self.network.run)
@@ -866,10 +866,21 @@ class Node:
         return self.model_host.get(name) if name is not None else None
 
     def _task_arbiter(self) -> tuple[str, str] | None:
-        """The arbiter a task this node publishes names when the request names none: the configured
-        arbiter peer with this node's arbiter wallet, or None (the publish is refused ``no_arbiter``)."""
+        """This node's own task arbiter as a (peer id, wallet) pair: what a task it publishes names when the
+        request names none, and the pair it trusts as a seller (beside escrow.trusted_arbiters). The
+        configured escrow.arbiter_peer with this node's arbiter wallet; else, on mode auto, the peer id the
+        network profile names for that wallet (a bootstrap serving its dev chain: itself), unless
+        escrow.arbiter names another wallet; else None (a publish is refused ``no_arbiter``, a
+        single-arbiter award ``no_trusted_arbiter``)."""
+        if not self._arbiter:
+            return None
         peer = self.config.escrow.arbiter_peer
-        return (peer, self._arbiter) if peer and self._arbiter else None
+        if peer:
+            return peer, self._arbiter
+        profile = self.network.profile if self.network is not None else None
+        if self.config.escrow.mode != "auto" or profile is None:
+            return None
+        return profile.arbiter_pair(self._arbiter)
 
     def _escrow_terms(self) -> EscrowTerms | None:
         """What this node asks a buyer to lock; None while there is no chain (or no arbiter)."""

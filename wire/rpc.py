@@ -10,7 +10,7 @@ name a file or an endpoint) never leaves the node.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
 import trio
@@ -85,17 +85,21 @@ def serve_requests(
 async def request(
     host: IHost,
     peer_id: ID,
-    protocol: TProtocol,
+    protocol: TProtocol | Sequence[TProtocol],
     message: BaseModel,
     replies: TypeAdapter[R],
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> R:
-    """Send ``message`` to the peer and return its reply; an error reply raises ``ClawnodeError``."""
+    """Send ``message`` to the peer and return its reply; an error reply raises ``ClawnodeError``.
+
+    Several protocol ids (newest first) are offered in one negotiation: the peer speaks the first it knows,
+    and ``replies`` must read the replies of each."""
+    protocols = [protocol] if isinstance(protocol, str) else list(protocol)
     try:
         with trio.fail_after(timeout_s):
-            stream = await open_stream(host, peer_id, [protocol])  # through a relay if needed
+            stream = await open_stream(host, peer_id, protocols)  # through a relay if needed
             try:
                 await write_frame(stream, message.model_dump_json().encode(), max_frame=max_frame)
                 frame = await FrameReader(stream, max_frame=max_frame).read_frame(timeout_s)
