@@ -1214,8 +1214,10 @@ def escrow() -> None:
 @json_option
 def escrow_deploy(rpc_url: str | None, data_dir: str | None, as_json: bool) -> None:
     """Deploy the escrow contract, paid by this node's wallet; print what other nodes need to use it."""
+    from libp2p.peer.id import ID
+
     from node.config import ConfigError, load_config
-    from node.datadir import load_or_create_wallet_key
+    from node.datadir import load_or_create_identity, load_or_create_wallet_key
     from runtime.escrow.wallet import deploy_escrow
 
     directory = ensure_data_dir(resolve_data_dir(data_dir))
@@ -1232,7 +1234,16 @@ def escrow_deploy(rpc_url: str | None, data_dir: str | None, as_json: bool) -> N
     except ClawnodeError as error:  # the URL never appears in these
         click.echo(f"clawnode: {error.code}: {error.message}", err=True)
         sys.exit(1)
-    body = {"chain": f"eip155:{deployed.chain_id}", "contract": deployed.contract, "deployer": deployed.deployer}
+    # The arbiter is a (wallet, peer id) pair: a seller takes a single-arbiter task only when both are the
+    # ones it trusts, and a dispute's case goes to the peer id. This node, run on this data dir, holds both.
+    peer = str(ID.from_pubkey(load_or_create_identity(directory)[0].public_key))
+    body = {
+        "chain": f"eip155:{deployed.chain_id}",
+        "contract": deployed.contract,
+        "deployer": deployed.deployer,
+        "arbiter": deployed.deployer,
+        "arbiter_peer": peer,
+    }
     lines = [
         f"escrow deployed at {deployed.contract} on eip155:{deployed.chain_id} (paid by {deployed.deployer})",
         "every node of this network needs in its config.toml:",
@@ -1241,7 +1252,11 @@ def escrow_deploy(rpc_url: str | None, data_dir: str | None, as_json: bool) -> N
         'rpc_url = "<this chain\'s JSON-RPC URL>"',
         f'contract = "{deployed.contract}"',
         f"chain_id = {deployed.chain_id}",
-        'arbiter = "0x…"  # whoever settles disputes; a seller must name one',
+        "# whoever settles disputes, as a pair: here this node (its wallet and its peer id), if it runs on this",
+        "# data dir; another arbiter's wallet and peer id otherwise (without arbiter_peer a seller refuses",
+        "# single-arbiter tasks: no_trusted_arbiter).",
+        f'arbiter = "{deployed.deployer}"',
+        f'arbiter_peer = "{peer}"',
     ]
     _print(body, as_json, lines)
 

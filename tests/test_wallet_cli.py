@@ -12,8 +12,10 @@ import pytest
 import trio
 from click.testing import CliRunner, Result
 from eth_account import Account
+from libp2p.peer.id import ID
 
 from node.cli import main
+from node.datadir import load_or_create_identity
 from runtime.escrow import Chain, EscrowClient
 from runtime.escrow.devchain import DevChain
 from tests.support.processes import prepare_data_dir
@@ -99,6 +101,10 @@ def test_escrow_deploy_prints_what_the_other_nodes_need(tmp_path: Path, served_c
     assert url not in deployed.stdout  # the URL may carry a key: never printed
     body = json.loads(run_cli("escrow", "deploy", "--rpc-url", url, "--data-dir", str(home), "--json").stdout)
     assert body["chain"] == f"eip155:{dev.chain.chain_id}" and body["deployer"] == deployer.address
+    # The arbiter as the pair a seller must trust: this node's wallet and peer id (the identity its daemon runs as).
+    peer = str(ID.from_pubkey(load_or_create_identity(home)[0].public_key))
+    assert (body["arbiter"], body["arbiter_peer"]) == (deployer.address, peer)
+    assert f'arbiter = "{deployer.address}"' in deployed.stdout and f'arbiter_peer = "{peer}"' in deployed.stdout
     # A real escrow at the printed address, another one than the network's own.
     client = EscrowClient(Chain.rpc(url), deployer, body["contract"], expected_chain_id=dev.chain.chain_id)
     client.verify_contract()
