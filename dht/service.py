@@ -572,7 +572,8 @@ class DhtService:
         swarm of nodes started one after another, each node's extra walks began ten minutes after its
         start, and 200 nodes doing so in one process stalled every lookup there for minutes
         (bench/discovery.py, N = 200: every query timed out from then on). The loop's clean-up still
-        runs, and its republish still comes 22 h after the last put or announcement here.
+        runs, and its republish of values still comes 22 h after the last put here; it never
+        republishes a provider key, since ``provide`` does not register one with it.
         """
         self._kad_refresh = kad.refresh_routing_table
 
@@ -719,8 +720,8 @@ class DhtService:
         kad = self.dht
         store = kad.provider_store
         me = self.host.get_id()
-        store.providing_keys.add(key)  # py-libp2p's own republish of what this node provides
-        store._last_republish[key] = time.time()  # ... 22 h from now (``_own_maintenance``)
+        # Not in py-libp2p's ``providing_keys``: it re-announces those every 22 h and never forgets one,
+        # so a withdrawn capability came back; the publisher announces what is offered (``publish``).
         store.add_provider(key, PeerInfo(me, list(self.host.get_addrs())))
         told: set[ID] = {me}
         delivered = 0

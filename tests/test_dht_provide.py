@@ -215,3 +215,27 @@ async def test_a_thin_periodic_announcement_of_an_old_offer_is_made_again(monkey
             while len(announced) < 2:
                 await trio.sleep(0.05)
         assert announced == [key, key]
+
+
+async def test_a_withdrawn_capability_is_never_announced_again_by_py_libp2ps_republish() -> None:
+    """py-libp2p re-announces every key in its ``providing_keys`` 22 h after the last announcement and
+    never forgets one, so an offer the node withdrew came back a day later. Its republish pass, run
+    here as if every key were due, announces nothing the publisher did not."""
+    async with open_swarm(4, specs={3: NodeSpec(offers=(GEMMA,))}) as nodes:
+        provider = nodes[3]
+        store = provider.dht.dht.provider_store
+        with trio.fail_after(10):
+            while provider.publisher.published_at is None:
+                await trio.sleep(0.02)
+        assert provider.publisher.remove_offer(GEMMA.name)
+        announced: list[bytes] = []
+
+        async def recording(key: bytes) -> bool:
+            announced.append(key)
+            return True
+
+        store.provide = recording  # type: ignore[method-assign]
+        store._last_republish.clear()  # every key due
+        await store._republish_provider_records()
+        assert provider_key(GEMMA.name) not in announced
+        assert announced == []
