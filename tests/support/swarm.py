@@ -1,11 +1,11 @@
 """N real libp2p hosts with the clawnode DHT and capability services, on loopback,
-inside one trio run."""
+inside one trio run (``open_swarm``), or a share of them per process (``open_nodes``)."""
 
 from __future__ import annotations
 
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -143,40 +143,84 @@ async def open_swarm(
     nothing. Every node has joined and published when the block starts. ``connection_budget``: each
     node keeps about that many connections (``node.conn_budget``).
     """
+    with tempfile.TemporaryDirectory(prefix="clawnode-swarm-") as scratch:
+        async with open_nodes(
+            range(size),
+            Path(scratch),
+            bootstrap_count=bootstrap_count,
+            refresh_interval_s=refresh_interval_s,
+            specs=specs,
+            record_ttl_s=record_ttl_s,
+            cache_ttl_s=cache_ttl_s,
+            connection_budget=connection_budget,
+        ) as nodes:
+            # Early joiners met only a few peers: once the whole swarm exists, every node runs its
+            # periodic refresh once, then publishes once more so provider records reach the final
+            # closest peers.
+            await refresh_nodes(nodes)
+            await publish_offers(nodes)
+            yield nodes
+
+
+@asynccontextmanager
+async def open_nodes(
+    indices: Iterable[int],
+    scratch: Path,
+    *,
+    bootstrap: Sequence[str] = (),
+    bootstrap_count: int = 0,
+    refresh_interval_s: float = 3600.0,
+    specs: Mapping[int, NodeSpec] | None = None,
+    record_ttl_s: int = 600,
+    cache_ttl_s: float = 0.0,
+    connection_budget: int | None = None,
+) -> AsyncIterator[list[SwarmNode]]:
+    """Start the nodes numbered ``indices`` one after another, as ``open_swarm`` does, and yield
+    them once every one has joined (no refresh, no extra publish: ``refresh_nodes`` and
+    ``publish_offers`` do those, for swarms split over several processes).
+
+    Each node bootstraps from ``bootstrap`` and the first address of each of the first
+    ``bootstrap_count`` nodes started here before it. ``specs`` is keyed by index; peer books go
+    to ``scratch``.
+    """
     use_kad_protocol_id()
     specs = specs or {}
-    with tempfile.TemporaryDirectory(prefix="clawnode-swarm-") as scratch:
-        async with trio.open_nursery() as nursery:
-            nodes: list[SwarmNode] = []
-            for index in range(size):
-                bootstrap = [addr for node in nodes[:bootstrap_count] for addr in node.addrs[:1]]
-                run_node = partial(
-                    _run_node,
-                    specs.get(index, NodeSpec()),
-                    bootstrap,
-                    Path(scratch) / f"peers-{index}.json",
-                    refresh_interval_s,
-                    record_ttl_s,
-                    cache_ttl_s,
-                    connection_budget,
-                )
-                node = await nursery.start(run_node)
-                nodes.append(node)
-            # Joins ran in the background while later nodes were added: wait for them,
-            # run every node's periodic refresh once now that the whole swarm exists
-            # (early joiners met only a few peers), then publish once more so provider
-            # records reach the final closest peers.
-            with trio.fail_after(JOIN_DEADLINE_S):
-                for node in nodes:
-                    await node.dht.joined.wait()
-            async with trio.open_nursery() as refreshes:
-                for node in nodes:
-                    refreshes.start_soon(node.dht.refresh)
-            async with trio.open_nursery() as publishes:
-                for node in nodes:
-                    if node.publisher.offers:
-                        publishes.start_soon(node.publisher.publish)
-            try:
-                yield nodes
-            finally:
-                nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        nodes: list[SwarmNode] = []
+        for index in indices:
+            addrs = list(bootstrap) + [addr for node in nodes[:bootstrap_count] for addr in node.addrs[:1]]
+            run_node = partial(
+                _run_node,
+                specs.get(index, NodeSpec()),
+                addrs,
+                scratch / f"peers-{index}.json",
+                refresh_interval_s,
+                record_ttl_s,
+                cache_ttl_s,
+                connection_budget,
+            )
+            node = await nursery.start(run_node)
+            nodes.append(node)
+        # Joins ran in the background while later nodes were added: wait for them.
+        with trio.fail_after(JOIN_DEADLINE_S):
+            for node in nodes:
+                await node.dht.joined.wait()
+        try:
+            yield nodes
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def refresh_nodes(nodes: Sequence[SwarmNode]) -> None:
+    """Every node's periodic refresh, all at once."""
+    async with trio.open_nursery() as refreshes:
+        for node in nodes:
+            refreshes.start_soon(node.dht.refresh)
+
+
+async def publish_offers(nodes: Sequence[SwarmNode]) -> None:
+    """Every node with offers publishes its record and provider announcements, all at once."""
+    async with trio.open_nursery() as publishes:
+        for node in nodes:
+            if node.publisher.offers:
+                publishes.start_soon(node.publisher.publish)
