@@ -94,6 +94,24 @@ async def _task_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[
     return view, await seller.tasks.bid(view.task_id, ETH // 2)
 
 
+async def _bid_refused(seller: Any, task_id: str) -> tuple[ErrorCode, str | None]:
+    """The seller's bid refused before anything is sent (``bid_arbiter_verdict``); the code and reason."""
+    with pytest.raises(ClawnodeError) as refused:
+        await seller.tasks.bid(task_id, ETH // 2)
+    assert not seller.tasks.book.get(task_id).bids  # nothing placed
+    return refused.value.code, refused.value.reason
+
+
+async def _bid_while_trusting(seller: Any, task_id: str, pair: tuple[str, str]) -> Any:
+    """The seller bids while it trusts ``pair`` (as an escrow.trusted_arbiters entry), then stops trusting it,
+    as when its operator drops the entry: its bid-time check passed, so only the award's check stands."""
+    seller.tasks.trusted_arbiters = (*seller.tasks.trusted_arbiters, pair)
+    try:
+        return await seller.tasks.bid(task_id, ETH // 2)
+    finally:
+        seller.tasks.trusted_arbiters = tuple(held for held in seller.tasks.trusted_arbiters if held != pair)
+
+
 async def _two_tasks_bid_on(creator: Any, seller: Any, arbiter_wallet: str) -> tuple[str, str, list[Any]]:
     """The creator publishes two tasks under one arbiter; the seller, watching, bids half the price on each."""
     await watching(creator, seller, CAPABILITY)
@@ -406,7 +424,7 @@ async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does
         await watching(creator, seller, "model:wasm-upper")
         # The creator names a second wallet of its own as the arbiter: it could reject the result, dispute
         # and resolve the whole lock back to itself from that wallet, with nobody watching the seller's node.
-        sock = Account.create().address
+        sock, sock_peer = Account.create().address, _fresh_peer()
         view = await creator.tasks.publish_run(
             "model:wasm-upper",
             ETH,
@@ -415,13 +433,18 @@ async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does
             module=mods.UPPER,
             input=b"pay me",
             limits=Limits(fuel=1_000_000, memory_bytes=2 * 1024 * 1024, wall_s=5.0, output_bytes=4096),
-            arbiter_peer=_fresh_peer(),
+            arbiter_peer=sock_peer,
             arbiter_wallet=sock,
             review_timeout_s=60,
         )
         task_id = view.task_id
         await wait_for(lambda: task_id in seller.tasks.book.tasks, 30, "announcement")
-        bid = await seller.tasks.bid(task_id, ETH // 2)
+        # Refused up front, with the award's verdict: no bid reaches the creator.
+        assert await _bid_refused(seller, task_id) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
+        assert not creator.tasks.view(task_id).bids
+
+        # A bid placed while the seller trusted that arbiter: the award is refused all the same.
+        bid = await _bid_while_trusting(seller, task_id, (sock_peer, sock))
         awarded = await creator.tasks.award(task_id, bid.bid_id)
         assert awarded.escrow_id is not None
 
@@ -458,7 +481,12 @@ async def test_a_seller_refuses_an_award_pairing_its_arbiters_wallet_with_anothe
             for peer in (_fresh_peer(), ARBITER_PEER)
         ]
         await wait_for(lambda: set(tasks) <= set(seller.tasks.book.tasks) & set(unset.tasks.book.tasks), 30)
-        bid = await seller.tasks.bid(tasks[0], ETH // 2)
+        # Refused up front with the award's verdicts (below); then bid on while each trusted the pair, as the
+        # award is still checked on its own.
+        assert await _bid_refused(seller, tasks[0]) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
+        assert await _bid_refused(unset, tasks[1]) == (ErrorCode.UNAVAILABLE, "no_trusted_arbiter")
+        announced = [(creator.tasks.book.get(task_id).arbiter, shared.arbiter.address) for task_id in tasks]
+        bid = await _bid_while_trusting(seller, tasks[0], announced[0])
         awarded = await creator.tasks.award(tasks[0], bid.bid_id)
         refusal = await _took_nothing(creator, seller, tasks[0], awarded.escrow_id)
         assert refusal == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
@@ -467,7 +495,7 @@ async def test_a_seller_refuses_an_award_pairing_its_arbiters_wallet_with_anothe
         assert "another peer id" in (await _award_refusal(creator, seller, envelope)).message
 
         # The honest pair, to a node that does not know its arbiter's peer id: it says what to set.
-        bid = await unset.tasks.bid(tasks[1], ETH // 2)
+        bid = await _bid_while_trusting(unset, tasks[1], announced[1])
         awarded = await creator.tasks.award(tasks[1], bid.bid_id)
         refusal = await _took_nothing(creator, unset, tasks[1], awarded.escrow_id)
         assert refusal == (ErrorCode.UNAVAILABLE, "no_trusted_arbiter")

@@ -44,7 +44,11 @@ pytestmark = pytest.mark.usefixtures("scan_logs_for_secrets")
 
 
 async def test_an_award_naming_a_buyers_lease_lock_is_refused_and_the_buyers_open_is_granted() -> None:
-    specs: list[dict[str, Any]] = [{"market": MARKET}, {"offers": (WORD_OFFER,), "market": MARKET}, {"market": MARKET}]
+    # The seller trusts the task's arbiter (escrow.arbiter_peer with the chain's arbiter wallet): it bids, and
+    # only the lock's binding can refuse the award.
+    arbiter_peer = str(ID.from_pubkey(create_new_key_pair().public_key))
+    seller_spec = {"offers": (WORD_OFFER,), "market": MARKET, "arbiter_peer": arbiter_peer}
+    specs: list[dict[str, Any]] = [{"market": MARKET}, seller_spec, {"market": MARKET}]
     async with market_nodes(specs) as (nodes, shared):
         creator, seller, buyer = nodes
         await discovered(creator, seller)
@@ -54,7 +58,7 @@ async def test_an_award_naming_a_buyers_lease_lock_is_refused_and_the_buyers_ope
             PRICE,
             60,
             params="{}",
-            arbiter_peer=str(ID.from_pubkey(create_new_key_pair().public_key)),
+            arbiter_peer=arbiter_peer,
             arbiter_wallet=shared.arbiter.address,
             review_timeout_s=30,
         )

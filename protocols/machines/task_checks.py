@@ -279,6 +279,20 @@ def award_arbiter_verdict(
     )
 
 
+def bid_arbiter_verdict(
+    arbiter_peer: str, arbiter_wallet: str, own_wallet: str | None, trusted: Sequence[tuple[str, str]]
+) -> Refusal | None:
+    """Before a bid: a task announced under a single arbiter this node's award check would refuse
+    (:func:`award_arbiter_verdict`, same arguments: the announcement's arbiter peer id and wallet, which
+    its award must repeat) is refused now with that verdict, so no bid is placed that can never be
+    awarded, and whoever bids hears why at once instead of the creator's award failing after its
+    retries. A panel task (announced under the zero wallet: its panel is in the parameters the award
+    carries) is left to the award's check (:func:`panel_trust_verdict`)."""
+    if arbiter_wallet.lower() == "0x" + "0" * 40:
+        return None
+    return award_arbiter_verdict(arbiter_peer, arbiter_wallet, own_wallet, trusted)
+
+
 def panel_trust_verdict(
     members: Sequence[tuple[str, str]], threshold: int, trusted: Sequence[tuple[str, str]]
 ) -> Refusal | None:

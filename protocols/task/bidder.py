@@ -64,8 +64,10 @@ class BidderRole(TaskCore):
         self.local[ann.task_id] = TaskLocal(ann, announcement_env=envelope)
 
     async def bid(self, task_id: str, price: int) -> w.BidView:
-        """Bid ``price`` (wei) on an announced task; the payee is this node's wallet."""
+        """Bid ``price`` (wei) on an announced task; the payee is this node's wallet. A task whose announced
+        single arbiter this node's award check would refuse is refused first (``bid_arbiter_verdict``)."""
         record, _ = self._task(task_id)
+        self._check_bid_arbiter(task_id)
         bid_id = secrets.token_hex(8)
         event = m.PlaceBid(task_id=task_id, bid_id=bid_id, price=price, asset="ETH")
         self._dry_run(event, self.peer_id)
@@ -76,6 +78,21 @@ class BidderRole(TaskCore):
         )
         self._apply(event, self.peer_id)
         return self._bid_view(task_id, record.bids[bid_id])
+
+    def _check_bid_arbiter(self, task_id: str) -> None:
+        """Refuse to bid on a task announced under a single arbiter whose award this node would refuse."""
+        _, local = self._task(task_id)
+        ann = local.announcement
+        own_wallet, trusted = self._arbiter_trust()
+        enforce(checks.bid_arbiter_verdict(ann.arbiter or "", ann.arbiter_wallet or "", own_wallet, trusted))
+
+    def _arbiter_trust(self) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+        """This node's own arbiter wallet (None: none known) and the (peer id, wallet) pairs it trusts to
+        arbitrate a task, alone or on a panel: its own arbiter's (escrow.arbiter_peer with escrow.arbiter,
+        when both are known; on mode auto, the network profile's pair) and those of escrow.trusted_arbiters."""
+        own_terms = self.escrow_terms()
+        own_arbiter = () if (pair := self.default_arbiter()) is None else (pair,)
+        return (None if own_terms is None else own_terms.arbiter), (*own_arbiter, *self.trusted_arbiters)
 
     async def withdraw_bid(self, task_id: str, bid_id: str) -> w.BidView:
         record, _ = self._task(task_id)
@@ -188,10 +205,7 @@ class BidderRole(TaskCore):
             lock, threshold = self._lock_state(raw), raw.threshold
             chain_now = await client.chain.run(client.chain.now)
         panel = w.panel_terms(notice.params)
-        own_terms = self.escrow_terms()
-        # Our own arbiter is trusted (alone or on a panel) as the pair escrow.arbiter_peer + escrow.arbiter,
-        # when both are known.
-        own_arbiter = () if (pair := self.default_arbiter()) is None else (pair,)
+        own_wallet, trusted = self._arbiter_trust()
         enforce(
             checks.award_lock_verdict(
                 checks.AwardLockFacts(
@@ -208,12 +222,12 @@ class BidderRole(TaskCore):
                         chain_now, record.deadline, self._now(), record.review_timeout_s
                     ),
                     lock=lock,
-                    trusted_arbiter=None if own_terms is None else own_terms.arbiter,
+                    trusted_arbiter=own_wallet,
                     lock_threshold=threshold,
                     panel_named=panel is not None,
                     panel_members=() if panel is None else tuple((seat.peer, seat.wallet) for seat in panel.members),
                     panel_threshold=0 if panel is None else panel.threshold,
-                    trusted_members=(*own_arbiter, *self.trusted_arbiters),
+                    trusted_members=trusted,
                     arbiter_peer=record.arbiter,  # the announcement's: a dispute's case goes to this peer
                 )
             )

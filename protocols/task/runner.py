@@ -132,6 +132,7 @@ class RunnerRole(CreatorRole, BidderRole, ArbiterRole, PanelRole):
         """Bid on a task; a node that runs sandboxed tasks by itself first asks the creator for the
         task's sandbox terms and bids only on one it will run (``run_verdict``)."""
         record, _ = self._task(task_id)
+        self._check_bid_arbiter(task_id)  # before asking the creator anything
         if self.sandbox.policy.auto_run:
             terms: w.TermsReply | None = None
             try:
