@@ -79,20 +79,29 @@ FEATURES = frozenset({"tools", "json_schema", "logprobs", "n"})
 Chunk = dict[str, Any]
 # Chunk keys a chunk joined on the worker never carries (``_join``): per-token entries.
 _UNJOINED = frozenset(("logprobs", "tool_calls"))
-# Tokens one joined chunk holds at most (``joinable``): a reply that piled up while the wire was slow
-# still goes out in frames under the call frame bound.
+# Tokens one joined chunk holds at most (``joinable``) where either chunk carries per-token entries
+# (logprobs, tool-call deltas): a reply that piled up while the wire was slow still goes out in frames
+# under the call frame bound (20 logprobs a token are about 1.3 KB of JSON).
 MAX_JOINED_TOKENS = 64
+# A plain chunk (text, tokens and verified inference's ``commit`` entries, which the provider keeps and
+# never sends) joins up to this many tokens and while its text is shorter than MAX_JOINED_TEXT
+# characters (JSON writes a character in at most 6 bytes: under 100 KiB of a 1 MiB call frame). At 64
+# tokens a fast engine's 256-token reply left in 6-7 frames, 4-5 now (a first token, then one a wake-up
+# of trio), each frame costing both nodes its framing, Noise and Yamux work (issue 19).
+MAX_JOINED_PLAIN_TOKENS = 1024
+MAX_JOINED_TEXT = 16_384
 
 
 def joinable(before: Chunk, chunk: Chunk) -> bool:
     """Whether ``chunk`` may join the chunk ``before`` it: both of one choice, ``before`` not the last
-    of its choice (no finish reason) and under ``MAX_JOINED_TOKENS``. The one rule of the engine's join
-    on its worker (``_join``) and of ``runtime.inference.service.merge_chunks``."""
-    return (
-        before.get("index", 0) == chunk.get("index", 0)
-        and "finish_reason" not in before
-        and before.get("tokens", 0) < MAX_JOINED_TOKENS
-    )
+    of its choice (no finish reason) and under the bounds: ``MAX_JOINED_PLAIN_TOKENS`` tokens and
+    ``MAX_JOINED_TEXT`` characters when both are plain, else ``MAX_JOINED_TOKENS`` tokens. The one rule
+    of the engine's join on its worker (``_join``) and of ``runtime.inference.service.merge_chunks``."""
+    if before.get("index", 0) != chunk.get("index", 0) or "finish_reason" in before:
+        return False
+    if _UNJOINED.isdisjoint(before) and _UNJOINED.isdisjoint(chunk):
+        return before.get("tokens", 0) < MAX_JOINED_PLAIN_TOKENS and len(before.get("text", "")) < MAX_JOINED_TEXT
+    return before.get("tokens", 0) < MAX_JOINED_TOKENS
 
 
 def _join(waiting: tuple[str, Any], chunk: Chunk) -> bool:
