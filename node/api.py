@@ -265,6 +265,9 @@ class NetworkReply(BaseModel):
     chain: str | None = Field(None, description="CAIP-2")
     contract: str | None = None
     arbiter: str | None = Field(None, description="the network's arbiter (mode auto)")
+    arbiter_peer: str | None = Field(
+        None, description="the peer id a task's arbiter is trusted under: escrow.arbiter_peer, else the profile's"
+    )
     joined_through: str | None = Field(None, description="the peer whose profile this node joined")
     faucet: bool = Field(False, description="this node funds (or passes on funding for) joining wallets")
     rpc_url: str | None = Field(None, description="only while serving: this node's own dev chain endpoint")

@@ -1195,7 +1195,8 @@ def network(data_dir: str | None, as_json: bool) -> None:
     if body["chain"]:
         lines += [f"chain     {body['chain']}", f"escrow    {body['contract']}"]
     if body["arbiter"]:
-        lines.append(f"arbiter   {body['arbiter']}")
+        peer = body.get("arbiter_peer")  # a daemon from before it sends none
+        lines.append(f"arbiter   {body['arbiter']}" + (f"  (peer {peer})" if peer else "  (peer id unknown)"))
     if body["rpc_url"]:
         lines.append(f"json-rpc  {body['rpc_url']}  (the dev chain this node serves)")
     if body["faucet"]:

@@ -1169,6 +1169,7 @@ class Node:
             chain=ours.chain if ours else None,
             contract=ours.contract if ours else None,
             arbiter=self._arbiter or None,
+            arbiter_peer=pair[0] if (pair := self._task_arbiter()) is not None else None,
             joined_through=network.joined_through if network is not None else None,
             faucet=network is not None and network.faucet is not None,
             rpc_url=profile.rpc_urls[0] if state == "serving" and profile and profile.rpc_urls else None,

@@ -85,6 +85,7 @@ async def test_two_nodes_on_the_defaults_trade_a_task_their_bootstrap_arbitrates
             assert node.config.escrow.arbiter_peer == "" and node.network is not None
             assert node.network.state == "joined" and node.network.profile is not None
             assert node.network.profile.arbiter_peer == boot_peer  # the profile names the bootstrap as its holder
+            assert node.network_view().arbiter_peer == boot_peer  # GET /api/network, `clawnode network`
 
         # A node before 1.1.0 asks on 1.0.0 and reads the profile in the shape it knows.
         old = await request(creator.host, boot.host.get_id(), NETWORK_PROTOCOL_V1, ProfileRequest(), _OLD_REPLY)

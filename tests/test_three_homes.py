@@ -101,6 +101,7 @@ def test_three_homes_on_the_defaults_trade_and_a_provider_on_another_chain_is_ne
     assert shown.returncode == 0, shown.stderr
     boot_id = bootstrap.identity()["peer_id"]
     assert f"joined through {boot_id}" in shown.stdout and f"eip155:{network['chain_id']}" in shown.stdout
+    assert f"(peer {boot_id})" in shown.stdout  # the network's arbiter: the bootstrap's wallet, under its peer id
 
     # find: the provider is listed, the cheaper stranger only as unreachable for payment.
     last: list[Any] = []
