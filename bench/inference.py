@@ -141,7 +141,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -399,6 +399,63 @@ async def open_lease(consumer: Node, provider: Node, capability: str) -> str:
         str(provider.host.get_id()), capability, budget=10**9 * PRICE, duration_s=3600, expected_units=10**6
     )
     return lease.lease_id
+
+
+async def alternate_pairs(
+    requests: int,
+    deadline: float,
+    figures: Figures,
+    label: str,
+    stopped: str,
+    direct: Callable[[str], Awaitable[Sample]],
+    network: Callable[[str], Awaitable[Sample]],
+    direct_samples: list[Sample],
+    network_samples: list[Sample],
+) -> None:
+    """``requests`` pairs, direct and network alternating, the order flipping every request, each on the
+    request's prompt (``PROMPTS`` in turn); past ``deadline`` it stops with the note ``stopped`` (its
+    ``{index}``: the requests done). The sequential phase's loop and the processes phase's."""
+    for index in range(requests):
+        if time.perf_counter() >= deadline:
+            figures.notes.append(stopped.format(index=index))
+            break
+        prompt = PROMPTS[index % len(PROMPTS)]
+        for which in ("direct", "network") if index % 2 == 0 else ("network", "direct"):
+            if which == "direct":
+                direct_samples.append(await direct(prompt))
+            else:
+                network_samples.append(await network(prompt))
+        d, n = direct_samples[-1], network_samples[-1]
+        progress(
+            f"{label} {index + 1}/{requests}: direct {d.tps:.1f} tok/s ttft {1e3 * d.ttft_s:.1f}ms "
+            f"({d.tokens} tok) | network {n.tps:.1f} tok/s ttft {1e3 * n.ttft_s:.1f}ms ({n.tokens} tok)"
+        )
+
+
+@dataclass(frozen=True)
+class PairFigures:
+    """Both paths' p50 tok/s and TTFT, and the per-pair medians: network over direct tok/s, and the
+    TTFT the network added."""
+
+    direct_tps: float
+    network_tps: float
+    direct_ttft_s: float
+    network_ttft_s: float
+    ratio_per_pair: float
+    ttft_added_per_pair_s: float
+
+    @classmethod
+    def of(cls, direct: Sequence[Sample], network: Sequence[Sample]) -> PairFigures:
+        ratios = [n.tps / d.tps for d, n in zip(direct, network, strict=False) if d.tps > 0]
+        pairs = [n.ttft_s - d.ttft_s for d, n in zip(direct, network, strict=False)]
+        return cls(
+            p50([s.tps for s in direct]),
+            p50([s.tps for s in network]),
+            p50([s.ttft_s for s in direct]),
+            p50([s.ttft_s for s in network]),
+            p50(ratios),
+            p50(pairs),
+        )
 
 
 async def concurrent_level(
@@ -997,25 +1054,25 @@ async def processes_pairs(
     before = await view()
     sched_before = sched()
     consumer_ns = 0  # this process's threads on a CPU across each network call: the consumer's work
-    for index in range(args.requests):
-        if time.perf_counter() >= deadline:
-            figures.notes.append(f"stopped the processes phase at {index} requests by the time limit")
-            break
-        prompt = PROMPTS[index % len(PROMPTS)]
-        for which in ("direct", "network") if index % 2 == 0 else ("network", "direct"):
-            if which == "direct":
-                figures.proc_direct.append(await direct_once(direct_model, direct_tap, prompt, args.max_tokens))
-            else:
-                cpu = time.process_time_ns()  # all this process's threads: the direct engine's is idle now
-                figures.proc_network.append(
-                    await network_once(consumer, lease_id, None, prompt, args.max_tokens, figures.proc_pieces)
-                )
-                consumer_ns += time.process_time_ns() - cpu
-        d, n = figures.proc_direct[-1], figures.proc_network[-1]
-        progress(
-            f"processes request {index + 1}/{args.requests}: direct {d.tps:.1f} tok/s ttft {1e3 * d.ttft_s:.1f}ms "
-            f"({d.tokens} tok) | network {n.tps:.1f} tok/s ttft {1e3 * n.ttft_s:.1f}ms ({n.tokens} tok)"
-        )
+
+    async def network(prompt: str) -> Sample:
+        nonlocal consumer_ns
+        cpu = time.process_time_ns()  # all this process's threads: the direct engine's is idle now
+        sample = await network_once(consumer, lease_id, None, prompt, args.max_tokens, figures.proc_pieces)
+        consumer_ns += time.process_time_ns() - cpu
+        return sample
+
+    await alternate_pairs(
+        args.requests,
+        deadline,
+        figures,
+        "processes request",
+        "stopped the processes phase at {index} requests by the time limit",
+        lambda prompt: direct_once(direct_model, direct_tap, prompt, args.max_tokens),
+        network,
+        figures.proc_direct,
+        figures.proc_network,
+    )
     sched_after = sched()
     after = await view()
     tokens = sum(s.tokens - s.first_tokens for s in figures.proc_network)
@@ -1095,34 +1152,19 @@ async def measure(args: argparse.Namespace, path: Path, figures: Figures, scratc
             # Warm-up, untimed: the first stream on a connection and the first decode on each instance.
             await direct_once(direct_model, direct_tap, PROMPTS[0], args.max_tokens)
             await network_once(consumer, lease_id, provider_tap, PROMPTS[0], args.max_tokens, [])
-            for index in range(args.requests):
-                if time.perf_counter() >= deadline:
-                    figures.notes.append(f"stopped sequential at {index} requests by the time limit")
-                    break
-                prompt = PROMPTS[index % len(PROMPTS)]
-                order = ("direct", "network") if index % 2 == 0 else ("network", "direct")
-                for which in order:
-                    if which == "direct":
-                        figures.direct.append(
-                            await direct_once(direct_model, direct_tap, prompt, args.max_tokens, direct_cpu)
-                        )
-                    else:
-                        figures.network.append(
-                            await network_once(
-                                consumer,
-                                lease_id,
-                                provider_tap,
-                                prompt,
-                                args.max_tokens,
-                                figures.pieces_per_token,
-                                provider_cpu,
-                            )
-                        )
-                d, n = figures.direct[-1], figures.network[-1]
-                progress(
-                    f"request {index + 1}/{args.requests}: direct {d.tps:.1f} tok/s ttft {1e3 * d.ttft_s:.1f}ms "
-                    f"({d.tokens} tok) | network {n.tps:.1f} tok/s ttft {1e3 * n.ttft_s:.1f}ms ({n.tokens} tok)"
-                )
+            await alternate_pairs(
+                args.requests,
+                deadline,
+                figures,
+                "request",
+                "stopped sequential at {index} requests by the time limit",
+                lambda prompt: direct_once(direct_model, direct_tap, prompt, args.max_tokens, direct_cpu),
+                lambda prompt: network_once(
+                    consumer, lease_id, provider_tap, prompt, args.max_tokens, figures.pieces_per_token, provider_cpu
+                ),
+                figures.direct,
+                figures.network,
+            )
             leases = [lease_id] + [
                 await open_lease(consumer, provider, CAPABILITY) for _ in range(max(args.clients, default=1) - 1)
             ]
@@ -1170,10 +1212,8 @@ def fmt_ms(seconds: float) -> str:
 
 
 def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end: str) -> str:
-    d_tps, n_tps = p50([s.tps for s in figures.direct]), p50([s.tps for s in figures.network])
-    d_ttft, n_ttft = p50([s.ttft_s for s in figures.direct]), p50([s.ttft_s for s in figures.network])
-    pairs = [n.ttft_s - d.ttft_s for d, n in zip(figures.direct, figures.network, strict=False)]
-    ratios = [n.tps / d.tps for d, n in zip(figures.direct, figures.network, strict=False) if d.tps > 0]
+    pair = PairFigures.of(figures.direct, figures.network)
+    d_tps, n_tps, d_ttft, n_ttft = pair.direct_tps, pair.network_tps, pair.direct_ttft_s, pair.network_ttft_s
     d_tokens = [s.tokens for s in figures.direct]
     n_tokens = [s.tokens for s in figures.network]
     direct_e2e = sum(d_tokens) / sum(s.total_s for s in figures.direct) if figures.direct else math.nan
@@ -1201,9 +1241,9 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
         f"tokens/request direct={min(d_tokens, default=0)}-{max(d_tokens, default=0)} "
         f"network={min(n_tokens, default=0)}-{max(n_tokens, default=0)} "
         f"| tok/s p50 direct={d_tps:.1f} network={n_tps:.1f} ratio={n_tps / d_tps:.3f} "
-        f"(per-pair median {p50(ratios):.3f}) "
+        f"(per-pair median {pair.ratio_per_pair:.3f}) "
         f"| TTFT p50 direct={fmt_ms(d_ttft)} network={fmt_ms(n_ttft)} added={fmt_ms(n_ttft - d_ttft)} "
-        f"(per-pair median {fmt_ms(p50(pairs))}) "
+        f"(per-pair median {fmt_ms(pair.ttft_added_per_pair_s)}) "
         f"| engine view tok/s direct={e_d:.1f} provider={e_n:.1f}, first token direct={fmt_ms(e_first_d)} "
         f"provider={fmt_ms(e_first_n)} "
         f"| concurrent (own lease each, {REQUESTS_PER_LEVEL} requests/level) {concurrent or 'n/a'} "
@@ -1238,10 +1278,8 @@ def processes_keys(figures: Figures) -> str:
     ``provider_first_chunk_ms_processes`` (its mean time from a call's start to its first chunk written),
     then the scheduler clocks a token (``processes_engine_*``, ``processes_*_cpu_us_per_token``)."""
     direct, network = figures.proc_direct, figures.proc_network
-    d_tps, n_tps = p50([s.tps for s in direct]), p50([s.tps for s in network])
-    d_ttft, n_ttft = p50([s.ttft_s for s in direct]), p50([s.ttft_s for s in network])
-    ratios = [n.tps / d.tps for d, n in zip(direct, network, strict=False) if d.tps > 0]
-    pairs = [n.ttft_s - d.ttft_s for d, n in zip(direct, network, strict=False)]
+    pair = PairFigures.of(direct, network)
+    d_tps, n_tps, d_ttft, n_ttft = pair.direct_tps, pair.network_tps, pair.direct_ttft_s, pair.network_ttft_s
     tokens, seconds, first_s, calls = figures.proc_provider or (0, math.nan, math.nan, math.nan)
     provider = tokens / seconds if seconds > 0 else math.nan
     provider_first = first_s / calls if calls > 0 else math.nan
@@ -1253,9 +1291,9 @@ def processes_keys(figures: Figures) -> str:
 
     return (
         f"processes_requests={len(direct)}+{len(network)} processes_tok_s_direct={d_tps:.1f} "
-        f"processes_tok_s_network={n_tps:.1f} processes_ratio_per_pair={p50(ratios):.3f} "
+        f"processes_tok_s_network={n_tps:.1f} processes_ratio_per_pair={pair.ratio_per_pair:.3f} "
         f"processes_ttft_ms_direct={1e3 * d_ttft:.1f} processes_ttft_ms_network={1e3 * n_ttft:.1f} "
-        f"processes_ttft_added_per_pair_ms={1e3 * p50(pairs):.1f} "
+        f"processes_ttft_added_per_pair_ms={1e3 * pair.ttft_added_per_pair_s:.1f} "
         f"processes_chunks_per_token={p50(figures.proc_pieces):.2f} "
         f"fast_ratio_processes={n_tps / d_tps:.3f} ttft_added_ms_processes={1e3 * (n_ttft - d_ttft):.1f} "
         f"provider_tok_s_processes={provider:.1f} provider_first_chunk_ms_processes={1e3 * provider_first:.1f} "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -447,8 +448,7 @@ async def test_consumer_that_resets_mid_stream_still_pays_for_what_it_received()
         ) -> None:
             """The cheat: no cancel frame, no draining to the end frame; the stream is reset."""
             await stream.reset()
-            held.seen_units += tokens  # the node still counts what it received, so it can countersign
-            held.aborted_calls += 1
+            held.count_left(time.time(), tokens, body)  # the node still counts what it received, so it can countersign
 
         consumer.market._leave_call = reset_instead_of_cancel  # type: ignore[method-assign]
         for _ in range(3):

@@ -31,6 +31,7 @@ from protocols import lease_wire as w
 from protocols.background import spawn_guarded
 from protocols.escrow_claims import EscrowClaims
 from protocols.lease.verifying import Verifying
+from protocols.machines import left_calls
 from protocols.machines.history import finished_to_evict
 from protocols.machines.lease import FINISHED_KEEP, FINISHED_KEEP_S, USED_QUOTES_MAX, LeaseSession, quotes_to_forget
 from protocols.machines.lease_consumer import CONSUMER, ConsumerEvent, ConsumerLease
@@ -137,8 +138,9 @@ class HeldLease:
     token: str
     escrow_id: bytes | None
     seen_units: int = 0
-    aborted_calls: int = 0  # calls left without the provider's end or error frame (in-flight tolerance)
-    aborted_prompt_units: int = 0  # those calls' prompt estimates: a cut call pays the prompt decoded
+    aborted_calls: int = 0  # calls left without the provider's end or error frame
+    # Those calls' allowances while their bill may still come, and what was billed for the others.
+    left: left_calls.LeftCalls = field(default_factory=left_calls.LeftCalls)
     ended_reason: str | None = None
     last_countersigned_seq: int = 0
     committed: int = 0  # wei: the newest voucher we signed
@@ -153,6 +155,18 @@ class HeldLease:
 
     def apply(self, event: ConsumerEvent, actor: str = CONSUMER) -> None:
         self.machine.apply(event, actor)
+
+    def count(self, now: float, units: int) -> None:
+        """Count ``units`` of a call that ended with the provider's end or error frame."""
+        self.seen_units += units
+        self.left = left_calls.counted(self.left, now, units)
+
+    def count_left(self, now: float, received: int, body: Any) -> None:
+        """Count a call left without the provider's last frame: the ``received`` units that arrived,
+        and its allowance until a receipt bills past it (``left_calls``)."""
+        self.seen_units += received
+        self.aborted_calls += 1
+        self.left = left_calls.left(self.left, now, received, body)
 
 
 class LeaseCore:

@@ -46,10 +46,11 @@ from protocols.lease.base import (
 )
 from protocols.lease.channels import ChannelDraw, ChannelRole
 from protocols.machines import lease_consumer as c
+from protocols.machines import left_calls
 from protocols.machines.channel import lease_share
 from protocols.machines.escrow_lock import LOCK_UNCONFIRMED
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
-from protocols.machines.lease_calls import call_bytes_verdict, left_call_prompt_units
+from protocols.machines.lease_calls import call_bytes_verdict
 from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
@@ -367,7 +368,7 @@ class ConsumerRole(ChannelRole):
                         counted = c.end_frame_units(frame.units, received, body)
                         if isinstance(counted, Refusal):
                             raise counted.error()
-                        held.seen_units += counted
+                        held.count(self.clock(), counted)
                         if held.machine.may(c.ConsumerEvent.RESUME, c.PROVIDER):
                             held.apply(c.ConsumerEvent.RESUME, c.PROVIDER)  # it served: no longer paused
                         with trio.move_on_after(CALL_ACK_TIMEOUT_S) as ack_scope:
@@ -382,7 +383,7 @@ class ConsumerRole(ChannelRole):
                     with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
                         cleanup.shield = True
                         if last_frame:
-                            held.seen_units += tokens_received  # delivered before the provider's error
+                            held.count(self.clock(), tokens_received)  # delivered before the provider's error
                         elif requested:
                             await self._leave_call(held, stream, reader, body, tokens_received)
                         await stream.close()
@@ -433,22 +434,20 @@ class ConsumerRole(ChannelRole):
                     raw = await reader.read_frame(CANCEL_DRAIN_S)
                     frame = call_frame(raw)
                     if frame is None:  # the provider's error frame: everything before it arrived
-                        held.seen_units += tokens
+                        held.count(self.clock(), tokens)
                         return
                     if isinstance(frame, w.Chunk):
                         tokens += chunk_tokens(frame.data)
                         continue
                     counted = c.end_frame_units(frame.units, tokens, body)
                     if not isinstance(counted, Refusal):  # an inflated end frame counts nothing
-                        held.seen_units += counted
+                        held.count(self.clock(), counted)
                     with contextlib.suppress(Exception):
                         await write_frame(stream, w.CallAck().model_dump_json().encode())
                     return
         except Exception:  # noqa: BLE001 - a stalled, gone or cut provider
             pass
-        held.seen_units += tokens
-        held.aborted_calls += 1
-        held.aborted_prompt_units += left_call_prompt_units(body)
+        held.count_left(self.clock(), tokens, body)
 
     async def _countersign(self, message: w.ReceiptPush, remote: str) -> w.Countersigned:
         receipt = message.receipt
@@ -462,8 +461,7 @@ class ConsumerRole(ChannelRole):
                 units=receipt.body.units,
                 amount=receipt.body.amount,
                 seen_units=held.seen_units,
-                aborted_calls=held.aborted_calls,
-                aborted_prompt_units=held.aborted_prompt_units,
+                left_units=held.left.tolerance,
                 price_per_unit=held.grant.price_per_unit,
             )
 
@@ -484,6 +482,8 @@ class ConsumerRole(ChannelRole):
                 raise
             signed = stored.receipt
         held.last_countersigned_seq = receipt.body.seq
+        # The calls left long enough ago are billed past: what this receipt claimed for them is all they keep.
+        held.left = left_calls.countersigned(held.left, self.clock(), receipt.body.units, held.seen_units)
         if held.machine.may(c.ConsumerEvent.COUNTERSIGN, c.CONSUMER):
             held.apply(c.ConsumerEvent.COUNTERSIGN)  # a paused lease serves again
         held.committed = max(held.committed, receipt.body.amount if held.escrow_id is not None else 0)

@@ -47,9 +47,9 @@ Choices where the brief was silent:
   tokens of the chunks written and the prompt tokens the engine had decoded by the cut, within its
   reservation (``aborted_call_units``; an engine that failed after streaming: the chunks alone); the
   consumer counts the chunks it received, and accepts receipts up to ``ABORTED_CALL_TOLERANCE_UNITS``
-  and the call's prompt estimate more per call it left without the provider's last frame
-  (``receipt_tolerance``, ``left_call_prompt_units``): what can still be in flight when a stream is
-  cut, and the prompt it read.
+  and the call's prompt estimate more per call it left without the provider's last frame, until a
+  receipt bills past that call (``protocols.machines.left_calls``): what can still be in flight when
+  a stream is cut, and the prompt it read.
 * The lease id is the escrow id, and an escrow id is bound to its consumer: sha256 of a domain, the
   consumer's peer id and a salt the open carries (``lease_id_for``), so nobody can lock their own
   escrow under a buyer's id and open it first (``check_lock``).

@@ -1,6 +1,6 @@
 """The rules both sides of a lease count with: what a call may cost (``plan_call``), what a consumer
 accepts of an end frame (``end_frame_verdict``) and of a receipt (``receipt_claim_verdict``, with
-``receipt_tolerance`` and ``left_call_prompt_units`` for the calls it left), what a call cut
+``receipt_tolerance`` for the calls it left: ``left_calls`` says for how long), what a call cut
 before its end frame is billed (``aborted_call_units``), and the consumer's view of a held lease
 (``lease_fits``, ``lease_outlives``).
 
@@ -56,17 +56,10 @@ def receipt_tolerance(aborted_calls: int, aborted_prompt_units: int = 0) -> int:
     """Consumer side: the units a receipt may exceed the consumer's own count by, for the calls it left
     without the provider's end or error frame (everything else it counted exactly): per call, what
     was in flight (:data:`ABORTED_CALL_TOLERANCE_UNITS`), and the prompts the provider may have
-    decoded before the cut (``aborted_prompt_units``: the sum of their ``left_call_prompt_units``)."""
+    decoded before the cut (``aborted_prompt_units``: the sum of their :func:`prompt_units_estimate`)."""
     if aborted_calls < 0 or aborted_prompt_units < 0:
         raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "aborted_calls and aborted_prompt_units must be >= 0")
     return aborted_calls * ABORTED_CALL_TOLERANCE_UNITS + aborted_prompt_units
-
-
-def left_call_prompt_units(body: Any) -> int:
-    """Consumer side: what a call we left without the provider's last frame may be billed for its
-    prompt (``aborted_call_units`` bills what the engine decoded before the cut): at most its
-    estimate, :func:`prompt_units_estimate`."""
-    return prompt_units_estimate(body)
 
 
 def receipt_claim_verdict(

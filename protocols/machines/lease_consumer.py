@@ -56,7 +56,6 @@ from protocols.machines.lease_calls import (
     end_frame_verdict,
     lease_outlives,
     receipt_claim_verdict,
-    receipt_tolerance,
 )
 from protocols.machines.table import Machine, Transition
 from protocols.machines.verdict import Refusal
@@ -299,30 +298,25 @@ class ReceiptFacts:
     units: int  # the receipt's cumulative units
     amount: int
     seen_units: int  # what we counted from end frames and chunks
-    aborted_calls: int  # calls we left without the provider's last frame
+    # What the calls we left without the provider's last frame allow beyond that count: the open
+    # calls' allowances and the credit of those billed past (``left_calls.LeftCalls.tolerance``).
+    left_units: int
     price_per_unit: int
-    # The prompt estimates of those calls (``left_call_prompt_units``): the provider bills a cut
-    # call the prompt tokens its engine decoded before the cut.
-    aborted_prompt_units: int = 0
 
 
 def countersign_verdict(f: ReceiptFacts) -> Refusal | None:
     """Whether to countersign a receipt (and sign a voucher for its amount): the lease holds a grant and
     is not settled, and the receipt claims no more than we counted plus the tolerance of the calls we
-    left (``receipt_tolerance``: what was in flight, and their prompts), at units times the agreed price."""
+    left (``left_units``: what was in flight, and their prompts, while their bill may still come), at
+    units times the agreed price."""
     if CONSUMER_LEASE_MACHINE.lookup(f.state, ConsumerEvent.COUNTERSIGN) is None:
         return Refusal(ErrorCode.CONFLICT, "not_countersignable", f"no receipt is signed while the lease is {f.state}")
-    if f.aborted_calls < 0 or f.aborted_prompt_units < 0:
-        return Refusal(
-            ErrorCode.INVALID_ARGUMENT, "receipt_negative", "aborted_calls and aborted_prompt_units must be >= 0"
-        )
-    tolerance = receipt_tolerance(f.aborted_calls, f.aborted_prompt_units)
-    return receipt_claim_verdict(f.units, f.amount, f.seen_units, f.price_per_unit, tolerance_units=tolerance)
+    return receipt_claim_verdict(f.units, f.amount, f.seen_units, f.price_per_unit, tolerance_units=f.left_units)
 
 
 def receipt_counted(f: ReceiptFacts) -> bool:
     """Whether our count has caught up with the receipt (else we wait a moment for end frames in flight)."""
-    return f.seen_units + receipt_tolerance(max(0, f.aborted_calls), max(0, f.aborted_prompt_units)) >= f.units
+    return f.seen_units + max(0, f.left_units) >= f.units
 
 
 # -- renew, settle -------------------------------------------------------------------------------

@@ -266,7 +266,8 @@ def test_random_receipts_are_countersigned_only_for_what_was_counted() -> None:
     def run(state: ConsumerState, seen_units: int, over: int, aborted: int, prompts: int, mispriced: int) -> None:
         units = max(0, seen_units + over)
         prompts *= aborted  # the prompt estimates of the calls left, if any
-        f = c.ReceiptFacts(state, units, units * 3 + mispriced, seen_units, aborted, 3, aborted_prompt_units=prompts)
+        left = aborted * ABORTED_CALL_TOLERANCE_UNITS + prompts  # what the calls left allow, if any
+        f = c.ReceiptFacts(state, units, units * 3 + mispriced, seen_units, left_units=left, price_per_unit=3)
         verdict = c.countersign_verdict(f)
         tally(seen, verdict)
         if state in (ConsumerState.OPENING, ConsumerState.LOCKED, ConsumerState.SETTLED):

@@ -49,7 +49,7 @@ from protocols.machines.lease import (
     prompt_units_estimate,
     receipt_tolerance,
 )
-from protocols.machines.lease_calls import left_call_prompt_units
+from protocols.machines.left_calls import left_call_allowance
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.escrow import voucher_digest, voucher_signer
 
@@ -835,8 +835,10 @@ def test_a_call_left_without_an_end_frame_allows_for_its_prompt_estimate() -> No
     """The consumer's allowance for a call it left is its prompt's estimate: at least the tokens a
     provider's engine counts for that prompt (one per byte, plus the template's)."""
     body = {"messages": [{"role": "user", "content": "w " * 300}], "max_tokens": 8}
-    assert left_call_prompt_units(body) == prompt_units_estimate(body) >= 600
-    assert left_call_prompt_units({"prompt": [1, 2, 3]}) == prompt_units_estimate({"prompt": [1, 2, 3]})
+    assert left_call_allowance(body) == ABORTED_CALL_TOLERANCE_UNITS + prompt_units_estimate(body)
+    assert prompt_units_estimate(body) >= 600
+    ids = {"prompt": [1, 2, 3]}
+    assert left_call_allowance(ids) == receipt_tolerance(1, prompt_units_estimate(ids))
 
 
 def test_a_session_meters_a_cut_call_within_its_reservation() -> None:
