@@ -50,7 +50,7 @@ from protocols.machines import left_calls
 from protocols.machines.channel import lease_share
 from protocols.machines.escrow_lock import LOCK_UNCONFIRMED
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
-from protocols.machines.lease_calls import call_bytes_verdict
+from protocols.machines.lease_calls import call_bytes_bound, call_bytes_verdict
 from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
@@ -331,6 +331,7 @@ class ConsumerRole(ChannelRole):
         held = self._held(lease_id)
         request_frame = w.CallRequest(lease_id=lease_id, token=held.token, body=body).model_dump_json().encode()
         provider = ID.from_base58(held.grant.provider)
+        byte_bound = call_bytes_bound(body)  # the chunks' bytes in all, checked at every frame
         try:
             with trio.fail_after(timeout_s):
                 stream = await self.spare_streams.take(provider)
@@ -356,7 +357,7 @@ class ConsumerRole(ChannelRole):
                             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the peer sent an unreadable reply")
                         if isinstance(frame, w.Chunk):
                             bytes_received += len(raw)
-                            enforce(call_bytes_verdict(bytes_received, body))
+                            enforce(call_bytes_verdict(bytes_received, byte_bound))
                             tokens_received += chunk_tokens(frame.data)
                             if isinstance(frame.data.get("text"), str):
                                 texts.append(frame.data["text"])

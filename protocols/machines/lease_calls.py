@@ -265,10 +265,18 @@ CALL_BYTES_SLACK = 64 * 1024 * 1024
 STREAM_TOO_LARGE = "the provider streamed more than the call can carry"
 
 
-def call_bytes_verdict(received_bytes: int, body: dict[str, Any]) -> Refusal | None:
-    """Consumer side: whether a call's chunk frames, ``received_bytes`` so far, are within its bound;
-    past it the provider is at fault (``E_INTERNAL``: a router fails over to another)."""
-    if received_bytes > call_units_needed(body) * CALL_BYTES_PER_UNIT + CALL_BYTES_SLACK:
+def call_bytes_bound(body: dict[str, Any]) -> int:
+    """Consumer side: the most bytes a call's chunk frames may carry in all: ``CALL_BYTES_PER_UNIT`` a
+    unit the call may be billed (``call_units_needed``, which walks the whole body) and
+    ``CALL_BYTES_SLACK``. Taken once a call, not once a frame."""
+    return call_units_needed(body) * CALL_BYTES_PER_UNIT + CALL_BYTES_SLACK
+
+
+def call_bytes_verdict(received_bytes: int, bound: int) -> Refusal | None:
+    """Consumer side: whether a call's chunk frames, ``received_bytes`` so far, are within its ``bound``
+    (``call_bytes_bound``); past it the provider is at fault (``E_INTERNAL``: a router fails over to
+    another)."""
+    if received_bytes > bound:
         return Refusal(ErrorCode.INTERNAL, "stream_too_large", STREAM_TOO_LARGE)
     return None
 
