@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 from dht.records import CAPABILITY_NAME, WalletBinding
 from runtime.ledger.receipts import LEASE_ID_PATTERN, MAX_AMOUNT, PEER_ID_PATTERN, SignedReceipt
 from runtime.verify.evidence import CallProof
+from wire.rpc import ErrorReply
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 HEX32 = r"^0x[0-9a-f]{64}$"
@@ -218,6 +219,17 @@ class CallAck(_Msg):
     """
 
     type: Literal["ack"] = "ack"
+
+
+class CallError(ErrorReply):
+    """Provider → consumer: the call failed (``wire.rpc.ErrorReply``'s code, message and reason), and
+    what it is billed (``units``): the tokens of the chunks written before it and the prompt tokens
+    the engine had decoded when it failed (a request the engine refuses only after its prompt, e.g. a
+    JSON Schema whose grammar llama.cpp cannot parse), within the call's reservation. Added later, as
+    ``ErrorReply`` fields are: an older consumer ignores it (and counts the chunks alone), an older
+    provider sends none (and bills the chunks alone)."""
+
+    units: int | None = Field(None, ge=0, le=2**62)
 
 
 class Cancel(_Msg):

@@ -1,6 +1,7 @@
-"""What a provider may bill for calls whose last frame the consumer never saw, on real nodes over
-loopback and the real embedded chain: a call the consumer left without an end frame is allowed its
-prompt's estimate only on the bill that covers it (``protocols.machines.left_calls``).
+"""What a provider may bill for calls that end without an end frame, on real nodes over loopback and
+the real embedded chain: a call the consumer left without an end frame is allowed its prompt's
+estimate only on the bill that covers it (``protocols.machines.left_calls``), and a call the engine
+fails after decoding its prompt is billed that prompt by its error frame.
 
 Each test failed on the code before its fix (its docstring says how).
 """
@@ -8,6 +9,7 @@ Each test failed on the code before its fix (its docstring says how).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,9 @@ from node.config import MarketSection
 from node.daemon import Node
 from protocols.machines import left_calls
 from protocols.machines.lease import prompt_units_estimate
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.models import ModelSpec
+from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.service import Emit, Usage
 from tests.support.market import WORD_OFFER, WORD_PRICE, WORDS, WordService, market_nodes, wait_for
 
@@ -107,3 +112,35 @@ async def test_a_left_calls_unused_allowance_cannot_be_billed_later(monkeypatch:
         # All the three calls keep: what was billed beyond the words read, and the finished call's 3 units
         # (counted just before the receipt that billed past them: perhaps not in it, the provider's doubt).
         assert held.left.open == () and held.left.tolerance <= billed - 15 + 3
+
+
+PROMPT = [10 + i % 300 for i in range(300)]  # token ids: the prompt is these 300 tokens exactly
+# A JSON Schema the request checks take, whose pattern makes a grammar llama.cpp's parser refuses: the
+# engine builds that grammar for the first token, after the prompt was decoded.
+UNPARSABLE = {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "^[^\\s\\S]$"}}}
+
+
+async def test_a_request_the_engine_refuses_after_its_prompt_pays_that_prompt(tmp_path: Path) -> None:
+    """A consumer's request whose grammar llama.cpp refuses only once the prompt is decoded fails with
+    no chunk. Before: its error frame billed the chunks before it, none, so a stranger could have
+    prompts of any length decoded for free, call after call. Now the error frame bills the prompt the
+    engine decoded, the consumer counts it (within the prompt's estimate) and countersigns it."""
+    model = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
+    spec = ModelSpec(name="tiny", path=str(model), price_per_unit=1000, n_threads=1, n_ctx=512)  # type: ignore[call-arg]
+    async with market_nodes([{"models": (spec,), "market": FAST}, {}]) as (nodes, _):
+        provider, consumer = nodes
+        view = await consumer.market.open_lease(_peer(provider), "model:tiny", budget=10**9, duration_s=60)
+        held = consumer.market.held[view.lease_id]
+        served = provider.market.served[view.lease_id]
+        for _ in range(2):
+            with pytest.raises(ClawnodeError) as caught:
+                await consumer.market.call(
+                    view.lease_id, {"prompt": PROMPT, "max_tokens": 8, "response_format": UNPARSABLE}
+                )
+            assert caught.value.code == ErrorCode.INVALID_ARGUMENT and "grammar" in caught.value.message
+        await wait_for(lambda: served.session.units_reserved == 0 and served.in_flight == 0, 5, what="the calls")
+        print(f"2 calls refused after their prompt: metered {served.session.units_metered}, counted {held.seen_units}")
+        assert served.session.units_metered == held.seen_units == 2 * len(PROMPT)
+        assert held.aborted_calls == 0  # both ended with the provider's error frame
+        assert await provider.market._push_receipt(view.lease_id)
+        assert await provider.ledger.countersigned_amount(view.lease_id) == 2 * len(PROMPT) * 1000

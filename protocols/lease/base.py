@@ -316,6 +316,18 @@ def call_frame(raw: bytes) -> w.Chunk | w.CallEnd | None:
     return frame
 
 
+CALL_ERROR: TypeAdapter[w.CallError] = TypeAdapter(w.CallError)
+
+
+def error_frame_units(raw: bytes) -> int | None:
+    """The units a call's error frame bills (``CallError.units``); None for a frame that names none (an
+    older provider's) or is no error frame."""
+    try:
+        return CALL_ERROR.validate_json(raw).units
+    except ValidationError:
+        return None
+
+
 def _end_without_proof(raw: bytes) -> w.CallEnd | None:
     """An end frame whose verified-inference proof does not parse is an end frame without one: a call
     drawn for a check then fails as ``no_proof`` instead of being paid its chunks unchecked."""

@@ -41,6 +41,7 @@ from protocols.lease.base import (
     RECEIPT_CATCH_UP_S,
     HeldLease,
     call_frame,
+    error_frame_units,
     log,
     token_digest,
 )
@@ -347,8 +348,10 @@ class ConsumerRole(ChannelRole):
                         raw = await reader.read_frame(stall_s)
                         frame = call_frame(raw)
                         if frame is None:
-                            # An error frame (after the chunks it follows, all counted below) or garbage.
+                            # An error frame (after the chunks it follows, all counted below, and the
+                            # prompt it bills within their bound) or garbage.
                             last_frame = True
+                            tokens_received = c.error_frame_units(error_frame_units(raw), tokens_received, body)
                             try:
                                 parse_reply(raw, CALL_FRAMES)
                             except ClawnodeError as refusal:
@@ -435,7 +438,7 @@ class ConsumerRole(ChannelRole):
                     raw = await reader.read_frame(CANCEL_DRAIN_S)
                     frame = call_frame(raw)
                     if frame is None:  # the provider's error frame: everything before it arrived
-                        held.count(self.clock(), tokens)
+                        held.count(self.clock(), c.error_frame_units(error_frame_units(raw), tokens, body))
                         return
                     if isinstance(frame, w.Chunk):
                         tokens += chunk_tokens(frame.data)

@@ -1,8 +1,9 @@
 """The provider's calls: admit a call on its lease (a reservation of the budget and a durable
 pending row in the ledger, the write-ahead meter), stream it, meter it as its end frame leaves, and
 settle its row (retried while the disk refuses). A cut call is billed the chunks it wrote and the
-prompt tokens the engine had decoded by the cut. The rules: ``LeaseSession.reserve``,
-``finish_call``, ``billable`` and ``aborted_call_units`` in ``protocols.machines.lease``."""
+prompt tokens the engine had decoded by the cut; so is a call the engine failed on, in its error
+frame. The rules: ``LeaseSession.reserve``, ``finish_call``, ``billable`` and ``aborted_call_units``
+in ``protocols.machines.lease``."""
 
 from __future__ import annotations
 
@@ -98,6 +99,13 @@ class ServingRole(LeaseCore):
                     log.warning("call failed: %s", type(error).__name__)
                 self._failed("serve_call", error)
                 reply = error_reply(error)
+                if ticket.served is not None and (ticket.streamed > 0 or ticket.prompt > 0):
+                    # Its error frame says what it is billed: the chunks written and the prompt the engine
+                    # had decoded (a request the engine refused only after its prompt, e.g. a grammar
+                    # llama.cpp cannot parse, would have had the prefill for nothing). The consumer counts
+                    # it within what arrived and the prompt's estimate (``error_frame_units``).
+                    billed = aborted_call_units(ticket.reserved, ticket.streamed, ticket.prompt)
+                    reply = w.CallError(**reply.model_dump(), units=billed)
             written = False
             with trio.move_on_after(CALL_READ_TIMEOUT_S if end is None else END_WRITE_TIMEOUT_S) as writing:
                 # An end frame that may have left is metered even if the node is shutting down meanwhile.
@@ -111,14 +119,12 @@ class ServingRole(LeaseCore):
                     # Metered as the end frame leaves, not when (or whether) the consumer acknowledges
                     # it: the consumer counts the same units from that frame, so receipts stay honest.
                     await self._meter(call.lease_id, ticket, end.units)
-            # An error frame that left ends the call on the consumer's side with the chunks before it.
-            prompt = 0 if written else ticket.prompt
-            if ticket.served is not None and (ticket.streamed > 0 or prompt > 0):
-                # Cut before its end frame left (the consumer reset or hung up, the engine failed after
-                # streaming): billed the chunks written and, unless an error frame reached the consumer,
-                # the prompt the engine had decoded by the cut (none when the engine failed); the consumer
-                # counts what arrived and allows for its prompt (``receipt_tolerance``).
-                units = aborted_call_units(ticket.reserved, ticket.streamed, prompt)
+            if ticket.served is not None and (ticket.streamed > 0 or ticket.prompt > 0):
+                # Failed (its error frame named these units) or cut before its end frame left (the
+                # consumer reset or hung up): billed the chunks written and the prompt the engine had
+                # decoded (none after the engine's own failure); a consumer that got no last frame
+                # counts what arrived and allows for its prompt (``protocols.machines.left_calls``).
+                units = aborted_call_units(ticket.reserved, ticket.streamed, ticket.prompt)
                 with trio.move_on_after(END_WRITE_TIMEOUT_S) as metering:
                     metering.shield = True
                     await self._meter(call.lease_id, ticket, units)

@@ -269,6 +269,16 @@ def end_frame_units(claimed_units: int, tokens_received: int, body: dict[str, An
     return claimed_units if verdict is None else verdict
 
 
+def error_frame_units(claimed_units: int | None, tokens_received: int, body: dict[str, Any]) -> int:
+    """The units a call's error frame adds to our count: what it bills (the chunks before it and the
+    prompt the engine decoded before failing) when an end frame could claim as much
+    (:func:`~protocols.machines.lease.end_frame_verdict`: what arrived plus the prompt's estimate),
+    else the tokens received, all an older provider's frame (which names no units) bills."""
+    if claimed_units is None or end_frame_verdict(claimed_units, tokens_received, body) is not None:
+        return tokens_received
+    return claimed_units
+
+
 def call_refused_event(code: ErrorCode, reason: str | None) -> ConsumerEvent | None:
     """What a call the provider refused does to the held lease: ``paused`` pauses it, ``expired``
     expires it, ``ended`` or ``request_limit`` (nothing more can be served) ends it, the rest

@@ -805,8 +805,8 @@ class _Batcher:
     def _guard(self, seq: _Sequence, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except ClawnodeError as error:
-            self._end(seq, error)
+        except ClawnodeError as error:  # the request's own (a grammar llama.cpp refuses, a dead end): its prompt counts
+            self._end(seq, error, counted=True)
         except Exception as error:  # llama.cpp failures come as several types
             log.exception("generation on %s failed", self.model.name)
             self._end(seq, ClawnodeError(ErrorCode.INTERNAL, f"generation failed: {error}"))
@@ -881,7 +881,9 @@ class _Batcher:
             slot.tokens, seq.pos, seq.pending = [], 0, list(seq.prompt)
             return
 
-    def _end(self, seq: _Sequence, error: BaseException | None = None) -> None:
+    def _end(self, seq: _Sequence, error: BaseException | None = None, *, counted: bool = False) -> None:
+        """The sequence is done: finished, cancelled, or failed with ``error`` (``counted``: a failure
+        of the request's own, after which the prompt tokens decoded so far are told with the error)."""
         if seq.choice is not None and seq.choice.grammar is not None:
             seq.choice.grammar.close()
         seq.choice = None
@@ -891,15 +893,15 @@ class _Batcher:
             seq.slot.busy = False
             seq.slot.used = time.monotonic()
             seq.slot = None
+        # A prompt is decoded a batch at a time: one cancelled while decoding counts what was decoded.
+        decoded = len(seq.prompt) - (len(seq.pending) if seq.index == 0 else 0)
         if error is not None:
-            seq.finish(None, [], None, 0.0, error)
+            seq.finish(TokenUsage(decoded, seq.total, seq.cached) if counted else None, [], None, 0.0, error)
             return
         reasons = seq.reasons
         if reasons and reasons[-1] != "cancelled":
             seq.emit({"index": seq.index, "tokens": 0, "text": "", "finish_reason": reasons[-1]})
         elapsed = time.perf_counter() - seq.first if seq.first is not None else 0.0
-        # A prompt is decoded a batch at a time: one cancelled while decoding counts what was decoded.
-        decoded = len(seq.prompt) - (len(seq.pending) if seq.index == 0 else 0)
         usage = TokenUsage(decoded, seq.total, seq.cached)
         seq.finish(usage, reasons, seq.first, elapsed, None)
 
@@ -958,7 +960,8 @@ class TokenStream:
         # ``final.usage.completion_tokens`` tells how far a cancelled generation got. No text.
         self.final: Completion | None = None
         # The prompt tokens the engine began to decode in one go (set on the worker as it begins, the
-        # single-sequence path only): what a job still running when the stream was left has cost.
+        # single-sequence path only): what a job still running when the stream was left has cost. After
+        # a failure of the request's own (``failed``), the prompt tokens it had decoded, on either path.
         self.prefill_begun = 0
         # The generation ended with the engine's error (raised by the iteration), not by a cut.
         self.failed = False
@@ -1490,7 +1493,9 @@ class LlamaModel:
         ``runtime.inference.service.merge_chunks`` would join them (plain text and ``commit`` entries of
         one choice): trio then handles one chunk a wake-up, not one a token. ``done``: called in trio
         when the job ended. ``began``: told on the worker how many prompt tokens the single-sequence
-        path is about to decode (it does not look at ``cancel`` until they are)."""
+        path is about to decode (it does not look at ``cancel`` until they are), and, when a request
+        fails with an error of its own after its prompt was decoded (a grammar llama.cpp refuses), the
+        prompt tokens decoded by then (0 after the engine's own failure)."""
         assert self._worker is not None
         token = trio.lowlevel.current_trio_token()
         admitted = time.perf_counter()
@@ -1554,6 +1559,8 @@ class LlamaModel:
         ) -> None:  # runs on the worker: a batched sequence ended
             try:
                 if error is not None:
+                    if usage is not None and began is not None:  # the request's own failure: its prompt as decoded
+                        began(usage.prompt_tokens)
                     push(("error", error), last=True)
                     return
                 assert usage is not None
@@ -1590,10 +1597,12 @@ class LlamaModel:
                 )
                 to_trio(set_final, completion)
                 push(("end", completion), last=True)
-            except ClawnodeError as error:
+            except ClawnodeError as error:  # the request's own: the prompt told to ``began`` counts
                 push(("error", error), last=True)
             except Exception as error:  # llama.cpp failures come as several types
                 log.exception("generation on %s failed", self.name)
+                if began is not None:
+                    began(0)  # the engine's own failure: its prompt is not the request's to pay
                 push(("error", ClawnodeError(ErrorCode.INTERNAL, f"generation failed: {error}")), last=True)
             finally:
                 to_trio(send.close)

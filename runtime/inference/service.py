@@ -153,13 +153,14 @@ class ChatService:
         self, body: dict[str, Any], emit: Emit, *, commit: int = 0, on_cut: Callable[[int], None] | None = None
     ) -> Usage:
         """Serve ``body``. ``on_cut``: told, when the call is cut (cancelled, or ``emit`` failed) after
-        the engine took it, how many prompt tokens it had decoded by then (0 when it had not begun;
-        the lease bills them with the chunks written). ``commit``: verified inference's top-k of every
-        produced token, for the provider's commitment (``runtime.verify.provider.CallRecorder``):
-        chunks carry them as ``commit`` entries, ``runtime.inference.sampling.CommitBlock`` arrays
-        (``entries()``: ``(token id, ((id, logprob), ...))`` as ``Pick.top`` has them), a block of
-        tokens at a time (``runtime.inference.sampling.CommitRows``). Under a grammar, or with
-        logprobs asked, the chunks' logprobs carry them instead (``top_logprobs`` at least k)."""
+        the engine took it, or fails there with an error of its own, how many prompt tokens it had
+        decoded by then (0 when it had not begun; the lease bills them with the chunks written).
+        ``commit``: verified inference's top-k of every produced token, for the provider's commitment
+        (``runtime.verify.provider.CallRecorder``): chunks carry them as ``commit`` entries,
+        ``runtime.inference.sampling.CommitBlock`` arrays (``entries()``: ``(token id, ((id, logprob),
+        ...))`` as ``Pick.top`` has them), a block of tokens at a time
+        (``runtime.inference.sampling.CommitRows``). Under a grammar, or with logprobs asked, the
+        chunks' logprobs carry them instead (``top_logprobs`` at least k)."""
         if not isinstance(body, dict):
             raise _invalid("the body must be an object")
         messages = body.get("messages")
@@ -268,9 +269,14 @@ class ChatService:
         finally:
             # Cut: the engine's own count, set when its job ended (leaving ``async with`` waits for it,
             # at most ``SHUTDOWN_WAIT_S``); of a job still decoding its prompt in one go after that, the
-            # prompt it began to decode. An engine's failure is no cut.
-            if on_cut is not None and stream.completion is None and not stream.failed:
-                on_cut(stream.final.usage.prompt_tokens if stream.final is not None else stream.prefill_begun)
+            # prompt it began to decode. Failed with an error of the request's own after its prompt was
+            # decoded (a grammar llama.cpp refuses only once the prompt's logits are there): that prompt
+            # (0 after the engine's own failure), which the call's error frame bills.
+            if on_cut is not None and stream.completion is None:
+                if stream.failed:
+                    on_cut(stream.prefill_begun)
+                else:
+                    on_cut(stream.final.usage.prompt_tokens if stream.final is not None else stream.prefill_begun)
         usage = stream.usage
         if usage is None:
             raise ClawnodeError(ErrorCode.INTERNAL, "the generation ended without a usage count")

@@ -248,6 +248,38 @@ def test_random_end_frames_count_only_what_arrived() -> None:
     report("end frame", seen, {"admitted", "end_frame_inflated", "units_negative"})
 
 
+def test_random_error_frames_count_their_units_within_an_end_frames_bound() -> None:
+    """An error frame's ``units`` (the chunks before it and the prompt the engine decoded) count as an
+    end frame's would; one that names none (an older provider's), or more than an end frame could
+    claim, counts the chunks received alone."""
+    seen: Counter[str] = Counter()
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(
+        claimed=st.one_of(st.none(), st.integers(-2, 400)),
+        received=st.integers(0, 200),
+        prompt=st.text(max_size=40),
+        max_tokens=st.one_of(st.none(), st.integers(1, 300)),
+    )
+    def run(claimed: int | None, received: int, prompt: str, max_tokens: int | None) -> None:
+        body: dict[str, Any] = {"prompt": prompt}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        counted = c.error_frame_units(claimed, received, body)
+        bound = received + prompt_units_estimate(body)
+        if max_tokens is not None:
+            bound = min(bound, max_tokens + prompt_units_estimate(body))
+        if claimed is None or not 0 <= claimed <= bound:
+            seen["chunks alone"] += 1
+            assert counted == received
+        else:
+            seen["units"] += 1
+            assert counted == claimed
+
+    run()
+    assert seen["chunks alone"] and seen["units"], seen
+
+
 STATES = list(ConsumerState)
 
 
