@@ -514,7 +514,8 @@ class Node:
                     self._market.verifying.share_reports(self._market.receipt_key, self.config.verify.report_weight)
                     self._host.set_stream_handler(REPORTS_PROTOCOL, reports_handler(self._market.verifying))
                     self._market.verifying.pull_reports = ReportPuller(self._market, self._market.verifying)
-                    self._market.arbiter_peer = self.config.escrow.arbiter_peer
+                    # Asked at each use: the network profile arrives after start and changes with a fresh chain.
+                    self._market.arbiter_peer_source = self._lease_arbiter_peer
                     await nursery.start(self.supervisor.run, "market", self._market.run)
                     if self.config.market.layer_servers:
                         self.layers = LayerSeller(
@@ -881,6 +882,18 @@ class Node:
         if self.config.escrow.mode != "auto" or profile is None:
             return None
         return profile.arbiter_pair(self._arbiter)
+
+    def _lease_arbiter_peer(self) -> str:
+        """The lease market's arbiter peer (``DisputeRole.arbiter_peer``): where a failed verification's case
+        goes, whom this node shows its receipts to and whose outcomes it believes. The rule of
+        :meth:`_task_arbiter`: the configured escrow.arbiter_peer, else on mode auto the peer id the network
+        profile names for this node's arbiter wallet; "" when neither is known (read at each use, so a fresh
+        profile is followed and a chain that is gone leaves none)."""
+        peer = self.config.escrow.arbiter_peer
+        if peer:
+            return peer
+        pair = self._task_arbiter()
+        return pair[0] if pair is not None else ""
 
     def _escrow_terms(self) -> EscrowTerms | None:
         """What this node asks a buyer to lock; None while there is no chain (or no arbiter)."""

@@ -20,6 +20,7 @@ its wallet; so the arbiter needs no word of the consumer's about who the provide
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 import trio
@@ -81,7 +82,7 @@ MAX_CASES = 4  # cases an arbiter works on at once; more are refused busy (the c
 MAX_OUTCOMES = 256  # outcomes kept in memory per node (the ledger keeps each party's)
 # Dispute streams handled at once, and per peer: each may buffer a frame of up to 16 MiB before any
 # check, so more are answered busy at once instead of read (at most 256 MiB of frames in memory).
-# The escrows' arbiter peer (``escrow.arbiter_peer``) is never refused: a flood of strangers must not
+# The escrows' arbiter peer (``DisputeRole.arbiter_peer``) is never refused: a flood of strangers must not
 # keep it from the provider's countersigned receipt while it decides a case.
 MAX_DISPUTE_STREAMS = 16
 MAX_DISPUTE_STREAMS_PER_PEER = 2
@@ -167,9 +168,25 @@ class DisputeRole(LeaseCore):
     """Both ends of a lease's verification dispute: the consumer's freeze and case, the arbiter's
     decision, the provider's record of it. Mounted by ``handler.LeaseMarket``."""
 
-    # The peer of the escrows' arbiter wallet (``escrow.arbiter_peer``): where this node, as a consumer,
-    # sends its cases. "": none known, a failed check ends the lease without a dispute.
-    arbiter_peer: str = ""
+    # Where the peer of the escrows' arbiter wallet comes from (the daemon's: ``escrow.arbiter_peer``, else on
+    # escrow.mode auto the peer id the network profile names for this node's arbiter wallet). It is asked at
+    # each use: the profile arrives after start and changes when the bootstrap restarts with a fresh chain.
+    arbiter_peer_source: Callable[[], str] | None = None
+    _arbiter_peer_pinned: str | None = None
+
+    @property
+    def arbiter_peer(self) -> str:
+        """The peer of the escrows' arbiter wallet: where this node, as a consumer, sends its cases; as a
+        provider, the only peer it shows its receipts to and whose outcomes it believes. "": none known, a
+        failed check ends the lease without a dispute. A value assigned here wins over the source."""
+        if self._arbiter_peer_pinned is not None:
+            return self._arbiter_peer_pinned
+        source = self.arbiter_peer_source
+        return source() if source is not None else ""
+
+    @arbiter_peer.setter
+    def arbiter_peer(self, peer: str) -> None:
+        self._arbiter_peer_pinned = peer
 
     @property
     def lease_disputes(self) -> dict[str, LeaseDisputeOutcome]:
@@ -238,11 +255,12 @@ class DisputeRole(LeaseCore):
         the freeze and kept until the arbiter answers: a consumer that restarts in between sends it
         again (:meth:`resume_cases`)."""
         held, package, client = self.held.get(lease_id), self.verifying.evidence.get(lease_id), self.escrow()
+        arbiter_peer = self.arbiter_peer  # read once: the case goes where the verdict was asked about
         refusal = consumer_dispute_verdict(
             evidence=package is not None,
             escrowed=held is not None and held.escrow_id is not None and client is not None,
             channel=held is not None and held.channel_id is not None,
-            arbiter_known=bool(self.arbiter_peer),
+            arbiter_known=bool(arbiter_peer),
         )
         if isinstance(refusal, Refusal):
             log.info("lease %s: no dispute opened (%s)", lease_id[:12], refusal.reason)
@@ -253,7 +271,7 @@ class DisputeRole(LeaseCore):
             client.account.address,
             held.escrow_id,
             held.grant.provider,
-            self.arbiter_peer,
+            arbiter_peer,
         )
         owed = min(10**30, held.committed + max(0, call_units) * held.grant.price_per_unit)
         signed = await client.chain.run(client.sign_dispute_case, escrow_id, owed)
@@ -768,7 +786,8 @@ class DisputeRole(LeaseCore):
         escrow_id = b""
         # A sender the rule refuses anyway (not the arbiter peer this node knows) costs no chain read
         # and no dispute scan: those facts are fetched only for a sender that may be heard.
-        heard = not self.arbiter_peer or sender == self.arbiter_peer
+        arbiter_peer = self.arbiter_peer  # read once: the filter and the rule judge the same peer
+        heard = not arbiter_peer or sender == arbiter_peer
         if known and client is not None and heard:
             escrow_id = bytes.fromhex(lease.escrow.escrow_id.removeprefix("0x"))
             state = await client.chain.run(client.get, lease.escrow.payer, escrow_id)
@@ -783,7 +802,7 @@ class DisputeRole(LeaseCore):
                     known=known,
                     role=lease.role if known else "",
                     sender=sender,
-                    arbiter_peer=self.arbiter_peer,
+                    arbiter_peer=arbiter_peer,
                     dispute_open=dispute_open,
                     phase=phase,
                     escrow_arbiter=escrow_arbiter,
@@ -811,14 +830,14 @@ class DisputeRole(LeaseCore):
         receipt with its countersignature, for the escrows' arbiter peer only (``receipt_ask_verdict``:
         anyone else, who may read the lease id off the chain, is refused as for a lease we never served,
         before any ledger read)."""
-        served = False
-        if self.arbiter_peer and sender == self.arbiter_peer:
+        served, arbiter_peer = False, self.arbiter_peer  # read once: the lookup and the rule judge the same peer
+        if arbiter_peer and sender == arbiter_peer:
             try:
                 served = (await self.ledger.get_lease(ask.lease_id)).role == "provider"
             except ClawnodeError as error:
                 if error.code != ErrorCode.NOT_FOUND:
                     raise
-        enforce(receipt_ask_verdict(served=served, sender=sender, arbiter_peer=self.arbiter_peer))
+        enforce(receipt_ask_verdict(served=served, sender=sender, arbiter_peer=arbiter_peer))
         records = await self.ledger.list_receipts(ask.lease_id, limit=RECEIPTS_SCANNED)
         signed = [r for r in records if r.countersigned]
         newest = max(signed, key=lambda r: r.seq) if signed else None
