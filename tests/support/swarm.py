@@ -174,6 +174,7 @@ async def open_nodes(
     record_ttl_s: int = 600,
     cache_ttl_s: float = 0.0,
     connection_budget: int | None = None,
+    join_deadline_s: float = JOIN_DEADLINE_S,
 ) -> AsyncIterator[list[SwarmNode]]:
     """Start the nodes numbered ``indices`` one after another, as ``open_swarm`` does, and yield
     them once every one has joined (no refresh, no extra publish: ``refresh_nodes`` and
@@ -181,7 +182,7 @@ async def open_nodes(
 
     Each node bootstraps from ``bootstrap`` and the first address of each of the first
     ``bootstrap_count`` nodes started here before it. ``specs`` is keyed by index; peer books go
-    to ``scratch``.
+    to ``scratch``. ``trio.TooSlowError`` when the joins take over ``join_deadline_s``.
     """
     use_kad_protocol_id()
     specs = specs or {}
@@ -202,7 +203,7 @@ async def open_nodes(
             node = await nursery.start(run_node)
             nodes.append(node)
         # Joins ran in the background while later nodes were added: wait for them.
-        with trio.fail_after(JOIN_DEADLINE_S):
+        with trio.fail_after(join_deadline_s):
             for node in nodes:
                 await node.dht.joined.wait()
         try:
