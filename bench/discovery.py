@@ -268,6 +268,9 @@ def report_swarm(views: Sequence[NodeView], setup_s: float, fds: Sequence[int], 
         f"(min {min(tables)}), connections mean {sum(conns) / len(conns):.1f} (max {max(conns)}); "
         f"descriptors per process {' + '.join(str(n) for n in fds)} (limit {fd_limit})"
     )
+    lonely = [f"{view.index} ({view.table})" for view in views if view.table < 3]
+    if lonely:
+        progress("nodes with under 3 routing table entries: " + ", ".join(lonely))
 
 
 def report_placement(views: Sequence[NodeView]) -> None:
@@ -596,6 +599,9 @@ class WorkerBlock:
                 bootstrap_count=bootstrap_count,
                 specs=self.specs,
                 cache_ttl_s=0.0,
+                # A worker's block joins while the other blocks do: at N = 200 that can take longer than
+                # the fixture's deadline; --time-limit bounds it instead.
+                join_deadline_s=self.args.time_limit,
             )
         )
         self.swarm.add(indices, nodes)
