@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
 import trio
 
 from dht.discovery import DiscoveryQuery
@@ -107,17 +106,25 @@ async def test_every_node_gets_exactly_the_matching_providers_best_first() -> No
         assert all(node.rejections.total() == 0 for node in nodes)
 
 
-@pytest.fixture
 def small_market() -> dict[int, NodeSpec]:
-    return {3: NodeSpec(offers=(gemma(2, 8192),)), 4: NodeSpec(offers=(gemma(3, 8192),))}
+    """Three providers of the same model at 2, 3 and 4 gwei a token."""
+    return {
+        3: NodeSpec(offers=(gemma(2, 8192),)),
+        4: NodeSpec(offers=(gemma(3, 8192),)),
+        5: NodeSpec(offers=(gemma(4, 8192),)),
+    }
 
 
-async def test_a_price_change_reaches_every_querying_node(small_market: dict[int, NodeSpec]) -> None:
-    async with open_swarm(10, specs=small_market) as nodes:
-        provider = nodes[3]
+async def test_a_price_change_reaches_every_node_and_a_stopped_or_withdrawn_provider_drops_out() -> None:
+    """One 10-node swarm for three facts (each of which used to boot a swarm of its own): a price
+    change reaches every querying node; a stopped provider is absent from the results while the
+    others are still found; a withdrawn offer disappears while the provider left is still found."""
+    async with open_swarm(10, specs=small_market()) as nodes:
+        provider, stopping, withdrawing = nodes[3], nodes[4], nodes[5]
         before = await nodes[7].discovery.find(DiscoveryQuery(capability=GEMMA))
-        assert [r.price_per_unit for r in before] == [2 * GWEI, 3 * GWEI]
+        assert [r.price_per_unit for r in before] == [2 * GWEI, 3 * GWEI, 4 * GWEI]
 
+        # A price change reaches every querying node.
         provider.publisher.set_offer(gemma(5, 8192))
         seen_at: dict[int, float] = {}
         started = trio.current_time()
@@ -139,26 +146,20 @@ async def test_a_price_change_reaches_every_querying_node(small_market: dict[int
                     nursery.start_soon(watch, index)
         assert len(seen_at) == len(nodes)
         after = await nodes[8].discovery.find(DiscoveryQuery(capability=GEMMA))
-        assert [r.peer_id for r in after] == [nodes[4].peer_id, provider.peer_id]
+        assert [r.peer_id for r in after] == [stopping.peer_id, withdrawing.peer_id, provider.peer_id]
 
-
-async def test_a_stopped_provider_is_absent_from_results(small_market: dict[int, NodeSpec]) -> None:
-    async with open_swarm(8, specs=small_market) as nodes:
+        # A stopped provider is absent from the results; the others are still found.
         query = DiscoveryQuery(capability=GEMMA)
-        assert len(await nodes[6].discovery.find(query)) == 2
-        leaving = nodes[3]
-        await leaving.host.close()
+        await stopping.host.close()
         with trio.fail_after(20):
             results = await nodes[6].discovery.find(query)
-        assert [r.peer_id for r in results] == [nodes[4].peer_id]
+        assert [r.peer_id for r in results] == [withdrawing.peer_id, provider.peer_id]
 
-
-async def test_a_withdrawn_offer_disappears(small_market: dict[int, NodeSpec]) -> None:
-    async with open_swarm(6, specs=small_market) as nodes:
-        assert nodes[4].publisher.remove_offer(GEMMA)
+        # A withdrawn offer disappears; the provider left is still found.
+        assert withdrawing.publisher.remove_offer(GEMMA)
         with trio.fail_after(10):
             while True:
-                results = await nodes[5].discovery.find(DiscoveryQuery(capability=GEMMA))
-                if [r.peer_id for r in results] == [nodes[3].peer_id]:
+                results = await nodes[9].discovery.find(query)
+                if [r.peer_id for r in results] == [provider.peer_id]:
                     break
                 await trio.sleep(0.1)
