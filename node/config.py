@@ -178,6 +178,12 @@ class RelaySection(_Section):
     renew_fraction: float = Field(
         0.5, gt=0.0, lt=1.0, description="renew a reservation once this fraction of its TTL has passed"
     )
+    probe_interval_s: float = Field(
+        5.0, ge=0.1, le=3600.0, description="while private: each relay reserved on is pinged this often"
+    )
+    probe_timeout_s: float = Field(
+        4.0, ge=0.1, le=600.0, description="two pings in a row unanswered this long: the relay is taken for gone"
+    )
 
     _static_are_multiaddrs = field_validator("static_relays")(_check_multiaddrs)
 

@@ -626,6 +626,8 @@ class Node:
             static_relays=tuple(relay.static_relays),
             min_relays=relay.min_relays,
             renew_fraction=relay.renew_fraction,
+            probe_interval_s=relay.probe_interval_s,
+            probe_timeout_s=relay.probe_timeout_s,
         )
 
     def _wants_relays(self) -> bool:
