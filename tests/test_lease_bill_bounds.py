@@ -20,6 +20,7 @@ from node.daemon import Node
 from protocols.machines import left_calls
 from protocols.machines.lease import prompt_units_estimate
 from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.engine import LlamaModel
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.service import Emit, Usage
@@ -116,15 +117,19 @@ async def test_a_left_calls_unused_allowance_cannot_be_billed_later(monkeypatch:
 
 PROMPT = [10 + i % 300 for i in range(300)]  # token ids: the prompt is these 300 tokens exactly
 # A JSON Schema the request checks take, whose pattern makes a grammar llama.cpp's parser refuses: the
-# engine builds that grammar for the first token, after the prompt was decoded.
+# engine builds a choice's grammar for its first token, after the prompt was decoded.
 UNPARSABLE = {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "^[^\\s\\S]$"}}}
 
 
-async def test_a_request_the_engine_refuses_after_its_prompt_pays_that_prompt(tmp_path: Path) -> None:
-    """A consumer's request whose grammar llama.cpp refuses only once the prompt is decoded fails with
-    no chunk. Before: its error frame billed the chunks before it, none, so a stranger could have
-    prompts of any length decoded for free, call after call. Now the error frame bills the prompt the
-    engine decoded, the consumer counts it (within the prompt's estimate) and countersigns it."""
+async def test_a_request_the_engine_refuses_after_its_prompt_pays_that_prompt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grammar llama.cpp cannot parse is refused before any of the prompt is decoded, so nothing is
+    billed. A request error no check foresees, met only once the prompt is decoded (here: the same
+    grammar with that check switched off), fails with no chunk; before, its error frame billed the
+    chunks before it, none, so a stranger could have prompts of any length decoded for free, call after
+    call. Now the error frame bills the prompt the engine decoded, the consumer counts it (within the
+    prompt's estimate) and countersigns it."""
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
     spec = ModelSpec(name="tiny", path=str(model), price_per_unit=1000, n_threads=1, n_ctx=512)  # type: ignore[call-arg]
     async with market_nodes([{"models": (spec,), "market": FAST}, {}]) as (nodes, _):
@@ -132,12 +137,20 @@ async def test_a_request_the_engine_refuses_after_its_prompt_pays_that_prompt(tm
         view = await consumer.market.open_lease(_peer(provider), "model:tiny", budget=10**9, duration_s=60)
         held = consumer.market.held[view.lease_id]
         served = provider.market.served[view.lease_id]
-        for _ in range(2):
+        body = {"prompt": PROMPT, "max_tokens": 8, "response_format": UNPARSABLE}
+
+        async def refused() -> None:
             with pytest.raises(ClawnodeError) as caught:
-                await consumer.market.call(
-                    view.lease_id, {"prompt": PROMPT, "max_tokens": 8, "response_format": UNPARSABLE}
-                )
+                await consumer.market.call(view.lease_id, body)
             assert caught.value.code == ErrorCode.INVALID_ARGUMENT and "grammar" in caught.value.message
+
+        await refused()
+        await wait_for(lambda: served.session.units_reserved == 0 and served.in_flight == 0, 5, what="the call")
+        assert served.session.units_metered == held.seen_units == 0  # refused before its prompt was decoded
+
+        monkeypatch.setattr(LlamaModel, "check_grammar", lambda self, grammar, param: None)
+        for _ in range(2):
+            await refused()
         await wait_for(lambda: served.session.units_reserved == 0 and served.in_flight == 0, 5, what="the calls")
         print(f"2 calls refused after their prompt: metered {served.session.units_metered}, counted {held.seen_units}")
         assert served.session.units_metered == held.seen_units == 2 * len(PROMPT)

@@ -1147,6 +1147,17 @@ class LlamaModel:
     def loaded(self) -> bool:
         return self._llama is not None
 
+    def check_grammar(self, grammar: str, param: str) -> None:
+        """Blocking (a worker thread's job, as building the grammar is): ``E_INVALID_ARGUMENT`` for a
+        grammar llama.cpp's parser refuses (a JSON Schema ``pattern`` such as ``^[^\\s\\S]$`` or a
+        backreference makes one), before the request is admitted or any of its prompt is decoded: the
+        engine builds a choice's grammar only for its first token, after the prompt. Nothing to say while
+        the model is not loaded (its engine refuses the call then)."""
+        llama = self._llama
+        if llama is None:
+            return
+        GrammarConstraint(llama._model.vocab, int(llama.n_vocab()), grammar, param).close()
+
     async def load(self, progress: Progress | None = None) -> LoadReport:
         """Load the model on its worker thread; ``progress`` gets 0.0 at the start, llama.cpp's own
         load progress in between (called on the worker thread) and 1.0 when done."""

@@ -149,6 +149,15 @@ class ChatService:
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
 
+    def _schema_tools_and_grammar(
+        self, body: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, ToolUse | None, str | None]:
+        """Blocking: :func:`_schema_and_tools`, and its grammar refused now when llama.cpp cannot parse it."""
+        schema, tools, grammar = _schema_and_tools(body)
+        if grammar is not None:
+            self.model.check_grammar(grammar, "response_format" if schema is not None else "tools")
+        return schema, tools, grammar
+
     async def run(
         self, body: dict[str, Any], emit: Emit, *, commit: int = 0, on_cut: Callable[[int], None] | None = None
     ) -> Usage:
@@ -222,7 +231,7 @@ class ChatService:
         if body.get("response_format") is None and not body.get("tools"):
             schema, tools, grammar = _schema_and_tools(body)
         else:
-            schema, tools, grammar = await trio.to_thread.run_sync(_schema_and_tools, body)
+            schema, tools, grammar = await trio.to_thread.run_sync(self._schema_tools_and_grammar, body)
         if tools is not None and messages is None:
             raise invalid("tools need messages", "tools")
         if continue_from and (n > 1 or schema is not None or (tools is not None and tools.active)):

@@ -468,3 +468,27 @@ def test_merged_chunks_reassemble_into_the_same_reply() -> None:
     assert len(merged) == 4
     assert choices(merged) == choices(one_by_one)
     assert sum(c["tokens"] for c in merged) == 6
+
+
+@pytest.mark.parametrize("pattern", ["^[^\\s\\S]$", "^(a)\\1$"])
+async def test_a_pattern_llama_cpp_cannot_parse_is_refused_before_any_prompt_is_decoded(
+    tiny: LlamaModel, pattern: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request checks take these patterns, llama.cpp's grammar parser does not: the engine built the
+    grammar only for the first token, after the prompt was decoded (work no one was billed for)."""
+    import llama_cpp
+
+    decoded: list[int] = []
+    decode = llama_cpp.llama_decode
+    monkeypatch.setattr(
+        llama_cpp, "llama_decode", lambda ctx, batch: decoded.append(batch.n_tokens) or decode(ctx, batch)
+    )
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "string", "pattern": pattern}},
+    }
+    with pytest.raises(ClawnodeError) as raised:
+        await run(tiny, {"messages": ASK, "max_tokens": 8, "response_format": response_format})
+    assert raised.value.code == ErrorCode.INVALID_ARGUMENT
+    assert "grammar" in raised.value.message and raised.value.message.endswith("(param: response_format)")
+    assert decoded == []
