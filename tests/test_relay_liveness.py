@@ -155,7 +155,15 @@ async def test_a_relay_that_stops_answering_is_dropped_by_the_ping_probe(tmp_pat
         await nursery.start(_run, relay, trio.CancelScope())
         relay_id = str(relay.host.get_id())
         private = Node(
-            config("node", "private", RelaySection(static_relays=relay.listen_addrs(), min_relays=1)),  # type: ignore[call-arg]
+            # A probe every second, two pings of 2 s unanswered (defaults 5 s and 4 s): the same probe,
+            # a drop within ~5 s instead of ~13 s.
+            config(
+                "node",
+                "private",
+                RelaySection(  # type: ignore[call-arg]
+                    static_relays=relay.listen_addrs(), min_relays=1, probe_interval_s=1.0, probe_timeout_s=2.0
+                ),
+            ),
             tmp_path / "private",
         )
         await nursery.start(private.run)
@@ -168,7 +176,7 @@ async def test_a_relay_that_stops_answering_is_dropped_by_the_ping_probe(tmp_pat
 
         relay.host.set_stream_handler(PING_PROTOCOL, hang)
         hung_at = time.monotonic()
-        # probe every 5 s, two pings of 4 s each unanswered: <= 13 s, with room for a loaded CI box
+        # probe every 1 s, two pings of 2 s each unanswered: <= 5 s, with room for a loaded CI box
         with trio.fail_after(20):
             while _named(private, relay_id) != (False, False):
                 await trio.sleep(0.1)
