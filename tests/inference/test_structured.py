@@ -479,14 +479,20 @@ async def test_a_pattern_llama_cpp_cannot_parse_is_refused_before_any_prompt_is_
     import llama_cpp
 
     decoded: list[int] = []
-    decode = llama_cpp.llama_decode
-    monkeypatch.setattr(
-        llama_cpp, "llama_decode", lambda ctx, batch: decoded.append(batch.n_tokens) or decode(ctx, batch)
-    )
-    response_format = {
-        "type": "json_schema",
-        "json_schema": {"name": "x", "schema": {"type": "string", "pattern": pattern}},
-    }
+    decode, evaluate = llama_cpp.llama_decode, LlamaModel._eval_prompt
+
+    def counted_decode(ctx: Any, batch: Any) -> Any:
+        decoded.append(batch.n_tokens)
+        return decode(ctx, batch)
+
+    def counted_eval(self: LlamaModel, llama: Any, tokens: Any, owner: str) -> Any:
+        decoded.append(len(tokens))
+        return evaluate(self, llama, tokens, owner)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", counted_decode)
+    monkeypatch.setattr(LlamaModel, "_eval_prompt", counted_eval)
+    schema = {"type": "string", "pattern": pattern}
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     with pytest.raises(ClawnodeError) as raised:
         await run(tiny, {"messages": ASK, "max_tokens": 8, "response_format": response_format})
     assert raised.value.code == ErrorCode.INVALID_ARGUMENT
