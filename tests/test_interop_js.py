@@ -255,8 +255,7 @@ def _raw_cid(data: bytes) -> tuple[str, bytes]:
     return "b" + base64.b32encode(cid).decode().lower().rstrip("="), multihash
 
 
-@pytest.mark.trio
-async def test_identify_both_ways(connected: Nodes) -> None:
+async def _identify_both_ways(connected: Nodes) -> None:
     js_seen_by_py = await _py_identify(connected.host, connected.js.peer_id)
     public_key = deserialize_public_key(js_seen_by_py.public_key)
     assert ID.from_pubkey(public_key) == connected.js.peer_id
@@ -292,8 +291,7 @@ async def test_js_dials_py_and_both_ping(nodes: Nodes) -> None:
     await _wait_until_in_routing_tables(nodes)
 
 
-@pytest.mark.trio
-async def test_py_puts_js_gets(connected: Nodes) -> None:
+async def _py_puts_js_gets(connected: Nodes) -> None:
     key, value = f"/{NAMESPACE}/{_unique('py-put')}", _unique("from-python")
     with trio.fail_after(STEP_TIMEOUT):
         await connected.dht.put_value(key, value.encode())
@@ -307,8 +305,7 @@ async def test_py_puts_js_gets(connected: Nodes) -> None:
     assert got["responses"] == [{"from": str(connected.py_id), "value": value}]
 
 
-@pytest.mark.trio
-async def test_js_puts_py_gets(connected: Nodes) -> None:
+async def _js_puts_py_gets(connected: Nodes) -> None:
     key, value = f"/{NAMESPACE}/{_unique('js-put')}", _unique("from-js")
     put = await connected.js.request("put", key=key, value=value)
     # py answered js's PUT_VALUE by echoing the record ...
@@ -323,8 +320,7 @@ async def test_js_puts_py_gets(connected: Nodes) -> None:
         assert await connected.dht.get_value(key) == value.encode()
 
 
-@pytest.mark.trio
-async def test_py_provides_js_finds(connected: Nodes) -> None:
+async def _py_provides_js_finds(connected: Nodes) -> None:
     cid, _ = _raw_cid(_unique("py-content").encode())
     with trio.fail_after(STEP_TIMEOUT):
         assert await connected.dht.provide(cid)
@@ -345,8 +341,7 @@ async def test_py_provides_js_finds(connected: Nodes) -> None:
     assert {p["peer_id"] for p in found} == {py_id}
 
 
-@pytest.mark.trio
-async def test_js_provides_py_finds(connected: Nodes) -> None:
+async def _js_provides_py_finds(connected: Nodes) -> None:
     cid, key = _raw_cid(_unique("js-content").encode())
     provided = await connected.js.request("provide", cid=cid)
     assert provided["sent_to"] == [str(connected.py_id)]
@@ -364,6 +359,19 @@ async def test_js_provides_py_finds(connected: Nodes) -> None:
     assert [p.peer_id for p in providers] == [connected.js.peer_id]
     js_tcp = {addr.split("/p2p/")[0] for addr in connected.js.addrs}
     assert js_tcp & {str(addr) for addr in providers[0].addrs}
+
+
+@pytest.mark.trio
+async def test_identify_records_and_providers_go_both_ways(connected: Nodes) -> None:
+    """One connected js/py pair for five facts, each of which used to start a js peer of its own and
+    wait for both routing tables (most of each test's time): identify both ways, a record put by
+    either side is got by the other, content provided by either side is found by the other. Every
+    key is unique, so no step sees another's record or provider."""
+    await _identify_both_ways(connected)
+    await _py_puts_js_gets(connected)
+    await _js_puts_py_gets(connected)
+    await _py_provides_js_finds(connected)
+    await _js_provides_py_finds(connected)
 
 
 @pytest.mark.trio
@@ -460,8 +468,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-@pytest.mark.trio
-async def test_js_gets_a_clawnode_record_and_finds_a_capabilitys_provider(clawnode: Clawnode) -> None:
+async def _js_gets_a_clawnode_record_and_finds_a_capabilitys_provider(clawnode: Clawnode) -> None:
     node, js = clawnode.node, clawnode.js
     key = record_key(node.peer_id)
 
@@ -492,8 +499,7 @@ async def test_js_gets_a_clawnode_record_and_finds_a_capabilitys_provider(clawno
     assert all(any(addr.startswith("/ip4/127.0.0.1/tcp/") for addr in p["addrs"]) for p in found)
 
 
-@pytest.mark.trio
-async def test_py_discovery_finds_a_js_provider_of_a_capability(clawnode: Clawnode) -> None:
+async def _py_discovery_finds_a_js_provider_of_a_capability(clawnode: Clawnode) -> None:
     node, js = clawnode.node, clawnode.js
     name = f"model:js-sells-{secrets.token_hex(4)}"
     assert (await js.request("provide", cid=capability_cid(name)))["sent_to"] == [node.peer_id]
@@ -508,8 +514,7 @@ async def test_py_discovery_finds_a_js_provider_of_a_capability(clawnode: Clawno
         assert await node.discovery.providers_of(name) == [js.peer_id]
 
 
-@pytest.mark.trio
-async def test_js_puts_a_clawnode_record_and_both_refuse_a_tampered_one(clawnode: Clawnode) -> None:
+async def _js_puts_a_clawnode_record_and_both_refuse_a_tampered_one(clawnode: Clawnode) -> None:
     node, js = clawnode.node, clawnode.js
     seller = generate_new_ed25519_identity()
     seller_id = str(ID.from_pubkey(seller.public_key))
@@ -552,6 +557,16 @@ async def test_js_puts_a_clawnode_record_and_both_refuse_a_tampered_one(clawnode
     got = await js.request("get", key=fresh_key, encoding="base64")
     assert got["refused"] == [node.peer_id]
     assert got["responses"] == [] and got["best"] is None
+
+
+@pytest.mark.trio
+async def test_clawnode_records_and_capability_providers_interoperate_with_js(clawnode: Clawnode) -> None:
+    """One js peer and one clawnode node for three facts (each used to start both): js gets the
+    node's record and finds it as a capability's provider; py discovery finds a js provider; js puts
+    a record py takes, and both refuse tampered ones. The second and third use keys of their own."""
+    await _js_gets_a_clawnode_record_and_finds_a_capabilitys_provider(clawnode)
+    await _py_discovery_finds_a_js_provider_of_a_capability(clawnode)
+    await _js_puts_a_clawnode_record_and_both_refuse_a_tampered_one(clawnode)
 
 
 # --- AutoNAT v2 both ways --------------------------------------------------------------------
