@@ -55,9 +55,6 @@ class _World:
 
     def __init__(self) -> None:
         self.chain = Chain.embedded()
-        # A read (eth_call) without a sender makes eth-tester's middleware guess one by listing the
-        # accounts, twice: ~30 % of this test's time. Name the account it would guess once instead.
-        self.chain.w3.eth.default_account = self.chain.w3.eth.accounts[0]
         self.accounts = self.chain.dev_accounts()[:6]
         self.escrow = EscrowClient.deploy(self.chain, self.chain.dev_accounts()[9])
         # Far past the wall clock: from here each block is exactly one second after its parent.
