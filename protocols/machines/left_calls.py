@@ -42,8 +42,13 @@ from runtime.errors import ClawnodeError, ErrorCode
 
 # By then an honest provider has metered a call we left: its wait for the cut job (10 s,
 # ``engine.SHUTDOWN_WAIT_S``), its error or end frame's write (at most 10 s) and the metering after
-# it, and the push of a receipt issued after that (``PUSH_TIMEOUT_S``, 10 s), with room.
-LEFT_CALL_BILLED_S = 60.0
+# it, and the push of a receipt issued after that (``PUSH_TIMEOUT_S``, 10 s); and that even when our
+# cancel reached it late: a network cut can hold it in TCP's send buffer for as long as the
+# connection lives (Linux gives up retransmitting after about 15 minutes). A receipt the provider
+# issued before it metered the call, countersigned after this, would close the call's allowance and
+# have every later receipt refused: 60 s let a 70 s outage do that to an honest provider. The
+# allowance still cannot be saved up past this (a lump on a receipt hours later).
+LEFT_CALL_BILLED_S = 900.0
 # A receipt may miss units we counted this recently: end frames that left after it was issued, while
 # its push was on its way (``PUSH_TIMEOUT_S``) or the provider was still writing the call's row.
 RECEIPT_LAG_S = 15.0

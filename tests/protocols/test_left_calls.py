@@ -27,7 +27,7 @@ def _body(words: int) -> dict[str, str]:
 # One step of a lease: ("finish", units) | ("leave", received, words, billed) | ("wait", s) | ("receipt", delay)
 finish = st.tuples(st.just("finish"), st.integers(0, 40))
 leave = st.tuples(st.just("leave"), st.integers(0, 20), st.integers(0, 60), st.sampled_from([0.0, 0.3, 1.0]))
-wait = st.tuples(st.just("wait"), st.sampled_from([0.5, 3.0, 12.0, 30.0, 70.0]))
+wait = st.tuples(st.just("wait"), st.sampled_from([0.5, 3.0, 12.0, 30.0, 70.0, 400.0, 1000.0]))
 receipt = st.tuples(st.just("receipt"), st.sampled_from([0.0, 2.0, 9.0]))
 STEPS = st.lists(st.one_of(finish, leave, wait, receipt), max_size=40)
 
@@ -35,7 +35,8 @@ STEPS = st.lists(st.one_of(finish, leave, wait, receipt), max_size=40)
 @dataclass
 class Honest:
     """An honest provider, as the consumer may see it: a left call is billed its chunks and part of
-    its allowance (``billed``) up to 30 s after the consumer left it; a receipt is issued up to 10 s
+    its allowance (``billed``) up to 30 s after the consumer left it (a cancel held back by a network cut
+    meters later, up to ``LEFT_CALL_BILLED_S``: not drawn here); a receipt is issued up to 10 s
     before it reaches the consumer (``PUSH_TIMEOUT_S``) and covers what was metered by then."""
 
     now: float = 1000.0
