@@ -41,6 +41,23 @@ async def test_a_provider_caught_before_a_restart_stays_caught(tmp_path: Path) -
         await ledger.aclose()
 
 
+async def test_a_proofless_end_frame_that_claims_no_tokens_is_caught_by_the_chunks_that_arrived(
+    tmp_path: Path,
+) -> None:
+    """A cheat streams its reply and ends the call with no proof and a usage naming no completion tokens:
+    the chunks this side received say tokens were produced, so the drawn call fails ``no_proof`` (it was
+    skipped as a call that produced nothing)."""
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    try:
+        verifying = Verifying(local_model=lambda sha256: None)
+        verifying.advertised = _advertised
+        await verifying.attach(ledger)
+        assert await verifying.check(CHEAT, "lease-1", CHAT, None, usage={}, received_tokens=0) == "skipped"
+        assert await verifying.check(CHEAT, "lease-1", CHAT, None, usage={}, received_tokens=4) == "failed:no_proof"
+    finally:
+        await ledger.aclose()
+
+
 async def test_the_table_keeps_the_most_recently_checked_providers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -381,7 +381,7 @@ class ConsumerRole(ChannelRole):
                                 await write_frame(stream, w.CallAck().model_dump_json().encode())
                         # The next call's stream is negotiated now, not in front of its first token.
                         self._spawn(self.spare_streams.refill, provider)
-                        await self._spot_check(held, lease_id, body, frame, "".join(texts), counted)
+                        await self._spot_check(held, lease_id, body, frame, "".join(texts), counted, received)
                         return frame
                 finally:
                     with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
@@ -404,13 +404,22 @@ class ConsumerRole(ChannelRole):
             ) from None
 
     async def _spot_check(
-        self, held: HeldLease, lease_id: str, body: dict[str, Any], frame: w.CallEnd, text: str, counted: int
+        self,
+        held: HeldLease,
+        lease_id: str,
+        body: dict[str, Any],
+        frame: w.CallEnd,
+        text: str,
+        counted: int,
+        received: int,
     ) -> None:
         """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned,
         and its own units leave what this side agrees it owes (a receipt pushed while the check ran may
         still have been countersigned for them: the check is not awaited before the provider's ack)."""
         provider = held.grant.provider
-        outcome = await self.verifying.check(provider, lease_id, body, frame.verify, text=text, usage=frame.usage)
+        outcome = await self.verifying.check(
+            provider, lease_id, body, frame.verify, text=text, usage=frame.usage, received_tokens=received
+        )
         if outcome.startswith("failed:"):
             reason = outcome.removeprefix("failed:")
             held.seen_units = max(0, held.seen_units - counted)

@@ -194,15 +194,19 @@ class Verifying:
         *,
         text: str | None = None,
         usage: dict[str, int] | None = None,
+        received_tokens: int = 0,
     ) -> str:
         """``passed``, ``failed:<reason>``, ``unverifiable`` or ``skipped``. ``text``: the reply as
-        received; ``usage``: the end frame's."""
+        received; ``usage``: the end frame's; ``received_tokens``: the tokens of the chunks that arrived
+        (what this side saw produced, whatever the provider's usage says)."""
         if self.local_model is None:
             return "skipped"
         if self.pull_reports is not None and not self.book.checked_before(provider):
             self.pull_reports(provider)  # in the background; at most once in 10 minutes a provider
         if proof is None:
-            produced = int((usage or {}).get("completion_tokens", 0))
+            # The chunks that arrived, not only the provider's word: an end frame with no proof and a
+            # usage naming no completion tokens was skipped, so a cheat could serve unchecked.
+            produced = max(int((usage or {}).get("completion_tokens", 0)), received_tokens)
             if not verifiable(body) or not 0 < produced <= MAX_TOKENS:
                 return "skipped"  # a call served without a commitment by design
             if not await self._advertised_sha256(provider, lease_id):
