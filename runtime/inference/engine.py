@@ -1136,6 +1136,7 @@ class LlamaModel:
         self._worker: _Worker | None = None
         self._llama: Any = None
         self._embedder: Any = None
+        self._grammar_checks = threading.Lock()  # ``check_grammar`` (worker threads) against the free
         self._formatter: Callable[..., Any] | None = None
         self.slots = TemplateSlots(family="")
         self.metadata: dict[str, str] = {}
@@ -1153,10 +1154,11 @@ class LlamaModel:
         backreference makes one), before the request is admitted or any of its prompt is decoded: the
         engine builds a choice's grammar only for its first token, after the prompt. Nothing to say while
         the model is not loaded (its engine refuses the call then)."""
-        llama = self._llama
-        if llama is None:
-            return
-        GrammarConstraint(llama._model.vocab, int(llama.n_vocab()), grammar, param).close()
+        with self._grammar_checks:  # not while the model is freed (``aclose``)
+            llama = self._llama
+            if llama is None:
+                return
+            GrammarConstraint(llama._model.vocab, int(llama.n_vocab()), grammar, param).close()
 
     async def load(self, progress: Progress | None = None) -> LoadReport:
         """Load the model on its worker thread; ``progress`` gets 0.0 at the start, llama.cpp's own
@@ -1286,10 +1288,11 @@ class LlamaModel:
             if batcher is not None:
                 batcher.close()  # the sequences in progress finish first
                 worker.background = None
-            for instance in (self._llama, self._embedder):
-                if instance is not None:
-                    instance.close()
-            self._llama = self._embedder = None
+            with self._grammar_checks:  # a grammar being parsed on another thread reads the vocabulary
+                for instance in (self._llama, self._embedder):
+                    if instance is not None:
+                        instance.close()
+                self._llama = self._embedder = None
 
         with trio.CancelScope(shield=True):
             await worker.run(free)
