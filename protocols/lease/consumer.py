@@ -339,6 +339,7 @@ class ConsumerRole(ChannelRole):
                 reader = FrameReader(WindowedReader(stream), max_frame=MAX_CALL_FRAME)
                 tokens_received = bytes_received = 0
                 texts: list[str] = []  # the reply as received (bounded by call_bytes_verdict), for its check
+                generated = 0  # the tokens of the reply's text chunks, for its check
                 last_frame = False  # the provider's end or error frame arrived: nothing is left in flight
                 requested = False
                 try:
@@ -364,6 +365,7 @@ class ConsumerRole(ChannelRole):
                             tokens_received += chunk_tokens(frame.data)
                             if isinstance(frame.data.get("text"), str):
                                 texts.append(frame.data["text"])
+                                generated += chunk_tokens(frame.data)  # a reply's tokens, not an embedding's
                             await on_chunk(frame.data)
                             continue
                         # Only units consistent with what arrived and what was asked are counted (and
@@ -381,7 +383,7 @@ class ConsumerRole(ChannelRole):
                                 await write_frame(stream, w.CallAck().model_dump_json().encode())
                         # The next call's stream is negotiated now, not in front of its first token.
                         self._spawn(self.spare_streams.refill, provider)
-                        await self._spot_check(held, lease_id, body, frame, "".join(texts), counted, received)
+                        await self._spot_check(held, lease_id, body, frame, "".join(texts), counted, generated)
                         return frame
                 finally:
                     with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
@@ -411,14 +413,14 @@ class ConsumerRole(ChannelRole):
         frame: w.CallEnd,
         text: str,
         counted: int,
-        received: int,
+        generated: int,
     ) -> None:
         """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned,
         and its own units leave what this side agrees it owes (a receipt pushed while the check ran may
         still have been countersigned for them: the check is not awaited before the provider's ack)."""
         provider = held.grant.provider
         outcome = await self.verifying.check(
-            provider, lease_id, body, frame.verify, text=text, usage=frame.usage, received_tokens=received
+            provider, lease_id, body, frame.verify, text=text, usage=frame.usage, received_tokens=generated
         )
         if outcome.startswith("failed:"):
             reason = outcome.removeprefix("failed:")
