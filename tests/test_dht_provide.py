@@ -239,3 +239,34 @@ async def test_a_withdrawn_capability_is_never_announced_again_by_py_libp2ps_rep
         await store._republish_provider_records()
         assert provider_key(GEMMA.name) not in announced
         assert announced == []
+
+
+async def test_an_offers_schema_check_running_out_of_budget_never_stops_the_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rebuilding the record checks each offer's examples against its schema within a CPU budget; a pause
+    of the thread (a garbage collection in a large heap) once ran it out, and the exception stopped the
+    node. Now a build is tried once more, and one that fails twice keeps the last record served."""
+    from dht import records as records_module
+    from dht.schema_safety import SchemaBudgetExceeded
+
+    async with open_swarm(2, specs={1: NodeSpec(offers=(GEMMA,))}) as nodes:
+        publisher = nodes[1].publisher
+        served = publisher.sealed
+        assert served is not None
+        real = records_module.instance_problems
+        failures = [1]
+
+        def pausing(schema: object, instance: object, *, limit: int = 8) -> list[str]:
+            if failures[0] > 0:
+                failures[0] -= 1
+                raise SchemaBudgetExceeded("schema evaluation ran out of time")
+            return real(schema, instance, limit=limit)
+
+        monkeypatch.setattr(records_module, "instance_problems", pausing)
+        publisher.republish()  # one pause: the second try builds it
+        assert publisher.sealed is not None and publisher.sealed != served and publisher.publish_refusals == 0
+        failures[0] = 10**6
+        kept = publisher.sealed
+        publisher.republish()  # every try runs out: refused, the last record stays served
+        assert publisher.sealed == kept and publisher.publish_refusals == 1
