@@ -227,9 +227,17 @@ class CallError(ErrorReply):
     the engine had decoded when it failed (a request the engine refuses only after its prompt, e.g. a
     JSON Schema whose grammar llama.cpp cannot parse), within the call's reservation. Added later, as
     ``ErrorReply`` fields are: an older consumer ignores it (and counts the chunks alone), an older
-    provider sends none (and bills the chunks alone)."""
+    provider sends none (and bills the chunks alone).
+
+    ``verify``: verified inference's signed proof of the text chunks written before it, as an end
+    frame carries (docs/verified-inference.md), sent when the call failed after streaming a reply it
+    recorded: the consumer spot-checks such a call as it does one that ended, so a reply cut short by
+    an error frame is not paid unchecked. Also added later: ``ErrorReply`` ignores fields it does not
+    know (pydantic's default, not ``extra="forbid"``), so an older consumer reads the frame's code,
+    message and reason as before and drops the proof; an older provider sends none."""
 
     units: int | None = Field(None, ge=0, le=2**62)
+    verify: CallProof | None = None
 
 
 class Cancel(_Msg):

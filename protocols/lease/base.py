@@ -41,6 +41,7 @@ from runtime.jsonsafe import loads_bounded
 from runtime.ledger import EscrowRef, Ledger
 from runtime.service import ServiceRegistry
 from runtime.telemetry import LatencyHistogram
+from runtime.verify.evidence import CallProof
 from wire.framing import FrameReader
 from wire.peer_keys import receipt_key
 
@@ -105,6 +106,8 @@ class Ticket:
     streamed: int = 0  # tokens of the chunks written (``chunk_tokens``): what a cut call is billed
     prompt: int = 0  # prompt tokens the engine decoded (by the cut, for a cut call): billed with them
     call_id: str | None = None  # its pending row in the ledger (the write-ahead meter), once written
+    # A call that failed after writing a reply it recorded: the signed proof its error frame carries.
+    proof: CallProof | None = None
 
 
 @dataclass
@@ -319,13 +322,28 @@ def call_frame(raw: bytes) -> w.Chunk | w.CallEnd | None:
 CALL_ERROR: TypeAdapter[w.CallError] = TypeAdapter(w.CallError)
 
 
+def error_frame(raw: bytes) -> w.CallError | None:
+    """A call's error frame as ``CallError`` reads it (its billed units, its proof); None for anything
+    else. A proof that does not parse is read as none, as an end frame's is (``_end_without_proof``):
+    a call drawn for a check then fails as ``no_proof``, and the frame's units still count."""
+    try:
+        return CALL_ERROR.validate_json(raw)
+    except ValidationError:
+        pass
+    try:
+        data = loads_bounded(raw, what="a call frame")
+        if isinstance(data, dict) and data.get("type") == "error" and data.get("verify") is not None:
+            return w.CallError.model_validate({**data, "verify": None})
+    except (ValueError, ClawnodeError):  # pydantic's ValidationError is a ValueError
+        pass
+    return None
+
+
 def error_frame_units(raw: bytes) -> int | None:
     """The units a call's error frame bills (``CallError.units``); None for a frame that names none (an
     older provider's) or is no error frame."""
-    try:
-        return CALL_ERROR.validate_json(raw).units
-    except ValidationError:
-        return None
+    frame = error_frame(raw)
+    return None if frame is None else frame.units
 
 
 def _end_without_proof(raw: bytes) -> w.CallEnd | None:

@@ -6,7 +6,7 @@ total), renew, end, and book the provider's claims as spend when seen on chain.
 
 Its state is :class:`~protocols.machines.lease_consumer.ConsumerLease` (one table); its decisions
 are the verdicts of ``protocols.machines.lease_consumer`` (``quote_verdict``, ``grant_verdict``,
-``call_verdict``, ``end_frame_units``, ``countersign_verdict``, ``renew_verdict``,
+``call_verdict``, ``end_frame_units``, ``error_frame_checked``, ``countersign_verdict``, ``renew_verdict``,
 ``call_refused_event``, ``escrow_seen``).
 """
 
@@ -41,6 +41,7 @@ from protocols.lease.base import (
     RECEIPT_CATCH_UP_S,
     HeldLease,
     call_frame,
+    error_frame,
     error_frame_units,
     log,
     token_digest,
@@ -55,6 +56,7 @@ from protocols.machines.lease_calls import call_bytes_bound, call_bytes_verdict
 from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
+from runtime.verify.evidence import CallProof
 from wire.framing import FrameReader, write_frame
 from wire.rpc import parse_reply, request
 from wire.signed import open_base64, seal, to_base64
@@ -352,7 +354,16 @@ class ConsumerRole(ChannelRole):
                             # An error frame (after the chunks it follows, all counted below, and the
                             # prompt it bills within their bound) or garbage.
                             last_frame = True
-                            tokens_received = c.error_frame_units(error_frame_units(raw), tokens_received, body)
+                            failed = error_frame(raw)
+                            billed = None if failed is None else failed.units
+                            tokens_received = c.error_frame_units(billed, tokens_received, body)
+                            if c.error_frame_checked(generated, left=False):
+                                # A reply was handed on before it failed: checked as if it had ended
+                                # (a failed check refuses the call and takes its units back).
+                                paid, tokens_received = tokens_received, 0
+                                held.count(self.clock(), paid)
+                                proof, text = None if failed is None else failed.verify, "".join(texts)
+                                await self._spot_check(held, lease_id, body, proof, {}, text, paid, generated)
                             try:
                                 parse_reply(raw, CALL_FRAMES)
                             except ClawnodeError as refusal:
@@ -383,7 +394,8 @@ class ConsumerRole(ChannelRole):
                                 await write_frame(stream, w.CallAck().model_dump_json().encode())
                         # The next call's stream is negotiated now, not in front of its first token.
                         self._spawn(self.spare_streams.refill, provider)
-                        await self._spot_check(held, lease_id, body, frame, "".join(texts), counted, generated)
+                        proof, text = frame.verify, "".join(texts)
+                        await self._spot_check(held, lease_id, body, proof, frame.usage, text, counted, generated)
                         return frame
                 finally:
                     with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
@@ -410,17 +422,21 @@ class ConsumerRole(ChannelRole):
         held: HeldLease,
         lease_id: str,
         body: dict[str, Any],
-        frame: w.CallEnd,
+        proof: CallProof | None,
+        usage: dict[str, int],
         text: str,
         counted: int,
         generated: int,
     ) -> None:
         """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned,
         and its own units leave what this side agrees it owes (a receipt pushed while the check ran may
-        still have been countersigned for them: the check is not awaited before the provider's ack)."""
+        still have been countersigned for them: the check is not awaited before the provider's ack).
+        ``proof`` and ``usage``: the end frame's, or the error frame's proof of a reply that failed
+        after its text chunks (``error_frame_checked``; no usage: the chunks received say what was
+        produced)."""
         provider = held.grant.provider
         outcome = await self.verifying.check(
-            provider, lease_id, body, frame.verify, text=text, usage=frame.usage, received_tokens=generated
+            provider, lease_id, body, proof, text=text, usage=usage, received_tokens=generated
         )
         if outcome.startswith("failed:"):
             reason = outcome.removeprefix("failed:")
@@ -441,7 +457,9 @@ class ConsumerRole(ChannelRole):
         to its end frame, which bills the chunks it wrote and that prompt (counted within what arrived
         and the prompt's estimate, ``end_frame_units``), so both sides count the same; a provider that
         does not answer in ``CANCEL_DRAIN_S`` (stalled, gone, the stream cut) leaves the tokens received
-        counted and this call's tolerance: what was in flight and its prompt's estimate."""
+        counted and this call's tolerance: what was in flight and its prompt's estimate. Neither last
+        frame here is spot-checked (``error_frame_checked`` with ``left``): this side left first, and a
+        call cut by a cancel carries no proof."""
         try:
             await write_frame(stream, w.Cancel().model_dump_json().encode())
             with trio.fail_after(CANCEL_DRAIN_S):

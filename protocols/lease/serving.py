@@ -45,7 +45,7 @@ from runtime.service import Usage
 from runtime.verify import evidence
 from runtime.verify.check import cached_index, index_for
 from runtime.verify.commitment import K
-from runtime.verify.evidence import call_proof
+from runtime.verify.evidence import CallProof, call_proof
 from runtime.verify.provider import CallRecorder, verifiable
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
@@ -61,6 +61,23 @@ def _reports_cuts(kind: type) -> bool:
         return "on_cut" in inspect.signature(kind.run).parameters  # type: ignore[attr-defined]
     except (AttributeError, TypeError, ValueError):
         return False
+
+
+async def _rendered_prompt_tokens(model: Any, body: dict[str, Any]) -> int:
+    """The prompt tokens the engine makes of ``body`` on this file, as ``LlamaModel.stream_generate``
+    renders it: a chat through its template, with a BOS token added unless the template is the GGUF's
+    own (llama-cpp-python's Jinja formatter says it adds the special tokens itself); a text prompt with
+    a BOS token; token ids as they are. 0 when it cannot tell (then no proof is signed)."""
+    messages, prompt = body.get("messages"), body.get("prompt")
+    if model is None:
+        return 0
+    if messages is not None:
+        text = await model.format_chat(messages)
+        add_bos = getattr(model, "chat_family", "") != "gguf-template"
+        return len(await model.tokenize(text, add_bos=add_bos, special=True))
+    if isinstance(prompt, str):
+        return len(await model.tokenize(prompt, add_bos=True))
+    return len(prompt) if isinstance(prompt, list) else 0
 
 
 class ServingRole(LeaseCore):
@@ -105,7 +122,8 @@ class ServingRole(LeaseCore):
                     # llama.cpp cannot parse, would have had the prefill for nothing). The consumer counts
                     # it within what arrived and the prompt's estimate (``error_frame_units``).
                     billed = aborted_call_units(ticket.reserved, ticket.streamed, ticket.prompt)
-                    reply = w.CallError(**reply.model_dump(), units=billed)
+                    # With the proof of the reply it streamed, where it recorded one (verified inference).
+                    reply = w.CallError(**reply.model_dump(), units=billed, verify=ticket.proof)
             written = False
             with trio.move_on_after(CALL_READ_TIMEOUT_S if end is None else END_WRITE_TIMEOUT_S) as writing:
                 # An end frame that may have left is metered even if the node is shutting down meanwhile.
@@ -283,6 +301,10 @@ class ServingRole(LeaseCore):
             ticket.prompt = max(0, decoded[-1])
         metered()  # written by now (the nursery waited for it): a refused row refuses the call
         if isinstance(outcome, Exception):
+            if recorder is not None and offer is not None and ticket.streamed > 0:
+                # Failed after writing a reply it recorded: the error frame carries its proof, so the
+                # consumer can check what it was handed (``_failed_call_proof``).
+                ticket.proof = await self._failed_call_proof(recorder, service, offer.sha256, call, call_id, ticket)
             raise outcome
         self.serve_duration_s.observe(time.monotonic() - started)
         if outcome is None:
@@ -297,13 +319,50 @@ class ServingRole(LeaseCore):
         units = served.session.billable(plan.reserve, max(0, outcome.units))
         proof = None
         if recorder is not None and offer is not None:
-            ids = None
-            if evidence.SIGNED_VERSION >= 2:  # a v2 body binds the prompt as this file renders the request
-                claimed = int(outcome.detail.get("prompt_tokens", 0))
-                ids = await prompt_ids(getattr(service, "model", None), call.body, claimed)
-            sha256 = offer.sha256
-            proof = call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, outcome.detail, ids)
+            proof = await self._call_proof(recorder, service, offer.sha256, call, call_id, outcome.detail)
         return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id, verify=proof)
+
+    async def _call_proof(
+        self,
+        recorder: CallRecorder,
+        service: Any,
+        sha256: str,
+        call: w.CallRequest,
+        call_id: str,
+        usage: dict[str, int],
+    ) -> CallProof | None:
+        """The signed proof of a recorded call (``call_proof``), for its end frame or its error frame;
+        ``usage``: the engine's count (its ``prompt_tokens`` is what the body signs)."""
+        ids = None
+        if evidence.SIGNED_VERSION >= 2:  # a v2 body binds the prompt as this file renders the request
+            claimed = int(usage.get("prompt_tokens", 0))
+            ids = await prompt_ids(getattr(service, "model", None), call.body, claimed)
+        return call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids)
+
+    async def _failed_call_proof(
+        self, recorder: CallRecorder, service: Any, sha256: str, call: w.CallRequest, call_id: str, ticket: Ticket
+    ) -> CallProof | None:
+        """The proof of what a call that failed after its text chunks had recorded, for its error frame:
+        the positions seen so far (every chunk seen was written before the error frame: the engine's
+        chunks are sent as they come, and those held for the write-ahead row before it ends). Its
+        prompt count is the engine's where the failure told it (``ticket.prompt``: a failure of the
+        request's own, a cut), else this file's rendering of the request (the engine's own failure
+        bills no prompt, so it reports 0). None when it cannot be built: then the error frame goes
+        without one, never hiding the call's own error (a consumer that draws the call fails it
+        ``no_proof``, as an end frame without one). None too when the positions recorded cover fewer
+        tokens than the chunks written: the engine hands the commitment's top k a block of tokens at
+        a time (``CommitRows``), after their text, and one that fails mid-block never hands the last
+        block's; a proof of a shorter reply than the one streamed would fail ``text_mismatch``, which
+        a v2 body makes disputable, where no proof fails only ``no_proof`` (not disputed)."""
+        if len(recorder.tokens) < ticket.streamed:
+            log.info("a failed call's proof would not cover the %d tokens it streamed: sent without", ticket.streamed)
+            return None
+        try:
+            claimed = ticket.prompt or await _rendered_prompt_tokens(getattr(service, "model", None), call.body)
+            return await self._call_proof(recorder, service, sha256, call, call_id, {"prompt_tokens": claimed})
+        except Exception as error:  # noqa: BLE001 - the call's own error is what the consumer is told
+            log.warning("the failed call's proof was not built: %s", type(error).__name__)
+            return None
 
     async def _recorder(self, service: Any, offer: Any, body: dict[str, Any]) -> CallRecorder | None:
         model = getattr(service, "model", None)

@@ -279,6 +279,19 @@ def error_frame_units(claimed_units: int | None, tokens_received: int, body: dic
     return claimed_units
 
 
+def error_frame_checked(text_tokens: int, *, left: bool) -> bool:
+    """Whether a call's error frame goes through the spot check an end frame gets (verified inference:
+    drawn by the usual rule, checked with the proof the frame carries, a drawn one without a proof
+    failing ``no_proof``). One that follows text chunks of a reply (``text_tokens``: their tokens) is:
+    the caller was handed that reply, and a provider that ended every call with an error frame after
+    streaming it would else be paid, never checked. One before any text is not (nothing was served: a
+    refusal, or a failure before the first token; an embedding call's chunks carry no text), nor one
+    that answers this side's cancel (``left``): this side left first (cancelled, its sink failed, or
+    the provider was silent ``stall_s``), the caller got this side's own error, and a call cut by a
+    cancel carries no proof by design (nor is its end frame checked)."""
+    return text_tokens > 0 and not left
+
+
 def call_refused_event(code: ErrorCode, reason: str | None) -> ConsumerEvent | None:
     """What a call the provider refused does to the held lease: ``paused`` pauses it, ``expired``
     expires it, ``ended`` or ``request_limit`` (nothing more can be served) ends it, the rest
