@@ -523,10 +523,9 @@ class _Choice:
         if self.texts.is_eog(token):
             self.finish = "stop"
             return None
-        committed = None
+        full = False
         if self.rows is not None:  # before counts changes: the row pick drew from
-            block = self.rows.push(self.picker.adjusted(logits, self.counts), token)
-            committed = [block] if block is not None else None
+            full = self.rows.put(self.picker.adjusted(logits, self.counts), token)
         self.generated += 1
         self.counts[token] += 1
         if self.grammar is not None:
@@ -535,7 +534,9 @@ class _Choice:
         # tool-call marker may be one); free text leaves special tokens out, as before.
         piece = self.texts.piece(token, self.grammar is not None)
         text, stopped = self.scanner.feed(self.decoder.decode(piece))
-        self._send(text, 1, pick, committed)
+        self._send(text, 1, pick)
+        if full and self.rows is not None:  # the block's top k after the token's text left: never delays it
+            self.emit({"index": self.index, "tokens": 0, "text": "", "commit": [self.rows.take()]})
         if stopped:
             self.finish = "stop"
             return None

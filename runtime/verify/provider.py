@@ -75,6 +75,15 @@ def encode_block(block: PositionBlock, start: int, stop: int, k: int = K, scale:
     """``encode_chunk`` of the block's positions ``start:stop``, the same bytes, computed with numpy on
     the block's arrays (no Python tuple or loop a position); None when the arrays are not the plain
     case (fewer than ``k`` alternatives, one not finite: ``encode_chunk`` pads or refuses those)."""
+    encoded = encode_rows(block, start, stop, k, scale)
+    return encoded[0] if encoded is not None else None
+
+
+def encode_rows(
+    block: PositionBlock, start: int, stop: int, k: int = K, scale: int = SCALE
+) -> tuple[bytes, Any] | None:
+    """``encode_block``'s bytes and, for each position, the offset where its bytes end in them (so one
+    call can encode many chunks' positions and cut them apart: a position's bytes are its own)."""
     import numpy as np
 
     ids, logprobs = block.ids[start:stop], block.logprobs[start:stop]
@@ -108,7 +117,8 @@ def encode_block(block: PositionBlock, start: int, stop: int, k: int = K, scale:
             present[:, :, place + 1] = more
     np.clip(quantised, 0, 255, out=quantised)
     data[:, k * places :] = quantised
-    return data[keep].tobytes()
+    ends = keep.sum(axis=1).cumsum() if places > 1 else np.arange(1, n + 1) * (k * 2)
+    return data[keep].tobytes(), ends
 
 
 # The positions of one part of a reply: a list of them, or a block (``PositionBlock``) as it came.
@@ -142,10 +152,10 @@ class CallRecorder:
         self._parts: list[_Part] = []  # the positions as they came, in order
         self._count = 0
         self._text: list[str] = []  # the reply text as streamed (bounded by the call's own bound)
-        # Each full CHUNK of positions encoded as it arrives (while the engine makes the next ones), so the
-        # end frame waits only for the last chunk's: the same bytes as commit(self.positions). A block of
-        # positions is encoded from its arrays (``encode_block``); the rest wait in ``_tail``.
-        self._chunks: list[bytes] = []
+        # The positions cut into CHUNKs as they arrive: each chunk the (part, start, stop) ranges that make it,
+        # encoded only when the proof is built (``finish``, at the call's end), out of the streaming window
+        # where the encoding competed with the engine for the GIL: the same bytes as commit(self.positions).
+        self._chunks: list[list[tuple[_Part, int, int]]] = []
         self._tail: list[tuple[_Part, int, int]] = []
         self._tail_count = 0
 
@@ -211,13 +221,42 @@ class CallRecorder:
             self._tail_count += take
             at += take
             if self._tail_count == CHUNK:
-                if len(self._chunks) * CHUNK + CHUNK <= MAX_TOKENS:  # past that, finish() commits to nothing
-                    self._chunks.append(_encode_parts(self._tail))
+                self._chunks.append(self._tail)
                 self._tail, self._tail_count = [], 0
 
     def finish(self) -> Commitment | None:
         n = self._count
         if not n or n > MAX_TOKENS:
             return None
-        tail = [_encode_parts(self._tail)] if self._tail_count else []
-        return Commitment((*self._chunks, *tail), n)
+        chunks = [*self._chunks, self._tail] if self._tail_count else self._chunks
+        return Commitment(tuple(_encode_chunks(chunks)), n)
+
+
+def _encode_chunks(chunks: Sequence[Sequence[tuple[_Part, int, int]]]) -> list[bytes]:
+    """Each chunk's bytes (``_encode_parts``); a run of chunks that are consecutive ranges of one block is
+    encoded in one ``encode_rows`` call and cut at the chunks' ends (a 256-token block: one numpy pass, not
+    eight), the same bytes."""
+    out: list[bytes] = []
+    at = 0
+    while at < len(chunks):
+        part, start, stop = chunks[at][0]
+        run = at + 1
+        if len(chunks[at]) == 1 and not isinstance(part, list):
+            while run < len(chunks) and len(chunks[run]) == 1:
+                after, begin, end = chunks[run][0]
+                if after is not part or begin != stop:
+                    break
+                stop = end
+                run += 1
+        encoded = encode_rows(part, start, stop) if run - at > 1 and not isinstance(part, list) else None
+        if encoded is None:
+            out += [_encode_parts(chunk) for chunk in chunks[at:run]]
+        else:
+            data, ends = encoded
+            cut = 0
+            for chunk in chunks[at:run]:
+                end = int(ends[chunk[0][2] - start - 1])
+                out.append(data[cut:end])
+                cut = end
+        at = run
+    return out

@@ -38,7 +38,7 @@ def test_a_block_of_rows_gives_the_top_k_of_pick_exactly(n_vocab: int, kind: str
     picker = TokenPicker(Sampling(temperature=temperature, logprobs=True, top_logprobs=min(k, n_vocab)), n_vocab, 1)
     kept = CommitRows(k, n_vocab)
     expected, got = [], []
-    for row in _rows(rng, 75, n_vocab, kind):  # two whole blocks and a part (or many of one row)
+    for row in _rows(rng, 600, n_vocab, kind):  # two whole blocks and a part (or many of one row)
         try:
             pick = picker.pick(row, Counter(), None)
         except ClawnodeError:  # every entry -inf: pick refuses it, nothing is produced
@@ -80,7 +80,7 @@ async def test_a_call_served_with_commit_records_what_top_logprobs_record(
     hands them out as logprobs per token or as blocks of ``commit`` entries; the text and every token
     count stay as they were, and no logprobs reach the consumer."""
     index = await trio.to_thread.run_sync(index_for, tiny_path)
-    body = {"messages": ASK, "max_tokens": 70, **sampling}  # two blocks of 32 and a tail
+    body = {"messages": ASK, "max_tokens": 70, **sampling}  # one block: two whole chunks of 32 and a tail
 
     old = CallRecorder(body, index)
     old_chunks, old_usage = await _serve(tiny, old.body, 0)

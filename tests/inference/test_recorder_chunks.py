@@ -81,7 +81,7 @@ def test_a_block_of_positions_is_encoded_from_its_arrays_to_the_same_bytes(n_voc
     ``encode_chunk`` gives their positions, varints of every length, rounding and clipping included, and
     the same commitment whether the blocks come whole, cut across chunks, or as tuples."""
     rng = np.random.default_rng(n_vocab + len(kind))
-    blocks = [_block(rng, size, n_vocab, kind) for size in (32, 32, 7, 32, 1, 40)]
+    blocks = [_block(rng, size, n_vocab, kind) for size in (100, 32, 32, 7, 32, 1, 40)]
     for block in blocks:
         positions = [Position(token, top) for token, top in block.entries()]
         for start, stop in ((0, len(block)), (0, 1), (3, len(block))):
