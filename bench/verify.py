@@ -42,6 +42,9 @@ same load. Cheats, each over its share of ``--calls``:
 - ``temperature``: temperature 0 declared, sampled at 1.0 (honest logprobs otherwise); also reported
   over the replies that differ from the greedy one (``temperature_differing``): a reply sampled at 1.0
   that equals the greedy reply is exactly what temperature 0 gives, and no check can tell them apart.
+- ``greedy_declared``: temperature 0.8 declared, served greedily (honest logprobs otherwise): nothing
+  at any one position is wrong, only that the reply takes the best token far more often than sampling
+  at 0.8 does (``too_greedy``); the tail bound of each such reply is summarised per model.
 
 Honest calls (``--honest``) mix provider threads 1 and 2, declared temperatures 0 and 0.8, and two
 verifiers: half the calls are checked as a consumer checks them (one batch over prompt + reply,
@@ -91,6 +94,7 @@ from runtime.verify.check import (
     CALIBRATION_PROMPT,
     CALIBRATION_TEXT,
     SAMPLED_POSITIONS,
+    TOO_GREEDY_BOUND,
     Findings,
     Prefill,
     TokenIndex,
@@ -121,7 +125,8 @@ PROMPTS = [
     "List three reasons why regular exercise helps people sleep better at night and feel less tired",
 ]
 K = 4
-CLASSES = ("other_model", "quantisation", "truncated_prompt", "foreign_token", "temperature")
+CLASSES = ("other_model", "quantisation", "truncated_prompt", "foreign_token", "temperature", "greedy_declared")
+GREEDY_DECLARED = 0.8  # the temperature the greedy_declared cheat declares
 # Run only when named in --classes, and not in detection_min: a stronger cheat than the classes.
 EXTRA_CLASSES = ("foreign_token_forged",)
 
@@ -344,6 +349,9 @@ async def main() -> None:
     small_gen_s: dict[str, float] = defaultdict(float)  # the generation of those calls
     compared: dict[str, list[int]] = defaultdict(list)  # positions compared per honest call
     off_best: dict[str, list[float]] = defaultdict(list)  # temperature cheat: share of positions off the best
+    greedy_tails: dict[str, list[float]] = defaultdict(list)  # greedy_declared: each reply's greedy_tail
+    greedy_compared: dict[str, list[int]] = defaultdict(list)  # greedy_declared: positions compared
+    honest_tails: dict[str, list[float]] = defaultdict(list)  # honest calls at 0.8: each reply's greedy_tail
     committed_bytes = committed_tokens = 0
     diffs: list[float] = []
 
@@ -401,6 +409,8 @@ async def main() -> None:
             tokens = [p.token for p in positions]
             found, ver = await trio.to_thread.run_sync(check, served, verifier, prompt, sent, tokens, temperature)
             compared[name].append(found.positions)
+            if temperature > 0:
+                honest_tails[name].append(found.greedy_tail)
             if args.compare_full and build == "portable" and one_batch:
                 whole, full = await trio.to_thread.run_sync(
                     check, served, verifier, prompt, sent, tokens, temperature, 0
@@ -489,10 +499,18 @@ async def main() -> None:
                     check, served, verifier, prompt, commit(positions), [p.token for p in positions], 0.0
                 )
                 record("truncated_prompt", name, found)
-            if not classes & {"foreign_token", "foreign_token_forged", "temperature"}:
+            if not classes & {"foreign_token", "foreign_token_forged", "temperature", "greedy_declared"}:
                 continue
             chunks, _ = await generate(engine, prompt, served.max_tokens, 0.0, call)
-            greedy = [p.token for p in positions_from_chunks(chunks, served.index)]
+            greedy_positions = positions_from_chunks(chunks, served.index)
+            greedy = [p.token for p in greedy_positions]
+            if "greedy_declared" in classes and greedy:
+                found, _ = await trio.to_thread.run_sync(
+                    check, served, verifier, prompt, commit(greedy_positions), greedy, GREEDY_DECLARED
+                )
+                record("greedy_declared", name, found)
+                greedy_tails[name].append(found.greedy_tail)
+                greedy_compared[name].append(found.positions)
             tokens = list(greedy)
             where = rng.randrange(len(tokens))
             tokens[where] = rng.choice(served.prompts[rng.randrange(len(served.prompts))][1:])
@@ -590,6 +608,22 @@ async def main() -> None:
                     f"the commitment, {args.positions} drawn positions would miss every one with probability "
                     f"{(1 - low) ** args.positions:.2e}"
                 )
+    for name in servers:
+        for label, values in (("greedy_declared", greedy_tails[name]), ("honest at 0.8", honest_tails[name])):
+            if values:
+                ordered = sorted(values)
+                print(
+                    f"greedy tail: {name} {label}: {len(ordered)} replies, median {ordered[len(ordered) // 2]:.3g}, "
+                    f"max {ordered[-1]:.3g}, min {ordered[0]:.3g} (flagged below {TOO_GREEDY_BOUND:g})"
+                )
+        if greedy_compared[name]:
+            mean = sum(greedy_compared[name]) / len(greedy_compared[name])
+            pairs = zip(greedy_compared[name], greedy_tails[name], strict=True)
+            missed = sorted(n for n, tail in pairs if tail >= TOO_GREEDY_BOUND)
+            print(
+                f"greedy tail: {name} greedy_declared positions compared per call: mean {mean:.1f}; "
+                f"of the replies missed: {missed}"
+            )
     for cls, by_model in tallies.items():
         row = ", ".join(f"{m} {t.caught}/{t.calls}" for m, t in by_model.items() if m != "all" and t.calls)
         total = by_model["all"]

@@ -33,6 +33,9 @@ FailReason = Literal[
     "logprob_mean",
     "top",
     "not_sampled",
+    # A declared temperature above 0, the reply far greedier than sampling at it gives
+    # (runtime.verify.check.greedy_tail below TOO_GREEDY_BOUND): served greedily or much cooler.
+    "too_greedy",
     "unsigned_root",
     "no_proof",
     "model_mismatch",

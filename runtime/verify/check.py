@@ -17,7 +17,11 @@ counts and batch sizes):
 - ``top``: a token the verifier ranks above the committed ones is missing from them;
 - ``not_sampled``: the produced token could not come out of the declared sampling: at temperature 0
   it is not the most likely token; above 0 it is outside the engine's candidates (the 40 most
-  likely, then those within ``top_p``, then those at least ``min_p`` as likely as the best).
+  likely, then those within ``top_p``, then those at least ``min_p`` as likely as the best);
+- ``too_greedy`` (a declared temperature above 0 only): the reply takes the verifier's most likely
+  token at more of the compared positions than honest sampling at that temperature plausibly does
+  (:func:`greedy_bound` per position, :func:`greedy_tail` over the reply: a reply served greedily, or
+  at a much lower temperature, than it declares).
 
 A spot-check compares a sample of a reply's positions (:func:`check_positions`), not every one: the
 output head (a row per vocabulary entry: 49k for SmolLM2, 262k for gemma) costs about as much as the
@@ -61,6 +65,17 @@ MAX_POSITIONS = 4096
 # is compared everywhere. Chosen by bench/verify.py (docs/verified-inference.md, "Sampled positions").
 SAMPLED_POSITIONS = 32
 ALWAYS_FIRST = 8
+# ``too_greedy``: a reply is flagged when the chance that honest sampling at the declared temperature
+# takes the verifier's most likely token at least as often as the reply does is bounded below this
+# (:func:`greedy_tail`). The bound holds for every honest reply whatever the model's distributions (it
+# is a test supermartingale's; where the noise stays within what compare assumes for it), so at most
+# one honest check in a million is failed by it: a consumer
+# checking 2 % of a provider's calls reaches that after 50 million calls; and a failure ends a lease.
+TOO_GREEDY_BOUND = 1e-6
+# The Chernoff exponents mixed (equal weights) in :func:`greedy_tail`; inf: the likelihood ratio of an
+# all-greedy reply (1 / the product of the bounds; 0 once a compared position is not the best). The
+# mixture costs log(5) = 1.6 nats against the best single exponent chosen after the fact.
+TOO_GREEDY_EXPONENTS = (1.0, 2.0, 4.0, 8.0, math.inf)
 
 
 @dataclass
@@ -77,13 +92,16 @@ class Findings:
     first_bad: int | None = None  # index of the first failing position (in the whole reply)
     notes: list[str] = field(default_factory=list)
     reply_positions: int = 0  # the reply's length: ``positions`` of them were compared
+    greedy: int = 0  # compared positions whose token is the verifier's most likely (within the noise)
+    greedy_tail: float = 1.0  # :func:`greedy_tail` of the compared positions (1 at temperature 0)
+    too_greedy: int = 0  # 1 when greedy_tail is below TOO_GREEDY_BOUND
 
     @property
     def failed(self) -> bool:
-        return bool(self.logprob or self.top or self.not_sampled or self.logprob_mean)
+        return bool(self.logprob or self.top or self.not_sampled or self.logprob_mean or self.too_greedy)
 
     def reason(self) -> str:
-        for name in ("not_sampled", "logprob", "logprob_mean", "top"):
+        for name in ("not_sampled", "logprob", "logprob_mean", "top", "too_greedy"):
             if getattr(self, name):
                 return name
         return ""
@@ -254,7 +272,18 @@ def compare(
     # Three times since the noise is measured over 256 positions: an honest 200-token gemma reply's greedy
     # token was 1.37 nats below a verifier's best where twice the measured noise gave 1.23.
     tie = min(tolerance, max(FLOOR_MAX, TIE_FACTOR * mean_tolerance, TIE_NOISE_FACTOR * tolerance / NOISE_FACTOR_MAX))
+    # too_greedy: the noise assumed between two entries of a row at every position: the mean tolerance
+    # (3 × the mean single-entry noise measured; SmolLM2's 0.23 nats is about the 90th percentile of
+    # the gap noise between an honest provider's top 4 and a verifier's). Not the tie: a tie of 1.5
+    # nats or more (SmolLM2's 1.55, gemma's 1.85) puts every other candidate either within it of the
+    # best or, made that much less likely, under min_p, so the bound is 1 everywhere and nothing is
+    # ever flagged. A position whose noise exceeds it is counted up to exp(excess / temperature) times
+    # too unlikely to take the best; it fails no reply on its own, and honest replies at 0.2 to 0.8
+    # stayed at a tail above 0.9 even with no noise allowed at all (docs/verified-inference.md).
+    noise = mean_tolerance
     diffs: list[float] = []
+    bounds: list[float] = []  # greedy_bound and whether the token took the best, per compared position
+    took: list[bool] = []
     for index, (token, position) in enumerate(zip(tokens, opened, strict=True)):
         found.positions += 1
         bad = False
@@ -284,10 +313,96 @@ def compare(
             bad = True
         if bad and found.first_bad is None:
             found.first_bad = index_of[index]
+        if temperature > 0 and top is not None:
+            took_best = token in named and named[token] >= best - noise
+            found.greedy += took_best
+            bounds.append(greedy_bound(top, temperature, top_p, noise, whole_row=rows.n_vocab <= len(top)))
+            took.append(took_best)
     found.mean_logprob_diff = sum(diffs) / len(diffs) if diffs else 0.0
     if found.mean_logprob_diff > mean_tolerance + 0.25 / scale:
         found.logprob_mean = 1
+    found.greedy_tail = greedy_tail(bounds, took)
+    found.too_greedy = int(too_greedy(bounds, took))
     return found
+
+
+def greedy_bound(top: np.ndarray, temperature: float, top_p: float, noise: float, *, whole_row: bool = False) -> float:
+    """An upper bound on the chance that the engine's sampling (runtime.inference.sampling: the
+    ``SAMPLING_TOP_K`` most likely tokens, then ``top_p``, then ``SAMPLING_MIN_P``, then one drawn at
+    ``temperature``) takes a token within ``noise`` of the most likely one, when the provider's
+    log-probabilities differ from the verifier's ``top`` (the row's best values, best first) by at most
+    ``noise`` between any two entries (the batch-vs-stepwise noise).
+
+    The tokens within ``noise`` of the best (those a produced token counts as "the best" among) are
+    weighed as they are; every other token by ``exp((value - noise) / temperature)``, and only if it
+    surely survives the truncations whatever that noise: above the k-th value by more than ``noise``
+    (``whole_row``: the row has no more than ``top``'s entries, every one is a candidate), at least
+    ``min_p`` as likely as the best by a ``noise`` more, and with the tokens that could rank above it
+    (at most ``noise`` below it, or higher), made ``noise`` more likely, short of ``top_p``. Fewer and
+    less likely alternatives only raise the bound."""
+    import numpy as np
+
+    values = np.asarray(top, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 1.0
+    v = values - values[0]
+    near = v >= -noise
+    if near.all():
+        return 1.0
+    kept = ~near
+    if not whole_row:
+        kept &= v > v[-1] + noise
+    kept &= v - noise >= math.log(SAMPLING_MIN_P)
+    # top_p: v is sorted, so the tokens at least v_j - noise are a prefix; j itself left out of it.
+    weights = np.exp(v)
+    prefix = np.concatenate(([0.0], np.cumsum(weights)))
+    ends = np.searchsorted(-v, -(v - noise), side="right")  # how many values are >= v_j - noise
+    above = prefix[ends] - weights
+    raised = above * math.exp(noise)
+    kept &= raised / (raised + prefix[-1] - above) < top_p - 1e-6
+    best = float(np.exp(v[near] / temperature).sum())
+    others = float(np.exp((v[kept] - noise) / temperature).sum())
+    return best / (best + others)
+
+
+def greedy_tail(bounds: Sequence[float], took_best: Sequence[bool]) -> float:
+    """A bound on the chance that honest sampling takes the best token at least as often as a reply
+    did: ``bounds`` are the compared positions' :func:`greedy_bound` (each an upper bound on that
+    chance at its position, given the reply before it), ``took_best`` whether the reply took it there.
+
+    Pure: numbers in, a number in [0, 1] out. It is 1 / the mean over :data:`TOO_GREEDY_EXPONENTS` λ of
+    ``exp(λ·count) / Π (1 − b + b·e^λ)`` (λ = inf: ``Π 1/b`` when every position took the best, else 0).
+    Each of those is a nonnegative supermartingale under honest sampling (every factor's expectation
+    given the reply so far is at most 1 when the chance is at most b), so their mean exceeds 1/α with
+    probability at most α (Ville's inequality) however each position's distribution depends on the
+    tokens before it; and which positions are compared is drawn apart from the tokens. For fixed bounds
+    each term is also a Chernoff bound on the Poisson-binomial tail, which this is therefore never
+    below. A position with b = 1 that took the best changes nothing; one that did not takes weight off."""
+    logs: list[float] = []
+    for exponent in TOO_GREEDY_EXPONENTS:
+        total = 0.0
+        for bound, took in zip(bounds, took_best, strict=True):
+            b = min(1.0, max(0.0, float(bound)))
+            if math.isinf(exponent):
+                if not took or b <= 0.0:
+                    total = -math.inf
+                    break
+                total -= math.log(b)
+            else:
+                total += exponent * took - math.log1p(b * math.expm1(exponent))
+        logs.append(total)
+    top = max(logs)
+    if top == -math.inf:
+        return 1.0
+    mean = top + math.log(sum(math.exp(x - top) for x in logs)) - math.log(len(logs))
+    return 1.0 if mean <= 0 else math.exp(-mean)
+
+
+def too_greedy(bounds: Sequence[float], took_best: Sequence[bool], bound: float = TOO_GREEDY_BOUND) -> bool:
+    """Whether a reply takes the best token too often for its declared temperature: :func:`greedy_tail`
+    below ``bound`` (:data:`TOO_GREEDY_BOUND`, the rule's false-positive rate at most)."""
+    return greedy_tail(bounds, took_best) < bound
 
 
 def _could_sample(
