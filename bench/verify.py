@@ -45,6 +45,8 @@ same load. Cheats, each over its share of ``--calls``:
 - ``greedy_declared``: temperature 0.8 declared, served greedily (honest logprobs otherwise): nothing
   at any one position is wrong, only that the reply takes the best token far more often than sampling
   at 0.8 does (``too_greedy``); the tail bound of each such reply is summarised per model.
+- ``cool_declared`` (only when named in ``--classes``; not in ``detection_min``): temperature 0.8
+  declared, sampled at ``COOL_SERVED`` (0.2): a cooler reply than declared, not quite greedy.
 
 Honest calls (``--honest``) mix provider threads 1 and 2, declared temperatures 0 and 0.8, and two
 verifiers: half the calls are checked as a consumer checks them (one batch over prompt + reply,
@@ -128,7 +130,8 @@ K = 4
 CLASSES = ("other_model", "quantisation", "truncated_prompt", "foreign_token", "temperature", "greedy_declared")
 GREEDY_DECLARED = 0.8  # the temperature the greedy_declared cheat declares
 # Run only when named in --classes, and not in detection_min: a stronger cheat than the classes.
-EXTRA_CLASSES = ("foreign_token_forged",)
+EXTRA_CLASSES = ("foreign_token_forged", "cool_declared")
+COOL_SERVED = 0.2  # the temperature the cool_declared cheat samples at (declaring GREEDY_DECLARED)
 
 
 @dataclass
@@ -352,6 +355,7 @@ async def main() -> None:
     greedy_tails: dict[str, list[float]] = defaultdict(list)  # greedy_declared: each reply's greedy_tail
     greedy_compared: dict[str, list[int]] = defaultdict(list)  # greedy_declared: positions compared
     honest_tails: dict[str, list[float]] = defaultdict(list)  # honest calls at 0.8: each reply's greedy_tail
+    cool_tails: dict[str, list[float]] = defaultdict(list)  # cool_declared: each reply's greedy_tail
     committed_bytes = committed_tokens = 0
     diffs: list[float] = []
 
@@ -499,6 +503,16 @@ async def main() -> None:
                     check, served, verifier, prompt, commit(positions), [p.token for p in positions], 0.0
                 )
                 record("truncated_prompt", name, found)
+            if "cool_declared" in classes:
+                chunks, _ = await generate(engine, prompt, served.max_tokens, COOL_SERVED, call)
+                positions = positions_from_chunks(chunks, served.index)
+                cool = [p.token for p in positions]
+                if cool:
+                    found, _ = await trio.to_thread.run_sync(
+                        check, served, verifier, prompt, commit(positions), cool, GREEDY_DECLARED
+                    )
+                    record("cool_declared", name, found)
+                    cool_tails[name].append(found.greedy_tail)
             if not classes & {"foreign_token", "foreign_token_forged", "temperature", "greedy_declared"}:
                 continue
             chunks, _ = await generate(engine, prompt, served.max_tokens, 0.0, call)
@@ -609,7 +623,8 @@ async def main() -> None:
                     f"{(1 - low) ** args.positions:.2e}"
                 )
     for name in servers:
-        for label, values in (("greedy_declared", greedy_tails[name]), ("honest at 0.8", honest_tails[name])):
+        tails = (("greedy_declared", greedy_tails), ("cool_declared", cool_tails), ("honest at 0.8", honest_tails))
+        for label, values in ((label, by_model[name]) for label, by_model in tails):
             if values:
                 ordered = sorted(values)
                 print(
