@@ -111,6 +111,25 @@ def test_the_bound_is_never_below_the_engines_own_chance_under_the_noise_it_allo
     assert chance <= bound + 1e-6
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.1, 1.5), st.floats(0.3, 6.0), st.floats(0.0, 0.5))
+def test_honest_draws_at_the_declared_temperature_are_not_flagged(
+    seed: int, temperature: float, scale: float, noise: float
+) -> None:
+    """A 200-position reply drawn by the engine's own sampling at the declared temperature, from rows
+    of random sharpness, its provider's rows off the verifier's by up to the noise: never too greedy."""
+    rng = np.random.default_rng(seed)
+    picker = TokenPicker(Sampling(temperature=temperature, top_p=0.95), 100, seed)
+    bounds, took = [], []
+    for _ in range(200):
+        verifier = rng.normal(0.0, scale * rng.uniform(0.2, 2.0), 100)
+        provider = (verifier + rng.uniform(-0.5, 0.5, 100) * noise).astype(np.float32)
+        token = picker._draw(provider)
+        bounds.append(greedy_bound(_top(verifier), temperature, 0.95, noise))
+        took.append(bool(verifier[token] >= verifier.max() - noise))
+    assert not too_greedy(bounds, took)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.floats(0.01, 1.0), min_size=0, max_size=300), st.integers(0, 2**32 - 1))
 def test_more_positions_taking_the_best_never_make_a_reply_look_more_honest(bounds: list[float], seed: int) -> None:
