@@ -6,7 +6,7 @@ total), renew, end, and book the provider's claims as spend when seen on chain.
 
 Its state is :class:`~protocols.machines.lease_consumer.ConsumerLease` (one table); its decisions
 are the verdicts of ``protocols.machines.lease_consumer`` (``quote_verdict``, ``grant_verdict``,
-``call_verdict``, ``end_frame_units``, ``error_frame_checked``, ``countersign_verdict``, ``renew_verdict``,
+``call_verdict``, ``end_frame_units``, ``call_ending``, ``ending_checked``, ``countersign_verdict``, ``renew_verdict``,
 ``call_refused_event``, ``escrow_seen``).
 """
 
@@ -16,6 +16,7 @@ import contextlib
 import functools
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -42,7 +43,6 @@ from protocols.lease.base import (
     HeldLease,
     call_frame,
     error_frame,
-    error_frame_units,
     log,
     token_digest,
 )
@@ -68,6 +68,17 @@ if TYPE_CHECKING:
 
 # Waits before sending an open again that the provider refused lock_unconfirmed (~15 s in all).
 UNCONFIRMED_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass(frozen=True)
+class _Drained:
+    """What the provider answered this side's cancel with (``ConsumerRole._leave_call``)."""
+
+    last: str | None = None  # its last frame: "end", "error", or None when none came in time
+    proof: CallProof | None = None  # the error frame's proof of the text it wrote, if it sent one
+    counted: int = 0  # the units counted for the call (taken back if it then fails its check)
+    text: str = ""  # reply text in chunks that came after this side left (not handed to its caller)
+    text_tokens: int = 0  # their tokens
 
 
 class ConsumerRole(ChannelRole):
@@ -344,11 +355,17 @@ class ConsumerRole(ChannelRole):
                 generated = 0  # the tokens of the reply's text chunks, for its check
                 last_frame = False  # the provider's end or error frame arrived: nothing is left in flight
                 requested = False
+                stopped = False  # this side leaves because of the provider (its frames stopped coming)
+                drained: _Drained | None = None  # what the provider answered this side's cancel with
                 try:
                     await write_frame(stream, request_frame, max_frame=MAX_CALL_FRAME)
                     requested = True
                     while True:
-                        raw = await reader.read_frame(stall_s)
+                        try:
+                            raw = await reader.read_frame(stall_s)
+                        except Exception:  # silent ``stall_s``, its stream closed or cut, an oversized frame
+                            stopped = True
+                            raise
                         frame = call_frame(raw)
                         if frame is None:
                             # An error frame (after the chunks it follows, all counted below, and the
@@ -357,7 +374,7 @@ class ConsumerRole(ChannelRole):
                             failed = error_frame(raw)
                             billed = None if failed is None else failed.units
                             tokens_received = c.error_frame_units(billed, tokens_received, body)
-                            if c.error_frame_checked(generated, left=False):
+                            if c.ending_checked(c.call_ending("error", left=False, provider_stopped=False), generated):
                                 # A reply was handed on before it failed: checked as if it had ended
                                 # (a failed check refuses the call and takes its units back).
                                 paid, tokens_received = tokens_received, 0
@@ -372,7 +389,9 @@ class ConsumerRole(ChannelRole):
                             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "the peer sent an unreadable reply")
                         if isinstance(frame, w.Chunk):
                             bytes_received += len(raw)
-                            enforce(call_bytes_verdict(bytes_received, byte_bound))
+                            refused = call_bytes_verdict(bytes_received, byte_bound)
+                            stopped = refused is not None  # more than the call allows: the provider's doing
+                            enforce(refused)
                             tokens_received += chunk_tokens(frame.data)
                             if isinstance(frame.data.get("text"), str):
                                 texts.append(frame.data["text"])
@@ -395,7 +414,8 @@ class ConsumerRole(ChannelRole):
                         # The next call's stream is negotiated now, not in front of its first token.
                         self._spawn(self.spare_streams.refill, provider)
                         proof, text = frame.verify, "".join(texts)
-                        await self._spot_check(held, lease_id, body, proof, frame.usage, text, counted, generated)
+                        if c.ending_checked(c.call_ending("end", left=False, provider_stopped=False), generated):
+                            await self._spot_check(held, lease_id, body, proof, frame.usage, text, counted, generated)
                         return frame
                 finally:
                     with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
@@ -403,8 +423,20 @@ class ConsumerRole(ChannelRole):
                         if last_frame:
                             held.count(self.clock(), tokens_received)  # delivered before the provider's error
                         elif requested:
-                            await self._leave_call(held, stream, reader, body, tokens_received)
+                            drained = _Drained(counted=tokens_received)  # kept if the drain is cut short
+                            drained = await self._leave_call(held, stream, reader, body, tokens_received) or drained
                         await stream.close()
+                    if drained is not None:
+                        ending = c.call_ending(drained.last, left=True, provider_stopped=stopped)
+                        if c.ending_checked(ending, generated + drained.text_tokens):
+                            # The provider stopped after a reply was handed on (and no end frame answered the
+                            # cancel): checked as if it had ended, with the proof of its error frame, if one
+                            # came (a failed check refuses the call, instead of its E_TIMEOUT, and takes its
+                            # units back).
+                            text, generated = "".join(texts) + drained.text, generated + drained.text_tokens
+                            await self._spot_check(
+                                held, lease_id, body, drained.proof, {}, text, drained.counted, generated
+                            )
         except trio.TooSlowError:
             self.failures[("call", ErrorCode.TIMEOUT.value)] += 1
             raise ClawnodeError(ErrorCode.TIMEOUT, "the provider did not finish in time") from None
@@ -432,8 +464,8 @@ class ConsumerRole(ChannelRole):
         and its own units leave what this side agrees it owes (a receipt pushed while the check ran may
         still have been countersigned for them: the check is not awaited before the provider's ack).
         ``proof`` and ``usage``: the end frame's, or the error frame's proof of a reply that failed
-        after its text chunks (``error_frame_checked``; no usage: the chunks received say what was
-        produced)."""
+        after its text chunks, or none from a provider that stopped after them (``ending_checked``; no
+        usage: the chunks received say what was produced)."""
         provider = held.grant.provider
         outcome = await self.verifying.check(
             provider, lease_id, body, proof, text=text, usage=usage, received_tokens=generated
@@ -444,6 +476,9 @@ class ConsumerRole(ChannelRole):
             if lease_id in self.verifying.evidence:  # signed evidence: end it, freeze the escrow, ask the arbiter
                 self._spawn(self.dispute_lease, lease_id, counted)
             else:
+                if held.machine.may(c.ConsumerEvent.CLOSE, c.CONSUMER):
+                    # Closed now, not when the revocation's task first runs: no further call is sent on it.
+                    held.apply(c.ConsumerEvent.CLOSE)
                 self._spawn(self.revoke_held, lease_id)
             raise ClawnodeError(
                 ErrorCode.FORBIDDEN, f"the provider failed verification ({reason})", f"verification_{reason}"
@@ -451,15 +486,20 @@ class ConsumerRole(ChannelRole):
 
     async def _leave_call(
         self, held: HeldLease, stream: INetStream, reader: FrameReader, body: dict[str, Any], tokens: int
-    ) -> None:
+    ) -> _Drained | None:
         """We leave a call before its end frame (cancelled, stalled, the sink failed): what was delivered
         is paid, and so is the prompt the provider's engine decoded. Ask the provider to stop and read on
         to its end frame, which bills the chunks it wrote and that prompt (counted within what arrived
         and the prompt's estimate, ``end_frame_units``), so both sides count the same; a provider that
         does not answer in ``CANCEL_DRAIN_S`` (stalled, gone, the stream cut) leaves the tokens received
-        counted and this call's tolerance: what was in flight and its prompt's estimate. Neither last
-        frame here is spot-checked (``error_frame_checked`` with ``left``): this side left first, and a
-        call cut by a cancel carries no proof."""
+        counted and this call's tolerance: what was in flight and its prompt's estimate. What it
+        answered is returned (None, from a stand-in that tells nothing, reads as no answer): the caller
+        spot-checks a call the provider stopped after its text unless an end frame answered
+        (``call_ending``, ``ending_checked``), over the reply's text including what came meanwhile
+        (kept within the call's byte bound, ``call_bytes_bound``); a call cut by a cancel carries no
+        proof."""
+        texts: list[str] = []
+        text_tokens, room = 0, call_bytes_bound(body)
         try:
             await write_frame(stream, w.Cancel().model_dump_json().encode())
             with trio.fail_after(CANCEL_DRAIN_S):
@@ -467,20 +507,28 @@ class ConsumerRole(ChannelRole):
                     raw = await reader.read_frame(CANCEL_DRAIN_S)
                     frame = call_frame(raw)
                     if frame is None:  # the provider's error frame: everything before it arrived
-                        held.count(self.clock(), c.error_frame_units(error_frame_units(raw), tokens, body))
-                        return
+                        failed = error_frame(raw)
+                        units = c.error_frame_units(None if failed is None else failed.units, tokens, body)
+                        held.count(self.clock(), units)
+                        proof = None if failed is None else failed.verify
+                        return _Drained("error", proof, units, "".join(texts), text_tokens)
                     if isinstance(frame, w.Chunk):
                         tokens += chunk_tokens(frame.data)
+                        room -= len(raw)
+                        if isinstance(frame.data.get("text"), str) and room >= 0:
+                            texts.append(frame.data["text"])
+                            text_tokens += chunk_tokens(frame.data)
                         continue
                     counted = c.end_frame_units(frame.units, tokens, body)
                     if not isinstance(counted, Refusal):  # an inflated end frame counts nothing
                         held.count(self.clock(), counted)
                     with contextlib.suppress(Exception):
                         await write_frame(stream, w.CallAck().model_dump_json().encode())
-                    return
+                    return _Drained("end", None, 0 if isinstance(counted, Refusal) else counted)
         except Exception:  # noqa: BLE001 - a stalled, gone or cut provider
             pass
         held.count_left(self.clock(), tokens, body)
+        return _Drained(None, None, tokens, "".join(texts), text_tokens)
 
     async def _countersign(self, message: w.ReceiptPush, remote: str) -> w.Countersigned:
         receipt = message.receipt

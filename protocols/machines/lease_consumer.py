@@ -279,17 +279,52 @@ def error_frame_units(claimed_units: int | None, tokens_received: int, body: dic
     return claimed_units
 
 
+class CallEnding(StrEnum):
+    """How a call sent on a lease ended, as its spot check sees it (verified inference,
+    :func:`ending_checked`; :func:`call_ending` tells which)."""
+
+    END = "end"  # the provider's end frame, unasked: its proof (or its lack of one) is checked
+    ERROR = "error"  # the provider's error frame, unasked (the call failed on its side)
+    # The provider stopped before its end frame (silent ``stall_s``, its stream closed or cut, more
+    # bytes than the call allows), so this side left and asked it to stop, and no end frame answered:
+    # nothing in ``CANCEL_DRAIN_S``, or an error frame (whose proof, if any, is checked).
+    STOPPED = "stopped"
+    CANCELLED = "cancelled"  # this side asked it to stop and its end frame answered (it carries no proof)
+    LEFT = "left"  # this side left on its own: its caller cancelled or its deadline passed, its sink failed
+
+
+def call_ending(last: str | None, *, left: bool, provider_stopped: bool) -> CallEnding:
+    """How a call ended: ``last``, the provider's last frame (``"end"``, ``"error"``; None: none came),
+    ``left``, whether this side left before it (sent its cancel), ``provider_stopped``, whether it
+    left because of the provider (its next frame did not come, its stream broke, it sent too much)."""
+    if not left:
+        return CallEnding.END if last == "end" else CallEnding.ERROR
+    if not provider_stopped:
+        return CallEnding.LEFT
+    return CallEnding.CANCELLED if last == "end" else CallEnding.STOPPED
+
+
+def ending_checked(ending: CallEnding, text_tokens: int) -> bool:
+    """Whether a call that ended so goes through the spot check (drawn by the usual rule, checked with
+    the proof its last frame carries, a drawn one without a proof failing ``no_proof``). The end
+    frame always does (the check itself skips calls served without a commitment by design). An error
+    frame, or a provider that stopped, after text chunks of a reply (``text_tokens``: their tokens)
+    does: the caller was handed that reply, and a provider that streamed it and then failed the call,
+    or went silent, would else be paid the chunks, never checked. Before any text nothing was served
+    (a refusal, a failure before the first token; an embedding call's chunks carry no text). A call
+    this side cut is not: the provider's end frame that answers the cancel carries no proof by design
+    (whatever made this side leave: a provider that stops, is paid the chunks and answers the cancel
+    with an end frame goes unchecked, docs/verified-inference.md "Not done yet"), and one this side
+    left on its own gave its caller this side's own error."""
+    if ending is CallEnding.END:
+        return True
+    return ending in (CallEnding.ERROR, CallEnding.STOPPED) and text_tokens > 0
+
+
 def error_frame_checked(text_tokens: int, *, left: bool) -> bool:
-    """Whether a call's error frame goes through the spot check an end frame gets (verified inference:
-    drawn by the usual rule, checked with the proof the frame carries, a drawn one without a proof
-    failing ``no_proof``). One that follows text chunks of a reply (``text_tokens``: their tokens) is:
-    the caller was handed that reply, and a provider that ended every call with an error frame after
-    streaming it would else be paid, never checked. One before any text is not (nothing was served: a
-    refusal, or a failure before the first token; an embedding call's chunks carry no text), nor one
-    that answers this side's cancel (``left``): this side left first (cancelled, its sink failed, or
-    the provider was silent ``stall_s``), the caller got this side's own error, and a call cut by a
-    cancel carries no proof by design (nor is its end frame checked)."""
-    return text_tokens > 0 and not left
+    """Whether a call's error frame goes through the spot check an end frame gets: one the provider sent
+    unasked after text chunks (:func:`ending_checked`), not one that answers this side's own cancel."""
+    return ending_checked(CallEnding.LEFT if left else CallEnding.ERROR, text_tokens)
 
 
 def call_refused_event(code: ErrorCode, reason: str | None) -> ConsumerEvent | None:

@@ -1,0 +1,170 @@
+"""Verified inference (issue 21): a provider that streams its reply and then stays silent instead of sending
+its end frame is spot-checked like one that ended. With real nodes, a real lease and the tiny model: such a
+provider is caught on its first call (as an end frame without a proof is), while an honest call this side
+cuts (the provider paused past the stall and answered the cancel with its end frame, the caller cancelled,
+the caller's sink failed) is not checked and leaves the lease usable."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocols.machines.lease_consumer import CallEnding, call_ending, ending_checked, error_frame_checked
+from runtime.errors import ClawnodeError, ErrorCode
+from runtime.inference.models import ModelSpec
+from runtime.inference.tiny_model import write_tiny_llama_gguf
+from runtime.verify import check
+from tests.support.market import market_nodes
+
+CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 8, "temperature": 0}
+STALL_S = 0.5  # the consumer's stall_s in these tests (30 s by default)
+
+
+@given(st.sampled_from(["end", "error", None]), st.booleans(), st.booleans(), st.integers(-1, 10**6))
+def test_which_endings_are_checked(last: str | None, left: bool, stopped: bool, text_tokens: int) -> None:
+    ending = call_ending(last, left=left, provider_stopped=stopped)
+    checked = ending_checked(ending, text_tokens)
+    if not left:  # the provider's own last frame: an end frame always, an error frame after text
+        assert ending is (CallEnding.END if last == "end" else CallEnding.ERROR)
+        assert checked == (last == "end" or text_tokens > 0)
+    elif not stopped:  # this side left on its own (its caller's cancel or deadline, its sink failed)
+        assert (ending, checked) == (CallEnding.LEFT, False)
+    elif last == "end":  # the provider stopped, then answered the cancel with an end frame (no proof by design)
+        assert (ending, checked) == (CallEnding.CANCELLED, False)
+    else:  # the provider stopped after text and no end frame answered: checked as if it had ended
+        assert (ending, checked) == (CallEnding.STOPPED, text_tokens > 0)
+    # The error frame's rule is this table's (an error frame that answers this side's cancel is not checked).
+    assert error_frame_checked(text_tokens, left=left) == ending_checked(
+        call_ending("error", left=left, provider_stopped=False), text_tokens
+    )
+
+
+@pytest.fixture(autouse=True)
+def _own_prefills(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The consumer's checks load the file for their prefill into a per-process cache: this module's
+    go with its tests, not on to interpreter exit (where llama-cpp-python's ``__del__`` complains)."""
+    monkeypatch.setattr(check, "_prefills", {})
+
+
+def _spec(path: Path) -> ModelSpec:
+    return ModelSpec(name="tiny", path=str(path), price_per_unit=1000, n_threads=1, n_ctx=256)  # type: ignore[call-arg]
+
+
+@contextlib.contextmanager
+def _pausing_after_text(service: Any, mode: list[str], released: trio.Event) -> Iterator[None]:
+    """The provider's own model service, pausing once its whole reply was streamed, before its end frame.
+    ``mode[0]``: "deaf" pauses deaf to the consumer's cancel until ``released`` (a cheat that never sends
+    the end frame, or an honest provider whose connection was cut there), "pause" pauses 4 stalls and
+    answers a cancel at once (an honest provider's hiccup: its end frame follows the cancel), "" serves
+    honestly. Only this instance is patched, and unpatched on the way out."""
+    real_run = service.run
+
+    async def run(body: dict[str, Any], emit: Any, **kwargs: Any) -> Any:
+        usage = await real_run(body, emit, **kwargs)
+        if mode[0] == "deaf":
+            with trio.CancelScope(shield=True), trio.move_on_after(8):
+                await released.wait()
+        elif mode[0] == "pause":
+            await trio.sleep(4 * STALL_S)
+        return usage
+
+    service.run = run
+    try:
+        yield
+    finally:
+        del service.run
+
+
+async def test_a_provider_that_streams_its_reply_and_never_sends_its_end_frame_is_caught_on_its_first_call(
+    tmp_path: Path,
+) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
+    released = trio.Event()
+    async with market_nodes([{"models": (_spec(path),)}, {"models": (_spec(path),)}]) as (nodes, _):
+        consumer, provider = nodes
+        provider_id = str(provider.host.get_id())
+        chunks: list[dict[str, Any]] = []
+
+        async def collect(data: dict[str, Any]) -> None:
+            chunks.append(data)
+
+        try:
+            with _pausing_after_text(provider.market.services.get("model:tiny"), ["deaf"], released):
+                # The default sample rate: a provider's first call is always checked.
+                lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
+                with pytest.raises(ClawnodeError) as caught:
+                    await consumer.market.stream_call(lease.lease_id, CHAT, collect, stall_s=STALL_S)
+                assert "".join(chunk.get("text", "") for chunk in chunks)  # the reply was handed on, then silence
+                # Not the stall's E_TIMEOUT: the reply it was paid for had no proof.
+                assert caught.value.code == ErrorCode.FORBIDDEN and caught.value.reason == "verification_no_proof"
+                record = consumer.market.verifying.book.get(provider_id)
+                assert record is not None and (record.failed, record.last_reason) == (1, "no_proof")
+                assert consumer.market.verifying.standing(provider_id) == 0.0  # the router ranks it last
+                held = consumer.market.held.get(lease.lease_id)
+                assert held is None or held.seen_units == 0  # its units are taken back: the call is not owed
+                with pytest.raises(ClawnodeError) as ended:  # the lease is ended: no further call is sent on it
+                    await consumer.market.call(lease.lease_id, CHAT)
+                assert ended.value.code in (ErrorCode.CONFLICT, ErrorCode.NOT_FOUND)
+        finally:
+            released.set()
+
+
+async def test_honest_calls_this_side_cuts_are_not_checked_and_the_lease_stays_usable(tmp_path: Path) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
+    mode = [""]
+    async with market_nodes([{"models": (_spec(path),)}, {"models": (_spec(path),)}]) as (nodes, _):
+        consumer, provider = nodes
+        provider_id = str(provider.host.get_id())
+        consumer.market.verifying.sample_rate = 1.0  # verify.sample_rate: every call is checked
+        with _pausing_after_text(provider.market.services.get("model:tiny"), mode, trio.Event()):
+            lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
+            market = consumer.market
+            texts: list[str] = []
+
+            async def collect(data: dict[str, Any]) -> None:
+                texts.append(data.get("text", ""))
+
+            # 1. The provider pauses past the stall after its reply; this side leaves, the provider answers
+            # the cancel with its end frame (billing the chunks): not checked, the stall's own error.
+            mode[0] = "pause"
+            with pytest.raises(ClawnodeError) as caught:
+                await market.stream_call(lease.lease_id, CHAT, collect, stall_s=STALL_S)
+            assert caught.value.code == ErrorCode.TIMEOUT and "".join(texts)
+            mode[0] = ""
+
+            # 2. The caller cancels after the first text chunk.
+            async def cancel_at_first(data: dict[str, Any]) -> None:
+                if data.get("text"):
+                    scope.cancel()
+
+            with trio.CancelScope() as scope:
+                await market.stream_call(lease.lease_id, {**CHAT, "max_tokens": 64}, cancel_at_first)
+            assert scope.cancelled_caught
+
+            # 3. The caller's sink fails at the first text chunk.
+            async def failing_sink(data: dict[str, Any]) -> None:
+                if data.get("text"):
+                    raise RuntimeError("the caller's client went away")
+
+            with pytest.raises(ClawnodeError):
+                await market.stream_call(lease.lease_id, {**CHAT, "max_tokens": 64}, failing_sink)
+
+            # None of the three was checked, and the lease still serves: its next call passes its check.
+            record = market.verifying.book.get(provider_id)
+            assert record is None or (record.passed, record.failed) == (0, 0)
+            assert (await market.call(lease.lease_id, CHAT)).units > 0
+            record = market.verifying.book.get(provider_id)
+            assert record is not None and (record.passed, record.failed) == (1, 0)
+            assert market.held[lease.lease_id].seen_units > 0
+            assert market.verifying.standing(provider_id) > 0.5
