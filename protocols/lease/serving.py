@@ -350,10 +350,13 @@ class ServingRole(LeaseCore):
         bills no prompt, so it reports 0). None when it cannot be built: then the error frame goes
         without one, never hiding the call's own error (a consumer that draws the call fails it
         ``no_proof``, as an end frame without one). None too when the positions recorded cover fewer
-        tokens than the chunks written: the engine hands the commitment's top k a block of tokens at
-        a time (``CommitRows``), after their text, and one that fails mid-block never hands the last
-        block's; a proof of a shorter reply than the one streamed would fail ``text_mismatch``, which
-        a v2 body makes disputable, where no proof fails only ``no_proof`` (not disputed)."""
+        tokens than the chunks written: a proof of a shorter reply than the one streamed would fail
+        ``text_mismatch``, which a v2 body makes disputable, where no proof fails only ``no_proof`` (not
+        disputed). The engine's own failures no longer leave it so: it hands the commitment's top k a
+        block of tokens at a time (``CommitRows``), after their text, and hands the block in progress
+        before its error too (``_Choice.abandon``). It stays as the guard for a failure above the
+        engine that leaves while a block is in progress (the service's own code failing on a chunk:
+        the engine is cancelled and its last block is never read)."""
         if len(recorder.tokens) < ticket.streamed:
             log.info("a failed call's proof would not cover the %d tokens it streamed: sent without", ticket.streamed)
             return None

@@ -523,9 +523,9 @@ class _Choice:
         if self.texts.is_eog(token):
             self.finish = "stop"
             return None
-        full = False
-        if self.rows is not None:  # before counts changes: the row pick drew from
-            full = self.rows.put(self.picker.adjusted(logits, self.counts), token)
+        # Before counts changes: the row pick drew from (``logits`` itself or a copy), kept once the token's
+        # text has left, so the rows held always cover exactly the tokens handed out (``abandon``).
+        row = self.picker.adjusted(logits, self.counts) if self.rows is not None else None
         self.generated += 1
         self.counts[token] += 1
         if self.grammar is not None:
@@ -535,7 +535,8 @@ class _Choice:
         piece = self.texts.piece(token, self.grammar is not None)
         text, stopped = self.scanner.feed(self.decoder.decode(piece))
         self._send(text, 1, pick)
-        if full and self.rows is not None:  # the block's top k after the token's text left: never delays it
+        if row is not None and self.rows is not None and self.rows.put(row, token):
+            # The block's top k after the token's text left: never delays it.
             self.emit({"index": self.index, "tokens": 0, "text": "", "commit": [self.rows.take()]})
         if stopped:
             self.finish = "stop"
@@ -554,6 +555,17 @@ class _Choice:
                 committed = None
         if committed:
             self.emit({"index": self.index, "tokens": 0, "text": "", "commit": committed})
+
+    def abandon(self) -> None:
+        """The choice ends with an error instead (the engine's failure, or the request's own): hand out the
+        positions of the block in progress, as ``end`` does, before the error is delivered, so verified
+        inference's recorder holds the committed top k of every token whose text left (a failed call's
+        error frame carries the proof of what it streamed). No text: what the stop scanner held back
+        never left."""
+        block = self.rows.take() if self.rows is not None else None
+        self.rows = None
+        if block is not None:
+            self.emit({"index": self.index, "tokens": 0, "text": "", "commit": [block]})
 
 
 @dataclass(eq=False)
@@ -848,6 +860,7 @@ class _Batcher:
             try:
                 token = choice.step(logits)
             except BaseException:
+                choice.abandon()  # before ``_guard`` delivers the error
                 if choice.grammar is not None:
                     choice.grammar.close()
                 seq.choice = None
@@ -885,8 +898,10 @@ class _Batcher:
     def _end(self, seq: _Sequence, error: BaseException | None = None, *, counted: bool = False) -> None:
         """The sequence is done: finished, cancelled, or failed with ``error`` (``counted``: a failure
         of the request's own, after which the prompt tokens decoded so far are told with the error)."""
-        if seq.choice is not None and seq.choice.grammar is not None:
-            seq.choice.grammar.close()
+        if seq.choice is not None:  # ended mid-choice (a failed decode, ``fail_all``): its block first
+            seq.choice.abandon()
+            if seq.choice.grammar is not None:
+                seq.choice.grammar.close()
         seq.choice = None
         if seq in self.running:
             self.running.remove(seq)
@@ -1807,9 +1822,13 @@ class LlamaModel:
         """One choice; returns (tokens sampled, finish reason, perf_counter of its first token)."""
         n_vocab = logits.shape[0]
         choice = _Choice(llama, request, index, picker, grammar, parser, stops, cancel, emit, self._texts)
-        while (token := choice.step(logits)) is not None:
-            llama.eval([token])
-            logits = self._logits(llama, n_vocab)
+        try:
+            while (token := choice.step(logits)) is not None:
+                llama.eval([token])
+                logits = self._logits(llama, n_vocab)
+        except BaseException:
+            choice.abandon()  # before the job delivers the error
+            raise
         choice.end()
         return choice.generated, choice.finish, choice.first
 
