@@ -62,7 +62,7 @@ async def test_openings_of_a_proof_are_built_on_a_worker_thread(monkeypatch: pyt
     )
     proof = CallProof(commitment=SignedCommitment(body=body, sig=""), tokens=[5] * 32, chunks=["AA=="])
     checks = verifying.Verifying(local_model=lambda sha256: _Model(), sample_rate=1.0)
-    outcome = await checks.check("1" * 46, "lease-1", {"prompt": "hi"}, proof, text="x")
+    outcome = await checks.check("1" * 46, "lease-1", {"prompt": "hi", "temperature": 0, "top_p": 1}, proof, text="x")
     assert outcome == "unverifiable"
     assert on_loop == [False]
 

@@ -7,7 +7,8 @@ the committed chunks against the signed root, then one prefill (``runtime.verify
 a worker thread), and whether the ids spell the text received. Every proof's signed sha256 is
 compared with the one the provider's signed record advertises for the lease's model (no file needed;
 a mismatched call is also checked against the file its proof names, where that file is at hand),
-and a drawn call that should carry a proof (the record names a file, the request is verifiable,
+and so are its signed temperature and top_p with the request's (``sampling_mismatch``), and a drawn
+call that should carry a proof (the record names a file, the request is verifiable,
 tokens were produced) but carries none fails as ``no_proof``.
 ``protocols.machines.verify.check_verdict`` decides; a failure ends the lease (no more countersigned
 receipts) and refuses the call with ``E_FORBIDDEN verification_<reason>``; one the provider's signature
@@ -29,6 +30,7 @@ from protocols.machines.verify import (
     CheckVerdict,
     check_verdict,
     reconcile_opinions,
+    sampling_matches,
     second_opinion_drawn,
     standing_with_reports,
     verifier_standing,
@@ -39,7 +41,7 @@ from runtime.verify.book import Record, VerificationBook
 from runtime.verify.check import prefill_for
 from runtime.verify.commitment import MAX_TOKENS, Opening
 from runtime.verify.evidence import CallProof, DisputePackage, commitment_signed
-from runtime.verify.provider import verifiable
+from runtime.verify.provider import declared_sampling, verifiable
 from runtime.verify.reports import ReportBook
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE, should_check
 from runtime.verify.spot import SpotCheck, check_call, openings_of
@@ -220,6 +222,11 @@ class Verifying:
         if expected and signed.model_sha256 != expected:
             # Needs no file: checked on every call that carries a proof (a prefill only on a mismatch).
             return await self._mismatched(provider, lease_id, body, proof, text, bound)
+        if not sampling_matches((signed.temperature_milli, signed.top_p_milli), _declared(body)):
+            # Needs no file either: every sampling-dependent rule (not_sampled, too_greedy) reads the
+            # signed pair, so a provider that signs a cooler one than asked would pass them served greedily.
+            self._sha256_now = signed.model_sha256
+            return await self._failed(provider, CheckFacts(bound, True, True, True, sampling_matches=False))
         model = self.local_model(signed.model_sha256)
         if model is None:
             if self.remote is None:
@@ -386,6 +393,15 @@ def run_check(
     return check_call(
         prefill, prompt, proof.tokens, signed, openings, keys, tolerances, text, longest_stop, sample=positions
     )
+
+
+def _declared(body: dict[str, Any]) -> tuple[int, int] | None:
+    """The request's own (temperature, top_p) × 1000; None when it names values this node cannot read
+    (the provider's service refuses such a request: nothing to compare a proof with)."""
+    try:
+        return declared_sampling(body)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _longest_stop(body: dict[str, Any]) -> int:

@@ -39,6 +39,9 @@ FailReason = Literal[
     "unsigned_root",
     "no_proof",
     "model_mismatch",
+    # The signed temperature or top_p is not the request's (clamped as the provider signs it): every
+    # sampling-dependent rule would be checked against what the provider chose to sign.
+    "sampling_mismatch",
     "text_mismatch",
     "prompt_hash_mismatch",
     "text_hash_mismatch",
@@ -51,7 +54,9 @@ BOUND_ONLY_IN_V2 = frozenset({"prompt_mismatch", "text_mismatch"})
 # The text received differs from the text the provider signed it streamed: the chunks are not signed,
 # so only the consumer says what arrived; and a signed prompt hash that differs from this node's
 # rendering needs the request itself bound to convince an arbiter (docs/verified-inference.md).
-CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch"})
+# The request is not signed either, so a signed sampling that differs from it (``sampling_mismatch``)
+# is the consumer's word too: refused, not disputed (an arbiter never sees the request).
+CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch", "sampling_mismatch"})
 # Signed for another file than the record advertises: refused, not disputed. No signature binds the
 # advertised file to the lease (the grant names the capability only; a record is not dated against the
 # lease, and a provider may publish another file at any time), and the commitment names the file that
@@ -73,6 +78,7 @@ class CheckFacts:
     findings_reason: str = ""  # runtime.verify.check.Findings.reason(): "" when the comparison passed
     proof_sent: bool = True  # the end frame carried a proof (a drawn call the provider must commit to)
     model_matches: bool = True  # the signed model sha256 is the one the provider's record advertises
+    sampling_matches: bool = True  # the signed temperature and top_p are the request's (``signed_sampling``)
     text_matches: bool = True  # the text received is what the proof's token ids spell
     # v2 bodies only (True for v1): the signed prompt_sha256 is this verifier's rendering's ids' hash,
     # the signed text_sha256 the text received's.
@@ -119,6 +125,9 @@ def _check_verdict(facts: CheckFacts) -> CheckVerdict:
     if not facts.model_matches:
         # Signed for another file than its record advertises: no file needed to see it.
         return CheckVerdict("failed", "model_mismatch")
+    if not facts.sampling_matches:
+        # Signed for another temperature or top_p than asked: no file needed to see it.
+        return CheckVerdict("failed", "sampling_mismatch")
     if not facts.answered:
         return CheckVerdict("failed", "no_answer")
     if not facts.openings_match:
@@ -136,6 +145,23 @@ def _check_verdict(facts: CheckFacts) -> CheckVerdict:
     if facts.findings_reason:
         return CheckVerdict("failed", facts.findings_reason)
     return CheckVerdict("passed")
+
+
+MAX_TEMPERATURE_MILLI = 2000  # what a commitment body can sign (evidence.CommitmentBody)
+MAX_TOP_P_MILLI = 1000
+
+
+def signed_sampling(declared: tuple[int, int]) -> tuple[int, int]:
+    """The (temperature, top_p) × 1000 an honest provider signs for a request that declares ``declared``
+    (``runtime.verify.provider.declared_sampling``): clamped as ``evidence.call_proof`` clamps it."""
+    temperature, top_p = declared
+    return min(MAX_TEMPERATURE_MILLI, temperature), min(MAX_TOP_P_MILLI, top_p)
+
+
+def sampling_matches(signed: tuple[int, int], declared: tuple[int, int] | None) -> bool:
+    """Whether a proof's signed (temperature, top_p) × 1000 is what the request asked (``declared``:
+    the request's own, None when it names none this node can read: nothing to compare)."""
+    return declared is None or signed == signed_sampling(declared)
 
 
 def standing(passed: int, failed: int) -> float:
