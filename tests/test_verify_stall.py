@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +62,23 @@ def _spec(path: Path) -> ModelSpec:
 
 
 @contextlib.contextmanager
-def _pausing_after_text(service: Any, mode: list[str], released: trio.Event) -> Iterator[None]:
+def _pausing_after_text(
+    service: Any, mode: list[str], released: trio.Event, cut: Callable[[], Awaitable[None]] | None = None
+) -> Iterator[None]:
     """The provider's own model service, pausing once its whole reply was streamed, before its end frame.
     ``mode[0]``: "deaf" pauses deaf to the consumer's cancel until ``released`` (a cheat that never sends
-    the end frame, or an honest provider whose connection was cut there), "pause" pauses 4 stalls and
-    answers a cancel at once (an honest provider's hiccup: its end frame follows the cancel), "" serves
-    honestly. Only this instance is patched, and unpatched on the way out."""
+    the end frame), "cut" does too once ``cut()`` closed its connection to the consumer (a
+    cheat that hangs up there, or an honest provider whose connection was cut there), "pause" pauses 4
+    stalls and answers a cancel at once (an honest provider's hiccup: its end frame follows the cancel),
+    "" serves honestly. Only this instance is patched, and unpatched on the way out."""
     real_run = service.run
 
     async def run(body: dict[str, Any], emit: Any, **kwargs: Any) -> Any:
         usage = await real_run(body, emit, **kwargs)
-        if mode[0] == "deaf":
+        if mode[0] in ("deaf", "cut"):
             with trio.CancelScope(shield=True), trio.move_on_after(8):
+                if mode[0] == "cut" and cut is not None:
+                    await cut()
                 await released.wait()
         elif mode[0] == "pause":
             await trio.sleep(4 * STALL_S)
@@ -94,28 +99,44 @@ async def test_a_provider_that_streams_its_reply_and_never_sends_its_end_frame_i
     async with market_nodes([{"models": (_spec(path),)}, {"models": (_spec(path),)}]) as (nodes, _):
         consumer, provider = nodes
         provider_id = str(provider.host.get_id())
+        mode = [""]
         chunks: list[dict[str, Any]] = []
 
         async def collect(data: dict[str, Any]) -> None:
             chunks.append(data)
 
+        async def hang_up() -> None:
+            while not chunks:  # once the reply reached the consumer's caller, well inside the stall
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)
+            await provider.host.disconnect(consumer.host.get_id())
+
         try:
-            with _pausing_after_text(provider.market.services.get("model:tiny"), ["deaf"], released):
-                # The default sample rate: a provider's first call is always checked.
-                lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
-                with pytest.raises(ClawnodeError) as caught:
-                    await consumer.market.stream_call(lease.lease_id, CHAT, collect, stall_s=STALL_S)
-                assert "".join(chunk.get("text", "") for chunk in chunks)  # the reply was handed on, then silence
-                # Not the stall's E_TIMEOUT: the reply it was paid for had no proof.
-                assert caught.value.code == ErrorCode.FORBIDDEN and caught.value.reason == "verification_no_proof"
-                record = consumer.market.verifying.book.get(provider_id)
-                assert record is not None and (record.failed, record.last_reason) == (1, "no_proof")
-                assert consumer.market.verifying.standing(provider_id) == 0.0  # the router ranks it last
-                held = consumer.market.held.get(lease.lease_id)
-                assert held is None or held.seen_units == 0  # its units are taken back: the call is not owed
-                with pytest.raises(ClawnodeError) as ended:  # the lease is ended: no further call is sent on it
-                    await consumer.market.call(lease.lease_id, CHAT)
-                assert ended.value.code in (ErrorCode.CONFLICT, ErrorCode.NOT_FOUND)
+            with _pausing_after_text(provider.market.services.get("model:tiny"), mode, released, hang_up):
+                # Silent after its reply; then, on a second lease, hanging up after it: each caught on its call.
+                for failed, mode[0] in enumerate(("deaf", "cut"), start=1):
+                    chunks.clear()
+                    # The default sample rate: a provider's first call (and every call after a failed check)
+                    # is checked.
+                    lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
+                    if mode[0] == "cut":
+                        # A call without a proof fails only where the provider's record names a file, fetched from
+                        # the provider at the check: one that just hung up cannot be asked (the call is skipped,
+                        # docs/verified-inference.md "Not done yet"). Here it is asked before the call.
+                        assert await consumer.market.verifying._advertised_sha256(provider_id, lease.lease_id)
+                    with pytest.raises(ClawnodeError) as caught:
+                        await consumer.market.stream_call(lease.lease_id, CHAT, collect, stall_s=STALL_S)
+                    assert "".join(chunk.get("text", "") for chunk in chunks)  # the reply was handed on, then nothing
+                    # Not the stall's E_TIMEOUT (nor the cut's E_UNAVAILABLE): the reply it was paid for had no proof.
+                    assert caught.value.code == ErrorCode.FORBIDDEN and caught.value.reason == "verification_no_proof"
+                    record = consumer.market.verifying.book.get(provider_id)
+                    assert record is not None and (record.failed, record.last_reason) == (failed, "no_proof")
+                    assert consumer.market.verifying.standing(provider_id) == 0.0  # the router ranks it last
+                    held = consumer.market.held.get(lease.lease_id)
+                    assert held is None or held.seen_units == 0  # its units are taken back: the call is not owed
+                    with pytest.raises(ClawnodeError) as ended:  # the lease is ended: no further call is sent on it
+                        await consumer.market.call(lease.lease_id, CHAT)
+                    assert ended.value.code in (ErrorCode.CONFLICT, ErrorCode.NOT_FOUND)
         finally:
             released.set()
 
