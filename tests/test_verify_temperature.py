@@ -275,9 +275,10 @@ async def test_a_reply_served_greedily_at_a_declared_temperature_of_0_8_fails_to
     try:
         prompt, positions, tokens = await _generate(served, 0.0, 7, 200)
         assert len(tokens) == 200
-        # Served greedily, declared 0.8: every position is the model's best, nothing else is off.
+        # Served greedily, declared 0.8: every position is the model's best, nothing else is off. Not
+        # disputed: the consumer's word (an arbiter never sees whether the request named a seed).
         verdict, found = await trio.to_thread.run_sync(checked, prompt, positions, tokens, 0.8, 0)
-        assert (verdict.outcome, verdict.reason, verdict.dispute) == ("failed", "too_greedy", True)
+        assert (verdict.outcome, verdict.reason, verdict.dispute) == ("failed", "too_greedy", False)
         assert found.greedy == 200 and found.greedy_tail < TOO_GREEDY_BOUND
         assert not (found.logprob or found.top or found.not_sampled or found.logprob_mean)
         # Declared 0 it is exactly what it says.

@@ -29,6 +29,7 @@ from protocols.machines.verify import (
     CheckFacts,
     CheckVerdict,
     check_verdict,
+    findings_counted,
     reconcile_opinions,
     sampling_matches,
     second_opinion_drawn,
@@ -267,7 +268,7 @@ class Verifying:
             openings_match=spot.openings_match,
             holds_file=True,
             prompt_matches=spot.prompt_matches,
-            findings_reason=spot.findings.reason() if spot.findings is not None else "",
+            findings_reason=_counted(spot.findings.reason(), body) if spot.findings is not None else "",
             text_matches=spot.text_matches,
             prompt_hash_matches=spot.prompt_hash_matches,
             text_hash_matches=spot.text_hash_matches,
@@ -294,7 +295,7 @@ class Verifying:
                 facts, package = found, _package(lease_id, proof, prompt, text, bound)
         elif signed_ok and self.remote is not None:
             answer = await self.remote(provider, proof, body, text, _longest_stop(body))
-            found = _remote_facts(answer, proof, signed_ok) if answer is not None else None
+            found = _remote_facts(answer, proof, signed_ok, body) if answer is not None else None
             if found is not None and check_verdict(found).dispute and answer.prompt_ids:
                 facts, package = found, _package(lease_id, proof, answer.prompt_ids, text, bound)
                 self.verifiers.failed_lease(lease_id, answer.verifier)
@@ -317,13 +318,13 @@ class Verifying:
             await self._note(provider, "unverifiable", "no_verifier")
             return "unverifiable"
         signed_ok = bound and commitment_signed(proof.commitment, ed25519_public_key)
-        facts = _remote_facts(answer, proof, signed_ok)
+        facts = _remote_facts(answer, proof, signed_ok, body)
         first = check_verdict(facts)
         if first.outcome == "passed" and second_opinion_drawn(self.second_opinion_rate, self.rng.random()):
             other = await self.remote(provider, proof, body, text, stop, exclude={answer.verifier})
             second: CheckVerdict | None = None
             if other is not None:
-                second = check_verdict(_remote_facts(other, proof, signed_ok))
+                second = check_verdict(_remote_facts(other, proof, signed_ok, body))
             opinions = reconcile_opinions(first, second, None)
             who = {"first": answer.verifier, "second": other.verifier if other is not None else ""}
             for name in opinions.credit:
@@ -347,8 +348,9 @@ class Verifying:
         return await self._failed(provider, facts, package)
 
 
-def _remote_facts(answer: Any, proof: CallProof, signed_ok: bool) -> CheckFacts:
-    """A leased verifier's findings as ``check_verdict`` reads them, with this node's own signature check."""
+def _remote_facts(answer: Any, proof: CallProof, signed_ok: bool, body: dict[str, Any]) -> CheckFacts:
+    """A leased verifier's findings as ``check_verdict`` reads them, with this node's own signature check
+    (``too_greedy`` not applied to a seeded request: ``findings_counted``)."""
     found = answer.facts
     return CheckFacts(
         root_signed=signed_ok and found.root_signed,
@@ -356,7 +358,7 @@ def _remote_facts(answer: Any, proof: CallProof, signed_ok: bool) -> CheckFacts:
         openings_match=found.openings_match,
         holds_file=found.holds_file,
         prompt_matches=found.prompt_matches,
-        findings_reason=found.findings_reason,
+        findings_reason=_counted(found.findings_reason, body),
         text_matches=found.text_matches,
         prompt_hash_matches=found.prompt_hash_matches,
         text_hash_matches=found.text_hash_matches,
@@ -402,6 +404,11 @@ def _declared(body: dict[str, Any]) -> tuple[int, int] | None:
         return declared_sampling(body)
     except (TypeError, ValueError, OverflowError):
         return None
+
+
+def _counted(reason: str, body: dict[str, Any]) -> str:
+    """A comparison's finding as it counts for this request (``findings_counted``)."""
+    return findings_counted(reason, seeded=body.get("seed") is not None)
 
 
 def _longest_stop(body: dict[str, Any]) -> int:

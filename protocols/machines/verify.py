@@ -55,8 +55,11 @@ BOUND_ONLY_IN_V2 = frozenset({"prompt_mismatch", "text_mismatch"})
 # so only the consumer says what arrived; and a signed prompt hash that differs from this node's
 # rendering needs the request itself bound to convince an arbiter (docs/verified-inference.md).
 # The request is not signed either, so a signed sampling that differs from it (``sampling_mismatch``)
-# is the consumer's word too: refused, not disputed (an arbiter never sees the request).
-CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch", "sampling_mismatch"})
+# is the consumer's word too: refused, not disputed (an arbiter never sees the request). So is
+# ``too_greedy``: a request that names a ``seed`` fixes the engine's draws, and a consumer that picks one
+# can make an honest sampled reply come out all greedy; the arbiter, re-running the same reply without
+# the request, could not tell (a signed ``seeded`` flag in the commitment body would be needed: not built).
+CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch", "sampling_mismatch", "too_greedy"})
 # Signed for another file than the record advertises: refused, not disputed. No signature binds the
 # advertised file to the lease (the grant names the capability only; a record is not dated against the
 # lease, and a provider may publish another file at any time), and the commitment names the file that
@@ -162,6 +165,12 @@ def sampling_matches(signed: tuple[int, int], declared: tuple[int, int] | None) 
     """Whether a proof's signed (temperature, top_p) × 1000 is what the request asked (``declared``:
     the request's own, None when it names none this node can read: nothing to compare)."""
     return declared is None or signed == signed_sampling(declared)
+
+
+def findings_counted(reason: str, *, seeded: bool) -> str:
+    """What a comparison's finding (``Findings.reason()``) counts for: ``too_greedy`` is not applied to
+    a request that names a ``seed`` (the consumer chose the draws, so it could choose greedy ones)."""
+    return "" if seeded and reason == "too_greedy" else reason
 
 
 def standing(passed: int, failed: int) -> float:

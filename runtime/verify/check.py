@@ -67,10 +67,13 @@ SAMPLED_POSITIONS = 32
 ALWAYS_FIRST = 8
 # ``too_greedy``: a reply is flagged when the chance that honest sampling at the declared temperature
 # takes the verifier's most likely token at least as often as the reply does is bounded below this
-# (:func:`greedy_tail`). The bound holds for every honest reply whatever the model's distributions (it
-# is a test supermartingale's; where the noise stays within what compare assumes for it), so at most
-# one honest check in a million is failed by it: a consumer
+# (:func:`greedy_tail`). The bound holds for every honest reply to an unseeded request whatever the
+# model's distributions (it is a test supermartingale's; where the noise stays within what compare
+# assumes for it), so at most one honest unseeded check in a million is failed by it: a consumer
 # checking 2 % of a provider's calls reaches that after 50 million calls; and a failure ends a lease.
+# A request that names a ``seed`` fixes the draws, so its consumer could pick one that makes an honest
+# reply all greedy: the consumer does not apply the rule to such a request, and the failure is its
+# word only, never disputed (``protocols.machines.verify.CONSUMERS_WORD``).
 TOO_GREEDY_BOUND = 1e-6
 # The Chernoff exponents mixed (equal weights) in :func:`greedy_tail`; inf: the likelihood ratio of an
 # all-greedy reply (1 / the product of the bounds; 0 once a compared position is not the best). The
