@@ -68,6 +68,9 @@ if TYPE_CHECKING:
 
 # Waits before sending an open again that the provider refused lock_unconfirmed (~15 s in all).
 UNCONFIRMED_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# The most a call's spot-check that started keeps its caller, whatever the call's own deadline or its
+# caller's cancel (a leased verifier's tries and a second opinion's: 2 × 3 × 60 s at worst).
+SPOT_CHECK_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -465,11 +468,20 @@ class ConsumerRole(ChannelRole):
         still have been countersigned for them: the check is not awaited before the provider's ack).
         ``proof`` and ``usage``: the end frame's, or the error frame's proof of a reply that failed
         after its text chunks, or none from a provider that stopped after them (``ending_checked``; no
-        usage: the chunks received say what was produced)."""
+        usage: the chunks received say what was produced). The check runs shielded from the call's
+        deadline and its caller's cancel (bounded by ``SPOT_CHECK_S`` of its own): one that started lands
+        its outcome, and its consequences are applied before anything can cancel them (a reply whose last
+        frame came just before the deadline was otherwise checked, and its failure thrown away at the
+        next checkpoint)."""
         provider = held.grant.provider
-        outcome = await self.verifying.check(
-            provider, lease_id, body, proof, text=text, usage=usage, received_tokens=generated
-        )
+        outcome = "skipped"
+        with trio.move_on_after(SPOT_CHECK_S) as bound:
+            bound.shield = True
+            outcome = await self.verifying.check(
+                provider, lease_id, body, proof, text=text, usage=usage, received_tokens=generated
+            )
+        if bound.cancelled_caught:
+            log.warning("the check of a call of %s took over %.0f s: left undecided", provider[:16], SPOT_CHECK_S)
         if outcome.startswith("failed:"):
             reason = outcome.removeprefix("failed:")
             held.seen_units = max(0, held.seen_units - counted)
