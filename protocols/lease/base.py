@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from libp2p.abc import IHost
@@ -320,6 +320,7 @@ def call_frame(raw: bytes) -> w.Chunk | w.CallEnd | None:
 
 
 CALL_ERROR: TypeAdapter[w.CallError] = TypeAdapter(w.CallError)
+_Proved = TypeVar("_Proved", w.CallEnd, w.CallError)  # the frames that carry a proof
 
 
 def error_frame(raw: bytes) -> w.CallError | None:
@@ -329,14 +330,7 @@ def error_frame(raw: bytes) -> w.CallError | None:
     try:
         return CALL_ERROR.validate_json(raw)
     except ValidationError:
-        pass
-    try:
-        data = loads_bounded(raw, what="a call frame")
-        if isinstance(data, dict) and data.get("type") == "error" and data.get("verify") is not None:
-            return w.CallError.model_validate({**data, "verify": None})
-    except (ValueError, ClawnodeError):  # pydantic's ValidationError is a ValueError
-        pass
-    return None
+        return _without_proof(raw, "error", w.CallError)
 
 
 def error_frame_units(raw: bytes) -> int | None:
@@ -349,10 +343,16 @@ def error_frame_units(raw: bytes) -> int | None:
 def _end_without_proof(raw: bytes) -> w.CallEnd | None:
     """An end frame whose verified-inference proof does not parse is an end frame without one: a call
     drawn for a check then fails as ``no_proof`` instead of being paid its chunks unchecked."""
+    return _without_proof(raw, "end", w.CallEnd)
+
+
+def _without_proof(raw: bytes, kind: str, model: type[_Proved]) -> _Proved | None:
+    """A ``kind`` frame (``end``, ``error``) that did not parse as ``model`` read again with its proof
+    (``verify``) stripped; None when it has none to strip or still does not parse."""
     try:
         data = loads_bounded(raw, what="a call frame")
-        if isinstance(data, dict) and data.get("type") == "end" and data.get("verify") is not None:
-            return w.CallEnd.model_validate({**data, "verify": None})
+        if isinstance(data, dict) and data.get("type") == kind and data.get("verify") is not None:
+            return model.model_validate({**data, "verify": None})
     except (ValueError, ClawnodeError):  # pydantic's ValidationError is a ValueError
         pass
     return None
