@@ -57,7 +57,7 @@ async def test_a_provider_that_signs_a_cooler_temperature_than_asked_is_refused(
     async with market_nodes([{"models": (_spec(path),)}, {"models": (_spec(path),)}]) as (nodes, _):
         consumer, provider = nodes
         pid = str(provider.host.get_id())
-        service = provider.market.services.get("model:tiny")
+        service: Any = provider.market.services.get("model:tiny")  # its run is replaced on this instance
         real_run = service.run
 
         async def greedy(body: dict[str, Any], emit: Any, **kw: Any) -> Any:
