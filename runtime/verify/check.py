@@ -34,6 +34,8 @@ sampling (the produced token missing from it, or not its best at temperature 0).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import math
 import random
@@ -630,6 +632,21 @@ _indexes: dict[str, TokenIndex] = {}
 _prefills: dict[str, tuple[Prefill, tuple[float, float]]] = {}
 _cache_lock = threading.Lock()
 MAX_CACHED_MODELS = 4
+
+
+def _close_cached_prefills() -> None:
+    """Free the cached verifiers while llama_cpp still works: left to the interpreter's teardown, each
+    ``Llama`` is freed after llama_cpp's module is gone and prints a ``TypeError`` traceback on the way
+    out of every process that ran a check (a node on shutdown, the test suite)."""
+    with _cache_lock:
+        cached = list(_prefills.values())
+        _prefills.clear()
+    for prefill, _ in cached:
+        with contextlib.suppress(Exception):
+            prefill.llama.close()
+
+
+atexit.register(_close_cached_prefills)
 
 
 def index_for(path: Path) -> TokenIndex:
