@@ -120,10 +120,12 @@ async def test_a_provider_that_streams_its_reply_and_never_sends_its_end_frame_i
                     # is checked.
                     lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
                     if mode[0] == "cut":
-                        # A call without a proof fails only where the provider's record names a file, fetched from
-                        # the provider at the check: one that just hung up cannot be asked (the call is skipped,
-                        # docs/verified-inference.md "Not done yet"). Here it is asked before the call.
-                        assert await consumer.market.verifying._advertised_sha256(provider_id, lease.lease_id)
+                        # A call without a proof fails only where the provider's record names a file: asked of
+                        # the provider as the lease opens, so one that hangs up after its reply cannot leave it
+                        # unknown (before, it was asked at the check, and this call was skipped).
+                        with trio.fail_after(5):
+                            while not consumer.market.verifying._advertised.get(lease.lease_id):
+                                await trio.sleep(0.01)
                     with pytest.raises(ClawnodeError) as caught:
                         await consumer.market.stream_call(lease.lease_id, CHAT, collect, stall_s=STALL_S)
                     assert "".join(chunk.get("text", "") for chunk in chunks)  # the reply was handed on, then nothing

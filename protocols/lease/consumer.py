@@ -239,6 +239,8 @@ class ConsumerRole(ChannelRole):
             held.channel_id, held.channel_base, held.channel_amount = drawn.channel_id, drawn.base, drawn.amount
         self.held[lease_id] = held
         log.info("lease %s opened with %s for %s", lease_id[:12], provider[:16], capability)
+        # Known before its first call: a provider that hangs up after it cannot leave it unknown.
+        self._spawn(self.verifying.learn_advertised, provider, lease_id)
         return self._view_held(self.held[lease_id])
 
     async def _ask_grant(self, peer: ID, message: w.OpenRequest) -> w.GrantReply:

@@ -124,6 +124,14 @@ class Verifying:
                 self._advertised.pop(next(iter(self._advertised)))
         return known
 
+    async def learn_advertised(self, provider: str, lease_id: str) -> None:
+        """Ask, as a lease opens, which file the provider's record advertises for it. A call without a
+        proof fails ``no_proof`` only where that file is known, and it is asked of the provider itself:
+        one that hangs up right after its first reply could otherwise leave it unknown, and that call
+        (and every first call of a lease it hangs up on) unchecked."""
+        if self.local_model is not None:
+            await self._advertised_sha256(provider, lease_id)
+
     def _drawn(self, provider: str) -> bool:
         checked_before, doubt = self.book.checked_before(provider), self.book.in_doubt(provider)
         return should_check(rate=self.sample_rate, checked_before=checked_before, in_doubt=doubt)
