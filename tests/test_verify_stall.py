@@ -20,7 +20,14 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols.machines.lease_consumer import CallEnding, call_ending, ending_checked, error_frame_checked
+from protocols.machines import left_calls
+from protocols.machines.lease_consumer import (
+    CallEnding,
+    call_ending,
+    cut_forgiven,
+    ending_checked,
+    error_frame_checked,
+)
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
@@ -91,7 +98,22 @@ def _pausing_after_text(
         del service.run
 
 
-async def test_a_provider_that_streams_its_reply_and_never_sends_its_end_frame_is_caught_on_its_first_call(
+@given(st.sampled_from(list(CallEnding)), st.booleans(), st.integers(min_value=0, max_value=5))
+def test_only_a_first_unproved_cut_since_a_pass_is_let_go(ending: CallEnding, proof_sent: bool, earlier: int) -> None:
+    forgiven = cut_forgiven(ending, proof_sent, earlier)
+    assert forgiven == (ending is CallEnding.STOPPED and not proof_sent and earlier == 0)
+
+
+def test_a_refused_left_call_keeps_no_allowance() -> None:
+    body = {"messages": [{"role": "user", "content": "x" * 400}]}
+    state = left_calls.left(left_calls.LeftCalls(), 10.0, 5, body)
+    state = left_calls.left(state, 11.0, 7, body)
+    one = state.open[1].allowance
+    assert left_calls.refused(state, 10.0).tolerance == one  # only that call's allowance goes
+    assert left_calls.refused(state, 99.0) == state
+
+
+async def test_a_provider_that_streams_its_reply_and_never_sends_its_end_frame_is_caught_on_its_second_call(
     tmp_path: Path,
 ) -> None:
     path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
@@ -113,12 +135,25 @@ async def test_a_provider_that_streams_its_reply_and_never_sends_its_end_frame_i
 
         try:
             with _pausing_after_text(provider.market.services.get("model:tiny"), mode, released, hang_up):
-                # Silent after its reply; then, on a second lease, hanging up after it: each caught on its call.
-                for failed, mode[0] in enumerate(("deaf", "cut"), start=1):
-                    chunks.clear()
+                # Silent after its reply, then, on a second lease, hanging up after it. The provider's first
+                # such call is let go (paid its chunks, unchecked: an honest provider's connection may break
+                # mid-reply); the next, on whatever lease (no check passed between), is checked and caught.
+                for failed, caught_mode in enumerate(("deaf", "cut"), start=1):
                     # The default sample rate: a provider's first call (and every call after a failed check)
                     # is checked.
                     lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
+                    first_paid = 0
+                    if failed == 1:
+                        chunks.clear()
+                        mode[0] = "deaf"
+                        with pytest.raises(ClawnodeError) as let_go:
+                            await consumer.market.stream_call(lease.lease_id, CHAT, collect, stall_s=STALL_S)
+                        assert let_go.value.code == ErrorCode.TIMEOUT  # the stall's own error: not checked
+                        assert consumer.market.verifying.book.get(provider_id) is None
+                        first_paid = consumer.market.held[lease.lease_id].seen_units
+                        assert first_paid > 0  # its chunks are paid
+                    chunks.clear()
+                    mode[0] = caught_mode
                     if mode[0] == "cut":
                         # A call without a proof fails only where the provider's record names a file: asked of
                         # the provider as the lease opens, so one that hangs up after its reply cannot leave it
@@ -135,7 +170,9 @@ async def test_a_provider_that_streams_its_reply_and_never_sends_its_end_frame_i
                     assert record is not None and (record.failed, record.last_reason) == (failed, "no_proof")
                     assert consumer.market.verifying.standing(provider_id) == 0.0  # the router ranks it last
                     held = consumer.market.held.get(lease.lease_id)
-                    assert held is None or held.seen_units == 0  # its units are taken back: the call is not owed
+                    if held is not None:  # the caught call's units are taken back, its left-call allowance too
+                        assert held.seen_units == first_paid
+                        assert len(held.left.open) == (1 if failed == 1 else 0)  # only the call let go keeps one
                     with pytest.raises(ClawnodeError) as ended:  # the lease is ended: no further call is sent on it
                         await consumer.market.call(lease.lease_id, CHAT)
                     assert ended.value.code in (ErrorCode.CONFLICT, ErrorCode.NOT_FOUND)

@@ -82,6 +82,7 @@ class _Drained:
     counted: int = 0  # the units counted for the call (taken back if it then fails its check)
     text: str = ""  # reply text in chunks that came after this side left (not handed to its caller)
     text_tokens: int = 0  # their tokens
+    left_at: float | None = None  # when it was counted as a left call (its allowance), if it was
 
 
 class ConsumerRole(ChannelRole):
@@ -428,19 +429,31 @@ class ConsumerRole(ChannelRole):
                         if last_frame:
                             held.count(self.clock(), tokens_received)  # delivered before the provider's error
                         elif requested:
-                            drained = _Drained(counted=tokens_received)  # kept if the drain is cut short
+                            drained = _Drained()  # kept if the drain is cut short: nothing was counted
                             drained = await self._leave_call(held, stream, reader, body, tokens_received) or drained
                         await stream.close()
                     if drained is not None:
                         ending = c.call_ending(drained.last, left=True, provider_stopped=stopped)
-                        if c.ending_checked(ending, generated + drained.text_tokens):
+                        proof_sent = drained.proof is not None
+                        checked = c.ending_checked(ending, generated + drained.text_tokens)
+                        unproved = checked and ending is c.CallEnding.STOPPED and not proof_sent
+                        earlier = self.verifying.unproved_cut(held.grant.provider) if unproved else 0
+                        if checked and not c.cut_forgiven(ending, proof_sent, earlier):
                             # The provider stopped after a reply was handed on (and no end frame answered the
                             # cancel): checked as if it had ended, with the proof of its error frame, if one
                             # came (a failed check refuses the call, instead of its E_TIMEOUT, and takes its
                             # units back).
                             text, generated = "".join(texts) + drained.text, generated + drained.text_tokens
                             await self._spot_check(
-                                held, lease_id, body, drained.proof, {}, text, drained.counted, generated
+                                held,
+                                lease_id,
+                                body,
+                                drained.proof,
+                                {},
+                                text,
+                                drained.counted,
+                                generated,
+                                left_at=drained.left_at,
                             )
         except trio.TooSlowError:
             self.failures[("call", ErrorCode.TIMEOUT.value)] += 1
@@ -464,39 +477,66 @@ class ConsumerRole(ChannelRole):
         text: str,
         counted: int,
         generated: int,
+        *,
+        left_at: float | None = None,
     ) -> None:
         """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned,
         and its own units leave what this side agrees it owes (a receipt pushed while the check ran may
-        still have been countersigned for them: the check is not awaited before the provider's ack).
+        still have been countersigned for them: the check is not awaited before the provider's ack); a
+        call left without the provider's last frame (``left_at``) also loses its allowance.
         ``proof`` and ``usage``: the end frame's, or the error frame's proof of a reply that failed
         after its text chunks, or none from a provider that stopped after them (``ending_checked``; no
-        usage: the chunks received say what was produced). The check runs shielded from the call's
-        deadline and its caller's cancel (bounded by ``SPOT_CHECK_S`` of its own): one that started lands
-        its outcome, and its consequences are applied before anything can cancel them (a reply whose last
+        usage: the chunks received say what was produced).
+
+        The check runs as a task of the market's own nursery (bounded by ``SPOT_CHECK_S``), which applies
+        its consequences as soon as it has the outcome, and the caller waits for it shielded from the
+        call's deadline and its own cancel: a check that started lands its outcome (a reply whose last
         frame came just before the deadline was otherwise checked, and its failure thrown away at the
-        next checkpoint)."""
+        next checkpoint), while the node's shutdown, which cancels that nursery, still ends it."""
         provider = held.grant.provider
-        outcome = "skipped"
-        with trio.move_on_after(SPOT_CHECK_S) as bound:
-            bound.shield = True
-            outcome = await self.verifying.check(
-                provider, lease_id, body, proof, text=text, usage=usage, received_tokens=generated
-            )
-        if bound.cancelled_caught:
-            log.warning("the check of a call of %s took over %.0f s: left undecided", provider[:16], SPOT_CHECK_S)
-        if outcome.startswith("failed:"):
-            reason = outcome.removeprefix("failed:")
-            held.seen_units = max(0, held.seen_units - counted)
-            if lease_id in self.verifying.evidence:  # signed evidence: end it, freeze the escrow, ask the arbiter
-                self._spawn(self.dispute_lease, lease_id, counted)
+        outcome: list[str] = []
+        done = trio.Event()
+
+        async def check_and_apply() -> None:
+            try:
+                with trio.move_on_after(SPOT_CHECK_S) as bound:
+                    found = await self.verifying.check(
+                        provider, lease_id, body, proof, text=text, usage=usage, received_tokens=generated
+                    )
+                if bound.cancelled_caught:
+                    log.warning("a check of %s took over %.0f s: left undecided", provider[:16], SPOT_CHECK_S)
+                    return
+                outcome.append(found)
+                if found.startswith("failed:"):  # applied at once: nothing between the outcome and its effects
+                    self._check_failed(held, lease_id, counted, left_at)
+            finally:
+                done.set()
+
+        with trio.CancelScope(shield=True):
+            if self._nursery is None:  # a role not started (no nursery to run it in): checked in place
+                await check_and_apply()
             else:
-                if held.machine.may(c.ConsumerEvent.CLOSE, c.CONSUMER):
-                    # Closed now, not when the revocation's task first runs: no further call is sent on it.
-                    held.apply(c.ConsumerEvent.CLOSE)
-                self._spawn(self.revoke_held, lease_id)
+                self._spawn(check_and_apply)  # a failing check is logged by its code, the call left as is
+                await done.wait()
+        if outcome and outcome[0].startswith("failed:"):
+            reason = outcome[0].removeprefix("failed:")
             raise ClawnodeError(
                 ErrorCode.FORBIDDEN, f"the provider failed verification ({reason})", f"verification_{reason}"
             )
+
+    def _check_failed(self, held: HeldLease, lease_id: str, counted: int, left_at: float | None) -> None:
+        """A call of ``held`` failed its check: its units are not owed (nor a left call's allowance), and
+        the lease ends, disputed when signed evidence binds the failure."""
+        held.seen_units = max(0, held.seen_units - counted)
+        if left_at is not None:
+            held.left = left_calls.refused(held.left, left_at)
+        if lease_id in self.verifying.evidence:  # signed evidence: end it, freeze the escrow, ask the arbiter
+            self._spawn(self.dispute_lease, lease_id, counted)
+            return
+        if held.machine.may(c.ConsumerEvent.CLOSE, c.CONSUMER):
+            # Closed now, not when the revocation's task first runs: no further call is sent on it.
+            held.apply(c.ConsumerEvent.CLOSE)
+        self._spawn(self.revoke_held, lease_id)
 
     async def _leave_call(
         self, held: HeldLease, stream: INetStream, reader: FrameReader, body: dict[str, Any], tokens: int
@@ -515,8 +555,8 @@ class ConsumerRole(ChannelRole):
         texts: list[str] = []
         text_tokens, room = 0, call_bytes_bound(body)
         try:
-            await write_frame(stream, w.Cancel().model_dump_json().encode())
-            with trio.fail_after(CANCEL_DRAIN_S):
+            with trio.fail_after(CANCEL_DRAIN_S):  # the cancel's write too: a blocked one leaves the call counted
+                await write_frame(stream, w.Cancel().model_dump_json().encode())
                 while True:
                     raw = await reader.read_frame(CANCEL_DRAIN_S)
                     frame = call_frame(raw)
@@ -541,8 +581,9 @@ class ConsumerRole(ChannelRole):
                     return _Drained("end", None, 0 if isinstance(counted, Refusal) else counted)
         except Exception:  # noqa: BLE001 - a stalled, gone or cut provider
             pass
-        held.count_left(self.clock(), tokens, body)
-        return _Drained(None, None, tokens, "".join(texts), text_tokens)
+        left_at = self.clock()
+        held.count_left(left_at, tokens, body)
+        return _Drained(None, None, tokens, "".join(texts), text_tokens, left_at)
 
     async def _countersign(self, message: w.ReceiptPush, remote: str) -> w.Countersigned:
         receipt = message.receipt

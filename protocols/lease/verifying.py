@@ -58,6 +58,7 @@ Remote = Callable[..., Awaitable[Any]]
 # (provider, lease id) -> the sha256 the provider's signed record advertises for the lease's model ("" if none)
 Advertised = Callable[[str, str], Awaitable[str]]
 MAX_ADVERTISED = 1024  # leases whose advertised file is remembered
+MAX_CUT_PROVIDERS = 1024  # providers whose unproved cuts since their last passed check are counted
 MAX_EVIDENCE = 64  # disputable failures whose package is kept (the most recent)
 ADVERTISED_WAIT_S = 5.0  # the most a call's end waits for the provider's record (usually discovery's cache)
 
@@ -75,6 +76,7 @@ class Verifying:
         # Asks peers for their reports about a provider this node calls (protocols.lease.verifier.ReportPuller)
         self.pull_reports: Callable[[str], None] | None = None
         self._advertised: dict[str, str] = {}  # lease id -> sha256 ("" when the record names none)
+        self._cuts: dict[str, int] = {}  # provider -> calls it stopped after text without a proof, since a pass
         self.ledger: Ledger | None = None  # where outcomes are kept (``attach``)
         # lease id -> the package of a failed check the provider's signature binds (a v2 body), kept for
         # the lease's dispute (``protocols.lease.arbiter``: sent to the escrow's arbiter, dropped once
@@ -143,7 +145,18 @@ class Verifying:
             self.book.restore(row.provider, Record(row.passed, row.failed, row.unverifiable, row.last_reason))
         self.ledger = ledger
 
+    def unproved_cut(self, provider: str) -> int:
+        """``provider`` stopped a call after its text without a proof: how many it had stopped so since
+        its last passed check (``cut_forgiven`` reads it), counting this one from now on."""
+        earlier = self._cuts.pop(provider, 0)
+        self._cuts[provider] = earlier + 1
+        while len(self._cuts) > MAX_CUT_PROVIDERS:
+            self._cuts.pop(next(iter(self._cuts)))
+        return earlier
+
     async def _note(self, provider: str, outcome: str, reason: str = "", sha256: str = "") -> None:
+        if outcome == "passed":
+            self._cuts.pop(provider, None)  # a proven reply since: its next cut is let go again
         record = self.book.note(provider, outcome, reason)
         self.reports.note(provider, outcome, reason, sha256)
         if self.ledger is None or outcome == "unverifiable":

@@ -321,6 +321,22 @@ def ending_checked(ending: CallEnding, text_tokens: int) -> bool:
     return ending in (CallEnding.ERROR, CallEnding.STOPPED) and text_tokens > 0
 
 
+# A provider's calls stopped after their text without a proof, since its last passed check, that go
+# unchecked: paid their chunks as left calls, like any cut call (an honest provider whose relay dropped,
+# whose connection broke or that restarted mid-reply cannot prove the reply its stream lost).
+UNPROVED_CUTS_FORGIVEN = 1
+
+
+def cut_forgiven(ending: CallEnding, proof_sent: bool, earlier_cuts: int) -> bool:
+    """Whether a call that ended so is let go unchecked although :func:`ending_checked` says it is
+    checked: a ``STOPPED`` call without a proof, while its provider has stopped fewer than
+    :data:`UNPROVED_CUTS_FORGIVEN` such calls since its last passed check (``earlier_cuts``). Later
+    ones go through the check (drawn by the usual rule; a drawn one fails ``no_proof``), on whatever
+    lease: a provider that cuts its calls to dodge their checks gains one, and an honest one is not
+    failed for one broken connection."""
+    return ending is CallEnding.STOPPED and not proof_sent and earlier_cuts < UNPROVED_CUTS_FORGIVEN
+
+
 def error_frame_checked(text_tokens: int, *, left: bool) -> bool:
     """Whether a call's error frame goes through the spot check an end frame gets: one the provider sent
     unasked after text chunks (:func:`ending_checked`), not one that answers this side's own cancel."""

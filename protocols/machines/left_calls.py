@@ -139,3 +139,14 @@ def countersigned(state: LeftCalls, now: float, receipt_units: int, seen_units: 
     claimed = receipt_units - surely_in - state.credit
     credit = state.credit + max(0, min(claimed, sum(call.allowance for call in closing)))
     return LeftCalls(open=still_open, credit=credit, recent=recent)
+
+
+def refused(state: LeftCalls, left_at: float) -> LeftCalls:
+    """A call left at ``left_at`` failed its spot check: its units were taken back, so it keeps no
+    allowance either (a caught provider would else still be paid it on a receipt)."""
+    kept = list(state.open)
+    for index, call in enumerate(kept):
+        if call.left_at == left_at:
+            del kept[index]
+            break
+    return replace(state, open=tuple(kept))
