@@ -4,10 +4,7 @@ The engine hands the committed top k a block of up to 256 tokens at a time, afte
 mid-block used to lose the block in progress, so the provider's recorded positions covered fewer tokens
 than it had streamed, it sent no proof, and the drawn call failed ``no_proof`` although it was honest.
 With real nodes, a real lease and the tiny model; the failure is llama.cpp's own decode returning an error
-on the provider (the batched engine and the one-sequence engine each see it their own way).
-
-Also: the prompt ids a v2 proof body binds, rendered while the engine serves the call (so the end frame no
-longer waits for them), are the ones rendering them at the end gives, whatever the engine's prompt count."""
+on the provider (the batched engine and the one-sequence engine each see it their own way)."""
 
 from __future__ import annotations
 
@@ -21,10 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import llama_cpp
 
-from protocols.lease.serving import _PromptIds
-from protocols.lease.verifying import prompt_ids
 from runtime.errors import ClawnodeError, ErrorCode
-from runtime.inference.engine import LlamaModel
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.verify import check
@@ -92,32 +86,3 @@ async def test_an_engine_failure_mid_block_without_logprobs_still_sends_a_proof_
         armed[0] = -1
         assert (await consumer.market.call(lease.lease_id, CHAT)).units > 0  # the lease stays usable
         assert consumer.market.verifying.standing(provider_id) > 0.5
-
-
-@pytest.mark.parametrize("chat_format", [None, "llama-2"], ids=["own-bos-template", "named-template"])
-async def test_the_prompt_ids_rendered_during_the_call_are_those_rendered_at_its_end(
-    tmp_path: Path, chat_format: str | None
-) -> None:
-    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
-    model = LlamaModel(path, name="tiny", n_ctx=256, n_threads=1, parallel=1, chat_format=chat_format)
-    await model.load()
-    try:
-        bodies: list[dict[str, Any]] = [CHAT, {"prompt": "Once upon a time"}, {"prompt": [1, 5, 9]}]
-        for body in bodies:
-            ids = await prompt_ids(model, body, 0)
-            assert ids
-            for claimed in (len(ids) - 1, len(ids), len(ids) + 1, 0):  # with and without an added BOS token
-                early = _PromptIds(model, body)
-                await early.render()
-                assert (early._with_bos is not None) == ("prompt" not in body or isinstance(body["prompt"], str))
-                assert await early.ids(claimed) == await prompt_ids(model, body, claimed)
-        # A model without a free slot (a one-slot model's is the call's own): nothing rendered early, and
-        # the end renders the same ids.
-        held = await model.admission.acquire()
-        early = _PromptIds(model, CHAT)
-        await early.render()
-        model.admission.release(held)
-        assert early._with_bos is None
-        assert await early.ids(5) == await prompt_ids(model, CHAT, 5)
-    finally:
-        await model.aclose()

@@ -80,50 +80,6 @@ async def _rendered_prompt_tokens(model: Any, body: dict[str, Any]) -> int:
     return len(prompt) if isinstance(prompt, list) else 0
 
 
-def _admits_now(model: Any) -> bool:
-    """Whether ``model``'s admission grants a request at once (a free slot, nobody waiting)."""
-    admission = getattr(model, "admission", None)
-    return admission is not None and admission.active < admission.slots and admission.waiting == 0
-
-
-class _PromptIds:
-    """The prompt's token ids a v2 proof body binds (``prompt_ids``), rendered while the engine serves the
-    call (``render``, started at its first chunk) instead of after it ended, so the end frame no longer
-    waits for the template's render and the tokenizer's turns on the engine's worker. The tokenizer runs
-    early only when the model admits it at once: it never queues beside the consumers' requests (a
-    one-slot model's slot is the call's own), and then ``ids`` renders at the end, as before.
-    ``prompt_ids`` picks a chat's rendering with or without an added BOS token by the engine's prompt
-    count, known only at the end; a template that writes its own BOS has both tokenized here, and any
-    rendering this does not hold is left to ``prompt_ids``: the ids, and the proof's bytes, are the same."""
-
-    def __init__(self, model: Any, body: dict[str, Any]) -> None:
-        self.model, self.body = model, body
-        self.started = False
-        self._with_bos: list[int] | None = None  # the chat's rendering with a BOS token added, or the prompt's
-        self._without: list[int] | None = None  # the chat's without
-
-    async def render(self) -> None:
-        model, messages, prompt = self.model, self.body.get("messages"), self.body.get("prompt")
-        try:
-            if messages is not None and _admits_now(model):
-                text = await model.format_chat(messages)
-                self._with_bos = list(await model.tokenize(text, add_bos=True, special=True))
-                if getattr(model, "chat_family", "") == "gguf-template" and _admits_now(model):
-                    self._without = list(await model.tokenize(text, add_bos=False, special=True))
-            elif isinstance(prompt, str) and _admits_now(model):
-                self._with_bos = list(await model.tokenize(prompt, add_bos=True))
-        except Exception:  # noqa: BLE001 - left to ``prompt_ids`` at the end, which says what it makes of it
-            self._with_bos = self._without = None
-
-    async def ids(self, claimed: int) -> list[int] | None:
-        with_bos = self._with_bos
-        if with_bos is not None and (len(with_bos) == claimed or self.body.get("messages") is None):
-            return with_bos
-        if with_bos is not None and self._without is not None:
-            return self._without
-        return await prompt_ids(self.model, self.body, claimed)
-
-
 class ServingRole(LeaseCore):
     async def _settle_left_pending(self) -> None:
         """Calls a crash left pending are settled before any call is served, at 0 units
@@ -303,8 +259,6 @@ class ServingRole(LeaseCore):
         body = {**call.body, "max_tokens": plan.max_tokens}
         # Verified inference: a model call whose record names its file is served with a commitment.
         recorder = await self._recorder(service, offer, body)
-        # A v2 proof's prompt ids, rendered while the engine serves the call (``_PromptIds``).
-        rendered = _PromptIds(getattr(service, "model", None), call.body)
         commit = 0
         if recorder is not None:
             if recorder.asked or not isinstance(service, ChatService):
@@ -314,9 +268,6 @@ class ServingRole(LeaseCore):
 
         async def emit(data: dict[str, Any]) -> None:
             if recorder is not None:
-                if not rendered.started and evidence.SIGNED_VERSION >= 2:
-                    rendered.started = True  # the call holds its slot by now: never admitted before it
-                    nursery.start_soon(rendered.render)
                 data = recorder.see(data)
                 if commit and not data.get("text") and not data.get("tokens") and len(data) <= 2:
                     return  # only the commitment's positions: nothing for the consumer
@@ -353,9 +304,7 @@ class ServingRole(LeaseCore):
             if recorder is not None and offer is not None and ticket.streamed > 0:
                 # Failed after writing a reply it recorded: the error frame carries its proof, so the
                 # consumer can check what it was handed (``_failed_call_proof``).
-                ticket.proof = await self._failed_call_proof(
-                    recorder, service, offer.sha256, call, call_id, ticket, rendered
-                )
+                ticket.proof = await self._failed_call_proof(recorder, service, offer.sha256, call, call_id, ticket)
             raise outcome
         self.serve_duration_s.observe(time.monotonic() - started)
         if outcome is None:
@@ -370,23 +319,23 @@ class ServingRole(LeaseCore):
         units = served.session.billable(plan.reserve, max(0, outcome.units))
         proof = None
         if recorder is not None and offer is not None:
-            proof = await self._call_proof(recorder, offer.sha256, call, call_id, outcome.detail, rendered)
+            proof = await self._call_proof(recorder, service, offer.sha256, call, call_id, outcome.detail)
         return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id, verify=proof)
 
     async def _call_proof(
         self,
         recorder: CallRecorder,
+        service: Any,
         sha256: str,
         call: w.CallRequest,
         call_id: str,
         usage: dict[str, int],
-        rendered: _PromptIds,
     ) -> CallProof | None:
         """The signed proof of a recorded call (``call_proof``), for its end frame or its error frame;
         ``usage``: the engine's count (its ``prompt_tokens`` is what the body signs)."""
         ids = None
         if evidence.SIGNED_VERSION >= 2:  # a v2 body binds the prompt as this file renders the request
-            ids = await rendered.ids(int(usage.get("prompt_tokens", 0)))
+            ids = await prompt_ids(getattr(service, "model", None), call.body, int(usage.get("prompt_tokens", 0)))
         return call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids)
 
     async def _failed_call_proof(
@@ -397,7 +346,6 @@ class ServingRole(LeaseCore):
         call: w.CallRequest,
         call_id: str,
         ticket: Ticket,
-        rendered: _PromptIds,
     ) -> CallProof | None:
         """The proof of what a call that failed after its text chunks had recorded, for its error frame:
         the positions seen so far (every chunk seen was written before the error frame: the engine's
@@ -419,7 +367,7 @@ class ServingRole(LeaseCore):
             return None
         try:
             claimed = ticket.prompt or await _rendered_prompt_tokens(getattr(service, "model", None), call.body)
-            return await self._call_proof(recorder, sha256, call, call_id, {"prompt_tokens": claimed}, rendered)
+            return await self._call_proof(recorder, service, sha256, call, call_id, {"prompt_tokens": claimed})
         except Exception as error:  # noqa: BLE001 - the call's own error is what the consumer is told
             log.warning("the failed call's proof was not built: %s", type(error).__name__)
             return None
