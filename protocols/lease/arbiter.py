@@ -55,6 +55,7 @@ from protocols.machines.verify import (
     consumer_dispute_verdict,
     lease_case_verdict,
     owed_total,
+    rechecked_findings,
     stale_freeze_verdict,
 )
 from protocols.machines.verify import arbitrate as decide
@@ -63,7 +64,7 @@ from runtime.ledger.dispute_cases import CaseRow
 from runtime.ledger.receipts import LEASE_ID_PATTERN, SignedReceipt, verify_countersigned
 from runtime.ledger.reruns import Bounds
 from runtime.verify.check import prefill_for
-from runtime.verify.evidence import DisputePackage, package_binds
+from runtime.verify.evidence import CommitmentBody, DisputePackage, package_binds
 from runtime.verify.spot import SpotCheck, recheck
 from wire.framing import write_frame
 from wire.peer_keys import ed25519_public_key
@@ -530,7 +531,7 @@ class DisputeRole(LeaseCore):
             spot: SpotCheck | None = await trio.to_thread.run_sync(_recheck, model.path, package)
         except ValueError:  # longer than this arbiter's context
             spot = None
-        verdict = check_verdict(_facts(spot, body.v))
+        verdict = check_verdict(_facts(spot, body))
         countersigned = 0
         if not (bound and verdict.outcome == "failed" and verdict.dispute):  # the provider may be owed
             countersigned = await self._countersigned(body.provider, consumer, case.lease_id, client, case.payer)
@@ -922,19 +923,23 @@ def _recheck(path: Any, package: DisputePackage) -> SpotCheck:
     return recheck(prefill, package, ed25519_public_key, tolerances)
 
 
-def _facts(spot: SpotCheck | None, version: int) -> CheckFacts:
-    """The arbiter's re-run as ``check_verdict`` reads it (None: it could not run: unverifiable)."""
+def _facts(spot: SpotCheck | None, body: CommitmentBody) -> CheckFacts:
+    """The arbiter's re-run as ``check_verdict`` reads it (None: it could not run: unverifiable), its
+    finding counted as the signed ``seeded`` flag allows (``rechecked_findings``: ``too_greedy`` only
+    where the provider signed the draws its own)."""
+    version, seeded = body.v, body.seeded
     if spot is None:
-        return CheckFacts(True, True, True, holds_file=False, body_version=version)
+        return CheckFacts(True, True, True, holds_file=False, body_version=version, signed_seeded=seeded)
     return CheckFacts(
         root_signed=spot.root_signed,
         answered=True,
         openings_match=spot.openings_match,
         holds_file=True,
         prompt_matches=spot.prompt_matches,
-        findings_reason=spot.findings.reason() if spot.findings is not None else "",
+        findings_reason=rechecked_findings(spot.findings.reason(), seeded) if spot.findings is not None else "",
         text_matches=spot.text_matches,
         prompt_hash_matches=spot.prompt_hash_matches,
         text_hash_matches=spot.text_hash_matches,
         body_version=version,
+        signed_seeded=seeded,
     )

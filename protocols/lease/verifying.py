@@ -7,7 +7,8 @@ the committed chunks against the signed root, then one prefill (``runtime.verify
 a worker thread), and whether the ids spell the text received. Every proof's signed sha256 is
 compared with the one the provider's signed record advertises for the lease's model (no file needed;
 a mismatched call is also checked against the file its proof names, where that file is at hand),
-and so are its signed temperature and top_p with the request's (``sampling_mismatch``), and a drawn
+and so are its signed temperature and top_p with the request's (``sampling_mismatch``), and a v3
+body's signed ``seeded`` flag with whether the request named a seed (``sampling_mismatch`` too), and a drawn
 call that should carry a proof (the record names a file, the request is verifiable,
 tokens were produced) but carries none fails as ``no_proof``.
 ``protocols.machines.verify.check_verdict`` decides; a failure ends the lease (no more countersigned
@@ -33,6 +34,7 @@ from protocols.machines.verify import (
     reconcile_opinions,
     sampling_matches,
     second_opinion_drawn,
+    seeded_matches,
     standing_with_reports,
     verifier_standing,
 )
@@ -41,7 +43,7 @@ from runtime.ledger.verifications import VerificationRow
 from runtime.verify.book import Record, VerificationBook
 from runtime.verify.check import prefill_for
 from runtime.verify.commitment import MAX_TOKENS, Opening
-from runtime.verify.evidence import CallProof, DisputePackage, commitment_signed
+from runtime.verify.evidence import CallProof, DisputePackage, commitment_signed, request_seeded
 from runtime.verify.provider import declared_sampling, verifiable
 from runtime.verify.reports import ReportBook
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE, should_check
@@ -244,9 +246,11 @@ class Verifying:
         if expected and signed.model_sha256 != expected:
             # Needs no file: checked on every call that carries a proof (a prefill only on a mismatch).
             return await self._mismatched(provider, lease_id, body, proof, text, bound)
-        if not sampling_matches((signed.temperature_milli, signed.top_p_milli), _declared(body)):
+        sampled = sampling_matches((signed.temperature_milli, signed.top_p_milli), _declared(body))
+        if not (sampled and seeded_matches(signed.seeded, request_seeded(body))):
             # Needs no file either: every sampling-dependent rule (not_sampled, too_greedy) reads the
-            # signed pair, so a provider that signs a cooler one than asked would pass them served greedily.
+            # signed pair, so a provider that signs a cooler one than asked would pass them served greedily;
+            # and one that signs seeded for an unseeded request would make a too_greedy failure undisputable.
             self._sha256_now = signed.model_sha256
             return await self._failed(provider, CheckFacts(bound, True, True, True, sampling_matches=False))
         model = self.local_model(signed.model_sha256)
@@ -294,6 +298,7 @@ class Verifying:
             prompt_hash_matches=spot.prompt_hash_matches,
             text_hash_matches=spot.text_hash_matches,
             body_version=signed.v,
+            signed_seeded=signed.seeded,
         )
         return facts, "", prompt
 
@@ -384,13 +389,14 @@ def _remote_facts(answer: Any, proof: CallProof, signed_ok: bool, body: dict[str
         prompt_hash_matches=found.prompt_hash_matches,
         text_hash_matches=found.text_hash_matches,
         body_version=proof.commitment.body.v,
+        signed_seeded=proof.commitment.body.seeded,
     )
 
 
 def _package(
     lease_id: str, proof: CallProof, prompt: list[int], text: str | None, bound: bool
 ) -> DisputePackage | None:
-    """A failed check's evidence, kept when the provider's v2 signature binds it to this lease."""
+    """A failed check's evidence, kept when the provider's v2 or v3 signature binds it to this lease."""
     if proof.commitment.body.v < 2 or text is None or not bound:
         return None
     try:
@@ -429,7 +435,7 @@ def _declared(body: dict[str, Any]) -> tuple[int, int] | None:
 
 def _counted(reason: str, body: dict[str, Any]) -> str:
     """A comparison's finding as it counts for this request (``findings_counted``)."""
-    return findings_counted(reason, seeded=body.get("seed") is not None)
+    return findings_counted(reason, seeded=request_seeded(body))
 
 
 def _longest_stop(body: dict[str, Any]) -> int:

@@ -55,11 +55,15 @@ BOUND_ONLY_IN_V2 = frozenset({"prompt_mismatch", "text_mismatch"})
 # so only the consumer says what arrived; and a signed prompt hash that differs from this node's
 # rendering needs the request itself bound to convince an arbiter (docs/verified-inference.md).
 # The request is not signed either, so a signed sampling that differs from it (``sampling_mismatch``)
-# is the consumer's word too: refused, not disputed (an arbiter never sees the request). So is
-# ``too_greedy``: a request that names a ``seed`` fixes the engine's draws, and a consumer that picks one
-# can make an honest sampled reply come out all greedy; the arbiter, re-running the same reply without
-# the request, could not tell (a signed ``seeded`` flag in the commitment body would be needed: not built).
-CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch", "sampling_mismatch", "too_greedy"})
+# is the consumer's word too: refused, not disputed (an arbiter never sees the request); so is a signed
+# ``seeded`` flag that is not the request's.
+CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch", "sampling_mismatch"})
+# ``too_greedy`` holds only for draws that were the provider's own: a request that names a ``seed``
+# fixes the engine's draws, and a consumer that picks one can make an honest sampled reply come out all
+# greedy; the arbiter, re-running the reply without the request, cannot tell. So it is disputed only
+# where the provider signed ``seeded: false`` (a v3 body, evidence.CommitmentBody); on a body signed
+# seeded, or one without the flag (v1, v2), it is the consumer's word (:func:`greedy_disputable`).
+SIGNED_UNSEEDED_ONLY = frozenset({"too_greedy"})
 # Signed for another file than the record advertises: refused, not disputed. No signature binds the
 # advertised file to the lease (the grant names the capability only; a record is not dated against the
 # lease, and a provider may publish another file at any time), and the commitment names the file that
@@ -88,6 +92,9 @@ class CheckFacts:
     prompt_hash_matches: bool = True
     text_hash_matches: bool = True
     body_version: int = 1  # the signed commitment body's ``v``
+    # The body's signed ``seeded`` flag (v3): True the request named a seed, False the draws were the
+    # provider's own; None for a body without the flag (v1, v2), counted as seeded.
+    signed_seeded: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class CheckVerdict:
     outcome: Outcome
     reason: str = ""
     body_version: int = 1
+    signed_seeded: bool | None = None
 
     @property
     def stop_countersigning(self) -> bool:
@@ -105,6 +113,8 @@ class CheckVerdict:
         """Open a dispute with the evidence: only when the provider's own signature binds the root."""
         if self.outcome != "failed" or self.reason in UNSIGNED_REASONS | CONSUMERS_WORD | RECORD_UNBOUND:
             return False
+        if self.reason in SIGNED_UNSEEDED_ONLY:
+            return greedy_disputable(self.signed_seeded)
         return self.body_version >= 2 or self.reason not in BOUND_ONLY_IN_V2
 
     def refusal(self) -> Refusal | None:
@@ -117,7 +127,7 @@ class CheckVerdict:
 
 def check_verdict(facts: CheckFacts) -> CheckVerdict:
     verdict = _check_verdict(facts)
-    return CheckVerdict(verdict.outcome, verdict.reason, facts.body_version)
+    return CheckVerdict(verdict.outcome, verdict.reason, facts.body_version, facts.signed_seeded)
 
 
 def _check_verdict(facts: CheckFacts) -> CheckVerdict:
@@ -167,10 +177,32 @@ def sampling_matches(signed: tuple[int, int], declared: tuple[int, int] | None) 
     return declared is None or signed == signed_sampling(declared)
 
 
+def seeded_matches(signed: bool | None, requested: bool) -> bool:
+    """Whether a proof's signed ``seeded`` flag is the request's (``requested``: it named a ``seed``,
+    ``evidence.request_seeded``); a body without the flag (None: v1, v2) signs nothing to compare. One
+    that differs is ``sampling_mismatch``, as a signed temperature that differs: a provider that signs
+    seeded for an unseeded request would escape a ``too_greedy`` dispute."""
+    return signed is None or signed == requested
+
+
 def findings_counted(reason: str, *, seeded: bool) -> str:
     """What a comparison's finding (``Findings.reason()``) counts for: ``too_greedy`` is not applied to
     a request that names a ``seed`` (the consumer chose the draws, so it could choose greedy ones)."""
     return "" if seeded and reason == "too_greedy" else reason
+
+
+def greedy_disputable(signed_seeded: bool | None) -> bool:
+    """Whether a ``too_greedy`` failure rests on the provider's own signed words: only where its body
+    signs that the request named no seed (False), so the draws were its own randomness."""
+    return signed_seeded is False
+
+
+def rechecked_findings(reason: str, signed_seeded: bool | None) -> str:
+    """What an arbiter's re-run finding counts for: the arbiter never sees the request, so it applies
+    ``too_greedy`` only where the provider signed the draws its own (:func:`greedy_disputable`); a body
+    signed seeded, or one without the flag, is not held to it (an honest reply a consumer's chosen seed
+    made greedy passes)."""
+    return findings_counted(reason, seeded=not greedy_disputable(signed_seeded))
 
 
 def standing(passed: int, failed: int) -> float:
@@ -188,11 +220,13 @@ class ArbitrationFacts:
     """What a lease's arbiter fetched and re-ran for a verification dispute (docs/verified-inference.md).
 
     ``evidence_bound``: the package binds this escrow: its signed commitment names the disputed lease
-    and the escrow's payee's node, is a v2 body, and the package's prompt ids and text hash to the
-    signed ``prompt_sha256`` and ``text_sha256``. ``recheck``: the arbiter's own
+    and the escrow's payee's node, is a v2 or v3 body, and the package's prompt ids and text hash to
+    the signed ``prompt_sha256`` and ``text_sha256``. ``recheck``: the arbiter's own
     :func:`check_verdict` over the package (``runtime.verify.spot.check_call`` on its copy of the file
-    the proof names, by sha256). ``left``: what is left of the frozen escrow; ``owed_if_honest``: what
-    the consumer's countersigned receipts plus the disputed call's units come to, not yet released."""
+    the proof names, by sha256; its finding counted by :func:`rechecked_findings`), which carries the
+    body's signed ``seeded`` flag as plain data (``CheckVerdict.signed_seeded``). ``left``: what is
+    left of the frozen escrow; ``owed_if_honest``: what the consumer's countersigned receipts plus the
+    disputed call's units come to, not yet released."""
 
     evidence_bound: bool
     recheck: CheckVerdict

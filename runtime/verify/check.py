@@ -74,8 +74,9 @@ ALWAYS_FIRST = 8
 # assumes for it), so at most one honest unseeded check in a million is failed by it: a consumer
 # checking 2 % of a provider's calls reaches that after 50 million calls; and a failure ends a lease.
 # A request that names a ``seed`` fixes the draws, so its consumer could pick one that makes an honest
-# reply all greedy: the consumer does not apply the rule to such a request, and the failure is its
-# word only, never disputed (``protocols.machines.verify.CONSUMERS_WORD``).
+# reply all greedy: the consumer does not apply the rule to such a request, and the failure is disputed
+# only where the provider signed that the request named none (a v3 body's ``seeded: false``), the one
+# case the arbiter applies it to (``protocols.machines.verify.greedy_disputable``).
 TOO_GREEDY_BOUND = 1e-6
 # The Chernoff exponents mixed (equal weights) in :func:`greedy_tail`; inf: the likelihood ratio of an
 # all-greedy reply (1 / the product of the bounds; 0 once a compared position is not the best). The

@@ -10,30 +10,37 @@ re-check (an arbiter re-runs :func:`runtime.verify.spot.check_call`) without tru
 Body versions: ``v: 1`` binds the prompt only by its length and not the text streamed, so a consumer
 could hand an arbiter another prompt of the same length. ``v: 2`` adds ``prompt_sha256`` (sha256 of the
 prompt's token ids, :func:`ids_sha256`, as the provider rendered the request with its file) and
-``text_sha256`` (sha256 of the UTF-8 reply text it streamed). Consumers of this release read both
-(a v1 body has neither field: the fields are left out of the signed bytes when absent, so a v1
-signature verifies as before); providers sign :data:`SIGNED_VERSION` (2; a v2 body is read as no proof
-only by consumers older than the release that introduced it).
+``text_sha256`` (sha256 of the UTF-8 reply text it streamed). ``v: 3`` adds ``seeded``: whether the
+request the provider served named a ``seed`` (:func:`request_seeded`; without one the engine's draws are
+the provider's own randomness), so an arbiter can hold an unseeded reply to ``too_greedy``. Consumers of
+this release read all three (an absent field is left out of the signed bytes, so a v1 or v2 signature
+verifies as before; a body without ``seeded`` counts as seeded for ``too_greedy``); providers sign
+:data:`SIGNED_VERSION` (3). A consumer older than the release that introduced a version reads such a
+body as no proof (``extra="forbid"``, and ``v`` is bounded): a call it draws for a check then fails
+``no_proof`` (refused, never disputed), as a v2 body did with consumers of v1.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from runtime.ledger.canonical import canonical_bytes
 from runtime.ledger.receipts import LEASE_ID_PATTERN, PEER_ID_PATTERN, PeerKeys, ReceiptKey
 from runtime.verify.provider import CallRecorder, declared_sampling
 
 COMMITMENT_DOMAIN = b"clawnode/verify-commitment/v1\x00"
-# The body version providers sign: 2 (prompt and text bound, so prompt_mismatch and text_mismatch are
-# disputable with the provider's own signed words). Consumers read v1 bodies as well.
-SIGNED_VERSION = 2
+# The body version providers sign: 3 (prompt and text bound, so prompt_mismatch and text_mismatch are
+# disputable with the provider's own signed words; and whether the request was seeded, so too_greedy is
+# disputable on an unseeded one). Consumers read v1 and v2 bodies as well.
+SIGNED_VERSION = 3
+LATEST_VERSION = 3  # the newest body version this release reads
 _SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -46,10 +53,16 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def request_seeded(body: Mapping[str, Any]) -> bool:
+    """Whether a request fixes the engine's draws: it names a ``seed`` (the engine draws from fresh
+    randomness otherwise). What a v3 body signs as ``seeded``, and what the consumer holds it to."""
+    return body.get("seed") is not None
+
+
 class CommitmentBody(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: int = Field(1, ge=1, le=2)
+    v: int = Field(1, ge=1, le=LATEST_VERSION)
     lease_id: str = Field(pattern=LEASE_ID_PATTERN)
     call_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
     provider: str = Field(pattern=PEER_ID_PATTERN)
@@ -59,17 +72,28 @@ class CommitmentBody(BaseModel):
     prompt_tokens: int = Field(ge=1, le=1 << 20)
     completion_tokens: int = Field(ge=1, le=1 << 16)
     root: str = Field(pattern=_SHA256)
-    # v2 only (None in a v1 body, and then not part of the signed bytes).
+    # v2 and v3 (None in a v1 body, and then not part of the signed bytes).
     prompt_sha256: str | None = Field(None, pattern=_SHA256)
     text_sha256: str | None = Field(None, pattern=_SHA256)
+    # v3 only: whether the request named a ``seed`` (False: the draws were the provider's own).
+    seeded: bool | None = None
 
     @model_validator(mode="after")
     def _version_fields(self) -> CommitmentBody:
         bound = self.prompt_sha256 is not None and self.text_sha256 is not None
         unbound = self.prompt_sha256 is None and self.text_sha256 is None
-        if (self.v == 2 and not bound) or (self.v == 1 and not unbound):
-            raise ValueError("v2 bodies bind prompt_sha256 and text_sha256, v1 bodies neither")
+        if (self.v >= 2 and not bound) or (self.v == 1 and not unbound):
+            raise ValueError("v2 and v3 bodies bind prompt_sha256 and text_sha256, v1 bodies neither")
+        if (self.v >= 3) != (self.seeded is not None):
+            raise ValueError("v3 bodies sign seeded, v1 and v2 bodies do not")
         return self
+
+    @model_serializer(mode="wrap")
+    def _present_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Fields a version does not have are left out wherever the body is written, not only from the
+        signed bytes: a v2 body this node relays (to a leased verifier, in a dispute package to an
+        arbiter) stays readable by nodes that know no ``seeded`` (they forbid unknown keys, null or not)."""
+        return {key: value for key, value in handler(self).items() if value is not None}
 
     def canonical(self) -> bytes:
         return canonical_bytes(self.model_dump(exclude_none=True))
@@ -124,8 +148,9 @@ def call_proof(
     prompt_ids: Sequence[int] | None = None,
 ) -> CallProof | None:
     """The end frame's proof of a recorded call, signed with the provider's receipt key; None when
-    nothing was produced. ``prompt_ids``: the prompt as the provider rendered the request; with them (and
-    :data:`SIGNED_VERSION` 2) the body is a v2 one, binding them and the text streamed."""
+    nothing was produced. ``prompt_ids``: the prompt as the provider rendered the request; with them the
+    body is a :data:`SIGNED_VERSION` one: v2 binds them and the text streamed, v3 also whether the
+    request it served named a seed (``recorder.body``: the request as served)."""
     committed = recorder.finish()
     prompt_tokens = int(usage.get("prompt_tokens", 0))
     if committed is None or prompt_tokens < 1:
@@ -143,8 +168,11 @@ def call_proof(
         root=committed.root.hex(),
     )
     if SIGNED_VERSION >= 2 and prompt_ids is not None and len(prompt_ids) == prompt_tokens:
-        bound = {"prompt_sha256": ids_sha256(prompt_ids), "text_sha256": text_sha256(recorder.text)}
-        body = CommitmentBody.model_validate({**body.model_dump(exclude_none=True), "v": 2, **bound})
+        bound: dict[str, Any] = {"prompt_sha256": ids_sha256(prompt_ids), "text_sha256": text_sha256(recorder.text)}
+        if SIGNED_VERSION >= 3:
+            bound["seeded"] = request_seeded(recorder.body)
+        version = min(SIGNED_VERSION, LATEST_VERSION)
+        body = CommitmentBody.model_validate({**body.model_dump(exclude_none=True), "v": version, **bound})
     return CallProof(
         commitment=sign_commitment(body, key),
         tokens=recorder.tokens,
@@ -154,7 +182,7 @@ def call_proof(
 
 class DisputePackage(BaseModel):
     """What a consumer hands a lease's arbiter after a failed check (docs/verified-inference.md): the
-    proof as received, the prompt ids it rendered and the text received. Only a v2 body makes it
+    proof as received, the prompt ids it rendered and the text received. Only a v2 or v3 body makes it
     evidence: the ids and the text must hash to what the provider signed (:func:`package_binds`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -167,7 +195,7 @@ class DisputePackage(BaseModel):
 
 def package_binds(package: DisputePackage, lease_id: str, provider: str, peer_keys: PeerKeys) -> bool:
     """Whether ``package`` is evidence about ``lease_id`` served by ``provider`` (the escrow's payee's
-    node): a v2 body signed by that node for that lease, whose prompt and text hashes the package's
+    node): a v2 or v3 body signed by that node for that lease, whose prompt and text hashes the package's
     prompt ids and text give."""
     body = package.proof.commitment.body
     return (
