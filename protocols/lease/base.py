@@ -51,7 +51,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("protocols.lease")
 
 LEASE_PROTOCOL = TProtocol("/clawnode/lease/1.0.0")
-INFER_PROTOCOL = TProtocol("/clawnode/infer/1.0.0")
+# The call protocol, one id per commitment body version its consumer reads (``runtime.verify.evidence``),
+# newest first: a consumer proposes both and multistream-select picks the first the provider serves, so
+# an older provider answers on 1.0.0 as before. A provider serves both and signs, on each stream, the
+# newest body its consumer reads (``Ticket.body_version``): v3 on 1.1.0, v2 on 1.0.0, exactly what the
+# release before v3 signs, so an upgraded provider never hands an older consumer a proof it reads as none.
+# A new body version needs a new protocol id here.
+INFER_PROTOCOL = TProtocol("/clawnode/infer/1.1.0")  # its consumer reads v3 bodies (the signed ``seeded``)
+INFER_PROTOCOL_V1 = TProtocol("/clawnode/infer/1.0.0")  # consumers before v3 bodies; still served
+INFER_PROTOCOLS = (INFER_PROTOCOL, INFER_PROTOCOL_V1)
+BODY_VERSION_READ: dict[str, int] = {INFER_PROTOCOL: 3, INFER_PROTOCOL_V1: 2}
 MAX_LEASE_FRAME = 64 * 1024
 MAX_CALL_FRAME = 1 << 20
 CALL_READ_TIMEOUT_S = 10.0
@@ -86,6 +95,13 @@ CALL_FRAMES: TypeAdapter[Any] = TypeAdapter(w.Chunk | w.CallEnd)
 EscrowSource = Callable[[], "EscrowClient | None"]
 
 
+def body_version_read(protocol: str | None) -> int:
+    """The newest commitment body version a consumer reads, by the call protocol it negotiated
+    (``BODY_VERSION_READ``); a stream without one (none negotiated) gets v2, which every release since
+    v2 reads."""
+    return BODY_VERSION_READ.get(str(protocol), 2)
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -108,6 +124,8 @@ class Ticket:
     call_id: str | None = None  # its pending row in the ledger (the write-ahead meter), once written
     # A call that failed after writing a reply it recorded: the signed proof its error frame carries.
     proof: CallProof | None = None
+    # The newest commitment body version the consumer reads, by the stream's protocol (``body_version_read``).
+    body_version: int = 2
 
 
 @dataclass

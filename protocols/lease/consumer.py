@@ -34,7 +34,7 @@ from protocols.lease.base import (
     ESCROW_CHECK_S,
     ESCROW_IDLE_CHECK_S,
     GRANT_REPLY,
-    INFER_PROTOCOL,
+    INFER_PROTOCOLS,
     LEASE_PROTOCOL,
     MAX_CALL_FRAME,
     PUSH_TIMEOUT_S,
@@ -89,8 +89,9 @@ class ConsumerRole(ChannelRole):
     @functools.cached_property
     def spare_streams(self) -> SpareStreams:
         """A call stream to each provider called lately, negotiated ahead of the next call (a call
-        still uses a stream of its own: ``wire.spare_streams``)."""
-        return SpareStreams(self.host, [INFER_PROTOCOL])
+        still uses a stream of its own: ``wire.spare_streams``). Both call protocols, newest first: a
+        provider that serves 1.1.0 signs this node v3 proofs, an older one answers on 1.0.0."""
+        return SpareStreams(self.host, INFER_PROTOCOLS)
 
     async def open_lease(
         self,

@@ -1,4 +1,4 @@
-"""``/clawnode/lease/1.0.0``, ``/clawnode/infer/1.0.0`` and ``/clawnode/lease-dispute/1.0.0``: the market
+"""``/clawnode/lease/1.0.0``, ``/clawnode/infer/1.1.0`` (and 1.0.0) and ``/clawnode/lease-dispute/1.0.0``: the market
 that joins both sides of a lease (and its disputes), mounts the protocols, dispatches each request to the
 side that handles it, picks leases up after a restart and runs the timer."""
 
@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from protocols import lease_wire as w
 from protocols.lease.arbiter import DISPUTE_PROTOCOL, DisputeRole
 from protocols.lease.base import (
-    INFER_PROTOCOL,
+    INFER_PROTOCOLS,
     LEASE_PROTOCOL,
     LEASE_READ_TIMEOUT_S,
     MAX_LEASE_FRAME,
@@ -36,7 +36,8 @@ class LeaseMarket(ProviderRole, ConsumerRole, DisputeRole):
             await self._recover()
             handler = serve_requests(self._handle_lease, max_frame=MAX_LEASE_FRAME, read_timeout_s=LEASE_READ_TIMEOUT_S)
             self.host.set_stream_handler(LEASE_PROTOCOL, handler)
-            self.host.set_stream_handler(INFER_PROTOCOL, self._handle_call)
+            for protocol in INFER_PROTOCOLS:  # 1.1.0 and 1.0.0: each signs the proof its consumer reads
+                self.host.set_stream_handler(protocol, self._handle_call)
             self.host.set_stream_handler(DISPUTE_PROTOCOL, self.dispute_handler())
             nursery.start_soon(self._sweep)
             nursery.start_soon(self.resume_cases)  # dispute cases a restart interrupted

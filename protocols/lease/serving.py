@@ -29,6 +29,7 @@ from protocols.lease.base import (
     LeaseCore,
     ServedLease,
     Ticket,
+    body_version_read,
     ended_error,
     log,
     stop_on_cancel,
@@ -99,7 +100,8 @@ class ServingRole(LeaseCore):
         reader = FrameReader(WindowedReader(stream), max_frame=MAX_CALL_FRAME)
         end: w.CallEnd | None = None
         counted: ServedLease | None = None
-        ticket = Ticket()
+        # The proof this call's consumer reads: by the call protocol it negotiated (1.1.0 v3, 1.0.0 v2).
+        ticket = Ticket(body_version=body_version_read(stream.get_protocol()))
         try:
             try:
                 request = await reader.read_first_frame(self.call_read_timeout_s)
@@ -319,7 +321,9 @@ class ServingRole(LeaseCore):
         units = served.session.billable(plan.reserve, max(0, outcome.units))
         proof = None
         if recorder is not None and offer is not None:
-            proof = await self._call_proof(recorder, service, offer.sha256, call, call_id, outcome.detail)
+            proof = await self._call_proof(
+                recorder, service, offer.sha256, call, call_id, outcome.detail, ticket.body_version
+            )
         return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id, verify=proof)
 
     async def _call_proof(
@@ -330,13 +334,15 @@ class ServingRole(LeaseCore):
         call: w.CallRequest,
         call_id: str,
         usage: dict[str, int],
+        reads: int,
     ) -> CallProof | None:
         """The signed proof of a recorded call (``call_proof``), for its end frame or its error frame;
-        ``usage``: the engine's count (its ``prompt_tokens`` is what the body signs)."""
+        ``usage``: the engine's count (its ``prompt_tokens`` is what the body signs); ``reads``: the newest
+        body version its consumer reads (``Ticket.body_version``)."""
         ids = None
         if evidence.SIGNED_VERSION >= 2:  # a v2 body binds the prompt as this file renders the request
             ids = await prompt_ids(getattr(service, "model", None), call.body, int(usage.get("prompt_tokens", 0)))
-        return call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids)
+        return call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids, reads)
 
     async def _failed_call_proof(
         self,
@@ -367,7 +373,8 @@ class ServingRole(LeaseCore):
             return None
         try:
             claimed = ticket.prompt or await _rendered_prompt_tokens(getattr(service, "model", None), call.body)
-            return await self._call_proof(recorder, service, sha256, call, call_id, {"prompt_tokens": claimed})
+            usage = {"prompt_tokens": claimed}
+            return await self._call_proof(recorder, service, sha256, call, call_id, usage, ticket.body_version)
         except Exception as error:  # noqa: BLE001 - the call's own error is what the consumer is told
             log.warning("the failed call's proof was not built: %s", type(error).__name__)
             return None

@@ -15,9 +15,12 @@ request the provider served named a ``seed`` (:func:`request_seeded`; without on
 the provider's own randomness), so an arbiter can hold an unseeded reply to ``too_greedy``. Consumers of
 this release read all three (an absent field is left out of the signed bytes, so a v1 or v2 signature
 verifies as before; a body without ``seeded`` counts as seeded for ``too_greedy``); providers sign
-:data:`SIGNED_VERSION` (3). A consumer older than the release that introduced a version reads such a
-body as no proof (``extra="forbid"``, and ``v`` is bounded): a call it draws for a check then fails
-``no_proof`` (refused, never disputed), as a v2 body did with consumers of v1.
+:data:`SIGNED_VERSION` (3) to a consumer that reads it. A consumer older than the release that
+introduced a version reads such a body as no proof (``extra="forbid"``, and ``v`` is bounded), so the
+call protocol says which version its consumer reads (``protocols.lease.base.BODY_VERSION_READ``:
+``/clawnode/infer/1.1.0`` v3, ``/clawnode/infer/1.0.0`` v2) and :func:`call_proof` signs no newer one
+(``reads``). A consumer of a release before v2 speaks 1.0.0 too and reads that v2 body as no proof,
+as it did before v3.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from runtime.verify.provider import CallRecorder, declared_sampling
 COMMITMENT_DOMAIN = b"clawnode/verify-commitment/v1\x00"
 # The body version providers sign: 3 (prompt and text bound, so prompt_mismatch and text_mismatch are
 # disputable with the provider's own signed words; and whether the request was seeded, so too_greedy is
-# disputable on an unseeded one). Consumers read v1 and v2 bodies as well.
+# disputable on an unseeded one), to a consumer that reads it (``call_proof``'s ``reads``: v2 to one
+# that negotiated the call protocol of the release before). Consumers read v1 and v2 bodies as well.
 SIGNED_VERSION = 3
 LATEST_VERSION = 3  # the newest body version this release reads
 _SHA256 = r"^[0-9a-f]{64}$"
@@ -146,11 +150,14 @@ def call_proof(
     sha256: str,
     usage: dict[str, int],
     prompt_ids: Sequence[int] | None = None,
+    reads: int | None = None,
 ) -> CallProof | None:
     """The end frame's proof of a recorded call, signed with the provider's receipt key; None when
     nothing was produced. ``prompt_ids``: the prompt as the provider rendered the request; with them the
     body is a :data:`SIGNED_VERSION` one: v2 binds them and the text streamed, v3 also whether the
-    request it served named a seed (``recorder.body``: the request as served)."""
+    request it served named a seed (``recorder.body``: the request as served). ``reads``: the newest
+    version the consumer reads (the call protocol it negotiated); the body signed is never newer, so a
+    consumer of the release before v3 gets the v2 body that release signs (None: :data:`SIGNED_VERSION`)."""
     committed = recorder.finish()
     prompt_tokens = int(usage.get("prompt_tokens", 0))
     if committed is None or prompt_tokens < 1:
@@ -167,11 +174,11 @@ def call_proof(
         completion_tokens=committed.n_tokens,
         root=committed.root.hex(),
     )
-    if SIGNED_VERSION >= 2 and prompt_ids is not None and len(prompt_ids) == prompt_tokens:
+    version = min(SIGNED_VERSION, LATEST_VERSION, SIGNED_VERSION if reads is None else reads)
+    if version >= 2 and prompt_ids is not None and len(prompt_ids) == prompt_tokens:
         bound: dict[str, Any] = {"prompt_sha256": ids_sha256(prompt_ids), "text_sha256": text_sha256(recorder.text)}
-        if SIGNED_VERSION >= 3:
+        if version >= 3:
             bound["seeded"] = request_seeded(recorder.body)
-        version = min(SIGNED_VERSION, LATEST_VERSION)
         body = CommitmentBody.model_validate({**body.model_dump(exclude_none=True), "v": version, **bound})
     return CallProof(
         commitment=sign_commitment(body, key),
