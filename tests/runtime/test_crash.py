@@ -3,8 +3,9 @@
 After every kill the ledgers are read as found on disk: both audit chains verify, metered usage is
 an exact prefix of the stream (nothing lost, nothing counted twice), every receipt the consumer
 countersigned is one the provider issued, and the income booked equals what the escrow paid out
-for it (on anvil, the chain itself is checked). A last run to completion must then account for
-every receipt exactly once. CLAWNODE_CRASH_KILLS sets the number of kills (default 20).
+for it (on anvil, the chain itself is checked). A last run, resuming the stream and ending it a few
+hundred steps later, must then account for every receipt exactly once. CLAWNODE_CRASH_KILLS sets the
+number of kills (default 20).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from tests.runtime.support import anvil_process, anvil_skip_reason
 ROOT = Path(__file__).resolve().parents[2]
 KILLS = int(os.environ.get("CLAWNODE_CRASH_KILLS", "20"))
 COUNT = 1500  # enough work that 20 kills, 0–0.3 s into each run, all land before the worker finishes (600 took 3.5 s)
+# The last run finishes the same stream this many steps past where the kills left it, not at COUNT: the
+# killed runs made about a hundred steps, and the 1,400 more cost 30 s without a kill to check.
+FINAL_STEPS = 200
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,9 @@ def _prefix_sums() -> list[int]:
     return sums
 
 
-def _check(directory: Path, escrow: tuple[EscrowClient, str, bytes] | None, *, final: bool) -> None:
+def _check(directory: Path, escrow: tuple[EscrowClient, str, bytes] | None, *, final: int | None) -> int:
+    """Checks the ledgers as found; returns how many steps of the stream are metered. ``final``: the
+    stream's length, when the run to completion has ended."""
     prefix = _prefix_sums()
     provider = LedgerStore.open(directory / "provider.db")
     consumer = LedgerStore.open(directory / "consumer.db")
@@ -81,14 +87,15 @@ def _check(directory: Path, escrow: tuple[EscrowClient, str, bytes] | None, *, f
             # The chain may be ahead of the ledger (killed between landing and booking), never behind,
             # and never pays more than the consumer countersigned.
             assert booked <= released <= consumer.countersigned_amount(worker.LEASE)
-        if final:
-            assert k == COUNT and lease.metered_units == prefix[COUNT]
+        if final is not None:
+            assert k == final and lease.metered_units == prefix[final]
             assert all(r.countersigned for r in issued)
-            total = prefix[COUNT] * worker.PRICE
+            total = prefix[final] * worker.PRICE
             assert provider.countersigned_amount(worker.LEASE) == consumer.countersigned_amount(worker.LEASE) == total
             if escrow is not None:
                 assert booked == total == escrow[0].get(escrow[1], escrow[2]).released
                 assert provider.queue_stats().length == 0
+        return k
     finally:
         provider.close()
         consumer.close()
@@ -115,7 +122,7 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(tmp_path: Path, chai
         escrow = (deployed, payer.address, escrow_id)
         rpc = [chain_url, deployed.address, "0x" + escrow_id.hex()]
 
-    kills = 0
+    kills = metered = 0
     args = (str(tmp_path), str(COUNT), *rpc)
     # Each run is a process of its own, SIGKILLed for real; the fork server only pays the imports once.
     with fork_server("tests.runtime.crash_worker", ROOT, tmp_path / "worker.err") as server:
@@ -125,9 +132,12 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(tmp_path: Path, chai
             code, _lines = server.kill(pid)
             assert code in (0, -signal.SIGKILL), (tmp_path / "worker.err").read_text()[-2000:]
             kills += code == -signal.SIGKILL
-            _check(tmp_path, escrow, final=False)
-        pid = server.start(*args)
+            metered = _check(tmp_path, escrow, final=None)
+        # The stream is the same whatever its length (step i meters units(i)): the last run resumes it
+        # from where the last kill left it and ends it FINAL_STEPS later, its final claim included.
+        final = min(COUNT, metered + FINAL_STEPS)
+        pid = server.start(str(tmp_path), str(final), *rpc)
         code, lines = server.wait(pid)
         assert code == 0 and lines[-1:] == ["done"], (tmp_path / "worker.err").read_text()[-2000:]
-    _check(tmp_path, escrow, final=True)
+    _check(tmp_path, escrow, final=final)
     assert kills >= KILLS * 0.9  # the kills landed while it was working, not after it finished
