@@ -92,6 +92,13 @@ async def _refused_open(sender: Node, peer: ID, opening: w.LeaseOpen) -> tuple[E
     return caught.value.code, caught.value.message
 
 
+def _refuse_without_catching_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receipt past what the consumer counted waits ``RECEIPT_CATCH_UP_S`` (2 s) for a call's end
+    frame still on its way before it is refused; where every call has ended, none is coming, and the
+    wait (twice: the provider's own receipt loop pushes the same receipt) only delays the refusal."""
+    monkeypatch.setattr(lease_consumer, "RECEIPT_CATCH_UP_S", 0.2)
+
+
 async def _await_true(check: Any, timeout_s: float, what: str) -> None:
     with trio.fail_after(timeout_s):
         while not await check():
@@ -126,8 +133,9 @@ async def test_consumer_that_skips_the_ack_is_still_metered(monkeypatch: pytest.
         assert (await _money(provider))[0] == 30 * WORD_PRICE
 
 
-async def test_consumer_refuses_to_countersign_inflated_units() -> None:
+async def test_consumer_refuses_to_countersign_inflated_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: the consumer counted whatever the end frame said and countersigned the budget's worth."""
+    _refuse_without_catching_up(monkeypatch)
     async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
         provider, consumer = nodes
         view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 50, duration_s=60)
@@ -600,6 +608,7 @@ async def test_a_provider_that_bills_a_cut_call_past_its_prompt_and_tolerance_is
     ceiling = 5 + prompt_units_estimate({"prompt": LONG_PROMPT}) + ABORTED_CALL_TOLERANCE_UNITS
     bill = [ceiling]
     monkeypatch.setattr(serving, "aborted_call_units", lambda reserved, streamed, prompt=0: bill[0])
+    _refuse_without_catching_up(monkeypatch)
     async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
         provider, consumer = nodes
         provider.services.register(WORDS, SlowWords())
