@@ -36,6 +36,7 @@ from protocols.machines.task_checks import REVOKE_RETRY_MIN_S
 from protocols.machines.task_model import RevokeAward
 from protocols.settings import MarketSection
 from protocols.task import TASK_PROTOCOL
+from protocols.task import creator as task_creator
 from protocols.task.panel import ZERO_WALLET
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits
@@ -463,7 +464,12 @@ async def test_a_seller_refuses_an_award_whose_arbiter_is_a_wallet_its_node_does
         assert await _award_refused(creator, seller, envelope) == (ErrorCode.FORBIDDEN, "award_untrusted_arbiter")
 
 
-async def test_a_seller_refuses_an_award_pairing_its_arbiters_wallet_with_another_peer_id() -> None:
+async def test_a_seller_refuses_an_award_pairing_its_arbiters_wallet_with_another_peer_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The unset node refuses its award as UNAVAILABLE (no_trusted_arbiter), which the creator's push
+    # retries after 1 s and 2 s: the refusal is checked, not the retries.
+    monkeypatch.setattr(task_creator, "PUSH_ATTEMPTS", 1)
     # The seller knows its arbiter by peer id (escrow.arbiter_peer); the third node does not (unset).
     async with market_nodes([{}, SELLER, {}]) as (nodes, shared):
         creator, seller, unset = nodes

@@ -24,6 +24,7 @@ from node.datadir import read_api_token
 from protocols import task_wire as w
 from protocols.gossip import task_topic
 from protocols.machines.task import TaskState
+from protocols.task import dispute as task_dispute
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.sandbox import Limits
 from runtime.sandbox.native import bwrap_available
@@ -78,12 +79,16 @@ async def test_a_panel_task_is_published_and_voted_on_through_the_cli(tmp_path: 
         assert len((await trio.to_thread.run_sync(cli, "task", "list", "--json")).output.split('"task_id"')) == 2
 
 
-async def test_a_panel_that_does_not_answer_is_shown_as_undecided_with_the_escrow_held() -> None:
+async def test_a_panel_that_does_not_answer_is_shown_as_undecided_with_the_escrow_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A native task disputed before a panel whose members never answer (peers no node reaches): the
     escrow stays locked, and the parties' nodes say so in /metrics (what TaskPanelUnanswered reads) and
     in `clawnode task list`."""
     if not bwrap_available():
         pytest.skip("bubblewrap is not installed")
+    # No member is ever reached: the case's retries (1 s, then 2 s) would only delay the UNAVAILABLE.
+    monkeypatch.setattr(task_dispute, "PUSH_ATTEMPTS", 1)
     members = [_member() for _ in range(3)]
     panel = w.PanelTerms(members=[w.PanelMember(peer=p, wallet=a) for p, a in members], threshold=2)
     # An honest panel, whose members the seller trusts (escrow.trusted_arbiters: PEER:WALLET), that cannot be
