@@ -78,7 +78,7 @@ class _Drained:
     """What the provider answered this side's cancel with (``ConsumerRole._leave_call``)."""
 
     last: str | None = None  # its last frame: "end", "error", or None when none came in time
-    proof: CallProof | None = None  # the error frame's proof of the text it wrote, if it sent one
+    proof: CallProof | None = None  # that frame's proof of the text it wrote, if it sent one
     counted: int = 0  # the units counted for the call (taken back if it then fails its check)
     text: str = ""  # reply text in chunks that came after this side left (not handed to its caller)
     text_tokens: int = 0  # their tokens
@@ -381,13 +381,16 @@ class ConsumerRole(ChannelRole):
                             failed = error_frame(raw)
                             billed = None if failed is None else failed.units
                             tokens_received = c.error_frame_units(billed, tokens_received, body)
-                            if c.ending_checked(c.call_ending("error", left=False, provider_stopped=False), generated):
+                            ending = c.call_ending("error", left=False, provider_stopped=False)
+                            if c.ending_checked(ending, generated):
                                 # A reply was handed on before it failed: checked as if it had ended
-                                # (a failed check refuses the call and takes its units back).
+                                # (a failed check refuses the call and takes its units back), unless it
+                                # is a first unproved cut (an older provider's error frame has no proof).
                                 paid, tokens_received = tokens_received, 0
                                 held.count(self.clock(), paid)
                                 proof, text = None if failed is None else failed.verify, "".join(texts)
-                                await self._spot_check(held, lease_id, body, proof, {}, text, paid, generated)
+                                if not self._cut_let_go(held, ending, generated, proof):
+                                    await self._spot_check(held, lease_id, body, proof, {}, text, paid, generated)
                             try:
                                 parse_reply(raw, CALL_FRAMES)
                             except ClawnodeError as refusal:
@@ -435,13 +438,12 @@ class ConsumerRole(ChannelRole):
                         await stream.close()
                     if drained is not None:
                         ending = c.call_ending(drained.last, left=True, provider_stopped=stopped)
-                        proof_sent = drained.proof is not None
                         checked = c.ending_checked(ending, generated + drained.text_tokens)
-                        unproved = checked and ending is c.CallEnding.STOPPED and not proof_sent
-                        earlier = self.verifying.unproved_cut(held.grant.provider) if unproved else 0
-                        if checked and not c.cut_forgiven(ending, proof_sent, earlier):
-                            # The provider stopped after a reply was handed on (and no end frame answered the
-                            # cancel): checked as if it had ended, with the proof of its error frame, if one
+                        if checked and not self._cut_let_go(
+                            held, ending, generated + drained.text_tokens, drained.proof
+                        ):
+                            # The provider stopped after a reply was handed on: checked as if it had ended,
+                            # with the proof of the end or error frame that answered the cancel, if one
                             # came (a failed check refuses the call, instead of its E_TIMEOUT, and takes its
                             # units back).
                             text, generated = "".join(texts) + drained.text, generated + drained.text_tokens
@@ -468,6 +470,14 @@ class ConsumerRole(ChannelRole):
                 ErrorCode.UNAVAILABLE, f"the provider is unreachable ({type(error).__name__})"
             ) from None
 
+    def _cut_let_go(self, held: HeldLease, ending: c.CallEnding, text_tokens: int, proof: CallProof | None) -> bool:
+        """Whether a checked call that ended so without a proof is let go unchecked: its provider's first
+        unproved cut since its last passed check (``unproved_cut``, ``cut_forgiven``), counted here."""
+        if not c.unproved_cut(ending, text_tokens, proof is not None):
+            return False
+        earlier = self.verifying.unproved_cut(held.grant.provider)
+        return c.cut_forgiven(ending, False, earlier)
+
     async def _spot_check(
         self,
         held: HeldLease,
@@ -486,8 +496,9 @@ class ConsumerRole(ChannelRole):
         still have been countersigned for them: the check is not awaited before the provider's ack); a
         call left without the provider's last frame (``left_at``) also loses its allowance.
         ``proof`` and ``usage``: the end frame's, or the error frame's proof of a reply that failed
-        after its text chunks, or none from a provider that stopped after them (``ending_checked``; no
-        usage: the chunks received say what was produced).
+        after its text chunks, or the proof of the end or error frame that answered this side's cancel
+        of a provider that stopped after them, or none (``ending_checked``; no usage: the chunks
+        received say what was produced).
 
         The check runs as a task of the market's own nursery (bounded by ``SPOT_CHECK_S``), which applies
         its consequences as soon as it has the outcome, and the caller waits for it shielded from the
@@ -549,10 +560,10 @@ class ConsumerRole(ChannelRole):
         does not answer in ``CANCEL_DRAIN_S`` (stalled, gone, the stream cut) leaves the tokens received
         counted and this call's tolerance: what was in flight and its prompt's estimate. What it
         answered is returned (None, from a stand-in that tells nothing, reads as no answer): the caller
-        spot-checks a call the provider stopped after its text unless an end frame answered
-        (``call_ending``, ``ending_checked``), over the reply's text including what came meanwhile
-        (kept within the call's byte bound, ``call_bytes_bound``); a call cut by a cancel carries no
-        proof."""
+        spot-checks a call the provider stopped after its text, whatever answered the cancel
+        (``call_ending``, ``ending_checked``), with the proof of that answer's end or error frame, over
+        the reply's text including what came meanwhile (kept within the call's byte bound,
+        ``call_bytes_bound``)."""
         texts: list[str] = []
         text_tokens, room = 0, call_bytes_bound(body)
         try:
@@ -579,7 +590,8 @@ class ConsumerRole(ChannelRole):
                         held.count(self.clock(), counted)
                     with contextlib.suppress(Exception):
                         await write_frame(stream, w.CallAck().model_dump_json().encode())
-                    return _Drained("end", None, 0 if isinstance(counted, Refusal) else counted)
+                    units = 0 if isinstance(counted, Refusal) else counted
+                    return _Drained("end", frame.verify, units, "".join(texts), text_tokens)
         except Exception:  # noqa: BLE001 - a stalled, gone or cut provider
             pass
         left_at = self.clock()

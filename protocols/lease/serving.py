@@ -314,7 +314,14 @@ class ServingRole(LeaseCore):
             # had decoded (a call cut before its first chunk still pays the prefill it cost).
             units = aborted_call_units(plan.reserve, ticket.streamed, ticket.prompt)
             usage = {"prompt_tokens": min(ticket.prompt, units), "completion_tokens": ticket.streamed}
-            return w.CallEnd(units=units, usage=usage, served_by=self.peer_id)
+            cut_proof = None
+            if recorder is not None and offer is not None and ticket.streamed > 0:
+                # With the proof of the text it streamed, as a failed call's error frame: a consumer that
+                # left because this side went silent (or sent too much) checks the reply it was handed
+                # (``protocols.machines.lease_consumer.ending_checked``), so a cheat that stalls at the
+                # end of every reply is checked too, and an honest provider can prove its reply.
+                cut_proof = await self._failed_call_proof(recorder, service, offer.sha256, call, call_id, ticket)
+            return w.CallEnd(units=units, usage=usage, served_by=self.peer_id, verify=cut_proof)
         # Its end frame may yet not leave: then it is billed as a cut call (``_handle_call``).
         ticket.prompt = max(0, int(outcome.detail.get("prompt_tokens", 0)))
         # An engine that counts more than the call reserved costs the provider, never the consumer.
@@ -353,8 +360,9 @@ class ServingRole(LeaseCore):
         call_id: str,
         ticket: Ticket,
     ) -> CallProof | None:
-        """The proof of what a call that failed after its text chunks had recorded, for its error frame:
-        the positions seen so far (every chunk seen was written before the error frame: the engine's
+        """The proof of what a call that failed after its text chunks had recorded, for its error frame
+        (or of what a call its consumer cancelled after them had, for the end frame that answers the
+        cancel): the positions seen so far (every chunk seen was written before the error frame: the engine's
         chunks are sent as they come, and those held for the write-ahead row before it ends). Its
         prompt count is the engine's where the failure told it (``ticket.prompt``: a failure of the
         request's own, a cut), else this file's rendering of the request (the engine's own failure

@@ -78,7 +78,7 @@ class Verifying:
         # Asks peers for their reports about a provider this node calls (protocols.lease.verifier.ReportPuller)
         self.pull_reports: Callable[[str], None] | None = None
         self._advertised: dict[str, str] = {}  # lease id -> sha256 ("" when the record names none)
-        self._cuts: dict[str, int] = {}  # provider -> calls it stopped after text without a proof, since a pass
+        self._cuts: dict[str, int] = {}  # provider -> calls it cut after text without a proof, since a pass
         self.ledger: Ledger | None = None  # where outcomes are kept (``attach``)
         # lease id -> the package of a failed check the provider's signature binds (a v2 body), kept for
         # the lease's dispute (``protocols.lease.arbiter``: sent to the escrow's arbiter, dropped once
@@ -148,8 +148,9 @@ class Verifying:
         self.ledger = ledger
 
     def unproved_cut(self, provider: str) -> int:
-        """``provider`` stopped a call after its text without a proof: how many it had stopped so since
-        its last passed check (``cut_forgiven`` reads it), counting this one from now on."""
+        """``provider`` ended a call after its text without a proof (cut, stalled or failed:
+        ``lease_consumer.unproved_cut``): how many it had ended so since its last passed check
+        (``cut_forgiven`` reads it), counting this one from now on."""
         earlier = self._cuts.pop(provider, 0)
         self._cuts[provider] = earlier + 1
         while len(self._cuts) > MAX_CUT_PROVIDERS:

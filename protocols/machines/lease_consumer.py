@@ -289,8 +289,17 @@ class CallEnding(StrEnum):
     # bytes than the call allows), so this side left and asked it to stop, and no end frame answered:
     # nothing in ``CANCEL_DRAIN_S``, or an error frame (whose proof, if any, is checked).
     STOPPED = "stopped"
-    CANCELLED = "cancelled"  # this side asked it to stop and its end frame answered (it carries no proof)
+    # The provider stopped so, this side asked it to stop, and its end frame answered the cancel: with
+    # the proof of what it streamed (a provider of this release signs one; an older one sends none).
+    CANCELLED = "cancelled"
     LEFT = "left"  # this side left on its own: its caller cancelled or its deadline passed, its sink failed
+
+
+# The endings a provider may not be able to prove although it is honest: a failure after its text (an
+# older provider's error frame carries no proof; a failure above the engine mid-block leaves none), a
+# connection cut or a stall after it (a proof cannot cross a broken stream; an engine cancelled mid-block
+# leaves none). Their unproved calls are cuts (:func:`unproved_cut`, :func:`cut_forgiven`).
+CUT_ENDINGS = frozenset({CallEnding.ERROR, CallEnding.STOPPED, CallEnding.CANCELLED})
 
 
 def call_ending(last: str | None, *, left: bool, provider_stopped: bool) -> CallEnding:
@@ -306,35 +315,44 @@ def call_ending(last: str | None, *, left: bool, provider_stopped: bool) -> Call
 
 def ending_checked(ending: CallEnding, text_tokens: int) -> bool:
     """Whether a call that ended so goes through the spot check (drawn by the usual rule, checked with
-    the proof its last frame carries, a drawn one without a proof failing ``no_proof``). The end
-    frame always does (the check itself skips calls served without a commitment by design). An error
-    frame, or a provider that stopped, after text chunks of a reply (``text_tokens``: their tokens)
-    does: the caller was handed that reply, and a provider that streamed it and then failed the call,
-    or went silent, would else be paid the chunks, never checked. Before any text nothing was served
-    (a refusal, a failure before the first token; an embedding call's chunks carry no text). A call
-    this side cut is not: the provider's end frame that answers the cancel carries no proof by design
-    (whatever made this side leave: a provider that stops, is paid the chunks and answers the cancel
-    with an end frame goes unchecked, docs/verified-inference.md "Not done yet"), and one this side
-    left on its own gave its caller this side's own error."""
+    the proof its last frame carries, a drawn one without a proof failing ``no_proof`` unless
+    :func:`cut_forgiven` lets it go). The end frame always does (the check itself skips calls served
+    without a commitment by design). An error frame, or a provider that stopped, after text chunks of
+    a reply (``text_tokens``: their tokens) does, whether or not an end frame then answered this
+    side's cancel: the caller was handed that reply, and a provider that streamed it and then failed
+    the call, or went silent, would else be paid the chunks, never checked (a cheat that stalls at the
+    end of every reply and answers the cancel with an end frame only paid ``stall_s`` in time). Before
+    any text nothing was served (a refusal, a failure before the first token; an embedding call's
+    chunks carry no text). A call this side left on its own is not: it gave its caller this side's
+    own error, and whatever the provider answers then is the cancel's doing."""
     if ending is CallEnding.END:
         return True
-    return ending in (CallEnding.ERROR, CallEnding.STOPPED) and text_tokens > 0
+    return ending in CUT_ENDINGS and text_tokens > 0
 
 
-# A provider's calls stopped after their text without a proof, since its last passed check, that go
-# unchecked: paid their chunks as left calls, like any cut call (an honest provider whose relay dropped,
-# whose connection broke or that restarted mid-reply cannot prove the reply its stream lost).
+# A provider's calls ended after their text without a proof (:data:`CUT_ENDINGS`), since its last passed
+# check, that go unchecked: paid their chunks like any cut call (an honest provider whose relay dropped,
+# whose connection broke or that restarted mid-reply cannot prove the reply its stream lost; one of a
+# release before error-frame proofs sends a failed call's error frame without one).
 UNPROVED_CUTS_FORGIVEN = 1
+
+
+def unproved_cut(ending: CallEnding, text_tokens: int, proof_sent: bool) -> bool:
+    """Whether a call that ended so counts as an unproved cut of its provider's (``Verifying.unproved_cut``
+    counts them since its last passed check): a checked ending of :data:`CUT_ENDINGS` (after text)
+    whose last frame carried no proof."""
+    return ending in CUT_ENDINGS and not proof_sent and ending_checked(ending, text_tokens)
 
 
 def cut_forgiven(ending: CallEnding, proof_sent: bool, earlier_cuts: int) -> bool:
     """Whether a call that ended so is let go unchecked although :func:`ending_checked` says it is
-    checked: a ``STOPPED`` call without a proof, while its provider has stopped fewer than
-    :data:`UNPROVED_CUTS_FORGIVEN` such calls since its last passed check (``earlier_cuts``). Later
-    ones go through the check (drawn by the usual rule; a drawn one fails ``no_proof``), on whatever
-    lease: a provider that cuts its calls to dodge their checks gains one, and an honest one is not
-    failed for one broken connection."""
-    return ending is CallEnding.STOPPED and not proof_sent and earlier_cuts < UNPROVED_CUTS_FORGIVEN
+    checked: an ``ERROR``, ``STOPPED`` or ``CANCELLED`` call without a proof, while its provider has
+    ended fewer than :data:`UNPROVED_CUTS_FORGIVEN` such calls since its last passed check
+    (``earlier_cuts``). Later ones go through the check (drawn by the usual rule; a drawn one fails
+    ``no_proof``), on whatever lease: a provider that cuts its calls (or fails them after their text,
+    or stalls at their end) to dodge their checks gains one unchecked call between passed checks,
+    and an honest one is not failed for one broken connection, one failure after its text, one stall."""
+    return ending in CUT_ENDINGS and not proof_sent and earlier_cuts < UNPROVED_CUTS_FORGIVEN
 
 
 def error_frame_checked(text_tokens: int, *, left: bool) -> bool:
