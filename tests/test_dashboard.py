@@ -121,18 +121,28 @@ class Browser:
                 assert headers.get("authorization", "").startswith("Bearer "), url  # (or the wrong one tried)
 
 
-@pytest.fixture
-def browser() -> Iterator[Browser]:
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """One Chromium per test module (a launch costs about a second); each test gets a tab of its own."""
     assert sync_playwright is not None and CHROMIUM is not None
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
-            page = chromium.new_page(viewport={"width": 1280, "height": 900})
-            tab = Browser(page)
-            page.on("response", tab.record)
-            yield tab
+            yield launched
         finally:
-            chromium.close()
+            launched.close()
+
+
+@pytest.fixture
+def browser(chromium: Any) -> Iterator[Browser]:
+    # A page of its own browser context: no cookie, storage or cache is left from another test.
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        tab = Browser(page)
+        page.on("response", tab.record)
+        yield tab
+    finally:
+        page.context.close()
 
 
 def _daemon(

@@ -31,11 +31,13 @@ from tests.support.processes import LOOPBACK_ANY_PORT, DaemonProcess, prepare_da
 from tests.test_dashboard import Browser, api, text, wait_until
 from tests.test_dashboard import _skip as _browser_skip
 from tests.test_dashboard import browser as _browser_fixture
+from tests.test_dashboard import chromium as _chromium_fixture
 
 _skip = _browser_skip or anvil_skip_reason()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
 
 browser = _browser_fixture  # the same Chromium tab fixture as the dashboard tests
+chromium = _chromium_fixture
 
 CAPABILITY = "model:summaries"
 PRICE = 4_000_000
