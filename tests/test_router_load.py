@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from dht.capability import CAPABILITY_PROTOCOL, capability_handler
 from dht.discovery import DiscoveryQuery
+from node import router as router_module
 from node.daemon import Node
 from node.router import REMEMBER_S, RouteResult
 from protocols.lease.base import INFER_PROTOCOL
@@ -129,7 +130,17 @@ async def _ask(consumer: Node, model: str) -> RouteResult:
     return await consumer.router.chat(model, body, ignore)
 
 
-async def test_new_requests_go_to_the_idle_provider_while_the_cheaper_one_is_busy(tmp_path: Path) -> None:
+def _fresh_for(monkeypatch: pytest.MonkeyPatch) -> float:
+    """A provider's load is asked again once its last answer is older than LOAD_FRESH_S (1 s): 0.3 s
+    here, and the seconds a test waits for the next request to ask again."""
+    monkeypatch.setattr(router_module, "LOAD_FRESH_S", 0.3)
+    return 0.4
+
+
+async def test_new_requests_go_to_the_idle_provider_while_the_cheaper_one_is_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale_after_s = _fresh_for(monkeypatch)
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     tiny_gguf = await trio.to_thread.run_sync(write_tiny_llama_gguf, tmp_path / "tiny.gguf")
     specs = [
@@ -145,7 +156,7 @@ async def test_new_requests_go_to_the_idle_provider_while_the_cheaper_one_is_bus
         assert (await _ask(consumer, MODEL)).served_by == [cheap_id]  # both idle: the cheaper
         model = cheap.model_host.get(MODEL)
         assert isinstance(model, LlamaModel)
-        await trio.sleep(1.1)  # past LOAD_FRESH_S: the next request asks both for their load again
+        await trio.sleep(stale_after_s)  # past LOAD_FRESH_S: the next request asks both for their load again
         holder = model.stream_complete("busy", max_tokens=4)
         async with holder:  # the cheaper provider's one slot is taken until this block ends
             with trio.fail_after(20):  # asked anyway, the request would wait in its queue for this block
@@ -153,7 +164,7 @@ async def test_new_requests_go_to_the_idle_provider_while_the_cheaper_one_is_bus
                     assert (await _ask(consumer, MODEL)).served_by == [pricey_id]
             assert model.admission.refused == 0  # nobody was turned away: it was never asked
             await holder.collect()
-        await trio.sleep(1.1)
+        await trio.sleep(stale_after_s)
         assert (await _ask(consumer, MODEL)).served_by == [cheap_id]  # idle again: the cheaper
 
 
@@ -185,7 +196,10 @@ async def test_a_provider_that_just_served_stays_a_candidate_when_discovery_miss
         consumer.router.clock = real_clock
 
 
-async def test_a_provider_that_always_answers_idle_draws_no_more_than_its_signed_capacity(tmp_path: Path) -> None:
+async def test_a_provider_that_always_answers_idle_draws_no_more_than_its_signed_capacity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale_after_s = _fresh_for(monkeypatch)
     # The cheaper provider answers "idle, 1000 slots" every time it is asked, while its signed record
     # states one slot and no queue: this router's own call in flight there fills that slot, so the
     # next request goes to the pricier provider with room instead of queueing behind the lie.
@@ -222,7 +236,7 @@ async def test_a_provider_that_always_answers_idle_draws_no_more_than_its_signed
             with trio.fail_after(20):
                 while consumer.router._health(liar_id).in_flight < 1:
                     await trio.sleep(0.05)
-            await trio.sleep(1.1)  # past LOAD_FRESH_S: the liar is asked again and says idle again
+            await trio.sleep(stale_after_s)  # past LOAD_FRESH_S: the liar is asked again and says idle again
             with trio.fail_after(20):  # sent to the liar, it would wait behind the held call
                 assert (await _ask(consumer, MODEL)).served_by == [pricey_id]
             release.set()
