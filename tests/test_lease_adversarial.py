@@ -157,7 +157,10 @@ async def test_replayed_open_and_foreign_quotes_are_refused() -> None:
 
 
 async def test_a_consumer_that_never_countersigns_is_paused_then_dropped() -> None:
-    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+    # Paused 1 s after the unsigned receipt and dropped 3 s after the consumer's last word: the same
+    # 2 s between the two as FAST gives (2 s and 4 s), in which the paused call is refused.
+    market = FAST.model_copy(update={"countersign_timeout_s": 1, "abandon_after_s": 3})
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": market}, {}]) as (nodes, _):
         provider, consumer = nodes
         view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=60)
 
