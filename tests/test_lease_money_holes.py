@@ -308,9 +308,12 @@ async def test_disputed_escrow_stops_service_and_claims_retry_after_resolution()
         assert await _released(provider, view.lease_id) == 6 * WORD_PRICE
 
 
-async def test_consumer_books_spend_when_the_claim_lands() -> None:
+async def test_consumer_books_spend_when_the_claim_lands(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: the consumer's ledger showed no spend until its refund landed (deadline + window later),
     while the chain had paid the provider and the provider's ledger showed the income."""
+    # The consumer rereads the escrow of a lease with unbooked vouchers every ESCROW_CHECK_S (2 s): the
+    # same sweep, every 0.5 s here, books the claim soon after it lands.
+    monkeypatch.setattr(lease_consumer, "ESCROW_CHECK_S", 0.5)
     async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
         provider, consumer = nodes
         view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 100, duration_s=600)
