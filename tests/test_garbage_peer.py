@@ -78,18 +78,10 @@ async def test_garbage_on_every_protocol_leaves_the_node_running(tmp_path: Path)
             spoken = [TProtocol(p) for p in protocols]
             assert "/clawnode/kad/1.0.0" in spoken and "/ipfs/id/1.0.0" in spoken
 
-            # Every protocol is sprayed at once (its payloads one after another): the node meets all the
-            # garbage together, and the test does not wait out each spray's read on its own.
-            sprays = {protocol: garbage_payloads(rng) for protocol in spoken}
-
-            async def spray_all(protocol: TProtocol) -> None:
-                for payload in sprays[protocol]:
-                    await spray(attacker, target.peer_id, protocol, payload)
-
             with trio.fail_after(120):
-                async with trio.open_nursery() as nursery:
-                    for protocol in spoken:
-                        nursery.start_soon(spray_all, protocol)
+                for protocol in spoken:
+                    for payload in garbage_payloads(rng):
+                        await spray(attacker, target.peer_id, protocol, payload)
             port = int(target_addr.split("/tcp/")[1].split("/")[0])
             await trio.to_thread.run_sync(raw_tcp_garbage, port, rng)
 
