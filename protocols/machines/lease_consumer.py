@@ -340,8 +340,23 @@ UNPROVED_CUTS_FORGIVEN = 1
 def unproved_cut(ending: CallEnding, text_tokens: int, proof_sent: bool) -> bool:
     """Whether a call that ended so counts as an unproved cut of its provider's (``Verifying.unproved_cut``
     counts them since its last passed check): a checked ending of :data:`CUT_ENDINGS` (after text)
-    whose last frame carried no proof."""
-    return ending in CUT_ENDINGS and not proof_sent and ending_checked(ending, text_tokens)
+    whose last frame carried no proof, except an end frame answering the cancel (:func:`cancel_unproved`)."""
+    return (
+        ending in CUT_ENDINGS
+        and not proof_sent
+        and not cancel_unproved(ending, proof_sent)
+        and ending_checked(ending, text_tokens)
+    )
+
+
+def cancel_unproved(ending: CallEnding, proof_sent: bool) -> bool:
+    """An end frame that answered this side's cancel (after the provider stalled) without a proof: let go
+    unchecked, every time, and not counted as a cut. An honest provider cannot always prove such a reply:
+    the cancel stops its engine before the last block of the commitment is read, and the proof's prompt
+    rendering may wait behind other calls past the drain. So only a proof that came is checked (an honest
+    one passes, a cheat's fails); a cheat that stalls past ``stall_s`` and sends none is paid its chunks
+    unchecked, as before proofs answered cancels, while its caller gets ``E_TIMEOUT``."""
+    return ending is CallEnding.CANCELLED and not proof_sent
 
 
 def cut_forgiven(ending: CallEnding, proof_sent: bool, earlier_cuts: int) -> bool:
@@ -352,6 +367,8 @@ def cut_forgiven(ending: CallEnding, proof_sent: bool, earlier_cuts: int) -> boo
     ``no_proof``), on whatever lease: a provider that cuts its calls (or fails them after their text,
     or stalls at their end) to dodge their checks gains one unchecked call between passed checks,
     and an honest one is not failed for one broken connection, one failure after its text, one stall."""
+    if cancel_unproved(ending, proof_sent):
+        return True
     return ending in CUT_ENDINGS and not proof_sent and earlier_cuts < UNPROVED_CUTS_FORGIVEN
 
 
