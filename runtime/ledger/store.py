@@ -110,6 +110,7 @@ class LedgerStore(ChannelRecords):
         self._clock = clock
         self._lock = threading.RLock()
         self.commits = 0  # write transactions committed since open
+        self._unsynced = False  # synchronous is NORMAL (a write-ahead row's commit, ``_tx``)
 
     @classmethod
     def open(cls, path: Path, *, clock: Clock | None = None) -> LedgerStore:
@@ -146,6 +147,10 @@ class LedgerStore(ChannelRecords):
         with self._lock:
             if not fsync:
                 self._conn.execute("PRAGMA synchronous = NORMAL")
+                self._unsynced = True
+            elif self._unsynced:  # a restore that could not run (below): before this commit, never after
+                self._conn.execute("PRAGMA synchronous = FULL")
+                self._unsynced = False
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -161,8 +166,11 @@ class LedgerStore(ChannelRecords):
                             pass
                     raise
             finally:
-                if not fsync:  # every other commit stays fsynced
+                # Every other commit stays fsynced. Not inside a transaction a failed ROLLBACK left open
+                # (SQLite refuses it there, and that error would hide the write's own).
+                if not fsync and not self._conn.in_transaction:
                     self._conn.execute("PRAGMA synchronous = FULL")
+                    self._unsynced = False
             self.commits += 1
 
     @contextmanager
