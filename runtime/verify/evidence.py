@@ -100,7 +100,7 @@ class CommitmentBody(BaseModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
     def canonical(self) -> bytes:
-        return canonical_bytes(self.model_dump(exclude_none=True))
+        return canonical_bytes(self.model_dump())  # without the fields its version lacks (``_present_fields``)
 
 
 class SignedCommitment(BaseModel):
@@ -174,12 +174,12 @@ def call_proof(
         completion_tokens=committed.n_tokens,
         root=committed.root.hex(),
     )
-    version = min(SIGNED_VERSION, LATEST_VERSION, SIGNED_VERSION if reads is None else reads)
+    version = SIGNED_VERSION if reads is None else min(SIGNED_VERSION, reads)
     if version >= 2 and prompt_ids is not None and len(prompt_ids) == prompt_tokens:
         bound: dict[str, Any] = {"prompt_sha256": ids_sha256(prompt_ids), "text_sha256": text_sha256(recorder.text)}
         if version >= 3:
             bound["seeded"] = request_seeded(recorder.body)
-        body = CommitmentBody.model_validate({**body.model_dump(exclude_none=True), "v": version, **bound})
+        body = CommitmentBody.model_validate({**body.model_dump(), "v": version, **bound})
     return CallProof(
         commitment=sign_commitment(body, key),
         tokens=recorder.tokens,
