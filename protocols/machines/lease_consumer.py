@@ -317,14 +317,15 @@ def ending_checked(ending: CallEnding, text_tokens: int) -> bool:
     """Whether a call that ended so goes through the spot check (drawn by the usual rule, checked with
     the proof its last frame carries, a drawn one without a proof failing ``no_proof`` unless
     :func:`cut_forgiven` lets it go). The end frame always does (the check itself skips calls served
-    without a commitment by design). An error frame, or a provider that stopped, after text chunks of
-    a reply (``text_tokens``: their tokens) does, whether or not an end frame then answered this
-    side's cancel: the caller was handed that reply, and a provider that streamed it and then failed
-    the call, or went silent, would else be paid the chunks, never checked (a cheat that stalls at the
-    end of every reply and answers the cancel with an end frame only paid ``stall_s`` in time). Before
-    any text nothing was served (a refusal, a failure before the first token; an embedding call's
-    chunks carry no text). A call this side left on its own is not: it gave its caller this side's
-    own error, and whatever the provider answers then is the cancel's doing."""
+    without a commitment by design). An error frame, or a provider that stopped, after chunks of a
+    reply (``text_tokens``: their tokens, text or not: ``lease_calls.reply_tokens``) does, whether or
+    not an end frame then answered this side's cancel: the caller was handed that reply, and a provider
+    that streamed it and then failed the call, or went silent, would else be paid the chunks, never
+    checked (a cheat that stalls at the end of every reply and answers the cancel with an end frame
+    only paid ``stall_s`` in time). Before any of a reply's tokens nothing was served (a refusal, a
+    failure before the first token; an embedding call's chunks are no reply). A call this side left on
+    its own is not: it gave its caller this side's own error, and whatever the provider answers then is
+    the cancel's doing."""
     if ending is CallEnding.END:
         return True
     return ending in CUT_ENDINGS and text_tokens > 0
