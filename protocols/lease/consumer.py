@@ -52,7 +52,7 @@ from protocols.machines import left_calls
 from protocols.machines.channel import lease_share
 from protocols.machines.escrow_lock import LOCK_UNCONFIRMED
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
-from protocols.machines.lease_calls import call_bytes_bound, call_bytes_verdict
+from protocols.machines.lease_calls import call_bytes_bound, call_bytes_verdict, reply_tokens
 from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
@@ -81,7 +81,7 @@ class _Drained:
     proof: CallProof | None = None  # that frame's proof of the text it wrote, if it sent one
     counted: int = 0  # the units counted for the call (taken back if it then fails its check)
     text: str = ""  # reply text in chunks that came after this side left (not handed to its caller)
-    text_tokens: int = 0  # their tokens
+    text_tokens: int = 0  # the tokens those chunks add to the reply (``reply_tokens``), text or not
     left_at: float | None = None  # when it was counted as a left call (its allowance), if it was
 
 
@@ -359,7 +359,7 @@ class ConsumerRole(ChannelRole):
                 reader = FrameReader(WindowedReader(stream), max_frame=MAX_CALL_FRAME)
                 tokens_received = bytes_received = 0
                 texts: list[str] = []  # the reply as received (bounded by call_bytes_verdict), for its check
-                generated = 0  # the tokens of the reply's text chunks, for its check
+                generated = 0  # the tokens of the reply's chunks, text or not (``reply_tokens``), for its check
                 last_frame = False  # the provider's end or error frame arrived: nothing is left in flight
                 requested = False
                 stopped = False  # this side leaves because of the provider (its frames stopped coming)
@@ -403,9 +403,10 @@ class ConsumerRole(ChannelRole):
                             stopped = refused is not None  # more than the call allows: the provider's doing
                             enforce(refused)
                             tokens_received += chunk_tokens(frame.data)
+                            # A reply's tokens are checked as they are paid, text or not; an embedding's are not.
+                            generated += reply_tokens(body, frame.data)
                             if isinstance(frame.data.get("text"), str):
                                 texts.append(frame.data["text"])
-                                generated += chunk_tokens(frame.data)  # a reply's tokens, not an embedding's
                             await on_chunk(frame.data)
                             continue
                         # Only units consistent with what arrived and what was asked are counted (and
@@ -498,9 +499,9 @@ class ConsumerRole(ChannelRole):
         still have been countersigned for them: the check is not awaited before the provider's ack); a
         call left without the provider's last frame (``left_at``) also loses its allowance.
         ``proof`` and ``usage``: the end frame's, or the error frame's proof of a reply that failed
-        after its text chunks, or the proof of the end or error frame that answered this side's cancel
-        of a provider that stopped after them, or none (``ending_checked``; no usage: the chunks
-        received say what was produced).
+        after its chunks (``reply_tokens``), or the proof of the end or error frame that answered this
+        side's cancel of a provider that stopped after them, or none (``ending_checked``; no usage: the
+        chunks received say what was produced).
 
         The check runs as a task of the market's own nursery (bounded by ``SPOT_CHECK_S``), which applies
         its consequences as soon as it has the outcome, and the caller waits for it shielded from the
@@ -562,7 +563,7 @@ class ConsumerRole(ChannelRole):
         does not answer in ``CANCEL_DRAIN_S`` (stalled, gone, the stream cut) leaves the tokens received
         counted and this call's tolerance: what was in flight and its prompt's estimate. What it
         answered is returned (None, from a stand-in that tells nothing, reads as no answer): the caller
-        spot-checks a call the provider stopped after its text, whatever answered the cancel
+        spot-checks a call the provider stopped after its reply's chunks, whatever answered the cancel
         (``call_ending``, ``ending_checked``), with the proof of that answer's end or error frame, over
         the reply's text including what came meanwhile (kept within the call's byte bound,
         ``call_bytes_bound``)."""
@@ -583,9 +584,10 @@ class ConsumerRole(ChannelRole):
                     if isinstance(frame, w.Chunk):
                         tokens += chunk_tokens(frame.data)
                         room -= len(raw)
-                        if isinstance(frame.data.get("text"), str) and room >= 0:
-                            texts.append(frame.data["text"])
-                            text_tokens += chunk_tokens(frame.data)
+                        if room >= 0:
+                            text_tokens += reply_tokens(body, frame.data)
+                            if isinstance(frame.data.get("text"), str):
+                                texts.append(frame.data["text"])
                         continue
                     counted = c.end_frame_units(frame.units, tokens, body)
                     if not isinstance(counted, Refusal):  # an inflated end frame counts nothing

@@ -224,8 +224,9 @@ class Verifying:
         received_tokens: int = 0,
     ) -> str:
         """``passed``, ``failed:<reason>``, ``unverifiable`` or ``skipped``. ``text``: the reply as
-        received; ``usage``: the end frame's; ``received_tokens``: the tokens of the reply's text chunks
-        that arrived (what this side saw generated, whatever the provider's usage says)."""
+        received; ``usage``: the end frame's; ``received_tokens``: the tokens of the reply's chunks that
+        arrived, text or not (``reply_tokens``: what this side paid as generated, whatever the provider's
+        usage says)."""
         if self.local_model is None:
             return "skipped"
         if self.pull_reports is not None and not self.book.checked_before(provider):

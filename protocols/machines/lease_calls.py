@@ -237,6 +237,24 @@ def chunk_tokens(data: dict[str, Any]) -> int:
     return 1
 
 
+def generation_body(body: dict[str, Any]) -> bool:
+    """Whether a call's body asks for generated text: a chat (``messages``) or a completion (``prompt``),
+    as the chat service reads it; an embeddings body (``input``) is not."""
+    return body.get("messages") is not None or body.get("prompt") is not None
+
+
+def reply_tokens(body: dict[str, Any], data: dict[str, Any]) -> int:
+    """Consumer side: the tokens a streamed chunk adds to the reply its spot check covers, given this
+    side's own request ``body``. For a generation body every chunk's (``chunk_tokens``), text or not: each
+    is paid, and a provider that streamed chunks with tokens and no text was paid for a reply its caller
+    never saw, and, the check seeing no reply, never checked (an honest engine sends ``text``, possibly
+    empty, on every chunk of a reply, in every release). For any other body only a chunk with text adds
+    its tokens (an embeddings chunk carries vectors, not a reply to check)."""
+    if generation_body(body) or isinstance(data.get("text"), str):
+        return chunk_tokens(data)
+    return 0
+
+
 def end_frame_verdict(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> Refusal | None:
     """Consumer side: whether a call's end frame may be counted: its units within what was delivered and
     asked, i.e. the tokens received plus the prompt's estimate, and ``max_tokens`` plus that estimate
