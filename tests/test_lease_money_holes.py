@@ -536,7 +536,13 @@ class FirstChunkHeld(ChatService):
         self.cut: list[int] = []
 
     async def run(
-        self, body: dict[str, Any], emit: Emit, *, commit: int = 0, on_cut: Callable[[int], None] | None = None
+        self,
+        body: dict[str, Any],
+        emit: Emit,
+        *,
+        commit: int = 0,
+        on_cut: Callable[[int], None] | None = None,
+        **kwargs: Any,
     ) -> Usage:
         async def held(_data: dict[str, Any]) -> None:
             self.prefilled.set()
@@ -547,7 +553,7 @@ class FirstChunkHeld(ChatService):
             if on_cut is not None:
                 on_cut(prompt)
 
-        return await super().run(body, held, commit=commit, on_cut=told)
+        return await super().run(body, held, commit=commit, on_cut=told, **kwargs)
 
 
 async def _cut_after_prefill(market: Any, lease_id: str, service: FirstChunkHeld) -> None:

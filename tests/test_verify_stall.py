@@ -102,8 +102,7 @@ def _pausing_after_text(
 @given(st.sampled_from(list(CallEnding)), st.booleans(), st.integers(min_value=0, max_value=5))
 def test_only_a_first_unproved_cut_since_a_pass_is_let_go(ending: CallEnding, proof_sent: bool, earlier: int) -> None:
     forgiven = cut_forgiven(ending, proof_sent, earlier)
-    # An end frame answering the cancel without a proof is let go every time (``cancel_unproved``).
-    assert forgiven == (ending in CUT_ENDINGS and not proof_sent and (earlier == 0 or ending is CallEnding.CANCELLED))
+    assert forgiven == (ending in CUT_ENDINGS and not proof_sent and earlier == 0)
 
 
 def test_a_refused_left_call_keeps_no_allowance() -> None:

@@ -1,10 +1,12 @@
 """Verified inference (issue 21): a provider that streams its reply, goes silent until the consumer leaves
 (``stall_s``) and answers the consumer's cancel with an end frame is spot-checked like one that ended. The
 end frame that answers the cancel carries the signed proof of what was streamed: an honest provider that
-stalls passes its check, and a substitute's proof fails it. One that sends no proof is let go, every time
-(an honest provider cannot always prove it: the cancel stops its engine before the commitment's last
-block is read). Before, such a call was never checked, proof or not. The rules are the pure table's
-(``protocols.machines.lease_consumer``); one test runs real nodes, a real lease and the tiny model."""
+stalls passes its check, and one that sends no proof is let go once (an unproved cut, as a broken
+connection or an older provider's error frame without a proof) and caught on the next. Before, such a
+call was paid its chunks and never checked, so a cheat that stalled at the end of every reply was never
+caught. An honest provider proves such a reply whenever it stalls, mid-block or behind a busy engine
+(``tests/test_verify_cancel_proof.py``). The rules are the pure table's (``protocols.machines.lease_consumer``); one test runs real nodes,
+a real lease and the tiny model."""
 
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from protocols.machines.lease_consumer import (
     CUT_ENDINGS,
     CallEnding,
     call_ending,
-    cancel_unproved,
     cut_forgiven,
     ending_checked,
     unproved_cut,
@@ -52,14 +53,13 @@ def test_an_unproved_error_stop_or_cancelled_call_is_let_go_once_between_passed_
     ending: CallEnding, text_tokens: int, proof_sent: bool, earlier: int
 ) -> None:
     counted = unproved_cut(ending, text_tokens, proof_sent)
-    # Counted: an error frame or a stop after text without a proof; an end frame answering the cancel
-    # without one is let go every time, never counted.
-    assert counted == (ending in (CallEnding.ERROR, CallEnding.STOPPED) and text_tokens > 0 and not proof_sent)
+    # Counted: an error frame, a stop or an end frame answering the cancel, after text, without a proof.
+    assert counted == (
+        ending in (CallEnding.ERROR, CallEnding.STOPPED, CallEnding.CANCELLED) and text_tokens > 0 and not proof_sent
+    )
     assert CUT_ENDINGS == {CallEnding.ERROR, CallEnding.STOPPED, CallEnding.CANCELLED}
-    assert cancel_unproved(ending, proof_sent) == (ending is CallEnding.CANCELLED and not proof_sent)
     # Only the first since the last passed check is let go; an unasked end frame without a proof never is.
-    forgiven = ending in CUT_ENDINGS and not proof_sent and (earlier == 0 or ending is CallEnding.CANCELLED)
-    assert cut_forgiven(ending, proof_sent, earlier) == forgiven
+    assert cut_forgiven(ending, proof_sent, earlier) == (ending in CUT_ENDINGS and not proof_sent and earlier == 0)
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def _own_prefills(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(check, "_prefills", {})
 
 
-async def test_a_stall_answered_by_an_end_frame_is_checked_honest_proof_passes_no_proof_is_let_go(
+async def test_a_stall_answered_by_an_end_frame_is_checked_honest_proof_passes_no_proof_is_caught_second(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
@@ -102,19 +102,27 @@ async def test_a_stall_answered_by_an_end_frame_is_checked_honest_proof_passes_n
             paid = market.held[lease.lease_id].seen_units
             assert paid > 0  # its chunks are paid
 
-            # 2. A provider that answers the cancel with an end frame without a proof (an honest one whose
-            # engine was cancelled mid-block, an older release, or a cheat): let go every time, paid, never
-            # counted against it.
+            # 2. A cheat (or a provider of an older release) answers the cancel with an end frame without a
+            # proof. Every call drawn from now on: its first such call since the passed check is let go (paid,
+            # unchecked, as a cut), the next is checked and fails no_proof.
             market.verifying.sample_rate = 1.0
 
             async def no_proof(*args: Any) -> None:
                 return None
 
             monkeypatch.setattr(provider.market, "_failed_call_proof", no_proof)
-            for _ in range(2):
-                error = await stalled_call(lease.lease_id)
-                assert error.code == ErrorCode.TIMEOUT  # let go
-                record = market.verifying.book.get(provider_id)
-                assert record is not None and (record.passed, record.failed) == (1, 0)
-                assert market.held[lease.lease_id].seen_units > paid  # paid its chunks
-                paid = market.held[lease.lease_id].seen_units
+            error = await stalled_call(lease.lease_id)
+            assert error.code == ErrorCode.TIMEOUT  # let go
+            record = market.verifying.book.get(provider_id)
+            assert record is not None and (record.passed, record.failed) == (1, 0)
+            paid = market.held[lease.lease_id].seen_units
+            error = await stalled_call(lease.lease_id)
+            assert (error.code, error.reason) == (ErrorCode.FORBIDDEN, "verification_no_proof")
+            record = market.verifying.book.get(provider_id)
+            assert record is not None and (record.failed, record.last_reason) == (1, "no_proof")
+            assert market.verifying.standing(provider_id) == 0.0  # the router ranks it last
+            held = market.held.get(lease.lease_id)
+            assert held is None or held.seen_units == paid  # the caught call's units are taken back
+            with pytest.raises(ClawnodeError) as ended:  # the lease is ended: no further call is sent on it
+                await market.call(lease.lease_id, CHAT)
+            assert ended.value.code in (ErrorCode.CONFLICT, ErrorCode.NOT_FOUND)

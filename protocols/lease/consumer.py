@@ -474,8 +474,6 @@ class ConsumerRole(ChannelRole):
     def _cut_let_go(self, held: HeldLease, ending: c.CallEnding, text_tokens: int, proof: CallProof | None) -> bool:
         """Whether a checked call that ended so without a proof is let go unchecked: its provider's first
         unproved cut since its last passed check (``unproved_cut``, ``cut_forgiven``), counted here."""
-        if c.cancel_unproved(ending, proof is not None):
-            return True  # never counted: an honest provider cannot always prove a cancelled reply
         if not c.unproved_cut(ending, text_tokens, proof is not None):
             return False
         earlier = self.verifying.unproved_cut(held.grant.provider)

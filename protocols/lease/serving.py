@@ -54,14 +54,37 @@ from wire.yamux_window import WindowedReader
 
 
 @functools.cache
-def _reports_cuts(kind: type) -> bool:
-    """Whether a kind of service tells what a cut call's prompt cost (its ``run`` takes ``on_cut``, as
-    ``ChatService.run`` does); one that does not bills a cut call its chunks alone. Asked once a kind,
-    not once a call: reading a signature is slow."""
+def _run_takes(kind: type, name: str) -> bool:
+    """Whether a kind of service's ``run`` takes the keyword ``name``, as ``ChatService.run`` takes
+    ``on_cut`` (what a cut call's prompt cost; one that does not bills a cut call its chunks alone),
+    ``on_prompt`` and ``on_unsent`` (verified inference's prompt ids and a cut call's unsent chunks).
+    Asked once a kind and name, not once a call: reading a signature is slow."""
     try:
-        return "on_cut" in inspect.signature(kind.run).parameters  # type: ignore[attr-defined]
+        return name in inspect.signature(kind.run).parameters  # type: ignore[attr-defined]
     except (AttributeError, TypeError, ValueError):
         return False
+
+
+def _record_unsent(recorder: CallRecorder, unsent: list[dict[str, Any]], streamed: int) -> None:
+    """A call cut (or failed above the engine) after its text: hand ``recorder`` the ``commit`` entries of
+    the chunks the engine produced that never left (``ChatService.run``'s ``on_unsent``), as far as
+    they cover the ``streamed`` tokens whose text was written and whose top k it has not seen yet (a
+    block is handed out after its last token's text: the cancel can land in between, or in the middle
+    of a block, which the engine hands out as the cancel ends it). Their text is not recorded: it
+    never left. The proof then covers exactly the reply written (``_failed_call_proof``)."""
+    missing = streamed - len(recorder.tokens)
+    for chunk in unsent:
+        for block in chunk.get("commit") or ():
+            if missing <= 0:
+                return
+            if isinstance(block, tuple):  # one position, (token, top), as Pick.top has it
+                part, size = [block], 1
+            elif len(block) <= missing:  # a CommitBlock, as the engine hands it out
+                part, size = [block], len(block)
+            else:  # its first positions only, as (token, top) tuples: the same bytes in the commitment
+                part, size = block.entries()[:missing], missing
+            recorder.see({"commit": part})
+            missing -= size
 
 
 async def _rendered_prompt_tokens(model: Any, body: dict[str, Any]) -> int:
@@ -283,9 +306,17 @@ class ServingRole(LeaseCore):
 
         # A cut call's prompt tokens, as far as the engine decoded them before the cut (``on_cut``).
         decoded: list[int] = []
-        run: dict[str, Any] = {"on_cut": decoded.append} if _reports_cuts(type(service)) else {}
+        run: dict[str, Any] = {"on_cut": decoded.append} if _run_takes(type(service), "on_cut") else {}
+        # The prompt ids the engine decoded (a proof binds them: no tokenizing again behind the engine's
+        # queue) and a cut call's chunks that never left (their commit entries complete its proof).
+        prompt: list[list[int]] = []
+        unsent: list[dict[str, Any]] = []
+        if recorder is not None and _run_takes(type(service), "on_prompt"):
+            run["on_prompt"] = prompt.append
         if commit:
             run["commit"] = commit
+            if _run_takes(type(service), "on_unsent"):
+                run["on_unsent"] = unsent.extend
         outcome: Usage | Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(write_ahead)
@@ -302,11 +333,16 @@ class ServingRole(LeaseCore):
         if decoded and not unwritten:  # a call its row refused is billed nothing, whatever it decoded
             ticket.prompt = max(0, decoded[-1])
         metered()  # written by now (the nursery waited for it): a refused row refuses the call
+        ids = prompt[-1] if prompt else None
+        if not isinstance(outcome, Usage) and recorder is not None and unsent:
+            _record_unsent(recorder, unsent, ticket.streamed)
         if isinstance(outcome, Exception):
             if recorder is not None and offer is not None and ticket.streamed > 0:
                 # Failed after writing a reply it recorded: the error frame carries its proof, so the
                 # consumer can check what it was handed (``_failed_call_proof``).
-                ticket.proof = await self._failed_call_proof(recorder, service, offer.sha256, call, call_id, ticket)
+                ticket.proof = await self._failed_call_proof(
+                    recorder, service, offer.sha256, call, call_id, ticket, ids
+                )
             raise outcome
         self.serve_duration_s.observe(time.monotonic() - started)
         if outcome is None:
@@ -320,7 +356,7 @@ class ServingRole(LeaseCore):
                 # left because this side went silent (or sent too much) checks the reply it was handed
                 # (``protocols.machines.lease_consumer.ending_checked``), so a cheat that stalls at the
                 # end of every reply is checked too, and an honest provider can prove its reply.
-                cut_proof = await self._failed_call_proof(recorder, service, offer.sha256, call, call_id, ticket)
+                cut_proof = await self._failed_call_proof(recorder, service, offer.sha256, call, call_id, ticket, ids)
             return w.CallEnd(units=units, usage=usage, served_by=self.peer_id, verify=cut_proof)
         # Its end frame may yet not leave: then it is billed as a cut call (``_handle_call``).
         ticket.prompt = max(0, int(outcome.detail.get("prompt_tokens", 0)))
@@ -329,7 +365,7 @@ class ServingRole(LeaseCore):
         proof = None
         if recorder is not None and offer is not None:
             proof = await self._call_proof(
-                recorder, service, offer.sha256, call, call_id, outcome.detail, ticket.body_version
+                recorder, service, offer.sha256, call, call_id, outcome.detail, ticket.body_version, ids
             )
         return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id, verify=proof)
 
@@ -342,13 +378,22 @@ class ServingRole(LeaseCore):
         call_id: str,
         usage: dict[str, int],
         reads: int,
+        decoded: list[int] | None = None,
     ) -> CallProof | None:
         """The signed proof of a recorded call (``call_proof``), for its end frame or its error frame;
         ``usage``: the engine's count (its ``prompt_tokens`` is what the body signs); ``reads``: the newest
-        body version its consumer reads (``Ticket.body_version``)."""
+        body version its consumer reads (``Ticket.body_version``); ``decoded``: the prompt ids the engine
+        built for the call (``ChatService.run``'s ``on_prompt``), None when it told none."""
         ids = None
         if evidence.SIGNED_VERSION >= 2:  # a v2 body binds the prompt as this file renders the request
-            ids = await prompt_ids(getattr(service, "model", None), call.body, int(usage.get("prompt_tokens", 0)))
+            # The engine's own ids are that rendering (``prompt_ids``: the chat template, then its tokenizer
+            # with the BOS the template leaves to it, as the engine builds a prompt) and cost nothing; the
+            # rendering again is for a service that tells none. It tokenizes on the engine's worker,
+            # admitted in turn: behind a long generation it could hold the end frame that long.
+            ids = decoded
+            if ids is None:
+                claimed = int(usage.get("prompt_tokens", 0))
+                ids = await prompt_ids(getattr(service, "model", None), call.body, claimed)
         return call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids, reads)
 
     async def _failed_call_proof(
@@ -359,30 +404,33 @@ class ServingRole(LeaseCore):
         call: w.CallRequest,
         call_id: str,
         ticket: Ticket,
+        decoded: list[int] | None = None,
     ) -> CallProof | None:
         """The proof of what a call that failed after its text chunks had recorded, for its error frame
         (or of what a call its consumer cancelled after them had, for the end frame that answers the
         cancel): the positions seen so far (every chunk seen was written before the error frame: the engine's
         chunks are sent as they come, and those held for the write-ahead row before it ends). Its
         prompt count is the engine's where the failure told it (``ticket.prompt``: a failure of the
-        request's own, a cut), else this file's rendering of the request (the engine's own failure
-        bills no prompt, so it reports 0). None when it cannot be built: then the error frame goes
-        without one, never hiding the call's own error (a consumer that draws the call fails it
-        ``no_proof``, as an end frame without one). None too when the positions recorded cover fewer
-        tokens than the chunks written: a proof of a shorter reply than the one streamed would fail
-        ``text_mismatch``, which a v2 body makes disputable, where no proof fails only ``no_proof`` (not
-        disputed). The engine's own failures no longer leave it so: it hands the commitment's top k a
-        block of tokens at a time (``CommitRows``), after their text, and hands the block in progress
-        before its error too (``_Choice.abandon``). It stays as the guard for a failure above the
-        engine that leaves while a block is in progress (the service's own code failing on a chunk:
-        the engine is cancelled and its last block is never read)."""
+        request's own, a cut), else the prompt ids the engine built (``decoded``), else this file's
+        rendering of the request (the engine's own failure bills no prompt, so it reports 0). None when
+        it cannot be built: then the error frame goes without one, never hiding the call's own error (a
+        consumer that draws the call fails it ``no_proof``, as an end frame without one). None too when
+        the positions recorded cover fewer tokens than the chunks written: a proof of a shorter reply
+        than the one streamed would fail ``text_mismatch``, which a v2 body makes disputable, where no
+        proof fails only ``no_proof`` (not disputed). The engine does not leave it so: it hands the
+        commitment's top k a block of tokens at a time (``CommitRows``), after their text, the block in
+        progress before its error (``_Choice.abandon``) or as a cancel ends it (``_Choice.end``), and a
+        call cut or failed above the engine hands the recorder the blocks that never left
+        (``_record_unsent``). It stays as the guard for a service that tells no unsent chunks."""
         if len(recorder.tokens) < ticket.streamed:
             log.info("a failed call's proof would not cover the %d tokens it streamed: sent without", ticket.streamed)
             return None
         try:
-            claimed = ticket.prompt or await _rendered_prompt_tokens(getattr(service, "model", None), call.body)
+            claimed = ticket.prompt or (len(decoded) if decoded else 0)
+            if not claimed:
+                claimed = await _rendered_prompt_tokens(getattr(service, "model", None), call.body)
             usage = {"prompt_tokens": claimed}
-            return await self._call_proof(recorder, service, sha256, call, call_id, usage, ticket.body_version)
+            return await self._call_proof(recorder, service, sha256, call, call_id, usage, ticket.body_version, decoded)
         except Exception as error:  # noqa: BLE001 - the call's own error is what the consumer is told
             log.warning("the failed call's proof was not built: %s", type(error).__name__)
             return None

@@ -296,9 +296,13 @@ class CallEnding(StrEnum):
 
 
 # The endings a provider may not be able to prove although it is honest: a failure after its text (an
-# older provider's error frame carries no proof; a failure above the engine mid-block leaves none), a
-# connection cut or a stall after it (a proof cannot cross a broken stream; an engine cancelled mid-block
-# leaves none). Their unproved calls are cuts (:func:`unproved_cut`, :func:`cut_forgiven`).
+# older provider's error frame carries no proof), a connection cut or a stall after it (a proof cannot
+# cross a broken stream, nor come after the 1 s drain of a cancel). An end frame that answers
+# this side's cancel after text is one too: a provider of this release proves it (the cancel's end frame
+# carries the proof of the text written, the engine's last block included, built without waiting in
+# the engine's queue), one of an older release may not (sent none, or lost its last block to the
+# cancel). Their unproved calls are cuts (:func:`unproved_cut`, :func:`cut_forgiven`): let go once
+# between passed checks, that compat allowance, and failed ``no_proof`` when drawn after.
 CUT_ENDINGS = frozenset({CallEnding.ERROR, CallEnding.STOPPED, CallEnding.CANCELLED})
 
 
@@ -341,23 +345,8 @@ UNPROVED_CUTS_FORGIVEN = 1
 def unproved_cut(ending: CallEnding, text_tokens: int, proof_sent: bool) -> bool:
     """Whether a call that ended so counts as an unproved cut of its provider's (``Verifying.unproved_cut``
     counts them since its last passed check): a checked ending of :data:`CUT_ENDINGS` (after text)
-    whose last frame carried no proof, except an end frame answering the cancel (:func:`cancel_unproved`)."""
-    return (
-        ending in CUT_ENDINGS
-        and not proof_sent
-        and not cancel_unproved(ending, proof_sent)
-        and ending_checked(ending, text_tokens)
-    )
-
-
-def cancel_unproved(ending: CallEnding, proof_sent: bool) -> bool:
-    """An end frame that answered this side's cancel (after the provider stalled) without a proof: let go
-    unchecked, every time, and not counted as a cut. An honest provider cannot always prove such a reply:
-    the cancel stops its engine before the last block of the commitment is read, and the proof's prompt
-    rendering may wait behind other calls past the drain. So only a proof that came is checked (an honest
-    one passes, a cheat's fails); a cheat that stalls past ``stall_s`` and sends none is paid its chunks
-    unchecked, as before proofs answered cancels, while its caller gets ``E_TIMEOUT``."""
-    return ending is CallEnding.CANCELLED and not proof_sent
+    whose last frame carried no proof, an end frame answering this side's cancel included."""
+    return ending in CUT_ENDINGS and not proof_sent and ending_checked(ending, text_tokens)
 
 
 def cut_forgiven(ending: CallEnding, proof_sent: bool, earlier_cuts: int) -> bool:
@@ -366,10 +355,9 @@ def cut_forgiven(ending: CallEnding, proof_sent: bool, earlier_cuts: int) -> boo
     ended fewer than :data:`UNPROVED_CUTS_FORGIVEN` such calls since its last passed check
     (``earlier_cuts``). Later ones go through the check (drawn by the usual rule; a drawn one fails
     ``no_proof``), on whatever lease: a provider that cuts its calls (or fails them after their text,
-    or stalls at their end) to dodge their checks gains one unchecked call between passed checks,
-    and an honest one is not failed for one broken connection, one failure after its text, one stall."""
-    if cancel_unproved(ending, proof_sent):
-        return True
+    or stalls at their end and answers the cancel without a proof) to dodge their checks gains one
+    unchecked call between passed checks, and an honest one is not failed for one broken connection,
+    one failure after its text, one stall answered by an older release without a proof."""
     return ending in CUT_ENDINGS and not proof_sent and earlier_cuts < UNPROVED_CUTS_FORGIVEN
 
 

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -962,7 +962,18 @@ class TokenStream:
 
     def __init__(self, model: LlamaModel, request: _Request, *, chunks: bool = False) -> None:
         self._model = model
-        self._request = request
+        # The prompt's token ids as the engine built them for this request (set on the worker before
+        # its decode; None until then): what it decoded, known without tokenizing again (a tokenize
+        # waits in the admission queue behind other generations). Verified inference's proof binds them.
+        self.prompt_ids: list[int] | None = None
+        build = request.prompt
+
+        def prompt(llama: Any) -> tuple[list[int], list[str]]:  # runs on the worker, before the decode
+            tokens, stops = build(llama)
+            self.prompt_ids = list(tokens)
+            return tokens, stops
+
+        self._request = replace(request, prompt=prompt)
         self._chunks = chunks
         self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
         self._cancel = threading.Event()
@@ -981,6 +992,11 @@ class TokenStream:
         self.prefill_begun = 0
         # The generation ended with the engine's error (raised by the iteration), not by a cut.
         self.failed = False
+        # Of a chunk stream left before its end (``aclose``), the chunks the engine produced that were
+        # never handed out, collected once its job ended (``SHUTDOWN_WAIT_S`` at most): their text never
+        # left, but their ``commit`` entries may hold the top k of tokens whose text did (a block ends
+        # after its last token's text, and the block in progress is handed out as the cancel ends it).
+        self.unread: list[Any] = []
 
     @property
     def usage(self) -> TokenUsage | None:
@@ -1015,7 +1031,6 @@ class TokenStream:
         that (a long prompt decoded in one go does not look at the cancel) keeps the admission held
         until it ends, so the next request is not admitted while the worker is still busy with it."""
         self._cancel.set()
-        self._receive.close()
         if self._admitted:
             self._admitted = False
             try:
@@ -1026,6 +1041,23 @@ class TokenStream:
                     self._model._release(self)
                 else:
                     self._release_at_end = True
+        if self._chunks and self.completion is None:
+            self._keep_unread()
+        self._receive.close()
+
+    def _keep_unread(self) -> None:
+        """``unread``: the pieces received or delivered by now and not handed out (the receiving side
+        stays open until the job ended, so its last ones are among them)."""
+        unread = list(self._ready)
+        self._ready.clear()
+        while True:
+            try:
+                kind, value = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if kind == "pieces":
+                unread.extend(value)
+        self.unread = unread
 
     def _job_ended(self) -> None:  # runs in trio, once the engine's job for this stream ended
         self._done.set()

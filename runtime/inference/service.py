@@ -159,11 +159,25 @@ class ChatService:
         return schema, tools, grammar
 
     async def run(
-        self, body: dict[str, Any], emit: Emit, *, commit: int = 0, on_cut: Callable[[int], None] | None = None
+        self,
+        body: dict[str, Any],
+        emit: Emit,
+        *,
+        commit: int = 0,
+        on_cut: Callable[[int], None] | None = None,
+        on_prompt: Callable[[list[int]], None] | None = None,
+        on_unsent: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> Usage:
         """Serve ``body``. ``on_cut``: told, when the call is cut (cancelled, or ``emit`` failed) after
         the engine took it, or fails there with an error of its own, how many prompt tokens it had
         decoded by then (0 when it had not begun; the lease bills them with the chunks written).
+        ``on_prompt``: told, as the call ends whichever way, the prompt's token ids as the engine built
+        them (``TokenStream.prompt_ids``; not told when it built none), so verified inference's proof
+        binds them without tokenizing the request again behind other generations in the engine's
+        queue. ``on_unsent``: told, when the call is cut or fails after the engine took it, the chunks
+        the engine produced that were never handed to ``emit`` (``TokenStream.unread``, after its job
+        ended): their text never left, but their ``commit`` entries may hold the top k of tokens whose
+        text did (the provider's recorder takes those, never its consumer).
         ``commit``: verified inference's top-k of every produced token, for the provider's commitment
         (``runtime.verify.provider.CallRecorder``): chunks carry them as ``commit`` entries,
         ``runtime.inference.sampling.CommitBlock`` arrays (``entries()``: ``(token id, ((id, logprob),
@@ -267,15 +281,23 @@ class ChatService:
                 assistant_prefix=continue_from,
                 grammar=grammar,
             )
+        unsent: list[dict[str, Any]] = []  # read from the engine, not yet handed to ``emit``
         try:
             async with stream:
                 async for chunk in stream:
                     # One frame carries every chunk ready by now; ``tokens`` says how many tokens it holds.
-                    for merged in merge_chunks([chunk, *stream.drain_ready()]):
+                    unsent = merge_chunks([chunk, *stream.drain_ready()])
+                    unsent.reverse()
+                    while unsent:
+                        merged = unsent.pop()
                         if n == 1:
                             merged.pop("index", None)
                         await emit(merged)
         finally:
+            if on_prompt is not None and stream.prompt_ids is not None:
+                on_prompt(stream.prompt_ids)
+            if on_unsent is not None and stream.completion is None:
+                on_unsent([*reversed(unsent), *stream.unread])
             # Cut: the engine's own count, set when its job ended (leaving ``async with`` waits for it,
             # at most ``SHUTDOWN_WAIT_S``); of a job still decoding its prompt in one go after that, the
             # prompt it began to decode. Failed with an error of the request's own after its prompt was
