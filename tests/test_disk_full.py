@@ -383,9 +383,19 @@ async def test_a_provider_whose_disk_fills_mid_traffic_serves_no_call_it_does_no
                     break
                 served += 1
             assert refused is not None, "the provider never met the full disk"
-            assert served == 3 and len(provider.market._unsettled) == 1  # the third call waits for space
+            assert served == 3
             assert refused.code == ErrorCode.UNAVAILABLE and refused.reason == DISK_FULL_REASON
             assert str(tmp_path) not in refused.message
+            # The third call waits for space: its settlement, tried as its end frame left, is refused. That
+            # try is not ordered before the fourth call's refusal: the fourth call's write-ahead row goes
+            # ahead of a settlement still queued for the ledger's writer (``Lane.FIRST``), so the refusal can
+            # reach the consumer first. Wait for the settlement's refusal, not for an order.
+            with trio.fail_after(10):
+                while not provider.market._unsettled:
+                    await trio.sleep(0.01)
+            assert len(provider.market._unsettled) == 1
+            assert len(await provider.ledger.pending_calls()) == 1  # its row, unsettled: not metered yet
+            assert (await provider.ledger.get_lease(view.lease_id)).metered_units == 5 * 2
 
             fillers[0].unlink()  # space returns: the settlements the disk refused land, calls are served
             with trio.fail_after(10):
