@@ -108,7 +108,9 @@ def test_the_bound_is_never_below_the_engines_own_chance_under_the_noise_it_allo
     assert ids.size == probs.size
     chance = float(probs[mask[ids]].sum())
     assert 0.0 < bound <= 1.0
-    assert chance <= bound + 1e-6
+    # The engine draws in float32: its chances carry float32 rounding (exp of logits ÷ temperature up
+    # to ~30: a few 1e-6 relative), which no bound computed in float64 from the rows has to cover.
+    assert chance <= bound * (1 + 1e-5) + 1e-6
 
 
 def _honest_cases() -> list[tuple[int, float, float, float]]:
