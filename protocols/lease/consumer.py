@@ -1,8 +1,8 @@
 """The consumer's side of a lease: ask for a quote and check it, lock the budget under an escrow id
 derived from our peer id (``lease_id_for``), open, check the grant, keep the token in memory only,
-call (counting each end frame only within what arrived, leaving a call by a cancel frame and reading
-on to its end frame), countersign receipts for what was counted (with an escrow voucher for the
-total), renew, end, and book the provider's claims as spend when seen on chain.
+call (counting each end frame only within what arrived and the proof it carries, leaving a call by
+a cancel frame and reading on to its end frame), countersign receipts for what was counted (with an
+escrow voucher for the total), renew, end, and book the provider's claims as spend when seen on chain.
 
 Its state is :class:`~protocols.machines.lease_consumer.ConsumerLease` (one table); its decisions
 are the verdicts of ``protocols.machines.lease_consumer`` (``quote_verdict``, ``grant_verdict``,
@@ -52,7 +52,15 @@ from protocols.machines import left_calls
 from protocols.machines.channel import lease_share
 from protocols.machines.escrow_lock import LOCK_UNCONFIRMED
 from protocols.machines.lease import LEASE_SALT_BYTES, chunk_tokens, lease_id_for
-from protocols.machines.lease_calls import call_bytes_bound, call_bytes_verdict, reply_tokens
+from protocols.machines.lease_calls import (
+    END_FRAME_OVER_PROOF,
+    call_bytes_bound,
+    call_bytes_verdict,
+    proof_meter_verdict,
+    proved_counts,
+    proved_end_frame_units,
+    reply_tokens,
+)
 from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
@@ -380,7 +388,12 @@ class ConsumerRole(ChannelRole):
                             last_frame = True
                             failed = error_frame(raw)
                             billed = None if failed is None else failed.units
-                            tokens_received = c.error_frame_units(billed, tokens_received, body)
+                            received, proof = tokens_received, None if failed is None else failed.verify
+                            tokens_received = c.error_frame_units(billed, received, body)
+                            overbilled = proof_meter_verdict(tokens_received, received, proved_counts(proof))
+                            if overbilled is not None:  # billed past its own proof: nothing is counted
+                                tokens_received = 0
+                                self._overbilled(held, lease_id, overbilled)
                             ending = c.call_ending("error", left=False, provider_stopped=False)
                             if c.ending_checked(ending, generated):
                                 # A reply was handed on before it failed: checked as if it had ended
@@ -388,7 +401,7 @@ class ConsumerRole(ChannelRole):
                                 # is a first unproved cut (an older provider's error frame has no proof).
                                 paid, tokens_received = tokens_received, 0
                                 held.count(self.clock(), paid)
-                                proof, text = None if failed is None else failed.verify, "".join(texts)
+                                text = "".join(texts)
                                 if not self._cut_let_go(held, ending, generated, proof):
                                     await self._spot_check(held, lease_id, body, proof, {}, text, paid, generated)
                             try:
@@ -409,11 +422,13 @@ class ConsumerRole(ChannelRole):
                                 texts.append(frame.data["text"])
                             await on_chunk(frame.data)
                             continue
-                        # Only units consistent with what arrived and what was asked are counted (and
-                        # later countersigned); an inflated end frame is refused, unacknowledged.
+                        # Only units consistent with what arrived, what was asked and the proof that
+                        # came are counted (and later countersigned); an inflated end frame is refused,
+                        # unacknowledged, and one billing past its own proof ends the lease too.
                         last_frame, received, tokens_received = True, tokens_received, 0
-                        counted = c.end_frame_units(frame.units, received, body)
+                        counted = proved_end_frame_units(frame.units, received, body, proved_counts(frame.verify))
                         if isinstance(counted, Refusal):
+                            self._overbilled(held, lease_id, counted, count=False)
                             raise counted.error()
                         held.count(self.clock(), counted)
                         if held.machine.may(c.ConsumerEvent.RESUME, c.PROVIDER):
@@ -551,6 +566,25 @@ class ConsumerRole(ChannelRole):
             held.apply(c.ConsumerEvent.CLOSE)
         self._spawn(self.revoke_held, lease_id)
 
+    def _overbilled(self, held: HeldLease, lease_id: str, refusal: Refusal, *, count: bool = True) -> None:
+        """A call's last frame was refused for billing more than arrived, or more than its own proof
+        commits: counted in ``failures`` (``count``: not where the refusal is raised, which counts it
+        there). One billing past its proof
+        (``proof_meter_verdict``) also ends the lease, as a failed check does: the chunks' tokens, the
+        units and the proof all came on the provider's own stream, so it billed more than it says it
+        produced; no further call is sent on it (closed now), and its revocation tells the provider and
+        refunds the rest of the lock. Not disputed (the chunks' counts are not signed: nothing an
+        arbiter can re-check) and not a failed check in the provider's standing (that records the
+        spot checks of its replies, shared with peers); the router counts the call as a failure."""
+        if count:
+            self._failed("call", refusal.error())
+        if refusal.reason != END_FRAME_OVER_PROOF:
+            return
+        log.warning("the provider of lease %s billed past its own proof: the lease ends", lease_id[:12])
+        if held.machine.may(c.ConsumerEvent.CLOSE, c.CONSUMER):
+            held.apply(c.ConsumerEvent.CLOSE)
+        self._spawn(self.revoke_held, lease_id)
+
     async def _leave_call(
         self, held: HeldLease, stream: INetStream, reader: FrameReader, body: dict[str, Any], tokens: int
     ) -> _Drained | None:
@@ -576,8 +610,12 @@ class ConsumerRole(ChannelRole):
                     if frame is None:  # the provider's error frame: everything before it arrived
                         failed = error_frame(raw)
                         units = c.error_frame_units(None if failed is None else failed.units, tokens, body)
-                        held.count(self.clock(), units)
                         proof = None if failed is None else failed.verify
+                        overbilled = proof_meter_verdict(units, tokens, proved_counts(proof))
+                        if overbilled is not None:  # billed past its own proof: nothing is counted
+                            units = 0
+                            self._overbilled(held, held.grant.lease_id, overbilled)
+                        held.count(self.clock(), units)
                         return _Drained("error", proof, units, "".join(texts), text_tokens)
                     if isinstance(frame, w.Chunk):
                         tokens += chunk_tokens(frame.data)
@@ -587,9 +625,11 @@ class ConsumerRole(ChannelRole):
                             if isinstance(frame.data.get("text"), str):
                                 texts.append(frame.data["text"])
                         continue
-                    counted = c.end_frame_units(frame.units, tokens, body)
+                    counted = proved_end_frame_units(frame.units, tokens, body, proved_counts(frame.verify))
                     if not isinstance(counted, Refusal):  # an inflated end frame counts nothing
                         held.count(self.clock(), counted)
+                    else:
+                        self._overbilled(held, held.grant.lease_id, counted)
                     with contextlib.suppress(Exception):
                         await write_frame(stream, w.CallAck().model_dump_json().encode())
                     units = 0 if isinstance(counted, Refusal) else counted

@@ -1,5 +1,6 @@
 """The rules both sides of a lease count with: what a call may cost (``plan_call``), what a consumer
-accepts of an end frame (``end_frame_verdict``) and of a receipt (``receipt_claim_verdict``, with
+accepts of an end frame (``end_frame_verdict``, and ``proof_meter_verdict`` when it carries verified
+inference's proof) and of a receipt (``receipt_claim_verdict``, with
 ``receipt_tolerance`` for the calls it left: ``left_calls`` says for how long), what a call cut
 before its end frame is billed (``aborted_call_units``), and the consumer's view of a held lease
 (``lease_fits``, ``lease_outlives``).
@@ -13,10 +14,13 @@ provider's session (``protocols.machines.lease``) and the consumer's machine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
+
+if TYPE_CHECKING:
+    from runtime.verify.evidence import CallProof
 
 OVER_BUDGET_MESSAGE = "the lease budget would be exceeded"
 
@@ -272,6 +276,72 @@ def end_frame_verdict(claimed_units: int, tokens_received: int, body: dict[str, 
     if claimed_units > bound:
         return Refusal(ErrorCode.CONFLICT, "end_frame_inflated", END_FRAME_INFLATED)
     return None
+
+
+class ProvedCounts(NamedTuple):
+    """The token counts a call's proof states (``runtime.verify.evidence.CallProof``): the prompt and
+    completion tokens its body signs, and how many token ids it lists."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: int
+
+
+def proved_counts(proof: CallProof | None) -> ProvedCounts | None:
+    """The counts of a frame's proof, None when the frame carries none."""
+    if proof is None:
+        return None
+    body = proof.commitment.body
+    return ProvedCounts(body.prompt_tokens, body.completion_tokens, len(proof.tokens))
+
+
+END_FRAME_OVER_PROOF = "end_frame_over_proof"
+CHUNKS_OVER_PROOF = "the chunks claim more tokens than the call's proof commits"
+UNITS_OVER_PROOF = "the call's frame claims more units than its proof's prompt and completion tokens"
+
+
+def proof_meter_verdict(claimed_units: int, tokens_received: int, proved: ProvedCounts | None) -> Refusal | None:
+    """Consumer side: whether a call's last frame (its end frame, or an error frame billing ``claimed_units``)
+    may be counted, held to the proof it carries (``proved``): the chunks' tokens (``tokens_received``,
+    what this side pays the reply by, ``chunk_tokens`` each) within the tokens the proof commits (the
+    fewer of its signed ``completion_tokens`` and its token ids), and the units claimed within those
+    plus the proof's signed ``prompt_tokens``. ``end_frame_verdict`` bounds a frame by the chunks
+    received and the prompt's estimate; without this a provider that streamed its real reply with
+    each chunk's ``tokens`` inflated (3 a token, say) and a valid proof of the real tokens was paid up
+    to ``max_tokens`` plus the estimate for a short reply, checked or not (the check compares the
+    proof with the text, which was real).
+
+    An honest provider never trips it: its engine sends each sampled token once with ``tokens: 1``
+    (a stop string's tokens too) and the chunks of the commitment alone with ``tokens: 0``, so the
+    chunks' tokens are exactly the positions its recorder committed; its end frame bills the engine's
+    prompt count (what the proof signs) plus those; a cut call's proof is sent only when it covers
+    every token written (``protocols.lease.serving``'s ``_failed_call_proof``) and bills the prompt
+    it signs.
+
+    No proof: nothing to hold the frame to (``None``; the spot check's ``no_proof`` is for that). The
+    signature is not checked here, nor whether the proof is this call's: that is the verification
+    path's business, and this rule only lowers what is paid, never raises it, so a forged proof with
+    bigger numbers gains nothing over ``end_frame_verdict``, and one with smaller numbers is the
+    provider's own word against its bill (both came on its stream)."""
+    if proved is None:
+        return None
+    committed = max(0, min(proved.completion_tokens, proved.token_ids))
+    if tokens_received > committed:
+        return Refusal(ErrorCode.CONFLICT, END_FRAME_OVER_PROOF, CHUNKS_OVER_PROOF)
+    if claimed_units > max(0, proved.prompt_tokens) + committed:
+        return Refusal(ErrorCode.CONFLICT, END_FRAME_OVER_PROOF, UNITS_OVER_PROOF)
+    return None
+
+
+def proved_end_frame_units(
+    claimed_units: int, tokens_received: int, body: dict[str, Any], proved: ProvedCounts | None
+) -> int | Refusal:
+    """Consumer side: the units a call's end frame adds to the count, or why it is refused (and counts
+    nothing): :func:`end_frame_verdict`, then :func:`proof_meter_verdict` on the proof it carries."""
+    verdict = end_frame_verdict(claimed_units, tokens_received, body) or proof_meter_verdict(
+        claimed_units, tokens_received, proved
+    )
+    return claimed_units if verdict is None else verdict
 
 
 # What a call's chunk frames may carry in all (consumer side): a share per unit the call may be billed
