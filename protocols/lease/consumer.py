@@ -65,6 +65,7 @@ from protocols.machines.verdict import Refusal, enforce
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger import EscrowRef, LeaseOpen, SignedReceipt
 from runtime.verify.evidence import CallProof
+from runtime.verify.provider import verifiable
 from wire.framing import FrameReader, write_frame
 from wire.rpc import parse_reply, request
 from wire.signed import open_base64, seal, to_base64
@@ -402,7 +403,7 @@ class ConsumerRole(ChannelRole):
                                 paid, tokens_received = tokens_received, 0
                                 held.count(self.clock(), paid)
                                 text = "".join(texts)
-                                if not self._cut_let_go(held, ending, generated, proof):
+                                if not self._cut_let_go(held, body, ending, generated, proof):
                                     await self._spot_check(held, lease_id, body, proof, {}, text, paid, generated)
                             try:
                                 parse_reply(raw, CALL_FRAMES)
@@ -456,7 +457,7 @@ class ConsumerRole(ChannelRole):
                         ending = c.call_ending(drained.last, left=True, provider_stopped=stopped)
                         checked = c.ending_checked(ending, generated + drained.text_tokens)
                         if checked and not self._cut_let_go(
-                            held, ending, generated + drained.text_tokens, drained.proof
+                            held, body, ending, generated + drained.text_tokens, drained.proof
                         ):
                             # The provider stopped after a reply was handed on: checked as if it had ended,
                             # with the proof of the end or error frame that answered the cancel, if one
@@ -486,10 +487,13 @@ class ConsumerRole(ChannelRole):
                 ErrorCode.UNAVAILABLE, f"the provider is unreachable ({type(error).__name__})"
             ) from None
 
-    def _cut_let_go(self, held: HeldLease, ending: c.CallEnding, text_tokens: int, proof: CallProof | None) -> bool:
+    def _cut_let_go(
+        self, held: HeldLease, body: dict[str, Any], ending: c.CallEnding, text_tokens: int, proof: CallProof | None
+    ) -> bool:
         """Whether a checked call that ended so without a proof is let go unchecked: its provider's first
-        unproved cut since its last passed check (``unproved_cut``, ``cut_forgiven``), counted here."""
-        if not c.unproved_cut(ending, text_tokens, proof is not None):
+        unproved cut since its last passed check (``unproved_cut``, ``cut_forgiven``), counted here; a call
+        served without a commitment by design (``verifiable``) is never counted (its check skips it)."""
+        if not c.unproved_cut(ending, text_tokens, proof is not None, committed=verifiable(body)):
             return False
         earlier = self.verifying.unproved_cut(held.grant.provider)
         return c.cut_forgiven(ending, False, earlier)

@@ -342,11 +342,14 @@ def ending_checked(ending: CallEnding, text_tokens: int) -> bool:
 UNPROVED_CUTS_FORGIVEN = 1
 
 
-def unproved_cut(ending: CallEnding, text_tokens: int, proof_sent: bool) -> bool:
+def unproved_cut(ending: CallEnding, text_tokens: int, proof_sent: bool, *, committed: bool = True) -> bool:
     """Whether a call that ended so counts as an unproved cut of its provider's (``Verifying.unproved_cut``
     counts them since its last passed check): a checked ending of :data:`CUT_ENDINGS` (after text)
-    whose last frame carried no proof, an end frame answering this side's cancel included."""
-    return ending in CUT_ENDINGS and not proof_sent and ending_checked(ending, text_tokens)
+    whose last frame carried no proof, an end frame answering this side's cancel included. Not a call
+    served without a commitment by design (``committed`` False: tools, a grammar, ``n`` > 1, penalties;
+    ``runtime.verify.provider.verifiable``): it never carries a proof, so counting it would use up an
+    honest provider's forgiven cut, and fail its next verifiable one that it could not prove."""
+    return committed and ending in CUT_ENDINGS and not proof_sent and ending_checked(ending, text_tokens)
 
 
 def cut_forgiven(ending: CallEnding, proof_sent: bool, earlier_cuts: int) -> bool:
