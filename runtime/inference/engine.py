@@ -965,12 +965,15 @@ class TokenStream:
         # The prompt's token ids as the engine built them for this request (set on the worker before
         # its decode; None until then): what it decoded, known without tokenizing again (a tokenize
         # waits in the admission queue behind other generations). Verified inference's proof binds them.
-        self.prompt_ids: list[int] | None = None
+        # Kept in a box the request's closure holds, not on ``self``: a closure over the stream would make
+        # a cycle (stream -> request -> closure -> stream) that only the garbage collector frees.
+        built: list[list[int]] = []
+        self._prompt_built = built
         build = request.prompt
 
         def prompt(llama: Any) -> tuple[list[int], list[str]]:  # runs on the worker, before the decode
             tokens, stops = build(llama)
-            self.prompt_ids = list(tokens)
+            built.append(list(tokens))
             return tokens, stops
 
         self._request = replace(request, prompt=prompt)
@@ -997,6 +1000,12 @@ class TokenStream:
         # left, but their ``commit`` entries may hold the top k of tokens whose text did (a block ends
         # after its last token's text, and the block in progress is handed out as the cancel ends it).
         self.unread: list[Any] = []
+
+    @property
+    def prompt_ids(self) -> list[int] | None:
+        """The prompt's token ids as the engine built them for this request (None until the worker built
+        them, before its decode)."""
+        return self._prompt_built[-1] if self._prompt_built else None
 
     @property
     def usage(self) -> TokenUsage | None:
