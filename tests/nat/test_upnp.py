@@ -39,7 +39,7 @@ def emit(event, **kw):
     print(json.dumps({"event": event, **kw}), flush=True)
 
 def igd_lookup(ports):
-    u = miniupnpc.UPnP(); u.discoverdelay = DISCOVER_MS
+    u = miniupnpc.UPnP(); u.discoverdelay = 1000  # the delay UpnpService's own search uses
     if not u.discover():
         return {"igd": False}
     u.selectigd()
@@ -185,7 +185,7 @@ def _nft_upnp(topo: Topology) -> str:
 @needs_upnpd
 def test_maps_renews_and_removes(topo: Topology) -> None:
     r1 = topo.router("r1")
-    lease = 4
+    lease = 2
     proc = _spawn(topo, "r1", lease)
     try:
         mapped = _read_event(proc, "mapped")
@@ -253,7 +253,7 @@ def test_taken_port_gets_another(topo: Topology) -> None:
     port = INTERNAL_PORT + 100
     other = r1.hosts[1]  # 192.168.1.11 already holds external TCP `port`
     topo.exec_in(other.ns, [sys.executable, "-c", _PREMAP, "add", str(port)])
-    proc = _spawn(topo, "r1", 4, port=port)
+    proc = _spawn(topo, "r1", 2, port=port)
     try:
         mapped = _read_event(proc, "mapped")
         by_proto = {m["proto"]: m for m in mapped["summary"]["mappings"]}
