@@ -35,6 +35,7 @@ from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.ledger.canonical import canonical_bytes
 from runtime.verify.evidence import COMMITMENT_DOMAIN, CallProof, CommitmentBody, sign_commitment
+from runtime.verify.evidence import text_sha256 as hash_of_text
 from tests.support.market import market_nodes
 from wire.peer_keys import ed25519_public_key
 from wire.spare_streams import SpareStreams
@@ -202,7 +203,7 @@ async def test_an_older_verifier_refusing_a_v3_proof_leaves_the_call_unverifiabl
         completion_tokens=2,
         root="cd" * 32,
         prompt_sha256="ef" * 32,
-        text_sha256="01" * 32,
+        text_sha256=hash_of_text("hi"),  # the text received: a signed hash of other text fails undrawn
         seeded=False,
     )
     proof = CallProof(commitment=sign_commitment(body, key), tokens=[5, 6], chunks=[])

@@ -6,11 +6,13 @@ import base64
 import threading
 
 import pytest
+from libp2p import generate_new_ed25519_identity
 
 from protocols.lease import verifying
 from runtime.verify import commitment
 from runtime.verify.commitment import Commitment, opening_matches
-from runtime.verify.evidence import CallProof, CommitmentBody, SignedCommitment
+from runtime.verify.evidence import CallProof, CommitmentBody, sign_commitment
+from wire.peer_keys import receipt_key
 
 
 def test_every_opening_of_a_full_proof_costs_one_tree() -> None:
@@ -49,10 +51,12 @@ async def test_openings_of_a_proof_are_built_on_a_worker_thread(monkeypatch: pyt
         raise ValueError("stop here")  # read as a call too long to check: unverifiable
 
     monkeypatch.setattr(verifying, "_openings", recording)
+    # Signed by the provider: a proof whose signature is not its own fails on every call, unopened.
+    key = receipt_key(generate_new_ed25519_identity().private_key)
     body = CommitmentBody(
         lease_id="lease-1",
         call_id="call-1",
-        provider="1" * 46,
+        provider=key.peer_id,
         model_sha256="ab" * 32,
         temperature_milli=0,
         top_p_milli=1000,
@@ -60,9 +64,10 @@ async def test_openings_of_a_proof_are_built_on_a_worker_thread(monkeypatch: pyt
         completion_tokens=32,
         root="00" * 32,
     )
-    proof = CallProof(commitment=SignedCommitment(body=body, sig=""), tokens=[5] * 32, chunks=["AA=="])
+    proof = CallProof(commitment=sign_commitment(body, key), tokens=[5] * 32, chunks=["AA=="])
     checks = verifying.Verifying(local_model=lambda sha256: _Model(), sample_rate=1.0)
-    outcome = await checks.check("1" * 46, "lease-1", {"prompt": "hi", "temperature": 0, "top_p": 1}, proof, text="x")
+    request = {"prompt": "hi", "temperature": 0, "top_p": 1}
+    outcome = await checks.check(key.peer_id, "lease-1", request, proof, text="x")
     assert outcome == "unverifiable"
     assert on_loop == [False]
 

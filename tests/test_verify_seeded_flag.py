@@ -32,7 +32,14 @@ from protocols.machines.verify import (
     seeded_matches,
 )
 from runtime.verify import check
-from runtime.verify.evidence import CallProof, CommitmentBody, DisputePackage, call_proof, sign_commitment
+from runtime.verify.evidence import (
+    CallProof,
+    CommitmentBody,
+    DisputePackage,
+    call_proof,
+    sign_commitment,
+    text_sha256,
+)
 from tests.test_verify_seeded_greedy import BODY as FRAMED
 from tests.test_verify_seeded_greedy import FRAMING_SEED
 
@@ -132,7 +139,7 @@ async def test_a_signed_flag_that_contradicts_the_request_is_a_sampling_mismatch
     temperature = round(float(request_body["temperature"]) * 1000)
     version = {"v": 2} if flag is None else {"v": 3, "seeded": flag}
     body = CommitmentBody.model_validate(
-        _fields(key, temperature_milli=temperature, prompt_sha256=HASH, text_sha256=HASH, **version)
+        _fields(key, temperature_milli=temperature, prompt_sha256=HASH, text_sha256=text_sha256("abc"), **version)
     )
     proof = CallProof(commitment=sign_commitment(body, key), tokens=[1, 2, 3], chunks=[])
     verifying = Verifying(local_model=lambda sha256: None)  # holds no file: only the file-free checks run

@@ -404,7 +404,9 @@ class ConsumerRole(ChannelRole):
                                 held.count(self.clock(), paid)
                                 text = "".join(texts)
                                 if not self._cut_let_go(held, body, ending, generated, proof):
-                                    await self._spot_check(held, lease_id, body, proof, {}, text, paid, generated)
+                                    await self._spot_check(
+                                        held, lease_id, body, proof, {}, text, paid, generated, ending=ending
+                                    )
                             try:
                                 parse_reply(raw, CALL_FRAMES)
                             except ClawnodeError as refusal:
@@ -474,6 +476,7 @@ class ConsumerRole(ChannelRole):
                                 drained.counted,
                                 generated,
                                 left_at=drained.left_at,
+                                ending=ending,
                             )
         except trio.TooSlowError:
             self.failures[("call", ErrorCode.TIMEOUT.value)] += 1
@@ -510,6 +513,7 @@ class ConsumerRole(ChannelRole):
         generated: int,
         *,
         left_at: float | None = None,
+        ending: c.CallEnding = c.CallEnding.END,
     ) -> None:
         """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned,
         and its own units leave what this side agrees it owes (a receipt pushed while the check ran may
@@ -518,7 +522,8 @@ class ConsumerRole(ChannelRole):
         ``proof`` and ``usage``: the end frame's, or the error frame's proof of a reply that failed
         after its chunks (``reply_tokens``), or the proof of the end or error frame that answered this
         side's cancel of a provider that stopped after them, or none (``ending_checked``; no usage: the
-        chunks received say what was produced).
+        chunks received say what was produced); ``ending``: which of those (``Verifying.check`` fails an
+        end frame's missing proof on every call, a cut's only when drawn).
 
         The check runs as a task of the market's own nursery (bounded by ``SPOT_CHECK_S``), which applies
         its consequences as soon as it has the outcome, and the caller waits for it shielded from the
@@ -533,7 +538,14 @@ class ConsumerRole(ChannelRole):
             try:
                 with trio.move_on_after(SPOT_CHECK_S) as bound:
                     found = await self.verifying.check(
-                        provider, lease_id, body, proof, text=text, usage=usage, received_tokens=generated
+                        provider,
+                        lease_id,
+                        body,
+                        proof,
+                        text=text,
+                        usage=usage,
+                        received_tokens=generated,
+                        ending=ending,
                     )
                 if bound.cancelled_caught:
                     log.warning("a check of %s took over %.0f s: left undecided", provider[:16], SPOT_CHECK_S)

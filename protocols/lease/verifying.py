@@ -8,9 +8,11 @@ a worker thread), and whether the ids spell the text received. Every proof's sig
 compared with the one the provider's signed record advertises for the lease's model (no file needed;
 a mismatched call is also checked against the file its proof names, where that file is at hand),
 and so are its signed temperature and top_p with the request's (``sampling_mismatch``), and a v3
-body's signed ``seeded`` flag with whether the request named a seed (``sampling_mismatch`` too), and a drawn
-call that should carry a proof (the record names a file, the request is verifiable,
-tokens were produced) but carries none fails as ``no_proof``.
+body's signed ``seeded`` flag with whether the request named a seed (``sampling_mismatch`` too), the
+proof's signature and, on an end frame, its signed text hash against the text received: all on every
+call, drawn or not (``protocols.machines.verify.every_call_facts``). An end frame that should carry a
+proof (the record names a file, the request is verifiable, tokens were produced) but carries none
+fails as ``no_proof`` on every call; a cut without one (an unproved cut, let go once) when drawn.
 ``protocols.machines.verify.check_verdict`` decides; a failure ends the lease (no more countersigned
 receipts) and refuses the call with ``E_FORBIDDEN verification_<reason>``; one the provider's signature
 binds keeps its evidence for the lease's dispute (``protocols.lease.arbiter``).
@@ -25,17 +27,21 @@ from typing import Any
 
 import trio
 
+from protocols.machines.lease_consumer import CUT_ENDINGS, CallEnding
 from protocols.machines.verify import (
     DEFAULT_SECOND_OPINION_RATE,
+    CallFacts,
     CheckFacts,
     CheckVerdict,
     check_verdict,
+    every_call_facts,
     findings_counted,
     reconcile_opinions,
     sampling_matches,
     second_opinion_drawn,
     seeded_matches,
     standing_with_reports,
+    text_hash_matches,
     verifier_standing,
 )
 from runtime.ledger import Ledger
@@ -43,7 +49,7 @@ from runtime.ledger.verifications import VerificationRow
 from runtime.verify.book import Record, VerificationBook
 from runtime.verify.check import prefill_for
 from runtime.verify.commitment import MAX_TOKENS, Opening
-from runtime.verify.evidence import CallProof, DisputePackage, commitment_signed, request_seeded
+from runtime.verify.evidence import CallProof, DisputePackage, commitment_signed, request_seeded, text_sha256
 from runtime.verify.provider import declared_sampling, verifiable
 from runtime.verify.reports import ReportBook
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE, should_check
@@ -222,15 +228,20 @@ class Verifying:
         text: str | None = None,
         usage: dict[str, int] | None = None,
         received_tokens: int = 0,
+        ending: CallEnding = CallEnding.END,
     ) -> str:
         """``passed``, ``failed:<reason>``, ``unverifiable`` or ``skipped``. ``text``: the reply as
         received; ``usage``: the end frame's; ``received_tokens``: the tokens of the reply's chunks that
         arrived, text or not (``reply_tokens``: what this side paid as generated, whatever the provider's
-        usage says)."""
+        usage says); ``ending``: how the call ended (``lease_consumer.call_ending``: its own end frame,
+        or a cut after its text). What needs no file is checked on every call
+        (``protocols.machines.verify.every_call_facts``): an end frame's missing proof, the proof's
+        signature, its signed sampling and, on an end frame, its signed text hash; the prefill is drawn."""
         if self.local_model is None:
             return "skipped"
         if self.pull_reports is not None and not self.book.checked_before(provider):
             self.pull_reports(provider)  # in the background; at most once in 10 minutes a provider
+        cut, error_frame = ending in CUT_ENDINGS, ending in (CallEnding.ERROR, CallEnding.STOPPED)
         if proof is None:
             # The chunks that arrived, not only the provider's word: an end frame with no proof and a
             # usage naming no completion tokens was skipped, so a cheat could serve unchecked.
@@ -239,7 +250,8 @@ class Verifying:
                 return "skipped"  # a call served without a commitment by design
             if not await self._advertised_sha256(provider, lease_id):
                 return "skipped"  # the record names no file: nothing was promised
-            if not self._drawn(provider):
+            # An end frame's on every call (an honest provider always proves it); a cut's when drawn.
+            if every_call_facts(CallFacts(False, proof_owed=True, cut=cut)) is None and not self._drawn(provider):
                 return "skipped"
             return await self._failed(provider, CheckFacts(False, False, False, False, proof_sent=False))
         signed = proof.commitment.body
@@ -248,15 +260,33 @@ class Verifying:
         if expected and signed.model_sha256 != expected:
             # Needs no file: checked on every call that carries a proof (a prefill only on a mismatch).
             return await self._mismatched(provider, lease_id, body, proof, text, bound)
+        # Needs no file either, so checked on every call: the signature (a proof anyone could write would
+        # stand in for a missing one); the signed sampling, which every sampling-dependent rule
+        # (not_sampled, too_greedy) reads, so a provider that signs a cooler one than asked would pass them
+        # served greedily, and one that signs seeded for an unseeded request would make a too_greedy
+        # failure undisputable; and the signed hash of the text it says it streamed.
         sampled = sampling_matches((signed.temperature_milli, signed.top_p_milli), _declared(body))
-        if not (sampled and seeded_matches(signed.seeded, request_seeded(body))):
-            # Needs no file either: every sampling-dependent rule (not_sampled, too_greedy) reads the
-            # signed pair, so a provider that signs a cooler one than asked would pass them served greedily;
-            # and one that signs seeded for an unseeded request would make a too_greedy failure undisputable.
-            self._sha256_now = signed.model_sha256
-            return await self._failed(provider, CheckFacts(bound, True, True, True, sampling_matches=False))
+        found = every_call_facts(
+            CallFacts(
+                True,
+                cut=cut,
+                error_frame=error_frame,
+                root_signed=bound and commitment_signed(proof.commitment, ed25519_public_key),
+                sampling_matches=sampled and seeded_matches(signed.seeded, request_seeded(body)),
+                text_hash_matches=text_hash_matches(signed.text_sha256, None if text is None else text_sha256(text)),
+                body_version=signed.v,
+                signed_seeded=signed.seeded,
+            )
+        )
+        if found is not None and found.text_hash_matches:  # unsigned, or signed for another sampling
+            return await self._found(provider, found, signed.model_sha256)
+        # ``found``, if any, is a text hash that is not the text received: failed whatever the draw; a drawn
+        # check on this node's copy runs first all the same, for a failure it finds before that one
+        # (``check_call``'s order: a prompt of another length is disputed, the text hash is not).
         model = self.local_model(signed.model_sha256)
         if model is None:
+            if found is not None:  # certain without the file: no leased check is bought for it
+                return await self._found(provider, found, signed.model_sha256)
             if self.remote is None:
                 await self._note(provider, "unverifiable", "no_file")
                 return "unverifiable"
@@ -264,13 +294,22 @@ class Verifying:
                 return "skipped"
             return await self._check_remotely(provider, lease_id, body, proof, text, bound)
         if not self._drawn(provider):
+            if found is not None:
+                return await self._found(provider, found, signed.model_sha256)
             return "skipped"
         facts, unverifiable, prompt = await self._local_facts(model, body, proof, text, bound)
+        if found is not None and (facts is None or check_verdict(facts).outcome != "failed"):
+            return await self._found(provider, found, signed.model_sha256)
         if facts is None:
             await self._note(provider, "unverifiable", unverifiable)
             return "unverifiable"
         self._sha256_now = signed.model_sha256
         return await self._failed(provider, facts, _package(lease_id, proof, prompt, text, bound))
+
+    async def _found(self, provider: str, facts: CheckFacts, sha256: str) -> str:
+        """A failure ``every_call_facts`` found, about the file ``sha256`` (never disputed: no evidence)."""
+        self._sha256_now = sha256
+        return await self._failed(provider, facts)
 
     async def _local_facts(
         self, model: Any, body: dict[str, Any], proof: CallProof, text: str | None, bound: bool

@@ -4,9 +4,10 @@
 provider whose openings do not match the root it signed, who does not answer, or whose openings
 disagree with the verifier's prefill of the advertised file has failed; the consumer then stops
 countersigning, ends the lease and opens a dispute with the signed evidence. So has a provider
-that sends no proof for a call drawn for a check although its record names the file, one that
+that sends no proof in the end frame of a call although its record names the file, one that
 signs for another file than its record advertises, and one whose proof's token ids do not spell
-the text the consumer received. A check the consumer
+the text the consumer received. :func:`every_call_facts` says which of these need no file, and so
+fail a call whether or not it was drawn for a check. A check the consumer
 cannot run (it holds another file, or none) is ``unverifiable``: no consequence, and no credit.
 
 :func:`standing` is the per-provider score the router ranks by: checks passed raise it slowly, a
@@ -158,6 +159,68 @@ def _check_verdict(facts: CheckFacts) -> CheckVerdict:
     if facts.findings_reason:
         return CheckVerdict("failed", facts.findings_reason)
     return CheckVerdict("passed")
+
+
+@dataclass(frozen=True)
+class CallFacts:
+    """What a consumer sees of every call that ended after a reply, with no file and no prefill
+    (:func:`every_call_facts`): checked on every call, drawn for a spot check or not."""
+
+    proof_sent: bool  # the call's last frame carried a proof that parses
+    # No proof: one was owed (the provider's record names a file, the request is verifiable, tokens
+    # were produced: by the end frame's usage or the chunks received, whichever says more).
+    proof_owed: bool = False
+    # The call ended after its text otherwise than by its own end frame: an error frame, a stop, an end
+    # frame answering this side's cancel (``lease_consumer.CUT_ENDINGS``). Its missing proof is an
+    # unproved cut, forgiven once and then drawn (``lease_consumer.cut_forgiven``), not failed here.
+    cut: bool = False
+    # The proof came on an error frame (an error, or a stop answered by one): an honest provider whose
+    # write of a chunk failed (its consumer not reading for ``CALL_READ_TIMEOUT_S``) signs text that
+    # never left, so its text hash is compared only in a drawn check, as before.
+    error_frame: bool = False
+    root_signed: bool = True  # the body's signature is the provider's, for this provider and lease
+    sampling_matches: bool = True  # the signed temperature, top_p and seeded flag are the request's
+    # The signed ``text_sha256`` (v2, v3) is the hash of the text received (:func:`text_hash_matches`).
+    text_hash_matches: bool = True
+    body_version: int = 1
+    signed_seeded: bool | None = None
+
+
+def every_call_facts(call: CallFacts) -> CheckFacts | None:
+    """The facts :func:`check_verdict` fails a call on whatever the draw, or None when nothing needing
+    no file is wrong (the prefill, the openings and the rest wait for a drawn check). A missing proof
+    the end frame owed (``no_proof``: a cut's goes by its forgiven-once rule and the draw), a signature
+    that is not the provider's for this lease (``unsigned_root``), a signed sampling that is not the
+    request's (``sampling_mismatch``), a signed text hash that is not the text received, on an end
+    frame (``text_hash_mismatch``): each needs a hash or a signature check, and an honest provider
+    never trips one (its end frame of a reply always carries a proof that hashes the text it wrote),
+    so a provider that omits its proofs, or signs one for other text, is caught on that very call,
+    not on one call in ``verify.sample_rate``. The reasons, and whether each is disputed, are
+    :func:`check_verdict`'s, as after a drawn check."""
+    if not call.proof_sent:
+        if call.proof_owed and not call.cut:
+            return CheckFacts(False, False, False, False, proof_sent=False)
+        return None
+    version, seeded = call.body_version, call.signed_seeded
+    if not call.root_signed:
+        return CheckFacts(False, True, True, True, body_version=version, signed_seeded=seeded)
+    if not call.sampling_matches:
+        return CheckFacts(True, True, True, True, sampling_matches=False, body_version=version, signed_seeded=seeded)
+    if not call.text_hash_matches and not call.error_frame:
+        return CheckFacts(True, True, True, True, text_hash_matches=False, body_version=version, signed_seeded=seeded)
+    return None
+
+
+def every_call_verdict(call: CallFacts) -> CheckVerdict | None:
+    """:func:`every_call_facts` as the verdict it gives (None: nothing found without a file)."""
+    facts = every_call_facts(call)
+    return None if facts is None else check_verdict(facts)
+
+
+def text_hash_matches(signed: str | None, received: str | None) -> bool:
+    """Whether a body's signed ``text_sha256`` (None: a v1 body signs none) is ``received``, the hash of
+    the text this side received (None: no text known): ``evidence.text_sha256`` of it."""
+    return signed is None or received is None or signed == received
 
 
 MAX_TEMPERATURE_MILLI = 2000  # what a commitment body can sign (evidence.CommitmentBody)
