@@ -34,6 +34,7 @@ from protocols.lease.verifying import Verifying
 from protocols.machines import left_calls
 from protocols.machines.history import finished_to_evict
 from protocols.machines.lease import FINISHED_KEEP, FINISHED_KEEP_S, USED_QUOTES_MAX, LeaseSession, quotes_to_forget
+from protocols.machines.lease_calls import call_units_needed
 from protocols.machines.lease_consumer import CONSUMER, ConsumerEvent, ConsumerLease
 from protocols.settings import MarketSection
 from runtime.errors import ClawnodeError, ErrorCode, Reason
@@ -184,7 +185,9 @@ class HeldLease:
 
     def count_left(self, now: float, received: int, body: Any) -> None:
         """Count a call left without the provider's last frame: the ``received`` units that arrived,
-        and its allowance until a receipt bills past it (``left_calls``)."""
+        and its allowance until a receipt bills past it (``left_calls``); never more than the call could be
+        reserved (``call_units_needed``): the chunks' ``tokens`` are the provider's word."""
+        received = min(received, call_units_needed(body))
         self.seen_units += received
         self.aborted_calls += 1
         self.left = left_calls.left(self.left, now, received, body)

@@ -261,8 +261,9 @@ def reply_tokens(body: dict[str, Any], data: dict[str, Any]) -> int:
 
 def end_frame_verdict(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> Refusal | None:
     """Consumer side: whether a call's end frame may be counted: its units within what was delivered and
-    asked, i.e. the tokens received plus the prompt's estimate, and ``max_tokens`` plus that estimate
-    when the request declared one."""
+    asked, i.e. the tokens received plus the prompt's estimate, and ``max_tokens`` (``DEFAULT_COMPLETION_CAP``
+    when the request declared none) plus that estimate: a chunk's ``tokens`` is the provider's word, and
+    one chunk claiming 100,000 tokens was otherwise paid in full on a request without ``max_tokens``."""
     if claimed_units < 0 or tokens_received < 0:
         return Refusal(ErrorCode.INVALID_ARGUMENT, "units_negative", "units must be >= 0")
     prompt = prompt_units_estimate(body)
@@ -271,8 +272,8 @@ def end_frame_verdict(claimed_units: int, tokens_received: int, body: dict[str, 
         declared = declared_max_tokens(body)
     except ClawnodeError:
         declared = None
-    if declared is not None:
-        bound = min(bound, declared * completion_choices(body) + prompt)
+    # The provider reserves at most this for the call (``plan_call``) and bills within its reservation.
+    bound = min(bound, (declared or DEFAULT_COMPLETION_CAP) * completion_choices(body) + prompt)
     if claimed_units > bound:
         return Refusal(ErrorCode.CONFLICT, "end_frame_inflated", END_FRAME_INFLATED)
     return None

@@ -53,6 +53,7 @@ from protocols.machines.escrow_lock import escrow_frozen, trusted_arbiter_verdic
 from protocols.machines.history import History
 from protocols.machines.lease import LEASE_HISTORY
 from protocols.machines.lease_calls import (
+    call_units_needed,
     end_frame_verdict,
     lease_outlives,
     receipt_claim_verdict,
@@ -273,9 +274,10 @@ def error_frame_units(claimed_units: int | None, tokens_received: int, body: dic
     """The units a call's error frame adds to our count: what it bills (the chunks before it and the
     prompt the engine decoded before failing) when an end frame could claim as much
     (:func:`~protocols.machines.lease.end_frame_verdict`: what arrived plus the prompt's estimate),
-    else the tokens received, all an older provider's frame (which names no units) bills."""
+    else the tokens received, all an older provider's frame (which names no units) bills, never more than
+    the call could be reserved (``call_units_needed``: the chunks' ``tokens`` are the provider's word)."""
     if claimed_units is None or end_frame_verdict(claimed_units, tokens_received, body) is not None:
-        return tokens_received
+        return min(tokens_received, call_units_needed(body))
     return claimed_units
 
 

@@ -14,7 +14,12 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from protocols.machines import lease_consumer as c
-from protocols.machines.lease import ABORTED_CALL_TOLERANCE_UNITS, lease_fits, prompt_units_estimate
+from protocols.machines.lease import (
+    ABORTED_CALL_TOLERANCE_UNITS,
+    DEFAULT_COMPLETION_CAP,
+    lease_fits,
+    prompt_units_estimate,
+)
 from protocols.machines.lease_consumer import (
     CONSUMER,
     CONSUMER_LEASE_MACHINE,
@@ -234,9 +239,8 @@ def test_random_end_frames_count_only_what_arrived() -> None:
             body["max_tokens"] = max_tokens
         counted = c.end_frame_units(claimed, received, body)
         tally(seen, counted if isinstance(counted, Refusal) else None)
-        bound = received + prompt_units_estimate(body)
-        if max_tokens is not None:
-            bound = min(bound, max_tokens + prompt_units_estimate(body))
+        reservable = (max_tokens or DEFAULT_COMPLETION_CAP) + prompt_units_estimate(body)
+        bound = min(received + prompt_units_estimate(body), reservable)
         if claimed < 0:
             assert isinstance(counted, Refusal) and counted.code == ErrorCode.INVALID_ARGUMENT
         elif claimed > bound:
@@ -251,7 +255,7 @@ def test_random_end_frames_count_only_what_arrived() -> None:
 def test_random_error_frames_count_their_units_within_an_end_frames_bound() -> None:
     """An error frame's ``units`` (the chunks before it and the prompt the engine decoded) count as an
     end frame's would; one that names none (an older provider's), or more than an end frame could
-    claim, counts the chunks received alone."""
+    claim, counts the chunks received alone, never past what the call could be reserved."""
     seen: Counter[str] = Counter()
 
     @settings(max_examples=300, deadline=None, database=None)
@@ -266,12 +270,12 @@ def test_random_error_frames_count_their_units_within_an_end_frames_bound() -> N
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
         counted = c.error_frame_units(claimed, received, body)
-        bound = received + prompt_units_estimate(body)
-        if max_tokens is not None:
-            bound = min(bound, max_tokens + prompt_units_estimate(body))
+        # What the provider could reserve for the call at most: max_tokens, else the default cap.
+        reservable = (max_tokens or DEFAULT_COMPLETION_CAP) + prompt_units_estimate(body)
+        bound = min(received + prompt_units_estimate(body), reservable)
         if claimed is None or not 0 <= claimed <= bound:
             seen["chunks alone"] += 1
-            assert counted == received
+            assert counted == min(received, reservable)
         else:
             seen["units"] += 1
             assert counted == claimed
