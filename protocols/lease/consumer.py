@@ -92,6 +92,7 @@ class _Drained:
     text: str = ""  # reply text in chunks that came after this side left (not handed to its caller)
     text_tokens: int = 0  # the tokens those chunks add to the reply (``reply_tokens``), text or not
     left_at: float | None = None  # when it was counted as a left call (its allowance), if it was
+    overbilled: bool = False  # that frame billed past its own proof: the lease ends after the call's check
 
 
 class ConsumerRole(ChannelRole):
@@ -394,7 +395,7 @@ class ConsumerRole(ChannelRole):
                             overbilled = proof_meter_verdict(tokens_received, received, proved_counts(proof))
                             if overbilled is not None:  # billed past its own proof: nothing is counted
                                 tokens_received = 0
-                                self._overbilled(held, lease_id, overbilled)
+                                self._overbilled(held, lease_id, overbilled, revoke=False)
                             ending = c.call_ending("error", left=False, provider_stopped=False)
                             if c.ending_checked(ending, generated):
                                 # A reply was handed on before it failed: checked as if it had ended
@@ -407,6 +408,8 @@ class ConsumerRole(ChannelRole):
                                     await self._spot_check(
                                         held, lease_id, body, proof, {}, text, paid, generated, ending=ending
                                     )
+                            if overbilled is not None:  # its check passed or was not drawn: revoked now
+                                self._revoke_undisputed(lease_id)
                             try:
                                 parse_reply(raw, CALL_FRAMES)
                             except ClawnodeError as refusal:
@@ -478,6 +481,8 @@ class ConsumerRole(ChannelRole):
                                 left_at=drained.left_at,
                                 ending=ending,
                             )
+                        if drained.overbilled:  # its check passed or was not drawn: revoked now
+                            self._revoke_undisputed(lease_id)
         except trio.TooSlowError:
             self.failures[("call", ErrorCode.TIMEOUT.value)] += 1
             raise ClawnodeError(ErrorCode.TIMEOUT, "the provider did not finish in time") from None
@@ -582,7 +587,9 @@ class ConsumerRole(ChannelRole):
             held.apply(c.ConsumerEvent.CLOSE)
         self._spawn(self.revoke_held, lease_id)
 
-    def _overbilled(self, held: HeldLease, lease_id: str, refusal: Refusal, *, count: bool = True) -> None:
+    def _overbilled(
+        self, held: HeldLease, lease_id: str, refusal: Refusal, *, count: bool = True, revoke: bool = True
+    ) -> None:
         """A call's last frame was refused for billing more than arrived, or more than its own proof
         commits: counted in ``failures`` (``count``: not where the refusal is raised, which counts it
         there). One billing past its proof
@@ -591,7 +598,10 @@ class ConsumerRole(ChannelRole):
         produced; no further call is sent on it (closed now), and its revocation tells the provider and
         refunds the rest of the lock. Not disputed (the chunks' counts are not signed: nothing an
         arbiter can re-check) and not a failed check in the provider's standing (that records the
-        spot checks of its replies, shared with peers); the router counts the call as a failure."""
+        spot checks of its replies, shared with peers); the router counts the call as a failure.
+        ``revoke`` False: the frame's proof is still to be checked (an error frame's, a cancel's answer),
+        so the revocation waits for that check (``_revoke_undisputed``): a failed one with signed
+        evidence disputes the lease instead, which must freeze the escrow before anything settles it."""
         if count:
             self._failed("call", refusal.error())
         if refusal.reason != END_FRAME_OVER_PROOF:
@@ -599,7 +609,14 @@ class ConsumerRole(ChannelRole):
         log.warning("the provider of lease %s billed past its own proof: the lease ends", lease_id[:12])
         if held.machine.may(c.ConsumerEvent.CLOSE, c.CONSUMER):
             held.apply(c.ConsumerEvent.CLOSE)
-        self._spawn(self.revoke_held, lease_id)
+        if revoke:
+            self._spawn(self.revoke_held, lease_id)
+
+    def _revoke_undisputed(self, lease_id: str) -> None:
+        """Revoke a lease closed for overbilling once its call's check is over, unless that check (or an
+        earlier one) left signed evidence: then its dispute settles the escrow."""
+        if lease_id not in self.verifying.evidence:
+            self._spawn(self.revoke_held, lease_id)
 
     async def _leave_call(
         self, held: HeldLease, stream: INetStream, reader: FrameReader, body: dict[str, Any], tokens: int
@@ -630,9 +647,10 @@ class ConsumerRole(ChannelRole):
                         overbilled = proof_meter_verdict(units, tokens, proved_counts(proof))
                         if overbilled is not None:  # billed past its own proof: nothing is counted
                             units = 0
-                            self._overbilled(held, held.grant.lease_id, overbilled)
+                            self._overbilled(held, held.grant.lease_id, overbilled, revoke=False)
                         held.count(self.clock(), units)
-                        return _Drained("error", proof, units, "".join(texts), text_tokens)
+                        text = "".join(texts)
+                        return _Drained("error", proof, units, text, text_tokens, overbilled=overbilled is not None)
                     if isinstance(frame, w.Chunk):
                         tokens += chunk_tokens(frame.data)
                         room -= len(raw)
@@ -642,14 +660,15 @@ class ConsumerRole(ChannelRole):
                                 texts.append(frame.data["text"])
                         continue
                     counted = proved_end_frame_units(frame.units, tokens, body, proved_counts(frame.verify))
+                    over = isinstance(counted, Refusal) and counted.reason == END_FRAME_OVER_PROOF
                     if not isinstance(counted, Refusal):  # an inflated end frame counts nothing
                         held.count(self.clock(), counted)
                     else:
-                        self._overbilled(held, held.grant.lease_id, counted)
+                        self._overbilled(held, held.grant.lease_id, counted, revoke=False)
                     with contextlib.suppress(Exception):
                         await write_frame(stream, w.CallAck().model_dump_json().encode())
                     units = 0 if isinstance(counted, Refusal) else counted
-                    return _Drained("end", frame.verify, units, "".join(texts), text_tokens)
+                    return _Drained("end", frame.verify, units, "".join(texts), text_tokens, overbilled=over)
         except Exception:  # noqa: BLE001 - a stalled, gone or cut provider
             pass
         left_at = self.clock()
