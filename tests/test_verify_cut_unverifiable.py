@@ -2,17 +2,36 @@
 
 Pure rules (``protocols.machines.lease_consumer``) and the predicate the consumer feeds them
 (``runtime.verify.provider.verifiable``): an honest provider whose tool call (never proved: tools,
-grammars, ``n`` > 1 carry no commitment) fails after its text must still have its one forgiven cut left
-for a verifiable call it cannot prove (a broken connection).
+grammars, ``n`` > 1, penalties carry no commitment) fails after its text must still have its one
+forgiven cut left for a verifiable call it cannot prove (a broken connection). And the consumer's own
+wiring, on real nodes with the tiny model: a stalled call with a penalty, then a verifiable call whose
+connection is cut after its reply, is let go, not failed ``no_proof``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols.machines.lease_consumer import CUT_ENDINGS, CallEnding, cut_forgiven, unproved_cut
+from runtime.errors import ClawnodeError
+from runtime.inference.models import ModelSpec
+from runtime.inference.tiny_model import write_tiny_llama_gguf
+from runtime.verify import check
 from runtime.verify.provider import verifiable
+from tests.support.market import market_nodes
+from tests.test_verify_stall import STALL_S, _pausing_after_text
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 TOOLS = {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
@@ -36,3 +55,80 @@ def test_an_uncommitted_call_is_never_an_unproved_cut(ending: CallEnding, tokens
     assert unproved_cut(ending, tokens, proof) == unproved_cut(ending, tokens, proof, committed=True)
     if ending in CUT_ENDINGS and not proof and tokens > 0:
         assert unproved_cut(ending, tokens, proof)
+
+
+@pytest.fixture(autouse=True)
+def _own_prefills(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(check, "_prefills", {})
+
+
+def _spec(path: Path) -> ModelSpec:
+    return ModelSpec(name="tiny", path=str(path), price_per_unit=1000, n_threads=1, n_ctx=256)  # type: ignore[call-arg]
+
+
+@contextlib.contextmanager
+def _pausing_mid_reply(service: Any, after: int) -> Iterator[None]:
+    """The provider's service goes silent after ``after`` tokens of its reply (past the consumer's stall)."""
+    real_run = service.run
+
+    async def run(body: dict[str, Any], emit: Any, **kwargs: Any) -> Any:
+        tokens = 0
+
+        async def pausing(data: dict[str, Any]) -> None:
+            nonlocal tokens
+            await emit(data)
+            if data.get("text") is not None and data.get("tokens"):
+                tokens += data["tokens"]
+                if tokens >= after:
+                    await trio.sleep(20 * STALL_S)
+
+        return await real_run(body, pausing, **kwargs)
+
+    service.run = run
+    try:
+        yield
+    finally:
+        del service.run
+
+
+async def _ignore(data: dict[str, Any]) -> None:
+    return None
+
+
+async def test_a_stalled_unproved_call_by_design_leaves_the_next_cut_forgiven(tmp_path: Path) -> None:
+    tiny = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
+    released = trio.Event()
+    async with market_nodes([{"models": (_spec(tiny),)}, {"models": (_spec(tiny),)}]) as (nodes, _):
+        consumer, provider = nodes
+        provider_id = str(provider.host.get_id())
+        market = consumer.market
+        service = provider.market.services.get("model:tiny")
+        lease = await market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
+        # A penalty: served without a commitment by design, so its stall is answered without a proof.
+        with _pausing_mid_reply(service, 2), pytest.raises(ClawnodeError):
+            await market.stream_call(
+                lease.lease_id, {**CHAT, "max_tokens": 30, "presence_penalty": 0.5}, _ignore, stall_s=STALL_S
+            )
+        assert market.verifying._cuts.get(provider_id, 0) == 0  # not counted as an unproved cut
+        chunks: list[dict[str, Any]] = []
+
+        async def collect(data: dict[str, Any]) -> None:
+            chunks.append(data)
+
+        async def hang_up() -> None:  # honest: the link drops after the reply (a relay gone)
+            while not chunks:
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)
+            await provider.host.disconnect(consumer.host.get_id())
+
+        with trio.fail_after(5):
+            while not market.verifying._advertised.get(lease.lease_id):
+                await trio.sleep(0.01)
+        try:
+            with _pausing_after_text(service, ["cut"], released, hang_up), pytest.raises(ClawnodeError) as cut:
+                await market.stream_call(lease.lease_id, CHAT, collect, stall_s=STALL_S)
+        finally:
+            released.set()
+        assert cut.value.reason != "verification_no_proof"  # let go: its one forgiven cut was still there
+        record = market.verifying.book.get(provider_id)
+        assert record is None or record.failed == 0
