@@ -146,6 +146,11 @@ class ServedLease:
     escrow_checking: bool = False
     released: trio.Event = field(default_factory=trio.Event)  # set whenever a reservation is given back
     channel_base: int | None = None  # drawn on a payment channel (escrow.escrow_id): vouchers are base + amount
+    # The model file its offer named when it was granted (the consumer's record of it too): its calls are
+    # proved for that file whatever the offer says later (edited without it, withdrawn to drain the node),
+    # since the consumer fails an end frame that owes a proof and carries none. "" after a restart: the
+    # offer's then.
+    sha256: str = ""
 
     def reservation_returned(self) -> None:
         self.released.set()

@@ -188,6 +188,7 @@ class ProviderRole(ServingRole, ChannelRole):
             last_claim_at=self.clock(),
             escrow_checked_at=self.clock(),
             channel_base=opening.channel_base,
+            sha256=getattr(self._offer(grant.capability), "sha256", "") or "",
         )
         log.info("lease %s granted to %s for %s", grant.lease_id[:12], remote[:16], grant.capability)
         envelope = seal(grant, self.key, domain=w.GRANT_DOMAIN, payload_type=w.GRANT_TYPE)

@@ -208,6 +208,8 @@ class ServingRole(LeaseCore):
         capability = served.grant.capability
         offer = next((offer for offer in self.offers() if offer.name == capability), None)
         enforce(serves(required_features(call.body), offer.model_facts() if offer else None, capability=capability))
+        # The file this call is proved for: the one the lease was granted for (``ServedLease.sha256``).
+        sha256 = served.sha256 or (offer.sha256 if offer is not None else "")
         # Units held for this call until it is metered, so calls in flight never overshoot the budget.
         give_up_at = trio.current_time() + RESERVE_WAIT_S
         while True:
@@ -283,7 +285,7 @@ class ServingRole(LeaseCore):
         # The engine is told to stop where the reservation ends.
         body = {**call.body, "max_tokens": plan.max_tokens}
         # Verified inference: a model call whose record names its file is served with a commitment.
-        recorder = await self._recorder(service, offer, body)
+        recorder = await self._recorder(service, sha256, body)
         commit = 0
         if recorder is not None:
             if recorder.asked or not isinstance(service, ChatService):
@@ -337,12 +339,10 @@ class ServingRole(LeaseCore):
         if not isinstance(outcome, Usage) and recorder is not None and unsent:
             _record_unsent(recorder, unsent, ticket.streamed)
         if isinstance(outcome, Exception):
-            if recorder is not None and offer is not None and ticket.streamed > 0:
+            if recorder is not None and ticket.streamed > 0:
                 # Failed after writing a reply it recorded: the error frame carries its proof, so the
                 # consumer can check what it was handed (``_failed_call_proof``).
-                ticket.proof = await self._failed_call_proof(
-                    recorder, service, offer.sha256, call, call_id, ticket, ids
-                )
+                ticket.proof = await self._failed_call_proof(recorder, service, sha256, call, call_id, ticket, ids)
             raise outcome
         self.serve_duration_s.observe(time.monotonic() - started)
         if outcome is None:
@@ -351,21 +351,21 @@ class ServingRole(LeaseCore):
             units = aborted_call_units(plan.reserve, ticket.streamed, ticket.prompt)
             usage = {"prompt_tokens": min(ticket.prompt, units), "completion_tokens": ticket.streamed}
             cut_proof = None
-            if recorder is not None and offer is not None and ticket.streamed > 0:
+            if recorder is not None and ticket.streamed > 0:
                 # With the proof of the text it streamed, as a failed call's error frame: a consumer that
                 # left because this side went silent (or sent too much) checks the reply it was handed
                 # (``protocols.machines.lease_consumer.ending_checked``), so a cheat that stalls at the
                 # end of every reply is checked too, and an honest provider can prove its reply.
-                cut_proof = await self._failed_call_proof(recorder, service, offer.sha256, call, call_id, ticket, ids)
+                cut_proof = await self._failed_call_proof(recorder, service, sha256, call, call_id, ticket, ids)
             return w.CallEnd(units=units, usage=usage, served_by=self.peer_id, verify=cut_proof)
         # Its end frame may yet not leave: then it is billed as a cut call (``_handle_call``).
         ticket.prompt = max(0, int(outcome.detail.get("prompt_tokens", 0)))
         # An engine that counts more than the call reserved costs the provider, never the consumer.
         units = served.session.billable(plan.reserve, max(0, outcome.units))
         proof = None
-        if recorder is not None and offer is not None:
+        if recorder is not None:
             proof = await self._call_proof(
-                recorder, service, offer.sha256, call, call_id, outcome.detail, ticket.body_version, ids
+                recorder, service, sha256, call, call_id, outcome.detail, ticket.body_version, ids
             )
         return w.CallEnd(units=units, usage=outcome.detail, served_by=self.peer_id, verify=proof)
 
@@ -435,10 +435,10 @@ class ServingRole(LeaseCore):
             log.warning("the failed call's proof was not built: %s", type(error).__name__)
             return None
 
-    async def _recorder(self, service: Any, offer: Any, body: dict[str, Any]) -> CallRecorder | None:
+    async def _recorder(self, service: Any, sha256: str, body: dict[str, Any]) -> CallRecorder | None:
         model = getattr(service, "model", None)
         path = getattr(model, "path", None)
-        if offer is None or not offer.sha256 or path is None or not verifiable(body):
+        if not sha256 or path is None or not verifiable(body):
             return None
         index = cached_index(path)
         if index is None:  # built once per file, on a thread (a vocabulary's detokenizing); then no hop a call
