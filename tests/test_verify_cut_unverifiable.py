@@ -10,9 +10,7 @@ connection is cut after its reply, is let go, not failed ``no_proof``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +24,11 @@ from hypothesis import strategies as st
 
 from protocols.machines.lease_consumer import CUT_ENDINGS, CallEnding, cut_forgiven, unproved_cut
 from runtime.errors import ClawnodeError
-from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.verify import check
 from runtime.verify.provider import verifiable
 from tests.support.market import market_nodes
+from tests.test_verify_cancel_proof import _pausing_mid_reply, _spec
 from tests.test_verify_stall import STALL_S, _pausing_after_text
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -62,35 +60,6 @@ def _own_prefills(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(check, "_prefills", {})
 
 
-def _spec(path: Path) -> ModelSpec:
-    return ModelSpec(name="tiny", path=str(path), price_per_unit=1000, n_threads=1, n_ctx=256)  # type: ignore[call-arg]
-
-
-@contextlib.contextmanager
-def _pausing_mid_reply(service: Any, after: int) -> Iterator[None]:
-    """The provider's service goes silent after ``after`` tokens of its reply (past the consumer's stall)."""
-    real_run = service.run
-
-    async def run(body: dict[str, Any], emit: Any, **kwargs: Any) -> Any:
-        tokens = 0
-
-        async def pausing(data: dict[str, Any]) -> None:
-            nonlocal tokens
-            await emit(data)
-            if data.get("text") is not None and data.get("tokens"):
-                tokens += data["tokens"]
-                if tokens >= after:
-                    await trio.sleep(20 * STALL_S)
-
-        return await real_run(body, pausing, **kwargs)
-
-    service.run = run
-    try:
-        yield
-    finally:
-        del service.run
-
-
 async def _ignore(data: dict[str, Any]) -> None:
     return None
 
@@ -105,7 +74,7 @@ async def test_a_stalled_unproved_call_by_design_leaves_the_next_cut_forgiven(tm
         service = provider.market.services.get("model:tiny")
         lease = await market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
         # A penalty: served without a commitment by design, so its stall is answered without a proof.
-        with _pausing_mid_reply(service, 2), pytest.raises(ClawnodeError):
+        with _pausing_mid_reply(service, [2]), pytest.raises(ClawnodeError):
             await market.stream_call(
                 lease.lease_id, {**CHAT, "max_tokens": 30, "presence_penalty": 0.5}, _ignore, stall_s=STALL_S
             )
