@@ -13,7 +13,6 @@ asked for. With real nodes, a real escrow on the shared chain and the tiny model
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -25,7 +24,8 @@ import trio
 
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.verify import check, identity
+from runtime.verify import check
+from tests.support.identity import claim_identity
 from tests.support.market import SharedChain, market_nodes, wait_for
 from tests.test_lease_inflated_tokens import _cheating
 from tests.test_verify_dispute import CHAT, _escrow, _spec
@@ -43,10 +43,7 @@ async def test_a_substitute_billing_its_error_frame_past_its_proof_is_disputed_n
     substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
     arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
     # The cheat's record (and every commitment it signs) states the advertised file's sha256.
-    stat = substitute.stat()
-    identity._cache[(str(substitute.resolve()), stat.st_size, stat.st_mtime_ns)] = hashlib.sha256(
-        advertised.read_bytes()
-    ).hexdigest()
+    claim_identity(substitute, advertised)
 
     shared = await trio.to_thread.run_sync(SharedChain.start)
     specs = [

@@ -5,7 +5,6 @@ it forgot its kept case and never recorded the arbiter's resolution."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import protocols.lease.arbiter as arbiter_module
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.verify import identity
+from tests.support.identity import claim_identity
 from tests.support.market import SharedChain, market_nodes
 
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 4, "temperature": 0}
@@ -35,10 +34,7 @@ async def test_a_case_the_arbiter_is_still_deciding_is_waited_for_not_dropped(
     advertised = write_tiny_llama_gguf(tmp_path / "advertised.gguf", seed=0)
     substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
     copies = [write_tiny_llama_gguf(tmp_path / f"{name}.gguf", seed=0) for name in ("consumer", "arbiter")]
-    stat = substitute.stat()
-    identity._cache[(str(substitute.resolve()), stat.st_size, stat.st_mtime_ns)] = hashlib.sha256(
-        advertised.read_bytes()
-    ).hexdigest()
+    claim_identity(substitute, advertised)
     shared = await trio.to_thread.run_sync(SharedChain.start)
     specs = [
         {"models": (_spec(copies[0]),)},

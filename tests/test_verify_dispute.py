@@ -11,7 +11,6 @@ so and leaves the escrow frozen for a person. A proof signed for another file th
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from node.daemon import Node
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.verify import identity
+from tests.support.identity import claim_identity
 from tests.support.market import SharedChain, market_nodes, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 12, "temperature": 0}
@@ -66,10 +65,7 @@ async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_bui
     honest = write_tiny_llama_gguf(tmp_path / "honest.gguf", seed=0)  # the same bytes, another node's copy
     arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
     # The cheat: its record (and every commitment it signs) states the advertised file's sha256.
-    stat = substitute.stat()
-    identity._cache[(str(substitute.resolve()), stat.st_size, stat.st_mtime_ns)] = hashlib.sha256(
-        advertised.read_bytes()
-    ).hexdigest()
+    claim_identity(substitute, advertised)
 
     shared = await trio.to_thread.run_sync(SharedChain.start)
     specs = [

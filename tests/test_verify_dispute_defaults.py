@@ -11,7 +11,6 @@ without a dispute, and got back no more than the chain's deadline gives.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from node.daemon import Node
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.verify import identity
+from tests.support.identity import claim_identity
 from tests.support.market import wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 12, "temperature": 0}
@@ -60,10 +59,7 @@ async def test_a_cheat_caught_on_the_defaults_is_refunded_in_full_by_the_network
     substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
     consumer_copy = write_tiny_llama_gguf(tmp_path / "consumer.gguf", seed=0)  # what the consumer checks with
     # The cheat: its record (and every commitment it signs) states the advertised file's sha256.
-    stat = substitute.stat()
-    identity._cache[(str(substitute.resolve()), stat.st_size, stat.st_mtime_ns)] = hashlib.sha256(
-        advertised.read_bytes()
-    ).hexdigest()
+    claim_identity(substitute, advertised)
 
     async with trio.open_nursery() as nursery:
         boot = Node(_config("bootstrap", [], advertised), tmp_path / "bootstrap")

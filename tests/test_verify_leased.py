@@ -29,7 +29,7 @@ from protocols.lease.verifier import RemoteVerifier, verify_capability
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.verify import identity
+from tests.support.identity import claim_identity
 from tests.support.market import SharedChain, market_nodes, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 8, "temperature": 0}
@@ -48,8 +48,7 @@ class Draws(random.Random):
 
 
 def _claim(path: Path, sha256: str) -> None:
-    stat = path.stat()
-    identity._cache[(str(path.resolve()), stat.st_size, stat.st_mtime_ns)] = sha256
+    claim_identity(path, sha256)
 
 
 def _spec(path: Path) -> ModelSpec:

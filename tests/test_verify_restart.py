@@ -6,7 +6,6 @@ re-runs the check and refunds everything, no person involved."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from node.daemon import Node
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
-from runtime.verify import identity
+from tests.support.identity import claim_identity
 from tests.support.market import SharedChain, market_nodes, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 8, "temperature": 0}
@@ -48,10 +47,7 @@ async def test_a_consumer_that_restarts_between_the_freeze_and_the_case_sends_it
     substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
     consumer_copy = write_tiny_llama_gguf(tmp_path / "consumer.gguf", seed=0)
     arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
-    stat = substitute.stat()
-    identity._cache[(str(substitute.resolve()), stat.st_size, stat.st_mtime_ns)] = hashlib.sha256(
-        advertised.read_bytes()
-    ).hexdigest()
+    claim_identity(substitute, advertised)
 
     shared = await trio.to_thread.run_sync(SharedChain.start)
     others = [
