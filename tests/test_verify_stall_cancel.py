@@ -5,8 +5,8 @@ stalls passes its check, and one that sends no proof is let go once (an unproved
 connection or an older provider's error frame without a proof) and caught on the next. Before, such a
 call was paid its chunks and never checked, so a cheat that stalled at the end of every reply was never
 caught. An honest provider proves such a reply whenever it stalls, mid-block or behind a busy engine
-(``tests/test_verify_cancel_proof.py``). The rules are the pure table's (``protocols.machines.lease_consumer``); one test runs real nodes,
-a real lease and the tiny model."""
+(``tests/test_verify_cancel_proof.py``). The rules are the pure table's
+(``protocols.machines.lease_consumer``); one test runs real nodes, a real lease and the tiny model."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.verify import check
 from tests.support.market import market_nodes
-from tests.test_verify_stall import CHAT, STALL_S, _pausing_after_text, _spec
+from tests.test_verify_stall import CHAT, STALL_S, _pausing_after_text, _spec, _stream_ready
 
 
 @given(st.sampled_from(["end", "error", None]), st.integers(-1, 10**6))
@@ -84,6 +84,7 @@ async def test_a_stall_answered_by_an_end_frame_is_checked_honest_proof_passes_n
 
         async def stalled_call(lease_id: str) -> ClawnodeError:
             texts.clear()
+            await _stream_ready(consumer, provider)  # the stall times the silence after the reply only
             with pytest.raises(ClawnodeError) as caught:
                 await market.stream_call(lease_id, CHAT, collect, stall_s=STALL_S)
             assert "".join(texts)  # the reply was handed on, then the provider went silent
