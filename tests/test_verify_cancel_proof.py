@@ -44,7 +44,7 @@ from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.verify import check
 from runtime.verify.commitment import K
 from tests.support.market import market_nodes
-from tests.test_verify_stall import CHAT, STALL_S
+from tests.test_verify_stall import CHAT, STALL_S, _stream_ready
 
 MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "Which model are you?"}]  # CHAT's
 
@@ -196,6 +196,7 @@ async def test_an_honest_provider_that_stalls_mid_reply_proves_it_in_the_cancels
             for calls, (pause_after, token_s) in enumerate(((1, 0.03), (2, 0.003), (20, 0.003)), start=1):
                 after[0] = pause_after
                 texts.clear()
+                await _stream_ready(consumer, provider)  # the stall times the pause, not a new stream's negotiation
                 with _slow_tokens(monkeypatch, token_s), pytest.raises(ClawnodeError) as caught:
                     await market.stream_call(lease.lease_id, body, collect, stall_s=STALL_S)
                 assert "".join(texts)  # a part of the reply was handed on, then the provider went silent
@@ -234,6 +235,7 @@ async def test_a_proof_is_not_held_behind_another_generation_in_the_engines_queu
             try:
                 lease = await market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
                 # 1. Its end frame leaves at once with its proof: the call ends well, its check passes.
+                await _stream_ready(consumer, provider)  # the stall times the pause, not a new stream's negotiation
                 end = await market.stream_call(lease.lease_id, CHAT, _ignore, stall_s=STALL_S)
                 assert end.verify is not None
                 record = market.verifying.book.get(provider_id)
@@ -242,6 +244,7 @@ async def test_a_proof_is_not_held_behind_another_generation_in_the_engines_queu
                 # 2. Stalled, its cancel's end frame too comes within the consumer's drain, with its proof.
                 released = trio.Event()
                 pause[0] = True
+                await _stream_ready(consumer, provider)
                 with pytest.raises(ClawnodeError) as caught:
                     await market.stream_call(lease.lease_id, CHAT, _ignore, stall_s=STALL_S)
                 assert caught.value.code == ErrorCode.TIMEOUT
