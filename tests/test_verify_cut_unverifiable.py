@@ -29,7 +29,7 @@ from runtime.verify import check
 from runtime.verify.provider import verifiable
 from tests.support.market import market_nodes
 from tests.test_verify_cancel_proof import _pausing_mid_reply, _spec
-from tests.test_verify_stall import STALL_S, _pausing_after_text
+from tests.test_verify_stall import STALL_S, _pausing_after_text, _stream_ready
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 TOOLS = {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
@@ -74,6 +74,7 @@ async def test_a_stalled_unproved_call_by_design_leaves_the_next_cut_forgiven(tm
         service = provider.market.services.get("model:tiny")
         lease = await market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
         # A penalty: served without a commitment by design, so its stall is answered without a proof.
+        await _stream_ready(consumer, provider)  # the stall times the pause, not a new stream's negotiation
         with _pausing_mid_reply(service, [2]), pytest.raises(ClawnodeError):
             await market.stream_call(
                 lease.lease_id, {**CHAT, "max_tokens": 30, "presence_penalty": 0.5}, _ignore, stall_s=STALL_S
@@ -93,11 +94,13 @@ async def test_a_stalled_unproved_call_by_design_leaves_the_next_cut_forgiven(tm
         with trio.fail_after(5):
             while not market.verifying._advertised.get(lease.lease_id):
                 await trio.sleep(0.01)
+        await _stream_ready(consumer, provider)
         try:
             with _pausing_after_text(service, ["cut"], released, hang_up), pytest.raises(ClawnodeError) as cut:
                 await market.stream_call(lease.lease_id, CHAT, collect, stall_s=STALL_S)
         finally:
             released.set()
+        assert chunks  # the reply was handed on before the link dropped
         assert cut.value.reason != "verification_no_proof"  # let go: its one forgiven cut was still there
         record = market.verifying.book.get(provider_id)
         assert record is None or record.failed == 0
