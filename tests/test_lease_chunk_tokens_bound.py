@@ -111,10 +111,5 @@ async def test_chunk_tokens_past_the_call_bound_are_not_paid(
             await consumer.market.stream_call(view.lease_id, body, _ignore, stall_s=0.5)
         bound = call_units_needed(body)
         assert held.seen_units <= bound
-        # Nothing the consumer countersigns in the next receipts goes past it either.
-        with trio.move_on_after(2):
-            while not held.last_countersigned_seq:
-                await trio.sleep(0.1)
-        if held.last_countersigned_seq:
-            stored = await consumer.ledger.get_receipt(view.lease_id, held.last_countersigned_seq)
-            assert stored.receipt.body.amount <= WORD_PRICE * bound
+        # What it countersigns is held to what it counted (the receipt rule), so no voucher passes it either.
+        assert held.committed <= WORD_PRICE * bound
