@@ -634,6 +634,7 @@ class ConsumerRole(ChannelRole):
         ``call_bytes_bound``)."""
         texts: list[str] = []
         text_tokens, room = 0, call_bytes_bound(body)
+        ended: _Drained | None = None  # the end frame that answered, counted: acknowledged below
         try:
             with trio.fail_after(CANCEL_DRAIN_S):  # the cancel's write too: a blocked one leaves the call counted
                 await write_frame(stream, w.Cancel().model_dump_json().encode())
@@ -665,12 +666,20 @@ class ConsumerRole(ChannelRole):
                         held.count(self.clock(), counted)
                     else:
                         self._overbilled(held, held.grant.lease_id, counted, revoke=False)
-                    with contextlib.suppress(Exception):
-                        await write_frame(stream, w.CallAck().model_dump_json().encode())
                     units = 0 if isinstance(counted, Refusal) else counted
-                    return _Drained("end", frame.verify, units, "".join(texts), text_tokens, overbilled=over)
+                    ended = _Drained("end", frame.verify, units, "".join(texts), text_tokens, overbilled=over)
+                    break
         except Exception:  # noqa: BLE001 - a stalled, gone or cut provider
             pass
+        if ended is not None:
+            # Acknowledged outside the drain's deadline, in a bounded scope of its own (as ``stream_call``
+            # does): a deadline passing during this write counted the call a second time as a left one,
+            # and lost the answer (its proof, and a revocation owed after the call's check).
+            with trio.move_on_after(CALL_ACK_TIMEOUT_S) as ack_scope:
+                ack_scope.shield = True
+                with contextlib.suppress(Exception):
+                    await write_frame(stream, w.CallAck().model_dump_json().encode())
+            return ended
         left_at = self.clock()
         held.count_left(left_at, tokens, body)
         return _Drained(None, None, tokens, "".join(texts), text_tokens, left_at)
