@@ -53,3 +53,29 @@ async def test_an_offer_edited_mid_lease_does_not_fail_the_honest_provider(tmp_p
             assert "".join(c.get("text", "") for c in result.chunks)
         record = market.verifying.book.get(provider_id)
         assert record is not None and record.failed == 0
+
+
+async def test_a_lease_restored_after_a_restart_is_proved_for_the_file_loaded(tmp_path: Path) -> None:
+    """After a restart the grant-time file is not kept (``ServedLease.sha256`` is in memory only), and an
+    offer edited without its sha256 stays so on disk (offers.json): a restored lease is proved for the file
+    this node loaded for the capability (``ServedLease.restored``; its flag set by ``_restore_served``)."""
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
+    models = {"models": (_spec(path),)}
+    async with market_nodes([models, models]) as (nodes, _):
+        consumer, provider = nodes
+        market = consumer.market
+        market.verifying.sample_rate = 0.0
+        provider_id = str(provider.host.get_id())
+        lease = await market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=120)
+        await market.call(lease.lease_id, CHAT)  # drawn, proved, passed
+        offer = next(o for o in provider.publisher.offers if o.name == "model:tiny")
+        await provider.set_offer(offer.model_copy(update={"sha256": "", "price_per_unit": 2000}))
+        # As ``_restore_served`` leaves it: the grant-time file unknown, the lease marked restored.
+        served = provider.market.served[lease.lease_id]
+        served.sha256, served.restored = "", True
+        for _ in range(2):
+            result = await market.call(lease.lease_id, CHAT)
+            assert "".join(c.get("text", "") for c in result.chunks)
+        assert served.sha256 == offer.sha256  # the loaded file's
+        record = market.verifying.book.get(provider_id)
+        assert record is not None and record.failed == 0

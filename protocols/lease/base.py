@@ -149,8 +149,11 @@ class ServedLease:
     # The model file its offer named when it was granted (the consumer's record of it too): its calls are
     # proved for that file whatever the offer says later (edited without it, withdrawn to drain the node),
     # since the consumer fails an end frame that owes a proof and carries none. "" after a restart: the
-    # offer's then.
+    # loaded file's (``restored``).
     sha256: str = ""
+    # Restored from the ledger after a restart: the offer may have been edited or withdrawn since the
+    # grant, so its calls are proved for the file this node loaded for the capability.
+    restored: bool = False
 
     def reservation_returned(self) -> None:
         self.released.set()

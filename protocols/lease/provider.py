@@ -534,7 +534,7 @@ class ProviderRole(ServingRole, ChannelRole):
             units_countersigned=signed,
             now=now,
         )
-        served = ServedLease(grant, session, lease.escrow, last_claim_at=self.clock())
+        served = ServedLease(grant, session, lease.escrow, last_claim_at=self.clock(), restored=True)
         drawn = await self.channels.of_lease(lease.lease_id)
         if drawn is not None:
             served.channel_base = drawn[1]

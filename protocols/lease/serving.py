@@ -13,6 +13,7 @@ import hmac
 import inspect
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -47,6 +48,7 @@ from runtime.verify import evidence
 from runtime.verify.check import cached_index, index_for
 from runtime.verify.commitment import K
 from runtime.verify.evidence import CallProof, call_proof
+from runtime.verify.identity import file_sha256
 from runtime.verify.provider import CallRecorder, verifiable
 from wire.framing import FrameReader, write_frame
 from wire.rpc import error_reply
@@ -208,7 +210,11 @@ class ServingRole(LeaseCore):
         capability = served.grant.capability
         offer = next((offer for offer in self.offers() if offer.name == capability), None)
         enforce(serves(required_features(call.body), offer.model_facts() if offer else None, capability=capability))
-        # The file this call is proved for: the one the lease was granted for (``ServedLease.sha256``).
+        # The file this call is proved for: the one the lease was granted for (``ServedLease.sha256``);
+        # after a restart, the one this node loaded (hashed at load: a cached read).
+        path = getattr(getattr(service, "model", None), "path", None)
+        if served.restored and not served.sha256 and path is not None:
+            served.sha256 = await trio.to_thread.run_sync(file_sha256, Path(path))
         sha256 = served.sha256 or (offer.sha256 if offer is not None else "")
         # Units held for this call until it is metered, so calls in flight never overshoot the budget.
         give_up_at = trio.current_time() + RESERVE_WAIT_S
