@@ -214,7 +214,8 @@ class ServingRole(LeaseCore):
         # after a restart, the one this node loaded (hashed at load: a cached read).
         path = getattr(getattr(service, "model", None), "path", None)
         if served.restored and not served.sha256 and path is not None:
-            served.sha256 = await trio.to_thread.run_sync(file_sha256, Path(path))
+            with contextlib.suppress(OSError):  # the file gone since its load: the offer's, as before
+                served.sha256 = await trio.to_thread.run_sync(file_sha256, Path(path))
         sha256 = served.sha256 or (offer.sha256 if offer is not None else "")
         # Units held for this call until it is metered, so calls in flight never overshoot the budget.
         give_up_at = trio.current_time() + RESERVE_WAIT_S
