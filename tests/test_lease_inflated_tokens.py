@@ -35,8 +35,8 @@ from protocols.machines.lease_calls import (
     end_frame_verdict,
     prompt_units_estimate,
     proof_meter_verdict,
-    proved_end_frame_units,
 )
+from protocols.machines.lease_consumer import end_frame_units
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.service import Usage
@@ -52,7 +52,7 @@ _units = st.integers(0, 10**6)
 def test_a_frame_without_a_proof_is_bounded_as_before(claimed: int, received: int) -> None:
     assert proof_meter_verdict(claimed, received, None) is None
     before = end_frame_verdict(claimed, received, CHAT)
-    assert proved_end_frame_units(claimed, received, CHAT, None) == (claimed if before is None else before)
+    assert end_frame_units(claimed, received, CHAT, None) == (claimed if before is None else before)
 
 
 @given(_units, _units, _counts)
@@ -65,7 +65,7 @@ def test_a_frame_is_paid_no_more_than_its_proof_commits(claimed: int, received: 
         assert (verdict.code, verdict.reason) == (ErrorCode.CONFLICT, END_FRAME_OVER_PROOF)
         assert verdict.message == (CHUNKS_OVER_PROOF if received > committed else UNITS_OVER_PROOF)
     # Only ever lowers what is paid: a frame end_frame_verdict refuses stays refused, whatever the proof.
-    counted = proved_end_frame_units(claimed, received, CHAT, proved)
+    counted = end_frame_units(claimed, received, CHAT, proved)
     if end_frame_verdict(claimed, received, CHAT) is not None or verdict is not None:
         assert not isinstance(counted, int)
     else:

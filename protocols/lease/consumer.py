@@ -58,7 +58,6 @@ from protocols.machines.lease_calls import (
     call_bytes_verdict,
     proof_meter_verdict,
     proved_counts,
-    proved_end_frame_units,
     reply_tokens,
 )
 from protocols.machines.verdict import Refusal, enforce
@@ -432,7 +431,7 @@ class ConsumerRole(ChannelRole):
                         # came are counted (and later countersigned); an inflated end frame is refused,
                         # unacknowledged, and one billing past its own proof ends the lease too.
                         last_frame, received, tokens_received = True, tokens_received, 0
-                        counted = proved_end_frame_units(frame.units, received, body, proved_counts(frame.verify))
+                        counted = c.end_frame_units(frame.units, received, body, proved_counts(frame.verify))
                         if isinstance(counted, Refusal):
                             self._overbilled(held, lease_id, counted, count=False)
                             raise counted.error()
@@ -660,7 +659,7 @@ class ConsumerRole(ChannelRole):
                             if isinstance(frame.data.get("text"), str):
                                 texts.append(frame.data["text"])
                         continue
-                    counted = proved_end_frame_units(frame.units, tokens, body, proved_counts(frame.verify))
+                    counted = c.end_frame_units(frame.units, tokens, body, proved_counts(frame.verify))
                     over = isinstance(counted, Refusal) and counted.reason == END_FRAME_OVER_PROOF
                     if not isinstance(counted, Refusal):  # an inflated end frame counts nothing
                         held.count(self.clock(), counted)

@@ -334,17 +334,6 @@ def proof_meter_verdict(claimed_units: int, tokens_received: int, proved: Proved
     return None
 
 
-def proved_end_frame_units(
-    claimed_units: int, tokens_received: int, body: dict[str, Any], proved: ProvedCounts | None
-) -> int | Refusal:
-    """Consumer side: the units a call's end frame adds to the count, or why it is refused (and counts
-    nothing): :func:`end_frame_verdict`, then :func:`proof_meter_verdict` on the proof it carries."""
-    verdict = end_frame_verdict(claimed_units, tokens_received, body) or proof_meter_verdict(
-        claimed_units, tokens_received, proved
-    )
-    return claimed_units if verdict is None else verdict
-
-
 # What a call's chunk frames may carry in all (consumer side): a share per unit the call may be billed
 # (a token's text, its bytes and 20 top logprobs fit well within it) and room for an embeddings
 # reply's vectors. Without a bound a provider streamed chunks claiming no tokens (free) for the

@@ -53,9 +53,11 @@ from protocols.machines.escrow_lock import escrow_frozen, trusted_arbiter_verdic
 from protocols.machines.history import History
 from protocols.machines.lease import LEASE_HISTORY
 from protocols.machines.lease_calls import (
+    ProvedCounts,
     call_units_needed,
     end_frame_verdict,
     lease_outlives,
+    proof_meter_verdict,
     receipt_claim_verdict,
 )
 from protocols.machines.table import Machine, Transition
@@ -263,10 +265,15 @@ def call_verdict(state: ConsumerState, ended_reason: str | None = None) -> Refus
     return Refusal(ErrorCode.CONFLICT, Reason.ENDED, f"the lease has ended ({ended_reason or state})")
 
 
-def end_frame_units(claimed_units: int, tokens_received: int, body: dict[str, Any]) -> int | Refusal:
+def end_frame_units(
+    claimed_units: int, tokens_received: int, body: dict[str, Any], proved: ProvedCounts | None = None
+) -> int | Refusal:
     """The units a call's end frame adds to our count, or why it is refused (an inflated frame counts
-    nothing): :func:`~protocols.machines.lease.end_frame_verdict`."""
-    verdict = end_frame_verdict(claimed_units, tokens_received, body)
+    nothing): :func:`~protocols.machines.lease.end_frame_verdict`, then
+    :func:`~protocols.machines.lease_calls.proof_meter_verdict` on the proof it carries (``proved``)."""
+    verdict = end_frame_verdict(claimed_units, tokens_received, body) or proof_meter_verdict(
+        claimed_units, tokens_received, proved
+    )
     return claimed_units if verdict is None else verdict
 
 
@@ -306,6 +313,10 @@ class CallEnding(StrEnum):
 # cancel). Their unproved calls are cuts (:func:`unproved_cut`, :func:`cut_forgiven`): let go once
 # between passed checks, that compat allowance, and failed ``no_proof`` when drawn after.
 CUT_ENDINGS = frozenset({CallEnding.ERROR, CallEnding.STOPPED, CallEnding.CANCELLED})
+# The endings whose proof, if one came, came on an error frame (a stopped provider's answer to the cancel
+# is nothing or an error frame): its signed text hash is compared only in a drawn check
+# (``protocols.machines.verify.CallFacts.error_frame``).
+ERROR_FRAME_ENDINGS = frozenset({CallEnding.ERROR, CallEnding.STOPPED})
 
 
 def call_ending(last: str | None, *, left: bool, provider_stopped: bool) -> CallEnding:
