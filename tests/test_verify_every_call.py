@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from protocols.lease import serving
 from protocols.lease.verifying import Verifying
 from protocols.machines.lease_consumer import CUT_ENDINGS, CallEnding
-from protocols.machines.verify import CallFacts, every_call_facts, every_call_verdict, text_hash_matches
+from protocols.machines.verify import CallFacts, check_verdict, every_call_facts, text_hash_matches
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.verify import check
@@ -66,7 +66,8 @@ _facts = st.builds(
 
 @given(_facts)
 def test_what_every_call_fails_on(call: CallFacts) -> None:
-    verdict = every_call_verdict(call)
+    facts = every_call_facts(call)
+    verdict = None if facts is None else check_verdict(facts)
     if not call.proof_sent:
         # An end frame's missing proof, owed, fails on every call; a cut's goes by its forgiven-once rule.
         expected = "no_proof" if call.proof_owed and not call.cut else None

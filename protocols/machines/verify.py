@@ -211,12 +211,6 @@ def every_call_facts(call: CallFacts) -> CheckFacts | None:
     return None
 
 
-def every_call_verdict(call: CallFacts) -> CheckVerdict | None:
-    """:func:`every_call_facts` as the verdict it gives (None: nothing found without a file)."""
-    facts = every_call_facts(call)
-    return None if facts is None else check_verdict(facts)
-
-
 def text_hash_matches(signed: str | None, received: str | None) -> bool:
     """Whether a body's signed ``text_sha256`` (None: a v1 body signs none) is ``received``, the hash of
     the text this side received (None: no text known): ``evidence.text_sha256`` of it."""
