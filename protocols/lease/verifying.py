@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from protocols.machines.lease_consumer import CUT_ENDINGS, CallEnding
+from protocols.machines.lease_consumer import CUT_ENDINGS, ERROR_FRAME_ENDINGS, CallEnding
 from protocols.machines.verify import (
     DEFAULT_SECOND_OPINION_RATE,
     CallFacts,
@@ -241,7 +241,7 @@ class Verifying:
             return "skipped"
         if self.pull_reports is not None and not self.book.checked_before(provider):
             self.pull_reports(provider)  # in the background; at most once in 10 minutes a provider
-        cut, error_frame = ending in CUT_ENDINGS, ending in (CallEnding.ERROR, CallEnding.STOPPED)
+        cut, error_frame = ending in CUT_ENDINGS, ending in ERROR_FRAME_ENDINGS
         if proof is None:
             # The chunks that arrived, not only the provider's word: an end frame with no proof and a
             # usage naming no completion tokens was skipped, so a cheat could serve unchecked.
