@@ -1,4 +1,4 @@
-"""The messages of ``/clawnode/lease/1.0.0`` and ``/clawnode/infer/1.1.0`` (and ``1.0.0``: the same messages).
+"""The messages of ``/clawnode/lease/1.0.0`` and ``/clawnode/infer/1.2.0`` (``1.1.0``, ``1.0.0``: the same messages).
 
 Signed objects (a provider's quote and grant, a consumer's lease open) travel as libp2p signed
 envelopes (``wire.signed``), base64 in a JSON frame, each kind under its own domain so a
@@ -187,7 +187,7 @@ class Countersigned(_Msg):
     receipt: SignedReceipt
 
 
-# -- /clawnode/infer/1.1.0 and /clawnode/infer/1.0.0 (the same frames; the id names the proof body read) --
+# -- /clawnode/infer/1.2.0, 1.1.0 and 1.0.0 (the same frames; the id names the proof body read) --
 
 
 class CallRequest(_Msg):

@@ -1,13 +1,14 @@
 """Verified inference (issue 21): an upgraded provider keeps serving older consumers.
 
-Providers sign v3 commitment bodies (the signed ``seeded`` flag); a consumer of the release before v3
-cannot parse one (its body forbids unknown keys and bounds ``v`` at 2), reads the end frame's proof as
-none, and fails its first check of the provider ``no_proof``. So the call protocol names the body
-version its consumer reads: ``/clawnode/infer/1.1.0`` v3, ``/clawnode/infer/1.0.0`` v2, and a provider
-signs, per stream, the newest body its consumer reads. An older consumer (simulated by proposing only
-1.0.0, and by parsing the end frame with that release's v2 schema, embedded below) gets the v2 body
-that release signs and passes its check; a new consumer gets v3. A leased verifier of the release before
-refusing a v3 proof leaves the call unverifiable, never a failure of the provider."""
+Providers sign v4 commitment bodies (the signed request hash); a consumer of a release before a
+version cannot parse its body (it forbids unknown keys and bounds ``v``), reads the end frame's proof
+as none, and fails its first check of the provider ``no_proof``. So the call protocol names the body
+version its consumer reads: ``/clawnode/infer/1.2.0`` v4, ``/clawnode/infer/1.1.0`` v3,
+``/clawnode/infer/1.0.0`` v2, and a provider signs, per stream, the newest body its consumer reads. An
+older consumer (simulated by proposing only 1.0.0, and by parsing the end frame with that release's v2
+schema, embedded below) gets the v2 body that release signs and passes its check; one proposing only
+1.1.0 gets the v3 body (no request hash); a new consumer gets v4. A leased verifier of the release
+before refusing a v3 proof leaves the call unverifiable, never a failure of the provider."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.ledger.canonical import canonical_bytes
-from runtime.verify.evidence import COMMITMENT_DOMAIN, CallProof, CommitmentBody, sign_commitment
+from runtime.verify.evidence import COMMITMENT_DOMAIN, CallProof, CommitmentBody, request_sha256, sign_commitment
 from runtime.verify.evidence import text_sha256 as hash_of_text
 from tests.support.market import market_nodes
 from wire.peer_keys import ed25519_public_key
@@ -43,6 +44,7 @@ from wire.spare_streams import SpareStreams
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 8, "temperature": 0}
 # The call protocol of the release before v3 bodies, spelled out: what an older consumer proposes.
 OLD_INFER = TProtocol("/clawnode/infer/1.0.0")
+V3_INFER = TProtocol("/clawnode/infer/1.1.0")  # the release before v4 bodies
 _SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -105,13 +107,14 @@ def test_each_call_protocol_names_the_body_its_consumer_reads() -> None:
     from protocols.lease.base import INFER_PROTOCOL, INFER_PROTOCOLS, body_version_read
     from runtime.verify.evidence import LATEST_VERSION
 
-    assert INFER_PROTOCOLS == (INFER_PROTOCOL, OLD_INFER)  # newest first: an older provider answers on 1.0.0
-    assert body_version_read(INFER_PROTOCOL) == LATEST_VERSION == 3  # a new body version needs a new id
+    assert INFER_PROTOCOLS == (INFER_PROTOCOL, V3_INFER, OLD_INFER)  # newest first: older providers answer
+    assert body_version_read(INFER_PROTOCOL) == LATEST_VERSION == 4  # a new body version needs a new id
+    assert body_version_read(V3_INFER) == 3
     assert body_version_read(OLD_INFER) == 2
     assert body_version_read(None) == 2
 
 
-async def test_an_older_consumer_gets_a_v2_proof_it_reads_and_passes_and_a_new_one_gets_v3(
+async def test_an_older_consumer_gets_a_v2_proof_it_reads_and_passes_and_a_new_one_gets_v4(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
@@ -145,16 +148,26 @@ async def test_an_older_consumer_gets_a_v2_proof_it_reads_and_passes_and_a_new_o
         assert record is not None and (record.passed, record.failed) == (1, 0)  # its check passes
         await older.aclose()
 
-        # A consumer of this release proposes 1.1.0 first and gets the v3 body, which the older one refuses.
+        # A consumer of the release before v4 proposes only 1.1.0: a v3 body, with no request hash.
+        v3 = SpareStreams(consumer.host, [V3_INFER])
+        consumer.market.__dict__["spare_streams"] = v3
+        assert (await consumer.market.call(lease.lease_id, CHAT)).units > 0
+        v3_body = CallProof.model_validate(json.loads(frames[-1])["verify"]).commitment.body
+        assert (v3_body.v, v3_body.seeded, v3_body.request_sha256) == (3, False, None)
+        assert "request_sha256" not in json.loads(frames[-1])["verify"]["commitment"]["body"]
+        await v3.aclose()
+
+        # A consumer of this release proposes 1.2.0 first and gets the v4 body, which older ones refuse.
         del consumer.market.__dict__["spare_streams"]
         assert (await consumer.market.call(lease.lease_id, CHAT)).units > 0
         end = json.loads(frames[-1])
         new_proof = CallProof.model_validate(end["verify"])
-        assert (new_proof.commitment.body.v, new_proof.commitment.body.seeded) == (3, False)
+        assert (new_proof.commitment.body.v, new_proof.commitment.body.seeded) == (4, False)
+        assert new_proof.commitment.body.request_sha256 == request_sha256(CHAT)  # the request as sent
         with pytest.raises(ValidationError):
             V2Proof.model_validate(end["verify"])
         record = consumer.market.verifying.book.get(provider_id)
-        assert record is not None and (record.passed, record.failed) == (2, 0)
+        assert record is not None and (record.passed, record.failed) == (3, 0)
 
 
 class _OlderVerifierMarket:

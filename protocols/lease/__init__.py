@@ -1,4 +1,4 @@
-"""``/clawnode/lease/1.0.0`` and ``/clawnode/infer/1.1.0`` (and ``1.0.0``): the lease market's trio adapters.
+"""``/clawnode/lease/1.0.0`` and ``/clawnode/infer/1.2.0`` (and ``1.1.0``, ``1.0.0``): the lease market's trio adapters.
 
 Where the rules live: every decision that can refuse is a pure function or method in
 ``protocols.machines``, taking what the adapter fetched as plain data and answering with a typed

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocols import lease_wire as w
 from protocols.lease.base import ACK, PUSH_TIMEOUT_S, LeaseCore, log
+from protocols.lease.verifying import prompt_ids
 from protocols.machines.dispute import (
     MAX_RERUN_LEASES,
     MAX_RERUN_PEERS,
@@ -64,7 +65,7 @@ from runtime.ledger.dispute_cases import CaseRow
 from runtime.ledger.receipts import LEASE_ID_PATTERN, SignedReceipt, verify_countersigned
 from runtime.ledger.reruns import Bounds
 from runtime.verify.check import prefill_for
-from runtime.verify.evidence import CommitmentBody, DisputePackage, package_binds
+from runtime.verify.evidence import CommitmentBody, DisputePackage, package_binds, prompt_binds
 from runtime.verify.spot import SpotCheck, recheck
 from wire.framing import write_frame
 from wire.peer_keys import ed25519_public_key
@@ -527,10 +528,13 @@ class DisputeRole(LeaseCore):
         await self._admit_rerun(case.lease_id, consumer, holds_file=model is not None)
         assert model is not None
         bound = await trio.to_thread.run_sync(package_binds, package, case.lease_id, body.provider, ed25519_public_key)
-        try:
-            spot: SpotCheck | None = await trio.to_thread.run_sync(_recheck, model.path, package)
-        except ValueError:  # longer than this arbiter's context
-            spot = None
+        spot: SpotCheck | None = None
+        rechecked = await rerun_package(model, package) if bound else package
+        if rechecked is not None:
+            try:
+                spot = await trio.to_thread.run_sync(_recheck, model.path, rechecked)
+            except ValueError:  # longer than this arbiter's context
+                spot = None
         verdict = check_verdict(_facts(spot, body))
         countersigned = 0
         if not (bound and verdict.outcome == "failed" and verdict.dispute):  # the provider may be owed
@@ -916,6 +920,20 @@ def _peer(text: str) -> ID | None:
         return ID.from_base58(text)
     except Exception:  # noqa: BLE001 - base58 and multihash errors come in several types
         return None
+
+
+async def rerun_package(model: Any, package: DisputePackage) -> DisputePackage | None:
+    """The package to re-run: for a v4 body, with the prompt as this arbiter's copy of the file renders
+    the request the provider signed it received (the re-run then fails a signed prompt that is not
+    that rendering: another tokenizer's, or a shortened one); where it cannot render the request,
+    the package's own ids if they are the signed prompt, else None (not decided here). Earlier
+    bodies bind no request: the package's ids, which ``package_binds`` bound to the signed prompt."""
+    if package.proof.commitment.body.v < 4 or package.request is None:
+        return package
+    rendered = await prompt_ids(model, package.request, package.proof.commitment.body.prompt_tokens)
+    if rendered is None:
+        return package if prompt_binds(package) else None
+    return package.model_copy(update={"prompt_ids": rendered})
 
 
 def _recheck(path: Any, package: DisputePackage) -> SpotCheck:

@@ -55,13 +55,14 @@ LEASE_PROTOCOL = TProtocol("/clawnode/lease/1.0.0")
 # The call protocol, one id per commitment body version its consumer reads (``runtime.verify.evidence``),
 # newest first: a consumer proposes both and multistream-select picks the first the provider serves, so
 # an older provider answers on 1.0.0 as before. A provider serves both and signs, on each stream, the
-# newest body its consumer reads (``Ticket.body_version``): v3 on 1.1.0, v2 on 1.0.0, exactly what the
-# release before v3 signs, so an upgraded provider never hands an older consumer a proof it reads as none.
-# A new body version needs a new protocol id here.
-INFER_PROTOCOL = TProtocol("/clawnode/infer/1.1.0")  # its consumer reads v3 bodies (the signed ``seeded``)
+# newest body its consumer reads (``Ticket.body_version``): v4 on 1.2.0, v3 on 1.1.0, v2 on 1.0.0, exactly
+# what the release before each version signs, so an upgraded provider never hands an older consumer a
+# proof it reads as none. A new body version needs a new protocol id here.
+INFER_PROTOCOL = TProtocol("/clawnode/infer/1.2.0")  # its consumer reads v4 bodies (the signed request hash)
+INFER_PROTOCOL_V3 = TProtocol("/clawnode/infer/1.1.0")  # consumers before v4 bodies; still served
 INFER_PROTOCOL_V1 = TProtocol("/clawnode/infer/1.0.0")  # consumers before v3 bodies; still served
-INFER_PROTOCOLS = (INFER_PROTOCOL, INFER_PROTOCOL_V1)
-BODY_VERSION_READ: dict[str, int] = {INFER_PROTOCOL: 3, INFER_PROTOCOL_V1: 2}
+INFER_PROTOCOLS = (INFER_PROTOCOL, INFER_PROTOCOL_V3, INFER_PROTOCOL_V1)
+BODY_VERSION_READ: dict[str, int] = {INFER_PROTOCOL: 4, INFER_PROTOCOL_V3: 3, INFER_PROTOCOL_V1: 2}
 MAX_LEASE_FRAME = 64 * 1024
 MAX_CALL_FRAME = 1 << 20
 CALL_READ_TIMEOUT_S = 10.0

@@ -1,4 +1,4 @@
-"""``/clawnode/lease/1.0.0``, ``/clawnode/infer/1.1.0`` (and 1.0.0) and ``/clawnode/lease-dispute/1.0.0``: the market
+"""``/clawnode/lease/1.0.0``, ``/clawnode/infer/1.2.0`` (and older) and ``/clawnode/lease-dispute/1.0.0``: the market
 that joins both sides of a lease (and its disputes), mounts the protocols, dispatches each request to the
 side that handles it, picks leases up after a restart and runs the timer."""
 

@@ -401,7 +401,8 @@ class ServingRole(LeaseCore):
             if ids is None:
                 claimed = int(usage.get("prompt_tokens", 0))
                 ids = await prompt_ids(getattr(service, "model", None), call.body, claimed)
-        return call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids, reads)
+        # The request as received, before the reservation's max_tokens: what the consumer sent and hashes.
+        return call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids, reads, call.body)
 
     async def _failed_call_proof(
         self,

@@ -37,6 +37,7 @@ from protocols.machines.verify import (
     every_call_facts,
     findings_counted,
     reconcile_opinions,
+    request_hash_matches,
     sampling_matches,
     second_opinion_drawn,
     seeded_matches,
@@ -49,7 +50,14 @@ from runtime.ledger.verifications import VerificationRow
 from runtime.verify.book import Record, VerificationBook
 from runtime.verify.check import prefill_for
 from runtime.verify.commitment import MAX_TOKENS, Opening
-from runtime.verify.evidence import CallProof, DisputePackage, commitment_signed, request_seeded, text_sha256
+from runtime.verify.evidence import (
+    CallProof,
+    DisputePackage,
+    commitment_signed,
+    request_seeded,
+    request_sha256,
+    text_sha256,
+)
 from runtime.verify.provider import declared_sampling, verifiable
 from runtime.verify.reports import ReportBook
 from runtime.verify.sampling import DEFAULT_SAMPLE_RATE, should_check
@@ -264,7 +272,8 @@ class Verifying:
         # stand in for a missing one); the signed sampling, which every sampling-dependent rule
         # (not_sampled, too_greedy) reads, so a provider that signs a cooler one than asked would pass them
         # served greedily, and one that signs seeded for an unseeded request would make a too_greedy
-        # failure undisputable; and the signed hash of the text it says it streamed.
+        # failure undisputable; the signed hash of the request (a v4 dispute's binding); and the signed hash
+        # of the text it says it streamed.
         sampled = sampling_matches((signed.temperature_milli, signed.top_p_milli), _declared(body))
         found = every_call_facts(
             CallFacts(
@@ -273,6 +282,7 @@ class Verifying:
                 error_frame=error_frame,
                 root_signed=bound and commitment_signed(proof.commitment, ed25519_public_key),
                 sampling_matches=sampled and seeded_matches(signed.seeded, request_seeded(body)),
+                request_hash_matches=request_hash_matches(signed.request_sha256, _request_sha256(signed.v, body)),
                 text_hash_matches=text_hash_matches(signed.text_sha256, None if text is None else text_sha256(text)),
                 body_version=signed.v,
                 signed_seeded=signed.seeded,
@@ -304,7 +314,7 @@ class Verifying:
             await self._note(provider, "unverifiable", unverifiable)
             return "unverifiable"
         self._sha256_now = signed.model_sha256
-        return await self._failed(provider, facts, _package(lease_id, proof, prompt, text, bound))
+        return await self._failed(provider, facts, _package(lease_id, proof, prompt, text, bound, body))
 
     async def _found(self, provider: str, facts: CheckFacts, sha256: str) -> str:
         """A failure ``every_call_facts`` found, about the file ``sha256`` (never disputed: no evidence)."""
@@ -359,12 +369,12 @@ class Verifying:
         if model is not None:
             found, _, prompt = await self._local_facts(model, body, proof, text, bound)
             if found is not None and check_verdict(found).dispute:
-                facts, package = found, _package(lease_id, proof, prompt, text, bound)
+                facts, package = found, _package(lease_id, proof, prompt, text, bound, body)
         elif signed_ok and self.remote is not None:
             answer = await self.remote(provider, proof, body, text, _longest_stop(body))
             found = _remote_facts(answer, proof, signed_ok, body) if answer is not None else None
             if found is not None and check_verdict(found).dispute and answer.prompt_ids:
-                facts, package = found, _package(lease_id, proof, answer.prompt_ids, text, bound)
+                facts, package = found, _package(lease_id, proof, answer.prompt_ids, text, bound, body)
                 self.verifiers.failed_lease(lease_id, answer.verifier)
         self._sha256_now = sha256
         return await self._failed(provider, facts, package)
@@ -410,7 +420,7 @@ class Verifying:
         elif first.outcome == "failed":
             self.verifiers.failed_lease(lease_id, answer.verifier)  # its dispute says who was right
         prompt = answer.prompt_ids
-        package = _package(lease_id, proof, prompt, text, bound) if prompt else None
+        package = _package(lease_id, proof, prompt, text, bound, body) if prompt else None
         self._sha256_now = proof.commitment.body.model_sha256
         return await self._failed(provider, facts, package)
 
@@ -435,15 +445,24 @@ def _remote_facts(answer: Any, proof: CallProof, signed_ok: bool, body: dict[str
 
 
 def _package(
-    lease_id: str, proof: CallProof, prompt: list[int], text: str | None, bound: bool
+    lease_id: str, proof: CallProof, prompt: list[int], text: str | None, bound: bool, request: dict[str, Any]
 ) -> DisputePackage | None:
-    """A failed check's evidence, kept when the provider's v2 or v3 signature binds it to this lease."""
-    if proof.commitment.body.v < 2 or text is None or not bound:
+    """A failed check's evidence, kept when the provider's v2 to v4 signature binds it to this lease;
+    ``request``: the request sent, which a v4 body binds (the arbiter renders the prompt from it)."""
+    version = proof.commitment.body.v
+    if version < 2 or text is None or not bound:
         return None
     try:
-        return DisputePackage(lease_id=lease_id, proof=proof, prompt_ids=prompt, text=text)
+        sent = request if version >= 4 else None
+        return DisputePackage(lease_id=lease_id, proof=proof, prompt_ids=prompt, text=text, request=sent)
     except ValueError:  # beyond the package's bounds: refused all the same, kept without evidence
         return None
+
+
+def _request_sha256(version: int, body: dict[str, Any]) -> str | None:
+    """The hash of the request sent, where a body that binds one (v4) is compared with it: each call's
+    proof, so it is worked out only for bodies that sign one (JSON text of the whole request)."""
+    return request_sha256(body) if version >= 4 else None
 
 
 def _openings(chunks: list[str]) -> list[Opening]:

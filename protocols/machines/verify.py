@@ -46,6 +46,8 @@ FailReason = Literal[
     "text_mismatch",
     "prompt_hash_mismatch",
     "text_hash_mismatch",
+    # A v4 body's signed request hash is not the request this node sent: the provider signed for another.
+    "request_hash_mismatch",
 ]
 # Failures with no provider signature behind them: nothing to dispute with.
 UNSIGNED_REASONS = frozenset({"unsigned_root", "no_proof"})
@@ -58,7 +60,11 @@ BOUND_ONLY_IN_V2 = frozenset({"prompt_mismatch", "text_mismatch"})
 # The request is not signed either, so a signed sampling that differs from it (``sampling_mismatch``)
 # is the consumer's word too: refused, not disputed (an arbiter never sees the request); so is a signed
 # ``seeded`` flag that is not the request's.
-CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch", "sampling_mismatch"})
+CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch", "sampling_mismatch", "request_hash_mismatch"})
+# Except where the body signs the request (v4, ``request_sha256``): the arbiter, handed that request,
+# renders the prompt with its own copy of the file, so a signed prompt that is not that rendering
+# (another tokenizer behind the advertised file, a shortened prompt) is the provider's word proved false.
+REQUEST_BOUND_IN_V4 = frozenset({"prompt_hash_mismatch"})
 # ``too_greedy`` holds only for draws that were the provider's own: a request that names a ``seed``
 # fixes the engine's draws, and a consumer that picks one can make an honest sampled reply come out all
 # greedy; the arbiter, re-running the reply without the request, cannot tell. So it is disputed only
@@ -87,6 +93,8 @@ class CheckFacts:
     proof_sent: bool = True  # the end frame carried a proof (a drawn call the provider must commit to)
     model_matches: bool = True  # the signed model sha256 is the one the provider's record advertises
     sampling_matches: bool = True  # the signed temperature and top_p are the request's (``signed_sampling``)
+    # A v4 body's signed request hash is the request this node sent's (True for a body without one).
+    request_hash_matches: bool = True
     text_matches: bool = True  # the text received is what the proof's token ids spell
     # v2 bodies only (True for v1): the signed prompt_sha256 is this verifier's rendering's ids' hash,
     # the signed text_sha256 the text received's.
@@ -112,7 +120,11 @@ class CheckVerdict:
     @property
     def dispute(self) -> bool:
         """Open a dispute with the evidence: only when the provider's own signature binds the root."""
-        if self.outcome != "failed" or self.reason in UNSIGNED_REASONS | CONSUMERS_WORD | RECORD_UNBOUND:
+        if self.outcome != "failed":
+            return False
+        if self.reason in REQUEST_BOUND_IN_V4:
+            return self.body_version >= 4
+        if self.reason in UNSIGNED_REASONS | CONSUMERS_WORD | RECORD_UNBOUND:
             return False
         if self.reason in SIGNED_UNSEEDED_ONLY:
             return greedy_disputable(self.signed_seeded)
@@ -142,6 +154,9 @@ def _check_verdict(facts: CheckFacts) -> CheckVerdict:
     if not facts.sampling_matches:
         # Signed for another temperature or top_p than asked: no file needed to see it.
         return CheckVerdict("failed", "sampling_mismatch")
+    if not facts.request_hash_matches:
+        # Signed for another request than the one sent: no file needed to see it.
+        return CheckVerdict("failed", "request_hash_mismatch")
     if not facts.answered:
         return CheckVerdict("failed", "no_answer")
     if not facts.openings_match:
@@ -180,7 +195,9 @@ class CallFacts:
     error_frame: bool = False
     root_signed: bool = True  # the body's signature is the provider's, for this provider and lease
     sampling_matches: bool = True  # the signed temperature, top_p and seeded flag are the request's
-    # The signed ``text_sha256`` (v2, v3) is the hash of the text received (:func:`text_hash_matches`).
+    # The signed ``request_sha256`` (v4) is the hash of the request sent (:func:`request_hash_matches`).
+    request_hash_matches: bool = True
+    # The signed ``text_sha256`` (v2 to v4) is the hash of the text received (:func:`text_hash_matches`).
     text_hash_matches: bool = True
     body_version: int = 1
     signed_seeded: bool | None = None
@@ -191,8 +208,10 @@ def every_call_facts(call: CallFacts) -> CheckFacts | None:
     no file is wrong (the prefill, the openings and the rest wait for a drawn check). A missing proof
     the end frame owed (``no_proof``: a cut's goes by its forgiven-once rule and the draw), a signature
     that is not the provider's for this lease (``unsigned_root``), a signed sampling that is not the
-    request's (``sampling_mismatch``), a signed text hash that is not the text received, on an end
-    frame (``text_hash_mismatch``): each needs a hash or a signature check, and an honest provider
+    request's (``sampling_mismatch``), a signed request hash that is not the request sent
+    (``request_hash_mismatch``: an arbiter could not bind the request of a v4 dispute to it), a signed
+    text hash that is not the text received, on an end frame (``text_hash_mismatch``): each needs a
+    hash or a signature check, and an honest provider
     never trips one (its end frame of a reply always carries a proof that hashes the text it wrote),
     so a provider that omits its proofs, or signs one for other text, is caught on that very call,
     not on one call in ``verify.sample_rate``. The reasons, and whether each is disputed, are
@@ -206,9 +225,20 @@ def every_call_facts(call: CallFacts) -> CheckFacts | None:
         return CheckFacts(False, True, True, True, body_version=version, signed_seeded=seeded)
     if not call.sampling_matches:
         return CheckFacts(True, True, True, True, sampling_matches=False, body_version=version, signed_seeded=seeded)
+    if not call.request_hash_matches:
+        return CheckFacts(
+            True, True, True, True, request_hash_matches=False, body_version=version, signed_seeded=seeded
+        )
     if not call.text_hash_matches and not call.error_frame:
         return CheckFacts(True, True, True, True, text_hash_matches=False, body_version=version, signed_seeded=seeded)
     return None
+
+
+def request_hash_matches(signed: str | None, sent: str | None) -> bool:
+    """Whether a body's signed ``request_sha256`` (None: a body before v4 signs none) is ``sent``, the
+    hash of the request this side sent (``evidence.request_sha256``; None: one JSON cannot write
+    exactly, a NaN the wire wrote as null: nothing to compare, and no v4 dispute binds it)."""
+    return signed is None or sent is None or signed == sent
 
 
 def text_hash_matches(signed: str | None, received: str | None) -> bool:
@@ -277,10 +307,12 @@ class ArbitrationFacts:
     """What a lease's arbiter fetched and re-ran for a verification dispute (docs/verified-inference.md).
 
     ``evidence_bound``: the package binds this escrow: its signed commitment names the disputed lease
-    and the escrow's payee's node, is a v2 or v3 body, and the package's prompt ids and text hash to
-    the signed ``prompt_sha256`` and ``text_sha256``. ``recheck``: the arbiter's own
-    :func:`check_verdict` over the package (``runtime.verify.spot.check_call`` on its copy of the file
-    the proof names, by sha256; its finding counted by :func:`rechecked_findings`), which carries the
+    and the escrow's payee's node, is a v2 to v4 body, and the package's text hashes to the signed
+    ``text_sha256``, its prompt ids to the signed ``prompt_sha256`` (v2, v3) or its request to the
+    signed ``request_sha256`` (v4). ``recheck``: the arbiter's own :func:`check_verdict` over the
+    package (for v4, first its own rendering of the request: a signed prompt that is not it fails
+    ``prompt_mismatch`` or ``prompt_hash_mismatch``; then ``runtime.verify.spot.check_call`` on its copy
+    of the file the proof names, by sha256; its finding counted by :func:`rechecked_findings`), which carries the
     body's signed ``seeded`` flag as plain data (``CheckVerdict.signed_seeded``). ``left``: what is
     left of the frozen escrow; ``owed_if_honest``: what the consumer's countersigned receipts plus the
     disputed call's units come to, not yet released."""

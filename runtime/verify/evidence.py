@@ -12,21 +12,26 @@ could hand an arbiter another prompt of the same length. ``v: 2`` adds ``prompt_
 prompt's token ids, :func:`ids_sha256`, as the provider rendered the request with its file) and
 ``text_sha256`` (sha256 of the UTF-8 reply text it streamed). ``v: 3`` adds ``seeded``: whether the
 request the provider served named a ``seed`` (:func:`request_seeded`; without one the engine's draws are
-the provider's own randomness), so an arbiter can hold an unseeded reply to ``too_greedy``. Consumers of
-this release read all three (an absent field is left out of the signed bytes, so a v1 or v2 signature
+the provider's own randomness), so an arbiter can hold an unseeded reply to ``too_greedy``. ``v: 4``
+adds ``request_sha256``: the hash of the request the provider received (:func:`request_sha256`), so an
+arbiter handed that request renders the prompt itself with its copy of the file; a signed prompt that
+the advertised file does not render from it (another tokenizer, a shortened prompt) is then the
+provider's own signed words proved false, not the consumer's word against them. Consumers of this
+release read all four (an absent field is left out of the signed bytes, so a v1, v2 or v3 signature
 verifies as before; a body without ``seeded`` counts as seeded for ``too_greedy``); providers sign
-:data:`SIGNED_VERSION` (3) to a consumer that reads it. A consumer older than the release that
+:data:`SIGNED_VERSION` (4) to a consumer that reads it. A consumer older than the release that
 introduced a version reads such a body as no proof (``extra="forbid"``, and ``v`` is bounded), so the
 call protocol says which version its consumer reads (``protocols.lease.base.BODY_VERSION_READ``:
-``/clawnode/infer/1.1.0`` v3, ``/clawnode/infer/1.0.0`` v2) and :func:`call_proof` signs no newer one
-(``reads``). A consumer of a release before v2 speaks 1.0.0 too and reads that v2 body as no proof,
-as it did before v3.
+``/clawnode/infer/1.2.0`` v4, ``/clawnode/infer/1.1.0`` v3, ``/clawnode/infer/1.0.0`` v2) and
+:func:`call_proof` signs no newer one (``reads``). A consumer of a release before v2 speaks 1.0.0 too
+and reads that v2 body as no proof, as it did before v3.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,10 +46,11 @@ from runtime.verify.provider import CallRecorder, declared_sampling
 COMMITMENT_DOMAIN = b"clawnode/verify-commitment/v1\x00"
 # The body version providers sign: 3 (prompt and text bound, so prompt_mismatch and text_mismatch are
 # disputable with the provider's own signed words; and whether the request was seeded, so too_greedy is
-# disputable on an unseeded one), to a consumer that reads it (``call_proof``'s ``reads``: v2 to one
-# that negotiated the call protocol of the release before). Consumers read v1 and v2 bodies as well.
-SIGNED_VERSION = 3
-LATEST_VERSION = 3  # the newest body version this release reads
+# disputable on an unseeded one) and 4 (the request bound too, so a prompt the advertised file does not
+# render from it is disputable), to a consumer that reads it (``call_proof``'s ``reads``: v3 or v2 to one
+# that negotiated the call protocol of an earlier release). Consumers read v1 to v3 bodies as well.
+SIGNED_VERSION = 4
+LATEST_VERSION = 4  # the newest body version this release reads
 _SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -55,6 +61,19 @@ def ids_sha256(ids: Sequence[int]) -> str:
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def request_sha256(body: Mapping[str, Any]) -> str | None:
+    """sha256 of a call's request as a v4 body binds it: the JSON object with sorted keys, no
+    whitespace, ASCII escapes and Python's shortest round-trip floats (requests carry floats, so this
+    is not ``canonical_bytes``). The consumer hashes the body it sent and the provider the body it
+    parsed from the call frame: the same text, since a float read back from JSON is the float written.
+    None for a body JSON cannot write exactly (a NaN or an infinity): no v4 body is signed for it."""
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def request_seeded(body: Mapping[str, Any]) -> bool:
@@ -79,17 +98,21 @@ class CommitmentBody(BaseModel):
     # v2 and v3 (None in a v1 body, and then not part of the signed bytes).
     prompt_sha256: str | None = Field(None, pattern=_SHA256)
     text_sha256: str | None = Field(None, pattern=_SHA256)
-    # v3 only: whether the request named a ``seed`` (False: the draws were the provider's own).
+    # v3 and v4: whether the request named a ``seed`` (False: the draws were the provider's own).
     seeded: bool | None = None
+    # v4 only: the request as the provider received it (:func:`request_sha256`).
+    request_sha256: str | None = Field(None, pattern=_SHA256)
 
     @model_validator(mode="after")
     def _version_fields(self) -> CommitmentBody:
         bound = self.prompt_sha256 is not None and self.text_sha256 is not None
         unbound = self.prompt_sha256 is None and self.text_sha256 is None
         if (self.v >= 2 and not bound) or (self.v == 1 and not unbound):
-            raise ValueError("v2 and v3 bodies bind prompt_sha256 and text_sha256, v1 bodies neither")
+            raise ValueError("v2 to v4 bodies bind prompt_sha256 and text_sha256, v1 bodies neither")
         if (self.v >= 3) != (self.seeded is not None):
-            raise ValueError("v3 bodies sign seeded, v1 and v2 bodies do not")
+            raise ValueError("v3 and v4 bodies sign seeded, v1 and v2 bodies do not")
+        if (self.v >= 4) != (self.request_sha256 is not None):
+            raise ValueError("v4 bodies sign request_sha256, earlier bodies do not")
         return self
 
     @model_serializer(mode="wrap")
@@ -151,13 +174,16 @@ def call_proof(
     usage: dict[str, int],
     prompt_ids: Sequence[int] | None = None,
     reads: int | None = None,
+    request: Mapping[str, Any] | None = None,
 ) -> CallProof | None:
     """The end frame's proof of a recorded call, signed with the provider's receipt key; None when
     nothing was produced. ``prompt_ids``: the prompt as the provider rendered the request; with them the
     body is a :data:`SIGNED_VERSION` one: v2 binds them and the text streamed, v3 also whether the
     request it served named a seed (``recorder.body``: the request as served). ``reads``: the newest
     version the consumer reads (the call protocol it negotiated); the body signed is never newer, so a
-    consumer of the release before v3 gets the v2 body that release signs (None: :data:`SIGNED_VERSION`)."""
+    consumer of the release before v3 gets the v2 body that release signs (None: :data:`SIGNED_VERSION`).
+    ``request``: the call's request as received, before this node adjusted it (a v4 body binds its
+    :func:`request_sha256`; without it, or for one JSON cannot write exactly, the body is a v3 one)."""
     committed = recorder.finish()
     prompt_tokens = int(usage.get("prompt_tokens", 0))
     if committed is None or prompt_tokens < 1:
@@ -175,10 +201,15 @@ def call_proof(
         root=committed.root.hex(),
     )
     version = SIGNED_VERSION if reads is None else min(SIGNED_VERSION, reads)
+    requested = request_sha256(request) if request is not None and version >= 4 else None
+    if requested is None:
+        version = min(version, 3)
     if version >= 2 and prompt_ids is not None and len(prompt_ids) == prompt_tokens:
         bound: dict[str, Any] = {"prompt_sha256": ids_sha256(prompt_ids), "text_sha256": text_sha256(recorder.text)}
         if version >= 3:
             bound["seeded"] = request_seeded(recorder.body)
+        if version >= 4:
+            bound["request_sha256"] = requested
         body = CommitmentBody.model_validate({**body.model_dump(), "v": version, **bound})
     return CallProof(
         commitment=sign_commitment(body, key),
@@ -189,8 +220,9 @@ def call_proof(
 
 class DisputePackage(BaseModel):
     """What a consumer hands a lease's arbiter after a failed check (docs/verified-inference.md): the
-    proof as received, the prompt ids it rendered and the text received. Only a v2 or v3 body makes it
-    evidence: the ids and the text must hash to what the provider signed (:func:`package_binds`)."""
+    proof as received, the prompt ids it rendered, the text received and, for a v4 body, the request it
+    sent. Only a v2 to v4 body makes it evidence: the text (and the ids, or for v4 the request) must hash
+    to what the provider signed (:func:`package_binds`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -198,18 +230,42 @@ class DisputePackage(BaseModel):
     proof: CallProof
     prompt_ids: list[int] = Field(max_length=1 << 20)
     text: str = Field(max_length=1 << 22)
+    # v4 bodies: the request as sent (its hash signed as ``request_sha256``); the arbiter renders it.
+    request: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _present_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A package without a request is written without the key, so an arbiter of the release before
+        v4 (it forbids unknown keys) still reads the v2 and v3 packages it can decide."""
+        written: dict[str, Any] = handler(self)
+        if written.get("request") is None:
+            written.pop("request", None)
+        return written
 
 
 def package_binds(package: DisputePackage, lease_id: str, provider: str, peer_keys: PeerKeys) -> bool:
     """Whether ``package`` is evidence about ``lease_id`` served by ``provider`` (the escrow's payee's
-    node): a v2 or v3 body signed by that node for that lease, whose prompt and text hashes the package's
-    prompt ids and text give."""
+    node): a v2 to v4 body signed by that node for that lease, whose text hash the package's text gives;
+    for a v4 body, whose request hash the package's request gives (the arbiter renders the prompt from
+    it: :func:`prompt_binds` says whether the package's own ids are the signed prompt); for v2 and v3,
+    whose prompt hash the package's prompt ids give."""
     body = package.proof.commitment.body
+    if body.v >= 4:
+        request = package.request
+        binds_request = request is not None and request_sha256(request) == body.request_sha256
+    else:
+        binds_request = prompt_binds(package)
     return (
         body.v >= 2
         and body.lease_id == package.lease_id == lease_id
         and body.provider == provider
-        and body.prompt_sha256 == ids_sha256(package.prompt_ids)
+        and binds_request
         and body.text_sha256 == text_sha256(package.text)
         and commitment_signed(package.proof.commitment, peer_keys)
     )
+
+
+def prompt_binds(package: DisputePackage, prompt_ids: Sequence[int] | None = None) -> bool:
+    """Whether ``prompt_ids`` (the package's own when None) are the prompt the package's body signs."""
+    ids = package.prompt_ids if prompt_ids is None else prompt_ids
+    return package.proof.commitment.body.prompt_sha256 == ids_sha256(ids)
