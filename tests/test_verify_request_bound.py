@@ -4,15 +4,18 @@ received, so an arbiter handed that request renders the prompt itself.
 The hash is the same text on every side the request crosses (the consumer's dict, the call frame the
 provider parses, the dispute package the arbiter parses), floats and escapes included. A signed prompt
 that is not the arbiter's rendering of the signed request is disputed (a v3 body's is the consumer's word
-only); a provider that signs another request's hash is failed on that very call, drawn for a check or not.
+only); a provider that signs another request's hash, or answers on the call protocol that owes a v4
+body with an older one (which binds no request), is failed on that very call, drawn for a check or not.
 With real nodes: an honest v4 call passes, and a provider that signs a prompt of the same length other
 than the one the request renders is caught, keeps the consumer's evidence, and the arbiter's re-run,
-rendering the request on its own copy of the file, refunds it."""
+rendering the request on its own copy of the file, refunds it. A chat template that asks for the date
+renders a fixed one, so the rendering is the same in every time zone and on every day."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +34,11 @@ from protocols.machines.verify import (
     arbitrate,
     check_verdict,
     every_call_facts,
+    proof_version_met,
     request_hash_matches,
 )
 from runtime.errors import ClawnodeError
+from runtime.inference.engine import LlamaModel
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.verify.check import prefill_for
@@ -130,6 +135,12 @@ def test_a_rendering_other_than_the_signed_prompt_is_disputed_only_where_the_req
     assert every_call_facts(CallFacts(True, body_version=4)) is None
     assert request_hash_matches(None, "ab" * 32) and request_hash_matches("ab" * 32, None)  # nothing to compare
     assert not request_hash_matches("ab" * 32, "cd" * 32)
+    # The body the call protocol owes: v4 on 1.2.0 (v3 for a request JSON cannot hash), v3 on 1.1.0.
+    assert proof_version_met(4, 4, request_hashable=True) and proof_version_met(3, 4, request_hashable=False)
+    assert not proof_version_met(3, 4, request_hashable=True) and not proof_version_met(2, 3, request_hashable=True)
+    found = every_call_facts(CallFacts(True, version_met=False, body_version=3))
+    assert found is not None and check_verdict(found).reason == "proof_downgraded"
+    assert not check_verdict(found).dispute
 
 
 async def test_a_v4_provider_signing_another_prompt_or_request_is_caught_and_the_arbiter_refunds(
@@ -144,6 +155,8 @@ async def test_a_v4_provider_signing_another_prompt_or_request_is_caught_and_the
             args = (*args[:6], list(reversed(args[6])), *args[7:])
         if cheat[0] == "request":  # signs for another request than the one it received
             args = (*args[:8], {**args[8], "max_tokens": 9})
+        if cheat[0] == "downgrade":  # signs v3 on 1.2.0: a body that binds no request
+            args = (*args[:7], 3, *args[8:])
         return real_proof(*args)
 
     monkeypatch.setattr(serving, "call_proof", call_proof)
@@ -165,6 +178,11 @@ async def test_a_v4_provider_signing_another_prompt_or_request_is_caught_and_the
             await consumer.market.call(lease.lease_id, CHAT)
         assert caught.value.reason == "verification_request_hash_mismatch"
         assert lease.lease_id not in verifying.evidence  # nothing an arbiter could bind
+        cheat[0] = "downgrade"
+        third = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
+        with pytest.raises(ClawnodeError) as caught:
+            await consumer.market.call(third.lease_id, CHAT)
+        assert caught.value.reason == "verification_proof_downgraded"
 
         # Another prompt than the request renders: caught, and the evidence is kept for the arbiter.
         verifying.sample_rate = 1.0
@@ -186,3 +204,27 @@ async def test_a_v4_provider_signing_another_prompt_or_request_is_caught_and_the
         verdict = check_verdict(_facts(spot, package.proof.commitment.body))
         decided = arbitrate(ArbitrationFacts(True, verdict, left=1000, owed_if_honest=400))
         assert (decided.outcome, decided.to_payee, decided.reason) == ("refund", 0, "prompt_hash_mismatch")
+
+
+DATED = (
+    "{{ bos_token }}Today is {{ strftime_now('%d %b %Y') }}."
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+)
+
+
+async def test_a_template_asking_for_the_date_renders_the_same_everywhere_and_every_day(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = LlamaModel(write_tiny_llama_gguf(tmp_path / "dated.gguf", chat_template=DATED), n_ctx=128)
+    await model.load()
+    try:
+        rendered = set()
+        for zone in ("UTC", "Asia/Tokyo", "Pacific/Pago_Pago"):
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()
+            rendered.add(await model.format_chat([{"role": "user", "content": "hi"}]))
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+        await model.aclose()
+    assert len(rendered) == 1 and "Today is 26 Jul 2024." in rendered.pop()

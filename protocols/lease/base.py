@@ -63,6 +63,11 @@ INFER_PROTOCOL_V3 = TProtocol("/clawnode/infer/1.1.0")  # consumers before v4 bo
 INFER_PROTOCOL_V1 = TProtocol("/clawnode/infer/1.0.0")  # consumers before v3 bodies; still served
 INFER_PROTOCOLS = (INFER_PROTOCOL, INFER_PROTOCOL_V3, INFER_PROTOCOL_V1)
 BODY_VERSION_READ: dict[str, int] = {INFER_PROTOCOL: 4, INFER_PROTOCOL_V3: 3, INFER_PROTOCOL_V1: 2}
+# The body version a provider that answered on each id signs at least (``body_version_owed``): every
+# release that serves 1.2.0 signs v4, every one that serves 1.1.0 v3 (each id came with its version), so
+# a lower one there is a provider leaving out what the consumer's dispute needs (a v3 body on 1.2.0
+# binds no request: its substitute's prompt could not be refunded). On 1.0.0 releases before v2 sign v1.
+BODY_VERSION_OWED: dict[str, int] = {INFER_PROTOCOL: 4, INFER_PROTOCOL_V3: 3}
 MAX_LEASE_FRAME = 64 * 1024
 MAX_CALL_FRAME = 1 << 20
 CALL_READ_TIMEOUT_S = 10.0
@@ -102,6 +107,12 @@ def body_version_read(protocol: str | None) -> int:
     (``BODY_VERSION_READ``); a stream without one (none negotiated) gets v2, which every release since
     v2 reads."""
     return BODY_VERSION_READ.get(str(protocol), 2)
+
+
+def body_version_owed(protocol: str | None) -> int:
+    """The lowest commitment body version a provider answering on ``protocol`` signs
+    (``BODY_VERSION_OWED``; 1 on 1.0.0 and where none was negotiated)."""
+    return BODY_VERSION_OWED.get(str(protocol), 1)
 
 
 def token_digest(token: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from protocols.lease.base import (
     QUOTE_REPLY,
     RECEIPT_CATCH_UP_S,
     HeldLease,
+    body_version_owed,
     call_frame,
     error_frame,
     log,
@@ -360,11 +362,14 @@ class ConsumerRole(ChannelRole):
         """
         held = self._held(lease_id)
         request_frame = w.CallRequest(lease_id=lease_id, token=held.token, body=body).model_dump_json().encode()
+        if verifiable(body):  # checked as the provider reads it, the proof's request hash too (a NaN is null)
+            body = json.loads(request_frame)["body"]
         provider = ID.from_base58(held.grant.provider)
         byte_bound = call_bytes_bound(body)  # the chunks' bytes in all, checked at every frame
         try:
             with trio.fail_after(timeout_s):
                 stream = await self.spare_streams.take(provider)
+                owed = body_version_owed(stream.get_protocol())  # the proof body its answer owes
                 reader = FrameReader(WindowedReader(stream), max_frame=MAX_CALL_FRAME)
                 tokens_received = bytes_received = 0
                 texts: list[str] = []  # the reply as received (bounded by call_bytes_verdict), for its check
@@ -405,7 +410,7 @@ class ConsumerRole(ChannelRole):
                                 text = "".join(texts)
                                 if not self._cut_let_go(held, body, ending, generated, proof):
                                     await self._spot_check(
-                                        held, lease_id, body, proof, {}, text, paid, generated, ending=ending
+                                        held, lease_id, body, proof, {}, text, paid, generated, ending=ending, owed=owed
                                     )
                             if overbilled is not None:  # its check passed or was not drawn: revoked now
                                 self._revoke_undisputed(lease_id)
@@ -446,7 +451,9 @@ class ConsumerRole(ChannelRole):
                         self._spawn(self.spare_streams.refill, provider)
                         proof, text = frame.verify, "".join(texts)
                         if c.ending_checked(c.call_ending("end", left=False, provider_stopped=False), generated):
-                            await self._spot_check(held, lease_id, body, proof, frame.usage, text, counted, generated)
+                            await self._spot_check(
+                                held, lease_id, body, proof, frame.usage, text, counted, generated, owed=owed
+                            )
                         return frame
                 finally:
                     with trio.move_on_after(CANCEL_DRAIN_S + 1) as cleanup:
@@ -479,6 +486,7 @@ class ConsumerRole(ChannelRole):
                                 generated,
                                 left_at=drained.left_at,
                                 ending=ending,
+                                owed=owed,
                             )
                         if drained.overbilled:  # its check passed or was not drawn: revoked now
                             self._revoke_undisputed(lease_id)
@@ -518,6 +526,7 @@ class ConsumerRole(ChannelRole):
         *,
         left_at: float | None = None,
         ending: c.CallEnding = c.CallEnding.END,
+        owed: int = 1,
     ) -> None:
         """Verified inference: a call that fails its check ends the lease, so nothing more is countersigned,
         and its own units leave what this side agrees it owes (a receipt pushed while the check ran may
@@ -527,7 +536,8 @@ class ConsumerRole(ChannelRole):
         after its chunks (``reply_tokens``), or the proof of the end or error frame that answered this
         side's cancel of a provider that stopped after them, or none (``ending_checked``; no usage: the
         chunks received say what was produced); ``ending``: which of those (``Verifying.check`` fails an
-        end frame's missing proof on every call, a cut's only when drawn).
+        end frame's missing proof on every call, a cut's only when drawn); ``owed``: the proof body version
+        the call protocol the provider answered on owes (``body_version_owed``).
 
         The check runs as a task of the market's own nursery (bounded by ``SPOT_CHECK_S``), which applies
         its consequences as soon as it has the outcome, and the caller waits for it shielded from the
@@ -550,6 +560,7 @@ class ConsumerRole(ChannelRole):
                         usage=usage,
                         received_tokens=generated,
                         ending=ending,
+                        owed=owed,
                     )
                 if bound.cancelled_caught:
                     log.warning("a check of %s took over %.0f s: left undecided", provider[:16], SPOT_CHECK_S)

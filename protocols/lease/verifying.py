@@ -36,6 +36,7 @@ from protocols.machines.verify import (
     check_verdict,
     every_call_facts,
     findings_counted,
+    proof_version_met,
     reconcile_opinions,
     request_hash_matches,
     sampling_matches,
@@ -237,12 +238,15 @@ class Verifying:
         usage: dict[str, int] | None = None,
         received_tokens: int = 0,
         ending: CallEnding = CallEnding.END,
+        owed: int = 1,
     ) -> str:
-        """``passed``, ``failed:<reason>``, ``unverifiable`` or ``skipped``. ``text``: the reply as
+        """``passed``, ``failed:<reason>``, ``unverifiable`` or ``skipped``. ``body``: the request as the
+        provider read it (the call frame's, parsed back); ``text``: the reply as
         received; ``usage``: the end frame's; ``received_tokens``: the tokens of the reply's chunks that
         arrived, text or not (``reply_tokens``: what this side paid as generated, whatever the provider's
         usage says); ``ending``: how the call ended (``lease_consumer.call_ending``: its own end frame,
-        or a cut after its text). What needs no file is checked on every call
+        or a cut after its text); ``owed``: the body version the call protocol the provider answered on
+        owes (``protocols.lease.base.body_version_owed``). What needs no file is checked on every call
         (``protocols.machines.verify.every_call_facts``): an end frame's missing proof, the proof's
         signature, its signed sampling and, on an end frame, its signed text hash; the prefill is drawn."""
         if self.local_model is None:
@@ -275,6 +279,7 @@ class Verifying:
         # failure undisputable; the signed hash of the request (a v4 dispute's binding); and the signed hash
         # of the text it says it streamed.
         sampled = sampling_matches((signed.temperature_milli, signed.top_p_milli), _declared(body))
+        sent = request_sha256(body) if max(signed.v, owed) >= 4 else None  # JSON text of the whole request
         found = every_call_facts(
             CallFacts(
                 True,
@@ -282,7 +287,8 @@ class Verifying:
                 error_frame=error_frame,
                 root_signed=bound and commitment_signed(proof.commitment, ed25519_public_key),
                 sampling_matches=sampled and seeded_matches(signed.seeded, request_seeded(body)),
-                request_hash_matches=request_hash_matches(signed.request_sha256, _request_sha256(signed.v, body)),
+                version_met=proof_version_met(signed.v, owed, request_hashable=owed < 4 or sent is not None),
+                request_hash_matches=request_hash_matches(signed.request_sha256, sent),
                 text_hash_matches=text_hash_matches(signed.text_sha256, None if text is None else text_sha256(text)),
                 body_version=signed.v,
                 signed_seeded=signed.seeded,
@@ -457,12 +463,6 @@ def _package(
         return DisputePackage(lease_id=lease_id, proof=proof, prompt_ids=prompt, text=text, request=sent)
     except ValueError:  # beyond the package's bounds: refused all the same, kept without evidence
         return None
-
-
-def _request_sha256(version: int, body: dict[str, Any]) -> str | None:
-    """The hash of the request sent, where a body that binds one (v4) is compared with it: each call's
-    proof, so it is worked out only for bodies that sign one (JSON text of the whole request)."""
-    return request_sha256(body) if version >= 4 else None
 
 
 def _openings(chunks: list[str]) -> list[Opening]:

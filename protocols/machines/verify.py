@@ -48,6 +48,8 @@ FailReason = Literal[
     "text_hash_mismatch",
     # A v4 body's signed request hash is not the request this node sent: the provider signed for another.
     "request_hash_mismatch",
+    # A body of an older version than the call protocol the provider answered on owes (``proof_version``).
+    "proof_downgraded",
 ]
 # Failures with no provider signature behind them: nothing to dispute with.
 UNSIGNED_REASONS = frozenset({"unsigned_root", "no_proof"})
@@ -60,7 +62,9 @@ BOUND_ONLY_IN_V2 = frozenset({"prompt_mismatch", "text_mismatch"})
 # The request is not signed either, so a signed sampling that differs from it (``sampling_mismatch``)
 # is the consumer's word too: refused, not disputed (an arbiter never sees the request); so is a signed
 # ``seeded`` flag that is not the request's.
-CONSUMERS_WORD = frozenset({"text_hash_mismatch", "prompt_hash_mismatch", "sampling_mismatch", "request_hash_mismatch"})
+CONSUMERS_WORD = frozenset(
+    {"text_hash_mismatch", "prompt_hash_mismatch", "sampling_mismatch", "request_hash_mismatch", "proof_downgraded"}
+)
 # Except where the body signs the request (v4, ``request_sha256``): the arbiter, handed that request,
 # renders the prompt with its own copy of the file, so a signed prompt that is not that rendering
 # (another tokenizer behind the advertised file, a shortened prompt) is the provider's word proved false.
@@ -95,6 +99,8 @@ class CheckFacts:
     sampling_matches: bool = True  # the signed temperature and top_p are the request's (``signed_sampling``)
     # A v4 body's signed request hash is the request this node sent's (True for a body without one).
     request_hash_matches: bool = True
+    # The body is of the version the call protocol the provider answered on owes (``proof_version_met``).
+    version_met: bool = True
     text_matches: bool = True  # the text received is what the proof's token ids spell
     # v2 bodies only (True for v1): the signed prompt_sha256 is this verifier's rendering's ids' hash,
     # the signed text_sha256 the text received's.
@@ -154,6 +160,9 @@ def _check_verdict(facts: CheckFacts) -> CheckVerdict:
     if not facts.sampling_matches:
         # Signed for another temperature or top_p than asked: no file needed to see it.
         return CheckVerdict("failed", "sampling_mismatch")
+    if not facts.version_met:
+        # An older body than the protocol owes: what a dispute needs left out. No file needed to see it.
+        return CheckVerdict("failed", "proof_downgraded")
     if not facts.request_hash_matches:
         # Signed for another request than the one sent: no file needed to see it.
         return CheckVerdict("failed", "request_hash_mismatch")
@@ -197,6 +206,8 @@ class CallFacts:
     sampling_matches: bool = True  # the signed temperature, top_p and seeded flag are the request's
     # The signed ``request_sha256`` (v4) is the hash of the request sent (:func:`request_hash_matches`).
     request_hash_matches: bool = True
+    # The body is of the version the call protocol owes (:func:`proof_version_met`).
+    version_met: bool = True
     # The signed ``text_sha256`` (v2 to v4) is the hash of the text received (:func:`text_hash_matches`).
     text_hash_matches: bool = True
     body_version: int = 1
@@ -208,7 +219,9 @@ def every_call_facts(call: CallFacts) -> CheckFacts | None:
     no file is wrong (the prefill, the openings and the rest wait for a drawn check). A missing proof
     the end frame owed (``no_proof``: a cut's goes by its forgiven-once rule and the draw), a signature
     that is not the provider's for this lease (``unsigned_root``), a signed sampling that is not the
-    request's (``sampling_mismatch``), a signed request hash that is not the request sent
+    request's (``sampling_mismatch``), a body older than the call protocol owes (``proof_downgraded``:
+    a v3 body on 1.2.0 binds no request, so its substitute could not be refunded), a signed request
+    hash that is not the request sent
     (``request_hash_mismatch``: an arbiter could not bind the request of a v4 dispute to it), a signed
     text hash that is not the text received, on an end frame (``text_hash_mismatch``): each needs a
     hash or a signature check, and an honest provider
@@ -225,6 +238,8 @@ def every_call_facts(call: CallFacts) -> CheckFacts | None:
         return CheckFacts(False, True, True, True, body_version=version, signed_seeded=seeded)
     if not call.sampling_matches:
         return CheckFacts(True, True, True, True, sampling_matches=False, body_version=version, signed_seeded=seeded)
+    if not call.version_met:
+        return CheckFacts(True, True, True, True, version_met=False, body_version=version, signed_seeded=seeded)
     if not call.request_hash_matches:
         return CheckFacts(
             True, True, True, True, request_hash_matches=False, body_version=version, signed_seeded=seeded
@@ -232,6 +247,14 @@ def every_call_facts(call: CallFacts) -> CheckFacts | None:
     if not call.text_hash_matches and not call.error_frame:
         return CheckFacts(True, True, True, True, text_hash_matches=False, body_version=version, signed_seeded=seeded)
     return None
+
+
+def proof_version_met(signed: int, owed: int, *, request_hashable: bool) -> bool:
+    """Whether a body's version ``signed`` is what the call protocol the provider answered on ``owed``
+    (``protocols.lease.base.body_version_owed``): at least that, except that a request JSON cannot hash
+    (``request_hashable`` False: ``evidence.request_sha256`` is None) is owed v3 at most, as an honest
+    provider signs it."""
+    return signed >= (owed if request_hashable else min(owed, 3))
 
 
 def request_hash_matches(signed: str | None, sent: str | None) -> bool:

@@ -33,6 +33,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -335,6 +336,17 @@ def _rss() -> int:
     import psutil
 
     return int(psutil.Process().memory_info().rss)
+
+
+# What a chat template's ``strftime_now`` renders (Llama 3's templates write "Today Date: …" with it):
+# a fixed day, the one those templates fall back to without it, never the clock. A prompt must be a pure
+# function of the request and the file: a verifier in another time zone, or an arbiter re-rendering a
+# disputed request days later, renders the very ids the provider signed (docs/verified-inference.md).
+TEMPLATE_NOW = datetime(2024, 7, 26, tzinfo=UTC)
+
+
+def template_strftime_now(f: str) -> str:
+    return TEMPLATE_NOW.strftime(f)
 
 
 def _named_formatter(name: str) -> Callable[..., Any]:
@@ -1291,6 +1303,7 @@ class LlamaModel:
                 bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
                 stop_token_ids=[eos],
             )
+            self._formatter.strftime_now = template_strftime_now  # type: ignore[method-assign]
         else:
             self._formatter = _named_formatter(chat_format)
         self.chat_format = chat_format
