@@ -3,7 +3,8 @@ it streamed, so an arbiter can be shown the very prompt and reply. With real nod
 honest provider's v2 proof passes, and a provider that signs another prompt of the same length, streams
 another text than it signed, or signs a text its token ids do not spell is caught on that call; the
 arbiter's re-run of the package refunds the signed cheat and pays the honest provider, whatever prompt
-or text a consumer hands it."""
+or text a consumer hands it. (A provider that signs v2 answers on ``/clawnode/infer/1.0.0``, as the
+releases that sign it do: on a newer call protocol a v2 body fails ``proof_downgraded``.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from protocols.lease import serving
+from protocols.lease.base import INFER_PROTOCOL_V1
 from protocols.machines.verify import ArbitrationFacts, CheckFacts, arbitrate, check_verdict
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
@@ -27,6 +29,7 @@ from runtime.verify.provider import CallRecorder
 from runtime.verify.spot import recheck
 from tests.support.market import market_nodes
 from wire.peer_keys import ed25519_public_key
+from wire.spare_streams import SpareStreams
 
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 8, "temperature": 0}
 
@@ -70,6 +73,8 @@ async def test_a_v2_proof_binds_the_prompt_and_the_text_and_each_unbound_cheat_f
     async with market_nodes([{"models": (spec(),)}, {"models": (spec(),)}]) as (nodes, _):
         consumer, provider = nodes
         provider_id = str(provider.host.get_id())
+        older = SpareStreams(consumer.host, [INFER_PROTOCOL_V1])  # the call protocol v2 and v1 bodies owe
+        consumer.market.__dict__["spare_streams"] = older
         consumer.market.verifying.sample_rate = 1.0  # verify.sample_rate: every call is checked
         lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
         assert (await consumer.market.call(lease.lease_id, CHAT)).units > 0  # honest: passes
@@ -96,6 +101,7 @@ async def test_a_v2_proof_binds_the_prompt_and_the_text_and_each_unbound_cheat_f
                 assert package_binds(kept, lease.lease_id, provider_id, ed25519_public_key)
         record = consumer.market.verifying.book.get(provider_id)
         assert record is not None and (record.passed, record.failed) == (2, 3)
+        await older.aclose()
 
     # The arbiter's side: its own copy of the file re-runs the check on the package, then decides.
     prefill, tolerances = prefill_for(path)
