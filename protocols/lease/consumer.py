@@ -362,8 +362,8 @@ class ConsumerRole(ChannelRole):
         """
         held = self._held(lease_id)
         request_frame = w.CallRequest(lease_id=lease_id, token=held.token, body=body).model_dump_json().encode()
-        if verifiable(body):  # checked as the provider reads it, the proof's request hash too (a NaN is null)
-            body = json.loads(request_frame)["body"]
+        # Used, checked and hashed as the provider reads it (a NaN the frame writes as null is null here too).
+        body = json.loads(request_frame)["body"]
         provider = ID.from_base58(held.grant.provider)
         byte_bound = call_bytes_bound(body)  # the chunks' bytes in all, checked at every frame
         try:

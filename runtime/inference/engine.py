@@ -338,8 +338,8 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-# What a chat template's ``strftime_now`` renders (Llama 3's templates write "Today Date: …" with it):
-# a fixed day, the one those templates fall back to without it, never the clock. A prompt must be a pure
+# What a chat template's ``strftime_now`` renders (Llama 3.2's writes "Today Date: …" with it): a fixed
+# day, the one that template falls back to without it, never the clock. A prompt must be a pure
 # function of the request and the file: a verifier in another time zone, or an arbiter re-rendering a
 # disputed request days later, renders the very ids the provider signed (docs/verified-inference.md).
 TEMPLATE_NOW = datetime(2024, 7, 26, tzinfo=UTC)
