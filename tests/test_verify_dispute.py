@@ -22,14 +22,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from click.testing import CliRunner
 
-from dht.discovery import DiscoveryQuery
 from node.cli import main
 from node.daemon import Node
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from tests.support.identity import claim_identity
-from tests.support.market import SharedChain, market_nodes, wait_for
+from tests.support.market import SharedChain, market_nodes, ranked_once_listed, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "Which model are you?"}], "max_tokens": 12, "temperature": 0}
 BUDGET = 10**9
@@ -161,11 +160,7 @@ async def test_a_substitute_is_refunded_in_full_by_the_arbiter_and_an_honest_bui
         verifying.evidence.pop(lease.lease_id, None)
 
         # 4. The router never buys from the cheat again; the honest provider stays in its ranking.
-        query = DiscoveryQuery(capability="model:tiny")
-        with trio.fail_after(20):
-            while {cheat_id, fair_id} - {p.peer_id for p in await consumer.discover(query)}:
-                await trio.sleep(0.2)
-        ranked = [p.peer_id for p in consumer.router.rank(await consumer.discover(query))]
+        ranked = await ranked_once_listed(consumer, "model:tiny", {cheat_id, fair_id})
         assert fair_id in ranked and cheat_id not in ranked
 
         # `clawnode find` shows this node's checks of each provider it lists.

