@@ -114,6 +114,8 @@ def test_a_v4_package_binds_by_the_request_and_an_earlier_one_by_its_prompt_ids(
     assert not package_binds(edited, lease, provider, ed25519_public_key)  # another request than signed
     assert not package_binds(package.model_copy(update={"request": None}), lease, provider, ed25519_public_key)
     assert DisputePackage.model_validate_json(package.model_dump_json()) == package
+    with pytest.raises(ValueError):  # no larger than a call frame: what a provider could have been sent
+        DisputePackage(lease_id=lease, proof=proof, prompt_ids=[], text="hi", request={"prompt": "x" * (1 << 20)})
     # A v3 body binds no request: its package is evidence only with the signed prompt's own ids, and is
     # written without a request key, so an arbiter of the release before v4 still reads it.
     proof, provider = _signed(3)

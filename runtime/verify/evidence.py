@@ -51,6 +51,9 @@ COMMITMENT_DOMAIN = b"clawnode/verify-commitment/v1\x00"
 # that negotiated the call protocol of an earlier release). Consumers read v1 to v3 bodies as well.
 SIGNED_VERSION = 4
 LATEST_VERSION = 4  # the newest body version this release reads
+# A dispute package's request, as JSON: at most what one call frame carries (``MAX_CALL_FRAME``), so an
+# arbiter never renders a prompt larger than any provider could have been sent.
+MAX_REQUEST_BYTES = 1 << 20
 _SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -232,6 +235,12 @@ class DisputePackage(BaseModel):
     text: str = Field(max_length=1 << 22)
     # v4 bodies: the request as sent (its hash signed as ``request_sha256``); the arbiter renders it.
     request: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _request_bounded(self) -> DisputePackage:
+        if self.request is not None and len(json.dumps(self.request, default=str)) > MAX_REQUEST_BYTES:
+            raise ValueError(f"a package's request is at most {MAX_REQUEST_BYTES} bytes of JSON")
+        return self
 
     @model_serializer(mode="wrap")
     def _present_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
