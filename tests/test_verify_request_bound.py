@@ -230,3 +230,19 @@ async def test_a_template_asking_for_the_date_renders_the_same_everywhere_and_ev
         time.tzset()
         await model.aclose()
     assert len(rendered) == 1 and "Today is 26 Jul 2024." in rendered.pop()
+
+
+def test_a_verifier_whose_schema_takes_no_v4_proof_is_never_leased_for_one() -> None:
+    """An older verifier refuses a v4 proof only after a lease was opened (and an escrow locked) for it:
+    its offer's request schema, which bounds no body version, keeps it out of a v4 proof's draw."""
+    import random
+
+    from protocols.lease.verifier import VERIFY_REQUEST_SCHEMA, body_versions_read
+    from protocols.machines.verify import VerifierOffer, choose_verifiers
+
+    older_schema = {**VERIFY_REQUEST_SCHEMA, "properties": {"proof": {"type": "object"}, "request": {"type": "object"}}}
+    assert body_versions_read(VERIFY_REQUEST_SCHEMA) == 4 and body_versions_read(older_schema) == 3
+    offers = [VerifierOffer("older", 1, body_versions_read(older_schema)), VerifierOffer("newer", 1, 4)]
+    rng = random.Random(0)
+    assert choose_verifiers(offers, provider="p", self_id="me", rng=rng, body_version=4) == ["newer"]
+    assert sorted(choose_verifiers(offers, provider="p", self_id="me", rng=rng, body_version=3)) == ["newer", "older"]

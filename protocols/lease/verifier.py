@@ -35,7 +35,7 @@ from protocols.machines.verify import CheckFacts, VerifierOffer, check_verdict, 
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.service import Emit, Usage
 from runtime.verify.commitment import MAX_TOKENS
-from runtime.verify.evidence import CallProof
+from runtime.verify.evidence import LATEST_VERSION, CallProof
 from runtime.verify.reports import SignedReport
 from wire.rpc import request, serve_requests
 
@@ -54,7 +54,11 @@ VERIFY_REQUEST_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["proof", "request"],
     "properties": {
-        "proof": {"type": "object"},
+        # The newest body version taken, as the schema's own bound on it (``body_versions_read``).
+        "proof": {
+            "type": "object",
+            "properties": {"commitment": {"properties": {"body": {"properties": {"v": {"maximum": LATEST_VERSION}}}}}},
+        },
         "request": {"type": "object"},
         "text": {"type": ["string", "null"]},
         "longest_stop": {"type": "integer", "minimum": 0},
@@ -70,6 +74,17 @@ VERIFY_REPLY_SCHEMA: dict[str, Any] = {
         "prompt_ids": {"type": ["array", "null"]},
     },
 }
+
+
+def body_versions_read(params_schema: dict[str, Any]) -> int:
+    """The newest commitment body version a ``verify:`` offer's request schema says its verifier
+    takes (``proof.commitment.body.v``'s ``maximum``); 3 where it states none (every release before v4
+    bodies published ``{"type": "object"}``: such a verifier refuses a v4 proof)."""
+    try:
+        bound = params_schema["properties"]["proof"]["properties"]["commitment"]["properties"]["body"]
+        return int(bound["properties"]["v"]["maximum"])
+    except (KeyError, TypeError, ValueError):
+        return 3
 
 
 def verify_capability(sha256: str) -> str:
@@ -271,6 +286,7 @@ class RemoteVerifier:
             max_price=self.max_price,
             checked_price=held.grant.price_per_unit if held is not None else None,
             exclude=exclude,
+            body_version=proof.commitment.body.v,
         )
         prices = {offer.peer_id: offer.price_per_unit for offer in offers}
         units = checked_tokens(proof)
@@ -327,7 +343,12 @@ def discovery_verifiers(discover: Callable[[Any], Awaitable[list[Any]]]) -> Find
 
     async def find(sha256: str) -> list[VerifierOffer]:
         found = await discover(DiscoveryQuery(capability=verify_capability(sha256)))
-        return [VerifierOffer(p.peer_id, p.price_per_unit) for p in found if not p.is_self]
+        offers = []
+        for p in found:
+            offer = None if p.is_self else p.record.capability(p.capability)
+            if offer is not None:
+                offers.append(VerifierOffer(p.peer_id, p.price_per_unit, body_versions_read(offer.params_schema)))
+        return offers
 
     return find
 

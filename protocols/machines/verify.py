@@ -486,10 +486,13 @@ VERIFIER_LOSS = 4  # each overruled failure or disagreement weighs as much as th
 
 @dataclass(frozen=True)
 class VerifierOffer:
-    """A ``verify:<sha256>`` provider as discovery found it."""
+    """A ``verify:<sha256>`` provider as discovery found it. ``reads``: the newest commitment body
+    version its request schema says it takes (``protocols.lease.verifier.body_versions_read``; 3 for a
+    verifier of a release that states none: one before v4 bodies)."""
 
     peer_id: str
     price_per_unit: int
+    reads: int = 3
 
 
 def verifier_standing(agreed: int, overruled: int, disagreed: int) -> float:
@@ -519,17 +522,19 @@ def choose_verifiers(
     max_price: int | None = None,
     checked_price: int | None = None,
     exclude: Collection[str] = (),
+    body_version: int = 1,
 ) -> list[str]:
     """The verifiers to ask for one check, in order: never the provider under check, never this node,
     none in ``exclude`` (the first opinion's verifier, for a second), none at an unacceptable price
-    (:func:`acceptable_price`); drawn at random without replacement, each with a weight of its
+    (:func:`acceptable_price`), none that takes no proof of ``body_version`` (it would refuse it, after
+    a lease opened for nothing); drawn at random without replacement, each with a weight of its
     ``standing`` (:data:`NEW_VERIFIER_STANDING` when unknown, at least :data:`MIN_VERIFIER_WEIGHT`);
     at most :data:`MAX_VERIFIER_TRIES`."""
     known = standing or {}
     weights: dict[str, float] = {}
     for offer in offers:
         peer = offer.peer_id
-        if peer in (provider, self_id) or peer in exclude or peer in weights:
+        if peer in (provider, self_id) or peer in exclude or peer in weights or offer.reads < body_version:
             continue
         if not acceptable_price(offer.price_per_unit, max_price=max_price, checked_price=checked_price):
             continue
