@@ -116,6 +116,11 @@ def test_a_v4_package_binds_by_the_request_and_an_earlier_one_by_its_prompt_ids(
     assert DisputePackage.model_validate_json(package.model_dump_json()) == package
     with pytest.raises(ValueError):  # no larger than a call frame: what a provider could have been sent
         DisputePackage(lease_id=lease, proof=proof, prompt_ids=[], text="hi", request={"prompt": "x" * (1 << 20)})
+    # Measured as the frame writes it: 300,000 "é" are 600 KB of UTF-8 (1.8 MB as JSON escapes).
+    accented = {"prompt": "é" * 300_000}
+    frame = w.CallRequest(lease_id=lease, token="t", body=accented).model_dump_json().encode()
+    assert len(frame) < 1 << 20
+    DisputePackage(lease_id=lease, proof=proof, prompt_ids=[], text="hi", request=accented)
     # A v3 body binds no request: its package is evidence only with the signed prompt's own ids, and is
     # written without a request key, so an arbiter of the release before v4 still reads it.
     proof, provider = _signed(3)

@@ -462,6 +462,7 @@ def _package(
         sent = request if version >= 4 else None
         return DisputePackage(lease_id=lease_id, proof=proof, prompt_ids=prompt, text=text, request=sent)
     except ValueError:  # beyond the package's bounds: refused all the same, kept without evidence
+        log.warning("lease %s: the failed call's evidence is beyond a package's bounds, not kept", lease_id[:12])
         return None
 
 

@@ -38,6 +38,7 @@ from typing import Any
 from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic_core import to_json
 
 from runtime.ledger.canonical import canonical_bytes
 from runtime.ledger.receipts import LEASE_ID_PATTERN, PEER_ID_PATTERN, PeerKeys, ReceiptKey
@@ -238,7 +239,8 @@ class DisputePackage(BaseModel):
 
     @model_validator(mode="after")
     def _request_bounded(self) -> DisputePackage:
-        if self.request is not None and len(json.dumps(self.request, default=str)) > MAX_REQUEST_BYTES:
+        # Measured as the call frame writes it (compact UTF-8), so a request that fit its frame fits here.
+        if self.request is not None and len(to_json(self.request)) > MAX_REQUEST_BYTES:
             raise ValueError(f"a package's request is at most {MAX_REQUEST_BYTES} bytes of JSON")
         return self
 
