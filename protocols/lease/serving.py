@@ -398,8 +398,8 @@ class ServingRole(LeaseCore):
             # rendering again is for a service that tells none. It tokenizes on the engine's worker,
             # admitted in turn: behind a long generation it could hold the end frame that long.
             ids = decoded
-            if ids is None:
-                claimed = int(usage.get("prompt_tokens", 0))
+            claimed = int(usage.get("prompt_tokens", 0))
+            if ids is None or len(ids) != claimed:  # none told, or not the prompt billed: rendered again
                 ids = await prompt_ids(getattr(service, "model", None), call.body, claimed)
         # The request as received, before the reservation's max_tokens: what the consumer sent and hashes.
         return call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids, reads, call.body)
