@@ -48,7 +48,7 @@ FailReason = Literal[
     "text_hash_mismatch",
     # A v4 body's signed request hash is not the request this node sent: the provider signed for another.
     "request_hash_mismatch",
-    # A body of an older version than the call protocol the provider answered on owes (``proof_version``).
+    # A body of an older version than the call protocol the provider answered on owes (``proof_version_met``).
     "proof_downgraded",
 ]
 # Failures with no provider signature behind them: nothing to dispute with.
