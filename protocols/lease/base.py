@@ -203,14 +203,16 @@ class HeldLease:
         self.seen_units += units
         self.left = left_calls.counted(self.left, now, units)
 
-    def count_left(self, now: float, received: int, body: Any) -> None:
+    def count_left(self, now: float, received: int, body: Any) -> int:
         """Count a call left without the provider's last frame: the ``received`` units that arrived,
         and its allowance until a receipt bills past it (``left_calls``); never more than the call could be
-        reserved (``call_units_needed``): the chunks' ``tokens`` are the provider's word."""
+        reserved (``call_units_needed``): the chunks' ``tokens`` are the provider's word. Returns the units
+        counted (what a failed check of the call takes back)."""
         received = min(received, call_units_needed(body))
         self.seen_units += received
         self.aborted_calls += 1
         self.left = left_calls.left(self.left, now, received, body)
+        return received
 
 
 class LeaseCore:

@@ -698,8 +698,8 @@ class ConsumerRole(ChannelRole):
                     await write_frame(stream, w.CallAck().model_dump_json().encode())
             return ended
         left_at = self.clock()
-        held.count_left(left_at, tokens, body)
-        return _Drained(None, None, tokens, "".join(texts), text_tokens, left_at)
+        counted = held.count_left(left_at, tokens, body)
+        return _Drained(None, None, counted, "".join(texts), text_tokens, left_at)
 
     async def _countersign(self, message: w.ReceiptPush, remote: str) -> w.Countersigned:
         receipt = message.receipt
