@@ -402,7 +402,12 @@ class ServingRole(LeaseCore):
             if ids is None or len(ids) != claimed:  # none told, or not the prompt billed: rendered again
                 ids = await prompt_ids(getattr(service, "model", None), call.body, claimed)
         # The request as received, before the reservation's max_tokens: what the consumer sent and hashes.
-        return call_proof(recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids, reads, call.body)
+        # Built on a worker thread: encoding the chunks and hashing a request of up to 1 MiB (~30 ms) would
+        # hold every other call's stream on the trio loop (the engine is done with the recorder by now).
+        build = functools.partial(
+            call_proof, recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids, reads, call.body
+        )
+        return await trio.to_thread.run_sync(build)
 
     async def _failed_call_proof(
         self,
