@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from protocols.lease import serving
 from protocols.lease.verifying import Verifying
 from protocols.machines.lease_consumer import CUT_ENDINGS, CallEnding
-from protocols.machines.verify import CallFacts, check_verdict, every_call_facts, text_hash_matches
+from protocols.machines.verify import CallFacts, check_verdict, every_call_facts, signed_hash_matches
 from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.verify import check
@@ -88,9 +88,9 @@ def test_what_every_call_fails_on(call: CallFacts) -> None:
 
 @given(st.text(max_size=40), st.text(max_size=40))
 def test_a_signed_text_hash_is_the_text_received(signed: str, received: str) -> None:
-    assert text_hash_matches(text_sha256(signed), text_sha256(received)) == (signed == received)
-    assert text_hash_matches(None, text_sha256(received))  # a v1 body signs no text
-    assert text_hash_matches(text_sha256(signed), None)  # no text known here
+    assert signed_hash_matches(text_sha256(signed), text_sha256(received)) == (signed == received)
+    assert signed_hash_matches(None, text_sha256(received))  # a v1 body signs no text
+    assert signed_hash_matches(text_sha256(signed), None)  # no text known here
 
 
 async def _advertised(provider: str, lease_id: str) -> str:

@@ -35,7 +35,7 @@ from protocols.machines.verify import (
     check_verdict,
     every_call_facts,
     proof_version_met,
-    request_hash_matches,
+    signed_hash_matches,
 )
 from runtime.errors import ClawnodeError
 from runtime.inference.engine import LlamaModel
@@ -140,8 +140,8 @@ def test_a_rendering_other_than_the_signed_prompt_is_disputed_only_where_the_req
     found = every_call_facts(CallFacts(True, request_hash_matches=False, body_version=4))
     assert found is not None and check_verdict(found).reason == "request_hash_mismatch"
     assert every_call_facts(CallFacts(True, body_version=4)) is None
-    assert request_hash_matches(None, "ab" * 32) and request_hash_matches("ab" * 32, None)  # nothing to compare
-    assert not request_hash_matches("ab" * 32, "cd" * 32)
+    assert signed_hash_matches(None, "ab" * 32) and signed_hash_matches("ab" * 32, None)  # nothing to compare
+    assert not signed_hash_matches("ab" * 32, "cd" * 32)
     # The body the call protocol owes: v4 on 1.2.0 (v3 for a request JSON cannot hash), v3 on 1.1.0.
     assert proof_version_met(4, 4, request_hashable=True) and proof_version_met(3, 4, request_hashable=False)
     assert not proof_version_met(3, 4, request_hashable=True) and not proof_version_met(2, 3, request_hashable=True)

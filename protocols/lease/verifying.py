@@ -38,12 +38,11 @@ from protocols.machines.verify import (
     findings_counted,
     proof_version_met,
     reconcile_opinions,
-    request_hash_matches,
     sampling_matches,
     second_opinion_drawn,
     seeded_matches,
+    signed_hash_matches,
     standing_with_reports,
-    text_hash_matches,
     verifier_standing,
 )
 from runtime.ledger import Ledger
@@ -289,8 +288,8 @@ class Verifying:
                 root_signed=bound and commitment_signed(proof.commitment, ed25519_public_key),
                 sampling_matches=sampled and seeded_matches(signed.seeded, request_seeded(body)),
                 version_met=proof_version_met(signed.v, owed, request_hashable=sent is not None),
-                request_hash_matches=request_hash_matches(signed.request_sha256, sent),
-                text_hash_matches=text_hash_matches(signed.text_sha256, None if text is None else text_sha256(text)),
+                request_hash_matches=signed_hash_matches(signed.request_sha256, sent),
+                text_hash_matches=signed_hash_matches(signed.text_sha256, None if text is None else text_sha256(text)),
                 body_version=signed.v,
                 signed_seeded=signed.seeded,
             )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from protocols.machines.verdict import Refusal
@@ -204,11 +204,11 @@ class CallFacts:
     error_frame: bool = False
     root_signed: bool = True  # the body's signature is the provider's, for this provider and lease
     sampling_matches: bool = True  # the signed temperature, top_p and seeded flag are the request's
-    # The signed ``request_sha256`` (v4) is the hash of the request sent (:func:`request_hash_matches`).
+    # The signed ``request_sha256`` (v4) is the hash of the request sent (:func:`signed_hash_matches`).
     request_hash_matches: bool = True
     # The body is of the version the call protocol owes (:func:`proof_version_met`).
     version_met: bool = True
-    # The signed ``text_sha256`` (v2 to v4) is the hash of the text received (:func:`text_hash_matches`).
+    # The signed ``text_sha256`` (v2 to v4) is the hash of the text received (:func:`signed_hash_matches`).
     text_hash_matches: bool = True
     body_version: int = 1
     signed_seeded: bool | None = None
@@ -233,19 +233,18 @@ def every_call_facts(call: CallFacts) -> CheckFacts | None:
         if call.proof_owed and not call.cut:
             return CheckFacts(False, False, False, False, proof_sent=False)
         return None
-    version, seeded = call.body_version, call.signed_seeded
+    # Everything else as a passed check would find it: only the one fact that fails is set.
+    sound = CheckFacts(True, True, True, True, body_version=call.body_version, signed_seeded=call.signed_seeded)
     if not call.root_signed:
-        return CheckFacts(False, True, True, True, body_version=version, signed_seeded=seeded)
+        return replace(sound, root_signed=False)
     if not call.sampling_matches:
-        return CheckFacts(True, True, True, True, sampling_matches=False, body_version=version, signed_seeded=seeded)
+        return replace(sound, sampling_matches=False)
     if not call.version_met:
-        return CheckFacts(True, True, True, True, version_met=False, body_version=version, signed_seeded=seeded)
+        return replace(sound, version_met=False)
     if not call.request_hash_matches:
-        return CheckFacts(
-            True, True, True, True, request_hash_matches=False, body_version=version, signed_seeded=seeded
-        )
+        return replace(sound, request_hash_matches=False)
     if not call.text_hash_matches and not call.error_frame:
-        return CheckFacts(True, True, True, True, text_hash_matches=False, body_version=version, signed_seeded=seeded)
+        return replace(sound, text_hash_matches=False)
     return None
 
 
@@ -257,17 +256,11 @@ def proof_version_met(signed: int, owed: int, *, request_hashable: bool) -> bool
     return signed >= (owed if request_hashable else min(owed, 3))
 
 
-def request_hash_matches(signed: str | None, sent: str | None) -> bool:
-    """Whether a body's signed ``request_sha256`` (None: a body before v4 signs none) is ``sent``, the
-    hash of the request this side sent (``evidence.request_sha256``; None: one JSON cannot write
-    exactly, a NaN the wire wrote as null: nothing to compare, and no v4 dispute binds it)."""
-    return signed is None or sent is None or signed == sent
-
-
-def text_hash_matches(signed: str | None, received: str | None) -> bool:
-    """Whether a body's signed ``text_sha256`` (None: a v1 body signs none) is ``received``, the hash of
-    the text this side received (None: no text known): ``evidence.text_sha256`` of it."""
-    return signed is None or received is None or signed == received
+def signed_hash_matches(signed: str | None, seen: str | None) -> bool:
+    """Whether a hash a body signs is the hash of what this side saw: the text received (``text_sha256``,
+    None in a v1 body) or the request sent (``request_sha256``, None before v4). ``seen`` None: nothing
+    known here to compare (no text; a request JSON cannot write exactly), so nothing fails."""
+    return signed is None or seen is None or signed == seen
 
 
 MAX_TEMPERATURE_MILLI = 2000  # what a commitment body can sign (evidence.CommitmentBody)
