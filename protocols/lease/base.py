@@ -67,7 +67,7 @@ BODY_VERSION_READ: dict[str, int] = {INFER_PROTOCOL: 4, INFER_PROTOCOL_V3: 3, IN
 # release that serves 1.2.0 signs v4, every one that serves 1.1.0 v3 (each id came with its version), so
 # a lower one there is a provider leaving out what the consumer's dispute needs (a v3 body on 1.2.0
 # binds no request: its substitute's prompt could not be refunded). On 1.0.0 releases before v2 sign v1.
-BODY_VERSION_OWED: dict[str, int] = {INFER_PROTOCOL: 4, INFER_PROTOCOL_V3: 3}
+BODY_VERSION_OWED: dict[str, int] = {protocol: read for protocol, read in BODY_VERSION_READ.items() if read >= 3}
 MAX_LEASE_FRAME = 64 * 1024
 MAX_CALL_FRAME = 1 << 20
 CALL_READ_TIMEOUT_S = 10.0
