@@ -181,15 +181,20 @@ def plan_call(body: dict[str, Any], units_left: int) -> CallPlan:
     return CallPlan(reserve=reserve, max_tokens=completion)
 
 
-def call_units_needed(body: dict[str, Any]) -> int:
-    """Consumer side: the most units a provider may reserve for ``body`` (``plan_call``'s reservation
-    when the budget is no object): its completion bound and its prompt's estimate. A ``max_tokens``
-    the provider would refuse counts as absent."""
+def completion_units_bound(body: dict[str, Any]) -> int:
+    """Consumer side: the most completion units a provider may reserve for ``body``: its ``max_tokens``
+    (``DEFAULT_COMPLETION_CAP`` when it declares none, or one the provider would refuse) for each choice."""
     try:
         declared = declared_max_tokens(body)
     except ClawnodeError:
         declared = None
-    return (declared or DEFAULT_COMPLETION_CAP) * completion_choices(body) + prompt_units_estimate(body)
+    return (declared or DEFAULT_COMPLETION_CAP) * completion_choices(body)
+
+
+def call_units_needed(body: dict[str, Any]) -> int:
+    """Consumer side: the most units a provider may reserve for ``body`` (``plan_call``'s reservation
+    when the budget is no object): its completion bound and its prompt's estimate."""
+    return completion_units_bound(body) + prompt_units_estimate(body)
 
 
 @dataclass(frozen=True)
@@ -266,14 +271,8 @@ def end_frame_verdict(claimed_units: int, tokens_received: int, body: dict[str, 
     one chunk claiming 100,000 tokens was otherwise paid in full on a request without ``max_tokens``."""
     if claimed_units < 0 or tokens_received < 0:
         return Refusal(ErrorCode.INVALID_ARGUMENT, "units_negative", "units must be >= 0")
-    prompt = prompt_units_estimate(body)
-    bound = tokens_received + prompt
-    try:
-        declared = declared_max_tokens(body)
-    except ClawnodeError:
-        declared = None
-    # The provider reserves at most this for the call (``plan_call``) and bills within its reservation.
-    bound = min(bound, (declared or DEFAULT_COMPLETION_CAP) * completion_choices(body) + prompt)
+    # The provider reserves at most the completion bound for the call (``plan_call``) and bills within it.
+    bound = min(tokens_received, completion_units_bound(body)) + prompt_units_estimate(body)
     if claimed_units > bound:
         return Refusal(ErrorCode.CONFLICT, "end_frame_inflated", END_FRAME_INFLATED)
     return None
