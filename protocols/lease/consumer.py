@@ -58,7 +58,6 @@ from protocols.machines.lease_calls import (
     END_FRAME_OVER_PROOF,
     call_bytes_bound,
     call_bytes_verdict,
-    proof_meter_verdict,
     proved_counts,
     reply_tokens,
 )
@@ -402,11 +401,13 @@ class ConsumerRole(ChannelRole):
                             failed = error_frame(raw)
                             billed = None if failed is None else failed.units
                             received, proof = tokens_received, None if failed is None else failed.verify
-                            tokens_received = c.error_frame_units(billed, received, body)
-                            overbilled = proof_meter_verdict(tokens_received, received, proved_counts(proof))
-                            if overbilled is not None:  # billed past its own proof: nothing is counted
+                            counted = c.error_frame_count(billed, received, body, proved_counts(proof))
+                            overbilled = isinstance(counted, Refusal)
+                            if isinstance(counted, Refusal):  # billed past its own proof: nothing is counted
                                 tokens_received = 0
-                                self._overbilled(held, lease_id, overbilled, revoke=False)
+                                self._overbilled(held, lease_id, counted, revoke=False)
+                            else:
+                                tokens_received = counted
                             ending = c.call_ending("error", left=False, provider_stopped=False)
                             if c.ending_checked(ending, generated):
                                 # A reply was handed on before it failed: checked as if it had ended
@@ -419,7 +420,7 @@ class ConsumerRole(ChannelRole):
                                     await self._spot_check(
                                         held, lease_id, body, proof, {}, text, paid, generated, ending=ending, owed=owed
                                     )
-                            if overbilled is not None:  # its check passed or was not drawn: revoked now
+                            if overbilled:  # its check passed or was not drawn: revoked now
                                 self._revoke_undisputed(lease_id)
                             try:
                                 parse_reply(raw, CALL_FRAMES)
@@ -660,15 +661,20 @@ class ConsumerRole(ChannelRole):
                     frame = call_frame(raw)
                     if frame is None:  # the provider's error frame: everything before it arrived
                         failed = error_frame(raw)
-                        units = c.error_frame_units(None if failed is None else failed.units, tokens, body)
                         proof = None if failed is None else failed.verify
-                        overbilled = proof_meter_verdict(units, tokens, proved_counts(proof))
-                        if overbilled is not None:  # billed past its own proof: nothing is counted
-                            units = 0
-                            self._overbilled(held, held.grant.lease_id, overbilled, revoke=False)
+                        billed = c.error_frame_count(
+                            None if failed is None else failed.units, tokens, body, proved_counts(proof)
+                        )
+                        units = 0
+                        if isinstance(billed, Refusal):  # billed past its own proof: nothing is counted
+                            self._overbilled(held, held.grant.lease_id, billed, revoke=False)
+                        else:
+                            units = billed
                         held.count(self.clock(), units)
                         text = "".join(texts)
-                        return _Drained("error", proof, units, text, text_tokens, overbilled=overbilled is not None)
+                        return _Drained(
+                            "error", proof, units, text, text_tokens, overbilled=isinstance(billed, Refusal)
+                        )
                     if isinstance(frame, w.Chunk):
                         tokens += chunk_tokens(frame.data)
                         room -= len(raw)

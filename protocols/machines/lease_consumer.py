@@ -288,6 +288,16 @@ def error_frame_units(claimed_units: int | None, tokens_received: int, body: dic
     return claimed_units
 
 
+def error_frame_count(
+    claimed_units: int | None, tokens_received: int, body: dict[str, Any], proved: ProvedCounts | None
+) -> int | Refusal:
+    """What an error frame adds to our count (:func:`error_frame_units`), or why it is refused: billing
+    past the proof it carries (:func:`~protocols.machines.lease_calls.proof_meter_verdict`), which counts
+    nothing, as :func:`end_frame_units` refuses an end frame."""
+    units = error_frame_units(claimed_units, tokens_received, body)
+    return proof_meter_verdict(units, tokens_received, proved) or units
+
+
 class CallEnding(StrEnum):
     """How a call sent on a lease ended, as its spot check sees it (verified inference,
     :func:`ending_checked`; :func:`call_ending` tells which)."""
