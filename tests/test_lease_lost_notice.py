@@ -17,6 +17,7 @@ import trio
 
 from node.daemon import Node
 from protocols import lease_wire as w
+from protocols.lease import consumer as lease_consumer
 from protocols.lease import provider as lease_provider
 from protocols.machines.lease_consumer import ConsumerEvent, ConsumerState
 from protocols.settings import MarketSection
@@ -45,6 +46,9 @@ def notices_lost(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(lease_provider, "request", lossy)
     # The provider rereads an idle lease's escrow soon, so it sees the dispute after the last call.
     monkeypatch.setattr(lease_provider, "ESCROW_IDLE_CHECK_S", lease_provider.ESCROW_CHECK_S)
+    # And the consumer rereads a booked lease's escrow as soon, so it sees the dispute before the
+    # arbiter closes the escrow (a read after that sees it closed, which ends the lease all the same).
+    monkeypatch.setattr(lease_consumer, "ESCROW_IDLE_CHECK_S", lease_consumer.ESCROW_CHECK_S)
     return dropped
 
 
@@ -94,6 +98,12 @@ async def test_a_dispute_ends_the_held_lease_when_the_providers_notice_is_lost(n
 
         await _until(provider_stopped, "the provider ends the frozen lease")
         assert notices_lost == ["escrow disputed"]  # the consumer was never told
+
+        async def consumer_stopped() -> bool:
+            return held.ended_reason is not None
+
+        await _until(consumer_stopped, "the consumer ends the frozen lease on its own")
+        assert held.ended_reason == "escrow disputed"
         owed = await provider.ledger.countersigned_amount(lease_id)
         state = await payer.chain.run(payer.get, payer.account.address, escrow_id)
         arbiter = shared.deployer.for_account(shared.arbiter)
@@ -107,7 +117,6 @@ async def test_a_dispute_ends_the_held_lease_when_the_providers_notice_is_lost(n
             )
 
         await _until(closed_out, "the consumer's refund and spend after the resolution")
-        assert held.ended_reason == "escrow disputed"
         assert ConsumerEvent.FREEZE in [event for _, event, _ in held.machine.history]
         state = await payer.chain.run(payer.get, payer.account.address, escrow_id)
         assert (state.phase, state.released) == ("closed", owed) and owed == 9 * WORD_PRICE
