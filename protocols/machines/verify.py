@@ -301,7 +301,8 @@ def greedy_disputable(signed_seeded: bool | None) -> bool:
 
 
 def rechecked_findings(reason: str, signed_seeded: bool | None) -> str:
-    """What an arbiter's re-run finding counts for: the arbiter never sees the request, so it applies
+    """What an arbiter's re-run finding counts for: the arbiter does not re-run the request's sampling
+    (it renders a v4 package's request only for its prompt), so it applies
     ``too_greedy`` only where the provider signed the draws its own (:func:`greedy_disputable`); a body
     signed seeded, or one without the flag, is not held to it (an honest reply a consumer's chosen seed
     made greedy passes)."""
