@@ -7,6 +7,10 @@ request's hash), and refunds everything locked on chain without a person. The ro
 the cheat again; an honest provider of gemma on another build (two threads instead of one) is checked on
 every call and never flagged.
 
+The cheat's v4 body signs the chat format its engine rendered with (SmolLM2's own template,
+``gguf-template``), which gemma's file has none of: the consumer and the arbiter render the request in
+their own format then, so signing a format gemma cannot render never makes the call unverifiable.
+
 Before v4 bodies the arbiter rejected this very case (``evidence_unbound``): the consumer's prompt ids,
 rendered with gemma, could not hash to the prompt the cheat signed, so the cheat kept the sale."""
 

@@ -924,13 +924,15 @@ def _peer(text: str) -> ID | None:
 
 async def rerun_package(model: Any, package: DisputePackage) -> DisputePackage | None:
     """The package to re-run: for a v4 body, with the prompt as this arbiter's copy of the file renders
-    the request the provider signed it received (the re-run then fails a signed prompt that is not
+    the request the provider signed it received, in the chat format it signed it rendered with (the
+    re-run then fails a signed prompt that is not
     that rendering: another tokenizer's, or a shortened one); where it cannot render the request,
     the package's own ids if they are the signed prompt, else None (not decided here). Earlier
     bodies bind no request: the package's ids, which ``package_binds`` bound to the signed prompt."""
     if package.proof.commitment.body.v < 4 or package.request is None:
         return package
-    rendered = await prompt_ids(model, package.request, package.proof.commitment.body.prompt_tokens)
+    signed = package.proof.commitment.body
+    rendered = await prompt_ids(model, package.request, signed.prompt_tokens, signed.chat_format)
     if rendered is None:
         return package if prompt_binds(package) else None
     return package.model_copy(update={"prompt_ids": rendered})

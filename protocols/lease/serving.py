@@ -404,8 +404,20 @@ class ServingRole(LeaseCore):
         # The request as received, before the reservation's max_tokens: what the consumer sent and hashes.
         # Built on a worker thread: encoding the chunks and hashing a request of up to 1 MiB (~30 ms) would
         # hold every other call's stream on the trio loop (the engine is done with the recorder by now).
+        # The chat format it rendered with: a verifier renders the request with it too (a v4 body signs it).
+        chat_format = getattr(getattr(service, "model", None), "chat_family", "") or None
         build = functools.partial(
-            call_proof, recorder, self.receipt_key, call.lease_id, call_id, sha256, usage, ids, reads, call.body
+            call_proof,
+            recorder,
+            self.receipt_key,
+            call.lease_id,
+            call_id,
+            sha256,
+            usage,
+            ids,
+            reads,
+            call.body,
+            chat_format if isinstance(chat_format, str) else None,
         )
         return await trio.to_thread.run_sync(build)
 

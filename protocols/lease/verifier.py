@@ -165,7 +165,7 @@ class VerifierService:
         except ValidationError:
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, "not a verification request") from None
         proof, signed = asked.proof, asked.proof.commitment.body
-        prompt = await prompt_ids(self._model, asked.request, signed.prompt_tokens)
+        prompt = await prompt_ids(self._model, asked.request, signed.prompt_tokens, signed.chat_format)
         if prompt is None:
             # A request this copy cannot render: nothing was checked, nothing is billed.
             await emit(_answer(CheckFacts(True, True, True, False), None, 0))

@@ -20,6 +20,7 @@ binds keeps its evidence for the lease's dispute (``protocols.lease.arbiter``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -333,7 +334,7 @@ class Verifying:
         """This node's own check of a call on its copy of the file the proof names: the facts (None with
         why when it cannot check it: ``prompt``, ``too_long``) and the prompt ids it rendered."""
         signed = proof.commitment.body
-        prompt = await prompt_ids(model, body, signed.prompt_tokens)
+        prompt = await prompt_ids(model, body, signed.prompt_tokens, signed.chat_format)
         if prompt is None:
             return None, "prompt", []
         try:
@@ -505,13 +506,25 @@ def _longest_stop(body: dict[str, Any]) -> int:
     return max((len(s) for s in stops if isinstance(s, str)), default=0)
 
 
-async def prompt_ids(model: Any, body: dict[str, Any], claimed: int) -> list[int] | None:
+async def prompt_ids(
+    model: Any, body: dict[str, Any], claimed: int, chat_format: str | None = None
+) -> list[int] | None:
     """The prompt's token ids as this node's copy of the model renders the request (None if it cannot);
-    the provider renders them the same way for a v2 commitment body."""
+    the provider renders them the same way for a v2 commitment body. ``chat_format``: the format a v4
+    body signs the provider rendered a chat request with (its node may set one other than this one's).
+    A signed format this copy cannot render the request in (a name it does not know, ``gguf-template``
+    for a file without a template: a substitute's own format) is not the advertised file's rendering:
+    the request is rendered in this node's format then, as for a body that signs none, so a signed
+    format never makes a call unverifiable."""
     try:
         messages, prompt = body.get("messages"), body.get("prompt")
         if messages is not None:
-            text = await model.format_chat(messages)
+            text: str | None = None
+            if chat_format:
+                with contextlib.suppress(Exception):
+                    text = await model.format_chat(messages, chat_format=chat_format)
+            if text is None:
+                text = await model.format_chat(messages)
             ids = await model.tokenize(text, add_bos=True, special=True)
             if len(ids) != claimed:  # a template that writes its own BOS: without the added one
                 ids = await model.tokenize(text, add_bos=False, special=True)

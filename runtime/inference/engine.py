@@ -349,6 +349,48 @@ def template_strftime_now(f: str) -> str:
     return TEMPLATE_NOW.strftime(f)
 
 
+@dataclass(frozen=True)
+class _TemplateTokens:
+    """What a file's own template is given besides the messages, read once at load (on the worker)."""
+
+    template: str | None
+    eos: int
+    eos_text: str
+    bos_text: str
+
+    @classmethod
+    def of(cls, llama: Any, template: str | None) -> _TemplateTokens:
+        eos, bos = llama.token_eos(), llama.token_bos()
+        return cls(
+            template,
+            eos,
+            llama._model.token_get_text(eos) if eos != -1 else "",
+            llama._model.token_get_text(bos) if bos != -1 else "",
+        )
+
+
+def _chat_formatter(
+    chat_format: str, tokens: _TemplateTokens, file_name: str
+) -> tuple[Callable[..., Any], TemplateSlots]:
+    """The formatter and the template's slots of ``chat_format`` (``gguf-template``: the file's own
+    template, its date fixed at ``TEMPLATE_NOW``; else a llama-cpp-python format name)."""
+    from llama_cpp import llama_chat_format
+
+    template = tokens.template
+    if chat_format == "gguf-template":
+        if not template:
+            raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"{file_name} has no chat template")
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=tokens.eos_text,
+            bos_token=tokens.bos_text,
+            stop_token_ids=[tokens.eos],
+        )
+        formatter.strftime_now = template_strftime_now  # type: ignore[method-assign]
+        return formatter, TemplateSlots.of(chat_format, template)
+    return _named_formatter(chat_format), TemplateSlots.of(chat_format, None)
+
+
 def _named_formatter(name: str) -> Callable[..., Any]:
     from llama_cpp import llama_chat_format
 
@@ -1208,6 +1250,9 @@ class LlamaModel:
         self._grammar_checks = threading.Lock()  # ``check_grammar`` (worker threads) against the free
         self._formatter: Callable[..., Any] | None = None
         self.slots = TemplateSlots(family="")
+        self._template_tokens: _TemplateTokens | None = None
+        # Other formats this file is rendered with for a verifier (``format_chat``'s ``chat_format``).
+        self._other_formatters: dict[str, tuple[Callable[..., Any], TemplateSlots]] = {}
         self.metadata: dict[str, str] = {}
         self.load_report: LoadReport | None = None
 
@@ -1272,7 +1317,7 @@ class LlamaModel:
         return kwargs
 
     def _load_blocking(self, progress: Progress | None = None) -> LoadReport:
-        from llama_cpp import Llama, llama_chat_format
+        from llama_cpp import Llama
 
         before = _rss()
         started = time.perf_counter()
@@ -1293,21 +1338,9 @@ class LlamaModel:
                 chat_format = "gemma"
             else:
                 chat_format = "llama-2"  # llama-cpp-python's own fallback
-        if chat_format == "gguf-template":
-            if not template:
-                raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"{self.path.name} has no chat template")
-            eos, bos = llama.token_eos(), llama.token_bos()
-            self._formatter = llama_chat_format.Jinja2ChatFormatter(
-                template=template,
-                eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
-                bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
-                stop_token_ids=[eos],
-            )
-            self._formatter.strftime_now = template_strftime_now  # type: ignore[method-assign]
-        else:
-            self._formatter = _named_formatter(chat_format)
+        self._template_tokens = _TemplateTokens.of(llama, template)
+        self._formatter, self.slots = _chat_formatter(chat_format, self._template_tokens, self.path.name)
         self.chat_format = chat_format
-        self.slots = TemplateSlots.of(chat_format, template if chat_format == "gguf-template" else None)
         self._llama = llama
         self._texts = _TokenTexts(llama)
         self.admission.slots = chosen[0]
@@ -1402,19 +1435,41 @@ class LlamaModel:
     async def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
         return await self._exclusive(lambda: list(self._llama.tokenize(text.encode(), add_bos, special)))
 
-    async def format_chat(self, messages: list[Message], tools: ToolUse | None = None) -> str:
-        """The prompt text the chat template makes of ``messages`` (rewritten for its slots)."""
+    async def format_chat(
+        self, messages: list[Message], tools: ToolUse | None = None, *, chat_format: str | None = None
+    ) -> str:
+        """The prompt text the chat template makes of ``messages`` (rewritten for its slots).
+        ``chat_format``: render as a node serving this file with that format would (a verifier renders
+        what the provider signed it rendered with); an unknown name is ``E_INVALID_ARGUMENT``."""
         check_messages(messages)
-        return str(self._format(messages, tools).prompt)
+        formatter, slots = self._formatter_of(chat_format)
+        return str(self._format(messages, tools, formatter, slots).prompt)
 
-    def _format(self, messages: list[Message], tools: ToolUse | None = None) -> Any:
-        assert self._formatter is not None
-        prepared = prepare_messages(messages, self.slots, tools)
+    def _formatter_of(self, chat_format: str | None) -> tuple[Callable[..., Any], TemplateSlots]:
+        assert self._formatter is not None and self._template_tokens is not None
+        if not chat_format or chat_format == self.chat_format:
+            return self._formatter, self.slots
+        known = self._other_formatters.get(chat_format)
+        if known is None:  # bounded: only the names llama-cpp-python knows, and the file's template
+            known = _chat_formatter(chat_format, self._template_tokens, self.path.name)
+            self._other_formatters[chat_format] = known
+        return known
+
+    def _format(
+        self,
+        messages: list[Message],
+        tools: ToolUse | None = None,
+        formatter: Callable[..., Any] | None = None,
+        slots: TemplateSlots | None = None,
+    ) -> Any:
+        formatter, slots = formatter or self._formatter, slots or self.slots
+        assert formatter is not None
+        prepared = prepare_messages(messages, slots, tools)
         kwargs: dict[str, Any] = {}
-        if tools is not None and tools.active and self.slots.tools:
+        if tools is not None and tools.active and slots.tools:
             kwargs["tools"] = [tool.openai() for tool in tools.tools]
         try:
-            return self._formatter(messages=prepared, **kwargs)
+            return formatter(messages=prepared, **kwargs)
         except Exception as error:  # noqa: BLE001 - jinja2 raises many types for a bad conversation
             raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"the chat template refused: {error}") from None
 

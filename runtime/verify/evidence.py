@@ -13,8 +13,10 @@ prompt's token ids, :func:`ids_sha256`, as the provider rendered the request wit
 ``text_sha256`` (sha256 of the UTF-8 reply text it streamed). ``v: 3`` adds ``seeded``: whether the
 request the provider served named a ``seed`` (:func:`request_seeded`; without one the engine's draws are
 the provider's own randomness), so an arbiter can hold an unseeded reply to ``too_greedy``. ``v: 4``
-adds ``request_sha256``: the hash of the request the provider received (:func:`request_sha256`), so an
-arbiter handed that request renders the prompt itself with its copy of the file; a signed prompt that
+adds ``request_sha256``: the hash of the request the provider received (:func:`request_sha256`), and
+``chat_format``: the chat format the provider's node renders chat requests with (a node may set one other
+than the file's own template), so an arbiter handed that request renders the prompt itself with its copy
+of the file and that format; a signed prompt that
 the advertised file does not render from it (another tokenizer, a shortened prompt) is then the
 provider's own signed words proved false, not the consumer's word against them. Consumers of this
 release read all four (an absent field is left out of the signed bytes, so a v1, v2 or v3 signature
@@ -32,6 +34,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,6 +59,7 @@ LATEST_VERSION = 4  # the newest body version this release reads
 # arbiter never renders a prompt larger than any provider could have been sent.
 MAX_REQUEST_BYTES = 1 << 20
 _SHA256 = r"^[0-9a-f]{64}$"
+CHAT_FORMAT_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
 def ids_sha256(ids: Sequence[int]) -> str:
@@ -104,8 +108,11 @@ class CommitmentBody(BaseModel):
     text_sha256: str | None = Field(None, pattern=_SHA256)
     # v3 and v4: whether the request named a ``seed`` (False: the draws were the provider's own).
     seeded: bool | None = None
-    # v4 only: the request as the provider received it (:func:`request_sha256`).
+    # v4 only: the request as the provider received it (:func:`request_sha256`), and the chat format it
+    # rendered a chat request with (its node's ``chat_format``: ``gguf-template`` or a llama-cpp-python
+    # format name; absent where it told none), which a verifier renders the request with in turn.
     request_sha256: str | None = Field(None, pattern=_SHA256)
+    chat_format: str | None = Field(None, pattern=CHAT_FORMAT_PATTERN)
 
     @model_validator(mode="after")
     def _version_fields(self) -> CommitmentBody:
@@ -117,6 +124,8 @@ class CommitmentBody(BaseModel):
             raise ValueError("v3 and v4 bodies sign seeded, v1 and v2 bodies do not")
         if (self.v >= 4) != (self.request_sha256 is not None):
             raise ValueError("v4 bodies sign request_sha256, earlier bodies do not")
+        if self.v < 4 and self.chat_format is not None:
+            raise ValueError("only v4 bodies sign chat_format")
         return self
 
     @model_serializer(mode="wrap")
@@ -179,6 +188,7 @@ def call_proof(
     prompt_ids: Sequence[int] | None = None,
     reads: int | None = None,
     request: Mapping[str, Any] | None = None,
+    chat_format: str | None = None,
 ) -> CallProof | None:
     """The end frame's proof of a recorded call, signed with the provider's receipt key; None when
     nothing was produced. ``prompt_ids``: the prompt as the provider rendered the request; with them the
@@ -187,7 +197,8 @@ def call_proof(
     version the consumer reads (the call protocol it negotiated); the body signed is never newer, so a
     consumer of the release before v3 gets the v2 body that release signs (None: :data:`SIGNED_VERSION`).
     ``request``: the call's request as received, before this node adjusted it (a v4 body binds its
-    :func:`request_sha256`; without it, or for one JSON cannot write exactly, the body is a v3 one)."""
+    :func:`request_sha256`; without it, or for one JSON cannot write exactly, the body is a v3 one).
+    ``chat_format``: the format this node renders chat requests with, signed in a v4 body."""
     committed = recorder.finish()
     prompt_tokens = int(usage.get("prompt_tokens", 0))
     if committed is None or prompt_tokens < 1:
@@ -214,6 +225,8 @@ def call_proof(
             bound["seeded"] = request_seeded(recorder.body)
         if version >= 4:
             bound["request_sha256"] = requested
+            if chat_format and re.fullmatch(CHAT_FORMAT_PATTERN, chat_format):
+                bound["chat_format"] = chat_format
         body = CommitmentBody.model_validate({**body.model_dump(), "v": version, **bound})
     return CallProof(
         commitment=sign_commitment(body, key),
