@@ -6,7 +6,10 @@ With real nodes on the tiny model (its own template is ``gguf-template``): an ho
 ``llama-2`` passes every check of a consumer that renders with the file's template, and an arbiter on the
 file's template asked to refund that call (a consumer crying wolf) pays the provider instead; before the
 format was signed, the consumer failed that provider `prompt_mismatch` and the arbiter refunded it. A
-provider that signs a format other than the one it rendered with is caught."""
+provider that signs a format other than the one it rendered with is caught, and so is one set to a
+format that leaves the request out (``open-orca`` renders one fixed prompt whatever the messages): a
+signed format is taken only spelt exactly as one of ``signable_chat_formats`` and where its rendering
+holds every message's text, else the verifier renders in its own format."""
 
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from protocols.lease import serving
 from protocols.lease.arbiter import _facts, rerun_package
+from protocols.lease.verifying import prompt_ids
 from protocols.machines.verify import ArbitrationFacts, arbitrate, check_verdict
 from runtime.errors import ClawnodeError
+from runtime.inference.engine import LlamaModel, signable_chat_formats
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from runtime.verify.check import prefill_for
@@ -31,11 +36,8 @@ from runtime.verify.spot import recheck
 from tests.support.market import market_nodes
 from wire.peer_keys import ed25519_public_key
 
-CHAT = {
-    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Which model are you?"}],
-    "max_tokens": 8,
-    "temperature": 0,
-}
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Which model are you?"}]
+CHAT = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0}
 
 
 async def test_a_provider_serving_another_chat_format_passes_and_the_arbiter_pays_it(
@@ -56,24 +58,27 @@ async def test_a_provider_serving_another_chat_format_passes_and_the_arbiter_pay
 
     monkeypatch.setattr(serving, "call_proof", call_proof)
 
-    def spec(chat_format: str = "") -> ModelSpec:
+    def spec(chat_format: str = "", n_ctx: int = 256) -> ModelSpec:
         return ModelSpec(  # type: ignore[call-arg]
-            name="tiny", path=str(path), price_per_unit=1000, n_threads=1, n_ctx=256, chat_format=chat_format
+            name="tiny", path=str(path), price_per_unit=1000, n_threads=1, n_ctx=n_ctx, chat_format=chat_format
         )
 
-    async with market_nodes([{"models": (spec(),)}, {"models": (spec("llama-2"),)}, {"models": (spec(),)}]) as (
-        nodes,
-        _,
-    ):
-        consumer, provider, plain = nodes
+    specs = [
+        {"models": (spec(),)},
+        {"models": (spec("llama-2"),)},
+        {"models": (spec(),)},
+        {"models": (spec("open-orca", n_ctx=2048),)},  # its one fixed prompt is 728 tokens
+    ]
+    async with market_nodes(specs) as (nodes, _):
+        consumer, provider, plain, fixed = nodes
         provider_id = str(provider.host.get_id())
         verifying = consumer.market.verifying
         verifying.sample_rate = 1.0  # every call checked on the consumer's own copy of the file
         assert verifying.local_model is not None
         model = verifying.local_model(file_sha256(path))
         assert model.chat_format == "gguf-template"
-        other = await model.format_chat(CHAT["messages"], chat_format="llama-2")
-        assert other != await model.format_chat(CHAT["messages"])  # the two renderings differ
+        other = await model.format_chat(MESSAGES, chat_format="llama-2")
+        assert other != await model.format_chat(MESSAGES)  # the two renderings differ
 
         lease = await consumer.market.open_lease(provider_id, "model:tiny", budget=10**9, duration_s=60)
         for _ in range(3):
@@ -88,7 +93,7 @@ async def test_a_provider_serving_another_chat_format_passes_and_the_arbiter_pay
         # A consumer that disputes that honest call anyway: the arbiter, on the file's own template,
         # renders the signed request in the signed format, and pays the provider.
         text = "".join(chunk.get("text", "") for chunk in result.chunks)
-        ours = await model.tokenize(await model.format_chat(CHAT["messages"]), add_bos=False, special=True)
+        ours = await model.tokenize(await model.format_chat(MESSAGES), add_bos=False, special=True)
         package = DisputePackage(lease_id=lease.lease_id, proof=proof, prompt_ids=list(ours), text=text, request=CHAT)
         assert package_binds(package, lease.lease_id, provider_id, ed25519_public_key)
         rendered = await rerun_package(model, package)
@@ -99,9 +104,34 @@ async def test_a_provider_serving_another_chat_format_passes_and_the_arbiter_pay
         decided = arbitrate(ArbitrationFacts(True, verdict, left=1000, owed_if_honest=400))
         assert (decided.outcome, decided.to_payee) == ("reject", 400), decided
 
+        # A provider whose format renders one fixed prompt whatever the request: caught on its first
+        # call (rendered in the consumer's own format, the signed prompt is not the request's).
+        orca = await consumer.market.open_lease(str(fixed.host.get_id()), "model:tiny", budget=10**9, duration_s=60)
+        with pytest.raises(ClawnodeError) as caught:
+            await consumer.market.call(orca.lease_id, CHAT)
+        assert caught.value.reason in ("verification_prompt_mismatch", "verification_prompt_hash_mismatch")
+        assert proofs[-1].commitment.body.chat_format == "open-orca"
+
         # A provider rendering with the file's template that signs llama-2: caught on its first call.
         signs_format[0] = "llama-2"
         cheat = await consumer.market.open_lease(str(plain.host.get_id()), "model:tiny", budget=10**9, duration_s=60)
         with pytest.raises(ClawnodeError) as caught:
             await consumer.market.call(cheat.lease_id, CHAT)
         assert caught.value.reason in ("verification_prompt_mismatch", "verification_prompt_hash_mismatch")
+
+
+async def test_a_signed_format_is_taken_only_exactly_named_and_rendering_every_message(tmp_path: Path) -> None:
+    model = LlamaModel(write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0), n_ctx=256)
+    await model.load()
+    try:
+        claimed = len(await prompt_ids(model, CHAT, 0) or [])
+        own = await prompt_ids(model, CHAT, claimed)
+        assert own is not None and await prompt_ids(model, CHAT, claimed, "llama-2") != own
+        assert "gemma" in signable_chat_formats() and "gem-ma" not in signable_chat_formats()
+        for name in ("open-orca", "mistral-instruct", "gem-ma", "no-such-format"):
+            # Leaves every message out, drops the system one, not spelt as a name, unknown: the own format.
+            assert await prompt_ids(model, CHAT, claimed, name) == own, name
+        with pytest.raises(ClawnodeError):
+            await model.format_chat(MESSAGES, chat_format="gem-ma")
+    finally:
+        await model.aclose()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import queue
@@ -389,6 +390,22 @@ def _chat_formatter(
         formatter.strftime_now = template_strftime_now  # type: ignore[method-assign]
         return formatter, TemplateSlots.of(chat_format, template)
     return _named_formatter(chat_format), TemplateSlots.of(chat_format, None)
+
+
+@functools.cache
+def signable_chat_formats() -> frozenset[str]:
+    """The chat formats a v4 commitment body may name, spelt exactly: ``gguf-template`` and the names
+    llama-cpp-python registers that resolve to a formatter. A spelling the engine would also take
+    (``gem-ma`` for ``gemma``) is not one: a verifier builds at most these, and the template's slots
+    are chosen by the exact name."""
+    from llama_cpp import llama_chat_format
+
+    names = {"gguf-template"}
+    for name in llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers:
+        with contextlib.suppress(ClawnodeError):
+            _named_formatter(name)
+            names.add(name)
+    return frozenset(names)
 
 
 def _named_formatter(name: str) -> Callable[..., Any]:
@@ -1340,6 +1357,13 @@ class LlamaModel:
                 chat_format = "llama-2"  # llama-cpp-python's own fallback
         self._template_tokens = _TemplateTokens.of(llama, template)
         self._formatter, self.slots = _chat_formatter(chat_format, self._template_tokens, self.path.name)
+        if template and chat_format != "gguf-template":
+            # Compiled here, on the worker: a verifier asked to render in the file's own template
+            # (a provider of this file on its default) must not compile a large one on the trio loop.
+            with contextlib.suppress(Exception):  # a template jinja refuses: such a request is not rendered
+                self._other_formatters["gguf-template"] = _chat_formatter(
+                    "gguf-template", self._template_tokens, self.path.name
+                )
         self.chat_format = chat_format
         self._llama = llama
         self._texts = _TokenTexts(llama)
@@ -1450,7 +1474,9 @@ class LlamaModel:
         if not chat_format or chat_format == self.chat_format:
             return self._formatter, self.slots
         known = self._other_formatters.get(chat_format)
-        if known is None:  # bounded: only the names llama-cpp-python knows, and the file's template
+        if known is None:
+            if chat_format not in signable_chat_formats():  # bounded: exact names only
+                raise ClawnodeError(ErrorCode.INVALID_ARGUMENT, f"unknown chat_format {chat_format!r}")
             known = _chat_formatter(chat_format, self._template_tokens, self.path.name)
             self._other_formatters[chat_format] = known
         return known
