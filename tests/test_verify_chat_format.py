@@ -8,8 +8,9 @@ file's template asked to refund that call (a consumer crying wolf) pays the prov
 format was signed, the consumer failed that provider `prompt_mismatch` and the arbiter refunded it. A
 provider that signs a format other than the one it rendered with is caught, and so is one set to a
 format that leaves the request out (``open-orca`` renders one fixed prompt whatever the messages): a
-signed format is taken only spelt exactly as one of ``signable_chat_formats`` and where its rendering
-holds every message's text, else the verifier renders in its own format."""
+format is signed, and taken, only spelt exactly as one of ``signable_chat_formats`` (those that render
+every message and add no text: tests/inference/test_chat_formats.py), else the verifier renders in its
+own format."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ async def test_a_provider_serving_another_chat_format_passes_and_the_arbiter_pay
         with pytest.raises(ClawnodeError) as caught:
             await consumer.market.call(orca.lease_id, CHAT)
         assert caught.value.reason in ("verification_prompt_mismatch", "verification_prompt_hash_mismatch")
-        assert proofs[-1].commitment.body.chat_format == "open-orca"
+        assert proofs[-1].commitment.body.chat_format is None  # not a format a proof may name
 
         # A provider rendering with the file's template that signs llama-2: caught on its first call.
         signs_format[0] = "llama-2"
@@ -128,8 +129,8 @@ async def test_a_signed_format_is_taken_only_exactly_named_and_rendering_every_m
         own = await prompt_ids(model, CHAT, claimed)
         assert own is not None and await prompt_ids(model, CHAT, claimed, "llama-2") != own
         assert "gemma" in signable_chat_formats() and "gem-ma" not in signable_chat_formats()
-        for name in ("open-orca", "mistral-instruct", "gem-ma", "no-such-format"):
-            # Leaves every message out, drops the system one, not spelt as a name, unknown: the own format.
+        for name in ("open-orca", "openbuddy", "mistral-instruct", "gem-ma", "no-such-format"):
+            # Leaves the request out, adds prose, drops the system message, misspelt, unknown: own format.
             assert await prompt_ids(model, CHAT, claimed, name) == own, name
         with pytest.raises(ClawnodeError):
             await model.format_chat(MESSAGES, chat_format="gem-ma")

@@ -506,31 +506,18 @@ def _longest_stop(body: dict[str, Any]) -> int:
     return max((len(s) for s in stops if isinstance(s, str)), default=0)
 
 
-def renders_every_message(messages: list[Any], text: str) -> bool:
-    """Whether a rendered prompt holds the text of every message (each string content, or text part,
-    trimmed as templates may trim it)."""
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
-        for part in parts:
-            piece = part.get("text") if isinstance(part, dict) else part
-            if isinstance(piece, str) and piece.strip() and piece.strip() not in text:
-                return False
-    return True
-
-
 async def prompt_ids(
     model: Any, body: dict[str, Any], claimed: int, chat_format: str | None = None
 ) -> list[int] | None:
     """The prompt's token ids as this node's copy of the model renders the request (None if it cannot);
     the provider renders them the same way for a v2 commitment body. ``chat_format``: the format a v4
     body signs the provider rendered a chat request with (its node may set one other than this one's).
-    A signed format this copy cannot render the request in (a name not spelt as one of
-    ``signable_chat_formats``, ``gguf-template`` for a file without a template: a substitute's own
-    format), or whose rendering leaves out a message's text (``open-orca`` renders one fixed prompt
-    whatever the request, ``mistral-instruct`` drops the system message), is not the advertised file's
-    rendering of the request: it is rendered in this node's format then, as for a body that signs none,
-    so a signed format never makes a call unverifiable nor lets a prompt leave the request out."""
+    A signed format this copy does not render the request in (not spelt as one of
+    ``signable_chat_formats``: formats that drop a message or add text of their own are not, or
+    ``gguf-template`` for a file without a template: a substitute's own format) is not the advertised
+    file's rendering of the request: it is rendered in this node's format then, as for a body that
+    signs none, so a signed format never makes a call unverifiable nor lets a prompt leave the request
+    out or add to it."""
     try:
         messages, prompt = body.get("messages"), body.get("prompt")
         if messages is not None:
@@ -538,8 +525,6 @@ async def prompt_ids(
             if chat_format:
                 with contextlib.suppress(Exception):
                     text = await model.format_chat(messages, chat_format=chat_format)
-                if text is not None and not renders_every_message(messages, text):
-                    text = None
             if text is None:
                 text = await model.format_chat(messages)
             ids = await model.tokenize(text, add_bos=True, special=True)

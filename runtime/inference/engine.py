@@ -392,16 +392,41 @@ def _chat_formatter(
     return _named_formatter(chat_format), TemplateSlots.of(chat_format, None)
 
 
+# The chat formats a v4 commitment body may name: the file's own template, and llama-cpp-python's
+# formats that render every message's text and add none of their own (markup only). Left out: those
+# that drop a message (mistral-instruct and intel the system one, saiga the assistant turns, open-orca
+# all of them: it renders one fixed prompt) or add prose the consumer never sent, and bills (open-orca,
+# openbuddy, phind; qwen and snoozy when the request has no system message). tests/inference/
+# test_chat_formats.py renders a probe conversation through each to hold this list to it.
+FAITHFUL_CHAT_FORMATS = frozenset(
+    {
+        "gguf-template",
+        "alpaca",
+        "baichuan",
+        "baichuan-2",
+        "chatglm3",
+        "chatml",
+        "gemma",
+        "llama-2",
+        "llama-3",
+        "mistrallite",
+        "oasst_llama",
+        "openchat",
+        "pygmalion",
+        "redpajama-incite",
+        "zephyr",
+    }
+)
+
+
 @functools.cache
 def signable_chat_formats() -> frozenset[str]:
-    """The chat formats a v4 commitment body may name, spelt exactly: ``gguf-template`` and the names
-    llama-cpp-python registers that resolve to a formatter. A spelling the engine would also take
+    """The chat formats a v4 commitment body may name and a verifier renders in, spelt exactly: those of
+    ``FAITHFUL_CHAT_FORMATS`` this llama-cpp-python resolves. A spelling the engine would also take
     (``gem-ma`` for ``gemma``) is not one: a verifier builds at most these, and the template's slots
     are chosen by the exact name."""
-    from llama_cpp import llama_chat_format
-
     names = {"gguf-template"}
-    for name in llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers:
+    for name in FAITHFUL_CHAT_FORMATS - names:
         with contextlib.suppress(ClawnodeError):
             _named_formatter(name)
             names.add(name)
