@@ -340,7 +340,11 @@ async def test_a_hundred_parallel_calls_on_one_lease_are_all_paid() -> None:
     """Before: 100 parallel 30-word calls on a 1000-unit lease delivered 3000 words and 990 were
     paid (67 % unpaid). Now every delivered word is metered, counted by the consumer and paid.
     ``pytest -s`` prints the figures."""
-    async with market_nodes([{"offers": (WORD_OFFER,), "market": FAST}, {}]) as (nodes, _):
+    # A countersignature the burst cannot outrun: with 100 calls in flight the consumer may wait up to
+    # RECEIPT_CATCH_UP_S for end frames before countersigning a receipt, and FAST's 2 s timeout then
+    # paused the lease on a loaded machine (calls refused E_CONFLICT paused; the money still agreed).
+    market = FAST.model_copy(update={"countersign_timeout_s": 30})
+    async with market_nodes([{"offers": (WORD_OFFER,), "market": market}, {}]) as (nodes, _):
         provider, consumer = nodes
         view = await consumer.market.open_lease(_peer(provider), WORDS, budget=WORD_PRICE * 1000, duration_s=300)
         prompt = " ".join(f"w{i}" for i in range(30))
