@@ -2,7 +2,11 @@
 catches a provider that advertises one tiny model's file while it serves another, keeps the signed case
 in its ledger and freezes the escrow, then stops before the case reaches the arbiter. Started again on
 the same data directory, it reads the case back and sends it while the escrow is frozen; the arbiter
-re-runs the check and refunds everything, no person involved."""
+re-runs the check and refunds everything, no person involved.
+
+The same when the consumer stops after the freeze landed but before its ledger wrote the dispute, and
+the refund then lets the lease settle before the resolution is recorded: the restart writes the
+dispute's row before sending the case, so the split is recorded all the same (it was lost before)."""
 
 from __future__ import annotations
 
@@ -100,3 +104,66 @@ async def test_a_consumer_that_restarts_between_the_freeze_and_the_case_sends_it
             mine = {d.lease_id: d for d in await consumer.ledger.list_disputes()}[lease_id]
             assert (mine.to_payee, mine.to_payer) == (0, state.amount)
             assert await consumer.ledger.dispute_cases() == []  # answered: not sent again at the next start
+
+
+async def test_a_consumer_that_stops_before_writing_the_dispute_still_records_its_split(tmp_path: Path) -> None:
+    advertised = write_tiny_llama_gguf(tmp_path / "advertised.gguf", seed=0)
+    substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
+    consumer_copy = write_tiny_llama_gguf(tmp_path / "consumer.gguf", seed=0)
+    arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
+    claim_identity(substitute, advertised)
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    others = [
+        {"models": (_spec(substitute),)},
+        {"wallet_key": shared.arbiter.key.hex(), "models": (_spec(arbiter_copy),)},
+    ]
+    async with market_nodes(others, chain=shared) as (nodes, _):
+        cheat, arbiter = nodes
+        cheat_id, arbiter_id = str(cheat.host.get_id()), str(arbiter.host.get_id())
+        joined = [cheat.listen_addrs()[0], arbiter.listen_addrs()[0]]
+        root = tmp_path / "consumer"
+        consumer_spec = [{"models": (_spec(consumer_copy),)}]
+
+        # 1. Caught and frozen; the stop lands after the freeze, before the ledger's dispute row.
+        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+            market = consumer.market
+            market.arbiter_peer = arbiter_id
+
+            async def never_returns(*_args: Any, **_kwargs: Any) -> Any:
+                await trio.sleep_forever()
+
+            market._send_case = never_returns  # type: ignore[method-assign]
+            market.ledger.open_dispute = never_returns  # type: ignore[method-assign]
+            lease = await market.open_lease(cheat_id, "model:tiny", budget=BUDGET, duration_s=60)
+            with pytest.raises(ClawnodeError):
+                await market.call(lease.lease_id, CHAT)
+            lease_id = lease.lease_id
+
+            async def frozen() -> bool:
+                return (await _escrow(consumer, lease_id)).phase == "disputed"
+
+            await _until(frozen, "the escrow frozen")
+            del market.ledger.open_dispute
+            assert await consumer.ledger.disputes_of(lease_id) == []
+
+        # 2. Started again: the refund lets the lease settle before the resolution is recorded.
+        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+            record = consumer.market._record_resolution
+
+            async def after_the_settlement(*args: Any, **kwargs: Any) -> Any:
+                with trio.move_on_after(15):
+                    while (await consumer.ledger.get_lease(lease_id)).state != "lease_settled":
+                        await trio.sleep(0.1)
+                return await record(*args, **kwargs)
+
+            consumer.market._record_resolution = after_the_settlement  # type: ignore[method-assign]
+            await wait_for(lambda: lease_id in arbiter.market.lease_disputes, 30, "the arbiter's decision")
+
+            async def recorded() -> bool:
+                disputes = {d.lease_id: d for d in await consumer.ledger.list_disputes()}
+                return lease_id in disputes and disputes[lease_id].state == "dispute_resolved"
+
+            await _until(recorded, "the consumer's ledger records the split", 30)
+            state = await _escrow(consumer, lease_id)
+            mine = {d.lease_id: d for d in await consumer.ledger.list_disputes()}[lease_id]
+            assert (state.phase, mine.to_payee, mine.to_payer) == ("closed", 0, state.amount)

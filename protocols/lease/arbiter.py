@@ -312,11 +312,14 @@ class DisputeRole(LeaseCore):
             elif answered:  # refused: frozen for a person, sending it again changes nothing
                 await self._drop_case(lease_id)
             return None
-        await self._drop_case(lease_id)
         if outcome.outcome != "undecided":
-            await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=outcome.reason)
+            try:
+                await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=outcome.reason)
+            except ClawnodeError as error:  # the outcome still counts for the provider's standing, below
+                log.warning("lease %s: the dispute's resolution was not recorded (%s)", lease_id[:12], error.reason)
             self.verifying.evidence.pop(lease_id, None)
             self.wake_settlement()  # the refund waiting on the frozen escrow lands now
+        await self._drop_case(lease_id)
         if outcome.outcome == "reject":  # not at fault: the failed check no longer leaves it out
             await self.verifying.overruled(provider, lease_id)
         elif outcome.outcome == "refund":
@@ -410,15 +413,18 @@ class DisputeRole(LeaseCore):
             return
         if action == "freeze_and_send":  # stopped before the freeze landed: freeze it now
             await client.chain.run(client.dispute, case.payer, escrow_id)
-            try:
-                await self.ledger.open_dispute(
-                    case.lease_id,
-                    opened_by=self.peer_id,
-                    reason="verification_failed",
-                    idempotency_key=f"verify-dispute/{case.lease_id}",
-                )
-            except ClawnodeError as error:  # ended at the restart: recorded with the resolution instead
-                log.info("lease %s: dispute not recorded yet (%s)", case.lease_id[:12], error.reason)
+        # The dispute's row, written now whichever way: a stop after the freeze landed but before
+        # ``dispute_lease`` wrote it left none, and once the arbiter's refund lets the lease settle, the
+        # ledger takes no new dispute on it (its resolution would then go unrecorded). Idempotent.
+        try:
+            await self.ledger.open_dispute(
+                case.lease_id,
+                opened_by=self.peer_id,
+                reason="verification_failed",
+                idempotency_key=f"verify-dispute/{case.lease_id}",
+            )
+        except ClawnodeError as error:  # ended at the restart: recorded with the resolution instead
+            log.info("lease %s: dispute not recorded yet (%s)", case.lease_id[:12], error.reason)
         log.warning("lease %s: the dispute case kept before the restart is sent again", case.lease_id[:12])
         self._spawn(self._pursue, case, row.provider, row.arbiter_peer or self.arbiter_peer)
 
