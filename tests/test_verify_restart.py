@@ -6,7 +6,9 @@ re-runs the check and refunds everything, no person involved.
 
 The same when the consumer stops after the freeze landed but before its ledger wrote the dispute, and
 the refund then lets the lease settle before the resolution is recorded: the restart writes the
-dispute's row before sending the case, so the split is recorded all the same (it was lost before)."""
+dispute's row before sending the case, so the split is recorded all the same (it was lost before).
+And when the arbiter decided but this node's chain could not show the closed escrow yet, the case is kept
+(it was dropped unrecorded before) and the next start records the split."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import trio
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from node.daemon import Node
-from runtime.errors import ClawnodeError
+from protocols.lease import arbiter as arbiter_module
+from runtime.errors import ClawnodeError, ErrorCode
 from runtime.inference.models import ModelSpec
 from runtime.inference.tiny_model import write_tiny_llama_gguf
 from tests.support.identity import claim_identity
@@ -167,3 +170,55 @@ async def test_a_consumer_that_stops_before_writing_the_dispute_still_records_it
             state = await _escrow(consumer, lease_id)
             mine = {d.lease_id: d for d in await consumer.ledger.list_disputes()}[lease_id]
             assert (state.phase, mine.to_payee, mine.to_payer) == ("closed", 0, state.amount)
+
+
+async def test_a_decided_case_whose_split_cannot_be_read_yet_is_recorded_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(arbiter_module, "RECORD_RETRY_S", (0.1, 0.1))
+    advertised = write_tiny_llama_gguf(tmp_path / "advertised.gguf", seed=0)
+    substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
+    consumer_copy = write_tiny_llama_gguf(tmp_path / "consumer.gguf", seed=0)
+    arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
+    claim_identity(substitute, advertised)
+    shared = await trio.to_thread.run_sync(SharedChain.start)
+    others = [
+        {"models": (_spec(substitute),)},
+        {"wallet_key": shared.arbiter.key.hex(), "models": (_spec(arbiter_copy),)},
+    ]
+    async with market_nodes(others, chain=shared) as (nodes, _):
+        cheat, arbiter = nodes
+        cheat_id, arbiter_id = str(cheat.host.get_id()), str(arbiter.host.get_id())
+        joined = [cheat.listen_addrs()[0], arbiter.listen_addrs()[0]]
+        root = tmp_path / "consumer"
+        consumer_spec = [{"models": (_spec(consumer_copy),)}]
+
+        # 1. Decided, but every read of the closed escrow fails on this node: the case is kept.
+        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+            market = consumer.market
+            market.arbiter_peer = arbiter_id
+
+            async def chain_unavailable(*_args: Any, **_kwargs: Any) -> bool:
+                raise ClawnodeError(ErrorCode.UNAVAILABLE, "the chain did not answer")
+
+            market._record_resolution = chain_unavailable  # type: ignore[method-assign]
+            lease = await market.open_lease(cheat_id, "model:tiny", budget=BUDGET, duration_s=60)
+            with pytest.raises(ClawnodeError):
+                await market.call(lease.lease_id, CHAT)
+            lease_id = lease.lease_id
+            await wait_for(lambda: lease_id in market.lease_disputes, 30, "the decision reaching the consumer")
+            assert [row.lease_id for row in await consumer.ledger.dispute_cases()] == [lease_id]
+            [open_dispute] = await consumer.ledger.disputes_of(lease_id)
+            assert open_dispute.state == "dispute_open"
+
+        # 2. Started again: the kept case's split is recorded from the chain, and the case forgotten.
+        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+
+            async def recorded() -> bool:
+                disputes = {d.lease_id: d for d in await consumer.ledger.list_disputes()}
+                return lease_id in disputes and disputes[lease_id].state == "dispute_resolved"
+
+            await _until(recorded, "the consumer's ledger records the split", 30)
+            assert await consumer.ledger.dispute_cases() == []
+            mine = {d.lease_id: d for d in await consumer.ledger.list_disputes()}[lease_id]
+            assert mine.to_payee == 0

@@ -78,6 +78,8 @@ DISPUTE_READ_TIMEOUT_S = 30.0
 ARBITER_TIMEOUT_S = 120.0  # the consumer's wait for the arbiter: a re-run of the call plus two transactions
 # A case is sent again after these waits while the arbiter is busy, unreachable or slow (then left).
 CASE_RETRY_S = (2.0, 10.0, 60.0)
+# Waits before reading a decided case's escrow again, while this node's chain has not shown it closed.
+RECORD_RETRY_S = (1.0, 2.0, 5.0, 10.0)
 CASE_RETRIED = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT})
 RESUME_POLL_S = 0.5  # a restarted consumer's wait for its escrow chain before it sends kept cases again
 MAX_CASES = 4  # cases an arbiter works on at once; more are refused busy (the consumer may send again)
@@ -312,20 +314,37 @@ class DisputeRole(LeaseCore):
             elif answered:  # refused: frozen for a person, sending it again changes nothing
                 await self._drop_case(lease_id)
             return None
+        recorded = True  # an undecided case: frozen for a person, nothing to record, not sent again
         if outcome.outcome != "undecided":
-            try:
-                await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=outcome.reason)
-            except ClawnodeError as error:  # the outcome still counts for the provider's standing, below
-                log.warning("lease %s: the dispute's resolution was not recorded (%s)", lease_id[:12], error.reason)
+            recorded = await self._record_decided(lease_id, payer, escrow_id, outcome.reason)
             self.verifying.evidence.pop(lease_id, None)
             self.wake_settlement()  # the refund waiting on the frozen escrow lands now
-        await self._drop_case(lease_id)
+        if recorded:  # else kept: the next start records it from the chain (``resume_case_action``)
+            await self._drop_case(lease_id)
         if outcome.outcome == "reject":  # not at fault: the failed check no longer leaves it out
             await self.verifying.overruled(provider, lease_id)
         elif outcome.outcome == "refund":
             self.verifying.confirmed(lease_id)
         self._keep_outcome(outcome)  # after the ledger has it
         return outcome
+
+    async def _record_decided(self, lease_id: str, payer: str, escrow_id: bytes, reason: str) -> bool:
+        """Record a decided case's resolution, trying again while the chain this node reads has not shown
+        the escrow closed yet or a read fails (``RECORD_RETRY_S``); True once recorded, or where it never
+        can be (the ledger takes no dispute on the lease: settled before a row was written)."""
+        for delay in (*RECORD_RETRY_S, None):
+            try:
+                if await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=reason):
+                    return True
+            except ClawnodeError as error:  # the outcome still counts for the provider's standing
+                if error.reason == "lease_not_disputable":
+                    log.warning("lease %s: the dispute's resolution cannot be recorded", lease_id[:12])
+                    return True
+                log.info("lease %s: the dispute's resolution not recorded yet (%s)", lease_id[:12], error.code)
+            if delay is None:
+                return False
+            await trio.sleep(delay)
+        return False
 
     async def _keep_case(self, case: LeaseDisputeCase, provider: str, arbiter: str) -> None:
         row = CaseRow(case.lease_id, provider, arbiter, case.model_dump_json())
@@ -413,18 +432,19 @@ class DisputeRole(LeaseCore):
             return
         if action == "freeze_and_send":  # stopped before the freeze landed: freeze it now
             await client.chain.run(client.dispute, case.payer, escrow_id)
-        # The dispute's row, written now whichever way: a stop after the freeze landed but before
-        # ``dispute_lease`` wrote it left none, and once the arbiter's refund lets the lease settle, the
-        # ledger takes no new dispute on it (its resolution would then go unrecorded). Idempotent.
-        try:
-            await self.ledger.open_dispute(
-                case.lease_id,
-                opened_by=self.peer_id,
-                reason="verification_failed",
-                idempotency_key=f"verify-dispute/{case.lease_id}",
-            )
-        except ClawnodeError as error:  # ended at the restart: recorded with the resolution instead
-            log.info("lease %s: dispute not recorded yet (%s)", case.lease_id[:12], error.reason)
+        # The dispute's row, written now if ``dispute_lease`` had not: a stop after the freeze landed but
+        # before it wrote the row left none, and once the arbiter's refund lets the lease settle, the
+        # ledger takes no new dispute on it (its resolution would then go unrecorded).
+        if not await self.ledger.disputes_of(case.lease_id):
+            try:
+                await self.ledger.open_dispute(
+                    case.lease_id,
+                    opened_by=self.peer_id,
+                    reason="verification_failed",
+                    idempotency_key=f"verify-dispute/{case.lease_id}",
+                )
+            except ClawnodeError as error:  # settled at the restart: nothing to record it into
+                log.info("lease %s: dispute not recorded (%s)", case.lease_id[:12], error.reason)
         log.warning("lease %s: the dispute case kept before the restart is sent again", case.lease_id[:12])
         self._spawn(self._pursue, case, row.provider, row.arbiter_peer or self.arbiter_peer)
 
