@@ -13,6 +13,9 @@ And when the arbiter decided but this node's chain could not show the closed esc
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,39 +52,64 @@ async def _until(predicate: Any, what: str, timeout_s: float = 20) -> None:
             await trio.sleep(0.1)
 
 
-async def test_a_consumer_that_restarts_between_the_freeze_and_the_case_sends_it_again(tmp_path: Path) -> None:
+@dataclass
+class _World:
+    """A provider serving a substitute for the advertised file, an arbiter holding that file, and how a
+    consumer holding it too starts (again) on the same data directory."""
+
+    shared: SharedChain
+    cheat: Node
+    arbiter: Node
+    consumer_spec: list[dict[str, Any]]
+    joined: list[Any]
+    root: Path
+
+    def consumer(self) -> AbstractAsyncContextManager[Any]:
+        return market_nodes(self.consumer_spec, chain=self.shared, bootstrap=self.joined, root=self.root)
+
+    async def caught(self, consumer: Node) -> tuple[str, ClawnodeError]:
+        """The consumer's lease on the cheat, and the refusal of its first call (a failed check)."""
+        consumer.market.arbiter_peer = str(self.arbiter.host.get_id())
+        lease = await consumer.market.open_lease(
+            str(self.cheat.host.get_id()), "model:tiny", budget=BUDGET, duration_s=60
+        )
+        with pytest.raises(ClawnodeError) as refused:
+            await consumer.market.call(lease.lease_id, CHAT)
+        return lease.lease_id, refused.value
+
+
+@asynccontextmanager
+async def _cheat_and_arbiter(tmp_path: Path) -> AsyncIterator[_World]:
     advertised = write_tiny_llama_gguf(tmp_path / "advertised.gguf", seed=0)
     substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
     consumer_copy = write_tiny_llama_gguf(tmp_path / "consumer.gguf", seed=0)
     arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
     claim_identity(substitute, advertised)
-
     shared = await trio.to_thread.run_sync(SharedChain.start)
     others = [
         {"models": (_spec(substitute),)},
         {"wallet_key": shared.arbiter.key.hex(), "models": (_spec(arbiter_copy),)},
     ]
-    async with market_nodes(others, chain=shared) as (nodes, _):
-        cheat, arbiter = nodes
-        cheat_id, arbiter_id = str(cheat.host.get_id()), str(arbiter.host.get_id())
+    async with market_nodes(others, chain=shared) as ((cheat, arbiter), _):
         joined = [cheat.listen_addrs()[0], arbiter.listen_addrs()[0]]
-        root = tmp_path / "consumer"
         consumer_spec = [{"models": (_spec(consumer_copy),)}]
+        yield _World(shared, cheat, arbiter, consumer_spec, joined, tmp_path / "consumer")
+
+
+async def test_a_consumer_that_restarts_between_the_freeze_and_the_case_sends_it_again(tmp_path: Path) -> None:
+    async with _cheat_and_arbiter(tmp_path) as world:
+        arbiter = world.arbiter
 
         # 1. Caught; the case is kept and the escrow frozen, then the consumer stops before sending it.
-        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+        async with world.consumer() as ((consumer,), _):
             market = consumer.market
-            market.arbiter_peer = arbiter_id
 
             async def stopped_before_sending(case: Any, arbiter_peer: str) -> Any:
                 await trio.sleep_forever()
 
             market._send_case = stopped_before_sending  # type: ignore[method-assign]
-            lease = await market.open_lease(cheat_id, "model:tiny", budget=BUDGET, duration_s=60)
-            with pytest.raises(ClawnodeError) as caught:
-                await market.call(lease.lease_id, CHAT)
-            assert (caught.value.reason or "").startswith("verification_")
-            lease_id = lease.lease_id
+            lease_id, refusal = await world.caught(consumer)
+            assert (refusal.reason or "").startswith("verification_")
 
             async def frozen() -> bool:
                 return (await _escrow(consumer, lease_id)).phase == "disputed"
@@ -91,8 +119,9 @@ async def test_a_consumer_that_restarts_between_the_freeze_and_the_case_sends_it
         assert lease_id not in arbiter.market.lease_disputes  # the arbiter never heard of it
 
         # 2. Started again on the same data directory: the kept case goes to the arbiter, which refunds it all.
-        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
-            assert str(consumer.host.get_id()) != cheat_id and consumer.market.arbiter_peer == ""  # not configured
+        async with world.consumer() as ((consumer,), _):
+            assert str(consumer.host.get_id()) != str(world.cheat.host.get_id())
+            assert consumer.market.arbiter_peer == ""  # not configured
             await wait_for(lambda: lease_id in arbiter.market.lease_disputes, 30, "the arbiter's decision")
             decided = arbiter.market.lease_disputes[lease_id]
             assert decided.outcome == "refund" and decided.to_payee == 0
@@ -110,37 +139,19 @@ async def test_a_consumer_that_restarts_between_the_freeze_and_the_case_sends_it
 
 
 async def test_a_consumer_that_stops_before_writing_the_dispute_still_records_its_split(tmp_path: Path) -> None:
-    advertised = write_tiny_llama_gguf(tmp_path / "advertised.gguf", seed=0)
-    substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
-    consumer_copy = write_tiny_llama_gguf(tmp_path / "consumer.gguf", seed=0)
-    arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
-    claim_identity(substitute, advertised)
-    shared = await trio.to_thread.run_sync(SharedChain.start)
-    others = [
-        {"models": (_spec(substitute),)},
-        {"wallet_key": shared.arbiter.key.hex(), "models": (_spec(arbiter_copy),)},
-    ]
-    async with market_nodes(others, chain=shared) as (nodes, _):
-        cheat, arbiter = nodes
-        cheat_id, arbiter_id = str(cheat.host.get_id()), str(arbiter.host.get_id())
-        joined = [cheat.listen_addrs()[0], arbiter.listen_addrs()[0]]
-        root = tmp_path / "consumer"
-        consumer_spec = [{"models": (_spec(consumer_copy),)}]
+    async with _cheat_and_arbiter(tmp_path) as world:
+        arbiter = world.arbiter
 
         # 1. Caught and frozen; the stop lands after the freeze, before the ledger's dispute row.
-        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+        async with world.consumer() as ((consumer,), _):
             market = consumer.market
-            market.arbiter_peer = arbiter_id
 
             async def never_returns(*_args: Any, **_kwargs: Any) -> Any:
                 await trio.sleep_forever()
 
             market._send_case = never_returns  # type: ignore[method-assign]
             market.ledger.open_dispute = never_returns  # type: ignore[method-assign]
-            lease = await market.open_lease(cheat_id, "model:tiny", budget=BUDGET, duration_s=60)
-            with pytest.raises(ClawnodeError):
-                await market.call(lease.lease_id, CHAT)
-            lease_id = lease.lease_id
+            lease_id, _ = await world.caught(consumer)
 
             async def frozen() -> bool:
                 return (await _escrow(consumer, lease_id)).phase == "disputed"
@@ -150,7 +161,7 @@ async def test_a_consumer_that_stops_before_writing_the_dispute_still_records_it
             assert await consumer.ledger.disputes_of(lease_id) == []
 
         # 2. Started again: the refund lets the lease settle before the resolution is recorded.
-        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+        async with world.consumer() as ((consumer,), _):
             record = consumer.market._record_resolution
 
             async def after_the_settlement(*args: Any, **kwargs: Any) -> Any:
@@ -176,43 +187,23 @@ async def test_a_decided_case_whose_split_cannot_be_read_yet_is_recorded_at_the_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(arbiter_module, "RECORD_RETRY_S", (0.1, 0.1))
-    advertised = write_tiny_llama_gguf(tmp_path / "advertised.gguf", seed=0)
-    substitute = write_tiny_llama_gguf(tmp_path / "substitute.gguf", seed=1)
-    consumer_copy = write_tiny_llama_gguf(tmp_path / "consumer.gguf", seed=0)
-    arbiter_copy = write_tiny_llama_gguf(tmp_path / "arbiter.gguf", seed=0)
-    claim_identity(substitute, advertised)
-    shared = await trio.to_thread.run_sync(SharedChain.start)
-    others = [
-        {"models": (_spec(substitute),)},
-        {"wallet_key": shared.arbiter.key.hex(), "models": (_spec(arbiter_copy),)},
-    ]
-    async with market_nodes(others, chain=shared) as (nodes, _):
-        cheat, arbiter = nodes
-        cheat_id, arbiter_id = str(cheat.host.get_id()), str(arbiter.host.get_id())
-        joined = [cheat.listen_addrs()[0], arbiter.listen_addrs()[0]]
-        root = tmp_path / "consumer"
-        consumer_spec = [{"models": (_spec(consumer_copy),)}]
-
+    async with _cheat_and_arbiter(tmp_path) as world:
         # 1. Decided, but every read of the closed escrow fails on this node: the case is kept.
-        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+        async with world.consumer() as ((consumer,), _):
             market = consumer.market
-            market.arbiter_peer = arbiter_id
 
             async def chain_unavailable(*_args: Any, **_kwargs: Any) -> bool:
                 raise ClawnodeError(ErrorCode.UNAVAILABLE, "the chain did not answer")
 
             market._record_resolution = chain_unavailable  # type: ignore[method-assign]
-            lease = await market.open_lease(cheat_id, "model:tiny", budget=BUDGET, duration_s=60)
-            with pytest.raises(ClawnodeError):
-                await market.call(lease.lease_id, CHAT)
-            lease_id = lease.lease_id
+            lease_id, _ = await world.caught(consumer)
             await wait_for(lambda: lease_id in market.lease_disputes, 30, "the decision reaching the consumer")
             assert [row.lease_id for row in await consumer.ledger.dispute_cases()] == [lease_id]
             [open_dispute] = await consumer.ledger.disputes_of(lease_id)
             assert open_dispute.state == "dispute_open"
 
         # 2. Started again: the kept case's split is recorded from the chain, and the case forgotten.
-        async with market_nodes(consumer_spec, chain=shared, bootstrap=joined, root=root) as ((consumer,), _):
+        async with world.consumer() as ((consumer,), _):
 
             async def recorded() -> bool:
                 disputes = {d.lease_id: d for d in await consumer.ledger.list_disputes()}
