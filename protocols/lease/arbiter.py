@@ -342,7 +342,7 @@ class DisputeRole(LeaseCore):
                     return True
                 log.info("lease %s: the dispute's resolution not recorded yet (%s)", lease_id[:12], error.code)
             if delay is None:
-                return False
+                break
             await trio.sleep(delay)
         return False
 

@@ -42,7 +42,6 @@ from protocols.machines.model_features import required_features, serves
 from protocols.machines.verdict import enforce
 from runtime.errors import ClawnodeError, ErrorCode, Reason
 from runtime.inference.admission import borrowing
-from runtime.inference.engine import signable_chat_formats
 from runtime.inference.service import ChatService, merge_chunks
 from runtime.service import Usage
 from runtime.verify import evidence
@@ -402,14 +401,11 @@ class ServingRole(LeaseCore):
             claimed = int(usage.get("prompt_tokens", 0))
             if ids is None or len(ids) != claimed:  # none told, or not the prompt billed: rendered again
                 ids = await prompt_ids(getattr(service, "model", None), call.body, claimed)
+        # The chat format it rendered with, which a verifier renders the request in too (a v4 body signs it).
+        chat_format = getattr(getattr(service, "model", None), "signed_chat_format", None)
         # The request as received, before the reservation's max_tokens: what the consumer sent and hashes.
         # Built on a worker thread: encoding the chunks and hashing a request of up to 1 MiB (~30 ms) would
         # hold every other call's stream on the trio loop (the engine is done with the recorder by now).
-        # The chat format it rendered with: a verifier renders the request with it too (a v4 body signs it,
-        # spelt as one of the names a verifier takes: another spelling of one is signed as none).
-        chat_format = getattr(getattr(service, "model", None), "chat_family", "") or None
-        if chat_format not in signable_chat_formats():
-            chat_format = None
         build = functools.partial(
             call_proof,
             recorder,
@@ -421,7 +417,7 @@ class ServingRole(LeaseCore):
             ids,
             reads,
             call.body,
-            chat_format if isinstance(chat_format, str) else None,
+            chat_format,
         )
         return await trio.to_thread.run_sync(build)
 

@@ -1418,6 +1418,13 @@ class LlamaModel:
         return self._context_length(self._llama) if self._llama is not None else self.n_ctx
 
     @property
+    def signed_chat_format(self) -> str | None:
+        """The chat format a commitment names for this model's calls: its own, where it is one of
+        ``signable_chat_formats`` (another spelling, or a format that drops or adds text, signs none)."""
+        family = self.chat_family
+        return family if family in signable_chat_formats() else None
+
+    @property
     def chat_family(self) -> str:
         """The chat template family: ``gguf-template`` (the GGUF's own Jinja template) or a
         llama-cpp-python format name such as ``gemma``; empty before loading."""

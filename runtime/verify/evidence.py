@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -225,7 +224,7 @@ def call_proof(
             bound["seeded"] = request_seeded(recorder.body)
         if version >= 4:
             bound["request_sha256"] = requested
-            if chat_format and re.fullmatch(CHAT_FORMAT_PATTERN, chat_format):
+            if chat_format:
                 bound["chat_format"] = chat_format
         body = CommitmentBody.model_validate({**body.model_dump(), "v": version, **bound})
     return CallProof(
