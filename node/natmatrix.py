@@ -935,27 +935,38 @@ def _lan_link(b: Daemon, a_ip: str) -> bool:
 PUNCHED_SHOWS_S = 5.0
 
 
+def _last_direct_punch(punch: dict[str, Any]) -> float | None:
+    """How long the last hole punch that went direct took, from a node's ``hole_punch`` status."""
+    direct = [attempt["seconds"] for attempt in punch.get("recent") or [] if attempt.get("outcome") == "direct"]
+    return direct[-1] if direct else None
+
+
 def _settle_path(a: Daemon, b: Daemon, b_id: str, case: Case, result: Result, wait_s: float = 20.0) -> Path_:
     """How A is connected to B once any hole punch has ended."""
     deadline = time.monotonic() + wait_s
     entry: dict[str, Any] = {}
+    punch: dict[str, Any] = {}
     while time.monotonic() < deadline:
         entry = _peer_entry(a, b_id)
         punch = a.api("/api/status").get("hole_punch") or {}
-        if entry.get("connection") == "direct" or punch.get("direct", 0) + punch.get("failed", 0) >= 1:
-            attempts = punch.get("recent") or []
-            if attempts:
-                result.seconds_to_direct = attempts[-1]["seconds"] if attempts[-1]["outcome"] == "direct" else None
+        # A failed attempt may be followed by another (each side may start one): the punch has
+        # ended once none is running.
+        ended = punch.get("direct", 0) + punch.get("failed", 0) >= 1 and not punch.get("in_progress")
+        if entry.get("connection") == "direct" or ended:
             break
         time.sleep(0.5)
     entry = _peer_entry(a, b_id) or entry
-    if result.seconds_to_direct is not None:
+    if _last_direct_punch(punch) is not None:
         # A punch told direct: its connection shows in A's peers a moment later on a loaded box
         # (once read as relay 0.5 s after "direct after 0.78 s"); one that was dropped stays relayed.
         settled = time.monotonic() + PUNCHED_SHOWS_S
         while entry.get("connection") != "direct" and time.monotonic() < settled:
             time.sleep(0.25)
             entry = _peer_entry(a, b_id) or entry
+    if entry.get("connection") == "direct" and entry.get("hole_punched"):
+        # The attempt that made it: not always the last one seen above (a failed attempt, then
+        # a retry that went direct, was once read as a punch with no time).
+        result.seconds_to_direct = _last_direct_punch(a.api("/api/status").get("hole_punch") or {})
     result.direct_transport = entry.get("transport")
     if entry.get("connection") == "direct":
         if case.kind == "same-lan" and _lan_link(b, a.ip):
