@@ -312,3 +312,58 @@ def test_summary_counts_direct_and_relay_fallback() -> None:
     assert natmatrix.summarize(with_quic)["quic_direct"] == "1/1"
     text = rendered(with_quic)
     assert "TCP AND QUIC" in text and "hole-punch (quic)" in text and "QUIC not run" not in text
+
+
+class _ScriptedHome:
+    """A's API as the matrix reads it: each status read moves to the next moment of a punch."""
+
+    def __init__(self, b_id: str, moments: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        self.b_id, self.moments, self.now = b_id, moments, 0
+
+    def api(self, path: str) -> dict[str, Any]:
+        peer, punch = self.moments[min(self.now, len(self.moments) - 1)]
+        if path == "/api/status":
+            self.now += 1
+            return {"hole_punch": punch}
+        assert path == "/api/peers"
+        return {"peers": [{"peer_id": self.b_id, **peer}]}
+
+
+def test_a_punch_that_goes_direct_after_a_failed_attempt_is_told_with_its_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CI once read this as a hole punch with no time: the first attempt failed while a second was
+    running, and the path was settled at the failure."""
+    monkeypatch.setattr(natmatrix.time, "sleep", lambda _s: None)
+    failed = {"outcome": "failed", "seconds": 2.1, "finished_at": 1.0}
+    direct = {"outcome": "direct", "seconds": 0.8, "finished_at": 2.0}
+    relayed = {"connection": "relayed", "transport": None}
+    punched = {"connection": "direct", "hole_punched": True, "transport": "tcp"}
+    home = _ScriptedHome(
+        "B",
+        [
+            (relayed, {"direct": 0, "failed": 1, "in_progress": 1, "recent": [failed]}),
+            (relayed, {"direct": 0, "failed": 1, "in_progress": 1, "recent": [failed]}),
+            (punched, {"direct": 1, "failed": 1, "in_progress": 0, "recent": [failed, direct]}),
+        ],
+    )
+    case = natmatrix.parse_case("full-cone:cgn-port-restricted+upnp")
+    result = natmatrix.Result(
+        case=case.label,
+        kind=case.kind,
+        cgn_b=case.cgn_b,
+        nat_a=case.nat_a.value,
+        nat_b=case.nat_b.value,
+        mapping_b=case.mapping_b,
+        repetition=0,
+        router_a_ip="203.0.113.101",
+        router_b_ip="203.0.113.102",
+        transport=case.transport,
+    )
+    path = natmatrix._settle_path(home, home, "B", case, result)  # type: ignore[arg-type]
+    assert path == "hole-punch" and result.seconds_to_direct == 0.8 and result.direct_transport == "tcp"
+    # A punch that failed for good leaves the relayed path, with no time.
+    home = _ScriptedHome("B", [(relayed, {"direct": 0, "failed": 1, "in_progress": 0, "recent": [failed]})])
+    result.seconds_to_direct = None
+    assert natmatrix._settle_path(home, home, "B", case, result) == "relay"  # type: ignore[arg-type]
+    assert result.seconds_to_direct is None
