@@ -253,27 +253,35 @@ def test_cli_refuses_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "E_UNAVAILABLE" in outcome.output
 
 
+def _result_of(case: natmatrix.Case, **measured: Any) -> natmatrix.Result:
+    """A result of ``case`` (its first run, routers at .101 and .102) with what was ``measured``."""
+    return natmatrix.Result(
+        case=case.label,
+        kind=case.kind,
+        cgn_b=case.cgn_b,
+        nat_a=case.nat_a.value,
+        nat_b=case.nat_b.value,
+        mapping_b=case.mapping_b,
+        repetition=0,
+        router_a_ip="203.0.113.101",
+        router_b_ip="203.0.113.102",
+        transport=case.transport,
+        **measured,
+    )
+
+
 def test_summary_counts_direct_and_relay_fallback() -> None:
     from rich.console import Console
 
     def result(case: str, path: natmatrix.Path_, data: bool = True, start_to_data: float = 8.0) -> natmatrix.Result:
         parsed = natmatrix.parse_case(case)
-        return natmatrix.Result(
-            case=parsed.label,
-            kind=parsed.kind,
-            cgn_b=parsed.cgn_b,
+        return _result_of(
+            parsed,
             seconds_start_to_data=start_to_data if data else None,
-            nat_a=parsed.nat_a.value,
-            nat_b=parsed.nat_b.value,
-            mapping_b=parsed.mapping_b,
-            repetition=0,
-            router_a_ip="203.0.113.101",
-            router_b_ip="203.0.113.102",
             expected_path=parsed.expected_path(),
             path=path,
             data_exchanged=data,
             seconds_to_direct=0.4 if path == "hole-punch" else None,
-            transport=parsed.transport,
             direct_transport=parsed.transport if path in ("hole-punch", "direct") else None,
         )
 
@@ -348,18 +356,7 @@ def test_a_punch_that_goes_direct_after_a_failed_attempt_is_told_with_its_time(
         ],
     )
     case = natmatrix.parse_case("full-cone:cgn-port-restricted+upnp")
-    result = natmatrix.Result(
-        case=case.label,
-        kind=case.kind,
-        cgn_b=case.cgn_b,
-        nat_a=case.nat_a.value,
-        nat_b=case.nat_b.value,
-        mapping_b=case.mapping_b,
-        repetition=0,
-        router_a_ip="203.0.113.101",
-        router_b_ip="203.0.113.102",
-        transport=case.transport,
-    )
+    result = _result_of(case)
     path = natmatrix._settle_path(home, home, "B", case, result)  # type: ignore[arg-type]
     assert path == "hole-punch" and result.seconds_to_direct == 0.8 and result.direct_transport == "tcp"
     # A punch that failed for good leaves the relayed path, with no time.
