@@ -64,6 +64,7 @@ from runtime.errors import ClawnodeError, ErrorCode
 from runtime.ledger.dispute_cases import CaseRow
 from runtime.ledger.receipts import LEASE_ID_PATTERN, SignedReceipt, verify_countersigned
 from runtime.ledger.reruns import Bounds
+from runtime.ledger.store import LEASE_NOT_DISPUTABLE
 from runtime.verify.check import prefill_for
 from runtime.verify.evidence import CommitmentBody, DisputePackage, package_binds, prompt_binds
 from runtime.verify.spot import SpotCheck, recheck
@@ -337,7 +338,7 @@ class DisputeRole(LeaseCore):
                 if await self._record_resolution(lease_id, payer, escrow_id, opened_by=self.peer_id, reason=reason):
                     return True
             except ClawnodeError as error:  # the outcome still counts for the provider's standing
-                if error.reason == "lease_not_disputable":
+                if error.reason == LEASE_NOT_DISPUTABLE:
                     log.warning("lease %s: the dispute's resolution cannot be recorded", lease_id[:12])
                     return True
                 log.info("lease %s: the dispute's resolution not recorded yet (%s)", lease_id[:12], error.code)
@@ -893,7 +894,7 @@ class DisputeRole(LeaseCore):
                 lease_id, opened_by=opened_by, reason=f"verification_{reason}", idempotency_key=key
             )
         except ClawnodeError as error:
-            if error.reason != "lease_not_disputable":
+            if error.reason != LEASE_NOT_DISPUTABLE:
                 raise
             found = next(iter(await self.ledger.disputes_of(lease_id)), None)
             if found is None:

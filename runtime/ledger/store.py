@@ -51,6 +51,8 @@ Clock = Callable[[], int]
 
 WAL_AUTOCHECKPOINT_PAGES = 256
 JOURNAL_SIZE_LIMIT_BYTES = 1 << 20
+# ``open_dispute``'s refusal of a lease it takes no dispute on (not active or ended, or disputed already).
+LEASE_NOT_DISPUTABLE = "lease_not_disputable"
 
 
 def _wall_clock() -> int:
@@ -872,7 +874,7 @@ class LedgerStore(ChannelRecords):
                     lease.state not in (LeaseState.ACTIVE, LeaseState.ENDED)
                     or conn.execute("SELECT 1 FROM disputes WHERE lease_id = ?", (lease_id,)).fetchone()
                 ):  # one dispute per lease: a disputed lease is ended and has its dispute row
-                    raise errors.conflict("lease_not_disputable", "the lease cannot be disputed in its state")
+                    raise errors.conflict(LEASE_NOT_DISPUTABLE, "the lease cannot be disputed in its state")
                 dispute_id = f"{lease_id}/dispute"
                 conn.execute(
                     "INSERT INTO disputes (dispute_id, lease_id, opened_by, reason, state, created_at)"
